@@ -1,0 +1,1 @@
+"""adamkit for MosaicML Composer."""

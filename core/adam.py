@@ -1,0 +1,245 @@
+"""Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), as torch.optim.Adam computes them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.backends import select_backend
+from core.coefficients import AdamStepCoefficients
+from core.optimizer import (
+    AdamFamilyOptimizer,
+    ParamsT,
+    hyperparameters,
+    no_kahan,
+    partition_by_host_scalars,
+    real_views,
+    require,
+    subset,
+    weight_decay_terms,
+)
+
+
+def adam_coefficients(
+    step: float,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    l2_weight_decay: float,
+    param_decay: float,
+    amsgrad: bool,
+) -> AdamStepCoefficients:
+    """Adam's scalars for step t (counted from 1): bias corrections folded into the step size."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return AdamStepCoefficients(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        l2_weight_decay=l2_weight_decay,
+        param_decay=param_decay,
+        momentum_step=lr / bias_correction1,
+        grad_step=0.0,
+        bias_correction2_sqrt=bias_correction2**0.5,
+        adaptive=True,
+        amsgrad=amsgrad,
+        update_params=lr != 0,
+    )
+
+
+def adam(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decouple_wd: bool = False,
+    decouple_lr: bool = False,
+    max_lr: float | None = None,
+    amsgrad: bool = False,
+    kahan_comps: Sequence[Tensor | None] | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """Functional Adam/AdamW over lists of tensors; what the classes call.
+
+    Args:
+        params: Parameters to update in place.
+        grads: Their gradients (never modified).
+        exp_avgs: First moments, raw (not bias-corrected), as torch.optim stores them.
+        exp_avg_sqs: Second moments, raw.
+        max_exp_avg_sqs: Running maxima of the second moments (required when amsgrad).
+        state_steps: 0-dim float32 CPU tensors counting steps taken; incremented here.
+        lr: Learning rate.
+        beta1: First-moment decay.
+        beta2: Second-moment decay.
+        eps: Added to the bias-corrected root of the second moment.
+        weight_decay: Weight decay coefficient (L2 unless decouple_wd or decouple_lr).
+        decouple_wd: Decoupled weight decay (AdamW): θ ← θ·(1 − lr·weight_decay).
+        decouple_lr: Fully decoupled weight decay: θ ← θ·(1 − lr/max_lr·weight_decay).
+        max_lr: The lr the decay is relative to when decouple_lr; None means lr.
+        amsgrad: Use the running maximum of the second moment.
+        kahan_comps: Per-parameter Kahan compensation buffers (None entries: no compensation).
+        foreach: Use the foreach backend (None: the faster one for the device).
+        fused: Use a fused backend (None: when one is available and exact).
+    """
+    require(
+        not amsgrad or max_exp_avg_sqs is not None,
+        "max_exp_avg_sqs",
+        None,
+        "a list of tensors when amsgrad=True",
+    )
+    l2_weight_decay, param_decay = weight_decay_terms(
+        lr, weight_decay, decouple_wd, decouple_lr, max_lr
+    )
+    backend = select_backend(params, foreach=foreach, fused=fused)
+    tensor_lists = [
+        real_views(t)
+        for t in (
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else None,
+            kahan_comps if kahan_comps is not None else no_kahan(params),
+        )
+    ]
+    for (step,), indices in partition_by_host_scalars(state_steps):
+        coefficients = adam_coefficients(
+            step + 1,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            l2_weight_decay=l2_weight_decay,
+            param_decay=param_decay,
+            amsgrad=amsgrad,
+        )
+        backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
+    torch._foreach_add_(list(state_steps), 1.0)
+
+
+class Adam(AdamFamilyOptimizer):
+    """Adam, optionally with decoupled (AdamW) or fully decoupled weight decay, and AMSGrad.
+
+    Defaults follow optimi (betas (0.9, 0.99), eps 1e-6), which usually beat torch's.
+    State is torch.optim.Adam's, so torch checkpoints load and continue exactly.
+
+    Args:
+        params: Iterable of parameters or dicts defining parameter groups.
+        lr: Learning rate.
+        betas: Coefficients of the running averages of the gradient and its square.
+        weight_decay: Weight decay coefficient; an L2 penalty unless decouple_wd or decouple_lr.
+        eps: Added to the denominator for numerical stability.
+        decouple_wd: Apply decoupled weight decay (AdamW) instead of an L2 penalty.
+        decouple_lr: Apply fully decoupled weight decay, scaled by lr / max_lr, so the
+            effective decay does not change when the peak lr does; use a smaller weight_decay.
+        max_lr: The peak lr fully decoupled decay is relative to; None means each group's
+            lr when the group is created.
+        amsgrad: Use the running maximum of the second moment (AMSGrad).
+        kahan_sum: Kahan-compensated updates so bf16/fp16 parameters do not lose small
+            updates to rounding; None turns it on for low-precision parameters only.
+        foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
+        fused: Use a fused one-pass kernel; None picks it where available and exact.
+        gradient_release: Step each parameter inside backward and free its gradient;
+            requires `core.prepare_for_gradient_release(model, optimizer)`.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        eps: float = 1e-6,
+        decouple_wd: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        amsgrad: bool = False,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, hyperparameters(locals()))
+
+    def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
+        require(isinstance(group["amsgrad"], bool), "amsgrad", group["amsgrad"], "True or False", where)
+
+    def _tensor_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        adam(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+            [s["step"] for s in states],
+            amsgrad=group["amsgrad"],
+            kahan_comps=self._kahan_comps(group, params, states),
+            **self._common_kwargs(group),
+        )
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (AdamW): Adam with decouple_wd=True, weight_decay=1e-2.
+
+    Args:
+        params: Iterable of parameters or dicts defining parameter groups.
+        lr: Learning rate.
+        betas: Coefficients of the running averages of the gradient and its square.
+        weight_decay: Decoupled weight decay: each step θ ← θ·(1 − lr·weight_decay).
+        eps: Added to the denominator for numerical stability.
+        decouple_wd: Decoupled weight decay (True for AdamW); False turns it into L2.
+        decouple_lr: Apply fully decoupled weight decay, scaled by lr / max_lr, so the
+            effective decay does not change when the peak lr does; use a smaller weight_decay.
+        max_lr: The peak lr fully decoupled decay is relative to; None means each group's
+            lr when the group is created.
+        amsgrad: Use the running maximum of the second moment (AMSGrad).
+        kahan_sum: Kahan-compensated updates so bf16/fp16 parameters do not lose small
+            updates to rounding; None turns it on for low-precision parameters only.
+        foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
+        fused: Use a fused one-pass kernel; None picks it where available and exact.
+        gradient_release: Step each parameter inside backward and free its gradient;
+            requires `core.prepare_for_gradient_release(model, optimizer)`.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 1e-2,
+        eps: float = 1e-6,
+        decouple_wd: bool = True,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        amsgrad: bool = False,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, **hyperparameters(locals()))

@@ -1,0 +1,171 @@
+"""ADOPT (Taniguchi et al., NeurIPS 2024), as its reference implementation computes it.
+
+ADOPT normalises the gradient by a second moment that does not yet contain it, then
+feeds the normalised gradient to the momentum; with clipping (on by default, bound
+step^0.25) it is the reference's recommended variant, without it the paper's original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.backends import select_backend
+from core.coefficients import AdoptStepCoefficients
+from core.optimizer import (
+    AdamFamilyOptimizer,
+    ParamsT,
+    hyperparameters,
+    no_kahan,
+    partition_by_host_scalars,
+    real_views,
+    require,
+    subset,
+    weight_decay_terms,
+)
+
+
+def adopt_coefficients(
+    step: float,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: bool,
+    l2_weight_decay: float,
+    param_decay: float,
+) -> AdoptStepCoefficients:
+    """ADOPT's scalars for a call whose state step (calls so far) is `step`.
+
+    The first call (step 0) only seeds the second moment with g²; later calls update,
+    with clip bound step^0.25 (1 on the first update). No bias correction.
+    """
+    return AdoptStepCoefficients(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        lr=lr,
+        l2_weight_decay=l2_weight_decay,
+        param_decay=param_decay,
+        clip=step**0.25 if clip else None,
+        initialize_only=step == 0,
+        update_params=lr != 0,
+    )
+
+
+def adopt(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: bool = True,
+    weight_decay: float = 0.0,
+    decouple_wd: bool = False,
+    decouple_lr: bool = False,
+    max_lr: float | None = None,
+    kahan_comps: Sequence[Tensor | None] | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """Functional ADOPT over lists of tensors; arguments as in `core.adam`, plus `clip`."""
+    l2_weight_decay, param_decay = weight_decay_terms(
+        lr, weight_decay, decouple_wd, decouple_lr, max_lr
+    )
+    backend = select_backend(params, foreach=foreach, fused=fused)
+    tensor_lists = [
+        real_views(t)
+        for t in (
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            kahan_comps if kahan_comps is not None else no_kahan(params),
+        )
+    ]
+    for (step,), indices in partition_by_host_scalars(state_steps):
+        coefficients = adopt_coefficients(
+            step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            clip=clip,
+            l2_weight_decay=l2_weight_decay,
+            param_decay=param_decay,
+        )
+        backend.adopt_step(*(subset(t, indices) for t in tensor_lists), coefficients)
+    torch._foreach_add_(list(state_steps), 1.0)
+
+
+class ADOPT(AdamFamilyOptimizer):
+    """ADOPT: adaptive gradient method that converges for any beta2 (Taniguchi et al. 2024).
+
+    Args:
+        params: Iterable of parameters or dicts defining parameter groups.
+        lr: Learning rate.
+        betas: Coefficients of the running averages of the normalised gradient and the
+            squared gradient; ADOPT works with beta2 close to 1 (0.9999).
+        weight_decay: Weight decay coefficient; an L2 penalty unless decouple_wd or decouple_lr.
+        eps: Lower bound of the root of the second moment the gradient is divided by.
+        clip: Clip the normalised gradient to ±step^0.25 (the reference's stable
+            default); False gives the paper's original, unclipped ADOPT.
+        decouple_wd: Apply decoupled weight decay instead of an L2 penalty.
+        decouple_lr: Apply fully decoupled weight decay, scaled by lr / max_lr.
+        max_lr: The peak lr fully decoupled decay is relative to; None means each group's
+            lr when the group is created.
+        kahan_sum: Kahan-compensated updates for bf16/fp16 parameters; None turns it on
+            for low-precision parameters only.
+        foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
+        fused: Use a fused one-pass kernel; None picks it where available and exact.
+        gradient_release: Step each parameter inside backward and free its gradient;
+            requires `core.prepare_for_gradient_release(model, optimizer)`.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        weight_decay: float = 0.0,
+        eps: float = 1e-6,
+        clip: bool = True,
+        decouple_wd: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, hyperparameters(locals()))
+
+    def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
+        require(isinstance(group["clip"], bool), "clip", group["clip"], "True or False", where)
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        adopt(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            clip=group["clip"],
+            kahan_comps=self._kahan_comps(group, params, states),
+            **self._common_kwargs(group),
+        )

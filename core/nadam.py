@@ -1,0 +1,196 @@
+"""NAdam, Adam with Nesterov momentum (Dozat 2016), as torch.optim.NAdam computes it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.backends import select_backend
+from core.coefficients import AdamStepCoefficients
+from core.optimizer import (
+    AdamFamilyOptimizer,
+    ParamsT,
+    finite_at_least,
+    hyperparameters,
+    no_kahan,
+    partition_by_host_scalars,
+    real_views,
+    require,
+    subset,
+    weight_decay_terms,
+)
+
+
+def nadam_momentum(step: float, beta1: float, momentum_decay: float) -> float:
+    """μt, the momentum schedule of step t."""
+    return beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
+
+
+def nadam_coefficients(
+    step: float,
+    mu_product: float,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    momentum_decay: float,
+    l2_weight_decay: float,
+    param_decay: float,
+) -> AdamStepCoefficients:
+    """NAdam's scalars for step t, given Πt = μ1···μt (mu_product after this step)."""
+    mu = nadam_momentum(step, beta1, momentum_decay)
+    mu_next = nadam_momentum(step + 1, beta1, momentum_decay)
+    return AdamStepCoefficients(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        l2_weight_decay=l2_weight_decay,
+        param_decay=param_decay,
+        momentum_step=lr * mu_next / (1 - mu_product * mu_next),
+        grad_step=lr * (1 - mu) / (1 - mu_product),
+        bias_correction2_sqrt=(1 - beta2**step) ** 0.5,
+        adaptive=True,
+        amsgrad=False,
+        update_params=lr != 0,
+    )
+
+
+def nadam(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    mu_products: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    momentum_decay: float = 4e-3,
+    weight_decay: float = 0.0,
+    decouple_wd: bool = False,
+    decouple_lr: bool = False,
+    max_lr: float | None = None,
+    kahan_comps: Sequence[Tensor | None] | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """Functional NAdam over lists of tensors; arguments as in `core.adam`, plus
+    `mu_products` (0-dim float32 CPU tensors, updated here) and `momentum_decay`."""
+    l2_weight_decay, param_decay = weight_decay_terms(
+        lr, weight_decay, decouple_wd, decouple_lr, max_lr
+    )
+    backend = select_backend(params, foreach=foreach, fused=fused)
+    tensor_lists = [
+        real_views(t)
+        for t in (
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            None,
+            kahan_comps if kahan_comps is not None else no_kahan(params),
+        )
+    ]
+    for (step, _), indices in partition_by_host_scalars(state_steps, mu_products):
+        partition_mu_products = list(subset(mu_products, indices))
+        # Π is kept in float32, as torch stores it, so trajectories match torch's.
+        torch._foreach_mul_(partition_mu_products, nadam_momentum(step + 1, beta1, momentum_decay))
+        coefficients = nadam_coefficients(
+            step + 1,
+            float(partition_mu_products[0]),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            momentum_decay=momentum_decay,
+            l2_weight_decay=l2_weight_decay,
+            param_decay=param_decay,
+        )
+        backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
+    torch._foreach_add_(list(state_steps), 1.0)
+
+
+class NAdam(AdamFamilyOptimizer):
+    """NAdam: Adam with Nesterov momentum and torch's momentum schedule.
+
+    Args:
+        params: Iterable of parameters or dicts defining parameter groups.
+        lr: Learning rate.
+        betas: Coefficients of the running averages of the gradient and its square.
+        weight_decay: Weight decay coefficient; an L2 penalty unless decouple_wd or decouple_lr.
+        eps: Added to the denominator for numerical stability.
+        momentum_decay: ψ of the momentum schedule μt = β1·(1 − 0.5·0.96^(t·ψ)).
+        decouple_wd: Apply decoupled weight decay instead of an L2 penalty.
+        decouple_lr: Apply fully decoupled weight decay, scaled by lr / max_lr.
+        max_lr: The peak lr fully decoupled decay is relative to; None means each group's
+            lr when the group is created.
+        kahan_sum: Kahan-compensated updates for bf16/fp16 parameters; None turns it on
+            for low-precision parameters only.
+        foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
+        fused: Use a fused one-pass kernel; None picks it where available and exact.
+        gradient_release: Step each parameter inside backward and free its gradient;
+            requires `core.prepare_for_gradient_release(model, optimizer)`.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        eps: float = 1e-6,
+        momentum_decay: float = 4e-3,
+        decouple_wd: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, hyperparameters(locals()))
+
+    def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
+        value = group["momentum_decay"]
+        require(
+            finite_at_least(value, 0.0),
+            "momentum_decay",
+            value,
+            "a finite number >= 0",
+            where,
+        )
+
+    def _init_host_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
+        super()._init_host_state(state, group)
+        if "mu_product" not in state:
+            # Rebuild Π from the step count when resuming from a state without it.
+            beta1 = float(group["betas"][0])
+            product = torch.tensor(1.0, dtype=torch.float32)
+            for t in range(1, int(state["step"]) + 1):
+                product *= nadam_momentum(t, beta1, group["momentum_decay"])
+            state["mu_product"] = product
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        nadam(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["mu_product"] for s in states],
+            [s["step"] for s in states],
+            momentum_decay=float(group["momentum_decay"]),
+            kahan_comps=self._kahan_comps(group, params, states),
+            **self._common_kwargs(group),
+        )

@@ -1,0 +1,358 @@
+"""The base class every adamkit optimizer shares, and the helpers its functional forms use.
+
+What lives here is what is the same for every algorithm: param groups holding every
+hyperparameter (so frameworks may rebuild them), lazy state in torch.optim's layout,
+validation that names the argument, the three weight-decay modes, Kahan bookkeeping,
+state-dict interchange with torch.optim, and backend choice. The algorithm files only
+add their own hyperparameters and per-step scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, TypeAlias
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from core.backends.precision import LOW_PRECISION_DTYPES
+
+ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+HOST_SCALAR_STATE = ("step", "mu_product")
+"""Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
+
+
+def require(ok: bool, name: str, value: object, allowed: str, where: str = "") -> None:
+    """Raise a ValueError naming the argument, the value given and what is allowed."""
+    if not ok:
+        raise ValueError(f"Invalid {name}{where}: {value!r}. Allowed: {allowed}.")
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite_at_least(value: object, low: float) -> bool:
+    return _is_number(value) and math.isfinite(float(value)) and float(value) >= low  # type: ignore[arg-type]
+
+
+def _is_optional_bool(value: object) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> None:
+    """Check the hyperparameters every algorithm shares, before anything is changed."""
+    require(finite_at_least(group["lr"], 0.0), "lr", group["lr"], "a finite number >= 0", where)
+    require(finite_at_least(group["eps"], 0.0), "eps", group["eps"], "a finite number >= 0", where)
+    betas = group["betas"]
+    require(
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(_is_number(b) and 0.0 <= float(b) < 1.0 for b in betas),
+        "betas",
+        betas,
+        "two numbers (beta1, beta2), each in [0, 1)",
+        where,
+    )
+    require(
+        finite_at_least(group["weight_decay"], 0.0),
+        "weight_decay",
+        group["weight_decay"],
+        "a finite number >= 0",
+        where,
+    )
+    max_lr = group["max_lr"]
+    require(
+        max_lr is None or (_is_number(max_lr) and math.isfinite(float(max_lr)) and float(max_lr) > 0),
+        "max_lr",
+        max_lr,
+        "None or a finite number > 0",
+        where,
+    )
+    for flag in ("decouple_wd", "decouple_lr", "gradient_release"):
+        require(isinstance(group[flag], bool), flag, group[flag], "True or False", where)
+    for flag in ("kahan_sum", "foreach", "fused"):
+        require(_is_optional_bool(group[flag]), flag, group[flag], "None, True or False", where)
+
+
+def weight_decay_terms(
+    lr: float,
+    weight_decay: float,
+    decouple_wd: bool,
+    decouple_lr: bool,
+    max_lr: float | None,
+) -> tuple[float, float]:
+    """The weight-decay mode as (L2 coefficient added to the gradient, factor applied to θ).
+
+    Fully decoupled decay (decouple_lr) scales with lr / max_lr, so an LR schedule also
+    schedules the decay and lr = 0 decays nothing; it wins over decouple_wd.
+    """
+    if weight_decay == 0:
+        return 0.0, 1.0
+    if decouple_lr:
+        if lr == 0:
+            return 0.0, 1.0
+        return 0.0, 1.0 - (lr / (lr if max_lr is None else max_lr)) * weight_decay
+    if decouple_wd:
+        return 0.0, 1.0 - lr * weight_decay
+    return weight_decay, 1.0
+
+
+def partition_by_host_scalars(
+    *scalar_lists: Sequence[Tensor],
+) -> list[tuple[tuple[float, ...], list[int] | None]]:
+    """Group parameters whose host scalars (step, mu_product) agree.
+
+    In ordinary training every parameter of a group has the same step count, so this is
+    one partition covering everything (indices None); parameters that skipped steps
+    (grad None, gradient release) get their own coefficients.
+    """
+    count = len(scalar_lists[0])
+    keys = [tuple(float(values[i]) for values in scalar_lists) for i in range(count)]
+    if all(key == keys[0] for key in keys):
+        return [(keys[0], None)]
+    partitions: dict[tuple[float, ...], list[int]] = {}
+    for i, key in enumerate(keys):
+        partitions.setdefault(key, []).append(i)
+    return list(partitions.items())
+
+
+def subset(values: Sequence[Any] | None, indices: list[int] | None) -> Any:
+    """The items at indices (all of them when indices is None); None stays None."""
+    if values is None or indices is None:
+        return values
+    return [values[i] for i in indices]
+
+
+def real_views(tensors: Sequence[Tensor | None] | None) -> Any:
+    """View complex tensors as real pairs, as torch.optim does, so the math is elementwise."""
+    if tensors is None:
+        return None
+    return [t if t is None or not t.is_complex() else torch.view_as_real(t) for t in tensors]
+
+
+def no_kahan(params: Sequence[Tensor]) -> list[None]:
+    """The kahan_comps list for a call without compensation."""
+    return [None] * len(params)
+
+
+def hyperparameters(constructor_locals: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments as a defaults dict (everything but self and params)."""
+    return {
+        k: v for k, v in constructor_locals.items() if k not in ("self", "params", "__class__")
+    }
+
+
+class AdamFamilyOptimizer(Optimizer):
+    """The torch.optim.Optimizer every adamkit optimizer derives from.
+
+    Subclasses set `algorithm_defaults` validation through `_validate_algorithm`, list
+    their moment buffers in `_tensor_state_keys`, and turn one group into a call of their
+    functional form in `_update_group`.
+    """
+
+    _torch_group_key_aliases: ClassVar[dict[str, str]] = {"decoupled_weight_decay": "decouple_wd"}
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        self._validate_group(defaults, "")
+        super().__init__(params, defaults)
+
+    # -- hyperparameters -----------------------------------------------------------------
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        validate_common_hyperparameters(group, where)
+        self._validate_algorithm(group, where)
+
+    def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
+        """Check the algorithm's own hyperparameters (override in subclasses)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its max_lr defaults to its own lr at this moment."""
+        if isinstance(param_group, dict):
+            merged = {**self.defaults, **param_group}
+            self._validate_group(merged, f" in param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["max_lr"] is None:
+            group["max_lr"] = float(group["lr"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fill groups loaded from torch.optim (or older adamkit) with this optimizer's keys."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for torch_key, own_key in self._torch_group_key_aliases.items():
+                if torch_key in group and own_key not in group:
+                    group[own_key] = bool(group[torch_key])
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            if group["max_lr"] is None:
+                # A scheduler (torch or Composer) records the lr it started from.
+                group["max_lr"] = float(group.get("initial_lr", group["lr"]))
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _tensor_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The parameter-shaped buffers this algorithm keeps (override to add more)."""
+        return ("exp_avg", "exp_avg_sq")
+
+    def _init_host_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Create the 0-dim host scalars (override to add more than `step`)."""
+        state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+
+    @staticmethod
+    def _uses_kahan(group: dict[str, Any], param: Tensor) -> bool:
+        return group["kahan_sum"] is not False and param.dtype in LOW_PRECISION_DTYPES
+
+    def _prepared_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """The parameter's state, creating whatever is missing (first step, flag turned on)."""
+        state = self.state[param]
+        self._init_host_state(state, group)
+        for key in self._tensor_state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if "kahan_comp" not in state and self._uses_kahan(group, param):
+            state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    def _kahan_comps(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
+    ) -> list[Tensor | None]:
+        return [
+            state["kahan_comp"] if self._uses_kahan(group, p) else None
+            for p, state in zip(params, states, strict=True)
+        ]
+
+    # -- stepping --------------------------------------------------------------------------
+
+    def _common_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments every functional form takes, read from the live group."""
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": float(group["lr"]),
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "decouple_wd": group["decouple_wd"],
+            "decouple_lr": group["decouple_lr"],
+            "max_lr": group["max_lr"],
+            "foreach": group["foreach"],
+            "fused": group["fused"],
+        }
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        """Run the algorithm's functional form on one group (override in subclasses)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Update every parameter that has a gradient; return what the closure returned.
+
+        The closure (Lightning and Composer pass one) runs once with grad enabled.
+        Every group and gradient is checked before any parameter or state changes.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for index, group in enumerate(self.param_groups):
+            where = f" in param group {index}"
+            self._validate_group(group, where)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (a parameter "
+                        f"of shape {tuple(p.shape)}{where}); use torch.optim.SparseAdam for "
+                        "sparse embeddings, or dense gradients (nn.Embedding(sparse=False))."
+                    )
+            work.append((group, params))
+        for group, params in work:
+            if params:
+                states = [self._prepared_state(p, group) for p in params]
+                self._update_group(group, params, [p.grad for p in params], states)
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from this class, its siblings or torch.optim's Adam/AdamW/NAdam/RAdam.
+
+        torch casts every floating state tensor to the parameter's dtype and device;
+        host scalars (step, mu_product) are restored from the saved values instead, as
+        0-dim float32 CPU tensors, so no step ever reads a device tensor.
+        """
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved_state = state_dict["state"].get(saved_id)
+            if not saved_state:
+                continue
+            state = self.state[param]
+            for key in HOST_SCALAR_STATE:
+                if key in saved_state:
+                    value = saved_state[key]
+                    value = value.detach() if isinstance(value, Tensor) else torch.tensor(value)
+                    state[key] = value.to(device="cpu", dtype=torch.float32).clone().reshape(())
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything changes, a state dict this optimizer cannot continue from."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(
+                f"Invalid state_dict for {name}: expected a dict with 'state' and 'param_groups' "
+                "(what Optimizer.state_dict() returns)."
+            )
+        saved_groups = state_dict["param_groups"]
+        require(
+            len(saved_groups) == len(self.param_groups),
+            "state_dict['param_groups']",
+            f"{len(saved_groups)} groups",
+            f"{len(self.param_groups)} groups, as this optimizer has",
+        )
+        params_by_id = {}
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            require(
+                len(saved["params"]) == len(group["params"]),
+                f"state_dict['param_groups'][{index}]['params']",
+                f"{len(saved['params'])} parameters",
+                f"{len(group['params'])} parameters, as this optimizer's group {index} has",
+            )
+            if saved.get("maximize", False):
+                raise ValueError(
+                    f"Invalid maximize in param group {index} of the loaded state dict: True. "
+                    f"Allowed: False ({name} only minimizes)."
+                )
+            params_by_id.update(zip(saved["params"], group["params"], strict=True))
+        for saved_id, saved_state in state_dict["state"].items():
+            param = params_by_id.get(saved_id)
+            if param is None or not saved_state:
+                continue
+            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved_state]
+            if missing:
+                raise ValueError(
+                    f"Invalid state_dict for {name}: the state of parameter {saved_id} lacks "
+                    f"{missing} (it has {sorted(saved_state)}); expected the state of an "
+                    "Adam-family optimizer (torch.optim.Adam/AdamW/NAdam/RAdam or adamkit)."
+                )
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "kahan_comp"):
+                value = saved_state.get(key)
+                if isinstance(value, Tensor) and value.shape != param.shape:
+                    raise ValueError(
+                        f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] has shape "
+                        f"{tuple(value.shape)}, but the parameter has shape {tuple(param.shape)}."
+                    )

@@ -1,0 +1,290 @@
+"""The optimizer contract: closures, skipped parameters, lr = 0, max_lr, Kahan, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import core
+from tests.core.cases import BACKENDS, LR, Case, make_batches, make_model, one_case_per_algorithm, train
+
+ALL_CLASSES = [core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT]
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
+
+
+def _assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: tuple) -> None:
+    params, state_dict = snapshot
+    for p, before in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, before)
+    after = optimizer.state_dict()
+    assert after["state"].keys() == state_dict["state"].keys()
+    for key, state in state_dict["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][key][name], value), name
+
+
+def test_closure_runs_once_with_grad_enabled_and_its_loss_is_returned() -> None:
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR)
+    x, y = make_batches(torch.float32, 1)[0]
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = optimizer.step(closure)
+    assert calls == [True]
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_parameters_without_grad_are_skipped(cls: type) -> None:
+    used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    optimizer = cls([used, unused], lr=LR)
+    for _ in range(3):
+        (used * torch.arange(3.0)).sum().backward()
+        optimizer.step()
+        used.grad = None
+    assert torch.equal(unused, torch.ones(3)) and len(optimizer.state[unused]) == 0
+    assert float(optimizer.state[used]["step"]) == 3
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_l2_mode_never_writes_into_grad(cls: type, backend: str) -> None:
+    param = nn.Parameter(torch.linspace(-1, 1, 7))
+    optimizer = cls([param], lr=LR, weight_decay=0.5, decouple_wd=False, **BACKENDS[backend])
+    for _ in range(3):
+        grad = torch.linspace(0.5, -0.5, 7)
+        param.grad = grad.clone()
+        optimizer.step()
+        assert torch.equal(param.grad, grad)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_lr_zero_leaves_parameters_exactly_unchanged(case: Case, dtype: torch.dtype, backend: str) -> None:
+    """torch's distributed checkpointing steps once with lr = 0 to create state."""
+    model = make_model(dtype)
+    optimizer = case.make(model.parameters(), **BACKENDS[backend])
+    batches = make_batches(dtype, 6)
+    train(model, optimizer, batches[:3])  # Kahan buffers and moments are non-trivial now
+    before = [p.detach().clone() for p in model.parameters()]
+    comps = [s.get("kahan_comp", torch.empty(0)).clone() for s in optimizer.state.values()]
+    for x, y in batches[3:]:
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    for state, comp in zip(optimizer.state.values(), comps, strict=True):
+        assert torch.equal(state.get("kahan_comp", torch.empty(0)), comp)
+        assert float(state["step"]) == 6
+
+
+def test_max_lr_defaults_to_each_groups_own_lr_when_created() -> None:
+    a, b, c = (nn.Parameter(torch.ones(2)) for _ in range(3))
+    optimizer = core.AdamW([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1, decouple_lr=True)
+    optimizer.add_param_group({"params": [c], "lr": 0.25})
+    assert [g["max_lr"] for g in optimizer.param_groups] == [0.1, 0.5, 0.25]
+    explicit = core.AdamW([a], lr=0.1, max_lr=1.0)
+    assert explicit.param_groups[0]["max_lr"] == 1.0
+
+
+def test_fully_decoupled_decay_follows_the_schedule() -> None:
+    """With zero gradients the only change is decay: θ·(1 − lr/max_lr·λ) each step."""
+    param = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    optimizer = core.AdamW([param], lr=0.2, weight_decay=0.01, decouple_lr=True)
+    expected = 1.0
+    for lr in (0.2, 0.1, 0.05, 0.0):
+        optimizer.param_groups[0]["lr"] = lr
+        param.grad = torch.zeros_like(param)
+        optimizer.step()
+        expected *= 1 - lr / 0.2 * 0.01
+        torch.testing.assert_close(param, torch.full_like(param, expected), atol=1e-15, rtol=0)
+
+
+def _train_bf16_regression(kahan_sum: bool | None, dtype: torch.dtype, cls: type) -> float:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
+    x = torch.randn(512, 16)
+    with torch.no_grad():
+        y = teacher(x)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4)).to(dtype)
+    optimizer = cls(model.parameters(), lr=3e-4, weight_decay=0.0, kahan_sum=kahan_sum)
+    for _ in range(400):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return nn.functional.mse_loss(model.float()(x), y).item()
+
+
+@pytest.mark.parametrize("cls", [core.AdamW, core.RAdam, core.NAdam, core.ADOPT])
+def test_kahan_summation_recovers_fp32_quality_in_pure_bf16(cls: type) -> None:
+    fp32 = _train_bf16_regression(None, torch.float32, cls)
+    kahan = _train_bf16_regression(None, torch.bfloat16, cls)  # None: on for bf16
+    plain = _train_bf16_regression(False, torch.bfloat16, cls)
+    assert kahan < 1.1 * fp32, (fp32, kahan)
+    assert plain > 1.1 * fp32, (fp32, plain)
+
+
+def test_kahan_buffers_only_for_low_precision_parameters() -> None:
+    p32, p16 = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    for kahan_sum, expected in ((None, {p16}), (True, {p16}), (False, set())):
+        optimizer = core.AdamW([p32, p16], lr=LR, kahan_sum=kahan_sum)
+        p32.grad, p16.grad = torch.ones(3), torch.ones(3, dtype=torch.bfloat16)
+        optimizer.step()
+        assert {p for p in (p32, p16) if "kahan_comp" in optimizer.state[p]} == expected
+        assert all(s.get("kahan_comp", p16).dtype == torch.bfloat16 for s in optimizer.state.values())
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_bf16_kahan_backends_agree(backend: str) -> None:
+    models = []
+    for name in ("loop", backend):
+        model = make_model(torch.bfloat16)
+        train(model, core.NAdam(model.parameters(), lr=LR, **BACKENDS[name]), make_batches(torch.bfloat16, 20))
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_complex_parameters_match_torch() -> None:
+    torch.manual_seed(0)
+    init = torch.randn(5, 3, dtype=torch.complex64)
+    ours, theirs = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    optimizer = core.AdamW([ours], lr=LR, eps=1e-3, weight_decay=0.1)
+    reference = torch.optim.AdamW([theirs], lr=LR, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1)
+    target = torch.randn(5, 3, dtype=torch.complex64)
+    for _ in range(20):
+        for p, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad()
+            (p - target).abs().pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=0)
+
+
+def test_functional_form_equals_the_class() -> None:
+    model, functional_model = make_model(torch.float64), make_model(torch.float64)
+    optimizer = core.Adam(model.parameters(), lr=LR, weight_decay=0.1, amsgrad=True)
+    params = list(functional_model.parameters())
+    buffers = {k: [torch.zeros_like(p) for p in params] for k in ("m", "v", "vmax")}
+    steps = [torch.tensor(0.0) for _ in params]
+    for x, y in make_batches(torch.float64, 10):
+        for m in (model, functional_model):
+            m.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+        optimizer.step()
+        with torch.no_grad():
+            core.adam(
+                params, [p.grad for p in params], buffers["m"], buffers["v"], buffers["vmax"], steps,
+                lr=LR, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True,
+            )
+    for a, b in zip(model.parameters(), params, strict=True):
+        assert torch.equal(a, b)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+BAD_HYPERPARAMETERS = [
+    ("lr", -1e-3),
+    ("lr", float("nan")),
+    ("eps", -1e-8),
+    ("betas", (1.0, 0.99)),
+    ("betas", (0.9, -0.1)),
+    ("betas", (0.9,)),
+    ("weight_decay", -0.1),
+    ("max_lr", 0.0),
+    ("max_lr", -1.0),
+    ("decouple_wd", "yes"),
+    ("kahan_sum", 1),
+    ("foreach", "fast"),
+]
+ALGORITHM_SPECIFIC = [
+    (core.Adam, "amsgrad", None),
+    (core.NAdam, "momentum_decay", -4e-3),
+    (core.ADOPT, "clip", 0.25),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_HYPERPARAMETERS, ids=lambda v: repr(v))
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_invalid_hyperparameter_is_named_with_value_and_allowed_range(cls: type, name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"Invalid {name}: ") as error:
+        cls([nn.Parameter(torch.ones(2))], **{"lr": 1e-3, name: value})
+    assert repr(value) in str(error.value) and "Allowed: " in str(error.value)
+
+
+@pytest.mark.parametrize(("cls", "name", "value"), ALGORITHM_SPECIFIC)
+def test_invalid_algorithm_hyperparameter(cls: type, name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"Invalid {name}: {value!r}\. Allowed: \w"):
+        cls([nn.Parameter(torch.ones(2))], lr=1e-3, **{name: value})
+
+
+def test_invalid_value_in_a_param_group_names_the_group() -> None:
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 1: -0\.5"):
+        core.AdamW([{"params": [nn.Parameter(torch.ones(2))]}, {"params": [nn.Parameter(torch.ones(2))], "lr": -0.5}], lr=1e-3)
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_invalid_value_set_during_training_is_refused_before_any_change(cls: type) -> None:
+    model = make_model()
+    optimizer = cls(model.parameters(), lr=LR)
+    batches = make_batches(torch.float32, 3)
+    train(model, optimizer, batches[:2])
+    snapshot = _snapshot(model, optimizer)
+    optimizer.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -1\.0"):
+        optimizer.step()
+    _assert_unchanged(model, optimizer, snapshot)
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_sparse_gradients_are_refused_before_any_change(cls: type) -> None:
+    dense, embedding = nn.Linear(3, 3), nn.Embedding(10, 3, sparse=True)
+    model = nn.ModuleList([dense, embedding])
+    optimizer = cls(model.parameters(), lr=LR)
+    snapshot = _snapshot(model, optimizer)
+    (dense(torch.ones(2, 3)).sum() + embedding(torch.tensor([1, 2])).sum()).backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        optimizer.step()
+    _assert_unchanged(model, optimizer, snapshot)
+
+
+def test_empty_and_duplicate_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="empty parameter list"):
+        core.AdamW([], lr=1e-3)
+    p = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        core.AdamW([{"params": [p]}, {"params": [p]}], lr=1e-3)
+
+
+def test_lr_is_required_except_for_adopt() -> None:
+    with pytest.raises(TypeError, match="lr"):
+        core.Adam([nn.Parameter(torch.ones(2))])  # type: ignore[call-arg]
+    assert core.ADOPT([nn.Parameter(torch.ones(2))]).defaults["lr"] == 1e-3
+
+
+def test_documented_defaults() -> None:
+    p = [nn.Parameter(torch.ones(2))]
+    adam, adamw, nadam, adopt = core.Adam(p, lr=1), core.AdamW(p, lr=1), core.NAdam(p, lr=1), core.ADOPT(p)
+    assert (adam.defaults["betas"], adam.defaults["eps"], adam.defaults["weight_decay"]) == ((0.9, 0.99), 1e-6, 0)
+    assert adam.defaults["decouple_wd"] is False and adamw.defaults["decouple_wd"] is True
+    assert adamw.defaults["weight_decay"] == 1e-2 and nadam.defaults["momentum_decay"] == 4e-3
+    assert (adopt.defaults["betas"], adopt.defaults["eps"], adopt.defaults["clip"]) == ((0.9, 0.9999), 1e-6, True)
