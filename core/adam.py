@@ -1,4 +1,4 @@
-"""Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), as torch.optim.Adam computes them."""
+"""Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), as torch.optim.Adam does them."""
 
 from __future__ import annotations
 
@@ -176,7 +176,9 @@ class Adam(AdamFamilyOptimizer):
         super().__init__(params, hyperparameters(locals()))
 
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
-        require(isinstance(group["amsgrad"], bool), "amsgrad", group["amsgrad"], "True or False", where)
+        require(
+            isinstance(group["amsgrad"], bool), "amsgrad", group["amsgrad"], "True or False", where
+        )
 
     def _tensor_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:

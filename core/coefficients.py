@@ -45,14 +45,14 @@ class AdamStepCoefficients:
 class AdoptStepCoefficients:
     """Scalars of one ADOPT step.
 
-        g ← g + l2_weight_decay·θ                      (a copy)
-        initialize_only: v ← g², nothing else
-        otherwise:
-            if update_params: θ ← param_decay·θ
-            ĝ = g / max(√v, eps), clamped to [−clip, clip] when clip is not None
-            m ← m + (1 − beta1)·(ĝ − m)
-            if update_params: θ ← θ − lr·m
-            v ← beta2·v + (1 − beta2)·g²
+    g ← g + l2_weight_decay·θ                      (a copy)
+    initialize_only: v ← g², nothing else
+    otherwise:
+        if update_params: θ ← param_decay·θ
+        ĝ = g / max(√v, eps), clamped to [−clip, clip] when clip is not None
+        m ← m + (1 − beta1)·(ĝ − m)
+        if update_params: θ ← θ − lr·m
+        v ← beta2·v + (1 − beta2)·g²
     """
 
     beta1: float

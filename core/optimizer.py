@@ -68,7 +68,8 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
     )
     max_lr = group["max_lr"]
     require(
-        max_lr is None or (_is_number(max_lr) and math.isfinite(float(max_lr)) and float(max_lr) > 0),
+        max_lr is None
+        or (_is_number(max_lr) and math.isfinite(float(max_lr)) and float(max_lr) > 0),
         "max_lr",
         max_lr,
         "None or a finite number > 0",
@@ -143,9 +144,7 @@ def no_kahan(params: Sequence[Tensor]) -> list[None]:
 
 def hyperparameters(constructor_locals: dict[str, Any]) -> dict[str, Any]:
     """A constructor's arguments as a defaults dict (everything but self and params)."""
-    return {
-        k: v for k, v in constructor_locals.items() if k not in ("self", "params", "__class__")
-    }
+    return {k: v for k, v in constructor_locals.items() if k not in ("self", "params", "__class__")}
 
 
 class AdamFamilyOptimizer(Optimizer):

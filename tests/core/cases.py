@@ -164,13 +164,17 @@ def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
 
 
-def make_batches(dtype: torch.dtype, count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    dtype: torch.dtype, count: int, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     teacher = 0.4 * torch.randn(6, 3, generator=generator, dtype=torch.float64)
     batches = []
     for _ in range(count):
         x = torch.randn(32, 6, generator=generator, dtype=torch.float64)
-        y = torch.sin(x @ teacher) + 0.1 * torch.randn(32, 3, generator=generator, dtype=torch.float64)
+        y = torch.sin(x @ teacher) + 0.1 * torch.randn(
+            32, 3, generator=generator, dtype=torch.float64
+        )
         batches.append((x.to(dtype), y.to(dtype)))
     return batches
 

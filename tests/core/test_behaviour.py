@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 import core
-from tests.core.cases import BACKENDS, LR, Case, make_batches, make_model, one_case_per_algorithm, train
+from tests.core.cases import (
+    BACKENDS,
+    LR,
+    Case,
+    make_batches,
+    make_model,
+    one_case_per_algorithm,
+    train,
+)
 
 ALL_CLASSES = [core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT]
 
@@ -75,7 +83,9 @@ def test_l2_mode_never_writes_into_grad(cls: type, backend: str) -> None:
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
-def test_lr_zero_leaves_parameters_exactly_unchanged(case: Case, dtype: torch.dtype, backend: str) -> None:
+def test_lr_zero_leaves_parameters_exactly_unchanged(
+    case: Case, dtype: torch.dtype, backend: str
+) -> None:
     """torch's distributed checkpointing steps once with lr = 0 to create state."""
     model = make_model(dtype)
     optimizer = case.make(model.parameters(), **BACKENDS[backend])
@@ -151,7 +161,9 @@ def test_kahan_buffers_only_for_low_precision_parameters() -> None:
         p32.grad, p16.grad = torch.ones(3), torch.ones(3, dtype=torch.bfloat16)
         optimizer.step()
         assert {p for p in (p32, p16) if "kahan_comp" in optimizer.state[p]} == expected
-        assert all(s.get("kahan_comp", p16).dtype == torch.bfloat16 for s in optimizer.state.values())
+        assert all(
+            s.get("kahan_comp", p16).dtype == torch.bfloat16 for s in optimizer.state.values()
+        )
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -159,7 +171,11 @@ def test_bf16_kahan_backends_agree(backend: str) -> None:
     models = []
     for name in ("loop", backend):
         model = make_model(torch.bfloat16)
-        train(model, core.NAdam(model.parameters(), lr=LR, **BACKENDS[name]), make_batches(torch.bfloat16, 20))
+        train(
+            model,
+            core.NAdam(model.parameters(), lr=LR, **BACKENDS[name]),
+            make_batches(torch.bfloat16, 20),
+        )
         models.append(model)
     for a, b in zip(*(m.parameters() for m in models), strict=True):
         assert torch.equal(a, b)
@@ -193,8 +209,18 @@ def test_functional_form_equals_the_class() -> None:
         optimizer.step()
         with torch.no_grad():
             core.adam(
-                params, [p.grad for p in params], buffers["m"], buffers["v"], buffers["vmax"], steps,
-                lr=LR, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True,
+                params,
+                [p.grad for p in params],
+                buffers["m"],
+                buffers["v"],
+                buffers["vmax"],
+                steps,
+                lr=LR,
+                beta1=0.9,
+                beta2=0.99,
+                eps=1e-6,
+                weight_decay=0.1,
+                amsgrad=True,
             )
     for a, b in zip(model.parameters(), params, strict=True):
         assert torch.equal(a, b)
@@ -225,7 +251,9 @@ ALGORITHM_SPECIFIC = [
 
 @pytest.mark.parametrize(("name", "value"), BAD_HYPERPARAMETERS, ids=lambda v: repr(v))
 @pytest.mark.parametrize("cls", ALL_CLASSES)
-def test_invalid_hyperparameter_is_named_with_value_and_allowed_range(cls: type, name: str, value: object) -> None:
+def test_invalid_hyperparameter_is_named_with_value_and_allowed_range(
+    cls: type, name: str, value: object
+) -> None:
     with pytest.raises(ValueError, match=rf"Invalid {name}: ") as error:
         cls([nn.Parameter(torch.ones(2))], **{"lr": 1e-3, name: value})
     assert repr(value) in str(error.value) and "Allowed: " in str(error.value)
@@ -239,7 +267,13 @@ def test_invalid_algorithm_hyperparameter(cls: type, name: str, value: object) -
 
 def test_invalid_value_in_a_param_group_names_the_group() -> None:
     with pytest.raises(ValueError, match=r"Invalid lr in param group 1: -0\.5"):
-        core.AdamW([{"params": [nn.Parameter(torch.ones(2))]}, {"params": [nn.Parameter(torch.ones(2))], "lr": -0.5}], lr=1e-3)
+        core.AdamW(
+            [
+                {"params": [nn.Parameter(torch.ones(2))]},
+                {"params": [nn.Parameter(torch.ones(2))], "lr": -0.5},
+            ],
+            lr=1e-3,
+        )
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES)
@@ -283,8 +317,21 @@ def test_lr_is_required_except_for_adopt() -> None:
 
 def test_documented_defaults() -> None:
     p = [nn.Parameter(torch.ones(2))]
-    adam, adamw, nadam, adopt = core.Adam(p, lr=1), core.AdamW(p, lr=1), core.NAdam(p, lr=1), core.ADOPT(p)
-    assert (adam.defaults["betas"], adam.defaults["eps"], adam.defaults["weight_decay"]) == ((0.9, 0.99), 1e-6, 0)
+    adam, adamw, nadam, adopt = (
+        core.Adam(p, lr=1),
+        core.AdamW(p, lr=1),
+        core.NAdam(p, lr=1),
+        core.ADOPT(p),
+    )
+    assert (adam.defaults["betas"], adam.defaults["eps"], adam.defaults["weight_decay"]) == (
+        (0.9, 0.99),
+        1e-6,
+        0,
+    )
     assert adam.defaults["decouple_wd"] is False and adamw.defaults["decouple_wd"] is True
     assert adamw.defaults["weight_decay"] == 1e-2 and nadam.defaults["momentum_decay"] == 4e-3
-    assert (adopt.defaults["betas"], adopt.defaults["eps"], adopt.defaults["clip"]) == ((0.9, 0.9999), 1e-6, True)
+    assert (adopt.defaults["betas"], adopt.defaults["eps"], adopt.defaults["clip"]) == (
+        (0.9, 0.9999),
+        1e-6,
+        True,
+    )

@@ -23,7 +23,9 @@ from tests.core.cases import (
 TOTAL = 40
 
 
-def _resumed_run(case: Case, save_backend: dict, load_backend: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _resumed_run(
+    case: Case, save_backend: dict, load_backend: dict
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(uninterrupted model, model resumed from a mid-run checkpoint through deepcopied dicts)."""
     batches = make_batches(torch.float32, TOTAL)
     full = make_model()
@@ -62,7 +64,11 @@ INTERCHANGE = {
     "Adam-l2": (torch.optim.Adam, core.Adam, {"weight_decay": 0.1, "eps": EPS}),
     "Adam-amsgrad": (torch.optim.Adam, core.Adam, {"amsgrad": True, "eps": EPS}),
     "AdamW": (torch.optim.AdamW, core.AdamW, {"weight_decay": 0.1, "eps": EPS}),
-    "AdamW-amsgrad": (torch.optim.AdamW, core.AdamW, {"weight_decay": 0.1, "amsgrad": True, "eps": EPS}),
+    "AdamW-amsgrad": (
+        torch.optim.AdamW,
+        core.AdamW,
+        {"weight_decay": 0.1, "amsgrad": True, "eps": EPS},
+    ),
     "NAdam-l2": (torch.optim.NAdam, core.NAdam, {"weight_decay": 0.1, "eps": EPS}),
     "RAdam": (torch.optim.RAdam, core.RAdam, {"eps": TINY_EPS}),
 }
@@ -78,7 +84,9 @@ def test_state_dict_interchange_with_torch(name: str, direction: str) -> None:
     """
     torch_class, core_class, kwargs = INTERCHANGE[name]
     kwargs = {"lr": LR, "betas": (0.9, 0.99), **kwargs}
-    writer, reader = (torch_class, core_class) if direction == "torch_to_core" else (core_class, torch_class)
+    writer, reader = (
+        (torch_class, core_class) if direction == "torch_to_core" else (core_class, torch_class)
+    )
     batches = make_batches(torch.float64, TOTAL)
 
     model = make_model(torch.float64)
