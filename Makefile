@@ -1,0 +1,46 @@
+# Two environments (see README): .venv = torch 2.13 CPU + Lightning + Triton,
+# .venv-composer = mosaicml 0.32.1 with its torch 2.7. Core tests run in both.
+PYTHON ?= python3
+MAIN := .venv
+COMPOSER := .venv-composer
+REPORTS := .ci/reports
+# Triton kernels run on CPU tensors through Triton's interpreter.
+export TRITON_INTERPRET := 1
+
+.PHONY: env env-composer test test-main test-composer run run-quick lint benchmark
+
+$(MAIN)/.installed: pyproject.toml .ci/constraints-main.txt
+	$(PYTHON) -m venv $(MAIN)
+	$(MAIN)/bin/pip install --quiet -c .ci/constraints-main.txt -e ".[lightning,triton,dev]"
+	touch $@
+
+$(COMPOSER)/.installed: pyproject.toml .ci/constraints-composer.txt
+	$(PYTHON) -m venv $(COMPOSER)
+	$(COMPOSER)/bin/pip install --quiet -c .ci/constraints-composer.txt -e ".[composer]" pytest hypothesis
+	touch $@
+
+env: $(MAIN)/.installed
+env-composer: $(COMPOSER)/.installed
+
+## The whole test suite, both environments, from nothing.
+test: test-main test-composer
+	$(MAIN)/bin/python .ci/check_junit.py $(REPORTS)/main.xml $(REPORTS)/composer.xml
+
+test-main: env
+	mkdir -p $(REPORTS)
+	$(MAIN)/bin/ruff check .
+	$(MAIN)/bin/python -m pytest tests/core tests/lightning_adam --junitxml=$(REPORTS)/main.xml
+
+test-composer: env-composer
+	mkdir -p $(REPORTS)
+	$(COMPOSER)/bin/python -m pytest tests/core tests/composer_adam --junitxml=$(REPORTS)/composer.xml
+
+## The main job: train and compare optimizers, results in outputs/.
+run: env
+	$(MAIN)/bin/python examples/train_core.py
+
+benchmark: env
+	$(MAIN)/bin/python examples/benchmark.py
+
+lint: env
+	$(MAIN)/bin/ruff check . && $(MAIN)/bin/ruff format --check .
