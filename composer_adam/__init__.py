@@ -7,8 +7,8 @@ and metric names, on adamkit's core); `DecoupledRAdam`, `DecoupledNAdam` and
 
 from composer_adam.optimizers import (
     ComposerConventions,
-    DecoupledADOPT,
     DecoupledAdamW,
+    DecoupledADOPT,
     DecoupledNAdam,
     DecoupledRAdam,
 )
