@@ -2,9 +2,11 @@
 
 `DecoupledAdamW` replaces `composer.optim.DecoupledAdamW` (same arguments, decay, state
 and metric names, on adamkit's core); `DecoupledRAdam`, `DecoupledNAdam` and
-`DecoupledADOPT` follow the same conventions.
+`DecoupledADOPT` follow the same conventions. `GradientRelease` steps parameters inside
+backward; `recipes.build_optimizer` builds any of them from a YAML or dict recipe.
 """
 
+from composer_adam.gradient_release import GradientRelease
 from composer_adam.optimizers import (
     ComposerConventions,
     DecoupledAdamW,
@@ -19,4 +21,5 @@ __all__ = [
     "DecoupledAdamW",
     "DecoupledNAdam",
     "DecoupledRAdam",
+    "GradientRelease",
 ]
