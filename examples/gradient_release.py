@@ -95,6 +95,7 @@ def memory_table(steps: int) -> str:
 def accumulation_gap(windows: int, microbatches: int = 4) -> str:
     """Final loss: ordinary accumulation vs release with optimizer accumulation."""
     generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
     data = []
     for _ in range(windows * microbatches):
