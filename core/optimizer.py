@@ -91,14 +91,15 @@ def weight_decay_terms(
     """The weight-decay mode as (L2 coefficient added to the gradient, factor applied to θ).
 
     Fully decoupled decay (decouple_lr) scales with lr / max_lr, so an LR schedule also
-    schedules the decay and lr = 0 decays nothing; it wins over decouple_wd.
+    schedules the decay and lr = 0 decays nothing; it wins over decouple_wd. Without a
+    max_lr the ratio is 1 (weight_decay per step whenever lr > 0), as in Composer.
     """
     if weight_decay == 0:
         return 0.0, 1.0
     if decouple_lr:
         if lr == 0:
             return 0.0, 1.0
-        return 0.0, 1.0 - (lr / (lr if max_lr is None else max_lr)) * weight_decay
+        return 0.0, 1.0 - (1.0 if max_lr is None else lr / max_lr) * weight_decay
     if decouple_wd:
         return 0.0, 1.0 - lr * weight_decay
     return weight_decay, 1.0
@@ -232,7 +233,8 @@ class AdamFamilyOptimizer(Optimizer):
             self._validate_group(merged, f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["max_lr"] is None:
+        if group["max_lr"] is None and float(group["lr"]) > 0:
+            # An lr of 0 at creation names no peak: max_lr stays None (decay ratio 1, as Composer).
             group["max_lr"] = float(group["lr"])
         if group["gradient_release"]:
             # Released training keeps working when a group is added mid-run.
@@ -248,9 +250,10 @@ class AdamFamilyOptimizer(Optimizer):
                     group[own_key] = bool(group[torch_key])
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            if group["max_lr"] is None:
+            reference_lr = float(group.get("initial_lr", group["lr"]))
+            if group["max_lr"] is None and reference_lr > 0:
                 # A scheduler (torch or Composer) records the lr it started from.
-                group["max_lr"] = float(group.get("initial_lr", group["lr"]))
+                group["max_lr"] = reference_lr
 
     # -- state -----------------------------------------------------------------------------
 
