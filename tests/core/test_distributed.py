@@ -41,7 +41,17 @@ def _has_fully_shard() -> bool:
     return True
 
 
+def _torch_older_than(major: int, minor: int) -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version < (major, minor)
+
+
 @pytest.mark.skipif(not _has_fully_shard(), reason="this torch build has no FSDP2 fully_shard")
+@pytest.mark.skipif(
+    _torch_older_than(2, 8),
+    reason="torch 2.7's FSDP2 sums gradients over gloo instead of averaging them (checked: "
+    "2.0x the single-process gradient), so no optimizer can match a single process there",
+)
 @pytest.mark.parametrize("backend", ["loop", "foreach"])
 def test_fsdp2_sharded_training_equals_single_process(backend: str, tmp_path: Path) -> None:
     output = tmp_path / "fsdp.pt"
