@@ -8,8 +8,9 @@ micro-batch gradients are folded into the moments instead (see core.optimizer.wi
 What cannot work is refused rather than computed wrongly: a GradScaler (its unscale and
 inf/NaN skip come after backward, when parameters are already updated) and sparse
 gradients raise; gradient clipping needs the whole gradient and cannot be applied to
-released gradients (the Lightning and Composer callbacks refuse it; in plain PyTorch,
-clip_grad_norm_ after backward sees no gradients). Hooks fire on local gradients, so a
+released gradients, so while a model is released torch.nn.utils.clip_grad_norm_ and
+clip_grad_value_ raise when given its parameters (the framework callbacks refuse clipping
+settings up front). Hooks fire on local gradients, so a
 distributed model must step from its communication hook instead (the adapters do).
 """
 
@@ -43,6 +44,44 @@ class _Registration:
 
 
 _registrations: weakref.WeakKeyDictionary[nn.Module, _Registration] = weakref.WeakKeyDictionary()
+
+_CLIPPING_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
+_original_clipping: dict[str, Callable[..., object]] = {}
+
+
+def _released_anywhere() -> set[Tensor]:
+    return {p for registration in _registrations.values() for p in registration.params}
+
+
+def _refusing_clipping(name: str, original: Callable[..., object]) -> Callable[..., object]:
+    def clip(parameters: object, *args: object, **kwargs: object) -> object:
+        candidates = [parameters] if isinstance(parameters, Tensor) else list(parameters)  # type: ignore[call-overload]
+        released = _released_anywhere()
+        if any(p in released for p in candidates):
+            raise RuntimeError(
+                f"torch.nn.utils.{name} was called on parameters under gradient release: their "
+                "gradients were applied and freed inside backward, so there is nothing left to "
+                "clip. Turn gradient release off to clip gradients."
+            )
+        return original(candidates, *args, **kwargs)
+
+    clip.__doc__ = original.__doc__
+    return clip
+
+
+def _guard_clipping(active: bool) -> None:
+    """While any model is released, make torch's clipping functions refuse released params
+    (they would otherwise see no gradients and silently clip nothing)."""
+    modules = (torch.nn.utils, torch.nn.utils.clip_grad)
+    for name in _CLIPPING_FUNCTIONS:
+        if active and name not in _original_clipping:
+            _original_clipping[name] = getattr(torch.nn.utils, name)
+            for module in modules:
+                setattr(module, name, _refusing_clipping(name, _original_clipping[name]))
+        elif not active and name in _original_clipping:
+            original = _original_clipping.pop(name)
+            for module in modules:
+                setattr(module, name, original)
 
 
 def _has_other_hooks(param: Tensor) -> bool:
@@ -118,6 +157,7 @@ def prepare_for_gradient_release(
     # GradScaler passes itself to step() when this is set, so step() can refuse it clearly.
     optimizer._step_supports_amp_scaling = True
     _registrations[model] = registration
+    _guard_clipping(active=True)
 
 
 def remove_gradient_release(model: nn.Module) -> None:
@@ -132,6 +172,7 @@ def remove_gradient_release(model: nn.Module) -> None:
     optimizer.gradient_release_registrations.remove(registration)
     if not optimizer.released_params:
         optimizer._step_supports_amp_scaling = False
+    _guard_clipping(active=bool(_registrations))
 
 
 def is_gradient_release_prepared(model: nn.Module) -> bool:

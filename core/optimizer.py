@@ -23,6 +23,10 @@ from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
+
+EXECUTION_KEYS = ("foreach", "fused", "gradient_release")
+"""Group keys that choose how a step runs, not what it computes: on load the running
+optimizer keeps its own, so a checkpoint can be resumed on another backend."""
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
 
 
@@ -92,14 +96,15 @@ def weight_decay_terms(
     """The weight-decay mode as (L2 coefficient added to the gradient, factor applied to θ).
 
     Fully decoupled decay (decouple_lr) scales with lr / max_lr, so an LR schedule also
-    schedules the decay and lr = 0 decays nothing; it wins over decouple_wd.
+    schedules the decay and lr = 0 decays nothing; it wins over decouple_wd. Without a
+    max_lr the ratio is 1 (weight_decay per step whenever lr > 0), as in Composer.
     """
     if weight_decay == 0:
         return 0.0, 1.0
     if decouple_lr:
         if lr == 0:
             return 0.0, 1.0
-        return 0.0, 1.0 - (lr / (lr if max_lr is None else max_lr)) * weight_decay
+        return 0.0, 1.0 - (1.0 if max_lr is None else lr / max_lr) * weight_decay
     if decouple_wd:
         return 0.0, 1.0 - lr * weight_decay
     return weight_decay, 1.0
@@ -233,7 +238,8 @@ class AdamFamilyOptimizer(Optimizer):
             self._validate_group(merged, f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["max_lr"] is None:
+        if group["max_lr"] is None and float(group["lr"]) > 0:
+            # An lr of 0 at creation names no peak: max_lr stays None (decay ratio 1, as Composer).
             group["max_lr"] = float(group["lr"])
         if group["gradient_release"]:
             # Released training keeps working when a group is added mid-run.
@@ -249,9 +255,10 @@ class AdamFamilyOptimizer(Optimizer):
                     group[own_key] = bool(group[torch_key])
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            if group["max_lr"] is None:
+            reference_lr = float(group.get("initial_lr", group["lr"]))
+            if group["max_lr"] is None and reference_lr > 0:
                 # A scheduler (torch or Composer) records the lr it started from.
-                group["max_lr"] = float(group.get("initial_lr", group["lr"]))
+                group["max_lr"] = reference_lr
 
     # -- state -----------------------------------------------------------------------------
 
@@ -475,12 +482,17 @@ class AdamFamilyOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class, its siblings or torch.optim's Adam/AdamW/NAdam/RAdam.
 
+        Hyperparameters come from the checkpoint, as between torch optimizers; the backend
+        flags (foreach, fused, gradient_release) stay this optimizer's own.
         torch casts every floating state tensor to the parameter's dtype and device;
         host scalars (step, mu_product) are restored from the saved values instead, as
         0-dim float32 CPU tensors, so no step ever reads a device tensor.
         """
         self._check_loadable(state_dict)
+        execution = [{key: group[key] for key in EXECUTION_KEYS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, execution, strict=True):
+            group.update(flags)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params, strict=True):

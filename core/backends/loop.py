@@ -51,7 +51,7 @@ def adam_step(
         if c.param_decay != 1:
             theta.mul_(c.param_decay)
         if c.adaptive:
-            denom = (second_moment.sqrt() / c.bias_correction2_sqrt).add_(c.eps)
+            denom = second_moment.sqrt().div_(c.bias_correction2_sqrt).add_(c.eps)
             if c.grad_step != 0:
                 theta.addcdiv_(grad, denom, value=-c.grad_step)
             theta.addcdiv_(exp_avg, denom, value=-c.momentum_step)

@@ -204,3 +204,19 @@ def test_step_of_a_foreign_parameter_is_refused() -> None:
     stranger.grad = torch.ones(4)
     with pytest.raises(ValueError, match="in none of this optimizer's param groups"):
         optimizer.step(param=stranger)
+
+
+@pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])
+def test_gradient_clipping_of_released_parameters_is_refused(clip: str) -> None:
+    model, other = make_model(), nn.Linear(2, 2)
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    x, y = make_batches(torch.float32, 1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="under gradient release"):
+        getattr(torch.nn.utils, clip)(model.parameters(), 1.0)
+    other(torch.ones(1, 2)).sum().backward()
+    getattr(torch.nn.utils, clip)(other.parameters(), 1.0)  # other models clip as usual
+    core.remove_gradient_release(model)
+    model(x).sum().backward()
+    getattr(torch.nn.utils, clip)(model.parameters(), 1.0)  # and so does this one once removed
