@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from core.backends import select_backend
-from core.coefficients import AdamStepCoefficients
+from core.coefficients import AdamStepCoefficients, TorchAdamTerms
 from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
+    decoupled_decay_rate,
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
@@ -33,8 +34,13 @@ def adam_coefficients(
     l2_weight_decay: float,
     param_decay: float,
     amsgrad: bool,
+    decoupled_rate: float = 0.0,
 ) -> AdamStepCoefficients:
-    """Adam's scalars for step t (counted from 1): bias corrections folded into the step size."""
+    """Adam's scalars for step t (counted from 1): bias corrections folded into the step size.
+
+    decoupled_rate is the decoupled decay as torch.optim.AdamW's weight_decay (see
+    `decoupled_decay_rate`), so the step can also be stated in torch's terms.
+    """
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     return AdamStepCoefficients(
@@ -49,6 +55,12 @@ def adam_coefficients(
         adaptive=True,
         amsgrad=amsgrad,
         update_params=lr != 0,
+        torch_terms=TorchAdamTerms(
+            lr=lr,
+            step=step,
+            weight_decay=decoupled_rate if decoupled_rate != 0 else l2_weight_decay,
+            decoupled=decoupled_rate != 0,
+        ),
     )
 
 
@@ -101,9 +113,8 @@ def adam(
         None,
         "a list of tensors when amsgrad=True",
     )
-    l2_weight_decay, param_decay = weight_decay_terms(
-        lr, weight_decay, decouple_wd, decouple_lr, max_lr
-    )
+    decay_mode = (lr, weight_decay, decouple_wd, decouple_lr, max_lr)
+    l2_weight_decay, param_decay = weight_decay_terms(*decay_mode)
     backend = select_backend(params, foreach=foreach, fused=fused)
     tensor_lists = [
         real_views(t)
@@ -126,6 +137,7 @@ def adam(
             l2_weight_decay=l2_weight_decay,
             param_decay=param_decay,
             amsgrad=amsgrad,
+            decoupled_rate=decoupled_decay_rate(*decay_mode),
         )
         backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
     torch._foreach_add_(list(state_steps), 1.0)

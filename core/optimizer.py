@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from core.backends import fused_unavailable_reason
 from core.backends.precision import LOW_PRECISION_DTYPES
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -79,6 +80,32 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
         require(isinstance(group[flag], bool), flag, group[flag], "True or False", where)
     for flag in ("kahan_sum", "foreach", "fused"):
         require(_is_optional_bool(group[flag]), flag, group[flag], "None, True or False", where)
+    require(
+        not (group["fused"] and group["foreach"]),
+        "fused",
+        group["fused"],
+        "None or False when foreach=True (pick one backend)",
+        where,
+    )
+
+
+def decoupled_decay_rate(
+    lr: float,
+    weight_decay: float,
+    decouple_wd: bool,
+    decouple_lr: bool,
+    max_lr: float | None,
+) -> float:
+    """λ' of a decoupled decay θ ← θ·(1 − lr·λ'): λ (AdamW), λ/max_lr (fully decoupled), else 0.
+
+    Written as torch.optim.AdamW's weight_decay, which is what its native fused kernels take.
+    """
+    if weight_decay == 0 or not (decouple_wd or decouple_lr):
+        return 0.0
+    if decouple_lr:
+        reference_lr = lr if max_lr is None else max_lr
+        return 0.0 if reference_lr == 0 else weight_decay / reference_lr
+    return weight_decay
 
 
 def weight_decay_terms(
@@ -95,12 +122,8 @@ def weight_decay_terms(
     """
     if weight_decay == 0:
         return 0.0, 1.0
-    if decouple_lr:
-        if lr == 0:
-            return 0.0, 1.0
-        return 0.0, 1.0 - (lr / (lr if max_lr is None else max_lr)) * weight_decay
-    if decouple_wd:
-        return 0.0, 1.0 - lr * weight_decay
+    if decouple_wd or decouple_lr:
+        return 0.0, 1.0 - lr * decoupled_decay_rate(lr, weight_decay, decouple_wd, decouple_lr, max_lr)
     return weight_decay, 1.0
 
 
@@ -170,6 +193,13 @@ class AdamFamilyOptimizer(Optimizer):
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         """Check the algorithm's own hyperparameters (override in subclasses)."""
 
+    @staticmethod
+    def _check_fused_possible(group: dict[str, Any], where: str) -> None:
+        """fused=True is refused up front (construction and every step) where it cannot run."""
+        if group["fused"]:
+            reason = fused_unavailable_reason(group["params"])
+            require(reason is None, "fused", True, f"None or False here: {reason}", where)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its max_lr defaults to its own lr at this moment."""
         if isinstance(param_group, dict):
@@ -177,6 +207,11 @@ class AdamFamilyOptimizer(Optimizer):
             self._validate_group(merged, f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_fused_possible(group, f" in param group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
         if group["max_lr"] is None:
             group["max_lr"] = float(group["lr"])
 
@@ -201,7 +236,8 @@ class AdamFamilyOptimizer(Optimizer):
 
     def _init_host_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create the 0-dim host scalars (override to add more than `step`)."""
-        state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+        if "step" not in state:  # not setdefault: building a tensor every step costs µs
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
 
     @staticmethod
     def _uses_kahan(group: dict[str, Any], param: Tensor) -> bool:
@@ -270,6 +306,7 @@ class AdamFamilyOptimizer(Optimizer):
             where = f" in param group {index}"
             self._validate_group(group, where)
             params = [p for p in group["params"] if p.grad is not None]
+            self._check_fused_possible(group, where)
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(

@@ -1,0 +1,55 @@
+"""Splitting a step's tensor lists into uniform buckets, shared by the multi-tensor backends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+
+def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> list[list[int]]:
+    """Indices of parameters grouped by (device, dtype, uses Kahan)."""
+    grouped: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    for i, param in enumerate(params):
+        key = (param.device, param.dtype, kahan_comps[i] is not None)
+        grouped.setdefault(key, []).append(i)
+    return list(grouped.values())
+
+
+def take(values: Sequence[T], indices: list[int]) -> list[T]:
+    return [values[i] for i in indices]
+
+
+def take_all(
+    lists: Sequence[Sequence[T] | None], indices: list[int]
+) -> list[list[T] | None]:
+    """take() over several lists at once; None lists stay None."""
+    return [None if values is None else take(values, indices) for values in lists]
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether the tensor's elements fill one block of memory without gaps or overlap."""
+    if tensor.is_contiguous():
+        return True
+    if tensor.dim() == 4:
+        return tensor.is_contiguous(memory_format=torch.channels_last)
+    if tensor.dim() == 5:
+        return tensor.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def same_dense_layout(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether a flat elementwise pass over raw memory is valid for these tensors together:
+    each dense, all of one dtype, shape and strides (None entries are ignored)."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    if all(t.is_contiguous() for t in present):
+        return all(t.shape == first.shape and t.dtype == first.dtype for t in present)
+    return _dense(first) and all(
+        t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
+        for t in present
+    )
