@@ -123,7 +123,8 @@ def weight_decay_terms(
     if weight_decay == 0:
         return 0.0, 1.0
     if decouple_wd or decouple_lr:
-        return 0.0, 1.0 - lr * decoupled_decay_rate(lr, weight_decay, decouple_wd, decouple_lr, max_lr)
+        rate = decoupled_decay_rate(lr, weight_decay, decouple_wd, decouple_lr, max_lr)
+        return 0.0, 1.0 - lr * rate
     return weight_decay, 1.0
 
 

@@ -123,11 +123,8 @@ def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defin
     if loaded is not None:
         return loaded
     start = time.perf_counter()
-    digest = hashlib.sha256(
-        "\n".join(
-            [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), _toolchain_identity()]
-        ).encode()
-    ).hexdigest()[:24]
+    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), _toolchain_identity()]
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:24]
     path = cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
     if not path.exists():
         _compile(config, path)

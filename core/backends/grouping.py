@@ -24,9 +24,7 @@ def take(values: Sequence[T], indices: list[int]) -> list[T]:
     return [values[i] for i in indices]
 
 
-def take_all(
-    lists: Sequence[Sequence[T] | None], indices: list[int]
-) -> list[list[T] | None]:
+def take_all(lists: Sequence[Sequence[T] | None], indices: list[int]) -> list[list[T] | None]:
     """take() over several lists at once; None lists stay None."""
     return [None if values is None else take(values, indices) for values in lists]
 
