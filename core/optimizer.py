@@ -22,6 +22,8 @@ from core.backends.precision import LOW_PRECISION_DTYPES
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
+BACKEND_FLAGS = ("foreach", "fused")
+"""Group keys that choose the backend; they never come from a loaded state dict."""
 HOST_SCALAR_STATE = ("step", "mu_product")
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
 
@@ -330,9 +332,16 @@ class AdamFamilyOptimizer(Optimizer):
         torch casts every floating state tensor to the parameter's dtype and device;
         host scalars (step, mu_product) are restored from the saved values instead, as
         0-dim float32 CPU tensors, so no step ever reads a device tensor.
+
+        The backend flags (foreach, fused) stay this optimizer's: they say how to compute
+        on this machine, not what was learnt, so a checkpoint written with fused=True
+        continues with fused=False (or on a machine without Triton) and vice versa.
         """
         self._check_loadable(state_dict)
+        backends = [{key: g[key] for key in BACKEND_FLAGS} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, backends, strict=True):
+            group.update(flags)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params, strict=True):

@@ -30,14 +30,18 @@ def take_all(lists: Sequence[Sequence[T] | None], indices: list[int]) -> list[li
 
 
 def _dense(tensor: Tensor) -> bool:
-    """Whether the tensor's elements fill one block of memory without gaps or overlap."""
+    """Whether the elements fill one block of memory without gaps or overlap, in any
+    dimension order (contiguous, channels-last, transposed)."""
     if tensor.is_contiguous():
         return True
-    if tensor.dim() == 4:
-        return tensor.is_contiguous(memory_format=torch.channels_last)
-    if tensor.dim() == 5:
-        return tensor.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
+    expected = 1
+    for stride, size in sorted(
+        (s, n) for s, n in zip(tensor.stride(), tensor.shape, strict=True) if n != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def same_dense_layout(tensors: Sequence[Tensor | None]) -> bool:

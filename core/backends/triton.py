@@ -3,9 +3,9 @@
 Each program updates one block of one tensor, found through a table of (tensor, block)
 pairs, so a step over hundreds of tensors of any sizes is a single launch. Every element
 of θ, g, m, v (v_max, Kahan k) is read once and written once, in fp32 for fp16/bf16
-tensors. The table and the tensors' addresses live in one small device tensor that is
-cached by the addresses, so a steady training loop uploads nothing and never waits for
-the device: scalars travel as kernel arguments, computed on the host.
+tensors. The block table and a table of the tensors' addresses are small device tensors,
+cached, and uploaded asynchronously when they change; scalars travel as kernel
+arguments, computed on the host, so a step never waits for the device.
 
 Algorithm switches (AMSGrad, RAdam's momentum-only steps, NAdam's gradient term, ADOPT's
 first call and clipping, decay modes, Kahan, lr = 0) are constexpr arguments, so Triton
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton
@@ -33,25 +34,25 @@ from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 BLOCK = 1024
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-LIST_COUNT: tl.constexpr = tl.constexpr(6)
+LIST_COUNT = 6
 """Rows of the address table: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, kahan_comp."""
 _CACHE_SIZE = 64
 
 
 @triton.jit
-def _address(table, row, count, index, DTYPE: tl.constexpr):
+def _address(addresses, row, count, index, DTYPE: tl.constexpr):
     """The data pointer of tensor `index` in list `row` of the address table."""
-    return tl.load(table + row * count + index).to(tl.pointer_type(DTYPE))
+    return tl.load(addresses + row * count + index).to(tl.pointer_type(DTYPE))
 
 
 @triton.jit
-def _locate(table, count, BLOCK: tl.constexpr):
-    """This program's tensor, element offsets and bounds mask."""
-    pid = tl.program_id(0)
-    blocks = table + (LIST_COUNT + 1) * count
-    index = tl.load(blocks + 2 * pid)
-    offsets = tl.load(blocks + 2 * pid + 1) * BLOCK + tl.arange(0, BLOCK)
-    return index, offsets, offsets < tl.load(table + LIST_COUNT * count + index)
+def _locate(blocks, count, BLOCK: tl.constexpr):
+    """This program's tensor, element offsets and bounds mask, from the block table:
+    the tensors' sizes, then a (tensor, block) pair per program."""
+    pair = blocks + count + 2 * tl.program_id(0)
+    index = tl.load(pair)
+    offsets = tl.load(pair + 1) * BLOCK + tl.arange(0, BLOCK)
+    return index, offsets, offsets < tl.load(blocks + index)
 
 
 @triton.jit
@@ -59,7 +60,7 @@ def _round(value, DTYPE: tl.constexpr):
     """fp32 to the storage dtype, rounding to nearest even. bfloat16 is rounded by hand, as
     torch does it (NaN to 0x7fc0): Triton's interpreter truncates instead, and the same
     integer operations give the same bits on every GPU."""
-    if DTYPE == tl.bfloat16:
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is the variable)
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
@@ -68,33 +69,37 @@ def _round(value, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load(table, row, count, index, offsets, mask, DTYPE: tl.constexpr):
-    return tl.load(_address(table, row, count, index, DTYPE) + offsets, mask=mask).to(tl.float32)
+def _load(addresses, row, count, index, offsets, mask, DTYPE: tl.constexpr):
+    return tl.load(_address(addresses, row, count, index, DTYPE) + offsets, mask=mask).to(
+        tl.float32
+    )
 
 
 @triton.jit
-def _store(table, row, count, index, offsets, mask, value, DTYPE: tl.constexpr):
-    tl.store(_address(table, row, count, index, DTYPE) + offsets, _round(value, DTYPE), mask=mask)
+def _store(addresses, row, count, index, offsets, mask, value, DTYPE: tl.constexpr):
+    tl.store(
+        _address(addresses, row, count, index, DTYPE) + offsets, _round(value, DTYPE), mask=mask
+    )
 
 
 @triton.jit
-def _load_param(table, count, index, offsets, mask, DTYPE: tl.constexpr, KAHAN: tl.constexpr):
+def _load_param(addresses, count, index, offsets, mask, DTYPE: tl.constexpr, KAHAN: tl.constexpr):
     """θ in fp32, including its Kahan compensation."""
-    theta = _load(table, 0, count, index, offsets, mask, DTYPE)
+    theta = _load(addresses, 0, count, index, offsets, mask, DTYPE)
     if KAHAN:
-        theta = theta + _load(table, 5, count, index, offsets, mask, DTYPE)
+        theta = theta + _load(addresses, 5, count, index, offsets, mask, DTYPE)
     return theta
 
 
 @triton.jit
 def _store_param(
-    table, count, index, offsets, mask, theta, DTYPE: tl.constexpr, KAHAN: tl.constexpr
+    addresses, count, index, offsets, mask, theta, DTYPE: tl.constexpr, KAHAN: tl.constexpr
 ):
     """Round θ into place; with Kahan keep in k what rounding lost."""
     rounded = _round(theta, DTYPE)
-    tl.store(_address(table, 0, count, index, DTYPE) + offsets, rounded, mask=mask)
+    tl.store(_address(addresses, 0, count, index, DTYPE) + offsets, rounded, mask=mask)
     if KAHAN:
-        _store(table, 5, count, index, offsets, mask, theta - rounded.to(tl.float32), DTYPE)
+        _store(addresses, 5, count, index, offsets, mask, theta - rounded.to(tl.float32), DTYPE)
 
 
 @triton.jit
@@ -107,7 +112,8 @@ def _lerp(start, end, coeff, SMALL_WEIGHT: tl.constexpr):
 
 @triton.jit
 def _adam_kernel(
-    table,
+    addresses,
+    blocks,
     count,
     lerp_coeff,
     beta2,
@@ -130,21 +136,23 @@ def _adam_kernel(
     BLOCK: tl.constexpr,
 ):
     """Adam, AMSGrad, RAdam and NAdam: the rule of AdamStepCoefficients."""
-    index, offsets, mask = _locate(table, count, BLOCK)
-    grad = _load(table, 1, count, index, offsets, mask, DTYPE)
+    index, offsets, mask = _locate(blocks, count, BLOCK)
+    grad = _load(addresses, 1, count, index, offsets, mask, DTYPE)
     theta = grad * 0
     if L2 or UPDATE:
-        theta = _load_param(table, count, index, offsets, mask, DTYPE, KAHAN)
+        theta = _load_param(addresses, count, index, offsets, mask, DTYPE, KAHAN)
     if L2:
         grad = grad + l2 * theta
-    m = _lerp(_load(table, 2, count, index, offsets, mask, DTYPE), grad, lerp_coeff, SMALL_WEIGHT)
-    v = _load(table, 3, count, index, offsets, mask, DTYPE) * beta2 + beta2_weight * grad * grad
+    m = _lerp(
+        _load(addresses, 2, count, index, offsets, mask, DTYPE), grad, lerp_coeff, SMALL_WEIGHT
+    )
+    v = _load(addresses, 3, count, index, offsets, mask, DTYPE) * beta2 + beta2_weight * grad * grad
     second_moment = v
     if AMSGRAD:
-        second_moment = tl.maximum(_load(table, 4, count, index, offsets, mask, DTYPE), v)
-        _store(table, 4, count, index, offsets, mask, second_moment, DTYPE)
-    _store(table, 2, count, index, offsets, mask, m, DTYPE)
-    _store(table, 3, count, index, offsets, mask, v, DTYPE)
+        second_moment = tl.maximum(_load(addresses, 4, count, index, offsets, mask, DTYPE), v)
+        _store(addresses, 4, count, index, offsets, mask, second_moment, DTYPE)
+    _store(addresses, 2, count, index, offsets, mask, m, DTYPE)
+    _store(addresses, 3, count, index, offsets, mask, v, DTYPE)
     if UPDATE:
         if DECAY:
             theta = theta * param_decay
@@ -158,12 +166,13 @@ def _adam_kernel(
                 theta = theta + tl.div_rn(neg_momentum_step * m, denom)
         else:
             theta = theta + neg_momentum_step * m
-        _store_param(table, count, index, offsets, mask, theta, DTYPE, KAHAN)
+        _store_param(addresses, count, index, offsets, mask, theta, DTYPE, KAHAN)
 
 
 @triton.jit
 def _adopt_kernel(
-    table,
+    addresses,
+    blocks,
     count,
     lerp_coeff,
     beta2,
@@ -184,62 +193,91 @@ def _adopt_kernel(
     BLOCK: tl.constexpr,
 ):
     """ADOPT: the rule of AdoptStepCoefficients."""
-    index, offsets, mask = _locate(table, count, BLOCK)
-    grad = _load(table, 1, count, index, offsets, mask, DTYPE)
+    index, offsets, mask = _locate(blocks, count, BLOCK)
+    grad = _load(addresses, 1, count, index, offsets, mask, DTYPE)
     theta = grad * 0
     if L2 or (UPDATE and not INIT):
-        theta = _load_param(table, count, index, offsets, mask, DTYPE, KAHAN)
+        theta = _load_param(addresses, count, index, offsets, mask, DTYPE, KAHAN)
     if L2:
         grad = grad + l2 * theta
     if INIT:
-        _store(table, 3, count, index, offsets, mask, grad * grad, DTYPE)
+        _store(addresses, 3, count, index, offsets, mask, grad * grad, DTYPE)
     else:
-        v = _load(table, 3, count, index, offsets, mask, DTYPE)
+        v = _load(addresses, 3, count, index, offsets, mask, DTYPE)
         normed = tl.div_rn(grad, tl.maximum(tl.sqrt_rn(v), eps))
         if CLIP:
             normed = tl.minimum(tl.maximum(normed, -clip), clip)
-        m = _lerp(_load(table, 2, count, index, offsets, mask, DTYPE), normed, lerp_coeff, SMALL_WEIGHT)
-        _store(table, 2, count, index, offsets, mask, m, DTYPE)
-        _store(table, 3, count, index, offsets, mask, v * beta2 + beta2_weight * grad * grad, DTYPE)
+        m = _lerp(
+            _load(addresses, 2, count, index, offsets, mask, DTYPE),
+            normed,
+            lerp_coeff,
+            SMALL_WEIGHT,
+        )
+        _store(addresses, 2, count, index, offsets, mask, m, DTYPE)
+        _store(
+            addresses, 3, count, index, offsets, mask, v * beta2 + beta2_weight * grad * grad, DTYPE
+        )
         if UPDATE:
             if DECAY:
                 theta = theta * param_decay
-            _store_param(table, count, index, offsets, mask, theta + neg_lr * m, DTYPE, KAHAN)
+            _store_param(addresses, count, index, offsets, mask, theta + neg_lr * m, DTYPE, KAHAN)
 
 
-_tables: OrderedDict[tuple, tuple[Tensor, int]] = OrderedDict()
+_addresses: OrderedDict[tuple, Tensor] = OrderedDict()
+_blocks: OrderedDict[tuple, tuple[Tensor, int]] = OrderedDict()
 
 
-def _table(lists: list[list[Tensor] | None]) -> tuple[Tensor, int]:
-    """(device tensor of addresses, sizes and the (tensor, block) pairs, number of blocks).
+def _cached(cache: OrderedDict, key: tuple, build: Callable[[], Any]) -> Any:
+    """A small LRU cache: a training loop meets the same few keys over and over."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = value = build()
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
 
-    Cached by the addresses and sizes: in a training loop they never change, so after the
-    first step no upload happens at all. A missing list's row holds zeros.
+
+def _upload(values: Tensor, device: torch.device) -> Tensor:
+    """Copy host metadata to the device without waiting: pinned memory, non-blocking."""
+    if device.type != "cpu":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)
+
+
+def _tables(lists: list[list[Tensor] | None]) -> tuple[Tensor, Tensor, int]:
+    """(address table, block table, number of blocks) for one launch.
+
+    Both are cached: the block table by the tensors' sizes (it never changes in a training
+    run), the addresses by their values (parameters and state never move; gradients
+    usually come back at the same addresses, and when not only this small table of
+    6 × tensors integers is uploaded, asynchronously). A missing list's row holds zeros.
     """
     params = lists[0]
     assert params is not None
-    sizes = [p.numel() for p in params]
-    addresses = [0 if values is None else t.data_ptr() for values in lists for t in values or params]
-    key = (params[0].device, *addresses, *sizes)
-    cached = _tables.get(key)
-    if cached is not None:
-        _tables.move_to_end(key)
-        return cached
-    pairs = [
-        value
-        for index, size in enumerate(sizes)
-        for block in range(triton.cdiv(size, BLOCK))
-        for value in (index, block)
-    ]
-    host = torch.tensor([*addresses, *sizes, *pairs], dtype=torch.int64)
     device = params[0].device
-    if device.type != "cpu":  # pinned, so the copy is asynchronous and nothing waits
-        host = host.pin_memory()
-    entry = (host.to(device, non_blocking=True), len(pairs) // 2)
-    _tables[key] = entry
-    if len(_tables) > _CACHE_SIZE:
-        _tables.popitem(last=False)
-    return entry
+    addresses = tuple(
+        0 if values is None else t.data_ptr() for values in lists for t in values or params
+    )
+    sizes = tuple(p.numel() for p in params)
+    address_table = _cached(
+        _addresses,
+        (device, addresses),
+        lambda: _upload(torch.tensor(addresses, dtype=torch.int64), device),
+    )
+    block_table, count = _cached(_blocks, (device, sizes), lambda: _block_table(sizes, device))
+    return address_table, block_table, count
+
+
+def _block_table(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, int]:
+    """The sizes, then (tensor index, block index) for every block of every tensor."""
+    size = torch.tensor(sizes, dtype=torch.int64)
+    per_tensor = (size + BLOCK - 1) // BLOCK
+    index = torch.repeat_interleave(torch.arange(len(sizes)), per_tensor)
+    first = torch.repeat_interleave(torch.cumsum(per_tensor, 0) - per_tensor, per_tensor)
+    block = torch.arange(index.numel()) - first
+    table = torch.cat([size, torch.stack([index, block], dim=1).flatten()])
+    return _upload(table, device), index.numel()
 
 
 def _float32(value: float) -> float:
@@ -298,11 +336,12 @@ def adam_step(
     if rest:
         foreach.adam_step(*take_all(lists, rest), c)  # type: ignore[arg-type]
     for bucket, kahan in fused:
-        table, blocks = _table(bucket)
-        if blocks == 0:
+        addresses, blocks, count = _tables(bucket)
+        if count == 0:
             continue
-        _adam_kernel[(blocks,)](
-            table,
+        _adam_kernel[(count,)](
+            addresses,
+            blocks,
             len(bucket[0]),  # type: ignore[arg-type]
             _lerp_coeff(c.beta1),
             c.beta2,
@@ -342,11 +381,12 @@ def adopt_step(
         params_, grads_, exp_avgs_, exp_avg_sqs_, _, comps_ = take_all(lists, rest)
         foreach.adopt_step(params_, grads_, exp_avgs_, exp_avg_sqs_, comps_, c)  # type: ignore[arg-type]
     for bucket, kahan in fused:
-        table, blocks = _table(bucket)
-        if blocks == 0:
+        addresses, blocks, count = _tables(bucket)
+        if count == 0:
             continue
-        _adopt_kernel[(blocks,)](
-            table,
+        _adopt_kernel[(count,)](
+            addresses,
+            blocks,
             len(bucket[0]),  # type: ignore[arg-type]
             _lerp_coeff(c.beta1),
             c.beta2,
