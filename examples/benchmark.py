@@ -1,14 +1,22 @@
 """Optimizer step time of every core optimizer and backend beside torch.optim, in one run.
 
 Timing on a shared machine is noisy, so: one thread, warm-up steps, the minimum of
-several repeats, and every figure also reported as a ratio against torch.optim.AdamW
-(fused) measured in the same run. Run: python examples/benchmark.py [--quick]
+several repeats, and every contender timed in alternation with the baseline,
+torch.optim.AdamW(fused=True), so that its ratio compares the two under the same load.
+M params/s is also set against the roofline: the machine's measured memory-copy
+bandwidth divided by the bytes a configuration must move per parameter. Compile time
+of the generated CPU kernels (a fresh kernel cache, so a cold build) is reported
+separately. optimi rows appear when torch-optimi is installed.
+
+Run: python examples/benchmark.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,39 +24,107 @@ from dataclasses import dataclass
 import torch
 
 import core
+from core.backends import cpu_kernel
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+BYTES_PER_PARAM = {"fp32": 28, "fp32 amsgrad": 36, "bf16": 14, "bf16 kahan": 18}
+"""Each tensor read once and written once: θ, m, v (and v_max, Kahan k) both ways, g read."""
 
 
 @dataclass(frozen=True)
 class Contender:
     name: str
     make: Factory
+    dtype: torch.dtype
+    traffic: str
 
 
 def _torch_adamw(**flags: bool) -> Factory:
     return lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, **flags)
 
 
-def contenders() -> list[Contender]:
-    """torch.optim.AdamW on its three paths, then every core optimizer on every backend."""
-    rows = [
-        Contender("torch AdamW fused", _torch_adamw(fused=True)),
-        Contender("torch AdamW foreach", _torch_adamw(foreach=True)),
-        Contender("torch AdamW for-loop", _torch_adamw(foreach=False)),
-    ]
-    algorithms: list[tuple[str, Callable[..., torch.optim.Optimizer]]] = [
-        ("core AdamW", lambda p, **kw: core.AdamW(p, lr=1e-3, **kw)),
-        ("core AdamW amsgrad", lambda p, **kw: core.AdamW(p, lr=1e-3, amsgrad=True, **kw)),
-        ("core RAdam", lambda p, **kw: core.RAdam(p, lr=1e-3, **kw)),
-        ("core NAdam", lambda p, **kw: core.NAdam(p, lr=1e-3, **kw)),
-        ("core ADOPT", lambda p, **kw: core.ADOPT(p, lr=1e-3, **kw)),
-    ]
-    backends = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "default": {}}
-    for name, make in algorithms:
-        for backend, flags in backends.items():
-            rows.append(Contender(f"{name} {backend}", lambda p, m=make, f=flags: m(p, **f)))
+CORE_ALGORITHMS: list[tuple[str, Callable[..., torch.optim.Optimizer], str]] = [
+    ("core AdamW", lambda p, **kw: core.AdamW(p, lr=1e-3, **kw), "fp32"),
+    (
+        "core AdamW amsgrad",
+        lambda p, **kw: core.AdamW(p, lr=1e-3, amsgrad=True, **kw),
+        "fp32 amsgrad",
+    ),
+    ("core RAdam", lambda p, **kw: core.RAdam(p, lr=1e-3, **kw), "fp32"),
+    ("core NAdam", lambda p, **kw: core.NAdam(p, lr=1e-3, **kw), "fp32"),
+    ("core ADOPT", lambda p, **kw: core.ADOPT(p, lr=1e-3, **kw), "fp32"),
+]
+BACKEND_FLAGS = {
+    "fused": {"fused": True},
+    "default": {},
+    "foreach": {"foreach": True},
+    "loop": {"foreach": False},
+}
+
+
+def _optimi_rows(dtype: torch.dtype, traffic: str) -> list[Contender]:
+    """optimi's AdamW, RAdam and Adam (its foreach path, Kahan on for bf16), if installed."""
+    try:
+        import optimi
+    except ImportError:
+        return []
+    rows = []
+    for name in ("AdamW", "RAdam"):
+        cls = getattr(optimi, name, None)
+        if cls is not None:
+            rows.append(Contender(f"optimi {name}", lambda p, c=cls: c(p, lr=1e-3), dtype, traffic))
     return rows
+
+
+def fp32_contenders() -> list[Contender]:
+    """torch.optim.AdamW on its three paths, every core optimizer on every backend, optimi."""
+    fp32 = torch.float32
+    rows = [
+        Contender("torch AdamW fused", _torch_adamw(fused=True), fp32, "fp32"),
+        Contender("torch AdamW foreach", _torch_adamw(foreach=True), fp32, "fp32"),
+        Contender("torch AdamW for-loop", _torch_adamw(foreach=False), fp32, "fp32"),
+        Contender(
+            "torch AdamW amsgrad fused",
+            _torch_adamw(fused=True, amsgrad=True),
+            fp32,
+            "fp32 amsgrad",
+        ),
+    ]
+    for name, make, traffic in CORE_ALGORITHMS:
+        for backend, flags in BACKEND_FLAGS.items():
+            rows.append(
+                Contender(f"{name} {backend}", lambda p, m=make, f=flags: m(p, **f), fp32, traffic)
+            )
+    return rows + _optimi_rows(fp32, "fp32")
+
+
+def bf16_contenders() -> list[Contender]:
+    """bf16 parameters and state: torch has no Kahan; core compensates by default."""
+    bf16 = torch.bfloat16
+    rows = [Contender("torch AdamW fused (no Kahan)", _torch_adamw(fused=True), bf16, "bf16")]
+    for name, make, _ in CORE_ALGORITHMS:
+        if "amsgrad" in name:
+            continue
+        for backend in ("fused", "default"):
+            flags = BACKEND_FLAGS[backend]
+            rows.append(
+                Contender(
+                    f"{name} Kahan {backend}",
+                    lambda p, m=make, f=flags: m(p, **f),
+                    bf16,
+                    "bf16 kahan",
+                )
+            )
+    rows.append(
+        Contender(
+            "core AdamW foreach (Kahan)",
+            lambda p: core.AdamW(p, lr=1e-3, foreach=True),
+            bf16,
+            "bf16 kahan",
+        )
+    )
+    return rows + _optimi_rows(bf16, "bf16 kahan")
 
 
 def make_params(count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -56,55 +132,121 @@ def make_params(count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor
     params = []
     for _ in range(count):
         p = torch.randn(numel, generator=generator).to(dtype).requires_grad_()
-        p.grad = torch.randn(numel, generator=generator).to(dtype) * 1e-2
+        p.grad = (torch.randn(numel, generator=generator) * 1e-2).to(dtype)
         params.append(p)
     return params
 
 
-def time_step(optimizer: torch.optim.Optimizer, steps: int, repeats: int) -> float:
-    """Minimum over repeats of the mean seconds per step (after warm-up)."""
-    for _ in range(3):
-        optimizer.step()
+def copy_bandwidth(numel: int, repeats: int) -> float:
+    """Bytes per second of a large single-threaded copy, counting the read and the write."""
+    source, target = torch.randn(numel), torch.empty(numel)
+    target.copy_(source)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(steps):
-            optimizer.step()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * numel * 4 / best
 
 
-def run(shapes: list[tuple[int, int]], steps: int, repeats: int) -> str:
-    lines = []
-    for count, numel in shapes:
-        total = count * numel
-        lines.append(f"\n{count} tensors x {numel:,} fp32 parameters ({total / 1e6:.0f}M)\n")
-        lines.append("| optimizer | ms/step | M params/s | vs torch fused |")
-        lines.append("|---|---:|---:|---:|")
-        baseline = None
-        for contender in contenders():
-            params = make_params(count, numel, torch.float32)
-            seconds = time_step(contender.make(params), steps, repeats)
-            baseline = baseline or seconds
-            lines.append(
-                f"| {contender.name} | {seconds * 1e3:.2f} | {total / seconds / 1e6:.0f} "
-                f"| {seconds / baseline:.2f} |"
-            )
-            print(lines[-1], flush=True)
-    return "\n".join(lines)
+def _timed_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def time_against(
+    contender: torch.optim.Optimizer, baseline: torch.optim.Optimizer, steps: int, repeats: int
+) -> tuple[float, float]:
+    """(seconds per step of the contender, of the baseline): minima over repeats, the two
+    timed in alternation so both see the same machine load."""
+    for _ in range(2):
+        contender.step()
+        baseline.step()
+    best, best_baseline = float("inf"), float("inf")
+    for _ in range(repeats):
+        best = min(best, _timed_steps(contender, steps))
+        best_baseline = min(best_baseline, _timed_steps(baseline, steps))
+    return best, best_baseline
+
+
+def run_table(
+    title: str,
+    contenders: list[Contender],
+    count: int,
+    numel: int,
+    bandwidth: float,
+    steps: int,
+    repeats: int,
+) -> list[str]:
+    total = count * numel
+    lines = [
+        f"\n{title}: {count} tensors x {numel:,} parameters ({total / 1e6:.0f}M)\n",
+        "| optimizer | ms/step | M params/s | % of roofline | vs torch fused | compile s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    baseline = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))
+    for contender in contenders:
+        compiled_before = dict(cpu_kernel.compile_seconds)
+        optimizer = contender.make(make_params(count, numel, contender.dtype))
+        seconds, baseline_seconds = time_against(optimizer, baseline, steps, repeats)
+        compile_time = sum(
+            t for config, t in cpu_kernel.compile_seconds.items() if config not in compiled_before
+        )
+        rate = total / seconds
+        roofline = bandwidth / BYTES_PER_PARAM[contender.traffic]
+        cells = [
+            contender.name,
+            f"{seconds * 1e3:.2f}",
+            f"{rate / 1e6:.0f}",
+            f"{100 * rate / roofline:.0f}",
+            f"{seconds / baseline_seconds:.2f}",
+            f"{compile_time:.2f}" if compile_time else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+        del optimizer
+    return lines
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller tensors")
     args = parser.parse_args()
+    # A cold kernel cache, so compile time is what a first run on a new machine pays.
+    os.environ["ADAMKIT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="adamkit-kernels-")
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread")
     if args.quick:
-        report = run([(20, 100_000), (200, 10_000)], steps=3, repeats=2)
+        shapes, steps, repeats = [(20, 100_000), (200, 10_000)], 3, 2
     else:
-        report = run([(20, 1_000_000), (200, 100_000)], steps=5, repeats=5)
-    print(report)
+        shapes, steps, repeats = [(20, 1_000_000), (200, 100_000)], 5, 5
+    bandwidth = copy_bandwidth(shapes[0][0] * shapes[0][1], repeats=10)
+    print(f"torch {torch.__version__}, {machine()}, 1 thread")
+    print(
+        f"memory-copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); roofline "
+        + ", ".join(
+            f"{name} {bandwidth / size / 1e6:.0f} M params/s ({size} B)"
+            for name, size in BYTES_PER_PARAM.items()
+        )
+    )
+    report = []
+    for count, numel in shapes:
+        report += run_table("fp32", fp32_contenders(), count, numel, bandwidth, steps, repeats)
+    for count, numel in shapes:
+        report += run_table("bf16", bf16_contenders(), count, numel, bandwidth, steps, repeats)
+    print("\n".join(report))
 
 
 if __name__ == "__main__":

@@ -40,12 +40,6 @@ _CACHE_SIZE = 64
 
 
 @triton.jit
-def _address(addresses, row, count, index, DTYPE: tl.constexpr):
-    """The data pointer of tensor `index` in list `row` of the address table."""
-    return tl.load(addresses + row * count + index).to(tl.pointer_type(DTYPE))
-
-
-@triton.jit
 def _locate(blocks, count, BLOCK: tl.constexpr):
     """This program's tensor, element offsets and bounds mask, from the block table:
     the tensors' sizes, then a (tensor, block) pair per program."""
@@ -53,6 +47,12 @@ def _locate(blocks, count, BLOCK: tl.constexpr):
     index = tl.load(pair)
     offsets = tl.load(pair + 1) * BLOCK + tl.arange(0, BLOCK)
     return index, offsets, offsets < tl.load(blocks + index)
+
+
+@triton.jit
+def _pointers(addresses, row, count, index, offsets, DTYPE: tl.constexpr):
+    """Pointers to this program's elements of tensor `index` in list `row` of the table."""
+    return tl.load(addresses + row * count + index).to(tl.pointer_type(DTYPE)) + offsets
 
 
 @triton.jit
@@ -69,37 +69,21 @@ def _round(value, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load(addresses, row, count, index, offsets, mask, DTYPE: tl.constexpr):
-    return tl.load(_address(addresses, row, count, index, DTYPE) + offsets, mask=mask).to(
-        tl.float32
-    )
-
-
-@triton.jit
-def _store(addresses, row, count, index, offsets, mask, value, DTYPE: tl.constexpr):
-    tl.store(
-        _address(addresses, row, count, index, DTYPE) + offsets, _round(value, DTYPE), mask=mask
-    )
-
-
-@triton.jit
-def _load_param(addresses, count, index, offsets, mask, DTYPE: tl.constexpr, KAHAN: tl.constexpr):
+def _load_param(param, comp, mask, KAHAN: tl.constexpr):
     """θ in fp32, including its Kahan compensation."""
-    theta = _load(addresses, 0, count, index, offsets, mask, DTYPE)
+    theta = tl.load(param, mask=mask).to(tl.float32)
     if KAHAN:
-        theta = theta + _load(addresses, 5, count, index, offsets, mask, DTYPE)
+        theta = theta + tl.load(comp, mask=mask).to(tl.float32)
     return theta
 
 
 @triton.jit
-def _store_param(
-    addresses, count, index, offsets, mask, theta, DTYPE: tl.constexpr, KAHAN: tl.constexpr
-):
+def _store_param(param, comp, mask, theta, DTYPE: tl.constexpr, KAHAN: tl.constexpr):
     """Round θ into place; with Kahan keep in k what rounding lost."""
     rounded = _round(theta, DTYPE)
-    tl.store(_address(addresses, 0, count, index, DTYPE) + offsets, rounded, mask=mask)
+    tl.store(param, rounded, mask=mask)
     if KAHAN:
-        _store(addresses, 5, count, index, offsets, mask, theta - rounded.to(tl.float32), DTYPE)
+        tl.store(comp, _round(theta - rounded.to(tl.float32), DTYPE), mask=mask)
 
 
 @triton.jit
@@ -137,22 +121,28 @@ def _adam_kernel(
 ):
     """Adam, AMSGrad, RAdam and NAdam: the rule of AdamStepCoefficients."""
     index, offsets, mask = _locate(blocks, count, BLOCK)
-    grad = _load(addresses, 1, count, index, offsets, mask, DTYPE)
+    param = _pointers(addresses, 0, count, index, offsets, DTYPE)
+    comp = param
+    if KAHAN:
+        comp = _pointers(addresses, 5, count, index, offsets, DTYPE)
+    grad = tl.load(_pointers(addresses, 1, count, index, offsets, DTYPE), mask=mask)
+    grad = grad.to(tl.float32)
+    exp_avg = _pointers(addresses, 2, count, index, offsets, DTYPE)
+    exp_avg_sq = _pointers(addresses, 3, count, index, offsets, DTYPE)
     theta = grad * 0
     if L2 or UPDATE:
-        theta = _load_param(addresses, count, index, offsets, mask, DTYPE, KAHAN)
+        theta = _load_param(param, comp, mask, KAHAN)
     if L2:
         grad = grad + l2 * theta
-    m = _lerp(
-        _load(addresses, 2, count, index, offsets, mask, DTYPE), grad, lerp_coeff, SMALL_WEIGHT
-    )
-    v = _load(addresses, 3, count, index, offsets, mask, DTYPE) * beta2 + beta2_weight * grad * grad
+    m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), grad, lerp_coeff, SMALL_WEIGHT)
+    v = tl.load(exp_avg_sq, mask=mask).to(tl.float32) * beta2 + beta2_weight * grad * grad
     second_moment = v
     if AMSGRAD:
-        second_moment = tl.maximum(_load(addresses, 4, count, index, offsets, mask, DTYPE), v)
-        _store(addresses, 4, count, index, offsets, mask, second_moment, DTYPE)
-    _store(addresses, 2, count, index, offsets, mask, m, DTYPE)
-    _store(addresses, 3, count, index, offsets, mask, v, DTYPE)
+        max_exp_avg_sq = _pointers(addresses, 4, count, index, offsets, DTYPE)
+        second_moment = tl.maximum(tl.load(max_exp_avg_sq, mask=mask).to(tl.float32), v)
+        tl.store(max_exp_avg_sq, _round(second_moment, DTYPE), mask=mask)
+    tl.store(exp_avg, _round(m, DTYPE), mask=mask)
+    tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
     if UPDATE:
         if DECAY:
             theta = theta * param_decay
@@ -166,7 +156,7 @@ def _adam_kernel(
                 theta = theta + tl.div_rn(neg_momentum_step * m, denom)
         else:
             theta = theta + neg_momentum_step * m
-        _store_param(addresses, count, index, offsets, mask, theta, DTYPE, KAHAN)
+        _store_param(param, comp, mask, theta, DTYPE, KAHAN)
 
 
 @triton.jit
@@ -194,33 +184,33 @@ def _adopt_kernel(
 ):
     """ADOPT: the rule of AdoptStepCoefficients."""
     index, offsets, mask = _locate(blocks, count, BLOCK)
-    grad = _load(addresses, 1, count, index, offsets, mask, DTYPE)
+    param = _pointers(addresses, 0, count, index, offsets, DTYPE)
+    comp = param
+    if KAHAN:
+        comp = _pointers(addresses, 5, count, index, offsets, DTYPE)
+    grad = tl.load(_pointers(addresses, 1, count, index, offsets, DTYPE), mask=mask)
+    grad = grad.to(tl.float32)
+    exp_avg_sq = _pointers(addresses, 3, count, index, offsets, DTYPE)
     theta = grad * 0
     if L2 or (UPDATE and not INIT):
-        theta = _load_param(addresses, count, index, offsets, mask, DTYPE, KAHAN)
+        theta = _load_param(param, comp, mask, KAHAN)
     if L2:
         grad = grad + l2 * theta
     if INIT:
-        _store(addresses, 3, count, index, offsets, mask, grad * grad, DTYPE)
+        tl.store(exp_avg_sq, _round(grad * grad, DTYPE), mask=mask)
     else:
-        v = _load(addresses, 3, count, index, offsets, mask, DTYPE)
+        exp_avg = _pointers(addresses, 2, count, index, offsets, DTYPE)
+        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
         normed = tl.div_rn(grad, tl.maximum(tl.sqrt_rn(v), eps))
         if CLIP:
             normed = tl.minimum(tl.maximum(normed, -clip), clip)
-        m = _lerp(
-            _load(addresses, 2, count, index, offsets, mask, DTYPE),
-            normed,
-            lerp_coeff,
-            SMALL_WEIGHT,
-        )
-        _store(addresses, 2, count, index, offsets, mask, m, DTYPE)
-        _store(
-            addresses, 3, count, index, offsets, mask, v * beta2 + beta2_weight * grad * grad, DTYPE
-        )
+        m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), normed, lerp_coeff, SMALL_WEIGHT)
+        tl.store(exp_avg, _round(m, DTYPE), mask=mask)
+        tl.store(exp_avg_sq, _round(v * beta2 + beta2_weight * grad * grad, DTYPE), mask=mask)
         if UPDATE:
             if DECAY:
                 theta = theta * param_decay
-            _store_param(addresses, count, index, offsets, mask, theta + neg_lr * m, DTYPE, KAHAN)
+            _store_param(param, comp, mask, theta + neg_lr * m, DTYPE, KAHAN)
 
 
 _addresses: OrderedDict[tuple, Tensor] = OrderedDict()
