@@ -17,7 +17,7 @@ from core.optimizer import (
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
-    real_views,
+    real_view_lists,
     require,
     subset,
     weight_decay_terms,
@@ -116,9 +116,8 @@ def adam(
     decay_mode = (lr, weight_decay, decouple_wd, decouple_lr, max_lr)
     l2_weight_decay, param_decay = weight_decay_terms(*decay_mode)
     backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = [
-        real_views(t)
-        for t in (
+    tensor_lists = real_view_lists(
+        (
             params,
             grads,
             exp_avgs,
@@ -126,7 +125,7 @@ def adam(
             max_exp_avg_sqs if amsgrad else None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
-    ]
+    )
     for (step,), indices in partition_by_host_scalars(state_steps):
         coefficients = adam_coefficients(
             step + 1,

@@ -16,7 +16,7 @@ from core.optimizer import (
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
-    real_views,
+    real_view_lists,
     subset,
     weight_decay_terms,
 )
@@ -86,9 +86,8 @@ def radam(
         lr, weight_decay, decouple_wd, decouple_lr, max_lr
     )
     backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = [
-        real_views(t)
-        for t in (
+    tensor_lists = real_view_lists(
+        (
             params,
             grads,
             exp_avgs,
@@ -96,7 +95,7 @@ def radam(
             None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
-    ]
+    )
     for (step,), indices in partition_by_host_scalars(state_steps):
         coefficients = radam_coefficients(
             step + 1,

@@ -60,13 +60,13 @@ def _triton_backend() -> Backend | str:
 
 def fused_unavailable_reason(params: Sequence[Tensor]) -> str | None:
     """Why no fused backend can run a step over these parameters, or None if one can."""
-    device_types = {p.device.type for p in params}
-    if len({p.device for p in params}) > 1:
-        devices = sorted(str(d) for d in {p.device for p in params})
-        return f"the parameters of one group must share one device for a fused step, got {devices}"
-    if not device_types:
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        names = sorted(str(d) for d in devices)
+        return f"the parameters of one group must share one device for a fused step, got {names}"
+    if not devices:
         return None
-    (device_type,) = device_types
+    device_type = next(iter(devices)).type
     if device_type in TRITON_DEVICE_TYPES:
         backend = _triton_backend()
         return backend if isinstance(backend, str) else None

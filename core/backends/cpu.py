@@ -17,21 +17,12 @@ import torch
 from torch import Tensor
 
 from core.backends import cpu_kernel, loop
-from core.backends.grouping import buckets, same_dense_layout, take_all
+from core.backends.grouping import buckets, split_dense, take_all
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 TensorLists = list[list[Tensor] | None]
-
-
-def _split_dense(lists: TensorLists) -> tuple[list[int], list[int]]:
-    """(indices a flat pass can take, indices that need the loop backend)."""
-    dense, strided = [], []
-    for i in range(len(lists[0])):  # type: ignore[arg-type]
-        row = [values[i] for values in lists if values is not None]
-        (dense if same_dense_layout(row) else strided).append(i)
-    return dense, strided
 
 
 def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> None:
@@ -149,7 +140,7 @@ class FusedCpu:
             kahan = kahan_comps[indices[0]] is not None
             if not kahan:
                 bucket[-1] = None
-            dense, strided = _split_dense(bucket)
+            dense, strided = split_dense(bucket)
             if strided:
                 fallback(_with_comps(take_all(bucket, strided), len(strided)))
             if dense:

@@ -44,14 +44,28 @@ def _dense(tensor: Tensor) -> bool:
     return True
 
 
-def same_dense_layout(tensors: Sequence[Tensor | None]) -> bool:
+def same_dense_layout(tensors: Sequence[Tensor]) -> bool:
     """Whether a flat elementwise pass over raw memory is valid for these tensors together:
-    each dense, all of one dtype, shape and strides (None entries are ignored)."""
-    present = [t for t in tensors if t is not None]
-    first = present[0]
-    if all(t.is_contiguous() for t in present):
-        return all(t.shape == first.shape and t.dtype == first.dtype for t in present)
-    return _dense(first) and all(
-        t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
-        for t in present
-    )
+    each dense, all of one dtype, shape and strides. Runs for every parameter of every
+    step, hence the plain loop."""
+    first = tensors[0]
+    shape, dtype = first.shape, first.dtype
+    contiguous = True
+    for t in tensors:
+        if t.shape != shape or t.dtype != dtype:
+            return False
+        contiguous = contiguous and t.is_contiguous()
+    if contiguous:
+        return True
+    strides = first.stride()
+    return _dense(first) and all(t.stride() == strides for t in tensors)
+
+
+def split_dense(lists: Sequence[Sequence[Tensor] | None]) -> tuple[list[int], list[int]]:
+    """(indices a flat pass over memory can take, the others); None lists are absent."""
+    dense: list[int] = []
+    strided: list[int] = []
+    present = [values for values in lists if values is not None]
+    for i, row in enumerate(zip(*present, strict=True)):
+        (dense if same_dense_layout(row) else strided).append(i)
+    return dense, strided

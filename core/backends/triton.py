@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from core.backends import foreach
-from core.backends.grouping import buckets, same_dense_layout, take_all
+from core.backends.grouping import buckets, split_dense, take_all
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 BLOCK = 1024
@@ -297,8 +297,7 @@ def _fused_buckets(
         kahan = kahan_comps[indices[0]] is not None
         if not kahan:
             bucket[-1] = None
-        rows = zip(*[values for values in bucket if values is not None], strict=True)
-        if params[indices[0]].dtype in TRITON_DTYPES and all(same_dense_layout(r) for r in rows):
+        if params[indices[0]].dtype in TRITON_DTYPES and not split_dense(bucket)[1]:
             fused.append((bucket, kahan))
     return fused
 
