@@ -18,9 +18,8 @@ from torch import Tensor
 
 from core.backends import cpu_kernel, loop
 from core.backends.grouping import buckets, split_dense, take_all
+from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
-
-NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 TensorLists = list[list[Tensor] | None]
 
@@ -50,63 +49,6 @@ def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> None:
     )
 
 
-def _adam_kernel(dtype: torch.dtype, kahan: bool, c: AdamStepCoefficients) -> tuple:
-    config = cpu_kernel.KernelConfig(
-        "adam",
-        dtype,
-        (
-            ("KAHAN", kahan),
-            ("L2", c.l2_weight_decay != 0),
-            ("DECAY", c.param_decay != 1),
-            ("UPDATE", c.update_params),
-            ("AMSGRAD", c.amsgrad),
-            ("ADAPTIVE", c.adaptive),
-            ("GRAD_TERM", c.grad_step != 0),
-        ),
-    )
-    coefficients = (
-        1 - c.beta1,
-        c.beta2,
-        1 - c.beta2,
-        c.eps,
-        c.l2_weight_decay,
-        c.param_decay,
-        c.momentum_step,
-        c.grad_step,
-        c.bias_correction2_sqrt,
-        0.0,
-    )
-    return config, coefficients
-
-
-def _adopt_kernel(dtype: torch.dtype, kahan: bool, c: AdoptStepCoefficients) -> tuple:
-    config = cpu_kernel.KernelConfig(
-        "adopt",
-        dtype,
-        (
-            ("KAHAN", kahan),
-            ("L2", c.l2_weight_decay != 0),
-            ("DECAY", c.param_decay != 1),
-            ("UPDATE", c.update_params),
-            ("INIT", c.initialize_only),
-            ("CLIP", c.clip is not None),
-        ),
-    )
-    coefficients = (
-        1 - c.beta1,
-        c.beta2,
-        1 - c.beta2,
-        c.eps,
-        c.l2_weight_decay,
-        c.param_decay,
-        c.lr,
-        0.0,
-        1.0,
-        0.0 if c.clip is None else c.clip,
-    )
-    return config, coefficients
-
-
 class FusedCpu:
     """The backend object; `strict` (fused=True) raises where the default would fall back."""
 
@@ -114,11 +56,12 @@ class FusedCpu:
         self.strict = strict
 
     def _generated(
-        self, lists: TensorLists, config: cpu_kernel.KernelConfig, coefficients: tuple
+        self, lists: TensorLists, dtype: torch.dtype, arguments: KernelArguments
     ) -> bool:
         """Run a generated kernel; False when it cannot be built and falling back is allowed."""
+        config = cpu_kernel.KernelConfig(arguments.algorithm, dtype, arguments.switches)
         try:
-            cpu_kernel.run(config, *lists, coefficients)  # type: ignore[arg-type]
+            cpu_kernel.run(config, *lists, arguments.scalars)  # type: ignore[arg-type]
         except cpu_kernel.KernelUnavailable as error:
             if self.strict:
                 raise RuntimeError(f"fused=True: {error}") from error
@@ -165,7 +108,7 @@ class FusedCpu:
             if c.torch_terms is not None and c.update_params and not kahan:
                 _native_adam(lists, c)
                 return True
-            return self._generated(lists, *_adam_kernel(dtype, kahan, c))
+            return self._generated(lists, dtype, adam_arguments(c, kahan))
 
         self._each_bucket(
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]
@@ -185,7 +128,7 @@ class FusedCpu:
         """Apply one ADOPT step (see AdoptStepCoefficients) in one pass per bucket."""
 
         def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
-            return self._generated(lists, *_adopt_kernel(dtype, kahan, c))
+            return self._generated(lists, dtype, adopt_arguments(c, kahan))
 
         def fallback(lists: TensorLists) -> None:
             params, grads, exp_avgs, exp_avg_sqs, _, comps = lists

@@ -23,38 +23,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifndef ALGORITHM
-#define ALGORITHM 1
-#endif
-#ifndef DTYPE
-#define DTYPE 1
-#endif
-#ifndef KAHAN
-#define KAHAN 0
-#endif
-#ifndef L2
-#define L2 0
-#endif
-#ifndef DECAY
-#define DECAY 0
-#endif
-#ifndef UPDATE
-#define UPDATE 1
-#endif
-#ifndef AMSGRAD
-#define AMSGRAD 0
-#endif
-#ifndef ADAPTIVE
-#define ADAPTIVE 1
-#endif
-#ifndef GRAD_TERM
-#define GRAD_TERM 0
-#endif
-#ifndef INIT
-#define INIT 0
-#endif
-#ifndef CLIP
-#define CLIP 0
+#if !defined(ALGORITHM) || !defined(DTYPE) || !defined(KAHAN) || !defined(L2) || \
+    !defined(DECAY) || !defined(UPDATE) || !defined(AMSGRAD) || !defined(ADAPTIVE) || \
+    !defined(GRAD_TERM) || !defined(INIT) || !defined(CLIP)
+#error "every switch is set by core/backends/cpu_kernel.py (-DNAME=0 or 1)"
 #endif
 
 /* ---- storage types and the compute precision (fp32 for every 16-bit type) ---------- */

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from core.backends import foreach
 from core.backends.grouping import buckets, split_dense, take_all
+from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 BLOCK = 1024
@@ -95,7 +96,7 @@ def _lerp(start, end, coeff, SMALL_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _adam_kernel(
+def _step_kernel(
     addresses,
     blocks,
     count,
@@ -108,7 +109,9 @@ def _adam_kernel(
     neg_momentum_step,
     neg_grad_step,
     inv_bias_correction2_sqrt,
+    clip,
     DTYPE: tl.constexpr,
+    ADOPT: tl.constexpr,
     SMALL_WEIGHT: tl.constexpr,
     KAHAN: tl.constexpr,
     L2: tl.constexpr,
@@ -117,9 +120,12 @@ def _adam_kernel(
     AMSGRAD: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     GRAD_TERM: tl.constexpr,
+    INIT: tl.constexpr,
+    CLIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Adam, AMSGrad, RAdam and NAdam: the rule of AdamStepCoefficients."""
+    """One step over one block: Adam, AMSGrad, RAdam and NAdam (AdamStepCoefficients)
+    or, with ADOPT, ADOPT (AdoptStepCoefficients, neg_momentum_step carrying −lr)."""
     index, offsets, mask = _locate(blocks, count, BLOCK)
     param = _pointers(addresses, 0, count, index, offsets, DTYPE)
     comp = param
@@ -130,87 +136,50 @@ def _adam_kernel(
     exp_avg = _pointers(addresses, 2, count, index, offsets, DTYPE)
     exp_avg_sq = _pointers(addresses, 3, count, index, offsets, DTYPE)
     theta = grad * 0
-    if L2 or UPDATE:
-        theta = _load_param(param, comp, mask, KAHAN)
-    if L2:
-        grad = grad + l2 * theta
-    m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), grad, lerp_coeff, SMALL_WEIGHT)
-    v = tl.load(exp_avg_sq, mask=mask).to(tl.float32) * beta2 + beta2_weight * grad * grad
-    second_moment = v
-    if AMSGRAD:
-        max_exp_avg_sq = _pointers(addresses, 4, count, index, offsets, DTYPE)
-        second_moment = tl.maximum(tl.load(max_exp_avg_sq, mask=mask).to(tl.float32), v)
-        tl.store(max_exp_avg_sq, _round(second_moment, DTYPE), mask=mask)
-    tl.store(exp_avg, _round(m, DTYPE), mask=mask)
-    tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
-    if UPDATE:
-        if DECAY:
-            theta = theta * param_decay
-        if ADAPTIVE:
-            denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + eps
-            if GRAD_TERM:
-                inv_denom = tl.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
-                theta = theta + neg_grad_step * grad * inv_denom
-                theta = theta + neg_momentum_step * m * inv_denom
-            else:
-                theta = theta + tl.div_rn(neg_momentum_step * m, denom)
-        else:
-            theta = theta + neg_momentum_step * m
-        _store_param(param, comp, mask, theta, DTYPE, KAHAN)
-
-
-@triton.jit
-def _adopt_kernel(
-    addresses,
-    blocks,
-    count,
-    lerp_coeff,
-    beta2,
-    beta2_weight,
-    eps,
-    l2,
-    param_decay,
-    neg_lr,
-    clip,
-    DTYPE: tl.constexpr,
-    SMALL_WEIGHT: tl.constexpr,
-    KAHAN: tl.constexpr,
-    L2: tl.constexpr,
-    DECAY: tl.constexpr,
-    UPDATE: tl.constexpr,
-    INIT: tl.constexpr,
-    CLIP: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """ADOPT: the rule of AdoptStepCoefficients."""
-    index, offsets, mask = _locate(blocks, count, BLOCK)
-    param = _pointers(addresses, 0, count, index, offsets, DTYPE)
-    comp = param
-    if KAHAN:
-        comp = _pointers(addresses, 5, count, index, offsets, DTYPE)
-    grad = tl.load(_pointers(addresses, 1, count, index, offsets, DTYPE), mask=mask)
-    grad = grad.to(tl.float32)
-    exp_avg_sq = _pointers(addresses, 3, count, index, offsets, DTYPE)
-    theta = grad * 0
     if L2 or (UPDATE and not INIT):
         theta = _load_param(param, comp, mask, KAHAN)
     if L2:
         grad = grad + l2 * theta
-    if INIT:
-        tl.store(exp_avg_sq, _round(grad * grad, DTYPE), mask=mask)
+    if ADOPT:
+        if INIT:
+            tl.store(exp_avg_sq, _round(grad * grad, DTYPE), mask=mask)
+        else:
+            v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
+            normed = tl.div_rn(grad, tl.maximum(tl.sqrt_rn(v), eps))
+            if CLIP:
+                normed = tl.minimum(tl.maximum(normed, -clip), clip)
+            m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), normed, lerp_coeff, SMALL_WEIGHT)
+            tl.store(exp_avg, _round(m, DTYPE), mask=mask)
+            v = v * beta2 + beta2_weight * grad * grad
+            tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
+            if UPDATE:
+                if DECAY:
+                    theta = theta * param_decay
+                _store_param(param, comp, mask, theta + neg_momentum_step * m, DTYPE, KAHAN)
     else:
-        exp_avg = _pointers(addresses, 2, count, index, offsets, DTYPE)
-        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
-        normed = tl.div_rn(grad, tl.maximum(tl.sqrt_rn(v), eps))
-        if CLIP:
-            normed = tl.minimum(tl.maximum(normed, -clip), clip)
-        m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), normed, lerp_coeff, SMALL_WEIGHT)
+        m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), grad, lerp_coeff, SMALL_WEIGHT)
+        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32) * beta2 + beta2_weight * grad * grad
+        second_moment = v
+        if AMSGRAD:
+            max_exp_avg_sq = _pointers(addresses, 4, count, index, offsets, DTYPE)
+            second_moment = tl.maximum(tl.load(max_exp_avg_sq, mask=mask).to(tl.float32), v)
+            tl.store(max_exp_avg_sq, _round(second_moment, DTYPE), mask=mask)
         tl.store(exp_avg, _round(m, DTYPE), mask=mask)
-        tl.store(exp_avg_sq, _round(v * beta2 + beta2_weight * grad * grad, DTYPE), mask=mask)
+        tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
         if UPDATE:
             if DECAY:
                 theta = theta * param_decay
-            _store_param(param, comp, mask, theta + neg_lr * m, DTYPE, KAHAN)
+            if ADAPTIVE:
+                denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + eps
+                if GRAD_TERM:
+                    inv_denom = tl.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
+                    theta = theta + neg_grad_step * grad * inv_denom
+                    theta = theta + neg_momentum_step * m * inv_denom
+                else:
+                    theta = theta + tl.div_rn(neg_momentum_step * m, denom)
+            else:
+                theta = theta + neg_momentum_step * m
+            _store_param(param, comp, mask, theta, DTYPE, KAHAN)
 
 
 _addresses: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -274,39 +243,61 @@ def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def _small_weight(beta1: float) -> bool:
-    """torch.lerp's choice of form for weight 1 − β1 (the same in cpu_kernel.c)."""
-    return abs(1 - beta1) < 0.5
+def _launch(bucket: list[list[Tensor] | None], arguments: KernelArguments) -> None:
+    """One launch of the step kernel over a bucket, scalars prepared as cpu_kernel.c does."""
+    addresses, blocks, count = _tables(bucket)
+    if count == 0:
+        return
+    (beta1_weight, beta2, beta2_weight, eps, l2, param_decay, momentum_step, grad_step) = (
+        arguments.scalars[:8]
+    )
+    bias_correction2_sqrt, clip = arguments.scalars[8:]
+    # torch.lerp's form for the weight 1 − β1: w·(end − start) from start when w < 0.5,
+    # else (w − 1)·(end − start) from end; rounded to fp32 as the C kernel rounds it.
+    small_weight = abs(beta1_weight) < 0.5
+    weight = _float32(beta1_weight)
+    _step_kernel[(count,)](
+        addresses,
+        blocks,
+        len(bucket[0]),  # type: ignore[arg-type]
+        weight if small_weight else _float32(weight - 1),
+        beta2,
+        beta2_weight,
+        eps,
+        l2,
+        param_decay,
+        -momentum_step,
+        -grad_step,
+        1 / bias_correction2_sqrt,
+        clip,
+        DTYPE=TRITON_DTYPES[bucket[0][0].dtype],  # type: ignore[index]
+        ADOPT=arguments.algorithm == "adopt",
+        SMALL_WEIGHT=small_weight,
+        BLOCK=BLOCK,
+        **dict(arguments.switches),
+    )
 
 
-def _lerp_coeff(beta1: float) -> float:
-    """w or w − 1 for w = 1 − β1, rounded as cpu_kernel.c rounds it."""
-    weight = _float32(1 - beta1)
-    return weight if _small_weight(beta1) else _float32(weight - 1)
-
-
-def _fused_buckets(
+def _step(
     lists: list[Sequence[Tensor] | None],
-) -> list[tuple[list[list[Tensor] | None], bool]]:
-    """Split into (lists, uses Kahan) buckets the kernels take; the rest runs foreach."""
+    arguments: Callable[[bool], KernelArguments],
+    eager: Callable[[list[Any]], None],
+) -> None:
+    """One launch per (dtype, Kahan) bucket the kernels take; the rest runs `eager`."""
     params, kahan_comps = lists[0], lists[-1]
     assert params is not None and kahan_comps is not None
-    fused = []
+    rest: list[int] = []
     for indices in buckets(params, kahan_comps):
         bucket = take_all(lists, indices)
         kahan = kahan_comps[indices[0]] is not None
         if not kahan:
             bucket[-1] = None
         if params[indices[0]].dtype in TRITON_DTYPES and not split_dense(bucket)[1]:
-            fused.append((bucket, kahan))
-    return fused
-
-
-def _unfused_indices(
-    params: Sequence[Tensor], fused: list[tuple[list[list[Tensor] | None], bool]]
-) -> list[int]:
-    done = {id(p) for bucket, _ in fused for p in bucket[0]}  # type: ignore[union-attr]
-    return [i for i, p in enumerate(params) if id(p) not in done]
+            _launch(bucket, arguments(kahan))
+        else:
+            rest += indices
+    if rest:
+        eager(take_all(lists, sorted(rest)))
 
 
 def adam_step(
@@ -319,39 +310,11 @@ def adam_step(
     c: AdamStepCoefficients,
 ) -> None:
     """Apply one Adam-family step (see AdamStepCoefficients): one launch per bucket."""
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps]
-    fused = _fused_buckets(lists)  # type: ignore[arg-type]
-    rest = _unfused_indices(params, fused)
-    if rest:
-        foreach.adam_step(*take_all(lists, rest), c)  # type: ignore[arg-type]
-    for bucket, kahan in fused:
-        addresses, blocks, count = _tables(bucket)
-        if count == 0:
-            continue
-        _adam_kernel[(count,)](
-            addresses,
-            blocks,
-            len(bucket[0]),  # type: ignore[arg-type]
-            _lerp_coeff(c.beta1),
-            c.beta2,
-            1 - c.beta2,
-            c.eps,
-            c.l2_weight_decay,
-            c.param_decay,
-            -c.momentum_step,
-            -c.grad_step,
-            1 / c.bias_correction2_sqrt,
-            DTYPE=TRITON_DTYPES[bucket[0][0].dtype],  # type: ignore[index]
-            SMALL_WEIGHT=_small_weight(c.beta1),
-            KAHAN=kahan,
-            L2=c.l2_weight_decay != 0,
-            DECAY=c.param_decay != 1,
-            UPDATE=c.update_params,
-            AMSGRAD=c.amsgrad,
-            ADAPTIVE=c.adaptive,
-            GRAD_TERM=c.grad_step != 0,
-            BLOCK=BLOCK,
-        )
+    _step(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]
+        lambda kahan: adam_arguments(c, kahan),
+        lambda lists: foreach.adam_step(*lists, c),
+    )
 
 
 def adopt_step(
@@ -363,35 +326,8 @@ def adopt_step(
     c: AdoptStepCoefficients,
 ) -> None:
     """Apply one ADOPT step (see AdoptStepCoefficients): one launch per bucket."""
-    lists = [params, grads, exp_avgs, exp_avg_sqs, None, kahan_comps]
-    fused = _fused_buckets(lists)
-    rest = _unfused_indices(params, fused)
-    if rest:
-        params_, grads_, exp_avgs_, exp_avg_sqs_, _, comps_ = take_all(lists, rest)
-        foreach.adopt_step(params_, grads_, exp_avgs_, exp_avg_sqs_, comps_, c)  # type: ignore[arg-type]
-    for bucket, kahan in fused:
-        addresses, blocks, count = _tables(bucket)
-        if count == 0:
-            continue
-        _adopt_kernel[(count,)](
-            addresses,
-            blocks,
-            len(bucket[0]),  # type: ignore[arg-type]
-            _lerp_coeff(c.beta1),
-            c.beta2,
-            1 - c.beta2,
-            c.eps,
-            c.l2_weight_decay,
-            c.param_decay,
-            -c.lr,
-            0.0 if c.clip is None else c.clip,
-            DTYPE=TRITON_DTYPES[bucket[0][0].dtype],  # type: ignore[index]
-            SMALL_WEIGHT=_small_weight(c.beta1),
-            KAHAN=kahan,
-            L2=c.l2_weight_decay != 0,
-            DECAY=c.param_decay != 1,
-            UPDATE=c.update_params,
-            INIT=c.initialize_only,
-            CLIP=c.clip is not None,
-            BLOCK=BLOCK,
-        )
+    _step(
+        [params, grads, exp_avgs, exp_avg_sqs, None, kahan_comps],  # type: ignore[list-item]
+        lambda kahan: adopt_arguments(c, kahan),
+        lambda lists: foreach.adopt_step(*lists[:4], lists[5], c),
+    )

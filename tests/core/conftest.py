@@ -20,7 +20,7 @@ def triton_unavailable_reason() -> str | None:
     backend = core.backends._triton_backend()
     if isinstance(backend, str):
         return backend
-    if type(backend._adam_kernel).__name__ != "InterpretedFunction":
+    if type(backend._step_kernel).__name__ != "InterpretedFunction":
         return "TRITON_INTERPRET=1 was not set before the Triton backend was imported"
     return None
 

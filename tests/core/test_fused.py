@@ -297,8 +297,8 @@ def test_triton_launches_once_per_dtype_and_uploads_only_what_changed(
 ) -> None:
     from core.backends import triton as triton_backend
 
-    counting = _CountingLaunches(triton_backend._adam_kernel)
-    monkeypatch.setattr(triton_backend, "_adam_kernel", counting)
+    counting = _CountingLaunches(triton_backend._step_kernel)
+    monkeypatch.setattr(triton_backend, "_step_kernel", counting)
     for cache in ("_addresses", "_blocks"):
         monkeypatch.setattr(triton_backend, cache, type(getattr(triton_backend, cache))())
     generator = torch.Generator().manual_seed(3)
