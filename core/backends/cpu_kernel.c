@@ -31,20 +31,18 @@
 
 /* ---- storage types and the compute precision (fp32 for every 16-bit type) ---------- */
 
+#if DTYPE == 1 || DTYPE == 2
 #if DTYPE == 1
 typedef float store_t;
-typedef float compute_t;
-static inline compute_t load(const store_t *a, int64_t i) { return a[i]; }
-static inline store_t round_to_store(compute_t x) { return x; }
-static inline compute_t widen(store_t x) { return x; }
 #define SQRT sqrtf
-#elif DTYPE == 2
+#else
 typedef double store_t;
-typedef double compute_t;
+#define SQRT sqrt
+#endif
+typedef store_t compute_t;
 static inline compute_t load(const store_t *a, int64_t i) { return a[i]; }
 static inline store_t round_to_store(compute_t x) { return x; }
 static inline compute_t widen(store_t x) { return x; }
-#define SQRT sqrt
 #elif DTYPE == 3 || DTYPE == 4
 typedef uint16_t store_t;
 typedef float compute_t;

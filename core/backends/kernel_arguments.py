@@ -29,6 +29,10 @@ class KernelArguments:
     scalars: tuple[float, ...]
 
 
+def _shared_scalars(c: AdamStepCoefficients | AdoptStepCoefficients) -> tuple[float, ...]:
+    return (1 - c.beta1, c.beta2, 1 - c.beta2, c.eps, c.l2_weight_decay, c.param_decay)
+
+
 def _switches(**on: bool) -> tuple[tuple[str, bool], ...]:
     return tuple((name, bool(on.get(name, False))) for name in SWITCHES)
 
@@ -46,18 +50,7 @@ def adam_arguments(c: AdamStepCoefficients, kahan: bool) -> KernelArguments:
             ADAPTIVE=c.adaptive,
             GRAD_TERM=c.grad_step != 0,
         ),
-        (
-            1 - c.beta1,
-            c.beta2,
-            1 - c.beta2,
-            c.eps,
-            c.l2_weight_decay,
-            c.param_decay,
-            c.momentum_step,
-            c.grad_step,
-            c.bias_correction2_sqrt,
-            0.0,
-        ),
+        (*_shared_scalars(c), c.momentum_step, c.grad_step, c.bias_correction2_sqrt, 0.0),
     )
 
 
@@ -75,16 +68,5 @@ def adopt_arguments(c: AdoptStepCoefficients, kahan: bool) -> KernelArguments:
             INIT=c.initialize_only,
             CLIP=updates and c.clip is not None,
         ),
-        (
-            1 - c.beta1,
-            c.beta2,
-            1 - c.beta2,
-            c.eps,
-            c.l2_weight_decay,
-            c.param_decay,
-            c.lr,
-            0.0,
-            1.0,
-            0.0 if c.clip is None else c.clip,
-        ),
+        (*_shared_scalars(c), c.lr, 0.0, 1.0, 0.0 if c.clip is None else c.clip),
     )
