@@ -58,8 +58,12 @@ def _triton_backend() -> Backend | str:
     return triton_backend  # type: ignore[return-value]
 
 
-def fused_unavailable_reason(params: Sequence[Tensor]) -> str | None:
-    """Why no fused backend can run a step over these parameters, or None if one can."""
+def fused_unavailable_reason(params: Sequence[Tensor], *, forced: bool = True) -> str | None:
+    """Why no fused backend can run a step over these parameters, or None if one can.
+
+    Unless forced (fused=True), a CPU without a C compiler is no reason: the fused CPU
+    backend then runs torch's native kernels where exact and the loop elsewhere.
+    """
     devices = {p.device for p in params}
     if len(devices) > 1:
         names = sorted(str(d) for d in devices)
@@ -73,7 +77,7 @@ def fused_unavailable_reason(params: Sequence[Tensor]) -> str | None:
     if device_type == "cpu":
         from core.backends import cpu
 
-        if not cpu.available():
+        if forced and not cpu.available():
             return "the fused CPU backend compiles a C kernel and no C compiler was found (set CC)"
         return None
     return f"no fused backend exists for {device_type!r} tensors (only CPU and, with Triton, GPU)"
@@ -89,8 +93,10 @@ def select_backend(
             "Invalid fused: True. Allowed: None or False when foreach=True (pick one backend)."
         )
     if fused or (fused is None and foreach is None):
-        reason = fused_unavailable_reason(params)
-        if reason is None and params:
+        reason = fused_unavailable_reason(params, forced=bool(fused))
+        if reason is None:
+            if not params:
+                return _LOOP  # nothing to step
             return _fused_backend(params[0].device.type, strict=bool(fused))
         if fused:
             raise ValueError(f"Invalid fused: True. Allowed: None or False here: {reason}.")

@@ -65,7 +65,8 @@ class FusedCpu:
         except cpu_kernel.KernelUnavailable as error:
             if self.strict:
                 raise RuntimeError(f"fused=True: {error}") from error
-            _warn_fallback(error)
+            if cpu_kernel.compiler() is not None:  # no compiler at all is not news
+                _warn_fallback(error)
             return False
         return True
 

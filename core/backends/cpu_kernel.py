@@ -92,8 +92,6 @@ def cache_dir() -> Path:
 def _compile(config: KernelConfig, target: Path) -> None:
     """Compile into target atomically (a temporary file renamed into place)."""
     cc = compiler()
-    if cc is None:
-        raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = ""
     for arch in (("-march=native",), ()):
@@ -122,6 +120,8 @@ def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defin
     loaded = _loaded.get(config)
     if loaded is not None:
         return loaded
+    if compiler() is None:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
     start = time.perf_counter()
     key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), _toolchain_identity()]
     digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:24]

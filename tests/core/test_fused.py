@@ -8,6 +8,7 @@ own state each time, and odd layouts, the `fused` flag and the kernels' contract
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -325,3 +326,25 @@ def test_triton_launches_once_per_dtype_and_uploads_only_what_changed(
     for addresses, blocks in same:  # nothing rebuilt, nothing uploaded
         assert all(a is b for a, b in zip(addresses + blocks, first[0] + first[1], strict=True))
     assert len(moved[0]) == 4 and moved[1] == first[1]  # new addresses, same block tables
+
+
+def test_without_a_compiler_the_default_still_runs_torchs_kernels_and_the_loop_silently(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: None)
+    native = []
+    monkeypatch.setattr(cpu, "_native_adam", lambda *args: native.append(args))
+    assert core.backends.select_backend([torch.ones(2)], foreach=None, fused=None) is cpu.DEFAULT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no compiler is an expected setup, not news
+        model = make_model()
+        adamw = next(c for c in trajectory_cases() if c.id == "AdamW-defaults")
+        train(model, adamw.make(model.parameters()), make_batches(torch.float32, 1))
+        assert len(native) == 1  # torch's kernel took the AdamW step
+        nadam = next(c for c in trajectory_cases() if c.id == "NAdam-l2")
+        default = _loop_model_after(nadam)
+    loop = _loop_model_after(nadam, foreach=False)
+    for a, b in zip(default.parameters(), loop.parameters(), strict=True):
+        assert torch.equal(a, b)  # NAdam ran the loop backend
