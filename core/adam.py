@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
 from core.backends import select_backend
-from core.coefficients import AdamStepCoefficients
+from core.coefficients import AdamStepCoefficients, TorchAdamTerms
 from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
     advance_counters,
+    decoupled_decay_rate,
     hyperparameters,
     no_kahan,
-    real_views,
+    real_view_lists,
     require,
     subset,
     weight_decay_terms,
@@ -36,11 +38,14 @@ def adam_coefficients(
     amsgrad: bool,
     microbatch: int = 1,
     accumulate: bool = False,
+    decoupled_rate: float = 0.0,
 ) -> AdamStepCoefficients:
     """Adam's scalars for step t (counted from 1): bias corrections folded into the step size.
 
     `microbatch` is the 1-based position in an optimizer-accumulation window and
     `accumulate` means this micro-batch only folds into the moments (see window_terms).
+    decoupled_rate is the decoupled decay as torch.optim.AdamW's weight_decay (see
+    `decoupled_decay_rate`), so the step can also be stated in torch's terms.
     """
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -57,6 +62,14 @@ def adam_coefficients(
         amsgrad=amsgrad,
         update_params=lr != 0 and not accumulate,
         **window_terms(microbatch, beta2),
+        torch_terms=None
+        if math.isnan(decoupled_rate)
+        else TorchAdamTerms(
+            lr=lr,
+            step=step,
+            weight_decay=decoupled_rate if decoupled_rate != 0 else l2_weight_decay,
+            decoupled=decoupled_rate != 0,
+        ),
     )
 
 
@@ -114,13 +127,11 @@ def adam(
         None,
         "a list of tensors when amsgrad=True",
     )
-    l2_weight_decay, param_decay = weight_decay_terms(
-        lr, weight_decay, decouple_wd, decouple_lr, max_lr
-    )
+    decay_mode = (lr, weight_decay, decouple_wd, decouple_lr, max_lr)
+    l2_weight_decay, param_decay = weight_decay_terms(*decay_mode)
     backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = [
-        real_views(t)
-        for t in (
+    tensor_lists = real_view_lists(
+        (
             params,
             grads,
             exp_avgs,
@@ -128,7 +139,7 @@ def adam(
             max_exp_avg_sqs if amsgrad else None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
-    ]
+    )
     for step, microbatch, indices in window_position(state_steps, window_microbatches):
         coefficients = adam_coefficients(
             step + 1,
@@ -141,6 +152,7 @@ def adam(
             amsgrad=amsgrad,
             microbatch=microbatch,
             accumulate=accumulate,
+            decoupled_rate=decoupled_decay_rate(*decay_mode),
         )
         backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
     advance_counters(state_steps, window_microbatches, accumulate)

@@ -21,7 +21,7 @@ from core.optimizer import (
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
-    real_views,
+    real_view_lists,
     require,
     subset,
     weight_decay_terms,
@@ -82,16 +82,15 @@ def adopt(
         lr, weight_decay, decouple_wd, decouple_lr, max_lr
     )
     backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = [
-        real_views(t)
-        for t in (
+    tensor_lists = real_view_lists(
+        (
             params,
             grads,
             exp_avgs,
             exp_avg_sqs,
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
-    ]
+    )
     for (step,), indices in partition_by_host_scalars(state_steps):
         coefficients = adopt_coefficients(
             step,

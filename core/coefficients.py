@@ -12,6 +12,21 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class TorchAdamTerms:
+    """A plain Adam/AdamW step restated in torch.optim's own terms.
+
+    torch's native fused kernels (torch._fused_adam_ / torch._fused_adamw_) take lr, the
+    step count and weight decay rather than our folded scalars; algorithms whose step is
+    exactly theirs attach these so a backend may hand the whole step to torch.
+    """
+
+    lr: float
+    step: float
+    weight_decay: float
+    decoupled: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AdamStepCoefficients:
     """Scalars of one Adam-family step (Adam, AMSGrad, RAdam and NAdam share its shape).
 
@@ -30,6 +45,8 @@ class AdamStepCoefficients:
             adaptive:     d = √v / bias_correction2_sqrt + eps
                           θ ← θ − grad_step·g/d − momentum_step·m/d
             not adaptive: θ ← θ − momentum_step·m     (RAdam before rectification)
+
+    torch_terms is set only when the step is exactly torch.optim.Adam/AdamW's.
     """
 
     beta1: float
@@ -45,6 +62,7 @@ class AdamStepCoefficients:
     update_params: bool
     continues_window: bool = False
     window_grad_sq_weight: float = 0.0
+    torch_terms: TorchAdamTerms | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from core.optimizer import (
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
-    real_views,
+    real_view_lists,
     require,
     subset,
     weight_decay_terms,
@@ -86,9 +86,8 @@ def nadam(
         lr, weight_decay, decouple_wd, decouple_lr, max_lr
     )
     backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = [
-        real_views(t)
-        for t in (
+    tensor_lists = real_view_lists(
+        (
             params,
             grads,
             exp_avgs,
@@ -96,7 +95,7 @@ def nadam(
             None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
-    ]
+    )
     for (step, _), indices in partition_by_host_scalars(state_steps, mu_products):
         partition_mu_products = list(subset(mu_products, indices))
         # Π is kept in float32, as torch stores it, so trajectories match torch's.

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from core.backends import fused_unavailable_reason
 from core.backends.precision import LOW_PRECISION_DTYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
@@ -84,6 +85,34 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
         require(isinstance(group[flag], bool), flag, group[flag], "True or False", where)
     for flag in ("kahan_sum", "foreach", "fused"):
         require(_is_optional_bool(group[flag]), flag, group[flag], "None, True or False", where)
+    require(
+        not (group["fused"] and group["foreach"]),
+        "fused",
+        group["fused"],
+        "None or False when foreach=True (pick one backend)",
+        where,
+    )
+
+
+def decoupled_decay_rate(
+    lr: float,
+    weight_decay: float,
+    decouple_wd: bool,
+    decouple_lr: bool,
+    max_lr: float | None,
+) -> float:
+    """λ' of a decoupled decay θ ← θ·(1 − lr·λ'): λ (AdamW), λ/max_lr (fully decoupled), else 0.
+
+    Written as torch.optim.AdamW's weight_decay, which is what its native fused kernels take;
+    NaN when that overflows (a tiny max_lr), so no native kernel is used for the step.
+    """
+    if weight_decay == 0 or not (decouple_wd or decouple_lr):
+        return 0.0
+    if decouple_lr:
+        reference_lr = lr if max_lr is None else max_lr
+        rate = 0.0 if reference_lr == 0 else weight_decay / reference_lr
+        return rate if math.isfinite(rate) else math.nan
+    return weight_decay
 
 
 def weight_decay_terms(
@@ -102,9 +131,9 @@ def weight_decay_terms(
     if weight_decay == 0:
         return 0.0, 1.0
     if decouple_lr:
-        if lr == 0:
-            return 0.0, 1.0
-        return 0.0, 1.0 - (1.0 if max_lr is None else lr / max_lr) * weight_decay
+        # lr/max_lr first: λ/max_lr alone can overflow for a tiny max_lr.
+        ratio = 0.0 if lr == 0 else (1.0 if max_lr is None else lr / max_lr)
+        return 0.0, 1.0 - ratio * weight_decay
     if decouple_wd:
         return 0.0, 1.0 - lr * weight_decay
     return weight_decay, 1.0
@@ -119,8 +148,10 @@ def partition_by_host_scalars(
     one partition covering everything (indices None); parameters that skipped steps
     (grad None, gradient release) get their own coefficients.
     """
-    count = len(scalar_lists[0])
-    keys = [tuple(float(values[i]) for values in scalar_lists) for i in range(count)]
+    if not scalar_lists[0]:
+        return []
+    # One stack and tolist per list: float() of each 0-dim tensor costs ~1 µs apiece.
+    keys = list(zip(*[torch.stack(list(values)).tolist() for values in scalar_lists], strict=True))
     if all(key == keys[0] for key in keys):
         return [(keys[0], None)]
     partitions: dict[tuple[float, ...], list[int]] = {}
@@ -193,6 +224,14 @@ def real_views(tensors: Sequence[Tensor | None] | None) -> Any:
     return [t if t is None or not t.is_complex() else torch.view_as_real(t) for t in tensors]
 
 
+def real_view_lists(lists: Sequence[Sequence[Tensor | None] | None]) -> list[Any]:
+    """real_views of every list; the lists as they are when no parameter (lists[0]) is
+    complex, which spares a pass over every other list in the usual case."""
+    if not any(p.is_complex() for p in lists[0]):  # type: ignore[union-attr]
+        return list(lists)
+    return [real_views(t) for t in lists]
+
+
 def no_kahan(params: Sequence[Tensor]) -> list[None]:
     """The kahan_comps list for a call without compensation."""
     return [None] * len(params)
@@ -231,6 +270,13 @@ class AdamFamilyOptimizer(Optimizer):
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         """Check the algorithm's own hyperparameters (override in subclasses)."""
 
+    @staticmethod
+    def _check_fused_possible(group: dict[str, Any], where: str) -> None:
+        """fused=True is refused up front (construction and every step) where it cannot run."""
+        if group["fused"]:
+            reason = fused_unavailable_reason(group["params"])
+            require(reason is None, "fused", True, f"None or False here: {reason}", where)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its max_lr defaults to its own lr at this moment."""
         if isinstance(param_group, dict):
@@ -238,6 +284,11 @@ class AdamFamilyOptimizer(Optimizer):
             self._validate_group(merged, f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_fused_possible(group, f" in param group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
         if group["max_lr"] is None and float(group["lr"]) > 0:
             # An lr of 0 at creation names no peak: max_lr stays None (decay ratio 1, as Composer).
             group["max_lr"] = float(group["lr"])
@@ -268,7 +319,8 @@ class AdamFamilyOptimizer(Optimizer):
 
     def _init_host_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create the 0-dim host scalars (override to add more than `step`)."""
-        state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+        if "step" not in state:  # not setdefault: building a tensor every step costs µs
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
 
     @staticmethod
     def _uses_kahan(group: dict[str, Any], param: Tensor) -> bool:
@@ -459,6 +511,7 @@ class AdamFamilyOptimizer(Optimizer):
             where = f" in param group {index}"
             self._validate_group(group, where)
             params = [p for p in group["params"] if p.grad is not None and p not in released]
+            self._check_fused_possible(group, where)
             for p in params:
                 self._check_gradient(p, where)
             work.append((group, params))
@@ -482,8 +535,10 @@ class AdamFamilyOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class, its siblings or torch.optim's Adam/AdamW/NAdam/RAdam.
 
-        Hyperparameters come from the checkpoint, as between torch optimizers; the backend
-        flags (foreach, fused, gradient_release) stay this optimizer's own.
+        Hyperparameters come from the checkpoint, as between torch optimizers. The
+        execution flags (foreach, fused, gradient_release) stay this optimizer's: they say
+        how to compute on this machine, not what was learnt, so a checkpoint written with
+        fused=True continues with fused=False (or on a machine without Triton) and back.
         torch casts every floating state tensor to the parameter's dtype and device;
         host scalars (step, mu_product) are restored from the saved values instead, as
         0-dim float32 CPU tensors, so no step ever reads a device tensor.

@@ -15,7 +15,7 @@ from core.optimizer import (
     advance_counters,
     hyperparameters,
     no_kahan,
-    real_views,
+    real_view_lists,
     subset,
     weight_decay_terms,
     window_position,
@@ -92,9 +92,8 @@ def radam(
         lr, weight_decay, decouple_wd, decouple_lr, max_lr
     )
     backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = [
-        real_views(t)
-        for t in (
+    tensor_lists = real_view_lists(
+        (
             params,
             grads,
             exp_avgs,
@@ -102,7 +101,7 @@ def radam(
             None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
-    ]
+    )
     for step, microbatch, indices in window_position(state_steps, window_microbatches):
         coefficients = radam_coefficients(
             step + 1,

@@ -1,18 +1,28 @@
 """Optimizer step time of every core optimizer and backend beside torch.optim, in one run.
 
-Timing on a shared machine is noisy, so: one thread, warm-up steps, the minimum of
-several repeats, and every figure also reported as a ratio against torch.optim.AdamW
-(fused) measured in the same run. Run: python examples/benchmark.py [--quick]
+Timing on a shared machine is noisy, so: one thread, timed by the CPU time of that
+thread (time.thread_time, which other processes taking the core turns do not inflate),
+warm-up steps, the minimum of several repeats, and every contender timed in alternation
+with the baseline, torch.optim.AdamW(fused=True), so that its ratio compares the two
+under the same memory traffic from the rest of the machine.
+M params/s is also set against the roofline: the machine's measured memory-copy
+bandwidth divided by the bytes a configuration must move per parameter. Compile time
+of the generated CPU kernels (a fresh kernel cache, so a cold build) is reported
+separately. optimi rows appear when torch-optimi is installed.
 
-In the Composer environment (`.venv-composer`) a second table compares
-composer_adam.DecoupledAdamW with composer.optim.DecoupledAdamW, as a speed-up over
-Composer's class measured in the same run.
+In the Composer environment (`.venv-composer`) a further table times
+composer_adam.DecoupledAdamW against composer.optim.DecoupledAdamW, which is then the
+baseline of that table.
+
+Run: python examples/benchmark.py [--quick] [--composer-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,61 +30,135 @@ from dataclasses import dataclass
 import torch
 
 import core
+from core.backends import cpu_kernel
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+BYTES_PER_PARAM = {"fp32": 28, "fp32 amsgrad": 36, "bf16": 14, "bf16 kahan": 18}
+"""Each tensor read once and written once: θ, m, v (and v_max, Kahan k) both ways, g read."""
 
 
 @dataclass(frozen=True)
 class Contender:
     name: str
     make: Factory
+    dtype: torch.dtype
+    traffic: str
 
 
 def _torch_adamw(**flags: bool) -> Factory:
     return lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, **flags)
 
 
-def contenders() -> list[Contender]:
-    """torch.optim.AdamW on its three paths, then every core optimizer on every backend."""
-    rows = [
-        Contender("torch AdamW fused", _torch_adamw(fused=True)),
-        Contender("torch AdamW foreach", _torch_adamw(foreach=True)),
-        Contender("torch AdamW for-loop", _torch_adamw(foreach=False)),
-    ]
-    algorithms: list[tuple[str, Callable[..., torch.optim.Optimizer]]] = [
-        ("core AdamW", lambda p, **kw: core.AdamW(p, lr=1e-3, **kw)),
-        ("core AdamW amsgrad", lambda p, **kw: core.AdamW(p, lr=1e-3, amsgrad=True, **kw)),
-        ("core RAdam", lambda p, **kw: core.RAdam(p, lr=1e-3, **kw)),
-        ("core NAdam", lambda p, **kw: core.NAdam(p, lr=1e-3, **kw)),
-        ("core ADOPT", lambda p, **kw: core.ADOPT(p, lr=1e-3, **kw)),
-    ]
-    backends = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "default": {}}
-    for name, make in algorithms:
-        for backend, flags in backends.items():
-            rows.append(Contender(f"{name} {backend}", lambda p, m=make, f=flags: m(p, **f)))
+CORE_ALGORITHMS: list[tuple[str, Callable[..., torch.optim.Optimizer], str]] = [
+    ("core AdamW", lambda p, **kw: core.AdamW(p, lr=1e-3, **kw), "fp32"),
+    (
+        "core AdamW amsgrad",
+        lambda p, **kw: core.AdamW(p, lr=1e-3, amsgrad=True, **kw),
+        "fp32 amsgrad",
+    ),
+    ("core RAdam", lambda p, **kw: core.RAdam(p, lr=1e-3, **kw), "fp32"),
+    ("core NAdam", lambda p, **kw: core.NAdam(p, lr=1e-3, **kw), "fp32"),
+    ("core ADOPT", lambda p, **kw: core.ADOPT(p, lr=1e-3, **kw), "fp32"),
+]
+BACKEND_FLAGS = {
+    "fused": {"fused": True},
+    "default": {},
+    "foreach": {"foreach": True},
+    "loop": {"foreach": False},
+}
+
+
+def _optimi_rows(dtype: torch.dtype, traffic: str) -> list[Contender]:
+    """optimi's AdamW, RAdam and Adam (its foreach path, Kahan on for bf16), if installed."""
+    try:
+        import optimi
+    except ImportError:
+        return []
+    rows = []
+    for name in ("AdamW", "RAdam"):
+        cls = getattr(optimi, name, None)
+        if cls is not None:
+            rows.append(Contender(f"optimi {name}", lambda p, c=cls: c(p, lr=1e-3), dtype, traffic))
     return rows
 
 
-def composer_contenders(amsgrad: bool) -> list[Contender]:
-    """Composer's DecoupledAdamW, then adamkit's drop-in; empty without Composer installed."""
+def fp32_contenders() -> list[Contender]:
+    """torch.optim.AdamW on its three paths, every core optimizer on every backend, optimi."""
+    fp32 = torch.float32
+    rows = [
+        Contender("torch AdamW fused", _torch_adamw(fused=True), fp32, "fp32"),
+        Contender("torch AdamW foreach", _torch_adamw(foreach=True), fp32, "fp32"),
+        Contender("torch AdamW for-loop", _torch_adamw(foreach=False), fp32, "fp32"),
+        Contender(
+            "torch AdamW amsgrad fused",
+            _torch_adamw(fused=True, amsgrad=True),
+            fp32,
+            "fp32 amsgrad",
+        ),
+    ]
+    for name, make, traffic in CORE_ALGORITHMS:
+        for backend, flags in BACKEND_FLAGS.items():
+            rows.append(
+                Contender(f"{name} {backend}", lambda p, m=make, f=flags: m(p, **f), fp32, traffic)
+            )
+    return rows + _optimi_rows(fp32, "fp32")
+
+
+def bf16_contenders() -> list[Contender]:
+    """bf16 parameters and state: torch has no Kahan; core compensates by default."""
+    bf16 = torch.bfloat16
+    rows = [Contender("torch AdamW fused (no Kahan)", _torch_adamw(fused=True), bf16, "bf16")]
+    for name, make, _ in CORE_ALGORITHMS:
+        if "amsgrad" in name:
+            continue
+        for backend in ("fused", "default"):
+            flags = BACKEND_FLAGS[backend]
+            rows.append(
+                Contender(
+                    f"{name} Kahan {backend}",
+                    lambda p, m=make, f=flags: m(p, **f),
+                    bf16,
+                    "bf16 kahan",
+                )
+            )
+    rows.append(
+        Contender(
+            "core AdamW foreach (Kahan)",
+            lambda p: core.AdamW(p, lr=1e-3, foreach=True),
+            bf16,
+            "bf16 kahan",
+        )
+    )
+    return rows + _optimi_rows(bf16, "bf16 kahan")
+
+
+def composer_contenders() -> list[Contender]:
+    """Composer's DecoupledAdamW (the table's baseline), then adamkit's drop-in; empty
+    without Composer installed."""
     try:
         from composer.optim import DecoupledAdamW
     except ImportError:
         return []
     import composer_adam
 
-    suffix = " amsgrad" if amsgrad else ""
-    rows = [
-        Contender(
-            f"composer DecoupledAdamW{suffix}",
-            lambda p: DecoupledAdamW(p, lr=1e-3, amsgrad=amsgrad),
-        )
-    ]
-    for backend, flags in {"default": {}, "foreach": {"foreach": True}}.items():
+    rows = []
+    for amsgrad, traffic in ((False, "fp32"), (True, "fp32 amsgrad")):
+        suffix = " amsgrad" if amsgrad else ""
         rows.append(
             Contender(
-                f"composer_adam DecoupledAdamW{suffix} {backend}",
-                lambda p, f=flags: composer_adam.DecoupledAdamW(p, lr=1e-3, amsgrad=amsgrad, **f),
+                f"composer DecoupledAdamW{suffix}",
+                lambda p, a=amsgrad: DecoupledAdamW(p, lr=1e-3, amsgrad=a),
+                torch.float32,
+                traffic,
+            )
+        )
+        rows.append(
+            Contender(
+                f"composer_adam DecoupledAdamW{suffix}",
+                lambda p, a=amsgrad: composer_adam.DecoupledAdamW(p, lr=1e-3, amsgrad=a),
+                torch.float32,
+                traffic,
             )
         )
     return rows
@@ -85,93 +169,149 @@ def make_params(count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor
     params = []
     for _ in range(count):
         p = torch.randn(numel, generator=generator).to(dtype).requires_grad_()
-        p.grad = torch.randn(numel, generator=generator).to(dtype) * 1e-2
+        p.grad = (torch.randn(numel, generator=generator) * 1e-2).to(dtype)
         params.append(p)
     return params
 
 
-def time_steps(optimizers: list[torch.optim.Optimizer], steps: int, repeats: int) -> list[float]:
-    """Per optimizer, the minimum over repeats of the mean seconds per step (after warm-up).
+def memory_bandwidth(numel: int, repeats: int) -> tuple[float, float]:
+    """(copy, in-place update) bandwidth in bytes per second, single-threaded.
 
-    Repeats take turns across the optimizers, so a burst of load from other processes on
-    a shared machine hits them alike instead of one of them.
+    A copy counts 8 bytes per fp32 element (read + write) but also pays for reading the
+    target's cache lines before writing them; an in-place a += b (12 bytes: two reads,
+    one write to lines just read) is the access pattern of an optimizer step, so it is
+    the roofline the table uses.
     """
-    for optimizer in optimizers:
-        for _ in range(3):
-            optimizer.step()
-    best = [float("inf")] * len(optimizers)
+    source, target = torch.randn(numel), torch.randn(numel)
+
+    def best_seconds(operation: Callable[[], object]) -> float:
+        operation()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.thread_time()
+            operation()
+            best = min(best, time.thread_time() - start)
+        return best
+
+    copy = 8 * numel / best_seconds(lambda: target.copy_(source))
+    in_place = 12 * numel / best_seconds(lambda: target.add_(source))
+    return copy, in_place
+
+
+def _timed_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
+    """CPU seconds per step of this thread: with one thread all the work runs on it."""
+    start = time.thread_time()
+    for _ in range(steps):
+        optimizer.step()
+    return (time.thread_time() - start) / steps
+
+
+def time_against(
+    contender: torch.optim.Optimizer, baseline: torch.optim.Optimizer, steps: int, repeats: int
+) -> tuple[float, float]:
+    """(seconds per step of the contender, of the baseline): minima over repeats, the two
+    timed in alternation so both see the same machine load."""
+    for _ in range(2):
+        contender.step()
+        baseline.step()
+    best, best_baseline = float("inf"), float("inf")
     for _ in range(repeats):
-        for i, optimizer in enumerate(optimizers):
-            start = time.perf_counter()
-            for _ in range(steps):
-                optimizer.step()
-            best[i] = min(best[i], (time.perf_counter() - start) / steps)
-    return best
+        best = min(best, _timed_steps(contender, steps))
+        best_baseline = min(best_baseline, _timed_steps(baseline, steps))
+    return best, best_baseline
 
 
-def run(
-    shapes: list[tuple[int, int]],
+def run_table(
+    title: str,
+    contenders: list[Contender],
+    count: int,
+    numel: int,
+    bandwidth: float,
     steps: int,
     repeats: int,
-    rows: list[Contender],
-    ratio: str = "vs torch fused",
-    speedup: bool = False,
-    interleave: bool = False,
-) -> str:
-    """One table per shape; the last column is each row's time over the first row's (or,
-    with speedup, the first row's time over each row's). interleave times the rows in
-    turns (all their tensors live at once: for short tables)."""
-    lines = []
-    for count, numel in shapes:
-        total = count * numel
-        lines.append(f"\n{count} tensors x {numel:,} fp32 parameters ({total / 1e6:.0f}M)\n")
-        lines.append(f"| optimizer | ms/step | M params/s | {ratio} |")
-        lines.append("|---|---:|---:|---:|")
-        if interleave:
-            optimizers = [c.make(make_params(count, numel, torch.float32)) for c in rows]
-            times = time_steps(optimizers, steps, repeats)
-            del optimizers
-        else:
-            times = [
-                time_steps([c.make(make_params(count, numel, torch.float32))], steps, repeats)[0]
-                for c in rows
-            ]
-        baseline = times[0]
-        for contender, seconds in zip(rows, times, strict=True):
-            relative = baseline / seconds if speedup else seconds / baseline
-            lines.append(
-                f"| {contender.name} | {seconds * 1e3:.2f} | {total / seconds / 1e6:.0f} "
-                f"| {relative:.2f} |"
-            )
-    return "\n".join(lines)
+    baseline: Contender | None = None,
+) -> list[str]:
+    """Time each contender in alternation with the baseline (torch fused AdamW unless given)."""
+    baseline = baseline or Contender("torch fused", _torch_adamw(fused=True), torch.float32, "")
+    total = count * numel
+    lines = [
+        f"\n{title}: {count} tensors x {numel:,} parameters ({total / 1e6:.0f}M)\n",
+        f"| optimizer | ms/step | M params/s | % of roofline | vs {baseline.name} | compile s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    baseline_optimizer = baseline.make(make_params(count, numel, baseline.dtype))
+    for contender in contenders:
+        compiled_before = dict(cpu_kernel.compile_seconds)
+        optimizer = contender.make(make_params(count, numel, contender.dtype))
+        seconds, baseline_seconds = time_against(optimizer, baseline_optimizer, steps, repeats)
+        compile_time = sum(
+            t for config, t in cpu_kernel.compile_seconds.items() if config not in compiled_before
+        )
+        rate = total / seconds
+        roofline = bandwidth / BYTES_PER_PARAM[contender.traffic]
+        cells = [
+            contender.name,
+            f"{seconds * 1e3:.2f}",
+            f"{rate / 1e6:.0f}",
+            f"{100 * rate / roofline:.0f}",
+            f"{seconds / baseline_seconds:.2f}",
+            f"{compile_time:.2f}" if compile_time else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+        del optimizer
+    return lines
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller tensors")
     parser.add_argument(
-        "--composer-only", action="store_true", help="only the Composer comparison (20 x 1M)"
+        "--composer-only", action="store_true", help="only the Composer table (20 x 1M)"
     )
     args = parser.parse_args()
+    # A cold kernel cache, so compile time is what a first run on a new machine pays.
+    os.environ["ADAMKIT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="adamkit-kernels-")
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread")
-    shapes = [(20, 100_000), (200, 10_000)] if args.quick else [(20, 1_000_000), (200, 100_000)]
-    steps, repeats = (3, 2) if args.quick else (5, 5)
-    report = "" if args.composer_only else run(shapes, steps, repeats, contenders())
-    for amsgrad in (False, True):
-        rows = composer_contenders(amsgrad)
-        if rows:
-            report += "\n\nSpeed-up over composer.optim.DecoupledAdamW (higher is faster):"
-            report += run(
-                shapes[:1] if args.composer_only else shapes,
-                steps,
-                repeats * 2,
-                rows,
-                "speed-up",
-                speedup=True,
-                interleave=True,
+    if args.quick:
+        shapes, steps, repeats = [(20, 100_000), (200, 10_000)], 3, 2
+    else:
+        shapes, steps, repeats = [(20, 1_000_000), (200, 100_000)], 3, 12
+    copy, bandwidth = memory_bandwidth(shapes[0][0] * shapes[0][1], repeats=10)
+    print(f"torch {torch.__version__}, {machine()}, 1 thread")
+    print(
+        f"memory bandwidth: copy {copy / 1e9:.1f} GB/s, in-place a += b {bandwidth / 1e9:.1f} GB/s"
+        " (the roofline); roofline "
+        + ", ".join(
+            f"{name} {bandwidth / size / 1e6:.0f} M params/s ({size} B)"
+            for name, size in BYTES_PER_PARAM.items()
+        )
+    )
+    report = []
+    if not args.composer_only:
+        for count, numel in shapes:
+            report += run_table("fp32", fp32_contenders(), count, numel, bandwidth, steps, repeats)
+        for count, numel in shapes:
+            report += run_table("bf16", bf16_contenders(), count, numel, bandwidth, steps, repeats)
+    composer_rows = composer_contenders()
+    if composer_rows:
+        count, numel = shapes[0]
+        for baseline, ours in zip(composer_rows[::2], composer_rows[1::2], strict=True):
+            report += run_table(
+                "Composer", [ours], count, numel, bandwidth, steps, repeats, baseline=baseline
             )
-    print(report)
+    print("\n".join(report))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Backends run the elementwise part of a step; algorithms hand them host scalars.
 
-Every backend module exposes the same two functions, `adam_step` (Adam, AMSGrad,
-RAdam, NAdam) and `adopt_step`, and must reproduce `loop` to floating-point tolerance.
+Every backend (a module, or an object for the fused CPU backend) exposes the same two
+functions, `adam_step` (Adam, AMSGrad, RAdam, NAdam) and `adopt_step`, and must reproduce
+`loop` to floating-point tolerance. `select_backend` is the one place that chooses.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -40,15 +42,75 @@ class Backend(Protocol):
     ) -> None: ...
 
 
+TRITON_DEVICE_TYPES = {"cuda", "xpu"}
+"""Device types whose fused backend is Triton. Tests add "cpu" to run the Triton kernels
+through Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors."""
+
+
+@functools.cache
+def _triton_backend() -> Backend | str:
+    """The Triton backend, or why it cannot be loaded (imported on first use only, so
+    that core imports without triton and TRITON_INTERPRET is read when it matters)."""
+    try:
+        from core.backends import triton as triton_backend
+    except ImportError as error:
+        return f"the Triton backend needs triton ({error})"
+    return triton_backend  # type: ignore[return-value]
+
+
+def fused_unavailable_reason(params: Sequence[Tensor], *, forced: bool = True) -> str | None:
+    """Why no fused backend can run a step over these parameters, or None if one can.
+
+    Unless forced (fused=True), a CPU without a C compiler is no reason: the fused CPU
+    backend then runs torch's native kernels where exact and the loop elsewhere.
+    """
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        names = sorted(str(d) for d in devices)
+        return f"the parameters of one group must share one device for a fused step, got {names}"
+    if not devices:
+        return None
+    device_type = next(iter(devices)).type
+    if device_type in TRITON_DEVICE_TYPES:
+        backend = _triton_backend()
+        return backend if isinstance(backend, str) else None
+    if device_type == "cpu":
+        from core.backends import cpu
+
+        if forced and not cpu.available():
+            return "the fused CPU backend compiles a C kernel and no C compiler was found (set CC)"
+        return None
+    return f"no fused backend exists for {device_type!r} tensors (only CPU and, with Triton, GPU)"
+
+
 def select_backend(
     params: Sequence[Tensor], *, foreach: bool | None, fused: bool | None
 ) -> Backend:
-    """Pick the backend for one step: explicit flags win, None means fastest for the device."""
-    if fused:
-        raise ValueError("fused=True: no fused backend is available in this build; use fused=None")
+    """Pick the backend for one step, as torch.optim does: explicit flags win; with both
+    None the fused backend where one runs, else foreach on accelerators and loop on CPU."""
+    if fused and foreach:
+        raise ValueError(
+            "Invalid fused: True. Allowed: None or False when foreach=True (pick one backend)."
+        )
+    if fused or (fused is None and foreach is None):
+        reason = fused_unavailable_reason(params, forced=bool(fused))
+        if reason is None:
+            if not params:
+                return _LOOP  # nothing to step
+            return _fused_backend(params[0].device.type, strict=bool(fused))
+        if fused:
+            raise ValueError(f"Invalid fused: True. Allowed: None or False here: {reason}.")
     if foreach is None:
         foreach = any(p.device.type != "cpu" for p in params)
     return _FOREACH if foreach else _LOOP
+
+
+def _fused_backend(device_type: str, strict: bool) -> Backend:
+    if device_type in TRITON_DEVICE_TYPES:
+        return _triton_backend()  # type: ignore[return-value]
+    from core.backends import cpu
+
+    return cpu.STRICT if strict else cpu.DEFAULT
 
 
 _LOOP: Backend = loop  # type: ignore[assignment]

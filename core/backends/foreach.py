@@ -11,21 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from core.backends.grouping import buckets, take
 from core.backends.precision import load_param, store, store_param, working_copy
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
-
-
-def _buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> list[list[int]]:
-    """Indices of parameters grouped by (device, dtype, uses Kahan)."""
-    buckets: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
-    for i, param in enumerate(params):
-        key = (param.device, param.dtype, kahan_comps[i] is not None)
-        buckets.setdefault(key, []).append(i)
-    return list(buckets.values())
-
-
-def _take(tensors: Sequence[Tensor], indices: list[int]) -> list[Tensor]:
-    return [tensors[i] for i in indices]
 
 
 def _working(tensors: list[Tensor]) -> list[Tensor]:
@@ -56,11 +44,11 @@ def adam_step(
     c: AdamStepCoefficients,
 ) -> None:
     """Apply one Adam-family step (see AdamStepCoefficients) with foreach kernels."""
-    for idx in _buckets(params, kahan_comps):
-        bucket_params, comps = _take(params, idx), [kahan_comps[i] for i in idx]
+    for idx in buckets(params, kahan_comps):
+        bucket_params, comps = take(params, idx), [kahan_comps[i] for i in idx]
         theta = _load_params(bucket_params, comps)
-        grad = _working(_take(grads, idx))
-        bucket_exp_avgs, bucket_exp_avg_sqs = _take(exp_avgs, idx), _take(exp_avg_sqs, idx)
+        grad = _working(take(grads, idx))
+        bucket_exp_avgs, bucket_exp_avg_sqs = take(exp_avgs, idx), take(exp_avg_sqs, idx)
         exp_avg, exp_avg_sq = _working(bucket_exp_avgs), _working(bucket_exp_avg_sqs)
 
         if c.l2_weight_decay != 0:
@@ -75,7 +63,7 @@ def adam_step(
         second_moment = exp_avg_sq
         if c.amsgrad:
             assert max_exp_avg_sqs is not None
-            bucket_max = _take(max_exp_avg_sqs, idx)
+            bucket_max = take(max_exp_avg_sqs, idx)
             max_exp_avg_sq = _working(bucket_max)
             torch._foreach_maximum_(max_exp_avg_sq, exp_avg_sq)
             _store_all(bucket_max, max_exp_avg_sq)
@@ -108,11 +96,11 @@ def adopt_step(
     c: AdoptStepCoefficients,
 ) -> None:
     """Apply one ADOPT step (see AdoptStepCoefficients) with foreach kernels."""
-    for idx in _buckets(params, kahan_comps):
-        bucket_params, comps = _take(params, idx), [kahan_comps[i] for i in idx]
+    for idx in buckets(params, kahan_comps):
+        bucket_params, comps = take(params, idx), [kahan_comps[i] for i in idx]
         theta = _load_params(bucket_params, comps)
-        grad = _working(_take(grads, idx))
-        bucket_exp_avg_sqs = _take(exp_avg_sqs, idx)
+        grad = _working(take(grads, idx))
+        bucket_exp_avg_sqs = take(exp_avg_sqs, idx)
         exp_avg_sq = _working(bucket_exp_avg_sqs)
         if c.l2_weight_decay != 0:
             grad = torch._foreach_add(grad, theta, alpha=c.l2_weight_decay)
@@ -121,7 +109,7 @@ def adopt_step(
             _store_all(bucket_exp_avg_sqs, torch._foreach_mul(grad, grad))
             continue
 
-        bucket_exp_avgs = _take(exp_avgs, idx)
+        bucket_exp_avgs = take(exp_avgs, idx)
         exp_avg = _working(bucket_exp_avgs)
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_clamp_min_(denom, c.eps)

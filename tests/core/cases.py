@@ -25,7 +25,16 @@ TINY_EPS = 1e-10
 EPS = 1e-3
 """Large enough that a misplaced eps (raw vs bias-corrected root) fails the float32 check."""
 DECAY_MODES = ("none", "l2", "decoupled", "fully_decoupled")
-BACKENDS = {"loop": {"foreach": False}, "foreach": {"foreach": True}}
+BACKENDS = {
+    "loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "triton": {"fused": True},
+}
+"""Constructor flags per backend. "triton" runs the Triton kernels on CPU tensors through
+Triton's interpreter (conftest.py routes fused CPU steps there for tests named so)."""
+EAGER_BACKENDS = ("loop", "foreach")
+FUSED_BACKENDS = ("fused", "triton")
 
 
 @dataclass(frozen=True)

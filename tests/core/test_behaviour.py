@@ -11,6 +11,7 @@ from torch import nn
 import core
 from tests.core.cases import (
     BACKENDS,
+    EAGER_BACKENDS,
     LR,
     Case,
     make_batches,
@@ -166,8 +167,9 @@ def test_kahan_buffers_only_for_low_precision_parameters() -> None:
         )
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_bf16_kahan_backends_agree(backend: str) -> None:
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_bf16_kahan_eager_backends_agree_exactly(backend: str) -> None:
+    """The fused backends are held to one ulp per step instead (test_fused.py)."""
     models = []
     for name in ("loop", backend):
         model = make_model(torch.bfloat16)

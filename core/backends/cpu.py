@@ -1,0 +1,180 @@
+"""The fused CPU backend: one pass over memory per step.
+
+Plain Adam/AdamW steps (L2 or decoupled decay, AMSGrad, fully decoupled decay as AdamW
+with weight_decay / max_lr) go to torch's native fused kernels, which compute exactly
+this step. Everything torch has no fused kernel for (RAdam, NAdam, ADOPT, Kahan-
+compensated bf16/fp16, lr = 0) runs the generated kernels of cpu_kernel.c, one
+compiled configuration per combination of switches. Tensors that are not densely laid
+out (rare: a strided view handed in by hand) take the loop backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from core.backends import cpu_kernel, loop
+from core.backends.grouping import buckets, split_dense, take_all
+from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
+from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
+
+TensorLists = list[list[Tensor] | None]
+
+
+def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> None:
+    """torch._fused_adam(w)_: the step as torch.optim.Adam/AdamW(fused=True) takes it."""
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _ = lists
+    terms = c.torch_terms
+    assert terms is not None and params is not None
+    # torch reads the step count from a tensor per parameter; one shared host tensor will do.
+    step = torch.tensor(terms.step, dtype=torch.float32)
+    native = torch._fused_adamw_ if terms.decoupled else torch._fused_adam_
+    native(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs if c.amsgrad else [],
+        [step] * len(params),
+        lr=terms.lr,
+        beta1=c.beta1,
+        beta2=c.beta2,
+        weight_decay=terms.weight_decay,
+        eps=c.eps,
+        amsgrad=c.amsgrad,
+        maximize=False,
+    )
+
+
+class FusedCpu:
+    """The backend object; `strict` (fused=True) raises where the default would fall back."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+
+    def _generated(
+        self, lists: TensorLists, dtype: torch.dtype, arguments: KernelArguments
+    ) -> bool:
+        """Run a generated kernel; False when it cannot be built and falling back is allowed."""
+        config = cpu_kernel.KernelConfig(arguments.algorithm, dtype, arguments.switches)
+        try:
+            cpu_kernel.run(config, *lists, arguments.scalars)  # type: ignore[arg-type]
+        except cpu_kernel.KernelUnavailable as error:
+            if self.strict:
+                raise RuntimeError(f"fused=True: {error}") from error
+            if cpu_kernel.compiler() is not None:  # no compiler at all is not news
+                _warn_fallback(error)
+            return False
+        return True
+
+    def _each_bucket(
+        self,
+        lists: TensorLists,
+        fused: Callable[[TensorLists, torch.dtype, bool], bool],
+        fallback: Callable[[TensorLists], None],
+    ) -> None:
+        """Split into uniform dense buckets; run `fused` on each, `fallback` on the rest."""
+        kahan_comps = lists[-1]
+        assert lists[0] is not None and kahan_comps is not None
+        for indices in buckets(lists[0], kahan_comps):
+            bucket = take_all(lists, indices)
+            kahan = kahan_comps[indices[0]] is not None
+            if not kahan:
+                bucket[-1] = None
+            dense, strided = split_dense(bucket)
+            if strided:
+                fallback(_with_comps(take_all(bucket, strided), len(strided)))
+            if dense:
+                dense_bucket = take_all(bucket, dense)
+                dtype = dense_bucket[0][0].dtype  # type: ignore[index]
+                if not fused(dense_bucket, dtype, kahan):
+                    fallback(_with_comps(dense_bucket, len(dense)))
+
+    def adam_step(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor] | None,
+        kahan_comps: Sequence[Tensor | None],
+        c: AdamStepCoefficients,
+    ) -> None:
+        """Apply one Adam-family step (see AdamStepCoefficients) in one pass per bucket.
+
+        Later micro-batches of an optimizer-accumulation window (continues_window) have no
+        generated kernel; they run the loop backend, one tensor at a time as under release.
+        """
+        if c.continues_window:
+            loop.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps, c)
+            return
+
+        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
+            if c.torch_terms is not None and c.update_params and not kahan:
+                _native_adam(lists, c)
+                return True
+            return self._generated(lists, dtype, adam_arguments(c, kahan))
+
+        self._each_bucket(
+            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]
+            fused,
+            lambda lists: loop.adam_step(*lists, c),  # type: ignore[arg-type]
+        )
+
+    def adopt_step(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        kahan_comps: Sequence[Tensor | None],
+        c: AdoptStepCoefficients,
+    ) -> None:
+        """Apply one ADOPT step (see AdoptStepCoefficients) in one pass per bucket."""
+
+        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
+            return self._generated(lists, dtype, adopt_arguments(c, kahan))
+
+        def fallback(lists: TensorLists) -> None:
+            params, grads, exp_avgs, exp_avg_sqs, _, comps = lists
+            loop.adopt_step(params, grads, exp_avgs, exp_avg_sqs, comps, c)  # type: ignore[arg-type]
+
+        self._each_bucket(
+            [params, grads, exp_avgs, exp_avg_sqs, None, kahan_comps],  # type: ignore[list-item]
+            fused,
+            fallback,
+        )
+
+
+def _with_comps(lists: TensorLists, count: int) -> TensorLists:
+    """The loop backend takes a kahan_comps list with None entries, never None itself."""
+    if lists[-1] is None:
+        return [*lists[:-1], [None] * count]  # type: ignore[list-item]
+    return lists
+
+
+_warned = False
+
+
+def _warn_fallback(error: Exception) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"adamkit: the fused CPU kernel is unavailable ({error}); using the loop backend. "
+            "Pass fused=False to silence this, or fused=True to make it an error.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+STRICT = FusedCpu(strict=True)
+DEFAULT = FusedCpu(strict=False)
+
+
+def available() -> bool:
+    """Whether generated kernels can be built here (torch's native ones always can)."""
+    return cpu_kernel.compiler() is not None

@@ -1,0 +1,297 @@
+/*
+ * adamkit's fused CPU step: one pass over every element, reading θ, g, m, v (and v_max,
+ * the Kahan buffer k) once and writing each once.
+ *
+ * core/backends/cpu_kernel.py compiles this file once per configuration with -D switches
+ * (the C counterpart of Triton's constexpr arguments), so every switch below is a
+ * compile-time constant and the compiler drops the branches a configuration does not
+ * use. The rules are the ones in core/coefficients.py; the operations are ordered as the
+ * loop backend orders them, so fp32 results agree with it to rounding.
+ *
+ * Switches:
+ *   ALGORITHM   1 = Adam family (Adam, AMSGrad, RAdam, NAdam), 2 = ADOPT
+ *   DTYPE       1 = float32, 2 = float64, 3 = bfloat16, 4 = float16 (θ, g and state alike)
+ *   KAHAN       θ is read as θ + k and k keeps what rounding θ lost
+ *   L2          g ← g + l2·θ before the moments
+ *   DECAY       θ ← param_decay·θ before the update
+ *   UPDATE      the parameter is updated at all (lr ≠ 0)
+ *   AMSGRAD, ADAPTIVE, GRAD_TERM (NAdam's g/d term)     Adam family only
+ *   INIT, CLIP                                           ADOPT only
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(ALGORITHM) || !defined(DTYPE) || !defined(KAHAN) || !defined(L2) || \
+    !defined(DECAY) || !defined(UPDATE) || !defined(AMSGRAD) || !defined(ADAPTIVE) || \
+    !defined(GRAD_TERM) || !defined(INIT) || !defined(CLIP)
+#error "every switch is set by core/backends/cpu_kernel.py (-DNAME=0 or 1)"
+#endif
+
+/* ---- storage types and the compute precision (fp32 for every 16-bit type) ---------- */
+
+#if DTYPE == 1 || DTYPE == 2
+#if DTYPE == 1
+typedef float store_t;
+#define SQRT sqrtf
+#else
+typedef double store_t;
+#define SQRT sqrt
+#endif
+typedef store_t compute_t;
+static inline compute_t load(const store_t *a, int64_t i) { return a[i]; }
+static inline store_t round_to_store(compute_t x) { return x; }
+static inline compute_t widen(store_t x) { return x; }
+#elif DTYPE == 3 || DTYPE == 4
+typedef uint16_t store_t;
+typedef float compute_t;
+static inline float as_float(uint32_t bits) {
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+static inline uint32_t as_bits(float x) {
+    uint32_t out;
+    memcpy(&out, &x, sizeof out);
+    return out;
+}
+/* The conversions are written with integer operations and selects rather than library
+ * calls or _Float16 so that compilers vectorise them. */
+#if DTYPE == 3
+static inline compute_t widen(store_t x) { return as_float((uint32_t)x << 16); }
+/* bfloat16: round to nearest even, NaN to the quiet NaN 0x7fc0, as torch's bfloat16 does. */
+static inline store_t round_to_store(compute_t x) {
+    uint32_t bits = as_bits(x);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return (bits & 0x7fffffffu) > 0x7f800000u ? (store_t)0x7fc0u : (store_t)rounded;
+}
+#else
+/* IEEE half: exponent rebiased by 127 − 15 = 112; subnormals are exact multiples of 2^-24. */
+static inline compute_t widen(store_t x) {
+    uint32_t sign = (uint32_t)(x & 0x8000u) << 16;
+    uint32_t magnitude = x & 0x7fffu;
+    uint32_t bits = (magnitude << 13) + (112u << 23);
+    bits += magnitude >= 0x7c00u ? 112u << 23 : 0u; /* infinity and NaN keep an all-ones exponent */
+    float subnormal = (float)(int32_t)magnitude * 0x1p-24f;
+    return as_float((magnitude < 0x0400u ? as_bits(subnormal) : bits) | sign);
+}
+/* Round to nearest even; overflow to infinity, NaN to a quiet NaN, both keeping the sign. */
+static inline store_t round_to_store(compute_t x) {
+    uint32_t bits = as_bits(x);
+    uint32_t sign = (bits >> 16) & 0x8000u;
+    uint32_t magnitude = bits & 0x7fffffffu;
+    uint32_t rebiased = magnitude - (112u << 23);
+    uint32_t normal = (rebiased + 0x0fffu + ((rebiased >> 13) & 1u)) >> 13;
+    /* Below 2^-14 adding 0.5 makes the float's own rounding step 2^-24: the hardware rounds. */
+    uint32_t subnormal = as_bits(as_float(magnitude) + 0.5f) - 0x3f000000u;
+    uint32_t out = magnitude >= 0x38800000u ? normal : subnormal;
+    out = magnitude >= 0x477ff000u ? 0x7c00u : out; /* at least 65520 rounds to infinity */
+    out = magnitude > 0x7f800000u ? 0x7e00u : out;
+    return (store_t)(out | sign);
+}
+#endif
+static inline compute_t load(const store_t *a, int64_t i) { return widen(a[i]); }
+#define SQRT sqrtf
+#else
+#error "unknown DTYPE"
+#endif
+
+static inline void put(store_t *a, int64_t i, compute_t x) { a[i] = round_to_store(x); }
+
+/* The parameter in compute precision, including its Kahan compensation. */
+static inline compute_t load_param(const store_t *param, const store_t *comp, int64_t i) {
+    compute_t theta = load(param, i);
+    if (KAHAN) theta = theta + load(comp, i);
+    return theta;
+}
+
+/* Round θ into place; with Kahan keep in k what rounding lost. */
+static inline void store_param(store_t *param, store_t *comp, int64_t i, compute_t theta) {
+    store_t rounded = round_to_store(theta);
+    param[i] = rounded;
+    if (KAHAN) comp[i] = round_to_store(theta - widen(rounded));
+}
+
+/* torch.lerp, exact at both ends whatever the weight: from + w·(to − from) for small w,
+ * else to − (1 − w)·(to − from); written as base + coeff·(to − from) with coeff fixed per
+ * step, so the choice costs one select per element. */
+static inline compute_t lerp(compute_t from, compute_t to, compute_t coeff, int small_weight) {
+    return (small_weight ? from : to) + coeff * (to - from);
+}
+
+/* NaN-propagating bounds, as torch.maximum and torch.clamp behave. */
+static inline compute_t at_least(compute_t x, compute_t low) { return x < low ? low : x; }
+static inline compute_t at_most(compute_t x, compute_t high) { return x > high ? high : x; }
+static inline compute_t maximum(compute_t a, compute_t b) { return (a > b || a != a) ? a : b; }
+
+/* ---- the scalars of a step, converted once to the compute precision ---------------- */
+
+typedef struct {
+    compute_t lerp_coeff, beta2, beta2_weight, eps, l2, param_decay;
+    compute_t neg_momentum_step, neg_grad_step, inv_bias_correction2_sqrt, clip;
+    int small_weight;
+} scalars_t;
+
+/* coefficients[]: 1 − β1, β2, 1 − β2, eps, l2, param_decay, momentum_step (ADOPT: lr),
+ * grad_step, bias_correction2_sqrt, clip. One division per element is all the divider
+ * can afford at memory speed, so √v / bias_correction2_sqrt becomes a multiplication. */
+static scalars_t make_scalars(const double *c) {
+    scalars_t s;
+    compute_t weight = (compute_t)c[0];
+    s.small_weight = fabs(c[0]) < 0.5;
+    s.lerp_coeff = s.small_weight ? weight : weight - (compute_t)1;
+    s.beta2 = (compute_t)c[1];
+    s.beta2_weight = (compute_t)c[2];
+    s.eps = (compute_t)c[3];
+    s.l2 = (compute_t)c[4];
+    s.param_decay = (compute_t)c[5];
+    s.neg_momentum_step = (compute_t)(-c[6]);
+    s.neg_grad_step = (compute_t)(-c[7]);
+    s.inv_bias_correction2_sqrt = (compute_t)(1.0 / c[8]);
+    s.clip = (compute_t)c[9];
+    return s;
+}
+
+typedef struct {
+    store_t *param, *comp, *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
+    const store_t *grad;
+} tensors_t;
+
+/* ---- the per-element rules: each algorithm once ---------------------------------------- */
+
+#if ALGORITHM == 1
+/* Adam, AMSGrad, RAdam and NAdam (AdamStepCoefficients). */
+static inline void update(const tensors_t *t, const scalars_t *s, int64_t i) {
+    compute_t grad = load(t->grad, i);
+    compute_t theta = (L2 || UPDATE) ? load_param(t->param, t->comp, i) : 0;
+    if (L2) grad = grad + s->l2 * theta;
+    compute_t m = lerp(load(t->exp_avg, i), grad, s->lerp_coeff, s->small_weight);
+    compute_t v = load(t->exp_avg_sq, i) * s->beta2 + s->beta2_weight * grad * grad;
+    compute_t second_moment = v;
+    if (AMSGRAD) {
+        second_moment = maximum(load(t->max_exp_avg_sq, i), v);
+        put(t->max_exp_avg_sq, i, second_moment);
+    }
+    put(t->exp_avg, i, m);
+    put(t->exp_avg_sq, i, v);
+    if (!UPDATE) return;
+    if (DECAY) theta = theta * s->param_decay;
+    if (ADAPTIVE) {
+        compute_t denom = SQRT(second_moment) * s->inv_bias_correction2_sqrt + s->eps;
+        if (GRAD_TERM) {
+            compute_t inv_denom = (compute_t)1 / denom;
+            theta = theta + s->neg_grad_step * grad * inv_denom;
+            theta = theta + s->neg_momentum_step * m * inv_denom;
+        } else {
+            theta = theta + s->neg_momentum_step * m / denom;
+        }
+    } else {
+        theta = theta + s->neg_momentum_step * m;
+    }
+    store_param(t->param, t->comp, i, theta);
+}
+#elif ALGORITHM == 2
+/* ADOPT (AdoptStepCoefficients); neg_momentum_step carries −lr. */
+static inline void update(const tensors_t *t, const scalars_t *s, int64_t i) {
+    compute_t grad = load(t->grad, i);
+    compute_t theta = (L2 || (UPDATE && !INIT)) ? load_param(t->param, t->comp, i) : 0;
+    if (L2) grad = grad + s->l2 * theta;
+    if (INIT) {
+        put(t->exp_avg_sq, i, grad * grad);
+        return;
+    }
+    compute_t v = load(t->exp_avg_sq, i);
+    compute_t normed = grad / at_least(SQRT(v), s->eps);
+    if (CLIP) normed = at_most(at_least(normed, -s->clip), s->clip);
+    compute_t m = lerp(load(t->exp_avg, i), normed, s->lerp_coeff, s->small_weight);
+    v = v * s->beta2 + s->beta2_weight * grad * grad;
+    put(t->exp_avg, i, m);
+    put(t->exp_avg_sq, i, v);
+    if (!UPDATE) return;
+    if (DECAY) theta = theta * s->param_decay;
+    store_param(t->param, t->comp, i, theta + s->neg_momentum_step * m);
+}
+#else
+#error "unknown ALGORITHM"
+#endif
+
+/* One contiguous range of one tensor; restrict lets the compiler vectorise. */
+static void update_range(store_t *restrict param, store_t *restrict comp,
+                         const store_t *restrict grad, store_t *restrict exp_avg,
+                         store_t *restrict exp_avg_sq, store_t *restrict max_exp_avg_sq,
+                         const scalars_t *s, int64_t begin, int64_t end) {
+    tensors_t t = {param, comp, exp_avg, exp_avg_sq, max_exp_avg_sq, grad};
+    scalars_t local = *s;
+    for (int64_t i = begin; i < end; i++) update(&t, &local, i);
+}
+
+/* ---- many tensors per call, split across threads by element count ------------------ */
+
+typedef struct {
+    int64_t count;
+    const int64_t *sizes;
+    void *const *lists[6]; /* param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, comp */
+    scalars_t scalars;
+    int64_t begin, end; /* this share, in the concatenation of every tensor */
+} share_t;
+
+static store_t *entry(void *const *list, int64_t index) {
+    return list ? (store_t *)list[index] : (store_t *)0;
+}
+
+static void *run_share(void *arg) {
+    const share_t *w = (const share_t *)arg;
+    int64_t offset = 0;
+    for (int64_t k = 0; k < w->count && offset < w->end; k++) {
+        int64_t size = w->sizes[k];
+        int64_t begin = w->begin > offset ? w->begin - offset : 0;
+        int64_t end = w->end - offset < size ? w->end - offset : size;
+        if (begin < end) {
+            update_range(entry(w->lists[0], k), entry(w->lists[5], k), entry(w->lists[1], k),
+                         entry(w->lists[2], k), entry(w->lists[3], k), entry(w->lists[4], k),
+                         &w->scalars, begin, end);
+        }
+        offset += size;
+    }
+    return 0;
+}
+
+#define MAX_THREADS 64
+#define MIN_ELEMENTS_PER_THREAD 65536
+#define SHARE_ALIGNMENT 64 /* elements: whole cache lines per thread, for every dtype */
+
+/* The entry point: one step over `count` tensors of `sizes[k]` elements each. */
+int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void *const *grads,
+                 void *const *exp_avgs, void *const *exp_avg_sqs,
+                 void *const *max_exp_avg_sqs, void *const *comps, const double *coefficients,
+                 int threads) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < count; k++) total += sizes[k];
+    int64_t shares = total / MIN_ELEMENTS_PER_THREAD;
+    if (shares > threads) shares = threads;
+    if (shares > MAX_THREADS) shares = MAX_THREADS;
+    if (shares < 1) shares = 1;
+    int64_t per_share = (total + shares - 1) / shares;
+    per_share = (per_share + SHARE_ALIGNMENT - 1) / SHARE_ALIGNMENT * SHARE_ALIGNMENT;
+
+    share_t work[MAX_THREADS];
+    pthread_t handles[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int64_t j = 0; j < shares; j++) {
+        share_t w = {count, sizes, {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, comps},
+                     make_scalars(coefficients), j * per_share, (j + 1) * per_share};
+        if (w.end > total) w.end = total;
+        work[j] = w;
+    }
+    for (int64_t j = 1; j < shares; j++)
+        started[j] = pthread_create(&handles[j], 0, run_share, &work[j]) == 0;
+    run_share(&work[0]);
+    for (int64_t j = 1; j < shares; j++) {
+        if (started[j])
+            pthread_join(handles[j], 0);
+        else
+            run_share(&work[j]); /* no thread to be had: do the share here */
+    }
+    return 0;
+}

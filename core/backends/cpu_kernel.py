@@ -1,0 +1,173 @@
+"""Build, cache and call the generated CPU kernels of cpu_kernel.c.
+
+A kernel is compiled once per configuration (algorithm, dtype and the switches of one
+step) by the system C compiler in well under a second, cached on disk for every later
+process and in memory for this one, and called through ctypes with whole lists of
+tensors, so a step over hundreds of tensors is one call. Why not torch.compile: on this
+project's machines Inductor needs about 50 s per configuration and adds a Python-side
+call per tensor; a plain C compile is ~0.3 s and measures as fast as torch's own fused
+AdamW.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
+ALGORITHM_CODES = {"adam": 1, "adopt": 2}
+BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread")
+EXACT_FLAGS = ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
+"""No fused multiply-add contraction: results do not depend on the machine's FMA units."""
+COEFFICIENT_COUNT = 10
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Everything that selects one compiled kernel: the -D switches of cpu_kernel.c."""
+
+    algorithm: str
+    dtype: torch.dtype
+    switches: tuple[tuple[str, bool], ...]
+
+    def defines(self) -> list[str]:
+        flags = [
+            f"-DALGORITHM={ALGORITHM_CODES[self.algorithm]}",
+            f"-DDTYPE={DTYPE_CODES[self.dtype]}",
+        ]
+        return flags + [f"-D{name}={int(value)}" for name, value in self.switches]
+
+
+class KernelUnavailable(RuntimeError):
+    """No C compiler, or it could not build this configuration."""
+
+
+@functools.cache
+def compiler() -> str | None:
+    """The C compiler to use: $CC, else the first of cc, gcc, clang on PATH."""
+    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@functools.cache
+def _toolchain_identity() -> str:
+    """What the compiled code depends on besides the source: compiler version and CPU."""
+    cc = compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout  # type: ignore[list-item]
+    cpu = platform.processor() + platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu += next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{cc}\n{version}\n{cpu}"
+
+
+def cache_dir() -> Path:
+    """$ADAMKIT_KERNEL_CACHE, else $XDG_CACHE_HOME/adamkit/kernels (~/.cache by default)."""
+    if os.environ.get("ADAMKIT_KERNEL_CACHE"):
+        return Path(os.environ["ADAMKIT_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "adamkit" / "kernels"
+
+
+def _compile(config: KernelConfig, target: Path) -> None:
+    """Compile into target atomically (a temporary file renamed into place)."""
+    cc = compiler()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = ""
+    for arch in (("-march=native",), ()):
+        handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(handle)
+        command = [cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)]
+        result = subprocess.run(
+            [*command, "-o", temporary], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode == 0:
+            os.replace(temporary, target)
+            return
+        os.unlink(temporary)
+        errors = result.stderr[-2000:]
+    raise KernelUnavailable(f"{cc} could not build the fused kernel {config}:\n{errors}")
+
+
+_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+_loaded: dict[KernelConfig, ctypes._CFuncPtr] = {}  # type: ignore[name-defined]
+compile_seconds: dict[KernelConfig, float] = {}
+"""Wall time spent building (or loading from the disk cache) each configuration."""
+
+
+def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    """The compiled step for a configuration, building it on first use."""
+    loaded = _loaded.get(config)
+    if loaded is not None:
+        return loaded
+    if compiler() is None:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
+    start = time.perf_counter()
+    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), _toolchain_identity()]
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:24]
+    path = cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
+    if not path.exists():
+        _compile(config, path)
+    function = ctypes.CDLL(str(path)).adamkit_step
+    function.argtypes = _ARGTYPES
+    function.restype = ctypes.c_int
+    _loaded[config] = function
+    compile_seconds[config] = time.perf_counter() - start
+    return function
+
+
+def _pointers(tensors: Sequence[Tensor] | None) -> ctypes.Array | None:
+    if tensors is None:
+        return None
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def run(
+    config: KernelConfig,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    kahan_comps: Sequence[Tensor] | None,
+    coefficients: Sequence[float],
+) -> None:
+    """One step over dense tensors of config.dtype; the caller has checked the layouts."""
+    function = kernel(config)
+    count = len(params)
+    if count == 0:
+        return
+    assert len(coefficients) == COEFFICIENT_COUNT
+    sizes = (ctypes.c_int64 * count)(*[p.numel() for p in params])
+    function(
+        count,
+        sizes,
+        _pointers(params),
+        _pointers(grads),
+        _pointers(exp_avgs),
+        _pointers(exp_avg_sqs),
+        _pointers(max_exp_avg_sqs),
+        _pointers(kahan_comps),
+        (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
+        torch.get_num_threads(),
+    )

@@ -1,0 +1,71 @@
+"""Splitting a step's tensor lists into uniform buckets, shared by the multi-tensor backends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+
+def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> list[list[int]]:
+    """Indices of parameters grouped by (device, dtype, uses Kahan)."""
+    grouped: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    for i, param in enumerate(params):
+        key = (param.device, param.dtype, kahan_comps[i] is not None)
+        grouped.setdefault(key, []).append(i)
+    return list(grouped.values())
+
+
+def take(values: Sequence[T], indices: list[int]) -> list[T]:
+    return [values[i] for i in indices]
+
+
+def take_all(lists: Sequence[Sequence[T] | None], indices: list[int]) -> list[list[T] | None]:
+    """take() over several lists at once; None lists stay None."""
+    return [None if values is None else take(values, indices) for values in lists]
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether the elements fill one block of memory without gaps or overlap, in any
+    dimension order (contiguous, channels-last, transposed)."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted(
+        (s, n) for s, n in zip(tensor.stride(), tensor.shape, strict=True) if n != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_dense_layout(tensors: Sequence[Tensor]) -> bool:
+    """Whether a flat elementwise pass over raw memory is valid for these tensors together:
+    each dense, all of one dtype, shape and strides. Runs for every parameter of every
+    step, hence the plain loop."""
+    first = tensors[0]
+    shape, dtype = first.shape, first.dtype
+    contiguous = True
+    for t in tensors:
+        if t.shape != shape or t.dtype != dtype:
+            return False
+        contiguous = contiguous and t.is_contiguous()
+    if contiguous:
+        return True
+    strides = first.stride()
+    return _dense(first) and all(t.stride() == strides for t in tensors)
+
+
+def split_dense(lists: Sequence[Sequence[Tensor] | None]) -> tuple[list[int], list[int]]:
+    """(indices a flat pass over memory can take, the others); None lists are absent."""
+    dense: list[int] = []
+    strided: list[int] = []
+    present = [values for values in lists if values is not None]
+    for i, row in enumerate(zip(*present, strict=True)):
+        (dense if same_dense_layout(row) else strided).append(i)
+    return dense, strided

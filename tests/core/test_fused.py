@@ -1,0 +1,350 @@
+"""The fused backends (CPU, and Triton through its interpreter) against the loop backend.
+
+fp32 trajectories are checked in test_trajectories.py (to 1e-6 of loop, and against the
+references); here every step of bf16/fp16 runs is checked to one ulp, from the loop's
+own state each time, and odd layouts, the `fused` flag and the kernels' contracts.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
+
+import core
+import core.backends
+from core.backends import cpu, cpu_kernel
+from tests.core.cases import (
+    BACKENDS,
+    FUSED_BACKENDS,
+    LR,
+    Case,
+    make_batches,
+    make_model,
+    one_case_per_algorithm,
+    train,
+    trajectory_cases,
+)
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+STEPS = 8
+"""Enough for ADOPT's first call, RAdam's first rectified step (t = 6) and Kahan residues."""
+
+
+def _shapes_across_blocks() -> list[tuple[int, ...]]:
+    """A small model's shapes plus one tensor spanning two of Triton's 1024-element blocks."""
+    return [(16, 6), (16,), (3, 16), (3,), (1100,)]
+
+
+def _ordered(t: Tensor) -> Tensor:
+    """16-bit floats as integers in value order, so adjacent values differ by one."""
+    bits = t.view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def assert_within_one_ulp(actual: Tensor, expected: Tensor, what: str) -> None:
+    if actual.dtype in LOW_PRECISION:
+        gaps = (_ordered(actual) - _ordered(expected)).abs()
+        distance = int(gaps.max()) if gaps.numel() else 0
+        assert distance <= 1, f"{what}: {distance} ulps apart"
+    else:
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0, msg=what)
+
+
+def assert_state_close(actual: Tensor, expected: Tensor, what: str) -> None:
+    """One ulp, or fp32 rounding of the tensor's scale: a moment that cancels to almost
+    nothing (m after a sign change) keeps only the rounding noise of its inputs."""
+    if actual.dtype not in LOW_PRECISION or actual.numel() == 0:
+        assert_within_one_ulp(actual, expected, what)
+        return
+    slack = _ulp(expected) + 2.0**-20 * expected.float().abs().max()
+    gap = (actual.float() - expected.float()).abs()
+    assert bool((gap <= slack).all()), f"{what}: off by {float((gap - slack).max())} beyond"
+
+
+def _ulp(t: Tensor) -> Tensor:
+    """The spacing of t's dtype at each of t's values (in fp32)."""
+    mantissa_bits = {torch.bfloat16: 8, torch.float16: 11}[t.dtype]
+    _, exponent = torch.frexp(t.float())
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float32), exponent - mantissa_bits)
+
+
+def paired_steps(
+    case: Case, backend: str, params: list[Tensor], steps: int = STEPS
+) -> Iterator[tuple[int, Any, Any]]:
+    """Step the loop backend, and each time a fused twin loaded from the loop's state dict
+    just before the same step, so every step is compared from identical inputs (and
+    switching backends through a state dict is exercised at every step)."""
+    generator = torch.Generator().manual_seed(0)
+    loop_params = [p.clone().requires_grad_() for p in params]
+    loop = case.make(loop_params, **BACKENDS["loop"])
+    for step in range(steps):
+        twin_params = [p.detach().clone().requires_grad_() for p in loop_params]
+        twin = case.make(twin_params, **BACKENDS[backend])
+        twin.load_state_dict(copy.deepcopy(loop.state_dict()))
+        for a, b in zip(loop_params, twin_params, strict=True):
+            grad = 0.1 * torch.randn(a.shape, generator=generator)
+            # as autograd lays gradients out: like their (dense) parameter
+            a.grad, b.grad = torch.empty_like(a).copy_(grad), torch.empty_like(b).copy_(grad)
+        loop.step()
+        twin.step()
+        yield step, (loop_params, loop), (twin_params, twin)
+
+
+def assert_step_matches(step: int, expected: Any, actual: Any) -> None:
+    (loop_params, loop), (params, optimizer) = expected, actual
+    for i, (a, b) in enumerate(zip(params, loop_params, strict=True)):
+        where = f"step {step}, tensor {i} {tuple(a.shape)} {a.dtype}"
+        assert_within_one_ulp(a.detach(), b.detach(), f"parameter, {where}")
+        state, loop_state = optimizer.state[a], loop.state[b]
+        assert state.keys() == loop_state.keys(), where
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state:
+                assert_state_close(state[key], loop_state[key], f"{key}, {where}")
+        if "kahan_comp" in state:  # the true parameters θ + k agree to θ's ulp
+            true_value = a.detach().float() + state["kahan_comp"].float()
+            loop_value = b.detach().float() + loop_state["kahan_comp"].float()
+            assert bool(((true_value - loop_value).abs() <= _ulp(b.detach())).all()), where
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case", trajectory_cases(), ids=lambda c: c.id)
+def test_low_precision_steps_within_one_ulp_of_loop(
+    case: Case, backend: str, dtype: torch.dtype
+) -> None:
+    generator = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=generator).to(dtype) for s in _shapes_across_blocks()]
+    for step, expected, actual in paired_steps(case, backend, params):
+        assert_step_matches(step, expected, actual)
+
+
+def _mixed_group(backend: str) -> list[Tensor]:
+    """Sizes around the block size, empty tensors, every dtype, and layouts that are dense
+    but not contiguous (transposed, channels-last) or not dense at all (a strided slice)."""
+    generator = torch.Generator().manual_seed(2)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    if backend == "fused":
+        dtypes.append(torch.float64)
+    params = [
+        torch.randn(size, generator=generator).to(dtype)
+        for dtype in dtypes
+        for size in (0, 1, 7, 1023, 1025, 2049)
+    ]
+    params.append(torch.randn(9, 5, generator=generator).t())
+    params.append(
+        torch.randn(2, 3, 4, 5, generator=generator).to(memory_format=torch.channels_last)
+    )
+    params.append(torch.randn(6, 10, generator=generator)[:, ::3])
+    params.append(torch.randn(0, 4, generator=generator).to(torch.bfloat16))
+    return params
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_many_tensors_of_mixed_sizes_dtypes_and_layouts_in_one_group(
+    case: Case, backend: str
+) -> None:
+    for step, expected, actual in paired_steps(case, backend, _mixed_group(backend), steps=3):
+        assert_step_matches(step, expected, actual)
+
+
+def test_a_fused_cpu_step_allocates_at_most_one_parameter_sized_temporary() -> None:
+    """Every allocation a step makes, summed, bounds its peak extra memory from above.
+    (The Triton kernels keep everything in registers; the interpreter cannot show that.)"""
+    params = [torch.randn(256, 256).requires_grad_() for _ in range(3)]
+    params += [torch.randn(256, 256).to(torch.bfloat16).requires_grad_()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for case in one_case_per_algorithm():
+        optimizer = case.make(params, **BACKENDS["fused"])
+        optimizer.step()  # state exists from here on
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+            optimizer.step()
+        allocated = sum(
+            max(event.cpu_memory_usage, 0)
+            for event in profiled.profiler.function_events
+            if not event.cpu_children
+        )
+        assert allocated <= 256 * 256 * 4, (case.id, allocated)
+
+
+# -- the fused flag --------------------------------------------------------------------------
+
+
+def _loop_model_after(case: Case, **flags: Any) -> torch.nn.Module:
+    model = make_model()
+    train(model, case.make(model.parameters(), **flags), make_batches(torch.float32, 8))
+    return model
+
+
+def test_fused_and_foreach_together_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"Invalid fused: True\. Allowed: None or False when"):
+        core.AdamW([torch.nn.Parameter(torch.ones(2))], lr=LR, fused=True, foreach=True)
+    with pytest.raises(ValueError, match=r"Invalid fused: True\."):
+        core.backends.select_backend([torch.ones(2)], foreach=True, fused=True)
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ([torch.nn.Parameter(torch.ones(2, device="meta"))], "no fused backend exists for 'meta'"),
+        (
+            [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, device="meta"))],
+            "must share one device",
+        ),
+    ],
+    ids=["unsupported-device", "mixed-devices"],
+)
+def test_fused_true_where_impossible_is_refused_at_construction(
+    params: list[Tensor], reason: str
+) -> None:
+    with pytest.raises(ValueError, match=rf"Invalid fused in param group 0: True\. .*{reason}"):
+        core.RAdam(params, lr=LR, fused=True)
+    optimizer = core.RAdam(params, lr=LR)  # None: the eager backends take it
+    assert optimizer.param_groups[0]["fused"] is None
+
+
+def test_fused_true_without_a_compiler_is_refused_before_any_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = make_model()
+    optimizer = core.NAdam(model.parameters(), lr=LR, fused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    x, y = make_batches(torch.float32, 1)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"Invalid fused in param group 0: True.*C compiler"):
+        optimizer.step()
+    assert len(optimizer.state) == 0
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({}, "fused"),
+        ({"fused": True}, "fused"),
+        ({"fused": False}, "loop"),
+        ({"foreach": True}, "foreach"),
+        ({"foreach": False}, "loop"),
+        ({"fused": False, "foreach": True}, "foreach"),
+    ],
+    ids=str,
+)
+def test_backend_choice_on_cpu(flags: dict[str, bool], expected: str) -> None:
+    """None everywhere picks the fused backend; an explicit foreach or fused=False wins."""
+    chosen = core.backends.select_backend(
+        [torch.ones(2)], foreach=flags.get("foreach"), fused=flags.get("fused")
+    )
+    backends = {
+        "loop": core.backends.loop,
+        "foreach": core.backends.foreach,
+        "fused": cpu.STRICT if flags.get("fused") else cpu.DEFAULT,
+    }
+    assert chosen is backends[expected]
+
+
+def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: "false")  # a "compiler" that fails
+    monkeypatch.setattr(cpu, "_warned", False)
+    case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
+    with pytest.warns(RuntimeWarning, match="fused CPU kernel is unavailable"):
+        fallback = _loop_model_after(case)
+    reference = _loop_model_after(case, foreach=False)
+    for a, b in zip(fallback.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="fused=True: false could not build"):
+        _loop_model_after(case, fused=True)
+
+
+def test_loading_a_state_dict_keeps_this_optimizers_backend_flags() -> None:
+    model = make_model()
+    source = core.AdamW(model.parameters(), lr=LR, fused=True)
+    train(model, source, make_batches(torch.float32, 2))
+    target = core.AdamW(model.parameters(), lr=LR, fused=False, foreach=True)
+    target.load_state_dict(source.state_dict())
+    assert (target.param_groups[0]["fused"], target.param_groups[0]["foreach"]) == (False, True)
+
+
+# -- the Triton kernels' contract ----------------------------------------------------------------
+
+
+class _CountingLaunches:
+    """Stands in for a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid: Any) -> Any:
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_launches_once_per_dtype_and_uploads_only_what_changed(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.backends import triton as triton_backend
+
+    counting = _CountingLaunches(triton_backend._step_kernel)
+    monkeypatch.setattr(triton_backend, "_step_kernel", counting)
+    for cache in ("_addresses", "_blocks"):
+        monkeypatch.setattr(triton_backend, cache, type(getattr(triton_backend, cache))())
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.randn(17 * i + 1, generator=generator) for i in range(40)]
+    params += [torch.randn(300, generator=generator).to(torch.bfloat16) for _ in range(10)]
+    params = [p.requires_grad_() for p in params]
+    optimizer = core.AdamW(params, lr=LR, **BACKENDS[backend])
+
+    def step(new_gradients: bool) -> tuple[list[Tensor], list[Tensor]]:
+        for p in params:
+            grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            if new_gradients or p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.copy_(grad)
+        optimizer.step()
+        return list(triton_backend._addresses.values()), list(triton_backend._blocks.values())
+
+    first = step(new_gradients=True)
+    same = [step(new_gradients=False) for _ in range(2)]
+    moved = step(new_gradients=True)
+    assert counting.launches == 4 * 2  # one launch per dtype (fp32, bf16) and step
+    assert len(first[0]) == len(first[1]) == 2
+    for addresses, blocks in same:  # nothing rebuilt, nothing uploaded
+        assert all(a is b for a, b in zip(addresses + blocks, first[0] + first[1], strict=True))
+    assert len(moved[0]) == 4 and moved[1] == first[1]  # new addresses, same block tables
+
+
+def test_without_a_compiler_the_default_still_runs_torchs_kernels_and_the_loop_silently(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: None)
+    native = []
+    monkeypatch.setattr(cpu, "_native_adam", lambda *args: native.append(args))
+    assert core.backends.select_backend([torch.ones(2)], foreach=None, fused=None) is cpu.DEFAULT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no compiler is an expected setup, not news
+        model = make_model()
+        adamw = next(c for c in trajectory_cases() if c.id == "AdamW-defaults")
+        train(model, adamw.make(model.parameters()), make_batches(torch.float32, 1))
+        assert len(native) == 1  # torch's kernel took the AdamW step
+        nadam = next(c for c in trajectory_cases() if c.id == "NAdam-l2")
+        default = _loop_model_after(nadam)
+    loop = _loop_model_after(nadam, foreach=False)
+    for a, b in zip(default.parameters(), loop.parameters(), strict=True):
+        assert torch.equal(a, b)  # NAdam ran the loop backend
