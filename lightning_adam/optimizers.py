@@ -179,7 +179,16 @@ def _resolve_optimizer(
             ", ".join(unknown),
             f"its parameters: {', '.join(accepted)}",
         )
+    missing = [name for name in _required_arguments(cls) if name not in hyperparameters]
+    require(not missing, f"arguments for {label}", hyperparameters, f"also {', '.join(missing)}")
     return cls, label, hyperparameters
+
+
+def _required_arguments(cls: type) -> list[str]:
+    """Constructor arguments after params that have no default (core's lr)."""
+    parameters = list(inspect.signature(cls).parameters.values())[1:]
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in keyword_kinds and p.default is p.empty]
 
 
 def _keyword_arguments(cls: type) -> list[str] | None:
