@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning as L
@@ -77,3 +80,11 @@ def make_trainer(**overrides: Any) -> L.Trainer:
 
 def parameters_of(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
+
+
+def load_module(path: Path) -> ModuleType:
+    """Import a script (examples/ is not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
