@@ -5,6 +5,11 @@ Plain PyTorch; the Lightning and Composer adapters build on these classes.
 
 from core.adam import Adam, AdamW, adam
 from core.adopt import ADOPT, adopt
+from core.gradient_release import (
+    is_gradient_release_prepared,
+    prepare_for_gradient_release,
+    remove_gradient_release,
+)
 from core.nadam import NAdam, nadam
 from core.optimizer import AdamFamilyOptimizer
 from core.radam import RAdam, radam
@@ -18,6 +23,9 @@ __all__ = [
     "RAdam",
     "adam",
     "adopt",
+    "is_gradient_release_prepared",
     "nadam",
+    "prepare_for_gradient_release",
     "radam",
+    "remove_gradient_release",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from core.backends import select_backend
@@ -13,13 +12,15 @@ from core.coefficients import AdamStepCoefficients
 from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
+    advance_counters,
     hyperparameters,
     no_kahan,
-    partition_by_host_scalars,
     real_views,
     require,
     subset,
     weight_decay_terms,
+    window_position,
+    window_terms,
 )
 
 
@@ -33,8 +34,14 @@ def adam_coefficients(
     l2_weight_decay: float,
     param_decay: float,
     amsgrad: bool,
+    microbatch: int = 1,
+    accumulate: bool = False,
 ) -> AdamStepCoefficients:
-    """Adam's scalars for step t (counted from 1): bias corrections folded into the step size."""
+    """Adam's scalars for step t (counted from 1): bias corrections folded into the step size.
+
+    `microbatch` is the 1-based position in an optimizer-accumulation window and
+    `accumulate` means this micro-batch only folds into the moments (see window_terms).
+    """
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     return AdamStepCoefficients(
@@ -48,7 +55,8 @@ def adam_coefficients(
         bias_correction2_sqrt=bias_correction2**0.5,
         adaptive=True,
         amsgrad=amsgrad,
-        update_params=lr != 0,
+        update_params=lr != 0 and not accumulate,
+        **window_terms(microbatch, beta2),
     )
 
 
@@ -70,6 +78,8 @@ def adam(
     max_lr: float | None = None,
     amsgrad: bool = False,
     kahan_comps: Sequence[Tensor | None] | None = None,
+    window_microbatches: Sequence[Tensor] | None = None,
+    accumulate: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -92,6 +102,9 @@ def adam(
         max_lr: The lr the decay is relative to when decouple_lr; None means lr.
         amsgrad: Use the running maximum of the second moment.
         kahan_comps: Per-parameter Kahan compensation buffers (None entries: no compensation).
+        window_microbatches: Per-parameter 0-dim counters of micro-batches folded into the
+            current optimizer-accumulation window (None: no optimizer accumulation).
+        accumulate: Fold this micro-batch into the moments without updating parameters.
         foreach: Use the foreach backend (None: the faster one for the device).
         fused: Use a fused backend (None: when one is available and exact).
     """
@@ -116,7 +129,7 @@ def adam(
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
     ]
-    for (step,), indices in partition_by_host_scalars(state_steps):
+    for step, microbatch, indices in window_position(state_steps, window_microbatches):
         coefficients = adam_coefficients(
             step + 1,
             lr=lr,
@@ -126,9 +139,11 @@ def adam(
             l2_weight_decay=l2_weight_decay,
             param_decay=param_decay,
             amsgrad=amsgrad,
+            microbatch=microbatch,
+            accumulate=accumulate,
         )
         backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
-    torch._foreach_add_(list(state_steps), 1.0)
+    advance_counters(state_steps, window_microbatches, accumulate)
 
 
 class Adam(AdamFamilyOptimizer):
@@ -201,6 +216,7 @@ class Adam(AdamFamilyOptimizer):
             [s["step"] for s in states],
             amsgrad=group["amsgrad"],
             kahan_comps=self._kahan_comps(group, params, states),
+            **self._window_kwargs(states),
             **self._common_kwargs(group),
         )
 

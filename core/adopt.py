@@ -131,6 +131,8 @@ class ADOPT(AdamFamilyOptimizer):
             requires `core.prepare_for_gradient_release(model, optimizer)`.
     """
 
+    supports_optimizer_accumulation = False
+
     def __init__(
         self,
         params: ParamsT,

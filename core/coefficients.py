@@ -18,8 +18,12 @@ class AdamStepCoefficients:
     The elementwise rule every backend applies, in the parameter's compute precision:
 
         g ← g + l2_weight_decay·θ                      (a copy: p.grad is never written)
-        m ← m + (1 − beta1)·(g − m)
-        v ← beta2·v + (1 − beta2)·g²
+        first micro-batch of a window (always, without optimizer accumulation):
+            m ← m + (1 − beta1)·(g − m)
+            v ← beta2·v + (1 − beta2)·g²
+        a later micro-batch of an accumulation window (continues_window):
+            m ← m + (1 − beta1)·g
+            v ← v + window_grad_sq_weight·g²
         amsgrad: v_max ← max(v_max, v) and v_max replaces v below
         if update_params:
             θ ← param_decay·θ
@@ -39,6 +43,8 @@ class AdamStepCoefficients:
     adaptive: bool
     amsgrad: bool
     update_params: bool
+    continues_window: bool = False
+    window_grad_sq_weight: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,8 @@ class NAdam(AdamFamilyOptimizer):
             requires `core.prepare_for_gradient_release(model, optimizer)`.
     """
 
+    supports_optimizer_accumulation = False
+
     def __init__(
         self,
         params: ParamsT,

@@ -21,7 +21,7 @@ from core.backends.precision import LOW_PRECISION_DTYPES
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
-HOST_SCALAR_STATE = ("step", "mu_product")
+HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
 
 
@@ -91,14 +91,15 @@ def weight_decay_terms(
     """The weight-decay mode as (L2 coefficient added to the gradient, factor applied to θ).
 
     Fully decoupled decay (decouple_lr) scales with lr / max_lr, so an LR schedule also
-    schedules the decay and lr = 0 decays nothing; it wins over decouple_wd.
+    schedules the decay and lr = 0 decays nothing; it wins over decouple_wd. Without a
+    max_lr the ratio is 1 (weight_decay per step whenever lr > 0), as in Composer.
     """
     if weight_decay == 0:
         return 0.0, 1.0
     if decouple_lr:
         if lr == 0:
             return 0.0, 1.0
-        return 0.0, 1.0 - (lr / (lr if max_lr is None else max_lr)) * weight_decay
+        return 0.0, 1.0 - (1.0 if max_lr is None else lr / max_lr) * weight_decay
     if decouple_wd:
         return 0.0, 1.0 - lr * weight_decay
     return weight_decay, 1.0
@@ -121,6 +122,56 @@ def partition_by_host_scalars(
     for i, key in enumerate(keys):
         partitions.setdefault(key, []).append(i)
     return list(partitions.items())
+
+
+def window_position(
+    state_steps: Sequence[Tensor], window_microbatches: Sequence[Tensor] | None
+) -> list[tuple[float, int, list[int] | None]]:
+    """Partition parameters by (step count, 1-based micro-batch index in the current window).
+
+    Without optimizer accumulation every micro-batch is the first of its window.
+    """
+    if window_microbatches is None:
+        return [(step, 1, indices) for (step,), indices in partition_by_host_scalars(state_steps)]
+    return [
+        (step, int(seen) + 1, indices)
+        for (step, seen), indices in partition_by_host_scalars(state_steps, window_microbatches)
+    ]
+
+
+def window_terms(microbatch: int, beta2: float) -> dict[str, Any]:
+    """Moment-fold scalars for micro-batch k (1-based) of an optimizer-accumulation window.
+
+    m is exact: the window adds (1 − β1)·Σ g_k, as ordinary accumulation would. v needs
+    (Σ g_k)², which cannot be formed without keeping a gradient buffer; micro-batch k adds
+    (2k − 1)·g_k² instead, the growth of the squared running sum if g_k equals the
+    micro-batch gradients before it. It is exact when micro-batch gradients agree; with
+    noisy micro-batches v carries their variance, so steps are somewhat smaller.
+    """
+    if microbatch == 1:
+        return {}
+    return {"continues_window": True, "window_grad_sq_weight": (2 * microbatch - 1) * (1 - beta2)}
+
+
+def advance_counters(
+    state_steps: Sequence[Tensor],
+    window_microbatches: Sequence[Tensor] | None,
+    accumulate: bool,
+) -> None:
+    """A folded micro-batch counts within its window; an update closes it and counts a step."""
+    if accumulate:
+        require(
+            window_microbatches is not None,
+            "window_microbatches",
+            None,
+            "a list of 0-dim tensors when accumulate=True",
+        )
+        torch._foreach_add_(list(window_microbatches), 1.0)
+        return
+    torch._foreach_add_(list(state_steps), 1.0)
+    if window_microbatches is not None:
+        for count in window_microbatches:
+            count.zero_()
 
 
 def subset(values: Sequence[Any] | None, indices: list[int] | None) -> Any:
@@ -150,12 +201,17 @@ def hyperparameters(constructor_locals: dict[str, Any]) -> dict[str, Any]:
 class AdamFamilyOptimizer(Optimizer):
     """The torch.optim.Optimizer every adamkit optimizer derives from.
 
-    Subclasses set `algorithm_defaults` validation through `_validate_algorithm`, list
-    their moment buffers in `_tensor_state_keys`, and turn one group into a call of their
+    Subclasses validate their own hyperparameters in `_validate_algorithm`, list their
+    moment buffers in `_tensor_state_keys`, and turn one group into a call of their
     functional form in `_update_group`.
     """
 
     _torch_group_key_aliases: ClassVar[dict[str, str]] = {"decoupled_weight_decay": "decouple_wd"}
+    supports_optimizer_accumulation: ClassVar[bool] = True
+
+    optimizer_accumulation: bool = False
+    """While True, steps fold micro-batch gradients into the moments without touching the
+    parameters; the first step after it is set back to False updates them (see window_terms)."""
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, "")
@@ -177,8 +233,13 @@ class AdamFamilyOptimizer(Optimizer):
             self._validate_group(merged, f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["max_lr"] is None:
+        if group["max_lr"] is None and float(group["lr"]) > 0:
+            # An lr of 0 at creation names no peak: max_lr stays None (decay ratio 1, as Composer).
             group["max_lr"] = float(group["lr"])
+        if group["gradient_release"]:
+            # Released training keeps working when a group is added mid-run.
+            for registration in self.gradient_release_registrations[:1]:
+                registration.release(list(group["params"]))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill groups loaded from torch.optim (or older adamkit) with this optimizer's keys."""
@@ -189,9 +250,10 @@ class AdamFamilyOptimizer(Optimizer):
                     group[own_key] = bool(group[torch_key])
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            if group["max_lr"] is None:
+            reference_lr = float(group.get("initial_lr", group["lr"]))
+            if group["max_lr"] is None and reference_lr > 0:
                 # A scheduler (torch or Composer) records the lr it started from.
-                group["max_lr"] = float(group.get("initial_lr", group["lr"]))
+                group["max_lr"] = reference_lr
 
     # -- state -----------------------------------------------------------------------------
 
@@ -254,35 +316,131 @@ class AdamFamilyOptimizer(Optimizer):
         """Run the algorithm's functional form on one group (override in subclasses)."""
         raise NotImplementedError
 
+    def _window_kwargs(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Optimizer-accumulation arguments: fold while accumulating, close the window after."""
+        if self.optimizer_accumulation:
+            for state in states:
+                state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
+            return {
+                "window_microbatches": [s["window_microbatches"] for s in states],
+                "accumulate": True,
+            }
+        if any("window_microbatches" in state for state in states):
+            for state in states:
+                state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
+            return {"window_microbatches": [s["window_microbatches"] for s in states]}
+        return {}
+
+    def _check_step_allowed(self, grad_scaler: object) -> None:
+        name = type(self).__name__
+        # GradScaler passes itself, or (newer torch) sets grad_scale/found_inf on the optimizer.
+        if grad_scaler is not None or getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(
+                f"{name} with gradient release cannot be used with a GradScaler: parameters "
+                "are updated inside backward, before the scaler can unscale gradients or skip "
+                "a step with inf/NaN. Train in bf16 (no scaler needed) or turn release off."
+            )
+        if self.optimizer_accumulation and not self.supports_optimizer_accumulation:
+            raise ValueError(
+                f"Invalid optimizer_accumulation for {name}: True. Allowed: False ({name}'s "
+                "update needs the whole accumulated gradient, which accumulation does not keep); "
+                "optimizer accumulation supports Adam, AdamW and RAdam."
+            )
+
+    def _check_gradient(self, param: Tensor, where: str) -> None:
+        if param.grad is not None and param.grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
+                f"{tuple(param.shape)}{where}); use torch.optim.SparseAdam for sparse "
+                "embeddings, or dense gradients (nn.Embedding(sparse=False))."
+            )
+
+    def _group_of(self, param: Tensor) -> tuple[int, dict[str, Any]]:
+        """The live group holding param: rebuilt whenever param_groups is replaced or grows
+        (load_state_dict, add_param_group, a framework rebuilding groups), so a schedule
+        that writes group["lr"] always reaches per-parameter steps."""
+        key = tuple(map(id, self.param_groups))
+        if getattr(self, "_group_index_key", None) != key or param not in self._group_index:
+            self._group_index = {
+                p: (index, group)
+                for index, group in enumerate(self.param_groups)
+                for p in group["params"]
+            }
+            self._group_index_key = key
+        found = self._group_index.get(param)
+        if found is None:
+            raise ValueError(
+                f"Invalid param for {type(self).__name__}.step: a tensor of shape "
+                f"{tuple(param.shape)} that is in none of this optimizer's param groups."
+            )
+        return found
+
+    @property
+    def released_params(self) -> set[Tensor]:
+        """Parameters stepped inside backward by gradient-release hooks."""
+        if not hasattr(self, "_released_params"):
+            self._released_params: set[Tensor] = set()
+        return self._released_params
+
+    @property
+    def gradient_release_registrations(self) -> list[Any]:
+        """Active prepare_for_gradient_release registrations (core.gradient_release)."""
+        if not hasattr(self, "_release_registrations"):
+            self._release_registrations: list[Any] = []
+        return self._release_registrations
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Update every parameter that has a gradient; return what the closure returned.
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        param: Tensor | None = None,
+        grad_scaler: object = None,
+    ) -> Any:
+        """Update parameters that have a gradient; return what the closure returned.
 
         The closure (Lightning and Composer pass one) runs once with grad enabled.
-        Every group and gradient is checked before any parameter or state changes.
+        `step(param=p)` updates only p, with its group's live hyperparameters (gradient
+        release calls it from backward); a full step skips released parameters, which
+        have already been updated. Every group and gradient is checked before any
+        parameter or state changes.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_step_allowed(grad_scaler)
+        if param is not None:
+            index, group = self._group_of(param)
+            where = f" in param group {index}"
+            self._validate_group(group, where)
+            self._check_gradient(param, where)
+            if param.grad is not None:
+                states = [self._prepared_state(param, group)]
+                self._update_group(group, [param], [param.grad], states)
+            return loss
+        released = self.released_params
         work = []
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_group(group, where)
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p not in released]
             for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients (a parameter "
-                        f"of shape {tuple(p.shape)}{where}); use torch.optim.SparseAdam for "
-                        "sparse embeddings, or dense gradients (nn.Embedding(sparse=False))."
-                    )
+                self._check_gradient(p, where)
             work.append((group, params))
         for group, params in work:
             if params:
                 states = [self._prepared_state(p, group) for p in params]
                 self._update_group(group, params, [p.grad for p in params], states)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True, param: Tensor | None = None) -> None:
+        """Clear gradients; `zero_grad(param=p)` clears only p's (gradient release frees it)."""
+        if param is None:
+            super().zero_grad(set_to_none=set_to_none)
+        elif set_to_none:
+            param.grad = None
+        elif param.grad is not None:
+            param.grad.detach_().zero_()
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from core.backends import select_backend
@@ -13,12 +12,14 @@ from core.coefficients import AdamStepCoefficients
 from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
+    advance_counters,
     hyperparameters,
     no_kahan,
-    partition_by_host_scalars,
     real_views,
     subset,
     weight_decay_terms,
+    window_position,
+    window_terms,
 )
 
 RECTIFICATION_THRESHOLD = 5.0
@@ -34,9 +35,11 @@ def radam_coefficients(
     eps: float,
     l2_weight_decay: float,
     param_decay: float,
+    microbatch: int = 1,
+    accumulate: bool = False,
 ) -> AdamStepCoefficients:
     """RAdam's scalars for step t: a momentum step until the variance is tractable, then
-    Adam's step scaled by the rectification r."""
+    Adam's step scaled by the rectification r (window arguments as in adam_coefficients)."""
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
@@ -58,7 +61,8 @@ def radam_coefficients(
         bias_correction2_sqrt=bias_correction2**0.5,
         adaptive=adaptive,
         amsgrad=False,
-        update_params=lr != 0,
+        update_params=lr != 0 and not accumulate,
+        **window_terms(microbatch, beta2),
     )
 
 
@@ -78,6 +82,8 @@ def radam(
     decouple_lr: bool = False,
     max_lr: float | None = None,
     kahan_comps: Sequence[Tensor | None] | None = None,
+    window_microbatches: Sequence[Tensor] | None = None,
+    accumulate: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -97,7 +103,7 @@ def radam(
             kahan_comps if kahan_comps is not None else no_kahan(params),
         )
     ]
-    for (step,), indices in partition_by_host_scalars(state_steps):
+    for step, microbatch, indices in window_position(state_steps, window_microbatches):
         coefficients = radam_coefficients(
             step + 1,
             lr=lr,
@@ -106,9 +112,11 @@ def radam(
             eps=eps,
             l2_weight_decay=l2_weight_decay,
             param_decay=param_decay,
+            microbatch=microbatch,
+            accumulate=accumulate,
         )
         backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
-    torch._foreach_add_(list(state_steps), 1.0)
+    advance_counters(state_steps, window_microbatches, accumulate)
 
 
 class RAdam(AdamFamilyOptimizer):
@@ -167,5 +175,6 @@ class RAdam(AdamFamilyOptimizer):
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
             kahan_comps=self._kahan_comps(group, params, states),
+            **self._window_kwargs(states),
             **self._common_kwargs(group),
         )

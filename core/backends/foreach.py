@@ -65,9 +65,13 @@ def adam_step(
 
         if c.l2_weight_decay != 0:
             grad = torch._foreach_add(grad, theta, alpha=c.l2_weight_decay)
-        torch._foreach_lerp_(exp_avg, grad, 1 - c.beta1)
-        torch._foreach_mul_(exp_avg_sq, c.beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - c.beta2)
+        if c.continues_window:
+            torch._foreach_add_(exp_avg, grad, alpha=1 - c.beta1)
+            torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=c.window_grad_sq_weight)
+        else:
+            torch._foreach_lerp_(exp_avg, grad, 1 - c.beta1)
+            torch._foreach_mul_(exp_avg_sq, c.beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - c.beta2)
         second_moment = exp_avg_sq
         if c.amsgrad:
             assert max_exp_avg_sqs is not None

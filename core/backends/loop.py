@@ -30,8 +30,12 @@ def adam_step(
 
         if c.l2_weight_decay != 0:
             grad = grad.add(theta, alpha=c.l2_weight_decay)
-        exp_avg.lerp_(grad, 1 - c.beta1)
-        exp_avg_sq.mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
+        if c.continues_window:
+            exp_avg.add_(grad, alpha=1 - c.beta1)
+            exp_avg_sq.addcmul_(grad, grad, value=c.window_grad_sq_weight)
+        else:
+            exp_avg.lerp_(grad, 1 - c.beta1)
+            exp_avg_sq.mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
         second_moment = exp_avg_sq
         if c.amsgrad:
             assert max_exp_avg_sqs is not None
@@ -47,7 +51,7 @@ def adam_step(
         if c.param_decay != 1:
             theta.mul_(c.param_decay)
         if c.adaptive:
-            denom = (second_moment.sqrt() / c.bias_correction2_sqrt).add_(c.eps)
+            denom = second_moment.sqrt().div_(c.bias_correction2_sqrt).add_(c.eps)
             if c.grad_step != 0:
                 theta.addcdiv_(grad, denom, value=-c.grad_step)
             theta.addcdiv_(exp_avg, denom, value=-c.momentum_step)

@@ -1,0 +1,180 @@
+"""Gradient release: step each parameter inside backward and free its gradient at once.
+
+A post-accumulate-grad hook runs `optimizer.step(param=p)` as soon as p's gradient is
+complete and then drops it, so the model never holds a full set of gradients (about a
+quarter of Adam's non-activation memory). With `optimizer.optimizer_accumulation = True`
+micro-batch gradients are folded into the moments instead (see core.optimizer.window_terms).
+
+What cannot work is refused rather than computed wrongly: a GradScaler (its unscale and
+inf/NaN skip come after backward, when parameters are already updated) and sparse
+gradients raise; gradient clipping needs the whole gradient and cannot be applied to
+released gradients, so while a model is released torch.nn.utils.clip_grad_norm_ and
+clip_grad_value_ raise when given its parameters (the framework callbacks refuse clipping
+settings up front). Hooks fire on local gradients, so a
+distributed model must step from its communication hook instead (the adapters do).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from core.optimizer import AdamFamilyOptimizer
+
+
+@dataclass
+class _Registration:
+    """The hooks one prepare_for_gradient_release call installed."""
+
+    optimizer: AdamFamilyOptimizer
+    params: list[Tensor]
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def release(self, params: list[Tensor]) -> None:
+        """Hook params (also called by add_param_group for a new released group)."""
+        hook = _release_hook(weakref.ref(self.optimizer))
+        self.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in params)
+        self.params.extend(params)
+        self.optimizer.released_params.update(params)
+
+
+_registrations: weakref.WeakKeyDictionary[nn.Module, _Registration] = weakref.WeakKeyDictionary()
+
+_CLIPPING_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
+_original_clipping: dict[str, Callable[..., object]] = {}
+
+
+def _released_anywhere() -> set[Tensor]:
+    return {p for registration in _registrations.values() for p in registration.params}
+
+
+def _refusing_clipping(name: str, original: Callable[..., object]) -> Callable[..., object]:
+    def clip(parameters: object, *args: object, **kwargs: object) -> object:
+        candidates = [parameters] if isinstance(parameters, Tensor) else list(parameters)  # type: ignore[call-overload]
+        released = _released_anywhere()
+        if any(p in released for p in candidates):
+            raise RuntimeError(
+                f"torch.nn.utils.{name} was called on parameters under gradient release: their "
+                "gradients were applied and freed inside backward, so there is nothing left to "
+                "clip. Turn gradient release off to clip gradients."
+            )
+        return original(candidates, *args, **kwargs)
+
+    clip.__doc__ = original.__doc__
+    return clip
+
+
+def _guard_clipping(active: bool) -> None:
+    """While any model is released, make torch's clipping functions refuse released params
+    (they would otherwise see no gradients and silently clip nothing)."""
+    modules = (torch.nn.utils, torch.nn.utils.clip_grad)
+    for name in _CLIPPING_FUNCTIONS:
+        if active and name not in _original_clipping:
+            _original_clipping[name] = getattr(torch.nn.utils, name)
+            for module in modules:
+                setattr(module, name, _refusing_clipping(name, _original_clipping[name]))
+        elif not active and name in _original_clipping:
+            original = _original_clipping.pop(name)
+            for module in modules:
+                setattr(module, name, original)
+
+
+def _has_other_hooks(param: Tensor) -> bool:
+    return bool(getattr(param, "_post_accumulate_grad_hooks", None))
+
+
+def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[Tensor], None]:
+    def step_and_free(param: Tensor) -> None:
+        optimizer = optimizer_ref()
+        if optimizer is not None:
+            optimizer.step(param=param)
+            optimizer.zero_grad(param=param)
+
+    return step_and_free
+
+
+def prepare_for_gradient_release(
+    model: nn.Module,
+    optimizer: AdamFamilyOptimizer,
+    ignore_existing_hooks: bool = False,
+) -> None:
+    """Register release hooks on the model's parameters in groups with gradient_release=True.
+
+    Calling it again replaces the earlier registration (safe to call at every fit start).
+
+    Args:
+        model: The module whose parameters the optimizer trains.
+        optimizer: A core optimizer created with gradient_release=True.
+        ignore_existing_hooks: Register even on parameters that already carry
+            post-accumulate-grad hooks (they would otherwise be refused, because such a
+            hook may expect the gradient release frees).
+    """
+    if not isinstance(optimizer, AdamFamilyOptimizer):
+        raise TypeError(
+            f"Invalid optimizer: {type(optimizer).__name__}. Allowed: an adamkit core optimizer "
+            "(core.Adam, AdamW, RAdam, NAdam, ADOPT) created with gradient_release=True."
+        )
+    if isinstance(model, nn.parallel.DistributedDataParallel) or (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        raise RuntimeError(
+            "Gradient release hooks fire on each rank's local gradient, before DDP averages "
+            "it, so replicas would drift apart. Use the Lightning or Composer GradientRelease "
+            "callback, which steps after the all-reduce, or train without release."
+        )
+    model_params = {p for p in model.parameters() if p.requires_grad}
+    released = [
+        p
+        for group in optimizer.param_groups
+        if group["gradient_release"]
+        for p in group["params"]
+        if p in model_params
+    ]
+    if not released:
+        raise ValueError(
+            "Invalid optimizer for gradient release: no param group with gradient_release=True "
+            "holds a parameter of this model. Create the optimizer with gradient_release=True."
+        )
+    remove_gradient_release(model)
+    if not ignore_existing_hooks:
+        hooked = [tuple(p.shape) for p in released if _has_other_hooks(p)]
+        if hooked:
+            raise ValueError(
+                f"Invalid model for gradient release: {len(hooked)} parameter(s) (shapes "
+                f"{hooked[:3]}) already carry post-accumulate-grad hooks. Allowed: parameters "
+                "without such hooks, or pass ignore_existing_hooks=True."
+            )
+    registration = _Registration(optimizer, [])
+    registration.release(released)
+    optimizer.gradient_release_registrations.append(registration)
+    # GradScaler passes itself to step() when this is set, so step() can refuse it clearly.
+    optimizer._step_supports_amp_scaling = True
+    _registrations[model] = registration
+    _guard_clipping(active=True)
+
+
+def remove_gradient_release(model: nn.Module) -> None:
+    """Remove the hooks prepare_for_gradient_release registered; the optimizer steps normally."""
+    registration = _registrations.pop(model, None)
+    if registration is None:
+        return
+    for handle in registration.handles:
+        handle.remove()
+    optimizer = registration.optimizer
+    optimizer.released_params.difference_update(registration.params)
+    optimizer.gradient_release_registrations.remove(registration)
+    if not optimizer.released_params:
+        optimizer._step_supports_amp_scaling = False
+    _guard_clipping(active=bool(_registrations))
+
+
+def is_gradient_release_prepared(model: nn.Module) -> bool:
+    """Whether the model currently has release hooks from prepare_for_gradient_release."""
+    return model in _registrations

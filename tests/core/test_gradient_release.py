@@ -1,0 +1,222 @@
+"""Gradient release equals ordinary training, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+import core
+from tests.core.cases import BACKENDS, LR, Case, make_batches, make_model, one_case_per_algorithm
+
+STEPS = 24
+
+
+def _apply_schedule(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Warmup then decay, written into the live groups as a scheduler does."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["max_lr"] * min(1.0, (step + 1) / 5) * 0.97**step
+
+
+def _train_pair(case: Case, backend: dict, steps: int = STEPS) -> tuple:
+    """Run ordinary and released training side by side on the same batches.
+
+    Midway both optimizers go through a state_dict round trip (torch replaces the param
+    groups) and then gain a new param group; the schedule must keep reaching both.
+    """
+    batches = make_batches(torch.float32, steps)
+    runs = []
+    for release in (False, True):
+        model = make_model()
+        extra = nn.Parameter(torch.zeros(3), requires_grad=False)  # trained from midway
+        optimizer = case.make(model.parameters(), gradient_release=release, **backend)
+        if release:
+            core.prepare_for_gradient_release(model, optimizer)
+        grads_seen = []
+        for step, (x, y) in enumerate(batches):
+            if step == steps // 3:
+                optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+            if step == steps // 2:
+                optimizer.add_param_group({"params": [extra.requires_grad_()], "lr": LR / 2})
+            _apply_schedule(optimizer, step)
+            loss = nn.functional.mse_loss(model(x) + extra, y)
+            loss.backward()
+            grads_seen.append([p.grad is None for p in [*model.parameters(), extra]])
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append((model, extra, optimizer, grads_seen))
+    return runs
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_release_equals_ordinary_training_bit_for_bit(case: Case, backend: str) -> None:
+    (model, extra, optimizer, _), (released_model, released_extra, released_opt, grads_seen) = (
+        _train_pair(case, BACKENDS[backend])
+    )
+    for a, b in zip(
+        [*model.parameters(), extra], [*released_model.parameters(), released_extra], strict=True
+    ):
+        assert torch.equal(a, b)
+    assert all(all(none for none in step) for step in grads_seen), "release frees every gradient"
+    assert float(extra.detach().abs().sum()) > 0, "the group added mid-run must have been trained"
+    for p, q in zip(
+        [*model.parameters(), extra], [*released_model.parameters(), released_extra], strict=True
+    ):
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(released_opt.state[q][key], value), key
+
+
+def test_remove_gradient_release_restores_ordinary_steps() -> None:
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    assert core.is_gradient_release_prepared(model)
+    core.remove_gradient_release(model)
+    assert not core.is_gradient_release_prepared(model)
+    x, y = make_batches(torch.float32, 1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def _accumulation_run(release: bool, microbatches: list, windows: int) -> tuple:
+    model = make_model(torch.float64)
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=release)
+    if release:
+        core.prepare_for_gradient_release(model, optimizer)
+    for _ in range(windows):
+        for k, (x, y) in enumerate(microbatches):
+            optimizer.optimizer_accumulation = release and k < len(microbatches) - 1
+            (nn.functional.mse_loss(model(x), y) / len(microbatches)).backward()
+        if not release:
+            optimizer.step()
+            optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_optimizer_accumulation_is_exact_when_microbatch_gradients_agree() -> None:
+    batch = make_batches(torch.float64, 1)[0]
+    reference, _ = _accumulation_run(False, [batch] * 4, windows=6)
+    released, optimizer = _accumulation_run(True, [batch] * 4, windows=6)
+    for a, b in zip(reference.parameters(), released.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+    assert all(float(s["step"]) == 6 for s in optimizer.state.values())
+
+
+def test_optimizer_accumulation_first_moment_is_exact_and_second_carries_variance() -> None:
+    microbatches = make_batches(torch.float64, 4)
+    reference, reference_opt = _accumulation_run(False, microbatches, windows=1)
+    released, released_opt = _accumulation_run(True, microbatches, windows=1)
+    for p, q in zip(reference.parameters(), released.parameters(), strict=True):
+        ordinary, folded = reference_opt.state[p], released_opt.state[q]
+        torch.testing.assert_close(folded["exp_avg"], ordinary["exp_avg"], atol=1e-15, rtol=1e-12)
+        # One window from zero: v = (1-β2)·Σ(2k-1)g_k² versus (1-β2)·(Σg_k)².
+        assert not torch.allclose(folded["exp_avg_sq"], ordinary["exp_avg_sq"])
+        grads = []
+        for x, y in microbatches:
+            model = copy.deepcopy(reference)
+            model.load_state_dict(make_model(torch.float64).state_dict())
+            (nn.functional.mse_loss(model(x), y) / 4).backward()
+            grads.append(dict(zip(reference.parameters(), model.parameters(), strict=True))[p].grad)
+        expected = sum((2 * k + 1) * g * g for k, g in enumerate(grads)) * (1 - 0.99)
+        torch.testing.assert_close(folded["exp_avg_sq"], expected, atol=1e-15, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [core.NAdam, core.ADOPT])
+def test_optimizer_accumulation_refused_where_the_update_needs_the_whole_gradient(
+    cls: type,
+) -> None:
+    param = nn.Parameter(torch.ones(3))
+    optimizer = cls([param], lr=LR)
+    optimizer.optimizer_accumulation = True
+    param.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"Invalid optimizer_accumulation .*: True"):
+        optimizer.step()
+    assert len(optimizer.state[param]) == 0
+
+
+def test_grad_scaler_is_refused_clearly() -> None:
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = make_batches(torch.float32, 1)[0]
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="cannot be used with a GradScaler"):
+        scaler.step(optimizer)
+
+
+def test_sparse_gradients_are_refused_inside_backward_before_any_change() -> None:
+    embedding = nn.Embedding(10, 3, sparse=True)
+    optimizer = core.AdamW(embedding.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(embedding, optimizer)
+    before = embedding.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        embedding(torch.tensor([1, 2])).sum().backward()
+    assert torch.equal(embedding.weight, before) and len(optimizer.state) == 0
+
+
+def test_parameters_with_existing_hooks_are_refused_unless_ignored() -> None:
+    model = make_model()
+    first = next(model.parameters())
+    first.register_post_accumulate_grad_hook(lambda p: None)
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    with pytest.raises(ValueError, match="already carry post-accumulate-grad hooks"):
+        core.prepare_for_gradient_release(model, optimizer)
+    assert not core.is_gradient_release_prepared(model)
+    core.prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=True)
+    assert core.is_gradient_release_prepared(model)
+
+
+def test_optimizer_without_gradient_release_is_refused() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="no param group with gradient_release=True"):
+        core.prepare_for_gradient_release(model, core.AdamW(model.parameters(), lr=LR))
+    with pytest.raises(TypeError, match="Allowed: an adamkit core optimizer"):
+        core.prepare_for_gradient_release(model, torch.optim.AdamW(model.parameters()))
+
+
+def test_ddp_model_is_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+        with pytest.raises(RuntimeError, match="before DDP averages it"):
+            core.prepare_for_gradient_release(model, optimizer)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_step_of_a_foreign_parameter_is_refused() -> None:
+    optimizer = core.AdamW([nn.Parameter(torch.ones(2))], lr=LR)
+    stranger = nn.Parameter(torch.ones(4))
+    stranger.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="in none of this optimizer's param groups"):
+        optimizer.step(param=stranger)
+
+
+@pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])
+def test_gradient_clipping_of_released_parameters_is_refused(clip: str) -> None:
+    model, other = make_model(), nn.Linear(2, 2)
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    x, y = make_batches(torch.float32, 1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="under gradient release"):
+        getattr(torch.nn.utils, clip)(model.parameters(), 1.0)
+    other(torch.ones(1, 2)).sum().backward()
+    getattr(torch.nn.utils, clip)(other.parameters(), 1.0)  # other models clip as usual
+    core.remove_gradient_release(model)
+    model(x).sum().backward()
+    getattr(torch.nn.utils, clip)(model.parameters(), 1.0)  # and so does this one once removed
