@@ -6,12 +6,14 @@ works, and `--optimizer ADOPT` works by its short name because torch.optim has n
 class of that name (Adam, AdamW, RAdam and NAdam need the `core.` prefix).
 """
 
+from lightning_adam.callbacks import GradientRelease
 from lightning_adam.cli import link_optimizer
 from lightning_adam.optimizers import CORE_OPTIMIZERS, configure_optimizers, resolve_optimizer_class
 from lightning_adam.schedules import LRSchedule
 
 __all__ = [
     "CORE_OPTIMIZERS",
+    "GradientRelease",
     "LRSchedule",
     "configure_optimizers",
     "link_optimizer",
