@@ -22,6 +22,10 @@ from core.backends.precision import LOW_PRECISION_DTYPES
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
+
+EXECUTION_KEYS = ("foreach", "fused", "gradient_release")
+"""Group keys that choose how a step runs, not what it computes: on load the running
+optimizer keeps its own, so a checkpoint can be resumed on another backend."""
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
 
 
@@ -447,12 +451,17 @@ class AdamFamilyOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class, its siblings or torch.optim's Adam/AdamW/NAdam/RAdam.
 
+        Hyperparameters come from the checkpoint, as between torch optimizers; the backend
+        flags (foreach, fused, gradient_release) stay this optimizer's own.
         torch casts every floating state tensor to the parameter's dtype and device;
         host scalars (step, mu_product) are restored from the saved values instead, as
         0-dim float32 CPU tensors, so no step ever reads a device tensor.
         """
         self._check_loadable(state_dict)
+        execution = [{key: group[key] for key in EXECUTION_KEYS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, execution, strict=True):
+            group.update(flags)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params, strict=True):

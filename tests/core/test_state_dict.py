@@ -41,6 +41,8 @@ def _resumed_run(
     resumed.load_state_dict(model_state)
     resumed_optimizer = case.make(resumed.parameters(), **load_backend)
     resumed_optimizer.load_state_dict(optimizer_state)
+    for key, value in load_backend.items():  # the backend is the resumer's, not the checkpoint's
+        assert all(group[key] == value for group in resumed_optimizer.param_groups)
     train(resumed, resumed_optimizer, batches[TOTAL // 2 :], start=TOTAL // 2, total=TOTAL)
     return full, resumed
 
