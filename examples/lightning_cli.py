@@ -16,7 +16,6 @@ an LR schedule around whichever optimizer is chosen.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import lightning as L
@@ -91,9 +90,6 @@ class CharTransformer(L.LightningModule):
         context: int = 64,
     ) -> None:
         super().__init__()
-        # Plain dicts in hparams, so checkpoints load with torch.load(weights_only=True).
-        if scheduler is not None:
-            scheduler = dataclasses.asdict(scheduler)  # type: ignore[assignment]
         self.save_hyperparameters()
         self.tokens = nn.Embedding(VOCAB, d_model)
         self.positions = nn.Embedding(context, d_model)

@@ -28,7 +28,6 @@ OptimizerSpec: TypeAlias = str | type[Optimizer] | Mapping[str, Any] | Callable[
 ScheduleSpec: TypeAlias = LRSchedule | str | Mapping[str, Any] | None
 NoWeightDecay: TypeAlias = bool | Sequence[str] | Callable[[str, nn.Parameter, nn.Module], bool]
 
-_CONFIG_KEYS = ("optimizer", "scheduler", "no_weight_decay")
 _ALLOWED_OPTIMIZERS = (
     f"one of {', '.join(CORE_OPTIMIZERS)} (adamkit's core classes, any case), a dotted class "
     "path such as 'core.AdamW' or 'torch.optim.SGD', an Optimizer subclass, a "

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (
     ConstantLR,
@@ -145,6 +146,11 @@ class LRSchedule:
             "set total_steps, or max_steps / max_epochs on the Trainer",
         )
         return replace(self, total_steps=int(total) // self.frequency)
+
+
+# Modules keep an LRSchedule in their hparams; it holds plain fields and runs no code when
+# unpickled, so checkpoints holding one still load with torch.load(weights_only=True).
+torch.serialization.add_safe_globals([LRSchedule])
 
 
 def _is_int(value: object, low: int) -> bool:

@@ -79,6 +79,21 @@ def test_flags_select_optimizer_and_hyperparameters(tmp_path: Path) -> None:
     assert peak == pytest.approx(3e-3)
 
 
+def test_a_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """The checkpoint holds the linked optimizer dict and the LRSchedule in hparams, and
+    loads with Lightning's default torch.load(weights_only=True)."""
+    first = run_cli(tmp_path, "--config", str(CONFIGS / "adamw.yaml"), *SHORT_RUN)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    flags = [f"--ckpt_path={checkpoint}", "--trainer.max_steps=45"]
+    resumed = run_cli(tmp_path, "--config", str(CONFIGS / "adamw.yaml"), *SHORT_RUN, *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (metrics,) = tmp_path.glob("lightning_logs/version_1/metrics.csv")
+    with metrics.open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train_loss")]
+    assert steps == list(range(40, 45))
+
+
 def parse_only(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     """The example's LightningCLI in this process, for runs that stop at parsing (exit code)."""
     with pytest.raises(SystemExit) as exit_info:
