@@ -56,6 +56,14 @@ def test_release_equals_ordinary_training_exactly_with_schedule_and_logging(
     assert not core.is_gradient_release_prepared(released)
 
 
+def test_release_under_bf16_mixed_autocast_equals_ordinary_training() -> None:
+    runs = [Regression(scheduler=SCHEDULE, lr=1e-2) for _ in range(2)]
+    for model, release in zip(runs, (False, True), strict=True):
+        _fit(model, release, precision="bf16-mixed")
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_release_frees_gradients_inside_backward() -> None:
     seen: list[list[bool]] = []
 
