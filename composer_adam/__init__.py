@@ -1,1 +1,25 @@
-"""adamkit for MosaicML Composer."""
+"""adamkit for MosaicML Composer: drop-in decoupled optimizers, metrics, recipes.
+
+`DecoupledAdamW` replaces `composer.optim.DecoupledAdamW` (same arguments, decay, state
+and metric names, on adamkit's core); `DecoupledRAdam`, `DecoupledNAdam` and
+`DecoupledADOPT` follow the same conventions. `GradientRelease` steps parameters inside
+backward; `recipes.build_optimizer` builds any of them from a YAML or dict recipe.
+"""
+
+from composer_adam.gradient_release import GradientRelease
+from composer_adam.optimizers import (
+    ComposerConventions,
+    DecoupledAdamW,
+    DecoupledADOPT,
+    DecoupledNAdam,
+    DecoupledRAdam,
+)
+
+__all__ = [
+    "ComposerConventions",
+    "DecoupledADOPT",
+    "DecoupledAdamW",
+    "DecoupledNAdam",
+    "DecoupledRAdam",
+    "GradientRelease",
+]

@@ -200,6 +200,11 @@ class Adam(AdamFamilyOptimizer):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
+    def _step_coefficients(
+        self, group: dict[str, Any], state: dict[str, Any], step: float, scalars: dict[str, Any]
+    ) -> AdamStepCoefficients:
+        return adam_coefficients(step, amsgrad=group["amsgrad"], **scalars)
+
     def _update_group(
         self,
         group: dict[str, Any],

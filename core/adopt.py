@@ -154,6 +154,12 @@ class ADOPT(AdamFamilyOptimizer):
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         require(isinstance(group["clip"], bool), "clip", group["clip"], "True or False", where)
 
+    def _step_coefficients(
+        self, group: dict[str, Any], state: dict[str, Any], step: float, scalars: dict[str, Any]
+    ) -> AdoptStepCoefficients:
+        # ADOPT's state counts calls, and a call at count k uses the coefficients of k.
+        return adopt_coefficients(step - 1, clip=group["clip"], **scalars)
+
     def _update_group(
         self,
         group: dict[str, Any],

@@ -178,6 +178,14 @@ class NAdam(AdamFamilyOptimizer):
                 product *= nadam_momentum(t, beta1, group["momentum_decay"])
             state["mu_product"] = product
 
+    def _step_coefficients(
+        self, group: dict[str, Any], state: dict[str, Any], step: float, scalars: dict[str, Any]
+    ) -> AdamStepCoefficients:
+        momentum_decay = float(group["momentum_decay"])
+        return nadam_coefficients(
+            step, float(state["mu_product"]), momentum_decay=momentum_decay, **scalars
+        )
+
     def _update_group(
         self,
         group: dict[str, Any],

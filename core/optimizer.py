@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from core.backends.precision import LOW_PRECISION_DTYPES
+from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -318,6 +319,36 @@ class AdamFamilyOptimizer(Optimizer):
         states: list[dict[str, Any]],
     ) -> None:
         """Run the algorithm's functional form on one group (override in subclasses)."""
+        raise NotImplementedError
+
+    def last_step_coefficients(
+        self, param: Tensor
+    ) -> AdamStepCoefficients | AdoptStepCoefficients | None:
+        """The scalars of the step param last took, at its group's current hyperparameters.
+
+        Optimizer metrics (core.metrics) read the update from these, so the algorithm's
+        math stays in its coefficient function. None before param's first step.
+        """
+        state = self.state.get(param)
+        if not state or float(state.get("step", 0)) == 0:
+            return None
+        _, group = self._group_of(param)
+        kwargs = self._common_kwargs(group)
+        l2_weight_decay, param_decay = weight_decay_terms(
+            kwargs["lr"],
+            kwargs["weight_decay"],
+            kwargs["decouple_wd"],
+            kwargs["decouple_lr"],
+            kwargs["max_lr"],
+        )
+        scalars = {key: kwargs[key] for key in ("lr", "beta1", "beta2", "eps")}
+        scalars.update(l2_weight_decay=l2_weight_decay, param_decay=param_decay)
+        return self._step_coefficients(group, state, float(state["step"]), scalars)
+
+    def _step_coefficients(
+        self, group: dict[str, Any], state: dict[str, Any], step: float, scalars: dict[str, Any]
+    ) -> AdamStepCoefficients | AdoptStepCoefficients:
+        """Call the algorithm's coefficient function for a state at `step` (override)."""
         raise NotImplementedError
 
     def _window_kwargs(self, states: list[dict[str, Any]]) -> dict[str, Any]:

@@ -161,6 +161,11 @@ class RAdam(AdamFamilyOptimizer):
     ) -> None:
         super().__init__(params, hyperparameters(locals()))
 
+    def _step_coefficients(
+        self, group: dict[str, Any], state: dict[str, Any], step: float, scalars: dict[str, Any]
+    ) -> AdamStepCoefficients:
+        return radam_coefficients(step, **scalars)
+
     def _update_group(
         self,
         group: dict[str, Any],

@@ -3,6 +3,10 @@
 Timing on a shared machine is noisy, so: one thread, warm-up steps, the minimum of
 several repeats, and every figure also reported as a ratio against torch.optim.AdamW
 (fused) measured in the same run. Run: python examples/benchmark.py [--quick]
+
+In the Composer environment (`.venv-composer`) a second table compares
+composer_adam.DecoupledAdamW with composer.optim.DecoupledAdamW, as a speed-up over
+Composer's class measured in the same run.
 """
 
 from __future__ import annotations
@@ -51,6 +55,31 @@ def contenders() -> list[Contender]:
     return rows
 
 
+def composer_contenders(amsgrad: bool) -> list[Contender]:
+    """Composer's DecoupledAdamW, then adamkit's drop-in; empty without Composer installed."""
+    try:
+        from composer.optim import DecoupledAdamW
+    except ImportError:
+        return []
+    import composer_adam
+
+    suffix = " amsgrad" if amsgrad else ""
+    rows = [
+        Contender(
+            f"composer DecoupledAdamW{suffix}",
+            lambda p: DecoupledAdamW(p, lr=1e-3, amsgrad=amsgrad),
+        )
+    ]
+    for backend, flags in {"default": {}, "foreach": {"foreach": True}}.items():
+        rows.append(
+            Contender(
+                f"composer_adam DecoupledAdamW{suffix} {backend}",
+                lambda p, f=flags: composer_adam.DecoupledAdamW(p, lr=1e-3, amsgrad=amsgrad, **f),
+            )
+        )
+    return rows
+
+
 def make_params(count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     params = []
@@ -61,49 +90,87 @@ def make_params(count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor
     return params
 
 
-def time_step(optimizer: torch.optim.Optimizer, steps: int, repeats: int) -> float:
-    """Minimum over repeats of the mean seconds per step (after warm-up)."""
-    for _ in range(3):
-        optimizer.step()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
+def time_steps(optimizers: list[torch.optim.Optimizer], steps: int, repeats: int) -> list[float]:
+    """Per optimizer, the minimum over repeats of the mean seconds per step (after warm-up).
+
+    Repeats take turns across the optimizers, so a burst of load from other processes on
+    a shared machine hits them alike instead of one of them.
+    """
+    for optimizer in optimizers:
+        for _ in range(3):
             optimizer.step()
-        best = min(best, (time.perf_counter() - start) / steps)
+    best = [float("inf")] * len(optimizers)
+    for _ in range(repeats):
+        for i, optimizer in enumerate(optimizers):
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizer.step()
+            best[i] = min(best[i], (time.perf_counter() - start) / steps)
     return best
 
 
-def run(shapes: list[tuple[int, int]], steps: int, repeats: int) -> str:
+def run(
+    shapes: list[tuple[int, int]],
+    steps: int,
+    repeats: int,
+    rows: list[Contender],
+    ratio: str = "vs torch fused",
+    speedup: bool = False,
+    interleave: bool = False,
+) -> str:
+    """One table per shape; the last column is each row's time over the first row's (or,
+    with speedup, the first row's time over each row's). interleave times the rows in
+    turns (all their tensors live at once: for short tables)."""
     lines = []
     for count, numel in shapes:
         total = count * numel
         lines.append(f"\n{count} tensors x {numel:,} fp32 parameters ({total / 1e6:.0f}M)\n")
-        lines.append("| optimizer | ms/step | M params/s | vs torch fused |")
+        lines.append(f"| optimizer | ms/step | M params/s | {ratio} |")
         lines.append("|---|---:|---:|---:|")
-        baseline = None
-        for contender in contenders():
-            params = make_params(count, numel, torch.float32)
-            seconds = time_step(contender.make(params), steps, repeats)
-            baseline = baseline or seconds
+        if interleave:
+            optimizers = [c.make(make_params(count, numel, torch.float32)) for c in rows]
+            times = time_steps(optimizers, steps, repeats)
+            del optimizers
+        else:
+            times = [
+                time_steps([c.make(make_params(count, numel, torch.float32))], steps, repeats)[0]
+                for c in rows
+            ]
+        baseline = times[0]
+        for contender, seconds in zip(rows, times, strict=True):
+            relative = baseline / seconds if speedup else seconds / baseline
             lines.append(
                 f"| {contender.name} | {seconds * 1e3:.2f} | {total / seconds / 1e6:.0f} "
-                f"| {seconds / baseline:.2f} |"
+                f"| {relative:.2f} |"
             )
-            print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller tensors")
+    parser.add_argument(
+        "--composer-only", action="store_true", help="only the Composer comparison (20 x 1M)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread")
-    if args.quick:
-        report = run([(20, 100_000), (200, 10_000)], steps=3, repeats=2)
-    else:
-        report = run([(20, 1_000_000), (200, 100_000)], steps=5, repeats=5)
+    shapes = [(20, 100_000), (200, 10_000)] if args.quick else [(20, 1_000_000), (200, 100_000)]
+    steps, repeats = (3, 2) if args.quick else (5, 5)
+    report = "" if args.composer_only else run(shapes, steps, repeats, contenders())
+    for amsgrad in (False, True):
+        rows = composer_contenders(amsgrad)
+        if rows:
+            report += "\n\nSpeed-up over composer.optim.DecoupledAdamW (higher is faster):"
+            report += run(
+                shapes[:1] if args.composer_only else shapes,
+                steps,
+                repeats * 2,
+                rows,
+                "speed-up",
+                speedup=True,
+                interleave=True,
+            )
     print(report)
 
 

@@ -1,0 +1,193 @@
+"""Gradient release in a Composer Trainer: each parameter steps inside backward.
+
+core's release hooks (`core.prepare_for_gradient_release`) step a parameter and free its
+gradient as soon as backward has produced it. Composer accumulates microbatch gradients
+before one optimizer step, so by default this callback arms the hooks only for the last
+microbatch of each batch: parameters are then updated exactly as an ordinary step would
+update them, and every gradient is freed the moment it is used. With
+`optimizer_accumulation=True` the hooks stay armed and earlier microbatches are folded
+into the moments instead (`optimizer.optimizer_accumulation`), so no microbatch ever
+keeps a full set of gradients; m is exact, v approximate (see core.optimizer.window_terms).
+
+The Trainer's own `optimizer.step(closure)` keeps working: it runs the microbatches
+(where the hooks step) and then steps whatever was not released.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from composer.algorithms import GradientClipping
+from composer.callbacks import OptimizerMonitor
+from composer.core import Callback, DataSpec, Precision, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+import core
+from core.optimizer import AdamFamilyOptimizer
+
+log = logging.getLogger(__name__)
+
+
+class GradientRelease(Callback):
+    """Step each parameter inside backward and free its gradient (adamkit optimizers
+    created with `gradient_release=True`).
+
+    An OptimizerMonitor in the same Trainer would see no gradients at batch end, so this
+    callback takes over its logging: the same keys on the same batches, from gradient
+    norms taken in backward just before release. With optimizer accumulation those
+    norms are of the last microbatch's gradient (the batch's sum is never formed).
+
+    Refused at fit start, because they cannot work: AMP_FP16 (the GradScaler unscales and
+    skips steps after backward, when parameters are already updated), the
+    GradientClipping algorithm (it needs every gradient at once), and more than one rank
+    (the hooks would step on local gradients before DDP or FSDP average them).
+
+    Args:
+        optimizer_accumulation: Fold earlier microbatches into the moments instead of
+            keeping their gradients (saves the gradient memory across microbatches;
+            AdamW and RAdam only, v approximate).
+        get_num_samples_in_batch: How to count samples in a batch, to tell the last
+            microbatch; needed only if the train DataSpec defines its own.
+    """
+
+    def __init__(
+        self,
+        optimizer_accumulation: bool = False,
+        get_num_samples_in_batch: Callable[[Any], int | float] | None = None,
+    ) -> None:
+        if not isinstance(optimizer_accumulation, bool):
+            raise ValueError(
+                f"Invalid optimizer_accumulation: {optimizer_accumulation!r}. "
+                "Allowed: True or False."
+            )
+        self.optimizer_accumulation = optimizer_accumulation
+        self._count = get_num_samples_in_batch or DataSpec([]).get_num_samples_in_batch
+        self._optimizer: AdamFamilyOptimizer | None = None
+        self._model: torch.nn.Module | None = None
+        self._monitors: list[tuple[int, OptimizerMonitor]] = []
+        self._norm_hooks: list[RemovableHandle] = []
+        self._grad_norms: dict[Tensor, Tensor] = {}
+        self._batch_samples = self._seen_samples = 0.0
+
+    # -- events ----------------------------------------------------------------------------
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        optimizer = self._check_supported(state)
+        self._optimizer, self._model = optimizer, state.model
+        self._monitors = [
+            (i, c) for i, c in enumerate(state.callbacks) if isinstance(c, OptimizerMonitor)
+        ]
+        for _, monitor in reversed(self._monitors):
+            state.callbacks.remove(monitor)
+        if self._monitors:
+            released = [
+                p for g in optimizer.param_groups if g["gradient_release"] for p in g["params"]
+            ]
+            self._norm_hooks = [
+                p.register_post_accumulate_grad_hook(self._record_norm) for p in released
+            ]
+        if self.optimizer_accumulation:
+            self._arm(True)
+
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        self._batch_samples, self._seen_samples = float(self._count(state.batch)), 0.0
+        self._grad_norms.clear()
+
+    def before_backward(self, state: State, logger: Logger) -> None:
+        self._seen_samples += float(self._count(state.batch))
+        last = self._seen_samples >= self._batch_samples
+        if self.optimizer_accumulation:
+            self._optimizer.optimizer_accumulation = not last  # type: ignore[union-attr]
+        else:
+            self._arm(last)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        for _, monitor in self._monitors:
+            self._log_monitor_metrics(monitor, state, logger)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._arm(False)
+        if self._optimizer is not None:
+            self._optimizer.optimizer_accumulation = False
+        for handle in self._norm_hooks:
+            handle.remove()
+        self._norm_hooks.clear()
+        for index, monitor in self._monitors:
+            state.callbacks.insert(index, monitor)
+        self._monitors.clear()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_supported(self, state: State) -> AdamFamilyOptimizer:
+        optimizers = state.optimizers
+        optimizer = optimizers[0] if len(optimizers) == 1 else None
+        if not isinstance(optimizer, AdamFamilyOptimizer) or not any(
+            g["gradient_release"] for g in optimizer.param_groups
+        ):
+            names = [type(o).__name__ for o in optimizers]
+            raise ValueError(
+                f"Invalid optimizers for GradientRelease: {names}. "
+                "Allowed: one adamkit optimizer created with gradient_release=True "
+                "(e.g. composer_adam.DecoupledAdamW(params, gradient_release=True))."
+            )
+        if state.precision == Precision.AMP_FP16:
+            raise ValueError(
+                "Invalid precision for GradientRelease: amp_fp16. Its GradScaler unscales and "
+                "skips steps after backward, when released parameters are already updated. "
+                "Allowed: fp32, amp_bf16 (or turn release off)."
+            )
+        clipping = [type(a).__name__ for a in state.algorithms if isinstance(a, GradientClipping)]
+        if clipping:
+            raise ValueError(
+                f"Invalid algorithms for GradientRelease: {clipping}. Gradient clipping needs "
+                "every gradient at once, and released gradients are freed one by one."
+            )
+        if dist.get_world_size() > 1:
+            raise ValueError(
+                f"Invalid world size for GradientRelease: {dist.get_world_size()}. The hooks "
+                "would step on each rank's local gradient before DDP/FSDP average it. "
+                "Allowed: 1 (single-process training)."
+            )
+        if self.optimizer_accumulation and not optimizer.supports_optimizer_accumulation:
+            raise ValueError(
+                f"Invalid optimizer_accumulation for {type(optimizer).__name__}: True. "
+                "Allowed: False, or an AdamW/RAdam optimizer."
+            )
+        return optimizer
+
+    def _arm(self, armed: bool) -> None:
+        if self._model is None or armed == core.is_gradient_release_prepared(self._model):
+            return
+        if armed:
+            core.prepare_for_gradient_release(
+                self._model, self._optimizer, ignore_existing_hooks=bool(self._norm_hooks)
+            )
+        else:
+            core.remove_gradient_release(self._model)
+
+    def _record_norm(self, param: Tensor) -> None:
+        """Runs just before the release hook; only the last microbatch's norm is kept."""
+        if self._seen_samples >= self._batch_samples:
+            self._grad_norms[param] = torch.linalg.vector_norm(param.grad)
+
+    def _log_monitor_metrics(self, monitor: OptimizerMonitor, state: State, logger: Logger) -> None:
+        """What OptimizerMonitor logs, with released gradients' norms taken in backward."""
+        if state.timestamp.batch.value % monitor.batch_log_interval != 0:
+            return
+        found: dict[str, Any] = {}
+        for name, p in state.model.named_parameters():
+            grad_norm = self._grad_norms.get(p)
+            if (grad_norm is None and p.grad is None) or not p.requires_grad:
+                continue
+            if monitor.log_optimizer_metrics:
+                state.optimizers[0].report_per_parameter_metrics(p, name, found)
+            found.setdefault(f"l2_norm/grad/{name}", grad_norm if p.grad is None else p.grad.norm())
+        squares = sum(float(v) ** 2 for k, v in found.items() if k.startswith("l2_norm/grad/"))
+        found["l2_norm/grad/global"] = squares**0.5
+        logger.log_metrics({k: float(v) for k, v in found.items()})

@@ -1,0 +1,248 @@
+"""Composer's decoupled optimizers on adamkit's core: DecoupledAdamW and its siblings.
+
+Composer's `DecoupledAdamW` decays weights by `weight_decay * lr / initial_lr` per step,
+so the schedule that moves lr moves the decay too. That is core's fully decoupled decay
+(`decouple_lr=True`) with `max_lr` read from the group's `initial_lr`, so each class
+here only sets Composer's defaults and names; every step runs core's code on its
+fastest backend. The classes need no Composer import: Composer finds the metric hooks
+(`report_per_parameter_metrics`, `pre_reduce_metrics`, `dist_reduce_metrics`) by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import core
+from core import metrics
+from core.optimizer import ParamsT, finite_at_least, hyperparameters, require
+
+log = logging.getLogger(__name__)
+
+HIGH_WEIGHT_DECAY = 1e-3
+"""Composer warns from this weight_decay on: it is a fraction of θ per step, not scaled by lr."""
+
+
+class ComposerConventions:
+    """Composer's decoupled-optimizer conventions, mixed in before a core optimizer class.
+
+    `initial_lr` (Composer's and torch's scheduler key) is what the decay is relative to;
+    it is recorded per group at creation and kept in the group, so frameworks that
+    rebuild param groups or load checkpoints carry it along. A group without one (added
+    by a checkpoint of an optimizer that never had it) takes its lr at its first step,
+    as Composer does.
+    """
+
+    param_groups: list[dict[str, Any]]
+
+    def __init__(self, params: ParamsT, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)  # type: ignore[call-arg]
+        for group in self.param_groups:
+            group["initial_lr"] = group["lr"]
+        weight_decay = kwargs["weight_decay"]
+        if weight_decay >= HIGH_WEIGHT_DECAY:
+            log.warning(
+                "%s: weight_decay=%s is high. The decay is not scaled by lr, so at the "
+                "initial lr every step multiplies the weights by %s; Composer's decoupled "
+                "optimizers are meant for values below %s.",
+                type(self).__name__,
+                weight_decay,
+                1.0 - weight_decay,
+                HIGH_WEIGHT_DECAY,
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        group = self.param_groups[-1]
+        group.setdefault("initial_lr", group["lr"])
+
+    def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
+        super()._validate_algorithm(group, where)  # type: ignore[misc]
+        initial_lr = group.get("initial_lr", 0.0)
+        require(
+            finite_at_least(initial_lr, 0.0),
+            "initial_lr",
+            initial_lr,
+            "a finite number >= 0 (the lr the weight decay is relative to)",
+            where,
+        )
+
+    def _common_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Core's keyword arguments with the decay relative to initial_lr; an initial_lr of
+        0 means lr itself (full weight_decay per step), as in Composer."""
+        initial_lr = group.setdefault("initial_lr", group["lr"])
+        kwargs = super()._common_kwargs(group)  # type: ignore[misc]
+        kwargs["max_lr"] = float(initial_lr) if initial_lr else None
+        return kwargs
+
+    # -- Composer's OptimizerMonitor hooks --------------------------------------------------
+
+    def report_per_parameter_metrics(
+        self, param: Tensor, name: str, optimizer_metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """l2 norms of moment, param, update and grad under Composer's names (core.metrics)."""
+        return metrics.parameter_metrics(self, param, name, optimizer_metrics)  # type: ignore[arg-type]
+
+    def pre_reduce_metrics(self, optimizer_metrics: dict[str, Any]) -> dict[str, Any]:
+        """Square the l2 norms so ranks can sum them (called under FSDP)."""
+        return metrics.pre_reduce_metrics(optimizer_metrics)  # type: ignore[return-value]
+
+    def dist_reduce_metrics(self, optimizer_metrics: dict[str, Any]) -> dict[str, Any]:
+        """Sum the squares over ranks and take the root (called under FSDP)."""
+        return metrics.dist_reduce_metrics(optimizer_metrics)  # type: ignore[return-value]
+
+
+class DecoupledAdamW(ComposerConventions, core.Adam):
+    """Drop-in for `composer.optim.DecoupledAdamW`: the same defaults, decay, state and
+    metric names, with every step on adamkit's core (and Kahan summation for bf16).
+
+    Each step multiplies θ by 1 − weight_decay·lr/initial_lr, then takes Adam's step; use
+    a much smaller weight_decay than with torch's AdamW (Composer's default is 1e-5).
+    A checkpoint of either class loads into the other; both are saved under the name
+    "DecoupledAdamW", so Composer's autoresume switches between them.
+
+    Args:
+        params: Iterable of parameters or dicts defining parameter groups.
+        lr: Learning rate.
+        betas: Coefficients of the running averages of the gradient and its square.
+        eps: Added to the bias-corrected root of the second moment.
+        weight_decay: Fraction of θ removed per step at the initial lr (scheduled with lr).
+        amsgrad: Use the running maximum of the second moment (AMSGrad).
+        kahan_sum: Kahan-compensated updates for bf16/fp16 parameters; None turns it on
+            for low-precision parameters only.
+        foreach: Use the multi-tensor foreach backend; None picks the fastest.
+        fused: Use a fused backend; None picks it where available and exact.
+        gradient_release: Step each parameter inside backward (see GradientRelease).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-5,
+        amsgrad: bool = False,
+        *,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, decouple_lr=True, **hyperparameters(locals()))
+        self.amsgrad = amsgrad
+
+    @staticmethod
+    def adamw(
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor],
+        state_steps: Sequence[Tensor],
+        *,
+        amsgrad: bool,
+        beta1: float,
+        beta2: float,
+        lr: float,
+        initial_lr: float,
+        weight_decay: float,
+        eps: float,
+    ) -> None:
+        """Composer's functional form, on core's math.
+
+        As in Composer, `state_steps` already count this step (the caller increments
+        them first) and are not changed here.
+        """
+        if not params:
+            return
+        core.adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else None,
+            [step.detach().to("cpu", torch.float32) - 1 for step in state_steps],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decouple_lr=True,
+            max_lr=initial_lr if initial_lr else None,
+            amsgrad=amsgrad,
+        )
+
+
+class DecoupledRAdam(ComposerConventions, core.RAdam):
+    """RAdam with Composer's decoupled, lr-scheduled weight decay and conventions.
+
+    Args as `DecoupledAdamW`, without amsgrad. eps is added to the bias-corrected root.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-5,
+        *,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, decouple_lr=True, **hyperparameters(locals()))
+
+
+class DecoupledNAdam(ComposerConventions, core.NAdam):
+    """NAdam (torch's momentum schedule) with Composer's decoupled, lr-scheduled decay.
+
+    Args as `DecoupledRAdam`, plus momentum_decay (ψ of μt = β1·(1 − 0.5·0.96^(t·ψ))).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-5,
+        momentum_decay: float = 4e-3,
+        *,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, decouple_lr=True, **hyperparameters(locals()))
+
+
+class DecoupledADOPT(ComposerConventions, core.ADOPT):
+    """ADOPT with Composer's decoupled, lr-scheduled weight decay and conventions.
+
+    betas and eps keep ADOPT's reference defaults ((0.9, 0.9999), 1e-6): ADOPT is
+    built for beta2 close to 1, and eps bounds the root it divides by. clip bounds the
+    normalised gradient by step^0.25 (False: the paper's unclipped ADOPT).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 1e-5,
+        clip: bool = True,
+        *,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        gradient_release: bool = False,
+    ) -> None:
+        super().__init__(params, decouple_lr=True, **hyperparameters(locals()))

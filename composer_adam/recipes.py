@@ -1,0 +1,220 @@
+"""Build optimizers and schedulers from YAML or dict recipes, as llm-foundry configs do.
+
+An optimizer recipe is llm-foundry's `optimizer:` section: `name` plus the class's
+keyword arguments, optionally `param_groups` (each with a `param_str_match` regex,
+searched in parameter names; a parameter joins the first group that matches, the rest
+form the default group) and `disable_grad` (regexes of parameters to freeze). One key is
+added: `no_decay` (default true) gives biases, normalization and embedding parameters
+weight_decay 0 in every group that does not set weight_decay itself.
+
+    optimizer:
+      name: adamkit_decoupled_adamw
+      lr: 6.0e-4
+      betas: [0.9, 0.95]
+      weight_decay: 1.0e-5
+      param_groups:
+        - param_str_match: "lm_head"
+          lr: 3.0e-4
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from composer_adam.optimizers import (
+    DecoupledAdamW,
+    DecoupledADOPT,
+    DecoupledNAdam,
+    DecoupledRAdam,
+)
+from core.optimizer import AdamFamilyOptimizer
+
+OPTIMIZERS: dict[str, type[AdamFamilyOptimizer]] = {
+    "adamkit_decoupled_adamw": DecoupledAdamW,
+    "adamkit_decoupled_radam": DecoupledRAdam,
+    "adamkit_decoupled_nadam": DecoupledNAdam,
+    "adamkit_decoupled_adopt": DecoupledADOPT,
+}
+"""Registry names, the same as the `llmfoundry_optimizers` entry points; the `adamkit_`
+prefix may be left out (so llm-foundry's `decoupled_adamw` selects ours)."""
+
+SCHEDULERS: dict[str, str] = {
+    "cosine_with_warmup": "CosineAnnealingWithWarmupScheduler",
+    "linear_decay_with_warmup": "LinearWithWarmupScheduler",
+    "constant_with_warmup": "ConstantWithWarmupScheduler",
+    "cosine": "CosineAnnealingScheduler",
+    "constant": "ConstantScheduler",
+}
+"""llm-foundry's scheduler names for composer.optim's schedulers."""
+
+RECIPE_KEYS = ("name", "param_groups", "disable_grad", "no_decay")
+
+_NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def load_recipe(source: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """A recipe as a plain dict: a mapping is copied, a path is read as YAML."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    import yaml
+
+    with open(source, encoding="utf-8") as file:
+        loaded = yaml.safe_load(file)
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"Invalid recipe file {os.fspath(source)!r}: expected a YAML mapping.")
+    return dict(loaded)
+
+
+def _section(config: Mapping[str, Any] | str | os.PathLike[str], key: str) -> dict[str, Any]:
+    """The `key:` section of a whole recipe, or the recipe itself when it is the section."""
+    recipe = load_recipe(config)
+    section = recipe.get(key, recipe)
+    if not isinstance(section, Mapping):
+        raise ValueError(f"Invalid {key} recipe: {section!r}. Allowed: a mapping with a name.")
+    return dict(section)
+
+
+def _lookup(kind: str, name: object, registry: Mapping[str, Any], prefix: str = "") -> Any:
+    if isinstance(name, str):
+        for candidate in (name, prefix + name):
+            if candidate in registry:
+                return registry[candidate]
+    raise ValueError(f"Invalid {kind} name: {name!r}. Allowed: {', '.join(registry)}.")
+
+
+def optimizer_class(name: str) -> type[AdamFamilyOptimizer]:
+    """The class registered under name (with or without the adamkit_ prefix)."""
+    return _lookup("optimizer", name, OPTIMIZERS, prefix="adamkit_")
+
+
+def _argument_names(cls: type) -> list[str]:
+    return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")]
+
+
+def _check_keys(keys: Any, allowed: list[str], where: str) -> None:
+    unknown = sorted(set(keys) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"Invalid {where}: unknown key(s) {unknown}. Allowed: {', '.join(allowed)}."
+        )
+
+
+def _patterns(value: Any, where: str) -> list[re.Pattern[str]]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"Invalid {where}: {value!r}. Allowed: a regex or a list of regexes.")
+    try:
+        return [re.compile(v) for v in values]
+    except re.error as error:
+        raise ValueError(f"Invalid {where}: {value!r} is not a regex ({error}).") from None
+
+
+def no_decay_parameters(model: nn.Module) -> set[Tensor]:
+    """Biases and the parameters of normalization and embedding modules (by type, or by a
+    class name containing "Norm" or "Embedding", which covers custom ones)."""
+    found: set[Tensor] = set()
+    for module in model.modules():
+        kind = type(module).__name__
+        whole = isinstance(module, _NO_DECAY_MODULES) or "Norm" in kind or "Embedding" in kind
+        for name, param in module.named_parameters(recurse=False):
+            if whole or name.endswith("bias"):
+                found.add(param)
+    return found
+
+
+def build_optimizer(
+    config: Mapping[str, Any] | str | os.PathLike[str], model: nn.Module
+) -> AdamFamilyOptimizer:
+    """Build the recipe's optimizer for model's parameters.
+
+    Args:
+        config: An optimizer recipe (see the module docstring), a whole recipe with an
+            `optimizer:` section, or the path of a YAML file holding either.
+        model: The model to optimize; frozen parameters (requires_grad False) are left out.
+
+    Every key is checked before anything changes: an unknown name or argument raises a
+    ValueError listing the allowed ones, and a param_str_match that matches no parameter
+    is refused (it is usually a typo).
+    """
+    recipe = _section(config, "optimizer")
+    cls = optimizer_class(recipe.get("name"))  # type: ignore[arg-type]
+    arguments = _argument_names(cls)
+    _check_keys(recipe, [*RECIPE_KEYS, *arguments], f"{cls.__name__} recipe")
+    kwargs = {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
+    no_decay = recipe.get("no_decay", True)
+    if not isinstance(no_decay, bool):
+        raise ValueError(f"Invalid no_decay: {no_decay!r}. Allowed: true or false.")
+    frozen = _patterns(recipe.get("disable_grad", []), "disable_grad")
+
+    named = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and not any(f.search(name) for f in frozen)
+    ]
+    group_configs = recipe.get("param_groups") or []
+    if not isinstance(group_configs, list):
+        raise ValueError(f"Invalid param_groups: {group_configs!r}. Allowed: a list of mappings.")
+    groups: list[tuple[dict[str, Any], list[Tensor]]] = []
+    remaining = dict(named)
+    for index, group_config in enumerate(group_configs):
+        where = f"param_groups[{index}]"
+        if not isinstance(group_config, Mapping) or "param_str_match" not in group_config:
+            raise ValueError(
+                f"Invalid {where}: {group_config!r}. Allowed: a mapping with a "
+                "param_str_match regex and optimizer arguments."
+            )
+        _check_keys(group_config, ["param_str_match", *arguments], where)
+        (pattern,) = _patterns(group_config["param_str_match"], f"{where}.param_str_match")
+        matched = [name for name in remaining if pattern.search(name)]
+        if not matched:
+            raise ValueError(
+                f"Invalid {where}.param_str_match: {pattern.pattern!r} matches no trainable "
+                f"parameter. Parameter names: {', '.join(list(dict(named))[:12])}"
+                + (", ..." if len(named) > 12 else "")
+            )
+        options = {k: v for k, v in group_config.items() if k != "param_str_match"}
+        groups.append((options, [remaining.pop(name) for name in matched]))
+    groups.insert(0, ({}, list(remaining.values())))
+
+    exempt = no_decay_parameters(model) if no_decay else set()
+    param_groups = []
+    for options, params in groups:
+        if "weight_decay" in options:
+            split = [(options, params)]
+        else:
+            split = [
+                (options, [p for p in params if p not in exempt]),
+                ({**options, "weight_decay": 0.0}, [p for p in params if p in exempt]),
+            ]
+        param_groups += [{"params": ps, **opts} for opts, ps in split if ps]
+    if not param_groups:
+        raise ValueError("Invalid model: it has no trainable parameter for the optimizer.")
+    optimizer = cls(param_groups, **kwargs)
+    for name, p in model.named_parameters():
+        if any(f.search(name) for f in frozen):
+            p.requires_grad_(False)
+    return optimizer
+
+
+def build_scheduler(config: Mapping[str, Any] | str | os.PathLike[str]) -> Any:
+    """A composer.optim scheduler from a recipe's `scheduler:` section (llm-foundry's names)."""
+    import composer.optim
+
+    recipe = _section(config, "scheduler")
+    cls = getattr(composer.optim, _lookup("scheduler", recipe.pop("name", None), SCHEDULERS))
+    _check_keys(recipe, _argument_names(cls), f"{cls.__name__} recipe")
+    return cls(**recipe)

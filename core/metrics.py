@@ -1,0 +1,157 @@
+"""Per-parameter optimizer metrics, shared by the Composer and Lightning adapters.
+
+Per parameter: the l2 norms of the first moment, the parameter, the update and the
+gradient, under Composer's names (`l2_norm/moment/<name>`, `l2_norm/param/<name>`,
+`l2_norm/update/<name>`, `l2_norm/grad/<name>`), so dashboards built for Composer's
+OptimizerMonitor keep working. The update is the change the optimizer's own rule makes
+to θ from its current state, at the group's current hyperparameters (for the Trainer
+that is the lr after the scheduler's step, as in Composer): decay and step included,
+with the signs they are applied with.
+
+It is never re-derived here. The algorithm supplies the coefficients of its last step
+(`AdamFamilyOptimizer.last_step_coefficients`), and the reference backend applies them,
+in float64, to copies whose moments are held fixed (beta1 = beta2 = 1); the update is
+the difference. So every algorithm, decay mode and AMSGrad is covered by the code that
+trains.
+
+Distributed runs (parameters or state sharded across ranks, as FSDP does): square the
+norms with `pre_reduce_metrics`, then `dist_reduce_metrics` sums them over ranks and
+takes the root. Plain torch.distributed; nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from core.backends import loop
+from core.coefficients import AdoptStepCoefficients
+from core.optimizer import AdamFamilyOptimizer
+
+MOMENT = "l2_norm/moment"
+PARAM = "l2_norm/param"
+UPDATE = "l2_norm/update"
+GRAD = "l2_norm/grad"
+METRICS = (MOMENT, PARAM, UPDATE, GRAD)
+"""Metric names; a parameter's key is f"{metric}/{parameter name}"."""
+
+Metrics = MutableMapping[str, Any]
+
+
+def _norm(tensor: Tensor) -> Tensor:
+    """The l2 norm, in float32 at least (a bf16 norm would keep three digits)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    return torch.linalg.vector_norm(tensor)
+
+
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def parameter_update(optimizer: AdamFamilyOptimizer, param: Tensor) -> Tensor | None:
+    """The update θ_new − θ_old the optimizer's state implies for param, or None before
+    its first step. Computed in float64 on copies; the optimizer is not changed.
+
+    The current gradient enters only where the rule uses it directly (NAdam's Nesterov
+    term); without p.grad (zeroed, or freed by gradient release) that term is left out,
+    and with L2 decay its λθ is taken at the new θ, the old one being gone. Likewise
+    decoupled decay shrinks the current θ: off by (1 − decay factor) of the decay term.
+    """
+    coefficients = optimizer.last_step_coefficients(param)
+    if coefficients is None:
+        return None
+    state = optimizer.state[param]
+    dtype = _exact_dtype(param.device)
+
+    def copy(tensor: Tensor | None) -> Tensor:
+        source = torch.zeros_like(param) if tensor is None else tensor
+        return source.detach().to(dtype=dtype, copy=True)
+
+    theta = copy(param)
+    if "kahan_comp" in state:
+        theta.add_(state["kahan_comp"].to(dtype))
+    before = theta.clone()
+    held = dataclasses.replace(coefficients, beta1=1.0, beta2=1.0)
+    tensors = [[theta], [copy(param.grad)], [copy(state["exp_avg"])], [copy(state["exp_avg_sq"])]]
+    if isinstance(held, AdoptStepCoefficients):
+        loop.adopt_step(*tensors, [None], held)
+    else:
+        maxima = [copy(state["max_exp_avg_sq"])] if held.amsgrad else None
+        loop.adam_step(*tensors, maxima, [None], held)
+    return theta.sub_(before)
+
+
+def parameter_metrics(
+    optimizer: AdamFamilyOptimizer,
+    param: Tensor,
+    name: str,
+    metrics: Metrics | None = None,
+) -> Metrics:
+    """Add param's four norms to metrics (a new dict when None) and return it.
+
+    A parameter without optimizer state yet contributes nothing, as in Composer; the
+    gradient norm is added only while param.grad exists.
+    """
+    metrics = {} if metrics is None else metrics
+    update = parameter_update(optimizer, param)
+    if update is None:
+        return metrics
+    metrics[f"{MOMENT}/{name}"] = _norm(optimizer.state[param]["exp_avg"])
+    metrics[f"{PARAM}/{name}"] = _norm(param.detach())
+    metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(update).to(
+        torch.promote_types(param.dtype, torch.float32)
+    )
+    if param.grad is not None:
+        metrics[f"{GRAD}/{name}"] = _norm(param.grad)
+    return metrics
+
+
+def pre_reduce_metrics(metrics: Metrics) -> Metrics:
+    """Square the l2 norms in place (and return metrics), so a sum over ranks of the
+    squares gives the square of the global norm."""
+    for key, value in metrics.items():
+        if key.startswith("l2_norm/"):
+            metrics[key] = value**2
+    return metrics
+
+
+def _zero_on_reduce_device(metrics: Metrics) -> Tensor:
+    """A zero for a metric this rank lacks, on the device the process group reduces on."""
+    for value in metrics.values():
+        if isinstance(value, Tensor):
+            return torch.zeros((), dtype=value.dtype, device=value.device)
+    if dist.get_backend() == "nccl":
+        return torch.zeros((), device=torch.device("cuda", torch.cuda.current_device()))
+    return torch.zeros(())
+
+
+def dist_reduce_metrics(metrics: Metrics, group: Any = None) -> Metrics:
+    """Combine pre-reduced metrics over the ranks of `group` in place (and return them).
+
+    l2 norms: the root of the summed squares; other metrics: the mean over ranks. Every
+    rank must call it; a metric that some rank lacks (a parameter with no state there)
+    counts as zero on that rank. Without an initialized process group it only takes the
+    roots, so single-process code can call the same pair of functions.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size(group) if distributed else 1
+    keys = set(metrics)
+    if world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, sorted(keys), group=group)
+        keys = set().union(*gathered)
+    for key in sorted(keys):
+        value = metrics.get(key)
+        value = _zero_on_reduce_device(metrics) if value is None else value
+        value = value if isinstance(value, Tensor) else torch.tensor(float(value))
+        if world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        metrics[key] = value.sqrt() if key.startswith("l2_norm/") else value / world_size
+    return metrics

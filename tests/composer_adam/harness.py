@@ -1,0 +1,105 @@
+"""A small real Composer training run on CPU, shared by the Composer tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.callbacks import OptimizerMonitor
+from composer.core import Callback, State
+from composer.loggers import InMemoryLogger, Logger
+from composer.models import ComposerClassifier
+from composer.optim import CosineAnnealingWithWarmupScheduler
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+BATCH = 16
+MICROBATCH = 4
+LR = 1e-2
+STEPS = 60
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> ComposerClassifier:
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
+    return ComposerClassifier(module, num_classes=4)
+
+
+def make_loader(steps: int = STEPS, dtype: torch.dtype = torch.float32) -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(steps * BATCH, 10, generator=generator)
+    teacher = torch.randn(10, 4, generator=generator)
+    y = (x @ teacher + 0.5 * torch.randn(steps * BATCH, 4, generator=generator)).argmax(1)
+    return DataLoader(TensorDataset(x.to(dtype), y), batch_size=BATCH, shuffle=False)
+
+
+def train(
+    make_optimizer: Callable[[Any], torch.optim.Optimizer],
+    *,
+    model: nn.Module | None = None,
+    max_duration: str = f"{STEPS}ba",
+    callbacks: list[Callback] | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[Trainer, InMemoryLogger]:
+    """Train with a warmup-cosine schedule and microbatching; return the trainer and log."""
+    model = model if model is not None else make_model()
+    logger = InMemoryLogger()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=make_loader(),
+        optimizers=make_optimizer(model.parameters()),
+        schedulers=CosineAnnealingWithWarmupScheduler(
+            t_warmup="10ba", t_max=f"{STEPS}ba", alpha_f=0.1
+        ),
+        max_duration=max_duration,
+        device="cpu",
+        device_train_microbatch_size=MICROBATCH,
+        loggers=[logger],
+        callbacks=[OptimizerMonitor(batch_log_interval=1), *(callbacks or [])],
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+        **trainer_kwargs,
+    )
+    trainer.fit()
+    return trainer, logger
+
+
+def logged(logger: InMemoryLogger, prefix: str) -> dict[str, list[float]]:
+    """Every logged series whose key starts with prefix, as lists of floats."""
+    return {
+        key: [float(value) for _, value in series]
+        for key, series in logger.data.items()
+        if key.startswith(prefix)
+    }
+
+
+class ReferenceUpdateNorms(Callback):
+    """Logs `reference/update/<name>`: ||decay·θ + lr/bc1 · m/d|| from a Composer
+    DecoupledAdamW's state, with the group's hyperparameters and AMSGrad's maximum,
+    written from the update rule independently of core (the sign Composer's own
+    metric gets wrong for the decay term)."""
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        optimizer = state.optimizers[0]
+        values = {}
+        for group in optimizer.param_groups:
+            beta1, beta2 = group["betas"]
+            names = {p: n for n, p in state.model.named_parameters()}
+            for p in group["params"]:
+                s = optimizer.state[p]
+                step = float(s["step"])
+                v = s["max_exp_avg_sq"] if group["amsgrad"] else s["exp_avg_sq"]
+                denom = v.sqrt() / math.sqrt(1 - beta2**step) + group["eps"]
+                adam_step = group["lr"] / (1 - beta1**step) * s["exp_avg"] / denom
+                decay = group["weight_decay"] * group["lr"] / group["initial_lr"]
+                values[f"reference/update/{names[p]}"] = float((adam_step + decay * p).norm())
+        logger.log_metrics(values)
+
+
+def assert_same_parameters(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+    for (name, x), y in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")

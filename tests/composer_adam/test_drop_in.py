@@ -1,0 +1,153 @@
+"""composer_adam.DecoupledAdamW against composer.optim.DecoupledAdamW in a real Trainer."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from composer.optim import DecoupledAdamW as ComposerAdamW
+
+import composer_adam
+from tests.composer_adam.harness import (
+    LR,
+    STEPS,
+    ReferenceUpdateNorms,
+    assert_same_parameters,
+    logged,
+    make_model,
+    train,
+)
+
+CONFIGS = {
+    "decay": {"weight_decay": 1e-4},
+    "amsgrad": {"weight_decay": 1e-4, "amsgrad": True},
+    "no-decay": {"weight_decay": 0.0},
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_same_parameters_and_metrics_as_composer(config: str) -> None:
+    kwargs = {"lr": LR, **CONFIGS[config]}
+    theirs, their_log = train(
+        lambda p: ComposerAdamW(p, **kwargs), callbacks=[ReferenceUpdateNorms()]
+    )
+    ours, our_log = train(lambda p: composer_adam.DecoupledAdamW(p, **kwargs))
+    assert (
+        their_log.data["loss/train/total"][-1][1] < 0.7 * their_log.data["loss/train/total"][0][1]
+    )
+    assert_same_parameters(ours.state.model, theirs.state.model)
+
+    for prefix in ("l2_norm/moment", "l2_norm/param", "l2_norm/grad"):
+        mine, reference = logged(our_log, prefix), logged(their_log, prefix)
+        assert mine.keys() == reference.keys() and len(mine) >= 4
+        for key, series in mine.items():
+            assert len(series) == STEPS
+            assert series == pytest.approx(reference[key], rel=1e-5, abs=1e-7), key
+    updates = logged(our_log, "l2_norm/update")
+    assert len(updates) == 4
+    for key, series in updates.items():
+        name = key.removeprefix("l2_norm/update/")
+        assert series == pytest.approx(
+            logged(their_log, f"reference/update/{name}")[f"reference/update/{name}"], rel=1e-5
+        )
+        if config == "no-decay":  # Composer's own metric is right without decay and AMSGrad
+            assert series == pytest.approx(logged(their_log, key)[key], rel=1e-5)
+
+
+def test_defaults_and_signature_match_composer() -> None:
+    import inspect
+
+    ours = inspect.signature(composer_adam.DecoupledAdamW.__init__).parameters
+    theirs = inspect.signature(ComposerAdamW.__init__).parameters
+    for name, parameter in theirs.items():
+        assert ours[name].default == parameter.default, name
+    assert list(ours)[: len(theirs)] == list(theirs)
+    adamw_ours = inspect.signature(composer_adam.DecoupledAdamW.adamw).parameters
+    assert list(adamw_ours) == list(inspect.signature(ComposerAdamW.adamw).parameters)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_functional_adamw_matches_composers(amsgrad: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(5, 7, generator=generator) for _ in range(4)]
+    runs = []
+    for cls in (ComposerAdamW, composer_adam.DecoupledAdamW):
+        params = [t.clone() for t in tensors]
+        exp_avgs = [torch.zeros_like(t) for t in tensors]
+        exp_avg_sqs = [torch.zeros_like(t) for t in tensors]
+        maxima = [torch.zeros_like(t) for t in tensors]
+        steps = [torch.tensor(0.0) for _ in tensors]
+        for step in range(5):
+            grads = [
+                torch.randn(5, 7, generator=torch.Generator().manual_seed(step)) for _ in tensors
+            ]
+            for s in steps:
+                s += 1
+            cls.adamw(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                maxima,
+                steps,
+                amsgrad=amsgrad,
+                beta1=0.9,
+                beta2=0.95,
+                lr=0.01 * (1 - step / 10),
+                initial_lr=0.01,
+                weight_decay=0.1,
+                eps=1e-8,
+            )
+        runs.append((params, exp_avgs, exp_avg_sqs, maxima, [float(s) for s in steps]))
+    for theirs, ours in zip(*runs, strict=True):
+        if isinstance(theirs[0], float):
+            assert theirs == ours
+        else:
+            for a, b in zip(theirs, ours, strict=True):
+                torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_initial_lr_is_recorded_per_group_and_high_decay_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = make_model()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    with caplog.at_level(logging.WARNING):
+        optimizer = composer_adam.DecoupledAdamW(
+            [{"params": first}, {"params": second, "lr": 0.5}], lr=0.1, weight_decay=1e-3
+        )
+    assert "weight_decay=0.001" in caplog.text
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.5]
+    caplog.clear()
+    composer_adam.DecoupledAdamW(first, weight_decay=9e-4)
+    assert caplog.text == ""
+
+
+def test_bad_initial_lr_is_refused_before_any_change() -> None:
+    model = make_model()
+    optimizer = composer_adam.DecoupledAdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = copy.deepcopy(list(model.parameters()))
+    optimizer.param_groups[0]["initial_lr"] = -1.0
+    with pytest.raises(ValueError, match=r"initial_lr in param group 0: -1.0. Allowed: a finite"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert not optimizer.state
+
+
+@pytest.mark.parametrize("kahan_sum", [None, False])
+def test_bf16_parameters_get_kahan_compensation(kahan_sum: bool | None) -> None:
+    model = make_model(dtype=torch.bfloat16)
+    fp32 = torch.nn.Linear(3, 3)
+    optimizer = composer_adam.DecoupledAdamW(
+        [*model.parameters(), *fp32.parameters()], kahan_sum=kahan_sum
+    )
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer.step()
+    for p in model.parameters():
+        assert ("kahan_comp" in optimizer.state[p]) == (kahan_sum is None)
+    assert all("kahan_comp" not in optimizer.state[p] for p in fp32.parameters())

@@ -1,0 +1,125 @@
+"""What Composer does to an optimizer: checkpoints and autoresume, torch's lr = 0 state
+creation, FSDP-style rebuilding of param groups; and the rest of the family in a Trainer."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from composer.distributed.fsdp2_utils import update_optimizer_modules
+from composer.optim import DecoupledAdamW as ComposerAdamW
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+import composer_adam
+from tests.composer_adam.harness import LR, STEPS, assert_same_parameters, make_model, train
+
+FAMILY = [
+    composer_adam.DecoupledAdamW,
+    composer_adam.DecoupledRAdam,
+    composer_adam.DecoupledNAdam,
+    composer_adam.DecoupledADOPT,
+]
+KWARGS = {"lr": LR, "weight_decay": 1e-4, "amsgrad": True}
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader"),
+    [(ComposerAdamW, composer_adam.DecoupledAdamW), (composer_adam.DecoupledAdamW, ComposerAdamW)],
+    ids=["composer_to_ours", "ours_to_composer"],
+)
+def test_autoresume_across_classes_continues_identically(
+    writer: type, reader: type, tmp_path: Path
+) -> None:
+    """Both classes save under "DecoupledAdamW"; Composer's autoresume picks the other up."""
+    uninterrupted, _ = train(lambda p: writer(p, **KWARGS))
+    common = {"run_name": "resume", "save_folder": str(tmp_path), "save_interval": "15ba"}
+    train(lambda p: writer(p, **KWARGS), max_duration=f"{STEPS // 2}ba", **common)
+    resumed, _ = train(
+        lambda p: reader(p, **KWARGS), model=make_model(seed=5), autoresume=True, **common
+    )
+    assert int(resumed.state.timestamp.batch) == STEPS
+    assert type(resumed.state.optimizers[0]) is reader
+    assert_same_parameters(resumed.state.model, uninterrupted.state.model)
+
+
+@pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
+def test_torch_state_creation_step_with_lr_zero_leaves_parameters(cls: type) -> None:
+    """torch.distributed.checkpoint steps once with lr = 0 and zero grads to create state."""
+    model = make_model()
+    before = copy.deepcopy(list(model.parameters()))
+    optimizer = cls(model.parameters(), lr=LR, weight_decay=1e-2)
+    state_dict = get_optimizer_state_dict(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert len(state_dict["state"]) == len(before)
+    assert [g["lr"] for g in optimizer.param_groups] == [LR]
+
+
+@pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
+def test_fsdp2_rebuilding_param_groups_keeps_every_hyperparameter(cls: type) -> None:
+    """Composer's own FSDP2 helper rebuilds the groups from their keys onto new parameters;
+    training then goes exactly as with an optimizer built on those parameters directly."""
+    model = make_model()
+    head, body = list(model.parameters())[2:], list(model.parameters())[:2]
+    groups = [{"params": body}, {"params": head, "lr": LR / 2, "weight_decay": 0.0}]
+    optimizer = cls(groups, lr=LR, weight_decay=1e-3)
+    names = {p: n for n, p in model.named_parameters()}
+    sharded = copy.deepcopy(model)  # stands in for the sharded model: same names, new tensors
+    expected_groups = copy.deepcopy(
+        [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    )
+    update_optimizer_modules(optimizer, sharded, names)
+    rebuilt = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    assert rebuilt == expected_groups
+
+    direct_model = copy.deepcopy(sharded)
+    direct = cls(
+        [
+            {"params": list(direct_model.parameters())[:2]},
+            {"params": list(direct_model.parameters())[2:], "lr": LR / 2, "weight_decay": 0.0},
+        ],
+        lr=LR,
+        weight_decay=1e-3,
+    )
+    rebuilt_run, _ = train(lambda p: optimizer, model=sharded)
+    direct_run, _ = train(lambda p: direct, model=direct_model)
+    assert_same_parameters(rebuilt_run.state.model, direct_run.state.model, atol=0)
+
+
+# Fully decoupled decay λ is torch's decoupled decay λ / initial_lr; RAdam's eps placement
+# differs from torch's, so it is compared with a tiny eps.
+REFERENCES = {
+    "RAdam": (composer_adam.DecoupledRAdam, torch.optim.RAdam, 1e-10),
+    "NAdam": (composer_adam.DecoupledNAdam, torch.optim.NAdam, 1e-8),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_family_in_a_trainer_follows_torch(name: str) -> None:
+    ours, torch_class, eps = REFERENCES[name]
+    our_run, our_log = train(lambda p: ours(p, lr=LR, weight_decay=1e-4, eps=eps))
+    reference_run, _ = train(
+        lambda p: torch_class(
+            p,
+            lr=LR,
+            betas=(0.9, 0.95),
+            eps=eps,
+            weight_decay=1e-4 / LR,
+            decoupled_weight_decay=True,
+        )
+    )
+    assert_same_parameters(our_run.state.model, reference_run.state.model)
+    assert len([k for k in our_log.data if k.startswith("l2_norm/update/")]) == 4
+
+
+def test_adopt_in_a_trainer_is_core_adopt_with_scheduled_decay() -> None:
+    import core
+
+    our_run, _ = train(lambda p: composer_adam.DecoupledADOPT(p, lr=LR, weight_decay=1e-4))
+    reference_run, _ = train(
+        lambda p: core.ADOPT(
+            p, lr=LR, betas=(0.9, 0.9999), eps=1e-6, weight_decay=1e-4, decouple_lr=True
+        )
+    )
+    assert_same_parameters(our_run.state.model, reference_run.state.model, atol=0)

@@ -1,0 +1,161 @@
+"""Recipes: build_optimizer/build_scheduler from dicts and YAML, llm-foundry entry points,
+and the Composer training example."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import composer_adam
+from composer_adam import recipes
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "configs" / "composer").glob("*.yaml"))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(11, 8)
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 11, bias=False)
+
+
+def _groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[list[str], dict]]:
+    names = {p: n for n, p in model.named_parameters()}
+    return [
+        (sorted(names[p] for p in g["params"]), {k: g[k] for k in ("lr", "weight_decay")})
+        for g in optimizer.param_groups
+    ]
+
+
+def test_default_recipe_exempts_biases_norms_and_embeddings_from_decay() -> None:
+    model = Block()
+    optimizer = recipes.build_optimizer({"name": "adamkit_decoupled_adamw", "lr": 0.1}, model)
+    assert type(optimizer) is composer_adam.DecoupledAdamW
+    assert _groups(optimizer, model) == [
+        (["head.weight", "proj.weight"], {"lr": 0.1, "weight_decay": 1e-5}),
+        (
+            ["embedding.weight", "norm.bias", "norm.weight", "proj.bias"],
+            {"lr": 0.1, "weight_decay": 0.0},
+        ),
+    ]
+
+
+def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
+    model = Block()
+    config = {
+        "name": "decoupled_radam",  # the adamkit_ prefix is optional
+        "lr": 0.1,
+        "weight_decay": 1e-4,
+        "disable_grad": "^embedding",
+        "param_groups": [
+            {"param_str_match": "head", "lr": 0.01},
+            {"param_str_match": "proj|head", "weight_decay": 0.0},
+        ],
+        "no_decay": False,
+    }
+    optimizer = recipes.build_optimizer(config, model)
+    assert type(optimizer) is composer_adam.DecoupledRAdam
+    assert _groups(optimizer, model) == [
+        (["norm.bias", "norm.weight"], {"lr": 0.1, "weight_decay": 1e-4}),
+        (["head.weight"], {"lr": 0.01, "weight_decay": 1e-4}),
+        (["proj.bias", "proj.weight"], {"lr": 0.1, "weight_decay": 0.0}),
+    ]
+    assert not model.embedding.weight.requires_grad
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.01, 0.1]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"name": "adamw"},
+            "Invalid optimizer name: 'adamw'. Allowed: adamkit_decoupled_adamw, "
+            "adamkit_decoupled_radam, adamkit_decoupled_nadam, adamkit_decoupled_adopt.",
+        ),
+        ({}, "Invalid optimizer name: None. Allowed: adamkit_decoupled_adamw"),
+        (
+            {"name": "decoupled_adamw", "momentum": 0.9},
+            "unknown key(s) ['momentum']. Allowed: name,",
+        ),
+        (
+            {"name": "decoupled_nadam", "lr": -1.0},
+            "Invalid lr: -1.0. Allowed: a finite number >= 0.",
+        ),
+        (
+            {"name": "decoupled_adamw", "param_groups": [{"param_str_match": "lm_head"}]},
+            "'lm_head' matches no trainable parameter. Parameter names: embedding.weight",
+        ),
+        ({"name": "decoupled_adamw", "param_groups": [{"lr": 0.1}]}, "with a param_str_match"),
+        (
+            {
+                "name": "decoupled_adamw",
+                "disable_grad": "norm",
+                "param_groups": [{"param_str_match": "(", "lr": 1}],
+            },
+            "is not a regex",
+        ),
+        ({"name": "decoupled_adopt", "no_decay": "yes"}, "Invalid no_decay: 'yes'"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_what_is_allowed_before_any_change(
+    config: dict, message: str
+) -> None:
+    model = Block()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        recipes.build_optimizer(config, model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_scheduler_recipe_and_its_errors() -> None:
+    from composer.optim import CosineAnnealingWithWarmupScheduler
+
+    scheduler = recipes.build_scheduler(
+        {"scheduler": {"name": "cosine_with_warmup", "t_warmup": "5ba"}}
+    )
+    assert isinstance(scheduler, CosineAnnealingWithWarmupScheduler)
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Invalid scheduler name: 'cosine_warmup'. Allowed: cosine_with_warmup,"),
+    ):
+        recipes.build_scheduler({"name": "cosine_warmup"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['warmup'\]"):
+        recipes.build_scheduler({"name": "cosine_with_warmup", "warmup": "5ba"})
+
+
+def test_llmfoundry_entry_points_register_the_classes() -> None:
+    found = {e.name: e.load() for e in entry_points(group="llmfoundry_optimizers")}
+    assert found == recipes.OPTIMIZERS
+    # llm-foundry calls the class with params= and the YAML's keyword arguments.
+    optimizer = found["adamkit_decoupled_adamw"](params=Block().parameters(), lr=6e-4)
+    assert optimizer.param_groups[0]["initial_lr"] == 6e-4
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_builds(path: Path) -> None:
+    optimizer = recipes.build_optimizer(path, _example().CharTransformer(103, 64, 16, 2, 1))
+    assert isinstance(optimizer, tuple(recipes.OPTIMIZERS.values()))
+    recipes.build_scheduler(path)
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location(
+        "composer_train", ROOT / "examples" / "composer_train.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_trains_from_the_recipe() -> None:
+    result = _example().train(str(RECIPES[0]), max_duration="12ba")
+    assert result["batches"] == 12
+    assert result["last_loss"] < result["first_loss"] - 0.5

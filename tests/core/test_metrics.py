@@ -1,0 +1,142 @@
+"""core.metrics: the update norm is the change the last step made, for every case."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+import core
+from core import metrics
+from tests.core.cases import (
+    LR,
+    Case,
+    make_batches,
+    make_model,
+    one_case_per_algorithm,
+    train,
+    trajectory_cases,
+)
+
+
+def _last_step_change(case: Case, dtype: torch.dtype, steps: int = 8) -> tuple:
+    """Train with a constant lr; return (model, optimizer, θ before the last step)."""
+    model = make_model(dtype)
+    optimizer = case.make(model.parameters())
+    batches = make_batches(dtype, steps)
+    for x, y in batches[:-1]:
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches[-1]
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    return model, optimizer, before
+
+
+@pytest.mark.parametrize("case", trajectory_cases(), ids=lambda c: c.id)
+def test_update_is_the_change_the_last_step_made(case: Case) -> None:
+    """Exact, but for decay: it shrinks the current θ, not the one before the step, which
+    differs by (1 − decay factor) of the change (1e-3 here)."""
+    model, optimizer, before = _last_step_change(case, torch.float64)
+    for p, old in zip(model.parameters(), before, strict=True):
+        update, change = metrics.parameter_update(optimizer, p), p.detach() - old
+        if case.id == "NAdam-l2":
+            # NAdam's Nesterov term sees g + λθ at the new θ: a small part of the update.
+            assert float((update - change).norm()) < 0.05 * float(change.norm())
+            continue
+        decay_error = 1 - optimizer.last_step_coefficients(p).param_decay
+        assert torch.all((update - change).abs() <= 1.01 * decay_error * change.abs() + 1e-15)
+        assert torch.any(update != 0)
+
+
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_parameter_metrics_names_and_values(case: Case) -> None:
+    model, optimizer, before = _last_step_change(case, torch.float32)
+    found: dict = {}
+    for (name, p), old in zip(model.named_parameters(), before, strict=True):
+        metrics.parameter_metrics(optimizer, p, name, found)
+        state = optimizer.state[p]
+        assert float(found[f"l2_norm/moment/{name}"]) == pytest.approx(
+            float(state["exp_avg"].norm()), rel=1e-6
+        )
+        assert float(found[f"l2_norm/param/{name}"]) == pytest.approx(
+            float(p.detach().norm()), rel=1e-6
+        )
+        assert float(found[f"l2_norm/grad/{name}"]) == pytest.approx(float(p.grad.norm()), rel=1e-6)
+        # Decay acts on the new θ (1e-3 off), and float32 θ_new − θ_old loses digits.
+        change = (p.detach().double() - old.double()).norm()
+        assert float(found[f"l2_norm/update/{name}"]) == pytest.approx(float(change), rel=3e-3)
+    assert len(found) == 4 * len(list(model.parameters()))
+
+
+def test_no_state_no_metrics_and_lr_zero_update_is_zero() -> None:
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR)
+    assert metrics.parameter_metrics(optimizer, next(model.parameters()), "w") == {}
+    train(model, optimizer, make_batches(torch.float32, 2))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        assert torch.count_nonzero(metrics.parameter_update(optimizer, p)) == 0
+
+
+def test_metrics_leave_the_optimizer_untouched() -> None:
+    model, optimizer, _ = _last_step_change(one_case_per_algorithm()[0], torch.float32)
+    saved = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state.items()}
+    for name, p in model.named_parameters():
+        metrics.parameter_metrics(optimizer, p, name)
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            assert torch.equal(value, saved[p][key])
+
+
+def test_pre_reduce_then_reduce_without_a_process_group_is_the_identity() -> None:
+    found = {"l2_norm/update/w": torch.tensor(3.0), "other": torch.tensor(2.0)}
+    metrics.dist_reduce_metrics(metrics.pre_reduce_metrics(found))
+    assert float(found["l2_norm/update/w"]) == 3.0 and float(found["other"]) == 2.0
+
+
+def _reduce_on_two_ranks(rank: int, port: int, results: dict) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        # Rank 1 holds no shard of "b": it must still take part, counting zero.
+        found = {"l2_norm/grad/a": torch.tensor([3.0, 4.0][rank]), "cosine/x": torch.tensor(1.0)}
+        if rank == 0:
+            found["l2_norm/moment/b"] = torch.tensor(2.0)
+        metrics.dist_reduce_metrics(metrics.pre_reduce_metrics(found))
+        results[rank] = {k: float(v) for k, v in found.items()}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_dist_reduce_takes_the_root_of_summed_squares_across_two_ranks() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = torch.multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        results = manager.dict()
+        processes = [
+            context.Process(target=_reduce_on_two_ranks, args=(rank, port, results))
+            for rank in range(2)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+        assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+        for rank in range(2):
+            assert results[rank]["l2_norm/grad/a"] == pytest.approx(5.0)
+            assert results[rank]["l2_norm/moment/b"] == pytest.approx(2.0)
+            assert results[rank]["cosine/x"] == pytest.approx(1.0)
+            assert math.isfinite(results[rank]["l2_norm/grad/a"])
+    assert os.environ.get("RANK") is None
