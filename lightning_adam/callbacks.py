@@ -1,7 +1,7 @@
-"""Lightning callbacks: gradient release for the trainer's adamkit optimizer.
+"""Lightning callbacks: gradient release and optimizer metrics for an adamkit optimizer.
 
-The math is core's (core.gradient_release, optimizer accumulation); this file only
-decides when Lightning is ready for it and keeps it in step with Lightning's loop.
+The math is core's (core.gradient_release, optimizer accumulation, core.metrics); this
+file only decides when Lightning is ready for it and keeps it in step with Lightning's loop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 import core
+from core import metrics
 
 
 class GradientRelease(L.Callback):
@@ -97,7 +98,15 @@ class GradientRelease(L.Callback):
             accumulates = trainer.accumulate_grad_batches > 1
             if accumulates:
                 _check_optimizer_accumulation(optimizer, trainer.accumulate_grad_batches)
-            core.prepare_for_gradient_release(pl_module, optimizer)
+            core.prepare_for_gradient_release(pl_module, optimizer)  # refuses foreign hooks
+            monitors = [c for c in trainer.callbacks if isinstance(c, OptimizerMonitor)]
+            if monitors:
+                # Their gradient-norm hooks must run before release frees the gradient, so
+                # they go first; the check above already found no other hooks.
+                core.remove_gradient_release(pl_module)
+                for monitor in monitors:
+                    monitor.record_gradient_norms_in_backward(pl_module)
+                core.prepare_for_gradient_release(pl_module, optimizer, ignore_existing_hooks=True)
             self._module, self._accumulates = pl_module, accumulates
         self._optimizer = optimizer
 
@@ -139,11 +148,13 @@ class GradientRelease(L.Callback):
             )
 
 
-def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.AdamFamilyOptimizer:
+def _single_core_optimizer(
+    optimizers: list[torch.optim.Optimizer], user: str = "GradientRelease"
+) -> core.AdamFamilyOptimizer:
     names = [type(o).__name__ for o in optimizers]
     if len(optimizers) != 1 or not isinstance(optimizers[0], core.AdamFamilyOptimizer):
         raise TypeError(
-            f"Invalid optimizers for GradientRelease: {names}. Allowed: exactly one adamkit "
+            f"Invalid optimizers for {user}: {names}. Allowed: exactly one adamkit "
             "core optimizer (core.Adam, AdamW, RAdam, NAdam or ADOPT)."
         )
     return optimizers[0]
@@ -221,3 +232,103 @@ def _step_after_all_reduce(
         ) from error
     optimizer.released_params.update(released)
     return released
+
+
+class OptimizerMonitor(L.Callback):
+    """Log l2 norms of each parameter's moment, update, value and gradient, and their global
+    norms, under Composer's OptimizerMonitor names, through the trainer's loggers.
+
+    Keys: `l2_norm/{moment,param,update,grad}/<parameter name>` and
+    `l2_norm/{moment,param,update,grad}/global` (the root of the summed squares). The
+    values come from core.metrics (shared with the Composer adapter) after the optimizer
+    step and before the scheduler's, so the update norm is the step just applied. They
+    are logged at Lightning's step index for that batch, on optimizer steps only (not on
+    accumulating micro-batches), and only on global rank zero (DDP replicas agree).
+
+    With GradientRelease the gradient is gone by batch end, so its norm is taken inside
+    backward, just before release frees it (with accumulate_grad_batches > 1 that is the
+    last micro-batch's gradient, the one stepped with).
+
+    Args:
+        every_n_steps: Log every this many optimizer steps; None uses the Trainer's
+            log_every_n_steps.
+        per_parameter: Log each parameter's norms; False logs only the global ones.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, per_parameter: bool = True) -> None:
+        if every_n_steps is not None and (
+            not isinstance(every_n_steps, int)
+            or isinstance(every_n_steps, bool)
+            or every_n_steps < 1
+        ):
+            raise ValueError(
+                f"Invalid every_n_steps: {every_n_steps!r}. Allowed: None or an int >= 1."
+            )
+        self.every_n_steps, self.per_parameter = every_n_steps, per_parameter
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_norms: dict[torch.Tensor, torch.Tensor] = {}
+        self._recording = False
+        self._steps_before_batch = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _single_core_optimizer(trainer.optimizers, user="OptimizerMonitor")
+
+    def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
+        """Take each gradient's norm as it completes (GradientRelease calls this)."""
+        for param in module.parameters():
+            if param.requires_grad:
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._record))
+
+    def _record(self, param: torch.Tensor) -> None:
+        if self._recording and param.grad is not None:
+            grad = param.grad
+            if grad.dtype in (torch.float16, torch.bfloat16):
+                grad = grad.float()  # as core.metrics does: a bf16 norm keeps three digits
+            self._grad_norms[param] = torch.linalg.vector_norm(grad)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._steps_before_batch = trainer.global_step
+        every = self.every_n_steps or trainer.log_every_n_steps
+        steps = not _lightning_will_accumulate(trainer)
+        self._recording = steps and (trainer.global_step + 1) % every == 0
+        self._grad_norms.clear()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        stepped = trainer.global_step != self._steps_before_batch
+        if not (self._recording and stepped and trainer.is_global_zero):
+            return
+        optimizer = trainer.optimizers[0]
+        found: dict[str, Any] = {}
+        for name, param in pl_module.named_parameters():
+            if not param.requires_grad:
+                continue
+            metrics.parameter_metrics(optimizer, param, name, found)
+            if param in self._grad_norms:
+                found[f"{metrics.GRAD}/{name}"] = self._grad_norms[param]
+        values = {key: float(value) for key, value in found.items()}
+        for metric in metrics.METRICS:
+            squares = [v * v for k, v in values.items() if k.startswith(f"{metric}/")]
+            if squares:
+                values[f"{metric}/global"] = sum(squares) ** 0.5
+        if not self.per_parameter:
+            values = {k: v for k, v in values.items() if k.endswith("/global")}
+        # Lightning logs what a batch produced at the step count before that batch's step.
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step - 1)
+        self._grad_norms.clear()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._grad_norms.clear()
+        self._recording = False
