@@ -148,13 +148,18 @@ class GradientRelease(L.Callback):
             )
 
 
-def _single_core_optimizer(
-    optimizers: list[torch.optim.Optimizer], user: str = "GradientRelease"
-) -> core.AdamFamilyOptimizer:
+def _l2_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """In float32 at least, as core.metrics takes it: a bf16 norm keeps three digits."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    return torch.linalg.vector_norm(tensor)
+
+
+def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.AdamFamilyOptimizer:
     names = [type(o).__name__ for o in optimizers]
     if len(optimizers) != 1 or not isinstance(optimizers[0], core.AdamFamilyOptimizer):
         raise TypeError(
-            f"Invalid optimizers for {user}: {names}. Allowed: exactly one adamkit "
+            f"Invalid optimizers for GradientRelease: {names}. Allowed: exactly one adamkit "
             "core optimizer (core.Adam, AdamW, RAdam, NAdam or ADOPT)."
         )
     return optimizers[0]
@@ -247,7 +252,8 @@ class OptimizerMonitor(L.Callback):
 
     With GradientRelease the gradient is gone by batch end, so its norm is taken inside
     backward, just before release frees it (with accumulate_grad_batches > 1 that is the
-    last micro-batch's gradient, the one stepped with).
+    last micro-batch's gradient, the one stepped with). With an optimizer that is not an
+    adamkit one, only the param and grad norms are logged.
 
     Args:
         every_n_steps: Log every this many optimizer steps; None uses the Trainer's
@@ -270,9 +276,6 @@ class OptimizerMonitor(L.Callback):
         self._recording = False
         self._steps_before_batch = 0
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _single_core_optimizer(trainer.optimizers, user="OptimizerMonitor")
-
     def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
         """Take each gradient's norm as it completes (GradientRelease calls this)."""
         for param in module.parameters():
@@ -281,10 +284,7 @@ class OptimizerMonitor(L.Callback):
 
     def _record(self, param: torch.Tensor) -> None:
         if self._recording and param.grad is not None:
-            grad = param.grad
-            if grad.dtype in (torch.float16, torch.bfloat16):
-                grad = grad.float()  # as core.metrics does: a bf16 norm keeps three digits
-            self._grad_norms[param] = torch.linalg.vector_norm(grad)
+            self._grad_norms[param] = _l2_norm(param.grad)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -311,7 +311,12 @@ class OptimizerMonitor(L.Callback):
         for name, param in pl_module.named_parameters():
             if not param.requires_grad:
                 continue
-            metrics.parameter_metrics(optimizer, param, name, found)
+            if isinstance(optimizer, core.AdamFamilyOptimizer):
+                metrics.parameter_metrics(optimizer, param, name, found)
+            else:  # moment and update norms need a core optimizer's step coefficients
+                found[f"{metrics.PARAM}/{name}"] = _l2_norm(param.detach())
+                if param.grad is not None:
+                    found[f"{metrics.GRAD}/{name}"] = _l2_norm(param.grad)
             if param in self._grad_norms:
                 found[f"{metrics.GRAD}/{name}"] = self._grad_norms[param]
         values = {key: float(value) for key, value in found.items()}

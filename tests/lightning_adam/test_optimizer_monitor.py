@@ -110,7 +110,17 @@ def test_bad_interval_is_refused(every: object) -> None:
         OptimizerMonitor(every_n_steps=every)  # type: ignore[arg-type]
 
 
-def test_a_torch_optimizer_is_refused() -> None:
-    trainer = make_trainer(max_steps=2, callbacks=[OptimizerMonitor()])
-    with pytest.raises(TypeError, match=r"Invalid optimizers for OptimizerMonitor: \['SGD'\]"):
-        trainer.fit(Regression("torch.optim.SGD", lr=0.1), loader(regression_data(64)))
+def test_a_torch_optimizer_gets_param_and_grad_norms(tmp_path: Path) -> None:
+    model = Regression("torch.optim.SGD", lr=0.1)
+    logger = CSVLogger(tmp_path, name="run")
+    monitor = OptimizerMonitor(every_n_steps=2)
+    trainer = make_trainer(max_steps=2, callbacks=[monitor], logger=logger)
+    trainer.fit(model, loader(regression_data(64)))
+    (row,) = _rows(tmp_path)
+    logged = {key for key, value in row.items() if value and key != "step"}
+    names = [name for name, _ in model.named_parameters()]
+    assert logged == {
+        f"l2_norm/{kind}/{n}" for kind in ("param", "grad") for n in [*names, "global"]
+    }
+    for name, param in model.named_parameters():
+        assert float(row[f"l2_norm/param/{name}"]) == pytest.approx(float(param.detach().norm()))
