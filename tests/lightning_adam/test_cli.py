@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,11 @@ def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess:
         f"--trainer.default_root_dir={directory}",
         f"--trainer.logger.init_args.save_dir={directory}",
     ]
-    return subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=600)
+    # One thread: a tiny model gains nothing from two, and loses 10x when they fight a busy core.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, cwd=directory, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def logged(directory: Path, column: str) -> list[float]:
@@ -82,11 +87,14 @@ def test_flags_select_optimizer_and_hyperparameters(tmp_path: Path) -> None:
 def test_a_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """The checkpoint holds the linked optimizer dict and the LRSchedule in hparams, and
     loads with Lightning's default torch.load(weights_only=True)."""
-    first = run_cli(tmp_path, "--config", str(CONFIGS / "adamw.yaml"), *SHORT_RUN)
+    # Validating every 20 steps makes Lightning's default ModelCheckpoint save at step 40.
+    config = ["--config", str(CONFIGS / "adamw.yaml"), *SHORT_RUN]
+    config += ["--trainer.val_check_interval=20", "--trainer.limit_val_batches=1"]
+    first = run_cli(tmp_path, *config)
     assert first.returncode == 0, first.stderr[-3000:]
     (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
-    flags = [f"--ckpt_path={checkpoint}", "--trainer.max_steps=45"]
-    resumed = run_cli(tmp_path, "--config", str(CONFIGS / "adamw.yaml"), *SHORT_RUN, *flags)
+    assert "step=40" in checkpoint.name
+    resumed = run_cli(tmp_path, *config, f"--ckpt_path={checkpoint}", "--trainer.max_steps=45")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (metrics,) = tmp_path.glob("lightning_logs/version_1/metrics.csv")
     with metrics.open() as handle:
