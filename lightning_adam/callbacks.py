@@ -120,21 +120,12 @@ class GradientRelease(L.Callback):
 
     # -- accumulation windows, in step with Lightning's own decision --------------------------
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if self._accumulates and self._optimizer is not None:
             self._optimizer.optimizer_accumulation = _lightning_will_accumulate(trainer)
             self._steps_before_batch = trainer.global_step
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if not (self._accumulates and self._optimizer is not None):
             return
         folded = self._optimizer.optimizer_accumulation
@@ -142,7 +133,8 @@ class GradientRelease(L.Callback):
         self._optimizer.optimizer_accumulation = False
         if folded == stepped:
             raise RuntimeError(
-                f"GradientRelease lost step with Lightning's accumulation at batch {batch_idx}: "
+                f"GradientRelease lost step with Lightning's accumulation at step "
+                f"{trainer.global_step}: "
                 f"it {'folded' if folded else 'updated'} in backward but Lightning "
                 f"{'stepped' if stepped else 'did not step'} the optimizer."
             )
@@ -286,9 +278,7 @@ class OptimizerMonitor(L.Callback):
         if self._recording and param.grad is not None:
             self._grad_norms[param] = _l2_norm(param.grad)
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._steps_before_batch = trainer.global_step
         every = self.every_n_steps or trainer.log_every_n_steps
         steps = not _lightning_will_accumulate(trainer)
@@ -296,12 +286,7 @@ class OptimizerMonitor(L.Callback):
         self._grad_norms.clear()
 
     def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
         stepped = trainer.global_step != self._steps_before_batch
         if not (self._recording and stepped and trainer.is_global_zero):
