@@ -1,0 +1,324 @@
+"""Lightning callbacks: gradient release and optimizer metrics for an adamkit optimizer.
+
+The math is core's (core.gradient_release, optimizer accumulation, core.metrics); this
+file only decides when Lightning is ready for it and keeps it in step with Lightning's loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch.nn.parallel import DistributedDataParallel
+
+import core
+from core import metrics
+
+
+class GradientRelease(L.Callback):
+    """Step each parameter inside backward and free its gradient: Lightning's gradient release.
+
+    Add it to the Trainer's callbacks; the optimizer must be one adamkit core optimizer
+    (gradient_release need not be set: the callback turns it on for every group).
+    Settings that cannot work are refused in `setup`, before the optimizer is built;
+    release is switched on in `on_fit_start`, after Lightning has built the optimizer,
+    converted the precision and wrapped the model, and before a checkpoint's optimizer
+    state is loaded (per-parameter steps read the live param groups, so LR schedulers,
+    LearningRateMonitor and checkpoints work unchanged).
+
+    - accumulate_grad_batches > 1 (one process): micro-batches are folded into the
+      moments with core's optimizer accumulation (Adam, AdamW, RAdam; m exact, v with
+      the micro-batches' variance, see the README); NAdam, ADOPT and L2 (coupled)
+      weight decay are refused.
+    - DDP: each bucket's parameters are stepped from a DDP communication hook, after that
+      bucket's all-reduce, so every replica applies the averaged gradient and the result
+      equals DDP without release. Gradients stay in DDP's buckets, so this saves no memory
+      there; under DDP, accumulate_grad_batches > 1 is exact (DDP skips the all-reduce
+      until the last micro-batch). find_unused_parameters=True is refused.
+    - Refused: gradient clipping (the gradient is applied and freed inside backward;
+      ADOPT's own clip=True bounds its update without it), 16-mixed precision (its
+      GradScaler unscales and skips steps after backward; use bf16-mixed or bf16-true),
+      manual optimization, and strategies other than single-device and DDP.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._optimizer: core.AdamFamilyOptimizer | None = None
+        self._released: set[torch.Tensor] = set()
+        self._module: torch.nn.Module | None = None
+        self._accumulates = False
+        self._steps_before_batch = 0
+
+    # -- checks, before Lightning builds anything --------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"Invalid gradient_clip_val for GradientRelease: {trainer.gradient_clip_val!r}. "
+                "Allowed: None or 0. Release applies and frees each gradient inside backward, "
+                "so there is no whole gradient left to clip; drop gradient_clip_val, or drop "
+                "GradientRelease to clip (ADOPT's clip=True bounds its update without it)."
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"Invalid precision for GradientRelease: {trainer.precision!r}. Allowed: "
+                "'32-true', 'bf16-mixed', 'bf16-true' (or '64-true'). Its GradScaler unscales "
+                "gradients and skips inf/NaN steps after backward, when released parameters "
+                "are already updated; bf16 needs no scaler."
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "Invalid automatic_optimization for GradientRelease: False. Allowed: True. "
+                "With manual optimization, call core.prepare_for_gradient_release(model, "
+                "optimizer) yourself and drive optimizer accumulation in training_step."
+            )
+        if type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            raise ValueError(
+                f"Invalid strategy for GradientRelease: {type(trainer.strategy).__name__}. "
+                "Allowed: SingleDeviceStrategy or DDPStrategy ('auto' on one device, 'ddp')."
+            )
+
+    # -- switching release on and off ---------------------------------------------------------
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizer = _single_core_optimizer(trainer.optimizers)
+        for group in optimizer.param_groups:
+            group["gradient_release"] = True
+        wrapped = trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel):
+            self._released = _step_after_all_reduce(wrapped, optimizer)
+        else:
+            accumulates = trainer.accumulate_grad_batches > 1
+            if accumulates:
+                _check_optimizer_accumulation(optimizer, trainer.accumulate_grad_batches)
+            core.prepare_for_gradient_release(pl_module, optimizer)  # refuses foreign hooks
+            monitors = [c for c in trainer.callbacks if isinstance(c, OptimizerMonitor)]
+            if monitors:
+                # Their gradient-norm hooks must run before release frees the gradient, so
+                # they go first; the check above already found no other hooks.
+                core.remove_gradient_release(pl_module)
+                for monitor in monitors:
+                    monitor.record_gradient_norms_in_backward(pl_module)
+                core.prepare_for_gradient_release(pl_module, optimizer, ignore_existing_hooks=True)
+            self._module, self._accumulates = pl_module, accumulates
+        self._optimizer = optimizer
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._module is not None:
+            core.remove_gradient_release(self._module)
+        if self._optimizer is not None:
+            self._optimizer.released_params.difference_update(self._released)
+            self._optimizer.optimizer_accumulation = False
+        self._reset()
+
+    # -- accumulation windows, in step with Lightning's own decision --------------------------
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._accumulates and self._optimizer is not None:
+            self._optimizer.optimizer_accumulation = _lightning_will_accumulate(trainer)
+            self._steps_before_batch = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not (self._accumulates and self._optimizer is not None):
+            return
+        folded = self._optimizer.optimizer_accumulation
+        stepped = trainer.global_step != self._steps_before_batch
+        self._optimizer.optimizer_accumulation = False
+        if folded == stepped:
+            raise RuntimeError(
+                f"GradientRelease lost step with Lightning's accumulation at step "
+                f"{trainer.global_step}: "
+                f"it {'folded' if folded else 'updated'} in backward but Lightning "
+                f"{'stepped' if stepped else 'did not step'} the optimizer."
+            )
+
+
+def _l2_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """In float32 at least, as core.metrics takes it: a bf16 norm keeps three digits."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    return torch.linalg.vector_norm(tensor)
+
+
+def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.AdamFamilyOptimizer:
+    names = [type(o).__name__ for o in optimizers]
+    if len(optimizers) != 1 or not isinstance(optimizers[0], core.AdamFamilyOptimizer):
+        raise TypeError(
+            f"Invalid optimizers for GradientRelease: {names}. Allowed: exactly one adamkit "
+            "core optimizer (core.Adam, AdamW, RAdam, NAdam or ADOPT)."
+        )
+    return optimizers[0]
+
+
+def _check_optimizer_accumulation(optimizer: core.AdamFamilyOptimizer, windows: int) -> None:
+    """Refuse what core's optimizer accumulation cannot fold exactly into the moments."""
+    name = type(optimizer).__name__
+    if not optimizer.supports_optimizer_accumulation:
+        raise ValueError(
+            f"Invalid accumulate_grad_batches for GradientRelease with {name}: {windows}. "
+            "Allowed: 1, or use Adam, AdamW or RAdam, whose optimizer accumulation folds "
+            f"micro-batches into the moments ({name}'s update needs the whole accumulated "
+            "gradient)."
+        )
+    for index, group in enumerate(optimizer.param_groups):
+        coupled = not (group["decouple_wd"] or group["decouple_lr"])
+        if coupled and group["weight_decay"]:
+            # core adds the L2 term weight_decay·θ on every folded micro-batch, so a
+            # window would decay `windows` times over.
+            raise ValueError(
+                f"Invalid weight_decay in param group {index} for GradientRelease with "
+                f"accumulate_grad_batches={windows}: {group['weight_decay']!r} as an L2 "
+                "penalty. Allowed: 0, or decoupled decay (decouple_wd=True, as AdamW, or "
+                "decouple_lr=True), which optimizer accumulation applies once per window."
+            )
+
+
+def _lightning_will_accumulate(trainer: L.Trainer) -> bool:
+    """Whether Lightning will skip the optimizer step after this batch (its own rule)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def _step_after_all_reduce(
+    ddp: DistributedDataParallel, optimizer: core.AdamFamilyOptimizer
+) -> set[torch.Tensor]:
+    """Register a comm hook that all-reduces each bucket, then steps its parameters.
+
+    The parameters go in optimizer.released_params, so the full step Lightning takes
+    after backward skips them. Returns them, for teardown.
+    """
+    if ddp.find_unused_parameters:
+        raise ValueError(
+            "Invalid find_unused_parameters for GradientRelease under DDP: True. Allowed: False. "
+            "A parameter unused on one rank has no local gradient there, so its bucket step "
+            "could not tell a globally unused parameter from one another rank used."
+        )
+    in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
+    released = {p for p in ddp.module.parameters() if p.requires_grad and p in in_optimizer}
+    process_group = ddp.process_group
+    world_size = dist.get_world_size(process_group)
+
+    # No annotations: DDP checks them against dist.GradBucket, and this module's are strings.
+    def all_reduce_then_step(state, bucket):  # type: ignore[no-untyped-def]
+        buffer = bucket.buffer()
+        buffer.div_(world_size)
+        reduced = dist.all_reduce(buffer, group=process_group, async_op=True).get_future()
+
+        def step(done: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+            for param, averaged in zip(bucket.parameters(), bucket.gradients(), strict=True):
+                if param in released and param.grad is not None:
+                    param.grad.copy_(averaged)
+                    optimizer.step(param=param)
+            return done.value()[0]
+
+        return reduced.then(step)
+
+    try:
+        ddp.register_comm_hook(None, all_reduce_then_step)
+    except RuntimeError as error:
+        raise ValueError(
+            "Invalid DDP setup for GradientRelease: the model already has a communication "
+            "hook (DDPStrategy(ddp_comm_hook=...)), and DDP takes only one. Allowed: no "
+            "ddp_comm_hook; GradientRelease registers its own to step after the all-reduce."
+        ) from error
+    optimizer.released_params.update(released)
+    return released
+
+
+class OptimizerMonitor(L.Callback):
+    """Log l2 norms of each parameter's moment, update, value and gradient, and their global
+    norms, under Composer's OptimizerMonitor names, through the trainer's loggers.
+
+    Keys: `l2_norm/{moment,param,update,grad}/<parameter name>` and
+    `l2_norm/{moment,param,update,grad}/global` (the root of the summed squares). The
+    values come from core.metrics (shared with the Composer adapter) after the optimizer
+    step and before the scheduler's, so the update norm is the step just applied. They
+    are logged at Lightning's step index for that batch, on optimizer steps only (not on
+    accumulating micro-batches), and only on global rank zero (DDP replicas agree).
+
+    With GradientRelease the gradient is gone by batch end, so its norm is taken inside
+    backward, just before release frees it (with accumulate_grad_batches > 1 that is the
+    last micro-batch's gradient, the one stepped with). With an optimizer that is not an
+    adamkit one, only the param and grad norms are logged.
+
+    Args:
+        every_n_steps: Log every this many optimizer steps; None uses the Trainer's
+            log_every_n_steps.
+        per_parameter: Log each parameter's norms; False logs only the global ones.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, per_parameter: bool = True) -> None:
+        if every_n_steps is not None and (
+            not isinstance(every_n_steps, int)
+            or isinstance(every_n_steps, bool)
+            or every_n_steps < 1
+        ):
+            raise ValueError(
+                f"Invalid every_n_steps: {every_n_steps!r}. Allowed: None or an int >= 1."
+            )
+        self.every_n_steps, self.per_parameter = every_n_steps, per_parameter
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_norms: dict[torch.Tensor, torch.Tensor] = {}
+        self._recording = False
+        self._steps_before_batch = 0
+
+    def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
+        """Take each gradient's norm as it completes (GradientRelease calls this)."""
+        for param in module.parameters():
+            if param.requires_grad:
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._record))
+
+    def _record(self, param: torch.Tensor) -> None:
+        if self._recording and param.grad is not None:
+            self._grad_norms[param] = _l2_norm(param.grad)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._steps_before_batch = trainer.global_step
+        every = self.every_n_steps or trainer.log_every_n_steps
+        steps = not _lightning_will_accumulate(trainer)
+        self._recording = steps and (trainer.global_step + 1) % every == 0
+        self._grad_norms.clear()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        stepped = trainer.global_step != self._steps_before_batch
+        if not (self._recording and stepped and trainer.is_global_zero):
+            return
+        optimizer = trainer.optimizers[0]
+        found: dict[str, Any] = {}
+        for name, param in pl_module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if isinstance(optimizer, core.AdamFamilyOptimizer):
+                metrics.parameter_metrics(optimizer, param, name, found)
+            else:  # moment and update norms need a core optimizer's step coefficients
+                found[f"{metrics.PARAM}/{name}"] = _l2_norm(param.detach())
+                if param.grad is not None:
+                    found[f"{metrics.GRAD}/{name}"] = _l2_norm(param.grad)
+            if param in self._grad_norms:
+                found[f"{metrics.GRAD}/{name}"] = self._grad_norms[param]
+        values = {key: float(value) for key, value in found.items()}
+        for metric in metrics.METRICS:
+            squares = [v * v for k, v in values.items() if k.startswith(f"{metric}/")]
+            if squares:
+                values[f"{metric}/global"] = sum(squares) ** 0.5
+        if not self.per_parameter:
+            values = {k: v for k, v in values.items() if k.endswith("/global")}
+        # Lightning logs what a batch produced at the step count before that batch's step.
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step - 1)
+        self._grad_norms.clear()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._grad_norms.clear()
+        self._recording = False

@@ -1,0 +1,278 @@
+"""`configure_optimizers` in one call: an optimizer, no-weight-decay groups and an LR schedule.
+
+Everything is checked (names, hyperparameters, schedule fields) before the optimizer is
+built, and every error names the argument, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+from torch import nn
+from torch.optim import Optimizer
+
+import core
+from core.optimizer import require
+from lightning_adam.schedules import LRSchedule
+
+CORE_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    cls.__name__: cls for cls in (core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT)
+}
+"""The names `configure_optimizers` resolves without a module path (case-insensitive)."""
+
+OptimizerSpec: TypeAlias = str | type[Optimizer] | Mapping[str, Any] | Callable[..., Optimizer]
+ScheduleSpec: TypeAlias = LRSchedule | str | Mapping[str, Any] | None
+NoWeightDecay: TypeAlias = bool | Sequence[str] | Callable[[str, nn.Parameter, nn.Module], bool]
+
+_ALLOWED_OPTIMIZERS = (
+    f"one of {', '.join(CORE_OPTIMIZERS)} (adamkit's core classes, any case), a dotted class "
+    "path such as 'core.AdamW' or 'torch.optim.SGD', an Optimizer subclass, a "
+    "{'class_path': ..., 'init_args': {...}} dict, or a callable that builds the optimizer "
+    "from param groups"
+)
+
+
+def configure_optimizers(
+    module: nn.Module,
+    optimizer: OptimizerSpec = "AdamW",
+    *,
+    scheduler: ScheduleSpec = None,
+    no_weight_decay: NoWeightDecay = True,
+    **hyperparameters: Any,
+) -> dict[str, Any]:
+    """Build what `LightningModule.configure_optimizers` returns, in one call.
+
+    Args:
+        module: The LightningModule (any nn.Module; the trainer is needed only when the
+            schedule's total_steps is left to it).
+        optimizer: The optimizer: a core name ('AdamW', 'ADOPT', ...), a dotted class path,
+            a class, a {'class_path', 'init_args'} dict as LightningCLI links it, or a
+            callable taking param groups. Or a whole config as a plain dict (e.g. loaded
+            from YAML) whose keys are this function's keyword arguments; then pass
+            nothing else.
+        scheduler: None for a fixed lr, or an LRSchedule, a kind ('cosine', 'linear',
+            'constant'), or a dict of LRSchedule fields.
+        no_weight_decay: Which parameters go in a group with weight_decay 0. True: biases,
+            normalisation weights and embeddings (parameters named '*bias*', and those of
+            modules whose class name contains 'Norm' or 'Embedding'). False: none.
+            A list of fnmatch patterns over qualified parameter names replaces that rule;
+            a callable (name, parameter, owning module) -> bool decides per parameter.
+        **hyperparameters: The optimizer's keyword arguments (lr, weight_decay, ...);
+            unknown names are refused with the list of valid ones.
+
+    Returns:
+        {'optimizer': ...} and, with a schedule, 'lr_scheduler': {'scheduler', 'interval',
+        'frequency', 'name'}, as Lightning accepts it.
+    """
+    if isinstance(optimizer, Mapping) and "class_path" not in optimizer:
+        return _from_config(module, optimizer, scheduler, no_weight_decay, hyperparameters)
+    factory, label, kwargs = _resolve_optimizer(optimizer, hyperparameters)
+    schedule = None if scheduler is None else LRSchedule.coerce(scheduler)
+    if schedule is not None and schedule.total_steps is None:
+        schedule = schedule.with_total_from(_trainer_of(module))
+    decide = _no_weight_decay_rule(no_weight_decay)
+    groups = _param_groups(module, decide if _has_weight_decay(factory) else None)
+    built = factory(groups, **kwargs)
+    if not isinstance(built, Optimizer):
+        raise TypeError(f"Invalid optimizer {label}: it built {built!r}, not a torch Optimizer.")
+    config: dict[str, Any] = {"optimizer": built}
+    if schedule is not None:
+        config["lr_scheduler"] = {
+            "scheduler": schedule.build(built),
+            "interval": schedule.interval,
+            "frequency": schedule.frequency,
+            "name": schedule.name or f"lr-{type(built).__name__}",
+        }
+    return config
+
+
+def resolve_optimizer_class(name: str | type) -> type[Optimizer]:
+    """The Optimizer class for a core name (any case), a dotted class path, or a class."""
+    if isinstance(name, type):
+        require(issubclass(name, Optimizer), "optimizer", name, _ALLOWED_OPTIMIZERS)
+        return name
+    require(isinstance(name, str), "optimizer", name, _ALLOWED_OPTIMIZERS)
+    if "." not in name:
+        by_lower = {key.lower(): cls for key, cls in CORE_OPTIMIZERS.items()}
+        require(name.lower() in by_lower, "optimizer", name, _ALLOWED_OPTIMIZERS)
+        return by_lower[name.lower()]
+    module_path, _, attribute = name.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_path), attribute)
+    except (ImportError, AttributeError):
+        found = None
+    require(
+        isinstance(found, type) and issubclass(found, Optimizer),
+        "optimizer",
+        name,
+        _ALLOWED_OPTIMIZERS,
+    )
+    return found  # type: ignore[return-value]
+
+
+def public_path(cls: type) -> str:
+    """The shortest import path that exports the class: 'core.AdamW', not 'core.adam.AdamW'."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        module_path = ".".join(parts[:end])
+        if getattr(importlib.import_module(module_path), cls.__name__, None) is cls:
+            return f"{module_path}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _from_config(
+    module: nn.Module,
+    config: Mapping[str, Any],
+    scheduler: ScheduleSpec,
+    no_weight_decay: NoWeightDecay,
+    hyperparameters: dict[str, Any],
+) -> dict[str, Any]:
+    """configure_optimizers(module, {...}): the dict's keys are the keyword arguments."""
+    extra = sorted(hyperparameters) + [
+        name
+        for name, value, default in (
+            ("scheduler", scheduler, None),
+            ("no_weight_decay", no_weight_decay, True),
+        )
+        if value is not default
+    ]
+    require(
+        not extra,
+        "arguments beside a config dict",
+        extra,
+        "none: put them in the dict, or pass the optimizer itself instead of a dict",
+    )
+    require(
+        all(isinstance(key, str) for key in config),
+        "config keys",
+        list(config),
+        "strings: optimizer, scheduler, no_weight_decay and the optimizer's hyperparameters",
+    )
+    return configure_optimizers(module, **config)
+
+
+def _resolve_optimizer(
+    spec: OptimizerSpec, hyperparameters: dict[str, Any]
+) -> tuple[Callable[..., Optimizer], str, dict[str, Any]]:
+    """(what builds the optimizer from param groups, its name for errors, checked kwargs)."""
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"class_path", "init_args"})
+        require(not unknown, "optimizer dict keys", unknown, "class_path and init_args")
+        init_args = spec.get("init_args") or {}
+        require(isinstance(init_args, Mapping), "init_args", init_args, "a dict of arguments")
+        spec, hyperparameters = spec["class_path"], {**init_args, **hyperparameters}
+    if callable(spec) and not isinstance(spec, type):
+        return spec, repr(spec), hyperparameters
+    cls = resolve_optimizer_class(spec)  # type: ignore[arg-type]
+    label = public_path(cls)
+    accepted = _keyword_arguments(cls)
+    if accepted is not None:
+        unknown = sorted(set(hyperparameters) - set(accepted))
+        require(
+            not unknown,
+            f"argument for {label}",
+            ", ".join(unknown),
+            f"its parameters: {', '.join(accepted)}",
+        )
+    missing = [name for name in _required_arguments(cls) if name not in hyperparameters]
+    require(not missing, f"arguments for {label}", hyperparameters, f"also {', '.join(missing)}")
+    return cls, label, hyperparameters
+
+
+def _required_arguments(cls: type) -> list[str]:
+    """Constructor arguments after params that have no default (core's lr)."""
+    parameters = list(inspect.signature(cls).parameters.values())[1:]
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in keyword_kinds and p.default is p.empty]
+
+
+def _keyword_arguments(cls: type) -> list[str] | None:
+    """The constructor's arguments after params; None when it takes **kwargs."""
+    parameters = list(inspect.signature(cls).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def _has_weight_decay(factory: Callable[..., Optimizer]) -> bool:
+    """Whether a no-decay group means anything to this optimizer."""
+    if not isinstance(factory, type):
+        return True  # a callable: torch's optimizers all take weight_decay in groups
+    accepted = _keyword_arguments(factory)
+    return accepted is None or "weight_decay" in accepted
+
+
+def _no_weight_decay_rule(
+    setting: NoWeightDecay,
+) -> Callable[[str, nn.Parameter, nn.Module], bool] | None:
+    if setting is True:
+        return _default_no_weight_decay
+    if setting is False:
+        return None
+    if isinstance(setting, Sequence) and not isinstance(setting, str):
+        patterns = list(setting)
+        require(
+            all(isinstance(p, str) for p in patterns),
+            "no_weight_decay",
+            setting,
+            "True, False, a list of fnmatch patterns, or a callable",
+        )
+        return lambda name, _param, _module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    require(
+        callable(setting),
+        "no_weight_decay",
+        setting,
+        "True, False, a list of fnmatch patterns, or a callable",
+    )
+    return setting  # type: ignore[return-value]
+
+
+def _default_no_weight_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    """Biases, normalisation weights and embeddings: decaying them hurts and saves nothing."""
+    owner = type(module).__name__
+    return "bias" in name.rpartition(".")[2] or "Norm" in owner or "Embedding" in owner
+
+
+def _param_groups(
+    module: nn.Module, exclude: Callable[[str, nn.Parameter, nn.Module], bool] | None
+) -> list[dict[str, Any]]:
+    """The trainable parameters as a 'decay' and a 'no_decay' group (empty groups left out).
+
+    A parameter shared by several modules (tied weights) skips decay if any owner says so.
+    Frozen parameters are left out, so a finetuning callback can add them later.
+    """
+    skip: set[int] = set()
+    if exclude is not None:
+        for module_name, owner in module.named_modules():
+            for param_name, param in owner.named_parameters(recurse=False):
+                qualified = f"{module_name}.{param_name}" if module_name else param_name
+                if exclude(qualified, param, owner):
+                    skip.add(id(param))
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in trainable if id(p) not in skip]
+    no_decay = [p for p in trainable if id(p) in skip]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def _trainer_of(module: nn.Module) -> Any:
+    try:
+        trainer = module.trainer  # a LightningModule raises RuntimeError when detached
+    except (AttributeError, RuntimeError):
+        trainer = None
+    require(
+        trainer is not None,
+        "scheduler total_steps",
+        None,
+        "an int when the module is not attached to a Trainer "
+        "(call configure_optimizers from inside LightningModule.configure_optimizers)",
+    )
+    return trainer

@@ -1,0 +1,157 @@
+"""Learning-rate schedules for `configure_optimizers`, composed from torch's own schedulers.
+
+Composing LinearLR, CosineAnnealingLR and ConstantLR with SequentialLR (rather than
+writing the curve as a LambdaLR) keeps checkpoints plain torch scheduler state that
+Lightning saves and restores without help.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    SequentialLR,
+)
+
+from core.optimizer import require
+
+KINDS = ("cosine", "linear", "constant")
+INTERVALS = ("step", "epoch")
+_HOLD_FOREVER = 2**62
+"""ConstantLR's total_iters for the hold stage: an end it never reaches, so the lr stays put."""
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """A learning-rate schedule: linear warmup, then cosine or linear decay, or a constant lr.
+
+    Counts are scheduler steps: one per `frequency` intervals (optimizer steps when
+    interval is 'step'). LightningCLI shows these fields under `--model.<arg>.help`.
+
+    Args:
+        kind: What follows the warmup: 'cosine' or 'linear' decay from the peak lr to
+            min_lr_ratio x peak at total_steps (then held there), or 'constant'.
+        warmup_steps: Scheduler steps of linear warmup, from peak/(warmup_steps+1) up to
+            the peak; 0 starts at the peak.
+        total_steps: Length of warmup plus decay. None asks the trainer:
+            estimated_stepping_batches (interval 'step') or max_epochs ('epoch'),
+            divided by frequency.
+        min_lr_ratio: The final lr as a fraction of the peak lr (cosine and linear).
+        interval: 'step' or 'epoch': when Lightning steps the scheduler.
+        frequency: Step the scheduler once every this many intervals.
+        name: The key LearningRateMonitor logs under; None keeps Lightning's 'lr-<Optimizer>'.
+    """
+
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    interval: Literal["step", "epoch"] = "step"
+    frequency: int = 1
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        require(self.kind in KINDS, "scheduler kind", self.kind, f"one of {', '.join(KINDS)}")
+        require(_is_int(self.warmup_steps, 0), "warmup_steps", self.warmup_steps, "an int >= 0")
+        require(
+            self.total_steps is None
+            or (_is_int(self.total_steps, 1) and self.kind == "constant")
+            or (_is_int(self.total_steps, 1) and self.total_steps > self.warmup_steps),
+            "total_steps",
+            self.total_steps,
+            f"None or an int >= 1, and more than warmup_steps ({self.warmup_steps}) for a "
+            f"{self.kind} schedule",
+        )
+        require(
+            isinstance(self.min_lr_ratio, (int, float))
+            and not isinstance(self.min_lr_ratio, bool)
+            and 0.0 <= self.min_lr_ratio <= 1.0,
+            "min_lr_ratio",
+            self.min_lr_ratio,
+            "a number in [0, 1]",
+        )
+        require(self.interval in INTERVALS, "interval", self.interval, "'step' or 'epoch'")
+        require(_is_int(self.frequency, 1), "frequency", self.frequency, "an int >= 1")
+        require(
+            self.name is None or isinstance(self.name, str), "name", self.name, "None or a string"
+        )
+
+    @classmethod
+    def coerce(cls, spec: LRSchedule | str | Mapping[str, Any]) -> LRSchedule:
+        """An LRSchedule from itself, a kind name ('cosine') or a dict of its fields (YAML)."""
+        if isinstance(spec, LRSchedule):
+            return spec
+        if isinstance(spec, str):
+            return cls(kind=spec)  # type: ignore[arg-type]
+        if isinstance(spec, Mapping):
+            allowed = [f.name for f in fields(cls)]
+            unknown = sorted(set(spec) - set(allowed))
+            require(not unknown, "scheduler key", unknown, f"keys among {', '.join(allowed)}")
+            return cls(**spec)
+        raise TypeError(
+            f"Invalid scheduler: {spec!r}. Allowed: None, one of {', '.join(KINDS)}, "
+            "an LRSchedule, or a dict of LRSchedule fields."
+        )
+
+    def build(self, optimizer: Optimizer) -> LRScheduler:
+        """The torch scheduler for `optimizer`, whose groups' current lr is the peak."""
+        require(self.total_steps is not None, "total_steps", None, "an int to build a scheduler")
+        decay_steps = self.total_steps - self.warmup_steps
+        # Read the peak before any scheduler's first step lowers the lr.
+        peak = max(float(group["lr"]) for group in optimizer.param_groups)
+        stages: list[LRScheduler] = []
+        milestones: list[int] = []
+        if self.warmup_steps:
+            start = 1.0 / (self.warmup_steps + 1)
+            stages.append(LinearLR(optimizer, start, 1.0, total_iters=self.warmup_steps))
+            milestones.append(self.warmup_steps)
+        if self.kind == "cosine":
+            eta_min = self.min_lr_ratio * peak
+            stages.append(CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=eta_min))
+            # CosineAnnealingLR climbs again after T_max; hold the final lr instead.
+            stages.append(ConstantLR(optimizer, self.min_lr_ratio, total_iters=_HOLD_FOREVER))
+            milestones.append(self.total_steps)
+        elif self.kind == "linear":
+            stages.append(LinearLR(optimizer, 1.0, self.min_lr_ratio, total_iters=decay_steps))
+        else:
+            stages.append(ConstantLR(optimizer, 1.0, total_iters=0))
+        if len(stages) == 1:
+            return stages[0]
+        return SequentialLR(optimizer, stages, milestones)
+
+    def with_total_from(self, trainer: Any) -> LRSchedule:
+        """This schedule with total_steps from the trainer's own count of what it will run."""
+        if self.total_steps is not None:
+            return self
+        if self.interval == "step":
+            total = trainer.estimated_stepping_batches
+            source = "trainer.estimated_stepping_batches"
+        else:
+            total = trainer.max_epochs
+            source = "trainer.max_epochs"
+        require(
+            total is not None and math.isfinite(total) and total >= self.frequency,
+            "total_steps",
+            None,
+            f"an int when the trainer does not bound training ({source} is {total}); "
+            "set total_steps, or max_steps / max_epochs on the Trainer",
+        )
+        return replace(self, total_steps=int(total) // self.frequency)
+
+
+# Modules keep an LRSchedule in their hparams; it holds plain fields and runs no code when
+# unpickled, so checkpoints holding one still load with torch.load(weights_only=True).
+torch.serialization.add_safe_globals([LRSchedule])
+
+
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low

@@ -1,0 +1,90 @@
+"""Small LightningModules, data and Trainer settings the adapter tests share."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_adam
+
+
+def regression_data(count: int = 128, seed: int = 1) -> TensorDataset:
+    """A noisy smooth teacher (6 -> 3) in float64, cast to float32."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = 0.4 * torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    x = torch.randn(count, 6, generator=generator, dtype=torch.float64)
+    y = torch.sin(x @ teacher) + 0.1 * torch.randn(
+        count, 3, generator=generator, dtype=torch.float64
+    )
+    return TensorDataset(x.float(), y.float())
+
+
+def loader(dataset: TensorDataset, batch_size: int = 32) -> DataLoader:
+    """Fixed order, so a resumed run sees exactly the batches an uninterrupted one does."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+class Regression(L.LightningModule):
+    """An MLP with a LayerNorm whose optimizer is whatever configure_optimizers is given."""
+
+    def __init__(
+        self,
+        optimizer: Any = "AdamW",
+        scheduler: Any = None,
+        width: int = 16,
+        seed: int = 0,
+        **hyperparameters: Any,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(
+            nn.Linear(6, width), nn.LayerNorm(width), nn.Tanh(), nn.Linear(width, 3)
+        )
+        self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
+        self.hyperparameters = hyperparameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x).float(), y.float())
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return lightning_adam.configure_optimizers(
+            self, self.optimizer_spec, scheduler=self.scheduler_spec, **self.hyperparameters
+        )
+
+
+def make_trainer(**overrides: Any) -> L.Trainer:
+    """A quiet CPU Trainer: no logger, progress bar, summary or checkpoints unless asked."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
+    return L.Trainer(**{**settings, **overrides})
+
+
+def parameters_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def load_module(path: Path) -> ModuleType:
+    """Import a script (examples/ is not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module

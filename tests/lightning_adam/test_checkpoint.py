@@ -1,0 +1,59 @@
+"""Checkpoint save and resume: a resumed run continues exactly as the uninterrupted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+
+EPOCHS, RESUME_AFTER = 4, 2
+SCHEDULE = {"kind": "cosine", "warmup_steps": 3, "total_steps": 16, "min_lr_ratio": 0.1}
+"""4 epochs of 4 batches; total_steps is fixed so both runs follow one schedule."""
+
+OPTIMIZERS = {
+    "Adam": {"optimizer": "Adam", "lr": 1e-2, "weight_decay": 1e-3, "amsgrad": True},
+    "AdamW": {"optimizer": "AdamW", "lr": 1e-2},
+    "RAdam": {"optimizer": "RAdam", "lr": 1e-2, "decouple_lr": True, "weight_decay": 1e-3},
+    "NAdam": {"optimizer": "NAdam", "lr": 1e-2},
+    "ADOPT": {"optimizer": "ADOPT", "lr": 1e-2, "betas": (0.9, 0.99)},
+}
+CASES = [(name, "32-true") for name in OPTIMIZERS] + [("AdamW", "bf16-true")]
+
+
+def _fit(model: Regression, precision: str, ckpt_path: Path | None = None, **kwargs: Any) -> Any:
+    trainer = make_trainer(max_epochs=EPOCHS, precision=precision, **kwargs)
+    trainer.fit(model, loader(regression_data(128)), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize(("name", "precision"), CASES, ids=[f"{n}-{p}" for n, p in CASES])
+def test_resume_continues_exactly_as_the_uninterrupted_run(
+    name: str, precision: str, tmp_path: Path
+) -> None:
+    kwargs = OPTIMIZERS[name]
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    uninterrupted = Regression(scheduler=SCHEDULE, **kwargs)
+    full = _fit(uninterrupted, precision, callbacks=[saver], enable_checkpointing=True)
+
+    resumed = Regression(scheduler=SCHEDULE, seed=123, **kwargs)  # other init: all from the file
+    checkpoint = tmp_path / f"epoch={RESUME_AFTER - 1}.ckpt"
+    again = _fit(resumed, precision, ckpt_path=checkpoint)
+
+    assert again.global_step == full.global_step == EPOCHS * 4
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    states = [t.optimizers[0].state_dict()["state"] for t in (full, again)]
+    assert states[0].keys() == states[1].keys()
+    for key, state in states[0].items():
+        assert state.keys() == states[1][key].keys()
+        for buffer, value in state.items():
+            assert torch.equal(value, states[1][key][buffer]), buffer
+    if precision == "bf16-true":
+        assert all("kahan_comp" in state for state in states[1].values())
+    schedulers = [t.lr_scheduler_configs[0].scheduler for t in (full, again)]
+    assert schedulers[0].get_last_lr() == schedulers[1].get_last_lr()

@@ -1,0 +1,172 @@
+"""LightningCLI in a subprocess: each YAML in configs/lightning and flags train; clear errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import core
+from tests.lightning_adam.models import load_module, make_trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "lightning_cli.py"
+CONFIGS = ROOT / "configs" / "lightning"
+BASE = CONFIGS / "base.yaml"
+example = load_module(EXAMPLE)
+OPTIMIZER_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p != BASE)
+SHORT_RUN = [
+    "--trainer.max_steps=40",
+    "--trainer.limit_val_batches=0",
+    "--trainer.log_every_n_steps=1",
+    "--model.scheduler.warmup_steps=5",
+]
+
+
+def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    """`examples/lightning_cli.py fit --config base.yaml ...`, logging into directory."""
+    command = [sys.executable, str(EXAMPLE), "fit", "--config", str(BASE), *args]
+    command += [
+        f"--trainer.default_root_dir={directory}",
+        f"--trainer.logger.init_args.save_dir={directory}",
+    ]
+    # One thread: a tiny model gains nothing from two, and loses 10x when they fight a busy core.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, cwd=directory, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def logged(directory: Path, column: str) -> list[float]:
+    """Every value the CSVLogger wrote in one column of the run's metrics.csv."""
+    (metrics,) = directory.glob("lightning_logs/version_*/metrics.csv")
+    with metrics.open() as handle:
+        return [float(row[column]) for row in csv.DictReader(handle) if row.get(column)]
+
+
+def assert_trains(directory: Path, result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = logged(directory, "train_loss")
+    assert len(losses) == 40
+    first, last = losses[0], sum(losses[-5:]) / 5
+    assert first > 5.0  # ln(256) = 5.5 for an untrained byte model
+    assert last < 0.75 * first, losses
+
+
+def test_every_optimizer_config_is_covered() -> None:
+    expected = {"adam.yaml", "adamw.yaml", "radam.yaml", "nadam.yaml", "adopt.yaml"}
+    assert expected <= set(OPTIMIZER_CONFIGS)
+
+
+@pytest.mark.parametrize("config", OPTIMIZER_CONFIGS)
+def test_each_yaml_trains_and_the_loss_falls(config: str, tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "--config", str(CONFIGS / config), *SHORT_RUN)
+    assert_trains(tmp_path, result)
+    chosen = yaml.safe_load((CONFIGS / config).read_text())["optimizer"]
+    name = chosen["class_path"].rpartition(".")[2]
+    # LearningRateMonitor names its columns after the optimizer class that really ran.
+    assert max(logged(tmp_path, f"lr-{name}/decay")) == pytest.approx(chosen["init_args"]["lr"])
+
+
+def test_flags_select_optimizer_and_hyperparameters(tmp_path: Path) -> None:
+    flags = ["--optimizer=core.AdamW", "--optimizer.lr=3e-3", "--optimizer.kahan_sum=true"]
+    result = run_cli(tmp_path, *flags, *SHORT_RUN)
+    assert_trains(tmp_path, result)
+    (hparams,) = tmp_path.glob("lightning_logs/version_*/hparams.yaml")
+    text = hparams.read_text()
+    assert "class_path: core.AdamW" in text and "kahan_sum: true" in text and "lr: 0.003" in text
+    peak = max(logged(tmp_path, "lr-AdamW/decay"))
+    assert peak == pytest.approx(3e-3)
+
+
+def test_a_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """The checkpoint holds the linked optimizer dict and the LRSchedule in hparams, and
+    loads with Lightning's default torch.load(weights_only=True)."""
+    # Validating every 20 steps makes Lightning's default ModelCheckpoint save at step 40.
+    config = ["--config", str(CONFIGS / "adamw.yaml"), *SHORT_RUN]
+    config += ["--trainer.val_check_interval=20", "--trainer.limit_val_batches=1"]
+    first = run_cli(tmp_path, *config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    assert "step=40" in checkpoint.name
+    resumed = run_cli(tmp_path, *config, f"--ckpt_path={checkpoint}", "--trainer.max_steps=45")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (metrics,) = tmp_path.glob("lightning_logs/version_1/metrics.csv")
+    with metrics.open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train_loss")]
+    assert steps == list(range(40, 45))
+
+
+def parse_only(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """The example's LightningCLI in this process, for runs that stop at parsing (exit code)."""
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["fit", "--config", str(BASE), *args])
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--optimizer=core.AdamX"], "Problem with given class_path 'core.AdamX'"),
+        (["--optimizer=NoSuchOptimizer"], "NoSuchOptimizer"),
+        (["--optimizer=core.AdamW", "--optimizer.lrr=1"], "Option 'lrr' is not accepted"),
+        (
+            ["--optimizer=AdamW"],
+            "Multiple subclasses with name AdamW. Give the full class path to avoid ambiguity: "
+            "torch.optim.AdamW, core.AdamW.",
+        ),
+    ],
+    ids=["unknown-path", "unknown-name", "unknown-argument", "ambiguous-name"],
+)
+def test_bad_optimizer_flags_give_lightnings_clear_error(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    code, _, err = parse_only(capsys, *flags)
+    assert code == 2 and message in err
+
+
+def test_help_shows_hyperparameters_and_docstrings(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = parse_only(capsys, "--optimizer.help=core.AdamW")
+    assert code == 0
+    assert "--optimizer.kahan_sum {true,false,null}" in out
+    assert "Kahan-compensated updates so bf16/fp16 parameters" in out
+    assert "--optimizer.decouple_lr" in out
+
+
+def test_print_config_shows_the_chosen_optimizer(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = parse_only(
+        capsys, "--optimizer=ADOPT", "--optimizer.clip=false", "--print_config"
+    )
+    assert code == 0
+    config = out[out.index("\noptimizer:") :]
+    assert "class_path: core.ADOPT" in config and "clip: false" in config
+    assert "betas:\n    - 0.9\n    - 0.9999" in config
+
+
+def test_plain_lightning_cli_takes_core_optimizers_by_short_name() -> None:
+    """LightningCLI's own automatic --optimizer, no adamkit wiring: ADOPT after the import."""
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    import lightning_adam  # noqa: F401  (the import is what registers the short name)
+
+    cli = LightningCLI(
+        BoringModel,
+        BoringDataModule,
+        run=False,
+        args=["--optimizer=ADOPT", "--optimizer.lr=0.01", "--optimizer.clip=false"],
+        trainer_defaults={"logger": False, "enable_checkpointing": False},
+        save_config_callback=None,
+    )
+    trainer = make_trainer(max_steps=3)
+    trainer.fit(cli.model, cli.datamodule)
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is core.ADOPT
+    assert optimizer.param_groups[0]["clip"] is False
+    assert all(float(s["step"]) == 3 for s in optimizer.state.values())

@@ -1,0 +1,235 @@
+"""lightning_adam.configure_optimizers: names, hyperparameters, groups, schedules, errors."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import core
+from lightning_adam import LRSchedule, configure_optimizers
+from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+
+
+class Tied(nn.Module):
+    """Embedding tied to the output head, a norm, a biased projection and a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 8)
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embedding.weight
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, set[str]]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {g["name"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+
+
+def test_default_rule_leaves_biases_norms_and_embeddings_undecayed() -> None:
+    model = Tied()
+    optimizer = configure_optimizers(model, "AdamW", lr=1e-3, weight_decay=0.1)["optimizer"]
+    assert _group_names(model, optimizer) == {
+        "decay": {"proj.weight"},
+        "no_decay": {"embedding.weight", "norm.weight", "norm.bias", "proj.bias"},
+    }
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected_no_decay"),
+    [
+        (["*.bias"], {"norm.bias", "proj.bias"}),
+        (("norm.*", "embedding.weight"), {"norm.weight", "norm.bias", "embedding.weight"}),
+        (lambda name, param, module: param.ndim == 1, {"norm.weight", "norm.bias", "proj.bias"}),
+    ],
+    ids=["patterns", "tuple", "callable"],
+)
+def test_no_weight_decay_is_configurable(setting: object, expected_no_decay: set[str]) -> None:
+    model = Tied()
+    optimizer = configure_optimizers(model, "AdamW", lr=1e-3, no_weight_decay=setting)["optimizer"]
+    groups = _group_names(model, optimizer)
+    assert groups["no_decay"] == expected_no_decay
+    assert (
+        groups["decay"]
+        == {"embedding.weight", "norm.weight", "norm.bias", "proj.weight", "proj.bias"}
+        - expected_no_decay
+    )
+
+
+def test_no_weight_decay_false_makes_one_decayed_group() -> None:
+    model = Tied()
+    optimizer = configure_optimizers(model, "AdamW", lr=1e-3, no_weight_decay=False)["optimizer"]
+    assert _group_names(model, optimizer) == {
+        "decay": {"embedding.weight", "norm.weight", "norm.bias", "proj.weight", "proj.bias"}
+    }
+
+
+def test_no_decay_group_is_not_decayed_and_the_other_is() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    optimizer = configure_optimizers(model, "AdamW", lr=0.1, weight_decay=0.5)["optimizer"]
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    linear_weight, *undecayed = before
+    torch.testing.assert_close(model[0].weight, linear_weight * (1 - 0.1 * 0.5))
+    for param, old in zip([model[0].bias, model[1].weight, model[1].bias], undecayed, strict=True):
+        assert torch.equal(param, old)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("adamw", core.AdamW),
+        ("ADOPT", core.ADOPT),
+        ("nadam", core.NAdam),
+        ("core.RAdam", core.RAdam),
+        ("torch.optim.AdamW", torch.optim.AdamW),
+        (core.Adam, core.Adam),
+        ({"class_path": "core.AdamW", "init_args": {"lr": 0.02}}, core.AdamW),
+        (functools.partial(core.RAdam, lr=0.02), core.RAdam),
+    ],
+    ids=["lower", "short", "nadam", "path", "torch", "class", "cli-dict", "callable"],
+)
+def test_optimizer_by_name_path_class_dict_or_callable(spec: object, expected: type) -> None:
+    extra = {} if isinstance(spec, (dict, functools.partial)) else {"lr": 0.02}
+    optimizer = configure_optimizers(Tied(), spec, **extra)["optimizer"]
+    assert type(optimizer) is expected
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.02]
+
+
+def test_hyperparameters_reach_every_group_and_explicit_ones_win_over_init_args() -> None:
+    spec = {"class_path": "core.AdamW", "init_args": {"lr": 0.5, "betas": [0.8, 0.9]}}
+    optimizer = configure_optimizers(Tied(), spec, lr=0.02, kahan_sum=False)["optimizer"]
+    for group in optimizer.param_groups:
+        assert (group["lr"], group["betas"], group["kahan_sum"]) == (0.02, [0.8, 0.9], False)
+
+
+def test_a_plain_dict_from_yaml_configures_optimizer_groups_and_schedule() -> None:
+    config = yaml.safe_load(
+        """
+        optimizer: ADOPT
+        lr: 2.0e-3
+        weight_decay: 0.1
+        decouple_wd: true
+        scheduler: {kind: linear, warmup_steps: 1, total_steps: 3, name: lr}
+        no_weight_decay: ['*.bias']
+        """
+    )
+    model = Tied()
+    result = configure_optimizers(model, config)
+    optimizer, scheduler = result["optimizer"], result["lr_scheduler"]
+    assert type(optimizer) is core.ADOPT
+    assert _group_names(model, optimizer)["no_decay"] == {"norm.bias", "proj.bias"}
+    assert {k: v for k, v in scheduler.items() if k != "scheduler"} == {
+        "interval": "step",
+        "frequency": 1,
+        "name": "lr",
+    }
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler["scheduler"].step()
+    assert lrs == pytest.approx([1e-3, 2e-3, 1e-3, 0.0], abs=1e-15)
+
+
+def _expected_factor(kind: str, t: int, warmup: int, total: int, ratio: float) -> float:
+    """The schedule written from its definition, to check the composed torch schedulers."""
+    if t < warmup:
+        return (t + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(t - warmup, total - warmup) / (total - warmup)
+    if kind == "cosine":
+        return ratio + (1 - ratio) * (1 + math.cos(math.pi * progress)) / 2
+    return 1 - (1 - ratio) * progress
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_schedules_follow_their_definition_and_hold_after_the_end(kind: str, warmup: int) -> None:
+    lr, total, ratio = 0.01, 12, 0.2
+    schedule = LRSchedule(kind=kind, warmup_steps=warmup, total_steps=total, min_lr_ratio=ratio)
+    result = configure_optimizers(Tied(), "AdamW", lr=lr, scheduler=schedule)
+    optimizer, scheduler = result["optimizer"], result["lr_scheduler"]["scheduler"]
+    for t in range(total + 5):
+        expected = lr * _expected_factor(kind, t, warmup, total, ratio)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_total_steps_default_to_the_trainers_optimizer_steps() -> None:
+    """8 batches, accumulate 2, 3 epochs: 12 optimizer steps, so linear decay ends at lr 0."""
+    model = Regression(scheduler={"kind": "linear"}, lr=1e-2)
+    trainer = make_trainer(max_epochs=3, accumulate_grad_batches=2)
+    trainer.fit(model, loader(regression_data(128), batch_size=16))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == 12 and scheduler.last_epoch == 12
+    assert scheduler.get_last_lr() == [0.0, 0.0]
+
+
+def test_epoch_interval_counts_epochs() -> None:
+    model = Regression(
+        scheduler={"kind": "linear", "interval": "epoch", "min_lr_ratio": 0.5}, lr=1e-3
+    )
+    trainer = make_trainer(max_epochs=4)
+    trainer.fit(model, loader(regression_data(64)))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.lr_scheduler_configs[0].interval == "epoch"
+    assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == pytest.approx([5e-4] * 2)
+
+
+def test_unbounded_trainer_needs_total_steps() -> None:
+    model = Regression(scheduler="cosine", lr=1e-2)
+    trainer = make_trainer(max_steps=-1, max_epochs=-1)
+    with pytest.raises(ValueError, match=r"Invalid total_steps: None\. .*estimated_stepping"):
+        trainer.fit(model, loader(regression_data(64)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "AdamX"}, r"Invalid optimizer: 'AdamX'\. Allowed: one of Adam, AdamW,"),
+        ({"optimizer": "torch.optim.Nope"}, r"Invalid optimizer: 'torch.optim.Nope'\."),
+        ({"optimizer": "lightning_adam.LRSchedule"}, r"Invalid optimizer: 'lightning_adam"),
+        ({"lrr": 1e-3}, r"Invalid argument for core.AdamW: 'lrr'\. Allowed: .*: lr, betas,"),
+        ({"lr": -1.0}, r"Invalid lr: -1.0\. Allowed: a finite number >= 0"),
+        ({"lr": None}, r"Invalid arguments for core.AdamW: \{\}\. Allowed: also lr\."),
+        ({"scheduler": "cosin"}, r"Invalid scheduler kind: 'cosin'\. Allowed: one of cosine,"),
+        ({"scheduler": {"warmup": 3}}, r"Invalid scheduler key: \['warmup'\]\. .*warmup_steps"),
+        (
+            {"scheduler": {"warmup_steps": 5, "total_steps": 5}},
+            r"Invalid total_steps: 5\. Allowed: .*more than warmup_steps \(5\)",
+        ),
+        ({"scheduler": {"interval": "batch"}}, r"Invalid interval: 'batch'\. Allowed: 'step'"),
+        ({"scheduler": 3}, r"Invalid scheduler: 3\. Allowed: None, one of cosine"),
+        ({"no_weight_decay": 3}, r"Invalid no_weight_decay: 3\. Allowed: True, False, a list"),
+        (
+            {"optimizer": {"class_path": "core.AdamW", "args": {}}},
+            r"Invalid optimizer dict keys: \['args'\]\. Allowed: class_path and init_args",
+        ),
+        (
+            {"optimizer": {"optimizer": "AdamW"}, "lr": 1.0},
+            r"Invalid arguments beside a config dict: \['lr'\]",
+        ),
+    ],
+    ids=lambda value: str(value)[:40],
+)
+def test_bad_input_is_refused_with_argument_value_and_what_is_allowed(
+    kwargs: dict, message: str
+) -> None:
+    kwargs = {"optimizer": "AdamW", "lr": 1e-3, **kwargs}
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}  # None: left out
+    with pytest.raises((ValueError, TypeError), match=message):
+        configure_optimizers(Tied(), kwargs.pop("optimizer"), **kwargs)

@@ -1,0 +1,196 @@
+"""lightning_adam.GradientRelease, real Trainer: exact equality, resume, accumulation, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.utils.data import TensorDataset
+
+import core
+from lightning_adam import GradientRelease
+from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+from tests.lightning_adam.test_checkpoint import OPTIMIZERS, SCHEDULE
+
+EPOCHS = 4
+
+
+def _fit(model: Regression, release: bool, **overrides: Any) -> Any:
+    callbacks = [*overrides.pop("callbacks", []), *([GradientRelease()] if release else [])]
+    data = overrides.pop("data", None) or loader(regression_data(128))
+    trainer = make_trainer(**{"max_epochs": EPOCHS, "callbacks": callbacks, **overrides})
+    trainer.fit(model, data)
+    return trainer
+
+
+def _csv(directory: Path) -> str:
+    (metrics,) = directory.glob("**/metrics.csv")
+    return metrics.read_text()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_release_equals_ordinary_training_exactly_with_schedule_and_logging(
+    name: str, tmp_path: Path
+) -> None:
+    runs = {}
+    for release in (False, True):
+        model = Regression(scheduler=SCHEDULE, **OPTIMIZERS[name])
+        logger = CSVLogger(tmp_path / str(release), name="run")
+        monitor = LearningRateMonitor(logging_interval="step")
+        trainer = _fit(model, release, logger=logger, callbacks=[monitor], log_every_n_steps=1)
+        runs[release] = (model, trainer)
+    (ordinary, plain_trainer), (released, release_trainer) = runs[False], runs[True]
+    assert release_trainer.global_step == plain_trainer.global_step == EPOCHS * 4
+    for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # The same losses and learning rates were logged, step by step.
+    assert _csv(tmp_path / "False") == _csv(tmp_path / "True")
+    assert f"lr-{name}/decay" in _csv(tmp_path / "True")
+    # Teardown handed the optimizer back: no parameter is left released.
+    assert not release_trainer.optimizers[0].released_params
+    assert not core.is_gradient_release_prepared(released)
+
+
+def test_release_under_bf16_mixed_autocast_equals_ordinary_training() -> None:
+    runs = [Regression(scheduler=SCHEDULE, lr=1e-2) for _ in range(2)]
+    for model, release in zip(runs, (False, True), strict=True):
+        _fit(model, release, precision="bf16-mixed")
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_release_frees_gradients_inside_backward() -> None:
+    seen: list[list[bool]] = []
+
+    class Probe(Regression):
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            seen.append([p.grad is None for p in self.parameters()])
+
+    _fit(Probe(lr=1e-2), release=True, max_epochs=1)
+    assert len(seen) == 4 and all(all(step) for step in seen)
+
+
+def test_resume_with_release_continues_exactly(tmp_path: Path) -> None:
+    kwargs = {"scheduler": SCHEDULE, **OPTIMIZERS["AdamW"]}
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    uninterrupted = Regression(**kwargs)
+    _fit(uninterrupted, True, callbacks=[saver], enable_checkpointing=True)
+    resumed = Regression(seed=7, **kwargs)
+    trainer = make_trainer(max_epochs=EPOCHS, callbacks=[GradientRelease()])
+    trainer.fit(resumed, loader(regression_data(128)), ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert trainer.global_step == EPOCHS * 4
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _repeated_batches(repeats: int) -> TensorDataset:
+    """Every batch of 32 appears `repeats` times in a row: each window's micro-batches agree."""
+    x, y = regression_data(128).tensors
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)]
+    xs = torch.cat([bx for bx, _ in batches for _ in range(repeats)])
+    ys = torch.cat([by for _, by in batches for _ in range(repeats)])
+    return TensorDataset(xs.double(), ys.double())
+
+
+ACCUMULATING = {
+    "Adam-amsgrad": {"optimizer": "Adam", "lr": 1e-2, "amsgrad": True},
+    "AdamW": OPTIMIZERS["AdamW"],
+    "RAdam-fully-decoupled": OPTIMIZERS["RAdam"],
+}
+
+
+@pytest.mark.parametrize("name", list(ACCUMULATING))
+def test_accumulation_matches_lightnings_windows(name: str) -> None:
+    """With agreeing micro-batches optimizer accumulation is exact (float64, 1e-12), so any
+    window misaligned with Lightning's accumulate_grad_batches would show."""
+    runs = []
+    for release in (False, True):
+        model = Regression(scheduler=SCHEDULE, **ACCUMULATING[name])
+        trainer = _fit(
+            model,
+            release,
+            precision="64-true",
+            accumulate_grad_batches=3,
+            data=loader(_repeated_batches(3)),
+        )
+        assert trainer.global_step == EPOCHS * 4
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_accumulation_with_a_short_last_window_trains() -> None:
+    """5 batches per epoch, windows of 2: Lightning steps after batches 2, 4 and 5."""
+    model = Regression(lr=1e-2)
+    trainer = _fit(model, True, accumulate_grad_batches=2, data=loader(regression_data(160)))
+    assert trainer.global_step == EPOCHS * 3
+    states = trainer.optimizers[0].state.values()
+    assert {float(s["step"]) for s in states} == {EPOCHS * 3.0}
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("NAdam", r"Invalid accumulate_grad_batches for GradientRelease with NAdam: 2\."),
+        ("ADOPT", r"Invalid accumulate_grad_batches for GradientRelease with ADOPT: 2\."),
+        ("Adam", r"Invalid weight_decay in param group 0 .*: 0\.001 as an L2 penalty\."),
+    ],
+)
+def test_accumulation_refused_where_it_cannot_be_folded_exactly(name: str, message: str) -> None:
+    model = Regression(**OPTIMIZERS[name])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        _fit(model, True, accumulate_grad_batches=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+class Manual(Regression):
+    def __init__(self) -> None:
+        super().__init__(lr=1e-2)
+        self.automatic_optimization = False
+
+
+@pytest.mark.parametrize(
+    ("model", "overrides", "message"),
+    [
+        (Regression(lr=1e-2), {"gradient_clip_val": 1.0}, r"Invalid gradient_clip_val .*: 1\.0"),
+        (
+            Regression(lr=1e-2),
+            {"plugins": [MixedPrecision("16-mixed", device="cpu")]},
+            r"Invalid precision for GradientRelease: '16-mixed'\. Allowed: .*'bf16-mixed'",
+        ),
+        (Manual(), {}, r"Invalid automatic_optimization for GradientRelease: False"),
+        (
+            Regression("torch.optim.AdamW", lr=1e-2),
+            {},
+            r"Invalid optimizers for GradientRelease: \['AdamW'\]\. Allowed: exactly one",
+        ),
+    ],
+    ids=["clipping", "16-mixed", "manual", "torch-optimizer"],
+)
+def test_unsupported_settings_are_refused_before_training(
+    model: Regression, overrides: dict, message: str
+) -> None:
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises((ValueError, TypeError), match=message):
+        _fit(model, True, **overrides)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_bf16_true_with_release_uses_kahan_and_trains() -> None:
+    model = Regression(lr=1e-2)
+    trainer = _fit(model, True, precision="bf16-true", max_epochs=EPOCHS * 4)
+    states = list(trainer.optimizers[0].state.values())
+    assert all(s["kahan_comp"].dtype == torch.bfloat16 for s in states)
+    assert float(trainer.callback_metrics["train_loss"]) < 0.5 * _initial_loss()
+
+
+def _initial_loss() -> float:
+    x, y = regression_data(128).tensors
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(Regression()(x), y))

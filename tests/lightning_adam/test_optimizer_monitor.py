@@ -1,0 +1,126 @@
+"""lightning_adam.OptimizerMonitor: norms checked against the run itself, logged where due."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_adam import GradientRelease, OptimizerMonitor
+from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+
+KINDS = ("moment", "param", "update", "grad")
+
+
+class LastStep(L.Callback):
+    """Keeps the parameters from just before the last optimizer step of the run."""
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.before: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.last - 1:
+            self.before = [p.detach().clone() for p in trainer.lightning_module.parameters()]
+
+
+def _rows(directory: Path) -> list[dict[str, str]]:
+    (metrics,) = directory.glob("**/metrics.csv")
+    with metrics.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _monitored_run(directory: Path, release: bool = False, **overrides: Any) -> tuple:
+    steps = overrides.pop("max_steps", 6)
+    model = Regression(optimizer="Adam", lr=1e-2, amsgrad=True)  # no decay: the update is exact
+    last = LastStep(steps)
+    callbacks = [
+        *([GradientRelease()] if release else []),
+        OptimizerMonitor(every_n_steps=3),
+        last,
+    ]
+    logger = CSVLogger(directory, name="run")
+    trainer = make_trainer(
+        **{"max_steps": steps, "precision": "64-true", "callbacks": callbacks, **overrides},
+        logger=logger,
+    )
+    trainer.fit(model, loader(regression_data(256)))
+    return model, trainer, last.before
+
+
+def test_norms_are_the_last_steps_moment_param_update_and_grad(tmp_path: Path) -> None:
+    model, trainer, before = _monitored_run(tmp_path)
+    rows = _rows(tmp_path)
+    assert [int(row["step"]) for row in rows] == [2, 5]  # every 3 steps: after steps 3 and 6
+    logged = {key: float(value) for key, value in rows[-1].items() if value and key != "step"}
+    optimizer = trainer.optimizers[0]
+    squares = dict.fromkeys(KINDS, 0.0)
+    for (name, param), old in zip(model.named_parameters(), before, strict=True):
+        expected = {
+            "moment": optimizer.state[param]["exp_avg"].norm(),
+            "param": param.detach().norm(),
+            "update": (param.detach() - old).norm(),  # the change the last step made
+            "grad": param.grad.norm(),  # still there: Lightning zeroes at the next batch
+        }
+        for kind, value in expected.items():
+            assert logged[f"l2_norm/{kind}/{name}"] == pytest.approx(float(value), rel=1e-12)
+            squares[kind] += float(value) ** 2
+    for kind in KINDS:
+        assert logged[f"l2_norm/{kind}/global"] == pytest.approx(math.sqrt(squares[kind]))
+
+
+def test_release_logs_what_the_ordinary_run_logs(tmp_path: Path) -> None:
+    """Gradient norms are taken in backward before release frees the gradient."""
+    _monitored_run(tmp_path / "ordinary")
+    model, _, _ = _monitored_run(tmp_path / "release", release=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert _rows(tmp_path / "ordinary") == _rows(tmp_path / "release")
+
+
+def test_accumulating_micro_batches_are_not_logged(tmp_path: Path) -> None:
+    _monitored_run(tmp_path, accumulate_grad_batches=2)
+    rows = _rows(tmp_path)
+    assert [int(row["step"]) for row in rows] == [2, 5]
+    assert all(float(row["l2_norm/grad/global"]) > 0 for row in rows)
+
+
+def test_global_only_and_trainer_interval(tmp_path: Path) -> None:
+    model = Regression(lr=1e-2)
+    monitor = OptimizerMonitor(per_parameter=False)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = make_trainer(max_steps=8, log_every_n_steps=4, callbacks=[monitor], logger=logger)
+    trainer.fit(model, loader(regression_data(256)))
+    rows = [row for row in _rows(tmp_path) if row.get("l2_norm/grad/global")]
+    assert [int(row["step"]) for row in rows] == [3, 7]
+    assert {key for key, value in rows[0].items() if value} == {
+        "step",
+        *(f"l2_norm/{kind}/global" for kind in KINDS),
+    }
+
+
+@pytest.mark.parametrize("every", [0, 1.5, True])
+def test_bad_interval_is_refused(every: object) -> None:
+    with pytest.raises(ValueError, match=rf"Invalid every_n_steps: {every!r}\. Allowed: None"):
+        OptimizerMonitor(every_n_steps=every)  # type: ignore[arg-type]
+
+
+def test_a_torch_optimizer_gets_param_and_grad_norms(tmp_path: Path) -> None:
+    model = Regression("torch.optim.SGD", lr=0.1)
+    logger = CSVLogger(tmp_path, name="run")
+    monitor = OptimizerMonitor(every_n_steps=2)
+    trainer = make_trainer(max_steps=2, callbacks=[monitor], logger=logger)
+    trainer.fit(model, loader(regression_data(64)))
+    (row,) = _rows(tmp_path)
+    logged = {key for key, value in row.items() if value and key != "step"}
+    names = [name for name, _ in model.named_parameters()]
+    assert logged == {
+        f"l2_norm/{kind}/{n}" for kind in ("param", "grad") for n in [*names, "global"]
+    }
+    for name, param in model.named_parameters():
+        assert float(row[f"l2_norm/param/{name}"]) == pytest.approx(float(param.detach().norm()))
