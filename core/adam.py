@@ -53,7 +53,6 @@ def adam_coefficients(
         beta1=beta1,
         beta2=beta2,
         eps=eps,
-        l2_weight_decay=l2_weight_decay,
         param_decay=param_decay,
         momentum_step=lr / bias_correction1,
         grad_step=0.0,
@@ -61,7 +60,7 @@ def adam_coefficients(
         adaptive=True,
         amsgrad=amsgrad,
         update_params=lr != 0 and not accumulate,
-        **window_terms(microbatch, beta2),
+        **window_terms(microbatch, beta2, l2_weight_decay),
         torch_terms=None
         if math.isnan(decoupled_rate)
         else TorchAdamTerms(

@@ -175,18 +175,24 @@ def window_position(
     ]
 
 
-def window_terms(microbatch: int, beta2: float) -> dict[str, Any]:
+def window_terms(microbatch: int, beta2: float, l2_weight_decay: float) -> dict[str, Any]:
     """Moment-fold scalars for micro-batch k (1-based) of an optimizer-accumulation window.
 
-    m is exact: the window adds (1 − β1)·Σ g_k, as ordinary accumulation would. v needs
-    (Σ g_k)², which cannot be formed without keeping a gradient buffer; micro-batch k adds
-    (2k − 1)·g_k² instead, the growth of the squared running sum if g_k equals the
-    micro-batch gradients before it. It is exact when micro-batch gradients agree; with
-    noisy micro-batches v carries their variance, so steps are somewhat smaller.
+    m is exact: the window adds (1 − β1)·(Σ g_k + λθ), as ordinary accumulation would; the
+    L2 term enters once, with the first micro-batch (θ does not change within a window).
+    v needs (Σ g_k)², which cannot be formed without keeping a gradient buffer; micro-batch
+    k adds (2k − 1)·g_k² instead, the growth of the squared running sum if g_k equals the
+    micro-batch gradients before it. It is exact when micro-batch gradients agree (and no
+    L2 decay is used); with noisy micro-batches v carries their variance, so steps are
+    somewhat smaller.
     """
     if microbatch == 1:
-        return {}
-    return {"continues_window": True, "window_grad_sq_weight": (2 * microbatch - 1) * (1 - beta2)}
+        return {"l2_weight_decay": l2_weight_decay}
+    return {
+        "l2_weight_decay": 0.0,
+        "continues_window": True,
+        "window_grad_sq_weight": (2 * microbatch - 1) * (1 - beta2),
+    }
 
 
 def advance_counters(

@@ -54,7 +54,6 @@ def radam_coefficients(
         beta1=beta1,
         beta2=beta2,
         eps=eps,
-        l2_weight_decay=l2_weight_decay,
         param_decay=param_decay,
         momentum_step=lr * rectification / bias_correction1,
         grad_step=0.0,
@@ -62,7 +61,7 @@ def radam_coefficients(
         adaptive=adaptive,
         amsgrad=False,
         update_params=lr != 0 and not accumulate,
-        **window_terms(microbatch, beta2),
+        **window_terms(microbatch, beta2, l2_weight_decay),
     )
 
 

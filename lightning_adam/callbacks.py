@@ -158,7 +158,8 @@ def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.Adam
 
 
 def _check_optimizer_accumulation(optimizer: core.AdamFamilyOptimizer, windows: int) -> None:
-    """Refuse what core's optimizer accumulation cannot fold exactly into the moments."""
+    """Refuse algorithms whose update needs the accumulated gradient itself, which core's
+    optimizer accumulation does not keep (it folds micro-batches into the moments)."""
     name = type(optimizer).__name__
     if not optimizer.supports_optimizer_accumulation:
         raise ValueError(
@@ -167,17 +168,6 @@ def _check_optimizer_accumulation(optimizer: core.AdamFamilyOptimizer, windows: 
             f"micro-batches into the moments ({name}'s update needs the whole accumulated "
             "gradient)."
         )
-    for index, group in enumerate(optimizer.param_groups):
-        coupled = not (group["decouple_wd"] or group["decouple_lr"])
-        if coupled and group["weight_decay"]:
-            # core adds the L2 term weight_decay·θ on every folded micro-batch, so a
-            # window would decay `windows` times over.
-            raise ValueError(
-                f"Invalid weight_decay in param group {index} for GradientRelease with "
-                f"accumulate_grad_batches={windows}: {group['weight_decay']!r} as an L2 "
-                "penalty. Allowed: 0, or decoupled decay (decouple_wd=True, as AdamW, or "
-                "decouple_lr=True), which optimizer accumulation applies once per window."
-            )
 
 
 def _lightning_will_accumulate(trainer: L.Trainer) -> bool:

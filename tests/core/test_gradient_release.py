@@ -85,9 +85,22 @@ def test_remove_gradient_release_restores_ordinary_steps() -> None:
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
-def _accumulation_run(release: bool, microbatches: list, windows: int) -> tuple:
+ACCUMULATING = {
+    "AdamW": lambda params, release: core.AdamW(params, lr=LR, gradient_release=release),
+    "Adam-l2": lambda params, release: core.Adam(
+        params, lr=LR, weight_decay=0.1, gradient_release=release
+    ),
+    "RAdam-l2": lambda params, release: core.RAdam(
+        params, lr=LR, weight_decay=0.1, gradient_release=release
+    ),
+}
+
+
+def _accumulation_run(
+    release: bool, microbatches: list, windows: int, optimizer_name: str = "AdamW"
+) -> tuple:
     model = make_model(torch.float64)
-    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=release)
+    optimizer = ACCUMULATING[optimizer_name](model.parameters(), release)
     if release:
         core.prepare_for_gradient_release(model, optimizer)
     for _ in range(windows):
@@ -109,21 +122,30 @@ def test_optimizer_accumulation_is_exact_when_microbatch_gradients_agree() -> No
     assert all(float(s["step"]) == 6 for s in optimizer.state.values())
 
 
-def test_optimizer_accumulation_first_moment_is_exact_and_second_carries_variance() -> None:
+@pytest.mark.parametrize("optimizer_name", list(ACCUMULATING))
+def test_optimizer_accumulation_first_moment_is_exact_and_second_carries_variance(
+    optimizer_name: str,
+) -> None:
+    """Also with L2 decay, which must enter the window's gradient once, not per micro-batch."""
     microbatches = make_batches(torch.float64, 4)
-    reference, reference_opt = _accumulation_run(False, microbatches, windows=1)
-    released, released_opt = _accumulation_run(True, microbatches, windows=1)
+    reference, reference_opt = _accumulation_run(False, microbatches, 1, optimizer_name)
+    released, released_opt = _accumulation_run(True, microbatches, 1, optimizer_name)
+    l2 = 0.1 if optimizer_name.endswith("-l2") else 0.0
     for p, q in zip(reference.parameters(), released.parameters(), strict=True):
         ordinary, folded = reference_opt.state[p], released_opt.state[q]
         torch.testing.assert_close(folded["exp_avg"], ordinary["exp_avg"], atol=1e-15, rtol=1e-12)
-        # One window from zero: v = (1-β2)·Σ(2k-1)g_k² versus (1-β2)·(Σg_k)².
+        # One window from zero: v = (1-β2)·Σ(2k-1)h_k² versus (1-β2)·(Σh_k)², where
+        # h_1 = g_1 + λθ carries the L2 term and h_k = g_k after it.
         assert not torch.allclose(folded["exp_avg_sq"], ordinary["exp_avg_sq"])
+        initial = dict(
+            zip(reference.parameters(), make_model(torch.float64).parameters(), strict=True)
+        )
         grads = []
-        for x, y in microbatches:
-            model = copy.deepcopy(reference)
-            model.load_state_dict(make_model(torch.float64).state_dict())
+        for k, (x, y) in enumerate(microbatches):
+            model = make_model(torch.float64)
             (nn.functional.mse_loss(model(x), y) / 4).backward()
-            grads.append(dict(zip(reference.parameters(), model.parameters(), strict=True))[p].grad)
+            grad = dict(zip(reference.parameters(), model.parameters(), strict=True))[p].grad
+            grads.append(grad + l2 * initial[p].detach() if k == 0 else grad)
         expected = sum((2 * k + 1) * g * g for k, g in enumerate(grads)) * (1 - 0.99)
         torch.testing.assert_close(folded["exp_avg_sq"], expected, atol=1e-15, rtol=1e-10)
 
