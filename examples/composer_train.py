@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import pydoc_data.topics
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,55 +21,28 @@ from composer import Trainer
 from composer.callbacks import OptimizerMonitor
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerModel
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader
 
 import composer_adam
 from composer_adam.recipes import build_optimizer, build_scheduler, load_recipe
 
-
-class CharDataset(Dataset):
-    """Windows of `context + 1` characters of the help text, as (input, next-char target)."""
-
-    def __init__(self, context: int) -> None:
-        text = "".join(pydoc_data.topics.topics.values())
-        self.alphabet = sorted(set(text))
-        index = {c: i for i, c in enumerate(self.alphabet)}
-        self.tokens = torch.tensor([index[c] for c in text], dtype=torch.long)
-        self.context = context
-
-    def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.context
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        window = self.tokens[i * self.context : (i + 1) * self.context + 1]
-        return window[:-1], window[1:]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # char_lm.py sits beside this file
+from char_lm import VOCAB, CharTransformer, next_token_loss, train_val_split
 
 
-class CharTransformer(ComposerModel):
-    """A causal Transformer over characters; names follow llm-foundry's (`head.*`)."""
+class CharLanguageModel(ComposerModel):
+    """The byte-level transformer of char_lm.py as a ComposerModel (parameters `net.*`)."""
 
-    def __init__(self, vocab: int, context: int, d_model: int, n_heads: int, n_layers: int):
+    def __init__(self, context: int, d_model: int, n_heads: int, n_layers: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab, d_model)
-        self.position = nn.Embedding(context, d_model)
-        layer = nn.TransformerEncoderLayer(
-            d_model, n_heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab)
+        self.net = CharTransformer(VOCAB, context, d_model, n_heads, n_layers)
 
     def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, _ = batch
-        positions = torch.arange(x.shape[1], device=x.device)
-        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
-        h = self.blocks(self.embedding(x) + self.position(positions), mask=mask, is_causal=True)
-        return self.head(self.norm(h))
+        return self.net(batch[0])
 
     def loss(self, outputs: Tensor, batch: tuple[Tensor, Tensor], *args: Any, **kwargs: Any):
-        _, y = batch
-        return nn.functional.cross_entropy(outputs.flatten(0, 1), y.flatten())
+        return next_token_loss(outputs, batch[1])
 
 
 def build_callbacks(config: dict[str, Any]) -> list[Any]:
@@ -88,8 +62,8 @@ def train(recipe_path: str, max_duration: str | None = None) -> dict[str, float]
     """Train from the recipe; return the first and last training loss."""
     recipe = load_recipe(recipe_path)
     torch.manual_seed(recipe.get("seed", 17))
-    data = CharDataset(recipe["model"]["context"])
-    model = CharTransformer(len(data.alphabet), **recipe["model"])
+    data, _ = train_val_split(recipe["model"]["context"], val_fraction=0.05)
+    model = CharLanguageModel(**recipe["model"])
     generator = torch.Generator().manual_seed(recipe.get("seed", 17))
     loader = DataLoader(
         data,
@@ -129,7 +103,7 @@ def main() -> None:
     result = train(args.recipe, args.max_duration)
     print(
         f"{result['batches']} batches: loss {result['first_loss']:.3f} -> "
-        f"{result['last_loss']:.3f} (uniform guess {math.log(103):.3f})"
+        f"{result['last_loss']:.3f} (uniform guess {math.log(VOCAB):.3f})"
     )
 
 

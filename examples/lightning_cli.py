@@ -16,26 +16,20 @@ an LR schedule around whichever optimizer is chosen.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import lightning_adam
 
-VOCAB = 256
-"""Byte-level tokens: no vocabulary to build or ship."""
-
-
-def _windows(data: torch.Tensor, context: int) -> TensorDataset:
-    """Non-overlapping windows of `context` bytes and, at each position, the byte after it."""
-    count = (len(data) - 1) // context
-    inputs = data[: count * context].view(count, context)
-    targets = data[1 : count * context + 1].view(count, context)
-    return TensorDataset(inputs, targets)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # char_lm.py sits beside this file
+from char_lm import VOCAB, CharTransformer, next_token_loss, train_val_split
 
 
 class TopicsText(L.LightningDataModule):
@@ -52,13 +46,7 @@ class TopicsText(L.LightningDataModule):
         self.context, self.batch_size, self.val_fraction = context, batch_size, val_fraction
 
     def setup(self, stage: str) -> None:
-        from pydoc_data.topics import topics
-
-        text = "\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
-        data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
-        split = int(len(data) * (1 - self.val_fraction))
-        self.train_set = _windows(data[:split], self.context)
-        self.val_set = _windows(data[split:], self.context)
+        self.train_set, self.val_set = train_val_split(self.context, self.val_fraction)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
@@ -67,8 +55,8 @@ class TopicsText(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
-class CharTransformer(L.LightningModule):
-    """A small causal transformer over bytes; its optimizer comes from the CLI's --optimizer.
+class CharLM(L.LightningModule):
+    """The byte-level transformer of char_lm.py; its optimizer comes from the CLI's --optimizer.
 
     Args:
         optimizer: The optimizer as LightningCLI links it ({'class_path', 'init_args'});
@@ -90,28 +78,18 @@ class CharTransformer(L.LightningModule):
         context: int = 64,
     ) -> None:
         super().__init__()
+        # Plain dicts in hparams, so checkpoints load with torch.load(weights_only=True).
+        if scheduler is not None:
+            scheduler = dataclasses.asdict(scheduler)  # type: ignore[assignment]
         self.save_hyperparameters()
-        self.tokens = nn.Embedding(VOCAB, d_model)
-        self.positions = nn.Embedding(context, d_model)
-        block = nn.TransformerEncoderLayer(
-            d_model, n_heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(block, n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, VOCAB)
+        self.net = CharTransformer(VOCAB, context, d_model, n_heads, n_layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        length = tokens.shape[1]
-        hidden = self.tokens(tokens) + self.positions(torch.arange(length, device=tokens.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(
-            length, device=tokens.device, dtype=hidden.dtype
-        )
-        return self.head(self.norm(self.blocks(hidden, mask=mask, is_causal=True)))
+        return self.net(tokens)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         tokens, targets = batch
-        logits = self(tokens).float()  # the loss in fp32 even when the model is bf16
-        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return next_token_loss(self(tokens), targets)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -138,9 +116,10 @@ class AdamKitCLI(LightningCLI):
         lightning_adam.link_optimizer(parser, to="model.optimizer")
 
 
-def main(args: list[str] | None = None) -> None:
-    AdamKitCLI(
-        CharTransformer,
+def main(args: list[str] | None = None, cli_class: type[AdamKitCLI] = AdamKitCLI) -> None:
+    """Run the CLI; `cli_class` lets a caller (examples/main_job.py) add to it."""
+    cli_class(
+        CharLM,
         TopicsText,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},

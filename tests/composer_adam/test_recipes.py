@@ -141,7 +141,7 @@ def test_llmfoundry_entry_points_register_the_classes() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_builds(path: Path) -> None:
-    optimizer = recipes.build_optimizer(path, _example().CharTransformer(103, 64, 16, 2, 1))
+    optimizer = recipes.build_optimizer(path, _example().CharLanguageModel(64, 16, 2, 1))
     assert isinstance(optimizer, tuple(recipes.OPTIMIZERS.values()))
     recipes.build_scheduler(path)
 

@@ -33,6 +33,7 @@ def main(output: str, backend_flags: str) -> None:
         results[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
     if rank == 0:
         torch.save(results, output)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -1,0 +1,298 @@
+"""The main job: one byte-level transformer trained once per optimizer, compared.
+
+Each contender trains `examples/lightning_cli.py` through LightningCLI with the YAML files
+in configs/lightning/ (base.yaml plus the contender's file), in its own subprocess so its
+peak memory is its own, with Lightning's progress bar. At the end a table (validation
+loss, throughput, optimizer step time, optimizer state and peak memory) is printed and
+saved as Markdown, and the loss curves are plotted:
+
+    outputs/main_job/results.md     the table
+    outputs/main_job/results.json   every number behind it, per run
+    outputs/main_job/loss_curves.png
+
+Run: python examples/main_job.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "lightning"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One run: its label, the optimizer YAML added to base.yaml, and extra CLI flags."""
+
+    name: str
+    config: str
+    flags: tuple[str, ...] = ()
+    group: str = "fp32"
+
+
+CONTENDERS = [
+    Contender("torch.optim.AdamW", "torch_adamw.yaml"),
+    Contender("core.AdamW", "adamw.yaml"),
+    Contender("core.RAdam", "radam.yaml"),
+    Contender("core.NAdam", "nadam.yaml"),
+    Contender("core.ADOPT", "adopt.yaml"),
+    Contender(
+        "torch.optim.AdamW bf16-true",
+        "torch_adamw.yaml",
+        ("--trainer.precision", "bf16-true"),
+        "bf16 / release",
+    ),
+    Contender("core.AdamW bf16-true + Kahan", "bf16_kahan.yaml", (), "bf16 / release"),
+    Contender("core.AdamW gradient release", "gradient_release.yaml", (), "bf16 / release"),
+]
+
+FULL = {"steps": 600, "val_every": 100, "warmup": 40}
+QUICK = {"steps": 60, "val_every": 30, "warmup": 10}
+
+
+# -- the child: one LightningCLI run with a recorder ----------------------------------------
+
+
+def _recorder_class() -> type:
+    """The callback is defined lazily so the parent process never imports Lightning."""
+    import lightning as L
+    import torch
+
+    class RunRecorder(L.Callback):
+        """Records losses, batch and optimizer-step times, and memory; writes JSON at the end.
+
+        Optimizer time is the optimizer's own work per batch. torch's step pre- and
+        post-hooks fire for every step call, including the per-parameter steps gradient
+        release makes inside backward. Lightning runs forward and backward as a closure
+        inside step(), then calls on_before_optimizer_step, so that hook restarts the
+        clock: what remains until the post-hook is the update itself.
+        """
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+            self.train_losses: list[tuple[int, float]] = []
+            self.val_losses: list[tuple[int, float]] = []
+            self.batch_seconds: list[float] = []
+            self.optimizer_seconds: list[float] = []
+            self._pending_optimizer = 0.0
+            self._step_started = 0.0
+            self._batch_started = 0.0
+
+        def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            optimizer = trainer.optimizers[0]
+            optimizer.register_step_pre_hook(self._before_step)
+            optimizer.register_step_post_hook(self._after_step)
+
+        def _before_step(self, *args: Any) -> None:
+            self._step_started = time.perf_counter()
+
+        def on_before_optimizer_step(self, *args: Any) -> None:
+            self._step_started = time.perf_counter()  # the closure (forward, backward) is done
+
+        def _after_step(self, *args: Any) -> None:
+            self._pending_optimizer += time.perf_counter() - self._step_started
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._pending_optimizer = 0.0
+            self._batch_started = time.perf_counter()
+
+        def on_train_batch_end(
+            self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any
+        ) -> None:
+            self.batch_seconds.append(time.perf_counter() - self._batch_started)
+            self.optimizer_seconds.append(self._pending_optimizer)
+            self.train_losses.append((trainer.global_step, float(outputs["loss"])))
+
+        def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+                value = float(trainer.callback_metrics["val_loss"])
+                self.val_losses.append((trainer.global_step, value))
+
+        def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            optimizer = trainer.optimizers[0]
+            state_bytes = sum(
+                value.numel() * value.element_size()
+                for state in optimizer.state.values()
+                for value in state.values()
+                if isinstance(value, torch.Tensor)
+            )
+            data = trainer.datamodule
+            warm = self.batch_seconds[5:] or self.batch_seconds  # first batches warm caches
+            result = {
+                "train_losses": self.train_losses,
+                "val_losses": self.val_losses,
+                "tokens_per_batch": data.batch_size * data.context,
+                "seconds_per_batch": statistics.median(warm),
+                "optimizer_ms": 1e3 * statistics.median(self.optimizer_seconds[5:] or [0.0]),
+                "optimizer_state_mb": state_bytes / 2**20,
+                "params": sum(p.numel() for p in module.parameters()),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "precision": str(trainer.precision),
+                "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
+            }
+            self.path.write_text(json.dumps(result))
+
+    return RunRecorder
+
+
+def run_child(result_path: Path, cli_args: list[str]) -> None:
+    """Train one contender in this process (called as `main_job.py --child ...`)."""
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lightning_cli
+
+    recorder = _recorder_class()
+
+    class RecordingCLI(lightning_cli.AdamKitCLI):
+        def before_fit(self) -> None:
+            self.trainer.callbacks.append(recorder(result_path))
+
+    lightning_cli.main(["fit", *cli_args], cli_class=RecordingCLI)
+
+
+# -- the parent: every contender, then the table and the plot ------------------------------
+
+
+def cli_args(contender: Contender, budget: dict[str, int], log_dir: Path) -> list[str]:
+    return [
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / contender.config),
+        *contender.flags,
+        "--trainer.max_steps",
+        str(budget["steps"]),
+        "--trainer.val_check_interval",
+        str(budget["val_every"]),
+        "--trainer.logger.init_args.save_dir",
+        str(log_dir),
+        "--model.scheduler.warmup_steps",
+        str(budget["warmup"]),
+    ]
+
+
+def train_all(
+    out: Path, budget: dict[str, int], contenders: list[Contender]
+) -> dict[str, dict[str, Any]]:
+    results = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for index, contender in enumerate(contenders, 1):
+        print(f"\n[{index}/{len(contenders)}] {contender.name}", flush=True)
+        path = out / "runs" / f"{index:02d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            str(path),
+            "--",
+            *cli_args(contender, budget, out / "lightning_logs"),
+        ]
+        subprocess.run(command, check=True, env=env, cwd=ROOT)
+        results[contender.name] = {**json.loads(path.read_text()), "group": contender.group}
+    return results
+
+
+def table(results: dict[str, dict[str, Any]], reference: str = "torch.optim.AdamW") -> str:
+    """The comparison as Markdown; optimizer time relative to the reference run if present."""
+    base_name = reference if reference in results else next(iter(results))
+    base = results[base_name]
+    lines = [
+        f"| run | val loss | tokens/s | optimizer ms/step | vs {base_name} "
+        "| optimizer state MB | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, run in results.items():
+        val = run["val_losses"][-1][1] if run["val_losses"] else math.nan
+        tokens_per_second = run["tokens_per_batch"] / run["seconds_per_batch"]
+        ratio = run["optimizer_ms"] / base["optimizer_ms"] if base["optimizer_ms"] else math.nan
+        lines.append(
+            f"| {name} | {val:.3f} | {tokens_per_second:,.0f} | {run['optimizer_ms']:.2f} "
+            f"| {ratio:.2f} | {run['optimizer_state_mb']:.2f} | {run['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({run["group"] for run in results.values()}, reverse=True)
+    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for axis, group in zip(axes[0], groups, strict=True):
+        for name, run in results.items():
+            if run["group"] != group and name != "torch.optim.AdamW":
+                continue
+            steps, losses = zip(*run["train_losses"], strict=True)
+            window = max(1, len(losses) // 40)  # a trailing mean makes the curves readable
+            smoothed = [
+                sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+                for i in range(len(losses))
+            ]
+            (line,) = axis.plot(steps, smoothed, label=name, linewidth=1.2)
+            if run["val_losses"]:
+                val_steps, val = zip(*run["val_losses"], strict=True)
+                axis.plot(val_steps, val, "o", color=line.get_color(), markersize=4)
+        axis.set_title(f"{group}: training loss (smoothed), validation loss (dots)")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("nats per byte")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps per run")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "main_job")
+    parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run only these contenders (default: all)"
+    )
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.child is not None:
+        run_child(args.child, [a for a in rest if a != "--"])
+        return
+    budget = dict(QUICK if args.quick else FULL)
+    if args.steps:
+        budget = {"steps": args.steps, "val_every": args.steps, "warmup": 0}
+    contenders = [c for c in CONTENDERS if not args.only or c.name in args.only]
+    if not contenders:
+        names = ", ".join(repr(c.name) for c in CONTENDERS)
+        parser.error(f"invalid --only {args.only}: allowed names are {names}")
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = train_all(args.out, budget, contenders)
+    report = table(results)
+    header = (
+        f"{budget['steps']} steps per run, batch 32 x 64 bytes, one thread per run; "
+        f"validation loss in nats per byte (uniform guess {math.log(256):.2f})."
+    )
+    (args.out / "results.md").write_text(f"{header}\n\n{report}\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "loss_curves.png")
+    print(f"\n{header}\n\n{report}\n")
+    print(f"Written to {args.out}/ (results.md, results.json, loss_curves.png)")
+    print(f"Total time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
