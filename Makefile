@@ -7,7 +7,7 @@ REPORTS := .ci/reports
 # Triton kernels run on CPU tensors through Triton's interpreter.
 export TRITON_INTERPRET := 1
 
-.PHONY: env env-composer test test-main test-composer run run-quick lint benchmark
+.PHONY: env env-composer test test-main test-composer run run-quick run-composer lint benchmark
 
 $(MAIN)/.installed: pyproject.toml .ci/constraints-main.txt
 	$(PYTHON) -m venv $(MAIN)
@@ -16,7 +16,7 @@ $(MAIN)/.installed: pyproject.toml .ci/constraints-main.txt
 
 $(COMPOSER)/.installed: pyproject.toml .ci/constraints-composer.txt
 	$(PYTHON) -m venv $(COMPOSER)
-	$(COMPOSER)/bin/pip install --quiet -c .ci/constraints-composer.txt -e ".[composer]" pytest hypothesis
+	$(COMPOSER)/bin/pip install --quiet -c .ci/constraints-composer.txt -e ".[composer]" pytest hypothesis matplotlib
 	touch $@
 
 env: $(MAIN)/.installed
@@ -35,9 +35,16 @@ test-composer: env-composer
 	mkdir -p $(REPORTS)
 	$(COMPOSER)/bin/python -m pytest tests/core tests/composer_adam --junitxml=$(REPORTS)/composer.xml
 
-## The main job: train and compare optimizers, results in outputs/.
+## The main job: train and compare optimizers through LightningCLI; results in outputs/main_job/.
 run: env
-	$(MAIN)/bin/python examples/train_core.py
+	$(MAIN)/bin/python examples/main_job.py
+
+run-quick: env
+	$(MAIN)/bin/python examples/main_job.py --quick
+
+## The same comparison through composer.Trainer; results in outputs/composer_job/.
+run-composer: env-composer
+	$(COMPOSER)/bin/python examples/composer_compare.py
 
 benchmark: env
 	$(MAIN)/bin/python examples/benchmark.py

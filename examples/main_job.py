@@ -227,7 +227,10 @@ def table(results: dict[str, dict[str, Any]], reference: str = "torch.optim.Adam
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(
+    results: dict[str, dict[str, Any]], path: Path, reference: str = "torch.optim.AdamW"
+) -> None:
+    """Loss curves, one panel per group; the reference run appears in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +240,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for axis, group in zip(axes[0], groups, strict=True):
         for name, run in results.items():
-            if run["group"] != group and name != "torch.optim.AdamW":
+            if run["group"] != group and name != reference:
                 continue
             steps, losses = zip(*run["train_losses"], strict=True)
             window = max(1, len(losses) // 40)  # a trailing mean makes the curves readable
