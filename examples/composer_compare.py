@@ -17,8 +17,6 @@ import argparse
 import json
 import math
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +52,7 @@ def _recorder(path: Path, val_set: Any, val_every: int, tokens_per_batch: int) -
     from char_lm import next_token_loss
     from composer.core import Callback, State
     from composer.loggers import Logger
+    from main_job import run_summary
 
     class RunRecorder(Callback):
         """Optimizer time per batch is the optimizer's own work: Composer runs the
@@ -114,26 +113,8 @@ def _recorder(path: Path, val_set: Any, val_every: int, tokens_per_batch: int) -
             return sum(losses) / len(losses)
 
         def fit_end(self, state: State, logger: Logger) -> None:
-            optimizer = state.optimizers[0]
-            state_bytes = sum(
-                value.numel() * value.element_size()
-                for values in optimizer.state.values()
-                for value in values.values()
-                if isinstance(value, torch.Tensor)
-            )
-            warm = self.batch_seconds[5:] or self.batch_seconds
-            result = {
-                "train_losses": self.train_losses,
-                "val_losses": self.val_losses,
-                "tokens_per_batch": tokens_per_batch,
-                "seconds_per_batch": statistics.median(warm),
-                "optimizer_ms": 1e3 * statistics.median(self.optimizer_seconds[5:] or [0.0]),
-                "optimizer_state_mb": state_bytes / 2**20,
-                "params": sum(p.numel() for p in state.model.parameters()),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
-            }
-            path.write_text(json.dumps(result))
+            summary = run_summary(self, state.optimizers[0], state.model, tokens_per_batch)
+            path.write_text(json.dumps(summary))
 
     return RunRecorder()
 
@@ -201,9 +182,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['batches']} batches per run")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "composer_job")
+    parser.add_argument("--batches", type=int, help="override the batches per run")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run only these contenders (default: all)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("NAME", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    budget = QUICK if args.quick else FULL
+    budget = dict(QUICK if args.quick else FULL)
+    if args.batches:
+        budget = {"batches": args.batches, "val_every": args.batches, "warmup": 0}
+    names = [name for name in CONTENDERS if not args.only or name in args.only]
+    if not names:
+        parser.error(f"invalid --only {args.only}: allowed names are {list(CONTENDERS)}")
     if args.child is not None:
         run_child(args.child[0], Path(args.child[1]), budget)
         return
@@ -214,16 +204,18 @@ def main() -> None:
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     results = {}
-    for index, name in enumerate(CONTENDERS, 1):
-        print(f"\n[{index}/{len(CONTENDERS)}] {name}", flush=True)
+    for index, name in enumerate(names, 1):
+        print(f"\n[{index}/{len(names)}] {name}", flush=True)
         path = args.out / "runs" / f"{index:02d}.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--child", name, str(path)]
         if args.quick:
             command.append("--quick")
+        if args.batches:
+            command += ["--batches", str(args.batches)]
         subprocess.run(command, check=True, env=env, cwd=ROOT)
         group = CONTENDERS[name].get("group", "fp32")
         results[name] = {**json.loads(path.read_text()), "group": group}
-    report = table(results, reference=COMPOSER_BASELINE)
+    report = table(results, reference=COMPOSER_BASELINE)  # first run if the baseline is left out
     header = (
         f"composer.Trainer, {budget['batches']} batches per run (2 microbatches each), "
         f"batch 32 x 64 bytes, one thread per run; validation loss in nats per byte "

@@ -68,7 +68,6 @@ QUICK = {"steps": 60, "val_every": 30, "warmup": 10}
 def _recorder_class() -> type:
     """The callback is defined lazily so the parent process never imports Lightning."""
     import lightning as L
-    import torch
 
     class RunRecorder(L.Callback):
         """Records losses, batch and optimizer-step times, and memory; writes JSON at the end.
@@ -121,30 +120,42 @@ def _recorder_class() -> type:
                 self.val_losses.append((trainer.global_step, value))
 
         def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-            optimizer = trainer.optimizers[0]
-            state_bytes = sum(
-                value.numel() * value.element_size()
-                for state in optimizer.state.values()
-                for value in state.values()
-                if isinstance(value, torch.Tensor)
-            )
             data = trainer.datamodule
-            warm = self.batch_seconds[5:] or self.batch_seconds  # first batches warm caches
-            result = {
-                "train_losses": self.train_losses,
-                "val_losses": self.val_losses,
-                "tokens_per_batch": data.batch_size * data.context,
-                "seconds_per_batch": statistics.median(warm),
-                "optimizer_ms": 1e3 * statistics.median(self.optimizer_seconds[5:] or [0.0]),
-                "optimizer_state_mb": state_bytes / 2**20,
-                "params": sum(p.numel() for p in module.parameters()),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "precision": str(trainer.precision),
-                "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
-            }
-            self.path.write_text(json.dumps(result))
+            summary = run_summary(
+                self, trainer.optimizers[0], module, data.batch_size * data.context
+            )
+            self.path.write_text(json.dumps({**summary, "precision": str(trainer.precision)}))
 
     return RunRecorder
+
+
+def run_summary(recorder: Any, optimizer: Any, model: Any, tokens_per_batch: int) -> dict:
+    """What a run's recorder writes: its losses and times, and the optimizer's memory.
+
+    `recorder` has train_losses, val_losses, batch_seconds and optimizer_seconds; the
+    first five batches are left out of the medians (they warm caches and kernels).
+    """
+    import torch
+
+    state_bytes = sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+    return {
+        "train_losses": recorder.train_losses,
+        "val_losses": recorder.val_losses,
+        "tokens_per_batch": tokens_per_batch,
+        "seconds_per_batch": statistics.median(
+            recorder.batch_seconds[5:] or recorder.batch_seconds
+        ),
+        "optimizer_ms": 1e3 * statistics.median(recorder.optimizer_seconds[5:] or [0.0]),
+        "optimizer_state_mb": state_bytes / 2**20,
+        "params": sum(p.numel() for p in model.parameters()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
+    }
 
 
 def run_child(result_path: Path, cli_args: list[str]) -> None:
