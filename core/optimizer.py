@@ -10,6 +10,7 @@ add their own hyperparameters and per-step scalars.
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeAlias
 
@@ -248,7 +249,7 @@ def hyperparameters(constructor_locals: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in constructor_locals.items() if k not in ("self", "params", "__class__")}
 
 
-class AdamFamilyOptimizer(Optimizer):
+class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     """The torch.optim.Optimizer every adamkit optimizer derives from.
 
     Subclasses validate their own hyperparameters in `_validate_algorithm`, list their
@@ -369,6 +370,7 @@ class AdamFamilyOptimizer(Optimizer):
             "fused": group["fused"],
         }
 
+    @abstractmethod
     def _update_group(
         self,
         group: dict[str, Any],
@@ -376,8 +378,7 @@ class AdamFamilyOptimizer(Optimizer):
         grads: list[Tensor],
         states: list[dict[str, Any]],
     ) -> None:
-        """Run the algorithm's functional form on one group (override in subclasses)."""
-        raise NotImplementedError
+        """Run the algorithm's functional form on one group."""
 
     def last_step_coefficients(
         self, param: Tensor
@@ -403,11 +404,11 @@ class AdamFamilyOptimizer(Optimizer):
         scalars.update(l2_weight_decay=l2_weight_decay, param_decay=param_decay)
         return self._step_coefficients(group, state, float(state["step"]), scalars)
 
+    @abstractmethod
     def _step_coefficients(
         self, group: dict[str, Any], state: dict[str, Any], step: float, scalars: dict[str, Any]
     ) -> AdamStepCoefficients | AdoptStepCoefficients:
         """Call the algorithm's coefficient function for a state at `step` (override)."""
-        raise NotImplementedError
 
     def _window_kwargs(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """Optimizer-accumulation arguments: fold while accumulating, close the window after."""
