@@ -3,10 +3,8 @@ and equal to one process with the same global batch; GradientRelease changes not
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,20 +24,14 @@ from tests.lightning_adam.models import (
     parameters_of,
     regression_data,
 )
+from tests.processes import run_worker
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = SAMPLES // (2 * BATCH_PER_RANK) * EPOCHS  # 2 ranks: 4 steps per epoch
 
 
 def _run_script(*args: str) -> subprocess.CompletedProcess:
     """tests/lightning_adam/ddp_worker.py in a fresh process: no distributed state leaks."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for variable in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(variable, None)
-    command = [sys.executable, "-m", "tests.lightning_adam.ddp_worker", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return run_worker([sys.executable, "-m", "tests.lightning_adam.ddp_worker", *args])
 
 
 @pytest.fixture(scope="module")
