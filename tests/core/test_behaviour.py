@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -14,28 +12,15 @@ from tests.core.cases import (
     EAGER_BACKENDS,
     LR,
     Case,
+    assert_unchanged,
     make_batches,
     make_model,
     one_case_per_algorithm,
+    snapshot,
     train,
 )
 
 ALL_CLASSES = [core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT]
-
-
-def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
-    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
-
-
-def _assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: tuple) -> None:
-    params, state_dict = snapshot
-    for p, before in zip(model.parameters(), params, strict=True):
-        assert torch.equal(p, before)
-    after = optimizer.state_dict()
-    assert after["state"].keys() == state_dict["state"].keys()
-    for key, state in state_dict["state"].items():
-        for name, value in state.items():
-            assert torch.equal(after["state"][key][name], value), name
 
 
 def test_closure_runs_once_with_grad_enabled_and_its_loss_is_returned() -> None:
@@ -284,11 +269,11 @@ def test_invalid_value_set_during_training_is_refused_before_any_change(cls: typ
     optimizer = cls(model.parameters(), lr=LR)
     batches = make_batches(torch.float32, 3)
     train(model, optimizer, batches[:2])
-    snapshot = _snapshot(model, optimizer)
+    before = snapshot(model, optimizer)
     optimizer.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -1\.0"):
         optimizer.step()
-    _assert_unchanged(model, optimizer, snapshot)
+    assert_unchanged(model, optimizer, before)
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES)
@@ -296,11 +281,11 @@ def test_sparse_gradients_are_refused_before_any_change(cls: type) -> None:
     dense, embedding = nn.Linear(3, 3), nn.Embedding(10, 3, sparse=True)
     model = nn.ModuleList([dense, embedding])
     optimizer = cls(model.parameters(), lr=LR)
-    snapshot = _snapshot(model, optimizer)
+    before = snapshot(model, optimizer)
     (dense(torch.ones(2, 3)).sum() + embedding(torch.tensor([1, 2])).sum()).backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         optimizer.step()
-    _assert_unchanged(model, optimizer, snapshot)
+    assert_unchanged(model, optimizer, before)
 
 
 def test_empty_and_duplicate_parameters_are_refused() -> None:
