@@ -218,20 +218,30 @@ def test_functional_form_equals_the_class() -> None:
 BAD_HYPERPARAMETERS = [
     ("lr", -1e-3),
     ("lr", float("nan")),
+    ("lr", float("inf")),
+    ("lr", "1e-3"),  # what PyYAML makes of `lr: 1e-3`
     ("eps", -1e-8),
+    ("eps", float("nan")),
     ("betas", (1.0, 0.99)),
     ("betas", (0.9, -0.1)),
+    ("betas", (0.9, float("nan"))),
     ("betas", (0.9,)),
     ("weight_decay", -0.1),
+    ("weight_decay", float("inf")),
     ("max_lr", 0.0),
     ("max_lr", -1.0),
+    ("max_lr", float("inf")),
     ("decouple_wd", "yes"),
+    ("decouple_lr", 1),
+    ("gradient_release", None),
     ("kahan_sum", 1),
     ("foreach", "fast"),
+    ("fused", "yes"),
 ]
 ALGORITHM_SPECIFIC = [
     (core.Adam, "amsgrad", None),
     (core.NAdam, "momentum_decay", -4e-3),
+    (core.NAdam, "momentum_decay", float("inf")),
     (core.ADOPT, "clip", 0.25),
 ]
 
