@@ -73,6 +73,7 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.01, 0.1]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -131,6 +132,7 @@ def test_bad_recipes_name_the_key_and_what_is_allowed_before_any_change(
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.bad_input
 def test_yaml_recipe_reads_exponents_as_numbers_and_refuses_unknown_arguments(
     tmp_path: Path,
 ) -> None:
@@ -159,6 +161,7 @@ def test_yaml_recipe_reads_exponents_as_numbers_and_refuses_unknown_arguments(
         recipes.build_optimizer(path, Block())
 
 
+@pytest.mark.bad_input
 def test_scheduler_recipe_and_its_errors() -> None:
     from composer.optim import CosineAnnealingWithWarmupScheduler
 

@@ -246,6 +246,7 @@ ALGORITHM_SPECIFIC = [
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "value"), BAD_HYPERPARAMETERS, ids=lambda v: repr(v))
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_invalid_hyperparameter_is_named_with_value_and_allowed_range(
@@ -256,12 +257,14 @@ def test_invalid_hyperparameter_is_named_with_value_and_allowed_range(
     assert repr(value) in str(error.value) and "Allowed: " in str(error.value)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("cls", "name", "value"), ALGORITHM_SPECIFIC)
 def test_invalid_algorithm_hyperparameter(cls: type, name: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"Invalid {name}: {value!r}\. Allowed: \w"):
         cls([nn.Parameter(torch.ones(2))], lr=1e-3, **{name: value})
 
 
+@pytest.mark.bad_input
 def test_invalid_value_in_a_param_group_names_the_group() -> None:
     with pytest.raises(ValueError, match=r"Invalid lr in param group 1: -0\.5"):
         core.AdamW(
@@ -273,6 +276,7 @@ def test_invalid_value_in_a_param_group_names_the_group() -> None:
         )
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_invalid_value_set_during_training_is_refused_before_any_change(cls: type) -> None:
     model = make_model()
@@ -286,6 +290,7 @@ def test_invalid_value_set_during_training_is_refused_before_any_change(cls: typ
     assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_sparse_gradients_are_refused_before_any_change(cls: type) -> None:
     dense, embedding = nn.Linear(3, 3), nn.Embedding(10, 3, sparse=True)
@@ -298,6 +303,7 @@ def test_sparse_gradients_are_refused_before_any_change(cls: type) -> None:
     assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.bad_input
 def test_empty_and_duplicate_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="empty parameter list"):
         core.AdamW([], lr=1e-3)
@@ -306,6 +312,7 @@ def test_empty_and_duplicate_parameters_are_refused() -> None:
         core.AdamW([{"params": [p]}, {"params": [p]}], lr=1e-3)
 
 
+@pytest.mark.bad_input
 def test_lr_is_required_except_for_adopt() -> None:
     with pytest.raises(TypeError, match="lr"):
         core.Adam([nn.Parameter(torch.ones(2))])  # type: ignore[call-arg]

@@ -138,6 +138,7 @@ def test_loaded_host_scalars_stay_float32_on_cpu() -> None:
         assert state["kahan_comp"].dtype == torch.bfloat16
 
 
+@pytest.mark.bad_input
 def test_state_dict_with_missing_keys_is_refused_before_loading() -> None:
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -150,6 +151,7 @@ def test_state_dict_with_missing_keys_is_refused_before_loading() -> None:
     assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("writer", "reader", "message"),
     [
@@ -178,6 +180,7 @@ def test_state_dict_of_the_other_moment_family_is_refused_before_loading(
     assert optimizer.state_dict()["param_groups"] == before[1]["param_groups"]
 
 
+@pytest.mark.bad_input
 def test_state_dict_with_wrong_shapes_is_refused() -> None:
     model, other = make_model(), torch.nn.Linear(3, 6)
     source = core.Adam(list(other.parameters()) * 1, lr=LR)

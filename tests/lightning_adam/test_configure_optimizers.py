@@ -143,6 +143,7 @@ def test_a_plain_dict_from_yaml_configures_optimizer_groups_and_schedule() -> No
     assert lrs == pytest.approx([1e-3, 2e-3, 1e-3, 0.0], abs=1e-15)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -211,6 +212,7 @@ def test_epoch_interval_counts_epochs() -> None:
     assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == pytest.approx([5e-4] * 2)
 
 
+@pytest.mark.bad_input
 def test_unbounded_trainer_needs_total_steps() -> None:
     model = Regression(scheduler="cosine", lr=1e-2)
     trainer = make_trainer(max_steps=-1, max_epochs=-1)
@@ -218,6 +220,7 @@ def test_unbounded_trainer_needs_total_steps() -> None:
         trainer.fit(model, loader(regression_data(64)))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -92,6 +92,7 @@ def test_ddp_release_equals_ddp_without_release(ranks: list[dict]) -> None:
             assert torch.equal(a, b), f"{released} differs from {ordinary}"
 
 
+@pytest.mark.bad_input
 def test_ddp_settings_release_cannot_follow_are_refused() -> None:
     refused = [line for line in _run_script("--refusals").stdout.splitlines() if "refused" in line]
     assert len(refused) == 2, refused
