@@ -19,6 +19,7 @@ weight_decay 0 in every group that does not set weight_decay itself.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -66,6 +67,24 @@ _NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 
+@functools.cache
+def _yaml_loader() -> type:
+    """PyYAML's SafeLoader, reading 6e-4 and 1.0e5 as floats (YAML 1.2, as OmegaConf and so
+    llm-foundry do) where YAML 1.1 makes strings of them: without a dot or an exponent
+    sign they would reach the optimizer as '6e-4'."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        pass
+
+    RecipeLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return RecipeLoader
+
+
 def load_recipe(source: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
     """A recipe as a plain dict: a mapping is copied, a path is read as YAML."""
     if isinstance(source, Mapping):
@@ -73,7 +92,7 @@ def load_recipe(source: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str,
     import yaml
 
     with open(source, encoding="utf-8") as file:
-        loaded = yaml.safe_load(file)
+        loaded = yaml.load(file, Loader=_yaml_loader())  # a SafeLoader
     if not isinstance(loaded, Mapping):
         raise ValueError(f"Invalid recipe file {os.fspath(source)!r}: expected a YAML mapping.")
     return dict(loaded)
@@ -187,12 +206,12 @@ def build_optimizer(
                 + (", ..." if len(named) > 12 else "")
             )
         options = {k: v for k, v in group_config.items() if k != "param_str_match"}
-        groups.append((options, [remaining.pop(name) for name in matched]))
-    groups.insert(0, ({}, list(remaining.values())))
+        groups.append((where, options, [remaining.pop(name) for name in matched]))
+    groups.insert(0, ("the recipe's default group", {}, list(remaining.values())))
 
     exempt = no_decay_parameters(model) if no_decay else set()
-    param_groups = []
-    for options, params in groups:
+    param_groups, origins = [], []
+    for where, options, params in groups:
         if "weight_decay" in options:
             split = [(options, params)]
         else:
@@ -200,14 +219,35 @@ def build_optimizer(
                 (options, [p for p in params if p not in exempt]),
                 ({**options, "weight_decay": 0.0}, [p for p in params if p in exempt]),
             ]
-        param_groups += [{"params": ps, **opts} for opts, ps in split if ps]
+        built = [{"params": ps, **opts} for opts, ps in split if ps]
+        param_groups += built
+        origins += [where] * len(built)
     if not param_groups:
         raise ValueError("Invalid model: it has no trainable parameter for the optimizer.")
-    optimizer = cls(param_groups, **kwargs)
+    optimizer = _construct(cls, param_groups, kwargs, origins)
     for name, p in model.named_parameters():
         if any(f.search(name) for f in frozen):
             p.requires_grad_(False)
     return optimizer
+
+
+def _construct(
+    cls: type[AdamFamilyOptimizer],
+    param_groups: list[dict[str, Any]],
+    kwargs: dict[str, Any],
+    origins: list[str],
+) -> AdamFamilyOptimizer:
+    """cls(param_groups, **kwargs), with an invalid value in a group named by where the
+    recipe sets it (param_groups[i]), not by the optimizer group it lands in (the no-decay
+    split and the default group move the numbers)."""
+    try:
+        return cls(param_groups, **kwargs)
+    except ValueError as error:
+        found = re.search(r" in param group (\d+)", str(error))
+        if found is None:
+            raise
+        located = str(error).replace(found.group(0), f" in {origins[int(found.group(1))]}", 1)
+        raise ValueError(located) from None
 
 
 def build_scheduler(config: Mapping[str, Any] | str | os.PathLike[str]) -> Any:

@@ -131,6 +131,7 @@ class ADOPT(AdamFamilyOptimizer):
     """
 
     supports_optimizer_accumulation = False
+    moment_family = "ADOPT"
 
     def __init__(
         self,

@@ -32,6 +32,22 @@ optimizer keeps its own, so a checkpoint can be resumed on another backend."""
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
 
 
+MOMENT_FAMILIES = {
+    "Adam": (
+        "gradients",
+        "the state of torch.optim.Adam/AdamW/NAdam/RAdam or adamkit's Adam, AdamW, RAdam, "
+        "NAdam (or their Composer classes)",
+    ),
+    "ADOPT": ("normalised gradients", "the state of adamkit's ADOPT (or DecoupledADOPT)"),
+}
+"""What exp_avg averages in each family, and whose state a member can continue from."""
+
+
+def saved_moment_family(group: dict[str, Any]) -> str:
+    """The family a saved param group comes from: ADOPT's groups, and only they, hold 'clip'."""
+    return "ADOPT" if "clip" in group else "Adam"
+
+
 def require(ok: bool, name: str, value: object, allowed: str, where: str = "") -> None:
     """Raise a ValueError naming the argument, the value given and what is allowed."""
     if not ok:
@@ -258,6 +274,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     """
 
     _torch_group_key_aliases: ClassVar[dict[str, str]] = {"decoupled_weight_decay": "decouple_wd"}
+    moment_family: ClassVar[str] = "Adam"
+    """A key of MOMENT_FAMILIES: state dicts load only within a family."""
     supports_optimizer_accumulation: ClassVar[bool] = True
 
     optimizer_accumulation: bool = False
@@ -542,6 +560,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class, its siblings or torch.optim's Adam/AdamW/NAdam/RAdam.
 
+        Adam, AdamW, RAdam, NAdam and torch's load each other's state; ADOPT loads only
+        ADOPT's (its first moment averages normalised gradients), and the other way round.
+
         Hyperparameters come from the checkpoint, as between torch optimizers. The
         execution flags (foreach, fused, gradient_release) stay this optimizer's: they say
         how to compute on this machine, not what was learnt, so a checkpoint written with
@@ -591,6 +612,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 f"{len(saved['params'])} parameters",
                 f"{len(group['params'])} parameters, as this optimizer's group {index} has",
             )
+            family = saved_moment_family(saved)
+            if family != self.moment_family:
+                averaged, _ = MOMENT_FAMILIES[family]
+                own_average, allowed = MOMENT_FAMILIES[self.moment_family]
+                raise ValueError(
+                    f"Invalid state_dict for {name}: param group {index} is from an "
+                    f"{family}-type optimizer, whose exp_avg averages {averaged}; {name}'s "
+                    f"averages {own_average}, so it cannot continue from it. Allowed: {allowed}."
+                )
             if saved.get("maximize", False):
                 raise ValueError(
                     f"Invalid maximize in param group {index} of the loaded state dict: True. "

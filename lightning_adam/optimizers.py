@@ -152,7 +152,16 @@ def _from_config(
         list(config),
         "strings: optimizer, scheduler, no_weight_decay and the optimizer's hyperparameters",
     )
-    return configure_optimizers(module, **config)
+    try:
+        return configure_optimizers(module, **config)
+    except ValueError as error:
+        if not str(error).startswith("Invalid argument for "):
+            raise
+        # An unknown key of the dict: the optimizer's arguments are not all it may hold.
+        raise ValueError(
+            f"{str(error).removesuffix('.')}; and the config keys optimizer, scheduler, "
+            "no_weight_decay."
+        ) from None
 
 
 def _resolve_optimizer(

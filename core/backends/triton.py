@@ -145,9 +145,13 @@ def _step_kernel(
             tl.store(exp_avg_sq, _round(grad * grad, DTYPE), mask=mask)
         else:
             v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
-            normed = tl.div_rn(grad, tl.maximum(tl.sqrt_rn(v), eps))
+            # NaN-propagating bounds, as torch.clamp and torch.maximum behave (Triton's
+            # default drops NaN, which would turn a NaN gradient into a full-size step).
+            root = tl.maximum(tl.sqrt_rn(v), eps, propagate_nan=tl.PropagateNan.ALL)
+            normed = tl.div_rn(grad, root)
             if CLIP:
-                normed = tl.minimum(tl.maximum(normed, -clip), clip)
+                normed = tl.maximum(normed, -clip, propagate_nan=tl.PropagateNan.ALL)
+                normed = tl.minimum(normed, clip, propagate_nan=tl.PropagateNan.ALL)
             m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), normed, lerp_coeff, SMALL_WEIGHT)
             tl.store(exp_avg, _round(m, DTYPE), mask=mask)
             v = v * beta2 + beta2_weight * grad * grad
@@ -162,7 +166,11 @@ def _step_kernel(
         second_moment = v
         if AMSGRAD:
             max_exp_avg_sq = _pointers(addresses, 4, count, index, offsets, DTYPE)
-            second_moment = tl.maximum(tl.load(max_exp_avg_sq, mask=mask).to(tl.float32), v)
+            second_moment = tl.maximum(
+                tl.load(max_exp_avg_sq, mask=mask).to(tl.float32),
+                v,
+                propagate_nan=tl.PropagateNan.ALL,
+            )
             tl.store(max_exp_avg_sq, _round(second_moment, DTYPE), mask=mask)
         tl.store(exp_avg, _round(m, DTYPE), mask=mask)
         tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)

@@ -125,6 +125,7 @@ def test_initial_lr_is_recorded_per_group_and_high_decay_warns(
     assert caplog.text == ""
 
 
+@pytest.mark.bad_input
 def test_bad_initial_lr_is_refused_before_any_change() -> None:
     model = make_model()
     optimizer = composer_adam.DecoupledAdamW(model.parameters())

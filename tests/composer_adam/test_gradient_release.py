@@ -89,6 +89,7 @@ def _trainer(**kwargs: object) -> Trainer:
     )
 
 
+@pytest.mark.bad_input
 def test_gradient_clipping_is_refused() -> None:
     trainer = _trainer(
         callbacks=[composer_adam.GradientRelease()],
@@ -100,6 +101,7 @@ def test_gradient_clipping_is_refused() -> None:
         trainer.fit()
 
 
+@pytest.mark.bad_input
 def test_amp_fp16_is_refused() -> None:
     trainer = _trainer()
     trainer.state.precision = Precision.AMP_FP16
@@ -107,6 +109,7 @@ def test_amp_fp16_is_refused() -> None:
         composer_adam.GradientRelease().fit_start(trainer.state, trainer.logger)
 
 
+@pytest.mark.bad_input
 def test_an_optimizer_without_release_is_refused() -> None:
     model = make_model()
     trainer = Trainer(
@@ -122,6 +125,7 @@ def test_an_optimizer_without_release_is_refused() -> None:
         trainer.fit()
 
 
+@pytest.mark.bad_input
 def test_accumulation_with_an_algorithm_that_needs_the_whole_gradient_is_refused() -> None:
     model = make_model()
     trainer = Trainer(

@@ -73,6 +73,7 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.01, 0.1]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -104,6 +105,22 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
             "is not a regex",
         ),
         ({"name": "decoupled_adopt", "no_decay": "yes"}, "Invalid no_decay: 'yes'"),
+        (
+            {"name": "decoupled_adamw", "param_groups": [{"param_str_match": "head", "lrate": 1}]},
+            "Invalid param_groups[0]: unknown key(s) ['lrate']. Allowed: param_str_match, lr,",
+        ),
+        (
+            {
+                "name": "decoupled_radam",
+                "disable_grad": "embedding",
+                "param_groups": [
+                    {"param_str_match": "head", "lr": 0.1},
+                    {"param_str_match": "proj", "betas": [0.9, 1.5]},
+                ],
+            },
+            # The recipe's place, not the optimizer group (2 here, after the no-decay split).
+            "Invalid betas in param_groups[1]: [0.9, 1.5]. Allowed: two numbers",
+        ),
     ],
 )
 def test_bad_recipes_name_the_key_and_what_is_allowed_before_any_change(
@@ -115,6 +132,36 @@ def test_bad_recipes_name_the_key_and_what_is_allowed_before_any_change(
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.bad_input
+def test_yaml_recipe_reads_exponents_as_numbers_and_refuses_unknown_arguments(
+    tmp_path: Path,
+) -> None:
+    """6e-4 is a string to PyYAML's YAML 1.1 but a number to OmegaConf, so to llm-foundry."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "optimizer:\n  name: adamkit_decoupled_nadam\n  lr: 6e-4\n  weight_decay: 1E-5\n"
+        "  momentum_decay: 4.0e-3\n  param_groups:\n    - param_str_match: head\n"
+        "      lr: .5e+2\n"
+    )
+    optimizer = recipes.build_optimizer(path, Block())
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (6e-4, 1e-5),
+        (6e-4, 0.0),
+        (50.0, 1e-5),
+    ]
+    assert optimizer.defaults["momentum_decay"] == 4e-3
+    path.write_text("optimizer:\n  name: adamkit_decoupled_nadam\n  lr: 6e-4\n  momentum: 0.9\n")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Invalid DecoupledNAdam recipe: unknown key(s) ['momentum']. Allowed: name, "
+            "param_groups, disable_grad, no_decay, lr, betas, eps, weight_decay, momentum_decay,"
+        ),
+    ):
+        recipes.build_optimizer(path, Block())
+
+
+@pytest.mark.bad_input
 def test_scheduler_recipe_and_its_errors() -> None:
     from composer.optim import CosineAnnealingWithWarmupScheduler
 

@@ -7,6 +7,7 @@ computes the same math: torch.optim where it coincides, tests/core/reference.py 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -215,3 +216,20 @@ def train(
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
+    """Copies of the parameters and the optimizer state dict, for assert_unchanged."""
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
+
+
+def assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, before: tuple) -> None:
+    """Parameters and optimizer state exactly as snapshot() found them."""
+    params, state_dict = before
+    for p, saved in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, saved)
+    after = optimizer.state_dict()
+    assert after["state"].keys() == state_dict["state"].keys()
+    for key, state in state_dict["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][key][name], value), name

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -14,28 +12,15 @@ from tests.core.cases import (
     EAGER_BACKENDS,
     LR,
     Case,
+    assert_unchanged,
     make_batches,
     make_model,
     one_case_per_algorithm,
+    snapshot,
     train,
 )
 
 ALL_CLASSES = [core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT]
-
-
-def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
-    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
-
-
-def _assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: tuple) -> None:
-    params, state_dict = snapshot
-    for p, before in zip(model.parameters(), params, strict=True):
-        assert torch.equal(p, before)
-    after = optimizer.state_dict()
-    assert after["state"].keys() == state_dict["state"].keys()
-    for key, state in state_dict["state"].items():
-        for name, value in state.items():
-            assert torch.equal(after["state"][key][name], value), name
 
 
 def test_closure_runs_once_with_grad_enabled_and_its_loss_is_returned() -> None:
@@ -233,24 +218,35 @@ def test_functional_form_equals_the_class() -> None:
 BAD_HYPERPARAMETERS = [
     ("lr", -1e-3),
     ("lr", float("nan")),
+    ("lr", float("inf")),
+    ("lr", "1e-3"),  # what PyYAML makes of `lr: 1e-3`
     ("eps", -1e-8),
+    ("eps", float("nan")),
     ("betas", (1.0, 0.99)),
     ("betas", (0.9, -0.1)),
+    ("betas", (0.9, float("nan"))),
     ("betas", (0.9,)),
     ("weight_decay", -0.1),
+    ("weight_decay", float("inf")),
     ("max_lr", 0.0),
     ("max_lr", -1.0),
+    ("max_lr", float("inf")),
     ("decouple_wd", "yes"),
+    ("decouple_lr", 1),
+    ("gradient_release", None),
     ("kahan_sum", 1),
     ("foreach", "fast"),
+    ("fused", "yes"),
 ]
 ALGORITHM_SPECIFIC = [
     (core.Adam, "amsgrad", None),
     (core.NAdam, "momentum_decay", -4e-3),
+    (core.NAdam, "momentum_decay", float("inf")),
     (core.ADOPT, "clip", 0.25),
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "value"), BAD_HYPERPARAMETERS, ids=lambda v: repr(v))
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_invalid_hyperparameter_is_named_with_value_and_allowed_range(
@@ -261,12 +257,14 @@ def test_invalid_hyperparameter_is_named_with_value_and_allowed_range(
     assert repr(value) in str(error.value) and "Allowed: " in str(error.value)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("cls", "name", "value"), ALGORITHM_SPECIFIC)
 def test_invalid_algorithm_hyperparameter(cls: type, name: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"Invalid {name}: {value!r}\. Allowed: \w"):
         cls([nn.Parameter(torch.ones(2))], lr=1e-3, **{name: value})
 
 
+@pytest.mark.bad_input
 def test_invalid_value_in_a_param_group_names_the_group() -> None:
     with pytest.raises(ValueError, match=r"Invalid lr in param group 1: -0\.5"):
         core.AdamW(
@@ -278,31 +276,34 @@ def test_invalid_value_in_a_param_group_names_the_group() -> None:
         )
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_invalid_value_set_during_training_is_refused_before_any_change(cls: type) -> None:
     model = make_model()
     optimizer = cls(model.parameters(), lr=LR)
     batches = make_batches(torch.float32, 3)
     train(model, optimizer, batches[:2])
-    snapshot = _snapshot(model, optimizer)
+    before = snapshot(model, optimizer)
     optimizer.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -1\.0"):
         optimizer.step()
-    _assert_unchanged(model, optimizer, snapshot)
+    assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_sparse_gradients_are_refused_before_any_change(cls: type) -> None:
     dense, embedding = nn.Linear(3, 3), nn.Embedding(10, 3, sparse=True)
     model = nn.ModuleList([dense, embedding])
     optimizer = cls(model.parameters(), lr=LR)
-    snapshot = _snapshot(model, optimizer)
+    before = snapshot(model, optimizer)
     (dense(torch.ones(2, 3)).sum() + embedding(torch.tensor([1, 2])).sum()).backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         optimizer.step()
-    _assert_unchanged(model, optimizer, snapshot)
+    assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.bad_input
 def test_empty_and_duplicate_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="empty parameter list"):
         core.AdamW([], lr=1e-3)
@@ -311,6 +312,7 @@ def test_empty_and_duplicate_parameters_are_refused() -> None:
         core.AdamW([{"params": [p]}, {"params": [p]}], lr=1e-3)
 
 
+@pytest.mark.bad_input
 def test_lr_is_required_except_for_adopt() -> None:
     with pytest.raises(TypeError, match="lr"):
         core.Adam([nn.Parameter(torch.ones(2))])  # type: ignore[call-arg]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,8 +11,7 @@ import torch
 from torch import nn
 
 from tests.core.distributed_cases import GLOBAL_BATCHES, OPTIMIZERS, make_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import ROOT, run_worker
 
 
 def _free_port() -> int:
@@ -65,9 +62,7 @@ def test_fsdp2_sharded_training_equals_single_process(backend: str, tmp_path: Pa
         str(output),
         backend,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_worker(command, timeout=600)
     sharded = torch.load(output)
     for name in OPTIMIZERS:
         for full, reference in zip(sharded[name], single_process_run(name), strict=True):

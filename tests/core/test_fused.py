@@ -184,6 +184,7 @@ def _loop_model_after(case: Case, **flags: Any) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.bad_input
 def test_fused_and_foreach_together_are_refused() -> None:
     with pytest.raises(ValueError, match=r"Invalid fused: True\. Allowed: None or False when"):
         core.AdamW([torch.nn.Parameter(torch.ones(2))], lr=LR, fused=True, foreach=True)
@@ -191,6 +192,7 @@ def test_fused_and_foreach_together_are_refused() -> None:
         core.backends.select_backend([torch.ones(2)], foreach=True, fused=True)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("params", "reason"),
     [
@@ -211,6 +213,7 @@ def test_fused_true_where_impossible_is_refused_at_construction(
     assert optimizer.param_groups[0]["fused"] is None
 
 
+@pytest.mark.bad_input
 def test_fused_true_without_a_compiler_is_refused_before_any_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -252,6 +255,7 @@ def test_backend_choice_on_cpu(flags: dict[str, bool], expected: str) -> None:
     assert chosen is backends[expected]
 
 
+@pytest.mark.bad_input
 def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:

@@ -150,6 +150,7 @@ def test_optimizer_accumulation_first_moment_is_exact_and_second_carries_varianc
         torch.testing.assert_close(folded["exp_avg_sq"], expected, atol=1e-15, rtol=1e-10)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls", [core.NAdam, core.ADOPT])
 def test_optimizer_accumulation_refused_where_the_update_needs_the_whole_gradient(
     cls: type,
@@ -163,6 +164,7 @@ def test_optimizer_accumulation_refused_where_the_update_needs_the_whole_gradien
     assert len(optimizer.state[param]) == 0
 
 
+@pytest.mark.bad_input
 def test_grad_scaler_is_refused_clearly() -> None:
     model = make_model()
     optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
@@ -174,6 +176,7 @@ def test_grad_scaler_is_refused_clearly() -> None:
         scaler.step(optimizer)
 
 
+@pytest.mark.bad_input
 def test_sparse_gradients_are_refused_inside_backward_before_any_change() -> None:
     embedding = nn.Embedding(10, 3, sparse=True)
     optimizer = core.AdamW(embedding.parameters(), lr=LR, gradient_release=True)
@@ -184,6 +187,7 @@ def test_sparse_gradients_are_refused_inside_backward_before_any_change() -> Non
     assert torch.equal(embedding.weight, before) and len(optimizer.state) == 0
 
 
+@pytest.mark.bad_input
 def test_parameters_with_existing_hooks_are_refused_unless_ignored() -> None:
     model = make_model()
     first = next(model.parameters())
@@ -196,6 +200,7 @@ def test_parameters_with_existing_hooks_are_refused_unless_ignored() -> None:
     assert core.is_gradient_release_prepared(model)
 
 
+@pytest.mark.bad_input
 def test_optimizer_without_gradient_release_is_refused() -> None:
     model = make_model()
     with pytest.raises(ValueError, match="no param group with gradient_release=True"):
@@ -204,6 +209,7 @@ def test_optimizer_without_gradient_release_is_refused() -> None:
         core.prepare_for_gradient_release(model, torch.optim.AdamW(model.parameters()))
 
 
+@pytest.mark.bad_input
 def test_ddp_model_is_refused() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -220,6 +226,7 @@ def test_ddp_model_is_refused() -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.bad_input
 def test_step_of_a_foreign_parameter_is_refused() -> None:
     optimizer = core.AdamW([nn.Parameter(torch.ones(2))], lr=LR)
     stranger = nn.Parameter(torch.ones(4))
@@ -228,6 +235,7 @@ def test_step_of_a_foreign_parameter_is_refused() -> None:
         optimizer.step(param=stranger)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])
 def test_gradient_clipping_of_released_parameters_is_refused(clip: str) -> None:
     model, other = make_model(), nn.Linear(2, 2)

@@ -1,15 +1,23 @@
-"""Non-finite gradients under a GradScaler, and a long low-precision run."""
+"""Non-finite gradients with and without a GradScaler, and a long low-precision run."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import core
-from tests.core.cases import LR, make_batches, make_model
+from tests.core.cases import (
+    BACKENDS,
+    LR,
+    Case,
+    make_batches,
+    make_model,
+    one_case_per_algorithm,
+)
 
 ALL_CLASSES = [core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT]
 
@@ -50,6 +58,67 @@ def test_grad_scaler_skips_steps_with_inf_and_leaves_everything_untouched(cls: t
                     assert torch.equal(optimizer.state_dict()["state"][index][key], value)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q)  # power-of-two scaling unscales exactly
+
+
+def _finiteness(t: torch.Tensor) -> str:
+    """One character per element: '.' finite, 'n' NaN, '+'/'-' an infinity."""
+    return "".join(
+        "." if math.isfinite(x) else "n" if math.isnan(x) else "+" if x > 0 else "-"
+        for x in t.detach().float().tolist()
+    )
+
+
+ADAM_LIKE = {
+    "param": ".nnn....",
+    "exp_avg": ".n+-....",
+    "exp_avg_sq": ".n++....",
+    "next": ".nnn....",
+}
+WITHOUT_SCALER = {
+    # Gradient [g, NaN, +inf, -inf, g, g, g, g]: each element of a step is computed on its own,
+    # so exactly the non-finite elements turn up in the moments and the parameter (inf/inf is
+    # NaN), and NaN in a moment never decays away.
+    "Adam-decoupled-amsgrad": {**ADAM_LIKE, "max_exp_avg_sq": ".n++...."},
+    "RAdam-l2": ADAM_LIKE,
+    "NAdam-decoupled": ADAM_LIKE,
+    # ADOPT normalises by the previous second moment and clips: ±inf becomes ±bound, a finite
+    # step, but the second moment is inf from now on, so the element's normalised gradients
+    # are 0 (it stops learning). NaN goes through as in Adam.
+    "ADOPT-fully_decoupled": {
+        "param": ".n......",
+        "exp_avg": ".n......",
+        "exp_avg_sq": ".n++....",
+        "next": ".n......",
+    },
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_without_a_scaler_non_finite_gradients_reach_state_and_parameters_alike_everywhere(
+    case: Case, backend: str, dtype: torch.dtype
+) -> None:
+    """What the README documents, on every backend: no backend hides a NaN (Triton's
+    maximum and minimum drop NaN unless told otherwise)."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(8, generator=generator).to(dtype))
+    optimizer = case.make([param], **BACKENDS[backend])
+    for _ in range(8):
+        param.grad = torch.randn(8, generator=generator).to(dtype)
+        optimizer.step()
+    grad = torch.randn(8, generator=generator)
+    grad[1:4] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    param.grad = grad.to(dtype)
+    optimizer.step()
+    found = {"param": _finiteness(param)}
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in optimizer.state[param]:
+            found[key] = _finiteness(optimizer.state[param][key])
+    param.grad = torch.randn(8, generator=generator).to(dtype)
+    optimizer.step()
+    found["next"] = _finiteness(param)
+    assert found == WITHOUT_SCALER[case.id]
 
 
 def _long_run(dtype: torch.dtype, steps: int) -> tuple[list[float], nn.Module, core.AdamW]:

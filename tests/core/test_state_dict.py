@@ -14,9 +14,11 @@ from tests.core.cases import (
     LR,
     TINY_EPS,
     Case,
+    assert_unchanged,
     make_batches,
     make_model,
     one_case_per_algorithm,
+    snapshot,
     train,
 )
 
@@ -136,21 +138,49 @@ def test_loaded_host_scalars_stay_float32_on_cpu() -> None:
         assert state["kahan_comp"].dtype == torch.bfloat16
 
 
+@pytest.mark.bad_input
 def test_state_dict_with_missing_keys_is_refused_before_loading() -> None:
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train(model, sgd, make_batches(torch.float32, 2))
     optimizer = core.AdamW(model.parameters(), lr=LR)
     train(model, optimizer, make_batches(torch.float32, 2))
-    before = copy.deepcopy(optimizer.state_dict())
+    before = snapshot(model, optimizer)
     with pytest.raises(ValueError, match=r"lacks \['step', 'exp_avg', 'exp_avg_sq'\]"):
         optimizer.load_state_dict(sgd.state_dict())
-    after = optimizer.state_dict()
-    for key, state in before["state"].items():
-        for name, value in state.items():
-            assert torch.equal(after["state"][key][name], value)
+    assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("writer", "reader", "message"),
+    [
+        (core.ADOPT, core.NAdam, "from an ADOPT-type optimizer, whose exp_avg averages normalised"),
+        (core.ADOPT, core.Adam, "Allowed: the state of torch.optim.Adam/AdamW/NAdam/RAdam or"),
+        (core.AdamW, core.ADOPT, "from an Adam-type optimizer, whose exp_avg averages gradients"),
+        (torch.optim.Adam, core.ADOPT, "Allowed: the state of adamkit's ADOPT"),
+    ],
+    ids=["ADOPT-to-NAdam", "ADOPT-to-Adam", "AdamW-to-ADOPT", "torch-Adam-to-ADOPT"],
+)
+def test_state_dict_of_the_other_moment_family_is_refused_before_loading(
+    writer: type, reader: type, message: str
+) -> None:
+    """ADOPT's exp_avg averages normalised gradients, Adam's the gradients themselves: the
+    shapes and keys agree, so only this check stops a resume taking steps of the wrong size
+    (ADOPT state loaded into Adam moved the parameters about 15x further than Adam's own)."""
+    model = make_model()
+    source = writer(model.parameters(), lr=LR)
+    train(model, source, make_batches(torch.float32, 3))
+    optimizer = reader(model.parameters(), lr=LR)
+    train(model, optimizer, make_batches(torch.float32, 2))
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=rf"Invalid state_dict for {reader.__name__}: .*{message}"):
+        optimizer.load_state_dict(source.state_dict())
+    assert_unchanged(model, optimizer, before)
+    assert optimizer.state_dict()["param_groups"] == before[1]["param_groups"]
+
+
+@pytest.mark.bad_input
 def test_state_dict_with_wrong_shapes_is_refused() -> None:
     model, other = make_model(), torch.nn.Linear(3, 6)
     source = core.Adam(list(other.parameters()) * 1, lr=LR)

@@ -110,6 +110,7 @@ def parse_only(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str
     return exit_info.value.code or 0, captured.out, captured.err
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

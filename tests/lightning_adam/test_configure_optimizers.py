@@ -143,6 +143,28 @@ def test_a_plain_dict_from_yaml_configures_optimizer_groups_and_schedule() -> No
     assert lrs == pytest.approx([1e-3, 2e-3, 1e-3, 0.0], abs=1e-15)
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("optimizer: RAdam\namsgrad: true", r"Invalid argument for core.RAdam: 'amsgrad'\."),
+        ("optimizer: RAdamm", r"Invalid optimizer: 'RAdamm'\. Allowed: one of Adam, AdamW, RAdam,"),
+        (
+            "optimizer: NAdam\nschedular: cosine",
+            r"Invalid argument for core.NAdam: 'schedular'\. Allowed: its parameters: lr, betas, "
+            r".*momentum_decay, .*gradient_release; and the config keys optimizer, scheduler, "
+            r"no_weight_decay\.$",
+        ),
+    ],
+    ids=["unknown-argument", "unknown-name", "misspelt-key"],
+)
+def test_a_yaml_config_with_an_unknown_name_or_argument_lists_the_valid_ones(
+    text: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        configure_optimizers(Tied(), yaml.safe_load(f"lr: 1.0e-3\n{text}"))
+
+
 def _expected_factor(kind: str, t: int, warmup: int, total: int, ratio: float) -> float:
     """The schedule written from its definition, to check the composed torch schedulers."""
     if t < warmup:
@@ -190,6 +212,7 @@ def test_epoch_interval_counts_epochs() -> None:
     assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == pytest.approx([5e-4] * 2)
 
 
+@pytest.mark.bad_input
 def test_unbounded_trainer_needs_total_steps() -> None:
     model = Regression(scheduler="cosine", lr=1e-2)
     trainer = make_trainer(max_steps=-1, max_epochs=-1)
@@ -197,6 +220,7 @@ def test_unbounded_trainer_needs_total_steps() -> None:
         trainer.fit(model, loader(regression_data(64)))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

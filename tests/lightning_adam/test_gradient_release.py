@@ -133,6 +133,7 @@ def test_accumulation_with_a_short_last_window_trains() -> None:
     assert {float(s["step"]) for s in states} == {EPOCHS * 3.0}
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("name", "message"),
     [
@@ -156,6 +157,7 @@ class Manual(Regression):
         self.automatic_optimization = False
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("model", "overrides", "message"),
     [

@@ -104,6 +104,7 @@ def test_global_only_and_trainer_interval(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("every", [0, 1.5, True])
 def test_bad_interval_is_refused(every: object) -> None:
     with pytest.raises(ValueError, match=rf"Invalid every_n_steps: {every!r}\. Allowed: None"):
