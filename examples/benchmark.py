@@ -309,7 +309,14 @@ def main() -> None:
         count, numel = shapes[0]
         for baseline, ours in zip(composer_rows[::2], composer_rows[1::2], strict=True):
             report += run_table(
-                "Composer", [ours], count, numel, bandwidth, steps, repeats, baseline=baseline
+                "Composer",
+                [baseline, ours],
+                count,
+                numel,
+                bandwidth,
+                steps,
+                repeats,
+                baseline=baseline,
             )
     print("\n".join(report))
 
