@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.processes import ROOT, run_worker
+
 pytest.importorskip("composer")
 pytest.importorskip("matplotlib")
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_composer_variant_trains_compares_and_reports(tmp_path: Path) -> None:
@@ -28,9 +26,7 @@ def test_composer_variant_trains_compares_and_reports(tmp_path: Path) -> None:
         "--out",
         str(tmp_path),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_worker(command, timeout=600)
     runs = json.loads((tmp_path / "results.json").read_text())
     theirs, ours = runs["composer.optim.DecoupledAdamW"], runs["composer_adam.DecoupledAdamW"]
     assert theirs["optimizer"] == "composer.optim.decoupled_weight_decay.DecoupledAdamW"

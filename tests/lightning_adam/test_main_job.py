@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.processes import ROOT, run_worker
+
 pytest.importorskip("lightning")
 pytest.importorskip("matplotlib")
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_main_job_trains_compares_and_reports(tmp_path: Path) -> None:
@@ -28,9 +27,7 @@ def test_main_job_trains_compares_and_reports(tmp_path: Path) -> None:
         "--out",
         str(tmp_path),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_worker(command, timeout=600)
     runs = json.loads((tmp_path / "results.json").read_text())
     assert list(runs) == ["torch.optim.AdamW", "core.AdamW gradient release"]
     torch_run, released = runs.values()
