@@ -60,7 +60,7 @@ static inline uint32_t as_bits(float x) {
  * calls or _Float16 so that compilers vectorise them. */
 #if DTYPE == 3
 static inline compute_t widen(store_t x) { return as_float((uint32_t)x << 16); }
-/* bfloat16: round to nearest even, NaN to the quiet NaN 0x7fc0, as torch's bfloat16 does. */
+/* bfloat16: round to nearest even, NaN to the quiet NaN 0x7fc0, as c10::BFloat16 does. */
 static inline store_t round_to_store(compute_t x) {
     uint32_t bits = as_bits(x);
     uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
@@ -158,62 +158,167 @@ typedef struct {
     const store_t *grad;
 } tensors_t;
 
+/* What one element's step produces, in compute precision, before it is stored. Which
+ * fields a configuration writes is fixed at compile time. */
+typedef struct {
+    compute_t theta, m, v, v_max;
+} result_t;
+
+#define WRITES_M (ALGORITHM == 1 || !INIT)
+#define WRITES_V_MAX (ALGORITHM == 1 && AMSGRAD)
+#define WRITES_PARAM (UPDATE && (ALGORITHM == 1 || !INIT))
+
 /* ---- the per-element rules: each algorithm once ---------------------------------------- */
 
 #if ALGORITHM == 1
 /* Adam, AMSGrad, RAdam and NAdam (AdamStepCoefficients). */
-static inline void update(const tensors_t *t, const scalars_t *s, int64_t i) {
+static inline result_t update(const tensors_t *t, const scalars_t *s, int64_t i) {
+    result_t r = {0, 0, 0, 0};
     compute_t grad = load(t->grad, i);
     compute_t theta = (L2 || UPDATE) ? load_param(t->param, t->comp, i) : 0;
     if (L2) grad = grad + s->l2 * theta;
-    compute_t m = lerp(load(t->exp_avg, i), grad, s->lerp_coeff, s->small_weight);
-    compute_t v = load(t->exp_avg_sq, i) * s->beta2 + s->beta2_weight * grad * grad;
-    compute_t second_moment = v;
-    if (AMSGRAD) {
-        second_moment = maximum(load(t->max_exp_avg_sq, i), v);
-        put(t->max_exp_avg_sq, i, second_moment);
-    }
-    put(t->exp_avg, i, m);
-    put(t->exp_avg_sq, i, v);
-    if (!UPDATE) return;
+    r.m = lerp(load(t->exp_avg, i), grad, s->lerp_coeff, s->small_weight);
+    r.v = load(t->exp_avg_sq, i) * s->beta2 + s->beta2_weight * grad * grad;
+    compute_t second_moment = r.v;
+    if (AMSGRAD) second_moment = r.v_max = maximum(load(t->max_exp_avg_sq, i), r.v);
+    if (!UPDATE) return r;
     if (DECAY) theta = theta * s->param_decay;
     if (ADAPTIVE) {
         compute_t denom = SQRT(second_moment) * s->inv_bias_correction2_sqrt + s->eps;
         if (GRAD_TERM) {
             compute_t inv_denom = (compute_t)1 / denom;
             theta = theta + s->neg_grad_step * grad * inv_denom;
-            theta = theta + s->neg_momentum_step * m * inv_denom;
+            theta = theta + s->neg_momentum_step * r.m * inv_denom;
         } else {
-            theta = theta + s->neg_momentum_step * m / denom;
+            theta = theta + s->neg_momentum_step * r.m / denom;
         }
     } else {
-        theta = theta + s->neg_momentum_step * m;
+        theta = theta + s->neg_momentum_step * r.m;
     }
-    store_param(t->param, t->comp, i, theta);
+    r.theta = theta;
+    return r;
 }
 #elif ALGORITHM == 2
 /* ADOPT (AdoptStepCoefficients); neg_momentum_step carries −lr. */
-static inline void update(const tensors_t *t, const scalars_t *s, int64_t i) {
+static inline result_t update(const tensors_t *t, const scalars_t *s, int64_t i) {
+    result_t r = {0, 0, 0, 0};
     compute_t grad = load(t->grad, i);
     compute_t theta = (L2 || (UPDATE && !INIT)) ? load_param(t->param, t->comp, i) : 0;
     if (L2) grad = grad + s->l2 * theta;
     if (INIT) {
-        put(t->exp_avg_sq, i, grad * grad);
-        return;
+        r.v = grad * grad;
+        return r;
     }
     compute_t v = load(t->exp_avg_sq, i);
     compute_t normed = grad / at_least(SQRT(v), s->eps);
     if (CLIP) normed = at_most(at_least(normed, -s->clip), s->clip);
-    compute_t m = lerp(load(t->exp_avg, i), normed, s->lerp_coeff, s->small_weight);
-    v = v * s->beta2 + s->beta2_weight * grad * grad;
-    put(t->exp_avg, i, m);
-    put(t->exp_avg_sq, i, v);
-    if (!UPDATE) return;
+    r.m = lerp(load(t->exp_avg, i), normed, s->lerp_coeff, s->small_weight);
+    r.v = v * s->beta2 + s->beta2_weight * grad * grad;
     if (DECAY) theta = theta * s->param_decay;
-    store_param(t->param, t->comp, i, theta + s->neg_momentum_step * m);
+    r.theta = theta + s->neg_momentum_step * r.m;
+    return r;
 }
 #else
 #error "unknown ALGORITHM"
+#endif
+
+/* Store one element's results, rounding each in software. */
+static inline void write_element(const tensors_t *t, int64_t i, result_t r) {
+    if (WRITES_V_MAX) put(t->max_exp_avg_sq, i, r.v_max);
+    if (WRITES_M) put(t->exp_avg, i, r.m);
+    put(t->exp_avg_sq, i, r.v);
+    if (WRITES_PARAM) store_param(t->param, t->comp, i, r.theta);
+}
+
+/* ---- 16-bit stores through the CPU's own conversion instructions -------------------- */
+
+/* Rounding fp32 to a 16-bit type in software costs more than the memory traffic of the
+ * whole step. AVX512-BF16 (vcvtneps2bf16) and AVX-512 (vcvtps2ph) round sixteen lanes in
+ * one instruction, and agree with torch's conversion bit for bit on every non-NaN input
+ * but one kind: vcvtneps2bf16 flushes fp32 subnormals to zero, where torch rounds them
+ * to bfloat16 subnormals. Sixteen lanes holding one are rounded in software instead, a
+ * branch almost never taken. A NaN stays a NaN; its payload, as in torch, is not kept. */
+#if (DTYPE == 3 && defined(__AVX512BF16__)) || (DTYPE == 4 && defined(__AVX512DQ__))
+#include <immintrin.h>
+#define HARDWARE_ROUNDING 1
+#define LANES 16
+#define BLOCK 256
+
+/* vfpclassps category 0x20: subnormal (whatever MXCSR's denormals-are-zero says). */
+static inline __mmask16 needs_software(__m512 x) {
+    return DTYPE == 3 ? _mm512_fpclass_ps_mask(x, 0x20) : 0;
+}
+
+static inline __m256i round_lanes(__m512 x) {
+#if DTYPE == 3
+    return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+    return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+}
+
+static inline __m512 widen_lanes(__m256i x) {
+#if DTYPE == 3
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+#else
+    return _mm512_cvtph_ps(x);
+#endif
+}
+
+/* Round sixteen lanes into out; returns them widened back, for Kahan's remainder. */
+static inline __m512 put_lanes(store_t *out, const float *lanes) {
+    __m512 x = _mm512_loadu_ps(lanes);
+    __m256i rounded;
+    if (__builtin_expect(needs_software(x) != 0, 0)) {
+        uint16_t software[LANES];
+        for (int j = 0; j < LANES; j++) software[j] = round_to_store(lanes[j]);
+        rounded = _mm256_loadu_si256((const __m256i *)software);
+    } else {
+        rounded = round_lanes(x);
+    }
+    _mm256_storeu_si256((__m256i *)out, rounded);
+    return widen_lanes(rounded);
+}
+
+/* Round `count` (a multiple of LANES) staged lanes into out. */
+static inline void put_block(store_t *out, const float *staged, int64_t count) {
+    for (int64_t j = 0; j < count; j += LANES) put_lanes(out + j, staged + j);
+}
+
+/* BLOCK elements from i: the same update, staged in fp32 in L1 and then rounded sixteen
+ * lanes at a time. Staging a whole block rather than one vector keeps the rounding's
+ * loads from waiting on the update's stores still in flight. */
+static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t i,
+                                int64_t count) {
+    _Alignas(64) float theta[BLOCK], m[BLOCK], v[BLOCK], v_max[BLOCK];
+    for (int64_t j = 0; j < count; j++) {
+        result_t r = update(t, s, i + j);
+        theta[j] = r.theta;
+        m[j] = r.m;
+        v[j] = r.v;
+        v_max[j] = r.v_max;
+    }
+    if (WRITES_V_MAX) put_block(t->max_exp_avg_sq + i, v_max, count);
+    if (WRITES_M) put_block(t->exp_avg + i, m, count);
+    put_block(t->exp_avg_sq + i, v, count);
+    if (!WRITES_PARAM) return;
+    for (int64_t j = 0; j < count; j += LANES) {
+        __m512 stored = put_lanes(t->param + i + j, theta + j);
+        if (KAHAN) {
+            _Alignas(64) float lost[LANES];
+            _mm512_storeu_ps(lost, _mm512_sub_ps(_mm512_loadu_ps(theta + j), stored));
+            put_lanes(t->comp + i + j, lost);
+        }
+    }
+}
+#else
+#define HARDWARE_ROUNDING 0
+#define LANES 1
+#define BLOCK 1
+static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t i,
+                                int64_t count) {
+    (void)t, (void)s, (void)i, (void)count;
+}
 #endif
 
 /* One contiguous range of one tensor; restrict lets the compiler vectorise. */
@@ -223,7 +328,24 @@ static void update_range(store_t *restrict param, store_t *restrict comp,
                          const scalars_t *s, int64_t begin, int64_t end) {
     tensors_t t = {param, comp, exp_avg, exp_avg_sq, max_exp_avg_sq, grad};
     scalars_t local = *s;
-    for (int64_t i = begin; i < end; i++) update(&t, &local, i);
+    int64_t i = begin;
+    if (HARDWARE_ROUNDING) {
+        for (; i + BLOCK <= end; i += BLOCK) update_block(&t, &local, i, BLOCK);
+        int64_t whole_lanes = (end - i) / LANES * LANES;
+        update_block(&t, &local, i, whole_lanes);
+        i += whole_lanes;
+    }
+    for (; i < end; i++) write_element(&t, i, update(&t, &local, i));
+}
+
+/* Round n fp32 values to the storage type exactly as a step does, so tests can compare
+ * the rounding with torch's conversion over every fp32 bit pattern. */
+void adamkit_round(int64_t n, const float *values, store_t *out) {
+    int64_t i = 0;
+#if HARDWARE_ROUNDING
+    for (; i + LANES <= n; i += LANES) put_lanes(out + i, values + i);
+#endif
+    for (; i < n; i++) out[i] = round_to_store(values[i]);
 }
 
 /* ---- many tensors per call, split across threads by element count ------------------ */

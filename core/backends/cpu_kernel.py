@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.backends.kernel_arguments import SWITCHES
+
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 ALGORITHM_CODES = {"adam": 1, "adopt": 2}
@@ -89,12 +91,22 @@ def cache_dir() -> Path:
     return Path(base) / "adamkit" / "kernels"
 
 
-def _compile(config: KernelConfig, target: Path) -> None:
+def arch_choices() -> tuple[tuple[str, ...], ...]:
+    """The -march flags to try in order: native first, for AVX-512's 16-bit rounding
+    instructions and the widest vectors this CPU has, then portable code. Setting
+    ADAMKIT_PORTABLE_KERNELS=1 builds only the portable code (for a cache shared by
+    machines with different CPUs, and to test the software rounding on any machine)."""
+    if os.environ.get("ADAMKIT_PORTABLE_KERNELS", "") not in ("", "0"):
+        return ((),)
+    return (("-march=native",), ())
+
+
+def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...], ...]) -> None:
     """Compile into target atomically (a temporary file renamed into place)."""
     cc = compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = ""
-    for arch in (("-march=native",), ()):
+    for arch in choices:
         handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(handle)
         command = [cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)]
@@ -110,30 +122,49 @@ def _compile(config: KernelConfig, target: Path) -> None:
 
 
 _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
-_loaded: dict[KernelConfig, ctypes._CFuncPtr] = {}  # type: ignore[name-defined]
+_loaded: dict[tuple[KernelConfig, tuple[tuple[str, ...], ...]], ctypes.CDLL] = {}
 compile_seconds: dict[KernelConfig, float] = {}
 """Wall time spent building (or loading from the disk cache) each configuration."""
 
 
-def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    """The compiled step for a configuration, building it on first use."""
-    loaded = _loaded.get(config)
+def library(config: KernelConfig) -> ctypes.CDLL:
+    """The compiled library for a configuration, building it on first use."""
+    choices = arch_choices()
+    loaded = _loaded.get((config, choices))
     if loaded is not None:
         return loaded
     if compiler() is None:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
     start = time.perf_counter()
-    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), _toolchain_identity()]
-    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:24]
+    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), str(choices)]
+    digest = hashlib.sha256("\n".join([*key, _toolchain_identity()]).encode()).hexdigest()[:24]
     path = cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
     if not path.exists():
-        _compile(config, path)
-    function = ctypes.CDLL(str(path)).adamkit_step
-    function.argtypes = _ARGTYPES
-    function.restype = ctypes.c_int
-    _loaded[config] = function
+        _compile(config, path, choices)
+    built = ctypes.CDLL(str(path))
+    built.adamkit_step.argtypes = _ARGTYPES
+    built.adamkit_step.restype = ctypes.c_int
+    built.adamkit_round.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    built.adamkit_round.restype = None
+    _loaded[(config, choices)] = built
     compile_seconds[config] = time.perf_counter() - start
-    return function
+    return built
+
+
+def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    """The compiled step for a configuration."""
+    return library(config).adamkit_step
+
+
+def round_as_kernels_do(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 values rounded to dtype by the kernels' own rounding (hardware where the
+    CPU has it): tests hold it to torch's conversion."""
+    if values.dtype != torch.float32 or not values.is_contiguous():
+        raise ValueError("values must be a contiguous float32 tensor")
+    config = KernelConfig("adam", dtype, tuple((name, False) for name in SWITCHES))
+    out = torch.empty(values.shape, dtype=dtype)
+    library(config).adamkit_round(values.numel(), values.data_ptr(), out.data_ptr())
+    return out
 
 
 def _pointers(tensors: Sequence[Tensor] | None) -> ctypes.Array | None:

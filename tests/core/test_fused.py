@@ -8,6 +8,7 @@ own state each time, and odd layouts, the `fused` flag and the kernels' contract
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -122,6 +123,56 @@ def test_low_precision_steps_within_one_ulp_of_loop(
     generator = torch.Generator().manual_seed(1)
     params = [torch.randn(s, generator=generator).to(dtype) for s in _shapes_across_blocks()]
     for step, expected, actual in paired_steps(case, backend, params):
+        assert_step_matches(step, expected, actual)
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both builds of the CPU kernels: -march=native (AVX-512's rounding instructions on
+    CPUs that have them) and the portable one that rounds in software."""
+    if request.param == "portable":
+        monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "1")
+    return str(request.param)
+
+
+def _bit_patterns_for_rounding() -> Tensor:
+    """float32 bit patterns: every sign, exponent and top mantissa bits (the upper 16),
+    each with low halves on and around the round-to-nearest-even boundaries of bfloat16
+    (bit 15) and float16 normals (bit 12), plus random ones. This covers zeros,
+    subnormals, the overflow edge, infinities and NaNs of both targets."""
+    low = [0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xC000]
+    low += [0xEFFF, 0xF000, 0xFFFF]
+    low += torch.randint(0, 1 << 16, (8,), generator=torch.Generator().manual_seed(3)).tolist()
+    upper = torch.arange(1 << 16, dtype=torch.int64) << 16
+    bits = (upper[:, None] | torch.tensor(low, dtype=torch.int64)[None, :]).flatten()
+    return bits.to(torch.int32).view(torch.float32)  # int64 → int32 wraps the sign bit in
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_kernel_rounding_equals_torchs_conversion_bit_for_bit(
+    dtype: torch.dtype, kernel_build: str
+) -> None:
+    """The rounding every fused step does to store θ, k, m and v. (Run over all 2^32
+    patterns once when the hardware path was written: no difference.)"""
+    values = _bit_patterns_for_rounding()
+    ours, torchs = cpu_kernel.round_as_kernels_do(values, dtype), values.to(dtype)
+    both_nan = ours.isnan() & torchs.isnan()  # NaN payloads are not kept, as in torch
+    differs = (ours.view(torch.int16) != torchs.view(torch.int16)) & ~both_nan
+    first = values[differs][:5].view(torch.int32).tolist()
+    assert not bool(differs.any()), f"{kernel_build}: differ for bit patterns {first}"
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_portable_and_native_kernel_builds_both_step_within_one_ulp(
+    case: Case, dtype: torch.dtype, kernel_build: str
+) -> None:
+    """The software rounding is what CPUs without AVX-512 run; it is held to the loop
+    backend on this machine as well, with Kahan compensation included."""
+    generator = torch.Generator().manual_seed(4)
+    params = [torch.randn(s, generator=generator).to(dtype) for s in _shapes_across_blocks()]
+    kahan = dataclasses.replace(case, core_kwargs={**case.core_kwargs, "kahan_sum": True})
+    for step, expected, actual in paired_steps(kahan, "fused", params):
         assert_step_matches(step, expected, actual)
 
 
