@@ -535,7 +535,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_group(group, where)
-            params = [p for p in group["params"] if p.grad is not None and p not in released]
+            params = [p for p in group["params"] if p.grad is not None]
+            if released:  # a set lookup hashes in Python: skip it when nothing is released
+                params = [p for p in params if p not in released]
             self._check_fused_possible(group, where)
             for p in params:
                 self._check_gradient(p, where)

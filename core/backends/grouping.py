@@ -49,7 +49,13 @@ def same_dense_layout(tensors: Sequence[Tensor]) -> bool:
     each dense, all of one dtype, shape and strides. Runs for every parameter of every
     step, hence the plain loop."""
     first = tensors[0]
-    shape, dtype = first.shape, first.dtype
+    numel, dtype = first.numel(), first.dtype
+    for t in tensors:  # the usual case, in the fewest calls: all contiguous alike
+        if not t.is_contiguous() or t.dtype != dtype or t.numel() != numel:
+            break
+    else:
+        return True
+    shape = first.shape
     contiguous = True
     for t in tensors:
         if t.shape != shape or t.dtype != dtype:
