@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -166,6 +166,8 @@ class NAdam(AdamFamilyOptimizer):
             "a finite number >= 0",
             where,
         )
+
+    host_state_keys: ClassVar[tuple[str, ...]] = ("step", "mu_product")
 
     def _init_host_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
         super()._init_host_state(state, group)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from operator import attrgetter
 from typing import Any, ClassVar, TypeAlias
 
 import torch
@@ -21,6 +22,8 @@ from torch.optim import Optimizer
 from core.backends import fused_unavailable_reason
 from core.backends.precision import LOW_PRECISION_DTYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
+
+_dtype = attrgetter("dtype")
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -250,7 +253,7 @@ def real_views(tensors: Sequence[Tensor | None] | None) -> Any:
 def real_view_lists(lists: Sequence[Sequence[Tensor | None] | None]) -> list[Any]:
     """real_views of every list; the lists as they are when no parameter (lists[0]) is
     complex, which spares a pass over every other list in the usual case."""
-    if not any(p.is_complex() for p in lists[0]):  # type: ignore[union-attr]
+    if not any(map(Tensor.is_complex, lists[0])):  # type: ignore[arg-type]
         return list(lists)
     return [real_views(t) for t in lists]
 
@@ -342,6 +345,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """The parameter-shaped buffers this algorithm keeps (override to add more)."""
         return ("exp_avg", "exp_avg_sq")
 
+    host_state_keys: ClassVar[tuple[str, ...]] = ("step",)
+    """The 0-dim host scalars _init_host_state creates (an override adds its own)."""
+
     def _init_host_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create the 0-dim host scalars (override to add more than `step`)."""
         if "step" not in state:  # not setdefault: building a tensor every step costs µs
@@ -362,9 +368,29 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
+    def _prepared_states(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:
+        """_prepared_state of each parameter; after the first step nothing is missing, and
+        finding that out costs one set comparison per parameter rather than a call."""
+        states = [self.state[p] for p in params]
+        required = {*self.host_state_keys, *self._tensor_state_keys(group)}
+        low_precision = set(LOW_PRECISION_DTYPES)
+        if group["kahan_sum"] is False or low_precision.isdisjoint(map(_dtype, params)):
+            complete = all(map(required.issubset, states))
+        else:
+            with_comp = required | {"kahan_comp"}
+            complete = all(
+                (with_comp if p.dtype in low_precision else required).issubset(state)
+                for p, state in zip(params, states, strict=True)
+            )
+        if complete:
+            return states
+        return [self._prepared_state(p, group) for p in params]
+
     def _kahan_comps(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> list[Tensor | None]:
+        if group["kahan_sum"] is False or set(LOW_PRECISION_DTYPES).isdisjoint(map(_dtype, params)):
+            return [None] * len(params)
         return [
             state["kahan_comp"] if self._uses_kahan(group, p) else None
             for p, state in zip(params, states, strict=True)
@@ -539,12 +565,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             if released:  # a set lookup hashes in Python: skip it when nothing is released
                 params = [p for p in params if p not in released]
             self._check_fused_possible(group, where)
-            for p in params:
-                self._check_gradient(p, where)
+            if any(p.grad.is_sparse for p in params):  # the message names the first
+                for p in params:
+                    self._check_gradient(p, where)
             work.append((group, params))
         for group, params in work:
             if params:
-                states = [self._prepared_state(p, group) for p in params]
+                states = self._prepared_states(params, group)
                 self._update_group(group, params, [p.grad for p in params], states)
         return loss
 

@@ -106,7 +106,8 @@ def fp32_contenders() -> list[Contender]:
 
 
 def bf16_contenders() -> list[Contender]:
-    """bf16 parameters and state: torch has no Kahan; core compensates by default."""
+    """bf16 parameters and state (and one fp16 row): torch has no Kahan; core compensates
+    by default."""
     bf16 = torch.bfloat16
     rows = [Contender("torch AdamW fused (no Kahan)", _torch_adamw(fused=True), bf16, "bf16")]
     for name, make, _ in CORE_ALGORITHMS:
@@ -122,6 +123,14 @@ def bf16_contenders() -> list[Contender]:
                     "bf16 kahan",
                 )
             )
+    rows.append(
+        Contender(
+            "core AdamW Kahan fused, fp16 params",
+            lambda p: core.AdamW(p, lr=1e-3, fused=True),
+            torch.float16,
+            "bf16 kahan",  # the same bytes: every tensor is 16-bit either way
+        )
+    )
     rows.append(
         Contender(
             "core AdamW foreach (Kahan)",

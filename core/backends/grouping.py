@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 T = TypeVar("T")
+_device, _dtype = attrgetter("device"), attrgetter("dtype")
 
 
 def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> list[list[int]]:
     """Indices of parameters grouped by (device, dtype, uses Kahan)."""
+    if (
+        len(set(map(_device, params))) == 1
+        and len(set(map(_dtype, params))) == 1
+        and len({comp is None for comp in kahan_comps}) == 1
+    ):
+        return [list(range(len(params)))]  # the usual case, at C speed per parameter
     grouped: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
     for i, param in enumerate(params):
         key = (param.device, param.dtype, kahan_comps[i] is not None)
@@ -26,6 +34,9 @@ def take(values: Sequence[T], indices: list[int]) -> list[T]:
 
 def take_all(lists: Sequence[Sequence[T] | None], indices: list[int]) -> list[list[T] | None]:
     """take() over several lists at once; None lists stay None."""
+    first = next((values for values in lists if values is not None), None)
+    if first is not None and len(indices) == len(first):  # every index, in order
+        return [None if values is None else list(values) for values in lists]
     return [None if values is None else take(values, indices) for values in lists]
 
 
@@ -72,6 +83,14 @@ def split_dense(lists: Sequence[Sequence[Tensor] | None]) -> tuple[list[int], li
     dense: list[int] = []
     strided: list[int] = []
     present = [values for values in lists if values is not None]
+    numels, dtypes = list(map(Tensor.numel, present[0])), list(map(_dtype, present[0]))
+    if all(
+        all(map(Tensor.is_contiguous, values))
+        and list(map(Tensor.numel, values)) == numels
+        and list(map(_dtype, values)) == dtypes
+        for values in present
+    ):
+        return list(range(len(numels))), []  # the usual case, without a call per row
     for i, row in enumerate(zip(*present, strict=True)):
         (dense if same_dense_layout(row) else strided).append(i)
     return dense, strided
