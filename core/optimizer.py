@@ -10,9 +10,10 @@ add their own hyperparameters and per-step scalars.
 from __future__ import annotations
 
 import math
+import operator
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from operator import attrgetter
+from itertools import repeat
 from typing import Any, ClassVar, TypeAlias
 
 import torch
@@ -23,7 +24,7 @@ from core.backends import fused_unavailable_reason
 from core.backends.precision import LOW_PRECISION_DTYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
-_dtype = attrgetter("dtype")
+_dtype = operator.attrgetter("dtype")
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -172,7 +173,7 @@ def partition_by_host_scalars(
         return []
     # One stack and tolist per list: float() of each 0-dim tensor costs ~1 µs apiece.
     keys = list(zip(*[torch.stack(list(values)).tolist() for values in scalar_lists], strict=True))
-    if all(key == keys[0] for key in keys):
+    if keys.count(keys[0]) == len(keys):
         return [(keys[0], None)]
     partitions: dict[tuple[float, ...], list[int]] = {}
     for i, key in enumerate(keys):
@@ -463,7 +464,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "window_microbatches": [s["window_microbatches"] for s in states],
                 "accumulate": True,
             }
-        if any("window_microbatches" in state for state in states):
+        if any(map(operator.contains, states, repeat("window_microbatches"))):
             for state in states:
                 state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
             return {"window_microbatches": [s["window_microbatches"] for s in states]}
