@@ -99,13 +99,6 @@ static inline compute_t load(const store_t *a, int64_t i) { return widen(a[i]); 
 
 static inline void put(store_t *a, int64_t i, compute_t x) { a[i] = round_to_store(x); }
 
-/* The parameter in compute precision, including its Kahan compensation. */
-static inline compute_t load_param(const store_t *param, const store_t *comp, int64_t i) {
-    compute_t theta = load(param, i);
-    if (KAHAN) theta = theta + load(comp, i);
-    return theta;
-}
-
 /* Round θ into place; with Kahan keep in k what rounding lost. */
 static inline void store_param(store_t *param, store_t *comp, int64_t i, compute_t theta) {
     store_t rounded = round_to_store(theta);
@@ -158,6 +151,21 @@ typedef struct {
     const store_t *grad;
 } tensors_t;
 
+/* The same inputs already widened to fp32, for one block (see update_block). */
+typedef struct {
+    const float *param, *comp, *exp_avg, *exp_avg_sq, *max_exp_avg_sq, *grad;
+} widened_t;
+
+/* What a configuration reads besides g: θ (and k) only where used, the moments except on
+ * ADOPT's first call. */
+#define READS_PARAM (L2 || (UPDATE && (ALGORITHM == 1 || !INIT)))
+#define READS_MOMENTS (ALGORITHM == 1 || !INIT)
+
+/* An input element: from the tensor, widened here, or from a block widened beforehand.
+ * `widened` is a constant null or non-null pointer wherever update is inlined, so the
+ * compiler keeps one branch. */
+#define READ(field) (widened ? widened->field[i] : load(t->field, i))
+
 /* What one element's step produces, in compute precision, before it is stored. Which
  * fields a configuration writes is fixed at compile time. */
 typedef struct {
@@ -172,15 +180,17 @@ typedef struct {
 
 #if ALGORITHM == 1
 /* Adam, AMSGrad, RAdam and NAdam (AdamStepCoefficients). */
-static inline result_t update(const tensors_t *t, const scalars_t *s, int64_t i) {
+static inline result_t update(const tensors_t *t, const widened_t *widened, const scalars_t *s,
+                              int64_t i) {
     result_t r = {0, 0, 0, 0};
-    compute_t grad = load(t->grad, i);
-    compute_t theta = (L2 || UPDATE) ? load_param(t->param, t->comp, i) : 0;
+    compute_t grad = READ(grad);
+    compute_t theta = READS_PARAM ? READ(param) : 0;
+    if (READS_PARAM && KAHAN) theta = theta + READ(comp);
     if (L2) grad = grad + s->l2 * theta;
-    r.m = lerp(load(t->exp_avg, i), grad, s->lerp_coeff, s->small_weight);
-    r.v = load(t->exp_avg_sq, i) * s->beta2 + s->beta2_weight * grad * grad;
+    r.m = lerp(READ(exp_avg), grad, s->lerp_coeff, s->small_weight);
+    r.v = READ(exp_avg_sq) * s->beta2 + s->beta2_weight * grad * grad;
     compute_t second_moment = r.v;
-    if (AMSGRAD) second_moment = r.v_max = maximum(load(t->max_exp_avg_sq, i), r.v);
+    if (AMSGRAD) second_moment = r.v_max = maximum(READ(max_exp_avg_sq), r.v);
     if (!UPDATE) return r;
     if (DECAY) theta = theta * s->param_decay;
     if (ADAPTIVE) {
@@ -200,19 +210,21 @@ static inline result_t update(const tensors_t *t, const scalars_t *s, int64_t i)
 }
 #elif ALGORITHM == 2
 /* ADOPT (AdoptStepCoefficients); neg_momentum_step carries −lr. */
-static inline result_t update(const tensors_t *t, const scalars_t *s, int64_t i) {
+static inline result_t update(const tensors_t *t, const widened_t *widened, const scalars_t *s,
+                              int64_t i) {
     result_t r = {0, 0, 0, 0};
-    compute_t grad = load(t->grad, i);
-    compute_t theta = (L2 || (UPDATE && !INIT)) ? load_param(t->param, t->comp, i) : 0;
+    compute_t grad = READ(grad);
+    compute_t theta = READS_PARAM ? READ(param) : 0;
+    if (READS_PARAM && KAHAN) theta = theta + READ(comp);
     if (L2) grad = grad + s->l2 * theta;
     if (INIT) {
         r.v = grad * grad;
         return r;
     }
-    compute_t v = load(t->exp_avg_sq, i);
+    compute_t v = READ(exp_avg_sq);
     compute_t normed = grad / at_least(SQRT(v), s->eps);
     if (CLIP) normed = at_most(at_least(normed, -s->clip), s->clip);
-    r.m = lerp(load(t->exp_avg, i), normed, s->lerp_coeff, s->small_weight);
+    r.m = lerp(READ(exp_avg), normed, s->lerp_coeff, s->small_weight);
     r.v = v * s->beta2 + s->beta2_weight * grad * grad;
     if (DECAY) theta = theta * s->param_decay;
     r.theta = theta + s->neg_momentum_step * r.m;
@@ -285,14 +297,36 @@ static inline void put_block(store_t *out, const float *staged, int64_t count) {
     for (int64_t j = 0; j < count; j += LANES) put_lanes(out + j, staged + j);
 }
 
-/* BLOCK elements from i: the same update, staged in fp32 in L1 and then rounded sixteen
- * lanes at a time. Staging a whole block rather than one vector keeps the rounding's
- * loads from waiting on the update's stores still in flight. */
+/* Widen `count` (a multiple of LANES) elements into fp32, sixteen lanes per instruction. */
+static inline void widen_block(float *out, const store_t *in, int64_t count) {
+    for (int64_t j = 0; j < count; j += LANES)
+        _mm512_storeu_ps(out + j, widen_lanes(_mm256_loadu_si256((const __m256i *)(in + j))));
+}
+
+/* BLOCK elements from i: the same update, its results staged in fp32 in L1 and then
+ * rounded sixteen lanes at a time. Staging a whole block rather than one vector keeps the
+ * rounding's loads from waiting on the update's stores still in flight. fp16 inputs are
+ * widened the same way first (vcvtph2ps), where software would need a dozen operations
+ * each; widening bfloat16 is a shift, done in place. */
 static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t i,
                                 int64_t count) {
     _Alignas(64) float theta[BLOCK], m[BLOCK], v[BLOCK], v_max[BLOCK];
+#if DTYPE == 4
+    _Alignas(64) float in_param[BLOCK], in_comp[BLOCK], in_grad[BLOCK], in_m[BLOCK],
+        in_v[BLOCK], in_v_max[BLOCK];
+    widen_block(in_grad, t->grad + i, count);
+    if (READS_PARAM) widen_block(in_param, t->param + i, count);
+    if (READS_PARAM && KAHAN) widen_block(in_comp, t->comp + i, count);
+    if (READS_MOMENTS) widen_block(in_m, t->exp_avg + i, count);
+    if (READS_MOMENTS) widen_block(in_v, t->exp_avg_sq + i, count);
+    if (WRITES_V_MAX) widen_block(in_v_max, t->max_exp_avg_sq + i, count);
+    const widened_t inputs = {in_param, in_comp, in_m, in_v, in_v_max, in_grad};
+    const widened_t *widened = &inputs;
+#else
+    const widened_t *widened = 0;
+#endif
     for (int64_t j = 0; j < count; j++) {
-        result_t r = update(t, s, i + j);
+        result_t r = widened ? update(t, widened, s, j) : update(t, 0, s, i + j);
         theta[j] = r.theta;
         m[j] = r.m;
         v[j] = r.v;
@@ -335,7 +369,7 @@ static void update_range(store_t *restrict param, store_t *restrict comp,
         update_block(&t, &local, i, whole_lanes);
         i += whole_lanes;
     }
-    for (; i < end; i++) write_element(&t, i, update(&t, &local, i));
+    for (; i < end; i++) write_element(&t, i, update(&t, 0, &local, i));
 }
 
 /* Round n fp32 values to the storage type exactly as a step does, so tests can compare
