@@ -314,12 +314,14 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
 #if DTYPE == 4
     _Alignas(64) float in_param[BLOCK], in_comp[BLOCK], in_grad[BLOCK], in_m[BLOCK],
         in_v[BLOCK], in_v_max[BLOCK];
-    widen_block(in_grad, t->grad + i, count);
-    if (READS_PARAM) widen_block(in_param, t->param + i, count);
-    if (READS_PARAM && KAHAN) widen_block(in_comp, t->comp + i, count);
-    if (READS_MOMENTS) widen_block(in_m, t->exp_avg + i, count);
-    if (READS_MOMENTS) widen_block(in_v, t->exp_avg_sq + i, count);
-    if (WRITES_V_MAX) widen_block(in_v_max, t->max_exp_avg_sq + i, count);
+    for (int64_t j = 0; j < count; j += LANES) {
+        widen_block(in_grad + j, t->grad + i + j, LANES);
+        if (READS_PARAM) widen_block(in_param + j, t->param + i + j, LANES);
+        if (READS_PARAM && KAHAN) widen_block(in_comp + j, t->comp + i + j, LANES);
+        if (READS_MOMENTS) widen_block(in_m + j, t->exp_avg + i + j, LANES);
+        if (READS_MOMENTS) widen_block(in_v + j, t->exp_avg_sq + i + j, LANES);
+        if (WRITES_V_MAX) widen_block(in_v_max + j, t->max_exp_avg_sq + i + j, LANES);
+    }
     const widened_t inputs = {in_param, in_comp, in_m, in_v, in_v_max, in_grad};
     const widened_t *widened = &inputs;
 #else
