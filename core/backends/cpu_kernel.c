@@ -297,10 +297,9 @@ static inline void put_block(store_t *out, const float *staged, int64_t count) {
     for (int64_t j = 0; j < count; j += LANES) put_lanes(out + j, staged + j);
 }
 
-/* Widen `count` (a multiple of LANES) elements into fp32, sixteen lanes per instruction. */
-static inline void widen_block(float *out, const store_t *in, int64_t count) {
-    for (int64_t j = 0; j < count; j += LANES)
-        _mm512_storeu_ps(out + j, widen_lanes(_mm256_loadu_si256((const __m256i *)(in + j))));
+/* Widen sixteen elements into fp32 in one instruction. */
+static inline void widen_into(float *out, const store_t *in) {
+    _mm512_storeu_ps(out, widen_lanes(_mm256_loadu_si256((const __m256i *)in)));
 }
 
 /* BLOCK elements from i: the same update, its results staged in fp32 in L1 and then
@@ -314,13 +313,14 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
 #if DTYPE == 4
     _Alignas(64) float in_param[BLOCK], in_comp[BLOCK], in_grad[BLOCK], in_m[BLOCK],
         in_v[BLOCK], in_v_max[BLOCK];
-    for (int64_t j = 0; j < count; j += LANES) {
-        widen_block(in_grad + j, t->grad + i + j, LANES);
-        if (READS_PARAM) widen_block(in_param + j, t->param + i + j, LANES);
-        if (READS_PARAM && KAHAN) widen_block(in_comp + j, t->comp + i + j, LANES);
-        if (READS_MOMENTS) widen_block(in_m + j, t->exp_avg + i + j, LANES);
-        if (READS_MOMENTS) widen_block(in_v + j, t->exp_avg_sq + i + j, LANES);
-        if (WRITES_V_MAX) widen_block(in_v_max + j, t->max_exp_avg_sq + i + j, LANES);
+    /* Every stream in one pass: a pass per stream measured half as fast again. */
+    for (int64_t j = 0, k = i; j < count; j += LANES, k += LANES) {
+        widen_into(in_grad + j, t->grad + k);
+        if (READS_PARAM) widen_into(in_param + j, t->param + k);
+        if (READS_PARAM && KAHAN) widen_into(in_comp + j, t->comp + k);
+        if (READS_MOMENTS) widen_into(in_m + j, t->exp_avg + k);
+        if (READS_MOMENTS) widen_into(in_v + j, t->exp_avg_sq + k);
+        if (WRITES_V_MAX) widen_into(in_v_max + j, t->max_exp_avg_sq + k);
     }
     const widened_t inputs = {in_param, in_comp, in_m, in_v, in_v_max, in_grad};
     const widened_t *widened = &inputs;
