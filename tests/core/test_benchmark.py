@@ -1,0 +1,64 @@
+"""examples/benchmark.py --quick runs end to end and reports every row: a smoke test of
+the script the README's speed tables come from (its timings are not asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+
+import pytest
+
+from tests.processes import run_worker
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(report: str) -> dict[str, list[dict[str, str]]]:
+    """Table title -> its rows as {column: cell}, from the final report."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    columns: list[str] = []
+    title = ""
+    for line in report.splitlines():
+        if re.match(r"^(fp32|bf16|Composer): ", line):
+            title = line
+            tables.setdefault(title, [])
+        elif line.startswith("| optimizer"):
+            columns = [cell.strip() for cell in line.strip("|").split("|")]
+        elif line.startswith("| ") and not line.startswith("|---"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            tables[title].append(dict(zip(columns, cells, strict=True)))
+    return tables
+
+
+def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
+    output = run_worker([sys.executable, "examples/benchmark.py", "--quick"], timeout=600).stdout
+    assert "memory bandwidth:" in output
+    tables = _rows(output)
+    fp32 = [rows for title, rows in tables.items() if title.startswith("fp32")]
+    bf16 = [rows for title, rows in tables.items() if title.startswith("bf16")]
+    assert len(fp32) == 2 and len(bf16) == 2, list(tables)
+    names = [{row["optimizer"] for row in rows} for rows in fp32 + bf16]
+    for algorithm in ("AdamW", "AdamW amsgrad", "RAdam", "NAdam", "ADOPT"):
+        for backend in ("fused", "default", "foreach", "loop"):
+            assert all(f"core {algorithm} {backend}" in table for table in names[:2])
+    assert all("core AdamW Kahan fused, fp16 params" in table for table in names[2:])
+    for rows in tables.values():
+        for row in rows:
+            ratio = float(next(value for key, value in row.items() if key.startswith("vs ")))
+            assert math.isfinite(ratio) and ratio > 0, row
+            assert float(row["ms/step"]) > 0, row
+    # The generated kernels (a cold cache) report their compile time where first built.
+    compile_times = [float(r["compile s"]) for t in fp32 + bf16 for r in t if r["compile s"] != "-"]
+    assert compile_times and all(seconds > 0 for seconds in compile_times)
+    if importlib.util.find_spec("composer") is None:
+        return  # the Composer table needs the Composer environment
+    composer = {
+        row["optimizer"] for t, rows in tables.items() if t.startswith("Composer") for row in rows
+    }
+    for suffix in ("", " amsgrad"):
+        assert {
+            f"composer DecoupledAdamW{suffix}",
+            f"composer_adam DecoupledAdamW{suffix}",
+        } <= composer
