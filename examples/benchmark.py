@@ -2,11 +2,9 @@
 
 Timing on a shared machine is noisy, so: one thread, timed by the CPU time of that
 thread (time.thread_time, which other processes taking the core turns do not inflate),
-warm-up steps, the minimum of several repeats that each visit every contender of a table
-in turn (so a burst of load elsewhere spoils one repeat of each, not every repeat of
-one), and every contender timed in alternation with the baseline,
-torch.optim.AdamW(fused=True), so that its ratio compares the two under the same memory
-traffic from the rest of the machine.
+warm-up steps, the minimum of several repeats, and every contender timed in alternation
+with the baseline, torch.optim.AdamW(fused=True), so that its ratio compares the two
+under the same memory traffic from the rest of the machine.
 M params/s is also set against the roofline: the machine's measured memory-copy
 bandwidth divided by the bytes a configuration must move per parameter. Compile time
 of the generated CPU kernels (a fresh kernel cache, so a cold build) is reported
@@ -217,6 +215,21 @@ def _timed_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
     return (time.thread_time() - start) / steps
 
 
+def time_against(
+    contender: torch.optim.Optimizer, baseline: torch.optim.Optimizer, steps: int, repeats: int
+) -> tuple[float, float]:
+    """(seconds per step of the contender, of the baseline): minima over repeats, the two
+    timed in alternation so both see the same machine load."""
+    for _ in range(2):
+        contender.step()
+        baseline.step()
+    best, best_baseline = float("inf"), float("inf")
+    for _ in range(repeats):
+        best = min(best, _timed_steps(contender, steps))
+        best_baseline = min(best_baseline, _timed_steps(baseline, steps))
+    return best, best_baseline
+
+
 def run_table(
     title: str,
     contenders: list[Contender],
@@ -227,8 +240,7 @@ def run_table(
     repeats: int,
     baseline: Contender | None = None,
 ) -> list[str]:
-    """Time each contender in alternation with the baseline (torch fused AdamW unless
-    given), the contenders in turn within every repeat."""
+    """Time each contender in alternation with the baseline (torch fused AdamW unless given)."""
     baseline = baseline or Contender("torch fused", _torch_adamw(fused=True), torch.float32, "")
     total = count * numel
     lines = [
@@ -238,26 +250,13 @@ def run_table(
     ]
     print("\n".join(lines), flush=True)
     baseline_optimizer = baseline.make(make_params(count, numel, baseline.dtype))
-    optimizers, compile_times = [], []
-    for contender in contenders:  # build and warm up all, so every repeat visits each
+    for contender in contenders:
         compiled_before = dict(cpu_kernel.compile_seconds)
         optimizer = contender.make(make_params(count, numel, contender.dtype))
-        for _ in range(2):
-            optimizer.step()
-        optimizers.append(optimizer)
-        new_builds = cpu_kernel.compile_seconds.keys() - compiled_before.keys()
-        compile_times.append(sum(cpu_kernel.compile_seconds[config] for config in new_builds))
-    # Round robin: a burst of load from elsewhere on the machine costs each contender
-    # one repeat, not all of them; the minimum keeps the undisturbed ones.
-    best = [float("inf")] * len(optimizers)
-    best_baseline = [float("inf")] * len(optimizers)
-    for _ in range(repeats):
-        for i, optimizer in enumerate(optimizers):
-            best[i] = min(best[i], _timed_steps(optimizer, steps))
-            best_baseline[i] = min(best_baseline[i], _timed_steps(baseline_optimizer, steps))
-    for contender, seconds, baseline_seconds, compile_time in zip(
-        contenders, best, best_baseline, compile_times, strict=True
-    ):
+        seconds, baseline_seconds = time_against(optimizer, baseline_optimizer, steps, repeats)
+        compile_time = sum(
+            t for config, t in cpu_kernel.compile_seconds.items() if config not in compiled_before
+        )
         rate = total / seconds
         roofline = bandwidth / BYTES_PER_PARAM[contender.traffic]
         cells = [
@@ -270,6 +269,7 @@ def run_table(
         ]
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+        del optimizer
     return lines
 
 
