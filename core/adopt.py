@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from core.backends import select_backend
@@ -18,6 +17,7 @@ from core.coefficients import AdoptStepCoefficients
 from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
+    add_to_host_scalars,
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
@@ -103,7 +103,7 @@ def adopt(
             param_decay=param_decay,
         )
         backend.adopt_step(*(subset(t, indices) for t in tensor_lists), coefficients)
-    torch._foreach_add_(list(state_steps), 1.0)
+    add_to_host_scalars(state_steps, 1.0)
 
 
 class ADOPT(AdamFamilyOptimizer):

@@ -13,8 +13,10 @@ from core.coefficients import AdamStepCoefficients
 from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
+    add_to_host_scalars,
     finite_at_least,
     hyperparameters,
+    multiply_host_scalars,
     no_kahan,
     partition_by_host_scalars,
     real_view_lists,
@@ -99,7 +101,8 @@ def nadam(
     for (step, _), indices in partition_by_host_scalars(state_steps, mu_products):
         partition_mu_products = list(subset(mu_products, indices))
         # Π is kept in float32, as torch stores it, so trajectories match torch's.
-        torch._foreach_mul_(partition_mu_products, nadam_momentum(step + 1, beta1, momentum_decay))
+        momentum = nadam_momentum(step + 1, beta1, momentum_decay)
+        multiply_host_scalars(partition_mu_products, momentum)
         coefficients = nadam_coefficients(
             step + 1,
             float(partition_mu_products[0]),
@@ -112,7 +115,7 @@ def nadam(
             param_decay=param_decay,
         )
         backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
-    torch._foreach_add_(list(state_steps), 1.0)
+    add_to_host_scalars(state_steps, 1.0)
 
 
 class NAdam(AdamFamilyOptimizer):

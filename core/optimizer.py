@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from core.backends import fused_unavailable_reason
+from core.backends import cpu_kernel, fused_unavailable_reason
 from core.backends.precision import LOW_PRECISION_DTYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
@@ -172,13 +172,32 @@ def partition_by_host_scalars(
     if not scalar_lists[0]:
         return []
     # One stack and tolist per list: float() of each 0-dim tensor costs ~1 µs apiece.
-    keys = list(zip(*[torch.stack(list(values)).tolist() for values in scalar_lists], strict=True))
+    keys = list(zip(*[read_host_scalars(values) for values in scalar_lists], strict=True))
     if keys.count(keys[0]) == len(keys):
         return [(keys[0], None)]
     partitions: dict[tuple[float, ...], list[int]] = {}
     for i, key in enumerate(keys):
         partitions.setdefault(key, []).append(i)
     return list(partitions.items())
+
+
+def read_host_scalars(scalars: Sequence[Tensor]) -> list[float]:
+    """The values of 0-dim host tensors: one C call where possible, else one stack and
+    tolist (float() of each 0-dim tensor costs ~1 µs apiece)."""
+    values = cpu_kernel.read_scalars(scalars)
+    return values if values is not None else torch.stack(list(scalars)).tolist()
+
+
+def add_to_host_scalars(scalars: Sequence[Tensor], amount: float) -> None:
+    """Count a step (or micro-batch) for every parameter at once."""
+    if not cpu_kernel.add_to_scalars(scalars, amount):
+        torch._foreach_add_(list(scalars), amount)
+
+
+def multiply_host_scalars(scalars: Sequence[Tensor], factor: float) -> None:
+    """Scale every parameter's host scalar at once (NAdam's running product Π)."""
+    if not cpu_kernel.multiply_scalars(scalars, factor):
+        torch._foreach_mul_(list(scalars), factor)
 
 
 def window_position(
@@ -229,9 +248,9 @@ def advance_counters(
             None,
             "a list of 0-dim tensors when accumulate=True",
         )
-        torch._foreach_add_(list(window_microbatches), 1.0)
+        add_to_host_scalars(window_microbatches, 1.0)
         return
-    torch._foreach_add_(list(state_steps), 1.0)
+    add_to_host_scalars(state_steps, 1.0)
     if window_microbatches is not None:
         for count in window_microbatches:
             count.zero_()

@@ -384,6 +384,22 @@ void adamkit_round(int64_t n, const float *values, store_t *out) {
     for (; i < n; i++) out[i] = round_to_store(values[i]);
 }
 
+/* ---- the optimizer's 0-dim float32 host scalars (step counts, NAdam's Π) ------------- */
+
+/* One call for every parameter's scalar, where torch dispatches an operation per tensor
+ * (about 2 µs each, the largest cost of a step over hundreds of small tensors). */
+void adamkit_read_scalars(int64_t n, float *const *scalars, double *out) {
+    for (int64_t k = 0; k < n; k++) out[k] = *scalars[k];
+}
+
+void adamkit_add_to_scalars(int64_t n, float *const *scalars, float amount) {
+    for (int64_t k = 0; k < n; k++) *scalars[k] += amount;
+}
+
+void adamkit_multiply_scalars(int64_t n, float *const *scalars, float factor) {
+    for (int64_t k = 0; k < n; k++) *scalars[k] *= factor;
+}
+
 /* ---- many tensors per call, split across threads by element count ------------------ */
 
 typedef struct {

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -146,6 +147,11 @@ def library(config: KernelConfig) -> ctypes.CDLL:
     built.adamkit_step.restype = ctypes.c_int
     built.adamkit_round.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     built.adamkit_round.restype = None
+    built.adamkit_read_scalars.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    built.adamkit_read_scalars.restype = None
+    for name in ("adamkit_add_to_scalars", "adamkit_multiply_scalars"):
+        getattr(built, name).argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
+        getattr(built, name).restype = None
     _loaded[(config, choices)] = built
     compile_seconds[config] = time.perf_counter() - start
     return built
@@ -165,6 +171,63 @@ def round_as_kernels_do(values: Tensor, dtype: torch.dtype) -> Tensor:
     out = torch.empty(values.shape, dtype=dtype)
     library(config).adamkit_round(values.numel(), values.data_ptr(), out.data_ptr())
     return out
+
+
+_SCALARS_CONFIG = KernelConfig("adam", torch.float32, tuple((name, False) for name in SWITCHES))
+MIN_SCALARS = 16
+"""Below this many scalars torch's per-tensor operations cost less than building the call."""
+_CPU = torch.device("cpu")
+_scalars_unavailable = False
+
+
+def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] | None:
+    """The compiled helpers and the scalars' addresses; None where torch must do the work:
+    few scalars, no usable compiler (tried once per process), or any scalar that is not a
+    one-element float32 CPU tensor."""
+    global _scalars_unavailable
+    if len(scalars) < MIN_SCALARS or _scalars_unavailable:
+        return None
+    if (
+        set(map(attrgetter("dtype"), scalars)) != {torch.float32}
+        or set(map(attrgetter("device"), scalars)) != {_CPU}
+        or set(map(Tensor.numel, scalars)) != {1}
+    ):
+        return None
+    try:
+        helpers = library(_SCALARS_CONFIG)
+    except KernelUnavailable:
+        _scalars_unavailable = True
+        return None
+    return helpers, (ctypes.c_void_p * len(scalars))(*map(Tensor.data_ptr, scalars))
+
+
+def read_scalars(scalars: Sequence[Tensor]) -> list[float] | None:
+    """The values of 0-dim float32 CPU tensors in one call, or None (see _scalar_call)."""
+    call = _scalar_call(scalars)
+    if call is None:
+        return None
+    helpers, addresses = call
+    values = (ctypes.c_double * len(scalars))()
+    helpers.adamkit_read_scalars(len(scalars), addresses, values)
+    return list(values)
+
+
+def add_to_scalars(scalars: Sequence[Tensor], amount: float) -> bool:
+    """scalar += amount for each, in float32 as torch._foreach_add_ computes it; False
+    where torch must do it. Raw writes do not bump the tensors' autograd version counters,
+    which nothing tracks for these counters."""
+    call = _scalar_call(scalars)
+    if call is not None:
+        call[0].adamkit_add_to_scalars(len(scalars), call[1], amount)
+    return call is not None
+
+
+def multiply_scalars(scalars: Sequence[Tensor], factor: float) -> bool:
+    """scalar *= factor for each, as torch._foreach_mul_; False where torch must do it."""
+    call = _scalar_call(scalars)
+    if call is not None:
+        call[0].adamkit_multiply_scalars(len(scalars), call[1], factor)
+    return call is not None
 
 
 def _pointers(tensors: Sequence[Tensor] | None) -> ctypes.Array | None:
