@@ -233,7 +233,7 @@ def multiply_scalars(scalars: Sequence[Tensor], factor: float) -> bool:
 def _pointers(tensors: Sequence[Tensor] | None) -> ctypes.Array | None:
     if tensors is None:
         return None
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    return (ctypes.c_void_p * len(tensors))(*map(Tensor.data_ptr, tensors))
 
 
 def run(
@@ -252,7 +252,7 @@ def run(
     if count == 0:
         return
     assert len(coefficients) == COEFFICIENT_COUNT
-    sizes = (ctypes.c_int64 * count)(*[p.numel() for p in params])
+    sizes = (ctypes.c_int64 * count)(*map(Tensor.numel, params))
     function(
         count,
         sizes,
