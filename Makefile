@@ -47,7 +47,7 @@ run-composer: env-composer
 	$(COMPOSER)/bin/python examples/composer_compare.py
 
 benchmark: env
-	$(MAIN)/bin/python examples/benchmark.py
+	$(MAIN)/bin/python examples/benchmark.py $(BENCHMARK_ARGS)
 
 lint: env
 	$(MAIN)/bin/ruff check . && $(MAIN)/bin/ruff format --check .

@@ -14,7 +14,7 @@ In the Composer environment (`.venv-composer`) a further table times
 composer_adam.DecoupledAdamW against composer.optim.DecoupledAdamW, which is then the
 baseline of that table.
 
-Run: python examples/benchmark.py [--quick] [--composer-only]
+Run: python examples/benchmark.py [--quick] [--composer-only] [--runs N]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -230,46 +231,83 @@ def time_against(
     return best, best_baseline
 
 
-def run_table(
-    title: str,
-    contenders: list[Contender],
-    count: int,
-    numel: int,
-    bandwidth: float,
-    steps: int,
-    repeats: int,
-    baseline: Contender | None = None,
-) -> list[str]:
-    """Time each contender in alternation with the baseline (torch fused AdamW unless given)."""
-    baseline = baseline or Contender("torch fused", _torch_adamw(fused=True), torch.float32, "")
-    total = count * numel
-    lines = [
-        f"\n{title}: {count} tensors x {numel:,} parameters ({total / 1e6:.0f}M)\n",
-        f"| optimizer | ms/step | M params/s | % of roofline | vs {baseline.name} | compile s |",
+@dataclass(frozen=True)
+class Table:
+    """One table of the report: contenders against a baseline on one shape."""
+
+    title: str
+    contenders: list[Contender]
+    count: int
+    numel: int
+    baseline: Contender
+
+
+@dataclass(frozen=True)
+class Measurement:
+    seconds: float
+    ratio: float
+    compile_seconds: float
+
+
+def measure_table(table: Table, bandwidth: float, steps: int, repeats: int) -> list[Measurement]:
+    """Time each contender in alternation with the table's baseline; print rows as they come."""
+    print("\n".join(header(table)), flush=True)
+    baseline_optimizer = table.baseline.make(
+        make_params(table.count, table.numel, table.baseline.dtype)
+    )
+    measurements = []
+    for contender in table.contenders:
+        compiled_before = dict(cpu_kernel.compile_seconds)
+        optimizer = contender.make(make_params(table.count, table.numel, contender.dtype))
+        seconds, baseline_seconds = time_against(optimizer, baseline_optimizer, steps, repeats)
+        new_builds = cpu_kernel.compile_seconds.keys() - compiled_before.keys()
+        measurement = Measurement(
+            seconds,
+            seconds / baseline_seconds,
+            sum(cpu_kernel.compile_seconds[config] for config in new_builds),
+        )
+        measurements.append(measurement)
+        print(row(table, contender, measurement, bandwidth), flush=True)
+        del optimizer
+    return measurements
+
+
+def header(table: Table, runs: int = 1) -> list[str]:
+    total = table.count * table.numel
+    which = f", median of {runs} runs" if runs > 1 else ""
+    return [
+        f"\n{table.title}: {table.count} tensors x {table.numel:,} parameters "
+        f"({total / 1e6:.0f}M){which}\n",
+        f"| optimizer | ms/step | M params/s | % of roofline | vs {table.baseline.name} "
+        "| compile s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    print("\n".join(lines), flush=True)
-    baseline_optimizer = baseline.make(make_params(count, numel, baseline.dtype))
-    for contender in contenders:
-        compiled_before = dict(cpu_kernel.compile_seconds)
-        optimizer = contender.make(make_params(count, numel, contender.dtype))
-        seconds, baseline_seconds = time_against(optimizer, baseline_optimizer, steps, repeats)
-        compile_time = sum(
-            t for config, t in cpu_kernel.compile_seconds.items() if config not in compiled_before
+
+
+def row(table: Table, contender: Contender, measurement: Measurement, bandwidth: float) -> str:
+    rate = table.count * table.numel / measurement.seconds
+    roofline = bandwidth / BYTES_PER_PARAM[contender.traffic]
+    cells = [
+        contender.name,
+        f"{measurement.seconds * 1e3:.2f}",
+        f"{rate / 1e6:.0f}",
+        f"{100 * rate / roofline:.0f}",
+        f"{measurement.ratio:.2f}",
+        f"{measurement.compile_seconds:.2f}" if measurement.compile_seconds else "-",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def median_table(table: Table, runs: list[list[Measurement]], bandwidth: float) -> list[str]:
+    """The table with each cell the median over runs (compile time: the first, cold run)."""
+    lines = header(table, len(runs))
+    for i, contender in enumerate(table.contenders):
+        measurement = Measurement(
+            statistics.median(run[i].seconds for run in runs),
+            statistics.median(run[i].ratio for run in runs),
+            runs[0][i].compile_seconds,
         )
-        rate = total / seconds
-        roofline = bandwidth / BYTES_PER_PARAM[contender.traffic]
-        cells = [
-            contender.name,
-            f"{seconds * 1e3:.2f}",
-            f"{rate / 1e6:.0f}",
-            f"{100 * rate / roofline:.0f}",
-            f"{seconds / baseline_seconds:.2f}",
-            f"{compile_time:.2f}" if compile_time else "-",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
-        del optimizer
+        lines.append(row(table, contender, measurement, bandwidth))
     return lines
 
 
@@ -289,7 +327,16 @@ def main() -> None:
     parser.add_argument(
         "--composer-only", action="store_true", help="only the Composer table (20 x 1M)"
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat every table this many times and report the median of each cell "
+        "(single runs on a shared machine can be disturbed for seconds at a time)",
+    )
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"argument --runs: invalid value {args.runs}; allowed: an integer >= 1")
     # A cold kernel cache, so compile time is what a first run on a new machine pays.
     os.environ["ADAMKIT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="adamkit-kernels-")
     torch.set_num_threads(1)
@@ -297,36 +344,36 @@ def main() -> None:
         shapes, steps, repeats = [(20, 100_000), (200, 10_000)], 3, 2
     else:
         shapes, steps, repeats = [(20, 1_000_000), (200, 100_000)], 3, 12
-    copy, bandwidth = memory_bandwidth(shapes[0][0] * shapes[0][1], repeats=10)
-    print(f"torch {torch.__version__}, {machine()}, 1 thread")
-    print(
-        f"memory bandwidth: copy {copy / 1e9:.1f} GB/s, in-place a += b {bandwidth / 1e9:.1f} GB/s"
-        " (the roofline); roofline "
-        + ", ".join(
-            f"{name} {bandwidth / size / 1e6:.0f} M params/s ({size} B)"
-            for name, size in BYTES_PER_PARAM.items()
-        )
-    )
-    report = []
+    torch_fused = Contender("torch fused", _torch_adamw(fused=True), torch.float32, "")
+    tables = []
     if not args.composer_only:
-        for count, numel in shapes:
-            report += run_table("fp32", fp32_contenders(), count, numel, bandwidth, steps, repeats)
-        for count, numel in shapes:
-            report += run_table("bf16", bf16_contenders(), count, numel, bandwidth, steps, repeats)
+        for title, contenders in (("fp32", fp32_contenders), ("bf16", bf16_contenders)):
+            tables += [Table(title, contenders(), *shape, torch_fused) for shape in shapes]
     composer_rows = composer_contenders()
-    if composer_rows:
-        count, numel = shapes[0]
-        for baseline, ours in zip(composer_rows[::2], composer_rows[1::2], strict=True):
-            report += run_table(
-                "Composer",
-                [baseline, ours],
-                count,
-                numel,
-                bandwidth,
-                steps,
-                repeats,
-                baseline=baseline,
+    for baseline, ours in zip(composer_rows[::2], composer_rows[1::2], strict=True):
+        tables.append(Table("Composer", [baseline, ours], *shapes[0], baseline))
+    print(f"torch {torch.__version__}, {machine()}, 1 thread")
+    bandwidths: list[float] = []
+    results: list[list[list[Measurement]]] = [[] for _ in tables]
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"\nrun {run + 1} of {args.runs}")
+        copy, bandwidth = memory_bandwidth(shapes[0][0] * shapes[0][1], repeats=10)
+        bandwidths.append(bandwidth)
+        print(
+            f"memory bandwidth: copy {copy / 1e9:.1f} GB/s, in-place a += b "
+            f"{bandwidth / 1e9:.1f} GB/s (the roofline); roofline "
+            + ", ".join(
+                f"{name} {bandwidth / size / 1e6:.0f} M params/s ({size} B)"
+                for name, size in BYTES_PER_PARAM.items()
             )
+        )
+        for table, table_results in zip(tables, results, strict=True):
+            table_results.append(measure_table(table, bandwidth, steps, repeats))
+    bandwidth = statistics.median(bandwidths)
+    report = [f"\nmedian in-place bandwidth {bandwidth / 1e9:.1f} GB/s"] if args.runs > 1 else []
+    for table, table_results in zip(tables, results, strict=True):
+        report += median_table(table, table_results, bandwidth)
     print("\n".join(report))
 
 

@@ -1,16 +1,18 @@
-"""examples/benchmark.py --quick runs end to end and reports every row: a smoke test of
-the script the README's speed tables come from (its timings are not asserted)."""
+"""examples/benchmark.py --quick runs end to end and reports every row, as medians over
+runs: a smoke test of the script the README's speed tables come from (its timings are
+not asserted)."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 import re
+import subprocess
 import sys
 
 import pytest
 
-from tests.processes import run_worker
+from tests.processes import ROOT, run_worker, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +35,10 @@ def _rows(report: str) -> dict[str, list[dict[str, str]]]:
 
 
 def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
-    output = run_worker([sys.executable, "examples/benchmark.py", "--quick"], timeout=600).stdout
-    assert "memory bandwidth:" in output
-    tables = _rows(output)
+    command = [sys.executable, "examples/benchmark.py", "--quick", "--runs", "2"]
+    output = run_worker(command, timeout=600).stdout
+    assert output.count("memory bandwidth:") == 2  # measured again for each run
+    tables = {title: rows for title, rows in _rows(output).items() if "median of 2 runs" in title}
     fp32 = [rows for title, rows in tables.items() if title.startswith("fp32")]
     bf16 = [rows for title, rows in tables.items() if title.startswith("bf16")]
     assert len(fp32) == 2 and len(bf16) == 2, list(tables)
@@ -62,3 +65,11 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
             f"composer DecoupledAdamW{suffix}",
             f"composer_adam DecoupledAdamW{suffix}",
         } <= composer
+
+
+@pytest.mark.bad_input
+def test_runs_below_one_are_refused_by_name() -> None:
+    command = [sys.executable, "examples/benchmark.py", "--quick", "--runs", "0"]
+    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "argument --runs: invalid value 0; allowed: an integer >= 1" in result.stderr
