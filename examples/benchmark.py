@@ -244,6 +244,9 @@ class Table:
 
 @dataclass(frozen=True)
 class Measurement:
+    """One contender in one run: seconds per step, the ratio to the baseline timed beside
+    it (kept per run, so a median ratio compares like with like), cold compile time."""
+
     seconds: float
     ratio: float
     compile_seconds: float
