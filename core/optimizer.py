@@ -21,10 +21,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from core.backends import cpu_kernel, fused_unavailable_reason
+from core.backends.grouping import dtype_of
 from core.backends.precision import LOW_PRECISION_DTYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
-
-_dtype = operator.attrgetter("dtype")
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -393,7 +392,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         states = [self.state[p] for p in params]
         required = {*self.host_state_keys, *self._tensor_state_keys(group)}
         low_precision = set(LOW_PRECISION_DTYPES)
-        if group["kahan_sum"] is False or low_precision.isdisjoint(map(_dtype, params)):
+        if group["kahan_sum"] is False or low_precision.isdisjoint(map(dtype_of, params)):
             complete = all(map(required.issubset, states))
         else:
             with_comp = required | {"kahan_comp"}
@@ -408,7 +407,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def _kahan_comps(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> list[Tensor | None]:
-        if group["kahan_sum"] is False or set(LOW_PRECISION_DTYPES).isdisjoint(map(_dtype, params)):
+        low_precision = set(LOW_PRECISION_DTYPES)
+        if group["kahan_sum"] is False or low_precision.isdisjoint(map(dtype_of, params)):
             return [None] * len(params)
         return [
             state["kahan_comp"] if self._uses_kahan(group, p) else None

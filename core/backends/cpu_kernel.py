@@ -22,12 +22,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from core.backends.grouping import device_of, dtype_of
 from core.backends.kernel_arguments import SWITCHES
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
@@ -188,8 +188,8 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
     if len(scalars) < MIN_SCALARS or _scalars_unavailable:
         return None
     if (
-        set(map(attrgetter("dtype"), scalars)) != {torch.float32}
-        or set(map(attrgetter("device"), scalars)) != {_CPU}
+        set(map(dtype_of, scalars)) != {torch.float32}
+        or set(map(device_of, scalars)) != {_CPU}
         or set(map(Tensor.numel, scalars)) != {1}
     ):
         return None
@@ -198,7 +198,7 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
     except KernelUnavailable:
         _scalars_unavailable = True
         return None
-    return helpers, (ctypes.c_void_p * len(scalars))(*map(Tensor.data_ptr, scalars))
+    return helpers, _addresses(scalars)
 
 
 def read_scalars(scalars: Sequence[Tensor]) -> list[float] | None:
@@ -230,10 +230,13 @@ def multiply_scalars(scalars: Sequence[Tensor], factor: float) -> bool:
     return call is not None
 
 
-def _pointers(tensors: Sequence[Tensor] | None) -> ctypes.Array | None:
-    if tensors is None:
-        return None
+def _addresses(tensors: Sequence[Tensor]) -> ctypes.Array:
+    """The tensors' data pointers as a C array."""
     return (ctypes.c_void_p * len(tensors))(*map(Tensor.data_ptr, tensors))
+
+
+def _pointers(tensors: Sequence[Tensor] | None) -> ctypes.Array | None:
+    return None if tensors is None else _addresses(tensors)
 
 
 def run(

@@ -10,14 +10,15 @@ import torch
 from torch import Tensor
 
 T = TypeVar("T")
-_device, _dtype = attrgetter("device"), attrgetter("dtype")
+device_of, dtype_of = attrgetter("device"), attrgetter("dtype")
+"""Getters to map over tensor lists: the loop then runs at C speed."""
 
 
 def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> list[list[int]]:
     """Indices of parameters grouped by (device, dtype, uses Kahan)."""
     if (
-        len(set(map(_device, params))) == 1
-        and len(set(map(_dtype, params))) == 1
+        len(set(map(device_of, params))) == 1
+        and len(set(map(dtype_of, params))) == 1
         and len({comp is None for comp in kahan_comps}) == 1
     ):
         return [list(range(len(params)))]  # the usual case, at C speed per parameter
@@ -83,11 +84,11 @@ def split_dense(lists: Sequence[Sequence[Tensor] | None]) -> tuple[list[int], li
     dense: list[int] = []
     strided: list[int] = []
     present = [values for values in lists if values is not None]
-    numels, dtypes = list(map(Tensor.numel, present[0])), list(map(_dtype, present[0]))
+    numels, dtypes = list(map(Tensor.numel, present[0])), list(map(dtype_of, present[0]))
     if all(
         all(map(Tensor.is_contiguous, values))
         and list(map(Tensor.numel, values)) == numels
-        and list(map(_dtype, values)) == dtypes
+        and list(map(dtype_of, values)) == dtypes
         for values in present
     ):
         return list(range(len(numels))), []  # the usual case, without a call per row
