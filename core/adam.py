@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.backends import select_backend
+from core.backends import STEP_LIST_NAMES, backend_and_lists
 from core.coefficients import AdamStepCoefficients, TorchAdamTerms
 from core.optimizer import (
     AdamFamilyOptimizer,
@@ -17,7 +17,6 @@ from core.optimizer import (
     decoupled_decay_rate,
     hyperparameters,
     no_kahan,
-    real_view_lists,
     require,
     subset,
     weight_decay_terms,
@@ -128,8 +127,7 @@ def adam(
     )
     decay_mode = (lr, weight_decay, decouple_wd, decouple_lr, max_lr)
     l2_weight_decay, param_decay = weight_decay_terms(*decay_mode)
-    backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = real_view_lists(
+    backend, tensor_lists = backend_and_lists(
         (
             params,
             grads,
@@ -137,7 +135,10 @@ def adam(
             exp_avg_sqs,
             max_exp_avg_sqs if amsgrad else None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
-        )
+        ),
+        STEP_LIST_NAMES,
+        foreach=foreach,
+        fused=fused,
     )
     for step, microbatch, indices in window_position(state_steps, window_microbatches):
         coefficients = adam_coefficients(

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.backends import select_backend
+from core.backends import ADOPT_LIST_NAMES, backend_and_lists
 from core.coefficients import AdoptStepCoefficients
 from core.optimizer import (
     AdamFamilyOptimizer,
@@ -21,7 +21,6 @@ from core.optimizer import (
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
-    real_view_lists,
     require,
     subset,
     weight_decay_terms,
@@ -81,15 +80,17 @@ def adopt(
     l2_weight_decay, param_decay = weight_decay_terms(
         lr, weight_decay, decouple_wd, decouple_lr, max_lr
     )
-    backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = real_view_lists(
+    backend, tensor_lists = backend_and_lists(
         (
             params,
             grads,
             exp_avgs,
             exp_avg_sqs,
             kahan_comps if kahan_comps is not None else no_kahan(params),
-        )
+        ),
+        ADOPT_LIST_NAMES,
+        foreach=foreach,
+        fused=fused,
     )
     for (step,), indices in partition_by_host_scalars(state_steps):
         coefficients = adopt_coefficients(

@@ -10,8 +10,10 @@ inf/NaN skip come after backward, when parameters are already updated) and spars
 gradients raise; gradient clipping needs the whole gradient and cannot be applied to
 released gradients, so while a model is released torch.nn.utils.clip_grad_norm_ and
 clip_grad_value_ raise when given its parameters (the framework callbacks refuse clipping
-settings up front). Hooks fire on local gradients, so a
-distributed model must step from its communication hook instead (the adapters do).
+settings up front). Under FSDP2 the hooks fire after the reduce-scatter, on the
+sharded parameters, so release works there as on one process; under DDP they would fire
+on local gradients, so a DDP model must step from its communication hook instead (the
+Lightning adapter does) and is refused here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from core.backends.views import dtensor_type
 from core.optimizer import AdamFamilyOptimizer
 
 
@@ -98,6 +101,47 @@ def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[
     return step_and_free
 
 
+def _check_distributed_setup(model: nn.Module) -> None:
+    """Refuse setups where a parameter's hook would see a gradient before it is global.
+
+    FSDP2 (fully_shard) reduce-scatters before it sets a sharded parameter's gradient and
+    runs its post-accumulate-grad hooks, and DTensor autograd hands every DTensor
+    parameter its global gradient, so a model whose parameters are all DTensors is
+    released correctly on any number of ranks. Plain parameters on more than one rank
+    (DDP, or a model replicated by hand) get their hook call on the local gradient, before
+    DDP averages it: those are refused.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise RuntimeError(
+            "Invalid model for gradient release: a DistributedDataParallel module. Its "
+            "hooks would fire on each rank's local gradient, before DDP averages it, so "
+            "replicas would drift apart. Use the Lightning or Composer GradientRelease "
+            "callback (it steps from DDP's communication hook, after the all-reduce), "
+            "shard the model with FSDP2 (fully_shard), or train without release."
+        )
+    distributed = (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+    if not distributed:
+        return
+    dtensor = dtensor_type()
+    plain = [
+        tuple(p.shape)
+        for p in model.parameters()
+        if p.requires_grad and (dtensor is None or not isinstance(p, dtensor))
+    ]
+    if plain:
+        raise RuntimeError(
+            f"Invalid model for gradient release on {torch.distributed.get_world_size()} "
+            f"ranks: {len(plain)} parameter(s) (shapes {plain[:3]}) are plain tensors, whose "
+            "hooks fire on each rank's local gradient before any all-reduce. Allowed: a "
+            "model sharded with FSDP2 (fully_shard, every parameter a DTensor), or the "
+            "Lightning/Composer GradientRelease callback under DDP."
+        )
+
+
 def prepare_for_gradient_release(
     model: nn.Module,
     optimizer: AdamFamilyOptimizer,
@@ -119,16 +163,7 @@ def prepare_for_gradient_release(
             f"Invalid optimizer: {type(optimizer).__name__}. Allowed: an adamkit core optimizer "
             "(core.Adam, AdamW, RAdam, NAdam, ADOPT) created with gradient_release=True."
         )
-    if isinstance(model, nn.parallel.DistributedDataParallel) or (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
-        raise RuntimeError(
-            "Gradient release hooks fire on each rank's local gradient, before DDP averages "
-            "it, so replicas would drift apart. Use the Lightning or Composer GradientRelease "
-            "callback, which steps after the all-reduce, or train without release."
-        )
+    _check_distributed_setup(model)
     model_params = {p for p in model.parameters() if p.requires_grad}
     released = [
         p

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from core.backends import select_backend
+from core.backends import STEP_LIST_NAMES, backend_and_lists
 from core.coefficients import AdamStepCoefficients
 from core.optimizer import (
     AdamFamilyOptimizer,
@@ -19,7 +19,6 @@ from core.optimizer import (
     multiply_host_scalars,
     no_kahan,
     partition_by_host_scalars,
-    real_view_lists,
     require,
     subset,
     weight_decay_terms,
@@ -87,8 +86,7 @@ def nadam(
     l2_weight_decay, param_decay = weight_decay_terms(
         lr, weight_decay, decouple_wd, decouple_lr, max_lr
     )
-    backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = real_view_lists(
+    backend, tensor_lists = backend_and_lists(
         (
             params,
             grads,
@@ -96,7 +94,10 @@ def nadam(
             exp_avg_sqs,
             None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
-        )
+        ),
+        STEP_LIST_NAMES,
+        foreach=foreach,
+        fused=fused,
     )
     for (step, _), indices in partition_by_host_scalars(state_steps, mu_products):
         partition_mu_products = list(subset(mu_products, indices))

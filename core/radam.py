@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.backends import select_backend
+from core.backends import STEP_LIST_NAMES, backend_and_lists
 from core.coefficients import AdamStepCoefficients
 from core.optimizer import (
     AdamFamilyOptimizer,
@@ -15,7 +15,6 @@ from core.optimizer import (
     advance_counters,
     hyperparameters,
     no_kahan,
-    real_view_lists,
     subset,
     weight_decay_terms,
     window_position,
@@ -90,8 +89,7 @@ def radam(
     l2_weight_decay, param_decay = weight_decay_terms(
         lr, weight_decay, decouple_wd, decouple_lr, max_lr
     )
-    backend = select_backend(params, foreach=foreach, fused=fused)
-    tensor_lists = real_view_lists(
+    backend, tensor_lists = backend_and_lists(
         (
             params,
             grads,
@@ -99,7 +97,10 @@ def radam(
             exp_avg_sqs,
             None,
             kahan_comps if kahan_comps is not None else no_kahan(params),
-        )
+        ),
+        STEP_LIST_NAMES,
+        foreach=foreach,
+        fused=fused,
     )
     for step, microbatch, indices in window_position(state_steps, window_microbatches):
         coefficients = radam_coefficients(

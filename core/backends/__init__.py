@@ -14,6 +14,7 @@ from typing import Protocol
 from torch import Tensor
 
 from core.backends import foreach, loop
+from core.backends.views import is_plain, local_lists, real_view_lists
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 
@@ -103,6 +104,39 @@ def select_backend(
     if foreach is None:
         foreach = any(p.device.type != "cpu" for p in params)
     return _FOREACH if foreach else _LOOP
+
+
+STEP_LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "kahan_comps")
+ADOPT_LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "kahan_comps")
+
+
+def backend_and_lists(
+    lists: Sequence[Sequence[Tensor | None] | None],
+    names: Sequence[str],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+) -> tuple[Backend, list]:
+    """The backend for one step and the tensor lists (params first) as it addresses them.
+
+    DTensors (FSDP2, tensor parallelism) become the local shards they own and complex
+    tensors real pairs (see core.backends.views), so every backend, the default included,
+    runs on plain memory. Any other tensor subclass goes to the loop backend (or foreach
+    when asked), whose torch operations dispatch through the subclass; fused=True is
+    refused for it by name.
+    """
+    local = real_view_lists(local_lists(lists, names))
+    if all(values is None or is_plain(values) for values in local):
+        return select_backend(local[0], foreach=foreach, fused=fused), local
+    if fused:
+        kinds = sorted(
+            {type(t).__name__ for values in local if values for t in values} - {"NoneType"}
+        )
+        raise ValueError(
+            f"Invalid fused: True. Allowed: None or False for tensor subclasses ({kinds}): "
+            "a fused kernel reads raw memory, which a subclass does not describe."
+        )
+    return (_FOREACH if foreach else _LOOP), local
 
 
 def _fused_backend(device_type: str, strict: bool) -> Backend:

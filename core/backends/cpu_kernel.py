@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.backends.grouping import device_of, dtype_of
 from core.backends.kernel_arguments import SWITCHES
+from core.backends.views import PLAIN_TENSOR_TYPES, check_addressable, device_of, dtype_of
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
@@ -188,7 +188,8 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
     if len(scalars) < MIN_SCALARS or _scalars_unavailable:
         return None
     if (
-        set(map(dtype_of, scalars)) != {torch.float32}
+        not PLAIN_TENSOR_TYPES.issuperset(map(type, scalars))
+        or set(map(dtype_of, scalars)) != {torch.float32}
         or set(map(device_of, scalars)) != {_CPU}
         or set(map(Tensor.numel, scalars)) != {1}
     ):
@@ -249,12 +250,27 @@ def run(
     kahan_comps: Sequence[Tensor] | None,
     coefficients: Sequence[float],
 ) -> None:
-    """One step over dense tensors of config.dtype; the caller has checked the layouts."""
+    """One step over dense tensors of config.dtype, checked here before any address is read."""
     function = kernel(config)
     count = len(params)
     if count == 0:
         return
-    assert len(coefficients) == COEFFICIENT_COUNT
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps)
+    check_addressable(lists, config.dtype, _CPU)
+    switches = dict(config.switches)
+    optional = (
+        ("max_exp_avg_sqs", "AMSGRAD", max_exp_avg_sqs),
+        ("kahan_comps", "KAHAN", kahan_comps),
+    )
+    for name, switch, values in optional:
+        wanted = switches.get(switch, False)
+        if wanted != (values is not None):
+            raise ValueError(
+                f"Invalid {name} for a kernel built with {switch}={int(wanted)}: "
+                f"{'None' if values is None else 'a list'}."
+            )
+    if len(coefficients) != COEFFICIENT_COUNT:
+        raise ValueError(f"Invalid coefficients: {len(coefficients)} values. Allowed: 10.")
     sizes = (ctypes.c_int64 * count)(*map(Tensor.numel, params))
     function(
         count,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import attrgetter
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from core.backends.views import dense, device_of, dtype_of
+
+__all__ = ["buckets", "dense", "device_of", "dtype_of", "same_dense_layout", "split_dense"]
+
 T = TypeVar("T")
-device_of, dtype_of = attrgetter("device"), attrgetter("dtype")
-"""Getters to map over tensor lists: the loop then runs at C speed."""
 
 
 def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> list[list[int]]:
@@ -41,21 +42,6 @@ def take_all(lists: Sequence[Sequence[T] | None], indices: list[int]) -> list[li
     return [None if values is None else take(values, indices) for values in lists]
 
 
-def _dense(tensor: Tensor) -> bool:
-    """Whether the elements fill one block of memory without gaps or overlap, in any
-    dimension order (contiguous, channels-last, transposed)."""
-    if tensor.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted(
-        (s, n) for s, n in zip(tensor.stride(), tensor.shape, strict=True) if n != 1
-    ):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def same_dense_layout(tensors: Sequence[Tensor]) -> bool:
     """Whether a flat elementwise pass over raw memory is valid for these tensors together:
     each dense, all of one dtype, shape and strides. Runs for every parameter of every
@@ -76,12 +62,12 @@ def same_dense_layout(tensors: Sequence[Tensor]) -> bool:
     if contiguous:
         return True
     strides = first.stride()
-    return _dense(first) and all(t.stride() == strides for t in tensors)
+    return dense(first) and all(t.stride() == strides for t in tensors)
 
 
 def split_dense(lists: Sequence[Sequence[Tensor] | None]) -> tuple[list[int], list[int]]:
     """(indices a flat pass over memory can take, the others); None lists are absent."""
-    dense: list[int] = []
+    flat: list[int] = []
     strided: list[int] = []
     present = [values for values in lists if values is not None]
     numels, dtypes = list(map(Tensor.numel, present[0])), list(map(dtype_of, present[0]))
@@ -93,5 +79,5 @@ def split_dense(lists: Sequence[Sequence[Tensor] | None]) -> tuple[list[int], li
     ):
         return list(range(len(numels))), []  # the usual case, without a call per row
     for i, row in enumerate(zip(*present, strict=True)):
-        (dense if same_dense_layout(row) else strided).append(i)
-    return dense, strided
+        (flat if same_dense_layout(row) else strided).append(i)
+    return flat, strided

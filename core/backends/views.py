@@ -1,0 +1,170 @@
+"""The tensors a backend addresses: plain, local, real-valued memory.
+
+Every update here is elementwise, so a shard of a distributed tensor (DTensor, as FSDP2
+and tensor parallelism hand out) updates correctly on its own: it is replaced by the
+local tensor it owns before any backend sees it. Complex tensors become real pairs, as
+torch.optim does. Any other tensor subclass is left to backends that go through torch's
+dispatch (loop, foreach); the fused kernels read raw addresses, and `check_addressable`
+refuses, where the addresses are taken, anything that is not plain dense memory of the
+expected dtype and device, so no Python input can send a kernel through a wrong address.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+device_of, dtype_of = attrgetter("device"), attrgetter("dtype")
+"""Getters to map over tensor lists: the loop then runs at C speed."""
+
+PLAIN_TENSOR_TYPES = frozenset({Tensor, nn.Parameter})
+"""Types whose data_ptr() and numel() describe the memory the kernels write."""
+
+TensorList = Sequence[Tensor | None] | None
+
+
+@functools.cache
+def dtensor_type() -> type | None:
+    """torch's DTensor class, or None on builds without torch.distributed."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 kept it private
+        from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    return DTensor
+
+
+def is_plain(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether every entry is a plain tensor (or None): one C-speed pass."""
+    return PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)) or all(
+        t is None or type(t) in PLAIN_TENSOR_TYPES for t in tensors
+    )
+
+
+def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type) -> Any:
+    """The local shard of a DTensor laid out like its parameter (`like`)."""
+    if tensor is None or not isinstance(tensor, dtensor):
+        return tensor
+    if like is not None and isinstance(like, dtensor) and tensor is not like:
+        same_layout = (
+            tensor.device_mesh == like.device_mesh and tensor.placements == like.placements
+        )
+        if not same_layout:
+            if name != "grads":
+                raise ValueError(
+                    f"Invalid {name}: a DTensor with placements {tensor.placements} on "
+                    f"{tensor.device_mesh}, for a parameter with placements {like.placements} "
+                    f"on {like.device_mesh}. Allowed: optimizer state laid out like its "
+                    "parameter (load sharded state with torch.distributed.checkpoint's "
+                    "set_optimizer_state_dict)."
+                )
+            # A gradient may arrive in another layout (Partial from tensor parallelism):
+            # it is only read, so a redistributed copy is exact.
+            tensor = tensor.redistribute(like.device_mesh, like.placements)
+    return tensor.to_local()
+
+
+def local_lists(lists: Sequence[TensorList], names: Sequence[str]) -> list[Any]:
+    """Each DTensor in the lists replaced by its local shard; plain lists as they are."""
+    if all(values is None or is_plain(values) for values in lists):
+        return list(lists)
+    dtensor = dtensor_type()
+    if dtensor is None:
+        return list(lists)
+    params = lists[0]
+    assert params is not None
+    return [
+        None
+        if values is None
+        else [_local(t, p, name, dtensor) for t, p in zip(values, params, strict=True)]
+        for values, name in zip(lists, names, strict=True)
+    ]
+
+
+def real_views(tensors: TensorList) -> Any:
+    """View complex tensors as real pairs, as torch.optim does, so the math is elementwise."""
+    if tensors is None:
+        return None
+    return [t if t is None or not t.is_complex() else torch.view_as_real(t) for t in tensors]
+
+
+def real_view_lists(lists: Sequence[TensorList]) -> list[Any]:
+    """real_views of every list; the lists as they are when no parameter (lists[0]) is
+    complex, which spares a pass over every other list in the usual case."""
+    if not any(map(Tensor.is_complex, lists[0])):  # type: ignore[arg-type]
+        return list(lists)
+    return [real_views(t) for t in lists]
+
+
+def check_addressable(
+    lists: Sequence[Sequence[Tensor] | None], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Refuse, before a kernel reads raw addresses, anything but plain dense tensors of
+    dtype on device with as many elements as their parameter (lists[0]).
+
+    Callers have sorted tensors into such buckets already; this is the last line of
+    defence that turns a mistake into a ValueError instead of a write through a wrong
+    address. It runs per list at C speed in the usual case.
+    """
+    params = lists[0]
+    assert params is not None
+    numels = list(map(Tensor.numel, params))
+    for values in lists:
+        if values is None:
+            continue
+        if (
+            PLAIN_TENSOR_TYPES.issuperset(map(type, values))
+            and {dtype} == set(map(dtype_of, values))
+            and {device} == set(map(device_of, values))
+            and all(map(Tensor.is_contiguous, values))
+            and list(map(Tensor.numel, values)) == numels
+        ):
+            continue
+        for t, param in zip(values, params, strict=True):
+            problem = _address_problem(t, param, dtype, device)
+            if problem:
+                raise ValueError(
+                    f"Invalid tensor for a fused kernel: {problem}. Allowed: plain dense "
+                    f"{dtype} tensors on {device} (use fused=False for this tensor)."
+                )
+
+
+def _address_problem(t: object, param: Tensor, dtype: torch.dtype, device: torch.device) -> str:
+    """Why a kernel may not read t's raw memory beside param's ("" if it may)."""
+    if not isinstance(t, Tensor) or type(t) not in PLAIN_TENSOR_TYPES:
+        return f"a {type(t).__name__}, not a plain torch.Tensor"
+    if t.layout != torch.strided:
+        return f"a tensor with layout {t.layout}"
+    if t.dtype != dtype or t.device != device:
+        return f"a {t.dtype} tensor on {t.device}"
+    if t.numel() != param.numel():
+        return f"a tensor of {t.numel()} elements beside a parameter of {param.numel()}"
+    if not dense(t):
+        return f"a tensor of shape {tuple(t.shape)} with gaps (strides {t.stride()})"
+    if not t.is_contiguous() and (t.shape, t.stride()) != (param.shape, param.stride()):
+        return (
+            f"a tensor with strides {t.stride()} beside a parameter with strides "
+            f"{param.stride()} (a flat pass would pair different elements)"
+        )
+    return ""
+
+
+def dense(tensor: Tensor) -> bool:
+    """Whether the elements fill one block of memory without gaps or overlap, in any
+    dimension order (contiguous, channels-last, transposed)."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted(
+        (s, n) for s, n in zip(tensor.stride(), tensor.shape, strict=True) if n != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -1,0 +1,109 @@
+"""The configuration matrix: what every distributed configuration trains, and how.
+
+Every optimizer is built as users build it (default flags) and with each explicit
+backend, in fp32 and in bf16 (Kahan on, by default for bf16 parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import core
+
+LR = 1e-2
+OPTIMIZERS: dict[str, Callable[..., core.AdamFamilyOptimizer]] = {
+    "Adam": lambda p, **kw: core.Adam(p, lr=LR, weight_decay=0.1, **kw),
+    "AdamW": lambda p, **kw: core.AdamW(p, lr=LR, amsgrad=True, **kw),
+    "RAdam": lambda p, **kw: core.RAdam(p, lr=LR, decouple_lr=True, weight_decay=1e-4, **kw),
+    "NAdam": lambda p, **kw: core.NAdam(p, lr=LR, decouple_wd=True, weight_decay=0.1, **kw),
+    "ADOPT": lambda p, **kw: core.ADOPT(p, lr=LR, **kw),
+}
+BACKENDS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "loop": {"foreach": False, "fused": False},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STEPS = 8
+CHECKPOINT_AT = 4
+"""DCP cells save after this many steps and finish in a fresh model and optimizer."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    optimizer: str
+    backend: str
+    dtype_name: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.optimizer, self.backend, self.dtype_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    def make_optimizer(self, params: Any) -> core.AdamFamilyOptimizer:
+        return OPTIMIZERS[self.optimizer](params, **BACKENDS[self.backend])
+
+
+def warmup(optimizer: torch.optim.Optimizer, step_index: int) -> None:
+    """Step 0 runs at lr = 0, as a warmup from 0 does (such a step once sent DTensor
+    addresses to the C kernel); later steps at LR."""
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if step_index == 0 else LR
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _batches(count: int = STEPS, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(size, 8, generator=generator), torch.randn(size, 4, generator=generator))
+        for _ in range(count)
+    ]
+
+
+GLOBAL_BATCHES = _batches()
+
+
+def direct_gradients(model: nn.Module) -> list[list[torch.Tensor]]:
+    """Fixed gradients for stepping parameters without a model (DTensor cells)."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = [p.shape for p in model.parameters()]
+    return [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(STEPS)]
+
+
+def train_one_process(cell: Cell, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+    """The reference: the whole global batch on one process, loop backend."""
+    model = make_model().to(cell.dtype)
+    optimizer = OPTIMIZERS[cell.optimizer](model.parameters(), foreach=False, fused=False)
+    for index, (x, y) in enumerate(batches):
+        warmup(optimizer, index)
+        nn.functional.mse_loss(model(x.to(cell.dtype)).float(), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().float().clone() for p in model.parameters()]
+
+
+def step_one_process(cell: Cell) -> list[torch.Tensor]:
+    """The reference for DTensor cells: the same fixed gradients, loop backend."""
+    model = make_model().to(cell.dtype)
+    params = list(model.parameters())
+    optimizer = OPTIMIZERS[cell.optimizer](params, foreach=False, fused=False)
+    for index, grads in enumerate(direct_gradients(model)):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.to(cell.dtype)
+        warmup(optimizer, index)
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().float().clone() for p in params]

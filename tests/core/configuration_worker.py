@@ -1,0 +1,204 @@
+"""Worker for test_configurations.py: one 2-process gloo group trains every cell of the
+configuration matrix (optimizer x backend x dtype under FSDP2, FSDP2 with a bf16
+MixedPrecisionPolicy, DTensor parameters, tensor parallelism, DCP checkpoints and DDP)
+and saves each cell's full parameters, so the test process can compare every cell with
+one process running the loop backend.
+
+Usage: torchrun --nproc-per-node=2 configuration_worker.py OUTPUT CONFIG [CONFIG ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+import core
+from tests.core.configuration_cases import (
+    BACKENDS,
+    CHECKPOINT_AT,
+    DTYPES,
+    GLOBAL_BATCHES,
+    OPTIMIZERS,
+    STEPS,
+    Cell,
+    direct_gradients,
+    make_model,
+    warmup,
+)
+
+
+def _local_batch(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return x[rank * len(x) // world : (rank + 1) * len(x) // world]
+
+
+def _train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dtype: torch.dtype,
+    shard_batch: bool,
+    steps: range = range(STEPS),
+) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for index in steps:
+        x, y = GLOBAL_BATCHES[index]
+        if shard_batch:
+            x, y = _local_batch(x, rank, world), _local_batch(y, rank, world)
+        warmup(optimizer, index)  # before backward: released parameters step inside it
+        loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _full(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [
+        (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone() for p in params
+    ]
+
+
+def _sharded_model(dtype: torch.dtype, mixed_precision: bool) -> nn.Module:
+    model = make_model().to(dtype)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed_precision else None
+    kwargs = {"mp_policy": policy} if policy is not None else {}
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def fsdp2(cell: Cell, mixed_precision: bool = False) -> list[torch.Tensor]:
+    model = _sharded_model(cell.dtype, mixed_precision)
+    optimizer = cell.make_optimizer(model.parameters())
+    _train(model, optimizer, cell.dtype, shard_batch=True)
+    return _full(list(model.parameters()))
+
+
+def fsdp2_release(cell: Cell) -> list[torch.Tensor]:
+    """FSDP2 with gradient release: each sharded parameter steps inside backward, after
+    the reduce-scatter, and its gradient is freed there."""
+    model = _sharded_model(cell.dtype, mixed_precision=False)
+    optimizer = OPTIMIZERS[cell.optimizer](
+        model.parameters(), gradient_release=True, **BACKENDS[cell.backend]
+    )
+    core.prepare_for_gradient_release(model, optimizer)
+    _train(model, optimizer, cell.dtype, shard_batch=True)
+    assert all(p.grad is None for p in model.parameters()), "release frees every gradient"
+    core.remove_gradient_release(model)
+    return _full(list(model.parameters()))
+
+
+def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
+    """Train to CHECKPOINT_AT, save model and optimizer with DCP, load both into a fresh
+    sharded model and optimizer, and finish there."""
+    model = _sharded_model(cell.dtype, mixed_precision=False)
+    optimizer = cell.make_optimizer(model.parameters())
+    _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT))
+    directory = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(directory)
+    state = {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.save(state, checkpoint_id=directory[0])
+    del model, optimizer, state
+
+    resumed = _sharded_model(cell.dtype, mixed_precision=False)
+    resumed_optimizer = cell.make_optimizer(resumed.parameters())
+    state = {
+        "model": get_model_state_dict(resumed),
+        "optimizer": get_optimizer_state_dict(resumed, resumed_optimizer),
+    }
+    dcp.load(state, checkpoint_id=directory[0])
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, resumed_optimizer, state["optimizer"])
+    _train(resumed, resumed_optimizer, cell.dtype, True, range(CHECKPOINT_AT, STEPS))
+    return _full(list(resumed.parameters()))
+
+
+def dtensor(cell: Cell, placement: Any) -> list[torch.Tensor]:
+    """DTensor parameters and gradients without FSDP, stepped with known gradients."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = make_model().to(cell.dtype)
+    params = [
+        nn.Parameter(distribute_tensor(p.detach(), mesh, [placement])) for p in model.parameters()
+    ]
+    optimizer = cell.make_optimizer(params)
+    for index, grads in enumerate(direct_gradients(model)):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = distribute_tensor(g.to(cell.dtype), mesh, [placement])
+        warmup(optimizer, index)
+        optimizer.step()
+        optimizer.zero_grad()
+    return _full(params)
+
+
+def tensor_parallel(cell: Cell) -> list[torch.Tensor]:
+    """Colwise then Rowwise linear layers over both ranks; every rank sees the whole batch."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = make_model().to(cell.dtype)
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    optimizer = cell.make_optimizer(model.parameters())
+    _train(model, optimizer, cell.dtype, shard_batch=False)
+    return _full(list(model.parameters()))
+
+
+def ddp(cell: Cell) -> list[torch.Tensor]:
+    model = nn.parallel.DistributedDataParallel(make_model().to(cell.dtype))
+    optimizer = cell.make_optimizer(model.parameters())
+    _train(model, optimizer, cell.dtype, shard_batch=True)
+    return _full(list(model.module.parameters()))
+
+
+CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
+    "fsdp2": fsdp2,
+    "fsdp2_bf16_compute": lambda cell: fsdp2(cell, mixed_precision=True),
+    "fsdp2_dcp": fsdp2_checkpoint,
+    "fsdp2_release": fsdp2_release,
+    "dtensor_shard": lambda cell: dtensor(cell, Shard(0)),
+    "dtensor_replicate": lambda cell: dtensor(cell, Replicate()),
+    "tensor_parallel": tensor_parallel,
+    "ddp": ddp,
+}
+
+
+def main(output: str, *configurations: str) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    results: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
+    for configuration in configurations:
+        run = CONFIGURATIONS[configuration]
+        for optimizer_name in OPTIMIZERS:
+            for backend in BACKENDS:
+                for dtype_name in DTYPES:
+                    cell = Cell(optimizer_name, backend, dtype_name)
+                    results[(configuration, *cell.key)] = run(cell)
+    if dist.get_rank() == 0:
+        torch.save(results, output)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
