@@ -14,7 +14,13 @@ from typing import Protocol
 from torch import Tensor
 
 from core.backends import foreach, loop
-from core.backends.views import is_plain, local_lists, real_view_lists
+from core.backends.views import (
+    PLAIN_TENSOR_TYPES,
+    dtensor_type,
+    is_plain,
+    local_lists,
+    real_view_lists,
+)
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 
@@ -59,12 +65,34 @@ def _triton_backend() -> Backend | str:
     return triton_backend  # type: ignore[return-value]
 
 
+def _unaddressable_subclasses(tensors: Sequence[Tensor | None]) -> list[str]:
+    """Names of the tensor subclasses among tensors that no fused kernel can address."""
+    if is_plain(tensors):
+        return []
+    dtensor = dtensor_type()
+    return sorted(
+        {
+            type(t).__name__
+            for t in tensors
+            if t is not None
+            and type(t) not in PLAIN_TENSOR_TYPES
+            and not (dtensor is not None and isinstance(t, dtensor))
+        }
+    )
+
+
 def fused_unavailable_reason(params: Sequence[Tensor], *, forced: bool = True) -> str | None:
     """Why no fused backend can run a step over these parameters, or None if one can.
 
     Unless forced (fused=True), a CPU without a C compiler is no reason: the fused CPU
     backend then runs torch's native kernels where exact and the loop elsewhere.
     """
+    subclasses = _unaddressable_subclasses(params)
+    if subclasses:
+        return (
+            f"a fused kernel reads raw memory, which tensor subclasses ({subclasses}) do not "
+            "describe (DTensor is the exception: its local shard is stepped)"
+        )
     devices = {p.device for p in params}
     if len(devices) > 1:
         names = sorted(str(d) for d in devices)
@@ -129,13 +157,8 @@ def backend_and_lists(
     if all(values is None or is_plain(values) for values in local):
         return select_backend(local[0], foreach=foreach, fused=fused), local
     if fused:
-        kinds = sorted(
-            {type(t).__name__ for values in local if values for t in values} - {"NoneType"}
-        )
-        raise ValueError(
-            f"Invalid fused: True. Allowed: None or False for tensor subclasses ({kinds}): "
-            "a fused kernel reads raw memory, which a subclass does not describe."
-        )
+        reason = f"tensor subclasses ({_unaddressable_subclasses(local[0])})"
+        raise ValueError(f"Invalid fused: True. Allowed: None or False for {reason}.")
     return (_FOREACH if foreach else _LOOP), local
 
 

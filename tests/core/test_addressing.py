@@ -1,0 +1,181 @@
+"""No Python input sends a kernel through a wrong address: tensor subclasses are unwrapped
+(DTensor) or routed to a backend that dispatches through them, and the C kernel refuses
+anything but plain dense tensors of its dtype, by name, before reading an address."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+import core
+from core.backends import cpu_kernel
+from core.backends.kernel_arguments import SWITCHES
+from tests.core.configuration_cases import BACKENDS, OPTIMIZERS
+
+COEFFICIENTS = [0.9, 0.99, 1e-8, 1.0, 1e-3, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+class Wrapped(Tensor):
+    """A wrapper subclass in the manner of DTensor or a quantized tensor: it owns no
+    storage of its own (data_ptr() is not its data), and torch ops reach its inner tensor
+    through __torch_dispatch__."""
+
+    inner: Tensor
+
+    @staticmethod
+    def __new__(cls, inner: Tensor, requires_grad: bool = False) -> Wrapped:
+        wrapper = Tensor._make_wrapper_subclass(
+            cls, inner.shape, dtype=inner.dtype, device=inner.device, requires_grad=requires_grad
+        )
+        wrapper.inner = inner
+        return wrapper
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        def unwrap(value: object) -> object:
+            return value.inner if isinstance(value, Wrapped) else value
+
+        def wrap(value: object) -> object:
+            return Wrapped(value) if isinstance(value, Tensor) else value
+
+        result = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        if not func._schema.returns:  # foreach in-place ops return nothing
+            return None
+        if func._schema.name.endswith("_"):  # in place: self
+            return args[0]
+        return tree_map(wrap, result)
+
+
+def _config(dtype: torch.dtype = torch.float32) -> cpu_kernel.KernelConfig:
+    switches = tuple((name, name in ("UPDATE", "ADAPTIVE")) for name in SWITCHES)
+    return cpu_kernel.KernelConfig("adam", dtype, switches)
+
+
+def _lists(make: callable) -> list[list[Tensor]]:  # type: ignore[valid-type]
+    return [[make()] for _ in range(4)]
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda: Wrapped(torch.zeros(8)), "a Wrapped, not a plain torch.Tensor"),
+        (lambda: torch.zeros(8, dtype=torch.float64), "a torch.float64 tensor"),
+        (lambda: torch.zeros(16)[::2], "with gaps"),
+        (lambda: torch.zeros(9), "9 elements beside a parameter of 8"),
+        (lambda: torch.zeros(8).to_sparse(), "layout torch.sparse_coo"),
+    ],
+    ids=["wrapper-subclass", "dtype", "strided", "size", "sparse"],
+)
+def test_the_c_kernel_refuses_what_it_cannot_address(make_bad, message: str) -> None:
+    params, grads, exp_avgs, exp_avg_sqs = _lists(lambda: torch.zeros(8))
+    before = [t.clone() for t in (params[0], exp_avgs[0], exp_avg_sqs[0])]
+    grads = [make_bad()]
+    with pytest.raises(ValueError, match=message):
+        cpu_kernel.run(_config(), params, grads, exp_avgs, exp_avg_sqs, None, None, COEFFICIENTS)
+    after = (params[0], exp_avgs[0], exp_avg_sqs[0])
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+@pytest.mark.bad_input
+def test_the_c_kernel_refuses_a_list_its_switches_do_not_expect() -> None:
+    params, grads, exp_avgs, exp_avg_sqs = _lists(lambda: torch.zeros(8))
+    with pytest.raises(ValueError, match="kahan_comps for a kernel built with KAHAN=0"):
+        cpu_kernel.run(
+            _config(), params, grads, exp_avgs, exp_avg_sqs, None, [torch.zeros(8)], COEFFICIENTS
+        )
+
+
+def _gradient_like(param: Tensor, grad: Tensor) -> Tensor:
+    """grad in param's kind of tensor, as autograd would hand it over."""
+    if isinstance(param, Wrapped):
+        return Wrapped(grad)
+    if hasattr(param, "device_mesh"):  # a DTensor
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(grad, param.device_mesh, param.placements)
+    return grad
+
+
+def _steps(params: list[Tensor], optimizer_name: str, flags: dict) -> core.AdamFamilyOptimizer:
+    optimizer = OPTIMIZERS[optimizer_name](params, **flags)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in params:
+            p.grad = _gradient_like(p, torch.randn(p.shape, generator=generator).to(p.dtype))
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("backend", ["default", "foreach", "loop"])
+@pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
+def test_a_wrapper_subclass_parameter_steps_through_torch_dispatch(
+    optimizer_name: str, backend: str
+) -> None:
+    """Not DTensor, so nothing to unwrap: the default goes to the loop backend."""
+    plain = [nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))]
+    wrapped = [nn.Parameter(Wrapped(plain[0].detach().clone(), requires_grad=True))]
+    _steps(plain, optimizer_name, BACKENDS["loop"])
+    _steps(wrapped, optimizer_name, BACKENDS[backend])
+    torch.testing.assert_close(wrapped[0].inner, plain[0].detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.bad_input
+def test_fused_true_with_a_wrapper_subclass_is_refused_by_name() -> None:
+    param = nn.Parameter(Wrapped(torch.ones(4), requires_grad=True))
+    with pytest.raises(ValueError, match=r"Invalid fused.*: True.*\['Wrapped'\]"):
+        core.AdamW([param], lr=1e-2, fused=True)
+    optimizer = core.AdamW([param], lr=1e-2)
+    optimizer.param_groups[0]["fused"] = True  # set after construction: refused at step
+    param.grad = Wrapped(torch.ones(4))
+    with pytest.raises(ValueError, match=r"Invalid fused.*: True.*\['Wrapped'\]"):
+        optimizer.step()
+    assert torch.equal(param.inner, torch.ones(4)) and not optimizer.state[param]
+    moments = [Wrapped(torch.zeros(4)), Wrapped(torch.zeros(4))]
+    with pytest.raises(ValueError, match=r"Invalid fused.*: True.*\['Wrapped'\]"):
+        core.adam(
+            [param], [param.grad], *[[m] for m in moments], None, [torch.tensor(0.0)],
+            lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, fused=True,
+        )  # fmt: skip
+    assert torch.equal(param.inner, torch.ones(4))
+
+
+@pytest.mark.usefixtures("one_rank_group")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dtensor_parameters_step_on_their_local_tensor(backend: str, dtype: torch.dtype) -> None:
+    """A DTensor's data_ptr() is not its shard's; every backend, fused included, steps the
+    local tensor it owns, exactly as it steps a plain tensor (the multi-rank cases are in
+    test_configurations.py)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    full = torch.linspace(-1, 1, 40).reshape(8, 5).to(dtype)
+    plain = [nn.Parameter(full.clone())]
+    sharded = [nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))]
+    for name in OPTIMIZERS:
+        reference = _steps([nn.Parameter(plain[0].detach().clone())], name, BACKENDS[backend])
+        optimizer = _steps([nn.Parameter(sharded[0].detach().clone())], name, BACKENDS[backend])
+        (expected,) = reference.param_groups[0]["params"]
+        (actual,) = optimizer.param_groups[0]["params"]
+        torch.testing.assert_close(actual.full_tensor(), expected.detach(), atol=0, rtol=0)

@@ -1,0 +1,117 @@
+"""Unusual parameters, as real models have them, in every backend (the default included):
+views and non-contiguous tensors, zero-size and 0-dim tensors, complex, channels-last,
+weights tied between two modules, frozen parameters inside a group, parameters without a
+gradient on some steps, and mixed dtypes in one group. Each backend equals the loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tests.core.cases import BACKENDS, Case, one_case_per_algorithm
+from tests.core.test_fused import LOW_PRECISION, _ordered
+
+STEPS = 4
+
+
+class OddModel(nn.Module):
+    """Every kind of unusual parameter, all feeding one scalar loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the layers' own initialization
+        generator = torch.Generator().manual_seed(0)
+
+        def randn(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.randn(*shape, generator=generator).to(dtype)
+
+        self.embed = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10)
+        self.head.weight = self.embed.weight  # tied: one parameter, two modules
+        self.conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+        self.scale = nn.Parameter(randn(1).reshape(()))  # 0-dim
+        self.empty = nn.Parameter(randn(0, 4))  # zero-size
+        self.rotation = nn.Parameter(torch.complex(randn(3), randn(3)))  # complex
+        self.transposed = nn.Parameter(randn(5, 6).t())  # dense, not contiguous
+        self.view = nn.Parameter(randn(20)[2:12])  # a view with a storage offset
+        self.strided = nn.Parameter(randn(6, 10)[:, ::3])  # not dense: gaps in memory
+        self.frozen = nn.Parameter(randn(4), requires_grad=False)
+        self.sometimes = nn.Parameter(randn(4))  # a gradient on even steps only
+        self.bf16 = nn.Parameter(randn(64, dtype=torch.bfloat16))  # mixed dtypes, one group
+        self.fp16 = nn.Parameter(randn(64, dtype=torch.float16))
+        self.fp64 = nn.Parameter(randn(8, dtype=torch.float64))
+
+    def forward(self, tokens: Tensor, image: Tensor, step: int) -> Tensor:
+        logits = self.head(self.embed(tokens))
+        loss = nn.functional.cross_entropy(logits, tokens) + self.conv(image).square().mean()
+        loss = (
+            loss * self.scale + self.empty.sum() + (self.rotation * self.rotation.conj()).real.sum()
+        )
+        loss = (
+            loss + self.transposed.tanh().sum() + self.view.sin().sum() + self.strided.cos().sum()
+        )
+        loss = loss + (self.frozen * self.view[:4]).sum()
+        if step % 2 == 0:
+            loss = loss + self.sometimes.square().sum()
+        loss = loss + self.bf16.float().sin().sum() + self.fp16.float().cos().sum()
+        return loss + self.fp64.square().sum().float()
+
+
+def _train(case: Case, flags: dict) -> list[list[Tensor]]:
+    model = OddModel()
+    optimizer = case.make(model.parameters(), **flags)
+    generator = torch.Generator().manual_seed(1)
+    history = []
+    for step in range(STEPS):
+        tokens = torch.randint(0, 10, (8,), generator=generator)
+        image = torch.randn(2, 2, 5, 5, generator=generator).to(memory_format=torch.channels_last)
+        model(tokens, image, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append([p.detach().clone() for p in model.parameters()])
+    return history
+
+
+def _assert_close(actual: Tensor, expected: Tensor, ulps: int, what: str) -> None:
+    if actual.dtype in LOW_PRECISION:
+        gaps = (_ordered(actual) - _ordered(expected)).abs()
+        assert int(gaps.max()) <= ulps, f"{what}: {int(gaps.max())} ulps apart"
+    else:
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0, msg=what)
+
+
+@pytest.mark.parametrize("backend", ["default", "foreach", "fused", "triton"])
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_odd_parameters_equal_the_loop_backend(case: Case, backend: str) -> None:
+    flags = {} if backend == "default" else BACKENDS[backend]
+    expected = _train(case, BACKENDS["loop"])
+    actual = _train(case, flags)
+    names = [name for name, _ in OddModel().named_parameters()]
+    for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        for name, a, b in zip(names, got, want, strict=True):
+            assert a.dtype == b.dtype and a.stride() == b.stride(), name
+            # one ulp per step for bf16/fp16: each step may round once differently
+            _assert_close(a, b, step + 1, f"{name} after step {step + 1}")
+
+
+def test_tied_frozen_and_gradless_parameters_step_as_often_as_they_should() -> None:
+    """The tied weight is one parameter stepped once per step; the frozen one never moves
+    and gets no state; one without a gradient on a step does not count that step."""
+    model = OddModel()
+    names = [name for name, _ in model.named_parameters()]
+    assert names.count("embed.weight") == 1 and "head.weight" not in names
+    case = one_case_per_algorithm()[0]
+    optimizer = case.make(model.parameters())
+    frozen_before = model.frozen.detach().clone()
+    for step in range(3):
+        tokens = torch.arange(8) % 10
+        image = torch.ones(2, 2, 5, 5).to(memory_format=torch.channels_last)
+        model(tokens, image, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(model.frozen, frozen_before)
+    assert model.frozen not in optimizer.state
+    # stepped on steps 0 and 2 only
+    assert float(optimizer.state[model.sometimes]["step"]) == 2.0
+    assert float(optimizer.state[model.embed.weight]["step"]) == 3.0
