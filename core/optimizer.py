@@ -531,13 +531,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._release_registrations: list[Any] = []
         return self._release_registrations
 
-    # Kept out of torch.compile graphs: the step reads host scalars, builds per-step
-    # coefficients in Python floats and calls C kernels through ctypes, which Dynamo
-    # cannot trace faithfully (compiled, Adam drifted 0.13 from eager in 12 steps through
-    # an Inductor bug with step-derived floats). A compiled training step calling it
-    # breaks the graph here and gets exactly the eager update.
-    @torch.compiler.disable
-    @torch.no_grad()
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], Any] | None = None,
@@ -552,6 +545,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         have already been updated. Every group and gradient is checked before any
         parameter or state changes.
         """
+        return _eager_step(self, closure, param, grad_scaler)
+
+    @torch.no_grad()
+    def _step(
+        self, closure: Callable[[], Any] | None, param: Tensor | None, grad_scaler: object
+    ) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -684,3 +683,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                         f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] has shape "
                         f"{tuple(value.shape)}, but the parameter has shape {tuple(param.shape)}."
                     )
+
+
+@torch.compiler.disable
+def _eager_step(
+    optimizer: AdamFamilyOptimizer,
+    closure: Callable[[], Any] | None,
+    param: Tensor | None,
+    grad_scaler: object,
+) -> Any:
+    """The step, kept out of torch.compile graphs: it reads host scalars, builds per-step
+    coefficients in Python floats and calls C kernels through ctypes, which Dynamo cannot
+    trace faithfully (traced, Adam drifted 0.13 from eager in 12 steps through an Inductor
+    bug with step-derived floats). A compiled function calling it breaks the graph here and
+    gets exactly the eager update. A plain function, not a decorated method: torch 2.7's
+    torch.compile(optimizer.step) loses `self` when unwrapping a disabled method."""
+    return optimizer._step(closure, param, grad_scaler)

@@ -3,7 +3,8 @@
 1. Peak memory: a ~21M-parameter MLP (20 layers) trains a few steps with core.AdamW, each
    mode in its own fresh subprocess; the peak resident set size above the process's size
    before the model was built (after a warm-up that initialises torch's kernels) is
-   reported, so interpreter and runtime overhead cancel out.
+   reported, so interpreter and runtime overhead cancel out. The same again sharded with
+   FSDP2 (fully_shard per layer) over 2 gloo processes, the larger rank's peak reported.
    glibc is told to return freed large blocks at once (MALLOC_MMAP_THRESHOLD_), so the
    peak measures live tensors rather than the allocator's cache.
 2. Optimizer accumulation: the same small model trained with ordinary gradient
@@ -37,9 +38,12 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure_peak(release: bool, steps: int) -> dict[str, float]:
-    """Train in this process and report memory; meant to run in a fresh subprocess."""
+def measure_peak(release: bool, steps: int, fsdp2: bool = False) -> dict[str, float]:
+    """Train in this process and report memory; meant to run in a fresh subprocess (one
+    per rank, under torch.distributed.run, for fsdp2)."""
     torch.set_num_threads(1)
+    if fsdp2:
+        torch.distributed.init_process_group("gloo")
     warm_up = nn.Linear(8, 8)  # torch's kernels and thread pools allocate on first use
     warm_up(torch.randn(2, 8)).sum().backward()
     core.AdamW(warm_up.parameters(), lr=1e-3).step()
@@ -49,6 +53,12 @@ def measure_peak(release: bool, steps: int) -> dict[str, float]:
     for _ in range(LAYERS):
         layers += [nn.Linear(WIDTH, WIDTH), nn.Tanh()]
     model = nn.Sequential(*layers)
+    if fsdp2:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers[::2]:
+            fully_shard(layer)
+        fully_shard(model)
     optimizer = core.AdamW(model.parameters(), lr=1e-4, gradient_release=release)
     if release:
         core.prepare_for_gradient_release(model, optimizer)
@@ -59,37 +69,43 @@ def measure_peak(release: bool, steps: int) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in model.parameters())
+    if fsdp2:
+        torch.distributed.destroy_process_group()
     return {"params_m": params / 1e6, "peak_above_start_mb": peak - before, "peak_mb": peak}
 
 
+def _measure_in_subprocess(release: bool, steps: int, fsdp2: bool) -> dict[str, float]:
+    """One fresh process (two ranks for fsdp2: the larger peak) measuring one mode."""
+    launcher = [sys.executable]
+    if fsdp2:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    flags = ["--measure", str(int(release)), "--steps", str(steps)]
+    out = subprocess.run(
+        [*launcher, __file__, *flags, *(["--fsdp2"] if fsdp2 else [])],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "OMP_NUM_THREADS": "1"},
+    ).stdout
+    ranks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return max(ranks, key=lambda row: row["peak_above_start_mb"])
+
+
 def memory_table(steps: int) -> str:
-    rows = {}
-    for release in (False, True):
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure", str(int(release)), "--steps", str(steps)],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)},
-        ).stdout
-        rows[release] = json.loads(out.strip().splitlines()[-1])
-    plain, released = rows[False], rows[True]
-    saving = 1 - released["peak_above_start_mb"] / plain["peak_above_start_mb"]
-    return "\n".join(
-        [
-            f"Peak memory of training steps, {plain['params_m']:.1f}M-parameter MLP, "
-            "core.AdamW fp32",
-            "",
-            "| mode | peak RSS above start (MB) | peak RSS (MB) |",
-            "|---|---:|---:|",
-            *[
-                f"| {mode} | {row['peak_above_start_mb']:.0f} | {row['peak_mb']:.0f} |"
-                for mode, row in (("ordinary", plain), ("gradient release", released))
-            ],
-            "",
-            f"gradient release: {saving:.0%} lower peak",
-        ]
-    )
+    lines = ["| setup | mode | peak RSS above start (MB) | peak RSS (MB) |", "|---|---|---:|---:|"]
+    savings = []
+    params_m = 0.0
+    for setup, fsdp2 in (("one process", False), ("FSDP2, 2 ranks (larger rank)", True)):
+        plain, released = (_measure_in_subprocess(r, steps, fsdp2) for r in (False, True))
+        params_m = plain["params_m"]
+        for mode, row in (("ordinary", plain), ("gradient release", released)):
+            lines.append(
+                f"| {setup} | {mode} | {row['peak_above_start_mb']:.0f} | {row['peak_mb']:.0f} |"
+            )
+        saving = 1 - released["peak_above_start_mb"] / plain["peak_above_start_mb"]
+        savings.append(f"{setup}: gradient release {saving:.0%} lower peak")
+    title = f"Peak memory of training steps, {params_m:.1f}M-parameter MLP, core.AdamW fp32"
+    return "\n".join([title, "", *lines, "", *savings])
 
 
 def accumulation_gap(windows: int, microbatches: int = 4) -> str:
@@ -139,9 +155,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--measure", type=int, choices=[0, 1], help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--fsdp2", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
-        print(json.dumps(measure_peak(bool(args.measure), args.steps)))
+        print(json.dumps(measure_peak(bool(args.measure), args.steps, args.fsdp2)))
         return
     print(memory_table(steps=2 if args.quick else 3))
     print()
