@@ -11,7 +11,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import core
@@ -38,10 +39,17 @@ class GradientRelease(L.Callback):
       equals DDP without release. Gradients stay in DDP's buckets, so this saves no memory
       there; under DDP, accumulate_grad_batches > 1 is exact (DDP skips the all-reduce
       until the last micro-batch). find_unused_parameters=True is refused.
+    - ModelParallelStrategy (FSDP2, data parallel): FSDP2 reduce-scatters each gradient
+      and then runs the sharded parameter's post-accumulate-grad hooks, so core's hooks
+      step every shard with the averaged gradient and free it: equal to training without
+      release, and no rank holds a gradient at the end of backward. Every trainable
+      parameter must be sharded (fully_shard in configure_model); tensor_parallel_size
+      > 1 and accumulate_grad_batches > 1 are refused there (not verified).
     - Refused: gradient clipping (the gradient is applied and freed inside backward;
       ADOPT's own clip=True bounds its update without it), 16-mixed precision (its
       GradScaler unscales and skips steps after backward; use bf16-mixed or bf16-true),
-      manual optimization, and strategies other than single-device and DDP.
+      manual optimization, and strategies other than single-device, DDP and
+      ModelParallelStrategy (FSDPStrategy, DeepSpeed: use ModelParallelStrategy).
     """
 
     def __init__(self) -> None:
@@ -79,16 +87,22 @@ class GradientRelease(L.Callback):
                 "With manual optimization, call core.prepare_for_gradient_release(model, "
                 "optimizer) yourself and drive optimizer accumulation in training_step."
             )
-        if type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy):
+        if type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy):
             raise ValueError(
                 f"Invalid strategy for GradientRelease: {type(trainer.strategy).__name__}. "
-                "Allowed: SingleDeviceStrategy or DDPStrategy ('auto' on one device, 'ddp')."
+                "Allowed: SingleDeviceStrategy, DDPStrategy ('auto' on one device, 'ddp', "
+                "'ddp_spawn') or ModelParallelStrategy (FSDP2 with fully_shard in "
+                "configure_model, which also replaces FSDPStrategy)."
             )
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            _check_model_parallel(trainer.strategy, trainer.accumulate_grad_batches)
 
     # -- switching release on and off ---------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = _single_core_optimizer(trainer.optimizers)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            _check_sharded(pl_module)
         for group in optimizer.param_groups:
             group["gradient_release"] = True
         wrapped = trainer.strategy.model
@@ -145,6 +159,42 @@ def _l2_norm(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
     return torch.linalg.vector_norm(tensor)
+
+
+def _check_model_parallel(strategy: ModelParallelStrategy, accumulate_grad_batches: int) -> None:
+    """Refuse what release under ModelParallelStrategy is not verified to get right."""
+    tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+    if tensor_parallel > 1:
+        raise ValueError(
+            "Invalid tensor_parallel_size for GradientRelease under ModelParallelStrategy: "
+            f"{tensor_parallel}. Allowed: 1 (FSDP2 data parallelism, where release is tested "
+            "equal to training without it). Drop GradientRelease to train tensor-parallel."
+        )
+    if accumulate_grad_batches > 1:
+        raise ValueError(
+            "Invalid accumulate_grad_batches for GradientRelease under ModelParallelStrategy: "
+            f"{accumulate_grad_batches}. Allowed: 1. FSDP2 reduce-scatters every micro-batch, "
+            "so release would fold each one into the moments (optimizer accumulation), which "
+            "is not verified there; drop GradientRelease to accumulate, or use DDP."
+        )
+
+
+def _check_sharded(module: L.LightningModule) -> None:
+    """Under FSDP2 every trainable parameter must be a DTensor shard: a plain one gets its
+    hook on the local gradient, before any reduction (core refuses it too, but only after
+    the optimizer's groups were switched to release)."""
+    plain = [
+        name
+        for name, param in module.named_parameters()
+        if param.requires_grad and not isinstance(param, DTensor)
+    ]
+    if plain:
+        raise ValueError(
+            "Invalid model for GradientRelease under ModelParallelStrategy: "
+            f"{len(plain)} parameter(s) not sharded ({', '.join(plain[:3])}). Allowed: every "
+            "trainable parameter sharded by fully_shard in configure_model (a plain "
+            "parameter's hook sees its local gradient before any reduction)."
+        )
 
 
 def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.AdamFamilyOptimizer:

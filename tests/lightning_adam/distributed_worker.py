@@ -1,0 +1,131 @@
+"""Run by test_distributed.py: Lightning on 2 CPU processes (gloo).
+
+`main`: Lightning's launcher (the first Trainer, strategy="ddp") re-runs this module for
+rank 1; later Trainers and Fabrics join the same process group. Each rank trains every
+run in RUNS (DDP with a sampler, a schedule and GradientRelease), then every cell of
+strategy_cases (Trainer with "ddp" and ModelParallelStrategy, GradientRelease under
+ModelParallelStrategy, Fabric with "ddp" and ModelParallelStrategy), and saves all to
+<out>/rank<r>.pt. `spawn`: "ddp_spawn" fits SPAWN_CELLS (each fit spawns its own two
+processes, so only a few). `refusals`: one process tries the settings GradientRelease
+refuses and prints each error.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.fsdp import fully_shard
+
+from lightning_adam import GradientRelease
+from tests.core.configuration_cases import Cell
+from tests.lightning_adam import strategy_cases
+from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+
+SCHEDULE = {"kind": "cosine", "warmup_steps": 2, "total_steps": 12, "min_lr_ratio": 0.1}
+SAMPLES, EPOCHS, BATCH_PER_RANK = 256, 3, 32
+RUNS = {
+    # name: (optimizer kwargs, gradient release, accumulate_grad_batches). Every optimizer,
+    # backend and dtype is strategy_cases' matrix; these add the DistributedSampler, a
+    # schedule, accumulation and release under DDP.
+    "AdamW": ({"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}, False, 1),
+    "AdamW-release": ({"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}, True, 1),
+    "ADOPT-accumulate": ({"optimizer": "ADOPT", "lr": 1e-2}, False, 2),
+    "ADOPT-accumulate-release": ({"optimizer": "ADOPT", "lr": 1e-2}, True, 2),
+}
+
+
+def main(out: str) -> None:
+    results, rank = {}, 0
+    for name, (kwargs, release, accumulate) in RUNS.items():
+        model = Regression(scheduler=SCHEDULE, **kwargs)
+        trainer = make_trainer(
+            strategy="ddp",
+            devices=2,
+            max_epochs=EPOCHS,
+            accumulate_grad_batches=accumulate,
+            callbacks=[GradientRelease()] if release else [],
+        )
+        trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK))
+        results[name] = [p.detach().clone() for p in model.parameters()]
+        results[f"{name}-steps"] = trainer.global_step
+        rank = trainer.global_rank
+    results["matrix"] = strategy_cases.all_cells()
+    results["fabric_joint_setup_trains"] = strategy_cases.joint_setup_under_model_parallel_fabric()
+    results["tensor_parallel_refusal"] = strategy_cases.tensor_parallel_release_refusal()
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+SPAWN_CELLS = [Cell("AdamW", "default", "fp32"), Cell("ADOPT", "default", "bf16")]
+"""ddp_spawn fits, each with GradientRelease (pickled into the spawned processes with
+the Trainer) and default flags; the math is DDP's, which the matrix covers cell by cell."""
+
+
+def spawn(out: str) -> None:
+    """Each fit spawns 2 processes; rank 0's weights come back into this process's module."""
+    results = {}
+    for cell in SPAWN_CELLS:
+        module = strategy_cases.MatrixModule(cell)
+        trainer = strategy_cases.trainer_for(
+            "ddp_spawn", cell.dtype_name, callbacks=[GradientRelease()]
+        )
+        trainer.fit(module)
+        results[cell.key] = strategy_cases.full_parameters(module.net)
+    torch.save(results, f"{out}/spawn.pt")
+
+
+class CommHook(L.Callback):
+    """Registers DDP's default all-reduce hook, as DDPStrategy(ddp_comm_hook=...) does on GPU
+    (Lightning registers user hooks on CUDA only, so on CPU this callback stands in)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.model.register_comm_hook(None, allreduce_hook)
+
+
+class PartlySharded(strategy_cases.MatrixModule):
+    """Shards the first Linear only: the others stay plain parameters."""
+
+    def configure_model(self) -> None:
+        fully_shard(self.net[0], mesh=self.device_mesh["data_parallel"])
+
+
+def refusals() -> None:
+    """On one process: DDP and ModelParallelStrategy (a 1-rank mesh) settings release refuses."""
+    for strategy, first in ((DDPStrategy(find_unused_parameters=True), []), ("ddp", [CommHook()])):
+        callbacks = [*first, GradientRelease()]
+        trainer = make_trainer(strategy=strategy, devices=1, max_steps=2, callbacks=callbacks)
+        try:
+            trainer.fit(Regression(lr=1e-2), loader(regression_data(64)))
+        except ValueError as error:
+            print(f"refused: {error}")
+    cell = Cell("AdamW", "default", "fp32")
+    for module, accumulate in (
+        (strategy_cases.MatrixModule(cell, sharded=True), 2),
+        (PartlySharded(cell), 1),
+    ):
+        trainer = strategy_cases.trainer_for(
+            ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+            "fp32",
+            devices=1,
+            accumulate_grad_batches=accumulate,
+            callbacks=[GradientRelease()],
+        )
+        try:
+            trainer.fit(module)
+        except ValueError as error:
+            switched = [g["gradient_release"] for o in trainer.optimizers for g in o.param_groups]
+            print(f"refused: {error} | groups switched to release: {any(switched)}")
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", ".*(num_workers|does not have many workers).*")
+    if sys.argv[1] == "--refusals":
+        refusals()
+    elif sys.argv[1] == "--spawn":
+        spawn(sys.argv[2])
+    else:
+        main(sys.argv[1])
