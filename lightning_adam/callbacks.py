@@ -32,19 +32,21 @@ class GradientRelease(L.Callback):
 
     - accumulate_grad_batches > 1 (one process): micro-batches are folded into the
       moments with core's optimizer accumulation (Adam, AdamW, RAdam; m exact, v with
-      the micro-batches' variance, see the README); NAdam, ADOPT and L2 (coupled)
-      weight decay are refused.
+      the micro-batches' variance, see the README); NAdam and ADOPT are refused (L2
+      decay is not: core adds it once per window).
     - DDP: each bucket's parameters are stepped from a DDP communication hook, after that
       bucket's all-reduce, so every replica applies the averaged gradient and the result
       equals DDP without release. Gradients stay in DDP's buckets, so this saves no memory
       there; under DDP, accumulate_grad_batches > 1 is exact (DDP skips the all-reduce
       until the last micro-batch). find_unused_parameters=True is refused.
-    - ModelParallelStrategy (FSDP2, data parallel): FSDP2 reduce-scatters each gradient
-      and then runs the sharded parameter's post-accumulate-grad hooks, so core's hooks
-      step every shard with the averaged gradient and free it: equal to training without
-      release, and no rank holds a gradient at the end of backward. Every trainable
-      parameter must be sharded (fully_shard in configure_model); tensor_parallel_size
-      > 1 and accumulate_grad_batches > 1 are refused there (not verified).
+    - ModelParallelStrategy: FSDP2 reduce-scatters each gradient and then runs the sharded
+      parameter's post-accumulate-grad hooks, and tensor-parallel DTensor parameters get
+      their global gradient from autograd, so core's hooks step every shard with the
+      right gradient and free it: equal to training without release, and no rank holds
+      a gradient at the end of backward. FSDP2 reduce-scatters every micro-batch, so
+      accumulate_grad_batches > 1 folds each averaged micro-batch into the moments, as
+      on one process. Every trainable parameter must be a DTensor (fully_shard or
+      parallelize_module in configure_model); a plain one is refused.
     - Refused: gradient clipping (the gradient is applied and freed inside backward;
       ADOPT's own clip=True bounds its update without it), 16-mixed precision (its
       GradScaler unscales and skips steps after backward; use bf16-mixed or bf16-true),
@@ -94,8 +96,6 @@ class GradientRelease(L.Callback):
                 "'ddp_spawn') or ModelParallelStrategy (FSDP2 with fully_shard in "
                 "configure_model, which also replaces FSDPStrategy)."
             )
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            _check_model_parallel(trainer.strategy, trainer.accumulate_grad_batches)
 
     # -- switching release on and off ---------------------------------------------------------
 
@@ -161,28 +161,10 @@ def _l2_norm(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor)
 
 
-def _check_model_parallel(strategy: ModelParallelStrategy, accumulate_grad_batches: int) -> None:
-    """Refuse what release under ModelParallelStrategy is not verified to get right."""
-    tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
-    if tensor_parallel > 1:
-        raise ValueError(
-            "Invalid tensor_parallel_size for GradientRelease under ModelParallelStrategy: "
-            f"{tensor_parallel}. Allowed: 1 (FSDP2 data parallelism, where release is tested "
-            "equal to training without it). Drop GradientRelease to train tensor-parallel."
-        )
-    if accumulate_grad_batches > 1:
-        raise ValueError(
-            "Invalid accumulate_grad_batches for GradientRelease under ModelParallelStrategy: "
-            f"{accumulate_grad_batches}. Allowed: 1. FSDP2 reduce-scatters every micro-batch, "
-            "so release would fold each one into the moments (optimizer accumulation), which "
-            "is not verified there; drop GradientRelease to accumulate, or use DDP."
-        )
-
-
 def _check_sharded(module: L.LightningModule) -> None:
-    """Under FSDP2 every trainable parameter must be a DTensor shard: a plain one gets its
-    hook on the local gradient, before any reduction (core refuses it too, but only after
-    the optimizer's groups were switched to release)."""
+    """Under ModelParallelStrategy every trainable parameter must be a DTensor: a plain one
+    gets its hook on the local gradient, before any reduction (core refuses it too, but
+    only after the optimizer's groups were switched to release)."""
     plain = [
         name
         for name, param in module.named_parameters()
@@ -192,8 +174,9 @@ def _check_sharded(module: L.LightningModule) -> None:
         raise ValueError(
             "Invalid model for GradientRelease under ModelParallelStrategy: "
             f"{len(plain)} parameter(s) not sharded ({', '.join(plain[:3])}). Allowed: every "
-            "trainable parameter sharded by fully_shard in configure_model (a plain "
-            "parameter's hook sees its local gradient before any reduction)."
+            "trainable parameter a DTensor, by fully_shard or parallelize_module in "
+            "configure_model (a plain parameter's hook sees its local gradient before any "
+            "reduction); or drop GradientRelease."
         )
 
 

@@ -4,7 +4,8 @@
 rank 1; later Trainers and Fabrics join the same process group. Each rank trains every
 run in RUNS (DDP with a sampler, a schedule and GradientRelease), then every cell of
 strategy_cases (Trainer with "ddp" and ModelParallelStrategy, GradientRelease under
-ModelParallelStrategy, Fabric with "ddp" and ModelParallelStrategy), and saves all to
+ModelParallelStrategy with FSDP2, accumulation and tensor parallelism, Fabric with "ddp"
+and ModelParallelStrategy), and saves all to
 <out>/rank<r>.pt. `spawn`: "ddp_spawn" fits SPAWN_CELLS (each fit spawns its own two
 processes, so only a few). `refusals`: one process tries the settings GradientRelease
 refuses and prints each error.
@@ -56,7 +57,6 @@ def main(out: str) -> None:
         rank = trainer.global_rank
     results["matrix"] = strategy_cases.all_cells()
     results["fabric_joint_setup_trains"] = strategy_cases.joint_setup_under_model_parallel_fabric()
-    results["tensor_parallel_refusal"] = strategy_cases.tensor_parallel_release_refusal()
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -69,12 +69,7 @@ def spawn(out: str) -> None:
     """Each fit spawns 2 processes; rank 0's weights come back into this process's module."""
     results = {}
     for cell in SPAWN_CELLS:
-        module = strategy_cases.MatrixModule(cell)
-        trainer = strategy_cases.trainer_for(
-            "ddp_spawn", cell.dtype_name, callbacks=[GradientRelease()]
-        )
-        trainer.fit(module)
-        results[cell.key] = strategy_cases.full_parameters(module.net)
+        results[cell.key] = strategy_cases.fit_cell(cell, "ddp_spawn", release=True)["params"]
     torch.save(results, f"{out}/spawn.pt")
 
 
@@ -94,7 +89,8 @@ class PartlySharded(strategy_cases.MatrixModule):
 
 
 def refusals() -> None:
-    """On one process: DDP and ModelParallelStrategy (a 1-rank mesh) settings release refuses."""
+    """On one process: the DDP settings release refuses, and a partly sharded model under
+    ModelParallelStrategy (a one-rank mesh)."""
     for strategy, first in ((DDPStrategy(find_unused_parameters=True), []), ("ddp", [CommHook()])):
         callbacks = [*first, GradientRelease()]
         trainer = make_trainer(strategy=strategy, devices=1, max_steps=2, callbacks=callbacks)
@@ -102,23 +98,17 @@ def refusals() -> None:
             trainer.fit(Regression(lr=1e-2), loader(regression_data(64)))
         except ValueError as error:
             print(f"refused: {error}")
-    cell = Cell("AdamW", "default", "fp32")
-    for module, accumulate in (
-        (strategy_cases.MatrixModule(cell, sharded=True), 2),
-        (PartlySharded(cell), 1),
-    ):
-        trainer = strategy_cases.trainer_for(
-            ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-            "fp32",
-            devices=1,
-            accumulate_grad_batches=accumulate,
-            callbacks=[GradientRelease()],
-        )
-        try:
-            trainer.fit(module)
-        except ValueError as error:
-            switched = [g["gradient_release"] for o in trainer.optimizers for g in o.param_groups]
-            print(f"refused: {error} | groups switched to release: {any(switched)}")
+    trainer = strategy_cases.trainer_for(
+        ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        "fp32",
+        devices=1,
+        callbacks=[GradientRelease()],
+    )
+    try:
+        trainer.fit(PartlySharded(Cell("AdamW", "default", "fp32")))
+    except ValueError as error:
+        switched = [g["gradient_release"] for g in trainer.optimizers[0].param_groups]
+        print(f"refused: {error} | groups switched to release: {any(switched)}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.data import DataLoader
 
 from lightning_adam import GradientRelease
@@ -38,6 +39,12 @@ PRECISIONS = {"fp32": "32-true", "bf16": "bf16-true"}
 CELLS = [Cell(o, b, d) for o in OPTIMIZERS for b in BACKENDS for d in DTYPES]
 RELEASE_CELLS = [Cell(o, "default", d) for o in OPTIMIZERS for d in DTYPES]
 """GradientRelease under ModelParallelStrategy: every optimizer, default flags, both dtypes."""
+ACCUMULATE = 2
+RELEASE_ACCUMULATE_CELLS = [Cell(o, "default", "fp32") for o in ("Adam", "AdamW", "RAdam")]
+"""Release with accumulate_grad_batches=ACCUMULATE under ModelParallelStrategy: the
+optimizers whose optimizer accumulation folds micro-batches into the moments."""
+TENSOR_PARALLEL_CELLS = [Cell("AdamW", "default", d) for d in DTYPES]
+"""Tensor parallelism (ModelParallelStrategy(1, 2)), with and without release."""
 
 
 def rank_batch(index: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,20 +71,35 @@ def full_parameters(model: nn.Module) -> list[torch.Tensor]:
 
 
 class MatrixModule(L.LightningModule):
-    """configuration_cases' model and optimizer for one cell, as a LightningModule."""
+    """configuration_cases' model and optimizer for one cell, as a LightningModule.
 
-    def __init__(self, cell: Cell, sharded: bool = False) -> None:
+    layout: "replicated" (one process, DDP), "fsdp2" (fully_shard over the data-parallel
+    mesh) or "tensor_parallel" (Colwise then Rowwise, as configuration_worker; every rank
+    sees the whole batch).
+    """
+
+    def __init__(self, cell: Cell, layout: str = "replicated") -> None:
         super().__init__()
-        self.cell, self.sharded = cell, sharded
+        self.cell, self.layout = cell, layout
         self.net = make_model()
         self.gradient_bytes_after_backward: list[int] = []
 
     def configure_model(self) -> None:
-        if self.sharded:
+        if self.layout == "fsdp2":
             shard(self.net, self.device_mesh["data_parallel"])
+        elif self.layout == "tensor_parallel":
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """This rank's index among the ranks that split the batch, and their count."""
+        if self.layout == "replicated":
+            return self.global_rank, self.trainer.world_size
+        mesh = self.device_mesh["data_parallel"]
+        return mesh.get_local_rank(), mesh.size()
 
     def training_step(self, index: torch.Tensor, batch_index: int) -> torch.Tensor:
-        x, y = rank_batch(int(index), self.global_rank, self.trainer.world_size)
+        x, y = rank_batch(int(index), *self._data_parallel())
         warmup(self.trainer.optimizers[0], int(index))  # before backward: release steps in it
         return nn.functional.mse_loss(self.net(x.to(self.cell.dtype)).float(), y)
 
@@ -119,17 +141,31 @@ def trainer_for(strategy: Any, dtype_name: str, **overrides: Any) -> L.Trainer:
     return L.Trainer(**{**settings, **overrides})
 
 
-def model_parallel() -> ModelParallelStrategy:
-    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+def _model_parallel(data: int, tensor: int) -> ModelParallelStrategy:
+    return ModelParallelStrategy(data_parallel_size=data, tensor_parallel_size=tensor)
 
 
-def fit_cell(cell: Cell, strategy: str, release: bool = False) -> dict[str, Any]:
-    """One Trainer.fit of cell under strategy ('ddp' or 'model_parallel')."""
-    sharded = strategy == "model_parallel"
-    module = MatrixModule(cell, sharded=sharded)
+STRATEGIES: dict[str, tuple[Any, str]] = {
+    # name: (the Trainer's strategy, the module's layout)
+    "single": ("auto", "replicated"),
+    "ddp": ("ddp", "replicated"),
+    "ddp_spawn": ("ddp_spawn", "replicated"),
+    "model_parallel": (lambda: _model_parallel(data=2, tensor=1), "fsdp2"),
+    "tensor_parallel": (lambda: _model_parallel(data=1, tensor=2), "tensor_parallel"),
+}
+
+
+def fit_cell(
+    cell: Cell, strategy: str, release: bool = False, accumulate: int = 1
+) -> dict[str, Any]:
+    """One Trainer.fit of cell under a strategy of STRATEGIES."""
+    chosen, layout = STRATEGIES[strategy]
+    module = MatrixModule(cell, layout)
     trainer = trainer_for(
-        model_parallel() if sharded else strategy,
+        chosen() if callable(chosen) else chosen,
         cell.dtype_name,
+        devices=1 if strategy == "single" else 2,
+        accumulate_grad_batches=accumulate,
         callbacks=[GradientRelease()] if release else [],
     )
     trainer.fit(module)
@@ -186,6 +222,14 @@ def all_cells() -> dict[tuple[str, ...], dict[str, Any]]:
         results[("trainer_model_parallel_release", *cell.key)] = fit_cell(
             cell, "model_parallel", release=True
         )
+    for cell in RELEASE_ACCUMULATE_CELLS:
+        results[("trainer_model_parallel_release_accumulate", *cell.key)] = fit_cell(
+            cell, "model_parallel", release=True, accumulate=ACCUMULATE
+        )
+    for cell in TENSOR_PARALLEL_CELLS:
+        for release in (False, True):
+            name = "trainer_tensor_parallel" + ("_release" if release else "")
+            results[(name, *cell.key)] = fit_cell(cell, "tensor_parallel", release=release)
     for strategy in ("ddp", "model_parallel"):
         for dtype_name in DTYPES:  # one Fabric per precision; the process group is shared
             fabric = make_fabric(strategy, dtype_name)
@@ -209,17 +253,3 @@ def joint_setup_under_model_parallel_fabric() -> bool:
     fabric.backward(nn.functional.mse_loss(model(x), y))
     optimizer.step()
     return any(not torch.equal(a, b) for a, b in zip(before, full_parameters(model), strict=True))
-
-
-def tensor_parallel_release_refusal() -> str:
-    """GradientRelease with tensor_parallel_size=2 (needs 2 processes): the error raised."""
-    trainer = trainer_for(
-        ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
-        "fp32",
-        callbacks=[GradientRelease()],
-    )
-    try:
-        trainer.fit(MatrixModule(Cell("AdamW", "default", "fp32")))
-    except ValueError as error:
-        return str(error)
-    return "not refused"
