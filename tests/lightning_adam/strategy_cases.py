@@ -158,13 +158,14 @@ STRATEGIES: dict[str, tuple[Any, str]] = {
 def fit_cell(
     cell: Cell, strategy: str, release: bool = False, accumulate: int = 1
 ) -> dict[str, Any]:
-    """One Trainer.fit of cell under a strategy of STRATEGIES."""
+    """One Trainer.fit of cell under a strategy of STRATEGIES: one pass over the batches."""
     chosen, layout = STRATEGIES[strategy]
     module = MatrixModule(cell, layout)
     trainer = trainer_for(
         chosen() if callable(chosen) else chosen,
         cell.dtype_name,
         devices=1 if strategy == "single" else 2,
+        max_steps=STEPS // accumulate,
         accumulate_grad_batches=accumulate,
         callbacks=[GradientRelease()] if release else [],
     )

@@ -1,9 +1,10 @@
 """Lightning on 2 CPU processes (gloo): the configuration matrix (every optimizer x backend
 {default, fused, foreach, loop} x {fp32, bf16-true + Kahan}) under the Trainer with "ddp"
 and ModelParallelStrategy (FSDP2) and under Fabric with "ddp" and ModelParallelStrategy,
-each cell equal to one process running the loop backend; GradientRelease under
-ModelParallelStrategy equal to training without it, holding no gradient after backward;
-"ddp_spawn"; DDP with a sampler, schedule, accumulation and release; and the refusals.
+each cell equal to one process running the loop backend; GradientRelease under FSDP2
+(also with accumulation) and tensor parallelism, equal to training without it and
+holding no gradient after backward; "ddp_spawn"; DDP with a sampler, schedule,
+accumulation and release; and the refusals.
 
 One Lightning launch trains every run and cell (distributed_worker.py); "ddp_spawn" has
 its own, since every fit spawns its processes. fp32 cells agree within 1e-6; bf16 cells
@@ -145,7 +146,7 @@ def assert_cell_near_one_process(
     """fp32: within 1e-6 of one process; bf16: within one ulp per step of this
     configuration's loop-backend run, and near one process (ulps at no less than lr: two
     ranks reduce bf16 gradients, which perturbs each update of size ~lr by a rounding)."""
-    one_process = reference("lightning", optimizer, dtype_name)
+    one_process = reference("lightning", optimizer, dtype_name)  # trains GLOBAL_BATCHES
     if dtype_name == "fp32":
         for got, want in zip(result, one_process, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
@@ -162,16 +163,12 @@ def assert_cell_near_one_process(
 def test_cell_equals_one_process_loop(
     ranks: list[dict], configuration: str, optimizer: str, backend: str, dtype_name: str
 ) -> None:
-    cells = [rank["matrix"] for rank in ranks]
-    result = cells[0][(configuration, optimizer, backend, dtype_name)]
+    key = (configuration, optimizer, backend, dtype_name)
+    result, other_rank = (rank["matrix"][key] for rank in ranks)
     assert result["steps"] == STEPS_PER_CELL
-    for a, b in zip(
-        result["params"],
-        cells[1][(configuration, optimizer, backend, dtype_name)]["params"],
-        strict=True,
-    ):
+    for a, b in zip(result["params"], other_rank["params"], strict=True):
         assert torch.equal(a, b), "the ranks' (gathered) parameters differ"
-    own_loop = cells[0][(configuration, optimizer, "loop", dtype_name)]["params"]
+    own_loop = ranks[0]["matrix"][(configuration, optimizer, "loop", dtype_name)]["params"]
     assert_cell_near_one_process(result["params"], own_loop, optimizer, dtype_name)
 
 
@@ -246,7 +243,8 @@ def test_release_with_accumulation_under_model_parallel_equals_one_process(
         release=True,
         accumulate=ACCUMULATE,
     )
-    assert released["steps"] == one_process["steps"] == STEPS_PER_CELL
+    assert released["steps"] == one_process["steps"] == STEPS_PER_CELL // ACCUMULATE
+    assert released["gradient_bytes"] == [0] * STEPS_PER_CELL
     for got, want in zip(released["params"], one_process["params"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
