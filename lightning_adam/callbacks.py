@@ -11,7 +11,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -270,6 +275,10 @@ class OptimizerMonitor(L.Callback):
     last micro-batch's gradient, the one stepped with). With an optimizer that is not an
     adamkit one, only the param and grad norms are logged.
 
+    Refused under ModelParallelStrategy and FSDPStrategy: their parameters are shards, whose
+    norms need every rank, while this callback computes on global rank zero only (under
+    ModelParallelStrategy that deadlocks rank zero in the first DTensor norm).
+
     Args:
         every_n_steps: Log every this many optimizer steps; None uses the Trainer's
             log_every_n_steps.
@@ -290,6 +299,15 @@ class OptimizerMonitor(L.Callback):
         self._grad_norms: dict[torch.Tensor, torch.Tensor] = {}
         self._recording = False
         self._steps_before_batch = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+            raise ValueError(
+                f"Invalid strategy for OptimizerMonitor: {type(trainer.strategy).__name__}. "
+                "Allowed: single-device or DDP strategies ('auto', 'ddp', 'ddp_spawn'). Sharded "
+                "parameters' norms need every rank, and OptimizerMonitor computes them on "
+                "global rank zero only; drop OptimizerMonitor under sharded strategies."
+            )
 
     def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
         """Take each gradient's norm as it completes (GradientRelease calls this)."""

@@ -3,12 +3,9 @@
 `main`: Lightning's launcher (the first Trainer, strategy="ddp") re-runs this module for
 rank 1; later Trainers and Fabrics join the same process group. Each rank trains every
 run in RUNS (DDP with a sampler, a schedule and GradientRelease), then every cell of
-strategy_cases (Trainer with "ddp" and ModelParallelStrategy, GradientRelease under
-ModelParallelStrategy with FSDP2, accumulation and tensor parallelism, Fabric with "ddp"
-and ModelParallelStrategy), and saves all to
-<out>/rank<r>.pt. `spawn`: "ddp_spawn" fits SPAWN_CELLS (each fit spawns its own two
-processes, so only a few). `refusals`: one process tries the settings GradientRelease
-refuses and prints each error.
+strategy_cases.all_cells, and saves all to <out>/rank<r>.pt. `spawn`: "ddp_spawn" fits
+SPAWN_CELLS (each fit spawns its own two processes, so only a few). `refusals`: one
+process tries the settings GradientRelease refuses and prints each error.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.fsdp import fully_shard
 
-from lightning_adam import GradientRelease
+from lightning_adam import GradientRelease, OptimizerMonitor
 from tests.core.configuration_cases import Cell
 from tests.lightning_adam import strategy_cases
 from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
@@ -89,8 +86,8 @@ class PartlySharded(strategy_cases.MatrixModule):
 
 
 def refusals() -> None:
-    """On one process: the DDP settings release refuses, and a partly sharded model under
-    ModelParallelStrategy (a one-rank mesh)."""
+    """On one process: the DDP settings release refuses, a partly sharded model under
+    ModelParallelStrategy (a one-rank mesh) with release, and OptimizerMonitor there."""
     for strategy, first in ((DDPStrategy(find_unused_parameters=True), []), ("ddp", [CommHook()])):
         callbacks = [*first, GradientRelease()]
         trainer = make_trainer(strategy=strategy, devices=1, max_steps=2, callbacks=callbacks)
@@ -109,6 +106,22 @@ def refusals() -> None:
     except ValueError as error:
         switched = [g["gradient_release"] for g in trainer.optimizers[0].param_groups]
         print(f"refused: {error} | groups switched to release: {any(switched)}")
+    module = strategy_cases.MatrixModule(Cell("AdamW", "default", "fp32"), "fsdp2")
+    before = strategy_cases.full_parameters(module.net)
+    trainer = strategy_cases.trainer_for(
+        ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        "fp32",
+        devices=1,
+        callbacks=[OptimizerMonitor(every_n_steps=1)],
+    )
+    try:
+        trainer.fit(module)
+    except ValueError as error:
+        unchanged = all(
+            torch.equal(a, b)
+            for a, b in zip(before, strategy_cases.full_parameters(module.net), strict=True)
+        )
+        print(f"refused: {error} | parameters unchanged: {unchanged}")
 
 
 if __name__ == "__main__":

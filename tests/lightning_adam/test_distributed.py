@@ -119,11 +119,13 @@ def test_ddp_release_equals_ddp_without_release(ranks: list[dict]) -> None:
 
 
 @pytest.mark.bad_input
-def test_settings_release_cannot_follow_are_refused() -> None:
+def test_settings_the_callbacks_cannot_follow_are_refused() -> None:
     """DDP settings, and ModelParallelStrategy settings (on a one-rank mesh), refused before
-    the optimizer's groups are switched to release."""
+    the optimizer's groups are switched to release; OptimizerMonitor under
+    ModelParallelStrategy (on 2 ranks it deadlocked: rank zero alone took DTensor norms),
+    refused before training."""
     refused = [line for line in _run_script("--refusals").stdout.splitlines() if "refused" in line]
-    assert len(refused) == 3, refused
+    assert len(refused) == 4, refused
     assert "Invalid find_unused_parameters for GradientRelease under DDP: True." in refused[0]
     assert (
         "Invalid DDP setup for GradientRelease: the model already has a communication"
@@ -135,6 +137,11 @@ def test_settings_release_cannot_follow_are_refused() -> None:
         "by fully_shard or parallelize_module in configure_model" in refused[2]
     )
     assert refused[2].endswith("groups switched to release: False")
+    assert refused[3].startswith(
+        "refused: Invalid strategy for OptimizerMonitor: ModelParallelStrategy. Allowed: "
+        "single-device or DDP strategies"
+    )
+    assert refused[3].endswith("parameters unchanged: True")
 
 
 MATRIX = ("trainer_ddp", "trainer_model_parallel", "fabric_ddp", "fabric_model_parallel")
