@@ -26,30 +26,42 @@ from tests.lightning_adam.models import Regression, loader, make_trainer, regres
 
 SCHEDULE = {"kind": "cosine", "warmup_steps": 2, "total_steps": 12, "min_lr_ratio": 0.1}
 SAMPLES, EPOCHS, BATCH_PER_RANK = 256, 3, 32
+ADAMW = {"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}
 RUNS = {
-    # name: (optimizer kwargs, gradient release, accumulate_grad_batches). Every optimizer,
-    # backend and dtype is strategy_cases' matrix; these add the DistributedSampler, a
-    # schedule, accumulation and release under DDP.
-    "AdamW": ({"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}, False, 1),
-    "AdamW-release": ({"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}, True, 1),
-    "ADOPT-accumulate": ({"optimizer": "ADOPT", "lr": 1e-2}, False, 2),
-    "ADOPT-accumulate-release": ({"optimizer": "ADOPT", "lr": 1e-2}, True, 2),
+    # name: (optimizer kwargs, gradient release, accumulate_grad_batches, strategy). Every
+    # optimizer, backend and dtype is strategy_cases' matrix; these add
+    # lightning_adam.configure_optimizers (decay and no-decay groups, a schedule), the
+    # DistributedSampler, accumulation and release under DDP and ModelParallelStrategy.
+    "AdamW": (ADAMW, False, 1, "ddp"),
+    "AdamW-release": (ADAMW, True, 1, "ddp"),
+    "ADOPT-accumulate": ({"optimizer": "ADOPT", "lr": 1e-2}, False, 2, "ddp"),
+    "ADOPT-accumulate-release": ({"optimizer": "ADOPT", "lr": 1e-2}, True, 2, "ddp"),
+    "AdamW-model-parallel": (ADAMW, False, 1, "model_parallel"),
+    "AdamW-model-parallel-release": (ADAMW, True, 1, "model_parallel"),
 }
+
+
+class ShardedRegression(Regression):
+    """Regression with each Linear and the whole net sharded (FSDP2)."""
+
+    def configure_model(self) -> None:
+        strategy_cases.shard(self.net, self.device_mesh["data_parallel"])
 
 
 def main(out: str) -> None:
     results, rank = {}, 0
-    for name, (kwargs, release, accumulate) in RUNS.items():
-        model = Regression(scheduler=SCHEDULE, **kwargs)
+    for name, (kwargs, release, accumulate, strategy) in RUNS.items():
+        sharded = strategy == "model_parallel"
+        model = (ShardedRegression if sharded else Regression)(scheduler=SCHEDULE, **kwargs)
         trainer = make_trainer(
-            strategy="ddp",
+            strategy=strategy_cases.model_parallel(data=2, tensor=1) if sharded else strategy,
             devices=2,
             max_epochs=EPOCHS,
             accumulate_grad_batches=accumulate,
             callbacks=[GradientRelease()] if release else [],
         )
         trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK))
-        results[name] = [p.detach().clone() for p in model.parameters()]
+        results[name] = strategy_cases.full_parameters(model)
         results[f"{name}-steps"] = trainer.global_step
         rank = trainer.global_rank
     results["matrix"] = strategy_cases.all_cells()

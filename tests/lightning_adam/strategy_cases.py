@@ -141,7 +141,7 @@ def trainer_for(strategy: Any, dtype_name: str, **overrides: Any) -> L.Trainer:
     return L.Trainer(**{**settings, **overrides})
 
 
-def _model_parallel(data: int, tensor: int) -> ModelParallelStrategy:
+def model_parallel(data: int, tensor: int) -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=data, tensor_parallel_size=tensor)
 
 
@@ -150,8 +150,8 @@ STRATEGIES: dict[str, tuple[Any, str]] = {
     "single": ("auto", "replicated"),
     "ddp": ("ddp", "replicated"),
     "ddp_spawn": ("ddp_spawn", "replicated"),
-    "model_parallel": (lambda: _model_parallel(data=2, tensor=1), "fsdp2"),
-    "tensor_parallel": (lambda: _model_parallel(data=1, tensor=2), "tensor_parallel"),
+    "model_parallel": (lambda: model_parallel(data=2, tensor=1), "fsdp2"),
+    "tensor_parallel": (lambda: model_parallel(data=1, tensor=2), "tensor_parallel"),
 }
 
 

@@ -70,7 +70,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def test_every_run_keeps_the_replicas_identical(ranks: list[dict]) -> None:
     initial = parameters_of(Regression())
-    for name, (_, _, accumulate) in RUNS.items():
+    for name, (_, _, accumulate, _) in RUNS.items():
         assert ranks[0][f"{name}-steps"] == ranks[1][f"{name}-steps"] == STEPS // accumulate
         for a, b in zip(ranks[0][name], ranks[1][name], strict=True):
             assert torch.equal(a, b), f"{name}: replicas differ"
@@ -97,11 +97,14 @@ def _global_batches() -> list[list[int]]:
     return batches
 
 
-def test_ddp_equals_one_process_with_the_same_global_batch(ranks: list[dict]) -> None:
-    """One process takes each step on the 64 samples the two replicas shared (DDP averages
-    their gradients, a mean over 32 each): the same parameters to float32 rounding."""
-    name = "AdamW"
-    model = Regression(scheduler=SCHEDULE, **RUNS[name][0])
+@pytest.mark.parametrize("name", ["AdamW", "AdamW-model-parallel"])
+def test_ddp_and_fsdp2_equal_one_process_with_the_same_global_batch(
+    name: str, ranks: list[dict]
+) -> None:
+    """One process takes each step on the 64 samples the two ranks shared (DDP and FSDP2
+    average their gradients, a mean over 32 each): the same parameters to float32
+    rounding, with configure_optimizers' groups and schedule and Lightning's sampler."""
+    model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0])
     trainer = make_trainer(max_epochs=1)  # the three epochs' batches in one
     trainer.fit(model, DataLoader(regression_data(SAMPLES), batch_sampler=_global_batches()))
     assert trainer.global_step == STEPS
@@ -109,10 +112,11 @@ def test_ddp_equals_one_process_with_the_same_global_batch(ranks: list[dict]) ->
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
 
 
-def test_ddp_release_equals_ddp_without_release(ranks: list[dict]) -> None:
+def test_release_equals_training_without_release(ranks: list[dict]) -> None:
     for ordinary, released in (
         ("AdamW", "AdamW-release"),
         ("ADOPT-accumulate", "ADOPT-accumulate-release"),
+        ("AdamW-model-parallel", "AdamW-model-parallel-release"),
     ):
         for a, b in zip(ranks[0][ordinary], ranks[0][released], strict=True):
             assert torch.equal(a, b), f"{released} differs from {ordinary}"
