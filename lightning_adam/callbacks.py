@@ -11,7 +11,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import core
@@ -31,17 +37,26 @@ class GradientRelease(L.Callback):
 
     - accumulate_grad_batches > 1 (one process): micro-batches are folded into the
       moments with core's optimizer accumulation (Adam, AdamW, RAdam; m exact, v with
-      the micro-batches' variance, see the README); NAdam, ADOPT and L2 (coupled)
-      weight decay are refused.
+      the micro-batches' variance, see the README); NAdam and ADOPT are refused (L2
+      decay is not: core adds it once per window).
     - DDP: each bucket's parameters are stepped from a DDP communication hook, after that
       bucket's all-reduce, so every replica applies the averaged gradient and the result
       equals DDP without release. Gradients stay in DDP's buckets, so this saves no memory
       there; under DDP, accumulate_grad_batches > 1 is exact (DDP skips the all-reduce
       until the last micro-batch). find_unused_parameters=True is refused.
+    - ModelParallelStrategy: FSDP2 reduce-scatters each gradient and then runs the sharded
+      parameter's post-accumulate-grad hooks, and tensor-parallel DTensor parameters get
+      their global gradient from autograd, so core's hooks step every shard with the
+      right gradient and free it: equal to training without release, and no rank holds
+      a gradient at the end of backward. FSDP2 reduce-scatters every micro-batch, so
+      accumulate_grad_batches > 1 folds each averaged micro-batch into the moments, as
+      on one process. Every trainable parameter must be a DTensor (fully_shard or
+      parallelize_module in configure_model); a plain one is refused.
     - Refused: gradient clipping (the gradient is applied and freed inside backward;
       ADOPT's own clip=True bounds its update without it), 16-mixed precision (its
       GradScaler unscales and skips steps after backward; use bf16-mixed or bf16-true),
-      manual optimization, and strategies other than single-device and DDP.
+      manual optimization, and strategies other than single-device, DDP and
+      ModelParallelStrategy (FSDPStrategy, DeepSpeed: use ModelParallelStrategy).
     """
 
     def __init__(self) -> None:
@@ -79,16 +94,20 @@ class GradientRelease(L.Callback):
                 "With manual optimization, call core.prepare_for_gradient_release(model, "
                 "optimizer) yourself and drive optimizer accumulation in training_step."
             )
-        if type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy):
+        if type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy):
             raise ValueError(
                 f"Invalid strategy for GradientRelease: {type(trainer.strategy).__name__}. "
-                "Allowed: SingleDeviceStrategy or DDPStrategy ('auto' on one device, 'ddp')."
+                "Allowed: SingleDeviceStrategy, DDPStrategy ('auto' on one device, 'ddp', "
+                "'ddp_spawn') or ModelParallelStrategy (FSDP2 with fully_shard in "
+                "configure_model, which also replaces FSDPStrategy)."
             )
 
     # -- switching release on and off ---------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = _single_core_optimizer(trainer.optimizers)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            _check_sharded(pl_module)
         for group in optimizer.param_groups:
             group["gradient_release"] = True
         wrapped = trainer.strategy.model
@@ -145,6 +164,25 @@ def _l2_norm(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
     return torch.linalg.vector_norm(tensor)
+
+
+def _check_sharded(module: L.LightningModule) -> None:
+    """Under ModelParallelStrategy every trainable parameter must be a DTensor: a plain one
+    gets its hook on the local gradient, before any reduction (core refuses it too, but
+    only after the optimizer's groups were switched to release)."""
+    plain = [
+        name
+        for name, param in module.named_parameters()
+        if param.requires_grad and not isinstance(param, DTensor)
+    ]
+    if plain:
+        raise ValueError(
+            "Invalid model for GradientRelease under ModelParallelStrategy: "
+            f"{len(plain)} parameter(s) not sharded ({', '.join(plain[:3])}). Allowed: every "
+            "trainable parameter a DTensor, by fully_shard or parallelize_module in "
+            "configure_model (a plain parameter's hook sees its local gradient before any "
+            "reduction); or drop GradientRelease."
+        )
 
 
 def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.AdamFamilyOptimizer:
@@ -237,6 +275,10 @@ class OptimizerMonitor(L.Callback):
     last micro-batch's gradient, the one stepped with). With an optimizer that is not an
     adamkit one, only the param and grad norms are logged.
 
+    Refused under ModelParallelStrategy and FSDPStrategy: their parameters are shards, whose
+    norms need every rank, while this callback computes on global rank zero only (under
+    ModelParallelStrategy that deadlocks rank zero in the first DTensor norm).
+
     Args:
         every_n_steps: Log every this many optimizer steps; None uses the Trainer's
             log_every_n_steps.
@@ -257,6 +299,15 @@ class OptimizerMonitor(L.Callback):
         self._grad_norms: dict[torch.Tensor, torch.Tensor] = {}
         self._recording = False
         self._steps_before_batch = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+            raise ValueError(
+                f"Invalid strategy for OptimizerMonitor: {type(trainer.strategy).__name__}. "
+                "Allowed: single-device or DDP strategies ('auto', 'ddp', 'ddp_spawn'). Sharded "
+                "parameters' norms need every rank, and OptimizerMonitor computes them on "
+                "global rank zero only; drop OptimizerMonitor under sharded strategies."
+            )
 
     def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
         """Take each gradient's norm as it completes (GradientRelease calls this)."""

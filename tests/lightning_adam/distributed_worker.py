@@ -1,0 +1,146 @@
+"""Run by test_distributed.py: Lightning on 2 CPU processes (gloo).
+
+`main`: Lightning's launcher (the first Trainer, strategy="ddp") re-runs this module for
+rank 1; later Trainers and Fabrics join the same process group. Each rank trains every
+run in RUNS (DDP with a sampler, a schedule and GradientRelease), then every cell of
+strategy_cases.all_cells, and saves all to <out>/rank<r>.pt. `spawn`: "ddp_spawn" fits
+SPAWN_CELLS (each fit spawns its own two processes, so only a few). `refusals`: one
+process tries the settings GradientRelease refuses and prints each error.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.fsdp import fully_shard
+
+from lightning_adam import GradientRelease, OptimizerMonitor
+from tests.core.configuration_cases import Cell
+from tests.lightning_adam import strategy_cases
+from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+
+SCHEDULE = {"kind": "cosine", "warmup_steps": 2, "total_steps": 12, "min_lr_ratio": 0.1}
+SAMPLES, EPOCHS, BATCH_PER_RANK = 256, 3, 32
+ADAMW = {"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}
+RUNS = {
+    # name: (optimizer kwargs, gradient release, accumulate_grad_batches, strategy). Every
+    # optimizer, backend and dtype is strategy_cases' matrix; these add
+    # lightning_adam.configure_optimizers (decay and no-decay groups, a schedule), the
+    # DistributedSampler, accumulation and release under DDP and ModelParallelStrategy.
+    "AdamW": (ADAMW, False, 1, "ddp"),
+    "AdamW-release": (ADAMW, True, 1, "ddp"),
+    "ADOPT-accumulate": ({"optimizer": "ADOPT", "lr": 1e-2}, False, 2, "ddp"),
+    "ADOPT-accumulate-release": ({"optimizer": "ADOPT", "lr": 1e-2}, True, 2, "ddp"),
+    "AdamW-model-parallel": (ADAMW, False, 1, "model_parallel"),
+    "AdamW-model-parallel-release": (ADAMW, True, 1, "model_parallel"),
+}
+
+
+class ShardedRegression(Regression):
+    """Regression with each Linear and the whole net sharded (FSDP2)."""
+
+    def configure_model(self) -> None:
+        strategy_cases.shard(self.net, self.device_mesh["data_parallel"])
+
+
+def main(out: str) -> None:
+    results, rank = {}, 0
+    for name, (kwargs, release, accumulate, strategy) in RUNS.items():
+        sharded = strategy == "model_parallel"
+        model = (ShardedRegression if sharded else Regression)(scheduler=SCHEDULE, **kwargs)
+        trainer = make_trainer(
+            strategy=strategy_cases.model_parallel(data=2, tensor=1) if sharded else strategy,
+            devices=2,
+            max_epochs=EPOCHS,
+            accumulate_grad_batches=accumulate,
+            callbacks=[GradientRelease()] if release else [],
+        )
+        trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK))
+        results[name] = strategy_cases.full_parameters(model)
+        results[f"{name}-steps"] = trainer.global_step
+        rank = trainer.global_rank
+    results["matrix"] = strategy_cases.all_cells()
+    results["fabric_joint_setup_trains"] = strategy_cases.joint_setup_under_model_parallel_fabric()
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+SPAWN_CELLS = [Cell("AdamW", "default", "fp32"), Cell("ADOPT", "default", "bf16")]
+"""ddp_spawn fits, each with GradientRelease (pickled into the spawned processes with
+the Trainer) and default flags; the math is DDP's, which the matrix covers cell by cell."""
+
+
+def spawn(out: str) -> None:
+    """Each fit spawns 2 processes; rank 0's weights come back into this process's module."""
+    results = {}
+    for cell in SPAWN_CELLS:
+        results[cell.key] = strategy_cases.fit_cell(cell, "ddp_spawn", release=True)["params"]
+    torch.save(results, f"{out}/spawn.pt")
+
+
+class CommHook(L.Callback):
+    """Registers DDP's default all-reduce hook, as DDPStrategy(ddp_comm_hook=...) does on GPU
+    (Lightning registers user hooks on CUDA only, so on CPU this callback stands in)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.model.register_comm_hook(None, allreduce_hook)
+
+
+class PartlySharded(strategy_cases.MatrixModule):
+    """Shards the first Linear only: the others stay plain parameters."""
+
+    def configure_model(self) -> None:
+        fully_shard(self.net[0], mesh=self.device_mesh["data_parallel"])
+
+
+def refusals() -> None:
+    """On one process: the DDP settings release refuses, a partly sharded model under
+    ModelParallelStrategy (a one-rank mesh) with release, and OptimizerMonitor there."""
+    for strategy, first in ((DDPStrategy(find_unused_parameters=True), []), ("ddp", [CommHook()])):
+        callbacks = [*first, GradientRelease()]
+        trainer = make_trainer(strategy=strategy, devices=1, max_steps=2, callbacks=callbacks)
+        try:
+            trainer.fit(Regression(lr=1e-2), loader(regression_data(64)))
+        except ValueError as error:
+            print(f"refused: {error}")
+    trainer = strategy_cases.trainer_for(
+        ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        "fp32",
+        devices=1,
+        callbacks=[GradientRelease()],
+    )
+    try:
+        trainer.fit(PartlySharded(Cell("AdamW", "default", "fp32")))
+    except ValueError as error:
+        switched = [g["gradient_release"] for g in trainer.optimizers[0].param_groups]
+        print(f"refused: {error} | groups switched to release: {any(switched)}")
+    module = strategy_cases.MatrixModule(Cell("AdamW", "default", "fp32"), "fsdp2")
+    before = strategy_cases.full_parameters(module.net)
+    trainer = strategy_cases.trainer_for(
+        ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        "fp32",
+        devices=1,
+        callbacks=[OptimizerMonitor(every_n_steps=1)],
+    )
+    try:
+        trainer.fit(module)
+    except ValueError as error:
+        unchanged = all(
+            torch.equal(a, b)
+            for a, b in zip(before, strategy_cases.full_parameters(module.net), strict=True)
+        )
+        print(f"refused: {error} | parameters unchanged: {unchanged}")
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", ".*(num_workers|does not have many workers).*")
+    if sys.argv[1] == "--refusals":
+        refusals()
+    elif sys.argv[1] == "--spawn":
+        spawn(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -1,0 +1,306 @@
+"""Lightning on 2 CPU processes (gloo): the configuration matrix (every optimizer x backend
+{default, fused, foreach, loop} x {fp32, bf16-true + Kahan}) under the Trainer with "ddp"
+and ModelParallelStrategy (FSDP2) and under Fabric with "ddp" and ModelParallelStrategy,
+each cell equal to one process running the loop backend; GradientRelease under FSDP2
+(also with accumulation) and tensor parallelism, equal to training without it and
+holding no gradient after backward; "ddp_spawn"; DDP with a sampler, schedule,
+accumulation and release; and the refusals.
+
+One Lightning launch trains every run and cell (distributed_worker.py); "ddp_spawn" has
+its own, since every fit spawns its processes. fp32 cells agree within 1e-6; bf16 cells
+within one bf16 ulp per step of the same configuration's loop-backend run, and that run
+within one ulp per step (at no less than lr) of one process (tests/core/test_configurations).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.strategies import FSDPStrategy as FabricFSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.utils.data import DataLoader, DistributedSampler
+
+from tests.core.configuration_cases import BACKENDS, DTYPES, GLOBAL_BATCHES, LR, OPTIMIZERS, Cell
+from tests.core.test_configurations import assert_within_bf16_ulps, reference
+from tests.lightning_adam.distributed_worker import (
+    BATCH_PER_RANK,
+    EPOCHS,
+    RUNS,
+    SAMPLES,
+    SCHEDULE,
+    SPAWN_CELLS,
+)
+from tests.lightning_adam.models import (
+    Regression,
+    make_trainer,
+    parameters_of,
+    regression_data,
+)
+from tests.lightning_adam.strategy_cases import (
+    ACCUMULATE,
+    CELLS,
+    RELEASE_ACCUMULATE_CELLS,
+    RELEASE_CELLS,
+    TENSOR_PARALLEL_CELLS,
+    fit_cell,
+)
+from tests.processes import run_worker
+
+STEPS = SAMPLES // (2 * BATCH_PER_RANK) * EPOCHS  # 2 ranks: 4 steps per epoch
+STEPS_PER_CELL = len(GLOBAL_BATCHES)
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    """tests/lightning_adam/distributed_worker.py in a fresh process: no distributed state
+    leaks."""
+    return run_worker([sys.executable, "-m", "tests.lightning_adam.distributed_worker", *args])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """What each of the 2 ranks saved after every run and cell (one launch for all)."""
+    out = tmp_path_factory.mktemp("lightning_distributed")
+    _run_script(str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_every_run_keeps_the_replicas_identical(ranks: list[dict]) -> None:
+    initial = parameters_of(Regression())
+    for name, (_, _, accumulate, _) in RUNS.items():
+        assert ranks[0][f"{name}-steps"] == ranks[1][f"{name}-steps"] == STEPS // accumulate
+        for a, b in zip(ranks[0][name], ranks[1][name], strict=True):
+            assert torch.equal(a, b), f"{name}: replicas differ"
+        assert all(not torch.equal(a, b) for a, b in zip(initial, ranks[0][name], strict=True))
+
+
+def _global_batches() -> list[list[int]]:
+    """Each DDP step's samples, both ranks' together, for all epochs in order.
+
+    Lightning gives each rank a DistributedSampler (shuffled, seed 0, set_epoch(epoch)
+    every epoch); the same samplers, built here for ranks 0 and 1, say which samples the
+    two replicas' batches of 32 held.
+    """
+    dataset, batches = regression_data(SAMPLES), []
+    for epoch in range(EPOCHS):
+        per_rank = []
+        for rank in (0, 1):
+            sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            per_rank.append(list(sampler))
+        for start in range(0, SAMPLES // 2, BATCH_PER_RANK):
+            end = start + BATCH_PER_RANK
+            batches.append(per_rank[0][start:end] + per_rank[1][start:end])
+    return batches
+
+
+@pytest.mark.parametrize("name", ["AdamW", "AdamW-model-parallel"])
+def test_ddp_and_fsdp2_equal_one_process_with_the_same_global_batch(
+    name: str, ranks: list[dict]
+) -> None:
+    """One process takes each step on the 64 samples the two ranks shared (DDP and FSDP2
+    average their gradients, a mean over 32 each): the same parameters to float32
+    rounding, with configure_optimizers' groups and schedule and Lightning's sampler."""
+    model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0])
+    trainer = make_trainer(max_epochs=1)  # the three epochs' batches in one
+    trainer.fit(model, DataLoader(regression_data(SAMPLES), batch_sampler=_global_batches()))
+    assert trainer.global_step == STEPS
+    for a, b in zip(ranks[0][name], model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
+
+
+def test_release_equals_training_without_release(ranks: list[dict]) -> None:
+    for ordinary, released in (
+        ("AdamW", "AdamW-release"),
+        ("ADOPT-accumulate", "ADOPT-accumulate-release"),
+        ("AdamW-model-parallel", "AdamW-model-parallel-release"),
+    ):
+        for a, b in zip(ranks[0][ordinary], ranks[0][released], strict=True):
+            assert torch.equal(a, b), f"{released} differs from {ordinary}"
+
+
+@pytest.mark.bad_input
+def test_settings_the_callbacks_cannot_follow_are_refused() -> None:
+    """DDP settings, and ModelParallelStrategy settings (on a one-rank mesh), refused before
+    the optimizer's groups are switched to release; OptimizerMonitor under
+    ModelParallelStrategy (on 2 ranks it deadlocked: rank zero alone took DTensor norms),
+    refused before training."""
+    refused = [line for line in _run_script("--refusals").stdout.splitlines() if "refused" in line]
+    assert len(refused) == 4, refused
+    assert "Invalid find_unused_parameters for GradientRelease under DDP: True." in refused[0]
+    assert (
+        "Invalid DDP setup for GradientRelease: the model already has a communication"
+        in (refused[1])
+    )
+    assert (
+        "Invalid model for GradientRelease under ModelParallelStrategy: 2 parameter(s) not "
+        "sharded (net.2.weight, net.2.bias). Allowed: every trainable parameter a DTensor, "
+        "by fully_shard or parallelize_module in configure_model" in refused[2]
+    )
+    assert refused[2].endswith("groups switched to release: False")
+    assert refused[3].startswith(
+        "refused: Invalid strategy for OptimizerMonitor: ModelParallelStrategy. Allowed: "
+        "single-device or DDP strategies"
+    )
+    assert refused[3].endswith("parameters unchanged: True")
+
+
+MATRIX = ("trainer_ddp", "trainer_model_parallel", "fabric_ddp", "fabric_model_parallel")
+
+
+def assert_cell_near_one_process(
+    result: list[torch.Tensor], own_loop: list[torch.Tensor], optimizer: str, dtype_name: str
+) -> None:
+    """fp32: within 1e-6 of one process; bf16: within one ulp per step of this
+    configuration's loop-backend run, and near one process (ulps at no less than lr: two
+    ranks reduce bf16 gradients, which perturbs each update of size ~lr by a rounding)."""
+    one_process = reference("lightning", optimizer, dtype_name)  # trains GLOBAL_BATCHES
+    if dtype_name == "fp32":
+        for got, want in zip(result, one_process, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        return
+    assert_within_bf16_ulps(result, own_loop)
+    assert_within_bf16_ulps(result, one_process, LR)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("configuration", MATRIX)
+def test_cell_equals_one_process_loop(
+    ranks: list[dict], configuration: str, optimizer: str, backend: str, dtype_name: str
+) -> None:
+    key = (configuration, optimizer, backend, dtype_name)
+    result, other_rank = (rank["matrix"][key] for rank in ranks)
+    assert result["steps"] == STEPS_PER_CELL
+    for a, b in zip(result["params"], other_rank["params"], strict=True):
+        assert torch.equal(a, b), "the ranks' (gathered) parameters differ"
+    own_loop = ranks[0]["matrix"][(configuration, optimizer, "loop", dtype_name)]["params"]
+    assert_cell_near_one_process(result["params"], own_loop, optimizer, dtype_name)
+
+
+def test_launch_trained_every_cell(ranks: list[dict]) -> None:
+    """A cell missing from the worker's output would otherwise surface as a KeyError only."""
+    expected = {(c, *cell.key) for c in MATRIX for cell in CELLS}
+    expected |= {("trainer_model_parallel_release", *cell.key) for cell in RELEASE_CELLS}
+    expected |= {
+        ("trainer_model_parallel_release_accumulate", *cell.key)
+        for cell in RELEASE_ACCUMULATE_CELLS
+    }
+    expected |= {
+        (name, *cell.key)
+        for name in ("trainer_tensor_parallel", "trainer_tensor_parallel_release")
+        for cell in TENSOR_PARALLEL_CELLS
+    }
+    assert set(ranks[0]["matrix"]) == expected
+
+
+@pytest.mark.parametrize("cell", RELEASE_CELLS, ids=lambda cell: "-".join(cell.key[::2]))
+def test_release_under_model_parallel_equals_training_without_it(
+    ranks: list[dict], cell: Cell
+) -> None:
+    """FSDP2 reduce-scatters, then runs the sharded parameter's hooks: release steps each
+    shard with the averaged gradient, exactly as the optimizer step after backward does,
+    and frees it, so no rank holds a gradient when backward ends (the memory probe:
+    on_after_backward sums the bytes of this rank's gradient shards)."""
+    cells = ranks[0]["matrix"]
+    released = cells[("trainer_model_parallel_release", *cell.key)]
+    ordinary = cells[("trainer_model_parallel", *cell.key)]
+    for a, b in zip(released["params"], ordinary["params"], strict=True):
+        assert torch.equal(a, b)
+    parameters = sum(p.numel() for p in ordinary["params"])
+    shard_bytes = parameters * DTYPES[cell.dtype_name].itemsize // 2
+    assert ordinary["gradient_bytes"] == [shard_bytes] * STEPS_PER_CELL
+    assert released["gradient_bytes"] == [0] * STEPS_PER_CELL
+
+
+@pytest.mark.parametrize("cell", TENSOR_PARALLEL_CELLS, ids=lambda cell: cell.dtype_name)
+def test_release_under_tensor_parallelism_equals_training_without_it(
+    ranks: list[dict], cell: Cell
+) -> None:
+    """ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), Colwise then
+    Rowwise: autograd hands each DTensor parameter its global gradient, so release equals
+    training without it, which equals one process."""
+    cells = ranks[0]["matrix"]
+    released = cells[("trainer_tensor_parallel_release", *cell.key)]
+    ordinary = cells[("trainer_tensor_parallel", *cell.key)]
+    for a, b in zip(released["params"], ordinary["params"], strict=True):
+        assert torch.equal(a, b)
+    assert released["gradient_bytes"] == [0] * STEPS_PER_CELL
+    assert all(count > 0 for count in ordinary["gradient_bytes"])
+    one_process = reference("lightning", cell.optimizer, cell.dtype_name)
+    if cell.dtype_name == "fp32":
+        for got, want in zip(released["params"], one_process, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    else:  # no loop-backend cell here: held to one process, ulps at no less than lr
+        assert_within_bf16_ulps(released["params"], one_process, LR)
+
+
+@pytest.mark.parametrize("cell", RELEASE_ACCUMULATE_CELLS, ids=lambda cell: cell.optimizer)
+def test_release_with_accumulation_under_model_parallel_equals_one_process(
+    ranks: list[dict], cell: Cell
+) -> None:
+    """FSDP2 reduce-scatters every micro-batch, so release folds each averaged micro-batch
+    into the moments (core's optimizer accumulation): the same as one process releasing
+    with the same global micro-batches and the loop backend."""
+    released = ranks[0]["matrix"][("trainer_model_parallel_release_accumulate", *cell.key)]
+    one_process = fit_cell(
+        Cell(cell.optimizer, "loop", cell.dtype_name),
+        "single",
+        release=True,
+        accumulate=ACCUMULATE,
+    )
+    assert released["steps"] == one_process["steps"] == STEPS_PER_CELL // ACCUMULATE
+    assert released["gradient_bytes"] == [0] * STEPS_PER_CELL
+    for got, want in zip(released["params"], one_process["params"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_fabric_model_parallel_needs_the_optimizer_built_after_setup_module(
+    ranks: list[dict],
+) -> None:
+    """Documents Lightning's behaviour the README warns about: fabric.setup(model, optimizer)
+    under Fabric's ModelParallelStrategy shards the model into new parameters and keeps the
+    optimizer on the old ones, so a step changes nothing (no error). The matrix's Fabric
+    FSDP2 cells build the optimizer after fabric.setup_module, and train."""
+    assert ranks[0]["fabric_joint_setup_trains"] is False
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The ddp_spawn fits' weights, as they came back into the launching process."""
+    out = tmp_path_factory.mktemp("ddp_spawn")
+    _run_script("--spawn", str(out))
+    return torch.load(out / "spawn.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", SPAWN_CELLS, ids=lambda cell: "-".join(cell.key))
+def test_ddp_spawn_with_release_equals_ddp_and_one_process(
+    spawned: dict, ranks: list[dict], cell: Cell
+) -> None:
+    """A spawned fit pickles the module and GradientRelease into its processes and returns
+    rank 0's weights: equal to the "ddp" cell trained without release, and to one process."""
+    ddp = ranks[0]["matrix"][("trainer_ddp", *cell.key)]["params"]
+    for a, b in zip(spawned[cell.key], ddp, strict=True):
+        assert torch.equal(a, b)
+    own_loop = ranks[0]["matrix"][("trainer_ddp", cell.optimizer, "loop", cell.dtype_name)]
+    assert_cell_near_one_process(
+        spawned[cell.key], own_loop["params"], cell.optimizer, cell.dtype_name
+    )
+
+
+@pytest.mark.bad_input
+def test_fsdp_strategy_on_cpu_is_refused_by_lightning() -> None:
+    """Lightning's FSDPStrategy (FSDP1) needs CUDA, in the Trainer and in Fabric; on CPU,
+    FSDP is ModelParallelStrategy (FSDP2), which the matrix trains."""
+    for strategy in ("fsdp", FSDPStrategy()):
+        with pytest.raises(ValueError, match="The strategy `fsdp` requires a GPU accelerator"):
+            L.Trainer(accelerator="cpu", devices=2, strategy=strategy)
+    for strategy in ("fsdp", FabricFSDPStrategy()):
+        with pytest.raises(ValueError, match="FSDP is only available on GPU"):
+            L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
