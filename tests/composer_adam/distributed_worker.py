@@ -1,0 +1,193 @@
+"""Worker for test_distributed.py: one 2-process gloo group trains every cell of the
+Composer matrix (optimizer x backend x dtype) in a real `composer.Trainer` under DDP,
+FSDP2Config and FSDP2Config with GradientRelease, and saves each cell's full parameters
+and probes, so the test process can compare every cell with one process.
+
+Usage: python -m torch.distributed.run --nproc-per-node=2 -m tests.composer_adam.distributed_worker
+OUTPUT CONFIGURATION [CONFIGURATION ...]
+
+`train_cell` is also the one-process reference (run in the test process).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.callbacks import OptimizerMonitor
+from composer.core import Callback, State
+from composer.loggers import InMemoryLogger, Logger
+from composer.optim import LinearWithWarmupScheduler
+from composer.utils import FSDP2Config, dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import composer_adam
+from tests.composer_adam.harness import make_model
+from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
+
+LR = 1e-2
+BATCH = 16
+"""Global batch: 8 samples per rank on 2 ranks, in microbatches of MICROBATCH."""
+MICROBATCH = 4
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "DecoupledAdamW": lambda p, **kw: composer_adam.DecoupledAdamW(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+    "DecoupledAdamW_amsgrad": lambda p, **kw: composer_adam.DecoupledAdamW(
+        p, lr=LR, weight_decay=1e-4, amsgrad=True, **kw
+    ),
+    "DecoupledRAdam": lambda p, **kw: composer_adam.DecoupledRAdam(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+    "DecoupledNAdam": lambda p, **kw: composer_adam.DecoupledNAdam(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+    "DecoupledADOPT": lambda p, **kw: composer_adam.DecoupledADOPT(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    optimizer: str
+    backend: str
+    dtype_name: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.optimizer, self.backend, self.dtype_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+
+@dataclass
+class Result:
+    """What a cell leaves behind: full parameters (fp32) and the probes' readings."""
+
+    params: list[torch.Tensor]
+    grad_bytes_after_backward: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+
+class GradientBytes(Callback):
+    """Bytes of gradient this rank holds at the end of each microbatch's backward: what
+    the optimizer step (or the next microbatch) has to keep alive besides parameters and
+    state. Gradient release frees sharded gradients inside backward, so this is the
+    memory it saves."""
+
+    def __init__(self) -> None:
+        self.readings: list[int] = []
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        self.readings.append(
+            sum(
+                _local(p.grad).numel() * p.grad.element_size()
+                for p in state.model.parameters()
+                if p.grad is not None
+            )
+        )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _loader(dtype: torch.dtype) -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS * BATCH, 10, generator=generator)
+    teacher = torch.randn(10, 4, generator=generator)
+    y = (x @ teacher + 0.5 * torch.randn(STEPS * BATCH, 4, generator=generator)).argmax(1)
+    dataset = TensorDataset(x.to(dtype), y)
+    world = dist.get_world_size()
+    # Interleaved shards: rank r takes samples r, r + world, ... of every global batch.
+    sampler = DistributedSampler(dataset, shuffle=False) if world > 1 else None
+    return DataLoader(dataset, batch_size=BATCH // world, sampler=sampler, shuffle=False)
+
+
+def average_fsdp2_gradients(model: torch.nn.Module) -> None:
+    """Divide each FSDP2 reduce-scatter output by the world size.
+
+    torch 2.7's FSDP2 asks for ReduceOp.AVG, which gloo's reduce-scatter sums instead;
+    `FSDPModule.set_all_reduce_hook` runs on the reduce-scatter output (1-D FSDP) before
+    the gradient is set and before post-accumulate-grad hooks, so the division there
+    makes the gradient the average, for release too."""
+    world = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_all_reduce_hook(lambda output: output.div_(world))
+
+
+def train_cell(cell: Cell, configuration: str = "one_process") -> Result:
+    """Train one cell: linear warmup from lr = 0 over 2 batches, then linear decay."""
+    model = make_model(dtype=cell.dtype)
+    release = configuration == "fsdp2_release"
+    optimizer = OPTIMIZERS[cell.optimizer](
+        model.parameters(), gradient_release=release, **BACKENDS[cell.backend]
+    )
+    probe = GradientBytes()
+    logger = InMemoryLogger()
+    callbacks: list[Callback] = [probe, OptimizerMonitor(batch_log_interval=1)]
+    if release:
+        callbacks.append(composer_adam.GradientRelease())
+    parallelism: dict[str, Any] | None = None
+    if configuration.startswith("fsdp2"):
+        # FULL keeps each parameter's own dtype for compute and reduction (bf16 cells
+        # train bf16 parameters, as one process does).
+        parallelism = {"fsdp": FSDP2Config(mixed_precision="FULL")}
+    trainer = Trainer(
+        model=model,
+        train_dataloader=_loader(cell.dtype),
+        optimizers=optimizer,
+        schedulers=LinearWithWarmupScheduler(t_warmup="2ba", alpha_f=0.5),
+        max_duration=f"{STEPS}ba",
+        device="cpu",
+        device_train_microbatch_size=MICROBATCH,
+        parallelism_config=parallelism,
+        loggers=[logger],
+        callbacks=callbacks,
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+    )
+    if configuration.startswith("fsdp2") and "sum" not in configuration:
+        average_fsdp2_gradients(trainer.state.model)
+    trainer.fit()
+    params = [
+        (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+        for p in trainer.state.model.parameters()
+    ]
+    metrics = {
+        key: [float(v) for _, v in series]
+        for key, series in logger.data.items()
+        if key.startswith("l2_norm/")
+    }
+    trainer.close()
+    return Result(params, probe.readings, metrics)
+
+
+def main(output: str, *configurations: str) -> None:
+    torch.set_num_threads(1)
+    dist.initialize_dist("cpu")  # gloo, from the launcher's environment
+    results: dict[tuple[str, str, str, str], Result] = {}
+    for configuration in configurations:
+        for optimizer in OPTIMIZERS:
+            for backend in BACKENDS:
+                for dtype_name in DTYPES:
+                    cell = Cell(optimizer, backend, dtype_name)
+                    results[(configuration, *cell.key)] = train_cell(cell, configuration)
+    if dist.get_global_rank() == 0:
+        torch.save(results, output)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
