@@ -105,7 +105,11 @@ class GradientRelease(Callback):
         self._batch_samples, self._seen_samples = float(self._count(state.batch)), 0.0
         self._grad_norms.clear()
 
-    def before_backward(self, state: State, logger: Logger) -> None:
+    def before_forward(self, state: State, logger: Logger) -> None:
+        """Arm or disarm before the microbatch's forward, not its backward: FSDP2 swaps the
+        sharded parameters for unsharded ones during forward (the root module keeps them
+        until backward), and the hooks belong on the sharded parameters the optimizer
+        holds."""
         self._seen_samples += float(self._count(state.batch))
         last = self._seen_samples >= self._batch_samples
         if self.optimizer_accumulation:
