@@ -58,7 +58,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ]
     run_worker(command, timeout=900)
     saved = torch.load(output)
-    return {key: value if isinstance(value, str) else Result(**value) for key, value in saved.items()}
+    return {key: v if isinstance(v, str) else Result(**v) for key, v in saved.items()}
 
 
 @functools.cache
