@@ -131,10 +131,12 @@ MATRIX = ("ddp", "fsdp2", "fsdp2_release")
 """Configurations that train every cell."""
 PROBES: dict[str, Cell] = {
     "fsdp2_unaveraged": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
     "ddp_release": Cell("DecoupledAdamW", "default", "fp32"),
 }
 """Configurations that run one cell: FSDP2 without `average_fsdp2_gradients` (shows what
-it corrects) and DDP with GradientRelease (must be refused)."""
+it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), and DDP with
+GradientRelease (must be refused)."""
 
 
 def cells(configuration: str) -> list[Cell]:
@@ -148,12 +150,16 @@ def cells(configuration: str) -> list[Cell]:
     ]
 
 
-def train_cell(cell: Cell, configuration: str = "one_process") -> Result:
+def train_cell(
+    cell: Cell, configuration: str = "one_process", microbatch: int = MICROBATCH
+) -> Result:
     """Train one cell: warmup from lr = 0 over 2 batches, then linear decay; 8 batches of
-    16 samples in microbatches of 4, under `configuration` (one process, DDP on more
-    ranks, FSDP2Config, FSDP2Config with GradientRelease)."""
+    16 samples in microbatches, under `configuration`: one process (or DDP on more
+    ranks), FSDP2Config ("fsdp2..."), with GradientRelease ("...release"), with optimizer
+    accumulation ("...release_accumulation")."""
     model = make_model(dtype=cell.dtype)
-    release = configuration.endswith("release")
+    release = "release" in configuration
+    accumulation = configuration.endswith("accumulation")
     optimizer = OPTIMIZERS[cell.optimizer](
         model.parameters(), gradient_release=release, **BACKENDS[cell.backend]
     )
@@ -163,7 +169,7 @@ def train_cell(cell: Cell, configuration: str = "one_process") -> Result:
     if cell.dtype_name == "fp32":  # metrics are compared in fp32 (each costs collectives)
         callbacks.append(OptimizerMonitor(batch_log_interval=1))
     if release:
-        callbacks.append(composer_adam.GradientRelease())
+        callbacks.append(composer_adam.GradientRelease(optimizer_accumulation=accumulation))
     fsdp2 = configuration.startswith("fsdp2")
     trainer = Trainer(
         model=model,
@@ -172,7 +178,7 @@ def train_cell(cell: Cell, configuration: str = "one_process") -> Result:
         schedulers=LinearWithWarmupScheduler(t_warmup="2ba", alpha_f=0.5),
         max_duration=f"{STEPS}ba",
         device="cpu",
-        device_train_microbatch_size=MICROBATCH,
+        device_train_microbatch_size=microbatch,
         parallelism_config={"fsdp": FSDP2Config()} if fsdp2 else None,
         loggers=[logger],
         callbacks=callbacks,

@@ -28,6 +28,7 @@ import torch
 from tests.composer_adam.distributed_worker import (
     LR,
     MATRIX,
+    MICROBATCH,
     OPTIMIZERS,
     PROBES,
     Cell,
@@ -35,7 +36,7 @@ from tests.composer_adam.distributed_worker import (
     cells,
     train_cell,
 )
-from tests.core.configuration_cases import BACKENDS, DTYPES
+from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
 from tests.core.test_configurations import _free_port, assert_within_bf16_ulps
 from tests.processes import ROOT, run_worker
 
@@ -121,6 +122,22 @@ def test_release_under_fsdp2_equals_fsdp2_and_frees_gradients(
     assert released.grad_bytes_after_backward == [sharded_bytes, 0] * (
         len(released.grad_bytes_after_backward) // 2
     )
+
+
+def test_release_with_optimizer_accumulation_under_fsdp2_equals_one_process(
+    trained: dict,
+) -> None:
+    """Each rank's k-th microbatch of 4, reduce-scattered, is the gradient of one
+    process's k-th microbatch of 8 (the same samples), so folding microbatches into the
+    moments on 2 ranks equals folding them on one process; no gradient outlives any
+    microbatch's backward."""
+    cell = PROBES["fsdp2_release_accumulation"]
+    result: Result = trained[("fsdp2_release_accumulation", *cell.key)]
+    reference = train_cell(cell, "release_accumulation", microbatch=2 * MICROBATCH)
+    for got, want in zip(result.params, reference.params, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert_same_metrics(result, reference, rel=1e-5)
+    assert result.grad_bytes_after_backward == [0] * 2 * STEPS
 
 
 def test_fsdp2_over_gloo_sums_gradients_without_the_divide_hook(trained: dict) -> None:
