@@ -203,6 +203,8 @@ class GradientRelease(Callback):
             return
         found: dict[str, Any] = {}
         optimizer = state.optimizers[0]
+        # As OptimizerMonitor does: under FSDP the optimizer's metrics are reduced over ranks.
+        reduce = state.fsdp_enabled and monitor.log_optimizer_metrics
         for name, p in state.model.named_parameters():
             grad_norm = self._grad_norms.get(p)
             if (grad_norm is None and p.grad is None) or not p.requires_grad:
@@ -211,8 +213,8 @@ class GradientRelease(Callback):
                 optimizer.report_per_parameter_metrics(p, name, found)
             if f"l2_norm/grad/{name}" not in found:
                 norm = grad_norm if p.grad is None else torch.linalg.vector_norm(p.grad)
-                found[f"l2_norm/grad/{name}"] = rank_share(norm)
-        if state.fsdp_enabled and monitor.log_optimizer_metrics:  # as OptimizerMonitor does
+                found[f"l2_norm/grad/{name}"] = rank_share(norm) if reduce else norm
+        if reduce:
             found = optimizer.dist_reduce_metrics(optimizer.pre_reduce_metrics(found))
         squares = sum(float(v) ** 2 for k, v in found.items() if k.startswith("l2_norm/grad/"))
         found["l2_norm/grad/global"] = squares**0.5

@@ -89,6 +89,8 @@ class ComposerConventions:
 
         Under FSDP2 the norms of DTensor parameters are DTensors, which Composer's
         all-reduce cannot take; each becomes this rank's share (see `rank_share`).
+        Composer has DTensor parameters only with FSDP on (its TP requires FSDP), which
+        is when its OptimizerMonitor reduces the shares back to the global norm.
         """
         before = set(optimizer_metrics)
         metrics.parameter_metrics(self, param, name, optimizer_metrics)  # type: ignore[arg-type]
