@@ -50,9 +50,9 @@ class GradientRelease(Callback):
     the averaged gradient and frees the sharded one. Refused at fit start, because they
     cannot work: AMP_FP16 (the GradScaler unscales and skips steps after backward, when
     parameters are already updated), the GradientClipping algorithm (it needs every
-    gradient at once), and more than one rank without FSDP2 (DDP, or FSDP1's flat
-    parameters: the hooks would step on each rank's local gradient before the
-    all-reduce).
+    gradient at once), and more than one rank without FSDP2 (DDP, or FSDP1, whose
+    parameters are not DTensors: the hooks would step on each rank's local gradient
+    before the all-reduce).
 
     Args:
         optimizer_accumulation: Fold earlier microbatches into the moments instead of
