@@ -132,10 +132,12 @@ MATRIX = ("ddp", "fsdp2", "fsdp2_release")
 PROBES: dict[str, Cell] = {
     "fsdp2_unaveraged": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_release_grad_norms_only": Cell("DecoupledAdamW", "default", "fp32"),
     "ddp_release": Cell("DecoupledAdamW", "default", "fp32"),
 }
 """Configurations that run one cell: FSDP2 without `average_fsdp2_gradients` (shows what
-it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), and DDP with
+it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), FSDP2 with
+GradientRelease and OptimizerMonitor(log_optimizer_metrics=False), and DDP with
 GradientRelease (must be refused)."""
 
 
@@ -167,7 +169,10 @@ def train_cell(
     logger = InMemoryLogger()
     callbacks: list[Callback] = [probe]
     if cell.dtype_name == "fp32":  # metrics are compared in fp32 (each costs collectives)
-        callbacks.append(OptimizerMonitor(batch_log_interval=1))
+        optimizer_metrics = not configuration.endswith("grad_norms_only")
+        callbacks.append(
+            OptimizerMonitor(batch_log_interval=1, log_optimizer_metrics=optimizer_metrics)
+        )
     if release:
         callbacks.append(composer_adam.GradientRelease(optimizer_accumulation=accumulation))
     fsdp2 = configuration.startswith("fsdp2")

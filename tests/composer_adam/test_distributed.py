@@ -140,6 +140,20 @@ def test_release_with_optimizer_accumulation_under_fsdp2_equals_one_process(
     assert result.grad_bytes_after_backward == [0] * 2 * STEPS
 
 
+def test_release_under_fsdp2_logs_global_grad_norms_without_optimizer_metrics(
+    trained: dict,
+) -> None:
+    """OptimizerMonitor(log_optimizer_metrics=False): no reduction over ranks follows, so
+    the callback logs each DTensor gradient norm as the global norm, not a rank's part."""
+    cell = PROBES["fsdp2_release_grad_norms_only"]
+    result: Result = trained[("fsdp2_release_grad_norms_only", *cell.key)]
+    reference = one_process(cell.optimizer, cell.dtype_name)
+    grads = {k: v for k, v in reference.metrics.items() if k.startswith("l2_norm/grad/")}
+    assert result.metrics.keys() == grads.keys() and len(grads) == 5
+    for key, series in grads.items():
+        assert result.metrics[key] == pytest.approx(series, rel=1e-5), key
+
+
 def test_fsdp2_over_gloo_sums_gradients_without_the_divide_hook(trained: dict) -> None:
     """What average_fsdp2_gradients corrects (torch 2.7): when this fails, torch averages
     on gloo by itself and the hook would halve gradients; remove it."""
