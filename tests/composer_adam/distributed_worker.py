@@ -26,16 +26,12 @@ from composer.optim import LinearWithWarmupScheduler
 from composer.utils import FSDP2Config, dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 import composer_adam
-from tests.composer_adam.harness import make_model
+from tests.composer_adam.harness import BATCH, LR, MICROBATCH, make_loader, make_model
 from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
 
-LR = 1e-2
-BATCH = 16
-"""Global batch: 8 samples per rank on 2 ranks, in microbatches of MICROBATCH."""
-MICROBATCH = 4
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "DecoupledAdamW": lambda p, **kw: composer_adam.DecoupledAdamW(
         p, lr=LR, weight_decay=1e-4, **kw
@@ -103,11 +99,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _loader(dtype: torch.dtype) -> DataLoader:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(STEPS * BATCH, 10, generator=generator)
-    teacher = torch.randn(10, 4, generator=generator)
-    y = (x @ teacher + 0.5 * torch.randn(STEPS * BATCH, 4, generator=generator)).argmax(1)
-    dataset = TensorDataset(x.to(dtype), y)
+    """harness's data, each global batch of 16 split over the ranks (8 samples per rank
+    on 2 ranks: 2 microbatches of MICROBATCH)."""
+    dataset = make_loader(STEPS, dtype).dataset
     world = dist.get_world_size()
     # Interleaved shards: rank r takes samples r, r + world, ... of every global batch.
     sampler = DistributedSampler(dataset, shuffle=False) if world > 1 else None
