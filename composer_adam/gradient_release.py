@@ -29,6 +29,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 import core
+from composer_adam.optimizers import full_norm, rank_share
+from core.backends.views import dtensor_type
 from core.optimizer import AdamFamilyOptimizer
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,14 @@ class GradientRelease(Callback):
     norms taken in backward just before release. With optimizer accumulation those
     norms are of the last microbatch's gradient (the batch's sum is never formed).
 
-    Refused at fit start, because they cannot work: AMP_FP16 (the GradScaler unscales and
-    skips steps after backward, when parameters are already updated), the
-    GradientClipping algorithm (it needs every gradient at once), and more than one rank
-    (the hooks would step on local gradients before DDP or FSDP average them).
+    On more than one rank it needs FSDP2 (`parallelism_config={"fsdp": FSDP2Config()}`):
+    FSDP2 runs each sharded parameter's hooks after its reduce-scatter, so the step sees
+    the averaged gradient and frees the sharded one. Refused at fit start, because they
+    cannot work: AMP_FP16 (the GradScaler unscales and skips steps after backward, when
+    parameters are already updated), the GradientClipping algorithm (it needs every
+    gradient at once), and more than one rank without FSDP2 (DDP, or FSDP1, whose
+    parameters are not DTensors: the hooks would step on each rank's local gradient
+    before the all-reduce).
 
     Args:
         optimizer_accumulation: Fold earlier microbatches into the moments instead of
@@ -99,7 +105,11 @@ class GradientRelease(Callback):
         self._batch_samples, self._seen_samples = float(self._count(state.batch)), 0.0
         self._grad_norms.clear()
 
-    def before_backward(self, state: State, logger: Logger) -> None:
+    def before_forward(self, state: State, logger: Logger) -> None:
+        """Arm or disarm before the microbatch's forward, not its backward: FSDP2 swaps the
+        sharded parameters for unsharded ones during forward (the root module keeps them
+        until backward), and the hooks belong on the sharded parameters the optimizer
+        holds."""
         self._seen_samples += float(self._count(state.batch))
         last = self._seen_samples >= self._batch_samples
         if self.optimizer_accumulation:
@@ -148,11 +158,22 @@ class GradientRelease(Callback):
                 f"Invalid algorithms for GradientRelease: {clipping}. Gradient clipping needs "
                 "every gradient at once, and released gradients are freed one by one."
             )
-        if dist.get_world_size() > 1:
+        world_size = dist.get_world_size()
+        dtensor = dtensor_type()
+        plain = [
+            name
+            for name, p in state.model.named_parameters()
+            if p.requires_grad and (dtensor is None or not isinstance(p, dtensor))
+        ]
+        if world_size > 1 and plain:
+            wrapper = type(state.model).__name__
             raise ValueError(
-                f"Invalid world size for GradientRelease: {dist.get_world_size()}. The hooks "
-                "would step on each rank's local gradient before DDP/FSDP average it. "
-                "Allowed: 1 (single-process training)."
+                f"Invalid parallelism for GradientRelease on {world_size} ranks: {wrapper} "
+                f"with plain parameters ({plain[:2]}...). Their hooks would step on each "
+                "rank's local gradient before the all-reduce averages it. Allowed: "
+                "parallelism_config={'fsdp': FSDP2Config()} (FSDP2 steps each sharded "
+                "parameter after its reduce-scatter), one rank, or DDP without "
+                "GradientRelease."
             )
         if self.optimizer_accumulation and not optimizer.supports_optimizer_accumulation:
             raise ValueError(
@@ -181,13 +202,20 @@ class GradientRelease(Callback):
         if state.timestamp.batch.value % monitor.batch_log_interval != 0:
             return
         found: dict[str, Any] = {}
+        optimizer = state.optimizers[0]
+        # As OptimizerMonitor does: under FSDP the optimizer's metrics are reduced over ranks.
+        reduce = state.fsdp_enabled and monitor.log_optimizer_metrics
         for name, p in state.model.named_parameters():
             grad_norm = self._grad_norms.get(p)
             if (grad_norm is None and p.grad is None) or not p.requires_grad:
                 continue
             if monitor.log_optimizer_metrics:
-                state.optimizers[0].report_per_parameter_metrics(p, name, found)
-            found.setdefault(f"l2_norm/grad/{name}", grad_norm if p.grad is None else p.grad.norm())
+                optimizer.report_per_parameter_metrics(p, name, found)
+            if f"l2_norm/grad/{name}" not in found:
+                norm = grad_norm if p.grad is None else torch.linalg.vector_norm(p.grad)
+                found[f"l2_norm/grad/{name}"] = rank_share(norm) if reduce else full_norm(norm)
+        if reduce:
+            found = optimizer.dist_reduce_metrics(optimizer.pre_reduce_metrics(found))
         squares = sum(float(v) ** 2 for k, v in found.items() if k.startswith("l2_norm/grad/"))
         found["l2_norm/grad/global"] = squares**0.5
         logger.log_metrics({k: float(v) for k, v in found.items()})

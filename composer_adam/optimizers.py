@@ -19,6 +19,7 @@ from torch import Tensor
 
 import core
 from core import metrics
+from core.backends.views import dtensor_type
 from core.optimizer import ParamsT, finite_at_least, hyperparameters, require
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,19 @@ class ComposerConventions:
     def report_per_parameter_metrics(
         self, param: Tensor, name: str, optimizer_metrics: dict[str, Any]
     ) -> dict[str, Any]:
-        """l2 norms of moment, param, update and grad under Composer's names (core.metrics)."""
-        return metrics.parameter_metrics(self, param, name, optimizer_metrics)  # type: ignore[arg-type]
+        """l2 norms of moment, param, update and grad under Composer's names (core.metrics).
+
+        Under FSDP2 the norms of DTensor parameters are DTensors, which Composer's
+        all-reduce cannot take; each becomes this rank's share (see `rank_share`).
+        Composer has DTensor parameters only with FSDP on (its TP requires FSDP), which
+        is when its OptimizerMonitor reduces the shares back to the global norm.
+        """
+        before = set(optimizer_metrics)
+        metrics.parameter_metrics(self, param, name, optimizer_metrics)  # type: ignore[arg-type]
+        # In insertion order: every rank must reach the collectives in the same order.
+        for key in [key for key in optimizer_metrics if key not in before]:
+            optimizer_metrics[key] = rank_share(optimizer_metrics[key])
+        return optimizer_metrics
 
     def pre_reduce_metrics(self, optimizer_metrics: dict[str, Any]) -> dict[str, Any]:
         """Square the l2 norms so ranks can sum them (called under FSDP)."""
@@ -94,6 +106,30 @@ class ComposerConventions:
     def dist_reduce_metrics(self, optimizer_metrics: dict[str, Any]) -> dict[str, Any]:
         """Sum the squares over ranks and take the root (called under FSDP)."""
         return metrics.dist_reduce_metrics(optimizer_metrics)  # type: ignore[return-value]
+
+
+def rank_share(norm: Any) -> Any:
+    """A DTensor l2 norm as the plain tensor whose square, summed over ranks by
+    `dist_reduce_metrics`, is the square of the global norm (norm / sqrt(world size));
+    anything else unchanged.
+
+    Composer reduces metrics when FSDP is on: it squares each rank's value and sums over
+    ranks, built for FSDP1's flat local shards. A DTensor norm is already global (and
+    cannot enter a plain all-reduce), so every rank contributes an equal share of it;
+    this holds for any placement, Shard or Replicate.
+    """
+    dtensor = dtensor_type()
+    if dtensor is None or not isinstance(norm, dtensor):
+        return norm
+    return full_norm(norm) / torch.distributed.get_world_size() ** 0.5
+
+
+def full_norm(norm: Any) -> Any:
+    """A DTensor norm as a plain tensor holding the global norm (a norm of a sharded
+    DTensor is a pending partial reduction, whose `float()` gives this rank's part);
+    anything else unchanged."""
+    dtensor = dtensor_type()
+    return norm.full_tensor() if dtensor is not None and isinstance(norm, dtensor) else norm
 
 
 class DecoupledAdamW(ComposerConventions, core.Adam):

@@ -1,0 +1,223 @@
+"""Worker for test_distributed.py: one 2-process gloo group trains every cell of the
+Composer matrix (optimizer x backend x dtype) in a real `composer.Trainer` under DDP,
+FSDP2Config and FSDP2Config with GradientRelease, and saves each cell's full parameters
+and probes, so the test process can compare every cell with one process.
+
+Usage: python -m torch.distributed.run --nproc-per-node=2 tests/composer_adam/distributed_worker.py
+OUTPUT CONFIGURATION [CONFIGURATION ...]
+
+`train_cell` is also the one-process reference (run in the test process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.callbacks import OptimizerMonitor
+from composer.core import Callback, State
+from composer.loggers import InMemoryLogger, Logger
+from composer.optim import LinearWithWarmupScheduler
+from composer.utils import FSDP2Config, dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+import composer_adam
+from tests.composer_adam.harness import BATCH, LR, MICROBATCH, make_loader, make_model
+from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "DecoupledAdamW": lambda p, **kw: composer_adam.DecoupledAdamW(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+    "DecoupledAdamW_amsgrad": lambda p, **kw: composer_adam.DecoupledAdamW(
+        p, lr=LR, weight_decay=1e-4, amsgrad=True, **kw
+    ),
+    "DecoupledRAdam": lambda p, **kw: composer_adam.DecoupledRAdam(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+    "DecoupledNAdam": lambda p, **kw: composer_adam.DecoupledNAdam(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+    "DecoupledADOPT": lambda p, **kw: composer_adam.DecoupledADOPT(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    optimizer: str
+    backend: str
+    dtype_name: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.optimizer, self.backend, self.dtype_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+
+@dataclass
+class Result:
+    """What a cell leaves behind: full parameters (fp32) and the probes' readings."""
+
+    params: list[torch.Tensor]
+    grad_bytes_after_backward: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+
+class GradientBytes(Callback):
+    """Bytes of gradient this rank holds at the end of each microbatch's backward: what
+    the optimizer step (or the next microbatch) has to keep alive besides parameters and
+    state. Gradient release frees sharded gradients inside backward, so this is the
+    memory it saves."""
+
+    def __init__(self) -> None:
+        self.readings: list[int] = []
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        self.readings.append(
+            sum(
+                _local(p.grad).numel() * p.grad.element_size()
+                for p in state.model.parameters()
+                if p.grad is not None
+            )
+        )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _loader(dtype: torch.dtype) -> DataLoader:
+    """harness's data, each global batch of 16 split over the ranks (8 samples per rank
+    on 2 ranks: 2 microbatches of MICROBATCH)."""
+    dataset = make_loader(STEPS, dtype).dataset
+    world = dist.get_world_size()
+    # Interleaved shards: rank r takes samples r, r + world, ... of every global batch.
+    sampler = DistributedSampler(dataset, shuffle=False) if world > 1 else None
+    return DataLoader(dataset, batch_size=BATCH // world, sampler=sampler, shuffle=False)
+
+
+def average_fsdp2_gradients(model: torch.nn.Module) -> None:
+    """Divide each FSDP2 reduce-scatter output by the world size.
+
+    torch 2.7's FSDP2 asks for ReduceOp.AVG, which gloo's reduce-scatter sums instead;
+    `FSDPModule.set_all_reduce_hook` runs on the reduce-scatter output (1-D FSDP) before
+    the gradient is set and before post-accumulate-grad hooks, so the division there
+    makes the gradient the average, for release too."""
+    world = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_all_reduce_hook(lambda output: output.div_(world))
+
+
+MATRIX = ("ddp", "fsdp2", "fsdp2_release")
+"""Configurations that train every cell."""
+PROBES: dict[str, Cell] = {
+    "fsdp2_unaveraged": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_release_grad_norms_only": Cell("DecoupledAdamW", "default", "fp32"),
+    "ddp_release": Cell("DecoupledAdamW", "default", "fp32"),
+}
+"""Configurations that run one cell: FSDP2 without `average_fsdp2_gradients` (shows what
+it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), FSDP2 with
+GradientRelease and OptimizerMonitor(log_optimizer_metrics=False), and DDP with
+GradientRelease (must be refused)."""
+
+
+def cells(configuration: str) -> list[Cell]:
+    if configuration in PROBES:
+        return [PROBES[configuration]]
+    return [
+        Cell(optimizer, backend, dtype_name)
+        for optimizer in OPTIMIZERS
+        for backend in BACKENDS
+        for dtype_name in DTYPES
+    ]
+
+
+def train_cell(
+    cell: Cell, configuration: str = "one_process", microbatch: int = MICROBATCH
+) -> Result:
+    """Train one cell: warmup from lr = 0 over 2 batches, then linear decay; 8 batches of
+    16 samples in microbatches, under `configuration`: one process (or DDP on more
+    ranks), FSDP2Config ("fsdp2..."), with GradientRelease ("...release"), with optimizer
+    accumulation ("...release_accumulation")."""
+    model = make_model(dtype=cell.dtype)
+    release = "release" in configuration
+    accumulation = configuration.endswith("accumulation")
+    optimizer = OPTIMIZERS[cell.optimizer](
+        model.parameters(), gradient_release=release, **BACKENDS[cell.backend]
+    )
+    probe = GradientBytes()
+    logger = InMemoryLogger()
+    callbacks: list[Callback] = [probe]
+    if cell.dtype_name == "fp32":  # metrics are compared in fp32 (each costs collectives)
+        optimizer_metrics = not configuration.endswith("grad_norms_only")
+        callbacks.append(
+            OptimizerMonitor(batch_log_interval=1, log_optimizer_metrics=optimizer_metrics)
+        )
+    if release:
+        callbacks.append(composer_adam.GradientRelease(optimizer_accumulation=accumulation))
+    fsdp2 = configuration.startswith("fsdp2")
+    trainer = Trainer(
+        model=model,
+        train_dataloader=_loader(cell.dtype),
+        optimizers=optimizer,
+        schedulers=LinearWithWarmupScheduler(t_warmup="2ba", alpha_f=0.5),
+        max_duration=f"{STEPS}ba",
+        device="cpu",
+        device_train_microbatch_size=microbatch,
+        parallelism_config={"fsdp": FSDP2Config()} if fsdp2 else None,
+        loggers=[logger],
+        callbacks=callbacks,
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+    )
+    if fsdp2 and configuration != "fsdp2_unaveraged":
+        average_fsdp2_gradients(trainer.state.model)
+    trainer.fit()
+    params = [
+        (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+        for p in trainer.state.model.parameters()
+    ]
+    metrics = {
+        key.replace("module.module.", "module."): [float(v) for _, v in series]  # DDP's prefix
+        for key, series in logger.data.items()
+        if key.startswith("l2_norm/")
+    }
+    trainer.close()
+    return Result(params, probe.readings, metrics)
+
+
+def main(output: str, *configurations: str) -> None:
+    torch.set_num_threads(1)
+    dist.initialize_dist("cpu")  # gloo, from the launcher's environment
+    results: dict[tuple[str, str, str, str], dict[str, Any] | str] = {}
+    for configuration in configurations:
+        for cell in cells(configuration):
+            try:
+                result = train_cell(cell, configuration)
+                results[(configuration, *cell.key)] = dataclasses.asdict(result)
+            except ValueError as error:  # a refusal: the test checks its message
+                if configuration not in PROBES:
+                    raise
+                results[(configuration, *cell.key)] = str(error)
+    if dist.get_global_rank() == 0:
+        torch.save(results, output)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
