@@ -115,9 +115,10 @@ def _check_distributed_setup(model: nn.Module) -> None:
         raise RuntimeError(
             "Invalid model for gradient release: a DistributedDataParallel module. Its "
             "hooks would fire on each rank's local gradient, before DDP averages it, so "
-            "replicas would drift apart. Use the Lightning or Composer GradientRelease "
-            "callback (it steps from DDP's communication hook, after the all-reduce), "
-            "shard the model with FSDP2 (fully_shard), or train without release."
+            "replicas would drift apart. Use the Lightning GradientRelease callback (it "
+            "steps from DDP's communication hook, after the all-reduce), shard the model "
+            "with FSDP2 (fully_shard; Lightning's ModelParallelStrategy, Composer's "
+            "FSDP2Config), or train without release."
         )
     distributed = (
         torch.distributed.is_available()
@@ -137,8 +138,9 @@ def _check_distributed_setup(model: nn.Module) -> None:
             f"Invalid model for gradient release on {torch.distributed.get_world_size()} "
             f"ranks: {len(plain)} parameter(s) (shapes {plain[:3]}) are plain tensors, whose "
             "hooks fire on each rank's local gradient before any all-reduce. Allowed: a "
-            "model sharded with FSDP2 (fully_shard, every parameter a DTensor), or the "
-            "Lightning/Composer GradientRelease callback under DDP."
+            "model sharded with FSDP2 (fully_shard, every parameter a DTensor; Lightning's "
+            "ModelParallelStrategy, Composer's FSDP2Config), or the Lightning "
+            "GradientRelease callback under DDP."
         )
 
 

@@ -24,13 +24,12 @@ from composer.core import Callback, State
 from composer.loggers import InMemoryLogger, Logger
 from composer.optim import LinearWithWarmupScheduler
 from composer.utils import FSDP2Config, dist
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 import composer_adam
 from tests.composer_adam.harness import BATCH, LR, MICROBATCH, make_loader, make_model
-from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
+from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS, average_fsdp2_gradients
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "DecoupledAdamW": lambda p, **kw: composer_adam.DecoupledAdamW(
@@ -106,19 +105,6 @@ def _loader(dtype: torch.dtype) -> DataLoader:
     # Interleaved shards: rank r takes samples r, r + world, ... of every global batch.
     sampler = DistributedSampler(dataset, shuffle=False) if world > 1 else None
     return DataLoader(dataset, batch_size=BATCH // world, sampler=sampler, shuffle=False)
-
-
-def average_fsdp2_gradients(model: torch.nn.Module) -> None:
-    """Divide each FSDP2 reduce-scatter output by the world size.
-
-    torch 2.7's FSDP2 asks for ReduceOp.AVG, which gloo's reduce-scatter sums instead;
-    `FSDPModule.set_all_reduce_hook` runs on the reduce-scatter output (1-D FSDP) before
-    the gradient is set and before post-accumulate-grad hooks, so the division there
-    makes the gradient the average, for release too."""
-    world = dist.get_world_size()
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_all_reduce_hook(lambda output: output.div_(world))
 
 
 MATRIX = ("ddp", "fsdp2", "fsdp2_release")

@@ -107,3 +107,27 @@ def step_one_process(cell: Cell) -> list[torch.Tensor]:
         optimizer.step()
         optimizer.zero_grad()
     return [p.detach().float().clone() for p in params]
+
+
+def torch_older_than(major: int, minor: int) -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version < (major, minor)
+
+
+FSDP2_SUMS_OVER_GLOO = torch_older_than(2, 8)
+"""torch 2.7's FSDP2 asks gloo for ReduceOp.AVG and gets a sum (measured: 2.0x the
+one-process gradient); later releases average."""
+
+
+def average_fsdp2_gradients(model: nn.Module) -> None:
+    """Divide each FSDP2 reduce-scatter output by the world size (for torch 2.7 on gloo).
+
+    `FSDPModule.set_all_reduce_hook` runs on the reduce-scatter output (1-D FSDP) before
+    the gradient is set and before post-accumulate-grad hooks, so the division there
+    makes the gradient the average, for gradient release too."""
+    from torch.distributed.fsdp import FSDPModule
+
+    world = torch.distributed.get_world_size()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_all_reduce_hook(lambda output: output.div_(world))

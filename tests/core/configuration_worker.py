@@ -38,10 +38,12 @@ from tests.core.configuration_cases import (
     BACKENDS,
     CHECKPOINT_AT,
     DTYPES,
+    FSDP2_SUMS_OVER_GLOO,
     GLOBAL_BATCHES,
     OPTIMIZERS,
     STEPS,
     Cell,
+    average_fsdp2_gradients,
     direct_gradients,
     make_model,
     warmup,
@@ -85,6 +87,8 @@ def _sharded_model(dtype: torch.dtype, mixed_precision: bool) -> nn.Module:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if FSDP2_SUMS_OVER_GLOO:
+        average_fsdp2_gradients(model)
     return model
 
 

@@ -1,8 +1,9 @@
 """The configuration matrix: every optimizer x backend {default, fused, foreach, loop} x
 dtype {fp32, bf16 + Kahan} under FSDP2, FSDP2 with bf16 compute, DCP checkpoints, FSDP2
-with gradient release, DTensor
-parameters (Shard(0), Replicate), tensor parallelism and DDP, on 2 gloo processes, each
-cell equal to one process running the loop backend.
+with gradient release, DTensor parameters (Shard(0), Replicate), tensor parallelism and
+DDP, on 2 gloo processes, each cell equal to one process running the loop backend. On
+torch 2.7, whose FSDP2 sums gradients over gloo, the sum is divided by the world size
+(configuration_cases.average_fsdp2_gradients).
 
 One process group trains every cell (configuration_worker.py); each test checks one cell.
 fp32 cells agree within 1e-6; bf16 cells within one bf16 ulp per step of the same
@@ -36,19 +37,7 @@ FSDP_CONFIGURATIONS = ("fsdp2", "fsdp2_bf16_compute", "fsdp2_dcp", "fsdp2_releas
 OTHER_CONFIGURATIONS = ("dtensor_shard", "dtensor_replicate", "tensor_parallel", "ddp")
 
 
-def _torch_older_than(major: int, minor: int) -> bool:
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    return version < (major, minor)
-
-
-FSDP_SKIP = (
-    "torch 2.7's FSDP2 sums gradients over gloo instead of averaging them (measured: 2.0x "
-    "the one-process gradient), so no optimizer can equal one process there; the "
-    "configuration runs in the main environment (torch 2.13)"
-)
-CONFIGURATIONS = (
-    OTHER_CONFIGURATIONS if _torch_older_than(2, 8) else FSDP_CONFIGURATIONS + OTHER_CONFIGURATIONS
-)
+CONFIGURATIONS = FSDP_CONFIGURATIONS + OTHER_CONFIGURATIONS
 
 
 def _free_port() -> int:
@@ -104,13 +93,7 @@ def assert_within_bf16_ulps(
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize(
-    "configuration",
-    [
-        pytest.param(c, marks=pytest.mark.skipif(c not in CONFIGURATIONS, reason=FSDP_SKIP))
-        for c in FSDP_CONFIGURATIONS + OTHER_CONFIGURATIONS
-    ],
-)
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
 def test_cell_equals_one_process_loop(
     trained: dict, configuration: str, optimizer: str, backend: str, dtype_name: str
 ) -> None:
