@@ -175,6 +175,19 @@ def ddp(cell: Cell) -> list[torch.Tensor]:
     return _full(list(model.module.parameters()))
 
 
+def _release_refusal() -> str:
+    """What gradient release says to plain parameters on 2 ranks (their hooks would see
+    local gradients): the message, or "" if it was not refused."""
+    model = make_model()
+    optimizer = OPTIMIZERS["AdamW"](model.parameters(), gradient_release=True)
+    try:
+        core.prepare_for_gradient_release(model, optimizer)
+    except RuntimeError as error:
+        return str(error)
+    core.remove_gradient_release(model)
+    return ""
+
+
 CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
     "fsdp2": fsdp2,
     "fsdp2_bf16_compute": lambda cell: fsdp2(cell, mixed_precision=True),
@@ -198,6 +211,7 @@ def main(output: str, *configurations: str) -> None:
                 for dtype_name in DTYPES:
                     cell = Cell(optimizer_name, backend, dtype_name)
                     results[(configuration, *cell.key)] = run(cell)
+    results[("refused", "plain parameters on 2 ranks")] = _release_refusal()
     if dist.get_rank() == 0:
         torch.save(results, output)
     dist.barrier()  # neither rank tears gloo down while the other still uses it

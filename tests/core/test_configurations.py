@@ -118,4 +118,14 @@ def test_worker_covers_every_cell(trained: dict) -> None:
     expected = {
         (c, o, b, d) for c in CONFIGURATIONS for o in OPTIMIZERS for b in BACKENDS for d in DTYPES
     }
-    assert set(trained) == expected
+    assert set(trained) - {REFUSAL} == expected
+
+
+REFUSAL = ("refused", "plain parameters on 2 ranks")
+
+
+@pytest.mark.bad_input
+def test_release_of_plain_parameters_on_two_ranks_is_refused_by_name(trained: dict) -> None:
+    message = trained[REFUSAL]
+    assert "Invalid model for gradient release on 2 ranks" in message
+    assert "plain tensors" in message and "FSDP2" in message
