@@ -46,6 +46,23 @@ MOMENT_FAMILIES = {
 """What exp_avg averages in each family, and whose state a member can continue from."""
 
 
+TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
+"""Flags torch.optim's Adam, AdamW, RAdam and NAdam read from every group, at the values
+adamkit's steps compute (maximize=True state is refused on load)."""
+
+
+def torch_group_keys(group: dict[str, Any]) -> dict[str, Any]:
+    """The keys torch.optim reads that adamkit's groups name differently or leave out, so a
+    torch optimizer loading the group continues the run rather than its own defaults.
+
+    Fully decoupled decay (decouple_lr) is marked decoupled: torch has no decay relative
+    to max_lr, and weight_decay keeps adamkit's (optimi's, Composer's) meaning, so torch
+    decays by lr·weight_decay unless its weight_decay is set to weight_decay / max_lr.
+    """
+    decoupled = bool(group["decouple_wd"] or group["decouple_lr"])
+    return {**TORCH_FLAGS, "decoupled_weight_decay": decoupled}
+
+
 def saved_moment_family(group: dict[str, Any]) -> str:
     """The family a saved param group comes from: ADOPT's groups, and only they, hold 'clip'."""
     return "ADOPT" if "clip" in group else "Adam"
@@ -604,6 +621,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             param.grad.detach_().zero_()
 
     # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, each group also holding the keys torch.optim reads
+        (`torch_group_keys`), so torch.optim.Adam/AdamW/RAdam/NAdam continue the run."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group.update(torch_group_keys(group))
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class, its siblings or torch.optim's Adam/AdamW/NAdam/RAdam.
