@@ -64,6 +64,13 @@ def test_defaults_and_signature_match_composer() -> None:
     for name, parameter in theirs.items():
         assert ours[name].default == parameter.default, name
     assert list(ours)[: len(theirs)] == list(theirs)
+    # Composer's arguments keep Composer's positional order; adamkit's own are keyword-only.
+    assert all(ours[name].kind is parameter.kind for name, parameter in theirs.items())
+    assert all(p.kind is p.KEYWORD_ONLY for name, p in ours.items() if name not in theirs)
+    for cls in (composer_adam.DecoupledRAdam, composer_adam.DecoupledNAdam):
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == ["self", "params", "lr", "betas", "eps", "weight_decay"]
     adamw_ours = inspect.signature(composer_adam.DecoupledAdamW.adamw).parameters
     assert list(adamw_ours) == list(inspect.signature(ComposerAdamW.adamw).parameters)
 

@@ -6,6 +6,7 @@ the Composer environment.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import types
 import warnings
@@ -63,6 +64,63 @@ def test_torch_takes_eps_before_weight_decay_so_pass_them_by_keyword(name: str) 
     assert theirs[:5] == ["params", "lr", "betas", "eps", "weight_decay"]
     ours = list(inspect.signature(getattr(core, name)).parameters)
     assert ours[:5] == POSITIONAL
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RAdam"])
+def test_every_optimi_argument_is_accepted_with_optimis_default(
+    optimi: types.ModuleType, name: str
+) -> None:
+    ours = inspect.signature(getattr(core, name)).parameters
+    for argument, parameter in inspect.signature(getattr(optimi, name)).parameters.items():
+        assert argument in ours, argument
+        assert ours[argument].default == parameter.default, argument
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RAdam", "NAdam"])
+def test_defaults_differ_from_torchs(name: str) -> None:
+    """betas (0.9, 0.99) and eps 1e-6, as optimi: pass torch's to reproduce a torch run."""
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    ours = inspect.signature(getattr(core, name)).parameters
+    assert (ours["betas"].default, ours["eps"].default) == ((0.9, 0.99), 1e-6)
+    assert (theirs["betas"].default, theirs["eps"].default) == ((0.9, 0.999), 1e-8)
+
+
+@pytest.mark.parametrize("helper", ["prepare_for_gradient_release", "remove_gradient_release"])
+def test_gradient_release_helpers_have_optimis_signatures(
+    optimi: types.ModuleType, helper: str
+) -> None:
+    ours = inspect.signature(getattr(core, helper)).parameters
+    theirs = inspect.signature(getattr(optimi, helper)).parameters
+    assert [(p.name, p.default) for p in ours.values()] == [
+        (p.name, p.default) for p in theirs.values()
+    ]
+
+
+@pytest.mark.bad_input
+def test_optimi_checkpoint_is_refused_before_any_change(optimi: types.ModuleType) -> None:
+    """optimi keeps step in the param group, not per parameter as torch.optim and adamkit."""
+    model = nn.Linear(3, 2)
+    source = optimi.AdamW(model.parameters(), lr=1e-3, triton=False)
+    model(torch.ones(1, 3)).sum().backward()
+    source.step()
+    optimizer = core.AdamW(model.parameters(), lr=1e-3)
+    optimizer.step()
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"Invalid state_dict for AdamW: .* lacks \['step'\]"):
+        optimizer.load_state_dict(source.state_dict())
+    assert optimizer.state_dict()["param_groups"] == before["param_groups"]
+
+
+@pytest.mark.bad_input
+def test_torch_maximize_checkpoint_is_refused_before_any_change() -> None:
+    model = nn.Linear(3, 2)
+    source = torch.optim.Adam(model.parameters(), lr=1e-3, maximize=True)
+    model(torch.ones(1, 3)).sum().backward()
+    source.step()
+    optimizer = core.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"Invalid maximize in param group 0 .*: True. Allowed"):
+        optimizer.load_state_dict(source.state_dict())
+    assert not optimizer.state and "maximize" not in optimizer.param_groups[0]
 
 
 # -- triton ---------------------------------------------------------------------------------
