@@ -76,6 +76,59 @@ def test_every_optimi_argument_is_accepted_with_optimis_default(
         assert ours[argument].default == parameter.default, argument
 
 
+TORCH_SHARED = {
+    "Adam": ["amsgrad", "fused"],
+    "AdamW": ["amsgrad", "fused"],
+    "RAdam": [],
+    "NAdam": ["momentum_decay"],
+}
+"""torch.optim arguments adamkit takes under the same name, beyond the common ones."""
+
+
+@pytest.mark.parametrize("name", list(TORCH_SHARED))
+def test_torchs_argument_names_that_carry_over_and_those_that_do_not(name: str) -> None:
+    ours = inspect.signature(getattr(core, name)).parameters
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    shared = ["params", "lr", "betas", "eps", "weight_decay", "foreach"]
+    assert all(n in ours and n in theirs for n in [*shared, *TORCH_SHARED[name]])
+    for missing in ("maximize", "capturable", "differentiable", "decoupled_weight_decay"):
+        assert missing not in ours
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{missing}'"):
+            getattr(core, name)(_parameters(), lr=1e-3, **{missing: False})
+
+
+def _final_parameters(make_optimizer: Any) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    optimizer = make_optimizer(model.parameters())
+    for x, y in make_batches(torch.float64, 20):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_radam_adds_eps_to_the_bias_corrected_root_as_optimi_not_the_raw_root_as_torch(
+    optimi: types.ModuleType,
+) -> None:
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.99)}
+    ours = _final_parameters(lambda p: core.RAdam(p, eps=1e-3, **kwargs))
+    optimis = _final_parameters(lambda p: optimi.RAdam(p, eps=1e-3, triton=False, **kwargs))
+    torchs = _final_parameters(lambda p: torch.optim.RAdam(p, eps=1e-3, **kwargs))
+    torch.testing.assert_close(ours, optimis, atol=1e-12, rtol=0)
+    assert float((ours - torchs).abs().max()) > 1e-5
+    small = [
+        _final_parameters(lambda p, c=c: c(p, eps=1e-10, **kwargs))
+        for c in (core.RAdam, torch.optim.RAdam)
+    ]
+    torch.testing.assert_close(small[0], small[1], atol=1e-9, rtol=0)
+
+
+def test_optimis_other_optimizers_have_no_counterpart(optimi: types.ModuleType) -> None:
+    for name in ("Adan", "Lion", "SGD", "Ranger", "StableAdamW"):
+        assert hasattr(optimi, name) and not hasattr(core, name)
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RAdam", "NAdam"])
 def test_defaults_differ_from_torchs(name: str) -> None:
     """betas (0.9, 0.99) and eps 1e-6, as optimi: pass torch's to reproduce a torch run."""

@@ -172,6 +172,18 @@ def test_state_dict_interchange_with_torch(name: str, direction: str) -> None:
         torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
 
 
+def test_torch_adamw_always_decays_decoupled_so_an_l2_run_continues_in_torch_adam() -> None:
+    model = make_model()
+    state_dict = core.Adam(model.parameters(), lr=LR, weight_decay=0.1).state_dict()
+    assert state_dict["param_groups"][0]["decoupled_weight_decay"] is False
+    adamw = torch.optim.AdamW(model.parameters(), lr=LR)
+    adamw.load_state_dict(copy.deepcopy(state_dict))
+    adam = torch.optim.Adam(model.parameters(), lr=LR)
+    adam.load_state_dict(copy.deepcopy(state_dict))
+    assert adamw.param_groups[0]["decoupled_weight_decay"] is True
+    assert adam.param_groups[0]["decoupled_weight_decay"] is False
+
+
 @pytest.mark.parametrize("name", list(TORCH_CLASSES))
 def test_fully_decoupled_decay_continues_in_torch_once_weight_decay_is_divided_by_max_lr(
     name: str,
