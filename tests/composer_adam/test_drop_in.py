@@ -129,7 +129,11 @@ def test_initial_lr_is_recorded_per_group_and_high_decay_warns(
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.5]
     caplog.clear()
     composer_adam.DecoupledAdamW(first, weight_decay=9e-4)
+    ComposerAdamW(first, weight_decay=9e-4)
     assert caplog.text == ""
+    with caplog.at_level(logging.WARNING):
+        ComposerAdamW(first, weight_decay=1e-3)  # Composer logs from the same value
+    assert "weight_decay=0.001" in caplog.text
 
 
 @pytest.mark.bad_input
