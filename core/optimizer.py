@@ -136,7 +136,7 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
     """Replace optimi's `triton` switch in options (constructor defaults or a param group)
     by torch's `fused`, in place; True when triton was given.
 
-    Both name the one-pass backend (Triton on GPU, the generated C kernel on CPU) and None
+    Both name the one-pass backend (Triton on GPU, the fused CPU backend on CPU) and None
     lets adamkit choose, so only `fused` is stored and checkpoints hold one key.
     """
     triton = options.pop("triton", None)

@@ -139,7 +139,7 @@ class RAdam(AdamFamilyOptimizer):
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
-            the generated C kernel on CPU); only fused is stored in the param groups.
+            the fused CPU backend on CPU); only fused is stored in the param groups.
         gradient_release: Step each parameter inside backward and free its gradient;
             requires `core.prepare_for_gradient_release(model, optimizer)`.
     """

@@ -253,7 +253,7 @@ def test_triton_with_foreach_is_refused_by_name() -> None:
 def test_triton_true_without_gpu_or_compiler_is_refused_by_name_before_any_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """On CPU triton=True means the generated C kernel; without a compiler it cannot run."""
+    """On CPU triton=True means the fused CPU backend; without a compiler it cannot run."""
     model = nn.Linear(3, 2)
     optimizer = core.NAdam(model.parameters(), lr=1e-3, triton=True)
     model(torch.ones(1, 3)).sum().backward()
