@@ -20,12 +20,15 @@ from torch import Tensor
 import core
 from core import metrics
 from core.backends.views import dtensor_type
-from core.optimizer import ParamsT, finite_at_least, hyperparameters, require
+from core.optimizer import (
+    HIGH_FULLY_DECOUPLED_WEIGHT_DECAY,
+    ParamsT,
+    finite_at_least,
+    hyperparameters,
+    require,
+)
 
 log = logging.getLogger(__name__)
-
-HIGH_WEIGHT_DECAY = 1e-3
-"""Composer warns from this weight_decay on: it is a fraction of θ per step, not scaled by lr."""
 
 
 class ComposerConventions:
@@ -44,17 +47,18 @@ class ComposerConventions:
         super().__init__(params, **kwargs)  # type: ignore[call-arg]
         for group in self.param_groups:
             group["initial_lr"] = group["lr"]
-        weight_decay = kwargs["weight_decay"]
-        if weight_decay >= HIGH_WEIGHT_DECAY:
-            log.warning(
-                "%s: weight_decay=%s is high. The decay is not scaled by lr, so at the "
-                "initial lr every step multiplies the weights by %s; Composer's decoupled "
-                "optimizers are meant for values below %s.",
-                type(self).__name__,
-                weight_decay,
-                1.0 - weight_decay,
-                HIGH_WEIGHT_DECAY,
-            )
+
+    def _report_high_weight_decay(self, weight_decay: float) -> None:
+        """Composer logs the warning (core's check decides when), in Composer's terms."""
+        log.warning(
+            "%s: weight_decay=%s is high. The decay is not scaled by lr, so at the "
+            "initial lr every step multiplies the weights by %s; Composer's decoupled "
+            "optimizers are meant for values below %s.",
+            type(self).__name__,
+            weight_decay,
+            1.0 - weight_decay,
+            HIGH_FULLY_DECOUPLED_WEIGHT_DECAY,
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
@@ -152,6 +156,7 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
             for low-precision parameters only.
         foreach: Use the multi-tensor foreach backend; None picks the fastest.
         fused: Use a fused backend; None picks it where available and exact.
+        triton: optimi's name for fused (see core.Adam).
         gradient_release: Step each parameter inside backward (see GradientRelease).
     """
 
@@ -167,6 +172,7 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
         kahan_sum: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        triton: bool | None = None,
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, decouple_lr=True, **hyperparameters(locals()))
@@ -231,6 +237,7 @@ class DecoupledRAdam(ComposerConventions, core.RAdam):
         kahan_sum: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        triton: bool | None = None,
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, decouple_lr=True, **hyperparameters(locals()))
@@ -249,11 +256,12 @@ class DecoupledNAdam(ComposerConventions, core.NAdam):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 1e-5,
-        momentum_decay: float = 4e-3,
         *,
+        momentum_decay: float = 4e-3,
         kahan_sum: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        triton: bool | None = None,
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, decouple_lr=True, **hyperparameters(locals()))
@@ -274,11 +282,12 @@ class DecoupledADOPT(ComposerConventions, core.ADOPT):
         betas: tuple[float, float] = (0.9, 0.9999),
         eps: float = 1e-6,
         weight_decay: float = 1e-5,
-        clip: bool = True,
         *,
+        clip: bool = True,
         kahan_sum: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        triton: bool | None = None,
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, decouple_lr=True, **hyperparameters(locals()))

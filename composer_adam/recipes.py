@@ -4,8 +4,8 @@ An optimizer recipe is llm-foundry's `optimizer:` section: `name` plus the class
 keyword arguments, optionally `param_groups` (each with a `param_str_match` regex,
 searched in parameter names; a parameter joins the first group that matches, the rest
 form the default group) and `disable_grad` (regexes of parameters to freeze). One key is
-added: `no_decay` (default true) gives biases, normalization and embedding parameters
-weight_decay 0 in every group that does not set weight_decay itself.
+added: `no_decay` (default true) gives biases, parameters with ndim <= 1, normalization and
+embedding parameters weight_decay 0 in every group that does not set weight_decay itself.
 
     optimizer:
       name: adamkit_decoupled_adamw
@@ -34,6 +34,7 @@ from composer_adam.optimizers import (
     DecoupledNAdam,
     DecoupledRAdam,
 )
+from core.models import owned_parameters, skips_weight_decay
 from core.optimizer import AdamFamilyOptimizer
 
 OPTIMIZERS: dict[str, type[AdamFamilyOptimizer]] = {
@@ -55,16 +56,6 @@ SCHEDULERS: dict[str, str] = {
 """llm-foundry's scheduler names for composer.optim's schedulers."""
 
 RECIPE_KEYS = ("name", "param_groups", "disable_grad", "no_decay")
-
-_NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Embedding,
-    nn.EmbeddingBag,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.modules.batchnorm._NormBase,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
 
 
 @functools.cache
@@ -143,16 +134,13 @@ def _patterns(value: Any, where: str) -> list[re.Pattern[str]]:
 
 
 def no_decay_parameters(model: nn.Module) -> set[Tensor]:
-    """Biases and the parameters of normalization and embedding modules (by type, or by a
-    class name containing "Norm" or "Embedding", which covers custom ones)."""
-    found: set[Tensor] = set()
-    for module in model.modules():
-        kind = type(module).__name__
-        whole = isinstance(module, _NO_DECAY_MODULES) or "Norm" in kind or "Embedding" in kind
-        for name, param in module.named_parameters(recurse=False):
-            if whole or name.endswith("bias"):
-                found.add(param)
-    return found
+    """Biases, parameters with ndim <= 1 and those of normalization and embedding modules:
+    `core.models.skips_weight_decay` with the owning module, as Lightning's default."""
+    return {
+        param
+        for name, param, owner in owned_parameters(model)
+        if skips_weight_decay(name, param, owner)
+    }
 
 
 def build_optimizer(

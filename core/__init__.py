@@ -10,6 +10,7 @@ from core.gradient_release import (
     prepare_for_gradient_release,
     remove_gradient_release,
 )
+from core.models import param_groups_weight_decay, to_low_precision
 from core.nadam import NAdam, nadam
 from core.optimizer import AdamFamilyOptimizer
 from core.radam import RAdam, radam
@@ -25,7 +26,9 @@ __all__ = [
     "adopt",
     "is_gradient_release_prepared",
     "nadam",
+    "param_groups_weight_decay",
     "prepare_for_gradient_release",
     "radam",
     "remove_gradient_release",
+    "to_low_precision",
 ]

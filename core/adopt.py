@@ -127,6 +127,8 @@ class ADOPT(AdamFamilyOptimizer):
             for low-precision parameters only.
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
+        triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
+            the fused CPU backend on CPU); only fused is stored in the param groups.
         gradient_release: Step each parameter inside backward and free its gradient;
             requires `core.prepare_for_gradient_release(model, optimizer)`.
     """
@@ -141,6 +143,7 @@ class ADOPT(AdamFamilyOptimizer):
         betas: tuple[float, float] = (0.9, 0.9999),
         weight_decay: float = 0.0,
         eps: float = 1e-6,
+        *,
         clip: bool = True,
         decouple_wd: bool = False,
         decouple_lr: bool = False,
@@ -148,6 +151,7 @@ class ADOPT(AdamFamilyOptimizer):
         kahan_sum: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        triton: bool | None = None,
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, hyperparameters(locals()))

@@ -22,6 +22,7 @@ takes the root. Plain torch.distributed; nothing here imports a framework.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -134,7 +135,9 @@ def _zero_on_reduce_device(metrics: Metrics) -> Tensor:
 def dist_reduce_metrics(metrics: Metrics, group: Any = None) -> Metrics:
     """Combine pre-reduced metrics over the ranks of `group` in place (and return them).
 
-    l2 norms: the root of the summed squares; other metrics: the mean over ranks. Every
+    l2 norms: the root of the summed squares, as a Python float; other metrics: the mean
+    over ranks; both as Composer's DecoupledAdamW returns them, so code written for its
+    output (OptimizerMonitor, a logger) sees the same types. Every
     rank must call it; a metric that some rank lacks (a parameter with no state there)
     counts as zero on that rank. Without an initialized process group it only takes the
     roots, so single-process code can call the same pair of functions.
@@ -149,9 +152,8 @@ def dist_reduce_metrics(metrics: Metrics, group: Any = None) -> Metrics:
     for key in sorted(keys):
         value = metrics.get(key)
         value = _zero_on_reduce_device(metrics) if value is None else value
-        value = value if isinstance(value, Tensor) else torch.tensor(float(value))
         if world_size > 1:
-            value = value.clone()
+            value = value.clone() if isinstance(value, Tensor) else torch.tensor(float(value))
             dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-        metrics[key] = value.sqrt() if key.startswith("l2_norm/") else value / world_size
+        metrics[key] = math.sqrt(value) if key.startswith("l2_norm/") else value / world_size
     return metrics

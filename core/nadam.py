@@ -137,6 +137,8 @@ class NAdam(AdamFamilyOptimizer):
             for low-precision parameters only.
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
+        triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
+            the fused CPU backend on CPU); only fused is stored in the param groups.
         gradient_release: Step each parameter inside backward and free its gradient;
             requires `core.prepare_for_gradient_release(model, optimizer)`.
     """
@@ -150,6 +152,7 @@ class NAdam(AdamFamilyOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         eps: float = 1e-6,
+        *,
         momentum_decay: float = 4e-3,
         decouple_wd: bool = False,
         decouple_lr: bool = False,
@@ -157,6 +160,7 @@ class NAdam(AdamFamilyOptimizer):
         kahan_sum: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        triton: bool | None = None,
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, hyperparameters(locals()))

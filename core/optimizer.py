@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
@@ -44,6 +45,23 @@ MOMENT_FAMILIES = {
     "ADOPT": ("normalised gradients", "the state of adamkit's ADOPT (or DecoupledADOPT)"),
 }
 """What exp_avg averages in each family, and whose state a member can continue from."""
+
+
+TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
+"""Flags torch.optim's Adam, AdamW, RAdam and NAdam read from every group, at the values
+adamkit's steps compute (maximize=True state is refused on load)."""
+
+
+def torch_group_keys(group: dict[str, Any]) -> dict[str, Any]:
+    """The keys torch.optim reads that adamkit's groups name differently or leave out, so a
+    torch optimizer loading the group continues the run rather than its own defaults.
+
+    Fully decoupled decay (decouple_lr) is marked decoupled: torch has no decay relative
+    to max_lr, and weight_decay keeps adamkit's (optimi's, Composer's) meaning, so torch
+    decays by lr·weight_decay unless its weight_decay is set to weight_decay / max_lr.
+    """
+    decoupled = bool(group["decouple_wd"] or group["decouple_lr"])
+    return {**TORCH_FLAGS, "decoupled_weight_decay": decoupled}
 
 
 def saved_moment_family(group: dict[str, Any]) -> str:
@@ -112,6 +130,43 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
         "None or False when foreach=True (pick one backend)",
         where,
     )
+
+
+def fold_triton_into_fused(options: dict[str, Any]) -> bool:
+    """Replace optimi's `triton` switch in options (constructor defaults or a param group)
+    by torch's `fused`, in place; True when triton was given.
+
+    Both name the one-pass backend (Triton on GPU, the fused CPU backend on CPU) and None
+    lets adamkit choose, so only `fused` is stored and checkpoints hold one key.
+    """
+    triton = options.pop("triton", None)
+    require(
+        _is_optional_bool(triton),
+        "triton",
+        triton,
+        "None, True or False (optimi's name for fused)",
+    )
+    if triton is None:
+        return False
+    fused = options.get("fused")
+    if fused is not None and fused is not triton:
+        raise ValueError(
+            f"Invalid triton={triton!r} with fused={fused!r}: both choose the one-pass "
+            "backend. Allowed: one of them, or the same value for both."
+        )
+    require(
+        not (triton and options.get("foreach")),
+        "triton",
+        triton,
+        "None or False when foreach=True (pick one backend)",
+    )
+    options["fused"] = triton
+    return True
+
+
+HIGH_FULLY_DECOUPLED_WEIGHT_DECAY = 1e-3
+"""From here on fully decoupled decay (a fraction of θ per step at max_lr) is unusually
+strong; optimi and Composer warn from the same value."""
 
 
 def decoupled_decay_rate(
@@ -289,8 +344,33 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     parameters; the first step after it is set back to False updates them (see window_terms)."""
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        # The name the user chose the fused backend by, for errors about it.
+        self._fused_argument = "triton" if fold_triton_into_fused(defaults) else "fused"
         self._validate_group(defaults, "")
         super().__init__(params, defaults)
+        self._warn_if_weight_decay_is_high()
+
+    def _warn_if_weight_decay_is_high(self) -> None:
+        """Warn once, as optimi does, when a fully decoupled group's weight_decay is high."""
+        high = [
+            float(group["weight_decay"])
+            for group in self.param_groups
+            if group["decouple_lr"]
+            and float(group["weight_decay"]) >= HIGH_FULLY_DECOUPLED_WEIGHT_DECAY
+        ]
+        if high:
+            self._report_high_weight_decay(max(high))
+
+    def _report_high_weight_decay(self, weight_decay: float) -> None:
+        """Say that weight_decay is high for fully decoupled decay (an adapter may reword it)."""
+        warnings.warn(
+            f"{type(self).__name__}: weight_decay={weight_decay} is high for fully decoupled "
+            "decay (decouple_lr=True): it is the fraction of each weight removed per step at "
+            f"max_lr, not scaled by lr; usual values are 1e-5 to 1e-4, below "
+            f"{HIGH_FULLY_DECOUPLED_WEIGHT_DECAY}.",
+            UserWarning,
+            stacklevel=5,
+        )
 
     # -- hyperparameters -----------------------------------------------------------------
 
@@ -301,16 +381,20 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         """Check the algorithm's own hyperparameters (override in subclasses)."""
 
-    @staticmethod
-    def _check_fused_possible(group: dict[str, Any], where: str) -> None:
-        """fused=True is refused up front (construction and every step) where it cannot run."""
+    def _check_fused_possible(self, group: dict[str, Any], where: str) -> None:
+        """fused=True is refused up front (construction and every step) where it cannot run;
+        the error names the argument it was chosen by (fused, or optimi's triton)."""
         if group["fused"]:
             reason = fused_unavailable_reason(group["params"])
-            require(reason is None, "fused", True, f"None or False here: {reason}", where)
+            name = getattr(self, "_fused_argument", "fused")
+            require(reason is None, name, True, f"None or False here: {reason}", where)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its max_lr defaults to its own lr at this moment."""
         if isinstance(param_group, dict):
+            if "triton" in param_group:
+                param_group = dict(param_group)
+                fold_triton_into_fused(param_group)
             merged = {**self.defaults, **param_group}
             self._validate_group(merged, f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
@@ -594,6 +678,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             param.grad.detach_().zero_()
 
     # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, each group also holding the keys torch.optim reads
+        (`torch_group_keys`), so torch.optim.Adam/AdamW/RAdam/NAdam continue the run."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group.update(torch_group_keys(group))
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class, its siblings or torch.optim's Adam/AdamW/NAdam/RAdam.

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import core
+from core.models import owned_parameters, skips_weight_decay
 from core.optimizer import require
 from lightning_adam.schedules import LRSchedule
 
@@ -57,8 +58,9 @@ def configure_optimizers(
         scheduler: None for a fixed lr, or an LRSchedule, a kind ('cosine', 'linear',
             'constant'), or a dict of LRSchedule fields.
         no_weight_decay: Which parameters go in a group with weight_decay 0. True: biases,
-            normalisation weights and embeddings (parameters named '*bias*', and those of
-            modules whose class name contains 'Norm' or 'Embedding'). False: none.
+            normalisation weights and embeddings (`core.models.skips_weight_decay` with
+            the owning module: parameters with ndim <= 1 or named '*.bias', and those of
+            normalisation and embedding modules). False: none.
             A list of fnmatch patterns over qualified parameter names replaces that rule;
             a callable (name, parameter, owning module) -> bool decides per parameter.
         **hyperparameters: The optimizer's keyword arguments (lr, weight_decay, ...);
@@ -219,7 +221,7 @@ def _no_weight_decay_rule(
     setting: NoWeightDecay,
 ) -> Callable[[str, nn.Parameter, nn.Module], bool] | None:
     if setting is True:
-        return _default_no_weight_decay
+        return skips_weight_decay
     if setting is False:
         return None
     if isinstance(setting, Sequence) and not isinstance(setting, str):
@@ -240,12 +242,6 @@ def _no_weight_decay_rule(
     return setting  # type: ignore[return-value]
 
 
-def _default_no_weight_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
-    """Biases, normalisation weights and embeddings: decaying them hurts and saves nothing."""
-    owner = type(module).__name__
-    return "bias" in name.rpartition(".")[2] or "Norm" in owner or "Embedding" in owner
-
-
 def _param_groups(
     module: nn.Module, exclude: Callable[[str, nn.Parameter, nn.Module], bool] | None
 ) -> list[dict[str, Any]]:
@@ -256,11 +252,9 @@ def _param_groups(
     """
     skip: set[int] = set()
     if exclude is not None:
-        for module_name, owner in module.named_modules():
-            for param_name, param in owner.named_parameters(recurse=False):
-                qualified = f"{module_name}.{param_name}" if module_name else param_name
-                if exclude(qualified, param, owner):
-                    skip.add(id(param))
+        for name, param, owner in owned_parameters(module):
+            if exclude(name, param, owner):
+                skip.add(id(param))
     trainable = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in trainable if id(p) not in skip]
     no_decay = [p for p in trainable if id(p) in skip]

@@ -64,6 +64,13 @@ def test_defaults_and_signature_match_composer() -> None:
     for name, parameter in theirs.items():
         assert ours[name].default == parameter.default, name
     assert list(ours)[: len(theirs)] == list(theirs)
+    # Composer's arguments keep Composer's positional order; adamkit's own are keyword-only.
+    assert all(ours[name].kind is parameter.kind for name, parameter in theirs.items())
+    assert all(p.kind is p.KEYWORD_ONLY for name, p in ours.items() if name not in theirs)
+    for cls in (composer_adam.DecoupledRAdam, composer_adam.DecoupledNAdam):
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == ["self", "params", "lr", "betas", "eps", "weight_decay"]
     adamw_ours = inspect.signature(composer_adam.DecoupledAdamW.adamw).parameters
     assert list(adamw_ours) == list(inspect.signature(ComposerAdamW.adamw).parameters)
 
@@ -122,7 +129,11 @@ def test_initial_lr_is_recorded_per_group_and_high_decay_warns(
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.5]
     caplog.clear()
     composer_adam.DecoupledAdamW(first, weight_decay=9e-4)
+    ComposerAdamW(first, weight_decay=9e-4)
     assert caplog.text == ""
+    with caplog.at_level(logging.WARNING):
+        ComposerAdamW(first, weight_decay=1e-3)  # Composer logs from the same value
+    assert "weight_decay=0.001" in caplog.text
 
 
 @pytest.mark.bad_input
@@ -152,3 +163,36 @@ def test_bf16_parameters_get_kahan_compensation(kahan_sum: bool | None) -> None:
     for p in model.parameters():
         assert ("kahan_comp" in optimizer.state[p]) == (kahan_sum is None)
     assert all("kahan_comp" not in optimizer.state[p] for p in fp32.parameters())
+
+
+def _reduced_metrics(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """What OptimizerMonitor gets from the optimizer under FSDP: report, pre-reduce, reduce."""
+    found: dict = {}
+    for name, param in model.named_parameters():
+        optimizer.report_per_parameter_metrics(param, name, found)
+    return optimizer.dist_reduce_metrics(optimizer.pre_reduce_metrics(found))
+
+
+def test_reduced_metrics_have_composers_types_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Composer's dist_reduce_metrics returns Python floats for l2 norms; so must ours.
+
+    Composer builds a zero on torch.cuda.current_device() as the default of a dict lookup,
+    evaluated even when unused, so on a machine without a GPU its real method can only
+    run with that one call pointed at the CPU; everything else is Composer's own code.
+    """
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    results = []
+    for cls in (ComposerAdamW, composer_adam.DecoupledAdamW):
+        model = make_model()
+        optimizer = cls(model.parameters(), lr=LR, weight_decay=0.0)
+        for step in range(3):
+            optimizer.zero_grad()
+            x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step))
+            model.module(x).square().mean().backward()
+            optimizer.step()
+        results.append(_reduced_metrics(optimizer, model.module))
+    theirs, ours = results
+    assert ours.keys() == theirs.keys() and len(ours) == 16
+    for key, value in ours.items():
+        assert type(value) is type(theirs[key]) is float, key
+        assert value == pytest.approx(theirs[key], rel=1e-5), key

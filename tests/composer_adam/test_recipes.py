@@ -14,6 +14,7 @@ from torch import nn
 
 import composer_adam
 from composer_adam import recipes
+from core.models import owned_parameters, skips_weight_decay
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs" / "composer").glob("*.yaml"))
@@ -34,6 +35,25 @@ def _groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[li
         (sorted(names[p] for p in g["params"]), {k: g[k] for k in ("lr", "weight_decay")})
         for g in optimizer.param_groups
     ]
+
+
+def test_no_decay_is_the_rule_lightning_and_core_use() -> None:
+    """core.models.skips_weight_decay with the owning module, as configure_optimizers uses
+    it: a custom module's 1-D scale skips decay too (ndim <= 1)."""
+    model = nn.Sequential(Block(), nn.Module())
+    model[1].scale = nn.Parameter(torch.ones(8))
+    exempt = recipes.no_decay_parameters(model)
+    names = {p: n for n, p in model.named_parameters()}
+    assert sorted(names[p] for p in exempt) == [
+        "0.embedding.weight",
+        "0.norm.bias",
+        "0.norm.weight",
+        "0.proj.bias",
+        "1.scale",
+    ]
+    assert exempt == {
+        p for n, p, owner in owned_parameters(model) if skips_weight_decay(n, p, owner)
+    }
 
 
 def test_default_recipe_exempts_biases_norms_and_embeddings_from_decay() -> None:

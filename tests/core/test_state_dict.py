@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+from typing import Any
 
 import pytest
 import torch
@@ -76,50 +78,139 @@ def test_switching_backend_at_resume_continues(case: Case, saved_by: str, loaded
         torch.testing.assert_close(b, a, atol=atol, rtol=0)
 
 
-INTERCHANGE = {
-    "Adam-l2": (torch.optim.Adam, core.Adam, {"weight_decay": 0.1, "eps": EPS}),
-    "Adam-amsgrad": (torch.optim.Adam, core.Adam, {"amsgrad": True, "eps": EPS}),
-    "AdamW": (torch.optim.AdamW, core.AdamW, {"weight_decay": 0.1, "eps": EPS}),
-    "AdamW-amsgrad": (
-        torch.optim.AdamW,
-        core.AdamW,
-        {"weight_decay": 0.1, "amsgrad": True, "eps": EPS},
+TORCH_CLASSES = {"Adam": torch.optim.Adam, "RAdam": torch.optim.RAdam, "NAdam": torch.optim.NAdam}
+INTERCHANGE_DECAY = {
+    "none": ({"weight_decay": 0.0}, {"weight_decay": 0.0}),
+    "l2": ({"weight_decay": 0.1}, {"weight_decay": 0.1}),
+    "decoupled": (
+        {"weight_decay": 0.1, "decouple_wd": True},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
     ),
-    "NAdam-l2": (torch.optim.NAdam, core.NAdam, {"weight_decay": 0.1, "eps": EPS}),
-    "RAdam": (torch.optim.RAdam, core.RAdam, {"eps": TINY_EPS}),
 }
+"""Decay mode -> (core kwargs, torch kwargs) of the same decay."""
 
 
-@pytest.mark.parametrize("direction", ["torch_to_core", "core_to_torch"])
-@pytest.mark.parametrize("name", list(INTERCHANGE))
-def test_state_dict_interchange_with_torch(name: str, direction: str) -> None:
-    """A checkpoint of one continues in the other exactly as the first would have gone on.
+def _interchange_cases() -> list[tuple[str, type, type, dict, dict]]:
+    """(id, torch class, core class, core kwargs, torch kwargs): every class x decay x amsgrad.
 
-    The receiving optimizer is built with its own defaults: the hyperparameters must come
-    from the loaded param groups, as they do between torch optimizers.
-    """
-    torch_class, core_class, kwargs = INTERCHANGE[name]
-    kwargs = {"lr": LR, "betas": (0.9, 0.99), **kwargs}
-    writer, reader = (
-        (torch_class, core_class) if direction == "torch_to_core" else (core_class, torch_class)
-    )
+    torch.optim.AdamW stands in for Adam's decoupled mode too: it always decays decoupled."""
+    cases = []
+    for name, torch_class in TORCH_CLASSES.items():
+        core_class = getattr(core, name)
+        for mode, (core_decay, torch_decay) in INTERCHANGE_DECAY.items():
+            for amsgrad in (False, True) if name == "Adam" else (False,):
+                extra = {"amsgrad": True} if amsgrad else {}
+                eps = {"eps": TINY_EPS if name == "RAdam" else EPS}
+                suffix = "-amsgrad" if amsgrad else ""
+                core_kwargs, torch_kwargs = {**core_decay, **extra, **eps}, {**torch_decay, **extra}
+                cases.append(
+                    (
+                        f"{name}-{mode}{suffix}",
+                        torch_class,
+                        core_class,
+                        core_kwargs,
+                        {**torch_kwargs, **eps},
+                    )
+                )
+                if mode == "decoupled" and name == "Adam":
+                    adamw_kwargs = {k: v for k, v in torch_kwargs.items() if "decoupled" not in k}
+                    cases.append(
+                        (
+                            f"AdamW-{mode}{suffix}",
+                            torch.optim.AdamW,
+                            core.AdamW,
+                            core_kwargs,
+                            {**adamw_kwargs, **eps},
+                        )
+                    )
+    return cases
+
+
+INTERCHANGE = {case[0]: case[1:] for case in _interchange_cases()}
+CONTINUED = TOTAL // 2
+
+
+def _continued_in_other(
+    writer: Any, reader: Any, convert: Any = None
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model the writer trained on, model the reader continued from the writer's state dict
+    at step TOTAL // 2): CONTINUED more steps each. The reader is built with only lr, so its
+    hyperparameters must come from the loaded param groups, as between torch optimizers."""
     batches = make_batches(torch.float64, TOTAL)
-
     model = make_model(torch.float64)
-    optimizer = writer(model.parameters(), **kwargs)
-    train(model, optimizer, batches[: TOTAL // 2], total=TOTAL)
+    optimizer = writer(model.parameters())
+    train(model, optimizer, batches[:CONTINUED], total=TOTAL)
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
-    train(model, optimizer, batches[TOTAL // 2 :], start=TOTAL // 2, total=TOTAL)
+    train(model, optimizer, batches[CONTINUED:], start=CONTINUED, total=TOTAL)
 
     resumed = make_model(torch.float64, seed=7)
     resumed.load_state_dict(model_state)
     reader_optimizer = reader(resumed.parameters(), lr=LR)
     reader_optimizer.load_state_dict(optimizer_state)
-    train(resumed, reader_optimizer, batches[TOTAL // 2 :], start=TOTAL // 2, total=TOTAL)
+    if convert is not None:
+        convert(reader_optimizer)
+    train(resumed, reader_optimizer, batches[CONTINUED:], start=CONTINUED, total=TOTAL)
+    return model, resumed
 
+
+@pytest.mark.parametrize("direction", ["torch_to_core", "core_to_torch"])
+@pytest.mark.parametrize("name", list(INTERCHANGE))
+def test_state_dict_interchange_with_torch(name: str, direction: str) -> None:
+    """A checkpoint of one continues in the other (20 steps) exactly as the first would have
+    gone on: for every class, decay mode and AMSGrad, each way. A core checkpoint carries
+    the keys torch reads (decoupled_weight_decay above all; before, torch.optim.RAdam and
+    NAdam silently continued a decoupled run with L2 decay)."""
+    torch_class, core_class, core_kwargs, torch_kwargs = INTERCHANGE[name]
+    core_writer = functools.partial(core_class, lr=LR, betas=(0.9, 0.99), **core_kwargs)
+    torch_writer = functools.partial(torch_class, lr=LR, betas=(0.9, 0.99), **torch_kwargs)
+    if direction == "torch_to_core":
+        model, resumed = _continued_in_other(torch_writer, core_class)
+    else:
+        model, resumed = _continued_in_other(core_writer, torch_class)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
+
+
+def test_torch_adamw_always_decays_decoupled_so_an_l2_run_continues_in_torch_adam() -> None:
+    model = make_model()
+    state_dict = core.Adam(model.parameters(), lr=LR, weight_decay=0.1).state_dict()
+    assert state_dict["param_groups"][0]["decoupled_weight_decay"] is False
+    adamw = torch.optim.AdamW(model.parameters(), lr=LR)
+    adamw.load_state_dict(copy.deepcopy(state_dict))
+    adam = torch.optim.Adam(model.parameters(), lr=LR)
+    adam.load_state_dict(copy.deepcopy(state_dict))
+    assert adamw.param_groups[0]["decoupled_weight_decay"] is True
+    assert adam.param_groups[0]["decoupled_weight_decay"] is False
+
+
+@pytest.mark.parametrize("name", list(TORCH_CLASSES))
+def test_fully_decoupled_decay_continues_in_torch_once_weight_decay_is_divided_by_max_lr(
+    name: str,
+) -> None:
+    """torch has no decay relative to max_lr. A core checkpoint marks fully decoupled decay
+    decoupled and keeps adamkit's weight_decay, so torch alone would decay by lr·λ (max_lr
+    times too little); with weight_decay set to λ / max_lr it continues exactly."""
+    core_class = getattr(core, name)
+    eps = TINY_EPS if name == "RAdam" else EPS
+    writer = functools.partial(
+        core_class, lr=LR, betas=(0.9, 0.99), eps=eps, weight_decay=1e-3, decouple_lr=True
+    )
+    saved = writer(make_model().parameters()).state_dict()["param_groups"][0]
+    assert saved["decoupled_weight_decay"] is True and saved["weight_decay"] == 1e-3
+
+    def convert(optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = group["weight_decay"] / group["max_lr"]
+
+    model, resumed = _continued_in_other(writer, TORCH_CLASSES[name], convert)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
+    model, unconverted = _continued_in_other(writer, TORCH_CLASSES[name])
+    assert any(
+        not torch.allclose(a, b, atol=1e-7, rtol=0)
+        for a, b in zip(model.parameters(), unconverted.parameters(), strict=True)
+    )
 
 
 def test_loaded_host_scalars_stay_float32_on_cpu() -> None:

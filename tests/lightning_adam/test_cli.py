@@ -119,8 +119,10 @@ def parse_only(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str
         (["--optimizer=core.AdamW", "--optimizer.lrr=1"], "Option 'lrr' is not accepted"),
         (
             ["--optimizer=AdamW"],
+            # The list holds every imported Optimizer subclass named AdamW (optimi's too, once
+            # the main environment's optimi comparison tests have imported it).
             "Multiple subclasses with name AdamW. Give the full class path to avoid ambiguity: "
-            "torch.optim.AdamW, core.AdamW.",
+            "torch.optim.AdamW, core.AdamW",
         ),
     ],
     ids=["unknown-path", "unknown-name", "unknown-argument", "ambiguous-name"],

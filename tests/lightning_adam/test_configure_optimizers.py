@@ -44,6 +44,35 @@ def test_default_rule_leaves_biases_norms_and_embeddings_undecayed() -> None:
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
 
 
+class Scaled(nn.Module):
+    """A custom module with a learned 1-D scale, a custom norm and a 2-D parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+        self.weight = nn.Parameter(torch.ones(8, 8))
+
+
+class MyNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, 8))
+
+
+def test_default_rule_is_cores_rule_with_the_owning_module() -> None:
+    """One rule for the project (core.models.skips_weight_decay): 1-D parameters too."""
+    model = nn.ModuleDict({"block": Scaled(), "norm": MyNorm(), "tied": Tied()})
+    optimizer = configure_optimizers(model, "AdamW", lr=1e-3)["optimizer"]
+    expected = {
+        name
+        for name, param, owner in core.models.owned_parameters(model)
+        if param.requires_grad and core.models.skips_weight_decay(name, param, owner)
+    }
+    assert _group_names(model, optimizer)["no_decay"] == expected
+    assert {"block.scale", "norm.gain", "tied.embedding.weight"} <= expected
+    assert "block.weight" in _group_names(model, optimizer)["decay"]
+
+
 @pytest.mark.parametrize(
     ("setting", "expected_no_decay"),
     [
