@@ -191,7 +191,7 @@ def _update(
             _store_param(param, comp, mask, theta, DTYPE, KAHAN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def _step_kernel(
     addresses,
     blocks,
@@ -302,6 +302,13 @@ def _step_kernel(
         )
 
 
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+"""Contraction off: no multiply-add is fused into an FMA, so every operation rounds as
+written, as in the loop backend (torch's eager kernels) and Triton's interpreter."""
+RUNTIME_ARGUMENT_TYPES = {"addresses": "*i64", "blocks": "*i64", "count": "i32"}
+"""Types of the kernel's runtime arguments for ahead-of-time compilation; the others
+are fp32 scalars. `count` is never specialised (do_not_specialize), so one compiled
+kernel serves any number of tensors, one (gradient release) included."""
 ALIGNMENT = 16
 """Bytes a tensor's address must be a multiple of for the 128-bit path (ALIGNED)."""
 PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
@@ -515,6 +522,7 @@ def _launch_plan(
     its current stream. Floating-point contraction is off: every multiply and add rounds
     as written, as in the loop backend and Triton's interpreter."""
     scalars, small_weight = _kernel_scalars(arguments)
+    switches = dict(arguments.switches)
     module = _device_module(device)
     guard = nullcontext() if module is None else module.device(device)
     with guard:
@@ -525,14 +533,29 @@ def _launch_plan(
                 _ready_on(launch.blocks, stream),
                 launch.tensors,
                 *scalars,
-                DTYPE=TRITON_DTYPES[dtype],
-                ALIGNED=launch.aligned,
-                ADOPT=arguments.algorithm == "adopt",
-                SMALL_WEIGHT=small_weight,
-                BLOCK=BLOCK,
-                enable_fp_fusion=False,
-                **dict(arguments.switches),
+                **launch_constexprs(
+                    dtype, launch.aligned, arguments.algorithm, small_weight, switches
+                ),
+                **COMPILE_OPTIONS,
             )
+
+
+def launch_constexprs(
+    dtype: torch.dtype,
+    aligned: bool,
+    algorithm: str,
+    small_weight: bool,
+    switches: dict[str, bool],
+) -> dict[str, Any]:
+    """The constexpr arguments of one launch: which specialisation of the kernel runs."""
+    return {
+        "DTYPE": TRITON_DTYPES[dtype],
+        "ALIGNED": aligned,
+        "ADOPT": algorithm == "adopt",
+        "SMALL_WEIGHT": small_weight,
+        "BLOCK": BLOCK,
+        **switches,
+    }
 
 
 def _step(
