@@ -18,6 +18,7 @@ Bytes moved per parameter: 4·(4 + 3) = 28 for fp32 Adam, AdamW, RAdam, NAdam an
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -302,9 +303,22 @@ def _step_kernel(
         )
 
 
-COMPILE_OPTIONS = {"enable_fp_fusion": False}
-"""Contraction off: no multiply-add is fused into an FMA, so every operation rounds as
-written, as in the loop backend (torch's eager kernels) and Triton's interpreter."""
+@functools.cache
+def compile_options(device_type: str) -> dict[str, bool]:
+    """Triton options for every launch on a device type. Contraction off: no multiply and
+    add is fused into an FMA, so each operation rounds as written, as in the loop backend
+    (torch's eager kernels) and Triton's interpreter. On CUDA, subnormals are kept
+    (libdevice's sqrt and division otherwise flush them to zero) where this Triton has
+    the option (enable_reflect_ftz, not in Triton 3.3)."""
+    options = {"enable_fp_fusion": False}
+    if device_type == "cuda":
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        if "enable_reflect_ftz" in CUDAOptions.__dataclass_fields__:
+            options["enable_reflect_ftz"] = False
+    return options
+
+
 RUNTIME_ARGUMENT_TYPES = {"addresses": "*i64", "blocks": "*i64", "count": "i32"}
 """Types of the kernel's runtime arguments for ahead-of-time compilation; the others
 are fp32 scalars. `count` is never specialised (do_not_specialize), so one compiled
@@ -536,7 +550,7 @@ def _launch_plan(
                 **launch_constexprs(
                     dtype, launch.aligned, arguments.algorithm, small_weight, switches
                 ),
-                **COMPILE_OPTIONS,
+                **compile_options(device.type),
             )
 
 

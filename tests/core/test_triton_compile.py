@@ -81,7 +81,9 @@ def launchable_specializations() -> list[dict[str, Any]]:
                 continue
             for aligned in (True, False):
                 for small_weight in (True, False):
-                    spec = launch_constexprs(dtype, aligned, algorithm, small_weight, dict(switches))
+                    spec = launch_constexprs(
+                        dtype, aligned, algorithm, small_weight, dict(switches)
+                    )
                     specs.append({**spec, "DTYPE": str(dtype).removeprefix("torch.")})
     return specs
 
@@ -174,7 +176,11 @@ def test_every_selected_specialization_compiles_without_spills(
     for result in results:
         assert "error" not in result, result
         assert result["stack"] == 0 and result["local"] == 0, result  # no spills
-        assert result["fma"] == 0 and result["ftz"] == 0, result  # rounds as written
+        assert result["fma"] == 0, result  # every multiply and add rounds as written
+        if compiled["keeps_subnormals"]:
+            assert result["ftz"] == 0, result
+        else:  # Triton 3.3: libdevice's sqrt and division flush subnormals (README)
+            assert set(result["ftz_ops"]) <= {"sqrt.rn.ftz.f32", "div.rn.ftz.f32"}, result
 
 
 @pytest.mark.parametrize("arch", ARCHS)

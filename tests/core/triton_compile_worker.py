@@ -21,12 +21,12 @@ from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from core.backends import triton as backend  # noqa: E402
+from core.backends import triton as backend
 
 GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s")
 RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
@@ -52,7 +52,7 @@ def _compile(constexprs: dict[str, Any], arch: int) -> Any:
         # then specialises their pointers so
         attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]},
     )
-    options = dict(backend.COMPILE_OPTIONS)
+    options = backend.compile_options("cuda")
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -99,6 +99,7 @@ def compile_one(job: tuple[dict[str, Any], int]) -> dict[str, Any]:
         "accesses": _accesses(ptx),
         "fma": sum(op.startswith("fma.") for op in instructions),
         "ftz": sum(".ftz" in op for op in instructions),
+        "ftz_ops": sorted({op for op in instructions if ".ftz" in op}),
         "num_warps": compiled.metadata.num_warps,
     }
 
@@ -133,6 +134,7 @@ def main() -> None:
     json.dump(
         {
             "triton": triton.__version__,
+            "keeps_subnormals": "enable_reflect_ftz" in backend.compile_options("cuda"),
             "unknown": {str(arch): why for arch, why in unknown.items() if why},
             "results": results,
         },
