@@ -519,6 +519,27 @@ def cuda_time_against(
     return best, best_baseline
 
 
+def gpu_header(label: str, count: int, numel: int) -> list[str]:
+    return [
+        f"\nGPU {label}: {count} tensors x {numel:,} parameters",
+        "| optimizer | ms/step | vs torch fused | % of copy bandwidth |",
+        "|---|---:|---:|---:|",
+    ]
+
+
+def gpu_row(
+    name: str, seconds: float, baseline_seconds: float, bytes_per_step: float, copy: float
+) -> str:
+    """One row: the step's bytes over its time, as a share of the copy bandwidth."""
+    cells = [
+        name,
+        f"{seconds * 1e3:.3f}",
+        f"{seconds / baseline_seconds:.2f}",
+        f"{100 * bytes_per_step / seconds / copy:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def gpu_tables(quick: bool) -> list[str]:
     """ms/step, ratio to torch's fused CUDA AdamW and % of copy bandwidth, every shape."""
     shapes = [(count, numel // 100) for count, numel in GPU_SHAPES] if quick else GPU_SHAPES
@@ -531,24 +552,15 @@ def gpu_tables(quick: bool) -> list[str]:
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         baseline = Contender("torch AdamW fused (CUDA)", _torch_adamw(fused=True), dtype, label)
         for count, numel in shapes:
-            lines += [
-                f"\nGPU {label}: {count} tensors x {numel:,} parameters",
-                "| optimizer | ms/step | vs torch fused | % of copy bandwidth |",
-                "|---|---:|---:|---:|",
-            ]
+            lines += gpu_header(label, count, numel)
             base = baseline.make(make_params(count, numel, dtype, "cuda"))
             for contender in [baseline, *gpu_contenders(dtype)]:
                 optimizer = contender.make(make_params(count, numel, dtype, "cuda"))
                 seconds, baseline_seconds = cuda_time_against(optimizer, base, steps, repeats)
-                traffic = "bf16" if contender is baseline and label == "bf16" else contender.traffic
-                rate = count * numel * BYTES_PER_PARAM[traffic] / seconds
-                cells = [
-                    contender.name,
-                    f"{seconds * 1e3:.3f}",
-                    f"{seconds / baseline_seconds:.2f}",
-                    f"{100 * rate / copy:.0f}",
-                ]
-                lines.append("| " + " | ".join(cells) + " |")
+                bytes_per_step = count * numel * BYTES_PER_PARAM[contender.traffic]
+                lines.append(
+                    gpu_row(contender.name, seconds, baseline_seconds, bytes_per_step, copy)
+                )
                 print(lines[-1], flush=True)
                 del optimizer
                 torch.cuda.empty_cache()
