@@ -3,14 +3,19 @@
 Each program updates one block of one tensor, found through a table of (tensor, block)
 pairs, so a step over hundreds of tensors of any sizes is a single launch. Every element
 of θ, g, m, v (v_max, Kahan k) is read once and written once, in fp32 for fp16/bf16
-tensors. The block table and a table of the tensors' addresses are small device tensors,
-cached, and uploaded asynchronously when they change; scalars travel as kernel
-arguments, computed on the host, so a step never waits for the device.
+tensors. Tensors whose every address is 16-byte aligned go in one launch whose full
+blocks use 128-bit loads and stores (only a tensor's last, partial block is masked);
+any others in a second, scalar launch. The block table and a table of the tensors'
+addresses are small device tensors, planned once per bucket and first parameter,
+uploaded asynchronously, and made again only when a tensor moves; scalars travel as
+kernel arguments, computed on the host, so a step never waits for the device. Launches
+go to the tensors' device and its current stream, without contraction (see
+compile_options), so a GPU rounds as the interpreter does.
 
 Algorithm switches (AMSGrad, RAdam's momentum-only steps, NAdam's gradient term, ADOPT's
 first call and clipping, decay modes, Kahan, lr = 0) are constexpr arguments, so Triton
 compiles one specialised kernel per combination actually used. float64 buckets (Triton
-kernel arguments are fp32) and strided tensors take the foreach backend.
+kernel arguments are fp32) and tensors not densely laid out take the foreach backend.
 
 Bytes moved per parameter: 4·(4 + 3) = 28 for fp32 Adam, AdamW, RAdam, NAdam and ADOPT,
 36 with AMSGrad; 2·(4 + 3) = 14 for bf16/fp16, 18 with Kahan (k read and written).
@@ -577,10 +582,13 @@ def _step(
     arguments: Callable[[bool], KernelArguments],
     eager: Callable[[list[Any]], None],
 ) -> None:
-    """Launches per (dtype, Kahan) bucket the kernels take; the rest runs `eager`."""
+    """Launches per (dtype, Kahan) bucket the kernels take; the rest runs `eager`. Every
+    bucket is checked and planned before anything is launched, so a refused tensor
+    leaves every parameter and state as it was."""
     params, kahan_comps = lists[0], lists[-1]
     assert params is not None and kahan_comps is not None
     rest: list[int] = []
+    planned = []
     for indices in buckets(params, kahan_comps):
         first = params[indices[0]]
         if first.dtype not in TRITON_DTYPES:
@@ -590,9 +598,11 @@ def _step(
         if kahan_comps[indices[0]] is None:
             bucket[-1] = None
         plan = _plan(bucket)
-        if plan.launches:
-            _launch_plan(plan, first.dtype, first.device, arguments(bucket[-1] is not None))
+        planned.append((plan, first, bucket[-1] is not None))
         rest += [indices[i] for i in plan.eager]
+    for plan, first, kahan in planned:
+        if plan.launches:
+            _launch_plan(plan, first.dtype, first.device, arguments(kahan))
     if rest:
         eager(take_all(lists, sorted(rest)))
 
