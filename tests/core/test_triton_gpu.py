@@ -87,8 +87,8 @@ def _mixed_params(dtype: torch.dtype) -> list[Tensor]:
 
 
 def _place(device: str) -> Any:
-    """The twin's copy of a parameter: on the GPU, every third one a byte offset off a
-    16-byte boundary (so the scalar kernel runs there too); keeps layouts."""
+    """The twin's copy of a parameter, in the same layout (strided ones included); every
+    third contiguous one a few bytes off a 16-byte boundary, so both kernels run."""
     target = "cpu" if device == "triton" else device
     counter = itertools.count()
 
@@ -96,7 +96,7 @@ def _place(device: str) -> Any:
         if t.is_contiguous() and t.numel() and next(counter) % 3 == 2:
             storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=target)
             return storage[1:].view(t.shape).copy_(t)
-        return torch.empty_like(t, device=target).copy_(t)
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=target).copy_(t)
 
     return place
 
@@ -221,30 +221,34 @@ def test_optimizer_accumulation_matches_the_foreach_backend(device: str) -> None
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def _adamw_step_result(device: torch.device, stream: Any = None) -> list[Tensor]:
+def _adamw_step_result(device: torch.device, streams: list[Any] | None = None) -> list[Tensor]:
+    """Parameters after three AdamW steps; step i runs on streams[i] (None: the default)."""
     generator = torch.Generator().manual_seed(11)
     params = [nn.Parameter(torch.randn(n, generator=generator).to(device)) for n in (5, 1024, 3000)]
     optimizer = core.AdamW(params, lr=LR, **BACKENDS["fused"])
-    for _ in range(3):
+    for stream in streams or [None] * 3:
         for p in params:
             p.grad = torch.randn(p.shape, generator=generator).to(device)
         if stream is None:
             optimizer.step()
-        else:
-            with torch.cuda.stream(stream):
-                stream.wait_stream(torch.cuda.default_stream(device))
-                optimizer.step()
-            torch.cuda.default_stream(device).wait_stream(stream)
+            continue
+        default = torch.cuda.default_stream(device)
+        stream.wait_stream(default)
+        with torch.cuda.stream(stream):
+            optimizer.step()
+        default.wait_stream(stream)
     return [p.detach().cpu() for p in params]
 
 
 @pytest.mark.parametrize("device", ["cuda"])
-def test_a_step_on_another_stream_gives_the_same_bits(device: str) -> None:
-    """Tables uploaded on one stream and read on another (and the other way round)."""
+def test_steps_on_other_streams_give_the_same_bits(device: str) -> None:
+    """Tables uploaded on one stream and read on another, both ways round."""
     expected = _adamw_step_result(torch.device(device))
-    actual = _adamw_step_result(torch.device(device), torch.cuda.Stream())
-    for a, b in zip(actual, expected, strict=True):
-        assert torch.equal(a, b)
+    side = torch.cuda.Stream()
+    for streams in ([None, side, None], [side, None, side]):
+        actual = _adamw_step_result(torch.device(device), streams)
+        for a, b in zip(actual, expected, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", ["cuda"])
