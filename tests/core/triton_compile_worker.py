@@ -113,7 +113,9 @@ def known(arch: int) -> str | None:
     """None if this Triton compiles for the architecture, else why not."""
     try:
         triton.compile(
-            ASTSource(fn=_probe, signature={"x": "*fp32"}), target=GPUTarget("cuda", arch, 32)
+            ASTSource(fn=_probe, signature={"x": "*fp32"}),
+            target=GPUTarget("cuda", arch, 32),
+            options=backend.compile_options("cuda"),
         )
     except Exception as error:
         return f"{type(error).__name__}: {str(error)[:300]}"
