@@ -541,7 +541,8 @@ def gpu_row(
 
 
 def gpu_tables(quick: bool) -> list[str]:
-    """ms/step, ratio to torch's fused CUDA AdamW and % of copy bandwidth, every shape."""
+    """ms/step, ratio to torch's fused CUDA AdamW and % of copy bandwidth, every shape;
+    each line printed as it is measured, and returned."""
     shapes = [(count, numel // 100) for count, numel in GPU_SHAPES] if quick else GPU_SHAPES
     steps, repeats = (3, 2) if quick else (10, 5)
     copy = cuda_copy_bandwidth(256 * 2**20, repeats=5)
@@ -549,10 +550,12 @@ def gpu_tables(quick: bool) -> list[str]:
         f"\n{torch.cuda.get_device_name()}: copy bandwidth {copy / 1e9:.0f} GB/s "
         "(device-to-device, read + write)"
     ]
+    print(lines[0], flush=True)
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         baseline = Contender("torch AdamW fused (CUDA)", _torch_adamw(fused=True), dtype, label)
         for count, numel in shapes:
             lines += gpu_header(label, count, numel)
+            print("\n".join(lines[-3:]), flush=True)
             base = baseline.make(make_params(count, numel, dtype, "cuda"))
             for contender in [baseline, *gpu_contenders(dtype)]:
                 optimizer = contender.make(make_params(count, numel, dtype, "cuda"))
@@ -603,8 +606,8 @@ def main() -> None:
     if args.host_time_only:
         return
     if args.device == "cuda":
-        print(f"torch {torch.__version__}")
-        print("\n".join(gpu_tables(args.quick) + host_lines))
+        print(f"torch {torch.__version__}", flush=True)
+        gpu_tables(args.quick)  # prints each line as it is measured
         return
     # A cold kernel cache, so compile time is what a first run on a new machine pays.
     os.environ["ADAMKIT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="adamkit-kernels-")
