@@ -620,7 +620,7 @@ def adam_step(
     kahan_comps: Sequence[Tensor | None],
     c: AdamStepCoefficients,
 ) -> None:
-    """Apply one Adam-family step (see AdamStepCoefficients): one launch per bucket.
+    """Apply one Adam-family step (see AdamStepCoefficients): launches per bucket (see _step).
 
     Later micro-batches of an optimizer-accumulation window run the foreach backend."""
     if c.continues_window:
@@ -641,7 +641,7 @@ def adopt_step(
     kahan_comps: Sequence[Tensor | None],
     c: AdoptStepCoefficients,
 ) -> None:
-    """Apply one ADOPT step (see AdoptStepCoefficients): one launch per bucket."""
+    """Apply one ADOPT step (see AdoptStepCoefficients): launches per bucket (see _step)."""
     _step(
         [params, grads, exp_avgs, exp_avg_sqs, None, kahan_comps],  # type: ignore[list-item]
         lambda kahan: adopt_arguments(c, kahan),
