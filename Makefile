@@ -7,7 +7,8 @@ REPORTS := .ci/reports
 # Triton kernels run on CPU tensors through Triton's interpreter.
 export TRITON_INTERPRET := 1
 
-.PHONY: env env-composer test test-main test-composer run run-quick run-composer lint benchmark
+.PHONY: env env-composer test test-main test-composer run run-quick run-composer lint benchmark \
+	compile-check gpu-check
 
 $(MAIN)/.installed: pyproject.toml .ci/constraints-main.txt
 	$(PYTHON) -m venv $(MAIN)
@@ -48,6 +49,17 @@ run-composer: env-composer
 
 benchmark: env
 	$(MAIN)/bin/python examples/benchmark.py $(BENCHMARK_ARGS)
+
+## Every launchable Triton specialisation compiled for sm_80/90/100 (CI compiles one
+## per family); no GPU needed.
+compile-check: env
+	ADAMKIT_ALL_SPECIALIZATIONS=1 $(MAIN)/bin/python -m pytest tests/core/test_triton_compile.py
+
+## On a GPU machine: the GPU tests and the GPU benchmark, one table (README, "GPU check").
+## Runs in the Python given (one with CUDA torch and Triton); builds and installs nothing.
+GPU_PYTHON ?= python3
+gpu-check:
+	TRITON_INTERPRET=0 $(GPU_PYTHON) .ci/gpu_check.py
 
 lint: env
 	$(MAIN)/bin/ruff check . && $(MAIN)/bin/ruff format --check .

@@ -14,7 +14,18 @@ In the Composer environment (`.venv-composer`) a further table times
 composer_adam.DecoupledAdamW against composer.optim.DecoupledAdamW, which is then the
 baseline of that table.
 
-Run: python examples/benchmark.py [--quick] [--composer-only] [--runs N]
+On a GPU (`--device cuda`) every algorithm's Triton step (fp32, and bf16 with Kahan) is
+timed with CUDA events at 20 x 1M, 200 x 100k and 1 x 100M parameters, in alternation
+with torch.optim.AdamW(fused=True), beside torch's foreach AdamW and optimi's Triton
+kernels (when torch-optimi is installed), as ms/step, ratio and % of the GPU's measured
+copy bandwidth.
+
+The host-time table (both devices) is the Python work of a Triton-backend step with the
+kernel launch replaced by a no-op: for 30 and 300 tensors, and per parameter under
+gradient release (one step per parameter).
+
+Run: python examples/benchmark.py [--quick] [--composer-only] [--runs N] [--device cuda]
+     [--host-time-only]
 """
 
 from __future__ import annotations
@@ -174,12 +185,14 @@ def composer_contenders() -> list[Contender]:
     return rows
 
 
-def make_params(count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+def make_params(
+    count: int, numel: int, dtype: torch.dtype, device: str = "cpu"
+) -> list[torch.Tensor]:
+    generator = torch.Generator(device).manual_seed(0)
     params = []
     for _ in range(count):
-        p = torch.randn(numel, generator=generator).to(dtype).requires_grad_()
-        p.grad = (torch.randn(numel, generator=generator) * 1e-2).to(dtype)
+        p = torch.randn(numel, generator=generator, device=device).to(dtype).requires_grad_()
+        p.grad = (torch.randn(numel, generator=generator, device=device) * 1e-2).to(dtype)
         params.append(p)
     return params
 
@@ -324,6 +337,240 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+# -- host time of a Triton-backend step ------------------------------------------------------
+
+HOST_TARGETS = {"300 tensors": 200e-6, "gradient release, per parameter": 20e-6}
+"""Targets for the host work of a step (issue #14)."""
+
+
+class _NoLaunch:
+    """Stands in for the Triton kernel: a launch that does nothing, so only the host
+    work of a step (checks, plans, arguments) is timed."""
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def _best_seconds(operation: Callable[[], object], inner: int, repeats: int) -> float:
+    """Minimum over repeats of the mean wall time of `inner` calls (host work only)."""
+    for _ in range(3):
+        operation()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            operation()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best
+
+
+def host_time_rows(device: str, repeats: int) -> list[tuple[str, float, float]]:
+    """(row, seconds of optimizer.step(), seconds in the Triton backend) with the kernel
+    launch stubbed out, for AdamW on fp32 tensors of 4096 elements."""
+    import core.backends
+    from core.backends import triton as triton_backend
+
+    saved = (triton_backend._step_kernel, core.backends.TRITON_DEVICE_TYPES)
+    triton_backend._step_kernel = _NoLaunch()  # type: ignore[assignment]
+    core.backends.TRITON_DEVICE_TYPES = saved[1] | {device}
+    try:
+        rows = []
+        for count in (30, 300):
+            params = make_params(count, 4096, torch.float32, device)
+            optimizer = core.AdamW(params, lr=1e-3, fused=True)
+            optimizer.step()
+            step = _best_seconds(optimizer.step, 20, repeats)
+            backend = _best_seconds(_backend_call(optimizer, triton_backend), 20, repeats)
+            rows.append((f"{count} tensors", step, backend))
+        params = make_params(300, 4096, torch.float32, device)
+        optimizer = core.AdamW(params, lr=1e-3, fused=True, gradient_release=True)
+
+        def released_steps() -> None:
+            for p in params:
+                optimizer.step(param=p)  # what the release hook calls inside backward
+
+        released_steps()
+        per_param = _best_seconds(released_steps, 2, repeats) / len(params)
+        backend = _best_seconds(_backend_call(optimizer, triton_backend, params[0]), 200, repeats)
+        rows.append(("gradient release, per parameter", per_param, backend))
+        return rows
+    finally:
+        triton_backend._step_kernel, core.backends.TRITON_DEVICE_TYPES = saved  # type: ignore[assignment]
+
+
+def _backend_call(
+    optimizer: torch.optim.Optimizer, triton_backend: object, param: torch.Tensor | None = None
+) -> Callable[[], None]:
+    """The Triton backend's call from one step of optimizer, to repeat on its own."""
+    calls: list[tuple] = []
+    original = triton_backend.adam_step  # type: ignore[attr-defined]
+
+    def record(*args: object) -> None:
+        calls.append(args)
+        original(*args)
+
+    triton_backend.adam_step = record  # type: ignore[attr-defined]
+    try:
+        optimizer.step(param=param) if param is not None else optimizer.step()  # type: ignore[call-arg]
+    finally:
+        triton_backend.adam_step = original  # type: ignore[attr-defined]
+    args = calls[-1]
+    return lambda: original(*args)
+
+
+def host_time_table(device: str, repeats: int) -> list[str]:
+    lines = [
+        f"\nHost time of a Triton-backend step, kernel launch stubbed out ({device} tensors, "
+        "AdamW, fp32, 4096 elements each)\n",
+        "| step | µs per step | of which Triton backend µs | target µs |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, step, backend in host_time_rows(device, repeats):
+        target = HOST_TARGETS.get(name)
+        cells = [name, f"{step * 1e6:.0f}", f"{backend * 1e6:.0f}"]
+        cells.append(f"{target * 1e6:.0f}" if target else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# -- GPU ----------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(20, 1_000_000), (200, 100_000), (1, 100_000_000)]
+GPU_ALGORITHMS = [(name, make, traffic) for name, make, traffic in CORE_ALGORITHMS]
+
+
+def gpu_contenders(dtype: torch.dtype) -> list[Contender]:
+    """torch's foreach AdamW, every core algorithm on the Triton backend, optimi's Triton
+    AdamW where installed; bf16 runs use Kahan compensation (core's default)."""
+    bf16 = dtype == torch.bfloat16
+    rows = [
+        Contender(
+            "torch AdamW foreach",
+            _torch_adamw(foreach=True),
+            dtype,
+            "bf16" if bf16 else "fp32",
+        )
+    ]
+    for name, make, traffic in GPU_ALGORITHMS:
+        if bf16 and "amsgrad" in name:
+            continue
+        label = f"{name} Triton" + (" (Kahan)" if bf16 else "")
+        rows.append(
+            Contender(
+                label,
+                lambda p, m=make: m(p, fused=True),
+                dtype,
+                "bf16 kahan" if bf16 else traffic,
+            )
+        )
+    try:
+        import optimi
+    except ImportError:
+        return rows
+    rows.append(
+        Contender(
+            "optimi AdamW triton" + (" (Kahan)" if bf16 else ""),
+            lambda p: optimi.AdamW(p, lr=1e-3, triton=True),
+            dtype,
+            "bf16 kahan" if bf16 else "fp32",
+        )
+    )
+    return rows
+
+
+def cuda_copy_bandwidth(numel: int, repeats: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write), best of repeats."""
+    source = torch.empty(numel, device="cuda")
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 8 * numel / best
+
+
+def _cuda_seconds(optimizer: torch.optim.Optimizer, steps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        optimizer.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
+
+
+def cuda_time_against(
+    contender: torch.optim.Optimizer, baseline: torch.optim.Optimizer, steps: int, repeats: int
+) -> tuple[float, float]:
+    """(seconds per step of the contender, of the baseline) by CUDA events, minima over
+    repeats, timed in alternation (warm-up steps compile the Triton kernels first)."""
+    for _ in range(2):
+        contender.step()
+        baseline.step()
+    torch.cuda.synchronize()
+    best, best_baseline = float("inf"), float("inf")
+    for _ in range(repeats):
+        best = min(best, _cuda_seconds(contender, steps))
+        best_baseline = min(best_baseline, _cuda_seconds(baseline, steps))
+    return best, best_baseline
+
+
+def gpu_header(label: str, count: int, numel: int) -> list[str]:
+    return [
+        f"\nGPU {label}: {count} tensors x {numel:,} parameters",
+        "| optimizer | ms/step | vs torch fused | % of copy bandwidth |",
+        "|---|---:|---:|---:|",
+    ]
+
+
+def gpu_row(
+    name: str, seconds: float, baseline_seconds: float, bytes_per_step: float, copy: float
+) -> str:
+    """One row: the step's bytes over its time, as a share of the copy bandwidth."""
+    cells = [
+        name,
+        f"{seconds * 1e3:.3f}",
+        f"{seconds / baseline_seconds:.2f}",
+        f"{100 * bytes_per_step / seconds / copy:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def gpu_tables(quick: bool) -> list[str]:
+    """ms/step, ratio to torch's fused CUDA AdamW and % of copy bandwidth, every shape;
+    each line printed as it is measured, and returned."""
+    shapes = [(count, numel // 100) for count, numel in GPU_SHAPES] if quick else GPU_SHAPES
+    steps, repeats = (3, 2) if quick else (10, 5)
+    copy = cuda_copy_bandwidth(256 * 2**20, repeats=5)
+    lines = [
+        f"\n{torch.cuda.get_device_name()}: copy bandwidth {copy / 1e9:.0f} GB/s "
+        "(device-to-device, read + write)"
+    ]
+    print(lines[0], flush=True)
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        baseline = Contender("torch AdamW fused (CUDA)", _torch_adamw(fused=True), dtype, label)
+        for count, numel in shapes:
+            lines += gpu_header(label, count, numel)
+            print("\n".join(lines[-3:]), flush=True)
+            base = baseline.make(make_params(count, numel, dtype, "cuda"))
+            for contender in [baseline, *gpu_contenders(dtype)]:
+                optimizer = contender.make(make_params(count, numel, dtype, "cuda"))
+                seconds, baseline_seconds = cuda_time_against(optimizer, base, steps, repeats)
+                bytes_per_step = count * numel * BYTES_PER_PARAM[contender.traffic]
+                lines.append(
+                    gpu_row(contender.name, seconds, baseline_seconds, bytes_per_step, copy)
+                )
+                print(lines[-1], flush=True)
+                del optimizer
+                torch.cuda.empty_cache()
+            del base
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller tensors")
@@ -337,12 +584,33 @@ def main() -> None:
         help="repeat every table this many times and report the median of each cell "
         "(single runs on a shared machine can be disturbed for seconds at a time)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: the GPU tables instead of the CPU ones",
+    )
+    parser.add_argument("--host-time-only", action="store_true", help="only the host-time table")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"argument --runs: invalid value {args.runs}; allowed: an integer >= 1")
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"argument --device: invalid value {args.device!r}; allowed: 'cpu', 'cuda'")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "argument --device: invalid value 'cuda': torch finds no CUDA device here "
+            "(torch.cuda.is_available() is False); allowed: 'cpu'"
+        )
+    torch.set_num_threads(1)
+    host_lines = host_time_table(args.device, repeats=3 if args.quick else 10)
+    print("\n".join(host_lines), flush=True)
+    if args.host_time_only:
+        return
+    if args.device == "cuda":
+        print(f"torch {torch.__version__}", flush=True)
+        gpu_tables(args.quick)  # prints each line as it is measured
+        return
     # A cold kernel cache, so compile time is what a first run on a new machine pays.
     os.environ["ADAMKIT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="adamkit-kernels-")
-    torch.set_num_threads(1)
     if args.quick:
         shapes, steps, repeats = [(20, 100_000), (200, 10_000)], 3, 2
     else:
@@ -377,7 +645,7 @@ def main() -> None:
     report = [f"\nmedian in-place bandwidth {bandwidth / 1e9:.1f} GB/s"] if args.runs > 1 else []
     for table, table_results in zip(tables, results, strict=True):
         report += median_table(table, table_results, bandwidth)
-    print("\n".join(report))
+    print("\n".join(report + host_lines))
 
 
 if __name__ == "__main__":

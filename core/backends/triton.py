@@ -3,14 +3,19 @@
 Each program updates one block of one tensor, found through a table of (tensor, block)
 pairs, so a step over hundreds of tensors of any sizes is a single launch. Every element
 of θ, g, m, v (v_max, Kahan k) is read once and written once, in fp32 for fp16/bf16
-tensors. The block table and a table of the tensors' addresses are small device tensors,
-cached, and uploaded asynchronously when they change; scalars travel as kernel
-arguments, computed on the host, so a step never waits for the device.
+tensors. Tensors whose every address is 16-byte aligned go in one launch whose full
+blocks use 128-bit loads and stores (only a tensor's last, partial block is masked);
+any others in a second, scalar launch. The block table and a table of the tensors'
+addresses are small device tensors, planned once per bucket and first parameter,
+uploaded asynchronously, and made again only when a tensor moves; scalars travel as
+kernel arguments, computed on the host, so a step never waits for the device. Launches
+go to the tensors' device and its current stream, without contraction (see
+compile_options), so a GPU rounds as the interpreter does.
 
 Algorithm switches (AMSGrad, RAdam's momentum-only steps, NAdam's gradient term, ADOPT's
 first call and clipping, decay modes, Kahan, lr = 0) are constexpr arguments, so Triton
 compiles one specialised kernel per combination actually used. float64 buckets (Triton
-kernel arguments are fp32) and strided tensors take the foreach backend.
+kernel arguments are fp32) and tensors not densely laid out take the foreach backend.
 
 Bytes moved per parameter: 4·(4 + 3) = 28 for fp32 Adam, AdamW, RAdam, NAdam and ADOPT,
 36 with AMSGrad; 2·(4 + 3) = 14 for bf16/fp16, 18 with Kahan (k read and written).
@@ -18,15 +23,20 @@ Bytes moved per parameter: 4·(4 + 3) = 28 for fp32 Adam, AdamW, RAdam, NAdam an
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from core.backends import foreach
 from core.backends.grouping import buckets, split_dense, take_all
@@ -35,25 +45,27 @@ from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 BLOCK = 1024
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-LIST_COUNT = 6
-"""Rows of the address table: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, kahan_comp."""
-_CACHE_SIZE = 64
 
 
 @triton.jit
 def _locate(blocks, count, BLOCK: tl.constexpr):
-    """This program's tensor, element offsets and bounds mask, from the block table:
+    """This program's tensor, its first element and the tensor's size, from the block table:
     the tensors' sizes, then a (tensor, block) pair per program."""
     pair = blocks + count + 2 * tl.program_id(0)
     index = tl.load(pair)
-    offsets = tl.load(pair + 1) * BLOCK + tl.arange(0, BLOCK)
-    return index, offsets, offsets < tl.load(blocks + index)
+    return index, tl.load(pair + 1) * BLOCK, tl.load(blocks + index)
 
 
 @triton.jit
-def _pointers(addresses, row, count, index, offsets, DTYPE: tl.constexpr):
-    """Pointers to this program's elements of tensor `index` in list `row` of the table."""
-    return tl.load(addresses + row * count + index).to(tl.pointer_type(DTYPE)) + offsets
+def _base(addresses, row, count, index, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to the first element of tensor `index` in list `row` of the address table.
+    An int64 turned into a pointer has no known alignment; where the host has checked
+    that every tensor of the launch starts on 16 bytes, saying so lets the compiler emit
+    128-bit loads and stores."""
+    pointer = tl.load(addresses + row * count + index).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
@@ -96,10 +108,14 @@ def _lerp(start, end, coeff, SMALL_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _step_kernel(
-    addresses,
-    blocks,
-    count,
+def _update(
+    param,
+    comp,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    mask,
     lerp_coeff,
     beta2,
     beta2_weight,
@@ -122,50 +138,41 @@ def _step_kernel(
     GRAD_TERM: tl.constexpr,
     INIT: tl.constexpr,
     CLIP: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):
-    """One step over one block: Adam, AMSGrad, RAdam and NAdam (AdamStepCoefficients)
-    or, with ADOPT, ADOPT (AdoptStepCoefficients, neg_momentum_step carrying −lr)."""
-    index, offsets, mask = _locate(blocks, count, BLOCK)
-    param = _pointers(addresses, 0, count, index, offsets, DTYPE)
-    comp = param
-    if KAHAN:
-        comp = _pointers(addresses, 5, count, index, offsets, DTYPE)
-    grad = tl.load(_pointers(addresses, 1, count, index, offsets, DTYPE), mask=mask)
-    grad = grad.to(tl.float32)
-    exp_avg = _pointers(addresses, 2, count, index, offsets, DTYPE)
-    exp_avg_sq = _pointers(addresses, 3, count, index, offsets, DTYPE)
-    theta = grad * 0
+    """The step's math on one block, from pointers to its elements: Adam, AMSGrad, RAdam
+    and NAdam (AdamStepCoefficients) or, with ADOPT, ADOPT (AdoptStepCoefficients,
+    neg_momentum_step carrying −lr). mask None: a full block, no bounds checks."""
+    g = tl.load(grad, mask=mask).to(tl.float32)
+    theta = g * 0
     if L2 or (UPDATE and not INIT):
         theta = _load_param(param, comp, mask, KAHAN)
     if L2:
-        grad = grad + l2 * theta
+        g = g + l2 * theta
     if ADOPT:
         if INIT:
-            tl.store(exp_avg_sq, _round(grad * grad, DTYPE), mask=mask)
+            tl.store(exp_avg_sq, _round(g * g, DTYPE), mask=mask)
         else:
             v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
             # NaN-propagating bounds, as torch.clamp and torch.maximum behave (Triton's
             # default drops NaN, which would turn a NaN gradient into a full-size step).
             root = tl.maximum(tl.sqrt_rn(v), eps, propagate_nan=tl.PropagateNan.ALL)
-            normed = tl.div_rn(grad, root)
+            normed = tl.div_rn(g, root)
             if CLIP:
                 normed = tl.maximum(normed, -clip, propagate_nan=tl.PropagateNan.ALL)
                 normed = tl.minimum(normed, clip, propagate_nan=tl.PropagateNan.ALL)
             m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), normed, lerp_coeff, SMALL_WEIGHT)
             tl.store(exp_avg, _round(m, DTYPE), mask=mask)
-            v = v * beta2 + beta2_weight * grad * grad
+            v = v * beta2 + beta2_weight * g * g
             tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
             if UPDATE:
                 if DECAY:
                     theta = theta * param_decay
                 _store_param(param, comp, mask, theta + neg_momentum_step * m, DTYPE, KAHAN)
     else:
-        m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), grad, lerp_coeff, SMALL_WEIGHT)
-        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32) * beta2 + beta2_weight * grad * grad
+        m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), g, lerp_coeff, SMALL_WEIGHT)
+        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32) * beta2 + beta2_weight * g * g
         second_moment = v
         if AMSGRAD:
-            max_exp_avg_sq = _pointers(addresses, 4, count, index, offsets, DTYPE)
             second_moment = tl.maximum(
                 tl.load(max_exp_avg_sq, mask=mask).to(tl.float32),
                 v,
@@ -181,7 +188,7 @@ def _step_kernel(
                 denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + eps
                 if GRAD_TERM:
                     inv_denom = tl.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
-                    theta = theta + neg_grad_step * grad * inv_denom
+                    theta = theta + neg_grad_step * g * inv_denom
                     theta = theta + neg_momentum_step * m * inv_denom
                 else:
                     theta = theta + tl.div_rn(neg_momentum_step * m, denom)
@@ -190,72 +197,324 @@ def _step_kernel(
             _store_param(param, comp, mask, theta, DTYPE, KAHAN)
 
 
-_addresses: OrderedDict[tuple, Tensor] = OrderedDict()
-_blocks: OrderedDict[tuple, tuple[Tensor, int]] = OrderedDict()
+@triton.jit(do_not_specialize=["count"])
+def _step_kernel(
+    addresses,
+    blocks,
+    count,
+    lerp_coeff,
+    beta2,
+    beta2_weight,
+    eps,
+    l2,
+    param_decay,
+    neg_momentum_step,
+    neg_grad_step,
+    inv_bias_correction2_sqrt,
+    clip,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ADOPT: tl.constexpr,
+    SMALL_WEIGHT: tl.constexpr,
+    KAHAN: tl.constexpr,
+    L2: tl.constexpr,
+    DECAY: tl.constexpr,
+    UPDATE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    GRAD_TERM: tl.constexpr,
+    INIT: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One step over one block of one tensor. Full blocks run without bounds checks, so
+    with ALIGNED every access is 128 bits wide; only a tensor's last, partial block is
+    masked (and scalar)."""
+    index, start, size = _locate(blocks, count, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    param = _base(addresses, 0, count, index, DTYPE, ALIGNED) + offsets
+    grad = _base(addresses, 1, count, index, DTYPE, ALIGNED) + offsets
+    exp_avg = _base(addresses, 2, count, index, DTYPE, ALIGNED) + offsets
+    exp_avg_sq = _base(addresses, 3, count, index, DTYPE, ALIGNED) + offsets
+    max_exp_avg_sq = param
+    if AMSGRAD:
+        max_exp_avg_sq = _base(addresses, 4, count, index, DTYPE, ALIGNED) + offsets
+    comp = param
+    if KAHAN:
+        comp = _base(addresses, 5, count, index, DTYPE, ALIGNED) + offsets
+    if start + BLOCK <= size:
+        _update(
+            param,
+            comp,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+            None,
+            lerp_coeff,
+            beta2,
+            beta2_weight,
+            eps,
+            l2,
+            param_decay,
+            neg_momentum_step,
+            neg_grad_step,
+            inv_bias_correction2_sqrt,
+            clip,
+            DTYPE,
+            ADOPT,
+            SMALL_WEIGHT,
+            KAHAN,
+            L2,
+            DECAY,
+            UPDATE,
+            AMSGRAD,
+            ADAPTIVE,
+            GRAD_TERM,
+            INIT,
+            CLIP,
+        )
+    else:
+        _update(
+            param,
+            comp,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+            offsets < size,
+            lerp_coeff,
+            beta2,
+            beta2_weight,
+            eps,
+            l2,
+            param_decay,
+            neg_momentum_step,
+            neg_grad_step,
+            inv_bias_correction2_sqrt,
+            clip,
+            DTYPE,
+            ADOPT,
+            SMALL_WEIGHT,
+            KAHAN,
+            L2,
+            DECAY,
+            UPDATE,
+            AMSGRAD,
+            ADAPTIVE,
+            GRAD_TERM,
+            INIT,
+            CLIP,
+        )
 
 
-def _cached(cache: OrderedDict, key: tuple, build: Callable[[], Any]) -> Any:
-    """A small LRU cache: a training loop meets the same few keys over and over."""
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    cache[key] = value = build()
-    if len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
-    return value
+@functools.cache
+def compile_options(device_type: str) -> dict[str, Any]:
+    """Triton options for every launch on a device type. Contraction off: no multiply and
+    add is fused into an FMA, so each operation rounds as written, as in the loop backend
+    (torch's eager kernels) and Triton's interpreter. On CUDA, subnormals are kept
+    (libdevice's sqrt and division otherwise flush them to zero) where this Triton has
+    the option (enable_reflect_ftz, not in Triton 3.3). maxnreg 255 (the hardware limit)
+    stops ptxas for sm_100 from capping registers on its own: it held fp16 Kahan AMSGrad
+    at 56 and spilled 8-16 bytes; allowed more, it uses 65 and spills nothing."""
+    options: dict[str, Any] = {"enable_fp_fusion": False}
+    if device_type == "cuda":
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        options["maxnreg"] = 255
+
+        if "enable_reflect_ftz" in CUDAOptions.__dataclass_fields__:
+            options["enable_reflect_ftz"] = False
+    return options
 
 
-def _upload(values: Tensor, device: torch.device) -> Tensor:
-    """Copy host metadata to the device without waiting: pinned memory, non-blocking."""
-    if device.type != "cpu":
-        values = values.pin_memory()
-    return values.to(device, non_blocking=True)
+RUNTIME_ARGUMENT_TYPES = {"addresses": "*i64", "blocks": "*i64", "count": "i32"}
+"""Types of the kernel's runtime arguments for ahead-of-time compilation; the others
+are fp32 scalars. `count` is never specialised (do_not_specialize), so one compiled
+kernel serves any number of tensors, one (gradient release) included."""
+ALIGNMENT = 16
+"""Bytes a tensor's address must be a multiple of for the 128-bit path (ALIGNED)."""
+PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+"""The only types whose address is the data: a subclass (DTensor's data_ptr() is 0) is not."""
+ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "kahan_comp")
+_PLANS_PER_ANCHOR = 4
+"""Address layouts remembered per first parameter of a bucket: gradients that come back
+at alternating addresses, and the buckets that share a first parameter, fit."""
 
 
-def _tables(lists: list[list[Tensor] | None]) -> tuple[Tensor, Tensor, int]:
-    """(address table, block table, number of blocks) for one launch.
+@dataclass
+class _Table:
+    """A metadata table on the device, and the streams that may read it already."""
 
-    Both are cached: the block table by the tensors' sizes (it never changes in a training
-    run), the addresses by their values (parameters and state never move; gradients
-    usually come back at the same addresses, and when not only this small table of
-    6 × tensors integers is uploaded, asynchronously). A missing list's row holds zeros.
-    """
-    params = lists[0]
+    values: Tensor
+    ready: Any  # the upload's event on CUDA/XPU, None on CPU
+    streams: set[Any] = field(default_factory=set)
+
+
+@dataclass
+class _Launch:
+    """One kernel launch: its tensors' addresses and blocks, and its constexpr ALIGNED."""
+
+    addresses: _Table
+    blocks: _Table
+    programs: int
+    tensors: int
+    aligned: bool
+
+
+@dataclass
+class _Plan:
+    """How to run one bucket while its tensors stay where they are."""
+
+    launches: list[_Launch]
+    eager: list[int]
+    """Indices into the bucket that the kernel cannot take (not dense): run eagerly."""
+
+
+_plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""First parameter of a bucket -> {(layout key): plan}. Per parameter, so gradient release
+(a bucket per parameter) keeps every parameter's plan, and a plan dies with its tensors."""
+_blocks: dict[tuple[torch.device, tuple[int, ...]], _Table] = {}
+"""Block tables by sizes, shared: under gradient release many parameters share a shape."""
+_BLOCK_TABLES = 4096
+
+
+def _device_module(device: torch.device) -> Any:
+    return None if device.type == "cpu" else getattr(torch, device.type)
+
+
+def _upload(values: Tensor, device: torch.device) -> _Table:
+    """Copy host metadata to the device without waiting (pinned memory, non-blocking, on
+    the device's current stream), with an event that other streams wait on before use."""
+    module = _device_module(device)
+    if module is None:
+        return _Table(values, None)
+    on_device = values.pin_memory().to(device, non_blocking=True)
+    ready = module.Event()
+    ready.record(module.current_stream(device))
+    return _Table(on_device, ready, {module.current_stream(device)})
+
+
+def _ready_on(table: _Table, stream: Any) -> Tensor:
+    """The table, safe to read on `stream`: that stream waits for the upload once, and the
+    allocator is told the table is in use there (it must not be reused under it)."""
+    if stream is not None and stream not in table.streams:
+        stream.wait_event(table.ready)
+        table.values.record_stream(stream)
+        table.streams.add(stream)
+    return table.values
+
+
+def _rows_present(bucket: list[list[Tensor] | None]) -> list[list[Tensor]]:
+    return [values for values in bucket if values is not None]
+
+
+def _key(bucket: list[list[Tensor] | None]) -> tuple:
+    """What a plan depends on: every tensor's address, the sizes and, if any gradient is
+    not contiguous, every layout. Read every step: a gradient is a new tensor each step,
+    and a parameter or state tensor can be moved in place (`.data =`, set_, resize)."""
+    present = _rows_present(bucket)
+    addresses = tuple(chain.from_iterable(map(Tensor.data_ptr, values) for values in present))
+    sizes = tuple(map(Tensor.numel, present[0]))
+    grads = bucket[1]
+    assert grads is not None
+    layouts = None
+    if not all(map(Tensor.is_contiguous, grads)):
+        layouts = tuple(t.stride() for values in present for t in values)
+    return tuple(values is not None for values in bucket), addresses, sizes, layouts
+
+
+def _check_plain(bucket: list[list[Tensor] | None]) -> None:
+    """Refuse what the kernel must not be given an address of: a tensor subclass (whose
+    data_ptr need not be its data), another dtype or another device than the bucket's."""
+    params = bucket[0]
+    assert params is not None
+    dtype, device = params[0].dtype, params[0].device
+    for row, values in zip(ROWS, bucket, strict=True):
+        for i, t in enumerate(values or ()):
+            if type(t) not in PLAIN_TENSOR_TYPES or t.dtype != dtype or t.device != device:
+                raise ValueError(
+                    f"Invalid {row}[{i}] for the Triton backend: {type(t).__name__} of "
+                    f"{t.dtype} on {t.device}. Allowed: a plain torch.Tensor or "
+                    f"nn.Parameter (not a subclass such as DTensor) of {dtype} on {device}."
+                )
+
+
+def _block_table(sizes: tuple[int, ...], device: torch.device) -> tuple[_Table, int]:
+    """The sizes, then (tensor index, block index) for every block of every tensor."""
+    key = (device, sizes)
+    table = _blocks.get(key)
+    if table is None:
+        if len(_blocks) >= _BLOCK_TABLES:
+            _blocks.clear()
+        size = torch.tensor(sizes, dtype=torch.int64)
+        per_tensor = (size + BLOCK - 1) // BLOCK
+        index = torch.repeat_interleave(torch.arange(len(sizes)), per_tensor)
+        first = torch.repeat_interleave(torch.cumsum(per_tensor, 0) - per_tensor, per_tensor)
+        block = torch.arange(index.numel()) - first
+        table = _upload(torch.cat([size, torch.stack([index, block], dim=1).flatten()]), device)
+        _blocks[key] = table
+    return table, (table.values.numel() - len(sizes)) // 2
+
+
+def _make_plan(bucket: list[list[Tensor] | None]) -> _Plan:
+    """Check the bucket, then split it: tensors not densely laid out run eagerly; the
+    rest in at most two launches, those whose every tensor starts on ALIGNMENT bytes
+    (vectorised) and the others, so one odd tensor leaves the rest of its bucket fast."""
+    _check_plain(bucket)
+    dense, strided = split_dense(bucket)
+    params = bucket[0]
     assert params is not None
     device = params[0].device
-    addresses = tuple(
-        0 if values is None else t.data_ptr() for values in lists for t in values or params
-    )
-    sizes = tuple(p.numel() for p in params)
-    address_table = _cached(
-        _addresses,
-        (device, addresses),
-        lambda: _upload(torch.tensor(addresses, dtype=torch.int64), device),
-    )
-    block_table, count = _cached(_blocks, (device, sizes), lambda: _block_table(sizes, device))
-    return address_table, block_table, count
+    aligned: list[int] = []
+    unaligned: list[int] = []
+    for i in dense:
+        row_addresses = [values[i].data_ptr() for values in _rows_present(bucket)]
+        (aligned if all(a % ALIGNMENT == 0 for a in row_addresses) else unaligned).append(i)
+    launches = []
+    for indices, is_aligned in ((aligned, True), (unaligned, False)):
+        part = take_all(bucket, indices)
+        sizes = tuple(params[i].numel() for i in indices)
+        if sum(sizes) == 0:
+            continue
+        first = part[0]
+        assert first is not None
+        addresses = [
+            0 if values is None else t.data_ptr() for values in part for t in values or first
+        ]
+        blocks, programs = _block_table(sizes, device)
+        table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
+        launches.append(_Launch(table, blocks, programs, len(indices), is_aligned))
+    return _Plan(launches, strided)
 
 
-def _block_table(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, int]:
-    """The sizes, then (tensor index, block index) for every block of every tensor."""
-    size = torch.tensor(sizes, dtype=torch.int64)
-    per_tensor = (size + BLOCK - 1) // BLOCK
-    index = torch.repeat_interleave(torch.arange(len(sizes)), per_tensor)
-    first = torch.repeat_interleave(torch.cumsum(per_tensor, 0) - per_tensor, per_tensor)
-    block = torch.arange(index.numel()) - first
-    table = torch.cat([size, torch.stack([index, block], dim=1).flatten()])
-    return _upload(table, device), index.numel()
+def _plan(bucket: list[list[Tensor] | None]) -> _Plan:
+    """The bucket's plan, made again only when a tensor moved or changed size or layout."""
+    params = bucket[0]
+    assert params is not None
+    try:
+        key = _key(bucket)
+    except RuntimeError:  # a tensor without storage: say which
+        _check_plain(bucket)
+        raise
+    plans = _plans.get(params[0])
+    if plans is None:
+        plans = _plans[params[0]] = OrderedDict()
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = _make_plan(bucket)
+        if len(plans) > _PLANS_PER_ANCHOR:
+            plans.popitem(last=False)
+    return plan
 
 
 def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def _launch(bucket: list[list[Tensor] | None], arguments: KernelArguments) -> None:
-    """One launch of the step kernel over a bucket, scalars prepared as cpu_kernel.c does."""
-    addresses, blocks, count = _tables(bucket)
-    if count == 0:
-        return
+def _kernel_scalars(arguments: KernelArguments) -> tuple[tuple[float, ...], bool]:
+    """The kernel's runtime scalars, prepared as cpu_kernel.c prepares them, and
+    SMALL_WEIGHT."""
     (beta1_weight, beta2, beta2_weight, eps, l2, param_decay, momentum_step, grad_step) = (
         arguments.scalars[:8]
     )
@@ -264,10 +523,7 @@ def _launch(bucket: list[list[Tensor] | None], arguments: KernelArguments) -> No
     # else (w − 1)·(end − start) from end; rounded to fp32 as the C kernel rounds it.
     small_weight = abs(beta1_weight) < 0.5
     weight = _float32(beta1_weight)
-    _step_kernel[(count,)](
-        addresses,
-        blocks,
-        len(bucket[0]),  # type: ignore[arg-type]
+    scalars = (
         weight if small_weight else _float32(weight - 1),
         beta2,
         beta2_weight,
@@ -278,12 +534,51 @@ def _launch(bucket: list[list[Tensor] | None], arguments: KernelArguments) -> No
         -grad_step,
         1 / bias_correction2_sqrt,
         clip,
-        DTYPE=TRITON_DTYPES[bucket[0][0].dtype],  # type: ignore[index]
-        ADOPT=arguments.algorithm == "adopt",
-        SMALL_WEIGHT=small_weight,
-        BLOCK=BLOCK,
-        **dict(arguments.switches),
     )
+    return scalars, small_weight
+
+
+def _launch_plan(
+    plan: _Plan, dtype: torch.dtype, device: torch.device, arguments: KernelArguments
+) -> None:
+    """Launch a plan's kernels on the tensors' device (whatever device is current) and
+    its current stream. Floating-point contraction is off: every multiply and add rounds
+    as written, as in the loop backend and Triton's interpreter."""
+    scalars, small_weight = _kernel_scalars(arguments)
+    switches = dict(arguments.switches)
+    module = _device_module(device)
+    guard = nullcontext() if module is None else module.device(device)
+    with guard:
+        stream = None if module is None else module.current_stream(device)
+        for launch in plan.launches:
+            _step_kernel[(launch.programs,)](
+                _ready_on(launch.addresses, stream),
+                _ready_on(launch.blocks, stream),
+                launch.tensors,
+                *scalars,
+                **launch_constexprs(
+                    dtype, launch.aligned, arguments.algorithm, small_weight, switches
+                ),
+                **compile_options(device.type),
+            )
+
+
+def launch_constexprs(
+    dtype: torch.dtype,
+    aligned: bool,
+    algorithm: str,
+    small_weight: bool,
+    switches: dict[str, bool],
+) -> dict[str, Any]:
+    """The constexpr arguments of one launch: which specialisation of the kernel runs."""
+    return {
+        "DTYPE": TRITON_DTYPES[dtype],
+        "ALIGNED": aligned,
+        "ADOPT": algorithm == "adopt",
+        "SMALL_WEIGHT": small_weight,
+        "BLOCK": BLOCK,
+        **switches,
+    }
 
 
 def _step(
@@ -291,19 +586,27 @@ def _step(
     arguments: Callable[[bool], KernelArguments],
     eager: Callable[[list[Any]], None],
 ) -> None:
-    """One launch per (dtype, Kahan) bucket the kernels take; the rest runs `eager`."""
+    """Launches per (dtype, Kahan) bucket the kernels take; the rest runs `eager`. Every
+    bucket is checked and planned before anything is launched, so a refused tensor
+    leaves every parameter and state as it was."""
     params, kahan_comps = lists[0], lists[-1]
     assert params is not None and kahan_comps is not None
     rest: list[int] = []
+    planned = []
     for indices in buckets(params, kahan_comps):
-        bucket = take_all(lists, indices)
-        kahan = kahan_comps[indices[0]] is not None
-        if not kahan:
-            bucket[-1] = None
-        if params[indices[0]].dtype in TRITON_DTYPES and not split_dense(bucket)[1]:
-            _launch(bucket, arguments(kahan))
-        else:
+        first = params[indices[0]]
+        if first.dtype not in TRITON_DTYPES:
             rest += indices
+            continue
+        bucket = take_all(lists, indices)
+        if kahan_comps[indices[0]] is None:
+            bucket[-1] = None
+        plan = _plan(bucket)
+        planned.append((plan, first, bucket[-1] is not None))
+        rest += [indices[i] for i in plan.eager]
+    for plan, first, kahan in planned:
+        if plan.launches:
+            _launch_plan(plan, first.dtype, first.device, arguments(kahan))
     if rest:
         eager(take_all(lists, sorted(rest)))
 
@@ -317,7 +620,7 @@ def adam_step(
     kahan_comps: Sequence[Tensor | None],
     c: AdamStepCoefficients,
 ) -> None:
-    """Apply one Adam-family step (see AdamStepCoefficients): one launch per bucket.
+    """Apply one Adam-family step (see AdamStepCoefficients): launches per bucket (see _step).
 
     Later micro-batches of an optimizer-accumulation window run the foreach backend."""
     if c.continues_window:
@@ -338,7 +641,7 @@ def adopt_step(
     kahan_comps: Sequence[Tensor | None],
     c: AdoptStepCoefficients,
 ) -> None:
-    """Apply one ADOPT step (see AdoptStepCoefficients): one launch per bucket."""
+    """Apply one ADOPT step (see AdoptStepCoefficients): launches per bucket (see _step)."""
     _step(
         [params, grads, exp_avgs, exp_avg_sqs, None, kahan_comps],  # type: ignore[list-item]
         lambda kahan: adopt_arguments(c, kahan),

@@ -28,7 +28,9 @@ def _rows(report: str) -> dict[str, list[dict[str, str]]]:
             tables.setdefault(title, [])
         elif line.startswith("| optimizer"):
             columns = [cell.strip() for cell in line.strip("|").split("|")]
-        elif line.startswith("| ") and not line.startswith("|---"):
+        elif line.startswith("| step |"):
+            title = ""  # the host-time table (tests/core/test_gpu_tools.py reads it)
+        elif title and line.startswith("| ") and not line.startswith("|---"):
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             tables[title].append(dict(zip(columns, cells, strict=True)))
     return tables

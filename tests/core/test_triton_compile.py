@@ -1,0 +1,208 @@
+"""The Triton kernels compiled for real GPU targets, on a machine without a GPU.
+
+Every specialisation a launch can ask for is enumerated from the code that chooses it:
+each case of the test table (every algorithm x decay mode x AMSGrad/clip), at its lr and
+at lr = 0, is stepped past ADOPT's first call and RAdam's rectification; the coefficients
+of each step go through kernel_arguments as the backend sends them, and launch_constexprs
+adds dtype, Kahan, alignment and lerp form. Each is compiled (in a worker process:
+Triton's interpreter is on in this one) for sm_80, sm_90 and, where this Triton knows
+it, sm_100, and its PTX and cubin checked: no register spills, no fused multiply-adds,
+no flush to zero, and for 16-byte-aligned launches 128-bit loads and stores for every
+tensor the configuration moves.
+
+CI compiles one member of each family (dtype x alignment x algorithm kind), chosen so
+every switch value occurs; ADAMKIT_ALL_SPECIALIZATIONS=1 (or `make compile-check`)
+compiles them all.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from core.coefficients import AdamStepCoefficients
+from tests.core.cases import trajectory_cases
+from tests.processes import ROOT, worker_env
+
+ARCHS = (80, 90, 100)
+STEPS = 8
+"""Past ADOPT's first call (INIT) and RAdam's first rectified step (t = 6)."""
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+VECTOR_BYTES = 16
+FULL_SWEEP = os.environ.get("ADAMKIT_ALL_SPECIALIZATIONS", "") not in ("", "0")
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+
+
+def _switch_sets() -> set[tuple[str, tuple[tuple[str, bool], ...]]]:
+    """(algorithm, switches) of every step the table's optimizers take, Kahan on and off."""
+    from core.backends.kernel_arguments import adam_arguments, adopt_arguments
+
+    found = set()
+    for case in trajectory_cases():
+        for lr_zero in (False, True):
+            param = torch.nn.Parameter(torch.linspace(-1, 1, 3))
+            optimizer = case.make([param], foreach=False)
+            if lr_zero:  # as a schedule reaches it
+                optimizer.param_groups[0]["lr"] = 0.0
+            for step in range(STEPS):
+                param.grad = torch.linspace(-0.5, 0.3, 3) * (step + 1)
+                optimizer.step()
+                c = optimizer.last_step_coefficients(param)
+                for kahan in (False, True):
+                    if isinstance(c, AdamStepCoefficients):
+                        arguments = adam_arguments(c, kahan)
+                    else:
+                        arguments = adopt_arguments(c, kahan)  # type: ignore[arg-type]
+                    found.add((arguments.algorithm, arguments.switches))
+    return found
+
+
+@functools.cache
+def launchable_specializations() -> list[dict[str, Any]]:
+    """Every constexpr combination the Triton backend can launch, DTYPE by name. Kahan
+    compensation exists only for 16-bit parameters (the optimizers never give fp32 one)."""
+    from core.backends.triton import TRITON_DTYPES, launch_constexprs
+
+    specs = []
+    for algorithm, switches in sorted(_switch_sets()):
+        for dtype in TRITON_DTYPES:
+            if dict(switches)["KAHAN"] and dtype not in LOW_PRECISION:
+                continue
+            for aligned in (True, False):
+                for small_weight in (True, False):
+                    spec = launch_constexprs(
+                        dtype, aligned, algorithm, small_weight, dict(switches)
+                    )
+                    specs.append({**spec, "DTYPE": str(dtype).removeprefix("torch.")})
+    return specs
+
+
+def ci_selection(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One member of each family (DTYPE, ALIGNED, ADOPT), picked greedily so that every
+    value of every switch is compiled at least once, then more members while a value is
+    still missing."""
+    features = {(name, value) for spec in specs for name, value in spec.items()}
+    chosen: list[dict[str, Any]] = []
+
+    def gain(spec: dict[str, Any]) -> int:
+        return len(set(spec.items()) & features)
+
+    families: dict[tuple, list[dict[str, Any]]] = {}
+    for spec in specs:
+        families.setdefault((spec["DTYPE"], spec["ALIGNED"], spec["ADOPT"]), []).append(spec)
+    for members in families.values():
+        best = max(members, key=lambda s: (gain(s), sum(v is True for v in s.values())))
+        chosen.append(best)
+        features -= set(best.items())
+    while features:
+        best = max(specs, key=gain)
+        chosen.append(best)
+        features -= set(best.items())
+    return chosen
+
+
+def expected_traffic(spec: dict[str, Any]) -> tuple[int, int]:
+    """(tensors read, tensors written) per element, from the README's bytes table: g, m, v
+    read and m, v written; θ read for L2 or an update and written by an update; Kahan's k
+    with θ; v_max both ways; ADOPT's first call reads g (θ for L2) and writes v only."""
+    init = spec["INIT"]
+    theta_read = spec["L2"] or (spec["UPDATE"] and not init)
+    theta_written = spec["UPDATE"] and not init
+    kahan = spec["KAHAN"]
+    reads = 1 + (0 if init else 2) + theta_read * (1 + kahan) + spec["AMSGRAD"]
+    writes = (1 if init else 2) + theta_written * (1 + kahan) + spec["AMSGRAD"]
+    return reads, writes
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Compile CI's selection (or every specialisation) for every architecture, once."""
+    specs = launchable_specializations()
+    request = {
+        "archs": list(ARCHS),
+        "specs": specs if FULL_SWEEP else ci_selection(specs),
+        "jobs": os.cpu_count() if FULL_SWEEP else 1,
+    }
+    # A fresh cache: every kernel is really compiled, not found from an earlier run.
+    env = {**worker_env(), "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton-cache"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.core.triton_compile_worker"],
+        input=json.dumps(request),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {**json.loads(result.stdout), "requested": request}
+
+
+def test_the_enumeration_covers_every_switch_of_the_kernel() -> None:
+    """The table's optimizers reach every switch value (each switch on and off), so the
+    enumeration misses no kernel code path."""
+    from core.backends import triton as backend
+
+    specs = launchable_specializations()
+    annotations = backend._step_kernel.fn.__annotations__
+    constexprs = {name for name, kind in annotations.items() if "constexpr" in str(kind)}
+    assert set(specs[0]) == constexprs
+    for name in constexprs - {"BLOCK"}:
+        values = {spec[name] for spec in specs}
+        assert len(values) >= 2, (name, values)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_selected_specialization_compiles_without_spills(
+    compiled: dict[str, Any], arch: int
+) -> None:
+    if str(arch) in compiled["unknown"]:
+        if arch == 100:
+            pytest.skip(f"Triton {compiled['triton']} does not compile for sm_100")
+        pytest.fail(f"sm_{arch}: {compiled['unknown'][str(arch)]}")
+    results = [r for r in compiled["results"] if r["arch"] == arch]
+    assert len(results) == len(compiled["requested"]["specs"])
+    for result in results:
+        assert "error" not in result, result
+        assert result["stack"] == 0 and result["local"] == 0, result  # no spills
+        assert result["fma"] == 0, result  # every multiply and add rounds as written
+        if compiled["keeps_subnormals"]:
+            assert result["ftz"] == 0, result
+        else:  # Triton 3.3: libdevice's sqrt and division flush subnormals (README)
+            assert set(result["ftz_ops"]) <= {"sqrt.rn.ftz.f32", "div.rn.ftz.f32"}, result
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_aligned_launches_move_every_tensor_128_bits_at_a_time(
+    compiled: dict[str, Any], arch: int
+) -> None:
+    """Full blocks of 16-byte-aligned tensors: exactly the tensors the configuration moves,
+    each as 128-bit loads and stores (fp32, bf16 and fp16); unaligned launches never
+    assume alignment."""
+    results = [r for r in compiled["results"] if r["arch"] == arch and "error" not in r]
+    if not results:
+        pytest.skip(f"nothing compiled for sm_{arch} (see the compile test)")
+    dtypes = set()
+    for result in results:
+        spec, accesses = result["spec"], result["accesses"]
+        element = 4 if spec["DTYPE"] == "float32" else 2
+        per_tensor = spec["BLOCK"] * element // (result["num_warps"] * 32 * VECTOR_BYTES)
+        loads, stores = accesses.get("ld.v4.b32", 0), accesses.get("st.v4.b32", 0)
+        if spec["ALIGNED"]:
+            reads, writes = expected_traffic(spec)
+            assert (loads, stores) == (reads * per_tensor, writes * per_tensor), result
+            dtypes.add(spec["DTYPE"])
+        else:
+            assert loads == stores == 0, result
+    assert dtypes == {"float32", "bfloat16", "float16"}
