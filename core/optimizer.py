@@ -28,6 +28,8 @@ from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
+_grad_is_sparse = operator.attrgetter("grad.is_sparse")
+
 HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
 
 EXECUTION_KEYS = ("foreach", "fused", "gradient_release")
@@ -658,7 +660,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             if released:  # a set lookup hashes in Python: skip it when nothing is released
                 params = [p for p in params if p not in released]
             self._check_fused_possible(group, where)
-            if any(p.grad.is_sparse for p in params):  # the message names the first
+            if any(map(_grad_is_sparse, params)):  # the message names the first
                 for p in params:
                     self._check_gradient(p, where)
             work.append((group, params))

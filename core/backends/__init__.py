@@ -16,6 +16,7 @@ from torch import Tensor
 from core.backends import foreach, loop
 from core.backends.views import (
     PLAIN_TENSOR_TYPES,
+    device_of,
     dtensor_type,
     is_plain,
     local_lists,
@@ -93,7 +94,7 @@ def fused_unavailable_reason(params: Sequence[Tensor], *, forced: bool = True) -
             f"a fused kernel reads raw memory, which tensor subclasses ({subclasses}) do not "
             "describe (DTensor is the exception: its local shard is stepped)"
         )
-    devices = {p.device for p in params}
+    devices = set(map(device_of, params))
     if len(devices) > 1:
         names = sorted(str(d) for d in devices)
         return f"the parameters of one group must share one device for a fused step, got {names}"

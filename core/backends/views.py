@@ -40,11 +40,12 @@ def dtensor_type() -> type | None:
     return DTensor
 
 
+_PLAIN_OR_NONE = PLAIN_TENSOR_TYPES | {type(None)}
+
+
 def is_plain(tensors: Sequence[Tensor | None]) -> bool:
     """Whether every entry is a plain tensor (or None): one C-speed pass."""
-    return PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)) or all(
-        t is None or type(t) in PLAIN_TENSOR_TYPES for t in tensors
-    )
+    return _PLAIN_OR_NONE.issuperset(map(type, tensors))
 
 
 def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type) -> Any:
