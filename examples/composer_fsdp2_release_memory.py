@@ -39,16 +39,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from gradient_release import rss_mb  # noqa: E402  (one probe for both examples)
 
 WIDTH, LAYERS, BATCH, STEPS = 1024, 20, 32, 3
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _fit(width: int, layers: int, release: bool, per_layer: bool) -> int:
@@ -98,7 +93,7 @@ def measure(release: bool, per_layer: bool, out: Path) -> None:
     torch.set_num_threads(1)
     dist.initialize_dist("cpu")
     _fit(16, 2, release, per_layer)  # kernels, gloo buffers, Composer's setup
-    before = _rss_mb()
+    before = rss_mb()
     params = _fit(WIDTH, LAYERS, release, per_layer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row = {"params_m": params / 1e6, "peak_above_start_mb": peak - before}

@@ -30,7 +30,8 @@ import core
 WIDTH, LAYERS, BATCH = 1024, 20, 64
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """This process's resident set size now (Linux)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
@@ -47,7 +48,7 @@ def measure_peak(release: bool, steps: int, fsdp2: bool = False) -> dict[str, fl
     warm_up = nn.Linear(8, 8)  # torch's kernels and thread pools allocate on first use
     warm_up(torch.randn(2, 8)).sum().backward()
     core.AdamW(warm_up.parameters(), lr=1e-3).step()
-    before = _rss_mb()
+    before = rss_mb()
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(LAYERS):

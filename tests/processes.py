@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,23 @@ def kill_when_printed(command: list[str], line: str, timeout: float = 600) -> No
             break
     process.wait(timeout=timeout)
     assert process.returncode == -signal.SIGKILL, f"the run must be killed at {line!r}, not end"
+
+
+def free_port() -> int:
+    """A port nothing on this machine listens on now (for a gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_rank_command(script: str, *args: str) -> list[str]:
+    """torch.distributed.run of a repository script on 2 local processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={free_port()}",
+        str(ROOT / script),
+        *args,
+    ]

@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import composer_adam
 from tests.composer_adam.harness import BATCH, LR, MICROBATCH, make_loader, make_model
-from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS, average_fsdp2_gradients
+from tests.core.configuration_cases import (
+    BACKENDS,
+    DTYPES,
+    STEPS,
+    Cell,
+    average_fsdp2_gradients,
+)
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "DecoupledAdamW": lambda p, **kw: composer_adam.DecoupledAdamW(
@@ -48,21 +54,6 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
         p, lr=LR, weight_decay=1e-4, **kw
     ),
 }
-
-
-@dataclass(frozen=True)
-class Cell:
-    optimizer: str
-    backend: str
-    dtype_name: str
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.optimizer, self.backend, self.dtype_name)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
 
 
 @dataclass

@@ -20,13 +20,11 @@ gradient-norm metrics are checked too.
 from __future__ import annotations
 
 import functools
-import sys
 
 import pytest
 import torch
 
 from tests.composer_adam.distributed_worker import (
-    LR,
     MATRIX,
     MICROBATCH,
     OPTIMIZERS,
@@ -37,8 +35,8 @@ from tests.composer_adam.distributed_worker import (
     train_cell,
 )
 from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
-from tests.core.test_configurations import _free_port, assert_within_bf16_ulps
-from tests.processes import ROOT, run_worker
+from tests.core.test_configurations import assert_cell_matches
+from tests.processes import run_worker, two_rank_command
 
 CONFIGURATIONS = (*MATRIX, *PROBES)
 
@@ -47,16 +45,9 @@ CONFIGURATIONS = (*MATRIX, *PROBES)
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every cell of every configuration, trained by one 2-process gloo group."""
     output = tmp_path_factory.mktemp("composer_distributed") / "cells.pt"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={_free_port()}",
-        str(ROOT / "tests/composer_adam/distributed_worker.py"),
-        str(output),
-        *CONFIGURATIONS,
-    ]
+    command = two_rank_command(
+        "tests/composer_adam/distributed_worker.py", str(output), *CONFIGURATIONS
+    )
     run_worker(command, timeout=900)
     saved = torch.load(output)
     return {key: v if isinstance(v, str) else Result(**v) for key, v in saved.items()}
@@ -89,14 +80,10 @@ def test_cell_equals_one_process_loop(
     reference = one_process(optimizer, dtype_name)
     # NAdam's update metric needs the gradient, which release has freed by batch end.
     skip = "l2_norm/update" if configuration.endswith("release") and "NAdam" in optimizer else ""
-    if dtype_name == "fp32":
-        for got, want in zip(result.params, reference.params, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-        assert_same_metrics(result, reference, rel=1e-5, skip=skip)
-        return
     own_loop: Result = trained[(configuration, optimizer, "loop", dtype_name)]
-    assert_within_bf16_ulps(result.params, own_loop.params)
-    assert_within_bf16_ulps(result.params, reference.params, LR)
+    assert_cell_matches(result.params, own_loop.params, reference.params, dtype_name)
+    if dtype_name == "fp32":
+        assert_same_metrics(result, reference, rel=1e-5, skip=skip)
 
 
 @pytest.mark.slow

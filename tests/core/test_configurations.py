@@ -14,8 +14,6 @@ FSDP2 with bf16 compute has no one-process twin: its cells are held to its own l
 from __future__ import annotations
 
 import functools
-import socket
-import sys
 
 import pytest
 import torch
@@ -31,7 +29,7 @@ from tests.core.configuration_cases import (
     step_one_process,
     train_one_process,
 )
-from tests.processes import ROOT, run_worker
+from tests.processes import run_worker, two_rank_command
 
 FSDP_CONFIGURATIONS = ("fsdp2", "fsdp2_bf16_compute", "fsdp2_dcp", "fsdp2_release")
 OTHER_CONFIGURATIONS = ("dtensor_shard", "dtensor_replicate", "tensor_parallel", "ddp")
@@ -40,26 +38,11 @@ OTHER_CONFIGURATIONS = ("dtensor_shard", "dtensor_replicate", "tensor_parallel",
 CONFIGURATIONS = FSDP_CONFIGURATIONS + OTHER_CONFIGURATIONS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every cell of every configuration, trained by one 2-process gloo group."""
     output = tmp_path_factory.mktemp("configurations") / "cells.pt"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={_free_port()}",
-        str(ROOT / "tests/core/configuration_worker.py"),
-        str(output),
-        *CONFIGURATIONS,
-    ]
+    command = two_rank_command("tests/core/configuration_worker.py", str(output), *CONFIGURATIONS)
     run_worker(command, timeout=900)
     return torch.load(output)
 
@@ -89,6 +72,29 @@ def assert_within_bf16_ulps(
         assert excess <= 0, f"off by more than {STEPS} bf16 ulps (excess {excess:.3g})"
 
 
+def assert_cell_matches(
+    result: list[torch.Tensor],
+    own_loop: list[torch.Tensor],
+    one_process: list[torch.Tensor] | None,
+    dtype_name: str,
+) -> None:
+    """One cell of a configuration matrix against its references.
+
+    fp32: within 1e-6 of one process (of the configuration's own loop-backend run when
+    one process has no twin). bf16 + Kahan: within one ulp per step of the configuration's
+    own loop-backend run, and that near one process: 2 ranks reduce gradients in bf16,
+    which perturbs each update (of size ~lr) by a rounding, so ulps are taken at no less
+    than lr there.
+    """
+    if dtype_name == "fp32":
+        for got, want in zip(result, one_process or own_loop, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        return
+    assert_within_bf16_ulps(result, own_loop)
+    if one_process is not None:
+        assert_within_bf16_ulps(result, one_process, LR)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -99,18 +105,13 @@ def test_cell_equals_one_process_loop(
 ) -> None:
     result = trained[(configuration, optimizer, backend, dtype_name)]
     own_loop = trained[(configuration, optimizer, "loop", dtype_name)]
-    if dtype_name == "fp32":
-        if configuration != "fsdp2_bf16_compute":
-            own_loop = reference(configuration, optimizer, dtype_name)
-        for got, want in zip(result, own_loop, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-        return
-    # bf16 + Kahan: within one ulp per step of this configuration's own loop-backend run,
-    # and that run near one process's: 2 ranks reduce gradients in bf16, which perturbs
-    # each update (of size ~lr) by a rounding, so ulps are taken at no less than lr there.
-    assert_within_bf16_ulps(result, own_loop)
-    if configuration != "fsdp2_bf16_compute":
-        assert_within_bf16_ulps(result, reference(configuration, optimizer, dtype_name), LR)
+    # FSDP2 with bf16 compute has no one-process twin: held to its own loop run only.
+    one_process = (
+        None
+        if configuration == "fsdp2_bf16_compute"
+        else reference(configuration, optimizer, dtype_name)
+    )
+    assert_cell_matches(result, own_loop, one_process, dtype_name)
 
 
 def test_worker_covers_every_cell(trained: dict) -> None:

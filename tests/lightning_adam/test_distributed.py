@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.core.configuration_cases import BACKENDS, DTYPES, GLOBAL_BATCHES, LR, OPTIMIZERS, Cell
-from tests.core.test_configurations import assert_within_bf16_ulps, reference
+from tests.core.test_configurations import assert_cell_matches, assert_within_bf16_ulps, reference
 from tests.lightning_adam.distributed_worker import (
     BATCH_PER_RANK,
     EPOCHS,
@@ -154,16 +154,9 @@ MATRIX = ("trainer_ddp", "trainer_model_parallel", "fabric_ddp", "fabric_model_p
 def assert_cell_near_one_process(
     result: list[torch.Tensor], own_loop: list[torch.Tensor], optimizer: str, dtype_name: str
 ) -> None:
-    """fp32: within 1e-6 of one process; bf16: within one ulp per step of this
-    configuration's loop-backend run, and near one process (ulps at no less than lr: two
-    ranks reduce bf16 gradients, which perturbs each update of size ~lr by a rounding)."""
-    one_process = reference("lightning", optimizer, dtype_name)  # trains GLOBAL_BATCHES
-    if dtype_name == "fp32":
-        for got, want in zip(result, one_process, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-        return
-    assert_within_bf16_ulps(result, own_loop)
-    assert_within_bf16_ulps(result, one_process, LR)
+    """The core matrix's check against one process training GLOBAL_BATCHES."""
+    one_process = reference("lightning", optimizer, dtype_name)
+    assert_cell_matches(result, own_loop, one_process, dtype_name)
 
 
 @pytest.mark.slow
