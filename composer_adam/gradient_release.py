@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 import core
-from composer_adam.optimizers import full_norm, rank_share
+from composer_adam.optimizers import rank_share
+from core import metrics
 from core.backends.views import dtensor_type
 from core.optimizer import AdamFamilyOptimizer
 
@@ -213,7 +214,8 @@ class GradientRelease(Callback):
                 optimizer.report_per_parameter_metrics(p, name, found)
             if f"l2_norm/grad/{name}" not in found:
                 norm = grad_norm if p.grad is None else torch.linalg.vector_norm(p.grad)
-                found[f"l2_norm/grad/{name}"] = rank_share(norm) if reduce else full_norm(norm)
+                share = rank_share(norm) if reduce else metrics.global_value(norm)
+                found[f"l2_norm/grad/{name}"] = share
         if reduce:
             found = optimizer.dist_reduce_metrics(optimizer.pre_reduce_metrics(found))
         squares = sum(float(v) ** 2 for k, v in found.items() if k.startswith("l2_norm/grad/"))

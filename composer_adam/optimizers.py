@@ -125,15 +125,7 @@ def rank_share(norm: Any) -> Any:
     dtensor = dtensor_type()
     if dtensor is None or not isinstance(norm, dtensor):
         return norm
-    return full_norm(norm) / torch.distributed.get_world_size() ** 0.5
-
-
-def full_norm(norm: Any) -> Any:
-    """A DTensor norm as a plain tensor holding the global norm (a norm of a sharded
-    DTensor is a pending partial reduction, whose `float()` gives this rank's part);
-    anything else unchanged."""
-    dtensor = dtensor_type()
-    return norm.full_tensor() if dtensor is not None and isinstance(norm, dtensor) else norm
+    return metrics.global_value(norm) / torch.distributed.get_world_size() ** 0.5
 
 
 class DecoupledAdamW(ComposerConventions, core.Adam):

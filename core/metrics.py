@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from core.backends import loop
+from core.backends.views import dtensor_type
 from core.coefficients import AdoptStepCoefficients
 from core.optimizer import AdamFamilyOptimizer
 
@@ -42,6 +43,14 @@ METRICS = (MOMENT, PARAM, UPDATE, GRAD)
 """Metric names; a parameter's key is f"{metric}/{parameter name}"."""
 
 Metrics = MutableMapping[str, Any]
+
+
+def global_value(norm: Any) -> Any:
+    """A norm of a DTensor as a plain tensor holding the global norm (the norm of a
+    sharded DTensor is a pending reduction over ranks, whose local value is this rank's
+    part: every rank must call this, in the same order); anything else unchanged."""
+    dtensor = dtensor_type()
+    return norm.full_tensor() if dtensor is not None and isinstance(norm, dtensor) else norm
 
 
 def _norm(tensor: Tensor) -> Tensor:

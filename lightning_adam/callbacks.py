@@ -275,9 +275,10 @@ class OptimizerMonitor(L.Callback):
     last micro-batch's gradient, the one stepped with). With an optimizer that is not an
     adamkit one, only the param and grad norms are logged.
 
-    Refused under ModelParallelStrategy and FSDPStrategy: their parameters are shards, whose
-    norms need every rank, while this callback computes on global rank zero only (under
-    ModelParallelStrategy that deadlocks rank zero in the first DTensor norm).
+    Under ModelParallelStrategy parameters, gradients and state are DTensor shards: every
+    rank computes the norms (each a reduction over ranks, taken in the same order
+    everywhere) and rank zero logs the global values. Refused under FSDPStrategy (FSDP1,
+    GPU only), whose flat local shards this callback cannot see whole.
 
     Args:
         every_n_steps: Log every this many optimizer steps; None uses the Trainer's
@@ -301,12 +302,12 @@ class OptimizerMonitor(L.Callback):
         self._steps_before_batch = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+        if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(
                 f"Invalid strategy for OptimizerMonitor: {type(trainer.strategy).__name__}. "
-                "Allowed: single-device or DDP strategies ('auto', 'ddp', 'ddp_spawn'). Sharded "
-                "parameters' norms need every rank, and OptimizerMonitor computes them on "
-                "global rank zero only; drop OptimizerMonitor under sharded strategies."
+                "Allowed: single-device, DDP ('auto', 'ddp', 'ddp_spawn') or "
+                "ModelParallelStrategy (FSDP2, whose DTensor norms every rank computes "
+                "together); FSDPStrategy's flat shards are not seen whole here."
             )
 
     def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
@@ -330,7 +331,9 @@ class OptimizerMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
         stepped = trainer.global_step != self._steps_before_batch
-        if not (self._recording and stepped and trainer.is_global_zero):
+        # Sharded parameters' norms are reductions over ranks: every rank takes part.
+        sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        if not (self._recording and stepped and (sharded or trainer.is_global_zero)):
             return
         optimizer = trainer.optimizers[0]
         found: dict[str, Any] = {}
@@ -345,7 +348,11 @@ class OptimizerMonitor(L.Callback):
                     found[f"{metrics.GRAD}/{name}"] = _l2_norm(param.grad)
             if param in self._grad_norms:
                 found[f"{metrics.GRAD}/{name}"] = self._grad_norms[param]
-        values = {key: float(value) for key, value in found.items()}
+        # In insertion order, the same on every rank: DTensor norms are collectives.
+        values = {key: float(metrics.global_value(value)) for key, value in found.items()}
+        if not trainer.is_global_zero:
+            self._grad_norms.clear()
+            return
         for metric in metrics.METRICS:
             squares = [v * v for k, v in values.items() if k.startswith(f"{metric}/")]
             if squares:
