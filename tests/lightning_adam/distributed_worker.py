@@ -95,11 +95,29 @@ SPAWN_CELLS = [Cell("AdamW", "default", "fp32"), Cell("ADOPT", "default", "bf16"
 the Trainer) and default flags; the math is DDP's, which the matrix covers cell by cell."""
 
 
+class LeaveTogether(L.Callback):
+    """Ends a spawned worker's process group on both ranks at once, after training.
+
+    Otherwise each spawned process destroys its gloo group at exit (Lightning's atexit
+    handler) whenever it gets there; once in a few runs on a loaded machine a rank then
+    aborted in gloo's teardown ("terminate called without an active exception") after a
+    fit that had completed. Nothing after teardown needs the group: rank 0 hands its
+    weights back through a file and a queue."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def spawn(out: str) -> None:
     """Each fit spawns 2 processes; rank 0's weights come back into this process's module."""
     results = {}
     for cell in SPAWN_CELLS:
-        results[cell.key] = strategy_cases.fit_cell(cell, "ddp_spawn", release=True)["params"]
+        fit = strategy_cases.fit_cell(
+            cell, "ddp_spawn", release=True, extra_callbacks=(LeaveTogether(),)
+        )
+        results[cell.key] = fit["params"]
     torch.save(results, f"{out}/spawn.pt")
 
 

@@ -156,7 +156,11 @@ STRATEGIES: dict[str, tuple[Any, str]] = {
 
 
 def fit_cell(
-    cell: Cell, strategy: str, release: bool = False, accumulate: int = 1
+    cell: Cell,
+    strategy: str,
+    release: bool = False,
+    accumulate: int = 1,
+    extra_callbacks: tuple[L.Callback, ...] = (),
 ) -> dict[str, Any]:
     """One Trainer.fit of cell under a strategy of STRATEGIES: one pass over the batches."""
     chosen, layout = STRATEGIES[strategy]
@@ -167,7 +171,7 @@ def fit_cell(
         devices=1 if strategy == "single" else 2,
         max_steps=STEPS // accumulate,
         accumulate_grad_batches=accumulate,
-        callbacks=[GradientRelease()] if release else [],
+        callbacks=[*([GradientRelease()] if release else []), *extra_callbacks],
     )
     trainer.fit(module)
     return {
