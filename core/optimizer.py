@@ -788,8 +788,8 @@ def _eager_step(
 ) -> Any:
     """The step, kept out of torch.compile graphs: it reads host scalars, builds per-step
     coefficients in Python floats and calls C kernels through ctypes, which Dynamo cannot
-    trace faithfully (traced, Adam drifted 0.13 from eager in 12 steps through an Inductor
-    bug with step-derived floats). A compiled function calling it breaks the graph here and
+    trace faithfully (traced, Adam, RAdam and NAdam no longer equal eager: see
+    tests/core/test_compile.py). A compiled function calling it breaks the graph here and
     gets exactly the eager update. A plain function, not a decorated method: torch 2.7's
     torch.compile(optimizer.step) loses `self` when unwrapping a disabled method."""
     return optimizer._step(closure, param, grad_scaler)

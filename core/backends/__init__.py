@@ -158,7 +158,8 @@ def backend_and_lists(
     if all(values is None or is_plain(values) for values in local):
         return select_backend(local[0], foreach=foreach, fused=fused), local
     if fused:
-        reason = f"tensor subclasses ({_unaddressable_subclasses(local[0])})"
+        every = [t for values in local if values is not None for t in values]
+        reason = f"tensor subclasses ({_unaddressable_subclasses(every)})"
         raise ValueError(f"Invalid fused: True. Allowed: None or False for {reason}.")
     return (_FOREACH if foreach else _LOOP), local
 

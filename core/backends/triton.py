@@ -41,6 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from core.backends import foreach
 from core.backends.grouping import buckets, split_dense, take_all
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
+from core.backends.views import check_addressable
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 BLOCK = 1024
@@ -334,9 +335,6 @@ are fp32 scalars. `count` is never specialised (do_not_specialize), so one compi
 kernel serves any number of tensors, one (gradient release) included."""
 ALIGNMENT = 16
 """Bytes a tensor's address must be a multiple of for the 128-bit path (ALIGNED)."""
-PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
-"""The only types whose address is the data: a subclass (DTensor's data_ptr() is 0) is not."""
-ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "kahan_comp")
 _PLANS_PER_ANCHOR = 4
 """Address layouts remembered per first parameter of a bucket: gradients that come back
 at alternating addresses, and the buckets that share a first parameter, fit."""
@@ -424,20 +422,13 @@ def _key(bucket: list[list[Tensor] | None]) -> tuple:
     return tuple(values is not None for values in bucket), addresses, sizes, layouts
 
 
-def _check_plain(bucket: list[list[Tensor] | None]) -> None:
-    """Refuse what the kernel must not be given an address of: a tensor subclass (whose
-    data_ptr need not be its data), another dtype or another device than the bucket's."""
+def _check_addressable(bucket: list[list[Tensor] | None]) -> None:
+    """Refuse what the kernel must not be given an address of (views.check_addressable):
+    a tensor subclass (whose data_ptr need not be its data), another dtype, device or size
+    than its parameter's. Layouts the kernel cannot take run eagerly (see _make_plan)."""
     params = bucket[0]
     assert params is not None
-    dtype, device = params[0].dtype, params[0].device
-    for row, values in zip(ROWS, bucket, strict=True):
-        for i, t in enumerate(values or ()):
-            if type(t) not in PLAIN_TENSOR_TYPES or t.dtype != dtype or t.device != device:
-                raise ValueError(
-                    f"Invalid {row}[{i}] for the Triton backend: {type(t).__name__} of "
-                    f"{t.dtype} on {t.device}. Allowed: a plain torch.Tensor or "
-                    f"nn.Parameter (not a subclass such as DTensor) of {dtype} on {device}."
-                )
+    check_addressable(bucket, params[0].dtype, params[0].device, require_dense=False)
 
 
 def _block_table(sizes: tuple[int, ...], device: torch.device) -> tuple[_Table, int]:
@@ -461,7 +452,7 @@ def _make_plan(bucket: list[list[Tensor] | None]) -> _Plan:
     """Check the bucket, then split it: tensors not densely laid out run eagerly; the
     rest in at most two launches, those whose every tensor starts on ALIGNMENT bytes
     (vectorised) and the others, so one odd tensor leaves the rest of its bucket fast."""
-    _check_plain(bucket)
+    _check_addressable(bucket)
     dense, strided = split_dense(bucket)
     params = bucket[0]
     assert params is not None
@@ -495,7 +486,7 @@ def _plan(bucket: list[list[Tensor] | None]) -> _Plan:
     try:
         key = _key(bucket)
     except RuntimeError:  # a tensor without storage: say which
-        _check_plain(bucket)
+        _check_addressable(bucket)
         raise
     plans = _plans.get(params[0])
     if plans is None:

@@ -103,49 +103,65 @@ def real_view_lists(lists: Sequence[TensorList]) -> list[Any]:
     return [real_views(t) for t in lists]
 
 
+ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "kahan_comp")
+"""The tensor lists a fused kernel addresses, in the order the backends pass them."""
+
+
 def check_addressable(
-    lists: Sequence[Sequence[Tensor] | None], dtype: torch.dtype, device: torch.device
+    lists: Sequence[Sequence[Tensor] | None],
+    dtype: torch.dtype,
+    device: torch.device,
+    require_dense: bool = True,
 ) -> None:
-    """Refuse, before a kernel reads raw addresses, anything but plain dense tensors of
-    dtype on device with as many elements as their parameter (lists[0]).
+    """Refuse, before a kernel reads raw addresses, anything but plain tensors of dtype on
+    device with as many elements as their parameter (lists[0], rows in ROWS order), and
+    with require_dense, laid out densely like it (callers that send other layouts down
+    another path check those themselves).
 
     Callers have sorted tensors into such buckets already; this is the last line of
-    defence that turns a mistake into a ValueError instead of a write through a wrong
-    address. It runs per list at C speed in the usual case.
+    defence that turns a mistake into a ValueError, naming the tensor, instead of a write
+    through a wrong address. It runs per list at C speed in the usual case.
     """
     params = lists[0]
     assert params is not None
     numels = list(map(Tensor.numel, params))
-    for values in lists:
+    for row, values in zip(ROWS, lists, strict=False):
         if values is None:
             continue
         if (
             PLAIN_TENSOR_TYPES.issuperset(map(type, values))
             and {dtype} == set(map(dtype_of, values))
             and {device} == set(map(device_of, values))
-            and all(map(Tensor.is_contiguous, values))
+            and (not require_dense or all(map(Tensor.is_contiguous, values)))
             and list(map(Tensor.numel, values)) == numels
         ):
             continue
-        for t, param in zip(values, params, strict=True):
-            problem = _address_problem(t, param, dtype, device)
+        for index, (t, param) in enumerate(zip(values, params, strict=True)):
+            problem = _address_problem(t, param, dtype, device, require_dense)
             if problem:
                 raise ValueError(
-                    f"Invalid tensor for a fused kernel: {problem}. Allowed: plain dense "
-                    f"{dtype} tensors on {device} (use fused=False for this tensor)."
+                    f"Invalid {row}[{index}] for a fused kernel: {problem}. Allowed: a plain "
+                    f"torch.Tensor or nn.Parameter (not a subclass such as DTensor) of {dtype} "
+                    f"on {device}, laid out like its parameter (fused=False takes any tensor)."
                 )
 
 
-def _address_problem(t: object, param: Tensor, dtype: torch.dtype, device: torch.device) -> str:
+def _address_problem(
+    t: object, param: Tensor, dtype: torch.dtype, device: torch.device, require_dense: bool
+) -> str:
     """Why a kernel may not read t's raw memory beside param's ("" if it may)."""
-    if not isinstance(t, Tensor) or type(t) not in PLAIN_TENSOR_TYPES:
-        return f"a {type(t).__name__}, not a plain torch.Tensor"
+    if not isinstance(t, Tensor):
+        return f"a {type(t).__name__}"
+    if type(t) not in PLAIN_TENSOR_TYPES:
+        return f"a {type(t).__name__} of {t.dtype} on {t.device}, not a plain tensor"
     if t.layout != torch.strided:
         return f"a tensor with layout {t.layout}"
     if t.dtype != dtype or t.device != device:
-        return f"a {t.dtype} tensor on {t.device}"
+        return f"a {type(t).__name__} of {t.dtype} on {t.device}"
     if t.numel() != param.numel():
         return f"a tensor of {t.numel()} elements beside a parameter of {param.numel()}"
+    if not require_dense:
+        return ""
     if not dense(t):
         return f"a tensor of shape {tuple(t.shape)} with gaps (strides {t.stride()})"
     if not t.is_contiguous() and (t.shape, t.stride()) != (param.shape, param.stride()):
