@@ -146,6 +146,9 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
         amsgrad: Use the running maximum of the second moment (AMSGrad).
         kahan_sum: Kahan-compensated updates for bf16/fp16 parameters; None turns it on
             for low-precision parameters only.
+        state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
+            them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
+            under 4096 elements stay full). See core.quantization.
         foreach: Use the multi-tensor foreach backend; None picks the fastest.
         fused: Use a fused backend; None picks it where available and exact.
         triton: optimi's name for fused (see core.Adam).
@@ -162,6 +165,7 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
         amsgrad: bool = False,
         *,
         kahan_sum: bool | None = None,
+        state_precision: str = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -227,6 +231,7 @@ class DecoupledRAdam(ComposerConventions, core.RAdam):
         weight_decay: float = 1e-5,
         *,
         kahan_sum: bool | None = None,
+        state_precision: str = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -251,6 +256,7 @@ class DecoupledNAdam(ComposerConventions, core.NAdam):
         *,
         momentum_decay: float = 4e-3,
         kahan_sum: bool | None = None,
+        state_precision: str = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -277,6 +283,7 @@ class DecoupledADOPT(ComposerConventions, core.ADOPT):
         *,
         clip: bool = True,
         kahan_sum: bool | None = None,
+        state_precision: str = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

@@ -178,6 +178,9 @@ class Adam(AdamFamilyOptimizer):
         amsgrad: Use the running maximum of the second moment (AMSGrad).
         kahan_sum: Kahan-compensated updates so bf16/fp16 parameters do not lose small
             updates to rounding; None turns it on for low-precision parameters only.
+        state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
+            them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
+            under 4096 elements stay full). See core.quantization.
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -199,6 +202,7 @@ class Adam(AdamFamilyOptimizer):
         max_lr: float | None = None,
         amsgrad: bool = False,
         kahan_sum: bool | None = None,
+        state_precision: str = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -231,9 +235,9 @@ class Adam(AdamFamilyOptimizer):
         adam(
             params,
             grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+            self._moments(states, "exp_avg"),
+            self._moments(states, "exp_avg_sq"),
+            self._moments(states, "max_exp_avg_sq") if group["amsgrad"] else None,
             [s["step"] for s in states],
             amsgrad=group["amsgrad"],
             kahan_comps=self._kahan_comps(group, params, states),
@@ -259,6 +263,9 @@ class AdamW(Adam):
         amsgrad: Use the running maximum of the second moment (AMSGrad).
         kahan_sum: Kahan-compensated updates so bf16/fp16 parameters do not lose small
             updates to rounding; None turns it on for low-precision parameters only.
+        state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
+            them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
+            under 4096 elements stay full). See core.quantization.
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -280,6 +287,7 @@ class AdamW(Adam):
         max_lr: float | None = None,
         amsgrad: bool = False,
         kahan_sum: bool | None = None,
+        state_precision: str = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

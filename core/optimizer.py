@@ -25,17 +25,32 @@ from core.backends import cpu_kernel, fused_unavailable_reason
 from core.backends.grouping import dtype_of
 from core.backends.precision import LOW_PRECISION_DTYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
+from core.quantization import (
+    SIGNED_KEYS,
+    QuantizedMoment,
+    absmax_shape,
+    full_precision,
+    moment_keys,
+    moment_view,
+    quantizable,
+    quantized_state,
+    validate_state_precision,
+)
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 _grad_is_sparse = operator.attrgetter("grad.is_sparse")
 
 HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
-
-EXECUTION_KEYS = ("foreach", "fused", "gradient_release")
-"""Group keys that choose how a step runs, not what it computes: on load the running
-optimizer keeps its own, so a checkpoint can be resumed on another backend."""
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
+MOMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+"""Moments every algorithm may keep, each a tensor or (state_precision='8bit') codes and
+scales (core.quantization)."""
+
+EXECUTION_KEYS = ("foreach", "fused", "gradient_release", "state_precision")
+"""Group keys that choose how a step runs and its state is stored, not what was learnt:
+on load the running optimizer keeps its own, so a checkpoint can be resumed on another
+backend, and 8-bit state continues in full precision (or back) by de/quantizing."""
 
 
 MOMENT_FAMILIES = {
@@ -125,6 +140,7 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
         require(isinstance(group[flag], bool), flag, group[flag], "True or False", where)
     for flag in ("kahan_sum", "foreach", "fused"):
         require(_is_optional_bool(group[flag]), flag, group[flag], "None, True or False", where)
+    validate_state_precision(group["state_precision"], where)
     require(
         not (group["fused"] and group["foreach"]),
         "fused",
@@ -447,12 +463,26 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         return group["kahan_sum"] is not False and param.dtype in LOW_PRECISION_DTYPES
 
     def _prepared_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """The parameter's state, creating whatever is missing (first step, flag turned on)."""
+        """The parameter's state, creating whatever is missing (first step, flag turned on)
+        and storing each moment as the group's state_precision asks: a moment saved in the
+        other precision (a checkpoint, a changed option) is converted, not reset."""
         state = self.state[param]
         self._init_host_state(state, group)
+        quantize = group["state_precision"] == "8bit" and quantizable(param) is None
         for key in self._tensor_state_keys(group):
-            if key not in state:
-                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            codes, absmax = moment_keys(key)
+            if quantize:
+                if codes not in state:
+                    state[codes], state[absmax] = quantized_state(
+                        param, state.pop(key, None), key in SIGNED_KEYS
+                    )
+            elif key not in state:
+                if codes in state:
+                    state[key] = full_precision(
+                        state.pop(codes), state.pop(absmax), key in SIGNED_KEYS, param
+                    )
+                else:
+                    state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if "kahan_comp" not in state and self._uses_kahan(group, param):
             state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
@@ -462,6 +492,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         finding that out costs one set comparison per parameter rather than a call."""
         states = [self.state[p] for p in params]
         required = {*self.host_state_keys, *self._tensor_state_keys(group)}
+        if group["state_precision"] == "8bit":
+            return self._prepared_quantized_states(params, states, group, required)
         low_precision = set(LOW_PRECISION_DTYPES)
         if group["kahan_sum"] is False or low_precision.isdisjoint(map(dtype_of, params)):
             complete = all(map(required.issubset, states))
@@ -474,6 +506,31 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if complete:
             return states
         return [self._prepared_state(p, group) for p in params]
+
+    def _prepared_quantized_states(
+        self,
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        group: dict[str, Any],
+        required: set[str],
+    ) -> list[dict[str, Any]]:
+        """_prepared_states for a group with 8-bit state: each parameter's keys depend on
+        whether it is quantized (core.quantization.quantizable)."""
+        host = set(self.host_state_keys)
+        quantized = host | {k for key in required - host for k in moment_keys(key)}
+        for param, state in zip(params, states, strict=True):
+            keys = quantized if quantizable(param) is None else required
+            if self._uses_kahan(group, param):
+                keys = keys | {"kahan_comp"}
+            if not keys.issubset(state):
+                self._prepared_state(param, group)
+        return states
+
+    def _moments(
+        self, states: list[dict[str, Any]], key: str
+    ) -> list[Tensor | QuantizedMoment]:
+        """A moment of each state as backends take it: a tensor, or its 8-bit form."""
+        return [moment_view(state, key) for state in states]
 
     def _kahan_comps(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
@@ -720,6 +777,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     value = saved_state[key]
                     value = value.detach() if isinstance(value, Tensor) else torch.tensor(value)
                     state[key] = value.to(device="cpu", dtype=torch.float32).clone().reshape(())
+            for key in MOMENT_STATE:
+                # torch cast the scales to the parameter's dtype: 8-bit state keeps fp32 ones.
+                absmax = moment_keys(key)[1]
+                if isinstance(saved_state.get(absmax), Tensor):
+                    state[absmax] = saved_state[absmax].detach().to(
+                        device=state[absmax].device, dtype=torch.float32, copy=True
+                    )
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""
@@ -763,20 +827,35 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             param = params_by_id.get(saved_id)
             if param is None or not saved_state:
                 continue
-            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved_state]
+            missing = [
+                k
+                for k in ("step", "exp_avg", "exp_avg_sq")
+                if k not in saved_state and moment_keys(k)[0] not in saved_state
+            ]
             if missing:
                 raise ValueError(
                     f"Invalid state_dict for {name}: the state of parameter {saved_id} lacks "
                     f"{missing} (it has {sorted(saved_state)}); expected the state of an "
                     "Adam-family optimizer (torch.optim.Adam/AdamW/NAdam/RAdam or adamkit)."
                 )
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "kahan_comp"):
+            for key, expected in _expected_state_shapes(param).items():
                 value = saved_state.get(key)
-                if isinstance(value, Tensor) and value.shape != param.shape:
+                if isinstance(value, Tensor) and value.shape != expected:
                     raise ValueError(
                         f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] has shape "
-                        f"{tuple(value.shape)}, but the parameter has shape {tuple(param.shape)}."
+                        f"{tuple(value.shape)}, but a parameter of shape {tuple(param.shape)} "
+                        f"needs {tuple(expected)}."
                     )
+
+
+def _expected_state_shapes(param: Tensor) -> dict[str, torch.Size]:
+    """The shape each parameter-sized state key must have for param."""
+    shapes = {key: param.shape for key in (*MOMENT_STATE, "kahan_comp")}
+    for key in MOMENT_STATE:
+        codes, absmax = moment_keys(key)
+        shapes[codes] = param.shape
+        shapes[absmax] = torch.Size(absmax_shape(param.shape))
+    return shapes
 
 
 @torch.compiler.disable

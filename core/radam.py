@@ -137,6 +137,9 @@ class RAdam(AdamFamilyOptimizer):
             lr when the group is created.
         kahan_sum: Kahan-compensated updates for bf16/fp16 parameters; None turns it on
             for low-precision parameters only.
+        state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
+            them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
+            under 4096 elements stay full). See core.quantization.
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -157,6 +160,7 @@ class RAdam(AdamFamilyOptimizer):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         kahan_sum: bool | None = None,
+        state_precision: str = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -179,8 +183,8 @@ class RAdam(AdamFamilyOptimizer):
         radam(
             params,
             grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
+            self._moments(states, "exp_avg"),
+            self._moments(states, "exp_avg_sq"),
             [s["step"] for s in states],
             kahan_comps=self._kahan_comps(group, params, states),
             **self._window_kwargs(states),

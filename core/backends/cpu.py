@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from core.backends import cpu_kernel, loop
-from core.backends.grouping import buckets, split_dense, take_all
+from core.backends.grouping import buckets, split_dense, split_quantized, take_all
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
@@ -76,7 +76,15 @@ class FusedCpu:
         fused: Callable[[TensorLists, torch.dtype, bool], bool],
         fallback: Callable[[TensorLists], None],
     ) -> None:
-        """Split into uniform dense buckets; run `fused` on each, `fallback` on the rest."""
+        """Split into uniform dense buckets; run `fused` on each, `fallback` on the rest.
+
+        Parameters with 8-bit moments run `fallback` (the loop backend's reference)."""
+        full, quantized = split_quantized(lists[2])  # type: ignore[arg-type]
+        if quantized:
+            fallback(take_all(lists, quantized))
+            if not full:
+                return
+            lists = take_all(lists, full)
         kahan_comps = lists[-1]
         assert lists[0] is not None and kahan_comps is not None
         for indices in buckets(lists[0], kahan_comps):

@@ -9,8 +9,17 @@ import torch
 from torch import Tensor
 
 from core.backends.views import dense, device_of, dtype_of
+from core.quantization import QuantizedMoment
 
-__all__ = ["buckets", "dense", "device_of", "dtype_of", "same_dense_layout", "split_dense"]
+__all__ = [
+    "buckets",
+    "dense",
+    "device_of",
+    "dtype_of",
+    "same_dense_layout",
+    "split_dense",
+    "split_quantized",
+]
 
 T = TypeVar("T")
 
@@ -28,6 +37,18 @@ def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> l
         key = (param.device, param.dtype, kahan_comps[i] is not None)
         grouped.setdefault(key, []).append(i)
     return list(grouped.values())
+
+
+def split_quantized(exp_avgs: Sequence[object]) -> tuple[list[int] | None, list[int]]:
+    """(indices with full-precision moments, indices with 8-bit moments); the first is None
+    when no moment is 8-bit (every index, without building the list)."""
+    if QuantizedMoment not in set(map(type, exp_avgs)):
+        return None, []
+    full: list[int] = []
+    quantized: list[int] = []
+    for i, moment in enumerate(exp_avgs):
+        (quantized if type(moment) is QuantizedMoment else full).append(i)
+    return full, quantized
 
 
 def take(values: Sequence[T], indices: list[int]) -> list[T]:

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from core.backends import foreach
-from core.backends.grouping import buckets, split_dense, take_all
+from core.backends.grouping import buckets, split_dense, split_quantized, take_all
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.backends.views import check_addressable
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
@@ -580,6 +580,12 @@ def _step(
     """Launches per (dtype, Kahan) bucket the kernels take; the rest runs `eager`. Every
     bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
+    full, quantized = split_quantized(lists[2])  # type: ignore[arg-type]
+    if quantized:  # 8-bit moments run eagerly (the loop backend's reference format)
+        eager(take_all(lists, quantized))
+        if not full:
+            return
+        lists = take_all(lists, full)
     params, kahan_comps = lists[0], lists[-1]
     assert params is not None and kahan_comps is not None
     rest: list[int] = []

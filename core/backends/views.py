@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.quantization import QuantizedMoment
+
 device_of, dtype_of = attrgetter("device"), attrgetter("dtype")
 """Getters to map over tensor lists: the loop then runs at C speed."""
 
@@ -43,13 +45,31 @@ def dtensor_type() -> type | None:
 _PLAIN_OR_NONE = PLAIN_TENSOR_TYPES | {type(None)}
 
 
-def is_plain(tensors: Sequence[Tensor | None]) -> bool:
-    """Whether every entry is a plain tensor (or None): one C-speed pass."""
-    return _PLAIN_OR_NONE.issuperset(map(type, tensors))
+def is_plain(tensors: Sequence[Tensor | QuantizedMoment | None]) -> bool:
+    """Whether every entry is a plain tensor, an 8-bit moment of plain tensors, or None:
+    one C-speed pass where no moment is 8-bit."""
+    if _PLAIN_OR_NONE.issuperset(map(type, tensors)):
+        return True
+    return all(
+        type(t) in _PLAIN_OR_NONE
+        or (
+            type(t) is QuantizedMoment
+            and type(t.codes) in PLAIN_TENSOR_TYPES
+            and type(t.absmax) in PLAIN_TENSOR_TYPES
+        )
+        for t in tensors
+    )
 
 
 def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type) -> Any:
-    """The local shard of a DTensor laid out like its parameter (`like`)."""
+    """The local shard of a DTensor laid out like its parameter (`like`); an 8-bit moment
+    of DTensors becomes one of their local shards (its blocks are the shard's rows)."""
+    if isinstance(tensor, QuantizedMoment):
+        return QuantizedMoment(
+            _local(tensor.codes, like, name, dtensor),
+            _local(tensor.absmax, None, name, dtensor),
+            tensor.signed,
+        )
     if tensor is None or not isinstance(tensor, dtensor):
         return tensor
     if like is not None and isinstance(like, dtensor) and tensor is not like:
