@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from itertools import pairwise
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ def dynamic_map_values(signed: bool) -> tuple[float, ...]:
         count = 2**decade if signed else 2 ** (decade + 1)
         scale = 10.0 ** (decade - 6)
         edges = [0.1 + 0.9 * i / count for i in range(count + 1)]
-        for low, high in zip(edges[:-1], edges[1:], strict=True):
+        for low, high in pairwise(edges):
             mean = scale * (low + high) / 2
             values.add(mean)
             if signed:
