@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import functools
 import math
-from itertools import pairwise
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor
