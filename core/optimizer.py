@@ -450,6 +450,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """The parameter-shaped buffers this algorithm keeps (override to add more)."""
         return ("exp_avg", "exp_avg_sq")
 
+    quantized_state_keys: ClassVar[frozenset[str]] = frozenset(MOMENT_STATE)
+    """The moments state_precision='8bit' stores in 8 bits (an algorithm whose math is
+    sensitive to one of them keeps it full)."""
+
     host_state_keys: ClassVar[tuple[str, ...]] = ("step",)
     """The 0-dim host scalars _init_host_state creates (an override adds its own)."""
 
@@ -471,7 +475,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         quantize = group["state_precision"] == "8bit" and quantizable(param) is None
         for key in self._tensor_state_keys(group):
             codes, absmax = moment_keys(key)
-            if quantize:
+            if quantize and key in self.quantized_state_keys:
                 if codes not in state:
                     state[codes], state[absmax] = quantized_state(
                         param, state.pop(key, None), key in SIGNED_KEYS
@@ -516,8 +520,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     ) -> list[dict[str, Any]]:
         """_prepared_states for a group with 8-bit state: each parameter's keys depend on
         whether it is quantized (core.quantization.quantizable)."""
-        host = set(self.host_state_keys)
-        quantized = host | {k for key in required - host for k in moment_keys(key)}
+        quantized = {
+            k
+            for key in required
+            for k in (moment_keys(key) if key in self.quantized_state_keys else (key,))
+        }
         for param, state in zip(params, states, strict=True):
             keys = quantized if quantizable(param) is None else required
             if self._uses_kahan(group, param):
@@ -526,9 +533,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._prepared_state(param, group)
         return states
 
-    def _moments(
-        self, states: list[dict[str, Any]], key: str
-    ) -> list[Tensor | QuantizedMoment]:
+    def _moments(self, states: list[dict[str, Any]], key: str) -> list[Tensor | QuantizedMoment]:
         """A moment of each state as backends take it: a tensor, or its 8-bit form."""
         return [moment_view(state, key) for state in states]
 
@@ -781,8 +786,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 # torch cast the scales to the parameter's dtype: 8-bit state keeps fp32 ones.
                 absmax = moment_keys(key)[1]
                 if isinstance(saved_state.get(absmax), Tensor):
-                    state[absmax] = saved_state[absmax].detach().to(
-                        device=state[absmax].device, dtype=torch.float32, copy=True
+                    state[absmax] = (
+                        saved_state[absmax]
+                        .detach()
+                        .to(device=state[absmax].device, dtype=torch.float32, copy=True)
                     )
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:

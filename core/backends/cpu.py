@@ -79,7 +79,7 @@ class FusedCpu:
         """Split into uniform dense buckets; run `fused` on each, `fallback` on the rest.
 
         Parameters with 8-bit moments run `fallback` (the loop backend's reference)."""
-        full, quantized = split_quantized(lists[2])  # type: ignore[arg-type]
+        full, quantized = split_quantized(lists)
         if quantized:
             fallback(take_all(lists, quantized))
             if not full:

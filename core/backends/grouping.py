@@ -39,15 +39,19 @@ def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> l
     return list(grouped.values())
 
 
-def split_quantized(exp_avgs: Sequence[object]) -> tuple[list[int] | None, list[int]]:
-    """(indices with full-precision moments, indices with 8-bit moments); the first is None
-    when no moment is 8-bit (every index, without building the list)."""
-    if QuantizedMoment not in set(map(type, exp_avgs)):
+def split_quantized(
+    lists: Sequence[Sequence[object] | None],
+) -> tuple[list[int] | None, list[int]]:
+    """(indices with full-precision moments, indices with any 8-bit moment) of a step's
+    lists (moments at 2, 3 and 4, as the backends order them); the first is None when no
+    moment is 8-bit (every index, without building the list)."""
+    moments = [values for values in lists[2:5] if values is not None]
+    if all(QuantizedMoment not in set(map(type, values)) for values in moments):
         return None, []
     full: list[int] = []
     quantized: list[int] = []
-    for i, moment in enumerate(exp_avgs):
-        (quantized if type(moment) is QuantizedMoment else full).append(i)
+    for i, row in enumerate(zip(*moments, strict=True)):
+        (quantized if QuantizedMoment in set(map(type, row)) else full).append(i)
     return full, quantized
 
 

@@ -580,7 +580,7 @@ def _step(
     """Launches per (dtype, Kahan) bucket the kernels take; the rest runs `eager`. Every
     bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
-    full, quantized = split_quantized(lists[2])  # type: ignore[arg-type]
+    full, quantized = split_quantized(lists)
     if quantized:  # 8-bit moments run eagerly (the loop backend's reference format)
         eager(take_all(lists, quantized))
         if not full:

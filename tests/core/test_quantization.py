@@ -1,0 +1,318 @@
+"""8-bit optimizer state (core.quantization): the format against a float64 reference of
+its maps, and optimizers with state_precision="8bit" against full precision."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import core
+from core import quantization as q
+from tests.core.cases import one_case_per_algorithm
+
+ALGORITHMS = {case.id: case for case in one_case_per_algorithm()}
+
+
+def float64_nearest_codes(values: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The code of the map value nearest to value / absmax, all in float64."""
+    table = torch.tensor(q.dynamic_map_values(signed), dtype=torch.float64)
+    rows, length = q.block_shape(values.shape)
+    scales = absmax.double().repeat_interleave(q.BLOCK_SIZE, dim=-1)[:, :length]
+    normalized = values.double().reshape(rows, length) / scales.clamp_min(1e-300)
+    codes = (normalized.unsqueeze(-1) - table).abs().argmin(dim=-1)
+    if not signed:
+        codes = torch.where(normalized > 0, codes.clamp(min=1), codes)
+    return codes.reshape(values.shape)
+
+
+def test_maps_are_256_ascending_values_from_the_dynamic_construction() -> None:
+    for signed in (True, False):
+        values = q.dynamic_map_values(signed)
+        assert len(values) == len(set(values)) == 256
+        assert list(values) == sorted(values)
+        assert values[-1] == 1.0 and 0.0 in values
+        positive = [v for v in values if v > 0]
+        # every decade from 1e-7 to 1 holds values: 2^d (signed) or 2^(d+1) (unsigned), plus 1
+        for decade in range(7):
+            low, high = 10.0 ** (decade - 7), 10.0 ** (decade - 6)
+            inside = [v for v in positive if low < v < high]
+            assert len(inside) == (2**decade if signed else 2 ** (decade + 1))
+    signed_values = q.dynamic_map_values(True)
+    assert sorted(-v for v in signed_values if v < 0) == [v for v in signed_values if 0 < v < 1]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(3000,), (5000,), (70, 600), (64, 256), (7, 3, 40, 5)])
+def test_quantize_picks_the_float64_nearest_code_and_the_block_absmax(
+    signed: bool, shape: tuple[int, ...]
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(shape, generator=generator) * torch.logspace(-6, 1, math.prod(shape)).view(
+        shape
+    )
+    if not signed:
+        values = values.square()
+    codes, absmax = q.quantize(values, signed)
+    rows, length = q.block_shape(shape)
+    assert codes.shape == values.shape and codes.dtype == torch.uint8
+    assert absmax.shape == q.absmax_shape(shape) == (rows, -(-length // q.BLOCK_SIZE))
+    # absmax: the largest magnitude of each block of BLOCK_SIZE along a row
+    flat = values.reshape(rows, length).abs()
+    for block in range(absmax.shape[1]):
+        window = flat[:, block * q.BLOCK_SIZE : (block + 1) * q.BLOCK_SIZE]
+        assert torch.equal(absmax[:, block], window.amax(dim=1))
+    expected = float64_nearest_codes(values, absmax, signed)
+    differ = codes.long() != expected
+    # fp32 midpoints and fp32 division may only flip exact ties of the float64 decision
+    if differ.any():
+        table = torch.tensor(q.dynamic_map_values(signed), dtype=torch.float64)
+        scales = absmax.double().repeat_interleave(q.BLOCK_SIZE, -1)[:, :length].reshape(shape)
+        normalized = values.double() / scales
+        gap = (normalized[differ] - table[codes[differ].long()]).abs() - (
+            normalized[differ] - table[expected[differ]]
+        ).abs()
+        assert gap.abs().max() < 1e-6
+    # the round trip is within half the gap between neighbouring map values
+    restored = q.dequantize(codes, absmax, signed)
+    table = torch.tensor(q.dynamic_map_values(signed), dtype=torch.float64)
+    gaps = torch.diff(table)
+    code_index = codes.long().clamp(1, 254)
+    half_gap = torch.maximum(gaps[code_index - 1], gaps[code_index]) / 2
+    scales = absmax.double().repeat_interleave(q.BLOCK_SIZE, -1)[:, :length].reshape(shape)
+    error = (restored.double() - values.double()).abs()
+    small = values.double().abs() < table[table > 0].min() * scales
+    rounding = 2 * 2.0**-24 * values.double().abs()  # restored is fp32
+    allowed = half_gap * scales + rounding
+    assert (error[~small] <= allowed[~small]).all()
+
+
+def test_positive_second_moments_never_round_to_zero_and_zeros_stay_zero() -> None:
+    values = torch.zeros(4096)
+    values[0] = 1.0
+    values[1] = 1e-20  # far below the smallest map value times absmax
+    codes, absmax = q.quantize(values, signed=False)
+    assert codes[0] == 255 and codes[1] == q.smallest_positive_code(False) == 1
+    assert (codes[2:256] == 0).all()
+    assert absmax[0, 1:].eq(0).all()
+    restored = q.dequantize(codes, absmax, signed=False)
+    assert restored[1] > 0 and restored[2:].eq(0).all()
+
+
+def test_a_non_finite_value_makes_its_block_nan_and_only_its_block() -> None:
+    values = torch.randn(2, 512)
+    values[0, 3] = math.inf
+    values[1, 300] = math.nan
+    codes, absmax = q.quantize(values, signed=True)
+    restored = q.dequantize(codes, absmax, signed=True)
+    assert restored[0, :256].isnan().all() and restored[1, 256:].isnan().all()
+    assert restored[0, 256:].isfinite().all() and restored[1, :256].isfinite().all()
+
+
+# -- optimizers ---------------------------------------------------------------------------
+
+
+class Regression(nn.Module):
+    """Two layers big enough for 8-bit state (and a bias that stays full precision)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = nn.Linear(96, 128).to(dtype)
+        self.out = nn.Linear(128, 40, bias=False).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def batches(count: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(1)
+    teacher = torch.randn(96, 40, generator=generator) / 10
+    data = []
+    for _ in range(count):
+        x = torch.randn(32, 96, generator=generator)
+        data.append((x.to(dtype), (x @ teacher).to(dtype)))
+    return data
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: list, start: int = 0) -> float:
+    loss = torch.tensor(0.0)
+    for x, y in data[start:]:
+        loss = nn.functional.mse_loss(model(x).float(), y.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return float(loss.detach())
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        value.nbytes
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and key != "kahan_comp"
+    )
+
+
+def test_8bit_state_keys_layout_and_bytes_per_parameter() -> None:
+    model = Regression()
+    optimizer = core.AdamW(model.parameters(), lr=1e-3, amsgrad=True, state_precision="8bit")
+    fit(model, optimizer, batches(1))
+    hidden, bias, out = model.hidden.weight, model.hidden.bias, model.out.weight
+    for param in (hidden, out):
+        state = optimizer.state[param]
+        assert "exp_avg" not in state and "exp_avg_sq" not in state
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert state[f"{key}_codes"].dtype == torch.uint8
+            assert state[f"{key}_codes"].shape == param.shape
+            assert state[f"{key}_absmax"].dtype == torch.float32
+            assert state[f"{key}_absmax"].shape == q.absmax_shape(param.shape)
+    assert set(optimizer.state[bias]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    quantized = hidden.numel() + out.numel()
+    moment_bytes = state_bytes(optimizer) - 3 * 4 * bias.numel()
+    assert moment_bytes / quantized < 3 * 1.04  # m, v, v_max: ~1.02 bytes each
+
+
+def evaluate(model: nn.Module) -> float:
+    with torch.no_grad():
+        held_out = batches(210)[200:]
+        return sum(float(nn.functional.mse_loss(model(x), y)) for x, y in held_out) / 10
+
+
+@pytest.mark.parametrize("case_id", list(ALGORITHMS))
+def test_200_steps_of_8bit_state_stay_close_to_full_precision(case_id: str) -> None:
+    """Measured (fp32): after 200 steps each 8-bit run is within 2.2% of the distance
+    the full-precision run travelled, and its held-out loss within 0.4%."""
+    case = ALGORITHMS[case_id]
+    data = batches(200)
+    runs = {}
+    for precision in ("full", "8bit"):
+        model = Regression()
+        start = [p.detach().clone() for p in model.parameters()]
+        fit(model, case.make(model.parameters(), state_precision=precision), data)
+        runs[precision] = model
+    for a, b, origin in zip(
+        runs["full"].parameters(), runs["8bit"].parameters(), start, strict=True
+    ):
+        assert (a - b).norm() <= 0.05 * (a - origin).norm(), case_id
+    full_loss, quantized_loss = evaluate(runs["full"]), evaluate(runs["8bit"])
+    assert abs(quantized_loss - full_loss) <= 0.01 * full_loss
+
+
+@pytest.mark.parametrize("resume_precision", ["8bit", "full"])
+def test_8bit_checkpoints_resume_exactly_and_load_into_full_precision_by_dequantizing(
+    resume_precision: str,
+) -> None:
+    data = batches(12)
+    model = Regression()
+    optimizer = core.AdamW(model.parameters(), lr=1e-3, amsgrad=True, state_precision="8bit")
+    fit(model, optimizer, data[:6])
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    fit(model, optimizer, data, start=6)
+
+    resumed = Regression()
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = core.AdamW(
+        resumed.parameters(), lr=1e-3, amsgrad=True, state_precision=resume_precision
+    )
+    resumed_optimizer.load_state_dict(saved)
+    assert resumed_optimizer.param_groups[0]["state_precision"] == resume_precision
+    weight = resumed.hidden.weight
+    expected_m = q.dequantize(
+        saved["state"][0]["exp_avg_codes"], saved["state"][0]["exp_avg_absmax"], signed=True
+    )
+    assert resumed_optimizer.state[weight]["exp_avg_absmax"].dtype == torch.float32
+    assert torch.equal(
+        q.stored_moment(resumed_optimizer.state[weight], "exp_avg", weight), expected_m
+    )
+    fit(resumed, resumed_optimizer, data, start=6)
+    if resume_precision == "8bit":
+        for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+            assert torch.equal(a, b)
+    else:
+        # the moments continue from their dequantized values, in full precision
+        state = resumed_optimizer.state[weight]
+        assert "exp_avg_codes" not in state and state["exp_avg"].dtype == torch.float32
+        for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_full_precision_checkpoints_load_into_8bit_by_quantizing() -> None:
+    data = batches(6)
+    model = Regression()
+    optimizer = core.Adam(model.parameters(), lr=1e-3)
+    fit(model, optimizer, data[:3])
+    saved = copy.deepcopy(optimizer.state_dict())
+    quantized = core.Adam(model.parameters(), lr=1e-3, state_precision="8bit")
+    quantized.load_state_dict(saved)
+    fit(model, quantized, data, start=3)
+    weight = model.hidden.weight
+    state = quantized.state[weight]
+    assert "exp_avg" not in state and state["exp_avg_codes"].dtype == torch.uint8
+    # torch.optim's own state loads the same way
+    torch_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+    fit(model, torch_optimizer, data[:2])
+    quantized.load_state_dict(torch_optimizer.state_dict())
+    codes, _ = q.quantize(torch_optimizer.state[weight]["exp_avg"], signed=True)
+    assert torch.equal(quantized.state[weight]["exp_avg"], torch_optimizer.state[weight]["exp_avg"])
+    fit(model, quantized, data[2:3])
+    assert "exp_avg" not in quantized.state[weight]
+    assert quantized.state[weight]["exp_avg_codes"].shape == codes.shape
+
+
+def test_switching_state_precision_mid_run_converts_instead_of_resetting() -> None:
+    data = batches(4)
+    model = Regression()
+    optimizer = core.RAdam(model.parameters(), lr=1e-3)
+    fit(model, optimizer, data[:2])
+    weight = model.hidden.weight
+    full_m = optimizer.state[weight]["exp_avg"].clone()
+    optimizer.param_groups[0]["state_precision"] = "8bit"
+    fit(model, optimizer, data[2:3])
+    state = optimizer.state[weight]
+    assert state["step"] == 3 and "exp_avg" not in state
+    optimizer.param_groups[0]["state_precision"] = "full"
+    fit(model, optimizer, data[3:])
+    assert optimizer.state[weight]["exp_avg"].abs().sum() > 0.5 * full_m.abs().sum()
+
+
+@pytest.mark.parametrize("value", ["4bit", "8-bit", None, 8, "FULL"])
+def test_an_unknown_state_precision_is_refused_by_name_before_any_change(value: object) -> None:
+    model = Regression()
+    with pytest.raises(ValueError, match=r"Invalid state_precision: .*Allowed: 'full'"):
+        core.AdamW(model.parameters(), lr=1e-3, state_precision=value)  # type: ignore[arg-type]
+    optimizer = core.AdamW(model.parameters(), lr=1e-3)
+    fit(model, optimizer, batches(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.param_groups[0]["state_precision"] = value
+    nn.functional.mse_loss(model(batches(1)[0][0]), batches(1)[0][1]).backward()
+    with pytest.raises(ValueError, match=r"Invalid state_precision in param group 0"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert "exp_avg" in optimizer.state[model.hidden.weight]
+
+
+def test_small_complex_and_integer_parameters_keep_full_precision_state() -> None:
+    small = nn.Parameter(torch.randn(4095))
+    complex_param = nn.Parameter(torch.randn(64, 64, dtype=torch.complex64))
+    assert q.quantizable(small) is not None
+    assert q.quantizable(complex_param) is not None
+    assert q.quantizable(nn.Parameter(torch.randn(4096))) is None
+    optimizer = core.Adam([small, complex_param], lr=1e-3, state_precision="8bit")
+    for p in (small, complex_param):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for p in (small, complex_param):
+        assert optimizer.state[p]["exp_avg"].dtype == p.dtype
+
+
+def test_adopt_stores_only_its_first_moment_in_8_bits() -> None:
+    model = Regression()
+    optimizer = core.ADOPT(model.parameters(), lr=1e-3, state_precision="8bit")
+    fit(model, optimizer, batches(2))
+    state = optimizer.state[model.hidden.weight]
+    assert state["exp_avg_codes"].dtype == torch.uint8
+    assert state["exp_avg_sq"].dtype == torch.float32 and "exp_avg_sq_codes" not in state
