@@ -34,6 +34,7 @@ from core.backends import loop
 from core.backends.views import dtensor_type
 from core.coefficients import AdoptStepCoefficients
 from core.optimizer import AdamFamilyOptimizer
+from core.quantization import stored_moment
 
 MOMENT = "l2_norm/moment"
 PARAM = "l2_norm/param"
@@ -88,11 +89,16 @@ def parameter_update(optimizer: AdamFamilyOptimizer, param: Tensor) -> Tensor | 
         theta.add_(state["kahan_comp"].to(dtype))
     before = theta.clone()
     held = dataclasses.replace(coefficients, beta1=1.0, beta2=1.0)
-    tensors = [[theta], [copy(param.grad)], [copy(state["exp_avg"])], [copy(state["exp_avg_sq"])]]
+    tensors = [
+        [theta],
+        [copy(param.grad)],
+        [copy(stored_moment(state, "exp_avg", param))],
+        [copy(stored_moment(state, "exp_avg_sq", param))],
+    ]
     if isinstance(held, AdoptStepCoefficients):
         loop.adopt_step(*tensors, [None], held)
     else:
-        maxima = [copy(state["max_exp_avg_sq"])] if held.amsgrad else None
+        maxima = [copy(stored_moment(state, "max_exp_avg_sq", param))] if held.amsgrad else None
         loop.adam_step(*tensors, maxima, [None], held)
     return theta.sub_(before)
 
@@ -112,7 +118,7 @@ def parameter_metrics(
     update = parameter_update(optimizer, param)
     if update is None:
         return metrics
-    metrics[f"{MOMENT}/{name}"] = _norm(optimizer.state[param]["exp_avg"])
+    metrics[f"{MOMENT}/{name}"] = _norm(stored_moment(optimizer.state[param], "exp_avg", param))
     metrics[f"{PARAM}/{name}"] = _norm(param.detach())
     metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(update).to(
         torch.promote_types(param.dtype, torch.float32)

@@ -35,6 +35,7 @@ from tests.core.configuration_cases import (
     STEPS,
     Cell,
     average_fsdp2_gradients,
+    state_options,
 )
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -130,11 +131,14 @@ def train_cell(
     16 samples in microbatches, under `configuration`: one process (or DDP on more
     ranks), FSDP2Config ("fsdp2..."), with GradientRelease ("...release"), with optimizer
     accumulation ("...release_accumulation")."""
-    model = make_model(dtype=cell.dtype)
+    model = make_model(dtype=cell.dtype, hidden=cell.hidden)
     release = "release" in configuration
     accumulation = configuration.endswith("accumulation")
     optimizer = OPTIMIZERS[cell.optimizer](
-        model.parameters(), gradient_release=release, **BACKENDS[cell.backend]
+        model.parameters(),
+        gradient_release=release,
+        **BACKENDS[cell.backend],
+        **state_options(cell.dtype_name),
     )
     probe = GradientBytes()
     logger = InMemoryLogger()

@@ -22,9 +22,11 @@ LR = 1e-2
 STEPS = 60
 
 
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> ComposerClassifier:
+def make_model(
+    seed: int = 0, dtype: torch.dtype = torch.float32, hidden: int = 32
+) -> ComposerClassifier:
     torch.manual_seed(seed)
-    module = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
+    module = nn.Sequential(nn.Linear(10, hidden), nn.Tanh(), nn.Linear(hidden, 4)).to(dtype)
     return ComposerClassifier(module, num_classes=4)
 
 

@@ -29,7 +29,20 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "foreach": {"foreach": True},
     "loop": {"foreach": False, "fused": False},
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp32-8bit": torch.float32,
+    "bf16-8bit": torch.bfloat16,
+}
+"""The parameters' dtype per kind of cell; "-8bit" cells keep 8-bit optimizer state."""
+
+
+def state_options(dtype_name: str) -> dict[str, Any]:
+    """The optimizer option a kind of cell adds: state_precision for "-8bit" cells."""
+    return {"state_precision": "8bit"} if dtype_name.endswith("-8bit") else {}
+
+
 STEPS = 8
 CHECKPOINT_AT = 4
 """DCP cells save after this many steps and finish in a fresh model and optimizer."""
@@ -49,8 +62,19 @@ class Cell:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.dtype_name]
 
-    def make_optimizer(self, params: Any) -> core.AdamFamilyOptimizer:
-        return OPTIMIZERS[self.optimizer](params, **BACKENDS[self.backend])
+    @property
+    def hidden(self) -> int:
+        return HIDDEN_8BIT if self.dtype_name.endswith("-8bit") else HIDDEN
+
+    def make_model(self) -> nn.Module:
+        """The matrix's model in the cell's dtype (wider for 8-bit cells)."""
+        return make_model(self.hidden).to(self.dtype)
+
+    def make_optimizer(self, params: Any, **flags: Any) -> core.AdamFamilyOptimizer:
+        """The cell's optimizer, as users build it: its backend flags unless flags are
+        given (references pass the loop backend's), and its state precision."""
+        chosen = flags or BACKENDS[self.backend]
+        return OPTIMIZERS[self.optimizer](params, **chosen, **state_options(self.dtype_name))
 
 
 def warmup(optimizer: torch.optim.Optimizer, step_index: int) -> None:
@@ -60,9 +84,16 @@ def warmup(optimizer: torch.optim.Optimizer, step_index: int) -> None:
         group["lr"] = 0.0 if step_index == 0 else LR
 
 
-def make_model() -> nn.Module:
+HIDDEN = 16
+HIDDEN_8BIT = 1100
+"""8-bit cells widen the hidden layer so both weights (1100 x 8, 4 x 1100) are large
+enough for 8-bit state (4096 elements): the second's rows hold four whole blocks of 256
+and a partial one, the first's rows one short block each; the biases stay full."""
+
+
+def make_model(hidden: int = HIDDEN) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    return nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 4))
 
 
 def _batches(count: int = STEPS, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,8 +116,8 @@ def direct_gradients(model: nn.Module) -> list[list[torch.Tensor]]:
 
 def train_one_process(cell: Cell, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
     """The reference: the whole global batch on one process, loop backend."""
-    model = make_model().to(cell.dtype)
-    optimizer = OPTIMIZERS[cell.optimizer](model.parameters(), foreach=False, fused=False)
+    model = cell.make_model()
+    optimizer = cell.make_optimizer(model.parameters(), foreach=False, fused=False)
     for index, (x, y) in enumerate(batches):
         warmup(optimizer, index)
         nn.functional.mse_loss(model(x.to(cell.dtype)).float(), y).backward()
@@ -97,9 +128,9 @@ def train_one_process(cell: Cell, batches: list[tuple[torch.Tensor, torch.Tensor
 
 def step_one_process(cell: Cell) -> list[torch.Tensor]:
     """The reference for DTensor cells: the same fixed gradients, loop backend."""
-    model = make_model().to(cell.dtype)
+    model = cell.make_model()
     params = list(model.parameters())
-    optimizer = OPTIMIZERS[cell.optimizer](params, foreach=False, fused=False)
+    optimizer = cell.make_optimizer(params, foreach=False, fused=False)
     for index, grads in enumerate(direct_gradients(model)):
         for p, g in zip(params, grads, strict=True):
             p.grad = g.to(cell.dtype)

@@ -79,8 +79,8 @@ def _full(params: list[torch.Tensor]) -> list[torch.Tensor]:
     ]
 
 
-def _sharded_model(dtype: torch.dtype, mixed_precision: bool) -> nn.Module:
-    model = make_model().to(dtype)
+def _sharded_model(cell: Cell, mixed_precision: bool) -> nn.Module:
+    model = cell.make_model()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed_precision else None
     kwargs = {"mp_policy": policy} if policy is not None else {}
     for layer in model:
@@ -93,7 +93,7 @@ def _sharded_model(dtype: torch.dtype, mixed_precision: bool) -> nn.Module:
 
 
 def fsdp2(cell: Cell, mixed_precision: bool = False) -> list[torch.Tensor]:
-    model = _sharded_model(cell.dtype, mixed_precision)
+    model = _sharded_model(cell, mixed_precision)
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=True)
     return _full(list(model.parameters()))
@@ -102,8 +102,8 @@ def fsdp2(cell: Cell, mixed_precision: bool = False) -> list[torch.Tensor]:
 def fsdp2_release(cell: Cell) -> list[torch.Tensor]:
     """FSDP2 with gradient release: each sharded parameter steps inside backward, after
     the reduce-scatter, and its gradient is freed there."""
-    model = _sharded_model(cell.dtype, mixed_precision=False)
-    optimizer = OPTIMIZERS[cell.optimizer](
+    model = _sharded_model(cell, mixed_precision=False)
+    optimizer = cell.make_optimizer(
         model.parameters(), gradient_release=True, **BACKENDS[cell.backend]
     )
     core.prepare_for_gradient_release(model, optimizer)
@@ -116,7 +116,7 @@ def fsdp2_release(cell: Cell) -> list[torch.Tensor]:
 def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
     """Train to CHECKPOINT_AT, save model and optimizer with DCP, load both into a fresh
     sharded model and optimizer, and finish there."""
-    model = _sharded_model(cell.dtype, mixed_precision=False)
+    model = _sharded_model(cell, mixed_precision=False)
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT))
     directory = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
@@ -128,7 +128,7 @@ def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
     dcp.save(state, checkpoint_id=directory[0])
     del model, optimizer, state
 
-    resumed = _sharded_model(cell.dtype, mixed_precision=False)
+    resumed = _sharded_model(cell, mixed_precision=False)
     resumed_optimizer = cell.make_optimizer(resumed.parameters())
     state = {
         "model": get_model_state_dict(resumed),
@@ -144,7 +144,7 @@ def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
 def dtensor(cell: Cell, placement: Any) -> list[torch.Tensor]:
     """DTensor parameters and gradients without FSDP, stepped with known gradients."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = make_model().to(cell.dtype)
+    model = cell.make_model()
     params = [
         nn.Parameter(distribute_tensor(p.detach(), mesh, [placement])) for p in model.parameters()
     ]
@@ -161,7 +161,7 @@ def dtensor(cell: Cell, placement: Any) -> list[torch.Tensor]:
 def tensor_parallel(cell: Cell) -> list[torch.Tensor]:
     """Colwise then Rowwise linear layers over both ranks; every rank sees the whole batch."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = make_model().to(cell.dtype)
+    model = cell.make_model()
     parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=False)
@@ -169,7 +169,7 @@ def tensor_parallel(cell: Cell) -> list[torch.Tensor]:
 
 
 def ddp(cell: Cell) -> list[torch.Tensor]:
-    model = nn.parallel.DistributedDataParallel(make_model().to(cell.dtype))
+    model = nn.parallel.DistributedDataParallel(cell.make_model())
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=True)
     return _full(list(model.module.parameters()))

@@ -72,6 +72,35 @@ def assert_within_bf16_ulps(
         assert excess <= 0, f"off by more than {STEPS} bf16 ulps (excess {excess:.3g})"
 
 
+CODE_FLIP_FRACTIONS = {"fp32-8bit": 0.02, "bf16-8bit": 0.05}
+"""Measured: up to 4.1% for bf16 (2 ranks reduce bf16 gradients, which moves more values
+across a midpoint); fp32 cells within 2%. Tensor parallelism keeps one weight full
+precision where one process quantizes it: 80-99% of its elements differ, so such cells
+are held to their own loop run."""
+CODE_FLIP_STEP = 0.3 * LR
+
+
+def assert_within_code_flips(
+    result: list[torch.Tensor], expected: list[torch.Tensor], dtype_name: str
+) -> None:
+    """An 8-bit cell against a reference: its parameters may differ where a moment was
+    stored with the neighbouring code (a reduction in another order or a fused kernel's
+    last-bit difference moves a value across a midpoint). A flip changes one element's
+    step by at most the map's largest relative gap (about 0.28) of an update of size
+    ~lr, so each step may add CODE_FLIP_STEP; elements beyond the full-precision
+    tolerance are at most CODE_FLIP_FRACTIONS[dtype_name] of the parameters."""
+    for got, want in zip(result, expected, strict=True):
+        if dtype_name.startswith("fp32"):
+            tolerance = torch.full_like(want, 1e-6)
+        else:
+            tolerance = STEPS * bf16_ulp(want.abs().clamp_min(LR))
+        difference = (got - want).abs()
+        beyond = (difference > tolerance).float().mean().item()
+        largest = difference.max().item()
+        assert beyond <= CODE_FLIP_FRACTIONS[dtype_name], f"{beyond:.2%} of elements beyond tolerance"
+        assert largest <= STEPS * CODE_FLIP_STEP, f"off by {largest:.3g}"
+
+
 def assert_cell_matches(
     result: list[torch.Tensor],
     own_loop: list[torch.Tensor],
@@ -86,6 +115,11 @@ def assert_cell_matches(
     which perturbs each update (of size ~lr) by a rounding, so ulps are taken at no less
     than lr there.
     """
+    if dtype_name.endswith("-8bit"):
+        assert_within_code_flips(result, own_loop, dtype_name)
+        if one_process is not None:
+            assert_within_code_flips(result, one_process, dtype_name)
+        return
     if dtype_name == "fp32":
         for got, want in zip(result, one_process or own_loop, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
@@ -106,11 +140,12 @@ def test_cell_equals_one_process_loop(
     result = trained[(configuration, optimizer, backend, dtype_name)]
     own_loop = trained[(configuration, optimizer, "loop", dtype_name)]
     # FSDP2 with bf16 compute has no one-process twin: held to its own loop run only.
-    one_process = (
-        None
-        if configuration == "fsdp2_bf16_compute"
-        else reference(configuration, optimizer, dtype_name)
+    # Nor has tensor parallelism with 8-bit state: its row-wise weight is sharded by
+    # columns (Shard(1)), so it keeps full-precision state where one process quantizes.
+    no_twin = configuration == "fsdp2_bf16_compute" or (
+        configuration == "tensor_parallel" and dtype_name.endswith("-8bit")
     )
+    one_process = None if no_twin else reference(configuration, optimizer, dtype_name)
     assert_cell_matches(result, own_loop, one_process, dtype_name)
 
 

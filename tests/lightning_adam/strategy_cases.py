@@ -35,7 +35,12 @@ from tests.core.configuration_cases import (
     warmup,
 )
 
-PRECISIONS = {"fp32": "32-true", "bf16": "bf16-true"}
+PRECISIONS = {
+    "fp32": "32-true",
+    "bf16": "bf16-true",
+    "fp32-8bit": "32-true",
+    "bf16-8bit": "bf16-true",
+}
 CELLS = [Cell(o, b, d) for o in OPTIMIZERS for b in BACKENDS for d in DTYPES]
 RELEASE_CELLS = [Cell(o, "default", d) for o in OPTIMIZERS for d in DTYPES]
 """GradientRelease under ModelParallelStrategy: every optimizer, default flags, both dtypes."""
@@ -81,7 +86,7 @@ class MatrixModule(L.LightningModule):
     def __init__(self, cell: Cell, layout: str = "replicated") -> None:
         super().__init__()
         self.cell, self.layout = cell, layout
-        self.net = make_model()
+        self.net = make_model(cell.hidden)
         self.gradient_bytes_after_backward: list[int] = []
 
     def configure_model(self) -> None:
@@ -202,7 +207,7 @@ def fabric_cell(cell: Cell, fabric: L.Fabric, sharded: bool) -> dict[str, Any]:
     """The reference loop under Fabric. FSDP2 replaces the module's parameters with
     sharded ones, so there the optimizer is built after setup_module (Lightning's
     documented order); DDP takes both in one setup call."""
-    model = make_model()
+    model = make_model(cell.hidden)
     if sharded:
         model = fabric.setup_module(model)
         optimizer = fabric.setup_optimizers(cell.make_optimizer(model.parameters()))
