@@ -27,6 +27,7 @@ from core.optimizer import (
     hyperparameters,
     require,
 )
+from core.quantization import StatePrecision
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
         amsgrad: bool = False,
         *,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -231,7 +232,7 @@ class DecoupledRAdam(ComposerConventions, core.RAdam):
         weight_decay: float = 1e-5,
         *,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -256,7 +257,7 @@ class DecoupledNAdam(ComposerConventions, core.NAdam):
         *,
         momentum_decay: float = 4e-3,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -283,7 +284,7 @@ class DecoupledADOPT(ComposerConventions, core.ADOPT):
         *,
         clip: bool = True,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

@@ -23,6 +23,7 @@ from core.optimizer import (
     window_position,
     window_terms,
 )
+from core.quantization import StatePrecision
 
 
 def adam_coefficients(
@@ -202,7 +203,7 @@ class Adam(AdamFamilyOptimizer):
         max_lr: float | None = None,
         amsgrad: bool = False,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -287,7 +288,7 @@ class AdamW(Adam):
         max_lr: float | None = None,
         amsgrad: bool = False,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

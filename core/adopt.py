@@ -25,6 +25,7 @@ from core.optimizer import (
     subset,
     weight_decay_terms,
 )
+from core.quantization import StatePrecision
 
 
 def adopt_coefficients(
@@ -156,7 +157,7 @@ class ADOPT(AdamFamilyOptimizer):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

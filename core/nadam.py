@@ -23,6 +23,7 @@ from core.optimizer import (
     subset,
     weight_decay_terms,
 )
+from core.quantization import StatePrecision
 
 
 def nadam_momentum(step: float, beta1: float, momentum_decay: float) -> float:
@@ -161,7 +162,7 @@ class NAdam(AdamFamilyOptimizer):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

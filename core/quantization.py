@@ -34,6 +34,7 @@ import functools
 import math
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -44,6 +45,7 @@ on scales (4 / BLOCK_SIZE per element): 256 costs 0.016 bytes per element per mo
 MIN_QUANTIZED_NUMEL = 4096
 """Parameters with fewer elements keep full-precision state: they are a negligible share of
 memory (biases, norms), and the most sensitive to quantization error."""
+StatePrecision = Literal["full", "8bit"]
 STATE_PRECISIONS = ("full", "8bit")
 """Values of the optimizers' state_precision option."""
 

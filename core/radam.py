@@ -20,6 +20,7 @@ from core.optimizer import (
     window_position,
     window_terms,
 )
+from core.quantization import StatePrecision
 
 RECTIFICATION_THRESHOLD = 5.0
 """RAdam uses the second moment once ρt exceeds this (from t = 6 for common beta2)."""
@@ -160,7 +161,7 @@ class RAdam(AdamFamilyOptimizer):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         kahan_sum: bool | None = None,
-        state_precision: str = "full",
+        state_precision: StatePrecision = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

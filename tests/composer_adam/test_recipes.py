@@ -226,3 +226,19 @@ def test_example_trains_from_the_recipe() -> None:
     result = _example().train(str(RECIPES[0]), max_duration="12ba")
     assert result["batches"] == 12
     assert result["last_loss"] < result["first_loss"] - 0.5
+
+
+def test_state_precision_comes_from_the_recipe() -> None:
+    path = ROOT / "configs" / "composer" / "char_lm_decoupled_adamw_8bit.yaml"
+    model = _example().CharLanguageModel(64, 16, 2, 1)
+    optimizer = recipes.build_optimizer(path, model)
+    assert {g["state_precision"] for g in optimizer.param_groups} == {"8bit"}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    quantized = [p for p in model.parameters() if "exp_avg_codes" in optimizer.state[p]]
+    assert quantized and all(p.numel() >= 4096 for p in quantized)
+    with pytest.raises(ValueError, match=r"Invalid state_precision: '4bit'"):
+        recipes.build_optimizer(
+            {"name": "adamkit_decoupled_adamw", "state_precision": "4bit"}, model
+        )

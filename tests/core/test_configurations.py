@@ -97,7 +97,9 @@ def assert_within_code_flips(
         difference = (got - want).abs()
         beyond = (difference > tolerance).float().mean().item()
         largest = difference.max().item()
-        assert beyond <= CODE_FLIP_FRACTIONS[dtype_name], f"{beyond:.2%} of elements beyond tolerance"
+        assert beyond <= CODE_FLIP_FRACTIONS[dtype_name], (
+            f"{beyond:.2%} of elements beyond tolerance"
+        )
         assert largest <= STEPS * CODE_FLIP_STEP, f"off by {largest:.3g}"
 
 

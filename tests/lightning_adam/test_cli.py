@@ -124,8 +124,12 @@ def parse_only(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str
             "Multiple subclasses with name AdamW. Give the full class path to avoid ambiguity: "
             "torch.optim.AdamW, core.AdamW",
         ),
+        (
+            ["--optimizer=core.AdamW", "--optimizer.state_precision=4bit"],
+            "Expected a typing.Literal['full', '8bit']",
+        ),
     ],
-    ids=["unknown-path", "unknown-name", "unknown-argument", "ambiguous-name"],
+    ids=["unknown-path", "unknown-name", "unknown-argument", "ambiguous-name", "state-precision"],
 )
 def test_bad_optimizer_flags_give_lightnings_clear_error(
     flags: list[str], message: str, capsys: pytest.CaptureFixture
@@ -138,6 +142,7 @@ def test_help_shows_hyperparameters_and_docstrings(capsys: pytest.CaptureFixture
     code, out, _ = parse_only(capsys, "--optimizer.help=core.AdamW")
     assert code == 0
     assert "--optimizer.kahan_sum {true,false,null}" in out
+    assert "--optimizer.state_precision {full,8bit}" in out
     assert "Kahan-compensated updates so bf16/fp16 parameters" in out
     assert "--optimizer.decouple_lr" in out
 
