@@ -150,6 +150,10 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
         state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
             them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
             under 4096 elements stay full). See core.quantization.
+        stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
+            buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
+        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
+            position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the fastest.
         fused: Use a fused backend; None picks it where available and exact.
         triton: optimi's name for fused (see core.Adam).
@@ -167,6 +171,8 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
         *,
         kahan_sum: bool | None = None,
         state_precision: StatePrecision = "full",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -233,6 +239,8 @@ class DecoupledRAdam(ComposerConventions, core.RAdam):
         *,
         kahan_sum: bool | None = None,
         state_precision: StatePrecision = "full",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -258,6 +266,8 @@ class DecoupledNAdam(ComposerConventions, core.NAdam):
         momentum_decay: float = 4e-3,
         kahan_sum: bool | None = None,
         state_precision: StatePrecision = "full",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -285,6 +295,8 @@ class DecoupledADOPT(ComposerConventions, core.ADOPT):
         clip: bool = True,
         kahan_sum: bool | None = None,
         state_precision: StatePrecision = "full",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

@@ -18,7 +18,7 @@ from core.optimizer import (
     hyperparameters,
     no_kahan,
     require,
-    subset,
+    step_lists,
     weight_decay_terms,
     window_position,
     window_terms,
@@ -155,7 +155,7 @@ def adam(
             accumulate=accumulate,
             decoupled_rate=decoupled_decay_rate(*decay_mode),
         )
-        backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
+        backend.adam_step(*step_lists(tensor_lists, indices, step + 1), coefficients)
     advance_counters(state_steps, window_microbatches, accumulate)
 
 
@@ -182,6 +182,10 @@ class Adam(AdamFamilyOptimizer):
         state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
             them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
             under 4096 elements stay full). See core.quantization.
+        stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
+            buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
+        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
+            position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -204,6 +208,8 @@ class Adam(AdamFamilyOptimizer):
         amsgrad: bool = False,
         kahan_sum: bool | None = None,
         state_precision: StatePrecision = "full",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,
@@ -267,6 +273,10 @@ class AdamW(Adam):
         state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
             them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
             under 4096 elements stay full). See core.quantization.
+        stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
+            buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
+        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
+            position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -289,6 +299,8 @@ class AdamW(Adam):
         amsgrad: bool = False,
         kahan_sum: bool | None = None,
         state_precision: StatePrecision = "full",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

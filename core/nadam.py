@@ -20,6 +20,7 @@ from core.optimizer import (
     no_kahan,
     partition_by_host_scalars,
     require,
+    step_lists,
     subset,
     weight_decay_terms,
 )
@@ -116,7 +117,7 @@ def nadam(
             l2_weight_decay=l2_weight_decay,
             param_decay=param_decay,
         )
-        backend.adam_step(*(subset(t, indices) for t in tensor_lists), coefficients)
+        backend.adam_step(*step_lists(tensor_lists, indices, step + 1), coefficients)
     add_to_host_scalars(state_steps, 1.0)
 
 
@@ -139,6 +140,10 @@ class NAdam(AdamFamilyOptimizer):
         state_precision: 'full' keeps m and v in the parameter's dtype; '8bit' stores
             them block-wise in 8 bits (about 2 bytes per parameter for both; parameters
             under 4096 elements stay full). See core.quantization.
+        stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
+            buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
+        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
+            position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -163,6 +168,8 @@ class NAdam(AdamFamilyOptimizer):
         max_lr: float | None = None,
         kahan_sum: bool | None = None,
         state_precision: StatePrecision = "full",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         triton: bool | None = None,

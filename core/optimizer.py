@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from core.backends import cpu_kernel, fused_unavailable_reason
 from core.backends.grouping import dtype_of
-from core.backends.precision import LOW_PRECISION_DTYPES
+from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     SIGNED_KEYS,
@@ -141,6 +141,28 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
     for flag in ("kahan_sum", "foreach", "fused"):
         require(_is_optional_bool(group[flag]), flag, group[flag], "None, True or False", where)
     validate_state_precision(group["state_precision"], where)
+    require(
+        isinstance(group["stochastic_rounding"], bool),
+        "stochastic_rounding",
+        group["stochastic_rounding"],
+        "True or False",
+        where,
+    )
+    seed = group["rounding_seed"]
+    require(
+        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
+        "rounding_seed",
+        seed,
+        "an integer in [0, 2**32)",
+        where,
+    )
+    require(
+        not (group["stochastic_rounding"] and group["kahan_sum"]),
+        "kahan_sum",
+        group["kahan_sum"],
+        "None or False with stochastic_rounding=True (each replaces the other)",
+        where,
+    )
     require(
         not (group["fused"] and group["foreach"]),
         "fused",
@@ -327,6 +349,18 @@ def advance_counters(
             count.zero_()
 
 
+def step_lists(
+    tensor_lists: Sequence[Sequence[Any] | None], indices: list[int] | None, step: float
+) -> list[Any]:
+    """The lists of the parameters at indices for the step numbered `step`: stochastic
+    rounding (in the last, rounding list) draws that step's random bits."""
+    lists = [subset(values, indices) for values in tensor_lists]
+    rounding = lists[-1]
+    if rounding is not None and StochasticRounding in set(map(type, rounding)):
+        lists[-1] = [r.at_step(int(step)) if type(r) is StochasticRounding else r for r in rounding]
+    return lists
+
+
 def subset(values: Sequence[Any] | None, indices: list[int] | None) -> Any:
     """The items at indices (all of them when indices is None); None stays None."""
     if values is None or indices is None:
@@ -464,7 +498,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
     @staticmethod
     def _uses_kahan(group: dict[str, Any], param: Tensor) -> bool:
-        return group["kahan_sum"] is not False and param.dtype in LOW_PRECISION_DTYPES
+        return (
+            group["kahan_sum"] is not False
+            and not group["stochastic_rounding"]
+            and param.dtype in LOW_PRECISION_DTYPES
+        )
 
     def _prepared_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The parameter's state, creating whatever is missing (first step, flag turned on)
@@ -539,10 +577,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
     def _kahan_comps(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Tensor | None]:
+    ) -> list[Tensor | StochasticRounding | None]:
+        """How each parameter's update is rounded: with its Kahan buffer, stochastically,
+        or to nearest (None)."""
         low_precision = set(LOW_PRECISION_DTYPES)
         if group["kahan_sum"] is False or low_precision.isdisjoint(map(dtype_of, params)):
             return [None] * len(params)
+        if group["stochastic_rounding"]:
+            streams = self._rounding_streams()
+            seed = group["rounding_seed"]
+            return [
+                StochasticRounding(seed, streams[p]) if p.dtype in low_precision else None
+                for p in params
+            ]
         return [
             state["kahan_comp"] if self._uses_kahan(group, p) else None
             for p, state in zip(params, states, strict=True)
@@ -664,6 +711,17 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 f"{tuple(param.shape)} that is in none of this optimizer's param groups."
             )
         return found
+
+    def _rounding_streams(self) -> dict[Tensor, int]:
+        """Each parameter's position among all of this optimizer's: its stream of random
+        bits for stochastic rounding, the same in every run and after a resume."""
+        key = tuple(id(p) for group in self.param_groups for p in group["params"])
+        if getattr(self, "_streams_key", None) != key:
+            self._streams = {
+                p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+            }
+            self._streams_key = key
+        return self._streams
 
     @property
     def released_params(self) -> set[Tensor]:

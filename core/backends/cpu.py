@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from core.backends import cpu_kernel, loop
-from core.backends.grouping import buckets, split_dense, split_quantized, take_all
+from core.backends.grouping import (
+    buckets,
+    split_dense,
+    split_quantized,
+    split_stochastic,
+    take_all,
+)
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
@@ -79,6 +85,12 @@ class FusedCpu:
         """Split into uniform dense buckets; run `fused` on each, `fallback` on the rest.
 
         Parameters with 8-bit moments run `fallback` (the loop backend's reference)."""
+        nearest, stochastic = split_stochastic(lists)
+        if stochastic:  # the loop backend's reference rounding
+            fallback(take_all(lists, stochastic))
+            if not nearest:
+                return
+            lists = take_all(lists, nearest)
         full, quantized = split_quantized(lists)
         if quantized:
             fallback(take_all(lists, quantized))

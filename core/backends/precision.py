@@ -3,12 +3,16 @@
 bf16/fp16 tensors are updated in fp32 and rounded once at the end; with Kahan
 summation the parameter is read as θ + k and written back as θ ← round(θ̃),
 k ← round(θ̃ − θ), so the rounding error of every step is carried into the next.
+Stochastic rounding (StochasticRounding in place of the Kahan buffer) is the memory-free
+alternative: the update is rounded up or down at random, unbiased.
 8-bit moments (core.quantization.QuantizedMoment) are dequantized into an fp32 working
 copy and quantized back when stored, which makes the eager backends the reference for
 the 8-bit format.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,9 +29,9 @@ def working_copy(tensor: Tensor | QuantizedMoment) -> Tensor:
     return tensor.float() if tensor.dtype in LOW_PRECISION_DTYPES else tensor
 
 
-def load_param(param: Tensor, kahan_comp: Tensor | None) -> Tensor:
+def load_param(param: Tensor, kahan_comp: Tensor | StochasticRounding | None) -> Tensor:
     """The parameter in compute precision, including its Kahan compensation."""
-    if kahan_comp is None:
+    if kahan_comp is None or isinstance(kahan_comp, StochasticRounding):
         return working_copy(param)
     return param.float().add_(kahan_comp)
 
@@ -40,8 +44,108 @@ def store(target: Tensor | QuantizedMoment, value: Tensor) -> None:
         target.copy_(value)
 
 
-def store_param(param: Tensor, value: Tensor, kahan_comp: Tensor | None) -> None:
-    """Round the updated parameter into place and keep what rounding lost in kahan_comp."""
+def store_param(
+    param: Tensor, value: Tensor, kahan_comp: Tensor | StochasticRounding | None
+) -> None:
+    """Round the updated parameter into place and keep what rounding lost in kahan_comp
+    (or round it stochastically)."""
+    if isinstance(kahan_comp, StochasticRounding):
+        if value is not param:
+            param.copy_(stochastic_round(value, param.dtype, kahan_comp))
+        return
     store(param, value)
     if kahan_comp is not None:
         kahan_comp.copy_(value.sub_(param))
+
+
+# -- stochastic rounding --------------------------------------------------------------------
+
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
+MIN_EXPONENTS = {torch.bfloat16: -126, torch.float16: -14}
+"""Stored mantissa bits and the smallest normal exponent of each 16-bit type: below it
+the spacing of representable values stays 2^(min_exponent − mantissa_bits)."""
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B1
+_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+
+
+@dataclass(frozen=True, slots=True)
+class StochasticRounding:
+    """A parameter rounded stochastically instead of to nearest (in place of its Kahan
+    buffer in a backend's kahan_comps list): unbiased, so small updates survive on
+    average without a compensation buffer.
+
+    The random bits are a hash of (seed, stream, step, element index), so a run
+    reproduces and a resumed run continues bit for bit; stream tells parameters apart
+    (the optimizer uses the parameter's position) and step is set for each step.
+    """
+
+    seed: int
+    stream: int
+    step: int = 0
+
+    def at_step(self, step: int) -> StochasticRounding:
+        return StochasticRounding(self.seed, self.stream, step)
+
+    def key(self) -> int:
+        """The 32-bit key of this parameter's step: every element's bits derive from it."""
+        key = mix32(self.seed & _MASK32)
+        key = mix32(key ^ (self.stream & _MASK32))
+        return mix32(key ^ (self.step & _MASK32))
+
+
+def mix32(value: int) -> int:
+    """A 32-bit integer hash with good avalanche (xor-shift-multiply, two rounds)."""
+    value ^= value >> 16
+    value = (value * _MIX_MULTIPLIERS[0]) & _MASK32
+    value ^= value >> 15
+    value = (value * _MIX_MULTIPLIERS[1]) & _MASK32
+    return value ^ (value >> 16)
+
+
+def _multiply32(values: Tensor, constant: int) -> Tensor:
+    """(values · constant) mod 2^32 for int64 values below 2^32, without int64 overflow."""
+    low = (values & 0xFFFF) * constant
+    high = ((values >> 16) * (constant & 0xFFFF)) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32_tensor(values: Tensor) -> Tensor:
+    values = values ^ (values >> 16)
+    values = _multiply32(values, _MIX_MULTIPLIERS[0])
+    values = values ^ (values >> 15)
+    values = _multiply32(values, _MIX_MULTIPLIERS[1])
+    return values ^ (values >> 16)
+
+
+def rounding_uniforms(key: int, count: int, device: torch.device) -> Tensor:
+    """count uniform fp32 values in [0, 1), on a 2^-24 grid: element i's is
+    mix32(i·0x9E3779B1 + key) >> 8, scaled (the kernels compute the same)."""
+    index = torch.arange(count, dtype=torch.int64, device=device) & _MASK32
+    bits = _mix32_tensor((_multiply32(index, _GOLDEN) + key) & _MASK32)
+    return (bits >> 8).to(torch.float32) * 2.0**-24
+
+
+def stochastic_round(values: Tensor, dtype: torch.dtype, rounding: StochasticRounding) -> Tensor:
+    """fp32 values rounded to dtype up or down, up with probability equal to the distance
+    from the value below in units of dtype's spacing there. Every operation is exact in
+    fp32, so backends that follow these steps agree bit for bit. Non-finite values round
+    to nearest; a value within one spacing of dtype's largest may round to infinity."""
+    if dtype not in MANTISSA_BITS:
+        return values.to(dtype)
+    flat = values.reshape(-1)
+    bits = flat.view(torch.int32).to(torch.int64)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    exponent = exponent.clamp(min=MIN_EXPONENTS[dtype])
+    # Scaling by 2^shift (up to 2^133 for bfloat16 subnormals) in two exact halves, as
+    # neither half overflows fp32.
+    shift = MANTISSA_BITS[dtype] - exponent
+    first = torch.exp2((shift // 2).to(torch.float32))
+    second = torch.exp2((shift - shift // 2).to(torch.float32))
+    scaled = flat * first * second
+    below = torch.floor(scaled)
+    fraction = scaled - below
+    uniforms = rounding_uniforms(rounding.key(), flat.numel(), flat.device)
+    rounded = (below + (uniforms < fraction).to(torch.float32)) / first / second
+    rounded = torch.where(flat.isfinite(), rounded, flat)
+    return rounded.to(dtype).reshape(values.shape)

@@ -39,7 +39,13 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from core.backends import foreach
-from core.backends.grouping import buckets, split_dense, split_quantized, take_all
+from core.backends.grouping import (
+    buckets,
+    split_dense,
+    split_quantized,
+    split_stochastic,
+    take_all,
+)
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.backends.views import check_addressable
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
@@ -580,6 +586,12 @@ def _step(
     """Launches per (dtype, Kahan) bucket the kernels take; the rest runs `eager`. Every
     bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
+    nearest, stochastic = split_stochastic(lists)
+    if stochastic:  # stochastic rounding runs eagerly (the loop backend's reference)
+        eager(take_all(lists, stochastic))
+        if not nearest:
+            return
+        lists = take_all(lists, nearest)
     full, quantized = split_quantized(lists)
     if quantized:  # 8-bit moments run eagerly (the loop backend's reference format)
         eager(take_all(lists, quantized))

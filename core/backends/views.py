@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.backends.precision import StochasticRounding
 from core.quantization import QuantizedMoment
 
 device_of, dtype_of = attrgetter("device"), attrgetter("dtype")
@@ -52,6 +53,7 @@ def is_plain(tensors: Sequence[Tensor | QuantizedMoment | None]) -> bool:
         return True
     return all(
         type(t) in _PLAIN_OR_NONE
+        or type(t) is StochasticRounding
         or (
             type(t) is QuantizedMoment
             and type(t.codes) in PLAIN_TENSOR_TYPES
@@ -112,7 +114,9 @@ def real_views(tensors: TensorList) -> Any:
     """View complex tensors as real pairs, as torch.optim does, so the math is elementwise."""
     if tensors is None:
         return None
-    return [t if t is None or not t.is_complex() else torch.view_as_real(t) for t in tensors]
+    return [
+        torch.view_as_real(t) if isinstance(t, Tensor) and t.is_complex() else t for t in tensors
+    ]
 
 
 def real_view_lists(lists: Sequence[TensorList]) -> list[Any]:
