@@ -42,6 +42,9 @@ class Contender:
     group: str = "fp32"
 
 
+LEANEST = ("--trainer.precision", "bf16-true", "--optimizer.state_precision", "8bit")
+"""bf16 parameters, 8-bit moments and gradient release: about 4 bytes per parameter."""
+
 CONTENDERS = [
     Contender("torch.optim.AdamW", "torch_adamw.yaml"),
     Contender("core.AdamW", "adamw.yaml"),
@@ -56,6 +59,25 @@ CONTENDERS = [
     ),
     Contender("core.AdamW bf16-true + Kahan", "bf16_kahan.yaml", (), "bf16 / release"),
     Contender("core.AdamW gradient release", "gradient_release.yaml", (), "bf16 / release"),
+    Contender("core.AdamW 8-bit state", "adamw_8bit.yaml", (), "8-bit state"),
+    Contender(
+        "core.AdamW bf16-true + Kahan + 8-bit state",
+        "bf16_kahan.yaml",
+        ("--optimizer.state_precision", "8bit"),
+        "8-bit state",
+    ),
+    Contender(
+        "core.AdamW bf16-true + 8-bit + release + Kahan",
+        "gradient_release.yaml",
+        LEANEST,
+        "8-bit state",
+    ),
+    Contender(
+        "core.AdamW bf16-true + 8-bit + release + stochastic rounding",
+        "gradient_release.yaml",
+        (*LEANEST, "--optimizer.stochastic_rounding", "true"),
+        "8-bit state",
+    ),
 ]
 
 FULL = {"steps": 600, "val_every": 100, "warmup": 40}
@@ -143,6 +165,7 @@ def run_summary(recorder: Any, optimizer: Any, model: Any, tokens_per_batch: int
         for value in state.values()
         if isinstance(value, torch.Tensor)
     )
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "train_losses": recorder.train_losses,
         "val_losses": recorder.val_losses,
@@ -152,6 +175,7 @@ def run_summary(recorder: Any, optimizer: Any, model: Any, tokens_per_batch: int
         ),
         "optimizer_ms": 1e3 * statistics.median(recorder.optimizer_seconds[5:] or [0.0]),
         "optimizer_state_mb": state_bytes / 2**20,
+        "param_and_state_bytes": param_bytes + state_bytes,
         "params": sum(p.numel() for p in model.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
@@ -224,8 +248,8 @@ def table(results: dict[str, dict[str, Any]], reference: str = "torch.optim.Adam
     base = results[base_name]
     lines = [
         f"| run | val loss | tokens/s | optimizer ms/step | vs {base_name} "
-        "| optimizer state MB | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| optimizer state MB | θ + state B/param | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, run in results.items():
         val = run["val_losses"][-1][1] if run["val_losses"] else math.nan
@@ -233,7 +257,8 @@ def table(results: dict[str, dict[str, Any]], reference: str = "torch.optim.Adam
         ratio = run["optimizer_ms"] / base["optimizer_ms"] if base["optimizer_ms"] else math.nan
         lines.append(
             f"| {name} | {val:.3f} | {tokens_per_second:,.0f} | {run['optimizer_ms']:.2f} "
-            f"| {ratio:.2f} | {run['optimizer_state_mb']:.2f} | {run['peak_rss_mb']:.0f} |"
+            f"| {ratio:.2f} | {run['optimizer_state_mb']:.2f} "
+            f"| {run['param_and_state_bytes'] / run['params']:.2f} | {run['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 

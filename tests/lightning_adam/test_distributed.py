@@ -226,6 +226,10 @@ def test_release_under_tensor_parallelism_equals_training_without_it(
         assert torch.equal(a, b)
     assert released["gradient_bytes"] == [0] * STEPS_PER_CELL
     assert all(count > 0 for count in ordinary["gradient_bytes"])
+    if cell.dtype_name.endswith("-8bit"):
+        # The row-wise weight is sharded by columns and keeps full-precision state where
+        # one process quantizes it (tests/core/test_configurations.py): no twin to hold to.
+        return
     one_process = reference("lightning", cell.optimizer, cell.dtype_name)
     if cell.dtype_name == "fp32":
         for got, want in zip(released["params"], one_process, strict=True):
