@@ -841,14 +841,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     value = value.detach() if isinstance(value, Tensor) else torch.tensor(value)
                     state[key] = value.to(device="cpu", dtype=torch.float32).clone().reshape(())
             for key in MOMENT_STATE:
-                # torch cast the scales to the parameter's dtype: 8-bit state keeps fp32 ones.
-                absmax = moment_keys(key)[1]
-                if isinstance(saved_state.get(absmax), Tensor):
-                    state[absmax] = (
-                        saved_state[absmax]
-                        .detach()
-                        .to(device=state[absmax].device, dtype=torch.float32, copy=True)
-                    )
+                # torch cast codes and scales to the parameter's dtype: 8-bit state keeps
+                # uint8 codes and fp32 scales (what the fused kernels address).
+                for name, dtype in zip(moment_keys(key), (torch.uint8, torch.float32), strict=True):
+                    if isinstance(saved_state.get(name), Tensor):
+                        state[name] = (
+                            saved_state[name]
+                            .detach()
+                            .to(device=state[name].device, dtype=dtype, copy=True)
+                        )
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""

@@ -16,6 +16,8 @@ Algorithm switches (AMSGrad, RAdam's momentum-only steps, NAdam's gradient term,
 first call and clipping, decay modes, Kahan, lr = 0) are constexpr arguments, so Triton
 compiles one specialised kernel per combination actually used. float64 buckets (Triton
 kernel arguments are fp32) and tensors not densely laid out take the foreach backend.
+Parameters with 8-bit state (core.quantization) take a second kernel that decodes and
+encodes the moments in the same pass (_quantized_step_kernel, at the end of this file).
 
 Bytes moved per parameter: 4·(4 + 3) = 28 for fp32 Adam, AdamW, RAdam, NAdam and ADOPT,
 36 with AMSGrad; 2·(4 + 3) = 14 for bf16/fp16, 18 with Kahan (k read and written).
@@ -30,6 +32,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -47,8 +50,10 @@ from core.backends.grouping import (
     take_all,
 )
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
-from core.backends.views import check_addressable
+from core.backends.views import check_addressable, check_quantized_addressable
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
+from core.quantization import BLOCK_SIZE as QUANTIZATION_BLOCK
+from core.quantization import QuantizedMoment, absmax_shape, block_shape, code_tables
 
 BLOCK = 1024
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -115,6 +120,81 @@ def _lerp(start, end, coeff, SMALL_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _rule(
+    g,
+    theta,
+    m,
+    v,
+    v_max,
+    lerp_coeff,
+    beta2,
+    beta2_weight,
+    eps,
+    l2,
+    param_decay,
+    neg_momentum_step,
+    neg_grad_step,
+    inv_bias_correction2_sqrt,
+    clip,
+    ADOPT: tl.constexpr,
+    SMALL_WEIGHT: tl.constexpr,
+    L2: tl.constexpr,
+    DECAY: tl.constexpr,
+    UPDATE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    GRAD_TERM: tl.constexpr,
+    INIT: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    """Every algorithm's math, once, on fp32 values however they are stored: Adam,
+    AMSGrad, RAdam and NAdam (AdamStepCoefficients) or, with ADOPT, ADOPT
+    (AdoptStepCoefficients, neg_momentum_step carrying −lr). Takes g, θ and the moments
+    as read (those a switch leaves unread may be anything) and returns the new
+    (m, v, v_max, θ); callers load and store them (see _update, _quantized_step_kernel)."""
+    if L2:
+        g = g + l2 * theta
+    if ADOPT:
+        if INIT:
+            v = g * g
+        else:
+            # NaN-propagating bounds, as torch.clamp and torch.maximum behave (Triton's
+            # default drops NaN, which would turn a NaN gradient into a full-size step).
+            root = tl.maximum(tl.sqrt_rn(v), eps, propagate_nan=tl.PropagateNan.ALL)
+            normed = tl.div_rn(g, root)
+            if CLIP:
+                normed = tl.maximum(normed, -clip, propagate_nan=tl.PropagateNan.ALL)
+                normed = tl.minimum(normed, clip, propagate_nan=tl.PropagateNan.ALL)
+            m = _lerp(m, normed, lerp_coeff, SMALL_WEIGHT)
+            v = v * beta2 + beta2_weight * g * g
+            if UPDATE:
+                if DECAY:
+                    theta = theta * param_decay
+                theta = theta + neg_momentum_step * m
+    else:
+        m = _lerp(m, g, lerp_coeff, SMALL_WEIGHT)
+        v = v * beta2 + beta2_weight * g * g
+        second_moment = v
+        if AMSGRAD:
+            second_moment = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
+        v_max = second_moment
+        if UPDATE:
+            if DECAY:
+                theta = theta * param_decay
+            if ADAPTIVE:
+                denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + eps
+                if GRAD_TERM:
+                    inv_denom = tl.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
+                    theta = theta + neg_grad_step * g * inv_denom
+                    theta = theta + neg_momentum_step * m * inv_denom
+                else:
+                    theta = theta + tl.div_rn(neg_momentum_step * m, denom)
+            else:
+                theta = theta + neg_momentum_step * m
+    return m, v, v_max, theta
+
+
+@triton.jit
 def _update(
     param,
     comp,
@@ -146,62 +226,55 @@ def _update(
     INIT: tl.constexpr,
     CLIP: tl.constexpr,
 ):
-    """The step's math on one block, from pointers to its elements: Adam, AMSGrad, RAdam
-    and NAdam (AdamStepCoefficients) or, with ADOPT, ADOPT (AdoptStepCoefficients,
-    neg_momentum_step carrying −lr). mask None: a full block, no bounds checks."""
+    """One block of moments stored in the parameter's dtype: load what the switches
+    read, apply _rule, store what it changed. mask None: a full block, no bounds checks.
+    (INIT, ADOPT's first call, reads neither moment and writes only v.)"""
     g = tl.load(grad, mask=mask).to(tl.float32)
     theta = g * 0
     if L2 or (UPDATE and not INIT):
         theta = _load_param(param, comp, mask, KAHAN)
-    if L2:
-        g = g + l2 * theta
-    if ADOPT:
-        if INIT:
-            tl.store(exp_avg_sq, _round(g * g, DTYPE), mask=mask)
-        else:
-            v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
-            # NaN-propagating bounds, as torch.clamp and torch.maximum behave (Triton's
-            # default drops NaN, which would turn a NaN gradient into a full-size step).
-            root = tl.maximum(tl.sqrt_rn(v), eps, propagate_nan=tl.PropagateNan.ALL)
-            normed = tl.div_rn(g, root)
-            if CLIP:
-                normed = tl.maximum(normed, -clip, propagate_nan=tl.PropagateNan.ALL)
-                normed = tl.minimum(normed, clip, propagate_nan=tl.PropagateNan.ALL)
-            m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), normed, lerp_coeff, SMALL_WEIGHT)
-            tl.store(exp_avg, _round(m, DTYPE), mask=mask)
-            v = v * beta2 + beta2_weight * g * g
-            tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
-            if UPDATE:
-                if DECAY:
-                    theta = theta * param_decay
-                _store_param(param, comp, mask, theta + neg_momentum_step * m, DTYPE, KAHAN)
-    else:
-        m = _lerp(tl.load(exp_avg, mask=mask).to(tl.float32), g, lerp_coeff, SMALL_WEIGHT)
-        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32) * beta2 + beta2_weight * g * g
-        second_moment = v
-        if AMSGRAD:
-            second_moment = tl.maximum(
-                tl.load(max_exp_avg_sq, mask=mask).to(tl.float32),
-                v,
-                propagate_nan=tl.PropagateNan.ALL,
-            )
-            tl.store(max_exp_avg_sq, _round(second_moment, DTYPE), mask=mask)
+    m = g * 0
+    v = g * 0
+    if not INIT:
+        m = tl.load(exp_avg, mask=mask).to(tl.float32)
+        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
+    v_max = v
+    if AMSGRAD:
+        v_max = tl.load(max_exp_avg_sq, mask=mask).to(tl.float32)
+    m, v, v_max, theta = _rule(
+        g,
+        theta,
+        m,
+        v,
+        v_max,
+        lerp_coeff,
+        beta2,
+        beta2_weight,
+        eps,
+        l2,
+        param_decay,
+        neg_momentum_step,
+        neg_grad_step,
+        inv_bias_correction2_sqrt,
+        clip,
+        ADOPT,
+        SMALL_WEIGHT,
+        L2,
+        DECAY,
+        UPDATE,
+        AMSGRAD,
+        ADAPTIVE,
+        GRAD_TERM,
+        INIT,
+        CLIP,
+    )
+    if AMSGRAD:
+        tl.store(max_exp_avg_sq, _round(v_max, DTYPE), mask=mask)
+    if not INIT:
         tl.store(exp_avg, _round(m, DTYPE), mask=mask)
-        tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
-        if UPDATE:
-            if DECAY:
-                theta = theta * param_decay
-            if ADAPTIVE:
-                denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + eps
-                if GRAD_TERM:
-                    inv_denom = tl.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
-                    theta = theta + neg_grad_step * g * inv_denom
-                    theta = theta + neg_momentum_step * m * inv_denom
-                else:
-                    theta = theta + tl.div_rn(neg_momentum_step * m, denom)
-            else:
-                theta = theta + neg_momentum_step * m
-            _store_param(param, comp, mask, theta, DTYPE, KAHAN)
+    tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
+    if UPDATE and not INIT:
+        _store_param(param, comp, mask, theta, DTYPE, KAHAN)
 
 
 @triton.jit(do_not_specialize=["count"])
@@ -593,9 +666,11 @@ def _step(
             return
         lists = take_all(lists, nearest)
     full, quantized = split_quantized(lists)
-    if quantized:  # 8-bit moments run eagerly (the loop backend's reference format)
-        eager(take_all(lists, quantized))
+    eight_bit = _prepare_quantized(take_all(lists, quantized), quantized) if quantized else None
+    if full is not None:  # some moments are 8-bit: they have their own kernel
+        assert eight_bit is not None
         if not full:
+            eight_bit.run(arguments, eager)
             return
         lists = take_all(lists, full)
     params, kahan_comps = lists[0], lists[-1]
@@ -613,6 +688,8 @@ def _step(
         plan = _plan(bucket)
         planned.append((plan, first, bucket[-1] is not None))
         rest += [indices[i] for i in plan.eager]
+    if eight_bit is not None:
+        eight_bit.run(arguments, eager)
     for plan, first, kahan in planned:
         if plan.launches:
             _launch_plan(plan, first.dtype, first.device, arguments(kahan))
@@ -656,3 +733,514 @@ def adopt_step(
         lambda kahan: adopt_arguments(c, kahan),
         lambda lists: foreach.adopt_step(*lists[:4], lists[5], c),
     )
+
+
+# -- 8-bit state (core.quantization), in one pass ---------------------------------------------
+#
+# Each program updates QBLOCKS whole quantization blocks (each up to BLOCK_SIZE elements of
+# one row) of one tensor, as a (QBLOCKS, QBLOCK) tile: it decodes m, v (v_max) from their
+# codes and each block's scale, applies _rule, and encodes the new moments into the same
+# codes and scales, so 8-bit state costs one read and one write of a byte per element and
+# moment. The block table lists per block (tensor, first element, length, scale index),
+# made on the host from the layout functions of core.quantization, so the kernel knows
+# nothing of rows; a tensor's blocks are padded to whole programs with empty ones (length
+# 0). Parameters are stepped as in the full-precision kernel (TRITON_DTYPES, Kahan). Bytes
+# moved per parameter for fp32 Adam: 4·3 (θ read and written, g) + 2·2 (m, v codes) = 16,
+# plus 8 of scales and 32 of table per block of 256 (about 0.16).
+
+QUANTIZED_BLOCKS_PER_PROGRAM = 4
+"""Blocks per program: 1024 elements, as the full-precision kernel's BLOCK (enough work
+per program on a GPU; the interpreter's cost is per program)."""
+
+
+@triton.jit
+def _dequantize(codes, absmax, values, mask, present):
+    """A tile of a moment in fp32: map[code] · absmax per block, as quantization.dequantize."""
+    code = tl.load(codes, mask=mask, other=0).to(tl.int32)
+    return tl.load(values + code) * tl.load(absmax, mask=present, other=0.0)[:, None]
+
+
+@triton.jit
+def _quantize(x, codes, absmax, midpoints, mask, present, SIGNED: tl.constexpr):
+    """Store a tile of a moment as quantization.quantize does: per block its largest
+    magnitude (NaN if any element is NaN or infinite), and per element the number of
+    midpoints below x / absmax (0 when absmax is 0 or NaN), found by a branch-free binary
+    search over the 255 midpoints (8 gathers from a table that stays in cache). A positive
+    unsigned value never gets code 0."""
+    # NaN counts as infinite, so a plain max (which would drop NaN) sees it.
+    magnitude = tl.abs(x)
+    magnitude = tl.where(magnitude < float("inf"), magnitude, float("inf"))
+    largest = tl.max(tl.where(mask, magnitude, 0.0), axis=1)
+    largest = tl.where(largest < float("inf"), largest, float("nan"))
+    scaled = largest > 0
+    divisor = tl.where(scaled, largest, 1.0)[:, None]
+    normalized = tl.where(scaled[:, None], tl.div_rn(x, divisor), 0.0)
+    # Code c is right when midpoint c − 1 is below x and midpoint c is not. Its bits are
+    # decided from the top: code | step is code + step, as the lower bits are still clear.
+    shifted = midpoints - 1
+    code = tl.zeros(x.shape, dtype=tl.int32)
+    for bit in tl.static_range(8):
+        candidate = code | (128 >> bit)
+        code = tl.where(tl.load(shifted + candidate) < normalized, candidate, code)
+    if not SIGNED:
+        code = tl.where(normalized > 0, tl.maximum(code, 1), code)
+    tl.store(codes, code.to(tl.uint8), mask=mask)
+    tl.store(absmax, largest, mask=present)
+
+
+@triton.jit
+def _load_moment(pointer, absmax, values, mask, present, QUANTIZED: tl.constexpr):
+    """A tile of a moment in fp32, from codes and scales or, kept in full precision
+    (state_precision leaves some moments full, as ADOPT's v), from the tensor."""
+    if QUANTIZED:
+        value = _dequantize(pointer, absmax, values, mask, present)
+    else:
+        value = tl.load(pointer, mask=mask, other=0).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _store_moment(
+    value,
+    pointer,
+    absmax,
+    midpoints,
+    mask,
+    present,
+    DTYPE: tl.constexpr,
+    SIGNED: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+):
+    """Store a tile of a moment as _load_moment reads it."""
+    if QUANTIZED:
+        _quantize(value, pointer, absmax, midpoints, mask, present, SIGNED)
+    else:
+        tl.store(pointer, _round(value, DTYPE), mask=mask)
+
+
+@triton.jit
+def _moment_base(addresses, row, count, index, DTYPE: tl.constexpr, QUANTIZED: tl.constexpr):
+    """Pointer to a moment's codes (uint8) or, kept in full precision, its elements."""
+    if QUANTIZED:
+        pointer = _base(addresses, row, count, index, tl.uint8, False)
+    else:
+        pointer = _base(addresses, row, count, index, DTYPE, False)
+    return pointer
+
+
+@triton.jit(do_not_specialize=["count"])
+def _quantized_step_kernel(
+    addresses,
+    blocks,
+    count,
+    signed_values,
+    signed_midpoints,
+    unsigned_values,
+    unsigned_midpoints,
+    lerp_coeff,
+    beta2,
+    beta2_weight,
+    eps,
+    l2,
+    param_decay,
+    neg_momentum_step,
+    neg_grad_step,
+    inv_bias_correction2_sqrt,
+    clip,
+    DTYPE: tl.constexpr,
+    ADOPT: tl.constexpr,
+    SMALL_WEIGHT: tl.constexpr,
+    KAHAN: tl.constexpr,
+    L2: tl.constexpr,
+    DECAY: tl.constexpr,
+    UPDATE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    GRAD_TERM: tl.constexpr,
+    INIT: tl.constexpr,
+    CLIP: tl.constexpr,
+    M_8BIT: tl.constexpr,
+    V_8BIT: tl.constexpr,
+    V_MAX_8BIT: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    QBLOCKS: tl.constexpr,
+):
+    """One step over QBLOCKS quantization blocks of one tensor with 8-bit moments
+    (M_8BIT, V_8BIT, V_MAX_8BIT say which; the others are in the parameter's dtype).
+    Address table rows (QUANTIZED_ROWS): θ, g, m, v and v_max (codes where 8-bit), Kahan
+    k, and the scales of m, v and v_max; block table: (tensor, first element, length,
+    scale index) per block, QBLOCKS consecutive blocks per program."""
+    first = tl.program_id(0).to(tl.int64) * QBLOCKS
+    entries = blocks + 4 * (first + tl.arange(0, QBLOCKS))
+    index = tl.load(blocks + 4 * first)
+    lengths = tl.load(entries + 2)
+    scales = tl.load(entries + 3)
+    lanes = tl.arange(0, QBLOCK)
+    offsets = tl.load(entries + 1)[:, None] + lanes[None, :]
+    mask = lanes[None, :] < lengths[:, None]
+    present = lengths > 0
+    param = _base(addresses, 0, count, index, DTYPE, False) + offsets
+    comp = param
+    if KAHAN:
+        comp = _base(addresses, 5, count, index, DTYPE, False) + offsets
+    m_codes = _moment_base(addresses, 2, count, index, DTYPE, M_8BIT) + offsets
+    v_codes = _moment_base(addresses, 3, count, index, DTYPE, V_8BIT) + offsets
+    m_absmax = _base(addresses, 6, count, index, tl.float32, False) + scales
+    v_absmax = _base(addresses, 7, count, index, tl.float32, False) + scales
+    v_max_codes = v_codes
+    v_max_absmax = v_absmax
+    if AMSGRAD:
+        v_max_codes = _moment_base(addresses, 4, count, index, DTYPE, V_MAX_8BIT) + offsets
+        v_max_absmax = _base(addresses, 8, count, index, tl.float32, False) + scales
+
+    grad = _base(addresses, 1, count, index, DTYPE, False) + offsets
+    g = tl.load(grad, mask=mask, other=0).to(tl.float32)
+    theta = g * 0
+    if L2 or (UPDATE and not INIT):
+        theta = _load_param(param, comp, mask, KAHAN)
+    m = g * 0
+    v = g * 0
+    if not INIT:
+        m = _load_moment(m_codes, m_absmax, signed_values, mask, present, M_8BIT)
+        v = _load_moment(v_codes, v_absmax, unsigned_values, mask, present, V_8BIT)
+    v_max = v
+    if AMSGRAD:
+        v_max = _load_moment(v_max_codes, v_max_absmax, unsigned_values, mask, present, V_MAX_8BIT)
+    m, v, v_max, theta = _rule(
+        g,
+        theta,
+        m,
+        v,
+        v_max,
+        lerp_coeff,
+        beta2,
+        beta2_weight,
+        eps,
+        l2,
+        param_decay,
+        neg_momentum_step,
+        neg_grad_step,
+        inv_bias_correction2_sqrt,
+        clip,
+        ADOPT,
+        SMALL_WEIGHT,
+        L2,
+        DECAY,
+        UPDATE,
+        AMSGRAD,
+        ADAPTIVE,
+        GRAD_TERM,
+        INIT,
+        CLIP,
+    )
+    if AMSGRAD:
+        _store_moment(
+            v_max,
+            v_max_codes,
+            v_max_absmax,
+            unsigned_midpoints,
+            mask,
+            present,
+            DTYPE,
+            False,
+            V_MAX_8BIT,
+        )
+    if not INIT:
+        _store_moment(m, m_codes, m_absmax, signed_midpoints, mask, present, DTYPE, True, M_8BIT)
+    _store_moment(v, v_codes, v_absmax, unsigned_midpoints, mask, present, DTYPE, False, V_8BIT)
+    if UPDATE and not INIT:
+        _store_param(param, comp, mask, theta, DTYPE, KAHAN)
+
+
+QUANTIZED_ROWS = (
+    "param",
+    "grad",
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "kahan_comp",
+    "exp_avg absmax",
+    "exp_avg_sq absmax",
+    "max_exp_avg_sq absmax",
+)
+"""Rows of the quantized kernel's address table: an 8-bit moment's row holds its codes."""
+QUANTIZED_RUNTIME_ARGUMENT_TYPES = {
+    **RUNTIME_ARGUMENT_TYPES,
+    "signed_values": "*fp32",
+    "signed_midpoints": "*fp32",
+    "unsigned_values": "*fp32",
+    "unsigned_midpoints": "*fp32",
+}
+"""RUNTIME_ARGUMENT_TYPES of _quantized_step_kernel (the map tables of code_tables)."""
+
+
+@dataclass
+class _QuantizedLaunch:
+    """One launch of _quantized_step_kernel over the 8-bit tensors of one bucket."""
+
+    addresses: _Table
+    blocks: _Table
+    programs: int
+    tensors: int
+
+
+@dataclass
+class _QuantizedPlan:
+    """How to run one bucket of parameters with 8-bit moments while they stay put."""
+
+    launch: _QuantizedLaunch | None
+    switches: dict[str, bool]
+    """moment_switches: which moments are 8-bit."""
+    eager: list[int]
+    """Indices into the bucket the kernel cannot take (not contiguous): run eagerly."""
+
+
+@dataclass
+class _QuantizedStep:
+    """A step's parameters with 8-bit moments, checked and planned; run() launches."""
+
+    lists: list[Any]
+    planned: list[tuple[_QuantizedPlan, Tensor, bool]]
+    eager: list[int]
+
+    def run(
+        self, arguments: Callable[[bool], KernelArguments], eager: Callable[[list[Any]], None]
+    ) -> None:
+        for plan, first, kahan in self.planned:
+            if plan.launch is not None:
+                _launch_quantized(plan, first.dtype, first.device, arguments(kahan))
+        if self.eager:
+            eager(take_all(self.lists, sorted(self.eager)))
+
+
+_quantized_plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""First parameter of a bucket -> {layout key: _QuantizedPlan}, as _plans."""
+_quantized_blocks: dict[tuple[torch.device, tuple[tuple[int, int], ...]], _Table] = {}
+"""Quantized block tables by the tensors' (rows, row length), shared like _blocks."""
+_MOMENT_SIGNS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
+"""The quantized moments in list order (lists[2:5]) and whether each is signed."""
+
+
+def moment_switches(bucket: Sequence[Sequence[object] | None]) -> dict[str, bool]:
+    """M_8BIT, V_8BIT, V_MAX_8BIT: which of a bucket's moments (lists 2-4) are 8-bit, from
+    their first parameter's (_prepare_quantized buckets parameters by this)."""
+    return {
+        name: moments is not None and type(moments[0]) is QuantizedMoment
+        for name, moments in zip(("M_8BIT", "V_8BIT", "V_MAX_8BIT"), bucket[2:5], strict=True)
+    }
+
+
+def _quantized_tensor_rows(bucket: list[Any], positions: list[int]) -> list[list[Tensor] | None]:
+    """The bucket's lists as QUANTIZED_ROWS: each 8-bit moment split into codes and
+    scales, full-precision moments as they are. A list that is not all QuantizedMoments
+    of the right sign, or all tensors, is refused by name (views.check_addressable and
+    check_quantized_addressable) before an attribute is read."""
+    params = bucket[0]
+    codes: list[list[Tensor] | None] = []
+    scales: list[list[Tensor] | None] = []
+    for (name, signed), moments in zip(_MOMENT_SIGNS, bucket[2:5], strict=True):
+        if moments is None or type(moments[0]) is not QuantizedMoment:
+            codes.append(moments)
+            scales.append(None)
+            continue
+        if {QuantizedMoment} != set(map(type, moments)) or {signed} != {m.signed for m in moments}:
+            check_quantized_addressable(params, name, moments, signed, positions)
+        codes.append([m.codes for m in moments])
+        scales.append([m.absmax for m in moments])
+    return [params, bucket[1], *codes, bucket[5], *scales]
+
+
+def _quantized_key(rows: list[list[Tensor] | None]) -> tuple:
+    """What a quantized plan depends on: every tensor's address, dtype and size, the
+    parameters' shapes (the block layout) and, if any tensor is not contiguous, every
+    layout; read every step, as _key."""
+    present = [values for values in rows if values is not None]
+    addresses = tuple(chain.from_iterable(map(Tensor.data_ptr, values) for values in present))
+    numels = tuple(chain.from_iterable(map(Tensor.numel, values) for values in present))
+    dtypes = tuple(frozenset(map(attrgetter("dtype"), values)) for values in present)
+    params = present[0]
+    shapes = tuple(map(attrgetter("shape"), params))
+    layouts = None
+    if not all(all(map(Tensor.is_contiguous, values)) for values in present):
+        layouts = tuple(t.stride() for values in present for t in values)
+    presence = tuple(values is not None for values in rows)
+    return presence, addresses, numels, dtypes, shapes, layouts
+
+
+def _quantized_block_table(
+    shapes: tuple[torch.Size, ...], device: torch.device
+) -> tuple[_Table, int]:
+    """Per block (tensor index, first element, length, scale index): every block of every
+    tensor in core.quantization's layout (blocks along rows, a row's last one short), each
+    tensor's padded with empty blocks to whole programs. Returns the table and programs."""
+    layouts = tuple(block_shape(shape) for shape in shapes)
+    key = (device, layouts)
+    table = _quantized_blocks.get(key)
+    if table is None:
+        if len(_quantized_blocks) >= _BLOCK_TABLES:
+            _quantized_blocks.clear()
+        parts = []
+        for index, ((rows, row_length), shape) in enumerate(zip(layouts, shapes, strict=True)):
+            per_row = absmax_shape(shape)[1]
+            row = torch.arange(rows, dtype=torch.int64).repeat_interleave(per_row)
+            block = torch.arange(per_row, dtype=torch.int64).repeat(rows)
+            first = block * QUANTIZATION_BLOCK
+            entries = [
+                torch.full_like(row, index),
+                row * row_length + first,
+                (row_length - first).clamp(max=QUANTIZATION_BLOCK),
+                row * per_row + block,
+            ]
+            padding = -row.numel() % QUANTIZED_BLOCKS_PER_PROGRAM
+            empty = torch.tensor([index, 0, 0, 0], dtype=torch.int64).repeat(padding, 1)
+            parts.append(torch.cat([torch.stack(entries, dim=1), empty]).flatten())
+        values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        table = _quantized_blocks[key] = _upload(values, device)
+    return table, table.values.numel() // (4 * QUANTIZED_BLOCKS_PER_PROGRAM)
+
+
+def _make_quantized_plan(
+    rows: list[list[Tensor] | None], bucket: list[Any], positions: list[int]
+) -> _QuantizedPlan:
+    """Check the bucket (views.check_addressable for θ, g, k and full-precision moments,
+    check_quantized_addressable for 8-bit ones), then plan one launch over its tensors
+    that are contiguous; others (whose memory order is not the codes' row-major order)
+    run eagerly."""
+    params = rows[0]
+    assert params is not None
+    device = params[0].device
+    quantized = [scales is not None for scales in rows[6:9]]
+    full = [None if q else values for q, values in zip(quantized, rows[2:5], strict=True)]
+    check_addressable([params, rows[1], *full, rows[5]], params[0].dtype, device, False, positions)
+    for (name, signed), moments, q in zip(_MOMENT_SIGNS, bucket[2:5], quantized, strict=True):
+        if q:
+            check_quantized_addressable(params, name, moments, signed, positions)
+    elementwise = [rows[0], rows[1], *full, rows[5]]
+    contiguous = [
+        i
+        for i in range(len(params))
+        if all(values is None or values[i].is_contiguous() for values in elementwise)
+    ]
+    eager = sorted(set(range(len(params))) - set(contiguous))
+    if not contiguous:
+        return _QuantizedPlan(None, moment_switches(bucket), eager)
+    part = take_all(rows, contiguous)
+    first = part[0]
+    assert first is not None
+    addresses = [0 if values is None else t.data_ptr() for values in part for t in values or first]
+    blocks, programs = _quantized_block_table(tuple(t.shape for t in first), device)
+    table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
+    launch = _QuantizedLaunch(table, blocks, programs, len(contiguous))
+    return _QuantizedPlan(launch, moment_switches(bucket), eager)
+
+
+def _quantized_plan(bucket: list[Any], positions: list[int]) -> _QuantizedPlan:
+    """The bucket's quantized plan, made again only when a tensor moved or changed dtype,
+    size, shape or layout. positions: the bucket's indices in the step's lists (to name
+    a refused tensor by)."""
+    rows = _quantized_tensor_rows(bucket, positions)
+    params = rows[0]
+    assert params is not None
+    try:
+        key = _quantized_key(rows)
+    except (RuntimeError, TypeError):  # no storage, or not a tensor: say which
+        _make_quantized_plan(rows, bucket, positions)
+        raise
+    plans = _quantized_plans.get(params[0])
+    if plans is None:
+        plans = _quantized_plans[params[0]] = OrderedDict()
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = _make_quantized_plan(rows, bucket, positions)
+        if len(plans) > _PLANS_PER_ANCHOR:
+            plans.popitem(last=False)
+    return plan
+
+
+def _quantized_buckets(lists: list[Any]) -> list[list[int]]:
+    """buckets() split further by which moments are 8-bit (moment_switches), so that each
+    launch is uniform; one pass over each moment list in the usual case."""
+    params, kahan_comps = lists[0], lists[-1]
+    found = buckets(params, kahan_comps)
+    moments = [values for values in lists[2:5] if values is not None]
+    if all(len(set(map(type, values))) == 1 for values in moments):
+        return found
+    split = []
+    for indices in found:
+        kinds: dict[tuple[bool, ...], list[int]] = {}
+        for i in indices:
+            kind = tuple(type(values[i]) is QuantizedMoment for values in moments)
+            kinds.setdefault(kind, []).append(i)
+        split += kinds.values()
+    return split
+
+
+def _prepare_quantized(lists: list[Any], positions: list[int]) -> _QuantizedStep:
+    """Check and plan, per (dtype, Kahan, 8-bit moments) bucket, the parameters with 8-bit
+    moments (at `positions` of the step's lists); launches nothing, so a refusal leaves
+    every tensor as it was (see _step)."""
+    params, kahan_comps = lists[0], lists[-1]
+    planned = []
+    eager: list[int] = []
+    for indices in _quantized_buckets(lists):
+        first = params[indices[0]]
+        if first.dtype not in TRITON_DTYPES:
+            eager += indices
+            continue
+        bucket = take_all(lists, indices)
+        if kahan_comps[indices[0]] is None:
+            bucket[-1] = None
+        plan = _quantized_plan(bucket, [positions[i] for i in indices])
+        planned.append((plan, first, bucket[-1] is not None))
+        eager += [indices[i] for i in plan.eager]
+    return _QuantizedStep(lists, planned, eager)
+
+
+def quantized_launch_constexprs(
+    dtype: torch.dtype,
+    algorithm: str,
+    small_weight: bool,
+    switches: dict[str, bool],
+    moments: dict[str, bool],
+) -> dict[str, Any]:
+    """The constexpr arguments of one launch of _quantized_step_kernel (moments:
+    moment_switches)."""
+    return {
+        "DTYPE": TRITON_DTYPES[dtype],
+        "ADOPT": algorithm == "adopt",
+        "SMALL_WEIGHT": small_weight,
+        "QBLOCK": QUANTIZATION_BLOCK,
+        "QBLOCKS": QUANTIZED_BLOCKS_PER_PROGRAM,
+        **switches,
+        **moments,
+    }
+
+
+def _launch_quantized(
+    plan: _QuantizedPlan, dtype: torch.dtype, device: torch.device, arguments: KernelArguments
+) -> None:
+    """Launch one quantized plan on the tensors' device and its current stream, with the
+    scalars and compile options of the full-precision kernel."""
+    launch = plan.launch
+    assert launch is not None
+    scalars, small_weight = _kernel_scalars(arguments)
+    signed_values, signed_midpoints = code_tables(True, device)
+    unsigned_values, unsigned_midpoints = code_tables(False, device)
+    module = _device_module(device)
+    guard = nullcontext() if module is None else module.device(device)
+    with guard:
+        stream = None if module is None else module.current_stream(device)
+        _quantized_step_kernel[(launch.programs,)](
+            _ready_on(launch.addresses, stream),
+            _ready_on(launch.blocks, stream),
+            launch.tensors,
+            signed_values,
+            signed_midpoints,
+            unsigned_values,
+            unsigned_midpoints,
+            *scalars,
+            **quantized_launch_constexprs(
+                dtype, arguments.algorithm, small_weight, dict(arguments.switches), plan.switches
+            ),
+            **compile_options(device.type),
+        )

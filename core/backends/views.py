@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from core.backends.precision import StochasticRounding
-from core.quantization import QuantizedMoment
+from core.quantization import QuantizedMoment, absmax_shape
 
 device_of, dtype_of = attrgetter("device"), attrgetter("dtype")
 """Getters to map over tensor lists: the loop then runs at C speed."""
@@ -136,11 +136,13 @@ def check_addressable(
     dtype: torch.dtype,
     device: torch.device,
     require_dense: bool = True,
+    positions: Sequence[int] | None = None,
 ) -> None:
     """Refuse, before a kernel reads raw addresses, anything but plain tensors of dtype on
     device with as many elements as their parameter (lists[0], rows in ROWS order), and
     with require_dense, laid out densely like it (callers that send other layouts down
-    another path check those themselves).
+    another path check those themselves). positions: each entry's index in the caller's
+    lists, to name it by (default: its index here).
 
     Callers have sorted tensors into such buckets already; this is the last line of
     defence that turns a mistake into a ValueError, naming the tensor, instead of a write
@@ -163,8 +165,9 @@ def check_addressable(
         for index, (t, param) in enumerate(zip(values, params, strict=True)):
             problem = _address_problem(t, param, dtype, device, require_dense)
             if problem:
+                where = index if positions is None else positions[index]
                 raise ValueError(
-                    f"Invalid {row}[{index}] for a fused kernel: {problem}. Allowed: a plain "
+                    f"Invalid {row}[{where}] for a fused kernel: {problem}. Allowed: a plain "
                     f"torch.Tensor or nn.Parameter (not a subclass such as DTensor) of {dtype} "
                     f"on {device}, laid out like its parameter (fused=False takes any tensor)."
                 )
@@ -209,3 +212,54 @@ def dense(tensor: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def check_quantized_addressable(
+    params: Sequence[Tensor],
+    row: str,
+    moments: Sequence[object],
+    signed: bool,
+    positions: Sequence[int] | None = None,
+) -> None:
+    """Refuse, before a kernel reads raw addresses, an 8-bit moment (row names its list,
+    e.g. "exp_avg") that is not core.quantization's layout for its parameter: plain
+    contiguous uint8 codes of the parameter's shape and device, and plain contiguous fp32
+    scales with one element per block. A kernel indexes both from the parameter's shape
+    alone, so anything else would be read or written out of bounds; the check runs when a
+    launch is planned, and names the tensor (by positions, as check_addressable)."""
+    for index, (moment, param) in enumerate(zip(moments, params, strict=True)):
+        problem = _quantized_problem(moment, param, signed)
+        if problem:
+            where = index if positions is None else positions[index]
+            raise ValueError(
+                f"Invalid {row}[{where}] for a fused kernel: {problem}. Allowed: a "
+                f"QuantizedMoment (signed={signed}) of plain contiguous torch.uint8 codes "
+                "shaped like its parameter and plain contiguous torch.float32 scales, one per "
+                "block (core.quantization.absmax_shape), both on the parameter's device "
+                "(fused=False takes any tensor)."
+            )
+
+
+def _quantized_problem(moment: object, param: Tensor, signed: bool) -> str:
+    """Why a kernel may not address moment's codes and scales beside param ("" if it may)."""
+    if type(moment) is not QuantizedMoment:
+        return f"a {type(moment).__name__}, not an 8-bit moment beside the others"
+    if moment.signed is not signed:
+        return f"a moment with signed={moment.signed!r}"
+    scales = absmax_shape(param.shape)
+    for part, t, dtype, numel in (
+        ("codes", moment.codes, torch.uint8, param.numel()),
+        ("absmax", moment.absmax, torch.float32, scales[0] * scales[1]),
+    ):
+        if not isinstance(t, Tensor) or type(t) not in PLAIN_TENSOR_TYPES:
+            return f"{part} of type {type(t).__name__}, not a plain tensor"
+        if t.layout != torch.strided or t.dtype != dtype or t.device != param.device:
+            return f"{part} of {t.dtype} on {t.device} ({t.layout})"
+        if t.numel() != numel:
+            return f"{part} of {t.numel()} elements where the layout has {numel}"
+        if not t.is_contiguous():
+            return f"{part} with strides {t.stride()} (not contiguous)"
+    if moment.codes.shape != param.shape:
+        shapes = tuple(moment.codes.shape), tuple(param.shape)
+        return "codes of shape {} beside a parameter of shape {}".format(*shapes)
+    return ""

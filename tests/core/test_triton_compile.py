@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 
+import core
 from core.coefficients import AdamStepCoefficients
 from tests.core.cases import trajectory_cases
 from tests.processes import ROOT, worker_env
@@ -88,6 +89,55 @@ def launchable_specializations() -> list[dict[str, Any]]:
     return specs
 
 
+def _moment_sets() -> dict[tuple[str, bool], dict[str, bool]]:
+    """Per (algorithm, AMSGrad), which moments state_precision="8bit" stores in 8 bits (the
+    kernel's M_8BIT, V_8BIT, V_MAX_8BIT): moment_switches of the moments each case's
+    optimizer hands its backend for a parameter large enough to be quantized."""
+    from core.backends.triton import moment_switches
+    from core.quantization import MIN_QUANTIZED_NUMEL, moment_view
+
+    found: dict[tuple[str, bool], dict[str, bool]] = {}
+    for case in trajectory_cases():
+        param = torch.nn.Parameter(torch.linspace(-1, 1, MIN_QUANTIZED_NUMEL))
+        optimizer = case.make([param], foreach=False, state_precision="8bit")
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        state = optimizer.state[param]
+        moments = [
+            [moment_view(state, key)] if key in state or f"{key}_codes" in state else None
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        ]
+        algorithm = "adopt" if isinstance(optimizer, core.ADOPT) else "adam"
+        switches = moment_switches([None, None, *moments])
+        key = (algorithm, moments[2] is not None)
+        assert found.setdefault(key, switches) == switches, (case.id, switches)
+    return found
+
+
+@functools.cache
+def launchable_quantized_specializations() -> list[dict[str, Any]]:
+    """Every constexpr combination of the 8-bit state kernel (_quantized_step_kernel):
+    the switch sets, dtypes and lerp forms of the full-precision kernel (it has no
+    ALIGNED), with each algorithm's 8-bit moments (_moment_sets), "kernel" naming it for
+    the worker."""
+    from core.backends.triton import TRITON_DTYPES, quantized_launch_constexprs
+
+    specs = []
+    moment_sets = _moment_sets()
+    for algorithm, switches in sorted(_switch_sets()):
+        on = dict(switches)
+        moments = moment_sets[algorithm, on["AMSGRAD"]]
+        for dtype in TRITON_DTYPES:
+            if on["KAHAN"] and dtype not in LOW_PRECISION:
+                continue
+            for small_weight in (True, False):
+                spec = quantized_launch_constexprs(dtype, algorithm, small_weight, on, moments)
+                specs.append(
+                    {**spec, "DTYPE": str(dtype).removeprefix("torch."), "kernel": "quantized"}
+                )
+    return specs
+
+
 def ci_selection(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One member of each family (DTYPE, ALIGNED, ADOPT), picked greedily so that every
     value of every switch is compiled at least once, then more members while a value is
@@ -100,7 +150,8 @@ def ci_selection(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     families: dict[tuple, list[dict[str, Any]]] = {}
     for spec in specs:
-        families.setdefault((spec["DTYPE"], spec["ALIGNED"], spec["ADOPT"]), []).append(spec)
+        family = (spec["DTYPE"], spec.get("ALIGNED"), spec["ADOPT"])
+        families.setdefault(family, []).append(spec)
     for members in families.values():
         best = max(members, key=lambda s: (gain(s), sum(v is True for v in s.values())))
         chosen.append(best)
@@ -129,9 +180,11 @@ def expected_traffic(spec: dict[str, Any]) -> tuple[int, int]:
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Compile CI's selection (or every specialisation) for every architecture, once."""
     specs = launchable_specializations()
+    quantized = launchable_quantized_specializations()
     request = {
         "archs": list(ARCHS),
         "specs": specs if FULL_SWEEP else ci_selection(specs),
+        "quantized_specs": quantized if FULL_SWEEP else ci_selection(quantized),
         "jobs": os.cpu_count() if FULL_SWEEP else 1,
     }
     # A fresh cache: every kernel is really compiled, not found from an earlier run.
@@ -146,7 +199,10 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         timeout=3600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return {**json.loads(result.stdout), "requested": request}
+    output = json.loads(result.stdout)
+    step = [r for r in output["results"] if r["spec"].get("kernel", "step") == "step"]
+    quantized = [r for r in output["results"] if r["spec"].get("kernel") == "quantized"]
+    return {**output, "results": step, "quantized_results": quantized, "requested": request}
 
 
 def test_the_enumeration_covers_every_switch_of_the_kernel() -> None:
@@ -163,16 +219,33 @@ def test_the_enumeration_covers_every_switch_of_the_kernel() -> None:
         assert len(values) >= 2, (name, values)
 
 
+def test_the_quantized_enumeration_covers_every_switch_of_its_kernel() -> None:
+    from core.backends import triton as backend
+
+    specs = launchable_quantized_specializations()
+    annotations = backend._quantized_step_kernel.fn.__annotations__
+    constexprs = {name for name, kind in annotations.items() if "constexpr" in str(kind)}
+    assert set(specs[0]) - {"kernel"} == constexprs
+    for name in constexprs - {"QBLOCK", "QBLOCKS", "M_8BIT"}:
+        values = {spec[name] for spec in specs}
+        assert len(values) >= 2, (name, values)
+    # Every algorithm keeps m in 8 bits (the kernel would also take a full-precision m).
+    assert {spec["M_8BIT"] for spec in specs} == {True}
+
+
+@pytest.mark.parametrize("kernel", ["step", "quantized"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_selected_specialization_compiles_without_spills(
-    compiled: dict[str, Any], arch: int
+    compiled: dict[str, Any], arch: int, kernel: str
 ) -> None:
     if str(arch) in compiled["unknown"]:
         if arch == 100:
             pytest.skip(f"Triton {compiled['triton']} does not compile for sm_100")
         pytest.fail(f"sm_{arch}: {compiled['unknown'][str(arch)]}")
-    results = [r for r in compiled["results"] if r["arch"] == arch]
-    assert len(results) == len(compiled["requested"]["specs"])
+    key = "results" if kernel == "step" else "quantized_results"
+    results = [r for r in compiled[key] if r["arch"] == arch]
+    requested = compiled["requested"]["specs" if kernel == "step" else "quantized_specs"]
+    assert len(results) == len(requested)
     for result in results:
         assert "error" not in result, result
         assert result["stack"] == 0 and result["local"] == 0, result  # no spills

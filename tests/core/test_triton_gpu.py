@@ -259,3 +259,50 @@ def test_parameters_on_another_gpu_than_the_current_one(device: str) -> None:
         actual = _adamw_step_result(torch.device("cuda", 1))
     for a, b in zip(actual, expected, strict=True):
         assert torch.equal(a, b)
+
+
+def _quantized_table() -> list[tuple[str, str, str]]:
+    """(device, case id, dtype) for 8-bit state: the whole table on cuda, one case through
+    the interpreter (tests/core/test_quantized_triton.py runs more there)."""
+    on_gpu = [("cuda", c.id, d) for c in trajectory_cases() for d in DTYPES]
+    return [*on_gpu, ("triton", "NAdam-l2", "bf16-kahan")]
+
+
+@pytest.mark.parametrize(("device", "case_id", "dtype"), _quantized_table())
+def test_8bit_state_steps_match_the_cpu_loop(device: str, case_id: str, dtype: str) -> None:
+    """The quantized kernel on the GPU, held to the loop as the interpreter is (see
+    test_quantized_triton.py for the bounds and why)."""
+    from tests.core.test_quantized_triton import (
+        assert_quantized_step_matches,
+        paired_quantized_steps,
+    )
+
+    case = next(c for c in trajectory_cases() if c.id == case_id)
+    target = "cpu" if device == "triton" else device
+    for outcome in paired_quantized_steps(case, dtype, device=target):
+        assert_quantized_step_matches(*outcome, exact=False)
+
+
+def _exact_quantized_table() -> list[tuple[str, str, str]]:
+    from tests.core.test_quantized_triton import EXACT_CASES
+
+    return [("cuda", case_id, dtype) for case_id, dtype in EXACT_CASES]
+
+
+@pytest.mark.parametrize(("device", "case_id", "dtype"), _exact_quantized_table())
+def test_8bit_state_exact_arithmetic_gives_the_loops_codes_and_scales(
+    device: str, case_id: str, dtype: str
+) -> None:
+    """Where the moment arithmetic is exact in both backends, the GPU stores the loop's
+    codes and scales bit for bit (test_quantized_triton.py's exact case)."""
+    from tests.core.test_quantized_triton import (
+        EXACT_BETAS,
+        assert_quantized_step_matches,
+        paired_quantized_steps,
+    )
+
+    case = next(c for c in trajectory_cases() if c.id == case_id)
+    for outcome in paired_quantized_steps(
+        case, dtype, dyadic=True, device=device, betas=EXACT_BETAS
+    ):
+        assert_quantized_step_matches(*outcome, exact=True)

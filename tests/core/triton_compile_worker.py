@@ -5,7 +5,8 @@ because the test process imports Triton with TRITON_INTERPRET=1, under which ker
 are interpreted and cannot be compiled. Reads {"archs": [80, ...], "specs": [{constexpr
 name: value, "DTYPE": "float32" | "bfloat16" | "float16"}, ...], "jobs": N} and prints
 one JSON object per spec and architecture: the compiler's error, or what the tests
-assert on (registers, spills, global memory instructions, FMAs, flushes to zero).
+assert on (registers, spills, global memory instructions, FMAs, flushes to zero). A spec
+with "kernel": "quantized" compiles the 8-bit state kernel (_quantized_step_kernel).
 """
 
 from __future__ import annotations
@@ -32,25 +33,33 @@ GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s")
 RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
 
 
-def _signature() -> dict[str, str]:
-    kernel = backend._step_kernel
+KERNELS = {
+    "step": (backend._step_kernel, backend.RUNTIME_ARGUMENT_TYPES),
+    "quantized": (backend._quantized_step_kernel, backend.QUANTIZED_RUNTIME_ARGUMENT_TYPES),
+}
+"""The kernels by the name a request gives ("kernel", default "step"), with the types of
+their runtime arguments (the others are fp32 scalars)."""
+
+
+def _signature(name: str) -> dict[str, str]:
+    kernel, types = KERNELS[name]
     return {
-        param.name: "constexpr"
-        if param.is_constexpr
-        else backend.RUNTIME_ARGUMENT_TYPES.get(param.name, "fp32")
+        param.name: "constexpr" if param.is_constexpr else types.get(param.name, "fp32")
         for param in kernel.params
     }
 
 
-def _compile(constexprs: dict[str, Any], arch: int) -> Any:
-    kernel = backend._step_kernel
+def _compile(constexprs: dict[str, Any], arch: int, name: str = "step") -> Any:
+    kernel = KERNELS[name][0]
+    signature = _signature(name)
+    # torch allocates the metadata and code tables 16-byte aligned, and Triton's launcher
+    # then specialises their pointers so
+    pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
     source = ASTSource(
         fn=kernel,
-        signature=_signature(),
+        signature=signature,
         constexprs=constexprs,
-        # torch allocates the two metadata tables 16-byte aligned, and Triton's launcher
-        # then specialises their pointers so
-        attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]},
+        attrs={(i,): [["tt.divisibility", 16]] for i in pointers},
     )
     options = backend.compile_options("cuda")
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -84,17 +93,19 @@ def _accesses(ptx: str) -> dict[str, int]:
 
 
 def compile_one(job: tuple[dict[str, Any], int]) -> dict[str, Any]:
-    spec, arch = job
+    request, arch = job
+    name = request.get("kernel", "step")
+    spec = {key: value for key, value in request.items() if key != "kernel"}
     constexprs = {**spec, "DTYPE": getattr(tl, spec["DTYPE"])}
     try:
-        compiled = _compile(constexprs, arch)
+        compiled = _compile(constexprs, arch, name)
     except Exception as error:  # the test reports what the compiler said
-        return {"arch": arch, "spec": spec, "error": f"{type(error).__name__}: {error}"}
+        return {"arch": arch, "spec": request, "error": f"{type(error).__name__}: {error}"}
     ptx = compiled.asm["ptx"]
     instructions = [line.split()[0] for line in ptx.splitlines() if line.strip()[:1].isalpha()]
     return {
         "arch": arch,
-        "spec": spec,
+        "spec": request,
         **_resources(compiled.asm["cubin"]),
         "accesses": _accesses(ptx),
         "fma": sum(op.startswith("fma.") for op in instructions),
@@ -126,7 +137,8 @@ def main() -> None:
     request = json.load(sys.stdin)
     archs = [arch for arch in request["archs"]]
     unknown = {arch: known(arch) for arch in archs}
-    jobs = [(spec, arch) for arch in archs if unknown[arch] is None for spec in request["specs"]]
+    specs = request["specs"] + request.get("quantized_specs", [])
+    jobs = [(spec, arch) for arch in archs if unknown[arch] is None for spec in specs]
     workers = max(1, int(request.get("jobs", 1)))
     if workers == 1:
         results = list(map(compile_one, jobs))
