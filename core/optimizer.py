@@ -783,8 +783,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     value = value.detach() if isinstance(value, Tensor) else torch.tensor(value)
                     state[key] = value.to(device="cpu", dtype=torch.float32).clone().reshape(())
             for key in MOMENT_STATE:
-                # torch cast the scales to the parameter's dtype: 8-bit state keeps fp32 ones.
-                absmax = moment_keys(key)[1]
+                # torch cast codes and scales to the parameter's dtype: 8-bit state keeps
+                # uint8 codes (which the fused kernels address) and fp32 scales.
+                codes, absmax = moment_keys(key)
+                if isinstance(state.get(codes), Tensor) and state[codes].dtype != torch.uint8:
+                    state[codes] = state[codes].to(torch.uint8)
                 if isinstance(saved_state.get(absmax), Tensor):
                     state[absmax] = (
                         saved_state[absmax]

@@ -92,8 +92,7 @@ def paired_steps(
     for _ in range(steps):
         twin_params = [p.detach().clone().requires_grad_() for p in loop_params]
         twin = make(twin_params, fused=True)
-        # the state itself, not a state dict: torch's load_state_dict casts the codes to
-        # the parameter's dtype, which the fused backend leaves to the loop backend
+        # the state itself: every tensor as the loop left it, nothing converted on load
         for a, b in zip(loop_params, twin_params, strict=True):
             twin.state[b] = copy.deepcopy(loop.state[a])
         for a, b in zip(loop_params, twin_params, strict=True):
