@@ -46,8 +46,9 @@ from core.backends import cpu_kernel
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
-BYTES_PER_PARAM = {"fp32": 28, "fp32 amsgrad": 36, "bf16": 14, "bf16 kahan": 18}
-"""Each tensor read once and written once: θ, m, v (and v_max, Kahan k) both ways, g read."""
+BYTES_PER_PARAM = {"fp32": 28, "fp32 amsgrad": 36, "bf16": 14, "bf16 kahan": 18, "fp32 8bit": 16}
+"""Each tensor read once and written once: θ, m, v (and v_max, Kahan k) both ways, g read
+(8-bit m and v: one byte each way, scales aside)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,65 @@ def bf16_contenders() -> list[Contender]:
         )
     )
     return rows + _optimi_rows(bf16, "bf16 kahan")
+
+
+EIGHT_BIT = [
+    ("core AdamW", lambda p: core.AdamW(p, lr=1e-3, state_precision="8bit", fused=True)),
+    ("core Adam", lambda p: core.Adam(p, lr=1e-3, state_precision="8bit", fused=True)),
+    ("core RAdam", lambda p: core.RAdam(p, lr=1e-3, state_precision="8bit", fused=True)),
+    ("core NAdam", lambda p: core.NAdam(p, lr=1e-3, state_precision="8bit", fused=True)),
+    ("core ADOPT", lambda p: core.ADOPT(p, lr=1e-3, state_precision="8bit", fused=True)),
+]
+"""Fused CPU steps with 8-bit moments (core.quantization), fp32 parameters; ADOPT keeps v
+full precision (core.adopt), so only its m is 8-bit."""
+
+
+def eight_bit_contenders() -> list[Contender]:
+    """The 8-bit rows, named with the state bytes per parameter they keep."""
+    return [
+        Contender(f"{name} 8-bit fused", make, torch.float32, "fp32 8bit")
+        for name, make in EIGHT_BIT
+    ]
+
+
+def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of every state tensor (codes, scales, full moments, host scalars) per parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total = sum(
+        value.nbytes
+        for p in params
+        for value in optimizer.state[p].values()
+        if isinstance(value, torch.Tensor)
+    )
+    return total / sum(p.numel() for p in params)
+
+
+def eight_bit_table(count: int, numel: int, steps: int, repeats: int) -> list[str]:
+    """ms/step of each 8-bit row beside torch.optim.AdamW(fused=True) on fp32 state, timed
+    in alternation, with the ratio and the state bytes per parameter of both."""
+    lines = [
+        f"\n8-bit state, fused CPU: {count} tensors x {numel:,} fp32 parameters "
+        "(target: at most 0.75x torch fused AdamW)\n",
+        "| optimizer | ms/step | vs torch fused AdamW | state bytes/param |",
+        "|---|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    baseline = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))
+    baseline.step()
+    base_bytes = state_bytes_per_param(baseline)
+    for contender in eight_bit_contenders():
+        optimizer = contender.make(make_params(count, numel, torch.float32))
+        seconds, baseline_seconds = time_against(optimizer, baseline, steps, repeats)
+        cells = [
+            contender.name,
+            f"{seconds * 1e3:.2f}",
+            f"{seconds / baseline_seconds:.2f}",
+            f"{state_bytes_per_param(optimizer):.2f} (torch: {base_bytes:.2f})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+        del optimizer
+    return lines
 
 
 def composer_contenders() -> list[Contender]:
@@ -624,6 +684,7 @@ def main() -> None:
     for baseline, ours in zip(composer_rows[::2], composer_rows[1::2], strict=True):
         tables.append(Table("Composer", [baseline, ours], *shapes[0], baseline))
     print(f"torch {torch.__version__}, {machine()}, 1 thread")
+    eight_bit_lines = [] if args.composer_only else eight_bit_table(*shapes[0], steps, repeats)
     bandwidths: list[float] = []
     results: list[list[list[Measurement]]] = [[] for _ in tables]
     for run in range(args.runs):
@@ -645,7 +706,7 @@ def main() -> None:
     report = [f"\nmedian in-place bandwidth {bandwidth / 1e9:.1f} GB/s"] if args.runs > 1 else []
     for table, table_results in zip(tables, results, strict=True):
         report += median_table(table, table_results, bandwidth)
-    print("\n".join(report + host_lines))
+    print("\n".join(eight_bit_lines + report + host_lines))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ this step. Everything torch has no fused kernel for (RAdam, NAdam, ADOPT, Kahan-
 compensated bf16/fp16, lr = 0) runs the generated kernels of cpu_kernel.c, one
 compiled configuration per combination of switches. Tensors that are not densely laid
 out (rare: a strided view handed in by hand) take the loop backend.
+
+8-bit moments (state_precision='8bit') always take a generated kernel built with Q8,
+which decodes, steps and encodes each block of 256 in one pass (torch has no such
+kernel); the loop backend, their reference, keeps only what that kernel cannot address:
+non-contiguous tensors and float64 parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from core.backends.grouping import (
     buckets,
     split_dense,
     split_quantized,
+    split_quantized_dense,
     split_stochastic,
     take_all,
 )
@@ -62,12 +68,17 @@ class FusedCpu:
         self.strict = strict
 
     def _generated(
-        self, lists: TensorLists, dtype: torch.dtype, arguments: KernelArguments
+        self,
+        lists: TensorLists,
+        dtype: torch.dtype,
+        arguments: KernelArguments,
+        quantized: bool = False,
     ) -> bool:
         """Run a generated kernel; False when it cannot be built and falling back is allowed."""
-        config = cpu_kernel.KernelConfig(arguments.algorithm, dtype, arguments.switches)
+        config = cpu_kernel.KernelConfig(arguments.algorithm, dtype, arguments.switches, quantized)
+        run = cpu_kernel.run_quantized if quantized else cpu_kernel.run
         try:
-            cpu_kernel.run(config, *lists, arguments.scalars)  # type: ignore[arg-type]
+            run(config, *lists, arguments.scalars)  # type: ignore[arg-type]
         except cpu_kernel.KernelUnavailable as error:
             if self.strict:
                 raise RuntimeError(f"fused=True: {error}") from error
@@ -81,22 +92,33 @@ class FusedCpu:
         lists: TensorLists,
         fused: Callable[[TensorLists, torch.dtype, bool], bool],
         fallback: Callable[[TensorLists], None],
+        quantized: Callable[[TensorLists, torch.dtype, bool], bool],
     ) -> None:
-        """Split into uniform dense buckets; run `fused` on each, `fallback` on the rest.
-
-        Parameters with 8-bit moments run `fallback` (the loop backend's reference)."""
+        """Split into uniform dense buckets; run `fused` on each (`quantized` where the
+        moments are all 8-bit), `fallback` on the rest; stochastic rounding runs `fallback`
+        (the loop backend's reference)."""
         nearest, stochastic = split_stochastic(lists)
-        if stochastic:  # the loop backend's reference rounding
+        if stochastic:
             fallback(take_all(lists, stochastic))
             if not nearest:
                 return
             lists = take_all(lists, nearest)
-        full, quantized = split_quantized(lists)
-        if quantized:
-            fallback(take_all(lists, quantized))
+        full, eight_bit = split_quantized(lists)
+        if eight_bit:
+            self._each_bucket_of(take_all(lists, eight_bit), quantized, fallback, True)
             if not full:
                 return
             lists = take_all(lists, full)
+        self._each_bucket_of(lists, fused, fallback, False)
+
+    @staticmethod
+    def _each_bucket_of(
+        lists: TensorLists,
+        fused: Callable[[TensorLists, torch.dtype, bool], bool],
+        fallback: Callable[[TensorLists], None],
+        quantized: bool,
+    ) -> None:
+        """_each_bucket over parameters whose moments are all full precision or all 8-bit."""
         kahan_comps = lists[-1]
         assert lists[0] is not None and kahan_comps is not None
         for indices in buckets(lists[0], kahan_comps):
@@ -104,12 +126,17 @@ class FusedCpu:
             kahan = kahan_comps[indices[0]] is not None
             if not kahan:
                 bucket[-1] = None
-            dense, strided = split_dense(bucket)
+            dtype = bucket[0][0].dtype  # type: ignore[index]
+            if not quantized:
+                dense, strided = split_dense(bucket)
+            elif dtype in cpu_kernel.QUANTIZED_DTYPES:
+                dense, strided = split_quantized_dense(bucket)
+            else:
+                dense, strided = [], list(range(len(indices)))
             if strided:
                 fallback(_with_comps(take_all(bucket, strided), len(strided)))
             if dense:
                 dense_bucket = take_all(bucket, dense)
-                dtype = dense_bucket[0][0].dtype  # type: ignore[index]
                 if not fused(dense_bucket, dtype, kahan):
                     fallback(_with_comps(dense_bucket, len(dense)))
 
@@ -138,10 +165,14 @@ class FusedCpu:
                 return True
             return self._generated(lists, dtype, adam_arguments(c, kahan))
 
+        def quantized(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
+            return self._generated(lists, dtype, adam_arguments(c, kahan), quantized=True)
+
         self._each_bucket(
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]
             fused,
             lambda lists: loop.adam_step(*lists, c),  # type: ignore[arg-type]
+            quantized,
         )
 
     def adopt_step(
@@ -158,6 +189,9 @@ class FusedCpu:
         def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
             return self._generated(lists, dtype, adopt_arguments(c, kahan))
 
+        def quantized(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
+            return self._generated(lists, dtype, adopt_arguments(c, kahan), quantized=True)
+
         def fallback(lists: TensorLists) -> None:
             params, grads, exp_avgs, exp_avg_sqs, _, comps = lists
             loop.adopt_step(params, grads, exp_avgs, exp_avg_sqs, comps, c)  # type: ignore[arg-type]
@@ -166,6 +200,7 @@ class FusedCpu:
             [params, grads, exp_avgs, exp_avg_sqs, None, kahan_comps],  # type: ignore[list-item]
             fused,
             fallback,
+            quantized,
         )
 
 

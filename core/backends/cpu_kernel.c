@@ -17,6 +17,9 @@
  *   UPDATE      the parameter is updated at all (lr ≠ 0)
  *   AMSGRAD, ADAPTIVE, GRAD_TERM (NAdam's g/d term)     Adam family only
  *   INIT, CLIP                                           ADOPT only
+ *   Q8          m, v and v_max are 8-bit (core.quantization): codes plus a scale per
+ *               block, decoded, stepped by the same update() and encoded again in one
+ *               pass (adamkit_step_q8 instead of adamkit_step)
  */
 #include <math.h>
 #include <pthread.h>
@@ -25,11 +28,22 @@
 
 #if !defined(ALGORITHM) || !defined(DTYPE) || !defined(KAHAN) || !defined(L2) || \
     !defined(DECAY) || !defined(UPDATE) || !defined(AMSGRAD) || !defined(ADAPTIVE) || \
-    !defined(GRAD_TERM) || !defined(INIT) || !defined(CLIP)
+    !defined(GRAD_TERM) || !defined(INIT) || !defined(CLIP) || !defined(Q8)
 #error "every switch is set by core/backends/cpu_kernel.py (-DNAME=0 or 1)"
 #endif
 
 /* ---- storage types and the compute precision (fp32 for every 16-bit type) ---------- */
+
+static inline float as_float(uint32_t bits) {
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+static inline uint32_t as_bits(float x) {
+    uint32_t out;
+    memcpy(&out, &x, sizeof out);
+    return out;
+}
 
 #if DTYPE == 1 || DTYPE == 2
 #if DTYPE == 1
@@ -46,16 +60,6 @@ static inline compute_t widen(store_t x) { return x; }
 #elif DTYPE == 3 || DTYPE == 4
 typedef uint16_t store_t;
 typedef float compute_t;
-static inline float as_float(uint32_t bits) {
-    float out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
-}
-static inline uint32_t as_bits(float x) {
-    uint32_t out;
-    memcpy(&out, &x, sizeof out);
-    return out;
-}
 /* The conversions are written with integer operations and selects rather than library
  * calls or _Float16 so that compilers vectorise them. */
 #if DTYPE == 3
@@ -302,6 +306,29 @@ static inline void widen_into(float *out, const store_t *in) {
     _mm512_storeu_ps(out, widen_lanes(_mm256_loadu_si256((const __m256i *)in)));
 }
 
+/* Round the whole lanes of `count` staged parameters into θ from i (and Kahan's remainder
+ * into k); returns how many that was. */
+static inline int64_t store_param_lanes(const tensors_t *t, const float *theta, int64_t i,
+                                        int64_t count) {
+    int64_t j = 0;
+    for (; j + LANES <= count; j += LANES) {
+        __m512 stored = put_lanes(t->param + i + j, theta + j);
+        if (KAHAN) {
+            _Alignas(64) float lost[LANES];
+            _mm512_storeu_ps(lost, _mm512_sub_ps(_mm512_loadu_ps(theta + j), stored));
+            put_lanes(t->comp + i + j, lost);
+        }
+    }
+    return j;
+}
+
+/* All `count` of them, the last partial lanes in software. */
+static inline void store_params(const tensors_t *t, const float *theta, int64_t i,
+                                int64_t count) {
+    for (int64_t j = store_param_lanes(t, theta, i, count); j < count; j++)
+        store_param(t->param, t->comp, i + j, theta[j]);
+}
+
 /* BLOCK elements from i: the same update, its results staged in fp32 in L1 and then
  * rounded sixteen lanes at a time. Staging a whole block rather than one vector keeps the
  * rounding's loads from waiting on the update's stores still in flight. fp16 inputs are
@@ -337,15 +364,7 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
     if (WRITES_V_MAX) put_block(t->max_exp_avg_sq + i, v_max, count);
     if (WRITES_M) put_block(t->exp_avg + i, m, count);
     put_block(t->exp_avg_sq + i, v, count);
-    if (!WRITES_PARAM) return;
-    for (int64_t j = 0; j < count; j += LANES) {
-        __m512 stored = put_lanes(t->param + i + j, theta + j);
-        if (KAHAN) {
-            _Alignas(64) float lost[LANES];
-            _mm512_storeu_ps(lost, _mm512_sub_ps(_mm512_loadu_ps(theta + j), stored));
-            put_lanes(t->comp + i + j, lost);
-        }
-    }
+    if (WRITES_PARAM) store_param_lanes(t, theta, i, count);
 }
 #else
 #define HARDWARE_ROUNDING 0
@@ -355,8 +374,13 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
                                 int64_t count) {
     (void)t, (void)s, (void)i, (void)count;
 }
+static inline void store_params(const tensors_t *t, const compute_t *theta, int64_t i,
+                                int64_t count) {
+    for (int64_t j = 0; j < count; j++) store_param(t->param, t->comp, i + j, theta[j]);
+}
 #endif
 
+#if !Q8
 /* One contiguous range of one tensor; restrict lets the compiler vectorise. */
 static void update_range(store_t *restrict param, store_t *restrict comp,
                          const store_t *restrict grad, store_t *restrict exp_avg,
@@ -373,6 +397,7 @@ static void update_range(store_t *restrict param, store_t *restrict comp,
     }
     for (; i < end; i++) write_element(&t, i, update(&t, 0, &local, i));
 }
+#endif
 
 /* Round n fp32 values to the storage type exactly as a step does, so tests can compare
  * the rounding with torch's conversion over every fp32 bit pattern. */
@@ -400,8 +425,40 @@ void adamkit_multiply_scalars(int64_t n, float *const *scalars, float factor) {
     for (int64_t k = 0; k < n; k++) *scalars[k] *= factor;
 }
 
-/* ---- many tensors per call, split across threads by element count ------------------ */
+/* ---- many tensors per call, split across threads -------------------------------------- */
 
+#define MAX_THREADS 64
+#define MIN_ELEMENTS_PER_THREAD 65536
+
+/* How many threads a step over `total` elements is worth. */
+static int64_t share_count(int64_t total, int threads) {
+    int64_t shares = total / MIN_ELEMENTS_PER_THREAD;
+    if (shares > threads) shares = threads;
+    if (shares > MAX_THREADS) shares = MAX_THREADS;
+    return shares < 1 ? 1 : shares;
+}
+
+/* run(work + j·size) for each of `shares` shares: the first here, the others on threads
+ * (or here too, where no thread is to be had). */
+static void run_shares(void *(*run)(void *), char *work, size_t size, int64_t shares) {
+    pthread_t handles[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int64_t j = 1; j < shares; j++)
+        started[j] = pthread_create(&handles[j], 0, run, work + j * size) == 0;
+    run(work);
+    for (int64_t j = 1; j < shares; j++) {
+        if (started[j])
+            pthread_join(handles[j], 0);
+        else
+            run(work + j * size);
+    }
+}
+
+static store_t *entry(void *const *list, int64_t index) {
+    return list ? (store_t *)list[index] : (store_t *)0;
+}
+
+#if !Q8
 typedef struct {
     int64_t count;
     const int64_t *sizes;
@@ -409,10 +466,6 @@ typedef struct {
     scalars_t scalars;
     int64_t begin, end; /* this share, in the concatenation of every tensor */
 } share_t;
-
-static store_t *entry(void *const *list, int64_t index) {
-    return list ? (store_t *)list[index] : (store_t *)0;
-}
 
 static void *run_share(void *arg) {
     const share_t *w = (const share_t *)arg;
@@ -431,8 +484,6 @@ static void *run_share(void *arg) {
     return 0;
 }
 
-#define MAX_THREADS 64
-#define MIN_ELEMENTS_PER_THREAD 65536
 #define SHARE_ALIGNMENT 64 /* elements: whole cache lines per thread, for every dtype */
 
 /* The entry point: one step over `count` tensors of `sizes[k]` elements each. */
@@ -442,30 +493,298 @@ int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void 
                  int threads) {
     int64_t total = 0;
     for (int64_t k = 0; k < count; k++) total += sizes[k];
-    int64_t shares = total / MIN_ELEMENTS_PER_THREAD;
-    if (shares > threads) shares = threads;
-    if (shares > MAX_THREADS) shares = MAX_THREADS;
-    if (shares < 1) shares = 1;
+    int64_t shares = share_count(total, threads);
     int64_t per_share = (total + shares - 1) / shares;
     per_share = (per_share + SHARE_ALIGNMENT - 1) / SHARE_ALIGNMENT * SHARE_ALIGNMENT;
 
     share_t work[MAX_THREADS];
-    pthread_t handles[MAX_THREADS];
-    int started[MAX_THREADS];
     for (int64_t j = 0; j < shares; j++) {
         share_t w = {count, sizes, {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, comps},
                      make_scalars(coefficients), j * per_share, (j + 1) * per_share};
         if (w.end > total) w.end = total;
         work[j] = w;
     }
-    for (int64_t j = 1; j < shares; j++)
-        started[j] = pthread_create(&handles[j], 0, run_share, &work[j]) == 0;
-    run_share(&work[0]);
-    for (int64_t j = 1; j < shares; j++) {
-        if (started[j])
-            pthread_join(handles[j], 0);
-        else
-            run_share(&work[j]); /* no thread to be had: do the share here */
+    run_shares(run_share, (char *)work, sizeof work[0], shares);
+    return 0;
+}
+#else
+/* ---- 8-bit moments (core.quantization): decode, step and encode one block at a time ---- */
+
+#if DTYPE == 2
+#error "8-bit moments are stepped for float32, bfloat16 and float16 parameters"
+#endif
+
+#define CODE_BLOCK 256 /* core.quantization.BLOCK_SIZE: elements per scale */
+#define MAP_SIZE 256   /* codes */
+#define CELL_BASE 0x3300 /* the cell of |x| < 2^-25, far below the smallest midpoint */
+#define CELL_LAST 0xc80  /* the cell of 1.0 */
+#define CELLS (CELL_LAST + 1)
+
+/* The map values adamkit_step_q8 takes (core.quantization.code_tables), signed then
+ * unsigned, and its cells (see nearest_code) in the same order. */
+#define SIGNED_VALUES(values) (values)
+#define UNSIGNED_VALUES(values) ((values) + MAP_SIZE)
+#define SIGNED_CELLS(cells) (cells)
+#define UNSIGNED_CELLS(cells) ((cells) + CELLS)
+
+/* The block's elements of a parameter-dtype tensor in fp32: fp32 tensors are read in
+ * place, 16-bit ones widened into buffer. */
+static inline const float *widened_block(float *buffer, const store_t *in, int64_t count) {
+#if DTYPE == 1
+    (void)buffer, (void)count;
+    return in;
+#else
+    int64_t j = 0;
+#if HARDWARE_ROUNDING && DTYPE == 4
+    for (; j + LANES <= count; j += LANES) widen_into(buffer + j, in + j);
+#endif
+    for (; j < count; j++) buffer[j] = load(in, j);
+    return buffer;
+#endif
+}
+
+/* Compilers tuned for some CPUs (AMD's) judge gathers too slow to vectorise a table
+ * lookup with, and the lookups then run one element at a time; with AVX-512 decode and
+ * encode take sixteen lanes at a time explicitly. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define CODE_LANES 16
+#else
+#define CODE_LANES 1
+#endif
+
+/* map[code] · absmax in fp32, as core.quantization.dequantize reads a moment back. */
+static inline void decode(float *out, const uint8_t *codes, float absmax, const float *values,
+                          int64_t count) {
+    int64_t j = 0;
+#if CODE_LANES > 1
+    __m512 scale = _mm512_set1_ps(absmax);
+    for (; j + CODE_LANES <= count; j += CODE_LANES) {
+        __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + j)));
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_i32gather_ps(index, values, 4), scale));
+    }
+#endif
+    for (; j < count; j++) out[j] = values[codes[j]] * absmax;
+}
+
+/* The block's largest magnitude, NaN if any element is not finite. Compared as integers
+ * (the bits of |x| order as |x| does, and every NaN sorts above infinity), which
+ * vectorises where a float maximum that must see NaNs does not. */
+static inline float block_absmax(const float *x, int64_t count) {
+    uint32_t top = 0;
+    for (int64_t j = 0; j < count; j++) {
+        uint32_t bits = as_bits(x[j]) & 0x7fffffffu;
+        top = bits > top ? bits : top;
+    }
+    return top >= 0x7f800000u ? as_float(0x7fc00000u) : as_float(top);
+}
+
+/* The number of midpoints strictly below x (torch.bucketize), found without a search:
+ * the bits of |x| above the lowest 16 (sign, exponent, 7 mantissa bits) name a cell that
+ * holds at most one positive midpoint (cpu_kernel.py builds and checks the cells from the
+ * midpoints passed in), so the count is the cell's count below it plus one comparison of
+ * the low bits. Integer operations and one table load: the loop vectorises with no
+ * branch. The signed map's negative midpoints mirror its positive ones but the largest,
+ * so a negative x counts the positive midpoints above |x|. A positive x never takes the
+ * unsigned map's code 0 (see core.quantization). */
+static inline uint8_t nearest_code(float x, const uint32_t *cells, int is_signed) {
+    uint32_t magnitude = as_bits(x) & 0x7fffffffu;
+    int32_t key = (int32_t)(magnitude >> 16) - CELL_BASE;
+    key = key < 0 ? 0 : key;
+    key = key > CELL_LAST ? CELL_LAST : key;
+    uint32_t cell = cells[key], low = magnitude & 0xffffu, midpoint_low = cell & 0xffffu;
+    uint32_t below = ((cell >> 16) & 0xffu) + (low > midpoint_low);
+    if (!is_signed) return (uint8_t)(x > 0 ? (below ? below : 1) : 0);
+    uint32_t at_most = below + ((cell >> 24) & (low == midpoint_low));
+    uint32_t negative = MAP_SIZE / 2 - 1 - (at_most < MAP_SIZE / 2 - 1 ? at_most : MAP_SIZE / 2 - 1);
+    return (uint8_t)(x > 0 ? MAP_SIZE / 2 - 1 + below : (x < 0 ? negative : MAP_SIZE / 2 - 1));
+}
+
+#if CODE_LANES > 1
+/* nearest_code on sixteen lanes, step for step. */
+static inline __m128i nearest_codes(__m512 x, const uint32_t *cells, int is_signed) {
+    const __m512i one = _mm512_set1_epi32(1), middle = _mm512_set1_epi32(MAP_SIZE / 2 - 1);
+    __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+    __m512i key = _mm512_sub_epi32(_mm512_srli_epi32(magnitude, 16), _mm512_set1_epi32(CELL_BASE));
+    key = _mm512_min_epi32(_mm512_max_epi32(key, _mm512_setzero_si512()),
+                           _mm512_set1_epi32(CELL_LAST));
+    __m512i cell = _mm512_i32gather_epi32(key, (const int *)cells, 4);
+    __m512i low_bits = _mm512_set1_epi32(0xffff);
+    __m512i low = _mm512_and_si512(magnitude, low_bits);
+    __m512i midpoint_low = _mm512_and_si512(cell, low_bits);
+    __m512i below = _mm512_and_si512(_mm512_srli_epi32(cell, 16), _mm512_set1_epi32(0xff));
+    below = _mm512_mask_add_epi32(below, _mm512_cmpgt_epu32_mask(low, midpoint_low), below, one);
+    __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    __m512i code;
+    if (!is_signed) {
+        code = _mm512_maskz_max_epu32(positive, below, one);
+    } else {
+        __mmask16 on_midpoint = _mm512_cmpeq_epi32_mask(low, midpoint_low) &
+                                _mm512_test_epi32_mask(cell, _mm512_set1_epi32(1 << 24));
+        __m512i at_most = _mm512_mask_add_epi32(below, on_midpoint, below, one);
+        __m512i negative = _mm512_sub_epi32(middle, _mm512_min_epu32(at_most, middle));
+        __mmask16 is_negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+        code = _mm512_mask_add_epi32(middle, positive, middle, below);
+        code = _mm512_mask_mov_epi32(code, is_negative, negative);
+    }
+    return _mm512_cvtepi32_epi8(code);
+}
+#endif
+
+/* Codes and scale of `count` new values of one block, as core.quantization.quantize
+ * stores them: x / absmax in fp32 (0 where absmax is 0 or NaN), then nearest. */
+static inline void encode(uint8_t *codes, float *absmax, const float *x, const uint32_t *cells,
+                          int is_signed, int64_t count) {
+    float scale = block_absmax(x, count);
+    int positive = scale > 0;
+    *absmax = scale;
+    int64_t j = 0;
+#if CODE_LANES > 1
+    __m512 divisor = _mm512_set1_ps(positive ? scale : 1.0f);
+    __mmask16 keep = positive ? 0xffff : 0;
+    for (; j + CODE_LANES <= count; j += CODE_LANES) {
+        __m512 normalized = _mm512_maskz_div_ps(keep, _mm512_loadu_ps(x + j), divisor);
+        _mm_storeu_si128((__m128i *)(codes + j), nearest_codes(normalized, cells, is_signed));
+    }
+#endif
+    for (; j < count; j++)
+        codes[j] = nearest_code(positive ? x[j] / scale : 0.0f, cells, is_signed);
+}
+
+/* Quantize `count` values as one row (test hook: the encoding every step uses, against
+ * core.quantization.quantize on chosen values, ties at midpoints included). */
+void adamkit_quantize(int64_t count, const float *values, uint8_t *codes, float *absmax,
+                      const uint32_t *cells, int is_signed) {
+    for (int64_t b = 0; b * CODE_BLOCK < count; b++) {
+        int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
+        encode(codes + b * CODE_BLOCK, absmax + b, values + b * CODE_BLOCK, cells, is_signed, n);
+    }
+}
+
+typedef struct {
+    store_t *param, *comp;
+    const store_t *grad;
+    uint8_t *codes[3]; /* m, v, v_max */
+    float *absmax[3];
+} quantized_t;
+
+/* One block of `count` elements from element `start`, scale index `block`: the moments
+ * decoded into L1, update() on every element, the new moments encoded. Each byte of
+ * memory is read once and written once. */
+static void update_quantized_block(const quantized_t *q, const scalars_t *s,
+                                   const float *tables, const uint32_t *cells, int64_t start,
+                                   int64_t count, int64_t block) {
+    _Alignas(64) float in_param[CODE_BLOCK], in_comp[CODE_BLOCK], in_grad[CODE_BLOCK];
+    _Alignas(64) float in_m[CODE_BLOCK], in_v[CODE_BLOCK], in_v_max[CODE_BLOCK];
+    _Alignas(64) float theta[CODE_BLOCK], m[CODE_BLOCK], v[CODE_BLOCK], v_max[CODE_BLOCK];
+    widened_t inputs = {0, 0, in_m, in_v, in_v_max, 0};
+    inputs.grad = widened_block(in_grad, q->grad + start, count);
+    if (READS_PARAM) inputs.param = widened_block(in_param, q->param + start, count);
+    if (READS_PARAM && KAHAN) inputs.comp = widened_block(in_comp, q->comp + start, count);
+    if (READS_MOMENTS) {
+        decode(in_m, q->codes[0] + start, q->absmax[0][block], SIGNED_VALUES(tables), count);
+        decode(in_v, q->codes[1] + start, q->absmax[1][block], UNSIGNED_VALUES(tables), count);
+    }
+    if (WRITES_V_MAX)
+        decode(in_v_max, q->codes[2] + start, q->absmax[2][block], UNSIGNED_VALUES(tables),
+               count);
+    const tensors_t t = {q->param, q->comp, 0, 0, 0, q->grad};
+    for (int64_t j = 0; j < count; j++) {
+        result_t r = update(&t, &inputs, s, j);
+        theta[j] = r.theta;
+        m[j] = r.m;
+        v[j] = r.v;
+        v_max[j] = r.v_max;
+    }
+    if (WRITES_M)
+        encode(q->codes[0] + start, q->absmax[0] + block, m, SIGNED_CELLS(cells), 1, count);
+    encode(q->codes[1] + start, q->absmax[1] + block, v, UNSIGNED_CELLS(cells), 0, count);
+    if (WRITES_V_MAX)
+        encode(q->codes[2] + start, q->absmax[2] + block, v_max, UNSIGNED_CELLS(cells), 0,
+               count);
+    if (WRITES_PARAM) store_params(&t, theta, start, count);
+}
+
+typedef struct {
+    int64_t count;
+    const int64_t *sizes, *row_lengths;
+    void *const *lists[9]; /* param, grad, comp, then codes and absmax of m, v, v_max */
+    const float *tables;
+    const uint32_t *cells;
+    scalars_t scalars;
+    int64_t begin, end; /* this share, in blocks of the concatenation of every tensor */
+} quantized_share_t;
+
+/* Blocks per row and in all of tensor k (none for an empty one). */
+static int64_t blocks_per_row(int64_t row_length) {
+    return (row_length + CODE_BLOCK - 1) / CODE_BLOCK;
+}
+static int64_t block_total(int64_t size, int64_t row_length) {
+    return size && row_length ? size / row_length * blocks_per_row(row_length) : 0;
+}
+
+static void *run_quantized_share(void *arg) {
+    const quantized_share_t *w = (const quantized_share_t *)arg;
+    void *const *const *l = w->lists;
+    int64_t offset = 0;
+    for (int64_t k = 0; k < w->count && offset < w->end; k++) {
+        int64_t row_length = w->row_lengths[k];
+        int64_t blocks = block_total(w->sizes[k], row_length);
+        int64_t begin = w->begin > offset ? w->begin - offset : 0;
+        int64_t end = w->end - offset < blocks ? w->end - offset : blocks;
+        quantized_t q = {entry(l[0], k),
+                         entry(l[2], k),
+                         entry(l[1], k),
+                         {(uint8_t *)entry(l[3], k), (uint8_t *)entry(l[5], k),
+                          (uint8_t *)entry(l[7], k)},
+                         {(float *)entry(l[4], k), (float *)entry(l[6], k),
+                          (float *)entry(l[8], k)}};
+        int64_t per_row = blocks_per_row(row_length);
+        for (int64_t b = begin; b < end; b++) {
+            int64_t row = b / per_row, column = (b - row * per_row) * CODE_BLOCK;
+            int64_t count = row_length - column < CODE_BLOCK ? row_length - column : CODE_BLOCK;
+            update_quantized_block(&q, &w->scalars, w->tables, w->cells,
+                                   row * row_length + column, count, b);
+        }
+        offset += blocks;
     }
     return 0;
 }
+
+/* The entry point for 8-bit moments: one step over `count` tensors of `sizes[k]` elements
+ * in rows of `row_lengths[k]`, each moment as uint8 codes and fp32 scales of shape
+ * (rows, blocks per row). Threads take whole blocks, never part of one. */
+int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_lengths,
+                    void *const *params, void *const *grads, void *const *comps,
+                    void *const *exp_avg_codes, void *const *exp_avg_absmax,
+                    void *const *exp_avg_sq_codes, void *const *exp_avg_sq_absmax,
+                    void *const *max_exp_avg_sq_codes, void *const *max_exp_avg_sq_absmax,
+                    const double *coefficients, const float *tables, const uint32_t *cells,
+                    int threads) {
+    int64_t total = 0, blocks = 0;
+    for (int64_t k = 0; k < count; k++) {
+        total += sizes[k];
+        blocks += block_total(sizes[k], row_lengths[k]);
+    }
+    int64_t shares = share_count(total, threads);
+    int64_t per_share = (blocks + shares - 1) / shares;
+    quantized_share_t work[MAX_THREADS];
+    for (int64_t j = 0; j < shares; j++) {
+        quantized_share_t w = {count,
+                               sizes,
+                               row_lengths,
+                               {params, grads, comps, exp_avg_codes, exp_avg_absmax,
+                                exp_avg_sq_codes, exp_avg_sq_absmax, max_exp_avg_sq_codes,
+                                max_exp_avg_sq_absmax},
+                               tables,
+                               cells,
+                               make_scalars(coefficients),
+                               j * per_share,
+                               (j + 1) * per_share};
+        if (w.end > blocks) w.end = blocks;
+        work[j] = w;
+    }
+    run_shares(run_quantized_share, (char *)work, sizeof work[0], shares);
+    return 0;
+}
+#endif

@@ -28,7 +28,14 @@ import torch
 from torch import Tensor
 
 from core.backends.kernel_arguments import SWITCHES
-from core.backends.views import PLAIN_TENSOR_TYPES, check_addressable, device_of, dtype_of
+from core.backends.views import (
+    PLAIN_TENSOR_TYPES,
+    check_addressable,
+    check_quantized_addressable,
+    device_of,
+    dtype_of,
+)
+from core.quantization import QuantizedMoment, absmax_shape, code_tables
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
@@ -46,11 +53,15 @@ class KernelConfig:
     algorithm: str
     dtype: torch.dtype
     switches: tuple[tuple[str, bool], ...]
+    quantized: bool = False
+    """8-bit moments (cpu_kernel.c's Q8): a C switch only, as the Triton kernels have no
+    such argument (see kernel_arguments.SWITCHES)."""
 
     def defines(self) -> list[str]:
         flags = [
             f"-DALGORITHM={ALGORITHM_CODES[self.algorithm]}",
             f"-DDTYPE={DTYPE_CODES[self.dtype]}",
+            f"-DQ8={int(self.quantized)}",
         ]
         return flags + [f"-D{name}={int(value)}" for name, value in self.switches]
 
@@ -123,6 +134,7 @@ def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...],
 
 
 _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int]
 _loaded: dict[tuple[KernelConfig, tuple[tuple[str, ...], ...]], ctypes.CDLL] = {}
 compile_seconds: dict[KernelConfig, float] = {}
 """Wall time spent building (or loading from the disk cache) each configuration."""
@@ -143,8 +155,12 @@ def library(config: KernelConfig) -> ctypes.CDLL:
     if not path.exists():
         _compile(config, path, choices)
     built = ctypes.CDLL(str(path))
-    built.adamkit_step.argtypes = _ARGTYPES
-    built.adamkit_step.restype = ctypes.c_int
+    step = built.adamkit_step_q8 if config.quantized else built.adamkit_step
+    step.argtypes = _QUANTIZED_ARGTYPES if config.quantized else _ARGTYPES
+    step.restype = ctypes.c_int
+    if config.quantized:
+        built.adamkit_quantize.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+        built.adamkit_quantize.restype = None
     built.adamkit_round.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     built.adamkit_round.restype = None
     built.adamkit_read_scalars.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
@@ -159,7 +175,8 @@ def library(config: KernelConfig) -> ctypes.CDLL:
 
 def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
     """The compiled step for a configuration."""
-    return library(config).adamkit_step
+    built = library(config)
+    return built.adamkit_step_q8 if config.quantized else built.adamkit_step
 
 
 def round_as_kernels_do(values: Tensor, dtype: torch.dtype) -> Tensor:
@@ -251,12 +268,37 @@ def run(
     coefficients: Sequence[float],
 ) -> None:
     """One step over dense tensors of config.dtype, checked here before any address is read."""
+    if config.quantized:
+        raise ValueError("Invalid config: quantized=True. Allowed: False (see run_quantized).")
     function = kernel(config)
     count = len(params)
     if count == 0:
         return
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps)
     check_addressable(lists, config.dtype, _CPU)
+    _check_arguments(config, max_exp_avg_sqs, kahan_comps, coefficients)
+    sizes = (ctypes.c_int64 * count)(*map(Tensor.numel, params))
+    function(
+        count,
+        sizes,
+        _pointers(params),
+        _pointers(grads),
+        _pointers(exp_avgs),
+        _pointers(exp_avg_sqs),
+        _pointers(max_exp_avg_sqs),
+        _pointers(kahan_comps),
+        (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
+        torch.get_num_threads(),
+    )
+
+
+def _check_arguments(
+    config: KernelConfig,
+    max_exp_avg_sqs: Sequence[object] | None,
+    kahan_comps: Sequence[Tensor] | None,
+    coefficients: Sequence[float],
+) -> None:
+    """Refuse optional lists the configuration does not expect, and a wrong scalar count."""
     switches = dict(config.switches)
     optional = (
         ("max_exp_avg_sqs", "AMSGRAD", max_exp_avg_sqs),
@@ -271,16 +313,122 @@ def run(
             )
     if len(coefficients) != COEFFICIENT_COUNT:
         raise ValueError(f"Invalid coefficients: {len(coefficients)} values. Allowed: 10.")
-    sizes = (ctypes.c_int64 * count)(*map(Tensor.numel, params))
+
+
+QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Parameter dtypes the 8-bit kernels step (the reference computes in fp32 for these)."""
+
+
+CELL_BASE = 0x3300
+"""cpu_kernel.c's cells: the upper 16 bits of |x| less this (|x| < 2^-25 all share cell 0)."""
+CELL_COUNT = 0x3F80 - CELL_BASE + 1
+"""Cells up to that of 1.0, the largest |x / absmax|."""
+
+
+def _cells(midpoints: Tensor) -> Tensor:
+    """For each cell of fp32 magnitudes sharing their upper 16 bits (see CELL_BASE): the
+    count of positive midpoints below the cell (bits 16-23), the low 16 bits of the one
+    midpoint inside it (bits 0-15, 0xffff if none) and whether there is one (bit 24). The
+    kernel's code is then exactly torch.bucketize's count; refused here if any cell
+    holds two midpoints, which the maps' spacing rules out."""
+    positive = midpoints[midpoints > 0].view(torch.int32).long()
+    keys = (positive >> 16) - CELL_BASE
+    if bool((keys < 1).any()) or bool((keys >= CELL_COUNT).any()):
+        raise AssertionError("a midpoint outside the cells")
+    if keys.unique().numel() != keys.numel():
+        raise AssertionError("a cell holding two midpoints")
+    cells = torch.bucketize(torch.arange(CELL_COUNT), keys) << 16  # midpoints in lower cells
+    cells[keys] |= (positive & 0xFFFF) | (1 << 24)
+    empty = torch.ones(CELL_COUNT, dtype=torch.bool)
+    empty[keys] = False
+    cells[empty] |= 0xFFFF
+    return cells.to(torch.int32)
+
+
+@functools.cache
+def _code_tables() -> tuple[Tensor, Tensor]:
+    """What the 8-bit kernels decode and encode with: the map values (signed, then
+    unsigned, 256 float32 each) and the cells of each map's midpoints (see _cells), from
+    core.quantization.code_tables."""
+    values, cells = [], []
+    for signed in (True, False):
+        map_values, midpoints = code_tables(signed, _CPU)
+        values.append(map_values)
+        cells.append(_cells(midpoints))
+    return torch.cat(values).contiguous(), torch.cat(cells).contiguous()
+
+
+def run_quantized(
+    config: KernelConfig,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[QuantizedMoment],
+    exp_avg_sqs: Sequence[QuantizedMoment],
+    max_exp_avg_sqs: Sequence[QuantizedMoment] | None,
+    kahan_comps: Sequence[Tensor] | None,
+    coefficients: Sequence[float],
+) -> None:
+    """One step over contiguous tensors of config.dtype whose moments are 8-bit
+    (core.quantization), decoded and encoded in the same pass; everything is checked here
+    before any address is read."""
+    if not config.quantized or config.dtype not in QUANTIZED_DTYPES:
+        raise ValueError(
+            f"Invalid config for 8-bit moments: quantized={config.quantized}, dtype "
+            f"{config.dtype}. Allowed: quantized=True and a dtype of {QUANTIZED_DTYPES}."
+        )
+    function = kernel(config)
+    count = len(params)
+    if count == 0:
+        return
+    check_addressable([params, grads, None, None, None, kahan_comps], config.dtype, _CPU)
+    row_lengths = check_quantized_addressable(
+        params, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs], _CPU
+    )
+    _check_arguments(config, max_exp_avg_sqs, kahan_comps, coefficients)
+    moments = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    values, cells = _code_tables()
+    scales = [
+        None if values is None else _addresses([m.absmax for m in values]) for values in moments
+    ]
+    codes = [
+        None if values is None else _addresses([m.codes for m in values]) for values in moments
+    ]
     function(
         count,
-        sizes,
+        (ctypes.c_int64 * count)(*map(Tensor.numel, params)),
+        (ctypes.c_int64 * count)(*row_lengths),
         _pointers(params),
         _pointers(grads),
-        _pointers(exp_avgs),
-        _pointers(exp_avg_sqs),
-        _pointers(max_exp_avg_sqs),
         _pointers(kahan_comps),
+        codes[0],
+        scales[0],
+        codes[1],
+        scales[1],
+        codes[2],
+        scales[2],
         (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
+        values.data_ptr(),
+        cells.data_ptr(),
         torch.get_num_threads(),
     )
+
+
+def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of a 1-D float32 tensor by the 8-bit kernels' own encoding (one row
+    of blocks): tests hold it to core.quantization.quantize on chosen values."""
+    if values.dtype != torch.float32 or values.ndim != 1 or not values.is_contiguous():
+        raise ValueError("values must be a contiguous 1-D float32 tensor")
+    switches = tuple((name, False) for name in SWITCHES)
+    built = library(KernelConfig("adam", torch.float32, switches, quantized=True))
+    codes = torch.empty(values.shape, dtype=torch.uint8)
+    absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
+    cells = _code_tables()[1][0 if signed else CELL_COUNT :]
+    built.adamkit_quantize(
+        values.numel(),
+        values.data_ptr(),
+        codes.data_ptr(),
+        absmax.data_ptr(),
+        cells.data_ptr(),
+        int(signed),
+    )
+    return codes, absmax

@@ -20,6 +20,7 @@ __all__ = [
     "same_dense_layout",
     "split_dense",
     "split_quantized",
+    "split_quantized_dense",
     "split_stochastic",
 ]
 
@@ -123,3 +124,45 @@ def split_dense(lists: Sequence[Sequence[Tensor] | None]) -> tuple[list[int], li
     for i, row in enumerate(zip(*present, strict=True)):
         (flat if same_dense_layout(row) else strided).append(i)
     return flat, strided
+
+
+def _contiguous(tensors: Sequence[Tensor]) -> bool:
+    return all(map(Tensor.is_contiguous, tensors))
+
+
+def split_quantized_dense(
+    lists: Sequence[Sequence[object] | None],
+) -> tuple[list[int], list[int]]:
+    """(indices a block-wise pass over 8-bit moments can take, the others), for lists in
+    the backends' order (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+    kahan_comps; None lists absent): every moment 8-bit with uint8 codes and float32
+    scales, and the parameter, gradient, Kahan buffer, codes and scales contiguous, since
+    blocks run along the logical rows. The rest (codes a checkpoint load cast to another
+    dtype, a full-precision moment beside an 8-bit one) is the loop backend's to run; sizes
+    and devices are the kernel's check to refuse by name."""
+    params, grads, *moments, comps = lists
+    assert params is not None and grads is not None
+    moment_lists = [values for values in moments if values is not None]
+    tensor_lists = [params, grads] + ([comps] if comps is not None else [])
+
+    def fits(moment: object) -> bool:  # torch's load_state_dict may have cast codes
+        return (
+            type(moment) is QuantizedMoment
+            and moment.codes.dtype == torch.uint8
+            and moment.absmax.dtype == torch.float32
+            and moment.codes.is_contiguous()
+            and moment.absmax.is_contiguous()
+        )
+
+    if all(_contiguous(values) for values in tensor_lists) and all(  # type: ignore[arg-type]
+        all(map(fits, values)) for values in moment_lists
+    ):
+        return list(range(len(params))), []  # the usual case, without a call per row
+    flat: list[int] = []
+    other: list[int] = []
+    for i in range(len(params)):
+        ok = all(values[i].is_contiguous() for values in tensor_lists) and all(  # type: ignore[union-attr]
+            fits(values[i]) for values in moment_lists
+        )
+        (flat if ok else other).append(i)
+    return flat, other

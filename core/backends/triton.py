@@ -50,7 +50,7 @@ from core.backends.grouping import (
     take_all,
 )
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
-from core.backends.views import check_addressable, check_quantized_addressable
+from core.backends.views import check_addressable, check_quantized_row
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import BLOCK_SIZE as QUANTIZATION_BLOCK
 from core.quantization import QuantizedMoment, absmax_shape, block_shape, code_tables
@@ -1034,7 +1034,7 @@ def _quantized_tensor_rows(bucket: list[Any], positions: list[int]) -> list[list
     """The bucket's lists as QUANTIZED_ROWS: each 8-bit moment split into codes and
     scales, full-precision moments as they are. A list that is not all QuantizedMoments
     of the right sign, or all tensors, is refused by name (views.check_addressable and
-    check_quantized_addressable) before an attribute is read."""
+    check_quantized_row) before an attribute is read."""
     params = bucket[0]
     codes: list[list[Tensor] | None] = []
     scales: list[list[Tensor] | None] = []
@@ -1044,7 +1044,7 @@ def _quantized_tensor_rows(bucket: list[Any], positions: list[int]) -> list[list
             scales.append(None)
             continue
         if {QuantizedMoment} != set(map(type, moments)) or {signed} != {m.signed for m in moments}:
-            check_quantized_addressable(params, name, moments, signed, positions)
+            check_quantized_row(params, name, moments, signed, positions)
         codes.append([m.codes for m in moments])
         scales.append([m.absmax for m in moments])
     return [params, bucket[1], *codes, bucket[5], *scales]
@@ -1103,7 +1103,7 @@ def _make_quantized_plan(
     rows: list[list[Tensor] | None], bucket: list[Any], positions: list[int]
 ) -> _QuantizedPlan:
     """Check the bucket (views.check_addressable for θ, g, k and full-precision moments,
-    check_quantized_addressable for 8-bit ones), then plan one launch over its tensors
+    check_quantized_row for 8-bit ones), then plan one launch over its tensors
     that are contiguous; others (whose memory order is not the codes' row-major order)
     run eagerly."""
     params = rows[0]
@@ -1114,7 +1114,7 @@ def _make_quantized_plan(
     check_addressable([params, rows[1], *full, rows[5]], params[0].dtype, device, False, positions)
     for (name, signed), moments, q in zip(_MOMENT_SIGNS, bucket[2:5], quantized, strict=True):
         if q:
-            check_quantized_addressable(params, name, moments, signed, positions)
+            check_quantized_row(params, name, moments, signed, positions)
     elementwise = [rows[0], rows[1], *full, rows[5]]
     contiguous = [
         i

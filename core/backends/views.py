@@ -12,6 +12,7 @@ expected dtype and device, so no Python input can send a kernel through a wrong 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.backends.precision import StochasticRounding
-from core.quantization import QuantizedMoment, absmax_shape
+from core.quantization import SIGNED_KEYS, QuantizedMoment, absmax_shape, block_shape
 
 device_of, dtype_of = attrgetter("device"), attrgetter("dtype")
 """Getters to map over tensor lists: the loop then runs at C speed."""
@@ -214,21 +215,120 @@ def dense(tensor: Tensor) -> bool:
     return True
 
 
+QUANTIZED_ROWS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+"""The 8-bit moments a quantized fused kernel addresses, in the order it takes them."""
+
+
 def check_quantized_addressable(
+    params: Sequence[Tensor],
+    moments: Sequence[Sequence[QuantizedMoment] | None],
+    device: torch.device,
+) -> list[int]:
+    """Refuse, before a kernel reads raw addresses, 8-bit moments (lists in QUANTIZED_ROWS
+    order) whose codes and scales are not exactly the memory core.quantization lays out
+    for their parameter: plain contiguous uint8 codes of the parameter's element count and
+    plain contiguous float32 scales of its (rows, blocks per row) count, on device, each
+    moment of the map its key uses; parameters contiguous (blocks follow logical rows).
+    Returns each parameter's row length, which the kernel splits blocks by.
+
+    The parameters, gradients and Kahan buffers are check_addressable's to check.
+    """
+    for index, param in enumerate(() if all(map(Tensor.is_contiguous, params)) else params):
+        if not param.is_contiguous():
+            raise ValueError(
+                f"Invalid param[{index}] for a quantized fused kernel: shape "
+                f"{tuple(param.shape)} with strides {param.stride()}. Allowed: a contiguous "
+                "tensor (8-bit blocks run along its logical rows; fused=False takes any layout)."
+            )
+    shapes = [param.shape for param in params]
+    scale_counts = [math.prod(absmax_shape(shape)) for shape in shapes]
+    numels = list(map(Tensor.numel, params))
+    for row, values in zip(QUANTIZED_ROWS, moments, strict=True):
+        if values is None:
+            continue
+        if len(values) != len(params):
+            raise ValueError(
+                f"Invalid {row}s for a quantized fused kernel: {len(values)} moments for "
+                f"{len(params)} parameters. Allowed: one per parameter."
+            )
+        signed = row in SIGNED_KEYS
+        if _all_addressable(values, numels, scale_counts, signed, device):
+            continue
+        for index, moment in enumerate(values):
+            problem = _quantized_problem(moment, numels[index], scale_counts[index], signed, device)
+            if problem:
+                raise ValueError(
+                    f"Invalid {row}[{index}] for a quantized fused kernel: {problem}. Allowed: "
+                    f"a QuantizedMoment (signed={signed}) of contiguous plain torch.uint8 codes "
+                    f"with the parameter's element count and contiguous plain torch.float32 "
+                    f"scales of shape (rows, blocks per row), both on {device}."
+                )
+    return [block_shape(shape)[1] for shape in shapes]
+
+
+def _all_addressable(
+    values: Sequence[QuantizedMoment],
+    numels: list[int],
+    scale_counts: list[int],
+    signed: bool,
+    device: torch.device,
+) -> bool:
+    """The usual case of _quantized_problem for a whole list, at C speed per moment."""
+    if {QuantizedMoment} != set(map(type, values)) or {signed} != {m.signed for m in values}:
+        return False
+    for tensors, dtype, counts in (
+        ([m.codes for m in values], torch.uint8, numels),
+        ([m.absmax for m in values], torch.float32, scale_counts),
+    ):
+        if not (
+            PLAIN_TENSOR_TYPES.issuperset(map(type, tensors))
+            and {torch.strided} == {t.layout for t in tensors}
+            and {dtype} == set(map(dtype_of, tensors))
+            and {device} == set(map(device_of, tensors))
+            and all(map(Tensor.is_contiguous, tensors))
+            and list(map(Tensor.numel, tensors)) == counts
+        ):
+            return False
+    return True
+
+
+def _quantized_problem(
+    moment: object, numel: int, scale_count: int, signed: bool, device: torch.device
+) -> str:
+    """Why a kernel may not read moment's codes and scales ("" if it may)."""
+    if type(moment) is not QuantizedMoment:
+        return f"a {type(moment).__name__}"
+    if moment.signed != signed:
+        return f"a moment of the {'signed' if moment.signed else 'unsigned'} map"
+    for name, t, dtype, count in (
+        ("codes", moment.codes, torch.uint8, numel),
+        ("absmax", moment.absmax, torch.float32, scale_count),
+    ):
+        if type(t) not in PLAIN_TENSOR_TYPES:
+            return f"{name} of type {type(t).__name__}, not a plain tensor"
+        if t.layout != torch.strided or t.dtype != dtype or t.device != device:
+            return f"{name} of {t.dtype} on {t.device} ({t.layout})"
+        if t.numel() != count:
+            return f"{name} of {t.numel()} elements where the parameter needs {count}"
+        if not t.is_contiguous():
+            return f"{name} with strides {t.stride()} (not contiguous)"
+
+
+def check_quantized_row(
     params: Sequence[Tensor],
     row: str,
     moments: Sequence[object],
     signed: bool,
     positions: Sequence[int] | None = None,
 ) -> None:
-    """Refuse, before a kernel reads raw addresses, an 8-bit moment (row names its list,
-    e.g. "exp_avg") that is not core.quantization's layout for its parameter: plain
-    contiguous uint8 codes of the parameter's shape and device, and plain contiguous fp32
-    scales with one element per block. A kernel indexes both from the parameter's shape
-    alone, so anything else would be read or written out of bounds; the check runs when a
-    launch is planned, and names the tensor (by positions, as check_addressable)."""
+    """check_quantized_addressable for one list (row names it, e.g. "exp_avg"), naming a
+    refused moment by its index in the caller's lists (positions) where given: the
+    Triton backend plans its 8-bit launches one list at a time."""
     for index, (moment, param) in enumerate(zip(moments, params, strict=True)):
-        problem = _quantized_problem(moment, param, signed)
+        scales = absmax_shape(param.shape)
+        problem = _quantized_problem(
+            moment, param.numel(), scales[0] * scales[1], signed, param.device
+        )
         if problem:
             where = index if positions is None else positions[index]
             raise ValueError(
@@ -238,28 +338,4 @@ def check_quantized_addressable(
                 "block (core.quantization.absmax_shape), both on the parameter's device "
                 "(fused=False takes any tensor)."
             )
-
-
-def _quantized_problem(moment: object, param: Tensor, signed: bool) -> str:
-    """Why a kernel may not address moment's codes and scales beside param ("" if it may)."""
-    if type(moment) is not QuantizedMoment:
-        return f"a {type(moment).__name__}, not an 8-bit moment beside the others"
-    if moment.signed is not signed:
-        return f"a moment with signed={moment.signed!r}"
-    scales = absmax_shape(param.shape)
-    for part, t, dtype, numel in (
-        ("codes", moment.codes, torch.uint8, param.numel()),
-        ("absmax", moment.absmax, torch.float32, scales[0] * scales[1]),
-    ):
-        if not isinstance(t, Tensor) or type(t) not in PLAIN_TENSOR_TYPES:
-            return f"{part} of type {type(t).__name__}, not a plain tensor"
-        if t.layout != torch.strided or t.dtype != dtype or t.device != param.device:
-            return f"{part} of {t.dtype} on {t.device} ({t.layout})"
-        if t.numel() != numel:
-            return f"{part} of {t.numel()} elements where the layout has {numel}"
-        if not t.is_contiguous():
-            return f"{part} with strides {t.stride()} (not contiguous)"
-    if moment.codes.shape != param.shape:
-        shapes = tuple(moment.codes.shape), tuple(param.shape)
-        return "codes of shape {} beside a parameter of shape {}".format(*shapes)
     return ""

@@ -1,0 +1,464 @@
+"""The fused CPU backend's 8-bit state (cpu_kernel.c built with Q8) against the loop backend,
+the format's reference (dequantize, step in fp32, quantize with torch.bucketize).
+
+Every step is compared from identical inputs: a fused twin is loaded from the loop's state
+dict just before each of 24 steps. What agrees exactly and what does not, and why:
+
+- The encoding itself (absmax, x / absmax, nearest code) is exact: the kernel's codes equal
+  core.quantization.quantize on the same fp32 values, midpoints and their neighbours
+  included (test_kernel_encoding_equals_the_reference_on_every_midpoint).
+- The new moments are the fused kernel's fp32 arithmetic, which agrees with torch's to
+  rounding, not bit for bit (torch's vectorised lerp uses fused multiply-adds; the kernel
+  multiplies by 1 / bias_correction2_sqrt). So a block's absmax may differ by a few ulps,
+  and an element whose value lies within rounding of a midpoint may take the neighbouring
+  code. Bounds: absmax within 2^-20 relative, codes at most one step apart and in at most
+  one element in a thousand (measured: well under that, see MAX_CODE_FLIP_FRACTION).
+- ADOPT keeps v in full precision (core.adopt), so its 8-bit m runs the loop backend.
+- Parameters are updated from the unquantized new moments in both backends, so they differ
+  by the same rounding: 16-bit parameters within one ulp (the true value θ + k within one
+  ulp with Kahan), fp32 within 1e-6 absolute, as tests/core/test_fused.py holds the
+  full-precision kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import core
+from core.backends import cpu_kernel
+from core.quantization import QuantizedMoment, code_tables, moment_keys, quantize, quantized_state
+from tests.core.test_fused import assert_state_close, assert_within_one_ulp
+
+pytestmark = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+
+LR = 1e-2
+STEPS = 24
+"""Past ADOPT's first call and RAdam's non-adaptive early steps (adaptive from t = 6)."""
+MAX_CODE_FLIP_FRACTION = 1e-3
+ABSMAX_RELATIVE = 2.0**-20
+FP32_PARAMETER_GAP = 4e-6
+"""fp32 parameters near 3 have ulps of 2.4e-7: a few ulps of rounding, as between the
+full-precision kernels and the loop (measured up to FP32_PARAMETER_GAP / 2 with L2 decay,
+whose gradient g + λθ carries θ's rounding into the step)."""
+SHAPES = [(300, 70), (20, 600), (4100,), (5000,), (33,), (8, 8)]
+"""Rows shorter than a block, rows of 2 blocks and a partial one, 1-D tensors of 17 and 20
+blocks (the last partial), and two tensors under MIN_QUANTIZED_NUMEL that keep full-precision
+moments in the same group (a mixed bucket)."""
+
+CASES: dict[str, tuple[type[core.AdamFamilyOptimizer], dict[str, Any]]] = {
+    "Adam-l2": (core.Adam, {"weight_decay": 0.1}),
+    "AdamW-amsgrad": (core.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
+    "AdamW-fully-decoupled": (core.AdamW, {"weight_decay": 1e-3, "decouple_lr": True}),
+    "RAdam-decoupled": (core.RAdam, {"weight_decay": 0.1, "decouple_wd": True}),
+    "NAdam-l2": (core.NAdam, {"weight_decay": 0.1}),
+    "ADOPT-clip-decoupled": (core.ADOPT, {"weight_decay": 0.1, "decouple_wd": True}),
+}
+PRECISIONS: dict[str, tuple[torch.dtype, bool]] = {
+    "fp32": (torch.float32, False),
+    "bf16": (torch.bfloat16, False),
+    "bf16-kahan": (torch.bfloat16, True),
+    "fp16-kahan": (torch.float16, True),
+}
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _make(case: str, precision: str, lr: float = LR) -> Callable[..., core.AdamFamilyOptimizer]:
+    cls, kwargs = CASES[case]
+    kahan = PRECISIONS[precision][1]
+    return lambda params, **flags: cls(
+        params, lr=lr, kahan_sum=kahan, state_precision="8bit", **kwargs, **flags
+    )
+
+
+def _params(dtype: torch.dtype) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
+
+
+def paired_steps(
+    make: Callable[..., core.AdamFamilyOptimizer], params: list[Tensor], steps: int = STEPS
+) -> Iterator[tuple[list[Tensor], Any, list[Tensor], Any]]:
+    """The loop backend's steps, each repeated by a fused twin loaded from the loop's state
+    just before it (so each step is compared from identical inputs)."""
+    generator = torch.Generator().manual_seed(1)
+    loop_params = [p.clone().requires_grad_() for p in params]
+    loop = make(loop_params, foreach=False, fused=False)
+    for _ in range(steps):
+        twin_params = [p.detach().clone().requires_grad_() for p in loop_params]
+        twin = make(twin_params, fused=True)
+        # the state itself: every tensor as the loop left it, nothing converted on load
+        for a, b in zip(loop_params, twin_params, strict=True):
+            twin.state[b] = copy.deepcopy(loop.state[a])
+        for a, b in zip(loop_params, twin_params, strict=True):
+            grad = (0.1 * torch.randn(a.shape, generator=generator)).to(a.dtype)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        loop.step()
+        twin.step()
+        yield loop_params, loop, twin_params, twin
+
+
+class Differences:
+    """Code flips and absmax gaps, summed over a run."""
+
+    def __init__(self) -> None:
+        self.codes = 0
+        self.flipped = 0
+        self.blocks = 0
+        self.absmax_exact = 0
+        self.parameter_gap = 0.0
+
+    def add(self, key: str, where: str, state: dict, loop_state: dict) -> None:
+        codes, absmax = moment_keys(key)
+        gap = (state[codes].int() - loop_state[codes].int()).abs()
+        assert int(gap.max()) <= 1, f"{key} codes {int(gap.max())} steps apart, {where}"
+        self.codes += gap.numel()
+        self.flipped += int((gap > 0).sum())
+        ours, theirs = state[absmax], loop_state[absmax]
+        assert ours.dtype == torch.float32 and ours.shape == theirs.shape, where
+        torch.testing.assert_close(
+            ours, theirs, rtol=ABSMAX_RELATIVE, atol=0, equal_nan=True, msg=f"{key}, {where}"
+        )
+        self.blocks += ours.numel()
+        self.absmax_exact += int((ours == theirs).sum())
+
+
+def _compare(
+    loop_params: list[Tensor], loop: Any, params: list[Tensor], twin: Any, counts: Differences
+) -> None:
+    for i, (a, b) in enumerate(zip(params, loop_params, strict=True)):
+        where = f"tensor {i} {tuple(a.shape)} {a.dtype}"
+        state, loop_state = twin.state[a], loop.state[b]
+        assert state.keys() == loop_state.keys(), where
+        if a.dtype == torch.float32:
+            gap = float((a.detach() - b.detach()).abs().max())
+            counts.parameter_gap = max(counts.parameter_gap, gap)
+            assert gap <= FP32_PARAMETER_GAP, f"parameter {gap}, {where}"
+        else:
+            assert_within_one_ulp(a.detach(), b.detach(), f"parameter, {where}")
+        if "kahan_comp" in state:
+            true_value = a.detach().float() + state["kahan_comp"].float()
+            loop_value = b.detach().float() + loop_state["kahan_comp"].float()
+            ulp = (b.detach().float().abs() * 2.0**-7).clamp(min=2.0**-24)
+            assert bool(((true_value - loop_value).abs() <= ulp).all()), where
+        for key in MOMENTS:
+            if moment_keys(key)[0] in state:
+                counts.add(key, where, state, loop_state)
+            elif key in state:
+                assert_state_close(state[key], loop_state[key], f"{key}, {where}")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_every_step_matches_the_loop_backend(case: str, precision: str) -> None:
+    counts = Differences()
+    for step in paired_steps(_make(case, precision), _params(PRECISIONS[precision][0])):
+        _compare(*step, counts)
+    assert counts.codes > 0 and counts.flipped <= MAX_CODE_FLIP_FRACTION * counts.codes, (
+        f"{counts.flipped} of {counts.codes} codes differ"
+    )
+    print(f"{case} {precision}: {counts.flipped} of {counts.codes} codes differ by one, "
+          f"{counts.absmax_exact} of {counts.blocks} absmax equal, "
+          f"fp32 parameter gap {counts.parameter_gap:.2g}")  # fmt: skip
+
+
+def test_the_fused_kernel_runs_the_quantized_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized parameters go to the Q8 kernel, by fused=True and by default, never to
+    the loop backend; full-precision ones in the same group to the usual kernels."""
+    from core.backends import loop
+
+    calls: list[int] = []
+    loop_calls: list[int] = []
+    run = cpu_kernel.run_quantized
+    monkeypatch.setattr(
+        cpu_kernel, "run_quantized", lambda *a: (calls.append(len(a[1])), run(*a))[1]
+    )
+    adam = loop.adam_step
+    monkeypatch.setattr(loop, "adam_step", lambda *a: (loop_calls.append(1), adam(*a))[1])
+    for flags in ({"fused": True}, {}):
+        params = [p.requires_grad_() for p in _params(torch.float32)]
+        optimizer = core.AdamW(params, lr=LR, state_precision="8bit", **flags)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    assert calls == [4, 4] and not loop_calls
+
+
+@pytest.mark.parametrize("case", ["AdamW-amsgrad", "ADOPT-clip-decoupled"])
+def test_lr_zero_updates_only_the_moments(case: str) -> None:
+    counts = Differences()
+    params = _params(torch.bfloat16)
+    for loop_params, loop, twin_params, twin in paired_steps(
+        _make(case, "bf16-kahan", lr=0.0), params, steps=3
+    ):
+        _compare(loop_params, loop, twin_params, twin, counts)
+        for p, original in zip(twin_params, params, strict=True):
+            assert torch.equal(p.detach(), original)
+
+
+def test_twenty_steps_alone_stay_with_the_loop_backend() -> None:
+    """Without reloading, rounding differences compound only through the rare code that
+    differs by one step: parameters stay within a small share of one step (lr)."""
+    make = _make("AdamW-amsgrad", "fp32")
+    generator = torch.Generator().manual_seed(2)
+    runs = []
+    for flags in ({"foreach": False, "fused": False}, {"fused": True}):
+        params = [p.requires_grad_() for p in _params(torch.float32)]
+        optimizer = make(params, **flags)
+        generator.manual_seed(2)
+        for _ in range(STEPS):
+            for p in params:
+                p.grad = 0.1 * torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        runs.append((params, optimizer))
+    (loop_params, loop), (params, fused) = runs
+    flipped = total = 0
+    for a, b in zip(params, loop_params, strict=True):
+        torch.testing.assert_close(a, b, atol=0.1 * LR, rtol=0)
+        for key in MOMENTS:
+            codes = moment_keys(key)[0]
+            if codes in fused.state[a]:
+                gap = fused.state[a][codes].int() - loop.state[b][codes].int()
+                flipped += int((gap != 0).sum())
+                total += gap.numel()
+    assert flipped <= 0.01 * total, (flipped, total)
+
+
+def _functional_lists(params: list[Tensor]) -> tuple[list, list, list, list]:
+    """(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) as QuantizedMoments over fresh state,
+    seeded with random moments so the first step decodes something."""
+    generator = torch.Generator().manual_seed(3)
+    lists: tuple[list, list, list, list] = ([], [], [], [])
+    for p in params:
+        m = 0.01 * torch.randn(p.shape, generator=generator)
+        v = 1e-4 * torch.rand(p.shape, generator=generator)
+        lists[0].append(QuantizedMoment(*quantized_state(p, m, True), True))
+        lists[1].append(QuantizedMoment(*quantized_state(p, v, False), False))
+        lists[2].append(QuantizedMoment(*quantized_state(p, v, False), False))
+        lists[3].append(torch.tensor(0.0))
+    return lists
+
+
+def _clone_lists(lists: tuple[list, ...]) -> tuple[list, ...]:
+    return tuple(
+        [
+            QuantizedMoment(x.codes.clone(), x.absmax.clone(), x.signed)
+            if isinstance(x, QuantizedMoment)
+            else x.clone()
+            for x in values
+        ]
+        for values in lists
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["adam", "adopt"])
+def test_functional_form_takes_quantized_moments(algorithm: str) -> None:
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(4)) for s in SHAPES[:4]]
+    grads = [0.1 * torch.randn_like(p) for p in params]
+    state = _functional_lists(params)
+    results = []
+    for fused in (False, True):
+        ps = [p.clone() for p in params]
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = _clone_lists(state)
+        for _ in range(3):
+            if algorithm == "adam":
+                core.adam(
+                    ps, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=LR, beta1=0.9,
+                    beta2=0.99, eps=1e-8, amsgrad=True, weight_decay=0.1, foreach=False,
+                    fused=fused,
+                )  # fmt: skip
+            else:
+                core.adopt(
+                    ps, grads, exp_avgs, exp_avg_sqs, steps, lr=LR, beta1=0.9, beta2=0.9999,
+                    eps=1e-6, foreach=False, fused=fused,
+                )  # fmt: skip
+        results.append((ps, exp_avgs, exp_avg_sqs))
+    (loop_ps, *loop_moments), (fused_ps, *fused_moments) = results
+    for a, b in zip(fused_ps, loop_ps, strict=True):
+        # three steps without reloading: a v code one step apart (rounding at a midpoint,
+        # as in test_twenty_steps_alone_stay_with_the_loop_backend) moves one element by a
+        # share of lr (measured 1.1e-4 = 0.011 lr under a multi-threaded suite)
+        torch.testing.assert_close(a, b, atol=0.1 * LR, rtol=0)
+    for ours, theirs in zip(fused_moments, loop_moments, strict=True):
+        for x, y in zip(ours, theirs, strict=True):
+            assert int((x.codes.int() - y.codes.int()).abs().max()) <= 1
+            torch.testing.assert_close(x.absmax, y.absmax, rtol=1e-5, atol=0)
+
+
+# -- the encoding on its own -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_kernel_encoding_equals_the_reference_on_every_midpoint(signed: bool) -> None:
+    """Every midpoint and both its float neighbours (ties count as not below, as in
+    torch.bucketize), zeros, tiny and subnormal values, at absmax 1 and scaled; blocks with
+    NaN or infinity read back as NaN."""
+    _, midpoints = code_tables(signed, torch.device("cpu"))
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    values = torch.cat(
+        [
+            midpoints,
+            torch.nextafter(midpoints, up),
+            torch.nextafter(midpoints, down),
+            torch.rand(20000, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+            torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 1.0, -1.0]),
+        ]
+    )
+    if not signed:
+        values = values.abs()
+    rows = []
+    for scale in (1.0, 0.37, 1e-3):
+        padded = torch.nn.functional.pad(values, (0, -values.numel() % 255)).reshape(-1, 255)
+        # a 1 first in each block makes its absmax the scale itself: x / absmax is x exactly
+        rows.append(torch.cat([torch.ones(padded.shape[0], 1), padded], 1).flatten() * scale)
+    rows.append(torch.tensor([1.0, float("nan")] * 200))
+    rows.append(torch.tensor([float("-inf"), 0.5] * 200))
+    rows.append(torch.zeros(300))
+    for row in rows:
+        codes, absmax = cpu_kernel.quantize_as_kernels_do(row.contiguous(), signed)
+        expected_codes, expected_absmax = quantize(row, signed)
+        assert torch.equal(codes, expected_codes), int((codes != expected_codes).sum())
+        torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+def _kernel_inputs(**replace: Any) -> dict[str, Any]:
+    """Valid arguments of run_quantized for two parameters, with some replaced."""
+    params = [torch.randn(20, 300), torch.randn(5000)]
+    arguments: dict[str, Any] = {
+        "params": params,
+        "grads": [torch.randn_like(p) for p in params],
+        "exp_avgs": [QuantizedMoment(*quantized_state(p, None, True), True) for p in params],
+        "exp_avg_sqs": [QuantizedMoment(*quantized_state(p, None, False), False) for p in params],
+        "max_exp_avg_sqs": None,
+        "kahan_comps": None,
+    }
+    arguments.update(replace)
+    return arguments
+
+
+def _run(arguments: dict[str, Any]) -> None:
+    switches = tuple((name, name in ("UPDATE", "ADAPTIVE")) for name in cpu_kernel.SWITCHES)
+    config = cpu_kernel.KernelConfig("adam", torch.float32, switches, quantized=True)
+    coefficients = [0.1, 0.99, 0.01, 1e-8, 0.0, 1.0, LR, 0.0, 1.0, 0.0]
+    cpu_kernel.run_quantized(config, **arguments, coefficients=coefficients)
+
+
+def _first_v(codes: Tensor, absmax: Tensor) -> Callable[[dict[str, Any]], None]:
+    """Replace the first parameter's exp_avg_sq by one of these codes and scales."""
+
+    def replace(arguments: dict[str, Any]) -> None:
+        arguments["exp_avg_sqs"][0] = QuantizedMoment(codes, absmax, False)
+
+    return replace
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda arguments: arguments.__setitem__(key, value)
+
+
+BYTES = torch.uint8
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        (
+            _first_v(torch.zeros(20, 300, dtype=torch.int8), torch.zeros(20, 2)),
+            r"exp_avg_sq\[0\] .*codes of torch.int8",
+        ),
+        (
+            _first_v(torch.zeros(20, 300, dtype=BYTES), torch.zeros(20, 3)),
+            r"exp_avg_sq\[0\] .*absmax of 60 elements where the parameter needs 40",
+        ),
+        (
+            _first_v(torch.zeros(20, 300, dtype=BYTES), torch.zeros(20, 2).double()),
+            r"exp_avg_sq\[0\] .*absmax of torch.float64",
+        ),
+        (
+            _first_v(torch.zeros(300, 20, dtype=BYTES).t(), torch.zeros(20, 2)),
+            r"exp_avg_sq\[0\] .*codes with strides \(1, 20\) \(not contiguous\)",
+        ),
+        (
+            _first_v(torch.zeros(20, 300, dtype=BYTES), torch.zeros(2, 20).t()),
+            r"exp_avg_sq\[0\] .*absmax with strides \(1, 20\) \(not contiguous\)",
+        ),
+        (
+            lambda arguments: arguments["exp_avg_sqs"].pop(),
+            r"exp_avg_sqs for a quantized fused kernel: 1 moments for 2 parameters",
+        ),
+        (
+            lambda arguments: arguments.__setitem__("exp_avgs", arguments["exp_avg_sqs"]),
+            r"exp_avg\[0\] .*a moment of the unsigned map",
+        ),
+        (
+            _set("exp_avgs", [torch.zeros(20, 300), torch.zeros(5000)]),
+            r"exp_avg\[0\] .*: a Tensor",
+        ),
+        (
+            _set("params", [torch.randn(300, 20).t(), torch.randn(5000)]),
+            r"param\[0\] .*: shape \(20, 300\) with strides \(1, 20\)",
+        ),
+        (
+            _set("grads", [torch.randn(20, 300), torch.randn(5000).double()]),
+            r"grad\[1\] .*float64",
+        ),
+    ],
+    ids=[
+        "int8-codes",
+        "absmax-size",
+        "float64-absmax",
+        "non-contiguous-codes",
+        "non-contiguous-absmax",
+        "too-few-moments",
+        "wrong-map",
+        "full-precision-moment",
+        "non-contiguous-param",
+        "grad-dtype",
+    ],
+)
+def test_bad_kernel_inputs_are_refused_by_name(
+    replace: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    arguments = _kernel_inputs()
+    replace(arguments)
+    with pytest.raises(ValueError, match=message):
+        _run(arguments)
+
+
+@pytest.mark.bad_input
+def test_a_state_of_the_wrong_size_is_refused_by_the_optimizer() -> None:
+    params = [torch.randn(20, 300).requires_grad_()]
+    optimizer = core.AdamW(params, lr=LR, state_precision="8bit", fused=True)
+    params[0].grad = torch.ones_like(params[0])
+    optimizer.step()
+    optimizer.state[params[0]]["exp_avg_absmax"] = torch.zeros(20, 1)
+    with pytest.raises(ValueError, match=r"Invalid exp_avg\[0\] .*absmax of 20 elements"):
+        optimizer.step()
+
+
+def test_non_contiguous_parameters_take_the_loop_backend() -> None:
+    """What the kernel cannot address (a transposed parameter) steps as the loop backend
+    does, exactly, beside one it can."""
+    generator = torch.Generator().manual_seed(6)
+    base = [torch.randn(300, 20, generator=generator).t(), torch.randn(5000)]
+    runs = []
+    for flags in ({"foreach": False, "fused": False}, {"fused": True}):
+        params = [p.detach().clone().requires_grad_() for p in base]
+        params[0] = base[0].t().clone().t().requires_grad_()  # transposed, as in base
+        optimizer = core.AdamW(params, lr=LR, state_precision="8bit", **flags)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        for _ in range(3):
+            optimizer.step()
+        runs.append(params)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
