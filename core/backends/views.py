@@ -329,6 +329,9 @@ def check_quantized_row(
         problem = _quantized_problem(
             moment, param.numel(), scales[0] * scales[1], signed, param.device
         )
+        if not problem and moment.codes.shape != param.shape:  # type: ignore[attr-defined]
+            shapes = tuple(moment.codes.shape), tuple(param.shape)  # type: ignore[attr-defined]
+            problem = "codes of shape {} beside a parameter of shape {}".format(*shapes)
         if problem:
             where = index if positions is None else positions[index]
             raise ValueError(
