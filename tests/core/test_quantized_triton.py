@@ -357,7 +357,11 @@ def _replace(moment: QuantizedMoment, **changes: Any) -> QuantizedMoment:
             lambda m: _replace(m, codes=m.codes.reshape(6, 700)),
             r"exp_avg\[2\].*codes of shape \(6, 700\) beside a parameter of shape \(3, 1400\)",
         ),
-        ("exp_avg_sq", lambda m: _replace(m, signed=True), r"exp_avg_sq\[2\].*a moment of the signed map"),
+        (
+            "exp_avg_sq",
+            lambda m: _replace(m, signed=True),
+            r"exp_avg_sq\[2\].*a moment of the signed map",
+        ),
         (
             "exp_avg_sq",
             lambda m: m.dequantize().double(),
