@@ -154,6 +154,9 @@ def backend_and_lists(
     when asked), whose torch operations dispatch through the subclass; fused=True is
     refused for it by name.
     """
+    if all(values is None or is_plain(values) for values in lists):  # the usual case
+        local = real_view_lists(lists)
+        return select_backend(local[0], foreach=foreach, fused=fused), local
     local = real_view_lists(local_lists(lists, names))
     if all(values is None or is_plain(values) for values in local):
         return select_backend(local[0], foreach=foreach, fused=fused), local

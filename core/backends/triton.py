@@ -26,12 +26,13 @@ Bytes moved per parameter: 4·(4 + 3) = 28 for fp32 Adam, AdamW, RAdam, NAdam an
 from __future__ import annotations
 
 import functools
+import operator
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from operator import attrgetter
 from typing import Any
 
@@ -615,7 +616,6 @@ def _launch_plan(
     its current stream. Floating-point contraction is off: every multiply and add rounds
     as written, as in the loop backend and Triton's interpreter."""
     scalars, small_weight = _kernel_scalars(arguments)
-    switches = dict(arguments.switches)
     module = _device_module(device)
     guard = nullcontext() if module is None else module.device(device)
     with guard:
@@ -626,8 +626,8 @@ def _launch_plan(
                 _ready_on(launch.blocks, stream),
                 launch.tensors,
                 *scalars,
-                **launch_constexprs(
-                    dtype, launch.aligned, arguments.algorithm, small_weight, switches
+                **_constexprs(
+                    dtype, launch.aligned, arguments.algorithm, small_weight, arguments.switches
                 ),
                 **compile_options(device.type),
             )
@@ -651,6 +651,18 @@ def launch_constexprs(
     }
 
 
+@functools.cache
+def _constexprs(
+    dtype: torch.dtype,
+    aligned: bool,
+    algorithm: str,
+    small_weight: bool,
+    switches: tuple[tuple[str, bool], ...],
+) -> dict[str, Any]:
+    """launch_constexprs, built once per combination (a launch copies it into kwargs)."""
+    return launch_constexprs(dtype, aligned, algorithm, small_weight, dict(switches))
+
+
 def _step(
     lists: list[Sequence[Tensor] | None],
     arguments: Callable[[bool], KernelArguments],
@@ -660,41 +672,96 @@ def _step(
     bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
     nearest, stochastic = split_stochastic(lists)
-    if stochastic:  # stochastic rounding runs eagerly (the loop backend's reference)
-        eager(take_all(lists, stochastic))
-        if not nearest:
-            return
+    rounded_stochastically = take_all(lists, stochastic) if stochastic else None
+    if nearest is not None:
         lists = take_all(lists, nearest)
     full, quantized = split_quantized(lists)
     eight_bit = _prepare_quantized(take_all(lists, quantized), quantized) if quantized else None
     if full is not None:  # some moments are 8-bit: they have their own kernel
-        assert eight_bit is not None
-        if not full:
-            eight_bit.run(arguments, eager)
-            return
         lists = take_all(lists, full)
+    params = lists[0]
+    assert params is not None
+    steps = _planned_step(lists) if params else None
+    # Everything the kernels take is checked and planned: only now is anything written.
+    if rounded_stochastically is not None:  # the loop backend's reference rounding
+        eager(rounded_stochastically)
+    if eight_bit is not None:
+        eight_bit.run(arguments, eager)
+    if steps is None:
+        return
+    for plan, dtype, device, kahan in steps.launches:
+        if plan.launches:
+            _launch_plan(plan, dtype, device, arguments(kahan))
+    if steps.rest:
+        eager(take_all(lists, steps.rest))
+
+
+@dataclass
+class _Steps:
+    """How one step over a set of lists runs: each bucket's plan (with the dtype, device and
+    Kahan switch it launches with), and the indices the kernels cannot take."""
+
+    key: list[Any] | None
+    launches: list[tuple[_Plan, torch.dtype, torch.device, bool]]
+    rest: list[int]
+
+
+_last_steps: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""First parameter of a step -> how its last step ran, reused while `_steps_key` is
+unchanged: a step over 300 tensors then reads each address once, where bucketing and
+planning each bucket read the devices, dtypes and addresses again (~70 µs more)."""
+
+
+def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
+    """What bucketing and every bucket's plan depend on, as `_key` states it for one
+    bucket: which lists are present, every tensor's address, the sizes and, if any gradient
+    is not contiguous, every layout (same tensor, same address and size: same dtype and
+    device). None when only some parameters have a Kahan buffer (planned every step)."""
+    params, grads, kahan_comps = lists[0], lists[1], lists[-1]
+    assert params is not None and grads is not None and kahan_comps is not None
+    kahan = kahan_comps[0] is not None
+    nones = map(operator.is_, kahan_comps, repeat(None))
+    if any(nones) if kahan else not all(nones):
+        return None
+    rows = (*lists[:-1], kahan_comps if kahan else None)
+    present = [values for values in rows if values is not None]
+    key: list[Any] = [tuple(values is not None for values in lists[:-1]), kahan]
+    for values in present:
+        key += map(Tensor.data_ptr, values)  # type: ignore[arg-type]
+    key += map(Tensor.numel, params)
+    if not all(map(Tensor.is_contiguous, grads)):
+        key.append(tuple(t.stride() for values in present for t in values))  # type: ignore[union-attr]
+    return key
+
+
+def _planned_step(lists: list[Sequence[Tensor] | None]) -> _Steps:
+    """The step's buckets and plans: the last step's while no tensor moved, else bucketed
+    and planned again (checking every bucket, as the first step did)."""
     params, kahan_comps = lists[0], lists[-1]
     assert params is not None and kahan_comps is not None
-    rest: list[int] = []
-    planned = []
+    try:
+        key = _steps_key(lists)
+    except RuntimeError:  # a tensor without storage: _plan says which
+        key = None
+    last = _last_steps.get(params[0]) if key is not None else None
+    if last is not None and last.key == key:
+        return last
+    steps = _Steps(key, [], [])
     for indices in buckets(params, kahan_comps):
         first = params[indices[0]]
         if first.dtype not in TRITON_DTYPES:
-            rest += indices
+            steps.rest += indices
             continue
         bucket = take_all(lists, indices)
         if kahan_comps[indices[0]] is None:
             bucket[-1] = None
         plan = _plan(bucket)
-        planned.append((plan, first, bucket[-1] is not None))
-        rest += [indices[i] for i in plan.eager]
-    if eight_bit is not None:
-        eight_bit.run(arguments, eager)
-    for plan, first, kahan in planned:
-        if plan.launches:
-            _launch_plan(plan, first.dtype, first.device, arguments(kahan))
-    if rest:
-        eager(take_all(lists, sorted(rest)))
+        steps.launches.append((plan, first.dtype, first.device, bucket[-1] is not None))
+        steps.rest += [indices[i] for i in plan.eager]
+    steps.rest.sort()
+    if key is not None:
+        _last_steps[params[0]] = steps
+    return steps
 
 
 def adam_step(

@@ -1,0 +1,260 @@
+"""What a step may reuse from the last one, and what must make it look again.
+
+A step keeps, from one call to the next: the validated hyperparameters of each group
+(core/optimizer.py), the address array of the step counters (cpu_kernel.py) and the
+buckets and plans of a Triton step (triton.py). Each test here changes one thing those
+are keyed on between steps, the same way in a loop-backend twin, and the step must
+equal the twin's, as it would with nothing cached: a stale cache fails them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import core
+from core.backends import cpu_kernel
+from tests.core.cases import BACKENDS, LR, assert_unchanged, snapshot
+from tests.core.test_fused import assert_state_close, assert_within_one_ulp
+
+COUNT = cpu_kernel.MIN_SCALARS + 4
+"""Enough parameters for the step counters to take the C path (and its cache)."""
+
+Twin = tuple[list[Tensor], core.AdamW]
+
+
+def _twins(backend: str, count: int = COUNT, **flags: Any) -> tuple[Twin, Twin]:
+    """The loop backend and `backend`, on equal parameters of assorted sizes."""
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(5 + 37 * i, generator=generator) for i in range(count)]
+    twins = []
+    for name in ("loop", backend):
+        params = [v.clone().requires_grad_() for v in values]
+        twins.append((params, core.AdamW(params, lr=LR, **BACKENDS[name], **flags)))
+    return twins[0], twins[1]
+
+
+def _step(
+    loop: Twin,
+    other: Twin,
+    seed: int,
+    change: Callable[[list[Tensor], core.AdamW], None] | None = None,
+    without_grad: frozenset[int] = frozenset(),
+) -> None:
+    """Give both the same gradients, apply `change` to both, step both, compare."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = [0.1 * torch.randn(p.shape, generator=generator) for p in loop[0]]
+    for params, optimizer in (loop, other):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            p.grad = None if i in without_grad else g.to(p.dtype)
+        if change is not None:
+            change(params, optimizer)
+        optimizer.step()
+    _assert_equal(loop, other, f"step with seed {seed}")
+
+
+def _assert_equal(loop: Twin, other: Twin, where: str) -> None:
+    for i, (a, b) in enumerate(zip(other[0], loop[0], strict=True)):
+        assert_within_one_ulp(a.detach(), b.detach(), f"parameter {i}, {where}")
+        state, loop_state = other[1].state[a], loop[1].state[b]
+        assert state.keys() == loop_state.keys(), f"state keys of {i}, {where}"
+        for key, value in loop_state.items():
+            if key == "step":
+                assert float(state[key]) == float(value), f"step of {i}, {where}"
+            else:
+                assert_state_close(state[key], value, f"{key} of {i}, {where}")
+
+
+# -- step counters (the address array of cpu_kernel's host-scalar calls) ---------------
+
+
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+def test_step_counters_replaced_or_moved_between_steps_are_read_where_they_now_are(
+    backend: str,
+) -> None:
+    loop, other = _twins(backend)
+    _step(loop, other, seed=1)
+    _step(loop, other, seed=2)
+
+    def replace(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.state[params[0]]["step"] = torch.tensor(7.0)  # a new tensor
+
+    def move(params: list[Tensor], optimizer: core.AdamW) -> None:
+        for p in params[1:4]:  # same tensors, new memory
+            optimizer.state[p]["step"].data = torch.tensor(11.0)
+
+    _step(loop, other, seed=3, change=replace)
+    _step(loop, other, seed=4, change=move)
+    _step(loop, other, seed=5)
+
+
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+def test_a_state_dict_loaded_mid_run_replaces_every_step_counter(backend: str) -> None:
+    loop, other = _twins(backend)
+    source_loop, source_other = _twins(backend)
+    for seed in (1, 2, 3):  # the source runs ahead: its counters differ
+        _step(source_loop, source_other, seed=seed)
+    _step(loop, other, seed=4)
+
+    def load(params: list[Tensor], optimizer: core.AdamW) -> None:
+        source = source_loop if optimizer is loop[1] else source_other
+        optimizer.load_state_dict(source[1].state_dict())
+
+    _step(loop, other, seed=5, change=load)
+    _step(loop, other, seed=6)
+    assert float(other[1].state[other[0][0]]["step"]) == 5.0
+
+
+def test_the_address_array_follows_a_counter_moved_in_place() -> None:
+    counters = [torch.tensor(float(i)) for i in range(COUNT)]
+    assert cpu_kernel.read_scalars(counters) == [float(i) for i in range(COUNT)]
+    old_memory = counters[3].data  # keeps the old storage alive, to see it is left alone
+    counters[3].data = torch.tensor(100.0)
+    assert cpu_kernel.add_to_scalars(counters, 1.0)
+    assert cpu_kernel.read_scalars(counters)[3] == 101.0
+    assert float(old_memory) == 3.0
+    counters[5] = torch.tensor(50.0)  # another tensor in the list
+    assert cpu_kernel.read_scalars(counters)[5] == 50.0
+
+
+# -- Triton step plans -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+def test_parameters_and_state_moved_between_steps_are_stepped_where_they_now_are(
+    backend: str,
+) -> None:
+    loop, other = _twins(backend)
+    _step(loop, other, seed=1)
+    _step(loop, other, seed=2)
+
+    def move(params: list[Tensor], optimizer: core.AdamW) -> None:
+        params[0].data = params[0].data.clone()
+        state = optimizer.state[params[1]]
+        state["exp_avg"] = state["exp_avg"].clone()
+        state["exp_avg_sq"].data = state["exp_avg_sq"].data.clone()
+
+    _step(loop, other, seed=3, change=move)
+    _step(loop, other, seed=4)
+
+
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+def test_gradients_that_come_and_go_change_what_is_stepped(backend: str) -> None:
+    loop, other = _twins(backend)
+    _step(loop, other, seed=1)
+    _step(loop, other, seed=2, without_grad=frozenset({0, 5, 6}))
+    _step(loop, other, seed=3, without_grad=frozenset({1}))
+    _step(loop, other, seed=4)
+
+
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+def test_a_gradient_laid_out_differently_at_the_same_address_is_planned_again(
+    backend: str,
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(6, 6, generator=generator) for _ in range(3)]
+    twins = []
+    for name in ("loop", backend):
+        params = [v.clone().requires_grad_() for v in values]
+        twins.append((params, core.AdamW(params, lr=LR, **BACKENDS[name])))
+    loop, other = twins
+    buffers = {id(params): [torch.empty(6, 6) for _ in params] for params, _ in twins}
+    for seed, transpose in ((1, False), (2, False), (3, True), (4, False)):
+        grads = [torch.randn(6, 6, generator=torch.Generator().manual_seed(seed)) for _ in values]
+        for params, optimizer in (loop, other):
+            for p, g, buffer in zip(params, grads, buffers[id(params)], strict=True):
+                p.grad = (buffer.t() if transpose else buffer).copy_(g)  # the same memory
+            optimizer.step()
+        _assert_equal(loop, other, f"seed {seed}")
+
+
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+def test_amsgrad_switched_on_mid_run_adds_its_buffer(backend: str) -> None:
+    loop, other = _twins(backend)
+    _step(loop, other, seed=1)
+
+    def amsgrad(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.param_groups[0]["amsgrad"] = True
+
+    _step(loop, other, seed=2, change=amsgrad)
+    _step(loop, other, seed=3)
+    assert "max_exp_avg_sq" in other[1].state[other[0][0]]
+
+
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+def test_a_parameter_turned_bfloat16_between_steps_gets_a_kahan_buffer(backend: str) -> None:
+    loop, other = _twins(backend)
+    _step(loop, other, seed=1, without_grad=frozenset({2}))
+
+    def to_bfloat16(params: list[Tensor], optimizer: core.AdamW) -> None:
+        params[2].data = params[2].data.bfloat16()
+        params[2].grad = params[2].grad.bfloat16()
+
+    _step(loop, other, seed=2, change=to_bfloat16)
+    assert "kahan_comp" in other[1].state[other[0][2]]
+    _step(loop, other, seed=3)
+
+
+# -- validated hyperparameters -----------------------------------------------------------
+
+
+def _trained(**flags: Any) -> tuple[torch.nn.Module, core.AdamW]:
+    """A model stepped twice, so its group has passed validation before."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = core.AdamW(model.parameters(), lr=LR, **flags)
+    for _ in range(2):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+    model(torch.ones(2, 4)).sum().backward()
+    return model, optimizer
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("name", "make_bad"),
+    [
+        ("betas", lambda group: group["betas"].__setitem__(1, 1.0)),
+        ("lr", lambda group: group["lr"].fill_(math.nan)),
+        ("decouple_wd", lambda group: group.__setitem__("decouple_wd", 1)),
+        ("eps", lambda group: group.__setitem__("eps", -1.0)),
+    ],
+    ids=["betas-list-changed-in-place", "tensor-lr-changed-in-place", "flag-as-int", "eps"],
+)
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+def test_a_value_made_invalid_after_steps_is_refused_before_any_change(
+    name: str, make_bad: Callable[[dict[str, Any]], None], released: bool
+) -> None:
+    model, optimizer = _trained()
+    group = optimizer.param_groups[0]
+    group["betas"], group["lr"] = list(group["betas"]), torch.tensor(LR)  # changeable in place
+    optimizer.step()  # valid: passes, and is stepped with these values
+    model(torch.ones(2, 4)).sum().backward()
+    before = snapshot(model, optimizer)
+    make_bad(group)
+    with pytest.raises(ValueError, match=rf"Invalid {name} in param group 0"):
+        if released:
+            optimizer.step(param=model.weight)
+        else:
+            optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
+def test_groups_replaced_after_steps_are_validated_again() -> None:
+    model, optimizer = _trained()
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["lr"] = -1.0
+    optimizer.load_state_dict(saved)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -1\.0"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+    optimizer.param_groups = [{**optimizer.param_groups[0], "lr": -2.0}]  # as a framework may
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -2\.0"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
