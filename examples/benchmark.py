@@ -166,11 +166,35 @@ EIGHT_BIT = [
 full precision (core.adopt), so only its m is 8-bit."""
 
 
+def _anchor_rows() -> list[tuple[str, Factory]]:
+    """bitsandbytes' and torchao's 8-bit AdamW where installed (`pip install
+    .[anchors]`): the tools users reach for today, measured on the same tensors."""
+    rows: list[tuple[str, Factory]] = []
+    try:
+        import bitsandbytes
+
+        rows.append(("bitsandbytes AdamW8bit", lambda p: bitsandbytes.optim.AdamW8bit(p, lr=1e-3)))
+    except ImportError:
+        pass
+    try:
+        import torchao.optim
+
+        rows.append(("torchao AdamW8bit", lambda p: torchao.optim.AdamW8bit(p, lr=1e-3)))
+        rows.append(("torchao AdamW4bit", lambda p: torchao.optim.AdamW4bit(p, lr=1e-3)))
+    except ImportError:
+        pass
+    return rows
+
+
 def eight_bit_contenders() -> list[Contender]:
-    """The 8-bit rows, named with the state bytes per parameter they keep."""
-    return [
+    """The 8-bit rows, named with the state bytes per parameter they keep, then the
+    anchors that are installed."""
+    rows = [
         Contender(f"{name} 8-bit fused", make, torch.float32, "fp32 8bit")
         for name, make in EIGHT_BIT
+    ]
+    return rows + [
+        Contender(name, make, torch.float32, "fp32 8bit") for name, make in _anchor_rows()
     ]
 
 
@@ -650,6 +674,9 @@ def main() -> None:
         help="cpu (default) or cuda: the GPU tables instead of the CPU ones",
     )
     parser.add_argument("--host-time-only", action="store_true", help="only the host-time table")
+    parser.add_argument(
+        "--eight-bit-only", action="store_true", help="only the 8-bit state table (20 x 1M)"
+    )
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"argument --runs: invalid value {args.runs}; allowed: an integer >= 1")
@@ -661,6 +688,10 @@ def main() -> None:
             "(torch.cuda.is_available() is False); allowed: 'cpu'"
         )
     torch.set_num_threads(1)
+    if args.eight_bit_only:
+        shape = (20, 100_000) if args.quick else (20, 1_000_000)
+        eight_bit_table(*shape, steps=3, repeats=2 if args.quick else 5)
+        return
     host_lines = host_time_table(args.device, repeats=3 if args.quick else 10)
     print("\n".join(host_lines), flush=True)
     if args.host_time_only:

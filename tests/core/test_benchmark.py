@@ -75,3 +75,21 @@ def test_runs_below_one_are_refused_by_name() -> None:
     result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
     assert result.returncode == 2
     assert "argument --runs: invalid value 0; allowed: an integer >= 1" in result.stderr
+
+
+def test_eight_bit_table_reports_every_algorithm_with_its_state_bytes() -> None:
+    command = [sys.executable, "examples/benchmark.py", "--eight-bit-only", "--quick"]
+    output = run_worker(command, timeout=600).stdout
+    rows = {
+        cells[0]: cells[1:]
+        for line in output.splitlines()
+        if line.startswith("| ") and not line.startswith(("| optimizer", "|---"))
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    for algorithm in ("AdamW", "Adam", "RAdam", "NAdam", "ADOPT"):
+        milliseconds, ratio, state = rows[f"core {algorithm} 8-bit fused"]
+        assert float(milliseconds) > 0 and float(ratio) > 0
+        bytes_per_param = float(state.split()[0])
+        # m and v at about 1.02 bytes each (ADOPT keeps v in fp32: 4 more), beside torch's 8
+        assert bytes_per_param < (5.1 if algorithm == "ADOPT" else 2.1), state
+        assert "(torch: 8.00)" in state
