@@ -49,6 +49,10 @@ StatePrecision = Literal["full", "8bit"]
 STATE_PRECISIONS = ("full", "8bit")
 """Values of the optimizers' state_precision option."""
 
+QUANTIZABLE_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+"""Parameter dtypes whose moments may be 8-bit (decoded to fp32, the compute precision of
+all three); float64, complex and integer parameters keep full-precision state."""
+
 SIGNED_KEYS = frozenset({"exp_avg"})
 """Moments that can be negative; every other quantized moment (exp_avg_sq,
 max_exp_avg_sq) is non-negative."""
@@ -193,12 +197,15 @@ def _dtensor_type() -> type | None:
 def quantizable(param: Tensor) -> str | None:
     """Why param's moments must stay full precision under state_precision='8bit', or None.
 
-    DTensors qualify when their blocks are their shard's own (every placement Replicate
-    or Shard(0), at least 2 dimensions); every rank decides alike, from the global size.
+    Only float32, bfloat16 and float16 parameters qualify (QUANTIZABLE_DTYPES): every
+    backend steps 8-bit moments in fp32, which a float64 parameter would be stepped
+    beside in its own precision. DTensors qualify when their blocks are their shard's own
+    (every placement Replicate or Shard(0), at least 2 dimensions); every rank decides
+    alike, from the global size.
     """
     if param.numel() < MIN_QUANTIZED_NUMEL:
         return f"fewer than {MIN_QUANTIZED_NUMEL} elements"
-    if param.is_complex() or not param.is_floating_point():
+    if param.dtype not in QUANTIZABLE_DTYPES:
         return f"dtype {param.dtype}"
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(param, dtensor):

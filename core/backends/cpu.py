@@ -9,8 +9,10 @@ out (rare: a strided view handed in by hand) take the loop backend.
 
 8-bit moments (state_precision='8bit') always take a generated kernel built with Q8,
 which decodes, steps and encodes each block of 256 in one pass (torch has no such
-kernel); the loop backend, their reference, keeps only what that kernel cannot address:
-non-contiguous tensors and float64 parameters.
+kernel). Which moments are 8-bit is a switch of the kernel too, so ADOPT's 8-bit m beside
+its full-precision v runs in the same pass; parameters are bucketed by that pattern. The
+loop backend, their reference, keeps only what that kernel cannot address:
+non-contiguous tensors, state cast to another dtype, and float64 parameters.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from torch import Tensor
 from core.backends import cpu_kernel, loop
 from core.backends.grouping import (
     buckets,
+    moment_pattern,
     split_dense,
+    split_moment_patterns,
     split_quantized,
     split_quantized_dense,
     split_stochastic,
     take_all,
 )
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
+from core.backends.views import QUANTIZED_ROWS
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 TensorLists = list[list[Tensor] | None]
@@ -74,8 +79,20 @@ class FusedCpu:
         arguments: KernelArguments,
         quantized: bool = False,
     ) -> bool:
-        """Run a generated kernel; False when it cannot be built and falling back is allowed."""
-        config = cpu_kernel.KernelConfig(arguments.algorithm, dtype, arguments.switches, quantized)
+        """Run a generated kernel; False when it cannot be built and falling back is allowed.
+        A quantized bucket's moments are 8-bit or full precision as its first parameter's
+        are (the buckets share one pattern; the kernel's checks refuse any other)."""
+        full_moments: frozenset[str] = frozenset()
+        if quantized:
+            pattern = moment_pattern(lists)
+            full_moments = frozenset(
+                row
+                for row, values, eight_bit in zip(QUANTIZED_ROWS, lists[2:5], pattern, strict=True)
+                if values is not None and not eight_bit
+            )
+        config = cpu_kernel.KernelConfig(
+            arguments.algorithm, dtype, arguments.switches, quantized, full_moments
+        )
         run = cpu_kernel.run_quantized if quantized else cpu_kernel.run
         try:
             run(config, *lists, arguments.scalars)  # type: ignore[arg-type]
@@ -94,8 +111,8 @@ class FusedCpu:
         fallback: Callable[[TensorLists], None],
         quantized: Callable[[TensorLists, torch.dtype, bool], bool],
     ) -> None:
-        """Split into uniform dense buckets; run `fused` on each (`quantized` where the
-        moments are all 8-bit), `fallback` on the rest; stochastic rounding runs `fallback`
+        """Split into uniform dense buckets; run `fused` on each (`quantized` where any
+        moment is 8-bit), `fallback` on the rest; stochastic rounding runs `fallback`
         (the loop backend's reference)."""
         nearest, stochastic = split_stochastic(lists)
         if stochastic:
@@ -118,10 +135,18 @@ class FusedCpu:
         fallback: Callable[[TensorLists], None],
         quantized: bool,
     ) -> None:
-        """_each_bucket over parameters whose moments are all full precision or all 8-bit."""
+        """_each_bucket over parameters whose moments are all full precision, or some 8-bit
+        (quantized: then bucketed further by which, see split_moment_patterns)."""
         kahan_comps = lists[-1]
         assert lists[0] is not None and kahan_comps is not None
-        for indices in buckets(lists[0], kahan_comps):
+        groups = buckets(lists[0], kahan_comps)
+        if quantized:
+            groups = [
+                [indices[i] for i in pattern]
+                for indices in groups
+                for pattern in split_moment_patterns(take_all(lists, indices))
+            ]
+        for indices in groups:
             bucket = take_all(lists, indices)
             kahan = kahan_comps[indices[0]] is not None
             if not kahan:

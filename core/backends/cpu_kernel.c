@@ -17,9 +17,12 @@
  *   UPDATE      the parameter is updated at all (lr ≠ 0)
  *   AMSGRAD, ADAPTIVE, GRAD_TERM (NAdam's g/d term)     Adam family only
  *   INIT, CLIP                                           ADOPT only
- *   Q8          m, v and v_max are 8-bit (core.quantization): codes plus a scale per
+ *   Q8          some moments are 8-bit (core.quantization): codes plus a scale per
  *               block, decoded, stepped by the same update() and encoded again in one
  *               pass (adamkit_step_q8 instead of adamkit_step)
+ *   M_8BIT, V_8BIT, V_MAX_8BIT   with Q8, which of m, v and v_max are 8-bit; the others
+ *               are in the parameter's dtype, read and written as adamkit_step does them
+ *               (ADOPT keeps v in full precision beside an 8-bit m)
  */
 #include <math.h>
 #include <pthread.h>
@@ -28,8 +31,12 @@
 
 #if !defined(ALGORITHM) || !defined(DTYPE) || !defined(KAHAN) || !defined(L2) || \
     !defined(DECAY) || !defined(UPDATE) || !defined(AMSGRAD) || !defined(ADAPTIVE) || \
-    !defined(GRAD_TERM) || !defined(INIT) || !defined(CLIP) || !defined(Q8)
+    !defined(GRAD_TERM) || !defined(INIT) || !defined(CLIP) || !defined(Q8) || \
+    !defined(M_8BIT) || !defined(V_8BIT) || !defined(V_MAX_8BIT)
 #error "every switch is set by core/backends/cpu_kernel.py (-DNAME=0 or 1)"
+#endif
+#if !Q8 && (M_8BIT || V_8BIT || V_MAX_8BIT)
+#error "an 8-bit moment needs the Q8 entry point"
 #endif
 
 /* ---- storage types and the compute precision (fp32 for every 16-bit type) ---------- */
@@ -664,30 +671,64 @@ void adamkit_quantize(int64_t count, const float *values, uint8_t *codes, float 
 typedef struct {
     store_t *param, *comp;
     const store_t *grad;
-    uint8_t *codes[3]; /* m, v, v_max */
-    float *absmax[3];
+    void *moments[3]; /* m, v, v_max: uint8 codes where 8-bit, else store_t elements */
+    float *absmax[3]; /* the 8-bit moments' scales */
 } quantized_t;
 
+/* Round `count` values into a parameter-dtype tensor: sixteen lanes at a time where the
+ * CPU rounds in hardware, the rest in software. */
+static inline void put_all(store_t *out, const float *x, int64_t count) {
+    int64_t j = 0;
+#if HARDWARE_ROUNDING
+    for (; j + LANES <= count; j += LANES) put_lanes(out + j, x + j);
+#endif
+    for (; j < count; j++) put(out, j, x[j]);
+}
+
+/* Moment `which` of one block in fp32: decoded from its codes and scale where the switch
+ * says 8-bit, else its parameter-dtype elements widened (fp32 read in place). */
+static inline const float *load_moment(float *buffer, const quantized_t *q, int which,
+                                       int eight_bit, const float *values, int64_t start,
+                                       int64_t count, int64_t block) {
+    if (!eight_bit) return widened_block(buffer, (const store_t *)q->moments[which] + start, count);
+    decode(buffer, (const uint8_t *)q->moments[which] + start, q->absmax[which][block], values,
+           count);
+    return buffer;
+}
+
+/* The block's new values of moment `which`: encoded where 8-bit, else rounded in place. */
+static inline void store_moment(const quantized_t *q, int which, int eight_bit, const float *x,
+                                const uint32_t *cells, int is_signed, int64_t start,
+                                int64_t count, int64_t block) {
+    if (eight_bit)
+        encode((uint8_t *)q->moments[which] + start, q->absmax[which] + block, x, cells,
+               is_signed, count);
+    else
+        put_all((store_t *)q->moments[which] + start, x, count);
+}
+
 /* One block of `count` elements from element `start`, scale index `block`: the moments
- * decoded into L1, update() on every element, the new moments encoded. Each byte of
- * memory is read once and written once. */
+ * decoded (or widened) into L1, update() on every element, the new moments encoded (or
+ * rounded). Each byte of memory is read once and written once. */
 static void update_quantized_block(const quantized_t *q, const scalars_t *s,
                                    const float *tables, const uint32_t *cells, int64_t start,
                                    int64_t count, int64_t block) {
     _Alignas(64) float in_param[CODE_BLOCK], in_comp[CODE_BLOCK], in_grad[CODE_BLOCK];
     _Alignas(64) float in_m[CODE_BLOCK], in_v[CODE_BLOCK], in_v_max[CODE_BLOCK];
     _Alignas(64) float theta[CODE_BLOCK], m[CODE_BLOCK], v[CODE_BLOCK], v_max[CODE_BLOCK];
-    widened_t inputs = {0, 0, in_m, in_v, in_v_max, 0};
+    widened_t inputs = {0, 0, 0, 0, 0, 0};
     inputs.grad = widened_block(in_grad, q->grad + start, count);
     if (READS_PARAM) inputs.param = widened_block(in_param, q->param + start, count);
     if (READS_PARAM && KAHAN) inputs.comp = widened_block(in_comp, q->comp + start, count);
     if (READS_MOMENTS) {
-        decode(in_m, q->codes[0] + start, q->absmax[0][block], SIGNED_VALUES(tables), count);
-        decode(in_v, q->codes[1] + start, q->absmax[1][block], UNSIGNED_VALUES(tables), count);
+        inputs.exp_avg =
+            load_moment(in_m, q, 0, M_8BIT, SIGNED_VALUES(tables), start, count, block);
+        inputs.exp_avg_sq =
+            load_moment(in_v, q, 1, V_8BIT, UNSIGNED_VALUES(tables), start, count, block);
     }
     if (WRITES_V_MAX)
-        decode(in_v_max, q->codes[2] + start, q->absmax[2][block], UNSIGNED_VALUES(tables),
-               count);
+        inputs.max_exp_avg_sq =
+            load_moment(in_v_max, q, 2, V_MAX_8BIT, UNSIGNED_VALUES(tables), start, count, block);
     const tensors_t t = {q->param, q->comp, 0, 0, 0, q->grad};
     for (int64_t j = 0; j < count; j++) {
         result_t r = update(&t, &inputs, s, j);
@@ -696,19 +737,18 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s,
         v[j] = r.v;
         v_max[j] = r.v_max;
     }
-    if (WRITES_M)
-        encode(q->codes[0] + start, q->absmax[0] + block, m, SIGNED_CELLS(cells), 1, count);
-    encode(q->codes[1] + start, q->absmax[1] + block, v, UNSIGNED_CELLS(cells), 0, count);
+    if (WRITES_M) store_moment(q, 0, M_8BIT, m, SIGNED_CELLS(cells), 1, start, count, block);
+    store_moment(q, 1, V_8BIT, v, UNSIGNED_CELLS(cells), 0, start, count, block);
     if (WRITES_V_MAX)
-        encode(q->codes[2] + start, q->absmax[2] + block, v_max, UNSIGNED_CELLS(cells), 0,
-               count);
+        store_moment(q, 2, V_MAX_8BIT, v_max, UNSIGNED_CELLS(cells), 0, start, count, block);
     if (WRITES_PARAM) store_params(&t, theta, start, count);
 }
 
 typedef struct {
     int64_t count;
     const int64_t *sizes, *row_lengths;
-    void *const *lists[9]; /* param, grad, comp, then codes and absmax of m, v, v_max */
+    void *const *lists[9]; /* param, grad, comp, then codes (or elements) and absmax of m,
+                              v, v_max */
     const float *tables;
     const uint32_t *cells;
     scalars_t scalars;
@@ -735,8 +775,7 @@ static void *run_quantized_share(void *arg) {
         quantized_t q = {entry(l[0], k),
                          entry(l[2], k),
                          entry(l[1], k),
-                         {(uint8_t *)entry(l[3], k), (uint8_t *)entry(l[5], k),
-                          (uint8_t *)entry(l[7], k)},
+                         {entry(l[3], k), entry(l[5], k), entry(l[7], k)},
                          {(float *)entry(l[4], k), (float *)entry(l[6], k),
                           (float *)entry(l[8], k)}};
         int64_t per_row = blocks_per_row(row_length);
@@ -752,8 +791,9 @@ static void *run_quantized_share(void *arg) {
 }
 
 /* The entry point for 8-bit moments: one step over `count` tensors of `sizes[k]` elements
- * in rows of `row_lengths[k]`, each moment as uint8 codes and fp32 scales of shape
- * (rows, blocks per row). Threads take whole blocks, never part of one. */
+ * in rows of `row_lengths[k]`, each 8-bit moment as uint8 codes and fp32 scales of shape
+ * (rows, blocks per row), each other moment as its elements in the parameter's dtype (in
+ * the codes' place, with no scales). Threads take whole blocks, never part of one. */
 int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_lengths,
                     void *const *params, void *const *grads, void *const *comps,
                     void *const *exp_avg_codes, void *const *exp_avg_absmax,

@@ -32,6 +32,7 @@ from torch import Tensor
 from core.backends.kernel_arguments import SWITCHES
 from core.backends.views import (
     PLAIN_TENSOR_TYPES,
+    QUANTIZED_ROWS,
     check_addressable,
     check_quantized_addressable,
     device_of,
@@ -46,6 +47,8 @@ BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread")
 EXACT_FLAGS = ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 """No fused multiply-add contraction: results do not depend on the machine's FMA units."""
 COEFFICIENT_COUNT = 10
+MOMENT_SWITCHES = ("M_8BIT", "V_8BIT", "V_MAX_8BIT")
+"""cpu_kernel.c's switches saying which moments (QUANTIZED_ROWS order) are 8-bit."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,24 @@ class KernelConfig:
     quantized: bool = False
     """8-bit moments (cpu_kernel.c's Q8): a C switch only, as the Triton kernels have no
     such argument (see kernel_arguments.SWITCHES)."""
+    full_moments: frozenset[str] = frozenset()
+    """With quantized, the moments (of QUANTIZED_ROWS) kept in the parameter's dtype, as
+    ADOPT keeps exp_avg_sq; every other moment is 8-bit (cpu_kernel.c's M_8BIT, V_8BIT,
+    V_MAX_8BIT, Triton's switches of the same names)."""
+
+    def eight_bit(self) -> tuple[bool, bool, bool]:
+        """Whether m, v and v_max (QUANTIZED_ROWS order) are 8-bit in this kernel."""
+        return tuple(self.quantized and row not in self.full_moments for row in QUANTIZED_ROWS)  # type: ignore[return-value]
 
     def defines(self) -> list[str]:
         flags = [
             f"-DALGORITHM={ALGORITHM_CODES[self.algorithm]}",
             f"-DDTYPE={DTYPE_CODES[self.dtype]}",
             f"-DQ8={int(self.quantized)}",
+        ]
+        flags += [
+            f"-D{name}={int(value)}"
+            for name, value in zip(MOMENT_SWITCHES, self.eight_bit(), strict=True)
         ]
         return flags + [f"-D{name}={int(value)}" for name, value in self.switches]
 
@@ -410,36 +425,51 @@ def run_quantized(
     config: KernelConfig,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    exp_avgs: Sequence[QuantizedMoment],
-    exp_avg_sqs: Sequence[QuantizedMoment],
-    max_exp_avg_sqs: Sequence[QuantizedMoment] | None,
+    exp_avgs: Sequence[QuantizedMoment | Tensor],
+    exp_avg_sqs: Sequence[QuantizedMoment | Tensor],
+    max_exp_avg_sqs: Sequence[QuantizedMoment | Tensor] | None,
     kahan_comps: Sequence[Tensor] | None,
     coefficients: Sequence[float],
 ) -> None:
     """One step over contiguous tensors of config.dtype whose moments are 8-bit
-    (core.quantization), decoded and encoded in the same pass; everything is checked here
-    before any address is read."""
-    if not config.quantized or config.dtype not in QUANTIZED_DTYPES:
+    (core.quantization), decoded and encoded in the same pass, except those the config
+    keeps in full precision (config.full_moments: tensors of config.dtype, as run takes
+    them). Everything is checked here before any address is read: θ, g, k and the
+    full-precision moments by check_addressable, the 8-bit ones by
+    check_quantized_addressable."""
+    if (
+        not config.quantized
+        or config.dtype not in QUANTIZED_DTYPES
+        or not config.full_moments <= set(QUANTIZED_ROWS)
+    ):
         raise ValueError(
             f"Invalid config for 8-bit moments: quantized={config.quantized}, dtype "
-            f"{config.dtype}. Allowed: quantized=True and a dtype of {QUANTIZED_DTYPES}."
+            f"{config.dtype}, full_moments {sorted(config.full_moments)}. Allowed: "
+            f"quantized=True, a dtype of {QUANTIZED_DTYPES} and full_moments of "
+            f"{QUANTIZED_ROWS}."
         )
     function = kernel(config)
     count = len(params)
     if count == 0:
         return
-    check_addressable([params, grads, None, None, None, kahan_comps], config.dtype, _CPU)
+    moments = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    eight_bit = config.eight_bit()
+    full = [None if q else values for q, values in zip(eight_bit, moments, strict=True)]
+    check_addressable([params, grads, *full, kahan_comps], config.dtype, _CPU)  # type: ignore[list-item]
     row_lengths = check_quantized_addressable(
-        params, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs], _CPU
+        params,
+        [values if q else None for q, values in zip(eight_bit, moments, strict=True)],  # type: ignore[misc]
+        _CPU,
     )
     _check_arguments(config, max_exp_avg_sqs, kahan_comps, coefficients)
-    moments = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
     values, cells = _code_tables()
     scales = [
-        None if values is None else _addresses([m.absmax for m in values]) for values in moments
+        _addresses([m.absmax for m in moment]) if q and moment is not None else None  # type: ignore[union-attr]
+        for q, moment in zip(eight_bit, moments, strict=True)
     ]
     codes = [
-        None if values is None else _addresses([m.codes for m in values]) for values in moments
+        None if moment is None else _addresses([m.codes for m in moment] if q else moment)  # type: ignore[union-attr,misc]
+        for q, moment in zip(eight_bit, moments, strict=True)
     ]
     function(
         count,

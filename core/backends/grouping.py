@@ -17,8 +17,10 @@ __all__ = [
     "dense",
     "device_of",
     "dtype_of",
+    "moment_pattern",
     "same_dense_layout",
     "split_dense",
+    "split_moment_patterns",
     "split_quantized",
     "split_quantized_dense",
     "split_stochastic",
@@ -130,39 +132,67 @@ def _contiguous(tensors: Sequence[Tensor]) -> bool:
     return all(map(Tensor.is_contiguous, tensors))
 
 
+def moment_pattern(lists: Sequence[Sequence[object] | None], index: int = 0) -> tuple[bool, ...]:
+    """Which of the moments (lists 2-4, the backends' order) of parameter `index` are 8-bit;
+    an absent list counts as not."""
+    return tuple(
+        values is not None and type(values[index]) is QuantizedMoment for values in lists[2:5]
+    )
+
+
+def split_moment_patterns(lists: Sequence[Sequence[object] | None]) -> list[list[int]]:
+    """Indices grouped by moment_pattern, so that one kernel configuration (which moments
+    are 8-bit) takes each group; one pass over each moment list in the usual case, where
+    every parameter's moments are stored alike."""
+    moments = [values for values in lists[2:5] if values is not None]
+    count = len(lists[0])  # type: ignore[arg-type]
+    if all(len(set(map(type, values))) <= 1 for values in moments):
+        return [list(range(count))] if count else []
+    groups: dict[tuple[bool, ...], list[int]] = {}
+    for i in range(count):
+        groups.setdefault(moment_pattern(lists, i), []).append(i)
+    return list(groups.values())
+
+
 def split_quantized_dense(
     lists: Sequence[Sequence[object] | None],
 ) -> tuple[list[int], list[int]]:
     """(indices a block-wise pass over 8-bit moments can take, the others), for lists in
     the backends' order (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-    kahan_comps; None lists absent): every moment 8-bit with uint8 codes and float32
-    scales, and the parameter, gradient, Kahan buffer, codes and scales contiguous, since
-    blocks run along the logical rows. The rest (codes a checkpoint load cast to another
-    dtype, a full-precision moment beside an 8-bit one) is the loop backend's to run; sizes
-    and devices are the kernel's check to refuse by name."""
+    kahan_comps; None lists absent) whose parameters share one moment_pattern: each 8-bit
+    moment with uint8 codes and float32 scales, each full-precision one (ADOPT's v) a
+    tensor of the parameter's dtype, and the parameter, gradient, Kahan buffer, full
+    moments, codes and scales contiguous, since blocks run along the logical rows. The
+    rest (codes or a moment a checkpoint load cast to another dtype, another layout) is the
+    loop backend's to run; sizes and devices are the kernel's check to refuse by name."""
     params, grads, *moments, comps = lists
     assert params is not None and grads is not None
     moment_lists = [values for values in moments if values is not None]
     tensor_lists = [params, grads] + ([comps] if comps is not None else [])
 
-    def fits(moment: object) -> bool:  # torch's load_state_dict may have cast codes
+    def fits(moment: object, param: Tensor) -> bool:  # load_state_dict may have cast codes
+        if type(moment) is not QuantizedMoment:
+            return (
+                isinstance(moment, Tensor)
+                and moment.dtype == param.dtype
+                and moment.is_contiguous()
+            )
         return (
-            type(moment) is QuantizedMoment
-            and moment.codes.dtype == torch.uint8
+            moment.codes.dtype == torch.uint8
             and moment.absmax.dtype == torch.float32
             and moment.codes.is_contiguous()
             and moment.absmax.is_contiguous()
         )
 
     if all(_contiguous(values) for values in tensor_lists) and all(  # type: ignore[arg-type]
-        all(map(fits, values)) for values in moment_lists
+        all(map(fits, values, params)) for values in moment_lists
     ):
         return list(range(len(params))), []  # the usual case, without a call per row
     flat: list[int] = []
     other: list[int] = []
     for i in range(len(params)):
         ok = all(values[i].is_contiguous() for values in tensor_lists) and all(  # type: ignore[union-attr]
-            fits(values[i]) for values in moment_lists
+            fits(values[i], params[i]) for values in moment_lists
         )
         (flat if ok else other).append(i)
     return flat, other

@@ -309,6 +309,33 @@ def test_small_complex_and_integer_parameters_keep_full_precision_state() -> Non
         assert optimizer.state[p]["exp_avg"].dtype == p.dtype
 
 
+@pytest.mark.parametrize("cls", [core.AdamW, core.ADOPT], ids=["AdamW", "ADOPT"])
+def test_float64_parameters_keep_full_float64_state_and_step_as_full_precision(
+    cls: type[core.AdamFamilyOptimizer],
+) -> None:
+    """8-bit moments are decoded to fp32: beside a float64 gradient the step would mix
+    precisions, so float64 parameters are not quantizable and step exactly as 'full'."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(64, 80, generator=generator, dtype=torch.float64)
+    grads = [torch.randn(base.shape, generator=generator, dtype=torch.float64) for _ in range(3)]
+    assert q.quantizable(nn.Parameter(base.clone())) == "dtype torch.float64"
+    runs = []
+    for precision in ("8bit", "full"):
+        param = nn.Parameter(base.clone())
+        optimizer = cls([param], lr=1e-2, weight_decay=0.1, state_precision=precision)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        runs.append((param, optimizer.state[param]))
+    (param, state), (full_param, full_state) = runs
+    assert state.keys() == full_state.keys()
+    assert not any(key.endswith(("_codes", "_absmax")) for key in state)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].dtype == torch.float64
+        assert torch.equal(state[key], full_state[key])
+    assert torch.equal(param, full_param)
+
+
 def test_adopt_stores_only_its_first_moment_in_8_bits() -> None:
     model = Regression()
     optimizer = core.ADOPT(model.parameters(), lr=1e-3, state_precision="8bit")
