@@ -18,6 +18,7 @@ __all__ = [
     "device_of",
     "dtype_of",
     "moment_pattern",
+    "rounding_kind",
     "same_dense_layout",
     "split_dense",
     "split_moment_patterns",
@@ -29,17 +30,30 @@ __all__ = [
 T = TypeVar("T")
 
 
-def buckets(params: Sequence[Tensor], kahan_comps: Sequence[Tensor | None]) -> list[list[int]]:
-    """Indices of parameters grouped by (device, dtype, uses Kahan)."""
+def rounding_kind(comp: object) -> object:
+    """How a parameter's update is rounded, as buckets() groups it: False to nearest, True
+    with a Kahan buffer, ("stochastic", step) stochastically (one step per bucket, so a
+    kernel launch hashes one step into every tensor's key)."""
+    if comp is None:
+        return False
+    if type(comp) is StochasticRounding:
+        return ("stochastic", comp.step)
+    return True
+
+
+def buckets(
+    params: Sequence[Tensor], kahan_comps: Sequence[Tensor | StochasticRounding | None]
+) -> list[list[int]]:
+    """Indices of parameters grouped by (device, dtype, rounding_kind)."""
     if (
         len(set(map(device_of, params))) == 1
         and len(set(map(dtype_of, params))) == 1
-        and len({comp is None for comp in kahan_comps}) == 1
+        and len(set(map(rounding_kind, kahan_comps))) == 1
     ):
         return [list(range(len(params)))]  # the usual case, at C speed per parameter
-    grouped: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    grouped: dict[tuple[torch.device, torch.dtype, object], list[int]] = {}
     for i, param in enumerate(params):
-        key = (param.device, param.dtype, kahan_comps[i] is not None)
+        key = (param.device, param.dtype, rounding_kind(kahan_comps[i]))
         grouped.setdefault(key, []).append(i)
     return list(grouped.values())
 

@@ -87,11 +87,14 @@ class StochasticRounding:
     def at_step(self, step: int) -> StochasticRounding:
         return StochasticRounding(self.seed, self.stream, step)
 
+    def stream_key(self) -> int:
+        """The 32-bit key of this parameter's stream, the same at every step (the Triton
+        kernels hash in the step themselves: key() = mix32(stream_key() ^ step))."""
+        return mix32(mix32(self.seed & _MASK32) ^ (self.stream & _MASK32))
+
     def key(self) -> int:
         """The 32-bit key of this parameter's step: every element's bits derive from it."""
-        key = mix32(self.seed & _MASK32)
-        key = mix32(key ^ (self.stream & _MASK32))
-        return mix32(key ^ (self.step & _MASK32))
+        return mix32(self.stream_key() ^ (self.step & _MASK32))
 
 
 def mix32(value: int) -> int:

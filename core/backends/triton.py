@@ -13,14 +13,19 @@ go to the tensors' device and its current stream, without contraction (see
 compile_options), so a GPU rounds as the interpreter does.
 
 Algorithm switches (AMSGrad, RAdam's momentum-only steps, NAdam's gradient term, ADOPT's
-first call and clipping, decay modes, Kahan, lr = 0) are constexpr arguments, so Triton
-compiles one specialised kernel per combination actually used. float64 buckets (Triton
-kernel arguments are fp32) and tensors not densely laid out take the foreach backend.
+first call and clipping, decay modes, Kahan, stochastic rounding, lr = 0) are constexpr
+arguments, so Triton compiles one specialised kernel per combination actually used.
+Stochastic rounding (STOCHASTIC) rounds θ as precision.stochastic_round does, bit for
+bit: each tensor's stream key sits in the address table's Kahan row and the step is a
+kernel argument, so the random bits' keys change every step without an upload. float64
+buckets (Triton kernel arguments are fp32) and tensors not densely laid out (and, rounded
+stochastically, not contiguous) take the foreach backend.
 Parameters with 8-bit state (core.quantization) take a second kernel that decodes and
 encodes the moments in the same pass (_quantized_step_kernel, at the end of this file).
 
 Bytes moved per parameter: 4·(4 + 3) = 28 for fp32 Adam, AdamW, RAdam, NAdam and ADOPT,
-36 with AMSGrad; 2·(4 + 3) = 14 for bf16/fp16, 18 with Kahan (k read and written).
+36 with AMSGrad; 2·(4 + 3) = 14 for bf16/fp16, 18 with Kahan (k read and written), 14
+with stochastic rounding.
 """
 
 from __future__ import annotations
@@ -43,14 +48,9 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from core.backends import foreach
-from core.backends.grouping import (
-    buckets,
-    split_dense,
-    split_quantized,
-    split_stochastic,
-    take_all,
-)
+from core.backends.grouping import buckets, split_dense, split_quantized, take_all
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
+from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.backends.views import check_addressable, check_quantized_row
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import BLOCK_SIZE as QUANTIZATION_BLOCK
@@ -95,6 +95,61 @@ def _round(value, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _mix32(value):
+    """precision.mix32 on uint32 values (multiplication wraps modulo 2^32)."""
+    value ^= value >> 16
+    value *= 0x7FEB352D
+    value ^= value >> 15
+    value *= 0x846CA68B
+    return value ^ (value >> 16)
+
+
+@triton.jit
+def _rounding_key(addresses, count, index, step):
+    """The 32-bit key of tensor `index` at this step, as StochasticRounding.key(): the
+    address table's last row holds the tensor's stream_key() in place of a Kahan buffer,
+    and the step (an int32 argument, its bits those of the step modulo 2^32) is hashed in
+    here, so keys change every step without an upload."""
+    stream_key = tl.load(addresses + 5 * count + index).to(tl.uint32)
+    return _mix32(stream_key ^ step.to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _stochastic_round(theta, index, key, DTYPE: tl.constexpr):
+    """precision.stochastic_round up to the final conversion: fp32 values on DTYPE's grid,
+    rounded up or down with the reference's random bits for element `index` (the
+    offset within the tensor) and `key`; every operation is exact, so the result is the
+    reference's bit for bit. Powers of two are built from their bits, and division by
+    them is multiplication by their exact reciprocals; non-finite values pass through
+    (rounded to nearest by _round)."""
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is the variable)
+        mantissa_bits: tl.constexpr = 7
+        min_exponent: tl.constexpr = -126
+    else:
+        mantissa_bits: tl.constexpr = 10
+        min_exponent: tl.constexpr = -14
+    bits = theta.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    value = tl.where(finite, theta, 0.0)
+    exponent = ((bits >> 23) & 0xFF).to(tl.int32) - 127
+    exponent = tl.maximum(exponent, min_exponent)
+    shift = mantissa_bits - exponent
+    first = shift >> 1  # floor(shift / 2), as the reference's halves
+    second = shift - first
+    scale_first = ((first + 127) << 23).to(tl.float32, bitcast=True)
+    scale_second = ((second + 127) << 23).to(tl.float32, bitcast=True)
+    unscale_first = ((127 - first) << 23).to(tl.float32, bitcast=True)
+    unscale_second = ((127 - second) << 23).to(tl.float32, bitcast=True)
+    scaled = value * scale_first * scale_second
+    below = tl.floor(scaled)
+    random = _mix32(index.to(tl.uint32) * 0x9E3779B1 + key)
+    uniform = (random >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+    up = tl.where(uniform < scaled - below, 1.0, 0.0)
+    rounded = (below + up) * unscale_first * unscale_second
+    return tl.where(finite, rounded, theta)
+
+
+@triton.jit
 def _load_param(param, comp, mask, KAHAN: tl.constexpr):
     """θ in fp32, including its Kahan compensation."""
     theta = tl.load(param, mask=mask).to(tl.float32)
@@ -104,8 +159,21 @@ def _load_param(param, comp, mask, KAHAN: tl.constexpr):
 
 
 @triton.jit
-def _store_param(param, comp, mask, theta, DTYPE: tl.constexpr, KAHAN: tl.constexpr):
-    """Round θ into place; with Kahan keep in k what rounding lost."""
+def _store_param(
+    param,
+    comp,
+    mask,
+    theta,
+    index,
+    key,
+    DTYPE: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    """Round θ into place; with Kahan keep in k what rounding lost. STOCHASTIC rounds
+    16-bit θ stochastically (_stochastic_round, element `index`, the tensor's `key`)."""
+    if STOCHASTIC:
+        theta = _stochastic_round(theta, index, key, DTYPE)
     rounded = _round(theta, DTYPE)
     tl.store(param, rounded, mask=mask)
     if KAHAN:
@@ -204,6 +272,8 @@ def _update(
     exp_avg_sq,
     max_exp_avg_sq,
     mask,
+    offsets,
+    key,
     lerp_coeff,
     beta2,
     beta2_weight,
@@ -218,6 +288,7 @@ def _update(
     ADOPT: tl.constexpr,
     SMALL_WEIGHT: tl.constexpr,
     KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     L2: tl.constexpr,
     DECAY: tl.constexpr,
     UPDATE: tl.constexpr,
@@ -275,14 +346,15 @@ def _update(
         tl.store(exp_avg, _round(m, DTYPE), mask=mask)
     tl.store(exp_avg_sq, _round(v, DTYPE), mask=mask)
     if UPDATE and not INIT:
-        _store_param(param, comp, mask, theta, DTYPE, KAHAN)
+        _store_param(param, comp, mask, theta, offsets, key, DTYPE, KAHAN, STOCHASTIC)
 
 
-@triton.jit(do_not_specialize=["count"])
+@triton.jit(do_not_specialize=["count", "step"])
 def _step_kernel(
     addresses,
     blocks,
     count,
+    step,
     lerp_coeff,
     beta2,
     beta2_weight,
@@ -298,6 +370,7 @@ def _step_kernel(
     ADOPT: tl.constexpr,
     SMALL_WEIGHT: tl.constexpr,
     KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     L2: tl.constexpr,
     DECAY: tl.constexpr,
     UPDATE: tl.constexpr,
@@ -310,7 +383,8 @@ def _step_kernel(
 ):
     """One step over one block of one tensor. Full blocks run without bounds checks, so
     with ALIGNED every access is 128 bits wide; only a tensor's last, partial block is
-    masked (and scalar)."""
+    masked (and scalar). STOCHASTIC: θ is rounded stochastically, with the tensor's key
+    at `step` (_rounding_key); Kahan and stochastic rounding exclude each other."""
     index, start, size = _locate(blocks, count, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     param = _base(addresses, 0, count, index, DTYPE, ALIGNED) + offsets
@@ -323,6 +397,9 @@ def _step_kernel(
     comp = param
     if KAHAN:
         comp = _base(addresses, 5, count, index, DTYPE, ALIGNED) + offsets
+    key = step.to(tl.uint32, bitcast=True)
+    if STOCHASTIC:
+        key = _rounding_key(addresses, count, index, step)
     if start + BLOCK <= size:
         _update(
             param,
@@ -332,6 +409,8 @@ def _step_kernel(
             exp_avg_sq,
             max_exp_avg_sq,
             None,
+            offsets,
+            key,
             lerp_coeff,
             beta2,
             beta2_weight,
@@ -346,6 +425,7 @@ def _step_kernel(
             ADOPT,
             SMALL_WEIGHT,
             KAHAN,
+            STOCHASTIC,
             L2,
             DECAY,
             UPDATE,
@@ -364,6 +444,8 @@ def _step_kernel(
             exp_avg_sq,
             max_exp_avg_sq,
             offsets < size,
+            offsets,
+            key,
             lerp_coeff,
             beta2,
             beta2_weight,
@@ -378,6 +460,7 @@ def _step_kernel(
             ADOPT,
             SMALL_WEIGHT,
             KAHAN,
+            STOCHASTIC,
             L2,
             DECAY,
             UPDATE,
@@ -409,10 +492,11 @@ def compile_options(device_type: str) -> dict[str, Any]:
     return options
 
 
-RUNTIME_ARGUMENT_TYPES = {"addresses": "*i64", "blocks": "*i64", "count": "i32"}
+RUNTIME_ARGUMENT_TYPES = {"addresses": "*i64", "blocks": "*i64", "count": "i32", "step": "i32"}
 """Types of the kernel's runtime arguments for ahead-of-time compilation; the others
-are fp32 scalars. `count` is never specialised (do_not_specialize), so one compiled
-kernel serves any number of tensors, one (gradient release) included."""
+are fp32 scalars. `count` and `step` are never specialised (do_not_specialize), so one
+compiled kernel serves any number of tensors, one (gradient release) included, and
+every step."""
 ALIGNMENT = 16
 """Bytes a tensor's address must be a multiple of for the 128-bit path (ALIGNED)."""
 _PLANS_PER_ANCHOR = 4
@@ -528,14 +612,22 @@ def _block_table(sizes: tuple[int, ...], device: torch.device) -> tuple[_Table, 
     return table, (table.values.numel() - len(sizes)) // 2
 
 
-def _make_plan(bucket: list[list[Tensor] | None]) -> _Plan:
+def _make_plan(
+    bucket: list[list[Tensor] | None], rounding: Sequence[StochasticRounding] | None = None
+) -> _Plan:
     """Check the bucket, then split it: tensors not densely laid out run eagerly; the
     rest in at most two launches, those whose every tensor starts on ALIGNMENT bytes
-    (vectorised) and the others, so one odd tensor leaves the rest of its bucket fast."""
+    (vectorised) and the others, so one odd tensor leaves the rest of its bucket fast.
+    rounding: the bucket's StochasticRoundings under STOCHASTIC, whose stream keys take
+    the Kahan row of the address table; a tensor's random bits follow its logical
+    (row-major) order, so only contiguous tensors are run by the kernel then."""
     _check_addressable(bucket)
     dense, strided = split_dense(bucket)
     params = bucket[0]
     assert params is not None
+    if rounding is not None and not all(params[i].is_contiguous() for i in dense):
+        strided = sorted(strided + [i for i in dense if not params[i].is_contiguous()])
+        dense = [i for i in dense if params[i].is_contiguous()]
     device = params[0].device
     aligned: list[int] = []
     unaligned: list[int] = []
@@ -553,14 +645,19 @@ def _make_plan(bucket: list[list[Tensor] | None]) -> _Plan:
         addresses = [
             0 if values is None else t.data_ptr() for values in part for t in values or first
         ]
+        if rounding is not None:  # the last row: the stream keys
+            addresses[-len(indices) :] = _stream_keys([rounding[i] for i in indices])
         blocks, programs = _block_table(sizes, device)
         table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
         launches.append(_Launch(table, blocks, programs, len(indices), is_aligned))
     return _Plan(launches, strided)
 
 
-def _plan(bucket: list[list[Tensor] | None]) -> _Plan:
-    """The bucket's plan, made again only when a tensor moved or changed size or layout."""
+def _plan(
+    bucket: list[list[Tensor] | None], rounding: Sequence[StochasticRounding] | None = None
+) -> _Plan:
+    """The bucket's plan, made again only when a tensor moved or changed size or layout
+    (or, under STOCHASTIC, a seed or stream changed)."""
     params = bucket[0]
     assert params is not None
     try:
@@ -568,12 +665,14 @@ def _plan(bucket: list[list[Tensor] | None]) -> _Plan:
     except RuntimeError:  # a tensor without storage: say which
         _check_addressable(bucket)
         raise
+    if rounding is not None:
+        key = (key, tuple(map(_SEED_AND_STREAM, rounding)))
     plans = _plans.get(params[0])
     if plans is None:
         plans = _plans[params[0]] = OrderedDict()
     plan = plans.get(key)
     if plan is None:
-        plan = plans[key] = _make_plan(bucket)
+        plan = plans[key] = _make_plan(bucket, rounding)
         if len(plans) > _PLANS_PER_ANCHOR:
             plans.popitem(last=False)
     return plan
@@ -581,6 +680,43 @@ def _plan(bucket: list[list[Tensor] | None]) -> _Plan:
 
 def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
+
+
+_SEED_AND_STREAM = attrgetter("seed", "stream")
+
+
+def rounding_switches(comp: object, dtype: torch.dtype) -> tuple[bool, bool]:
+    """(KAHAN, STOCHASTIC) of a bucket whose first parameter (of `dtype`) is rounded as
+    `comp` says (its entry of kahan_comps): a Kahan buffer, a StochasticRounding (on 16-bit
+    parameters; fp32 has nothing to round), or None."""
+    if type(comp) is StochasticRounding:
+        return False, dtype in LOW_PRECISION_DTYPES
+    return comp is not None, False
+
+
+def _bucket_rounding(
+    bucket: list[Any], dtype: torch.dtype
+) -> tuple[bool, list[StochasticRounding] | None]:
+    """Take the bucket's rounding list out of it where it holds no tensors (its last list
+    set to None): (KAHAN, the bucket's StochasticRoundings where STOCHASTIC, else None)."""
+    comps = bucket[-1]
+    assert comps is not None
+    kahan, stochastic = rounding_switches(comps[0], dtype)
+    if not kahan:
+        bucket[-1] = None
+    return kahan, comps if stochastic else None
+
+
+def _stream_keys(rounding: Sequence[StochasticRounding]) -> list[int]:
+    """Each tensor's StochasticRounding.stream_key(): the address table's last row under
+    STOCHASTIC (a tensor's key at a step is hashed from it in the kernel)."""
+    return [r.stream_key() for r in rounding]
+
+
+def _step_argument(step: int | None) -> int:
+    """A step as the kernels' int32 `step`: the bits of step modulo 2^32 (0 if none)."""
+    step = (step or 0) & 0xFFFFFFFF
+    return step - (1 << 32) if step >= 1 << 31 else step
 
 
 def _kernel_scalars(arguments: KernelArguments) -> tuple[tuple[float, ...], bool]:
@@ -610,11 +746,16 @@ def _kernel_scalars(arguments: KernelArguments) -> tuple[tuple[float, ...], bool
 
 
 def _launch_plan(
-    plan: _Plan, dtype: torch.dtype, device: torch.device, arguments: KernelArguments
+    plan: _Plan,
+    dtype: torch.dtype,
+    device: torch.device,
+    arguments: KernelArguments,
+    step: int | None = None,
 ) -> None:
     """Launch a plan's kernels on the tensors' device (whatever device is current) and
     its current stream. Floating-point contraction is off: every multiply and add rounds
-    as written, as in the loop backend and Triton's interpreter."""
+    as written, as in the loop backend and Triton's interpreter. step: the step whose
+    random bits round the parameters stochastically (STOCHASTIC), else None."""
     scalars, small_weight = _kernel_scalars(arguments)
     module = _device_module(device)
     guard = nullcontext() if module is None else module.device(device)
@@ -625,9 +766,15 @@ def _launch_plan(
                 _ready_on(launch.addresses, stream),
                 _ready_on(launch.blocks, stream),
                 launch.tensors,
+                _step_argument(step),
                 *scalars,
                 **_constexprs(
-                    dtype, launch.aligned, arguments.algorithm, small_weight, arguments.switches
+                    dtype,
+                    launch.aligned,
+                    arguments.algorithm,
+                    small_weight,
+                    arguments.switches,
+                    step is not None,
                 ),
                 **compile_options(device.type),
             )
@@ -639,8 +786,10 @@ def launch_constexprs(
     algorithm: str,
     small_weight: bool,
     switches: dict[str, bool],
+    stochastic: bool = False,
 ) -> dict[str, Any]:
-    """The constexpr arguments of one launch: which specialisation of the kernel runs."""
+    """The constexpr arguments of one launch: which specialisation of the kernel runs
+    (stochastic: rounding_switches' STOCHASTIC)."""
     return {
         "DTYPE": TRITON_DTYPES[dtype],
         "ALIGNED": aligned,
@@ -648,6 +797,7 @@ def launch_constexprs(
         "SMALL_WEIGHT": small_weight,
         "BLOCK": BLOCK,
         **switches,
+        "STOCHASTIC": stochastic,
     }
 
 
@@ -658,9 +808,10 @@ def _constexprs(
     algorithm: str,
     small_weight: bool,
     switches: tuple[tuple[str, bool], ...],
+    stochastic: bool,
 ) -> dict[str, Any]:
     """launch_constexprs, built once per combination (a launch copies it into kwargs)."""
-    return launch_constexprs(dtype, aligned, algorithm, small_weight, dict(switches))
+    return launch_constexprs(dtype, aligned, algorithm, small_weight, dict(switches), stochastic)
 
 
 def _step(
@@ -668,13 +819,9 @@ def _step(
     arguments: Callable[[bool], KernelArguments],
     eager: Callable[[list[Any]], None],
 ) -> None:
-    """Launches per (dtype, Kahan) bucket the kernels take; the rest runs `eager`. Every
-    bucket is checked and planned before anything is launched, so a refused tensor
+    """Launches per (dtype, rounding) bucket the kernels take; the rest runs `eager`.
+    Every bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
-    nearest, stochastic = split_stochastic(lists)
-    rounded_stochastically = take_all(lists, stochastic) if stochastic else None
-    if nearest is not None:
-        lists = take_all(lists, nearest)
     full, quantized = split_quantized(lists)
     eight_bit = _prepare_quantized(take_all(lists, quantized), quantized) if quantized else None
     if full is not None:  # some moments are 8-bit: they have their own kernel
@@ -683,15 +830,14 @@ def _step(
     assert params is not None
     steps = _planned_step(lists) if params else None
     # Everything the kernels take is checked and planned: only now is anything written.
-    if rounded_stochastically is not None:  # the loop backend's reference rounding
-        eager(rounded_stochastically)
     if eight_bit is not None:
         eight_bit.run(arguments, eager)
     if steps is None:
         return
-    for plan, dtype, device, kahan in steps.launches:
+    for plan, dtype, device, kahan, rounding_index in steps.launches:
         if plan.launches:
-            _launch_plan(plan, dtype, device, arguments(kahan))
+            step = None if rounding_index is None else lists[-1][rounding_index].step  # type: ignore[index,union-attr]
+            _launch_plan(plan, dtype, device, arguments(kahan), step)
     if steps.rest:
         eager(take_all(lists, steps.rest))
 
@@ -699,10 +845,12 @@ def _step(
 @dataclass
 class _Steps:
     """How one step over a set of lists runs: each bucket's plan (with the dtype, device and
-    Kahan switch it launches with), and the indices the kernels cannot take."""
+    Kahan switch it launches with, and under STOCHASTIC the index of a parameter of the
+    bucket, whose StochasticRounding gives the step), and the indices the kernels cannot
+    take."""
 
     key: list[Any] | None
-    launches: list[tuple[_Plan, torch.dtype, torch.device, bool]]
+    launches: list[tuple[_Plan, torch.dtype, torch.device, bool, int | None]]
     rest: list[int]
 
 
@@ -716,14 +864,25 @@ def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
     """What bucketing and every bucket's plan depend on, as `_key` states it for one
     bucket: which lists are present, every tensor's address, the sizes and, if any gradient
     is not contiguous, every layout (same tensor, same address and size: same dtype and
-    device). None when only some parameters have a Kahan buffer (planned every step)."""
+    device), and under stochastic rounding every seed and stream. None when only some
+    parameters have a Kahan buffer or are rounded stochastically, or the stochastic
+    roundings are of several steps (planned every step)."""
     params, grads, kahan_comps = lists[0], lists[1], lists[-1]
     assert params is not None and grads is not None and kahan_comps is not None
-    kahan = kahan_comps[0] is not None
-    nones = map(operator.is_, kahan_comps, repeat(None))
-    if any(nones) if kahan else not all(nones):
-        return None
-    rows = (*lists[:-1], kahan_comps if kahan else None)
+    first = kahan_comps[0]
+    kahan: Any = first is not None
+    if type(first) is StochasticRounding:
+        if set(map(type, kahan_comps)) != {StochasticRounding}:
+            return None
+        if len(set(map(attrgetter("step"), kahan_comps))) != 1:
+            return None
+        kahan = tuple(map(_SEED_AND_STREAM, kahan_comps))
+        rows: tuple[Any, ...] = (*lists[:-1], None)
+    else:
+        nones = map(operator.is_, kahan_comps, repeat(None))
+        if any(nones) if kahan else not all(nones):
+            return None
+        rows = (*lists[:-1], kahan_comps if kahan else None)
     present = [values for values in rows if values is not None]
     key: list[Any] = [tuple(values is not None for values in lists[:-1]), kahan]
     for values in present:
@@ -753,10 +912,10 @@ def _planned_step(lists: list[Sequence[Tensor] | None]) -> _Steps:
             steps.rest += indices
             continue
         bucket = take_all(lists, indices)
-        if kahan_comps[indices[0]] is None:
-            bucket[-1] = None
-        plan = _plan(bucket)
-        steps.launches.append((plan, first.dtype, first.device, bucket[-1] is not None))
+        kahan, rounding = _bucket_rounding(bucket, first.dtype)
+        plan = _plan(bucket, rounding)
+        rounding_index = None if rounding is None else indices[0]
+        steps.launches.append((plan, first.dtype, first.device, kahan, rounding_index))
         steps.rest += [indices[i] for i in plan.eager]
     steps.rest.sort()
     if key is not None:
@@ -895,11 +1054,12 @@ def _moment_base(addresses, row, count, index, DTYPE: tl.constexpr, QUANTIZED: t
     return pointer
 
 
-@triton.jit(do_not_specialize=["count"])
+@triton.jit(do_not_specialize=["count", "step"])
 def _quantized_step_kernel(
     addresses,
     blocks,
     count,
+    step,
     signed_values,
     signed_midpoints,
     unsigned_values,
@@ -918,6 +1078,7 @@ def _quantized_step_kernel(
     ADOPT: tl.constexpr,
     SMALL_WEIGHT: tl.constexpr,
     KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     L2: tl.constexpr,
     DECAY: tl.constexpr,
     UPDATE: tl.constexpr,
@@ -935,8 +1096,9 @@ def _quantized_step_kernel(
     """One step over QBLOCKS quantization blocks of one tensor with 8-bit moments
     (M_8BIT, V_8BIT, V_MAX_8BIT say which; the others are in the parameter's dtype).
     Address table rows (QUANTIZED_ROWS): θ, g, m, v and v_max (codes where 8-bit), Kahan
-    k, and the scales of m, v and v_max; block table: (tensor, first element, length,
-    scale index) per block, QBLOCKS consecutive blocks per program."""
+    k (STOCHASTIC: the tensors' stream keys), and the scales of m, v and v_max; block
+    table: (tensor, first element, length, scale index) per block, QBLOCKS consecutive
+    blocks per program."""
     first = tl.program_id(0).to(tl.int64) * QBLOCKS
     entries = blocks + 4 * (first + tl.arange(0, QBLOCKS))
     index = tl.load(blocks + 4 * first)
@@ -950,6 +1112,9 @@ def _quantized_step_kernel(
     comp = param
     if KAHAN:
         comp = _base(addresses, 5, count, index, DTYPE, False) + offsets
+    key = step.to(tl.uint32, bitcast=True)
+    if STOCHASTIC:
+        key = _rounding_key(addresses, count, index, step)
     m_codes = _moment_base(addresses, 2, count, index, DTYPE, M_8BIT) + offsets
     v_codes = _moment_base(addresses, 3, count, index, DTYPE, V_8BIT) + offsets
     m_absmax = _base(addresses, 6, count, index, tl.float32, False) + scales
@@ -1016,7 +1181,7 @@ def _quantized_step_kernel(
         _store_moment(m, m_codes, m_absmax, signed_midpoints, mask, present, DTYPE, True, M_8BIT)
     _store_moment(v, v_codes, v_absmax, unsigned_midpoints, mask, present, DTYPE, False, V_8BIT)
     if UPDATE and not INIT:
-        _store_param(param, comp, mask, theta, DTYPE, KAHAN)
+        _store_param(param, comp, mask, theta, offsets, key, DTYPE, KAHAN, STOCHASTIC)
 
 
 QUANTIZED_ROWS = (
@@ -1067,15 +1232,18 @@ class _QuantizedStep:
     """A step's parameters with 8-bit moments, checked and planned; run() launches."""
 
     lists: list[Any]
-    planned: list[tuple[_QuantizedPlan, Tensor, bool]]
+    planned: list[tuple[_QuantizedPlan, Tensor, bool, int | None]]
+    """Per bucket: its plan, first parameter, KAHAN and, under STOCHASTIC, the index of a
+    parameter of the bucket (its StochasticRounding gives the step)."""
     eager: list[int]
 
     def run(
         self, arguments: Callable[[bool], KernelArguments], eager: Callable[[list[Any]], None]
     ) -> None:
-        for plan, first, kahan in self.planned:
+        for plan, first, kahan, rounding_index in self.planned:
             if plan.launch is not None:
-                _launch_quantized(plan, first.dtype, first.device, arguments(kahan))
+                step = None if rounding_index is None else self.lists[-1][rounding_index].step
+                _launch_quantized(plan, first.dtype, first.device, arguments(kahan), step)
         if self.eager:
             eager(take_all(self.lists, sorted(self.eager)))
 
@@ -1167,12 +1335,16 @@ def _quantized_block_table(
 
 
 def _make_quantized_plan(
-    rows: list[list[Tensor] | None], bucket: list[Any], positions: list[int]
+    rows: list[list[Tensor] | None],
+    bucket: list[Any],
+    positions: list[int],
+    rounding: Sequence[StochasticRounding] | None = None,
 ) -> _QuantizedPlan:
     """Check the bucket (views.check_addressable for θ, g, k and full-precision moments,
     check_quantized_row for 8-bit ones), then plan one launch over its tensors
     that are contiguous; others (whose memory order is not the codes' row-major order)
-    run eagerly."""
+    run eagerly. rounding: the bucket's StochasticRoundings under STOCHASTIC (their
+    stream keys take the Kahan row)."""
     params = rows[0]
     assert params is not None
     device = params[0].device
@@ -1195,16 +1367,23 @@ def _make_quantized_plan(
     first = part[0]
     assert first is not None
     addresses = [0 if values is None else t.data_ptr() for values in part for t in values or first]
+    if rounding is not None:  # the Kahan row (5): the stream keys
+        count = len(contiguous)
+        addresses[5 * count : 6 * count] = _stream_keys([rounding[i] for i in contiguous])
     blocks, programs = _quantized_block_table(tuple(t.shape for t in first), device)
     table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
     launch = _QuantizedLaunch(table, blocks, programs, len(contiguous))
     return _QuantizedPlan(launch, moment_switches(bucket), eager)
 
 
-def _quantized_plan(bucket: list[Any], positions: list[int]) -> _QuantizedPlan:
+def _quantized_plan(
+    bucket: list[Any],
+    positions: list[int],
+    rounding: Sequence[StochasticRounding] | None = None,
+) -> _QuantizedPlan:
     """The bucket's quantized plan, made again only when a tensor moved or changed dtype,
-    size, shape or layout. positions: the bucket's indices in the step's lists (to name
-    a refused tensor by)."""
+    size, shape or layout (or, under STOCHASTIC, a seed or stream changed). positions:
+    the bucket's indices in the step's lists (to name a refused tensor by)."""
     rows = _quantized_tensor_rows(bucket, positions)
     params = rows[0]
     assert params is not None
@@ -1213,12 +1392,14 @@ def _quantized_plan(bucket: list[Any], positions: list[int]) -> _QuantizedPlan:
     except (RuntimeError, TypeError):  # no storage, or not a tensor: say which
         _make_quantized_plan(rows, bucket, positions)
         raise
+    if rounding is not None:
+        key = (key, tuple(map(_SEED_AND_STREAM, rounding)))
     plans = _quantized_plans.get(params[0])
     if plans is None:
         plans = _quantized_plans[params[0]] = OrderedDict()
     plan = plans.get(key)
     if plan is None:
-        plan = plans[key] = _make_quantized_plan(rows, bucket, positions)
+        plan = plans[key] = _make_quantized_plan(rows, bucket, positions, rounding)
         if len(plans) > _PLANS_PER_ANCHOR:
             plans.popitem(last=False)
     return plan
@@ -1243,10 +1424,10 @@ def _quantized_buckets(lists: list[Any]) -> list[list[int]]:
 
 
 def _prepare_quantized(lists: list[Any], positions: list[int]) -> _QuantizedStep:
-    """Check and plan, per (dtype, Kahan, 8-bit moments) bucket, the parameters with 8-bit
-    moments (at `positions` of the step's lists); launches nothing, so a refusal leaves
-    every tensor as it was (see _step)."""
-    params, kahan_comps = lists[0], lists[-1]
+    """Check and plan, per (dtype, rounding, 8-bit moments) bucket, the parameters with
+    8-bit moments (at `positions` of the step's lists); launches nothing, so a refusal
+    leaves every tensor as it was (see _step)."""
+    params = lists[0]
     planned = []
     eager: list[int] = []
     for indices in _quantized_buckets(lists):
@@ -1255,10 +1436,9 @@ def _prepare_quantized(lists: list[Any], positions: list[int]) -> _QuantizedStep
             eager += indices
             continue
         bucket = take_all(lists, indices)
-        if kahan_comps[indices[0]] is None:
-            bucket[-1] = None
-        plan = _quantized_plan(bucket, [positions[i] for i in indices])
-        planned.append((plan, first, bucket[-1] is not None))
+        kahan, rounding = _bucket_rounding(bucket, first.dtype)
+        plan = _quantized_plan(bucket, [positions[i] for i in indices], rounding)
+        planned.append((plan, first, kahan, None if rounding is None else indices[0]))
         eager += [indices[i] for i in plan.eager]
     return _QuantizedStep(lists, planned, eager)
 
@@ -1269,9 +1449,10 @@ def quantized_launch_constexprs(
     small_weight: bool,
     switches: dict[str, bool],
     moments: dict[str, bool],
+    stochastic: bool = False,
 ) -> dict[str, Any]:
     """The constexpr arguments of one launch of _quantized_step_kernel (moments:
-    moment_switches)."""
+    moment_switches; stochastic: rounding_switches' STOCHASTIC)."""
     return {
         "DTYPE": TRITON_DTYPES[dtype],
         "ADOPT": algorithm == "adopt",
@@ -1279,15 +1460,20 @@ def quantized_launch_constexprs(
         "QBLOCK": QUANTIZATION_BLOCK,
         "QBLOCKS": QUANTIZED_BLOCKS_PER_PROGRAM,
         **switches,
+        "STOCHASTIC": stochastic,
         **moments,
     }
 
 
 def _launch_quantized(
-    plan: _QuantizedPlan, dtype: torch.dtype, device: torch.device, arguments: KernelArguments
+    plan: _QuantizedPlan,
+    dtype: torch.dtype,
+    device: torch.device,
+    arguments: KernelArguments,
+    step: int | None = None,
 ) -> None:
     """Launch one quantized plan on the tensors' device and its current stream, with the
-    scalars and compile options of the full-precision kernel."""
+    scalars and compile options of the full-precision kernel (step: as _launch_plan's)."""
     launch = plan.launch
     assert launch is not None
     scalars, small_weight = _kernel_scalars(arguments)
@@ -1301,13 +1487,19 @@ def _launch_quantized(
             _ready_on(launch.addresses, stream),
             _ready_on(launch.blocks, stream),
             launch.tensors,
+            _step_argument(step),
             signed_values,
             signed_midpoints,
             unsigned_values,
             unsigned_midpoints,
             *scalars,
             **quantized_launch_constexprs(
-                dtype, arguments.algorithm, small_weight, dict(arguments.switches), plan.switches
+                dtype,
+                arguments.algorithm,
+                small_weight,
+                dict(arguments.switches),
+                plan.switches,
+                step is not None,
             ),
             **compile_options(device.type),
         )

@@ -4,7 +4,8 @@ Every specialisation a launch can ask for is enumerated from the code that choos
 each case of the test table (every algorithm x decay mode x AMSGrad/clip), at its lr and
 at lr = 0, is stepped past ADOPT's first call and RAdam's rectification; the coefficients
 of each step go through kernel_arguments as the backend sends them, and launch_constexprs
-adds dtype, Kahan, alignment and lerp form. Each is compiled (in a worker process:
+adds dtype, Kahan, alignment and lerp form, and rounding_switches the stochastic rounding
+each dtype gets. Each is compiled (in a worker process:
 Triton's interpreter is on in this one) for sm_80, sm_90 and, where this Triton knows
 it, sm_100, and its PTX and cubin checked: no register spills, no fused multiply-adds,
 no flush to zero, and for 16-byte-aligned launches 128-bit loads and stores for every
@@ -69,23 +70,40 @@ def _switch_sets() -> set[tuple[str, tuple[tuple[str, bool], ...]]]:
     return found
 
 
+def _roundings(switches: dict[str, bool], dtype: torch.dtype) -> list[bool]:
+    """STOCHASTIC values a launch with these switches gets for parameters of dtype, as the
+    backend chooses them (rounding_switches) from what the optimizers hand it: a Kahan
+    buffer, a StochasticRounding or None (never a Kahan buffer for fp32)."""
+    from core.backends.precision import StochasticRounding
+    from core.backends.triton import rounding_switches
+
+    found = []
+    for comp in (None, torch.zeros(1), StochasticRounding(0, 0)):
+        kahan, stochastic = rounding_switches(comp, dtype)
+        if kahan and dtype not in LOW_PRECISION:
+            continue
+        if kahan == switches["KAHAN"] and stochastic not in found:
+            found.append(stochastic)
+    return found
+
+
 @functools.cache
 def launchable_specializations() -> list[dict[str, Any]]:
     """Every constexpr combination the Triton backend can launch, DTYPE by name. Kahan
-    compensation exists only for 16-bit parameters (the optimizers never give fp32 one)."""
+    compensation and stochastic rounding exist only for 16-bit parameters (the optimizers
+    never give fp32 either)."""
     from core.backends.triton import TRITON_DTYPES, launch_constexprs
 
     specs = []
     for algorithm, switches in sorted(_switch_sets()):
         for dtype in TRITON_DTYPES:
-            if dict(switches)["KAHAN"] and dtype not in LOW_PRECISION:
-                continue
-            for aligned in (True, False):
-                for small_weight in (True, False):
-                    spec = launch_constexprs(
-                        dtype, aligned, algorithm, small_weight, dict(switches)
-                    )
-                    specs.append({**spec, "DTYPE": str(dtype).removeprefix("torch.")})
+            for stochastic in _roundings(dict(switches), dtype):
+                for aligned in (True, False):
+                    for small_weight in (True, False):
+                        spec = launch_constexprs(
+                            dtype, aligned, algorithm, small_weight, dict(switches), stochastic
+                        )
+                        specs.append({**spec, "DTYPE": str(dtype).removeprefix("torch.")})
     return specs
 
 
@@ -128,13 +146,14 @@ def launchable_quantized_specializations() -> list[dict[str, Any]]:
         on = dict(switches)
         moments = moment_sets[algorithm, on["AMSGRAD"]]
         for dtype in TRITON_DTYPES:
-            if on["KAHAN"] and dtype not in LOW_PRECISION:
-                continue
-            for small_weight in (True, False):
-                spec = quantized_launch_constexprs(dtype, algorithm, small_weight, on, moments)
-                specs.append(
-                    {**spec, "DTYPE": str(dtype).removeprefix("torch."), "kernel": "quantized"}
-                )
+            for stochastic in _roundings(on, dtype):
+                for small_weight in (True, False):
+                    spec = quantized_launch_constexprs(
+                        dtype, algorithm, small_weight, on, moments, stochastic
+                    )
+                    specs.append(
+                        {**spec, "DTYPE": str(dtype).removeprefix("torch."), "kernel": "quantized"}
+                    )
     return specs
 
 
