@@ -34,16 +34,11 @@ from tests.core.cases import (
     trajectory_cases,
 )
 from tests.core.test_fused import _ulp, assert_state_close, assert_within_one_ulp
+from tests.core.test_quantized_triton import DTYPES
 
 STEPS = 8
 LR_ZERO_STEP = 4
 """A step the schedule takes at lr = 0: parameters must not move (UPDATE off)."""
-DTYPES = {
-    "fp32": (torch.float32, None),
-    "bf16-kahan": (torch.bfloat16, True),
-    "fp16-kahan": (torch.float16, True),
-    "bf16": (torch.bfloat16, False),
-}
 
 
 def _cuda_unavailable_reason() -> str | None:
