@@ -343,3 +343,28 @@ def test_adopt_stores_only_its_first_moment_in_8_bits() -> None:
     state = optimizer.state[model.hidden.weight]
     assert state["exp_avg_codes"].dtype == torch.uint8
     assert state["exp_avg_sq"].dtype == torch.float32 and "exp_avg_sq_codes" not in state
+
+
+@pytest.mark.parametrize("flags", [{"fused": True}, {"foreach": True}, {}], ids=str)
+def test_optimizer_accumulation_folds_into_8bit_moments_as_the_loop_backend_does(
+    flags: dict,
+) -> None:
+    """Two micro-batches folded (optimizer accumulation), then an update, for 3 windows:
+    every backend equals the loop backend's 8-bit run (the folds run its code)."""
+    data = batches(6)
+    results = []
+    for options in ({"foreach": False, "fused": False}, flags):
+        model = Regression()
+        optimizer = core.AdamW(model.parameters(), lr=1e-3, state_precision="8bit", **options)
+        for index, (x, y) in enumerate(data):
+            optimizer.optimizer_accumulation = index % 2 == 0
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append((model, optimizer))
+    (loop_model, _), (model, optimizer) = results
+    for a, b in zip(loop_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    weight = model.hidden.weight
+    assert optimizer.state[weight]["exp_avg_codes"].dtype == torch.uint8
+    assert float(optimizer.state[weight]["step"]) == 3
