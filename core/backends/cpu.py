@@ -13,6 +13,13 @@ kernel). Which moments are 8-bit is a switch of the kernel too, so ADOPT's 8-bit
 its full-precision v runs in the same pass; parameters are bucketed by that pattern. The
 loop backend, their reference, keeps only what that kernel cannot address:
 non-contiguous tensors, state cast to another dtype, and float64 parameters.
+
+Stochastic rounding of bf16/fp16 parameters (StochasticRounding in place of the Kahan
+buffer) is the generated kernels' STOCHASTIC switch, in both entry points: each bucket
+holds one step's roundings, and their keys (StochasticRounding.key()) travel with the
+call, one per tensor, so the kernel rounds θ as precision.stochastic_round does, bit for
+bit. fp32 and float64 parameters have nothing to round stochastically and are rounded to
+nearest, as the loop backend rounds them.
 """
 
 from __future__ import annotations
@@ -31,14 +38,17 @@ from core.backends.grouping import (
     split_moment_patterns,
     split_quantized,
     split_quantized_dense,
-    split_stochastic,
     take_all,
 )
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
+from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.backends.views import QUANTIZED_ROWS
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
 TensorLists = list[list[Tensor] | None]
+Rounding = list[StochasticRounding] | None
+"""A bucket's stochastic roundings (its parameters are rounded stochastically), or None."""
+FusedStep = Callable[[TensorLists, torch.dtype, bool, Rounding], bool]
 
 
 def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> None:
@@ -78,10 +88,12 @@ class FusedCpu:
         dtype: torch.dtype,
         arguments: KernelArguments,
         quantized: bool = False,
+        rounding: Rounding = None,
     ) -> bool:
         """Run a generated kernel; False when it cannot be built and falling back is allowed.
         A quantized bucket's moments are 8-bit or full precision as its first parameter's
-        are (the buckets share one pattern; the kernel's checks refuse any other)."""
+        are (the buckets share one pattern; the kernel's checks refuse any other).
+        rounding: the bucket's StochasticRoundings, where θ is rounded stochastically."""
         full_moments: frozenset[str] = frozenset()
         if quantized:
             pattern = moment_pattern(lists)
@@ -91,11 +103,17 @@ class FusedCpu:
                 if values is not None and not eight_bit
             )
         config = cpu_kernel.KernelConfig(
-            arguments.algorithm, dtype, arguments.switches, quantized, full_moments
+            arguments.algorithm,
+            dtype,
+            arguments.switches,
+            quantized,
+            full_moments,
+            stochastic=rounding is not None,
         )
+        keys = None if rounding is None else [r.key() for r in rounding]
         run = cpu_kernel.run_quantized if quantized else cpu_kernel.run
         try:
-            run(config, *lists, arguments.scalars)  # type: ignore[arg-type]
+            run(config, *lists, arguments.scalars, keys)  # type: ignore[arg-type]
         except cpu_kernel.KernelUnavailable as error:
             if self.strict:
                 raise RuntimeError(f"fused=True: {error}") from error
@@ -107,19 +125,12 @@ class FusedCpu:
     def _each_bucket(
         self,
         lists: TensorLists,
-        fused: Callable[[TensorLists, torch.dtype, bool], bool],
+        fused: FusedStep,
         fallback: Callable[[TensorLists], None],
-        quantized: Callable[[TensorLists, torch.dtype, bool], bool],
+        quantized: FusedStep,
     ) -> None:
-        """Split into uniform dense buckets; run `fused` on each (`quantized` where any
-        moment is 8-bit), `fallback` on the rest; stochastic rounding runs `fallback`
-        (the loop backend's reference)."""
-        nearest, stochastic = split_stochastic(lists)
-        if stochastic:
-            fallback(take_all(lists, stochastic))
-            if not nearest:
-                return
-            lists = take_all(lists, nearest)
+        """Split into uniform dense buckets (by dtype and rounding, see buckets()); run
+        `fused` on each (`quantized` where any moment is 8-bit), `fallback` on the rest."""
         full, eight_bit = split_quantized(lists)
         if eight_bit:
             self._each_bucket_of(take_all(lists, eight_bit), quantized, fallback, True)
@@ -131,7 +142,7 @@ class FusedCpu:
     @staticmethod
     def _each_bucket_of(
         lists: TensorLists,
-        fused: Callable[[TensorLists, torch.dtype, bool], bool],
+        fused: FusedStep,
         fallback: Callable[[TensorLists], None],
         quantized: bool,
     ) -> None:
@@ -148,22 +159,32 @@ class FusedCpu:
             ]
         for indices in groups:
             bucket = take_all(lists, indices)
-            kahan = kahan_comps[indices[0]] is not None
+            dtype = bucket[0][0].dtype  # type: ignore[index]
+            kahan, stochastic = _rounding_switches(kahan_comps[indices[0]], dtype)
+            comps = bucket[-1]
             if not kahan:
                 bucket[-1] = None
-            dtype = bucket[0][0].dtype  # type: ignore[index]
             if not quantized:
                 dense, strided = split_dense(bucket)
             elif dtype in cpu_kernel.QUANTIZED_DTYPES:
                 dense, strided = split_quantized_dense(bucket)
             else:
                 dense, strided = [], list(range(len(indices)))
+            if stochastic:
+                # An element's random bits follow its logical (row-major) index, which is
+                # its offset in memory only where the parameter is contiguous.
+                params = bucket[0]
+                assert params is not None
+                strided = sorted(strided + [i for i in dense if not params[i].is_contiguous()])
+                dense = [i for i in dense if params[i].is_contiguous()]
+            # The loop backend takes the stochastic roundings where the kernel does not.
+            eager = [*bucket[:-1], comps] if stochastic else bucket
             if strided:
-                fallback(_with_comps(take_all(bucket, strided), len(strided)))
+                fallback(_with_comps(take_all(eager, strided), len(strided)))
             if dense:
-                dense_bucket = take_all(bucket, dense)
-                if not fused(dense_bucket, dtype, kahan):
-                    fallback(_with_comps(dense_bucket, len(dense)))
+                rounding = [comps[i] for i in dense] if stochastic else None  # type: ignore[index]
+                if not fused(take_all(bucket, dense), dtype, kahan, rounding):  # type: ignore[arg-type]
+                    fallback(_with_comps(take_all(eager, dense), len(dense)))
 
     def adam_step(
         self,
@@ -184,14 +205,17 @@ class FusedCpu:
             loop.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps, c)
             return
 
-        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
-            if c.torch_terms is not None and c.update_params and not kahan:
+        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding) -> bool:
+            if c.torch_terms is not None and c.update_params and not kahan and rounding is None:
                 _native_adam(lists, c)
                 return True
-            return self._generated(lists, dtype, adam_arguments(c, kahan))
+            return self._generated(lists, dtype, adam_arguments(c, kahan), rounding=rounding)
 
-        def quantized(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
-            return self._generated(lists, dtype, adam_arguments(c, kahan), quantized=True)
+        def quantized(
+            lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding
+        ) -> bool:
+            arguments = adam_arguments(c, kahan)
+            return self._generated(lists, dtype, arguments, quantized=True, rounding=rounding)
 
         self._each_bucket(
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]
@@ -211,11 +235,14 @@ class FusedCpu:
     ) -> None:
         """Apply one ADOPT step (see AdoptStepCoefficients) in one pass per bucket."""
 
-        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
-            return self._generated(lists, dtype, adopt_arguments(c, kahan))
+        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding) -> bool:
+            return self._generated(lists, dtype, adopt_arguments(c, kahan), rounding=rounding)
 
-        def quantized(lists: TensorLists, dtype: torch.dtype, kahan: bool) -> bool:
-            return self._generated(lists, dtype, adopt_arguments(c, kahan), quantized=True)
+        def quantized(
+            lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding
+        ) -> bool:
+            arguments = adopt_arguments(c, kahan)
+            return self._generated(lists, dtype, arguments, quantized=True, rounding=rounding)
 
         def fallback(lists: TensorLists) -> None:
             params, grads, exp_avgs, exp_avg_sqs, _, comps = lists
@@ -227,6 +254,15 @@ class FusedCpu:
             fallback,
             quantized,
         )
+
+
+def _rounding_switches(comp: object, dtype: torch.dtype) -> tuple[bool, bool]:
+    """(KAHAN, STOCHASTIC) of a bucket whose first parameter (of `dtype`) is rounded as
+    `comp` says: a Kahan buffer, a StochasticRounding (16-bit parameters only: fp32 and
+    float64 are rounded to nearest, as the loop backend does), or None."""
+    if type(comp) is StochasticRounding:
+        return False, dtype in LOW_PRECISION_DTYPES
+    return comp is not None, False
 
 
 def _with_comps(lists: TensorLists, count: int) -> TensorLists:

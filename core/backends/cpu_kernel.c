@@ -12,6 +12,11 @@
  *   ALGORITHM   1 = Adam family (Adam, AMSGrad, RAdam, NAdam), 2 = ADOPT
  *   DTYPE       1 = float32, 2 = float64, 3 = bfloat16, 4 = float16 (θ, g and state alike)
  *   KAHAN       θ is read as θ + k and k keeps what rounding θ lost
+ *   STOCHASTIC  16-bit θ is rounded stochastically, as core/backends/precision.py's
+ *               stochastic_round does, bit for bit: each tensor's 32-bit key of this
+ *               step (StochasticRounding.key(), computed on the host) comes in `keys`,
+ *               and element i's random bits are mix32(i·0x9E3779B1 + key), i its offset
+ *               within the tensor (exclusive with KAHAN; bfloat16 and float16 only)
  *   L2          g ← g + l2·θ before the moments
  *   DECAY       θ ← param_decay·θ before the update
  *   UPDATE      the parameter is updated at all (lr ≠ 0)
@@ -32,11 +37,14 @@
 #if !defined(ALGORITHM) || !defined(DTYPE) || !defined(KAHAN) || !defined(L2) || \
     !defined(DECAY) || !defined(UPDATE) || !defined(AMSGRAD) || !defined(ADAPTIVE) || \
     !defined(GRAD_TERM) || !defined(INIT) || !defined(CLIP) || !defined(Q8) || \
-    !defined(M_8BIT) || !defined(V_8BIT) || !defined(V_MAX_8BIT)
+    !defined(M_8BIT) || !defined(V_8BIT) || !defined(V_MAX_8BIT) || !defined(STOCHASTIC)
 #error "every switch is set by core/backends/cpu_kernel.py (-DNAME=0 or 1)"
 #endif
 #if !Q8 && (M_8BIT || V_8BIT || V_MAX_8BIT)
 #error "an 8-bit moment needs the Q8 entry point"
+#endif
+#if STOCHASTIC && (KAHAN || (DTYPE != 3 && DTYPE != 4))
+#error "stochastic rounding is for bfloat16 and float16 parameters without a Kahan buffer"
 #endif
 
 /* ---- storage types and the compute precision (fp32 for every 16-bit type) ---------- */
@@ -110,8 +118,62 @@ static inline compute_t load(const store_t *a, int64_t i) { return widen(a[i]); 
 
 static inline void put(store_t *a, int64_t i, compute_t x) { a[i] = round_to_store(x); }
 
-/* Round θ into place; with Kahan keep in k what rounding lost. */
-static inline void store_param(store_t *param, store_t *comp, int64_t i, compute_t theta) {
+#if STOCHASTIC
+#if DTYPE == 3
+#define SR_MANTISSA_BITS 7
+#define SR_MIN_EXPONENT (-126)
+#else
+#define SR_MANTISSA_BITS 10
+#define SR_MIN_EXPONENT (-14)
+#endif
+
+/* precision.mix32 (uint32 multiplication wraps modulo 2^32, as the reference masks). */
+static inline uint32_t mix32(uint32_t value) {
+    value ^= value >> 16;
+    value *= 0x7feb352du;
+    value ^= value >> 15;
+    value *= 0x846ca68bu;
+    return value ^ (value >> 16);
+}
+
+/* A power of two 2^e (|e| ≤ 127) from its bits. */
+static inline float power_of_two(int32_t e) { return as_float((uint32_t)(e + 127) << 23); }
+
+/* precision.stochastic_round up to the final conversion: θ on the 16-bit grid, rounded
+ * up or down with the reference's random bits for element `index` of the tensor whose
+ * step key is `key`. Every operation is exact in fp32 (scaling by powers of two built
+ * from their bits, in the reference's two halves; division by them as multiplication by
+ * their exact reciprocals), so the result is the reference's bit for bit; non-finite
+ * values pass through, to be rounded to nearest by round_to_store. */
+static inline float stochastic_value(float theta, int64_t index, uint32_t key) {
+    uint32_t bits = as_bits(theta);
+    int finite = (bits & 0x7f800000u) != 0x7f800000u;
+    float value = finite ? theta : 0.0f;
+    int32_t exponent = (int32_t)((bits >> 23) & 0xffu) - 127;
+    exponent = exponent < SR_MIN_EXPONENT ? SR_MIN_EXPONENT : exponent;
+    int32_t shift = SR_MANTISSA_BITS - exponent;
+    /* floor(shift / 2) for either sign, as the reference's shift // 2 */
+    int32_t first = shift >= 0 ? shift / 2 : -((1 - shift) / 2);
+    int32_t second = shift - first;
+    float scaled = value * power_of_two(first) * power_of_two(second);
+    float below = floorf(scaled);
+    uint32_t random = mix32((uint32_t)index * 0x9e3779b1u + key);
+    float uniform = (float)(random >> 8) * 0x1p-24f;
+    float up = uniform < scaled - below ? 1.0f : 0.0f;
+    float rounded = (below + up) * power_of_two(-first) * power_of_two(-second);
+    return finite ? rounded : theta;
+}
+#endif
+
+/* Round θ into place (stochastically under STOCHASTIC: element i of the tensor whose step
+ * key is `key`); with Kahan keep in k what rounding lost. The one place θ is stored. */
+static inline void store_param(store_t *param, store_t *comp, int64_t i, compute_t theta,
+                               uint32_t key) {
+#if STOCHASTIC
+    theta = stochastic_value(theta, i, key);
+#else
+    (void)key;
+#endif
     store_t rounded = round_to_store(theta);
     param[i] = rounded;
     if (KAHAN) comp[i] = round_to_store(theta - widen(rounded));
@@ -160,6 +222,7 @@ static scalars_t make_scalars(const double *c) {
 typedef struct {
     store_t *param, *comp, *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
     const store_t *grad;
+    uint32_t key; /* under STOCHASTIC, the tensor's key of this step */
 } tensors_t;
 
 /* The same inputs already widened to fp32, for one block (see update_block). */
@@ -250,7 +313,7 @@ static inline void write_element(const tensors_t *t, int64_t i, result_t r) {
     if (WRITES_V_MAX) put(t->max_exp_avg_sq, i, r.v_max);
     if (WRITES_M) put(t->exp_avg, i, r.m);
     put(t->exp_avg_sq, i, r.v);
-    if (WRITES_PARAM) store_param(t->param, t->comp, i, r.theta);
+    if (WRITES_PARAM) store_param(t->param, t->comp, i, r.theta, t->key);
 }
 
 /* ---- 16-bit stores through the CPU's own conversion instructions -------------------- */
@@ -318,6 +381,7 @@ static inline void widen_into(float *out, const store_t *in) {
 static inline int64_t store_param_lanes(const tensors_t *t, const float *theta, int64_t i,
                                         int64_t count) {
     int64_t j = 0;
+    if (STOCHASTIC) return 0; /* θ is rounded by store_param, one element at a time */
     for (; j + LANES <= count; j += LANES) {
         __m512 stored = put_lanes(t->param + i + j, theta + j);
         if (KAHAN) {
@@ -333,7 +397,7 @@ static inline int64_t store_param_lanes(const tensors_t *t, const float *theta, 
 static inline void store_params(const tensors_t *t, const float *theta, int64_t i,
                                 int64_t count) {
     for (int64_t j = store_param_lanes(t, theta, i, count); j < count; j++)
-        store_param(t->param, t->comp, i + j, theta[j]);
+        store_param(t->param, t->comp, i + j, theta[j], t->key);
 }
 
 /* BLOCK elements from i: the same update, its results staged in fp32 in L1 and then
@@ -371,7 +435,7 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
     if (WRITES_V_MAX) put_block(t->max_exp_avg_sq + i, v_max, count);
     if (WRITES_M) put_block(t->exp_avg + i, m, count);
     put_block(t->exp_avg_sq + i, v, count);
-    if (WRITES_PARAM) store_param_lanes(t, theta, i, count);
+    if (WRITES_PARAM) store_params(t, theta, i, count);
 }
 #else
 #define HARDWARE_ROUNDING 0
@@ -383,7 +447,7 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
 }
 static inline void store_params(const tensors_t *t, const compute_t *theta, int64_t i,
                                 int64_t count) {
-    for (int64_t j = 0; j < count; j++) store_param(t->param, t->comp, i + j, theta[j]);
+    for (int64_t j = 0; j < count; j++) store_param(t->param, t->comp, i + j, theta[j], t->key);
 }
 #endif
 
@@ -392,8 +456,8 @@ static inline void store_params(const tensors_t *t, const compute_t *theta, int6
 static void update_range(store_t *restrict param, store_t *restrict comp,
                          const store_t *restrict grad, store_t *restrict exp_avg,
                          store_t *restrict exp_avg_sq, store_t *restrict max_exp_avg_sq,
-                         const scalars_t *s, int64_t begin, int64_t end) {
-    tensors_t t = {param, comp, exp_avg, exp_avg_sq, max_exp_avg_sq, grad};
+                         uint32_t key, const scalars_t *s, int64_t begin, int64_t end) {
+    tensors_t t = {param, comp, exp_avg, exp_avg_sq, max_exp_avg_sq, grad, key};
     scalars_t local = *s;
     int64_t i = begin;
     if (HARDWARE_ROUNDING) {
@@ -415,6 +479,14 @@ void adamkit_round(int64_t n, const float *values, store_t *out) {
 #endif
     for (; i < n; i++) out[i] = round_to_store(values[i]);
 }
+
+#if STOCHASTIC
+/* Round n fp32 values stochastically through store_param, value i as element i of a
+ * tensor whose step key is `key`: tests hold it to precision.stochastic_round. */
+void adamkit_round_stochastic(int64_t n, const float *values, store_t *out, uint32_t key) {
+    for (int64_t i = 0; i < n; i++) store_param(out, 0, i, values[i], key);
+}
+#endif
 
 /* ---- the optimizer's 0-dim float32 host scalars (step counts, NAdam's Π) ------------- */
 
@@ -470,6 +542,7 @@ typedef struct {
     int64_t count;
     const int64_t *sizes;
     void *const *lists[6]; /* param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, comp */
+    const uint32_t *keys;  /* under STOCHASTIC, one per tensor; else null */
     scalars_t scalars;
     int64_t begin, end; /* this share, in the concatenation of every tensor */
 } share_t;
@@ -484,7 +557,7 @@ static void *run_share(void *arg) {
         if (begin < end) {
             update_range(entry(w->lists[0], k), entry(w->lists[5], k), entry(w->lists[1], k),
                          entry(w->lists[2], k), entry(w->lists[3], k), entry(w->lists[4], k),
-                         &w->scalars, begin, end);
+                         w->keys ? w->keys[k] : 0u, &w->scalars, begin, end);
         }
         offset += size;
     }
@@ -493,11 +566,13 @@ static void *run_share(void *arg) {
 
 #define SHARE_ALIGNMENT 64 /* elements: whole cache lines per thread, for every dtype */
 
-/* The entry point: one step over `count` tensors of `sizes[k]` elements each. */
+/* The entry point: one step over `count` tensors of `sizes[k]` elements each (under
+ * STOCHASTIC, tensor k rounded with keys[k]; threads may split a tensor anywhere, as an
+ * element's bits depend only on its offset within its tensor). */
 int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void *const *grads,
                  void *const *exp_avgs, void *const *exp_avg_sqs,
-                 void *const *max_exp_avg_sqs, void *const *comps, const double *coefficients,
-                 int threads) {
+                 void *const *max_exp_avg_sqs, void *const *comps, const uint32_t *keys,
+                 const double *coefficients, int threads) {
     int64_t total = 0;
     for (int64_t k = 0; k < count; k++) total += sizes[k];
     int64_t shares = share_count(total, threads);
@@ -507,7 +582,7 @@ int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void 
     share_t work[MAX_THREADS];
     for (int64_t j = 0; j < shares; j++) {
         share_t w = {count, sizes, {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, comps},
-                     make_scalars(coefficients), j * per_share, (j + 1) * per_share};
+                     keys, make_scalars(coefficients), j * per_share, (j + 1) * per_share};
         if (w.end > total) w.end = total;
         work[j] = w;
     }
@@ -671,6 +746,7 @@ void adamkit_quantize(int64_t count, const float *values, uint8_t *codes, float 
 typedef struct {
     store_t *param, *comp;
     const store_t *grad;
+    uint32_t key; /* under STOCHASTIC, the tensor's key of this step */
     void *moments[3]; /* m, v, v_max: uint8 codes where 8-bit, else store_t elements */
     float *absmax[3]; /* the 8-bit moments' scales */
 } quantized_t;
@@ -729,7 +805,7 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s,
     if (WRITES_V_MAX)
         inputs.max_exp_avg_sq =
             load_moment(in_v_max, q, 2, V_MAX_8BIT, UNSIGNED_VALUES(tables), start, count, block);
-    const tensors_t t = {q->param, q->comp, 0, 0, 0, q->grad};
+    const tensors_t t = {q->param, q->comp, 0, 0, 0, q->grad, q->key};
     for (int64_t j = 0; j < count; j++) {
         result_t r = update(&t, &inputs, s, j);
         theta[j] = r.theta;
@@ -749,6 +825,7 @@ typedef struct {
     const int64_t *sizes, *row_lengths;
     void *const *lists[9]; /* param, grad, comp, then codes (or elements) and absmax of m,
                               v, v_max */
+    const uint32_t *keys;  /* under STOCHASTIC, one per tensor; else null */
     const float *tables;
     const uint32_t *cells;
     scalars_t scalars;
@@ -775,6 +852,7 @@ static void *run_quantized_share(void *arg) {
         quantized_t q = {entry(l[0], k),
                          entry(l[2], k),
                          entry(l[1], k),
+                         w->keys ? w->keys[k] : 0u,
                          {entry(l[3], k), entry(l[5], k), entry(l[7], k)},
                          {(float *)entry(l[4], k), (float *)entry(l[6], k),
                           (float *)entry(l[8], k)}};
@@ -796,7 +874,7 @@ static void *run_quantized_share(void *arg) {
  * the codes' place, with no scales). Threads take whole blocks, never part of one. */
 int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_lengths,
                     void *const *params, void *const *grads, void *const *comps,
-                    void *const *exp_avg_codes, void *const *exp_avg_absmax,
+                    const uint32_t *keys, void *const *exp_avg_codes, void *const *exp_avg_absmax,
                     void *const *exp_avg_sq_codes, void *const *exp_avg_sq_absmax,
                     void *const *max_exp_avg_sq_codes, void *const *max_exp_avg_sq_absmax,
                     const double *coefficients, const float *tables, const uint32_t *cells,
@@ -816,6 +894,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                                {params, grads, comps, exp_avg_codes, exp_avg_absmax,
                                 exp_avg_sq_codes, exp_avg_sq_absmax, max_exp_avg_sq_codes,
                                 max_exp_avg_sq_absmax},
+                               keys,
                                tables,
                                cells,
                                make_scalars(coefficients),

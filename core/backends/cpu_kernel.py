@@ -65,6 +65,9 @@ class KernelConfig:
     """With quantized, the moments (of QUANTIZED_ROWS) kept in the parameter's dtype, as
     ADOPT keeps exp_avg_sq; every other moment is 8-bit (cpu_kernel.c's M_8BIT, V_8BIT,
     V_MAX_8BIT, Triton's switches of the same names)."""
+    stochastic: bool = False
+    """θ is rounded stochastically (cpu_kernel.c's STOCHASTIC, with a key per tensor):
+    bfloat16 and float16 without Kahan only."""
 
     def eight_bit(self) -> tuple[bool, bool, bool]:
         """Whether m, v and v_max (QUANTIZED_ROWS order) are 8-bit in this kernel."""
@@ -75,6 +78,7 @@ class KernelConfig:
             f"-DALGORITHM={ALGORITHM_CODES[self.algorithm]}",
             f"-DDTYPE={DTYPE_CODES[self.dtype]}",
             f"-DQ8={int(self.quantized)}",
+            f"-DSTOCHASTIC={int(self.stochastic)}",
         ]
         flags += [
             f"-D{name}={int(value)}"
@@ -150,8 +154,8 @@ def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...],
     raise KernelUnavailable(f"{cc} could not build the fused kernel {config}:\n{errors}")
 
 
-_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
-_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int]
+_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int]
+_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 15 + [ctypes.c_int]
 _loaded: dict[tuple[KernelConfig, tuple[tuple[str, ...], ...]], ctypes.CDLL] = {}
 compile_seconds: dict[KernelConfig, float] = {}
 """Wall time spent building (or loading from the disk cache) each configuration."""
@@ -180,6 +184,10 @@ def library(config: KernelConfig) -> ctypes.CDLL:
         built.adamkit_quantize.restype = None
     built.adamkit_round.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     built.adamkit_round.restype = None
+    if config.stochastic:
+        built.adamkit_round_stochastic.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 2
+        built.adamkit_round_stochastic.argtypes += [ctypes.c_uint32]
+        built.adamkit_round_stochastic.restype = None
     built.adamkit_read_scalars.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     built.adamkit_read_scalars.restype = None
     for name in ("adamkit_add_to_scalars", "adamkit_multiply_scalars"):
@@ -204,6 +212,20 @@ def round_as_kernels_do(values: Tensor, dtype: torch.dtype) -> Tensor:
     config = KernelConfig("adam", dtype, tuple((name, False) for name in SWITCHES))
     out = torch.empty(values.shape, dtype=dtype)
     library(config).adamkit_round(values.numel(), values.data_ptr(), out.data_ptr())
+    return out
+
+
+def round_stochastically_as_kernels_do(values: Tensor, dtype: torch.dtype, key: int) -> Tensor:
+    """float32 values rounded to dtype by the kernels' stochastic rounding (STOCHASTIC's
+    parameter store), value i as element i of a tensor whose step key is `key`: tests hold
+    it to precision.stochastic_round."""
+    if values.dtype != torch.float32 or not values.is_contiguous():
+        raise ValueError("values must be a contiguous float32 tensor")
+    switches = tuple((name, False) for name in SWITCHES)
+    config = KernelConfig("adam", dtype, switches, stochastic=True)
+    _key_array(config, [key], 1)
+    out = torch.empty(values.shape, dtype=dtype)
+    library(config).adamkit_round_stochastic(values.numel(), values.data_ptr(), out.data_ptr(), key)
     return out
 
 
@@ -329,12 +351,15 @@ def run(
     max_exp_avg_sqs: Sequence[Tensor] | None,
     kahan_comps: Sequence[Tensor] | None,
     coefficients: Sequence[float],
+    keys: Sequence[int] | None = None,
 ) -> None:
-    """One step over dense tensors of config.dtype, checked here before any address is read."""
+    """One step over dense tensors of config.dtype, checked here before any address is read.
+    keys: under config.stochastic, each tensor's StochasticRounding.key() of this step."""
     if config.quantized:
         raise ValueError("Invalid config: quantized=True. Allowed: False (see run_quantized).")
-    function = kernel(config)
     count = len(params)
+    key_array = _key_array(config, keys, count)
+    function = kernel(config)
     if count == 0:
         return
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps)
@@ -350,9 +375,40 @@ def run(
         _pointers(exp_avg_sqs),
         _pointers(max_exp_avg_sqs),
         _pointers(kahan_comps),
+        key_array,
         (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
         torch.get_num_threads(),
     )
+
+
+STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
+"""Parameter dtypes the kernels round stochastically (fp32 and float64 have nothing to
+round: their StochasticRoundings are rounded to nearest, as the loop backend does)."""
+
+
+def _key_array(config: KernelConfig, keys: Sequence[int] | None, count: int) -> ctypes.Array | None:
+    """The keys as a C array of uint32, one per tensor, under config.stochastic (else
+    None); refused (ValueError) unless the configuration and the list agree."""
+    if config.stochastic and (
+        config.dtype not in STOCHASTIC_DTYPES or dict(config.switches).get("KAHAN", False)
+    ):
+        raise ValueError(
+            f"Invalid config: stochastic=True with dtype {config.dtype} and KAHAN="
+            f"{int(dict(config.switches).get('KAHAN', False))}. Allowed: a dtype of "
+            f"{STOCHASTIC_DTYPES} without KAHAN."
+        )
+    if config.stochastic != (keys is not None):
+        raise ValueError(
+            f"Invalid keys for a kernel built with STOCHASTIC={int(config.stochastic)}: "
+            f"{'None' if keys is None else 'a list'}."
+        )
+    if keys is None:
+        return None
+    if len(keys) != count:
+        raise ValueError(f"Invalid keys: {len(keys)} values for {count} tensors (one per tensor).")
+    if not all(type(key) is int and 0 <= key < 1 << 32 for key in keys):
+        raise ValueError("Invalid keys: each must be an int in [0, 2^32).")
+    return (ctypes.c_uint32 * count)(*keys)
 
 
 def _check_arguments(
@@ -430,6 +486,7 @@ def run_quantized(
     max_exp_avg_sqs: Sequence[QuantizedMoment | Tensor] | None,
     kahan_comps: Sequence[Tensor] | None,
     coefficients: Sequence[float],
+    keys: Sequence[int] | None = None,
 ) -> None:
     """One step over contiguous tensors of config.dtype whose moments are 8-bit
     (core.quantization), decoded and encoded in the same pass, except those the config
@@ -448,8 +505,9 @@ def run_quantized(
             f"quantized=True, a dtype of {QUANTIZED_DTYPES} and full_moments of "
             f"{QUANTIZED_ROWS}."
         )
-    function = kernel(config)
     count = len(params)
+    key_array = _key_array(config, keys, count)
+    function = kernel(config)
     if count == 0:
         return
     moments = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
@@ -478,6 +536,7 @@ def run_quantized(
         _pointers(params),
         _pointers(grads),
         _pointers(kahan_comps),
+        key_array,
         codes[0],
         scales[0],
         codes[1],

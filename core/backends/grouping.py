@@ -24,7 +24,6 @@ __all__ = [
     "split_moment_patterns",
     "split_quantized",
     "split_quantized_dense",
-    "split_stochastic",
 ]
 
 T = TypeVar("T")
@@ -72,21 +71,6 @@ def split_quantized(
     for i, row in enumerate(zip(*moments, strict=True)):
         (quantized if QuantizedMoment in set(map(type, row)) else full).append(i)
     return full, quantized
-
-
-def split_stochastic(
-    lists: Sequence[Sequence[object] | None],
-) -> tuple[list[int] | None, list[int]]:
-    """(indices rounded to nearest or with Kahan, indices rounded stochastically) of a
-    step's lists (the rounding list last); the first is None when none is stochastic."""
-    rounding = lists[-1]
-    if rounding is None or StochasticRounding not in set(map(type, rounding)):
-        return None, []
-    nearest: list[int] = []
-    stochastic: list[int] = []
-    for i, r in enumerate(rounding):
-        (stochastic if type(r) is StochasticRounding else nearest).append(i)
-    return nearest, stochastic
 
 
 def take(values: Sequence[T], indices: list[int]) -> list[T]:
