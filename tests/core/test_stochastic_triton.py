@@ -156,7 +156,9 @@ def _assert_paired_steps_match(
             (BACKENDS["loop"], torch.float32),
             (BACKENDS["triton"], torch.float32),
         ):
-            twins = [p.detach().to(twin_dtype).requires_grad_() for p in params]
+            # copy=True: a same-dtype .to() would share the loop's memory and step it twice
+            twins = [p.detach().to(twin_dtype, copy=True).requires_grad_() for p in params]
+            assert all(t.data_ptr() != p.data_ptr() for t, p in zip(twins, params, strict=True))
             twin = case.make(twins, **kwargs, **flags)
             twin.load_state_dict(copy.deepcopy(saved))
             for t, g in zip(twins, grads, strict=True):
