@@ -182,21 +182,26 @@ needs to quantize a tensor at all (it keeps any other size in fp32)."""
 def _anchor_rows() -> list[tuple[str, Factory]]:
     """bitsandbytes' and torchao's 8-bit AdamW where installed (`pip install
     .[anchors]`): the tools users reach for today, measured on the same tensors."""
-    rows: list[tuple[str, Factory]] = []
+    return _bitsandbytes_rows() + _torchao_rows()
+
+
+def _bitsandbytes_rows() -> list[tuple[str, Factory]]:
     try:
         import bitsandbytes
-
-        rows.append(("bitsandbytes AdamW8bit", lambda p: bitsandbytes.optim.AdamW8bit(p, lr=1e-3)))
     except ImportError:
-        pass
+        return []
+    return [("bitsandbytes AdamW8bit", lambda p: bitsandbytes.optim.AdamW8bit(p, lr=1e-3))]
+
+
+def _torchao_rows() -> list[tuple[str, Factory]]:
     try:
         import torchao.optim
-
-        rows.append(("torchao AdamW8bit", lambda p: torchao.optim.AdamW8bit(p, lr=1e-3)))
-        rows.append(("torchao AdamW4bit", lambda p: torchao.optim.AdamW4bit(p, lr=1e-3)))
     except ImportError:
-        pass
-    return rows
+        return []
+    return [
+        ("torchao AdamW8bit", lambda p: torchao.optim.AdamW8bit(p, lr=1e-3)),
+        ("torchao AdamW4bit", lambda p: torchao.optim.AdamW4bit(p, lr=1e-3)),
+    ]
 
 
 def eight_bit_contenders() -> list[Contender]:

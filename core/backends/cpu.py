@@ -125,12 +125,26 @@ class FusedCpu:
     def _each_bucket(
         self,
         lists: TensorLists,
-        fused: FusedStep,
+        arguments: Callable[[bool], KernelArguments],
         fallback: Callable[[TensorLists], None],
-        quantized: FusedStep,
+        fused: FusedStep | None = None,
     ) -> None:
         """Split into uniform dense buckets (by dtype and rounding, see buckets()); run
-        `fused` on each (`quantized` where any moment is 8-bit), `fallback` on the rest."""
+        `fused` on each (by default the generated kernel for `arguments(kahan)`; always
+        that kernel's 8-bit build where any moment is 8-bit), `fallback` on the rest."""
+
+        def generated(quantized: bool) -> FusedStep:
+            def step(
+                lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding
+            ) -> bool:
+                return self._generated(
+                    lists, dtype, arguments(kahan), quantized=quantized, rounding=rounding
+                )
+
+            return step
+
+        quantized = generated(True)
+        fused = fused or generated(False)
         full, eight_bit = split_quantized(lists)
         if eight_bit:
             self._each_bucket_of(take_all(lists, eight_bit), quantized, fallback, True)
@@ -205,23 +219,20 @@ class FusedCpu:
             loop.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps, c)
             return
 
+        def arguments(kahan: bool) -> KernelArguments:
+            return adam_arguments(c, kahan)
+
         def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding) -> bool:
             if c.torch_terms is not None and c.update_params and not kahan and rounding is None:
                 _native_adam(lists, c)
                 return True
-            return self._generated(lists, dtype, adam_arguments(c, kahan), rounding=rounding)
-
-        def quantized(
-            lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding
-        ) -> bool:
-            arguments = adam_arguments(c, kahan)
-            return self._generated(lists, dtype, arguments, quantized=True, rounding=rounding)
+            return self._generated(lists, dtype, arguments(kahan), rounding=rounding)
 
         self._each_bucket(
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]
-            fused,
+            arguments,
             lambda lists: loop.adam_step(*lists, c),  # type: ignore[arg-type]
-            quantized,
+            fused,
         )
 
     def adopt_step(
@@ -235,24 +246,14 @@ class FusedCpu:
     ) -> None:
         """Apply one ADOPT step (see AdoptStepCoefficients) in one pass per bucket."""
 
-        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding) -> bool:
-            return self._generated(lists, dtype, adopt_arguments(c, kahan), rounding=rounding)
-
-        def quantized(
-            lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding
-        ) -> bool:
-            arguments = adopt_arguments(c, kahan)
-            return self._generated(lists, dtype, arguments, quantized=True, rounding=rounding)
-
         def fallback(lists: TensorLists) -> None:
             params, grads, exp_avgs, exp_avg_sqs, _, comps = lists
             loop.adopt_step(params, grads, exp_avgs, exp_avg_sqs, comps, c)  # type: ignore[arg-type]
 
         self._each_bucket(
             [params, grads, exp_avgs, exp_avg_sqs, None, kahan_comps],  # type: ignore[list-item]
-            fused,
+            lambda kahan: adopt_arguments(c, kahan),
             fallback,
-            quantized,
         )
 
 
