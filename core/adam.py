@@ -245,7 +245,7 @@ class Adam(AdamFamilyOptimizer):
             self._moments(states, "exp_avg"),
             self._moments(states, "exp_avg_sq"),
             self._moments(states, "max_exp_avg_sq") if group["amsgrad"] else None,
-            [s["step"] for s in states],
+            self._column(states, "step"),
             amsgrad=group["amsgrad"],
             kahan_comps=self._kahan_comps(group, params, states),
             **self._window_kwargs(states),

@@ -192,7 +192,7 @@ class ADOPT(AdamFamilyOptimizer):
             grads,
             self._moments(states, "exp_avg"),
             self._moments(states, "exp_avg_sq"),
-            [s["step"] for s in states],
+            self._column(states, "step"),
             clip=group["clip"],
             kahan_comps=self._kahan_comps(group, params, states),
             **self._common_kwargs(group),

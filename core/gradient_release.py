@@ -1,9 +1,10 @@
 """Gradient release: step each parameter inside backward and free its gradient at once.
 
-A post-accumulate-grad hook runs `optimizer.step(param=p)` as soon as p's gradient is
-complete and then drops it, so the model never holds a full set of gradients (about a
-quarter of Adam's non-activation memory). With `optimizer.optimizer_accumulation = True`
-micro-batch gradients are folded into the moments instead (see core.optimizer.window_terms).
+A post-accumulate-grad hook runs `step_released_param(optimizer, p)` (the update of
+`optimizer.step(param=p)`) as soon as p's gradient is complete and then drops it, so the
+model never holds a full set of gradients (about a quarter of Adam's non-activation
+memory). With `optimizer.optimizer_accumulation = True` micro-batch gradients are folded
+into the moments instead (see core.optimizer.window_terms).
 
 What cannot work is refused rather than computed wrongly: a GradScaler (its unscale and
 inf/NaN skip come after backward, when parameters are already updated) and sparse
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from core.backends.views import dtensor_type
-from core.optimizer import AdamFamilyOptimizer
+from core.optimizer import AdamFamilyOptimizer, step_released_param
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[
     def step_and_free(param: Tensor) -> None:
         optimizer = optimizer_ref()
         if optimizer is not None:
-            optimizer.step(param=param)
+            step_released_param(optimizer, param)
             optimizer.zero_grad(param=param)
 
     return step_and_free

@@ -13,7 +13,9 @@ import math
 import operator
 import warnings
 from abc import ABCMeta, abstractmethod
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, ClassVar, TypeAlias
 
@@ -22,8 +24,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from core.backends import cpu_kernel, fused_unavailable_reason
+from core.backends.checked import CheckedStep, checked_for, checking
 from core.backends.grouping import dtype_of
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
+from core.backends.views import PLAIN_TENSOR_TYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     SIGNED_KEYS,
@@ -71,6 +75,89 @@ def _with_gradients(
 
 
 _LOW_PRECISION = frozenset(LOW_PRECISION_DTYPES)
+
+MEMO_FLAGS = ("foreach", "fused", "amsgrad", "kahan_sum", "state_precision", "stochastic_rounding")
+"""Group keys that decide which lists a step hands its backend and which backend runs:
+a step memo holds only while they keep the values it was made with."""
+
+
+@dataclass(eq=False, repr=False)
+class StepMemo(CheckedStep):
+    """A group's last full step, reused while nothing it was built from has changed.
+
+    A step over 300 parameters spent most of its ~500 µs of host work finding out again
+    what the last step found: each parameter's state and moments, the backend, the Triton
+    plan. The memo keeps those (as tuples, so nothing can change them), and each step
+    checks in one C-speed pass per list what they depend on: the same parameters at the
+    same addresses with the same sizes; the same state dicts (StateTable.writes), each
+    holding the same tensors at the same addresses; unchanged flags; gradients that are
+    plain, dense, contiguous and of their parameter's dtype. Anything else takes the full
+    path, which checks everything as before and makes a new memo. Memos are made for
+    groups with full-precision state, rounded to nearest or with Kahan buffers, on plain
+    tensors (the common case); 8-bit state, stochastic rounding and tensor subclasses
+    always take the full path.
+    """
+
+    group: dict[str, Any] | None = None
+    flags: tuple[Any, ...] = ()
+    state_table: object = None
+    """The optimizer's state dict the states came from (load_state_dict replaces it)."""
+    state_writes: int = 0
+    """Its StateTable.writes when the states were taken."""
+    states: tuple[dict[str, Any], ...] = ()
+    columns: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """state key -> that entry of each state, as the step handed it down."""
+    rounding: tuple[Tensor | None, ...] | None = None
+    """The kahan_comps list of the step (None until the step built it)."""
+    windowless: bool = False
+    """No state holds an optimizer-accumulation window (found when the memo was made)."""
+    param_addresses: list[int] = field(default_factory=list)
+    numels: list[int] = field(default_factory=list)
+    addresses: dict[str, list[int]] = field(default_factory=dict)
+    """state key -> the addresses of its column's tensors (a storage swapped in place,
+    by .data = or set_, is seen: the step follows it, as every backend does)."""
+    dtypes: tuple[torch.dtype, ...] = ()
+
+
+class StateTable(defaultdict):
+    """The optimizer's `state` (torch's defaultdict(dict)) counting writes of whole entries
+    (a parameter's state set, replaced or removed), so a step memo knows its states are
+    still the parameters' without hashing every parameter each step (~20 µs for 300)."""
+
+    writes = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.writes += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.writes += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.writes += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.writes += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.writes += 1
+        super().update(*args, **kwargs)
+
+    def __ior__(self, other: Any) -> StateTable:
+        self.update(other)
+        return self
+
+
+def _memo_flags(group: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(map(group.get, MEMO_FLAGS))
+
 
 HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
@@ -317,9 +404,11 @@ def read_host_scalars(scalars: Sequence[Tensor]) -> list[float]:
 
 def add_to_host_scalars(scalars: Sequence[Tensor], amount: float) -> None:
     """Count a step (or micro-batch) for every parameter at once."""
+    if cpu_kernel.add_to_scalars(scalars, amount):
+        return
     if len(scalars) == 1:  # torch's CPU foreach ops are a loop of these
         scalars[0].add_(amount)
-    elif not cpu_kernel.add_to_scalars(scalars, amount):
+    else:
         torch._foreach_add_(list(scalars), amount)
 
 
@@ -392,7 +481,11 @@ def step_lists(
     rounding (in the last, rounding list) draws that step's random bits."""
     lists = [subset(values, indices) for values in tensor_lists]
     rounding = lists[-1]
-    if rounding is not None and StochasticRounding in set(map(type, rounding)):
+    if (
+        rounding is not None
+        and checked_for(lists[0]) is None  # a memoized step never rounds stochastically
+        and StochasticRounding in set(map(type, rounding))
+    ):
         lists[-1] = [r.at_step(int(step)) if type(r) is StochasticRounding else r for r in rounding]
     return lists
 
@@ -436,6 +529,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._fused_argument = "triton" if fold_triton_into_fused(defaults) else "fused"
         self._validate_group(defaults, "")
         super().__init__(params, defaults)
+        self.state = StateTable(dict, self.state)
         self._warn_if_weight_decay_is_high()
 
     def _warn_if_weight_decay_is_high(self) -> None:
@@ -529,6 +623,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill groups loaded from torch.optim (or older adamkit) with this optimizer's keys."""
         super().__setstate__(state)
+        if type(self.state) is not StateTable:
+            self.state = StateTable(dict, self.state)
         for group in self.param_groups:
             for torch_key, own_key in self._torch_group_key_aliases.items():
                 if torch_key in group and own_key not in group:
@@ -633,9 +729,30 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._prepared_state(param, group)
         return states
 
-    def _moments(self, states: list[dict[str, Any]], key: str) -> list[Tensor | QuantizedMoment]:
-        """A moment of each state as backends take it: a tensor, or its 8-bit form."""
+    def _moments(
+        self, states: Sequence[dict[str, Any]], key: str
+    ) -> Sequence[Tensor | QuantizedMoment]:
+        """A moment of each state as backends take it: a tensor, or its 8-bit form (a
+        memoized step's moments are full precision)."""
+        if self._memo_of(states) is not None:
+            return self._column(states, key)
         return [moment_view(state, key) for state in states]
+
+    def _column(self, states: Sequence[dict[str, Any]], key: str) -> Sequence[Any]:
+        """state[key] of each state; in a memoized step, the memo's tuple (checked this
+        step, or taken now while the memo is being made)."""
+        memo = self._memo_of(states)
+        if memo is None:
+            return [state[key] for state in states]
+        column = memo.columns.get(key)
+        if column is None:
+            column = memo.columns[key] = tuple(map(operator.itemgetter(key), states))
+        return column
+
+    def _memo_of(self, states: Sequence[dict[str, Any]]) -> StepMemo | None:
+        """The memo of the step running now, if states are its states."""
+        memo: StepMemo | None = self.__dict__.get("_active_memo")
+        return memo if memo is not None and memo.states is states else None
 
     def _any_kahan(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         """Whether any of params may use Kahan compensation. _prepared_states and
@@ -650,10 +767,21 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         return answer
 
     def _kahan_comps(
-        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Tensor | StochasticRounding | None]:
+        self, group: dict[str, Any], params: Sequence[Tensor], states: Sequence[dict[str, Any]]
+    ) -> Sequence[Tensor | StochasticRounding | None]:
         """How each parameter's update is rounded: with its Kahan buffer, stochastically,
         or to nearest (None)."""
+        memo = self._memo_of(states)
+        if memo is not None and memo.rounding is not None:
+            return memo.rounding
+        comps = self._rounding_of(group, params, states)
+        if memo is not None:
+            memo.rounding = tuple(comps)
+        return comps
+
+    def _rounding_of(
+        self, group: dict[str, Any], params: Sequence[Tensor], states: Sequence[dict[str, Any]]
+    ) -> list[Tensor | StochasticRounding | None]:
         if not self._any_kahan(group, params):
             return [None] * len(params)
         if group["stochastic_rounding"]:
@@ -726,8 +854,18 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     ) -> AdamStepCoefficients | AdoptStepCoefficients:
         """Call the algorithm's coefficient function for a state at `step` (override)."""
 
-    def _window_kwargs(self, states: list[dict[str, Any]]) -> dict[str, Any]:
-        """Optimizer-accumulation arguments: fold while accumulating, close the window after."""
+    def _window_kwargs(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Optimizer-accumulation arguments: fold while accumulating, close the window after.
+        A memoized step knows its states have no window (memos end while accumulating)."""
+        memo = self._memo_of(states)
+        if memo is not None and memo.windowless:
+            return {}
+        arguments = self._window_arguments(states)
+        if memo is not None:
+            memo.windowless = not arguments
+        return arguments
+
+    def _window_arguments(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if self.optimizer_accumulation:
             for state in states:
                 state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
@@ -835,32 +973,173 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             with torch.enable_grad():
                 loss = closure()
         self._check_step_allowed(grad_scaler)
-        self._last_kahan_answer = None  # good for one step: dtypes may change between steps
         if param is not None:
-            index, group = self._group_of(param)
-            where = f" in param group {index}"
-            self._validate_stepped_group(group, where)
-            self._check_gradient(param, where)
-            if param.grad is not None:
-                states = [self._prepared_state(param, group)]
-                self._update_group(group, [param], [param.grad], states)
+            self._step_one(param)
             return loss
+        self._last_kahan_answer = None  # good for one step: dtypes may change between steps
         released = self.released_params
+        memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
         work = []
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_stepped_group(group, where)
             params, grads = _with_gradients(group["params"], released)
-            self._check_fused_possible(group, where)
-            if any(map(_is_sparse, grads)):  # the message names the first
-                for p in params:
-                    self._check_gradient(p, where)
-            work.append((group, params, grads))
-        for group, params, grads in work:
-            if params:
-                states = self._prepared_states(params, group)
-                self._update_group(group, params, grads, states)
+            memo = self._checked_memo(memos.get(id(group)), group, params, grads)
+            if memo is None:  # else all of this held when the memo was made
+                memos.pop(id(group), None)  # nor is it held any longer
+                self._check_fused_possible(group, where)
+                if any(map(_is_sparse, grads)):  # the message names the first
+                    for p in params:
+                        self._check_gradient(p, where)
+            work.append((group, params, grads, memo))
+        for group, params, grads, memo in work:
+            if memo is not None:
+                self._update_memoized(memo, grads)
+            elif params:
+                self._update_and_memoize(memos, id(group), group, params, grads)
         return loss
+
+    def _step_one(self, param: Tensor) -> None:
+        """step(param=p), as gradient release calls it inside backward: with a memo per
+        parameter (see StepMemo), so a released step costs little more than its launch."""
+        self._last_kahan_answer = None
+        index, group = self._group_of(param)
+        where = f" in param group {index}"
+        self._validate_stepped_group(group, where)
+        grad = param.grad
+        if grad is None:
+            return
+        memos: dict[int, StepMemo] = self.__dict__.setdefault("_param_memos", {})
+        memo = self._checked_memo(memos.get(id(param)), group, [param], [grad])
+        if memo is not None:
+            self._update_memoized(memo, [grad])
+            return
+        memos.pop(id(param), None)
+        self._check_gradient(param, where)
+        self._update_and_memoize(memos, id(param), group, [param], [grad])
+
+    def _update_and_memoize(
+        self,
+        memos: dict[int, StepMemo],
+        key: int,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+    ) -> None:
+        """The full path: prepare every state, update, and keep a memo for the next step
+        (memos[key]) where the group's step can have one."""
+        states = self._prepared_states(params, group)
+        memo = self._new_memo(group, params, states)
+        if memo is None:
+            self._update_group(group, params, grads, states)
+            return
+        self._update_memoized(memo, grads)
+        if memo.backend is not None and self._memo_complete(memo):
+            memos[key] = memo
+
+    def _update_memoized(self, memo: StepMemo, grads: list[Tensor]) -> None:
+        """_update_group on a memo's tuples, with the memo vouched for to the backends."""
+        assert memo.group is not None
+        self._active_memo = memo
+        try:
+            with checking(memo):
+                self._update_group(memo.group, memo.params, grads, memo.states)  # type: ignore[arg-type]
+        finally:
+            self._active_memo = None
+            memo.plan_key = None
+
+    def _new_memo(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
+    ) -> StepMemo | None:
+        """A memo to make during this step, where the group's step can have one."""
+        if (
+            group["state_precision"] != "full"
+            or group["stochastic_rounding"]
+            or self.optimizer_accumulation
+            or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
+        ):
+            return None
+        try:
+            addresses = list(map(Tensor.data_ptr, params))
+        except RuntimeError:  # a parameter without storage: the full path says so
+            return None
+        return StepMemo(
+            params=tuple(params),
+            group=group,
+            flags=_memo_flags(group),
+            state_table=self.state,
+            state_writes=getattr(self.state, "writes", -1),
+            states=tuple(states),
+            param_addresses=addresses,
+            numels=list(map(Tensor.numel, params)),
+            dtypes=tuple(map(dtype_of, params)),
+        )
+
+    def _memo_complete(self, memo: StepMemo) -> bool:
+        """Whether the step that made memo left it all a later step needs: every list it
+        handed down is a column of the states (the Kahan buffers too), and the storage
+        of every state tensor is held."""
+        rounding = memo.rounding
+        if rounding is None:
+            return False
+        if any(comp is not None for comp in rounding):
+            kahan = tuple(map(dict.get, memo.states, repeat("kahan_comp")))
+            if not all(map(operator.is_, kahan, rounding)):
+                return False
+            memo.columns["kahan_comp"] = rounding
+        for key, column in memo.columns.items():
+            if any(not isinstance(t, Tensor) for t in column):
+                return False
+            memo.addresses[key] = list(map(Tensor.data_ptr, column))
+        tensors = [t for column in memo.columns.values() for t in column]
+        memo.held = [t.untyped_storage() for t in (*memo.params, *tensors)]
+        memo.host_scalars = tuple(
+            column for key, column in memo.columns.items() if key in HOST_SCALAR_STATE
+        )
+        return True
+
+    def _checked_memo(
+        self,
+        memo: StepMemo | None,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+    ) -> StepMemo | None:
+        """memo, if this step over params and grads may reuse it (see StepMemo), with the
+        step's plan key set; else None. One C-speed pass per list, nothing per tensor."""
+        if (
+            memo is None
+            or memo.group is not group
+            or self.optimizer_accumulation
+            or memo.state_table is not self.state
+            or memo.state_writes != self.state.writes  # type: ignore[attr-defined]
+            or memo.flags != _memo_flags(group)
+            or len(params) != len(memo.params)
+            or not all(map(operator.is_, params, memo.params))
+        ):
+            return None
+        try:
+            for key, column in memo.columns.items():
+                if (
+                    not all(map(operator.is_, map(operator.itemgetter(key), memo.states), column))
+                    or list(map(Tensor.data_ptr, column)) != memo.addresses[key]
+                ):
+                    return None
+        except KeyError:  # a state entry removed: the full path makes it again
+            return None
+        if (
+            list(map(Tensor.data_ptr, params)) != memo.param_addresses
+            or list(map(Tensor.numel, params)) != memo.numels
+            or not PLAIN_TENSOR_TYPES.issuperset(map(type, grads))
+            or not all(map(operator.is_, map(dtype_of, grads), memo.dtypes))
+            or not all(map(Tensor.is_contiguous, grads))
+        ):
+            return None
+        try:
+            memo.plan_key = [memo, *map(Tensor.data_ptr, grads)]
+        except RuntimeError:  # a sparse gradient: the full path names it
+            return None
+        return memo
 
     def zero_grad(self, set_to_none: bool = True, param: Tensor | None = None) -> None:
         """Clear gradients; `zero_grad(param=p)` clears only p's (gradient release frees it)."""
@@ -994,6 +1273,18 @@ def _expected_state_shapes(param: Tensor) -> dict[str, torch.Size]:
         shapes[codes] = param.shape
         shapes[absmax] = torch.Size(absmax_shape(param.shape))
     return shapes
+
+
+@torch.compiler.disable
+def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> None:
+    """Update param alone from its gradient: what a gradient-release hook calls inside
+    backward. It is optimizer.step(param=param) without torch's per-call wrapper (step
+    hooks and a profiler range, ~12 µs a call): those belong to the training step's
+    optimizer.step(), which still runs them once per step. Kept out of torch.compile
+    graphs as _eager_step is."""
+    optimizer._check_step_allowed(None)
+    with torch.no_grad():
+        optimizer._step_one(param)
 
 
 @torch.compiler.disable

@@ -192,7 +192,7 @@ class RAdam(AdamFamilyOptimizer):
             grads,
             self._moments(states, "exp_avg"),
             self._moments(states, "exp_avg_sq"),
-            [s["step"] for s in states],
+            self._column(states, "step"),
             kahan_comps=self._kahan_comps(group, params, states),
             **self._window_kwargs(states),
             **self._common_kwargs(group),

@@ -43,6 +43,8 @@ import torch
 
 import core
 from core.backends import cpu_kernel
+from core.backends.checked import checking, current_checked_step
+from core.optimizer import step_released_param
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
@@ -504,7 +506,7 @@ def host_time_rows(device: str, repeats: int) -> list[tuple[str, float, float]]:
 
         def released_steps() -> None:
             for p in params:
-                optimizer.step(param=p)  # what the release hook calls inside backward
+                step_released_param(optimizer, p)  # what the release hook calls in backward
 
         released_steps()
         per_param = _best_seconds(released_steps, 2, repeats) / len(params)
@@ -523,7 +525,8 @@ def _backend_call(
     original = triton_backend.adam_step  # type: ignore[attr-defined]
 
     def record(*args: object) -> None:
-        calls.append(args)
+        checked = current_checked_step()  # what the optimizer vouched for, and its key
+        calls.append((args, checked, None if checked is None else checked.plan_key))
         original(*args)
 
     triton_backend.adam_step = record  # type: ignore[attr-defined]
@@ -531,8 +534,15 @@ def _backend_call(
         optimizer.step(param=param) if param is not None else optimizer.step()  # type: ignore[call-arg]
     finally:
         triton_backend.adam_step = original  # type: ignore[attr-defined]
-    args = calls[-1]
-    return lambda: original(*args)
+    args, checked, plan_key = calls[-1]
+
+    def call() -> None:
+        if checked is not None:
+            checked.plan_key = plan_key
+        with checking(checked):
+            original(*args)
+
+    return call
 
 
 def host_time_table(device: str, repeats: int) -> list[str]:

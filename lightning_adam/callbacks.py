@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import core
 from core import metrics
+from core.optimizer import step_released_param
 
 
 class GradientRelease(L.Callback):
@@ -242,7 +243,7 @@ def _step_after_all_reduce(
             for param, averaged in zip(bucket.parameters(), bucket.gradients(), strict=True):
                 if param in released and param.grad is not None:
                     param.grad.copy_(averaged)
-                    optimizer.step(param=param)
+                    step_released_param(optimizer, param)
             return done.value()[0]
 
         return reduced.then(step)

@@ -8,12 +8,14 @@ functions, `adam_step` (Adam, AMSGrad, RAdam, NAdam) and `adopt_step`, and must 
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from typing import Protocol
 
 from torch import Tensor
 
 from core.backends import foreach, loop
+from core.backends.checked import checked_for
 from core.backends.views import (
     PLAIN_TENSOR_TYPES,
     device_of,
@@ -154,9 +156,15 @@ def backend_and_lists(
     when asked), whose torch operations dispatch through the subclass; fused=True is
     refused for it by name.
     """
+    checked = checked_for(lists[0])
+    if checked is not None and checked.backend is not None:
+        return checked.backend, list(lists)  # resolved when these tensors were checked
     if all(values is None or is_plain(values) for values in lists):  # the usual case
         local = real_view_lists(lists)
-        return select_backend(local[0], foreach=foreach, fused=fused), local
+        backend = select_backend(local[0], foreach=foreach, fused=fused)
+        if checked is not None and all(map(operator.is_, local, lists)):
+            checked.backend = backend  # plain and real: later steps take the lists as they are
+        return backend, local
     local = real_view_lists(local_lists(lists, names))
     if all(values is None or is_plain(values) for values in local):
         return select_backend(local[0], foreach=foreach, fused=fused), local

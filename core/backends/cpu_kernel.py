@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.backends.checked import checked_scalars
 from core.backends.kernel_arguments import SWITCHES
 from core.backends.views import (
     PLAIN_TENSOR_TYPES,
@@ -238,14 +239,22 @@ _scalars_unavailable = False
 
 def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] | None:
     """The compiled helpers and the scalars' addresses; None where torch must do the work:
-    few scalars, no usable compiler (tried once per process), or any scalar that is not a
-    one-element float32 CPU tensor."""
+    few scalars (unless a memoized step's, whose addresses it keeps), no usable compiler
+    (tried once per process), or any scalar that is not a one-element float32 CPU tensor."""
     global _scalars_unavailable
-    if len(scalars) < MIN_SCALARS or _scalars_unavailable:
+    if _scalars_unavailable:
         return None
-    addresses = _cached_addresses(scalars)
-    if addresses is not None:
-        return library(_SCALARS_CONFIG), addresses
+    checked = checked_scalars(scalars)
+    if checked is not None:  # the optimizer checked these tensors and addresses this step
+        array = checked.scalar_arrays.get(id(scalars))
+        if array is not None:
+            return library(_SCALARS_CONFIG), array
+    elif len(scalars) < MIN_SCALARS:
+        return None
+    else:
+        addresses = _cached_addresses(scalars)
+        if addresses is not None:
+            return library(_SCALARS_CONFIG), addresses
     if (
         not PLAIN_TENSOR_TYPES.issuperset(map(type, scalars))
         or set(map(dtype_of, scalars)) != {torch.float32}
@@ -258,6 +267,9 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
     except KernelUnavailable:
         _scalars_unavailable = True
         return None
+    if checked is not None:
+        array = checked.scalar_arrays[id(scalars)] = _addresses(scalars)
+        return helpers, array
     return helpers, _remember_addresses(scalars)
 
 

@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from core.backends import foreach
+from core.backends.checked import CheckedStep, checked_for
 from core.backends.grouping import buckets, split_dense, split_quantized, take_all
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
@@ -572,9 +573,11 @@ def _rows_present(bucket: list[list[Tensor] | None]) -> list[list[Tensor]]:
 
 
 def _key(bucket: list[list[Tensor] | None]) -> tuple:
-    """What a plan depends on: every tensor's address, the sizes and, if any gradient is
-    not contiguous, every layout. Read every step: a gradient is a new tensor each step,
-    and a parameter or state tensor can be moved in place (`.data =`, set_, resize)."""
+    """What a plan depends on: every tensor's address, the sizes, the gradients' types and
+    dtypes and, if any gradient is not contiguous, every layout. Read every step: a
+    gradient is a new tensor each step (of another dtype, with grad_dtype=None, it may
+    land at the old one's address), and a parameter or state tensor can be moved in
+    place (`.data =`, set_, resize)."""
     present = _rows_present(bucket)
     addresses = tuple(chain.from_iterable(map(Tensor.data_ptr, values) for values in present))
     sizes = tuple(map(Tensor.numel, present[0]))
@@ -583,7 +586,13 @@ def _key(bucket: list[list[Tensor] | None]) -> tuple:
     layouts = None
     if not all(map(Tensor.is_contiguous, grads)):
         layouts = tuple(t.stride() for values in present for t in values)
-    return tuple(values is not None for values in bucket), addresses, sizes, layouts
+    flags = tuple(values is not None for values in bucket)
+    return flags, addresses, sizes, layouts, _gradient_kinds(grads)
+
+
+def _gradient_kinds(grads: Sequence[Tensor]) -> tuple[frozenset, frozenset]:
+    """The types and dtypes among gradients: a plan checked for one holds for no other."""
+    return frozenset(map(type, grads)), frozenset(map(attrgetter("dtype"), grads))
 
 
 def _check_addressable(bucket: list[list[Tensor] | None]) -> None:
@@ -822,13 +831,15 @@ def _step(
     """Launches per (dtype, rounding) bucket the kernels take; the rest runs `eager`.
     Every bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
-    full, quantized = split_quantized(lists)
+    checked = checked_for(lists[0])
+    # A checked step's moments are full precision (core.optimizer memoizes no other).
+    full, quantized = (None, []) if checked is not None else split_quantized(lists)
     eight_bit = _prepare_quantized(take_all(lists, quantized), quantized) if quantized else None
     if full is not None:  # some moments are 8-bit: they have their own kernel
         lists = take_all(lists, full)
     params = lists[0]
     assert params is not None
-    steps = _planned_step(lists) if params else None
+    steps = _planned_step(lists, checked) if params else None
     # Everything the kernels take is checked and planned: only now is anything written.
     if eight_bit is not None:
         eight_bit.run(arguments, eager)
@@ -862,9 +873,10 @@ planning each bucket read the devices, dtypes and addresses again (~70 µs more)
 
 def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
     """What bucketing and every bucket's plan depend on, as `_key` states it for one
-    bucket: which lists are present, every tensor's address, the sizes and, if any gradient
-    is not contiguous, every layout (same tensor, same address and size: same dtype and
-    device), and under stochastic rounding every seed and stream. None when only some
+    bucket: which lists are present, every tensor's address, the sizes, the gradients'
+    types and dtypes and, if any gradient is not contiguous, every layout (same tensor,
+    same address and size: same dtype and device), and under stochastic rounding every
+    seed and stream. None when only some
     parameters have a Kahan buffer or are rounded stochastically, or the stochastic
     roundings are of several steps (planned every step)."""
     params, grads, kahan_comps = lists[0], lists[1], lists[-1]
@@ -888,20 +900,26 @@ def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
     for values in present:
         key += map(Tensor.data_ptr, values)  # type: ignore[arg-type]
     key += map(Tensor.numel, params)
+    key.append(_gradient_kinds(grads))
     if not all(map(Tensor.is_contiguous, grads)):
         key.append(tuple(t.stride() for values in present for t in values))  # type: ignore[union-attr]
     return key
 
 
-def _planned_step(lists: list[Sequence[Tensor] | None]) -> _Steps:
+def _planned_step(
+    lists: list[Sequence[Tensor] | None], checked: CheckedStep | None = None
+) -> _Steps:
     """The step's buckets and plans: the last step's while no tensor moved, else bucketed
-    and planned again (checking every bucket, as the first step did)."""
+    and planned again (checking every bucket, as the first step did). A step the
+    optimizer checked (core.backends.checked) brings its key."""
     params, kahan_comps = lists[0], lists[-1]
     assert params is not None and kahan_comps is not None
-    try:
-        key = _steps_key(lists)
-    except RuntimeError:  # a tensor without storage: _plan says which
-        key = None
+    key = checked.plan_key if checked is not None else None
+    if key is None:
+        try:
+            key = _steps_key(lists)
+        except RuntimeError:  # a tensor without storage: _plan says which
+            key = None
     last = _last_steps.get(params[0]) if key is not None else None
     if last is not None and last.key == key:
         return last

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import core
 from core.backends import cpu_kernel
+from core.optimizer import step_released_param
 from tests.core.cases import BACKENDS, LR, assert_unchanged, snapshot
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 
@@ -45,16 +46,28 @@ def _step(
     seed: int,
     change: Callable[[list[Tensor], core.AdamW], None] | None = None,
     without_grad: frozenset[int] = frozenset(),
+    released: bool = False,
+    same_memory: bool = False,
 ) -> None:
-    """Give both the same gradients, apply `change` to both, step both, compare."""
+    """Give both the same gradients, apply `change` to both, step both (released: each
+    parameter on its own, as gradient release does), compare. same_memory: gradients
+    are copied into the last step's (zero_grad(set_to_none=False)), so every address
+    a step depends on can stay the same."""
     generator = torch.Generator().manual_seed(seed)
     grads = [0.1 * torch.randn(p.shape, generator=generator) for p in loop[0]]
     for params, optimizer in (loop, other):
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if same_memory and p.grad is not None and i not in without_grad:
+                p.grad.copy_(g)
+                continue
             p.grad = None if i in without_grad else g.to(p.dtype)
         if change is not None:
             change(params, optimizer)
-        optimizer.step()
+        if released:
+            for p in params:
+                step_released_param(optimizer, p)
+        else:
+            optimizer.step()
     _assert_equal(loop, other, f"step with seed {seed}")
 
 
@@ -212,6 +225,134 @@ def _trained(**flags: Any) -> tuple[torch.nn.Module, core.AdamW]:
         optimizer.step()
     model(torch.ones(2, 4)).sum().backward()
     return model, optimizer
+
+
+# -- step memos (core.optimizer.StepMemo) ----------------------------------------------
+
+MEMO_BACKENDS = ["default", "fused", "triton"]
+"""The optimizer as users build it (no flags: the fused CPU backend here) and each fused
+backend; loop and foreach twins of these tests are the reference."""
+
+
+def _memo_twins(backend: str) -> tuple[Twin, Twin]:
+    """A loop twin that takes the full path every step (no memo: the reference) and an
+    optimizer built with `backend`'s flags (none for "default")."""
+    loop, other = _twins("loop")
+    loop[1]._checked_memo = lambda *args: None  # type: ignore[method-assign]
+    flags = {} if backend == "default" else BACKENDS[backend]
+    return loop, (other[0], core.AdamW(other[0], lr=LR, **flags))
+
+
+def _memos(optimizer: core.AdamW, released: bool) -> dict[int, Any]:
+    return optimizer.__dict__.get("_param_memos" if released else "_step_memos", {})
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_repeated_steps_reuse_their_memo_and_equal_the_loop_backend(
+    backend: str, released: bool
+) -> None:
+    loop, other = _memo_twins(backend)
+    for seed in (1, 2, 3, 4):
+        _step(loop, other, seed=seed, released=released, same_memory=True)
+    memos = _memos(other[1], released)
+    assert len(memos) == (len(other[0]) if released else 1)
+    memo = next(iter(memos.values()))
+    assert memo.backend is not None and memo.plan_key is None  # resolved; key per step
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_state_replaced_removed_or_moved_between_memoized_steps_is_stepped_as_it_now_is(
+    backend: str, released: bool
+) -> None:
+    loop, other = _memo_twins(backend)
+    _step(loop, other, seed=1, released=released, same_memory=True)
+    _step(loop, other, seed=2, released=released, same_memory=True)
+
+    def reset(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.state[params[2]] = {}  # a whole entry replaced: made again
+
+    def rescale(params: list[Tensor], optimizer: core.AdamW) -> None:
+        state = optimizer.state[params[3]]
+        state["exp_avg"] = state["exp_avg"] * 0.5  # a moment replaced
+        del optimizer.state[params[4]]["exp_avg_sq"]  # a moment removed: made again
+
+    def move(params: list[Tensor], optimizer: core.AdamW) -> None:
+        state = optimizer.state[params[5]]
+        state["exp_avg_sq"].data = state["exp_avg_sq"].data * 2.0  # storage swapped in place
+        state["step"].set_(torch.tensor(9.0))
+        optimizer.state[params[6]]["exp_avg"].set_(torch.zeros(params[6].shape))
+        params[7].data = params[7].data.clone()  # a parameter moved
+
+    for seed, change in ((3, reset), (4, None), (5, rescale), (6, None), (7, move), (8, None)):
+        _step(loop, other, seed=seed, change=change, released=released, same_memory=True)
+    assert _memos(other[1], released)
+
+
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_flags_changed_between_memoized_steps_take_effect(backend: str) -> None:
+    loop, other = _memo_twins(backend)
+    flags = dict(other[1].param_groups[0])
+    _step(loop, other, seed=1, same_memory=True)
+    _step(loop, other, seed=2, same_memory=True)
+
+    def to_foreach(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.param_groups[0].update(fused=False, foreach=True)
+
+    def back(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.param_groups[0].update(fused=flags["fused"], foreach=flags["foreach"])
+
+    def amsgrad(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.param_groups[0]["amsgrad"] = True
+
+    for seed, change in ((3, to_foreach), (4, back), (5, None), (6, amsgrad), (7, None)):
+        _step(loop, other, seed=seed, change=change, same_memory=True)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.Tensor, "grad_dtype"), reason="gradients of another dtype need grad_dtype"
+)
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_a_gradient_of_another_dtype_after_memoized_steps_takes_the_full_path(
+    backend: str,
+) -> None:
+    """The full path steps a bfloat16 gradient of a float32 parameter (the Triton kernels
+    refuse it by name, before any change, as they do without a memo)."""
+    loop, other = _memo_twins(backend)
+    _step(loop, other, seed=1, same_memory=True)
+    _step(loop, other, seed=2, same_memory=True)
+
+    def bfloat16_gradient(params: list[Tensor], optimizer: core.AdamW) -> None:
+        """At the very address of the float32 gradient it replaces."""
+        grad = params[3].grad
+        values = grad.to(torch.bfloat16)
+        params[3].grad_dtype = None  # type: ignore[attr-defined]
+        params[3].grad = grad.view(torch.bfloat16)[: grad.numel()].copy_(values)
+
+    if backend == "triton":
+        bfloat16_gradient(*other)
+        before = snapshot(torch.nn.ParameterList(other[0]), other[1])
+        with pytest.raises(ValueError, match=r"Invalid grad\[3\] for a fused kernel"):
+            other[1].step()
+        assert_unchanged(torch.nn.ParameterList(other[0]), other[1], before)
+        return
+    _step(loop, other, seed=3, change=bfloat16_gradient, same_memory=True)
+    _step(loop, other, seed=4, same_memory=True)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_a_sparse_gradient_after_memoized_steps_is_refused_before_any_change(
+    backend: str,
+) -> None:
+    model, optimizer = _trained(**({} if backend == "default" else BACKENDS[backend]))
+    assert optimizer.__dict__.get("_step_memos")
+    before = snapshot(model, optimizer)
+    model.weight.grad = model.weight.grad.to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
 
 
 @pytest.mark.bad_input

@@ -1,0 +1,77 @@
+"""A step whose tensors the optimizer has already checked, so backends skip their checks.
+
+An optimizer steps the same parameters and state tensors step after step; only the
+gradients are new. Resolving the backend and bucketing and planning a Triton launch cost
+a pass per tensor and list each (~300 µs for 300 tensors). The optimizer checks once per
+step what those depend on (core.optimizer's step memo) and, while its memo holds, runs
+the step inside `checking(memo)`; backend_and_lists and the Triton backend then reuse
+what they worked out for these tensors instead of checking them again.
+
+Trust is keyed on identity: a backend uses a `CheckedStep` only for a list whose
+parameters are the very tuple the optimizer made (`checked_for`), so no other caller's
+lists (a direct call of a functional form) ever take its shortcut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass(eq=False, repr=False)
+class CheckedStep:
+    """What an optimizer vouches for while a step runs inside `checking(self)`."""
+
+    params: tuple[Tensor, ...]
+    """The parameters, as the tuple the optimizer passes down: the identity backends test."""
+    backend: Any = None
+    """backend_and_lists' choice for these tensors, kept by the first step that resolves
+    it when every list was plain and real (the lists themselves go down unchanged)."""
+    plan_key: list[Any] | None = None
+    """This step's key for the Triton plan cache: the memo and the gradients' addresses
+    (everything else a plan depends on is the memo's to check); None: compute the key."""
+    held: list[Any] = field(default_factory=list)
+    """The storages of the parameters and state tensors the memo was made with, held so
+    that no other tensor takes one of their addresses while the memo compares them."""
+    host_scalars: tuple[tuple[Tensor, ...], ...] = ()
+    """Lists of 0-dim host scalars (step counters) the memo checks every step, tensors
+    and addresses: the C helpers gather their addresses once (`scalar_arrays`, by the
+    id of the tuple, which the memo holds) instead of reading them again each call."""
+    scalar_arrays: dict[int, Any] = field(default_factory=dict)
+
+
+_CURRENT: ContextVar[CheckedStep | None] = ContextVar("adamkit_checked_step", default=None)
+
+
+@contextmanager
+def checking(step: CheckedStep | None) -> Iterator[None]:
+    """Run a step with `step` vouched for (None: nothing is)."""
+    token = _CURRENT.set(step)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_checked_step() -> CheckedStep | None:
+    """The step vouched for now, if any (benchmarks replay a backend call inside it)."""
+    return _CURRENT.get()
+
+
+def checked_for(params: object) -> CheckedStep | None:
+    """The step vouched for, if `params` is its very tuple of parameters."""
+    step = _CURRENT.get()
+    return step if step is not None and step.params is params else None
+
+
+def checked_scalars(scalars: object) -> CheckedStep | None:
+    """The step vouched for, if `scalars` is one of its host-scalar tuples."""
+    step = _CURRENT.get()
+    if step is not None and any(scalars is values for values in step.host_scalars):
+        return step
+    return None
