@@ -924,11 +924,21 @@ def _planned_step(
     if last is not None and last.key == key:
         return last
     steps = _Steps(key, [], [])
+    grads = lists[1]
+    assert grads is not None
     for indices in buckets(params, kahan_comps):
         first = params[indices[0]]
         if first.dtype not in TRITON_DTYPES:
             steps.rest += indices
             continue
+        # A gradient of another dtype than its parameter (grad_dtype=None, say bf16
+        # gradients of fp32 weights) runs eagerly, as on the fused CPU backend.
+        other_dtype = [i for i in indices if grads[i].dtype != first.dtype]
+        if other_dtype:
+            steps.rest += other_dtype
+            indices = [i for i in indices if grads[i].dtype == first.dtype]
+            if not indices:
+                continue
         bucket = take_all(lists, indices)
         kahan, rounding = _bucket_rounding(bucket, first.dtype)
         plan = _plan(bucket, rounding)
