@@ -979,6 +979,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._last_kahan_answer = None  # good for one step: dtypes may change between steps
         released = self.released_params
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
+        self._drop_stale_memos()
         work = []
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
@@ -998,6 +999,20 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             elif params:
                 self._update_and_memoize(memos, id(group), group, params, grads)
         return loss
+
+    def _drop_stale_memos(self) -> None:
+        """Forget memos of groups or parameters no longer in param_groups (replaced by
+        load_state_dict or a framework): each holds its tensors' storages."""
+        group_memos = self.__dict__.get("_step_memos", {})
+        if group_memos:
+            live = set(map(id, self.param_groups))
+            for key in [key for key in group_memos if key not in live]:
+                del group_memos[key]
+        param_memos = self.__dict__.get("_param_memos", {})
+        if len(param_memos) > sum(len(group["params"]) for group in self.param_groups):
+            live = {id(p) for group in self.param_groups for p in group["params"]}
+            for key in [key for key in param_memos if key not in live]:
+                del param_memos[key]
 
     def _step_one(self, param: Tensor) -> None:
         """step(param=p), as gradient release calls it inside backward: with a memo per

@@ -363,6 +363,26 @@ def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_it
         assert torch.equal(after, tails[id(optimizer)]), "memory past the narrowed view changed"
 
 
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+def test_memos_of_groups_and_parameters_no_longer_stepped_are_dropped(released: bool) -> None:
+    """A memo holds its tensors' storages: groups replaced by load_state_dict, and
+    parameters gone from the groups, lose theirs."""
+    loop, other = _memo_twins("default")
+    _step(loop, other, seed=1, released=released)
+    memos = _memos(other[1], released)
+    held = next(iter(memos.values()))
+    params, optimizer = other
+    optimizer.load_state_dict(optimizer.state_dict())  # new group dicts
+    optimizer.param_groups[0]["params"] = kept = params[:-1]  # as a framework may rebuild
+    for p in kept:
+        p.grad = torch.ones_like(p)
+        if released:
+            step_released_param(optimizer, p)
+    optimizer.step()
+    assert held not in memos.values()
+    assert len(memos) == (len(kept) if released else 1)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_a_sparse_gradient_after_memoized_steps_is_refused_before_any_change(
