@@ -234,13 +234,17 @@ MEMO_BACKENDS = ["default", "fused", "triton"]
 backend; loop and foreach twins of these tests are the reference."""
 
 
-def _memo_twins(backend: str) -> tuple[Twin, Twin]:
+def _memo_twins(backend: str, released: bool = False, steps: int = 2) -> tuple[Twin, Twin]:
     """A loop twin that takes the full path every step (no memo: the reference) and an
-    optimizer built with `backend`'s flags (none for "default")."""
+    optimizer built with `backend`'s flags (none for "default"), after `steps` compared
+    steps (seeds 1, 2, ...) with gradients kept at their addresses."""
     loop, other = _twins("loop")
     loop[1]._checked_memo = lambda *args: None  # type: ignore[method-assign]
     flags = {} if backend == "default" else BACKENDS[backend]
-    return loop, (other[0], core.AdamW(other[0], lr=LR, **flags))
+    other = (other[0], core.AdamW(other[0], lr=LR, **flags))
+    for seed in range(1, steps + 1):
+        _step(loop, other, seed=seed, released=released, same_memory=True)
+    return loop, other
 
 
 def _memos(optimizer: core.AdamW, released: bool) -> dict[int, Any]:
@@ -252,9 +256,7 @@ def _memos(optimizer: core.AdamW, released: bool) -> dict[int, Any]:
 def test_repeated_steps_reuse_their_memo_and_equal_the_loop_backend(
     backend: str, released: bool
 ) -> None:
-    loop, other = _memo_twins(backend)
-    for seed in (1, 2, 3, 4):
-        _step(loop, other, seed=seed, released=released, same_memory=True)
+    _, other = _memo_twins(backend, released, steps=4)
     memos = _memos(other[1], released)
     assert len(memos) == (len(other[0]) if released else 1)
     memo = next(iter(memos.values()))
@@ -266,9 +268,7 @@ def test_repeated_steps_reuse_their_memo_and_equal_the_loop_backend(
 def test_state_replaced_removed_or_moved_between_memoized_steps_is_stepped_as_it_now_is(
     backend: str, released: bool
 ) -> None:
-    loop, other = _memo_twins(backend)
-    _step(loop, other, seed=1, released=released, same_memory=True)
-    _step(loop, other, seed=2, released=released, same_memory=True)
+    loop, other = _memo_twins(backend, released)
 
     def reset(params: list[Tensor], optimizer: core.AdamW) -> None:
         optimizer.state[params[2]] = {}  # a whole entry replaced: made again
@@ -320,8 +320,6 @@ def test_a_gradient_of_another_dtype_after_memoized_steps_takes_the_full_path(
     """The full path steps a bfloat16 gradient of a float32 parameter (every backend:
     the fused ones run it eagerly)."""
     loop, other = _memo_twins(backend)
-    _step(loop, other, seed=1, same_memory=True)
-    _step(loop, other, seed=2, same_memory=True)
 
     def bfloat16_gradient(params: list[Tensor], optimizer: core.AdamW) -> None:
         """At the very address of the float32 gradient it replaces."""
@@ -341,8 +339,6 @@ def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_it
     """Parameter, gradient and moments narrowed to views at the same addresses: only the
     view is stepped (a plan kept for the old size would write past it)."""
     loop, other = _memo_twins(backend)
-    _step(loop, other, seed=1, same_memory=True)
-    _step(loop, other, seed=2, same_memory=True)
 
     def past_the_view(param: Tensor) -> Tensor:
         """The parameter's storage after its (narrowed) elements."""
@@ -367,8 +363,7 @@ def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_it
 def test_memos_of_groups_and_parameters_no_longer_stepped_are_dropped(released: bool) -> None:
     """A memo holds its tensors' storages: groups replaced by load_state_dict, and
     parameters gone from the groups, lose theirs."""
-    loop, other = _memo_twins("default")
-    _step(loop, other, seed=1, released=released)
+    _, other = _memo_twins("default", released, steps=1)
     memos = _memos(other[1], released)
     held = next(iter(memos.values()))
     params, optimizer = other
