@@ -246,9 +246,9 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
         return None
     checked = checked_scalars(scalars)
     if checked is not None:  # the optimizer checked these tensors and addresses this step
-        array = checked.scalar_arrays.get(id(scalars))
-        if array is not None:
-            return library(_SCALARS_CONFIG), array
+        call = checked.scalar_arrays.get(id(scalars))
+        if call is not None:
+            return call
     elif len(scalars) < MIN_SCALARS:
         return None
     else:
@@ -268,8 +268,8 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
         _scalars_unavailable = True
         return None
     if checked is not None:
-        array = checked.scalar_arrays[id(scalars)] = _addresses(scalars)
-        return helpers, array
+        call = checked.scalar_arrays[id(scalars)] = (helpers, _addresses(scalars))
+        return call
     return helpers, _remember_addresses(scalars)
 
 

@@ -7,6 +7,7 @@ coefficients, made here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
@@ -34,7 +35,13 @@ def _shared_scalars(c: AdamStepCoefficients | AdoptStepCoefficients) -> tuple[fl
 
 
 def _switches(**on: bool) -> tuple[tuple[str, bool], ...]:
-    return tuple((name, bool(on.get(name, False))) for name in SWITCHES)
+    return _switch_table(tuple(bool(on.get(name, False)) for name in SWITCHES))
+
+
+@functools.cache
+def _switch_table(values: tuple[bool, ...]) -> tuple[tuple[str, bool], ...]:
+    """One tuple per combination, built once: a launch hashes it as a cache key."""
+    return tuple(zip(SWITCHES, values, strict=True))
 
 
 def adam_arguments(c: AdamStepCoefficients, kahan: bool) -> KernelArguments:
