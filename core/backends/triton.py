@@ -906,6 +906,19 @@ def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
     return key
 
 
+def _same_dtype_gradients(
+    indices: list[int], grads: Sequence[Tensor], dtype: torch.dtype
+) -> tuple[list[int], list[int]]:
+    """(indices whose gradient has the parameters' dtype, the others): a gradient of
+    another dtype (grad_dtype=None, say bf16 gradients of fp32 weights) runs eagerly, as
+    on the fused CPU backend."""
+    every = grads if len(indices) == len(grads) else [grads[i] for i in indices]
+    if set(map(attrgetter("dtype"), every)) == {dtype}:
+        return indices, []
+    same = [i for i in indices if grads[i].dtype == dtype]
+    return same, [i for i in indices if grads[i].dtype != dtype]
+
+
 def _planned_step(
     lists: list[Sequence[Tensor] | None], checked: CheckedStep | None = None
 ) -> _Steps:
@@ -931,14 +944,10 @@ def _planned_step(
         if first.dtype not in TRITON_DTYPES:
             steps.rest += indices
             continue
-        # A gradient of another dtype than its parameter (grad_dtype=None, say bf16
-        # gradients of fp32 weights) runs eagerly, as on the fused CPU backend.
-        other_dtype = [i for i in indices if grads[i].dtype != first.dtype]
-        if other_dtype:
-            steps.rest += other_dtype
-            indices = [i for i in indices if grads[i].dtype == first.dtype]
-            if not indices:
-                continue
+        indices, other_dtype = _same_dtype_gradients(indices, grads, first.dtype)
+        steps.rest += other_dtype
+        if not indices:
+            continue
         bucket = take_all(lists, indices)
         kahan, rounding = _bucket_rounding(bucket, first.dtype)
         plan = _plan(bucket, rounding)
@@ -1455,13 +1464,17 @@ def _prepare_quantized(lists: list[Any], positions: list[int]) -> _QuantizedStep
     """Check and plan, per (dtype, rounding, 8-bit moments) bucket, the parameters with
     8-bit moments (at `positions` of the step's lists); launches nothing, so a refusal
     leaves every tensor as it was (see _step)."""
-    params = lists[0]
+    params, grads = lists[0], lists[1]
     planned = []
     eager: list[int] = []
     for indices in _quantized_buckets(lists):
         first = params[indices[0]]
         if first.dtype not in TRITON_DTYPES:
             eager += indices
+            continue
+        indices, other_dtype = _same_dtype_gradients(indices, grads, first.dtype)
+        eager += other_dtype
+        if not indices:
             continue
         bucket = take_all(lists, indices)
         kahan, rounding = _bucket_rounding(bucket, first.dtype)
