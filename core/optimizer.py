@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from core.backends import cpu_kernel, fused_unavailable_reason
 from core.backends.checked import CheckedStep, checked_for, unvouch, vouch
 from core.backends.grouping import dtype_of
+from core.backends.host_checks import Layout, host_checks
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.backends.views import PLAIN_TENSOR_TYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
@@ -111,12 +112,11 @@ class StepMemo(CheckedStep):
     """The kahan_comps list of the step (None until the step built it)."""
     windowless: bool = False
     """No state holds an optimizer-accumulation window (found when the memo was made)."""
-    param_addresses: list[int] = field(default_factory=list)
-    numels: list[int] = field(default_factory=list)
-    addresses: dict[str, list[int]] = field(default_factory=dict)
+    param_layout: Layout = b""
+    """The parameters' addresses and sizes (core.backends.host_checks)."""
+    addresses: dict[str, Layout] = field(default_factory=dict)
     """state key -> the addresses of its column's tensors (a storage swapped in place,
     by .data = or set_, is seen: the step follows it, as every backend does)."""
-    dtypes: tuple[torch.dtype, ...] = ()
 
 
 class StateTable(defaultdict):
@@ -1078,9 +1078,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
         ):
             return None
-        try:
-            addresses = list(map(Tensor.data_ptr, params))
-        except RuntimeError:  # a parameter without storage: the full path says so
+        layout = host_checks().parameter_layout(params)
+        if layout is None:  # a parameter without storage: the full path says so
             return None
         return StepMemo(
             params=tuple(params),
@@ -1089,9 +1088,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             state_table=self.state,
             state_writes=getattr(self.state, "writes", -1),
             states=tuple(states),
-            param_addresses=addresses,
-            numels=list(map(Tensor.numel, params)),
-            dtypes=tuple(map(dtype_of, params)),
+            param_layout=layout,
         )
 
     def _memo_complete(self, memo: StepMemo) -> bool:
@@ -1106,10 +1103,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             if not all(map(operator.is_, kahan, rounding)):
                 return False
             memo.columns["kahan_comp"] = rounding
+        checks = host_checks()
         for key, column in memo.columns.items():
-            if any(not isinstance(t, Tensor) for t in column):
+            addresses = checks.column_addresses(memo.states, key, column)  # type: ignore[arg-type]
+            if addresses is None:
                 return False
-            memo.addresses[key] = list(map(Tensor.data_ptr, column))
+            memo.addresses[key] = addresses
         tensors = [t for column in memo.columns.values() for t in column]
         memo.held = [t.untyped_storage() for t in (*memo.params, *tensors)]
         memo.host_scalars = tuple(
@@ -1125,7 +1124,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         grads: list[Tensor],
     ) -> StepMemo | None:
         """memo, if this step over params and grads may reuse it (see StepMemo), with the
-        step's plan key set; else None. One C-speed pass per list, nothing per tensor."""
+        step's plan key set; else None. One pass per list (core.backends.host_checks: in
+        C++ where it builds), nothing per tensor in Python."""
         if (
             memo is None
             or memo.group is not group
@@ -1137,27 +1137,16 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             or not all(map(operator.is_, params, memo.params))
         ):
             return None
-        try:
-            for key, column in memo.columns.items():
-                if (
-                    not all(map(operator.is_, map(operator.itemgetter(key), memo.states), column))
-                    or list(map(Tensor.data_ptr, column)) != memo.addresses[key]
-                ):
-                    return None
-        except KeyError:  # a state entry removed: the full path makes it again
+        checks = host_checks()
+        if checks.parameter_layout(params) != memo.param_layout:
             return None
-        if (
-            list(map(Tensor.data_ptr, params)) != memo.param_addresses
-            or list(map(Tensor.numel, params)) != memo.numels
-            or not PLAIN_TENSOR_TYPES.issuperset(map(type, grads))
-            or not all(map(operator.is_, map(dtype_of, grads), memo.dtypes))
-            or not all(map(Tensor.is_contiguous, grads))
-        ):
+        for key, column in memo.columns.items():
+            if checks.column_addresses(memo.states, key, column) != memo.addresses[key]:  # type: ignore[arg-type]
+                return None
+        grad_addresses = checks.gradient_addresses(grads, params)
+        if grad_addresses is None:  # sparse, strided, of another dtype: the full path
             return None
-        try:
-            memo.plan_key = [memo, *map(Tensor.data_ptr, grads)]
-        except RuntimeError:  # a sparse gradient: the full path names it
-            return None
+        memo.plan_key = [memo, grad_addresses]
         return memo
 
     def zero_grad(self, set_to_none: bool = True, param: Tensor | None = None) -> None:

@@ -44,6 +44,7 @@ import torch
 import core
 from core.backends import cpu_kernel
 from core.backends.checked import checking, current_checked_step
+from core.backends.host_checks import PYTHON_CHECKS, compiled_checks, host_checks
 from core.optimizer import step_released_param
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -489,6 +490,7 @@ def host_time_rows(device: str, repeats: int) -> list[tuple[str, float, float]]:
     import core.backends
     from core.backends import triton as triton_backend
 
+    compiled_checks()  # a step memo's checks in C++ once built (in the background otherwise)
     saved = (triton_backend._step_kernel, core.backends.TRITON_DEVICE_TYPES)
     triton_backend._step_kernel = _NoLaunch()  # type: ignore[assignment]
     core.backends.TRITON_DEVICE_TYPES = saved[1] | {device}
@@ -545,10 +547,14 @@ def _backend_call(
     return call
 
 
+def _checks_language() -> str:
+    return "Python" if host_checks() is PYTHON_CHECKS else "C++"
+
+
 def host_time_table(device: str, repeats: int) -> list[str]:
     lines = [
         f"\nHost time of a Triton-backend step, kernel launch stubbed out ({device} tensors, "
-        "AdamW, fp32, 4096 elements each)\n",
+        f"AdamW, fp32, 4096 elements each; step-memo checks in {_checks_language()})\n",
         "| step | µs per step | of which Triton backend µs | target µs |",
         "|---|---:|---:|---:|",
     ]

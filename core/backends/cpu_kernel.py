@@ -136,14 +136,22 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
 
 
 def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...], ...]) -> None:
-    """Compile into target atomically (a temporary file renamed into place)."""
     cc = compiler()
+    commands = [
+        [cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)] for arch in choices
+    ]
+    build_atomically(commands, target, f"the fused kernel {config}")  # type: ignore[arg-type]
+
+
+def build_atomically(commands: Sequence[list[str]], target: Path, what: str) -> None:
+    """Build target with the first of commands that succeeds (each given `-o <file>`),
+    atomically: a temporary file renamed into place, so processes building the same
+    target at once (DDP ranks) never load a partial one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = ""
-    for arch in choices:
+    for command in commands:
         handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(handle)
-        command = [cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)]
         result = subprocess.run(
             [*command, "-o", temporary], capture_output=True, text=True, timeout=300
         )
@@ -152,7 +160,7 @@ def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...],
             return
         os.unlink(temporary)
         errors = result.stderr[-2000:]
-    raise KernelUnavailable(f"{cc} could not build the fused kernel {config}:\n{errors}")
+    raise KernelUnavailable(f"{commands[0][0]} could not build {what}:\n{errors}")
 
 
 _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int]

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 import core
-from core.backends import cpu_kernel
+from core import optimizer as optimizer_module
+from core.backends import cpu_kernel, host_checks
 from core.optimizer import step_released_param
 from tests.core.cases import BACKENDS, LR, assert_unchanged, snapshot
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
@@ -27,6 +28,19 @@ COUNT = cpu_kernel.MIN_SCALARS + 4
 """Enough parameters for the step counters to take the C path (and its cache)."""
 
 Twin = tuple[list[Tensor], core.AdamW]
+
+
+@pytest.fixture(params=["compiled", "python"], autouse=True)
+def each_host_checks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs with the C++ host checks of step memos and with their Python
+    fallback (core.backends.host_checks)."""
+    checks = host_checks.PYTHON_CHECKS
+    if request.param == "compiled":
+        compiled = host_checks.compiled_checks()  # waits for the build
+        if compiled is None:
+            pytest.skip("the C++ host checks do not build here (see the warning)")
+        checks = compiled
+    monkeypatch.setattr(optimizer_module, "host_checks", lambda: checks)
 
 
 def _twins(backend: str, count: int = COUNT, **flags: Any) -> tuple[Twin, Twin]:

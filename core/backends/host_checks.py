@@ -1,0 +1,219 @@
+"""The per-tensor checks of a memoized step (core.optimizer.StepMemo), in C++ or Python.
+
+A memoized step over 300 tensors spent ~150 µs of its host work reading one property
+per tensor per pass from Python (about 45 ns each through torch's bindings). The same
+three checks compiled against the running torch (host_checks.cpp, built once per torch
+and compiler like the fused CPU kernels, with a C++ compiler and Python's headers) read
+them at a few ns a tensor. Where it cannot be built, or with ADAMKIT_HOST_CHECKS=python,
+`PythonChecks` does the same in Python; tests hold both to the same cases.
+
+Each check answers a value (addresses, and sizes) that the memo compares with what it
+recorded, or None where something is not what a memo can vouch for. The two answer in
+their own form (bytes, lists), so when the build finishes mid-run a memo made with the
+Python checks simply fails its next comparison and is made again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import operator
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+import warnings
+from collections.abc import Sequence
+from itertools import repeat
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from core.backends.cpu_kernel import KernelUnavailable, build_atomically, cache_dir
+from core.backends.views import PLAIN_TENSOR_TYPES
+
+SOURCE = Path(__file__).with_name("host_checks.cpp")
+_MODULE_NAME = "adamkit_host_checks"
+
+
+Layout = bytes | tuple[list[int], ...]
+"""What a check answers: compared with ==, never read (bytes from C++, lists from Python)."""
+
+
+class HostChecks(Protocol):
+    def parameter_layout(self, params: Sequence[Tensor]) -> Layout | None:
+        """Addresses and element counts of plain strided tensors with storage, or None."""
+
+    def column_addresses(
+        self, states: tuple[dict[str, Any], ...], key: str, column: tuple[Any, ...]
+    ) -> Layout | None:
+        """Each column tensor's address, if every states[i][key] is column[i], or None."""
+
+    def gradient_addresses(
+        self, grads: Sequence[Tensor], params: Sequence[Tensor]
+    ) -> Layout | None:
+        """Each gradient's address, if every one is a plain, strided, contiguous tensor
+        with storage and its parameter's dtype, or None."""
+
+
+class PythonChecks:
+    """HostChecks in Python: one pass per property (where the C++ module is not built)."""
+
+    @staticmethod
+    def parameter_layout(params: Sequence[Tensor]) -> Layout | None:
+        if not PLAIN_TENSOR_TYPES.issuperset(map(type, params)):
+            return None
+        try:
+            return list(map(Tensor.data_ptr, params)), list(map(Tensor.numel, params))
+        except RuntimeError:  # no storage (sparse)
+            return None
+
+    @staticmethod
+    def column_addresses(
+        states: tuple[dict[str, Any], ...], key: str, column: tuple[Any, ...]
+    ) -> Layout | None:
+        try:
+            if len(states) != len(column) or not all(
+                map(operator.is_, map(dict.get, states, repeat(key)), column)
+            ):
+                return None
+            return (list(map(Tensor.data_ptr, column)),)
+        except (RuntimeError, TypeError):  # a state not a dict; no storage, not a tensor
+            return None
+
+    @staticmethod
+    def gradient_addresses(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Layout | None:
+        if (
+            len(grads) != len(params)
+            or not PLAIN_TENSOR_TYPES.issuperset(map(type, grads))
+            or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
+            or not all(map(operator.is_, map(_DTYPE, grads), map(_DTYPE, params)))
+            or not all(map(Tensor.is_contiguous, grads))  # False for sparse
+        ):
+            return None
+        try:
+            return (list(map(Tensor.data_ptr, grads)),)
+        except RuntimeError:
+            return None
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+PYTHON_CHECKS = PythonChecks()
+
+
+def host_checks() -> HostChecks:
+    """The C++ checks once built, else PYTHON_CHECKS. The first call starts the build
+    (~15 s, once per torch, Python and compiler; cached like the fused CPU kernels) in
+    a background thread, so no step waits for it: steps check in Python meanwhile."""
+    if os.environ.get("ADAMKIT_HOST_CHECKS", "") == "python":
+        return PYTHON_CHECKS
+    compiled = _BUILD.module(wait=False)
+    return PYTHON_CHECKS if compiled is None else compiled
+
+
+def compiled_checks(wait: bool = True) -> HostChecks | None:
+    """The C++ checks, waiting for their build if asked (tests, benchmarks); None where
+    they cannot be built (a RuntimeWarning says why)."""
+    return _BUILD.module(wait=wait)
+
+
+class _Build:
+    """The C++ module's build in a background thread, and the module once loaded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+        self._module: Any = None
+        self._failed = False
+
+    def module(self, wait: bool) -> Any:
+        if self._module is not None or self._failed:
+            return self._module
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._build, name="adamkit-host-checks", daemon=True
+                )
+                self._thread.start()
+        if wait:
+            self._thread.join()
+        elif self._thread.is_alive():
+            return None
+        with self._lock:
+            if self._module is None and not self._failed:
+                self._load()
+        return self._module
+
+    def _build(self) -> None:
+        try:
+            self._path = _build()
+        except BaseException as error:  # reported by the thread that loads
+            self._error = error
+
+    def _load(self) -> None:
+        try:
+            if self._error is not None:
+                raise self._error
+            assert self._path is not None
+            module = _load(self._path)
+            module.set_plain_types(torch.Tensor, nn.Parameter)
+            self._module = module
+        except (KernelUnavailable, ImportError, OSError, subprocess.SubprocessError) as error:
+            self._failed = True
+            warnings.warn(
+                f"adamkit: the C++ host checks could not be built ({str(error)[:300]}); "
+                "memoized steps check their tensors in Python instead (the same checks, "
+                "more host time per step).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+_BUILD = _Build()
+
+
+def _compiler() -> str | None:
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((path for name in candidates if (path := shutil.which(name))), None)
+
+
+def _build() -> Path:
+    """The module for this torch, Python and compiler, built on first use."""
+    cxx = _compiler()
+    if cxx is None:
+        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
+    root = Path(torch.__file__).parent  # what torch.utils.cpp_extension would use on CPU
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [root / "include", root / "include/torch/csrc/api/include"]
+    includes.append(Path(sysconfig.get_paths()["include"]))
+    libraries = [root / "lib"]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    identity = [SOURCE.read_text(), torch.__version__, torch.__file__, sys.version, cxx, version]
+    digest = hashlib.sha256("\n".join([*identity, str(abi)]).encode()).hexdigest()[:24]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    target = cache_dir() / f"{_MODULE_NAME}_{digest}{suffix}"
+    if not target.exists():
+        command = [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w"]
+        command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in includes)]
+        command += [str(SOURCE), *(f"-L{path}" for path in libraries)]
+        command += ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+        command += [f"-Wl,-rpath,{path}" for path in libraries]
+        build_atomically([command], target, "the host checks")
+    return target
+
+
+def _load(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,133 @@
+"""The step memo's host checks (core.backends.host_checks): the C++ module against the
+Python fallback, case by case, including inputs no optimizer hands them (a check must
+answer None or raise a Python error for anything unexpected, never crash)."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from core.backends import host_checks
+from core.backends.host_checks import PYTHON_CHECKS, HostChecks
+
+
+class _Subclass(Tensor):
+    """A tensor subclass: its data_ptr need not be its data, so no memo vouches for it."""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> HostChecks:
+    checks = host_checks.compiled_checks()
+    if checks is None:
+        pytest.skip("the C++ host checks do not build here (see the warning)")
+    return checks
+
+
+def _numbers(layout: Any) -> list[int] | None:
+    """A check's answer as plain integers (C++: int64 bytes, interleaved per tensor;
+    Python: one list per property), so the two can be compared."""
+    if layout is None:
+        return None
+    if isinstance(layout, bytes):
+        return array("q", layout).tolist()
+    return [value for row in zip(*layout, strict=True) for value in row]
+
+
+def _tensors() -> dict[str, Any]:
+    base = torch.arange(12.0).reshape(3, 4)
+    return {
+        "plain": [torch.zeros(5), torch.ones(2, 3)],
+        "parameters": [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.ones(3))],
+        "empty": [torch.zeros(0), torch.zeros(3)],
+        "strided view": [base[:, 1], base],
+        "sparse": [torch.zeros(4).to_sparse()],
+        "subclass": [torch.zeros(3).as_subclass(_Subclass)],
+        "not tensors": [1, None],
+        "nothing": [],
+    }
+
+
+@pytest.mark.parametrize("case", list(_tensors()))
+def test_parameter_layouts_agree(compiled: HostChecks, case: str) -> None:
+    tensors = _tensors()[case]
+    expected = _numbers(PYTHON_CHECKS.parameter_layout(tensors))
+    assert _numbers(compiled.parameter_layout(tensors)) == expected
+    if case in ("plain", "parameters", "empty", "strided view"):
+        assert expected is not None and expected[1::2] == [t.numel() for t in tensors]
+    elif case != "nothing":
+        assert expected is None
+
+
+def _gradient_cases() -> dict[str, tuple[list[Any], list[Any]]]:
+    params = [torch.zeros(2, 3), torch.zeros(4)]
+    return {
+        "plain": (params, [torch.ones(2, 3), torch.ones(4)]),
+        "parameter gradients": (params, [nn.Parameter(torch.ones(2, 3)), torch.ones(4)]),
+        "another dtype": (params, [torch.ones(2, 3), torch.ones(4, dtype=torch.bfloat16)]),
+        "not contiguous": (params, [torch.ones(3, 2).t(), torch.ones(4)]),
+        "sparse": (params, [torch.ones(2, 3), torch.ones(4).to_sparse()]),
+        "subclass": (params, [torch.ones(2, 3), torch.ones(4).as_subclass(_Subclass)]),
+        "none": (params, [torch.ones(2, 3), None]),
+        "lengths differ": (params, [torch.ones(2, 3)]),
+        "parameters not tensors": ([1, 2], [torch.ones(1), torch.ones(1)]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_gradient_cases()))
+def test_gradient_addresses_agree(compiled: HostChecks, case: str) -> None:
+    params, grads = _gradient_cases()[case]
+    expected = _numbers(PYTHON_CHECKS.gradient_addresses(grads, params))
+    assert _numbers(compiled.gradient_addresses(grads, params)) == expected
+    if case in ("plain", "parameter gradients"):
+        assert expected == [g.data_ptr() for g in grads]
+    else:
+        assert expected is None
+
+
+def _column_cases() -> dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    moments = (torch.zeros(3), torch.zeros(2))
+    states = ({"m": moments[0]}, {"m": moments[1]})
+    sparse = torch.zeros(2).to_sparse()
+    return {
+        "the same tensors": (states, moments),
+        "one replaced": (({"m": moments[0]}, {"m": moments[1].clone()}), moments),
+        "one missing": (({"m": moments[0]}, {}), moments),
+        "not a tensor": (({"m": 5},), (5,)),
+        "a state not a dict": ((["m"],), (moments[0],)),
+        "lengths differ": (states, moments[:1]),
+        "sparse": (({"m": sparse},), (sparse,)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_column_cases()))
+def test_column_addresses_agree(compiled: HostChecks, case: str) -> None:
+    states, column = _column_cases()[case]
+    expected = _numbers(PYTHON_CHECKS.column_addresses(states, "m", column))
+    assert _numbers(compiled.column_addresses(states, "m", column)) == expected
+    if case == "the same tensors":
+        assert expected == [t.data_ptr() for t in column]
+    else:
+        assert expected is None
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda checks: checks.column_addresses([{}], "m", ()),
+        lambda checks: checks.column_addresses((), 5, ()),
+        lambda checks: checks.gradient_addresses(5, []),
+        lambda checks: checks.parameter_layout(5),
+    ],
+    ids=["states-as-list", "key-not-a-string", "gradients-not-a-sequence", "not-a-sequence"],
+)
+def test_arguments_of_the_wrong_kind_raise_a_type_error(
+    compiled: HostChecks, call: Callable[[Any], Any]
+) -> None:
+    with pytest.raises(TypeError):
+        call(compiled)
