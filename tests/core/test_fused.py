@@ -331,6 +331,7 @@ def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
 ) -> None:
     monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
     monkeypatch.setattr(cpu_kernel, "compiler", lambda: "false")  # a "compiler" that fails
     monkeypatch.setattr(cpu, "_warned", False)
     case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
@@ -357,6 +358,7 @@ def test_without_a_compiler_the_default_still_runs_torchs_kernels_and_the_loop_s
 ) -> None:
     monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
     monkeypatch.setattr(cpu_kernel, "compiler", lambda: None)
     native = []
     monkeypatch.setattr(cpu, "_native_adam", lambda *args: native.append(args))
