@@ -26,7 +26,6 @@ import sysconfig
 import threading
 import warnings
 from collections.abc import Sequence
-from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,12 +77,12 @@ class PythonChecks:
     ) -> Layout | None:
         try:
             if len(states) != len(column) or not all(
-                map(operator.is_, map(dict.get, states, repeat(key)), column)
+                map(operator.is_, map(operator.itemgetter(key), states), column)
             ):
                 return None
             return (list(map(Tensor.data_ptr, column)),)
-        except (RuntimeError, TypeError):  # a state not a dict; no storage, not a tensor
-            return None
+        except (KeyError, IndexError, RuntimeError, TypeError):  # no entry, not a dict or
+            return None  # a tensor, no storage
 
     @staticmethod
     def gradient_addresses(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Layout | None:
