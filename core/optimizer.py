@@ -89,8 +89,8 @@ class StepMemo(CheckedStep):
     A step over 300 parameters spent most of its ~500 µs of host work finding out again
     what the last step found: each parameter's state and moments, the backend, the Triton
     plan. The memo keeps those (as tuples, so nothing can change them), and each step
-    checks in one C-speed pass per list what they depend on: the same parameters at the
-    same addresses with the same sizes; the same state dicts (StateTable.writes), each
+    checks in one pass per list (core.backends.host_checks, in C++ where it builds) what
+    they depend on: the same parameters at the same addresses with the same sizes; the same state dicts (StateTable.writes), each
     holding the same tensors at the same addresses; unchanged flags; gradients that are
     plain, dense, contiguous and of their parameter's dtype. Anything else takes the full
     path, which checks everything as before and makes a new memo. Memos are made for
