@@ -90,9 +90,10 @@ class StepMemo(CheckedStep):
     what the last step found: each parameter's state and moments, the backend, the Triton
     plan. The memo keeps those (as tuples, so nothing can change them), and each step
     checks in one pass per list (core.backends.host_checks, in C++ where it builds) what
-    they depend on: the same parameters at the same addresses with the same sizes; the same state dicts (StateTable.writes), each
-    holding the same tensors at the same addresses; unchanged flags; gradients that are
-    plain, dense, contiguous and of their parameter's dtype. Anything else takes the full
+    they depend on: the same parameters at the same addresses with the same sizes; the
+    same state dicts (StateTable.writes), each holding the same tensors at the same
+    addresses; unchanged flags; gradients that are plain, dense, contiguous and of their
+    parameter's dtype. Anything else takes the full
     path, which checks everything as before and makes a new memo. Memos are made for
     groups with full-precision state, rounded to nearest or with Kahan buffers, on plain
     tensors (the common case); 8-bit state, stochastic rounding and tensor subclasses
