@@ -123,13 +123,16 @@ def compiled_checks(wait: bool = True) -> HostChecks | None:
 
 
 class _Build:
-    """The C++ module's build in a background thread, and the module once loaded."""
+    """The C++ module's build in a background thread, and the module once loaded. A
+    forked child (whose copy of the thread does not run) starts its own build."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._owner = 0
+        """The process that started the thread."""
         self._path: Path | None = None
-        self._error: BaseException | None = None
+        self._error: Exception | None = None
         self._module: Any = None
         self._failed = False
 
@@ -137,14 +140,16 @@ class _Build:
         if self._module is not None or self._failed:
             return self._module
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or self._owner != os.getpid():
+                self._path, self._error, self._owner = None, None, os.getpid()
                 self._thread = threading.Thread(
                     target=self._build, name="adamkit-host-checks", daemon=True
                 )
                 self._thread.start()
+            thread = self._thread
         if wait:
-            self._thread.join()
-        elif self._thread.is_alive():
+            thread.join()
+        elif thread.is_alive():
             return None
         with self._lock:
             if self._module is None and not self._failed:
@@ -154,18 +159,19 @@ class _Build:
     def _build(self) -> None:
         try:
             self._path = _build()
-        except BaseException as error:  # reported by the thread that loads
+        except Exception as error:  # reported by the thread that loads
             self._error = error
 
     def _load(self) -> None:
         try:
             if self._error is not None:
                 raise self._error
-            assert self._path is not None
+            if self._path is None:
+                raise KernelUnavailable("the build ended without a module")
             module = _load(self._path)
             module.set_plain_types(torch.Tensor, nn.Parameter)
             self._module = module
-        except (KernelUnavailable, ImportError, OSError, subprocess.SubprocessError) as error:
+        except Exception as error:  # any failure: the Python checks stay, and say why
             self._failed = True
             warnings.warn(
                 f"adamkit: the C++ host checks could not be built ({str(error)[:300]}); "

@@ -131,3 +131,45 @@ def test_arguments_of_the_wrong_kind_raise_a_type_error(
 ) -> None:
     with pytest.raises(TypeError):
         call(compiled)
+
+
+def test_a_build_that_fails_in_any_way_leaves_the_python_checks_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for failure in (host_checks.KernelUnavailable("no C++ compiler"), RuntimeError("odd torch")):
+
+        def failing(failure: Exception = failure) -> Any:
+            raise failure
+
+        monkeypatch.setattr(host_checks, "_build", failing)
+        build = host_checks._Build()
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            assert build.module(wait=True) is None
+        assert build.module(wait=False) is None  # tried once, not on every step
+
+
+def test_a_process_forked_during_the_build_builds_its_own(
+    monkeypatch: pytest.MonkeyPatch, compiled: HostChecks
+) -> None:
+    """A forked child has no copy of the running build thread: it starts its own."""
+    import os
+    import time
+
+    path = host_checks._build()  # built already (the fixture): only the wait is simulated
+
+    def slow_build() -> Any:
+        time.sleep(1.0)
+        return path
+
+    monkeypatch.setattr(host_checks, "_build", slow_build)
+    build = host_checks._Build()
+    assert build.module(wait=False) is None  # the parent's build is running
+    child = os.fork()
+    if child == 0:  # the child: load through its own build, or exit non-zero
+        try:
+            os._exit(0 if build.module(wait=True) is not None else 2)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert build.module(wait=True) is not None
