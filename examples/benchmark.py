@@ -484,13 +484,15 @@ def _best_seconds(operation: Callable[[], object], inner: int, repeats: int) -> 
     return best
 
 
-def host_time_rows(device: str, repeats: int) -> list[tuple[str, float, float]]:
+def host_time_rows(device: str, repeats: int, wait: bool) -> list[tuple[str, float, float]]:
     """(row, seconds of optimizer.step(), seconds in the Triton backend) with the kernel
     launch stubbed out, for AdamW on fp32 tensors of 4096 elements."""
     import core.backends
     from core.backends import triton as triton_backend
 
-    compiled_checks()  # a step memo's checks in C++ once built (in the background otherwise)
+    # A step memo's checks run in C++ once built (in the background, ~15 s on first use):
+    # a full run waits for them, --quick times whichever are ready (the header says which).
+    compiled_checks(wait=wait)
     saved = (triton_backend._step_kernel, core.backends.TRITON_DEVICE_TYPES)
     triton_backend._step_kernel = _NoLaunch()  # type: ignore[assignment]
     core.backends.TRITON_DEVICE_TYPES = saved[1] | {device}
@@ -551,14 +553,14 @@ def _checks_language() -> str:
     return "Python" if host_checks() is PYTHON_CHECKS else "C++"
 
 
-def host_time_table(device: str, repeats: int) -> list[str]:
+def host_time_table(device: str, repeats: int, wait: bool = True) -> list[str]:
     lines = [
         f"\nHost time of a Triton-backend step, kernel launch stubbed out ({device} tensors, "
         f"AdamW, fp32, 4096 elements each; step-memo checks in {_checks_language()})\n",
         "| step | µs per step | of which Triton backend µs | target µs |",
         "|---|---:|---:|---:|",
     ]
-    for name, step, backend in host_time_rows(device, repeats):
+    for name, step, backend in host_time_rows(device, repeats, wait):
         target = HOST_TARGETS.get(name)
         cells = [name, f"{step * 1e6:.0f}", f"{backend * 1e6:.0f}"]
         cells.append(f"{target * 1e6:.0f}" if target else "-")
@@ -741,7 +743,7 @@ def main() -> None:
         shape = (20, EIGHT_BIT_QUICK) if args.quick else (20, EIGHT_BIT_NUMEL)
         eight_bit_table(*shape, steps=3, repeats=2 if args.quick else 5)
         return
-    host_lines = host_time_table(args.device, repeats=3 if args.quick else 10)
+    host_lines = host_time_table(args.device, repeats=3 if args.quick else 10, wait=not args.quick)
     print("\n".join(host_lines), flush=True)
     if args.host_time_only:
         return

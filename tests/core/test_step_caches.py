@@ -30,10 +30,10 @@ COUNT = cpu_kernel.MIN_SCALARS + 4
 Twin = tuple[list[Tensor], core.AdamW]
 
 
-@pytest.fixture(params=["compiled", "python"], autouse=True)
+@pytest.fixture(params=["compiled", "python"])
 def each_host_checks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test here runs with the C++ host checks of step memos and with their Python
-    fallback (core.backends.host_checks)."""
+    """The step-memo tests run with the C++ host checks and with their Python fallback
+    (core.backends.host_checks)."""
     checks = host_checks.PYTHON_CHECKS
     if request.param == "compiled":
         compiled = host_checks.compiled_checks()  # waits for the build
@@ -265,6 +265,7 @@ def _memos(optimizer: core.AdamW, released: bool) -> dict[int, Any]:
     return optimizer.__dict__.get("_param_memos" if released else "_step_memos", {})
 
 
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_repeated_steps_reuse_their_memo_and_equal_the_loop_backend(
@@ -277,6 +278,7 @@ def test_repeated_steps_reuse_their_memo_and_equal_the_loop_backend(
     assert memo.backend is not None and memo.plan_key is None  # resolved; key per step
 
 
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_state_replaced_removed_or_moved_between_memoized_steps_is_stepped_as_it_now_is(
@@ -304,6 +306,7 @@ def test_state_replaced_removed_or_moved_between_memoized_steps_is_stepped_as_it
     assert _memos(other[1], released)
 
 
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_flags_changed_between_memoized_steps_take_effect(backend: str) -> None:
     loop, other = _memo_twins(backend)
@@ -327,6 +330,7 @@ def test_flags_changed_between_memoized_steps_take_effect(backend: str) -> None:
 @pytest.mark.skipif(
     not hasattr(torch.Tensor, "grad_dtype"), reason="gradients of another dtype need grad_dtype"
 )
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_a_gradient_of_another_dtype_after_memoized_steps_takes_the_full_path(
     backend: str,
@@ -346,6 +350,7 @@ def test_a_gradient_of_another_dtype_after_memoized_steps_takes_the_full_path(
     _step(loop, other, seed=4, same_memory=True)
 
 
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_its_view(
     backend: str,
@@ -373,6 +378,7 @@ def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_it
         assert torch.equal(after, tails[id(optimizer)]), "memory past the narrowed view changed"
 
 
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
 def test_memos_of_groups_and_parameters_no_longer_stepped_are_dropped(released: bool) -> None:
     """A memo holds its tensors' storages: groups replaced by load_state_dict, and
@@ -392,6 +398,7 @@ def test_memos_of_groups_and_parameters_no_longer_stepped_are_dropped(released: 
     assert len(memos) == (len(kept) if released else 1)
 
 
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.bad_input
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_a_sparse_gradient_after_memoized_steps_is_refused_before_any_change(
@@ -417,6 +424,7 @@ def test_a_sparse_gradient_after_memoized_steps_is_refused_before_any_change(
     ],
     ids=["betas-list-changed-in-place", "tensor-lr-changed-in-place", "flag-as-int", "eps"],
 )
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
 def test_a_value_made_invalid_after_steps_is_refused_before_any_change(
     name: str, make_bad: Callable[[dict[str, Any]], None], released: bool
@@ -436,6 +444,7 @@ def test_a_value_made_invalid_after_steps_is_refused_before_any_change(
     assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.bad_input
 def test_groups_replaced_after_steps_are_validated_again() -> None:
     model, optimizer = _trained()
