@@ -28,7 +28,6 @@ from core.backends.checked import CheckedStep, checked_for, unvouch, vouch
 from core.backends.grouping import dtype_of
 from core.backends.host_checks import Layout, host_checks
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
-from core.backends.views import PLAIN_TENSOR_TYPES
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     SIGNED_KEYS,
@@ -1076,11 +1075,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             group["state_precision"] != "full"
             or group["stochastic_rounding"]
             or self.optimizer_accumulation
-            or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
         ):
             return None
         layout = host_checks().parameter_layout(params)
-        if layout is None:  # a parameter without storage: the full path says so
+        if layout is None:  # a subclass or a parameter without storage: the full path
             return None
         return StepMemo(
             params=tuple(params),
@@ -1100,10 +1098,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if rounding is None:
             return False
         if any(comp is not None for comp in rounding):
-            kahan = tuple(map(dict.get, memo.states, repeat("kahan_comp")))
-            if not all(map(operator.is_, kahan, rounding)):
-                return False
-            memo.columns["kahan_comp"] = rounding
+            memo.columns["kahan_comp"] = rounding  # checked as a column of the states below
         checks = host_checks()
         for key, column in memo.columns.items():
             addresses = checks.column_addresses(memo.states, key, column)  # type: ignore[arg-type]

@@ -95,12 +95,13 @@ class KernelUnavailable(RuntimeError):
 @functools.cache
 def compiler() -> str | None:
     """The C compiler to use: $CC, else the first of cc, gcc, clang on PATH."""
-    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    for name in candidates:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+    return find_compiler("CC", ("cc", "gcc", "clang"))
+
+
+def find_compiler(variable: str, names: Sequence[str]) -> str | None:
+    """$variable, else the first of names on PATH (None if none is found)."""
+    candidates = [os.environ[variable]] if os.environ.get(variable) else names
+    return next((path for name in candidates if (path := shutil.which(name))), None)
 
 
 @functools.cache

@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import operator
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,7 +31,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from core.backends.cpu_kernel import KernelUnavailable, build_atomically, cache_dir
+from core.backends.cpu_kernel import (
+    KernelUnavailable,
+    build_atomically,
+    cache_dir,
+    find_compiler,
+)
 from core.backends.views import PLAIN_TENSOR_TYPES
 
 SOURCE = Path(__file__).with_name("host_checks.cpp")
@@ -186,8 +190,7 @@ _BUILD = _Build()
 
 
 def _compiler() -> str | None:
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
-    return next((path for name in candidates if (path := shutil.which(name))), None)
+    return find_compiler("CXX", ("c++", "g++", "clang++"))
 
 
 def _build() -> Path:
