@@ -14,6 +14,7 @@ from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
     advance_counters,
+    call_backend,
     decoupled_decay_rate,
     hyperparameters,
     no_kahan,
@@ -155,7 +156,7 @@ def adam(
             accumulate=accumulate,
             decoupled_rate=decoupled_decay_rate(*decay_mode),
         )
-        backend.adam_step(*step_lists(tensor_lists, indices, step + 1), coefficients)
+        call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
     advance_counters(state_steps, window_microbatches, accumulate)
 
 

@@ -18,6 +18,7 @@ from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
     add_to_host_scalars,
+    call_backend,
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
@@ -104,7 +105,7 @@ def adopt(
             l2_weight_decay=l2_weight_decay,
             param_decay=param_decay,
         )
-        backend.adopt_step(*step_lists(tensor_lists, indices, step + 1), coefficients)
+        call_backend(backend.adopt_step, step_lists(tensor_lists, indices, step + 1), coefficients)
     add_to_host_scalars(state_steps, 1.0)
 
 

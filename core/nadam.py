@@ -14,6 +14,7 @@ from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
     add_to_host_scalars,
+    call_backend,
     finite_at_least,
     hyperparameters,
     multiply_host_scalars,
@@ -117,7 +118,7 @@ def nadam(
             l2_weight_decay=l2_weight_decay,
             param_decay=param_decay,
         )
-        backend.adam_step(*step_lists(tensor_lists, indices, step + 1), coefficients)
+        call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
     add_to_host_scalars(state_steps, 1.0)
 
 

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from core.backends import cpu_kernel, fused_unavailable_reason
 from core.backends.checked import CheckedStep, checked_for, unvouch, vouch
+from core.backends.cpu_kernel import HostScalarAccess, float32_array, host_scalar_access
 from core.backends.grouping import dtype_of
 from core.backends.host_checks import Layout, host_checks
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
@@ -111,12 +112,47 @@ class StepMemo(CheckedStep):
     rounding: tuple[Tensor | None, ...] | None = None
     """The kahan_comps list of the step (None until the step built it)."""
     windowless: bool = False
-    """No state holds an optimizer-accumulation window (found when the memo was made)."""
+    """No state holds an optimizer-accumulation window (found when the memo was made:
+    windows open only under optimizer_accumulation, which no memo outlives)."""
     param_layout: Layout = b""
     """The parameters' addresses and sizes (core.backends.host_checks)."""
     addresses: dict[str, Layout] = field(default_factory=dict)
     """state key -> the addresses of its column's tensors (a storage swapped in place,
     by .data = or set_, is seen: the step follows it, as every backend does)."""
+    recorded: list[tuple[Callable[..., None], list[Any], Any]] | None = None
+    """While a released step records (see _GroupReplay): each call_backend of the step."""
+    replay: tuple[Callable[..., None], list[Any]] | None = None
+    """A released parameter's backend call, its gradient list left out (None): what a
+    replay runs with the new gradient and its group's coefficients."""
+    host_keys: tuple[str, ...] = ()
+    """The host-scalar state keys of the step (step, NAdam's mu_product), in the order of
+    scalar_access."""
+    scalar_access: HostScalarAccess | None = None
+    """Reads and writes those scalars in one C call each (None: no replays)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _GroupReplay:
+    """The last released step of a group, for its other parameters to replay.
+
+    Under gradient release each parameter steps alone, and all of a group's parameters
+    take the same step: same hyperparameters, same step count. The generic path works the
+    same coefficients out again for each (~10 µs of a ~30 µs step). A step's coefficients
+    and its host-scalar updates are functions of the group's hyperparameters and the
+    parameter's host scalars (step count; NAdam's Π) alone, so a parameter whose memo
+    holds, whose group holds the very values it held (`_validate_stepped_group`'s record)
+    and whose scalars read the same as its twin's before the step can take the twin's
+    coefficients, then set its scalars to the twin's values after: the same floats the
+    generic path computes (step + 1 and Π·μ are deterministic in float32).
+    """
+
+    passed: tuple[Any, ...]
+    """_validate_stepped_group's record of the group when the twin stepped."""
+    host_keys: tuple[str, ...]
+    before: list[float]
+    coefficients: AdamStepCoefficients | AdoptStepCoefficients
+    after: Any
+    """The twin's host scalars after its step (a C float array)."""
 
 
 class StateTable(defaultdict):
@@ -490,6 +526,19 @@ def step_lists(
     return lists
 
 
+def call_backend(
+    step_function: Callable[..., None],
+    lists: list[Any],
+    coefficients: AdamStepCoefficients | AdoptStepCoefficients,
+) -> None:
+    """step_function(*lists, coefficients): a functional form's backend call, recorded when
+    the optimizer's released step is recording it (see _GroupReplay)."""
+    memo = checked_for(lists[0])
+    if type(memo) is StepMemo and memo.recorded is not None:
+        memo.recorded.append((step_function, lists, coefficients))
+    step_function(*lists, coefficients)
+
+
 def subset(values: Sequence[Any] | None, indices: list[int] | None) -> Any:
     """The items at indices (all of them when indices is None); None stays None."""
     if values is None or indices is None:
@@ -563,13 +612,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         """Check the algorithm's own hyperparameters (override in subclasses)."""
 
-    def _validate_stepped_group(self, group: dict[str, Any], where: str) -> None:
+    def _validate_stepped_group(self, group: dict[str, Any], where: str) -> tuple[Any, ...] | None:
         """_validate_group at every step, skipped while the group holds the very objects it
         held when it last passed (same keys, each value identical) and all of them are
         immutable: any write (a scheduler's group["lr"] = x) stores a new object and is
         checked before anything changes, and values that can change in place (a tensor
         lr, a list of betas) are checked every step. Saves ~3 µs a call, which gradient
-        release pays per parameter."""
+        release pays per parameter. Returns the record of the group as it passed (the
+        same object while its values stay the same), or None if it holds mutable values."""
         passed = self.__dict__.setdefault("_passed_groups", {})
         last = passed.get(id(group))
         values = tuple(group.values())
@@ -580,14 +630,16 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             and all(map(operator.is_, values, last[2]))
             and last[1] == tuple(group)
         ):
-            return
+            return last
         self._validate_group(group, where)
-        if all(_immutable(v) for k, v in group.items() if k != "params"):
-            if len(passed) >= len(self.param_groups):  # drop groups no longer stepped
-                live = {id(g) for g in self.param_groups}
-                for key in [key for key in passed if key not in live]:
-                    del passed[key]
-            passed[id(group)] = (group, tuple(group), values)  # group held: its id stays its
+        if not all(_immutable(v) for k, v in group.items() if k != "params"):
+            return None
+        if len(passed) >= len(self.param_groups):  # drop groups no longer stepped
+            live = {id(g) for g in self.param_groups}
+            for key in [key for key in passed if key not in live]:
+                del passed[key]
+        record = passed[id(group)] = (group, tuple(group), values)  # group held: its id stays
+        return record
 
     def _check_fused_possible(self, group: dict[str, Any], where: str) -> None:
         """fused=True is refused up front (construction and every step) where it cannot run;
@@ -1023,14 +1075,17 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._last_kahan_answer = None
         index, group = self._group_of(param)
         where = f" in param group {index}"
-        self._validate_stepped_group(group, where)
+        passed = self._validate_stepped_group(group, where)
         grad = param.grad
         if grad is None:
             return
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_param_memos", {})
         memo = self._checked_memo(memos.get(id(param)), group, [param], [grad])
         if memo is not None:
-            self._update_memoized(memo, [grad])
+            if passed is None or memo.scalar_access is None:
+                self._update_memoized(memo, [grad])
+            elif not self._replayed(memo, passed, grad):
+                self._update_and_record(memo, passed, grad)
             return
         memos.pop(id(param), None)
         self._check_gradient(param, where)
@@ -1054,6 +1109,58 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._update_memoized(memo, grads)
         if memo.backend is not None and self._memo_complete(memo):
             memos[key] = memo
+
+    def _replayed(self, memo: StepMemo, passed: tuple[Any, ...], grad: Tensor) -> bool:
+        """Step memo's parameter by replaying its group's last released step, if that step
+        is this one's twin (see _GroupReplay); False (nothing done) if not."""
+        twin: _GroupReplay | None = self.__dict__.get("_group_replays", {}).get(id(passed[0]))
+        if (
+            twin is None
+            or twin.passed is not passed
+            or memo.replay is None
+            or not memo.windowless  # a window's count would be a host scalar of its own
+            or twin.host_keys != memo.host_keys
+            or memo.scalar_access.read() != twin.before  # type: ignore[union-attr]
+        ):
+            return False
+        step_function, lists = memo.replay
+        lists = lists.copy()
+        lists[1] = (grad,)
+        token = vouch(memo)
+        try:
+            step_function(*lists, twin.coefficients)
+        finally:
+            unvouch(token)
+            memo.plan_key = None
+        memo.scalar_access.write(twin.after)  # type: ignore[union-attr]
+        return True
+
+    def _update_and_record(self, memo: StepMemo, passed: tuple[Any, ...], grad: Tensor) -> None:
+        """_update_memoized, recording the step for the group's next parameters to replay
+        when it makes a single backend call (one partition, nothing run outside it)."""
+        access = memo.scalar_access
+        assert access is not None
+        before = access.read()
+        memo.recorded = []
+        try:
+            self._update_memoized(memo, [grad])
+            recorded = memo.recorded
+        finally:
+            memo.recorded = None
+        if len(recorded) != 1:
+            return
+        step_function, lists, coefficients = recorded[0]
+        lists = list(lists)
+        lists[1] = None  # the gradient is not kept: release frees it
+        memo.replay = (step_function, lists)
+        replays = self.__dict__.setdefault("_group_replays", {})
+        if len(replays) > len(self.param_groups):  # groups replaced since: drop theirs
+            live = set(map(id, self.param_groups))
+            for key in [key for key in replays if key not in live]:
+                del replays[key]
+        replays[id(passed[0])] = _GroupReplay(
+            passed, memo.host_keys, before, coefficients, float32_array(access.read())
+        )
 
     def _update_memoized(self, memo: StepMemo, grads: list[Tensor]) -> None:
         """_update_group on a memo's tuples, with the memo vouched for to the backends."""
@@ -1087,6 +1194,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             state_table=self.state,
             state_writes=getattr(self.state, "writes", -1),
             states=tuple(states),
+            windowless=not any(map(operator.contains, states, repeat("window_microbatches"))),
             param_layout=layout,
         )
 
@@ -1107,9 +1215,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             memo.addresses[key] = addresses
         tensors = [t for column in memo.columns.values() for t in column]
         memo.held = [t.untyped_storage() for t in (*memo.params, *tensors)]
-        memo.host_scalars = tuple(
-            column for key, column in memo.columns.items() if key in HOST_SCALAR_STATE
-        )
+        memo.host_keys = tuple(key for key in memo.columns if key in HOST_SCALAR_STATE)
+        memo.host_scalars = tuple(memo.columns[key] for key in memo.host_keys)
+        if len(memo.params) == 1:  # a released parameter's: its steps may be replayed
+            memo.scalar_access = host_scalar_access([t for c in memo.host_scalars for t in c])
         return True
 
     def _checked_memo(

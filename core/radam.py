@@ -13,6 +13,7 @@ from core.optimizer import (
     AdamFamilyOptimizer,
     ParamsT,
     advance_counters,
+    call_backend,
     hyperparameters,
     no_kahan,
     step_lists,
@@ -115,7 +116,7 @@ def radam(
             microbatch=microbatch,
             accumulate=accumulate,
         )
-        backend.adam_step(*step_lists(tensor_lists, indices, step + 1), coefficients)
+        call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
     advance_counters(state_steps, window_microbatches, accumulate)
 
 

@@ -554,13 +554,14 @@ def _checks_language() -> str:
 
 
 def host_time_table(device: str, repeats: int, wait: bool = True) -> list[str]:
+    rows = host_time_rows(device, repeats, wait)  # first: it may wait for the C++ checks
     lines = [
         f"\nHost time of a Triton-backend step, kernel launch stubbed out ({device} tensors, "
         f"AdamW, fp32, 4096 elements each; step-memo checks in {_checks_language()})\n",
         "| step | µs per step | of which Triton backend µs | target µs |",
         "|---|---:|---:|---:|",
     ]
-    for name, step, backend in host_time_rows(device, repeats, wait):
+    for name, step, backend in rows:
         target = HOST_TARGETS.get(name)
         cells = [name, f"{step * 1e6:.0f}", f"{backend * 1e6:.0f}"]
         cells.append(f"{target * 1e6:.0f}" if target else "-")

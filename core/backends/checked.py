@@ -44,6 +44,9 @@ class CheckedStep:
     the tuple, which the memo holds -> the helpers' library and the address array)
     instead of reading them again each call."""
     scalar_arrays: dict[int, Any] = field(default_factory=dict)
+    triton_steps: Any = None
+    """The Triton backend's buckets and plans of the last step (valid while plan_key is
+    the key they were made under)."""
 
 
 _CURRENT: ContextVar[CheckedStep | None] = ContextVar("adamkit_checked_step", default=None)

@@ -504,6 +504,11 @@ void adamkit_multiply_scalars(int64_t n, float *const *scalars, float factor) {
     for (int64_t k = 0; k < n; k++) *scalars[k] *= factor;
 }
 
+/* Set each scalar to the value a replayed step computed for its twin (core.optimizer). */
+void adamkit_write_scalars(int64_t n, float *const *scalars, const float *values) {
+    for (int64_t k = 0; k < n; k++) *scalars[k] = values[k];
+}
+
 /* ---- many tensors per call, split across threads -------------------------------------- */
 
 #define MAX_THREADS 64

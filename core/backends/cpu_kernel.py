@@ -200,6 +200,8 @@ def library(config: KernelConfig) -> ctypes.CDLL:
         built.adamkit_round_stochastic.restype = None
     built.adamkit_read_scalars.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     built.adamkit_read_scalars.restype = None
+    built.adamkit_write_scalars.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    built.adamkit_write_scalars.restype = None
     for name in ("adamkit_add_to_scalars", "adamkit_multiply_scalars"):
         getattr(built, name).argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
         getattr(built, name).restype = None
@@ -250,7 +252,6 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
     """The compiled helpers and the scalars' addresses; None where torch must do the work:
     few scalars (unless a memoized step's, whose addresses it keeps), no usable compiler
     (tried once per process), or any scalar that is not a one-element float32 CPU tensor."""
-    global _scalars_unavailable
     if _scalars_unavailable:
         return None
     checked = checked_scalars(scalars)
@@ -264,22 +265,66 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
         addresses = _cached_addresses(scalars)
         if addresses is not None:
             return library(_SCALARS_CONFIG), addresses
+    helpers = _scalar_helpers(scalars)
+    if helpers is None:
+        return None
+    if checked is not None:
+        call = checked.scalar_arrays[id(scalars)] = (helpers, _addresses(scalars))
+        return call
+    return helpers, _remember_addresses(scalars)
+
+
+def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
+    """The compiled scalar helpers, if every scalar is a plain one-element float32 CPU
+    tensor and they build (a failed build is not tried again in this process)."""
+    global _scalars_unavailable
     if (
-        not PLAIN_TENSOR_TYPES.issuperset(map(type, scalars))
+        _scalars_unavailable
+        or not PLAIN_TENSOR_TYPES.issuperset(map(type, scalars))
         or set(map(dtype_of, scalars)) != {torch.float32}
         or set(map(device_of, scalars)) != {_CPU}
         or set(map(Tensor.numel, scalars)) != {1}
     ):
         return None
     try:
-        helpers = library(_SCALARS_CONFIG)
+        return library(_SCALARS_CONFIG)
     except KernelUnavailable:
         _scalars_unavailable = True
         return None
-    if checked is not None:
-        call = checked.scalar_arrays[id(scalars)] = (helpers, _addresses(scalars))
-        return call
-    return helpers, _remember_addresses(scalars)
+
+
+@dataclass(frozen=True, slots=True)
+class HostScalarAccess:
+    """One C call to read, and one to write, a fixed list of host scalars: what a replayed
+    released step (core.optimizer.StepMemo) pays for its step counts, ~1 µs each, where
+    reading or writing a 0-dim tensor through torch costs 1-3 µs per scalar."""
+
+    helpers: ctypes.CDLL
+    addresses: ctypes.Array
+    buffer: ctypes.Array
+    """The values last read (C doubles)."""
+
+    def read(self) -> list[float]:
+        self.helpers.adamkit_read_scalars(len(self.buffer), self.addresses, self.buffer)
+        return self.buffer[:]
+
+    def write(self, values: ctypes.Array) -> None:
+        """Set the scalars to values (C floats, one per scalar)."""
+        self.helpers.adamkit_write_scalars(len(self.buffer), self.addresses, values)
+
+
+def host_scalar_access(scalars: Sequence[Tensor]) -> HostScalarAccess | None:
+    """Access to scalars for as long as the caller keeps them at their addresses (it
+    holds them and checks that); None where torch must read and write them."""
+    helpers = _scalar_helpers(scalars)
+    if helpers is None or not scalars:
+        return None
+    return HostScalarAccess(helpers, _addresses(scalars), (ctypes.c_double * len(scalars))())
+
+
+def float32_array(values: Sequence[float]) -> ctypes.Array:
+    """values as a C float array (HostScalarAccess.write)."""
+    return (ctypes.c_float * len(values))(*values)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ coefficients, made here.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 
@@ -44,6 +46,28 @@ def _switch_table(values: tuple[bool, ...]) -> tuple[tuple[str, bool], ...]:
     return tuple(zip(SWITCHES, values, strict=True))
 
 
+Coefficients = TypeVar("Coefficients", AdamStepCoefficients, AdoptStepCoefficients)
+
+
+def _reused_for_same_coefficients(
+    translate: Callable[[Coefficients, bool], KernelArguments],
+) -> Callable[[Coefficients, bool], KernelArguments]:
+    """translate(c, kahan), reused while c is the very object of the last call: a replayed
+    released step (core.optimizer) hands each parameter of a group the same coefficients,
+    so the translation, and what a launch derives from it, are made once per step."""
+    last: dict[bool, tuple[Coefficients, KernelArguments]] = {}
+
+    @functools.wraps(translate)
+    def arguments(c: Coefficients, kahan: bool) -> KernelArguments:
+        entry = last.get(kahan)
+        if entry is None or entry[0] is not c:
+            entry = last[kahan] = (c, translate(c, kahan))
+        return entry[1]
+
+    return arguments
+
+
+@_reused_for_same_coefficients
 def adam_arguments(c: AdamStepCoefficients, kahan: bool) -> KernelArguments:
     """Adam, AMSGrad, RAdam and NAdam."""
     return KernelArguments(
@@ -61,6 +85,7 @@ def adam_arguments(c: AdamStepCoefficients, kahan: bool) -> KernelArguments:
     )
 
 
+@_reused_for_same_coefficients
 def adopt_arguments(c: AdoptStepCoefficients, kahan: bool) -> KernelArguments:
     """ADOPT. Its first call only seeds v, so decay, update and clipping are off then,
     which also spares compiling a configuration that differs in switches it ignores."""

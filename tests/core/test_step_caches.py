@@ -459,3 +459,172 @@ def test_groups_replaced_after_steps_are_validated_again() -> None:
     with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -2\.0"):
         optimizer.step()
     assert_unchanged(model, optimizer, before)
+
+
+# -- replayed released steps (core.optimizer._GroupReplay) ------------------------------
+
+REPLAY_ALGORITHMS = {
+    "adam": (core.Adam, {}),
+    "adamw-amsgrad": (core.AdamW, {"amsgrad": True}),
+    "radam": (core.RAdam, {"weight_decay": 0.1, "decouple_wd": True}),
+    "nadam": (core.NAdam, {}),
+    "adopt": (core.ADOPT, {}),
+}
+REPLAY_PARAMS = 4
+"""fp32 and bf16 (Kahan-compensated) parameters of one group, in turn."""
+
+ReplayTwin = tuple[list[Tensor], Any, list[bool]]
+
+
+def _replay_twins(algorithm: str, backend: str, **group: Any) -> tuple[ReplayTwin, ReplayTwin]:
+    """(an optimizer that never replays, one that may and records whether each released
+    step was replayed), built with `backend`'s flags on equal parameters."""
+    optimizer_class, flags = REPLAY_ALGORITHMS[algorithm]
+    flags = {**flags, **({} if backend == "default" else BACKENDS[backend])}
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(5 + 37 * i, generator=generator) for i in range(REPLAY_PARAMS)]
+    twins = []
+    for replays in (False, True):
+        params = [
+            v.to(torch.bfloat16 if i % 2 else torch.float32).requires_grad_()
+            for i, v in enumerate(values)
+        ]
+        optimizer = optimizer_class([{"params": params, **group}], lr=LR, **flags)
+        replayed: list[bool] = []
+        original = optimizer._replayed
+
+        def recording(
+            *args: Any, original: Any = original, replayed: list = replayed, on: bool = replays
+        ) -> bool:
+            replayed.append(original(*args) if on else False)
+            return replayed[-1]
+
+        optimizer._replayed = recording
+        twins.append((params, optimizer, replayed))
+    return twins[0], twins[1]
+
+
+def _released_step(
+    twins: tuple[ReplayTwin, ...],
+    seed: int,
+    change: Callable[[Any], None] | None = None,
+    before_param: int = 0,
+    without_grad: int | None = None,
+) -> list[bool]:
+    """One step under gradient release on each twin (change applied before parameter
+    before_param steps); the replaying twin's record of this step."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.shape, generator=generator) for p in twins[0][0]]
+    for params, optimizer, replayed in twins:
+        replayed.clear()
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            p.grad = None if i == without_grad else g.to(p.dtype, copy=True)
+        for i, p in enumerate(params):
+            if change is not None and i == before_param:
+                change(optimizer)
+            step_released_param(optimizer, p)
+    for i, (a, b) in enumerate(zip(twins[1][0], twins[0][0], strict=True)):
+        assert torch.equal(a, b), f"parameter {i}, step with seed {seed}"
+        state, reference = twins[1][1].state[a], twins[0][1].state[b]
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.equal(state[key], value), f"{key} of parameter {i}, seed {seed}"
+    return list(twins[1][2])
+
+
+def _set_lr(lr: float) -> Callable[[Any], None]:
+    return lambda optimizer: optimizer.param_groups[0].__setitem__("lr", lr)
+
+
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+@pytest.mark.parametrize("algorithm", list(REPLAY_ALGORITHMS))
+def test_released_steps_replay_their_groups_step_bit_for_bit(algorithm: str, backend: str) -> None:
+    """The parameters after the first of a released step take its coefficients and step
+    counts; every way their inputs can differ sends them down the full path."""
+    twins = _replay_twins(algorithm, backend)
+    everyone_but_the_first = [False] + [True] * (REPLAY_PARAMS - 1)
+    assert _released_step(twins, 1) == []  # memos are made
+    # Each parameter's first state entry (step 1) outdated the memos made before it, and
+    # a memo replays only after one recorded step of its own.
+    assert _released_step(twins, 2) == [False]
+    assert _released_step(twins, 3) == [False, False, False, True]
+    # A scheduler's new lr, before the step and in its middle: recorded again.
+    assert _released_step(twins, 4, _set_lr(LR / 2)) == everyone_but_the_first
+    assert _released_step(twins, 5, _set_lr(LR / 4), before_param=2) == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    # A parameter without a gradient falls a step behind: its steps are its own.
+    skipped = 1
+    replayed = _released_step(twins, 6, without_grad=skipped)
+    assert replayed == [False, True, True]  # the skipped one never reaches _replayed
+    replayed = _released_step(twins, 7)
+    assert replayed == [False, False, False, True]  # behind, then back in step
+    assert twins[1][1].state[twins[1][0][skipped]]["step"] == 6
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [("tensor-lr", "changeable in place"), ("no-compiled-helpers", "no C helpers")],
+)
+def test_released_steps_are_not_replayed_where_the_twin_cannot_be_proven_equal(
+    variant: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if variant == "no-compiled-helpers":
+        monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", True)
+        twins = _replay_twins("adam", "default")
+    else:
+        twins = _replay_twins("adam", "default", lr=torch.tensor(LR))
+    for seed in range(1, 4):
+        assert not any(_released_step(twins, seed)), expected
+    assert twins[1][1].__dict__.get("_group_replays") is None
+
+
+@pytest.mark.parametrize("backend", ["default", "triton"])
+def test_groups_stepped_in_turn_each_replay_their_own_step(backend: str) -> None:
+    """Two groups of other hyperparameters, released alternately (as backward reaches
+    them): each parameter takes its own group's coefficients."""
+    optimizers = []
+    for _ in range(2):
+        params = [torch.randn(5 + 37 * i).requires_grad_() for i in range(4)]
+        flags = {} if backend == "default" else BACKENDS[backend]
+        optimizer = core.AdamW(
+            [{"params": params[0::2]}, {"params": params[1::2], "lr": LR / 3, "weight_decay": 0}],
+            lr=LR,
+            **flags,
+        )
+        optimizers.append((params, optimizer))
+    for params in zip(*(p for p, _ in optimizers), strict=True):
+        params[1].data.copy_(params[0])
+    optimizers[0][1]._replayed = lambda *args: False  # the reference
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        grads = [torch.randn(p.shape, generator=generator) for p in optimizers[0][0]]
+        for params, optimizer in optimizers:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            for p in params:
+                step_released_param(optimizer, p)
+        for a, b in zip(*(p for p, _ in optimizers), strict=True):
+            assert torch.equal(a, b), f"seed {seed}"
+    assert len(optimizers[1][1].__dict__["_group_replays"]) == 2
+
+
+@pytest.mark.parametrize("backend", ["default", "triton"])
+def test_a_parameter_left_inside_an_accumulation_window_is_not_replayed(backend: str) -> None:
+    """Accumulation turned off mid-window leaves one parameter's micro-batch count
+    behind: its next update continues the window, which its twins' coefficients do not."""
+    twins = _replay_twins("adam", backend)
+    for seed in range(1, 4):
+        _released_step(twins, seed)
+    for _, optimizer, _ in twins:
+        optimizer.optimizer_accumulation = True
+    _released_step(twins, 4, without_grad=0)
+    _released_step(twins, 5, without_grad=0)
+    for _, optimizer, _ in twins:
+        optimizer.optimizer_accumulation = False
+    # Parameter 0 updates from a fresh window; the others close theirs (three micro-batches).
+    _released_step(twins, 6)
+    _released_step(twins, 7)
