@@ -144,23 +144,56 @@ def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...],
     build_atomically(commands, target, f"the fused kernel {config}")  # type: ignore[arg-type]
 
 
-def build_atomically(commands: Sequence[list[str]], target: Path, what: str) -> None:
+BUILDING_PREFIX = ".building-"
+"""Temporary build outputs are named .building-<pid>-<random>.so in the kernel cache."""
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def remove_abandoned_builds(directory: Path) -> None:
+    """Delete the temporary outputs of builds whose process is gone (killed, or exited
+    while a background build ran): nothing else would, and each is a whole library."""
+    for path in directory.glob(f"{BUILDING_PREFIX}*.so"):
+        pid = path.name[len(BUILDING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def build_atomically(
+    commands: Sequence[list[str]], target: Path, what: str, timeout: float = 300
+) -> None:
     """Build target with the first of commands that succeeds (each given `-o <file>`),
     atomically: a temporary file renamed into place, so processes building the same
-    target at once (DDP ranks) never load a partial one."""
+    target at once (DDP ranks) never load a partial one. A command that fails, or runs
+    past timeout seconds, leaves no file behind; KernelUnavailable says why."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_builds(target.parent)
     errors = ""
     for command in commands:
-        handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(handle)
-        result = subprocess.run(
-            [*command, "-o", temporary], capture_output=True, text=True, timeout=300
+        handle, temporary = tempfile.mkstemp(
+            prefix=f"{BUILDING_PREFIX}{os.getpid()}-", suffix=".so", dir=target.parent
         )
-        if result.returncode == 0:
-            os.replace(temporary, target)
-            return
-        os.unlink(temporary)
-        errors = result.stderr[-2000:]
+        os.close(handle)
+        try:
+            result = subprocess.run(
+                [*command, "-o", temporary], capture_output=True, text=True, timeout=timeout
+            )
+            if result.returncode == 0:
+                os.replace(temporary, target)
+                return
+            errors = result.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            errors = f"still running after {timeout} s (stopped)"
+        finally:
+            Path(temporary).unlink(missing_ok=True)
     raise KernelUnavailable(f"{commands[0][0]} could not build {what}:\n{errors}")
 
 

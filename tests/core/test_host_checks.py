@@ -4,15 +4,19 @@ answer None or raise a Python error for anything unexpected, never crash)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from array import array
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from core.backends import host_checks
+from core.backends import cpu_kernel, host_checks
 from core.backends.host_checks import PYTHON_CHECKS, HostChecks
 
 
@@ -173,3 +177,32 @@ def test_a_process_forked_during_the_build_builds_its_own(
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert build.module(wait=True) is not None
+
+
+# -- builds (cpu_kernel.build_atomically, shared by the fused kernels and these checks) ----
+
+WRITE_TARGET = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'w').write('built')"]
+"""A "compiler" that writes its -o file: the temporary build output."""
+
+
+def test_a_build_removes_what_killed_builds_left_and_keeps_live_ones(tmp_path: Path) -> None:
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    abandoned = tmp_path / f"{cpu_kernel.BUILDING_PREFIX}{finished.pid}-abc.so"
+    own = tmp_path / f"{cpu_kernel.BUILDING_PREFIX}{os.getpid()}-def.so"  # a build in flight
+    other = tmp_path / f"{cpu_kernel.BUILDING_PREFIX}unknown.so"
+    for path in (abandoned, own, other):
+        path.write_text("partial")
+    target = tmp_path / "target.so"
+    cpu_kernel.build_atomically([WRITE_TARGET], target, "a test target")
+    assert target.read_text() == "built"
+    assert not abandoned.exists() and own.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["target.so", own.name, other.name])
+
+
+def test_failed_and_timed_out_build_commands_leave_no_file(tmp_path: Path) -> None:
+    failing = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'w'); sys.exit(3)"]
+    sleeping = [sys.executable, "-c", "import sys, time; open(sys.argv[-1], 'w'); time.sleep(30)"]
+    with pytest.raises(cpu_kernel.KernelUnavailable, match="still running after 1 s"):
+        cpu_kernel.build_atomically([failing, sleeping], tmp_path / "t.so", "a test", timeout=1)
+    assert list(tmp_path.iterdir()) == []
