@@ -9,7 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -63,3 +68,24 @@ def two_rank_command(script: str, *args: str) -> list[str]:
         str(ROOT / script),
         *args,
     ]
+
+
+@contextmanager
+def gloo_group(port: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[None]:
+    """A gloo process group in this process for the block (one rank unless told), then
+    destroyed. Before destroying it, a pause: a gloo worker thread frees a finished
+    collective's tensors after the caller's wait returns, and freeing one that Python
+    made needs the GIL, which the process group's destructor holds while it waits for
+    that worker. Seen once in CI on torch 2.7 (a DTensor full_tensor() then the
+    teardown): both waited forever."""
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port() if port is None else port}",
+        rank=rank,
+        world_size=world_size,
+    )
+    try:
+        yield
+    finally:
+        time.sleep(0.2)  # without the GIL: the workers let go of their last tensors
+        torch.distributed.destroy_process_group()

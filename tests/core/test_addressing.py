@@ -4,7 +4,6 @@ anything but plain dense tensors of its dtype, by name, before reading an addres
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +15,7 @@ import core
 from core.backends import cpu_kernel
 from core.backends.kernel_arguments import SWITCHES
 from tests.core.configuration_cases import BACKENDS, OPTIMIZERS
+from tests.processes import gloo_group
 
 COEFFICIENTS = [0.9, 0.99, 1e-8, 1.0, 1e-3, 0.0, 1.0, 0.0, 0.0, 0.0]
 
@@ -62,14 +62,8 @@ def _lists(make: callable) -> list[list[Tensor]]:  # type: ignore[valid-type]
 
 @pytest.fixture
 def one_rank_group() -> Iterator[None]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-    )
-    yield
-    torch.distributed.destroy_process_group()
+    with gloo_group():
+        yield
 
 
 @pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 import core
 from tests.core.cases import BACKENDS, LR, Case, make_batches, make_model, one_case_per_algorithm
+from tests.processes import gloo_group
 
 STEPS = 24
 
@@ -211,19 +211,11 @@ def test_optimizer_without_gradient_release_is_refused() -> None:
 
 @pytest.mark.bad_input
 def test_ddp_model_is_refused() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-    )
-    try:
+    with gloo_group():
         model = nn.parallel.DistributedDataParallel(make_model())
         optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
         with pytest.raises(RuntimeError, match="before DDP averages it"):
             core.prepare_for_gradient_release(model, optimizer)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.bad_input

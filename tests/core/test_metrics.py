@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from tests.core.cases import (
     train,
     trajectory_cases,
 )
+from tests.processes import free_port, gloo_group
 
 
 def _last_step_change(case: Case, dtype: torch.dtype, steps: int = 8) -> tuple:
@@ -104,24 +104,17 @@ def test_pre_reduce_then_reduce_without_a_process_group_is_the_identity() -> Non
 
 
 def _reduce_on_two_ranks(rank: int, port: int, results: dict) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    try:
+    with gloo_group(port, rank, world_size=2):
         # Rank 1 holds no shard of "b": it must still take part, counting zero.
         found = {"l2_norm/grad/a": torch.tensor([3.0, 4.0][rank]), "cosine/x": torch.tensor(1.0)}
         if rank == 0:
             found["l2_norm/moment/b"] = torch.tensor(2.0)
         metrics.dist_reduce_metrics(metrics.pre_reduce_metrics(found))
         results[rank] = {k: float(v) for k, v in found.items()}
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_dist_reduce_takes_the_root_of_summed_squares_across_two_ranks() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = torch.multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         results = manager.dict()
