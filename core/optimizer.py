@@ -1119,7 +1119,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             or twin.passed is not passed
             or memo.replay is None
             or not memo.windowless  # a window's count would be a host scalar of its own
-            or twin.host_keys != memo.host_keys
+            or twin.host_keys != memo.host_keys  # also: twin.after has one value per scalar
             or memo.scalar_access.read() != twin.before  # type: ignore[union-attr]
         ):
             return False

@@ -329,8 +329,9 @@ def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
 @dataclass(frozen=True, slots=True)
 class HostScalarAccess:
     """One C call to read, and one to write, a fixed list of host scalars: what a replayed
-    released step (core.optimizer.StepMemo) pays for its step counts, ~1 µs each, where
-    reading or writing a 0-dim tensor through torch costs 1-3 µs per scalar."""
+    released step (core.optimizer.StepMemo) pays for its step counts, 0.4-0.6 µs each
+    (measured with timeit), where reading or writing a 0-dim tensor through torch costs
+    1-3 µs per scalar."""
 
     helpers: ctypes.CDLL
     addresses: ctypes.Array
