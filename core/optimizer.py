@@ -31,6 +31,8 @@ from core.backends.host_checks import Layout, host_checks
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
+    CODE_FORMAT,
+    CODE_FORMAT_KEY,
     SIGNED_KEYS,
     QuantizedMoment,
     absmax_shape,
@@ -1271,6 +1273,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             group.update(torch_group_keys(group))
+            group[CODE_FORMAT_KEY] = CODE_FORMAT
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1292,6 +1295,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         super().load_state_dict(state_dict)
         for group, flags in zip(self.param_groups, execution, strict=True):
             group.update(flags)
+            group.pop(CODE_FORMAT_KEY, None)  # a property of the saved codes, checked above
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params, strict=True):
@@ -1331,6 +1335,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             f"{len(self.param_groups)} groups, as this optimizer has",
         )
         params_by_id = {}
+        formats: dict[Any, Any] = {}
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             require(
                 len(saved["params"]) == len(group["params"]),
@@ -1353,10 +1358,20 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     f"Allowed: False ({name} only minimizes)."
                 )
             params_by_id.update(zip(saved["params"], group["params"], strict=True))
+            formats.update(dict.fromkeys(saved["params"], saved.get(CODE_FORMAT_KEY)))
         for saved_id, saved_state in state_dict["state"].items():
             param = params_by_id.get(saved_id)
             if param is None or not saved_state:
                 continue
+            saved_format = formats.get(saved_id)
+            if saved_format != CODE_FORMAT and any(k.endswith("_codes") for k in saved_state):
+                raise ValueError(
+                    f"Invalid state_dict for {name}: the 8-bit state of parameter {saved_id} "
+                    f"has code format {saved_format or 1} (param group key "
+                    f"{CODE_FORMAT_KEY!r}; absent before adamkit changed its maps), and this "
+                    f"adamkit reads format {CODE_FORMAT} (core.quantization). Allowed: a state "
+                    "dict saved by this version, or one with full-precision moments."
+                )
             missing = [
                 k
                 for k in ("step", "exp_avg", "exp_avg_sq")

@@ -602,17 +602,19 @@ int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void 
 #endif
 
 #define CODE_BLOCK 256 /* core.quantization.BLOCK_SIZE: elements per scale */
-#define MAP_SIZE 256   /* codes */
-#define CELL_BASE 0x3300 /* the cell of |x| < 2^-25, far below the smallest midpoint */
-#define CELL_LAST 0xc80  /* the cell of 1.0 */
-#define CELLS (CELL_LAST + 1)
 
-/* The map values adamkit_step_q8 takes (core.quantization.code_tables), signed then
- * unsigned, and its cells (see nearest_code) in the same order. */
-#define SIGNED_VALUES(values) (values)
-#define UNSIGNED_VALUES(values) ((values) + MAP_SIZE)
-#define SIGNED_CELLS(cells) (cells)
-#define UNSIGNED_CELLS(cells) ((cells) + CELLS)
+/* The tables adamkit_step_q8 takes (cpu_kernel.py's code_tables, built from
+ * core.quantization's maps), signed map first, then unsigned:
+ *   decoding: 256 high bytes, then 256 second bytes, of the fp32 value of each code (its
+ *             other bits are 0: the maps have at most 5 mantissa bits);
+ *   encoding: by the exponent e of a normalized magnitude, clamped below to
+ *             ENCODE_LOWEST and taken modulo 32, an addend, a shift and a base code:
+ *             code = ((bits + addend) >> shift) + base. */
+#define DECODE_BYTES 512
+#define ENCODE_WORDS 96
+#define ENCODE_LOWEST 96 /* every exponent at or below this has the same entry */
+#define ENCODE_SHIFTS 32
+#define ENCODE_BASES 64
 
 /* The block's elements of a parameter-dtype tensor in fp32: fp32 tensors are read in
  * place, 16-bit ones widened into buffer. */
@@ -630,9 +632,6 @@ static inline const float *widened_block(float *buffer, const store_t *in, int64
 #endif
 }
 
-/* Compilers tuned for some CPUs (AMD's) judge gathers too slow to vectorise a table
- * lookup with, and the lookups then run one element at a time; with AVX-512 decode and
- * encode take sixteen lanes at a time explicitly. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define CODE_LANES 16
@@ -640,111 +639,119 @@ static inline const float *widened_block(float *buffer, const store_t *in, int64
 #define CODE_LANES 1
 #endif
 
-/* map[code] · absmax in fp32, as core.quantization.dequantize reads a moment back. */
-static inline void decode(float *out, const uint8_t *codes, float absmax, const float *values,
+/* map[code] · scale in fp32, as core.quantization.dequantize reads a moment back. With
+ * AVX512-VBMI the two bytes of 64 codes' values are looked up at once (vpermi2b over the
+ * 256-byte tables, in halves); compilers would otherwise gather, or load one at a time. */
+static inline void decode(float *out, const uint8_t *codes, float scale, const uint8_t *bytes,
                           int64_t count) {
     int64_t j = 0;
-#if CODE_LANES > 1
-    __m512 scale = _mm512_set1_ps(absmax);
-    for (; j + CODE_LANES <= count; j += CODE_LANES) {
-        __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + j)));
-        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_i32gather_ps(index, values, 4), scale));
+#if defined(__AVX512VBMI__)
+    const __m512 scales = _mm512_set1_ps(scale);
+    __m512i high[4], second[4];
+    for (int k = 0; k < 4; k++) {
+        high[k] = _mm512_loadu_si512(bytes + 64 * k);
+        second[k] = _mm512_loadu_si512(bytes + 256 + 64 * k);
+    }
+    for (; j + 64 <= count; j += 64) {
+        __m512i c = _mm512_loadu_si512(codes + j);
+        __mmask64 upper = _mm512_movepi8_mask(c);
+        __m512i h = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(high[0], c, high[1]),
+                                           _mm512_permutex2var_epi8(high[2], c, high[3]));
+        __m512i s = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(second[0], c, second[1]),
+                                           _mm512_permutex2var_epi8(second[2], c, second[3]));
+        for (int k = 0; k < 4; k++) {
+            __m512i hk = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(h, k));
+            __m512i sk = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(s, k));
+            __m512i bits = _mm512_or_si512(_mm512_slli_epi32(hk, 24), _mm512_slli_epi32(sk, 16));
+            _mm512_storeu_ps(out + j + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(bits), scales));
+        }
     }
 #endif
-    for (; j < count; j++) out[j] = values[codes[j]] * absmax;
+    for (; j < count; j++)
+        out[j] = as_float(((uint32_t)bytes[codes[j]] << 24) | ((uint32_t)bytes[256 + codes[j]] << 16)) *
+                 scale;
 }
 
-/* The block's largest magnitude, NaN if any element is not finite. Compared as integers
- * (the bits of |x| order as |x| does, and every NaN sorts above infinity), which
- * vectorises where a float maximum that must see NaNs does not. */
-static inline float block_absmax(const float *x, int64_t count) {
+/* The scale of a block whose largest magnitude has these bits (compared as integers: the
+ * bits of |x| order as |x| does, and every NaN sorts above infinity): NaN if any element
+ * is not finite, 0 below fp32's normal range (core.quantization.quantize). */
+static inline float block_scale(uint32_t top) {
+    if (top >= 0x7f800000u) return as_float(0x7fc00000u);
+    return top < 0x00800000u ? 0.0f : as_float(top);
+}
+
+static inline uint32_t largest_bits(const float *x, int64_t count) {
     uint32_t top = 0;
     for (int64_t j = 0; j < count; j++) {
         uint32_t bits = as_bits(x[j]) & 0x7fffffffu;
         top = bits > top ? bits : top;
     }
-    return top >= 0x7f800000u ? as_float(0x7fc00000u) : as_float(top);
+    return top;
 }
 
-/* The number of midpoints strictly below x (torch.bucketize), found without a search:
- * the bits of |x| above the lowest 16 (sign, exponent, 7 mantissa bits) name a cell that
- * holds at most one positive midpoint (cpu_kernel.py builds and checks the cells from the
- * midpoints passed in), so the count is the cell's count below it plus one comparison of
- * the low bits. Integer operations and one table load: the loop vectorises with no
- * branch. The signed map's negative midpoints mirror its positive ones but the largest,
- * so a negative x counts the positive midpoints above |x|. A positive x never takes the
- * unsigned map's code 0 (see core.quantization). */
-static inline uint8_t nearest_code(float x, const uint32_t *cells, int is_signed) {
-    uint32_t magnitude = as_bits(x) & 0x7fffffffu;
-    int32_t key = (int32_t)(magnitude >> 16) - CELL_BASE;
-    key = key < 0 ? 0 : key;
-    key = key > CELL_LAST ? CELL_LAST : key;
-    uint32_t cell = cells[key], low = magnitude & 0xffffu, midpoint_low = cell & 0xffffu;
-    uint32_t below = ((cell >> 16) & 0xffu) + (low > midpoint_low);
-    if (!is_signed) return (uint8_t)(x > 0 ? (below ? below : 1) : 0);
-    uint32_t at_most = below + ((cell >> 24) & (low == midpoint_low));
-    uint32_t negative = MAP_SIZE / 2 - 1 - (at_most < MAP_SIZE / 2 - 1 ? at_most : MAP_SIZE / 2 - 1);
-    return (uint8_t)(x > 0 ? MAP_SIZE / 2 - 1 + below : (x < 0 ? negative : MAP_SIZE / 2 - 1));
+/* The code of one value: |x| · inverse (fp32), then its nearest code through the encoding
+ * table (core.quantization.nearest_magnitude_codes); 0 for 0, m's sign in bit 7. */
+static inline uint8_t nearest_code(float x, float inverse, const uint32_t *words, int is_signed) {
+    uint32_t bits = as_bits(x);
+    uint32_t normalized = as_bits(as_float(bits & 0x7fffffffu) * inverse);
+    uint32_t exponent = normalized >> 23;
+    uint32_t entry = (exponent < ENCODE_LOWEST ? ENCODE_LOWEST : exponent) & 31u;
+    uint32_t code = ((normalized + words[entry]) >> words[ENCODE_SHIFTS + entry]) +
+                    words[ENCODE_BASES + entry];
+    code = normalized ? code : 0u;
+    if (is_signed && code) code |= (bits >> 24) & 0x80u;
+    return (uint8_t)code;
 }
 
-#if CODE_LANES > 1
-/* nearest_code on sixteen lanes, step for step. */
-static inline __m128i nearest_codes(__m512 x, const uint32_t *cells, int is_signed) {
-    const __m512i one = _mm512_set1_epi32(1), middle = _mm512_set1_epi32(MAP_SIZE / 2 - 1);
-    __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
-    __m512i key = _mm512_sub_epi32(_mm512_srli_epi32(magnitude, 16), _mm512_set1_epi32(CELL_BASE));
-    key = _mm512_min_epi32(_mm512_max_epi32(key, _mm512_setzero_si512()),
-                           _mm512_set1_epi32(CELL_LAST));
-    __m512i cell = _mm512_i32gather_epi32(key, (const int *)cells, 4);
-    __m512i low_bits = _mm512_set1_epi32(0xffff);
-    __m512i low = _mm512_and_si512(magnitude, low_bits);
-    __m512i midpoint_low = _mm512_and_si512(cell, low_bits);
-    __m512i below = _mm512_and_si512(_mm512_srli_epi32(cell, 16), _mm512_set1_epi32(0xff));
-    below = _mm512_mask_add_epi32(below, _mm512_cmpgt_epu32_mask(low, midpoint_low), below, one);
-    __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
-    __m512i code;
-    if (!is_signed) {
-        code = _mm512_maskz_max_epu32(positive, below, one);
-    } else {
-        __mmask16 on_midpoint = _mm512_cmpeq_epi32_mask(low, midpoint_low) &
-                                _mm512_test_epi32_mask(cell, _mm512_set1_epi32(1 << 24));
-        __m512i at_most = _mm512_mask_add_epi32(below, on_midpoint, below, one);
-        __m512i negative = _mm512_sub_epi32(middle, _mm512_min_epu32(at_most, middle));
-        __mmask16 is_negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-        code = _mm512_mask_add_epi32(middle, positive, middle, below);
-        code = _mm512_mask_mov_epi32(code, is_negative, negative);
+/* Codes of `count` new values of one block whose largest magnitude has bits `top`, and
+ * its scale, as core.quantization.quantize stores them. */
+static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint32_t top,
+                          const uint32_t *words, int is_signed, int64_t count) {
+    float scale = block_scale(top);
+    *scale_out = scale;
+    if (!(scale > 0)) { /* zeros, or a NaN scale: every code 0 (NaN · 0 would not be 0) */
+        memset(codes, 0, (size_t)count);
+        return;
     }
-    return _mm512_cvtepi32_epi8(code);
-}
-#endif
-
-/* Codes and scale of `count` new values of one block, as core.quantization.quantize
- * stores them: x / absmax in fp32 (0 where absmax is 0 or NaN), then nearest. */
-static inline void encode(uint8_t *codes, float *absmax, const float *x, const uint32_t *cells,
-                          int is_signed, int64_t count) {
-    float scale = block_absmax(x, count);
-    int positive = scale > 0;
-    *absmax = scale;
+    float inverse = 1.0f / scale;
     int64_t j = 0;
 #if CODE_LANES > 1
-    __m512 divisor = _mm512_set1_ps(positive ? scale : 1.0f);
-    __mmask16 keep = positive ? 0xffff : 0;
+    const __m512i addend0 = _mm512_loadu_si512(words), addend1 = _mm512_loadu_si512(words + 16);
+    const __m512i shift0 = _mm512_loadu_si512(words + ENCODE_SHIFTS),
+                  shift1 = _mm512_loadu_si512(words + ENCODE_SHIFTS + 16);
+    const __m512i base0 = _mm512_loadu_si512(words + ENCODE_BASES),
+                  base1 = _mm512_loadu_si512(words + ENCODE_BASES + 16);
+    const __m512 inverses = _mm512_set1_ps(inverse);
+    const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i lowest = _mm512_set1_epi32(ENCODE_LOWEST), sign = _mm512_set1_epi32(0x80);
     for (; j + CODE_LANES <= count; j += CODE_LANES) {
-        __m512 normalized = _mm512_maskz_div_ps(keep, _mm512_loadu_ps(x + j), divisor);
-        _mm_storeu_si128((__m128i *)(codes + j), nearest_codes(normalized, cells, is_signed));
+        __m512i bits = _mm512_loadu_si512(x + j);
+        __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_mask)), inverses));
+        __m512i entry = _mm512_max_epu32(_mm512_srli_epi32(normalized, 23), lowest);
+        __m512i addend = _mm512_permutex2var_epi32(addend0, entry, addend1);
+        __m512i shift = _mm512_permutex2var_epi32(shift0, entry, shift1);
+        __m512i base = _mm512_permutex2var_epi32(base0, entry, base1);
+        __m512i code = _mm512_maskz_add_epi32(
+            _mm512_test_epi32_mask(normalized, normalized),
+            _mm512_srlv_epi32(_mm512_add_epi32(normalized, addend), shift), base);
+        if (is_signed)
+            code = _mm512_mask_or_epi32(code, _mm512_test_epi32_mask(code, code), code,
+                                        _mm512_and_si512(_mm512_srli_epi32(bits, 24), sign));
+        _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtepi32_epi8(code));
     }
 #endif
-    for (; j < count; j++)
-        codes[j] = nearest_code(positive ? x[j] / scale : 0.0f, cells, is_signed);
+    for (; j < count; j++) codes[j] = nearest_code(x[j], inverse, words, is_signed);
 }
 
 /* Quantize `count` values as one row (test hook: the encoding every step uses, against
- * core.quantization.quantize on chosen values, ties at midpoints included). */
+ * core.quantization.quantize on chosen values). */
 void adamkit_quantize(int64_t count, const float *values, uint8_t *codes, float *absmax,
-                      const uint32_t *cells, int is_signed) {
+                      const uint32_t *words, int is_signed) {
     for (int64_t b = 0; b * CODE_BLOCK < count; b++) {
         int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
-        encode(codes + b * CODE_BLOCK, absmax + b, values + b * CODE_BLOCK, cells, is_signed, n);
+        const float *x = values + b * CODE_BLOCK;
+        encode(codes + b * CODE_BLOCK, absmax + b, x, largest_bits(x, n), words, is_signed, n);
     }
 }
 
@@ -766,62 +773,99 @@ static inline void put_all(store_t *out, const float *x, int64_t count) {
     for (; j < count; j++) put(out, j, x[j]);
 }
 
-/* Moment `which` of one block in fp32: decoded from its codes and scale where the switch
- * says 8-bit, else its parameter-dtype elements widened (fp32 read in place). */
-static inline const float *load_moment(float *buffer, const quantized_t *q, int which,
-                                       int eight_bit, const float *values, int64_t start,
-                                       int64_t count, int64_t block) {
-    if (!eight_bit) return widened_block(buffer, (const store_t *)q->moments[which] + start, count);
-    decode(buffer, (const uint8_t *)q->moments[which] + start, q->absmax[which][block], values,
-           count);
-    return buffer;
+/* The maps' tables (see DECODE_BYTES) for m (signed) or v and v_max. */
+typedef struct {
+    const uint8_t *bytes;
+    const uint32_t *words;
+} tables_t;
+
+static inline tables_t tables_for(const uint8_t *bytes, const uint32_t *words, int is_signed) {
+    tables_t out = {bytes + (is_signed ? 0 : DECODE_BYTES), words + (is_signed ? 0 : ENCODE_WORDS)};
+    return out;
 }
 
-/* The block's new values of moment `which`: encoded where 8-bit, else rounded in place. */
-static inline void store_moment(const quantized_t *q, int which, int eight_bit, const float *x,
-                                const uint32_t *cells, int is_signed, int64_t start,
-                                int64_t count, int64_t block) {
-    if (eight_bit)
-        encode((uint8_t *)q->moments[which] + start, q->absmax[which] + block, x, cells,
-               is_signed, count);
-    else
-        put_all((store_t *)q->moments[which] + start, x, count);
+/* The larger of a running maximum and |x|'s bits (see block_scale). */
+static inline uint32_t top_bits(uint32_t top, float x) {
+    uint32_t bits = as_bits(x) & 0x7fffffffu;
+    return bits > top ? bits : top;
 }
 
-/* One block of `count` elements from element `start`, scale index `block`: the moments
- * decoded (or widened) into L1, update() on every element, the new moments encoded (or
- * rounded). Each byte of memory is read once and written once. */
-static void update_quantized_block(const quantized_t *q, const scalars_t *s,
-                                   const float *tables, const uint32_t *cells, int64_t start,
-                                   int64_t count, int64_t block) {
+/* Elements ahead of the block being stepped whose lines are requested now: a block reads
+ * a short run of each of several streams in turn, and waiting on the first line of each
+ * run measured as the largest cost of the step. Addresses past a tensor's end are only
+ * hints (prefetches never fault). */
+#define PREFETCH_DISTANCE (8 * CODE_BLOCK)
+
+static inline void prefetch_ahead(const quantized_t *q, int64_t at) {
+    const int eight_bit[3] = {M_8BIT, V_8BIT, V_MAX_8BIT};
+    for (int64_t line = 0; line < CODE_BLOCK * (int64_t)sizeof(store_t); line += 64) {
+        __builtin_prefetch((const char *)(q->grad + at) + line);
+        if (READS_PARAM) __builtin_prefetch((const char *)(q->param + at) + line);
+        if (READS_PARAM && KAHAN) __builtin_prefetch((const char *)(q->comp + at) + line);
+    }
+    for (int which = 0; which < 3; which++) {
+        if (!(which == 2 ? WRITES_V_MAX : READS_MOMENTS)) continue;
+        int64_t bytes = eight_bit[which] ? CODE_BLOCK : CODE_BLOCK * (int64_t)sizeof(store_t);
+        const char *base = eight_bit[which] ? (const char *)q->moments[which] + at
+                                            : (const char *)((const store_t *)q->moments[which] + at);
+        for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(base + line);
+    }
+}
+
+/* One block of `count` elements from element `start`, scale index `block`: the 8-bit
+ * moments decoded (and 16-bit inputs widened) into L1; update() on every element, keeping
+ * the new moments' largest magnitudes; then the new moments encoded (or rounded) and θ
+ * stored. Each byte of memory is read once and written once. */
+static void update_quantized_block(const quantized_t *q, const scalars_t *s, const uint8_t *bytes,
+                                   const uint32_t *words, int64_t start, int64_t count,
+                                   int64_t block) {
     _Alignas(64) float in_param[CODE_BLOCK], in_comp[CODE_BLOCK], in_grad[CODE_BLOCK];
-    _Alignas(64) float in_m[CODE_BLOCK], in_v[CODE_BLOCK], in_v_max[CODE_BLOCK];
+    _Alignas(64) float in_moments[3][CODE_BLOCK];
     _Alignas(64) float theta[CODE_BLOCK], m[CODE_BLOCK], v[CODE_BLOCK], v_max[CODE_BLOCK];
+    prefetch_ahead(q, start + PREFETCH_DISTANCE);
     widened_t inputs = {0, 0, 0, 0, 0, 0};
     inputs.grad = widened_block(in_grad, q->grad + start, count);
     if (READS_PARAM) inputs.param = widened_block(in_param, q->param + start, count);
     if (READS_PARAM && KAHAN) inputs.comp = widened_block(in_comp, q->comp + start, count);
-    if (READS_MOMENTS) {
-        inputs.exp_avg =
-            load_moment(in_m, q, 0, M_8BIT, SIGNED_VALUES(tables), start, count, block);
-        inputs.exp_avg_sq =
-            load_moment(in_v, q, 1, V_8BIT, UNSIGNED_VALUES(tables), start, count, block);
+    const int eight_bit[3] = {M_8BIT, V_8BIT, V_MAX_8BIT};
+    const float *moments[3] = {0, 0, 0};
+    for (int which = 0; which < 3; which++) {
+        if (!(which == 2 ? WRITES_V_MAX : READS_MOMENTS)) continue;
+        if (eight_bit[which]) {
+            decode(in_moments[which], (const uint8_t *)q->moments[which] + start,
+                   q->absmax[which][block], tables_for(bytes, words, which == 0).bytes, count);
+            moments[which] = in_moments[which];
+        } else {
+            moments[which] = widened_block(in_moments[which],
+                                           (const store_t *)q->moments[which] + start, count);
+        }
     }
-    if (WRITES_V_MAX)
-        inputs.max_exp_avg_sq =
-            load_moment(in_v_max, q, 2, V_MAX_8BIT, UNSIGNED_VALUES(tables), start, count, block);
+    inputs.exp_avg = moments[0];
+    inputs.exp_avg_sq = moments[1];
+    inputs.max_exp_avg_sq = moments[2];
     const tensors_t t = {q->param, q->comp, 0, 0, 0, q->grad, q->key};
+    uint32_t top_m = 0, top_v = 0, top_v_max = 0;
     for (int64_t j = 0; j < count; j++) {
         result_t r = update(&t, &inputs, s, j);
         theta[j] = r.theta;
         m[j] = r.m;
         v[j] = r.v;
         v_max[j] = r.v_max;
+        if (M_8BIT) top_m = top_bits(top_m, r.m);
+        if (V_8BIT) top_v = top_bits(top_v, r.v);
+        if (V_MAX_8BIT && WRITES_V_MAX) top_v_max = top_bits(top_v_max, r.v_max);
     }
-    if (WRITES_M) store_moment(q, 0, M_8BIT, m, SIGNED_CELLS(cells), 1, start, count, block);
-    store_moment(q, 1, V_8BIT, v, UNSIGNED_CELLS(cells), 0, start, count, block);
-    if (WRITES_V_MAX)
-        store_moment(q, 2, V_MAX_8BIT, v_max, UNSIGNED_CELLS(cells), 0, start, count, block);
+    const float *results[3] = {m, v, v_max};
+    const uint32_t tops[3] = {top_m, top_v, top_v_max};
+    for (int which = 0; which < 3; which++) {
+        if (!(which == 0 ? WRITES_M : which == 1 ? 1 : WRITES_V_MAX)) continue;
+        if (eight_bit[which])
+            encode((uint8_t *)q->moments[which] + start, q->absmax[which] + block,
+                   results[which], tops[which], tables_for(bytes, words, which == 0).words,
+                   which == 0, count);
+        else
+            put_all((store_t *)q->moments[which] + start, results[which], count);
+    }
     if (WRITES_PARAM) store_params(&t, theta, start, count);
 }
 
@@ -831,8 +875,8 @@ typedef struct {
     void *const *lists[9]; /* param, grad, comp, then codes (or elements) and absmax of m,
                               v, v_max */
     const uint32_t *keys;  /* under STOCHASTIC, one per tensor; else null */
-    const float *tables;
-    const uint32_t *cells;
+    const uint8_t *bytes;  /* the maps' tables (see DECODE_BYTES) */
+    const uint32_t *words;
     scalars_t scalars;
     int64_t begin, end; /* this share, in blocks of the concatenation of every tensor */
 } quantized_share_t;
@@ -865,8 +909,8 @@ static void *run_quantized_share(void *arg) {
         for (int64_t b = begin; b < end; b++) {
             int64_t row = b / per_row, column = (b - row * per_row) * CODE_BLOCK;
             int64_t count = row_length - column < CODE_BLOCK ? row_length - column : CODE_BLOCK;
-            update_quantized_block(&q, &w->scalars, w->tables, w->cells,
-                                   row * row_length + column, count, b);
+            update_quantized_block(&q, &w->scalars, w->bytes, w->words, row * row_length + column,
+                                   count, b);
         }
         offset += blocks;
     }
@@ -882,7 +926,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                     const uint32_t *keys, void *const *exp_avg_codes, void *const *exp_avg_absmax,
                     void *const *exp_avg_sq_codes, void *const *exp_avg_sq_absmax,
                     void *const *max_exp_avg_sq_codes, void *const *max_exp_avg_sq_absmax,
-                    const double *coefficients, const float *tables, const uint32_t *cells,
+                    const double *coefficients, const uint8_t *bytes, const uint32_t *words,
                     int threads) {
     int64_t total = 0, blocks = 0;
     for (int64_t k = 0; k < count; k++) {
@@ -900,8 +944,8 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                                 exp_avg_sq_codes, exp_avg_sq_absmax, max_exp_avg_sq_codes,
                                 max_exp_avg_sq_absmax},
                                keys,
-                               tables,
-                               cells,
+                               bytes,
+                               words,
                                make_scalars(coefficients),
                                j * per_share,
                                (j + 1) * per_share};

@@ -39,7 +39,7 @@ from core.backends.views import (
     device_of,
     dtype_of,
 )
-from core.quantization import QuantizedMoment, absmax_shape, code_tables
+from core.quantization import CodeMap, QuantizedMoment, absmax_shape, code_map, map_values
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
@@ -538,43 +538,46 @@ QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Parameter dtypes the 8-bit kernels step (the reference computes in fp32 for these)."""
 
 
-CELL_BASE = 0x3300
-"""cpu_kernel.c's cells: the upper 16 bits of |x| less this (|x| < 2^-25 all share cell 0)."""
-CELL_COUNT = 0x3F80 - CELL_BASE + 1
-"""Cells up to that of 1.0, the largest |x / absmax|."""
+ENCODE_LOWEST = 96
+"""cpu_kernel.c's ENCODE_LOWEST: the exponent (of a normalized magnitude) from which the
+encoding table has an entry per exponent, modulo 32, up to 127."""
 
 
-def _cells(midpoints: Tensor) -> Tensor:
-    """For each cell of fp32 magnitudes sharing their upper 16 bits (see CELL_BASE): the
-    count of positive midpoints below the cell (bits 16-23), the low 16 bits of the one
-    midpoint inside it (bits 0-15, 0xffff if none) and whether there is one (bit 24). The
-    kernel's code is then exactly torch.bucketize's count; refused here if any cell
-    holds two midpoints, which the maps' spacing rules out."""
-    positive = midpoints[midpoints > 0].view(torch.int32).long()
-    keys = (positive >> 16) - CELL_BASE
-    if bool((keys < 1).any()) or bool((keys >= CELL_COUNT).any()):
-        raise AssertionError("a midpoint outside the cells")
-    if keys.unique().numel() != keys.numel():
-        raise AssertionError("a cell holding two midpoints")
-    cells = torch.bucketize(torch.arange(CELL_COUNT), keys) << 16  # midpoints in lower cells
-    cells[keys] |= (positive & 0xFFFF) | (1 << 24)
-    empty = torch.ones(CELL_COUNT, dtype=torch.bool)
-    empty[keys] = False
-    cells[empty] |= 0xFFFF
-    return cells.to(torch.int32)
+def _encoding_words(spec: CodeMap) -> list[int]:
+    """cpu_kernel.c's encoding table of one map: per exponent e (entry e mod 32) an addend,
+    a shift and a base, so that ((bits + addend) mod 2^32 >> shift) + base is
+    core.quantization.nearest_magnitude_codes of a normalized magnitude with these bits."""
+    addends, shifts, bases = [0] * 32, [31] * 32, [0] * 32
+    lowest = spec.exponent_base + (spec.smallest_group << spec.group_bits)
+    for exponent in range(ENCODE_LOWEST, 128):
+        entry = exponent % 32
+        if exponent >= 127:
+            bases[entry] = spec.largest_code
+        elif exponent < lowest:
+            rounds_up = not spec.signed or exponent == lowest - 1
+            bases[entry] = spec.smallest_code if rounds_up else 0
+        else:
+            group = (exponent - spec.exponent_base) >> spec.group_bits
+            shifts[entry] = 23 + spec.group_bits - group
+            start = (spec.exponent_base + (group << spec.group_bits)) << 23
+            addends[entry] = ((1 << (shifts[entry] - 1)) - start) % 2**32
+            bases[entry] = (1 << group) - 1
+    return addends + shifts + bases
 
 
 @functools.cache
-def _code_tables() -> tuple[Tensor, Tensor]:
-    """What the 8-bit kernels decode and encode with: the map values (signed, then
-    unsigned, 256 float32 each) and the cells of each map's midpoints (see _cells), from
-    core.quantization.code_tables."""
-    values, cells = [], []
+def code_tables() -> tuple[Tensor, Tensor]:
+    """What the 8-bit kernels decode and encode with (cpu_kernel.c's DECODE_BYTES and
+    ENCODE_WORDS), signed map then unsigned: the two upper bytes of each code's fp32
+    value, and each map's encoding table (_encoding_words)."""
+    decoding, encoding = [], []
     for signed in (True, False):
-        map_values, midpoints = code_tables(signed, _CPU)
-        values.append(map_values)
-        cells.append(_cells(midpoints))
-    return torch.cat(values).contiguous(), torch.cat(cells).contiguous()
+        bits = map_values(signed).view(torch.int32).long() & 0xFFFFFFFF
+        if bool((bits & 0xFFFF).any()):
+            raise AssertionError("a map value with more than 7 mantissa bits")
+        decoding += [(bits >> 24).to(torch.uint8), ((bits >> 16) & 0xFF).to(torch.uint8)]
+        encoding.append(torch.tensor(_encoding_words(code_map(signed)), dtype=torch.int64))
+    return torch.cat(decoding).contiguous(), torch.cat(encoding).to(torch.int32).contiguous()
 
 
 def run_quantized(
@@ -620,7 +623,7 @@ def run_quantized(
         _CPU,
     )
     _check_arguments(config, max_exp_avg_sqs, kahan_comps, coefficients)
-    values, cells = _code_tables()
+    decoding, encoding = code_tables()
     scales = [
         _addresses([m.absmax for m in moment]) if q and moment is not None else None  # type: ignore[union-attr]
         for q, moment in zip(eight_bit, moments, strict=True)
@@ -644,8 +647,8 @@ def run_quantized(
         codes[2],
         scales[2],
         (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
-        values.data_ptr(),
-        cells.data_ptr(),
+        decoding.data_ptr(),
+        encoding.data_ptr(),
         torch.get_num_threads(),
     )
 
@@ -659,13 +662,13 @@ def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor
     built = library(KernelConfig("adam", torch.float32, switches, quantized=True))
     codes = torch.empty(values.shape, dtype=torch.uint8)
     absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
-    cells = _code_tables()[1][0 if signed else CELL_COUNT :]
+    words = code_tables()[1][0 if signed else len(code_tables()[1]) // 2 :]
     built.adamkit_quantize(
         values.numel(),
         values.data_ptr(),
         codes.data_ptr(),
         absmax.data_ptr(),
-        cells.data_ptr(),
+        words.data_ptr(),
         int(signed),
     )
     return codes, absmax

@@ -55,7 +55,16 @@ from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.backends.views import check_addressable, check_quantized_row
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import BLOCK_SIZE as QUANTIZATION_BLOCK
-from core.quantization import QuantizedMoment, absmax_shape, block_shape, code_tables
+from core.quantization import (
+    SIGNED_MAP,
+    SMALLEST_SCALE,
+    UNSIGNED_MAP,
+    CodeMap,
+    QuantizedMoment,
+    absmax_shape,
+    block_shape,
+    map_values,
+)
 
 BLOCK = 1024
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -1034,6 +1043,31 @@ def adopt_step(
 # moved per parameter for fp32 Adam: 4·3 (θ read and written, g) + 2·2 (m, v codes) = 16,
 # plus 8 of scales and 32 of table per block of 256 (about 0.16).
 
+
+def _lowest_exponent(spec: CodeMap) -> int:
+    """The exponent of a map's smallest value."""
+    return spec.exponent_base + (spec.smallest_group << spec.group_bits)
+
+
+# core.quantization's maps as the kernels' constexprs, one name each (a Triton call takes
+# no unpacked tuple), computed here (Triton 3.3's interpreter cannot shift an int by a
+# constexpr).
+_S_BASE = tl.constexpr(SIGNED_MAP.exponent_base)
+_S_GROUP_BITS = tl.constexpr(SIGNED_MAP.group_bits)
+_S_SMALLEST_GROUP = tl.constexpr(SIGNED_MAP.smallest_group)
+_S_TOP_GROUP = tl.constexpr(SIGNED_MAP.top_group)
+_S_LOWEST = tl.constexpr(_lowest_exponent(SIGNED_MAP))
+_S_SMALLEST_CODE = tl.constexpr(SIGNED_MAP.smallest_code)
+_S_LARGEST_CODE = tl.constexpr(SIGNED_MAP.largest_code)
+_U_BASE = tl.constexpr(UNSIGNED_MAP.exponent_base)
+_U_GROUP_BITS = tl.constexpr(UNSIGNED_MAP.group_bits)
+_U_SMALLEST_GROUP = tl.constexpr(UNSIGNED_MAP.smallest_group)
+_U_TOP_GROUP = tl.constexpr(UNSIGNED_MAP.top_group)
+_U_LOWEST = tl.constexpr(_lowest_exponent(UNSIGNED_MAP))
+_U_SMALLEST_CODE = tl.constexpr(UNSIGNED_MAP.smallest_code)
+_U_LARGEST_CODE = tl.constexpr(UNSIGNED_MAP.largest_code)
+_SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
+
 QUANTIZED_BLOCKS_PER_PROGRAM = 4
 """Blocks per program: 1024 elements, as the full-precision kernel's BLOCK (enough work
 per program on a GPU; the interpreter's cost is per program)."""
@@ -1047,29 +1081,63 @@ def _dequantize(codes, absmax, values, mask, present):
 
 
 @triton.jit
-def _quantize(x, codes, absmax, midpoints, mask, present, SIGNED: tl.constexpr):
+def _nearest_codes(
+    normalized,
+    BASE: tl.constexpr,
+    GROUP_BITS: tl.constexpr,
+    SMALLEST_GROUP: tl.constexpr,
+    TOP_GROUP: tl.constexpr,
+    LOWEST: tl.constexpr,
+    SMALLEST_CODE: tl.constexpr,
+    LARGEST_CODE: tl.constexpr,
+    SIGNED: tl.constexpr,
+):
+    """quantization.nearest_magnitude_codes of normalized magnitudes in [0, 2), step for
+    step on their bits, for the map of exponent base BASE and so on (CodeMap; LOWEST is
+    its smallest value's exponent)."""
+    bits = normalized.to(tl.int32, bitcast=True)
+    exponent = bits >> 23
+    group = (exponent - BASE) >> GROUP_BITS
+    group = tl.minimum(tl.maximum(group, SMALLEST_GROUP), TOP_GROUP - 1)
+    shift = 23 + GROUP_BITS - group
+    one = tl.full(bits.shape, 1, tl.int32)
+    offset = bits - ((BASE + (group << GROUP_BITS)) << 23)
+    code = (one << group) + ((offset + (one << (shift - 1))) >> shift) - 1
+    code = tl.where(exponent >= 127, LARGEST_CODE, code)
+    if SIGNED:
+        below = tl.where(exponent >= LOWEST - 1, SMALLEST_CODE, 0)
+    else:
+        below = tl.full(bits.shape, SMALLEST_CODE, tl.int32)
+    code = tl.where(exponent < LOWEST, below, code)
+    return tl.where(bits == 0, 0, code)
+
+
+@triton.jit
+def _quantize(x, codes, absmax, mask, present, SIGNED: tl.constexpr):
     """Store a tile of a moment as quantization.quantize does: per block its largest
-    magnitude (NaN if any element is NaN or infinite), and per element the number of
-    midpoints below x / absmax (0 when absmax is 0 or NaN), found by a branch-free binary
-    search over the 255 midpoints (8 gathers from a table that stays in cache). A positive
-    unsigned value never gets code 0."""
+    magnitude (NaN if any element is NaN or infinite, 0 below 2^-126), and per element the
+    nearest code of |x| · (1 / absmax), each rounded to fp32 (all 0 when absmax is 0 or
+    NaN). m's sign goes in bit 7."""
     # NaN counts as infinite, so a plain max (which would drop NaN) sees it.
     magnitude = tl.abs(x)
     magnitude = tl.where(magnitude < float("inf"), magnitude, float("inf"))
     largest = tl.max(tl.where(mask, magnitude, 0.0), axis=1)
     largest = tl.where(largest < float("inf"), largest, float("nan"))
+    largest = tl.where(largest < _SMALLEST_SCALE, 0.0, largest)
     scaled = largest > 0
-    divisor = tl.where(scaled, largest, 1.0)[:, None]
-    normalized = tl.where(scaled[:, None], tl.div_rn(x, divisor), 0.0)
-    # Code c is right when midpoint c − 1 is below x and midpoint c is not. Its bits are
-    # decided from the top: code | step is code + step, as the lower bits are still clear.
-    shifted = midpoints - 1
-    code = tl.zeros(x.shape, dtype=tl.int32)
-    for bit in tl.static_range(8):
-        candidate = code | (128 >> bit)
-        code = tl.where(tl.load(shifted + candidate) < normalized, candidate, code)
-    if not SIGNED:
-        code = tl.where(normalized > 0, tl.maximum(code, 1), code)
+    inverse = tl.div_rn(tl.full(largest.shape, 1.0, tl.float32), tl.where(scaled, largest, 1.0))
+    normalized = tl.where(scaled[:, None], magnitude * inverse[:, None], 0.0)
+    if SIGNED:
+        code = _nearest_codes(
+            normalized, _S_BASE, _S_GROUP_BITS, _S_SMALLEST_GROUP, _S_TOP_GROUP, _S_LOWEST,
+            _S_SMALLEST_CODE, _S_LARGEST_CODE, True,
+        )  # fmt: skip
+        code = tl.where((x < 0) & (code > 0), code | 128, code)
+    else:
+        code = _nearest_codes(
+            normalized, _U_BASE, _U_GROUP_BITS, _U_SMALLEST_GROUP, _U_TOP_GROUP, _U_LOWEST,
+            _U_SMALLEST_CODE, _U_LARGEST_CODE, False,
+        )  # fmt: skip
     tl.store(codes, code.to(tl.uint8), mask=mask)
     tl.store(absmax, largest, mask=present)
 
@@ -1090,7 +1158,6 @@ def _store_moment(
     value,
     pointer,
     absmax,
-    midpoints,
     mask,
     present,
     DTYPE: tl.constexpr,
@@ -1099,7 +1166,7 @@ def _store_moment(
 ):
     """Store a tile of a moment as _load_moment reads it."""
     if QUANTIZED:
-        _quantize(value, pointer, absmax, midpoints, mask, present, SIGNED)
+        _quantize(value, pointer, absmax, mask, present, SIGNED)
     else:
         tl.store(pointer, _round(value, DTYPE), mask=mask)
 
@@ -1121,9 +1188,7 @@ def _quantized_step_kernel(
     count,
     step,
     signed_values,
-    signed_midpoints,
     unsigned_values,
-    unsigned_midpoints,
     lerp_coeff,
     beta2,
     beta2_weight,
@@ -1230,7 +1295,6 @@ def _quantized_step_kernel(
             v_max,
             v_max_codes,
             v_max_absmax,
-            unsigned_midpoints,
             mask,
             present,
             DTYPE,
@@ -1238,8 +1302,8 @@ def _quantized_step_kernel(
             V_MAX_8BIT,
         )
     if not INIT:
-        _store_moment(m, m_codes, m_absmax, signed_midpoints, mask, present, DTYPE, True, M_8BIT)
-    _store_moment(v, v_codes, v_absmax, unsigned_midpoints, mask, present, DTYPE, False, V_8BIT)
+        _store_moment(m, m_codes, m_absmax, mask, present, DTYPE, True, M_8BIT)
+    _store_moment(v, v_codes, v_absmax, mask, present, DTYPE, False, V_8BIT)
     if UPDATE and not INIT:
         _store_param(param, comp, mask, theta, offsets, key, DTYPE, KAHAN, STOCHASTIC)
 
@@ -1259,11 +1323,9 @@ QUANTIZED_ROWS = (
 QUANTIZED_RUNTIME_ARGUMENT_TYPES = {
     **RUNTIME_ARGUMENT_TYPES,
     "signed_values": "*fp32",
-    "signed_midpoints": "*fp32",
     "unsigned_values": "*fp32",
-    "unsigned_midpoints": "*fp32",
 }
-"""RUNTIME_ARGUMENT_TYPES of _quantized_step_kernel (the map tables of code_tables)."""
+"""RUNTIME_ARGUMENT_TYPES of _quantized_step_kernel (the maps' values, map_values)."""
 
 
 @dataclass
@@ -1541,8 +1603,7 @@ def _launch_quantized(
     launch = plan.launch
     assert launch is not None
     scalars, small_weight = _kernel_scalars(arguments)
-    signed_values, signed_midpoints = code_tables(True, device)
-    unsigned_values, unsigned_midpoints = code_tables(False, device)
+    signed_values, unsigned_values = map_values(True, device), map_values(False, device)
     module = _device_module(device)
     guard = nullcontext() if module is None else module.device(device)
     with guard:
@@ -1553,9 +1614,7 @@ def _launch_quantized(
             launch.tensors,
             _step_argument(step),
             signed_values,
-            signed_midpoints,
             unsigned_values,
-            unsigned_midpoints,
             *scalars,
             **quantized_launch_constexprs(
                 dtype,

@@ -17,32 +17,63 @@ from tests.core.cases import one_case_per_algorithm
 ALGORITHMS = {case.id: case for case in one_case_per_algorithm()}
 
 
+def float64_map(signed: bool) -> torch.Tensor:
+    """The maps written out from their definition in the module docstring, in float64:
+    per binade 2^-k below 1, the count of mantissa bits (m: 5,5,4,4,3,3,2,2,1,1,0,0; v:
+    5,4,3,2,1,0 each for four binades), then 0 and 1. Magnitudes, ascending."""
+    bits_per_binade = (
+        [5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0]
+        if signed
+        else [b for b in (5, 4, 3, 2, 1, 0) for _ in range(4)]
+    )
+    values = {0.0, 1.0}
+    for k, bits in enumerate(bits_per_binade, start=1):
+        values.update(2.0**-k * (1 + i / 2**bits) for i in range(2**bits))
+    return torch.tensor(sorted(values), dtype=torch.float64)
+
+
+def code_positions(codes: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Each code's place among its map's values in ascending order (int32), so that the
+    difference of two codes' places is how many map steps apart they are (codes are not:
+    m's sign is bit 7, and v's smallest positive code is 3)."""
+    codes = codes.int()
+    if signed:
+        magnitude = codes & 0x7F
+        return torch.where(codes >= 128, -magnitude, magnitude)
+    smallest = q.UNSIGNED_MAP.smallest_code
+    return torch.where(codes >= smallest, codes - (smallest - 1), codes)
+
+
 def float64_nearest_codes(values: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The code of the map value nearest to value / absmax, all in float64."""
-    table = torch.tensor(q.dynamic_map_values(signed), dtype=torch.float64)
-    rows, length = q.block_shape(values.shape)
-    scales = absmax.double().repeat_interleave(q.BLOCK_SIZE, dim=-1)[:, :length]
-    normalized = values.double().reshape(rows, length) / scales.clamp_min(1e-300)
-    codes = (normalized.unsqueeze(-1) - table).abs().argmin(dim=-1)
+    """The code of the map value nearest to |value| · fp32(1 / absmax) (the format's
+    normalisation, core.quantization), decided in float64; m's sign in bit 7."""
+    table = float64_map(signed)
+    _, length = q.block_shape(values.shape)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    inverses = inverse.repeat_interleave(q.BLOCK_SIZE, dim=-1)[:, :length].reshape(values.shape)
+    normalized = (values.abs() * inverses).double()  # the fp32 product, as every backend
+    index = (normalized.unsqueeze(-1) - table).abs().argmin(dim=-1)
+    spec = q.code_map(signed)
+    # magnitude codes: 0, then the used codes in order (an unsigned map skips 1 and 2)
+    used = torch.tensor([0, *range(spec.smallest_code, spec.largest_code + 1)])
+    codes = used[index]
     if not signed:
-        codes = torch.where(normalized > 0, codes.clamp(min=1), codes)
-    return codes.reshape(values.shape)
+        codes = torch.where(normalized > 0, codes.clamp(min=spec.smallest_code), codes)
+    else:
+        codes = torch.where((values < 0) & (codes > 0), codes | 0x80, codes)
+    return codes
 
 
-def test_maps_are_256_ascending_values_from_the_dynamic_construction() -> None:
+def test_maps_hold_the_tapered_binary_values_and_decode_to_them() -> None:
     for signed in (True, False):
-        values = q.dynamic_map_values(signed)
-        assert len(values) == len(set(values)) == 256
-        assert list(values) == sorted(values)
-        assert values[-1] == 1.0 and 0.0 in values
-        positive = [v for v in values if v > 0]
-        # every decade from 1e-7 to 1 holds values: 2^d (signed) or 2^(d+1) (unsigned), plus 1
-        for decade in range(7):
-            low, high = 10.0 ** (decade - 7), 10.0 ** (decade - 6)
-            inside = [v for v in positive if low < v < high]
-            assert len(inside) == (2**decade if signed else 2 ** (decade + 1))
-    signed_values = q.dynamic_map_values(True)
-    assert sorted(-v for v in signed_values if v < 0) == [v for v in signed_values if 0 < v < 1]
+        spec = q.code_map(signed)
+        magnitudes = q.map_values(signed)[: spec.largest_code + 1].double()
+        used = torch.cat([magnitudes[:1], magnitudes[spec.smallest_code :]])
+        assert torch.equal(used, float64_map(signed))
+        assert (magnitudes[1 : spec.smallest_code] == 0).all()  # unused codes read as 0
+        assert used[-1] == 1.0 and len(used) == (128 if signed else 254)
+    signed_values = q.map_values(True)
+    assert torch.equal(signed_values[129:], -signed_values[1:128])
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -67,27 +98,45 @@ def test_quantize_picks_the_float64_nearest_code_and_the_block_absmax(
         assert torch.equal(absmax[:, block], window.amax(dim=1))
     expected = float64_nearest_codes(values, absmax, signed)
     differ = codes.long() != expected
-    # fp32 midpoints and fp32 division may only flip exact ties of the float64 decision
-    if differ.any():
-        table = torch.tensor(q.dynamic_map_values(signed), dtype=torch.float64)
-        scales = absmax.double().repeat_interleave(q.BLOCK_SIZE, -1)[:, :length].reshape(shape)
-        normalized = values.double() / scales
-        gap = (normalized[differ] - table[codes[differ].long()]).abs() - (
-            normalized[differ] - table[expected[differ]]
-        ).abs()
-        assert gap.abs().max() < 1e-6
-    # the round trip is within half the gap between neighbouring map values
+    # only exact ties may differ (float64's argmin takes the lower, the format rounds up)
+    assert differ.sum() <= 2, (values[differ], codes[differ], expected[differ])
+    # the round trip is within half a map step of the normalised value, plus fp32 rounding
     restored = q.dequantize(codes, absmax, signed)
-    table = torch.tensor(q.dynamic_map_values(signed), dtype=torch.float64)
-    gaps = torch.diff(table)
-    code_index = codes.long().clamp(1, 254)
-    half_gap = torch.maximum(gaps[code_index - 1], gaps[code_index]) / 2
+    table = float64_map(signed)
     scales = absmax.double().repeat_interleave(q.BLOCK_SIZE, -1)[:, :length].reshape(shape)
+    normalized = values.double().abs() / scales
+    position = torch.bucketize(normalized, table).clamp(1, len(table) - 1)
+    step = table[position] - table[position - 1]
     error = (restored.double() - values.double()).abs()
-    small = values.double().abs() < table[table > 0].min() * scales
-    rounding = 2 * 2.0**-24 * values.double().abs()  # restored is fp32
-    allowed = half_gap * scales + rounding
-    assert (error[~small] <= allowed[~small]).all()
+    inside = normalized >= table[1]  # above the smallest value: round to nearest
+    allowed = step * scales / 2 + 4 * 2.0**-24 * values.double().abs()
+    assert (error[inside] <= allowed[inside]).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_decision_point_and_its_neighbours_take_the_nearest_code(signed: bool) -> None:
+    """Midpoints between neighbouring map values (exact in fp32), one ulp either side, and
+    values around the smallest map value: ties round up, in a block whose absmax is 1."""
+    table = float64_map(signed)
+    midpoints = ((table[:-1] + table[1:]) / 2).float()
+    down, up = torch.tensor(0.0), torch.tensor(2.0)
+    probes = torch.cat(
+        [midpoints, torch.nextafter(midpoints, down), torch.nextafter(midpoints, up)]
+    )
+    probes = torch.cat([probes, torch.tensor([table[1] / 4, 1e-30, 1.0])]).float()
+    for start in range(0, len(probes), q.BLOCK_SIZE - 1):
+        block = torch.cat([torch.ones(1), probes[start : start + q.BLOCK_SIZE - 1]])
+        values = -block if signed else block
+        codes, absmax = q.quantize(values, signed)
+        assert absmax.item() == 1.0
+        expected = float64_nearest_codes(values, absmax, signed)
+        ties = torch.isin(block.double(), (table[:-1] + table[1:]) / 2)
+        # ties round up: to the upper neighbour, which float64's argmin does not pick
+        assert torch.equal(codes.long()[~ties], expected[~ties])
+        spec = q.code_map(signed)
+        used = torch.tensor([0, *range(spec.smallest_code, spec.largest_code + 1)])
+        upper = used[torch.searchsorted(table, block[ties].double(), right=True)]
+        assert torch.equal(codes.long()[ties] & 0x7F if signed else codes.long()[ties], upper)
 
 
 def test_positive_second_moments_never_round_to_zero_and_zeros_stay_zero() -> None:
@@ -95,11 +144,20 @@ def test_positive_second_moments_never_round_to_zero_and_zeros_stay_zero() -> No
     values[0] = 1.0
     values[1] = 1e-20  # far below the smallest map value times absmax
     codes, absmax = q.quantize(values, signed=False)
-    assert codes[0] == 255 and codes[1] == q.smallest_positive_code(False) == 1
+    assert codes[0] == 255 and codes[1] == q.UNSIGNED_MAP.smallest_code == 3
     assert (codes[2:256] == 0).all()
     assert absmax[0, 1:].eq(0).all()
     restored = q.dequantize(codes, absmax, signed=False)
     assert restored[1] > 0 and restored[2:].eq(0).all()
+
+
+def test_blocks_below_the_normal_range_are_stored_as_zeros() -> None:
+    values = torch.zeros(512)
+    values[:256] = 1e-39  # fp32 subnormals
+    values[256] = 2.0**-126
+    codes, absmax = q.quantize(values, signed=True)
+    assert absmax[0, 0] == 0 and (codes[:256] == 0).all()
+    assert absmax[0, 1] == 2.0**-126 and codes[256] == q.SIGNED_MAP.largest_code
 
 
 def test_a_non_finite_value_makes_its_block_nan_and_only_its_block() -> None:
@@ -184,8 +242,9 @@ def evaluate(model: nn.Module) -> float:
 
 @pytest.mark.parametrize("case_id", list(ALGORITHMS))
 def test_200_steps_of_8bit_state_stay_close_to_full_precision(case_id: str) -> None:
-    """Measured (fp32): after 200 steps each 8-bit run is within 2.2% of the distance
-    the full-precision run travelled, and its held-out loss within 0.4%."""
+    """Measured (fp32): after 200 steps each 8-bit run is within 1.4% of the distance
+    the full-precision run travelled (Adam 1.2%, NAdam 0.7%, ADOPT 1.4%; the dynamic maps
+    adamkit used before gave 1.8%, 1.0% and 2.3%), and its held-out loss within 0.55%."""
     case = ALGORITHMS[case_id]
     data = batches(200)
     runs = {}
@@ -200,6 +259,39 @@ def test_200_steps_of_8bit_state_stay_close_to_full_precision(case_id: str) -> N
         assert (a - b).norm() <= 0.05 * (a - origin).norm(), case_id
     full_loss, quantized_loss = evaluate(runs["full"]), evaluate(runs["8bit"])
     assert abs(quantized_loss - full_loss) <= 0.01 * full_loss
+
+
+def test_8bit_state_saved_with_other_maps_is_refused_before_anything_changes() -> None:
+    """State dicts name their code maps' format in every group; codes of another format
+    (adamkit's earlier dynamic maps had none) would be read with the wrong meaning."""
+    data = batches(3)
+    model = Regression()
+    optimizer = core.AdamW(model.parameters(), lr=1e-3, state_precision="8bit")
+    fit(model, optimizer, data)
+    saved = optimizer.state_dict()
+    assert [g[q.CODE_FORMAT_KEY] for g in saved["param_groups"]] == [q.CODE_FORMAT]
+    resumed = core.AdamW(Regression().parameters(), lr=1e-3, state_precision="8bit")
+    resumed.load_state_dict(copy.deepcopy(saved))
+    assert q.CODE_FORMAT_KEY not in resumed.param_groups[0]  # not a hyperparameter
+    assert q.CODE_FORMAT_KEY in resumed.state_dict()["param_groups"][0]
+    for old_format in (None, 1):
+        stale = copy.deepcopy(saved)
+        if old_format is None:
+            del stale["param_groups"][0][q.CODE_FORMAT_KEY]
+        else:
+            stale["param_groups"][0][q.CODE_FORMAT_KEY] = old_format
+        fresh = core.AdamW(Regression().parameters(), lr=1e-3, state_precision="8bit")
+        with pytest.raises(ValueError, match=r"code format 1 .*reads format 2"):
+            fresh.load_state_dict(stale)
+        assert not fresh.state
+    # full-precision moments carry no codes: a state dict without the key still loads
+    full_model = Regression()
+    full = core.AdamW(full_model.parameters(), lr=1e-3)
+    fit(full_model, full, batches(1))
+    plain = full.state_dict()
+    assert plain["state"]
+    del plain["param_groups"][0][q.CODE_FORMAT_KEY]
+    core.AdamW(Regression().parameters(), lr=1e-3, state_precision="8bit").load_state_dict(plain)
 
 
 @pytest.mark.parametrize("resume_precision", ["8bit", "full"])

@@ -1,10 +1,10 @@
 """The fused CPU backend's 8-bit state (cpu_kernel.c built with Q8) against the loop backend,
-the format's reference (dequantize, step in fp32, quantize with torch.bucketize).
+the format's reference (dequantize, step in fp32, quantize by core.quantization).
 
 Every step is compared from identical inputs: a fused twin is loaded from the loop's state
 dict just before each of 24 steps. What agrees exactly and what does not, and why:
 
-- The encoding itself (absmax, x / absmax, nearest code) is exact: the kernel's codes equal
+- The encoding itself (absmax, |x| · (1 / absmax), nearest code) is exact: the kernel's codes equal
   core.quantization.quantize on the same fp32 values, midpoints and their neighbours
   included (test_kernel_encoding_equals_the_reference_on_every_midpoint).
 - The new moments are the fused kernel's fp32 arithmetic, which agrees with torch's to
@@ -34,8 +34,16 @@ from torch import Tensor
 
 import core
 from core.backends import cpu_kernel
-from core.quantization import QuantizedMoment, code_tables, moment_keys, quantize, quantized_state
+from core.quantization import (
+    SIGNED_KEYS,
+    QuantizedMoment,
+    midpoints,
+    moment_keys,
+    quantize,
+    quantized_state,
+)
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
+from tests.core.test_quantization import code_positions
 
 pytestmark = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
 
@@ -126,7 +134,10 @@ class Differences:
 
     def add(self, key: str, where: str, state: dict, loop_state: dict) -> None:
         codes, absmax = moment_keys(key)
-        gap = (state[codes].int() - loop_state[codes].int()).abs()
+        signed = key in SIGNED_KEYS
+        gap = (
+            code_positions(state[codes], signed) - code_positions(loop_state[codes], signed)
+        ).abs()
         assert int(gap.max()) <= 1, f"{key} codes {int(gap.max())} steps apart, {where}"
         self.codes += gap.numel()
         self.flipped += int((gap > 0).sum())
@@ -254,11 +265,28 @@ def test_mixed_moment_patterns_take_one_kernel_each() -> None:
     (loop_ps, loop_m, loop_v), (fused_ps, fused_m, fused_v) = results
     for i in range(3):
         torch.testing.assert_close(fused_ps[i], loop_ps[i], atol=FP32_PARAMETER_GAP, rtol=0)
-        assert int((fused_m[i].codes.int() - loop_m[i].codes.int()).abs().max()) <= 1
+        assert (
+            int(
+                (code_positions(fused_m[i].codes, True) - code_positions(loop_m[i].codes, True))
+                .abs()
+                .max()
+            )
+            <= 1
+        )
         if isinstance(loop_v[i], Tensor):
             assert_state_close(fused_v[i], loop_v[i], f"exp_avg_sq[{i}]")
         else:
-            assert int((fused_v[i].codes.int() - loop_v[i].codes.int()).abs().max()) <= 1
+            assert (
+                int(
+                    (
+                        code_positions(fused_v[i].codes, False)
+                        - code_positions(loop_v[i].codes, False)
+                    )
+                    .abs()
+                    .max()
+                )
+                <= 1
+            )
 
 
 @pytest.mark.parametrize("case", ["AdamW-amsgrad", "ADOPT-clip-decoupled"])
@@ -358,7 +386,14 @@ def test_functional_form_takes_quantized_moments(algorithm: str) -> None:
         torch.testing.assert_close(a, b, atol=0.1 * LR, rtol=0)
     for ours, theirs in zip(fused_moments, loop_moments, strict=True):
         for x, y in zip(ours, theirs, strict=True):
-            assert int((x.codes.int() - y.codes.int()).abs().max()) <= 1
+            assert (
+                int(
+                    (code_positions(x.codes, x.signed) - code_positions(y.codes, y.signed))
+                    .abs()
+                    .max()
+                )
+                <= 1
+            )
             torch.testing.assert_close(x.absmax, y.absmax, rtol=1e-5, atol=0)
 
 
@@ -367,16 +402,16 @@ def test_functional_form_takes_quantized_moments(algorithm: str) -> None:
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_kernel_encoding_equals_the_reference_on_every_midpoint(signed: bool) -> None:
-    """Every midpoint and both its float neighbours (ties count as not below, as in
-    torch.bucketize), zeros, tiny and subnormal values, at absmax 1 and scaled; blocks with
-    NaN or infinity read back as NaN."""
-    _, midpoints = code_tables(signed, torch.device("cpu"))
+    """Every midpoint (ties round up) and both its float neighbours, zeros, tiny and
+    subnormal values, at absmax 1 and scaled; blocks with NaN or infinity, and blocks of
+    subnormals."""
+    points = torch.cat([midpoints(signed), -midpoints(signed)])
     up, down = torch.tensor(2.0), torch.tensor(-2.0)
     values = torch.cat(
         [
-            midpoints,
-            torch.nextafter(midpoints, up),
-            torch.nextafter(midpoints, down),
+            points,
+            torch.nextafter(points, up),
+            torch.nextafter(points, down),
             torch.rand(20000, generator=torch.Generator().manual_seed(5)) * 2 - 1,
             torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 1.0, -1.0]),
         ]
@@ -386,11 +421,12 @@ def test_kernel_encoding_equals_the_reference_on_every_midpoint(signed: bool) ->
     rows = []
     for scale in (1.0, 0.37, 1e-3):
         padded = torch.nn.functional.pad(values, (0, -values.numel() % 255)).reshape(-1, 255)
-        # a 1 first in each block makes its absmax the scale itself: x / absmax is x exactly
+        # a 1 first in each block makes its absmax the scale itself
         rows.append(torch.cat([torch.ones(padded.shape[0], 1), padded], 1).flatten() * scale)
     rows.append(torch.tensor([1.0, float("nan")] * 200))
     rows.append(torch.tensor([float("-inf"), 0.5] * 200))
     rows.append(torch.zeros(300))
+    rows.append(torch.full((300,), -1e-39))
     for row in rows:
         codes, absmax = cpu_kernel.quantize_as_kernels_do(row.contiguous(), signed)
         expected_codes, expected_absmax = quantize(row, signed)
