@@ -790,28 +790,6 @@ static inline uint32_t top_bits(uint32_t top, float x) {
     return bits > top ? bits : top;
 }
 
-/* Elements ahead of the block being stepped whose lines are requested now: a block reads
- * a short run of each of several streams in turn, and waiting on the first line of each
- * run measured as the largest cost of the step. Addresses past a tensor's end are only
- * hints (prefetches never fault). */
-#define PREFETCH_DISTANCE (8 * CODE_BLOCK)
-
-static inline void prefetch_ahead(const quantized_t *q, int64_t at) {
-    const int eight_bit[3] = {M_8BIT, V_8BIT, V_MAX_8BIT};
-    for (int64_t line = 0; line < CODE_BLOCK * (int64_t)sizeof(store_t); line += 64) {
-        __builtin_prefetch((const char *)(q->grad + at) + line);
-        if (READS_PARAM) __builtin_prefetch((const char *)(q->param + at) + line);
-        if (READS_PARAM && KAHAN) __builtin_prefetch((const char *)(q->comp + at) + line);
-    }
-    for (int which = 0; which < 3; which++) {
-        if (!(which == 2 ? WRITES_V_MAX : READS_MOMENTS)) continue;
-        int64_t bytes = eight_bit[which] ? CODE_BLOCK : CODE_BLOCK * (int64_t)sizeof(store_t);
-        const char *base = eight_bit[which] ? (const char *)q->moments[which] + at
-                                            : (const char *)((const store_t *)q->moments[which] + at);
-        for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(base + line);
-    }
-}
-
 /* One block of `count` elements from element `start`, scale index `block`: the 8-bit
  * moments decoded (and 16-bit inputs widened) into L1; update() on every element, keeping
  * the new moments' largest magnitudes; then the new moments encoded (or rounded) and θ
@@ -822,7 +800,6 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s, con
     _Alignas(64) float in_param[CODE_BLOCK], in_comp[CODE_BLOCK], in_grad[CODE_BLOCK];
     _Alignas(64) float in_moments[3][CODE_BLOCK];
     _Alignas(64) float theta[CODE_BLOCK], m[CODE_BLOCK], v[CODE_BLOCK], v_max[CODE_BLOCK];
-    prefetch_ahead(q, start + PREFETCH_DISTANCE);
     widened_t inputs = {0, 0, 0, 0, 0, 0};
     inputs.grad = widened_block(in_grad, q->grad + start, count);
     if (READS_PARAM) inputs.param = widened_block(in_param, q->param + start, count);

@@ -541,6 +541,8 @@ QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENCODE_LOWEST = 96
 """cpu_kernel.c's ENCODE_LOWEST: the exponent (of a normalized magnitude) from which the
 encoding table has an entry per exponent, modulo 32, up to 127."""
+ENCODE_WORDS = 96
+"""cpu_kernel.c's ENCODE_WORDS: one map's encoding table (addends, shifts, bases)."""
 
 
 def _encoding_words(spec: CodeMap) -> list[int]:
@@ -548,7 +550,7 @@ def _encoding_words(spec: CodeMap) -> list[int]:
     a shift and a base, so that ((bits + addend) mod 2^32 >> shift) + base is
     core.quantization.nearest_magnitude_codes of a normalized magnitude with these bits."""
     addends, shifts, bases = [0] * 32, [31] * 32, [0] * 32
-    lowest = spec.exponent_base + (spec.smallest_group << spec.group_bits)
+    lowest = spec.lowest_exponent
     for exponent in range(ENCODE_LOWEST, 128):
         entry = exponent % 32
         if exponent >= 127:
@@ -662,7 +664,7 @@ def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor
     built = library(KernelConfig("adam", torch.float32, switches, quantized=True))
     codes = torch.empty(values.shape, dtype=torch.uint8)
     absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
-    words = code_tables()[1][0 if signed else len(code_tables()[1]) // 2 :]
+    words = code_tables()[1][0 if signed else ENCODE_WORDS :]
     built.adamkit_quantize(
         values.numel(),
         values.data_ptr(),

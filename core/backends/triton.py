@@ -1044,28 +1044,41 @@ def adopt_step(
 # plus 8 of scales and 32 of table per block of 256 (about 0.16).
 
 
-def _lowest_exponent(spec: CodeMap) -> int:
-    """The exponent of a map's smallest value."""
-    return spec.exponent_base + (spec.smallest_group << spec.group_bits)
+def _map_constexprs(spec: CodeMap) -> tuple[tl.constexpr, ...]:
+    """A map's numbers in _nearest_codes's argument order, computed here (Triton 3.3's
+    interpreter cannot shift an int by a constexpr)."""
+    numbers = (
+        spec.exponent_base,
+        spec.group_bits,
+        spec.smallest_group,
+        spec.top_group,
+        spec.lowest_exponent,
+        spec.smallest_code,
+        spec.largest_code,
+    )
+    return tuple(tl.constexpr(number) for number in numbers)
 
 
-# core.quantization's maps as the kernels' constexprs, one name each (a Triton call takes
-# no unpacked tuple), computed here (Triton 3.3's interpreter cannot shift an int by a
-# constexpr).
-_S_BASE = tl.constexpr(SIGNED_MAP.exponent_base)
-_S_GROUP_BITS = tl.constexpr(SIGNED_MAP.group_bits)
-_S_SMALLEST_GROUP = tl.constexpr(SIGNED_MAP.smallest_group)
-_S_TOP_GROUP = tl.constexpr(SIGNED_MAP.top_group)
-_S_LOWEST = tl.constexpr(_lowest_exponent(SIGNED_MAP))
-_S_SMALLEST_CODE = tl.constexpr(SIGNED_MAP.smallest_code)
-_S_LARGEST_CODE = tl.constexpr(SIGNED_MAP.largest_code)
-_U_BASE = tl.constexpr(UNSIGNED_MAP.exponent_base)
-_U_GROUP_BITS = tl.constexpr(UNSIGNED_MAP.group_bits)
-_U_SMALLEST_GROUP = tl.constexpr(UNSIGNED_MAP.smallest_group)
-_U_TOP_GROUP = tl.constexpr(UNSIGNED_MAP.top_group)
-_U_LOWEST = tl.constexpr(_lowest_exponent(UNSIGNED_MAP))
-_U_SMALLEST_CODE = tl.constexpr(UNSIGNED_MAP.smallest_code)
-_U_LARGEST_CODE = tl.constexpr(UNSIGNED_MAP.largest_code)
+# core.quantization's maps as the kernels' constexprs, one name each: a Triton call takes
+# no unpacked tuple.
+(
+    _S_BASE,
+    _S_GROUP_BITS,
+    _S_SMALLEST_GROUP,
+    _S_TOP_GROUP,
+    _S_LOWEST,
+    _S_SMALLEST_CODE,
+    _S_LARGEST_CODE,
+) = _map_constexprs(SIGNED_MAP)
+(
+    _U_BASE,
+    _U_GROUP_BITS,
+    _U_SMALLEST_GROUP,
+    _U_TOP_GROUP,
+    _U_LOWEST,
+    _U_SMALLEST_CODE,
+    _U_LARGEST_CODE,
+) = _map_constexprs(UNSIGNED_MAP)
 _SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
 
 QUANTIZED_BLOCKS_PER_PROGRAM = 4

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import core
@@ -95,13 +95,32 @@ def test_all_backends_agree(config: dict[str, Any], data: dict[str, Any]) -> Non
                 tolerance = (1e-12 if a.dtype == torch.float64 else 1e-6) * scale
                 torch.testing.assert_close(b, a, atol=tolerance, rtol=0, msg=backend)
             else:
-                assert bool(((a - b).abs() <= _ulp(a)).all()), backend
+                # a NaN where the loop backend has one too is agreement (fp16 ADOPT can
+                # overflow: see _fits_in_float16); anywhere else it fails the bound
+                both_nan = a.isnan() & b.isnan()
+                assert bool(((a - b).abs() <= _ulp(a)).logical_or(both_nan).all()), backend
+
+
+def _fits_in_float16(config: dict[str, Any], data: dict[str, Any]) -> bool:
+    """Whether ADOPT's normalised gradient g / max(√v, eps) surely fits float16 state:
+    where a tiny g² rounds v to 0 in float16, an unclipped later step stores g / eps in m,
+    which overflows (65504) for |g| / eps beyond it: infinite by the algorithm's own
+    arithmetic, on every backend alike, not a backend's failure."""
+    if config["name"] != "ADOPT" or data["params"][0].dtype != torch.float16:
+        return True
+    if config["kwargs"].get("clip"):
+        return True
+    largest = max(
+        (float(g.abs().max()) for step in data["grads"] for g in step if g.numel()), default=0.0
+    )
+    return largest / config["kwargs"]["eps"] < 65504
 
 
 @given(config=configurations(), data=parameter_sets())
 def test_finite_input_gives_finite_parameters_and_state(
     config: dict[str, Any], data: dict[str, Any]
 ) -> None:
+    assume(_fits_in_float16(config, data))
     params, optimizer = _run(config, data)
     for p in params:
         assert bool(torch.isfinite(p).all())
