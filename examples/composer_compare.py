@@ -52,13 +52,13 @@ def _recorder(path: Path, val_set: Any, val_every: int, tokens_per_batch: int) -
     from char_lm import next_token_loss
     from composer.core import Callback, State
     from composer.loggers import Logger
-    from main_job import run_summary
+    from main_job import run_summary, time_released_steps
 
     class RunRecorder(Callback):
         """Optimizer time per batch is the optimizer's own work: Composer runs the
         microbatches as a closure inside step(), so a top-level step is timed from the
         last backward on, and the per-parameter steps release makes inside backward are
-        timed one by one."""
+        timed one by one (main_job.time_released_steps)."""
 
         def __init__(self) -> None:
             self.train_losses: list[tuple[int, float]] = []
@@ -73,6 +73,10 @@ def _recorder(path: Path, val_set: Any, val_every: int, tokens_per_batch: int) -
             optimizer = state.optimizers[0]
             optimizer.register_step_pre_hook(self._before_step)
             optimizer.register_step_post_hook(self._after_step)
+            time_released_steps(self._add_released)
+
+        def _add_released(self, seconds: float) -> None:
+            self._pending += seconds
 
         def _before_step(self, *args: Any) -> None:
             self._depth += 1

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,9 @@ def _recorder_class() -> type:
     class RunRecorder(L.Callback):
         """Records losses, batch and optimizer-step times, and memory; writes JSON at the end.
 
-        Optimizer time is the optimizer's own work per batch. torch's step pre- and
-        post-hooks fire for every step call, including the per-parameter steps gradient
-        release makes inside backward. Lightning runs forward and backward as a closure
+        Optimizer time is the optimizer's own work per batch: from torch's step pre- and
+        post-hooks, plus the per-parameter steps gradient release makes inside backward
+        (time_released_steps). Lightning runs forward and backward as a closure
         inside step(), then calls on_before_optimizer_step, so that hook restarts the
         clock: what remains until the post-hook is the update itself.
         """
@@ -115,6 +116,10 @@ def _recorder_class() -> type:
             optimizer = trainer.optimizers[0]
             optimizer.register_step_pre_hook(self._before_step)
             optimizer.register_step_post_hook(self._after_step)
+            time_released_steps(self._add_released)
+
+        def _add_released(self, seconds: float) -> None:
+            self._pending_optimizer += seconds
 
         def _before_step(self, *args: Any) -> None:
             self._step_started = time.perf_counter()
@@ -149,6 +154,23 @@ def _recorder_class() -> type:
             self.path.write_text(json.dumps({**summary, "precision": str(trainer.precision)}))
 
     return RunRecorder
+
+
+def time_released_steps(record: Callable[[float], None]) -> None:
+    """Pass the duration of every per-parameter step gradient release makes inside backward
+    to `record`. Those go through core.gradient_release's step_released_param, which skips
+    torch's step hooks (they cost more than a small parameter's update), so the recorders'
+    step hooks alone would not see them. For one training run per process."""
+    import core.gradient_release as release
+
+    untimed = release.step_released_param
+
+    def timed(optimizer: Any, param: Any) -> None:
+        started = time.perf_counter()
+        untimed(optimizer, param)
+        record(time.perf_counter() - started)
+
+    release.step_released_param = timed
 
 
 def run_summary(recorder: Any, optimizer: Any, model: Any, tokens_per_batch: int) -> dict:
