@@ -76,11 +76,15 @@ CODE_FLIP_FRACTIONS = {"fp32-8bit": 0.12, "bf16-8bit": 0.08}
 """Measured with the dynamic maps adamkit used before: up to 4.1% for bf16 in the core and
 Lightning matrices and 5.4% in Composer's (2 ranks reduce bf16 gradients, which moves more
 values across a midpoint, on every backend alike); fp32 cells within 2%. With the tapered
-binary maps one fp32 cell measured 9.6% (NAdam, default flags, FSDP2 with bf16 compute,
-against its own loop run; every other fp32 cell of the core matrix stayed within 2%): a
-flip in the binades that keep 0-1 mantissa bits changes that element's moment by up to
-2x, and later steps carry it to the elements downstream. The largest difference stays
-within STEPS * CODE_FLIP_STEP. Tensor parallelism keeps one weight full
+binary maps the fused (and default) NAdam fp32 cells under FSDP2 with bf16 compute
+measured 4.0-9.6% (every other fp32 cell at most 0.5%). Their codes are not the cause: from
+the same gradients the fused kernel and the loop store identical codes for 8 steps
+(checked in one process, fp32 and bf16-valued gradients). The parameters differ in their
+last bits (NAdam's fused update multiplies by 1 / denom twice where the loop divides), and
+bf16 compute rounds some of them to the other bf16 neighbour, which changes gradients by
+a bf16 ulp; moments then land on other codes, and in the binades that keep 0-1 mantissa
+bits one code changes a moment by up to 2x. The largest difference stays within
+STEPS * CODE_FLIP_STEP. Tensor parallelism keeps one weight full
 precision where one process quantizes it: 80-99% of its elements differ, so such cells
 are held to their own loop run."""
 CODE_FLIP_STEP = 0.3 * LR
