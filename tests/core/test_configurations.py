@@ -80,7 +80,7 @@ binary maps the fused (and default) NAdam fp32 cells under FSDP2 with bf16 compu
 measured 4.0-9.6% (every other fp32 cell at most 0.5%). Their codes are not the cause: from
 the same gradients the fused kernel and the loop store identical codes for 8 steps
 (checked in one process, fp32 and bf16-valued gradients). The parameters differ in their
-last bits (NAdam's fused update multiplies by 1 / denom twice where the loop divides), and
+last bits (the fused NAdam update multiplies both terms by one 1 / denom), and
 bf16 compute rounds some of them to the other bf16 neighbour, which changes gradients by
 a bf16 ulp; moments then land on other codes, and in the binades that keep 0-1 mantissa
 bits one code changes a moment by up to 2x. The largest difference stays within
