@@ -603,18 +603,26 @@ int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void 
 
 #define CODE_BLOCK 256 /* core.quantization.BLOCK_SIZE: elements per scale */
 
-/* The tables adamkit_step_q8 takes (cpu_kernel.py's code_tables, built from
- * core.quantization's maps), signed map first, then unsigned:
- *   decoding: 256 high bytes, then 256 second bytes, of the fp32 value of each code (its
- *             other bits are 0: the maps have at most 5 mantissa bits);
- *   encoding: by the exponent e of a normalized magnitude, clamped below to
- *             ENCODE_LOWEST and taken modulo 32, an addend, a shift and a base code:
- *             code = ((bits + addend) >> shift) + base. */
-#define DECODE_BYTES 512
-#define ENCODE_WORDS 96
-#define ENCODE_LOWEST 96 /* every exponent at or below this has the same entry */
-#define ENCODE_SHIFTS 32
-#define ENCODE_BASES 64
+/* What adamkit_step_q8 knows of each map (cpu_kernel.py's map_words, from
+ * core.quantization.CodeMap), signed map first, then unsigned, MAP_WORDS words each. With
+ * g the map's group bits, a magnitude code c ≥ smallest_code stands for the fp32 number
+ * whose bits are (bits(fp32(c + 1)) << g) + decode_offset (mod 2^32): CodeMap's rule, as
+ * fp32(t) already holds t's group E in its exponent and t − 2^E in its mantissa. Encoding
+ * runs the rule backwards on a normalized magnitude a with bits A ≥ lowest_bits:
+ * fp32 bits (A >> g) + encode_offset are t's position between codes, linear within each
+ * binade, so the nearest code (ties up) is floor(that − 1/2). */
+#define MAP_WORDS 7
+typedef struct {
+    uint32_t group_bits, decode_offset, encode_offset, smallest_code, largest_code,
+        lowest_bits, zero_below;
+} code_map_t;
+/* zero_below: normalized magnitudes with fewer bits take code 0 (else smallest_code). */
+
+static inline code_map_t map_of(const uint32_t *words, int is_signed) {
+    const uint32_t *w = words + (is_signed ? 0 : MAP_WORDS);
+    code_map_t map = {w[0], w[1], w[2], w[3], w[4], w[5], w[6]};
+    return map;
+}
 
 /* The block's elements of a parameter-dtype tensor in fp32: fp32 tensors are read in
  * place, 16-bit ones widened into buffer. */
@@ -639,37 +647,36 @@ static inline const float *widened_block(float *buffer, const store_t *in, int64
 #define CODE_LANES 1
 #endif
 
-/* map[code] · scale in fp32, as core.quantization.dequantize reads a moment back. With
- * AVX512-VBMI the two bytes of 64 codes' values are looked up at once (vpermi2b over the
- * 256-byte tables, in halves); compilers would otherwise gather, or load one at a time. */
-static inline void decode(float *out, const uint8_t *codes, float scale, const uint8_t *bytes,
-                          int64_t count) {
+/* The fp32 value (before scaling) of one code. */
+static inline float code_value(uint32_t code, const code_map_t *map, int is_signed) {
+    uint32_t magnitude = is_signed ? code & 0x7fu : code;
+    uint32_t bits = (as_bits((float)(magnitude + 1)) << map->group_bits) + map->decode_offset;
+    bits = magnitude >= map->smallest_code ? bits : 0u;
+    return as_float(bits | (is_signed ? (code & 0x80u) << 24 : 0u));
+}
+
+/* map[code] · scale in fp32, as core.quantization.dequantize reads a moment back. */
+static inline void decode(float *out, const uint8_t *codes, float scale, const code_map_t *map,
+                          int is_signed, int64_t count) {
     int64_t j = 0;
-#if defined(__AVX512VBMI__)
+#if CODE_LANES > 1
     const __m512 scales = _mm512_set1_ps(scale);
-    __m512i high[4], second[4];
-    for (int k = 0; k < 4; k++) {
-        high[k] = _mm512_loadu_si512(bytes + 64 * k);
-        second[k] = _mm512_loadu_si512(bytes + 256 + 64 * k);
-    }
-    for (; j + 64 <= count; j += 64) {
-        __m512i c = _mm512_loadu_si512(codes + j);
-        __mmask64 upper = _mm512_movepi8_mask(c);
-        __m512i h = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(high[0], c, high[1]),
-                                           _mm512_permutex2var_epi8(high[2], c, high[3]));
-        __m512i s = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(second[0], c, second[1]),
-                                           _mm512_permutex2var_epi8(second[2], c, second[3]));
-        for (int k = 0; k < 4; k++) {
-            __m512i hk = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(h, k));
-            __m512i sk = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(s, k));
-            __m512i bits = _mm512_or_si512(_mm512_slli_epi32(hk, 24), _mm512_slli_epi32(sk, 16));
-            _mm512_storeu_ps(out + j + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(bits), scales));
-        }
+    const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
+    const __m512i one = _mm512_set1_epi32(1), offset = _mm512_set1_epi32((int)map->decode_offset);
+    const __m512i smallest = _mm512_set1_epi32((int)map->smallest_code);
+    const __m512i low_bits = _mm512_set1_epi32(0x7f), sign = _mm512_set1_epi32((int)0x80000000u);
+    for (; j + CODE_LANES <= count; j += CODE_LANES) {
+        __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + j)));
+        __m512i magnitude = is_signed ? _mm512_and_si512(code, low_bits) : code;
+        __m512i bits = _mm512_sll_epi32(
+            _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_add_epi32(magnitude, one))), group_bits);
+        bits = _mm512_maskz_add_epi32(_mm512_cmpge_epu32_mask(magnitude, smallest), bits, offset);
+        if (is_signed) /* bits | (code << 24 & sign) */
+            bits = _mm512_ternarylogic_epi32(bits, _mm512_slli_epi32(code, 24), sign, 0xf8);
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_castsi512_ps(bits), scales));
     }
 #endif
-    for (; j < count; j++)
-        out[j] = as_float(((uint32_t)bytes[codes[j]] << 24) | ((uint32_t)bytes[256 + codes[j]] << 16)) *
-                 scale;
+    for (; j < count; j++) out[j] = code_value(codes[j], map, is_signed) * scale;
 }
 
 /* The scale of a block whose largest magnitude has these bits (compared as integers: the
@@ -689,16 +696,19 @@ static inline uint32_t largest_bits(const float *x, int64_t count) {
     return top;
 }
 
-/* The code of one value: |x| · inverse (fp32), then its nearest code through the encoding
- * table (core.quantization.nearest_magnitude_codes); 0 for 0, m's sign in bit 7. */
-static inline uint8_t nearest_code(float x, float inverse, const uint32_t *words, int is_signed) {
+/* The code of one value: |x| · inverse (fp32), then its nearest code
+ * (core.quantization.nearest_magnitude_codes); 0 for 0, m's sign in bit 7. In integers:
+ * t = floor(position + 1/2) from the position's bits, exactly as the vector code's
+ * round-down arithmetic finds it. */
+static inline uint8_t nearest_code(float x, float inverse, const code_map_t *map, int is_signed) {
     uint32_t bits = as_bits(x);
     uint32_t normalized = as_bits(as_float(bits & 0x7fffffffu) * inverse);
-    uint32_t exponent = normalized >> 23;
-    uint32_t entry = (exponent < ENCODE_LOWEST ? ENCODE_LOWEST : exponent) & 31u;
-    uint32_t code = ((normalized + words[entry]) >> words[ENCODE_SHIFTS + entry]) +
-                    words[ENCODE_BASES + entry];
-    code = normalized ? code : 0u;
+    uint32_t clamped = normalized < map->lowest_bits ? map->lowest_bits : normalized;
+    uint32_t position = (clamped >> map->group_bits) + map->encode_offset;
+    uint32_t fraction_bits = 150u - (position >> 23); /* bits of the mantissa below t's units */
+    uint32_t t = (((position & 0x7fffffu) | 0x800000u) + (1u << (fraction_bits - 1))) >> fraction_bits;
+    uint32_t code = t - 1 < map->largest_code ? t - 1 : map->largest_code;
+    code = normalized < map->zero_below ? 0u : code;
     if (is_signed && code) code |= (bits >> 24) & 0x80u;
     return (uint8_t)code;
 }
@@ -706,7 +716,7 @@ static inline uint8_t nearest_code(float x, float inverse, const uint32_t *words
 /* Codes of `count` new values of one block whose largest magnitude has bits `top`, and
  * its scale, as core.quantization.quantize stores them. */
 static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint32_t top,
-                          const uint32_t *words, int is_signed, int64_t count) {
+                          const code_map_t *map, int is_signed, int64_t count) {
     float scale = block_scale(top);
     *scale_out = scale;
     if (!(scale > 0)) { /* zeros, or a NaN scale: every code 0 (NaN · 0 would not be 0) */
@@ -716,42 +726,57 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
     float inverse = 1.0f / scale;
     int64_t j = 0;
 #if CODE_LANES > 1
-    const __m512i addend0 = _mm512_loadu_si512(words), addend1 = _mm512_loadu_si512(words + 16);
-    const __m512i shift0 = _mm512_loadu_si512(words + ENCODE_SHIFTS),
-                  shift1 = _mm512_loadu_si512(words + ENCODE_SHIFTS + 16);
-    const __m512i base0 = _mm512_loadu_si512(words + ENCODE_BASES),
-                  base1 = _mm512_loadu_si512(words + ENCODE_BASES + 16);
-    const __m512 inverses = _mm512_set1_ps(inverse);
+    const __m512 inverses = _mm512_set1_ps(inverse), minus_half = _mm512_set1_ps(-0.5f);
     const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
-    const __m512i lowest = _mm512_set1_epi32(ENCODE_LOWEST), sign = _mm512_set1_epi32(0x80);
+    const __m512i lowest = _mm512_set1_epi32((int)map->lowest_bits);
+    const __m512i zero_below = _mm512_set1_epi32((int)map->zero_below);
+    const __m512i offset = _mm512_set1_epi32((int)map->encode_offset);
+    const __m512i largest = _mm512_set1_epi32((int)map->largest_code);
+    const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
+    const __m512i sign = _mm512_set1_epi32(0x80);
     for (; j + CODE_LANES <= count; j += CODE_LANES) {
         __m512i bits = _mm512_loadu_si512(x + j);
         __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
             _mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_mask)), inverses));
-        __m512i entry = _mm512_max_epu32(_mm512_srli_epi32(normalized, 23), lowest);
-        __m512i addend = _mm512_permutex2var_epi32(addend0, entry, addend1);
-        __m512i shift = _mm512_permutex2var_epi32(shift0, entry, shift1);
-        __m512i base = _mm512_permutex2var_epi32(base0, entry, base1);
-        __m512i code = _mm512_maskz_add_epi32(
-            _mm512_test_epi32_mask(normalized, normalized),
-            _mm512_srlv_epi32(_mm512_add_epi32(normalized, addend), shift), base);
+        __m512i position = _mm512_add_epi32(
+            _mm512_srl_epi32(_mm512_max_epu32(normalized, lowest), group_bits), offset);
+        __m512 below = _mm512_add_round_ps(_mm512_castsi512_ps(position), minus_half,
+                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __m512i code = _mm512_min_epu32(
+            _mm512_cvt_roundps_epu32(below, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), largest);
+        __mmask16 kept = _mm512_cmpge_epu32_mask(normalized, zero_below);
+        code = _mm512_maskz_mov_epi32(kept, code);
         if (is_signed)
-            code = _mm512_mask_or_epi32(code, _mm512_test_epi32_mask(code, code), code,
+            code = _mm512_mask_or_epi32(code, kept, code,
                                         _mm512_and_si512(_mm512_srli_epi32(bits, 24), sign));
         _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtepi32_epi8(code));
     }
 #endif
-    for (; j < count; j++) codes[j] = nearest_code(x[j], inverse, words, is_signed);
+    for (; j < count; j++) codes[j] = nearest_code(x[j], inverse, map, is_signed);
 }
 
-/* Quantize `count` values as one row (test hook: the encoding every step uses, against
- * core.quantization.quantize on chosen values). */
+/* Quantize `count` values as one row with the signed or the unsigned map of `words` (both
+ * maps, as adamkit_step_q8 takes them). Test hook: the encoding every step uses, against
+ * core.quantization.quantize on chosen values. */
 void adamkit_quantize(int64_t count, const float *values, uint8_t *codes, float *absmax,
                       const uint32_t *words, int is_signed) {
+    const code_map_t map = map_of(words, is_signed);
     for (int64_t b = 0; b * CODE_BLOCK < count; b++) {
         int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
         const float *x = values + b * CODE_BLOCK;
-        encode(codes + b * CODE_BLOCK, absmax + b, x, largest_bits(x, n), words, is_signed, n);
+        encode(codes + b * CODE_BLOCK, absmax + b, x, largest_bits(x, n), &map, is_signed, n);
+    }
+}
+
+/* Read back `count` codes of one row with the signed or the unsigned map of `words`, block
+ * b scaled by absmax[b]. Test hook: the decoding every step uses, against
+ * core.quantization.dequantize on every code. */
+void adamkit_dequantize(int64_t count, const uint8_t *codes, const float *absmax, float *values,
+                        const uint32_t *words, int is_signed) {
+    const code_map_t map = map_of(words, is_signed);
+    for (int64_t b = 0; b * CODE_BLOCK < count; b++) {
+        int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
+        decode(values + b * CODE_BLOCK, codes + b * CODE_BLOCK, absmax[b], &map, is_signed, n);
     }
 }
 
@@ -773,29 +798,22 @@ static inline void put_all(store_t *out, const float *x, int64_t count) {
     for (; j < count; j++) put(out, j, x[j]);
 }
 
-/* The maps' tables (see DECODE_BYTES) for m (signed) or v and v_max. */
-typedef struct {
-    const uint8_t *bytes;
-    const uint32_t *words;
-} tables_t;
-
-static inline tables_t tables_for(const uint8_t *bytes, const uint32_t *words, int is_signed) {
-    tables_t out = {bytes + (is_signed ? 0 : DECODE_BYTES), words + (is_signed ? 0 : ENCODE_WORDS)};
-    return out;
-}
-
 /* The larger of a running maximum and |x|'s bits (see block_scale). */
 static inline uint32_t top_bits(uint32_t top, float x) {
     uint32_t bits = as_bits(x) & 0x7fffffffu;
     return bits > top ? bits : top;
 }
 
+/* fp32 θ is stored as the update makes it, element by element in the update pass: staging
+ * it for a second pass, as rounding a 16-bit θ needs, measured 8% slower. */
+#define THETA_IN_PLACE (DTYPE == 1 && !KAHAN)
+
 /* One block of `count` elements from element `start`, scale index `block`: the 8-bit
  * moments decoded (and 16-bit inputs widened) into L1; update() on every element, keeping
  * the new moments' largest magnitudes; then the new moments encoded (or rounded) and θ
  * stored. Each byte of memory is read once and written once. */
-static void update_quantized_block(const quantized_t *q, const scalars_t *s, const uint8_t *bytes,
-                                   const uint32_t *words, int64_t start, int64_t count,
+static void update_quantized_block(const quantized_t *q, const scalars_t *s,
+                                   const code_map_t *maps, int64_t start, int64_t count,
                                    int64_t block) {
     _Alignas(64) float in_param[CODE_BLOCK], in_comp[CODE_BLOCK], in_grad[CODE_BLOCK];
     _Alignas(64) float in_moments[3][CODE_BLOCK];
@@ -810,7 +828,7 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s, con
         if (!(which == 2 ? WRITES_V_MAX : READS_MOMENTS)) continue;
         if (eight_bit[which]) {
             decode(in_moments[which], (const uint8_t *)q->moments[which] + start,
-                   q->absmax[which][block], tables_for(bytes, words, which == 0).bytes, count);
+                   q->absmax[which][block], &maps[which == 0 ? 0 : 1], which == 0, count);
             moments[which] = in_moments[which];
         } else {
             moments[which] = widened_block(in_moments[which],
@@ -824,7 +842,10 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s, con
     uint32_t top_m = 0, top_v = 0, top_v_max = 0;
     for (int64_t j = 0; j < count; j++) {
         result_t r = update(&t, &inputs, s, j);
-        theta[j] = r.theta;
+        if (WRITES_PARAM && THETA_IN_PLACE)
+            q->param[start + j] = r.theta;
+        else
+            theta[j] = r.theta;
         m[j] = r.m;
         v[j] = r.v;
         v_max[j] = r.v_max;
@@ -838,12 +859,12 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s, con
         if (!(which == 0 ? WRITES_M : which == 1 ? 1 : WRITES_V_MAX)) continue;
         if (eight_bit[which])
             encode((uint8_t *)q->moments[which] + start, q->absmax[which] + block,
-                   results[which], tops[which], tables_for(bytes, words, which == 0).words,
-                   which == 0, count);
+                   results[which], tops[which], &maps[which == 0 ? 0 : 1], which == 0,
+                   count);
         else
             put_all((store_t *)q->moments[which] + start, results[which], count);
     }
-    if (WRITES_PARAM) store_params(&t, theta, start, count);
+    if (WRITES_PARAM && !THETA_IN_PLACE) store_params(&t, theta, start, count);
 }
 
 typedef struct {
@@ -852,8 +873,7 @@ typedef struct {
     void *const *lists[9]; /* param, grad, comp, then codes (or elements) and absmax of m,
                               v, v_max */
     const uint32_t *keys;  /* under STOCHASTIC, one per tensor; else null */
-    const uint8_t *bytes;  /* the maps' tables (see DECODE_BYTES) */
-    const uint32_t *words;
+    code_map_t maps[2];    /* signed (m), unsigned (v, v_max) */
     scalars_t scalars;
     int64_t begin, end; /* this share, in blocks of the concatenation of every tensor */
 } quantized_share_t;
@@ -886,8 +906,8 @@ static void *run_quantized_share(void *arg) {
         for (int64_t b = begin; b < end; b++) {
             int64_t row = b / per_row, column = (b - row * per_row) * CODE_BLOCK;
             int64_t count = row_length - column < CODE_BLOCK ? row_length - column : CODE_BLOCK;
-            update_quantized_block(&q, &w->scalars, w->bytes, w->words, row * row_length + column,
-                                   count, b);
+            update_quantized_block(&q, &w->scalars, w->maps, row * row_length + column, count,
+                                   b);
         }
         offset += blocks;
     }
@@ -903,8 +923,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                     const uint32_t *keys, void *const *exp_avg_codes, void *const *exp_avg_absmax,
                     void *const *exp_avg_sq_codes, void *const *exp_avg_sq_absmax,
                     void *const *max_exp_avg_sq_codes, void *const *max_exp_avg_sq_absmax,
-                    const double *coefficients, const uint8_t *bytes, const uint32_t *words,
-                    int threads) {
+                    const double *coefficients, const uint32_t *map_words, int threads) {
     int64_t total = 0, blocks = 0;
     for (int64_t k = 0; k < count; k++) {
         total += sizes[k];
@@ -921,8 +940,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                                 exp_avg_sq_codes, exp_avg_sq_absmax, max_exp_avg_sq_codes,
                                 max_exp_avg_sq_absmax},
                                keys,
-                               bytes,
-                               words,
+                               {map_of(map_words, 1), map_of(map_words, 0)},
                                make_scalars(coefficients),
                                j * per_share,
                                (j + 1) * per_share};

@@ -39,7 +39,7 @@ from core.backends.views import (
     device_of,
     dtype_of,
 )
-from core.quantization import CodeMap, QuantizedMoment, absmax_shape, code_map, map_values
+from core.quantization import CodeMap, QuantizedMoment, absmax_shape, code_map
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
@@ -198,7 +198,7 @@ def build_atomically(
 
 
 _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int]
-_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 15 + [ctypes.c_int]
+_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int]
 _loaded: dict[tuple[KernelConfig, tuple[tuple[str, ...], ...]], ctypes.CDLL] = {}
 compile_seconds: dict[KernelConfig, float] = {}
 """Wall time spent building (or loading from the disk cache) each configuration."""
@@ -225,6 +225,9 @@ def library(config: KernelConfig) -> ctypes.CDLL:
     if config.quantized:
         built.adamkit_quantize.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
         built.adamkit_quantize.restype = None
+        built.adamkit_dequantize.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4
+        built.adamkit_dequantize.argtypes += [ctypes.c_int]
+        built.adamkit_dequantize.restype = None
     built.adamkit_round.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     built.adamkit_round.restype = None
     if config.stochastic:
@@ -538,48 +541,37 @@ QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Parameter dtypes the 8-bit kernels step (the reference computes in fp32 for these)."""
 
 
-ENCODE_LOWEST = 96
-"""cpu_kernel.c's ENCODE_LOWEST: the exponent (of a normalized magnitude) from which the
-encoding table has an entry per exponent, modulo 32, up to 127."""
-ENCODE_WORDS = 96
-"""cpu_kernel.c's ENCODE_WORDS: one map's encoding table (addends, shifts, bases)."""
+MAP_WORDS = 7
+"""cpu_kernel.c's MAP_WORDS: the numbers one map's encoding and decoding need."""
 
 
-def _encoding_words(spec: CodeMap) -> list[int]:
-    """cpu_kernel.c's encoding table of one map: per exponent e (entry e mod 32) an addend,
-    a shift and a base, so that ((bits + addend) mod 2^32 >> shift) + base is
-    core.quantization.nearest_magnitude_codes of a normalized magnitude with these bits."""
-    addends, shifts, bases = [0] * 32, [31] * 32, [0] * 32
+def _map_words(spec: CodeMap) -> list[int]:
+    """cpu_kernel.c's code_map_t of one map, from CodeMap's rule. With g = group_bits a
+    code's value has bits (bits(fp32(c + 1)) << g) + decode_offset (mod 2^32), and a
+    normalized magnitude a (bits A, at least lowest_bits) lies at fp32 bits
+    (A >> g) + encode_offset on the scale where each code c sits at c + 1."""
+    g = spec.group_bits
     lowest = spec.lowest_exponent
-    for exponent in range(ENCODE_LOWEST, 128):
-        entry = exponent % 32
-        if exponent >= 127:
-            bases[entry] = spec.largest_code
-        elif exponent < lowest:
-            rounds_up = not spec.signed or exponent == lowest - 1
-            bases[entry] = spec.smallest_code if rounds_up else 0
-        else:
-            group = (exponent - spec.exponent_base) >> spec.group_bits
-            shifts[entry] = 23 + spec.group_bits - group
-            start = (spec.exponent_base + (group << spec.group_bits)) << 23
-            addends[entry] = ((1 << (shifts[entry] - 1)) - start) % 2**32
-            bases[entry] = (1 << group) - 1
-    return addends + shifts + bases
+    zero_below = (lowest - 1) << 23 if spec.signed else 1
+    return [
+        g,
+        ((spec.exponent_base - (127 << g)) << 23) % 2**32,
+        ((127 << g) - spec.exponent_base) << (23 - g),
+        spec.smallest_code,
+        spec.largest_code,
+        lowest << 23,
+        zero_below,
+    ]
 
 
 @functools.cache
-def code_tables() -> tuple[Tensor, Tensor]:
-    """What the 8-bit kernels decode and encode with (cpu_kernel.c's DECODE_BYTES and
-    ENCODE_WORDS), signed map then unsigned: the two upper bytes of each code's fp32
-    value, and each map's encoding table (_encoding_words)."""
-    decoding, encoding = [], []
-    for signed in (True, False):
-        bits = map_values(signed).view(torch.int32).long() & 0xFFFFFFFF
-        if bool((bits & 0xFFFF).any()):
-            raise AssertionError("a map value with more than 7 mantissa bits")
-        decoding += [(bits >> 24).to(torch.uint8), ((bits >> 16) & 0xFF).to(torch.uint8)]
-        encoding.append(torch.tensor(_encoding_words(code_map(signed)), dtype=torch.int64))
-    return torch.cat(decoding).contiguous(), torch.cat(encoding).to(torch.int32).contiguous()
+def map_words() -> Tensor:
+    """What the 8-bit kernels decode and encode with (cpu_kernel.c's code_map_t): the
+    signed map's _map_words, then the unsigned map's."""
+    words = _map_words(code_map(True)) + _map_words(code_map(False))
+    if len(words) != 2 * MAP_WORDS:
+        raise AssertionError(f"{len(words)} map words, where cpu_kernel.c reads {2 * MAP_WORDS}")
+    return torch.tensor(words, dtype=torch.int64).to(torch.int32).contiguous()
 
 
 def run_quantized(
@@ -625,7 +617,6 @@ def run_quantized(
         _CPU,
     )
     _check_arguments(config, max_exp_avg_sqs, kahan_comps, coefficients)
-    decoding, encoding = code_tables()
     scales = [
         _addresses([m.absmax for m in moment]) if q and moment is not None else None  # type: ignore[union-attr]
         for q, moment in zip(eight_bit, moments, strict=True)
@@ -649,10 +640,15 @@ def run_quantized(
         codes[2],
         scales[2],
         (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
-        decoding.data_ptr(),
-        encoding.data_ptr(),
+        map_words().data_ptr(),
         torch.get_num_threads(),
     )
+
+
+def _encoding_library() -> ctypes.CDLL:
+    """A quantized kernel build, for its encoding and decoding hooks."""
+    switches = tuple((name, False) for name in SWITCHES)
+    return library(KernelConfig("adam", torch.float32, switches, quantized=True))
 
 
 def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -660,17 +656,35 @@ def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor
     of blocks): tests hold it to core.quantization.quantize on chosen values."""
     if values.dtype != torch.float32 or values.ndim != 1 or not values.is_contiguous():
         raise ValueError("values must be a contiguous 1-D float32 tensor")
-    switches = tuple((name, False) for name in SWITCHES)
-    built = library(KernelConfig("adam", torch.float32, switches, quantized=True))
     codes = torch.empty(values.shape, dtype=torch.uint8)
     absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
-    words = code_tables()[1][0 if signed else ENCODE_WORDS :]
-    built.adamkit_quantize(
+    _encoding_library().adamkit_quantize(
         values.numel(),
         values.data_ptr(),
         codes.data_ptr(),
         absmax.data_ptr(),
-        words.data_ptr(),
+        map_words().data_ptr(),
         int(signed),
     )
     return codes, absmax
+
+
+def dequantize_as_kernels_do(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The fp32 values of a 1-D uint8 tensor of codes (one row of blocks, scaled by the
+    float32 absmax of shape absmax_shape) by the 8-bit kernels' own decoding: tests hold
+    it to core.quantization.dequantize on every code."""
+    if codes.dtype != torch.uint8 or codes.ndim != 1 or not codes.is_contiguous():
+        raise ValueError("codes must be a contiguous 1-D uint8 tensor")
+    if absmax.dtype != torch.float32 or absmax.shape != absmax_shape(codes.shape):
+        raise ValueError(f"absmax must be float32 of shape {absmax_shape(codes.shape)}")
+    absmax = absmax.contiguous()
+    values = torch.empty(codes.shape, dtype=torch.float32)
+    _encoding_library().adamkit_dequantize(
+        codes.numel(),
+        codes.data_ptr(),
+        absmax.data_ptr(),
+        values.data_ptr(),
+        map_words().data_ptr(),
+        int(signed),
+    )
+    return values

@@ -31,3 +31,12 @@ def _triton_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     if reason is not None:
         pytest.skip(f"Triton backend not testable here: {reason}")
     monkeypatch.setattr(core.backends, "TRITON_DEVICE_TYPES", {"cpu"})
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both builds of the CPU kernels: -march=native (AVX-512's rounding and 8-bit coding
+    sixteen lanes at a time, on CPUs that have it) and the portable one, all in software."""
+    if request.param == "portable":
+        monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "1")
+    return str(request.param)

@@ -132,15 +132,6 @@ def test_low_precision_steps_within_one_ulp_of_loop(
         assert_step_matches(step, expected, actual)
 
 
-@pytest.fixture(params=["native", "portable"])
-def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both builds of the CPU kernels: -march=native (AVX-512's rounding instructions on
-    CPUs that have them) and the portable one that rounds in software."""
-    if request.param == "portable":
-        monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "1")
-    return str(request.param)
-
-
 def _bit_patterns_for_rounding() -> Tensor:
     """float32 bit patterns: every sign, exponent and top mantissa bits (the upper 16),
     each with low halves on and around the round-to-nearest-even boundaries of bfloat16

@@ -37,6 +37,7 @@ from core.backends import cpu_kernel
 from core.quantization import (
     SIGNED_KEYS,
     QuantizedMoment,
+    dequantize,
     midpoints,
     moment_keys,
     quantize,
@@ -401,10 +402,13 @@ def test_functional_form_takes_quantized_moments(algorithm: str) -> None:
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_kernel_encoding_equals_the_reference_on_every_midpoint(signed: bool) -> None:
+def test_kernel_encoding_equals_the_reference_on_every_midpoint(
+    signed: bool, kernel_build: str
+) -> None:
     """Every midpoint (ties round up) and both its float neighbours, zeros, tiny and
     subnormal values, at absmax 1 and scaled; blocks with NaN or infinity, and blocks of
-    subnormals."""
+    subnormals. Both builds: the native one codes sixteen lanes at a time in floating
+    point, the portable one each value in integers."""
     points = torch.cat([midpoints(signed), -midpoints(signed)])
     up, down = torch.tensor(2.0), torch.tensor(-2.0)
     values = torch.cat(
@@ -432,6 +436,24 @@ def test_kernel_encoding_equals_the_reference_on_every_midpoint(signed: bool) ->
         expected_codes, expected_absmax = quantize(row, signed)
         assert torch.equal(codes, expected_codes), int((codes != expected_codes).sum())
         torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_kernel_decoding_equals_the_reference_for_every_code(
+    signed: bool, kernel_build: str
+) -> None:
+    """Every code, in full blocks and in a row's last partial block (the lanes the native
+    build decodes in software), at scales from subnormal-producing to huge, NaN and 0."""
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.cat([torch.arange(256), torch.randperm(256, generator=generator)])
+    codes = torch.cat([codes, codes[:77]]).to(torch.uint8)  # 3 blocks, the last of 77
+    for scales in ([1.0, 0.37, 3e-3], [2.0**-126, 1e30, 3.0e38], [float("nan"), 0.0, 5.0]):
+        absmax = torch.tensor([scales])
+        values = cpu_kernel.dequantize_as_kernels_do(codes, absmax, signed)
+        expected = dequantize(codes, absmax, signed)
+        same = values.view(torch.int32) == expected.view(torch.int32)
+        same |= values.isnan() & expected.isnan()
+        assert bool(same.all()), f"{kernel_build} build, scales {scales}: {codes[~same]}"
 
 
 # -- refusals ----------------------------------------------------------------------------------
