@@ -839,16 +839,18 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s,
     inputs.exp_avg_sq = moments[1];
     inputs.max_exp_avg_sq = moments[2];
     const tensors_t t = {q->param, q->comp, 0, 0, 0, q->grad, q->key};
+    const scalars_t local = *s; /* not aliased by the stores below, as far as the compiler knows */
+    store_t *restrict param = q->param + start;
     uint32_t top_m = 0, top_v = 0, top_v_max = 0;
     for (int64_t j = 0; j < count; j++) {
-        result_t r = update(&t, &inputs, s, j);
+        result_t r = update(&t, &inputs, &local, j);
         if (WRITES_PARAM && THETA_IN_PLACE)
-            q->param[start + j] = r.theta;
-        else
+            param[j] = r.theta;
+        else if (WRITES_PARAM)
             theta[j] = r.theta;
-        m[j] = r.m;
+        if (WRITES_M) m[j] = r.m;
         v[j] = r.v;
-        v_max[j] = r.v_max;
+        if (WRITES_V_MAX) v_max[j] = r.v_max;
         if (M_8BIT) top_m = top_bits(top_m, r.m);
         if (V_8BIT) top_v = top_bits(top_v, r.v);
         if (V_MAX_8BIT && WRITES_V_MAX) top_v_max = top_bits(top_v_max, r.v_max);
