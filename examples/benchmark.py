@@ -24,8 +24,11 @@ The host-time table (both devices) is the Python work of a Triton-backend step w
 kernel launch replaced by a no-op: for 30 and 300 tensors, and per parameter under
 gradient release (one step per parameter).
 
+With --threads N (N > 1) torch and adamkit's kernels use N threads and steps are timed
+by wall time instead, as the thread's CPU time would count only its own share.
+
 Run: python examples/benchmark.py [--quick] [--composer-only] [--runs N] [--device cuda]
-     [--host-time-only]
+     [--host-time-only] [--eight-bit-only] [--threads N]
 """
 
 from __future__ import annotations
@@ -249,9 +252,11 @@ def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
 def eight_bit_table(count: int, numel: int, steps: int, repeats: int) -> list[str]:
     """ms/step of each 8-bit row beside torch.optim.AdamW(fused=True) on fp32 state, timed
     in alternation, with the ratio and the state bytes per parameter of both."""
+    threads = torch.get_num_threads()
     lines = [
-        f"\n8-bit state, fused CPU: {count} tensors x {numel:,} fp32 parameters "
-        "(target: at most 0.75x torch fused AdamW)\n",
+        f"\n8-bit state, fused CPU: {count} tensors x {numel:,} fp32 parameters, "
+        f"{threads} thread{'s' if threads > 1 else ''} (target: at most 0.75x torch fused "
+        "AdamW)\n",
         "| optimizer | ms/step | vs torch fused AdamW | state bytes/param |",
         "|---|---:|---:|---:|",
     ]
@@ -318,7 +323,7 @@ def make_params(
 
 
 def memory_bandwidth(numel: int, repeats: int) -> tuple[float, float]:
-    """(copy, in-place update) bandwidth in bytes per second, single-threaded.
+    """(copy, in-place update) bandwidth in bytes per second, on the benchmark's threads.
 
     A copy counts 8 bytes per fp32 element (read + write) but also pays for reading the
     target's cache lines before writing them; an in-place a += b (12 bytes: two reads,
@@ -331,9 +336,9 @@ def memory_bandwidth(numel: int, repeats: int) -> tuple[float, float]:
         operation()
         best = float("inf")
         for _ in range(repeats):
-            start = time.thread_time()
+            start = _step_clock()
             operation()
-            best = min(best, time.thread_time() - start)
+            best = min(best, _step_clock() - start)
         return best
 
     copy = 8 * numel / best_seconds(lambda: target.copy_(source))
@@ -341,12 +346,24 @@ def memory_bandwidth(numel: int, repeats: int) -> tuple[float, float]:
     return copy, in_place
 
 
+_step_clock: Callable[[], float] = time.thread_time
+"""What steps are timed by: this thread's CPU time, or wall time with several threads."""
+
+
+def use_threads(threads: int) -> None:
+    """Run torch and adamkit's kernels on this many threads, timed accordingly."""
+    global _step_clock
+    torch.set_num_threads(threads)
+    _step_clock = time.thread_time if threads == 1 else time.perf_counter
+
+
 def _timed_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
-    """CPU seconds per step of this thread: with one thread all the work runs on it."""
-    start = time.thread_time()
+    """Seconds per step: CPU seconds of this thread with one thread (all the work runs on
+    it), wall seconds with more."""
+    start = _step_clock()
     for _ in range(steps):
         optimizer.step()
-    return (time.thread_time() - start) / steps
+    return (_step_clock() - start) / steps
 
 
 def time_against(
@@ -729,9 +746,17 @@ def main() -> None:
     parser.add_argument(
         "--eight-bit-only", action="store_true", help="only the 8-bit state table (20 x 1M)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch and adamkit (default 1; more are timed by wall time)",
+    )
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"argument --runs: invalid value {args.runs}; allowed: an integer >= 1")
+    if args.threads < 1:
+        parser.error(f"argument --threads: invalid value {args.threads}; allowed: an integer >= 1")
     if args.device not in ("cpu", "cuda"):
         parser.error(f"argument --device: invalid value {args.device!r}; allowed: 'cpu', 'cuda'")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -739,7 +764,7 @@ def main() -> None:
             "argument --device: invalid value 'cuda': torch finds no CUDA device here "
             "(torch.cuda.is_available() is False); allowed: 'cpu'"
         )
-    torch.set_num_threads(1)
+    use_threads(args.threads)
     if args.eight_bit_only:
         shape = (20, EIGHT_BIT_QUICK) if args.quick else (20, EIGHT_BIT_NUMEL)
         eight_bit_table(*shape, steps=3, repeats=2 if args.quick else 5)
@@ -766,7 +791,8 @@ def main() -> None:
     composer_rows = composer_contenders()
     for baseline, ours in zip(composer_rows[::2], composer_rows[1::2], strict=True):
         tables.append(Table("Composer", [baseline, ours], *shapes[0], baseline))
-    print(f"torch {torch.__version__}, {machine()}, 1 thread")
+    threads = "1 thread" if args.threads == 1 else f"{args.threads} threads (wall time)"
+    print(f"torch {torch.__version__}, {machine()}, {threads}")
     eight_bit_shape = (20, EIGHT_BIT_QUICK if args.quick else EIGHT_BIT_NUMEL)
     eight_bit_lines = (
         [] if args.composer_only else eight_bit_table(*eight_bit_shape, steps, repeats)

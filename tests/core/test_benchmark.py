@@ -79,9 +79,19 @@ def test_runs_below_one_are_refused_by_name() -> None:
     assert "argument --runs: invalid value 0; allowed: an integer >= 1" in result.stderr
 
 
-def test_eight_bit_table_reports_every_algorithm_with_its_state_bytes() -> None:
+def test_threads_below_one_are_refused_by_name() -> None:
+    command = [sys.executable, "examples/benchmark.py", "--eight-bit-only", "--threads", "0"]
+    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "argument --threads: invalid value 0; allowed: an integer >= 1" in result.stderr
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_eight_bit_table_reports_every_algorithm_with_its_state_bytes(threads: int) -> None:
     command = [sys.executable, "examples/benchmark.py", "--eight-bit-only", "--quick"]
-    output = run_worker(command, timeout=600).stdout
+    output = run_worker([*command, "--threads", str(threads)], timeout=600).stdout
+    suffix = "1 thread (" if threads == 1 else f"{threads} threads ("
+    assert f"fp32 parameters, {suffix}" in output
     rows = {
         cells[0]: cells[1:]
         for line in output.splitlines()
