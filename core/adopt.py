@@ -7,9 +7,11 @@ step^0.25) it is the reference's recommended variant, without it the paper's ori
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from core.backends import ADOPT_LIST_NAMES, backend_and_lists
@@ -171,6 +173,27 @@ class ADOPT(AdamFamilyOptimizer):
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, hyperparameters(locals()))
+        self._warn_if_unclipped_float16()
+
+    def _warn_if_unclipped_float16(self) -> None:
+        """Warn once when an unclipped group holds float16 parameters: their v is float16
+        too, and where it has underflowed to 0 (nothing below 6e-8 is held) the normalised
+        gradient g / eps exceeds float16's largest value once |g| > 65504·eps, so m and
+        then the parameter become inf or NaN (clipping bounds it)."""
+        eps = [
+            float(group["eps"])
+            for group in self.param_groups
+            if not group["clip"] and any(p.dtype == torch.float16 for p in group["params"])
+        ]
+        if eps:
+            warnings.warn(
+                f"ADOPT: clip=False with float16 parameters: where v underflows to 0, "
+                f"g / eps overflows float16 for |g| > 65504 * eps = {65504 * min(eps):.3g}, "
+                "making m and the parameters inf or NaN. Use clip=True (the default), "
+                "bfloat16 or float32 parameters, or a larger eps.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         require(isinstance(group["clip"], bool), "clip", group["clip"], "True or False", where)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -339,3 +341,35 @@ def test_documented_defaults() -> None:
         1e-6,
         True,
     )
+
+
+def _adopt_after_underflow(dtype: torch.dtype, clip: bool) -> tuple[core.ADOPT, nn.Parameter]:
+    """ADOPT whose v underflowed on the first call (|g| = 1e-5, g² below float16's range),
+    then stepped with |g| = 1, more than 65504 · eps."""
+    param = nn.Parameter(torch.zeros(8, dtype=dtype))
+    optimizer = core.ADOPT([param], lr=1e-3, eps=1e-6, clip=clip)
+    for grad in (1e-5, 1.0, 1.0):
+        param.grad = torch.full_like(param, grad)
+        optimizer.step()
+    return optimizer, param
+
+
+def test_unclipped_adopt_on_float16_warns_of_the_overflow_it_then_meets() -> None:
+    with pytest.warns(UserWarning, match=r"65504 \* eps = 0.0655"):
+        optimizer, param = _adopt_after_underflow(torch.float16, clip=False)
+    assert not bool(optimizer.state[param]["exp_avg"].isfinite().all())
+    assert not bool(param.isfinite().all())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "clip"),
+    [(torch.float16, True), (torch.bfloat16, False), (torch.float32, False)],
+    ids=["float16-clipped", "bfloat16-unclipped", "float32-unclipped"],
+)
+def test_adopt_stays_finite_and_silent_where_float16_overflow_cannot_happen(
+    dtype: torch.dtype, clip: bool
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, param = _adopt_after_underflow(dtype, clip)
+    assert bool(param.isfinite().all())
