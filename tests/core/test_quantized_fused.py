@@ -446,7 +446,10 @@ def test_kernel_decoding_equals_the_reference_for_every_code(
     build decodes in software), at scales from subnormal-producing to huge, NaN and 0."""
     generator = torch.Generator().manual_seed(3)
     codes = torch.cat([torch.arange(256), torch.randperm(256, generator=generator)])
-    codes = torch.cat([codes, codes[:77]]).to(torch.uint8)  # 3 blocks, the last of 77
+    # 3 blocks, the last of 77: its last 13 lanes (the native build's software lanes)
+    # hold the smallest codes of both maps, the unused ones and m's signed ones
+    ends = torch.tensor([0, 1, 2, 3, 4, 127, 128, 129, 130, 131, 200, 254, 255])
+    codes = torch.cat([codes, torch.arange(64), ends]).to(torch.uint8)
     for scales in ([1.0, 0.37, 3e-3], [2.0**-126, 1e30, 3.0e38], [float("nan"), 0.0, 5.0]):
         absmax = torch.tensor([scales])
         values = cpu_kernel.dequantize_as_kernels_do(codes, absmax, signed)
