@@ -651,11 +651,35 @@ def _encoding_library() -> ctypes.CDLL:
     return library(KernelConfig("adam", torch.float32, switches, quantized=True))
 
 
+def _check_hook_tensor(
+    name: str, tensor: object, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+) -> None:
+    """Refuse, by name and before C reads its address, a tensor a coding hook is handed
+    that is not a contiguous plain CPU tensor of dtype and shape (1-D where None)."""
+    if (
+        type(tensor) in PLAIN_TENSOR_TYPES
+        and tensor.layout == torch.strided  # type: ignore[attr-defined]
+        and dtype_of(tensor) == dtype  # type: ignore[arg-type]
+        and device_of(tensor) == _CPU  # type: ignore[arg-type]
+        and tensor.is_contiguous()  # type: ignore[attr-defined]
+        and (tensor.ndim == 1 if shape is None else tuple(tensor.shape) == shape)  # type: ignore[attr-defined]
+    ):
+        return
+    found = (
+        f"a {tensor.dtype} tensor on {tensor.device} of shape {tuple(tensor.shape)}"
+        if isinstance(tensor, Tensor)
+        else f"a {type(tensor).__name__}"
+    )
+    wanted = "one dimension" if shape is None else f"shape {shape}"
+    raise ValueError(
+        f"Invalid {name}: {found}. Allowed: a contiguous plain CPU {dtype} tensor of {wanted}."
+    )
+
+
 def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """(codes, absmax) of a 1-D float32 tensor by the 8-bit kernels' own encoding (one row
     of blocks): tests hold it to core.quantization.quantize on chosen values."""
-    if values.dtype != torch.float32 or values.ndim != 1 or not values.is_contiguous():
-        raise ValueError("values must be a contiguous 1-D float32 tensor")
+    _check_hook_tensor("values", values, torch.float32)
     codes = torch.empty(values.shape, dtype=torch.uint8)
     absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
     _encoding_library().adamkit_quantize(
@@ -673,11 +697,8 @@ def dequantize_as_kernels_do(codes: Tensor, absmax: Tensor, signed: bool) -> Ten
     """The fp32 values of a 1-D uint8 tensor of codes (one row of blocks, scaled by the
     float32 absmax of shape absmax_shape) by the 8-bit kernels' own decoding: tests hold
     it to core.quantization.dequantize on every code."""
-    if codes.dtype != torch.uint8 or codes.ndim != 1 or not codes.is_contiguous():
-        raise ValueError("codes must be a contiguous 1-D uint8 tensor")
-    if absmax.dtype != torch.float32 or absmax.shape != absmax_shape(codes.shape):
-        raise ValueError(f"absmax must be float32 of shape {absmax_shape(codes.shape)}")
-    absmax = absmax.contiguous()
+    _check_hook_tensor("codes", codes, torch.uint8)
+    _check_hook_tensor("absmax", absmax, torch.float32, absmax_shape(codes.shape))
     values = torch.empty(codes.shape, dtype=torch.float32)
     _encoding_library().adamkit_dequantize(
         codes.numel(),

@@ -25,6 +25,7 @@ dict just before each of 24 steps. What agrees exactly and what does not, and wh
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -460,6 +461,39 @@ def test_kernel_decoding_equals_the_reference_for_every_code(
 
 
 # -- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("call", "name", "found"),
+    [
+        (lambda: cpu_kernel.quantize_as_kernels_do(torch.zeros(300, device="meta"), True),
+         "values", "a torch.float32 tensor on meta of shape (300,)"),
+        (lambda: cpu_kernel.quantize_as_kernels_do(torch.zeros(300, 2)[:, 0], False),
+         "values", "shape (300,)"),
+        (lambda: cpu_kernel.quantize_as_kernels_do([0.5] * 300, True),  # type: ignore[arg-type]
+         "values", "a list"),
+        (lambda: cpu_kernel.dequantize_as_kernels_do(
+            torch.zeros(300, dtype=torch.int16), torch.ones(1, 2), True),
+         "codes", "a torch.int16 tensor"),
+        (lambda: cpu_kernel.dequantize_as_kernels_do(
+            torch.zeros(300, dtype=torch.uint8), torch.ones(1, 1), False),
+         "absmax", "shape (1, 1)"),
+        (lambda: cpu_kernel.dequantize_as_kernels_do(
+            torch.zeros(300, dtype=torch.uint8), torch.ones(1, 4)[:, ::2], False),
+         "absmax", "shape (1, 2)"),
+    ],
+    ids=["meta-values", "strided-values", "list", "int16-codes", "short-absmax",
+         "strided-absmax"],
+)  # fmt: skip
+def test_coding_hooks_refuse_what_c_cannot_read_by_name(
+    call: Callable[[], object], name: str, found: str
+) -> None:
+    """The test hooks hand raw addresses to C as the step does: a tensor elsewhere than
+    CPU memory (meta's address is 0), of another dtype, shape or layout, or no tensor at
+    all is refused by name first."""
+    with pytest.raises(ValueError, match=rf"Invalid {name}: .*{re.escape(found)}"):
+        call()
 
 
 def _kernel_inputs(**replace: Any) -> dict[str, Any]:
