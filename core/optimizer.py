@@ -97,9 +97,15 @@ class StepMemo(CheckedStep):
     addresses; unchanged flags; gradients that are plain, dense, contiguous and of their
     parameter's dtype. Anything else takes the full
     path, which checks everything as before and makes a new memo. Memos are made for
-    groups with full-precision state, rounded to nearest or with Kahan buffers, on plain
-    tensors (the common case); 8-bit state, stochastic rounding and tensor subclasses
-    always take the full path.
+    groups rounded to nearest or with Kahan buffers, on plain tensors, with either state
+    precision; stochastic rounding and tensor subclasses always take the full path.
+
+    With state_precision='8bit' a group's moments come in two forms (parameters under
+    MIN_QUANTIZED_NUMEL keep theirs full), so a moment is three columns: its tensors, its
+    codes and its scales, each None in the rows that store the other form (the check then
+    requires the state not to hold that key). The backends' own checks of what reaches C
+    run every step, memo or not: the memo spares the Python work around them (~8 µs per
+    parameter), which gradient release pays for every parameter it steps.
     """
 
     group: dict[str, Any] | None = None
@@ -110,7 +116,11 @@ class StepMemo(CheckedStep):
     """Its StateTable.writes when the states were taken."""
     states: tuple[dict[str, Any], ...] = ()
     columns: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    """state key -> that entry of each state, as the step handed it down."""
+    """state key -> that entry of each state, as the step handed it down (None where
+    the state has no such entry: see above)."""
+    moments: dict[str, tuple[Tensor | QuantizedMoment, ...]] = field(default_factory=dict)
+    """moment key -> what the step handed its backend (core.quantization.moment_view of
+    each state), valid while the columns it is made of are."""
     rounding: tuple[Tensor | None, ...] | None = None
     """The kahan_comps list of the step (None until the step built it)."""
     windowless: bool = False
@@ -786,11 +796,26 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def _moments(
         self, states: Sequence[dict[str, Any]], key: str
     ) -> Sequence[Tensor | QuantizedMoment]:
-        """A moment of each state as backends take it: a tensor, or its 8-bit form (a
-        memoized step's moments are full precision)."""
-        if self._memo_of(states) is not None:
-            return self._column(states, key)
-        return [moment_view(state, key) for state in states]
+        """A moment of each state as backends take it: a tensor, or its 8-bit form. In a
+        memoized step, the memo's tuple, whose columns (StepMemo) were checked this step
+        or are taken now while the memo is being made."""
+        memo = self._memo_of(states)
+        if memo is None:
+            return [moment_view(state, key) for state in states]
+        moments = memo.moments.get(key)
+        if moments is None:
+            moments = memo.moments[key] = tuple(moment_view(state, key) for state in states)
+            if QuantizedMoment not in set(map(type, moments)):
+                memo.columns[key] = moments
+            else:  # three columns (see StepMemo), None where a row has the other form
+                eight_bit = [m if type(m) is QuantizedMoment else None for m in moments]
+                codes, absmax = moment_keys(key)
+                memo.columns[key] = tuple(
+                    None if q is not None else m for q, m in zip(eight_bit, moments, strict=True)
+                )
+                memo.columns[codes] = tuple(None if q is None else q.codes for q in eight_bit)
+                memo.columns[absmax] = tuple(None if q is None else q.absmax for q in eight_bit)
+        return moments
 
     def _column(self, states: Sequence[dict[str, Any]], key: str) -> Sequence[Any]:
         """state[key] of each state; in a memoized step, the memo's tuple (checked this
@@ -1180,11 +1205,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> StepMemo | None:
         """A memo to make during this step, where the group's step can have one."""
-        if (
-            group["state_precision"] != "full"
-            or group["stochastic_rounding"]
-            or self.optimizer_accumulation
-        ):
+        if group["stochastic_rounding"] or self.optimizer_accumulation:
             return None
         layout = host_checks().parameter_layout(params)
         if layout is None:  # a subclass or a parameter without storage: the full path
@@ -1215,7 +1236,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             if addresses is None:
                 return False
             memo.addresses[key] = addresses
-        tensors = [t for column in memo.columns.values() for t in column]
+        tensors = [t for column in memo.columns.values() for t in column if t is not None]
         memo.held = [t.untyped_storage() for t in (*memo.params, *tensors)]
         memo.host_keys = tuple(key for key in memo.columns if key in HOST_SCALAR_STATE)
         memo.host_scalars = tuple(memo.columns[key] for key in memo.host_keys)

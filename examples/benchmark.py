@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -276,6 +277,47 @@ def eight_bit_table(count: int, numel: int, steps: int, repeats: int) -> list[st
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         del optimizer
+    return lines
+
+
+EIGHT_BIT_HOST_SHAPE = (300, 4096)
+"""Many small tensors (the smallest that are quantized), where a step's host work, not
+its kernel, takes most of the time."""
+
+
+def eight_bit_host_rows(repeats: int) -> list[tuple[str, float]]:
+    """(row, µs per tensor) of AdamW steps over EIGHT_BIT_HOST_SHAPE, kernels included:
+    torch fused, adamkit with full and with 8-bit state, whole steps and released ones
+    (each parameter stepped alone, as gradient release does inside backward)."""
+    count, numel = EIGHT_BIT_HOST_SHAPE
+    rows = []
+    baseline = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))
+    rows.append(("torch AdamW(fused=True), step", _best_seconds(baseline.step, 5, repeats)))
+    for precision in ("full", "8bit"):
+        params = make_params(count, numel, torch.float32)
+        optimizer = core.AdamW(params, lr=1e-3, state_precision=precision)
+        name = f"core AdamW, state_precision={precision!r}"
+        rows.append((f"{name}, step", _best_seconds(optimizer.step, 5, repeats)))
+
+        def released_steps(params: list[torch.Tensor] = params, optimizer: Any = optimizer) -> None:
+            for p in params:
+                step_released_param(optimizer, p)
+
+        rows.append((f"{name}, released", _best_seconds(released_steps, 5, repeats)))
+    return [(name, seconds / count) for name, seconds in rows]
+
+
+def eight_bit_host_table(repeats: int) -> list[str]:
+    count, numel = EIGHT_BIT_HOST_SHAPE
+    compiled_checks(wait=True)  # a step memo's checks, in C++ once built
+    lines = [
+        f"\nHost work of 8-bit steps: {count} tensors x {numel:,} fp32 parameters, kernels "
+        f"included (step-memo checks in {_checks_language()})\n",
+        "| optimizer, how stepped | µs per tensor |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {seconds * 1e6:.1f} |" for name, seconds in eight_bit_host_rows(repeats)]
+    print("\n".join(lines), flush=True)
     return lines
 
 
@@ -768,6 +810,7 @@ def main() -> None:
     if args.eight_bit_only:
         shape = (20, EIGHT_BIT_QUICK) if args.quick else (20, EIGHT_BIT_NUMEL)
         eight_bit_table(*shape, steps=3, repeats=2 if args.quick else 5)
+        eight_bit_host_table(repeats=2 if args.quick else 10)
         return
     host_lines = host_time_table(args.device, repeats=3 if args.quick else 10, wait=not args.quick)
     print("\n".join(host_lines), flush=True)
@@ -795,7 +838,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {machine()}, {threads}")
     eight_bit_shape = (20, EIGHT_BIT_QUICK if args.quick else EIGHT_BIT_NUMEL)
     eight_bit_lines = (
-        [] if args.composer_only else eight_bit_table(*eight_bit_shape, steps, repeats)
+        []
+        if args.composer_only
+        else eight_bit_table(*eight_bit_shape, steps, repeats) + eight_bit_host_table(repeats)
     )
     bandwidths: list[float] = []
     results: list[list[list[Measurement]]] = [[] for _ in tables]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from core.backends.precision import StochasticRounding
-from core.backends.views import dense, device_of, dtype_of
+from core.backends.views import PLAIN_TENSOR_TYPES, dense, device_of, dtype_of
 from core.quantization import QuantizedMoment
 
 __all__ = [
@@ -130,6 +131,29 @@ def _contiguous(tensors: Sequence[Tensor]) -> bool:
     return all(map(Tensor.is_contiguous, tensors))
 
 
+_CODES, _ABSMAX = attrgetter("codes"), attrgetter("absmax")
+
+
+def _all_fit(moments: Sequence[object], params: Sequence[Tensor]) -> bool:
+    """split_quantized_dense's test of one moment list in the usual case (every moment
+    8-bit, or every one a tensor), a pass per property at C speed; False (then each is
+    tested on its own) for anything else."""
+    kinds = set(map(type, moments))
+    if kinds == {QuantizedMoment}:
+        codes, scales = list(map(_CODES, moments)), list(map(_ABSMAX, moments))
+        return (
+            set(map(dtype_of, codes)) == {torch.uint8}
+            and set(map(dtype_of, scales)) == {torch.float32}
+            and _contiguous(codes)
+            and _contiguous(scales)
+        )
+    return (
+        kinds <= PLAIN_TENSOR_TYPES
+        and list(map(dtype_of, moments)) == list(map(dtype_of, params))
+        and _contiguous(moments)  # type: ignore[arg-type]
+    )
+
+
 def moment_pattern(lists: Sequence[Sequence[object] | None], index: int = 0) -> tuple[bool, ...]:
     """Which of the moments (lists 2-4, the backends' order) of parameter `index` are 8-bit;
     an absent list counts as not."""
@@ -183,7 +207,7 @@ def split_quantized_dense(
         )
 
     if all(_contiguous(values) for values in tensor_lists) and all(  # type: ignore[arg-type]
-        all(map(fits, values, params)) for values in moment_lists
+        _all_fit(values, params) for values in moment_lists
     ):
         return list(range(len(params))), []  # the usual case, without a call per row
     flat: list[int] = []

@@ -73,7 +73,9 @@ PyObject* parameter_layout(PyObject*, PyObject* sequence) {
 }
 
 // column_addresses(states, key, column): bytes of each column tensor's address if every
-// states[i][key] is column[i] itself (a tensor), else None.
+// states[i][key] is column[i] itself (a tensor), else None. A None in the column stands
+// for a state without the key (address 0): an 8-bit moment's full-precision key, or the
+// codes of a moment kept in full precision.
 PyObject* column_addresses(PyObject*, PyObject* args) {
   PyObject* states = nullptr;
   PyObject* key = nullptr;
@@ -90,9 +92,11 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
     PyObject* expected = PyTuple_GET_ITEM(column, i);
     if (!PyDict_Check(state)) Py_RETURN_NONE;
     PyObject* value = PyDict_GetItemWithError(state, key);  // borrowed
-    if (value == nullptr) {
-      if (PyErr_Occurred()) return nullptr;
-      Py_RETURN_NONE;
+    if (value == nullptr && PyErr_Occurred()) return nullptr;
+    if (expected == Py_None) {
+      if (value != nullptr && value != Py_None) Py_RETURN_NONE;
+      addresses.push_back(0);
+      continue;
     }
     if (value != expected || !THPVariable_Check(value)) Py_RETURN_NONE;
     const at::Tensor& tensor = THPVariable_Unpack(value);

@@ -25,6 +25,7 @@ import sysconfig
 import threading
 import warnings
 from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +55,10 @@ class HostChecks(Protocol):
     def column_addresses(
         self, states: tuple[dict[str, Any], ...], key: str, column: tuple[Any, ...]
     ) -> Layout | None:
-        """Each column tensor's address, if every states[i][key] is column[i], or None."""
+        """Each column tensor's address, if every states[i][key] is column[i], or None.
+        A None in the column stands for a state without the key (or holding None), at
+        address 0: the rows of a group whose moments are stored in two forms (see
+        core.optimizer.StepMemo)."""
 
     def gradient_addresses(
         self, grads: Sequence[Tensor], params: Sequence[Tensor]
@@ -81,12 +85,14 @@ class PythonChecks:
     ) -> Layout | None:
         try:
             if len(states) != len(column) or not all(
-                map(operator.is_, map(operator.itemgetter(key), states), column)
+                map(operator.is_, map(_GET, states, repeat(key)), column)
             ):
                 return None
+            if None in column:
+                return ([0 if t is None else t.data_ptr() for t in column],)
             return (list(map(Tensor.data_ptr, column)),)
-        except (KeyError, IndexError, RuntimeError, TypeError):  # no entry, not a dict or
-            return None  # a tensor, no storage
+        except (AttributeError, RuntimeError, TypeError):  # not a dict or a tensor, no
+            return None  # storage
 
     @staticmethod
     def gradient_addresses(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Layout | None:
@@ -105,6 +111,8 @@ class PythonChecks:
 
 
 _DTYPE = operator.attrgetter("dtype")
+_GET = dict.get
+"""A state's entry or None (a state that is not a dict raises TypeError)."""
 
 
 PYTHON_CHECKS = PythonChecks()

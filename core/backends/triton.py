@@ -856,11 +856,11 @@ def _step(
     Every bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
     checked = checked_for(lists[0])
-    # A checked step's moments are full precision (core.optimizer memoizes no other).
-    full, quantized = (None, []) if checked is not None else split_quantized(lists)
+    full, quantized = split_quantized(lists)
     eight_bit = _prepare_quantized(take_all(lists, quantized), quantized) if quantized else None
     if full is not None:  # some moments are 8-bit: they have their own kernel
         lists = take_all(lists, full)
+        checked = None  # the checked step's plan key covers all of its lists, not these
     params = lists[0]
     assert params is not None
     steps = _planned_step(lists, checked) if params else None

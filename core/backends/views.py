@@ -240,8 +240,8 @@ def check_quantized_addressable(
                 f"{tuple(param.shape)} with strides {param.stride()}. Allowed: a contiguous "
                 "tensor (8-bit blocks run along its logical rows; fused=False takes any layout)."
             )
-    shapes = [param.shape for param in params]
-    scale_counts = [math.prod(absmax_shape(shape)) for shape in shapes]
+    layouts = list(map(blocked_layout, map(_SHAPE, params)))
+    scale_counts = [scale_count for _, scale_count in layouts]
     numels = list(map(Tensor.numel, params))
     for row, values in zip(QUANTIZED_ROWS, moments, strict=True):
         if values is None:
@@ -263,7 +263,18 @@ def check_quantized_addressable(
                     f"with the parameter's element count and contiguous plain torch.float32 "
                     f"scales of shape (rows, blocks per row), both on {device}."
                 )
-    return [block_shape(shape)[1] for shape in shapes]
+    return [row_length for row_length, _ in layouts]
+
+
+_SHAPE, _CODES, _ABSMAX, _SIGNED = map(attrgetter, ("shape", "codes", "absmax", "signed"))
+_LAYOUT = attrgetter("layout")
+
+
+@functools.lru_cache(maxsize=1024)
+def blocked_layout(shape: torch.Size) -> tuple[int, int]:
+    """(row length, scale count) of an 8-bit moment of this shape (core.quantization's
+    layout), remembered per shape: a model has few, and a step asks for each of them."""
+    return block_shape(shape)[1], math.prod(absmax_shape(shape))
 
 
 def _all_addressable(
@@ -274,15 +285,15 @@ def _all_addressable(
     device: torch.device,
 ) -> bool:
     """The usual case of _quantized_problem for a whole list, at C speed per moment."""
-    if {QuantizedMoment} != set(map(type, values)) or {signed} != {m.signed for m in values}:
+    if {QuantizedMoment} != set(map(type, values)) or {signed} != set(map(_SIGNED, values)):
         return False
     for tensors, dtype, counts in (
-        ([m.codes for m in values], torch.uint8, numels),
-        ([m.absmax for m in values], torch.float32, scale_counts),
+        (list(map(_CODES, values)), torch.uint8, numels),
+        (list(map(_ABSMAX, values)), torch.float32, scale_counts),
     ):
         if not (
             PLAIN_TENSOR_TYPES.issuperset(map(type, tensors))
-            and {torch.strided} == {t.layout for t in tensors}
+            and {torch.strided} == set(map(_LAYOUT, tensors))
             and {dtype} == set(map(dtype_of, tensors))
             and {device} == set(map(device_of, tensors))
             and all(map(Tensor.is_contiguous, tensors))

@@ -105,6 +105,8 @@ def _column_cases() -> dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]]:
         "a state not a dict": ((["m"],), (moments[0],)),
         "lengths differ": (states, moments[:1]),
         "sparse": (({"m": sparse},), (sparse,)),
+        "absent where the column has None": (({"m": moments[0]}, {}), (moments[0], None)),
+        "held where the column has None": (states, (moments[0], None)),
     }
 
 
@@ -115,6 +117,8 @@ def test_column_addresses_agree(compiled: HostChecks, case: str) -> None:
     assert _numbers(compiled.column_addresses(states, "m", column)) == expected
     if case == "the same tensors":
         assert expected == [t.data_ptr() for t in column]
+    elif case == "absent where the column has None":  # a moment stored in its other form
+        assert expected == [column[0].data_ptr(), 0]
     else:
         assert expected is None
 

@@ -21,6 +21,7 @@ import core
 from core import optimizer as optimizer_module
 from core.backends import cpu_kernel, host_checks
 from core.optimizer import step_released_param
+from core.quantization import MIN_QUANTIZED_NUMEL, stored_moment
 from tests.core.cases import BACKENDS, LR, assert_unchanged, snapshot
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 
@@ -378,6 +379,124 @@ def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_it
         assert torch.equal(after, tails[id(optimizer)]), "memory past the narrowed view changed"
 
 
+QUANTIZED_SHAPES = (
+    (64, 96, torch.float32),
+    (37, torch.float32),
+    (80, 64, torch.bfloat16),
+    (5, 3, torch.bfloat16),
+    (4200, torch.float32),
+)
+"""A group with state_precision='8bit' as models have them: parameters large enough to be
+quantized (fp32, and bf16 with a Kahan buffer) beside small ones kept full (see
+core.quantization.MIN_QUANTIZED_NUMEL), so each moment has rows in both forms."""
+
+
+def _quantized_memo_twins(backend: str, released: bool) -> tuple[Twin, Twin]:
+    """Twins with `backend`'s flags and 8-bit state, one without memos (the full path every
+    step: the reference, which runs the very same kernels), after two compared steps."""
+    generator = torch.Generator().manual_seed(0)
+    twins = []
+    for memos in (False, True):
+        generator.manual_seed(0)
+        params = [
+            torch.randn(shape[:-1], generator=generator).to(shape[-1]).requires_grad_()
+            for shape in QUANTIZED_SHAPES
+        ]
+        flags = {} if backend == "default" else BACKENDS[backend]
+        optimizer = core.AdamW(params, lr=LR, state_precision="8bit", **flags)
+        if not memos:
+            optimizer._checked_memo = lambda *args: None  # type: ignore[method-assign]
+        twins.append((params, optimizer))
+    reference, other = twins[0], twins[1]
+    for seed in (1, 2):
+        _quantized_step(reference, other, seed, released=released)
+    return reference, other
+
+
+def _quantized_step(
+    reference: Twin,
+    other: Twin,
+    seed: int,
+    change: Callable[[list[Tensor], core.AdamW], None] | None = None,
+    released: bool = False,
+) -> None:
+    """_step for the 8-bit twins, compared bit for bit (codes and scales included)."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = [0.1 * torch.randn(p.shape, generator=generator) for p in reference[0]]
+    for params, optimizer in (reference, other):
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.copy_(g)  # at the last step's address, so memos can hold
+        if change is not None:
+            change(params, optimizer)
+        if released:
+            for p in params:
+                step_released_param(optimizer, p)
+        else:
+            optimizer.step()
+    for i, (a, b) in enumerate(zip(other[0], reference[0], strict=True)):
+        assert torch.equal(a, b), f"parameter {i}, seed {seed}"
+        state, expected = other[1].state[a], reference[1].state[b]
+        assert state.keys() == expected.keys(), f"state keys of {i}, seed {seed}"
+        for key, value in expected.items():
+            assert torch.equal(state[key], value), f"{key} of {i}, seed {seed}"
+
+
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_8bit_steps_reuse_their_memo_bit_for_bit(backend: str, released: bool) -> None:
+    reference, other = _quantized_memo_twins(backend, released)
+    _quantized_step(reference, other, 3, released=released)
+    memos = dict(_memos(other[1], released))
+    for seed in (4, 5):
+        _quantized_step(reference, other, seed, released=released)
+    assert _memos(other[1], released) == memos, "a memo was made again: none was reused"
+    assert len(memos) == (len(QUANTIZED_SHAPES) if released else 1)
+    columns = set().union(*(memo.columns for memo in memos.values()))
+    assert {"exp_avg_codes", "exp_avg_sq_absmax", "kahan_comp"} <= columns
+
+
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_8bit_state_changed_between_memoized_steps_is_stepped_as_it_now_is(
+    backend: str, released: bool
+) -> None:
+    """Each change must send the step down the full path (a memo that kept the old codes,
+    scales or form would write the old tensors or read stale ones)."""
+    reference, other = _quantized_memo_twins(backend, released)
+
+    def replace_codes(params: list[Tensor], optimizer: core.AdamW) -> None:
+        state = optimizer.state[params[0]]
+        state["exp_avg_codes"] = state["exp_avg_codes"].flip(0).contiguous()
+
+    def move_scales(params: list[Tensor], optimizer: core.AdamW) -> None:
+        state = optimizer.state[params[4]]
+        state["exp_avg_sq_absmax"].data = state["exp_avg_sq_absmax"].data * 2.0
+
+    def store_in_full(params: list[Tensor], optimizer: core.AdamW) -> None:
+        """As a full-precision checkpoint entry would: quantized again by the step."""
+        state = optimizer.state[params[2]]
+        state["exp_avg"] = stored_moment(state, "exp_avg", params[2])
+        del state["exp_avg_codes"], state["exp_avg_absmax"]
+
+    def full_state(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.param_groups[0]["state_precision"] = "full"
+
+    def eight_bit_state(params: list[Tensor], optimizer: core.AdamW) -> None:
+        optimizer.param_groups[0]["state_precision"] = "8bit"
+
+    changes = (replace_codes, None, move_scales, None, store_in_full, None)
+    changes += (full_state, None, eight_bit_state, None)
+    for seed, change in enumerate(changes, start=3):
+        _quantized_step(reference, other, seed, change, released)
+    assert "exp_avg_codes" in other[1].state[other[0][2]]
+    assert _memos(other[1], released)
+
+
 @pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
 def test_memos_of_groups_and_parameters_no_longer_stepped_are_dropped(released: bool) -> None:
@@ -476,13 +595,16 @@ REPLAY_PARAMS = 4
 ReplayTwin = tuple[list[Tensor], Any, list[bool]]
 
 
-def _replay_twins(algorithm: str, backend: str, **group: Any) -> tuple[ReplayTwin, ReplayTwin]:
+def _replay_twins(
+    algorithm: str, backend: str, smallest: int = 5, **group: Any
+) -> tuple[ReplayTwin, ReplayTwin]:
     """(an optimizer that never replays, one that may and records whether each released
-    step was replayed), built with `backend`'s flags on equal parameters."""
+    step was replayed), built with `backend`'s flags on equal parameters of `smallest`,
+    smallest + 37, ... elements."""
     optimizer_class, flags = REPLAY_ALGORITHMS[algorithm]
     flags = {**flags, **({} if backend == "default" else BACKENDS[backend])}
     generator = torch.Generator().manual_seed(0)
-    values = [torch.randn(5 + 37 * i, generator=generator) for i in range(REPLAY_PARAMS)]
+    values = [torch.randn(smallest + 37 * i, generator=generator) for i in range(REPLAY_PARAMS)]
     twins = []
     for replays in (False, True):
         params = [
@@ -563,6 +685,21 @@ def test_released_steps_replay_their_groups_step_bit_for_bit(algorithm: str, bac
     replayed = _released_step(twins, 7)
     assert replayed == [False, False, False, True]  # behind, then back in step
     assert twins[1][1].state[twins[1][0][skipped]]["step"] == 6
+
+
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+@pytest.mark.parametrize("algorithm", ["adamw-amsgrad", "adopt"])
+def test_released_8bit_steps_replay_their_groups_step_bit_for_bit(
+    algorithm: str, backend: str
+) -> None:
+    """As above with 8-bit moments (ADOPT: 8-bit m beside full v; AMSGrad: 8-bit v_max),
+    fp32 and bf16 parameters large enough to be quantized."""
+    twins = _replay_twins(algorithm, backend, smallest=MIN_QUANTIZED_NUMEL, state_precision="8bit")
+    assert _released_step(twins, 1) == []
+    assert "exp_avg_codes" in twins[1][1].state[twins[1][0][1]]
+    assert _released_step(twins, 2) == [False]
+    assert _released_step(twins, 3) == [False, False, False, True]
+    assert _released_step(twins, 4, _set_lr(LR / 2)) == [False, True, True, True]
 
 
 @pytest.mark.parametrize(
