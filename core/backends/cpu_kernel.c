@@ -731,9 +731,12 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
     const __m512i lowest = _mm512_set1_epi32((int)map->lowest_bits);
     const __m512i zero_below = _mm512_set1_epi32((int)map->zero_below);
     const __m512i offset = _mm512_set1_epi32((int)map->encode_offset);
-    const __m512i largest = _mm512_set1_epi32((int)map->largest_code);
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
     const __m512i sign = _mm512_set1_epi32(0x80);
+    /* Nothing is clamped above: |x| is at most the scale, so a normalized magnitude is at
+     * most 1 + 2^-23, whose position rounds down to the largest code (each map's largest
+     * value is 1: map_words checks it). Lanes below zero_below take code 0 through the
+     * conversion's mask; kept lanes hold a code > 0, so m's sign goes on each of them. */
     for (; j + CODE_LANES <= count; j += CODE_LANES) {
         __m512i bits = _mm512_loadu_si512(x + j);
         __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
@@ -742,13 +745,12 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
             _mm512_srl_epi32(_mm512_max_epu32(normalized, lowest), group_bits), offset);
         __m512 below = _mm512_add_round_ps(_mm512_castsi512_ps(position), minus_half,
                                            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-        __m512i code = _mm512_min_epu32(
-            _mm512_cvt_roundps_epu32(below, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), largest);
         __mmask16 kept = _mm512_cmpge_epu32_mask(normalized, zero_below);
-        code = _mm512_maskz_mov_epi32(kept, code);
-        if (is_signed)
-            code = _mm512_mask_or_epi32(code, kept, code,
-                                        _mm512_and_si512(_mm512_srli_epi32(bits, 24), sign));
+        __m512i code = _mm512_maskz_cvt_roundps_epu32(kept, below,
+                                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        if (is_signed) /* code | (bits >> 24 & sign) in kept lanes, 0 in the others */
+            code = _mm512_maskz_ternarylogic_epi32(kept, code, _mm512_srli_epi32(bits, 24), sign,
+                                                   0xf8);
         _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtepi32_epi8(code));
     }
 #endif

@@ -39,7 +39,7 @@ from core.backends.views import (
     device_of,
     dtype_of,
 )
-from core.quantization import CodeMap, QuantizedMoment, absmax_shape, code_map
+from core.quantization import CodeMap, QuantizedMoment, absmax_shape, code_map, map_values
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
@@ -569,6 +569,10 @@ def map_words() -> Tensor:
     """What the 8-bit kernels decode and encode with (cpu_kernel.c's code_map_t): the
     signed map's _map_words, then the unsigned map's."""
     words = _map_words(code_map(True)) + _map_words(code_map(False))
+    for signed in (True, False):  # the vector encoder clamps nothing above (cpu_kernel.c)
+        largest = map_values(signed, _CPU)[code_map(signed).largest_code]
+        if float(largest) != 1.0:
+            raise AssertionError(f"the {'signed' if signed else 'unsigned'} map tops at {largest}")
     if len(words) != 2 * MAP_WORDS:
         raise AssertionError(f"{len(words)} map words, where cpu_kernel.c reads {2 * MAP_WORDS}")
     return torch.tensor(words, dtype=torch.int64).to(torch.int32).contiguous()
