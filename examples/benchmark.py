@@ -228,21 +228,21 @@ def eight_bit_contenders() -> list[Contender]:
     ]
 
 
-def _stored_bytes(value: torch.Tensor) -> int:
+def stored_bytes(value: torch.Tensor) -> int:
     """The bytes a state tensor holds: a wrapper subclass (torchao's 8-bit and 4-bit
     state) reports its logical fp32 size, so its inner tensors are counted instead."""
     flatten = getattr(type(value), "__tensor_flatten__", None)
     if flatten is None:
         return value.nbytes
     names, _ = value.__tensor_flatten__()  # type: ignore[attr-defined]
-    return sum(_stored_bytes(getattr(value, name)) for name in names)
+    return sum(stored_bytes(getattr(value, name)) for name in names)
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
     """Bytes of every state tensor (codes, scales, full moments, host scalars) per parameter."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     total = sum(
-        _stored_bytes(value)
+        stored_bytes(value)
         for p in params
         for value in optimizer.state[p].values()
         if isinstance(value, torch.Tensor)

@@ -16,6 +16,7 @@ Run: python examples/main_job.py [--quick] [--out DIR]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -41,6 +42,8 @@ class Contender:
     config: str
     flags: tuple[str, ...] = ()
     group: str = "fp32"
+    requires: str | None = None
+    """A package the run needs that adamkit does not (the anchors' extra), or None."""
 
 
 LEANEST = ("--trainer.precision", "bf16-true", "--optimizer.state_precision", "8bit")
@@ -78,6 +81,29 @@ CONTENDERS = [
         "gradient_release.yaml",
         (*LEANEST, "--optimizer.stochastic_rounding", "true"),
         "8-bit state",
+    ),
+    # The 8-bit anchors, where installed (`pip install -e ".[anchors]"`).
+    Contender(
+        "bitsandbytes AdamW8bit",
+        "anchors/bnb_adamw8bit.yaml",
+        (),
+        "8-bit state",
+        "bitsandbytes",
+    ),
+    Contender("torchao AdamW8bit", "anchors/torchao_adamw8bit.yaml", (), "8-bit state", "torchao"),
+    Contender(
+        "bitsandbytes AdamW8bit bf16-true",
+        "anchors/bnb_adamw8bit.yaml",
+        ("--trainer.precision", "bf16-true"),
+        "8-bit state",
+        "bitsandbytes",
+    ),
+    Contender(
+        "torchao AdamW8bit bf16-true + stochastic rounding",
+        "anchors/torchao_adamw8bit.yaml",
+        ("--trainer.precision", "bf16-true", "--optimizer.bf16_stochastic_round", "true"),
+        "8-bit state",
+        "torchao",
     ),
 ]
 
@@ -180,9 +206,10 @@ def run_summary(recorder: Any, optimizer: Any, model: Any, tokens_per_batch: int
     first five batches are left out of the medians (they warm caches and kernels).
     """
     import torch
+    from benchmark import stored_bytes  # a tensor subclass's (torchao's state) own bytes
 
     state_bytes = sum(
-        value.numel() * value.element_size()
+        stored_bytes(value)
         for state in optimizer.state.values()
         for value in state.values()
         if isinstance(value, torch.Tensor)
@@ -339,6 +366,15 @@ def main() -> None:
     if not contenders:
         names = ", ".join(repr(c.name) for c in CONTENDERS)
         parser.error(f"invalid --only {args.only}: allowed names are {names}")
+    missing = [c for c in contenders if c.requires and importlib.util.find_spec(c.requires) is None]
+    if args.only and missing:
+        parser.error(
+            f"invalid --only {missing[0].name!r}: it needs {missing[0].requires}, which is not "
+            'installed here (pip install -e ".[anchors]")'
+        )
+    for contender in missing:
+        print(f"Skipping {contender.name!r}: {contender.requires} is not installed", flush=True)
+    contenders = [c for c in contenders if c not in missing]
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     results = train_all(args.out, budget, contenders)

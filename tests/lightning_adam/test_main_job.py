@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -54,3 +55,45 @@ def test_unknown_contender_is_refused_with_the_valid_names(tmp_path: Path) -> No
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "invalid --only ['SGD']" in result.stderr and "'core.ADOPT'" in result.stderr
+
+
+ANCHORS = ("bitsandbytes", "torchao")
+"""The 8-bit anchors' packages: the main job's optional rows (`pip install -e ".[anchors]"`)."""
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here"
+)
+def test_an_anchor_whose_package_is_missing_is_refused_with_how_to_install_it() -> None:
+    command = [sys.executable, str(ROOT / "examples" / "main_job.py")]
+    command += ["--only", "bitsandbytes AdamW8bit"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "invalid --only 'bitsandbytes AdamW8bit': it needs bitsandbytes" in result.stderr
+    assert 'pip install -e ".[anchors]"' in result.stderr
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ANCHORS),
+    reason='the anchors are not installed (pip install -e ".[anchors]")',
+)
+def test_the_anchors_train_beside_core_8bit_state_with_their_own_state_bytes(
+    tmp_path: Path,
+) -> None:
+    names = ["core.AdamW 8-bit state", "bitsandbytes AdamW8bit", "torchao AdamW8bit"]
+    command = [sys.executable, str(ROOT / "examples" / "main_job.py"), "--steps", "4"]
+    run_worker([*command, "--only", *names, "--out", str(tmp_path)], timeout=900)
+    runs = json.loads((tmp_path / "results.json").read_text())
+    assert list(runs) == names
+    core_run = runs[names[0]]
+    for name in names[1:]:
+        run = runs[name]
+        assert run["optimizer"].split(".")[0] == name.split()[0]
+        # the same model and data: the same first loss, and fp32 θ (4 B) beside 8-bit m, v
+        # (small tensors full) within 0.5 bytes per parameter of core's layout
+        assert run["train_losses"][0][1] == pytest.approx(core_run["train_losses"][0][1])
+        per_param = run["param_and_state_bytes"] / run["params"]
+        assert per_param == pytest.approx(
+            core_run["param_and_state_bytes"] / core_run["params"], abs=0.5
+        )
