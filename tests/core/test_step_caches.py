@@ -9,6 +9,7 @@ equal the twin's, as it would with nothing cached: a stale cache fails them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -63,11 +64,12 @@ def _step(
     without_grad: frozenset[int] = frozenset(),
     released: bool = False,
     same_memory: bool = False,
+    compare: Callable[[Twin, Twin, str], None] | None = None,
 ) -> None:
     """Give both the same gradients, apply `change` to both, step both (released: each
-    parameter on its own, as gradient release does), compare. same_memory: gradients
-    are copied into the last step's (zero_grad(set_to_none=False)), so every address
-    a step depends on can stay the same."""
+    parameter on its own, as gradient release does), compare (by default with
+    _assert_equal). same_memory: gradients are copied into the last step's
+    (zero_grad(set_to_none=False)), so every address a step depends on can stay the same."""
     generator = torch.Generator().manual_seed(seed)
     grads = [0.1 * torch.randn(p.shape, generator=generator) for p in loop[0]]
     for params, optimizer in (loop, other):
@@ -83,7 +85,7 @@ def _step(
                 step_released_param(optimizer, p)
         else:
             optimizer.step()
-    _assert_equal(loop, other, f"step with seed {seed}")
+    (compare or _assert_equal)(loop, other, f"step with seed {seed}")
 
 
 def _assert_equal(loop: Twin, other: Twin, where: str) -> None:
@@ -413,35 +415,18 @@ def _quantized_memo_twins(backend: str, released: bool) -> tuple[Twin, Twin]:
     return reference, other
 
 
-def _quantized_step(
-    reference: Twin,
-    other: Twin,
-    seed: int,
-    change: Callable[[list[Tensor], core.AdamW], None] | None = None,
-    released: bool = False,
-) -> None:
-    """_step for the 8-bit twins, compared bit for bit (codes and scales included)."""
-    generator = torch.Generator().manual_seed(seed)
-    grads = [0.1 * torch.randn(p.shape, generator=generator) for p in reference[0]]
-    for params, optimizer in (reference, other):
-        for p, g in zip(params, grads, strict=True):
-            if p.grad is None:
-                p.grad = g.to(p.dtype)
-            else:
-                p.grad.copy_(g)  # at the last step's address, so memos can hold
-        if change is not None:
-            change(params, optimizer)
-        if released:
-            for p in params:
-                step_released_param(optimizer, p)
-        else:
-            optimizer.step()
+def _assert_identical(reference: Twin, other: Twin, where: str) -> None:
+    """Parameters and every state tensor (codes and scales included) bit for bit."""
     for i, (a, b) in enumerate(zip(other[0], reference[0], strict=True)):
-        assert torch.equal(a, b), f"parameter {i}, seed {seed}"
+        assert torch.equal(a, b), f"parameter {i}, {where}"
         state, expected = other[1].state[a], reference[1].state[b]
-        assert state.keys() == expected.keys(), f"state keys of {i}, seed {seed}"
+        assert state.keys() == expected.keys(), f"state keys of {i}, {where}"
         for key, value in expected.items():
-            assert torch.equal(state[key], value), f"{key} of {i}, seed {seed}"
+            assert torch.equal(state[key], value), f"{key} of {i}, {where}"
+
+
+_quantized_step = functools.partial(_step, same_memory=True, compare=_assert_identical)
+"""_step for the 8-bit twins: gradients kept at their addresses, compared bit for bit."""
 
 
 @pytest.mark.usefixtures("each_host_checks")
@@ -492,7 +477,7 @@ def test_8bit_state_changed_between_memoized_steps_is_stepped_as_it_now_is(
     changes = (replace_codes, None, move_scales, None, store_in_full, None)
     changes += (full_state, None, eight_bit_state, None)
     for seed, change in enumerate(changes, start=3):
-        _quantized_step(reference, other, seed, change, released)
+        _quantized_step(reference, other, seed, change, released=released)
     assert "exp_avg_codes" in other[1].state[other[0][2]]
     assert _memos(other[1], released)
 
