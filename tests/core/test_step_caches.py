@@ -393,7 +393,13 @@ quantized (fp32, and bf16 with a Kahan buffer) beside small ones kept full (see
 core.quantization.MIN_QUANTIZED_NUMEL), so each moment has rows in both forms."""
 
 
-def _quantized_memo_twins(backend: str, released: bool) -> tuple[Twin, Twin]:
+SMALL_QUANTIZED_SHAPES = ((64, 64, torch.float32), (37, torch.float32), (64, 64, torch.bfloat16))
+"""The same mix at the smallest quantized size, for the interpreted Triton backend."""
+
+
+def _quantized_memo_twins(
+    backend: str, released: bool, shapes: tuple[tuple[Any, ...], ...] = QUANTIZED_SHAPES
+) -> tuple[Twin, Twin]:
     """Twins with `backend`'s flags and 8-bit state, one without memos (the full path every
     step: the reference, which runs the very same kernels), after two compared steps."""
     generator = torch.Generator().manual_seed(0)
@@ -402,7 +408,7 @@ def _quantized_memo_twins(backend: str, released: bool) -> tuple[Twin, Twin]:
         generator.manual_seed(0)
         params = [
             torch.randn(shape[:-1], generator=generator).to(shape[-1]).requires_grad_()
-            for shape in QUANTIZED_SHAPES
+            for shape in shapes
         ]
         flags = {} if backend == "default" else BACKENDS[backend]
         optimizer = core.AdamW(params, lr=LR, state_precision="8bit", **flags)
@@ -429,57 +435,81 @@ _quantized_step = functools.partial(_step, same_memory=True, compare=_assert_ide
 """_step for the 8-bit twins: gradients kept at their addresses, compared bit for bit."""
 
 
-@pytest.mark.usefixtures("each_host_checks")
-@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
-@pytest.mark.parametrize("backend", MEMO_BACKENDS)
-def test_8bit_steps_reuse_their_memo_bit_for_bit(backend: str, released: bool) -> None:
-    reference, other = _quantized_memo_twins(backend, released)
-    _quantized_step(reference, other, 3, released=released)
+def _memos_reused(reference: Twin, other: Twin, released: bool, seeds: range) -> dict[int, Any]:
+    """Step both at each seed; the memos after the first, which the others must reuse."""
+    _quantized_step(reference, other, seeds[0], released=released)
     memos = dict(_memos(other[1], released))
-    for seed in (4, 5):
+    for seed in seeds[1:]:
         _quantized_step(reference, other, seed, released=released)
     assert _memos(other[1], released) == memos, "a memo was made again: none was reused"
-    assert len(memos) == (len(QUANTIZED_SHAPES) if released else 1)
+    assert len(memos) == (len(other[0]) if released else 1)
     columns = set().union(*(memo.columns for memo in memos.values()))
     assert {"exp_avg_codes", "exp_avg_sq_absmax", "kahan_comp"} <= columns
+    return memos
+
+
+def _replace_codes(params: list[Tensor], optimizer: core.AdamW) -> None:
+    state = optimizer.state[params[0]]
+    state["exp_avg_codes"] = state["exp_avg_codes"].flip(0).contiguous()
+
+
+def _move_scales(params: list[Tensor], optimizer: core.AdamW) -> None:
+    state = optimizer.state[params[4]]
+    state["exp_avg_sq_absmax"].data = state["exp_avg_sq_absmax"].data * 2.0
+
+
+def _store_in_full(params: list[Tensor], optimizer: core.AdamW) -> None:
+    """As a full-precision checkpoint entry would: quantized again by the step."""
+    state = optimizer.state[params[2]]
+    state["exp_avg"] = stored_moment(state, "exp_avg", params[2])
+    del state["exp_avg_codes"], state["exp_avg_absmax"]
+
+
+def _state_precision(value: str) -> Callable[[list[Tensor], core.AdamW], None]:
+    return lambda params, optimizer: optimizer.param_groups[0].__setitem__("state_precision", value)
+
+
+QUANTIZED_CHANGES = (
+    _replace_codes,
+    None,
+    _move_scales,
+    None,
+    _store_in_full,
+    None,
+    _state_precision("full"),
+    None,
+    _state_precision("8bit"),
+    None,
+)
+"""Changes to an 8-bit group between memoized steps, each followed by a plain step: each
+must send the step down the full path (a memo that kept the old codes, scales or form
+would write the old tensors or read stale ones)."""
 
 
 @pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
-@pytest.mark.parametrize("backend", MEMO_BACKENDS)
-def test_8bit_state_changed_between_memoized_steps_is_stepped_as_it_now_is(
+@pytest.mark.parametrize("backend", ["default", "fused"])
+def test_8bit_steps_reuse_their_memo_and_follow_changed_state_bit_for_bit(
     backend: str, released: bool
 ) -> None:
-    """Each change must send the step down the full path (a memo that kept the old codes,
-    scales or form would write the old tensors or read stale ones)."""
     reference, other = _quantized_memo_twins(backend, released)
-
-    def replace_codes(params: list[Tensor], optimizer: core.AdamW) -> None:
-        state = optimizer.state[params[0]]
-        state["exp_avg_codes"] = state["exp_avg_codes"].flip(0).contiguous()
-
-    def move_scales(params: list[Tensor], optimizer: core.AdamW) -> None:
-        state = optimizer.state[params[4]]
-        state["exp_avg_sq_absmax"].data = state["exp_avg_sq_absmax"].data * 2.0
-
-    def store_in_full(params: list[Tensor], optimizer: core.AdamW) -> None:
-        """As a full-precision checkpoint entry would: quantized again by the step."""
-        state = optimizer.state[params[2]]
-        state["exp_avg"] = stored_moment(state, "exp_avg", params[2])
-        del state["exp_avg_codes"], state["exp_avg_absmax"]
-
-    def full_state(params: list[Tensor], optimizer: core.AdamW) -> None:
-        optimizer.param_groups[0]["state_precision"] = "full"
-
-    def eight_bit_state(params: list[Tensor], optimizer: core.AdamW) -> None:
-        optimizer.param_groups[0]["state_precision"] = "8bit"
-
-    changes = (replace_codes, None, move_scales, None, store_in_full, None)
-    changes += (full_state, None, eight_bit_state, None)
-    for seed, change in enumerate(changes, start=3):
+    _memos_reused(reference, other, released, range(3, 6))
+    for seed, change in enumerate(QUANTIZED_CHANGES, start=6):
         _quantized_step(reference, other, seed, change, released=released)
     assert "exp_avg_codes" in other[1].state[other[0][2]]
     assert _memos(other[1], released)
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", ["triton"])  # the id routes the step to Triton (conftest)
+def test_8bit_memos_on_the_triton_backend_follow_changed_codes_bit_for_bit(
+    backend: str, released: bool
+) -> None:
+    """The same on the Triton backend (interpreted here: a shorter run of changes)."""
+    reference, other = _quantized_memo_twins(backend, released, SMALL_QUANTIZED_SHAPES)
+    _memos_reused(reference, other, released, range(3, 5))
+    for seed, change in enumerate((_replace_codes, None, _store_in_full, None), start=5):
+        _quantized_step(reference, other, seed, change, released=released)
 
 
 @pytest.mark.usefixtures("each_host_checks")
