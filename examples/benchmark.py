@@ -545,39 +545,56 @@ def _best_seconds(operation: Callable[[], object], inner: int, repeats: int) -> 
 
 def host_time_rows(device: str, repeats: int, wait: bool) -> list[tuple[str, float, float]]:
     """(row, seconds of optimizer.step(), seconds in the Triton backend) with the kernel
-    launch stubbed out, for AdamW on fp32 tensors of 4096 elements."""
+    launches stubbed out, for AdamW on fp32 tensors of 4096 elements (the smallest that
+    are quantized), with full-precision and 8-bit state."""
     import core.backends
     from core.backends import triton as triton_backend
 
     # A step memo's checks run in C++ once built (in the background, ~15 s on first use):
     # a full run waits for them, --quick times whichever are ready (the header says which).
     compiled_checks(wait=wait)
-    saved = (triton_backend._step_kernel, core.backends.TRITON_DEVICE_TYPES)
+    saved = (
+        triton_backend._step_kernel,
+        triton_backend._quantized_step_kernel,
+        core.backends.TRITON_DEVICE_TYPES,
+    )
     triton_backend._step_kernel = _NoLaunch()  # type: ignore[assignment]
-    core.backends.TRITON_DEVICE_TYPES = saved[1] | {device}
+    triton_backend._quantized_step_kernel = _NoLaunch()  # type: ignore[assignment]
+    core.backends.TRITON_DEVICE_TYPES = saved[2] | {device}
     try:
         rows = []
-        for count in (30, 300):
-            params = make_params(count, 4096, torch.float32, device)
-            optimizer = core.AdamW(params, lr=1e-3, fused=True)
-            optimizer.step()
-            step = _best_seconds(optimizer.step, 20, repeats)
-            backend = _best_seconds(_backend_call(optimizer, triton_backend), 20, repeats)
-            rows.append((f"{count} tensors", step, backend))
-        params = make_params(300, 4096, torch.float32, device)
-        optimizer = core.AdamW(params, lr=1e-3, fused=True, gradient_release=True)
+        for precision, prefix in (("full", ""), ("8bit", "8-bit state, ")):
+            counts = (30, 300) if precision == "full" else (300,)
+            for count in counts:
+                params = make_params(count, 4096, torch.float32, device)
+                optimizer = core.AdamW(params, lr=1e-3, fused=True, state_precision=precision)
+                optimizer.step()
+                step = _best_seconds(optimizer.step, 20, repeats)
+                backend = _best_seconds(_backend_call(optimizer, triton_backend), 20, repeats)
+                rows.append((f"{prefix}{count} tensors", step, backend))
+            params = make_params(300, 4096, torch.float32, device)
+            optimizer = core.AdamW(
+                params, lr=1e-3, fused=True, gradient_release=True, state_precision=precision
+            )
 
-        def released_steps() -> None:
-            for p in params:
-                step_released_param(optimizer, p)  # what the release hook calls in backward
+            def released_steps(
+                params: list[torch.Tensor] = params, optimizer: Any = optimizer
+            ) -> None:
+                for p in params:
+                    step_released_param(optimizer, p)  # what the release hook calls in backward
 
-        released_steps()
-        per_param = _best_seconds(released_steps, 2, repeats) / len(params)
-        backend = _best_seconds(_backend_call(optimizer, triton_backend, params[0]), 200, repeats)
-        rows.append(("gradient release, per parameter", per_param, backend))
+            released_steps()
+            per_param = _best_seconds(released_steps, 2, repeats) / len(params)
+            call = _backend_call(optimizer, triton_backend, params[0])
+            backend = _best_seconds(call, 200, repeats)
+            rows.append((f"{prefix}gradient release, per parameter", per_param, backend))
         return rows
     finally:
-        triton_backend._step_kernel, core.backends.TRITON_DEVICE_TYPES = saved  # type: ignore[assignment]
+        (
+            triton_backend._step_kernel,  # type: ignore[assignment]
+            triton_backend._quantized_step_kernel,  # type: ignore[assignment]
+            core.backends.TRITON_DEVICE_TYPES,
+        ) = saved
 
 
 def _backend_call(

@@ -24,6 +24,22 @@ bool is_plain_tensor(PyObject* object) {
   return type == plain_types[0] || type == plain_types[1];
 }
 
+// What a memo vouches for of each tensor (DESCRIPTION_FIELDS numbers): its address, its
+// element count, its rows in the 8-bit block layout (core.quantization.block_shape: the
+// first dimension of a tensor of two or more, else 1), its element size and whether it
+// is contiguous. A backend that reuses what it
+// worked out for a memo's tensors (core.backends.checked) relies on all five: no tensor
+// of the step was resized, reshaped, transposed or viewed as another type in place.
+void describe(const at::Tensor& tensor, std::vector<int64_t>& out) {
+  out.push_back(reinterpret_cast<int64_t>(tensor.data_ptr()));
+  out.push_back(tensor.numel());
+  out.push_back(tensor.dim() >= 2 ? tensor.size(0) : 1);
+  out.push_back(static_cast<int64_t>(tensor.scalar_type()));
+  out.push_back(tensor.is_contiguous() ? 1 : 0);
+}
+
+constexpr int DESCRIPTION_FIELDS = 5;
+
 PyObject* as_bytes(const std::vector<int64_t>& values) {
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(values.data()),
                                    static_cast<Py_ssize_t>(values.size() * sizeof(int64_t)));
@@ -46,7 +62,7 @@ PyObject* set_plain_types(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// parameter_layout(params): bytes of (address, element count) per tensor, or None if
+// parameter_layout(params): bytes of each tensor's description (see describe), or None if
 // any is not a plain strided tensor with storage.
 PyObject* parameter_layout(PyObject*, PyObject* sequence) {
   PyObject* items = PySequence_Fast(sequence, "parameter_layout takes a sequence");
@@ -54,7 +70,7 @@ PyObject* parameter_layout(PyObject*, PyObject* sequence) {
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
   PyObject** objects = PySequence_Fast_ITEMS(items);
   std::vector<int64_t> layout;
-  layout.reserve(2 * count);
+  layout.reserve(DESCRIPTION_FIELDS * count);
   for (Py_ssize_t i = 0; i < count; ++i) {
     if (!is_plain_tensor(objects[i])) {
       Py_DECREF(items);
@@ -65,17 +81,16 @@ PyObject* parameter_layout(PyObject*, PyObject* sequence) {
       Py_DECREF(items);
       Py_RETURN_NONE;
     }
-    layout.push_back(reinterpret_cast<int64_t>(tensor.data_ptr()));
-    layout.push_back(tensor.numel());
+    describe(tensor, layout);
   }
   Py_DECREF(items);
   return as_bytes(layout);
 }
 
-// column_addresses(states, key, column): bytes of each column tensor's address if every
-// states[i][key] is column[i] itself (a tensor), else None. A None in the column stands
-// for a state without the key (address 0): an 8-bit moment's full-precision key, or the
-// codes of a moment kept in full precision.
+// column_addresses(states, key, column): bytes of each column tensor's description (see
+// describe) if every states[i][key] is column[i] itself (a tensor with storage), else
+// None. A None in the column stands for a state without the key (described as zeros): an
+// 8-bit moment's full-precision key, or the codes of a moment kept in full precision.
 PyObject* column_addresses(PyObject*, PyObject* args) {
   PyObject* states = nullptr;
   PyObject* key = nullptr;
@@ -86,7 +101,7 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
   const Py_ssize_t count = PyTuple_GET_SIZE(states);
   if (PyTuple_GET_SIZE(column) != count) Py_RETURN_NONE;
   std::vector<int64_t> addresses;
-  addresses.reserve(count);
+  addresses.reserve(DESCRIPTION_FIELDS * count);
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* state = PyTuple_GET_ITEM(states, i);
     PyObject* expected = PyTuple_GET_ITEM(column, i);
@@ -95,19 +110,20 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
     if (value == nullptr && PyErr_Occurred()) return nullptr;
     if (expected == Py_None) {
       if (value != nullptr && value != Py_None) Py_RETURN_NONE;
-      addresses.push_back(0);
+      addresses.insert(addresses.end(), DESCRIPTION_FIELDS, 0);
       continue;
     }
     if (value != expected || !THPVariable_Check(value)) Py_RETURN_NONE;
     const at::Tensor& tensor = THPVariable_Unpack(value);
-    if (!tensor.has_storage()) Py_RETURN_NONE;
-    addresses.push_back(reinterpret_cast<int64_t>(tensor.data_ptr()));
+    if (tensor.layout() != c10::kStrided || !tensor.has_storage()) Py_RETURN_NONE;
+    describe(tensor, addresses);
   }
   return as_bytes(addresses);
 }
 
 // gradient_addresses(grads, params): bytes of each gradient's address if every gradient
-// is a plain, strided, contiguous tensor with storage and its parameter's dtype, else None.
+// is a plain, strided, contiguous tensor with storage, its parameter's dtype and element
+// count, else None.
 PyObject* gradient_addresses(PyObject*, PyObject* args) {
   PyObject* grads = nullptr;
   PyObject* params = nullptr;
@@ -135,7 +151,8 @@ PyObject* gradient_addresses(PyObject*, PyObject* args) {
       const at::Tensor& grad = THPVariable_Unpack(grad_objects[i]);
       const at::Tensor& param = THPVariable_Unpack(param_objects[i]);
       all_fit = grad.layout() == c10::kStrided && grad.has_storage() &&
-                grad.is_contiguous() && grad.scalar_type() == param.scalar_type();
+                grad.is_contiguous() && grad.scalar_type() == param.scalar_type() &&
+                grad.numel() == param.numel();
       if (all_fit) addresses.push_back(reinterpret_cast<int64_t>(grad.data_ptr()));
     }
     if (all_fit) result = as_bytes(addresses);

@@ -49,22 +49,47 @@ Layout = bytes | tuple[list[int], ...]
 
 
 class HostChecks(Protocol):
+    """Each answer describes every tensor by DESCRIPTION (address, element count, rows in
+    the 8-bit block layout, dtype, contiguity): what a backend relies on when it
+    reuses what it worked out for a memo's tensors (core.backends.checked)."""
+
     def parameter_layout(self, params: Sequence[Tensor]) -> Layout | None:
-        """Addresses and element counts of plain strided tensors with storage, or None."""
+        """The description of each plain strided tensor with storage, or None."""
 
     def column_addresses(
         self, states: tuple[dict[str, Any], ...], key: str, column: tuple[Any, ...]
     ) -> Layout | None:
-        """Each column tensor's address, if every states[i][key] is column[i], or None.
-        A None in the column stands for a state without the key (or holding None), at
-        address 0: the rows of a group whose moments are stored in two forms (see
-        core.optimizer.StepMemo)."""
+        """Each column tensor's description, if every states[i][key] is column[i] (a
+        strided tensor with storage), or None. A None in the column stands for a state
+        without the key (or holding None), described as zeros: the rows of a group whose
+        moments are stored in two forms (see core.optimizer.StepMemo)."""
 
     def gradient_addresses(
         self, grads: Sequence[Tensor], params: Sequence[Tensor]
     ) -> Layout | None:
         """Each gradient's address, if every one is a plain, strided, contiguous tensor
-        with storage and its parameter's dtype, or None."""
+        with storage and its parameter's dtype and element count, or None."""
+
+
+def _block_rows(tensor: Tensor) -> int:
+    """Its rows in the 8-bit block layout (core.quantization.block_shape)."""
+    return tensor.shape[0] if tensor.dim() >= 2 else 1
+
+
+DESCRIPTION = (
+    Tensor.data_ptr,
+    Tensor.numel,
+    _block_rows,
+    operator.attrgetter("dtype"),
+    Tensor.is_contiguous,
+)
+"""How host_checks.cpp's describe() reads a tensor, in its order (the dtype as a
+torch.dtype rather than c10's number, contiguity as a bool)."""
+
+
+def _describe(tensors: Sequence[Tensor]) -> tuple[list[Any], ...]:
+    """One list per DESCRIPTION field, over the tensors (a pass each)."""
+    return tuple(list(map(read, tensors)) for read in DESCRIPTION)
 
 
 class PythonChecks:
@@ -75,8 +100,10 @@ class PythonChecks:
         if not PLAIN_TENSOR_TYPES.issuperset(map(type, params)):
             return None
         try:
-            return list(map(Tensor.data_ptr, params)), list(map(Tensor.numel, params))
-        except RuntimeError:  # no storage (sparse)
+            if any(t.layout != torch.strided for t in params):
+                return None
+            return _describe(params)
+        except RuntimeError:  # no storage
             return None
 
     @staticmethod
@@ -88,9 +115,12 @@ class PythonChecks:
                 map(operator.is_, map(_GET, states, repeat(key)), column)
             ):
                 return None
-            if None in column:
-                return ([0 if t is None else t.data_ptr() for t in column],)
-            return (list(map(Tensor.data_ptr, column)),)
+            tensors = [t for t in column if t is not None]
+            if any(t.layout != torch.strided for t in tensors):
+                return None
+            described = iter(zip(*_describe(tensors), strict=True))
+            entries = [_ABSENT if t is None else next(described) for t in column]
+            return tuple(map(list, zip(*entries, strict=True))) if entries else _describe(())
         except (AttributeError, RuntimeError, TypeError):  # not a dict or a tensor, no
             return None  # storage
 
@@ -101,6 +131,7 @@ class PythonChecks:
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, grads))
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
             or not all(map(operator.is_, map(_DTYPE, grads), map(_DTYPE, params)))
+            or list(map(Tensor.numel, grads)) != list(map(Tensor.numel, params))
             or not all(map(Tensor.is_contiguous, grads))  # False for sparse
         ):
             return None
@@ -110,6 +141,8 @@ class PythonChecks:
             return None
 
 
+_ABSENT = (0, 0, 0, None, False)
+"""The description of a state without the key."""
 _DTYPE = operator.attrgetter("dtype")
 _GET = dict.get
 """A state's entry or None (a state that is not a dict raises TypeError)."""

@@ -856,11 +856,9 @@ def _step(
     Every bucket is checked and planned before anything is launched, so a refused tensor
     leaves every parameter and state as it was."""
     checked = checked_for(lists[0])
-    full, quantized = split_quantized(lists)
-    eight_bit = _prepare_quantized(take_all(lists, quantized), quantized) if quantized else None
+    full, eight_bit = _split_step(lists, checked)
     if full is not None:  # some moments are 8-bit: they have their own kernel
         lists = take_all(lists, full)
-        checked = None  # the checked step's plan key covers all of its lists, not these
     params = lists[0]
     assert params is not None
     steps = _planned_step(lists, checked) if params else None
@@ -875,6 +873,47 @@ def _step(
             _launch_plan(plan, dtype, device, arguments(kahan), step)
     if steps.rest:
         eager(take_all(lists, steps.rest))
+
+
+@dataclass
+class _SplitStep:
+    """How a checked step's lists split into parameters with full-precision moments and
+    parameters with 8-bit ones, and the 8-bit part's plans: reused while the step's plan
+    key is the one they were made under."""
+
+    key: list[Any]
+    full: list[int] | None
+    quantized: list[int]
+    planned: list[tuple[_QuantizedPlan, Tensor, bool, int | None]]
+    eager: list[int]
+
+
+def _split_step(
+    lists: list[Sequence[Tensor] | None], checked: CheckedStep | None
+) -> tuple[list[int] | None, _QuantizedStep | None]:
+    """(indices of the parameters whose moments are all full precision, or None for
+    every one; the others' checked and planned 8-bit step, or None if there are none).
+
+    A step the optimizer checked (core.backends.checked) reuses the last one's split and
+    plans while its plan key holds: the memo vouches for every tensor's address, size,
+    block rows, element size and contiguity (core.backends.host_checks) and for each
+    moment's form, which is all the split, the checks and the plans depend on besides the
+    gradients' addresses in the key. The full-precision part is then planned under the
+    same key too (its lists are the same subset every such step)."""
+    key = None if checked is None else checked.plan_key
+    last = None if checked is None else checked.triton_split
+    if key is not None and last is not None and last.key == key:
+        eight_bit = None
+        if last.quantized:
+            eight_bit = _QuantizedStep(take_all(lists, last.quantized), last.planned, last.eager)
+        return last.full, eight_bit
+    full, quantized = split_quantized(lists)
+    eight_bit = _prepare_quantized(take_all(lists, quantized), quantized) if quantized else None
+    if key is not None:
+        assert checked is not None
+        planned, eager = ([], []) if eight_bit is None else (eight_bit.planned, eight_bit.eager)
+        checked.triton_split = _SplitStep(key, full, quantized, planned, eager)
+    return full, eight_bit
 
 
 @dataclass

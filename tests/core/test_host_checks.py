@@ -32,14 +32,37 @@ def compiled() -> HostChecks:
     return checks
 
 
-def _numbers(layout: Any) -> list[int] | None:
+def _numbers(layout: Any, described: bool = True) -> list[int] | None:
     """A check's answer as plain integers (C++: int64 bytes, interleaved per tensor;
-    Python: one list per property), so the two can be compared."""
+    Python: one list per property), so the two can be compared. Each description's dtype
+    (C++: c10's number, Python: the torch.dtype) is left out as -1: tests of a change of
+    dtype compare an implementation's answers with its own."""
     if layout is None:
         return None
     if isinstance(layout, bytes):
-        return array("q", layout).tolist()
-    return [value for row in zip(*layout, strict=True) for value in row]
+        values = array("q", layout).tolist()
+    else:
+        values = [value for row in zip(*layout, strict=True) for value in row]
+    if described:  # descriptions, not gradient addresses
+        values[3::5] = [-1] * len(values[3::5])
+    return values
+
+
+def _described(tensors: list[Tensor]) -> list[int]:
+    """What each check answers per tensor, written out: address, element count, rows of
+    the 8-bit block layout (first dimension of a matrix or more, else 1), dtype (left out
+    as _numbers leaves it), contiguity."""
+    return [
+        value
+        for t in tensors
+        for value in (
+            t.data_ptr(),
+            t.numel(),
+            t.shape[0] if t.dim() >= 2 else 1,
+            -1,
+            int(t.is_contiguous()),
+        )
+    ]
 
 
 def _tensors() -> dict[str, Any]:
@@ -62,7 +85,7 @@ def test_parameter_layouts_agree(compiled: HostChecks, case: str) -> None:
     expected = _numbers(PYTHON_CHECKS.parameter_layout(tensors))
     assert _numbers(compiled.parameter_layout(tensors)) == expected
     if case in ("plain", "parameters", "empty", "strided view"):
-        assert expected is not None and expected[1::2] == [t.numel() for t in tensors]
+        assert expected == _described(tensors)
     elif case != "nothing":
         assert expected is None
 
@@ -73,6 +96,7 @@ def _gradient_cases() -> dict[str, tuple[list[Any], list[Any]]]:
         "plain": (params, [torch.ones(2, 3), torch.ones(4)]),
         "parameter gradients": (params, [nn.Parameter(torch.ones(2, 3)), torch.ones(4)]),
         "another dtype": (params, [torch.ones(2, 3), torch.ones(4, dtype=torch.bfloat16)]),
+        "another size": (params, [torch.ones(2, 3), torch.ones(3)]),
         "not contiguous": (params, [torch.ones(3, 2).t(), torch.ones(4)]),
         "sparse": (params, [torch.ones(2, 3), torch.ones(4).to_sparse()]),
         "subclass": (params, [torch.ones(2, 3), torch.ones(4).as_subclass(_Subclass)]),
@@ -85,8 +109,8 @@ def _gradient_cases() -> dict[str, tuple[list[Any], list[Any]]]:
 @pytest.mark.parametrize("case", list(_gradient_cases()))
 def test_gradient_addresses_agree(compiled: HostChecks, case: str) -> None:
     params, grads = _gradient_cases()[case]
-    expected = _numbers(PYTHON_CHECKS.gradient_addresses(grads, params))
-    assert _numbers(compiled.gradient_addresses(grads, params)) == expected
+    expected = _numbers(PYTHON_CHECKS.gradient_addresses(grads, params), described=False)
+    assert _numbers(compiled.gradient_addresses(grads, params), described=False) == expected
     if case in ("plain", "parameter gradients"):
         assert expected == [g.data_ptr() for g in grads]
     else:
@@ -116,11 +140,51 @@ def test_column_addresses_agree(compiled: HostChecks, case: str) -> None:
     expected = _numbers(PYTHON_CHECKS.column_addresses(states, "m", column))
     assert _numbers(compiled.column_addresses(states, "m", column)) == expected
     if case == "the same tensors":
-        assert expected == [t.data_ptr() for t in column]
+        assert expected == _described(list(column))
     elif case == "absent where the column has None":  # a moment stored in its other form
-        assert expected == [column[0].data_ptr(), 0]
+        assert expected == [*_described([column[0]]), 0, 0, 0, -1, 0]
     else:
         assert expected is None
+
+
+def _changed_in_place() -> dict[str, Callable[[Tensor], None]]:
+    """Changes that keep a tensor object and its address, each of which a backend reusing
+    a memo's work must see (a kernel would read past the tensor or in the wrong order)."""
+
+    def assign(tensor: Tensor, value: Tensor) -> None:
+        tensor.data = value
+
+    return {
+        "narrowed": lambda t: assign(t, t.data[:2]),
+        "reshaped": lambda t: assign(t, t.data.view(4, 16)),
+        "transposed": lambda t: assign(t, t.data.t()),  # square: only the order changes
+        "viewed as a narrower type": lambda t: assign(t, t.data.view(torch.bfloat16)),
+        "viewed as a type of the same size": lambda t: assign(t, t.data.view(torch.int32)),
+    }
+
+
+@pytest.mark.parametrize("checks", ["compiled", "python"])
+@pytest.mark.parametrize("change", list(_changed_in_place()))
+def test_a_tensor_changed_in_place_answers_otherwise(
+    compiled: HostChecks, checks: str, change: str
+) -> None:
+    implementation = compiled if checks == "compiled" else PYTHON_CHECKS
+    param = torch.zeros(8, 8)
+    state = {"m": torch.zeros(8, 8)}
+    before = (
+        implementation.parameter_layout([param]),
+        implementation.column_addresses((state,), "m", (state["m"],)),
+    )
+    for tensor in (param, state["m"]):
+        address = tensor.data_ptr()
+        _changed_in_place()[change](tensor)
+        assert tensor.data_ptr() == address
+    after = (
+        implementation.parameter_layout([param]),
+        implementation.column_addresses((state,), "m", (state["m"],)),
+    )
+    assert None not in after
+    assert after[0] != before[0] and after[1] != before[1]
 
 
 @pytest.mark.bad_input

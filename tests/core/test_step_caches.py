@@ -22,7 +22,7 @@ import core
 from core import optimizer as optimizer_module
 from core.backends import cpu_kernel, host_checks
 from core.optimizer import step_released_param
-from core.quantization import MIN_QUANTIZED_NUMEL, stored_moment
+from core.quantization import MIN_QUANTIZED_NUMEL, absmax_shape, stored_moment
 from tests.core.cases import BACKENDS, LR, assert_unchanged, snapshot
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 
@@ -382,7 +382,7 @@ def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_it
 
 
 QUANTIZED_SHAPES = (
-    (64, 96, torch.float32),
+    (16, 300, torch.float32),
     (37, torch.float32),
     (80, 64, torch.bfloat16),
     (5, 3, torch.bfloat16),
@@ -393,7 +393,7 @@ quantized (fp32, and bf16 with a Kahan buffer) beside small ones kept full (see
 core.quantization.MIN_QUANTIZED_NUMEL), so each moment has rows in both forms."""
 
 
-SMALL_QUANTIZED_SHAPES = ((64, 64, torch.float32), (37, torch.float32), (64, 64, torch.bfloat16))
+SMALL_QUANTIZED_SHAPES = ((16, 300, torch.float32), (37, torch.float32), (64, 64, torch.bfloat16))
 """The same mix at the smallest quantized size, for the interpreted Triton backend."""
 
 
@@ -465,12 +465,29 @@ def _store_in_full(params: list[Tensor], optimizer: core.AdamW) -> None:
     del state["exp_avg_codes"], state["exp_avg_absmax"]
 
 
+def _reshape_in_place(params: list[Tensor], optimizer: core.AdamW) -> None:
+    """Twice the rows, half as long, every tensor at its address and of its size: the
+    parameter and its gradient, each moment's codes and scales (rows of 300 elements, a
+    block of 256 and one of 44, become rows of one block of 150). Blocks run along rows,
+    so a plan kept for the old rows would decode and encode the wrong blocks."""
+    param, state = params[0], optimizer.state[params[0]]
+    rows, columns = param.shape
+    shape = (2 * rows, columns // 2)
+    param.data = param.data.view(shape)
+    param.grad = param.grad.view(shape)
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[f"{key}_codes"].data = state[f"{key}_codes"].data.view(shape)
+        state[f"{key}_absmax"].data = state[f"{key}_absmax"].data.view(absmax_shape(shape))
+
+
 def _state_precision(value: str) -> Callable[[list[Tensor], core.AdamW], None]:
     return lambda params, optimizer: optimizer.param_groups[0].__setitem__("state_precision", value)
 
 
 QUANTIZED_CHANGES = (
     _replace_codes,
+    None,
+    _reshape_in_place,
     None,
     _move_scales,
     None,
@@ -483,7 +500,7 @@ QUANTIZED_CHANGES = (
 )
 """Changes to an 8-bit group between memoized steps, each followed by a plain step: each
 must send the step down the full path (a memo that kept the old codes, scales or form
-would write the old tensors or read stale ones)."""
+would write the old tensors or read stale ones, or step the old block layout)."""
 
 
 @pytest.mark.usefixtures("each_host_checks")
@@ -508,7 +525,8 @@ def test_8bit_memos_on_the_triton_backend_follow_changed_codes_bit_for_bit(backe
     released = True
     reference, other = _quantized_memo_twins(backend, released, SMALL_QUANTIZED_SHAPES)
     _memos_reused(reference, other, released, range(3, 5))
-    for seed, change in enumerate((_replace_codes, None, _store_in_full, None), start=5):
+    changes = (_replace_codes, None, _reshape_in_place, None, _store_in_full, None)
+    for seed, change in enumerate(changes, start=5):
         _quantized_step(reference, other, seed, change, released=released)
 
 
