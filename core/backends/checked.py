@@ -47,6 +47,9 @@ class CheckedStep:
     triton_steps: Any = None
     """The Triton backend's buckets and plans of the last step (valid while plan_key is
     the key they were made under)."""
+    cpu_buckets: Any = None
+    """The fused CPU backend's buckets of the memo's first checked step, with their
+    checked kernel calls (valid while the memo is)."""
     triton_split: Any = None
     """The Triton backend's split of the last step into full-precision and 8-bit
     parameters, with the 8-bit part's plans (valid likewise)."""

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from core.backends import cpu_kernel, loop
+from core.backends.checked import checked_for
 from core.backends.grouping import (
     buckets,
     moment_pattern,
@@ -48,14 +50,20 @@ from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 TensorLists = list[list[Tensor] | None]
 Rounding = list[StochasticRounding] | None
 """A bucket's stochastic roundings (its parameters are rounded stochastically), or None."""
-FusedStep = Callable[[TensorLists, torch.dtype, bool, Rounding], bool]
+NativeStep = Callable[[TensorLists, bool, Rounding], bool]
+"""torch's own fused kernel on a full-precision bucket's lists (KAHAN, rounding), where
+it computes the step: False (nothing done) where it does not."""
 
 
-def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> None:
-    """torch._fused_adam(w)_: the step as torch.optim.Adam/AdamW(fused=True) takes it."""
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _ = lists
+def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> bool:
+    """torch._fused_adam(w)_: the step as torch.optim.Adam/AdamW(fused=True) takes it, for
+    a step it computes (c.torch_terms, updating θ, no Kahan buffer or stochastic
+    rounding). True: done (tests stand in a False, to send such steps to the generated
+    kernels)."""
     terms = c.torch_terms
-    assert terms is not None and params is not None
+    assert terms is not None
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _ = lists
+    assert params is not None
     # torch reads the step count from a tensor per parameter; one shared host tensor will do.
     step = torch.tensor(terms.step, dtype=torch.float32)
     native = torch._fused_adamw_ if terms.decoupled else torch._fused_adam_
@@ -74,6 +82,26 @@ def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> None:
         amsgrad=c.amsgrad,
         maximize=False,
     )
+    return True
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """One uniform part of a step (see FusedCpu._buckets), by indices into its lists."""
+
+    dense: list[int]
+    """What a kernel takes (a generated one, or torch's native Adam)."""
+    strided: list[int]
+    """What the loop backend runs: other layouts, other dtypes, whatever no kernel takes."""
+    dtype: torch.dtype
+    kahan: bool
+    stochastic: bool
+    quantized: bool
+    full_moments: frozenset[str] = frozenset()
+    """Quantized buckets: the moments kept in full precision (cpu_kernel.KernelConfig)."""
+    prepared: cpu_kernel.PreparedCall | None = None
+    """The generated kernel's checked call over the dense tensors, kept for the later
+    steps of a step memo (None until a step under one made it)."""
 
 
 class FusedCpu:
@@ -85,35 +113,33 @@ class FusedCpu:
     def _generated(
         self,
         lists: TensorLists,
-        dtype: torch.dtype,
+        bucket: _Bucket,
         arguments: KernelArguments,
-        quantized: bool = False,
         rounding: Rounding = None,
+        memoized: bool = False,
     ) -> bool:
-        """Run a generated kernel; False when it cannot be built and falling back is allowed.
-        A quantized bucket's moments are 8-bit or full precision as its first parameter's
-        are (the buckets share one pattern; the kernel's checks refuse any other).
-        rounding: the bucket's StochasticRoundings, where θ is rounded stochastically."""
-        full_moments: frozenset[str] = frozenset()
-        if quantized:
-            pattern = moment_pattern(lists)
-            full_moments = frozenset(
-                row
-                for row, values, eight_bit in zip(QUANTIZED_ROWS, lists[2:5], pattern, strict=True)
-                if values is not None and not eight_bit
-            )
+        """Run a generated kernel on a bucket's dense lists; False when it cannot be built
+        and falling back is allowed. rounding: the bucket's StochasticRoundings, where θ
+        is rounded stochastically. memoized: a step memo vouches for the bucket's tensors
+        (core.backends.checked), so the call checked on its first such step is made
+        again with the new gradients instead of checking every tensor again."""
         config = cpu_kernel.KernelConfig(
             arguments.algorithm,
-            dtype,
+            bucket.dtype,
             arguments.switches,
-            quantized,
-            full_moments,
+            bucket.quantized,
+            bucket.full_moments,
             stochastic=rounding is not None,
         )
         keys = None if rounding is None else [r.key() for r in rounding]
-        run = cpu_kernel.run_quantized if quantized else cpu_kernel.run
+        run = cpu_kernel.run_quantized if bucket.quantized else cpu_kernel.run
         try:
-            run(config, *lists, arguments.scalars, keys)  # type: ignore[arg-type]
+            if not memoized:
+                run(config, *lists, arguments.scalars, keys)  # type: ignore[arg-type]
+                return True
+            if bucket.prepared is None:
+                bucket.prepared = cpu_kernel.prepare(config, *lists)  # type: ignore[arg-type]
+            bucket.prepared.call(config, lists[1], arguments.scalars, keys)  # type: ignore[arg-type]
         except cpu_kernel.KernelUnavailable as error:
             if self.strict:
                 raise RuntimeError(f"fused=True: {error}") from error
@@ -127,78 +153,75 @@ class FusedCpu:
         lists: TensorLists,
         arguments: Callable[[bool], KernelArguments],
         fallback: Callable[[TensorLists], None],
-        fused: FusedStep | None = None,
+        native: NativeStep | None = None,
     ) -> None:
-        """Split into uniform dense buckets (by dtype and rounding, see buckets()); run
-        `fused` on each (by default the generated kernel for `arguments(kahan)`; always
-        that kernel's 8-bit build where any moment is 8-bit), `fallback` on the rest."""
-
-        def generated(quantized: bool) -> FusedStep:
-            def step(
-                lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding
-            ) -> bool:
-                return self._generated(
-                    lists, dtype, arguments(kahan), quantized=quantized, rounding=rounding
-                )
-
-            return step
-
-        quantized = generated(True)
-        fused = fused or generated(False)
-        full, eight_bit = split_quantized(lists)
-        if eight_bit:
-            self._each_bucket_of(take_all(lists, eight_bit), quantized, fallback, True)
-            if not full:
-                return
-            lists = take_all(lists, full)
-        self._each_bucket_of(lists, fused, fallback, False)
+        """Run each uniform dense bucket (see _buckets) on its kernel, `fallback` on the
+        rest: `native` where it takes the bucket (torch's own fused Adam), else the
+        generated kernel for `arguments(kahan)` (its 8-bit build where any moment is
+        8-bit). A step a memo vouches for (core.backends.checked) reuses the buckets, and
+        the checked kernel calls, of the memo's first such step."""
+        checked = checked_for(lists[0])
+        memoized = checked is not None and checked.plan_key is not None
+        found = checked.cpu_buckets if memoized else None  # type: ignore[union-attr]
+        if found is None:
+            found = self._buckets(lists)
+            if memoized:
+                checked.cpu_buckets = found  # type: ignore[union-attr]
+        kahan_comps = lists[-1]
+        assert kahan_comps is not None
+        for bucket in found:
+            if bucket.strided:
+                part = take_all(lists, bucket.strided)
+                if not bucket.kahan and not bucket.stochastic:
+                    part[-1] = None
+                fallback(_with_comps(part, len(bucket.strided)))
+            if not bucket.dense:
+                continue
+            part = take_all(lists, bucket.dense)
+            rounding = part[-1] if bucket.stochastic else None
+            if not bucket.kahan:
+                part[-1] = None
+            done = (
+                not bucket.quantized and native is not None and native(part, bucket.kahan, rounding)
+            ) or self._generated(
+                part,
+                bucket,
+                arguments(bucket.kahan),
+                rounding,
+                memoized,  # type: ignore[arg-type]
+            )
+            if not done:
+                if bucket.stochastic:
+                    part[-1] = rounding
+                fallback(_with_comps(part, len(bucket.dense)))
 
     @staticmethod
-    def _each_bucket_of(
-        lists: TensorLists,
-        fused: FusedStep,
-        fallback: Callable[[TensorLists], None],
-        quantized: bool,
-    ) -> None:
-        """_each_bucket over parameters whose moments are all full precision, or some 8-bit
-        (quantized: then bucketed further by which, see split_moment_patterns)."""
+    def _buckets(lists: TensorLists) -> list[_Bucket]:
+        """The step's parameters in uniform buckets: by dtype and rounding (buckets()),
+        8-bit ones apart from full-precision ones and by which moments are 8-bit
+        (split_moment_patterns); each split into what a kernel takes and the rest."""
         kahan_comps = lists[-1]
         assert lists[0] is not None and kahan_comps is not None
-        groups = buckets(lists[0], kahan_comps)
-        if quantized:
-            groups = [
-                [indices[i] for i in pattern]
-                for indices in groups
-                for pattern in split_moment_patterns(take_all(lists, indices))
-            ]
-        for indices in groups:
-            bucket = take_all(lists, indices)
-            dtype = bucket[0][0].dtype  # type: ignore[index]
-            kahan, stochastic = _rounding_switches(kahan_comps[indices[0]], dtype)
-            comps = bucket[-1]
-            if not kahan:
-                bucket[-1] = None
-            if not quantized:
-                dense, strided = split_dense(bucket)
-            elif dtype in cpu_kernel.QUANTIZED_DTYPES:
-                dense, strided = split_quantized_dense(bucket)
-            else:
-                dense, strided = [], list(range(len(indices)))
-            if stochastic:
-                # An element's random bits follow its logical (row-major) index, which is
-                # its offset in memory only where the parameter is contiguous.
-                params = bucket[0]
-                assert params is not None
-                strided = sorted(strided + [i for i in dense if not params[i].is_contiguous()])
-                dense = [i for i in dense if params[i].is_contiguous()]
-            # The loop backend takes the stochastic roundings where the kernel does not.
-            eager = [*bucket[:-1], comps] if stochastic else bucket
-            if strided:
-                fallback(_with_comps(take_all(eager, strided), len(strided)))
-            if dense:
-                rounding = [comps[i] for i in dense] if stochastic else None  # type: ignore[index]
-                if not fused(take_all(bucket, dense), dtype, kahan, rounding):  # type: ignore[arg-type]
-                    fallback(_with_comps(take_all(eager, dense), len(dense)))
+        full, eight_bit = split_quantized(lists)
+        parts = [(eight_bit, True)] if eight_bit else []
+        parts.append((list(range(len(lists[0]))) if full is None else full, False))
+        found = []
+        for part, quantized in parts:
+            if not part:
+                continue
+            part_lists = take_all(lists, part)
+            groups = buckets(part_lists[0], part_lists[-1])  # type: ignore[arg-type]
+            if quantized:
+                groups = [
+                    [indices[i] for i in pattern]
+                    for indices in groups
+                    for pattern in split_moment_patterns(take_all(part_lists, indices))
+                ]
+            for indices in groups:
+                found.append(
+                    _bucket(take_all(part_lists, indices), [part[i] for i in indices], quantized)
+                )
+        return found
 
     def adam_step(
         self,
@@ -222,17 +245,15 @@ class FusedCpu:
         def arguments(kahan: bool) -> KernelArguments:
             return adam_arguments(c, kahan)
 
-        def fused(lists: TensorLists, dtype: torch.dtype, kahan: bool, rounding: Rounding) -> bool:
-            if c.torch_terms is not None and c.update_params and not kahan and rounding is None:
-                _native_adam(lists, c)
-                return True
-            return self._generated(lists, dtype, arguments(kahan), rounding=rounding)
+        def native(lists: TensorLists, kahan: bool, rounding: Rounding) -> bool:
+            computes = c.torch_terms is not None and c.update_params
+            return computes and not kahan and rounding is None and _native_adam(lists, c)
 
         self._each_bucket(
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]
             arguments,
             lambda lists: loop.adam_step(*lists, c),  # type: ignore[arg-type]
-            fused,
+            native,
         )
 
     def adopt_step(
@@ -255,6 +276,46 @@ class FusedCpu:
             lambda kahan: adopt_arguments(c, kahan),
             fallback,
         )
+
+
+def _bucket(lists: TensorLists, indices: list[int], quantized: bool) -> _Bucket:
+    """One bucket's split into what its kernel takes and the rest. lists: the bucket's
+    (uniform in dtype, rounding and, if quantized, which moments are 8-bit); indices: its
+    parameters' places in the step's lists."""
+    params, comps = lists[0], lists[-1]
+    assert params is not None and comps is not None
+    dtype = params[0].dtype
+    kahan, stochastic = _rounding_switches(comps[0], dtype)
+    full_moments: frozenset[str] = frozenset()
+    if quantized:
+        full_moments = frozenset(
+            row
+            for row, values, eight_bit in zip(
+                QUANTIZED_ROWS, lists[2:5], moment_pattern(lists), strict=True
+            )
+            if values is not None and not eight_bit
+        )
+    kernel_lists = lists if kahan else [*lists[:-1], None]
+    if not quantized:
+        dense, strided = split_dense(kernel_lists)
+    elif dtype in cpu_kernel.QUANTIZED_DTYPES:
+        dense, strided = split_quantized_dense(kernel_lists)
+    else:
+        dense, strided = [], list(range(len(params)))
+    if stochastic:
+        # An element's random bits follow its logical (row-major) index, which is its
+        # offset in memory only where the parameter is contiguous.
+        strided = sorted(strided + [i for i in dense if not params[i].is_contiguous()])
+        dense = [i for i in dense if params[i].is_contiguous()]
+    return _Bucket(
+        [indices[i] for i in dense],
+        [indices[i] for i in strided],
+        dtype,
+        kahan,
+        stochastic,
+        quantized,
+        full_moments,
+    )
 
 
 def _rounding_switches(comp: object, dtype: torch.dtype) -> tuple[bool, bool]:

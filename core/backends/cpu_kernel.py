@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -445,43 +446,170 @@ def _pointers(tensors: Sequence[Tensor] | None) -> ctypes.Array | None:
     return None if tensors is None else _addresses(tensors)
 
 
-def run(
+@dataclass(frozen=True, slots=True, eq=False)
+class PreparedCall:
+    """A kernel call over fixed tensors, checked, with every address gathered but the
+    gradients': what `run` and `run_quantized` call once, and what the fused CPU backend
+    calls again on later steps of a step memo (core.backends.checked), whose checks vouch
+    that none of these tensors changed address, size, block rows, dtype or contiguity and
+    that the gradients are dense, of their parameters' dtype and element counts."""
+
+    config: KernelConfig
+    """The configuration it was checked for: a call may change only the switches that
+    select no list (not KAHAN or AMSGRAD)."""
+    count: int
+    sizes: ctypes.Array
+    row_lengths: ctypes.Array | None
+    """Quantized calls: each parameter's row length (blocks run along rows)."""
+    params: ctypes.Array
+    moments: tuple[ctypes.Array | None, ...]
+    """adamkit_step's exp_avgs, exp_avg_sqs, max_exp_avg_sqs; adamkit_step_q8's codes
+    (or full-precision elements) and scales of each."""
+    comps: ctypes.Array | None
+
+    def call(
+        self,
+        config: KernelConfig,
+        grads: Sequence[Tensor],
+        coefficients: Sequence[float],
+        keys: Sequence[int] | None = None,
+    ) -> None:
+        """One step with these gradients and scalars (keys: as run takes them)."""
+        prepared, switches = self.config, dict(config.switches)
+        listed = [dict(prepared.switches).get(name) for name in LIST_SWITCHES]
+        if (
+            (config.algorithm, config.dtype, config.quantized, config.full_moments)
+            != (prepared.algorithm, prepared.dtype, prepared.quantized, prepared.full_moments)
+            or config.stochastic != prepared.stochastic
+            or [switches.get(name) for name in LIST_SWITCHES] != listed
+        ):
+            raise ValueError(
+                f"Invalid config {config} for a call prepared with {prepared}. Allowed: one "
+                f"that differs only in switches other than {LIST_SWITCHES}."
+            )
+        if len(grads) != self.count:
+            raise ValueError(
+                f"Invalid grads: {len(grads)} tensors for a call over {self.count} parameters."
+            )
+        if len(coefficients) != COEFFICIENT_COUNT:
+            raise ValueError(f"Invalid coefficients: {len(coefficients)} values. Allowed: 10.")
+        key_array = _key_array(config, keys, self.count)
+        function = kernel(config)
+        scalars = (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients)
+        threads = torch.get_num_threads()
+        if config.quantized:
+            function(
+                self.count,
+                self.sizes,
+                self.row_lengths,
+                self.params,
+                _addresses(grads),
+                self.comps,
+                key_array,
+                *self.moments,
+                scalars,
+                map_words().data_ptr(),
+                threads,
+            )
+        else:
+            function(
+                self.count,
+                self.sizes,
+                self.params,
+                _addresses(grads),
+                *self.moments,
+                self.comps,
+                key_array,
+                scalars,
+                threads,
+            )
+
+
+LIST_SWITCHES = ("KAHAN", "AMSGRAD")
+"""Switches that say which lists a kernel reads (the Kahan buffers, v_max)."""
+
+
+def prepare(
     config: KernelConfig,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor] | None,
+    exp_avgs: Sequence[QuantizedMoment | Tensor],
+    exp_avg_sqs: Sequence[QuantizedMoment | Tensor],
+    max_exp_avg_sqs: Sequence[QuantizedMoment | Tensor] | None,
+    kahan_comps: Sequence[Tensor] | None,
+) -> PreparedCall:
+    """Check every tensor a call over these lists reads, gradients included, before any
+    address is taken (run's and run_quantized's checks), and gather the addresses."""
+    _check_config(config)
+    _check_lists(config, max_exp_avg_sqs, kahan_comps)
+    count = len(params)
+    moments = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    sizes = (ctypes.c_int64 * count)(*map(Tensor.numel, params))
+    if not config.quantized:
+        check_addressable([params, grads, *moments, kahan_comps], config.dtype, _CPU)  # type: ignore[list-item]
+        arrays = tuple(map(_pointers, moments))  # type: ignore[arg-type]
+        return PreparedCall(
+            config, count, sizes, None, _addresses(params), arrays, _pointers(kahan_comps)
+        )
+    eight_bit = config.eight_bit()
+    full = [None if q else values for q, values in zip(eight_bit, moments, strict=True)]
+    check_addressable([params, grads, *full, kahan_comps], config.dtype, _CPU)  # type: ignore[list-item]
+    row_lengths = check_quantized_addressable(
+        params,
+        [values if q else None for q, values in zip(eight_bit, moments, strict=True)],  # type: ignore[misc]
+        _CPU,
+    )
+    arrays = []
+    for q, moment in zip(eight_bit, moments, strict=True):
+        if moment is None:
+            arrays += [None, None]
+        elif q:
+            arrays += [
+                _addresses([m.codes for m in moment]),
+                _addresses([m.absmax for m in moment]),
+            ]  # type: ignore[union-attr]
+        else:
+            arrays += [_addresses(moment), None]  # type: ignore[arg-type]
+    return PreparedCall(
+        config,
+        count,
+        sizes,
+        (ctypes.c_int64 * count)(*row_lengths),
+        _addresses(params),
+        tuple(arrays),
+        _pointers(kahan_comps),
+    )
+
+
+def _run(
+    config: KernelConfig,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Any],
+    exp_avg_sqs: Sequence[Any],
+    max_exp_avg_sqs: Sequence[Any] | None,
     kahan_comps: Sequence[Tensor] | None,
     coefficients: Sequence[float],
     keys: Sequence[int] | None = None,
+    *,
+    quantized: bool,
 ) -> None:
-    """One step over dense tensors of config.dtype, checked here before any address is read.
-    keys: under config.stochastic, each tensor's StochasticRounding.key() of this step."""
-    if config.quantized:
-        raise ValueError("Invalid config: quantized=True. Allowed: False (see run_quantized).")
-    count = len(params)
-    key_array = _key_array(config, keys, count)
-    function = kernel(config)
-    if count == 0:
+    """One step over tensors of config.dtype, everything checked before any address is
+    read: run for dense tensors and full-precision moments (adamkit_step), run_quantized
+    for contiguous ones whose moments are 8-bit (core.quantization), decoded and encoded
+    in the same pass, except those the config keeps in full precision
+    (config.full_moments: tensors of config.dtype, as run takes them) (adamkit_step_q8).
+    θ, g, k and full-precision moments are checked by check_addressable, 8-bit ones by
+    check_quantized_addressable. keys: under config.stochastic, each tensor's
+    StochasticRounding.key() of this step. The configuration, keys and kernel come first
+    (refused or built even for no tensors), then every check, then the call."""
+    _check_config(config, quantized)
+    _key_array(config, keys, len(params))
+    kernel(config)
+    if not params:
         return
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps)
-    check_addressable(lists, config.dtype, _CPU)
-    _check_arguments(config, max_exp_avg_sqs, kahan_comps, coefficients)
-    sizes = (ctypes.c_int64 * count)(*map(Tensor.numel, params))
-    function(
-        count,
-        sizes,
-        _pointers(params),
-        _pointers(grads),
-        _pointers(exp_avgs),
-        _pointers(exp_avg_sqs),
-        _pointers(max_exp_avg_sqs),
-        _pointers(kahan_comps),
-        key_array,
-        (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
-        torch.get_num_threads(),
-    )
+    prepared = prepare(config, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps)
+    prepared.call(config, grads, coefficients, keys)
 
 
 STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
@@ -514,13 +642,12 @@ def _key_array(config: KernelConfig, keys: Sequence[int] | None, count: int) -> 
     return (ctypes.c_uint32 * count)(*keys)
 
 
-def _check_arguments(
+def _check_lists(
     config: KernelConfig,
     max_exp_avg_sqs: Sequence[object] | None,
     kahan_comps: Sequence[Tensor] | None,
-    coefficients: Sequence[float],
 ) -> None:
-    """Refuse optional lists the configuration does not expect, and a wrong scalar count."""
+    """Refuse optional lists the configuration does not expect."""
     switches = dict(config.switches)
     optional = (
         ("max_exp_avg_sqs", "AMSGRAD", max_exp_avg_sqs),
@@ -533,8 +660,6 @@ def _check_arguments(
                 f"Invalid {name} for a kernel built with {switch}={int(wanted)}: "
                 f"{'None' if values is None else 'a list'}."
             )
-    if len(coefficients) != COEFFICIENT_COUNT:
-        raise ValueError(f"Invalid coefficients: {len(coefficients)} values. Allowed: 10.")
 
 
 QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -578,27 +703,14 @@ def map_words() -> Tensor:
     return torch.tensor(words, dtype=torch.int64).to(torch.int32).contiguous()
 
 
-def run_quantized(
-    config: KernelConfig,
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[QuantizedMoment | Tensor],
-    exp_avg_sqs: Sequence[QuantizedMoment | Tensor],
-    max_exp_avg_sqs: Sequence[QuantizedMoment | Tensor] | None,
-    kahan_comps: Sequence[Tensor] | None,
-    coefficients: Sequence[float],
-    keys: Sequence[int] | None = None,
-) -> None:
-    """One step over contiguous tensors of config.dtype whose moments are 8-bit
-    (core.quantization), decoded and encoded in the same pass, except those the config
-    keeps in full precision (config.full_moments: tensors of config.dtype, as run takes
-    them). Everything is checked here before any address is read: θ, g, k and the
-    full-precision moments by check_addressable, the 8-bit ones by
-    check_quantized_addressable."""
-    if (
-        not config.quantized
-        or config.dtype not in QUANTIZED_DTYPES
-        or not config.full_moments <= set(QUANTIZED_ROWS)
+def _check_config(config: KernelConfig, quantized: bool | None = None) -> None:
+    """Refuse a quantized configuration the 8-bit kernels do not build, and one that is
+    not `quantized` where the caller says which it must be."""
+    if quantized is False and config.quantized:
+        raise ValueError("Invalid config: quantized=True. Allowed: False (see run_quantized).")
+    if (quantized and not config.quantized) or (
+        config.quantized
+        and (config.dtype not in QUANTIZED_DTYPES or not config.full_moments <= set(QUANTIZED_ROWS))
     ):
         raise ValueError(
             f"Invalid config for 8-bit moments: quantized={config.quantized}, dtype "
@@ -606,47 +718,12 @@ def run_quantized(
             f"quantized=True, a dtype of {QUANTIZED_DTYPES} and full_moments of "
             f"{QUANTIZED_ROWS}."
         )
-    count = len(params)
-    key_array = _key_array(config, keys, count)
-    function = kernel(config)
-    if count == 0:
-        return
-    moments = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-    eight_bit = config.eight_bit()
-    full = [None if q else values for q, values in zip(eight_bit, moments, strict=True)]
-    check_addressable([params, grads, *full, kahan_comps], config.dtype, _CPU)  # type: ignore[list-item]
-    row_lengths = check_quantized_addressable(
-        params,
-        [values if q else None for q, values in zip(eight_bit, moments, strict=True)],  # type: ignore[misc]
-        _CPU,
-    )
-    _check_arguments(config, max_exp_avg_sqs, kahan_comps, coefficients)
-    scales = [
-        _addresses([m.absmax for m in moment]) if q and moment is not None else None  # type: ignore[union-attr]
-        for q, moment in zip(eight_bit, moments, strict=True)
-    ]
-    codes = [
-        None if moment is None else _addresses([m.codes for m in moment] if q else moment)  # type: ignore[union-attr,misc]
-        for q, moment in zip(eight_bit, moments, strict=True)
-    ]
-    function(
-        count,
-        (ctypes.c_int64 * count)(*map(Tensor.numel, params)),
-        (ctypes.c_int64 * count)(*row_lengths),
-        _pointers(params),
-        _pointers(grads),
-        _pointers(kahan_comps),
-        key_array,
-        codes[0],
-        scales[0],
-        codes[1],
-        scales[1],
-        codes[2],
-        scales[2],
-        (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients),
-        map_words().data_ptr(),
-        torch.get_num_threads(),
-    )
+
+
+run = functools.partial(_run, quantized=False)
+"""_run on dense tensors with full-precision moments (adamkit_step)."""
+run_quantized = functools.partial(_run, quantized=True)
+"""_run on contiguous tensors with 8-bit moments (adamkit_step_q8)."""
 
 
 def _encoding_library() -> ctypes.CDLL:

@@ -582,14 +582,14 @@ def _rows_present(bucket: list[list[Tensor] | None]) -> list[list[Tensor]]:
 
 
 def _key(bucket: list[list[Tensor] | None]) -> tuple:
-    """What a plan depends on: every tensor's address, the sizes, the gradients' types and
+    """What a plan depends on: every tensor's address and size, the gradients' types and
     dtypes and, if any gradient is not contiguous, every layout. Read every step: a
     gradient is a new tensor each step (of another dtype, with grad_dtype=None, it may
-    land at the old one's address), and a parameter or state tensor can be moved in
-    place (`.data =`, set_, resize)."""
+    land at the old one's address), and any tensor can be moved or narrowed in place
+    (`.data =`, set_, resize_) at the same address."""
     present = _rows_present(bucket)
     addresses = tuple(chain.from_iterable(map(Tensor.data_ptr, values) for values in present))
-    sizes = tuple(map(Tensor.numel, present[0]))
+    sizes = tuple(chain.from_iterable(map(Tensor.numel, values) for values in present))
     grads = bucket[1]
     assert grads is not None
     layouts = None
@@ -936,7 +936,7 @@ planning each bucket read the devices, dtypes and addresses again (~70 µs more)
 
 def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
     """What bucketing and every bucket's plan depend on, as `_key` states it for one
-    bucket: which lists are present, every tensor's address, the sizes, the gradients'
+    bucket: which lists are present, every tensor's address and size, the gradients'
     types and dtypes and, if any gradient is not contiguous, every layout (same tensor,
     same address and size: same dtype and device), and under stochastic rounding every
     seed and stream. None when only some
@@ -962,7 +962,8 @@ def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
     key: list[Any] = [tuple(values is not None for values in lists[:-1]), kahan]
     for values in present:
         key += map(Tensor.data_ptr, values)  # type: ignore[arg-type]
-    key += map(Tensor.numel, params)
+    for values in present:
+        key += map(Tensor.numel, values)  # type: ignore[arg-type]
     key.append(_gradient_kinds(grads))
     if not all(map(Tensor.is_contiguous, grads)):
         key.append(tuple(t.stride() for values in present for t in values))  # type: ignore[union-attr]

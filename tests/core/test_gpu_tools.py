@@ -37,10 +37,12 @@ def test_host_time_table_times_each_step_kind(host_time_output: str) -> None:
         "30 tensors",
         "300 tensors",
         "gradient release, per parameter",
+        "8-bit state, 300 tensors",
+        "8-bit state, gradient release, per parameter",
     ]
     for _, step, backend, _ in rows:
         assert 0 < int(backend) <= int(step)
-    assert [row[3] for row in rows] == ["-", "200", "20"]
+    assert [row[3] for row in rows] == ["-", "200", "20", "-", "-"]
 
 
 def test_gpu_check_reads_rows_against_the_targets(host_time_output: str) -> None:

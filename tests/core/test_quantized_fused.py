@@ -221,12 +221,14 @@ def test_the_fused_kernel_runs_the_quantized_parameters(
 
     calls: list[tuple[int, frozenset[str]]] = []
     loop_calls: list[int] = []
-    run = cpu_kernel.run_quantized
-    monkeypatch.setattr(
-        cpu_kernel,
-        "run_quantized",
-        lambda *a: (calls.append((len(a[1]), a[0].full_moments)), run(*a))[1],
-    )
+    call = cpu_kernel.PreparedCall.call
+
+    def recorded(self: cpu_kernel.PreparedCall, config: Any, *args: Any) -> None:
+        if config.quantized:  # every kernel call, memoized steps' too, goes through call
+            calls.append((self.count, config.full_moments))
+        call(self, config, *args)
+
+    monkeypatch.setattr(cpu_kernel.PreparedCall, "call", recorded)
     for name in ("adam_step", "adopt_step"):
         step = getattr(loop, name)
         monkeypatch.setattr(loop, name, lambda *a, step=step: (loop_calls.append(1), step(*a))[1])

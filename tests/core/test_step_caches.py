@@ -565,6 +565,32 @@ def test_a_sparse_gradient_after_memoized_steps_is_refused_before_any_change(
     assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.bad_input
+@pytest.mark.parametrize("precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_a_gradient_narrowed_in_place_after_memoized_steps_is_refused_before_any_change(
+    backend: str, precision: str
+) -> None:
+    """A gradient that keeps its address but not its parameter's size: a kernel call kept
+    for the memo would read past it, so the memo refuses it and the full path names it."""
+    model = torch.nn.Linear(80, 64)  # a weight of 5120 elements: quantized under 8bit
+    flags = {} if backend == "default" else BACKENDS[backend]
+    optimizer = core.AdamW(model.parameters(), lr=LR, state_precision=precision, **flags)
+    for _ in range(3):
+        model(torch.ones(2, 80)).sum().backward()
+        optimizer.step()
+    assert optimizer.__dict__.get("_step_memos")
+    model(torch.ones(2, 80)).sum().backward()
+    before = snapshot(model, optimizer)
+    model.weight.grad.data = model.weight.grad.data[:8]
+    # The fused kernels name it; fp32 AdamW's full path is torch's own kernel, which does.
+    refused = r"Invalid grad\[0\].*640 elements beside a parameter of 5120|must match the size"
+    with pytest.raises((ValueError, RuntimeError), match=refused):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("name", "make_bad"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.backends import cpu, cpu_kernel, loop
-from core.backends.kernel_arguments import SWITCHES, adam_arguments
+from core.backends.kernel_arguments import SWITCHES
 from core.backends.precision import StochasticRounding, stochastic_round
 from tests.core.cases import BACKENDS
 from tests.core.stochastic_cases import (
@@ -37,28 +37,29 @@ SHAPES = [(4100,), (70, 65), (7, 3)]
 
 
 class _Recorder:
-    """Wraps cpu_kernel.run or run_quantized and records each call's config.stochastic."""
+    """Records config.stochastic of each kernel call of one entry point (run: adamkit_step,
+    run_quantized: adamkit_step_q8), memoized steps' calls included."""
 
-    def __init__(self, function: Any) -> None:
-        self.function, self.stochastic = function, []
-
-    def __call__(self, config: cpu_kernel.KernelConfig, *args: Any, **kwargs: Any) -> Any:
-        self.stochastic.append(config.stochastic)
-        return self.function(config, *args, **kwargs)
+    def __init__(self) -> None:
+        self.stochastic: list[bool] = []
 
 
 @pytest.fixture
 def kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Recorder]:
-    """Recorded kernel calls; fp32 Adam/AdamW steps take the generated kernel as 16-bit
-    ones do (not torch's native fused kernel), so fp32 twins compute what they round."""
-    recorders = {name: _Recorder(getattr(cpu_kernel, name)) for name in ("run", "run_quantized")}
-    for name, recorder in recorders.items():
-        monkeypatch.setattr(cpu_kernel, name, recorder)
+    """Recorded kernel calls (every one goes through cpu_kernel.PreparedCall.call); fp32
+    Adam/AdamW steps take the generated kernel as 16-bit ones do (not torch's native
+    fused kernel), so fp32 twins compute what they round."""
+    recorders = {"run": _Recorder(), "run_quantized": _Recorder()}
+    call = cpu_kernel.PreparedCall.call
 
-    def generated_adam(lists: Any, c: Any) -> None:
-        assert cpu.STRICT._generated(lists, lists[0][0].dtype, adam_arguments(c, False))
+    def recorded(self: cpu_kernel.PreparedCall, config: Any, *args: Any, **kwargs: Any) -> None:
+        recorders["run_quantized" if config.quantized else "run"].stochastic.append(
+            config.stochastic
+        )
+        call(self, config, *args, **kwargs)
 
-    monkeypatch.setattr(cpu, "_native_adam", generated_adam)
+    monkeypatch.setattr(cpu_kernel.PreparedCall, "call", recorded)
+    monkeypatch.setattr(cpu, "_native_adam", lambda lists, c: False)
     return recorders
 
 
