@@ -107,7 +107,7 @@ class StepMemo(CheckedStep):
     kernels on the memo's first checked step and then rely on it: the fused CPU backend
     calls the checked kernel call again with the new gradients, the Triton backend
     launches its plans again (core.backends.checked). That spares the Python work of a
-    step (bucketing, checks, argument arrays: ~35 µs per released 8-bit parameter on
+    step (bucketing, checks, argument arrays: ~40 µs per released 8-bit parameter on
     CPU), which gradient release pays for every parameter it steps.
     """
 

@@ -167,8 +167,6 @@ class FusedCpu:
             found = self._buckets(lists)
             if memoized:
                 checked.cpu_buckets = found  # type: ignore[union-attr]
-        kahan_comps = lists[-1]
-        assert kahan_comps is not None
         for bucket in found:
             if bucket.strided:
                 part = take_all(lists, bucket.strided)

@@ -474,7 +474,10 @@ class PreparedCall:
         coefficients: Sequence[float],
         keys: Sequence[int] | None = None,
     ) -> None:
-        """One step with these gradients and scalars (keys: as run takes them)."""
+        """One step with these gradients and scalars (keys: as run takes them). The
+        gradients are not checked here beyond their count: the caller has checked them
+        (prepare, in run) or a step memo vouches for them (dense, contiguous, of their
+        parameters' dtype and element counts: host_checks.gradient_addresses)."""
         prepared, switches = self.config, dict(config.switches)
         listed = [dict(prepared.switches).get(name) for name in LIST_SWITCHES]
         if (

@@ -896,7 +896,7 @@ def _split_step(
 
     A step the optimizer checked (core.backends.checked) reuses the last one's split and
     plans while its plan key holds: the memo vouches for every tensor's address, size,
-    block rows, element size and contiguity (core.backends.host_checks) and for each
+    block rows, dtype and contiguity (core.backends.host_checks) and for each
     moment's form, which is all the split, the checks and the plans depend on besides the
     gradients' addresses in the key. The full-precision part is then planned under the
     same key too (its lists are the same subset every such step)."""
