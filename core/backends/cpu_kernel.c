@@ -615,12 +615,23 @@ int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void 
 typedef struct {
     uint32_t group_bits, decode_offset, encode_offset, smallest_code, largest_code,
         lowest_bits, zero_below;
+    /* Bytes 2 and 3 of each code's fp32 value (its bytes 0 and 1 are zero: map values
+     * have at most 5 mantissa bits), for decoding by table lookup; a signed map's entry c
+     * is its magnitude c & 127's. */
+    _Alignas(64) uint8_t value_bytes[2][256];
 } code_map_t;
 /* zero_below: normalized magnitudes with fewer bits take code 0 (else smallest_code). */
 
-static inline code_map_t map_of(const uint32_t *words, int is_signed) {
+static inline float code_value(uint32_t code, const code_map_t *map, int is_signed);
+
+static code_map_t map_of(const uint32_t *words, int is_signed) {
     const uint32_t *w = words + (is_signed ? 0 : MAP_WORDS);
-    code_map_t map = {w[0], w[1], w[2], w[3], w[4], w[5], w[6]};
+    code_map_t map = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], {{0}}};
+    for (uint32_t code = 0; code < 256; code++) {
+        uint32_t bits = as_bits(code_value(is_signed ? code & 0x7fu : code, &map, is_signed));
+        map.value_bytes[0][code] = (uint8_t)(bits >> 16);
+        map.value_bytes[1][code] = (uint8_t)(bits >> 24);
+    }
     return map;
 }
 
@@ -655,11 +666,61 @@ static inline float code_value(uint32_t code, const code_map_t *map, int is_sign
     return as_float(bits | (is_signed ? (code & 0x80u) << 24 : 0u));
 }
 
-/* map[code] · scale in fp32, as core.quantization.dequantize reads a moment back. */
+/* map[code] · scale in fp32, as core.quantization.dequantize reads a moment back. With
+ * AVX-512 VBMI, 64 codes at a time by table: vpermi2b looks up the value's two nonzero
+ * bytes (a signed code's bit 7, which vpermi2b ignores, is then the sign bit; an unsigned
+ * code's selects one of two tables) and unpacking puts them in the high half of each fp32
+ * lane. The unpacks interleave within 128-bit lanes, so the codes are first permuted
+ * (a transpose of 4-byte groups) to come out in order. About half the operations of the
+ * arithmetic decoding below, which CPUs with AVX-512 but not VBMI run. */
 static inline void decode(float *out, const uint8_t *codes, float scale, const code_map_t *map,
                           int is_signed, int64_t count) {
     int64_t j = 0;
-#if CODE_LANES > 1
+#if CODE_LANES > 1 && defined(__AVX512VBMI__)
+    static const uint8_t transpose[64] = {
+        0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, /* */
+        4,  5,  6,  7,  20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55, /* */
+        8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, /* */
+        12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+    const __m512 scales = _mm512_set1_ps(scale);
+    const __m512i order = _mm512_loadu_si512(transpose), zero = _mm512_setzero_si512();
+    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    __m512i table[2][4];
+    for (int byte = 0; byte < 2; byte++)
+        for (int part = 0; part < 4; part++)
+            table[byte][part] = _mm512_load_si512(map->value_bytes[byte] + 64 * part);
+    for (; j < count; j += 64) {
+        const int full = count - j >= 64;
+        const __mmask64 lanes = full ? ~0ull : (1ull << (count - j)) - 1;
+        __m512i code = full ? _mm512_loadu_si512(codes + j)
+                            : _mm512_maskz_loadu_epi8(lanes, codes + j);
+        code = _mm512_permutexvar_epi8(order, code);
+        __m512i bytes[2];
+        if (is_signed) {
+            bytes[0] = _mm512_permutex2var_epi8(table[0][0], code, table[0][1]);
+            bytes[1] = _mm512_ternarylogic_epi32( /* the magnitude's byte | (code & sign) */
+                _mm512_permutex2var_epi8(table[1][0], code, table[1][1]), code, sign, 0xf8);
+        } else {
+            const __mmask64 upper = _mm512_movepi8_mask(code);
+            for (int byte = 0; byte < 2; byte++)
+                bytes[byte] = _mm512_mask_blend_epi8(
+                    upper, _mm512_permutex2var_epi8(table[byte][0], code, table[byte][1]),
+                    _mm512_permutex2var_epi8(table[byte][2], code, table[byte][3]));
+        }
+        const __m512i pairs[2] = {_mm512_unpacklo_epi8(bytes[0], bytes[1]),
+                                  _mm512_unpackhi_epi8(bytes[0], bytes[1])};
+        for (int quarter = 0; quarter < 4; quarter++) {
+            __m512i bits = quarter & 1 ? _mm512_unpackhi_epi16(zero, pairs[quarter >> 1])
+                                       : _mm512_unpacklo_epi16(zero, pairs[quarter >> 1]);
+            __m512 value = _mm512_mul_ps(_mm512_castsi512_ps(bits), scales);
+            if (full)
+                _mm512_storeu_ps(out + j + 16 * quarter, value);
+            else
+                _mm512_mask_storeu_ps(out + j + 16 * quarter, (__mmask16)(lanes >> (16 * quarter)),
+                                      value);
+        }
+    }
+#elif CODE_LANES > 1
     const __m512 scales = _mm512_set1_ps(scale);
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
     const __m512i one = _mm512_set1_epi32(1), offset = _mm512_set1_epi32((int)map->decode_offset);
@@ -726,28 +787,31 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
     float inverse = 1.0f / scale;
     int64_t j = 0;
 #if CODE_LANES > 1
-    const __m512 inverses = _mm512_set1_ps(inverse), minus_half = _mm512_set1_ps(-0.5f);
+    const __m512 inverses = _mm512_set1_ps(inverse), integers = _mm512_set1_ps(0x1p23f - 0.5f);
     const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
     const __m512i lowest = _mm512_set1_epi32((int)map->lowest_bits);
     const __m512i zero_below = _mm512_set1_epi32((int)map->zero_below);
     const __m512i offset = _mm512_set1_epi32((int)map->encode_offset);
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
     const __m512i sign = _mm512_set1_epi32(0x80);
-    /* Nothing is clamped above: |x| is at most the scale, so a normalized magnitude is at
+    /* The code, floor(position − 1/2), is found by one addition rounded down: position +
+     * (2^23 − 1/2) lands in [2^23, 2^24), where fp32's units are integers, so its bits are
+     * 2^23's plus the code and the low byte (all that is stored) is the code. Every kept
+     * position is at least 1 (the smallest code's), so the sum never drops below 2^23.
+     * Nothing is clamped above: |x| is at most the scale, so a normalized magnitude is at
      * most 1 + 2^-23, whose position rounds down to the largest code (each map's largest
      * value is 1: map_words checks it). Lanes below zero_below take code 0 through the
-     * conversion's mask; kept lanes hold a code > 0, so m's sign goes on each of them. */
+     * addition's mask; kept lanes hold a code > 0, so m's sign goes on each of them. */
     for (; j + CODE_LANES <= count; j += CODE_LANES) {
         __m512i bits = _mm512_loadu_si512(x + j);
         __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
             _mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_mask)), inverses));
         __m512i position = _mm512_add_epi32(
             _mm512_srl_epi32(_mm512_max_epu32(normalized, lowest), group_bits), offset);
-        __m512 below = _mm512_add_round_ps(_mm512_castsi512_ps(position), minus_half,
-                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         __mmask16 kept = _mm512_cmpge_epu32_mask(normalized, zero_below);
-        __m512i code = _mm512_maskz_cvt_roundps_epu32(kept, below,
-                                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __m512i code = _mm512_castps_si512(
+            _mm512_maskz_add_round_ps(kept, _mm512_castsi512_ps(position), integers,
+                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
         if (is_signed) /* code | (bits >> 24 & sign) in kept lanes, 0 in the others */
             code = _mm512_maskz_ternarylogic_epi32(kept, code, _mm512_srli_epi32(bits, 24), sign,
                                                    0xf8);
@@ -810,18 +874,27 @@ static inline uint32_t top_bits(uint32_t top, float x) {
  * it for a second pass, as rounding a 16-bit θ needs, measured 8% slower. */
 #define THETA_IN_PLACE (DTYPE == 1 && !KAHAN)
 
-/* One block of `count` elements from element `start`, scale index `block`: the 8-bit
- * moments decoded (and 16-bit inputs widened) into L1; update() on every element, keeping
- * the new moments' largest magnitudes (and storing fp32 θ); then the new moments encoded
- * (or rounded) and a 16-bit θ rounded. Each byte of memory is read once and written once.
- * Decoding inside the update pass, by hand or by the vectoriser, measured slower than
- * these separate simple passes. */
-static void update_quantized_block(const quantized_t *q, const scalars_t *s,
-                                   const code_map_t *maps, int64_t start, int64_t count,
-                                   int64_t block) {
-    _Alignas(64) float in_param[CODE_BLOCK], in_comp[CODE_BLOCK], in_grad[CODE_BLOCK];
-    _Alignas(64) float in_moments[3][CODE_BLOCK];
-    _Alignas(64) float theta[CODE_BLOCK], m[CODE_BLOCK], v[CODE_BLOCK], v_max[CODE_BLOCK];
+/* Blocks stepped in one pass of update_quantized_blocks: two measured about 10% faster
+ * than one from memory on one thread (longer runs of each stream), and more slower. */
+#define PASS_BLOCKS 2
+#define PASS_ELEMENTS (PASS_BLOCKS * CODE_BLOCK)
+
+static inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* `count` elements of one row from element `start`, whose first block's scale index is
+ * `block` (at most PASS_BLOCKS blocks): the 8-bit moments decoded (and 16-bit inputs
+ * widened) into L1; update() on every element, keeping each block's new largest
+ * magnitudes (and storing fp32 θ); then the new moments encoded (or rounded) and a 16-bit
+ * θ rounded. Each byte of memory is read once and written once. Decoding inside the update
+ * pass, by hand or by the vectoriser, measured slower than these separate simple passes. */
+static void update_quantized_blocks(const quantized_t *q, const scalars_t *s,
+                                    const code_map_t *maps, int64_t start, int64_t count,
+                                    int64_t block) {
+    _Alignas(64) float in_param[PASS_ELEMENTS], in_comp[PASS_ELEMENTS], in_grad[PASS_ELEMENTS];
+    _Alignas(64) float in_moments[3][PASS_ELEMENTS];
+    _Alignas(64) float theta[PASS_ELEMENTS], m[PASS_ELEMENTS], v[PASS_ELEMENTS],
+        v_max[PASS_ELEMENTS];
+    const int64_t blocks = (count + CODE_BLOCK - 1) / CODE_BLOCK;
     widened_t inputs = {0, 0, 0, 0, 0, 0};
     inputs.grad = widened_block(in_grad, q->grad + start, count);
     if (READS_PARAM) inputs.param = widened_block(in_param, q->param + start, count);
@@ -831,8 +904,10 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s,
     for (int which = 0; which < 3; which++) {
         if (!(which == 2 ? WRITES_V_MAX : READS_MOMENTS)) continue;
         if (eight_bit[which]) {
-            decode(in_moments[which], (const uint8_t *)q->moments[which] + start,
-                   q->absmax[which][block], &maps[which == 0 ? 0 : 1], which == 0, count);
+            for (int64_t k = 0, j = 0; k < blocks; k++, j += CODE_BLOCK)
+                decode(in_moments[which] + j, (const uint8_t *)q->moments[which] + start + j,
+                       q->absmax[which][block + k], &maps[which == 0 ? 0 : 1], which == 0,
+                       smaller(count - j, CODE_BLOCK));
             moments[which] = in_moments[which];
         } else {
             moments[which] = widened_block(in_moments[which],
@@ -845,28 +920,34 @@ static void update_quantized_block(const quantized_t *q, const scalars_t *s,
     const tensors_t t = {q->param, q->comp, 0, 0, 0, q->grad, q->key};
     const scalars_t local = *s; /* not aliased by the stores below, as far as the compiler knows */
     store_t *restrict param = q->param + start;
-    uint32_t top_m = 0, top_v = 0, top_v_max = 0;
-    for (int64_t j = 0; j < count; j++) {
-        result_t r = update(&t, &inputs, &local, j);
-        if (WRITES_PARAM && THETA_IN_PLACE)
-            param[j] = r.theta;
-        else if (WRITES_PARAM)
-            theta[j] = r.theta;
-        if (WRITES_M) m[j] = r.m;
-        v[j] = r.v;
-        if (WRITES_V_MAX) v_max[j] = r.v_max;
-        if (M_8BIT) top_m = top_bits(top_m, r.m);
-        if (V_8BIT) top_v = top_bits(top_v, r.v);
-        if (V_MAX_8BIT && WRITES_V_MAX) top_v_max = top_bits(top_v_max, r.v_max);
+    uint32_t tops[3][PASS_BLOCKS];
+    for (int64_t k = 0; k < blocks; k++) {
+        uint32_t top_m = 0, top_v = 0, top_v_max = 0;
+        for (int64_t j = k * CODE_BLOCK; j < smaller(count, (k + 1) * CODE_BLOCK); j++) {
+            result_t r = update(&t, &inputs, &local, j);
+            if (WRITES_PARAM && THETA_IN_PLACE)
+                param[j] = r.theta;
+            else if (WRITES_PARAM)
+                theta[j] = r.theta;
+            if (WRITES_M) m[j] = r.m;
+            v[j] = r.v;
+            if (WRITES_V_MAX) v_max[j] = r.v_max;
+            if (M_8BIT) top_m = top_bits(top_m, r.m);
+            if (V_8BIT) top_v = top_bits(top_v, r.v);
+            if (V_MAX_8BIT && WRITES_V_MAX) top_v_max = top_bits(top_v_max, r.v_max);
+        }
+        tops[0][k] = top_m;
+        tops[1][k] = top_v;
+        tops[2][k] = top_v_max;
     }
     const float *results[3] = {m, v, v_max};
-    const uint32_t tops[3] = {top_m, top_v, top_v_max};
     for (int which = 0; which < 3; which++) {
         if (!(which == 0 ? WRITES_M : which == 1 ? 1 : WRITES_V_MAX)) continue;
         if (eight_bit[which])
-            encode((uint8_t *)q->moments[which] + start, q->absmax[which] + block,
-                   results[which], tops[which], &maps[which == 0 ? 0 : 1], which == 0,
-                   count);
+            for (int64_t k = 0, j = 0; k < blocks; k++, j += CODE_BLOCK)
+                encode((uint8_t *)q->moments[which] + start + j, q->absmax[which] + block + k,
+                       results[which] + j, tops[which][k], &maps[which == 0 ? 0 : 1],
+                       which == 0, smaller(count - j, CODE_BLOCK));
         else
             put_all((store_t *)q->moments[which] + start, results[which], count);
     }
@@ -879,7 +960,7 @@ typedef struct {
     void *const *lists[9]; /* param, grad, comp, then codes (or elements) and absmax of m,
                               v, v_max */
     const uint32_t *keys;  /* under STOCHASTIC, one per tensor; else null */
-    code_map_t maps[2];    /* signed (m), unsigned (v, v_max) */
+    const code_map_t *maps; /* signed (m), unsigned (v, v_max) */
     scalars_t scalars;
     int64_t begin, end; /* this share, in blocks of the concatenation of every tensor */
 } quantized_share_t;
@@ -909,11 +990,11 @@ static void *run_quantized_share(void *arg) {
                          {(float *)entry(l[4], k), (float *)entry(l[6], k),
                           (float *)entry(l[8], k)}};
         int64_t per_row = blocks_per_row(row_length);
-        for (int64_t b = begin; b < end; b++) {
+        for (int64_t b = begin, in_pass; b < end; b += in_pass) { /* never past a row's end */
             int64_t row = b / per_row, column = (b - row * per_row) * CODE_BLOCK;
-            int64_t count = row_length - column < CODE_BLOCK ? row_length - column : CODE_BLOCK;
-            update_quantized_block(&q, &w->scalars, w->maps, row * row_length + column, count,
-                                   b);
+            in_pass = smaller(smaller(per_row - (b - row * per_row), PASS_BLOCKS), end - b);
+            update_quantized_blocks(&q, &w->scalars, w->maps, row * row_length + column,
+                                    smaller(row_length - column, in_pass * CODE_BLOCK), b);
         }
         offset += blocks;
     }
@@ -937,6 +1018,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
     }
     int64_t shares = share_count(total, threads);
     int64_t per_share = (blocks + shares - 1) / shares;
+    const code_map_t maps[2] = {map_of(map_words, 1), map_of(map_words, 0)};
     quantized_share_t work[MAX_THREADS];
     for (int64_t j = 0; j < shares; j++) {
         quantized_share_t w = {count,
@@ -946,7 +1028,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                                 exp_avg_sq_codes, exp_avg_sq_absmax, max_exp_avg_sq_codes,
                                 max_exp_avg_sq_absmax},
                                keys,
-                               {map_of(map_words, 1), map_of(map_words, 0)},
+                               maps,
                                make_scalars(coefficients),
                                j * per_share,
                                (j + 1) * per_share};

@@ -131,10 +131,12 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
     """The -march flags to try in order: native first, for AVX-512's 16-bit rounding
     instructions and the widest vectors this CPU has, then portable code. Setting
     ADAMKIT_PORTABLE_KERNELS=1 builds only the portable code (for a cache shared by
-    machines with different CPUs, and to test the software rounding on any machine)."""
+    machines with different CPUs, and to test the software rounding on any machine);
+    ADAMKIT_KERNEL_MARCH=<cpu> builds for that -march instead of native (the oldest CPU
+    of a cluster sharing a cache, and to test the paths of CPUs this one outdoes)."""
     if os.environ.get("ADAMKIT_PORTABLE_KERNELS", "") not in ("", "0"):
         return ((),)
-    return (("-march=native",), ())
+    return ((f"-march={os.environ.get('ADAMKIT_KERNEL_MARCH') or 'native'}",), ())
 
 
 def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...], ...]) -> None:
