@@ -79,7 +79,15 @@ def _with_gradients(
 
 _LOW_PRECISION = frozenset(LOW_PRECISION_DTYPES)
 
-MEMO_FLAGS = ("foreach", "fused", "amsgrad", "kahan_sum", "state_precision", "stochastic_rounding")
+MEMO_FLAGS = (
+    "foreach",
+    "fused",
+    "amsgrad",
+    "kahan_sum",
+    "state_precision",
+    "stochastic_rounding",
+    "rounding_seed",
+)
 """Group keys that decide which lists a step hands its backend and which backend runs:
 a step memo holds only while they keep the values it was made with."""
 
@@ -97,8 +105,11 @@ class StepMemo(CheckedStep):
     block rows, dtype and contiguity; unchanged flags; gradients that are plain, dense,
     contiguous and of their parameter's dtype and element count. Anything else takes the
     full path, which checks everything as before and makes a new memo. Memos are made for
-    groups rounded to nearest or with Kahan buffers, on plain tensors, with either state
-    precision; stochastic rounding and tensor subclasses always take the full path.
+    groups rounded to nearest, with Kahan buffers or stochastically, on plain tensors, with
+    either state precision; tensor subclasses and optimizer accumulation always take the
+    full path. A stochastically rounded memo keeps each parameter's seed and stream (its
+    position among all the optimizer's parameters) and checks that the positions still
+    hold (`streams`); each step then rounds at its own step number (step_lists).
 
     With state_precision='8bit' a group's moments come in two forms (parameters under
     MIN_QUANTIZED_NUMEL keep theirs full), so a moment is three columns: its tensors, its
@@ -144,6 +155,10 @@ class StepMemo(CheckedStep):
     scalar_access."""
     scalar_access: HostScalarAccess | None = None
     """Reads and writes those scalars in one C call each (None: no replays)."""
+    streams: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None
+    """Under stochastic rounding, what the parameters' streams (positions) rest on: the
+    group's index in param_groups, the lengths of the groups before it, and each
+    parameter's index in its group's params."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -531,14 +546,15 @@ def step_lists(
     """The lists of the parameters at indices for the step numbered `step`: stochastic
     rounding (in the last, rounding list) draws that step's random bits."""
     lists = [subset(values, indices) for values in tensor_lists]
-    rounding = lists[-1]
-    if (
-        rounding is not None
-        and checked_for(lists[0]) is None  # a memoized step never rounds stochastically
-        and StochasticRounding in set(map(type, rounding))
-    ):
-        lists[-1] = [r.at_step(int(step)) if type(r) is StochasticRounding else r for r in rounding]
+    lists[-1] = rounding_at_step(lists[-1], step)
     return lists
+
+
+def rounding_at_step(rounding: Sequence[Any] | None, step: float) -> Sequence[Any] | None:
+    """A rounding list whose stochastic roundings draw the bits of step `step`."""
+    if rounding is None or StochasticRounding not in set(map(type, rounding)):
+        return rounding
+    return [r.at_step(int(step)) if type(r) is StochasticRounding else r for r in rounding]
 
 
 def call_backend(
@@ -1156,6 +1172,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         step_function, lists = memo.replay
         lists = lists.copy()
         lists[1] = (grad,)
+        # stochastic rounding draws this step's bits: step_lists' step + 1, the twin's too
+        lists[-1] = rounding_at_step(lists[-1], twin.before[memo.host_keys.index("step")] + 1)
         token = vouch(memo)
         try:
             step_function(*lists, twin.coefficients)
@@ -1208,11 +1226,16 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> StepMemo | None:
         """A memo to make during this step, where the group's step can have one."""
-        if group["stochastic_rounding"] or self.optimizer_accumulation:
+        if self.optimizer_accumulation:
             return None
         layout = host_checks().parameter_layout(params)
         if layout is None:  # a subclass or a parameter without storage: the full path
             return None
+        streams = None
+        if group["stochastic_rounding"]:
+            streams = self._stream_layout(group, params)
+            if streams is None:
+                return None
         return StepMemo(
             params=tuple(params),
             group=group,
@@ -1222,6 +1245,40 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             states=tuple(states),
             windowless=not any(map(operator.contains, states, repeat("window_microbatches"))),
             param_layout=layout,
+            streams=streams,
+        )
+
+    def _stream_layout(
+        self, group: dict[str, Any], params: Sequence[Tensor]
+    ) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
+        """StepMemo.streams for params of group (None if a parameter is not in it)."""
+        index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+        if index is None:
+            return None
+        lengths = tuple(len(g["params"]) for g in self.param_groups[:index])
+        positions = self._rounding_streams()
+        start = sum(lengths)
+        within = tuple(positions.get(p, -1) - start for p in params)
+        members = group["params"]
+        pairs = zip(within, params, strict=True)
+        if not all(0 <= i < len(members) and members[i] is p for i, p in pairs):
+            return None
+        return index, lengths, within
+
+    def _streams_hold(self, memo: StepMemo, group: dict[str, Any]) -> bool:
+        """Whether memo's parameters still sit where their streams say (StepMemo.streams):
+        O(groups + parameters stepped), where finding every position is O(all parameters)."""
+        if memo.streams is None:
+            return True
+        index, lengths, within = memo.streams
+        groups = self.param_groups
+        if index >= len(groups) or groups[index] is not group:
+            return False
+        if any(len(g["params"]) != n for g, n in zip(groups[:index], lengths, strict=True)):
+            return False
+        members = group["params"]
+        return all(
+            i < len(members) and members[i] is p for i, p in zip(within, memo.params, strict=True)
         )
 
     def _memo_complete(self, memo: StepMemo) -> bool:
@@ -1231,7 +1288,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         rounding = memo.rounding
         if rounding is None:
             return False
-        if any(comp is not None for comp in rounding):
+        if any(isinstance(comp, Tensor) for comp in rounding):
             memo.columns["kahan_comp"] = rounding  # checked as a column of the states below
         checks = host_checks()
         for key, column in memo.columns.items():
@@ -1266,6 +1323,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             or memo.flags != _memo_flags(group)
             or len(params) != len(memo.params)
             or not all(map(operator.is_, params, memo.params))
+            or not self._streams_hold(memo, group)
         ):
             return None
         checks = host_checks()

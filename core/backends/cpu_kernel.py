@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -468,6 +468,9 @@ class PreparedCall:
     """adamkit_step's exp_avgs, exp_avg_sqs, max_exp_avg_sqs; adamkit_step_q8's codes
     (or full-precision elements) and scales of each."""
     comps: ctypes.Array | None
+    functions: dict[KernelConfig, ctypes._CFuncPtr] = field(default_factory=dict)  # type: ignore[name-defined]
+    """The compiled step of each configuration called so far: found once (finding it reads
+    the environment's build choices, ~1 µs a variable, each call of a released step)."""
 
     def call(
         self,
@@ -499,7 +502,9 @@ class PreparedCall:
         if len(coefficients) != COEFFICIENT_COUNT:
             raise ValueError(f"Invalid coefficients: {len(coefficients)} values. Allowed: 10.")
         key_array = _key_array(config, keys, self.count)
-        function = kernel(config)
+        function = self.functions.get(config)
+        if function is None:
+            function = self.functions[config] = kernel(config)
         scalars = (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients)
         threads = torch.get_num_threads()
         if config.quantized:

@@ -397,11 +397,13 @@ SMALL_QUANTIZED_SHAPES = ((16, 300, torch.float32), (37, torch.float32), (64, 64
 """The same mix at the smallest quantized size, for the interpreted Triton backend."""
 
 
-def _quantized_memo_twins(
-    backend: str, released: bool, shapes: tuple[tuple[Any, ...], ...] = QUANTIZED_SHAPES
+def _twins_with_and_without_memos(
+    backend: str, shapes: tuple[tuple[Any, ...], ...], reference_without: str, **options: Any
 ) -> tuple[Twin, Twin]:
-    """Twins with `backend`'s flags and 8-bit state, one without memos (the full path every
-    step: the reference, which runs the very same kernels), after two compared steps."""
+    """(reference, other): AdamW twins with `backend`'s flags and `options` on equal
+    parameters of `shapes` (each a shape, then a dtype); the reference's method
+    `reference_without` answers None, so it never reuses (_checked_memo) or never makes
+    (_new_memo) a memo."""
     generator = torch.Generator().manual_seed(0)
     twins = []
     for memos in (False, True):
@@ -411,11 +413,21 @@ def _quantized_memo_twins(
             for shape in shapes
         ]
         flags = {} if backend == "default" else BACKENDS[backend]
-        optimizer = core.AdamW(params, lr=LR, state_precision="8bit", **flags)
+        optimizer = core.AdamW(params, lr=LR, **options, **flags)
         if not memos:
-            optimizer._checked_memo = lambda *args: None  # type: ignore[method-assign]
+            setattr(optimizer, reference_without, lambda *args: None)
         twins.append((params, optimizer))
-    reference, other = twins[0], twins[1]
+    return twins[0], twins[1]
+
+
+def _quantized_memo_twins(
+    backend: str, released: bool, shapes: tuple[tuple[Any, ...], ...] = QUANTIZED_SHAPES
+) -> tuple[Twin, Twin]:
+    """Twins with `backend`'s flags and 8-bit state, one without memos (the full path every
+    step: the reference, which runs the very same kernels), after two compared steps."""
+    reference, other = _twins_with_and_without_memos(
+        backend, shapes, "_checked_memo", state_precision="8bit"
+    )
     for seed in (1, 2):
         _quantized_step(reference, other, seed, released=released)
     return reference, other
@@ -824,3 +836,84 @@ def test_a_parameter_left_inside_an_accumulation_window_is_not_replayed(backend:
     # Parameter 0 updates from a fresh window; the others close theirs (three micro-batches).
     _released_step(twins, 6)
     _released_step(twins, 7)
+
+
+# -- step memos of stochastically rounded groups ----------------------------------------
+
+STOCHASTIC_SHAPES = ((16, 300, torch.bfloat16), (37, torch.bfloat16), (50, torch.float32))
+"""A quantized bf16 parameter, a small bf16 one (full state) and an fp32 one (rounded to
+nearest: nothing to round stochastically)."""
+
+
+def _stochastic_twins(
+    backend: str, state_precision: str, shapes: tuple[tuple[Any, ...], ...]
+) -> tuple[Twin, Twin]:
+    """Twins rounding bf16 parameters stochastically, one that never makes a memo (the
+    reference: the same kernels, called on the full path with nothing vouched for)."""
+    return _twins_with_and_without_memos(
+        backend,
+        shapes,
+        "_new_memo",
+        stochastic_rounding=True,
+        rounding_seed=7,
+        state_precision=state_precision,
+    )
+
+
+def _insert_group_before(params: list[Tensor], optimizer: core.AdamW) -> None:
+    """A group of one parameter (never stepped: no gradient) before the others, so every
+    stepped parameter's stream (its position) moves by one."""
+    optimizer.param_groups.insert(0, {**optimizer.param_groups[0], "params": [torch.zeros(3)]})
+
+
+def _group_holding(params: list[Tensor], optimizer: core.AdamW) -> dict[str, Any]:
+    return next(g for g in optimizer.param_groups if any(p is params[0] for p in g["params"]))
+
+
+def _reseed(params: list[Tensor], optimizer: core.AdamW) -> None:
+    _group_holding(params, optimizer)["rounding_seed"] = 11
+
+
+def _reorder_group(params: list[Tensor], optimizer: core.AdamW) -> None:
+    """The group's first two parameters swapped: each takes the other's stream."""
+    members = _group_holding(params, optimizer)["params"]
+    members[0], members[1] = members[1], members[0]
+
+
+STOCHASTIC_CHANGES = (None, _reseed, None, _insert_group_before, None, _reorder_group, None)
+
+
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", ["default", "fused"])
+def test_stochastically_rounded_steps_reuse_their_memo_and_draw_each_steps_bits(
+    backend: str, released: bool, state_precision: str
+) -> None:
+    """Memoized steps round at their own step number with each parameter's own stream,
+    bit for bit as the full path does, and follow a changed seed and moved streams (a
+    group inserted before, parameters reordered within the group)."""
+    reference, other = _stochastic_twins(backend, state_precision, STOCHASTIC_SHAPES)
+    for seed in (1, 2):  # the first released steps add states, which remakes earlier memos
+        _quantized_step(reference, other, seed, released=released)
+    memos = dict(_memos(other[1], released))
+    assert len(memos) == (len(other[0]) if released else 1)
+    for seed in (3, 4):
+        _quantized_step(reference, other, seed, released=released)
+    assert _memos(other[1], released) == memos, "a memo was made again: none was reused"
+    assert all(memo.streams is not None for memo in memos.values())
+    for seed, change in enumerate(STOCHASTIC_CHANGES, start=5):
+        _quantized_step(reference, other, seed, change, released=released)
+    assert _memos(other[1], released)
+
+
+@pytest.mark.parametrize("backend", ["triton"])  # the id routes the step to Triton (conftest)
+def test_stochastically_rounded_memos_on_the_triton_backend_draw_each_steps_bits(
+    backend: str,
+) -> None:
+    """The same on the Triton backend, released (a shorter run: the interpreter is slow)."""
+    shapes = ((16, 300, torch.bfloat16), (37, torch.bfloat16))
+    reference, other = _stochastic_twins(backend, "8bit", shapes)
+    for seed, change in enumerate((None, None, _insert_group_before, None), start=1):
+        _quantized_step(reference, other, seed, change, released=True)
+    assert _memos(other[1], True)
