@@ -131,12 +131,13 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
     """The -march flags to try in order: native first, for AVX-512's 16-bit rounding
     instructions and the widest vectors this CPU has, then portable code. Setting
     ADAMKIT_PORTABLE_KERNELS=1 builds only the portable code (for a cache shared by
-    machines with different CPUs, and to test the software rounding on any machine);
-    ADAMKIT_KERNEL_MARCH=<cpu> builds for that -march instead of native (the oldest CPU
-    of a cluster sharing a cache, and to test the paths of CPUs this one outdoes)."""
+    machines with different CPUs, and to test the software rounding on any machine).
+    There is deliberately no setting for another -march: code for a CPU this one is not
+    would stop the process with an illegal instruction (tests that build for an older
+    CPU replace this function, after checking that this one runs that code)."""
     if os.environ.get("ADAMKIT_PORTABLE_KERNELS", "") not in ("", "0"):
         return ((),)
-    return ((f"-march={os.environ.get('ADAMKIT_KERNEL_MARCH') or 'native'}",), ())
+    return (("-march=native",), ())
 
 
 def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...], ...]) -> None:
