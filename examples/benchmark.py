@@ -34,6 +34,7 @@ Run: python examples/benchmark.py [--quick] [--composer-only] [--runs N] [--devi
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -287,16 +288,19 @@ its kernel, takes most of the time."""
 
 def eight_bit_host_rows(repeats: int) -> list[tuple[str, float]]:
     """(row, µs per tensor) of AdamW steps over EIGHT_BIT_HOST_SHAPE, kernels included:
-    torch fused, adamkit with full and with 8-bit state, whole steps and released ones
-    (each parameter stepped alone, as gradient release does inside backward)."""
+    torch fused, adamkit with full and with 8-bit state on fp32 parameters and on bf16 ones
+    rounded stochastically, whole steps and released ones (each parameter stepped alone,
+    as gradient release does inside backward)."""
     count, numel = EIGHT_BIT_HOST_SHAPE
     rows = []
     baseline = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))
     rows.append(("torch AdamW(fused=True), step", _best_seconds(baseline.step, 5, repeats)))
-    for precision in ("full", "8bit"):
-        params = make_params(count, numel, torch.float32)
-        optimizer = core.AdamW(params, lr=1e-3, state_precision=precision)
-        name = f"core AdamW, state_precision={precision!r}"
+    stochastic = {"stochastic_rounding": True}
+    variants = [("", torch.float32, {}), (", bf16 + SR", torch.bfloat16, stochastic)]
+    for (suffix, dtype, options), precision in itertools.product(variants, ("full", "8bit")):
+        params = make_params(count, numel, dtype)
+        optimizer = core.AdamW(params, lr=1e-3, state_precision=precision, **options)
+        name = f"core AdamW, state_precision={precision!r}{suffix}"
         rows.append((f"{name}, step", _best_seconds(optimizer.step, 5, repeats)))
 
         def released_steps(params: list[torch.Tensor] = params, optimizer: Any = optimizer) -> None:
@@ -311,8 +315,9 @@ def eight_bit_host_table(repeats: int) -> list[str]:
     count, numel = EIGHT_BIT_HOST_SHAPE
     compiled_checks(wait=True)  # a step memo's checks, in C++ once built
     lines = [
-        f"\nHost work of 8-bit steps: {count} tensors x {numel:,} fp32 parameters, kernels "
-        f"included (step-memo checks in {_checks_language()})\n",
+        f"\nHost work of 8-bit steps: {count} tensors x {numel:,} parameters (fp32; bf16 + SR: "
+        f"bf16, rounded stochastically), kernels included (step-memo checks in "
+        f"{_checks_language()})\n",
         "| optimizer, how stepped | µs per tensor |",
         "|---|---:|",
     ]

@@ -610,28 +610,23 @@ int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void 
  * fp32(t) already holds t's group E in its exponent and t − 2^E in its mantissa. Encoding
  * runs the rule backwards on a normalized magnitude a with bits A ≥ lowest_bits:
  * fp32 bits (A >> g) + encode_offset are t's position between codes, linear within each
- * binade, so the nearest code (ties up) is floor(that − 1/2). */
+ * binade, so the nearest code (ties up) is floor(that − 1/2). After both maps' words
+ * come both maps' value bytes, VALUE_BYTES each: bytes 2 and 3 of each code's fp32 value
+ * (256 of each; bytes 0 and 1 are zero, which map_words checks), for decoding by table
+ * lookup, a signed map's entry c being its magnitude c & 127's. */
 #define MAP_WORDS 7
+#define VALUE_BYTES 512
 typedef struct {
     uint32_t group_bits, decode_offset, encode_offset, smallest_code, largest_code,
         lowest_bits, zero_below;
-    /* Bytes 2 and 3 of each code's fp32 value (its bytes 0 and 1 are zero: map values
-     * have at most 5 mantissa bits), for decoding by table lookup; a signed map's entry c
-     * is its magnitude c & 127's. */
-    _Alignas(64) uint8_t value_bytes[2][256];
+    const uint8_t *value_bytes; /* [2][256], as above */
 } code_map_t;
 /* zero_below: normalized magnitudes with fewer bits take code 0 (else smallest_code). */
 
-static inline float code_value(uint32_t code, const code_map_t *map, int is_signed);
-
-static code_map_t map_of(const uint32_t *words, int is_signed) {
+static inline code_map_t map_of(const uint32_t *words, int is_signed) {
     const uint32_t *w = words + (is_signed ? 0 : MAP_WORDS);
-    code_map_t map = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], {{0}}};
-    for (uint32_t code = 0; code < 256; code++) {
-        uint32_t bits = as_bits(code_value(is_signed ? code & 0x7fu : code, &map, is_signed));
-        map.value_bytes[0][code] = (uint8_t)(bits >> 16);
-        map.value_bytes[1][code] = (uint8_t)(bits >> 24);
-    }
+    const uint8_t *bytes = (const uint8_t *)(words + 2 * MAP_WORDS) + (is_signed ? 0 : VALUE_BYTES);
+    code_map_t map = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], bytes};
     return map;
 }
 
@@ -688,7 +683,7 @@ static inline void decode(float *out, const uint8_t *codes, float scale, const c
     __m512i table[2][4];
     for (int byte = 0; byte < 2; byte++)
         for (int part = 0; part < 4; part++)
-            table[byte][part] = _mm512_load_si512(map->value_bytes[byte] + 64 * part);
+            table[byte][part] = _mm512_loadu_si512(map->value_bytes + 256 * byte + 64 * part);
     for (; j < count; j += 64) {
         const int full = count - j >= 64;
         const __mmask64 lanes = full ? ~0ull : (1ull << (count - j)) - 1;
