@@ -28,7 +28,7 @@ With --threads N (N > 1) torch and adamkit's kernels use N threads and steps are
 by wall time instead, as the thread's CPU time would count only its own share.
 
 Run: python examples/benchmark.py [--quick] [--composer-only] [--runs N] [--device cuda]
-     [--host-time-only] [--eight-bit-only] [--threads N]
+     [--host-time-only] [--eight-bit-only] [--kernel-only] [--threads N]
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ import itertools
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -322,6 +324,131 @@ def eight_bit_host_table(repeats: int) -> list[str]:
         "|---|---:|",
     ]
     lines += [f"| {name} | {seconds * 1e6:.1f} |" for name, seconds in eight_bit_host_rows(repeats)]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+KERNEL_TIMING = Path(__file__).with_name("kernel_timing.c")
+
+
+def _captured_kernel_calls(count: int, numel: int) -> list[tuple[str, Callable[[], None]]]:
+    """adamkit's 8-bit AdamW C call and torch's fused AdamW kernel, each over its own fp32
+    state, as their optimizers make them on a step, to be called again alone."""
+    recorded: dict[str, tuple[Any, ...]] = {}
+    prepared_call, torch_kernel = cpu_kernel.PreparedCall.call, torch._fused_adamw_
+
+    def record_prepared(self: cpu_kernel.PreparedCall, *args: Any) -> None:
+        recorded["adamkit kernel"] = (self, *args)
+        prepared_call(self, *args)
+
+    def record_torch(*args: Any, **kwargs: Any) -> None:
+        recorded["torch kernel"] = (args, kwargs)
+        torch_kernel(*args, **kwargs)
+
+    ours = core.AdamW(
+        make_params(count, numel, torch.float32), lr=1e-3, state_precision="8bit", fused=True
+    )
+    theirs = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))
+    cpu_kernel.PreparedCall.call, torch._fused_adamw_ = record_prepared, record_torch  # type: ignore[method-assign, assignment]
+    try:
+        ours.step()
+        theirs.step()
+    finally:
+        cpu_kernel.PreparedCall.call, torch._fused_adamw_ = prepared_call, torch_kernel  # type: ignore[method-assign]
+    args, kwargs = recorded["torch kernel"]
+
+    # A PreparedCall holds raw addresses, so each call keeps its optimizer (and tensors) alive.
+    def adamkit_kernel(optimizer: Any = ours) -> None:
+        prepared_call(*recorded["adamkit kernel"])
+
+    def torch_fused_kernel(optimizer: Any = theirs) -> None:
+        torch_kernel(*args, **kwargs)
+
+    return [("adamkit kernel", adamkit_kernel), ("torch kernel", torch_fused_kernel)]
+
+
+def _adamw_8bit_config() -> cpu_kernel.KernelConfig:
+    """The kernel configuration core.AdamW(state_precision="8bit", fused=True) steps fp32
+    parameters with (defaults otherwise), read from a real step."""
+    configs = []
+    prepared_call = cpu_kernel.PreparedCall.call
+
+    def record(self: cpu_kernel.PreparedCall, config: cpu_kernel.KernelConfig, *args: Any) -> None:
+        configs.append(config)
+        prepared_call(self, config, *args)
+
+    optimizer = core.AdamW(
+        make_params(1, EIGHT_BIT_HOST_SHAPE[1], torch.float32),
+        lr=1e-3,
+        state_precision="8bit",
+        fused=True,
+    )
+    cpu_kernel.PreparedCall.call = record  # type: ignore[method-assign]
+    try:
+        optimizer.step()
+    finally:
+        cpu_kernel.PreparedCall.call = prepared_call  # type: ignore[method-assign]
+    return configs[0]
+
+
+def _build_kernel_timing(directory: Path) -> Path:
+    """examples/kernel_timing.c built as the kernel is (flags, -march choices, switches)."""
+    executable = directory / "kernel_timing"
+    flags = [flag for flag in cpu_kernel.BASE_FLAGS if flag != "-shared"]
+    sources = [f'-DKERNEL_SOURCE="{cpu_kernel.SOURCE}"', str(KERNEL_TIMING), "-lm"]
+    defines = _adamw_8bit_config().defines()
+    commands = [
+        [cpu_kernel.compiler(), *flags, *cpu_kernel.EXACT_FLAGS, *arch, *defines, *sources]
+        for arch in cpu_kernel.arch_choices()
+    ]
+    cpu_kernel.build_atomically(commands, executable, "examples/kernel_timing.c")  # type: ignore[arg-type]
+    return executable
+
+
+def kernel_only_table(rounds: int) -> list[str]:
+    """ns per element of the fused 8-bit AdamW kernel alone: from the C harness (in L2 and
+    from memory, beside the floor of the bytes it moves) and called from Python beside
+    torch's fused AdamW kernel, each over 20 x 1M fp32 parameters; `rounds` alternating
+    runs, min and median."""
+    count, numel = 20, EIGHT_BIT_NUMEL
+    samples: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="adamkit-kernel-timing-") as name:
+        directory = Path(name)
+        executable = _build_kernel_timing(directory)
+        words = directory / "map_words.bin"
+        words.write_bytes(cpu_kernel.map_words().numpy().astype("<u4").tobytes())
+        shapes = {"in L2 (20 x 2,048)": (2048, 300), "from memory (20 x 1M)": (numel, 1)}
+        for _ in range(rounds):
+            for where, (size, inner) in shapes.items():
+                command = [str(executable), str(words), str(count), str(size), "10", str(inner)]
+                output = subprocess.run(command, capture_output=True, text=True, check=True)
+                for line in output.stdout.splitlines():
+                    kind, value = line.split()
+                    samples.setdefault(f"{kind} {where}", []).append(float(value))
+    calls = _captured_kernel_calls(count, numel)
+    for _ in range(rounds):
+        for name, call in calls:
+            start = _step_clock()
+            call()
+            seconds = _step_clock() - start
+            samples.setdefault(f"{name} from memory (20 x 1M), called from Python", []).append(
+                seconds * 1e9 / (count * numel)
+            )
+    labels = {
+        "step": "adamkit 8-bit AdamW step (C harness)",
+        "floor": "its bytes moved with no arithmetic (C harness)",
+    }
+    lines = [
+        f"\nThe fused 8-bit AdamW kernel alone, fp32, one thread, {rounds} alternating runs "
+        "(examples/kernel_timing.c; Python's calls time the kernels without the rest of a "
+        "step)\n",
+        "| what | ns/element, min | median |",
+        "|---|---:|---:|",
+    ]
+    for key, values in samples.items():
+        kind, _, where = key.partition(" ")
+        label = f"{labels[kind]}, {where}" if kind in labels else key
+        lines.append(f"| {label} | {min(values):.3f} | {statistics.median(values):.3f} |")
     print("\n".join(lines), flush=True)
     return lines
 
@@ -811,6 +938,11 @@ def main() -> None:
         "--eight-bit-only", action="store_true", help="only the 8-bit state table (20 x 1M)"
     )
     parser.add_argument(
+        "--kernel-only",
+        action="store_true",
+        help="only the fused 8-bit AdamW kernel alone (C harness and direct calls), one thread",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -828,7 +960,14 @@ def main() -> None:
             "argument --device: invalid value 'cuda': torch finds no CUDA device here "
             "(torch.cuda.is_available() is False); allowed: 'cpu'"
         )
+    if args.kernel_only and args.threads != 1:
+        parser.error(
+            f"argument --threads: invalid value {args.threads} with --kernel-only; allowed: 1"
+        )
     use_threads(args.threads)
+    if args.kernel_only:
+        kernel_only_table(rounds=3 if args.quick else 15)
+        return
     if args.eight_bit_only:
         shape = (20, EIGHT_BIT_QUICK) if args.quick else (20, EIGHT_BIT_NUMEL)
         eight_bit_table(*shape, steps=3, repeats=2 if args.quick else 5)

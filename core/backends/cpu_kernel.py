@@ -133,8 +133,7 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
     ADAMKIT_PORTABLE_KERNELS=1 builds only the portable code (for a cache shared by
     machines with different CPUs, and to test the software rounding on any machine).
     There is deliberately no setting for another -march: code for a CPU this one is not
-    would stop the process with an illegal instruction (tests that build for an older
-    CPU replace this function, after checking that this one runs that code)."""
+    would stop the process with an illegal instruction."""
     if os.environ.get("ADAMKIT_PORTABLE_KERNELS", "") not in ("", "0"):
         return ((),)
     return (("-march=native",), ())
@@ -680,8 +679,6 @@ QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 MAP_WORDS = 7
 """cpu_kernel.c's MAP_WORDS: the numbers one map's encoding and decoding need."""
-VALUE_BYTES = 512
-"""cpu_kernel.c's VALUE_BYTES: one map's decoding table (bytes 2 and 3 of 256 values)."""
 
 
 def _map_words(spec: CodeMap) -> list[int]:
@@ -703,21 +700,10 @@ def _map_words(spec: CodeMap) -> list[int]:
     ]
 
 
-def _value_bytes(signed: bool) -> Tensor:
-    """cpu_kernel.c's decoding table of one map, from the reference values: bytes 2 and 3
-    of each code's fp32 bits (a signed code c: its magnitude c & 127's), VALUE_BYTES in
-    all. The table drops bytes 0 and 1, so every value must have them zero."""
-    codes = torch.arange(256)
-    bits = map_values(signed, _CPU)[codes & 0x7F if signed else codes].view(torch.int32)
-    if bool((bits & 0xFFFF).any()):
-        raise AssertionError(f"a {'signed' if signed else 'unsigned'} map value has low bits")
-    return torch.cat([(bits >> 16) & 0xFF, (bits >> 24) & 0xFF]).to(torch.uint8)
-
-
 @functools.cache
 def map_words() -> Tensor:
     """What the 8-bit kernels decode and encode with (cpu_kernel.c's code_map_t): the
-    signed map's _map_words, then the unsigned map's, then their decoding tables."""
+    signed map's _map_words, then the unsigned map's."""
     words = _map_words(code_map(True)) + _map_words(code_map(False))
     for signed in (True, False):  # the vector encoder clamps nothing above (cpu_kernel.c)
         largest = map_values(signed, _CPU)[code_map(signed).largest_code]
@@ -725,11 +711,7 @@ def map_words() -> Tensor:
             raise AssertionError(f"the {'signed' if signed else 'unsigned'} map tops at {largest}")
     if len(words) != 2 * MAP_WORDS:
         raise AssertionError(f"{len(words)} map words, where cpu_kernel.c reads {2 * MAP_WORDS}")
-    tables = torch.cat([_value_bytes(True), _value_bytes(False)])
-    if tables.numel() != 2 * VALUE_BYTES:
-        raise AssertionError(f"{tables.numel()} table bytes, where cpu_kernel.c reads 1024")
-    numbers = torch.tensor(words, dtype=torch.int64).to(torch.int32)
-    return torch.cat([numbers, tables.view(torch.int32)]).contiguous()
+    return torch.tensor(words, dtype=torch.int64).to(torch.int32)
 
 
 def _check_config(config: KernelConfig, quantized: bool | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 import core.backends
-from core.backends import cpu_kernel
 
 
 def triton_unavailable_reason() -> str | None:
@@ -34,31 +33,10 @@ def _triton_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(core.backends, "TRITON_DEVICE_TYPES", {"cpu"})
 
 
-AVX512_WITHOUT_VBMI = "skylake-avx512"
-"""A -march with AVX-512 but not VBMI, whose 8-bit decoding is arithmetic, not by table."""
-
-
-def _cpu_has(*flags: str) -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            present = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return all(flag in present for flag in flags)
-
-
 @pytest.fixture(params=["native", "portable"])
 def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both builds of the CPU kernels: -march=native (AVX-512's rounding and 8-bit coding
-    sixteen lanes at a time, on CPUs that have it) and the portable one, all in software.
-    Tests of the 8-bit coding also ask for AVX512_WITHOUT_VBMI (indirect parametrisation),
-    built only (no portable fallback, which would test the wrong code) and only where this
-    CPU can execute it."""
+    sixteen lanes at a time, on CPUs that have it) and the portable one, all in software."""
     if request.param == "portable":
         monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "1")
-    elif request.param == AVX512_WITHOUT_VBMI:
-        if not _cpu_has("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"):
-            pytest.skip(f"this CPU cannot run -march={AVX512_WITHOUT_VBMI} code")
-        choices = ((f"-march={AVX512_WITHOUT_VBMI}",),)
-        monkeypatch.setattr(cpu_kernel, "arch_choices", lambda: choices)
     return str(request.param)

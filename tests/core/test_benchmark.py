@@ -105,3 +105,37 @@ def test_eight_bit_table_reports_every_algorithm_with_its_state_bytes(threads: i
         # m and v at about 1.02 bytes each (ADOPT keeps v in fp32: 4 more), beside torch's 8
         assert bytes_per_param < (5.1 if algorithm == "ADOPT" else 2.1), state
         assert "(torch: 8.00)" in state
+
+
+def test_kernel_only_table_times_the_kernel_beside_its_floor_and_torch() -> None:
+    """--kernel-only builds examples/kernel_timing.c around the kernel users run and times
+    it in L2 and from memory, beside the bytes it moves and torch's fused kernel."""
+    command = [sys.executable, "examples/benchmark.py", "--kernel-only", "--quick"]
+    output = run_worker(command, timeout=600).stdout
+    rows = {
+        cells[0]: [float(cell) for cell in cells[1:]]
+        for line in output.splitlines()
+        if line.startswith("| ") and not line.startswith(("| what", "|---"))
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    expected = [
+        f"{what}, {where}"
+        for where in ("in L2 (20 x 2,048)", "from memory (20 x 1M)")
+        for what in (
+            "adamkit 8-bit AdamW step (C harness)",
+            "its bytes moved with no arithmetic (C harness)",
+        )
+    ] + [
+        f"{name} from memory (20 x 1M), called from Python"
+        for name in ("adamkit kernel", "torch kernel")
+    ]
+    assert sorted(rows) == sorted(expected), output
+    assert all(0 < low <= median for low, median in rows.values()), rows
+
+
+@pytest.mark.bad_input
+def test_kernel_only_refuses_more_threads_by_name() -> None:
+    command = [sys.executable, "examples/benchmark.py", "--kernel-only", "--threads", "2"]
+    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "argument --threads: invalid value 2 with --kernel-only; allowed: 1" in result.stderr

@@ -44,7 +44,6 @@ from core.quantization import (
     quantize,
     quantized_state,
 )
-from tests.core.conftest import AVX512_WITHOUT_VBMI
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 from tests.core.test_quantization import code_positions
 
@@ -88,9 +87,6 @@ PRECISIONS: dict[str, tuple[torch.dtype, bool]] = {
     "fp16-kahan": (torch.float16, True),
 }
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-CODING_BUILDS = ["native", AVX512_WITHOUT_VBMI, "portable"]
-"""Builds whose 8-bit coding differs: by table (AVX-512 VBMI), arithmetic sixteen lanes at a
-time (AVX-512), and in software."""
 
 
 def _make(case: str, precision: str, lr: float = LR) -> Callable[..., core.AdamFamilyOptimizer]:
@@ -408,15 +404,14 @@ def test_functional_form_takes_quantized_moments(algorithm: str) -> None:
 # -- the encoding on its own -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel_build", CODING_BUILDS, indirect=True)
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_kernel_encoding_equals_the_reference_on_every_midpoint(
     signed: bool, kernel_build: str
 ) -> None:
     """Every midpoint (ties round up) and both its float neighbours, zeros, tiny and
     subnormal values, at absmax 1 and scaled; blocks with NaN or infinity, and blocks of
-    subnormals. Every build: AVX-512 codes sixteen lanes at a time in floating point, the
-    portable one each value in integers."""
+    subnormals. Both builds: the native one codes sixteen lanes at a time in floating
+    point, the portable one each value in integers."""
     points = torch.cat([midpoints(signed), -midpoints(signed)])
     up, down = torch.tensor(2.0), torch.tensor(-2.0)
     values = torch.cat(
@@ -446,18 +441,16 @@ def test_kernel_encoding_equals_the_reference_on_every_midpoint(
         torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("kernel_build", CODING_BUILDS, indirect=True)
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_kernel_decoding_equals_the_reference_for_every_code(
     signed: bool, kernel_build: str
 ) -> None:
-    """Every code, in full blocks and in a row's last partial block (masked lanes where
-    decoding is by table, software lanes in the arithmetic build), at scales from
-    subnormal-producing to huge, NaN and 0."""
+    """Every code, in full blocks and in a row's last partial block (the lanes the native
+    build decodes in software), at scales from subnormal-producing to huge, NaN and 0."""
     generator = torch.Generator().manual_seed(3)
     codes = torch.cat([torch.arange(256), torch.randperm(256, generator=generator)])
-    # 3 blocks, the last of 77: its last 13 lanes (masked, or in software) hold the
-    # smallest codes of both maps, the unused ones and m's signed ones
+    # 3 blocks, the last of 77: its last 13 lanes (the native build's software lanes)
+    # hold the smallest codes of both maps, the unused ones and m's signed ones
     ends = torch.tensor([0, 1, 2, 3, 4, 127, 128, 129, 130, 131, 200, 254, 255])
     codes = torch.cat([codes, torch.arange(64), ends]).to(torch.uint8)
     for scales in ([1.0, 0.37, 3e-3], [2.0**-126, 1e30, 3.0e38], [float("nan"), 0.0, 5.0]):
