@@ -78,11 +78,11 @@ int main(int argc, char **argv) {
         sizes[k] = numel;
         params[k] = zeroed(numel * sizeof(float));
         grads[k] = zeroed(numel * sizeof(float));
-        for (int64_t i = 0; i < numel; i++) { /* θ in [-0.5, 0.5), gradients 100x smaller */
+        for (int64_t i = 0; i < numel; i++) { /* θ in [-0.5, 0.5) */
             seed = seed * 1664525u + 1013904223u;
             params[k][i] = (float)(seed >> 8) * 0x1p-24f - 0.5f;
-            grads[k][i] = 0.01f * params[k][numel - 1 - i];
         }
+        for (int64_t i = 0; i < numel; i++) grads[k][i] = 0.01f * params[k][numel - 1 - i];
         m_codes[k] = zeroed(numel);
         v_codes[k] = zeroed(numel);
         m_absmax[k] = zeroed(numel / CODE_BLOCK * sizeof(float));
