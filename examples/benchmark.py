@@ -424,7 +424,10 @@ def kernel_only_table(rounds: int) -> list[str]:
                 output = subprocess.run(command, capture_output=True, text=True, check=True)
                 for line in output.stdout.splitlines():
                     kind, value = line.split()
-                    samples.setdefault(f"{kind} {where}", []).append(float(value))
+                    if kind == "idle" and value != "0":
+                        raise RuntimeError(f"kernel_timing: {value} blocks skipped encoding")
+                    if kind != "idle":
+                        samples.setdefault(f"{kind} {where}", []).append(float(value))
     calls = _captured_kernel_calls(count, numel)
     for _ in range(rounds):
         for name, call in calls:

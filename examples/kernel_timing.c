@@ -7,10 +7,12 @@
  * Usage: kernel_timing WORDS_FILE COUNT NUMEL REPEATS INNER
  *   WORDS_FILE: cpu_kernel.map_words() as raw little-endian uint32 (both code maps).
  * Prints two lines, each the best of REPEATS timings of INNER calls in ns per element
- * (this thread's CPU time, so other processes' time slices do not count):
+ * (this thread's CPU time, so other processes' time slices do not count), then a check:
  *   step  <ns>   adamkit_step_q8 over COUNT fp32 tensors of NUMEL elements, one thread
  *   floor <ns>   the same bytes moved with almost no arithmetic: read grad, θ and both
- *                moments' codes, write θ and the codes (16 bytes per element) */
+ *                moments' codes, write θ and the codes (16 bytes per element)
+ *   idle  <n>    blocks whose m or v scale is not positive after the last step: such a
+ *                block skips encoding, so a timing with any is not the full work */
 #include KERNEL_SOURCE
 
 #include <stdio.h>
@@ -109,7 +111,12 @@ int main(int argc, char **argv) {
             best_floor = floor < best_floor ? floor : best_floor;
         }
     }
+    long idle = 0;
+    for (int64_t k = 0; k < count; k++)
+        for (int64_t b = 0; b < numel / CODE_BLOCK; b++)
+            idle += !(m_absmax[k][b] > 0) || !(v_absmax[k][b] > 0);
     const double elements = (double)count * (double)numel * inner;
-    printf("step %.4f\nfloor %.4f\n", 1e9 * best_step / elements, 1e9 * best_floor / elements);
+    printf("step %.4f\nfloor %.4f\nidle %ld\n", 1e9 * best_step / elements,
+           1e9 * best_floor / elements, idle);
     return 0;
 }
