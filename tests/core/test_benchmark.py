@@ -72,18 +72,26 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
 
 
 @pytest.mark.bad_input
-def test_runs_below_one_are_refused_by_name() -> None:
-    command = [sys.executable, "examples/benchmark.py", "--quick", "--runs", "0"]
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--quick", "--runs", "0"], "argument --runs: invalid value 0; allowed: an integer >= 1"),
+        (
+            ["--eight-bit-only", "--threads", "0"],
+            "argument --threads: invalid value 0; allowed: an integer >= 1",
+        ),
+        (
+            ["--kernel-only", "--threads", "2"],
+            "argument --threads: invalid value 2 with --kernel-only; allowed: 1",
+        ),
+    ],
+    ids=["runs", "threads", "kernel-only-threads"],
+)
+def test_bad_arguments_are_refused_by_name(arguments: list[str], message: str) -> None:
+    command = [sys.executable, "examples/benchmark.py", *arguments]
     result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
     assert result.returncode == 2
-    assert "argument --runs: invalid value 0; allowed: an integer >= 1" in result.stderr
-
-
-def test_threads_below_one_are_refused_by_name() -> None:
-    command = [sys.executable, "examples/benchmark.py", "--eight-bit-only", "--threads", "0"]
-    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "argument --threads: invalid value 0; allowed: an integer >= 1" in result.stderr
+    assert message in result.stderr
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -131,11 +139,3 @@ def test_kernel_only_table_times_the_kernel_beside_its_floor_and_torch() -> None
     ]
     assert sorted(rows) == sorted(expected), output
     assert all(0 < low <= median for low, median in rows.values()), rows
-
-
-@pytest.mark.bad_input
-def test_kernel_only_refuses_more_threads_by_name() -> None:
-    command = [sys.executable, "examples/benchmark.py", "--kernel-only", "--threads", "2"]
-    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "argument --threads: invalid value 2 with --kernel-only; allowed: 1" in result.stderr
