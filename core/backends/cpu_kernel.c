@@ -660,8 +660,9 @@ static inline float code_value(uint32_t code, const code_map_t *map, int is_sign
  * int-to-fp32 conversion, a shift and a masked add, the scale's product, and for m an and
  * and a ternary-logic or (the code is widened with its sign extended, so bit 31 is
  * already the sign). Decoding by table lookup instead (AVX-512 VBMI's vpermi2b, about
- * half the operations) measured 5-10% slower for the whole step on a Zen 5 EPYC: the
- * byte permutes and unpacks all queue for the shuffle units, which this uses once. */
+ * half the operations) made the whole step about 8% slower from memory on a Zen 5 EPYC,
+ * and no faster in L2: its byte permutes and unpacks all queue for the shuffle units,
+ * which this uses once per 16 codes. */
 static inline void decode(float *out, const uint8_t *codes, float scale, const code_map_t *map,
                           int is_signed, int64_t count) {
     int64_t j = 0;
