@@ -550,6 +550,14 @@ def step_lists(
     return lists
 
 
+def _sit_at(members: Sequence[Tensor], indices: Sequence[int], params: Sequence[Tensor]) -> bool:
+    """Whether each of params is members[index] at its index (a stochastic rounding
+    stream rests on it: StepMemo.streams)."""
+    return all(
+        0 <= i < len(members) and members[i] is p for i, p in zip(indices, params, strict=True)
+    )
+
+
 def rounding_at_step(rounding: Sequence[Any] | None, step: float) -> Sequence[Any] | None:
     """A rounding list whose stochastic roundings draw the bits of step `step`."""
     if rounding is None or StochasticRounding not in set(map(type, rounding)):
@@ -1259,9 +1267,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         positions = self._rounding_streams()
         start = sum(lengths)
         within = tuple(positions.get(p, -1) - start for p in params)
-        members = group["params"]
-        pairs = zip(within, params, strict=True)
-        if not all(0 <= i < len(members) and members[i] is p for i, p in pairs):
+        if not _sit_at(group["params"], within, params):
             return None
         return index, lengths, within
 
@@ -1276,10 +1282,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return False
         if any(len(g["params"]) != n for g, n in zip(groups[:index], lengths, strict=True)):
             return False
-        members = group["params"]
-        return all(
-            i < len(members) and members[i] is p for i, p in zip(within, memo.params, strict=True)
-        )
+        return _sit_at(group["params"], within, memo.params)
 
     def _memo_complete(self, memo: StepMemo) -> bool:
         """Whether the step that made memo left it all a later step needs: every list it

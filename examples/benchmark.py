@@ -331,9 +331,13 @@ def eight_bit_host_table(repeats: int) -> list[str]:
 KERNEL_TIMING = Path(__file__).with_name("kernel_timing.c")
 
 
-def _captured_kernel_calls(count: int, numel: int) -> list[tuple[str, Callable[[], None]]]:
-    """adamkit's 8-bit AdamW C call and torch's fused AdamW kernel, each over its own fp32
-    state, as their optimizers make them on a step, to be called again alone."""
+def _captured_kernel_calls(
+    count: int, numel: int
+) -> tuple[cpu_kernel.KernelConfig, list[tuple[str, Callable[[], None]]]]:
+    """The kernel configuration core.AdamW(state_precision="8bit", fused=True) steps fp32
+    parameters with, and its C call and torch's fused AdamW kernel, each over its own
+    state of count x numel, as their optimizers make them on a step, to be called again
+    alone."""
     recorded: dict[str, tuple[Any, ...]] = {}
     prepared_call, torch_kernel = cpu_kernel.PreparedCall.call, torch._fused_adamw_
 
@@ -355,48 +359,26 @@ def _captured_kernel_calls(count: int, numel: int) -> list[tuple[str, Callable[[
         theirs.step()
     finally:
         cpu_kernel.PreparedCall.call, torch._fused_adamw_ = prepared_call, torch_kernel  # type: ignore[method-assign]
-    args, kwargs = recorded["torch kernel"]
+    ours_call, (args, kwargs) = recorded["adamkit kernel"], recorded["torch kernel"]
 
     # A PreparedCall holds raw addresses, so each call keeps its optimizer (and tensors) alive.
     def adamkit_kernel(optimizer: Any = ours) -> None:
-        prepared_call(*recorded["adamkit kernel"])
+        prepared_call(*ours_call)
 
     def torch_fused_kernel(optimizer: Any = theirs) -> None:
         torch_kernel(*args, **kwargs)
 
-    return [("adamkit kernel", adamkit_kernel), ("torch kernel", torch_fused_kernel)]
+    calls = [("adamkit kernel", adamkit_kernel), ("torch kernel", torch_fused_kernel)]
+    return ours_call[1], calls
 
 
-def _adamw_8bit_config() -> cpu_kernel.KernelConfig:
-    """The kernel configuration core.AdamW(state_precision="8bit", fused=True) steps fp32
-    parameters with (defaults otherwise), read from a real step."""
-    configs = []
-    prepared_call = cpu_kernel.PreparedCall.call
-
-    def record(self: cpu_kernel.PreparedCall, config: cpu_kernel.KernelConfig, *args: Any) -> None:
-        configs.append(config)
-        prepared_call(self, config, *args)
-
-    optimizer = core.AdamW(
-        make_params(1, EIGHT_BIT_HOST_SHAPE[1], torch.float32),
-        lr=1e-3,
-        state_precision="8bit",
-        fused=True,
-    )
-    cpu_kernel.PreparedCall.call = record  # type: ignore[method-assign]
-    try:
-        optimizer.step()
-    finally:
-        cpu_kernel.PreparedCall.call = prepared_call  # type: ignore[method-assign]
-    return configs[0]
-
-
-def _build_kernel_timing(directory: Path) -> Path:
-    """examples/kernel_timing.c built as the kernel is (flags, -march choices, switches)."""
+def _build_kernel_timing(directory: Path, config: cpu_kernel.KernelConfig) -> Path:
+    """examples/kernel_timing.c built as the kernel of config is (flags, -march choices,
+    switches)."""
     executable = directory / "kernel_timing"
     flags = [flag for flag in cpu_kernel.BASE_FLAGS if flag != "-shared"]
     sources = [f'-DKERNEL_SOURCE="{cpu_kernel.SOURCE}"', str(KERNEL_TIMING), "-lm"]
-    defines = _adamw_8bit_config().defines()
+    defines = config.defines()
     commands = [
         [cpu_kernel.compiler(), *flags, *cpu_kernel.EXACT_FLAGS, *arch, *defines, *sources]
         for arch in cpu_kernel.arch_choices()
@@ -412,9 +394,10 @@ def kernel_only_table(rounds: int) -> list[str]:
     runs, min and median."""
     count, numel = 20, EIGHT_BIT_NUMEL
     samples: dict[str, list[float]] = {}
+    config, calls = _captured_kernel_calls(count, numel)
     with tempfile.TemporaryDirectory(prefix="adamkit-kernel-timing-") as name:
         directory = Path(name)
-        executable = _build_kernel_timing(directory)
+        executable = _build_kernel_timing(directory, config)
         words = directory / "map_words.bin"
         words.write_bytes(cpu_kernel.map_words().numpy().astype("<u4").tobytes())
         shapes = {"in L2 (20 x 2,048)": (2048, 300), "from memory (20 x 1M)": (numel, 1)}
@@ -428,7 +411,6 @@ def kernel_only_table(rounds: int) -> list[str]:
                         raise RuntimeError(f"kernel_timing: {value} blocks skipped encoding")
                     if kind != "idle":
                         samples.setdefault(f"{kind} {where}", []).append(float(value))
-    calls = _captured_kernel_calls(count, numel)
     for _ in range(rounds):
         for name, call in calls:
             start = _step_clock()

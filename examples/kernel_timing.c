@@ -71,10 +71,10 @@ int main(int argc, char **argv) {
     }
     fclose(file);
 
-    float **params = malloc(count * sizeof *params), **grads = malloc(count * sizeof *grads);
-    uint8_t **m_codes = malloc(count * sizeof *m_codes), **v_codes = malloc(count * sizeof *v_codes);
-    float **m_absmax = malloc(count * sizeof *m_absmax), **v_absmax = malloc(count * sizeof *v_absmax);
-    int64_t *sizes = malloc(count * sizeof *sizes);
+    float **params = zeroed(count * sizeof *params), **grads = zeroed(count * sizeof *grads);
+    uint8_t **m_codes = zeroed(count * sizeof *m_codes), **v_codes = zeroed(count * sizeof *v_codes);
+    float **m_absmax = zeroed(count * sizeof *m_absmax), **v_absmax = zeroed(count * sizeof *v_absmax);
+    int64_t *sizes = zeroed(count * sizeof *sizes);
     uint32_t seed = 1;
     for (int64_t k = 0; k < count; k++) {
         sizes[k] = numel;
