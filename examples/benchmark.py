@@ -25,7 +25,9 @@ kernel launch replaced by a no-op: for 30 and 300 tensors, and per parameter und
 gradient release (one step per parameter).
 
 With --threads N (N > 1) torch and adamkit's kernels use N threads and steps are timed
-by wall time instead, as the thread's CPU time would count only its own share.
+by wall time instead, as the thread's CPU time would count only its own share; the 8-bit
+tables then include one of where the kernel's shares run (torch's threads or its own)
+right after torch's multi-threaded step and right after its own.
 
 Run: python examples/benchmark.py [--quick] [--composer-only] [--runs N] [--device cuda]
      [--host-time-only] [--eight-bit-only] [--kernel-only] [--threads N]
@@ -265,6 +267,7 @@ def eight_bit_table(count: int, numel: int, steps: int, repeats: int) -> list[st
         "|---|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
+    compiled_checks(wait=True)  # with threads, shares run on torch's once it is loaded
     baseline = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))
     baseline.step()
     base_bytes = state_bytes_per_param(baseline)
@@ -280,6 +283,56 @@ def eight_bit_table(count: int, numel: int, steps: int, repeats: int) -> list[st
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         del optimizer
+    return lines
+
+
+def thread_handoff_table(count: int, numel: int, repeats: int) -> list[str]:
+    """With several threads: core.AdamW's 8-bit fused step right after torch's own
+    multi-threaded step (as after backward's operations in training) and right after its
+    own, its shares run on torch's threads (what users get once the C++ helper module
+    is built) and on threads the kernel starts (before that, or without a C++ compiler).
+    torch's idle OpenMP threads spin for a while after each operation, on the cores the
+    kernel's own threads then need; torch's threads are those threads. ms per step as
+    minimum / median of `repeats`, each timed alone by wall time."""
+    threads = torch.get_num_threads()
+    lines = [
+        f"\nShares of a {threads}-thread 8-bit step (core AdamW, fused, {count} x {numel:,} "
+        "fp32), ms min / median\n",
+        "| shares run on | right after torch's AdamW step | right after its own step |",
+        "|---|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    compiled_checks(wait=True)  # loads the module, which sets the runner
+    torch_threads = cpu_kernel.share_runner()
+    if torch_threads is None:
+        lines.append("| (no runner on torch's threads here: the C++ module did not build) | | |")
+        print(lines[-1], flush=True)
+        return lines
+    baseline = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))
+    ours = core.AdamW(make_params(count, numel, torch.float32), lr=1e-3, state_precision="8bit")
+    samples: dict[tuple[str, str], list[float]] = {}
+    runners = {"torch's threads (parallel_for)": torch_threads, "the kernel's own threads": 0}
+    try:
+        for _ in range(2):
+            baseline.step()
+            ours.step()
+        for _ in range(repeats):
+            for name, runner in runners.items():
+                cpu_kernel.set_share_runner(runner)
+                for after, before in (("torch", baseline.step), ("own", ours.step)):
+                    before()
+                    start = time.perf_counter()
+                    ours.step()
+                    samples.setdefault((name, after), []).append(time.perf_counter() - start)
+    finally:
+        cpu_kernel.set_share_runner(torch_threads)
+    for name in runners:
+        cells = [
+            f"{min(times) * 1e3:.2f} / {statistics.median(times) * 1e3:.2f}"
+            for times in (samples[(name, "torch")], samples[(name, "own")])
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -956,6 +1009,8 @@ def main() -> None:
     if args.eight_bit_only:
         shape = (20, EIGHT_BIT_QUICK) if args.quick else (20, EIGHT_BIT_NUMEL)
         eight_bit_table(*shape, steps=3, repeats=2 if args.quick else 5)
+        if args.threads > 1:
+            thread_handoff_table(*shape, repeats=3 if args.quick else 15)
         eight_bit_host_table(repeats=2 if args.quick else 10)
         return
     host_lines = host_time_table(args.device, repeats=3 if args.quick else 10, wait=not args.quick)
@@ -983,11 +1038,12 @@ def main() -> None:
     threads = "1 thread" if args.threads == 1 else f"{args.threads} threads (wall time)"
     print(f"torch {torch.__version__}, {machine()}, {threads}")
     eight_bit_shape = (20, EIGHT_BIT_QUICK if args.quick else EIGHT_BIT_NUMEL)
-    eight_bit_lines = (
-        []
-        if args.composer_only
-        else eight_bit_table(*eight_bit_shape, steps, repeats) + eight_bit_host_table(repeats)
-    )
+    eight_bit_lines = []
+    if not args.composer_only:
+        eight_bit_lines = eight_bit_table(*eight_bit_shape, steps, repeats)
+        if args.threads > 1:
+            eight_bit_lines += thread_handoff_table(*eight_bit_shape, repeats)
+        eight_bit_lines += eight_bit_host_table(repeats)
     bandwidths: list[float] = []
     results: list[list[list[Measurement]]] = [[] for _ in tables]
     for run in range(args.runs):

@@ -101,7 +101,7 @@ int main(int argc, char **argv) {
             adamkit_step_q8(count, sizes, sizes, (void *const *)params, (void *const *)grads, 0,
                             0, (void *const *)m_codes, (void *const *)m_absmax,
                             (void *const *)v_codes, (void *const *)v_absmax, 0, 0, coefficients,
-                            words, 1);
+                            words, 1, 0);
         double step = thread_seconds() - start;
         start = thread_seconds();
         for (int z = 0; z < inner; z++) move_bytes(count, numel, params, grads, m_codes, v_codes);

@@ -522,9 +522,21 @@ static int64_t share_count(int64_t total, int threads) {
     return shares < 1 ? 1 : shares;
 }
 
-/* run(work + j·size) for each of `shares` shares: the first here, the others on threads
- * (or here too, where no thread is to be had). */
-static void run_shares(void *(*run)(void *), char *work, size_t size, int64_t shares) {
+/* What runs the shares of a step, when the caller passes one: torch's own parallel_for
+ * (core.backends.host_checks builds it), whose OpenMP threads are the ones torch's
+ * operations just used. They keep spinning for more work after an operation, so threads
+ * of our own started beside them measured 28-52% slower on two threads. */
+typedef void (*share_runner_t)(void *(*run)(void *), char *work, size_t size, int64_t shares);
+
+/* run(work + j·size) for each of `shares` shares, all done when it returns: through
+ * `runner` if given, else the first here and the others on threads of our own (or here
+ * too, where no thread is to be had). */
+static void run_shares(share_runner_t runner, void *(*run)(void *), char *work, size_t size,
+                       int64_t shares) {
+    if (runner && shares > 1) {
+        runner(run, work, size, shares);
+        return;
+    }
     pthread_t handles[MAX_THREADS];
     int started[MAX_THREADS];
     for (int64_t j = 1; j < shares; j++)
@@ -577,7 +589,7 @@ static void *run_share(void *arg) {
 int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void *const *grads,
                  void *const *exp_avgs, void *const *exp_avg_sqs,
                  void *const *max_exp_avg_sqs, void *const *comps, const uint32_t *keys,
-                 const double *coefficients, int threads) {
+                 const double *coefficients, int threads, share_runner_t runner) {
     int64_t total = 0;
     for (int64_t k = 0; k < count; k++) total += sizes[k];
     int64_t shares = share_count(total, threads);
@@ -591,7 +603,7 @@ int adamkit_step(int64_t count, const int64_t *sizes, void *const *params, void 
         if (w.end > total) w.end = total;
         work[j] = w;
     }
-    run_shares(run_share, (char *)work, sizeof work[0], shares);
+    run_shares(runner, run_share, (char *)work, sizeof work[0], shares);
     return 0;
 }
 #else
@@ -957,7 +969,8 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                     const uint32_t *keys, void *const *exp_avg_codes, void *const *exp_avg_absmax,
                     void *const *exp_avg_sq_codes, void *const *exp_avg_sq_absmax,
                     void *const *max_exp_avg_sq_codes, void *const *max_exp_avg_sq_absmax,
-                    const double *coefficients, const uint32_t *map_words, int threads) {
+                    const double *coefficients, const uint32_t *map_words, int threads,
+                    share_runner_t runner) {
     int64_t total = 0, blocks = 0;
     for (int64_t k = 0; k < count; k++) {
         total += sizes[k];
@@ -982,7 +995,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
         if (w.end > blocks) w.end = blocks;
         work[j] = w;
     }
-    run_shares(run_quantized_share, (char *)work, sizeof work[0], shares);
+    run_shares(runner, run_quantized_share, (char *)work, sizeof work[0], shares);
     return 0;
 }
 #endif

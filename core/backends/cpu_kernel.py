@@ -200,8 +200,8 @@ def build_atomically(
     raise KernelUnavailable(f"{commands[0][0]} could not build {what}:\n{errors}")
 
 
-_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int]
-_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int]
+_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_void_p]
+_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int, ctypes.c_void_p]
 _loaded: dict[tuple[KernelConfig, tuple[tuple[str, ...], ...]], ctypes.CDLL] = {}
 compile_seconds: dict[KernelConfig, float] = {}
 """Wall time spent building (or loading from the disk cache) each configuration."""
@@ -508,6 +508,7 @@ class PreparedCall:
             function = self.functions[config] = kernel(config)
         scalars = (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients)
         threads = torch.get_num_threads()
+        runner = share_runner() if threads > 1 else None
         if config.quantized:
             function(
                 self.count,
@@ -521,6 +522,7 @@ class PreparedCall:
                 scalars,
                 map_words().data_ptr(),
                 threads,
+                runner,
             )
         else:
             function(
@@ -533,7 +535,33 @@ class PreparedCall:
                 key_array,
                 scalars,
                 threads,
+                runner,
             )
+
+
+_share_runner: int | None = None
+"""What host_checks.cpp hands the kernels once that module is loaded: the address of its
+run_shares_on_torch, or 0 where it has none that runs on torch's threads."""
+
+
+def set_share_runner(address: int) -> None:
+    """What multi-threaded kernel calls run their shares with (cpu_kernel.c's
+    share_runner_t), set by core.backends.host_checks when its module loads: torch's
+    parallel_for, or 0 for threads of the kernels' own."""
+    global _share_runner
+    _share_runner = address
+
+
+def share_runner() -> int | None:
+    """torch's parallel_for for a multi-threaded call, once host_checks has built it (a
+    step memo's first steps start the build); until then, and where it cannot be built,
+    None: the kernels start threads of their own (the same results, slower right after
+    torch's own multi-threaded operations, whose idle threads keep spinning)."""
+    if _share_runner is None:
+        from core.backends.host_checks import compiled_checks  # it imports this module
+
+        compiled_checks(wait=False)  # loads the module (and sets the runner) once built
+    return _share_runner or None
 
 
 LIST_SWITCHES = ("KAHAN", "AMSGRAD")

@@ -8,12 +8,25 @@
 // Every entry point takes Python objects and checks each before reading it as a tensor:
 // anything unexpected answers None (the optimizer then takes its full path, which names
 // what is wrong), never a crash.
+//
+// Built against torch, it also hands the fused CPU kernels torch's own parallel_for
+// (share_runner), so a multi-threaded step runs on the threads torch's operations use.
+// That needs this file compiled with OpenMP and linked to the OpenMP runtime torch runs
+// on: parallel_for's OpenMP loop is inline, and without either it would run serially
+// or on a second pool of threads. host_checks.py builds it so where it can, and uses the
+// runner only where openmp_runtime() is torch's own.
 
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
 #include <vector>
+
+#ifdef _OPENMP
+#include <dlfcn.h>
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -163,7 +176,41 @@ PyObject* gradient_addresses(PyObject*, PyObject* args) {
   return result;
 }
 
+// cpu_kernel.c's share_runner_t: run(work + j·size) for each of `shares` shares, on
+// torch's intra-op threads (serially inside one of torch's parallel regions). `run`
+// never throws; nothing here allocates.
+extern "C" void run_shares_on_torch(void* (*run)(void*), char* work, size_t size,
+                                    int64_t shares) {
+  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) run(work + j * size);
+  });
+}
+
+// The address of run_shares_on_torch, for cpu_kernel.py to pass to the kernels; None
+// where parallel_for would run it serially (built without OpenMP, or a torch whose
+// parallel backend is not OpenMP).
+PyObject* share_runner(PyObject*, PyObject*) {
+#if defined(_OPENMP) && AT_PARALLEL_OPENMP
+  return PyLong_FromVoidPtr(reinterpret_cast<void*>(&run_shares_on_torch));
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
+// The file of the OpenMP runtime this module's parallel regions run on, or None.
+PyObject* openmp_runtime(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&omp_get_max_threads), &info) != 0 &&
+      info.dli_fname != nullptr)
+    return PyUnicode_DecodeFSDefault(info.dli_fname);
+#endif
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"share_runner", share_runner, METH_NOARGS, nullptr},
+    {"openmp_runtime", openmp_runtime, METH_NOARGS, nullptr},
     {"set_plain_types", set_plain_types, METH_VARARGS, nullptr},
     {"parameter_layout", parameter_layout, METH_O, nullptr},
     {"column_addresses", column_addresses, METH_VARARGS, nullptr},

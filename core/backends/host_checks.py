@@ -37,6 +37,7 @@ from core.backends.cpu_kernel import (
     build_atomically,
     cache_dir,
     find_compiler,
+    set_share_runner,
 )
 from core.backends.views import PLAIN_TENSOR_TYPES
 
@@ -215,13 +216,15 @@ class _Build:
                 raise KernelUnavailable("the build ended without a module")
             module = _load(self._path)
             module.set_plain_types(torch.Tensor, nn.Parameter)
+            set_share_runner(torch_share_runner(module))
             self._module = module
         except Exception as error:  # any failure: the Python checks stay, and say why
             self._failed = True
             warnings.warn(
                 f"adamkit: the C++ host checks could not be built ({str(error)[:300]}); "
                 "memoized steps check their tensors in Python instead (the same checks, "
-                "more host time per step).",
+                "more host time per step), and multi-threaded fused CPU steps run on "
+                "threads of their own rather than torch's (the same results).",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -234,8 +237,23 @@ def _compiler() -> str | None:
     return find_compiler("CXX", ("c++", "g++", "clang++"))
 
 
+def torch_openmp_runtime() -> str | None:
+    """The file of the OpenMP runtime torch's parallel operations run on (the libgomp
+    loaded in this process: torch's wheels ship their own), or None where none is
+    (another runtime, another platform)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "libgomp" in line}
+    except OSError:
+        return None
+    runtimes = sorted(p for p in paths if Path(p).name.startswith("libgomp") and Path(p).exists())
+    return runtimes[0] if len(runtimes) == 1 else None
+
+
 def _build() -> Path:
-    """The module for this torch, Python and compiler, built on first use."""
+    """The module for this torch, Python and compiler, built on first use: with OpenMP,
+    linked to torch's own runtime, where torch has one and the compiler can; else
+    without (the checks alone)."""
     cxx = _compiler()
     if cxx is None:
         raise KernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
@@ -244,8 +262,10 @@ def _build() -> Path:
     includes = [root / "include", root / "include/torch/csrc/api/include"]
     includes.append(Path(sysconfig.get_paths()["include"]))
     libraries = [root / "lib"]
+    openmp = torch_openmp_runtime()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     identity = [SOURCE.read_text(), torch.__version__, torch.__file__, sys.version, cxx, version]
+    identity.append(str(openmp))
     digest = hashlib.sha256("\n".join([*identity, str(abi)]).encode()).hexdigest()[:24]
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = cache_dir() / f"{_MODULE_NAME}_{digest}{suffix}"
@@ -255,8 +275,22 @@ def _build() -> Path:
         command += [str(SOURCE), *(f"-L{path}" for path in libraries)]
         command += ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
         command += [f"-Wl,-rpath,{path}" for path in libraries]
-        build_atomically([command], target, "the host checks")
+        # torch's runtime by its path (its own soname), so the -lgomp that -fopenmp adds
+        # last is not needed and --as-needed leaves it out: one runtime, one pool.
+        commands = [[*command, "-fopenmp", openmp, "-Wl,--as-needed"]] if openmp else []
+        build_atomically([*commands, command], target, "the host checks")
     return target
+
+
+def torch_share_runner(module: Any) -> int:
+    """The module's runner (torch's parallel_for) if its parallel regions run on torch's
+    own OpenMP runtime, else 0: the kernels then start threads of their own."""
+    runner, runtime, torch_runtime = module.share_runner(), module.openmp_runtime(), None
+    if runner and runtime:
+        torch_runtime = torch_openmp_runtime()
+    if torch_runtime and os.path.realpath(runtime) == os.path.realpath(torch_runtime):
+        return runner
+    return 0
 
 
 def _load(path: Path) -> Any:

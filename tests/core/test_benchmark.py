@@ -113,6 +113,14 @@ def test_eight_bit_table_reports_every_algorithm_with_its_state_bytes(threads: i
         # m and v at about 1.02 bytes each (ADOPT keeps v in fp32: 4 more), beside torch's 8
         assert bytes_per_param < (5.1 if algorithm == "ADOPT" else 2.1), state
         assert "(torch: 8.00)" in state
+    handoff = ("torch's threads (parallel_for)", "the kernel's own threads")
+    if threads == 1 or "(no runner on torch's threads here" in output:
+        assert not any(name in rows for name in handoff)
+        return
+    for name in handoff:  # min / median ms, right after torch's step and after its own
+        for cell in rows[name]:
+            fastest, median = (float(value) for value in cell.split(" / "))
+            assert 0 < fastest <= median
 
 
 def test_kernel_only_table_times_the_kernel_beside_its_floor_and_torch() -> None:
