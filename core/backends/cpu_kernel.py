@@ -473,17 +473,8 @@ class PreparedCall:
     reads the environment's build choices and took ~1.7 µs a call here, this lookup ~0.3
     (a released step makes one call per parameter)."""
 
-    def call(
-        self,
-        config: KernelConfig,
-        grads: Sequence[Tensor],
-        coefficients: Sequence[float],
-        keys: Sequence[int] | None = None,
-    ) -> None:
-        """One step with these gradients and scalars (keys: as run takes them). The
-        gradients are not checked here beyond their count: the caller has checked them
-        (prepare, in run) or a step memo vouches for them (dense, contiguous, of their
-        parameters' dtype and element counts: host_checks.gradient_addresses)."""
+    def _check_config(self, config: KernelConfig) -> None:
+        """Refuse a configuration that reads other lists than the prepared one."""
         prepared, switches = self.config, dict(config.switches)
         listed = [dict(prepared.switches).get(name) for name in LIST_SWITCHES]
         if (
@@ -496,6 +487,18 @@ class PreparedCall:
                 f"Invalid config {config} for a call prepared with {prepared}. Allowed: one "
                 f"that differs only in switches other than {LIST_SWITCHES}."
             )
+
+    def call(
+        self,
+        config: KernelConfig,
+        grads: Sequence[Tensor],
+        coefficients: Sequence[float],
+        keys: Sequence[int] | None = None,
+    ) -> None:
+        """One step with these gradients and scalars (keys: as run takes them). The
+        gradients are not checked here beyond their count: the caller has checked them
+        (prepare, in run) or a step memo vouches for them (dense, contiguous, of their
+        parameters' dtype and element counts: host_checks.gradient_addresses)."""
         if len(grads) != self.count:
             raise ValueError(
                 f"Invalid grads: {len(grads)} tensors for a call over {self.count} parameters."
@@ -504,9 +507,13 @@ class PreparedCall:
             raise ValueError(f"Invalid coefficients: {len(coefficients)} values. Allowed: 10.")
         key_array = _key_array(config, keys, self.count)
         function = self.functions.get(config)
-        if function is None:
+        if function is None:  # a configuration not called before: checked once
+            self._check_config(config)
             function = self.functions[config] = kernel(config)
-        scalars = (ctypes.c_double * COEFFICIENT_COUNT)(*coefficients)
+        # array.array builds these C arrays in about half the time of ctypes arrays (a
+        # released step makes one call per parameter); each is held until the call returns
+        scalars = array.array("d", coefficients)
+        grad_addresses = array.array("Q", map(Tensor.data_ptr, grads))
         threads = torch.get_num_threads()
         runner = share_runner() if threads > 1 else None
         if config.quantized:
@@ -515,11 +522,11 @@ class PreparedCall:
                 self.sizes,
                 self.row_lengths,
                 self.params,
-                _addresses(grads),
+                grad_addresses.buffer_info()[0],
                 self.comps,
                 key_array,
                 *self.moments,
-                scalars,
+                scalars.buffer_info()[0],
                 map_words().data_ptr(),
                 threads,
                 runner,
@@ -529,11 +536,11 @@ class PreparedCall:
                 self.count,
                 self.sizes,
                 self.params,
-                _addresses(grads),
+                grad_addresses.buffer_info()[0],
                 *self.moments,
                 self.comps,
                 key_array,
-                scalars,
+                scalars.buffer_info()[0],
                 threads,
                 runner,
             )

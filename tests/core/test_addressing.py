@@ -99,6 +99,45 @@ def test_the_c_kernel_refuses_a_list_its_switches_do_not_expect() -> None:
         )
 
 
+@pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"switch": "KAHAN"}, r"Invalid config .* differs only in switches other than"),
+        ({"switch": "AMSGRAD"}, r"Invalid config .* differs only in switches other than"),
+        ({"dtype": torch.bfloat16}, r"Invalid config .* differs only in switches other than"),
+        ({"grads": 2}, "Invalid grads: 2 tensors for a call over 1 parameters"),
+        ({"coefficients": 9}, "Invalid coefficients: 9 values. Allowed: 10"),
+    ],
+    ids=["kahan", "amsgrad", "dtype", "grads", "coefficients"],
+)
+def test_a_prepared_call_refuses_what_it_was_not_prepared_for(change: dict, message: str) -> None:
+    """A step memo calls again what it prepared: a call that would read other lists, or
+    other counts, than those checked is refused before any element changes; one that
+    changes only switches selecting no list (decay here) runs."""
+    params, grads, exp_avgs, exp_avg_sqs = _lists(lambda: torch.ones(8))
+    prepared = cpu_kernel.prepare(_config(), params, grads, exp_avgs, exp_avg_sqs, None, None)
+    switches = dict(_config().switches)
+    switches[change.get("switch", "DECAY")] = True
+    config = cpu_kernel.KernelConfig(
+        "adam", change.get("dtype", torch.float32), tuple(switches.items())
+    )
+    before = [t.clone() for t in (params[0], exp_avgs[0], exp_avg_sqs[0])]
+    with pytest.raises(ValueError, match=message):
+        prepared.call(
+            config if "switch" in change or "dtype" in change else _config(),
+            grads * change.get("grads", 1),
+            COEFFICIENTS[: change.get("coefficients", 10)],
+        )
+    after = (params[0], exp_avgs[0], exp_avg_sqs[0])
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    decayed = cpu_kernel.KernelConfig("adam", torch.float32, tuple(switches.items()))
+    if "switch" not in change:  # DECAY set: the same lists, so it runs
+        prepared.call(decayed, grads, COEFFICIENTS)
+        assert not torch.equal(params[0], before[0])
+
+
 def _gradient_like(param: Tensor, grad: Tensor) -> Tensor:
     """grad in param's kind of tensor, as autograd would hand it over."""
     if isinstance(param, Wrapped):
