@@ -561,10 +561,13 @@ def set_share_runner(address: int) -> None:
 
 def share_runner() -> int | None:
     """torch's parallel_for for a multi-threaded call, once host_checks has built it (a
-    step memo's first steps start the build); until then, and where it cannot be built,
-    None: the kernels start threads of their own (the same results, slower right after
-    torch's own multi-threaded operations, whose idle threads keep spinning)."""
+    step memo's first steps, or this, start the build); until then, where it cannot be
+    built, and under ADAMKIT_HOST_CHECKS=python, None: the kernels start threads of
+    their own (the same results, slower right after torch's own multi-threaded
+    operations, whose idle threads keep spinning)."""
     if _share_runner is None:
+        if os.environ.get("ADAMKIT_HOST_CHECKS", "") == "python":  # no C++ module wanted
+            return None
         from core.backends.host_checks import compiled_checks  # it imports this module
 
         compiled_checks(wait=False)  # loads the module (and sets the runner) once built

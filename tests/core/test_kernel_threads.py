@@ -150,3 +150,18 @@ def test_a_runner_on_another_openmp_runtime_is_not_used(tmp_path: Any) -> None:
     assert host_checks.torch_share_runner(_Module(1234, str(other))) == 0
     assert host_checks.torch_share_runner(_Module(1234, None)) == 0  # built without OpenMP
     assert host_checks.torch_share_runner(_Module(None, torch_runtime)) == 0  # not OpenMP ATen
+
+
+def test_python_host_checks_leave_the_kernels_their_own_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ADAMKIT_HOST_CHECKS=python: no C++ module is built or loaded for the runner."""
+    monkeypatch.setenv("ADAMKIT_HOST_CHECKS", "python")
+    monkeypatch.setattr(cpu_kernel, "_share_runner", None)
+
+    def no_build(wait: bool = True) -> None:
+        raise AssertionError("the C++ module was asked for")
+
+    monkeypatch.setattr(host_checks, "compiled_checks", no_build)
+    assert cpu_kernel.share_runner() is None
+    _assert_same_bits(_train("AdamW 8bit fp32", {}, threads=2), _train("AdamW 8bit fp32", {}, 1))
