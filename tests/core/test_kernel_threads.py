@@ -110,11 +110,13 @@ def test_threads_of_the_kernels_own_give_one_threads_bits(
     _assert_same_bits(_train(name, FLAGS[flags], threads=2), _train(name, FLAGS[flags], 1))
 
 
+@pytest.mark.parametrize("threads", [2, 4])
 @pytest.mark.parametrize("flags", list(FLAGS))
 @pytest.mark.parametrize("name", list(CONFIGURATIONS))
-def test_torch_parallel_for_runs_the_shares(name: str, flags: str) -> None:
+def test_torch_parallel_for_runs_the_shares(name: str, flags: str, threads: int) -> None:
     """Once the host checks module is loaded, multi-threaded calls run on torch's
-    parallel_for, and give one thread's bits."""
+    parallel_for, and give one thread's bits: two shares on two threads, and three on
+    a team of four (one thread idle)."""
     module = host_checks.compiled_checks()  # waits for the build, loads the module
     if module is None:
         pytest.skip("the C++ host checks do not build here (see the warning)")
@@ -122,7 +124,7 @@ def test_torch_parallel_for_runs_the_shares(name: str, flags: str) -> None:
         pytest.skip("torch runs on no libgomp here: the kernels start their own threads")
     assert module.openmp_runtime() == host_checks.torch_openmp_runtime()  # type: ignore[attr-defined]
     assert cpu_kernel.share_runner() == module.share_runner()  # type: ignore[attr-defined]
-    _assert_same_bits(_train(name, FLAGS[flags], threads=2), _train(name, FLAGS[flags], 1))
+    _assert_same_bits(_train(name, FLAGS[flags], threads), _train(name, FLAGS[flags], 1))
 
 
 class _Module:
