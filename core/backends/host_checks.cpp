@@ -188,9 +188,11 @@ extern "C" void run_shares_on_torch(void* (*run)(void*), char* work, size_t size
 
 // The address of run_shares_on_torch, for cpu_kernel.py to pass to the kernels; None
 // where parallel_for would run it serially (built without OpenMP, or a torch whose
-// parallel backend is not OpenMP).
+// parallel backend is not OpenMP) or might not run it on torch's libgomp: clang (and
+// compilers built on it) call libomp's entry points for a parallel region, whatever
+// openmp_runtime() reports, so only GCC's calls into libgomp are trusted.
 PyObject* share_runner(PyObject*, PyObject*) {
-#if defined(_OPENMP) && AT_PARALLEL_OPENMP
+#if defined(_OPENMP) && AT_PARALLEL_OPENMP && defined(__GNUC__) && !defined(__clang__)
   return PyLong_FromVoidPtr(reinterpret_cast<void*>(&run_shares_on_torch));
 #else
   Py_RETURN_NONE;
