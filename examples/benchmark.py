@@ -305,7 +305,10 @@ def thread_handoff_table(count: int, numel: int, repeats: int) -> list[str]:
     compiled_checks(wait=True)  # loads the module, which sets the runner
     torch_threads = cpu_kernel.share_runner()
     if torch_threads is None:
-        lines.append("| (no runner on torch's threads here: the C++ module did not build) | | |")
+        lines.append(
+            "| (no runner on torch's threads here: the C++ host module did not build, or "
+            "torch's OpenMP runtime is not the libgomp it links) | | |"
+        )
         print(lines[-1], flush=True)
         return lines
     baseline = _torch_adamw(fused=True)(make_params(count, numel, torch.float32))

@@ -525,7 +525,8 @@ static int64_t share_count(int64_t total, int threads) {
 /* What runs the shares of a step, when the caller passes one: torch's own parallel_for
  * (core.backends.host_checks builds it), whose OpenMP threads are the ones torch's
  * operations just used. They keep spinning for more work after an operation, so threads
- * of our own started beside them measured 28-52% slower on two threads. */
+ * of our own started beside them measured 24-46% slower on two threads (medians of
+ * benchmark.py's hand-off table). */
 typedef void (*share_runner_t)(void *(*run)(void *), char *work, size_t size, int64_t shares);
 
 /* run(work + j·size) for each of `shares` shares, all done when it returns: through

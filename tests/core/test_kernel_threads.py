@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,7 +141,7 @@ class _Module:
         return self.runtime
 
 
-def test_a_runner_on_another_openmp_runtime_is_not_used(tmp_path: Any) -> None:
+def test_a_runner_on_another_openmp_runtime_is_not_used(tmp_path: Path) -> None:
     """Its parallel regions would run on a second pool beside torch's, or serially: the
     kernels' own threads do better."""
     torch_runtime = host_checks.torch_openmp_runtime()
