@@ -110,12 +110,7 @@ def _toolchain_identity() -> str:
     """What the compiled code depends on besides the source: compiler version and CPU."""
     cc = compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout  # type: ignore[list-item]
-    cpu = platform.processor() + platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu += next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
+    cpu = platform.processor() + platform.machine() + " ".join(sorted(_cpu_flags()))
     return f"{cc}\n{version}\n{cpu}"
 
 
@@ -127,14 +122,41 @@ def cache_dir() -> Path:
     return Path(base) / "adamkit" / "kernels"
 
 
+AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+"""ADAMKIT_PORTABLE_KERNELS=avx2: code for every x86-64 CPU with AVX2, FMA and F16C."""
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (none where it cannot be
+    read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            line = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
 def arch_choices() -> tuple[tuple[str, ...], ...]:
     """The -march flags to try in order: native first, for AVX-512's 16-bit rounding
     instructions and the widest vectors this CPU has, then portable code. Setting
     ADAMKIT_PORTABLE_KERNELS=1 builds only the portable code (for a cache shared by
-    machines with different CPUs, and to test the software rounding on any machine).
-    There is deliberately no setting for another -march: code for a CPU this one is not
-    would stop the process with an illegal instruction."""
-    if os.environ.get("ADAMKIT_PORTABLE_KERNELS", "") not in ("", "0"):
+    machines with different CPUs, and to test the software rounding on any machine);
+    =avx2 builds code for any CPU with AVX2 (the eight-lane paths, also on a CPU with
+    AVX-512), refused where this CPU lacks it. There is deliberately no setting for any
+    other target: code for a CPU this one is not would stop the process with an illegal
+    instruction."""
+    setting = os.environ.get("ADAMKIT_PORTABLE_KERNELS", "")
+    if setting == "avx2":
+        missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+        if missing:
+            raise KernelUnavailable(
+                "ADAMKIT_PORTABLE_KERNELS='avx2': this CPU lacks "
+                f"{', '.join(sorted(missing))}, and its code would stop the process; "
+                "allowed here: unset, '0' (native) or '1' (portable)"
+            )
+        return (AVX2_FLAGS, ())
+    if setting not in ("", "0"):
         return ((),)
     return (("-march=native",), ())
 

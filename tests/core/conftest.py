@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import core.backends
+from core.backends import cpu_kernel
 
 
 def triton_unavailable_reason() -> str | None:
@@ -33,10 +34,19 @@ def _triton_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(core.backends, "TRITON_DEVICE_TYPES", {"cpu"})
 
 
-@pytest.fixture(params=["native", "portable"])
+@pytest.fixture(params=["native", "avx2", "portable"])
 def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both builds of the CPU kernels: -march=native (AVX-512's rounding and 8-bit coding
-    sixteen lanes at a time, on CPUs that have it) and the portable one, all in software."""
+    """Every build of the CPU kernels this machine runs: -march=native (AVX-512's rounding
+    and 8-bit coding sixteen lanes at a time, on CPUs that have it), AVX2's eight lanes
+    (where the CPU has AVX-512 too; where it has AVX2 only, native is that build), and
+    the portable one, all in software."""
+    if request.param == "avx2":
+        flags = cpu_kernel._cpu_flags()
+        if not {"avx2", "fma", "f16c"} <= flags:
+            pytest.skip("this CPU lacks AVX2, FMA or F16C")
+        if "avx512f" not in flags:
+            pytest.skip("this CPU has no AVX-512: the native build is the AVX2 one")
+        monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "avx2")
     if request.param == "portable":
         monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "1")
     return str(request.param)

@@ -335,6 +335,36 @@ def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
         _loop_model_after(case, fused=True)
 
 
+@pytest.mark.bad_input
+def test_an_avx2_build_on_a_cpu_without_avx2_is_refused_not_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ADAMKIT_PORTABLE_KERNELS=avx2 on a CPU that lacks AVX2 (its flags replaced here)
+    would build code that stops the process: the default falls back to the loop backend
+    with a warning naming the setting, fused=True refuses before anything changes."""
+    monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "avx2")
+    monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: frozenset({"sse2", "avx", "fma"}))
+    monkeypatch.setattr(cpu, "_warned", False)
+    message = r"ADAMKIT_PORTABLE_KERNELS='avx2': this CPU lacks avx2, f16c\b.*'1' \(portable\)"
+    with pytest.raises(cpu_kernel.KernelUnavailable, match=message):
+        cpu_kernel.arch_choices()
+    case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
+    with pytest.warns(RuntimeWarning, match=message):
+        fallback = _loop_model_after(case)
+    reference = _loop_model_after(case, foreach=False)
+    for a, b in zip(fallback.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # 8-bit moments (a tensor large enough to quantize): adamkit's own kernel, not torch's
+    param = torch.nn.Parameter(torch.randn(5000, generator=torch.Generator().manual_seed(1)))
+    param.grad = torch.ones_like(param)
+    optimizer = core.AdamW([param], lr=LR, fused=True, state_precision="8bit")
+    before = param.detach().clone()
+    with pytest.raises(RuntimeError, match=f"fused=True: {message}"):
+        optimizer.step()
+    assert torch.equal(param, before)
+    assert all(float(state["step"]) == 0 for state in optimizer.state.values())
+
+
 def test_loading_a_state_dict_keeps_this_optimizers_backend_flags() -> None:
     model = make_model()
     source = core.AdamW(model.parameters(), lr=LR, fused=True)

@@ -410,8 +410,9 @@ def test_kernel_encoding_equals_the_reference_on_every_midpoint(
 ) -> None:
     """Every midpoint (ties round up) and both its float neighbours, zeros, tiny and
     subnormal values, at absmax 1 and scaled; blocks with NaN or infinity, and blocks of
-    subnormals. Both builds: the native one codes sixteen lanes at a time in floating
-    point, the portable one each value in integers."""
+    subnormals. Every build: AVX-512's and AVX2's code sixteen values at a time in
+    floating point (AVX2 in two vectors of eight), the portable one each value in
+    integers."""
     points = torch.cat([midpoints(signed), -midpoints(signed)])
     up, down = torch.tensor(2.0), torch.tensor(-2.0)
     values = torch.cat(
@@ -449,8 +450,9 @@ def test_kernel_decoding_equals_the_reference_for_every_code(
     build decodes in software), at scales from subnormal-producing to huge, NaN and 0."""
     generator = torch.Generator().manual_seed(3)
     codes = torch.cat([torch.arange(256), torch.randperm(256, generator=generator)])
-    # 3 blocks, the last of 77: its last 13 lanes (the native build's software lanes)
-    # hold the smallest codes of both maps, the unused ones and m's signed ones
+    # 3 blocks, the last of 77: its last 13 lanes (AVX-512's software lanes; AVX2, eight
+    # codes per vector, leaves the last 5) hold the smallest codes of both maps, the
+    # unused ones and m's signed ones
     ends = torch.tensor([0, 1, 2, 3, 4, 127, 128, 129, 130, 131, 200, 254, 255])
     codes = torch.cat([codes, torch.arange(64), ends]).to(torch.uint8)
     for scales in ([1.0, 0.37, 3e-3], [2.0**-126, 1e30, 3.0e38], [float("nan"), 0.0, 5.0]):
