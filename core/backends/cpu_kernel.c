@@ -320,22 +320,29 @@ static inline void write_element(const tensors_t *t, int64_t i, result_t r) {
 
 /* Rounding fp32 to a 16-bit type in software costs more than the memory traffic of the
  * whole step. AVX512-BF16 (vcvtneps2bf16) and AVX-512 (vcvtps2ph) round sixteen lanes in
- * one instruction, and agree with torch's conversion bit for bit on every non-NaN input
- * but one kind: vcvtneps2bf16 flushes fp32 subnormals to zero, where torch rounds them
- * to bfloat16 subnormals. Sixteen lanes holding one are rounded in software instead, a
- * branch almost never taken. A NaN stays a NaN; its payload, as in torch, is not kept. */
+ * one instruction, F16C (AVX2 CPUs) rounds eight to float16, and each agrees with torch's
+ * conversion bit for bit on every non-NaN input but one kind: vcvtneps2bf16 flushes fp32
+ * subnormals to zero, where torch rounds them to bfloat16 subnormals. Lanes holding one
+ * are rounded in software instead, a branch almost never taken. A NaN stays a NaN; its
+ * payload, as in torch, is not kept. bfloat16 has no AVX2 instruction: software there. */
 #if (DTYPE == 3 && defined(__AVX512BF16__)) || (DTYPE == 4 && defined(__AVX512DQ__))
 #include <immintrin.h>
 #define HARDWARE_ROUNDING 1
 #define LANES 16
-#define BLOCK 256
+typedef __m512 lanes_t;   /* LANES fp32 values */
+typedef __m256i packed_t; /* LANES 16-bit values */
+#define load_lanes _mm512_loadu_ps
+#define store_lanes _mm512_storeu_ps
+#define subtract_lanes _mm512_sub_ps
+#define load_packed(in) _mm256_loadu_si256((const __m256i *)(in))
+#define store_packed(out, x) _mm256_storeu_si256((__m256i *)(out), x)
 
 /* vfpclassps category 0x20: subnormal (whatever MXCSR's denormals-are-zero says). */
-static inline __mmask16 needs_software(__m512 x) {
-    return DTYPE == 3 ? _mm512_fpclass_ps_mask(x, 0x20) : 0;
+static inline int needs_software(lanes_t x) {
+    return DTYPE == 3 ? _mm512_fpclass_ps_mask(x, 0x20) != 0 : 0;
 }
 
-static inline __m256i round_lanes(__m512 x) {
+static inline packed_t round_lanes(lanes_t x) {
 #if DTYPE == 3
     return (__m256i)_mm512_cvtneps_pbh(x);
 #else
@@ -343,26 +350,48 @@ static inline __m256i round_lanes(__m512 x) {
 #endif
 }
 
-static inline __m512 widen_lanes(__m256i x) {
+static inline lanes_t widen_lanes(packed_t x) {
 #if DTYPE == 3
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
 #else
     return _mm512_cvtph_ps(x);
 #endif
 }
+#elif DTYPE == 4 && defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#define HARDWARE_ROUNDING 1
+#define LANES 8
+typedef __m256 lanes_t;
+typedef __m128i packed_t;
+#define load_lanes _mm256_loadu_ps
+#define store_lanes _mm256_storeu_ps
+#define subtract_lanes _mm256_sub_ps
+#define load_packed(in) _mm_loadu_si128((const __m128i *)(in))
+#define store_packed(out, x) _mm_storeu_si128((__m128i *)(out), x)
+static inline int needs_software(lanes_t x) { return (void)x, 0; }
+static inline packed_t round_lanes(lanes_t x) {
+    return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline lanes_t widen_lanes(packed_t x) { return _mm256_cvtph_ps(x); }
+#else
+#define HARDWARE_ROUNDING 0
+#endif
 
-/* Round sixteen lanes into out; returns them widened back, for Kahan's remainder. */
-static inline __m512 put_lanes(store_t *out, const float *lanes) {
-    __m512 x = _mm512_loadu_ps(lanes);
-    __m256i rounded;
-    if (__builtin_expect(needs_software(x) != 0, 0)) {
+#if HARDWARE_ROUNDING
+#define BLOCK 256
+
+/* Round LANES lanes into out; returns them widened back, for Kahan's remainder. */
+static inline lanes_t put_lanes(store_t *out, const float *lanes) {
+    lanes_t x = load_lanes(lanes);
+    packed_t rounded;
+    if (__builtin_expect(needs_software(x), 0)) {
         uint16_t software[LANES];
         for (int j = 0; j < LANES; j++) software[j] = round_to_store(lanes[j]);
-        rounded = _mm256_loadu_si256((const __m256i *)software);
+        rounded = load_packed(software);
     } else {
         rounded = round_lanes(x);
     }
-    _mm256_storeu_si256((__m256i *)out, rounded);
+    store_packed(out, rounded);
     return widen_lanes(rounded);
 }
 
@@ -371,9 +400,9 @@ static inline void put_block(store_t *out, const float *staged, int64_t count) {
     for (int64_t j = 0; j < count; j += LANES) put_lanes(out + j, staged + j);
 }
 
-/* Widen sixteen elements into fp32 in one instruction. */
+/* Widen LANES elements into fp32 in one instruction. */
 static inline void widen_into(float *out, const store_t *in) {
-    _mm512_storeu_ps(out, widen_lanes(_mm256_loadu_si256((const __m256i *)in)));
+    store_lanes(out, widen_lanes(load_packed(in)));
 }
 
 /* Round the whole lanes of `count` staged parameters into θ from i (and Kahan's remainder
@@ -383,10 +412,10 @@ static inline int64_t store_param_lanes(const tensors_t *t, const float *theta, 
     int64_t j = 0;
     if (STOCHASTIC) return 0; /* θ is rounded by store_param, one element at a time */
     for (; j + LANES <= count; j += LANES) {
-        __m512 stored = put_lanes(t->param + i + j, theta + j);
+        lanes_t stored = put_lanes(t->param + i + j, theta + j);
         if (KAHAN) {
             _Alignas(64) float lost[LANES];
-            _mm512_storeu_ps(lost, _mm512_sub_ps(_mm512_loadu_ps(theta + j), stored));
+            store_lanes(lost, subtract_lanes(load_lanes(theta + j), stored));
             put_lanes(t->comp + i + j, lost);
         }
     }
@@ -438,7 +467,6 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
     if (WRITES_PARAM) store_params(t, theta, i, count);
 }
 #else
-#define HARDWARE_ROUNDING 0
 #define LANES 1
 #define BLOCK 1
 static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t i,
