@@ -344,6 +344,7 @@ def test_an_avx2_build_on_a_cpu_without_avx2_is_refused_not_run(
     with a warning naming the setting, fused=True refuses before anything changes."""
     monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "avx2")
     monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: frozenset({"sse2", "avx", "fma"}))
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
     monkeypatch.setattr(cpu, "_warned", False)
     message = r"ADAMKIT_PORTABLE_KERNELS='avx2': this CPU lacks avx2, f16c\b.*'1' \(portable\)"
     with pytest.raises(cpu_kernel.KernelUnavailable, match=message):
