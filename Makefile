@@ -23,8 +23,12 @@ $(COMPOSER)/.installed: pyproject.toml .ci/constraints-composer.txt
 env: $(MAIN)/.installed
 env-composer: $(COMPOSER)/.installed
 
-## The whole test suite, both environments, from nothing.
-test: test-main test-composer
+## The whole test suite, both environments, from nothing. The two environments' suites
+## (and their installs) run side by side: each keeps about one core busy, and together
+## they take about as long as the longer one. Each one's output is printed whole when it
+## ends (--output-sync), not interleaved.
+test:
+	$(MAKE) -j2 --output-sync=target test-main test-composer
 	$(MAIN)/bin/python .ci/check_junit.py $(REPORTS)/main.xml $(REPORTS)/composer.xml
 
 test-main: env
