@@ -126,9 +126,10 @@ AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 """ADAMKIT_PORTABLE_KERNELS=avx2: code for every x86-64 CPU with AVX2, FMA and F16C."""
 
 
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     """The instruction-set flags /proc/cpuinfo lists for this CPU (none where it cannot be
-    read)."""
+    read); read once, as every kernel lookup may ask."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             line = next((line for line in info if line.startswith(("flags", "Features"))), "")
