@@ -692,18 +692,15 @@ def machine() -> str:
 def vector_paths() -> str:
     """Which of the fused CPU kernel's vector paths this CPU takes: the ratios to torch
     differ by several times between them (README, "On CPUs without AVX-512")."""
-    flags, setting = cpu_kernel._cpu_flags(), os.environ.get("ADAMKIT_PORTABLE_KERNELS", "")
-    if setting == "avx2":
-        flags = flags - {"avx512f"}
-    elif setting not in ("", "0"):
-        flags = frozenset()
-    if "avx512f" in flags:
-        bf16 = "with" if "avx512_bf16" in flags else "without"
+    path = cpu_kernel.vector_path()
+    if path == "avx512":
+        bf16 = "with" if "avx512_bf16" in cpu_kernel._cpu_flags() else "without"
         return f"kernels: AVX-512 ({bf16} AVX512-BF16)"
-    if "avx2" in flags:
+    if path == "avx2":
         return "kernels: AVX2 (no AVX-512: 8-bit coding eight lanes wide, bf16 rounded in software)"
-    which = "portable (ADAMKIT_PORTABLE_KERNELS)" if setting not in ("", "0") else "no AVX2"
-    return f"kernels: {which}, 8-bit coding and 16-bit rounding in software"
+    if path == "software":
+        return "kernels: software (8-bit coding and 16-bit rounding one value at a time)"
+    return "kernels: unavailable (ADAMKIT_PORTABLE_KERNELS is refused on this CPU)"
 
 
 # -- host time of a Triton-backend step ------------------------------------------------------

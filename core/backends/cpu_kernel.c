@@ -682,8 +682,9 @@ static inline const float *widened_block(float *buffer, const store_t *in, int64
 }
 
 /* Codes decoded and encoded per vector: sixteen with AVX-512, eight with AVX2 (the same
- * arithmetic without masks or embedded rounding), else one at a time, which the
- * vectoriser compiles about six times slower than AVX2's intrinsics. */
+ * arithmetic without masks or embedded rounding), else one at a time as the vectoriser
+ * compiles them: on an AVX2 CPU that made the whole 8-bit step twice as slow as these
+ * intrinsics (2.1 against 1.06 ns per element in L2). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define CODE_LANES 16

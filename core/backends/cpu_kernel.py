@@ -124,6 +124,8 @@ def cache_dir() -> Path:
 
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 """ADAMKIT_PORTABLE_KERNELS=avx2: code for every x86-64 CPU with AVX2, FMA and F16C."""
+AVX2_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+"""What /proc/cpuinfo must list for code built with AVX2_FLAGS to run."""
 
 
 @functools.cache
@@ -149,7 +151,7 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
     instruction."""
     setting = os.environ.get("ADAMKIT_PORTABLE_KERNELS", "")
     if setting == "avx2":
-        missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+        missing = AVX2_CPU_FLAGS - _cpu_flags()
         if missing:
             raise KernelUnavailable(
                 "ADAMKIT_PORTABLE_KERNELS='avx2': this CPU lacks "
@@ -160,6 +162,20 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
     if setting not in ("", "0"):
         return ((),)
     return (("-march=native",), ())
+
+
+def vector_path() -> str:
+    """The widest vector code the kernels built now take (arch_choices' first choice on
+    this CPU): "avx512", "avx2", "software", or "unavailable" where the setting is
+    refused. Ratios to torch differ several times between them."""
+    try:
+        first = arch_choices()[0]
+    except KernelUnavailable:
+        return "unavailable"
+    flags = _cpu_flags() if first else frozenset()
+    if first != AVX2_FLAGS and "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "software"
 
 
 def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...], ...]) -> None:
