@@ -697,7 +697,7 @@ def vector_paths() -> str:
         bf16 = "with" if "avx512_bf16" in cpu_kernel._cpu_flags() else "without"
         return f"kernels: AVX-512 ({bf16} AVX512-BF16)"
     if path == "avx2":
-        return "kernels: AVX2 (no AVX-512: 8-bit coding eight lanes wide, bf16 rounded in software)"
+        return "kernels: AVX2 (no AVX-512: 8-bit coding and bf16 rounding eight lanes wide)"
     if path == "software":
         return "kernels: software (8-bit coding and 16-bit rounding one value at a time)"
     return "kernels: unavailable (ADAMKIT_PORTABLE_KERNELS is refused on this CPU)"

@@ -316,18 +316,19 @@ static inline void write_element(const tensors_t *t, int64_t i, result_t r) {
     if (WRITES_PARAM) store_param(t->param, t->comp, i, r.theta, t->key);
 }
 
-/* ---- 16-bit stores through the CPU's own conversion instructions -------------------- */
+/* ---- 16-bit stores a vector at a time ------------------------------------------------ */
 
-/* Rounding fp32 to a 16-bit type in software costs more than the memory traffic of the
- * whole step. AVX512-BF16 (vcvtneps2bf16) and AVX-512 (vcvtps2ph) round sixteen lanes in
- * one instruction, F16C (AVX2 CPUs) rounds eight to float16, and each agrees with torch's
- * conversion bit for bit on every non-NaN input but one kind: vcvtneps2bf16 flushes fp32
- * subnormals to zero, where torch rounds them to bfloat16 subnormals. Lanes holding one
- * are rounded in software instead, a branch almost never taken. A NaN stays a NaN; its
- * payload, as in torch, is not kept. bfloat16 has no AVX2 instruction: software there. */
+/* Rounding fp32 to a 16-bit type one element at a time costs more than the memory traffic
+ * of the whole step. AVX512-BF16 (vcvtneps2bf16) and AVX-512 (vcvtps2ph) round sixteen
+ * lanes in one instruction, F16C (AVX2 CPUs) rounds eight to float16, and each agrees with
+ * torch's conversion bit for bit on every non-NaN input but one kind: vcvtneps2bf16 flushes
+ * fp32 subnormals to zero, where torch rounds them to bfloat16 subnormals. Lanes holding
+ * one are rounded in software instead, a branch almost never taken. A NaN stays a NaN; its
+ * payload, as in torch, is not kept. bfloat16 has no AVX2 instruction: there its integer
+ * rounding (round_to_store's) runs eight lanes at a time. */
 #if (DTYPE == 3 && defined(__AVX512BF16__)) || (DTYPE == 4 && defined(__AVX512DQ__))
 #include <immintrin.h>
-#define HARDWARE_ROUNDING 1
+#define VECTOR_ROUNDING 1
 #define LANES 16
 typedef __m512 lanes_t;   /* LANES fp32 values */
 typedef __m256i packed_t; /* LANES 16-bit values */
@@ -357,9 +358,9 @@ static inline lanes_t widen_lanes(packed_t x) {
     return _mm512_cvtph_ps(x);
 #endif
 }
-#elif DTYPE == 4 && defined(__F16C__) && defined(__AVX__)
+#elif (DTYPE == 4 && defined(__F16C__) && defined(__AVX__)) || (DTYPE == 3 && defined(__AVX2__))
 #include <immintrin.h>
-#define HARDWARE_ROUNDING 1
+#define VECTOR_ROUNDING 1
 #define LANES 8
 typedef __m256 lanes_t;
 typedef __m128i packed_t;
@@ -369,23 +370,41 @@ typedef __m128i packed_t;
 #define load_packed(in) _mm_loadu_si128((const __m128i *)(in))
 #define store_packed(out, x) _mm_storeu_si128((__m128i *)(out), x)
 static inline int needs_software(lanes_t x) { return (void)x, 0; }
+#if DTYPE == 4
 static inline packed_t round_lanes(lanes_t x) {
     return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 static inline lanes_t widen_lanes(packed_t x) { return _mm256_cvtph_ps(x); }
 #else
-#define HARDWARE_ROUNDING 0
+/* round_to_store on eight lanes: subnormals need no care, as the integers round them too. */
+static inline packed_t round_lanes(lanes_t x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+    /* every lane is below 2^16, so the saturating pack only narrows */
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+static inline lanes_t widen_lanes(packed_t x) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+#endif
+#else
+#define VECTOR_ROUNDING 0
 #endif
 
-#if HARDWARE_ROUNDING
+#if VECTOR_ROUNDING
 #define BLOCK 256
 
 /* Round LANES lanes into out; returns them widened back, for Kahan's remainder. */
-static inline lanes_t put_lanes(store_t *out, const float *lanes) {
-    lanes_t x = load_lanes(lanes);
+static inline lanes_t put_vector(store_t *out, lanes_t x) {
     packed_t rounded;
     if (__builtin_expect(needs_software(x), 0)) {
+        _Alignas(64) float lanes[LANES];
         uint16_t software[LANES];
+        store_lanes(lanes, x);
         for (int j = 0; j < LANES; j++) software[j] = round_to_store(lanes[j]);
         rounded = load_packed(software);
     } else {
@@ -393,6 +412,10 @@ static inline lanes_t put_lanes(store_t *out, const float *lanes) {
     }
     store_packed(out, rounded);
     return widen_lanes(rounded);
+}
+
+static inline lanes_t put_lanes(store_t *out, const float *lanes) {
+    return put_vector(out, load_lanes(lanes));
 }
 
 /* Round `count` (a multiple of LANES) staged lanes into out. */
@@ -412,12 +435,9 @@ static inline int64_t store_param_lanes(const tensors_t *t, const float *theta, 
     int64_t j = 0;
     if (STOCHASTIC) return 0; /* θ is rounded by store_param, one element at a time */
     for (; j + LANES <= count; j += LANES) {
-        lanes_t stored = put_lanes(t->param + i + j, theta + j);
-        if (KAHAN) {
-            _Alignas(64) float lost[LANES];
-            store_lanes(lost, subtract_lanes(load_lanes(theta + j), stored));
-            put_lanes(t->comp + i + j, lost);
-        }
+        const lanes_t x = load_lanes(theta + j);
+        const lanes_t stored = put_vector(t->param + i + j, x);
+        if (KAHAN) put_vector(t->comp + i + j, subtract_lanes(x, stored));
     }
     return j;
 }
@@ -430,7 +450,7 @@ static inline void store_params(const tensors_t *t, const float *theta, int64_t 
 }
 
 /* BLOCK elements from i: the same update, its results staged in fp32 in L1 and then
- * rounded sixteen lanes at a time. Staging a whole block rather than one vector keeps the
+ * rounded LANES lanes at a time. Staging a whole block rather than one vector keeps the
  * rounding's loads from waiting on the update's stores still in flight. fp16 inputs are
  * widened the same way first (vcvtph2ps), where software would need a dozen operations
  * each; widening bfloat16 is a shift, done in place. */
@@ -464,7 +484,10 @@ static inline void update_block(const tensors_t *t, const scalars_t *s, int64_t 
     if (WRITES_V_MAX) put_block(t->max_exp_avg_sq + i, v_max, count);
     if (WRITES_M) put_block(t->exp_avg + i, m, count);
     put_block(t->exp_avg_sq + i, v, count);
-    if (WRITES_PARAM) store_params(t, theta, i, count);
+    /* count is whole lanes, so only stochastic rounding leaves elements to one at a time
+     * (and gcc, seeing no loop after the lanes, does not warn it could overrun theta). */
+    if (WRITES_PARAM && STOCHASTIC) store_params(t, theta, i, count);
+    else if (WRITES_PARAM) store_param_lanes(t, theta, i, count);
 }
 #else
 #define LANES 1
@@ -488,7 +511,7 @@ static void update_range(store_t *restrict param, store_t *restrict comp,
     tensors_t t = {param, comp, exp_avg, exp_avg_sq, max_exp_avg_sq, grad, key};
     scalars_t local = *s;
     int64_t i = begin;
-    if (HARDWARE_ROUNDING) {
+    if (VECTOR_ROUNDING) {
         for (; i + BLOCK <= end; i += BLOCK) update_block(&t, &local, i, BLOCK);
         int64_t whole_lanes = (end - i) / LANES * LANES;
         update_block(&t, &local, i, whole_lanes);
@@ -502,7 +525,7 @@ static void update_range(store_t *restrict param, store_t *restrict comp,
  * the rounding with torch's conversion over every fp32 bit pattern. */
 void adamkit_round(int64_t n, const float *values, store_t *out) {
     int64_t i = 0;
-#if HARDWARE_ROUNDING
+#if VECTOR_ROUNDING
     for (; i + LANES <= n; i += LANES) put_lanes(out + i, values + i);
 #endif
     for (; i < n; i++) out[i] = round_to_store(values[i]);
@@ -673,7 +696,7 @@ static inline const float *widened_block(float *buffer, const store_t *in, int64
     return in;
 #else
     int64_t j = 0;
-#if HARDWARE_ROUNDING && DTYPE == 4
+#if VECTOR_ROUNDING && DTYPE == 4
     for (; j + LANES <= count; j += LANES) widen_into(buffer + j, in + j);
 #endif
     for (; j < count; j++) buffer[j] = load(in, j);
@@ -899,11 +922,11 @@ typedef struct {
     float *absmax[3]; /* the 8-bit moments' scales */
 } quantized_t;
 
-/* Round `count` values into a parameter-dtype tensor: sixteen lanes at a time where the
- * CPU rounds in hardware, the rest in software. */
+/* Round `count` values into a parameter-dtype tensor: LANES lanes at a time where the
+ * CPU rounds vectors, the rest one at a time. */
 static inline void put_all(store_t *out, const float *x, int64_t count) {
     int64_t j = 0;
-#if HARDWARE_ROUNDING
+#if VECTOR_ROUNDING
     for (; j + LANES <= count; j += LANES) put_lanes(out + j, x + j);
 #endif
     for (; j < count; j++) put(out, j, x[j]);

@@ -200,6 +200,37 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+UNUSED_LIBRARY_DAYS = 30
+"""Libraries in the kernel cache that no process has loaded for this many days are deleted
+by the next build there: every adamkit version, compiler or configuration change adds
+libraries (about 30 kB each), and nothing else would ever remove the old ones."""
+
+
+def mark_used(path: Path) -> bool:
+    """Record that a cached library is about to be loaded (its modification time, which
+    remove_unused_libraries reads); False if it is not there, to be built."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # a cache this user cannot write (shared, read-only) is still read
+        pass
+    return True
+
+
+def remove_unused_libraries(directory: Path, keep: Path) -> None:
+    """Delete adamkit's libraries in directory not loaded for UNUSED_LIBRARY_DAYS (but keep).
+    A process about to load one marks it first, so only libraries idle that long can
+    vanish under a loader, which then builds its own again."""
+    oldest = time.time() - UNUSED_LIBRARY_DAYS * 86400
+    for path in directory.glob("adamkit_*.so"):
+        try:
+            if path != keep and path.stat().st_mtime < oldest:
+                path.unlink()
+        except OSError:  # gone already, or not ours to delete
+            pass
+
+
 def remove_abandoned_builds(directory: Path) -> None:
     """Delete the temporary outputs of builds whose process is gone (killed, or exited
     while a background build ran): nothing else would, and each is a whole library."""
@@ -230,6 +261,7 @@ def build_atomically(
             )
             if result.returncode == 0:
                 os.replace(temporary, target)
+                remove_unused_libraries(target.parent, keep=target)
                 return
             errors = result.stderr[-2000:]
         except subprocess.TimeoutExpired:
@@ -258,7 +290,7 @@ def library(config: KernelConfig) -> ctypes.CDLL:
     key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), str(choices)]
     digest = hashlib.sha256("\n".join([*key, _toolchain_identity()]).encode()).hexdigest()[:24]
     path = cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
-    if not path.exists():
+    if not mark_used(path):
         _compile(config, path, choices)
     built = ctypes.CDLL(str(path))
     step = built.adamkit_step_q8 if config.quantized else built.adamkit_step

@@ -37,6 +37,7 @@ from core.backends.cpu_kernel import (
     build_atomically,
     cache_dir,
     find_compiler,
+    mark_used,
     set_share_runner,
 )
 from core.backends.views import PLAIN_TENSOR_TYPES
@@ -269,7 +270,7 @@ def _build() -> Path:
     digest = hashlib.sha256("\n".join([*identity, str(abi)]).encode()).hexdigest()[:24]
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = cache_dir() / f"{_MODULE_NAME}_{digest}{suffix}"
-    if not target.exists():
+    if not mark_used(target):
         command = [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w"]
         command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in includes)]
         command += [str(SOURCE), *(f"-L{path}" for path in libraries)]

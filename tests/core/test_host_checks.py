@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from array import array
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from core.backends import cpu_kernel, host_checks
 from core.backends.host_checks import PYTHON_CHECKS, HostChecks
+from core.backends.kernel_arguments import SWITCHES
 
 
 class _Subclass(Tensor):
@@ -266,6 +268,46 @@ def test_a_build_removes_what_killed_builds_left_and_keeps_live_ones(tmp_path: P
     assert target.read_text() == "built"
     assert not abandoned.exists() and own.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["target.so", own.name, other.name])
+
+
+def _age(path: Path, days: float) -> None:
+    """Set path's modification time to `days` ago."""
+    when = time.time() - days * 86400
+    os.utime(path, (when, when))
+
+
+def test_a_build_deletes_adamkits_libraries_unused_for_30_days_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    assert cpu_kernel.UNUSED_LIBRARY_DAYS == 30
+    stale = ["adamkit_adam_0123.so", "adamkit_host_checks_4567.cpython-311-x86_64-linux-gnu.so"]
+    kept = ["adamkit_adopt_89ab.so", "someone_elses.so", "adamkit_notes.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_text("library")
+        _age(tmp_path / name, 31)
+    _age(tmp_path / "adamkit_adopt_89ab.so", 29)
+    target = tmp_path / "adamkit_adam_target.so"
+    cpu_kernel.build_atomically([WRITE_TARGET], target, "a test target")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, target.name])
+
+
+def test_loading_a_cached_kernel_marks_it_used_without_building_it_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What keeps a library in use from being deleted by another process's build."""
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    switches = tuple((name, name in ("UPDATE", "ADAPTIVE")) for name in SWITCHES)
+    config = cpu_kernel.KernelConfig("adam", torch.float32, switches)
+    cpu_kernel.library(config)
+    (built,) = tmp_path.glob("adamkit_adam_*.so")
+    _age(built, 40)
+    inode = built.stat().st_ino
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})  # as a new process: load from the cache
+    cpu_kernel.library(config)
+    assert built.stat().st_ino == inode  # the same file, not a rebuild renamed into place
+    assert time.time() - built.stat().st_mtime < 600
+    assert cpu_kernel.mark_used(tmp_path / "adamkit_adam_missing.so") is False
 
 
 def test_failed_and_timed_out_build_commands_leave_no_file(tmp_path: Path) -> None:
