@@ -211,7 +211,7 @@ def mark_used(path: Path) -> bool:
     remove_unused_libraries reads); False if it is not there, to be built."""
     try:
         os.utime(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError:  # a cache this user cannot write (shared, read-only) is still read
         pass
@@ -278,6 +278,13 @@ compile_seconds: dict[KernelConfig, float] = {}
 """Wall time spent building (or loading from the disk cache) each configuration."""
 
 
+def library_path(config: KernelConfig, choices: tuple[tuple[str, ...], ...]) -> Path:
+    """Where the kernel cache keeps config's library: named by everything it is built from."""
+    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), str(choices)]
+    digest = hashlib.sha256("\n".join([*key, _toolchain_identity()]).encode()).hexdigest()[:24]
+    return cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
+
+
 def library(config: KernelConfig) -> ctypes.CDLL:
     """The compiled library for a configuration, building it on first use."""
     choices = arch_choices()
@@ -287,12 +294,22 @@ def library(config: KernelConfig) -> ctypes.CDLL:
     if compiler() is None:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
     start = time.perf_counter()
-    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), str(choices)]
-    digest = hashlib.sha256("\n".join([*key, _toolchain_identity()]).encode()).hexdigest()[:24]
-    path = cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
-    if not mark_used(path):
-        _compile(config, path, choices)
-    built = ctypes.CDLL(str(path))
+    path = library_path(config, choices)
+    try:
+        if not mark_used(path):
+            _compile(config, path, choices)
+        try:
+            built = ctypes.CDLL(str(path))
+        except OSError:
+            if not path.is_file():
+                raise
+            _compile(config, path, choices)  # a damaged file (a copy cut short): built anew
+            built = ctypes.CDLL(str(path))
+    except OSError as error:  # the cache is not a writable directory, or holds a bad file
+        raise KernelUnavailable(
+            f"cannot build or load {path} in the kernel cache (set ADAMKIT_KERNEL_CACHE "
+            f"to a writable directory): {error}"
+        ) from error
     step = built.adamkit_step_q8 if config.quantized else built.adamkit_step
     step.argtypes = _QUANTIZED_ARGTYPES if config.quantized else _ARGTYPES
     step.restype = ctypes.c_int

@@ -310,6 +310,22 @@ def test_loading_a_cached_kernel_marks_it_used_without_building_it_again(
     assert cpu_kernel.mark_used(tmp_path / "adamkit_adam_missing.so") is False
 
 
+def test_a_damaged_cached_kernel_is_built_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    switches = tuple((name, name in ("UPDATE", "ADAPTIVE")) for name in SWITCHES)
+    config = cpu_kernel.KernelConfig("adam", torch.float32, switches)
+    built = cpu_kernel.library_path(config, cpu_kernel.arch_choices())
+    built.write_bytes(b"\x7fELF" + bytes(96))  # what a copy cut short could leave
+    values = torch.tensor([1.0, -2.5, 3.0e38])
+    out = torch.empty(3, dtype=torch.float32)
+    cpu_kernel.library(config).adamkit_round(3, values.data_ptr(), out.data_ptr())
+    assert torch.equal(out, values)
+    assert built.stat().st_size > 1000
+
+
 def test_failed_and_timed_out_build_commands_leave_no_file(tmp_path: Path) -> None:
     failing = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'w'); sys.exit(3)"]
     sleeping = [sys.executable, "-c", "import sys, time; open(sys.argv[-1], 'w'); time.sleep(30)"]
