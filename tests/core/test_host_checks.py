@@ -291,14 +291,22 @@ def test_a_build_deletes_adamkits_libraries_unused_for_30_days_and_nothing_else(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, target.name])
 
 
+def _adam_kernel_cached_in(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> cpu_kernel.KernelConfig:
+    """An fp32 Adam kernel configuration, with directory as the kernel cache of a process
+    that has loaded no kernel yet."""
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(directory))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    switches = tuple((name, name in ("UPDATE", "ADAPTIVE")) for name in SWITCHES)
+    return cpu_kernel.KernelConfig("adam", torch.float32, switches)
+
+
 def test_loading_a_cached_kernel_marks_it_used_without_building_it_again(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """What keeps a library in use from being deleted by another process's build."""
-    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_loaded", {})
-    switches = tuple((name, name in ("UPDATE", "ADAPTIVE")) for name in SWITCHES)
-    config = cpu_kernel.KernelConfig("adam", torch.float32, switches)
+    config = _adam_kernel_cached_in(tmp_path, monkeypatch)
     cpu_kernel.library(config)
     (built,) = tmp_path.glob("adamkit_adam_*.so")
     _age(built, 40)
@@ -313,10 +321,7 @@ def test_loading_a_cached_kernel_marks_it_used_without_building_it_again(
 def test_a_damaged_cached_kernel_is_built_again(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_loaded", {})
-    switches = tuple((name, name in ("UPDATE", "ADAPTIVE")) for name in SWITCHES)
-    config = cpu_kernel.KernelConfig("adam", torch.float32, switches)
+    config = _adam_kernel_cached_in(tmp_path, monkeypatch)
     built = cpu_kernel.library_path(config, cpu_kernel.arch_choices())
     built.write_bytes(b"\x7fELF" + bytes(96))  # what a copy cut short could leave
     values = torch.tensor([1.0, -2.5, 3.0e38])
