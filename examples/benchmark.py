@@ -700,7 +700,7 @@ def vector_paths() -> str:
         return "kernels: AVX2 (no AVX-512: 8-bit coding and bf16 rounding eight lanes wide)"
     if path == "software":
         return "kernels: software (8-bit coding and 16-bit rounding one value at a time)"
-    return "kernels: unavailable (ADAMKIT_PORTABLE_KERNELS is refused on this CPU)"
+    return "kernels: unavailable (this ADAMKIT_PORTABLE_KERNELS is refused)"
 
 
 # -- host time of a Triton-backend step ------------------------------------------------------

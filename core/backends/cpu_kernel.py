@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,12 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+NATIVE_SETTINGS = frozenset({"", "0", "false", "no", "off"})
+PORTABLE_SETTINGS = frozenset({"1", "true", "yes", "on"})
+"""ADAMKIT_PORTABLE_KERNELS values (any case) besides 'avx2'; anything else is refused, so
+that a misspelt target is not silently built as the slowest code."""
+
+
 def arch_choices() -> tuple[tuple[str, ...], ...]:
     """The -march flags to try in order: native first, for AVX-512's 16-bit rounding
     instructions and the widest vectors this CPU has, then portable code. Setting
@@ -149,7 +155,13 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
     AVX-512), refused where this CPU lacks it. There is deliberately no setting for any
     other target: code for a CPU this one is not would stop the process with an illegal
     instruction."""
-    setting = os.environ.get("ADAMKIT_PORTABLE_KERNELS", "")
+    raw = os.environ.get("ADAMKIT_PORTABLE_KERNELS", "")
+    setting = raw.strip().lower()
+    if setting not in NATIVE_SETTINGS | PORTABLE_SETTINGS | {"avx2"}:
+        raise KernelUnavailable(
+            f"ADAMKIT_PORTABLE_KERNELS={raw!r} is not a setting; allowed: unset or '0' "
+            "(native), '1' (portable) or 'avx2'"
+        )
     if setting == "avx2":
         missing = AVX2_CPU_FLAGS - _cpu_flags()
         if missing:
@@ -159,7 +171,7 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
                 "allowed here: unset, '0' (native) or '1' (portable)"
             )
         return (AVX2_FLAGS, ())
-    if setting not in ("", "0"):
+    if setting in PORTABLE_SETTINGS:
         return ((),)
     return (("-march=native",), ())
 
@@ -285,6 +297,31 @@ def library_path(config: KernelConfig, choices: tuple[tuple[str, ...], ...]) -> 
     return cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
 
 
+def _load_or_build(path: Path, build: Callable[[], None]) -> ctypes.CDLL:
+    """The library at path, built first where the cache lacks it, and built anew where a
+    cached file does not load (damaged). What goes wrong is KernelUnavailable, saying why,
+    so that a bad cache or compiler costs the fused kernel, never the step."""
+    try:
+        cached = mark_used(path)
+        if not cached:
+            build()
+    except OSError as error:
+        raise KernelUnavailable(
+            f"the kernel cache {path.parent} cannot be written (set ADAMKIT_KERNEL_CACHE "
+            f"to a writable directory): {error}"
+        ) from error
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as error:
+        if not cached:
+            raise KernelUnavailable(f"{path} was just built but does not load: {error}") from error
+    try:
+        build()
+        return ctypes.CDLL(str(path))
+    except OSError as error:
+        raise KernelUnavailable(f"{path} does not load, even built anew: {error}") from error
+
+
 def library(config: KernelConfig) -> ctypes.CDLL:
     """The compiled library for a configuration, building it on first use."""
     choices = arch_choices()
@@ -295,21 +332,7 @@ def library(config: KernelConfig) -> ctypes.CDLL:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
     start = time.perf_counter()
     path = library_path(config, choices)
-    try:
-        if not mark_used(path):
-            _compile(config, path, choices)
-        try:
-            built = ctypes.CDLL(str(path))
-        except OSError:
-            if not path.is_file():
-                raise
-            _compile(config, path, choices)  # a damaged file (a copy cut short): built anew
-            built = ctypes.CDLL(str(path))
-    except OSError as error:  # the cache is not a writable directory, or holds a bad file
-        raise KernelUnavailable(
-            f"cannot build or load {path} in the kernel cache (set ADAMKIT_KERNEL_CACHE "
-            f"to a writable directory): {error}"
-        ) from error
+    built = _load_or_build(path, lambda: _compile(config, path, choices))
     step = built.adamkit_step_q8 if config.quantized else built.adamkit_step
     step.argtypes = _QUANTIZED_ARGTYPES if config.quantized else _ARGTYPES
     step.restype = ctypes.c_int

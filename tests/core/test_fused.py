@@ -366,7 +366,7 @@ def test_a_kernel_cache_that_cannot_be_a_directory_falls_back_by_default_and_fai
     monkeypatch.setattr(cpu_kernel, "_loaded", {})
     monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
     monkeypatch.setattr(cpu, "_warned", False)
-    message = r"cannot build or load .*a-file/kernels/adamkit_adam_\w+\.so in the kernel cache"
+    message = r"the kernel cache .*a-file/kernels cannot be written"
     message += r" \(set ADAMKIT_KERNEL_CACHE to a writable directory\)"
     _assert_falls_back_by_default_and_is_refused_when_forced(message)
     assert list(tmp_path.iterdir()) == [a_file]
@@ -387,6 +387,32 @@ def test_an_avx2_build_on_a_cpu_without_avx2_is_refused_not_run(
     with pytest.raises(cpu_kernel.KernelUnavailable, match=message):
         cpu_kernel.arch_choices()
     _assert_falls_back_by_default_and_is_refused_when_forced(message)
+
+
+@pytest.mark.bad_input
+def test_an_unknown_portable_kernels_setting_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A misspelt target must not be built silently as the slowest (portable) code."""
+    monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", "avx512")
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
+    monkeypatch.setattr(cpu, "_warned", False)
+    message = r"ADAMKIT_PORTABLE_KERNELS='avx512' is not a setting; allowed: unset or '0' "
+    message += r"\(native\), '1' \(portable\) or 'avx2'"
+    with pytest.raises(cpu_kernel.KernelUnavailable, match=message):
+        cpu_kernel.arch_choices()
+    _assert_falls_back_by_default_and_is_refused_when_forced(message)
+
+
+@pytest.mark.parametrize(
+    ("setting", "portable"),
+    [("", False), ("0", False), ("off", False), ("1", True), (" True ", True), ("YES", True)],
+)
+def test_portable_kernels_settings_read_as_environment_switches(
+    monkeypatch: pytest.MonkeyPatch, setting: str, portable: bool
+) -> None:
+    monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", setting)
+    assert cpu_kernel.arch_choices() == (((),) if portable else (("-march=native",), ()))
 
 
 def test_loading_a_state_dict_keeps_this_optimizers_backend_flags() -> None:
