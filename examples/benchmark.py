@@ -436,10 +436,10 @@ def _build_kernel_timing(directory: Path, config: cpu_kernel.KernelConfig) -> Pa
     sources = [f'-DKERNEL_SOURCE="{cpu_kernel.SOURCE}"', str(KERNEL_TIMING), "-lm"]
     defines = config.defines()
     commands = [
-        [cpu_kernel.compiler(), *flags, *cpu_kernel.EXACT_FLAGS, *arch, *defines, *sources]
+        [*(cpu_kernel.compiler() or ()), *flags, *cpu_kernel.EXACT_FLAGS, *arch, *defines, *sources]
         for arch in cpu_kernel.arch_choices()
     ]
-    cpu_kernel.build_atomically(commands, executable, "examples/kernel_timing.c")  # type: ignore[arg-type]
+    cpu_kernel.build_atomically(commands, executable, "examples/kernel_timing.c")
     return executable
 
 

@@ -107,10 +107,11 @@ def fused_unavailable_reason(params: Sequence[Tensor], *, forced: bool = True) -
         backend = _triton_backend()
         return backend if isinstance(backend, str) else None
     if device_type == "cpu":
-        from core.backends import cpu
+        from core.backends import cpu, cpu_kernel
 
         if forced and not cpu.available():
-            return "the fused CPU backend compiles a C kernel and no C compiler was found (set CC)"
+            reason = cpu_kernel.missing_compiler("CC", cpu_kernel.C_COMPILERS)
+            return f"the fused CPU backend compiles a C kernel and has no C compiler: {reason}"
         return None
     return f"no fused backend exists for {device_type!r} tensors (only CPU and, with Triton, GPU)"
 

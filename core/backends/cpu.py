@@ -143,7 +143,8 @@ class FusedCpu:
         except cpu_kernel.KernelUnavailable as error:
             if self.strict:
                 raise RuntimeError(f"fused=True: {error}") from error
-            if cpu_kernel.compiler() is not None:  # no compiler at all is not news
+            if cpu_kernel.compiler() is not None or cpu_kernel.compiler_misconfigured():
+                # (no compiler at all, on a machine without one, is not news)
                 _warn_fallback(error)
             return False
         return True

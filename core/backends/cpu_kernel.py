@@ -18,6 +18,7 @@ import hashlib
 import operator
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -93,23 +94,46 @@ class KernelUnavailable(RuntimeError):
     """No C compiler, or it could not build this configuration."""
 
 
+C_COMPILERS = ("cc", "gcc", "clang")
+
+
 @functools.cache
-def compiler() -> str | None:
-    """The C compiler to use: $CC, else the first of cc, gcc, clang on PATH."""
-    return find_compiler("CC", ("cc", "gcc", "clang"))
+def compiler() -> tuple[str, ...] | None:
+    """The C compiler's command: $CC, else the first of C_COMPILERS on PATH."""
+    return find_compiler("CC", C_COMPILERS)
 
 
-def find_compiler(variable: str, names: Sequence[str]) -> str | None:
-    """$variable, else the first of names on PATH (None if none is found)."""
-    candidates = [os.environ[variable]] if os.environ.get(variable) else names
-    return next((path for name in candidates if (path := shutil.which(name))), None)
+def find_compiler(variable: str, names: Sequence[str]) -> tuple[str, ...] | None:
+    """$variable as a shell splits it (a launcher such as `ccache gcc`, or flags, are kept),
+    its first word found on PATH; else the first of names on PATH. None if none is."""
+    setting = os.environ.get(variable, "").strip()
+    if not setting:
+        return next(((path,) for name in names if (path := shutil.which(name))), None)
+    try:
+        words = shlex.split(setting)
+    except ValueError:  # unbalanced quotes
+        return None
+    path = shutil.which(words[0])
+    return (path, *words[1:]) if path else None
+
+
+def missing_compiler(variable: str, names: Sequence[str]) -> str:
+    """Why find_compiler(variable, names) found none, for messages."""
+    if os.environ.get(variable, "").strip():
+        return f"{variable}={os.environ[variable]!r} is not a command on PATH"
+    return f"no {', '.join(names)} on PATH (set {variable} to a compiler)"
+
+
+def compiler_misconfigured() -> bool:
+    """$CC is set but names no compiler: news, unlike a machine without any compiler."""
+    return compiler() is None and bool(os.environ.get("CC", "").strip())
 
 
 @functools.cache
 def _toolchain_identity() -> str:
     """What the compiled code depends on besides the source: compiler version and CPU."""
-    cc = compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout  # type: ignore[list-item]
+    cc = compiler() or ()
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
     cpu = platform.processor() + platform.machine() + " ".join(sorted(_cpu_flags()))
     return f"{cc}\n{version}\n{cpu}"
 
@@ -191,11 +215,11 @@ def vector_path() -> str:
 
 
 def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...], ...]) -> None:
-    cc = compiler()
+    cc = compiler() or ()
     commands = [
-        [cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)] for arch in choices
+        [*cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)] for arch in choices
     ]
-    build_atomically(commands, target, f"the fused kernel {config}")  # type: ignore[arg-type]
+    build_atomically(commands, target, f"the fused kernel {config}")
 
 
 BUILDING_PREFIX = ".building-"
@@ -329,7 +353,7 @@ def library(config: KernelConfig) -> ctypes.CDLL:
     if loaded is not None:
         return loaded
     if compiler() is None:
-        raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
+        raise KernelUnavailable(f"no C compiler: {missing_compiler('CC', C_COMPILERS)}")
     start = time.perf_counter()
     path = library_path(config, choices)
     built = _load_or_build(path, lambda: _compile(config, path, choices))

@@ -38,6 +38,7 @@ from core.backends.cpu_kernel import (
     cache_dir,
     find_compiler,
     mark_used,
+    missing_compiler,
     set_share_runner,
 )
 from core.backends.views import PLAIN_TENSOR_TYPES
@@ -234,8 +235,11 @@ class _Build:
 _BUILD = _Build()
 
 
-def _compiler() -> str | None:
-    return find_compiler("CXX", ("c++", "g++", "clang++"))
+CXX_COMPILERS = ("c++", "g++", "clang++")
+
+
+def _compiler() -> tuple[str, ...] | None:
+    return find_compiler("CXX", CXX_COMPILERS)
 
 
 def torch_openmp_runtime() -> str | None:
@@ -257,21 +261,21 @@ def _build() -> Path:
     without (the checks alone)."""
     cxx = _compiler()
     if cxx is None:
-        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
+        raise KernelUnavailable(f"no C++ compiler: {missing_compiler('CXX', CXX_COMPILERS)}")
     root = Path(torch.__file__).parent  # what torch.utils.cpp_extension would use on CPU
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [root / "include", root / "include/torch/csrc/api/include"]
     includes.append(Path(sysconfig.get_paths()["include"]))
     libraries = [root / "lib"]
     openmp = torch_openmp_runtime()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    identity = [SOURCE.read_text(), torch.__version__, torch.__file__, sys.version, cxx, version]
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True).stdout
+    identity = [SOURCE.read_text(), torch.__version__, torch.__file__, sys.version, *cxx, version]
     identity.append(str(openmp))
     digest = hashlib.sha256("\n".join([*identity, str(abi)]).encode()).hexdigest()[:24]
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = cache_dir() / f"{_MODULE_NAME}_{digest}{suffix}"
     if not mark_used(target):
-        command = [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w"]
+        command = [*cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w"]
         command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in includes)]
         command += [str(SOURCE), *(f"-L{path}" for path in libraries)]
         command += ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]

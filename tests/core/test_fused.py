@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -323,7 +324,7 @@ def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
     monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_loaded", {})
     monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
-    monkeypatch.setattr(cpu_kernel, "compiler", lambda: "false")  # a "compiler" that fails
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
     monkeypatch.setattr(cpu, "_warned", False)
     case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
     with pytest.warns(RuntimeWarning, match="fused CPU kernel is unavailable"):
@@ -445,3 +446,50 @@ def test_without_a_compiler_the_default_still_runs_torchs_kernels_and_the_loop_s
     loop = _loop_model_after(nadam, foreach=False)
     for a, b in zip(default.parameters(), loop.parameters(), strict=True):
         assert torch.equal(a, b)  # NAdam ran the loop backend
+
+
+@pytest.fixture
+def compiler_lookup_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
+    """$CC read afresh (compiler() caches it), kernels built into an empty cache."""
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
+    monkeypatch.setattr(cpu, "_warned", False)
+    cpu_kernel.compiler.cache_clear()
+    cpu_kernel._toolchain_identity.cache_clear()
+    yield
+    cpu_kernel.compiler.cache_clear()  # read again with $CC restored
+    cpu_kernel._toolchain_identity.cache_clear()
+
+
+def test_cc_may_be_a_command_line_with_a_launcher(
+    monkeypatch: pytest.MonkeyPatch, compiler_lookup_again: None
+) -> None:
+    """CC="ccache gcc" is common; `env` stands in for the launcher here."""
+    compiler = next(name for name in cpu_kernel.C_COMPILERS if shutil.which(name))
+    monkeypatch.setenv("CC", f"env {compiler}")
+    assert cpu_kernel.compiler() == (shutil.which("env"), compiler)
+    case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built and run: no fallback warning
+        fused = _loop_model_after(case, fused=True)
+    reference = _loop_model_after(case, foreach=False)
+    for a, b in zip(fused.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.bad_input
+def test_a_cc_that_names_no_command_is_news_not_a_silent_fallback(
+    monkeypatch: pytest.MonkeyPatch, compiler_lookup_again: None
+) -> None:
+    monkeypatch.setenv("CC", "gcc-that-is-not-installed -O2")
+    assert cpu_kernel.compiler() is None and cpu_kernel.compiler_misconfigured()
+    case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
+    message = r"CC='gcc-that-is-not-installed -O2' is not a command on PATH"
+    with pytest.warns(RuntimeWarning, match=message):
+        fallback = _loop_model_after(case)
+    reference = _loop_model_after(case, foreach=False)
+    for a, b in zip(fallback.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=f"Invalid fused in param group 0: True.*{message}"):
+        _loop_model_after(case, fused=True)
