@@ -6,8 +6,10 @@ COMPOSER := .venv-composer
 REPORTS := .ci/reports
 # Triton kernels run on CPU tensors through Triton's interpreter.
 export TRITON_INTERPRET := 1
+# The parts of `make test` (below), longest first.
+TEST_PARTS := test-main-core test-composer-core test-main-lightning test-composer-adapter
 
-.PHONY: env env-composer test test-main test-composer run run-quick run-composer lint benchmark \
+.PHONY: env env-composer test test-main test-composer $(TEST_PARTS) run run-quick run-composer lint benchmark \
 	compile-check gpu-check
 
 $(MAIN)/.installed: pyproject.toml .ci/constraints-main.txt
@@ -23,22 +25,35 @@ $(COMPOSER)/.installed: pyproject.toml .ci/constraints-composer.txt
 env: $(MAIN)/.installed
 env-composer: $(COMPOSER)/.installed
 
-## The whole test suite, both environments, from nothing. The two environments' suites
-## (and their installs) run side by side: each keeps about one core busy, and together
-## they take about as long as the longer one. Each one's output is printed whole when it
-## ends (--output-sync), not interleaved.
+## The whole test suite, both environments, from nothing, in four parts: each
+## environment's core tests and its adapter's tests. Two run at a time (each keeps about
+## one core busy), longest first, so the short adapter parts fill in beside the long core
+## ones and the whole takes about as long as the longest pair. Each part's output is
+## printed whole when it ends (--output-sync), not interleaved.
 test:
-	$(MAKE) -j2 --output-sync=target test-main test-composer
-	$(MAIN)/bin/python .ci/check_junit.py $(REPORTS)/main.xml $(REPORTS)/composer.xml
+	$(MAKE) -j2 --output-sync=target $(TEST_PARTS)
+	$(MAIN)/bin/python .ci/check_junit.py $(patsubst test-%,$(REPORTS)/%.xml,$(TEST_PARTS))
 
-test-main: env
+## One environment's whole suite.
+test-main: test-main-core test-main-lightning
+test-composer: test-composer-core test-composer-adapter
+
+test-main-core: env
 	mkdir -p $(REPORTS)
 	$(MAIN)/bin/ruff check .
-	$(MAIN)/bin/python -m pytest tests/core tests/lightning_adam --junitxml=$(REPORTS)/main.xml
+	$(MAIN)/bin/python -m pytest tests/core --junitxml=$(REPORTS)/main-core.xml
 
-test-composer: env-composer
+test-main-lightning: env
 	mkdir -p $(REPORTS)
-	$(COMPOSER)/bin/python -m pytest tests/core tests/composer_adam --junitxml=$(REPORTS)/composer.xml
+	$(MAIN)/bin/python -m pytest tests/lightning_adam --junitxml=$(REPORTS)/main-lightning.xml
+
+test-composer-core: env-composer
+	mkdir -p $(REPORTS)
+	$(COMPOSER)/bin/python -m pytest tests/core --junitxml=$(REPORTS)/composer-core.xml
+
+test-composer-adapter: env-composer
+	mkdir -p $(REPORTS)
+	$(COMPOSER)/bin/python -m pytest tests/composer_adam --junitxml=$(REPORTS)/composer-adapter.xml
 
 ## The main job: train and compare optimizers through LightningCLI; results in outputs/main_job/.
 run: env
