@@ -6,10 +6,10 @@ COMPOSER := .venv-composer
 REPORTS := .ci/reports
 # Triton kernels run on CPU tensors through Triton's interpreter.
 export TRITON_INTERPRET := 1
-# The parts of `make test` (below), longest first.
+# The parts of `make test` (below).
 TEST_PARTS := test-main-core test-composer-core test-main-lightning test-composer-adapter
 
-.PHONY: env env-composer test test-main test-composer $(TEST_PARTS) run run-quick run-composer lint benchmark \
+.PHONY: env env-composer test test-lane-1 test-lane-2 test-main test-composer $(TEST_PARTS) run run-quick run-composer lint benchmark \
 	compile-check gpu-check
 
 $(MAIN)/.installed: pyproject.toml .ci/constraints-main.txt
@@ -26,13 +26,20 @@ env: $(MAIN)/.installed
 env-composer: $(COMPOSER)/.installed
 
 ## The whole test suite, both environments, from nothing, in four parts: each
-## environment's core tests and its adapter's tests. Two run at a time (each keeps about
-## one core busy), longest first, so the short adapter parts fill in beside the long core
-## ones and the whole takes about as long as the longest pair. Each part's output is
-## printed whole when it ends (--output-sync), not interleaved.
+## environment's core tests and its adapter's tests. Both environments are installed side
+## by side first; then two lanes run side by side (each keeps about one core busy), each
+## one long core part and then the other environment's short adapter part, so the lanes
+## end about together. Each lane's output is printed whole when it ends (--output-sync).
 test:
-	$(MAKE) -j2 --output-sync=target $(TEST_PARTS)
+	$(MAKE) -j2 --output-sync=target env env-composer
+	$(MAKE) -j2 --output-sync=target test-lane-1 test-lane-2
 	$(MAIN)/bin/python .ci/check_junit.py $(patsubst test-%,$(REPORTS)/%.xml,$(TEST_PARTS))
+
+test-lane-1:
+	$(MAKE) -j1 test-main-core test-composer-adapter
+
+test-lane-2:
+	$(MAKE) -j1 test-composer-core test-main-lightning
 
 ## One environment's whole suite.
 test-main: test-main-core test-main-lightning
