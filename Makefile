@@ -6,10 +6,8 @@ COMPOSER := .venv-composer
 REPORTS := .ci/reports
 # Triton kernels run on CPU tensors through Triton's interpreter.
 export TRITON_INTERPRET := 1
-# The parts of `make test` (below).
-TEST_PARTS := test-main-core test-composer-core test-main-lightning test-composer-adapter
 
-.PHONY: env env-composer test test-lane-1 test-lane-2 test-main test-composer $(TEST_PARTS) run run-quick run-composer lint benchmark \
+.PHONY: env env-composer test test-main test-composer run run-quick run-composer lint benchmark \
 	compile-check gpu-check
 
 $(MAIN)/.installed: pyproject.toml .ci/constraints-main.txt
@@ -25,42 +23,22 @@ $(COMPOSER)/.installed: pyproject.toml .ci/constraints-composer.txt
 env: $(MAIN)/.installed
 env-composer: $(COMPOSER)/.installed
 
-## The whole test suite, both environments, from nothing, in four parts: each
-## environment's core tests and its adapter's tests. Both environments are installed side
-## by side first; then two lanes run side by side (each keeps about one core busy), each
-## one long core part and then the other environment's short adapter part, so the lanes
-## end about together. Each lane's output is printed whole when it ends (--output-sync).
+## The whole test suite, both environments, from nothing. The two environments' suites
+## (and their installs) run side by side: each keeps about one core busy, and together
+## they take about as long as the longer one. Each one's output is printed whole when it
+## ends (--output-sync), not interleaved.
 test:
-	$(MAKE) -j2 --output-sync=target env env-composer
-	$(MAKE) -j2 --output-sync=target test-lane-1 test-lane-2
-	$(MAIN)/bin/python .ci/check_junit.py $(patsubst test-%,$(REPORTS)/%.xml,$(TEST_PARTS))
+	$(MAKE) -j2 --output-sync=target test-main test-composer
+	$(MAIN)/bin/python .ci/check_junit.py $(REPORTS)/main.xml $(REPORTS)/composer.xml
 
-test-lane-1:
-	$(MAKE) -j1 test-main-core test-composer-adapter
-
-test-lane-2:
-	$(MAKE) -j1 test-composer-core test-main-lightning
-
-## One environment's whole suite.
-test-main: test-main-core test-main-lightning
-test-composer: test-composer-core test-composer-adapter
-
-test-main-core: env
+test-main: env
 	mkdir -p $(REPORTS)
 	$(MAIN)/bin/ruff check .
-	$(MAIN)/bin/python -m pytest tests/core --junitxml=$(REPORTS)/main-core.xml
+	$(MAIN)/bin/python -m pytest tests/core tests/lightning_adam --junitxml=$(REPORTS)/main.xml
 
-test-main-lightning: env
+test-composer: env-composer
 	mkdir -p $(REPORTS)
-	$(MAIN)/bin/python -m pytest tests/lightning_adam --junitxml=$(REPORTS)/main-lightning.xml
-
-test-composer-core: env-composer
-	mkdir -p $(REPORTS)
-	$(COMPOSER)/bin/python -m pytest tests/core --junitxml=$(REPORTS)/composer-core.xml
-
-test-composer-adapter: env-composer
-	mkdir -p $(REPORTS)
-	$(COMPOSER)/bin/python -m pytest tests/composer_adam --junitxml=$(REPORTS)/composer-adapter.xml
+	$(COMPOSER)/bin/python -m pytest tests/core tests/composer_adam --junitxml=$(REPORTS)/composer.xml
 
 ## The main job: train and compare optimizers through LightningCLI; results in outputs/main_job/.
 run: env
