@@ -12,6 +12,7 @@ AdamW.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -250,7 +251,7 @@ def mark_used(path: Path) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError:  # a cache this user cannot write (shared, read-only) is still read
-        pass
+        return True
     return True
 
 
@@ -260,11 +261,9 @@ def remove_unused_libraries(directory: Path, keep: Path) -> None:
     vanish under a loader, which then builds its own again."""
     oldest = time.time() - UNUSED_LIBRARY_DAYS * 86400
     for path in directory.glob("adamkit_*.so"):
-        try:
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete
             if path != keep and path.stat().st_mtime < oldest:
                 path.unlink()
-        except OSError:  # gone already, or not ours to delete
-            pass
 
 
 def remove_abandoned_builds(directory: Path) -> None:

@@ -463,19 +463,22 @@ def compiler_lookup_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Ite
 
 
 def test_cc_may_be_a_command_line_with_a_launcher(
-    monkeypatch: pytest.MonkeyPatch, compiler_lookup_again: None
+    monkeypatch: pytest.MonkeyPatch, compiler_lookup_again: None, tmp_path: Any
 ) -> None:
-    """CC="ccache gcc" is common; `env` stands in for the launcher here."""
+    """CC="ccache gcc" is common; `env` stands in for the launcher here. The default flags
+    and fused=True both build with it and step on its kernel."""
     compiler = next(name for name in cpu_kernel.C_COMPILERS if shutil.which(name))
     monkeypatch.setenv("CC", f"env {compiler}")
     assert cpu_kernel.compiler() == (shutil.which("env"), compiler)
     case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # built and run: no fallback warning
-        fused = _loop_model_after(case, fused=True)
     reference = _loop_model_after(case, foreach=False)
-    for a, b in zip(fused.parameters(), reference.parameters(), strict=True):
-        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    for flags in ({}, {"fused": True}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # built and run: no fallback warning
+            stepped = _loop_model_after(case, **flags)
+        for a, b in zip(stepped.parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    assert list(tmp_path.glob("adamkit_adam_*.so")), "built into the test's kernel cache"
 
 
 @pytest.mark.bad_input
