@@ -27,7 +27,7 @@ from core.backends import cpu_kernel, fused_unavailable_reason
 from core.backends.checked import CheckedStep, checked_for, unvouch, vouch
 from core.backends.cpu_kernel import HostScalarAccess, float32_array, host_scalar_access
 from core.backends.grouping import dtype_of
-from core.backends.host_checks import Layout, host_checks
+from core.backends.host_checks import Layout, host_checks, host_checks_setting
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
@@ -615,6 +615,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # The name the user chose the fused backend by, for errors about it.
         self._fused_argument = "triton" if fold_triton_into_fused(defaults) else "fused"
+        host_checks_setting()  # a misspelt ADAMKIT_HOST_CHECKS is refused here, not mid-step
         self._validate_group(defaults, "")
         super().__init__(params, defaults)
         self.state = StateTable(dict, self.state)
@@ -1155,6 +1156,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     ) -> None:
         """The full path: prepare every state, update, and keep a memo for the next step
         (memos[key]) where the group's step can have one."""
+        host_checks_setting()  # refused before any state is made, not by the memo's checks
         states = self._prepared_states(params, group)
         memo = self._new_memo(group, params, states)
         if memo is None:

@@ -434,12 +434,12 @@ def _build_kernel_timing(directory: Path, config: cpu_kernel.KernelConfig) -> Pa
     executable = directory / "kernel_timing"
     flags = [flag for flag in cpu_kernel.BASE_FLAGS if flag != "-shared"]
     sources = [f'-DKERNEL_SOURCE="{cpu_kernel.SOURCE}"', str(KERNEL_TIMING), "-lm"]
-    defines = config.defines()
+    defines, cc = config.defines(), cpu_kernel.compiler() or ()
     commands = [
-        [*(cpu_kernel.compiler() or ()), *flags, *cpu_kernel.EXACT_FLAGS, *arch, *defines, *sources]
+        [*cc, *flags, *cpu_kernel.EXACT_FLAGS, *arch, *defines, *sources]
         for arch in cpu_kernel.arch_choices()
     ]
-    cpu_kernel.build_atomically(commands, executable, "examples/kernel_timing.c")
+    cpu_kernel.build_atomically(commands, executable, "examples/kernel_timing.c", cc)
     return executable
 
 
@@ -1038,8 +1038,10 @@ def main() -> None:
         print(f"torch {torch.__version__}", flush=True)
         gpu_tables(args.quick)  # prints each line as it is measured
         return
-    # A cold kernel cache, so compile time is what a first run on a new machine pays.
-    os.environ["ADAMKIT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="adamkit-kernels-")
+    # A cold kernel cache, so compile time is what a first run on a new machine pays;
+    # deleted when this function returns (it held a library per configuration timed).
+    cold_cache = tempfile.TemporaryDirectory(prefix="adamkit-kernels-")
+    os.environ["ADAMKIT_KERNEL_CACHE"] = cold_cache.name
     if args.quick:
         shapes, steps, repeats = [(20, 100_000), (200, 10_000)], 3, 2
     else:

@@ -111,30 +111,35 @@ def main() -> None:
         return
     rows = {}
     for per_layer, release in itertools.product((False, True), (False, True)):
-        out = Path(tempfile.mkdtemp())
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node=2",
-                "--master-port=29533",
-                __file__,
-                "--measure",
-                str(int(release)),
-                "--per-layer",
-                str(int(per_layer)),
-                "--out",
-                str(out),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "OMP_NUM_THREADS": "1"},
-        )
-        rows[per_layer, release] = [
-            json.loads((out / f"rank{r}.json").read_text()) for r in range(2)
-        ]
+        with tempfile.TemporaryDirectory() as name:
+            out = Path(name)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc-per-node=2",
+                    "--master-port=29533",
+                    __file__,
+                    "--measure",
+                    str(int(release)),
+                    "--per-layer",
+                    str(int(per_layer)),
+                    "--out",
+                    str(out),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={
+                    **os.environ,
+                    "MALLOC_MMAP_THRESHOLD_": str(64 * 1024),
+                    "OMP_NUM_THREADS": "1",
+                },
+            )
+            rows[per_layer, release] = [
+                json.loads((out / f"rank{r}.json").read_text()) for r in range(2)
+            ]
     params = rows[False, False][0]["params_m"]
     print(
         f"Peak memory per rank, {params:.1f}M-parameter MLP, DecoupledAdamW fp32, "

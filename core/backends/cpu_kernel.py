@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread")
 EXACT_FLAGS = ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 """No fused multiply-add contraction: results do not depend on the machine's FMA units."""
 COEFFICIENT_COUNT = 10
+Loaded = TypeVar("Loaded")
 MOMENT_SWITCHES = ("M_8BIT", "V_8BIT", "V_MAX_8BIT")
 """cpu_kernel.c's switches saying which moments (QUANTIZED_ROWS order) are 8-bit."""
 
@@ -220,7 +221,7 @@ def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...],
     commands = [
         [*cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)] for arch in choices
     ]
-    build_atomically(commands, target, f"the fused kernel {config}")
+    build_atomically(commands, target, f"the fused kernel {config}", cc)
 
 
 BUILDING_PREFIX = ".building-"
@@ -276,12 +277,17 @@ def remove_abandoned_builds(directory: Path) -> None:
 
 
 def build_atomically(
-    commands: Sequence[list[str]], target: Path, what: str, timeout: float = 300
+    commands: Sequence[list[str]],
+    target: Path,
+    what: str,
+    compiler: Sequence[str],
+    timeout: float = 300,
 ) -> None:
     """Build target with the first of commands that succeeds (each given `-o <file>`),
     atomically: a temporary file renamed into place, so processes building the same
     target at once (DDP ranks) never load a partial one. A command that fails, or runs
-    past timeout seconds, leaves no file behind; KernelUnavailable says why."""
+    past timeout seconds, leaves no file behind; KernelUnavailable says why, naming the
+    compiler as configured (a launcher such as `ccache gcc` with what it runs)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_builds(target.parent)
     errors = ""
@@ -303,7 +309,7 @@ def build_atomically(
             errors = f"still running after {timeout} s (stopped)"
         finally:
             Path(temporary).unlink(missing_ok=True)
-    raise KernelUnavailable(f"{commands[0][0]} could not build {what}:\n{errors}")
+    raise KernelUnavailable(f"{shlex.join(compiler)} could not build {what}:\n{errors}")
 
 
 _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_void_p]
@@ -320,10 +326,11 @@ def library_path(config: KernelConfig, choices: tuple[tuple[str, ...], ...]) -> 
     return cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
 
 
-def _load_or_build(path: Path, build: Callable[[], None]) -> ctypes.CDLL:
-    """The library at path, built first where the cache lacks it, and built anew where a
-    cached file does not load (damaged). What goes wrong is KernelUnavailable, saying why,
-    so that a bad cache or compiler costs the fused kernel, never the step."""
+def load_or_build(path: Path, build: Callable[[], None], load: Callable[[str], Loaded]) -> Loaded:
+    """The library at path (opened with load), built first where the cache lacks it, and
+    built anew where a cached file does not load (damaged). What goes wrong is
+    KernelUnavailable, saying why, so that a bad cache or compiler costs the compiled
+    code, never the step. The fused kernels and the C++ host checks both load this way."""
     try:
         cached = mark_used(path)
         if not cached:
@@ -334,14 +341,14 @@ def _load_or_build(path: Path, build: Callable[[], None]) -> ctypes.CDLL:
             f"to a writable directory): {error}"
         ) from error
     try:
-        return ctypes.CDLL(str(path))
-    except OSError as error:
+        return load(str(path))
+    except (OSError, ImportError) as error:  # ctypes raises the one, importlib the other
         if not cached:
             raise KernelUnavailable(f"{path} was just built but does not load: {error}") from error
     try:
         build()
-        return ctypes.CDLL(str(path))
-    except OSError as error:
+        return load(str(path))
+    except (OSError, ImportError) as error:
         raise KernelUnavailable(f"{path} does not load, even built anew: {error}") from error
 
 
@@ -355,7 +362,7 @@ def library(config: KernelConfig) -> ctypes.CDLL:
         raise KernelUnavailable(f"no C compiler: {missing_compiler('CC', C_COMPILERS)}")
     start = time.perf_counter()
     path = library_path(config, choices)
-    built = _load_or_build(path, lambda: _compile(config, path, choices))
+    built = load_or_build(path, lambda: _compile(config, path, choices), ctypes.CDLL)
     step = built.adamkit_step_q8 if config.quantized else built.adamkit_step
     step.argtypes = _QUANTIZED_ARGTYPES if config.quantized else _ARGTYPES
     step.restype = ctypes.c_int
@@ -700,10 +707,10 @@ def share_runner() -> int | None:
     their own (the same results, slower right after torch's own multi-threaded
     operations, whose idle threads keep spinning)."""
     if _share_runner is None:
-        if os.environ.get("ADAMKIT_HOST_CHECKS", "") == "python":  # no C++ module wanted
-            return None
-        from core.backends.host_checks import compiled_checks  # it imports this module
+        from core.backends.host_checks import compiled_checks, host_checks_setting  # imports us
 
+        if host_checks_setting() == "python":  # no C++ module wanted
+            return None
         compiled_checks(wait=False)  # loads the module (and sets the runner) once built
     return _share_runner or None
 

@@ -24,7 +24,7 @@ import sys
 import sysconfig
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +37,7 @@ from core.backends.cpu_kernel import (
     build_atomically,
     cache_dir,
     find_compiler,
-    mark_used,
+    load_or_build,
     missing_compiler,
     set_share_runner,
 )
@@ -154,11 +154,30 @@ _GET = dict.get
 PYTHON_CHECKS = PythonChecks()
 
 
+HOST_CHECKS_SETTINGS = {"": "compiled", "compiled": "compiled", "python": "python"}
+"""ADAMKIT_HOST_CHECKS values (any case) and what each selects: the C++ checks once built
+(unset, the default), or the Python checks only."""
+
+
+def host_checks_setting() -> str:
+    """ADAMKIT_HOST_CHECKS as a name of HOST_CHECKS_SETTINGS; any other value is refused
+    (the optimizers read it when built, before any step), so that a misspelt 'python' does
+    not silently keep the compiled checks a user meant to rule out."""
+    raw = os.environ.get("ADAMKIT_HOST_CHECKS", "")
+    setting = HOST_CHECKS_SETTINGS.get(raw.strip().lower())
+    if setting is None:
+        raise ValueError(
+            f"ADAMKIT_HOST_CHECKS={raw!r} is not a setting; allowed: unset or 'compiled' (the "
+            "C++ checks once built) or 'python' (the Python checks only)"
+        )
+    return setting
+
+
 def host_checks() -> HostChecks:
     """The C++ checks once built, else PYTHON_CHECKS. The first call starts the build
     (~15 s, once per torch, Python and compiler; cached like the fused CPU kernels) in
     a background thread, so no step waits for it: steps check in Python meanwhile."""
-    if os.environ.get("ADAMKIT_HOST_CHECKS", "") == "python":
+    if host_checks_setting() == "python":
         return PYTHON_CHECKS
     compiled = _BUILD.module(wait=False)
     return PYTHON_CHECKS if compiled is None else compiled
@@ -179,7 +198,8 @@ class _Build:
         self._thread: threading.Thread | None = None
         self._owner = 0
         """The process that started the thread."""
-        self._path: Path | None = None
+        self._built: Any = None
+        """The module the thread built and imported, before _load sets it up."""
         self._error: Exception | None = None
         self._module: Any = None
         self._failed = False
@@ -189,7 +209,7 @@ class _Build:
             return self._module
         with self._lock:
             if self._thread is None or self._owner != os.getpid():
-                self._path, self._error, self._owner = None, None, os.getpid()
+                self._built, self._error, self._owner = None, None, os.getpid()
                 self._thread = threading.Thread(
                     target=self._build, name="adamkit-host-checks", daemon=True
                 )
@@ -206,7 +226,7 @@ class _Build:
 
     def _build(self) -> None:
         try:
-            self._path = _build()
+            self._built = _build()
         except Exception as error:  # reported by the thread that loads
             self._error = error
 
@@ -214,9 +234,9 @@ class _Build:
         try:
             if self._error is not None:
                 raise self._error
-            if self._path is None:
+            if self._built is None:
                 raise KernelUnavailable("the build ended without a module")
-            module = _load(self._path)
+            module = self._built
             module.set_plain_types(torch.Tensor, nn.Parameter)
             set_share_runner(torch_share_runner(module))
             self._module = module
@@ -255,10 +275,16 @@ def torch_openmp_runtime() -> str | None:
     return runtimes[0] if len(runtimes) == 1 else None
 
 
-def _build() -> Path:
-    """The module for this torch, Python and compiler, built on first use: with OpenMP,
-    linked to torch's own runtime, where torch has one and the compiler can; else
-    without (the checks alone)."""
+def _build() -> Any:
+    """The module for this torch, Python and compiler, imported: built on first use, and
+    again where the cached file is damaged."""
+    return load_or_build(*_cached_module(), _load)
+
+
+def _cached_module() -> tuple[Path, Callable[[], None]]:
+    """Where the kernel cache keeps the module for this torch, Python and compiler, and
+    how to build it there: with OpenMP, linked to torch's own runtime, where torch has one
+    and the compiler can; else without (the checks alone)."""
     cxx = _compiler()
     if cxx is None:
         raise KernelUnavailable(f"no C++ compiler: {missing_compiler('CXX', CXX_COMPILERS)}")
@@ -274,7 +300,8 @@ def _build() -> Path:
     digest = hashlib.sha256("\n".join([*identity, str(abi)]).encode()).hexdigest()[:24]
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = cache_dir() / f"{_MODULE_NAME}_{digest}{suffix}"
-    if not mark_used(target):
+
+    def build() -> None:
         command = [*cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w"]
         command += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in includes)]
         command += [str(SOURCE), *(f"-L{path}" for path in libraries)]
@@ -283,8 +310,9 @@ def _build() -> Path:
         # torch's runtime by its path (its own soname), so the -lgomp that -fopenmp adds
         # last is not needed and --as-needed leaves it out: one runtime, one pool.
         commands = [[*command, "-fopenmp", openmp, "-Wl,--as-needed"]] if openmp else []
-        build_atomically([*commands, command], target, "the host checks")
-    return target
+        build_atomically([*commands, command], target, "the host checks", cxx)
+
+    return target, build
 
 
 def torch_share_runner(module: Any) -> int:
@@ -298,7 +326,7 @@ def torch_share_runner(module: Any) -> int:
     return 0
 
 
-def _load(path: Path) -> Any:
+def _load(path: str) -> Any:
     spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")

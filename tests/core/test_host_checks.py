@@ -5,9 +5,11 @@ answer None or raise a Python error for anything unexpected, never crash)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
 from array import array
 from collections.abc import Callable
 from pathlib import Path
@@ -229,11 +231,11 @@ def test_a_process_forked_during_the_build_builds_its_own(
     import os
     import time
 
-    path = host_checks._build()  # built already (the fixture): only the wait is simulated
+    module = host_checks._build()  # built already (the fixture): only the wait is simulated
 
     def slow_build() -> Any:
         time.sleep(1.0)
-        return path
+        return module
 
     monkeypatch.setattr(host_checks, "_build", slow_build)
     build = host_checks._Build()
@@ -264,7 +266,7 @@ def test_a_build_removes_what_killed_builds_left_and_keeps_live_ones(tmp_path: P
     for path in (abandoned, own, other):
         path.write_text("partial")
     target = tmp_path / "target.so"
-    cpu_kernel.build_atomically([WRITE_TARGET], target, "a test target")
+    cpu_kernel.build_atomically([WRITE_TARGET], target, "a test target", ["python"])
     assert target.read_text() == "built"
     assert not abandoned.exists() and own.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["target.so", own.name, other.name])
@@ -287,7 +289,7 @@ def test_a_build_deletes_adamkits_libraries_unused_for_30_days_and_nothing_else(
         _age(tmp_path / name, 31)
     _age(tmp_path / "adamkit_adopt_89ab.so", 29)
     target = tmp_path / "adamkit_adam_target.so"
-    cpu_kernel.build_atomically([WRITE_TARGET], target, "a test target")
+    cpu_kernel.build_atomically([WRITE_TARGET], target, "a test target", ["python"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, target.name])
 
 
@@ -331,9 +333,59 @@ def test_a_damaged_cached_kernel_is_built_again(
     assert built.stat().st_size > 1000
 
 
+def test_a_damaged_cached_host_checks_module_is_built_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, compiled: HostChecks
+) -> None:
+    """Not left on the Python checks (with a warning) in every process until deleted."""
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    # loading this copy sets its runner for the kernels: the process's own comes back after
+    monkeypatch.setattr(cpu_kernel, "_share_runner", cpu_kernel._share_runner)
+    cached, _ = host_checks._cached_module()  # a path this process has not loaded
+    cached.write_bytes(b"\x7fELF" + bytes(96))  # what a copy cut short could leave
+    build = host_checks._Build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = build.module(wait=True)
+    tensors = [torch.zeros(5), torch.ones(2, 3)]
+    assert _numbers(module.parameter_layout(tensors)) == _described(tensors)
+    assert cached.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("value", ["", "compiled", " Python ", "python"])
+def test_host_checks_settings_select_their_checks(
+    monkeypatch: pytest.MonkeyPatch, compiled: HostChecks, value: str
+) -> None:
+    monkeypatch.setenv("ADAMKIT_HOST_CHECKS", value)
+    expected = PYTHON_CHECKS if "python" in value.lower() else compiled
+    assert host_checks.host_checks() is expected
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value", ["pyton", "c", "0", "cpp-please"])
+def test_a_misspelt_host_checks_setting_is_refused_by_name_before_a_step(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from core import AdamW
+
+    monkeypatch.setenv("ADAMKIT_HOST_CHECKS", value)
+    message = f"ADAMKIT_HOST_CHECKS={value!r} is not a setting; allowed: unset or 'compiled'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AdamW([nn.Parameter(torch.ones(3))], lr=0.1)
+    param = nn.Parameter(torch.ones(3))
+    monkeypatch.delenv("ADAMKIT_HOST_CHECKS")
+    optimizer = AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    monkeypatch.setenv("ADAMKIT_HOST_CHECKS", value)  # changed after construction
+    with pytest.raises(ValueError, match=re.escape(message)):
+        optimizer.step()
+    assert torch.equal(param, torch.ones(3)) and not optimizer.state
+
+
 def test_failed_and_timed_out_build_commands_leave_no_file(tmp_path: Path) -> None:
     failing = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'w'); sys.exit(3)"]
     sleeping = [sys.executable, "-c", "import sys, time; open(sys.argv[-1], 'w'); time.sleep(30)"]
-    with pytest.raises(cpu_kernel.KernelUnavailable, match="still running after 1 s"):
-        cpu_kernel.build_atomically([failing, sleeping], tmp_path / "t.so", "a test", timeout=1)
+    launcher = ["ccache", "gcc"]  # named as configured in the message, not as its first word
+    message = "ccache gcc could not build a test:\nstill running after 1 s"
+    with pytest.raises(cpu_kernel.KernelUnavailable, match=message):
+        cpu_kernel.build_atomically([failing, sleeping], tmp_path / "t.so", "a test", launcher, 1)
     assert list(tmp_path.iterdir()) == []
