@@ -4,16 +4,19 @@ distributed launcher variables inherited from the test process."""
 
 from __future__ import annotations
 
+import io
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +28,20 @@ def worker_env() -> dict[str, str]:
     for variable in LAUNCHER_VARIABLES:
         env.pop(variable, None)
     return env
+
+
+def exit_of_script(
+    script: str, arguments: list[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[object, str, str]:
+    """A repository script run as __main__ in this process until it exits (its exit code,
+    stdout and stderr): for arguments it refuses before any work, where a fresh process
+    would spend seconds importing torch only to print the same refusal."""
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [script, *arguments])
+    with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    return exit_info.value.code, out.getvalue(), err.getvalue()
 
 
 def run_worker(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:

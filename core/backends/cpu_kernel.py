@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -326,6 +326,32 @@ def library_path(config: KernelConfig, choices: tuple[tuple[str, ...], ...]) -> 
     return cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
 
 
+@contextlib.contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Held while target is built: processes that need the same library at once (DDP
+    ranks on one machine, test suites side by side) wait for one build instead of each
+    compiling it. An advisory lock on target + '.lock', released by the kernel if the
+    builder dies, and removed after the build; where no lock can be taken (no fcntl, a
+    cache this user cannot write) builds are not serialized, which is only slower, as
+    each still renames a whole file into place."""
+    lock_path = target.with_name(target.name + ".lock")
+    try:
+        import fcntl
+
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+b")  # noqa: SIM115 (closed by the with below)
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()  # a process that waited on it finds the library built
+
+
 def load_or_build(path: Path, build: Callable[[], None], load: Callable[[str], Loaded]) -> Loaded:
     """The library at path (opened with load), built first where the cache lacks it, and
     built anew where a cached file does not load (damaged). What goes wrong is
@@ -334,7 +360,9 @@ def load_or_build(path: Path, build: Callable[[], None], load: Callable[[str], L
     try:
         cached = mark_used(path)
         if not cached:
-            build()
+            with build_lock(path):
+                if not mark_used(path):  # else another process built it while this waited
+                    build()
     except OSError as error:
         raise KernelUnavailable(
             f"the kernel cache {path.parent} cannot be written (set ADAMKIT_KERNEL_CACHE "
@@ -346,7 +374,8 @@ def load_or_build(path: Path, build: Callable[[], None], load: Callable[[str], L
         if not cached:
             raise KernelUnavailable(f"{path} was just built but does not load: {error}") from error
     try:
-        build()
+        with build_lock(path):
+            build()
         return load(str(path))
     except (OSError, ImportError) as error:
         raise KernelUnavailable(f"{path} does not load, even built anew: {error}") from error

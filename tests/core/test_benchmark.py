@@ -7,13 +7,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-import subprocess
 import sys
 
 import pytest
 
 from core.backends import cpu_kernel
-from tests.processes import ROOT, run_worker, worker_env
+from tests.processes import exit_of_script, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -91,11 +90,12 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
     ],
     ids=["runs", "threads", "kernel-only-threads"],
 )
-def test_bad_arguments_are_refused_by_name(arguments: list[str], message: str) -> None:
-    command = [sys.executable, "examples/benchmark.py", *arguments]
-    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert message in result.stderr
+def test_bad_arguments_are_refused_by_name(
+    arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, stderr = exit_of_script("examples/benchmark.py", arguments, monkeypatch)
+    assert code == 2
+    assert message in stderr
 
 
 @pytest.mark.parametrize("threads", [1, 2])

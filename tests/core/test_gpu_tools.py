@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
 import sys
 from types import ModuleType
 
 import pytest
 import torch
 
-from tests.processes import ROOT, run_worker, worker_env
+from tests.processes import ROOT, exit_of_script, run_worker
 
 
 def _module(path: str) -> ModuleType:
@@ -72,26 +71,18 @@ def test_gpu_check_reads_rows_against_the_targets(host_time_output: str) -> None
 
 @pytest.mark.bad_input
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
-def test_without_a_gpu_cuda_is_refused_by_name() -> None:
-    command = [sys.executable, "examples/benchmark.py", "--device", "cuda"]
-    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "argument --device: invalid value 'cuda': torch finds no CUDA device" in result.stderr
-    assert "allowed: 'cpu'" in result.stderr
-    result = subprocess.run(
-        [sys.executable, ".ci/gpu_check.py"],
-        cwd=ROOT,
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert "make gpu-check cannot run:" in result.stdout and "finds no CUDA device" in result.stdout
+def test_without_a_gpu_cuda_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, stderr = exit_of_script("examples/benchmark.py", ["--device", "cuda"], monkeypatch)
+    assert code == 2
+    assert "argument --device: invalid value 'cuda': torch finds no CUDA device" in stderr
+    assert "allowed: 'cpu'" in stderr
+    code, stdout, _ = exit_of_script(".ci/gpu_check.py", [], monkeypatch)
+    assert code == 2
+    assert "make gpu-check cannot run:" in stdout and "finds no CUDA device" in stdout
 
 
 @pytest.mark.bad_input
-def test_an_unknown_device_is_refused_by_name() -> None:
-    command = [sys.executable, "examples/benchmark.py", "--device", "tpu"]
-    result = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "argument --device: invalid value 'tpu'; allowed: 'cpu', 'cuda'" in result.stderr
+def test_an_unknown_device_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, stderr = exit_of_script("examples/benchmark.py", ["--device", "tpu"], monkeypatch)
+    assert code == 2
+    assert "argument --device: invalid value 'tpu'; allowed: 'cpu', 'cuda'" in stderr

@@ -381,6 +381,37 @@ def test_a_misspelt_host_checks_setting_is_refused_by_name_before_a_step(
     assert torch.equal(param, torch.ones(3)) and not optimizer.state
 
 
+CONCURRENT_BUILD = """
+import sys, time
+from pathlib import Path
+from core.backends.cpu_kernel import load_or_build
+
+target, log = Path(sys.argv[1]), Path(sys.argv[2])
+def build():
+    with log.open("a") as out:
+        out.write("built\\n")
+    time.sleep(1.0)  # long enough for the other process to ask for the same library
+    target.write_text("library")
+print(load_or_build(target, build, lambda path: Path(path).read_text()))
+"""
+
+
+def test_processes_needing_one_library_at_once_build_it_once(tmp_path: Path) -> None:
+    """DDP ranks on one machine (or two test suites) ask for the same kernel together:
+    one builds it, the others wait and load it, and no lock file is left."""
+    target, log = tmp_path / "adamkit_adam_0123.so", tmp_path / "builds.log"
+    command = [sys.executable, "-c", CONCURRENT_BUILD, str(target), str(log)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert outputs == ["library\n"] * 2
+    assert log.read_text() == "built\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamkit_adam_0123.so", "builds.log"]
+
+
 def test_failed_and_timed_out_build_commands_leave_no_file(tmp_path: Path) -> None:
     failing = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'w'); sys.exit(3)"]
     sleeping = [sys.executable, "-c", "import sys, time; open(sys.argv[-1], 'w'); time.sleep(30)"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT, run_worker
+from tests.processes import ROOT, exit_of_script, run_worker
 
 pytest.importorskip("lightning")
 LEANEST = "core.AdamW bf16-true + 8-bit + release + stochastic rounding"
@@ -50,11 +49,10 @@ def test_main_job_trains_compares_and_reports(tmp_path: Path) -> None:
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
 
 
-def test_unknown_contender_is_refused_with_the_valid_names(tmp_path: Path) -> None:
-    command = [sys.executable, str(ROOT / "examples" / "main_job.py"), "--only", "SGD"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "invalid --only ['SGD']" in result.stderr and "'core.ADOPT'" in result.stderr
+def test_unknown_contender_is_refused_with_the_valid_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, stderr = exit_of_script("examples/main_job.py", ["--only", "SGD"], monkeypatch)
+    assert code == 2
+    assert "invalid --only ['SGD']" in stderr and "'core.ADOPT'" in stderr
 
 
 ANCHORS = ("bitsandbytes", "torchao")
@@ -65,13 +63,14 @@ ANCHORS = ("bitsandbytes", "torchao")
 @pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here"
 )
-def test_an_anchor_whose_package_is_missing_is_refused_with_how_to_install_it() -> None:
-    command = [sys.executable, str(ROOT / "examples" / "main_job.py")]
-    command += ["--only", "bitsandbytes AdamW8bit"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "invalid --only 'bitsandbytes AdamW8bit': it needs bitsandbytes" in result.stderr
-    assert 'pip install -e ".[anchors]"' in result.stderr
+def test_an_anchor_whose_package_is_missing_is_refused_with_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arguments = ["--only", "bitsandbytes AdamW8bit"]
+    code, _, stderr = exit_of_script("examples/main_job.py", arguments, monkeypatch)
+    assert code == 2
+    assert "invalid --only 'bitsandbytes AdamW8bit': it needs bitsandbytes" in stderr
+    assert 'pip install -e ".[anchors]"' in stderr
 
 
 @pytest.mark.skipif(
