@@ -26,10 +26,7 @@ env-composer: $(COMPOSER)/.installed
 ## The whole test suite, both environments, from nothing. The two environments' suites
 ## (and their installs) run side by side: each keeps about one core busy, and together
 ## they take about as long as the longer one. Each one's output is printed whole when it
-## ends (--output-sync), not interleaved. The main suite runs its Lightning tests first,
-## so that on a cold kernel cache the Composer suite's core tests, minutes ahead, build
-## the kernels both need (the main suite is the longer one; a lock makes the other
-## wait for a build under way rather than compile the same kernel again).
+## ends (--output-sync), not interleaved.
 test:
 	$(MAKE) -j2 --output-sync=target test-main test-composer
 	$(MAIN)/bin/python .ci/check_junit.py $(REPORTS)/main.xml $(REPORTS)/composer.xml
@@ -37,7 +34,7 @@ test:
 test-main: env
 	mkdir -p $(REPORTS)
 	$(MAIN)/bin/ruff check .
-	$(MAIN)/bin/python -m pytest tests/lightning_adam tests/core --junitxml=$(REPORTS)/main.xml
+	$(MAIN)/bin/python -m pytest tests/core tests/lightning_adam --junitxml=$(REPORTS)/main.xml
 
 test-composer: env-composer
 	mkdir -p $(REPORTS)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from array import array
@@ -336,19 +338,28 @@ def test_a_damaged_cached_kernel_is_built_again(
 def test_a_damaged_cached_host_checks_module_is_built_again(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, compiled: HostChecks
 ) -> None:
-    """Not left on the Python checks (with a warning) in every process until deleted."""
-    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    """Not left on the Python checks (with a warning) in every process until deleted. The
+    build is the real module's file copied into place (compiling it takes ~15 s; the
+    rebuild itself is load_or_build's, which the damaged-kernel test compiles for real)."""
+    built, _ = host_checks._cached_module()  # the fixture's module, built and loaded
+    cached = tmp_path / built.name  # a path this process has not loaded
+    cached.write_bytes(b"\x7fELF" + bytes(96))  # what a copy cut short could leave
+    builds = []
+
+    def build() -> None:
+        builds.append(cached)
+        shutil.copyfile(built, cached)
+
+    monkeypatch.setattr(host_checks, "_cached_module", lambda: (cached, build))
     # loading this copy sets its runner for the kernels: the process's own comes back after
     monkeypatch.setattr(cpu_kernel, "_share_runner", cpu_kernel._share_runner)
-    cached, _ = host_checks._cached_module()  # a path this process has not loaded
-    cached.write_bytes(b"\x7fELF" + bytes(96))  # what a copy cut short could leave
-    build = host_checks._Build()
+    build_thread = host_checks._Build()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        module = build.module(wait=True)
+        module = build_thread.module(wait=True)
     tensors = [torch.zeros(5), torch.ones(2, 3)]
     assert _numbers(module.parameter_layout(tensors)) == _described(tensors)
-    assert cached.stat().st_size > 1000
+    assert builds == [cached]
 
 
 @pytest.mark.parametrize("value", ["", "compiled", " Python ", "python"])
@@ -381,35 +392,29 @@ def test_a_misspelt_host_checks_setting_is_refused_by_name_before_a_step(
     assert torch.equal(param, torch.ones(3)) and not optimizer.state
 
 
-CONCURRENT_BUILD = """
-import sys, time
-from pathlib import Path
-from core.backends.cpu_kernel import load_or_build
+def test_builders_needing_one_library_at_once_build_it_once(tmp_path: Path) -> None:
+    """DDP ranks on one machine ask for the same kernel together: one builds it, the others
+    wait and load it, and no lock file is left. Threads stand in for the processes: each
+    opens the lock file itself, and flock serializes separate opens as it does processes."""
+    target = tmp_path / "adamkit_adam_0123.so"
+    builds, loaded = [], []
 
-target, log = Path(sys.argv[1]), Path(sys.argv[2])
-def build():
-    with log.open("a") as out:
-        out.write("built\\n")
-    time.sleep(1.0)  # long enough for the other process to ask for the same library
-    target.write_text("library")
-print(load_or_build(target, build, lambda path: Path(path).read_text()))
-"""
+    def build() -> None:
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the others to ask for the same library
+        target.write_text("library")
 
+    def builder() -> None:
+        loaded.append(cpu_kernel.load_or_build(target, build, lambda p: Path(p).read_text()))
 
-def test_processes_needing_one_library_at_once_build_it_once(tmp_path: Path) -> None:
-    """DDP ranks on one machine (or two test suites) ask for the same kernel together:
-    one builds it, the others wait and load it, and no lock file is left."""
-    target, log = tmp_path / "adamkit_adam_0123.so", tmp_path / "builds.log"
-    command = [sys.executable, "-c", CONCURRENT_BUILD, str(target), str(log)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    processes = [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
-    ]
-    outputs = [process.communicate(timeout=120)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0]
-    assert outputs == ["library\n"] * 2
-    assert log.read_text() == "built\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamkit_adam_0123.so", "builds.log"]
+    threads = [threading.Thread(target=builder) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert loaded == ["library"] * 3
+    assert len(builds) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 def test_failed_and_timed_out_build_commands_leave_no_file(tmp_path: Path) -> None:
