@@ -51,7 +51,6 @@ BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread")
 EXACT_FLAGS = ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 """No fused multiply-add contraction: results do not depend on the machine's FMA units."""
 COEFFICIENT_COUNT = 10
-Loaded = TypeVar("Loaded")
 MOMENT_SWITCHES = ("M_8BIT", "V_8BIT", "V_MAX_8BIT")
 """cpu_kernel.c's switches saying which moments (QUANTIZED_ROWS order) are 8-bit."""
 
@@ -350,6 +349,10 @@ def build_lock(target: Path) -> Iterator[None]:
         finally:
             with contextlib.suppress(OSError):
                 lock_path.unlink()  # a process that waited on it finds the library built
+
+
+Loaded = TypeVar("Loaded")
+"""What load_or_build's loader returns: a ctypes library, or an imported module."""
 
 
 def load_or_build(path: Path, build: Callable[[], None], load: Callable[[str], Loaded]) -> Loaded:
