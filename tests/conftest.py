@@ -1,13 +1,18 @@
 """Test-session setup shared by every package's tests."""
 
+import importlib.util
 import os
 
 import torch
 from hypothesis import HealthCheck, settings
 
+from tests.triton_interpreter import patch_language_once_per_launch
+
 # Triton kernels are tested on CPU tensors through Triton's interpreter; this must be set
 # before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ["TRITON_INTERPRET"] == "1" and importlib.util.find_spec("triton") is not None:
+    patch_language_once_per_launch()
 
 # One torch thread in every test process (workers set their own, tests of threads set
 # theirs): the models are tiny, and `make test` runs the two environments' suites side by

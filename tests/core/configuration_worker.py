@@ -119,7 +119,9 @@ def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
     model = _sharded_model(cell, mixed_precision=False)
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT))
-    directory = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
+    # rank 0 owns the checkpoint's directory and removes it once both ranks have loaded
+    owned = tempfile.TemporaryDirectory(prefix="adamkit-dcp-") if dist.get_rank() == 0 else None
+    directory = [owned.name if owned is not None else None]
     dist.broadcast_object_list(directory)
     state = {
         "model": get_model_state_dict(model),
@@ -135,6 +137,9 @@ def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
         "optimizer": get_optimizer_state_dict(resumed, resumed_optimizer),
     }
     dcp.load(state, checkpoint_id=directory[0])
+    dist.barrier()  # both ranks have read their shards
+    if owned is not None:
+        owned.cleanup()
     set_model_state_dict(resumed, state["model"])
     set_optimizer_state_dict(resumed, resumed_optimizer, state["optimizer"])
     _train(resumed, resumed_optimizer, cell.dtype, True, range(CHECKPOINT_AT, STEPS))

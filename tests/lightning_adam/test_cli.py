@@ -1,8 +1,11 @@
-"""LightningCLI in a subprocess: each YAML in configs/lightning and flags train; clear errors."""
+"""LightningCLI in subprocesses: each YAML in configs/lightning and flags train (one
+subprocess runs them all, tests.lightning_adam.cli_runs), a run resumes from its
+checkpoint in a fresh one; clear errors."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -12,12 +15,11 @@ import pytest
 import yaml
 
 import core
+from tests.lightning_adam.cli_runs import BASE, EXAMPLE, fit_arguments
 from tests.lightning_adam.models import load_module, make_trainer
+from tests.processes import run_worker
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "lightning_cli.py"
-CONFIGS = ROOT / "configs" / "lightning"
-BASE = CONFIGS / "base.yaml"
+CONFIGS = BASE.parent
 example = load_module(EXAMPLE)
 OPTIMIZER_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p != BASE)
 SHORT_RUN = [
@@ -29,12 +31,9 @@ SHORT_RUN = [
 
 
 def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess:
-    """`examples/lightning_cli.py fit --config base.yaml ...`, logging into directory."""
-    command = [sys.executable, str(EXAMPLE), "fit", "--config", str(BASE), *args]
-    command += [
-        f"--trainer.default_root_dir={directory}",
-        f"--trainer.logger.init_args.save_dir={directory}",
-    ]
+    """`examples/lightning_cli.py fit --config base.yaml ...` in a fresh process, logging
+    into directory."""
+    command = [sys.executable, str(EXAMPLE), *fit_arguments(directory, list(args))]
     # One thread: a tiny model gains nothing from two, and loses 10x when they fight a busy core.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
@@ -49,8 +48,29 @@ def logged(directory: Path, column: str) -> list[float]:
         return [float(row[column]) for row in csv.DictReader(handle) if row.get(column)]
 
 
-def assert_trains(directory: Path, result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
+FLAGS = ["--optimizer=core.AdamW", "--optimizer.lr=3e-3", "--optimizer.kahan_sum=true"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each YAML, and the flags, trained by LightningCLI in one fresh process: run name ->
+    the folder it logged to (with its outcome.json)."""
+    root = tmp_path_factory.mktemp("cli_runs")
+    runs = {config: ["--config", str(CONFIGS / config)] for config in OPTIMIZER_CONFIGS}
+    runs["flags"] = FLAGS
+    plan = [
+        {"directory": str(root / name), "args": [*args, *SHORT_RUN]} for name, args in runs.items()
+    ]
+    (root / "plan.json").write_text(json.dumps(plan))
+    run_worker(
+        [sys.executable, "-m", "tests.lightning_adam.cli_runs", str(root / "plan.json")], 900
+    )
+    return {name: root / name for name in runs}
+
+
+def assert_trains(directory: Path) -> None:
+    outcome = json.loads((directory / "outcome.json").read_text())
+    assert outcome["code"] == 0, outcome["error"]
     losses = logged(directory, "train_loss")
     assert len(losses) == 40
     first, last = losses[0], sum(losses[-5:]) / 5
@@ -64,23 +84,22 @@ def test_every_optimizer_config_is_covered() -> None:
 
 
 @pytest.mark.parametrize("config", OPTIMIZER_CONFIGS)
-def test_each_yaml_trains_and_the_loss_falls(config: str, tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "--config", str(CONFIGS / config), *SHORT_RUN)
-    assert_trains(tmp_path, result)
+def test_each_yaml_trains_and_the_loss_falls(config: str, trained: dict[str, Path]) -> None:
+    directory = trained[config]
+    assert_trains(directory)
     chosen = yaml.safe_load((CONFIGS / config).read_text())["optimizer"]
     name = chosen["class_path"].rpartition(".")[2]
     # LearningRateMonitor names its columns after the optimizer class that really ran.
-    assert max(logged(tmp_path, f"lr-{name}/decay")) == pytest.approx(chosen["init_args"]["lr"])
+    assert max(logged(directory, f"lr-{name}/decay")) == pytest.approx(chosen["init_args"]["lr"])
 
 
-def test_flags_select_optimizer_and_hyperparameters(tmp_path: Path) -> None:
-    flags = ["--optimizer=core.AdamW", "--optimizer.lr=3e-3", "--optimizer.kahan_sum=true"]
-    result = run_cli(tmp_path, *flags, *SHORT_RUN)
-    assert_trains(tmp_path, result)
-    (hparams,) = tmp_path.glob("lightning_logs/version_*/hparams.yaml")
+def test_flags_select_optimizer_and_hyperparameters(trained: dict[str, Path]) -> None:
+    directory = trained["flags"]
+    assert_trains(directory)
+    (hparams,) = directory.glob("lightning_logs/version_*/hparams.yaml")
     text = hparams.read_text()
     assert "class_path: core.AdamW" in text and "kahan_sum: true" in text and "lr: 0.003" in text
-    peak = max(logged(tmp_path, "lr-AdamW/decay"))
+    peak = max(logged(directory, "lr-AdamW/decay"))
     assert peak == pytest.approx(3e-3)
 
 
