@@ -1,7 +1,8 @@
 """Worker for test_faults.py: harness.train with autoresume, checkpointing every
 SAVE_EVERY batches into OUT_DIR/checkpoints, the final parameters into OUT_DIR/final.pt.
 
-Usage: python -m tests.composer_adam.fault_worker OUT_DIR OPTIMIZER [STOP_AT]
+Usage: python -m tests.composer_adam.fault_worker OUT_DIR OPTIMIZER BACKEND [STOP_AT]
+(BACKEND: default, fused, foreach or loop, as in tests/core/configuration_cases.py)
 
 It prints the batch it starts from. With STOP_AT it prints "waiting at batch STOP_AT"
 after that batch's step and waits there for the parent's SIGKILL, so the kill lands at
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from composer.core import Callback, State
@@ -21,15 +23,24 @@ from composer.loggers import Logger
 
 import composer_adam
 from tests.composer_adam.harness import LR, train
+from tests.core.configuration_cases import BACKENDS
 
 SAVE_EVERY = 10
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "DecoupledAdamW": lambda p: composer_adam.DecoupledAdamW(
-        p, lr=LR, weight_decay=1e-4, amsgrad=True
+    "DecoupledAdamW": lambda p, **kw: composer_adam.DecoupledAdamW(
+        p, lr=LR, weight_decay=1e-4, amsgrad=True, **kw
     ),
     # NAdam also keeps a host scalar (mu_product) that the checkpoint must carry.
-    "DecoupledNAdam": lambda p: composer_adam.DecoupledNAdam(p, lr=LR, weight_decay=1e-4),
+    "DecoupledNAdam": lambda p, **kw: composer_adam.DecoupledNAdam(
+        p, lr=LR, weight_decay=1e-4, **kw
+    ),
 }
+
+
+def make_optimizer(optimizer: str, backend: str) -> Callable[[Any], torch.optim.Optimizer]:
+    """The optimizer on one backend of tests/core/configuration_cases.py (default flags
+    for "default")."""
+    return lambda params: OPTIMIZERS[optimizer](params, **BACKENDS[backend])
 
 
 class Progress(Callback):
@@ -48,10 +59,10 @@ class Progress(Callback):
             raise SystemExit("never killed")
 
 
-def main(out_dir: str, optimizer: str, stop_at: str = "") -> None:
+def main(out_dir: str, optimizer: str, backend: str, stop_at: str = "") -> None:
     out = Path(out_dir)
     trainer, _ = train(
-        OPTIMIZERS[optimizer],
+        make_optimizer(optimizer, backend),
         callbacks=[Progress(int(stop_at) if stop_at else None)],
         run_name="fault",
         save_folder=str(out / "checkpoints"),

@@ -2,6 +2,7 @@
 checkpointing every epoch, optionally resumed from the last checkpoint.
 
 Usage: python fault_worker.py OUT_DIR OPTIMIZER BACKEND [resume]
+(BACKEND: default, fused, foreach or loop, as in tests/core/configuration_cases.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import core
+from tests.core.configuration_cases import BACKENDS
 
 EPOCHS, SAMPLES, BATCH = 4, 256, 8
 OPTIMIZERS = {
@@ -38,9 +40,7 @@ class Regression(L.LightningModule):
         return nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self) -> dict:
-        optimizer = OPTIMIZERS[self.optimizer_name](
-            self.parameters(), foreach=self.backend == "foreach"
-        )
+        optimizer = OPTIMIZERS[self.optimizer_name](self.parameters(), **BACKENDS[self.backend])
         steps = EPOCHS * SAMPLES // BATCH
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
         return {
