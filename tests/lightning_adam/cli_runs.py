@@ -4,7 +4,7 @@ ARGS` would run each (LightningCLI parses its own arguments, builds its own Trai
 logs into the run's folder, which is also the working directory while it runs).
 
 One process for all of them because starting one costs about 6 s of imports (lightning
-3.7 s of it) against 2-3 s of training per run; each run's outcome is still its own:
+3.7 s of it) against about 4 s of training per run; each run's outcome is still its own:
 a run that fails or exits is recorded and the next one starts.
 
 Usage: python -m tests.lightning_adam.cli_runs PLAN.json, where the plan is a list of
@@ -24,8 +24,8 @@ import traceback
 from pathlib import Path
 
 from tests.lightning_adam.models import load_module
+from tests.processes import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "lightning_cli.py"
 BASE = ROOT / "configs" / "lightning" / "base.yaml"
 
