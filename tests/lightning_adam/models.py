@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_adam
+from tests.core.configuration_cases import BACKENDS
 
 
 def regression_data(count: int = 128, seed: int = 1) -> TensorDataset:
@@ -76,6 +77,14 @@ def make_trainer(**overrides: Any) -> L.Trainer:
         "enable_checkpointing": False,
     }
     return L.Trainer(**{**settings, **overrides})
+
+
+def assert_backend(optimizer: torch.optim.Optimizer, backend: str) -> None:
+    """The Trainer's optimizer runs the backend the test chose: explicit flags reached every
+    param group through configure_optimizers (default leaves them for adamkit to choose)."""
+    for group in optimizer.param_groups:
+        for flag, value in BACKENDS[backend].items():
+            assert group[flag] is value, (flag, group[flag])
 
 
 def parameters_of(module: nn.Module) -> list[torch.Tensor]:

@@ -9,7 +9,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+from tests.core.configuration_cases import BACKENDS
+from tests.lightning_adam.models import (
+    Regression,
+    assert_backend,
+    loader,
+    make_trainer,
+    regression_data,
+)
 
 EPOCHS, RESUME_AFTER = 4, 2
 SCHEDULE = {"kind": "cosine", "warmup_steps": 3, "total_steps": 16, "min_lr_ratio": 0.1}
@@ -31,11 +38,12 @@ def _fit(model: Regression, precision: str, ckpt_path: Path | None = None, **kwa
     return trainer
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize(("name", "precision"), CASES, ids=[f"{n}-{p}" for n, p in CASES])
 def test_resume_continues_exactly_as_the_uninterrupted_run(
-    name: str, precision: str, tmp_path: Path
+    name: str, precision: str, backend: str, tmp_path: Path
 ) -> None:
-    kwargs = OPTIMIZERS[name]
+    kwargs = {**OPTIMIZERS[name], **BACKENDS[backend]}
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     uninterrupted = Regression(scheduler=SCHEDULE, **kwargs)
     full = _fit(uninterrupted, precision, callbacks=[saver], enable_checkpointing=True)
@@ -45,6 +53,7 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(
     again = _fit(resumed, precision, ckpt_path=checkpoint)
 
     assert again.global_step == full.global_step == EPOCHS * 4
+    assert_backend(again.optimizers[0], backend)
     for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     states = [t.optimizers[0].state_dict()["state"] for t in (full, again)]

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import core
+from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.cli_runs import BASE, EXAMPLE, fit_arguments
 from tests.lightning_adam.models import load_module, make_trainer
 from tests.processes import run_worker
@@ -51,13 +52,18 @@ def logged(directory: Path, column: str) -> list[float]:
 FLAGS = ["--optimizer=core.AdamW", "--optimizer.lr=3e-3", "--optimizer.kahan_sum=true"]
 
 
+def backend_flags(backend: str) -> list[str]:
+    """The command-line flags that choose a backend (none for the default)."""
+    return [f"--optimizer.{flag}={str(value).lower()}" for flag, value in BACKENDS[backend].items()]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each YAML, and the flags, trained by LightningCLI in one fresh process: run name ->
-    the folder it logged to (with its outcome.json)."""
+    """Each YAML, and the flags with each backend, trained by LightningCLI in one fresh
+    process: run name -> the folder it logged to (with its outcome.json)."""
     root = tmp_path_factory.mktemp("cli_runs")
     runs = {config: ["--config", str(CONFIGS / config)] for config in OPTIMIZER_CONFIGS}
-    runs["flags"] = FLAGS
+    runs |= {f"flags-{backend}": [*FLAGS, *backend_flags(backend)] for backend in BACKENDS}
     plan = [
         {"directory": str(root / name), "args": [*args, *SHORT_RUN]} for name, args in runs.items()
     ]
@@ -93,12 +99,17 @@ def test_each_yaml_trains_and_the_loss_falls(config: str, trained: dict[str, Pat
     assert max(logged(directory, f"lr-{name}/decay")) == pytest.approx(chosen["init_args"]["lr"])
 
 
-def test_flags_select_optimizer_and_hyperparameters(trained: dict[str, Path]) -> None:
-    directory = trained["flags"]
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_flags_select_optimizer_hyperparameters_and_backend(
+    backend: str, trained: dict[str, Path]
+) -> None:
+    directory = trained[f"flags-{backend}"]
     assert_trains(directory)
     (hparams,) = directory.glob("lightning_logs/version_*/hparams.yaml")
-    text = hparams.read_text()
-    assert "class_path: core.AdamW" in text and "kahan_sum: true" in text and "lr: 0.003" in text
+    optimizer = yaml.safe_load(hparams.read_text())["optimizer"]
+    assert optimizer["class_path"] == "core.AdamW"
+    chosen = {"kahan_sum": True, "lr": 3e-3, **BACKENDS[backend]}
+    assert {key: optimizer["init_args"][key] for key in chosen} == chosen
     peak = max(logged(directory, "lr-AdamW/decay"))
     assert peak == pytest.approx(3e-3)
 

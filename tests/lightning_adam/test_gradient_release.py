@@ -14,7 +14,14 @@ from torch.utils.data import TensorDataset
 
 import core
 from lightning_adam import GradientRelease
-from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+from tests.core.configuration_cases import BACKENDS
+from tests.lightning_adam.models import (
+    Regression,
+    assert_backend,
+    loader,
+    make_trainer,
+    regression_data,
+)
 from tests.lightning_adam.test_checkpoint import OPTIMIZERS, SCHEDULE
 
 EPOCHS = 4
@@ -33,19 +40,21 @@ def _csv(directory: Path) -> str:
     return metrics.read_text()
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_release_equals_ordinary_training_exactly_with_schedule_and_logging(
-    name: str, tmp_path: Path
+    name: str, backend: str, tmp_path: Path
 ) -> None:
     runs = {}
     for release in (False, True):
-        model = Regression(scheduler=SCHEDULE, **OPTIMIZERS[name])
+        model = Regression(scheduler=SCHEDULE, **OPTIMIZERS[name], **BACKENDS[backend])
         logger = CSVLogger(tmp_path / str(release), name="run")
         monitor = LearningRateMonitor(logging_interval="step")
         trainer = _fit(model, release, logger=logger, callbacks=[monitor], log_every_n_steps=1)
         runs[release] = (model, trainer)
     (ordinary, plain_trainer), (released, release_trainer) = runs[False], runs[True]
     assert release_trainer.global_step == plain_trainer.global_step == EPOCHS * 4
+    assert_backend(release_trainer.optimizers[0], backend)
     for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
         assert torch.equal(a, b)
     # The same losses and learning rates were logged, step by step.
@@ -56,27 +65,30 @@ def test_release_equals_ordinary_training_exactly_with_schedule_and_logging(
     assert not core.is_gradient_release_prepared(released)
 
 
-def test_release_under_bf16_mixed_autocast_equals_ordinary_training() -> None:
-    runs = [Regression(scheduler=SCHEDULE, lr=1e-2) for _ in range(2)]
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_under_bf16_mixed_autocast_equals_ordinary_training(backend: str) -> None:
+    runs = [Regression(scheduler=SCHEDULE, lr=1e-2, **BACKENDS[backend]) for _ in range(2)]
     for model, release in zip(runs, (False, True), strict=True):
         _fit(model, release, precision="bf16-mixed")
     for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
         assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
-def test_release_frees_gradients_inside_backward() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_frees_gradients_inside_backward(backend: str) -> None:
     seen: list[list[bool]] = []
 
     class Probe(Regression):
         def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
             seen.append([p.grad is None for p in self.parameters()])
 
-    _fit(Probe(lr=1e-2), release=True, max_epochs=1)
+    _fit(Probe(lr=1e-2, **BACKENDS[backend]), release=True, max_epochs=1)
     assert len(seen) == 4 and all(all(step) for step in seen)
 
 
-def test_resume_with_release_continues_exactly(tmp_path: Path) -> None:
-    kwargs = {"scheduler": SCHEDULE, **OPTIMIZERS["AdamW"]}
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_resume_with_release_continues_exactly(backend: str, tmp_path: Path) -> None:
+    kwargs = {"scheduler": SCHEDULE, **OPTIMIZERS["AdamW"], **BACKENDS[backend]}
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     uninterrupted = Regression(**kwargs)
     _fit(uninterrupted, True, callbacks=[saver], enable_checkpointing=True)
@@ -104,13 +116,14 @@ ACCUMULATING = {
 }
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("name", list(ACCUMULATING))
-def test_accumulation_matches_lightnings_windows(name: str) -> None:
+def test_accumulation_matches_lightnings_windows(name: str, backend: str) -> None:
     """With agreeing micro-batches optimizer accumulation is exact (float64, 1e-12), so any
     window misaligned with Lightning's accumulate_grad_batches would show."""
     runs = []
     for release in (False, True):
-        model = Regression(scheduler=SCHEDULE, **ACCUMULATING[name])
+        model = Regression(scheduler=SCHEDULE, **ACCUMULATING[name], **BACKENDS[backend])
         trainer = _fit(
             model,
             release,
@@ -124,9 +137,10 @@ def test_accumulation_matches_lightnings_windows(name: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_accumulation_with_a_short_last_window_trains() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_accumulation_with_a_short_last_window_trains(backend: str) -> None:
     """5 batches per epoch, windows of 2: Lightning steps after batches 2, 4 and 5."""
-    model = Regression(lr=1e-2)
+    model = Regression(lr=1e-2, **BACKENDS[backend])
     trainer = _fit(model, True, accumulate_grad_batches=2, data=loader(regression_data(160)))
     assert trainer.global_step == EPOCHS * 3
     states = trainer.optimizers[0].state.values()
@@ -185,8 +199,9 @@ def test_unsupported_settings_are_refused_before_training(
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_bf16_true_with_release_uses_kahan_and_trains() -> None:
-    model = Regression(lr=1e-2)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_bf16_true_with_release_uses_kahan_and_trains(backend: str) -> None:
+    model = Regression(lr=1e-2, **BACKENDS[backend])
     trainer = _fit(model, True, precision="bf16-true", max_epochs=EPOCHS * 4)
     states = list(trainer.optimizers[0].state.values())
     assert all(s["kahan_comp"].dtype == torch.bfloat16 for s in states)

@@ -13,7 +13,14 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_adam import GradientRelease, OptimizerMonitor
-from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+from tests.core.configuration_cases import BACKENDS
+from tests.lightning_adam.models import (
+    Regression,
+    assert_backend,
+    loader,
+    make_trainer,
+    regression_data,
+)
 
 KINDS = ("moment", "param", "update", "grad")
 
@@ -36,9 +43,12 @@ def _rows(directory: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _monitored_run(directory: Path, release: bool = False, **overrides: Any) -> tuple:
+def _monitored_run(
+    directory: Path, release: bool = False, backend: str = "default", **overrides: Any
+) -> tuple:
     steps = overrides.pop("max_steps", 6)
-    model = Regression(optimizer="Adam", lr=1e-2, amsgrad=True)  # no decay: the update is exact
+    # no decay: the update is exact
+    model = Regression(optimizer="Adam", lr=1e-2, amsgrad=True, **BACKENDS[backend])
     last = LastStep(steps)
     callbacks = [
         *([GradientRelease()] if release else []),
@@ -51,11 +61,15 @@ def _monitored_run(directory: Path, release: bool = False, **overrides: Any) -> 
         logger=logger,
     )
     trainer.fit(model, loader(regression_data(256)))
+    assert_backend(trainer.optimizers[0], backend)
     return model, trainer, last.before
 
 
-def test_norms_are_the_last_steps_moment_param_update_and_grad(tmp_path: Path) -> None:
-    model, trainer, before = _monitored_run(tmp_path)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_norms_are_the_last_steps_moment_param_update_and_grad(
+    backend: str, tmp_path: Path
+) -> None:
+    model, trainer, before = _monitored_run(tmp_path, backend=backend)
     rows = _rows(tmp_path)
     assert [int(row["step"]) for row in rows] == [2, 5]  # every 3 steps: after steps 3 and 6
     logged = {key: float(value) for key, value in rows[-1].items() if value and key != "step"}
@@ -75,16 +89,18 @@ def test_norms_are_the_last_steps_moment_param_update_and_grad(tmp_path: Path) -
         assert logged[f"l2_norm/{kind}/global"] == pytest.approx(math.sqrt(squares[kind]))
 
 
-def test_release_logs_what_the_ordinary_run_logs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_logs_what_the_ordinary_run_logs(backend: str, tmp_path: Path) -> None:
     """Gradient norms are taken in backward before release frees the gradient."""
-    _monitored_run(tmp_path / "ordinary")
-    model, _, _ = _monitored_run(tmp_path / "release", release=True)
+    _monitored_run(tmp_path / "ordinary", backend=backend)
+    model, _, _ = _monitored_run(tmp_path / "release", release=True, backend=backend)
     assert all(p.grad is None for p in model.parameters())
     assert _rows(tmp_path / "ordinary") == _rows(tmp_path / "release")
 
 
-def test_accumulating_micro_batches_are_not_logged(tmp_path: Path) -> None:
-    _monitored_run(tmp_path, accumulate_grad_batches=2)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_accumulating_micro_batches_are_not_logged(backend: str, tmp_path: Path) -> None:
+    _monitored_run(tmp_path, accumulate_grad_batches=2, backend=backend)
     rows = _rows(tmp_path)
     assert [int(row["step"]) for row in rows] == [2, 5]
     assert all(float(row["l2_norm/grad/global"]) > 0 for row in rows)

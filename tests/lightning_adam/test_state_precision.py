@@ -10,7 +10,14 @@ import torch
 
 from core.quantization import quantizable
 from lightning_adam import GradientRelease
-from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+from tests.core.configuration_cases import BACKENDS
+from tests.lightning_adam.models import (
+    Regression,
+    assert_backend,
+    loader,
+    make_trainer,
+    regression_data,
+)
 
 WIDTH = 700
 """The first weight (700 x 6) is large enough for 8-bit state; the rest stays full."""
@@ -29,14 +36,17 @@ def fit(
     return model, trainer
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("release", [False, True], ids=["step", "release"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_8bit_state_trains_through_the_trainer_and_resumes_exactly(
-    precision: str, release: bool, tmp_path: Path
+    precision: str, release: bool, backend: str, tmp_path: Path
 ) -> None:
-    full, _ = fit(6, precision, release)
-    uninterrupted, trainer = fit(6, precision, release, state_precision="8bit")
+    flags = BACKENDS[backend]
+    full, _ = fit(6, precision, release, **flags)
+    uninterrupted, trainer = fit(6, precision, release, state_precision="8bit", **flags)
     optimizer = trainer.optimizers[0]
+    assert_backend(optimizer, backend)
     weight = uninterrupted.net[0].weight
     assert quantizable(weight) is None
     assert optimizer.state[weight]["exp_avg_codes"].dtype == torch.uint8
@@ -46,9 +56,9 @@ def test_8bit_state_trains_through_the_trainer_and_resumes_exactly(
     for a, b in zip(full.parameters(), uninterrupted.parameters(), strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0)
 
-    _, first = fit(3, precision, release, state_precision="8bit")
+    _, first = fit(3, precision, release, state_precision="8bit", **flags)
     path = tmp_path / "half.ckpt"
     first.save_checkpoint(path)
-    resumed, _ = fit(6, precision, release, checkpoint=path, state_precision="8bit")
+    resumed, _ = fit(6, precision, release, checkpoint=path, state_precision="8bit", **flags)
     for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
