@@ -29,6 +29,7 @@ from core.backends.cpu_kernel import HostScalarAccess, float32_array, host_scala
 from core.backends.grouping import dtype_of
 from core.backends.host_checks import Layout, host_checks, host_checks_setting
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
+from core.backends.views import dtensor_type
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     CODE_FORMAT,
@@ -1470,14 +1471,61 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     f"{missing} (it has {sorted(saved_state)}); expected the state of an "
                     "Adam-family optimizer (torch.optim.Adam/AdamW/NAdam/RAdam or adamkit)."
                 )
-            for key, expected in _expected_state_shapes(param).items():
-                value = saved_state.get(key)
-                if isinstance(value, Tensor) and value.shape != expected:
-                    raise ValueError(
-                        f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] has shape "
-                        f"{tuple(value.shape)}, but a parameter of shape {tuple(param.shape)} "
-                        f"needs {tuple(expected)}."
-                    )
+            _check_saved_values(name, saved_id, saved_state, param)
+
+
+def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tensor) -> None:
+    """Refuse state values a step could not read, or would read with the wrong meaning:
+    step counters that are not one finite number >= 0, moments that are not tensors with
+    data of the parameter's shape, an 8-bit moment's codes without its scales (or the
+    other way round), codes that are not uint8 and scales below 0."""
+
+    def refuse(key: str, problem: str, allowed: str) -> None:
+        raise ValueError(
+            f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] {problem}. "
+            f"Allowed: {allowed}."
+        )
+
+    for key in HOST_SCALAR_STATE:
+        value = saved_state.get(key)
+        if key in saved_state and not finite_at_least(value, 0.0):
+            shown = (
+                f"{type(value).__name__} of shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else repr(value)
+            )
+            refuse(key, f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)")
+    for key in MOMENT_STATE:
+        codes, absmax = moment_keys(key)
+        if (codes in saved_state) != (absmax in saved_state):
+            present, absent = (codes, absmax) if codes in saved_state else (absmax, codes)
+            refuse(
+                present, f"comes without {absent!r}", "an 8-bit moment's codes and scales together"
+            )
+    for key, expected in _expected_state_shapes(param).items():
+        if key not in saved_state:
+            continue
+        value = saved_state[key]
+        if not isinstance(value, Tensor) or value.is_meta:
+            kind = "a meta tensor (no data)" if isinstance(value, Tensor) else type(value).__name__
+            refuse(key, f"is {kind}", f"a tensor of shape {tuple(expected)}")
+        if value.shape != expected:
+            raise ValueError(
+                f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] has shape "
+                f"{tuple(value.shape)}, but a parameter of shape {tuple(param.shape)} "
+                f"needs {tuple(expected)}."
+            )
+        if key.endswith("_codes") and value.dtype != torch.uint8:
+            refuse(key, f"has dtype {value.dtype}", "torch.uint8 (what state_dict() saves)")
+        if key.endswith("_absmax"):
+            if not value.is_floating_point():
+                refuse(key, f"has dtype {value.dtype}", "a floating dtype")
+            dtensor = dtensor_type()
+            local = value.to_local() if dtensor and isinstance(value, dtensor) else value
+            if bool((local < 0).any()):
+                refuse(
+                    key, f"holds {float(local.min())}", "scales >= 0 (a block's largest magnitude)"
+                )
 
 
 def _expected_state_shapes(param: Tensor) -> dict[str, torch.Size]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -280,3 +281,77 @@ def test_state_dict_with_wrong_shapes_is_refused() -> None:
     target = core.Adam(list(model.parameters())[:2], lr=LR)
     with pytest.raises(ValueError, match="has shape"):
         target.load_state_dict(source.state_dict())
+
+
+def _corrupt(key: str, value: Any) -> Callable[[dict], None]:
+    """Sets one key of parameter 0's saved state (the 8192-element weight)."""
+    return lambda state: state.__setitem__(key, value)
+
+
+BAD_STATE_VALUES = {
+    "step-vector": (
+        "full",
+        _corrupt("step", torch.tensor([1.0, 2.0])),
+        r"\['step'\] is Tensor of shape \(2,\)\. Allowed: one finite number >= 0",
+    ),
+    "step-text": ("full", _corrupt("step", "3"), r"\['step'\] is '3'\. Allowed: one finite"),
+    "step-nan": (
+        "8bit",
+        _corrupt("step", torch.tensor(float("nan"))),
+        r"\['step'\] is Tensor of shape \(\)",
+    ),
+    "step-negative": ("full", _corrupt("step", -1.0), r"\['step'\] is -1\.0\."),
+    "moment-list": (
+        "full",
+        _corrupt("exp_avg", [0.0] * 8192),
+        r"\['exp_avg'\] is list\. Allowed: a tensor of shape \(64, 128\)",
+    ),
+    "moment-meta": (
+        "full",
+        _corrupt("exp_avg_sq", torch.empty(64, 128, device="meta")),
+        r"\['exp_avg_sq'\] is a meta tensor",
+    ),
+    "codes-without-scales": (
+        "8bit",
+        lambda state: state.pop("exp_avg_absmax"),
+        r"\['exp_avg_codes'\] comes without 'exp_avg_absmax'",
+    ),
+    "scales-without-codes": (
+        "8bit",
+        lambda state: state.pop("max_exp_avg_sq_codes"),
+        r"\['max_exp_avg_sq_absmax'\] comes without 'max_exp_avg_sq_codes'",
+    ),
+    "codes-int64": (
+        "8bit",
+        lambda state: state.__setitem__("exp_avg_codes", state["exp_avg_codes"].long()),
+        r"\['exp_avg_codes'\] has dtype torch\.int64\. Allowed: torch\.uint8",
+    ),
+    "scales-integer": (
+        "8bit",
+        _corrupt("exp_avg_absmax", torch.ones(64, 1, dtype=torch.int32)),
+        r"\['exp_avg_absmax'\] has dtype torch\.int32\. Allowed: a floating dtype",
+    ),
+    "scales-negative": (
+        "8bit",
+        _corrupt("exp_avg_sq_absmax", torch.full((64, 1), -0.5)),
+        r"\['exp_avg_sq_absmax'\] holds -0\.5\. Allowed: scales >= 0",
+    ),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("bad", list(BAD_STATE_VALUES))
+def test_state_values_a_step_cannot_read_are_refused_before_loading(bad: str) -> None:
+    """Each of these loaded before and then failed mid-step with torch's own message (or
+    stepped with the wrong meaning: scales below 0 turn v negative)."""
+    precision, corrupt, message = BAD_STATE_VALUES[bad]
+    model = torch.nn.Linear(128, 64)
+    optimizer = core.AdamW(model.parameters(), lr=LR, amsgrad=True, state_precision=precision)
+    model(torch.randn(4, 128)).square().sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    corrupt(saved["state"][0])
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"Invalid state_dict for AdamW: state\[0\]" + message):
+        optimizer.load_state_dict(saved)
+    assert_unchanged(model, optimizer, before)
