@@ -34,6 +34,9 @@ BACKENDS = {
 }
 """Constructor flags per backend. "triton" runs the Triton kernels on CPU tensors through
 Triton's interpreter (conftest.py routes fused CPU steps there for tests named so)."""
+TRAINING_BACKENDS = {"default": {}, **BACKENDS}
+"""What tests of a training configuration run: the optimizer as users build it (no backend
+flag: adamkit chooses) and each explicit backend."""
 EAGER_BACKENDS = ("loop", "foreach")
 FUSED_BACKENDS = ("fused", "triton")
 

@@ -13,6 +13,7 @@ from tests.core.cases import (
     BACKENDS,
     EAGER_BACKENDS,
     LR,
+    TRAINING_BACKENDS,
     Case,
     assert_unchanged,
     make_batches,
@@ -56,11 +57,12 @@ def test_parameters_without_grad_are_skipped(cls: type) -> None:
     assert float(optimizer.state[used]["step"]) == 3
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_l2_mode_never_writes_into_grad(cls: type, backend: str) -> None:
     param = nn.Parameter(torch.linspace(-1, 1, 7))
-    optimizer = cls([param], lr=LR, weight_decay=0.5, decouple_wd=False, **BACKENDS[backend])
+    flags = TRAINING_BACKENDS[backend]
+    optimizer = cls([param], lr=LR, weight_decay=0.5, decouple_wd=False, **flags)
     for _ in range(3):
         grad = torch.linspace(0.5, -0.5, 7)
         param.grad = grad.clone()
@@ -68,7 +70,7 @@ def test_l2_mode_never_writes_into_grad(cls: type, backend: str) -> None:
         assert torch.equal(param.grad, grad)
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
 def test_lr_zero_leaves_parameters_exactly_unchanged(
@@ -76,7 +78,7 @@ def test_lr_zero_leaves_parameters_exactly_unchanged(
 ) -> None:
     """torch's distributed checkpointing steps once with lr = 0 to create state."""
     model = make_model(dtype)
-    optimizer = case.make(model.parameters(), **BACKENDS[backend])
+    optimizer = case.make(model.parameters(), **TRAINING_BACKENDS[backend])
     batches = make_batches(dtype, 6)
     train(model, optimizer, batches[:3])  # Kahan buffers and moments are non-trivial now
     before = [p.detach().clone() for p in model.parameters()]

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 import core
-from tests.core.cases import BACKENDS, LR, Case, make_batches, make_model, one_case_per_algorithm
+from tests.core.cases import (
+    LR,
+    TRAINING_BACKENDS,
+    Case,
+    make_batches,
+    make_model,
+    one_case_per_algorithm,
+)
 from tests.processes import gloo_group
 
 STEPS = 24
@@ -51,11 +58,11 @@ def _train_pair(case: Case, backend: dict, steps: int = STEPS) -> tuple:
     return runs
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 @pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
 def test_release_equals_ordinary_training_bit_for_bit(case: Case, backend: str) -> None:
     (model, extra, optimizer, _), (released_model, released_extra, released_opt, grads_seen) = (
-        _train_pair(case, BACKENDS[backend])
+        _train_pair(case, TRAINING_BACKENDS[backend])
     )
     for a, b in zip(
         [*model.parameters(), extra], [*released_model.parameters(), released_extra], strict=True

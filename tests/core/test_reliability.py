@@ -11,8 +11,8 @@ from torch import nn
 
 import core
 from tests.core.cases import (
-    BACKENDS,
     LR,
+    TRAINING_BACKENDS,
     Case,
     make_batches,
     make_model,
@@ -94,7 +94,7 @@ WITHOUT_SCALER = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 @pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
 def test_without_a_scaler_non_finite_gradients_reach_state_and_parameters_alike_everywhere(
     case: Case, backend: str, dtype: torch.dtype
@@ -103,7 +103,7 @@ def test_without_a_scaler_non_finite_gradients_reach_state_and_parameters_alike_
     maximum and minimum drop NaN unless told otherwise)."""
     generator = torch.Generator().manual_seed(0)
     param = nn.Parameter(torch.randn(8, generator=generator).to(dtype))
-    optimizer = case.make([param], **BACKENDS[backend])
+    optimizer = case.make([param], **TRAINING_BACKENDS[backend])
     for _ in range(8):
         param.grad = torch.randn(8, generator=generator).to(dtype)
         optimizer.step()

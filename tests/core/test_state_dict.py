@@ -12,10 +12,10 @@ import torch
 
 import core
 from tests.core.cases import (
-    BACKENDS,
     EPS,
     LR,
     TINY_EPS,
+    TRAINING_BACKENDS,
     Case,
     assert_unchanged,
     make_batches,
@@ -52,15 +52,17 @@ def _resumed_run(
     return full, resumed
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 @pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
 def test_resume_continues_bit_for_bit(case: Case, backend: str) -> None:
-    full, resumed = _resumed_run(case, BACKENDS[backend], BACKENDS[backend])
+    full, resumed = _resumed_run(case, TRAINING_BACKENDS[backend], TRAINING_BACKENDS[backend])
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 SWITCHES = [
+    ("default", "loop"),
+    ("loop", "default"),
     ("loop", "foreach"),
     ("loop", "fused"),
     ("fused", "loop"),
@@ -73,7 +75,7 @@ SWITCHES = [
 @pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
 def test_switching_backend_at_resume_continues(case: Case, saved_by: str, loaded_by: str) -> None:
     """Turning fused on or off mid-run through a state dict continues the same trajectory."""
-    full, resumed = _resumed_run(case, BACKENDS[saved_by], BACKENDS[loaded_by])
+    full, resumed = _resumed_run(case, TRAINING_BACKENDS[saved_by], TRAINING_BACKENDS[loaded_by])
     atol = 1e-7 if {saved_by, loaded_by} <= {"loop", "foreach"} else 1e-6
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(b, a, atol=atol, rtol=0)
