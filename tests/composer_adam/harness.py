@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,10 +17,32 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 
+from tests.core.configuration_cases import BACKENDS
+
 BATCH = 16
 MICROBATCH = 4
 LR = 1e-2
 STEPS = 60
+EXPLICIT_BACKENDS = [name for name in BACKENDS if name != "default"]
+
+
+def with_backends(cases: Sequence[Any]) -> list[Any]:
+    """pytest params (case, backend): every case with default flags, as users build it,
+    and with one explicit backend of BACKENDS dealt in turn, so every backend runs in the
+    test for one Trainer run more per case instead of three (fewer cases than explicit
+    backends take several each)."""
+    import pytest  # here, not at the top: the training workers import this module
+
+    explicit = [
+        (cases[i % len(cases)], EXPLICIT_BACKENDS[i % len(EXPLICIT_BACKENDS)])
+        for i in range(max(len(cases), len(EXPLICIT_BACKENDS)))
+    ]
+    pairs = [(case, "default") for case in cases] + explicit
+    pairs.sort(key=lambda pair: cases.index(pair[0]))  # stable: default first per case
+    return [
+        pytest.param(case, backend, id=f"{getattr(case, '__name__', case)}-{backend}")
+        for case, backend in pairs
+    ]
 
 
 def make_model(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import pytest
 import torch
+from composer import Trainer
+from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledAdamW as ComposerAdamW
 
 import composer_adam
@@ -18,7 +21,9 @@ from tests.composer_adam.harness import (
     logged,
     make_model,
     train,
+    with_backends,
 )
+from tests.core.configuration_cases import BACKENDS
 
 CONFIGS = {
     "decay": {"weight_decay": 1e-4},
@@ -27,13 +32,21 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_same_parameters_and_metrics_as_composer(config: str) -> None:
-    kwargs = {"lr": LR, **CONFIGS[config]}
-    theirs, their_log = train(
-        lambda p: ComposerAdamW(p, **kwargs), callbacks=[ReferenceUpdateNorms()]
+@functools.cache
+def composer_run(config: str) -> tuple[Trainer, InMemoryLogger]:
+    """Composer's DecoupledAdamW on one config: the same reference for every backend of
+    ours, so trained once per config."""
+    return train(
+        lambda p: ComposerAdamW(p, lr=LR, **CONFIGS[config]), callbacks=[ReferenceUpdateNorms()]
     )
-    ours, our_log = train(lambda p: composer_adam.DecoupledAdamW(p, **kwargs))
+
+
+@pytest.mark.parametrize(("config", "backend"), with_backends(list(CONFIGS)))
+def test_same_parameters_and_metrics_as_composer(config: str, backend: str) -> None:
+    theirs, their_log = composer_run(config)
+    ours, our_log = train(
+        lambda p: composer_adam.DecoupledAdamW(p, lr=LR, **CONFIGS[config], **BACKENDS[backend])
+    )
     assert (
         their_log.data["loss/train/total"][-1][1] < 0.7 * their_log.data["loss/train/total"][0][1]
     )
@@ -150,12 +163,13 @@ def test_bad_initial_lr_is_refused_before_any_change() -> None:
     assert not optimizer.state
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("kahan_sum", [None, False])
-def test_bf16_parameters_get_kahan_compensation(kahan_sum: bool | None) -> None:
+def test_bf16_parameters_get_kahan_compensation(kahan_sum: bool | None, backend: str) -> None:
     model = make_model(dtype=torch.bfloat16)
     fp32 = torch.nn.Linear(3, 3)
     optimizer = composer_adam.DecoupledAdamW(
-        [*model.parameters(), *fp32.parameters()], kahan_sum=kahan_sum
+        [*model.parameters(), *fp32.parameters()], kahan_sum=kahan_sum, **BACKENDS[backend]
     )
     for p in optimizer.param_groups[0]["params"]:
         p.grad = torch.full_like(p, 1e-3)
@@ -173,7 +187,10 @@ def _reduced_metrics(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -
     return optimizer.dist_reduce_metrics(optimizer.pre_reduce_metrics(found))
 
 
-def test_reduced_metrics_have_composers_types_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_reduced_metrics_have_composers_types_and_values(
+    monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
     """Composer's dist_reduce_metrics returns Python floats for l2 norms; so must ours.
 
     Composer builds a zero on torch.cuda.current_device() as the default of a dict lookup,
@@ -182,9 +199,9 @@ def test_reduced_metrics_have_composers_types_and_values(monkeypatch: pytest.Mon
     """
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     results = []
-    for cls in (ComposerAdamW, composer_adam.DecoupledAdamW):
+    for cls, flags in ((ComposerAdamW, {}), (composer_adam.DecoupledAdamW, BACKENDS[backend])):
         model = make_model()
-        optimizer = cls(model.parameters(), lr=LR, weight_decay=0.0)
+        optimizer = cls(model.parameters(), lr=LR, weight_decay=0.0, **flags)
         for step in range(3):
             optimizer.zero_grad()
             x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step))

@@ -20,7 +20,9 @@ from tests.composer_adam.harness import (
     make_loader,
     make_model,
     train,
+    with_backends,
 )
+from tests.core.configuration_cases import BACKENDS
 
 FAMILY = [composer_adam.DecoupledAdamW, composer_adam.DecoupledADOPT, composer_adam.DecoupledNAdam]
 
@@ -35,9 +37,9 @@ class GradientsAfterBackward(Callback):
         self.kept.append(any(p.grad is not None for p in state.model.parameters()))
 
 
-@pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
-def test_release_with_microbatching_equals_the_ordinary_run(cls: type) -> None:
-    kwargs = {"lr": LR, "weight_decay": 1e-4}
+@pytest.mark.parametrize(("cls", "backend"), with_backends(FAMILY))
+def test_release_with_microbatching_equals_the_ordinary_run(cls: type, backend: str) -> None:
+    kwargs = {"lr": LR, "weight_decay": 1e-4, **BACKENDS[backend]}
     ordinary, ordinary_log = train(lambda p: cls(p, **kwargs))
     probe = GradientsAfterBackward()
     released, released_log = train(
@@ -57,11 +59,13 @@ def test_release_with_microbatching_equals_the_ordinary_run(cls: type) -> None:
     assert any(isinstance(c, OptimizerMonitor) for c in released.state.callbacks)
 
 
-def test_optimizer_accumulation_frees_every_microbatch_and_trains_alike() -> None:
-    _, ordinary_log = train(lambda p: composer_adam.DecoupledAdamW(p, lr=LR))
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_optimizer_accumulation_frees_every_microbatch_and_trains_alike(backend: str) -> None:
+    kwargs = {"lr": LR, **BACKENDS[backend]}
+    _, ordinary_log = train(lambda p: composer_adam.DecoupledAdamW(p, **kwargs))
     probe = GradientsAfterBackward()
     released, log = train(
-        lambda p: composer_adam.DecoupledAdamW(p, lr=LR, gradient_release=True),
+        lambda p: composer_adam.DecoupledAdamW(p, gradient_release=True, **kwargs),
         callbacks=[composer_adam.GradientRelease(optimizer_accumulation=True), probe],
     )
     assert probe.kept == [False] * 4 * STEPS

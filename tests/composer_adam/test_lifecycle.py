@@ -4,16 +4,27 @@ creation, FSDP-style rebuilding of param groups; and the rest of the family in a
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
 import torch
+from composer import Trainer
 from composer.distributed.fsdp2_utils import update_optimizer_modules
+from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledAdamW as ComposerAdamW
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 import composer_adam
-from tests.composer_adam.harness import LR, STEPS, assert_same_parameters, make_model, train
+from tests.composer_adam.harness import (
+    LR,
+    STEPS,
+    assert_same_parameters,
+    make_model,
+    train,
+    with_backends,
+)
+from tests.core.configuration_cases import BACKENDS
 
 FAMILY = [
     composer_adam.DecoupledAdamW,
@@ -24,46 +35,57 @@ FAMILY = [
 KWARGS = {"lr": LR, "weight_decay": 1e-4, "amsgrad": True}
 
 
-@pytest.mark.parametrize(
-    ("writer", "reader"),
-    [(ComposerAdamW, composer_adam.DecoupledAdamW), (composer_adam.DecoupledAdamW, ComposerAdamW)],
-    ids=["composer_to_ours", "ours_to_composer"],
-)
+DIRECTIONS = {
+    "composer_to_ours": (ComposerAdamW, composer_adam.DecoupledAdamW),
+    "ours_to_composer": (composer_adam.DecoupledAdamW, ComposerAdamW),
+}
+
+
+@pytest.mark.parametrize(("direction", "backend"), with_backends(list(DIRECTIONS)))
 def test_autoresume_across_classes_continues_identically(
-    writer: type, reader: type, tmp_path: Path
+    direction: str, backend: str, tmp_path: Path
 ) -> None:
-    """Both classes save under "DecoupledAdamW"; Composer's autoresume picks the other up."""
-    uninterrupted, _ = train(lambda p: writer(p, **KWARGS))
+    """Both classes save under "DecoupledAdamW"; Composer's autoresume picks the other up
+    (ours on the backend, Composer's as it is)."""
+    writer, reader = DIRECTIONS[direction]
+
+    def build(cls: type, params: object) -> torch.optim.Optimizer:
+        flags = BACKENDS[backend] if cls is composer_adam.DecoupledAdamW else {}
+        return cls(params, **KWARGS, **flags)
+
+    uninterrupted, _ = train(lambda p: build(writer, p))
     common = {"run_name": "resume", "save_folder": str(tmp_path), "save_interval": "15ba"}
-    train(lambda p: writer(p, **KWARGS), max_duration=f"{STEPS // 2}ba", **common)
+    train(lambda p: build(writer, p), max_duration=f"{STEPS // 2}ba", **common)
     resumed, _ = train(
-        lambda p: reader(p, **KWARGS), model=make_model(seed=5), autoresume=True, **common
+        lambda p: build(reader, p), model=make_model(seed=5), autoresume=True, **common
     )
     assert int(resumed.state.timestamp.batch) == STEPS
     assert type(resumed.state.optimizers[0]) is reader
     assert_same_parameters(resumed.state.model, uninterrupted.state.model)
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
-def test_torch_state_creation_step_with_lr_zero_leaves_parameters(cls: type) -> None:
+def test_torch_state_creation_step_with_lr_zero_leaves_parameters(cls: type, backend: str) -> None:
     """torch.distributed.checkpoint steps once with lr = 0 and zero grads to create state."""
     model = make_model()
     before = copy.deepcopy(list(model.parameters()))
-    optimizer = cls(model.parameters(), lr=LR, weight_decay=1e-2)
+    optimizer = cls(model.parameters(), lr=LR, weight_decay=1e-2, **BACKENDS[backend])
     state_dict = get_optimizer_state_dict(model, optimizer)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
     assert len(state_dict["state"]) == len(before)
     assert [g["lr"] for g in optimizer.param_groups] == [LR]
 
 
-@pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
-def test_fsdp2_rebuilding_param_groups_keeps_every_hyperparameter(cls: type) -> None:
-    """Composer's own FSDP2 helper rebuilds the groups from their keys onto new parameters;
-    training then goes exactly as with an optimizer built on those parameters directly."""
+@pytest.mark.parametrize(("cls", "backend"), with_backends(FAMILY))
+def test_fsdp2_rebuilding_param_groups_keeps_every_hyperparameter(cls: type, backend: str) -> None:
+    """Composer's own FSDP2 helper rebuilds the groups from their keys onto new parameters
+    (the backend flags among them); training then goes exactly as with an optimizer built
+    on those parameters directly."""
     model = make_model()
     head, body = list(model.parameters())[2:], list(model.parameters())[:2]
     groups = [{"params": body}, {"params": head, "lr": LR / 2, "weight_decay": 0.0}]
-    optimizer = cls(groups, lr=LR, weight_decay=1e-3)
+    optimizer = cls(groups, lr=LR, weight_decay=1e-3, **BACKENDS[backend])
     names = {p: n for n, p in model.named_parameters()}
     sharded = copy.deepcopy(model)  # stands in for the sharded model: same names, new tensors
     expected_groups = copy.deepcopy(
@@ -81,6 +103,7 @@ def test_fsdp2_rebuilding_param_groups_keeps_every_hyperparameter(cls: type) -> 
         ],
         lr=LR,
         weight_decay=1e-3,
+        **BACKENDS[backend],
     )
     rebuilt_run, _ = train(lambda p: optimizer, model=sharded)
     direct_run, _ = train(lambda p: direct, model=direct_model)
@@ -95,11 +118,12 @@ REFERENCES = {
 }
 
 
-@pytest.mark.parametrize("name", list(REFERENCES))
-def test_family_in_a_trainer_follows_torch(name: str) -> None:
-    ours, torch_class, eps = REFERENCES[name]
-    our_run, our_log = train(lambda p: ours(p, lr=LR, weight_decay=1e-4, eps=eps))
-    reference_run, _ = train(
+@functools.cache
+def torch_run(name: str) -> tuple[Trainer, InMemoryLogger]:
+    """torch.optim's class for name, as users build it: the one reference for every
+    backend of ours, so trained once."""
+    _, torch_class, eps = REFERENCES[name]
+    return train(
         lambda p: torch_class(
             p,
             lr=LR,
@@ -109,17 +133,29 @@ def test_family_in_a_trainer_follows_torch(name: str) -> None:
             decoupled_weight_decay=True,
         )
     )
+
+
+@pytest.mark.parametrize(("name", "backend"), with_backends(list(REFERENCES)))
+def test_family_in_a_trainer_follows_torch(name: str, backend: str) -> None:
+    ours, _, eps = REFERENCES[name]
+    our_run, our_log = train(
+        lambda p: ours(p, lr=LR, weight_decay=1e-4, eps=eps, **BACKENDS[backend])
+    )
+    reference_run, _ = torch_run(name)
     assert_same_parameters(our_run.state.model, reference_run.state.model)
     assert len([k for k in our_log.data if k.startswith("l2_norm/update/")]) == 4
 
 
-def test_adopt_in_a_trainer_is_core_adopt_with_scheduled_decay() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_adopt_in_a_trainer_is_core_adopt_with_scheduled_decay(backend: str) -> None:
+    """Exactly core.ADOPT on the same backend (the backends agree to rounding only)."""
     import core
 
-    our_run, _ = train(lambda p: composer_adam.DecoupledADOPT(p, lr=LR, weight_decay=1e-4))
+    flags = BACKENDS[backend]
+    our_run, _ = train(lambda p: composer_adam.DecoupledADOPT(p, lr=LR, weight_decay=1e-4, **flags))
     reference_run, _ = train(
         lambda p: core.ADOPT(
-            p, lr=LR, betas=(0.9, 0.9999), eps=1e-6, weight_decay=1e-4, decouple_lr=True
+            p, lr=LR, betas=(0.9, 0.9999), eps=1e-6, weight_decay=1e-4, decouple_lr=True, **flags
         )
     )
     assert_same_parameters(our_run.state.model, reference_run.state.model, atol=0)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import composer_adam
 from composer_adam import recipes
 from core.models import owned_parameters, skips_weight_decay
+from tests.core.configuration_cases import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs" / "composer").glob("*.yaml"))
@@ -222,8 +224,20 @@ def _example():
     return module
 
 
-def test_example_trains_from_the_recipe() -> None:
-    result = _example().train(str(RECIPES[0]), max_duration="12ba")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_example_trains_from_the_recipe(backend: str, tmp_path: Path) -> None:
+    """The shipped recipe as it is (default flags), and choosing each backend by its
+    fused/foreach keys."""
+    path, example = RECIPES[0], _example()
+    if BACKENDS[backend]:
+        recipe = recipes.load_recipe(path)
+        recipe["optimizer"].update(BACKENDS[backend])
+        path = tmp_path / path.name
+        path.write_text(yaml.safe_dump(recipe))
+        built = recipes.build_optimizer(path, example.CharLanguageModel(64, 16, 2, 1))
+        for group in built.param_groups:
+            assert {key: group[key] for key in BACKENDS[backend]} == BACKENDS[backend]
+    result = example.train(str(path), max_duration="12ba")
     assert result["batches"] == 12
     assert result["last_loss"] < result["first_loss"] - 0.5
 
