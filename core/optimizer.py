@@ -34,6 +34,7 @@ from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     CODE_FORMAT,
     CODE_FORMAT_KEY,
+    FSDP1_FULL_PRECISION,
     SIGNED_KEYS,
     QuantizedMoment,
     absmax_shape,
@@ -761,7 +762,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         other precision (a checkpoint, a changed option) is converted, not reset."""
         state = self.state[param]
         self._init_host_state(state, group)
-        quantize = group["state_precision"] == "8bit" and quantizable(param) is None
+        kept_full = quantizable(param) if group["state_precision"] == "8bit" else "not asked"
+        if kept_full == FSDP1_FULL_PRECISION:
+            warnings.warn(
+                f"state_precision='8bit' keeps full-precision state for {kept_full}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        quantize = kept_full is None
         for key in self._tensor_state_keys(group):
             codes, absmax = moment_keys(key)
             if quantize and key in self.quantized_state_keys:

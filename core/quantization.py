@@ -287,6 +287,21 @@ def _dtensor_type() -> type | None:
     return dtensor_type()
 
 
+FSDP1_FULL_PRECISION = (
+    "an FSDP1 (FullyShardedDataParallel) flat parameter or a piece of one: FSDP1's optimizer "
+    "state dict gathers every state tensor as if shaped like its parameter, which an 8-bit "
+    "moment's scales are not, and each rank holds a piece of another size, so ranks would "
+    "decide differently (use FSDP2, fully_shard, for 8-bit state)"
+)
+"""Why FSDP1's parameters keep full-precision state under state_precision='8bit'."""
+
+
+def is_fsdp1_flattened(param: Tensor) -> bool:
+    """Whether FSDP1 manages param: its flat parameter, or (use_orig_params=True) a view of
+    one. FSDP1 marks both; FSDP2's DTensor parameters are not marked."""
+    return bool(getattr(param, "_fsdp_flattened", False))
+
+
 def quantizable(param: Tensor) -> str | None:
     """Why param's moments must stay full precision under state_precision='8bit', or None.
 
@@ -294,8 +309,11 @@ def quantizable(param: Tensor) -> str | None:
     backend steps 8-bit moments in fp32, which a float64 parameter would be stepped
     beside in its own precision. DTensors qualify when their blocks are their shard's own
     (every placement Replicate or Shard(0), at least 2 dimensions); every rank decides
-    alike, from the global size.
+    alike, from the global size. FSDP1's flat parameters (and, with use_orig_params, the
+    pieces of them it hands out as parameters) never qualify: see FSDP1_FULL_PRECISION.
     """
+    if is_fsdp1_flattened(param):
+        return FSDP1_FULL_PRECISION
     if param.numel() < MIN_QUANTIZED_NUMEL:
         return f"fewer than {MIN_QUANTIZED_NUMEL} elements"
     if param.dtype not in QUANTIZABLE_DTYPES:

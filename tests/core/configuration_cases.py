@@ -53,6 +53,9 @@ class Cell:
     optimizer: str
     backend: str
     dtype_name: str
+    full_state: bool = False
+    """Full-precision state even in a "-8bit" cell (its wider model kept): what FSDP1's
+    parameters get (core.quantization.FSDP1_FULL_PRECISION), for their references."""
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -74,7 +77,8 @@ class Cell:
         """The cell's optimizer, as users build it: its backend flags unless flags are
         given (references pass the loop backend's), and its state precision."""
         chosen = flags or BACKENDS[self.backend]
-        return OPTIMIZERS[self.optimizer](params, **chosen, **state_options(self.dtype_name))
+        state = {} if self.full_state else state_options(self.dtype_name)
+        return OPTIMIZERS[self.optimizer](params, **chosen, **state)
 
 
 def warmup(optimizer: torch.optim.Optimizer, step_index: int) -> None:

@@ -1,6 +1,7 @@
 """Worker for test_configurations.py: one 2-process gloo group trains every cell of the
 configuration matrix (optimizer x backend x dtype under FSDP2, FSDP2 with a bf16
-MixedPrecisionPolicy, DTensor parameters, tensor parallelism, DCP checkpoints and DDP)
+MixedPrecisionPolicy, FSDP1 with and without use_orig_params and its full optimizer state
+dict, DTensor parameters, tensor parallelism, DCP checkpoints and DDP)
 and saves each cell's full parameters, so the test process can compare every cell with
 one process running the loop backend.
 
@@ -25,7 +26,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FullStateDictConfig,
+    MixedPrecisionPolicy,
+    ShardedOptimStateDictConfig,
+    ShardedStateDictConfig,
+    StateDictType,
+    fully_shard,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -146,6 +156,67 @@ def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
     return _full(list(resumed.parameters()))
 
 
+def _fsdp1_model(cell: Cell, use_orig_params: bool) -> nn.Module:
+    """FSDP1 (what Lightning's FSDPStrategy and Composer's FSDPConfig wrap with): each
+    Linear its own flat parameter, sharded over both ranks."""
+    return FSDP1(
+        cell.make_model(),
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+        device_id=torch.device("cpu"),
+        use_orig_params=use_orig_params,
+    )
+
+
+def _fsdp1_full(model: nn.Module) -> list[torch.Tensor]:
+    """The unsharded parameters, in the unwrapped model's order, on every rank."""
+    with FSDP1.state_dict_type(
+        model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)
+    ):
+        state = model.state_dict()
+    return [value.detach().float().clone() for value in state.values()]
+
+
+def fsdp1(cell: Cell, use_orig_params: bool) -> list[torch.Tensor]:
+    """The optimizer holds FSDP1's flat shards (use_orig_params=False), or the pieces of
+    them FSDP1 hands out as the original parameters (True: some empty on a rank)."""
+    model = _fsdp1_model(cell, use_orig_params)
+    optimizer = cell.make_optimizer(model.parameters())
+    _train(model, optimizer, cell.dtype, shard_batch=True)
+    return _fsdp1_full(model)
+
+
+def fsdp1_checkpoint(cell: Cell) -> list[torch.Tensor]:
+    """Train to CHECKPOINT_AT, take FSDP1's sharded model and optimizer state dicts
+    (FSDP1.optim_state_dict: each state tensor unflattened per original parameter, as
+    Lightning's FSDPStrategy(state_dict_type="sharded") saves them), load both into a
+    fresh FSDP1 model and optimizer (FSDP1.optim_state_dict_to_load), and finish there.
+
+    Not the full (gathered) state dicts: on CPU, gloo, torch's own FSDP1 returns exp_avg
+    equal to exp_avg_sq for torch.optim.Adam as well (rank0_only=False), or crashes the
+    process (rank0_only=True), measured on torch 2.13."""
+    model = _fsdp1_model(cell, use_orig_params=True)
+    optimizer = cell.make_optimizer(model.parameters())
+    _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT))
+    settings = (
+        StateDictType.SHARDED_STATE_DICT,
+        ShardedStateDictConfig(),
+        ShardedOptimStateDictConfig(),
+    )
+    with FSDP1.state_dict_type(model, *settings):
+        model_state = model.state_dict()
+        optimizer_state = FSDP1.optim_state_dict(model, optimizer)
+    del model, optimizer
+
+    resumed = _fsdp1_model(cell, use_orig_params=True)
+    resumed_optimizer = cell.make_optimizer(resumed.parameters())
+    with FSDP1.state_dict_type(resumed, *settings):
+        resumed.load_state_dict(model_state)
+        loadable = FSDP1.optim_state_dict_to_load(resumed, resumed_optimizer, optimizer_state)
+    resumed_optimizer.load_state_dict(loadable)
+    _train(resumed, resumed_optimizer, cell.dtype, True, range(CHECKPOINT_AT, STEPS))
+    return _fsdp1_full(resumed)
+
+
 def dtensor(cell: Cell, placement: Any) -> list[torch.Tensor]:
     """DTensor parameters and gradients without FSDP, stepped with known gradients."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -198,6 +269,9 @@ CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
     "fsdp2_bf16_compute": lambda cell: fsdp2(cell, mixed_precision=True),
     "fsdp2_dcp": fsdp2_checkpoint,
     "fsdp2_release": fsdp2_release,
+    "fsdp1": lambda cell: fsdp1(cell, use_orig_params=False),
+    "fsdp1_orig_params": lambda cell: fsdp1(cell, use_orig_params=True),
+    "fsdp1_checkpoint": fsdp1_checkpoint,
     "dtensor_shard": lambda cell: dtensor(cell, Shard(0)),
     "dtensor_replicate": lambda cell: dtensor(cell, Replicate()),
     "tensor_parallel": tensor_parallel,

@@ -401,6 +401,39 @@ def test_small_complex_and_integer_parameters_keep_full_precision_state() -> Non
         assert optimizer.state[p]["exp_avg"].dtype == p.dtype
 
 
+@pytest.mark.parametrize("use_orig_params", [False, True], ids=["flat", "orig-params"])
+def test_fsdp1_parameters_keep_full_precision_state_and_say_so(use_orig_params: bool) -> None:
+    """FSDP1's optimizer state dict reshapes every state tensor like its parameter, which
+    8-bit scales are not (it crashed saving, as it does for bitsandbytes' and torchao's
+    8-bit state): its parameters keep full state, with a warning, and FSDP1 saves and
+    loads it (the 2-rank configuration matrix trains and resumes every cell)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    from torch.distributed.fsdp import (
+        ShardedOptimStateDictConfig,
+        ShardedStateDictConfig,
+        StateDictType,
+    )
+
+    from tests.processes import gloo_group
+
+    with gloo_group():
+        model = FSDP1(
+            nn.Linear(128, 64), device_id=torch.device("cpu"), use_orig_params=use_orig_params
+        )
+        params = list(model.parameters())
+        assert all(q.quantizable(p) == q.FSDP1_FULL_PRECISION for p in params)
+        optimizer = core.AdamW(params, lr=1e-3, state_precision="8bit")
+        model(torch.randn(4, 128)).square().sum().backward()
+        with pytest.warns(RuntimeWarning, match="keeps full-precision state for an FSDP1"):
+            optimizer.step()
+        assert all(set(optimizer.state[p]) >= {"exp_avg", "exp_avg_sq"} for p in params)
+        settings = (StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig())
+        with FSDP1.state_dict_type(model, *settings, ShardedOptimStateDictConfig()):
+            saved = FSDP1.optim_state_dict(model, optimizer)
+            loadable = FSDP1.optim_state_dict_to_load(model, optimizer, saved)
+        optimizer.load_state_dict(loadable)
+
+
 @pytest.mark.parametrize("cls", [core.AdamW, core.ADOPT], ids=["AdamW", "ADOPT"])
 def test_float64_parameters_keep_full_float64_state_and_step_as_full_precision(
     cls: type[core.AdamFamilyOptimizer],
