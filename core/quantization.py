@@ -182,10 +182,12 @@ def nearest_magnitude_codes(normalized: Tensor, spec: CodeMap) -> Tensor:
 
 
 def block_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    """(rows, elements per row) of the layout for a parameter of this shape."""
-    numel = math.prod(shape)
-    rows = shape[0] if len(shape) >= 2 else 1
-    return rows, (numel // rows if rows else 0)
+    """(rows, elements per row) of the layout for a parameter of this shape. A row's
+    length does not depend on how many rows there are: a rank's FSDP2 shard with no rows
+    of a (4, 1100) weight has scales of shape (0, 5), as its DTensor's other shards."""
+    if len(shape) >= 2:
+        return shape[0], math.prod(shape[1:])
+    return 1, math.prod(shape)
 
 
 def absmax_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:

@@ -76,11 +76,16 @@ def free_port() -> int:
 
 def two_rank_command(script: str, *args: str) -> list[str]:
     """torch.distributed.run of a repository script on 2 local processes."""
+    return ranks_command(2, script, *args)
+
+
+def ranks_command(ranks: int, script: str, *args: str) -> list[str]:
+    """torch.distributed.run of a repository script on `ranks` local processes."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc-per-node=2",
+        f"--nproc-per-node={ranks}",
         f"--master-port={free_port()}",
         str(ROOT / script),
         *args,

@@ -1,0 +1,135 @@
+"""Worker for test_resharding.py: 8-bit state saved by torch.distributed.checkpoint under
+FSDP2 on one number of ranks and loaded on another.
+
+Usage: torchrun --nproc-per-node=N resharding_worker.py save|load DIRECTORY
+
+save trains each cell CHECKPOINT_AT steps on N ranks, saves model and optimizer with DCP
+under DIRECTORY/<cell> and, from rank 0, every state tensor in full precision (the 8-bit
+moments dequantized, gathered from the shards) to DIRECTORY/<cell>/expected.pt. load
+builds a fresh sharded model and optimizer on its N ranks, loads the checkpoint, writes
+whether each state tensor, gathered, equals the saved one to DIRECTORY/<cell>/loaded-N.pt,
+and takes one more step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from core.quantization import moment_keys, stored_moment
+from tests.core.configuration_cases import (
+    CHECKPOINT_AT,
+    FSDP2_SUMS_OVER_GLOO,
+    GLOBAL_BATCHES,
+    Cell,
+    average_fsdp2_gradients,
+    warmup,
+)
+
+CELLS = {
+    "AdamW-fp32": Cell("AdamW", "default", "fp32-8bit"),  # AMSGrad: v_max 8-bit too
+    "ADOPT-bf16": Cell("ADOPT", "default", "bf16-8bit"),  # 8-bit m, full v, Kahan
+}
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _sharded(cell: Cell) -> nn.Module:
+    model = cell.make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    if FSDP2_SUMS_OVER_GLOO:
+        average_fsdp2_gradients(model)
+    return model
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def _state_in_full(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every state tensor of every parameter, gathered; 8-bit moments as their codes,
+    their scales and their dequantized values."""
+    result = {}
+    for name, param in model.named_parameters():
+        state = optimizer.state[param]
+        for key in sorted(state):  # one order on every rank: each gather is a collective
+            if isinstance(state[key], torch.Tensor):
+                result[(name, key)] = _full(state[key])
+        for moment in MOMENTS:
+            if moment_keys(moment)[0] in state:
+                result[(name, f"{moment} dequantized")] = _full(stored_moment(state, moment, param))
+    return result
+
+
+def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, cell: Cell, steps: range) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for index in steps:
+        x, y = GLOBAL_BATCHES[index]
+        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        warmup(optimizer, index)
+        nn.functional.mse_loss(model(x[share].to(cell.dtype)).float(), y[share]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def save(directory: Path) -> None:
+    for name, cell in CELLS.items():
+        model = _sharded(cell)
+        optimizer = cell.make_optimizer(model.parameters())
+        _train(model, optimizer, cell, range(CHECKPOINT_AT))
+        dcp.save(_checkpoint(model, optimizer), checkpoint_id=directory / name)
+        expected = _state_in_full(model, optimizer)
+        if dist.get_rank() == 0:
+            torch.save(expected, directory / name / "expected.pt")
+
+
+def load(directory: Path) -> None:
+    for name, cell in CELLS.items():
+        model = _sharded(cell)
+        optimizer = cell.make_optimizer(model.parameters())
+        state = _checkpoint(model, optimizer)
+        dcp.load(state, checkpoint_id=directory / name)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        loaded = _state_in_full(model, optimizer)
+        expected = torch.load(directory / name / "expected.pt")
+        same = {
+            key: key in loaded and torch.equal(loaded[key], want) for key, want in expected.items()
+        }
+        _train(model, optimizer, cell, range(CHECKPOINT_AT, CHECKPOINT_AT + 1))
+        if dist.get_rank() == 0:
+            torch.save(same, directory / name / f"loaded-{dist.get_world_size()}.pt")
+
+
+def main(mode: str, directory: str) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    {"save": save, "load": load}[mode](Path(directory))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,33 @@
+"""8-bit state saved with torch.distributed.checkpoint under FSDP2 on 2 ranks resumes on 1
+and on 3 (a job restarted on another number of GPUs): every state tensor, gathered, is
+the saved one (codes, scales, dequantized moments, Kahan compensation, step), and the
+next step runs. On 3 ranks one rank's shard of the (4, 1100) weight has no rows; its
+scales once had shape (0, 0) instead of (0, 5), and gathering them hung."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.core.resharding_worker import CELLS
+from tests.processes import ranks_command, run_worker
+
+WORKER = "tests/core/resharding_worker.py"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("resharding")
+    run_worker(ranks_command(2, WORKER, "save", str(directory)), timeout=300)
+    return directory
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_8bit_fsdp2_checkpoint_resumes_on_another_number_of_ranks(saved: Path, ranks: int) -> None:
+    run_worker(ranks_command(ranks, WORKER, "load", str(saved)), timeout=300)
+    for name in CELLS:
+        same = torch.load(saved / name / f"loaded-{ranks}.pt")
+        assert any(key.endswith("_codes") for _, key in same), "the cell has 8-bit state"
+        assert all(same.values()), [key for key, equal in same.items() if not equal]
