@@ -232,8 +232,8 @@ def quantize(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     codes = nearest_magnitude_codes(normalized, code_map(signed))
     if signed:
         codes = torch.where((blocked < 0) & (codes > 0), codes | 0x80, codes)
-    rows, row_length = block_shape(values.shape)
-    codes = codes.reshape(rows, -1)[:, :row_length].to(torch.uint8)
+    row_length = block_shape(values.shape)[1]
+    codes = codes.flatten(1)[:, :row_length].to(torch.uint8)  # (rows, blocks * width)
     return codes.reshape(values.shape), absmax
 
 

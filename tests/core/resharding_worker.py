@@ -6,15 +6,17 @@ Usage: torchrun --nproc-per-node=N resharding_worker.py save|load DIRECTORY
 save trains each cell CHECKPOINT_AT steps on N ranks, saves model and optimizer with DCP
 under DIRECTORY/<cell> and, from rank 0, every state tensor in full precision (the 8-bit
 moments dequantized, gathered from the shards) to DIRECTORY/<cell>/expected.pt. load
-builds a fresh sharded model and optimizer on its N ranks, loads the checkpoint, writes
-whether each state tensor, gathered, equals the saved one to DIRECTORY/<cell>/loaded-N.pt,
-and takes one more step.
+builds a fresh sharded model and optimizer on its N ranks for each backend setting
+(default flags, fused, foreach, loop), loads the checkpoint, and takes one more step; it
+writes whether each state tensor, gathered, equals the saved one (default flags) and each
+backend's parameters after that step to DIRECTORY/<cell>/loaded-N.pt.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from core.quantization import moment_keys, stored_moment
 from tests.core.configuration_cases import (
+    BACKENDS,
     CHECKPOINT_AT,
     FSDP2_SUMS_OVER_GLOO,
     GLOBAL_BATCHES,
@@ -107,20 +110,25 @@ def save(directory: Path) -> None:
 
 def load(directory: Path) -> None:
     for name, cell in CELLS.items():
-        model = _sharded(cell)
-        optimizer = cell.make_optimizer(model.parameters())
-        state = _checkpoint(model, optimizer)
-        dcp.load(state, checkpoint_id=directory / name)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        loaded = _state_in_full(model, optimizer)
-        expected = torch.load(directory / name / "expected.pt")
-        same = {
-            key: key in loaded and torch.equal(loaded[key], want) for key, want in expected.items()
-        }
-        _train(model, optimizer, cell, range(CHECKPOINT_AT, CHECKPOINT_AT + 1))
+        outcome: dict[str, Any] = {"stepped": {}}
+        for backend, flags in BACKENDS.items():
+            model = _sharded(cell)
+            optimizer = cell.make_optimizer(model.parameters(), **flags)
+            state = _checkpoint(model, optimizer)
+            dcp.load(state, checkpoint_id=directory / name)
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+            if backend == "default":
+                loaded = _state_in_full(model, optimizer)
+                expected = torch.load(directory / name / "expected.pt")
+                outcome["same"] = {
+                    key: key in loaded and torch.equal(loaded[key], want)
+                    for key, want in expected.items()
+                }
+            _train(model, optimizer, cell, range(CHECKPOINT_AT, CHECKPOINT_AT + 1))
+            outcome["stepped"][backend] = [_full(p).float() for p in model.parameters()]
         if dist.get_rank() == 0:
-            torch.save(same, directory / name / f"loaded-{dist.get_world_size()}.pt")
+            torch.save(outcome, directory / name / f"loaded-{dist.get_world_size()}.pt")
 
 
 def main(mode: str, directory: str) -> None:

@@ -387,6 +387,18 @@ def test_an_unknown_state_precision_is_refused_by_name_before_any_change(value: 
     assert "exp_avg" in optimizer.state[model.hidden.weight]
 
 
+@pytest.mark.parametrize("shape", [(0, 1100), (0,), (3, 0)], ids=str)
+def test_empty_shards_quantize_to_empty_codes_and_scales_of_their_rows(shape: tuple) -> None:
+    """An FSDP2 shard can hold no rows of a quantized weight (a (4, 1100) weight on 3
+    ranks): its codes are empty, its scales have the rows' blocks (0, 5), as the
+    DTensor's other shards do, and the reference quantizer (foreach, loop) handles it."""
+    codes, absmax = q.quantize(torch.randn(shape), signed=True)
+    assert codes.shape == shape and codes.dtype == torch.uint8
+    assert absmax.shape == q.absmax_shape(shape)
+    assert q.dequantize(codes, absmax, signed=True).shape == shape
+    assert q.absmax_shape((0, 1100)) == (0, 5)
+
+
 def test_small_complex_and_integer_parameters_keep_full_precision_state() -> None:
     small = nn.Parameter(torch.randn(4095))
     complex_param = nn.Parameter(torch.randn(64, 64, dtype=torch.complex64))
