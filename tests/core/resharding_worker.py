@@ -28,36 +28,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from core.quantization import moment_keys, stored_moment
-from tests.core.configuration_cases import (
-    BACKENDS,
-    CHECKPOINT_AT,
-    FSDP2_SUMS_OVER_GLOO,
-    GLOBAL_BATCHES,
-    Cell,
-    average_fsdp2_gradients,
-    warmup,
-)
+from tests.core.configuration_cases import BACKENDS, CHECKPOINT_AT, Cell
+from tests.core.configuration_worker import _sharded_model, _train
 
 CELLS = {
     "AdamW-fp32": Cell("AdamW", "default", "fp32-8bit"),  # AMSGrad: v_max 8-bit too
     "ADOPT-bf16": Cell("ADOPT", "default", "bf16-8bit"),  # 8-bit m, full v, Kahan
 }
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _sharded(cell: Cell) -> nn.Module:
-    model = cell.make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    if FSDP2_SUMS_OVER_GLOO:
-        average_fsdp2_gradients(model)
-    return model
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -86,22 +67,11 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     }
 
 
-def _train(model: nn.Module, optimizer: torch.optim.Optimizer, cell: Cell, steps: range) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    for index in steps:
-        x, y = GLOBAL_BATCHES[index]
-        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        warmup(optimizer, index)
-        nn.functional.mse_loss(model(x[share].to(cell.dtype)).float(), y[share]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 def save(directory: Path) -> None:
     for name, cell in CELLS.items():
-        model = _sharded(cell)
+        model = _sharded_model(cell, mixed_precision=False)
         optimizer = cell.make_optimizer(model.parameters())
-        _train(model, optimizer, cell, range(CHECKPOINT_AT))
+        _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT))
         dcp.save(_checkpoint(model, optimizer), checkpoint_id=directory / name)
         expected = _state_in_full(model, optimizer)
         if dist.get_rank() == 0:
@@ -112,7 +82,7 @@ def load(directory: Path) -> None:
     for name, cell in CELLS.items():
         outcome: dict[str, Any] = {"stepped": {}}
         for backend, flags in BACKENDS.items():
-            model = _sharded(cell)
+            model = _sharded_model(cell, mixed_precision=False)
             optimizer = cell.make_optimizer(model.parameters(), **flags)
             state = _checkpoint(model, optimizer)
             dcp.load(state, checkpoint_id=directory / name)
@@ -125,7 +95,7 @@ def load(directory: Path) -> None:
                     key: key in loaded and torch.equal(loaded[key], want)
                     for key, want in expected.items()
                 }
-            _train(model, optimizer, cell, range(CHECKPOINT_AT, CHECKPOINT_AT + 1))
+            _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT, CHECKPOINT_AT + 1))
             outcome["stepped"][backend] = [_full(p).float() for p in model.parameters()]
         if dist.get_rank() == 0:
             torch.save(outcome, directory / name / f"loaded-{dist.get_world_size()}.pt")
