@@ -3,7 +3,8 @@
 `DecoupledAdamW` replaces `composer.optim.DecoupledAdamW` (same arguments, decay, state
 and metric names, on adamkit's core); `DecoupledRAdam`, `DecoupledNAdam` and
 `DecoupledADOPT` follow the same conventions. `GradientRelease` steps parameters inside
-backward; `recipes.build_optimizer` builds any of them from a YAML or dict recipe.
+backward; `build_optimizer` builds any of them from a YAML or dict recipe (llm-foundry's
+format), `build_scheduler` a Composer scheduler from the same recipe.
 """
 
 from composer_adam.gradient_release import GradientRelease
@@ -14,6 +15,7 @@ from composer_adam.optimizers import (
     DecoupledNAdam,
     DecoupledRAdam,
 )
+from composer_adam.recipes import build_optimizer, build_scheduler, load_recipe
 
 __all__ = [
     "ComposerConventions",
@@ -22,4 +24,7 @@ __all__ = [
     "DecoupledNAdam",
     "DecoupledRAdam",
     "GradientRelease",
+    "build_optimizer",
+    "build_scheduler",
+    "load_recipe",
 ]

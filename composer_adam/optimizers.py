@@ -79,7 +79,8 @@ class ComposerConventions:
 
     def _common_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         """Core's keyword arguments with the decay relative to initial_lr; an initial_lr of
-        0 means lr itself (full weight_decay per step), as in Composer."""
+        0 means lr itself (full weight_decay per step), as in Composer, except at lr 0,
+        where core changes nothing (Composer still decays: see the README)."""
         initial_lr = group.setdefault("initial_lr", group["lr"])
         kwargs = super()._common_kwargs(group)  # type: ignore[misc]
         kwargs["max_lr"] = float(initial_lr) if initial_lr else None

@@ -245,4 +245,17 @@ def build_scheduler(config: Mapping[str, Any] | str | os.PathLike[str]) -> Any:
     recipe = _section(config, "scheduler")
     cls = getattr(composer.optim, _lookup("scheduler", recipe.pop("name", None), SCHEDULERS))
     _check_keys(recipe, _argument_names(cls), f"{cls.__name__} recipe")
+    required = [
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name != "self"
+        and parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+    missing = [name for name in required if name not in recipe]
+    if missing:
+        raise ValueError(
+            f"Invalid {cls.__name__} recipe: missing key(s) {missing}. "
+            f"Required: {', '.join(required)}."
+        )
     return cls(**recipe)

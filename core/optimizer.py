@@ -1393,8 +1393,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             group.update(flags)
             group.pop(CODE_FORMAT_KEY, None)  # a property of the saved codes, checked above
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, param in zip(saved_ids, params, strict=True):
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for saved_id, (param, group) in zip(saved_ids, params, strict=True):
             saved_state = state_dict["state"].get(saved_id)
             if not saved_state:
                 continue
@@ -1414,6 +1414,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                             .detach()
                             .to(device=state[name].device, dtype=dtype, copy=True)
                         )
+            # Converted now, not at the next step: a state_dict() taken right after loading
+            # holds what this optimizer keeps (an 8-bit checkpoint loaded with "full"
+            # saves exp_avg/exp_avg_sq, which torch.optim reads).
+            self._prepared_state(param, group)
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""

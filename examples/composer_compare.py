@@ -135,7 +135,7 @@ def run_child(name: str, result_path: Path, budget: dict[str, int]) -> None:
     from char_lm import train_val_split
     from composer_train import CharLanguageModel, build_callbacks
 
-    from composer_adam.recipes import build_optimizer, build_scheduler, load_recipe
+    from composer_adam import build_optimizer, build_scheduler, load_recipe
 
     recipe = load_recipe(RECIPE)
     overrides = CONTENDERS[name]

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 import composer_adam
-from composer_adam.recipes import build_optimizer, build_scheduler, load_recipe
+from composer_adam import build_optimizer, build_scheduler, load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # char_lm.py sits beside this file
 from char_lm import VOCAB, CharTransformer, next_token_loss, train_val_split

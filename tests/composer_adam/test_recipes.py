@@ -60,7 +60,7 @@ def test_no_decay_is_the_rule_lightning_and_core_use() -> None:
 
 def test_default_recipe_exempts_biases_norms_and_embeddings_from_decay() -> None:
     model = Block()
-    optimizer = recipes.build_optimizer({"name": "adamkit_decoupled_adamw", "lr": 0.1}, model)
+    optimizer = composer_adam.build_optimizer({"name": "adamkit_decoupled_adamw", "lr": 0.1}, model)
     assert type(optimizer) is composer_adam.DecoupledAdamW
     assert _groups(optimizer, model) == [
         (["head.weight", "proj.weight"], {"lr": 0.1, "weight_decay": 1e-5}),
@@ -84,7 +84,7 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
         ],
         "no_decay": False,
     }
-    optimizer = recipes.build_optimizer(config, model)
+    optimizer = composer_adam.build_optimizer(config, model)
     assert type(optimizer) is composer_adam.DecoupledRAdam
     assert _groups(optimizer, model) == [
         (["norm.bias", "norm.weight"], {"lr": 0.1, "weight_decay": 1e-4}),
@@ -150,7 +150,7 @@ def test_bad_recipes_name_the_key_and_what_is_allowed_before_any_change(
 ) -> None:
     model = Block()
     with pytest.raises(ValueError, match=re.escape(message)):
-        recipes.build_optimizer(config, model)
+        composer_adam.build_optimizer(config, model)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -165,7 +165,7 @@ def test_yaml_recipe_reads_exponents_as_numbers_and_refuses_unknown_arguments(
         "  momentum_decay: 4.0e-3\n  param_groups:\n    - param_str_match: head\n"
         "      lr: .5e+2\n"
     )
-    optimizer = recipes.build_optimizer(path, Block())
+    optimizer = composer_adam.build_optimizer(path, Block())
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
         (6e-4, 1e-5),
         (6e-4, 0.0),
@@ -180,14 +180,14 @@ def test_yaml_recipe_reads_exponents_as_numbers_and_refuses_unknown_arguments(
             "param_groups, disable_grad, no_decay, lr, betas, eps, weight_decay, momentum_decay,"
         ),
     ):
-        recipes.build_optimizer(path, Block())
+        composer_adam.build_optimizer(path, Block())
 
 
 @pytest.mark.bad_input
 def test_scheduler_recipe_and_its_errors() -> None:
     from composer.optim import CosineAnnealingWithWarmupScheduler
 
-    scheduler = recipes.build_scheduler(
+    scheduler = composer_adam.build_scheduler(
         {"scheduler": {"name": "cosine_with_warmup", "t_warmup": "5ba"}}
     )
     assert isinstance(scheduler, CosineAnnealingWithWarmupScheduler)
@@ -195,9 +195,17 @@ def test_scheduler_recipe_and_its_errors() -> None:
         ValueError,
         match=re.escape("Invalid scheduler name: 'cosine_warmup'. Allowed: cosine_with_warmup,"),
     ):
-        recipes.build_scheduler({"name": "cosine_warmup"})
+        composer_adam.build_scheduler({"name": "cosine_warmup"})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['warmup'\]"):
-        recipes.build_scheduler({"name": "cosine_with_warmup", "warmup": "5ba"})
+        composer_adam.build_scheduler({"name": "cosine_with_warmup", "warmup": "5ba"})
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Invalid CosineAnnealingWithWarmupScheduler recipe: missing key(s) ['t_warmup']. "
+            "Required: t_warmup."
+        ),
+    ):
+        composer_adam.build_scheduler({"name": "cosine_with_warmup", "alpha_f": 0.1})
 
 
 def test_llmfoundry_entry_points_register_the_classes() -> None:
@@ -210,9 +218,9 @@ def test_llmfoundry_entry_points_register_the_classes() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_builds(path: Path) -> None:
-    optimizer = recipes.build_optimizer(path, _example().CharLanguageModel(64, 16, 2, 1))
+    optimizer = composer_adam.build_optimizer(path, _example().CharLanguageModel(64, 16, 2, 1))
     assert isinstance(optimizer, tuple(recipes.OPTIMIZERS.values()))
-    recipes.build_scheduler(path)
+    composer_adam.build_scheduler(path)
 
 
 def _example():
@@ -230,11 +238,11 @@ def test_example_trains_from_the_recipe(backend: str, tmp_path: Path) -> None:
     fused/foreach keys."""
     path, example = RECIPES[0], _example()
     if BACKENDS[backend]:
-        recipe = recipes.load_recipe(path)
+        recipe = composer_adam.load_recipe(path)
         recipe["optimizer"].update(BACKENDS[backend])
         path = tmp_path / path.name
         path.write_text(yaml.safe_dump(recipe))
-        built = recipes.build_optimizer(path, example.CharLanguageModel(64, 16, 2, 1))
+        built = composer_adam.build_optimizer(path, example.CharLanguageModel(64, 16, 2, 1))
         for group in built.param_groups:
             assert {key: group[key] for key in BACKENDS[backend]} == BACKENDS[backend]
     result = example.train(str(path), max_duration="12ba")
@@ -245,7 +253,7 @@ def test_example_trains_from_the_recipe(backend: str, tmp_path: Path) -> None:
 def test_state_precision_comes_from_the_recipe() -> None:
     path = ROOT / "configs" / "composer" / "char_lm_decoupled_adamw_8bit.yaml"
     model = _example().CharLanguageModel(64, 16, 2, 1)
-    optimizer = recipes.build_optimizer(path, model)
+    optimizer = composer_adam.build_optimizer(path, model)
     assert {g["state_precision"] for g in optimizer.param_groups} == {"8bit"}
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -253,6 +261,6 @@ def test_state_precision_comes_from_the_recipe() -> None:
     quantized = [p for p in model.parameters() if "exp_avg_codes" in optimizer.state[p]]
     assert quantized and all(p.numel() >= 4096 for p in quantized)
     with pytest.raises(ValueError, match=r"Invalid state_precision: '4bit'"):
-        recipes.build_optimizer(
+        composer_adam.build_optimizer(
             {"name": "adamkit_decoupled_adamw", "state_precision": "4bit"}, model
         )

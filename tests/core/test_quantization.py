@@ -316,20 +316,32 @@ def test_8bit_checkpoints_resume_exactly_and_load_into_full_precision_by_dequant
     expected_m = q.dequantize(
         saved["state"][0]["exp_avg_codes"], saved["state"][0]["exp_avg_absmax"], signed=True
     )
-    assert resumed_optimizer.state[weight]["exp_avg_absmax"].dtype == torch.float32
+    if resume_precision == "8bit":
+        assert resumed_optimizer.state[weight]["exp_avg_absmax"].dtype == torch.float32
     assert torch.equal(
         q.stored_moment(resumed_optimizer.state[weight], "exp_avg", weight), expected_m
     )
+    if resume_precision == "full":
+        # converted on load, so what it saves next is full precision, which torch reads
+        state = resumed_optimizer.state[weight]
+        assert "exp_avg_codes" not in state and state["exp_avg"].dtype == torch.float32
+        converted = copy.deepcopy(resumed_optimizer.state_dict())
+        assert not [k for s in converted["state"].values() for k in s if k.endswith("_codes")]
+        in_torch = Regression()
+        in_torch.load_state_dict(saved_model)
+        torch_optimizer = torch.optim.AdamW(in_torch.parameters())
+        torch_optimizer.load_state_dict(converted)
+        fit(in_torch, torch_optimizer, data, start=6)
     fit(resumed, resumed_optimizer, data, start=6)
     if resume_precision == "8bit":
         for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
             assert torch.equal(a, b)
     else:
         # the moments continue from their dequantized values, in full precision
-        state = resumed_optimizer.state[weight]
-        assert "exp_avg_codes" not in state and state["exp_avg"].dtype == torch.float32
-        for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        together = zip(model.parameters(), resumed.parameters(), in_torch.parameters(), strict=True)
+        for a, b, c in together:
             torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+            torch.testing.assert_close(c, b, atol=1e-6, rtol=1e-5)
 
 
 def test_full_precision_checkpoints_load_into_8bit_by_quantizing() -> None:
@@ -348,8 +360,12 @@ def test_full_precision_checkpoints_load_into_8bit_by_quantizing() -> None:
     torch_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
     fit(model, torch_optimizer, data[:2])
     quantized.load_state_dict(torch_optimizer.state_dict())
-    codes, _ = q.quantize(torch_optimizer.state[weight]["exp_avg"], signed=True)
-    assert torch.equal(quantized.state[weight]["exp_avg"], torch_optimizer.state[weight]["exp_avg"])
+    # quantized on load: the next state_dict() already holds 8-bit moments
+    codes, absmax = q.quantize(torch_optimizer.state[weight]["exp_avg"], signed=True)
+    assert "exp_avg" not in quantized.state[weight]
+    assert torch.equal(quantized.state[weight]["exp_avg_codes"], codes)
+    assert torch.equal(quantized.state[weight]["exp_avg_absmax"], absmax)
+    assert "exp_avg_codes" in quantized.state_dict()["state"][0]
     fit(model, quantized, data[2:3])
     assert "exp_avg" not in quantized.state[weight]
     assert quantized.state[weight]["exp_avg_codes"].shape == codes.shape
