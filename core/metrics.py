@@ -4,9 +4,12 @@ Per parameter: the l2 norms of the first moment, the parameter, the update and t
 gradient, under Composer's names (`l2_norm/moment/<name>`, `l2_norm/param/<name>`,
 `l2_norm/update/<name>`, `l2_norm/grad/<name>`), so dashboards built for Composer's
 OptimizerMonitor keep working. The update is the change the optimizer's own rule makes
-to θ from its current state, at the group's current hyperparameters (for the Trainer
-that is the lr after the scheduler's step, as in Composer): decay and step included,
-with the signs they are applied with.
+to θ from its current state, at the group's current hyperparameters (for Composer's
+Trainer that is the lr after the scheduler's step, as Composer's own metric takes it) or
+at the lr the step was taken with where the caller passes it (Lightning's
+OptimizerMonitor): decay and step included, with the signs they are applied with. An
+update that reads the gradient itself (NAdam's) is left out once the gradient is gone
+(zeroed, or freed by gradient release) rather than logged without its gradient term.
 
 It is never re-derived here. The algorithm supplies the coefficients of its last step
 (`AdamFamilyOptimizer.last_step_coefficients`), and the reference backend applies them,
@@ -65,16 +68,20 @@ def _exact_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def parameter_update(optimizer: AdamFamilyOptimizer, param: Tensor) -> Tensor | None:
-    """The update θ_new − θ_old the optimizer's state implies for param, or None before
-    its first step. Computed in float64 on copies; the optimizer is not changed.
+def parameter_update(
+    optimizer: AdamFamilyOptimizer, param: Tensor, lr: float | None = None
+) -> Tensor | None:
+    """The update θ_new − θ_old the optimizer's state implies for param (at its group's
+    lr, or at `lr`), or None before its first step, or where the rule reads the gradient
+    itself (NAdam's Nesterov term) and p.grad is gone. Computed in float64 on copies;
+    the optimizer is not changed.
 
-    The current gradient enters only where the rule uses it directly (NAdam's Nesterov
-    term); without p.grad (zeroed, or freed by gradient release) that term is left out,
-    and with L2 decay its λθ is taken at the new θ, the old one being gone. Likewise
+    With L2 decay the λθ is taken at the new θ, the old one being gone; likewise
     decoupled decay shrinks the current θ: off by (1 − decay factor) of the decay term.
     """
-    coefficients = optimizer.last_step_coefficients(param)
+    if param.grad is None and optimizer.update_reads_gradient:
+        return None
+    coefficients = optimizer.last_step_coefficients(param, lr)
     if coefficients is None:
         return None
     state = optimizer.state[param]
@@ -108,21 +115,25 @@ def parameter_metrics(
     param: Tensor,
     name: str,
     metrics: Metrics | None = None,
+    lr: float | None = None,
 ) -> Metrics:
-    """Add param's four norms to metrics (a new dict when None) and return it.
+    """Add param's four norms to metrics (a new dict when None) and return it; `lr`: the
+    lr its step was taken with, where the group's has moved since (see the module).
 
     A parameter without optimizer state yet contributes nothing, as in Composer; the
-    gradient norm is added only while param.grad exists.
+    gradient norm is added only while param.grad exists, and so is the update norm of an
+    update that reads the gradient (NAdam's).
     """
     metrics = {} if metrics is None else metrics
-    update = parameter_update(optimizer, param)
-    if update is None:
+    if optimizer.last_step_coefficients(param) is None:
         return metrics
+    update = parameter_update(optimizer, param, lr)
     metrics[f"{MOMENT}/{name}"] = _norm(stored_moment(optimizer.state[param], "exp_avg", param))
     metrics[f"{PARAM}/{name}"] = _norm(param.detach())
-    metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(update).to(
-        torch.promote_types(param.dtype, torch.float32)
-    )
+    if update is not None:
+        metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(update).to(
+            torch.promote_types(param.dtype, torch.float32)
+        )
     if param.grad is not None:
         metrics[f"{GRAD}/{name}"] = _norm(param.grad)
     return metrics

@@ -102,7 +102,7 @@ def nadam(
         foreach=foreach,
         fused=fused,
     )
-    for (step, _), indices in partition_by_host_scalars(state_steps, mu_products):
+    for (step, mu_before), indices in partition_by_host_scalars(state_steps, mu_products):
         partition_mu_products = list(subset(mu_products, indices))
         # Π is kept in float32, as torch stores it, so trajectories match torch's.
         momentum = nadam_momentum(step + 1, beta1, momentum_decay)
@@ -118,7 +118,15 @@ def nadam(
             l2_weight_decay=l2_weight_decay,
             param_decay=param_decay,
         )
-        call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
+        try:
+            call_backend(
+                backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients
+            )
+        except BaseException:
+            # A refused step leaves Π as it was (the float32 value it came from is exact).
+            for mu_product in partition_mu_products:
+                mu_product.fill_(mu_before)
+            raise
     add_to_host_scalars(state_steps, 1.0)
 
 
@@ -154,6 +162,7 @@ class NAdam(AdamFamilyOptimizer):
     """
 
     supports_optimizer_accumulation = False
+    update_reads_gradient = True
 
     def __init__(
         self,

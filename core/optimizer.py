@@ -14,7 +14,7 @@ import operator
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, ClassVar, TypeAlias
@@ -49,6 +49,7 @@ from core.quantization import (
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 _grad_of, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
+_dtype_of, _shape_of, _device_of = map(operator.attrgetter, ("dtype", "shape", "device"))
 
 
 _IMMUTABLE_TYPES = frozenset({float, int, bool, str, type(None)})
@@ -63,10 +64,14 @@ def _immutable(value: object) -> bool:
 
 
 def _with_gradients(
-    params: Sequence[Tensor], released: set[Tensor]
+    params: Sequence[Tensor], released: set[Tensor], state: Mapping[Tensor, Any]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters a full step updates and their gradients: those with a gradient, less
-    any already stepped by gradient release. Each gradient is read once (~55 ns apiece)."""
+    any already stepped by gradient release. Each gradient is read once (~55 ns apiece).
+
+    A released parameter without state was never stepped by its hook: its gradient was
+    set by hand, as torch.distributed.checkpoint does (a zero gradient and a step at lr 0)
+    to create the state a checkpoint then loads into, so the full step takes it."""
     grads = list(map(_grad_of, params))
     if any(map(operator.is_, grads, repeat(None))):
         pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
@@ -74,7 +79,7 @@ def _with_gradients(
     else:
         params = list(params)
     if released:  # a set lookup hashes in Python: skip it when nothing is released
-        kept = [i for i, p in enumerate(params) if p not in released]
+        kept = [i for i, p in enumerate(params) if p not in released or not state.get(p)]
         params, grads = [params[i] for i in kept], [grads[i] for i in kept]
     return params, grads  # type: ignore[return-value]
 
@@ -105,7 +110,7 @@ class StepMemo(CheckedStep):
     they depend on: the same parameters, and the same state dicts (StateTable.writes) each
     holding the same tensors, every one of them with the same address, element count,
     block rows, dtype and contiguity; unchanged flags; gradients that are plain, dense,
-    contiguous and of their parameter's dtype and element count. Anything else takes the
+    contiguous and of their parameter's dtype, shape and device. Anything else takes the
     full path, which checks everything as before and makes a new memo. Memos are made for
     groups rounded to nearest, with Kahan buffers or stochastically, on plain tensors, with
     either state precision; tensor subclasses and optimizer accumulation always take the
@@ -232,6 +237,8 @@ HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
 MOMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 """Moments every algorithm may keep, each a tensor or (state_precision='8bit') codes and
 scales (core.quantization)."""
+NON_NEGATIVE_MOMENTS = frozenset(MOMENT_STATE) - SIGNED_KEYS
+"""Averages of squares: a negative value is no state any step wrote."""
 
 EXECUTION_KEYS = ("foreach", "fused", "gradient_release", "state_precision")
 """Group keys that choose how a step runs and its state is stored, not what was learnt:
@@ -279,9 +286,22 @@ def require(ok: bool, name: str, value: object, allowed: str, where: str = "") -
 
 
 def _is_number(value: object) -> bool:
+    """A real number a step can read on the host: an int or float (not a bool, nor an int
+    beyond float's range), or a one-element real, non-bool tensor with data."""
     if isinstance(value, Tensor):
-        return value.numel() == 1 and not value.is_complex()
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (
+            value.numel() == 1
+            and not value.is_complex()
+            and value.dtype != torch.bool
+            and not value.is_meta
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def finite_at_least(value: object, low: float) -> bool:
@@ -609,6 +629,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     moment_family: ClassVar[str] = "Adam"
     """A key of MOMENT_FAMILIES: state dicts load only within a family."""
     supports_optimizer_accumulation: ClassVar[bool] = True
+    update_reads_gradient: ClassVar[bool] = False
+    """Whether the update uses the gradient itself besides the moments (NAdam's Nesterov
+    term): core.metrics cannot rebuild it once the gradient is gone."""
 
     optimizer_accumulation: bool = False
     """While True, steps fold micro-batch gradients into the moments without touching the
@@ -702,7 +725,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._check_fused_possible(group, f" in param group {len(self.param_groups) - 1}")
+            where = f" in param group {len(self.param_groups) - 1}"
+            _check_params(group["params"], where)
+            self._check_fused_possible(group, where)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -720,15 +745,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if type(self.state) is not StateTable:
             self.state = StateTable(dict, self.state)
         for group in self.param_groups:
-            for torch_key, own_key in self._torch_group_key_aliases.items():
-                if torch_key in group and own_key not in group:
-                    group[own_key] = bool(group[torch_key])
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            reference_lr = float(group.get("initial_lr", group["lr"]))
-            if group["max_lr"] is None and reference_lr > 0:
-                # A scheduler (torch or Composer) records the lr it started from.
-                group["max_lr"] = reference_lr
+            self._complete_group(group)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        """Give a group from torch.optim (or older adamkit) the keys this optimizer reads."""
+        for torch_key, own_key in self._torch_group_key_aliases.items():
+            if torch_key in group and own_key not in group:
+                group[own_key] = bool(group[torch_key])
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        reference_lr = group.get("initial_lr", group["lr"])
+        if group["max_lr"] is None and finite_at_least(reference_lr, 0.0) and reference_lr > 0:
+            # A scheduler (torch or Composer) records the lr it started from.
+            group["max_lr"] = float(reference_lr)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -941,9 +970,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """Run the algorithm's functional form on one group."""
 
     def last_step_coefficients(
-        self, param: Tensor
+        self, param: Tensor, lr: float | None = None
     ) -> AdamStepCoefficients | AdoptStepCoefficients | None:
-        """The scalars of the step param last took, at its group's current hyperparameters.
+        """The scalars of the step param last took, at its group's current hyperparameters
+        (or at `lr`, the one that step was taken with, where a scheduler has moved it since).
 
         Optimizer metrics (core.metrics) read the update from these, so the algorithm's
         math stays in its coefficient function. None before param's first step.
@@ -953,6 +983,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return None
         _, group = self._group_of(param)
         kwargs = self._common_kwargs(group)
+        if lr is not None:
+            kwargs["lr"] = lr
         l2_weight_decay, param_decay = weight_decay_terms(
             kwargs["lr"],
             kwargs["weight_decay"],
@@ -1011,12 +1043,41 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "optimizer accumulation supports Adam, AdamW and RAdam."
             )
 
-    def _check_gradient(self, param: Tensor, where: str) -> None:
-        if param.grad is not None and param.grad.is_sparse:
+    def _check_gradients(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], where: str
+    ) -> None:
+        """Refuse, before any parameter or state of any group changes, a gradient a backend
+        would fail on halfway or pair wrongly with its parameter: sparse, or not of its
+        parameter's shape, device and gradient dtype (autograd never makes one; `grad.data
+        = ...` can). Runs where a step cannot reuse its memo, whose checks cover the same."""
+        if any(map(_is_sparse, grads)):  # the message names the first
+            param = params[list(map(_is_sparse, grads)).index(True)]
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
                 f"{tuple(param.shape)}{where}); use torch.optim.SparseAdam for sparse "
                 "embeddings, or dense gradients (nn.Embedding(sparse=False))."
+            )
+        if (
+            all(map(operator.is_, map(_dtype_of, grads), map(_dtype_of, params)))
+            and list(map(_shape_of, grads)) == list(map(_shape_of, params))
+            and list(map(_device_of, grads)) == list(map(_device_of, params))
+        ):
+            return
+        for param, grad in zip(params, grads, strict=True):
+            # A parameter may take gradients of another dtype (Tensor.grad_dtype, torch 2.13).
+            grad_dtype = getattr(param, "grad_dtype", param.dtype)
+            if (grad.dtype in (param.dtype, grad_dtype) or grad_dtype is None) and (
+                grad.shape,
+                grad.device,
+            ) == (param.shape, param.device):
+                continue
+            index = next(i for i, member in enumerate(group["params"]) if member is param)
+            dtypes = "any dtype" if grad_dtype is None else f"{grad_dtype}"
+            raise ValueError(
+                f"Invalid grad of params[{index}]{where}: {grad.dtype} of shape "
+                f"{tuple(grad.shape)} on {grad.device}. Allowed: a gradient of the "
+                f"parameter's shape and device ({tuple(param.shape)}, {param.device}) and "
+                f"its grad dtype ({dtypes}), as autograd makes it."
             )
 
     def _group_of(self, param: Tensor) -> tuple[int, dict[str, Any]]:
@@ -1036,9 +1097,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._group_index_key = key
             found = self._group_index.get(param)
         if found is None:
+            what = (
+                f"a tensor of shape {tuple(param.shape)}"
+                if isinstance(param, Tensor)
+                else f"{param!r} (not a tensor)"
+            )
             raise ValueError(
-                f"Invalid param for {type(self).__name__}.step: a tensor of shape "
-                f"{tuple(param.shape)} that is in none of this optimizer's param groups."
+                f"Invalid param for {type(self).__name__}.step: {what} that is in none of this "
+                "optimizer's param groups. Allowed: one of its parameters, or None."
             )
         return found
 
@@ -1103,14 +1169,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_stepped_group(group, where)
-            params, grads = _with_gradients(group["params"], released)
+            params, grads = _with_gradients(group["params"], released, self.state)
             memo = self._checked_memo(memos.get(id(group)), group, params, grads)
             if memo is None:  # else all of this held when the memo was made
                 memos.pop(id(group), None)  # nor is it held any longer
                 self._check_fused_possible(group, where)
-                if any(map(_is_sparse, grads)):  # the message names the first
-                    for p in params:
-                        self._check_gradient(p, where)
+                self._check_gradients(group, params, grads, where)
             work.append((group, params, grads, memo))
         for group, params, grads, memo in work:
             if memo is not None:
@@ -1152,7 +1216,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._update_and_record(memo, passed, grad)
             return
         memos.pop(id(param), None)
-        self._check_gradient(param, where)
+        self._check_gradients(group, [param], [grad], where)
         self._update_and_memoize(memos, id(param), group, [param], [grad])
 
     def _update_and_memoize(
@@ -1457,6 +1521,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     f"Invalid maximize in param group {index} of the loaded state dict: True. "
                     f"Allowed: False ({name} only minimizes)."
                 )
+            loaded = {key: value for key, value in saved.items() if key != "params"}
+            loaded.update({key: group[key] for key in EXECUTION_KEYS if key in group})
+            self._complete_group(loaded)
+            self._validate_group(loaded, f" in param group {index} of the loaded state dict")
             params_by_id.update(zip(saved["params"], group["params"], strict=True))
             formats.update(dict.fromkeys(saved["params"], saved.get(CODE_FORMAT_KEY)))
         for saved_id, saved_state in state_dict["state"].items():
@@ -1486,6 +1554,38 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             _check_saved_values(name, saved_id, saved_state, param)
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard, any other tensor itself."""
+    dtensor = dtensor_type()
+    return tensor.to_local() if dtensor and isinstance(tensor, dtensor) else tensor
+
+
+def _shares_memory_within(tensor: Tensor) -> bool:
+    """Whether some elements of tensor are one memory location (an expand()ed tensor):
+    an in-place update of it writes each such location several times."""
+    return torch._debug_has_internal_overlap(_local(tensor)) == 1
+
+
+def _check_params(params: Sequence[Tensor], where: str) -> None:
+    """Refuse a parameter listed twice (it would be stepped twice per step) or whose
+    elements share memory (no in-place update can step it), before it is added."""
+    seen: set[int] = set()
+    for index, param in enumerate(params):
+        if id(param) in seen:
+            raise ValueError(
+                f"Invalid params[{index}]{where}: the same tensor as an earlier entry of the "
+                "group, so each step would update it twice. Allowed: each parameter once."
+            )
+        seen.add(id(param))
+        if _shares_memory_within(param):
+            raise ValueError(
+                f"Invalid params[{index}]{where}: shape {tuple(param.shape)} with strides "
+                f"{param.stride()}, so several elements are one memory location (an "
+                "expand()ed tensor) and no in-place update can step them. Allowed: a tensor "
+                "whose elements each have their own memory (.clone() it)."
+            )
+
+
 def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tensor) -> None:
     """Refuse state values a step could not read, or would read with the wrong meaning:
     step counters that are not one finite number >= 0, moments that are not tensors with
@@ -1501,14 +1601,20 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
     for key in HOST_SCALAR_STATE:
         value = saved_state.get(key)
         if key in saved_state and not finite_at_least(value, 0.0):
-            shown = (
-                f"{type(value).__name__} of shape {tuple(value.shape)}"
-                if isinstance(value, Tensor)
-                else repr(value)
-            )
+            shown = repr(value)
+            if isinstance(value, Tensor):
+                shown = f"{type(value).__name__} of shape {tuple(value.shape)}"
+                if value.numel() == 1 and not value.is_meta:
+                    shown += f" holding {value.item()!r}"
             refuse(key, f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)")
     for key in MOMENT_STATE:
         codes, absmax = moment_keys(key)
+        if key in saved_state and codes in saved_state:
+            refuse(
+                key,
+                f"comes with {codes!r} as well",
+                "a moment in one form: full precision or 8-bit codes and scales",
+            )
         if (codes in saved_state) != (absmax in saved_state):
             present, absent = (codes, absmax) if codes in saved_state else (absmax, codes)
             refuse(
@@ -1527,16 +1633,34 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
                 f"{tuple(value.shape)}, but a parameter of shape {tuple(param.shape)} "
                 f"needs {tuple(expected)}."
             )
+        if _shares_memory_within(value):
+            refuse(
+                key,
+                f"has strides {value.stride()}, so several elements are one memory location",
+                "a tensor whose elements each have their own memory",
+            )
         if key.endswith("_codes") and value.dtype != torch.uint8:
             refuse(key, f"has dtype {value.dtype}", "torch.uint8 (what state_dict() saves)")
         if key.endswith("_absmax"):
             if not value.is_floating_point():
                 refuse(key, f"has dtype {value.dtype}", "a floating dtype")
-            dtensor = dtensor_type()
-            local = value.to_local() if dtensor and isinstance(value, dtensor) else value
+            local = _local(value)
+            # NaN is a scale the format writes (a block that held a non-finite value)
+            wrong = (local < 0) | torch.isinf(local)
+            if bool(wrong.any()):
+                refuse(
+                    key,
+                    f"holds {float(local[wrong][0])}",
+                    "scales >= 0 and not infinite (a block's largest magnitude, NaN for a "
+                    "block that held a non-finite value)",
+                )
+        if key in NON_NEGATIVE_MOMENTS and value.is_floating_point():
+            local = _local(value)
             if bool((local < 0).any()):
                 refuse(
-                    key, f"holds {float(local.min())}", "scales >= 0 (a block's largest magnitude)"
+                    key,
+                    f"holds {float(local.min())}",
+                    "values >= 0 (an average of squared gradients)",
                 )
 
 

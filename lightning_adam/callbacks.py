@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import (
     DDPStrategy,
     FSDPStrategy,
@@ -39,7 +40,9 @@ class GradientRelease(L.Callback):
     - accumulate_grad_batches > 1 (one process): micro-batches are folded into the
       moments with core's optimizer accumulation (Adam, AdamW, RAdam; m exact, v with
       the micro-batches' variance, see the README); NAdam and ADOPT are refused (L2
-      decay is not: core adds it once per window).
+      decay is not: core adds it once per window). The window is read at every batch,
+      so a GradientAccumulationScheduler's changes are followed (and its largest window
+      is checked at fit start).
     - DDP: each bucket's parameters are stepped from a DDP communication hook, after that
       bucket's all-reduce, so every replica applies the averaged gradient and the result
       equals DDP without release. Gradients stay in DDP's buckets, so this saves no memory
@@ -67,7 +70,8 @@ class GradientRelease(L.Callback):
         self._optimizer: core.AdamFamilyOptimizer | None = None
         self._released: set[torch.Tensor] = set()
         self._module: torch.nn.Module | None = None
-        self._accumulates = False
+        self._local = False  # released by core's hooks (not from DDP's communication hook)
+        self._accumulates = False  # this batch is in a window of more than one micro-batch
         self._steps_before_batch = 0
 
     # -- checks, before Lightning builds anything --------------------------------------------
@@ -115,9 +119,17 @@ class GradientRelease(L.Callback):
         if isinstance(wrapped, DistributedDataParallel):
             self._released = _step_after_all_reduce(wrapped, optimizer)
         else:
-            accumulates = trainer.accumulate_grad_batches > 1
-            if accumulates:
-                _check_optimizer_accumulation(optimizer, trainer.accumulate_grad_batches)
+            schedules = [
+                callback
+                for callback in trainer.callbacks
+                if isinstance(callback, GradientAccumulationScheduler)
+            ]
+            largest = max(
+                [trainer.accumulate_grad_batches]
+                + [max(schedule.scheduling.values()) for schedule in schedules]
+            )
+            if largest > 1:
+                _check_optimizer_accumulation(optimizer, largest)
             core.prepare_for_gradient_release(pl_module, optimizer)  # refuses foreign hooks
             monitors = [c for c in trainer.callbacks if isinstance(c, OptimizerMonitor)]
             if monitors:
@@ -127,7 +139,7 @@ class GradientRelease(L.Callback):
                 for monitor in monitors:
                     monitor.record_gradient_norms_in_backward(pl_module)
                 core.prepare_for_gradient_release(pl_module, optimizer, ignore_existing_hooks=True)
-            self._module, self._accumulates = pl_module, accumulates
+            self._module, self._local = pl_module, True
         self._optimizer = optimizer
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -141,6 +153,8 @@ class GradientRelease(L.Callback):
     # -- accumulation windows, in step with Lightning's own decision --------------------------
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # Read every batch: a GradientAccumulationScheduler changes it at epoch starts.
+        self._accumulates = self._local and trainer.accumulate_grad_batches > 1
         if self._accumulates and self._optimizer is not None:
             self._optimizer.optimizer_accumulation = _lightning_will_accumulate(trainer)
             self._steps_before_batch = trainer.global_step
@@ -266,15 +280,17 @@ class OptimizerMonitor(L.Callback):
 
     Keys: `l2_norm/{moment,param,update,grad}/<parameter name>` and
     `l2_norm/{moment,param,update,grad}/global` (the root of the summed squares). The
-    values come from core.metrics (shared with the Composer adapter) after the optimizer
-    step and before the scheduler's, so the update norm is the step just applied. They
-    are logged at Lightning's step index for that batch, on optimizer steps only (not on
-    accumulating micro-batches), and only on global rank zero (DDP replicas agree).
+    values come from core.metrics (shared with the Composer adapter) at batch end, the
+    update norm at the lr each group had when the batch began (Lightning has stepped a
+    per-step scheduler by then), so it is the step just applied. They are logged at
+    Lightning's step index for that batch, on optimizer steps only (not on accumulating
+    micro-batches), and only on global rank zero (DDP replicas agree).
 
     With GradientRelease the gradient is gone by batch end, so its norm is taken inside
     backward, just before release frees it (with accumulate_grad_batches > 1 that is the
-    last micro-batch's gradient, the one stepped with). With an optimizer that is not an
-    adamkit one, only the param and grad norms are logged.
+    last micro-batch's gradient, the one stepped with); NAdam's update norm, which needs
+    the gradient itself, is then not logged. With an optimizer that is not an adamkit
+    one, only the param and grad norms are logged.
 
     Under ModelParallelStrategy parameters, gradients and state are DTensor shards: every
     rank computes the norms (each a reduction over ranks, taken in the same order
@@ -296,11 +312,14 @@ class OptimizerMonitor(L.Callback):
             raise ValueError(
                 f"Invalid every_n_steps: {every_n_steps!r}. Allowed: None or an int >= 1."
             )
+        if not isinstance(per_parameter, bool):
+            raise ValueError(f"Invalid per_parameter: {per_parameter!r}. Allowed: True or False.")
         self.every_n_steps, self.per_parameter = every_n_steps, per_parameter
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_norms: dict[torch.Tensor, torch.Tensor] = {}
         self._recording = False
         self._steps_before_batch = 0
+        self._batch_lrs: list[Any] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, FSDPStrategy):
@@ -327,6 +346,8 @@ class OptimizerMonitor(L.Callback):
         steps = not _lightning_will_accumulate(trainer)
         self._recording = steps and (trainer.global_step + 1) % every == 0
         self._grad_norms.clear()
+        if self._recording and trainer.optimizers:
+            self._batch_lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
@@ -337,12 +358,18 @@ class OptimizerMonitor(L.Callback):
         if not (self._recording and stepped and (sharded or trainer.is_global_zero)):
             return
         optimizer = trainer.optimizers[0]
+        step_lrs = {
+            param: lr
+            for group, lr in zip(optimizer.param_groups, self._batch_lrs, strict=False)
+            for param in group["params"]
+        }
         found: dict[str, Any] = {}
         for name, param in pl_module.named_parameters():
             if not param.requires_grad:
                 continue
             if isinstance(optimizer, core.AdamFamilyOptimizer):
-                metrics.parameter_metrics(optimizer, param, name, found)
+                lr = step_lrs.get(param)
+                metrics.parameter_metrics(optimizer, param, name, found, lr=lr)
             else:  # moment and update norms need a core optimizer's step coefficients
                 found[f"{metrics.PARAM}/{name}"] = _l2_norm(param.detach())
                 if param.grad is not None:

@@ -1,8 +1,8 @@
 """Learning-rate schedules for `configure_optimizers`, composed from torch's own schedulers.
 
-Composing LinearLR, CosineAnnealingLR and ConstantLR with SequentialLR (rather than
-writing the curve as a LambdaLR) keeps checkpoints plain torch scheduler state that
-Lightning saves and restores without help.
+Composing LinearLR, ConstantLR and a cosine stage with SequentialLR (rather than writing
+the curve as a LambdaLR, whose function a checkpoint cannot hold) keeps checkpoints plain
+scheduler state that Lightning saves and restores without help.
 """
 
 from __future__ import annotations
@@ -14,20 +14,34 @@ from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import (
-    ConstantLR,
-    CosineAnnealingLR,
-    LinearLR,
-    LRScheduler,
-    SequentialLR,
-)
+from torch.optim.lr_scheduler import ConstantLR, LinearLR, LRScheduler, SequentialLR
 
 from core.optimizer import require
 
 KINDS = ("cosine", "linear", "constant")
 INTERVALS = ("step", "epoch")
-_HOLD_FOREVER = 2**62
-"""ConstantLR's total_iters for the hold stage: an end it never reaches, so the lr stays put."""
+
+
+class CosineToFloor(LRScheduler):
+    """Each group's lr from its own starting lr down a half cosine to floor_ratio times it
+    over total_iters steps, then held there.
+
+    torch's CosineAnnealingLR has one eta_min for every group, so a group started below
+    the others (a layer-wise lr) would climb towards it instead of decaying. Its state
+    (last_epoch, base_lrs and these two numbers) is plain values, as Lightning saves it.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, total_iters: int, floor_ratio: float, last_epoch: int = -1
+    ) -> None:
+        self.total_iters = total_iters
+        self.floor_ratio = floor_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        progress = min(max(self.last_epoch, 0), self.total_iters) / self.total_iters
+        factor = self.floor_ratio + (1 - self.floor_ratio) * (1 + math.cos(math.pi * progress)) / 2
+        return [base_lr * factor for base_lr in self.base_lrs]
 
 
 @dataclass(frozen=True)
@@ -106,8 +120,6 @@ class LRSchedule:
         """The torch scheduler for `optimizer`, whose groups' current lr is the peak."""
         require(self.total_steps is not None, "total_steps", None, "an int to build a scheduler")
         decay_steps = self.total_steps - self.warmup_steps
-        # Read the peak before any scheduler's first step lowers the lr.
-        peak = max(float(group["lr"]) for group in optimizer.param_groups)
         stages: list[LRScheduler] = []
         milestones: list[int] = []
         if self.warmup_steps:
@@ -115,11 +127,7 @@ class LRSchedule:
             stages.append(LinearLR(optimizer, start, 1.0, total_iters=self.warmup_steps))
             milestones.append(self.warmup_steps)
         if self.kind == "cosine":
-            eta_min = self.min_lr_ratio * peak
-            stages.append(CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=eta_min))
-            # CosineAnnealingLR climbs again after T_max; hold the final lr instead.
-            stages.append(ConstantLR(optimizer, self.min_lr_ratio, total_iters=_HOLD_FOREVER))
-            milestones.append(self.total_steps)
+            stages.append(CosineToFloor(optimizer, decay_steps, self.min_lr_ratio))
         elif self.kind == "linear":
             stages.append(LinearLR(optimizer, 1.0, self.min_lr_ratio, total_iters=decay_steps))
         else:
@@ -145,7 +153,16 @@ class LRSchedule:
             f"an int when the trainer does not bound training ({source} is {total}); "
             "set total_steps, or max_steps / max_epochs on the Trainer",
         )
-        return replace(self, total_steps=int(total) // self.frequency)
+        steps = int(total) // self.frequency
+        require(
+            self.kind == "constant" or steps > self.warmup_steps,
+            "total_steps",
+            None,
+            f"more than warmup_steps ({self.warmup_steps}) for a {self.kind} schedule; taken "
+            f"from {source} ({total}) it is {steps}: train longer (max_steps, max_epochs; "
+            "fast_dev_run runs 1 step), or set total_steps or fewer warmup_steps",
+        )
+        return replace(self, total_steps=steps)
 
 
 # Modules keep an LRSchedule in their hparams; it holds plain fields and runs no code when

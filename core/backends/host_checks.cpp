@@ -135,8 +135,8 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
 }
 
 // gradient_addresses(grads, params): bytes of each gradient's address if every gradient
-// is a plain, strided, contiguous tensor with storage, its parameter's dtype and element
-// count, else None.
+// is a plain, strided, contiguous tensor with storage, its parameter's dtype, shape and
+// device, else None.
 PyObject* gradient_addresses(PyObject*, PyObject* args) {
   PyObject* grads = nullptr;
   PyObject* params = nullptr;
@@ -165,7 +165,7 @@ PyObject* gradient_addresses(PyObject*, PyObject* args) {
       const at::Tensor& param = THPVariable_Unpack(param_objects[i]);
       all_fit = grad.layout() == c10::kStrided && grad.has_storage() &&
                 grad.is_contiguous() && grad.scalar_type() == param.scalar_type() &&
-                grad.numel() == param.numel();
+                grad.sizes() == param.sizes() && grad.device() == param.device();
       if (all_fit) addresses.push_back(reinterpret_cast<int64_t>(grad.data_ptr()));
     }
     if (all_fit) result = as_bytes(addresses);

@@ -71,7 +71,7 @@ class HostChecks(Protocol):
         self, grads: Sequence[Tensor], params: Sequence[Tensor]
     ) -> Layout | None:
         """Each gradient's address, if every one is a plain, strided, contiguous tensor
-        with storage and its parameter's dtype and element count, or None."""
+        with storage and its parameter's dtype, shape and device, or None."""
 
 
 def _block_rows(tensor: Tensor) -> int:
@@ -134,7 +134,8 @@ class PythonChecks:
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, grads))
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
             or not all(map(operator.is_, map(_DTYPE, grads), map(_DTYPE, params)))
-            or list(map(Tensor.numel, grads)) != list(map(Tensor.numel, params))
+            or list(map(_SHAPE, grads)) != list(map(_SHAPE, params))
+            or list(map(_DEVICE, grads)) != list(map(_DEVICE, params))
             or not all(map(Tensor.is_contiguous, grads))  # False for sparse
         ):
             return None
@@ -147,6 +148,8 @@ class PythonChecks:
 _ABSENT = (0, 0, 0, None, False)
 """The description of a state without the key."""
 _DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_DEVICE = operator.attrgetter("device")
 _GET = dict.get
 """A state's entry or None (a state that is not a dict raises TypeError)."""
 

@@ -170,7 +170,8 @@ def check_addressable(
                 raise ValueError(
                     f"Invalid {row}[{where}] for a fused kernel: {problem}. Allowed: a plain "
                     f"torch.Tensor or nn.Parameter (not a subclass such as DTensor) of {dtype} "
-                    f"on {device}, laid out like its parameter (fused=False takes any tensor)."
+                    f"on {device}, laid out like its parameter (fused=False also takes other "
+                    "layouts and tensor subclasses such as DTensor)."
                 )
 
 
@@ -350,6 +351,6 @@ def check_quantized_row(
                 f"QuantizedMoment (signed={signed}) of plain contiguous torch.uint8 codes "
                 "shaped like its parameter and plain contiguous torch.float32 scales, one per "
                 "block (core.quantization.absmax_shape), both on the parameter's device "
-                "(fused=False takes any tensor)."
+                "(fused=False also takes other layouts and tensor subclasses)."
             )
     return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -241,6 +242,9 @@ BAD_HYPERPARAMETERS = [
     ("kahan_sum", 1),
     ("foreach", "fast"),
     ("fused", "yes"),
+    ("lr", 10**400),  # beyond float: OverflowError before this was checked
+    ("lr", torch.tensor(True)),
+    ("eps", torch.tensor(1e-6, device="meta")),
 ]
 ALGORITHM_SPECIFIC = [
     (core.Adam, "amsgrad", None),
@@ -305,6 +309,101 @@ def test_sparse_gradients_are_refused_before_any_change(cls: type) -> None:
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         optimizer.step()
     assert_unchanged(model, optimizer, before)
+
+
+BAD_GRADIENTS = {
+    "float64": lambda grad: grad.double(),
+    "one-row": lambda grad: grad[:1].clone(),  # broadcast to every row before this was checked
+    "transposed-shape": lambda grad: grad.t().contiguous(),  # same element count
+}
+
+
+def _two_layers(cls: type, backend: str, state_precision: str) -> tuple[nn.Module, Any]:
+    """Two 5120-element weights (quantized with '8bit') and their biases, after two steps
+    (so the next step may reuse the step memo, whose own checks then apply)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 80), nn.Linear(80, 64))
+    optimizer = cls(
+        model.parameters(), lr=LR, state_precision=state_precision, **TRAINING_BACKENDS[backend]
+    )
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.ones(8, 64)).square().mean().backward()
+        if _ < 2:
+            optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("bad", list(BAD_GRADIENTS))
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_a_gradient_unlike_its_parameter_is_refused_before_any_change(
+    cls: type, backend: str, state_precision: str, bad: str
+) -> None:
+    """A gradient replaced through .data (autograd never makes one unlike its parameter)
+    was checked per backend bucket: the parameters of earlier buckets were updated and
+    their step counts not, or it was broadcast, or paired with the parameter by memory
+    order. Now nothing changes, and once it is put right the step is the one it would
+    have been."""
+    model, optimizer = _two_layers(cls, backend, state_precision)
+    weight = model[1].weight
+    good = weight.grad.clone()
+    weight.grad.data = BAD_GRADIENTS[bad](good)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"Invalid grad of params\[2\] in param group 0: "):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+    weight.grad.data = good
+    optimizer.step()
+    twin, twin_optimizer = _two_layers(cls, backend, state_precision)
+    twin_optimizer.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_refused_functional_nadam_step_leaves_its_mu_product(backend: str) -> None:
+    """NAdam multiplied Π before the backend ran, so a step the backend refused left Π
+    advanced and every later step wrong."""
+    from core.nadam import nadam
+
+    param = torch.zeros(64, 80)
+    mu_product, step = torch.tensor(0.9), torch.tensor(3.0)
+    with pytest.raises((ValueError, RuntimeError)):
+        nadam(
+            [param],
+            [torch.ones(64, 80, dtype=torch.float64)],
+            [torch.zeros_like(param)],
+            [torch.zeros_like(param)],
+            [mu_product],
+            [step],
+            lr=LR,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            **BACKENDS[backend],
+        )
+    assert mu_product.item() == torch.tensor(0.9).item() and step.item() == 3.0
+
+
+@pytest.mark.bad_input
+def test_expanded_and_repeated_parameters_are_refused() -> None:
+    """An expand()ed parameter failed mid-step after its moments were written; one listed
+    twice in a group was stepped twice per step."""
+    shared = nn.Parameter(torch.randn(1, 80).expand(64, 80))
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid params\[1\] in param group 0: shape \(64, 80\) with strides \(0, 1\)",
+    ):
+        core.AdamW([nn.Parameter(torch.ones(2)), shared], lr=LR)
+    p = nn.Parameter(torch.ones(2))
+    optimizer = core.AdamW([nn.Parameter(torch.ones(3))], lr=LR)
+    with pytest.raises(ValueError, match=r"Invalid params\[1\] in param group 1: the same tensor"):
+        optimizer.add_param_group({"params": [p, p]})
+    assert len(optimizer.param_groups) == 1
 
 
 @pytest.mark.bad_input

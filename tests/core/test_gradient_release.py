@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -118,6 +119,57 @@ def _accumulation_run(
             optimizer.step()
             optimizer.zero_grad()
     return model, optimizer
+
+
+def _released(case: Case, backend: dict, state_precision: str) -> tuple[nn.Module, Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 80), nn.Tanh(), nn.Linear(80, 3))
+    optimizer = case.make(
+        model.parameters(), gradient_release=True, state_precision=state_precision, **backend
+    )
+    core.prepare_for_gradient_release(model, optimizer)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_released_training_resumes_from_a_distributed_checkpoint(
+    case: Case, backend: str, state_precision: str, tmp_path: Any
+) -> None:
+    """Resume as Lightning's ModelParallelStrategy and Composer's FSDP2 do: DCP's
+    get_optimizer_state_dict creates the load target's state with a zero-gradient step at
+    lr 0, dcp.load fills it, set_optimizer_state_dict puts it back. The full step used to
+    skip released parameters, so the target had no state and the run restarted its
+    moments from zero (on more ranks, torch failed in set_optimizer_state_dict)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    inputs = torch.randn(6, 8, 64, generator=torch.Generator().manual_seed(1))
+
+    def train(model: nn.Module, batches: torch.Tensor) -> None:
+        for x in batches:
+            model(x).square().mean().backward()  # each parameter steps inside backward
+
+    model, optimizer = _released(case, TRAINING_BACKENDS[backend], state_precision)
+    train(model, inputs[:3])
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp_path)
+    saved_model = copy.deepcopy(model.state_dict())
+    train(model, inputs[3:])
+
+    resumed, resumed_optimizer = _released(case, TRAINING_BACKENDS[backend], state_precision)
+    resumed.load_state_dict(saved_model)
+    target = {"optimizer": get_optimizer_state_dict(resumed, resumed_optimizer)}
+    assert len(target["optimizer"]["state"]) == 4
+    dcp.load(target, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(resumed, resumed_optimizer, optim_state_dict=target["optimizer"])
+    train(resumed, inputs[3:])
+    assert [float(s["step"]) for s in resumed_optimizer.state.values()] == [6.0] * 4
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_optimizer_accumulation_is_exact_when_microbatch_gradients_agree() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -300,7 +301,7 @@ BAD_STATE_VALUES = {
     "step-nan": (
         "8bit",
         _corrupt("step", torch.tensor(float("nan"))),
-        r"\['step'\] is Tensor of shape \(\)",
+        r"\['step'\] is Tensor of shape \(\) holding nan\.",
     ),
     "step-negative": ("full", _corrupt("step", -1.0), r"\['step'\] is -1\.0\."),
     "moment-list": (
@@ -338,7 +339,65 @@ BAD_STATE_VALUES = {
         _corrupt("exp_avg_sq_absmax", torch.full((64, 1), -0.5)),
         r"\['exp_avg_sq_absmax'\] holds -0\.5\. Allowed: scales >= 0",
     ),
+    "scales-infinite": (
+        "8bit",
+        _corrupt("exp_avg_absmax", torch.full((64, 1), float("inf"))),
+        r"\['exp_avg_absmax'\] holds inf\. Allowed: scales >= 0 and not infinite",
+    ),
+    "v-negative": (
+        "full",
+        _corrupt("exp_avg_sq", torch.full((64, 128), -0.25)),
+        r"\['exp_avg_sq'\] holds -0\.25\. Allowed: values >= 0",
+    ),
+    "v-max-negative": (
+        "full",
+        _corrupt("max_exp_avg_sq", -torch.rand(64, 128)),
+        r"\['max_exp_avg_sq'\] holds -0\.\d+\. Allowed: values >= 0",
+    ),
+    "moment-in-both-forms": (
+        "8bit",
+        _corrupt("exp_avg", torch.zeros(64, 128)),
+        r"\['exp_avg'\] comes with 'exp_avg_codes' as well\. Allowed: a moment in one form",
+    ),
+    "moment-expanded": (
+        "full",
+        _corrupt("exp_avg", torch.zeros(1, 128).expand(64, 128)),
+        r"\['exp_avg'\] has strides \(0, 1\), so several elements are one memory location",
+    ),
 }
+
+
+BAD_SAVED_GROUPS = {
+    "lr-nan": ("lr", float("nan")),
+    "betas-above-one": ("betas", (1.5, 0.9)),
+    "weight-decay-negative": ("weight_decay", -3.0),
+    "rounding-seed-negative": ("rounding_seed", -3),
+    "max-lr-zero": ("max_lr", 0.0),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("bad", list(BAD_SAVED_GROUPS))
+@pytest.mark.parametrize("cls", [core.AdamW, core.NAdam])
+def test_saved_hyperparameters_a_step_cannot_use_are_refused_before_loading(
+    cls: type, bad: str
+) -> None:
+    """These loaded before, replaced the groups and state, and failed at the next step."""
+    key, value = BAD_SAVED_GROUPS[bad]
+    model = torch.nn.Linear(128, 64)
+    optimizer = cls(model.parameters(), lr=LR)
+    model(torch.randn(4, 128)).square().sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][0][key] = value
+    before = snapshot(model, optimizer)
+    with pytest.raises(
+        ValueError,
+        match=rf"Invalid {key} in param group 0 of the loaded state dict: {re.escape(repr(value))}",
+    ):
+        optimizer.load_state_dict(saved)
+    assert_unchanged(model, optimizer, before)
+    assert optimizer.param_groups[0][key] != value
 
 
 @pytest.mark.bad_input

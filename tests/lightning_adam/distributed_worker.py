@@ -15,6 +15,7 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -60,6 +61,33 @@ def _monitored_fit(out: str, strategy: str) -> None:
     trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK))
 
 
+def _resumed_fit(out: str, name: str) -> list[torch.Tensor]:
+    """RUNS[name] for one epoch with a checkpoint, then resumed from it to EPOCHS: under
+    ModelParallelStrategy the checkpoint is torch.distributed.checkpoint's, whose loader
+    creates the state it loads into with a step at lr 0 (see the test)."""
+    kwargs, release, accumulate, strategy = RUNS[name]
+    sharded = strategy == "model_parallel"
+    directory = f"{out}/{name}-checkpoint"
+    model = None
+    for epochs, resume in ((1, None), (EPOCHS, f"{directory}/last.ckpt")):
+        model = (ShardedRegression if sharded else Regression)(scheduler=SCHEDULE, **kwargs)
+        callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=directory, save_last=True)]
+        trainer = make_trainer(
+            strategy=strategy_cases.model_parallel(data=2, tensor=1) if sharded else strategy,
+            devices=2,
+            max_epochs=epochs,
+            accumulate_grad_batches=accumulate,
+            callbacks=[*callbacks, *([GradientRelease()] if release else [])],
+            enable_checkpointing=True,
+        )
+        trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK), ckpt_path=resume)
+    return strategy_cases.full_parameters(model)
+
+
+RESUMED = ("AdamW-model-parallel-release",)
+"""Runs also trained in two halves across a checkpoint."""
+
+
 class ShardedRegression(Regression):
     """Regression with each Linear and the whole net sharded (FSDP2)."""
 
@@ -83,6 +111,8 @@ def main(out: str) -> None:
         results[name] = strategy_cases.full_parameters(model)
         results[f"{name}-steps"] = trainer.global_step
         rank = trainer.global_rank
+    for name in RESUMED:
+        results[f"{name}-resumed"] = _resumed_fit(out, name)
     for strategy in MONITORED:
         _monitored_fit(out, strategy)
     results["matrix"] = strategy_cases.all_cells()

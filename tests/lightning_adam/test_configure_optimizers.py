@@ -220,6 +220,29 @@ def test_schedules_follow_their_definition_and_hold_after_the_end(kind: str, war
         scheduler.step()
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_each_group_follows_the_schedule_from_its_own_lr(kind: str) -> None:
+    """A layer-wise lr (here the no-decay group at a tenth): the cosine stage decayed every
+    group towards one floor taken from the largest lr, so the smaller one climbed."""
+    lr, total, ratio, warmup = 0.01, 12, 0.5, 2
+
+    def build(groups: list[dict]) -> core.AdamW:
+        return core.AdamW(
+            [{**g, "lr": lr if g["name"] == "decay" else lr / 10} for g in groups], lr=lr
+        )
+
+    schedule = LRSchedule(kind=kind, warmup_steps=warmup, total_steps=total, min_lr_ratio=ratio)
+    result = configure_optimizers(Tied(), build, scheduler=schedule)
+    optimizer, scheduler = result["optimizer"], result["lr_scheduler"]["scheduler"]
+    for t in range(total + 3):
+        factor = _expected_factor(kind, t, warmup, total, ratio)
+        starts = [lr if g["name"] == "decay" else lr / 10 for g in optimizer.param_groups]
+        got = [g["lr"] for g in optimizer.param_groups]
+        assert got == pytest.approx([start * factor for start in starts], rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
 def test_total_steps_default_to_the_trainers_optimizer_steps() -> None:
     """8 batches, accumulate 2, 3 epochs: 12 optimizer steps, so linear decay ends at lr 0."""
     model = Regression(scheduler={"kind": "linear"}, lr=1e-2)
@@ -239,6 +262,20 @@ def test_epoch_interval_counts_epochs() -> None:
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert trainer.lr_scheduler_configs[0].interval == "epoch"
     assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == pytest.approx([5e-4] * 2)
+
+
+@pytest.mark.bad_input
+def test_a_trainer_shorter_than_the_warmup_is_refused_naming_where_total_steps_came_from() -> None:
+    """fast_dev_run (one step) with a 30-step warmup: the message named only total_steps=1,
+    which the user never set."""
+    model = Regression(scheduler={"kind": "cosine", "warmup_steps": 30}, lr=1e-2)
+    trainer = make_trainer(fast_dev_run=True)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid total_steps: None\. Allowed: more than warmup_steps \(30\) for a cosine "
+        r"schedule; taken from trainer\.estimated_stepping_batches \(1\) it is 1",
+    ):
+        trainer.fit(model, loader(regression_data(64)))
 
 
 @pytest.mark.bad_input

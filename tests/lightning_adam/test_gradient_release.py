@@ -7,7 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    GradientAccumulationScheduler,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import TensorDataset
@@ -135,6 +139,39 @@ def test_accumulation_matches_lightnings_windows(name: str, backend: str) -> Non
         runs.append(model)
     for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_accumulation_follows_a_gradient_accumulation_scheduler(backend: str) -> None:
+    """Windows of 1 for two epochs, then 3: the window used to be read once at fit start,
+    so every micro-batch of the later epochs updated the parameters (24 steps too many)."""
+    runs = []
+    for release in (False, True):
+        model = Regression(scheduler=SCHEDULE, **ACCUMULATING["AdamW"], **BACKENDS[backend])
+        trainer = _fit(
+            model,
+            release,
+            precision="64-true",
+            callbacks=[GradientAccumulationScheduler({0: 1, 2: 3})],
+            data=loader(_repeated_batches(3)),
+        )
+        assert trainer.global_step == 2 * 12 + 2 * 4
+        states = trainer.optimizers[0].state.values()
+        assert {float(s["step"]) for s in states} == {32.0}
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.bad_input
+def test_a_scheduled_window_is_refused_up_front_where_accumulation_cannot_work() -> None:
+    model = Regression(**OPTIMIZERS["NAdam"])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=r"Invalid accumulate_grad_batches for GradientRelease with NAdam: 2\."
+    ):
+        _fit(model, True, callbacks=[GradientAccumulationScheduler({0: 1, 2: 2})])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
