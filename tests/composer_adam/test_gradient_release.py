@@ -51,10 +51,13 @@ def test_release_with_microbatching_equals_the_ordinary_run(cls: type, backend: 
     # released in the last one's backward.
     assert probe.kept == [True, True, True, False] * STEPS
     mine, reference = logged(released_log, "l2_norm/"), logged(ordinary_log, "l2_norm/")
-    assert mine.keys() == reference.keys() and len(mine) == 17
+    assert len(reference) == 17
+    if cls is composer_adam.DecoupledNAdam:
+        # Its update reads the gradient (the Nesterov term), gone once released: left out
+        # rather than logged without that term.
+        reference = {k: v for k, v in reference.items() if not k.startswith("l2_norm/update/")}
+    assert mine.keys() == reference.keys()
     for key, series in reference.items():
-        if cls is composer_adam.DecoupledNAdam and key.startswith("l2_norm/update/"):
-            continue  # NAdam's Nesterov gradient term is not available once released
         assert mine[key] == pytest.approx(series, rel=1e-6), key
     assert any(isinstance(c, OptimizerMonitor) for c in released.state.callbacks)
 

@@ -334,11 +334,23 @@ def _two_layers(cls: type, backend: str, state_precision: str) -> tuple[nn.Modul
     return model, optimizer
 
 
+GRADIENT_CASES = [
+    (cls, backend, state_precision, bad)
+    for cls in ALL_CLASSES
+    for backend in TRAINING_BACKENDS
+    for state_precision in ("full", "8bit")
+    for bad in BAD_GRADIENTS
+    # Triton's interpreter takes seconds a case: it gets the one the memo's own check sees
+    if backend != "triton" or bad == "transposed-shape"
+]
+
+
 @pytest.mark.bad_input
-@pytest.mark.parametrize("bad", list(BAD_GRADIENTS))
-@pytest.mark.parametrize("state_precision", ["full", "8bit"])
-@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
-@pytest.mark.parametrize("cls", ALL_CLASSES)
+@pytest.mark.parametrize(
+    ("cls", "backend", "state_precision", "bad"),
+    GRADIENT_CASES,
+    ids=["-".join([c.__name__, *rest]) for c, *rest in GRADIENT_CASES],
+)
 def test_a_gradient_unlike_its_parameter_is_refused_before_any_change(
     cls: type, backend: str, state_precision: str, bad: str
 ) -> None:
