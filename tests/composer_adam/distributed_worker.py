@@ -24,7 +24,7 @@ from composer import Trainer
 from composer.callbacks import OptimizerMonitor
 from composer.core import Callback, State
 from composer.loggers import InMemoryLogger, Logger
-from composer.optim import LinearWithWarmupScheduler
+from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
 from composer.utils import FSDP2Config, dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -115,11 +115,17 @@ PROBES: dict[str, Cell] = {
     "fsdp2_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_release_grad_norms_only": Cell("DecoupledAdamW", "default", "fp32"),
     "ddp_release": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_resumed": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_release_resumed": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_composer_resumed": Cell("DecoupledAdamW", "default", "fp32"),
 }
 """Configurations that run one cell: FSDP2 without `average_fsdp2_gradients` (shows what
 it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), FSDP2 with
-GradientRelease and OptimizerMonitor(log_optimizer_metrics=False), and DDP with
-GradientRelease (must be refused)."""
+GradientRelease and OptimizerMonitor(log_optimizer_metrics=False), DDP with
+GradientRelease (must be refused), and FSDP2 runs checkpointed halfway and resumed from
+the sharded checkpoint (`resumed_cell`): without release, with it, and with Composer's own
+DecoupledAdamW."""
+RESUMED_AT = STEPS // 2
 
 
 def cells(configuration: str) -> list[Cell]:
@@ -134,25 +140,37 @@ def cells(configuration: str) -> list[Cell]:
 
 
 def train_cell(
-    cell: Cell, configuration: str = "one_process", microbatch: int = MICROBATCH
+    cell: Cell,
+    configuration: str = "one_process",
+    microbatch: int = MICROBATCH,
+    batches: int = STEPS,
+    **checkpointing: Any,
 ) -> Result:
     """Train one cell: warmup from lr = 0 over 2 batches, then linear decay; 8 batches of
     16 samples in microbatches, under `configuration`: one process (or DDP on more
     ranks), FSDP2Config ("fsdp2..."), with GradientRelease ("...release"), with optimizer
-    accumulation ("...release_accumulation")."""
+    accumulation ("...release_accumulation"), with Composer's own class ("..._composer...").
+    `batches` ends it early; `checkpointing` goes to the Trainer (save_folder, load_path)."""
     model = make_model(dtype=cell.dtype, hidden=cell.hidden, train_accuracy=False)
     release = "release" in configuration
     accumulation = configuration.endswith("accumulation")
-    optimizer = OPTIMIZERS[cell.optimizer](
-        model.parameters(),
-        gradient_release=release,
-        **BACKENDS[cell.backend],
-        **state_options(cell.dtype_name),
-    )
+    if "_composer" in configuration:
+        optimizer: torch.optim.Optimizer = DecoupledAdamW(
+            model.parameters(), lr=LR, weight_decay=1e-4
+        )
+    else:
+        optimizer = OPTIMIZERS[cell.optimizer](
+            model.parameters(),
+            gradient_release=release,
+            **BACKENDS[cell.backend],
+            **state_options(cell.dtype_name),
+        )
     probe = GradientBytes()
     logger = InMemoryLogger()
     callbacks: list[Callback] = [probe]
-    if cell.dtype_name == "fp32":  # metrics are compared in fp32 (each costs collectives)
+    # Metrics are compared in fp32 (each costs collectives); Composer's own class reduces
+    # them on torch.cuda.current_device() under FSDP, so it runs without the monitor here.
+    if cell.dtype_name == "fp32" and "_composer" not in configuration:
         optimizer_metrics = not configuration.endswith("grad_norms_only")
         callbacks.append(
             OptimizerMonitor(batch_log_interval=1, log_optimizer_metrics=optimizer_metrics)
@@ -165,7 +183,7 @@ def train_cell(
         train_dataloader=_loader(cell.dtype),
         optimizers=optimizer,
         schedulers=LinearWithWarmupScheduler(t_warmup="2ba", alpha_f=0.5),
-        max_duration=f"{STEPS}ba",
+        max_duration=f"{batches}ba",
         device="cpu",
         device_train_microbatch_size=microbatch,
         parallelism_config={"fsdp": FSDP2Config()} if fsdp2 else None,
@@ -174,6 +192,7 @@ def train_cell(
         progress_bar=False,
         log_to_console=False,
         seed=17,
+        **checkpointing,
     )
     if fsdp2 and configuration != "fsdp2_unaveraged":
         average_fsdp2_gradients(trainer.state.model)
@@ -191,6 +210,15 @@ def train_cell(
     return Result(params, probe.readings, metrics)
 
 
+def resumed_cell(cell: Cell, configuration: str, folder: str) -> Result:
+    """RESUMED_AT batches with a sharded checkpoint (torch.distributed.checkpoint) saved
+    at the end, then a new Trainer resumed from it (load_path) for the rest."""
+    trained = configuration.removesuffix("_resumed")
+    interval = f"{RESUMED_AT}ba"
+    train_cell(cell, trained, batches=RESUMED_AT, save_folder=folder, save_interval=interval)
+    return train_cell(cell, trained, load_path=f"{folder}/ep0-ba{RESUMED_AT}")
+
+
 def main(output: str, *configurations: str) -> None:
     torch.set_num_threads(1)
     dist.initialize_dist("cpu")  # gloo, from the launcher's environment
@@ -198,7 +226,11 @@ def main(output: str, *configurations: str) -> None:
     for configuration in configurations:
         for cell in cells(configuration):
             try:
-                result = train_cell(cell, configuration)
+                if configuration.endswith("_resumed"):
+                    folder = f"{output}.{configuration}"
+                    result = resumed_cell(cell, configuration, folder)
+                else:
+                    result = train_cell(cell, configuration)
                 results[(configuration, *cell.key)] = dataclasses.asdict(result)
             except ValueError as error:  # a refusal: the test checks its message
                 if configuration not in PROBES:

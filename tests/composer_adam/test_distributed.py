@@ -156,6 +156,23 @@ def test_fsdp2_over_gloo_sums_gradients_without_the_divide_hook(trained: dict) -
         assert result.metrics[key] == pytest.approx(doubled, rel=1e-5), key
 
 
+def test_release_under_fsdp2_resumes_from_a_sharded_checkpoint(trained: dict) -> None:
+    """Halfway, a sharded checkpoint; a new Trainer resumes from it (load_path). With
+    release the run equals the resumed run without it, bit for bit, and both equal
+    Composer's own DecoupledAdamW resumed the same way. Composer loads the checkpoint when
+    the Trainer is built, before GradientRelease switches release on at fit start (under
+    Lightning, release was on when torch.distributed.checkpoint created the state to load
+    into, which released parameters skipped until core stepped them: see
+    tests/core/test_gradient_release.py)."""
+    cell = PROBES["fsdp2_release_resumed"]
+    released: Result = trained[("fsdp2_release_resumed", *cell.key)]
+    ordinary: Result = trained[("fsdp2_resumed", *cell.key)]
+    composers: Result = trained[("fsdp2_composer_resumed", *cell.key)]
+    for got, want, theirs in zip(released.params, ordinary.params, composers.params, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        torch.testing.assert_close(got, theirs, atol=1e-6, rtol=0)
+
+
 @pytest.mark.bad_input
 def test_gradient_release_under_ddp_is_refused(trained: dict) -> None:
     message = trained[("ddp_release", *PROBES["ddp_release"].key)]
