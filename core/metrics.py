@@ -35,7 +35,7 @@ from torch import Tensor
 
 from core.backends import loop
 from core.backends.views import dtensor_type
-from core.coefficients import AdoptStepCoefficients
+from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.optimizer import AdamFamilyOptimizer
 from core.quantization import stored_moment
 
@@ -79,11 +79,23 @@ def parameter_update(
     With L2 decay the λθ is taken at the new θ, the old one being gone; likewise
     decoupled decay shrinks the current θ: off by (1 − decay factor) of the decay term.
     """
-    if param.grad is None and optimizer.update_reads_gradient:
+    if _gradient_gone(optimizer, param):
         return None
     coefficients = optimizer.last_step_coefficients(param, lr)
-    if coefficients is None:
-        return None
+    return None if coefficients is None else _update(optimizer, param, coefficients)
+
+
+def _gradient_gone(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
+    """Whether the update reads the gradient itself (NAdam's) and p.grad no longer exists."""
+    return param.grad is None and optimizer.update_reads_gradient
+
+
+def _update(
+    optimizer: AdamFamilyOptimizer,
+    param: Tensor,
+    coefficients: AdamStepCoefficients | AdoptStepCoefficients,
+) -> Tensor:
+    """parameter_update for the coefficients of param's last step."""
     state = optimizer.state[param]
     dtype = _exact_dtype(param.device)
 
@@ -125,9 +137,10 @@ def parameter_metrics(
     update that reads the gradient (NAdam's).
     """
     metrics = {} if metrics is None else metrics
-    if optimizer.last_step_coefficients(param) is None:
+    coefficients = optimizer.last_step_coefficients(param, lr)
+    if coefficients is None:
         return metrics
-    update = parameter_update(optimizer, param, lr)
+    update = None if _gradient_gone(optimizer, param) else _update(optimizer, param, coefficients)
     metrics[f"{MOMENT}/{name}"] = _norm(stored_moment(optimizer.state[param], "exp_avg", param))
     metrics[f"{PARAM}/{name}"] = _norm(param.detach())
     if update is not None:

@@ -20,6 +20,8 @@ from core.optimizer import require
 
 KINDS = ("cosine", "linear", "constant")
 INTERVALS = ("step", "epoch")
+_HOLD_FOREVER = 2**62
+"""ConstantLR's total_iters for the hold stage: an end it never reaches, so the lr stays put."""
 
 
 class CosineToFloor(LRScheduler):
@@ -28,7 +30,9 @@ class CosineToFloor(LRScheduler):
 
     torch's CosineAnnealingLR has one eta_min for every group, so a group started below
     the others (a layer-wise lr) would climb towards it instead of decaying. Its state
-    (last_epoch, base_lrs and these two numbers) is plain values, as Lightning saves it.
+    (last_epoch, base_lrs and these two numbers) is plain values, as Lightning saves it;
+    it stands where CosineAnnealingLR stood, whose saved state it loads (its own numbers
+    come from the schedule, so an older checkpoint continues on the per-group curve).
     """
 
     def __init__(
@@ -128,6 +132,11 @@ class LRSchedule:
             milestones.append(self.warmup_steps)
         if self.kind == "cosine":
             stages.append(CosineToFloor(optimizer, decay_steps, self.min_lr_ratio))
+            # The hold stage CosineToFloor does not need keeps the stages of checkpoints
+            # saved while the cosine stage was CosineAnnealingLR, which SequentialLR loads
+            # by position.
+            stages.append(ConstantLR(optimizer, self.min_lr_ratio, total_iters=_HOLD_FOREVER))
+            milestones.append(self.total_steps)
         elif self.kind == "linear":
             stages.append(LinearLR(optimizer, 1.0, self.min_lr_ratio, total_iters=decay_steps))
         else:

@@ -376,7 +376,7 @@ def test_a_gradient_unlike_its_parameter_is_refused_before_any_change(
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_refused_functional_nadam_step_leaves_its_mu_product(backend: str) -> None:
     """NAdam multiplied Π before the backend ran, so a step the backend refused left Π
     advanced and every later step wrong."""
@@ -396,7 +396,7 @@ def test_a_refused_functional_nadam_step_leaves_its_mu_product(backend: str) -> 
             beta1=0.9,
             beta2=0.99,
             eps=1e-8,
-            **BACKENDS[backend],
+            **TRAINING_BACKENDS[backend],
         )
     assert mu_product.item() == torch.tensor(0.9).item() and step.item() == 3.0
 

@@ -243,6 +243,37 @@ def test_each_group_follows_the_schedule_from_its_own_lr(kind: str) -> None:
         scheduler.step()
 
 
+def test_a_cosine_schedule_saved_before_the_per_group_stage_resumes() -> None:
+    """Checkpoints written while the cosine stage was torch's CosineAnnealingLR (between
+    the same warmup and hold stages) load by position and continue on the definition."""
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
+    lr, total, ratio, warmup = 0.01, 12, 0.2, 3
+    earlier = configure_optimizers(Tied(), "AdamW", lr=lr)["optimizer"]
+    saved = SequentialLR(
+        earlier,
+        [
+            LinearLR(earlier, 1 / (warmup + 1), 1.0, total_iters=warmup),
+            CosineAnnealingLR(earlier, T_max=total - warmup, eta_min=ratio * lr),
+            ConstantLR(earlier, ratio, total_iters=2**62),
+        ],
+        [warmup, total],
+    )
+    for _ in range(5):
+        earlier.step()
+        saved.step()
+    schedule = LRSchedule(kind="cosine", warmup_steps=warmup, total_steps=total, min_lr_ratio=ratio)
+    result = configure_optimizers(Tied(), "AdamW", lr=lr, scheduler=schedule)
+    optimizer, scheduler = result["optimizer"], result["lr_scheduler"]["scheduler"]
+    scheduler.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(earlier.state_dict())
+    for t in range(5, total + 3):
+        expected = lr * _expected_factor("cosine", t, warmup, total, ratio)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
 def test_total_steps_default_to_the_trainers_optimizer_steps() -> None:
     """8 batches, accumulate 2, 3 epochs: 12 optimizer steps, so linear decay ends at lr 0."""
     model = Regression(scheduler={"kind": "linear"}, lr=1e-2)
