@@ -445,7 +445,8 @@ def _build_kernel_timing(directory: Path, config: cpu_kernel.KernelConfig) -> Pa
 
 def kernel_only_table(rounds: int) -> list[str]:
     """ns per element of the fused 8-bit AdamW kernel alone: from the C harness (in L2 and
-    from memory, beside the floor of the bytes it moves) and called from Python beside
+    from memory, beside the floor of the bytes it moves and, on AVX-512 builds, the same
+    update over linear codes: the least any code map can cost) and called from Python beside
     torch's fused AdamW kernel, each over 20 x 1M fp32 parameters; `rounds` alternating
     runs, min and median."""
     count, numel = 20, EIGHT_BIT_NUMEL
@@ -478,6 +479,7 @@ def kernel_only_table(rounds: int) -> list[str]:
     labels = {
         "step": "adamkit 8-bit AdamW step (C harness)",
         "floor": "its bytes moved with no arithmetic (C harness)",
+        "linear": "the same update over linear codes, the cheapest 8-bit format (C harness)",
     }
     lines = [
         f"\nThe fused 8-bit AdamW kernel alone, fp32, one thread, {rounds} alternating runs "
