@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -28,19 +29,59 @@ from tests.lightning_adam.models import Regression, loader, make_trainer, regres
 
 SCHEDULE = {"kind": "cosine", "warmup_steps": 2, "total_steps": 12, "min_lr_ratio": 0.1}
 SAMPLES, EPOCHS, BATCH_PER_RANK = 256, 3, 32
+BATCHES_PER_EPOCH = SAMPLES // (2 * BATCH_PER_RANK)
 ADAMW = {"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}
-RUNS = {
-    # name: (optimizer kwargs, gradient release, accumulate_grad_batches, strategy). Every
-    # optimizer, backend and dtype is strategy_cases' matrix; these add
-    # lightning_adam.configure_optimizers (decay and no-decay groups, a schedule), the
-    # DistributedSampler, accumulation and release under DDP and ModelParallelStrategy.
+ACCUMULATION_SCHEDULE = {0: 1, 1: 2}
+"""A GradientAccumulationScheduler's windows by epoch: a step per batch, then per two."""
+RUNS: dict[str, tuple[dict[str, Any], bool, int | dict[int, int], str]] = {
+    # name: (optimizer kwargs, gradient release, accumulate_grad_batches or a
+    # GradientAccumulationScheduler's scheduling, strategy). Every optimizer, backend and
+    # dtype is strategy_cases' matrix; these add lightning_adam.configure_optimizers (decay
+    # and no-decay groups, a schedule), the DistributedSampler, accumulation and release
+    # under DDP and ModelParallelStrategy, all with default backend flags.
     "AdamW": (ADAMW, False, 1, "ddp"),
     "AdamW-release": (ADAMW, True, 1, "ddp"),
     "ADOPT-accumulate": ({"optimizer": "ADOPT", "lr": 1e-2}, False, 2, "ddp"),
     "ADOPT-accumulate-release": ({"optimizer": "ADOPT", "lr": 1e-2}, True, 2, "ddp"),
+    "AdamW-scheduled-accumulate": (ADAMW, False, ACCUMULATION_SCHEDULE, "ddp"),
+    "AdamW-scheduled-accumulate-release": (ADAMW, True, ACCUMULATION_SCHEDULE, "ddp"),
     "AdamW-model-parallel": (ADAMW, False, 1, "model_parallel"),
     "AdamW-model-parallel-release": (ADAMW, True, 1, "model_parallel"),
+    "AdamW-model-parallel-scheduled-accumulate-release": (
+        ADAMW,
+        True,
+        ACCUMULATION_SCHEDULE,
+        "model_parallel",
+    ),
 }
+
+
+def accumulation_settings(accumulate: int | dict[int, int]) -> dict[str, Any]:
+    """The Trainer settings of a RUNS accumulation: a fixed window, or a
+    GradientAccumulationScheduler that changes it at epoch starts."""
+    if isinstance(accumulate, dict):
+        return {"callbacks": [GradientAccumulationScheduler(scheduling=accumulate)]}
+    return {"accumulate_grad_batches": accumulate}
+
+
+def optimizer_steps(accumulate: int | dict[int, int]) -> int:
+    """The optimizer steps EPOCHS epochs take: Lightning steps at every window's last
+    batch and at each epoch's last batch."""
+    schedule = accumulate if isinstance(accumulate, dict) else {0: accumulate}
+    steps = 0
+    for epoch in range(EPOCHS):
+        window = schedule[max(start for start in schedule if start <= epoch)]
+        steps += -(-BATCHES_PER_EPOCH // window)
+    return steps
+
+
+def run_trainer(
+    accumulate: int | dict[int, int], callbacks: list[L.Callback], **settings: Any
+) -> L.Trainer:
+    """make_trainer with a RUNS accumulation and these callbacks besides."""
+    chosen = accumulation_settings(accumulate)
+    chosen["callbacks"] = [*chosen.get("callbacks", []), *callbacks]
+    return make_trainer(**chosen, **settings)
 
 
 MONITORED = ("ddp", "model_parallel")
@@ -72,12 +113,12 @@ def _resumed_fit(out: str, name: str) -> list[torch.Tensor]:
     for epochs, resume in ((1, None), (EPOCHS, f"{directory}/last.ckpt")):
         model = (ShardedRegression if sharded else Regression)(scheduler=SCHEDULE, **kwargs)
         callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=directory, save_last=True)]
-        trainer = make_trainer(
+        trainer = run_trainer(
+            accumulate,
+            [*callbacks, *([GradientRelease()] if release else [])],
             strategy=strategy_cases.model_parallel(data=2, tensor=1) if sharded else strategy,
             devices=2,
             max_epochs=epochs,
-            accumulate_grad_batches=accumulate,
-            callbacks=[*callbacks, *([GradientRelease()] if release else [])],
             enable_checkpointing=True,
         )
         trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK), ckpt_path=resume)
@@ -100,12 +141,12 @@ def main(out: str) -> None:
     for name, (kwargs, release, accumulate, strategy) in RUNS.items():
         sharded = strategy == "model_parallel"
         model = (ShardedRegression if sharded else Regression)(scheduler=SCHEDULE, **kwargs)
-        trainer = make_trainer(
+        trainer = run_trainer(
+            accumulate,
+            [GradientRelease()] if release else [],
             strategy=strategy_cases.model_parallel(data=2, tensor=1) if sharded else strategy,
             devices=2,
             max_epochs=EPOCHS,
-            accumulate_grad_batches=accumulate,
-            callbacks=[GradientRelease()] if release else [],
         )
         trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK))
         results[name] = strategy_cases.full_parameters(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +25,8 @@ import pytest
 import torch
 from lightning.fabric.strategies import FSDPStrategy as FabricFSDPStrategy
 from lightning.pytorch.strategies import FSDPStrategy
-from torch.utils.data import DataLoader, DistributedSampler
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from tests.core.configuration_cases import BACKENDS, DTYPES, GLOBAL_BATCHES, LR, OPTIMIZERS, Cell
 from tests.core.test_configurations import assert_cell_matches, assert_within_bf16_ulps, reference
@@ -35,6 +37,7 @@ from tests.lightning_adam.distributed_worker import (
     SAMPLES,
     SCHEDULE,
     SPAWN_CELLS,
+    optimizer_steps,
 )
 from tests.lightning_adam.models import (
     Regression,
@@ -52,7 +55,7 @@ from tests.lightning_adam.strategy_cases import (
 )
 from tests.processes import run_worker
 
-STEPS = SAMPLES // (2 * BATCH_PER_RANK) * EPOCHS  # 2 ranks: 4 steps per epoch
+STEPS = optimizer_steps(1)  # 2 ranks: 4 steps per epoch
 STEPS_PER_CELL = len(GLOBAL_BATCHES)
 
 
@@ -79,30 +82,54 @@ def ranks(lightning_out: Path) -> list[dict]:
 def test_every_run_keeps_the_replicas_identical(ranks: list[dict]) -> None:
     initial = parameters_of(Regression())
     for name, (_, _, accumulate, _) in RUNS.items():
-        assert ranks[0][f"{name}-steps"] == ranks[1][f"{name}-steps"] == STEPS // accumulate
+        steps = optimizer_steps(accumulate)
+        assert ranks[0][f"{name}-steps"] == ranks[1][f"{name}-steps"] == steps, name
         for a, b in zip(ranks[0][name], ranks[1][name], strict=True):
             assert torch.equal(a, b), f"{name}: replicas differ"
         assert all(not torch.equal(a, b) for a, b in zip(initial, ranks[0][name], strict=True))
 
 
-def _global_batches() -> list[list[int]]:
-    """Each DDP step's samples, both ranks' together, for all epochs in order.
+def _global_batches(epoch: int) -> list[list[int]]:
+    """Each DDP step's samples in an epoch, both ranks' together, in order.
 
     Lightning gives each rank a DistributedSampler (shuffled, seed 0, set_epoch(epoch)
     every epoch); the same samplers, built here for ranks 0 and 1, say which samples the
     two replicas' batches of 32 held.
     """
-    dataset, batches = regression_data(SAMPLES), []
-    for epoch in range(EPOCHS):
-        per_rank = []
-        for rank in (0, 1):
-            sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-            sampler.set_epoch(epoch)
-            per_rank.append(list(sampler))
-        for start in range(0, SAMPLES // 2, BATCH_PER_RANK):
-            end = start + BATCH_PER_RANK
-            batches.append(per_rank[0][start:end] + per_rank[1][start:end])
+    dataset, batches, per_rank = regression_data(SAMPLES), [], []
+    for rank in (0, 1):
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+    for start in range(0, SAMPLES // 2, BATCH_PER_RANK):
+        end = start + BATCH_PER_RANK
+        batches.append(per_rank[0][start:end] + per_rank[1][start:end])
     return batches
+
+
+class GlobalOrder(Sampler[int]):
+    """Both ranks' samples of an epoch in _global_batches' order: batched by 64, one process
+    sees at each batch what the two ranks saw together. Lightning calls set_epoch at every
+    epoch start, so epoch-keyed settings (a GradientAccumulationScheduler) line up."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([index for batch in _global_batches(self.epoch) for index in batch])
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+
+def _one_process_loader() -> DataLoader:
+    return DataLoader(
+        regression_data(SAMPLES),
+        batch_sampler=BatchSampler(GlobalOrder(), 2 * BATCH_PER_RANK, drop_last=False),
+    )
 
 
 @pytest.mark.parametrize("name", ["AdamW", "AdamW-model-parallel"])
@@ -113,8 +140,8 @@ def test_ddp_and_fsdp2_equal_one_process_with_the_same_global_batch(
     average their gradients, a mean over 32 each): the same parameters to float32
     rounding, with configure_optimizers' groups and schedule and Lightning's sampler."""
     model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0])
-    trainer = make_trainer(max_epochs=1)  # the three epochs' batches in one
-    trainer.fit(model, DataLoader(regression_data(SAMPLES), batch_sampler=_global_batches()))
+    trainer = make_trainer(max_epochs=EPOCHS)
+    trainer.fit(model, _one_process_loader())
     assert trainer.global_step == STEPS
     for a, b in zip(ranks[0][name], model.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
@@ -124,10 +151,52 @@ def test_release_equals_training_without_release(ranks: list[dict]) -> None:
     for ordinary, released in (
         ("AdamW", "AdamW-release"),
         ("ADOPT-accumulate", "ADOPT-accumulate-release"),
+        ("AdamW-scheduled-accumulate", "AdamW-scheduled-accumulate-release"),
         ("AdamW-model-parallel", "AdamW-model-parallel-release"),
     ):
         for a, b in zip(ranks[0][ordinary], ranks[0][released], strict=True):
             assert torch.equal(a, b), f"{released} differs from {ordinary}"
+
+
+def _folded_by_hand(schedule: dict[int, int]) -> list[torch.Tensor]:
+    """What Lightning's accumulation with release computes, written out without the
+    callback: the global batches of each epoch, the loss divided by the epoch's window,
+    core's optimizer accumulation on every batch but a window's (or the epoch's) last,
+    and configure_optimizers' per-step schedule after every real step."""
+    model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0])
+    configured = model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    data, sampler = regression_data(SAMPLES), GlobalOrder()
+    for epoch in range(EPOCHS):
+        window = schedule[max(start for start in schedule if start <= epoch)]
+        sampler.set_epoch(epoch)
+        batches = list(BatchSampler(sampler, 2 * BATCH_PER_RANK, drop_last=False))
+        for index, batch in enumerate(batches):
+            x, y = data[batch]
+            (nn.functional.mse_loss(model(x), y) / window).backward()
+            closes = (index + 1) % window == 0 or index + 1 == len(batches)
+            optimizer.optimizer_accumulation = not closes
+            optimizer.step()
+            optimizer.zero_grad()
+            if closes:
+                scheduler.step()
+    return parameters_of(model)
+
+
+def test_release_follows_an_accumulation_schedule_under_model_parallel(
+    ranks: list[dict],
+) -> None:
+    """A GradientAccumulationScheduler (a step per batch, then per two batches) under FSDP2
+    with release: each rank folds every reduce-scattered micro-batch into the moments in
+    the windows Lightning steps by, as core's optimizer accumulation does on one process
+    over the same global batches (configure_optimizers' groups and cosine schedule,
+    default flags). Release read the window once at fit start before it was read per
+    batch: the first epoch's 1 for all three."""
+    name = "AdamW-model-parallel-scheduled-accumulate-release"
+    _, _, schedule, _ = RUNS[name]
+    assert ranks[0][f"{name}-steps"] == optimizer_steps(schedule) == 8
+    for got, want in zip(ranks[0][name], _folded_by_hand(schedule), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_release_under_model_parallel_resumes_from_a_checkpoint_exactly(ranks: list[dict]) -> None:
