@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from composer.algorithms import GradientClipping
+from composer.algorithms import SAM, GradientClipping
 from composer.callbacks import OptimizerMonitor
 from composer.core import Callback, DataSpec, Precision, State
 from composer.loggers import Logger
@@ -50,8 +50,8 @@ class GradientRelease(Callback):
     FSDP2 runs each sharded parameter's hooks after its reduce-scatter, so the step sees
     the averaged gradient and frees the sharded one. Refused at fit start, because they
     cannot work: AMP_FP16 (the GradScaler unscales and skips steps after backward, when
-    parameters are already updated), the GradientClipping algorithm (it needs every
-    gradient at once), and more than one rank without FSDP2 (DDP, or FSDP1, whose
+    parameters are already updated), the GradientClipping and SAM algorithms (they need
+    every gradient at once), and more than one rank without FSDP2 (DDP, or FSDP1, whose
     parameters are not DTensors: the hooks would step on each rank's local gradient
     before the all-reduce).
 
@@ -79,7 +79,10 @@ class GradientRelease(Callback):
         self._model: torch.nn.Module | None = None
         self._monitors: list[tuple[int, OptimizerMonitor]] = []
         self._norm_hooks: list[RemovableHandle] = []
-        self._grad_norms: dict[Tensor, Tensor] = {}
+        # Per released parameter: its last microbatch's gradient norm as Composer's
+        # OptimizerMonitor takes it (in the gradient's dtype) and as adamkit's
+        # report_per_parameter_metrics does (float32 at least), for either monitor setting.
+        self._grad_norms: dict[Tensor, tuple[Tensor, Tensor]] = {}
         self._batch_samples = self._seen_samples = 0.0
 
     # -- events ----------------------------------------------------------------------------
@@ -136,6 +139,18 @@ class GradientRelease(Callback):
     # -- helpers ---------------------------------------------------------------------------
 
     def _check_supported(self, state: State) -> AdamFamilyOptimizer:
+        # First: SAM wraps the optimizer, which would otherwise be refused as a foreign one.
+        whole_gradient = [
+            type(a).__name__ for a in state.algorithms if isinstance(a, (GradientClipping, SAM))
+        ]
+        if whole_gradient:
+            raise ValueError(
+                f"Invalid algorithms for GradientRelease: {whole_gradient}. Gradient clipping "
+                "and SAM (which perturbs the weights along the whole gradient, then steps "
+                "from a second backward) need every gradient at once, and released gradients "
+                "are applied and freed one by one inside backward. Allowed: drop these "
+                "algorithms or GradientRelease."
+            )
         optimizers = state.optimizers
         optimizer = optimizers[0] if len(optimizers) == 1 else None
         if not isinstance(optimizer, AdamFamilyOptimizer) or not any(
@@ -152,12 +167,6 @@ class GradientRelease(Callback):
                 "Invalid precision for GradientRelease: amp_fp16. Its GradScaler unscales and "
                 "skips steps after backward, when released parameters are already updated. "
                 "Allowed: fp32, amp_bf16 (or turn release off)."
-            )
-        clipping = [type(a).__name__ for a in state.algorithms if isinstance(a, GradientClipping)]
-        if clipping:
-            raise ValueError(
-                f"Invalid algorithms for GradientRelease: {clipping}. Gradient clipping needs "
-                "every gradient at once, and released gradients are freed one by one."
             )
         world_size = dist.get_world_size()
         dtensor = dtensor_type()
@@ -196,7 +205,10 @@ class GradientRelease(Callback):
     def _record_norm(self, param: Tensor) -> None:
         """Runs just before the release hook; only the last microbatch's norm is kept."""
         if self._seen_samples >= self._batch_samples:
-            self._grad_norms[param] = torch.linalg.vector_norm(param.grad)
+            grad = param.grad
+            as_is = torch.linalg.vector_norm(grad)
+            widened = grad.dtype in (torch.float16, torch.bfloat16)
+            self._grad_norms[param] = (as_is, metrics.l2_norm(grad) if widened else as_is)
 
     def _log_monitor_metrics(self, monitor: OptimizerMonitor, state: State, logger: Logger) -> None:
         """What OptimizerMonitor logs, with released gradients' norms taken in backward."""
@@ -207,17 +219,26 @@ class GradientRelease(Callback):
         # As OptimizerMonitor does: under FSDP the optimizer's metrics are reduced over ranks.
         reduce = state.fsdp_enabled and monitor.log_optimizer_metrics
         for name, p in state.model.named_parameters():
-            grad_norm = self._grad_norms.get(p)
-            if (grad_norm is None and p.grad is None) or not p.requires_grad:
+            recorded = self._grad_norms.get(p)
+            if (recorded is None and p.grad is None) or not p.requires_grad:
                 continue
             if monitor.log_optimizer_metrics:
                 optimizer.report_per_parameter_metrics(p, name, found)
             if f"l2_norm/grad/{name}" not in found:
-                norm = grad_norm if p.grad is None else torch.linalg.vector_norm(p.grad)
+                if p.grad is not None:
+                    norm = torch.linalg.vector_norm(p.grad)
+                else:  # released: as the run without release would have logged it
+                    as_is, widened = recorded  # type: ignore[misc]
+                    norm = widened if monitor.log_optimizer_metrics else as_is
                 share = rank_share(norm) if reduce else metrics.global_value(norm)
                 found[f"l2_norm/grad/{name}"] = share
         if reduce:
             found = optimizer.dist_reduce_metrics(optimizer.pre_reduce_metrics(found))
-        squares = sum(float(v) ** 2 for k, v in found.items() if k.startswith("l2_norm/grad/"))
+        # Summed as OptimizerMonitor sums them (in the norms' own dtype, in this order), so
+        # the global norm is the ordinary run's to the last bit.
+        squares: Any = 0.0
+        for key, value in found.items():
+            if key.startswith("l2_norm/grad/"):
+                squares += value**2
         found["l2_norm/grad/global"] = squares**0.5
         logger.log_metrics({k: float(v) for k, v in found.items()})

@@ -32,6 +32,14 @@ from core.quantization import StatePrecision
 log = logging.getLogger(__name__)
 
 
+def _value_now(lr: Any) -> Any:
+    """lr as it is now: a tensor lr is copied, as torch's schedulers copy it for their
+    own initial_lr, because they write a tensor lr in place (the same object as initial_lr
+    would follow the schedule, and a warmup from 0 would hold the decay's reference, and
+    the scheduler's base lr, at 0 for good)."""
+    return lr.clone() if isinstance(lr, Tensor) else lr
+
+
 class ComposerConventions:
     """Composer's decoupled-optimizer conventions, mixed in before a core optimizer class.
 
@@ -47,7 +55,7 @@ class ComposerConventions:
     def __init__(self, params: ParamsT, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)  # type: ignore[call-arg]
         for group in self.param_groups:
-            group["initial_lr"] = group["lr"]
+            group["initial_lr"] = _value_now(group["lr"])
 
     def _report_high_weight_decay(self, weight_decay: float) -> None:
         """Composer logs the warning (core's check decides when), in Composer's terms."""
@@ -64,7 +72,7 @@ class ComposerConventions:
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
         group = self.param_groups[-1]
-        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("initial_lr", _value_now(group["lr"]))
 
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         super()._validate_algorithm(group, where)  # type: ignore[misc]
@@ -81,7 +89,7 @@ class ComposerConventions:
         """Core's keyword arguments with the decay relative to initial_lr; an initial_lr of
         0 means lr itself (full weight_decay per step), as in Composer, except at lr 0,
         where core changes nothing (Composer still decays: see the README)."""
-        initial_lr = group.setdefault("initial_lr", group["lr"])
+        initial_lr = group.setdefault("initial_lr", _value_now(group["lr"]))
         kwargs = super()._common_kwargs(group)  # type: ignore[misc]
         kwargs["max_lr"] = float(initial_lr) if initial_lr else None
         return kwargs

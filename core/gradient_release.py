@@ -45,6 +45,7 @@ class _Registration:
         self.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in params)
         self.params.extend(params)
         self.optimizer.released_params.update(params)
+        self.optimizer._release_seen = True  # plain steps after removal are deliberate
 
 
 _registrations: weakref.WeakKeyDictionary[nn.Module, _Registration] = weakref.WeakKeyDictionary()

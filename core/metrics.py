@@ -57,8 +57,9 @@ def global_value(norm: Any) -> Any:
     return norm.full_tensor() if dtensor is not None and isinstance(norm, dtensor) else norm
 
 
-def _norm(tensor: Tensor) -> Tensor:
-    """The l2 norm, in float32 at least (a bf16 norm would keep three digits)."""
+def l2_norm(tensor: Tensor) -> Tensor:
+    """The l2 norm, in float32 at least (a bf16 norm would keep three digits); what every
+    adamkit metric and callback takes, so released and kept gradients log alike."""
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
     return torch.linalg.vector_norm(tensor)
@@ -141,14 +142,14 @@ def parameter_metrics(
     if coefficients is None:
         return metrics
     update = None if _gradient_gone(optimizer, param) else _update(optimizer, param, coefficients)
-    metrics[f"{MOMENT}/{name}"] = _norm(stored_moment(optimizer.state[param], "exp_avg", param))
-    metrics[f"{PARAM}/{name}"] = _norm(param.detach())
+    metrics[f"{MOMENT}/{name}"] = l2_norm(stored_moment(optimizer.state[param], "exp_avg", param))
+    metrics[f"{PARAM}/{name}"] = l2_norm(param.detach())
     if update is not None:
         metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(update).to(
             torch.promote_types(param.dtype, torch.float32)
         )
     if param.grad is not None:
-        metrics[f"{GRAD}/{name}"] = _norm(param.grad)
+        metrics[f"{GRAD}/{name}"] = l2_norm(param.grad)
     return metrics
 
 

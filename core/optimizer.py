@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import sys
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
@@ -1163,6 +1165,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return loss
         self._last_kahan_answer = None  # good for one step: dtypes may change between steps
         released = self.released_params
+        if not self.__dict__.get("_release_seen"):
+            self._warn_if_release_has_no_hooks(released)
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
         self._drop_stale_memos()
         work = []
@@ -1182,6 +1186,34 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             elif params:
                 self._update_and_memoize(memos, id(group), group, params, grads)
         return loss
+
+    def _warn_if_release_has_no_hooks(self, released: set[Tensor]) -> None:
+        """gradient_release=True does nothing by itself: without hooks (prepare_for_gradient_
+        release, or a framework's GradientRelease callback) every gradient is kept and the
+        step runs after backward. Say so once, at the first step that would train such a
+        group (a step at lr 0, as torch.distributed.checkpoint's state creation, trains
+        nothing). Once release has been used, later plain steps are deliberate
+        (remove_gradient_release)."""
+        if released:
+            self._release_seen = True
+            return
+        flagged = [
+            index
+            for index, group in enumerate(self.param_groups)
+            if group["gradient_release"] and float(group["lr"]) != 0.0
+        ]
+        if flagged:
+            self._release_seen = True
+            warnings.warn(
+                f"{type(self).__name__}: param group(s) {flagged} have gradient_release=True "
+                "but no release hooks are registered, so this step ran after backward and "
+                "every gradient was kept, as without release. Register them with "
+                "core.prepare_for_gradient_release(model, optimizer), or add the "
+                "GradientRelease callback (lightning_adam, or composer_adam: "
+                "adamkit_gradient_release in an llm-foundry YAML's callbacks).",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
 
     def _drop_stale_memos(self) -> None:
         """Forget memos of groups or parameters no longer in param_groups (replaced by
@@ -1688,6 +1720,22 @@ def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> None:
         optimizer._step_one(param)
     finally:
         torch._C._set_grad_enabled(grad_enabled)
+
+
+_INTERNAL_FILES = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel for a warning raised here that names the first caller outside core
+    and torch (torch wraps step() in hooks and no_grad, a different number of frames per
+    version)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @torch.compiler.disable

@@ -174,13 +174,6 @@ class GradientRelease(L.Callback):
             )
 
 
-def _l2_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """In float32 at least, as core.metrics takes it: a bf16 norm keeps three digits."""
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.float()
-    return torch.linalg.vector_norm(tensor)
-
-
 def _check_sharded(module: L.LightningModule) -> None:
     """Under ModelParallelStrategy every trainable parameter must be a DTensor: a plain one
     gets its hook on the local gradient, before any reduction (core refuses it too, but
@@ -338,7 +331,7 @@ class OptimizerMonitor(L.Callback):
 
     def _record(self, param: torch.Tensor) -> None:
         if self._recording and param.grad is not None:
-            self._grad_norms[param] = _l2_norm(param.grad)
+            self._grad_norms[param] = metrics.l2_norm(param.grad)
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._steps_before_batch = trainer.global_step
@@ -371,9 +364,9 @@ class OptimizerMonitor(L.Callback):
                 lr = step_lrs.get(param)
                 metrics.parameter_metrics(optimizer, param, name, found, lr=lr)
             else:  # moment and update norms need a core optimizer's step coefficients
-                found[f"{metrics.PARAM}/{name}"] = _l2_norm(param.detach())
+                found[f"{metrics.PARAM}/{name}"] = metrics.l2_norm(param.detach())
                 if param.grad is not None:
-                    found[f"{metrics.GRAD}/{name}"] = _l2_norm(param.grad)
+                    found[f"{metrics.GRAD}/{name}"] = metrics.l2_norm(param.grad)
             if param in self._grad_norms:
                 found[f"{metrics.GRAD}/{name}"] = self._grad_norms[param]
         # In insertion order, the same on every rank: DTensor norms are collectives.

@@ -74,14 +74,19 @@ def train(
     model: nn.Module | None = None,
     max_duration: str = f"{STEPS}ba",
     callbacks: list[Callback] | None = None,
+    dtype: torch.dtype = torch.float32,
+    optimizer_metrics: bool = True,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, InMemoryLogger]:
-    """Train with a warmup-cosine schedule and microbatching; return the trainer and log."""
-    model = model if model is not None else make_model()
+    """Train with a warmup-cosine schedule and microbatching (the model and data in
+    dtype, OptimizerMonitor's log_optimizer_metrics as optimizer_metrics); return the
+    trainer and log."""
+    model = model if model is not None else make_model(dtype=dtype)
     logger = InMemoryLogger()
+    monitor = OptimizerMonitor(batch_log_interval=1, log_optimizer_metrics=optimizer_metrics)
     trainer = Trainer(
         model=model,
-        train_dataloader=make_loader(),
+        train_dataloader=make_loader(dtype=dtype),
         optimizers=make_optimizer(model.parameters()),
         schedulers=CosineAnnealingWithWarmupScheduler(
             t_warmup="10ba", t_max=f"{STEPS}ba", alpha_f=0.1
@@ -90,7 +95,7 @@ def train(
         device="cpu",
         device_train_microbatch_size=MICROBATCH,
         loggers=[logger],
-        callbacks=[OptimizerMonitor(batch_log_interval=1), *(callbacks or [])],
+        callbacks=[monitor, *(callbacks or [])],
         progress_bar=False,
         log_to_console=False,
         seed=17,
@@ -98,6 +103,16 @@ def train(
     )
     trainer.fit()
     return trainer, logger
+
+
+class GradientsAfterBackward(Callback):
+    """Records whether any gradient survived each microbatch's backward."""
+
+    def __init__(self) -> None:
+        self.kept: list[bool] = []
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        self.kept.append(any(p.grad is not None for p in state.model.parameters()))
 
 
 def logged(logger: InMemoryLogger, prefix: str) -> dict[str, list[float]]:

@@ -149,6 +149,36 @@ def test_initial_lr_is_recorded_per_group_and_high_decay_warns(
     assert "weight_decay=0.001" in caplog.text
 
 
+def test_a_tensor_lr_follows_a_warmup_from_zero_as_a_float_lr_does() -> None:
+    """torch's schedulers write a tensor lr in place; initial_lr (the decay's reference and
+    the scheduler's base lr) is a copy, so a warmup from 0 trains as with a float lr.
+    Composer's own class keeps the same tensor there and stays at lr 0 for good."""
+    runs = []
+    for lr in (1e-2, torch.tensor(1e-2), torch.tensor(1e-2)):
+        model = make_model()
+        optimizer = composer_adam.DecoupledAdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        if len(runs) == 2:  # added as a group, the other way a group gets its initial_lr
+            params = list(model.parameters())
+            optimizer = composer_adam.DecoupledAdamW(params[:1], lr=lr, weight_decay=1e-4)
+            optimizer.add_param_group({"params": params[1:], "lr": torch.tensor(1e-2)})
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
+        for step in range(8):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.1 * (step + 1))
+            optimizer.step()
+            warmup.step()
+        assert [float(g["initial_lr"]) for g in optimizer.param_groups] == pytest.approx(
+            [1e-2] * len(optimizer.param_groups)
+        )
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(
+        not torch.equal(a, b) for a, b in zip(runs[0], make_model().parameters(), strict=True)
+    )
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
 @pytest.mark.bad_input
 def test_bad_initial_lr_is_refused_before_any_change() -> None:
     model = make_model()

@@ -16,6 +16,13 @@ from torch import nn
 import composer_adam
 from composer_adam import recipes
 from core.models import owned_parameters, skips_weight_decay
+from tests.composer_adam.harness import (
+    LR,
+    STEPS,
+    GradientsAfterBackward,
+    assert_same_parameters,
+    train,
+)
 from tests.core.configuration_cases import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,6 +221,26 @@ def test_llmfoundry_entry_points_register_the_classes() -> None:
     # llm-foundry calls the class with params= and the YAML's keyword arguments.
     optimizer = found["adamkit_decoupled_adamw"](params=Block().parameters(), lr=6e-4)
     assert optimizer.param_groups[0]["initial_lr"] == 6e-4
+
+
+def test_llmfoundry_builds_release_from_its_yaml_sections_alone() -> None:
+    """What llm-foundry does with `optimizer: {name: adamkit_decoupled_adamw,
+    gradient_release: true, ...}` and `callbacks: {adamkit_gradient_release: {}}`: each
+    name's entry point called with the section's keywords. Gradients are released in the
+    last microbatch's backward, and training equals the same sections without release."""
+    optimizers = {e.name: e.load() for e in entry_points(group="llmfoundry_optimizers")}
+    callbacks = {e.name: e.load() for e in entry_points(group="llmfoundry_callbacks")}
+    assert callbacks == {"adamkit_gradient_release": composer_adam.GradientRelease}
+    section = {"lr": LR, "betas": [0.9, 0.95], "weight_decay": 1e-4}
+    adamw = optimizers["adamkit_decoupled_adamw"]
+    ordinary, _ = train(lambda params: adamw(params=params, **section))
+    probe = GradientsAfterBackward()
+    released, _ = train(
+        lambda params: adamw(params=params, gradient_release=True, **section),
+        callbacks=[callbacks["adamkit_gradient_release"](), probe],
+    )
+    assert probe.kept == [True, True, True, False] * STEPS
+    assert_same_parameters(released.state.model, ordinary.state.model, atol=0)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

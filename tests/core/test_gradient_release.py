@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -91,6 +92,47 @@ def test_remove_gradient_release_restores_ordinary_steps() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.step()
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_release_without_hooks_warns_once_where_it_would_train() -> None:
+    """gradient_release=True alone keeps every gradient (no hooks: nothing releases
+    them); the first step that trains such a group says so, once. Not after release was
+    used (remove_gradient_release's plain steps are deliberate), nor at lr 0 (torch.
+    distributed.checkpoint's state-creation step)."""
+
+    def steps(optimizer: core.AdamW, model: nn.Module, count: int) -> None:
+        x, y = make_batches(torch.float32, 1)[0]
+        for _ in range(count):
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=0.0, gradient_release=True)
+    optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": LR})
+    optimizer.param_groups[1]["gradient_release"] = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps(optimizer, model, 1)  # the released group's lr is 0
+        optimizer.param_groups[0]["lr"] = LR
+        steps(optimizer, model, 2)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert messages == [
+        "AdamW: param group(s) [0] have gradient_release=True but no release hooks are "
+        "registered, so this step ran after backward and every gradient was kept, as "
+        "without release. Register them with core.prepare_for_gradient_release(model, "
+        "optimizer), or add the GradientRelease callback (lightning_adam, or composer_adam: "
+        "adamkit_gradient_release in an llm-foundry YAML's callbacks)."
+    ]
+    assert caught[0].filename == __file__  # points at the caller's step()
+
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    core.remove_gradient_release(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps(optimizer, model, 1)
 
 
 ACCUMULATING = {
