@@ -66,7 +66,17 @@ def _yaml_loader() -> type:
     import yaml
 
     class RecipeLoader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            """Refuse a key given twice in one mapping (PyYAML keeps the last silently;
+            OmegaConf, and so llm-foundry, refuse it): one of the two was a mistake."""
+            keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+            repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise ValueError(
+                    f"key(s) {repeated} given more than once in the mapping at line "
+                    f"{node.start_mark.line + 1}. Allowed: each key once."
+                )
+            return super().construct_mapping(node, deep=deep)
 
     RecipeLoader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -83,7 +93,10 @@ def load_recipe(source: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str,
     import yaml
 
     with open(source, encoding="utf-8") as file:
-        loaded = yaml.load(file, Loader=_yaml_loader())  # a SafeLoader
+        try:
+            loaded = yaml.load(file, Loader=_yaml_loader())  # a SafeLoader
+        except ValueError as error:
+            raise ValueError(f"Invalid recipe file {os.fspath(source)!r}: {error}") from None
     if not isinstance(loaded, Mapping):
         raise ValueError(f"Invalid recipe file {os.fspath(source)!r}: expected a YAML mapping.")
     return dict(loaded)

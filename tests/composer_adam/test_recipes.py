@@ -191,6 +191,24 @@ def test_yaml_recipe_reads_exponents_as_numbers_and_refuses_unknown_arguments(
 
 
 @pytest.mark.bad_input
+def test_a_key_given_twice_in_a_yaml_recipe_is_refused(tmp_path: Path) -> None:
+    """PyYAML alone keeps the last of two `lr:` lines; OmegaConf (llm-foundry) refuses."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "optimizer:\n  name: adamkit_decoupled_adamw\n  lr: 6e-4\n  lr: 1e-3\n"
+        "scheduler:\n  name: constant\n"
+    )
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid recipe file {str(path)!r}: key(s) ['lr'] given more than once in the "
+            "mapping at line 2. Allowed: each key once."
+        ),
+    ):
+        composer_adam.build_optimizer(path, Block())
+
+
+@pytest.mark.bad_input
 def test_scheduler_recipe_and_its_errors() -> None:
     from composer.optim import CosineAnnealingWithWarmupScheduler
 
