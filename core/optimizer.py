@@ -10,12 +10,13 @@ add their own hyperparameters and per-step scalars.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import os
 import sys
 import warnings
 from abc import ABCMeta, abstractmethod
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -263,6 +264,18 @@ TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
 """Flags torch.optim's Adam, AdamW, RAdam and NAdam read from every group, at the values
 adamkit's steps compute (maximize=True state is refused on load)."""
 
+TORCH_EXECUTION_FLAGS = ("capturable", "differentiable")
+"""How torch stepped, not what was learnt: dropped from groups a checkpoint brings."""
+
+_UNSUPPORTED_TORCH_FLAGS = {
+    "maximize": "only minimizes; negate the loss to maximize",
+    "capturable": "reads step counts and hyperparameters on the host, so a CUDA graph "
+    "cannot capture its step",
+    "differentiable": "steps under no_grad, so nothing can differentiate through them",
+}
+"""torch.optim flags a group may carry (written by hand or by code written for torch),
+refused when set rather than ignored."""
+
 
 def torch_group_keys(group: dict[str, Any]) -> dict[str, Any]:
     """The keys torch.optim reads that adamkit's groups name differently or leave out, so a
@@ -288,8 +301,9 @@ def require(ok: bool, name: str, value: object, allowed: str, where: str = "") -
 
 
 def _is_number(value: object) -> bool:
-    """A real number a step can read on the host: an int or float (not a bool, nor an int
-    beyond float's range), or a one-element real, non-bool tensor with data."""
+    """A real number a step can read on the host: an int or float (numpy's included; not a
+    bool, nor an int beyond float's range), or a one-element real, non-bool tensor with
+    data."""
     if isinstance(value, Tensor):
         return (
             value.numel() == 1
@@ -297,7 +311,7 @@ def _is_number(value: object) -> bool:
             and value.dtype != torch.bool
             and not value.is_meta
         )
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's floats too
         return False
     try:
         float(value)
@@ -674,6 +688,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         validate_common_hyperparameters(group, where)
+        for key, why in _UNSUPPORTED_TORCH_FLAGS.items():
+            require(
+                not group.get(key, False),
+                key,
+                group.get(key),
+                f"False ({type(self).__name__} {why})",
+                where,
+            )
         self._validate_algorithm(group, where)
 
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
@@ -1160,6 +1182,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             with torch.enable_grad():
                 loss = closure()
         self._check_step_allowed(grad_scaler)
+        if type(self.state) is not StateTable:  # replaced (optimizer.state = defaultdict(dict))
+            self.state = StateTable(dict, self.state)
         if param is not None:
             self._step_one(param)
             return loss
@@ -1482,12 +1506,28 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         host scalars (step, mu_product) are restored from the saved values instead, as
         0-dim float32 CPU tensors, so no step ever reads a device tensor.
         """
+        # torch's order: pre-hooks (which may upgrade an old checkpoint) first, then the
+        # checks and loading, then post-hooks, which see the state as loaded here.
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for pre_hook in list(pre_hooks.values()):
+            state_dict = pre_hook(self, state_dict) or state_dict
         self._check_loadable(state_dict)
         execution = [{key: group[key] for key in EXECUTION_KEYS} for group in self.param_groups]
-        super().load_state_dict(state_dict)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for group, flags in zip(self.param_groups, execution, strict=True):
             group.update(flags)
             group.pop(CODE_FORMAT_KEY, None)  # a property of the saved codes, checked above
+            for key in TORCH_EXECUTION_FLAGS:
+                group.pop(key, None)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for saved_id, (param, group) in zip(saved_ids, params, strict=True):
@@ -1514,6 +1554,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             # holds what this optimizer keeps (an 8-bit checkpoint loaded with "full"
             # saves exp_avg/exp_avg_sq, which torch.optim reads).
             self._prepared_state(param, group)
+        for post_hook in list(post_hooks.values()):
+            post_hook(self)
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""
@@ -1548,12 +1590,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     f"{family}-type optimizer, whose exp_avg averages {averaged}; {name}'s "
                     f"averages {own_average}, so it cannot continue from it. Allowed: {allowed}."
                 )
-            if saved.get("maximize", False):
-                raise ValueError(
-                    f"Invalid maximize in param group {index} of the loaded state dict: True. "
-                    f"Allowed: False ({name} only minimizes)."
-                )
-            loaded = {key: value for key, value in saved.items() if key != "params"}
+            loaded = {
+                key: value
+                for key, value in saved.items()
+                if key != "params" and key not in TORCH_EXECUTION_FLAGS
+            }
             loaded.update({key: group[key] for key in EXECUTION_KEYS if key in group})
             self._complete_group(loaded)
             self._validate_group(loaded, f" in param group {index} of the loaded state dict")

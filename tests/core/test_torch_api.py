@@ -1,0 +1,207 @@
+"""What code written for torch.optim does with an optimizer, done to adamkit's: replacing
+the state table, load_state_dict hooks, torch-only flags in a param group, numpy scalars
+from a scheduler, OneCycleLR. Each with default flags and every backend, against
+torch.optim.AdamW where the math coincides."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import core
+from tests.core.cases import TRAINING_BACKENDS, make_batches, make_model
+
+HYPERPARAMETERS = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+"""torch's AdamW defaults besides lr: the same update in both libraries."""
+
+
+def _wide_model() -> nn.Module:
+    """A 64 x 80 weight, so state_precision='8bit' quantizes it (4096 elements or more)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 80), nn.Tanh(), nn.Linear(80, 3)
+    )
+
+
+def _steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    count: int,
+    between: Callable[[int], None] = lambda step: None,
+) -> list[torch.Tensor]:
+    """count steps over fixed batches, calling between(step) before each."""
+    for step, (x, y) in enumerate(make_batches(torch.float32, count)):
+        between(step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_replaced_state_table_trains_on_as_a_cleared_one(
+    backend: str, state_precision: str
+) -> None:
+    """`optimizer.state = defaultdict(dict)` (a common reset) used to crash the second
+    step after it: the step memo read a counter only adamkit's own table has."""
+    kwargs = {**HYPERPARAMETERS, **TRAINING_BACKENDS[backend], "state_precision": state_precision}
+    runs = []
+    for reset in ("replaced", "cleared", "torch"):
+        model = _wide_model()
+        if reset == "torch":
+            if state_precision == "8bit":
+                continue
+            optimizer: Any = torch.optim.AdamW(model.parameters(), **HYPERPARAMETERS)
+        else:
+            optimizer = core.AdamW(model.parameters(), **kwargs)
+
+        def restart(step: int, optimizer: Any = optimizer, reset: str = reset) -> None:
+            if step == 3:
+                if reset == "cleared":
+                    optimizer.state.clear()
+                else:
+                    optimizer.state = collections.defaultdict(dict)
+
+        runs.append(_steps(model, optimizer, 6, restart))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_load_state_dict_hooks_run_in_torchs_order(backend: str) -> None:
+    """A pre-hook sees the state dict before any check (here it upgrades a checkpoint
+    whose first moment was saved as 'm'), and a post-hook sees the state as loaded, its
+    changes kept (here it restarts the step count): as with torch.optim.AdamW. adamkit
+    used to check the dict before the pre-hooks and to restore step counts after the
+    post-hooks."""
+
+    def rename(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state = {
+            i: {("exp_avg" if k == "m" else k): v for k, v in s.items()}
+            for i, s in state_dict["state"].items()
+        }
+        return {**state_dict, "state": state}
+
+    def restart_steps(optimizer: Any) -> None:
+        for state in optimizer.state.values():
+            state["step"] = torch.zeros_like(state["step"])
+
+    source_model = make_model()
+    source = torch.optim.AdamW(source_model.parameters(), **HYPERPARAMETERS)
+    _steps(source_model, source, 3)
+    old_format = copy.deepcopy(source.state_dict())
+    for state in old_format["state"].values():
+        state["m"] = state.pop("exp_avg")
+
+    runs = []
+    for make in (
+        lambda params: torch.optim.AdamW(params, **HYPERPARAMETERS),
+        lambda params: core.AdamW(params, **HYPERPARAMETERS, **TRAINING_BACKENDS[backend]),
+    ):
+        model = make_model()
+        model.load_state_dict(source_model.state_dict())
+        optimizer = make(model.parameters())
+        optimizer.register_load_state_dict_pre_hook(rename)
+        optimizer.register_load_state_dict_post_hook(restart_steps)
+        optimizer.load_state_dict(copy.deepcopy(old_format))
+        assert all(float(s["step"]) == 0 for s in optimizer.state.values())
+        runs.append(_steps(model, optimizer, 3))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("flag", ["maximize", "capturable", "differentiable"])
+@pytest.mark.parametrize("how", ["constructor group", "add_param_group", "set by hand"])
+def test_torch_only_flags_in_a_group_are_refused_not_ignored(flag: str, how: str) -> None:
+    """Not constructor arguments (a TypeError), but a group can carry them: maximize=True
+    used to be ignored (the step minimized) and state_dict() saved it as False."""
+    model = make_model()
+    params = list(model.parameters())
+    where = "param group 1" if how == "add_param_group" else "param group 0"
+    message = re.escape(f"Invalid {flag} in {where}: True. Allowed: False (AdamW ")
+    if how == "constructor group":
+        with pytest.raises(ValueError, match=rf"^{message}"):
+            core.AdamW([{"params": params, flag: True}], lr=1e-2)
+        return
+    optimizer = core.AdamW(params[:2], lr=1e-2)
+    _steps(model, optimizer, 1)
+    before = (copy.deepcopy(optimizer.state_dict()), [p.detach().clone() for p in params])
+    if how == "add_param_group":
+        with pytest.raises(ValueError, match=rf"^{message}"):
+            optimizer.add_param_group({"params": params[2:], flag: True})
+        assert len(optimizer.param_groups) == 1
+        return
+    optimizer.param_groups[0][flag] = True
+    with pytest.raises(ValueError, match=rf"^{message}"):
+        _steps(model, optimizer, 1)
+    for p, saved in zip(params, before[1], strict=True):
+        assert torch.equal(p, saved)
+    assert optimizer.state_dict()["state"][0]["step"] == before[0]["state"][0]["step"]
+
+
+def test_a_torch_checkpoint_with_capturable_groups_loads_and_continues() -> None:
+    """capturable and differentiable say how torch stepped (CUDA graphs, autograd through
+    the step), not what was learnt: dropped on load, so a checkpoint from a GPU run with
+    capturable=True continues here as one without it."""
+    source_model = make_model()
+    source = torch.optim.AdamW(source_model.parameters(), **HYPERPARAMETERS)
+    _steps(source_model, source, 3)
+    saved = copy.deepcopy(source.state_dict())
+    for group in saved["param_groups"]:
+        group.update(capturable=True, differentiable=True)
+    runs = []
+    for cls in (torch.optim.AdamW, core.AdamW):
+        model = make_model()
+        model.load_state_dict(source_model.state_dict())
+        optimizer = cls(model.parameters(), **HYPERPARAMETERS)
+        optimizer.load_state_dict(
+            copy.deepcopy(source.state_dict()) if cls is torch.optim.AdamW else saved
+        )
+        runs.append(_steps(model, optimizer, 3))
+    assert not {"capturable", "differentiable"} & optimizer.param_groups[0].keys()
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_numpy_scalars_are_numbers(backend: str) -> None:
+    """A LambdaLR whose lambda returns np.float32 (numpy's cosine, say), and np.float32
+    betas: refused before as 'not a finite number'; now trained as their Python floats."""
+    runs = []
+    for scalar in (float, np.float32):
+        model = make_model()
+        optimizer = core.AdamW(
+            model.parameters(),
+            lr=1e-2,
+            betas=(scalar(0.9), scalar(0.999)),
+            **TRAINING_BACKENDS[backend],
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step, scalar=scalar: scalar(np.cos(0.1 * step))
+        )
+        runs.append(
+            _steps(model, optimizer, 4, lambda step, s=schedule: s.step() if step else None)
+        )
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def test_one_cycle_sets_the_peak_fully_decoupled_decay_is_relative_to() -> None:
+    """OneCycleLR writes its max_lr into every group, the key adamkit (as optimi) reads as
+    the peak of the schedule for fully decoupled decay: the decay follows OneCycle's peak,
+    whatever max_lr the optimizer was built with (documented)."""
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=1e-3, decouple_lr=True, max_lr=1e-3)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+    assert [g["max_lr"] for g in optimizer.param_groups] == [0.1]
