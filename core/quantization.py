@@ -309,7 +309,10 @@ def quantizable(param: Tensor) -> str | None:
 
     Only float32, bfloat16 and float16 parameters qualify (QUANTIZABLE_DTYPES): every
     backend steps 8-bit moments in fp32, which a float64 parameter would be stepped
-    beside in its own precision. DTensors qualify when their blocks are their shard's own
+    beside in its own precision. Nor do parameters whose rows are so short that codes and
+    a scale per row take as many bytes as the full moment (an (n, 1) fp32 weight: 5
+    bytes per element against 4; bf16 up to rows of 4), which would cost memory, and
+    accuracy, for nothing. DTensors qualify when their blocks are their shard's own
     (every placement Replicate or Shard(0), at least 2 dimensions); every rank decides
     alike, from the global size. FSDP1's flat parameters (and, with use_orig_params, the
     pieces of them it hands out as parameters) never qualify: see FSDP1_FULL_PRECISION.
@@ -320,6 +323,14 @@ def quantizable(param: Tensor) -> str | None:
         return f"fewer than {MIN_QUANTIZED_NUMEL} elements"
     if param.dtype not in QUANTIZABLE_DTYPES:
         return f"dtype {param.dtype}"
+    rows, row_length = block_shape(param.shape)
+    quantized_bytes = row_length + 4 * absmax_shape(param.shape)[1]
+    if quantized_bytes >= row_length * param.element_size():
+        return (
+            f"rows of {row_length} element(s), whose 8-bit codes and fp32 block scale take "
+            f"{quantized_bytes} bytes per row, no fewer than the "
+            f"{row_length * param.element_size()} of a full-precision {param.dtype} moment"
+        )
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(param, dtensor):
         rows_only = all(

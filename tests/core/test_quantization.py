@@ -4,6 +4,7 @@ its maps, and optimizers with state_precision="8bit" against full precision."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 import core
 from core import quantization as q
-from tests.core.cases import one_case_per_algorithm
+from tests.core.cases import TRAINING_BACKENDS, one_case_per_algorithm
 
 ALGORITHMS = {case.id: case for case in one_case_per_algorithm()}
 
@@ -413,6 +414,60 @@ def test_empty_shards_quantize_to_empty_codes_and_scales_of_their_rows(shape: tu
     assert absmax.shape == q.absmax_shape(shape)
     assert q.dequantize(codes, absmax, signed=True).shape == shape
     assert q.absmax_shape((0, 1100)) == (0, 5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "row", "quantized"),
+    [
+        (torch.float32, 1, False),
+        (torch.float32, 2, True),
+        (torch.bfloat16, 4, False),
+        (torch.bfloat16, 8, True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_rows_too_short_for_their_scales_keep_full_precision_state(
+    backend: str, dtype: torch.dtype, row: int, quantized: bool
+) -> None:
+    """A block never straddles rows, so an (n, 1) weight would pay a 4-byte scale per code:
+    5 bytes per element per moment against fp32's 4 (bf16: up to rows of 4). It used to
+    be quantized anyway (10 bytes per parameter for m and v); now 8-bit state is kept
+    only where it is smaller, and an 8-bit checkpoint of such a weight (earlier versions
+    wrote them) loads by dequantizing."""
+    param = nn.Parameter(torch.randn(8192 // row, row).to(dtype))
+    make = functools.partial(
+        core.AdamW, lr=1e-3, state_precision="8bit", **TRAINING_BACKENDS[backend]
+    )
+    optimizer = make([param])
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    state = optimizer.state[param]
+    assert ("exp_avg_codes" in state) is quantized and ("exp_avg" in state) is not quantized
+    moment_bytes = sum(
+        v.numel() * v.element_size() for k, v in state.items() if k.startswith("exp_avg")
+    )
+    full_bytes = 2 * param.numel() * param.element_size()
+    assert moment_bytes < full_bytes if quantized else moment_bytes == full_bytes
+    if quantized:
+        return
+    codes, absmax = q.quantize(state["exp_avg"].float(), signed=True)
+    sq_codes, sq_absmax = q.quantize(state["exp_avg_sq"].float(), signed=False)
+    saved = optimizer.state_dict()
+    saved["state"][0] = {
+        "step": state["step"].clone(),
+        "exp_avg_codes": codes,
+        "exp_avg_absmax": absmax,
+        "exp_avg_sq_codes": sq_codes,
+        "exp_avg_sq_absmax": sq_absmax,
+    }
+    saved["param_groups"][0][q.CODE_FORMAT_KEY] = q.CODE_FORMAT
+    reloaded = make([param])
+    reloaded.load_state_dict(saved)
+    loaded = reloaded.state[param]
+    assert "exp_avg_codes" not in loaded and loaded["exp_avg"].dtype == dtype
+    expected = q.dequantize(codes, absmax, signed=True).to(dtype)
+    torch.testing.assert_close(loaded["exp_avg"], expected, atol=0, rtol=0)
 
 
 def test_small_complex_and_integer_parameters_keep_full_precision_state() -> None:
