@@ -243,10 +243,19 @@ scales (core.quantization)."""
 NON_NEGATIVE_MOMENTS = frozenset(MOMENT_STATE) - SIGNED_KEYS
 """Averages of squares: a negative value is no state any step wrote."""
 
-EXECUTION_KEYS = ("foreach", "fused", "gradient_release", "state_precision")
+EXECUTION_KEYS = (
+    "foreach",
+    "fused",
+    "gradient_release",
+    "state_precision",
+    "kahan_sum",
+    "stochastic_rounding",
+)
 """Group keys that choose how a step runs and its state is stored, not what was learnt:
 on load the running optimizer keeps its own, so a checkpoint can be resumed on another
-backend, and 8-bit state continues in full precision (or back) by de/quantizing."""
+backend, 8-bit state continues in full precision (or back) by de/quantizing, and bf16
+parameters continue with the rounding the running optimizer asks for (a Kahan buffer
+it does not use is dropped: at most one rounding of each parameter is lost)."""
 
 
 MOMENT_FAMILIES = {
@@ -837,8 +846,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     )
                 else:
                     state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if "kahan_comp" not in state and self._uses_kahan(group, param):
-            state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if self._uses_kahan(group, param):
+            if "kahan_comp" not in state:
+                state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        else:  # Kahan turned off (a resumed run's choice): the buffer would only take memory
+            state.pop("kahan_comp", None)
         return state
 
     def _prepared_states(self, params: list[Tensor], group: dict[str, Any]) -> list[dict[str, Any]]:

@@ -323,7 +323,7 @@ def quantizable(param: Tensor) -> str | None:
         return f"fewer than {MIN_QUANTIZED_NUMEL} elements"
     if param.dtype not in QUANTIZABLE_DTYPES:
         return f"dtype {param.dtype}"
-    rows, row_length = block_shape(param.shape)
+    _, row_length = block_shape(param.shape)
     quantized_bytes = row_length + 4 * absmax_shape(param.shape)[1]
     if quantized_bytes >= row_length * param.element_size():
         return (

@@ -288,7 +288,9 @@ class OptimizerMonitor(L.Callback):
     Under ModelParallelStrategy parameters, gradients and state are DTensor shards: every
     rank computes the norms (each a reduction over ranks, taken in the same order
     everywhere) and rank zero logs the global values. Refused under FSDPStrategy (FSDP1,
-    GPU only), whose flat local shards this callback cannot see whole.
+    GPU only), whose flat local shards this callback cannot see whole, and with more than
+    one optimizer (manual optimization), whose steps Lightning's global_step counts
+    together.
 
     Args:
         every_n_steps: Log every this many optimizer steps; None uses the Trainer's
@@ -321,6 +323,17 @@ class OptimizerMonitor(L.Callback):
                 "Allowed: single-device, DDP ('auto', 'ddp', 'ddp_spawn') or "
                 "ModelParallelStrategy (FSDP2, whose DTensor norms every rank computes "
                 "together); FSDPStrategy's flat shards are not seen whole here."
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if len(trainer.optimizers) > 1:
+            names = [type(optimizer).__name__ for optimizer in trainer.optimizers]
+            raise ValueError(
+                f"Invalid optimizers for OptimizerMonitor: {len(names)} ({names}). Allowed: "
+                "one. With several (manual optimization), Lightning's global_step counts "
+                "every optimizer's steps, so 'every n steps' would skip batches and one "
+                "optimizer's parameters; log core.metrics.parameter_metrics(optimizer, "
+                "param, name, metrics) for each from training_step instead."
             )
 
     def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:

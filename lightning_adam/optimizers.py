@@ -275,7 +275,8 @@ def _trainer_of(module: nn.Module) -> Any:
         trainer is not None,
         "scheduler total_steps",
         None,
-        "an int when the module is not attached to a Trainer "
-        "(call configure_optimizers from inside LightningModule.configure_optimizers)",
+        f"an int when the module is not a LightningModule attached to a Trainer (here a "
+        f"{type(module).__name__}): pass the LightningModule itself (self) from inside "
+        "LightningModule.configure_optimizers, or set the schedule's total_steps",
     )
     return trainer

@@ -160,7 +160,9 @@ class LRSchedule:
             "total_steps",
             None,
             f"an int when the trainer does not bound training ({source} is {total}); "
-            "set total_steps, or max_steps / max_epochs on the Trainer",
+            "set total_steps, or "
+            + ("max_epochs" if self.interval == "epoch" else "max_steps or max_epochs")
+            + " on the Trainer",
         )
         steps = int(total) // self.frequency
         require(

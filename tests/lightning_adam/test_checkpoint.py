@@ -66,3 +66,49 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(
         assert all("kahan_comp" in state for state in states[1].values())
     schedulers = [t.lr_scheduler_configs[0].scheduler for t in (full, again)]
     assert schedulers[0].get_last_lr() == schedulers[1].get_last_lr()
+
+
+SWITCHES = {
+    "kahan-off": {"kahan_sum": False},
+    "stochastic-on": {"stochastic_rounding": True},
+}
+"""What a resumed bf16-true run may ask for instead of the checkpoint's Kahan compensation."""
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_resume_takes_the_running_rounding_flags_not_the_checkpoints(
+    switch: str, backend: str, tmp_path: Path
+) -> None:
+    """Resumed with `--optimizer.kahan_sum=false` or `stochastic_rounding=true` (the run's
+    hparams say so), the run rounds as asked, like the backend flags and state_precision:
+    equal to resuming from the same checkpoint edited by hand (flags set, the Kahan buffer
+    removed). The checkpoint's flags used to win, silently."""
+    kwargs = {**OPTIMIZERS["AdamW"], **BACKENDS[backend]}
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    _fit(
+        Regression(scheduler=SCHEDULE, **kwargs),
+        "bf16-true",
+        callbacks=[saver],
+        enable_checkpointing=True,
+    )
+    checkpoint = tmp_path / f"epoch={RESUME_AFTER - 1}.ckpt"
+    edited = torch.load(checkpoint, weights_only=False)
+    optimizer_state = edited["optimizer_states"][0]
+    for group in optimizer_state["param_groups"]:
+        group.update(SWITCHES[switch])
+    for state in optimizer_state["state"].values():
+        del state["kahan_comp"]
+    torch.save(edited, tmp_path / "edited.ckpt")
+
+    runs = []
+    for path in (checkpoint, tmp_path / "edited.ckpt"):
+        model = Regression(scheduler=SCHEDULE, **kwargs, **SWITCHES[switch])
+        trainer = _fit(model, "bf16-true", ckpt_path=path)
+        optimizer = trainer.optimizers[0]
+        for group in optimizer.param_groups:
+            assert all(group[key] == value for key, value in SWITCHES[switch].items())
+        assert not any("kahan_comp" in state for state in optimizer.state.values())
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

@@ -318,6 +318,30 @@ def test_unbounded_trainer_needs_total_steps() -> None:
 
 
 @pytest.mark.bad_input
+def test_an_epoch_schedule_under_max_steps_is_told_to_set_max_epochs() -> None:
+    """The advice was 'max_steps / max_epochs', and max_steps was set already."""
+    model = Regression(scheduler={"kind": "cosine", "interval": "epoch"}, lr=1e-2)
+    trainer = make_trainer(max_steps=8, max_epochs=-1)
+    with pytest.raises(
+        ValueError,
+        match=r"\(trainer\.max_epochs is -1\); set total_steps, or max_epochs on the Trainer\.$",
+    ):
+        trainer.fit(model, loader(regression_data(64)))
+
+
+@pytest.mark.bad_input
+def test_a_schedule_for_a_submodule_outside_a_trainer_names_the_module() -> None:
+    """A GAN's configure_optimizers(self.generator, ...) with a schedule: the message said
+    'call it from inside configure_optimizers', where it was called."""
+    with pytest.raises(
+        ValueError,
+        match=r"not a LightningModule attached to a Trainer \(here a Sequential\): pass the "
+        r"LightningModule itself",
+    ):
+        configure_optimizers(nn.Sequential(nn.Linear(2, 2)), "AdamW", scheduler="cosine", lr=1e-2)
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

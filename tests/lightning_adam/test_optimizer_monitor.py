@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+import core
 from lightning_adam import GradientRelease, OptimizerMonitor
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
@@ -160,6 +161,40 @@ def test_global_only_and_trainer_interval(tmp_path: Path) -> None:
 def test_bad_interval_is_refused(every: object) -> None:
     with pytest.raises(ValueError, match=rf"Invalid every_n_steps: {every!r}\. Allowed: None"):
         OptimizerMonitor(every_n_steps=every)  # type: ignore[arg-type]
+
+
+class TwoOptimizers(L.LightningModule):
+    """GAN-style: manual optimization, one core optimizer per half of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.first, self.second = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+
+    def training_step(self, batch: Any, index: int) -> None:
+        x, y = batch
+        for optimizer, layer in zip(self.optimizers(), (self.first, self.second), strict=True):
+            optimizer.zero_grad()
+            self.manual_backward(torch.nn.functional.mse_loss(layer(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            core.AdamW(self.first.parameters(), lr=1e-2),
+            core.AdamW(self.second.parameters(), lr=1e-2),
+        ]
+
+
+@pytest.mark.bad_input
+def test_several_optimizers_are_refused() -> None:
+    """global_step counts both optimizers' steps: an even interval never logged, and the
+    second optimizer's parameters were never seen. Refused at fit start, by name."""
+    trainer = make_trainer(max_steps=4, callbacks=[OptimizerMonitor(every_n_steps=2)])
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid optimizers for OptimizerMonitor: 2 \(\['AdamW', 'AdamW'\]\)\. Allowed: one",
+    ):
+        trainer.fit(TwoOptimizers(), loader(regression_data(64)))
 
 
 @pytest.mark.bad_input
