@@ -1116,6 +1116,38 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 f"its grad dtype ({dtypes}), as autograd makes it."
             )
 
+    def _check_state_shapes(self, group: dict[str, Any], params: list[Tensor], where: str) -> None:
+        """Refuse, before anything changes, state laid out for another shape than its
+        parameter's (a parameter replaced through `.data` by one of another shape with as
+        many elements): the loop and foreach backends fail on it halfway, and the fused
+        ones would pair elements by memory order and decode 8-bit codes with another
+        block's scale. Runs where a step cannot reuse its memo (a replaced parameter
+        never can)."""
+        for param in params:
+            state = self.state.get(param)
+            if not state:
+                continue
+            shape = param.shape
+            for key, value in state.items():
+                if not isinstance(value, Tensor) or value.dim() == 0:
+                    continue
+                if key in _SCALE_KEYS:
+                    expected = absmax_shape(shape)
+                    if tuple(value.shape) == expected:
+                        continue
+                elif key in _PARAMETER_SHAPED_STATE and value.shape != shape:
+                    expected = tuple(shape)
+                else:
+                    continue
+                index = next(i for i, member in enumerate(group["params"]) if member is param)
+                raise ValueError(
+                    f"Invalid state of params[{index}]{where}: {key} of shape "
+                    f"{tuple(value.shape)} beside a parameter of shape {tuple(shape)}. Allowed: "
+                    f"shape {expected}, as state is made for this parameter (one replaced by "
+                    "a parameter of another shape needs its state cleared: del "
+                    "optimizer.state[param])."
+                )
+
     def _group_of(self, param: Tensor) -> tuple[int, dict[str, Any]]:
         """The live group holding param: rebuilt whenever param_groups is replaced or grows
         (load_state_dict, add_param_group, a framework rebuilding groups), so a schedule
@@ -1215,6 +1247,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 memos.pop(id(group), None)  # nor is it held any longer
                 self._check_fused_possible(group, where)
                 self._check_gradients(group, params, grads, where)
+                self._check_state_shapes(group, params, where)
             work.append((group, params, grads, memo))
         for group, params, grads, memo in work:
             if memo is not None:
@@ -1285,6 +1318,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return
         memos.pop(id(param), None)
         self._check_gradients(group, [param], [grad], where)
+        self._check_state_shapes(group, [param], where)
         self._update_and_memoize(memos, id(param), group, [param], [grad])
 
     def _update_and_memoize(
@@ -1557,10 +1591,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 # uint8 codes and fp32 scales (what the fused kernels address).
                 for name, dtype in zip(moment_keys(key), (torch.uint8, torch.float32), strict=True):
                     if isinstance(saved_state.get(name), Tensor):
+                        # Contiguous, as the format makes them: a strided copy from a
+                        # checkpoint would send every later step past the fused kernels.
                         state[name] = (
                             saved_state[name]
                             .detach()
                             .to(device=state[name].device, dtype=dtype, copy=True)
+                            .contiguous()
                         )
             # Converted now, not at the next step: a state_dict() taken right after loading
             # holds what this optimizer keeps (an 8-bit checkpoint loaded with "full"
@@ -1730,14 +1767,15 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             if not value.is_floating_point():
                 refuse(key, f"has dtype {value.dtype}", "a floating dtype")
             local = _local(value)
-            # NaN is a scale the format writes (a block that held a non-finite value)
-            wrong = (local < 0) | torch.isinf(local)
+            # NaN is a scale the format writes (a block that held a non-finite value); a
+            # finite float64 scale beyond float32's range would load as inf.
+            wrong = (local < 0) | torch.isinf(local.float())
             if bool(wrong.any()):
                 refuse(
                     key,
                     f"holds {float(local[wrong][0])}",
-                    "scales >= 0 and not infinite (a block's largest magnitude, NaN for a "
-                    "block that held a non-finite value)",
+                    "scales >= 0 and finite in float32, the dtype they are kept in (a "
+                    "block's largest magnitude, NaN for a block that held a non-finite value)",
                 )
         if key in NON_NEGATIVE_MOMENTS and value.is_floating_point():
             local = _local(value)
@@ -1773,6 +1811,14 @@ def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> None:
         optimizer._step_one(param)
     finally:
         torch._C._set_grad_enabled(grad_enabled)
+
+
+_PARAMETER_SHAPED_STATE = frozenset(
+    [*MOMENT_STATE, "kahan_comp", *(moment_keys(key)[0] for key in MOMENT_STATE)]
+)
+"""State tensors laid out like their parameter (8-bit codes included)."""
+_SCALE_KEYS = frozenset(moment_keys(key)[1] for key in MOMENT_STATE)
+"""8-bit scales: (rows, blocks per row) of their parameter (core.quantization)."""
 
 
 _INTERNAL_FILES = (

@@ -5,10 +5,14 @@ gradient on some steps, and mixed dtypes in one group. Each backend equals the l
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
 from torch import Tensor, nn
 
+import core
 from tests.core.cases import BACKENDS, Case, one_case_per_algorithm
 from tests.core.test_fused import LOW_PRECISION, _ordered
 
@@ -115,3 +119,47 @@ def test_tied_frozen_and_gradless_parameters_step_as_often_as_they_should() -> N
     # stepped on steps 0 and 2 only
     assert float(optimizer.state[model.sometimes]["step"]) == 2.0
     assert float(optimizer.state[model.embed.weight]["step"]) == 3.0
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_state_of_a_parameter_replaced_by_another_shape_is_refused_before_any_change(
+    backend: str, state_precision: str
+) -> None:
+    """`p.data = ` a tensor of another shape with as many elements: the loop and foreach
+    backends failed halfway with torch's broadcast error, and the fused ones stepped,
+    pairing state elements by memory order (8-bit codes decoded with another block's
+    scale). Refused on every backend, naming the state, before anything changes; once
+    the state is cleared the parameter trains on."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(32, 384))
+    other = nn.Parameter(torch.randn(8))
+    optimizer = core.AdamW(
+        [other, weight],
+        lr=1e-3,
+        state_precision=state_precision,
+        **({} if backend == "default" else BACKENDS[backend]),
+    )
+    for _ in range(2):
+        for p in (weight, other):
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    weight.data = torch.randn(64, 192)
+    for p in (weight, other):
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in (weight, other)], copy.deepcopy(optimizer.state_dict())
+    key = "exp_avg_codes" if state_precision == "8bit" else "exp_avg"
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid state of params[1] in param group 0: {key} of shape (32, 384) beside a "
+            "parameter of shape (64, 192). Allowed: shape (64, 192)"
+        ),
+    ):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip((weight, other), before[0], strict=True))
+    assert optimizer.state_dict()["state"][0]["step"] == before[1]["state"][0]["step"]
+    del optimizer.state[weight]
+    optimizer.step()
+    assert float(optimizer.state[weight]["step"]) == 1.0

@@ -342,7 +342,12 @@ BAD_STATE_VALUES = {
     "scales-infinite": (
         "8bit",
         _corrupt("exp_avg_absmax", torch.full((64, 1), float("inf"))),
-        r"\['exp_avg_absmax'\] holds inf\. Allowed: scales >= 0 and not infinite",
+        r"\['exp_avg_absmax'\] holds inf\. Allowed: scales >= 0 and finite in float32",
+    ),
+    "scales-beyond-float32": (  # finite as saved, inf once kept as float32: loaded before
+        "8bit",
+        _corrupt("exp_avg_absmax", torch.full((64, 1), 1e300, dtype=torch.float64)),
+        r"\['exp_avg_absmax'\] holds 1e\+300\. Allowed: scales >= 0 and finite in float32",
     ),
     "v-negative": (
         "full",
@@ -416,3 +421,35 @@ def test_state_values_a_step_cannot_read_are_refused_before_loading(bad: str) ->
     with pytest.raises(ValueError, match=r"Invalid state_dict for AdamW: state\[0\]" + message):
         optimizer.load_state_dict(saved)
     assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_strided_8bit_codes_and_scales_in_a_checkpoint_load_contiguous(backend: str) -> None:
+    """A checkpoint may hold codes and scales as strided views (written by other code, or
+    transposed and back). They load contiguous, as the format makes them: kept strided,
+    every later step of the parameter skipped the fused kernels. Training continues as
+    from the same checkpoint held contiguously."""
+    runs = []
+    for strided in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(128, 64)
+        optimizer = core.AdamW(
+            model.parameters(), lr=LR, state_precision="8bit", **TRAINING_BACKENDS[backend]
+        )
+        model(torch.randn(4, 128, generator=torch.Generator().manual_seed(0))).sum().backward()
+        optimizer.step()
+        saved = copy.deepcopy(optimizer.state_dict())
+        if strided:
+            for key in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes"):
+                value = saved["state"][0][key]
+                saved["state"][0][key] = value.t().contiguous().t()
+                assert not saved["state"][0][key].is_contiguous() or value.shape[1] == 1
+        optimizer.load_state_dict(saved)
+        state = optimizer.state[model.weight]
+        assert all(
+            state[key].is_contiguous() for key in state if key.endswith(("_codes", "_absmax"))
+        )
+        optimizer.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
