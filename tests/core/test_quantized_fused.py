@@ -697,7 +697,12 @@ def test_a_state_of_the_wrong_size_is_refused_by_the_optimizer() -> None:
     params[0].grad = torch.ones_like(params[0])
     optimizer.step()
     optimizer.state[params[0]]["exp_avg_absmax"] = torch.zeros(20, 1)
-    with pytest.raises(ValueError, match=r"Invalid exp_avg\[0\] .*absmax of 20 elements"):
+    # The optimizer's own check of state against its parameter's shape, before the kernel's.
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid state of params\[0\] in param group 0: exp_avg_absmax of shape "
+        r"\(20, 1\) beside a parameter of shape \(20, 300\)\. Allowed: shape \(20, 2\)",
+    ):
         optimizer.step()
 
 
