@@ -271,4 +271,41 @@ def build_scheduler(config: Mapping[str, Any] | str | os.PathLike[str]) -> Any:
             f"Invalid {cls.__name__} recipe: missing key(s) {missing}. "
             f"Required: {', '.join(required)}."
         )
+    _check_scheduler_values(cls, recipe)
     return cls(**recipe)
+
+
+def _check_scheduler_values(cls: type, recipe: Mapping[str, Any]) -> None:
+    """Refuse values of the wrong kind by key, at build time: Composer takes them as given
+    and fails at the first batch (`t_warmup: 10`, an int, raised AttributeError there).
+    The kinds are read from the scheduler's own annotations: times, numbers, flags."""
+    from composer.core import Time
+
+    parameters = inspect.signature(cls.__init__).parameters
+    for name, value in recipe.items():
+        annotation = str(parameters[name].annotation)
+        if "Time" in annotation:
+            allowed = "a Composer time string such as '100ba', '1ep' or '0.1dur'"
+            valid = isinstance(value, Time) or (isinstance(value, str) and _is_time(value))
+        elif annotation in ("float", "<class 'float'>"):
+            allowed = "a number"
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif annotation in ("bool", "<class 'bool'>"):
+            allowed = "true or false"
+            valid = isinstance(value, bool)
+        else:
+            continue
+        if not valid:
+            raise ValueError(
+                f"Invalid {cls.__name__} recipe: {name}={value!r}. Allowed: {allowed}."
+            )
+
+
+def _is_time(text: str) -> bool:
+    from composer.core import Time
+
+    try:
+        Time.from_timestring(text)
+    except ValueError:
+        return False
+    return True

@@ -209,6 +209,35 @@ def test_a_key_given_twice_in_a_yaml_recipe_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("t_warmup", 10, "a Composer time string such as '100ba', '1ep' or '0.1dur'"),
+        ("t_warmup", "10", "a Composer time string such as '100ba', '1ep' or '0.1dur'"),
+        ("alpha_f", "0.1", "a number"),
+        ("scale_warmup", "yes", "true or false"),
+    ],
+    ids=["int-time", "unitless-time", "text-number", "text-flag"],
+)
+def test_scheduler_values_of_the_wrong_kind_are_refused_when_built(
+    key: str, value: object, allowed: str
+) -> None:
+    """Composer takes them as given and fails at the first batch (an int t_warmup raised
+    AttributeError: 'int' object has no attribute 'unit' there)."""
+    recipe = {"name": "cosine_with_warmup", "t_warmup": "5ba", key: value}
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid CosineAnnealingWithWarmupScheduler recipe: {key}={value!r}. "
+            f"Allowed: {allowed}."
+        ),
+    ):
+        composer_adam.build_scheduler(recipe)
+    good = {"t_warmup": "0.1dur", "alpha_f": 0, "scale_warmup": True}
+    composer_adam.build_scheduler({**recipe, key: good[key]})
+
+
+@pytest.mark.bad_input
 def test_scheduler_recipe_and_its_errors() -> None:
     from composer.optim import CosineAnnealingWithWarmupScheduler
 
