@@ -1233,8 +1233,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return loss
         self._last_kahan_answer = None  # good for one step: dtypes may change between steps
         released = self.released_params
-        if not self.__dict__.get("_release_seen"):
-            self._warn_if_release_has_no_hooks(released)
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
         self._drop_stale_memos()
         work = []
@@ -1249,6 +1247,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._check_gradients(group, params, grads, where)
                 self._check_state_shapes(group, params, where)
             work.append((group, params, grads, memo))
+        if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
+            self._warn_if_release_has_no_hooks(released)
         for group, params, grads, memo in work:
             if memo is not None:
                 self._update_memoized(memo, grads)

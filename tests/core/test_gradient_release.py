@@ -134,6 +134,14 @@ def test_release_without_hooks_warns_once_where_it_would_train() -> None:
         warnings.simplefilter("error")
         steps(optimizer, model, 1)
 
+    # The group checks come first: a bad lr is named as such (the warning's own reading
+    # of lr used to fail first, with "could not convert string to float").
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    optimizer.param_groups[0]["lr"] = "abc"
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 0: 'abc'\. Allowed"):
+        steps(optimizer, model, 1)
+
 
 ACCUMULATING = {
     "AdamW": lambda params, release: core.AdamW(params, lr=LR, gradient_release=release),

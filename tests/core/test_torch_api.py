@@ -200,8 +200,15 @@ def test_numpy_scalars_are_numbers(backend: str) -> None:
 def test_one_cycle_sets_the_peak_fully_decoupled_decay_is_relative_to() -> None:
     """OneCycleLR writes its max_lr into every group, the key adamkit (as optimi) reads as
     the peak of the schedule for fully decoupled decay: the decay follows OneCycle's peak,
-    whatever max_lr the optimizer was built with (documented)."""
-    model = make_model()
-    optimizer = core.AdamW(model.parameters(), lr=1e-3, decouple_lr=True, max_lr=1e-3)
+    whatever max_lr the optimizer was built with (documented). With zero gradients the
+    step is the decay alone: θ · (1 − weight_decay · lr / max_lr), max_lr OneCycle's 0.1."""
+    weight = nn.Parameter(torch.randn(4, 3))
+    optimizer = core.AdamW([weight], lr=1e-3, weight_decay=1e-2, decouple_lr=True, max_lr=1e-3)
     torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
-    assert [g["max_lr"] for g in optimizer.param_groups] == [0.1]
+    lr = optimizer.param_groups[0]["lr"]
+    before = weight.detach().clone()
+    weight.grad = torch.zeros_like(weight)
+    optimizer.step()
+    expected = before * (1 - 1e-2 * lr / 0.1)
+    torch.testing.assert_close(weight.detach(), expected, atol=0, rtol=1e-6)
+    assert not torch.allclose(weight.detach(), before * (1 - 1e-2 * lr / 1e-3))
