@@ -96,8 +96,7 @@ def _has_other_hooks(param: Tensor) -> bool:
 def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[Tensor], None]:
     def step_and_free(param: Tensor) -> None:
         optimizer = optimizer_ref()
-        if optimizer is not None:
-            step_released_param(optimizer, param)
+        if optimizer is not None and step_released_param(optimizer, param):
             optimizer.zero_grad(param=param)
 
     return step_and_free

@@ -1149,21 +1149,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 )
 
     def _group_of(self, param: Tensor) -> tuple[int, dict[str, Any]]:
-        """The live group holding param: rebuilt whenever param_groups is replaced or grows
-        (load_state_dict, add_param_group, a framework rebuilding groups), so a schedule
-        that writes group["lr"] always reaches per-parameter steps."""
-        key = tuple(map(id, self.param_groups))
-        found = (
-            self._group_index.get(param) if self.__dict__.get("_group_index_key") == key else None
-        )
-        if found is None:
-            self._group_index = {
-                p: (index, group)
-                for index, group in enumerate(self.param_groups)
-                for p in group["params"]
-            }
-            self._group_index_key = key
-            found = self._group_index.get(param)
+        """The live group holding param, or a ValueError naming it."""
+        found = self._find_group(param)
         if found is None:
             what = (
                 f"a tensor of shape {tuple(param.shape)}"
@@ -1175,6 +1162,31 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "optimizer's param groups. Allowed: one of its parameters, or None."
             )
         return found
+
+    def _find_group(self, param: Tensor) -> tuple[int, dict[str, Any]] | None:
+        """The live group holding param, None if none does. The index is rebuilt whenever
+        param_groups or a group's params list is replaced, grows or shrinks (load_state_dict,
+        add_param_group, layer freezing, module surgery), and an entry is trusted only while
+        its parameter is still at its position: a schedule that writes group["lr"] always
+        reaches per-parameter steps, and a parameter taken out of the groups is never
+        stepped with its old group's hyperparameters."""
+        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in self.param_groups)
+        fresh = self.__dict__.get("_group_index_key") != key
+        for _ in range(2):
+            if fresh:
+                self._group_index = {
+                    p: (index, group, position)
+                    for index, group in enumerate(self.param_groups)
+                    for position, p in enumerate(group["params"])
+                }
+                self._group_index_key = key
+            found = self._group_index.get(param)
+            if found is not None and found[1]["params"][found[2]] is param:
+                return found[0], found[1]
+            if fresh:
+                return None
+            fresh = True  # a miss, or a parameter swapped in place: look again afresh
+        return None
 
     def _rounding_streams(self) -> dict[Tensor, int]:
         """Each parameter's position among all of this optimizer's: its stream of random
@@ -1298,16 +1310,25 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             for key in [key for key in param_memos if key not in live]:
                 del param_memos[key]
 
-    def _step_one(self, param: Tensor) -> None:
+    def _step_one(self, param: Tensor, *, held_only: bool = False) -> bool:
         """step(param=p), as gradient release calls it inside backward: with a memo per
-        parameter (see StepMemo), so a released step costs little more than its launch."""
+        parameter (see StepMemo), so a released step costs little more than its launch.
+
+        A parameter in no param group is refused by name, or with held_only (a release hook
+        of a parameter since taken out of the groups) left alone, its gradient kept as
+        for any parameter the optimizer does not hold. Returns whether param is held."""
         self._last_kahan_answer = None
-        index, group = self._group_of(param)
+        found = self._find_group(param)
+        if found is None:
+            if held_only:
+                return False
+            found = self._group_of(param)  # raises, naming param
+        index, group = found
         where = f" in param group {index}"
         passed = self._validate_stepped_group(group, where)
         grad = param.grad
         if grad is None:
-            return
+            return True
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_param_memos", {})
         memo = self._checked_memo(memos.get(id(param)), group, [param], [grad])
         if memo is not None:
@@ -1315,11 +1336,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._update_memoized(memo, [grad])
             elif not self._replayed(memo, passed, grad):
                 self._update_and_record(memo, passed, grad)
-            return
+            return True
         memos.pop(id(param), None)
         self._check_gradients(group, [param], [grad], where)
         self._check_state_shapes(group, [param], where)
         self._update_and_memoize(memos, id(param), group, [param], [grad])
+        return True
 
     def _update_and_memoize(
         self,
@@ -1798,17 +1820,21 @@ def _expected_state_shapes(param: Tensor) -> dict[str, torch.Size]:
 
 
 @torch.compiler.disable
-def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> None:
+def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
     """Update param alone from its gradient: what a gradient-release hook calls inside
     backward. It is optimizer.step(param=param) without torch's per-call wrapper (step
     hooks and a profiler range, ~12 µs a call): those belong to the training step's
     optimizer.step(), which still runs them once per step. Kept out of torch.compile
-    graphs as _eager_step is."""
+    graphs as _eager_step is.
+
+    Returns False, touching nothing, for a parameter the optimizer no longer holds (taken
+    out of its param groups after its hook was registered): the caller then keeps its
+    gradient, as torch keeps a gradient no optimizer steps."""
     optimizer._check_step_allowed(None)
     grad_enabled = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # torch.no_grad() without its object (~1 µs)
     try:
-        optimizer._step_one(param)
+        return optimizer._step_one(param, held_only=True)
     finally:
         torch._C._set_grad_enabled(grad_enabled)
 

@@ -68,6 +68,7 @@ class GradientRelease(L.Callback):
 
     def _reset(self) -> None:
         self._optimizer: core.AdamFamilyOptimizer | None = None
+        self._default_release = False  # the optimizer's own default, restored at teardown
         self._released: set[torch.Tensor] = set()
         self._module: torch.nn.Module | None = None
         self._local = False  # released by core's hooks (not from DDP's communication hook)
@@ -115,6 +116,9 @@ class GradientRelease(L.Callback):
             _check_sharded(pl_module)
         for group in optimizer.param_groups:
             group["gradient_release"] = True
+        # A group added mid-fit (BackboneFinetuning's add_param_group) is released too.
+        self._default_release = optimizer.defaults.get("gradient_release", False)
+        optimizer.defaults["gradient_release"] = True
         wrapped = trainer.strategy.model
         if isinstance(wrapped, DistributedDataParallel):
             self._released = _step_after_all_reduce(wrapped, optimizer)
@@ -148,6 +152,7 @@ class GradientRelease(L.Callback):
         if self._optimizer is not None:
             self._optimizer.released_params.difference_update(self._released)
             self._optimizer.optimizer_accumulation = False
+            self._optimizer.defaults["gradient_release"] = self._default_release
         self._reset()
 
     # -- accumulation windows, in step with Lightning's own decision --------------------------

@@ -43,9 +43,41 @@ class CosineToFloor(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        _follow_added_groups(self.optimizer, [self])
         progress = min(max(self.last_epoch, 0), self.total_iters) / self.total_iters
         factor = self.floor_ratio + (1 - self.floor_ratio) * (1 + math.cos(math.pi * progress)) / 2
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+def _follow_added_groups(optimizer: Optimizer, schedulers: list[LRScheduler]) -> None:
+    """Give the schedulers a starting lr for each param group added after they were built.
+
+    BackboneFinetuning (and anyone calling optimizer.add_param_group mid-run) adds a group
+    the schedulers have no starting lr for; torch's closed-form steps then fail. Every
+    scheduler here scales each group's starting lr by one shared multiplier, so a group
+    that joins takes the lr it joined with as its value at the current point of the curve
+    and follows the curve from there.
+    """
+    groups, known = optimizer.param_groups, schedulers[0].base_lrs
+    if len(groups) <= len(known):
+        return
+    multiplier = next(
+        (float(g["lr"]) / base for g, base in zip(groups, known, strict=False) if base), 0.0
+    )
+    for group in groups[len(known) :]:
+        joined_at = float(group["lr"])
+        base = joined_at / multiplier if multiplier else joined_at
+        group.setdefault("initial_lr", base)
+        for scheduler in schedulers:
+            scheduler.base_lrs.append(base)
+
+
+class StagedLR(SequentialLR):
+    """SequentialLR whose stages also move param groups added after it was built."""
+
+    def step(self) -> None:  # type: ignore[override]
+        _follow_added_groups(self.optimizer, self._schedulers)
+        super().step()
 
 
 @dataclass(frozen=True)
@@ -143,7 +175,7 @@ class LRSchedule:
             stages.append(ConstantLR(optimizer, 1.0, total_iters=0))
         if len(stages) == 1:
             return stages[0]
-        return SequentialLR(optimizer, stages, milestones)
+        return StagedLR(optimizer, stages, milestones)
 
     def with_total_from(self, trainer: Any) -> LRSchedule:
         """This schedule with total_steps from the trainer's own count of what it will run."""

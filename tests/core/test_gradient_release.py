@@ -79,6 +79,52 @@ def test_release_equals_ordinary_training_bit_for_bit(case: Case, backend: str) 
             assert torch.equal(released_opt.state[q][key], value), key
 
 
+def _train_while_groups_change(case: Case, backend: dict, release: bool) -> tuple:
+    """Train while parameters leave and join the groups in place, still requiring grad:
+    the first weight is taken out (layer freezing that leaves requires_grad on), then the
+    first bias is swapped for a new parameter in its list (Composer's module surgery keeps
+    the list's length), then a group is added, which rebuilds every lookup."""
+    model = make_model()
+    first_weight, first_bias, *_ = model.parameters()
+    swapped_in = nn.Parameter(torch.zeros(3))
+    added = nn.Parameter(torch.zeros(3))
+    optimizer = case.make(model.parameters(), gradient_release=release, **backend)
+    if release:
+        core.prepare_for_gradient_release(model, optimizer)
+    params = optimizer.param_groups[0]["params"]
+    for step, (x, y) in enumerate(make_batches(torch.float32, 12)):
+        if step == 3:
+            params.remove(first_weight)
+            del optimizer.state[first_weight]
+        if step == 6:
+            params[params.index(first_bias)] = swapped_in
+            del optimizer.state[first_bias]
+        if step == 9:
+            optimizer.add_param_group({"params": [added], "lr": LR / 2})
+        nn.functional.mse_loss(model(x) + swapped_in + added, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()  # clears the groups' gradients only, as torch's does
+    return [*model.parameters(), swapped_in, added]
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_release_leaves_parameters_taken_out_of_the_groups_alone(backend: str) -> None:
+    """A release hook outlives its parameter's place in the groups: it must neither step the
+    parameter with its old group's hyperparameters nor fail inside backward, but keep the
+    gradient, as ordinary training keeps it for a parameter no optimizer holds."""
+    case = one_case_per_algorithm()[0]
+    ordinary = _train_while_groups_change(case, TRAINING_BACKENDS[backend], release=False)
+    released = _train_while_groups_change(case, TRAINING_BACKENDS[backend], release=True)
+    for a, b in zip(ordinary, released, strict=True):
+        assert torch.equal(a, b)
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad)
+    first_weight, first_bias = ordinary[:2]
+    assert first_weight.grad is not None and first_bias.grad is not None, "kept, accumulating"
+    assert float(released[-2].abs().sum()) > 0 and float(released[-1].abs().sum()) > 0
+
+
 def test_remove_gradient_release_restores_ordinary_steps() -> None:
     model = make_model()
     optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)

@@ -243,6 +243,31 @@ def test_each_group_follows_the_schedule_from_its_own_lr(kind: str) -> None:
         scheduler.step()
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+@pytest.mark.parametrize("joined", [2, 7, 14])
+def test_a_group_added_mid_schedule_follows_it_from_where_it_joined(
+    kind: str, warmup: int, joined: int
+) -> None:
+    """add_param_group mid-run (BackboneFinetuning): the closed-form stages had no starting
+    lr for the new group and failed at their next step."""
+    lr, total, ratio, joined_lr = 0.01, 12, 0.2, 0.004
+    schedule = LRSchedule(kind=kind, warmup_steps=warmup, total_steps=total, min_lr_ratio=ratio)
+    result = configure_optimizers(Tied(), "AdamW", lr=lr, scheduler=schedule)
+    optimizer, scheduler = result["optimizer"], result["lr_scheduler"]["scheduler"]
+    for t in range(total + 4):
+        if t == joined:
+            optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": joined_lr})
+        factor = _expected_factor(kind, t, warmup, total, ratio)
+        expected = [lr * factor] * 2
+        if t >= joined:
+            at_joining = _expected_factor(kind, joined, warmup, total, ratio)
+            expected.append(joined_lr * factor / at_joining)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected, rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
 def test_a_cosine_schedule_saved_before_the_per_group_stage_resumes() -> None:
     """Checkpoints written while the cosine stage was torch's CosineAnnealingLR (between
     the same warmup and hold stages) load by position and continue on the definition."""

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.callbacks import (
+    BackboneFinetuning,
     GradientAccumulationScheduler,
     LearningRateMonitor,
     ModelCheckpoint,
@@ -102,6 +103,41 @@ def test_resume_with_release_continues_exactly(backend: str, tmp_path: Path) -> 
     assert trainer.global_step == EPOCHS * 4
     for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class Finetuned(Regression):
+    """A backbone BackboneFinetuning freezes, then adds to the optimizer as a new group."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.backbone = self.net[:3]
+        self.held_after_backward: list[list[str]] = []
+
+    def on_after_backward(self) -> None:
+        self.held_after_backward.append(
+            [name for name, p in self.named_parameters() if p.grad is not None]
+        )
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_group_added_mid_fit_is_released_and_follows_the_schedule(backend: str) -> None:
+    """BackboneFinetuning adds the backbone's group at epoch 1 (add_param_group): it is
+    released like the first (its gradients were kept, the memory saving lost), and the
+    schedule moves it (the cosine stage had no starting lr for it and failed)."""
+    runs = []
+    for release in (False, True):
+        model = Finetuned(scheduler="cosine", lr=1e-2, **BACKENDS[backend])
+        finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda _: 1.0)
+        trainer = _fit(model, release, callbacks=[finetuning])
+        runs.append((model, trainer))
+    (ordinary, trainer), (released, _) = runs
+    assert len(trainer.optimizers[0].param_groups) == 3, "decay, no-decay, then the backbone"
+    assert_backend(trainer.optimizers[0], backend)
+    for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert any("net.0.weight" in names for names in ordinary.held_after_backward), "backbone"
+    assert not any(released.held_after_backward), "every gradient freed inside backward"
+    assert trainer.optimizers[0].param_groups[-1]["lr"] < 1e-4, "decayed with the others"
 
 
 def _repeated_batches(repeats: int) -> TensorDataset:
