@@ -857,6 +857,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """_prepared_state of each parameter; after the first step nothing is missing, and
         finding that out costs one set comparison per parameter rather than a call."""
         states = [self.state[p] for p in params]
+        _follow_parameter_dtypes(params, states)
         required = {*self.host_state_keys, *self._tensor_state_keys(group)}
         if group["state_precision"] == "8bit":
             return self._prepared_quantized_states(params, states, group, required)
@@ -1845,6 +1846,27 @@ _PARAMETER_SHAPED_STATE = frozenset(
 """State tensors laid out like their parameter (8-bit codes included)."""
 _SCALE_KEYS = frozenset(moment_keys(key)[1] for key in MOMENT_STATE)
 """8-bit scales: (rows, blocks per row) of their parameter (core.quantization)."""
+
+
+_DTYPE_FOLLOWING_STATE = (*MOMENT_STATE, "kahan_comp")
+"""Full-precision state kept in its parameter's dtype (8-bit codes and scales are not)."""
+
+
+def _follow_parameter_dtypes(params: list[Tensor], states: list[dict[str, Any]]) -> None:
+    """Cast full-precision state to its parameter's dtype where the parameter changed dtype
+    since (model.to(torch.bfloat16) mid-run): what load_state_dict does, as torch's loader
+    does, so the run continues exactly as one resumed from a checkpoint of it would.
+    Runs only where a step cannot reuse its memo, as a changed parameter never can."""
+    for param, state in zip(params, states, strict=True):
+        for key in _DTYPE_FOLLOWING_STATE:
+            value = state.get(key)
+            if (
+                isinstance(value, Tensor)
+                and value.dtype != param.dtype
+                and value.is_floating_point()
+                and param.is_floating_point()
+            ):
+                state[key] = value.to(param.dtype)
 
 
 _INTERNAL_FILES = (

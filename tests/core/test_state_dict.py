@@ -217,6 +217,55 @@ def test_fully_decoupled_decay_continues_in_torch_once_weight_decay_is_divided_b
     )
 
 
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
+def test_a_model_cast_mid_run_continues_as_its_checkpoint_would(
+    dtypes: tuple[torch.dtype, torch.dtype], backend: str, state_precision: str
+) -> None:
+    """model.to(dtype) after some steps: the moments follow the parameter's dtype, as they
+    do when a checkpoint loads (torch's policy). Before, the live run kept the old dtype's
+    moments, so it and a run resumed from its checkpoint went apart."""
+    before, after = dtypes
+    batches = make_batches(torch.float32, 8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # the (64, 64) weight has 8-bit moments under "8bit"
+        torch.nn.Linear(6, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Linear(64, 3)
+    )
+    model.to(before)
+    optimizer = core.AdamW(
+        model.parameters(), lr=LR, state_precision=state_precision, **TRAINING_BACKENDS[backend]
+    )
+
+    def step(net: torch.nn.Module, opt: core.AdamW, batch: tuple) -> None:
+        x, y = batch
+        dtype = next(net.parameters()).dtype
+        torch.nn.functional.mse_loss(net(x.to(dtype)).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    for batch in batches[:3]:
+        step(model, optimizer, batch)
+    model.to(after)
+    step(model, optimizer, batches[3])
+    for param in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "kahan_comp"):
+            if key in optimizer.state[param]:
+                assert optimizer.state[param][key].dtype == after, key
+    resumed = copy.deepcopy(model)
+    resumed_optimizer = core.AdamW(
+        resumed.parameters(), lr=LR, state_precision=state_precision, **TRAINING_BACKENDS[backend]
+    )
+    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for batch in batches[4:]:
+        step(model, optimizer, batch)
+        step(resumed, resumed_optimizer, batch)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_loaded_host_scalars_stay_float32_on_cpu() -> None:
     """torch casts state to the parameter's dtype on load; step and mu_product must not be."""
     model = make_model(torch.bfloat16)
