@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.optimizer import require
+from core.optimizer import finite_at_least, require
 
 NO_DECAY_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Embedding,
@@ -73,6 +73,10 @@ def param_groups_weight_decay(
     `additional_layers`); the second the rest, with `weight_decay`. Frozen parameters are
     left out. Pass the result as the optimizer's params.
     """
+    _require_module(model)
+    require(
+        finite_at_least(weight_decay, 0.0), "weight_decay", weight_decay, "a finite number >= 0"
+    )
     require(
         additional_layers is None
         or (not isinstance(additional_layers, str) and isinstance(additional_layers, Iterable)),
@@ -96,6 +100,15 @@ def param_groups_weight_decay(
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
+
+
+def _require_module(model: object) -> None:
+    """These helpers read names and owners from the module (its parameters alone have none)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"Invalid model: a {type(model).__name__}. Allowed: an nn.Module (the model "
+            "itself, not model.parameters())."
+        )
 
 
 def _types_and_names(
@@ -135,6 +148,7 @@ def to_low_precision(
     tables by default: their angles need float32). Everything moves to `device` when given.
     Train the result with Kahan summation (kahan_sum=None does it for bf16/fp16).
     """
+    _require_module(model)
     require(
         isinstance(dtype, torch.dtype) and dtype.is_floating_point,
         "dtype",

@@ -1117,36 +1117,29 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 f"its grad dtype ({dtypes}), as autograd makes it."
             )
 
-    def _check_state_shapes(self, group: dict[str, Any], params: list[Tensor], where: str) -> None:
-        """Refuse, before anything changes, state laid out for another shape than its
-        parameter's (a parameter replaced through `.data` by one of another shape with as
-        many elements): the loop and foreach backends fail on it halfway, and the fused
-        ones would pair elements by memory order and decode 8-bit codes with another
-        block's scale. Runs where a step cannot reuse its memo (a replaced parameter
-        never can)."""
+    def _check_state_tensors(self, group: dict[str, Any], params: list[Tensor], where: str) -> None:
+        """Refuse, before anything changes, state tensors no step can take: laid out for
+        another shape than their parameter's (a parameter replaced through `.data` by one
+        of another shape with as many elements: the loop and foreach backends failed on it
+        halfway, and the fused ones would pair elements by memory order and decode 8-bit
+        codes with another block's scale), not a tensor, of a dtype that holds no moment
+        (set by hand: integer or complex), or whose elements share memory (expanded).
+        Reads no data; runs where a step cannot reuse its memo (a replaced parameter, or
+        state set by hand, never can)."""
         for param in params:
             state = self.state.get(param)
             if not state:
                 continue
             shape = param.shape
             for key, value in state.items():
-                if not isinstance(value, Tensor) or value.dim() == 0:
+                found = _state_problem(key, value, param)
+                if found is None:
                     continue
-                if key in _SCALE_KEYS:
-                    expected = absmax_shape(shape)
-                    if tuple(value.shape) == expected:
-                        continue
-                elif key in _PARAMETER_SHAPED_STATE and value.shape != shape:
-                    expected = tuple(shape)
-                else:
-                    continue
+                problem, allowed = found
                 index = next(i for i, member in enumerate(group["params"]) if member is param)
                 raise ValueError(
-                    f"Invalid state of params[{index}]{where}: {key} of shape "
-                    f"{tuple(value.shape)} beside a parameter of shape {tuple(shape)}. Allowed: "
-                    f"shape {expected}, as state is made for this parameter (one replaced by "
-                    "a parameter of another shape needs its state cleared: del "
-                    "optimizer.state[param])."
+                    f"Invalid state of params[{index}]{where}: {key} {problem} beside a "
+                    f"parameter of shape {tuple(shape)}. Allowed: {allowed}."
                 )
 
     def _group_of(self, param: Tensor) -> tuple[int, dict[str, Any]]:
@@ -1258,7 +1251,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 memos.pop(id(group), None)  # nor is it held any longer
                 self._check_fused_possible(group, where)
                 self._check_gradients(group, params, grads, where)
-                self._check_state_shapes(group, params, where)
+                self._check_state_tensors(group, params, where)
             work.append((group, params, grads, memo))
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
             self._warn_if_release_has_no_hooks(released)
@@ -1340,7 +1333,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return True
         memos.pop(id(param), None)
         self._check_gradients(group, [param], [grad], where)
-        self._check_state_shapes(group, [param], where)
+        self._check_state_tensors(group, [param], where)
         self._update_and_memoize(memos, id(param), group, [param], [grad])
         return True
 
@@ -1607,7 +1600,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             for key in HOST_SCALAR_STATE:
                 if key in saved_state:
                     value = saved_state[key]
-                    value = value.detach() if isinstance(value, Tensor) else torch.tensor(value)
+                    # float() first: a Python int beyond int64 (checked finite above) is
+                    # no torch.tensor of its own.
+                    value = (
+                        value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
+                    )
                     state[key] = value.to(device="cpu", dtype=torch.float32).clone().reshape(())
             for key in MOMENT_STATE:
                 # torch cast codes and scales to the parameter's dtype: 8-bit state keeps
@@ -1653,6 +1650,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 f"{len(saved['params'])} parameters",
                 f"{len(group['params'])} parameters, as this optimizer's group {index} has",
             )
+            # betas, or optimi's beta1 and beta2 (refused below for its per-group step)
+            has_betas = "betas" in saved or {"beta1", "beta2"} <= saved.keys()
+            missing = [
+                key for key, held in (("betas", has_betas), ("eps", "eps" in saved)) if not held
+            ]
+            if missing:
+                held = sorted(key for key in saved if key != "params")
+                raise ValueError(
+                    f"Invalid state_dict for {name}: param group {index} has no "
+                    f"{' or '.join(map(repr, missing))} (it holds {held}), so it is no "
+                    "Adam-family optimizer's. Allowed: a state dict of adamkit's, torch.optim's "
+                    "or Composer's Adam, AdamW, RAdam, NAdam (ADOPT's for ADOPT)."
+                )
             family = saved_moment_family(saved)
             if family != self.moment_family:
                 averaged, _ = MOMENT_FAMILIES[family]
@@ -1703,6 +1713,50 @@ def _local(tensor: Tensor) -> Tensor:
     """A DTensor's local shard, any other tensor itself."""
     dtensor = dtensor_type()
     return tensor.to_local() if dtensor and isinstance(tensor, dtensor) else tensor
+
+
+_MADE_FOR_IT = (
+    "shape {}, as state is made for this parameter (one replaced by a parameter of another "
+    "shape needs its state cleared: del optimizer.state[param])"
+)
+
+
+def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
+    """(what is wrong with state[key] beside param, what is allowed), or None if a step can
+    take it (_check_state_tensors); reads no tensor's data but a host scalar's."""
+    if key in HOST_SCALAR_STATE:
+        if finite_at_least(value, 0.0):
+            return None
+        shown = repr(value) if not isinstance(value, Tensor) else _described_state(value)
+        if isinstance(value, Tensor) and _is_number(value):
+            shown += f" holding {value.item()!r}"
+        return f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)"
+    if key in _SCALE_KEYS:
+        expected = absmax_shape(param.shape)
+        if isinstance(value, Tensor) and tuple(value.shape) == expected:
+            return None
+        return _described_state(value), _MADE_FOR_IT.format(expected)
+    if key not in _PARAMETER_SHAPED_STATE:
+        return None
+    if not isinstance(value, Tensor) or value.shape != param.shape:
+        return _described_state(value), _MADE_FOR_IT.format(tuple(param.shape))
+    if key in _DTYPE_FOLLOWING_STATE and not (
+        value.is_floating_point() or (value.is_complex() and param.is_complex())
+    ):
+        return f"of dtype {value.dtype}", f"the parameter's kind of dtype ({param.dtype})"
+    if 0 in value.stride() and value.numel() > 1 and _shares_memory_within(value):
+        return (
+            f"with strides {value.stride()}, several elements in one place",
+            "a tensor whose elements each have their own memory",
+        )
+    return None
+
+
+def _described_state(value: object) -> str:
+    """A state value as an error names it."""
+    if isinstance(value, Tensor):
+        return f"of shape {tuple(value.shape)}"
+    return f"that is a {type(value).__name__}, not a tensor,"
 
 
 def _shares_memory_within(tensor: Tensor) -> bool:
@@ -1800,7 +1854,7 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
                     "scales >= 0 and finite in float32, the dtype they are kept in (a "
                     "block's largest magnitude, NaN for a block that held a non-finite value)",
                 )
-        if key in NON_NEGATIVE_MOMENTS and value.is_floating_point():
+        if key in NON_NEGATIVE_MOMENTS and not value.is_complex() and value.dtype != torch.bool:
             local = _local(value)
             if bool((local < 0).any()):
                 refuse(

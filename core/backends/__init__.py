@@ -112,6 +112,10 @@ def fused_unavailable_reason(params: Sequence[Tensor], *, forced: bool = True) -
         if forced and not cpu.available():
             reason = cpu_kernel.missing_compiler("CC", cpu_kernel.C_COMPILERS)
             return f"the fused CPU backend compiles a C kernel and has no C compiler: {reason}"
+        if forced:
+            problem = cpu_kernel.settings_problem()
+            if problem is not None:
+                return f"the fused CPU backend can build no kernel: {problem}"
         return None
     return f"no fused backend exists for {device_type!r} tensors (only CPU and, with Triton, GPU)"
 

@@ -201,6 +201,35 @@ def arch_choices() -> tuple[tuple[str, ...], ...]:
     return (("-march=native",), ())
 
 
+def settings_problem() -> str | None:
+    """Why the kernel settings rule out every kernel here (a refused
+    ADAMKIT_PORTABLE_KERNELS, a kernel cache below a file), or None: fused=True asks at
+    construction and before a step, so that it is refused before any state is made
+    rather than by the build inside the step. A cache that exists but cannot be written
+    is no problem: its kernels are still read."""
+    return _settings_problem(
+        os.environ.get("ADAMKIT_PORTABLE_KERNELS", ""), str(cache_dir()), _cpu_flags()
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _settings_problem(setting: str, cache: str, cpu_flags: frozenset[str]) -> str | None:
+    try:
+        arch_choices()
+    except KernelUnavailable as error:
+        return str(error)
+    path = Path(cache)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                return (
+                    f"the kernel cache {path} cannot be a directory ({candidate} is a file; "
+                    "set ADAMKIT_KERNEL_CACHE to a directory)"
+                )
+            break
+    return None
+
+
 def vector_path() -> str:
     """The widest vector code the kernels built now take (arch_choices' first choice on
     this CPU): "avx512", "avx2", "software", or "unavailable" where the setting is

@@ -183,10 +183,12 @@ def split_quantized_dense(
     the backends' order (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
     kahan_comps; None lists absent) whose parameters share one moment_pattern: each 8-bit
     moment with uint8 codes and float32 scales, each full-precision one (ADOPT's v) a
-    tensor of the parameter's dtype, and the parameter, gradient, Kahan buffer, full
-    moments, codes and scales contiguous, since blocks run along the logical rows. The
-    rest (codes or a moment a checkpoint load cast to another dtype, another layout) is the
-    loop backend's to run; sizes and devices are the kernel's check to refuse by name."""
+    tensor of the parameter's dtype, the gradient of the parameter's dtype too, and the
+    parameter, gradient, Kahan buffer, full moments, codes and scales contiguous, since
+    blocks run along the logical rows. The rest (codes or a moment a checkpoint load cast
+    to another dtype, a bf16 gradient of an fp32 weight under grad_dtype=None, another
+    layout) is the loop backend's to run; sizes and devices are the kernel's check to
+    refuse by name."""
     params, grads, *moments, comps = lists
     assert params is not None and grads is not None
     moment_lists = [values for values in moments if values is not None]
@@ -206,15 +208,19 @@ def split_quantized_dense(
             and moment.absmax.is_contiguous()
         )
 
-    if all(_contiguous(values) for values in tensor_lists) and all(  # type: ignore[arg-type]
-        _all_fit(values, params) for values in moment_lists
+    if (
+        all(_contiguous(values) for values in tensor_lists)  # type: ignore[arg-type]
+        and list(map(dtype_of, grads)) == list(map(dtype_of, params))
+        and all(_all_fit(values, params) for values in moment_lists)
     ):
         return list(range(len(params))), []  # the usual case, without a call per row
     flat: list[int] = []
     other: list[int] = []
     for i in range(len(params)):
-        ok = all(values[i].is_contiguous() for values in tensor_lists) and all(  # type: ignore[union-attr]
-            fits(values[i], params[i]) for values in moment_lists
+        ok = (
+            all(values[i].is_contiguous() for values in tensor_lists)  # type: ignore[union-attr]
+            and grads[i].dtype == params[i].dtype  # type: ignore[union-attr]
+            and all(fits(values[i], params[i]) for values in moment_lists)
         )
         (flat if ok else other).append(i)
     return flat, other

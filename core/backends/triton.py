@@ -50,6 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from core.backends import foreach
 from core.backends.checked import CheckedStep, checked_for
 from core.backends.grouping import buckets, split_dense, split_quantized, take_all
+from core.backends.host_checks import host_checks
 from core.backends.kernel_arguments import KernelArguments, adam_arguments, adopt_arguments
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.backends.views import check_addressable, check_quantized_row
@@ -582,21 +583,36 @@ def _rows_present(bucket: list[list[Tensor] | None]) -> list[list[Tensor]]:
 
 
 def _key(bucket: list[list[Tensor] | None]) -> tuple:
-    """What a plan depends on: every tensor's address and size, the gradients' types and
-    dtypes and, if any gradient is not contiguous, every layout. Read every step: a
-    gradient is a new tensor each step (of another dtype, with grad_dtype=None, it may
-    land at the old one's address), and any tensor can be moved or narrowed in place
-    (`.data =`, set_, resize_) at the same address."""
+    """What a plan depends on: every tensor's address, size, dtype and contiguity, the
+    gradients' types and, if any parameter or gradient is not contiguous, every layout.
+    Read every step: a gradient is a new tensor each step (of another dtype, with
+    grad_dtype=None, it may land at the old one's address), and any tensor can be moved,
+    narrowed, re-strided or replaced by a view of another dtype in place (`.data =`, set_,
+    resize_, a state entry set by hand) at the same address: a plan made for the old one
+    would have the kernel write past the new one's end."""
     present = _rows_present(bucket)
-    addresses = tuple(chain.from_iterable(map(Tensor.data_ptr, values) for values in present))
-    sizes = tuple(chain.from_iterable(map(Tensor.numel, values) for values in present))
-    grads = bucket[1]
-    assert grads is not None
-    layouts = None
-    if not all(map(Tensor.is_contiguous, grads)):
-        layouts = tuple(t.stride() for values in present for t in values)
     flags = tuple(values is not None for values in bucket)
-    return flags, addresses, sizes, layouts, _gradient_kinds(grads)
+    return flags, *map(_described, present), *_kinds_and_layouts(present)
+
+
+def _described(values: Sequence[Tensor]) -> Any:
+    """Each tensor's address, size, block rows, dtype and contiguity, hashable: one C++
+    pass (core.backends.host_checks) where the module is built."""
+    described = host_checks().parameter_layout(values)
+    if described is None:  # not all plain strided tensors: _make_plan refuses them by name
+        return tuple((t.data_ptr(), t.numel(), t.dtype) for t in values)
+    return described if isinstance(described, bytes) else tuple(map(tuple, described))
+
+
+def _kinds_and_layouts(present: list[list[Tensor]]) -> tuple[Any, Any]:
+    """The gradients' types and dtypes, and every tensor's strides where a parameter or a
+    gradient is not contiguous: only then can a non-contiguous tensor be planned into a
+    flat pass (split_dense), so only then must its exact layout be in the key."""
+    params, grads = present[0], present[1]
+    layouts = None
+    if not (all(map(Tensor.is_contiguous, params)) and all(map(Tensor.is_contiguous, grads))):
+        layouts = tuple(t.stride() for values in present for t in values)
+    return _gradient_kinds(grads), layouts
 
 
 def _gradient_kinds(grads: Sequence[Tensor]) -> tuple[frozenset, frozenset]:
@@ -936,10 +952,9 @@ planning each bucket read the devices, dtypes and addresses again (~70 µs more)
 
 def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
     """What bucketing and every bucket's plan depend on, as `_key` states it for one
-    bucket: which lists are present, every tensor's address and size, the gradients'
-    types and dtypes and, if any gradient is not contiguous, every layout (same tensor,
-    same address and size: same dtype and device), and under stochastic rounding every
-    seed and stream. None when only some
+    bucket: which lists are present, every tensor's address, size, dtype and contiguity,
+    the gradients' types and, if any parameter or gradient is not contiguous, every
+    layout, and under stochastic rounding every seed and stream. None when only some
     parameters have a Kahan buffer or are rounded stochastically, or the stochastic
     roundings are of several steps (planned every step)."""
     params, grads, kahan_comps = lists[0], lists[1], lists[-1]
@@ -960,13 +975,8 @@ def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
         rows = (*lists[:-1], kahan_comps if kahan else None)
     present = [values for values in rows if values is not None]
     key: list[Any] = [tuple(values is not None for values in lists[:-1]), kahan]
-    for values in present:
-        key += map(Tensor.data_ptr, values)  # type: ignore[arg-type]
-    for values in present:
-        key += map(Tensor.numel, values)  # type: ignore[arg-type]
-    key.append(_gradient_kinds(grads))
-    if not all(map(Tensor.is_contiguous, grads)):
-        key.append(tuple(t.stride() for values in present for t in values))  # type: ignore[union-attr]
+    key += map(_described, present)
+    key += _kinds_and_layouts(present)
     return key
 
 

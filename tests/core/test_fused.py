@@ -336,10 +336,14 @@ def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
         _loop_model_after(case, fused=True)
 
 
-def _assert_falls_back_by_default_and_is_refused_when_forced(message: str) -> None:
+def _assert_falls_back_by_default_and_is_refused_when_forced(
+    message: str, refusal: str | None = None
+) -> None:
     """With the kernel unavailable for the reason `message` matches: default flags warn and
-    step as the loop backend does; fused=True raises before the parameter or the step count
-    changes (on 8-bit moments, which only adamkit's own kernel steps, never torch's)."""
+    step as the loop backend does; fused=True is refused for the reason `refusal` matches
+    (default: message) when the optimizer is built, and by a step of a group switched to
+    it, before any state is made (on 8-bit moments, which only adamkit's own kernel steps,
+    never torch's). The step used to make the state and then fail inside the build."""
     case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
     with pytest.warns(RuntimeWarning, match=message):
         fallback = _loop_model_after(case)
@@ -348,12 +352,17 @@ def _assert_falls_back_by_default_and_is_refused_when_forced(message: str) -> No
         assert torch.equal(a, b)
     param = torch.nn.Parameter(torch.randn(5000, generator=torch.Generator().manual_seed(1)))
     param.grad = torch.ones_like(param)
-    optimizer = core.AdamW([param], lr=LR, fused=True, state_precision="8bit")
+    refused = r"Allowed: None or False here: the fused CPU backend can build no kernel: "
+    refused += refusal or message
+    with pytest.raises(ValueError, match=r"Invalid fused in param group 0: True\. " + refused):
+        core.AdamW([param], lr=LR, fused=True, state_precision="8bit")
+    optimizer = core.AdamW([param], lr=LR, fused=False, state_precision="8bit")
+    optimizer.param_groups[0]["fused"] = True  # by hand, as a framework might
     before = param.detach().clone()
-    with pytest.raises(RuntimeError, match=f"fused=True: {message}"):
+    with pytest.raises(ValueError, match=r"Invalid fused in param group 0: True\. " + refused):
         optimizer.step()
     assert torch.equal(param, before)
-    assert all(float(state["step"]) == 0 for state in optimizer.state.values())
+    assert not optimizer.state
 
 
 @pytest.mark.bad_input
@@ -369,7 +378,9 @@ def test_a_kernel_cache_that_cannot_be_a_directory_falls_back_by_default_and_fai
     monkeypatch.setattr(cpu, "_warned", False)
     message = r"the kernel cache .*a-file/kernels cannot be written"
     message += r" \(set ADAMKIT_KERNEL_CACHE to a writable directory\)"
-    _assert_falls_back_by_default_and_is_refused_when_forced(message)
+    refusal = r"the kernel cache .*a-file/kernels cannot be a directory \(.*a-file is a file; "
+    refusal += r"set ADAMKIT_KERNEL_CACHE to a directory\)"
+    _assert_falls_back_by_default_and_is_refused_when_forced(message, refusal)
     assert list(tmp_path.iterdir()) == [a_file]
 
 

@@ -366,6 +366,28 @@ def test_bad_additional_layers_are_refused_by_name(value: object) -> None:
         core.param_groups_weight_decay(_Model(), additional_layers=value)  # type: ignore[arg-type]
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight_decay": -1}, r"Invalid weight_decay: -1\. Allowed: a finite number >= 0"),
+        ({"weight_decay": "0.1"}, r"Invalid weight_decay: '0\.1'\. Allowed: a finite number"),
+        ({"model": "parameters"}, r"Invalid model: a generator\. Allowed: an nn\.Module"),
+    ],
+    ids=["negative-decay", "text-decay", "parameters-not-model"],
+)
+def test_bad_param_groups_weight_decay_arguments_are_refused_by_name(
+    kwargs: dict, message: str
+) -> None:
+    """The decay went into the groups unchecked (the optimizer refused it later, naming
+    a group), and model.parameters() failed with an AttributeError."""
+    model = _Model()
+    if kwargs.get("model") == "parameters":
+        kwargs = {"model": model.parameters()}
+    with pytest.raises(ValueError, match=message):
+        core.param_groups_weight_decay(**{"model": model, **kwargs})
+
+
 # -- to_low_precision -----------------------------------------------------------------------
 
 
@@ -428,14 +450,17 @@ def test_to_low_precision_then_kahan_lands_near_fp32() -> None:
         ({"fp32_modules": "embed"}, r"Invalid fp32_modules: 'embed'. Allowed: None, an nn"),
         ({"fp32_buffers": [3]}, r"Invalid fp32_buffers: \[3\]. Allowed: None, an nn.Module"),
         ({"device": "nowhere"}, r"Invalid device: 'nowhere'. Allowed: None, a torch.device"),
+        ({"model": "parameters"}, r"Invalid model: a list\. Allowed: an nn\.Module \(the model"),
     ],
-    ids=["int-dtype", "string-dtype", "module-name", "number-buffer", "device"],
+    ids=["int-dtype", "string-dtype", "module-name", "number-buffer", "device", "parameters"],
 )
 def test_bad_to_low_precision_arguments_are_refused_before_any_change(
     kwargs: dict, message: str
 ) -> None:
     model = _Model()
     before = _dtypes(model)
+    if kwargs.get("model") == "parameters":
+        kwargs = {"model": list(model.parameters())}
     with pytest.raises(ValueError, match=message):
-        core.to_low_precision(model, **kwargs)
+        core.to_low_precision(**{"model": model, **kwargs})
     assert _dtypes(model) == before

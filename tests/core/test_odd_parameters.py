@@ -163,3 +163,45 @@ def test_state_of_a_parameter_replaced_by_another_shape_is_refused_before_any_ch
     del optimizer.state[weight]
     optimizer.step()
     assert float(optimizer.state[weight]["step"]) == 1.0
+
+
+HAND_SET_STATE = {
+    "integer moment": ("exp_avg", lambda m: m.to(torch.int16), "exp_avg of dtype torch.int16"),
+    "complex moment": ("exp_avg", lambda m: m.to(torch.complex64), "of dtype torch.complex64"),
+    "expanded moment": ("exp_avg_sq", lambda m: m[:1].expand_as(m), "several elements in one"),
+    "0-dim moment": ("exp_avg", lambda m: m.sum(), "exp_avg of shape () beside"),
+    "not a tensor": ("exp_avg", lambda m: 0.5, "exp_avg that is a float, not a tensor"),
+    "negative step": ("step", lambda s: torch.tensor(-5.0), "step is of shape () holding -5.0"),
+    "NaN step": ("step", lambda s: torch.tensor(float("nan")), "step is of shape () holding nan"),
+    "step of no number": ("step", lambda s: torch.zeros(3), "step is of shape (3,)"),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", list(HAND_SET_STATE))
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_state_set_by_hand_that_no_step_can_take_is_refused_before_any_change(
+    backend: str, case: str
+) -> None:
+    """State replaced by hand with what no step can read: before, torch's errors (naming no
+    argument) came from the middle of the step, after other parameters had been updated,
+    and a negative step count made RAdam's rectification complex inside the C call."""
+    key, replace, message = HAND_SET_STATE[case]
+    torch.manual_seed(0)
+    other, weight = nn.Parameter(torch.randn(8, 64)), nn.Parameter(torch.randn(8, 64))
+    flags = {} if backend == "default" else BACKENDS[backend]
+    optimizer = core.RAdam([other, weight], lr=1e-3, **flags)
+    for _ in range(2):
+        for p in (other, weight):
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    optimizer.state[weight][key] = replace(optimizer.state[weight][key])
+    before = [p.detach().clone() for p in (other, weight)]
+    other_state = {k: v.clone() for k, v in optimizer.state[other].items()}
+    with pytest.raises(
+        ValueError, match=r"Invalid state of params\[1\] in param group 0: .*" + re.escape(message)
+    ):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip((other, weight), before, strict=True))
+    for k, v in other_state.items():
+        assert torch.equal(optimizer.state[other][k], v), k

@@ -723,3 +723,30 @@ def test_non_contiguous_parameters_take_the_loop_backend() -> None:
         runs.append(params)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.Tensor, "grad_dtype"), reason="gradients of another dtype need grad_dtype"
+)
+@pytest.mark.parametrize("flags", [{}, {"fused": True}], ids=["default", "fused"])
+def test_a_gradient_of_another_dtype_than_its_8bit_parameter_runs_eagerly(flags: dict) -> None:
+    """bf16 gradients of fp32 weights (grad_dtype=None) with 8-bit state: the fused CPU
+    backend (the default on CPU) refused the step naming the gradient, while full-precision
+    state and the loop and Triton backends step it. The parameter whose gradient has its
+    dtype takes the kernel, the other the loop, as with full-precision state."""
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(8, 1024, generator=generator) for _ in range(2)]
+    twins = []
+    for backend_flags in ({"foreach": False, "fused": False}, flags):
+        params = [v.clone().requires_grad_() for v in values]
+        params[1].grad_dtype = None  # type: ignore[attr-defined]
+        twins.append((params, core.AdamW(params, lr=LR, state_precision="8bit", **backend_flags)))
+    for _ in range(3):
+        grads = [torch.randn(8, 1024, generator=generator) for _ in values]
+        for params, optimizer in twins:
+            params[0].grad = grads[0].clone()
+            params[1].grad = grads[1].to(torch.bfloat16)
+            optimizer.step()
+    (loop_params, _), (params, _) = twins
+    for i, (p, expected) in enumerate(zip(params, loop_params, strict=True)):
+        assert_within_one_ulp(p.detach(), expected.detach(), f"parameter {i}")

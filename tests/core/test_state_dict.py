@@ -283,15 +283,36 @@ def test_loaded_host_scalars_stay_float32_on_cpu() -> None:
 
 
 @pytest.mark.bad_input
-def test_state_dict_with_missing_keys_is_refused_before_loading() -> None:
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_a_state_dict_of_another_optimizer_is_refused_before_loading(momentum: float) -> None:
+    """SGD without momentum keeps no state: its state dict loaded, wiping the moments and
+    taking SGD's lr and weight decay (its groups were filled in with AdamW's defaults)."""
     model = make_model()
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     train(model, sgd, make_batches(torch.float32, 2))
     optimizer = core.AdamW(model.parameters(), lr=LR)
     train(model, optimizer, make_batches(torch.float32, 2))
     before = snapshot(model, optimizer)
-    with pytest.raises(ValueError, match=r"lacks \['step', 'exp_avg', 'exp_avg_sq'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid state_dict for AdamW: param group 0 has no 'betas' or 'eps' \(it holds "
+        r"\[.*'momentum'.*\]\), so it is no Adam-family optimizer's\. Allowed: ",
+    ):
         optimizer.load_state_dict(sgd.state_dict())
+    assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
+def test_state_dict_with_missing_keys_is_refused_before_loading() -> None:
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR)
+    train(model, optimizer, make_batches(torch.float32, 2))
+    saved = copy.deepcopy(optimizer.state_dict())
+    for state in saved["state"].values():
+        del state["exp_avg_sq"]
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"lacks \['exp_avg_sq'\]"):
+        optimizer.load_state_dict(saved)
     assert_unchanged(model, optimizer, before)
 
 
@@ -362,6 +383,11 @@ BAD_STATE_VALUES = {
         "full",
         _corrupt("exp_avg_sq", torch.empty(64, 128, device="meta")),
         r"\['exp_avg_sq'\] is a meta tensor",
+    ),
+    "v-negative-integers": (
+        "full",
+        _corrupt("exp_avg_sq", torch.full((64, 128), -3, dtype=torch.int32)),
+        r"\['exp_avg_sq'\] holds -3\.0\. Allowed: values >= 0",
     ),
     "codes-without-scales": (
         "8bit",
@@ -470,6 +496,20 @@ def test_state_values_a_step_cannot_read_are_refused_before_loading(bad: str) ->
     with pytest.raises(ValueError, match=r"Invalid state_dict for AdamW: state\[0\]" + message):
         optimizer.load_state_dict(saved)
     assert_unchanged(model, optimizer, before)
+
+
+def test_a_step_count_beyond_int64_loads() -> None:
+    """A saved int step of 2**63 + 5 is a finite number >= 0, as the check allows; loading
+    it overflowed torch.tensor after the groups and state had been replaced."""
+    model = torch.nn.Linear(128, 64)
+    optimizer = core.AdamW(model.parameters(), lr=LR)
+    model(torch.randn(4, 128)).square().sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0]["step"] = 2**63 + 5
+    optimizer.load_state_dict(saved)
+    assert float(optimizer.state[model.weight]["step"]) == float(2**63 + 5)
+    optimizer.step()  # bias corrections of 1, and nothing else to say about it
 
 
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))

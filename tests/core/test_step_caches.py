@@ -353,6 +353,28 @@ def test_a_gradient_of_another_dtype_after_memoized_steps_takes_the_full_path(
     _step(loop, other, seed=4, same_memory=True)
 
 
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_a_moment_restrided_at_its_address_is_stepped_by_its_new_layout(backend: str) -> None:
+    """exp_avg replaced by a transposed view of its own memory (same address, size and
+    dtype; another layout), gradients kept at their addresses: the Triton backend reused
+    the launch plan made for the contiguous moment, pairing m with θ and g by memory order
+    (parameters 0.4 off the loop backend after three steps)."""
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(48, 64, generator=generator), torch.randn(300, generator=generator)]
+    twins = []
+    for flags in (BACKENDS["loop"], {} if backend == "default" else BACKENDS[backend]):
+        params = [v.clone().requires_grad_() for v in values]
+        twins.append((params, core.AdamW(params, lr=LR, **flags)))
+    twins[0][1]._checked_memo = lambda *args: None  # type: ignore[method-assign]
+
+    def restride(params: list[Tensor], optimizer: core.AdamW) -> None:
+        state = optimizer.state[params[0]]
+        state["exp_avg"] = state["exp_avg"].view(64, 48).t()
+
+    for seed in range(1, 6):
+        _step(twins[0], twins[1], seed, change=restride if seed == 3 else None, same_memory=True)
+
+
 @pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_a_parameter_narrowed_in_place_after_memoized_steps_is_stepped_within_its_view(

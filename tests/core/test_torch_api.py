@@ -212,3 +212,91 @@ def test_one_cycle_sets_the_peak_fully_decoupled_decay_is_relative_to() -> None:
     expected = before * (1 - 1e-2 * lr / 0.1)
     torch.testing.assert_close(weight.detach(), expected, atol=0, rtol=1e-6)
     assert not torch.allclose(weight.detach(), before * (1 - 1e-2 * lr / 1e-3))
+
+
+_SCHEDULES: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.9**t),
+    "MultiplicativeLR": lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda t: 0.8),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5], gamma=0.3),
+    "ConstantLR": lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=3),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.2, 1.0, total_iters=4),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7),
+    "PolynomialLR": lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=6, power=2),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6),
+    "CosineAnnealingWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        o, T_0=3
+    ),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [
+            torch.optim.lr_scheduler.LinearLR(o, 0.25, 1.0, total_iters=3),
+            torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8),
+        ],
+        milestones=[3],
+    ),
+    "ChainedScheduler": lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+        [
+            torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=4),
+            torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+        ]
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0),
+    # Both cycle the momentum too: torch writes betas[0] into each group every step.
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(
+        o, base_lr=1e-3, max_lr=2e-2, step_size_up=2, cycle_momentum=True
+    ),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=2e-2, total_steps=9),
+}
+
+
+def test_every_torch_scheduler_class_is_covered() -> None:
+    """A torch release that adds a scheduler class fails here until it joins _SCHEDULES."""
+    base = torch.optim.lr_scheduler.LRScheduler
+    public = {
+        name
+        for name, value in vars(torch.optim.lr_scheduler).items()
+        if isinstance(value, type)
+        and not name.startswith("_")
+        and (issubclass(value, base) or name == "ReduceLROnPlateau")
+        and name not in {"LRScheduler", "_LRScheduler"}
+    }
+    assert public <= _SCHEDULES.keys(), sorted(public - _SCHEDULES.keys())
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("schedule", list(_SCHEDULES))
+def test_every_torch_scheduler_drives_adamkit_as_it_drives_torch(
+    schedule: str, backend: str
+) -> None:
+    """Each torch.optim.lr_scheduler class over 8 steps: the same lr (and, where it cycles
+    them, betas) in every group at every step, and the same parameters as torch.optim.AdamW."""
+    runs = []
+    for make in (
+        lambda params: torch.optim.AdamW(params, **HYPERPARAMETERS),
+        lambda params: core.AdamW(params, **HYPERPARAMETERS, **TRAINING_BACKENDS[backend]),
+    ):
+        model = make_model()
+        optimizer = make(model.parameters())
+        scheduler = _SCHEDULES[schedule](optimizer)
+        seen: list[tuple[float, float]] = []
+
+        def advance(
+            step: int,
+            o: torch.optim.Optimizer = optimizer,
+            s: Any = scheduler,
+            seen: list[tuple[float, float]] = seen,
+        ) -> None:
+            if step and schedule == "ReduceLROnPlateau":
+                s.step(1.0)  # a loss that stops improving
+            elif step:
+                s.step()
+            group = o.param_groups[0]
+            seen.append((float(group["lr"]), float(group["betas"][0])))
+
+        runs.append((_steps(model, optimizer, 8, advance), seen))
+    (torch_params, torch_seen), (params, seen) = runs
+    assert seen == torch_seen
+    assert len({lr for lr, _ in seen}) > 1, "the schedule moved the lr"
+    for a, b in zip(params, torch_params, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)

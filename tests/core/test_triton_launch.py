@@ -194,3 +194,33 @@ def test_a_tensor_the_kernel_cannot_address_is_refused_by_name(
         )
     for p, b in zip(lists["param"], before, strict=True):
         assert torch.equal(p.as_subclass(Tensor), b)
+
+
+@pytest.mark.parametrize("device", ["triton"])
+def test_a_tensor_of_another_dtype_at_a_planned_address_is_checked_again(
+    device: str, backend: Any
+) -> None:
+    """A moment swapped for an int16 view of its own memory (same address, as many
+    elements): the cached plan, keyed by addresses and sizes only, was reused unchecked and
+    the kernel wrote it as float32, 2 bytes per element past its end. On a GPU the caching
+    allocator hands an address back routinely."""
+    lists = {name: [torch.zeros(4096)] for name in ("param", "grad", "exp_avg", "exp_avg_sq")}
+
+    def step() -> None:
+        backend.adam_step(
+            lists["param"],
+            lists["grad"],
+            lists["exp_avg"],
+            lists["exp_avg_sq"],
+            None,
+            [None],
+            _coefficients(),
+        )
+
+    step()
+    memory = lists["exp_avg"][0]
+    after_it = memory.view(torch.int16)[4096:].fill_(7)
+    lists["exp_avg"][0] = memory.view(torch.int16)[:4096]
+    with pytest.raises(ValueError, match=r"Invalid exp_avg\[0\].*of torch\.int16"):
+        step()
+    assert bool((after_it == 7).all())
