@@ -728,12 +728,14 @@ def test_non_contiguous_parameters_take_the_loop_backend() -> None:
 @pytest.mark.skipif(
     not hasattr(torch.Tensor, "grad_dtype"), reason="gradients of another dtype need grad_dtype"
 )
-@pytest.mark.parametrize("flags", [{}, {"fused": True}], ids=["default", "fused"])
+@pytest.mark.parametrize(
+    "flags", [{}, {"fused": True}, {"fused": True}], ids=["default", "fused", "triton"]
+)
 def test_a_gradient_of_another_dtype_than_its_8bit_parameter_runs_eagerly(flags: dict) -> None:
-    """bf16 gradients of fp32 weights (grad_dtype=None) with 8-bit state: the fused CPU
-    backend (the default on CPU) refused the step naming the gradient, while full-precision
-    state and the loop and Triton backends step it. The parameter whose gradient has its
-    dtype takes the kernel, the other the loop, as with full-precision state."""
+    """bf16 gradients of fp32 weights (grad_dtype=None) with 8-bit state: the parameter
+    whose gradient has its dtype takes the kernel, the other the eager path, as with
+    full-precision state. The fused CPU backend (the default on CPU) refused the step
+    naming the gradient; the Triton backend, before it, refused it too."""
     generator = torch.Generator().manual_seed(0)
     values = [torch.randn(8, 1024, generator=generator) for _ in range(2)]
     twins = []

@@ -401,47 +401,11 @@ def test_an_8bit_moment_the_kernel_cannot_address_is_refused_by_name(
     lists = _quantized_lists()
     lists[which][2] = make(lists[which][2])
     before = copy.deepcopy(lists)
-    from tests.core.test_triton_launch import _coefficients
+    from tests.core.test_triton_launch import adam_step_of
 
     with pytest.raises(ValueError, match=rf"Invalid {message}.*Allowed: a (QuantizedMoment|plain)"):
-        backend.adam_step(
-            lists["param"],
-            lists["grad"],
-            lists["exp_avg"],
-            lists["exp_avg_sq"],
-            None,
-            [None, None, None],
-            _coefficients(),
-        )
+        adam_step_of(backend, lists)
     for p, b in zip(lists["param"], before["param"], strict=True):
         assert torch.equal(p, b)
     first, saved = lists["exp_avg"][1], before["exp_avg"][1]
     assert torch.equal(first.codes, saved.codes) and torch.equal(first.absmax, saved.absmax)
-
-
-@pytest.mark.skipif(
-    not hasattr(torch.Tensor, "grad_dtype"), reason="gradients of another dtype need grad_dtype"
-)
-@pytest.mark.parametrize("device", ["triton"])
-def test_a_gradient_of_another_dtype_than_its_parameter_runs_eagerly(
-    device: str, backend: Any
-) -> None:
-    """bf16 gradients of fp32 weights (grad_dtype=None): the parameters whose gradient
-    has their own dtype take the kernel, the other the eager path, as on the fused CPU
-    backend, instead of a refusal."""
-    generator = torch.Generator().manual_seed(0)
-    values = [torch.randn(4100, generator=generator) for _ in range(2)]
-    twins = []
-    for flags in (BACKENDS["loop"], BACKENDS["triton"]):
-        params = [v.clone().requires_grad_() for v in values]
-        params[1].grad_dtype = None  # type: ignore[attr-defined]
-        twins.append((params, core.AdamW(params, lr=LR, state_precision="8bit", **flags)))
-    for _ in range(3):
-        grads = [torch.randn(4100, generator=generator) for _ in values]
-        for params, optimizer in twins:
-            params[0].grad = grads[0].clone()
-            params[1].grad = grads[1].to(torch.bfloat16)
-            optimizer.step()
-    (loop_params, _), (params, _) = twins
-    for i, (p, expected) in enumerate(zip(params, loop_params, strict=True)):
-        assert_within_one_ulp(p.detach(), expected.detach(), f"parameter {i}")

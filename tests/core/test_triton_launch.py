@@ -157,6 +157,19 @@ def _coefficients() -> AdamStepCoefficients:
     )
 
 
+def adam_step_of(backend: Any, lists: dict[str, list[Any]]) -> None:
+    """The backend's Adam step over lists named as state keys, without AMSGrad or Kahan."""
+    backend.adam_step(
+        lists["param"],
+        lists["grad"],
+        lists["exp_avg"],
+        lists["exp_avg_sq"],
+        None,
+        [None] * len(lists["param"]),
+        _coefficients(),
+    )
+
+
 class _Subclass(Tensor):
     """A tensor subclass: its memory is real, but the kernel must not be handed one."""
 
@@ -183,15 +196,7 @@ def test_a_tensor_the_kernel_cannot_address_is_refused_by_name(
     lists[which][1] = make(lists[which][1])
     before = [t.clone() for t in lists["param"]]
     with pytest.raises(ValueError, match=rf"Invalid {message}.*Allowed: a plain torch\.Tensor"):
-        backend.adam_step(
-            lists["param"],
-            lists["grad"],
-            lists["exp_avg"],
-            lists["exp_avg_sq"],
-            None,
-            [None, None],
-            _coefficients(),
-        )
+        adam_step_of(backend, lists)
     for p, b in zip(lists["param"], before, strict=True):
         assert torch.equal(p.as_subclass(Tensor), b)
 
@@ -207,15 +212,7 @@ def test_a_tensor_of_another_dtype_at_a_planned_address_is_checked_again(
     lists = {name: [torch.zeros(4096)] for name in ("param", "grad", "exp_avg", "exp_avg_sq")}
 
     def step() -> None:
-        backend.adam_step(
-            lists["param"],
-            lists["grad"],
-            lists["exp_avg"],
-            lists["exp_avg_sq"],
-            None,
-            [None],
-            _coefficients(),
-        )
+        adam_step_of(backend, lists)
 
     step()
     memory = lists["exp_avg"][0]
