@@ -1239,6 +1239,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return loss
         self._last_kahan_answer = None  # good for one step: dtypes may change between steps
         released = self.released_params
+        deferred = self.__dict__.get("_deferred", set()).copy()
+        if deferred:  # released, but their hooks left them to this step
+            released = released - deferred
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
         self._drop_stale_memos()
         work = []
@@ -1254,13 +1257,36 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._check_state_tensors(group, params, where)
             work.append((group, params, grads, memo))
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
-            self._warn_if_release_has_no_hooks(released)
+            self._warn_if_release_has_no_hooks(self.released_params)
         for group, params, grads, memo in work:
             if memo is not None:
                 self._update_memoized(memo, grads)
             elif params:
                 self._update_and_memoize(memos, id(group), group, params, grads)
+        if deferred:
+            self._deferred.difference_update(deferred)
         return loss
+
+    def _defer_to_full_step(self, param: Tensor) -> None:
+        """Leave a released parameter, whose gradient arrived inside a nested backward, to
+        the training step's optimizer.step() (see inside_nested_backward); say so once."""
+        if self._find_group(param) is None:
+            return  # held by no group: its gradient is kept, as step_released_param says
+        deferred: set[Tensor] = self.__dict__.setdefault("_deferred", set())
+        deferred.add(param)
+        if not self.__dict__.get("_warned_nested"):
+            self._warned_nested = True
+            warnings.warn(
+                f"{type(self).__name__}: gradient release got a gradient inside a nested "
+                "backward (reentrant activation checkpointing: torch.utils.checkpoint with "
+                "use_reentrant=True), where a parameter used in several checkpointed "
+                "segments gets its gradient in parts. Such parameters keep their gradients "
+                "and are stepped by optimizer.step() after backward, exactly, without "
+                "release's memory saving; use use_reentrant=False to release them inside "
+                "backward.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _warn_if_release_has_no_hooks(self, released: set[Tensor]) -> None:
         """gradient_release=True does nothing by itself: without hooks (prepare_for_gradient_
@@ -1882,16 +1908,52 @@ def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
     optimizer.step(), which still runs them once per step. Kept out of torch.compile
     graphs as _eager_step is.
 
-    Returns False, touching nothing, for a parameter the optimizer no longer holds (taken
-    out of its param groups after its hook was registered): the caller then keeps its
-    gradient, as torch keeps a gradient no optimizer steps."""
+    Returns whether it stepped; if not, the caller keeps the gradient. It does not step a
+    parameter the optimizer no longer holds (taken out of its param groups after its hook
+    was registered), as torch keeps a gradient no optimizer steps, nor one whose gradient
+    arrives inside a nested backward (reentrant activation checkpointing), which may be
+    only a part of it: that one is left to the training step's optimizer.step()."""
     optimizer._check_step_allowed(None)
+    if inside_nested_backward():
+        optimizer._defer_to_full_step(param)
+        return False
     grad_enabled = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # torch.no_grad() without its object (~1 µs)
     try:
         return optimizer._step_one(param, held_only=True)
     finally:
         torch._C._set_grad_enabled(grad_enabled)
+
+
+_ENGINE_RUN = getattr(torch.autograd.graph, "_engine_run_backward", None)
+_BACKWARD_OF_A_FUNCTION = torch.autograd.function.BackwardCFunction.apply.__code__
+_nested_answer: tuple[int, bool] = (-1, False)
+"""The last graph task inside_nested_backward answered for, and its answer."""
+
+
+def inside_nested_backward() -> bool:
+    """Whether autograd runs a backward started inside a custom Function's backward, as
+    torch.utils.checkpoint(use_reentrant=True) runs each segment's: a parameter used in
+    several segments then gets its gradient in parts, one post-accumulate-grad hook call
+    per part, and a release hook would step it once per part. Found on the Python stack
+    (the engine's frame of the inner backward, and older than it a Function's backward:
+    both on the thread that runs the hook, CPU or GPU); one walk per graph task, since
+    all of its hooks get the same answer."""
+    global _nested_answer
+    task = torch._C._current_graph_task_id()
+    if task == _nested_answer[0]:
+        return _nested_answer[1]
+    frame, engine_seen, nested = sys._getframe(1), False, False
+    while frame is not None:
+        code = frame.f_code
+        if _ENGINE_RUN is not None and code is _ENGINE_RUN.__code__:
+            engine_seen = True
+        elif engine_seen and code is _BACKWARD_OF_A_FUNCTION:
+            nested = True
+            break
+        frame = frame.f_back
+    _nested_answer = (task, nested)
+    return nested
 
 
 _PARAMETER_SHAPED_STATE = frozenset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,35 @@ def test_a_group_added_mid_fit_is_released_and_follows_the_schedule(backend: str
     assert any("net.0.weight" in names for names in ordinary.held_after_backward), "backbone"
     assert not any(released.held_after_backward), "every gradient freed inside backward"
     assert trainer.optimizers[0].param_groups[-1]["lr"] < 1e-4, "decayed with the others"
+
+
+class Checkpointed(Regression):
+    """The first layer applied twice, each time in a reentrant checkpointed segment, as a
+    model with shared layers and Hugging Face-style gradient checkpointing runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, rest = self.net[0], self.net[1:]
+        h = torch.tanh(x).requires_grad_()
+        for layer in (first, lambda t: first(t[..., :6])):
+            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=True)
+        return rest(h)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_under_reentrant_checkpointing_equals_ordinary_training(backend: str) -> None:
+    """The shared layer's gradient arrives in two parts (one per segment): it is left to
+    the step after backward, with a warning, instead of being stepped twice a batch."""
+    runs = []
+    for release in (False, True):
+        model = Checkpointed(scheduler=SCHEDULE, lr=1e-2, **BACKENDS[backend])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(model, release, max_epochs=2)
+        runs.append((model, [str(w.message) for w in caught]))
+    (ordinary, _), (released, messages) = runs
+    for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert sum("nested backward" in m for m in messages) == 1
 
 
 def _repeated_batches(repeats: int) -> TensorDataset:
