@@ -17,7 +17,7 @@ import sys
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, ClassVar, TypeAlias
@@ -67,22 +67,22 @@ def _immutable(value: object) -> bool:
 
 
 def _with_gradients(
-    params: Sequence[Tensor], released: set[Tensor], state: Mapping[Tensor, Any]
+    params: Sequence[Tensor], stepped: set[Tensor]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters a full step updates and their gradients: those with a gradient, less
-    any already stepped by gradient release. Each gradient is read once (~55 ns apiece).
-
-    A released parameter without state was never stepped by its hook: its gradient was
-    set by hand, as torch.distributed.checkpoint does (a zero gradient and a step at lr 0)
-    to create the state a checkpoint then loads into, so the full step takes it."""
+    any a release hook stepped since the last full step. Each gradient is read once (~55
+    ns apiece). A released parameter whose hook did not step it keeps its gradient for
+    this step: set by hand (torch.distributed.checkpoint's zero gradient at lr 0, which
+    creates the state a checkpoint loads into), accumulated in micro-batches whose hooks
+    were disarmed (Composer's), or arrived inside a nested backward."""
     grads = list(map(_grad_of, params))
     if any(map(operator.is_, grads, repeat(None))):
         pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
         params, grads = [p for p, _ in pairs], [g for _, g in pairs]
     else:
         params = list(params)
-    if released:  # a set lookup hashes in Python: skip it when nothing is released
-        kept = [i for i, p in enumerate(params) if p not in released or not state.get(p)]
+    if stepped:  # a set lookup hashes in Python: skip it when nothing was stepped
+        kept = [i for i, p in enumerate(params) if p not in stepped]
         params, grads = [params[i] for i in kept], [grads[i] for i in kept]
     return params, grads  # type: ignore[return-value]
 
@@ -1052,6 +1052,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
     def _window_arguments(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if self.optimizer_accumulation:
+            self._windows_opened = True  # from now on, full steps close windows left open
             for state in states:
                 state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
             return {
@@ -1238,17 +1239,16 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._step_one(param)
             return loss
         self._last_kahan_answer = None  # good for one step: dtypes may change between steps
-        released = self.released_params
-        deferred = self.__dict__.get("_deferred", set()).copy()
-        if deferred:  # released, but their hooks left them to this step
-            released = released - deferred
+        stepped = self.__dict__.get("_hook_stepped", set())
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
         self._drop_stale_memos()
         work = []
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_stepped_group(group, where)
-            params, grads = _with_gradients(group["params"], released, self.state)
+            params, grads = _with_gradients(group["params"], stepped)
+            if self.__dict__.get("_windows_opened") and not self.optimizer_accumulation:
+                params, grads = self._with_open_windows(group, params, grads)
             memo = self._checked_memo(memos.get(id(group)), group, params, grads)
             if memo is None:  # else all of this held when the memo was made
                 memos.pop(id(group), None)  # nor is it held any longer
@@ -1263,17 +1263,61 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._update_memoized(memo, grads)
             elif params:
                 self._update_and_memoize(memos, id(group), group, params, grads)
-        if deferred:
-            self._deferred.difference_update(deferred)
+            if params and group["fused"] is not False:
+                # The kernels write through raw pointers: tell autograd, as torch's own
+                # in-place ops (and its fused kernels) do, so a graph that saved θ refuses.
+                torch.autograd.graph.increment_version(params)
+        stepped.clear()
         return loss
 
-    def _defer_to_full_step(self, param: Tensor) -> None:
-        """Leave a released parameter, whose gradient arrived inside a nested backward, to
-        the training step's optimizer.step() (see inside_nested_backward); say so once."""
-        if self._find_group(param) is None:
-            return  # held by no group: its gradient is kept, as step_released_param says
-        deferred: set[Tensor] = self.__dict__.setdefault("_deferred", set())
-        deferred.add(param)
+    def _with_open_windows(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """params and grads plus, with a zero gradient, each parameter of the group whose
+        optimizer-accumulation window is open but which has no gradient in the window's
+        last micro-batch (an expert no token reached, a branch not taken): its window
+        closes with the update its folded micro-batches make, as ordinary accumulation
+        steps every parameter that had a gradient in any micro-batch. Before, the window
+        stayed open and the parameter was never updated."""
+        taken = set(params)
+        closing = []
+        for param in group["params"]:
+            if param in taken:
+                continue
+            count = self.state.get(param, {}).get("window_microbatches")
+            if count is not None and float(count) > 0:
+                closing.append(param)
+        if not closing:
+            return params, grads
+        return params + closing, grads + [torch.zeros_like(p) for p in closing]
+
+    def _note_hook_step(self, param: Tensor) -> None:
+        """Record that a release hook stepped param, so the full step skips it (and only
+        it); tell autograd θ changed (the fused kernels write through raw pointers), so a
+        graph that saved θ refuses as it does after torch's in-place ops; and say once
+        when a hook steps a parameter twice before optimizer.step() without optimizer
+        accumulation: each backward then made a step of its own."""
+        torch.autograd.graph.increment_version(param)
+        if self.optimizer_accumulation:
+            return  # a micro-batch folded into its window: its gradient is gone, no step yet
+        stepped: set[Tensor] = self.__dict__.setdefault("_hook_stepped", set())
+        if param in stepped and not self.__dict__.get("_warned_twice"):
+            self._warned_twice = True
+            warnings.warn(
+                f"{type(self).__name__}: a release hook stepped a parameter a second "
+                "time before optimizer.step(): two backward passes in one training step "
+                "each made a step of their own, where ordinary training would sum their "
+                "gradients into one. Set optimizer_accumulation=True for all but the "
+                "last backward of a step (micro-batches), or call optimizer.step() once "
+                "per training step (it steps nothing released and closes the step).",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+        stepped.add(param)
+
+    def _warn_nested_once(self) -> None:
+        """Say once that gradients arriving inside a nested backward are left to
+        optimizer.step() (see inside_nested_backward)."""
         if not self.__dict__.get("_warned_nested"):
             self._warned_nested = True
             warnings.warn(
@@ -1285,7 +1329,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "release's memory saving; use use_reentrant=False to release them inside "
                 "backward.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=_caller_stacklevel(),
             )
 
     def _warn_if_release_has_no_hooks(self, released: set[Tensor]) -> None:
@@ -1564,6 +1608,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """Clear gradients; `zero_grad(param=p)` clears only p's (gradient release frees it)."""
         if param is None:
             super().zero_grad(set_to_none=set_to_none)
+            self.__dict__.get("_hook_stepped", set()).clear()  # a new training step
         elif set_to_none:
             param.grad = None
         elif param.grad is not None:
@@ -1915,14 +1960,19 @@ def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
     only a part of it: that one is left to the training step's optimizer.step()."""
     optimizer._check_step_allowed(None)
     if inside_nested_backward():
-        optimizer._defer_to_full_step(param)
+        if optimizer._find_group(param) is not None:
+            optimizer._warn_nested_once()
         return False
+    has_gradient = param.grad is not None
     grad_enabled = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # torch.no_grad() without its object (~1 µs)
     try:
-        return optimizer._step_one(param, held_only=True)
+        held = optimizer._step_one(param, held_only=True)
     finally:
         torch._C._set_grad_enabled(grad_enabled)
+    if held and has_gradient:
+        optimizer._note_hook_step(param)
+    return held
 
 
 _ENGINE_RUN = getattr(torch.autograd.graph, "_engine_run_backward", None)

@@ -9,6 +9,7 @@ from composer import Trainer
 from composer.algorithms import SAM, GradientClipping
 from composer.callbacks import OptimizerMonitor
 from composer.core import Algorithm, Precision
+from composer.models import ComposerClassifier
 
 import composer_adam
 from tests.composer_adam.harness import (
@@ -50,6 +51,50 @@ def test_release_with_microbatching_equals_the_ordinary_run(cls: type, backend: 
     for key, series in reference.items():
         assert mine[key] == pytest.approx(series, rel=1e-6), key
     assert any(isinstance(c, OptimizerMonitor) for c in released.state.callbacks)
+
+
+class _BranchOfTheFirstMicrobatch(ComposerClassifier):
+    """The harness's classifier plus a branch trained only by each batch's first
+    microbatch (as an expert the later microbatches do not reach)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(
+            torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+        )
+        super().__init__(module, num_classes=4)
+        self.branch = torch.nn.Linear(10, 4)
+        self.calls = 0
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, _ = batch
+        branch = self.branch(x)
+        first, self.calls = self.calls % 4 == 0, self.calls + 1
+        return self.module(x) + (branch if first else branch.detach())
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_branch_only_earlier_microbatches_train_is_stepped_as_in_the_ordinary_run(
+    backend: str,
+) -> None:
+    """Release arms its hooks for the last microbatch; the branch's gradient, accumulated
+    in the first, reached no hook, and the step after backward skipped it as released:
+    it was updated at its first batch only."""
+    kwargs = {"lr": LR, "weight_decay": 1e-4, **BACKENDS[backend]}
+    runs = [
+        train(
+            lambda p, release=release: composer_adam.DecoupledAdamW(
+                p, gradient_release=release, **kwargs
+            ),
+            model=_BranchOfTheFirstMicrobatch(),
+            max_duration="8ba",
+            callbacks=[composer_adam.GradientRelease()] if release else [],
+        )[0]
+        for release in (False, True)
+    ]
+    assert_same_parameters(runs[1].state.model, runs[0].state.model, atol=0)
+    branch = runs[1].state.model.branch.weight
+    assert float(runs[1].state.optimizers[0].state[branch]["step"]) == 8
 
 
 @pytest.mark.parametrize("optimizer_metrics", [True, False])

@@ -176,6 +176,124 @@ def test_release_under_activation_checkpointing_equals_ordinary_training(
         assert not nested and not any(any(step) for step in kept)
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_gradient_no_hook_stepped_is_stepped_by_the_full_step(backend: str) -> None:
+    """Gradients that reach released parameters without a hook call (computed with
+    torch.autograd.grad or torch.func and set by hand): the full step skipped every
+    released parameter with state, so each was updated at its first step only."""
+    case = one_case_per_algorithm()[0]
+    runs = []
+    for release in (False, True):
+        model = make_model()
+        optimizer = case.make(
+            model.parameters(), gradient_release=release, **TRAINING_BACKENDS[backend]
+        )
+        if release:
+            core.prepare_for_gradient_release(model, optimizer)
+        for x, y in make_batches(torch.float32, 5):
+            params = list(model.parameters())
+            grads = torch.autograd.grad(nn.functional.mse_loss(model(x), y), params)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clamp(-0.05, 0.05)  # a clipped gradient, as per-sample tricks make
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append((model, optimizer))
+    (ordinary, _), (released, optimizer) = runs
+    for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(float(state["step"]) == 5 for state in optimizer.state.values())
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["stepped", "released"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_an_accumulation_window_closes_for_a_parameter_its_last_microbatch_skipped(
+    backend: str, release: bool
+) -> None:
+    """A branch used only in a window's first micro-batch (an expert no token of the last
+    micro-batch reached): its window stayed open and it was never updated. It now closes
+    at the window's last step, as ordinary accumulation (the gradients summed, one step)
+    steps every parameter that had a gradient; with agreeing micro-batches both are exact."""
+    case = one_case_per_algorithm()[0]
+    flags = TRAINING_BACKENDS[backend]
+    batches = make_batches(torch.float32, 4)
+    results = []
+    for accumulate in (False, True):
+        model = make_model()
+        side = nn.Linear(6, 3)
+        params = [*model.parameters(), *side.parameters()]
+        optimizer = case.make(params, gradient_release=release and accumulate, **flags)
+        if release and accumulate:
+            core.prepare_for_gradient_release(nn.ModuleList([model, side]), optimizer)
+        for x, y in batches:
+            for microbatch in range(2):  # the same micro-batch twice: agreeing gradients
+                out = model(x) + (side(x) if microbatch == 0 else 0.0)
+                optimizer.optimizer_accumulation = accumulate and microbatch == 0
+                nn.functional.mse_loss(out, y).backward()
+                if accumulate:  # each micro-batch folded by a step of its own
+                    optimizer.step()
+                    optimizer.zero_grad()
+            if not accumulate:
+                optimizer.step()
+                optimizer.zero_grad()
+        optimizer.optimizer_accumulation = False
+        results.append(([p.detach().clone() for p in params], optimizer, params))
+    (summed, _, _), (windowed, optimizer, params) = results
+    for a, b in zip(summed, windowed, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    side_state = optimizer.state[params[-1]]
+    assert float(side_state["step"]) == 4 and float(side_state["window_microbatches"]) == 0
+
+
+class _SavesItsWeight(nn.Module):
+    """A weight saved for backward by a node that runs after the weight's own gradient is
+    complete (a stop-gradient use ahead of its ordinary one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(torch.tanh(self.pre(x)) @ self.a.weight.detach().T)
+        return self.b(torch.tanh(self.a(h)))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_released_step_under_a_graph_that_saved_the_weight_is_refused_by_autograd(
+    backend: str,
+) -> None:
+    """Released, the weight is updated before the node that saved it runs: loop and foreach
+    (torch's in-place ops) made autograd refuse, while the fused kernels, writing through
+    raw pointers, let backward use the updated weight silently. They now bump the version
+    counter, so every backend gets autograd's error."""
+    model = _SavesItsWeight()
+    optimizer = core.AdamW(
+        model.parameters(), lr=LR, gradient_release=True, **TRAINING_BACKENDS[backend]
+    )
+    core.prepare_for_gradient_release(model, optimizer)
+    x, y = make_batches(torch.float32, 1)[0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        nn.functional.mse_loss(model(x), y).backward()
+
+
+def test_two_backward_passes_per_step_under_release_are_named_once() -> None:
+    """Each backward under release makes a step of its own (ordinary training would sum
+    the two gradients into one): said once, naming optimizer_accumulation."""
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in make_batches(torch.float32, 3):
+            for _ in range(2):
+                nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    messages = [str(w.message) for w in caught if "second time" in str(w.message)]
+    assert len(messages) == 1 and "optimizer_accumulation=True" in messages[0]
+    assert all(float(state["step"]) == 6 for state in optimizer.state.values())
+
+
 def test_remove_gradient_release_restores_ordinary_steps() -> None:
     model = make_model()
     optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)

@@ -207,6 +207,43 @@ def test_accumulation_matches_lightnings_windows(name: str, backend: str) -> Non
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+class WithABranch(Regression):
+    """A second head trained only by the first micro-batch of each window of 3 (as an
+    expert the later micro-batches do not reach), its output the same in all, so the
+    other parameters' micro-batch gradients still agree."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.branch = torch.nn.Linear(6, 3)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        x, y = batch
+        branch = self.branch(x)  # the same output, its gradient only in the first
+        out = self(x) + (branch if index % 3 == 0 else branch.detach())
+        return torch.nn.functional.mse_loss(out, y)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_accumulation_closes_the_window_of_a_branch_the_last_microbatch_skipped(
+    backend: str,
+) -> None:
+    """Under release with accumulate_grad_batches, the branch's window stayed open (no
+    gradient in its last micro-batch) and it was never trained."""
+    runs = []
+    for release in (False, True):
+        model = WithABranch(scheduler=SCHEDULE, lr=1e-2, **BACKENDS[backend])
+        _fit(
+            model,
+            release,
+            precision="64-true",
+            accumulate_grad_batches=3,
+            data=loader(_repeated_batches(3)),
+        )
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_accumulation_follows_a_gradient_accumulation_scheduler(backend: str) -> None:
     """Windows of 1 for two epochs, then 3: the window used to be read once at fit start,
