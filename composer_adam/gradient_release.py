@@ -156,7 +156,7 @@ class GradientRelease(Callback):
         if not isinstance(optimizer, AdamFamilyOptimizer) or not any(
             g["gradient_release"] for g in optimizer.param_groups
         ):
-            names = [type(o).__name__ for o in optimizers]
+            names = [f"{type(o).__module__}.{type(o).__qualname__}" for o in optimizers]
             raise ValueError(
                 f"Invalid optimizers for GradientRelease: {names}. "
                 "Allowed: one adamkit optimizer created with gradient_release=True "

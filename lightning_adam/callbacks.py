@@ -155,6 +155,13 @@ class GradientRelease(L.Callback):
             self._optimizer.defaults["gradient_release"] = self._default_release
         self._reset()
 
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning calls no teardown when fit raises (or is interrupted): without this the
+        # hooks stayed on the module and a later fit of it stepped the old optimizer too.
+        self.teardown(trainer, pl_module, "fit")
+
     # -- accumulation windows, in step with Lightning's own decision --------------------------
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -199,7 +206,7 @@ def _check_sharded(module: L.LightningModule) -> None:
 
 
 def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.AdamFamilyOptimizer:
-    names = [type(o).__name__ for o in optimizers]
+    names = [f"{type(o).__module__}.{type(o).__qualname__}" for o in optimizers]
     if len(optimizers) != 1 or not isinstance(optimizers[0], core.AdamFamilyOptimizer):
         raise TypeError(
             f"Invalid optimizers for GradientRelease: {names}. Allowed: exactly one adamkit "
@@ -409,3 +416,8 @@ class OptimizerMonitor(L.Callback):
         self._hooks.clear()
         self._grad_norms.clear()
         self._recording = False
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning tears nothing down after a raise

@@ -191,7 +191,10 @@ def test_an_optimizer_without_release_is_refused() -> None:
         callbacks=[composer_adam.GradientRelease()],
         progress_bar=False,
     )
-    with pytest.raises(ValueError, match=r"Invalid optimizers for GradientRelease: \['AdamW'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid optimizers for GradientRelease: \['torch\.optim\.adamw\.AdamW'\]",
+    ):
         trainer.fit()
 
 

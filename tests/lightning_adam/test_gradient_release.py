@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import TensorDataset
 
 import core
-from lightning_adam import GradientRelease
+from lightning_adam import GradientRelease, OptimizerMonitor
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
     Regression,
@@ -168,6 +168,37 @@ def test_release_under_reentrant_checkpointing_equals_ordinary_training(backend:
     for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
         assert torch.equal(a, b)
     assert sum("nested backward" in m for m in messages) == 1
+
+
+class FailsAtBatch3(Regression):
+    """A training_step that raises at its fourth batch, as a bug or a bad batch does."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        if index == 3:
+            raise RuntimeError("a bad batch")
+        return super().training_step(batch, index)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_fit_that_raises_leaves_nothing_hooked(backend: str) -> None:
+    """Lightning tears no callback down when fit raises: release's and the monitor's hooks
+    stayed on the module (and clipping patched), so a later fit of it, with no callback,
+    stepped the crashed fit's optimizer inside backward too (0.02 off), and one with the
+    callbacks was refused for hooks the user had not made."""
+    model = FailsAtBatch3(lr=1e-2, **BACKENDS[backend])
+    callbacks = [GradientRelease(), OptimizerMonitor()]
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        _fit(model, release=False, callbacks=callbacks, max_epochs=1)
+    assert not core.is_gradient_release_prepared(model)
+    assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
+    plain = Regression(lr=1e-2, **BACKENDS[backend])
+    plain.load_state_dict(model.state_dict())
+    for fitted in (model, plain):
+        fitted.training_step = Regression.training_step.__get__(fitted)  # type: ignore[method-assign]
+        _fit(fitted, release=False, max_epochs=1)
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def _repeated_batches(repeats: int) -> TensorDataset:
@@ -325,7 +356,8 @@ class Manual(Regression):
         (
             Regression("torch.optim.AdamW", lr=1e-2),
             {},
-            r"Invalid optimizers for GradientRelease: \['AdamW'\]\. Allowed: exactly one",
+            r"Invalid optimizers for GradientRelease: \['torch\.optim\.adamw\.AdamW'\]\. "
+            r"Allowed: exactly one",
         ),
     ],
     ids=["clipping", "16-mixed", "manual", "torch-optimizer"],
