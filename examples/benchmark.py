@@ -771,6 +771,7 @@ def host_time_rows(device: str, repeats: int, wait: bool) -> list[tuple[str, flo
             ) -> None:
                 for p in params:
                     step_released_param(optimizer, p)  # what the release hook calls in backward
+                optimizer.zero_grad(set_to_none=False)  # a new training step: hooks step again
 
             released_steps()
             per_param = _best_seconds(released_steps, 2, repeats) / len(params)
