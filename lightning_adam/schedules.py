@@ -184,6 +184,17 @@ class LRSchedule:
         if self.interval == "step":
             total = trainer.estimated_stepping_batches
             source = "trainer.estimated_stepping_batches"
+            if 0 in (trainer.max_steps, trainer.limit_train_batches, trainer.num_training_batches):
+                # No step will run (max_steps=0, limit_train_batches=0): any schedule does.
+                return replace(self, total_steps=self.warmup_steps + 1)
+            require(
+                total != -1,  # Lightning's answer for epochs of unknown length
+                "total_steps",
+                None,
+                "an int when the trainer cannot count its steps: the training dataloader "
+                "has no length (an IterableDataset without __len__) and max_steps is not "
+                "set; set max_steps on the Trainer, or total_steps",
+            )
         else:
             total = trainer.max_epochs
             source = "trainer.max_epochs"

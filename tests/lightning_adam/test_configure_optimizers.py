@@ -342,6 +342,41 @@ def test_unbounded_trainer_needs_total_steps() -> None:
         trainer.fit(model, loader(regression_data(64)))
 
 
+@pytest.mark.parametrize("settings", [{"max_steps": 0}, {"limit_train_batches": 0}])
+def test_a_trainer_that_runs_no_step_builds_its_schedule(settings: dict) -> None:
+    """Nothing to schedule: the fit ran with torch.optim and no schedule, but the helper's
+    schedule refused it, saying the trainer did not bound training."""
+    model = Regression(scheduler="cosine", lr=1e-2)
+    trainer = make_trainer(**settings)
+    trainer.fit(model, loader(regression_data(64)))
+    assert trainer.global_step == 0
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches of unknown number: an IterableDataset without __len__."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from regression_data(64)
+
+
+@pytest.mark.bad_input
+def test_a_dataloader_without_length_is_named_as_what_leaves_total_steps_unknown() -> None:
+    """The message blamed an unbounded trainer and asked for max_epochs, which was set."""
+    model = Regression(scheduler="cosine", lr=1e-2)
+    trainer = make_trainer(max_epochs=1)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid total_steps: None\. Allowed: an int when the trainer cannot count its "
+        r"steps: the training dataloader has no length \(an IterableDataset without "
+        r"__len__\) and max_steps is not set",
+    ):
+        trainer.fit(model, torch.utils.data.DataLoader(_Stream(), batch_size=16))
+    model = Regression(scheduler="cosine", lr=1e-2)
+    trainer = make_trainer(max_steps=3)
+    trainer.fit(model, torch.utils.data.DataLoader(_Stream(), batch_size=16))
+    assert trainer.global_step == 3
+
+
 @pytest.mark.bad_input
 def test_an_epoch_schedule_under_max_steps_is_told_to_set_max_epochs() -> None:
     """The advice was 'max_steps / max_epochs', and max_steps was set already."""
