@@ -207,7 +207,10 @@ class LRSchedule:
             + ("max_epochs" if self.interval == "epoch" else "max_steps or max_epochs")
             + " on the Trainer",
         )
-        steps = int(total) // self.frequency
+        if self.interval == "step":
+            steps = _step_scheduler_calls(trainer, self.frequency, int(total))
+        else:
+            steps = int(total) // self.frequency  # Lightning: (epoch + 1) % frequency == 0
         require(
             self.kind == "constant" or steps > self.warmup_steps,
             "total_steps",
@@ -217,6 +220,25 @@ class LRSchedule:
             "fast_dev_run runs 1 step), or set total_steps or fewer warmup_steps",
         )
         return replace(self, total_steps=steps)
+
+
+def _step_scheduler_calls(trainer: Any, frequency: int, optimizer_steps: int) -> int:
+    """How often Lightning steps a 'step'-interval scheduler of this frequency over
+    optimizer_steps: after a batch that ends an accumulation window (its 1-based index in
+    the epoch a multiple of accumulate_grad_batches, or the epoch's last) whose index is a
+    multiple of frequency, so with accumulation the count is not optimizer_steps //
+    frequency (frequency 2 under accumulation 2 steps it at every optimizer step)."""
+    if frequency == 1:
+        return optimizer_steps
+    batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+    if not math.isfinite(batches):  # one endless epoch: windows end at multiples only
+        return sum(1 for k in range(1, optimizer_steps + 1) if k * accumulate % frequency == 0)
+    window_ends = [b for b in range(1, int(batches) + 1) if b % accumulate == 0 or b == batches]
+    calls, left = 0, optimizer_steps
+    while left > 0:
+        calls += sum(1 for b in window_ends[:left] if b % frequency == 0)
+        left -= len(window_ends)
+    return calls
 
 
 # Modules keep an LRSchedule in their hparams; it holds plain fields and runs no code when

@@ -309,6 +309,26 @@ def test_total_steps_default_to_the_trainers_optimizer_steps() -> None:
     assert scheduler.get_last_lr() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize(("frequency", "accumulate"), [(2, 2), (3, 1), (2, 3), (4, 2)])
+def test_a_schedule_stepped_every_few_batches_ends_at_the_last_scheduler_step(
+    frequency: int, accumulate: int
+) -> None:
+    """Lightning steps a 'step' scheduler of frequency f after batches whose index in the
+    epoch is a multiple of f and ends a window, not every f optimizer steps: total_steps
+    was optimizer steps // f, so (f 2, accumulation 2) the lr reached its floor halfway."""
+    model = Regression(scheduler={"kind": "linear", "frequency": frequency}, lr=1e-2)
+    trainer = make_trainer(max_epochs=2, accumulate_grad_batches=accumulate)
+    trainer.fit(model, loader(regression_data(128), batch_size=16))  # 8 batches an epoch
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    expected = sum(
+        1
+        for batch in range(1, 9)
+        if (batch % accumulate == 0 or batch == 8) and batch % frequency == 0
+    )
+    assert scheduler.total_iters == scheduler.last_epoch == 2 * expected
+    assert scheduler.get_last_lr() == [0.0, 0.0]
+
+
 def test_epoch_interval_counts_epochs() -> None:
     model = Regression(
         scheduler={"kind": "linear", "interval": "epoch", "min_lr_ratio": 0.5}, lr=1e-3
