@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import core
 from core import metrics
 from core.optimizer import step_released_param
+from lightning_adam.optimizers import public_path
 
 
 class GradientRelease(L.Callback):
@@ -206,7 +207,7 @@ def _check_sharded(module: L.LightningModule) -> None:
 
 
 def _single_core_optimizer(optimizers: list[torch.optim.Optimizer]) -> core.AdamFamilyOptimizer:
-    names = [f"{type(o).__module__}.{type(o).__qualname__}" for o in optimizers]
+    names = [public_path(type(o)) for o in optimizers]
     if len(optimizers) != 1 or not isinstance(optimizers[0], core.AdamFamilyOptimizer):
         raise TypeError(
             f"Invalid optimizers for GradientRelease: {names}. Allowed: exactly one adamkit "
@@ -238,8 +239,9 @@ def _step_after_all_reduce(
 ) -> set[torch.Tensor]:
     """Register a comm hook that all-reduces each bucket, then steps its parameters.
 
-    The parameters go in optimizer.released_params, so the full step Lightning takes
-    after backward skips them. Returns them, for teardown.
+    The full step Lightning takes after backward skips what they stepped (the optimizer
+    records each step_released_param); they go in optimizer.released_params, which says
+    release is in use. Returns them, for teardown.
     """
     if ddp.find_unused_parameters:
         raise ValueError(
@@ -339,7 +341,7 @@ class OptimizerMonitor(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if len(trainer.optimizers) > 1:
-            names = [type(optimizer).__name__ for optimizer in trainer.optimizers]
+            names = [public_path(type(optimizer)) for optimizer in trainer.optimizers]
             raise ValueError(
                 f"Invalid optimizers for OptimizerMonitor: {len(names)} ({names}). Allowed: "
                 "one. With several (manual optimization), Lightning's global_step counts "

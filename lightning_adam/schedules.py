@@ -227,18 +227,18 @@ def _step_scheduler_calls(trainer: Any, frequency: int, optimizer_steps: int) ->
     optimizer_steps: after a batch that ends an accumulation window (its 1-based index in
     the epoch a multiple of accumulate_grad_batches, or the epoch's last) whose index is a
     multiple of frequency, so with accumulation the count is not optimizer_steps //
-    frequency (frequency 2 under accumulation 2 steps it at every optimizer step)."""
+    frequency (frequency 2 under accumulation 2 steps it at every optimizer step). An epoch
+    of unknown length (an IterableDataset) is taken as endless; one that ends restarts
+    the batch index, which no count ahead of training can know: set total_steps there."""
     if frequency == 1:
         return optimizer_steps
     batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
     if not math.isfinite(batches):  # one endless epoch: windows end at multiples only
-        return sum(1 for k in range(1, optimizer_steps + 1) if k * accumulate % frequency == 0)
+        return optimizer_steps // (frequency // math.gcd(frequency, accumulate))
     window_ends = [b for b in range(1, int(batches) + 1) if b % accumulate == 0 or b == batches]
-    calls, left = 0, optimizer_steps
-    while left > 0:
-        calls += sum(1 for b in window_ends[:left] if b % frequency == 0)
-        left -= len(window_ends)
-    return calls
+    epochs, rest = divmod(optimizer_steps, len(window_ends))
+    per_epoch = sum(1 for b in window_ends if b % frequency == 0)
+    return epochs * per_epoch + sum(1 for b in window_ends[:rest] if b % frequency == 0)
 
 
 # Modules keep an LRSchedule in their hparams; it holds plain fields and runs no code when

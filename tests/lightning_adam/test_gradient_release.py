@@ -356,7 +356,7 @@ class Manual(Regression):
         (
             Regression("torch.optim.AdamW", lr=1e-2),
             {},
-            r"Invalid optimizers for GradientRelease: \['torch\.optim\.adamw\.AdamW'\]\. "
+            r"Invalid optimizers for GradientRelease: \['torch\.optim\.AdamW'\]\. "
             r"Allowed: exactly one",
         ),
     ],

@@ -192,7 +192,8 @@ def test_several_optimizers_are_refused() -> None:
     trainer = make_trainer(max_steps=4, callbacks=[OptimizerMonitor(every_n_steps=2)])
     with pytest.raises(
         ValueError,
-        match=r"Invalid optimizers for OptimizerMonitor: 2 \(\['AdamW', 'AdamW'\]\)\. Allowed: one",
+        match=r"Invalid optimizers for OptimizerMonitor: 2 \(\['core\.AdamW', 'core\.AdamW'\]\)\. "
+        r"Allowed: one",
     ):
         trainer.fit(TwoOptimizers(), loader(regression_data(64)))
 
