@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ConstantLR, LinearLR, LRScheduler, SequentialLR
 
@@ -211,13 +212,22 @@ class LRSchedule:
             steps = _step_scheduler_calls(trainer, self.frequency, int(total))
         else:
             steps = int(total) // self.frequency  # Lightning: (epoch + 1) % frequency == 0
+        too_short = self.kind != "constant" and steps <= self.warmup_steps
+        if too_short and getattr(trainer, "fast_dev_run", False):
+            # A smoke test of the real run's config: its length is not this run's, so the
+            # schedule is built long enough to be valid and the run stays in its warmup.
+            rank_zero_info(
+                f"fast_dev_run: the {self.kind} schedule is built for {self.warmup_steps + 1} "
+                f"{self.interval}s (warmup_steps={self.warmup_steps}) instead of {steps}."
+            )
+            return replace(self, total_steps=self.warmup_steps + 1)
         require(
-            self.kind == "constant" or steps > self.warmup_steps,
+            not too_short,
             "total_steps",
             None,
             f"more than warmup_steps ({self.warmup_steps}) for a {self.kind} schedule; taken "
-            f"from {source} ({total}) it is {steps}: train longer (max_steps, max_epochs; "
-            "fast_dev_run runs 1 step), or set total_steps or fewer warmup_steps",
+            f"from {source} ({total}) it is {steps}: train longer (max_steps, max_epochs), "
+            "or set total_steps or fewer warmup_steps",
         )
         return replace(self, total_steps=steps)
 

@@ -67,11 +67,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     plan = [
         {"directory": str(root / name), "args": [*args, *SHORT_RUN]} for name, args in runs.items()
     ]
+    # What users run first on a config: one batch, the config's own 30-step warmup.
+    smoke = ["--config", str(CONFIGS / "adamw.yaml"), "--trainer.fast_dev_run=true"]
+    plan.append({"directory": str(root / "fast_dev_run"), "args": smoke})
     (root / "plan.json").write_text(json.dumps(plan))
     run_worker(
         [sys.executable, "-m", "tests.lightning_adam.cli_runs", str(root / "plan.json")], 900
     )
-    return {name: root / name for name in runs}
+    return {name: root / name for name in [*runs, "fast_dev_run"]}
 
 
 def assert_trains(directory: Path) -> None:
@@ -97,6 +100,13 @@ def test_each_yaml_trains_and_the_loss_falls(config: str, trained: dict[str, Pat
     name = chosen["class_path"].rpartition(".")[2]
     # LearningRateMonitor names its columns after the optimizer class that really ran.
     assert max(logged(directory, f"lr-{name}/decay")) == pytest.approx(chosen["init_args"]["lr"])
+
+
+def test_a_shipped_config_runs_under_fast_dev_run(trained: dict[str, Path]) -> None:
+    """Its schedule's warmup (30 steps) is longer than fast_dev_run's one step: the helper
+    refused to build the schedule, so the smoke test users run first failed."""
+    outcome = json.loads((trained["fast_dev_run"] / "outcome.json").read_text())
+    assert outcome["code"] == 0, outcome["error"]
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

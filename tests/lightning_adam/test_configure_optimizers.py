@@ -342,16 +342,32 @@ def test_epoch_interval_counts_epochs() -> None:
 
 @pytest.mark.bad_input
 def test_a_trainer_shorter_than_the_warmup_is_refused_naming_where_total_steps_came_from() -> None:
-    """fast_dev_run (one step) with a 30-step warmup: the message named only total_steps=1,
-    which the user never set."""
+    """Five steps with a 30-step warmup: the message named only total_steps=5, which the
+    user never set."""
     model = Regression(scheduler={"kind": "cosine", "warmup_steps": 30}, lr=1e-2)
-    trainer = make_trainer(fast_dev_run=True)
+    trainer = make_trainer(max_steps=5)
     with pytest.raises(
         ValueError,
         match=r"Invalid total_steps: None\. Allowed: more than warmup_steps \(30\) for a cosine "
-        r"schedule; taken from trainer\.estimated_stepping_batches \(1\) it is 1",
+        r"schedule; taken from trainer\.estimated_stepping_batches \(5\) it is 5",
     ):
         trainer.fit(model, loader(regression_data(64)))
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_fast_dev_run_builds_a_schedule_longer_than_its_run(interval: str) -> None:
+    """fast_dev_run smoke-tests the real run's config: a warmup longer than its few steps
+    was refused, so the config could not be tried. The run stays in its warmup."""
+    schedule = {"kind": "cosine", "warmup_steps": 30, "interval": interval}
+    model = Regression(scheduler=schedule, lr=1e-2)
+    trainer = make_trainer(fast_dev_run=2)
+    trainer.fit(model, loader(regression_data(64)))
+    (config,) = trainer.lr_scheduler_configs
+    steps = trainer.global_step if interval == "step" else 1
+    start = 1.0 / 31  # LinearLR's start factor, rising to 1 over the 30 warmup steps
+    expected = 1e-2 * (start + (1.0 - start) * steps / 30)
+    assert trainer.global_step == 2
+    assert config.scheduler.get_last_lr() == pytest.approx([expected] * 2)
 
 
 @pytest.mark.bad_input
