@@ -131,7 +131,7 @@ def accumulation_gap(windows: int, microbatches: int = 4) -> str:
             last = index % microbatches == microbatches - 1
             optimizer.optimizer_accumulation = release and not last
             (nn.functional.mse_loss(model(x), y) / microbatches).backward()
-            if last and not release:
+            if last:  # under release the hooks stepped; step() closes the training step
                 optimizer.step()
                 optimizer.zero_grad()
         with torch.no_grad():
