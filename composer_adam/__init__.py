@@ -7,6 +7,15 @@ backward; `build_optimizer` builds any of them from a YAML or dict recipe (llm-f
 format), `build_scheduler` a Composer scheduler from the same recipe.
 """
 
+import importlib.util
+
+if importlib.util.find_spec("composer") is None:
+    raise ModuleNotFoundError(
+        "composer_adam needs MosaicML Composer (mosaicml), which is not installed: "
+        "pip install 'adamkit[composer]'",
+        name="composer",
+    )
+
 from composer_adam.gradient_release import GradientRelease
 from composer_adam.optimizers import (
     ComposerConventions,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from core.backends.views import dtensor_type
-from core.optimizer import AdamFamilyOptimizer, step_released_param
+from core.optimizer import AdamFamilyOptimizer, step_released_param, unwrapped
 
 
 @dataclass
@@ -116,10 +116,10 @@ def _check_distributed_setup(model: nn.Module) -> None:
         raise RuntimeError(
             "Invalid model for gradient release: a DistributedDataParallel module. Its "
             "hooks would fire on each rank's local gradient, before DDP averages it, so "
-            "replicas would drift apart. Use the Lightning GradientRelease callback (it "
-            "steps from DDP's communication hook, after the all-reduce), shard the model "
-            "with FSDP2 (fully_shard; Lightning's ModelParallelStrategy, Composer's "
-            "FSDP2Config), or train without release."
+            "replicas would drift apart. Shard the model with FSDP2 (fully_shard; "
+            "Lightning's ModelParallelStrategy, Composer's FSDP2Config), use the Lightning "
+            "GradientRelease callback under automatic optimization (it steps from DDP's "
+            "communication hook, after the all-reduce), or train without release."
         )
     distributed = (
         torch.distributed.is_available()
@@ -140,8 +140,9 @@ def _check_distributed_setup(model: nn.Module) -> None:
             f"ranks: {len(plain)} parameter(s) (shapes {plain[:3]}) are plain tensors, whose "
             "hooks fire on each rank's local gradient before any all-reduce. Allowed: a "
             "model sharded with FSDP2 (fully_shard, every parameter a DTensor; Lightning's "
-            "ModelParallelStrategy, Composer's FSDP2Config), or the Lightning "
-            "GradientRelease callback under DDP."
+            "ModelParallelStrategy, Composer's FSDP2Config), or under DDP the Lightning "
+            "GradientRelease callback with automatic optimization (it steps after the "
+            "all-reduce); with manual optimization under DDP, train without release."
         )
 
 
@@ -166,6 +167,8 @@ def prepare_for_gradient_release(
             f"Invalid optimizer: {type(optimizer).__name__}. Allowed: an adamkit core optimizer "
             "(core.Adam, AdamW, RAdam, NAdam, ADOPT) created with gradient_release=True."
         )
+    # Hooks step the optimizer Lightning steps, not a LightningOptimizer wrapper of it.
+    optimizer = unwrapped(optimizer)
     _check_distributed_setup(model)
     model_params = {p for p in model.parameters() if p.requires_grad}
     released = [

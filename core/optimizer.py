@@ -642,6 +642,19 @@ def hyperparameters(constructor_locals: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in constructor_locals.items() if k not in ("self", "params", "__class__")}
 
 
+def unwrapped(optimizer: Optimizer) -> Optimizer:
+    """The optimizer itself, also when given a wrapper that poses as its class and delegates
+    to it: Lightning's LightningOptimizer (what `self.optimizers()` returns) subclasses the
+    optimizer's class, so an attribute set on it stays on the wrapper, where the optimizer
+    (which Lightning steps) never reads it."""
+    while "param_groups" not in optimizer.__dict__:
+        inner = getattr(optimizer, "optimizer", None)  # LightningOptimizer's public handle
+        if not isinstance(inner, Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
 class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     """The torch.optim.Optimizer every adamkit optimizer derives from.
 
@@ -658,9 +671,17 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     """Whether the update uses the gradient itself besides the moments (NAdam's Nesterov
     term): core.metrics cannot rebuild it once the gradient is gone."""
 
-    optimizer_accumulation: bool = False
-    """While True, steps fold micro-batch gradients into the moments without touching the
-    parameters; the first step after it is set back to False updates them (see window_terms)."""
+    @property
+    def optimizer_accumulation(self) -> bool:
+        """While True, steps fold micro-batch gradients into the moments without touching the
+        parameters; the first step after it is set back to False updates them (see
+        window_terms). Kept on the optimizer a wrapper delegates to (see `unwrapped`)."""
+        return unwrapped(self).__dict__.get("_optimizer_accumulation", False)
+
+    @optimizer_accumulation.setter
+    def optimizer_accumulation(self, value: bool) -> None:
+        require(isinstance(value, bool), "optimizer_accumulation", value, "True or False")
+        unwrapped(self).__dict__["_optimizer_accumulation"] = value
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # The name the user chose the fused backend by, for errors about it.
@@ -1223,16 +1244,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     @property
     def released_params(self) -> set[Tensor]:
         """Parameters stepped inside backward by gradient-release hooks."""
-        if not hasattr(self, "_released_params"):
-            self._released_params: set[Tensor] = set()
-        return self._released_params
+        return unwrapped(self).__dict__.setdefault("_released_params", set())
 
     @property
     def gradient_release_registrations(self) -> list[Any]:
         """Active prepare_for_gradient_release registrations (core.gradient_release)."""
-        if not hasattr(self, "_release_registrations"):
-            self._release_registrations: list[Any] = []
-        return self._release_registrations
+        return unwrapped(self).__dict__.setdefault("_release_registrations", [])
 
     def step(  # type: ignore[override]
         self,
@@ -1634,7 +1651,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """Clear gradients; `zero_grad(param=p)` clears only p's (gradient release frees it)."""
         if param is None:
             super().zero_grad(set_to_none=set_to_none)
-            self.__dict__.get("_hook_stepped", set()).clear()  # a new training step
+            unwrapped(self).__dict__.get("_hook_stepped", set()).clear()  # a new training step
         elif set_to_none:
             param.grad = None
         elif param.grad is not None:

@@ -7,6 +7,15 @@ works, and `--optimizer ADOPT` works by its short name because torch.optim has n
 class of that name (Adam, AdamW, RAdam and NAdam need the `core.` prefix).
 """
 
+import importlib.util
+
+if importlib.util.find_spec("lightning") is None:
+    raise ModuleNotFoundError(
+        "lightning_adam needs PyTorch Lightning, which is not installed: "
+        "pip install 'adamkit[lightning]'",
+        name="lightning",
+    )
+
 from lightning_adam.callbacks import GradientRelease, OptimizerMonitor
 from lightning_adam.cli import link_optimizer
 from lightning_adam.optimizers import CORE_OPTIMIZERS, configure_optimizers, resolve_optimizer_class

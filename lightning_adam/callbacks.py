@@ -98,8 +98,11 @@ class GradientRelease(L.Callback):
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "Invalid automatic_optimization for GradientRelease: False. Allowed: True. "
-                "With manual optimization, call core.prepare_for_gradient_release(model, "
-                "optimizer) yourself and drive optimizer accumulation in training_step."
+                "With manual optimization on one process or under ModelParallelStrategy "
+                "(FSDP2), call core.prepare_for_gradient_release(self, self.optimizers()) "
+                "in on_fit_start and set optimizer_accumulation in training_step yourself; "
+                "under DDP, release needs this callback's communication hook, so train "
+                "without release there."
             )
         if type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy):
             raise ValueError(
@@ -229,6 +232,13 @@ def _check_optimizer_accumulation(optimizer: core.AdamFamilyOptimizer, windows: 
         )
 
 
+def _logged_batches(trainer: L.Trainer) -> int:
+    """Batches that stepped before this one: Lightning's step axis for logged metrics
+    (optimizer steps with one optimizer under automatic optimization; every batch under
+    manual optimization, where training_step steps as often as it likes)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def _lightning_will_accumulate(trainer: L.Trainer) -> bool:
     """Whether Lightning will skip the optimizer step after this batch (its own rule)."""
     return trainer.fit_loop.epoch_loop._should_accumulate()
@@ -288,10 +298,10 @@ class OptimizerMonitor(L.Callback):
     Keys: `l2_norm/{moment,param,update,grad}/<parameter name>` and
     `l2_norm/{moment,param,update,grad}/global` (the root of the summed squares). The
     values come from core.metrics (shared with the Composer adapter) at batch end, the
-    update norm at the lr each group had when the batch began (Lightning has stepped a
-    per-step scheduler by then), so it is the step just applied. They are logged at
-    Lightning's step index for that batch, on optimizer steps only (not on accumulating
-    micro-batches), and only on global rank zero (DDP replicas agree).
+    gradient norms and lrs just after the batch's last optimizer step, so the update norm
+    is the step just applied. They are logged on Lightning's cadence and step index for
+    that batch's metrics (batches that step: not accumulating micro-batches; every batch
+    under manual optimization), and only on global rank zero (DDP replicas agree).
 
     With GradientRelease the gradient is gone by batch end, so its norm is taken inside
     backward, just before release frees it (with accumulate_grad_batches > 1 that is the
@@ -303,12 +313,11 @@ class OptimizerMonitor(L.Callback):
     rank computes the norms (each a reduction over ranks, taken in the same order
     everywhere) and rank zero logs the global values. Refused under FSDPStrategy (FSDP1,
     GPU only), whose flat local shards this callback cannot see whole, and with more than
-    one optimizer (manual optimization), whose steps Lightning's global_step counts
-    together.
+    one optimizer (manual optimization): it reads one optimizer's moments.
 
     Args:
-        every_n_steps: Log every this many optimizer steps; None uses the Trainer's
-            log_every_n_steps.
+        every_n_steps: Log every this many batches that step (optimizer steps under
+            automatic optimization); None uses the Trainer's log_every_n_steps.
         per_parameter: Log each parameter's norms; False logs only the global ones.
     """
 
@@ -328,7 +337,7 @@ class OptimizerMonitor(L.Callback):
         self._grad_norms: dict[torch.Tensor, torch.Tensor] = {}
         self._recording = False
         self._steps_before_batch = 0
-        self._batch_lrs: list[Any] = []
+        self._step_lrs: list[Any] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, FSDPStrategy):
@@ -344,11 +353,15 @@ class OptimizerMonitor(L.Callback):
             names = [public_path(type(optimizer)) for optimizer in trainer.optimizers]
             raise ValueError(
                 f"Invalid optimizers for OptimizerMonitor: {len(names)} ({names}). Allowed: "
-                "one. With several (manual optimization), Lightning's global_step counts "
-                "every optimizer's steps, so 'every n steps' would skip batches and one "
-                "optimizer's parameters; log core.metrics.parameter_metrics(optimizer, "
-                "param, name, metrics) for each from training_step instead."
+                "one, whose moments and updates it logs; with several (manual "
+                "optimization), log core.metrics.parameter_metrics(optimizer, param, name, "
+                "metrics) for each from training_step instead."
             )
+        if trainer.optimizers:
+            # After each step (inside it, Lightning's closure runs backward): the gradients
+            # and lrs that step used, also when training_step zeroes the gradients after
+            # opt.step() or steps a scheduler by hand (manual optimization).
+            self._hooks.append(trainer.optimizers[0].register_step_post_hook(self._after_step))
 
     def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
         """Take each gradient's norm as it completes (GradientRelease calls this)."""
@@ -360,14 +373,23 @@ class OptimizerMonitor(L.Callback):
         if self._recording and param.grad is not None:
             self._grad_norms[param] = metrics.l2_norm(param.grad)
 
+    def _after_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        if not self._recording:
+            return
+        self._step_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:  # released ones were recorded inside backward
+                    self._grad_norms[param] = metrics.l2_norm(param.grad)
+
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._steps_before_batch = trainer.global_step
         every = self.every_n_steps or trainer.log_every_n_steps
         steps = not _lightning_will_accumulate(trainer)
-        self._recording = steps and (trainer.global_step + 1) % every == 0
+        # Lightning's own cadence and step axis for a batch's metrics: batches that step,
+        # which is every batch under manual optimization, however often it steps.
+        self._recording = steps and (_logged_batches(trainer) + 1) % every == 0
         self._grad_norms.clear()
-        if self._recording and trainer.optimizers:
-            self._batch_lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
@@ -380,7 +402,7 @@ class OptimizerMonitor(L.Callback):
         optimizer = trainer.optimizers[0]
         step_lrs = {
             param: lr
-            for group, lr in zip(optimizer.param_groups, self._batch_lrs, strict=False)
+            for group, lr in zip(optimizer.param_groups, self._step_lrs, strict=False)
             for param in group["params"]
         }
         found: dict[str, Any] = {}
@@ -390,10 +412,9 @@ class OptimizerMonitor(L.Callback):
             if isinstance(optimizer, core.AdamFamilyOptimizer):
                 lr = step_lrs.get(param)
                 metrics.parameter_metrics(optimizer, param, name, found, lr=lr)
+                found.pop(f"{metrics.GRAD}/{name}", None)  # the step's, taken after it
             else:  # moment and update norms need a core optimizer's step coefficients
                 found[f"{metrics.PARAM}/{name}"] = metrics.l2_norm(param.detach())
-                if param.grad is not None:
-                    found[f"{metrics.GRAD}/{name}"] = metrics.l2_norm(param.grad)
             if param in self._grad_norms:
                 found[f"{metrics.GRAD}/{name}"] = self._grad_norms[param]
         # In insertion order, the same on every rank: DTensor norms are collectives.
@@ -407,9 +428,9 @@ class OptimizerMonitor(L.Callback):
                 values[f"{metric}/global"] = sum(squares) ** 0.5
         if not self.per_parameter:
             values = {k: v for k, v in values.items() if k.endswith("/global")}
-        # Lightning logs what a batch produced at the step count before that batch's step.
+        # Where Lightning logs the batch's own metrics (before it counts the batch).
         for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step - 1)
+            logger.log_metrics(values, step=_logged_batches(trainer))
         self._grad_norms.clear()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

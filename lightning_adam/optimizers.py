@@ -276,7 +276,17 @@ def _trainer_of(module: nn.Module) -> Any:
         "scheduler total_steps",
         None,
         f"an int when the module is not a LightningModule attached to a Trainer (here a "
-        f"{type(module).__name__}): pass the LightningModule itself (self) from inside "
-        "LightningModule.configure_optimizers, or set the schedule's total_steps",
+        f"{type(module).__name__}): set the schedule's total_steps (one optimizer of "
+        "several, as in a GAN, is stepped as often as training_step says), or pass the "
+        "LightningModule itself (self) from inside LightningModule.configure_optimizers",
+    )
+    require(
+        module.automatic_optimization,
+        "scheduler total_steps",
+        None,
+        "an int under manual optimization (automatic_optimization=False): training_step "
+        "steps the optimizer and calls the scheduler's step() itself, as often as it "
+        "chooses, so the trainer cannot count the schedule's steps; set total_steps to the "
+        "number of scheduler.step() calls the run will make",
     )
     return trainer

@@ -12,6 +12,7 @@ AdamW.
 from __future__ import annotations
 
 import array
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -21,6 +22,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -134,16 +136,30 @@ def compiler_misconfigured() -> bool:
 def _toolchain_identity() -> str:
     """What the compiled code depends on besides the source: compiler version and CPU."""
     cc = compiler() or ()
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
+    except OSError as error:  # found on PATH but not runnable: the build will say why
+        version = f"does not run: {error}"
     cpu = platform.processor() + platform.machine() + " ".join(sorted(_cpu_flags()))
     return f"{cc}\n{version}\n{cpu}"
 
 
 def cache_dir() -> Path:
-    """$ADAMKIT_KERNEL_CACHE, else $XDG_CACHE_HOME/adamkit/kernels (~/.cache by default)."""
+    """$ADAMKIT_KERNEL_CACHE, else $XDG_CACHE_HOME/adamkit/kernels (~/.cache by default).
+    KernelUnavailable where none is set and there is no home (HOME unset, and a user id
+    without a passwd entry, as in containers run with an arbitrary --user)."""
     if os.environ.get("ADAMKIT_KERNEL_CACHE"):
         return Path(os.environ["ADAMKIT_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError) as error:
+            raise KernelUnavailable(
+                f"the kernel cache has no place: no home directory ({error}) and neither "
+                "ADAMKIT_KERNEL_CACHE nor XDG_CACHE_HOME is set (set ADAMKIT_KERNEL_CACHE "
+                "to a writable directory)"
+            ) from error
     return Path(base) / "adamkit" / "kernels"
 
 
@@ -207,8 +223,12 @@ def settings_problem() -> str | None:
     construction and before a step, so that it is refused before any state is made
     rather than by the build inside the step. A cache that exists but cannot be written
     is no problem: its kernels are still read."""
+    try:
+        cache = cache_dir()
+    except KernelUnavailable as error:
+        return str(error)
     return _settings_problem(
-        os.environ.get("ADAMKIT_PORTABLE_KERNELS", ""), str(cache_dir()), _cpu_flags()
+        os.environ.get("ADAMKIT_PORTABLE_KERNELS", ""), str(cache), _cpu_flags()
     )
 
 
@@ -325,19 +345,66 @@ def build_atomically(
         )
         os.close(handle)
         try:
-            result = subprocess.run(
-                [*command, "-o", temporary], capture_output=True, text=True, timeout=timeout
-            )
-            if result.returncode == 0:
+            returncode, errors = _run_compiler([*command, "-o", temporary], temporary, timeout)
+            if returncode == 0:
+                # mkstemp's 0600 would keep a cache warmed by one user (a container image
+                # built as root) from every other: libraries are read by all, as cc makes them.
+                os.chmod(temporary, 0o755)
                 os.replace(temporary, target)
                 remove_unused_libraries(target.parent, keep=target)
                 return
-            errors = result.stderr[-2000:]
         except subprocess.TimeoutExpired:
             errors = f"still running after {timeout} s (stopped)"
+        except OSError as error:  # on PATH, but not runnable (a dangling interpreter line)
+            errors = f"{command[0]} does not run: {error}"
+            break
         finally:
             Path(temporary).unlink(missing_ok=True)
     raise KernelUnavailable(f"{shlex.join(compiler)} could not build {what}:\n{errors}")
+
+
+_running_builds: dict[subprocess.Popen, str] = {}
+"""Compilers running now, with the temporary file each writes (the C++ host checks build
+in a background thread, which a process may outlive)."""
+
+
+def _run_compiler(command: list[str], temporary: str, timeout: float) -> tuple[int, str]:
+    """Run one build command: its exit code and the end of what it printed to stderr."""
+    # A session of its own, so stopping it stops what the driver started (cc1plus, ld).
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        _running_builds[process] = temporary
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            _stop(process)
+            process.communicate()
+            raise
+        finally:
+            _running_builds.pop(process, None)
+    return process.returncode, stderr[-2000:]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Kill a build command and every process it started."""
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@atexit.register
+def _stop_running_builds(owner: int = os.getpid()) -> None:
+    """Stop this process's compilers when it exits: a background build would otherwise run
+    on (up to 0.9 GB for the host checks) and write a file no one installs."""
+    if os.getpid() != owner:  # a forked child's copies are its parent's builds
+        return
+    for process, temporary in list(_running_builds.items()):
+        _stop(process)
+        Path(temporary).unlink(missing_ok=True)
 
 
 _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_void_p]

@@ -507,3 +507,57 @@ def test_a_cc_that_names_no_command_is_news_not_a_silent_fallback(
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=f"Invalid fused in param group 0: True.*{message}"):
         _loop_model_after(case, fused=True)
+
+
+@pytest.mark.bad_input
+def test_no_home_directory_falls_back_by_default_and_is_refused_when_forced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HOME unset under a user id without a passwd entry (a container run with an arbitrary
+    --user): Path.home() raised RuntimeError out of every step, fused=False included."""
+    for variable in ("ADAMKIT_KERNEL_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+
+    def no_home() -> None:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(cpu_kernel.Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
+    monkeypatch.setattr(cpu, "_warned", False)
+    message = r"the kernel cache has no place: no home directory \(Could not determine home "
+    message += r"directory\.\) and neither ADAMKIT_KERNEL_CACHE nor XDG_CACHE_HOME is set"
+    _assert_falls_back_by_default_and_is_refused_when_forced(message)
+
+
+@pytest.mark.bad_input
+def test_a_cc_on_path_that_does_not_run_falls_back_by_default(
+    monkeypatch: pytest.MonkeyPatch, compiler_lookup_again: None, tmp_path: Any
+) -> None:
+    """A CC wrapper script whose interpreter is gone: running it raised FileNotFoundError
+    out of the step (its --version was read outside the build's error handling)."""
+    script = tmp_path / "cc-wrapper"
+    script.write_text("#!/nonexistent/interpreter\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
+    message = rf"{script} could not build the fused kernel .*\n{script} does not run: "
+    with pytest.warns(RuntimeWarning, match=message):
+        fallback = _loop_model_after(case)
+    reference = _loop_model_after(case, foreach=False)
+    for a, b in zip(fallback.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=f"fused=True: {message}"):
+        _loop_model_after(case, fused=True)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_cached_kernels_are_readable_by_every_user(
+    compiler_lookup_again: None, tmp_path: Any
+) -> None:
+    """A cache warmed by one user (a container image built as root, a team's shared
+    ADAMKIT_KERNEL_CACHE) could not be loaded by any other: libraries were left 0711."""
+    case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
+    _loop_model_after(case, fused=True)
+    libraries = list(tmp_path.glob("adamkit_*.so"))
+    assert libraries and {library.stat().st_mode & 0o777 for library in libraries} == {0o755}

@@ -489,6 +489,18 @@ def test_optimizer_accumulation_refused_where_the_update_needs_the_whole_gradien
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("value", ["no", 1, None, torch.tensor(True)])
+def test_optimizer_accumulation_takes_only_a_bool(value: object) -> None:
+    """'no' is truthy: it folded every micro-batch and never stepped."""
+    optimizer = core.AdamW([nn.Parameter(torch.ones(3))], lr=LR)
+    with pytest.raises(
+        ValueError, match=r"Invalid optimizer_accumulation: .*Allowed: True or False"
+    ):
+        optimizer.optimizer_accumulation = value  # type: ignore[assignment]
+    assert optimizer.optimizer_accumulation is False
+
+
+@pytest.mark.bad_input
 def test_grad_scaler_is_refused_clearly() -> None:
     model = make_model()
     optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from core.backends import cpu_kernel, host_checks
 from core.backends.host_checks import PYTHON_CHECKS, HostChecks
 from core.backends.kernel_arguments import SWITCHES
+from tests.processes import worker_env
 
 
 class _Subclass(Tensor):
@@ -425,3 +426,58 @@ def test_failed_and_timed_out_build_commands_leave_no_file(tmp_path: Path) -> No
     with pytest.raises(cpu_kernel.KernelUnavailable, match=message):
         cpu_kernel.build_atomically([failing, sleeping], tmp_path / "t.so", "a test", launcher, 1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_process_that_exits_during_a_background_build_stops_its_compiler(
+    tmp_path: Path,
+) -> None:
+    """The C++ host checks build in a daemon thread (~15 s): a shorter process left the
+    compiler and what it started (cc1plus, 0.9 GB) running on, writing a file no one
+    installed. A stand-in compiler that starts a child of its own and sleeps is stopped
+    with its child when the process exits, and its temporary file is removed."""
+    sleeper = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+    sleeper += "'import time; time.sleep(120)']); time.sleep(120)"
+    script = f"""
+import sys, threading, time
+from pathlib import Path
+from core.backends import cpu_kernel
+command = [sys.executable, "-c", {sleeper!r}]
+target = Path({str(tmp_path)!r}) / "adamkit_stand_in.so"
+threading.Thread(
+    target=cpu_kernel.build_atomically, args=([command], target, "a stand-in", ["python"]),
+    daemon=True,
+).start()
+deadline = time.monotonic() + 60
+while not cpu_kernel._running_builds and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # its child started
+(process,) = cpu_kernel._running_builds
+print(process.pid)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    group = int(result.stdout)
+    deadline = time.monotonic() + 30
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(group)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group still runs (zombies, which a container's init may
+    never reap, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False

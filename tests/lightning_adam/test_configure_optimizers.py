@@ -428,11 +428,12 @@ def test_an_epoch_schedule_under_max_steps_is_told_to_set_max_epochs() -> None:
 @pytest.mark.bad_input
 def test_a_schedule_for_a_submodule_outside_a_trainer_names_the_module() -> None:
     """A GAN's configure_optimizers(self.generator, ...) with a schedule: the message said
-    'call it from inside configure_optimizers', where it was called."""
+    'call it from inside configure_optimizers', where it was called, and then only 'pass
+    the LightningModule itself', which would put every parameter in both optimizers."""
     with pytest.raises(
         ValueError,
-        match=r"not a LightningModule attached to a Trainer \(here a Sequential\): pass the "
-        r"LightningModule itself",
+        match=r"not a LightningModule attached to a Trainer \(here a Sequential\): set the "
+        r"schedule's total_steps \(one optimizer of several",
     ):
         configure_optimizers(nn.Sequential(nn.Linear(2, 2)), "AdamW", scheduler="cosine", lr=1e-2)
 
