@@ -436,6 +436,10 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
 
 
 HIGH_FULLY_DECOUPLED_WEIGHT_DECAY = 1e-3
+HIGH_EIGHT_BIT_BETA2 = 0.99
+"""Above this β2, 8-bit v moves by less than half a code step per step (rounded to the
+nearest code), so it cannot follow a gradient that shrinks: measured with gradients that
+drop 10x at β2 = 0.999, v stayed 15x too large and steps 0.29x full state's."""
 """From here on fully decoupled decay (a fraction of θ per step at max_lr) is unusually
 strong; optimi and Composer warn from the same value."""
 
@@ -691,6 +695,26 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         super().__init__(params, defaults)
         self.state = StateTable(dict, self.state)
         self._warn_if_weight_decay_is_high()
+        self._warn_if_eight_bit_v_cannot_decay()
+
+    def _warn_if_eight_bit_v_cannot_decay(self) -> None:
+        """Warn once when a group keeps 8-bit moments with a β2 whose v cannot shrink."""
+        high = [
+            float(group["betas"][1])
+            for group in self.param_groups
+            if group["state_precision"] == "8bit"
+            and float(group["betas"][1]) > HIGH_EIGHT_BIT_BETA2
+        ]
+        if high:
+            warnings.warn(
+                f"{type(self).__name__}: betas[1]={max(high)} with state_precision='8bit': "
+                "each step moves v by less than half a step between 8-bit codes, so v "
+                "cannot follow a gradient that shrinks and stays too large (steps too "
+                f"small); use betas[1] <= {HIGH_EIGHT_BIT_BETA2} with 8-bit state, or "
+                "state_precision='full'.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _warn_if_weight_decay_is_high(self) -> None:
         """Warn once, as optimi does, when a fully decoupled group's weight_decay is high."""
@@ -1662,10 +1686,20 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, each group also holding the keys torch.optim reads
         (`torch_group_keys`), so torch.optim.Adam/AdamW/RAdam/NAdam continue the run."""
-        state_dict = super().state_dict()
+        # torch's order: pre-hooks, the dict, then post-hooks, which must see it whole
+        # (they ran before these keys were added: a hook that rewrote the groups to
+        # torch's keys failed here, and keys a hook removed came back).
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            state_dict = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         for group in state_dict["param_groups"]:
             group.update(torch_group_keys(group))
             group[CODE_FORMAT_KEY] = CODE_FORMAT
+        for post_hook in list(post_hooks.values()):
+            state_dict = post_hook(self, state_dict) or state_dict
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -2072,6 +2106,8 @@ def _follow_parameter_dtypes(params: list[Tensor], states: list[dict[str, Any]])
     does, so the run continues exactly as one resumed from a checkpoint of it would.
     Runs only where a step cannot reuse its memo, as a changed parameter never can."""
     for param, state in zip(params, states, strict=True):
+        if param.dtype not in LOW_PRECISION_DTYPES:  # no Kahan: as a resumed run, drop it
+            state.pop("kahan_comp", None)
         for key in _DTYPE_FOLLOWING_STATE:
             value = state.get(key)
             if (

@@ -254,6 +254,9 @@ def test_a_model_cast_mid_run_continues_as_its_checkpoint_would(
         for key in ("exp_avg", "exp_avg_sq", "kahan_comp"):
             if key in optimizer.state[param]:
                 assert optimizer.state[param][key].dtype == after, key
+        # An fp32 parameter has no use for a Kahan buffer: it was kept (one more copy of
+        # the parameters, in memory and in every checkpoint) where a resumed run drops it.
+        assert ("kahan_comp" in optimizer.state[param]) == (after == torch.bfloat16)
     resumed = copy.deepcopy(model)
     resumed_optimizer = core.AdamW(
         resumed.parameters(), lr=LR, state_precision=state_precision, **TRAINING_BACKENDS[backend]

@@ -120,6 +120,45 @@ def test_load_state_dict_hooks_run_in_torchs_order(backend: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_state_dict_post_hooks_see_the_finished_dict(backend: str) -> None:
+    """A post-hook that rewrites the groups to torch.optim.AdamW's keys (for code that
+    validates them) failed with KeyError 'decouple_wd': core added its keys after the
+    post-hooks ran, which also brought back any key a hook removed."""
+    torch_keys = {"lr", "betas", "eps", "weight_decay", "amsgrad", "params"}
+
+    def to_torch_keys(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        groups = [
+            {k: v for k, v in g.items() if k in torch_keys} for g in state_dict["param_groups"]
+        ]
+        return {"state": state_dict["state"], "param_groups": groups}
+
+    seen: list[set[str]] = []
+    results = []
+    for make in (
+        lambda params: torch.optim.AdamW(params, **HYPERPARAMETERS),
+        lambda params: core.AdamW(params, **HYPERPARAMETERS, **TRAINING_BACKENDS[backend]),
+    ):
+        model = make_model()
+        optimizer = make(model.parameters())
+        _steps(model, optimizer, 2)
+        optimizer.register_state_dict_post_hook(
+            lambda o, sd: seen.append(set(sd["param_groups"][0]))
+        )
+        optimizer.register_state_dict_post_hook(to_torch_keys)
+        results.append(optimizer.state_dict())
+    torch_saved, core_saved = results
+    assert [set(g) for g in core_saved["param_groups"]] == [
+        set(g) for g in torch_saved["param_groups"]
+    ]
+    assert seen[1] >= {"decoupled_weight_decay", "maximize", "capturable", "differentiable"}
+    # what the hook kept is enough for torch to continue adamkit's run
+    model = make_model()
+    torch_optimizer = torch.optim.AdamW(model.parameters(), **HYPERPARAMETERS)
+    torch_optimizer.load_state_dict(core_saved)
+    _steps(model, torch_optimizer, 1)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("flag", ["maximize", "capturable", "differentiable"])
 @pytest.mark.parametrize("how", ["constructor group", "add_param_group", "set by hand"])
