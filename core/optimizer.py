@@ -699,6 +699,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
     def _warn_if_eight_bit_v_cannot_decay(self) -> None:
         """Warn once when a group keeps 8-bit moments with a β2 whose v cannot shrink."""
+        if "exp_avg_sq" not in self.quantized_state_keys:  # ADOPT keeps v full
+            return
         high = [
             float(group["betas"][1])
             for group in self.param_groups
@@ -1929,7 +1931,9 @@ def _check_params(params: Sequence[Tensor], where: str) -> None:
                 "group, so each step would update it twice. Allowed: each parameter once."
             )
         seen.add(id(param))
-        if _shares_memory_within(param):
+        # A lazy module's parameter has no memory before its first forward (which fills
+        # it in place); torch.optim takes it, and so does a step after that forward.
+        if not torch.nn.parameter.is_lazy(param) and _shares_memory_within(param):
             raise ValueError(
                 f"Invalid params[{index}]{where}: shape {tuple(param.shape)} with strides "
                 f"{param.stride()}, so several elements are one memory location (an "

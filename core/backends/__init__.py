@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from core.backends import foreach, loop
 from core.backends.checked import checked_for
@@ -80,6 +81,8 @@ def _unaddressable_subclasses(tensors: Sequence[Tensor | None]) -> list[str]:
             if t is not None
             and type(t) not in PLAIN_TENSOR_TYPES
             and not (dtensor is not None and isinstance(t, dtensor))
+            # a lazy module's parameter becomes a plain one, in place, at its first forward
+            and not is_lazy(t)
         }
     )
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import core
-from tests.core.cases import BACKENDS, Case, one_case_per_algorithm
+from tests.core.cases import BACKENDS, TRAINING_BACKENDS, Case, one_case_per_algorithm
 from tests.core.test_fused import LOW_PRECISION, _ordered
 
 STEPS = 4
@@ -205,3 +205,30 @@ def test_state_set_by_hand_that_no_step_can_take_is_refused_before_any_change(
     assert all(torch.equal(p, b) for p, b in zip((other, weight), before, strict=True))
     for k, v in other_state.items():
         assert torch.equal(optimizer.state[other][k], v), k
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_lazy_modules_may_be_given_to_the_optimizer_before_their_first_forward(
+    backend: str,
+) -> None:
+    """torch.optim takes a LazyLinear's parameters before the forward that gives them
+    memory (filled in place, the same objects); core refused them with torch's internal
+    "uninitialized parameter" error from its overlap check."""
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+    hyperparameters = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+    trained = []
+    for make in (
+        lambda params: torch.optim.AdamW(params, **hyperparameters),
+        lambda params: core.AdamW(params, **hyperparameters, **TRAINING_BACKENDS[backend]),
+    ):
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+        optimizer = make(model.parameters())
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        trained.append(list(model.parameters()))
+    for expected, param in zip(*trained, strict=True):
+        torch.testing.assert_close(param, expected, atol=1e-6, rtol=0)

@@ -425,6 +425,7 @@ def test_a_beta2_whose_8bit_v_cannot_shrink_is_warned_about() -> None:
         warnings.simplefilter("error")
         core.AdamW([param], lr=1e-3, state_precision="8bit")  # betas (0.9, 0.99)
         core.AdamW([param], lr=1e-3, betas=(0.9, 0.999))  # full state
+        core.ADOPT([param], lr=1e-3, betas=(0.9, 0.9999), state_precision="8bit")  # full v
 
 
 @pytest.mark.parametrize("value", ["4bit", "8-bit", None, 8, "FULL"])
