@@ -110,6 +110,24 @@ def test_optimizer_accumulation_set_through_self_optimizers(backend: str, releas
         assert torch.equal(param.detach(), reference)
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_optimizer_accumulation_set_through_fabrics_wrapper(backend: str) -> None:
+    """Fabric's setup() wraps the optimizer the same way (a _FabricOptimizer posing as its
+    class): the flag set on it reaches the optimizer Fabric steps."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    net = _net()
+    model, optimizer = fabric.setup(net, core.AdamW(net.parameters(), lr=1e-2, **BACKENDS[backend]))
+    for index, (x, y) in enumerate(zip(X.split(BATCH), Y.split(BATCH), strict=True)):
+        optimizer.optimizer_accumulation = index % 2 == 0
+        fabric.backward(nn.functional.mse_loss(model(x), y) / 2)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert {float(s["step"]) for s in optimizer.optimizer.state.values()} == {4.0}
+    expected = _accumulated_without_lightning(backend)
+    for param, reference in zip(net.parameters(), expected, strict=True):
+        assert torch.equal(param.detach(), reference)
+
+
 class Gan(L.LightningModule):
     """Two optimizers stepped in turn with toggle_optimizer, each with the helper's cosine
     schedule (total_steps given: Lightning cannot count manual steps) stepped by hand."""
