@@ -96,10 +96,33 @@ def _has_other_hooks(param: Tensor) -> bool:
 def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[Tensor], None]:
     def step_and_free(param: Tensor) -> None:
         optimizer = optimizer_ref()
-        if optimizer is not None and step_released_param(optimizer, param):
+        if optimizer is None:
+            return
+        if _ranks_since_prepared(param):
+            raise RuntimeError(
+                "Invalid setup for gradient release: prepare_for_gradient_release ran before "
+                f"a process group of {torch.distributed.get_world_size()} ranks was started "
+                "(fabric.launch(), init_process_group), and this parameter of shape "
+                f"{tuple(param.shape)} is a plain tensor, whose hook sees the rank's local "
+                "gradient before any all-reduce (replicas would drift apart). Nothing was "
+                "stepped. Allowed: prepare after the process group exists, on a model "
+                "sharded with FSDP2 (fully_shard), or train without release under DDP."
+            )
+        if step_released_param(optimizer, param):
             optimizer.zero_grad(param=param)
 
     return step_and_free
+
+
+def _ranks_since_prepared(param: Tensor) -> bool:
+    """Whether a plain parameter's hook runs on several ranks: prepare_for_gradient_release
+    refuses that, but a process group started after it (fabric.launch() after preparing)
+    slipped past its check. One cheap call while no process group exists."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    dtensor = dtensor_type()
+    sharded = dtensor is not None and isinstance(param, dtensor)
+    return not sharded and torch.distributed.get_world_size() > 1
 
 
 def _check_distributed_setup(model: nn.Module) -> None:

@@ -264,6 +264,33 @@ def _release_refusal() -> str:
     return ""
 
 
+def _prepared_before_the_group() -> tuple[nn.Module, core.AdamFamilyOptimizer]:
+    """Release prepared on plain parameters while no process group exists yet (what
+    fabric.launch() after preparing does): prepare has nothing to refuse then."""
+    model = make_model()
+    optimizer = OPTIMIZERS["AdamW"](model.parameters(), gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    return model, optimizer
+
+
+def _release_after_the_group_started(prepared: tuple[nn.Module, Any]) -> str:
+    """The first backward on 2 ranks: each hook would step on its rank's local gradient
+    (replicas drifting apart, silently). The message, "" if not refused, and "changed" if
+    a parameter or its state moved first."""
+    model, optimizer = prepared
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(4, 8), torch.randn(4, 4)
+    try:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    except RuntimeError as error:
+        message = str(error)
+    else:
+        message = ""
+    core.remove_gradient_release(model)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    return message + (" changed" if moved or optimizer.state else "")
+
+
 CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
     "fsdp2": fsdp2,
     "fsdp2_bf16_compute": lambda cell: fsdp2(cell, mixed_precision=True),
@@ -280,6 +307,7 @@ CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
 
 
 def main(output: str, *configurations: str) -> None:
+    early = _prepared_before_the_group()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     results: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
@@ -291,6 +319,9 @@ def main(output: str, *configurations: str) -> None:
                     cell = Cell(optimizer_name, backend, dtype_name)
                     results[(configuration, *cell.key)] = run(cell)
     results[("refused", "plain parameters on 2 ranks")] = _release_refusal()
+    results[("refused", "prepared before the process group")] = _release_after_the_group_started(
+        early
+    )
     if dist.get_rank() == 0:
         torch.save(results, output)
     dist.barrier()  # neither rank tears gloo down while the other still uses it

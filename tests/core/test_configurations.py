@@ -183,10 +183,11 @@ def test_worker_covers_every_cell(trained: dict) -> None:
     expected = {
         (c, o, b, d) for c in CONFIGURATIONS for o in OPTIMIZERS for b in BACKENDS for d in DTYPES
     }
-    assert set(trained) - {REFUSAL} == expected
+    assert set(trained) - {REFUSAL, LATE_GROUP} == expected
 
 
 REFUSAL = ("refused", "plain parameters on 2 ranks")
+LATE_GROUP = ("refused", "prepared before the process group")
 
 
 @pytest.mark.bad_input
@@ -194,3 +195,16 @@ def test_release_of_plain_parameters_on_two_ranks_is_refused_by_name(trained: di
     message = trained[REFUSAL]
     assert "Invalid model for gradient release on 2 ranks" in message
     assert "plain tensors" in message and "FSDP2" in message
+
+
+@pytest.mark.bad_input
+def test_release_prepared_before_the_process_group_is_refused_at_its_first_step(
+    trained: dict,
+) -> None:
+    """fabric.launch() after prepare_for_gradient_release: prepare saw one process and
+    accepted plain parameters; under DDP each rank then stepped on its local gradient and
+    the replicas drifted apart, silently. Refused by the first hook, before any step."""
+    message = trained[LATE_GROUP]
+    assert message.startswith("Invalid setup for gradient release: prepare_for_gradient_release")
+    assert "process group of 2 ranks" in message and "Nothing was stepped." in message
+    assert not message.endswith(" changed")
