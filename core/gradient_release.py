@@ -89,6 +89,24 @@ def _guard_clipping(active: bool) -> None:
                 setattr(module, name, original)
 
 
+def _inner_module(model: nn.Module) -> nn.Module:
+    """The module a transparent wrapper holds (Fabric's setup() returns one whose `module`
+    is the user's model, with the same parameters), so that preparing through one and
+    removing or preparing again through the other find the same registration."""
+    inner = getattr(model, "module", None)
+    while (
+        isinstance(inner, nn.Module)
+        and not isinstance(model, nn.parallel.DistributedDataParallel)
+        and _same_parameters(model, inner)
+    ):
+        model, inner = inner, getattr(inner, "module", None)
+    return model
+
+
+def _same_parameters(outer: nn.Module, inner: nn.Module) -> bool:
+    return {id(p) for p in outer.parameters()} == {id(p) for p in inner.parameters()}
+
+
 def _has_other_hooks(param: Tensor) -> bool:
     return bool(getattr(param, "_post_accumulate_grad_hooks", None))
 
@@ -193,6 +211,7 @@ def prepare_for_gradient_release(
     # Hooks step the optimizer Lightning steps, not a LightningOptimizer wrapper of it.
     optimizer = unwrapped(optimizer)
     _check_distributed_setup(model)
+    model = _inner_module(model)
     model_params = {p for p in model.parameters() if p.requires_grad}
     released = [
         p
@@ -226,7 +245,7 @@ def prepare_for_gradient_release(
 
 def remove_gradient_release(model: nn.Module) -> None:
     """Remove the hooks prepare_for_gradient_release registered; the optimizer steps normally."""
-    registration = _registrations.pop(model, None)
+    registration = _registrations.pop(_inner_module(model), None)
     if registration is None:
         return
     for handle in registration.handles:
@@ -241,4 +260,4 @@ def remove_gradient_release(model: nn.Module) -> None:
 
 def is_gradient_release_prepared(model: nn.Module) -> bool:
     """Whether the model currently has release hooks from prepare_for_gradient_release."""
-    return model in _registrations
+    return _inner_module(model) in _registrations

@@ -128,6 +128,31 @@ def test_optimizer_accumulation_set_through_fabrics_wrapper(backend: str) -> Non
         assert torch.equal(param.detach(), reference)
 
 
+def test_release_prepared_through_fabrics_module_is_found_through_the_users_module() -> None:
+    """fabric.setup() hands back a wrapper of the user's module: removing release through
+    the user's module did nothing (silently), preparing again through it was refused as
+    foreign hooks, and dropping the wrapper dropped the clipping guard (clip_gradients then
+    clipped nothing)."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    net = _net()
+    wrapped, optimizer = fabric.setup(
+        net, core.AdamW(net.parameters(), lr=1e-2, gradient_release=True)
+    )
+    x, y = X[:BATCH], Y[:BATCH]
+    core.prepare_for_gradient_release(wrapped, optimizer)
+    core.prepare_for_gradient_release(net, optimizer)  # replaces it: one hook per parameter
+    assert [len(p._post_accumulate_grad_hooks) for p in net.parameters()] == [1] * 4
+    del wrapped
+    fabric.backward(nn.functional.mse_loss(net(x), y))
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(RuntimeError, match="under gradient release"):
+        fabric.clip_gradients(net, optimizer, max_norm=1.0)
+    core.remove_gradient_release(net)
+    assert not core.is_gradient_release_prepared(net)
+    fabric.backward(nn.functional.mse_loss(net(x), y))
+    assert all(p.grad is not None for p in net.parameters())  # ordinary training again
+
+
 class Gan(L.LightningModule):
     """Two optimizers stepped in turn with toggle_optimizer, each with the helper's cosine
     schedule (total_steps given: Lightning cannot count manual steps) stepped by hand."""
