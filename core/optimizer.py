@@ -367,6 +367,16 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
         "None or a finite number > 0",
         where,
     )
+    for key in ("lr", "eps", "weight_decay", "max_lr"):
+        # The steps compute in float32: a larger value overflowed mid-step on the loop
+        # and foreach backends, after some state had changed (and ran to inf elsewhere).
+        require(
+            group[key] is None or float(group[key]) <= FLOAT32_MAX,
+            key,
+            group[key],
+            f"at most {FLOAT32_MAX:.7g} (float32's largest: the steps compute in float32)",
+            where,
+        )
     for flag in ("decouple_wd", "decouple_lr", "gradient_release"):
         require(isinstance(group[flag], bool), flag, group[flag], "True or False", where)
     for flag in ("kahan_sum", "foreach", "fused"):
@@ -436,6 +446,7 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
 
 
 HIGH_FULLY_DECOUPLED_WEIGHT_DECAY = 1e-3
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 HIGH_EIGHT_BIT_BETA2 = 0.99
 """Above this β2, 8-bit v moves by less than half a code step per step (rounded to the
 nearest code), so it cannot follow a gradient that shrinks: measured with gradients that

@@ -243,6 +243,12 @@ BAD_HYPERPARAMETERS = [
     ("foreach", "fast"),
     ("fused", "yes"),
     ("lr", 10**400),  # beyond float: OverflowError before this was checked
+    # beyond float32, what the steps compute in: overflowed mid-step (after some state
+    # changed) on the loop and foreach backends, ran to inf elsewhere
+    ("lr", 1e39),
+    ("eps", 1e39),
+    ("weight_decay", 1e39),
+    ("max_lr", 1e39),
     ("lr", torch.tensor(True)),
     ("eps", torch.tensor(1e-6, device="meta")),
 ]
@@ -294,6 +300,26 @@ def test_invalid_value_set_during_training_is_refused_before_any_change(cls: typ
     before = snapshot(model, optimizer)
     optimizer.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -1\.0"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_an_lr_beyond_float32_set_during_training_is_refused_before_any_change(
+    backend: str,
+) -> None:
+    """lr = 1e39 set by hand or a scheduler: the loop and foreach backends raised torch's
+    overflow error after exp_avg had changed; the fused ones stepped to -inf."""
+    model = make_model()
+    optimizer = core.ADOPT(model.parameters(), lr=LR, **TRAINING_BACKENDS[backend])
+    batches = make_batches(torch.float32, 3)
+    train(model, optimizer, batches[:2])
+    before = snapshot(model, optimizer)
+    optimizer.param_groups[0]["lr"] = 1e39
+    x, y = batches[2]
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 0: 1e\+39\. Allowed: at most"):
         optimizer.step()
     assert_unchanged(model, optimizer, before)
 
