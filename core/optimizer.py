@@ -446,13 +446,14 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
 
 
 HIGH_FULLY_DECOUPLED_WEIGHT_DECAY = 1e-3
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""From here on fully decoupled decay (a fraction of θ per step at max_lr) is unusually
+strong; optimi and Composer warn from the same value."""
 HIGH_EIGHT_BIT_BETA2 = 0.99
 """Above this β2, 8-bit v moves by less than half a code step per step (rounded to the
 nearest code), so it cannot follow a gradient that shrinks: measured with gradients that
 drop 10x at β2 = 0.999, v stayed 15x too large and steps 0.29x full state's."""
-"""From here on fully decoupled decay (a fraction of θ per step at max_lr) is unusually
-strong; optimi and Composer warn from the same value."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest hyperparameter the steps, which compute in float32, can take."""
 
 
 def decoupled_decay_rate(

@@ -132,14 +132,20 @@ def compiler_misconfigured() -> bool:
     return compiler() is None and bool(os.environ.get("CC", "").strip())
 
 
+def compiler_version(command: Sequence[str]) -> str:
+    """What `command --version` prints (part of a cached library's name); for a command on
+    PATH that does not run, why, and its build then fails saying so."""
+    try:
+        return subprocess.run([*command, "--version"], capture_output=True, text=True).stdout
+    except OSError as error:
+        return f"does not run: {error}"
+
+
 @functools.cache
 def _toolchain_identity() -> str:
     """What the compiled code depends on besides the source: compiler version and CPU."""
     cc = compiler() or ()
-    try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
-    except OSError as error:  # found on PATH but not runnable: the build will say why
-        version = f"does not run: {error}"
+    version = compiler_version(cc)
     cpu = platform.processor() + platform.machine() + " ".join(sorted(_cpu_flags()))
     return f"{cc}\n{version}\n{cpu}"
 

@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import operator
 import os
-import subprocess
 import sys
 import sysconfig
 import threading
@@ -36,6 +35,7 @@ from core.backends.cpu_kernel import (
     KernelUnavailable,
     build_atomically,
     cache_dir,
+    compiler_version,
     find_compiler,
     load_or_build,
     missing_compiler,
@@ -297,7 +297,7 @@ def _cached_module() -> tuple[Path, Callable[[], None]]:
     includes.append(Path(sysconfig.get_paths()["include"]))
     libraries = [root / "lib"]
     openmp = torch_openmp_runtime()
-    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True).stdout
+    version = compiler_version(cxx)
     identity = [SOURCE.read_text(), torch.__version__, torch.__file__, sys.version, *cxx, version]
     identity.append(str(openmp))
     digest = hashlib.sha256("\n".join([*identity, str(abi)]).encode()).hexdigest()[:24]
