@@ -161,8 +161,8 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
             under 4096 elements stay full). See core.quantization.
         stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
             buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
-        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
-            position, the step and the element index).
+        rounding_seed: Seed of stochastic rounding's random bits, of the parameters and
+            of 8-bit m and v (with the parameter's position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the fastest.
         fused: Use a fused backend; None picks it where available and exact.
         triton: optimi's name for fused (see core.Adam).

@@ -61,7 +61,7 @@ def adam_coefficients(
         adaptive=True,
         amsgrad=amsgrad,
         update_params=lr != 0 and not accumulate,
-        **window_terms(microbatch, beta2, l2_weight_decay),
+        **window_terms(step, microbatch, beta2, l2_weight_decay),
         torch_terms=None
         if math.isnan(decoupled_rate)
         else TorchAdamTerms(
@@ -185,8 +185,8 @@ class Adam(AdamFamilyOptimizer):
             under 4096 elements stay full). See core.quantization.
         stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
             buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
-        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
-            position, the step and the element index).
+        rounding_seed: Seed of stochastic rounding's random bits, of the parameters and
+            of 8-bit m and v (with the parameter's position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -243,8 +243,8 @@ class Adam(AdamFamilyOptimizer):
         adam(
             params,
             grads,
-            self._moments(states, "exp_avg"),
-            self._moments(states, "exp_avg_sq"),
+            self._moments(states, "exp_avg", group, params),
+            self._moments(states, "exp_avg_sq", group, params),
             self._moments(states, "max_exp_avg_sq") if group["amsgrad"] else None,
             self._column(states, "step"),
             amsgrad=group["amsgrad"],
@@ -276,8 +276,8 @@ class AdamW(Adam):
             under 4096 elements stay full). See core.quantization.
         stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
             buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
-        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
-            position, the step and the element index).
+        rounding_seed: Seed of stochastic rounding's random bits, of the parameters and
+            of 8-bit m and v (with the parameter's position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,

@@ -29,6 +29,7 @@ from core.optimizer import (
     weight_decay_terms,
 )
 from core.quantization import StatePrecision
+from core.random_bits import rounding_draw
 
 
 def adopt_coefficients(
@@ -57,6 +58,7 @@ def adopt_coefficients(
         clip=step**0.25 if clip else None,
         initialize_only=step == 0,
         update_params=lr != 0,
+        state_draw=rounding_draw(step + 1),
     )
 
 
@@ -134,8 +136,8 @@ class ADOPT(AdamFamilyOptimizer):
             under 4096 elements stay full). See core.quantization.
         stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
             buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
-        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
-            position, the step and the element index).
+        rounding_seed: Seed of stochastic rounding's random bits, of the parameters and
+            of 8-bit m and v (with the parameter's position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -214,7 +216,7 @@ class ADOPT(AdamFamilyOptimizer):
         adopt(
             params,
             grads,
-            self._moments(states, "exp_avg"),
+            self._moments(states, "exp_avg", group, params),
             self._moments(states, "exp_avg_sq"),
             self._column(states, "step"),
             clip=group["clip"],

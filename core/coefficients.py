@@ -47,6 +47,8 @@ class AdamStepCoefficients:
             not adaptive: θ ← θ − momentum_step·m     (RAdam before rectification)
 
     torch_terms is set only when the step is exactly torch.optim.Adam/AdamW's.
+    state_draw names the random bits 8-bit m and v round with (core.random_bits.rounding_draw
+    of the step and micro-batch; core.quantization, step 4).
     """
 
     beta1: float
@@ -63,6 +65,7 @@ class AdamStepCoefficients:
     continues_window: bool = False
     window_grad_sq_weight: float = 0.0
     torch_terms: TorchAdamTerms | None = None
+    state_draw: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,7 @@ class AdoptStepCoefficients:
         m ← m + (1 − beta1)·(ĝ − m)
         if update_params: θ ← θ − lr·m
         v ← beta2·v + (1 − beta2)·g²
+    state_draw: as AdamStepCoefficients' (here only m can be 8-bit).
     """
 
     beta1: float
@@ -88,3 +92,4 @@ class AdoptStepCoefficients:
     clip: float | None
     initialize_only: bool
     update_params: bool
+    state_draw: int = 0

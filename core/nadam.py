@@ -26,6 +26,7 @@ from core.optimizer import (
     weight_decay_terms,
 )
 from core.quantization import StatePrecision
+from core.random_bits import rounding_draw
 
 
 def nadam_momentum(step: float, beta1: float, momentum_decay: float) -> float:
@@ -60,6 +61,7 @@ def nadam_coefficients(
         adaptive=True,
         amsgrad=False,
         update_params=lr != 0,
+        state_draw=rounding_draw(step),
     )
 
 
@@ -151,8 +153,8 @@ class NAdam(AdamFamilyOptimizer):
             under 4096 elements stay full). See core.quantization.
         stochastic_rounding: Round bf16/fp16 parameters stochastically (unbiased, no
             buffer) instead of keeping a Kahan buffer; reproducible from rounding_seed.
-        rounding_seed: Seed of stochastic rounding's random bits (with the parameter's
-            position, the step and the element index).
+        rounding_seed: Seed of stochastic rounding's random bits, of the parameters and
+            of 8-bit m and v (with the parameter's position, the step and the element index).
         foreach: Use the multi-tensor foreach backend; None picks the faster for the device.
         fused: Use a fused one-pass kernel; None picks it where available and exact.
         triton: optimi's name for fused, so optimi code runs unchanged (Triton on GPU,
@@ -227,8 +229,8 @@ class NAdam(AdamFamilyOptimizer):
         nadam(
             params,
             grads,
-            self._moments(states, "exp_avg"),
-            self._moments(states, "exp_avg_sq"),
+            self._moments(states, "exp_avg", group, params),
+            self._moments(states, "exp_avg_sq", group, params),
             self._column(states, "mu_product"),
             self._column(states, "step"),
             momentum_decay=float(group["momentum_decay"]),

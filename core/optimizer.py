@@ -39,6 +39,7 @@ from core.quantization import (
     CODE_FORMAT_KEY,
     FSDP1_FULL_PRECISION,
     SIGNED_KEYS,
+    STOCHASTIC_KEYS,
     QuantizedMoment,
     absmax_shape,
     full_precision,
@@ -46,8 +47,10 @@ from core.quantization import (
     moment_view,
     quantizable,
     quantized_state,
+    stochastic_stream,
     validate_state_precision,
 )
+from core.random_bits import rounding_draw
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -448,10 +451,6 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
 HIGH_FULLY_DECOUPLED_WEIGHT_DECAY = 1e-3
 """From here on fully decoupled decay (a fraction of θ per step at max_lr) is unusually
 strong; optimi and Composer warn from the same value."""
-HIGH_EIGHT_BIT_BETA2 = 0.99
-"""Above this β2, 8-bit v moves by less than half a code step per step (rounded to the
-nearest code), so it cannot follow a gradient that shrinks: measured with gradients that
-drop 10x at β2 = 0.999, v stayed 15x too large and steps 0.29x full state's."""
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 """The largest hyperparameter the steps, which compute in float32, can take."""
 
@@ -562,8 +561,11 @@ def window_position(
     ]
 
 
-def window_terms(microbatch: int, beta2: float, l2_weight_decay: float) -> dict[str, Any]:
-    """Moment-fold scalars for micro-batch k (1-based) of an optimizer-accumulation window.
+def window_terms(
+    step: float, microbatch: int, beta2: float, l2_weight_decay: float
+) -> dict[str, Any]:
+    """Moment-fold scalars for micro-batch k (1-based) of an optimizer-accumulation window
+    of step `step`, and the random bits its 8-bit m and v round with (state_draw).
 
     m is exact: the window adds (1 − β1)·(Σ g_k + λθ), as ordinary accumulation would; the
     L2 term enters once, with the first micro-batch (θ does not change within a window).
@@ -573,12 +575,14 @@ def window_terms(microbatch: int, beta2: float, l2_weight_decay: float) -> dict[
     L2 decay is used); with noisy micro-batches v carries their variance, so steps are
     somewhat smaller.
     """
+    state_draw = rounding_draw(step, microbatch)
     if microbatch == 1:
-        return {"l2_weight_decay": l2_weight_decay}
+        return {"l2_weight_decay": l2_weight_decay, "state_draw": state_draw}
     return {
         "l2_weight_decay": 0.0,
         "continues_window": True,
         "window_grad_sq_weight": (2 * microbatch - 1) * (1 - beta2),
+        "state_draw": state_draw,
     }
 
 
@@ -707,28 +711,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         super().__init__(params, defaults)
         self.state = StateTable(dict, self.state)
         self._warn_if_weight_decay_is_high()
-        self._warn_if_eight_bit_v_cannot_decay()
-
-    def _warn_if_eight_bit_v_cannot_decay(self) -> None:
-        """Warn once when a group keeps 8-bit moments with a β2 whose v cannot shrink."""
-        if "exp_avg_sq" not in self.quantized_state_keys:  # ADOPT keeps v full
-            return
-        high = [
-            float(group["betas"][1])
-            for group in self.param_groups
-            if group["state_precision"] == "8bit"
-            and float(group["betas"][1]) > HIGH_EIGHT_BIT_BETA2
-        ]
-        if high:
-            warnings.warn(
-                f"{type(self).__name__}: betas[1]={max(high)} with state_precision='8bit': "
-                "each step moves v by less than half a step between 8-bit codes, so v "
-                "cannot follow a gradient that shrinks and stays too large (steps too "
-                f"small); use betas[1] <= {HIGH_EIGHT_BIT_BETA2} with 8-bit state, or "
-                "state_precision='full'.",
-                UserWarning,
-                stacklevel=4,
-            )
 
     def _warn_if_weight_decay_is_high(self) -> None:
         """Warn once, as optimi does, when a fully decoupled group's weight_decay is high."""
@@ -956,17 +938,23 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         return states
 
     def _moments(
-        self, states: Sequence[dict[str, Any]], key: str
+        self,
+        states: Sequence[dict[str, Any]],
+        key: str,
+        group: dict[str, Any] | None = None,
+        params: Sequence[Tensor] | None = None,
     ) -> Sequence[Tensor | QuantizedMoment]:
-        """A moment of each state as backends take it: a tensor, or its 8-bit form. In a
-        memoized step, the memo's tuple, whose columns (StepMemo) were checked this step
-        or are taken now while the memo is being made."""
+        """A moment of each state as backends take it: a tensor, or its 8-bit form (with
+        the stream of its stochastic rounding for m and v: pass the group and its
+        parameters).
+        In a memoized step, the memo's tuple, whose columns (StepMemo) were checked this
+        step or are taken now while the memo is being made."""
         memo = self._memo_of(states)
         if memo is None:
-            return [moment_view(state, key) for state in states]
+            return self._moment_views(states, key, group, params)
         moments = memo.moments.get(key)
         if moments is None:
-            moments = memo.moments[key] = tuple(moment_view(state, key) for state in states)
+            moments = memo.moments[key] = tuple(self._moment_views(states, key, group, params))
             if QuantizedMoment not in set(map(type, moments)):
                 memo.columns[key] = moments
             else:  # three columns (see StepMemo), None where a row has the other form
@@ -978,6 +966,30 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 memo.columns[codes] = tuple(None if q is None else q.codes for q in eight_bit)
                 memo.columns[absmax] = tuple(None if q is None else q.absmax for q in eight_bit)
         return moments
+
+    def _moment_views(
+        self,
+        states: Sequence[dict[str, Any]],
+        key: str,
+        group: dict[str, Any] | None,
+        params: Sequence[Tensor] | None,
+    ) -> list[Tensor | QuantizedMoment]:
+        """moment_view of each state; an 8-bit m's and v's stream is its parameter's
+        position among the optimizer's (as stochastic rounding of parameters), under the
+        group's rounding_seed."""
+        if (
+            group is None
+            or params is None
+            or key not in STOCHASTIC_KEYS
+            or group["state_precision"] != "8bit"
+        ):
+            return [moment_view(state, key) for state in states]
+        positions = self._rounding_streams()
+        seed = group["rounding_seed"]
+        return [
+            moment_view(state, key, stochastic_stream(seed, positions[param]))
+            for param, state in zip(params, states, strict=True)
+        ]
 
     def _column(self, states: Sequence[dict[str, Any]], key: str) -> Sequence[Any]:
         """state[key] of each state; in a memoized step, the memo's tuple (checked this
@@ -1584,7 +1596,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if layout is None:  # a subclass or a parameter without storage: the full path
             return None
         streams = None
-        if group["stochastic_rounding"]:
+        if group["stochastic_rounding"] or group["state_precision"] == "8bit":
             streams = self._stream_layout(group, params)
             if streams is None:
                 return None

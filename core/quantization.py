@@ -31,9 +31,28 @@ Encoding, bit for bit the same in every backend:
 2. Each magnitude is normalised as a = |x| · fp32(1 / s): one rounded reciprocal per
    block and one rounded product per element (0 where s is 0 or NaN).
 3. The code is a's nearest map value (ties up); values below the smallest map value
-   round to it or to 0, whichever is nearer, except that a positive v never takes code 0
-   (it takes the smallest positive code), so an element whose v is tiny beside its
-   block's largest cannot divide by eps alone. m's sign is bit 7 (never on a zero).
+   round to it or to 0, whichever is nearer, except that a positive v or v_max never
+   takes code 0 (it takes the smallest positive code), so an element whose v is tiny
+   beside its block's largest cannot divide by eps alone. m's sign is bit 7 (never on a
+   zero). Converting state (loading, switching precision) and v_max use this rule.
+4. An optimizer step writes m and v rounded stochastically between their two
+   neighbouring map values instead: unbiased, so they follow in expectation what rounded
+   to nearest they could not. Each step moves v by (1 − β2) of itself, under half a code
+   step at β2 ≥ 0.99, so nearest v grew on noisy gradients but never shrank (3x full
+   precision's, 600 steps after its gradients shrank 10x, at β2 = 0.999); and an m below
+   about 2^-8 of its block's scale, where codes are coarse, stopped decaying when its
+   gradient became 0, so the element kept moving for good (at 0.5 lr per step after
+   3000 steps once v could shrink). With t = code + 1, a lies at a real t-position T
+   between codes (T's fp32 bits: a's shifted right by the map's group bits, plus a
+   constant; cpu_kernel.c's encode_offset); in fp32, T has s = 23 − floor(log2 T)
+   fraction bits, and with M its 24-bit significand, t = floor((M + r) / 2^s) where r
+   is the top s bits of the element's random bits (core.random_bits.rounding_bits:
+   element i's index in the moment's row-major order, under QuantizedMoment.key; a
+   shard's elements by their index in the whole moment, so FSDP2 draws what one process
+   does and a run resumed on another number of ranks continues alike). Below
+   the smallest value m takes the smallest code if u < a / smallest value (an fp32
+   product by a power of two, exact), with u = (bits >> 8) · 2^-24, else 0, so an m
+   whose gradient stopped reaches 0; v keeps the smallest code (rule 3).
 
 A code reads back as map[code] · s (fp32), which is exact but for that product.
 """
@@ -47,6 +66,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from core.random_bits import offset_key, rounding_bits, step_key, stream_key
 
 BLOCK_SIZE = 256
 """Elements per scale. Smaller blocks track local magnitudes better but spend more bytes
@@ -70,6 +91,23 @@ all three); float64, complex and integer parameters keep full-precision state.""
 SIGNED_KEYS = frozenset({"exp_avg"})
 """Moments that can be negative; every other quantized moment (exp_avg_sq,
 max_exp_avg_sq) is non-negative."""
+STOCHASTIC_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
+"""Moments an optimizer step rounds stochastically (step 4 above): m and v. v_max only
+ever grows, as rounding to nearest lets it."""
+_STREAM_SALT = 0x5BD1E995
+"""Sets the moments' streams apart from the parameters' own (stochastic rounding of
+16-bit θ draws from stream_key(seed, position) too)."""
+SIGNED_KEY_FLIP = 1 << 31
+"""m's key is v's with bit 31 flipped: element i of m draws the bits of element i + 2^31
+of v's stream (i·0x9E3779B1 + key, the constant being odd), which no tensor under 2^31
+elements shares with its v."""
+
+
+def stochastic_stream(seed: int, position: int) -> int:
+    """The key of the stream of the moments' random bits for the parameter at this
+    position among its optimizer's (seed: its group's rounding_seed): the same in every
+    run and after a resume, as stochastic rounding of parameters."""
+    return stream_key(seed ^ _STREAM_SALT, position)
 
 
 @dataclass(frozen=True)
@@ -160,22 +198,33 @@ def midpoints(signed: bool) -> Tensor:
     return ((used[:-1] + used[1:]) / 2).float()
 
 
-def nearest_magnitude_codes(normalized: Tensor, spec: CodeMap) -> Tensor:
-    """The magnitude code of each normalized magnitude a in [0, 2) (fp32): the nearest map
-    value (ties up; a >= 1 takes the largest code), found from a's bits. Under an unsigned
-    map every a > 0 takes at least the smallest code."""
+def magnitude_codes(normalized: Tensor, spec: CodeMap, random: Tensor | None = None) -> Tensor:
+    """The magnitude code of each normalized magnitude a in [0, 2) (fp32), found from a's
+    bits: the nearest map value (ties up; a >= 1 takes the largest code). Under an unsigned
+    map every a > 0 takes at least the smallest code. random (int64, 32 random bits per
+    element, in normalized's shape): round stochastically between the two neighbouring
+    map values instead (step 4 above), where a is at least the smallest."""
     bits = normalized.view(torch.int32)
     exponent = bits >> 23
     base, group_bits = spec.exponent_base, spec.group_bits
     group = ((exponent - base) >> group_bits).clamp(spec.smallest_group, spec.top_group - 1)
     shift = 23 + group_bits - group
     offset = bits - ((base + (group << group_bits)) << 23)
-    codes = (1 << group) + ((offset + (1 << (shift - 1))) >> shift) - 1
+    if random is None:  # the half step rounds to nearest
+        codes = (1 << group) + ((offset + (1 << (shift - 1))) >> shift) - 1
+    else:  # the position without its group_bits lowest bits, plus its own random bits
+        fraction_bits = shift - group_bits
+        addend = (random >> (32 - fraction_bits).long()).int()
+        codes = (1 << group) + (((offset >> group_bits) + addend) >> fraction_bits) - 1
     codes = torch.where(exponent >= 127, spec.largest_code, codes)
     lowest = spec.lowest_exponent
-    rounds_up = (
-        exponent >= lowest - 1 if spec.signed else torch.ones_like(exponent, dtype=torch.bool)
-    )
+    if not spec.signed:
+        rounds_up = torch.ones_like(exponent, dtype=torch.bool)
+    elif random is None:
+        rounds_up = exponent >= lowest - 1
+    else:
+        uniform = (random >> 8).float() * 2.0**-24
+        rounds_up = uniform < normalized * 2.0 ** (127 - lowest)
     below = rounds_up.int() * spec.smallest_code
     codes = torch.where(exponent < lowest, below, codes)
     return torch.where(bits == 0, 0, codes)
@@ -204,8 +253,8 @@ def _block_width(row_length: int) -> int:
 
 
 def _blocked(values: Tensor) -> Tensor:
-    """values (fp32) as (rows, blocks, width) (width: _block_width), the last block of
-    each row zero-padded."""
+    """values (fp32, or random bits) as (rows, blocks, width) (width: _block_width), the
+    last block of each row zero-padded."""
     rows, row_length = block_shape(values.shape)
     width = _block_width(row_length)
     blocks = -(-row_length // width)
@@ -220,8 +269,9 @@ SMALLEST_SCALE = 2.0**-126
 """Blocks whose largest magnitude is below this (fp32's smallest normal) are stored as 0."""
 
 
-def quantize(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """(codes, absmax) of values in the layout above: the readable reference."""
+def quantize(values: Tensor, signed: bool, key: int | None = None) -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of values in the layout above: the readable reference. key: round
+    stochastically with the bits of this key (step 4 above)."""
     blocked = _blocked(values.detach().float())
     absmax = blocked.abs().amax(dim=-1)
     absmax = torch.where(absmax.isfinite(), absmax, torch.full_like(absmax, math.nan))
@@ -229,7 +279,11 @@ def quantize(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     usable = (absmax > 0).unsqueeze(-1)
     inverse = torch.where(usable, 1.0 / absmax.unsqueeze(-1), torch.zeros_like(blocked[..., :1]))
     normalized = torch.where(usable, blocked.abs() * inverse, torch.zeros_like(blocked))
-    codes = nearest_magnitude_codes(normalized, code_map(signed))
+    random = None
+    if key is not None:
+        random = rounding_bits(key, values.numel(), values.device).reshape(values.shape)
+        random = _blocked(random)
+    codes = magnitude_codes(normalized, code_map(signed), random)
     if signed:
         codes = torch.where((blocked < 0) & (codes > 0), codes | 0x80, codes)
     row_length = block_shape(values.shape)[1]
@@ -251,19 +305,37 @@ class QuantizedMoment:
     """One 8-bit moment of one parameter, as backends receive it in place of a tensor.
 
     Its two tensors are the optimizer's state (updated in place), so a backend writes the
-    moment by quantizing into them.
+    moment by quantizing into them. Every backend rounds the m and v it writes
+    (STOCHASTIC_KEYS) stochastically, with the bits of key(draw): stream is the key of
+    the parameter's stream of random bits (stochastic_stream, shared by its m and v),
+    and draw names the call (the coefficients' state_draw). v_max ignores stream.
     """
 
     codes: Tensor
     absmax: Tensor
     signed: bool
+    stream: int = 0
+    first_index: int = 0
+    """The index of its first element in the whole moment: a shard's offset in its
+    DTensor (FSDP2), so that a shard draws the bits its elements draw unsharded."""
 
     def dequantize(self) -> Tensor:
         return dequantize(self.codes, self.absmax, self.signed)
 
-    def store(self, values: Tensor) -> None:
-        """Quantize values (the moment's new fp32 value) into codes and absmax."""
-        codes, absmax = quantize(values, self.signed)
+    def state_key(self, draw: int) -> int:
+        """The key of the parameter's 8-bit m and v in the call named by draw, for this
+        shard (what the fused kernels take: they flip m's themselves)."""
+        return offset_key(step_key(self.stream, draw), self.first_index)
+
+    def key(self, draw: int) -> int:
+        """The key of this moment's random bits in the call named by draw (m's: v's with
+        SIGNED_KEY_FLIP)."""
+        return self.state_key(draw) ^ (SIGNED_KEY_FLIP if self.signed else 0)
+
+    def store(self, values: Tensor, draw: int | None = None) -> None:
+        """Quantize values (the moment's new fp32 value) into codes and absmax: rounded to
+        nearest, or with draw (m and v) stochastically with the bits of key(draw)."""
+        codes, absmax = quantize(values, self.signed, None if draw is None else self.key(draw))
         self.codes.copy_(codes)
         self.absmax.copy_(absmax)
 
@@ -407,10 +479,11 @@ def stored_moment(state: dict, key: str, param: Tensor) -> Tensor:
     return full_precision(state[codes], state[absmax], key in SIGNED_KEYS, param)
 
 
-def moment_view(state: dict, key: str) -> Tensor | QuantizedMoment:
-    """What a backend is handed for a moment: the tensor, or its 8-bit form."""
+def moment_view(state: dict, key: str, stream: int = 0) -> Tensor | QuantizedMoment:
+    """What a backend is handed for a moment: the tensor, or its 8-bit form (stream: see
+    QuantizedMoment)."""
     value = state.get(key)
     if value is not None:
         return value
     codes, absmax = moment_keys(key)
-    return QuantizedMoment(state[codes], state[absmax], key in SIGNED_KEYS)
+    return QuantizedMoment(state[codes], state[absmax], key in SIGNED_KEYS, stream)

@@ -143,9 +143,12 @@ int main(int argc, char **argv) {
     float **linear_m_absmax = zeroed(count * sizeof *linear_m_absmax),
           **linear_v_absmax = zeroed(count * sizeof *linear_v_absmax);
     int64_t *sizes = zeroed(count * sizeof *sizes);
+    /* each tensor's key for the stochastic rounding of its m and v, as every step passes */
+    uint32_t *state_keys = zeroed(count * sizeof *state_keys);
     uint32_t seed = 1;
     for (int64_t k = 0; k < count; k++) {
         sizes[k] = numel;
+        state_keys[k] = (uint32_t)k * 0x9e3779b1u + 1u;
         params[k] = zeroed(numel * sizeof(float));
         grads[k] = zeroed(numel * sizeof(float));
         for (int64_t i = 0; i < numel; i++) { /* θ in [-0.5, 0.5) */
@@ -175,7 +178,7 @@ int main(int argc, char **argv) {
         double start = thread_seconds();
         for (int z = 0; z < inner; z++)
             adamkit_step_q8(count, sizes, sizes, (void *const *)params, (void *const *)grads, 0,
-                            0, (void *const *)m_codes, (void *const *)m_absmax,
+                            0, state_keys, (void *const *)m_codes, (void *const *)m_absmax,
                             (void *const *)v_codes, (void *const *)v_absmax, 0, 0, coefficients,
                             words, 1, 0);
         double step = thread_seconds() - start;

@@ -46,6 +46,7 @@ from core.backends.kernel_arguments import KernelArguments, adam_arguments, adop
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.backends.views import QUANTIZED_ROWS
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
+from core.quantization import QuantizedMoment
 
 TensorLists = list[list[Tensor] | None]
 Rounding = list[StochasticRounding] | None
@@ -132,14 +133,15 @@ class FusedCpu:
             stochastic=rounding is not None,
         )
         keys = None if rounding is None else [r.key() for r in rounding]
+        state_keys = _state_keys(lists, arguments.state_draw) if bucket.quantized else None
         run = cpu_kernel.run_quantized if bucket.quantized else cpu_kernel.run
         try:
             if not memoized:
-                run(config, *lists, arguments.scalars, keys)  # type: ignore[arg-type]
+                run(config, *lists, arguments.scalars, keys, state_keys)  # type: ignore[arg-type]
                 return True
             if bucket.prepared is None:
                 bucket.prepared = cpu_kernel.prepare(config, *lists)  # type: ignore[arg-type]
-            bucket.prepared.call(config, lists[1], arguments.scalars, keys)  # type: ignore[arg-type]
+            bucket.prepared.call(config, lists[1], arguments.scalars, keys, state_keys)  # type: ignore[arg-type]
         except cpu_kernel.KernelUnavailable as error:
             if self.strict:
                 raise RuntimeError(f"fused=True: {error}") from error
@@ -315,6 +317,16 @@ def _bucket(lists: TensorLists, indices: list[int], quantized: bool) -> _Bucket:
         quantized,
         full_moments,
     )
+
+
+def _state_keys(lists: TensorLists, draw: int) -> list[int] | None:
+    """Each parameter's key of this step for its 8-bit m and v (the kernels flip bit 31
+    for m, as QuantizedMoment.key does), so that they round stochastically as the loop
+    backend rounds them; None where neither is 8-bit."""
+    for moments in lists[2:4]:
+        if moments and type(moments[0]) is QuantizedMoment:
+            return [moment.state_key(draw) for moment in moments]  # type: ignore[attr-defined]
+    return None
 
 
 def _rounding_switches(comp: object, dtype: torch.dtype) -> tuple[bool, bool]:

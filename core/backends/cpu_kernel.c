@@ -27,7 +27,8 @@
  *               pass (adamkit_step_q8 instead of adamkit_step)
  *   M_8BIT, V_8BIT, V_MAX_8BIT   with Q8, which of m, v and v_max are 8-bit; the others
  *               are in the parameter's dtype, read and written as adamkit_step does them
- *               (ADOPT keeps v in full precision beside an 8-bit m)
+ *               (ADOPT keeps v in full precision beside an 8-bit m); 8-bit m and v round
+ *               stochastically where adamkit_step_q8 is given its tensors' keys
  */
 #include <math.h>
 #include <pthread.h>
@@ -118,6 +119,20 @@ static inline compute_t load(const store_t *a, int64_t i) { return widen(a[i]); 
 
 static inline void put(store_t *a, int64_t i, compute_t x) { a[i] = round_to_store(x); }
 
+/* core.random_bits.mix32 (uint32 multiplication wraps modulo 2^32, as the reference masks). */
+static inline uint32_t mix32(uint32_t value) {
+    value ^= value >> 16;
+    value *= 0x7feb352du;
+    value ^= value >> 15;
+    value *= 0x846ca68bu;
+    return value ^ (value >> 16);
+}
+
+/* core.random_bits.rounding_bits: element `index`'s 32 random bits under `key`. */
+static inline uint32_t random_bits(int64_t index, uint32_t key) {
+    return mix32((uint32_t)index * 0x9e3779b1u + key);
+}
+
 #if STOCHASTIC
 #if DTYPE == 3
 #define SR_MANTISSA_BITS 7
@@ -126,15 +141,6 @@ static inline void put(store_t *a, int64_t i, compute_t x) { a[i] = round_to_sto
 #define SR_MANTISSA_BITS 10
 #define SR_MIN_EXPONENT (-14)
 #endif
-
-/* precision.mix32 (uint32 multiplication wraps modulo 2^32, as the reference masks). */
-static inline uint32_t mix32(uint32_t value) {
-    value ^= value >> 16;
-    value *= 0x7feb352du;
-    value ^= value >> 15;
-    value *= 0x846ca68bu;
-    return value ^ (value >> 16);
-}
 
 /* A power of two 2^e (|e| ≤ 127) from its bits. */
 static inline float power_of_two(int32_t e) { return as_float((uint32_t)(e + 127) << 23); }
@@ -157,7 +163,7 @@ static inline float stochastic_value(float theta, int64_t index, uint32_t key) {
     int32_t second = shift - first;
     float scaled = value * power_of_two(first) * power_of_two(second);
     float below = floorf(scaled);
-    uint32_t random = mix32((uint32_t)index * 0x9e3779b1u + key);
+    uint32_t random = random_bits(index, key);
     float uniform = (float)(random >> 8) * 0x1p-24f;
     float up = uniform < scaled - below ? 1.0f : 0.0f;
     float rounded = (below + up) * power_of_two(-first) * power_of_two(-second);
@@ -794,7 +800,7 @@ static inline uint32_t largest_bits(const float *x, int64_t count) {
 }
 
 /* The code of one value: |x| · inverse (fp32), then its nearest code
- * (core.quantization.nearest_magnitude_codes); 0 for 0, m's sign in bit 7. In integers:
+ * (core.quantization.magnitude_codes); 0 for 0, m's sign in bit 7. In integers:
  * t = floor(position + 1/2) from the position's bits, exactly as the vector code's
  * round-down arithmetic finds it. */
 static inline uint8_t nearest_code(float x, float inverse, const code_map_t *map, int is_signed) {
@@ -889,6 +895,183 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
     for (; j < count; j++) codes[j] = nearest_code(x[j], inverse, map, is_signed);
 }
 
+/* The stochastic code of one value (core.quantization, step 4): the position T of
+ * |x| · inverse between codes, as nearest_code finds it, with M its significand and s =
+ * 23 − floor(log2 T) its fraction bits; t = floor((M + r) / 2^s) for r the top s bits of
+ * `random`. Below the smallest value (normalized bits under lowest_bits) v keeps the
+ * smallest code (its position is that code's, exact, whatever r is; only 0 takes 0),
+ * and m takes it if u < a · below_scale (= a / the smallest value, exact), u the top 24
+ * bits of `random` as a fraction, else 0. m's sign goes in bit 7 of a nonzero code. */
+static inline uint8_t stochastic_code(float x, float inverse, const code_map_t *map,
+                                      int is_signed, float below_scale, uint32_t random) {
+    uint32_t bits = as_bits(x);
+    uint32_t normalized = as_bits(as_float(bits & 0x7fffffffu) * inverse);
+    uint32_t clamped = normalized < map->lowest_bits ? map->lowest_bits : normalized;
+    uint32_t position = (clamped >> map->group_bits) + map->encode_offset;
+    uint32_t fraction_bits = 150u - (position >> 23);
+    uint32_t significand = (position & 0x7fffffu) | 0x800000u;
+    uint32_t t = (significand + (random >> (32u - fraction_bits))) >> fraction_bits;
+    uint32_t code = t - 1 < map->largest_code ? t - 1 : map->largest_code;
+    if (!is_signed) return normalized < map->zero_below ? 0u : (uint8_t)code;
+    if (normalized < map->lowest_bits) {
+        float uniform = (float)(random >> 8) * 0x1p-24f;
+        code = uniform < as_float(normalized) * below_scale ? map->smallest_code : 0u;
+    }
+    if (code) code |= (bits >> 24) & 0x80u;
+    return (uint8_t)code;
+}
+
+#if CODE_LANES == 16
+/* random_bits of sixteen consecutive elements from `index`. */
+static inline __m512i random_lanes(int64_t index, uint32_t key) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i h = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)index), lanes);
+    h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x9e3779b1u)),
+                         _mm512_set1_epi32((int)key));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x846ca68bu));
+    return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+#elif CODE_LANES == 8
+static inline __m256i random_lanes(int64_t index, uint32_t key) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i h = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)index), lanes);
+    h = _mm256_add_epi32(_mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x9e3779b1u)),
+                         _mm256_set1_epi32((int)key));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x846ca68bu));
+    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+#endif
+
+/* encode rounding stochastically with the random bits of elements `first`, first + 1, ...
+ * under `key`: the same scale, and stochastic_code per element, vectorised as encode is
+ * (variable shifts in place of its rounding addition). */
+static inline void encode_stochastic(uint8_t *codes, float *scale_out, const float *x,
+                                     uint32_t top, const code_map_t *map, int is_signed,
+                                     int64_t count, int64_t first, uint32_t key) {
+    float scale = block_scale(top);
+    *scale_out = scale;
+    if (!(scale > 0)) {
+        memset(codes, 0, (size_t)count);
+        return;
+    }
+    float inverse = 1.0f / scale;
+    /* 1 / the smallest value: 2^(127 − its biased exponent), from its bits */
+    const float below_scale = as_float((254u - (map->lowest_bits >> 23)) << 23);
+    int64_t j = 0;
+#if CODE_LANES == 16
+    const __m512 inverses = _mm512_set1_ps(inverse), below_scales = _mm512_set1_ps(below_scale);
+    const __m512 fraction_unit = _mm512_set1_ps(0x1p-24f);
+    const __m512i smallest = _mm512_set1_epi32((int)map->smallest_code);
+    const __m512i sign = _mm512_set1_epi32(0x80);
+    const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i lowest = _mm512_set1_epi32((int)map->lowest_bits);
+    const __m512i zero_below = _mm512_set1_epi32((int)map->zero_below);
+    const __m512i offset = _mm512_set1_epi32((int)map->encode_offset);
+    const __m512i largest = _mm512_set1_epi32((int)map->largest_code);
+    const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
+    const __m512i one = _mm512_set1_epi32(1), bits_32 = _mm512_set1_epi32(32);
+    const __m512i exponent_150 = _mm512_set1_epi32(150);
+    const __m512i significand_mask = _mm512_set1_epi32(0x7fffff);
+    const __m512i hidden_bit = _mm512_set1_epi32(0x800000);
+    for (; j + CODE_LANES <= count; j += CODE_LANES) {
+        __m512i bits = _mm512_loadu_si512(x + j);
+        __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_mask)), inverses));
+        __m512i position = _mm512_add_epi32(
+            _mm512_srl_epi32(_mm512_max_epu32(normalized, lowest), group_bits), offset);
+        __m512i fraction_bits = _mm512_sub_epi32(exponent_150, _mm512_srli_epi32(position, 23));
+        __m512i random_bits_of = random_lanes(first + j, key);
+        __m512i random = _mm512_srlv_epi32(random_bits_of, _mm512_sub_epi32(bits_32, fraction_bits));
+        __m512i significand = _mm512_or_si512(_mm512_and_si512(position, significand_mask),
+                                              hidden_bit);
+        __m512i t = _mm512_srlv_epi32(_mm512_add_epi32(significand, random), fraction_bits);
+        __m512i code = _mm512_min_epu32(_mm512_sub_epi32(t, one), largest);
+        if (is_signed) { /* below the smallest value: the smallest code or 0, at random */
+            __mmask16 below = _mm512_cmplt_epu32_mask(normalized, lowest);
+            __m512 uniform = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_srli_epi32(random_bits_of, 8)), fraction_unit);
+            __mmask16 up = _mm512_cmp_ps_mask(
+                uniform, _mm512_mul_ps(_mm512_castsi512_ps(normalized), below_scales), _CMP_LT_OQ);
+            code = _mm512_mask_mov_epi32(code, below, _mm512_maskz_mov_epi32(up, smallest));
+            __mmask16 nonzero = _mm512_test_epi32_mask(code, code);
+            code = _mm512_mask_ternarylogic_epi32(code, nonzero, _mm512_srli_epi32(bits, 24),
+                                                  sign, 0xf8); /* code | (bits >> 24 & sign) */
+        } else {
+            code = _mm512_maskz_mov_epi32(_mm512_cmpge_epu32_mask(normalized, zero_below), code);
+        }
+        _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtepi32_epi8(code));
+    }
+#elif CODE_LANES == 8
+    const __m256 inverses = _mm256_set1_ps(inverse), below_scales = _mm256_set1_ps(below_scale);
+    const __m256 fraction_unit = _mm256_set1_ps(0x1p-24f);
+    const __m256i smallest = _mm256_set1_epi32((int)map->smallest_code);
+    const __m256i sign = _mm256_set1_epi32(0x80), zero = _mm256_setzero_si256();
+    const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
+    const __m256i lowest = _mm256_set1_epi32((int)map->lowest_bits);
+    const __m256i below_zero_below = _mm256_set1_epi32((int)map->zero_below - 1);
+    const __m256i offset = _mm256_set1_epi32((int)map->encode_offset);
+    const __m256i largest = _mm256_set1_epi32((int)map->largest_code);
+    const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
+    const __m256i one = _mm256_set1_epi32(1), bits_32 = _mm256_set1_epi32(32);
+    const __m256i exponent_150 = _mm256_set1_epi32(150);
+    const __m256i significand_mask = _mm256_set1_epi32(0x7fffff);
+    const __m256i hidden_bit = _mm256_set1_epi32(0x800000);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; j + 2 * CODE_LANES <= count; j += 2 * CODE_LANES) {
+        __m256i codes_of[2];
+        for (int half_index = 0; half_index < 2; half_index++) {
+            int64_t at = j + half_index * CODE_LANES;
+            __m256i bits = _mm256_loadu_si256((const __m256i *)(x + at));
+            __m256i normalized = _mm256_castps_si256(_mm256_mul_ps(
+                _mm256_castsi256_ps(_mm256_and_si256(bits, magnitude_mask)), inverses));
+            __m256i position = _mm256_add_epi32(
+                _mm256_srl_epi32(_mm256_max_epu32(normalized, lowest), group_bits), offset);
+            __m256i fraction_bits =
+                _mm256_sub_epi32(exponent_150, _mm256_srli_epi32(position, 23));
+            __m256i random_bits_of = random_lanes(first + at, key);
+            __m256i random =
+                _mm256_srlv_epi32(random_bits_of, _mm256_sub_epi32(bits_32, fraction_bits));
+            __m256i significand = _mm256_or_si256(
+                _mm256_and_si256(position, significand_mask), hidden_bit);
+            __m256i t = _mm256_srlv_epi32(_mm256_add_epi32(significand, random), fraction_bits);
+            __m256i code = _mm256_min_epu32(_mm256_sub_epi32(t, one), largest);
+            if (is_signed) { /* below the smallest value: the smallest code or 0, at random */
+                /* normalized < lowest as a signed comparison: bits of non-negative floats */
+                __m256i below = _mm256_cmpgt_epi32(lowest, normalized);
+                __m256 uniform = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32(random_bits_of, 8)), fraction_unit);
+                __m256 up = _mm256_cmp_ps(
+                    uniform, _mm256_mul_ps(_mm256_castsi256_ps(normalized), below_scales),
+                    _CMP_LT_OQ);
+                __m256i below_code = _mm256_and_si256(smallest, _mm256_castps_si256(up));
+                code = _mm256_blendv_epi8(code, below_code, below);
+                __m256i nonzero = _mm256_xor_si256(_mm256_cmpeq_epi32(code, zero),
+                                                   _mm256_set1_epi32(-1));
+                code = _mm256_or_si256(
+                    code, _mm256_and_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 24), sign),
+                                           nonzero));
+                codes_of[half_index] = code;
+            } else {
+                codes_of[half_index] =
+                    _mm256_and_si256(code, _mm256_cmpgt_epi32(normalized, below_zero_below));
+            }
+        }
+        __m256i words = _mm256_packus_epi32(codes_of[0], codes_of[1]);
+        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
+        _mm_storeu_si128((__m128i *)(codes + j), _mm256_castsi256_si128(bytes));
+    }
+#endif
+    for (; j < count; j++)
+        codes[j] =
+            stochastic_code(x[j], inverse, map, is_signed, below_scale, random_bits(first + j, key));
+}
+
 /* Quantize `count` values as one row with the signed or the unsigned map of `words` (both
  * maps, as adamkit_step_q8 takes them). Test hook: the encoding every step uses, against
  * core.quantization.quantize on chosen values. */
@@ -899,6 +1082,20 @@ void adamkit_quantize(int64_t count, const float *values, uint8_t *codes, float 
         int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
         const float *x = values + b * CODE_BLOCK;
         encode(codes + b * CODE_BLOCK, absmax + b, x, largest_bits(x, n), &map, is_signed, n);
+    }
+}
+
+/* adamkit_quantize rounding stochastically under `key` (element i of the row draws
+ * random_bits(i, key)). Test hook: against core.quantization.quantize with that key. */
+void adamkit_quantize_stochastic(int64_t count, const float *values, uint8_t *codes,
+                                 float *absmax, const uint32_t *words, int is_signed,
+                                 uint32_t key) {
+    const code_map_t map = map_of(words, is_signed);
+    for (int64_t b = 0; b * CODE_BLOCK < count; b++) {
+        int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
+        const float *x = values + b * CODE_BLOCK;
+        encode_stochastic(codes + b * CODE_BLOCK, absmax + b, x, largest_bits(x, n), &map,
+                          is_signed, n, b * CODE_BLOCK, key);
     }
 }
 
@@ -918,6 +1115,8 @@ typedef struct {
     store_t *param, *comp;
     const store_t *grad;
     uint32_t key; /* under STOCHASTIC, the tensor's key of this step */
+    uint32_t state_key; /* the key of this step's random bits for 8-bit m and v ... */
+    int state_stochastic; /* ... where they round stochastically (keys were given) */
     void *moments[3]; /* m, v, v_max: uint8 codes where 8-bit, else store_t elements */
     float *absmax[3]; /* the 8-bit moments' scales */
 } quantized_t;
@@ -1011,7 +1210,14 @@ static void update_quantized_blocks(const quantized_t *q, const scalars_t *s,
     const float *results[3] = {m, v, v_max};
     for (int which = 0; which < 3; which++) {
         if (!(which == 0 ? WRITES_M : which == 1 ? 1 : WRITES_V_MAX)) continue;
-        if (eight_bit[which])
+        if (eight_bit[which] && which < 2 && q->state_stochastic)
+            for (int64_t k = 0, j = 0; k < blocks; k++, j += CODE_BLOCK)
+                encode_stochastic((uint8_t *)q->moments[which] + start + j,
+                                  q->absmax[which] + block + k, results[which] + j,
+                                  tops[which][k], &maps[which == 0 ? 0 : 1], which == 0,
+                                  smaller(count - j, CODE_BLOCK), start + j,
+                                  q->state_key ^ (which == 0 ? 0x80000000u : 0u));
+        else if (eight_bit[which])
             for (int64_t k = 0, j = 0; k < blocks; k++, j += CODE_BLOCK)
                 encode((uint8_t *)q->moments[which] + start + j, q->absmax[which] + block + k,
                        results[which] + j, tops[which][k], &maps[which == 0 ? 0 : 1],
@@ -1028,6 +1234,7 @@ typedef struct {
     void *const *lists[9]; /* param, grad, comp, then codes (or elements) and absmax of m,
                               v, v_max */
     const uint32_t *keys;  /* under STOCHASTIC, one per tensor; else null */
+    const uint32_t *state_keys; /* each tensor's key for its 8-bit m and v; null: nearest */
     const code_map_t *maps; /* signed (m), unsigned (v, v_max) */
     scalars_t scalars;
     int64_t begin, end; /* this share, in blocks of the concatenation of every tensor */
@@ -1054,6 +1261,8 @@ static void *run_quantized_share(void *arg) {
                          entry(l[2], k),
                          entry(l[1], k),
                          w->keys ? w->keys[k] : 0u,
+                         w->state_keys ? w->state_keys[k] : 0u,
+                         w->state_keys != 0,
                          {entry(l[3], k), entry(l[5], k), entry(l[7], k)},
                          {(float *)entry(l[4], k), (float *)entry(l[6], k),
                           (float *)entry(l[8], k)}};
@@ -1072,10 +1281,14 @@ static void *run_quantized_share(void *arg) {
 /* The entry point for 8-bit moments: one step over `count` tensors of `sizes[k]` elements
  * in rows of `row_lengths[k]`, each 8-bit moment as uint8 codes and fp32 scales of shape
  * (rows, blocks per row), each other moment as its elements in the parameter's dtype (in
- * the codes' place, with no scales). Threads take whole blocks, never part of one. */
+ * the codes' place, with no scales). state_keys: each tensor's key of this step for the
+ * stochastic rounding of its 8-bit m (with bit 31 flipped: QuantizedMoment.key) and v,
+ * or null to round them to nearest.
+ * Threads take whole blocks, never part of one. */
 int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_lengths,
                     void *const *params, void *const *grads, void *const *comps,
-                    const uint32_t *keys, void *const *exp_avg_codes, void *const *exp_avg_absmax,
+                    const uint32_t *keys, const uint32_t *state_keys, void *const *exp_avg_codes,
+                    void *const *exp_avg_absmax,
                     void *const *exp_avg_sq_codes, void *const *exp_avg_sq_absmax,
                     void *const *max_exp_avg_sq_codes, void *const *max_exp_avg_sq_absmax,
                     const double *coefficients, const uint32_t *map_words, int threads,
@@ -1097,6 +1310,7 @@ int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_leng
                                 exp_avg_sq_codes, exp_avg_sq_absmax, max_exp_avg_sq_codes,
                                 max_exp_avg_sq_absmax},
                                keys,
+                               state_keys,
                                maps,
                                make_scalars(coefficients),
                                j * per_share,

@@ -414,7 +414,7 @@ def _stop_running_builds(owner: int = os.getpid()) -> None:
 
 
 _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_void_p]
-_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int, ctypes.c_void_p]
+_QUANTIZED_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 15 + [ctypes.c_int, ctypes.c_void_p]
 _loaded: dict[tuple[KernelConfig, tuple[tuple[str, ...], ...]], ctypes.CDLL] = {}
 compile_seconds: dict[KernelConfig, float] = {}
 """Wall time spent building (or loading from the disk cache) each configuration."""
@@ -503,6 +503,9 @@ def library(config: KernelConfig) -> ctypes.CDLL:
     if config.quantized:
         built.adamkit_quantize.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
         built.adamkit_quantize.restype = None
+        built.adamkit_quantize_stochastic.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4
+        built.adamkit_quantize_stochastic.argtypes += [ctypes.c_int, ctypes.c_uint32]
+        built.adamkit_quantize_stochastic.restype = None
         built.adamkit_dequantize.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4
         built.adamkit_dequantize.argtypes += [ctypes.c_int]
         built.adamkit_dequantize.restype = None
@@ -769,8 +772,9 @@ class PreparedCall:
         grads: Sequence[Tensor],
         coefficients: Sequence[float],
         keys: Sequence[int] | None = None,
+        state_keys: Sequence[int] | None = None,
     ) -> None:
-        """One step with these gradients and scalars (keys: as run takes them). The
+        """One step with these gradients and scalars (keys, state_keys: as run takes them). The
         gradients are not checked here beyond their count: the caller has checked them
         (prepare, in run) or a step memo vouches for them (dense, contiguous, of their
         parameters' dtype and element counts: host_checks.gradient_addresses)."""
@@ -781,6 +785,7 @@ class PreparedCall:
         if len(coefficients) != COEFFICIENT_COUNT:
             raise ValueError(f"Invalid coefficients: {len(coefficients)} values. Allowed: 10.")
         key_array = _key_array(config, keys, self.count)
+        state_key_array = _state_key_array(config, state_keys, self.count)
         function = self.functions.get(config)
         if function is None:  # a configuration not called before: checked once
             self._check_config(config)
@@ -800,6 +805,7 @@ class PreparedCall:
                 grad_addresses.buffer_info()[0],
                 self.comps,
                 key_array,
+                state_key_array,
                 *self.moments,
                 scalars.buffer_info()[0],
                 map_words().data_ptr(),
@@ -915,6 +921,7 @@ def _run(
     kahan_comps: Sequence[Tensor] | None,
     coefficients: Sequence[float],
     keys: Sequence[int] | None = None,
+    state_keys: Sequence[int] | None = None,
     *,
     quantized: bool,
 ) -> None:
@@ -925,15 +932,20 @@ def _run(
     (config.full_moments: tensors of config.dtype, as run takes them) (adamkit_step_q8).
     θ, g, k and full-precision moments are checked by check_addressable, 8-bit ones by
     check_quantized_addressable. keys: under config.stochastic, each tensor's
-    StochasticRounding.key() of this step. The configuration, keys and kernel come first
-    (refused or built even for no tensors), then every check, then the call."""
+    StochasticRounding.key() of this step. state_keys: with 8-bit m or v, each tensor's
+    key of this step for them (core.random_bits.step_key of its QuantizedMoment.stream
+    and the state_draw; m's is this with bit 31 flipped, as QuantizedMoment.key): they
+    then round stochastically (None: to nearest).
+    The configuration, keys and kernel come first (refused or built even for no
+    tensors), then every check, then the call."""
     _check_config(config, quantized)
     _key_array(config, keys, len(params))
+    _state_key_array(config, state_keys, len(params))
     kernel(config)
     if not params:
         return
     prepared = prepare(config, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps)
-    prepared.call(config, grads, coefficients, keys)
+    prepared.call(config, grads, coefficients, keys, state_keys)
 
 
 STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
@@ -964,6 +976,28 @@ def _key_array(config: KernelConfig, keys: Sequence[int] | None, count: int) -> 
     if not all(type(key) is int and 0 <= key < 1 << 32 for key in keys):
         raise ValueError("Invalid keys: each must be an int in [0, 2^32).")
     return (ctypes.c_uint32 * count)(*keys)
+
+
+def _state_key_array(
+    config: KernelConfig, state_keys: Sequence[int] | None, count: int
+) -> ctypes.Array | None:
+    """state_keys as a C array of uint32, one per tensor (None stays None); refused
+    (ValueError) where the configuration has neither 8-bit m nor 8-bit v, or the list is
+    malformed."""
+    if state_keys is None:
+        return None
+    if not any(config.eight_bit()[:2]):
+        raise ValueError(
+            f"Invalid state_keys for a kernel without 8-bit m or v (quantized="
+            f"{config.quantized}, full_moments {sorted(config.full_moments)}). Allowed: None."
+        )
+    if len(state_keys) != count:
+        raise ValueError(
+            f"Invalid state_keys: {len(state_keys)} values for {count} tensors (one per tensor)."
+        )
+    if not all(type(key) is int and 0 <= key < 1 << 32 for key in state_keys):
+        raise ValueError("Invalid state_keys: each must be an int in [0, 2^32).")
+    return (ctypes.c_uint32 * count)(*state_keys)
 
 
 def _check_lists(
@@ -1094,6 +1128,29 @@ def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor
         absmax.data_ptr(),
         map_words().data_ptr(),
         int(signed),
+    )
+    return codes, absmax
+
+
+def quantize_stochastically_as_kernels_do(
+    values: Tensor, signed: bool, key: int
+) -> tuple[Tensor, Tensor]:
+    """quantize_as_kernels_do rounding stochastically under key (element i of the row
+    draws core.random_bits.rounding_bits' i-th bits), as a step stores m and v: held to
+    core.quantization.quantize with that key."""
+    _check_hook_tensor("values", values, torch.float32)
+    if type(key) is not int or not 0 <= key < 1 << 32:
+        raise ValueError(f"Invalid key: {key!r}. Allowed: an int in [0, 2^32).")
+    codes = torch.empty(values.shape, dtype=torch.uint8)
+    absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
+    _encoding_library().adamkit_quantize_stochastic(
+        values.numel(),
+        values.data_ptr(),
+        codes.data_ptr(),
+        absmax.data_ptr(),
+        map_words().data_ptr(),
+        int(signed),
+        key,
     )
     return codes, absmax
 

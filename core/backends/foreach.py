@@ -20,9 +20,9 @@ def _working(tensors: list[Tensor]) -> list[Tensor]:
     return [working_copy(t) for t in tensors]
 
 
-def _store_all(targets: list[Tensor], values: list[Tensor]) -> None:
+def _store_all(targets: list[Tensor], values: list[Tensor], draw: int | None = None) -> None:
     for target, value in zip(targets, values, strict=True):
-        store(target, value)
+        store(target, value, draw)
 
 
 def _load_params(params: list[Tensor], comps: list[Tensor | None]) -> list[Tensor]:
@@ -68,8 +68,8 @@ def adam_step(
             torch._foreach_maximum_(max_exp_avg_sq, exp_avg_sq)
             _store_all(bucket_max, max_exp_avg_sq)
             second_moment = max_exp_avg_sq
-        _store_all(bucket_exp_avgs, exp_avg)
-        _store_all(bucket_exp_avg_sqs, exp_avg_sq)
+        _store_all(bucket_exp_avgs, exp_avg, c.state_draw)
+        _store_all(bucket_exp_avg_sqs, exp_avg_sq, c.state_draw)
 
         if not c.update_params:
             continue
@@ -106,7 +106,7 @@ def adopt_step(
             grad = torch._foreach_add(grad, theta, alpha=c.l2_weight_decay)
 
         if c.initialize_only:
-            _store_all(bucket_exp_avg_sqs, torch._foreach_mul(grad, grad))
+            _store_all(bucket_exp_avg_sqs, torch._foreach_mul(grad, grad), c.state_draw)
             continue
 
         bucket_exp_avgs = take(exp_avgs, idx)
@@ -120,8 +120,8 @@ def adopt_step(
         torch._foreach_lerp_(exp_avg, normed_grad, 1 - c.beta1)
         torch._foreach_mul_(exp_avg_sq, c.beta2)
         torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - c.beta2)
-        _store_all(bucket_exp_avgs, exp_avg)
-        _store_all(bucket_exp_avg_sqs, exp_avg_sq)
+        _store_all(bucket_exp_avgs, exp_avg, c.state_draw)
+        _store_all(bucket_exp_avg_sqs, exp_avg_sq, c.state_draw)
 
         if not c.update_params:
             continue

@@ -25,11 +25,14 @@ class KernelArguments:
     scalars: 1 − β1, β2, 1 − β2, eps, l2 coefficient, param_decay, momentum_step (ADOPT:
     lr), grad_step, bias_correction2_sqrt, clip bound. Kernels derive what they need from
     these (negations, the reciprocal of bias_correction2_sqrt) in their own precision.
+    state_draw: the coefficients' state_draw, with which 8-bit m and v round
+    stochastically (core.quantization, step 4).
     """
 
     algorithm: str
     switches: tuple[tuple[str, bool], ...]
     scalars: tuple[float, ...]
+    state_draw: int = 0
 
 
 def _shared_scalars(c: AdamStepCoefficients | AdoptStepCoefficients) -> tuple[float, ...]:
@@ -82,6 +85,7 @@ def adam_arguments(c: AdamStepCoefficients, kahan: bool) -> KernelArguments:
             GRAD_TERM=c.grad_step != 0,
         ),
         (*_shared_scalars(c), c.momentum_step, c.grad_step, c.bias_correction2_sqrt, 0.0),
+        c.state_draw,
     )
 
 
@@ -101,4 +105,5 @@ def adopt_arguments(c: AdoptStepCoefficients, kahan: bool) -> KernelArguments:
             CLIP=updates and c.clip is not None,
         ),
         (*_shared_scalars(c), c.lr, 0.0, 1.0, 0.0 if c.clip is None else c.clip),
+        c.state_draw,
     )

@@ -43,8 +43,8 @@ def adam_step(
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
             store(max_exp_avg_sqs[i], max_exp_avg_sq)
             second_moment = max_exp_avg_sq
-        store(exp_avgs[i], exp_avg)
-        store(exp_avg_sqs[i], exp_avg_sq)
+        store(exp_avgs[i], exp_avg, c.state_draw)
+        store(exp_avg_sqs[i], exp_avg_sq, c.state_draw)
 
         if not c.update_params:
             continue
@@ -79,7 +79,7 @@ def adopt_step(
 
         if c.initialize_only:
             exp_avg_sq.copy_(grad * grad)
-            store(exp_avg_sqs[i], exp_avg_sq)
+            store(exp_avg_sqs[i], exp_avg_sq, c.state_draw)
             continue
 
         exp_avg = working_copy(exp_avgs[i])
@@ -88,8 +88,8 @@ def adopt_step(
             normed_grad.clamp_(-c.clip, c.clip)
         exp_avg.lerp_(normed_grad, 1 - c.beta1)
         exp_avg_sq.mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
-        store(exp_avgs[i], exp_avg)
-        store(exp_avg_sqs[i], exp_avg_sq)
+        store(exp_avgs[i], exp_avg, c.state_draw)
+        store(exp_avg_sqs[i], exp_avg_sq, c.state_draw)
 
         if not c.update_params:
             continue

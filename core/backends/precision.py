@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from core.quantization import QuantizedMoment
+from core.random_bits import MASK32, rounding_uniforms, step_key, stream_key
 
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -36,10 +37,11 @@ def load_param(param: Tensor, kahan_comp: Tensor | StochasticRounding | None) ->
     return param.float().add_(kahan_comp)
 
 
-def store(target: Tensor | QuantizedMoment, value: Tensor) -> None:
-    """Write a working copy back (a no-op when the math ran in place)."""
+def store(target: Tensor | QuantizedMoment, value: Tensor, draw: int | None = None) -> None:
+    """Write a working copy back (a no-op when the math ran in place). draw: for v, the
+    step's AdamStepCoefficients.state_draw (an 8-bit v rounds stochastically with it)."""
     if isinstance(target, QuantizedMoment):
-        target.store(value)
+        target.store(value, draw)
     elif value is not target:
         target.copy_(value)
 
@@ -64,9 +66,6 @@ MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 MIN_EXPONENTS = {torch.bfloat16: -126, torch.float16: -14}
 """Stored mantissa bits and the smallest normal exponent of each 16-bit type: below it
 the spacing of representable values stays 2^(min_exponent − mantissa_bits)."""
-_MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B1
-_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,43 +89,11 @@ class StochasticRounding:
     def stream_key(self) -> int:
         """The 32-bit key of this parameter's stream, the same at every step (the Triton
         kernels hash in the step themselves: key() = mix32(stream_key() ^ step))."""
-        return mix32(mix32(self.seed & _MASK32) ^ (self.stream & _MASK32))
+        return stream_key(self.seed, self.stream)
 
     def key(self) -> int:
         """The 32-bit key of this parameter's step: every element's bits derive from it."""
-        return mix32(self.stream_key() ^ (self.step & _MASK32))
-
-
-def mix32(value: int) -> int:
-    """A 32-bit integer hash with good avalanche (xor-shift-multiply, two rounds)."""
-    value ^= value >> 16
-    value = (value * _MIX_MULTIPLIERS[0]) & _MASK32
-    value ^= value >> 15
-    value = (value * _MIX_MULTIPLIERS[1]) & _MASK32
-    return value ^ (value >> 16)
-
-
-def _multiply32(values: Tensor, constant: int) -> Tensor:
-    """(values · constant) mod 2^32 for int64 values below 2^32, without int64 overflow."""
-    low = (values & 0xFFFF) * constant
-    high = ((values >> 16) * (constant & 0xFFFF)) << 16
-    return (low + high) & _MASK32
-
-
-def _mix32_tensor(values: Tensor) -> Tensor:
-    values = values ^ (values >> 16)
-    values = _multiply32(values, _MIX_MULTIPLIERS[0])
-    values = values ^ (values >> 15)
-    values = _multiply32(values, _MIX_MULTIPLIERS[1])
-    return values ^ (values >> 16)
-
-
-def rounding_uniforms(key: int, count: int, device: torch.device) -> Tensor:
-    """count uniform fp32 values in [0, 1), on a 2^-24 grid: element i's is
-    mix32(i·0x9E3779B1 + key) >> 8, scaled (the kernels compute the same)."""
-    index = torch.arange(count, dtype=torch.int64, device=device) & _MASK32
-    bits = _mix32_tensor((_multiply32(index, _GOLDEN) + key) & _MASK32)
-    return (bits >> 8).to(torch.float32) * 2.0**-24
+        return step_key(self.stream_key(), self.step & MASK32)
 
 
 def stochastic_round(values: Tensor, dtype: torch.dtype, rounding: StochasticRounding) -> Tensor:

@@ -66,6 +66,7 @@ from core.quantization import (
     block_shape,
     map_values,
 )
+from core.random_bits import offset_key
 
 BLOCK = 1024
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -748,7 +749,8 @@ def _stream_keys(rounding: Sequence[StochasticRounding]) -> list[int]:
 
 
 def _step_argument(step: int | None) -> int:
-    """A step as the kernels' int32 `step`: the bits of step modulo 2^32 (0 if none)."""
+    """A step (or a state_draw) as the kernels' int32 `step`: the bits of step modulo
+    2^32 (0 if none)."""
     step = (step or 0) & 0xFFFFFFFF
     return step - (1 << 32) if step >= 1 << 31 else step
 
@@ -1154,10 +1156,14 @@ def _nearest_codes(
     SMALLEST_CODE: tl.constexpr,
     LARGEST_CODE: tl.constexpr,
     SIGNED: tl.constexpr,
+    random,
+    STOCHASTIC: tl.constexpr,
 ):
-    """quantization.nearest_magnitude_codes of normalized magnitudes in [0, 2), step for
+    """quantization.magnitude_codes of normalized magnitudes in [0, 2), step for
     step on their bits, for the map of exponent base BASE and so on (CodeMap; LOWEST is
-    its smallest value's exponent)."""
+    its smallest value's exponent); STOCHASTIC: rounded stochastically with `random`
+    (uint32 per element) as that function rounds with its random bits (m below the
+    smallest value: to it with probability a / its value, else to 0)."""
     bits = normalized.to(tl.int32, bitcast=True)
     exponent = bits >> 23
     group = (exponent - BASE) >> GROUP_BITS
@@ -1165,9 +1171,20 @@ def _nearest_codes(
     shift = 23 + GROUP_BITS - group
     one = tl.full(bits.shape, 1, tl.int32)
     offset = bits - ((BASE + (group << GROUP_BITS)) << 23)
-    code = (one << group) + ((offset + (one << (shift - 1))) >> shift) - 1
+    if STOCHASTIC:
+        fraction_bits = shift - GROUP_BITS
+        addend = (random >> (32 - fraction_bits).to(tl.uint32)).to(tl.int32)
+        code = (one << group) + (((offset >> GROUP_BITS) + addend) >> fraction_bits) - 1
+    else:
+        code = (one << group) + ((offset + (one << (shift - 1))) >> shift) - 1
     code = tl.where(exponent >= 127, LARGEST_CODE, code)
-    if SIGNED:
+    if SIGNED and STOCHASTIC:
+        uniform = (random >> 8).to(tl.float32) * 5.960464477539063e-08  # 2^-24
+        below_scale = (tl.full(bits.shape, 254 - LOWEST, tl.int32) << 23).to(
+            tl.float32, bitcast=True
+        )  # 1 / the smallest value, from its bits
+        below = tl.where(uniform < normalized * below_scale, SMALLEST_CODE, 0)
+    elif SIGNED:
         below = tl.where(exponent >= LOWEST - 1, SMALLEST_CODE, 0)
     else:
         below = tl.full(bits.shape, SMALLEST_CODE, tl.int32)
@@ -1176,11 +1193,14 @@ def _nearest_codes(
 
 
 @triton.jit
-def _quantize(x, codes, absmax, mask, present, SIGNED: tl.constexpr):
+def _quantize(
+    x, codes, absmax, mask, present, index, key, SIGNED: tl.constexpr, STOCHASTIC: tl.constexpr
+):
     """Store a tile of a moment as quantization.quantize does: per block its largest
     magnitude (NaN if any element is NaN or infinite, 0 below 2^-126), and per element the
     nearest code of |x| · (1 / absmax), each rounded to fp32 (all 0 when absmax is 0 or
-    NaN). m's sign goes in bit 7."""
+    NaN). m's sign goes in bit 7. STOCHASTIC (m, v): rounded stochastically with the
+    random bits of element `index` (its offset in the tensor) under `key`."""
     # NaN counts as infinite, so a plain max (which would drop NaN) sees it.
     magnitude = tl.abs(x)
     magnitude = tl.where(magnitude < float("inf"), magnitude, float("inf"))
@@ -1190,16 +1210,19 @@ def _quantize(x, codes, absmax, mask, present, SIGNED: tl.constexpr):
     scaled = largest > 0
     inverse = tl.div_rn(tl.full(largest.shape, 1.0, tl.float32), tl.where(scaled, largest, 1.0))
     normalized = tl.where(scaled[:, None], magnitude * inverse[:, None], 0.0)
+    random = index.to(tl.uint32) * 0
+    if STOCHASTIC:
+        random = _mix32(index.to(tl.uint32) * 0x9E3779B1 + key)
     if SIGNED:
         code = _nearest_codes(
             normalized, _S_BASE, _S_GROUP_BITS, _S_SMALLEST_GROUP, _S_TOP_GROUP, _S_LOWEST,
-            _S_SMALLEST_CODE, _S_LARGEST_CODE, True,
+            _S_SMALLEST_CODE, _S_LARGEST_CODE, True, random, STOCHASTIC,
         )  # fmt: skip
         code = tl.where((x < 0) & (code > 0), code | 128, code)
     else:
         code = _nearest_codes(
             normalized, _U_BASE, _U_GROUP_BITS, _U_SMALLEST_GROUP, _U_TOP_GROUP, _U_LOWEST,
-            _U_SMALLEST_CODE, _U_LARGEST_CODE, False,
+            _U_SMALLEST_CODE, _U_LARGEST_CODE, False, random, STOCHASTIC,
         )  # fmt: skip
     tl.store(codes, code.to(tl.uint8), mask=mask)
     tl.store(absmax, largest, mask=present)
@@ -1223,13 +1246,16 @@ def _store_moment(
     absmax,
     mask,
     present,
+    index,
+    key,
     DTYPE: tl.constexpr,
     SIGNED: tl.constexpr,
     QUANTIZED: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
 ):
-    """Store a tile of a moment as _load_moment reads it."""
+    """Store a tile of a moment as _load_moment reads it (STOCHASTIC: see _quantize)."""
     if QUANTIZED:
-        _quantize(value, pointer, absmax, mask, present, SIGNED)
+        _quantize(value, pointer, absmax, mask, present, index, key, SIGNED, STOCHASTIC)
     else:
         tl.store(pointer, _round(value, DTYPE), mask=mask)
 
@@ -1244,12 +1270,13 @@ def _moment_base(addresses, row, count, index, DTYPE: tl.constexpr, QUANTIZED: t
     return pointer
 
 
-@triton.jit(do_not_specialize=["count", "step"])
+@triton.jit(do_not_specialize=["count", "step", "state_draw"])
 def _quantized_step_kernel(
     addresses,
     blocks,
     count,
     step,
+    state_draw,
     signed_values,
     unsigned_values,
     lerp_coeff,
@@ -1284,7 +1311,10 @@ def _quantized_step_kernel(
     """One step over QBLOCKS quantization blocks of one tensor with 8-bit moments
     (M_8BIT, V_8BIT, V_MAX_8BIT say which; the others are in the parameter's dtype).
     Address table rows (QUANTIZED_ROWS): θ, g, m, v and v_max (codes where 8-bit), Kahan
-    k (STOCHASTIC: the tensors' stream keys), and the scales of m, v and v_max; block
+    k (STOCHASTIC: the tensors' stream keys), the scales of m, v and v_max and, where m
+    or v is 8-bit (they round stochastically: core.quantization, step 4), the stream
+    keys of their random bits (QuantizedMoment.stream; hashed with state_draw as
+    QuantizedMoment.key, plus a shard's index offset term); block
     table: (tensor, first element, length, scale index) per block, QBLOCKS consecutive
     blocks per program."""
     first = tl.program_id(0).to(tl.int64) * QBLOCKS
@@ -1312,6 +1342,11 @@ def _quantized_step_kernel(
     if AMSGRAD:
         v_max_codes = _moment_base(addresses, 4, count, index, DTYPE, V_MAX_8BIT) + offsets
         v_max_absmax = _base(addresses, 8, count, index, tl.float32, False) + scales
+    state_key = key
+    if M_8BIT or V_8BIT:  # m's key is v's with bit 31 flipped (QuantizedMoment.key)
+        state_stream = tl.load(addresses + 9 * count + index).to(tl.uint32)
+        shard_offset = tl.load(addresses + 10 * count + index).to(tl.uint32)
+        state_key = _mix32(state_stream ^ state_draw.to(tl.uint32, bitcast=True)) + shard_offset
 
     grad = _base(addresses, 1, count, index, DTYPE, False) + offsets
     g = tl.load(grad, mask=mask, other=0).to(tl.float32)
@@ -1360,13 +1395,21 @@ def _quantized_step_kernel(
             v_max_absmax,
             mask,
             present,
+            offsets,
+            key,
             DTYPE,
             False,
             V_MAX_8BIT,
+            False,
         )
     if not INIT:
-        _store_moment(m, m_codes, m_absmax, mask, present, DTYPE, True, M_8BIT)
-    _store_moment(v, v_codes, v_absmax, mask, present, DTYPE, False, V_8BIT)
+        m_key = state_key ^ 0x80000000
+        _store_moment(
+            m, m_codes, m_absmax, mask, present, offsets, m_key, DTYPE, True, M_8BIT, M_8BIT
+        )
+    _store_moment(
+        v, v_codes, v_absmax, mask, present, offsets, state_key, DTYPE, False, V_8BIT, V_8BIT
+    )
     if UPDATE and not INIT:
         _store_param(param, comp, mask, theta, offsets, key, DTYPE, KAHAN, STOCHASTIC)
 
@@ -1381,10 +1424,15 @@ QUANTIZED_ROWS = (
     "exp_avg absmax",
     "exp_avg_sq absmax",
     "max_exp_avg_sq absmax",
+    "moment streams",
+    "moment index offsets",
 )
-"""Rows of the quantized kernel's address table: an 8-bit moment's row holds its codes."""
+"""Rows of the quantized kernel's address table: an 8-bit moment's row holds its codes;
+the last two, the 8-bit moments' stream key and their shard's core.random_bits.offset_key
+term (first_index · 0x9E3779B1 mod 2^32), 0 where neither m nor v is 8-bit."""
 QUANTIZED_RUNTIME_ARGUMENT_TYPES = {
     **RUNTIME_ARGUMENT_TYPES,
+    "state_draw": "i32",
     "signed_values": "*fp32",
     "unsigned_values": "*fp32",
 }
@@ -1555,10 +1603,23 @@ def _make_quantized_plan(
     if rounding is not None:  # the Kahan row (5): the stream keys
         count = len(contiguous)
         addresses[5 * count : 6 * count] = _stream_keys([rounding[i] for i in contiguous])
+    addresses += _moment_streams(bucket, contiguous)
     blocks, programs = _quantized_block_table(tuple(t.shape for t in first), device)
     table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
     launch = _QuantizedLaunch(table, blocks, programs, len(contiguous))
     return _QuantizedPlan(launch, moment_switches(bucket), eager)
+
+
+def _moment_streams(bucket: list[Any], indices: Sequence[int]) -> list[int]:
+    """The address table's last two rows: each parameter's 8-bit m's or v's stream key
+    (QuantizedMoment.stream, which its m and v share), then its shard's offset term
+    (offset_key(0, first_index)); zeros where neither is 8-bit."""
+    for moments in bucket[2:4]:
+        if moments and type(moments[0]) is QuantizedMoment:
+            return [moments[i].stream for i in indices] + [
+                offset_key(0, moments[i].first_index) for i in indices
+            ]
+    return [0] * (2 * len(indices))
 
 
 def _quantized_plan(
@@ -1579,6 +1640,7 @@ def _quantized_plan(
         raise
     if rounding is not None:
         key = (key, tuple(map(_SEED_AND_STREAM, rounding)))
+    key = (key, tuple(_moment_streams(bucket, range(len(params)))))
     plans = _quantized_plans.get(params[0])
     if plans is None:
         plans = _quantized_plans[params[0]] = OrderedDict()
@@ -1676,6 +1738,7 @@ def _launch_quantized(
             _ready_on(launch.blocks, stream),
             launch.tensors,
             _step_argument(step),
+            _step_argument(arguments.state_draw),
             signed_values,
             unsigned_values,
             *scalars,

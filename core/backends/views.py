@@ -72,6 +72,8 @@ def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type)
             _local(tensor.codes, like, name, dtensor),
             _local(tensor.absmax, None, name, dtensor),
             tensor.signed,
+            tensor.stream,
+            tensor.first_index + _global_offset(tensor.codes, dtensor),
         )
     if tensor is None or not isinstance(tensor, dtensor):
         return tensor
@@ -92,6 +94,23 @@ def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type)
             # it is only read, so a redistributed copy is exact.
             tensor = tensor.redistribute(like.device_mesh, like.placements)
     return tensor.to_local()
+
+
+def _global_offset(codes: Tensor, dtensor: type) -> int:
+    """The index, in the whole tensor's row-major order, of a DTensor's local shard's first
+    element (0 for a plain tensor). 8-bit moments are DTensors only when every placement
+    is Replicate or Shard(0) (core.quantization.quantizable), so a shard is a run of whole
+    rows and its elements follow that first one in order."""
+    if not isinstance(codes, dtensor):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(
+        codes.shape,
+        codes.device_mesh,  # type: ignore[attr-defined]
+        codes.placements,  # type: ignore[attr-defined]
+    )
+    return offsets[0] * math.prod(codes.shape[1:]) if offsets else 0
 
 
 def local_lists(lists: Sequence[TensorList], names: Sequence[str]) -> list[Any]:

@@ -442,6 +442,47 @@ def test_kernel_encoding_equals_the_reference_on_every_midpoint(
         torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("key", [0, 0x9E3779B1, 2**32 - 1])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_kernel_stochastic_encoding_equals_the_reference(
+    signed: bool, key: int, kernel_build: str
+) -> None:
+    """m's and v's stochastic rounding (core.quantization, step 4), every build: each
+    midpoint and its float neighbours, random values (for m below its smallest value too,
+    where it rounds to that value or 0 at random), zeros, tiny and subnormal values, the
+    block's top (1, which no draw may round past), scaled; NaN and infinite blocks. The
+    kernels draw element i's bits from its offset in the row, as the reference does."""
+    points = midpoints(signed)
+    generator = torch.Generator().manual_seed(6)
+    values = torch.cat(
+        [
+            points,
+            torch.nextafter(points, torch.tensor(2.0)),
+            torch.nextafter(points, torch.tensor(0.0)),
+            torch.rand(20000, generator=generator),
+            torch.rand(2000, generator=generator) * 2.0**-11,
+            torch.tensor([0.0, 1e-30, 1e-40, 1.0, 1.0 - 2.0**-24]),
+        ]
+    )
+    if signed:
+        values = torch.where(torch.rand(values.shape, generator=generator) < 0.5, -values, values)
+    padded = torch.nn.functional.pad(values, (0, -values.numel() % 255)).reshape(-1, 255)
+    rows = [
+        torch.cat([torch.ones(padded.shape[0], 1), padded], 1).flatten() * scale
+        for scale in (1.0, 0.37, 3e-7)
+    ]
+    rows.append(values[:1000])  # a partial last block, and blocks whose top is not 1
+    rows.append(torch.tensor([1.0, float("nan")] * 200))
+    rows.append(torch.tensor([float("inf"), 0.5] * 200))
+    for row in rows:
+        codes, absmax = cpu_kernel.quantize_stochastically_as_kernels_do(
+            row.contiguous(), signed, key
+        )
+        expected_codes, expected_absmax = quantize(row, signed, key)
+        assert torch.equal(codes, expected_codes), int((codes != expected_codes).sum())
+        torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_kernel_decoding_equals_the_reference_for_every_code(
     signed: bool, kernel_build: str
@@ -582,6 +623,12 @@ BYTES = torch.uint8
             _set("grads", [torch.randn(20, 300), torch.randn(5000).double()]),
             r"grad\[1\] .*float64",
         ),
+        (_set("state_keys", [7]), r"Invalid state_keys: 1 values for 2 tensors"),
+        (
+            _set("state_keys", [7, 1 << 32]),
+            r"Invalid state_keys: each must be an int in \[0, 2\^32\)",
+        ),
+        (_set("state_keys", [7, 2.0]), r"Invalid state_keys: each must be an int in \[0, 2\^32\)"),
     ],
     ids=[
         "int8-codes",
@@ -594,6 +641,9 @@ BYTES = torch.uint8
         "full-precision-moment",
         "non-contiguous-param",
         "grad-dtype",
+        "state-keys-count",
+        "state-key-too-large",
+        "state-key-float",
     ],
 )
 def test_bad_kernel_inputs_are_refused_by_name(
@@ -681,6 +731,33 @@ def test_bad_mixed_kernel_inputs_are_refused_by_name_before_any_write(
                 assert torch.equal(ours.absmax, theirs.absmax)
             else:
                 assert torch.equal(ours, theirs)
+
+
+@pytest.mark.bad_input
+def test_state_keys_for_a_kernel_without_8bit_moments_are_refused() -> None:
+    """A full-precision kernel has no m or v to round stochastically: keys for them are
+    refused by name rather than ignored (ADOPT's, with only m 8-bit, takes them)."""
+    switches = tuple((name, name == "UPDATE") for name in cpu_kernel.SWITCHES)
+    params = [torch.zeros(300)]
+    lists = [params, [torch.ones(300)], [torch.zeros(300)], [torch.zeros(300)], None, None]
+    with pytest.raises(ValueError, match=r"Invalid state_keys for a kernel without 8-bit m or v"):
+        cpu_kernel.run(
+            cpu_kernel.KernelConfig("adam", torch.float32, switches),
+            *lists,  # type: ignore[arg-type]
+            [0.1, 0.99, 0.01, 1e-8, 0.0, 1.0, LR, 0.0, 1.0, 0.0],
+            state_keys=[1],
+        )
+    assert params[0].eq(0).all()
+    arguments = _adopt_inputs(state_keys=[1, 2])
+    _run_adopt(arguments)
+    assert all(bool(p.isfinite().all()) for p in arguments["params"])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("key", [-1, 1 << 32, 0.5, None])
+def test_the_stochastic_coding_hook_refuses_a_key_that_is_no_uint32(key: object) -> None:
+    with pytest.raises(ValueError, match=r"Invalid key: .*Allowed: an int in \[0, 2\^32\)"):
+        cpu_kernel.quantize_stochastically_as_kernels_do(torch.ones(300), False, key)  # type: ignore[arg-type]
 
 
 def test_the_unreplaced_mixed_kernel_inputs_are_accepted() -> None:

@@ -10,12 +10,8 @@ import torch
 from torch import nn
 
 import core
-from core.backends.precision import (
-    StochasticRounding,
-    mix32,
-    rounding_uniforms,
-    stochastic_round,
-)
+from core.backends.precision import StochasticRounding, rounding_uniforms, stochastic_round
+from core.random_bits import mix32
 from tests.core.cases import BACKENDS, one_case_per_algorithm
 
 ALGORITHMS = {case.id: case for case in one_case_per_algorithm()}
