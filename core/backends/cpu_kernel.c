@@ -923,11 +923,17 @@ static inline uint8_t stochastic_code(float x, float inverse, const code_map_t *
 
 #if CODE_LANES == 16
 /* random_bits of sixteen consecutive elements from `index`. */
+/* (index + lane)·G + key as index·G + key plus the constant lane·G: no multiplication. */
+#define LANE_TIMES_GOLDEN(l) (int)((uint32_t)(l) * 0x9e3779b1u)
 static inline __m512i random_lanes(int64_t index, uint32_t key) {
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i h = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)index), lanes);
-    h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x9e3779b1u)),
-                         _mm512_set1_epi32((int)key));
+    const __m512i lanes = _mm512_setr_epi32(
+        LANE_TIMES_GOLDEN(0), LANE_TIMES_GOLDEN(1), LANE_TIMES_GOLDEN(2), LANE_TIMES_GOLDEN(3),
+        LANE_TIMES_GOLDEN(4), LANE_TIMES_GOLDEN(5), LANE_TIMES_GOLDEN(6), LANE_TIMES_GOLDEN(7),
+        LANE_TIMES_GOLDEN(8), LANE_TIMES_GOLDEN(9), LANE_TIMES_GOLDEN(10), LANE_TIMES_GOLDEN(11),
+        LANE_TIMES_GOLDEN(12), LANE_TIMES_GOLDEN(13), LANE_TIMES_GOLDEN(14),
+        LANE_TIMES_GOLDEN(15));
+    __m512i h = _mm512_add_epi32(
+        _mm512_set1_epi32((int)((uint32_t)index * 0x9e3779b1u + key)), lanes);
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
@@ -935,11 +941,13 @@ static inline __m512i random_lanes(int64_t index, uint32_t key) {
     return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
 }
 #elif CODE_LANES == 8
+#define LANE_TIMES_GOLDEN(l) (int)((uint32_t)(l) * 0x9e3779b1u)
 static inline __m256i random_lanes(int64_t index, uint32_t key) {
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i h = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)index), lanes);
-    h = _mm256_add_epi32(_mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x9e3779b1u)),
-                         _mm256_set1_epi32((int)key));
+    const __m256i lanes = _mm256_setr_epi32(
+        LANE_TIMES_GOLDEN(0), LANE_TIMES_GOLDEN(1), LANE_TIMES_GOLDEN(2), LANE_TIMES_GOLDEN(3),
+        LANE_TIMES_GOLDEN(4), LANE_TIMES_GOLDEN(5), LANE_TIMES_GOLDEN(6), LANE_TIMES_GOLDEN(7));
+    __m256i h = _mm256_add_epi32(
+        _mm256_set1_epi32((int)((uint32_t)index * 0x9e3779b1u + key)), lanes);
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
