@@ -1115,43 +1115,24 @@ def _check_hook_tensor(
     )
 
 
-def quantize_as_kernels_do(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """(codes, absmax) of a 1-D float32 tensor by the 8-bit kernels' own encoding (one row
-    of blocks): tests hold it to core.quantization.quantize on chosen values."""
-    _check_hook_tensor("values", values, torch.float32)
-    codes = torch.empty(values.shape, dtype=torch.uint8)
-    absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
-    _encoding_library().adamkit_quantize(
-        values.numel(),
-        values.data_ptr(),
-        codes.data_ptr(),
-        absmax.data_ptr(),
-        map_words().data_ptr(),
-        int(signed),
-    )
-    return codes, absmax
-
-
-def quantize_stochastically_as_kernels_do(
-    values: Tensor, signed: bool, key: int
+def quantize_as_kernels_do(
+    values: Tensor, signed: bool, key: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """quantize_as_kernels_do rounding stochastically under key (element i of the row
-    draws core.random_bits.rounding_bits' i-th bits), as a step stores m and v: held to
-    core.quantization.quantize with that key."""
+    """(codes, absmax) of a 1-D float32 tensor by the 8-bit kernels' own encoding (one row
+    of blocks), to nearest or, with key, stochastically as a step stores m and v (element
+    i of the row draws core.random_bits.rounding_bits' i-th bits under key): tests hold
+    it to core.quantization.quantize on chosen values."""
     _check_hook_tensor("values", values, torch.float32)
-    if type(key) is not int or not 0 <= key < 1 << 32:
-        raise ValueError(f"Invalid key: {key!r}. Allowed: an int in [0, 2^32).")
+    if key is not None and (type(key) is not int or not 0 <= key < 1 << 32):
+        raise ValueError(f"Invalid key: {key!r}. Allowed: None or an int in [0, 2^32).")
     codes = torch.empty(values.shape, dtype=torch.uint8)
     absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
-    _encoding_library().adamkit_quantize_stochastic(
-        values.numel(),
-        values.data_ptr(),
-        codes.data_ptr(),
-        absmax.data_ptr(),
-        map_words().data_ptr(),
-        int(signed),
-        key,
-    )
+    library = _encoding_library()
+    addresses = (values.data_ptr(), codes.data_ptr(), absmax.data_ptr(), map_words().data_ptr())
+    if key is None:
+        library.adamkit_quantize(values.numel(), *addresses, int(signed))
+    else:
+        library.adamkit_quantize_stochastic(values.numel(), *addresses, int(signed), key)
     return codes, absmax
 
 
