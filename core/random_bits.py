@@ -42,8 +42,10 @@ def _mix32_tensor(values: Tensor) -> Tensor:
 def rounding_bits(key: int, count: int, device: torch.device) -> Tensor:
     """count random 32-bit values (int64): element i's is mix32(i·0x9E3779B1 + key), the
     bits every backend draws for element i under this key."""
-    index = torch.arange(count, dtype=torch.int64, device=device) & MASK32
-    return _mix32_tensor((_multiply32(index, GOLDEN) + key) & MASK32)
+    # index · GOLDEN stays below 2^63 for any count under 2^31: one exact int64 product
+    index = torch.arange(count, dtype=torch.int64, device=device)
+    index = _multiply32(index & MASK32, GOLDEN) if count > 1 << 31 else index * GOLDEN
+    return _mix32_tensor((index + key) & MASK32)
 
 
 def rounding_uniforms(key: int, count: int, device: torch.device) -> Tensor:
