@@ -799,6 +799,32 @@ static inline uint32_t largest_bits(const float *x, int64_t count) {
     return top;
 }
 
+/* A block's scale (stored in scale_out) and its reciprocal, as both encoders start:
+ * 0 where the block is zeros or has a NaN scale, whose codes are then all 0 (NaN · 0
+ * would not be 0) and need no encoding. */
+static inline int block_inverse(uint8_t *codes, float *scale_out, uint32_t top, int64_t count,
+                                float *inverse) {
+    float scale = block_scale(top);
+    *scale_out = scale;
+    if (!(scale > 0)) {
+        memset(codes, 0, (size_t)count);
+        return 0;
+    }
+    *inverse = 1.0f / scale;
+    return 1;
+}
+
+#if CODE_LANES == 8
+/* Sixteen codes, eight in each vector's dwords, stored as bytes in element order (three
+ * shuffles). */
+static inline void store_sixteen_codes(uint8_t *out, __m256i low, __m256i high) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i words = _mm256_packus_epi32(low, high);
+    __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
+    _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(bytes));
+}
+#endif
+
 /* The code of one value: |x| · inverse (fp32), then its nearest code
  * (core.quantization.magnitude_codes); 0 for 0, m's sign in bit 7. In integers:
  * t = floor(position + 1/2) from the position's bits, exactly as the vector code's
@@ -820,13 +846,8 @@ static inline uint8_t nearest_code(float x, float inverse, const code_map_t *map
  * its scale, as core.quantization.quantize stores them. */
 static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint32_t top,
                           const code_map_t *map, int is_signed, int64_t count) {
-    float scale = block_scale(top);
-    *scale_out = scale;
-    if (!(scale > 0)) { /* zeros, or a NaN scale: every code 0 (NaN · 0 would not be 0) */
-        memset(codes, 0, (size_t)count);
-        return;
-    }
-    float inverse = 1.0f / scale;
+    float inverse;
+    if (!block_inverse(codes, scale_out, top, count, &inverse)) return;
     int64_t j = 0;
 #if CODE_LANES == 16
     const __m512 inverses = _mm512_set1_ps(inverse), integers = _mm512_set1_ps(0x1p23f - 0.5f);
@@ -868,8 +889,6 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
     const __m256i offset = _mm256_set1_epi32((int)map->encode_offset);
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
     const __m256i sign = _mm256_set1_epi32(0x80);
-    /* Interleaves the two vectors' packed dwords into sixteen bytes in element order. */
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     /* As above, but floor(position − 1/2) by subtracting 1/2 (exact: position ≥ 1) and
      * truncating; sixteen values per iteration so that packing them into bytes takes
      * three shuffles. */
@@ -887,9 +906,7 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
             codes_of[half_index] =
                 _mm256_and_si256(code, _mm256_cmpgt_epi32(normalized, below_zero_below));
         }
-        __m256i words = _mm256_packus_epi32(codes_of[0], codes_of[1]);
-        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
-        _mm_storeu_si128((__m128i *)(codes + j), _mm256_castsi256_si128(bytes));
+        store_sixteen_codes(codes + j, codes_of[0], codes_of[1]);
     }
 #endif
     for (; j < count; j++) codes[j] = nearest_code(x[j], inverse, map, is_signed);
@@ -962,13 +979,8 @@ static inline __m256i random_lanes(int64_t index, uint32_t key) {
 static inline void encode_stochastic(uint8_t *codes, float *scale_out, const float *x,
                                      uint32_t top, const code_map_t *map, int is_signed,
                                      int64_t count, int64_t first, uint32_t key) {
-    float scale = block_scale(top);
-    *scale_out = scale;
-    if (!(scale > 0)) {
-        memset(codes, 0, (size_t)count);
-        return;
-    }
-    float inverse = 1.0f / scale;
+    float inverse;
+    if (!block_inverse(codes, scale_out, top, count, &inverse)) return;
     /* 1 / the smallest value: 2^(127 − its biased exponent), from its bits */
     const float below_scale = as_float((254u - (map->lowest_bits >> 23)) << 23);
     int64_t j = 0;
@@ -1030,7 +1042,6 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
     const __m256i exponent_150 = _mm256_set1_epi32(150);
     const __m256i significand_mask = _mm256_set1_epi32(0x7fffff);
     const __m256i hidden_bit = _mm256_set1_epi32(0x800000);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (; j + 2 * CODE_LANES <= count; j += 2 * CODE_LANES) {
         __m256i codes_of[2];
         for (int half_index = 0; half_index < 2; half_index++) {
@@ -1070,9 +1081,7 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
                     _mm256_and_si256(code, _mm256_cmpgt_epi32(normalized, below_zero_below));
             }
         }
-        __m256i words = _mm256_packus_epi32(codes_of[0], codes_of[1]);
-        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
-        _mm_storeu_si128((__m128i *)(codes + j), _mm256_castsi256_si128(bytes));
+        store_sixteen_codes(codes + j, codes_of[0], codes_of[1]);
     }
 #endif
     for (; j < count; j++)

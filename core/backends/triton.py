@@ -117,6 +117,18 @@ def _mix32(value):
 
 
 @triton.jit
+def _random_bits(index, key):
+    """core.random_bits.rounding_bits: element `index`'s 32 random bits under `key`."""
+    return _mix32(index.to(tl.uint32) * 0x9E3779B1 + key)
+
+
+@triton.jit
+def _uniform(random):
+    """The top 24 of 32 random bits as a uniform fp32 value in [0, 1)."""
+    return (random >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+
+
+@triton.jit
 def _rounding_key(addresses, count, index, step):
     """The 32-bit key of tensor `index` at this step, as StochasticRounding.key(): the
     address table's last row holds the tensor's stream_key() in place of a Kahan buffer,
@@ -154,9 +166,7 @@ def _stochastic_round(theta, index, key, DTYPE: tl.constexpr):
     unscale_second = ((127 - second) << 23).to(tl.float32, bitcast=True)
     scaled = value * scale_first * scale_second
     below = tl.floor(scaled)
-    random = _mix32(index.to(tl.uint32) * 0x9E3779B1 + key)
-    uniform = (random >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
-    up = tl.where(uniform < scaled - below, 1.0, 0.0)
+    up = tl.where(_uniform(_random_bits(index, key)) < scaled - below, 1.0, 0.0)
     rounded = (below + up) * unscale_first * unscale_second
     return tl.where(finite, rounded, theta)
 
@@ -1097,7 +1107,7 @@ def adopt_step(
 
 
 def _map_constexprs(spec: CodeMap) -> tuple[tl.constexpr, ...]:
-    """A map's numbers in _nearest_codes's argument order, computed here (Triton 3.3's
+    """A map's numbers in _magnitude_codes's argument order, computed here (Triton 3.3's
     interpreter cannot shift an int by a constexpr)."""
     numbers = (
         spec.exponent_base,
@@ -1146,7 +1156,7 @@ def _dequantize(codes, absmax, values, mask, present):
 
 
 @triton.jit
-def _nearest_codes(
+def _magnitude_codes(
     normalized,
     BASE: tl.constexpr,
     GROUP_BITS: tl.constexpr,
@@ -1179,7 +1189,7 @@ def _nearest_codes(
         code = (one << group) + ((offset + (one << (shift - 1))) >> shift) - 1
     code = tl.where(exponent >= 127, LARGEST_CODE, code)
     if SIGNED and STOCHASTIC:
-        uniform = (random >> 8).to(tl.float32) * 5.960464477539063e-08  # 2^-24
+        uniform = _uniform(random)
         below_scale = (tl.full(bits.shape, 254 - LOWEST, tl.int32) << 23).to(
             tl.float32, bitcast=True
         )  # 1 / the smallest value, from its bits
@@ -1212,15 +1222,15 @@ def _quantize(
     normalized = tl.where(scaled[:, None], magnitude * inverse[:, None], 0.0)
     random = index.to(tl.uint32) * 0
     if STOCHASTIC:
-        random = _mix32(index.to(tl.uint32) * 0x9E3779B1 + key)
+        random = _random_bits(index, key)
     if SIGNED:
-        code = _nearest_codes(
+        code = _magnitude_codes(
             normalized, _S_BASE, _S_GROUP_BITS, _S_SMALLEST_GROUP, _S_TOP_GROUP, _S_LOWEST,
             _S_SMALLEST_CODE, _S_LARGEST_CODE, True, random, STOCHASTIC,
         )  # fmt: skip
         code = tl.where((x < 0) & (code > 0), code | 128, code)
     else:
-        code = _nearest_codes(
+        code = _magnitude_codes(
             normalized, _U_BASE, _U_GROUP_BITS, _U_SMALLEST_GROUP, _U_TOP_GROUP, _U_LOWEST,
             _U_SMALLEST_CODE, _U_LARGEST_CODE, False, random, STOCHASTIC,
         )  # fmt: skip
