@@ -938,10 +938,10 @@ static inline uint8_t stochastic_code(float x, float inverse, const code_map_t *
     return (uint8_t)code;
 }
 
-#if CODE_LANES == 16
-/* random_bits of sixteen consecutive elements from `index`. */
 /* (index + lane)·G + key as index·G + key plus the constant lane·G: no multiplication. */
 #define LANE_TIMES_GOLDEN(l) (int)((uint32_t)(l) * 0x9e3779b1u)
+#if CODE_LANES == 16
+/* random_bits of sixteen consecutive elements from `index`. */
 static inline __m512i random_lanes(int64_t index, uint32_t key) {
     const __m512i lanes = _mm512_setr_epi32(
         LANE_TIMES_GOLDEN(0), LANE_TIMES_GOLDEN(1), LANE_TIMES_GOLDEN(2), LANE_TIMES_GOLDEN(3),
@@ -958,7 +958,6 @@ static inline __m512i random_lanes(int64_t index, uint32_t key) {
     return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
 }
 #elif CODE_LANES == 8
-#define LANE_TIMES_GOLDEN(l) (int)((uint32_t)(l) * 0x9e3779b1u)
 static inline __m256i random_lanes(int64_t index, uint32_t key) {
     const __m256i lanes = _mm256_setr_epi32(
         LANE_TIMES_GOLDEN(0), LANE_TIMES_GOLDEN(1), LANE_TIMES_GOLDEN(2), LANE_TIMES_GOLDEN(3),
