@@ -46,13 +46,17 @@ Encoding, bit for bit the same in every backend:
    between codes (T's fp32 bits: a's shifted right by the map's group bits, plus a
    constant; cpu_kernel.c's encode_offset); in fp32, T has s = 23 − floor(log2 T)
    fraction bits, and with M its 24-bit significand, t = floor((M + r) / 2^s) where r
-   is the top s bits of the element's random bits (core.random_bits.rounding_bits:
+   is the top s bits of the moment's 32 random bits R. One hash per element serves both
+   moments (moment_bits): with h the element's bits (core.random_bits.rounding_bits:
    element i's index in the moment's row-major order, under QuantizedMoment.key; a
    shard's elements by their index in the whole moment, so FSDP2 draws what one process
-   does and a run resumed on another number of ranks continues alike). Below
-   the smallest value m takes the smallest code if u < a / smallest value (an fp32
-   product by a power of two, exact), with u = (bits >> 8) · 2^-24, else 0, so an m
-   whose gradient stopped reaches 0; v keeps the smallest code (rule 3).
+   does and a run resumed on another number of ranks continues alike), v's R is h's
+   high 16 bits and m's its low 16, each followed by 16 zeros: a probability resolved
+   to 2^-16 of a code step (the position's bits below that are dropped, a bias under
+   2^-16 of a step), for half the hashing. Below the smallest value m takes the
+   smallest code if u < a / smallest value (an fp32 product by a power of two, exact),
+   with u = (R >> 8) · 2^-24, else 0, so an m whose gradient stopped reaches 0; v keeps
+   the smallest code (rule 3).
 
 A code reads back as map[code] · s (fp32), which is exact but for that product.
 """
@@ -97,10 +101,9 @@ ever grows, as rounding to nearest lets it."""
 _STREAM_SALT = 0x5BD1E995
 """Sets the moments' streams apart from the parameters' own (stochastic rounding of
 16-bit θ draws from stream_key(seed, position) too)."""
-SIGNED_KEY_FLIP = 1 << 31
-"""m's key is v's with bit 31 flipped: element i of m draws the bits of element i + 2^31
-of v's stream (i·0x9E3779B1 + key, the constant being odd), which no tensor under 2^31
-elements shares with its v."""
+MOMENT_BITS_MASK = 0xFFFF0000
+"""The 16 bits of an element's random bits a moment rounds with, at the top of a 32-bit
+word (moment_bits)."""
 
 
 def stochastic_stream(seed: int, position: int) -> int:
@@ -108,6 +111,13 @@ def stochastic_stream(seed: int, position: int) -> int:
     position among its optimizer's (seed: its group's rounding_seed): the same in every
     run and after a resume, as stochastic rounding of parameters."""
     return stream_key(seed ^ _STREAM_SALT, position)
+
+
+def moment_bits(bits: Tensor, signed: bool) -> Tensor:
+    """The random bits R one moment rounds with (step 4 above), from its elements' 32 bits
+    (int64): v (unsigned) takes the high 16, m (signed) the low 16, so one hash serves
+    both and they draw independently of each other."""
+    return ((bits << 16) if signed else bits) & MOMENT_BITS_MASK
 
 
 @dataclass(frozen=True)
@@ -282,7 +292,7 @@ def quantize(values: Tensor, signed: bool, key: int | None = None) -> tuple[Tens
     random = None
     if key is not None:
         random = rounding_bits(key, values.numel(), values.device).reshape(values.shape)
-        random = _blocked(random)
+        random = _blocked(moment_bits(random, signed))
     codes = magnitude_codes(normalized, code_map(signed), random)
     if signed:
         codes = torch.where((blocked < 0) & (codes > 0), codes | 0x80, codes)
@@ -322,15 +332,10 @@ class QuantizedMoment:
     def dequantize(self) -> Tensor:
         return dequantize(self.codes, self.absmax, self.signed)
 
-    def state_key(self, draw: int) -> int:
-        """The key of the parameter's 8-bit m and v in the call named by draw, for this
-        shard (what the fused kernels take: they flip m's themselves)."""
-        return offset_key(step_key(self.stream, draw), self.first_index)
-
     def key(self, draw: int) -> int:
-        """The key of this moment's random bits in the call named by draw (m's: v's with
-        SIGNED_KEY_FLIP)."""
-        return self.state_key(draw) ^ (SIGNED_KEY_FLIP if self.signed else 0)
+        """The key of the parameter's 8-bit m and v random bits (moment_bits) in the call
+        named by draw, for this shard."""
+        return offset_key(step_key(self.stream, draw), self.first_index)
 
     def store(self, values: Tensor, draw: int | None = None) -> None:
         """Quantize values (the moment's new fp32 value) into codes and absmax: rounded to

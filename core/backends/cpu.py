@@ -320,12 +320,12 @@ def _bucket(lists: TensorLists, indices: list[int], quantized: bool) -> _Bucket:
 
 
 def _state_keys(lists: TensorLists, draw: int) -> list[int] | None:
-    """Each parameter's key of this step for its 8-bit m and v (the kernels flip bit 31
-    for m, as QuantizedMoment.key does), so that they round stochastically as the loop
-    backend rounds them; None where neither is 8-bit."""
+    """Each parameter's key of this step for its 8-bit m and v (QuantizedMoment.key: one
+    hash per element serves both), so that they round stochastically as the loop backend
+    rounds them; None where neither is 8-bit."""
     for moments in lists[2:4]:
         if moments and type(moments[0]) is QuantizedMoment:
-            return [moment.state_key(draw) for moment in moments]  # type: ignore[attr-defined]
+            return [moment.key(draw) for moment in moments]  # type: ignore[attr-defined]
     return None
 
 

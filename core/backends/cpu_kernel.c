@@ -913,27 +913,26 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
 }
 
 /* The stochastic code of one value (core.quantization, step 4): the position T of
- * |x| · inverse between codes, as nearest_code finds it, with M its significand and s =
- * 23 − floor(log2 T) its fraction bits; t = floor((M + r) / 2^s) for r the top s bits of
- * `random`. Below the smallest value (normalized bits under lowest_bits) v keeps the
- * smallest code (its position is that code's, exact, whatever r is; only 0 takes 0),
- * and m takes it if u < a · below_scale (= a / the smallest value, exact), u the top 24
- * bits of `random` as a fraction, else 0. m's sign goes in bit 7 of a nonzero code. */
+ * |x| · inverse between codes, as nearest_code finds it, and t = floor(T + u) for u this
+ * moment's random fraction (one_plus_uniform − 1). That is the reference's
+ * floor((M + r) / 2^s), computed in fp32 exactly: below the largest code T < 2^8, so T is
+ * on a grid of 2^-16 or finer, as u is, and T + u − 1 lies in [T − 1, T): 24 bits hold
+ * it (a ≥ 1 takes the largest code either way). Below the smallest value (normalized bits
+ * under lowest_bits) v keeps the smallest code (its position is that code's, exact, so
+ * the floor is that code whatever u is; only 0 takes 0), and m takes it if u < a ·
+ * below_scale (= a / the smallest value, exact), else 0. m's sign goes in bit 7 of a
+ * nonzero code. */
 static inline uint8_t stochastic_code(float x, float inverse, const code_map_t *map,
-                                      int is_signed, float below_scale, uint32_t random) {
+                                      int is_signed, float below_scale, float one_plus_u) {
     uint32_t bits = as_bits(x);
     uint32_t normalized = as_bits(as_float(bits & 0x7fffffffu) * inverse);
     uint32_t clamped = normalized < map->lowest_bits ? map->lowest_bits : normalized;
     uint32_t position = (clamped >> map->group_bits) + map->encode_offset;
-    uint32_t fraction_bits = 150u - (position >> 23);
-    uint32_t significand = (position & 0x7fffffu) | 0x800000u;
-    uint32_t t = (significand + (random >> (32u - fraction_bits))) >> fraction_bits;
-    uint32_t code = t - 1 < map->largest_code ? t - 1 : map->largest_code;
+    uint32_t code = (uint32_t)(as_float(position) + (one_plus_u - 2.0f)); /* t − 1 */
+    code = code < map->largest_code ? code : map->largest_code;
     if (!is_signed) return normalized < map->zero_below ? 0u : (uint8_t)code;
-    if (normalized < map->lowest_bits) {
-        float uniform = (float)(random >> 8) * 0x1p-24f;
-        code = uniform < as_float(normalized) * below_scale ? map->smallest_code : 0u;
-    }
+    if (normalized < map->lowest_bits)
+        code = one_plus_u - 1.0f < as_float(normalized) * below_scale ? map->smallest_code : 0u;
     if (code) code |= (bits >> 24) & 0x80u;
     return (uint8_t)code;
 }
@@ -972,12 +971,47 @@ static inline __m256i random_lanes(int64_t index, uint32_t key) {
 }
 #endif
 
-/* encode rounding stochastically with the random bits of elements `first`, first + 1, ...
- * under `key`: the same scale, and stochastic_code per element, vectorised as encode is
- * (variable shifts in place of its rounding addition). */
+/* One element's 32 random bits serve both of its moments (core.quantization.moment_bits):
+ * v rounds with their high 16 bits, m with their low 16. As a fraction those 16 bits are
+ * u in [0, 1) on a 2^-16 grid, given here as the fp32 number 1 + u, built from its bits. */
+static inline float one_plus_uniform(uint32_t word, int is_signed) {
+    uint32_t half = is_signed ? word & 0xffffu : word >> 16;
+    return as_float(0x3f800000u | (half << 7));
+}
+#if CODE_LANES == 16
+static inline __m512 one_plus_uniform_lanes(__m512i words, int is_signed) {
+    __m512i fraction = is_signed ? _mm512_slli_epi32(words, 7) : _mm512_srli_epi32(words, 9);
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32( /* the 16 bits | 1.0's bits */
+        fraction, _mm512_set1_epi32(0x7fff80), _mm512_set1_epi32(0x3f800000), 0xea));
+}
+#elif CODE_LANES == 8
+static inline __m256 one_plus_uniform_lanes(__m256i words, int is_signed) {
+    __m256i fraction = is_signed ? _mm256_slli_epi32(words, 7) : _mm256_srli_epi32(words, 9);
+    return _mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_and_si256(fraction, _mm256_set1_epi32(0x7fff80)), _mm256_set1_epi32(0x3f800000)));
+}
+#endif
+
+/* random_bits of `count` consecutive elements from `first` under `key`, into words. */
+static inline void random_words(uint32_t *words, int64_t first, int64_t count, uint32_t key) {
+    int64_t j = 0;
+#if CODE_LANES == 16
+    for (; j + CODE_LANES <= count; j += CODE_LANES)
+        _mm512_storeu_si512(words + j, random_lanes(first + j, key));
+#elif CODE_LANES == 8
+    for (; j + CODE_LANES <= count; j += CODE_LANES)
+        _mm256_storeu_si256((__m256i *)(words + j), random_lanes(first + j, key));
+#endif
+    for (; j < count; j++) words[j] = random_bits(first + j, key);
+}
+
+/* encode rounding stochastically with the elements' random bits `words` (random_words),
+ * of which this moment takes its half (one_plus_uniform): the same scale, and
+ * stochastic_code per element, vectorised as encode is (u − 1 added to the position in
+ * place of its −1/2). */
 static inline void encode_stochastic(uint8_t *codes, float *scale_out, const float *x,
                                      uint32_t top, const code_map_t *map, int is_signed,
-                                     int64_t count, int64_t first, uint32_t key) {
+                                     int64_t count, const uint32_t *words) {
     float inverse;
     if (!block_inverse(codes, scale_out, top, count, &inverse)) return;
     /* 1 / the smallest value: 2^(127 − its biased exponent), from its bits */
@@ -985,7 +1019,7 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
     int64_t j = 0;
 #if CODE_LANES == 16
     const __m512 inverses = _mm512_set1_ps(inverse), below_scales = _mm512_set1_ps(below_scale);
-    const __m512 fraction_unit = _mm512_set1_ps(0x1p-24f);
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
     const __m512i smallest = _mm512_set1_epi32((int)map->smallest_code);
     const __m512i sign = _mm512_set1_epi32(0x80);
     const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
@@ -994,29 +1028,22 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
     const __m512i offset = _mm512_set1_epi32((int)map->encode_offset);
     const __m512i largest = _mm512_set1_epi32((int)map->largest_code);
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
-    const __m512i one = _mm512_set1_epi32(1), bits_32 = _mm512_set1_epi32(32);
-    const __m512i exponent_150 = _mm512_set1_epi32(150);
-    const __m512i significand_mask = _mm512_set1_epi32(0x7fffff);
-    const __m512i hidden_bit = _mm512_set1_epi32(0x800000);
     for (; j + CODE_LANES <= count; j += CODE_LANES) {
         __m512i bits = _mm512_loadu_si512(x + j);
         __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
             _mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_mask)), inverses));
         __m512i position = _mm512_add_epi32(
             _mm512_srl_epi32(_mm512_max_epu32(normalized, lowest), group_bits), offset);
-        __m512i fraction_bits = _mm512_sub_epi32(exponent_150, _mm512_srli_epi32(position, 23));
-        __m512i random_bits_of = random_lanes(first + j, key);
-        __m512i random = _mm512_srlv_epi32(random_bits_of, _mm512_sub_epi32(bits_32, fraction_bits));
-        __m512i significand = _mm512_or_si512(_mm512_and_si512(position, significand_mask),
-                                              hidden_bit);
-        __m512i t = _mm512_srlv_epi32(_mm512_add_epi32(significand, random), fraction_bits);
-        __m512i code = _mm512_min_epu32(_mm512_sub_epi32(t, one), largest);
+        __m512 one_plus_u = one_plus_uniform_lanes(_mm512_loadu_si512(words + j), is_signed);
+        __m512i code = _mm512_min_epu32(
+            _mm512_cvttps_epi32(_mm512_add_ps(_mm512_castsi512_ps(position),
+                                              _mm512_sub_ps(one_plus_u, two))),
+            largest); /* t − 1, as stochastic_code */
         if (is_signed) { /* below the smallest value: the smallest code or 0, at random */
             __mmask16 below = _mm512_cmplt_epu32_mask(normalized, lowest);
-            __m512 uniform = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_srli_epi32(random_bits_of, 8)), fraction_unit);
             __mmask16 up = _mm512_cmp_ps_mask(
-                uniform, _mm512_mul_ps(_mm512_castsi512_ps(normalized), below_scales), _CMP_LT_OQ);
+                _mm512_sub_ps(one_plus_u, one),
+                _mm512_mul_ps(_mm512_castsi512_ps(normalized), below_scales), _CMP_LT_OQ);
             code = _mm512_mask_mov_epi32(code, below, _mm512_maskz_mov_epi32(up, smallest));
             __mmask16 nonzero = _mm512_test_epi32_mask(code, code);
             code = _mm512_mask_ternarylogic_epi32(code, nonzero, _mm512_srli_epi32(bits, 24),
@@ -1028,7 +1055,7 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
     }
 #elif CODE_LANES == 8
     const __m256 inverses = _mm256_set1_ps(inverse), below_scales = _mm256_set1_ps(below_scale);
-    const __m256 fraction_unit = _mm256_set1_ps(0x1p-24f);
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
     const __m256i smallest = _mm256_set1_epi32((int)map->smallest_code);
     const __m256i sign = _mm256_set1_epi32(0x80), zero = _mm256_setzero_si256();
     const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
@@ -1037,10 +1064,6 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
     const __m256i offset = _mm256_set1_epi32((int)map->encode_offset);
     const __m256i largest = _mm256_set1_epi32((int)map->largest_code);
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
-    const __m256i one = _mm256_set1_epi32(1), bits_32 = _mm256_set1_epi32(32);
-    const __m256i exponent_150 = _mm256_set1_epi32(150);
-    const __m256i significand_mask = _mm256_set1_epi32(0x7fffff);
-    const __m256i hidden_bit = _mm256_set1_epi32(0x800000);
     for (; j + 2 * CODE_LANES <= count; j += 2 * CODE_LANES) {
         __m256i codes_of[2];
         for (int half_index = 0; half_index < 2; half_index++) {
@@ -1050,23 +1073,18 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
                 _mm256_castsi256_ps(_mm256_and_si256(bits, magnitude_mask)), inverses));
             __m256i position = _mm256_add_epi32(
                 _mm256_srl_epi32(_mm256_max_epu32(normalized, lowest), group_bits), offset);
-            __m256i fraction_bits =
-                _mm256_sub_epi32(exponent_150, _mm256_srli_epi32(position, 23));
-            __m256i random_bits_of = random_lanes(first + at, key);
-            __m256i random =
-                _mm256_srlv_epi32(random_bits_of, _mm256_sub_epi32(bits_32, fraction_bits));
-            __m256i significand = _mm256_or_si256(
-                _mm256_and_si256(position, significand_mask), hidden_bit);
-            __m256i t = _mm256_srlv_epi32(_mm256_add_epi32(significand, random), fraction_bits);
-            __m256i code = _mm256_min_epu32(_mm256_sub_epi32(t, one), largest);
+            __m256 one_plus_u = one_plus_uniform_lanes(
+                _mm256_loadu_si256((const __m256i *)(words + at)), is_signed);
+            __m256i code = _mm256_min_epu32(
+                _mm256_cvttps_epi32(_mm256_add_ps(_mm256_castsi256_ps(position),
+                                                  _mm256_sub_ps(one_plus_u, two))),
+                largest); /* t − 1, as stochastic_code */
             if (is_signed) { /* below the smallest value: the smallest code or 0, at random */
                 /* normalized < lowest as a signed comparison: bits of non-negative floats */
                 __m256i below = _mm256_cmpgt_epi32(lowest, normalized);
-                __m256 uniform = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_srli_epi32(random_bits_of, 8)), fraction_unit);
                 __m256 up = _mm256_cmp_ps(
-                    uniform, _mm256_mul_ps(_mm256_castsi256_ps(normalized), below_scales),
-                    _CMP_LT_OQ);
+                    _mm256_sub_ps(one_plus_u, one),
+                    _mm256_mul_ps(_mm256_castsi256_ps(normalized), below_scales), _CMP_LT_OQ);
                 __m256i below_code = _mm256_and_si256(smallest, _mm256_castps_si256(up));
                 code = _mm256_blendv_epi8(code, below_code, below);
                 __m256i nonzero = _mm256_xor_si256(_mm256_cmpeq_epi32(code, zero),
@@ -1085,7 +1103,8 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
 #endif
     for (; j < count; j++)
         codes[j] =
-            stochastic_code(x[j], inverse, map, is_signed, below_scale, random_bits(first + j, key));
+            stochastic_code(x[j], inverse, map, is_signed, below_scale,
+                            one_plus_uniform(words[j], is_signed));
 }
 
 /* Quantize `count` values as one row with the signed or the unsigned map of `words` (both
@@ -1102,7 +1121,8 @@ void adamkit_quantize(int64_t count, const float *values, uint8_t *codes, float 
 }
 
 /* adamkit_quantize rounding stochastically under `key` (element i of the row draws
- * random_bits(i, key)). Test hook: against core.quantization.quantize with that key. */
+ * random_bits(i, key), this moment its half of them). Test hook: against
+ * core.quantization.quantize with that key. */
 void adamkit_quantize_stochastic(int64_t count, const float *values, uint8_t *codes,
                                  float *absmax, const uint32_t *words, int is_signed,
                                  uint32_t key) {
@@ -1110,8 +1130,10 @@ void adamkit_quantize_stochastic(int64_t count, const float *values, uint8_t *co
     for (int64_t b = 0; b * CODE_BLOCK < count; b++) {
         int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
         const float *x = values + b * CODE_BLOCK;
+        _Alignas(64) uint32_t words[CODE_BLOCK];
+        random_words(words, b * CODE_BLOCK, n, key);
         encode_stochastic(codes + b * CODE_BLOCK, absmax + b, x, largest_bits(x, n), &map,
-                          is_signed, n, b * CODE_BLOCK, key);
+                          is_signed, n, words);
     }
 }
 
@@ -1223,6 +1245,8 @@ static void update_quantized_blocks(const quantized_t *q, const scalars_t *s,
         tops[1][k] = top_v;
         tops[2][k] = top_v_max;
     }
+    _Alignas(64) uint32_t words[PASS_ELEMENTS]; /* both 8-bit moments' random bits */
+    if (q->state_stochastic && (M_8BIT || V_8BIT)) random_words(words, start, count, q->state_key);
     const float *results[3] = {m, v, v_max};
     for (int which = 0; which < 3; which++) {
         if (!(which == 0 ? WRITES_M : which == 1 ? 1 : WRITES_V_MAX)) continue;
@@ -1231,8 +1255,7 @@ static void update_quantized_blocks(const quantized_t *q, const scalars_t *s,
                 encode_stochastic((uint8_t *)q->moments[which] + start + j,
                                   q->absmax[which] + block + k, results[which] + j,
                                   tops[which][k], &maps[which == 0 ? 0 : 1], which == 0,
-                                  smaller(count - j, CODE_BLOCK), start + j,
-                                  q->state_key ^ (which == 0 ? 0x80000000u : 0u));
+                                  smaller(count - j, CODE_BLOCK), words + j);
         else if (eight_bit[which])
             for (int64_t k = 0, j = 0; k < blocks; k++, j += CODE_BLOCK)
                 encode((uint8_t *)q->moments[which] + start + j, q->absmax[which] + block + k,
@@ -1298,8 +1321,9 @@ static void *run_quantized_share(void *arg) {
  * in rows of `row_lengths[k]`, each 8-bit moment as uint8 codes and fp32 scales of shape
  * (rows, blocks per row), each other moment as its elements in the parameter's dtype (in
  * the codes' place, with no scales). state_keys: each tensor's key of this step for the
- * stochastic rounding of its 8-bit m (with bit 31 flipped: QuantizedMoment.key) and v,
- * or null to round them to nearest.
+ * stochastic rounding of its 8-bit m and v (QuantizedMoment.key: each element's bits
+ * hashed once, v rounding with their high half and m with their low), or null to round
+ * them to nearest.
  * Threads take whole blocks, never part of one. */
 int adamkit_step_q8(int64_t count, const int64_t *sizes, const int64_t *row_lengths,
                     void *const *params, void *const *grads, void *const *comps,

@@ -933,9 +933,10 @@ def _run(
     θ, g, k and full-precision moments are checked by check_addressable, 8-bit ones by
     check_quantized_addressable. keys: under config.stochastic, each tensor's
     StochasticRounding.key() of this step. state_keys: with 8-bit m or v, each tensor's
-    key of this step for them (core.random_bits.step_key of its QuantizedMoment.stream
-    and the state_draw; m's is this with bit 31 flipped, as QuantizedMoment.key): they
-    then round stochastically (None: to nearest).
+    key of this step for them (QuantizedMoment.key: core.random_bits.step_key of its
+    stream and the state_draw, offset for a shard): they then round stochastically, with
+    the high and low halves of each element's bits (quantization.moment_bits) (None: to
+    nearest).
     The configuration, keys and kernel come first (refused or built even for no
     tensors), then every check, then the call."""
     _check_config(config, quantized)
@@ -1120,7 +1121,8 @@ def quantize_as_kernels_do(
 ) -> tuple[Tensor, Tensor]:
     """(codes, absmax) of a 1-D float32 tensor by the 8-bit kernels' own encoding (one row
     of blocks), to nearest or, with key, stochastically as a step stores m and v (element
-    i of the row draws core.random_bits.rounding_bits' i-th bits under key): tests hold
+    i of the row draws core.random_bits.rounding_bits' i-th bits under key, of which the
+    moment takes its half, quantization.moment_bits): tests hold
     it to core.quantization.quantize on chosen values."""
     _check_hook_tensor("values", values, torch.float32)
     if key is not None and (type(key) is not int or not 0 <= key < 1 << 32):

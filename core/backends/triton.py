@@ -1209,8 +1209,9 @@ def _quantize(
     """Store a tile of a moment as quantization.quantize does: per block its largest
     magnitude (NaN if any element is NaN or infinite, 0 below 2^-126), and per element the
     nearest code of |x| · (1 / absmax), each rounded to fp32 (all 0 when absmax is 0 or
-    NaN). m's sign goes in bit 7. STOCHASTIC (m, v): rounded stochastically with the
-    random bits of element `index` (its offset in the tensor) under `key`."""
+    NaN). m's sign goes in bit 7. STOCHASTIC (m, v): rounded stochastically with this
+    moment's half (quantization.moment_bits) of the random bits of element `index` (its
+    offset in the tensor) under `key`."""
     # NaN counts as infinite, so a plain max (which would drop NaN) sees it.
     magnitude = tl.abs(x)
     magnitude = tl.where(magnitude < float("inf"), magnitude, float("inf"))
@@ -1221,8 +1222,9 @@ def _quantize(
     inverse = tl.div_rn(tl.full(largest.shape, 1.0, tl.float32), tl.where(scaled, largest, 1.0))
     normalized = tl.where(scaled[:, None], magnitude * inverse[:, None], 0.0)
     random = index.to(tl.uint32) * 0
-    if STOCHASTIC:
+    if STOCHASTIC:  # one hash for both moments: the compiler computes it once
         random = _random_bits(index, key)
+        random = (random << 16) if SIGNED else ((random >> 16) << 16)
     if SIGNED:
         code = _magnitude_codes(
             normalized, _S_BASE, _S_GROUP_BITS, _S_SMALLEST_GROUP, _S_TOP_GROUP, _S_LOWEST,
@@ -1353,7 +1355,7 @@ def _quantized_step_kernel(
         v_max_codes = _moment_base(addresses, 4, count, index, DTYPE, V_MAX_8BIT) + offsets
         v_max_absmax = _base(addresses, 8, count, index, tl.float32, False) + scales
     state_key = key
-    if M_8BIT or V_8BIT:  # m's key is v's with bit 31 flipped (QuantizedMoment.key)
+    if M_8BIT or V_8BIT:  # QuantizedMoment.key, m's and v's
         state_stream = tl.load(addresses + 9 * count + index).to(tl.uint32)
         shard_offset = tl.load(addresses + 10 * count + index).to(tl.uint32)
         state_key = _mix32(state_stream ^ state_draw.to(tl.uint32, bitcast=True)) + shard_offset
@@ -1413,9 +1415,8 @@ def _quantized_step_kernel(
             False,
         )
     if not INIT:
-        m_key = state_key ^ 0x80000000
         _store_moment(
-            m, m_codes, m_absmax, mask, present, offsets, m_key, DTYPE, True, M_8BIT, M_8BIT
+            m, m_codes, m_absmax, mask, present, offsets, state_key, DTYPE, True, M_8BIT, M_8BIT
         )
     _store_moment(
         v, v_codes, v_absmax, mask, present, offsets, state_key, DTYPE, False, V_8BIT, V_8BIT

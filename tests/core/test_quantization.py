@@ -184,6 +184,31 @@ def test_stochastic_codes_are_a_float64_neighbour_and_unbiased(signed: bool) -> 
     assert (nearest - normalized[unbiased]).abs().max() > 10 * spread.abs().max()
 
 
+def test_an_elements_m_and_v_round_independently_from_one_hash() -> None:
+    """One hash per element serves both moments (quantization.moment_bits: v takes its
+    high 16 bits, m its low 16). Every element sits halfway between two codes of its map,
+    in m and in v, under the same key: each rounds up about half the time, and m's and
+    v's choices agree about half the time, as independent draws do (had they shared their
+    bits, they would agree always)."""
+    count = 8192
+    choices = {}
+    for signed in (True, False):
+        points = q.midpoints(signed)
+        value = points[len(points) // 2]  # exactly halfway between two codes
+        values = torch.full((count,), float(value))
+        values[::256] = 1.0  # each block's absmax is 1, so a is the value itself
+        lower = int(q.quantize(values, signed)[0][1]) - 1  # to nearest, a tie goes up
+        codes = torch.cat([q.quantize(values, signed, key)[0] for key in (11, 12)])
+        halfway = torch.ones(2 * count, dtype=torch.bool)
+        halfway[::256] = False
+        assert set(codes[halfway].unique().tolist()) == {lower, lower + 1}
+        choices[signed] = codes[halfway] != lower
+    for up in choices.values():
+        assert 0.47 < up.float().mean() < 0.53
+    agreement = (choices[True] == choices[False]).float().mean()
+    assert 0.47 < agreement < 0.53, float(agreement)
+
+
 @pytest.mark.parametrize("backend", EIGHT_BIT_SCENARIO_BACKENDS)
 def test_an_8bit_element_whose_gradient_stops_stops_moving(backend: str) -> None:
     """A quarter of a weight's elements get no gradient from step 50 (a dead unit, a
