@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from core.quantization import QuantizedMoment
-from core.random_bits import MASK32, rounding_uniforms, step_key, stream_key
+from core.random_bits import MASK32, offset_key, rounding_uniforms, step_key, stream_key
 
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -82,9 +82,13 @@ class StochasticRounding:
     seed: int
     stream: int
     step: int = 0
+    first_index: int = 0
+    """The index of the tensor's first element in the whole parameter: a DTensor shard's
+    offset (FSDP2's Shard(0)), so that a shard draws the bits its elements draw unsharded
+    and a sharded run rounds as one process does."""
 
     def at_step(self, step: int) -> StochasticRounding:
-        return StochasticRounding(self.seed, self.stream, step)
+        return StochasticRounding(self.seed, self.stream, step, self.first_index)
 
     def stream_key(self) -> int:
         """The 32-bit key of this parameter's stream, the same at every step (the Triton
@@ -92,8 +96,9 @@ class StochasticRounding:
         return stream_key(self.seed, self.stream)
 
     def key(self) -> int:
-        """The 32-bit key of this parameter's step: every element's bits derive from it."""
-        return step_key(self.stream_key(), self.step & MASK32)
+        """The 32-bit key of this parameter's (or shard's) step: every element's bits
+        derive from it."""
+        return offset_key(step_key(self.stream_key(), self.step & MASK32), self.first_index)
 
 
 def stochastic_round(values: Tensor, dtype: torch.dtype, rounding: StochasticRounding) -> Tensor:

@@ -131,11 +131,14 @@ def _uniform(random):
 @triton.jit
 def _rounding_key(addresses, count, index, step):
     """The 32-bit key of tensor `index` at this step, as StochasticRounding.key(): the
-    address table's last row holds the tensor's stream_key() in place of a Kahan buffer,
-    and the step (an int32 argument, its bits those of the step modulo 2^32) is hashed in
-    here, so keys change every step without an upload."""
-    stream_key = tl.load(addresses + 5 * count + index).to(tl.uint32)
-    return _mix32(stream_key ^ step.to(tl.uint32, bitcast=True))
+    address table's last row holds the tensor's stream_key() and, in its high 32 bits, its
+    shard's offset term (_stream_keys) in place of a Kahan buffer, and the step (an int32
+    argument, its bits those of the step modulo 2^32) is hashed in here, so keys change
+    every step without an upload."""
+    entry = tl.load(addresses + 5 * count + index)
+    stream_key = entry.to(tl.uint32)
+    offset_term = (entry >> 32).to(tl.uint32)
+    return _mix32(stream_key ^ step.to(tl.uint32, bitcast=True)) + offset_term
 
 
 @triton.jit
@@ -753,9 +756,12 @@ def _bucket_rounding(
 
 
 def _stream_keys(rounding: Sequence[StochasticRounding]) -> list[int]:
-    """Each tensor's StochasticRounding.stream_key(): the address table's last row under
-    STOCHASTIC (a tensor's key at a step is hashed from it in the kernel)."""
-    return [r.stream_key() for r in rounding]
+    """Each tensor's StochasticRounding.stream_key() in the low 32 bits and its shard's
+    offset term (offset_key(0, first_index)) in the high 32, as an int64: the address
+    table's last row under STOCHASTIC (a tensor's key at a step is made from it in the
+    kernel, _rounding_key)."""
+    entries = [r.stream_key() | offset_key(0, r.first_index) << 32 for r in rounding]
+    return [entry - (1 << 64) if entry >= 1 << 63 else entry for entry in entries]
 
 
 def _step_argument(step: int | None) -> int:

@@ -11,6 +11,7 @@ expected dtype and device, so no Python input can send a kernel through a wrong 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -66,7 +67,8 @@ def is_plain(tensors: Sequence[Tensor | QuantizedMoment | None]) -> bool:
 
 def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type) -> Any:
     """The local shard of a DTensor laid out like its parameter (`like`); an 8-bit moment
-    of DTensors becomes one of their local shards (its blocks are the shard's rows)."""
+    of DTensors becomes one of their local shards (its blocks are the shard's rows), and
+    a DTensor parameter's stochastic rounding draws by its shard's global indices."""
     if isinstance(tensor, QuantizedMoment):
         return QuantizedMoment(
             _local(tensor.codes, like, name, dtensor),
@@ -75,6 +77,11 @@ def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type)
             tensor.stream,
             tensor.first_index + _global_offset(tensor.codes, dtensor),
         )
+    if isinstance(tensor, StochasticRounding):
+        if like is None or not isinstance(like, dtensor) or not _whole_rows(like):
+            return tensor  # a shard of columns (tensor parallelism) draws by local index
+        offset = tensor.first_index + _global_offset(like, dtensor)
+        return dataclasses.replace(tensor, first_index=offset)
     if tensor is None or not isinstance(tensor, dtensor):
         return tensor
     if like is not None and isinstance(like, dtensor) and tensor is not like:
@@ -96,21 +103,28 @@ def _local(tensor: Tensor | None, like: Tensor | None, name: str, dtensor: type)
     return tensor.to_local()
 
 
-def _global_offset(codes: Tensor, dtensor: type) -> int:
+def _global_offset(tensor: Tensor, dtensor: type) -> int:
     """The index, in the whole tensor's row-major order, of a DTensor's local shard's first
-    element (0 for a plain tensor). 8-bit moments are DTensors only when every placement
-    is Replicate or Shard(0) (core.quantization.quantizable), so a shard is a run of whole
-    rows and its elements follow that first one in order."""
-    if not isinstance(codes, dtensor):
+    element (0 for a plain tensor), for a shard of whole rows (_whole_rows), whose elements
+    follow that first one in order. 8-bit moments are DTensors only when every placement
+    is Replicate or Shard(0) (core.quantization.quantizable), so their shards are."""
+    if not isinstance(tensor, dtensor):
         return 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offsets = compute_local_shape_and_global_offset(
-        codes.shape,
-        codes.device_mesh,  # type: ignore[attr-defined]
-        codes.placements,  # type: ignore[attr-defined]
+        tensor.shape,
+        tensor.device_mesh,  # type: ignore[attr-defined]
+        tensor.placements,  # type: ignore[attr-defined]
     )
-    return offsets[0] * math.prod(codes.shape[1:]) if offsets else 0
+    return offsets[0] * math.prod(tensor.shape[1:]) if offsets else 0
+
+
+def _whole_rows(tensor: Any) -> bool:
+    """Whether a DTensor's local shard is a run of whole rows of it (Replicate and
+    Shard(0) placements: FSDP2's), so its elements' indices are one offset from those in
+    the whole tensor."""
+    return all(p.is_replicate() or p.is_shard(0) for p in tensor.placements)
 
 
 def local_lists(lists: Sequence[TensorList], names: Sequence[str]) -> list[Any]:

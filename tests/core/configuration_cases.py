@@ -38,6 +38,14 @@ DTYPES = {
 """The parameters' dtype per kind of cell; "-8bit" cells keep 8-bit optimizer state."""
 
 
+ROUNDING_CONFIGURATIONS = ("fsdp2_whole_batch", "fsdp2_release_whole_batch", "dtensor_shard")
+"""Where bf16 parameters rounded stochastically are stepped as shards of whole rows: FSDP2
+with both ranks on the whole batch (exact gradients), without and with gradient release,
+and DTensor Shard(0) parameters."""
+ROUNDING_DTYPES = ("bf16", "bf16-8bit")
+"""Their cells: full-precision state and 8-bit state (the leanest configuration)."""
+
+
 def state_options(dtype_name: str) -> dict[str, Any]:
     """The optimizer option a kind of cell adds: state_precision for "-8bit" cells."""
     return {"state_precision": "8bit"} if dtype_name.endswith("-8bit") else {}
@@ -56,6 +64,9 @@ class Cell:
     full_state: bool = False
     """Full-precision state even in a "-8bit" cell (its wider model kept): what FSDP1's
     parameters get (core.quantization.FSDP1_FULL_PRECISION), for their references."""
+    stochastic: bool = False
+    """bf16 parameters rounded stochastically (stochastic_rounding=True) instead of Kahan:
+    the ROUNDING_CONFIGURATIONS cells."""
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -78,7 +89,8 @@ class Cell:
         given (references pass the loop backend's), and its state precision."""
         chosen = flags or BACKENDS[self.backend]
         state = {} if self.full_state else state_options(self.dtype_name)
-        return OPTIMIZERS[self.optimizer](params, **chosen, **state)
+        rounding = {"stochastic_rounding": True} if self.stochastic else {}
+        return OPTIMIZERS[self.optimizer](params, **chosen, **state, **rounding)
 
 
 def warmup(optimizer: torch.optim.Optimizer, step_index: int) -> None:
@@ -118,10 +130,16 @@ def direct_gradients(model: nn.Module) -> list[list[torch.Tensor]]:
     return [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(STEPS)]
 
 
-def train_one_process(cell: Cell, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
-    """The reference: the whole global batch on one process, loop backend."""
+LOOP_FLAGS = {"foreach": False, "fused": False}
+
+
+def train_one_process(
+    cell: Cell, batches: list[tuple[torch.Tensor, torch.Tensor]], own_backend: bool = False
+) -> list:
+    """The reference: the whole global batch on one process, loop backend (own_backend:
+    the cell's, as users build it)."""
     model = cell.make_model()
-    optimizer = cell.make_optimizer(model.parameters(), foreach=False, fused=False)
+    optimizer = cell.make_optimizer(model.parameters(), **({} if own_backend else LOOP_FLAGS))
     for index, (x, y) in enumerate(batches):
         warmup(optimizer, index)
         nn.functional.mse_loss(model(x.to(cell.dtype)).float(), y).backward()
@@ -130,11 +148,12 @@ def train_one_process(cell: Cell, batches: list[tuple[torch.Tensor, torch.Tensor
     return [p.detach().float().clone() for p in model.parameters()]
 
 
-def step_one_process(cell: Cell) -> list[torch.Tensor]:
-    """The reference for DTensor cells: the same fixed gradients, loop backend."""
+def step_one_process(cell: Cell, own_backend: bool = False) -> list[torch.Tensor]:
+    """The reference for DTensor cells: the same fixed gradients, loop backend (own_backend:
+    the cell's)."""
     model = cell.make_model()
     params = list(model.parameters())
-    optimizer = cell.make_optimizer(params, foreach=False, fused=False)
+    optimizer = cell.make_optimizer(params, **({} if own_backend else LOOP_FLAGS))
     for index, grads in enumerate(direct_gradients(model)):
         for p, g in zip(params, grads, strict=True):
             p.grad = g.to(cell.dtype)

@@ -1,9 +1,9 @@
 """Worker for test_configurations.py: one 2-process gloo group trains every cell of the
 configuration matrix (optimizer x backend x dtype under FSDP2, FSDP2 with a bf16
 MixedPrecisionPolicy, FSDP1 with and without use_orig_params and its full optimizer state
-dict, DTensor parameters, tensor parallelism, DCP checkpoints and DDP)
-and saves each cell's full parameters, so the test process can compare every cell with
-one process running the loop backend.
+dict, DTensor parameters, tensor parallelism, DCP checkpoints and DDP), then the
+stochastic-rounding cells of ROUNDING_CONFIGURATIONS, and saves each cell's full
+parameters, so the test process can compare every cell with one process.
 
 Usage: torchrun --nproc-per-node=2 configuration_worker.py OUTPUT CONFIG [CONFIG ...]
 """
@@ -51,6 +51,8 @@ from tests.core.configuration_cases import (
     FSDP2_SUMS_OVER_GLOO,
     GLOBAL_BATCHES,
     OPTIMIZERS,
+    ROUNDING_CONFIGURATIONS,
+    ROUNDING_DTYPES,
     STEPS,
     Cell,
     average_fsdp2_gradients,
@@ -109,7 +111,7 @@ def fsdp2(cell: Cell, mixed_precision: bool = False) -> list[torch.Tensor]:
     return _full(list(model.parameters()))
 
 
-def fsdp2_release(cell: Cell) -> list[torch.Tensor]:
+def fsdp2_release(cell: Cell, shard_batch: bool = True) -> list[torch.Tensor]:
     """FSDP2 with gradient release: each sharded parameter steps inside backward, after
     the reduce-scatter, and its gradient is freed there."""
     model = _sharded_model(cell, mixed_precision=False)
@@ -117,7 +119,7 @@ def fsdp2_release(cell: Cell) -> list[torch.Tensor]:
         model.parameters(), gradient_release=True, **BACKENDS[cell.backend]
     )
     core.prepare_for_gradient_release(model, optimizer)
-    _train(model, optimizer, cell.dtype, shard_batch=True)
+    _train(model, optimizer, cell.dtype, shard_batch=shard_batch)
     assert all(p.grad is None for p in model.parameters()), "release frees every gradient"
     core.remove_gradient_release(model)
     return _full(list(model.parameters()))
@@ -234,6 +236,16 @@ def dtensor(cell: Cell, placement: Any) -> list[torch.Tensor]:
     return _full(params)
 
 
+def fsdp2_whole_batch(cell: Cell) -> list[torch.Tensor]:
+    """FSDP2 with every rank on the whole batch: the reduce-scatter averages two equal
+    gradients, which is exact, so the run is one process's bit for bit wherever the
+    optimizer treats a shard as the whole tensor (its random bits included)."""
+    model = _sharded_model(cell, mixed_precision=False)
+    optimizer = cell.make_optimizer(model.parameters())
+    _train(model, optimizer, cell.dtype, shard_batch=False)
+    return _full(list(model.parameters()))
+
+
 def tensor_parallel(cell: Cell) -> list[torch.Tensor]:
     """Colwise then Rowwise linear layers over both ranks; every rank sees the whole batch."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -304,6 +316,12 @@ CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
     "tensor_parallel": tensor_parallel,
     "ddp": ddp,
 }
+ROUNDING_RUNS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
+    "fsdp2_whole_batch": fsdp2_whole_batch,
+    "fsdp2_release_whole_batch": lambda cell: fsdp2_release(cell, shard_batch=False),
+    "dtensor_shard": lambda cell: dtensor(cell, Shard(0)),
+}
+"""Stochastic rounding of bf16 parameters sharded by rows (ROUNDING_CONFIGURATIONS)."""
 
 
 def main(output: str, *configurations: str) -> None:
@@ -318,6 +336,14 @@ def main(output: str, *configurations: str) -> None:
                 for dtype_name in DTYPES:
                     cell = Cell(optimizer_name, backend, dtype_name)
                     results[(configuration, *cell.key)] = run(cell)
+    for configuration in ROUNDING_CONFIGURATIONS:
+        for optimizer_name in OPTIMIZERS:
+            for backend in BACKENDS:
+                for dtype_name in ROUNDING_DTYPES:
+                    cell = Cell(optimizer_name, backend, dtype_name, stochastic=True)
+                    results[(configuration, *cell.key, "stochastic")] = ROUNDING_RUNS[
+                        configuration
+                    ](cell)
     results[("refused", "plain parameters on 2 ranks")] = _release_refusal()
     results[("refused", "prepared before the process group")] = _release_after_the_group_started(
         early

@@ -3,9 +3,10 @@ dtype {fp32, bf16 + Kahan, and each with 8-bit state} under FSDP2, FSDP2 with bf
 compute, DCP checkpoints, FSDP2 with gradient release, FSDP1 (flat parameters, with
 use_orig_params, and its sharded state dicts), DTensor parameters (Shard(0), Replicate),
 tensor parallelism and DDP, on 2 gloo processes, each cell equal to one process running
-the loop backend. On
-torch 2.7, whose FSDP2 sums gradients over gloo, the sum is divided by the world size
-(configuration_cases.average_fsdp2_gradients).
+the loop backend; and bf16 parameters rounded stochastically, with full and 8-bit state,
+sharded by rows (ROUNDING_CONFIGURATIONS), each equal to one process running the same
+backend bit for bit. On torch 2.7, whose FSDP2 sums gradients over gloo, the sum is
+divided by the world size (configuration_cases.average_fsdp2_gradients).
 
 One process group trains every cell (configuration_worker.py); each test checks one cell.
 fp32 cells agree within 1e-6; bf16 cells within one bf16 ulp per step of the same
@@ -29,6 +30,8 @@ from tests.core.configuration_cases import (
     GLOBAL_BATCHES,
     LR,
     OPTIMIZERS,
+    ROUNDING_CONFIGURATIONS,
+    ROUNDING_DTYPES,
     STEPS,
     Cell,
     step_one_process,
@@ -185,10 +188,42 @@ def test_cell_equals_one_process_loop(
     assert_cell_matches(result, own_loop, one_process, dtype_name, bf16_compute)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", ROUNDING_DTYPES)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("configuration", ROUNDING_CONFIGURATIONS)
+def test_stochastic_rounding_of_row_shards_equals_one_process(
+    trained: dict, configuration: str, optimizer: str, backend: str, dtype_name: str
+) -> None:
+    """bf16 parameters rounded stochastically, sharded by rows (FSDP2 without and with
+    gradient release, DTensor Shard(0)):
+    a shard draws the random bits of its elements' indices in the whole tensor
+    (StochasticRounding.first_index, as 8-bit m and v do), so with exact gradients the
+    sharded run equals one process running the same backend bit for bit, on every
+    backend and with 8-bit state. Drawn by local index, as before, rank 1's shard took
+    the bits of rank 0's elements and every cell differed."""
+    cell = Cell(optimizer, backend, dtype_name, stochastic=True)
+    result = trained[(configuration, *cell.key, "stochastic")]
+    if configuration == "dtensor_shard":
+        expected = step_one_process(cell, own_backend=True)
+    else:
+        expected = train_one_process(cell, GLOBAL_BATCHES, own_backend=True)
+    for got, want in zip(result, expected, strict=True):
+        assert torch.equal(got, want), f"{int((got != want).sum())} of {got.numel()} differ"
+
+
 def test_worker_covers_every_cell(trained: dict) -> None:
     """A cell missing from the worker's output would otherwise surface as a KeyError only."""
     expected = {
         (c, o, b, d) for c in CONFIGURATIONS for o in OPTIMIZERS for b in BACKENDS for d in DTYPES
+    }
+    expected |= {
+        (c, o, b, d, "stochastic")
+        for c in ROUNDING_CONFIGURATIONS
+        for o in OPTIMIZERS
+        for b in BACKENDS
+        for d in ROUNDING_DTYPES
     }
     assert set(trained) - {REFUSAL, LATE_GROUP} == expected
 

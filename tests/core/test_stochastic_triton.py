@@ -205,13 +205,16 @@ def _dtype(dtype: torch.dtype) -> Any:
 
 
 @pytest.mark.parametrize("device", ["triton"])
+@pytest.mark.parametrize("first_index", [0, 1, 550 * 8, 3 * 2**31 + 2])
 @pytest.mark.parametrize("step", [0, 1, 2**31 - 1, 2**31 + 5, 2**32 + 7, 3 * 2**40])
 def test_the_kernel_key_is_the_references_at_every_step(
-    device: str, step: int, backend: Any
+    device: str, step: int, first_index: int, backend: Any
 ) -> None:
-    """The step travels as an int32 of its bits modulo 2^32, the stream key in the table."""
-    rounding = StochasticRounding(seed=2**32 - 1, stream=77, step=step)
-    addresses = torch.tensor([0] * 5 + [rounding.stream_key()], dtype=torch.int64)
+    """The step travels as an int32 of its bits modulo 2^32; the stream key and a shard's
+    offset term (StochasticRounding.first_index, FSDP2's Shard(0)) share one int64 entry
+    of the table, whose high half may make it negative."""
+    rounding = StochasticRounding(seed=2**32 - 1, stream=77, step=step, first_index=first_index)
+    addresses = torch.tensor([0] * 5 + backend._stream_keys([rounding]), dtype=torch.int64)
     out = torch.zeros(1, dtype=torch.int64)
     _key_of[(1,)](addresses, out, backend._step_argument(step))
     assert int(out) == rounding.key()
