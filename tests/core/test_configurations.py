@@ -84,7 +84,7 @@ def assert_within_bf16_ulps(
 CODE_FLIP_FRACTIONS = {"fp32-8bit": 0.02, "bf16-8bit": 0.08}
 """Measured with the tapered binary maps in every matrix (core in both environments,
 Lightning, Composer): fp32 cells at most 0.53%, bf16 cells at most 3.5% (core's, with m
-and v rounded stochastically: 0.34% and 1.7%; Composer's: 2
+and v rounded stochastically from one hash per element: 0.14% and 1.9%; Composer's: 2
 ranks reduce bf16 gradients, which moves more values across a midpoint, on every backend
 alike). Tensor parallelism keeps one weight full precision where one process quantizes
 it: 80-99% of its elements differ, so such cells are held to their own loop run."""
