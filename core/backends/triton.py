@@ -705,7 +705,7 @@ def _plan(
     bucket: list[list[Tensor] | None], rounding: Sequence[StochasticRounding] | None = None
 ) -> _Plan:
     """The bucket's plan, made again only when a tensor moved or changed size or layout
-    (or, under STOCHASTIC, a seed or stream changed)."""
+    (or, under STOCHASTIC, a seed, stream or shard offset changed)."""
     params = bucket[0]
     assert params is not None
     try:
@@ -714,7 +714,7 @@ def _plan(
         _check_addressable(bucket)
         raise
     if rounding is not None:
-        key = (key, tuple(map(_SEED_AND_STREAM, rounding)))
+        key = (key, tuple(map(_ROUNDING_PLAN_FIELDS, rounding)))
     plans = _plans.get(params[0])
     if plans is None:
         plans = _plans[params[0]] = OrderedDict()
@@ -730,7 +730,9 @@ def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-_SEED_AND_STREAM = attrgetter("seed", "stream")
+_ROUNDING_PLAN_FIELDS = attrgetter("seed", "stream", "first_index")
+"""What of a StochasticRounding its table entry is made from (_stream_keys): a plan is
+made again when any changes."""
 
 
 def rounding_switches(comp: object, dtype: torch.dtype) -> tuple[bool, bool]:
@@ -984,7 +986,7 @@ def _steps_key(lists: list[Sequence[Tensor] | None]) -> list[Any] | None:
             return None
         if len(set(map(attrgetter("step"), kahan_comps))) != 1:
             return None
-        kahan = tuple(map(_SEED_AND_STREAM, kahan_comps))
+        kahan = tuple(map(_ROUNDING_PLAN_FIELDS, kahan_comps))
         rows: tuple[Any, ...] = (*lists[:-1], None)
     else:
         nones = map(operator.is_, kahan_comps, repeat(None))
@@ -1645,8 +1647,8 @@ def _quantized_plan(
     rounding: Sequence[StochasticRounding] | None = None,
 ) -> _QuantizedPlan:
     """The bucket's quantized plan, made again only when a tensor moved or changed dtype,
-    size, shape or layout (or, under STOCHASTIC, a seed or stream changed). positions:
-    the bucket's indices in the step's lists (to name a refused tensor by)."""
+    size, shape or layout (or, under STOCHASTIC, a seed, stream or shard offset changed).
+    positions: the bucket's indices in the step's lists (to name a refused tensor by)."""
     rows = _quantized_tensor_rows(bucket, positions)
     params = rows[0]
     assert params is not None
@@ -1656,7 +1658,7 @@ def _quantized_plan(
         _make_quantized_plan(rows, bucket, positions)
         raise
     if rounding is not None:
-        key = (key, tuple(map(_SEED_AND_STREAM, rounding)))
+        key = (key, tuple(map(_ROUNDING_PLAN_FIELDS, rounding)))
     key = (key, tuple(_moment_streams(bucket, range(len(params)))))
     plans = _quantized_plans.get(params[0])
     if plans is None:

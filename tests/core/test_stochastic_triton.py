@@ -163,6 +163,26 @@ def test_mixed_lists_and_layouts(device: str, backend: Any) -> None:
     assert sorted(backend._step_kernel.stochastic) == [False] * 3 + [True] * 6
 
 
+@pytest.mark.parametrize("device", ["triton"])
+def test_a_shards_offset_is_in_its_plan_and_a_new_offset_makes_a_new_plan(
+    device: str, backend: Any
+) -> None:
+    """The table entry of a stochastically rounded tensor carries its shard's offset term
+    beside its stream key (an FSDP2 shard's first_index), and a plan is made again when
+    that offset changes, as when its seed or stream does."""
+    param = torch.zeros(1030, dtype=torch.bfloat16)
+    moments = [[torch.zeros_like(param)] for _ in range(3)]
+    bucket: list[Any] = [[param], *moments, None, None]
+    plans = []
+    for first_index in (0, 4400, 4400):
+        rounding = [StochasticRounding(seed=1, stream=2, first_index=first_index)]
+        plan = backend._plan(bucket, rounding)
+        (launch,) = plan.launches
+        assert int(launch.addresses.values[-1]) == backend._stream_keys(rounding)[0]
+        plans.append(plan)
+    assert plans[0] is not plans[1] and plans[1] is plans[2]
+
+
 @triton.jit
 def _round_values(values, out, key, N: tl.constexpr, DTYPE: tl.constexpr):
     from core.backends.triton import _round, _stochastic_round
