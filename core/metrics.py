@@ -129,9 +129,12 @@ def parameter_metrics(
     name: str,
     metrics: Metrics | None = None,
     lr: float | None = None,
+    gradient: bool = True,
 ) -> Metrics:
     """Add param's four norms to metrics (a new dict when None) and return it; `lr`: the
-    lr its step was taken with, where the group's has moved since (see the module).
+    lr its step was taken with, where the group's has moved since (see the module);
+    gradient=False leaves the gradient's norm out, for callers that took it at the step
+    (a sharded parameter's norm is a collective: not worth taking twice).
 
     A parameter without optimizer state yet contributes nothing, as in Composer; the
     gradient norm is added only while param.grad exists, and so is the update norm of an
@@ -148,7 +151,7 @@ def parameter_metrics(
         metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(update).to(
             torch.promote_types(param.dtype, torch.float32)
         )
-    if param.grad is not None:
+    if gradient and param.grad is not None:
         metrics[f"{GRAD}/{name}"] = l2_norm(param.grad)
     return metrics
 

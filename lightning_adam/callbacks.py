@@ -411,8 +411,8 @@ class OptimizerMonitor(L.Callback):
                 continue
             if isinstance(optimizer, core.AdamFamilyOptimizer):
                 lr = step_lrs.get(param)
-                metrics.parameter_metrics(optimizer, param, name, found, lr=lr)
-                found.pop(f"{metrics.GRAD}/{name}", None)  # the step's, taken after it
+                # the gradient's norm is the step's, taken after it (_after_step)
+                metrics.parameter_metrics(optimizer, param, name, found, lr=lr, gradient=False)
             else:  # moment and update norms need a core optimizer's step coefficients
                 found[f"{metrics.PARAM}/{name}"] = metrics.l2_norm(param.detach())
             if param in self._grad_norms:

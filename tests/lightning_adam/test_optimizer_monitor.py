@@ -110,6 +110,26 @@ def test_norms_are_the_last_steps_moment_param_update_and_grad(
         assert logged[f"l2_norm/{kind}/global"] == pytest.approx(math.sqrt(squares[kind]))
 
 
+def test_each_norm_is_taken_once_per_logged_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each logged step takes each parameter's gradient norm once, at the step, beside its
+    moment's and its own (the update's is a vector norm of the update). The batch-end
+    metrics took every gradient's norm a second time and threw it away, which for
+    sharded parameters is a collective per parameter."""
+    taken: list[torch.Tensor] = []
+    real = core.metrics.l2_norm
+
+    def counting(tensor: torch.Tensor) -> torch.Tensor:
+        taken.append(tensor)
+        return real(tensor)
+
+    monkeypatch.setattr(core.metrics, "l2_norm", counting)
+    model, _, _ = _monitored_run(tmp_path)  # 6 steps, logged after steps 3 and 6
+    assert len(taken) == 2 * 3 * len(list(model.parameters()))
+    assert [int(row["step"]) for row in _rows(tmp_path)] == [2, 5]
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_release_logs_what_the_ordinary_run_logs(backend: str, tmp_path: Path) -> None:
     """Gradient norms are taken in backward before release frees the gradient."""
