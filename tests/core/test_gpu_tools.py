@@ -39,8 +39,10 @@ def test_host_time_table_times_each_step_kind(host_time_output: str) -> None:
         "8-bit state, 300 tensors",
         "8-bit state, gradient release, per parameter",
     ]
+    # Both columns are timed, each the best of its own repeats: on a busy machine the
+    # backend's part can come out above the whole step's, so only their presence is held.
     for _, step, backend, _ in rows:
-        assert 0 < int(backend) <= int(step)
+        assert int(step) > 0 and int(backend) > 0
     assert [row[3] for row in rows] == ["-", "200", "20", "-", "-"]
 
 
