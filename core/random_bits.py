@@ -1,7 +1,7 @@
 """Counter-based random bits: the same in every backend, every run and after a resume.
 
-Stochastic rounding (of 16-bit parameters, core.backends.precision, and of 8-bit v,
-core.quantization) draws each element's bits by hashing its index with a 32-bit key
+Stochastic rounding (of 16-bit parameters, core.backends.precision, and of 8-bit m and
+v, core.quantization) draws each element's bits by hashing its index with a 32-bit key
 derived from a seed, the tensor's stream and the step, never from a generator's state.
 """
 
@@ -55,7 +55,7 @@ def rounding_uniforms(key: int, count: int, device: torch.device) -> Tensor:
 
 
 def rounding_draw(step: float, microbatch: int = 1) -> int:
-    """The 32-bit number naming one call's random bits for 8-bit v
+    """The 32-bit number naming one call's random bits for 8-bit m and v
     (core.quantization.QuantizedMoment.key): its step and, within an optimizer-accumulation
     window, its micro-batch, so no two roundings of one moment draw the same bits."""
     return mix32((int(step) & MASK32) ^ mix32(microbatch & MASK32))

@@ -38,8 +38,9 @@ def load_param(param: Tensor, kahan_comp: Tensor | StochasticRounding | None) ->
 
 
 def store(target: Tensor | QuantizedMoment, value: Tensor, draw: int | None = None) -> None:
-    """Write a working copy back (a no-op when the math ran in place). draw: for v, the
-    step's AdamStepCoefficients.state_draw (an 8-bit v rounds stochastically with it)."""
+    """Write a working copy back (a no-op when the math ran in place). draw: for m and v,
+    the step's AdamStepCoefficients.state_draw (8-bit m and v round stochastically with
+    it)."""
     if isinstance(target, QuantizedMoment):
         target.store(value, draw)
     elif value is not target:
