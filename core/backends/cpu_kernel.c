@@ -1130,10 +1130,10 @@ void adamkit_quantize_stochastic(int64_t count, const float *values, uint8_t *co
     for (int64_t b = 0; b * CODE_BLOCK < count; b++) {
         int64_t n = count - b * CODE_BLOCK < CODE_BLOCK ? count - b * CODE_BLOCK : CODE_BLOCK;
         const float *x = values + b * CODE_BLOCK;
-        _Alignas(64) uint32_t words[CODE_BLOCK];
-        random_words(words, b * CODE_BLOCK, n, key);
+        _Alignas(64) uint32_t drawn[CODE_BLOCK]; /* (`words` names the maps here) */
+        random_words(drawn, b * CODE_BLOCK, n, key);
         encode_stochastic(codes + b * CODE_BLOCK, absmax + b, x, largest_bits(x, n), &map,
-                          is_signed, n, words);
+                          is_signed, n, drawn);
     }
 }
 

@@ -1122,8 +1122,8 @@ def quantize_as_kernels_do(
     """(codes, absmax) of a 1-D float32 tensor by the 8-bit kernels' own encoding (one row
     of blocks), to nearest or, with key, stochastically as a step stores m and v (element
     i of the row draws core.random_bits.rounding_bits' i-th bits under key, of which the
-    moment takes its half, quantization.moment_bits): tests hold
-    it to core.quantization.quantize on chosen values."""
+    moment takes its half, quantization.moment_bits): tests hold it to
+    core.quantization.quantize on chosen values."""
     _check_hook_tensor("values", values, torch.float32)
     if key is not None and (type(key) is not int or not 0 <= key < 1 << 32):
         raise ValueError(f"Invalid key: {key!r}. Allowed: None or an int in [0, 2^32).")

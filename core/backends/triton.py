@@ -731,8 +731,8 @@ def _float32(value: float) -> float:
 
 
 _ROUNDING_PLAN_FIELDS = attrgetter("seed", "stream", "first_index")
-"""What of a StochasticRounding its table entry is made from (_stream_keys): a plan is
-made again when any changes."""
+"""The fields of a StochasticRounding that its table entry is made from (_stream_keys): a
+plan is made again when any of them changes."""
 
 
 def rounding_switches(comp: object, dtype: torch.dtype) -> tuple[bool, bool]:

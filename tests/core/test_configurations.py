@@ -197,12 +197,11 @@ def test_stochastic_rounding_of_row_shards_equals_one_process(
     trained: dict, configuration: str, optimizer: str, backend: str, dtype_name: str
 ) -> None:
     """bf16 parameters rounded stochastically, sharded by rows (FSDP2 without and with
-    gradient release, DTensor Shard(0)):
-    a shard draws the random bits of its elements' indices in the whole tensor
-    (StochasticRounding.first_index, as 8-bit m and v do), so with exact gradients the
-    sharded run equals one process running the same backend bit for bit, on every
-    backend and with 8-bit state. Drawn by local index, as before, rank 1's shard took
-    the bits of rank 0's elements and every cell differed."""
+    gradient release, DTensor Shard(0)): a shard draws the random bits of its elements'
+    indices in the whole tensor (StochasticRounding.first_index, as 8-bit m and v do), so
+    with exact gradients the sharded run equals one process running the same backend bit
+    for bit, on every backend and with 8-bit state. Drawn by local index, as before,
+    rank 1's shard took the bits of rank 0's elements and all 120 cells differed."""
     cell = Cell(optimizer, backend, dtype_name, stochastic=True)
     result = trained[(configuration, *cell.key, "stochastic")]
     if configuration == "dtensor_shard":
