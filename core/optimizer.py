@@ -30,7 +30,12 @@ from core.backends import cpu_kernel, fused_unavailable_reason
 from core.backends.checked import CheckedStep, checked_for, unvouch, vouch
 from core.backends.cpu_kernel import HostScalarAccess, float32_array, host_scalar_access
 from core.backends.grouping import dtype_of
-from core.backends.host_checks import Layout, host_checks, host_checks_setting
+from core.backends.host_checks import (
+    Layout,
+    any_neg_or_conj_bit,
+    host_checks,
+    host_checks_setting,
+)
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
 from core.backends.views import dtensor_type
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
@@ -1152,13 +1157,29 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "optimizer accumulation supports Adam, AdamW and RAdam."
             )
 
-    def _check_gradients(
+    def _checked_gradients(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], where: str
+    ) -> list[Tensor]:
+        """The gradients to step params with. Refuses, before any parameter or state of any
+        group changes, a gradient a backend would fail on halfway or pair wrongly with its
+        parameter: sparse, or not of its parameter's shape, device and gradient dtype
+        (autograd never makes one; `grad.data = ...` can), and a parameter given the
+        negative or conjugate bit since it was added (`param.data = ...`). A gradient with
+        either bit (autograd gives a complex parameter used through .conj() a conjugate-bit
+        gradient, which torch.optim refuses) is stepped from a copy holding its values:
+        exact, and only the kernels, which read memory, need it. Runs where a step cannot
+        reuse its memo, whose checks cover the same (such a gradient never matches one)."""
+        if any_neg_or_conj_bit(params):
+            _refuse_neg_or_conj_param(params, where)
+        self._check_gradient_layouts(group, params, grads, where)
+        if any_neg_or_conj_bit(grads):
+            return [g.resolve_conj().resolve_neg() if _has_neg_or_conj_bit(g) else g for g in grads]
+        return grads
+
+    def _check_gradient_layouts(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], where: str
     ) -> None:
-        """Refuse, before any parameter or state of any group changes, a gradient a backend
-        would fail on halfway or pair wrongly with its parameter: sparse, or not of its
-        parameter's shape, device and gradient dtype (autograd never makes one; `grad.data
-        = ...` can). Runs where a step cannot reuse its memo, whose checks cover the same."""
+        """The part of _checked_gradients that refuses gradients."""
         if any(map(_is_sparse, grads)):  # the message names the first
             param = params[list(map(_is_sparse, grads)).index(True)]
             raise RuntimeError(
@@ -1208,10 +1229,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
                     scalars.setdefault(key, []).append((param, value))
                     continue
-                if (  # what steps make, settled without a call (~0.2 µs a tensor)
+                if (  # what steps make, settled without a call (~0.3 µs a tensor)
                     type(value) is Tensor
                     and value.shape == shape
                     and value.is_contiguous()
+                    and not value.is_neg()
+                    and not value.is_conj()
                     and (value.dtype in _REAL_FLOATING_DTYPES or key not in _DTYPE_FOLLOWING_STATE)
                     and key not in _SCALE_KEYS
                 ):
@@ -1346,7 +1369,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             if memo is None:  # else all of this held when the memo was made
                 memos.pop(id(group), None)  # nor is it held any longer
                 self._check_fused_possible(group, where)
-                self._check_gradients(group, params, grads, where)
+                grads = self._checked_gradients(group, params, grads, where)
                 self._check_state_tensors(group, params, where)
             work.append((group, params, grads, memo))
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
@@ -1495,9 +1518,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._update_and_record(memo, passed, grad)
             return True
         memos.pop(id(param), None)
-        self._check_gradients(group, [param], [grad], where)
+        grads = self._checked_gradients(group, [param], [grad], where)
         self._check_state_tensors(group, [param], where)
-        self._update_and_memoize(memos, id(param), group, [param], [grad])
+        self._update_and_memoize(memos, id(param), group, [param], grads)
         return True
 
     def _update_and_memoize(
@@ -1793,6 +1816,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                             .to(device=state[name].device, dtype=dtype, copy=True)
                             .contiguous()
                         )
+            for key, value in state.items():
+                if isinstance(value, Tensor) and _has_neg_or_conj_bit(value):
+                    # torch keeps a saved lazy view as it is; the kernels need its values
+                    state[key] = value.resolve_conj().resolve_neg()
             # Converted now, not at the next step: a state_dict() taken right after loading
             # holds what this optimizer keeps (an 8-bit checkpoint loaded with "full"
             # saves exp_avg/exp_avg_sq, which torch.optim reads).
@@ -1908,6 +1935,14 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         if isinstance(value, Tensor) and _is_number(value):
             shown += f" holding {value.item()!r}"
         return f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)"
+    if isinstance(value, Tensor) and _has_neg_or_conj_bit(value):
+        kind = "negative" if value.is_neg() else "conjugate"
+        return (
+            f"{_described_state(value)} with torch's {kind} bit set (a lazy view, whose "
+            "memory the fused kernels would read and write with the wrong sign)",
+            f"a tensor holding its own values (.resolve_{_RESOLVE[kind]}() it; "
+            "load_state_dict does)",
+        )
     if key in _SCALE_KEYS:
         expected = absmax_shape(param.shape)
         if isinstance(value, Tensor) and tuple(value.shape) == expected:
@@ -1944,9 +1979,45 @@ def _shares_memory_within(tensor: Tensor) -> bool:
     return torch._debug_has_internal_overlap(_local(tensor)) == 1
 
 
+def _has_neg_or_conj_bit(tensor: Tensor) -> bool:
+    """Whether tensor has torch's negative or conjugate bit: a lazy view whose memory holds
+    its values negated or conjugated, which a kernel reading that memory would step with
+    the wrong sign."""
+    return tensor.is_neg() or tensor.is_conj()
+
+
+def _refuse_neg_or_conj_param(params: Sequence[Tensor], where: str) -> None:
+    """Refuse a parameter with the negative or conjugate bit: the fused kernels write
+    its memory, which holds its values negated or conjugated. A lazy module's parameter
+    is not asked: it has no memory before its first forward."""
+    index = next(
+        (
+            i
+            for i, param in enumerate(params)
+            if not torch.nn.parameter.is_lazy(param) and _has_neg_or_conj_bit(param)
+        ),
+        None,
+    )
+    if index is None:
+        return
+    kind = "negative" if params[index].is_neg() else "conjugate"
+    raise ValueError(
+        f"Invalid params[{index}]{where}: a tensor of shape {tuple(params[index].shape)} with "
+        f"torch's {kind} bit set (a lazy view whose memory holds its values "
+        f"{'negated' if kind == 'negative' else 'conjugated'}), which the fused kernels "
+        "would step with the wrong sign. Allowed: a tensor holding its own values "
+        f"(.resolve_{_RESOLVE[kind]}() it)."
+    )
+
+
+_RESOLVE = {"negative": "neg", "conjugate": "conj"}
+"""The Tensor.resolve_* method that materializes the values of a tensor with each bit."""
+
+
 def _check_params(params: Sequence[Tensor], where: str) -> None:
-    """Refuse a parameter listed twice (it would be stepped twice per step) or whose
-    elements share memory (no in-place update can step it), before it is added."""
+    """Refuse a parameter listed twice (it would be stepped twice per step), one with the
+    negative or conjugate bit (_refuse_neg_or_conj_param) or one whose elements share
+    memory (no in-place update can step it), before it is added."""
     seen: set[int] = set()
     for index, param in enumerate(params):
         if id(param) in seen:
@@ -1955,6 +2026,8 @@ def _check_params(params: Sequence[Tensor], where: str) -> None:
                 "group, so each step would update it twice. Allowed: each parameter once."
             )
         seen.add(id(param))
+    _refuse_neg_or_conj_param(params, where)
+    for index, param in enumerate(params):
         # A lazy module's parameter has no memory before its first forward (which fills
         # it in place); torch.optim takes it, and so does a step after that forward.
         if not torch.nn.parameter.is_lazy(param) and _shares_memory_within(param):

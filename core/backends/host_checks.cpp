@@ -37,10 +37,17 @@ bool is_plain_tensor(PyObject* object) {
   return type == plain_types[0] || type == plain_types[1];
 }
 
+// Whether a tensor's memory holds its values in order, as a kernel reads them: contiguous,
+// with neither the negative nor the conjugate bit (a lazy view whose memory holds the
+// values negated or conjugated).
+bool holds_values_in_order(const at::Tensor& tensor) {
+  return tensor.is_contiguous() && !tensor.is_neg() && !tensor.is_conj();
+}
+
 // What a memo vouches for of each tensor (DESCRIPTION_FIELDS numbers): its address, its
 // element count, its rows in the 8-bit block layout (core.quantization.block_shape: the
 // first dimension of a tensor of two or more, else 1), its element size and whether it
-// is contiguous. A backend that reuses what it
+// holds its values in order. A backend that reuses what it
 // worked out for a memo's tensors (core.backends.checked) relies on all five: no tensor
 // of the step was resized, reshaped, transposed or viewed as another type in place.
 void describe(const at::Tensor& tensor, std::vector<int64_t>& out) {
@@ -48,7 +55,7 @@ void describe(const at::Tensor& tensor, std::vector<int64_t>& out) {
   out.push_back(tensor.numel());
   out.push_back(tensor.dim() >= 2 ? tensor.size(0) : 1);
   out.push_back(static_cast<int64_t>(tensor.scalar_type()));
-  out.push_back(tensor.is_contiguous() ? 1 : 0);
+  out.push_back(holds_values_in_order(tensor) ? 1 : 0);
 }
 
 constexpr int DESCRIPTION_FIELDS = 5;
@@ -135,8 +142,8 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
 }
 
 // gradient_addresses(grads, params): bytes of each gradient's address if every gradient
-// is a plain, strided, contiguous tensor with storage, its parameter's dtype, shape and
-// device, else None.
+// is a plain, strided tensor with storage holding its values in order, of its parameter's
+// dtype, shape and device, else None.
 PyObject* gradient_addresses(PyObject*, PyObject* args) {
   PyObject* grads = nullptr;
   PyObject* params = nullptr;
@@ -164,7 +171,7 @@ PyObject* gradient_addresses(PyObject*, PyObject* args) {
       const at::Tensor& grad = THPVariable_Unpack(grad_objects[i]);
       const at::Tensor& param = THPVariable_Unpack(param_objects[i]);
       all_fit = grad.layout() == c10::kStrided && grad.has_storage() &&
-                grad.is_contiguous() && grad.scalar_type() == param.scalar_type() &&
+                holds_values_in_order(grad) && grad.scalar_type() == param.scalar_type() &&
                 grad.sizes() == param.sizes() && grad.device() == param.device();
       if (all_fit) addresses.push_back(reinterpret_cast<int64_t>(grad.data_ptr()));
     }

@@ -174,6 +174,11 @@ HAND_SET_STATE = {
     "negative step": ("step", lambda s: torch.tensor(-5.0), "step is of shape () holding -5.0"),
     "NaN step": ("step", lambda s: torch.tensor(float("nan")), "step is of shape () holding nan"),
     "step of no number": ("step", lambda s: torch.zeros(3), "step is of shape (3,)"),
+    "negated view": (
+        "exp_avg",
+        lambda m: (-m)._neg_view(),
+        "exp_avg of shape (8, 64) with torch's negative bit set",
+    ),
 }
 
 
@@ -232,3 +237,145 @@ def test_lazy_modules_may_be_given_to_the_optimizer_before_their_first_forward(
         trained.append(list(model.parameters()))
     for expected, param in zip(*trained, strict=True):
         torch.testing.assert_close(param, expected, atol=1e-6, rtol=0)
+
+
+ALGORITHMS = (core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT)
+
+
+def _lazy_view_run(
+    optimizer_class: type[core.AdamFamilyOptimizer], flags: dict, lazy: bool
+) -> list[Tensor]:
+    """An fp32 and a bf16 parameter (8-bit state applies to both) stepped four times, the
+    last two with gradients that are lazily negated views (lazy) or their materialized
+    values (not lazy): the first two steps leave each backend a memo to reuse."""
+    generator = torch.Generator().manual_seed(0)
+    params = [
+        nn.Parameter(torch.randn(64, 128, generator=generator).to(dtype))
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    optimizer = optimizer_class(params, lr=1e-2, **flags)
+    for step in range(4):
+        for p in params:
+            values = torch.randn(p.shape, generator=generator).to(p.dtype)
+            # a negative-bit view holds -values in its memory and reads as values
+            p.grad = (-values)._neg_view() if lazy and step >= 2 else values
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("optimizer_class", ALGORITHMS, ids=lambda c: c.__name__)
+def test_gradients_that_are_lazy_negated_views_step_as_their_values(
+    optimizer_class: type[core.AdamFamilyOptimizer], backend: str, state_precision: str
+) -> None:
+    """A gradient with torch's negative bit holds its values negated in memory. The C and
+    Triton kernels read that memory, so every fused step (the default included, on fp32
+    and bf16, full and 8-bit state) moved such a parameter the wrong way, and torch's own
+    fused kernel (fp32 AdamW) failed with its internal "mutable TensorLists with negation
+    inputs". Now each equals the same backend stepped with the materialized gradients."""
+    flags = {**TRAINING_BACKENDS[backend], "state_precision": state_precision}
+    actual = _lazy_view_run(optimizer_class, flags, lazy=True)
+    expected = _lazy_view_run(optimizer_class, flags, lazy=False)
+    for got, want in zip(actual, expected, strict=True):
+        assert torch.equal(got, want), got.dtype
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_complex_parameter_used_through_conj_trains_where_torch_optim_refuses(
+    backend: str,
+) -> None:
+    """Autograd gives a complex parameter used through .conj() a gradient with the
+    conjugate bit, on which torch.optim's AdamW (every backend) fails in view_as_real:
+    core steps it as its values, equal to the same backend given the resolved gradient."""
+
+    def train(resolve: bool) -> Tensor:
+        generator = torch.Generator().manual_seed(0)
+        param = nn.Parameter(torch.randn(16, 32, dtype=torch.complex64, generator=generator))
+        optimizer = core.AdamW([param], lr=1e-2, **TRAINING_BACKENDS[backend])
+        for _ in range(3):
+            weight = torch.randn(16, 32, dtype=torch.complex64, generator=generator)
+            optimizer.zero_grad()
+            (param.conj() * weight).real.sum().backward()
+            assert param.grad is not None and param.grad.is_conj()
+            if resolve:
+                param.grad = param.grad.resolve_conj()
+            optimizer.step()
+        return param.detach()
+
+    param = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    (param.conj() * 2).real.sum().backward()
+    with pytest.raises(RuntimeError, match="view_as_real doesn't work on unresolved conj"):
+        torch.optim.AdamW([param]).step()
+    assert torch.equal(train(resolve=False), train(resolve=True))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_a_parameter_that_is_a_lazy_view_is_refused_before_any_change(backend: str) -> None:
+    """A parameter with torch's negative bit (made so, for instance, by `p.data =` a
+    negated view) holds its values negated in memory, which the fused kernels would write
+    as its values: refused when added and, after `.data` replacement, before a step changes
+    anything."""
+    flags = {} if backend == "default" else BACKENDS[backend]
+    message = re.escape(
+        "Invalid params[1] in param group 0: a tensor of shape (8, 64) with torch's negative "
+        "bit set (a lazy view whose memory holds its values negated), which the fused "
+        "kernels would step with the wrong sign. Allowed: a tensor holding its own values "
+        "(.resolve_neg() it)."
+    )
+    other = nn.Parameter(torch.randn(8, 64))
+    with pytest.raises(ValueError, match=message):
+        core.AdamW([other, nn.Parameter(torch.randn(8, 64)._neg_view())], lr=1e-3, **flags)
+    weight = nn.Parameter(torch.randn(8, 64))
+    optimizer = core.AdamW([other, weight], lr=1e-3, **flags)
+    for _ in range(2):
+        for p in (other, weight):
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    weight.data = torch.randn(8, 64)._neg_view()
+    before = [p.detach().clone() for p in (other, weight)]
+    state = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=message):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip((other, weight), before, strict=True))
+    assert optimizer.state_dict()["state"][0]["step"] == state["state"][0]["step"]
+    weight.data = weight.data.resolve_neg()
+    optimizer.step()
+    assert float(optimizer.state[weight]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_state_that_is_a_lazy_view_loads_and_counts_as_its_values(
+    backend: str, state_precision: str
+) -> None:
+    """torch's load_state_dict keeps a saved tensor with the negative bit as it is; the
+    kernels then read and wrote its memory (the moments negated) and the host-scalar
+    helpers counted a step counter's memory down. A state dict of lazy views now continues
+    exactly as the same state dict of plain tensors."""
+    flags = {**TRAINING_BACKENDS[backend], "state_precision": state_precision}
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(64, 128, generator=generator)
+    grads = [torch.randn(64, 128, generator=generator) for _ in range(3)]
+    source = nn.Parameter(start.clone())
+    optimizer = core.AdamW([source], lr=1e-2, **flags)
+    source.grad = grads[0]
+    optimizer.step()
+    saved = optimizer.state_dict()
+    lazy = copy.deepcopy(saved)
+    lazy["state"][0] = {
+        key: (-value)._neg_view() if value.is_floating_point() else value
+        for key, value in saved["state"][0].items()
+    }
+    results = []
+    for state_dict in (lazy, saved):
+        param = nn.Parameter(source.detach().clone())
+        resumed = core.AdamW([param], lr=1e-2, **flags)
+        resumed.load_state_dict(state_dict)
+        for grad in grads[1:]:
+            param.grad = grad
+            resumed.step()
+        assert float(resumed.state[param]["step"]) == 3.0
+        results.append(param.detach())
+    assert torch.equal(*results)
