@@ -32,7 +32,7 @@ from core.backends.cpu_kernel import HostScalarAccess, float32_array, host_scala
 from core.backends.grouping import dtype_of
 from core.backends.host_checks import (
     Layout,
-    any_neg_or_conj_bit,
+    any_lazy_values,
     host_checks,
     host_checks_setting,
 )
@@ -1169,11 +1169,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         gradient, which torch.optim refuses) is stepped from a copy holding its values:
         exact, and only the kernels, which read memory, need it. Runs where a step cannot
         reuse its memo, whose checks cover the same (such a gradient never matches one)."""
-        if any_neg_or_conj_bit(params):
-            _refuse_neg_or_conj_param(params, where)
+        if any_lazy_values(params):
+            _refuse_lazy_param(params, where)
         self._check_gradient_layouts(group, params, grads, where)
-        if any_neg_or_conj_bit(grads):
-            return [g.resolve_conj().resolve_neg() if _has_neg_or_conj_bit(g) else g for g in grads]
+        if any_lazy_values(grads):
+            return [g if lazy_values(g) is None else _materialized(g) for g in grads]
         return grads
 
     def _check_gradient_layouts(
@@ -1235,6 +1235,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     and value.is_contiguous()
                     and not value.is_neg()
                     and not value.is_conj()
+                    and not value._is_zerotensor()
                     and (value.dtype in _REAL_FLOATING_DTYPES or key not in _DTYPE_FOLLOWING_STATE)
                     and key not in _SCALE_KEYS
                 ):
@@ -1817,9 +1818,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                             .contiguous()
                         )
             for key, value in state.items():
-                if isinstance(value, Tensor) and _has_neg_or_conj_bit(value):
-                    # torch keeps a saved lazy view as it is; the kernels need its values
-                    state[key] = value.resolve_conj().resolve_neg()
+                if isinstance(value, Tensor) and lazy_values(value) is not None:
+                    # torch keeps such a saved tensor as it is; the kernels need its values
+                    state[key] = _materialized(value)
             # Converted now, not at the next step: a state_dict() taken right after loading
             # holds what this optimizer keeps (an 8-bit checkpoint loaded with "full"
             # saves exp_avg/exp_avg_sq, which torch.optim reads).
@@ -1935,13 +1936,12 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         if isinstance(value, Tensor) and _is_number(value):
             shown += f" holding {value.item()!r}"
         return f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)"
-    if isinstance(value, Tensor) and _has_neg_or_conj_bit(value):
-        kind = "negative" if value.is_neg() else "conjugate"
+    found = lazy_values(value) if isinstance(value, Tensor) else None
+    if found is not None:
         return (
-            f"{_described_state(value)} with torch's {kind} bit set (a lazy view, whose "
-            "memory the fused kernels would read and write with the wrong sign)",
-            f"a tensor holding its own values (.resolve_{_RESOLVE[kind]}() it; "
-            "load_state_dict does)",
+            f"{_described_state(value)} {found[0]}, which the fused kernels would read and "
+            "write wrongly,",
+            f"a tensor holding its own values ({found[1]} it; load_state_dict does)",
         )
     if key in _SCALE_KEYS:
         expected = absmax_shape(param.shape)
@@ -1979,44 +1979,46 @@ def _shares_memory_within(tensor: Tensor) -> bool:
     return torch._debug_has_internal_overlap(_local(tensor)) == 1
 
 
-def _has_neg_or_conj_bit(tensor: Tensor) -> bool:
-    """Whether tensor has torch's negative or conjugate bit: a lazy view whose memory holds
-    its values negated or conjugated, which a kernel reading that memory would step with
-    the wrong sign."""
-    return tensor.is_neg() or tensor.is_conj()
+def lazy_values(tensor: Tensor) -> tuple[str, str] | None:
+    """How tensor's memory fails to hold its values as a kernel reads them, and how to
+    materialize them: torch's negative or conjugate bit (the memory holds the values
+    negated or conjugated) or a ZeroTensor (no memory at all); None for a tensor holding
+    its own values. A kernel reading such memory would step with the wrong sign, or read
+    address 0 and crash the process."""
+    if tensor.is_neg():
+        return "with torch's negative bit set (its memory holds its values negated)", (
+            ".resolve_neg()"
+        )
+    if tensor.is_conj():
+        return "with torch's conjugate bit set (its memory holds its values conjugated)", (
+            ".resolve_conj()"
+        )
+    if tensor._is_zerotensor():
+        return "that is a ZeroTensor (no memory of its own)", ".clone()"
+    return None
 
 
-def _refuse_neg_or_conj_param(params: Sequence[Tensor], where: str) -> None:
-    """Refuse a parameter with the negative or conjugate bit: the fused kernels write
-    its memory, which holds its values negated or conjugated. A lazy module's parameter
-    is not asked: it has no memory before its first forward."""
-    index = next(
-        (
-            i
-            for i, param in enumerate(params)
-            if not torch.nn.parameter.is_lazy(param) and _has_neg_or_conj_bit(param)
-        ),
-        None,
-    )
-    if index is None:
-        return
-    kind = "negative" if params[index].is_neg() else "conjugate"
-    raise ValueError(
-        f"Invalid params[{index}]{where}: a tensor of shape {tuple(params[index].shape)} with "
-        f"torch's {kind} bit set (a lazy view whose memory holds its values "
-        f"{'negated' if kind == 'negative' else 'conjugated'}), which the fused kernels "
-        "would step with the wrong sign. Allowed: a tensor holding its own values "
-        f"(.resolve_{_RESOLVE[kind]}() it)."
-    )
+def _materialized(tensor: Tensor) -> Tensor:
+    """A copy of a tensor with lazy_values that holds its values, exact."""
+    return tensor.clone() if tensor._is_zerotensor() else tensor.resolve_conj().resolve_neg()
 
 
-_RESOLVE = {"negative": "neg", "conjugate": "conj"}
-"""The Tensor.resolve_* method that materializes the values of a tensor with each bit."""
+def _refuse_lazy_param(params: Sequence[Tensor], where: str) -> None:
+    """Refuse a parameter with lazy_values: the fused kernels write its memory. A lazy
+    module's parameter is not asked: it has no memory before its first forward."""
+    for index, param in enumerate(params):
+        found = None if torch.nn.parameter.is_lazy(param) else lazy_values(param)
+        if found is not None:
+            raise ValueError(
+                f"Invalid params[{index}]{where}: a tensor of shape {tuple(param.shape)} "
+                f"{found[0]}, which the fused kernels would step wrongly. Allowed: a tensor "
+                f"holding its own values ({found[1]} it)."
+            )
 
 
 def _check_params(params: Sequence[Tensor], where: str) -> None:
     """Refuse a parameter listed twice (it would be stepped twice per step), one with the
-    negative or conjugate bit (_refuse_neg_or_conj_param) or one whose elements share
+    memory that does not hold its values (_refuse_lazy_param) or one whose elements share
     memory (no in-place update can step it), before it is added."""
     seen: set[int] = set()
     for index, param in enumerate(params):
@@ -2026,7 +2028,7 @@ def _check_params(params: Sequence[Tensor], where: str) -> None:
                 "group, so each step would update it twice. Allowed: each parameter once."
             )
         seen.add(id(param))
-    _refuse_neg_or_conj_param(params, where)
+    _refuse_lazy_param(params, where)
     for index, param in enumerate(params):
         # A lazy module's parameter has no memory before its first forward (which fills
         # it in place); torch.optim takes it, and so does a step after that forward.

@@ -593,8 +593,8 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
 
 def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
     """The compiled scalar helpers, if every scalar is a plain one-element float32 CPU
-    tensor holding its own value (no negative bit) and they build (a failed build is not
-    tried again in this process)."""
+    tensor holding its own value (no negative bit, no ZeroTensor) and they build (a failed
+    build is not tried again in this process)."""
     global _scalars_unavailable
     if (
         _scalars_unavailable
@@ -603,6 +603,7 @@ def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
         or set(map(device_of, scalars)) != {_CPU}
         or set(map(Tensor.numel, scalars)) != {1}
         or any(map(Tensor.is_neg, scalars))  # its memory holds -value
+        or any(map(Tensor._is_zerotensor, scalars))  # it has no memory
     ):
         return None
     try:

@@ -58,7 +58,7 @@ class HostChecks(Protocol):
 
     def parameter_layout(self, params: Sequence[Tensor]) -> Layout | None:
         """The description of each plain strided tensor with storage, or None. One with
-        the negative or conjugate bit never matches a memo (a step refuses it)."""
+        any_lazy_values never matches a memo (a step refuses it)."""
 
     def column_addresses(
         self, states: tuple[dict[str, Any], ...], key: str, column: tuple[Any, ...]
@@ -67,14 +67,14 @@ class HostChecks(Protocol):
         strided tensor with storage), or None. A None in the column stands for a state
         without the key (or holding None), described as zeros: the rows of a group whose
         moments are stored in two forms (see core.optimizer.StepMemo). The Python checks
-        do not ask state tensors for the negative and conjugate bits (the C++ ones do, at
-        no cost): only `.data =` on optimizer state could set them without replacing it."""
+        do not ask state tensors for any_lazy_values (the C++ ones do, at no cost): only
+        `.data =` on optimizer state could give it them without replacing it."""
 
     def gradient_addresses(
         self, grads: Sequence[Tensor], params: Sequence[Tensor]
     ) -> Layout | None:
         """Each gradient's address, if every one is a plain, strided, contiguous tensor
-        with storage, without the negative or conjugate bit, of its parameter's dtype,
+        with storage holding its values (not any_lazy_values), of its parameter's dtype,
         shape and device, or None."""
 
 
@@ -91,14 +91,19 @@ DESCRIPTION = (
     Tensor.is_contiguous,
 )
 """How host_checks.cpp's describe() reads a tensor, in its order (the dtype as a
-torch.dtype rather than c10's number, contiguity as a bool; the negative and conjugate
-bits, which describe() folds into it, are asked of parameters and gradients apart)."""
+torch.dtype rather than c10's number, contiguity as a bool; any_lazy_values, which
+describe() folds into it, is asked of parameters and gradients apart)."""
 
 
-def any_neg_or_conj_bit(tensors: Sequence[Tensor]) -> bool:
-    """Whether a tensor has torch's negative or conjugate bit (its memory holds its values
-    negated or conjugated), two passes at ~40 ns a tensor."""
-    return any(map(Tensor.is_neg, tensors)) or any(map(Tensor.is_conj, tensors))
+def any_lazy_values(tensors: Sequence[Tensor]) -> bool:
+    """Whether a tensor's memory does not hold its values as a kernel reads them: torch's
+    negative or conjugate bit, or a ZeroTensor (core.optimizer.lazy_values); three passes
+    at ~40 ns a tensor."""
+    return (
+        any(map(Tensor.is_neg, tensors))
+        or any(map(Tensor.is_conj, tensors))
+        or any(map(Tensor._is_zerotensor, tensors))
+    )
 
 
 def _describe(tensors: Sequence[Tensor]) -> tuple[list[Any], ...]:
@@ -114,7 +119,7 @@ class PythonChecks:
         if not PLAIN_TENSOR_TYPES.issuperset(map(type, params)):
             return None
         try:
-            if any(t.layout != torch.strided for t in params) or any_neg_or_conj_bit(params):
+            if any(t.layout != torch.strided for t in params) or any_lazy_values(params):
                 return None
             return _describe(params)
         except RuntimeError:  # no storage
@@ -148,7 +153,7 @@ class PythonChecks:
             or list(map(_SHAPE, grads)) != list(map(_SHAPE, params))
             or list(map(_DEVICE, grads)) != list(map(_DEVICE, params))
             or not all(map(Tensor.is_contiguous, grads))  # False for sparse
-            or any_neg_or_conj_bit(grads)
+            or any_lazy_values(grads)
         ):
             return None
         try:

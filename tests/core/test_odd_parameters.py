@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import core
+from core.quantization import MIN_QUANTIZED_NUMEL
 from tests.core.cases import BACKENDS, TRAINING_BACKENDS, Case, one_case_per_algorithm
 from tests.core.test_fused import LOW_PRECISION, _ordered
 
@@ -179,6 +180,11 @@ HAND_SET_STATE = {
         lambda m: (-m)._neg_view(),
         "exp_avg of shape (8, 64) with torch's negative bit set",
     ),
+    "ZeroTensor moment": (
+        "exp_avg_sq",
+        lambda m: torch._efficientzerotensor(m.shape),
+        "exp_avg_sq of shape (8, 64) that is a ZeroTensor",
+    ),
 }
 
 
@@ -240,43 +246,57 @@ def test_lazy_modules_may_be_given_to_the_optimizer_before_their_first_forward(
 
 
 ALGORITHMS = (core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT)
+LAZY_VALUES = {
+    # a negative-bit view holds -values in its memory and reads as values
+    "negated": (lambda values: (-values)._neg_view(), lambda values: values),
+    # a ZeroTensor has no memory (data_ptr 0) and reads as zeros
+    "ZeroTensor": (
+        lambda values: torch._efficientzerotensor(values.shape, dtype=values.dtype),
+        torch.zeros_like,
+    ),
+}
+"""Tensors whose memory does not hold their values (core.optimizer.lazy_values): how to
+make one from values, and the plain tensor it reads as."""
 
 
-def _lazy_view_run(
-    optimizer_class: type[core.AdamFamilyOptimizer], flags: dict, lazy: bool
+def _lazy_values_run(
+    optimizer_class: type[core.AdamFamilyOptimizer], flags: dict, kind: str, lazy: bool
 ) -> list[Tensor]:
     """An fp32 and a bf16 parameter (8-bit state applies to both) stepped four times, the
-    last two with gradients that are lazily negated views (lazy) or their materialized
-    values (not lazy): the first two steps leave each backend a memo to reuse."""
+    last two with gradients of this kind of lazy values (lazy) or the plain tensors they
+    read as (not lazy): the first two steps leave each backend a memo to reuse."""
     generator = torch.Generator().manual_seed(0)
     params = [
-        nn.Parameter(torch.randn(64, 128, generator=generator).to(dtype))
+        nn.Parameter(torch.randn(32, 128, generator=generator).to(dtype))
         for dtype in (torch.float32, torch.bfloat16)
     ]
+    assert params[0].numel() >= MIN_QUANTIZED_NUMEL  # 8-bit state where asked
     optimizer = optimizer_class(params, lr=1e-2, **flags)
+    make_lazy, read_as = LAZY_VALUES[kind]
     for step in range(4):
         for p in params:
             values = torch.randn(p.shape, generator=generator).to(p.dtype)
-            # a negative-bit view holds -values in its memory and reads as values
-            p.grad = (-values)._neg_view() if lazy and step >= 2 else values
+            p.grad = (make_lazy if lazy else read_as)(values) if step >= 2 else values
         optimizer.step()
     return [p.detach() for p in params]
 
 
+@pytest.mark.parametrize("kind", list(LAZY_VALUES))
 @pytest.mark.parametrize("state_precision", ["full", "8bit"])
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 @pytest.mark.parametrize("optimizer_class", ALGORITHMS, ids=lambda c: c.__name__)
-def test_gradients_that_are_lazy_negated_views_step_as_their_values(
-    optimizer_class: type[core.AdamFamilyOptimizer], backend: str, state_precision: str
+def test_gradients_whose_memory_does_not_hold_their_values_step_as_their_values(
+    optimizer_class: type[core.AdamFamilyOptimizer], backend: str, state_precision: str, kind: str
 ) -> None:
-    """A gradient with torch's negative bit holds its values negated in memory. The C and
-    Triton kernels read that memory, so every fused step (the default included, on fp32
-    and bf16, full and 8-bit state) moved such a parameter the wrong way, and torch's own
-    fused kernel (fp32 AdamW) failed with its internal "mutable TensorLists with negation
-    inputs". Now each equals the same backend stepped with the materialized gradients."""
+    """A gradient with torch's negative bit holds its values negated in memory, and a
+    ZeroTensor has no memory at all. The C and Triton kernels read memory, so every fused
+    step (the default included, on fp32 and bf16, full and 8-bit state) moved a parameter
+    with a negated gradient the wrong way, and took a ZeroTensor's address 0 and crashed
+    the process; torch's own fused kernel (fp32 AdamW) failed on both with its internal
+    errors. Now each equals the same backend stepped with the plain gradients."""
     flags = {**TRAINING_BACKENDS[backend], "state_precision": state_precision}
-    actual = _lazy_view_run(optimizer_class, flags, lazy=True)
-    expected = _lazy_view_run(optimizer_class, flags, lazy=False)
+    actual = _lazy_values_run(optimizer_class, flags, kind, lazy=True)
+    expected = _lazy_values_run(optimizer_class, flags, kind, lazy=False)
     for got, want in zip(actual, expected, strict=True):
         assert torch.equal(got, want), got.dtype
 
@@ -310,50 +330,62 @@ def test_a_complex_parameter_used_through_conj_trains_where_torch_optim_refuses(
     assert torch.equal(train(resolve=False), train(resolve=True))
 
 
+PARAMETER_PROBLEMS = {
+    "negated": "with torch's negative bit set (its memory holds its values negated), which "
+    "the fused kernels would step wrongly. Allowed: a tensor holding its own values "
+    "(.resolve_neg() it).",
+    "ZeroTensor": "that is a ZeroTensor (no memory of its own), which the fused kernels would "
+    "step wrongly. Allowed: a tensor holding its own values (.clone() it).",
+}
+
+
 @pytest.mark.bad_input
+@pytest.mark.parametrize("kind", list(LAZY_VALUES))
 @pytest.mark.parametrize("backend", ["default", *BACKENDS])
-def test_a_parameter_that_is_a_lazy_view_is_refused_before_any_change(backend: str) -> None:
+def test_a_parameter_whose_memory_does_not_hold_its_values_is_refused_before_any_change(
+    backend: str, kind: str
+) -> None:
     """A parameter with torch's negative bit (made so, for instance, by `p.data =` a
     negated view) holds its values negated in memory, which the fused kernels would write
-    as its values: refused when added and, after `.data` replacement, before a step changes
-    anything."""
+    as its values, and a ZeroTensor has no memory to write: refused when added and, after
+    `.data` replacement, before a step changes anything."""
     flags = {} if backend == "default" else BACKENDS[backend]
+    make_lazy = LAZY_VALUES[kind][0]
     message = re.escape(
-        "Invalid params[1] in param group 0: a tensor of shape (8, 64) with torch's negative "
-        "bit set (a lazy view whose memory holds its values negated), which the fused "
-        "kernels would step with the wrong sign. Allowed: a tensor holding its own values "
-        "(.resolve_neg() it)."
+        "Invalid params[1] in param group 0: a tensor of shape (8, 64) " + PARAMETER_PROBLEMS[kind]
     )
     other = nn.Parameter(torch.randn(8, 64))
     with pytest.raises(ValueError, match=message):
-        core.AdamW([other, nn.Parameter(torch.randn(8, 64)._neg_view())], lr=1e-3, **flags)
+        core.AdamW([other, nn.Parameter(make_lazy(torch.randn(8, 64)))], lr=1e-3, **flags)
     weight = nn.Parameter(torch.randn(8, 64))
     optimizer = core.AdamW([other, weight], lr=1e-3, **flags)
     for _ in range(2):
         for p in (other, weight):
             p.grad = torch.randn_like(p)
         optimizer.step()
-    weight.data = torch.randn(8, 64)._neg_view()
+    weight.data = make_lazy(torch.randn(8, 64))
     before = [p.detach().clone() for p in (other, weight)]
     state = copy.deepcopy(optimizer.state_dict())
     with pytest.raises(ValueError, match=message):
         optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip((other, weight), before, strict=True))
     assert optimizer.state_dict()["state"][0]["step"] == state["state"][0]["step"]
-    weight.data = weight.data.resolve_neg()
+    weight.data = torch.randn(8, 64)
     optimizer.step()
     assert float(optimizer.state[weight]["step"]) == 3.0
 
 
+@pytest.mark.parametrize("kind", list(LAZY_VALUES))
 @pytest.mark.parametrize("state_precision", ["full", "8bit"])
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
-def test_state_that_is_a_lazy_view_loads_and_counts_as_its_values(
-    backend: str, state_precision: str
+def test_state_whose_memory_does_not_hold_its_values_loads_and_counts_as_its_values(
+    backend: str, state_precision: str, kind: str
 ) -> None:
-    """torch's load_state_dict keeps a saved tensor with the negative bit as it is; the
-    kernels then read and wrote its memory (the moments negated) and the host-scalar
-    helpers counted a step counter's memory down. A state dict of lazy views now continues
-    exactly as the same state dict of plain tensors."""
+    """torch's load_state_dict keeps a saved tensor as it is: the kernels then read and
+    wrote the memory of one with the negative bit (its moments negated; the host-scalar
+    helpers counted its step down) and read a ZeroTensor's address 0. Such a state dict
+    (ZeroTensors exist in memory only: torch.save refuses them) now continues exactly as
+    the same state dict of plain tensors."""
     flags = {**TRAINING_BACKENDS[backend], "state_precision": state_precision}
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(64, 128, generator=generator)
@@ -364,12 +396,19 @@ def test_state_that_is_a_lazy_view_loads_and_counts_as_its_values(
     optimizer.step()
     saved = optimizer.state_dict()
     lazy = copy.deepcopy(saved)
-    lazy["state"][0] = {
-        key: (-value)._neg_view() if value.is_floating_point() else value
-        for key, value in saved["state"][0].items()
-    }
+    make_lazy, read_as = LAZY_VALUES[kind]
+    plain = copy.deepcopy(saved)
+    lazy["state"][0], plain["state"][0] = (
+        {
+            key: change(value) if value.is_floating_point() and key != "step" else value
+            for key, value in saved["state"][0].items()
+        }
+        for change in (make_lazy, read_as)
+    )
+    if kind == "negated":  # the step counter too: 0-dim tensors take the host helpers
+        lazy["state"][0]["step"] = make_lazy(saved["state"][0]["step"])
     results = []
-    for state_dict in (lazy, saved):
+    for state_dict in (lazy, plain):
         param = nn.Parameter(source.detach().clone())
         resumed = core.AdamW([param], lr=1e-2, **flags)
         resumed.load_state_dict(state_dict)
