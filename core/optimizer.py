@@ -1163,14 +1163,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """The gradients to step params with. Refuses, before any parameter or state of any
         group changes, a gradient a backend would fail on halfway or pair wrongly with its
         parameter: sparse, or not of its parameter's shape, device and gradient dtype
-        (autograd never makes one; `grad.data = ...` can), and a parameter given the
-        negative or conjugate bit since it was added (`param.data = ...`). A gradient with
+        (autograd never makes one; `grad.data = ...` can), and a parameter given a dtype
+        or memory no step can take since it was added (`param.data = ...`). A gradient with
         either bit (autograd gives a complex parameter used through .conj() a conjugate-bit
         gradient, which torch.optim refuses) is stepped from a copy holding its values:
         exact, and only the kernels, which read memory, need it. Runs where a step cannot
         reuse its memo, whose checks cover the same (such a gradient never matches one)."""
-        if any_lazy_values(params):
-            _refuse_lazy_param(params, where)
+        if _unsteppable(params):
+            _refuse_unsteppable_params(params, where)
         self._check_gradient_layouts(group, params, grads, where)
         if any_lazy_values(grads):
             return [g if lazy_values(g) is None else _materialized(g) for g in grads]
@@ -2003,10 +2003,40 @@ def _materialized(tensor: Tensor) -> Tensor:
     return tensor.clone() if tensor._is_zerotensor() else tensor.resolve_conj().resolve_neg()
 
 
-def _refuse_lazy_param(params: Sequence[Tensor], where: str) -> None:
-    """Refuse a parameter with lazy_values: the fused kernels write its memory. A lazy
-    module's parameter is not asked: it has no memory before its first forward."""
+STEPPABLE_DTYPES = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex32,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+"""Parameter dtypes the update math runs in (as torch.optim's Adam: float8 types have no
+lerp or sqrt, so a step of one failed midway with torch's NotImplementedError)."""
+
+
+def _unsteppable(params: Sequence[Tensor]) -> bool:
+    """Whether _refuse_unsteppable_params would refuse one of params (a pass per property
+    at ~40 ns a tensor, for the steps that run the full checks)."""
+    return not STEPPABLE_DTYPES.issuperset(map(_dtype_of, params)) or any_lazy_values(params)
+
+
+def _refuse_unsteppable_params(params: Sequence[Tensor], where: str) -> None:
+    """Refuse a parameter of a dtype no step computes in, if it requires grad (a frozen
+    int8 or float8 weight among model.parameters() is never stepped, as in torch.optim),
+    or with lazy_values (the fused kernels write its memory). A lazy module's parameter is
+    not asked for its memory: it has none before its first forward."""
     for index, param in enumerate(params):
+        if param.dtype not in STEPPABLE_DTYPES and param.requires_grad:
+            allowed = ", ".join(sorted(str(dtype) for dtype in STEPPABLE_DTYPES))
+            raise ValueError(
+                f"Invalid params[{index}]{where}: a tensor of shape {tuple(param.shape)} and "
+                f"dtype {param.dtype}, which no step computes in. Allowed: {allowed} (keep a "
+                "higher-precision master copy of float8 weights)."
+            )
         found = None if torch.nn.parameter.is_lazy(param) else lazy_values(param)
         if found is not None:
             raise ValueError(
@@ -2017,9 +2047,9 @@ def _refuse_lazy_param(params: Sequence[Tensor], where: str) -> None:
 
 
 def _check_params(params: Sequence[Tensor], where: str) -> None:
-    """Refuse a parameter listed twice (it would be stepped twice per step), one with the
-    memory that does not hold its values (_refuse_lazy_param) or one whose elements share
-    memory (no in-place update can step it), before it is added."""
+    """Refuse a parameter listed twice (it would be stepped twice per step), one of a
+    dtype or memory no step can take (_refuse_unsteppable_params) or one whose elements
+    share memory (no in-place update can step it), before it is added."""
     seen: set[int] = set()
     for index, param in enumerate(params):
         if id(param) in seen:
@@ -2028,7 +2058,7 @@ def _check_params(params: Sequence[Tensor], where: str) -> None:
                 "group, so each step would update it twice. Allowed: each parameter once."
             )
         seen.add(id(param))
-    _refuse_lazy_param(params, where)
+    _refuse_unsteppable_params(params, where)
     for index, param in enumerate(params):
         # A lazy module's parameter has no memory before its first forward (which fills
         # it in place); torch.optim takes it, and so does a step after that forward.

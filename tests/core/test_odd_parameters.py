@@ -418,3 +418,45 @@ def test_state_whose_memory_does_not_hold_its_values_loads_and_counts_as_its_val
         assert float(resumed.state[param]["step"]) == 3.0
         results.append(param.detach())
     assert torch.equal(*results)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_a_float8_parameter_that_trains_is_refused_and_frozen_ones_are_skipped(
+    backend: str,
+) -> None:
+    """The update math has no float8 (torch has no lerp or sqrt for it): a float8 parameter
+    that requires grad failed midway through its first step with torch's
+    NotImplementedError, after its state was made. It is refused by name when added; a
+    frozen int8 or float8 weight among model.parameters() (a quantized base model) is
+    accepted and never stepped, as torch.optim does."""
+    flags = {} if backend == "default" else BACKENDS[backend]
+    other = nn.Parameter(torch.randn(8, 64))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Invalid params[1] in param group 0: a tensor of shape (8, 64) and dtype "
+            "torch.float8_e4m3fn, which no step computes in. Allowed: torch.bfloat16, "
+        ),
+    ):
+        core.AdamW(
+            [other, nn.Parameter(torch.randn(8, 64).to(torch.float8_e4m3fn))], lr=1e-3, **flags
+        )
+    frozen = [
+        nn.Parameter(torch.randint(-8, 8, (8, 64), dtype=torch.int8), requires_grad=False),
+        nn.Parameter(torch.randn(8, 64).to(torch.float8_e4m3fn), requires_grad=False),
+    ]
+    before = [p.detach().clone() for p in frozen]
+    hyperparameters = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+    ours = core.AdamW([other, *frozen], **hyperparameters, **flags)
+    twin = nn.Parameter(other.detach().clone())
+    theirs = torch.optim.AdamW([twin], **hyperparameters)
+    for _ in range(3):
+        other.grad = torch.randn_like(other)
+        twin.grad = other.grad.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(other, twin, atol=1e-6, rtol=0)
+    for param, saved in zip(frozen, before, strict=True):
+        assert torch.equal(param.view(torch.int8), saved.view(torch.int8))
+    assert not any(p in ours.state for p in frozen)
