@@ -35,9 +35,10 @@ from core.backends.host_checks import (
     any_lazy_values,
     host_checks,
     host_checks_setting,
+    storage_shortfall,
 )
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
-from core.backends.views import dtensor_type
+from core.backends.views import PLAIN_TENSOR_TYPES, dtensor_type
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     CODE_FORMAT,
@@ -1169,11 +1170,21 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         conjugate bit, which torch.optim refuses) is stepped from a copy holding its values:
         exact, and only the kernels, which read memory, need it. Runs where a step cannot
         reuse its memo, whose checks cover the same (such a gradient never matches one)."""
-        if _unsteppable(params):
-            _refuse_unsteppable_params(params, where)
+        checks = host_checks()
+        if _unsteppable(params) or checks.first_unbacked(params) >= 0:
+            _refuse_unsteppable_params(params, group["params"], where)
         self._check_gradient_layouts(group, params, grads, where)
         if any_lazy_values(grads):
-            return [g if lazy_values(g) is None else _materialized(g) for g in grads]
+            grads = [g if lazy_values(g) is None else _materialized(g) for g in grads]
+        unbacked = checks.first_unbacked(grads)
+        if unbacked >= 0:
+            param, grad = params[unbacked], grads[unbacked]
+            index = next(i for i, member in enumerate(group["params"]) if member is param)
+            raise ValueError(
+                f"Invalid grad of params[{index}]{where}: a tensor of shape "
+                f"{tuple(grad.shape)} {_shortfall_problem(storage_shortfall(grad))}. "  # type: ignore[arg-type]
+                f"Allowed: {_BACKED}."
+            )
         return grads
 
     def _check_gradient_layouts(
@@ -1242,8 +1253,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 found = _state_problem(key, value, param)
                 if found is not None:
                     self._refuse_state(group, param, key, found, where)
-        if any_lazy_values([value for _, _, value in settled]):  # ~0.1 µs a tensor
-            for param, key, value in settled:
+        values = [value for _, _, value in settled]
+        if any_lazy_values(values) or host_checks().first_unbacked(values) >= 0:
+            for param, key, value in settled:  # ~0.1 µs a tensor to get here
                 found = _state_problem(key, value, param)
                 if found is not None:
                     self._refuse_state(group, param, key, found, where)
@@ -1940,14 +1952,19 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         if isinstance(value, Tensor) and _is_number(value):
             shown += f" holding {value.item()!r}"
         return f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)"
-    if key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE:
-        found = lazy_values(value) if isinstance(value, Tensor) else None
+    if (key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE) and type(value) in (
+        PLAIN_TENSOR_TYPES
+    ):
+        found = lazy_values(value)
         if found is not None:
             return (
                 f"{_described_state(value)} {found[0]}, which the fused kernels would read "
                 "and write wrongly,",
                 f"a tensor holding its own values ({found[1]} it; load_state_dict does)",
             )
+        shortfall = storage_shortfall(value)
+        if shortfall is not None:
+            return f"{_described_state(value)} {_shortfall_problem(shortfall)}", _BACKED
     if key in _SCALE_KEYS:
         expected = absmax_shape(param.shape)
         if isinstance(value, Tensor) and tuple(value.shape) == expected:
@@ -2029,26 +2046,48 @@ def _unsteppable(params: Sequence[Tensor]) -> bool:
     return not STEPPABLE_DTYPES.issuperset(map(_dtype_of, params)) or any_lazy_values(params)
 
 
-def _refuse_unsteppable_params(params: Sequence[Tensor], where: str) -> None:
-    """Refuse a parameter of a dtype no step computes in, if it requires grad (a frozen
-    int8 or float8 weight among model.parameters() is never stepped, as in torch.optim),
-    or with lazy_values (the fused kernels write its memory). A lazy module's parameter is
-    not asked for its memory: it has none before its first forward."""
-    for index, param in enumerate(params):
-        if param.dtype not in STEPPABLE_DTYPES and param.requires_grad:
+def _refuse_unsteppable_params(
+    params: Sequence[Tensor], group_params: Sequence[Tensor], where: str
+) -> None:
+    """Refuse a parameter of params (members of group_params, which name them) that no
+    step can update: of a dtype no step computes in, with lazy_values (the fused kernels
+    would write memory that does not hold its values), or whose storage does not hold its
+    elements (storage_shortfall: freed or shrunk; the kernels and torch's own ops crashed
+    the process on one). A lazy module's parameter is not asked for its memory: it has
+    none before its first forward."""
+    for param in params:
+        problem, allowed = None, "a tensor holding its own values"
+        if param.dtype not in STEPPABLE_DTYPES:
+            problem = f"and dtype {param.dtype}, which no step computes in"
             allowed = ", ".join(sorted(str(dtype) for dtype in STEPPABLE_DTYPES))
-            raise ValueError(
-                f"Invalid params[{index}]{where}: a tensor of shape {tuple(param.shape)} and "
-                f"dtype {param.dtype}, which no step computes in. Allowed: {allowed} (keep a "
-                "higher-precision master copy of float8 weights)."
-            )
-        found = None if torch.nn.parameter.is_lazy(param) else lazy_values(param)
-        if found is not None:
+            allowed += " (keep a higher-precision master copy of float8 weights)"
+        elif not torch.nn.parameter.is_lazy(param):
+            found = lazy_values(param)
+            shortfall = storage_shortfall(param) if found is None else None
+            if found is not None:
+                problem = f"{found[0]}, which the fused kernels would step wrongly"
+                allowed += f" ({found[1]} it)"
+            elif shortfall is not None:
+                problem = _shortfall_problem(shortfall)
+                allowed = _BACKED
+        if problem is not None:
+            index = next(i for i, member in enumerate(group_params) if member is param)
             raise ValueError(
                 f"Invalid params[{index}]{where}: a tensor of shape {tuple(param.shape)} "
-                f"{found[0]}, which the fused kernels would step wrongly. Allowed: a tensor "
-                f"holding its own values ({found[1]} it)."
+                f"{problem}. Allowed: {allowed}."
             )
+
+
+def _shortfall_problem(shortfall: tuple[int, int]) -> str:
+    """How an error names a storage_shortfall."""
+    held, needed = shortfall
+    return (
+        f"whose storage holds {held} bytes, fewer than its elements need ({needed}: freed "
+        "by untyped_storage().resize_(0), as FSDP frees unsharded parameters, or shrunk)"
+    )
+
+
+_BACKED = "a tensor whose storage holds its elements (step it while they are allocated)"
 
 
 def _check_params(params: Sequence[Tensor], where: str) -> None:
@@ -2063,7 +2102,7 @@ def _check_params(params: Sequence[Tensor], where: str) -> None:
                 "group, so each step would update it twice. Allowed: each parameter once."
             )
         seen.add(id(param))
-    _refuse_unsteppable_params(params, where)
+    _refuse_unsteppable_params([p for p in params if p.requires_grad], params, where)
     for index, param in enumerate(params):
         # A lazy module's parameter has no memory before its first forward (which fills
         # it in place); torch.optim takes it, and so does a step after that forward.

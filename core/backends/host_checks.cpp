@@ -45,10 +45,23 @@ bool holds_values_in_order(const at::Tensor& tensor) {
          !tensor._is_zerotensor();
 }
 
+// Whether a tensor's storage holds every element its sizes, strides and offset address:
+// one freed with untyped_storage().resize_(0) (as FSDP frees unsharded parameters) has
+// address 0, and one shrunk has too few bytes; a kernel handed either crashes the process.
+bool backed(const at::Tensor& tensor) {
+  if (tensor.numel() == 0) return true;
+  if (!tensor.has_storage()) return false;
+  int64_t last = tensor.storage_offset();
+  for (int64_t d = 0; d < tensor.dim(); ++d) last += (tensor.size(d) - 1) * tensor.stride(d);
+  const c10::Storage& storage = tensor.storage();
+  return storage.data() != nullptr &&
+         static_cast<size_t>(last + 1) * tensor.itemsize() <= storage.nbytes();
+}
+
 // What a memo vouches for of each tensor (DESCRIPTION_FIELDS numbers): its address, its
 // element count, its rows in the 8-bit block layout (core.quantization.block_shape: the
 // first dimension of a tensor of two or more, else 1), its element size and whether it
-// holds its values in order. A backend that reuses what it
+// holds its values in order in storage that holds them all. A backend that reuses what it
 // worked out for a memo's tensors (core.backends.checked) relies on all five: no tensor
 // of the step was resized, reshaped, transposed or viewed as another type in place.
 void describe(const at::Tensor& tensor, std::vector<int64_t>& out) {
@@ -56,7 +69,7 @@ void describe(const at::Tensor& tensor, std::vector<int64_t>& out) {
   out.push_back(tensor.numel());
   out.push_back(tensor.dim() >= 2 ? tensor.size(0) : 1);
   out.push_back(static_cast<int64_t>(tensor.scalar_type()));
-  out.push_back(holds_values_in_order(tensor) ? 1 : 0);
+  out.push_back(holds_values_in_order(tensor) && backed(tensor) ? 1 : 0);
 }
 
 constexpr int DESCRIPTION_FIELDS = 5;
@@ -143,8 +156,8 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
 }
 
 // gradient_addresses(grads, params): bytes of each gradient's address if every gradient
-// is a plain, strided tensor with storage holding its values in order, of its parameter's
-// dtype, shape and device, else None.
+// is a plain, strided tensor with storage holding its values in order (all of them), of
+// its parameter's dtype, shape and device, else None.
 PyObject* gradient_addresses(PyObject*, PyObject* args) {
   PyObject* grads = nullptr;
   PyObject* params = nullptr;
@@ -173,7 +186,8 @@ PyObject* gradient_addresses(PyObject*, PyObject* args) {
       const at::Tensor& param = THPVariable_Unpack(param_objects[i]);
       all_fit = grad.layout() == c10::kStrided && grad.has_storage() &&
                 holds_values_in_order(grad) && grad.scalar_type() == param.scalar_type() &&
-                grad.sizes() == param.sizes() && grad.device() == param.device();
+                grad.sizes() == param.sizes() && grad.device() == param.device() &&
+                backed(grad);
       if (all_fit) addresses.push_back(reinterpret_cast<int64_t>(grad.data_ptr()));
     }
     if (all_fit) result = as_bytes(addresses);
@@ -182,6 +196,21 @@ PyObject* gradient_addresses(PyObject*, PyObject* args) {
   Py_DECREF(param_items);
   if (result == nullptr && !PyErr_Occurred()) Py_RETURN_NONE;
   return result;
+}
+
+// first_unbacked(tensors): the index of the first plain tensor whose storage does not hold
+// all its elements (see backed), or -1; other objects (DTensors) are not asked.
+PyObject* first_unbacked(PyObject*, PyObject* sequence) {
+  PyObject* items = PySequence_Fast(sequence, "first_unbacked takes a sequence");
+  if (items == nullptr) return nullptr;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+  PyObject** objects = PySequence_Fast_ITEMS(items);
+  Py_ssize_t found = -1;
+  for (Py_ssize_t i = 0; i < count && found < 0; ++i) {
+    if (is_plain_tensor(objects[i]) && !backed(THPVariable_Unpack(objects[i]))) found = i;
+  }
+  Py_DECREF(items);
+  return PyLong_FromSsize_t(found);
 }
 
 // cpu_kernel.c's share_runner_t: run(work + j·size) for each of `shares` shares, on
@@ -225,6 +254,7 @@ PyMethodDef methods[] = {
     {"parameter_layout", parameter_layout, METH_O, nullptr},
     {"column_addresses", column_addresses, METH_VARARGS, nullptr},
     {"gradient_addresses", gradient_addresses, METH_VARARGS, nullptr},
+    {"first_unbacked", first_unbacked, METH_O, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -77,6 +77,25 @@ class HostChecks(Protocol):
         with storage holding its values (not any_lazy_values), of its parameter's dtype,
         shape and device, or None."""
 
+    def first_unbacked(self, tensors: Sequence[Any]) -> int:
+        """The index of the first plain tensor whose storage does not hold all of its
+        elements (storage_shortfall), or -1; other objects (DTensors) are not asked."""
+
+
+def storage_shortfall(tensor: Tensor) -> tuple[int, int] | None:
+    """(bytes its storage holds, bytes its elements need) for a tensor whose storage does
+    not hold every element its sizes, strides and offset address, else None: one freed with
+    untyped_storage().resize_(0) (as FSDP frees unsharded parameters) has address 0, and
+    one shrunk has too few bytes; a kernel handed either crashes the process."""
+    if tensor.numel() == 0:
+        return None
+    last = tensor.storage_offset() + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    storage = tensor.untyped_storage()
+    needed, held = (last + 1) * tensor.element_size(), storage.nbytes()
+    return None if storage.data_ptr() != 0 and needed <= held else (held, needed)
+
 
 def _block_rows(tensor: Tensor) -> int:
     """Its rows in the 8-bit block layout (core.quantization.block_shape)."""
@@ -157,9 +176,27 @@ class PythonChecks:
         ):
             return None
         try:
-            return (list(map(Tensor.data_ptr, grads)),)
+            addresses = list(map(Tensor.data_ptr, grads))
         except RuntimeError:
             return None
+        # address 0 with elements: storage freed (untyped_storage().resize_(0)); a shrunk
+        # one moves to a new address, so no memo matches it
+        if 0 in addresses and any(
+            a == 0 and g.numel() for a, g in zip(addresses, grads, strict=True)
+        ):
+            return None
+        return (addresses,)
+
+    @staticmethod
+    def first_unbacked(tensors: Sequence[Any]) -> int:
+        return next(
+            (
+                i
+                for i, t in enumerate(tensors)
+                if type(t) in PLAIN_TENSOR_TYPES and storage_shortfall(t) is not None
+            ),
+            -1,
+        )
 
 
 _ABSENT = (0, 0, 0, None, False)

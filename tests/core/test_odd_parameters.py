@@ -460,3 +460,61 @@ def test_a_float8_parameter_that_trains_is_refused_and_frozen_ones_are_skipped(
     for param, saved in zip(frozen, before, strict=True):
         assert torch.equal(param.view(torch.int8), saved.view(torch.int8))
     assert not any(p in ours.state for p in frozen)
+
+
+FREED = {
+    "param": ("params[1]", lambda optimizer, weight: weight),
+    "grad": ("grad of params[1]", lambda optimizer, weight: weight.grad),
+    "state": (
+        "state of params[1]",
+        lambda optimizer, weight: optimizer.state[weight].get(
+            "exp_avg", optimizer.state[weight].get("exp_avg_codes")
+        ),
+    ),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("target", list(FREED))
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_a_tensor_whose_storage_was_freed_is_refused_before_any_change(
+    backend: str, state_precision: str, target: str
+) -> None:
+    """`untyped_storage().resize_(0)` (how FSDP frees unsharded parameters) leaves a tensor
+    its shape with no memory (address 0): the fused kernels, and torch's own foreach and
+    loop operations, crashed the process on such a parameter, gradient or moment (as
+    torch.optim's AdamW does). Refused by name with nothing changed, after memoized steps;
+    with its storage allocated again the parameter trains on."""
+    flags = {**({} if backend == "default" else BACKENDS[backend])}
+    other = nn.Parameter(torch.randn(32, 128))
+    weight = nn.Parameter(torch.randn(32, 128).to(torch.bfloat16))
+    optimizer = core.AdamW([other, weight], lr=1e-2, state_precision=state_precision, **flags)
+    for _ in range(2):
+        for p in (other, weight):
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    name, pick = FREED[target]
+    freed = pick(optimizer, weight)
+    kept = freed.detach().clone()
+    before = other.detach().clone(), {k: v.clone() for k, v in optimizer.state[other].items()}
+    freed.untyped_storage().resize_(0)
+    needed = kept.numel() * kept.element_size()
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid {name} in param group 0: "
+            + ("exp_avg" if target == "state" and state_precision == "full" else "")
+            + ("exp_avg_codes" if target == "state" and state_precision == "8bit" else "")
+        )
+        + f".* whose storage holds 0 bytes, fewer than its elements need \\({needed}: freed",
+    ):
+        optimizer.step()
+    assert torch.equal(other, before[0])
+    for key, value in optimizer.state[other].items():
+        assert torch.equal(value, before[1][key]), key
+    freed.untyped_storage().resize_(needed)
+    with torch.no_grad():
+        freed.copy_(kept)
+    optimizer.step()
+    assert float(optimizer.state[weight]["step"]) == 3.0
