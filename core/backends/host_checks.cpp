@@ -48,8 +48,9 @@ bool holds_values_in_order(const at::Tensor& tensor) {
 // Whether a tensor's storage holds every element its sizes, strides and offset address:
 // one freed with untyped_storage().resize_(0) (as FSDP frees unsharded parameters) has
 // address 0, and one shrunk has too few bytes; a kernel handed either crashes the process.
+// A meta tensor has no data by design (refused by device elsewhere).
 bool backed(const at::Tensor& tensor) {
-  if (tensor.numel() == 0) return true;
+  if (tensor.numel() == 0 || tensor.is_meta()) return true;
   if (!tensor.has_storage()) return false;
   int64_t last = tensor.storage_offset();
   for (int64_t d = 0; d < tensor.dim(); ++d) last += (tensor.size(d) - 1) * tensor.stride(d);

@@ -86,8 +86,11 @@ def storage_shortfall(tensor: Tensor) -> tuple[int, int] | None:
     """(bytes its storage holds, bytes its elements need) for a tensor whose storage does
     not hold every element its sizes, strides and offset address, else None: one freed with
     untyped_storage().resize_(0) (as FSDP frees unsharded parameters) has address 0, and
-    one shrunk has too few bytes; a kernel handed either crashes the process."""
-    if tensor.numel() == 0:
+    one shrunk has too few bytes; a kernel handed either crashes the process. Only plain
+    tensors with data are asked: a DTensor's local shard and a wrapper subclass's inner
+    tensors are their owners' to manage, and a meta tensor has no data by design (refused
+    by device elsewhere)."""
+    if type(tensor) not in PLAIN_TENSOR_TYPES or tensor.is_meta or tensor.numel() == 0:
         return None
     last = tensor.storage_offset() + sum(
         (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
@@ -190,11 +193,7 @@ class PythonChecks:
     @staticmethod
     def first_unbacked(tensors: Sequence[Any]) -> int:
         return next(
-            (
-                i
-                for i, t in enumerate(tensors)
-                if type(t) in PLAIN_TENSOR_TYPES and storage_shortfall(t) is not None
-            ),
+            (i for i, t in enumerate(tensors) if storage_shortfall(t) is not None),
             -1,
         )
 
