@@ -1163,13 +1163,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     ) -> list[Tensor]:
         """The gradients to step params with. Refuses, before any parameter or state of any
         group changes, a gradient a backend would fail on halfway or pair wrongly with its
-        parameter: sparse, or not of its parameter's shape, device and gradient dtype
-        (autograd never makes one; `grad.data = ...` can), and a parameter given a dtype
-        or memory no step can take since it was added (`param.data = ...`). A gradient with
-        lazy_values (autograd gives a complex parameter used through .conj() one with the
-        conjugate bit, which torch.optim refuses) is stepped from a copy holding its values:
-        exact, and only the kernels, which read memory, need it. Runs where a step cannot
-        reuse its memo, whose checks cover the same (such a gradient never matches one)."""
+        parameter: sparse, not of its parameter's shape, device and gradient dtype
+        (autograd never makes one; `grad.data = ...` can), or with storage that does not
+        hold its elements (storage_shortfall), and a parameter given a dtype or memory no
+        step can take since it was added (`param.data = ...`, a freed storage). A
+        gradient with lazy_values (autograd gives a complex parameter used through .conj()
+        one with the conjugate bit, which torch.optim refuses) is stepped from a copy
+        holding its values: exact, and only the kernels, which read memory, need it. Runs
+        where a step cannot reuse its memo, whose checks cover the same (such a gradient
+        never matches one)."""
         checks = host_checks()
         if _unsteppable(params) or checks.first_unbacked(params) >= 0:
             _refuse_unsteppable_params(params, group["params"], where)
@@ -1227,9 +1229,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         of another shape with as many elements: the loop and foreach backends failed on it
         halfway, and the fused ones would pair elements by memory order and decode 8-bit
         codes with another block's scale), not a tensor, of a dtype that holds no moment
-        (set by hand: integer or complex), whose elements share memory (expanded), or
-        whose memory does not hold their values (lazy_values). Reads no data; runs where a
-        step cannot reuse its memo (a replaced parameter, or state set by hand, never can)."""
+        (set by hand: integer or complex), whose elements share memory (expanded), whose
+        memory does not hold their values (lazy_values), or whose storage does not hold
+        their elements (storage_shortfall). Reads no data; runs where a step cannot reuse
+        its memo (a replaced parameter, or state set by hand, never can)."""
         scalars: dict[str, list[tuple[Tensor, Any]]] = {}
         settled: list[tuple[Tensor, str, Tensor]] = []
         for param in params:
