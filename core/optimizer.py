@@ -1948,6 +1948,10 @@ _REAL_FLOATING_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32,
 def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
     """(what is wrong with state[key] beside param, what is allowed), or None if a step can
     take it (_check_state_tensors); reads no tensor's data but a host scalar's."""
+    if key in HOST_SCALAR_STATE or key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE:
+        found = _memory_problem(value) if type(value) in PLAIN_TENSOR_TYPES else None
+        if found is not None:  # what the kernels (or the host-scalar helpers) read
+            return f"{_described_state(value)} {found[0]},", f"{found[1]}; load_state_dict does"
     if key in HOST_SCALAR_STATE:
         if finite_at_least(value, 0.0):
             return None
@@ -1955,19 +1959,6 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         if isinstance(value, Tensor) and _is_number(value):
             shown += f" holding {value.item()!r}"
         return f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)"
-    if (key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE) and type(value) in (
-        PLAIN_TENSOR_TYPES
-    ):
-        found = lazy_values(value)
-        if found is not None:
-            return (
-                f"{_described_state(value)} {found[0]}, which the fused kernels would read "
-                "and write wrongly,",
-                f"a tensor holding its own values ({found[1]} it; load_state_dict does)",
-            )
-        shortfall = storage_shortfall(value)
-        if shortfall is not None:
-            return f"{_described_state(value)} {_shortfall_problem(shortfall)}", _BACKED
     if key in _SCALE_KEYS:
         expected = absmax_shape(param.shape)
         if isinstance(value, Tensor) and tuple(value.shape) == expected:
@@ -2028,6 +2019,22 @@ def _materialized(tensor: Tensor) -> Tensor:
     return tensor.clone() if tensor._is_zerotensor() else tensor.resolve_conj().resolve_neg()
 
 
+def _memory_problem(tensor: Tensor) -> tuple[str, str] | None:
+    """(what is wrong, what is allowed) for a tensor whose memory a kernel cannot use as
+    its values: lazy_values, or a storage_shortfall (the kernels and torch's own ops
+    crashed the process on one); None otherwise."""
+    found = lazy_values(tensor)
+    if found is not None:
+        return (
+            f"{found[0]}, which the fused kernels would read and write wrongly",
+            f"a tensor holding its own values ({found[1]} it)",
+        )
+    shortfall = storage_shortfall(tensor)
+    if shortfall is None:
+        return None
+    return _shortfall_problem(shortfall), _BACKED
+
+
 STEPPABLE_DTYPES = frozenset(
     {
         torch.float16,
@@ -2059,25 +2066,20 @@ def _refuse_unsteppable_params(
     the process on one). A lazy module's parameter is not asked for its memory: it has
     none before its first forward."""
     for param in params:
-        problem, allowed = None, "a tensor holding its own values"
+        found = None
         if param.dtype not in STEPPABLE_DTYPES:
-            problem = f"and dtype {param.dtype}, which no step computes in"
             allowed = ", ".join(sorted(str(dtype) for dtype in STEPPABLE_DTYPES))
-            allowed += " (keep a higher-precision master copy of float8 weights)"
+            found = (
+                f"and dtype {param.dtype}, which no step computes in",
+                f"{allowed} (keep a higher-precision master copy of float8 weights)",
+            )
         elif not torch.nn.parameter.is_lazy(param):
-            found = lazy_values(param)
-            shortfall = storage_shortfall(param) if found is None else None
-            if found is not None:
-                problem = f"{found[0]}, which the fused kernels would step wrongly"
-                allowed += f" ({found[1]} it)"
-            elif shortfall is not None:
-                problem = _shortfall_problem(shortfall)
-                allowed = _BACKED
-        if problem is not None:
+            found = _memory_problem(param)
+        if found is not None:
             index = next(i for i, member in enumerate(group_params) if member is param)
             raise ValueError(
                 f"Invalid params[{index}]{where}: a tensor of shape {tuple(param.shape)} "
-                f"{problem}. Allowed: {allowed}."
+                f"{found[0]}. Allowed: {found[1]}."
             )
 
 

@@ -593,8 +593,12 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
 
 def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
     """The compiled scalar helpers, if every scalar is a plain one-element float32 CPU
-    tensor holding its own value (no negative bit, no ZeroTensor) and they build (a failed
-    build is not tried again in this process)."""
+    tensor holding its own value in its storage (no negative bit, no ZeroTensor, storage
+    neither freed nor shrunk: the helpers read and write raw memory) and they build (a
+    failed build is not tried again in this process). Asked only where no checked or
+    cached list of the same tensors at the same addresses answers."""
+    from core.backends.host_checks import host_checks  # imports us
+
     global _scalars_unavailable
     if (
         _scalars_unavailable
@@ -602,8 +606,8 @@ def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
         or set(map(dtype_of, scalars)) != {torch.float32}
         or set(map(device_of, scalars)) != {_CPU}
         or set(map(Tensor.numel, scalars)) != {1}
-        or any(map(Tensor.is_neg, scalars))  # its memory holds -value
-        or any(map(Tensor._is_zerotensor, scalars))  # it has no memory
+        or any(map(Tensor.is_neg, scalars))  # memory holding -value (no conj: float32)
+        or host_checks().first_unbacked(scalars) >= 0  # also a ZeroTensor: no memory
     ):
         return None
     try:

@@ -97,7 +97,13 @@ def storage_shortfall(tensor: Tensor) -> tuple[int, int] | None:
     )
     storage = tensor.untyped_storage()
     needed, held = (last + 1) * tensor.element_size(), storage.nbytes()
-    return None if storage.data_ptr() != 0 and needed <= held else (held, needed)
+    try:
+        address = storage.data_ptr()
+    except RuntimeError:  # "an invalid python storage": a ZeroTensor's, which has no memory
+        address = 0
+    if address == 0:
+        return 0, needed
+    return None if needed <= held else (held, needed)
 
 
 def _block_rows(tensor: Tensor) -> int:

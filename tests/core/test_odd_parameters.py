@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import core
+from core.backends import cpu_kernel
 from core.quantization import MIN_QUANTIZED_NUMEL
 from tests.core.cases import BACKENDS, TRAINING_BACKENDS, Case, one_case_per_algorithm
 from tests.core.test_fused import LOW_PRECISION, _ordered
@@ -332,10 +333,10 @@ def test_a_complex_parameter_used_through_conj_trains_where_torch_optim_refuses(
 
 PARAMETER_PROBLEMS = {
     "negated": "with torch's negative bit set (its memory holds its values negated), which "
-    "the fused kernels would step wrongly. Allowed: a tensor holding its own values "
-    "(.resolve_neg() it).",
+    "the fused kernels would read and write wrongly. Allowed: a tensor holding its own "
+    "values (.resolve_neg() it).",
     "ZeroTensor": "that is a ZeroTensor (no memory of its own), which the fused kernels would "
-    "step wrongly. Allowed: a tensor holding its own values (.clone() it).",
+    "read and write wrongly. Allowed: a tensor holding its own values (.clone() it).",
 }
 
 
@@ -518,3 +519,32 @@ def test_a_tensor_whose_storage_was_freed_is_refused_before_any_change(
         freed.copy_(kept)
     optimizer.step()
     assert float(optimizer.state[weight]["step"]) == 3.0
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_a_step_counter_whose_storage_was_freed_is_refused_before_any_change(
+    backend: str,
+) -> None:
+    """From MIN_SCALARS parameters on, step counters are read and counted by C helpers
+    through their addresses: one whose storage was freed (address 0) crashed the process
+    in the check that reads them. Refused by name with nothing changed."""
+    flags = {} if backend == "default" else BACKENDS[backend]
+    params = [nn.Parameter(torch.randn(64)) for _ in range(cpu_kernel.MIN_SCALARS + 4)]
+    optimizer = core.AdamW(params, lr=1e-2, **flags)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    before = [p.detach().clone() for p in params]
+    optimizer.state[params[3]]["step"].untyped_storage().resize_(0)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Invalid state of params[3] in param group 0: step of shape () whose storage "
+            "holds 0 bytes, fewer than its elements need (4: freed"
+        ),
+    ):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert all(float(optimizer.state[p]["step"]) == 2.0 for p in params if p is not params[3])
