@@ -1840,6 +1840,17 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 if isinstance(value, Tensor) and lazy_values(value) is not None:
                     # torch keeps such a saved tensor as it is; the kernels need its values
                     state[key] = _materialized(value)
+            for key in _DTYPE_FOLLOWING_STATE:
+                value = state.get(key)
+                if (
+                    type(value) in PLAIN_TENSOR_TYPES
+                    and type(param) in PLAIN_TENSOR_TYPES
+                    and value.stride() != param.stride()  # type: ignore[union-attr]
+                ):
+                    # Laid out as the state a step makes (and as the 8-bit codes above):
+                    # torch keeps a saved strided copy's layout, which sent every later
+                    # step past the fused kernels (and rounded them differently).
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # type: ignore[union-attr]
             # Converted now, not at the next step: a state_dict() taken right after loading
             # holds what this optimizer keeps (an 8-bit checkpoint loaded with "full"
             # saves exp_avg/exp_avg_sq, which torch.optim reads).
@@ -2124,7 +2135,9 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
     """Refuse state values a step could not read, or would read with the wrong meaning:
     step counters that are not one finite number >= 0, moments that are not tensors with
     data of the parameter's shape, an 8-bit moment's codes without its scales (or the
-    other way round), codes that are not uint8 and scales below 0."""
+    other way round), codes that are not uint8 and scales below 0. A tensor whose storage
+    does not hold its elements is refused first: reading its values (these checks, or
+    torch's copy into the parameter's dtype) crashed the process."""
 
     def refuse(key: str, problem: str, allowed: str) -> None:
         raise ValueError(
@@ -2132,6 +2145,14 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             f"Allowed: {allowed}."
         )
 
+    for key, value in saved_state.items():
+        shortfall = storage_shortfall(value) if isinstance(value, Tensor) else None
+        if shortfall is not None:
+            refuse(
+                key,
+                f"has shape {tuple(value.shape)} {_shortfall_problem(shortfall)}",
+                "a tensor whose storage holds its elements (save state while it is allocated)",
+            )
     for key in HOST_SCALAR_STATE:
         value = saved_state.get(key)
         if key in saved_state and not finite_at_least(value, 0.0):
