@@ -15,6 +15,7 @@ from core.optimizer import (
     ParamsT,
     advance_counters,
     call_backend,
+    checked_functional_form,
     decoupled_decay_rate,
     hyperparameters,
     no_kahan,
@@ -73,6 +74,7 @@ def adam_coefficients(
     )
 
 
+@checked_functional_form
 def adam(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

@@ -21,6 +21,7 @@ from core.optimizer import (
     ParamsT,
     add_to_host_scalars,
     call_backend,
+    checked_functional_form,
     hyperparameters,
     no_kahan,
     partition_by_host_scalars,
@@ -62,6 +63,7 @@ def adopt_coefficients(
     )
 
 
+@checked_functional_form
 def adopt(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

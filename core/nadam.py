@@ -15,6 +15,7 @@ from core.optimizer import (
     ParamsT,
     add_to_host_scalars,
     call_backend,
+    checked_functional_form,
     finite_at_least,
     hyperparameters,
     multiply_host_scalars,
@@ -65,6 +66,7 @@ def nadam_coefficients(
     )
 
 
+@checked_functional_form
 def nadam(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

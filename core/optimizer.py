@@ -9,6 +9,9 @@ add their own hyperparameters and per-step scalars.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
 import math
 import numbers
 import operator
@@ -20,14 +23,22 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, TypeVar, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from core.backends import cpu_kernel, fused_unavailable_reason
-from core.backends.checked import CheckedStep, checked_for, unvouch, vouch
+from core.backends.checked import (
+    CheckedStep,
+    checked_for,
+    lists_vouched,
+    unvouch,
+    unvouch_lists,
+    vouch,
+    vouch_lists,
+)
 from core.backends.cpu_kernel import HostScalarAccess, float32_array, host_scalar_access
 from core.backends.grouping import dtype_of
 from core.backends.host_checks import (
@@ -346,46 +357,49 @@ def _is_optional_bool(value: object) -> bool:
     return value is None or isinstance(value, bool)
 
 
+def _is_beta(value: object) -> bool:
+    return _is_number(value) and 0.0 <= float(value) < 1.0  # type: ignore[arg-type]
+
+
+def _is_max_lr(value: object) -> bool:
+    return value is None or (
+        _is_number(value) and math.isfinite(float(value)) and float(value) > 0  # type: ignore[arg-type]
+    )
+
+
+def validate_update_numbers(values: dict[str, Any], where: str = "") -> None:
+    """Check the numbers every algorithm's update reads (lr, eps, weight_decay, max_lr),
+    for a param group and a functional form's arguments alike."""
+    for key in ("lr", "eps", "weight_decay"):
+        require(finite_at_least(values[key], 0.0), key, values[key], "a finite number >= 0", where)
+    require(_is_max_lr(values["max_lr"]), "max_lr", values["max_lr"], _MAX_LR_ALLOWED, where)
+    for key in ("lr", "eps", "weight_decay", "max_lr"):
+        # The steps compute in float32: a larger value overflowed mid-step on the loop
+        # and foreach backends, after some state had changed (and ran to inf elsewhere).
+        require(
+            values[key] is None or float(values[key]) <= FLOAT32_MAX,
+            key,
+            values[key],
+            f"at most {FLOAT32_MAX:.7g} (float32's largest: the steps compute in float32)",
+            where,
+        )
+
+
+_MAX_LR_ALLOWED = "None or a finite number > 0"
+_BETA_ALLOWED = "a number in [0, 1)"
+
+
 def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> None:
     """Check the hyperparameters every algorithm shares, before anything is changed."""
-    require(finite_at_least(group["lr"], 0.0), "lr", group["lr"], "a finite number >= 0", where)
-    require(finite_at_least(group["eps"], 0.0), "eps", group["eps"], "a finite number >= 0", where)
+    validate_update_numbers(group, where)
     betas = group["betas"]
     require(
-        isinstance(betas, (tuple, list))
-        and len(betas) == 2
-        and all(_is_number(b) and 0.0 <= float(b) < 1.0 for b in betas),
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_beta, betas)),
         "betas",
         betas,
         "two numbers (beta1, beta2), each in [0, 1)",
         where,
     )
-    require(
-        finite_at_least(group["weight_decay"], 0.0),
-        "weight_decay",
-        group["weight_decay"],
-        "a finite number >= 0",
-        where,
-    )
-    max_lr = group["max_lr"]
-    require(
-        max_lr is None
-        or (_is_number(max_lr) and math.isfinite(float(max_lr)) and float(max_lr) > 0),
-        "max_lr",
-        max_lr,
-        "None or a finite number > 0",
-        where,
-    )
-    for key in ("lr", "eps", "weight_decay", "max_lr"):
-        # The steps compute in float32: a larger value overflowed mid-step on the loop
-        # and foreach backends, after some state had changed (and ran to inf elsewhere).
-        require(
-            group[key] is None or float(group[key]) <= FLOAT32_MAX,
-            key,
-            group[key],
-            f"at most {FLOAT32_MAX:.7g} (float32's largest: the steps compute in float32)",
-            where,
-        )
     for flag in ("decouple_wd", "decouple_lr", "gradient_release"):
         require(isinstance(group[flag], bool), flag, group[flag], "True or False", where)
     for flag in ("kahan_sum", "foreach", "fused"):
@@ -1161,67 +1175,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def _checked_gradients(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], where: str
     ) -> list[Tensor]:
-        """The gradients to step params with. Refuses, before any parameter or state of any
-        group changes, a gradient a backend would fail on halfway or pair wrongly with its
-        parameter: sparse, not of its parameter's shape, device and gradient dtype
-        (autograd never makes one; `grad.data = ...` can), or with storage that does not
-        hold its elements (storage_shortfall), and a parameter given a dtype or memory no
-        step can take since it was added (`param.data = ...`, a freed storage). A
-        gradient with lazy_values (autograd gives a complex parameter used through .conj()
-        one with the conjugate bit, which torch.optim refuses) is stepped from a copy
-        holding its values: exact, and only the kernels, which read memory, need it. Runs
-        where a step cannot reuse its memo, whose checks cover the same (such a gradient
-        never matches one)."""
-        checks = host_checks()
-        if _unsteppable(params) or checks.first_unbacked(params) >= 0:
+        """The gradients to step params with (checked_gradient_list), after refusing a
+        parameter given a dtype or memory no step can take since it was added
+        (`param.data = ...`, a freed storage). Runs where a step cannot reuse its memo,
+        whose checks cover the same (such a gradient never matches one)."""
+        if _unsteppable(params) or host_checks().first_unbacked(params) >= 0:
             _refuse_unsteppable_params(params, group["params"], where)
-        self._check_gradient_layouts(group, params, grads, where)
-        if any_lazy_values(grads):
-            grads = [g if lazy_values(g) is None else _materialized(g) for g in grads]
-        unbacked = checks.first_unbacked(grads)
-        if unbacked >= 0:
-            param, grad = params[unbacked], grads[unbacked]
-            index = next(i for i, member in enumerate(group["params"]) if member is param)
-            raise ValueError(
-                f"Invalid grad of params[{index}]{where}: a tensor of shape "
-                f"{tuple(grad.shape)} {_shortfall_problem(storage_shortfall(grad))}. "  # type: ignore[arg-type]
-                f"Allowed: {_BACKED}."
-            )
-        return grads
 
-    def _check_gradient_layouts(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], where: str
-    ) -> None:
-        """The part of _checked_gradients that refuses gradients."""
-        if any(map(_is_sparse, grads)):  # the message names the first
-            param = params[list(map(_is_sparse, grads)).index(True)]
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
-                f"{tuple(param.shape)}{where}); use torch.optim.SparseAdam for sparse "
-                "embeddings, or dense gradients (nn.Embedding(sparse=False))."
-            )
-        if (
-            all(map(operator.is_, map(_dtype_of, grads), map(_dtype_of, params)))
-            and list(map(_shape_of, grads)) == list(map(_shape_of, params))
-            and list(map(_device_of, grads)) == list(map(_device_of, params))
-        ):
-            return
-        for param, grad in zip(params, grads, strict=True):
-            # A parameter may take gradients of another dtype (Tensor.grad_dtype, torch 2.13).
-            grad_dtype = getattr(param, "grad_dtype", param.dtype)
-            if (grad.dtype in (param.dtype, grad_dtype) or grad_dtype is None) and (
-                grad.shape,
-                grad.device,
-            ) == (param.shape, param.device):
-                continue
+        def grad_name(position: int) -> str:
+            param = params[position]
             index = next(i for i, member in enumerate(group["params"]) if member is param)
-            dtypes = "any dtype" if grad_dtype is None else f"{grad_dtype}"
-            raise ValueError(
-                f"Invalid grad of params[{index}]{where}: {grad.dtype} of shape "
-                f"{tuple(grad.shape)} on {grad.device}. Allowed: a gradient of the "
-                f"parameter's shape and device ({tuple(param.shape)}, {param.device}) and "
-                f"its grad dtype ({dtypes}), as autograd makes it."
-            )
+            return f"grad of params[{index}]{where}"
+
+        return checked_gradient_list(type(self).__name__, params, grads, grad_name)
 
     def _check_state_tensors(self, group: dict[str, Any], params: list[Tensor], where: str) -> None:
         """Refuse, before anything changes, state tensors no step can take: laid out for
@@ -1557,7 +1523,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         states = self._prepared_states(params, group)
         memo = self._new_memo(group, params, states)
         if memo is None:
-            self._update_group(group, params, grads, states)
+            token = vouch_lists(params)  # checked above: the functional form need not
+            try:
+                self._update_group(group, params, grads, states)
+            finally:
+                unvouch_lists(token)
             return
         self._update_memoized(memo, grads)
         if memo.backend is not None and self._memo_complete(memo):
@@ -1960,6 +1930,8 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
     """(what is wrong with state[key] beside param, what is allowed), or None if a step can
     take it (_check_state_tensors); reads no tensor's data but a host scalar's."""
     if key in HOST_SCALAR_STATE or key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE:
+        if isinstance(value, Tensor) and value.layout != torch.strided:
+            return f"{_described_state(value)} with layout {value.layout}", "a dense tensor"
         found = _memory_problem(value) if type(value) in PLAIN_TENSOR_TYPES else None
         if found is not None:  # what the kernels (or the host-scalar helpers) read
             return f"{_described_state(value)} {found[0]},", f"{found[1]}; load_state_dict does"
@@ -2106,10 +2078,311 @@ def _shortfall_problem(shortfall: tuple[int, int]) -> str:
 _BACKED = "a tensor whose storage holds its elements (step it while they are allocated)"
 
 
-def _check_params(params: Sequence[Tensor], where: str) -> None:
+def checked_gradient_list(
+    optimizer: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    grad_name: Callable[[int], str],
+) -> list[Tensor]:
+    """The gradients to step params with. Refuses, before any parameter or state
+    changes, a gradient a backend would fail on halfway or pair wrongly with its
+    parameter: sparse, not of its parameter's shape, device and gradient dtype (autograd
+    never makes one; `grad.data = ...` can), or with storage that does not hold its
+    elements (storage_shortfall). A gradient with lazy_values (autograd gives a complex
+    parameter used through .conj() one with the conjugate bit, which torch.optim
+    refuses) is stepped from a copy holding its values: exact, and only the kernels,
+    which read memory, need it. grad_name(i) names grads[i] in errors."""
+    checks = host_checks()
+    if checks.gradient_addresses(grads, params) is not None and checks.first_unbacked(grads) < 0:
+        return list(grads)  # as autograd makes them (one pass in C++ where it builds)
+    if any(map(_is_sparse, grads)):  # the message names the first
+        position = list(map(_is_sparse, grads)).index(True)
+        raise RuntimeError(
+            f"{optimizer} does not support sparse gradients ({grad_name(position)}, beside a "
+            f"parameter of shape {tuple(params[position].shape)}); use torch.optim.SparseAdam "
+            "for sparse embeddings, or dense gradients (nn.Embedding(sparse=False))."
+        )
+    if not (
+        all(map(operator.is_, map(_dtype_of, grads), map(_dtype_of, params)))
+        and list(map(_shape_of, grads)) == list(map(_shape_of, params))
+        and list(map(_device_of, grads)) == list(map(_device_of, params))
+    ):
+        for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
+            # A parameter may take gradients of another dtype (Tensor.grad_dtype, torch 2.13).
+            grad_dtype = getattr(param, "grad_dtype", param.dtype)
+            if (grad.dtype in (param.dtype, grad_dtype) or grad_dtype is None) and (
+                grad.shape,
+                grad.device,
+            ) == (param.shape, param.device):
+                continue
+            dtypes = "any dtype" if grad_dtype is None else f"{grad_dtype}"
+            raise ValueError(
+                f"Invalid {grad_name(position)}: {grad.dtype} of shape {tuple(grad.shape)} "
+                f"on {grad.device}. Allowed: a gradient of the parameter's shape and device "
+                f"({tuple(param.shape)}, {param.device}) and its grad dtype ({dtypes}), as "
+                "autograd makes it."
+            )
+    if any_lazy_values(grads):
+        grads = [g if lazy_values(g) is None else _materialized(g) for g in grads]
+    unbacked = checks.first_unbacked(grads)
+    if unbacked >= 0:
+        grad = grads[unbacked]
+        raise ValueError(
+            f"Invalid {grad_name(unbacked)}: a tensor of shape {tuple(grad.shape)} "
+            f"{_shortfall_problem(storage_shortfall(grad))}. Allowed: {_BACKED}."  # type: ignore[arg-type]
+        )
+    return list(grads)
+
+
+FUNCTIONAL_STATE_LISTS = {
+    "exp_avgs": "exp_avg",
+    "exp_avg_sqs": "exp_avg_sq",
+    "max_exp_avg_sqs": "max_exp_avg_sq",
+    "kahan_comps": "kahan_comp",
+    "mu_products": "mu_product",
+    "state_steps": "step",
+    "window_microbatches": "window_microbatches",
+}
+"""A functional form's state lists, by argument name, and the state key of their entries."""
+_OPTIONAL_STATE_LISTS = frozenset({"max_exp_avg_sqs", "kahan_comps", "window_microbatches"})
+_FUNCTIONAL_SWITCHES = ("decouple_wd", "decouple_lr", "amsgrad", "clip", "accumulate")
+
+FunctionalForm = TypeVar("FunctionalForm", bound=Callable[..., None])
+
+
+def checked_functional_form(function: FunctionalForm) -> FunctionalForm:
+    """A functional form (core.adam, ...) that checks what a direct call hands it, as the
+    classes check their groups and state, before anything changes, and runs it under
+    no_grad as the classes' steps run. Before, a direct call took anything: an lr of NaN
+    made every parameter NaN, a freed or shrunk tensor crashed the process or had the
+    kernels write past its memory, a list shorter than params stepped a prefix, a
+    negated gradient stepped the wrong way on the fused kernels. A call an optimizer
+    makes (its lists checked: lists_vouched) goes straight through."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> None:
+        if lists_vouched(args[0] if args else kwargs.get("params")):
+            return function(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        check_functional_arguments(function.__name__, arguments)
+        if not arguments["params"]:
+            return None  # nothing to step (torch's foreach operations refuse empty lists)
+        with torch.no_grad():
+            return function(**arguments)
+
+    return cast(FunctionalForm, checked)
+
+
+def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
+    """Refuse, by argument name, what a functional form's step could not take; replaces
+    arguments["grads"] by gradients holding their values (checked_gradient_list)."""
+    validate_update_numbers(arguments)
+    for key in ("beta1", "beta2"):
+        require(_is_beta(arguments[key]), key, arguments[key], _BETA_ALLOWED)
+    if "momentum_decay" in arguments:
+        value = arguments["momentum_decay"]
+        require(finite_at_least(value, 0.0), "momentum_decay", value, "a finite number >= 0")
+    for key in _FUNCTIONAL_SWITCHES:
+        if key in arguments:
+            require(isinstance(arguments[key], bool), key, arguments[key], "True or False")
+    for key in ("foreach", "fused"):
+        require(_is_optional_bool(arguments[key]), key, arguments[key], "None, True or False")
+    require(
+        not (arguments["fused"] and arguments["foreach"]),
+        "fused",
+        arguments["fused"],
+        "None or False when foreach=True (pick one backend)",
+    )
+    params = arguments["params"]
+    _require_list("params", params, None)
+    if not all(map(_is_dense, params)):
+        index = [_is_dense(p) for p in params].index(False)
+        raise ValueError(
+            f"Invalid params[{index}]: {_described_entry(params[index])}. Allowed: a dense tensor."
+        )
+    _check_params(params, "", stepped=params)
+    _require_list("grads", arguments["grads"], len(params))
+    if not all(isinstance(grad, Tensor) for grad in arguments["grads"]):
+        index = [isinstance(grad, Tensor) for grad in arguments["grads"]].index(False)
+        raise ValueError(
+            f"Invalid grads[{index}]: {_described_entry(arguments['grads'][index])}. Allowed: "
+            "a tensor."
+        )
+    grads = checked_gradient_list(name, params, arguments["grads"], "grads[{}]".format)
+    arguments["grads"] = grads
+    written: list[tuple[str, Sequence[Any]]] = [("params[{}]", params)]
+    for list_name, key in FUNCTIONAL_STATE_LISTS.items():
+        values = arguments.get(list_name)
+        if list_name not in arguments or (values is None and list_name in _OPTIONAL_STATE_LISTS):
+            continue
+        _require_list(list_name, values, len(params))
+        if _as_steps_keep(key, values, params):
+            written.append((f"{list_name}[{{}}]", values))
+            continue
+        for index, (param, value) in enumerate(zip(params, values, strict=True)):
+            found = _functional_state_problem(key, value, param)
+            if found is not None:
+                raise ValueError(
+                    f"Invalid {list_name}[{index}]: a value {found[0]} beside a parameter of "
+                    f"shape {tuple(param.shape)}. Allowed: {found[1]}."
+                )
+        quantized = [isinstance(value, QuantizedMoment) for value in values]
+        pairs = list(zip(quantized, values, strict=True))
+        written.append((f"{list_name}[{{}}]", [None if q else v for q, v in pairs]))
+        for part in ("codes", "absmax"):
+            parts = [getattr(v, part) if q else None for q, v in pairs]
+            written.append((f"{list_name}[{{}}].{part}", parts))
+    _refuse_shared_memory(params, written, grads)
+
+
+def _is_dense(value: object) -> bool:
+    return isinstance(value, Tensor) and value.layout == torch.strided
+
+
+def _as_steps_keep(key: str, values: Sequence[Any], params: Sequence[Tensor]) -> bool:
+    """Whether a functional form's state list is what the optimizers keep, so that no
+    entry needs _functional_state_problem's closer look (one pass per property, at C
+    speed where it can): host scalars as 1-element float32 CPU tensors holding finite
+    counts >= 0, other state as contiguous plain tensors of their parameter's shape,
+    dtype and device holding their own values in their storage."""
+    if not PLAIN_TENSOR_TYPES.issuperset(map(type, values)):
+        return False
+    if key in HOST_SCALAR_STATE:
+        counts = cpu_kernel.read_scalars(values)
+        return counts is not None and all(math.isfinite(c) and c >= 0 for c in counts)
+    checks = host_checks()  # asks what it asks of gradients, in one pass
+    return (
+        checks.gradient_addresses(values, params) is not None and checks.first_unbacked(values) < 0
+    )
+
+
+def _require_list(name: str, values: object, count: int | None) -> None:
+    """Refuse a functional form's list argument that is not a list or tuple of count
+    entries (one per parameter)."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(
+            f"Invalid {name}: {_described_entry(values)}. Allowed: a list or tuple"
+            + (" of tensors." if count is None else " with one entry per parameter.")
+        )
+    if count is not None and len(values) != count:
+        raise ValueError(
+            f"Invalid {name}: {len(values)} entries for {count} parameter"
+            f"{'' if count == 1 else 's'}. Allowed: one "
+            f"entry per parameter ({name}[i] belongs to params[i])."
+        )
+
+
+def _described_entry(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} with layout {value.layout}"
+    return f"a {type(value).__name__}"
+
+
+def _functional_state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
+    """(what is wrong, what is allowed) with a functional form's state entry for param,
+    or None: _state_problem's rules, and what a functional form needs besides (counters
+    it adds to in place, tensors on the parameter's device, 8-bit moments of the right
+    sign)."""
+    if value is None and key == "kahan_comp":
+        return None  # no compensation for this parameter
+    if isinstance(value, QuantizedMoment) and key in MOMENT_STATE:
+        if value.signed != (key in SIGNED_KEYS):
+            return (
+                f"that is an 8-bit moment with signed={value.signed}",
+                f"signed={key in SIGNED_KEYS} for {key} (core.quantization.quantized_state)",
+            )
+        parts = zip(moment_keys(key), (value.codes, value.absmax), strict=True)
+        return next(
+            (found for part, tensor in parts if (found := _placed_problem(part, tensor, param))),
+            None,
+        )
+    if key in HOST_SCALAR_STATE and not (
+        isinstance(value, Tensor) and value.dtype in (torch.float32, torch.float64)
+    ):
+        shown = _described_state(value)
+        if isinstance(value, Tensor):
+            shown += f" of dtype {value.dtype}"
+        return shown, (
+            "a 1-element float32 tensor, as the optimizers keep it (float64 also counts "
+            "exactly; the step adds to it in place)"
+        )
+    if (
+        key in _DTYPE_FOLLOWING_STATE
+        and isinstance(value, Tensor)
+        and value.dtype != param.dtype
+        and _state_problem(key, value, param) is None
+    ):
+        return f"of dtype {value.dtype}", (
+            f"a tensor of the parameter's dtype ({param.dtype}), as the optimizers keep it"
+        )
+    return _placed_problem(key, value, param)
+
+
+def _placed_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
+    """_state_problem, and for a parameter-shaped tensor its device."""
+    found = _state_problem(key, value, param)
+    if found is None and key not in HOST_SCALAR_STATE:
+        device = value.device  # type: ignore[attr-defined]
+        if device != param.device:
+            return f"on {device}", f"a tensor on the parameter's device ({param.device})"
+    return found
+
+
+def _refuse_shared_memory(
+    params: Sequence[Tensor],
+    written: Sequence[tuple[str, Sequence[Tensor | None]]],
+    grads: Sequence[Tensor],
+) -> None:
+    """Refuse a tensor a functional step writes that starts where another it writes or
+    reads does (the same tensor passed twice, as two moments, or a gradient that is its
+    parameter): each backend would update it in its own order, none as intended. written:
+    (a format naming entry i, the tensors of params' entries). Compared by first address,
+    so views that overlap from different first elements are not caught."""
+
+    def starts(values: Sequence[Tensor | None]) -> list[int]:
+        found = host_checks().gradient_addresses(values, params)  # the usual case, in C++
+        if isinstance(found, bytes):
+            return memoryview(found).cast("q").tolist()
+        if PLAIN_TENSOR_TYPES.issuperset(map(type, values)):  # step counters: a C-speed pass
+            return list(map(Tensor.data_ptr, values))  # type: ignore[arg-type]
+        return [t.data_ptr() if isinstance(t, Tensor) and not t.is_meta else 0 for t in values]
+
+    written_starts = [list(starts(values)) for _, values in written]
+    every = list(filter(None, itertools.chain.from_iterable(written_starts)))
+    grad_starts = starts(grads)
+    if len(set(every)) == len(every) and set(every).isdisjoint(grad_starts):
+        return
+    seen: dict[int, tuple[str, int]] = {}  # a start is shared: find by whom, to name them
+    columns = [*zip(written, written_starts, strict=True), (("grads[{}]", grads), grad_starts)]
+    for (name, values), column in columns:
+        for index, start in enumerate(column):
+            if start == 0 or values[index].numel() == 0:  # type: ignore[union-attr]
+                continue  # no memory: None (the 8-bit parts of a full moment), or empty
+            if start in seen:
+                earlier, position = seen[start]
+                writes, allowed = (
+                    ("which the step writes", "a gradient of its own (.clone() it)")
+                    if name == "grads[{}]"
+                    else ("and the step writes both", "tensors of their own (.clone() one)")
+                )
+                raise ValueError(
+                    f"Invalid {name.format(index)}: its memory is that of "
+                    f"{earlier.format(position)}, {writes} in place. Allowed: {allowed}."
+                )
+            if name != "grads[{}]":  # gradients are only read: one may serve twice
+                seen[start] = (name, index)
+
+
+def _check_params(
+    params: Sequence[Tensor], where: str, stepped: Sequence[Tensor] | None = None
+) -> None:
     """Refuse a parameter listed twice (it would be stepped twice per step), one of a
-    dtype or memory no step can take (_refuse_unsteppable_params) or one whose elements
-    share memory (no in-place update can step it), before it is added."""
+    dtype or memory no step can take (_refuse_unsteppable_params; asked of stepped, by
+    default those that require grad) or one whose elements share memory (no in-place
+    update can step it), before it is added."""
     seen: set[int] = set()
     for index, param in enumerate(params):
         if id(param) in seen:
@@ -2118,11 +2391,23 @@ def _check_params(params: Sequence[Tensor], where: str) -> None:
                 "group, so each step would update it twice. Allowed: each parameter once."
             )
         seen.add(id(param))
-    _refuse_unsteppable_params([p for p in params if p.requires_grad], params, where)
+    if stepped is None:
+        stepped = [p for p in params if p.requires_grad]
+    materialized = [p for p in stepped if not torch.nn.parameter.is_lazy(p)]
+    if (
+        len(materialized) < len(stepped)  # a lazy module's: asked for its dtype alone
+        or _unsteppable(materialized)
+        or host_checks().first_unbacked(materialized) >= 0
+    ):
+        _refuse_unsteppable_params(stepped, params, where)
     for index, param in enumerate(params):
         # A lazy module's parameter has no memory before its first forward (which fills
         # it in place); torch.optim takes it, and so does a step after that forward.
-        if not torch.nn.parameter.is_lazy(param) and _shares_memory_within(param):
+        if (
+            not torch.nn.parameter.is_lazy(param)
+            and not param.is_contiguous()  # a contiguous tensor's elements each have their own
+            and _shares_memory_within(param)
+        ):
             raise ValueError(
                 f"Invalid params[{index}]{where}: shape {tuple(param.shape)} with strides "
                 f"{param.stride()}, so several elements are one memory location (an "
@@ -2146,7 +2431,9 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
         )
 
     for key, value in saved_state.items():
-        shortfall = storage_shortfall(value) if isinstance(value, Tensor) else None
+        # A ZeroTensor has no storage but its values (zeros): loading materializes it.
+        lazy = not isinstance(value, Tensor) or lazy_values(value) is not None
+        shortfall = None if lazy else storage_shortfall(value)
         if shortfall is not None:
             refuse(
                 key,

@@ -14,6 +14,7 @@ from core.optimizer import (
     ParamsT,
     advance_counters,
     call_backend,
+    checked_functional_form,
     hyperparameters,
     no_kahan,
     step_lists,
@@ -66,6 +67,7 @@ def radam_coefficients(
     )
 
 
+@checked_functional_form
 def radam(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

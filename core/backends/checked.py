@@ -56,6 +56,9 @@ class CheckedStep:
 
 
 _CURRENT: ContextVar[CheckedStep | None] = ContextVar("adamkit_checked_step", default=None)
+_CHECKED_LISTS: ContextVar[object] = ContextVar("adamkit_checked_lists", default=None)
+"""The parameter list of a functional-form call whose lists the optimizer has checked
+(a step that keeps no memo), so the functional form does not check them again."""
 
 
 def vouch(step: CheckedStep | None) -> Token[CheckedStep | None]:
@@ -95,3 +98,23 @@ def checked_scalars(scalars: object) -> CheckedStep | None:
     if step is not None and any(scalars is values for values in step.host_scalars):
         return step
     return None
+
+
+def vouch_lists(params: object) -> Token[object]:
+    """Vouch for the lists of the functional-form call made with `params` (the very
+    object) until `unvouch_lists(token)`: the optimizer checked every entry."""
+    return _CHECKED_LISTS.set(params)
+
+
+def unvouch_lists(token: Token[object]) -> None:
+    _CHECKED_LISTS.reset(token)
+
+
+def lists_vouched(params: object) -> bool:
+    """Whether an optimizer has checked the lists of a functional-form call made with
+    `params`: a memoized step's, or one it vouched for with vouch_lists. A direct call of
+    a functional form never is, and checks what it is handed."""
+    if _CHECKED_LISTS.get() is params:
+        return True
+    step = _CURRENT.get()
+    return step is not None and step.params is params
