@@ -1724,16 +1724,30 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, each group also holding the keys torch.optim reads
-        (`torch_group_keys`), so torch.optim.Adam/AdamW/RAdam/NAdam continue the run."""
+        (`torch_group_keys`), so torch.optim.Adam/AdamW/RAdam/NAdam continue the run.
+
+        State of a parameter taken out of every param group since it was stepped (what
+        Composer's LayerFreezing does to the layers it freezes) is left out: the dict
+        names parameters by their place in the groups, and torch's state_dict raised a
+        KeyError for it, which failed every checkpoint after a freeze (Composer's own
+        DecoupledAdamW too). The state stays in `optimizer.state`, as in torch."""
         # torch's order: pre-hooks, the dict, then post-hooks, which must see it whole
         # (they ran before these keys were added: a hook that rewrote the groups to
         # torch's keys failed here, and keys a hook removed came back).
         post_hooks = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = OrderedDict()
+        state = self.state
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        if any(isinstance(key, Tensor) and id(key) not in held for key in state):
+            self.state = defaultdict(dict)  # what torch's state_dict reads: the held ones
+            self.state.update(
+                (k, v) for k, v in state.items() if not isinstance(k, Tensor) or id(k) in held
+            )
         try:
             state_dict = super().state_dict()
         finally:
             self._optimizer_state_dict_post_hooks = post_hooks
+            self.state = state
         for group in state_dict["param_groups"]:
             group.update(torch_group_keys(group))
             group[CODE_FORMAT_KEY] = CODE_FORMAT

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from composer import Trainer
+from composer.algorithms import LayerFreezing
 from composer.distributed.fsdp2_utils import update_optimizer_modules
 from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledAdamW as ComposerAdamW
@@ -20,6 +21,7 @@ from tests.composer_adam.harness import (
     LR,
     STEPS,
     assert_same_parameters,
+    make_loader,
     make_model,
     train,
     with_backends,
@@ -159,3 +161,53 @@ def test_adopt_in_a_trainer_is_core_adopt_with_scheduled_decay(backend: str) -> 
         )
     )
     assert_same_parameters(our_run.state.model, reference_run.state.model, atol=0)
+
+
+def _train_with_layer_freezing(cls: type, flags: dict, save_folder: Path) -> Trainer:
+    """4 epochs of 5 batches; LayerFreezing takes the first Linear out of the optimizer
+    at the end of epoch 2 (and its state stays in optimizer.state); a checkpoint per epoch."""
+    model = make_model()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=make_loader(steps=5),
+        optimizers=cls(model.parameters(), lr=LR, weight_decay=1e-4, **flags),
+        max_duration="4ep",
+        algorithms=[LayerFreezing(freeze_start=0.0, freeze_level=1.0)],
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        save_folder=str(save_folder),
+        save_interval="1ep",
+        seed=17,
+    )
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize(("cls", "backend"), with_backends(FAMILY))
+def test_layer_freezing_runs_checkpoint_after_the_freeze(
+    cls: type, backend: str, tmp_path: Path
+) -> None:
+    """Composer's LayerFreezing takes frozen layers out of the param groups and leaves
+    their state; torch's state_dict then raised a KeyError at the next checkpoint, which
+    ended the run (it still does with Composer's own DecoupledAdamW). The run completes,
+    and each checkpoint holds the state of the parameters still trained, as the
+    optimizer holds it."""
+    trainer = _train_with_layer_freezing(cls, BACKENDS[backend], tmp_path)
+    optimizer = trainer.state.optimizers[0]
+    module = trainer.state.model.module
+    held = [module[2].weight, module[2].bias]
+    assert [p for g in optimizer.param_groups for p in g["params"]] == held
+    assert module[0].weight in optimizer.state  # the frozen layer's state, kept as torch does
+    saved = torch.load(tmp_path / "ep4-ba20-rank0.pt", weights_only=False)
+    (saved_optimizer,) = saved["state"]["optimizers"].values()
+    assert sorted(saved_optimizer["state"]) == ["module.2.bias", "module.2.weight"]
+    for name, param in zip(("module.2.weight", "module.2.bias"), held, strict=True):
+        for key, value in saved_optimizer["state"][name].items():
+            assert torch.equal(value, optimizer.state[param][key])
+
+
+def test_layer_freezing_checkpoints_fail_with_composers_own_optimizer(tmp_path: Path) -> None:
+    """What the test above guards against, shown on Composer's DecoupledAdamW."""
+    with pytest.raises(KeyError):
+        _train_with_layer_freezing(ComposerAdamW, {}, tmp_path)

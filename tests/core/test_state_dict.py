@@ -581,3 +581,32 @@ def test_strided_state_in_a_checkpoint_loads_laid_out_as_a_step_makes_it(
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_state_of_a_parameter_taken_out_of_its_group_is_left_out_of_the_state_dict(
+    backend: str, state_precision: str
+) -> None:
+    """A parameter taken out of every group after stepping (Composer's LayerFreezing
+    filters group["params"]) keeps its state in optimizer.state, as in torch, whose
+    state_dict then raised a KeyError. The dict holds the state of the parameters still
+    trained, and a run resumed from it continues bit for bit."""
+    flags = {"lr": LR, "state_precision": state_precision, **TRAINING_BACKENDS[backend]}
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 64)
+    optimizer = core.AdamW(model.parameters(), **flags)
+    for _ in range(2):
+        model(torch.randn(4, 128)).square().sum().backward()
+        optimizer.step()
+    optimizer.param_groups[0]["params"] = [model.bias]  # the weight is frozen
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert model.weight in optimizer.state and list(saved["state"]) == [0]
+    bias = torch.nn.Parameter(model.bias.detach().clone())
+    resumed = core.AdamW([bias], **flags)
+    resumed.load_state_dict(saved)
+    for param, run in ((model.bias, optimizer), (bias, resumed)):
+        param.grad = torch.linspace(-1, 1, 64)
+        run.step()
+    assert torch.equal(model.bias, bias)
