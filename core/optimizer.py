@@ -1215,6 +1215,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     and value.shape == shape
                     and value.is_contiguous()
                     and (value.dtype in _REAL_FLOATING_DTYPES or key not in _DTYPE_FOLLOWING_STATE)
+                    and (value.dtype == torch.uint8 or key not in _CODE_KEYS)
                     and key not in _SCALE_KEYS
                 ):
                     settled.append((param, key, value))
@@ -1958,11 +1959,16 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         return f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)"
     if key in _SCALE_KEYS:
         expected = absmax_shape(param.shape)
-        if isinstance(value, Tensor) and tuple(value.shape) == expected:
-            return None
-        return _described_state(value), _MADE_FOR_IT.format(expected)
+        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+            return _described_state(value), _MADE_FOR_IT.format(expected)
+        if value.dtype != torch.float32:  # the steps failed midway on float64 scales
+            return f"of dtype {value.dtype}", _EIGHT_BIT_DTYPE.format("torch.float32")
+        return None
     if key not in _PARAMETER_SHAPED_STATE:
         return None
+    if key in _CODE_KEYS and isinstance(value, Tensor) and value.dtype != torch.uint8:
+        # int8 codes stepped, each backend decoding them its own way
+        return f"of dtype {value.dtype}", _EIGHT_BIT_DTYPE.format("torch.uint8")
     if not isinstance(value, Tensor) or value.shape != param.shape:
         return _described_state(value), _MADE_FOR_IT.format(tuple(param.shape))
     if (
@@ -2597,6 +2603,8 @@ _PARAMETER_SHAPED_STATE = frozenset(
 )
 """State tensors laid out like their parameter (8-bit codes included)."""
 _SCALE_KEYS = frozenset(moment_keys(key)[1] for key in MOMENT_STATE)
+_CODE_KEYS = frozenset(moment_keys(key)[0] for key in MOMENT_STATE)
+_EIGHT_BIT_DTYPE = "{}, as steps keep it and state_dict() saves it"
 """8-bit scales: (rows, blocks per row) of their parameter (core.quantization)."""
 
 

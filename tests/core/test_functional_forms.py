@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import core
+from core.quantization import QuantizedMoment, quantized_state
 from tests.core.cases import TRAINING_BACKENDS
 
 FUNCTIONS = {"adam": core.adam, "radam": core.radam, "nadam": core.nadam, "adopt": core.adopt}
@@ -83,6 +84,14 @@ def _free(tensor: torch.Tensor) -> torch.Tensor:
 def _shrink(tensor: torch.Tensor) -> torch.Tensor:
     tensor.untyped_storage().resize_(tensor.untyped_storage().nbytes() // 2)
     return tensor
+
+
+def _quantized(
+    moment: torch.Tensor, signed: bool = True, codes_dtype: torch.dtype = torch.uint8
+) -> QuantizedMoment:
+    """moment in 8 bits (core.quantization's format), its codes viewed as codes_dtype."""
+    codes, absmax = quantized_state(moment, moment, signed)
+    return QuantizedMoment(codes.view(codes_dtype), absmax, signed)
 
 
 def _set(key: str, index: int, make: Callable[[dict], Any]) -> Callable[[dict], None]:
@@ -184,6 +193,15 @@ REFUSED = {
     "step-counter-negative": (
         _set("state_steps", 1, lambda a: torch.tensor(-2.0)),
         r"Invalid state_steps\[1\]: .*Allowed: one finite number >= 0",
+    ),
+    "8bit-moment-of-the-other-sign": (
+        _set("exp_avgs", 0, lambda a: _quantized(a["exp_avgs"][0], signed=False)),
+        r"Invalid exp_avgs\[0\]: a value that is an 8-bit moment with signed=False .*"
+        r"Allowed: signed=True for exp_avg",
+    ),
+    "8bit-codes-int8": (
+        _set("exp_avgs", 1, lambda a: _quantized(a["exp_avgs"][1], codes_dtype=torch.int8)),
+        r"Invalid exp_avgs\[1\]: a value of dtype torch\.int8 .*Allowed: torch\.uint8",
     ),
     "param-listed-twice": (
         lambda a: [a[k].__setitem__(1, a[k][0]) for k in ("params",)],

@@ -219,6 +219,46 @@ def test_state_set_by_hand_that_no_step_can_take_is_refused_before_any_change(
         assert torch.equal(optimizer.state[other][k], v), k
 
 
+HAND_SET_8BIT_STATE = {
+    # int8 codes stepped, each backend decoding them its own way (three different results)
+    "int8 codes": (
+        "exp_avg_codes",
+        lambda codes: codes.view(torch.int8),
+        "exp_avg_codes of dtype torch.int8 beside a parameter of shape (64, 128). Allowed: "
+        "torch.uint8",
+    ),
+    # float64 scales failed midway through the step with torch's dtype error
+    "float64 scales": (
+        "exp_avg_sq_absmax",
+        lambda scales: scales.double(),
+        "exp_avg_sq_absmax of dtype torch.float64 beside a parameter of shape (64, 128). "
+        "Allowed: torch.float32",
+    ),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", list(HAND_SET_8BIT_STATE))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_8bit_state_set_by_hand_in_another_dtype_is_refused_before_any_change(
+    backend: str, case: str
+) -> None:
+    key, replace, message = HAND_SET_8BIT_STATE[case]
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 128))
+    optimizer = core.AdamW([weight], lr=1e-3, state_precision="8bit", **TRAINING_BACKENDS[backend])
+    for _ in range(2):
+        weight.grad = torch.randn_like(weight)
+        optimizer.step()
+    optimizer.state[weight][key] = replace(optimizer.state[weight][key])
+    before = weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"Invalid state of params\[0\] in param group 0: " + re.escape(message)
+    ):
+        optimizer.step()
+    assert torch.equal(weight, before)
+
+
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_lazy_modules_may_be_given_to_the_optimizer_before_their_first_forward(
     backend: str,
