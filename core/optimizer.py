@@ -2184,16 +2184,29 @@ def checked_functional_form(function: FunctionalForm) -> FunctionalForm:
     def checked(*args: Any, **kwargs: Any) -> None:
         if lists_vouched(args[0] if args else kwargs.get("params")):
             return function(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = bound.arguments
-        check_functional_arguments(function.__name__, arguments)
-        if not arguments["params"]:
-            return None  # nothing to step (torch's foreach operations refuse empty lists)
-        with torch.no_grad():
-            return function(**arguments)
+        return _checked_call(function, signature, args, kwargs)
 
     return cast(FunctionalForm, checked)
+
+
+@torch.compiler.disable
+def _checked_call(
+    function: Callable[..., None],
+    signature: inspect.Signature,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """A direct call of a functional form: checked, then run under no_grad. Kept out of
+    torch.compile graphs, as the classes' steps are (_eager_step): compiled, a direct
+    call failed inside inductor (torch's "mutating a non-functional tensor" assertion)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    check_functional_arguments(function.__name__, arguments)
+    if not arguments["params"]:
+        return  # nothing to step (torch's foreach operations refuse empty lists)
+    with torch.no_grad():
+        function(**arguments)
 
 
 def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
