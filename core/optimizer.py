@@ -2342,26 +2342,24 @@ def _functional_state_problem(key: str, value: object, param: Tensor) -> tuple[s
             "a 1-element float32 tensor, as the optimizers keep it (float64 also counts "
             "exactly; the step adds to it in place)"
         )
-    if (
-        key in _DTYPE_FOLLOWING_STATE
-        and isinstance(value, Tensor)
-        and value.dtype != param.dtype
-        and _state_problem(key, value, param) is None
-    ):
-        return f"of dtype {value.dtype}", (
-            f"a tensor of the parameter's dtype ({param.dtype}), as the optimizers keep it"
-        )
     return _placed_problem(key, value, param)
 
 
 def _placed_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
-    """_state_problem, and for a parameter-shaped tensor its device."""
+    """_state_problem, then what a functional form needs besides of a state tensor: its
+    parameter's device, and for moments and Kahan buffers its parameter's dtype (the
+    classes cast those before a step; a functional form steps what it is handed)."""
     found = _state_problem(key, value, param)
-    if found is None and key not in HOST_SCALAR_STATE:
-        device = value.device  # type: ignore[attr-defined]
-        if device != param.device:
-            return f"on {device}", f"a tensor on the parameter's device ({param.device})"
-    return found
+    if found is not None or key in HOST_SCALAR_STATE:
+        return found
+    device, dtype = value.device, value.dtype  # type: ignore[attr-defined]
+    if device != param.device:
+        return f"on {device}", f"a tensor on the parameter's device ({param.device})"
+    if key in _DTYPE_FOLLOWING_STATE and dtype != param.dtype:
+        return f"of dtype {dtype}", (
+            f"a tensor of the parameter's dtype ({param.dtype}), as the optimizers keep it"
+        )
+    return None
 
 
 def _refuse_shared_memory(
