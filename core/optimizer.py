@@ -75,6 +75,12 @@ _grad_of, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_spar
 _dtype_of, _shape_of, _device_of = map(operator.attrgetter, ("dtype", "shape", "device"))
 
 
+# torch.compiler.disable as torch applies it to its own optimizers: torch._dynamo (about
+# 1.4 s of imports) loads at the first call instead of at `import core`, and dynamo skips
+# the wrapper as it skips torch.compiler.disable. Older or newer torch without it: the
+# public decorator.
+keep_out_of_graphs = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
 _IMMUTABLE_TYPES = frozenset({float, int, bool, str, type(None)})
 
 
@@ -2189,7 +2195,7 @@ def checked_functional_form(function: FunctionalForm) -> FunctionalForm:
     return cast(FunctionalForm, checked)
 
 
-@torch.compiler.disable
+@keep_out_of_graphs
 def _checked_call(
     function: Callable[..., None],
     signature: inspect.Signature,
@@ -2548,7 +2554,7 @@ def _expected_state_shapes(param: Tensor) -> dict[str, torch.Size]:
     return shapes
 
 
-@torch.compiler.disable
+@keep_out_of_graphs
 def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
     """Update param alone from its gradient: what a gradient-release hook calls inside
     backward. It is optimizer.step(param=param) without torch's per-call wrapper (step
@@ -2658,7 +2664,7 @@ def _caller_stacklevel() -> int:
     return level
 
 
-@torch.compiler.disable
+@keep_out_of_graphs
 def _eager_step(
     optimizer: AdamFamilyOptimizer,
     closure: Callable[[], Any] | None,

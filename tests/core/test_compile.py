@@ -3,6 +3,9 @@ and a compiled model trains with an eager step, default flags and every backend.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -48,3 +51,14 @@ def test_compiled_model_trains_with_default_flags(optimizer_name: str) -> None:
     compiled = _train(optimizer_name, {}, compile_step=False, compile_model=True)
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_importing_core_leaves_dynamo_unloaded() -> None:
+    """Keeping steps out of graphs must not load torch._dynamo (about 1.4 s) at import:
+    processes that import core and never build an optimizer (spawned DataLoader workers,
+    a script's --help) paid it. torch.optim loads it when an optimizer is built; so do we."""
+    probe = "import sys, core; print('torch._dynamo' in sys.modules)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == "False"
