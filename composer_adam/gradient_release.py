@@ -16,6 +16,8 @@ The Trainer's own `optimizer.step(closure)` keeps working: it runs the microbatc
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -73,8 +75,13 @@ class GradientRelease(Callback):
                 f"Invalid optimizer_accumulation: {optimizer_accumulation!r}. "
                 "Allowed: True or False."
             )
+        if get_num_samples_in_batch is not None and not callable(get_num_samples_in_batch):
+            raise ValueError(
+                f"Invalid get_num_samples_in_batch: {get_num_samples_in_batch!r}. Allowed: "
+                "None, or a function of a batch that returns its number of samples."
+            )
         self.optimizer_accumulation = optimizer_accumulation
-        self._count = get_num_samples_in_batch or DataSpec([]).get_num_samples_in_batch
+        self._count_samples = get_num_samples_in_batch or DataSpec([]).get_num_samples_in_batch
         self._optimizer: AdamFamilyOptimizer | None = None
         self._model: torch.nn.Module | None = None
         self._monitors: list[tuple[int, OptimizerMonitor]] = []
@@ -88,25 +95,31 @@ class GradientRelease(Callback):
     # -- events ----------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._undo(state)  # what an earlier fit of this Trainer that raised left in place
         optimizer = self._check_supported(state)
         self._optimizer, self._model = optimizer, state.model
-        self._monitors = [
+        monitors = [
             (i, c) for i, c in enumerate(state.callbacks) if isinstance(c, OptimizerMonitor)
         ]
-        for _, monitor in reversed(self._monitors):
-            state.callbacks.remove(monitor)
-        if self._monitors:
+        if monitors:
             released = [
-                p for g in optimizer.param_groups if g["gradient_release"] for p in g["params"]
+                p
+                for g in optimizer.param_groups
+                if g["gradient_release"]
+                for p in g["params"]
+                if p.requires_grad  # a frozen parameter takes no hook (and is never released)
             ]
             self._norm_hooks = [
                 p.register_post_accumulate_grad_hook(self._record_norm) for p in released
             ]
+        self._monitors = monitors
+        for _, monitor in reversed(monitors):
+            state.callbacks.remove(monitor)
         if self.optimizer_accumulation:
             self._arm(True)
 
     def before_train_batch(self, state: State, logger: Logger) -> None:
-        self._batch_samples, self._seen_samples = float(self._count(state.batch)), 0.0
+        self._batch_samples, self._seen_samples = self._count(state.batch, "a batch"), 0.0
         self._grad_norms.clear()
 
     def before_forward(self, state: State, logger: Logger) -> None:
@@ -114,7 +127,7 @@ class GradientRelease(Callback):
         sharded parameters for unsharded ones during forward (the root module keeps them
         until backward), and the hooks belong on the sharded parameters the optimizer
         holds."""
-        self._seen_samples += float(self._count(state.batch))
+        self._seen_samples += self._count(state.batch, "a microbatch")
         last = self._seen_samples >= self._batch_samples
         if self.optimizer_accumulation:
             self._optimizer.optimizer_accumulation = not last  # type: ignore[union-attr]
@@ -126,17 +139,47 @@ class GradientRelease(Callback):
             self._log_monitor_metrics(monitor, state, logger)
 
     def fit_end(self, state: State, logger: Logger) -> None:
+        self._undo(state)
+
+    def close(self, state: State, logger: Logger) -> None:
+        """Composer runs no event when fit raises, only close (trainer.close(), or when the
+        Trainer goes away): without this the hooks stayed armed on the model, and a plain
+        backward after the failed fit stepped the optimizer and freed every gradient.
+        The monitors go back at the next fit_start or fit_end: Composer is iterating over
+        state.callbacks here."""
+        self._undo(state, restore_monitors=False)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _undo(self, state: State, restore_monitors: bool = True) -> None:
+        """Disarm, reset accumulation and remove the norm hooks (and give the monitors
+        back): everything fit_start set up, whether the fit ended or raised."""
         self._arm(False)
         if self._optimizer is not None:
             self._optimizer.optimizer_accumulation = False
         for handle in self._norm_hooks:
             handle.remove()
         self._norm_hooks.clear()
-        for index, monitor in self._monitors:
-            state.callbacks.insert(index, monitor)
-        self._monitors.clear()
+        if restore_monitors:
+            for index, monitor in self._monitors:
+                state.callbacks.insert(index, monitor)
+            self._monitors.clear()
 
-    # -- helpers ---------------------------------------------------------------------------
+    def _count(self, batch: Any, what: str) -> float:
+        """Samples in a (micro)batch, checked: 0 made every microbatch look like the last
+        (a step each), NaN none (gradients kept, nothing released), both silently."""
+        counted = self._count_samples(batch)
+        number = isinstance(counted, numbers.Real) or (
+            isinstance(counted, Tensor) and counted.numel() == 1
+        )
+        samples = float(counted) if number else math.nan
+        if isinstance(counted, bool) or not (math.isfinite(samples) and samples > 0):
+            raise ValueError(
+                f"Invalid get_num_samples_in_batch: it returned {counted!r} for {what}. "
+                "Allowed: a finite number > 0 of samples, by which GradientRelease tells "
+                "a batch's last microbatch."
+            )
+        return samples
 
     def _check_supported(self, state: State) -> AdamFamilyOptimizer:
         # First: SAM wraps the optimizer, which would otherwise be refused as a foreign one.

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +36,7 @@ from composer_adam.optimizers import (
     DecoupledNAdam,
     DecoupledRAdam,
 )
-from core.models import owned_parameters, skips_weight_decay
+from core.models import owned_parameters, require_module, skips_weight_decay
 from core.optimizer import AdamFamilyOptimizer
 
 OPTIMIZERS: dict[str, type[AdamFamilyOptimizer]] = {
@@ -57,6 +59,9 @@ SCHEDULERS: dict[str, str] = {
 
 RECIPE_KEYS = ("name", "param_groups", "disable_grad", "no_decay")
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+MERGE_KEY = "<<"
+
 
 @functools.cache
 def _yaml_loader() -> type:
@@ -66,17 +71,32 @@ def _yaml_loader() -> type:
     import yaml
 
     class RecipeLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._checked: set[int] = set()  # ids of the mapping nodes checked
+
+        def flatten_mapping(self, node: Any) -> None:
             """Refuse a key given twice in one mapping (PyYAML keeps the last silently;
-            OmegaConf, and so llm-foundry, refuse it): one of the two was a mistake."""
-            keys = [self.construct_object(key, deep=True) for key, _ in node.value]
-            repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
-            if repeated:
-                raise ValueError(
-                    f"key(s) {repeated} given more than once in the mapping at line "
-                    f"{node.start_mark.line + 1}. Allowed: each key once."
-                )
-            return super().construct_mapping(node, deep=deep)
+            OmegaConf, and so llm-foundry, refuse it): one of the two was a mistake.
+
+            Only the mapping's own keys count, so they are read here, before PyYAML merges
+            `<<: *base` into the node (in place, and maybe from another mapping before
+            this one is built): a key set beside a merge over a merged one is what merge
+            keys are for. `<<` itself is a key like the others, so two of them are refused
+            (PyYAML would let the second win); `<<: [*a, *b]` merges several."""
+            if id(node) not in self._checked:
+                self._checked.add(id(node))
+                keys = [
+                    MERGE_KEY if key.tag == MERGE_TAG else self.construct_object(key, deep=True)
+                    for key, _ in node.value
+                ]
+                repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+                if repeated:
+                    raise ValueError(
+                        f"key(s) {repeated} given more than once in the mapping at line "
+                        f"{node.start_mark.line + 1}. Allowed: each key once."
+                    )
+            super().flatten_mapping(node)
 
     RecipeLoader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -87,9 +107,18 @@ def _yaml_loader() -> type:
 
 
 def load_recipe(source: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
-    """A recipe as a plain dict: a mapping is copied, a path is read as YAML."""
+    """A recipe as a plain dict: a mapping is copied, a path is read as YAML.
+
+    Anything else is refused before open() sees it: open() takes an int as a file
+    descriptor and closes it when done (`load_recipe(1)` closed stdout).
+    """
     if isinstance(source, Mapping):
         return dict(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"Invalid recipe: {reprlib.repr(source)} (type {type(source).__name__}). "
+            "Allowed: a mapping, or the path of a YAML file as a str or os.PathLike."
+        )
     import yaml
 
     with open(source, encoding="utf-8") as file:
@@ -97,6 +126,8 @@ def load_recipe(source: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str,
             loaded = yaml.load(file, Loader=_yaml_loader())  # a SafeLoader
         except ValueError as error:
             raise ValueError(f"Invalid recipe file {os.fspath(source)!r}: {error}") from None
+        except yaml.YAMLError as error:  # malformed YAML; PyYAML's message has the line
+            raise ValueError(f"Invalid recipe file {os.fspath(source)!r}: {error}") from error
     if not isinstance(loaded, Mapping):
         raise ValueError(f"Invalid recipe file {os.fspath(source)!r}: expected a YAML mapping.")
     return dict(loaded)
@@ -146,6 +177,18 @@ def _patterns(value: Any, where: str) -> list[re.Pattern[str]]:
         raise ValueError(f"Invalid {where}: {value!r} is not a regex ({error}).") from None
 
 
+def _group_pattern(value: Any, where: str) -> re.Pattern[str]:
+    """A param group's one regex. llm-foundry passes param_str_match to re.search as it
+    is, so a list is no recipe there: refused here too rather than given a meaning."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"Invalid {where}: {value!r}. Allowed: one regex (a string searched in parameter "
+            "names, as in llm-foundry); join alternatives with |, such as 'fc|lm_head'."
+        )
+    (pattern,) = _patterns(value, where)
+    return pattern
+
+
 def no_decay_parameters(model: nn.Module) -> set[Tensor]:
     """Biases, parameters with ndim <= 1 and those of normalization and embedding modules:
     `core.models.skips_weight_decay` with the owning module, as Lightning's default."""
@@ -164,13 +207,15 @@ def build_optimizer(
     Args:
         config: An optimizer recipe (see the module docstring), a whole recipe with an
             `optimizer:` section, or the path of a YAML file holding either.
-        model: The model to optimize; frozen parameters (requires_grad False) are left out.
+        model: The model to optimize, an nn.Module (groups and no_decay read its parameter
+            names and modules); frozen parameters (requires_grad False) are left out.
 
     Every key is checked before anything changes: an unknown name or argument raises a
     ValueError listing the allowed ones, and a param_str_match that matches no parameter
     is refused (it is usually a typo).
     """
     recipe = _section(config, "optimizer")
+    require_module(model)
     cls = optimizer_class(recipe.get("name"))  # type: ignore[arg-type]
     arguments = _argument_names(cls)
     _check_keys(recipe, [*RECIPE_KEYS, *arguments], f"{cls.__name__} recipe")
@@ -198,7 +243,7 @@ def build_optimizer(
                 "param_str_match regex and optimizer arguments."
             )
         _check_keys(group_config, ["param_str_match", *arguments], where)
-        (pattern,) = _patterns(group_config["param_str_match"], f"{where}.param_str_match")
+        pattern = _group_pattern(group_config["param_str_match"], f"{where}.param_str_match")
         matched = [name for name in remaining if pattern.search(name)]
         if not matched:
             raise ValueError(
@@ -276,20 +321,30 @@ def build_scheduler(config: Mapping[str, Any] | str | os.PathLike[str]) -> Any:
 
 
 def _check_scheduler_values(cls: type, recipe: Mapping[str, Any]) -> None:
-    """Refuse values of the wrong kind by key, at build time: Composer takes them as given
-    and fails at the first batch (`t_warmup: 10`, an int, raised AttributeError there).
-    The kinds are read from the scheduler's own annotations: times, numbers, flags."""
+    """Refuse values of the wrong kind or out of range by key, at build time: Composer
+    takes them as given and fails at the first batch (`t_warmup: 10`, an int, raised
+    AttributeError there) or trains on a nonsense schedule (a negative warmup, '5dur' of a
+    run, an alpha_f of NaN or -3: a negative or NaN learning rate).
+    The kinds are read from the scheduler's own annotations: times, numbers, flags. The
+    numbers of the registered schedulers are all learning-rate multipliers (alpha,
+    alpha_i, alpha_f), so each must be finite and >= 0."""
     from composer.core import Time
 
     parameters = inspect.signature(cls.__init__).parameters
     for name, value in recipe.items():
         annotation = str(parameters[name].annotation)
         if "Time" in annotation:
-            allowed = "a Composer time string such as '100ba', '1ep' or '0.1dur'"
-            valid = isinstance(value, Time) or (isinstance(value, str) and _is_time(value))
+            time = value if isinstance(value, Time) else _as_time(value)
+            valid = time is not None and _time_in_range(time)
+            allowed = (
+                "a Composer time string such as '100ba', '1ep' or '0.1dur'"
+                if time is None
+                else "a time >= 0 such as '100ba' or '1ep', or a 'dur' fraction in [0, 1]"
+            )
         elif annotation in ("float", "<class 'float'>"):
-            allowed = "a number"
-            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            valid = number and math.isfinite(value) and value >= 0
+            allowed = "a finite number >= 0" if number else "a number"
         elif annotation in ("bool", "<class 'bool'>"):
             allowed = "true or false"
             valid = isinstance(value, bool)
@@ -301,11 +356,22 @@ def _check_scheduler_values(cls: type, recipe: Mapping[str, Any]) -> None:
             )
 
 
-def _is_time(text: str) -> bool:
+def _as_time(value: object) -> Any:
+    """value read as a Composer Time, or None where it is no time string."""
     from composer.core import Time
 
+    if not isinstance(value, str):
+        return None
     try:
-        Time.from_timestring(text)
-    except ValueError:
-        return False
-    return True
+        return Time.from_timestring(value)
+    except (ValueError, OverflowError):  # 'infba': an int of infinity
+        return None
+
+
+def _time_in_range(time: Any) -> bool:
+    """Composer's TimeUnit.DURATION is a fraction of the whole run."""
+    from composer.core import TimeUnit
+
+    value = time.value
+    in_range = math.isfinite(value) and value >= 0
+    return in_range and (time.unit != TimeUnit.DURATION or value <= 1)

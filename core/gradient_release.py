@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from core.backends.views import dtensor_type
-from core.optimizer import AdamFamilyOptimizer, step_released_param, unwrapped
+from core.models import require_module
+from core.optimizer import AdamFamilyOptimizer, require, step_released_param, unwrapped
 
 
 @dataclass
@@ -107,8 +108,10 @@ def _same_parameters(outer: nn.Module, inner: nn.Module) -> bool:
     return {id(p) for p in outer.parameters()} == {id(p) for p in inner.parameters()}
 
 
-def _has_other_hooks(param: Tensor) -> bool:
-    return bool(getattr(param, "_post_accumulate_grad_hooks", None))
+def _has_other_hooks(param: Tensor, own: set[int]) -> bool:
+    """Whether param carries post-accumulate-grad hooks besides those whose ids are own."""
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
+    return any(key not in own for key in hooks)
 
 
 def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[Tensor], None]:
@@ -203,11 +206,18 @@ def prepare_for_gradient_release(
             post-accumulate-grad hooks (they would otherwise be refused, because such a
             hook may expect the gradient release frees).
     """
+    require_module(model)
     if not isinstance(optimizer, AdamFamilyOptimizer):
         raise TypeError(
             f"Invalid optimizer: {type(optimizer).__name__}. Allowed: an adamkit core optimizer "
             "(core.Adam, AdamW, RAdam, NAdam, ADOPT) created with gradient_release=True."
         )
+    require(
+        isinstance(ignore_existing_hooks, bool),
+        "ignore_existing_hooks",
+        ignore_existing_hooks,
+        "True or False",
+    )
     # Hooks step the optimizer Lightning steps, not a LightningOptimizer wrapper of it.
     optimizer = unwrapped(optimizer)
     _check_distributed_setup(model)
@@ -225,15 +235,18 @@ def prepare_for_gradient_release(
             "Invalid optimizer for gradient release: no param group with gradient_release=True "
             "holds a parameter of this model. Create the optimizer with gradient_release=True."
         )
-    remove_gradient_release(model)
     if not ignore_existing_hooks:
-        hooked = [tuple(p.shape) for p in released if _has_other_hooks(p)]
+        # Checked before the earlier registration is removed, so a refusal leaves it working.
+        earlier = _registrations.get(model)
+        own = {handle.id for handle in earlier.handles} if earlier is not None else set()
+        hooked = [tuple(p.shape) for p in released if _has_other_hooks(p, own)]
         if hooked:
             raise ValueError(
                 f"Invalid model for gradient release: {len(hooked)} parameter(s) (shapes "
                 f"{hooked[:3]}) already carry post-accumulate-grad hooks. Allowed: parameters "
                 "without such hooks, or pass ignore_existing_hooks=True."
             )
+    remove_gradient_release(model)
     registration = _Registration(optimizer, [])
     registration.release(released)
     optimizer.gradient_release_registrations.append(registration)
@@ -245,6 +258,7 @@ def prepare_for_gradient_release(
 
 def remove_gradient_release(model: nn.Module) -> None:
     """Remove the hooks prepare_for_gradient_release registered; the optimizer steps normally."""
+    require_module(model)
     registration = _registrations.pop(_inner_module(model), None)
     if registration is None:
         return
@@ -260,4 +274,5 @@ def remove_gradient_release(model: nn.Module) -> None:
 
 def is_gradient_release_prepared(model: nn.Module) -> bool:
     """Whether the model currently has release hooks from prepare_for_gradient_release."""
+    require_module(model)
     return _inner_module(model) in _registrations

@@ -59,7 +59,10 @@ def global_value(norm: Any) -> Any:
 
 def l2_norm(tensor: Tensor) -> Tensor:
     """The l2 norm, in float32 at least (a bf16 norm would keep three digits); what every
-    adamkit metric and callback takes, so released and kept gradients log alike."""
+    adamkit metric and callback takes, so released and kept gradients log alike. A sparse
+    gradient (nn.Embedding(sparse=True)) is measured by its stored values."""
+    if tensor.is_sparse:
+        tensor = tensor.coalesce().values()
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
     return torch.linalg.vector_norm(tensor)

@@ -44,13 +44,27 @@ def skips_weight_decay(
     every parameter of a normalisation or embedding module, by type or by a class name
     containing 'Norm' or 'Embedding': the adapters' default, which spares embedding
     tables, though they are 2-D.
+
+    A lazy module's parameter whose answer depends on its shape is refused: before the
+    module's first forward it reports one dimension, so a 2-D weight silently lost its
+    weight decay.
     """
-    if param.ndim <= 1 or name.endswith(".bias") or any(n in name for n in additional_layers):
+    if name.endswith(".bias") or any(n in name for n in additional_layers):
         return True
-    if owner is None:
-        return False
-    kind = type(owner).__name__
-    return isinstance(owner, NO_DECAY_MODULE_TYPES) or any(n in kind for n in NO_DECAY_MODULE_NAMES)
+    if owner is not None and (
+        isinstance(owner, NO_DECAY_MODULE_TYPES)
+        or any(n in type(owner).__name__ for n in NO_DECAY_MODULE_NAMES)
+    ):
+        return True
+    if nn.parameter.is_lazy(param):
+        raise ValueError(
+            f"Invalid parameter {name!r}: uninitialized (a lazy module's), so its shape, "
+            "which decides whether it gets weight decay, is not known yet. Allowed: "
+            "initialized parameters: run one forward pass on an example batch before "
+            "building the optimizer (for a LightningModule, in __init__ or setup()), or "
+            "choose the no-decay parameters by name."
+        )
+    return param.ndim <= 1
 
 
 def owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
@@ -73,7 +87,7 @@ def param_groups_weight_decay(
     `additional_layers`); the second the rest, with `weight_decay`. Frozen parameters are
     left out. Pass the result as the optimizer's params.
     """
-    _require_module(model)
+    require_module(model)
     require(
         finite_at_least(weight_decay, 0.0), "weight_decay", weight_decay, "a finite number >= 0"
     )
@@ -102,8 +116,9 @@ def param_groups_weight_decay(
     ]
 
 
-def _require_module(model: object) -> None:
-    """These helpers read names and owners from the module (its parameters alone have none)."""
+def require_module(model: object) -> None:
+    """Refuse anything but a module: these helpers read names and owners from it (its
+    parameters alone have none), and gradient release hooks its parameters."""
     if not isinstance(model, nn.Module):
         raise ValueError(
             f"Invalid model: a {type(model).__name__}. Allowed: an nn.Module (the model "
@@ -148,7 +163,7 @@ def to_low_precision(
     tables by default: their angles need float32). Everything moves to `device` when given.
     Train the result with Kahan summation (kahan_sum=None does it for bf16/fp16).
     """
-    _require_module(model)
+    require_module(model)
     require(
         isinstance(dtype, torch.dtype) and dtype.is_floating_point,
         "dtype",

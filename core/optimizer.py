@@ -1483,6 +1483,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             for key in [key for key in param_memos if key not in live]:
                 del param_memos[key]
 
+    def _validate_groups_once_per_backward(self) -> None:
+        """Check every group at a backward's first released step, as a full step checks
+        them all before it changes anything: a bad lr in one group was refused only when
+        its own parameters' hooks ran, after other groups' parameters were stepped. Hooks
+        run on no autograd thread (a DDP communication hook's callback) keep the check of
+        each parameter's own group."""
+        task = torch._C._current_graph_task_id()
+        if task < 0 or self.__dict__.get("_groups_checked_in_task") == task:
+            return
+        for index, group in enumerate(self.param_groups):
+            self._validate_stepped_group(group, f" in param group {index}")
+        self._groups_checked_in_task = task
+
     def _step_one(self, param: Tensor, *, held_only: bool = False) -> bool:
         """step(param=p), as gradient release calls it inside backward: with a memo per
         parameter (see StepMemo), so a released step costs little more than its launch.
@@ -2568,6 +2581,7 @@ def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
     arrives inside a nested backward (reentrant activation checkpointing), which may be
     only a part of it: that one is left to the training step's optimizer.step()."""
     optimizer._check_step_allowed(None)
+    optimizer._validate_groups_once_per_backward()
     if inside_nested_backward():
         if optimizer._find_group(param) is not None:
             optimizer._warn_nested_once()

@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -70,6 +71,9 @@ class GradientRelease(L.Callback):
     def _reset(self) -> None:
         self._optimizer: core.AdamFamilyOptimizer | None = None
         self._default_release = False  # the optimizer's own default, restored at teardown
+        self._group_release: list[tuple[dict[str, Any], Any]] = []  # restored if fit fails
+        self._step_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._in_step = False  # inside the optimizer's step(closure): Lightning's own step
         self._released: set[torch.Tensor] = set()
         self._module: torch.nn.Module | None = None
         self._local = False  # released by core's hooks (not from DDP's communication hook)
@@ -95,6 +99,19 @@ class GradientRelease(L.Callback):
                 "gradients and skips inf/NaN steps after backward, when released parameters "
                 "are already updated; bf16 needs no scaler."
             )
+        if sum(isinstance(callback, GradientRelease) for callback in trainer.callbacks) > 1:
+            raise ValueError(
+                "Invalid callbacks for GradientRelease: it is given more than once. Allowed: "
+                "one GradientRelease per Trainer (a second one hooked every parameter again)."
+            )
+        if is_overridden("configure_gradient_clipping", pl_module):
+            raise ValueError(
+                f"Invalid {type(pl_module).__name__}.configure_gradient_clipping for "
+                "GradientRelease: overridden. Allowed: Lightning's own (which clips nothing "
+                "without gradient_clip_val). Release applies and frees each gradient inside "
+                "backward, before any clipping could run; drop the override, or drop "
+                "GradientRelease to clip."
+            )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "Invalid automatic_optimization for GradientRelease: False. Allowed: True. "
@@ -118,15 +135,8 @@ class GradientRelease(L.Callback):
         optimizer = _single_core_optimizer(trainer.optimizers)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             _check_sharded(pl_module)
-        for group in optimizer.param_groups:
-            group["gradient_release"] = True
-        # A group added mid-fit (BackboneFinetuning's add_param_group) is released too.
-        self._default_release = optimizer.defaults.get("gradient_release", False)
-        optimizer.defaults["gradient_release"] = True
         wrapped = trainer.strategy.model
-        if isinstance(wrapped, DistributedDataParallel):
-            self._released = _step_after_all_reduce(wrapped, optimizer)
-        else:
+        if not isinstance(wrapped, DistributedDataParallel):
             schedules = [
                 callback
                 for callback in trainer.callbacks
@@ -138,6 +148,21 @@ class GradientRelease(L.Callback):
             )
             if largest > 1:
                 _check_optimizer_accumulation(optimizer, largest)
+        # From here on, a refusal (foreign hooks, a DDP comm hook) is undone by on_exception.
+        self._optimizer = optimizer
+        self._group_release = [(g, g.get("gradient_release")) for g in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["gradient_release"] = True
+        # A group added mid-fit (BackboneFinetuning's add_param_group) is released too.
+        self._default_release = optimizer.defaults.get("gradient_release", False)
+        optimizer.defaults["gradient_release"] = True
+        self._step_hooks = [
+            optimizer.register_step_pre_hook(self._entering_step),
+            optimizer.register_step_post_hook(self._leaving_step),
+        ]
+        if isinstance(wrapped, DistributedDataParallel):
+            self._released = _step_after_all_reduce(wrapped, optimizer)
+        else:
             core.prepare_for_gradient_release(pl_module, optimizer)  # refuses foreign hooks
             monitors = [c for c in trainer.callbacks if isinstance(c, OptimizerMonitor)]
             if monitors:
@@ -148,11 +173,12 @@ class GradientRelease(L.Callback):
                     monitor.record_gradient_norms_in_backward(pl_module)
                 core.prepare_for_gradient_release(pl_module, optimizer, ignore_existing_hooks=True)
             self._module, self._local = pl_module, True
-        self._optimizer = optimizer
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._module is not None:
             core.remove_gradient_release(self._module)
+        for handle in self._step_hooks:
+            handle.remove()
         if self._optimizer is not None:
             self._optimizer.released_params.difference_update(self._released)
             self._optimizer.optimizer_accumulation = False
@@ -163,12 +189,42 @@ class GradientRelease(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         # Lightning calls no teardown when fit raises (or is interrupted): without this the
-        # hooks stayed on the module and a later fit of it stepped the old optimizer too.
+        # hooks stayed on the module and a later fit of it stepped the old optimizer too;
+        # the groups get back the setting they had (a fit that ends well keeps them on).
+        for group, setting in self._group_release:
+            group["gradient_release"] = setting
         self.teardown(trainer, pl_module, "fit")
+
+    # -- backward inside Lightning's optimizer step --------------------------------------------
+
+    def _entering_step(self, *args: Any) -> None:
+        self._in_step = True
+
+    def _leaving_step(self, *args: Any) -> None:
+        self._in_step = False
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        """On a batch Lightning steps, backward runs inside optimizer.step(closure). An
+        optimizer_step override that runs the closure without stepping (to skip a batch)
+        would still have its update applied by release inside backward: refused here,
+        before backward changes anything."""
+        if self._optimizer is None or self._in_step or _lightning_will_accumulate(trainer):
+            return
+        raise RuntimeError(
+            f"Invalid {type(pl_module).__name__}.optimizer_step for GradientRelease: backward "
+            "ran outside optimizer.step on a batch Lightning steps (the closure was called "
+            "directly, as an override that skips batches does). Release applies each update "
+            "inside backward, so it could not be skipped; nothing was updated. Allowed: an "
+            "optimizer_step that calls optimizer.step(closure=optimizer_closure), or drop "
+            "GradientRelease."
+        )
 
     # -- accumulation windows, in step with Lightning's own decision --------------------------
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._in_step = False  # a step that raised never reached its post hook
         # Read every batch: a GradientAccumulationScheduler changes it at epoch starts.
         self._accumulates = self._local and trainer.accumulate_grad_batches > 1
         if self._accumulates and self._optimizer is not None:
@@ -384,11 +440,11 @@ class OptimizerMonitor(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._steps_before_batch = trainer.global_step
-        every = self.every_n_steps or trainer.log_every_n_steps
+        every = self.every_n_steps or trainer.log_every_n_steps  # Lightning's 0: never
         steps = not _lightning_will_accumulate(trainer)
         # Lightning's own cadence and step axis for a batch's metrics: batches that step,
         # which is every batch under manual optimization, however often it steps.
-        self._recording = steps and (_logged_batches(trainer) + 1) % every == 0
+        self._recording = steps and every > 0 and (_logged_batches(trainer) + 1) % every == 0
         self._grad_norms.clear()
 
     def on_train_batch_end(

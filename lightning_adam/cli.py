@@ -16,16 +16,58 @@ from torch.optim import Optimizer
 def link_optimizer(parser: Any, to: str = "model.optimizer", key: str = "optimizer") -> None:
     """Add `--<key>` (any torch Optimizer subclass by class path) and link it to `to`.
 
-    Call it from `LightningCLI.add_arguments_to_parser` and construct the CLI with
+    Call it once, from `LightningCLI.add_arguments_to_parser`, and construct the CLI with
     `auto_configure_optimizers=False`. The model argument receives
     {'class_path': ..., 'init_args': {...}} (or None when no optimizer is given): plain
     data, so it can be saved with save_hyperparameters and passed straight to
     `configure_optimizers`.
     """
-    parser.add_subclass_arguments(
-        (Optimizer,), key, instantiate=False, fail_untyped=False, skip={"params"}, required=False
-    )
+    try:
+        parser.add_subclass_arguments(
+            (Optimizer,),
+            key,
+            instantiate=False,
+            fail_untyped=False,
+            skip={"params"},
+            required=False,
+        )
+    except ValueError as error:  # jsonargparse: "Group with name optimizer already exists."
+        if "already exists" not in str(error):
+            raise
+        raise ValueError(_group_exists(key)) from error
+    if hasattr(type(parser), "add_optimizer_args"):
+        # LightningCLI(auto_configure_optimizers=True) adds its own '--optimizer' group after
+        # add_arguments_to_parser, where jsonargparse's error says nothing of that setting.
+        parser.add_optimizer_args = _AddOptimizerArgs(parser, key)
     parser.link_arguments(key, to, compute_fn=_plain_dict)
+
+
+def _group_exists(key: str) -> str:
+    return (
+        f"Invalid link_optimizer key: {key!r} (the parser already has a group of that name). "
+        f"Allowed: a group the parser does not have: link_optimizer adds the '--{key}' group "
+        "itself, so construct the LightningCLI with auto_configure_optimizers=False and call "
+        "link_optimizer once, from add_arguments_to_parser."
+    )
+
+
+class _AddOptimizerArgs:
+    """The parser's add_optimizer_args once link_optimizer has added `key`: adding that group
+    again is refused with what to change. A class, not a closure, so the parser still
+    pickles and deep-copies."""
+
+    def __init__(self, parser: Any, key: str) -> None:
+        self.parser, self.key = parser, key
+
+    def __call__(
+        self,
+        optimizer_class: Any = (Optimizer,),
+        nested_key: str = "optimizer",
+        link_to: str = "AUTOMATIC",
+    ) -> None:
+        if nested_key == self.key:
+            raise ValueError(_group_exists(self.key))
+        type(self.parser).add_optimizer_args(self.parser, optimizer_class, nested_key, link_to)
 
 
 def _plain_dict(namespace: Any) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import core
-from core.models import owned_parameters, skips_weight_decay
+from core.models import owned_parameters, require_module, skips_weight_decay
 from core.optimizer import require
 from lightning_adam.schedules import LRSchedule
 
@@ -35,6 +35,7 @@ _ALLOWED_OPTIMIZERS = (
     "{'class_path': ..., 'init_args': {...}} dict, or a callable that builds the optimizer "
     "from param groups"
 )
+_CONFIG_KEYS = "optimizer, scheduler, no_weight_decay and the optimizer's hyperparameters"
 
 
 def configure_optimizers(
@@ -70,6 +71,8 @@ def configure_optimizers(
         {'optimizer': ...} and, with a schedule, 'lr_scheduler': {'scheduler', 'interval',
         'frequency', 'name'}, as Lightning accepts it.
     """
+    require_module(module)  # model.parameters() has no names for the no-decay rule
+    _require_trainable(module)
     if isinstance(optimizer, Mapping) and "class_path" not in optimizer:
         return _from_config(module, optimizer, scheduler, no_weight_decay, hyperparameters)
     factory, label, kwargs = _resolve_optimizer(optimizer, hyperparameters)
@@ -102,10 +105,13 @@ def resolve_optimizer_class(name: str | type) -> type[Optimizer]:
         by_lower = {key.lower(): cls for key, cls in CORE_OPTIMIZERS.items()}
         require(name.lower() in by_lower, "optimizer", name, _ALLOWED_OPTIMIZERS)
         return by_lower[name.lower()]
+    # '.AdamW' or 'core..AdamW' would be a relative import, which importlib refuses with
+    # errors that name no optimizer.
+    require(all(name.split(".")), "optimizer", name, _ALLOWED_OPTIMIZERS)
     module_path, _, attribute = name.rpartition(".")
     try:
         found = getattr(importlib.import_module(module_path), attribute)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, ValueError, TypeError):
         found = None
     require(
         isinstance(found, type) and issubclass(found, Optimizer),
@@ -117,11 +123,20 @@ def resolve_optimizer_class(name: str | type) -> type[Optimizer]:
 
 
 def public_path(cls: type) -> str:
-    """The shortest import path that exports the class: 'core.AdamW', not 'core.adam.AdamW'."""
+    """The shortest import path that exports the class: 'core.AdamW', not 'core.adam.AdamW'.
+
+    A class whose module cannot be imported (made in a script's __main__ run with -c, with
+    a made-up __module__, or from a module since removed) gets its recorded path: it only
+    names the class in messages and logs.
+    """
     parts = cls.__module__.split(".")
     for end in range(1, len(parts) + 1):
         module_path = ".".join(parts[:end])
-        if getattr(importlib.import_module(module_path), cls.__name__, None) is cls:
+        try:
+            module = importlib.import_module(module_path)
+        except (ImportError, ValueError, TypeError):
+            break  # a longer path imports this prefix first, so it fails too
+        if getattr(module, cls.__name__, None) is cls:
             return f"{module_path}.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -152,7 +167,15 @@ def _from_config(
         all(isinstance(key, str) for key in config),
         "config keys",
         list(config),
-        "strings: optimizer, scheduler, no_weight_decay and the optimizer's hyperparameters",
+        f"strings: {_CONFIG_KEYS}",
+    )
+    # The module is configure_optimizers' own first argument: as a key it would collide
+    # with it (a TypeError about multiple values) instead of being refused.
+    require(
+        "module" not in config,
+        "config key",
+        "module",
+        f"{_CONFIG_KEYS}; pass the module as configure_optimizers' first argument",
     )
     try:
         return configure_optimizers(module, **config)
@@ -171,10 +194,17 @@ def _resolve_optimizer(
 ) -> tuple[Callable[..., Optimizer], str, dict[str, Any]]:
     """(what builds the optimizer from param groups, its name for errors, checked kwargs)."""
     if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - {"class_path", "init_args"})
+        # Sorted by str: keys of mixed types (1, 'x') do not compare.
+        unknown = sorted(set(spec) - {"class_path", "init_args"}, key=str)
         require(not unknown, "optimizer dict keys", unknown, "class_path and init_args")
         init_args = spec.get("init_args") or {}
         require(isinstance(init_args, Mapping), "init_args", init_args, "a dict of arguments")
+        require(
+            all(isinstance(key, str) for key in init_args),
+            "init_args keys",
+            list(init_args),
+            "strings: the optimizer's argument names",
+        )
         spec, hyperparameters = spec["class_path"], {**init_args, **hyperparameters}
     if callable(spec) and not isinstance(spec, type):
         return spec, repr(spec), hyperparameters
@@ -240,6 +270,22 @@ def _no_weight_decay_rule(
         "True, False, a list of fnmatch patterns, or a callable",
     )
     return setting  # type: ignore[return-value]
+
+
+def _require_trainable(module: nn.Module) -> None:
+    """torch's 'optimizer got an empty parameter list' does not say the parameters are frozen."""
+    params = list(module.parameters())
+    if any(p.requires_grad for p in params):
+        return
+    found = f"{len(params)} frozen" if params else "it has no parameters"
+    name = type(module).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    raise ValueError(
+        f"Invalid module: {article} {name} in which no parameter requires grad "
+        f"({found}). Allowed: an nn.Module with at least one trainable parameter; unfreeze "
+        "the ones to train (requires_grad_(True)) before configure_optimizers builds the "
+        "optimizer, or pass the submodule that trains."
+    )
 
 
 def _param_groups(

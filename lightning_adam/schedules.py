@@ -145,7 +145,7 @@ class LRSchedule:
             return cls(kind=spec)  # type: ignore[arg-type]
         if isinstance(spec, Mapping):
             allowed = [f.name for f in fields(cls)]
-            unknown = sorted(set(spec) - set(allowed))
+            unknown = sorted(set(spec) - set(allowed), key=str)  # keys of mixed types: 5, 'x'
             require(not unknown, "scheduler key", unknown, f"keys among {', '.join(allowed)}")
             return cls(**spec)
         raise TypeError(
@@ -199,8 +199,10 @@ class LRSchedule:
         else:
             total = trainer.max_epochs
             source = "trainer.max_epochs"
+        if total == 0:  # no step or no epoch will run (max_epochs=0), as above
+            return replace(self, total_steps=self.warmup_steps + 1)
         require(
-            total is not None and math.isfinite(total) and total >= self.frequency,
+            total is not None and math.isfinite(total) and total >= 0,
             "total_steps",
             None,
             f"an int when the trainer does not bound training ({source} is {total}); "
@@ -212,7 +214,7 @@ class LRSchedule:
             steps = _step_scheduler_calls(trainer, self.frequency, int(total))
         else:
             steps = int(total) // self.frequency  # Lightning: (epoch + 1) % frequency == 0
-        too_short = self.kind != "constant" and steps <= self.warmup_steps
+        too_short = steps == 0 or (self.kind != "constant" and steps <= self.warmup_steps)
         if too_short and getattr(trainer, "fast_dev_run", False):
             # A smoke test of the real run's config: its length is not this run's, so the
             # schedule is built long enough to be valid and the run stays in its warmup.
@@ -221,6 +223,8 @@ class LRSchedule:
                 f"{self.interval}s (warmup_steps={self.warmup_steps}) instead of {steps}."
             )
             return replace(self, total_steps=self.warmup_steps + 1)
+        if steps == 0:
+            self._refuse_never_stepped(trainer, int(total))
         require(
             not too_short,
             "total_steps",
@@ -230,6 +234,44 @@ class LRSchedule:
             "or set total_steps or fewer warmup_steps",
         )
         return replace(self, total_steps=steps)
+
+    def _refuse_never_stepped(self, trainer: Any, total: int) -> None:
+        """Raise why Lightning would never step this scheduler in the trainer's run.
+
+        The count of scheduler steps is 0 for two different reasons, with different fixes:
+        a run shorter than the first step (train longer or lower frequency), or, for a
+        'step' interval, no batch of an epoch at which Lightning steps it at all (training
+        longer never helps).
+        """
+        accumulate = trainer.accumulate_grad_batches
+        if self.interval == "epoch":
+            allowed = (
+                f"at most trainer.max_epochs ({total}) for an 'epoch' schedule: Lightning steps "
+                "it after each epoch whose number (from 1) is a multiple of frequency, so in "
+                f"{total} epochs it would never step; lower frequency or raise max_epochs"
+            )
+        elif (first := _first_scheduler_step(trainer, self.frequency)) is None:
+            batches = int(trainer.num_training_batches)
+            divisors = f"the batches an epoch ({batches})"
+            if batches >= accumulate:
+                divisors = f"accumulate_grad_batches ({accumulate}) or of {divisors}"
+            allowed = (
+                "a frequency Lightning steps the scheduler at: it steps a 'step' schedule after "
+                "a batch whose index in the epoch (from 1) is a multiple of frequency and "
+                "that ends a gradient-accumulation window (a multiple of "
+                f"accumulate_grad_batches={accumulate}, or the epoch's last of {batches}); "
+                "no batch is both, so it would never step however long training runs; set "
+                f"frequency to a divisor of {divisors}, or change accumulate_grad_batches"
+            )
+        else:
+            allowed = (
+                f"a frequency the run reaches: Lightning first steps this scheduler after {first} "
+                f"optimizer steps (frequency {self.frequency}, accumulate_grad_batches "
+                f"{accumulate}), and the trainer runs {total} "
+                "(trainer.estimated_stepping_batches), so it would never step; lower "
+                "frequency, or train longer (max_steps, max_epochs)"
+            )
+        require(False, "frequency", self.frequency, allowed)
 
 
 def _step_scheduler_calls(trainer: Any, frequency: int, optimizer_steps: int) -> int:
@@ -245,10 +287,26 @@ def _step_scheduler_calls(trainer: Any, frequency: int, optimizer_steps: int) ->
     batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
     if not math.isfinite(batches):  # one endless epoch: windows end at multiples only
         return optimizer_steps // (frequency // math.gcd(frequency, accumulate))
-    window_ends = [b for b in range(1, int(batches) + 1) if b % accumulate == 0 or b == batches]
+    window_ends = _window_ends(int(batches), accumulate)
     epochs, rest = divmod(optimizer_steps, len(window_ends))
     per_epoch = sum(1 for b in window_ends if b % frequency == 0)
     return epochs * per_epoch + sum(1 for b in window_ends[:rest] if b % frequency == 0)
+
+
+def _window_ends(batches: int, accumulate: int) -> list[int]:
+    """The 1-based indices of an epoch's batches after which the optimizer steps."""
+    return [b for b in range(1, batches + 1) if b % accumulate == 0 or b == batches]
+
+
+def _first_scheduler_step(trainer: Any, frequency: int) -> int | None:
+    """After how many optimizer steps Lightning first steps a 'step' scheduler of this
+    frequency; None when no batch of an epoch is one it steps at (every epoch restarts the
+    batch index, so a longer run never reaches one)."""
+    batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+    if not math.isfinite(batches):
+        return frequency // math.gcd(frequency, accumulate)
+    window_ends = _window_ends(int(batches), accumulate)
+    return next((i for i, b in enumerate(window_ends, 1) if b % frequency == 0), None)
 
 
 # Modules keep an LRSchedule in their hparams; it holds plain fields and runs no code when

@@ -8,10 +8,12 @@ import torch
 from composer import Trainer
 from composer.algorithms import SAM, GradientClipping
 from composer.callbacks import OptimizerMonitor
-from composer.core import Algorithm, Precision
+from composer.core import Algorithm, Callback, Precision, State
+from composer.loggers import Logger
 from composer.models import ComposerClassifier
 
 import composer_adam
+import core
 from tests.composer_adam.harness import (
     LR,
     STEPS,
@@ -212,3 +214,80 @@ def test_accumulation_with_an_algorithm_that_needs_the_whole_gradient_is_refused
     )
     with pytest.raises(ValueError, match="Invalid optimizer_accumulation for DecoupledNAdam: True"):
         trainer.fit()
+
+
+class _FailsAtBatch(Callback):
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if state.timestamp.batch.value == 1:
+            raise RuntimeError("a bad batch")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("accumulation", [False, True], ids=["last-microbatch", "accumulation"])
+def test_a_fit_that_raises_is_undone_when_the_trainer_closes(accumulation: bool) -> None:
+    """Composer runs no event after a raise, only close: the hooks stayed armed (a plain
+    backward then stepped the optimizer and freed every gradient), torch's clipping stayed
+    patched and optimizer accumulation stayed on."""
+    release = composer_adam.GradientRelease(optimizer_accumulation=accumulation)
+    trainer = _trainer(callbacks=[release, _FailsAtBatch()], device_train_microbatch_size=2)
+    model, optimizer = trainer.state.model, trainer.state.optimizers[0]
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        trainer.fit()
+    trainer.close()
+    assert not core.is_gradient_release_prepared(model)
+    assert not optimizer.optimizer_accumulation
+    assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(make_loader(1)))
+    model.loss(model((x, y)), (x, y)).backward()
+    assert all(p.grad is not None for p in model.parameters())  # kept, as without release
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_frozen_parameter_with_the_monitor_trains_and_logs_as_the_ordinary_run(
+    backend: str,
+) -> None:
+    """fit_start tried to hook the frozen parameter for its gradient norm and failed
+    (cannot register a hook on a tensor that doesn't require gradient)."""
+    runs = []
+    for release in (False, True):
+        model = make_model()
+        model.module[2].bias.requires_grad_(False)
+        runs.append(
+            train(
+                lambda p, release=release: composer_adam.DecoupledAdamW(
+                    p, lr=LR, gradient_release=release, **BACKENDS[backend]
+                ),
+                model=model,
+                max_duration="6ba",
+                callbacks=[composer_adam.GradientRelease()] if release else [],
+            )
+        )
+    (ordinary, ordinary_log), (released, released_log) = runs
+    assert_same_parameters(released.state.model, ordinary.state.model, atol=0)
+    mine, reference = logged(released_log, "l2_norm/"), logged(ordinary_log, "l2_norm/")
+    assert "l2_norm/grad/module.2.bias" not in reference and len(reference) == 13
+    assert mine.keys() == reference.keys()
+    for key, series in reference.items():
+        assert mine[key] == pytest.approx(series, rel=1e-6), key
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("samples", [0, float("nan"), -2, "4", torch.ones(2)])
+def test_a_sample_count_that_cannot_tell_the_last_microbatch_is_refused(samples: object) -> None:
+    """0 made every microbatch the last (a step each: 4 steps in 2 batches), NaN none (no
+    gradient ever released), both silently."""
+    release = composer_adam.GradientRelease(get_num_samples_in_batch=lambda batch: samples)
+    trainer = _trainer(callbacks=[release], device_train_microbatch_size=2)
+    model = trainer.state.model
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"Invalid get_num_samples_in_batch: it returned .* for a"):
+        trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.bad_input
+def test_a_sample_counter_that_is_not_callable_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"Invalid get_num_samples_in_batch: 'len'\. Allowed"):
+        composer_adam.GradientRelease(get_num_samples_in_batch="len")  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ and the Composer training example."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -126,6 +127,16 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
         ),
         ({"name": "decoupled_adamw", "param_groups": [{"lr": 0.1}]}, "with a param_str_match"),
         (
+            # llm-foundry hands param_str_match to re.search: one regex, no list.
+            {"name": "decoupled_adamw", "param_groups": [{"param_str_match": ["proj", "head"]}]},
+            "Invalid param_groups[0].param_str_match: ['proj', 'head']. Allowed: one regex (a "
+            "string searched in parameter names, as in llm-foundry); join alternatives with |,",
+        ),
+        (
+            {"name": "decoupled_adamw", "param_groups": [{"param_str_match": []}]},
+            "Invalid param_groups[0].param_str_match: []. Allowed: one regex",
+        ),
+        (
             {
                 "name": "decoupled_adamw",
                 "disable_grad": "norm",
@@ -206,6 +217,167 @@ def test_a_key_given_twice_in_a_yaml_recipe_is_refused(tmp_path: Path) -> None:
         ),
     ):
         composer_adam.build_optimizer(path, Block())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("recipe", [1, None, [("name", "decoupled_adamw")], b"recipe.yaml"])
+def test_a_recipe_neither_mapping_nor_path_is_refused_before_anything_is_opened(
+    recipe: object,
+) -> None:
+    """open() takes an int as a file descriptor and closes it after reading: a recipe of 1
+    closed stdout. The descriptor here is a pipe's, which must stay open."""
+    read_end, write_end = os.pipe()
+    if recipe == 1:
+        recipe = write_end
+    message = re.escape(
+        f"Invalid recipe: {recipe!r} (type {type(recipe).__name__}). Allowed: a mapping, or "
+        "the path of a YAML file as a str or os.PathLike."
+    )
+    try:
+        with pytest.raises(ValueError, match=message):
+            composer_adam.load_recipe(recipe)
+        with pytest.raises(ValueError, match=message):
+            composer_adam.build_optimizer(recipe, Block())
+        with pytest.raises(ValueError, match=message):
+            composer_adam.build_scheduler(recipe)
+        assert os.write(write_end, b"x") == 1  # still open
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("model", [None, "params", "generator"])
+def test_a_model_that_is_no_module_is_refused_by_type(model: object) -> None:
+    """Groups and no_decay read names and owning modules, which parameters alone lack."""
+    block = Block()
+    model = {"params": list(block.parameters()), "generator": block.parameters()}.get(model)
+    recipe = {"name": "decoupled_adamw", "disable_grad": "norm"}
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid model: a {type(model).__name__}. Allowed: an nn.Module (the model "
+            "itself, not model.parameters())."
+        ),
+    ):
+        composer_adam.build_optimizer(recipe, model)
+    assert all(p.requires_grad for p in block.parameters())
+
+
+def test_yaml_merge_keys_are_read_as_pyyaml_reads_them(tmp_path: Path) -> None:
+    """`<<: *base` is no repeated key: the mapping's own keys override the merged ones,
+    as yaml.safe_load reads them. `tuned`, built after `later` merged it (PyYAML merges
+    in place), is no repeated key either."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "base: &base {lr: 1.0e-3, betas: [0.9, 0.95]}\n"
+        "nested:\n  tuned: &tuned\n    <<: *base\n    lr: 3.0e-3\n"
+        "later:\n  <<: *tuned\n"
+        "more: &more {eps: 1.0e-6}\n"
+        "optimizer:\n  <<: [*base, *more]\n  name: adamkit_decoupled_adamw\n"
+        "  lr: 2.0e-3\n  weight_decay: 0.0\n"
+        "scheduler:\n  <<: {t_warmup: 2ba, alpha_f: 0.5}\n  name: cosine_with_warmup\n"
+        "  alpha_f: 0.1\n"
+    )
+    recipe = composer_adam.load_recipe(path)
+    assert recipe == yaml.safe_load(path.read_text())
+    assert recipe["optimizer"] == {
+        "lr": 2e-3,
+        "betas": [0.9, 0.95],
+        "eps": 1e-6,
+        "name": "adamkit_decoupled_adamw",
+        "weight_decay": 0.0,
+    }
+    optimizer = composer_adam.build_optimizer(path, Block())
+    assert {(g["lr"], g["eps"]) for g in optimizer.param_groups} == {(2e-3, 1e-6)}
+    scheduler = composer_adam.build_scheduler(path)
+    assert (scheduler.t_warmup, scheduler.alpha_f) == ("2ba", 0.1)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("text", "repeated", "line"),
+    [
+        ("base: &b {lr: 1.0}\noptimizer:\n  <<: *b\n  eps: 1.0\n  eps: 2.0\n", "eps", 3),
+        ("a: &a {lr: 1.0}\nb: &b {eps: 1.0}\noptimizer:\n  <<: *a\n  <<: *b\n", "<<", 4),
+    ],
+    ids=["beside-a-merge", "two-merge-keys"],
+)
+def test_a_key_given_twice_beside_merge_keys_is_still_refused(
+    tmp_path: Path, text: str, repeated: str, line: int
+) -> None:
+    """Two `<<:` lines are two of one key too (PyYAML lets the second win); a list of
+    aliases, `<<: [*a, *b]`, merges both."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid recipe file {str(path)!r}: key(s) [{repeated!r}] given more than once "
+            f"in the mapping at line {line}. Allowed: each key once."
+        ),
+    ):
+        composer_adam.load_recipe(path)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("optimizer:\n  name: decoupled_adamw\n  lr: [1e-3\n", "line 4, column 1"),
+        ("optimizer:\n\tname: decoupled_adamw\n", "line 2, column 1"),
+        ("\x00optimizer: 1\n", "position 0"),
+        ("optimizer:\n  <<: 5\n  name: decoupled_adamw\n", "line 2, column 7"),
+    ],
+    ids=["parser", "scanner", "reader", "constructor"],
+)
+def test_malformed_yaml_is_an_invalid_recipe_file_with_pyyamls_message(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    """PyYAML's own message (file, line and column) is kept, and the error chained."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"Invalid recipe file {str(path)!r}: ")) as info:
+        composer_adam.load_recipe(path)
+    assert f'in "{path}", {where}' in str(info.value)
+    assert isinstance(info.value.__cause__, yaml.YAMLError)
+
+
+TIME_RANGE = "a time >= 0 such as '100ba' or '1ep', or a 'dur' fraction in [0, 1]"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("name", "key", "value", "allowed"),
+    [
+        ("cosine_with_warmup", "t_warmup", "-5ba", TIME_RANGE),
+        ("cosine_with_warmup", "t_warmup", "5dur", TIME_RANGE),
+        ("linear_decay_with_warmup", "t_max", "1.5dur", TIME_RANGE),
+        ("constant", "t_max", "-1ep", TIME_RANGE),
+        ("cosine_with_warmup", "alpha_f", float("nan"), "a finite number >= 0"),
+        ("cosine_with_warmup", "alpha_f", float("inf"), "a finite number >= 0"),
+        ("cosine_with_warmup", "alpha_f", -3, "a finite number >= 0"),
+        ("linear_decay_with_warmup", "alpha_i", -0.5, "a finite number >= 0"),
+        ("constant_with_warmup", "alpha", float("-inf"), "a finite number >= 0"),
+    ],
+)
+def test_scheduler_values_out_of_range_are_refused_when_built(
+    name: str, key: str, value: object, allowed: str
+) -> None:
+    """Composer builds them and trains on a negative or NaN learning rate, or a warmup
+    longer than the run ('dur' is a fraction of the run). The bounds themselves build."""
+    recipe = {"name": name, key: value}
+    if name.endswith("_with_warmup") and key != "t_warmup":
+        recipe["t_warmup"] = "1ba"
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid {recipes.SCHEDULERS[name]} recipe: {key}={value!r}. Allowed: {allowed}."
+        ),
+    ):
+        composer_adam.build_scheduler(recipe)
+    for bound in ("0ba", "0dur", "1dur") if allowed == TIME_RANGE else (0, 0.0):
+        composer_adam.build_scheduler({**recipe, key: bound})
 
 
 @pytest.mark.bad_input

@@ -578,3 +578,73 @@ def test_gradient_clipping_of_released_parameters_is_refused(clip: str) -> None:
     core.remove_gradient_release(model)
     model(x).sum().backward()
     getattr(torch.nn.utils, clip)(model.parameters(), 1.0)  # and so does this one once removed
+
+
+@pytest.mark.bad_input
+def test_preparing_again_over_a_foreign_hook_is_refused_and_leaves_release_working() -> None:
+    """It dropped the working registration before it refused, leaving the model unreleased."""
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    core.prepare_for_gradient_release(model, optimizer)  # its own hooks are not foreign
+    next(model.parameters()).register_post_accumulate_grad_hook(lambda p: None)
+    with pytest.raises(ValueError, match="already carry post-accumulate-grad hooks"):
+        core.prepare_for_gradient_release(model, optimizer)
+    assert core.is_gradient_release_prepared(model)
+    x, y = make_batches(torch.float32, 1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())  # stepped and freed in backward
+    assert optimizer.state and all(p in optimizer.released_params for p in model.parameters())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_bad_group_under_release_is_refused_before_any_group_steps(backend: str) -> None:
+    """Each hook checked only its own group: the last layer's group (reached first in
+    backward) was stepped before the first layer's bad lr was refused."""
+    first, last = nn.Linear(4, 4), nn.Linear(4, 2)
+    model = nn.Sequential(first, nn.Tanh(), last)
+    groups = [{"params": first.parameters()}, {"params": last.parameters()}]
+    optimizer = core.AdamW(groups, lr=LR, gradient_release=True, **TRAINING_BACKENDS[backend])
+    core.prepare_for_gradient_release(model, optimizer)
+    x = torch.randn(3, 4)
+    model(x).sum().backward()  # one good step, so later steps take the memoized path
+    optimizer.step()  # steps nothing released; closes the training step
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="Invalid lr in param group 0: nan"):
+        model(x).sum().backward()
+    for param, kept in zip(model.parameters(), before, strict=True):
+        assert torch.equal(param, kept)
+    optimizer.param_groups[0]["lr"] = LR
+    model(x).sum().backward()  # and the next backward trains again
+    optimizer.step()
+    assert not torch.equal(last.weight, before[2])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, o: core.prepare_for_gradient_release(list(m.parameters()), o),
+        lambda m, o: core.remove_gradient_release(m.parameters()),
+        lambda m, o: core.is_gradient_release_prepared(None),
+    ],
+    ids=["prepare", "remove", "is_prepared"],
+)
+def test_release_functions_refuse_what_is_not_a_module(call: Any) -> None:
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    with pytest.raises(ValueError, match=r"Invalid model: a \w+\. Allowed: an nn.Module"):
+        call(model, optimizer)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_ignore_existing_hooks_takes_only_a_bool(value: object) -> None:
+    """ "no" was taken as True, registering over foreign hooks."""
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    with pytest.raises(ValueError, match=f"Invalid ignore_existing_hooks: {value!r}"):
+        core.prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=value)  # type: ignore[arg-type]
+    assert not core.is_gradient_release_prepared(model)

@@ -133,3 +133,14 @@ def test_dist_reduce_takes_the_root_of_summed_squares_across_two_ranks() -> None
             assert results[rank]["cosine/x"] == pytest.approx(1.0)
             assert math.isfinite(results[rank]["l2_norm/grad/a"])
     assert os.environ.get("RANK") is None
+
+
+def test_a_sparse_gradients_norm_is_its_values_norm() -> None:
+    """OptimizerMonitor under SparseAdam (nn.Embedding(sparse=True)) failed after the step
+    with NotImplementedError: linalg_vector_norm has no sparse kernel."""
+    embedding = nn.Embedding(6, 3, sparse=True)
+    embedding(torch.tensor([1, 4, 1])).square().sum().backward()
+    grad = embedding.weight.grad
+    assert grad.is_sparse and not grad.is_coalesced()  # row 1 twice: summed before the norm
+    want = torch.linalg.vector_norm(grad.to_dense())
+    torch.testing.assert_close(metrics.l2_norm(grad), want, rtol=1e-6, atol=0)

@@ -360,6 +360,20 @@ def test_param_groups_weight_decay_leaves_out_frozen_and_exempts_biases_and_1d()
 
 
 @pytest.mark.bad_input
+def test_a_lazy_layers_weight_is_refused_until_its_shape_is_known() -> None:
+    """Before its first forward a lazy weight reports one dimension: it went to the no-decay
+    group, silently. Named ones are decided by their names."""
+    model = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match=r"Invalid parameter '0\.weight': uninitialized"):
+        core.param_groups_weight_decay(model)
+    named = core.param_groups_weight_decay(model, additional_layers=["0.weight", "1."])
+    assert [len(group["params"]) for group in named] == [4, 0]
+    model(torch.randn(2, 3))  # materialized: decided by shape again
+    no_decay, decay = core.param_groups_weight_decay(model)
+    assert decay["params"] == [model[0].weight] and len(no_decay["params"]) == 3
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("value", ["embed", [1]])
 def test_bad_additional_layers_are_refused_by_name(value: object) -> None:
     with pytest.raises(ValueError, match=r"Invalid additional_layers: .*Allowed: None or an"):

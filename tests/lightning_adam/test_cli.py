@@ -218,3 +218,42 @@ def test_plain_lightning_cli_takes_core_optimizers_by_short_name() -> None:
     assert type(optimizer) is core.ADOPT
     assert optimizer.param_groups[0]["clip"] is False
     assert all(float(s["step"]) == 3 for s in optimizer.state.values())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("calls", "automatic"), [(2, False), (1, True)], ids=["twice", "automatic-optimizers"]
+)
+def test_a_second_optimizer_group_says_to_link_once_without_automatic_optimizers(
+    calls: int, automatic: bool
+) -> None:
+    """Calling link_optimizer twice, or leaving LightningCLI's automatic --optimizer on,
+    failed with jsonargparse's 'Group with name optimizer already exists.'"""
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    import lightning_adam
+
+    class Model(BoringModel):
+        def __init__(self, optimizer: dict | None = None) -> None:
+            super().__init__()
+
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: object) -> None:
+            for _ in range(calls):
+                lightning_adam.link_optimizer(parser)
+
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid link_optimizer key: 'optimizer' \(the parser already has a group of that "
+        r"name\)\. Allowed: .*: link_optimizer adds the '--optimizer' group itself, so construct "
+        r"the LightningCLI with auto_configure_optimizers=False and call link_optimizer once",
+    ):
+        CLI(
+            Model,
+            BoringDataModule,
+            run=False,
+            args=["--optimizer=core.AdamW", "--optimizer.lr=0.01"],
+            auto_configure_optimizers=automatic,
+            save_config_callback=None,
+        )

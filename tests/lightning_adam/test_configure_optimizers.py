@@ -11,7 +11,8 @@ import yaml
 from torch import nn
 
 import core
-from lightning_adam import LRSchedule, configure_optimizers
+from lightning_adam import LRSchedule, configure_optimizers, resolve_optimizer_class
+from lightning_adam.optimizers import public_path
 from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
 
 
@@ -475,3 +476,205 @@ def test_bad_input_is_refused_with_argument_value_and_what_is_allowed(
     kwargs = {key: value for key, value in kwargs.items() if value is not None}  # None: left out
     with pytest.raises((ValueError, TypeError), match=message):
         configure_optimizers(Tied(), kwargs.pop("optimizer"), **kwargs)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("given", "kind"),
+    [
+        (lambda model: model.parameters(), "generator"),
+        (lambda model: list(model.parameters()), "list"),
+        (lambda model: None, "NoneType"),
+    ],
+    ids=["parameters", "list", "None"],
+)
+def test_parameters_instead_of_the_module_are_refused_naming_the_model(
+    given: object, kind: str
+) -> None:
+    """configure_optimizers(self.parameters(), ...) failed on 'named_modules' in a helper."""
+    with pytest.raises(ValueError, match=rf"Invalid model: a {kind}\. Allowed: an nn\.Module"):
+        configure_optimizers(given(Tied()), "AdamW", lr=1e-3)  # type: ignore[operator]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name", [".AdamW", "..AdamW", ".core.AdamW"])
+def test_a_class_path_with_an_empty_part_is_an_invalid_optimizer(name: str) -> None:
+    """A leading dot made importlib try a relative import: 'Empty module name' or 'the
+    package argument is required', naming no optimizer."""
+    message = rf"Invalid optimizer: '{name}'\. Allowed: one of Adam, AdamW"
+    with pytest.raises(ValueError, match=message):
+        resolve_optimizer_class(name)
+    with pytest.raises(ValueError, match=message):
+        configure_optimizers(Tied(), name, lr=1e-3)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: configure_optimizers(
+                Tied(), {"class_path": "core.AdamW", "init_args": {"lr": 1e-3, 1: 2}}
+            ),
+            r"Invalid init_args keys: \['lr', 1\]\. Allowed: strings: the optimizer's argument",
+        ),
+        (
+            lambda: configure_optimizers(Tied(), {"class_path": "core.AdamW", "init_args": {1: 2}}),
+            r"Invalid init_args keys: \[1\]\.",
+        ),
+        (
+            lambda: configure_optimizers(Tied(), {"class_path": "core.AdamW", 1: 2, "x": 3}),
+            r"Invalid optimizer dict keys: \[1, 'x'\]\. Allowed: class_path and init_args",
+        ),
+        (
+            lambda: LRSchedule.coerce({5: 1, "warm": 2}),
+            r"Invalid scheduler key: \[5, 'warm'\]\. Allowed: keys among kind, warmup_steps",
+        ),
+        (
+            lambda: configure_optimizers(Tied(), "AdamW", lr=1e-3, scheduler={"warm": 2, 5: 1}),
+            r"Invalid scheduler key: \[5, 'warm'\]\.",
+        ),
+    ],
+    ids=["init_args-mixed", "init_args-int", "optimizer-dict-mixed", "coerce", "scheduler"],
+)
+def test_keys_that_are_not_strings_are_refused_by_name(call: object, message: str) -> None:
+    """Keys of mixed types failed in sorted() ('<' not supported) or in str.join."""
+    with pytest.raises(ValueError, match=message):
+        call()  # type: ignore[operator]
+
+
+@pytest.mark.bad_input
+def test_a_config_dict_with_a_module_key_is_refused_as_an_unknown_key() -> None:
+    """The key collided with configure_optimizers' own first argument: a TypeError about
+    'multiple values for argument module'."""
+    model = Tied()
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid config key: 'module'\. Allowed: optimizer, scheduler, no_weight_decay "
+        r"and the optimizer's hyperparameters; pass the module as configure_optimizers' first",
+    ):
+        configure_optimizers(model, {"module": model, "optimizer": "AdamW", "lr": 1e-3})
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            nn.Linear(2, 2).requires_grad_(False),
+            r"a Linear in which no parameter requires grad \(2 frozen\)\. Allowed: an nn\.Module "
+            r"with at least one trainable parameter",
+        ),
+        (nn.Identity(), r"an Identity in which no parameter requires grad \(it has no param"),
+    ],
+    ids=["frozen", "no-parameters"],
+)
+def test_a_module_with_nothing_to_train_is_refused_saying_so(
+    model: nn.Module, message: str
+) -> None:
+    """torch's 'optimizer got an empty parameter list' did not say the parameters are
+    frozen, nor which module was given."""
+    with pytest.raises(ValueError, match=r"Invalid module: " + message):
+        configure_optimizers(model, "AdamW", lr=1e-3)
+
+
+class _ElsewhereSGD(torch.optim.SGD):
+    """An optimizer whose recorded module cannot be imported (a class made under python -c,
+    or whose module was removed)."""
+
+
+_ElsewhereSGD.__module__ = "no_such_package.optimizers"
+
+
+def test_a_class_whose_module_cannot_be_imported_keeps_its_recorded_path() -> None:
+    """public_path raised ModuleNotFoundError, so configure_optimizers failed for it."""
+    assert public_path(_ElsewhereSGD) == "no_such_package.optimizers._ElsewhereSGD"
+    assert public_path(core.AdamW) == "core.AdamW"
+    optimizer = configure_optimizers(Tied(), _ElsewhereSGD, lr=0.1)["optimizer"]
+    assert type(optimizer) is _ElsewhereSGD
+
+
+@pytest.mark.bad_input
+def test_an_epoch_schedule_less_frequent_than_the_run_names_frequency() -> None:
+    """frequency 3 in 2 epochs: the message said the trainer does not bound training
+    (max_epochs is 2), which it does; the scheduler would never step."""
+    model = Regression(scheduler={"interval": "epoch", "frequency": 3}, lr=1e-2)
+    trainer = make_trainer(max_epochs=2)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid frequency: 3\. Allowed: at most trainer\.max_epochs \(2\) for an 'epoch' "
+        r"schedule: .* so in 2 epochs it would never step; lower frequency or raise max_epochs\.$",
+    ):
+        trainer.fit(model, loader(regression_data(64)))
+
+
+@pytest.mark.bad_input
+def test_a_step_schedule_lightning_never_steps_says_training_longer_does_not_help() -> None:
+    """Accumulation 3 over 5 batches ends windows at batches 3 and 5, neither a multiple of
+    frequency 2: the message said 'it is 0: train longer', which never helps."""
+    model = Regression(scheduler={"kind": "linear", "frequency": 2}, lr=1e-2)
+    trainer = make_trainer(max_epochs=2, accumulate_grad_batches=3)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid frequency: 2\. Allowed: .*a multiple of frequency and that ends a "
+        r"gradient-accumulation window .*no batch is both, so it would never step however long "
+        r"training runs; set frequency to a divisor of accumulate_grad_batches \(3\) or of the "
+        r"batches an epoch \(5\)",
+    ):
+        trainer.fit(model, loader(regression_data(80), batch_size=16))  # 5 batches an epoch
+
+
+@pytest.mark.bad_input
+def test_a_step_schedule_whose_first_step_is_after_the_run_names_both_counts() -> None:
+    """Two optimizer steps, frequency 3: the message said the trainer does not bound
+    training (estimated_stepping_batches is 2)."""
+    model = Regression(scheduler={"kind": "linear", "frequency": 3}, lr=1e-2)
+    trainer = make_trainer(max_steps=2)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid frequency: 3\. Allowed: a frequency the run reaches: Lightning first "
+        r"steps this scheduler after 3 optimizer steps .* and the trainer runs 2 "
+        r"\(trainer\.estimated_stepping_batches\), so it would never step; lower frequency",
+    ):
+        trainer.fit(model, loader(regression_data(64), batch_size=16))
+
+
+def test_an_epoch_schedule_under_max_epochs_0_is_built() -> None:
+    """No epoch runs, as with max_steps=0: it was refused as not bounding training."""
+    model = Regression(scheduler={"kind": "cosine", "interval": "epoch"}, lr=1e-2)
+    trainer = make_trainer(max_epochs=0)
+    trainer.fit(model, loader(regression_data(64)))
+    assert trainer.global_step == 0
+
+
+def test_fast_dev_run_builds_an_epoch_schedule_stepped_less_often_than_its_run() -> None:
+    """fast_dev_run's one epoch under frequency 2 counts 0 scheduler steps: it was refused
+    (as an unbounded trainer), so the smoke test of such a config failed."""
+    model = Regression(scheduler={"interval": "epoch", "frequency": 2}, lr=1e-2)
+    trainer = make_trainer(fast_dev_run=2)
+    trainer.fit(model, loader(regression_data(64)))
+    assert trainer.global_step == 2
+
+
+class LazyHead(Regression):
+    """A lazy layer, as Lightning users build one: configure_optimizers runs before any
+    forward, so it sees the layer unbuilt unless the module runs one first."""
+
+    def __init__(self, build_first: bool, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+        if build_first:
+            self.net(torch.zeros(1, 6))
+
+
+@pytest.mark.bad_input
+def test_a_lazy_layer_is_refused_until_built_then_decays_its_weight() -> None:
+    """Unbuilt, its weight reports one dimension: it went to the no-decay group silently."""
+    with pytest.raises(ValueError, match=r"Invalid parameter 'net\.0\.weight': uninitialized"):
+        make_trainer(max_steps=1).fit(LazyHead(False, lr=1e-2), loader(regression_data(64)))
+    model = LazyHead(True, lr=1e-2)
+    trainer = make_trainer(max_steps=2)
+    trainer.fit(model, loader(regression_data(64)))
+    decay, no_decay = trainer.optimizers[0].param_groups
+    assert decay["name"] == "decay" and no_decay["weight_decay"] == 0.0
+    assert [tuple(p.shape) for p in decay["params"]] == [(8, 6), (3, 8)]

@@ -371,6 +371,93 @@ def test_unsupported_settings_are_refused_before_training(
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+class ClipsItself(Regression):
+    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        self.clip_gradients(optimizer, gradient_clip_val=1.0)
+
+
+class SkipsBatch2(Regression):
+    """optimizer_step skipping a batch by running the closure alone, as Lightning's docs
+    show for conditional steps; every other batch steps with the closure."""
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, closure: Any) -> None:
+        if batch_idx == 2:
+            closure()
+        else:
+            optimizer.step(closure=closure)
+
+
+class WarmsUp(Regression):
+    """optimizer_step setting the lr before stepping: Lightning's manual warmup recipe."""
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, closure: Any) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * min(1.0, (self.trainer.global_step + 1) / 3)
+        optimizer.step(closure=closure)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize(
+    ("model_class", "callbacks", "message"),
+    [
+        (
+            ClipsItself,
+            [],
+            r"Invalid ClipsItself\.configure_gradient_clipping for GradientRelease: overridden",
+        ),
+        (
+            Regression,
+            [GradientRelease()],
+            r"Invalid callbacks for GradientRelease: .*more than once",
+        ),
+        (SkipsBatch2, [], r"Invalid SkipsBatch2\.optimizer_step for GradientRelease: backward"),
+    ],
+    ids=["clipping-override", "two-callbacks", "skipping-override"],
+)
+def test_settings_release_cannot_honour_are_refused_before_they_change_anything(
+    model_class: type, callbacks: list, message: str, backend: str
+) -> None:
+    """Each trained on silently or failed midway: a clipping override failed after the first
+    batch had stepped; a batch an optimizer_step override skipped was stepped anyway (0.015
+    off); two callbacks trained twice-hooked, and failed under accumulation."""
+    model, plain = (model_class(lr=1e-2, **BACKENDS[backend]) for _ in range(2))
+    plain.load_state_dict(model.state_dict())
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        _fit(model, True, callbacks=callbacks, max_epochs=1)
+    if model_class is SkipsBatch2:  # refused at batch 2, before its backward: as without release
+        _fit(plain, False, max_epochs=1, limit_train_batches=2)
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not core.is_gradient_release_prepared(model)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_an_optimizer_step_override_that_steps_with_the_closure_trains_exactly(
+    backend: str,
+) -> None:
+    runs = [WarmsUp(lr=1e-2, **BACKENDS[backend]) for _ in range(2)]
+    runs[1].load_state_dict(runs[0].state_dict())
+    for model, release in zip(runs, (False, True), strict=True):
+        _fit(model, release, max_epochs=2)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.bad_input
+def test_a_refusal_at_fit_start_gives_the_groups_their_setting_back() -> None:
+    """A refusal in on_fit_start (here a hook the user put on a parameter) left every group
+    and the optimizer's defaults switched to release."""
+    model = Regression(lr=1e-2)
+    next(model.parameters()).register_post_accumulate_grad_hook(lambda p: None)
+    trainer = make_trainer(max_epochs=1, callbacks=[GradientRelease()])
+    with pytest.raises(ValueError, match="already carry post-accumulate-grad hooks"):
+        trainer.fit(model, loader(regression_data(128)))
+    optimizer = trainer.optimizers[0]
+    assert not any(group["gradient_release"] for group in optimizer.param_groups)
+    assert optimizer.defaults["gradient_release"] is False
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_bf16_true_with_release_uses_kahan_and_trains(backend: str) -> None:
     model = Regression(lr=1e-2, **BACKENDS[backend])

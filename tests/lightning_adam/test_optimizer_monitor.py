@@ -238,3 +238,46 @@ def test_a_torch_optimizer_gets_param_and_grad_norms(tmp_path: Path) -> None:
     }
     for name, param in model.named_parameters():
         assert float(row[f"l2_norm/param/{name}"]) == pytest.approx(float(param.detach().norm()))
+
+
+def test_log_every_n_steps_zero_logs_nothing_as_lightning_does(tmp_path: Path) -> None:
+    """Lightning's 0 means never (barebones=True sets it): the monitor divided by it."""
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = make_trainer(
+        max_steps=4, log_every_n_steps=0, callbacks=[OptimizerMonitor()], logger=logger
+    )
+    trainer.fit(Regression(lr=1e-2), loader(regression_data(64)))
+    assert trainer.global_step == 4
+    assert not list(tmp_path.glob("**/metrics.csv"))  # nothing was logged, by anyone
+
+
+class SparseEmbedding(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(8, 3, sparse=True)
+
+    def training_step(self, batch: Any, index: int) -> torch.Tensor:
+        tokens = (batch[0][:, :2].abs() * 10).long() % 8  # repeats: an uncoalesced gradient
+        return self.embedding(tokens).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SparseAdam(self.parameters(), lr=1e-2)
+
+
+def test_sparse_gradients_are_logged_by_their_values(tmp_path: Path) -> None:
+    """SparseAdam with nn.Embedding(sparse=True): the gradient norm failed after the first
+    step (NotImplementedError from linalg_vector_norm on a sparse tensor)."""
+    model = SparseEmbedding()
+    logger = CSVLogger(tmp_path, name="run")
+    seen: list[torch.Tensor] = []
+
+    class KeepGradient(L.Callback):
+        def on_before_optimizer_step(self, trainer: L.Trainer, *args: Any) -> None:
+            seen.append(model.embedding.weight.grad.to_dense())
+
+    monitor = OptimizerMonitor(every_n_steps=2)
+    trainer = make_trainer(max_steps=2, callbacks=[KeepGradient(), monitor], logger=logger)
+    trainer.fit(model, loader(regression_data(64)))
+    (row,) = _rows(tmp_path)
+    expected = float(torch.linalg.vector_norm(seen[-1]))
+    assert float(row["l2_norm/grad/embedding.weight"]) == pytest.approx(expected, rel=1e-6)
