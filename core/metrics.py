@@ -83,10 +83,24 @@ def parameter_update(
     With L2 decay the λθ is taken at the new θ, the old one being gone; likewise
     decoupled decay shrinks the current θ: off by (1 − decay factor) of the decay term.
     """
+    _require_core_optimizer(optimizer)
     if _gradient_gone(optimizer, param):
         return None
     coefficients = optimizer.last_step_coefficients(param, lr)
     return None if coefficients is None else _update(optimizer, param, coefficients)
+
+
+def _require_core_optimizer(optimizer: object) -> None:
+    """The update comes from a core optimizer's own step coefficients; any other optimizer
+    failed with an AttributeError about them."""
+    if not isinstance(optimizer, AdamFamilyOptimizer):
+        kind = type(optimizer)
+        raise TypeError(
+            f"Invalid optimizer: {kind.__module__}.{kind.__qualname__}. Allowed: an adamkit "
+            "core optimizer (core.Adam, AdamW, RAdam, NAdam, ADOPT or the adapters' "
+            "classes), whose step coefficients give the update; for another optimizer take "
+            "l2_norm of the parameter and its gradient."
+        )
 
 
 def _gradient_gone(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
@@ -143,6 +157,7 @@ def parameter_metrics(
     gradient norm is added only while param.grad exists, and so is the update norm of an
     update that reads the gradient (NAdam's).
     """
+    _require_core_optimizer(optimizer)
     metrics = {} if metrics is None else metrics
     coefficients = optimizer.last_step_coefficients(param, lr)
     if coefficients is None:
@@ -188,6 +203,12 @@ def dist_reduce_metrics(metrics: Metrics, group: Any = None) -> Metrics:
     counts as zero on that rank. Without an initialized process group it only takes the
     roots, so single-process code can call the same pair of functions.
     """
+    for key, value in metrics.items():  # before any change or collective
+        if key.startswith("l2_norm/") and float(value) < 0:
+            raise ValueError(
+                f"Invalid metric {key}: {float(value)!r}. Allowed: a value >= 0, the squared "
+                "norm pre_reduce_metrics makes (call it first)."
+            )
     distributed = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size(group) if distributed else 1
     keys = set(metrics)

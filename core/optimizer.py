@@ -1112,6 +1112,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         Optimizer metrics (core.metrics) read the update from these, so the algorithm's
         math stays in its coefficient function. None before param's first step.
         """
+        if lr is not None:
+            require(
+                finite_at_least(lr, 0.0) and float(lr) <= FLOAT32_MAX,  # type: ignore[arg-type]
+                "lr",
+                lr,
+                "None, or the finite lr >= 0 the step was taken with",
+            )
         state = self.state.get(param)
         if not state or float(state.get("step", 0)) == 0:
             return None

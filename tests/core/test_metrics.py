@@ -144,3 +144,43 @@ def test_a_sparse_gradients_norm_is_its_values_norm() -> None:
     assert grad.is_sparse and not grad.is_coalesced()  # row 1 twice: summed before the norm
     want = torch.linalg.vector_norm(grad.to_dense())
     torch.testing.assert_close(metrics.l2_norm(grad), want, rtol=1e-6, atol=0)
+
+
+def _one_step() -> tuple[torch.optim.Optimizer, nn.Parameter]:
+    param = nn.Parameter(torch.ones(3))
+    optimizer = core.AdamW([param], lr=LR)
+    param.grad = torch.full((3,), 0.5)
+    optimizer.step()
+    return optimizer, param
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("lr", [-5.0, "abc", float("nan"), True, torch.ones(2)])
+def test_a_bad_lr_for_the_update_is_refused_by_name(lr: object) -> None:
+    """-5 gave a meaningless update norm, "abc" a raw TypeError."""
+    optimizer, param = _one_step()
+    with pytest.raises(ValueError, match=r"Invalid lr: .*Allowed: None, or the finite lr >= 0"):
+        metrics.parameter_metrics(optimizer, param, "w", lr=lr)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Invalid lr: "):
+        metrics.parameter_update(optimizer, param, lr=lr)  # type: ignore[arg-type]
+
+
+@pytest.mark.bad_input
+def test_an_optimizer_that_is_not_adamkits_is_refused_by_name() -> None:
+    """It failed with an AttributeError about last_step_coefficients."""
+    param = nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param])
+    with pytest.raises(TypeError, match=r"Invalid optimizer: torch\.optim\.adamw\.AdamW\."):
+        metrics.parameter_update(optimizer, param)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Invalid optimizer: torch\.optim\.adamw\.AdamW\."):
+        metrics.parameter_metrics(optimizer, param, "w")  # type: ignore[arg-type]
+
+
+@pytest.mark.bad_input
+def test_reducing_a_negative_norm_is_refused_before_any_change() -> None:
+    """A norm not squared by pre_reduce_metrics first: "math domain error", with the
+    metrics before it already replaced by their roots."""
+    found = {"l2_norm/grad/a": torch.tensor(4.0), "l2_norm/grad/b": torch.tensor(-1.0)}
+    with pytest.raises(ValueError, match=r"Invalid metric l2_norm/grad/b: -1\.0\. Allowed"):
+        metrics.dist_reduce_metrics(found)
+    assert float(found["l2_norm/grad/a"]) == 4.0
