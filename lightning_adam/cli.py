@@ -52,22 +52,23 @@ def _group_exists(key: str) -> str:
 
 
 class _AddOptimizerArgs:
-    """The parser's add_optimizer_args once link_optimizer has added `key`: adding that group
-    again is refused with what to change. A class, not a closure, so the parser still
-    pickles and deep-copies."""
+    """The parser's add_optimizer_args once link_optimizer has added `key`: a second
+    optimizer group is refused with what to change. Under another key LightningCLI's
+    automatic '--optimizer' was added silently beside it, and its configure_optimizers
+    replaced the model's, so the linked optimizer was never built. A class, not a
+    closure, so the parser still pickles and deep-copies."""
 
     def __init__(self, parser: Any, key: str) -> None:
         self.parser, self.key = parser, key
 
-    def __call__(
-        self,
-        optimizer_class: Any = (Optimizer,),
-        nested_key: str = "optimizer",
-        link_to: str = "AUTOMATIC",
-    ) -> None:
-        if nested_key == self.key:
-            raise ValueError(_group_exists(self.key))
-        type(self.parser).add_optimizer_args(self.parser, optimizer_class, nested_key, link_to)
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "Invalid LightningCLI auto_configure_optimizers: True, beside link_optimizer "
+            f"(its group '--{self.key}'). Allowed: False: LightningCLI would add an optimizer "
+            "group of its own and replace the model's configure_optimizers, so the linked "
+            "optimizer would never be built; construct the LightningCLI with "
+            "auto_configure_optimizers=False."
+        )
 
 
 def _plain_dict(namespace: Any) -> dict[str, Any] | None:

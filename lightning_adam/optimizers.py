@@ -96,9 +96,12 @@ def configure_optimizers(
 
 
 def resolve_optimizer_class(name: str | type) -> type[Optimizer]:
-    """The Optimizer class for a core name (any case), a dotted class path, or a class."""
+    """The Optimizer class for a core name (any case), a dotted class path, or a class.
+
+    Base classes that build no optimizer (torch.optim.Optimizer, core.AdamFamilyOptimizer)
+    are refused here: they failed later with messages about their own signatures."""
     if isinstance(name, type):
-        require(issubclass(name, Optimizer), "optimizer", name, _ALLOWED_OPTIMIZERS)
+        require(_buildable_optimizer(name), "optimizer", name, _ALLOWED_OPTIMIZERS)
         return name
     require(isinstance(name, str), "optimizer", name, _ALLOWED_OPTIMIZERS)
     if "." not in name:
@@ -113,13 +116,18 @@ def resolve_optimizer_class(name: str | type) -> type[Optimizer]:
         found = getattr(importlib.import_module(module_path), attribute)
     except (ImportError, AttributeError, ValueError, TypeError):
         found = None
-    require(
-        isinstance(found, type) and issubclass(found, Optimizer),
-        "optimizer",
-        name,
-        _ALLOWED_OPTIMIZERS,
-    )
+    require(_buildable_optimizer(found), "optimizer", name, _ALLOWED_OPTIMIZERS)
     return found  # type: ignore[return-value]
+
+
+def _buildable_optimizer(found: object) -> bool:
+    """An Optimizer subclass that builds one: not the base class, nor an abstract one."""
+    return (
+        isinstance(found, type)
+        and issubclass(found, Optimizer)
+        and found is not Optimizer
+        and not inspect.isabstract(found)
+    )
 
 
 def public_path(cls: type) -> str:

@@ -220,15 +220,34 @@ def test_plain_lightning_cli_takes_core_optimizers_by_short_name() -> None:
     assert all(float(s["step"]) == 3 for s in optimizer.state.values())
 
 
+_LINK_ONCE = (
+    r"Invalid link_optimizer key: 'optimizer' \(the parser already has a group of that name\)\. "
+    r"Allowed: .*: link_optimizer adds the '--optimizer' group itself, so construct the "
+    r"LightningCLI with auto_configure_optimizers=False and call link_optimizer once"
+)
+_NOT_AUTOMATIC = (
+    r"Invalid LightningCLI auto_configure_optimizers: True, beside link_optimizer \(its group "
+    r"'--{key}'\)\. Allowed: False: .*so the linked optimizer would never be built"
+)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
-    ("calls", "automatic"), [(2, False), (1, True)], ids=["twice", "automatic-optimizers"]
+    ("calls", "automatic", "key", "message"),
+    [
+        (2, False, "optimizer", _LINK_ONCE),
+        (1, True, "optimizer", _NOT_AUTOMATIC.format(key="optimizer")),
+        (1, True, "opt", _NOT_AUTOMATIC.format(key="opt")),
+    ],
+    ids=["twice", "automatic-optimizers", "automatic-beside-another-key"],
 )
 def test_a_second_optimizer_group_says_to_link_once_without_automatic_optimizers(
-    calls: int, automatic: bool
+    calls: int, automatic: bool, key: str, message: str
 ) -> None:
     """Calling link_optimizer twice, or leaving LightningCLI's automatic --optimizer on,
-    failed with jsonargparse's 'Group with name optimizer already exists.'"""
+    failed with jsonargparse's 'Group with name optimizer already exists.'; beside a key of
+    another name the automatic group was added silently and its configure_optimizers
+    replaced the model's, so the linked optimizer was never built."""
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 
@@ -241,19 +260,14 @@ def test_a_second_optimizer_group_says_to_link_once_without_automatic_optimizers
     class CLI(LightningCLI):
         def add_arguments_to_parser(self, parser: object) -> None:
             for _ in range(calls):
-                lightning_adam.link_optimizer(parser)
+                lightning_adam.link_optimizer(parser, key=key)
 
-    with pytest.raises(
-        ValueError,
-        match=r"Invalid link_optimizer key: 'optimizer' \(the parser already has a group of that "
-        r"name\)\. Allowed: .*: link_optimizer adds the '--optimizer' group itself, so construct "
-        r"the LightningCLI with auto_configure_optimizers=False and call link_optimizer once",
-    ):
+    with pytest.raises(ValueError, match=message):
         CLI(
             Model,
             BoringDataModule,
             run=False,
-            args=["--optimizer=core.AdamW", "--optimizer.lr=0.01"],
+            args=[f"--{key}=core.AdamW", f"--{key}.lr=0.01"],
             auto_configure_optimizers=automatic,
             save_config_callback=None,
         )

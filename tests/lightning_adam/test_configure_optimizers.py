@@ -678,3 +678,18 @@ def test_a_lazy_layer_is_refused_until_built_then_decays_its_weight() -> None:
     decay, no_decay = trainer.optimizers[0].param_groups
     assert decay["name"] == "decay" and no_decay["weight_decay"] == 0.0
     assert [tuple(p.shape) for p in decay["params"]] == [(8, 6), (3, 8)]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "spec",
+    [torch.optim.Optimizer, "torch.optim.Optimizer", core.AdamFamilyOptimizer],
+    ids=["torch-base", "torch-base-path", "core-base"],
+)
+def test_a_base_class_that_builds_no_optimizer_is_an_invalid_optimizer(spec: object) -> None:
+    """They were accepted, then refused for their own signatures ('its parameters:
+    defaults')."""
+    with pytest.raises(ValueError, match=r"Invalid optimizer: .*Allowed: one of Adam, AdamW"):
+        resolve_optimizer_class(spec)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Invalid optimizer: .*Allowed: one of Adam, AdamW"):
+        configure_optimizers(Tied(), spec, lr=1e-3)  # type: ignore[arg-type]
