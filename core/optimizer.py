@@ -796,6 +796,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             and last[1] == tuple(group)
         ):
             return last
+        missing = [k for k in self.defaults if k not in group and k not in TORCH_FLAGS]
+        if missing:  # a KeyError from deep inside the step, before
+            raise ValueError(
+                f"Invalid {', '.join(missing)}{where}: missing (its key was deleted). Allowed: "
+                "a value for every key of the optimizer's defaults, which add_param_group "
+                "fills in; set a value instead of deleting the key."
+            )
         self._validate_group(group, where)
         if not all(_immutable(v) for k, v in group.items() if k != "params"):
             return None

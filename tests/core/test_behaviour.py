@@ -305,6 +305,26 @@ def test_invalid_value_set_during_training_is_refused_before_any_change(cls: typ
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("key", ["lr", "betas", "eps", "kahan_sum", "state_precision"])
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_a_key_deleted_from_a_group_is_refused_by_name_before_any_change(
+    cls: type, key: str
+) -> None:
+    """A bare KeyError from deep inside the step, before (torch.optim's too)."""
+    model = make_model()
+    optimizer = cls(model.parameters(), lr=LR)
+    batches = make_batches(torch.float32, 3)
+    train(model, optimizer, batches[:2])
+    before = snapshot(model, optimizer)
+    del optimizer.param_groups[0][key]
+    x, y = batches[2]
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match=rf"Invalid {key} in param group 0: missing \(its key"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_an_lr_beyond_float32_set_during_training_is_refused_before_any_change(
     backend: str,
