@@ -90,6 +90,14 @@ def _guard_clipping(active: bool) -> None:
                 setattr(module, name, original)
 
 
+def _unguard_when_nothing_is_released() -> None:
+    """A released model collected without remove_gradient_release: torch's clipping
+    functions are restored once no live model is released, as remove does (they stayed
+    replaced for the rest of the process). keys() yields live models only."""
+    if next(iter(_registrations.keys()), None) is None:
+        _guard_clipping(active=False)
+
+
 def _inner_module(model: nn.Module) -> nn.Module:
     """The module a transparent wrapper holds (Fabric's setup() returns one whose `module`
     is the user's model, with the same parameters), so that preparing through one and
@@ -208,9 +216,20 @@ def prepare_for_gradient_release(
     """
     require_module(model)
     if not isinstance(optimizer, AdamFamilyOptimizer):
+        kind = type(unwrapped(optimizer))  # a framework's wrapper poses as its optimizer
         raise TypeError(
-            f"Invalid optimizer: {type(optimizer).__name__}. Allowed: an adamkit core optimizer "
-            "(core.Adam, AdamW, RAdam, NAdam, ADOPT) created with gradient_release=True."
+            f"Invalid optimizer: {kind.__module__}.{kind.__qualname__}. Allowed: an adamkit "
+            "core optimizer (core.Adam, AdamW, RAdam, NAdam, ADOPT) created with "
+            "gradient_release=True."
+        )
+    scaler = _grad_scaler_of(model, optimizer)
+    if scaler is not None:
+        raise RuntimeError(
+            f"Invalid setup for gradient release: the loss is scaled by a "
+            f"{type(scaler).__name__} (16-mixed precision), whose unscaling and inf/NaN step "
+            "skipping come after backward, when released parameters are already updated. "
+            "Nothing was changed. Allowed: bf16-mixed, bf16-true or 32-true precision, or "
+            "train without release."
         )
     require(
         isinstance(ignore_existing_hooks, bool),
@@ -254,6 +273,20 @@ def prepare_for_gradient_release(
     optimizer._step_supports_amp_scaling = True
     _registrations[model] = registration
     _guard_clipping(active=True)
+    weakref.finalize(model, _unguard_when_nothing_is_released)
+
+
+def _grad_scaler_of(*wrapped: object) -> object | None:
+    """The GradScaler a framework's wrappers will scale the loss with, if they say: Fabric's
+    module and optimizer wrappers hold their strategy, whose precision plugin holds it.
+    Given the bare module and optimizer nothing says, and step() refuses the scaler when it
+    reaches the optimizer, after backward."""
+    for wrapper in wrapped:
+        precision = getattr(getattr(wrapper, "_strategy", None), "precision", None)
+        scaler = getattr(precision, "scaler", None)
+        if scaler is not None:
+            return scaler
+    return None
 
 
 def remove_gradient_release(model: nn.Module) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
 from typing import Any
 
@@ -648,3 +650,28 @@ def test_ignore_existing_hooks_takes_only_a_bool(value: object) -> None:
     with pytest.raises(ValueError, match=f"Invalid ignore_existing_hooks: {value!r}"):
         core.prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=value)  # type: ignore[arg-type]
     assert not core.is_gradient_release_prepared(model)
+
+
+def test_a_released_model_collected_without_removal_restores_clipping() -> None:
+    """torch's clipping functions stayed replaced for the rest of the process. In a fresh
+    process: torch 2.7's distributed checkpoint caches models it saw (functools.cache), so
+    in this one a model released by an earlier test may still be alive, and guarded."""
+    script = """
+import gc, torch, core
+model = torch.nn.Linear(3, 3)
+optimizer = core.AdamW(model.parameters(), lr=1e-3, gradient_release=True)
+core.prepare_for_gradient_release(model, optimizer)
+guarded = torch.nn.utils.clip_grad_norm_.__module__
+del model, optimizer
+gc.collect()
+utils = torch.nn.utils
+print(guarded, utils.clip_grad_norm_.__module__, utils.clip_grad_value_.__module__)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == [
+        "core.gradient_release",
+        "torch.nn.utils.clip_grad",
+        "torch.nn.utils.clip_grad",
+    ]

@@ -153,6 +153,36 @@ def test_release_prepared_through_fabrics_module_is_found_through_the_users_modu
     assert all(p.grad is not None for p in net.parameters())  # ordinary training again
 
 
+@pytest.mark.bad_input
+def test_release_under_fabrics_grad_scaler_is_refused_when_prepared() -> None:
+    """16-mixed (a GradScaler) was accepted: backward then stepped every parameter from
+    gradients scaled by 65536 (NaN and inf here), and only optimizer.step() refused it."""
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=MixedPrecision("16-mixed", "cpu"))
+    net = _net()
+    wrapped, optimizer = fabric.setup(
+        net, core.AdamW(net.parameters(), lr=1e-2, gradient_release=True)
+    )
+    for model, opt in ((wrapped, optimizer), (net, optimizer), (wrapped, optimizer.optimizer)):
+        with pytest.raises(RuntimeError, match=r"the loss is scaled by a GradScaler"):
+            core.prepare_for_gradient_release(model, opt)
+        assert not core.is_gradient_release_prepared(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    fabric.backward(nn.functional.mse_loss(wrapped(X[:BATCH]), Y[:BATCH]))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+@pytest.mark.bad_input
+def test_a_wrapped_torch_optimizer_is_named_by_its_own_class() -> None:
+    """Fabric's wrapper of torch.optim.AdamW was named 'FabricAdamW', read as adamkit's."""
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    net = _net()
+    wrapped, optimizer = fabric.setup(net, torch.optim.AdamW(net.parameters()))
+    with pytest.raises(TypeError, match=r"Invalid optimizer: torch\.optim\.adamw\.AdamW\."):
+        core.prepare_for_gradient_release(wrapped, optimizer)
+
+
 class Gan(L.LightningModule):
     """Two optimizers stepped in turn with toggle_optimizer, each with the helper's cosine
     schedule (total_steps given: Lightning cannot count manual steps) stepped by hand."""
