@@ -22,6 +22,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ class _Registration:
 _registrations: weakref.WeakKeyDictionary[nn.Module, _Registration] = weakref.WeakKeyDictionary()
 
 _CLIPPING_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
-_original_clipping: dict[str, Callable[..., object]] = {}
+_guarded_originals: dict[str, Callable[..., object]] = {}
 
 
 def _released_anywhere() -> set[Tensor]:
@@ -75,19 +76,74 @@ def _refusing_clipping(name: str, original: Callable[..., object]) -> Callable[.
     return clip
 
 
-def _guard_clipping(active: bool) -> None:
+def _guard_torch(active: bool) -> None:
     """While any model is released, make torch's clipping functions refuse released params
-    (they would otherwise see no gradients and silently clip nothing)."""
+    (they would otherwise see no gradients and silently clip nothing), and GradScaler refuse
+    to scale a loss whose backward would step them."""
     modules = (torch.nn.utils, torch.nn.utils.clip_grad)
     for name in _CLIPPING_FUNCTIONS:
-        if active and name not in _original_clipping:
-            _original_clipping[name] = getattr(torch.nn.utils, name)
+        if active and name not in _guarded_originals:
+            _guarded_originals[name] = getattr(torch.nn.utils, name)
             for module in modules:
-                setattr(module, name, _refusing_clipping(name, _original_clipping[name]))
-        elif not active and name in _original_clipping:
-            original = _original_clipping.pop(name)
+                setattr(module, name, _refusing_clipping(name, _guarded_originals[name]))
+        elif not active and name in _guarded_originals:
+            original = _guarded_originals.pop(name)
             for module in modules:
                 setattr(module, name, original)
+    scaler = torch.amp.GradScaler
+    if active and _SCALE not in _guarded_originals:
+        _guarded_originals[_SCALE] = scaler.scale
+        scaler.scale = _refusing_scale(_guarded_originals[_SCALE])  # type: ignore[method-assign]
+    elif not active and _SCALE in _guarded_originals:
+        scaler.scale = _guarded_originals.pop(_SCALE)  # type: ignore[method-assign]
+
+
+_SCALE = "GradScaler.scale"
+
+
+def _refusing_scale(original: Callable[..., Any]) -> Callable[..., Any]:
+    """GradScaler.scale that refuses a loss reaching released parameters: their hooks would
+    step them from the scaled gradient inside backward, before the scaler can unscale it
+    or skip an inf/NaN step (step() refused it only then, after every parameter had moved).
+    Scaling anything else, or with the scaler disabled, is unchanged."""
+
+    def scale(self: torch.amp.GradScaler, outputs: Any) -> Any:
+        if self.is_enabled() and _reaches_released(outputs):
+            raise RuntimeError(
+                "Invalid setup for gradient release: GradScaler.scale was given a loss whose "
+                "backward steps released parameters, inside backward, from the scaled "
+                "gradient, before the scaler can unscale it or skip an inf/NaN step. Nothing "
+                "was changed. Allowed: bf16 autocast (no scaler needed), or train without "
+                "release (remove_gradient_release)."
+            )
+        return original(self, outputs)
+
+    scale.__doc__ = original.__doc__
+    return scale
+
+
+def _reaches_released(outputs: Any) -> bool:
+    """Whether the autograd graph behind outputs (a tensor or nested iterables of them)
+    accumulates into a released parameter: one walk of the graph per scaled loss, made
+    only while some model is released."""
+    released = _released_anywhere()
+    pending, nodes, seen = [outputs], [], set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Tensor):
+            nodes.append(item.grad_fn)
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's parameter
+        if variable is not None and variable in released:
+            return True
+        nodes.extend(following for following, _ in node.next_functions)
+    return False
 
 
 def _unguard_when_nothing_is_released() -> None:
@@ -95,7 +151,7 @@ def _unguard_when_nothing_is_released() -> None:
     functions are restored once no live model is released, as remove does (they stayed
     replaced for the rest of the process). keys() yields live models only."""
     if next(iter(_registrations.keys()), None) is None:
-        _guard_clipping(active=False)
+        _guard_torch(active=False)
 
 
 def _inner_module(model: nn.Module) -> nn.Module:
@@ -272,7 +328,7 @@ def prepare_for_gradient_release(
     # GradScaler passes itself to step() when this is set, so step() can refuse it clearly.
     optimizer._step_supports_amp_scaling = True
     _registrations[model] = registration
-    _guard_clipping(active=True)
+    _guard_torch(active=True)
     weakref.finalize(model, _unguard_when_nothing_is_released)
 
 
@@ -302,7 +358,7 @@ def remove_gradient_release(model: nn.Module) -> None:
     optimizer.gradient_release_registrations.remove(registration)
     if not optimizer.released_params:
         optimizer._step_supports_amp_scaling = False
-    _guard_clipping(active=bool(_registrations))
+    _guard_torch(active=bool(_registrations))
 
 
 def is_gradient_release_prepared(model: nn.Module) -> bool:

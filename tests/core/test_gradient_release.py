@@ -503,15 +503,44 @@ def test_optimizer_accumulation_takes_only_a_bool(value: object) -> None:
 
 
 @pytest.mark.bad_input
-def test_grad_scaler_is_refused_clearly() -> None:
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_grad_scaler_is_refused_before_backward_changes_anything(backend: str) -> None:
+    """It was refused at scaler.step(), after backward had stepped every parameter (and
+    made all the state) from the scaled gradient, neither unscaled nor checked for inf."""
     model = make_model()
-    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    optimizer = core.AdamW(
+        model.parameters(), lr=LR, gradient_release=True, **TRAINING_BACKENDS[backend]
+    )
     core.prepare_for_gradient_release(model, optimizer)
     scaler = torch.amp.GradScaler("cpu")
     x, y = make_batches(torch.float32, 1)[0]
-    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"GradScaler\.scale was given a loss whose backward"):
+        scaler.scale([nn.functional.mse_loss(model(x), y)])  # a list, as scale() takes too
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not optimizer.state
+    # Given the gradients some other way, step() still refuses the scaler.
+    scaler.scale(torch.ones(()))  # what scale() does first: set the scale up
+    nn.functional.mse_loss(model(x), y).backward()
     with pytest.raises(RuntimeError, match="cannot be used with a GradScaler"):
         scaler.step(optimizer)
+
+
+def test_a_grad_scaler_scales_other_models_and_disabled_ones_pass() -> None:
+    """Only a loss that reaches released parameters is refused."""
+    released, other = make_model(), nn.Linear(2, 2)
+    optimizer = core.AdamW(released.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(released, optimizer)
+    x, y = make_batches(torch.float32, 1)[0]
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(other(torch.ones(1, 2)).sum()).backward()
+    torch.testing.assert_close(other.weight.grad, torch.full((2, 2), 4.0))
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    disabled.scale(nn.functional.mse_loss(released(x), y)).backward()
+    assert all(p.grad is None for p in released.parameters())  # released as usual
+    core.remove_gradient_release(released)
+    scaler.scale(nn.functional.mse_loss(released(x), y)).backward()  # once removed, as usual
+    assert all(p.grad is not None for p in released.parameters())
 
 
 @pytest.mark.bad_input
@@ -652,7 +681,7 @@ def test_ignore_existing_hooks_takes_only_a_bool(value: object) -> None:
     assert not core.is_gradient_release_prepared(model)
 
 
-def test_a_released_model_collected_without_removal_restores_clipping() -> None:
+def test_a_released_model_collected_without_removal_restores_torch() -> None:
     """torch's clipping functions stayed replaced for the rest of the process. In a fresh
     process: torch 2.7's distributed checkpoint caches models it saw (functools.cache), so
     in this one a model released by an earlier test may still be alive, and guarded."""
@@ -664,8 +693,9 @@ core.prepare_for_gradient_release(model, optimizer)
 guarded = torch.nn.utils.clip_grad_norm_.__module__
 del model, optimizer
 gc.collect()
-utils = torch.nn.utils
+utils, scale = torch.nn.utils, torch.amp.GradScaler.scale
 print(guarded, utils.clip_grad_norm_.__module__, utils.clip_grad_value_.__module__)
+print(scale.__module__)
 """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
@@ -674,4 +704,5 @@ print(guarded, utils.clip_grad_norm_.__module__, utils.clip_grad_value_.__module
         "core.gradient_release",
         "torch.nn.utils.clip_grad",
         "torch.nn.utils.clip_grad",
+        "torch.amp.grad_scaler",
     ]
