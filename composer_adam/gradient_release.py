@@ -182,7 +182,13 @@ class GradientRelease(Callback):
         return samples
 
     def _check_supported(self, state: State) -> AdamFamilyOptimizer:
-        # First: SAM wraps the optimizer, which would otherwise be refused as a foreign one.
+        if sum(isinstance(callback, GradientRelease) for callback in state.callbacks) > 1:
+            raise ValueError(
+                "Invalid callbacks for GradientRelease: it is given more than once. Allowed: "
+                "one GradientRelease per Trainer (each would arm and disarm the same hooks, "
+                "with its own optimizer_accumulation)."
+            )
+        # SAM wraps the optimizer, which would otherwise be refused as a foreign one.
         whole_gradient = [
             type(a).__name__ for a in state.algorithms if isinstance(a, (GradientClipping, SAM))
         ]

@@ -291,3 +291,22 @@ def test_a_sample_count_that_cannot_tell_the_last_microbatch_is_refused(samples:
 def test_a_sample_counter_that_is_not_callable_is_refused() -> None:
     with pytest.raises(ValueError, match=r"Invalid get_num_samples_in_batch: 'len'\. Allowed"):
         composer_adam.GradientRelease(get_num_samples_in_batch="len")  # type: ignore[arg-type]
+
+
+@pytest.mark.bad_input
+def test_a_second_gradient_release_is_refused_before_anything_changes() -> None:
+    """Two ran: each armed and disarmed the same hooks, each with its own
+    optimizer_accumulation (the Lightning callback refuses a second one too)."""
+    trainer = _trainer(
+        callbacks=[
+            composer_adam.GradientRelease(),
+            composer_adam.GradientRelease(optimizer_accumulation=True),
+        ],
+        device_train_microbatch_size=2,
+    )
+    model = trainer.state.model
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"Invalid callbacks for GradientRelease: .*more than"):
+        trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not core.is_gradient_release_prepared(model)
