@@ -30,7 +30,13 @@ from torch.utils.hooks import RemovableHandle
 
 from core.backends.views import dtensor_type
 from core.models import require_module
-from core.optimizer import AdamFamilyOptimizer, require, step_released_param, unwrapped
+from core.optimizer import (
+    AdamFamilyOptimizer,
+    require,
+    require_core_optimizer,
+    step_released_param,
+    unwrapped,
+)
 
 
 @dataclass
@@ -271,13 +277,7 @@ def prepare_for_gradient_release(
             hook may expect the gradient release frees).
     """
     require_module(model)
-    if not isinstance(optimizer, AdamFamilyOptimizer):
-        kind = type(unwrapped(optimizer))  # a framework's wrapper poses as its optimizer
-        raise TypeError(
-            f"Invalid optimizer: {kind.__module__}.{kind.__qualname__}. Allowed: an adamkit "
-            "core optimizer (core.Adam, AdamW, RAdam, NAdam, ADOPT) created with "
-            "gradient_release=True."
-        )
+    require_core_optimizer(optimizer, ") created with gradient_release=True")
     scaler = _grad_scaler_of(model, optimizer)
     if scaler is not None:
         raise RuntimeError(

@@ -36,7 +36,7 @@ from torch import Tensor
 from core.backends import loop
 from core.backends.views import dtensor_type
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
-from core.optimizer import AdamFamilyOptimizer
+from core.optimizer import AdamFamilyOptimizer, require_core_optimizer
 from core.quantization import stored_moment
 
 MOMENT = "l2_norm/moment"
@@ -47,6 +47,13 @@ METRICS = (MOMENT, PARAM, UPDATE, GRAD)
 """Metric names; a parameter's key is f"{metric}/{parameter name}"."""
 
 Metrics = MutableMapping[str, Any]
+
+_UPDATE_FROM_COEFFICIENTS = (
+    " or the adapters' classes), whose step coefficients give the update; for another "
+    "optimizer take l2_norm of the parameter and its gradient"
+)
+"""Why the update metric needs an adamkit optimizer (any other failed with an
+AttributeError about last_step_coefficients)."""
 
 
 def global_value(norm: Any) -> Any:
@@ -83,24 +90,11 @@ def parameter_update(
     With L2 decay the λθ is taken at the new θ, the old one being gone; likewise
     decoupled decay shrinks the current θ: off by (1 − decay factor) of the decay term.
     """
-    _require_core_optimizer(optimizer)
+    require_core_optimizer(optimizer, _UPDATE_FROM_COEFFICIENTS)
     if _gradient_gone(optimizer, param):
         return None
     coefficients = optimizer.last_step_coefficients(param, lr)
     return None if coefficients is None else _update(optimizer, param, coefficients)
-
-
-def _require_core_optimizer(optimizer: object) -> None:
-    """The update comes from a core optimizer's own step coefficients; any other optimizer
-    failed with an AttributeError about them."""
-    if not isinstance(optimizer, AdamFamilyOptimizer):
-        kind = type(optimizer)
-        raise TypeError(
-            f"Invalid optimizer: {kind.__module__}.{kind.__qualname__}. Allowed: an adamkit "
-            "core optimizer (core.Adam, AdamW, RAdam, NAdam, ADOPT or the adapters' "
-            "classes), whose step coefficients give the update; for another optimizer take "
-            "l2_norm of the parameter and its gradient."
-        )
 
 
 def _gradient_gone(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
@@ -157,7 +151,7 @@ def parameter_metrics(
     gradient norm is added only while param.grad exists, and so is the update norm of an
     update that reads the gradient (NAdam's).
     """
-    _require_core_optimizer(optimizer)
+    require_core_optimizer(optimizer, _UPDATE_FROM_COEFFICIENTS)
     metrics = {} if metrics is None else metrics
     coefficients = optimizer.last_step_coefficients(param, lr)
     if coefficients is None:

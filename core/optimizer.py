@@ -701,6 +701,18 @@ def unwrapped(optimizer: Optimizer) -> Optimizer:
     return optimizer
 
 
+def require_core_optimizer(optimizer: object, allowed: str) -> None:
+    """Refuse an optimizer that is not adamkit's, named by its own class (a framework's
+    wrapper poses as the optimizer it wraps: Fabric's 'FabricAdamW' read as adamkit's)."""
+    if not isinstance(optimizer, AdamFamilyOptimizer):
+        inner = unwrapped(optimizer) if isinstance(optimizer, Optimizer) else optimizer
+        kind = type(inner)
+        raise TypeError(
+            f"Invalid optimizer: {kind.__module__}.{kind.__qualname__}. Allowed: an adamkit "
+            f"core optimizer (core.Adam, AdamW, RAdam, NAdam, ADOPT{allowed}."
+        )
+
+
 class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     """The torch.optim.Optimizer every adamkit optimizer derives from.
 

@@ -150,7 +150,7 @@ class GradientRelease(L.Callback):
                 _check_optimizer_accumulation(optimizer, largest)
         # From here on, a refusal (foreign hooks, a DDP comm hook) is undone by on_exception.
         self._optimizer = optimizer
-        self._group_release = [(g, g.get("gradient_release")) for g in optimizer.param_groups]
+        self._group_release = [(g, g["gradient_release"]) for g in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["gradient_release"] = True
         # A group added mid-fit (BackboneFinetuning's add_param_group) is released too.

@@ -594,49 +594,48 @@ def test_a_class_whose_module_cannot_be_imported_keeps_its_recorded_path() -> No
     assert type(optimizer) is _ElsewhereSGD
 
 
-@pytest.mark.bad_input
-def test_an_epoch_schedule_less_frequent_than_the_run_names_frequency() -> None:
-    """frequency 3 in 2 epochs: the message said the trainer does not bound training
-    (max_epochs is 2), which it does; the scheduler would never step."""
-    model = Regression(scheduler={"interval": "epoch", "frequency": 3}, lr=1e-2)
-    trainer = make_trainer(max_epochs=2)
-    with pytest.raises(
-        ValueError,
-        match=r"Invalid frequency: 3\. Allowed: at most trainer\.max_epochs \(2\) for an 'epoch' "
+NEVER_STEPPED = {
+    # frequency 3 in 2 epochs: the message said the trainer does not bound training
+    # (max_epochs is 2), which it does; the scheduler would never step.
+    "epoch-frequency-above-max-epochs": (
+        {"interval": "epoch", "frequency": 3},
+        {"max_epochs": 2},
+        64,
+        r"Invalid frequency: 3\. Allowed: at most trainer\.max_epochs \(2\) for an 'epoch' "
         r"schedule: .* so in 2 epochs it would never step; lower frequency or raise max_epochs\.$",
-    ):
-        trainer.fit(model, loader(regression_data(64)))
-
-
-@pytest.mark.bad_input
-def test_a_step_schedule_lightning_never_steps_says_training_longer_does_not_help() -> None:
-    """Accumulation 3 over 5 batches ends windows at batches 3 and 5, neither a multiple of
-    frequency 2: the message said 'it is 0: train longer', which never helps."""
-    model = Regression(scheduler={"kind": "linear", "frequency": 2}, lr=1e-2)
-    trainer = make_trainer(max_epochs=2, accumulate_grad_batches=3)
-    with pytest.raises(
-        ValueError,
-        match=r"Invalid frequency: 2\. Allowed: .*a multiple of frequency and that ends a "
+    ),
+    # Accumulation 3 over 5 batches ends windows at batches 3 and 5, neither a multiple of
+    # frequency 2: the message said 'it is 0: train longer', which never helps.
+    "no-batch-ends-a-window-at-the-frequency": (
+        {"kind": "linear", "frequency": 2},
+        {"max_epochs": 2, "accumulate_grad_batches": 3},
+        80,  # 5 batches an epoch
+        r"Invalid frequency: 2\. Allowed: .*a multiple of frequency and that ends a "
         r"gradient-accumulation window .*no batch is both, so it would never step however long "
         r"training runs; set frequency to a divisor of accumulate_grad_batches \(3\) or of the "
         r"batches an epoch \(5\)",
-    ):
-        trainer.fit(model, loader(regression_data(80), batch_size=16))  # 5 batches an epoch
+    ),
+    # Two optimizer steps, frequency 3: the message said the trainer does not bound
+    # training (estimated_stepping_batches is 2).
+    "first-step-after-the-run": (
+        {"kind": "linear", "frequency": 3},
+        {"max_steps": 2},
+        64,
+        r"Invalid frequency: 3\. Allowed: a frequency the run reaches: Lightning first "
+        r"steps this scheduler after 3 optimizer steps .* and the trainer runs 2 "
+        r"\(trainer\.estimated_stepping_batches\), so it would never step; lower frequency",
+    ),
+}
 
 
 @pytest.mark.bad_input
-def test_a_step_schedule_whose_first_step_is_after_the_run_names_both_counts() -> None:
-    """Two optimizer steps, frequency 3: the message said the trainer does not bound
-    training (estimated_stepping_batches is 2)."""
-    model = Regression(scheduler={"kind": "linear", "frequency": 3}, lr=1e-2)
-    trainer = make_trainer(max_steps=2)
-    with pytest.raises(
-        ValueError,
-        match=r"Invalid frequency: 3\. Allowed: a frequency the run reaches: Lightning first "
-        r"steps this scheduler after 3 optimizer steps .* and the trainer runs 2 "
-        r"\(trainer\.estimated_stepping_batches\), so it would never step; lower frequency",
-    ):
-        trainer.fit(model, loader(regression_data(64), batch_size=16))
+@pytest.mark.parametrize("case", list(NEVER_STEPPED))
+def test_a_schedule_lightning_would_never_step_names_frequency_and_why(case: str) -> None:
+    scheduler, trainer_settings, samples, message = NEVER_STEPPED[case]
+    model = Regression(scheduler=scheduler, lr=1e-2)
+    trainer = make_trainer(**trainer_settings)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, loader(regression_data(samples), batch_size=16))
 
 
 def test_an_epoch_schedule_under_max_epochs_0_is_built() -> None:
