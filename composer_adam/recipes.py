@@ -339,7 +339,8 @@ def _check_scheduler_values(cls: type, recipe: Mapping[str, Any]) -> None:
             allowed = (
                 "a Composer time string such as '100ba', '1ep' or '0.1dur'"
                 if time is None
-                else "a time >= 0 such as '100ba' or '1ep', or a 'dur' fraction in [0, 1]"
+                else "a time >= 0 in ep, ba, sp, tok or iter such as '100ba' or '1ep', "
+                "or a 'dur' fraction in [0, 1] (wall-clock 'sec' is no scheduler time)"
             )
         elif annotation in ("float", "<class 'float'>"):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -369,9 +370,10 @@ def _as_time(value: object) -> Any:
 
 
 def _time_in_range(time: Any) -> bool:
-    """Composer's TimeUnit.DURATION is a fraction of the whole run."""
+    """Composer's TimeUnit.DURATION is a fraction of the whole run; its schedulers refuse
+    wall-clock seconds, but only at the first batch."""
     from composer.core import TimeUnit
 
     value = time.value
-    in_range = math.isfinite(value) and value >= 0
+    in_range = math.isfinite(value) and value >= 0 and time.unit != TimeUnit.SECOND
     return in_range and (time.unit != TimeUnit.DURATION or value <= 1)

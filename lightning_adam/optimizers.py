@@ -215,6 +215,7 @@ def _resolve_optimizer(
         )
         spec, hyperparameters = spec["class_path"], {**init_args, **hyperparameters}
     if callable(spec) and not isinstance(spec, type):
+        _require_callable_takes(spec, hyperparameters)
         return spec, repr(spec), hyperparameters
     cls = resolve_optimizer_class(spec)  # type: ignore[arg-type]
     label = public_path(cls)
@@ -230,6 +231,25 @@ def _resolve_optimizer(
     missing = [name for name in _required_arguments(cls) if name not in hyperparameters]
     require(not missing, f"arguments for {label}", hyperparameters, f"also {', '.join(missing)}")
     return cls, label, hyperparameters
+
+
+def _require_callable_takes(factory: Callable[..., Optimizer], kwargs: dict[str, Any]) -> None:
+    """A factory that cannot be called as factory(groups, **kwargs) is refused by its
+    signature before anything is built; the call's own TypeError named neither the factory
+    nor the form it is called in."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the call decides
+        return
+    try:
+        signature.bind([], **kwargs)
+    except TypeError as error:
+        raise ValueError(
+            f"Invalid optimizer {factory!r}: it cannot be called as "
+            f"optimizer(param_groups{''.join(f', {k}=...' for k in kwargs)}) ({error}). "
+            "Allowed: a callable taking the param groups first and the hyperparameters as "
+            "keywords, such as functools.partial(core.AdamW, betas=(0.9, 0.95))."
+        ) from None
 
 
 def _required_arguments(cls: type) -> list[str]:

@@ -343,7 +343,10 @@ def test_malformed_yaml_is_an_invalid_recipe_file_with_pyyamls_message(
     assert isinstance(info.value.__cause__, yaml.YAMLError)
 
 
-TIME_RANGE = "a time >= 0 such as '100ba' or '1ep', or a 'dur' fraction in [0, 1]"
+TIME_RANGE = (
+    "a time >= 0 in ep, ba, sp, tok or iter such as '100ba' or '1ep', "
+    "or a 'dur' fraction in [0, 1] (wall-clock 'sec' is no scheduler time)"
+)
 
 
 @pytest.mark.bad_input
@@ -353,6 +356,8 @@ TIME_RANGE = "a time >= 0 such as '100ba' or '1ep', or a 'dur' fraction in [0, 1
         ("cosine_with_warmup", "t_warmup", "-5ba", TIME_RANGE),
         ("cosine_with_warmup", "t_warmup", "5dur", TIME_RANGE),
         ("linear_decay_with_warmup", "t_max", "1.5dur", TIME_RANGE),
+        ("cosine_with_warmup", "t_warmup", "5sec", TIME_RANGE),
+        ("cosine", "t_max", "60sec", TIME_RANGE),
         ("constant", "t_max", "-1ep", TIME_RANGE),
         ("cosine_with_warmup", "alpha_f", float("nan"), "a finite number >= 0"),
         ("cosine_with_warmup", "alpha_f", float("inf"), "a finite number >= 0"),
@@ -365,7 +370,8 @@ def test_scheduler_values_out_of_range_are_refused_when_built(
     name: str, key: str, value: object, allowed: str
 ) -> None:
     """Composer builds them and trains on a negative or NaN learning rate, or a warmup
-    longer than the run ('dur' is a fraction of the run). The bounds themselves build."""
+    longer than the run ('dur' is a fraction of the run), or refuses them at the first batch
+    (wall-clock 'sec'). The bounds themselves build."""
     recipe = {"name": name, key: value}
     if name.endswith("_with_warmup") and key != "t_warmup":
         recipe["t_warmup"] = "1ba"

@@ -195,6 +195,34 @@ def test_a_yaml_config_with_an_unknown_name_or_argument_lists_the_valid_ones(
         configure_optimizers(Tied(), yaml.safe_load(f"lr: 1.0e-3\n{text}"))
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "form"),
+    [
+        (lambda: None, {}, "optimizer(param_groups)"),
+        (lambda groups: core.AdamW(groups), {"lr": 0.1}, "optimizer(param_groups, lr=...)"),
+        (
+            functools.partial(core.AdamW, lr=0.1),
+            {"momentum": 0.9},
+            "optimizer(param_groups, momentum=...)",
+        ),
+    ],
+    ids=["takes-nothing", "no-keywords", "unknown-keyword"],
+)
+def test_a_callable_that_cannot_take_the_call_is_refused_by_name(
+    factory: object, kwargs: dict[str, object], form: str
+) -> None:
+    """The call's own TypeError named neither the callable nor how it is called."""
+    with pytest.raises(ValueError) as info:
+        configure_optimizers(Tied(), factory, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"Invalid optimizer {factory!r}: it cannot be called as {form} (")
+    assert message.endswith(
+        "Allowed: a callable taking the param groups first and the hyperparameters as "
+        "keywords, such as functools.partial(core.AdamW, betas=(0.9, 0.95))."
+    )
+
+
 def _expected_factor(kind: str, t: int, warmup: int, total: int, ratio: float) -> float:
     """The schedule written from its definition, to check the composed torch schedulers."""
     if t < warmup:
