@@ -2531,7 +2531,11 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             refuse(
                 key,
                 f"comes with {codes!r} as well",
-                "a moment in one form: full precision or 8-bit codes and scales",
+                "a moment in one form: full precision or 8-bit codes and scales (torch's "
+                "set_optimizer_state_dict(full_state_dict=True) merges in the receiving "
+                "optimizer's own form when its state_precision differs from the checkpoint's: "
+                "build the optimizer with the checkpoint's state_precision, load, then set "
+                "each param group's 'state_precision', which converts at the next step)",
             )
         if (codes in saved_state) != (absmax in saved_state):
             present, absent = (codes, absmax) if codes in saved_state else (absmax, codes)

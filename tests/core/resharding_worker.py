@@ -9,7 +9,8 @@ moments dequantized, gathered from the shards) to DIRECTORY/<cell>/expected.pt. 
 builds a fresh sharded model and optimizer on its N ranks for each backend setting
 (default flags, fused, foreach, loop), loads the checkpoint, and takes one more step; it
 writes whether each state tensor, gathered, equals the saved one (default flags) and each
-backend's parameters after that step to DIRECTORY/<cell>/loaded-N.pt.
+backend's parameters after that step to DIRECTORY/<cell>/loaded-N.pt, with the same
+step taken after switching the loaded optimizer to full-precision state.
 """
 
 from __future__ import annotations
@@ -98,8 +99,29 @@ def load(directory: Path) -> None:
                 }
             _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT, CHECKPOINT_AT + 1))
             outcome["stepped"][backend] = [_full(p).float() for p in model.parameters()]
+        outcome["switched"] = _switched_to_full(directory / name, cell)
         if dist.get_rank() == 0:
             torch.save(outcome, directory / name / f"loaded-{dist.get_world_size()}.pt")
+
+
+def _switched_to_full(checkpoint: Path, cell: Cell) -> dict[str, Any]:
+    """The way README gives to change state_precision across a DCP checkpoint (DCP loads
+    only the keys the receiving optimizer has): build with the checkpoint's precision,
+    load, set each group's state_precision, step. The parameters after that step, and
+    the state keys left (gathered in one order on every rank)."""
+    model = _sharded_model(cell, mixed_precision=False)
+    optimizer = cell.make_optimizer(model.parameters())
+    state = _checkpoint(model, optimizer)
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    for group in optimizer.param_groups:
+        group["state_precision"] = "full"
+    _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT, CHECKPOINT_AT + 1))
+    return {
+        "params": [_full(p).float() for p in model.parameters()],
+        "keys": sorted({key for s in optimizer.state.values() for key in s}),
+    }
 
 
 def main(mode: str, directory: str) -> None:

@@ -440,7 +440,9 @@ BAD_STATE_VALUES = {
     "moment-in-both-forms": (
         "8bit",
         _corrupt("exp_avg", torch.zeros(64, 128)),
-        r"\['exp_avg'\] comes with 'exp_avg_codes' as well\. Allowed: a moment in one form",
+        r"\['exp_avg'\] comes with 'exp_avg_codes' as well\. Allowed: a moment in one form.*"
+        r"build the optimizer with the checkpoint's state_precision, load, then set each param "
+        r"group's 'state_precision'",
     ),
     "moment-expanded": (
         "full",
