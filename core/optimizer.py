@@ -741,6 +741,71 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         require(isinstance(value, bool), "optimizer_accumulation", value, "True or False")
         unwrapped(self).__dict__["_optimizer_accumulation"] = value
 
+    def open_windows(self) -> dict[Tensor, int]:
+        """Each parameter whose optimizer-accumulation window is open, with the number of
+        micro-batches folded into it. `load_state_dict` restores them from the state's
+        `window_microbatches`, but torch.distributed.checkpoint loads only the state keys a
+        fresh optimizer has, which hold no window: carry these beside such a checkpoint
+        and give them to `reopen_windows` after loading."""
+        return {
+            param: int(state["window_microbatches"])
+            for param, state in self.state.items()
+            if float(state.get("window_microbatches", 0.0)) > 0
+        }
+
+    def reopen_windows(self, counts: dict[Tensor, int]) -> None:
+        """Reopen the windows `open_windows` returned before a checkpoint whose loader
+        dropped them: the next step without optimizer_accumulation closes them, as it
+        would have without the checkpoint. Everything is checked before anything is set."""
+        name = type(self).__name__
+        if not isinstance(counts, dict):
+            raise ValueError(
+                f"Invalid counts: a {type(counts).__name__}. Allowed: a dict {{parameter: count}}."
+            )
+        if counts and not self.supports_optimizer_accumulation:
+            raise ValueError(
+                f"Invalid counts for {name}.reopen_windows: {len(counts)} open windows. "
+                f"Allowed: none ({name} has no optimizer accumulation)."
+            )
+        params = {param for group in self.param_groups for param in group["params"]}
+        for param, count in counts.items():
+            shown = tuple(param.shape) if isinstance(param, Tensor) else param
+            require(
+                isinstance(param, Tensor) and param in params,
+                "counts key",
+                shown,
+                f"a parameter of this {name}",
+            )
+            require(
+                isinstance(count, int) and not isinstance(count, bool) and count >= 1,
+                "counts value",
+                count,
+                "an int >= 1 (micro-batches folded into the window)",
+                f" of a parameter of shape {shown}",
+            )
+            state = self.state.get(param)
+            require(
+                bool(state),
+                "counts key",
+                shown,
+                "a parameter with state: load the checkpoint first (a window folds "
+                "micro-batches into moments the state holds)",
+            )
+            held = state.get("window_microbatches")
+            require(
+                held is None or float(held) in (0.0, count),
+                "counts value",
+                count,
+                f"{int(held or 0)}, the window the state already holds",
+                f" of a parameter of shape {shown}",
+            )
+        for param, count in counts.items():
+            self.state[param]["window_microbatches"] = torch.tensor(float(count))
+        if counts:
+            self._windows_opened = True  # full steps close windows left open
+            if isinstance(self.state, StateTable):
+                self.state.writes += 1  # step memos were made without these windows
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # The name the user chose the fused backend by, for errors about it.
         self._fused_argument = "triton" if fold_triton_into_fused(defaults) else "fused"
@@ -1881,6 +1946,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     # torch keeps a saved strided copy's layout, which sent every later
                     # step past the fused kernels (and rounded them differently).
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # type: ignore[union-attr]
+            if float(state.get("window_microbatches", 0.0)) > 0:
+                self._windows_opened = True  # closed by the next full step, gradient or not
             # Converted now, not at the next step: a state_dict() taken right after loading
             # holds what this optimizer keeps (an 8-bit checkpoint loaded with "full"
             # saves exp_avg/exp_avg_sq, which torch.optim reads).

@@ -67,6 +67,45 @@ class GradientRelease(L.Callback):
 
     def __init__(self) -> None:
         self._reset()
+        self._windows_to_reopen: dict[str, int] = {}
+
+    # -- open accumulation windows in checkpoints ----------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open windows by parameter name, beside the optimizer's own state: under
+        ModelParallelStrategy torch.distributed.checkpoint loads only the state keys a
+        fresh optimizer has, so a fit stopped inside a window (should_stop, max_time)
+        lost the window's count there and restarted it on resuming."""
+        if self._optimizer is None or self._module is None:
+            return {}
+        names = {param: name for name, param in self._module.named_parameters()}
+        windows = self._optimizer.open_windows()
+        return {"open_windows": {names[p]: count for p, count in windows.items() if p in names}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._windows_to_reopen = dict(state_dict.get("open_windows", {}))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reopen the checkpoint's windows its optimizer state lost (Lightning has loaded
+        both by now); where the optimizer's own state holds them, nothing changes."""
+        pending, self._windows_to_reopen = self._windows_to_reopen, {}
+        if not pending or self._optimizer is None:
+            return
+        params = dict(pl_module.named_parameters())
+        unknown = sorted(set(pending) - set(params))
+        if unknown:
+            raise ValueError(
+                f"Invalid checkpoint for GradientRelease: open accumulation windows of "
+                f"parameters {unknown}, which {type(pl_module).__name__} does not have. "
+                "Allowed: a checkpoint of this model."
+            )
+        state = self._optimizer.state
+        lost = {
+            params[name]: count
+            for name, count in pending.items()
+            if "window_microbatches" not in state.get(params[name], {})
+        }
+        self._optimizer.reopen_windows(lost)
 
     def _reset(self) -> None:
         self._optimizer: core.AdamFamilyOptimizer | None = None

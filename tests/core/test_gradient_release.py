@@ -246,6 +246,117 @@ def test_an_accumulation_window_closes_for_a_parameter_its_last_microbatch_skipp
     assert float(side_state["step"]) == 4 and float(side_state["window_microbatches"]) == 0
 
 
+def _windowed_run(
+    case: Case, flags: dict[str, Any], release: bool, route: str | None
+) -> list[torch.Tensor]:
+    """Windows of two micro-batches (a side branch only in each window's first), with a
+    checkpoint taken inside the third window and loaded into a fresh model and optimizer
+    (route None: no checkpoint). "dropped" loses the windows' counts as
+    torch.distributed.checkpoint's loader does; "reopened" then restores them."""
+    batches = make_batches(torch.float32, 5)
+
+    def build() -> tuple[nn.ModuleList, torch.optim.Optimizer]:
+        modules = nn.ModuleList([make_model(), nn.Linear(6, 3)])
+        optimizer = case.make(modules.parameters(), gradient_release=release, **flags)
+        if release:
+            core.prepare_for_gradient_release(modules, optimizer)
+        return modules, optimizer
+
+    modules, optimizer = build()
+    for index, (x, y) in enumerate(batches):
+        for microbatch in range(2):
+            if route is not None and index == 2 and microbatch == 1:
+                windows = {
+                    i: c
+                    for i, p in enumerate(modules.parameters())
+                    for q, c in optimizer.open_windows().items()
+                    if q is p
+                }
+                saved = copy.deepcopy((modules.state_dict(), optimizer.state_dict()))
+                if release:
+                    core.remove_gradient_release(modules)
+                modules, optimizer = build()
+                modules.load_state_dict(saved[0])
+                if route != "state_dict":
+                    for state in saved[1]["state"].values():
+                        state.pop("window_microbatches", None)
+                optimizer.load_state_dict(saved[1])
+                if route == "reopened":
+                    params = list(modules.parameters())
+                    optimizer.reopen_windows({params[i]: c for i, c in windows.items()})
+            model, side = modules
+            out = model(x) + (side(x) if microbatch == 0 else 0.0)
+            optimizer.optimizer_accumulation = microbatch == 0
+            nn.functional.mse_loss(out, y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    if release:
+        core.remove_gradient_release(modules)
+    return [p.detach().clone() for p in modules.parameters()]
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["stepped", "released"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_an_open_window_resumes_from_a_checkpoint_exactly(backend: str, release: bool) -> None:
+    """A checkpoint inside a window: load_state_dict restores its count, and where a loader
+    drops it (torch.distributed.checkpoint loads only the keys a fresh optimizer has),
+    open_windows/reopen_windows carry it; either way the run equals the uninterrupted one
+    bit for bit, the side branch's window included (its last micro-batch has no gradient:
+    it closed only after a window had been opened by this optimizer, so it stayed open
+    after a load). Dropped, the window restarts and the runs part."""
+    case = one_case_per_algorithm()[0]
+    flags = TRAINING_BACKENDS[backend]
+    uninterrupted = _windowed_run(case, flags, release, None)
+    for route in ("state_dict", "reopened"):
+        resumed = _windowed_run(case, flags, release, route)
+        for a, b in zip(uninterrupted, resumed, strict=True):
+            assert torch.equal(a, b), route
+    dropped = _windowed_run(case, flags, release, "dropped")
+    assert not all(map(torch.equal, uninterrupted, dropped))
+
+
+@pytest.mark.bad_input
+def test_reopen_windows_refuses_what_it_cannot_restore_before_setting_any() -> None:
+    model = make_model()
+    params = list(model.parameters())
+    optimizer = core.AdamW(model.parameters(), lr=LR)
+    optimizer.optimizer_accumulation = True
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    fresh = core.AdamW(nn.Linear(2, 2).parameters(), lr=LR)
+    cases = [
+        ([(params[0], 1)], r"Invalid counts: a list\. Allowed: a dict \{parameter: count\}\."),
+        ({"weight": 1}, r"Invalid counts key: 'weight'\. Allowed: a parameter of this AdamW\."),
+        (
+            {nn.Parameter(torch.zeros(16, 6)): 1},
+            r"Invalid counts key: \(16, 6\)\. Allowed: a parameter of this AdamW\.",
+        ),
+        (
+            {params[1]: 0},
+            r"Invalid counts value of a parameter of shape \(16,\): 0\. Allowed: an int >= 1",
+        ),
+        ({params[1]: 1.0}, r"Invalid counts value .*: 1\.0\. Allowed: an int >= 1"),
+        ({params[1]: True}, r"Invalid counts value .*: True\. Allowed: an int >= 1"),
+        (
+            {params[0]: 1, params[1]: 2},
+            r"Invalid counts value of a parameter of shape \(16,\): 2\. Allowed: 1, the "
+            r"window the state already holds\.",
+        ),
+    ]
+    before = copy.deepcopy(optimizer.state_dict())
+    for counts, message in cases:
+        with pytest.raises(ValueError, match=message):
+            optimizer.reopen_windows(counts)  # type: ignore[arg-type]
+        assert str(optimizer.state_dict()) == str(before)
+    with pytest.raises(ValueError, match=r"Allowed: a parameter with state: load the checkpoint"):
+        fresh.reopen_windows({fresh.param_groups[0]["params"][0]: 1})
+    nadam = core.NAdam(nn.Linear(2, 2).parameters(), lr=LR)
+    with pytest.raises(ValueError, match=r"Allowed: none \(NAdam has no optimizer accumulation\)"):
+        nadam.reopen_windows({nadam.param_groups[0]["params"][0]: 1})
+    optimizer.reopen_windows({})  # nothing to reopen
+
+
 class _SavesItsWeight(nn.Module):
     """A weight saved for backward by a node that runs after the weight's own gradient is
     complete (a stop-gradient use ahead of its ordinary one)."""

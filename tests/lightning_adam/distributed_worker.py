@@ -25,7 +25,14 @@ from torch.distributed.fsdp import fully_shard
 from lightning_adam import GradientRelease, OptimizerMonitor
 from tests.core.configuration_cases import Cell
 from tests.lightning_adam import strategy_cases
-from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
+from tests.lightning_adam.models import (
+    Regression,
+    ResumableLoader,
+    StopInsideWindow,
+    loader,
+    make_trainer,
+    regression_data,
+)
 
 SCHEDULE = {"kind": "cosine", "warmup_steps": 2, "total_steps": 12, "min_lr_ratio": 0.1}
 SAMPLES, EPOCHS, BATCH_PER_RANK = 256, 3, 32
@@ -125,6 +132,33 @@ def _resumed_fit(out: str, name: str) -> list[torch.Tensor]:
     return strategy_cases.full_parameters(model)
 
 
+def _resumed_inside_a_window(out: str) -> dict[str, list[torch.Tensor]]:
+    """AdamW released under ModelParallelStrategy with windows of two batches: fitted
+    whole, and stopped inside a window with a checkpoint (torch.distributed.checkpoint's)
+    then resumed from it. DCP loads only the state keys the fresh optimizer has, so the
+    window's count is carried by GradientRelease's own checkpoint state."""
+    path = f"{out}/inside-window.ckpt"
+    results = {}
+    for name, stop, resume in (
+        ("whole", None, None),
+        ("stopped", StopInsideWindow(path, epoch=1, batch=0), None),
+        ("resumed", None, path),
+    ):
+        model = ShardedRegression(scheduler=SCHEDULE, **ADAMW)
+        trainer = make_trainer(
+            accumulate_grad_batches=2,
+            callbacks=[GradientRelease(), *([stop] if stop else [])],
+            strategy=strategy_cases.model_parallel(data=2, tensor=1),
+            devices=2,
+            max_epochs=EPOCHS,
+        )
+        data = ResumableLoader(regression_data(SAMPLES), batch_size=BATCH_PER_RANK)
+        trainer.fit(model, data, ckpt_path=resume)
+        results[name] = strategy_cases.full_parameters(model)
+        results[f"{name}-steps"] = trainer.global_step
+    return results
+
+
 RESUMED = ("AdamW-model-parallel-release",)
 """Runs also trained in two halves across a checkpoint."""
 
@@ -154,6 +188,7 @@ def main(out: str) -> None:
         rank = trainer.global_rank
     for name in RESUMED:
         results[f"{name}-resumed"] = _resumed_fit(out, name)
+    results["inside-window"] = _resumed_inside_a_window(out)
     for strategy in MONITORED:
         _monitored_fit(out, strategy)
     results["matrix"] = strategy_cases.all_cells()

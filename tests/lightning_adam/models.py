@@ -32,6 +32,46 @@ def loader(dataset: TensorDataset, batch_size: int = 32) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+class ResumableLoader(DataLoader):
+    """A fixed-order loader Lightning can resume mid-epoch (its `_Stateful` protocol):
+    it skips the batches a checkpoint's epoch already took, so a fit resumed from inside
+    an epoch sees the batches the uninterrupted fit saw (a plain DataLoader starts the
+    epoch again)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken = 0
+        self.skip = 0
+
+    def __iter__(self) -> Any:
+        skip, self.skip = self.skip, 0
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self.taken = index + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skip = state_dict["taken"]
+
+
+class StopInsideWindow(L.Callback):
+    """Saves a checkpoint after batch `batch` of epoch `epoch` and stops the fit there
+    (inside an accumulation window when the batch is not a window's last), as a fit
+    stopped by should_stop or max_time does."""
+
+    def __init__(self, path: str | Path, epoch: int, batch: int) -> None:
+        self.path, self.epoch, self.batch = path, epoch, batch
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        batch_index = args[-1]
+        if (trainer.current_epoch, batch_index) == (self.epoch, self.batch):
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
 class Regression(L.LightningModule):
     """An MLP with a LayerNorm whose optimizer is whatever configure_optimizers is given."""
 

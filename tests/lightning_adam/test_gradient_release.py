@@ -23,6 +23,8 @@ from lightning_adam import GradientRelease, OptimizerMonitor
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
     Regression,
+    ResumableLoader,
+    StopInsideWindow,
     assert_backend,
     loader,
     make_trainer,
@@ -103,6 +105,39 @@ def test_resume_with_release_continues_exactly(backend: str, tmp_path: Path) -> 
     trainer.fit(resumed, loader(regression_data(128)), ckpt_path=tmp_path / "epoch=1.ckpt")
     assert trainer.global_step == EPOCHS * 4
     for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_fit_stopped_inside_a_window_resumes_exactly(backend: str, tmp_path: Path) -> None:
+    """Windows of two batches, the fit stopped after a window's first (should_stop, as
+    max_time or EarlyStopping stop it) with a checkpoint, then resumed from it: the same
+    parameters as the uninterrupted fit (the loader resumes mid-epoch). The checkpoint
+    holds the open window twice, in the optimizer's state and in GradientRelease's own
+    (which restores it where a loader drops it: the distributed test); Lightning without
+    release drops the window's first micro-batch instead."""
+    kwargs = {"scheduler": SCHEDULE, **OPTIMIZERS["AdamW"], **BACKENDS[backend]}
+    path = tmp_path / "inside-window.ckpt"
+    params = []
+    for stop, resume in (
+        (None, None),
+        (StopInsideWindow(path, epoch=1, batch=2), None),
+        (None, path),
+    ):
+        model = Regression(**kwargs)
+        trainer = make_trainer(
+            max_epochs=EPOCHS,
+            accumulate_grad_batches=2,
+            callbacks=[GradientRelease(), *([stop] if stop else [])],
+        )
+        trainer.fit(model, ResumableLoader(regression_data(128), batch_size=32), ckpt_path=resume)
+        params.append([p.detach().clone() for p in model.parameters()])
+        if stop:
+            assert trainer.global_step == 3
+            (saved,) = torch.load(path, weights_only=False)["callbacks"].values()
+            assert set(saved["open_windows"].values()) == {1}
+    whole, _, resumed = params
+    for a, b in zip(whole, resumed, strict=True):
         assert torch.equal(a, b)
 
 
@@ -409,7 +444,9 @@ class WarmsUp(Regression):
         (
             Regression,
             [GradientRelease()],
-            r"Invalid callbacks for GradientRelease: .*more than once",
+            # Lightning refuses a second instance of a stateful callback when the Trainer
+            # is built; one appended later is refused by GradientRelease (next test).
+            r"Found more than one stateful callback of type `GradientRelease`",
         ),
         (SkipsBatch2, [], r"Invalid SkipsBatch2\.optimizer_step for GradientRelease: backward"),
     ],
@@ -429,6 +466,20 @@ def test_settings_release_cannot_honour_are_refused_before_they_change_anything(
         _fit(plain, False, max_epochs=1, limit_train_batches=2)
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b)
+    assert not core.is_gradient_release_prepared(model)
+
+
+@pytest.mark.bad_input
+def test_a_second_gradient_release_appended_after_the_trainer_is_refused_at_setup() -> None:
+    model = Regression(lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(max_epochs=1, callbacks=[GradientRelease()])
+    trainer.callbacks.append(GradientRelease())
+    with pytest.raises(
+        ValueError, match=r"Invalid callbacks for GradientRelease: .*more than once"
+    ):
+        trainer.fit(model, loader(regression_data(128)))
+    assert all(map(torch.equal, before, model.parameters()))
     assert not core.is_gradient_release_prepared(model)
 
 
