@@ -192,17 +192,17 @@ def main() -> None:
     )
     parser.add_argument("--child", nargs=2, metavar=("NAME", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from main_job import plot, refuse_bad_arguments, table
+
+    refuse_bad_arguments(parser, args, "--batches", list(CONTENDERS))
     budget = dict(QUICK if args.quick else FULL)
-    if args.batches:
+    if args.batches is not None:
         budget = {"batches": args.batches, "val_every": args.batches, "warmup": 0}
     names = [name for name in CONTENDERS if not args.only or name in args.only]
-    if not names:
-        parser.error(f"invalid --only {args.only}: allowed names are {list(CONTENDERS)}")
     if args.child is not None:
         run_child(args.child[0], Path(args.child[1]), budget)
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from main_job import plot, table
 
     started = time.perf_counter()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def main() -> None:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", name, str(path)]
         if args.quick:
             command.append("--quick")
-        if args.batches:
+        if args.batches is not None:
             command += ["--batches", str(args.batches)]
         subprocess.run(command, check=True, env=env, cwd=ROOT)
         group = CONTENDERS[name].get("group", "fp32")

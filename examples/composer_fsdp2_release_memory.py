@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from gradient_release import rss_mb  # noqa: E402  (one probe for both examples)
+from gradient_release import rss_mb, run_measurement  # noqa: E402  (shared with that example)
 
 WIDTH, LAYERS, BATCH, STEPS = 1024, 20, 32, 3
 
@@ -113,13 +111,15 @@ def main() -> None:
     for per_layer, release in itertools.product((False, True), (False, True)):
         with tempfile.TemporaryDirectory() as name:
             out = Path(name)
-            subprocess.run(
+            # --standalone: a free rendezvous port (a fixed one fails while another run
+            # or service holds it); the child's output is shown if it fails.
+            run_measurement(
                 [
                     sys.executable,
                     "-m",
                     "torch.distributed.run",
+                    "--standalone",
                     "--nproc-per-node=2",
-                    "--master-port=29533",
                     __file__,
                     "--measure",
                     str(int(release)),
@@ -127,15 +127,7 @@ def main() -> None:
                     str(int(per_layer)),
                     "--out",
                     str(out),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-                env={
-                    **os.environ,
-                    "MALLOC_MMAP_THRESHOLD_": str(64 * 1024),
-                    "OMP_NUM_THREADS": "1",
-                },
+                ]
             )
             rows[per_layer, release] = [
                 json.loads((out / f"rank{r}.json").read_text()) for r in range(2)

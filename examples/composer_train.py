@@ -58,9 +58,37 @@ def build_callbacks(config: dict[str, Any]) -> list[Any]:
     return callbacks
 
 
+class NotATrainingRecipe(ValueError):
+    """A YAML file without the sections this example trains from."""
+
+
+MODEL_KEYS = ("context", "d_model", "n_heads", "n_layers")
+
+
+def check_training_recipe(recipe: dict[str, Any], recipe_path: str) -> None:
+    """Refuse a file lacking model or data settings before anything is built: it used to
+    stop with a bare KeyError 'model'. The likely one is llmfoundry_optimizer.yaml, which
+    holds only the optimizer and scheduler sections to paste into an llm-foundry YAML."""
+    missing = [name for name in ("model", "data") if not isinstance(recipe.get(name), dict)]
+    if not missing:
+        missing = [f"model.{key}" for key in MODEL_KEYS if key not in recipe["model"]]
+        missing += [] if "batch_size" in recipe["data"] else ["data.batch_size"]
+    if missing:
+        raise NotATrainingRecipe(
+            f"Invalid recipe {recipe_path}: no {' or '.join(missing)}, which this example "
+            f"trains from. Allowed: a training recipe with model ({', '.join(MODEL_KEYS)}) "
+            "and data (batch_size) sections, such as "
+            "configs/composer/char_lm_decoupled_adamw.yaml. A file with only optimizer and "
+            "scheduler sections, such as configs/composer/llmfoundry_optimizer.yaml, is an "
+            "llm-foundry snippet to paste into an llm-foundry training YAML, not a recipe "
+            "to train here."
+        )
+
+
 def train(recipe_path: str, max_duration: str | None = None) -> dict[str, float]:
     """Train from the recipe; return the first and last training loss."""
     recipe = load_recipe(recipe_path)
+    check_training_recipe(recipe, recipe_path)
     torch.manual_seed(recipe.get("seed", 17))
     data, _ = train_val_split(recipe["model"]["context"], val_fraction=0.05)
     model = CharLanguageModel(**recipe["model"])
@@ -100,7 +128,10 @@ def main() -> None:
     parser.add_argument("--max-duration", help="override trainer.max_duration, e.g. 50ba")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = train(args.recipe, args.max_duration)
+    try:
+        result = train(args.recipe, args.max_duration)
+    except NotATrainingRecipe as error:
+        parser.error(str(error))
     print(
         f"{result['batches']} batches: loss {result['first_loss']:.3f} -> "
         f"{result['last_loss']:.3f} (uniform guess {math.log(VOCAB):.3f})"

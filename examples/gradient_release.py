@@ -19,8 +19,11 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -75,20 +78,35 @@ def measure_peak(release: bool, steps: int, fsdp2: bool = False) -> dict[str, fl
     return {"params_m": params / 1e6, "peak_above_start_mb": peak - before, "peak_mb": peak}
 
 
+def run_measurement(command: list[str]) -> None:
+    """Run a measuring child with glibc returning freed blocks at once and one thread. Its
+    output is captured (torch.distributed.run's notices would break up the table), so on
+    failure it is shown here: otherwise only the exit status would say what went wrong."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.exit(
+            f"the measuring child failed with exit status {result.returncode}: "
+            f"{shlex.join(command)}\n--- its stdout (end) ---\n{result.stdout[-4000:]}"
+            f"\n--- its stderr (end) ---\n{result.stderr[-8000:]}"
+        )
+
+
 def _measure_in_subprocess(release: bool, steps: int, fsdp2: bool) -> dict[str, float]:
-    """One fresh process (two ranks for fsdp2: the larger peak) measuring one mode."""
+    """One fresh process (two ranks for fsdp2: the larger peak) measuring one mode. Each
+    rank writes its own file: lines the two printed to one pipe could interleave."""
     launcher = [sys.executable]
     if fsdp2:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     flags = ["--measure", str(int(release)), "--steps", str(steps)]
-    out = subprocess.run(
-        [*launcher, __file__, *flags, *(["--fsdp2"] if fsdp2 else [])],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "OMP_NUM_THREADS": "1"},
-    ).stdout
-    ranks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    with tempfile.TemporaryDirectory(prefix="gradient-release-") as name:
+        out = Path(name)
+        run_measurement(
+            [*launcher, __file__, *flags, "--out", str(out), *(["--fsdp2"] if fsdp2 else [])]
+        )
+        ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    if len(ranks) != (2 if fsdp2 else 1):
+        sys.exit(f"the measuring child exited 0 but wrote {len(ranks)} rank file(s)")
     return max(ranks, key=lambda row: row["peak_above_start_mb"])
 
 
@@ -157,9 +175,14 @@ def main() -> None:
     parser.add_argument("--measure", type=int, choices=[0, 1], help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp2", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
-        print(json.dumps(measure_peak(bool(args.measure), args.steps, args.fsdp2)))
+        if args.out is None:
+            parser.error("argument --measure: needs --out (the folder for rank<N>.json)")
+        row = measure_peak(bool(args.measure), args.steps, args.fsdp2)
+        rank = os.environ.get("RANK", "0")  # set by torch.distributed.run
+        (args.out / f"rank{rank}.json").write_text(json.dumps(row))
         return
     print(memory_table(steps=2 if args.quick else 3))
     print()

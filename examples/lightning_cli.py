@@ -115,6 +115,22 @@ class AdamKitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         lightning_adam.link_optimizer(parser, to="model.optimizer")
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse windows longer than the positional embedding before anything is built:
+        they used to fail in the first forward with torch's bare `index out of range`.
+        Not a link (data.context -> model.context): jsonargparse then drops the model's
+        value that configs/lightning/base.yaml sets, and silently ignores any config's
+        other value. A longer model.context is fine (positions it never uses)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data, model = config.data.context, config.model.context
+        if data > model:
+            self.parser.error(
+                f"Invalid data.context {data}: longer than model.context {model}, the "
+                "sequence length the positional embedding covers. Allowed: data.context at "
+                f"most model.context (set both, e.g. --data.context {data} --model.context "
+                f"{data})."
+            )
+
 
 def main(args: list[str] | None = None, cli_class: type[AdamKitCLI] = AdamKitCLI) -> None:
     """Run the CLI; `cli_class` lets a caller (examples/main_job.py) add to it."""

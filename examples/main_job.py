@@ -203,7 +203,9 @@ def run_summary(recorder: Any, optimizer: Any, model: Any, tokens_per_batch: int
     """What a run's recorder writes: its losses and times, and the optimizer's memory.
 
     `recorder` has train_losses, val_losses, batch_seconds and optimizer_seconds; the
-    first five batches are left out of the medians (they warm caches and kernels).
+    first five batches are left out of the medians (they warm caches and kernels) unless
+    that would leave none, in which case every batch counts: a short run's times are
+    noisier, but a 0 would read as a free optimizer.
     """
     import torch
     from benchmark import stored_bytes  # a tensor subclass's (torchao's state) own bytes
@@ -222,7 +224,8 @@ def run_summary(recorder: Any, optimizer: Any, model: Any, tokens_per_batch: int
         "seconds_per_batch": statistics.median(
             recorder.batch_seconds[5:] or recorder.batch_seconds
         ),
-        "optimizer_ms": 1e3 * statistics.median(recorder.optimizer_seconds[5:] or [0.0]),
+        "optimizer_ms": 1e3
+        * statistics.median(recorder.optimizer_seconds[5:] or recorder.optimizer_seconds),
         "optimizer_state_mb": state_bytes / 2**20,
         "param_and_state_bytes": param_bytes + state_bytes,
         "params": sum(p.numel() for p in model.parameters()),
@@ -346,6 +349,24 @@ def plot(
     figure.savefig(path, dpi=120)
 
 
+def refuse_bad_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, count: str, names: list[str]
+) -> None:
+    """Refuse, before any run starts, what would otherwise be quietly misread: a count
+    below 1 (0 used to mean the full budget, a negative one failed deep in every child) and
+    an --only name that is not a contender (it used to be dropped if another name was
+    valid). Also makes --out absolute, as the children run from the repository root.
+    Shared with composer_compare.py; `count` names its steps or batches flag."""
+    value = getattr(args, count.removeprefix("--"))
+    if value is not None and value < 1:
+        parser.error(f"argument {count}: invalid value {value}; allowed: an integer >= 1")
+    unknown = [name for name in args.only or [] if name not in names]
+    if unknown:
+        allowed = ", ".join(repr(valid) for valid in names)
+        parser.error(f"invalid --only {unknown}: allowed names are {allowed}")
+    args.out = args.out.resolve()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps per run")
@@ -356,16 +377,16 @@ def main() -> None:
     )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
-    if args.child is not None:
+    if args.child is not None:  # the rest are LightningCLI's arguments
         run_child(args.child, [a for a in rest if a != "--"])
         return
+    if rest:  # a typo such as --quik would otherwise start the full job
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    refuse_bad_arguments(parser, args, "--steps", [c.name for c in CONTENDERS])
     budget = dict(QUICK if args.quick else FULL)
-    if args.steps:
+    if args.steps is not None:
         budget = {"steps": args.steps, "val_every": args.steps, "warmup": 0}
     contenders = [c for c in CONTENDERS if not args.only or c.name in args.only]
-    if not contenders:
-        names = ", ".join(repr(c.name) for c in CONTENDERS)
-        parser.error(f"invalid --only {args.only}: allowed names are {names}")
     missing = [c for c in contenders if c.requires and importlib.util.find_spec(c.requires) is None]
     if args.only and missing:
         parser.error(

@@ -8,11 +8,12 @@ import importlib.util
 import math
 import re
 import sys
+import warnings
 
 import pytest
 
 from core.backends import cpu_kernel
-from tests.processes import exit_of_script, run_worker
+from tests.processes import ROOT, exit_of_script, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +158,33 @@ def test_kernel_only_table_times_the_kernel_beside_its_floor_and_torch() -> None
     ]
     assert sorted(rows) == sorted(expected), output
     assert all(0 < low <= median for low, median in rows.values()), rows
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(importlib.util.find_spec("composer") is not None, reason="Composer is here")
+def test_composer_only_without_composer_says_where_to_run_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It timed no table, printed only the memory bandwidth and exited 0."""
+    code, _, stderr = exit_of_script("examples/benchmark.py", ["--composer-only"], monkeypatch)
+    assert code == 2
+    assert "argument --composer-only: Composer is not installed in this environment" in stderr
+    assert ".venv-composer/bin/python examples/benchmark.py --composer-only" in stderr
+
+
+def test_released_host_rows_close_each_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The released rows stepped every parameter again and again with no optimizer.step()
+    between, which core warns about (two steps of one parameter in one training step);
+    each repeat is now a whole training step. Four tensors instead of 300, for speed."""
+    spec = importlib.util.spec_from_file_location(
+        "example_benchmark", ROOT / "examples" / "benchmark.py"
+    )
+    benchmark = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "example_benchmark", benchmark)  # for its dataclasses
+    spec.loader.exec_module(benchmark)  # type: ignore[union-attr]
+    monkeypatch.setattr(benchmark, "EIGHT_BIT_HOST_SHAPE", (4, 4096))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = dict(benchmark.eight_bit_host_rows(repeats=1))
+    released = [name for name in rows if name.endswith(", released")]
+    assert len(released) == 4 and all(rows[name] > 0 for name in released)
