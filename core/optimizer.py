@@ -1302,6 +1302,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             state = self.state.get(param)
             if not state:
                 continue
+            self._check_moment_forms(group, param, state, where)
             shape = param.shape
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
@@ -1335,6 +1336,25 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     found = _state_problem(key, value, param)
                     if found is not None:
                         self._refuse_state(group, param, key, found, where)
+
+    def _check_moment_forms(
+        self, group: dict[str, Any], param: Tensor, state: dict[str, Any], where: str
+    ) -> None:
+        """Each moment in one whole form, as steps and loading keep it (state edited by
+        hand: codes without their scales failed with a KeyError mid-step, and scales
+        without their codes restarted the moment from zero silently)."""
+        for moment in MOMENT_STATE:
+            codes, absmax = moment_keys(moment)
+            if (codes in state) != (absmax in state):
+                present, absent = (codes, absmax) if codes in state else (absmax, codes)
+                found = (f"comes without {absent}", "an 8-bit moment's codes and scales together")
+                self._refuse_state(group, param, present, found, where)
+            if moment in state and codes in state:
+                found = (
+                    f"comes with {codes} as well",
+                    "a moment in one form: full precision or 8-bit codes and scales",
+                )
+                self._refuse_state(group, param, moment, found, where)
 
     @staticmethod
     def _refuse_state(

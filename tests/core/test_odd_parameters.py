@@ -237,6 +237,56 @@ HAND_SET_8BIT_STATE = {
 }
 
 
+BROKEN_8BIT_FORMS = {
+    # a KeyError from the middle of the step
+    "codes without scales": (
+        lambda state: state.pop("exp_avg_absmax"),
+        "exp_avg_codes comes without exp_avg_absmax beside a parameter of shape (64, 128). "
+        "Allowed: an 8-bit moment's codes and scales together.",
+    ),
+    # m restarted from zero, silently
+    "scales without codes": (
+        lambda state: state.pop("exp_avg_sq_codes"),
+        "exp_avg_sq_absmax comes without exp_avg_sq_codes beside a parameter of shape "
+        "(64, 128). Allowed: an 8-bit moment's codes and scales together.",
+    ),
+    # stepped, then its state_dict() was refused by load_state_dict
+    "both forms": (
+        lambda state: state.__setitem__("exp_avg", torch.zeros(64, 128)),
+        "exp_avg comes with exp_avg_codes as well beside a parameter of shape (64, 128). "
+        "Allowed: a moment in one form: full precision or 8-bit codes and scales.",
+    ),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", list(BROKEN_8BIT_FORMS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_8bit_moment_edited_out_of_its_form_is_refused_before_any_change(
+    backend: str, case: str
+) -> None:
+    edit, message = BROKEN_8BIT_FORMS[case]
+    torch.manual_seed(0)
+    other, weight = nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(64, 128))
+    optimizer = core.AdamW(
+        [other, weight], lr=1e-3, state_precision="8bit", **TRAINING_BACKENDS[backend]
+    )
+    for _ in range(2):  # the second step is memoized
+        for p in (other, weight):
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    edit(optimizer.state[weight])
+    before = [p.detach().clone() for p in (other, weight)]
+    other_state = {k: v.clone() for k, v in optimizer.state[other].items()}
+    with pytest.raises(
+        ValueError, match=r"Invalid state of params\[1\] in param group 0: " + re.escape(message)
+    ):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip((other, weight), before, strict=True))
+    for k, v in other_state.items():
+        assert torch.equal(optimizer.state[other][k], v), k
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(HAND_SET_8BIT_STATE))
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
