@@ -108,6 +108,8 @@ def _loader(dtype: torch.dtype) -> DataLoader:
     return DataLoader(dataset, batch_size=BATCH // world, sampler=sampler, shuffle=False)
 
 
+FP32_CELLS = ("fp32", "fp32-8bit")
+"""Cells with fp32 parameters, whose OptimizerMonitor metrics are compared."""
 MATRIX = ("ddp", "fsdp2", "fsdp2_release")
 """Configurations that train every cell."""
 PROBES: dict[str, Cell] = {
@@ -168,9 +170,10 @@ def train_cell(
     probe = GradientBytes()
     logger = InMemoryLogger()
     callbacks: list[Callback] = [probe]
-    # Metrics are compared in fp32 (each costs collectives); Composer's own class reduces
-    # them on torch.cuda.current_device() under FSDP, so it runs without the monitor here.
-    if cell.dtype_name == "fp32" and "_composer" not in configuration:
+    # Metrics are compared with fp32 parameters (each costs collectives), full and 8-bit
+    # state; Composer's own class reduces them on torch.cuda.current_device() under FSDP,
+    # so it runs without the monitor here.
+    if cell.dtype_name in FP32_CELLS and "_composer" not in configuration:
         optimizer_metrics = not configuration.endswith("grad_norms_only")
         callbacks.append(
             OptimizerMonitor(batch_log_interval=1, log_optimizer_metrics=optimizer_metrics)
