@@ -93,20 +93,28 @@ def run_trainer(
 
 MONITORED = ("ddp", "model_parallel")
 """OptimizerMonitor logs the same global norms under DDP and under FSDP2 shards."""
+MONITORED_STATES = {"full": 16, "8bit": 2048}
+"""state_precision -> the model's width: 2048 makes the last weight (3, 2048), quantized."""
 
 
-def _monitored_fit(out: str, strategy: str) -> None:
-    """AdamW for one epoch with OptimizerMonitor every step, logged to <out>/monitor-<strategy>."""
+def _monitored_fit(out: str, strategy: str, state_precision: str) -> None:
+    """AdamW for one epoch with OptimizerMonitor every step, logged to
+    <out>/monitor-<strategy>-<state_precision>."""
     sharded = strategy == "model_parallel"
-    model = (ShardedRegression if sharded else Regression)(**ADAMW)
+    model = (ShardedRegression if sharded else Regression)(
+        width=MONITORED_STATES[state_precision], state_precision=state_precision, **ADAMW
+    )
     trainer = make_trainer(
         strategy=strategy_cases.model_parallel(data=2, tensor=1) if sharded else strategy,
         devices=2,
         max_epochs=1,
         callbacks=[OptimizerMonitor(every_n_steps=1)],
-        logger=CSVLogger(out, name=f"monitor-{strategy}"),
+        logger=CSVLogger(out, name=f"monitor-{strategy}-{state_precision}"),
     )
     trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK))
+    if state_precision == "8bit":
+        state = trainer.optimizers[0].state[model.net[-1].weight]
+        assert "exp_avg_codes" in state, "the wide weight keeps 8-bit state"
 
 
 def _resumed_fit(out: str, name: str) -> list[torch.Tensor]:
@@ -190,7 +198,8 @@ def main(out: str) -> None:
         results[f"{name}-resumed"] = _resumed_fit(out, name)
     results["inside-window"] = _resumed_inside_a_window(out)
     for strategy in MONITORED:
-        _monitored_fit(out, strategy)
+        for state_precision in MONITORED_STATES:
+            _monitored_fit(out, strategy, state_precision)
     results["matrix"] = strategy_cases.all_cells()
     results["fabric_joint_setup_trains"] = strategy_cases.joint_setup_under_model_parallel_fabric()
     torch.save(results, f"{out}/rank{rank}.pt")

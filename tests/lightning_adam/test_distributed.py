@@ -33,6 +33,7 @@ from tests.core.test_configurations import assert_cell_matches, assert_within_bf
 from tests.lightning_adam.distributed_worker import (
     BATCH_PER_RANK,
     EPOCHS,
+    MONITORED_STATES,
     RUNS,
     SAMPLES,
     SCHEDULE,
@@ -393,19 +394,23 @@ def test_fsdp_strategy_on_cpu_is_refused_by_lightning() -> None:
             L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
 
 
-def _monitor_rows(out: Path, strategy: str) -> list[dict[str, float]]:
-    (path,) = out.glob(f"monitor-{strategy}/**/metrics.csv")
+def _monitor_rows(out: Path, run: str) -> list[dict[str, float]]:
+    (path,) = out.glob(f"monitor-{run}/**/metrics.csv")
     with path.open() as handle:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(handle)]
 
 
+@pytest.mark.parametrize("state_precision", list(MONITORED_STATES))
 def test_optimizer_monitor_logs_global_norms_under_fsdp2(
-    ranks: list[dict], lightning_out: Path
+    ranks: list[dict], lightning_out: Path, state_precision: str
 ) -> None:
     """Under ModelParallelStrategy every rank takes the DTensor norms together and rank
     zero logs the global values: those DDP logs for the same run (which equals FSDP2's
-    to 1e-6), every metric and step."""
-    ddp, sharded = (_monitor_rows(lightning_out, s) for s in ("ddp", "model_parallel"))
+    to 1e-6), every metric and step; with 8-bit state too, whose moments each rank
+    dequantizes from its own rows' blocks."""
+    ddp, sharded = (
+        _monitor_rows(lightning_out, f"{s}-{state_precision}") for s in ("ddp", "model_parallel")
+    )
     assert len(ddp) == len(sharded) == SAMPLES // (2 * BATCH_PER_RANK)
     for expected, got in zip(ddp, sharded, strict=True):
         assert got.keys() == expected.keys() and len(got) > 10
