@@ -982,7 +982,10 @@ def gpu_tables(quick: bool) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller tensors")
-    parser.add_argument(
+    # The "only" tables exclude each other (argparse names the pair when two are given):
+    # each used to win over the others silently, --kernel-only over all.
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
         "--composer-only",
         action="store_true",
         help="only the Composer tables (20 x 1M; each printed as measured, then in the summary)",
@@ -999,11 +1002,11 @@ def main() -> None:
         default="cpu",
         help="cpu (default) or cuda: the GPU tables instead of the CPU ones",
     )
-    parser.add_argument("--host-time-only", action="store_true", help="only the host-time table")
-    parser.add_argument(
+    only.add_argument("--host-time-only", action="store_true", help="only the host-time table")
+    only.add_argument(
         "--eight-bit-only", action="store_true", help="only the 8-bit state table (20 x 1M)"
     )
-    parser.add_argument(
+    only.add_argument(
         "--kernel-only",
         action="store_true",
         help="only the fused 8-bit AdamW kernel alone (C harness and direct calls), one thread",
@@ -1031,6 +1034,25 @@ def main() -> None:
         parser.error(
             "argument --composer-only: Composer is not installed in this environment; run it "
             "in the Composer one: .venv-composer/bin/python examples/benchmark.py --composer-only"
+        )
+    own_repeats = next(
+        (
+            flag
+            for flag, given in (
+                ("--kernel-only", args.kernel_only),
+                ("--eight-bit-only", args.eight_bit_only),
+                ("--host-time-only", args.host_time_only),
+            )
+            if given
+        ),
+        None,
+    )
+    if own_repeats and args.runs != 1:  # these tables take their own repeats
+        parser.error(f"argument --runs: invalid value {args.runs} with {own_repeats}; allowed: 1")
+    if args.device == "cuda" and (args.kernel_only or args.eight_bit_only):
+        parser.error(  # CPU kernels: the CPU tables ran, whatever --device said
+            f"argument --device: invalid value 'cuda' with "
+            f"{'--kernel-only' if args.kernel_only else '--eight-bit-only'}; allowed: 'cpu'"
         )
     if args.kernel_only and args.threads != 1:
         parser.error(

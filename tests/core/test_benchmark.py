@@ -88,8 +88,22 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
             ["--kernel-only", "--threads", "2"],
             "argument --threads: invalid value 2 with --kernel-only; allowed: 1",
         ),
+        # Each of these was ignored silently: --kernel-only won over the others, and the
+        # single-table modes take their own repeats and CPU kernels.
+        (
+            ["--eight-bit-only", "--kernel-only"],
+            "argument --kernel-only: not allowed with argument --eight-bit-only",
+        ),
+        (
+            ["--host-time-only", "--runs", "3"],
+            "argument --runs: invalid value 3 with --host-time-only; allowed: 1",
+        ),
+        (
+            ["--eight-bit-only", "--runs", "2"],
+            "argument --runs: invalid value 2 with --eight-bit-only; allowed: 1",
+        ),
     ],
-    ids=["runs", "threads", "kernel-only-threads"],
+    ids=["runs", "threads", "kernel-only-threads", "two-only-tables", "runs-host", "runs-8bit"],
 )
 def test_bad_arguments_are_refused_by_name(
     arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch
