@@ -1302,7 +1302,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             state = self.state.get(param)
             if not state:
                 continue
-            self._check_moment_forms(group, param, state, where)
+            form = _moment_form_problem(state)
+            if form is not None:  # state edited by hand: see _moment_form_problem
+                key, problem, allowed = form
+                self._refuse_state(group, param, key, (problem, allowed), where)
             shape = param.shape
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
@@ -1336,25 +1339,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     found = _state_problem(key, value, param)
                     if found is not None:
                         self._refuse_state(group, param, key, found, where)
-
-    def _check_moment_forms(
-        self, group: dict[str, Any], param: Tensor, state: dict[str, Any], where: str
-    ) -> None:
-        """Each moment in one whole form, as steps and loading keep it (state edited by
-        hand: codes without their scales failed with a KeyError mid-step, and scales
-        without their codes restarted the moment from zero silently)."""
-        for moment in MOMENT_STATE:
-            codes, absmax = moment_keys(moment)
-            if (codes in state) != (absmax in state):
-                present, absent = (codes, absmax) if codes in state else (absmax, codes)
-                found = (f"comes without {absent}", "an 8-bit moment's codes and scales together")
-                self._refuse_state(group, param, present, found, where)
-            if moment in state and codes in state:
-                found = (
-                    f"comes with {codes} as well",
-                    "a moment in one form: full precision or 8-bit codes and scales",
-                )
-                self._refuse_state(group, param, moment, found, where)
 
     @staticmethod
     def _refuse_state(
@@ -2579,6 +2563,22 @@ def _check_params(
             )
 
 
+def _moment_form_problem(state: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(key, problem, allowed) of the first moment a state holds in no one whole form
+    (full precision, or 8-bit codes with their scales), or None: the one rule for loaded
+    and live state."""
+    for moment in MOMENT_STATE:
+        codes, absmax = moment_keys(moment)
+        if moment in state and codes in state:
+            allowed = "a moment in one form: full precision or 8-bit codes and scales"
+            return moment, f"comes with {codes!r} as well", allowed
+        if (codes in state) != (absmax in state):
+            present, absent = (codes, absmax) if codes in state else (absmax, codes)
+            allowed = "an 8-bit moment's codes and scales together"
+            return present, f"comes without {absent!r}", allowed
+    return None
+
+
 def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tensor) -> None:
     """Refuse state values a step could not read, or would read with the wrong meaning:
     step counters that are not one finite number >= 0, moments that are not tensors with
@@ -2612,23 +2612,18 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
                 if value.numel() == 1 and not value.is_meta:
                     shown += f" holding {value.item()!r}"
             refuse(key, f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)")
-    for key in MOMENT_STATE:
-        codes, absmax = moment_keys(key)
-        if key in saved_state and codes in saved_state:
-            refuse(
-                key,
-                f"comes with {codes!r} as well",
-                "a moment in one form: full precision or 8-bit codes and scales (torch's "
-                "set_optimizer_state_dict(full_state_dict=True) merges in the receiving "
-                "optimizer's own form when its state_precision differs from the checkpoint's: "
-                "build the optimizer with the checkpoint's state_precision, load, then set "
-                "each param group's 'state_precision', which converts at the next step)",
+    form = _moment_form_problem(saved_state)
+    if form is not None:
+        key, problem, allowed = form
+        if key in MOMENT_STATE:  # both forms: what torch's full-state DCP loader makes
+            allowed += (
+                " (torch's set_optimizer_state_dict(full_state_dict=True) merges in the "
+                "receiving optimizer's own form when its state_precision differs from the "
+                "checkpoint's: build the optimizer with the checkpoint's state_precision, "
+                "load, then set each param group's 'state_precision', which converts at "
+                "the next step)"
             )
-        if (codes in saved_state) != (absmax in saved_state):
-            present, absent = (codes, absmax) if codes in saved_state else (absmax, codes)
-            refuse(
-                present, f"comes without {absent!r}", "an 8-bit moment's codes and scales together"
-            )
+        refuse(key, problem, allowed)
     for key, expected in _expected_state_shapes(param).items():
         if key not in saved_state:
             continue

@@ -1035,25 +1035,17 @@ def main() -> None:
             "argument --composer-only: Composer is not installed in this environment; run it "
             "in the Composer one: .venv-composer/bin/python examples/benchmark.py --composer-only"
         )
-    own_repeats = next(
-        (
-            flag
-            for flag, given in (
-                ("--kernel-only", args.kernel_only),
-                ("--eight-bit-only", args.eight_bit_only),
-                ("--host-time-only", args.host_time_only),
-            )
-            if given
-        ),
-        None,
-    )
-    if own_repeats and args.runs != 1:  # these tables take their own repeats
-        parser.error(f"argument --runs: invalid value {args.runs} with {own_repeats}; allowed: 1")
-    if args.device == "cuda" and (args.kernel_only or args.eight_bit_only):
-        parser.error(  # CPU kernels: the CPU tables ran, whatever --device said
-            f"argument --device: invalid value 'cuda' with "
-            f"{'--kernel-only' if args.kernel_only else '--eight-bit-only'}; allowed: 'cpu'"
-        )
+    single_tables = {
+        "--kernel-only": args.kernel_only,
+        "--eight-bit-only": args.eight_bit_only,
+        "--host-time-only": args.host_time_only,
+    }
+    single_table = next((flag for flag, given in single_tables.items() if given), None)
+    if single_table and args.runs != 1:  # these tables take their own repeats
+        parser.error(f"argument --runs: invalid value {args.runs} with {single_table}; allowed: 1")
+    if args.device == "cuda" and single_table in ("--kernel-only", "--eight-bit-only"):
+        # CPU kernels: the CPU tables ran, whatever --device said
+        parser.error(f"argument --device: invalid value 'cuda' with {single_table}; allowed: 'cpu'")
     if args.kernel_only and args.threads != 1:
         parser.error(
             f"argument --threads: invalid value {args.threads} with --kernel-only; allowed: 1"

@@ -76,12 +76,7 @@ def test_update_with_8bit_state_is_the_change_within_its_rounding(case: Case, ba
         optimizer.step()
     assert "exp_avg_codes" in optimizer.state[weight]
     update, change = metrics.parameter_update(optimizer, weight), weight.detach().double() - before
-    if update is None:  # NAdam's Nesterov term reads the gradient, which is still here
-        pytest.fail("no update")
-    if case.id.startswith("NAdam"):
-        # its L2 term sees the new θ (see test_update_is_the_change_the_last_step_made)
-        assert float((update - change).norm()) < 0.05 * float(change.norm())
-        return
+    assert update is not None  # NAdam's Nesterov term reads the gradient, still held here
     assert float((update - change).norm()) < 0.02 * float(change.norm())
     assert float(update.norm()) == pytest.approx(float(change.norm()), rel=5e-3)
     found: dict = {}

@@ -256,19 +256,19 @@ BROKEN_8BIT_FORMS = {
     # a KeyError from the middle of the step
     "codes without scales": (
         lambda state: state.pop("exp_avg_absmax"),
-        "exp_avg_codes comes without exp_avg_absmax beside a parameter of shape (64, 128). "
+        "exp_avg_codes comes without 'exp_avg_absmax' beside a parameter of shape (64, 128). "
         "Allowed: an 8-bit moment's codes and scales together.",
     ),
     # m restarted from zero, silently
     "scales without codes": (
         lambda state: state.pop("exp_avg_sq_codes"),
-        "exp_avg_sq_absmax comes without exp_avg_sq_codes beside a parameter of shape "
+        "exp_avg_sq_absmax comes without 'exp_avg_sq_codes' beside a parameter of shape "
         "(64, 128). Allowed: an 8-bit moment's codes and scales together.",
     ),
     # stepped, then its state_dict() was refused by load_state_dict
     "both forms": (
         lambda state: state.__setitem__("exp_avg", torch.zeros(64, 128)),
-        "exp_avg comes with exp_avg_codes as well beside a parameter of shape (64, 128). "
+        "exp_avg comes with 'exp_avg_codes' as well beside a parameter of shape (64, 128). "
         "Allowed: a moment in one form: full precision or 8-bit codes and scales.",
     ),
 }
