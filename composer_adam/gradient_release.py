@@ -60,9 +60,12 @@ class GradientRelease(Callback):
     Args:
         optimizer_accumulation: Fold earlier microbatches into the moments instead of
             keeping their gradients (saves the gradient memory across microbatches;
-            AdamW and RAdam only, v approximate).
+            AdamW and RAdam only, v approximate), each weighted by its share of the
+            batch's samples as Composer weights its loss.
         get_num_samples_in_batch: How to count samples in a batch, to tell the last
-            microbatch; needed only if the train DataSpec defines its own.
+            microbatch and each microbatch's share; needed only if the train DataSpec
+            defines its own, or to count loss-generating tokens when the Trainer has
+            accumulate_train_batch_on_tokens=True (Composer then scales losses by them).
     """
 
     def __init__(
@@ -102,16 +105,9 @@ class GradientRelease(Callback):
             (i, c) for i, c in enumerate(state.callbacks) if isinstance(c, OptimizerMonitor)
         ]
         if monitors:
-            released = [
-                p
-                for g in optimizer.param_groups
-                if g["gradient_release"]
-                for p in g["params"]
-                if p.requires_grad  # a frozen parameter takes no hook (and is never released)
-            ]
-            self._norm_hooks = [
-                p.register_post_accumulate_grad_hook(self._record_norm) for p in released
-            ]
+            # Inside each release hook, before it frees the gradient: every released
+            # parameter, also of a group added later, and only those.
+            self._norm_hooks = [optimizer.register_release_pre_hook(self._record_norm)]
         self._monitors = monitors
         for _, monitor in reversed(monitors):
             state.callbacks.remove(monitor)
@@ -127,10 +123,16 @@ class GradientRelease(Callback):
         sharded parameters for unsharded ones during forward (the root module keeps them
         until backward), and the hooks belong on the sharded parameters the optimizer
         holds."""
-        self._seen_samples += self._count(state.batch, "a microbatch")
+        earlier = self._seen_samples
+        samples = self._count(state.batch, "a microbatch")
+        self._seen_samples += samples
         last = self._seen_samples >= self._batch_samples
         if self.optimizer_accumulation:
-            self._optimizer.optimizer_accumulation = not last  # type: ignore[union-attr]
+            optimizer = self._optimizer
+            optimizer.optimizer_accumulation = not last  # type: ignore[union-attr]
+            # Composer scales each microbatch's loss by its share of the batch's samples:
+            # v then grows by that share (exact for unequal microbatches too).
+            optimizer.microbatch_shares = (earlier, samples)  # type: ignore[union-attr]
         else:
             self._arm(last)
 
@@ -157,6 +159,7 @@ class GradientRelease(Callback):
         self._arm(False)
         if self._optimizer is not None:
             self._optimizer.optimizer_accumulation = False
+            self._optimizer.microbatch_shares = None
         for handle in self._norm_hooks:
             handle.remove()
         self._norm_hooks.clear()
@@ -245,9 +248,7 @@ class GradientRelease(Callback):
         if self._model is None or armed == core.is_gradient_release_prepared(self._model):
             return
         if armed:
-            core.prepare_for_gradient_release(
-                self._model, self._optimizer, ignore_existing_hooks=bool(self._norm_hooks)
-            )
+            core.prepare_for_gradient_release(self._model, self._optimizer)
         else:
             core.remove_gradient_release(self._model)
 

@@ -40,6 +40,7 @@ def adam_coefficients(
     amsgrad: bool,
     microbatch: int = 1,
     accumulate: bool = False,
+    microbatch_shares: tuple[float, float] | None = None,
     decoupled_rate: float = 0.0,
 ) -> AdamStepCoefficients:
     """Adam's scalars for step t (counted from 1): bias corrections folded into the step size.
@@ -62,7 +63,7 @@ def adam_coefficients(
         adaptive=True,
         amsgrad=amsgrad,
         update_params=lr != 0 and not accumulate,
-        **window_terms(step, microbatch, beta2, l2_weight_decay),
+        **window_terms(step, microbatch, beta2, l2_weight_decay, microbatch_shares),
         torch_terms=None
         if math.isnan(decoupled_rate)
         else TorchAdamTerms(
@@ -95,6 +96,7 @@ def adam(
     kahan_comps: Sequence[Tensor | None] | None = None,
     window_microbatches: Sequence[Tensor] | None = None,
     accumulate: bool = False,
+    microbatch_shares: tuple[float, float] | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -120,6 +122,9 @@ def adam(
         window_microbatches: Per-parameter 0-dim counters of micro-batches folded into the
             current optimizer-accumulation window (None: no optimizer accumulation).
         accumulate: Fold this micro-batch into the moments without updating parameters.
+        microbatch_shares: (share of the window's gradient its earlier micro-batches carry,
+            share this one carries), e.g. sample counts; None: equal shares (see
+            `AdamFamilyOptimizer.microbatch_shares`).
         foreach: Use the foreach backend (None: the faster one for the device).
         fused: Use a fused backend (None: when one is available and exact).
     """
@@ -156,6 +161,7 @@ def adam(
             amsgrad=amsgrad,
             microbatch=microbatch,
             accumulate=accumulate,
+            microbatch_shares=microbatch_shares,
             decoupled_rate=decoupled_decay_rate(*decay_mode),
         )
         call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)

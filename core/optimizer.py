@@ -588,7 +588,11 @@ def window_position(
 
 
 def window_terms(
-    step: float, microbatch: int, beta2: float, l2_weight_decay: float
+    step: float,
+    microbatch: int,
+    beta2: float,
+    l2_weight_decay: float,
+    microbatch_shares: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Moment-fold scalars for micro-batch k (1-based) of an optimizer-accumulation window
     of step `step`, and the random bits its 8-bit m and v round with (state_draw).
@@ -596,20 +600,48 @@ def window_terms(
     m is exact: the window adds (1 − β1)·(Σ g_k + λθ), as ordinary accumulation would; the
     L2 term enters once, with the first micro-batch (θ does not change within a window).
     v needs (Σ g_k)², which cannot be formed without keeping a gradient buffer; micro-batch
-    k adds (2k − 1)·g_k² instead, the growth of the squared running sum if g_k equals the
-    micro-batch gradients before it. It is exact when micro-batch gradients agree (and no
-    L2 decay is used); with noisy micro-batches v carries their variance, so steps are
-    somewhat smaller.
+    k adds w_k·g_k² instead, the growth of the squared running sum if g_k is in proportion
+    to the micro-batch gradients before it. With shares (c earlier, s this one: a loss
+    scaled by each micro-batch's share of the samples, as Composer scales it) that growth
+    is ((c + s)² − c²)/s² = 1 + 2c/s; without, every micro-batch has an equal share and
+    w_k = 2k − 1. It is exact when micro-batch gradients agree per share (and no L2 decay
+    is used); with noisy micro-batches v carries their variance, so steps are somewhat
+    smaller.
     """
     state_draw = rounding_draw(step, microbatch)
     if microbatch == 1:
         return {"l2_weight_decay": l2_weight_decay, "state_draw": state_draw}
+    if microbatch_shares is None:
+        growth = 2.0 * microbatch - 1.0
+    else:
+        earlier, this = map(float, microbatch_shares)
+        growth = 1.0 + 2.0 * earlier / this
     return {
         "l2_weight_decay": 0.0,
         "continues_window": True,
-        "window_grad_sq_weight": (2 * microbatch - 1) * (1 - beta2),
+        "window_grad_sq_weight": growth * (1 - beta2),
         "state_draw": state_draw,
     }
+
+
+def require_microbatch_shares(value: object, where: str = "") -> None:
+    """Shares of an optimizer-accumulation window's gradient (see window_terms): None, or
+    (earlier, this) finite numbers with earlier >= 0 and this > 0."""
+    require(
+        value is None
+        or (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and finite_at_least(value[0], 0.0)
+            and finite_at_least(value[1], 0.0)
+            and float(value[1]) > 0
+        ),
+        "microbatch_shares",
+        value,
+        "None, or a tuple (share of the earlier micro-batches of the window >= 0, share of "
+        "this one > 0), finite: e.g. their numbers of samples",
+        where,
+    )
 
 
 def advance_counters(
@@ -740,6 +772,23 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def optimizer_accumulation(self, value: bool) -> None:
         require(isinstance(value, bool), "optimizer_accumulation", value, "True or False")
         unwrapped(self).__dict__["_optimizer_accumulation"] = value
+
+    @property
+    def microbatch_shares(self) -> tuple[float, float] | None:
+        """(share of the window's gradient its earlier micro-batches carry, share the next
+        one carries), e.g. their numbers of samples, for the micro-batches that fold into
+        or close an optimizer-accumulation window: v then grows by each micro-batch's share
+        (see window_terms). None (the default): every micro-batch an equal share, as
+        Lightning's accumulate_grad_batches scales each loss by 1/K. Set it before each
+        micro-batch's backward when losses are scaled by sample shares (Composer's
+        microbatches of unequal size; composer_adam's GradientRelease does)."""
+        return unwrapped(self).__dict__.get("_microbatch_shares")
+
+    @microbatch_shares.setter
+    def microbatch_shares(self, value: tuple[float, float] | None) -> None:
+        require_microbatch_shares(value)
+        shares = None if value is None else (float(value[0]), float(value[1]))
+        unwrapped(self).__dict__["_microbatch_shares"] = shares
 
     def open_windows(self) -> dict[Tensor, int]:
         """Each parameter whose optimizer-accumulation window is open, with the number of
@@ -1246,12 +1295,20 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return {
                 "window_microbatches": [s["window_microbatches"] for s in states],
                 "accumulate": True,
+                **self._shares_argument(),
             }
         if any(map(operator.contains, states, repeat("window_microbatches"))):
             for state in states:
                 state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
-            return {"window_microbatches": [s["window_microbatches"] for s in states]}
+            return {
+                "window_microbatches": [s["window_microbatches"] for s in states],
+                **self._shares_argument(),
+            }
         return {}
+
+    def _shares_argument(self) -> dict[str, Any]:
+        shares = self.microbatch_shares
+        return {} if shares is None else {"microbatch_shares": shares}
 
     def _check_step_allowed(self, grad_scaler: object) -> None:
         name = type(self).__name__
@@ -1411,6 +1468,28 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def gradient_release_registrations(self) -> list[Any]:
         """Active prepare_for_gradient_release registrations (core.gradient_release)."""
         return unwrapped(self).__dict__.setdefault("_release_registrations", [])
+
+    @property
+    def release_pre_hooks(self) -> OrderedDict[int, Callable[[Tensor], None]]:
+        """The hooks register_release_pre_hook registered, by handle id."""
+        return unwrapped(self).__dict__.setdefault("_release_pre_hooks", OrderedDict())
+
+    def register_release_pre_hook(
+        self, hook: Callable[[Tensor], None]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Call hook(param) inside backward just before a gradient-release hook steps param
+        and frees its gradient: the one moment left to read that gradient (the monitors'
+        gradient norms). It sees every released parameter of this optimizer, also those of
+        groups added later, and only those; returns a handle whose remove() undoes it."""
+        if not callable(hook):
+            raise TypeError(
+                f"Invalid hook for register_release_pre_hook: {hook!r}. Allowed: a callable "
+                "taking the parameter."
+            )
+        hooks = self.release_pre_hooks
+        handle = torch.utils.hooks.RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
 
     def step(  # type: ignore[override]
         self,
@@ -2337,6 +2416,8 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
     for key in _FUNCTIONAL_SWITCHES:
         if key in arguments:
             require(isinstance(arguments[key], bool), key, arguments[key], "True or False")
+    if "microbatch_shares" in arguments:
+        require_microbatch_shares(arguments["microbatch_shares"])
     for key in ("foreach", "fused"):
         require(_is_optional_bool(arguments[key]), key, arguments[key], "None, True or False")
     require(

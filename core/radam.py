@@ -39,6 +39,7 @@ def radam_coefficients(
     param_decay: float,
     microbatch: int = 1,
     accumulate: bool = False,
+    microbatch_shares: tuple[float, float] | None = None,
 ) -> AdamStepCoefficients:
     """RAdam's scalars for step t: a momentum step until the variance is tractable, then
     Adam's step scaled by the rectification r (window arguments as in adam_coefficients)."""
@@ -63,7 +64,7 @@ def radam_coefficients(
         adaptive=adaptive,
         amsgrad=False,
         update_params=lr != 0 and not accumulate,
-        **window_terms(step, microbatch, beta2, l2_weight_decay),
+        **window_terms(step, microbatch, beta2, l2_weight_decay, microbatch_shares),
     )
 
 
@@ -86,6 +87,7 @@ def radam(
     kahan_comps: Sequence[Tensor | None] | None = None,
     window_microbatches: Sequence[Tensor] | None = None,
     accumulate: bool = False,
+    microbatch_shares: tuple[float, float] | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -117,6 +119,7 @@ def radam(
             param_decay=param_decay,
             microbatch=microbatch,
             accumulate=accumulate,
+            microbatch_shares=microbatch_shares,
         )
         call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
     advance_counters(state_steps, window_microbatches, accumulate)

@@ -1024,11 +1024,6 @@ def main() -> None:
         parser.error(f"argument --threads: invalid value {args.threads}; allowed: an integer >= 1")
     if args.device not in ("cpu", "cuda"):
         parser.error(f"argument --device: invalid value {args.device!r}; allowed: 'cpu', 'cuda'")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error(
-            "argument --device: invalid value 'cuda': torch finds no CUDA device here "
-            "(torch.cuda.is_available() is False); allowed: 'cpu'"
-        )
     if args.composer_only and importlib.util.find_spec("composer") is None:
         # Without Composer its tables are empty: the run would time nothing and exit 0.
         parser.error(
@@ -1046,6 +1041,12 @@ def main() -> None:
     if args.device == "cuda" and single_table in ("--kernel-only", "--eight-bit-only"):
         # CPU kernels: the CPU tables ran, whatever --device said
         parser.error(f"argument --device: invalid value 'cuda' with {single_table}; allowed: 'cpu'")
+    # What this machine has comes after what the flags mean together: the clearer error first.
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "argument --device: invalid value 'cuda': torch finds no CUDA device here "
+            "(torch.cuda.is_available() is False); allowed: 'cpu'"
+        )
     if args.kernel_only and args.threads != 1:
         parser.error(
             f"argument --threads: invalid value {args.threads} with --kernel-only; allowed: 1"

@@ -203,14 +203,9 @@ class GradientRelease(L.Callback):
             self._released = _step_after_all_reduce(wrapped, optimizer)
         else:
             core.prepare_for_gradient_release(pl_module, optimizer)  # refuses foreign hooks
-            monitors = [c for c in trainer.callbacks if isinstance(c, OptimizerMonitor)]
-            if monitors:
-                # Their gradient-norm hooks must run before release frees the gradient, so
-                # they go first; the check above already found no other hooks.
-                core.remove_gradient_release(pl_module)
-                for monitor in monitors:
-                    monitor.record_gradient_norms_in_backward(pl_module)
-                core.prepare_for_gradient_release(pl_module, optimizer, ignore_existing_hooks=True)
+            for monitor in trainer.callbacks:
+                if isinstance(monitor, OptimizerMonitor):
+                    monitor.record_gradient_norms_in_backward(optimizer)
             self._module, self._local = pl_module, True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -458,11 +453,11 @@ class OptimizerMonitor(L.Callback):
             # opt.step() or steps a scheduler by hand (manual optimization).
             self._hooks.append(trainer.optimizers[0].register_step_post_hook(self._after_step))
 
-    def record_gradient_norms_in_backward(self, module: torch.nn.Module) -> None:
-        """Take each gradient's norm as it completes (GradientRelease calls this)."""
-        for param in module.parameters():
-            if param.requires_grad:
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._record))
+    def record_gradient_norms_in_backward(self, optimizer: core.AdamFamilyOptimizer) -> None:
+        """Take each released gradient's norm just before release frees it (GradientRelease
+        calls this): the optimizer's released parameters only, those of groups added
+        later (BackboneFinetuning) included, as the norms of an ordinary step are."""
+        self._hooks.append(optimizer.register_release_pre_hook(self._record))
 
     def _record(self, param: torch.Tensor) -> None:
         if self._recording and param.grad is not None:

@@ -102,8 +102,26 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
             ["--eight-bit-only", "--runs", "2"],
             "argument --runs: invalid value 2 with --eight-bit-only; allowed: 1",
         ),
+        # The CPU kernels' tables with --device cuda: named on any machine, CUDA or not.
+        (
+            ["--kernel-only", "--device", "cuda"],
+            "argument --device: invalid value 'cuda' with --kernel-only; allowed: 'cpu'",
+        ),
+        (
+            ["--eight-bit-only", "--device", "cuda"],
+            "argument --device: invalid value 'cuda' with --eight-bit-only; allowed: 'cpu'",
+        ),
     ],
-    ids=["runs", "threads", "kernel-only-threads", "two-only-tables", "runs-host", "runs-8bit"],
+    ids=[
+        "runs",
+        "threads",
+        "kernel-only-threads",
+        "two-only-tables",
+        "runs-host",
+        "runs-8bit",
+        "kernel-only-cuda",
+        "8bit-cuda",
+    ],
 )
 def test_bad_arguments_are_refused_by_name(
     arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch

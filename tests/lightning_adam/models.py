@@ -106,6 +106,20 @@ class Regression(L.LightningModule):
         )
 
 
+class Finetuned(Regression):
+    """A backbone BackboneFinetuning freezes, then adds to the optimizer as a new group."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.backbone = self.net[:3]
+        self.held_after_backward: list[list[str]] = []
+
+    def on_after_backward(self) -> None:
+        self.held_after_backward.append(
+            [name for name, p in self.named_parameters() if p.grad is not None]
+        )
+
+
 def make_trainer(**overrides: Any) -> L.Trainer:
     """A quiet CPU Trainer: no logger, progress bar, summary or checkpoints unless asked."""
     settings: dict[str, Any] = {

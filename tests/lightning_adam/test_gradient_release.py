@@ -22,6 +22,7 @@ import core
 from lightning_adam import GradientRelease, OptimizerMonitor
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
+    Finetuned,
     Regression,
     ResumableLoader,
     StopInsideWindow,
@@ -139,20 +140,6 @@ def test_a_fit_stopped_inside_a_window_resumes_exactly(backend: str, tmp_path: P
     whole, _, resumed = params
     for a, b in zip(whole, resumed, strict=True):
         assert torch.equal(a, b)
-
-
-class Finetuned(Regression):
-    """A backbone BackboneFinetuning freezes, then adds to the optimizer as a new group."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.backbone = self.net[:3]
-        self.held_after_backward: list[list[str]] = []
-
-    def on_after_backward(self) -> None:
-        self.held_after_backward.append(
-            [name for name, p in self.named_parameters() if p.grad is not None]
-        )
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

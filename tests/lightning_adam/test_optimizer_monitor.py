@@ -10,12 +10,14 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.loggers import CSVLogger
 
 import core
 from lightning_adam import GradientRelease, OptimizerMonitor
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
+    Finetuned,
     Regression,
     assert_backend,
     loader,
@@ -57,11 +59,12 @@ def _monitored_run(
     backend: str = "default",
     schedule: str = "constant-lr",
     optimizer: str = "Adam",
+    model_class: type[Regression] = Regression,
     **overrides: Any,
 ) -> tuple:
     steps = overrides.pop("max_steps", 6)
     # no decay: the update is exact
-    model = Regression(
+    model = model_class(
         optimizer=optimizer,
         scheduler=SCHEDULES[schedule],
         lr=1e-2,
@@ -70,6 +73,7 @@ def _monitored_run(
     )
     last = LastStep(steps)
     callbacks = [
+        *overrides.pop("callbacks", []),
         *([GradientRelease()] if release else []),
         OptimizerMonitor(every_n_steps=3),
         last,
@@ -137,6 +141,48 @@ def test_release_logs_what_the_ordinary_run_logs(backend: str, tmp_path: Path) -
     model, _, _ = _monitored_run(tmp_path / "release", release=True, backend=backend)
     assert all(p.grad is None for p in model.parameters())
     assert _rows(tmp_path / "ordinary") == _rows(tmp_path / "release")
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_logs_the_gradients_of_a_group_added_mid_fit(backend: str, tmp_path: Path) -> None:
+    """BackboneFinetuning adds the backbone's group at epoch 1: its gradient norms were
+    never logged under release (the monitor hooked the parameters trainable at fit
+    start), and the global norm left them out."""
+    for run in ("ordinary", "release"):
+        finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda _: 1.0)
+        _monitored_run(
+            tmp_path / run,
+            release=run == "release",
+            backend=backend,
+            model_class=Finetuned,
+            callbacks=[finetuning],
+            max_steps=24,  # 3 epochs of 8 batches
+        )
+    ordinary = _rows(tmp_path / "ordinary")
+    assert any(row.get("l2_norm/grad/net.0.weight") for row in ordinary), "backbone logged"
+    assert ordinary == _rows(tmp_path / "release")
+
+
+class FirstLayerOnly(Regression):
+    """Its optimizer holds the first layer only; the rest still requires grad."""
+
+    def configure_optimizers(self) -> core.Adam:
+        return core.Adam(self.net[0].parameters(), **self.hyperparameters)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_logs_no_gradient_of_a_parameter_outside_the_optimizer(
+    backend: str, tmp_path: Path
+) -> None:
+    """Under release the monitor hooked every trainable parameter of the module, so it
+    logged gradients no optimizer steps (growing: Lightning never zeroes them) into the
+    global norm; the ordinary run logs the optimizer's parameters' gradients only."""
+    _monitored_run(tmp_path / "ordinary", backend=backend, model_class=FirstLayerOnly)
+    _monitored_run(tmp_path / "release", True, backend=backend, model_class=FirstLayerOnly)
+    ordinary = _rows(tmp_path / "ordinary")
+    grads = {key for row in ordinary for key, value in row.items() if "/grad/" in key and value}
+    assert grads == {"l2_norm/grad/net.0.weight", "l2_norm/grad/net.0.bias", "l2_norm/grad/global"}
+    assert ordinary == _rows(tmp_path / "release")
 
 
 def test_release_leaves_out_an_update_that_needs_the_freed_gradient(tmp_path: Path) -> None:
