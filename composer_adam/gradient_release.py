@@ -123,7 +123,6 @@ class GradientRelease(Callback):
         sharded parameters for unsharded ones during forward (the root module keeps them
         until backward), and the hooks belong on the sharded parameters the optimizer
         holds."""
-        earlier = self._seen_samples
         samples = self._count(state.batch, "a microbatch")
         self._seen_samples += samples
         last = self._seen_samples >= self._batch_samples
@@ -132,7 +131,7 @@ class GradientRelease(Callback):
             optimizer.optimizer_accumulation = not last  # type: ignore[union-attr]
             # Composer scales each microbatch's loss by its share of the batch's samples:
             # v then grows by that share (exact for unequal microbatches too).
-            optimizer.microbatch_shares = (earlier, samples)  # type: ignore[union-attr]
+            optimizer.microbatch_share = samples  # type: ignore[union-attr]
         else:
             self._arm(last)
 
@@ -159,7 +158,7 @@ class GradientRelease(Callback):
         self._arm(False)
         if self._optimizer is not None:
             self._optimizer.optimizer_accumulation = False
-            self._optimizer.microbatch_shares = None
+            self._optimizer.microbatch_share = None
         for handle in self._norm_hooks:
             handle.remove()
         self._norm_hooks.clear()

@@ -40,7 +40,8 @@ def adam_coefficients(
     amsgrad: bool,
     microbatch: int = 1,
     accumulate: bool = False,
-    microbatch_shares: tuple[float, float] | None = None,
+    folded_share: float | None = None,
+    microbatch_share: float | None = None,
     decoupled_rate: float = 0.0,
 ) -> AdamStepCoefficients:
     """Adam's scalars for step t (counted from 1): bias corrections folded into the step size.
@@ -63,7 +64,7 @@ def adam_coefficients(
         adaptive=True,
         amsgrad=amsgrad,
         update_params=lr != 0 and not accumulate,
-        **window_terms(step, microbatch, beta2, l2_weight_decay, microbatch_shares),
+        **window_terms(step, microbatch, beta2, l2_weight_decay, folded_share, microbatch_share),
         torch_terms=None
         if math.isnan(decoupled_rate)
         else TorchAdamTerms(
@@ -96,7 +97,8 @@ def adam(
     kahan_comps: Sequence[Tensor | None] | None = None,
     window_microbatches: Sequence[Tensor] | None = None,
     accumulate: bool = False,
-    microbatch_shares: tuple[float, float] | None = None,
+    window_shares: Sequence[Tensor] | None = None,
+    microbatch_share: float | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -122,9 +124,10 @@ def adam(
         window_microbatches: Per-parameter 0-dim counters of micro-batches folded into the
             current optimizer-accumulation window (None: no optimizer accumulation).
         accumulate: Fold this micro-batch into the moments without updating parameters.
-        microbatch_shares: (share of the window's gradient its earlier micro-batches carry,
-            share this one carries), e.g. sample counts; None: equal shares (see
-            `AdamFamilyOptimizer.microbatch_shares`).
+        window_shares: Per-parameter 0-dim sums of the shares of the micro-batches folded
+            into the current window (used with microbatch_share; incremented here).
+        microbatch_share: This micro-batch's share of its window, such as its samples;
+            None: equal shares (see `AdamFamilyOptimizer.microbatch_share`).
         foreach: Use the foreach backend (None: the faster one for the device).
         fused: Use a fused backend (None: when one is available and exact).
     """
@@ -149,7 +152,10 @@ def adam(
         foreach=foreach,
         fused=fused,
     )
-    for step, microbatch, indices in window_position(state_steps, window_microbatches):
+    shares = window_shares if microbatch_share is not None else None
+    for step, microbatch, folded, indices in window_position(
+        state_steps, window_microbatches, shares
+    ):
         coefficients = adam_coefficients(
             step + 1,
             lr=lr,
@@ -161,11 +167,12 @@ def adam(
             amsgrad=amsgrad,
             microbatch=microbatch,
             accumulate=accumulate,
-            microbatch_shares=microbatch_shares,
+            folded_share=folded,
+            microbatch_share=microbatch_share,
             decoupled_rate=decoupled_decay_rate(*decay_mode),
         )
         call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
-    advance_counters(state_steps, window_microbatches, accumulate)
+    advance_counters(state_steps, window_microbatches, accumulate, shares, microbatch_share)
 
 
 class Adam(AdamFamilyOptimizer):

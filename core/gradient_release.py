@@ -199,10 +199,6 @@ def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[
                 "stepped. Allowed: prepare after the process group exists, on a model "
                 "sharded with FSDP2 (fully_shard), or train without release under DDP."
             )
-        observers = optimizer.release_pre_hooks
-        if observers and optimizer._find_group(param) is not None:
-            for observe in tuple(observers.values()):
-                observe(param)
         if step_released_param(optimizer, param):
             optimizer.zero_grad(param=param)
 

@@ -87,8 +87,10 @@ def parameter_update(
     itself (NAdam's Nesterov term) and p.grad is gone. Computed in float64 on copies;
     the optimizer is not changed.
 
-    With L2 decay the λθ is taken at the new θ, the old one being gone; likewise
-    decoupled decay shrinks the current θ: off by (1 − decay factor) of the decay term.
+    The step is applied to the current θ, the old one being gone: decoupled decay
+    (θ ← f·θ − s) then gives f times the update, which is divided out, so the update is
+    θ_new − θ_old exactly (it was (1 − f) off: 5% at weight_decay 0.05). Where the rule
+    reads the gradient with an L2 term (NAdam's), that λθ is the new θ's.
     """
     require_core_optimizer(optimizer, _UPDATE_FROM_COEFFICIENTS)
     if _gradient_gone(optimizer, param):
@@ -131,7 +133,10 @@ def _update(
     else:
         maxima = [copy(stored_moment(state, "max_exp_avg_sq", param))] if held.amsgrad else None
         loop.adam_step(*tensors, maxima, [None], held)
-    return theta.sub_(before)
+    update = theta.sub_(before)
+    if coefficients.param_decay not in (0.0, 1.0):  # 0: decay erased θ_old, nothing to undo
+        update.div_(coefficients.param_decay)
+    return update
 
 
 def parameter_metrics(

@@ -261,7 +261,7 @@ def _memo_flags(group: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(map(group.get, MEMO_FLAGS))
 
 
-HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches")
+HOST_SCALAR_STATE = ("step", "mu_product", "window_microbatches", "window_shares")
 """Per-parameter state kept as 0-dim float32 CPU tensors, read on the host without a sync."""
 MOMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 """Moments every algorithm may keep, each a tensor or (state_precision='8bit') codes and
@@ -442,6 +442,9 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
     )
 
 
+_TRITON_ALLOWED = "None, True or False (optimi's name for fused)"
+
+
 def fold_triton_into_fused(options: dict[str, Any]) -> bool:
     """Replace optimi's `triton` switch in options (constructor defaults or a param group)
     by torch's `fused`, in place; True when triton was given.
@@ -450,12 +453,7 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
     lets adamkit choose, so only `fused` is stored and checkpoints hold one key.
     """
     triton = options.pop("triton", None)
-    require(
-        _is_optional_bool(triton),
-        "triton",
-        triton,
-        "None, True or False (optimi's name for fused)",
-    )
+    require(_is_optional_bool(triton), "triton", triton, _TRITON_ALLOWED)
     if triton is None:
         return False
     fused = options.get("fused")
@@ -573,17 +571,29 @@ def multiply_host_scalars(scalars: Sequence[Tensor], factor: float) -> None:
 
 
 def window_position(
-    state_steps: Sequence[Tensor], window_microbatches: Sequence[Tensor] | None
-) -> list[tuple[float, int, list[int] | None]]:
-    """Partition parameters by (step count, 1-based micro-batch index in the current window).
+    state_steps: Sequence[Tensor],
+    window_microbatches: Sequence[Tensor] | None,
+    window_shares: Sequence[Tensor] | None = None,
+) -> list[tuple[float, int, float | None, list[int] | None]]:
+    """Partition parameters by (step count, 1-based micro-batch index in the current
+    window, share of the window already folded: None without window_shares).
 
     Without optimizer accumulation every micro-batch is the first of its window.
     """
     if window_microbatches is None:
-        return [(step, 1, indices) for (step,), indices in partition_by_host_scalars(state_steps)]
+        return [
+            (step, 1, None, indices) for (step,), indices in partition_by_host_scalars(state_steps)
+        ]
+    if window_shares is None:
+        return [
+            (step, int(seen) + 1, None, indices)
+            for (step, seen), indices in partition_by_host_scalars(state_steps, window_microbatches)
+        ]
     return [
-        (step, int(seen) + 1, indices)
-        for (step, seen), indices in partition_by_host_scalars(state_steps, window_microbatches)
+        (step, int(seen) + 1, folded, indices)
+        for (step, seen, folded), indices in partition_by_host_scalars(
+            state_steps, window_microbatches, window_shares
+        )
     ]
 
 
@@ -592,7 +602,8 @@ def window_terms(
     microbatch: int,
     beta2: float,
     l2_weight_decay: float,
-    microbatch_shares: tuple[float, float] | None = None,
+    folded_share: float | None = None,
+    microbatch_share: float | None = None,
 ) -> dict[str, Any]:
     """Moment-fold scalars for micro-batch k (1-based) of an optimizer-accumulation window
     of step `step`, and the random bits its 8-bit m and v round with (state_draw).
@@ -601,9 +612,10 @@ def window_terms(
     L2 term enters once, with the first micro-batch (θ does not change within a window).
     v needs (Σ g_k)², which cannot be formed without keeping a gradient buffer; micro-batch
     k adds w_k·g_k² instead, the growth of the squared running sum if g_k is in proportion
-    to the micro-batch gradients before it. With shares (c earlier, s this one: a loss
-    scaled by each micro-batch's share of the samples, as Composer scales it) that growth
-    is ((c + s)² − c²)/s² = 1 + 2c/s; without, every micro-batch has an equal share and
+    to the micro-batch gradients before it. With shares (a loss scaled by each
+    micro-batch's share of the samples, as Composer scales it: s this one's, c the sum of
+    those this parameter already folded in the window) that growth is
+    ((c + s)² − c²)/s² = 1 + 2c/s; without, every micro-batch has an equal share and
     w_k = 2k − 1. It is exact when micro-batch gradients agree per share (and no L2 decay
     is used); with noisy micro-batches v carries their variance, so steps are somewhat
     smaller.
@@ -611,11 +623,10 @@ def window_terms(
     state_draw = rounding_draw(step, microbatch)
     if microbatch == 1:
         return {"l2_weight_decay": l2_weight_decay, "state_draw": state_draw}
-    if microbatch_shares is None:
+    if folded_share is None or microbatch_share is None:
         growth = 2.0 * microbatch - 1.0
     else:
-        earlier, this = map(float, microbatch_shares)
-        growth = 1.0 + 2.0 * earlier / this
+        growth = 1.0 + 2.0 * float(folded_share) / float(microbatch_share)
     return {
         "l2_weight_decay": 0.0,
         "continues_window": True,
@@ -624,23 +635,15 @@ def window_terms(
     }
 
 
-def require_microbatch_shares(value: object, where: str = "") -> None:
-    """Shares of an optimizer-accumulation window's gradient (see window_terms): None, or
-    (earlier, this) finite numbers with earlier >= 0 and this > 0."""
+def require_microbatch_share(value: object) -> None:
+    """A micro-batch's share of its optimizer-accumulation window's gradient (see
+    window_terms): None, or a finite number > 0."""
     require(
-        value is None
-        or (
-            isinstance(value, tuple)
-            and len(value) == 2
-            and finite_at_least(value[0], 0.0)
-            and finite_at_least(value[1], 0.0)
-            and float(value[1]) > 0
-        ),
-        "microbatch_shares",
+        value is None or (finite_at_least(value, 0.0) and float(value) > 0),  # type: ignore[arg-type]
+        "microbatch_share",
         value,
-        "None, or a tuple (share of the earlier micro-batches of the window >= 0, share of "
-        "this one > 0), finite: e.g. their numbers of samples",
-        where,
+        "None, or a finite number > 0: this micro-batch's share of the window, such as its "
+        "number of samples",
     )
 
 
@@ -648,8 +651,11 @@ def advance_counters(
     state_steps: Sequence[Tensor],
     window_microbatches: Sequence[Tensor] | None,
     accumulate: bool,
+    window_shares: Sequence[Tensor] | None = None,
+    microbatch_share: float | None = None,
 ) -> None:
-    """A folded micro-batch counts within its window; an update closes it and counts a step."""
+    """A folded micro-batch counts within its window (and adds its share to the folded
+    shares); an update closes the window and counts a step."""
     if accumulate:
         require(
             window_microbatches is not None,
@@ -658,11 +664,13 @@ def advance_counters(
             "a list of 0-dim tensors when accumulate=True",
         )
         add_to_host_scalars(window_microbatches, 1.0)
+        if window_shares is not None and microbatch_share is not None:
+            add_to_host_scalars(window_shares, float(microbatch_share))
         return
     add_to_host_scalars(state_steps, 1.0)
-    if window_microbatches is not None:
-        for count in window_microbatches:
-            count.zero_()
+    for counters in (window_microbatches, window_shares):
+        for counter in counters or ():
+            counter.zero_()
 
 
 def step_lists(
@@ -774,21 +782,21 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         unwrapped(self).__dict__["_optimizer_accumulation"] = value
 
     @property
-    def microbatch_shares(self) -> tuple[float, float] | None:
-        """(share of the window's gradient its earlier micro-batches carry, share the next
-        one carries), e.g. their numbers of samples, for the micro-batches that fold into
-        or close an optimizer-accumulation window: v then grows by each micro-batch's share
-        (see window_terms). None (the default): every micro-batch an equal share, as
-        Lightning's accumulate_grad_batches scales each loss by 1/K. Set it before each
-        micro-batch's backward when losses are scaled by sample shares (Composer's
-        microbatches of unequal size; composer_adam's GradientRelease does)."""
-        return unwrapped(self).__dict__.get("_microbatch_shares")
+    def microbatch_share(self) -> float | None:
+        """This micro-batch's share of its optimizer-accumulation window's gradient (any
+        unit, such as its number of samples), for micro-batches whose losses are scaled by
+        their share of the samples (Composer's, of unequal size; composer_adam's
+        GradientRelease sets it): each parameter's state sums the shares it folded
+        (`window_shares`) and v grows by this one's share (see window_terms). None (the
+        default): every micro-batch an equal share, as Lightning's accumulate_grad_batches
+        scales each loss by 1/K; windows then forget their shares. Set it before each
+        micro-batch's backward, the one that closes the window included."""
+        return unwrapped(self).__dict__.get("_microbatch_share")
 
-    @microbatch_shares.setter
-    def microbatch_shares(self, value: tuple[float, float] | None) -> None:
-        require_microbatch_shares(value)
-        shares = None if value is None else (float(value[0]), float(value[1]))
-        unwrapped(self).__dict__["_microbatch_shares"] = shares
+    @microbatch_share.setter
+    def microbatch_share(self, value: float | None) -> None:
+        require_microbatch_share(value)
+        unwrapped(self).__dict__["_microbatch_share"] = None if value is None else float(value)  # type: ignore[arg-type]
 
     def open_windows(self) -> dict[Tensor, int]:
         """Each parameter whose optimizer-accumulation window is open, with the number of
@@ -922,6 +930,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             and last[1] == tuple(group)
         ):
             return last
+        # optimi's name for fused written into a live group (optimi keeps it there): it
+        # switches the backend as there, once the group passes; only fused is stored.
+        written_triton = "triton" in group
+        if written_triton:
+            triton = group["triton"]
+            require(_is_optional_bool(triton), "triton", triton, _TRITON_ALLOWED, where)
+            require(
+                not (triton and group.get("foreach")),
+                "triton",
+                triton,
+                "None or False when foreach=True (pick one backend)",
+                where,
+            )
         missing = [k for k in self.defaults if k not in group and k not in TORCH_FLAGS]
         if missing:  # a KeyError from deep inside the step, before
             raise ValueError(
@@ -930,6 +951,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "fills in; set a value instead of deleting the key."
             )
         self._validate_group(group, where)
+        if written_triton:
+            if group.pop("triton") is not None:
+                group["fused"] = triton
+            values = tuple(group.values())
         if not all(_immutable(v) for k, v in group.items() if k != "params"):
             return None
         if len(passed) >= len(self.param_groups):  # drop groups no longer stepped
@@ -1295,20 +1320,35 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return {
                 "window_microbatches": [s["window_microbatches"] for s in states],
                 "accumulate": True,
-                **self._shares_argument(),
+                **self._share_arguments(states),
             }
         if any(map(operator.contains, states, repeat("window_microbatches"))):
             for state in states:
                 state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
             return {
                 "window_microbatches": [s["window_microbatches"] for s in states],
-                **self._shares_argument(),
+                **self._share_arguments(states),
             }
         return {}
 
-    def _shares_argument(self) -> dict[str, Any]:
-        shares = self.microbatch_shares
-        return {} if shares is None else {"microbatch_shares": shares}
+    def _share_arguments(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Each state's folded shares and this micro-batch's share, when one is set. A
+        window opened without shares (or whose shares a loader dropped) counts its earlier
+        micro-batches as shares equal to this one; without a share, windows drop theirs."""
+        share = self.microbatch_share
+        if share is None:
+            if any(map(operator.contains, states, repeat("window_shares"))):
+                for state in states:
+                    state.pop("window_shares", None)
+            return {}
+        for state in states:
+            if "window_shares" not in state:
+                earlier = float(state["window_microbatches"]) * share
+                state["window_shares"] = torch.tensor(earlier, dtype=torch.float32)
+        return {
+            "window_shares": [s["window_shares"] for s in states],
+            "microbatch_share": share,
+        }
 
     def _check_step_allowed(self, grad_scaler: object) -> None:
         name = type(self).__name__
@@ -1363,6 +1403,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             if form is not None:  # state edited by hand: see _moment_form_problem
                 key, problem, allowed = form
                 self._refuse_state(group, param, key, (problem, allowed), where)
+            missing = missing_progress_keys(state)
+            if missing and _made_progress(state, missing):
+                held = sorted(k for k in PROGRESS_KEYS if k not in missing)
+                problem = f"is missing from a state that holds {held}"
+                self._refuse_state(group, param, missing[0], (problem, _PROGRESS_ALLOWED), where)
             shape = param.shape
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
@@ -1387,6 +1432,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 found = _state_problem(key, value, param)
                 if found is not None:
                     self._refuse_state(group, param, key, found, where)
+        recast: list[tuple[Tensor, str, Any]] = []
         for key, pairs in scalars.items():
             values = cpu_kernel.read_scalars([value for _, value in pairs])
             for i, (param, value) in enumerate(pairs):
@@ -1396,6 +1442,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     found = _state_problem(key, value, param)
                     if found is not None:
                         self._refuse_state(group, param, key, found, where)
+                    if not _is_host_scalar(value):
+                        recast.append((param, key, value))
+        # A count set by hand as a number, an integer or a 1-element tensor (as loading
+        # accepts it) is kept as steps keep counts, once every check has passed: counting
+        # into an integer tensor failed after the parameters were updated.
+        for param, key, value in recast:
+            self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
 
     @staticmethod
     def _refuse_state(
@@ -1477,10 +1530,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def register_release_pre_hook(
         self, hook: Callable[[Tensor], None]
     ) -> torch.utils.hooks.RemovableHandle:
-        """Call hook(param) inside backward just before a gradient-release hook steps param
-        and frees its gradient: the one moment left to read that gradient (the monitors'
-        gradient norms). It sees every released parameter of this optimizer, also those of
-        groups added later, and only those; returns a handle whose remove() undoes it."""
+        """Call hook(param) inside backward just before a gradient-release step of param
+        applies (its checks passed; release then frees the gradient): the one moment left
+        to read that gradient (the monitors' gradient norms). It sees every released
+        parameter this optimizer steps, also those of groups added later, and only those:
+        not a gradient left to the full step (a parameter outside the groups, a part of a
+        gradient inside a nested backward). Returns a handle whose remove() undoes it."""
         if not callable(hook):
             raise TypeError(
                 f"Invalid hook for register_release_pre_hook: {hook!r}. Allowed: a callable "
@@ -1691,7 +1746,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return True
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_param_memos", {})
         memo = self._checked_memo(memos.get(id(param)), group, [param], [grad])
+        observers = self.__dict__.get("_release_pre_hooks") if held_only else None
         if memo is not None:
+            if observers:
+                _observe(observers, param)
             if passed is None or memo.scalar_access is None:
                 self._update_memoized(memo, [grad])
             elif not self._replayed(memo, passed, grad):
@@ -1700,6 +1758,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         memos.pop(id(param), None)
         grads = self._checked_gradients(group, [param], [grad], where)
         self._check_state_tensors(group, [param], where)
+        if observers:
+            _observe(observers, param)
         self._update_and_memoize(memos, id(param), group, [param], grads)
         return True
 
@@ -2107,11 +2167,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     f"adamkit reads format {CODE_FORMAT} (core.quantization). Allowed: a state "
                     "dict saved by this version, or one with full-precision moments."
                 )
-            missing = [
-                k
-                for k in ("step", "exp_avg", "exp_avg_sq")
-                if k not in saved_state and moment_keys(k)[0] not in saved_state
-            ]
+            missing = missing_progress_keys(saved_state)
             if missing:
                 raise ValueError(
                     f"Invalid state_dict for {name}: the state of parameter {saved_id} lacks "
@@ -2357,9 +2413,12 @@ FUNCTIONAL_STATE_LISTS = {
     "mu_products": "mu_product",
     "state_steps": "step",
     "window_microbatches": "window_microbatches",
+    "window_shares": "window_shares",
 }
 """A functional form's state lists, by argument name, and the state key of their entries."""
-_OPTIONAL_STATE_LISTS = frozenset({"max_exp_avg_sqs", "kahan_comps", "window_microbatches"})
+_OPTIONAL_STATE_LISTS = frozenset(
+    {"max_exp_avg_sqs", "kahan_comps", "window_microbatches", "window_shares"}
+)
 _FUNCTIONAL_SWITCHES = ("decouple_wd", "decouple_lr", "amsgrad", "clip", "accumulate")
 
 FunctionalForm = TypeVar("FunctionalForm", bound=Callable[..., None])
@@ -2416,8 +2475,8 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
     for key in _FUNCTIONAL_SWITCHES:
         if key in arguments:
             require(isinstance(arguments[key], bool), key, arguments[key], "True or False")
-    if "microbatch_shares" in arguments:
-        require_microbatch_shares(arguments["microbatch_shares"])
+    if "microbatch_share" in arguments:
+        require_microbatch_share(arguments["microbatch_share"])
     for key in ("foreach", "fused"):
         require(_is_optional_bool(arguments[key]), key, arguments[key], "None, True or False")
     require(
@@ -2642,6 +2701,52 @@ def _check_params(
                 "expand()ed tensor) and no in-place update can step them. Allowed: a tensor "
                 "whose elements each have their own memory (.clone() it)."
             )
+
+
+PROGRESS_KEYS = ("step", "exp_avg", "exp_avg_sq")
+"""The state every Adam-family step makes together: a parameter's count and moments."""
+_PROGRESS_ALLOWED = (
+    "a state holding step, exp_avg and exp_avg_sq together (moments in full precision or "
+    "as 8-bit codes and scales), or none of them (del optimizer.state[param] restarts the "
+    "parameter's state)"
+)
+
+
+def missing_progress_keys(state: dict[str, Any]) -> list[str]:
+    """The PROGRESS_KEYS a state lacks in either form: the one rule for loaded and live
+    state (a moment or count made afresh beside the others would be silently wrong: v
+    restarted at 0 with the step kept made the next update ~50x too large)."""
+    return [k for k in PROGRESS_KEYS if k not in state and moment_keys(k)[0] not in state]
+
+
+def _observe(observers: dict[int, Callable[[Tensor], None]], param: Tensor) -> None:
+    """Run register_release_pre_hook's hooks for a released step about to apply."""
+    for observe in tuple(observers.values()):
+        observe(param)
+
+
+def _made_progress(state: dict[str, Any], missing: list[str]) -> bool:
+    """Whether a state lacking `missing` (missing_progress_keys) was stepped: it has moments
+    without a count, or a count above 0. A state still at step 0 is a first step that did
+    not finish making its moments (an out-of-memory error Composer's automatic
+    micro-batching catches and retries): it is completed, not refused."""
+    if len(missing) == len(PROGRESS_KEYS):
+        return False  # nothing of it: a fresh start
+    if "step" in missing:
+        return True
+    step = state["step"]
+    return not (finite_at_least(step, 0.0) and float(step) == 0)
+
+
+def _is_host_scalar(value: object) -> bool:
+    """A count as steps keep it: a 0-dim float32 CPU tensor."""
+    return (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and value.dtype == torch.float32
+        and value.device.type == "cpu"
+        and type(value) is Tensor
+    )
 
 
 def _moment_form_problem(state: dict[str, Any]) -> tuple[str, str, str] | None:

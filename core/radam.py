@@ -39,7 +39,8 @@ def radam_coefficients(
     param_decay: float,
     microbatch: int = 1,
     accumulate: bool = False,
-    microbatch_shares: tuple[float, float] | None = None,
+    folded_share: float | None = None,
+    microbatch_share: float | None = None,
 ) -> AdamStepCoefficients:
     """RAdam's scalars for step t: a momentum step until the variance is tractable, then
     Adam's step scaled by the rectification r (window arguments as in adam_coefficients)."""
@@ -64,7 +65,7 @@ def radam_coefficients(
         adaptive=adaptive,
         amsgrad=False,
         update_params=lr != 0 and not accumulate,
-        **window_terms(step, microbatch, beta2, l2_weight_decay, microbatch_shares),
+        **window_terms(step, microbatch, beta2, l2_weight_decay, folded_share, microbatch_share),
     )
 
 
@@ -87,7 +88,8 @@ def radam(
     kahan_comps: Sequence[Tensor | None] | None = None,
     window_microbatches: Sequence[Tensor] | None = None,
     accumulate: bool = False,
-    microbatch_shares: tuple[float, float] | None = None,
+    window_shares: Sequence[Tensor] | None = None,
+    microbatch_share: float | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -108,7 +110,10 @@ def radam(
         foreach=foreach,
         fused=fused,
     )
-    for step, microbatch, indices in window_position(state_steps, window_microbatches):
+    shares = window_shares if microbatch_share is not None else None
+    for step, microbatch, folded, indices in window_position(
+        state_steps, window_microbatches, shares
+    ):
         coefficients = radam_coefficients(
             step + 1,
             lr=lr,
@@ -119,10 +124,11 @@ def radam(
             param_decay=param_decay,
             microbatch=microbatch,
             accumulate=accumulate,
-            microbatch_shares=microbatch_shares,
+            folded_share=folded,
+            microbatch_share=microbatch_share,
         )
         call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
-    advance_counters(state_steps, window_microbatches, accumulate)
+    advance_counters(state_steps, window_microbatches, accumulate, shares, microbatch_share)
 
 
 class RAdam(AdamFamilyOptimizer):

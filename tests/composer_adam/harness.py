@@ -125,10 +125,11 @@ def logged(logger: InMemoryLogger, prefix: str) -> dict[str, list[float]]:
 
 
 class ReferenceUpdateNorms(Callback):
-    """Logs `reference/update/<name>`: ||decay·θ + lr/bc1 · m/d|| from a Composer
-    DecoupledAdamW's state, with the group's hyperparameters and AMSGrad's maximum,
-    written from the update rule independently of core (the sign Composer's own
-    metric gets wrong for the decay term)."""
+    """Logs `reference/update/<name>`: ||θ_new − θ_old|| = ||decay·θ_new + a|| / (1 − decay)
+    with a = lr/bc1 · m/d, from θ_new = (1 − decay)·θ_old − a, a Composer
+    DecoupledAdamW's state, the group's hyperparameters and AMSGrad's maximum, written
+    from the update rule independently of core (Composer's own metric takes the decay
+    term with the wrong sign, and at the new θ without the division)."""
 
     def batch_end(self, state: State, logger: Logger) -> None:
         optimizer = state.optimizers[0]
@@ -143,7 +144,8 @@ class ReferenceUpdateNorms(Callback):
                 denom = v.sqrt() / math.sqrt(1 - beta2**step) + group["eps"]
                 adam_step = group["lr"] / (1 - beta1**step) * s["exp_avg"] / denom
                 decay = group["weight_decay"] * group["lr"] / group["initial_lr"]
-                values[f"reference/update/{names[p]}"] = float((adam_step + decay * p).norm())
+                change = (adam_step + decay * p) / (1 - decay)
+                values[f"reference/update/{names[p]}"] = float(change.norm())
         logger.log_metrics(values)
 
 

@@ -190,7 +190,7 @@ def test_optimizer_accumulation_is_exact_for_unequal_microbatches(
     travelled = sum(float((p - q).square().sum()) for p, q in zip(ordinary, start, strict=True))
     gap = sum(float((p - q).square().sum()) for p, q in zip(released, ordinary, strict=True))
     assert (gap / travelled) ** 0.5 < 1e-5
-    assert optimizer.microbatch_shares is None, "reset when the fit ends"
+    assert optimizer.microbatch_share is None, "reset when the fit ends"
 
 
 def _trainer(**kwargs: object) -> Trainer:

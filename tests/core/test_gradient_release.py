@@ -550,10 +550,10 @@ def _accumulation_run(
         for k, (x, y) in enumerate(microbatches):
             optimizer.optimizer_accumulation = release and k < len(microbatches) - 1
             if samples is not None and tell_shares:
-                optimizer.microbatch_shares = (sum(counts[:k]), counts[k])
+                optimizer.microbatch_share = counts[k]
             share = counts[k] / sum(counts)
             (nn.functional.mse_loss(model(x), y) * share).backward()
-        optimizer.microbatch_shares = None
+        optimizer.microbatch_share = None
         optimizer.step()  # under release: steps nothing, closes the training step
         optimizer.zero_grad()
     return model, optimizer
@@ -649,35 +649,61 @@ def test_optimizer_accumulation_is_exact_with_unequal_microbatch_shares(
         if optimizer_name == "AdamW":
             assert (r - p).norm() > 1e-3 * (p - s0).norm(), "equal weights are not exact"
     assert all(float(s["step"]) == 6 for s in optimizer.state.values())
-    assert optimizer.microbatch_shares is None
+    assert optimizer.microbatch_share is None
+
+
+@pytest.mark.parametrize("samples", [[4, 4, 4], [6, 3, 2]], ids=str)
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_shares_are_each_parameters_own_when_it_skips_microbatches(
+    backend: str, samples: list[int]
+) -> None:
+    """A parameter without a gradient in the first micro-batch (an expert its tokens did
+    not reach) sums only the shares it folded: its v is ordinary accumulation's, as is
+    that of one trained by every micro-batch (a window-wide count of earlier shares made
+    the skipping one's v 1.5x)."""
+    gradient = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    total = sum(samples)
+    flags = TRAINING_BACKENDS[backend]
+    every, skipping = (nn.Parameter(torch.zeros(64, dtype=torch.float64)) for _ in range(2))
+    folded = core.AdamW([every, skipping], lr=LR, **flags)
+    for k, share in enumerate(samples):
+        folded.optimizer_accumulation = k < len(samples) - 1
+        folded.microbatch_share = share
+        every.grad = gradient * share / total
+        skipping.grad = None if k == 0 else gradient * share / total
+        folded.step()
+    ordinary_every, ordinary_skipping = (
+        nn.Parameter(torch.zeros(64, dtype=torch.float64)) for _ in range(2)
+    )
+    ordinary = core.AdamW([ordinary_every, ordinary_skipping], lr=LR, **flags)
+    ordinary_every.grad = gradient.clone()
+    ordinary_skipping.grad = gradient * (total - samples[0]) / total
+    ordinary.step()
+    for mine, reference in ((every, ordinary_every), (skipping, ordinary_skipping)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(
+                folded.state[mine][key], ordinary.state[reference][key], rtol=1e-12, atol=0
+            )
+        torch.testing.assert_close(mine, reference, rtol=1e-12, atol=0)
+        assert float(folded.state[mine]["window_shares"]) == 0, "closed with the window"
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize(
-    "shares", [(1, 0), (-1, 2), (float("nan"), 1), [0, 1], (1,), "ab", (0, float("inf"))]
-)
-def test_microbatch_shares_are_checked_by_name(shares: object) -> None:
+@pytest.mark.parametrize("share", [0, -1, float("nan"), float("inf"), (1, 2), "ab", True])
+def test_microbatch_share_is_checked_by_name(share: object) -> None:
     optimizer = core.AdamW([nn.Parameter(torch.zeros(2))], lr=LR)
-    with pytest.raises(ValueError, match=r"Invalid microbatch_shares: .* Allowed: None, or a"):
-        optimizer.microbatch_shares = shares  # type: ignore[assignment]
-    assert optimizer.microbatch_shares is None
+    with pytest.raises(ValueError, match=r"Invalid microbatch_share: .* Allowed: None, or a"):
+        optimizer.microbatch_share = share  # type: ignore[assignment]
+    assert optimizer.microbatch_share is None
     param = torch.zeros(2)
-    state = [torch.zeros(2), torch.zeros(2), torch.tensor(0.0)]
-    with pytest.raises(ValueError, match=r"Invalid microbatch_shares: "):
+    step, count, folded = torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0)
+    with pytest.raises(ValueError, match=r"Invalid microbatch_share: "):
         core.adam(
-            [param],
-            [torch.ones(2)],
-            state[:1],
-            state[1:2],
-            None,
-            state[2:],
-            lr=LR,
-            beta1=0.9,
-            beta2=0.99,
-            eps=1e-8,
-            microbatch_shares=shares,  # type: ignore[arg-type]
-        )
-    assert not param.any() and float(state[2]) == 0
+            [param], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], None, [step],
+            lr=LR, beta1=0.9, beta2=0.99, eps=1e-8, window_microbatches=[count],
+            accumulate=True, window_shares=[folded], microbatch_share=share,
+        )  # fmt: skip
+    assert not param.any() and float(step) == float(count) == float(folded) == 0
 
 
 @pytest.mark.parametrize("optimizer_name", list(ACCUMULATING))

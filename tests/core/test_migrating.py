@@ -210,6 +210,60 @@ def test_triton_in_a_param_group_is_folded_into_fused() -> None:
     assert optimizer.param_groups[1]["fused"] is False and "triton" not in optimizer.param_groups[1]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_triton_written_into_a_live_group_switches_the_backend(fused: bool) -> None:
+    """optimi keeps `triton` in its groups, so its users switch the kernel there: the key
+    was ignored (the backend ran on, the group holding fused and triton disagreeing)."""
+    runs = []
+    for switch in ("triton", "fused"):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        optimizer = core.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        optimizer.param_groups[0][switch] = not fused
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        group = optimizer.param_groups[0]
+        assert group["fused"] is (not fused) and "triton" not in group
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("flags", "value", "allowed"),
+    [
+        ({}, "yes", "None, True or False"),
+        ({"foreach": True}, True, "None or False when foreach=True"),
+    ],
+)
+def test_a_bad_triton_written_into_a_live_group_is_refused_before_any_change(
+    flags: dict, value: object, allowed: str
+) -> None:
+    model = nn.Linear(3, 2)
+    optimizer = core.AdamW(model.parameters(), lr=1e-2, **flags)
+    optimizer.param_groups[0]["triton"] = value
+    model(torch.ones(1, 3)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=rf"Invalid triton in param group 0: {value!r}. Allowed: {allowed}"
+    ):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.bad_input
+def test_a_triton_written_beside_a_bad_value_waits_for_a_step_that_passes() -> None:
+    """The step refused for the lr leaves the group as it was, triton included."""
+    optimizer = core.AdamW([nn.Parameter(torch.ones(3))], lr=1e-2, fused=False)
+    group = optimizer.param_groups[0]
+    group.update(triton=True, lr=-1.0)
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -1.0"):
+        optimizer.step()
+    assert group["triton"] is True and group["fused"] is False
+
+
 @pytest.mark.parametrize("triton", [None, False])
 def test_optimi_code_with_triton_runs_unchanged_on_adamkit(
     optimi: types.ModuleType, triton: bool | None

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import core
 from core.backends import cpu_kernel
-from core.quantization import MIN_QUANTIZED_NUMEL
+from core.quantization import MIN_QUANTIZED_NUMEL, moment_keys
 from tests.core.cases import BACKENDS, TRAINING_BACKENDS, Case, one_case_per_algorithm
 from tests.core.test_fused import LOW_PRECISION, _ordered
 
@@ -287,6 +287,115 @@ def test_8bit_moment_edited_out_of_its_form_is_refused_before_any_change(
         [other, weight], lr=1e-3, state_precision="8bit", **TRAINING_BACKENDS[backend]
     )
     _edited_state_is_refused_before_any_change(optimizer, edit, re.escape(message))
+
+
+MISSING_PROGRESS = {
+    # each was made afresh beside the others: v at 0 with the step kept, ~50x the update
+    "v": (("exp_avg_sq",), "exp_avg_sq is missing from a state that holds ['exp_avg', 'step']"),
+    "m": (("exp_avg",), "exp_avg is missing from a state that holds ['exp_avg_sq', 'step']"),
+    "step": (("step",), "step is missing from a state that holds ['exp_avg', 'exp_avg_sq']"),
+    "both moments": (
+        ("exp_avg", "exp_avg_sq"),
+        "exp_avg is missing from a state that holds ['step']",
+    ),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("case", list(MISSING_PROGRESS))
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_state_key_deleted_by_hand_is_refused_before_any_change(
+    backend: str, case: str, state_precision: str
+) -> None:
+    """torch.optim fails with a KeyError; adamkit restarted that key alone, silently.
+    Deleting the whole state (del optimizer.state[p]) still restarts the parameter."""
+    keys, message = MISSING_PROGRESS[case]
+    torch.manual_seed(0)
+    other, weight = nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(64, 128))
+    optimizer = core.AdamW(
+        [other, weight], lr=1e-3, state_precision=state_precision, **TRAINING_BACKENDS[backend]
+    )
+
+    def edit(state: dict) -> None:
+        for key in keys:
+            for stored in (key, *moment_keys(key)):
+                state.pop(stored, None)
+
+    _edited_state_is_refused_before_any_change(optimizer, edit, re.escape(message))
+    del optimizer.state[weight]
+    optimizer.step()
+    assert float(optimizer.state[weight]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_first_step_that_failed_making_its_moments_is_completed_on_retry(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An out-of-memory error while the first step makes v (Composer's automatic
+    micro-batching catches it and retries) leaves {step: 0, exp_avg}: the retry completes
+    it, where a stepped state lacking v is refused."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 128))
+    optimizer = core.AdamW([weight], lr=1e-3, **TRAINING_BACKENDS[backend])
+    weight.grad = torch.randn_like(weight)
+    real, made = torch.zeros_like, []
+
+    def out_of_memory_at_the_second(*args: Any, **kwargs: Any) -> Tensor:
+        made.append(args)
+        if len(made) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros_like", out_of_memory_at_the_second)
+    with pytest.raises(torch.OutOfMemoryError):
+        optimizer.step()
+    monkeypatch.setattr(torch, "zeros_like", real)
+    assert sorted(optimizer.state[weight]) == ["exp_avg", "step"]
+    before = weight.detach().clone()
+    optimizer.step()
+    reference = torch.optim.AdamW([before.requires_grad_()], lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+    before.grad = weight.grad
+    reference.step()
+    torch.testing.assert_close(weight, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "count",
+    [2, 2.0, torch.tensor(2), torch.tensor([2.0]), torch.tensor(2.0, dtype=torch.float64)],
+    ids=["int", "float", "int64 tensor", "1-element tensor", "float64 tensor"],
+)
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_step_count_set_by_hand_as_any_number_steps_as_loaded(backend: str, count: Any) -> None:
+    """As load_state_dict takes it: an int64 tensor failed after the parameters were
+    updated (counters half advanced), a number or a 1-D tensor in torch.stack."""
+
+    def by_loading(optimizer: core.RAdam, params: list[nn.Parameter]) -> None:
+        saved = optimizer.state_dict()
+        for state in saved["state"].values():
+            state["step"] = count
+        optimizer.load_state_dict(saved)
+
+    def by_hand(optimizer: core.RAdam, params: list[nn.Parameter]) -> None:
+        for p in params:
+            optimizer.state[p]["step"] = count
+
+    runs = []
+    for set_count in (by_loading, by_hand):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(8, 64)) for _ in range(3)]
+        optimizer = core.RAdam(params, lr=1e-3, **TRAINING_BACKENDS[backend])
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        set_count(optimizer, params)
+        optimizer.step()
+        runs.append(params)
+        for p in params:
+            step = optimizer.state[p]["step"]
+            assert step.dtype == torch.float32 and step.dim() == 0 and float(step) == 3
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 @pytest.mark.bad_input
