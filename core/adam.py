@@ -152,9 +152,8 @@ def adam(
         foreach=foreach,
         fused=fused,
     )
-    shares = window_shares if microbatch_share is not None else None
     for step, microbatch, folded, indices in window_position(
-        state_steps, window_microbatches, shares
+        state_steps, window_microbatches, window_shares if microbatch_share is not None else None
     ):
         coefficients = adam_coefficients(
             step + 1,
@@ -172,7 +171,7 @@ def adam(
             decoupled_rate=decoupled_decay_rate(*decay_mode),
         )
         call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
-    advance_counters(state_steps, window_microbatches, accumulate, shares, microbatch_share)
+    advance_counters(state_steps, window_microbatches, accumulate, window_shares, microbatch_share)
 
 
 class Adam(AdamFamilyOptimizer):

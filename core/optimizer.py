@@ -635,15 +635,20 @@ def window_terms(
     }
 
 
+MICROBATCH_SHARE_RANGE = (1e-30, 1e30)
+"""Shares are summed per parameter in float32 (a host scalar): kept well inside its range."""
+
+
 def require_microbatch_share(value: object) -> None:
     """A micro-batch's share of its optimizer-accumulation window's gradient (see
-    window_terms): None, or a finite number > 0."""
+    window_terms): None, or a number in MICROBATCH_SHARE_RANGE."""
+    low, high = MICROBATCH_SHARE_RANGE
     require(
-        value is None or (finite_at_least(value, 0.0) and float(value) > 0),  # type: ignore[arg-type]
+        value is None or (finite_at_least(value, low) and float(value) <= high),  # type: ignore[arg-type]
         "microbatch_share",
         value,
-        "None, or a finite number > 0: this micro-batch's share of the window, such as its "
-        "number of samples",
+        f"None, or a number from {low:g} to {high:g}: this micro-batch's share of the "
+        "window, such as its number of samples (summed in float32)",
     )
 
 
@@ -858,6 +863,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             )
         for param, count in counts.items():
             self.state[param]["window_microbatches"] = torch.tensor(float(count))
+            # shares of a closed window are no measure of this one: as equal shares
+            self.state[param].pop("window_shares", None)
         if counts:
             self._windows_opened = True  # full steps close windows left open
             if isinstance(self.state, StateTable):
@@ -951,9 +958,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "fills in; set a value instead of deleting the key."
             )
         self._validate_group(group, where)
-        if written_triton:
-            if group.pop("triton") is not None:
-                group["fused"] = triton
+        if written_triton:  # None: adamkit chooses, as optimi's triton=None does
+            group["fused"] = group.pop("triton")
             values = tuple(group.values())
         if not all(_immutable(v) for k, v in group.items() if k != "params"):
             return None
@@ -2043,7 +2049,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for group, flags in zip(self.param_groups, execution, strict=True):
             group.update(flags)
             group.pop(CODE_FORMAT_KEY, None)  # a property of the saved codes, checked above
-            for key in TORCH_EXECUTION_FLAGS:
+            for key in (*TORCH_EXECUTION_FLAGS, "triton"):  # triton: written, saved unfolded
                 group.pop(key, None)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [(p, g) for g in self.param_groups for p in g["params"]]
@@ -2147,7 +2153,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             loaded = {
                 key: value
                 for key, value in saved.items()
-                if key != "params" and key not in TORCH_EXECUTION_FLAGS
+                # optimi's triton written into a live group and saved before a step
+                # folded it: an execution choice, the receiving optimizer's own
+                if key not in ("params", "triton", *TORCH_EXECUTION_FLAGS)
             }
             loaded.update({key: group[key] for key in EXECUTION_KEYS if key in group})
             self._complete_group(loaded)
@@ -2477,6 +2485,21 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
             require(isinstance(arguments[key], bool), key, arguments[key], "True or False")
     if "microbatch_share" in arguments:
         require_microbatch_share(arguments["microbatch_share"])
+        if arguments["microbatch_share"] is not None:
+            for needed in ("window_microbatches", "window_shares"):
+                require(
+                    arguments[needed] is not None,
+                    needed,
+                    None,
+                    "a list of 0-dim tensors when microbatch_share is given",
+                )
+        else:  # they would not be advanced: the window's shares would go stale
+            require(
+                arguments.get("window_shares") is None,
+                "window_shares",
+                "a list",
+                "None when microbatch_share is None",
+            )
     for key in ("foreach", "fused"):
         require(_is_optional_bool(arguments[key]), key, arguments[key], "None, True or False")
     require(

@@ -110,9 +110,8 @@ def radam(
         foreach=foreach,
         fused=fused,
     )
-    shares = window_shares if microbatch_share is not None else None
     for step, microbatch, folded, indices in window_position(
-        state_steps, window_microbatches, shares
+        state_steps, window_microbatches, window_shares if microbatch_share is not None else None
     ):
         coefficients = radam_coefficients(
             step + 1,
@@ -128,7 +127,7 @@ def radam(
             microbatch_share=microbatch_share,
         )
         call_backend(backend.adam_step, step_lists(tensor_lists, indices, step + 1), coefficients)
-    advance_counters(state_steps, window_microbatches, accumulate, shares, microbatch_share)
+    advance_counters(state_steps, window_microbatches, accumulate, window_shares, microbatch_share)
 
 
 class RAdam(AdamFamilyOptimizer):

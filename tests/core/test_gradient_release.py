@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 import warnings
@@ -689,7 +690,9 @@ def test_shares_are_each_parameters_own_when_it_skips_microbatches(
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("share", [0, -1, float("nan"), float("inf"), (1, 2), "ab", True])
+@pytest.mark.parametrize(
+    "share", [0, -1, float("nan"), float("inf"), 1e-46, 1e39, (1, 2), "ab", True]
+)
 def test_microbatch_share_is_checked_by_name(share: object) -> None:
     optimizer = core.AdamW([nn.Parameter(torch.zeros(2))], lr=LR)
     with pytest.raises(ValueError, match=r"Invalid microbatch_share: .* Allowed: None, or a"):
@@ -704,6 +707,48 @@ def test_microbatch_share_is_checked_by_name(share: object) -> None:
             accumulate=True, window_shares=[folded], microbatch_share=share,
         )  # fmt: skip
     assert not param.any() and float(step) == float(count) == float(folded) == 0
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("lists", "share", "message"),
+    [
+        ({}, 2.0, "Invalid window_microbatches: None. Allowed: a list of 0-dim tensors when"),
+        ({"window_microbatches": 1}, 2.0, "Invalid window_shares: None. Allowed: a list of"),
+        ({"window_microbatches": 1, "window_shares": 1}, None, "Invalid window_shares: 'a list'"),
+    ],
+    ids=["share-without-counts", "share-without-shares", "shares-without-share"],
+)
+def test_functional_shares_come_with_their_lists(lists: dict, share: Any, message: str) -> None:
+    """A share without the lists to sum it in was ignored silently, and shares without a
+    share were left from a closed window into the next."""
+    param, step = torch.zeros(2), torch.tensor(0.0)
+    counters = {name: [torch.tensor(float(n))] for name, n in lists.items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        core.adam(
+            [param], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], None, [step],
+            lr=LR, beta1=0.9, beta2=0.99, eps=1e-8, microbatch_share=share, **counters,
+        )  # fmt: skip
+    assert not param.any() and float(step) == 0
+
+
+def test_reopened_windows_count_their_microbatches_as_equal_shares() -> None:
+    """Shares of a closed window are no measure of a reopened one: dropped, so the next
+    micro-batch counts the reopened ones as shares equal to its own."""
+    param = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    optimizer = core.AdamW([param], lr=LR)
+    for k, share in enumerate([3.0, 3.0]):
+        optimizer.optimizer_accumulation = k == 0
+        optimizer.microbatch_share = share
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert float(optimizer.state[param]["window_shares"]) == 0
+    optimizer.reopen_windows({param: 2})
+    assert "window_shares" not in optimizer.state[param]
+    optimizer.optimizer_accumulation = True
+    optimizer.microbatch_share = 5.0
+    optimizer.step()
+    assert float(optimizer.state[param]["window_shares"]) == 2 * 5.0 + 5.0
 
 
 @pytest.mark.parametrize("optimizer_name", list(ACCUMULATING))

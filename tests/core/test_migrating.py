@@ -253,6 +253,25 @@ def test_a_bad_triton_written_into_a_live_group_is_refused_before_any_change(
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
+def test_a_triton_written_and_saved_before_a_step_is_not_loaded() -> None:
+    """An execution choice, as fused is: the receiving optimizer keeps its own (the key
+    was carried into the loaded group, to override it at the next step)."""
+    optimizer = core.AdamW([nn.Parameter(torch.ones(3))], lr=1e-2)
+    optimizer.param_groups[0]["triton"] = False
+    receiving = core.AdamW([nn.Parameter(torch.ones(3))], lr=1e-2, fused=None)
+    receiving.load_state_dict(optimizer.state_dict())
+    assert "triton" not in receiving.param_groups[0]
+    assert receiving.param_groups[0]["fused"] is None
+
+
+def test_a_triton_of_none_written_into_a_live_group_lets_adamkit_choose() -> None:
+    optimizer = core.AdamW([nn.Parameter(torch.ones(3))], lr=1e-2, fused=False)
+    optimizer.param_groups[0]["triton"] = None
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+    optimizer.step()
+    assert optimizer.param_groups[0]["fused"] is None
+
+
 @pytest.mark.bad_input
 def test_a_triton_written_beside_a_bad_value_waits_for_a_step_that_passes() -> None:
     """The step refused for the lr leaves the group as it was, triton included."""
