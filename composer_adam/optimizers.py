@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -51,6 +51,8 @@ class ComposerConventions:
     """
 
     param_groups: list[dict[str, Any]]
+    foreign_group_meaning: ClassVar[dict[str, Any]] = {"decouple_lr": True}
+    """Composer's groups decay relative to initial_lr, whatever they lack."""
 
     def __init__(self, params: ParamsT, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)  # type: ignore[call-arg]

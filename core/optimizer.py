@@ -767,6 +767,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     """
 
     _torch_group_key_aliases: ClassVar[dict[str, str]] = {"decoupled_weight_decay": "decouple_wd"}
+    foreign_group_meaning: ClassVar[dict[str, Any]] = {"decouple_lr": False}
+    """What a loaded group without adamkit's own keys (torch.optim's) means by them: its
+    weight_decay is torch's, by lr, whatever this optimizer was built with (Composer's
+    classes read Composer's groups as fully decoupled, their own default)."""
     moment_family: ClassVar[str] = "Adam"
     """A key of MOMENT_FAMILIES: state dicts load only within a family."""
     supports_optimizer_accumulation: ClassVar[bool] = True
@@ -1016,6 +1020,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for torch_key, own_key in self._torch_group_key_aliases.items():
             if torch_key in group and own_key not in group:
                 group[own_key] = bool(group[torch_key])
+        if "decouple_lr" not in group:  # a checkpoint's decay mode is its own, as its lr is
+            for key, value in self.foreign_group_meaning.items():
+                group.setdefault(key, value)
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         reference_lr = group.get("initial_lr", group["lr"])

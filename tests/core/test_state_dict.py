@@ -176,6 +176,22 @@ def test_state_dict_interchange_with_torch(name: str, direction: str) -> None:
         torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("name", [n for n in INTERCHANGE if "-none" not in n])
+def test_a_torch_checkpoint_keeps_its_decay_mode_in_a_fully_decoupled_optimizer(
+    name: str,
+) -> None:
+    """Built fully decoupled (the README's advice), the reader took the checkpoint's
+    weight_decay (torch's, by lr) but kept its own decouple_lr: 1/lr times the decay
+    torch applied (0.05 per step instead of 5e-5 at lr 1e-3). A torch group now means
+    torch's mode, as its lr and weight_decay are the checkpoint's."""
+    torch_class, core_class, core_kwargs, torch_kwargs = INTERCHANGE[name]
+    torch_writer = functools.partial(torch_class, lr=LR, betas=(0.9, 0.99), **torch_kwargs)
+    reader = functools.partial(core_class, decouple_lr=True, weight_decay=1e-5)
+    model, resumed = _continued_in_other(torch_writer, reader)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
+
+
 def test_torch_adamw_always_decays_decoupled_so_an_l2_run_continues_in_torch_adam() -> None:
     model = make_model()
     state_dict = core.Adam(model.parameters(), lr=LR, weight_decay=0.1).state_dict()
