@@ -184,7 +184,7 @@ def test_a_torch_checkpoint_keeps_its_decay_mode_in_a_fully_decoupled_optimizer(
     weight_decay (torch's, by lr) but kept its own decouple_lr: 1/lr times the decay
     torch applied (0.05 per step instead of 5e-5 at lr 1e-3). A torch group now means
     torch's mode, as its lr and weight_decay are the checkpoint's."""
-    torch_class, core_class, core_kwargs, torch_kwargs = INTERCHANGE[name]
+    torch_class, core_class, _, torch_kwargs = INTERCHANGE[name]
     torch_writer = functools.partial(torch_class, lr=LR, betas=(0.9, 0.99), **torch_kwargs)
     reader = functools.partial(core_class, decouple_lr=True, weight_decay=1e-5)
     model, resumed = _continued_in_other(torch_writer, reader)
