@@ -51,8 +51,8 @@ class ComposerConventions:
     """
 
     param_groups: list[dict[str, Any]]
-    foreign_group_meaning: ClassVar[dict[str, Any]] = {"decouple_lr": True}
-    """Composer's groups decay relative to initial_lr, whatever they lack."""
+    warns_on_ambiguous_decay: ClassVar[bool] = False
+    """A group without decouple_lr is Composer's: fully decoupled, as these classes are."""
 
     def __init__(self, params: ParamsT, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)  # type: ignore[call-arg]

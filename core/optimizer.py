@@ -767,10 +767,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     """
 
     _torch_group_key_aliases: ClassVar[dict[str, str]] = {"decoupled_weight_decay": "decouple_wd"}
-    foreign_group_meaning: ClassVar[dict[str, Any]] = {"decouple_lr": False}
-    """What a loaded group without adamkit's own keys (torch.optim's) means by them: its
-    weight_decay is torch's, by lr, whatever this optimizer was built with (Composer's
-    classes read Composer's groups as fully decoupled, their own default)."""
+    warns_on_ambiguous_decay: ClassVar[bool] = True
+    """Whether loading a group without `decouple_lr` into fully decoupled decay warns
+    (composer_adam's classes mean Composer's checkpoints: they do not)."""
     moment_family: ClassVar[str] = "Adam"
     """A key of MOMENT_FAMILIES: state dicts load only within a family."""
     supports_optimizer_accumulation: ClassVar[bool] = True
@@ -893,6 +892,33 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         ]
         if high:
             self._report_high_weight_decay(max(high))
+
+    def _warn_if_decay_mode_is_ambiguous(self, saved_groups: list[dict[str, Any]]) -> None:
+        """A loaded group without decouple_lr (torch.optim's, or Composer's DecoupledAdamW)
+        takes this optimizer's; fully decoupled, its weight_decay reads as Composer's, which
+        a torch.optim checkpoint's (by lr) is not: 1/max_lr times the decay. Say so once."""
+        if not self.warns_on_ambiguous_decay:
+            return
+        ambiguous = [
+            index
+            for index, (saved, group) in enumerate(
+                zip(saved_groups, self.param_groups, strict=True)
+            )
+            if "decouple_lr" not in saved and group["decouple_lr"] and group["weight_decay"] != 0
+        ]
+        if ambiguous:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: param group(s) {ambiguous} come without "
+                "decouple_lr (a torch.optim or Composer DecoupledAdamW checkpoint) and take "
+                "this optimizer's decouple_lr=True, so their weight_decay is applied fully "
+                "decoupled (per step at max_lr, Composer's meaning). From a torch.optim "
+                "checkpoint (weight_decay scaled by lr) that is 1/max_lr times its decay: set "
+                "each group's decouple_lr to False to continue it as torch would, or its "
+                "weight_decay to weight_decay * max_lr. Load Composer checkpoints into "
+                "composer_adam's classes, which read them as Composer's without this warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _report_high_weight_decay(self, weight_decay: float) -> None:
         """Say that weight_decay is high for fully decoupled decay (an adapter may reword it)."""
@@ -1020,9 +1046,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for torch_key, own_key in self._torch_group_key_aliases.items():
             if torch_key in group and own_key not in group:
                 group[own_key] = bool(group[torch_key])
-        if "decouple_lr" not in group:  # a checkpoint's decay mode is its own, as its lr is
-            for key, value in self.foreign_group_meaning.items():
-                group.setdefault(key, value)
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         reference_lr = group.get("initial_lr", group["lr"])
@@ -2058,6 +2081,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             group.pop(CODE_FORMAT_KEY, None)  # a property of the saved codes, checked above
             for key in (*TORCH_EXECUTION_FLAGS, "triton"):  # triton: written, saved unfolded
                 group.pop(key, None)
+        self._warn_if_decay_mode_is_ambiguous(state_dict["param_groups"])
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for saved_id, (param, group) in zip(saved_ids, params, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -177,19 +178,33 @@ def test_state_dict_interchange_with_torch(name: str, direction: str) -> None:
 
 
 @pytest.mark.parametrize("name", [n for n in INTERCHANGE if "-none" not in n])
-def test_a_torch_checkpoint_keeps_its_decay_mode_in_a_fully_decoupled_optimizer(
+def test_a_torch_checkpoint_in_a_fully_decoupled_optimizer_warns_and_continues_once_told(
     name: str,
 ) -> None:
-    """Built fully decoupled (the README's advice), the reader took the checkpoint's
-    weight_decay (torch's, by lr) but kept its own decouple_lr: 1/lr times the decay
-    torch applied (0.05 per step instead of 5e-5 at lr 1e-3). A torch group now means
-    torch's mode, as its lr and weight_decay are the checkpoint's."""
+    """Built fully decoupled (the README's advice), the reader takes the checkpoint's
+    weight_decay (torch's, by lr) and keeps its own decouple_lr, which cannot be told from
+    a Composer checkpoint's (the same keys): it silently decayed 1/lr times harder than
+    torch (0.05 per step instead of 5e-5 at lr 1e-3). It now says so at load, and with
+    decouple_lr set back as the warning says the run continues exactly."""
     torch_class, core_class, _, torch_kwargs = INTERCHANGE[name]
     torch_writer = functools.partial(torch_class, lr=LR, betas=(0.9, 0.99), **torch_kwargs)
     reader = functools.partial(core_class, decouple_lr=True, weight_decay=1e-5)
-    model, resumed = _continued_in_other(torch_writer, reader)
+
+    def as_torch(optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group["decouple_lr"] = False
+
+    with pytest.warns(RuntimeWarning, match=r"param group\(s\) \[0\] come without decouple_lr"):
+        model, resumed = _continued_in_other(torch_writer, reader, as_torch)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
+
+
+def test_a_torch_checkpoint_in_an_optimizer_decaying_by_lr_loads_without_a_warning() -> None:
+    state_dict = torch.optim.AdamW(make_model().parameters(), lr=LR).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        core.AdamW(make_model().parameters(), lr=LR).load_state_dict(state_dict)
 
 
 def test_torch_adamw_always_decays_decoupled_so_an_l2_run_continues_in_torch_adam() -> None:
