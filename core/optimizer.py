@@ -1480,9 +1480,17 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                         self._refuse_state(group, param, key, found, where)
                     if not _is_host_scalar(value):
                         recast.append((param, key, value))
+            counters = [id(value) for _, value in pairs if _is_host_scalar(value)]
+            if len(set(counters)) < len(counters):  # one tensor set into several states
+                seen: set[int] = set()
+                for param, value in pairs:
+                    if _is_host_scalar(value) and id(value) in seen:
+                        recast.append((param, key, value))
+                    seen.add(id(value))
         # A count set by hand as a number, an integer or a 1-element tensor (as loading
         # accepts it) is kept as steps keep counts, once every check has passed: counting
-        # into an integer tensor failed after the parameters were updated.
+        # into an integer tensor failed after the parameters were updated, and one tensor
+        # shared by several states counted once for each of them.
         for param, key, value in recast:
             self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
 

@@ -362,13 +362,22 @@ def test_a_first_step_that_failed_making_its_moments_is_completed_on_retry(
 
 @pytest.mark.parametrize(
     "count",
-    [2, 2.0, torch.tensor(2), torch.tensor([2.0]), torch.tensor(2.0, dtype=torch.float64)],
-    ids=["int", "float", "int64 tensor", "1-element tensor", "float64 tensor"],
+    [
+        2,
+        2.0,
+        torch.tensor(2),
+        torch.tensor([2.0]),
+        torch.tensor(2.0, dtype=torch.float64),
+        torch.tensor(2.0),
+    ],
+    ids=["int", "float", "int64 tensor", "1-element tensor", "float64 tensor", "shared counter"],
 )
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_step_count_set_by_hand_as_any_number_steps_as_loaded(backend: str, count: Any) -> None:
     """As load_state_dict takes it: an int64 tensor failed after the parameters were
-    updated (counters half advanced), a number or a 1-D tensor in torch.stack."""
+    updated (counters half advanced), a number or a 1-D tensor in torch.stack, and one
+    float32 counter set into every state counted once per parameter each step."""
+    count = count.clone() if isinstance(count, Tensor) else count  # the case's own object
 
     def by_loading(optimizer: core.RAdam, params: list[nn.Parameter]) -> None:
         saved = optimizer.state_dict()
@@ -377,7 +386,7 @@ def test_a_step_count_set_by_hand_as_any_number_steps_as_loaded(backend: str, co
         optimizer.load_state_dict(saved)
 
     def by_hand(optimizer: core.RAdam, params: list[nn.Parameter]) -> None:
-        for p in params:
+        for p in params:  # one object in every state
             optimizer.state[p]["step"] = count
 
     runs = []
