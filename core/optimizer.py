@@ -443,6 +443,7 @@ def validate_common_hyperparameters(group: dict[str, Any], where: str = "") -> N
 
 
 _TRITON_ALLOWED = "None, True or False (optimi's name for fused)"
+_TRITON_WITH_FOREACH = "None or False when foreach=True (pick one backend)"
 
 
 def fold_triton_into_fused(options: dict[str, Any]) -> bool:
@@ -462,12 +463,7 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
             f"Invalid triton={triton!r} with fused={fused!r}: both choose the one-pass "
             "backend. Allowed: one of them, or the same value for both."
         )
-    require(
-        not (triton and options.get("foreach")),
-        "triton",
-        triton,
-        "None or False when foreach=True (pick one backend)",
-    )
+    require(not (triton and options.get("foreach")), "triton", triton, _TRITON_WITH_FOREACH)
     options["fused"] = triton
     return True
 
@@ -974,11 +970,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             triton = group["triton"]
             require(_is_optional_bool(triton), "triton", triton, _TRITON_ALLOWED, where)
             require(
-                not (triton and group.get("foreach")),
-                "triton",
-                triton,
-                "None or False when foreach=True (pick one backend)",
-                where,
+                not (triton and group.get("foreach")), "triton", triton, _TRITON_WITH_FOREACH, where
             )
         missing = [k for k in self.defaults if k not in group and k not in TORCH_FLAGS]
         if missing:  # a KeyError from deep inside the step, before
@@ -1471,22 +1463,18 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         recast: list[tuple[Tensor, str, Any]] = []
         for key, pairs in scalars.items():
             values = cpu_kernel.read_scalars([value for _, value in pairs])
+            counters: set[int] = set()
             for i, (param, value) in enumerate(pairs):
-                # Where one call read them all (0-dim float32 CPU tensors, as steps keep
-                # them), only a value out of range needs a closer look.
+                # Where one call read them all (one-element float32 CPU tensors), only a
+                # value out of range needs a closer look.
                 if values is None or not (math.isfinite(values[i]) and values[i] >= 0):
                     found = _state_problem(key, value, param)
                     if found is not None:
                         self._refuse_state(group, param, key, found, where)
-                    if not _is_host_scalar(value):
-                        recast.append((param, key, value))
-            counters = [id(value) for _, value in pairs if _is_host_scalar(value)]
-            if len(set(counters)) < len(counters):  # one tensor set into several states
-                seen: set[int] = set()
-                for param, value in pairs:
-                    if _is_host_scalar(value) and id(value) in seen:
-                        recast.append((param, key, value))
-                    seen.add(id(value))
+                if not _is_host_scalar(value) or id(value) in counters:
+                    recast.append((param, key, value))  # another form, or a shared counter
+                else:
+                    counters.add(id(value))
         # A count set by hand as a number, an integer or a 1-element tensor (as loading
         # accepts it) is kept as steps keep counts, once every check has passed: counting
         # into an integer tensor failed after the parameters were updated, and one tensor
@@ -2774,11 +2762,15 @@ _PROGRESS_ALLOWED = (
 )
 
 
+_PROGRESS_FORMS = tuple((key, moment_keys(key)[0]) for key in PROGRESS_KEYS)
+"""Each PROGRESS_KEYS entry with the key of its 8-bit codes."""
+
+
 def missing_progress_keys(state: dict[str, Any]) -> list[str]:
     """The PROGRESS_KEYS a state lacks in either form: the one rule for loaded and live
     state (a moment or count made afresh beside the others would be silently wrong: v
     restarted at 0 with the step kept made the next update ~50x too large)."""
-    return [k for k in PROGRESS_KEYS if k not in state and moment_keys(k)[0] not in state]
+    return [key for key, codes in _PROGRESS_FORMS if key not in state and codes not in state]
 
 
 def _observe(observers: dict[int, Callable[[Tensor], None]], param: Tensor) -> None:
