@@ -61,7 +61,8 @@ class GradientRelease(Callback):
         optimizer_accumulation: Fold earlier microbatches into the moments instead of
             keeping their gradients (saves the gradient memory across microbatches;
             AdamW and RAdam only, v approximate), each weighted by its share of the
-            batch's samples as Composer weights its loss.
+            batch's samples as Composer weights its loss (on several ranks, the
+            microbatch's samples on every rank: one all-reduce per microbatch).
         get_num_samples_in_batch: How to count samples in a batch, to tell the last
             microbatch and each microbatch's share; needed only if the train DataSpec
             defines its own, or to count loss-generating tokens when the Trainer has
@@ -131,7 +132,7 @@ class GradientRelease(Callback):
             optimizer.optimizer_accumulation = not last  # type: ignore[union-attr]
             # Composer scales each microbatch's loss by its share of the batch's samples:
             # v then grows by that share (exact for unequal microbatches too).
-            optimizer.microbatch_share = samples  # type: ignore[union-attr]
+            optimizer.microbatch_share = self._on_every_rank(samples, state)  # type: ignore[union-attr]
         else:
             self._arm(last)
 
@@ -166,6 +167,18 @@ class GradientRelease(Callback):
             for index, monitor in self._monitors:
                 state.callbacks.insert(index, monitor)
             self._monitors.clear()
+
+    @staticmethod
+    def _on_every_rank(samples: float, state: State) -> float:
+        """A microbatch's samples summed over the ranks: Composer scales each rank's loss
+        by its samples over all ranks' and FSDP2 sums the ranks' gradients, so what a fold
+        adds to v is that microbatch's share on every rank together (a rank's own count
+        is it only when every rank's microbatches have the same sizes)."""
+        if dist.get_world_size() == 1:
+            return samples
+        total = state.device.tensor_to_device(torch.tensor(samples, dtype=torch.float64))
+        dist.all_reduce(total, reduce_operation="SUM")
+        return float(total.item())
 
     def _count(self, batch: Any, what: str) -> float:
         """Samples in a (micro)batch, checked: 0 made every microbatch look like the last

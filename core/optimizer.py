@@ -2203,7 +2203,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     "dict saved by this version, or one with full-precision moments."
                 )
             missing = missing_progress_keys(saved_state)
-            if missing:
+            foreign = len(missing) == len(PROGRESS_KEYS)  # another optimizer's state
+            # a first step saved before it made its moments is completed, as live state is
+            if missing and (foreign or _made_progress(saved_state, missing)):
                 raise ValueError(
                     f"Invalid state_dict for {name}: the state of parameter {saved_id} lacks "
                     f"{missing} (it has {sorted(saved_state)}); expected the state of an "

@@ -27,7 +27,7 @@ from composer.loggers import InMemoryLogger, Logger
 from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
 from composer.utils import FSDP2Config, dist
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, default_collate
 
 import composer_adam
 from tests.composer_adam.harness import BATCH, LR, MICROBATCH, make_loader, make_model
@@ -108,6 +108,25 @@ def _loader(dtype: torch.dtype) -> DataLoader:
     return DataLoader(dataset, batch_size=BATCH // world, sampler=sampler, shuffle=False)
 
 
+def _uneven_loader() -> DataLoader:
+    """One sample per global batch, repeated (every per-sample gradient agrees), each
+    rank's batch cut to 2 * MICROBATCH - 2 * rank samples: microbatches of 4 and 4 on rank
+    0, of 4 and 2 on rank 1 (as a collate that drops padding, or unequal shards, make)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, 1, 10, generator=generator)
+    y = torch.randint(0, 4, (STEPS, 1), generator=generator)
+    per_rank = 2 * MICROBATCH
+    shape = (STEPS, per_rank * dist.get_world_size())
+    samples = TensorDataset(x.expand(*shape, 10).reshape(-1, 10), y.expand(shape).reshape(-1))
+    kept = per_rank - 2 * dist.get_global_rank()
+    return DataLoader(
+        samples,
+        batch_size=per_rank,
+        sampler=DistributedSampler(samples, shuffle=False),
+        collate_fn=lambda batch: default_collate(batch[:kept]),
+    )
+
+
 FP32_CELLS = ("fp32", "fp32-8bit")
 """Cells with fp32 parameters, whose OptimizerMonitor metrics are compared."""
 MATRIX = ("ddp", "fsdp2", "fsdp2_release")
@@ -115,6 +134,8 @@ MATRIX = ("ddp", "fsdp2", "fsdp2_release")
 PROBES: dict[str, Cell] = {
     "fsdp2_unaveraged": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_uneven": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_uneven_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_release_grad_norms_only": Cell("DecoupledAdamW", "default", "fp32"),
     "ddp_release": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_resumed": Cell("DecoupledAdamW", "default", "fp32"),
@@ -122,7 +143,8 @@ PROBES: dict[str, Cell] = {
     "fsdp2_composer_resumed": Cell("DecoupledAdamW", "default", "fp32"),
 }
 """Configurations that run one cell: FSDP2 without `average_fsdp2_gradients` (shows what
-it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), FSDP2 with
+it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), the same and FSDP2
+alone over ranks whose microbatches differ in size (`_uneven_loader`), FSDP2 with
 GradientRelease and OptimizerMonitor(log_optimizer_metrics=False), DDP with
 GradientRelease (must be refused), and FSDP2 runs checkpointed halfway and resumed from
 the sharded checkpoint (`resumed_cell`): without release, with it, and with Composer's own
@@ -183,7 +205,7 @@ def train_cell(
     fsdp2 = configuration.startswith("fsdp2")
     trainer = Trainer(
         model=model,
-        train_dataloader=_loader(cell.dtype),
+        train_dataloader=_uneven_loader() if "_uneven" in configuration else _loader(cell.dtype),
         optimizers=optimizer,
         schedulers=LinearWithWarmupScheduler(t_warmup="2ba", alpha_f=0.5),
         max_duration=f"{batches}ba",

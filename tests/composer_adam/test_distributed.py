@@ -35,6 +35,7 @@ from tests.composer_adam.distributed_worker import (
     cells,
     train_cell,
 )
+from tests.composer_adam.harness import make_model
 from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
 from tests.core.test_configurations import assert_cell_matches
 from tests.processes import run_worker, two_rank_command
@@ -128,6 +129,27 @@ def test_release_with_optimizer_accumulation_under_fsdp2_equals_one_process(
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert_same_metrics(result, reference, rel=1e-5)
     assert result.grad_bytes_after_backward == [0] * 2 * STEPS
+
+
+def test_release_with_optimizer_accumulation_under_fsdp2_is_exact_for_unequal_ranks(
+    trained: dict,
+) -> None:
+    """Rank 0's microbatches hold 4 and 4 samples, rank 1's 4 and 2, every per-sample
+    gradient agreeing: Composer scales each rank's loss by its samples over all ranks', and
+    FSDP2 sums the ranks' gradients, so each fold's share is its microbatch's samples on
+    every rank (8, then 6). Then folding equals FSDP2's ordinary accumulation; with each
+    rank's own counts as shares it did not (8.6% of the distance travelled off)."""
+    cell = PROBES["fsdp2_uneven"]
+    released: Result = trained[("fsdp2_uneven_release_accumulation", *cell.key)]
+    ordinary: Result = trained[("fsdp2_uneven", *cell.key)]
+    start = [p.detach() for p in make_model(dtype=cell.dtype, hidden=cell.hidden).parameters()]
+    travelled = torch.cat([(p - q).flatten() for p, q in zip(ordinary.params, start, strict=True)])
+    gap = torch.cat(
+        [(p - q).flatten() for p, q in zip(released.params, ordinary.params, strict=True)]
+    )
+    assert float(travelled.norm()) > 0.1
+    assert float(gap.norm() / travelled.norm()) < 1e-5
+    assert released.grad_bytes_after_backward == [0] * 2 * STEPS
 
 
 def test_release_under_fsdp2_logs_global_grad_norms_without_optimizer_metrics(

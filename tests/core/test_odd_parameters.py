@@ -328,13 +328,15 @@ def test_a_state_key_deleted_by_hand_is_refused_before_any_change(
     assert float(optimizer.state[weight]["step"]) == 1
 
 
+@pytest.mark.parametrize("saved_and_loaded", [False, True])
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_first_step_that_failed_making_its_moments_is_completed_on_retry(
-    backend: str, monkeypatch: pytest.MonkeyPatch
+    backend: str, saved_and_loaded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An out-of-memory error while the first step makes v (Composer's automatic
     micro-batching catches it and retries) leaves {step: 0, exp_avg}: the retry completes
-    it, where a stepped state lacking v is refused."""
+    it, where a stepped state lacking v is refused; so does the next step after loading a
+    checkpoint of it (load_state_dict refused it)."""
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(64, 128))
     optimizer = core.AdamW([weight], lr=1e-3, **TRAINING_BACKENDS[backend])
@@ -352,6 +354,10 @@ def test_a_first_step_that_failed_making_its_moments_is_completed_on_retry(
         optimizer.step()
     monkeypatch.setattr(torch, "zeros_like", real)
     assert sorted(optimizer.state[weight]) == ["exp_avg", "step"]
+    if saved_and_loaded:  # a checkpoint taken then is completed as the live state is
+        saved = optimizer.state_dict()
+        optimizer = core.AdamW([weight], lr=1e-3, **TRAINING_BACKENDS[backend])
+        optimizer.load_state_dict(saved)
     before = weight.detach().clone()
     optimizer.step()
     reference = torch.optim.AdamW([before.requires_grad_()], lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
