@@ -38,6 +38,10 @@ from core.optimizer import AdamFamilyOptimizer
 
 log = logging.getLogger(__name__)
 
+_COUNT_TOLERANCE = 1e-6
+"""Relative shortfall of a batch's summed microbatch counts that still reaches its count:
+fractional counts summed per microbatch may round below the batch's own sum."""
+
 
 class GradientRelease(Callback):
     """Step each parameter inside backward and free its gradient (adamkit optimizers
@@ -94,7 +98,11 @@ class GradientRelease(Callback):
         # OptimizerMonitor takes it (in the gradient's dtype) and as adamkit's
         # report_per_parameter_metrics does (float32 at least), for either monitor setting.
         self._grad_norms: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        # The batch's samples and those of its microbatches so far, summed over the ranks;
+        # whether this microbatch's backward steps or folds, is the last (its gradient
+        # norms recorded), or comes after the last (its zero gradients dropped).
         self._batch_samples = self._seen_samples = 0.0
+        self._stepping = self._recording = self._dropping = self._past_last = False
 
     # -- events ----------------------------------------------------------------------------
 
@@ -112,29 +120,51 @@ class GradientRelease(Callback):
         self._monitors = monitors
         for _, monitor in reversed(monitors):
             state.callbacks.remove(monitor)
-        if self.optimizer_accumulation:
-            self._arm(True)
+        # Hooks on the sharded parameters the optimizer holds (FSDP2 swaps in unsharded
+        # ones during forward), paused but inside the backward passes that should step:
+        # a backward another callback runs between batches must not step.
+        self._arm(True)
+        optimizer.release_paused = True
 
     def before_train_batch(self, state: State, logger: Logger) -> None:
-        self._batch_samples, self._seen_samples = self._count(state.batch, "a batch"), 0.0
+        self._batch_samples, self._seen_samples = self._count(state.batch, "a batch", state), 0.0
+        self._stepping = self._past_last = False
         self._grad_norms.clear()
 
     def before_forward(self, state: State, logger: Logger) -> None:
-        """Arm or disarm before the microbatch's forward, not its backward: FSDP2 swaps the
-        sharded parameters for unsharded ones during forward (the root module keeps them
-        until backward), and the hooks belong on the sharded parameters the optimizer
-        holds."""
-        samples = self._count(state.batch, "a microbatch")
+        """Decide whether this microbatch's backward steps (the last microbatch holding
+        samples on any rank) or folds (optimizer accumulation), from counts summed over
+        the ranks so that every rank decides alike."""
+        samples = self._count(state.batch, "a microbatch", state)
         self._seen_samples += samples
-        last = self._seen_samples >= self._batch_samples
-        if self.optimizer_accumulation:
-            optimizer = self._optimizer
-            optimizer.optimizer_accumulation = not last  # type: ignore[union-attr]
+        # Whole counts sum exactly; fractional ones (loss weights) may fall a rounding short.
+        reached = self._seen_samples >= self._batch_samples * (1 - _COUNT_TOLERANCE)
+        trailing = self._past_last  # after the last microbatch that holds samples
+        last = reached and not trailing
+        self._past_last = reached
+        optimizer = self._optimizer
+        assert optimizer is not None
+        if self.optimizer_accumulation and not trailing and samples > 0:
+            optimizer.optimizer_accumulation = not last
             # Composer scales each microbatch's loss by its share of the batch's samples:
             # v then grows by that share (exact for unequal microbatches too).
-            optimizer.microbatch_share = self._on_every_rank(samples, state)  # type: ignore[union-attr]
+            optimizer.microbatch_share = samples
+            self._stepping = True
         else:
-            self._arm(last)
+            # A microbatch without samples has a zero gradient (Composer scales its loss by
+            # 0): kept in param.grad before the last, dropped after its backward after it.
+            self._stepping = last
+        self._recording = last
+        self._dropping = trailing
+        optimizer.release_paused = not self._stepping
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        optimizer = self._optimizer
+        assert optimizer is not None
+        optimizer.release_paused = True
+        if self._dropping:  # what a microbatch after the step left: zero, by Composer's scale
+            for param in optimizer.released_params:
+                param.grad = None
 
     def batch_end(self, state: State, logger: Logger) -> None:
         for _, monitor in self._monitors:
@@ -160,6 +190,7 @@ class GradientRelease(Callback):
         if self._optimizer is not None:
             self._optimizer.optimizer_accumulation = False
             self._optimizer.microbatch_share = None
+            self._optimizer.release_paused = False
         for handle in self._norm_hooks:
             handle.remove()
         self._norm_hooks.clear()
@@ -168,33 +199,34 @@ class GradientRelease(Callback):
                 state.callbacks.insert(index, monitor)
             self._monitors.clear()
 
-    @staticmethod
-    def _on_every_rank(samples: float, state: State) -> float:
-        """A microbatch's samples summed over the ranks: Composer scales each rank's loss
-        by its samples over all ranks' and FSDP2 sums the ranks' gradients, so what a fold
-        adds to v is that microbatch's share on every rank together (a rank's own count
-        is it only when every rank's microbatches have the same sizes)."""
-        if dist.get_world_size() == 1:
-            return samples
-        total = state.device.tensor_to_device(torch.tensor(samples, dtype=torch.float64))
-        dist.all_reduce(total, reduce_operation="SUM")
-        return float(total.item())
-
-    def _count(self, batch: Any, what: str) -> float:
-        """Samples in a (micro)batch, checked: 0 made every microbatch look like the last
-        (a step each), NaN none (gradients kept, nothing released), both silently."""
+    def _count(self, batch: Any, what: str, state: State) -> float:
+        """Samples in a (micro)batch summed over the ranks, checked alike on every rank (a
+        rank refusing alone would leave the others waiting in the all-reduce). Summed
+        because Composer scales each rank's loss by its samples over all ranks' and FSDP2
+        sums the ranks' gradients: a fold's share of v is its microbatch's samples on every
+        rank, and every rank must agree which microbatch is the last. A batch of 0 made
+        every microbatch look like the last (a step each), NaN none (gradients kept,
+        nothing released), both silently."""
         counted = self._count_samples(batch)
         number = isinstance(counted, numbers.Real) or (
             isinstance(counted, Tensor) and counted.numel() == 1
         )
-        samples = float(counted) if number else math.nan
-        if isinstance(counted, bool) or not (math.isfinite(samples) and samples > 0):
+        samples = float(counted) if number and not isinstance(counted, bool) else math.nan
+        valid = math.isfinite(samples) and samples >= 0
+        total = samples if valid else math.nan
+        if dist.get_world_size() > 1:
+            summed = state.device.tensor_to_device(torch.tensor(total, dtype=torch.float64))
+            dist.all_reduce(summed, reduce_operation="SUM")
+            total = float(summed.item())
+        if not math.isfinite(total) or (what == "a batch" and total <= 0):
+            returned = f"{counted!r}" if valid else f"{counted!r} on this rank"
             raise ValueError(
-                f"Invalid get_num_samples_in_batch: it returned {counted!r} for {what}. "
-                "Allowed: a finite number > 0 of samples, by which GradientRelease tells "
-                "a batch's last microbatch."
+                f"Invalid get_num_samples_in_batch: it returned {returned} for {what} "
+                f"({total} on every rank together). Allowed: a finite number >= 0 of "
+                "samples, > 0 for a batch on every rank together, by which GradientRelease "
+                "tells a batch's last microbatch."
             )
-        return samples
+        return total
 
     def _check_supported(self, state: State) -> AdamFamilyOptimizer:
         if sum(isinstance(callback, GradientRelease) for callback in state.callbacks) > 1:
@@ -225,6 +257,13 @@ class GradientRelease(Callback):
                 f"Invalid optimizers for GradientRelease: {names}. "
                 "Allowed: one adamkit optimizer created with gradient_release=True "
                 "(e.g. composer_adam.DecoupledAdamW(params, gradient_release=True))."
+            )
+        if state.auto_microbatching:
+            raise ValueError(
+                "Invalid device_train_microbatch_size for GradientRelease: 'auto'. After an "
+                "out-of-memory error Composer reruns the batch in smaller microbatches, and "
+                "what release had stepped (or folded, with optimizer_accumulation) before "
+                "it would be stepped again. Allowed: a fixed microbatch size (an int)."
             )
         if state.precision == Precision.AMP_FP16:
             raise ValueError(
@@ -266,7 +305,7 @@ class GradientRelease(Callback):
 
     def _record_norm(self, param: Tensor) -> None:
         """Runs just before the release hook; only the last microbatch's norm is kept."""
-        if self._seen_samples >= self._batch_samples:
+        if self._recording:
             grad = param.grad
             as_is = torch.linalg.vector_norm(grad)
             widened = grad.dtype in (torch.float16, torch.bfloat16)

@@ -187,7 +187,7 @@ def _has_other_hooks(param: Tensor, own: set[int]) -> bool:
 def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[Tensor], None]:
     def step_and_free(param: Tensor) -> None:
         optimizer = optimizer_ref()
-        if optimizer is None:
+        if optimizer is None or optimizer.release_paused:
             return
         if _ranks_since_prepared(param):
             raise RuntimeError(

@@ -1550,6 +1550,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         return unwrapped(self).__dict__.setdefault("_released_params", set())
 
     @property
+    def release_paused(self) -> bool:
+        """While True, release hooks leave each gradient in param.grad, as without release
+        (optimizer.step() steps it): what a framework's callback sets outside the backward
+        passes that should step, such as earlier micro-batches or a backward some other
+        callback runs between batches."""
+        return unwrapped(self).__dict__.get("_release_paused", False)
+
+    @release_paused.setter
+    def release_paused(self, paused: bool) -> None:
+        require(isinstance(paused, bool), "release_paused", paused, "True or False")
+        unwrapped(self).__dict__["_release_paused"] = paused
+
+    @property
     def gradient_release_registrations(self) -> list[Any]:
         """Active prepare_for_gradient_release registrations (core.gradient_release)."""
         return unwrapped(self).__dict__.setdefault("_release_registrations", [])
@@ -2783,15 +2796,17 @@ def _observe(observers: dict[int, Callable[[Tensor], None]], param: Tensor) -> N
 
 def _made_progress(state: dict[str, Any], missing: list[str]) -> bool:
     """Whether a state lacking `missing` (missing_progress_keys) was stepped: it has moments
-    without a count, or a count above 0. A state still at step 0 is a first step that did
+    without a count, or a count (step, or micro-batches folded into an open window) above
+    0. A state still at step 0 with no window is a first step that did
     not finish making its moments (an out-of-memory error Composer's automatic
     micro-batching catches and retries): it is completed, not refused."""
     if len(missing) == len(PROGRESS_KEYS):
         return False  # nothing of it: a fresh start
     if "step" in missing:
         return True
-    step = state["step"]
-    return not (finite_at_least(step, 0.0) and float(step) == 0)
+    # Micro-batches folded into an open window are progress at step 0 too.
+    counts = (state[key] for key in ("step", "window_microbatches") if key in state)
+    return not all(finite_at_least(count, 0.0) and float(count) == 0 for count in counts)
 
 
 def _is_host_scalar(value: object) -> bool:

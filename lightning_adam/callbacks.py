@@ -203,6 +203,9 @@ class GradientRelease(L.Callback):
             self._released = _step_after_all_reduce(wrapped, optimizer)
         else:
             core.prepare_for_gradient_release(pl_module, optimizer)  # refuses foreign hooks
+            # Paused but inside Lightning's backward passes: a backward some callback runs
+            # (a gradient probe, then zero_grad) must not step.
+            optimizer.release_paused = True
             for monitor in trainer.callbacks:
                 if isinstance(monitor, OptimizerMonitor):
                     monitor.record_gradient_norms_in_backward(optimizer)
@@ -216,6 +219,7 @@ class GradientRelease(L.Callback):
         if self._optimizer is not None:
             self._optimizer.released_params.difference_update(self._released)
             self._optimizer.optimizer_accumulation = False
+            self._optimizer.release_paused = False
             self._optimizer.defaults["gradient_release"] = self._default_release
         self._reset()
 
@@ -240,11 +244,15 @@ class GradientRelease(L.Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        """On a batch Lightning steps, backward runs inside optimizer.step(closure). An
+        """Release runs inside Lightning's own backward passes only (paused after each).
+        On a batch Lightning steps, backward runs inside optimizer.step(closure). An
         optimizer_step override that runs the closure without stepping (to skip a batch)
         would still have its update applied by release inside backward: refused here,
         before backward changes anything."""
-        if self._optimizer is None or self._in_step or _lightning_will_accumulate(trainer):
+        if self._optimizer is None:
+            return
+        if self._in_step or _lightning_will_accumulate(trainer):
+            self._optimizer.release_paused = False
             return
         raise RuntimeError(
             f"Invalid {type(pl_module).__name__}.optimizer_step for GradientRelease: backward "
@@ -254,6 +262,10 @@ class GradientRelease(L.Callback):
             "optimizer_step that calls optimizer.step(closure=optimizer_closure), or drop "
             "GradientRelease."
         )
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._optimizer is not None:
+            self._optimizer.release_paused = True
 
     # -- accumulation windows, in step with Lightning's own decision --------------------------
 

@@ -3,14 +3,19 @@ OptimizerMonitor's metrics, and refuses what cannot work."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
 from composer import Trainer
 from composer.algorithms import SAM, GradientClipping
 from composer.callbacks import OptimizerMonitor
-from composer.core import Algorithm, Callback, Precision, State
+from composer.core import Algorithm, Callback, DataSpec, Precision, State
 from composer.loggers import Logger
-from composer.models import ComposerClassifier
+from composer.models import ComposerClassifier, ComposerModel
+from torch import Tensor, nn
 
 import composer_adam
 import core
@@ -355,6 +360,163 @@ def test_a_second_gradient_release_is_refused_before_anything_changes() -> None:
     model = trainer.state.model
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"Invalid callbacks for GradientRelease: .*more than"):
+        trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not core.is_gradient_release_prepared(model)
+
+
+class _WeightedClassifier(ComposerModel):
+    """Cross-entropy weighted per sample (batches are (x, y, weight)): a weight is the
+    sample's loss-generating tokens, 0 for a sample whose tokens are all masked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.net(batch[0])
+
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        weights = batch[2]
+        losses = F.cross_entropy(outputs, batch[1], reduction="none")
+        return (losses * weights).sum() / weights.sum().clamp_min(1e-30)
+
+
+def _tokens(batch: Any) -> int:
+    return int(batch[2].sum())
+
+
+def _fractional_weights(batch: Any) -> float:
+    return float(batch[2].sum())
+
+
+def _masked(first: int) -> Callable[[Tensor], Tensor]:
+    """Token counts with microbatch `first // 2` (of 4) all masked."""
+    return lambda w: w.round().index_fill(1, torch.tensor([first, first + 1]), 0.0)
+
+
+WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tokens": torch.round,
+    "masked first": _masked(0),
+    "masked middle": _masked(2),
+    "masked last": _masked(6),
+    # fractional counts, not Composer's: summed per microbatch, they fall a rounding
+    # short of the batch's sum in some batches
+    "fractional": lambda w: w,
+}
+
+
+def _weighted_run(release: bool, accumulation: bool, weighting: str) -> tuple[list[Tensor], int]:
+    """6 batches of 8 in microbatches of 2, one sample repeated per batch (every
+    per-sample gradient agrees) with its own weight per copy. Composer scales each
+    microbatch by its loss-generating tokens (accumulate_train_batch_on_tokens), and the
+    callback is given the same counter, as the README says; for "fractional" Composer
+    scales by samples and the callback counts the weights. Returns the parameters and
+    the steps taken."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 10, generator=generator).expand(6, 8, 10)
+    y = torch.randint(0, 4, (6, 1), generator=generator).expand(6, 8)
+    weights = WEIGHTINGS[weighting](1 + 4 * torch.rand(6, 8, generator=generator))
+    samples = torch.utils.data.TensorDataset(x.reshape(-1, 10), y.reshape(-1), weights.reshape(-1))
+    loader = torch.utils.data.DataLoader(samples, batch_size=8, shuffle=False)
+    on_tokens = weighting != "fractional"
+    counter = _tokens if on_tokens else _fractional_weights
+    model = _WeightedClassifier()
+    optimizer = composer_adam.DecoupledAdamW(model.parameters(), lr=1e-2, gradient_release=release)
+    release_callback = composer_adam.GradientRelease(
+        optimizer_accumulation=accumulation, get_num_samples_in_batch=counter
+    )
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_tokens),
+        accumulate_train_batch_on_tokens=on_tokens,
+        optimizers=optimizer,
+        max_duration="6ba",
+        device="cpu",
+        device_train_microbatch_size=2,
+        callbacks=[release_callback] if release else [],
+        progress_bar=False,
+        log_to_console=False,
+    )
+    trainer.fit()
+    assert all(p.grad is None for p in model.parameters()) or not release
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert len(steps) == 1
+    return [p.detach().clone() for p in model.parameters()], steps.pop()
+
+
+@pytest.mark.parametrize("accumulation", [False, True])
+@pytest.mark.parametrize("weighting", list(WEIGHTINGS))
+def test_token_counts_with_masked_microbatches_step_once_per_batch_as_the_ordinary_run(
+    weighting: str, accumulation: bool
+) -> None:
+    """A microbatch whose tokens are all masked (count 0) was refused mid-batch, after
+    earlier ones were folded; fractional counts summed per microbatch fell a rounding
+    short of the batch's, so the last microbatch was missed in some batches (no step
+    with optimizer accumulation, nothing released without). Now each batch steps once,
+    equal to the ordinary run: bit for bit without accumulation, and to 1e-5 of the
+    distance travelled with it (where the callback counts what Composer scales by)."""
+    start = [p.detach().clone() for p in _WeightedClassifier().parameters()]
+    ordinary, ordinary_steps = _weighted_run(False, False, weighting)
+    released, steps = _weighted_run(True, accumulation, weighting)
+    assert ordinary_steps == steps == 6
+    travelled = torch.cat([(p - q).flatten() for p, q in zip(ordinary, start, strict=True)])
+    gap = torch.cat([(p - q).flatten() for p, q in zip(released, ordinary, strict=True)])
+    assert float(travelled.norm()) > 0.05
+    if not accumulation:
+        assert float(gap.norm()) == 0.0
+    elif weighting != "fractional":  # shares other than Composer's scale: v approximate
+        assert float(gap.norm()) < 1e-5 * float(travelled.norm())
+
+
+class _BackwardOutsideTheLoop(Callback):
+    """A held-out gradient taken at an event outside the microbatch loop, then discarded
+    (a probe of the gradient; Composer's SeqLengthWarmup runs a blank forward and
+    backward at AFTER_DATALOADER the same way)."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+
+    def run_event(self, event: Any, state: State, logger: Logger) -> None:
+        if event.value == self.event:
+            x, y = torch.ones(4, 10), torch.tensor([0, 1, 2, 3])
+            F.cross_entropy(state.model((x, y)), y).backward()
+            for optimizer in state.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("accumulation", [False, True])
+@pytest.mark.parametrize("event", ["after_dataloader", "batch_end"])
+def test_a_backward_outside_the_microbatches_steps_nothing(event: str, accumulation: bool) -> None:
+    """The hooks stayed armed between batches (from the last microbatch, or all fit with
+    optimizer accumulation), so such a backward stepped the optimizer: 7-8 steps in 4
+    batches. The run without release ignores it; so does the released run now."""
+    runs = []
+    for probe in ([], [_BackwardOutsideTheLoop(event)]):
+        trainer, _ = train(
+            lambda p: composer_adam.DecoupledAdamW(p, lr=LR, gradient_release=True),
+            max_duration="4ba",
+            callbacks=[*probe, composer_adam.GradientRelease(optimizer_accumulation=accumulation)],
+        )
+        optimizer = trainer.state.optimizers[0]
+        assert {float(state["step"]) for state in optimizer.state.values()} == {4.0}
+        runs.append(trainer.state.model)
+    assert_same_parameters(runs[1], runs[0], atol=0)
+
+
+@pytest.mark.bad_input
+def test_automatic_microbatching_is_refused_before_anything_changes() -> None:
+    """After an out-of-memory error Composer reruns the batch in smaller microbatches:
+    parameters released in the failed attempt were stepped twice (2e-2 off). Composer
+    takes device_train_microbatch_size="auto" on GPUs only; its state flag is set here."""
+    trainer = _trainer(callbacks=[composer_adam.GradientRelease()])
+    trainer.state.auto_microbatching = True
+    model = trainer.state.model
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=r"Invalid device_train_microbatch_size for GradientRelease: 'auto'\."
+    ):
         trainer.fit()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not core.is_gradient_release_prepared(model)

@@ -423,6 +423,39 @@ def test_remove_gradient_release_restores_ordinary_steps() -> None:
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
+def test_paused_release_keeps_gradients_for_an_ordinary_step() -> None:
+    """What framework callbacks pause outside the backward passes that should step (other
+    micro-batches, a backward another callback runs between batches): paused hooks
+    accumulate gradients as if unhooked; unpaused, the next backward steps their sum,
+    bit for bit the ordinary run's step."""
+    batches = make_batches(torch.float32, 2)
+    runs = []
+    for release in (False, True):
+        model = make_model()
+        optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=release)
+        if release:
+            core.prepare_for_gradient_release(model, optimizer)
+            optimizer.release_paused = True
+        for index, (x, y) in enumerate(batches):
+            optimizer.release_paused = release and index == 0
+            nn.functional.mse_loss(model(x), y).backward()
+            if release and index == 0:
+                assert all(p.grad is not None for p in model.parameters()), "kept"
+        if release:
+            assert all(p.grad is None for p in model.parameters()), "stepped and freed"
+        optimizer.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.bad_input
+def test_release_paused_takes_a_bool() -> None:
+    optimizer = core.AdamW([nn.Parameter(torch.zeros(2))], lr=LR, gradient_release=True)
+    with pytest.raises(ValueError, match=r"Invalid release_paused: 1\b.*True or False"):
+        optimizer.release_paused = 1  # type: ignore[assignment]
+    assert optimizer.release_paused is False
+
+
 def test_release_pre_hooks_see_each_released_gradient_before_it_is_freed() -> None:
     """What the monitors read gradients with: every released parameter's gradient, a
     group added later included, none of a parameter outside the optimizer, and nothing

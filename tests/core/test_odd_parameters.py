@@ -328,6 +328,41 @@ def test_a_state_key_deleted_by_hand_is_refused_before_any_change(
     assert float(optimizer.state[weight]["step"]) == 1
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("saved_and_loaded", [False, True])
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_a_moment_deleted_from_an_open_window_at_step_0_is_refused(
+    key: str, state_precision: str, saved_and_loaded: bool
+) -> None:
+    """Micro-batches folded into a window (optimizer accumulation) are progress at step 0:
+    without v the closing update was ~107x the intact window's. Taken for an interrupted
+    first step, it was accepted (loaded: since loading completes such a step too)."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 128))
+    optimizer = core.AdamW([weight], lr=1e-3, state_precision=state_precision)
+    optimizer.optimizer_accumulation = True
+    for _ in range(2):
+        weight.grad = torch.randn_like(weight)
+        optimizer.step()
+    state = optimizer.state[weight]
+    assert float(state["step"]) == 0 and float(state["window_microbatches"]) == 2
+    for stored in (key, *moment_keys(key)):
+        state.pop(stored, None)
+    if saved_and_loaded:
+        saved = optimizer.state_dict()
+        loading = core.AdamW([weight], lr=1e-3, state_precision=state_precision)
+        with pytest.raises(ValueError, match=rf"the state of parameter 0 lacks \['{key}'\]"):
+            loading.load_state_dict(saved)
+        assert not loading.state
+        return
+    optimizer.optimizer_accumulation = False
+    before = weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"{key} is missing from a state that holds"):
+        optimizer.step()
+    assert torch.equal(weight, before)
+
+
 @pytest.mark.parametrize("saved_and_loaded", [False, True])
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_first_step_that_failed_making_its_moments_is_completed_on_retry(

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import (
@@ -93,6 +94,29 @@ def test_release_frees_gradients_inside_backward(backend: str) -> None:
 
     _fit(Probe(lr=1e-2, **BACKENDS[backend]), release=True, max_epochs=1)
     assert len(seen) == 4 and all(all(step) for step in seen)
+
+
+class GradientProbe(L.Callback):
+    """A held-out gradient taken at the end of each training batch, then discarded (a
+    callback measuring gradients, not training)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        x = torch.linspace(-1, 1, 24).reshape(4, 6)
+        pl_module(x).square().mean().backward()
+        pl_module.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_backward_between_batches_steps_nothing(backend: str) -> None:
+    """The hooks stayed armed between batches, so a probe's backward there stepped the
+    optimizer (twice the steps); the run without release ignores it, as release does now."""
+    runs = [Regression(lr=1e-2, **BACKENDS[backend]) for _ in range(2)]
+    for model, release in zip(runs, (False, True), strict=True):
+        _fit(model, release, max_epochs=2, callbacks=[GradientProbe()])
+    optimizer_state = runs[1].trainer.optimizers[0].state
+    assert {float(state["step"]) for state in optimizer_state.values()} == {8.0}
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
