@@ -166,6 +166,25 @@ class GradientRelease(Callback):
             for param in optimizer.released_params:
                 param.grad = None
 
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        """A counter whose microbatches do not add up to its batch never reached the last
+        microbatch: with optimizer accumulation nothing stepped (every microbatch folded
+        into a window left open), without it nothing was released. Said on every rank
+        alike (the counts are summed over the ranks)."""
+        if self._past_last:
+            return
+        what = (
+            "every microbatch was folded and none stepped"
+            if self.optimizer_accumulation
+            else "nothing was released (the optimizer stepped after backward)"
+        )
+        raise ValueError(
+            f"Invalid get_num_samples_in_batch: the batch's microbatches counted "
+            f"{self._seen_samples} of the {self._batch_samples} it returned for the whole "
+            f"batch (on every rank together), so no microbatch was its last and {what}. "
+            "Allowed: counts that add up, a batch's the sum of its microbatches'."
+        )
+
     def batch_end(self, state: State, logger: Logger) -> None:
         for _, monitor in self._monitors:
             self._log_monitor_metrics(monitor, state, logger)

@@ -22,7 +22,7 @@ import composer.trainer.trainer
 import torch
 from composer import Trainer
 from composer.callbacks import OptimizerMonitor
-from composer.core import Callback, State
+from composer.core import Callback, DataSpec, State
 from composer.loggers import InMemoryLogger, Logger
 from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
 from composer.utils import FSDP2Config, dist
@@ -127,6 +127,17 @@ def _uneven_loader() -> DataLoader:
     )
 
 
+def _masked_tokens(batch: Any) -> int:
+    """Loss-generating tokens of a (micro)batch of the uneven loader: 3 per sample, but
+    on rank 1 only its first microbatch's samples have any, its short last microbatch is
+    all masked. Composer scales that microbatch's loss by 0, so on that rank the last
+    microbatch holding tokens comes before its last microbatch."""
+    samples = len(batch[0])
+    if dist.get_global_rank() == 1:
+        return 3 * MICROBATCH if samples >= MICROBATCH else 0
+    return 3 * samples
+
+
 FP32_CELLS = ("fp32", "fp32-8bit")
 """Cells with fp32 parameters, whose OptimizerMonitor metrics are compared."""
 MATRIX = ("ddp", "fsdp2", "fsdp2_release")
@@ -136,6 +147,9 @@ PROBES: dict[str, Cell] = {
     "fsdp2_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_uneven": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_uneven_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_masked": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_masked_release": Cell("DecoupledAdamW", "default", "fp32"),
+    "fsdp2_masked_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_release_grad_norms_only": Cell("DecoupledAdamW", "default", "fp32"),
     "ddp_release": Cell("DecoupledAdamW", "default", "fp32"),
     "fsdp2_resumed": Cell("DecoupledAdamW", "default", "fp32"),
@@ -144,7 +158,9 @@ PROBES: dict[str, Cell] = {
 }
 """Configurations that run one cell: FSDP2 without `average_fsdp2_gradients` (shows what
 it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), the same and FSDP2
-alone over ranks whose microbatches differ in size (`_uneven_loader`), FSDP2 with
+alone over ranks whose microbatches differ in size (`_uneven_loader`), the same loader
+counting tokens with rank 1's short microbatch masked (`_masked_tokens`; FSDP2 alone,
+with release, with optimizer accumulation), FSDP2 with
 GradientRelease and OptimizerMonitor(log_optimizer_metrics=False), DDP with
 GradientRelease (must be refused), and FSDP2 runs checkpointed halfway and resumed from
 the sharded checkpoint (`resumed_cell`): without release, with it, and with Composer's own
@@ -177,6 +193,7 @@ def train_cell(
     `batches` ends it early; `checkpointing` goes to the Trainer (save_folder, load_path)."""
     model = make_model(dtype=cell.dtype, hidden=cell.hidden, train_accuracy=False)
     release = "release" in configuration
+    masked = "_masked" in configuration
     accumulation = configuration.endswith("accumulation")
     if "_composer" in configuration:
         optimizer: torch.optim.Optimizer = DecoupledAdamW(
@@ -201,11 +218,22 @@ def train_cell(
             OptimizerMonitor(batch_log_interval=1, log_optimizer_metrics=optimizer_metrics)
         )
     if release:
-        callbacks.append(composer_adam.GradientRelease(optimizer_accumulation=accumulation))
+        counter = _masked_tokens if masked else None
+        callbacks.append(
+            composer_adam.GradientRelease(
+                optimizer_accumulation=accumulation, get_num_samples_in_batch=counter
+            )
+        )
     fsdp2 = configuration.startswith("fsdp2")
+    loader: DataLoader | DataSpec = _loader(cell.dtype)
+    if "_uneven" in configuration or masked:
+        loader = _uneven_loader()
+    if masked:
+        loader = DataSpec(loader, get_num_tokens_in_batch=_masked_tokens)
     trainer = Trainer(
         model=model,
-        train_dataloader=_uneven_loader() if "_uneven" in configuration else _loader(cell.dtype),
+        train_dataloader=loader,
+        accumulate_train_batch_on_tokens=masked,
         optimizers=optimizer,
         schedulers=LinearWithWarmupScheduler(t_warmup="2ba", alpha_f=0.5),
         max_duration=f"{batches}ba",

@@ -152,6 +152,28 @@ def test_release_with_optimizer_accumulation_under_fsdp2_is_exact_for_unequal_ra
     assert released.grad_bytes_after_backward == [0] * 2 * STEPS
 
 
+@pytest.mark.parametrize("mode", ["release", "release_accumulation"])
+def test_release_under_fsdp2_steps_once_where_one_rank_has_a_masked_microbatch(
+    trained: dict, mode: str
+) -> None:
+    """Token counts, rank 1's last microbatch all masked (count 0): that rank alone
+    refused it while rank 0 waited in the next collective. Which microbatch steps is now
+    decided from counts summed over the ranks, so both step at the last microbatch
+    holding tokens on any rank: release equals FSDP2 alone bit for bit, optimizer
+    accumulation within 1e-5 of the distance travelled."""
+    cell = PROBES["fsdp2_masked"]
+    ordinary: Result = trained[("fsdp2_masked", *cell.key)]
+    released: Result = trained[(f"fsdp2_masked_{mode}", *cell.key)]
+    start = [p.detach() for p in make_model(dtype=cell.dtype, hidden=cell.hidden).parameters()]
+    travelled = torch.cat([(p - q).flatten() for p, q in zip(ordinary.params, start, strict=True)])
+    gap = torch.cat(
+        [(p - q).flatten() for p, q in zip(released.params, ordinary.params, strict=True)]
+    )
+    assert float(travelled.norm()) > 0.1
+    assert float(gap.norm()) <= (1e-5 * float(travelled.norm()) if "accumulation" in mode else 0)
+    assert released.grad_bytes_after_backward[-1] == 0
+
+
 def test_release_under_fsdp2_logs_global_grad_norms_without_optimizer_metrics(
     trained: dict,
 ) -> None:

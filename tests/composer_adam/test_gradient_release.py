@@ -21,6 +21,7 @@ import composer_adam
 import core
 from tests.composer_adam.harness import (
     LR,
+    MICROBATCH,
     STEPS,
     GradientsAfterBackward,
     assert_same_parameters,
@@ -520,3 +521,28 @@ def test_automatic_microbatching_is_refused_before_anything_changes() -> None:
         trainer.fit()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not core.is_gradient_release_prepared(model)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("accumulation", [False, True])
+def test_counts_whose_microbatches_fall_short_of_their_batch_are_refused(
+    accumulation: bool,
+) -> None:
+    """A counter that counts a batch (16) above its microbatches (4 x 4) never reaches
+    the last microbatch: with optimizer accumulation nothing ever stepped (every batch
+    folded into a window left open), without it nothing was released; silently. Refused
+    at the end of the first batch, where it shows."""
+
+    def overcounting(batch: Any) -> int:
+        samples = len(batch[0])
+        return 2 * samples if samples > MICROBATCH else samples
+
+    release = composer_adam.GradientRelease(
+        optimizer_accumulation=accumulation, get_num_samples_in_batch=overcounting
+    )
+    trainer = _trainer(callbacks=[release], device_train_microbatch_size=MICROBATCH)
+    with pytest.raises(
+        ValueError, match=r"microbatches counted 16\.0 of the 32\.0 it returned for the whole"
+    ):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
