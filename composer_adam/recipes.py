@@ -246,6 +246,16 @@ def build_optimizer(
         pattern = _group_pattern(group_config["param_str_match"], f"{where}.param_str_match")
         matched = [name for name in remaining if pattern.search(name)]
         if not matched:
+            taken = [name for name, _ in named if name not in remaining and pattern.search(name)]
+            if taken:  # first match wins: an earlier group holds all it matches
+                raise ValueError(
+                    f"Invalid {where}.param_str_match: {pattern.pattern!r} matches only "
+                    f"parameters an earlier group already took ({', '.join(taken[:6])}"
+                    + (", ..." if len(taken) > 6 else "")
+                    + "): each parameter goes to the first group that matches it. Allowed: "
+                    "a regex matching a parameter no earlier group matches, or this group "
+                    "moved before the one that takes them."
+                )
             raise ValueError(
                 f"Invalid {where}.param_str_match: {pattern.pattern!r} matches no trainable "
                 f"parameter. Parameter names: {', '.join(list(dict(named))[:12])}"
@@ -337,7 +347,8 @@ def _check_scheduler_values(cls: type, recipe: Mapping[str, Any]) -> None:
             time = value if isinstance(value, Time) else _as_time(value)
             valid = time is not None and _time_in_range(time)
             allowed = (
-                "a Composer time string such as '100ba', '1ep' or '0.1dur'"
+                "a Composer time string such as '100ba', '1ep' or '0.1dur' (whole numbers "
+                "but for dur)"
                 if time is None
                 else "a time >= 0 in ep, ba, sp, tok or iter such as '100ba' or '1ep', "
                 "or a 'dur' fraction in [0, 1] (wall-clock 'sec' is no scheduler time)"
@@ -365,7 +376,8 @@ def _as_time(value: object) -> Any:
         return None
     try:
         return Time.from_timestring(value)
-    except (ValueError, OverflowError):  # 'infba': an int of infinity
+    # 'infba': an int of infinity; '0.5ep': a fraction of a unit Composer counts whole
+    except (ValueError, OverflowError, TypeError):
         return None
 
 

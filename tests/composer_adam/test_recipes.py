@@ -125,6 +125,15 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
             {"name": "decoupled_adamw", "param_groups": [{"param_str_match": "lm_head"}]},
             "'lm_head' matches no trainable parameter. Parameter names: embedding.weight",
         ),
+        (
+            # first match wins: it said "matches no trainable parameter" of a visible match
+            {
+                "name": "decoupled_adamw",
+                "param_groups": [{"param_str_match": "proj"}, {"param_str_match": "proj.w"}],
+            },
+            "Invalid param_groups[1].param_str_match: 'proj.w' matches only parameters an "
+            "earlier group already took (proj.weight): each parameter goes to the first group",
+        ),
         ({"name": "decoupled_adamw", "param_groups": [{"lr": 0.1}]}, "with a param_str_match"),
         (
             # llm-foundry hands param_str_match to re.search: one regex, no list.
@@ -386,16 +395,23 @@ def test_scheduler_values_out_of_range_are_refused_when_built(
         composer_adam.build_scheduler({**recipe, key: bound})
 
 
+TIME_STRING = (
+    "a Composer time string such as '100ba', '1ep' or '0.1dur' (whole numbers but for dur)"
+)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
-        ("t_warmup", 10, "a Composer time string such as '100ba', '1ep' or '0.1dur'"),
-        ("t_warmup", "10", "a Composer time string such as '100ba', '1ep' or '0.1dur'"),
+        ("t_warmup", 10, TIME_STRING),
+        ("t_warmup", "10", TIME_STRING),
+        ("t_warmup", "0.5ep", TIME_STRING),  # escaped as Composer's TypeError
+        ("t_warmup", "2.5sp", TIME_STRING),
         ("alpha_f", "0.1", "a number"),
         ("scale_warmup", "yes", "true or false"),
     ],
-    ids=["int-time", "unitless-time", "text-number", "text-flag"],
+    ids=["int-time", "unitless-time", "half-epoch", "half-sample", "text-number", "text-flag"],
 )
 def test_scheduler_values_of_the_wrong_kind_are_refused_when_built(
     key: str, value: object, allowed: str
