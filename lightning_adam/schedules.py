@@ -1,8 +1,9 @@
-"""Learning-rate schedules for `configure_optimizers`, composed from torch's own schedulers.
+"""Learning-rate schedules for `configure_optimizers`: a torch LRScheduler in closed form.
 
-Composing LinearLR, ConstantLR and a cosine stage with SequentialLR (rather than writing
-the curve as a LambdaLR, whose function a checkpoint cannot hold) keeps checkpoints plain
-scheduler state that Lightning saves and restores without help.
+Each group's lr is its starting lr times the curve's factor at the scheduler's step, and
+the scheduler's checkpoint state is plain values (its place on the curve), which
+Lightning saves and restores without help. The curve itself always comes from the
+configuration, so a run resumed with a changed schedule follows the configured one.
 """
 
 from __future__ import annotations
@@ -15,51 +16,100 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import ConstantLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import LRScheduler
 
 from core.optimizer import require
 
 KINDS = ("cosine", "linear", "constant")
 INTERVALS = ("step", "epoch")
-_HOLD_FOREVER = 2**62
-"""ConstantLR's total_iters for the hold stage: an end it never reaches, so the lr stays put."""
+_CURVE = ("kind", "warmup_steps", "total_steps", "min_lr_ratio")
+"""The attributes of ScheduledLR that define its curve (saved, but taken from the config)."""
 
 
-class CosineToFloor(LRScheduler):
-    """Each group's lr from its own starting lr down a half cosine to floor_ratio times it
-    over total_iters steps, then held there.
+class ScheduledLR(LRScheduler):
+    """An LRSchedule's curve: each group's lr is its own starting lr times the curve's
+    factor at the current step (a layer-wise lr keeps its ratio to the others).
 
-    torch's CosineAnnealingLR has one eta_min for every group, so a group started below
-    the others (a layer-wise lr) would climb towards it instead of decaying. Its state
-    (last_epoch, base_lrs and these two numbers) is plain values, as Lightning saves it;
-    it stands where CosineAnnealingLR stood, whose saved state it loads (its own numbers
-    come from the schedule, so an older checkpoint continues on the per-group curve).
+    Its checkpoint holds where on the curve it stands (last_epoch, base_lrs) and the
+    curve it followed; loading takes the place and keeps the configured curve, setting
+    each group's lr to it. torch's schedulers restore their own parameters instead, so a
+    run resumed to train longer (total_steps taken from a larger max_epochs) stayed at
+    the old schedule's end: lr 0 for every further step. It also loads the state of the
+    torch schedulers it was composed of before (SequentialLR of LinearLR, a cosine stage
+    and ConstantLR, or one LinearLR or ConstantLR), and continues from their step.
     """
 
-    def __init__(
-        self, optimizer: Optimizer, total_iters: int, floor_ratio: float, last_epoch: int = -1
-    ) -> None:
-        self.total_iters = total_iters
-        self.floor_ratio = floor_ratio
+    def __init__(self, optimizer: Optimizer, schedule: LRSchedule, last_epoch: int = -1) -> None:
+        require(schedule.total_steps is not None, "total_steps", None, "an int to build")
+        self.kind = schedule.kind
+        self.warmup_steps = schedule.warmup_steps
+        self.total_steps = schedule.total_steps
+        self.min_lr_ratio = schedule.min_lr_ratio
         super().__init__(optimizer, last_epoch)
 
+    def factor(self, step: int) -> float:
+        """The multiple of each group's starting lr at this step."""
+        step, warmup = max(step, 0), self.warmup_steps
+        if step < warmup:  # linear from 1/(warmup + 1) up to 1
+            return (step + 1) / (warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        decay = self.total_steps - warmup
+        progress = min(step - warmup, decay) / decay
+        floor = self.min_lr_ratio
+        if self.kind == "cosine":
+            return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
+        return 1.0 - (1.0 - floor) * progress
+
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        _follow_added_groups(self.optimizer, [self])
-        progress = min(max(self.last_epoch, 0), self.total_iters) / self.total_iters
-        factor = self.floor_ratio + (1 - self.floor_ratio) * (1 + math.cos(math.pi * progress)) / 2
+        _follow_added_groups(self.optimizer, self)
+        factor = self.factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
 
+    _get_closed_form_lr = get_lr
 
-def _follow_added_groups(optimizer: Optimizer, schedulers: list[LRScheduler]) -> None:
-    """Give the schedulers a starting lr for each param group added after they were built.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The saved place on the curve (of this class or of the torch schedulers it was
+        composed of), on the configured curve; each group's lr set to it."""
+        saved = dict(state_dict)
+        stages = saved.get("_schedulers")  # SequentialLR: its first stage holds base_lrs
+        base_lrs = saved.get("base_lrs") or (stages[0].get("base_lrs") if stages else None)
+        require(
+            _is_int(saved.get("last_epoch"), -1) and isinstance(base_lrs, list),
+            "scheduler state_dict",
+            sorted(saved, key=str),
+            "the state of a ScheduledLR or of torch's LinearLR, ConstantLR or SequentialLR "
+            "(last_epoch and base_lrs)",
+        )
+        changed = {
+            key: (saved[key], getattr(self, key))
+            for key in _CURVE
+            if key in saved and saved[key] != getattr(self, key)
+        }
+        if changed:
+            described = ", ".join(
+                f"{key} {new!r} (saved {old!r})" for key, (old, new) in changed.items()
+            )
+            rank_zero_info(
+                f"Resuming on the configured schedule from step {saved['last_epoch']}: {described}."
+            )
+        self.last_epoch = saved["last_epoch"]
+        self.base_lrs = list(base_lrs)
+        self._step_count = saved.get("_step_count", self.last_epoch + 1)
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=False):
+            group["lr"] = lr
+
+
+def _follow_added_groups(optimizer: Optimizer, scheduler: LRScheduler) -> None:
+    """Give the scheduler a starting lr for each param group added after it was built.
 
     BackboneFinetuning (and anyone calling optimizer.add_param_group mid-run) adds a group
-    the schedulers have no starting lr for; torch's closed-form steps then fail. Every
-    scheduler here scales each group's starting lr by one shared multiplier, so a group
-    that joins takes the lr it joined with as its value at the current point of the curve
-    and follows the curve from there.
+    the scheduler has no starting lr for. Every group's lr is its starting lr times one
+    shared factor, so a group that joins takes the lr it joined with as its value at the
+    current point of the curve and follows the curve from there.
     """
-    groups, known = optimizer.param_groups, schedulers[0].base_lrs
+    groups, known = optimizer.param_groups, scheduler.base_lrs
     if len(groups) <= len(known):
         return
     multiplier = next(
@@ -69,16 +119,7 @@ def _follow_added_groups(optimizer: Optimizer, schedulers: list[LRScheduler]) ->
         joined_at = float(group["lr"])
         base = joined_at / multiplier if multiplier else joined_at
         group.setdefault("initial_lr", base)
-        for scheduler in schedulers:
-            scheduler.base_lrs.append(base)
-
-
-class StagedLR(SequentialLR):
-    """SequentialLR whose stages also move param groups added after it was built."""
-
-    def step(self) -> None:  # type: ignore[override]
-        _follow_added_groups(self.optimizer, self._schedulers)
-        super().step()
+        known.append(base)
 
 
 @dataclass(frozen=True)
@@ -155,28 +196,7 @@ class LRSchedule:
 
     def build(self, optimizer: Optimizer) -> LRScheduler:
         """The torch scheduler for `optimizer`, whose groups' current lr is the peak."""
-        require(self.total_steps is not None, "total_steps", None, "an int to build a scheduler")
-        decay_steps = self.total_steps - self.warmup_steps
-        stages: list[LRScheduler] = []
-        milestones: list[int] = []
-        if self.warmup_steps:
-            start = 1.0 / (self.warmup_steps + 1)
-            stages.append(LinearLR(optimizer, start, 1.0, total_iters=self.warmup_steps))
-            milestones.append(self.warmup_steps)
-        if self.kind == "cosine":
-            stages.append(CosineToFloor(optimizer, decay_steps, self.min_lr_ratio))
-            # The hold stage CosineToFloor does not need keeps the stages of checkpoints
-            # saved while the cosine stage was CosineAnnealingLR, which SequentialLR loads
-            # by position.
-            stages.append(ConstantLR(optimizer, self.min_lr_ratio, total_iters=_HOLD_FOREVER))
-            milestones.append(self.total_steps)
-        elif self.kind == "linear":
-            stages.append(LinearLR(optimizer, 1.0, self.min_lr_ratio, total_iters=decay_steps))
-        else:
-            stages.append(ConstantLR(optimizer, 1.0, total_iters=0))
-        if len(stages) == 1:
-            return stages[0]
-        return StagedLR(optimizer, stages, milestones)
+        return ScheduledLR(optimizer, self)
 
     def with_total_from(self, trainer: Any) -> LRSchedule:
         """This schedule with total_steps from the trainer's own count of what it will run."""

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
+from lightning_adam import LRSchedule
+from lightning_adam.schedules import ScheduledLR
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
     Regression,
@@ -66,6 +72,47 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(
         assert all("kahan_comp" in state for state in states[1].values())
     schedulers = [t.lr_scheduler_configs[0].scheduler for t in (full, again)]
     assert schedulers[0].get_last_lr() == schedulers[1].get_last_lr()
+
+
+class LearningRates(L.Callback):
+    """The first group's lr at each training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(
+    "resumed_schedule",
+    [{"kind": "linear"}, {"kind": "cosine", "min_lr_ratio": 0.5}, {"kind": "constant"}],
+    ids=["longer", "other-kind", "constant"],
+)
+def test_a_run_resumed_with_another_schedule_follows_the_configured_one(
+    resumed_schedule: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One epoch of a linear schedule whose total_steps came from max_epochs=1 (4 steps,
+    so it ends at lr 0), resumed to train 3 epochs: the scheduler's checkpoint carried its
+    own curve, so every resumed step ran at lr 0 (parameters unchanged) whatever was
+    configured. The configured curve holds now, from the saved step on."""
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    first = Regression(scheduler={"kind": "linear"}, lr=1e-2)
+    make_trainer(max_epochs=1, callbacks=[saver], enable_checkpointing=True).fit(
+        first, loader(regression_data(128))
+    )
+    resumed, rates = Regression(scheduler=resumed_schedule, lr=1e-2), LearningRates()
+    before = [p.detach().clone() for p in first.parameters()]
+    with caplog.at_level(logging.INFO):
+        make_trainer(max_epochs=3, callbacks=[rates]).fit(
+            resumed, loader(regression_data(128)), ckpt_path=tmp_path / "epoch=0.ckpt"
+        )
+    assert "Resuming on the configured schedule from step 4" in caplog.text
+    configured = LRSchedule.coerce(resumed_schedule)
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2)
+    curve = ScheduledLR(probe, replace(configured, total_steps=12))
+    assert rates.seen == pytest.approx([1e-2 * curve.factor(t) for t in range(4, 12)], rel=1e-9)
+    assert all(not torch.equal(p, b) for p, b in zip(resumed.parameters(), before, strict=True))
 
 
 SWITCHES = {

@@ -354,7 +354,7 @@ def test_a_schedule_stepped_every_few_batches_ends_at_the_last_scheduler_step(
         for batch in range(1, 9)
         if (batch % accumulate == 0 or batch == 8) and batch % frequency == 0
     )
-    assert scheduler.total_iters == scheduler.last_epoch == 2 * expected
+    assert scheduler.total_steps == scheduler.last_epoch == 2 * expected
     assert scheduler.get_last_lr() == [0.0, 0.0]
 
 
