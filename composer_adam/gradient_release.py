@@ -39,8 +39,9 @@ from core.optimizer import AdamFamilyOptimizer
 log = logging.getLogger(__name__)
 
 _COUNT_TOLERANCE = 1e-6
-"""Relative shortfall of a batch's summed microbatch counts that still reaches its count:
-fractional counts summed per microbatch may round below the batch's own sum."""
+"""Relative shortfall of a batch's summed fractional microbatch counts that still reaches
+its count: summed per microbatch they may round below the batch's own sum (whole counts
+sum exactly and are compared exactly: a last microbatch of 2 tokens in 2,000,002 is one)."""
 
 
 class GradientRelease(Callback):
@@ -103,6 +104,10 @@ class GradientRelease(Callback):
         # norms recorded), or comes after the last (its zero gradients dropped).
         self._batch_samples = self._seen_samples = 0.0
         self._stepping = self._recording = self._dropping = self._past_last = False
+        # What the last microbatch's hooks stepped, whose gradients a microbatch after it
+        # (zero) must not leave for optimizer.step() to step again.
+        self._stepped_last: set[Tensor] = set()
+        self._step_hooks: list[RemovableHandle] = []
 
     # -- events ----------------------------------------------------------------------------
 
@@ -125,6 +130,7 @@ class GradientRelease(Callback):
         # a backward another callback runs between batches must not step.
         self._arm(True)
         optimizer.release_paused = True
+        self._step_hooks = [optimizer.register_release_pre_hook(self._note_stepped)]
 
     def before_train_batch(self, state: State, logger: Logger) -> None:
         self._batch_samples, self._seen_samples = self._count(state.batch, "a batch", state), 0.0
@@ -137,8 +143,9 @@ class GradientRelease(Callback):
         the ranks so that every rank decides alike."""
         samples = self._count(state.batch, "a microbatch", state)
         self._seen_samples += samples
-        # Whole counts sum exactly; fractional ones (loss weights) may fall a rounding short.
-        reached = self._seen_samples >= self._batch_samples * (1 - _COUNT_TOLERANCE)
+        seen, total = self._seen_samples, self._batch_samples
+        whole = seen.is_integer() and total.is_integer()
+        reached = seen >= (total if whole else total * (1 - _COUNT_TOLERANCE))
         trailing = self._past_last  # after the last microbatch that holds samples
         last = reached and not trailing
         self._past_last = reached
@@ -156,6 +163,8 @@ class GradientRelease(Callback):
             self._stepping = last
         self._recording = last
         self._dropping = trailing
+        if last:
+            self._stepped_last.clear()
         optimizer.release_paused = not self._stepping
 
     def after_backward(self, state: State, logger: Logger) -> None:
@@ -163,7 +172,7 @@ class GradientRelease(Callback):
         assert optimizer is not None
         optimizer.release_paused = True
         if self._dropping:  # what a microbatch after the step left: zero, by Composer's scale
-            for param in optimizer.released_params:
+            for param in self._stepped_last:
                 param.grad = None
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
@@ -210,9 +219,11 @@ class GradientRelease(Callback):
             self._optimizer.optimizer_accumulation = False
             self._optimizer.microbatch_share = None
             self._optimizer.release_paused = False
-        for handle in self._norm_hooks:
+        for handle in (*self._norm_hooks, *self._step_hooks):
             handle.remove()
         self._norm_hooks.clear()
+        self._step_hooks.clear()
+        self._stepped_last.clear()
         if restore_monitors:
             for index, monitor in self._monitors:
                 state.callbacks.insert(index, monitor)
@@ -321,6 +332,11 @@ class GradientRelease(Callback):
             core.prepare_for_gradient_release(self._model, self._optimizer)
         else:
             core.remove_gradient_release(self._model)
+
+    def _note_stepped(self, param: Tensor) -> None:
+        """Runs just before each released step (or fold) applies."""
+        if self._recording:
+            self._stepped_last.add(param)
 
     def _record_norm(self, param: Tensor) -> None:
         """Runs just before the release hook; only the last microbatch's norm is kept."""

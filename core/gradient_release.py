@@ -161,17 +161,24 @@ def _unguard_when_nothing_is_released() -> None:
 
 
 def _inner_module(model: nn.Module) -> nn.Module:
-    """The module a transparent wrapper holds (Fabric's setup() returns one whose `module`
-    is the user's model, with the same parameters), so that preparing through one and
-    removing or preparing again through the other find the same registration."""
-    inner = getattr(model, "module", None)
+    """The module transparent wrappers hold (Fabric's setup() returns one whose `module`
+    is the user's model, torch.compile one whose `_orig_mod` is, each with the same
+    parameters), so that preparing through one and removing or preparing again through
+    another find the same registration."""
+    inner = _wrapped(model)
     while (
         isinstance(inner, nn.Module)
         and not isinstance(model, nn.parallel.DistributedDataParallel)
         and _same_parameters(model, inner)
     ):
-        model, inner = inner, getattr(inner, "module", None)
+        model, inner = inner, _wrapped(inner)
     return model
+
+
+def _wrapped(model: nn.Module) -> object:
+    """What a wrapper holds: Fabric's (and DDP's) `module`, torch.compile's `_orig_mod`."""
+    inner = getattr(model, "module", None)
+    return inner if inner is not None else getattr(model, "_orig_mod", None)
 
 
 def _same_parameters(outer: nn.Module, inner: nn.Module) -> bool:

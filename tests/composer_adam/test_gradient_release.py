@@ -546,3 +546,76 @@ def test_counts_whose_microbatches_fall_short_of_their_batch_are_refused(
     ):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0
+
+
+class _Branchy(_WeightedClassifier):
+    """_WeightedClassifier plus a layer only the samples flagged in batch[3] use (an
+    expert, a branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(10, 4)
+
+    def forward(self, batch: Any) -> Tensor:
+        out = self.net(batch[0])
+        return out + self.extra(batch[0]) if bool(batch[3].any()) else out
+
+
+BRANCH_CASES = {
+    # microbatch 0 uses the branch, the last (3) is all masked: the branch's gradient,
+    # kept from microbatch 0 for optimizer.step(), was dropped with the masked one's zeros
+    "branch early, masked last": ([1, 1, 1, 0], 0, 4),
+    # token counts 1e6, 1e6, 2 of 2,000,002: the 1e-6 tolerance took microbatch 1 for the
+    # last and dropped microbatch 2's gradient, the branch's only one
+    "branch in a tiny last": ([500_000, 500_000, 1], 2, 3),
+}
+
+
+@pytest.mark.parametrize("accumulation", [False, True])
+@pytest.mark.parametrize("case", list(BRANCH_CASES))
+def test_a_branch_of_one_microbatch_steps_as_in_the_ordinary_run(
+    case: str, accumulation: bool
+) -> None:
+    """Bit for bit without optimizer accumulation; with it (microbatch gradients differ,
+    v approximate) the branch still steps once per batch."""
+    weights, branch_at, microbatches = BRANCH_CASES[case]
+
+    def run(release: bool) -> tuple[dict[str, Tensor], dict[str, int]]:
+        generator = torch.Generator().manual_seed(3)
+        samples = 2 * microbatches * 4
+        per_sample = torch.tensor(weights, dtype=torch.float32).repeat_interleave(2)
+        flags = torch.zeros(2 * microbatches)
+        flags[2 * branch_at : 2 * branch_at + 2] = 1
+        data = torch.utils.data.TensorDataset(
+            torch.randn(samples, 10, generator=generator),
+            torch.randint(0, 4, (samples,), generator=generator),
+            per_sample.repeat(4),
+            flags.repeat(4),
+        )
+        loader = torch.utils.data.DataLoader(data, batch_size=2 * microbatches, shuffle=False)
+        model = _Branchy()
+        optimizer = composer_adam.DecoupledAdamW(
+            model.parameters(), lr=1e-2, gradient_release=release
+        )
+        callback = composer_adam.GradientRelease(
+            optimizer_accumulation=accumulation, get_num_samples_in_batch=_tokens
+        )
+        Trainer(
+            model=model,
+            train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_tokens),
+            accumulate_train_batch_on_tokens=True,
+            optimizers=optimizer,
+            max_duration="4ba",
+            device="cpu",
+            device_train_microbatch_size=2,
+            callbacks=[callback] if release else [],
+            progress_bar=False,
+            log_to_console=False,
+        ).fit()
+        steps = {n: int(optimizer.state[p]["step"]) for n, p in model.named_parameters()}
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, steps
+
+    (ordinary, ordinary_steps), (released, steps) = run(False), run(True)
+    assert steps == ordinary_steps == dict.fromkeys(ordinary, 4)
+    if not accumulation:
+        assert all(torch.equal(released[n], ordinary[n]) for n in ordinary)

@@ -423,6 +423,28 @@ def test_remove_gradient_release_restores_ordinary_steps() -> None:
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
+@pytest.mark.parametrize("prepared_through", ["compiled", "plain"])
+def test_release_prepared_through_a_compiled_model_is_found_through_the_plain_one(
+    prepared_through: str,
+) -> None:
+    """torch.compile's wrapper holds the model as `_orig_mod`: preparing through one and
+    removing through the other did nothing (hooks left, release went on, clipping stayed
+    refused), and preparing again was refused as foreign hooks."""
+    model = make_model()
+    compiled = torch.compile(model, backend="eager")
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    first, other = (compiled, model) if prepared_through == "compiled" else (model, compiled)
+    core.prepare_for_gradient_release(first, optimizer)
+    assert core.is_gradient_release_prepared(other)
+    core.prepare_for_gradient_release(other, optimizer)  # replaces the registration
+    core.remove_gradient_release(other)
+    assert not core.is_gradient_release_prepared(first)
+    x, y = make_batches(torch.float32, 1)[0]
+    nn.functional.mse_loss(compiled(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters()), "nothing released"
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
 def test_paused_release_keeps_gradients_for_an_ordinary_step() -> None:
     """What framework callbacks pause outside the backward passes that should step (other
     micro-batches, a backward another callback runs between batches): paused hooks
