@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 _COUNT_TOLERANCE = 1e-6
 """Relative shortfall of a batch's summed fractional microbatch counts that still reaches
-its count: summed per microbatch they may round below the batch's own sum (whole counts
-sum exactly and are compared exactly: a last microbatch of 2 tokens in 2,000,002 is one)."""
+its count: summed per microbatch they may round below the batch's own sum (float32 sums
+do by about 1e-7). Whole counts sum exactly and are compared exactly (a last microbatch of
+2 tokens in 2,000,002 is the last); a microbatch with samples after the count was reached
+is refused, not dropped."""
 
 
 class GradientRelease(Callback):
@@ -107,6 +109,7 @@ class GradientRelease(Callback):
         # What the last microbatch's hooks stepped, whose gradients a microbatch after it
         # (zero) must not leave for optimizer.step() to step again.
         self._stepped_last: set[Tensor] = set()
+        self._stepped_now: set[Tensor] = set()  # by this microbatch's backward so far
         self._step_hooks: list[RemovableHandle] = []
 
     # -- events ----------------------------------------------------------------------------
@@ -142,6 +145,16 @@ class GradientRelease(Callback):
         samples on any rank) or folds (optimizer accumulation), from counts summed over
         the ranks so that every rank decides alike."""
         samples = self._count(state.batch, "a microbatch", state)
+        if self._past_last and samples > 0:
+            raise ValueError(
+                f"Invalid get_num_samples_in_batch: its microbatches so far counted "
+                f"{self._seen_samples} of the {self._batch_samples} it returned for the whole "
+                f"batch (on every rank together), and then a microbatch of {samples} more: "
+                "the batch was stepped at the one before, so this one's gradient would be "
+                "lost. Allowed: counts that add up, a batch's the sum of its microbatches' "
+                "(fractional ones are taken to add up within a millionth of the batch's, "
+                "for rounding, so a last microbatch below that share cannot be told)."
+            )
         self._seen_samples += samples
         seen, total = self._seen_samples, self._batch_samples
         whole = seen.is_integer() and total.is_integer()
@@ -165,6 +178,14 @@ class GradientRelease(Callback):
         self._dropping = trailing
         if last:
             self._stepped_last.clear()
+
+    def before_backward(self, state: State, logger: Logger) -> None:
+        """Unpause for the Trainer's backward of a microbatch that steps or folds, as late
+        as possible: a backward an Algorithm runs earlier in the microbatch (after forward
+        or loss) accumulates as without release."""
+        optimizer = self._optimizer
+        assert optimizer is not None
+        self._stepped_now.clear()
         optimizer.release_paused = not self._stepping
 
     def after_backward(self, state: State, logger: Logger) -> None:
@@ -224,6 +245,7 @@ class GradientRelease(Callback):
         self._norm_hooks.clear()
         self._step_hooks.clear()
         self._stepped_last.clear()
+        self._stepped_now.clear()
         if restore_monitors:
             for index, monitor in self._monitors:
                 state.callbacks.insert(index, monitor)
@@ -334,7 +356,20 @@ class GradientRelease(Callback):
             core.remove_gradient_release(self._model)
 
     def _note_stepped(self, param: Tensor) -> None:
-        """Runs just before each released step (or fold) applies."""
+        """Runs just before each released step (or fold) applies: refuses a parameter's
+        second one in a microbatch, before it applies (Composer runs Algorithms before
+        callbacks at each event, so a backward an Algorithm runs at AFTER_BACKWARD comes
+        before this callback pauses release)."""
+        if param in self._stepped_now:
+            raise RuntimeError(
+                "Invalid setup for GradientRelease: a second backward reached a released "
+                f"parameter of shape {tuple(param.shape)} in the microbatch whose backward "
+                "steps (or folds): an Algorithm or callback running its own backward at "
+                "AFTER_BACKWARD, or a callback after GradientRelease at BEFORE_BACKWARD. "
+                "It would be stepped twice; it was not. Allowed: such a backward at "
+                "AFTER_FORWARD, AFTER_LOSS or BATCH_END, or training without GradientRelease."
+            )
+        self._stepped_now.add(param)
         if self._recording:
             self._stepped_last.add(param)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from composer import Trainer
 from composer.algorithms import SAM, GradientClipping
 from composer.callbacks import OptimizerMonitor
-from composer.core import Algorithm, Callback, DataSpec, Precision, State
+from composer.core import Algorithm, Callback, DataSpec, Event, Precision, State
 from composer.loggers import Logger
 from composer.models import ComposerClassifier, ComposerModel
 from torch import Tensor, nn
@@ -619,3 +619,77 @@ def test_a_branch_of_one_microbatch_steps_as_in_the_ordinary_run(
     assert steps == ordinary_steps == dict.fromkeys(ordinary, 4)
     if not accumulation:
         assert all(torch.equal(released[n], ordinary[n]) for n in ordinary)
+
+
+class _AuxiliaryBackward(Algorithm):
+    """An auxiliary loss backpropagated by an Algorithm inside each microbatch (Composer
+    runs Algorithms before callbacks at every event)."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == self.event
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        (0.1 * state.model(state.batch).square().mean()).backward()
+
+
+@pytest.mark.parametrize("accumulation", [False, True])
+@pytest.mark.parametrize("event", [Event.AFTER_FORWARD, Event.BEFORE_BACKWARD])
+def test_an_algorithms_backward_before_the_trainers_accumulates_as_without_release(
+    event: Event, accumulation: bool
+) -> None:
+    """Release was live from the stepping microbatch's forward: such a backward stepped
+    the parameters, and the Trainer's own backward then failed (in-place modification).
+    Release now starts at BEFORE_BACKWARD's callbacks, after the Algorithms."""
+    runs = []
+    for release in (False, True):
+        trainer, _ = train(
+            lambda p, release=release: composer_adam.DecoupledAdamW(
+                p, lr=LR, gradient_release=release
+            ),
+            max_duration="3ba",
+            algorithms=[_AuxiliaryBackward(event)],
+            callbacks=[composer_adam.GradientRelease(optimizer_accumulation=accumulation)]
+            if release
+            else [],
+        )
+        runs.append(trainer)
+    steps = {float(s["step"]) for s in runs[1].state.optimizers[0].state.values()}
+    assert steps == {3.0}
+    if not accumulation:
+        assert_same_parameters(runs[1].state.model, runs[0].state.model, atol=0)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("accumulation", [False, True])
+def test_an_algorithms_backward_after_the_trainers_is_refused_before_a_second_step(
+    accumulation: bool,
+) -> None:
+    """At AFTER_BACKWARD the Algorithm runs before this callback pauses release: every
+    parameter it reached was stepped (or folded) a second time, with only core's warning
+    about two steps (6 steps in 3 batches, 2e-2 off)."""
+    trainer = _trainer(
+        callbacks=[composer_adam.GradientRelease(optimizer_accumulation=accumulation)],
+        algorithms=[_AuxiliaryBackward(Event.AFTER_BACKWARD)],
+        device_train_microbatch_size=MICROBATCH,
+    )
+    optimizer = trainer.state.optimizers[0]
+    with pytest.raises(RuntimeError, match=r"a second backward reached a released parameter"):
+        trainer.fit()
+    assert all(float(state["step"]) <= 1 for state in optimizer.state.values())
+
+
+@pytest.mark.bad_input
+def test_counts_whose_microbatches_pass_their_batch_are_refused_before_losing_one() -> None:
+    """A batch counted 8 (distinct documents, say) whose microbatches count 8 and 8: the
+    batch's count was reached at the first, so the second's gradient was dropped."""
+
+    def distinct(batch: Any) -> int:
+        return min(len(batch[0]), 2 * MICROBATCH)
+
+    release = composer_adam.GradientRelease(get_num_samples_in_batch=distinct)
+    trainer = _trainer(callbacks=[release], device_train_microbatch_size=2 * MICROBATCH)
+    with pytest.raises(ValueError, match=r"and then a microbatch of 8\.0 more: the batch was"):
+        trainer.fit()
