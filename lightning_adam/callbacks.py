@@ -118,6 +118,7 @@ class GradientRelease(L.Callback):
         self._local = False  # released by core's hooks (not from DDP's communication hook)
         self._accumulates = False  # this batch is in a window of more than one micro-batch
         self._steps_before_batch = 0
+        self._released_now: set[torch.Tensor] = set()  # by this backward so far
 
     # -- checks, before Lightning builds anything --------------------------------------------
 
@@ -206,6 +207,7 @@ class GradientRelease(L.Callback):
             # Paused but inside Lightning's backward passes: a backward some callback runs
             # (a gradient probe, then zero_grad) must not step.
             optimizer.release_paused = True
+            self._step_hooks.append(optimizer.register_release_pre_hook(self._note_released))
             for monitor in trainer.callbacks:
                 if isinstance(monitor, OptimizerMonitor):
                     monitor.record_gradient_norms_in_backward(optimizer)
@@ -252,6 +254,7 @@ class GradientRelease(L.Callback):
         if self._optimizer is None:
             return
         if self._in_step or _lightning_will_accumulate(trainer):
+            self._released_now.clear()
             self._optimizer.release_paused = False
             return
         raise RuntimeError(
@@ -262,6 +265,21 @@ class GradientRelease(L.Callback):
             "optimizer_step that calls optimizer.step(closure=optimizer_closure), or drop "
             "GradientRelease."
         )
+
+    def _note_released(self, param: torch.Tensor) -> None:
+        """Runs just before each released step (or fold): refuses a parameter's second one
+        in one of Lightning's backward passes, before it applies."""
+        if param in self._released_now:
+            raise RuntimeError(
+                "Invalid setup for GradientRelease: a second backward reached a released "
+                f"parameter of shape {tuple(param.shape)} while release was on for "
+                "Lightning's backward (an on_before_backward after GradientRelease's, the "
+                "LightningModule's included, or an on_after_backward before it, running a "
+                "backward of its own). It would be stepped twice; it was not. Allowed: such "
+                "a backward in training_step, before the loss is returned (it accumulates "
+                "into the step), or outside the training step (on_train_batch_end)."
+            )
+        self._released_now.add(param)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._optimizer is not None:

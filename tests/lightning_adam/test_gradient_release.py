@@ -119,6 +119,25 @@ def test_a_backward_between_batches_steps_nothing(backend: str) -> None:
         assert torch.equal(a, b)
 
 
+class BackwardAfterBackward(L.Callback):
+    """A callback's own backward in on_after_backward: placed before GradientRelease, it
+    runs while release is still on for Lightning's backward."""
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module(torch.linspace(-1, 1, 24).reshape(4, 6)).square().mean().backward()
+
+
+@pytest.mark.bad_input
+def test_a_second_backward_while_release_is_on_is_refused_before_a_second_step() -> None:
+    """Every parameter it reached was stepped a second time in the training step, with
+    only core's warning about two steps."""
+    model = Regression(lr=1e-2)
+    with pytest.raises(RuntimeError, match=r"a second backward reached a released parameter"):
+        _fit(model, release=True, max_epochs=1, callbacks=[BackwardAfterBackward()])
+    optimizer_state = model.trainer.optimizers[0].state
+    assert all(float(state["step"]) <= 1 for state in optimizer_state.values())
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_resume_with_release_continues_exactly(backend: str, tmp_path: Path) -> None:
     kwargs = {"scheduler": SCHEDULE, **OPTIMIZERS["AdamW"], **BACKENDS[backend]}
