@@ -127,6 +127,24 @@ class BackwardAfterBackward(L.Callback):
         pl_module(torch.linspace(-1, 1, 24).reshape(4, 6)).square().mean().backward()
 
 
+class AuxiliaryInTrainingStep(Regression):
+    """An auxiliary loss backpropagated inside training_step, before the loss is returned."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        (0.1 * self(batch[0]).square().mean()).backward()
+        return super().training_step(batch, index)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_backward_in_training_step_accumulates_into_the_step(backend: str) -> None:
+    """Release is paused until Lightning's own backward, which then steps the sum."""
+    runs = [AuxiliaryInTrainingStep(lr=1e-2, **BACKENDS[backend]) for _ in range(2)]
+    for model, release in zip(runs, (False, True), strict=True):
+        _fit(model, release, max_epochs=1)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.bad_input
 def test_a_second_backward_while_release_is_on_is_refused_before_a_second_step() -> None:
     """Every parameter it reached was stepped a second time in the training step, with
