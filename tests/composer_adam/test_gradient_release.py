@@ -408,6 +408,35 @@ WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def _fit_counting(
+    model: ComposerModel,
+    loader: torch.utils.data.DataLoader,
+    release: bool,
+    accumulation: bool,
+    counter: Callable[[Any], float],
+    on_tokens: bool,
+) -> torch.optim.Optimizer:
+    """Fit every batch of loader in microbatches of 2, Composer scaling them by tokens
+    (on_tokens) or samples, GradientRelease (if release) counting with counter."""
+    optimizer = composer_adam.DecoupledAdamW(model.parameters(), lr=1e-2, gradient_release=release)
+    callback = composer_adam.GradientRelease(
+        optimizer_accumulation=accumulation, get_num_samples_in_batch=counter
+    )
+    Trainer(
+        model=model,
+        train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_tokens),
+        accumulate_train_batch_on_tokens=on_tokens,
+        optimizers=optimizer,
+        max_duration=f"{len(loader)}ba",
+        device="cpu",
+        device_train_microbatch_size=2,
+        callbacks=[callback] if release else [],
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
+    return optimizer
+
+
 def _weighted_run(release: bool, accumulation: bool, weighting: str) -> tuple[list[Tensor], int]:
     """6 batches of 8 in microbatches of 2, one sample repeated per batch (every
     per-sample gradient agrees) with its own weight per copy. Composer scales each
@@ -424,23 +453,7 @@ def _weighted_run(release: bool, accumulation: bool, weighting: str) -> tuple[li
     on_tokens = weighting != "fractional"
     counter = _tokens if on_tokens else _fractional_weights
     model = _WeightedClassifier()
-    optimizer = composer_adam.DecoupledAdamW(model.parameters(), lr=1e-2, gradient_release=release)
-    release_callback = composer_adam.GradientRelease(
-        optimizer_accumulation=accumulation, get_num_samples_in_batch=counter
-    )
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_tokens),
-        accumulate_train_batch_on_tokens=on_tokens,
-        optimizers=optimizer,
-        max_duration="6ba",
-        device="cpu",
-        device_train_microbatch_size=2,
-        callbacks=[release_callback] if release else [],
-        progress_bar=False,
-        log_to_console=False,
-    )
-    trainer.fit()
+    optimizer = _fit_counting(model, loader, release, accumulation, counter, on_tokens)
     assert all(p.grad is None for p in model.parameters()) or not release
     steps = {int(state["step"]) for state in optimizer.state.values()}
     assert len(steps) == 1
@@ -594,24 +607,7 @@ def test_a_branch_of_one_microbatch_steps_as_in_the_ordinary_run(
         )
         loader = torch.utils.data.DataLoader(data, batch_size=2 * microbatches, shuffle=False)
         model = _Branchy()
-        optimizer = composer_adam.DecoupledAdamW(
-            model.parameters(), lr=1e-2, gradient_release=release
-        )
-        callback = composer_adam.GradientRelease(
-            optimizer_accumulation=accumulation, get_num_samples_in_batch=_tokens
-        )
-        Trainer(
-            model=model,
-            train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_tokens),
-            accumulate_train_batch_on_tokens=True,
-            optimizers=optimizer,
-            max_duration="4ba",
-            device="cpu",
-            device_train_microbatch_size=2,
-            callbacks=[callback] if release else [],
-            progress_bar=False,
-            log_to_console=False,
-        ).fit()
+        optimizer = _fit_counting(model, loader, release, accumulation, _tokens, True)
         steps = {n: int(optimizer.state[p]["step"]) for n, p in model.named_parameters()}
         return {n: p.detach().clone() for n, p in model.named_parameters()}, steps
 
