@@ -415,10 +415,13 @@ def _fit_counting(
     accumulation: bool,
     counter: Callable[[Any], float],
     on_tokens: bool,
+    backend: str,
 ) -> torch.optim.Optimizer:
     """Fit every batch of loader in microbatches of 2, Composer scaling them by tokens
     (on_tokens) or samples, GradientRelease (if release) counting with counter."""
-    optimizer = composer_adam.DecoupledAdamW(model.parameters(), lr=1e-2, gradient_release=release)
+    optimizer = composer_adam.DecoupledAdamW(
+        model.parameters(), lr=1e-2, gradient_release=release, **BACKENDS[backend]
+    )
     callback = composer_adam.GradientRelease(
         optimizer_accumulation=accumulation, get_num_samples_in_batch=counter
     )
@@ -437,7 +440,9 @@ def _fit_counting(
     return optimizer
 
 
-def _weighted_run(release: bool, accumulation: bool, weighting: str) -> tuple[list[Tensor], int]:
+def _weighted_run(
+    release: bool, accumulation: bool, weighting: str, backend: str
+) -> tuple[list[Tensor], int]:
     """6 batches of 8 in microbatches of 2, one sample repeated per batch (every
     per-sample gradient agrees) with its own weight per copy. Composer scales each
     microbatch by its loss-generating tokens (accumulate_train_batch_on_tokens), and the
@@ -453,17 +458,18 @@ def _weighted_run(release: bool, accumulation: bool, weighting: str) -> tuple[li
     on_tokens = weighting != "fractional"
     counter = _tokens if on_tokens else _fractional_weights
     model = _WeightedClassifier()
-    optimizer = _fit_counting(model, loader, release, accumulation, counter, on_tokens)
+    optimizer = _fit_counting(model, loader, release, accumulation, counter, on_tokens, backend)
     assert all(p.grad is None for p in model.parameters()) or not release
     steps = {int(state["step"]) for state in optimizer.state.values()}
     assert len(steps) == 1
     return [p.detach().clone() for p in model.parameters()], steps.pop()
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("accumulation", [False, True])
 @pytest.mark.parametrize("weighting", list(WEIGHTINGS))
 def test_token_counts_with_masked_microbatches_step_once_per_batch_as_the_ordinary_run(
-    weighting: str, accumulation: bool
+    weighting: str, accumulation: bool, backend: str
 ) -> None:
     """A microbatch whose tokens are all masked (count 0) was refused mid-batch, after
     earlier ones were folded; fractional counts summed per microbatch fell a rounding
@@ -472,8 +478,8 @@ def test_token_counts_with_masked_microbatches_step_once_per_batch_as_the_ordina
     equal to the ordinary run: bit for bit without accumulation, and to 1e-5 of the
     distance travelled with it (where the callback counts what Composer scales by)."""
     start = [p.detach().clone() for p in _WeightedClassifier().parameters()]
-    ordinary, ordinary_steps = _weighted_run(False, False, weighting)
-    released, steps = _weighted_run(True, accumulation, weighting)
+    ordinary, ordinary_steps = _weighted_run(False, False, weighting, backend)
+    released, steps = _weighted_run(True, accumulation, weighting, backend)
     assert ordinary_steps == steps == 6
     travelled = torch.cat([(p - q).flatten() for p, q in zip(ordinary, start, strict=True)])
     gap = torch.cat([(p - q).flatten() for p, q in zip(released, ordinary, strict=True)])
@@ -584,10 +590,11 @@ BRANCH_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("accumulation", [False, True])
 @pytest.mark.parametrize("case", list(BRANCH_CASES))
 def test_a_branch_of_one_microbatch_steps_as_in_the_ordinary_run(
-    case: str, accumulation: bool
+    case: str, accumulation: bool, backend: str
 ) -> None:
     """Bit for bit without optimizer accumulation; with it (microbatch gradients differ,
     v approximate) the branch still steps once per batch."""
@@ -607,7 +614,7 @@ def test_a_branch_of_one_microbatch_steps_as_in_the_ordinary_run(
         )
         loader = torch.utils.data.DataLoader(data, batch_size=2 * microbatches, shuffle=False)
         model = _Branchy()
-        optimizer = _fit_counting(model, loader, release, accumulation, _tokens, True)
+        optimizer = _fit_counting(model, loader, release, accumulation, _tokens, True, backend)
         steps = {n: int(optimizer.state[p]["step"]) for n, p in model.named_parameters()}
         return {n: p.detach().clone() for n, p in model.named_parameters()}, steps
 
