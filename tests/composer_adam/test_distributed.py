@@ -131,6 +131,15 @@ def test_release_with_optimizer_accumulation_under_fsdp2_equals_one_process(
     assert result.grad_bytes_after_backward == [0] * 2 * STEPS
 
 
+def _travelled_and_gap(cell: Cell, ordinary: Result, released: Result) -> tuple[float, float]:
+    """How far the ordinary run moved the parameters from their start, and how far the
+    released run ended from it (L2 norms over all parameters)."""
+    start = make_model(dtype=cell.dtype, hidden=cell.hidden).parameters()
+    moved = [(p - q.detach()).flatten() for p, q in zip(ordinary.params, start, strict=True)]
+    apart = [(p - q).flatten() for p, q in zip(released.params, ordinary.params, strict=True)]
+    return float(torch.cat(moved).norm()), float(torch.cat(apart).norm())
+
+
 def test_release_with_optimizer_accumulation_under_fsdp2_is_exact_for_unequal_ranks(
     trained: dict,
 ) -> None:
@@ -142,13 +151,9 @@ def test_release_with_optimizer_accumulation_under_fsdp2_is_exact_for_unequal_ra
     cell = PROBES["fsdp2_uneven"]
     released: Result = trained[("fsdp2_uneven_release_accumulation", *cell.key)]
     ordinary: Result = trained[("fsdp2_uneven", *cell.key)]
-    start = [p.detach() for p in make_model(dtype=cell.dtype, hidden=cell.hidden).parameters()]
-    travelled = torch.cat([(p - q).flatten() for p, q in zip(ordinary.params, start, strict=True)])
-    gap = torch.cat(
-        [(p - q).flatten() for p, q in zip(released.params, ordinary.params, strict=True)]
-    )
-    assert float(travelled.norm()) > 0.1
-    assert float(gap.norm() / travelled.norm()) < 1e-5
+    travelled, gap = _travelled_and_gap(cell, ordinary, released)
+    assert travelled > 0.1
+    assert gap / travelled < 1e-5
     assert released.grad_bytes_after_backward == [0] * 2 * STEPS
 
 
@@ -164,13 +169,9 @@ def test_release_under_fsdp2_steps_once_where_one_rank_has_a_masked_microbatch(
     cell = PROBES["fsdp2_masked"]
     ordinary: Result = trained[("fsdp2_masked", *cell.key)]
     released: Result = trained[(f"fsdp2_masked_{mode}", *cell.key)]
-    start = [p.detach() for p in make_model(dtype=cell.dtype, hidden=cell.hidden).parameters()]
-    travelled = torch.cat([(p - q).flatten() for p, q in zip(ordinary.params, start, strict=True)])
-    gap = torch.cat(
-        [(p - q).flatten() for p, q in zip(released.params, ordinary.params, strict=True)]
-    )
-    assert float(travelled.norm()) > 0.1
-    assert float(gap.norm()) <= (1e-5 * float(travelled.norm()) if "accumulation" in mode else 0)
+    travelled, gap = _travelled_and_gap(cell, ordinary, released)
+    assert travelled > 0.1
+    assert gap <= (1e-5 * travelled if "accumulation" in mode else 0)
     assert released.grad_bytes_after_backward[-1] == 0
 
 

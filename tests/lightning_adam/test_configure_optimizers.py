@@ -328,6 +328,21 @@ def test_a_cosine_schedule_saved_before_the_per_group_stage_resumes() -> None:
         scheduler.step()
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "saved", [{}, {"last_epoch": 3}, {"last_epoch": "3", "base_lrs": [0.01]}, {"base_lrs": [1]}]
+)
+def test_a_scheduler_state_without_its_place_on_the_curve_is_refused(saved: dict) -> None:
+    """What loading takes from a checkpoint: last_epoch and base_lrs (its own or its first
+    stage's); without them it is no schedule's state, refused before anything is set."""
+    schedule = LRSchedule(kind="linear", total_steps=8)
+    result = configure_optimizers(Tied(), "AdamW", lr=0.01, scheduler=schedule)
+    optimizer, scheduler = result["optimizer"], result["lr_scheduler"]["scheduler"]
+    with pytest.raises(ValueError, match=r"Invalid scheduler state_dict: .*Allowed: the state of"):
+        scheduler.load_state_dict(saved)
+    assert scheduler.last_epoch == 0 and [g["lr"] for g in optimizer.param_groups] == [0.01] * 2
+
+
 def test_total_steps_default_to_the_trainers_optimizer_steps() -> None:
     """8 batches, accumulate 2, 3 epochs: 12 optimizer steps, so linear decay ends at lr 0."""
     model = Regression(scheduler={"kind": "linear"}, lr=1e-2)
