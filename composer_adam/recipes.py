@@ -353,6 +353,9 @@ def _check_scheduler_values(cls: type, recipe: Mapping[str, Any]) -> None:
                 else "a time >= 0 in ep, ba, sp, tok or iter such as '100ba' or '1ep', "
                 "or a 'dur' fraction in [0, 1] (wall-clock 'sec' is no scheduler time)"
             )
+            if valid and name in _DIVIDED_BY.get(cls.__name__, ()) and time.value == 0:
+                valid = False
+                allowed = f"a time > 0 ({cls.__name__} divides by its {name})"
         elif annotation in ("float", "<class 'float'>"):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             valid = number and math.isfinite(value) and value >= 0
@@ -366,6 +369,11 @@ def _check_scheduler_values(cls: type, recipe: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"Invalid {cls.__name__} recipe: {name}={value!r}. Allowed: {allowed}."
             )
+
+
+_DIVIDED_BY: dict[str, tuple[str, ...]] = {"CosineAnnealingScheduler": ("t_max",)}
+"""Scheduler times Composer divides by without a guard: 0 failed at the first batch with
+ZeroDivisionError (the warmup schedulers guard their t_max - t_warmup)."""
 
 
 def _as_time(value: object) -> Any:

@@ -93,24 +93,53 @@ def _immutable(value: object) -> bool:
 
 
 def _with_gradients(
-    params: Sequence[Tensor], stepped: set[Tensor]
-) -> tuple[list[Tensor], list[Tensor]]:
+    params: Sequence[Tensor], stepped: dict[Tensor, bool]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """The parameters a full step updates and their gradients: those with a gradient, less
-    any a release hook stepped since the last full step. Each gradient is read once (~55
-    ns apiece). A released parameter whose hook did not step it keeps its gradient for
-    this step: set by hand (torch.distributed.checkpoint's zero gradient at lr 0, which
-    creates the state a checkpoint loads into), accumulated in micro-batches whose hooks
-    were disarmed (Composer's), or arrived inside a nested backward."""
+    any a release hook stepped since the last full step; and, third, those a release hook
+    stepped and freed that hold a gradient again (it came after their step). Each gradient
+    is read once (~55 ns apiece). A released parameter whose hook did not step it keeps its
+    gradient for this step: set by hand (torch.distributed.checkpoint's zero gradient at
+    lr 0, which creates the state a checkpoint loads into), accumulated in micro-batches
+    whose hooks were paused (Composer's), or arrived inside a nested backward."""
     grads = list(map(_grad_of, params))
     if any(map(operator.is_, grads, repeat(None))):
         pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
         params, grads = [p for p, _ in pairs], [g for _, g in pairs]
     else:
         params = list(params)
-    if stepped:  # a set lookup hashes in Python: skip it when nothing was stepped
-        kept = [i for i, p in enumerate(params) if p not in stepped]
+    late: list[Tensor] = []
+    if stepped:  # a dict lookup hashes in Python: skip it when nothing was stepped
+        kept = []
+        for i, p in enumerate(params):
+            freed = stepped.get(p)
+            if freed is None:
+                kept.append(i)
+            elif freed:
+                late.append(p)
         params, grads = [params[i] for i in kept], [grads[i] for i in kept]
-    return params, grads  # type: ignore[return-value]
+    return params, grads, late  # type: ignore[return-value]
+
+
+def _refuse_gradients_after_release(late: list[Tensor], where: str) -> None:
+    """A gradient reached parameters release had stepped and freed in this training step:
+    their update was applied without it, and the full step (which skips them) would drop
+    it silently, where training without release adds it to the step. Refused before this
+    step changes anything."""
+    shapes = ", ".join(str(tuple(p.shape)) for p in late[:4])
+    more = f" and {len(late) - 4} more" if len(late) > 4 else ""
+    raise RuntimeError(
+        f"Invalid gradient for gradient release{where}: {len(late)} parameter(s) of "
+        f"shape {shapes}{more} got a gradient after release had stepped them and freed "
+        "their gradient in this training step, so their update was applied without it "
+        "and optimizer.step() would drop it; this step changed nothing. It comes from a "
+        "backward after the one that released them: a reentrant activation-checkpoint "
+        "segment (torch.utils.checkpoint with use_reentrant=True) using a parameter also "
+        "used after it in the forward, or a backward run by a hook or callback after the "
+        "training backward (a LightningModule's on_after_backward). Allowed: "
+        "use_reentrant=False, such a backward before the training backward (in "
+        "training_step, before the loss is returned), or training without release."
+    )
 
 
 _LOW_PRECISION = frozenset(LOW_PRECISION_DTYPES)
@@ -1622,14 +1651,16 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._step_one(param)
             return loss
         self._last_kahan_answer = None  # good for one step: dtypes may change between steps
-        stepped = self.__dict__.get("_hook_stepped", set())
+        stepped = self.__dict__.get("_hook_stepped", {})
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
         self._drop_stale_memos()
         work = []
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_stepped_group(group, where)
-            params, grads = _with_gradients(group["params"], stepped)
+            params, grads, late = _with_gradients(group["params"], stepped)
+            if late:
+                _refuse_gradients_after_release(late, where)
             if self.__dict__.get("_windows_opened") and not self.optimizer_accumulation:
                 params, grads = self._with_open_windows(group, params, grads)
             memo = self._checked_memo(memos.get(id(group)), group, params, grads)
@@ -1683,7 +1714,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         torch.autograd.graph.increment_version(param)
         if self.optimizer_accumulation:
             return  # a micro-batch folded into its window: its gradient is gone, no step yet
-        stepped: set[Tensor] = self.__dict__.setdefault("_hook_stepped", set())
+        stepped: dict[Tensor, bool] = self.__dict__.setdefault("_hook_stepped", {})
         if param in stepped and not self.__dict__.get("_warned_twice"):
             self._warned_twice = True
             warnings.warn(
@@ -1696,7 +1727,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 RuntimeWarning,
                 stacklevel=_caller_stacklevel(),
             )
-        stepped.add(param)
+        stepped[param] = False  # True once its gradient is freed (zero_grad(param=))
 
     def _warn_nested_once(self) -> None:
         """Say once that gradients arriving inside a nested backward are left to
@@ -2013,9 +2044,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """Clear gradients; `zero_grad(param=p)` clears only p's (gradient release frees it)."""
         if param is None:
             super().zero_grad(set_to_none=set_to_none)
-            unwrapped(self).__dict__.get("_hook_stepped", set()).clear()  # a new training step
+            unwrapped(self).__dict__.get("_hook_stepped", {}).clear()  # a new training step
         elif set_to_none:
             param.grad = None
+            stepped = unwrapped(self).__dict__.get("_hook_stepped")
+            if stepped and param in stepped:  # a gradient it gets from now on came too late
+                stepped[param] = True
         elif param.grad is not None:
             param.grad.detach_().zero_()
 

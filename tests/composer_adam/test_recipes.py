@@ -391,8 +391,25 @@ def test_scheduler_values_out_of_range_are_refused_when_built(
         ),
     ):
         composer_adam.build_scheduler(recipe)
-    for bound in ("0ba", "0dur", "1dur") if allowed == TIME_RANGE else (0, 0.0):
+    divides = (name, key) == ("cosine", "t_max")  # 0 refused: see the next test
+    bounds = ("1ba", "1dur") if divides else ("0ba", "0dur", "1dur")
+    for bound in bounds if allowed == TIME_RANGE else (0, 0.0):
         composer_adam.build_scheduler({**recipe, key: bound})
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("t_max", ["0ba", "0ep", "0dur", "0tok"])
+def test_a_cosine_t_max_of_zero_is_refused_when_built(t_max: str) -> None:
+    """Composer divides by it: the recipe built and fit failed at the first batch with
+    ZeroDivisionError."""
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid CosineAnnealingScheduler recipe: t_max={t_max!r}. Allowed: a time > 0 "
+            "(CosineAnnealingScheduler divides by its t_max)."
+        ),
+    ):
+        composer_adam.build_scheduler({"name": "cosine", "t_max": t_max})
 
 
 TIME_STRING = (

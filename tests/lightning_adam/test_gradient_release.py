@@ -156,6 +156,27 @@ def test_a_second_backward_while_release_is_on_is_refused_before_a_second_step()
     assert all(float(state["step"]) <= 1 for state in optimizer_state.values())
 
 
+class BackwardInOnAfterBackward(Regression):
+    """The module's own on_after_backward runs a backward: Lightning calls it after every
+    callback's, when GradientRelease has stepped the parameters and paused."""
+
+    def on_after_backward(self) -> None:
+        (0.1 * self(torch.linspace(-1, 1, 24).reshape(4, 6)).square().mean()).backward()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_backward_after_lightnings_backward_is_refused_before_the_step(backend: str) -> None:
+    """Its gradient reached parameters release had stepped and freed: optimizer.step()
+    skipped them and zero_grad dropped it (the run without release adds it to the step),
+    silently. Refused at the step, which changes nothing."""
+    model = BackwardInOnAfterBackward(lr=1e-2, **BACKENDS[backend])
+    with pytest.raises(RuntimeError, match=r"got a gradient after release had stepped them"):
+        _fit(model, release=True, max_epochs=1)
+    optimizer_state = model.trainer.optimizers[0].state
+    assert {float(state["step"]) for state in optimizer_state.values()} == {1.0}
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_resume_with_release_continues_exactly(backend: str, tmp_path: Path) -> None:
     kwargs = {"scheduler": SCHEDULE, **OPTIMIZERS["AdamW"], **BACKENDS[backend]}
