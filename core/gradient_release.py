@@ -206,7 +206,7 @@ def _release_hook(optimizer_ref: weakref.ref[AdamFamilyOptimizer]) -> Callable[[
                 "stepped. Allowed: prepare after the process group exists, on a model "
                 "sharded with FSDP2 (fully_shard), or train without release under DDP."
             )
-        if step_released_param(optimizer, param):
+        if step_released_param(optimizer, param, frees_gradient=True):
             optimizer.zero_grad(param=param)
 
     return step_and_free

@@ -1705,17 +1705,20 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return params, grads
         return params + closing, grads + [torch.zeros_like(p) for p in closing]
 
-    def _note_hook_step(self, param: Tensor) -> None:
+    def _note_hook_step(self, param: Tensor, frees_gradient: bool) -> None:
         """Record that a release hook stepped param, so the full step skips it (and only
-        it); tell autograd θ changed (the fused kernels write through raw pointers), so a
-        graph that saved θ refuses as it does after torch's in-place ops; and say once
-        when a hook steps a parameter twice before optimizer.step() without optimizer
-        accumulation: each backward then made a step of its own."""
+        it), and whether the hook frees its gradient (a gradient it holds at the full step
+        then came after its step); tell autograd θ changed (the fused kernels write through
+        raw pointers), so a graph that saved θ refuses as it does after torch's in-place
+        ops; and say once when a hook steps a parameter twice before optimizer.step()
+        without optimizer accumulation: each backward then made a step of its own."""
         torch.autograd.graph.increment_version(param)
         if self.optimizer_accumulation:
             return  # a micro-batch folded into its window: its gradient is gone, no step yet
         stepped: dict[Tensor, bool] = self.__dict__.setdefault("_hook_stepped", {})
-        if param in stepped and not self.__dict__.get("_warned_twice"):
+        known = len(stepped)
+        stepped[param] = frees_gradient  # one hash: a tensor's is a Python call (~0.2 µs)
+        if len(stepped) == known and not self.__dict__.get("_warned_twice"):
             self._warned_twice = True
             warnings.warn(
                 f"{type(self).__name__}: a release hook stepped a parameter a second "
@@ -1727,7 +1730,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 RuntimeWarning,
                 stacklevel=_caller_stacklevel(),
             )
-        stepped[param] = False  # True once its gradient is freed (zero_grad(param=))
 
     def _warn_nested_once(self) -> None:
         """Say once that gradients arriving inside a nested backward are left to
@@ -2047,9 +2049,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             unwrapped(self).__dict__.get("_hook_stepped", {}).clear()  # a new training step
         elif set_to_none:
             param.grad = None
-            stepped = unwrapped(self).__dict__.get("_hook_stepped")
-            if stepped and param in stepped:  # a gradient it gets from now on came too late
-                stepped[param] = True
         elif param.grad is not None:
             param.grad.detach_().zero_()
 
@@ -2971,7 +2970,9 @@ def _expected_state_shapes(param: Tensor) -> dict[str, torch.Size]:
 
 
 @keep_out_of_graphs
-def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
+def step_released_param(
+    optimizer: AdamFamilyOptimizer, param: Tensor, frees_gradient: bool = False
+) -> bool:
     """Update param alone from its gradient: what a gradient-release hook calls inside
     backward. It is optimizer.step(param=param) without torch's per-call wrapper (step
     hooks and a profiler range, ~12 µs a call): those belong to the training step's
@@ -2982,7 +2983,10 @@ def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
     parameter the optimizer no longer holds (taken out of its param groups after its hook
     was registered), as torch keeps a gradient no optimizer steps, nor one whose gradient
     arrives inside a nested backward (reentrant activation checkpointing), which may be
-    only a part of it: that one is left to the training step's optimizer.step()."""
+    only a part of it: that one is left to the training step's optimizer.step().
+    frees_gradient: the caller frees the gradient once this returns True (core's hooks
+    do; DDP's communication hook keeps it in its bucket), so a gradient param holds at the
+    full step came after its step, and is refused there."""
     optimizer._check_step_allowed(None)
     optimizer._validate_groups_once_per_backward()
     if inside_nested_backward():
@@ -2997,7 +3001,7 @@ def step_released_param(optimizer: AdamFamilyOptimizer, param: Tensor) -> bool:
     finally:
         torch._C._set_grad_enabled(grad_enabled)
     if held and has_gradient:
-        optimizer._note_hook_step(param)
+        optimizer._note_hook_step(param, frees_gradient)
     return held
 
 

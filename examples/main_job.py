@@ -191,10 +191,11 @@ def time_released_steps(record: Callable[[float], None]) -> None:
 
     untimed = release.step_released_param
 
-    def timed(optimizer: Any, param: Any) -> None:
+    def timed(optimizer: Any, param: Any, frees_gradient: bool = False) -> bool:
         started = time.perf_counter()
-        untimed(optimizer, param)
+        stepped = untimed(optimizer, param, frees_gradient)
         record(time.perf_counter() - started)
+        return stepped
 
     release.step_released_param = timed
 

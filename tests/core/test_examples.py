@@ -112,6 +112,29 @@ def test_main_job_summary_of_a_short_run_times_every_step(monkeypatch: pytest.Mo
         assert summary["seconds_per_batch"] == pytest.approx(expected_ms / 1e3)
 
 
+def test_main_job_timing_of_released_steps_keeps_release_freeing_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The timing wrapper returned None where the release hook reads whether the step
+    happened, so the main job's release rows kept every gradient until zero_grad (their
+    memory was that of training without release); each step is still timed."""
+    import core
+    import core.gradient_release as release
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    monkeypatch.setattr(release, "step_released_param", release.step_released_param)
+    seconds: list[float] = []
+    _example("main_job").time_released_steps(seconds.append)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    optimizer = core.AdamW(model.parameters(), lr=0.1, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    model(torch.ones(2, 3)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert {float(state["step"]) for state in optimizer.state.values()} == {1.0}
+    core.remove_gradient_release(model)
+
+
 def test_main_job_resolves_a_relative_out_for_its_children(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
