@@ -56,14 +56,18 @@ class _Registration:
         self.optimizer._release_seen = True  # plain steps after removal are deliberate
 
 
-_registrations: weakref.WeakKeyDictionary[nn.Module, _Registration] = weakref.WeakKeyDictionary()
+_registrations: weakref.WeakKeyDictionary[nn.Module, list[_Registration]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Each released model's registrations, one per optimizer (a head and a body trained by
+two optimizers are prepared on the same model, each on its own parameters)."""
 
 _CLIPPING_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
 _guarded_originals: dict[str, Callable[..., object]] = {}
 
 
 def _released_anywhere() -> set[Tensor]:
-    return {p for registration in _registrations.values() for p in registration.params}
+    return {p for found in _registrations.values() for r in found for p in r.params}
 
 
 def _refusing_clipping(name: str, original: Callable[..., object]) -> Callable[..., object]:
@@ -274,7 +278,10 @@ def prepare_for_gradient_release(
 ) -> None:
     """Register release hooks on the model's parameters in groups with gradient_release=True.
 
-    Calling it again replaces the earlier registration (safe to call at every fit start).
+    Calling it again with the same optimizer replaces that optimizer's earlier
+    registration (safe to call at every fit start). Several optimizers can be prepared on
+    one model, each releasing its own parameters; a parameter another optimizer already
+    releases is refused (it would be stepped by both).
 
     Args:
         model: The module whose parameters the optimizer trains.
@@ -317,10 +324,27 @@ def prepare_for_gradient_release(
             "Invalid optimizer for gradient release: no param group with gradient_release=True "
             "holds a parameter of this model. Create the optimizer with gradient_release=True."
         )
+    # Checked before the earlier registration is removed, so a refusal leaves it working.
+    found = _registrations.get(model, [])
+    earlier = [r for r in found if r.optimizer is optimizer]
+    elsewhere = {
+        p: r.optimizer
+        for registrations in _registrations.values()
+        for r in registrations
+        if r.optimizer is not optimizer
+        for p in r.params
+    }
+    shared = [(tuple(p.shape), elsewhere[p]) for p in released if p in elsewhere]
+    if shared:
+        raise ValueError(
+            f"Invalid optimizer for gradient release: {len(shared)} parameter(s) (shapes "
+            f"{[shape for shape, _ in shared[:3]]}) are already released by another "
+            f"optimizer ({type(shared[0][1]).__name__}), so each backward would step them "
+            "twice. Nothing was changed. Allowed: optimizers on disjoint parameters, or "
+            "remove_gradient_release(model) first."
+        )
     if not ignore_existing_hooks:
-        # Checked before the earlier registration is removed, so a refusal leaves it working.
-        earlier = _registrations.get(model)
-        own = {handle.id for handle in earlier.handles} if earlier is not None else set()
+        own = {handle.id for r in earlier for handle in r.handles}
         hooked = [tuple(p.shape) for p in released if _has_other_hooks(p, own)]
         if hooked:
             raise ValueError(
@@ -328,13 +352,14 @@ def prepare_for_gradient_release(
                 f"{hooked[:3]}) already carry post-accumulate-grad hooks. Allowed: parameters "
                 "without such hooks, or pass ignore_existing_hooks=True."
             )
-    remove_gradient_release(model)
+    for registration in earlier:
+        _remove(model, registration)
     registration = _Registration(optimizer, [])
     registration.release(released)
     optimizer.gradient_release_registrations.append(registration)
     # GradScaler passes itself to step() when this is set, so step() can refuse it clearly.
     optimizer._step_supports_amp_scaling = True
-    _registrations[model] = registration
+    _registrations.setdefault(model, []).append(registration)
     _guard_torch(active=True)
     weakref.finalize(model, _unguard_when_nothing_is_released)
 
@@ -355,9 +380,13 @@ def _grad_scaler_of(*wrapped: object) -> object | None:
 def remove_gradient_release(model: nn.Module) -> None:
     """Remove the hooks prepare_for_gradient_release registered; the optimizer steps normally."""
     require_module(model)
-    registration = _registrations.pop(_inner_module(model), None)
-    if registration is None:
-        return
+    model = _inner_module(model)
+    for registration in list(_registrations.get(model, [])):
+        _remove(model, registration)
+
+
+def _remove(model: nn.Module, registration: _Registration) -> None:
+    """Undo one optimizer's registration on model."""
     for handle in registration.handles:
         handle.remove()
     optimizer = registration.optimizer
@@ -365,6 +394,10 @@ def remove_gradient_release(model: nn.Module) -> None:
     optimizer.gradient_release_registrations.remove(registration)
     if not optimizer.released_params:
         optimizer._step_supports_amp_scaling = False
+    remaining = _registrations[model]
+    remaining.remove(registration)
+    if not remaining:
+        del _registrations[model]
     _guard_torch(active=bool(_registrations))
 
 

@@ -125,7 +125,11 @@ def _refuse_gradients_after_release(late: list[Tensor], where: str) -> None:
     """A gradient reached parameters release had stepped and freed in this training step:
     their update was applied without it, and the full step (which skips them) would drop
     it silently, where training without release adds it to the step. Refused before this
-    step changes anything."""
+    step changes anything. A zero gradient changes nothing (a loop that fills missing
+    gradients with zeros before the step): those pass, one host read per device."""
+    late = [p for p, nonzero in zip(late, _nonzero(late), strict=True) if nonzero]
+    if not late:
+        return
     shapes = ", ".join(str(tuple(p.shape)) for p in late[:4])
     more = f" and {len(late) - 4} more" if len(late) > 4 else ""
     raise RuntimeError(
@@ -136,10 +140,28 @@ def _refuse_gradients_after_release(late: list[Tensor], where: str) -> None:
         "backward after the one that released them: a reentrant activation-checkpoint "
         "segment (torch.utils.checkpoint with use_reentrant=True) using a parameter also "
         "used after it in the forward, or a backward run by a hook or callback after the "
-        "training backward (a LightningModule's on_after_backward). Allowed: "
+        "training backward (a LightningModule's on_after_backward), or with "
+        "release_paused=True after it. Allowed: "
         "use_reentrant=False, such a backward before the training backward (in "
         "training_step, before the loss is returned), or training without release."
     )
+
+
+def _nonzero(params: list[Tensor]) -> list[bool]:
+    """Whether each parameter's gradient holds a nonzero (or NaN) value: one stacked
+    answer per device, so a GPU syncs once per device, not once per parameter."""
+    answers: dict[int, bool] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for index, param in enumerate(params):
+        by_device.setdefault(param.grad.device, []).append(index)  # type: ignore[union-attr]
+    for indices in by_device.values():
+        flags = []
+        for index in indices:
+            grad = params[index].grad
+            values = grad._values() if grad.is_sparse else grad  # type: ignore[union-attr]
+            flags.append(values.ne(0).any())
+        answers.update(zip(indices, torch.stack(flags).tolist(), strict=True))
+    return [answers[index] for index in range(len(params))]
 
 
 _LOW_PRECISION = frozenset(LOW_PRECISION_DTYPES)
@@ -1731,6 +1753,26 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 stacklevel=_caller_stacklevel(),
             )
 
+    def _warn_stepped_without_step(self, count: int) -> None:
+        """Say once that release hooks stepped parameters in a backward that no
+        optimizer.step() followed before zero_grad(): in a GAN loop the generator's loss
+        reaching the discriminator's released parameters trained the discriminator on it,
+        where ordinary training discards those gradients at zero_grad()."""
+        if not self.__dict__.get("_warned_without_step"):
+            self._warned_without_step = True
+            warnings.warn(
+                f"{type(self).__name__}: zero_grad() after release hooks stepped {count} "
+                "parameter(s) in a backward that no optimizer.step() followed. Every "
+                "backward that reaches a released parameter steps it: a loss meant for "
+                "other parameters (a GAN's generator loss reaching the discriminator) "
+                "trained these too, where ordinary training would discard those gradients "
+                "here. Freeze them for such a backward (requires_grad_(False)) or set "
+                "optimizer.release_paused = True around it; after a training backward, call "
+                "optimizer.step() before zero_grad() (it closes the step).",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+
     def _warn_nested_once(self) -> None:
         """Say once that gradients arriving inside a nested backward are left to
         optimizer.step() (see inside_nested_backward)."""
@@ -2046,7 +2088,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """Clear gradients; `zero_grad(param=p)` clears only p's (gradient release frees it)."""
         if param is None:
             super().zero_grad(set_to_none=set_to_none)
-            unwrapped(self).__dict__.get("_hook_stepped", {}).clear()  # a new training step
+            stepped = unwrapped(self).__dict__.get("_hook_stepped")
+            if stepped:  # a new training step; hooks stepped a backward no step() closed
+                unwrapped(self)._warn_stepped_without_step(len(stepped))
+                stepped.clear()
         elif set_to_none:
             param.grad = None
         elif param.grad is not None:

@@ -246,6 +246,105 @@ def test_a_gradient_after_its_release_step_is_refused(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_zero_gradients_filled_in_after_release_change_nothing(backend: str) -> None:
+    """A loop that gives every parameter without a gradient a zero one before the step
+    (to log, or to emulate set_to_none=False) trains as without release: a zero gradient
+    after a parameter's release step adds nothing, so it is not refused as a late one."""
+    case = one_case_per_algorithm()[0]
+    runs = []
+    for release in (False, True):
+        model = make_model()
+        optimizer = case.make(
+            model.parameters(), gradient_release=release, **TRAINING_BACKENDS[backend]
+        )
+        if release:
+            core.prepare_for_gradient_release(model, optimizer)
+        for x, y in make_batches(torch.float32, 4):
+            nn.functional.mse_loss(model(x), y).backward()
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_backward_no_step_closed_is_said_at_zero_grad(backend: str) -> None:
+    """A GAN loop: the generator's loss reaches the discriminator's released parameters
+    and steps them (ordinary training discards those gradients at the discriminator's next
+    zero_grad). Release cannot tell such a backward from a training one until zero_grad()
+    finds steps no optimizer.step() closed: said once there, with the remedies; a loop
+    that steps after each backward says nothing."""
+    case = one_case_per_algorithm()[0]
+    flags = TRAINING_BACKENDS[backend]
+
+    def gan(freeze: bool) -> list[warnings.WarningMessage]:
+        torch.manual_seed(0)
+        generator, critic = nn.Linear(3, 6), nn.Linear(6, 1)
+        optimizers = []
+        for module in (generator, critic):
+            optimizer = case.make(module.parameters(), gradient_release=True, **flags)
+            core.prepare_for_gradient_release(module, optimizer)
+            optimizers.append(optimizer)
+        generator_optimizer, critic_optimizer = optimizers
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                critic_optimizer.zero_grad()
+                fake = generator(torch.randn(4, 3))
+                (critic(fake.detach()).mean() - critic(torch.randn(4, 6)).mean()).backward()
+                critic_optimizer.step()
+                generator_optimizer.zero_grad()
+                critic.requires_grad_(not freeze)
+                (-critic(fake).mean()).backward()
+                critic.requires_grad_(True)
+                generator_optimizer.step()
+        return [w for w in caught if "no optimizer.step() followed" in str(w.message)]
+
+    (said,) = gan(freeze=False)
+    assert "2 parameter(s)" in str(said.message) and "release_paused" in str(said.message)
+    assert gan(freeze=True) == []
+
+
+def test_two_optimizers_release_their_own_parameters_of_one_model() -> None:
+    """A second prepare_for_gradient_release on the same model with another optimizer
+    (the head with its own lr) removed the first optimizer's hooks: its parameters kept
+    their gradients, with no word. Now each optimizer releases its own; one that would
+    release a parameter another already releases is refused before anything changes."""
+    torch.manual_seed(0)
+    model = make_model()
+    body, head = list(model.parameters())[:-2], list(model.parameters())[-2:]
+    first = core.AdamW(body, lr=LR, gradient_release=True)
+    second = core.Adam(head, lr=LR, gradient_release=True)
+    reference = copy.deepcopy(model)
+    plain = [
+        core.AdamW(list(reference.parameters())[:-2], lr=LR),
+        core.Adam(list(reference.parameters())[-2:], lr=LR),
+    ]
+    core.prepare_for_gradient_release(model, first)
+    core.prepare_for_gradient_release(model, second)
+    core.prepare_for_gradient_release(model, second)  # again, at a fit start: replaces its own
+    everything = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    with pytest.raises(ValueError, match=r"already released by another optimizer \(AdamW\)"):
+        core.prepare_for_gradient_release(model, everything)
+    for x, y in make_batches(torch.float32, 3):
+        nn.functional.mse_loss(model(x), y).backward()
+        assert all(p.grad is None for p in model.parameters())
+        nn.functional.mse_loss(reference(x), y).backward()
+        for optimizer in (first, second, *plain):
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(reference.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    core.remove_gradient_release(model)  # both
+    assert not core.is_gradient_release_prepared(model)
+    assert not first.released_params and not second.released_params
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_gradient_no_hook_stepped_is_stepped_by_the_full_step(backend: str) -> None:
     """Gradients that reach released parameters without a hook call (computed with
     torch.autograd.grad or torch.func and set by hand): the full step skipped every
