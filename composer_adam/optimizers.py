@@ -46,8 +46,8 @@ class ComposerConventions:
     `initial_lr` (Composer's and torch's scheduler key) is what the decay is relative to;
     it is recorded per group at creation and kept in the group, so frameworks that
     rebuild param groups or load checkpoints carry it along. A group without one (added
-    by a checkpoint of an optimizer that never had it) takes its lr at its first step,
-    as Composer does.
+    with add_param_group, or by a checkpoint of an optimizer that never had it) takes its
+    lr at its first step, as Composer does.
     """
 
     param_groups: list[dict[str, Any]]
@@ -70,11 +70,6 @@ class ComposerConventions:
             1.0 - weight_decay,
             HIGH_FULLY_DECOUPLED_WEIGHT_DECAY,
         )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)  # type: ignore[misc]
-        group = self.param_groups[-1]
-        group.setdefault("initial_lr", _value_now(group["lr"]))
 
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:
         super()._validate_algorithm(group, where)  # type: ignore[misc]
@@ -216,13 +211,24 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
         """
         if not params:
             return
+        for index, step in enumerate(state_steps):
+            # Checked as given: core would name the step before this one (0 shown as -1),
+            # and a plain number failed on .detach().
+            require(
+                finite_at_least(step, 1.0),
+                f"state_steps[{index}]",
+                step,
+                "a finite step count >= 1 (a number or a 1-element tensor): Composer's "
+                "functional form takes the steps already counting this step",
+                " for DecoupledAdamW.adamw",
+            )
         core.adam(
             params,
             grads,
             exp_avgs,
             exp_avg_sqs,
             max_exp_avg_sqs if amsgrad else None,
-            [step.detach().to("cpu", torch.float32) - 1 for step in state_steps],
+            [torch.tensor(float(step) - 1) for step in state_steps],
             lr=lr,
             beta1=beta1,
             beta2=beta2,

@@ -154,14 +154,23 @@ def parameter_metrics(
 
     A parameter without optimizer state yet contributes nothing, as in Composer; the
     gradient norm is added only while param.grad exists, and so is the update norm of an
-    update that reads the gradient (NAdam's).
+    update that reads the gradient (NAdam's). A parameter with state taken out of the
+    param groups (a freezing callback that drops its group) reports its moment, parameter
+    and gradient norms but no update norm: the hyperparameters to compute it are gone
+    (the metrics raised there, ending a Composer run inside OptimizerMonitor).
     """
     require_core_optimizer(optimizer, _UPDATE_FROM_COEFFICIENTS)
     metrics = {} if metrics is None else metrics
     coefficients = optimizer.last_step_coefficients(param, lr)
     if coefficients is None:
-        return metrics
-    update = None if _gradient_gone(optimizer, param) else _update(optimizer, param, coefficients)
+        state = optimizer.state.get(param)
+        if not state or float(state.get("step", 0)) == 0:
+            return metrics
+    update = (
+        None
+        if coefficients is None or _gradient_gone(optimizer, param)
+        else _update(optimizer, param, coefficients)
+    )
     metrics[f"{MOMENT}/{name}"] = l2_norm(stored_moment(optimizer.state[param], "exp_avg", param))
     metrics[f"{PARAM}/{name}"] = l2_norm(param.detach())
     if update is not None:

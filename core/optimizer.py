@@ -20,7 +20,7 @@ import sys
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, ClassVar, TypeAlias, TypeVar, cast
@@ -376,8 +376,10 @@ def torch_group_keys(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def saved_moment_family(group: dict[str, Any]) -> str:
-    """The family a saved param group comes from: ADOPT's groups, and only they, hold 'clip'."""
-    return "ADOPT" if "clip" in group else "Adam"
+    """The family a saved param group comes from: ADOPT's groups hold 'clip', a bool. A
+    group key of the user's own named 'clip' (a per-group clipping bound, kept as torch
+    keeps extra keys) is a number: its Adam checkpoint read as ADOPT's could not load."""
+    return "ADOPT" if isinstance(group.get("clip"), bool) else "Adam"
 
 
 def require(ok: bool, name: str, value: object, allowed: str, where: str = "") -> None:
@@ -1347,7 +1349,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         (or at `lr`, the one that step was taken with, where a scheduler has moved it since).
 
         Optimizer metrics (core.metrics) read the update from these, so the algorithm's
-        math stays in its coefficient function. None before param's first step.
+        math stays in its coefficient function. None before param's first step, and for
+        a parameter with state that is in no param group (taken out since its last step,
+        by hand or module surgery): its hyperparameters are gone with its group.
         """
         if lr is not None:
             require(
@@ -1357,9 +1361,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "None, or the finite lr >= 0 the step was taken with",
             )
         state = self.state.get(param)
-        if not state or float(state.get("step", 0)) == 0:
+        found = self._find_group(param)
+        if not state or float(state.get("step", 0)) == 0 or found is None:
             return None
-        _, group = self._group_of(param)
+        _, group = found
         kwargs = self._common_kwargs(group)
         if lr is not None:
             kwargs["lr"] = lr
@@ -2281,6 +2286,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             params_by_id.update(zip(saved["params"], group["params"], strict=True))
             formats.update(dict.fromkeys(saved["params"], saved.get(CODE_FORMAT_KEY)))
         for saved_id, saved_state in state_dict["state"].items():
+            if not isinstance(saved_state, Mapping):  # None or [] loaded, then step() failed
+                raise ValueError(
+                    f"Invalid state_dict for {name}: state[{saved_id!r}] is "
+                    f"{type(saved_state).__name__} {saved_state!r:.60}. Allowed: a dict of the "
+                    "parameter's state (empty for a parameter not yet stepped)."
+                )
             param = params_by_id.get(saved_id)
             if param is None or not saved_state:
                 continue
@@ -2929,6 +2940,9 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
         )
 
     for key, value in saved_state.items():
+        if isinstance(value, Tensor) and value.layout != torch.strided:
+            # before its storage is read: a sparse tensor has none (torch's internal error)
+            refuse(key, f"has layout {value.layout}", "a dense (strided) tensor")
         # A ZeroTensor has no storage but its values (zeros): loading materializes it.
         lazy = not isinstance(value, Tensor) or lazy_values(value) is not None
         shortfall = None if lazy else storage_shortfall(value)

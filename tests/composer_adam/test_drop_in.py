@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import re
 
 import pytest
 import torch
@@ -177,6 +178,50 @@ def test_a_tensor_lr_follows_a_warmup_from_zero_as_a_float_lr_does() -> None:
     for run in runs[1:]:
         for a, b in zip(run, runs[0], strict=True):
             torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def _functional_step(step: object) -> torch.Tensor:
+    param = torch.zeros(4, 3)
+    composer_adam.DecoupledAdamW.adamw(
+        [param], [torch.ones(4, 3)], [torch.zeros(4, 3)], [torch.zeros(4, 3)], [], [step],
+        amsgrad=False, beta1=0.9, beta2=0.95, lr=1e-3, initial_lr=1e-3, weight_decay=1e-5,
+        eps=1e-8,
+    )  # fmt: skip
+    return param
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("step", [torch.tensor(0.0), 0.5, float("nan"), "3"])
+def test_functional_adamw_refuses_a_step_not_yet_counted_by_name(step: object) -> None:
+    """A step of 0 (not incremented first, as Composer's form expects) was refused as
+    "-1.0" under a rule that allows 0; a plain number failed with AttributeError."""
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"Invalid state_steps[0] for DecoupledAdamW.adamw: {step!r}. Allowed: ")
+        + r"a finite step count >= 1",
+    ):
+        _functional_step(step)
+    assert torch.equal(_functional_step(2.0), _functional_step(torch.tensor(2.0)))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_an_added_group_takes_its_initial_lr_at_its_first_step_as_composer(backend: str) -> None:
+    """A layer added with lr 0 and warmed up by hand: Composer records the group's
+    initial_lr at its first step; recorded at add_param_group (0), the decay stayed the
+    full weight_decay per step (0.093 off Composer's after five steps)."""
+    runs = []
+    ours = functools.partial(composer_adam.DecoupledAdamW, **BACKENDS[backend])
+    for cls in (ComposerAdamW, ours):
+        kept, added = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+        optimizer = cls([kept], lr=1e-2, weight_decay=1e-2)
+        optimizer.add_param_group({"params": [added], "lr": 0.0})
+        for step in range(1, 6):
+            optimizer.param_groups[1]["lr"] = 1e-3 * step
+            kept.grad, added.grad = torch.zeros(4), torch.zeros(4)  # only the decay moves them
+            optimizer.step()
+        assert optimizer.param_groups[1]["initial_lr"] == 1e-3
+        runs.append(added.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-7, rtol=0)
 
 
 @pytest.mark.bad_input

@@ -18,9 +18,11 @@ from tests.core.cases import (
     LR,
     TRAINING_BACKENDS,
     Case,
+    assert_unchanged,
     make_batches,
     make_model,
     one_case_per_algorithm,
+    snapshot,
 )
 from tests.processes import gloo_group
 
@@ -179,13 +181,6 @@ def test_release_under_activation_checkpointing_equals_ordinary_training(
         assert not nested and not any(any(step) for step in kept)
 
 
-def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    tensors = [p.detach().clone() for p in model.parameters()]
-    for state in optimizer.state.values():
-        tensors += [v.clone() for v in state.values() if isinstance(v, torch.Tensor)]
-    return tensors
-
-
 @pytest.mark.bad_input
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_gradient_after_its_release_step_is_refused(backend: str) -> None:
@@ -234,11 +229,10 @@ def test_a_gradient_after_its_release_step_is_refused(backend: str) -> None:
     nn.functional.mse_loss(model(x), y).backward()
     optimizer.release_paused = True
     nn.functional.mse_loss(model(x), y).backward()  # a callback's backward after the step's
-    before = _snapshot(model, optimizer)
+    before = snapshot(model, optimizer)
     with pytest.raises(RuntimeError, match=r"parameter\(s\) of shape .* on_after_backward"):
         optimizer.step()
-    for a, b in zip(before, _snapshot(model, optimizer), strict=True):
-        assert torch.equal(a, b)
+    assert_unchanged(model, optimizer, before)
     optimizer.zero_grad()  # the next training step starts clean
     optimizer.release_paused = False
     nn.functional.mse_loss(model(x), y).backward()

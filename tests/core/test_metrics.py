@@ -135,6 +135,25 @@ def test_no_state_no_metrics_and_lr_zero_update_is_zero() -> None:
         assert torch.count_nonzero(metrics.parameter_update(optimizer, p)) == 0
 
 
+def test_a_parameter_taken_out_of_the_groups_reports_all_but_its_update() -> None:
+    """A freezing callback that drops a layer's param group leaves its state (and its
+    gradient): the metrics raised "in none of this optimizer's param groups", ending a
+    Composer run inside OptimizerMonitor. Its update needs the group's hyperparameters."""
+    model = make_model()
+    *body, head_weight, head_bias = model.parameters()
+    optimizer = core.AdamW([{"params": body}, {"params": [head_weight, head_bias]}], lr=LR)
+    train(model, optimizer, make_batches(torch.float32, 2))
+    del optimizer.param_groups[1]
+    nn.functional.mse_loss(model(torch.ones(2, 6)), torch.zeros(2, 3)).backward()
+    found = metrics.parameter_metrics(optimizer, head_weight, "head")
+    assert sorted(found) == ["l2_norm/grad/head", "l2_norm/moment/head", "l2_norm/param/head"]
+    assert float(found["l2_norm/moment/head"]) == pytest.approx(
+        float(optimizer.state[head_weight]["exp_avg"].norm()), rel=1e-6
+    )
+    assert optimizer.last_step_coefficients(head_weight) is None
+    assert len(metrics.parameter_metrics(optimizer, body[0], "body")) == 4
+
+
 def test_metrics_leave_the_optimizer_untouched() -> None:
     model, optimizer, _ = _last_step_change(one_case_per_algorithm()[0], torch.float32)
     saved = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state.items()}

@@ -379,6 +379,31 @@ def test_state_dict_of_the_other_moment_family_is_refused_before_loading(
     assert optimizer.state_dict()["param_groups"] == before[1]["param_groups"]
 
 
+@pytest.mark.parametrize(
+    "writer", [core.Adam, core.AdamW, core.RAdam, core.NAdam, torch.optim.AdamW]
+)
+def test_a_group_key_of_the_users_named_clip_resumes(writer: type) -> None:
+    """A per-group clipping bound kept under 'clip' (torch keeps extra group keys) made the
+    checkpoint read as ADOPT's, whose groups hold a bool 'clip': refused on resume."""
+    reader = core.AdamW if writer is torch.optim.AdamW else writer
+    batches = make_batches(torch.float32, 6)
+    full = make_model()
+    resumed = copy.deepcopy(full)
+    hyper = {"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8}  # torch's and adamkit's alike
+    optimizer = reader([{"params": list(full.parameters()), "clip": 1.0}], **hyper)
+    train(full, optimizer, batches, total=6)
+    source = writer([{"params": list(resumed.parameters()), "clip": 1.0}], **hyper)
+    train(resumed, source, batches[:3], total=6)
+    saved = copy.deepcopy(source.state_dict())
+    optimizer = reader([{"params": list(resumed.parameters()), "clip": 1.0}], **hyper)
+    optimizer.load_state_dict(saved)
+    train(resumed, optimizer, batches[3:], start=3, total=6)
+    assert optimizer.param_groups[0]["clip"] == 1.0
+    tolerance = 0.0 if writer is reader else 1e-6  # torch's first half is torch's math
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=0)
+
+
 @pytest.mark.bad_input
 def test_state_dict_with_wrong_shapes_is_refused() -> None:
     model, other = make_model(), torch.nn.Linear(3, 6)
@@ -480,6 +505,18 @@ BAD_STATE_VALUES = {
         _corrupt("exp_avg", torch.zeros(1, 128).expand(64, 128)),
         r"\['exp_avg'\] has strides \(0, 1\), so several elements are one memory location",
     ),
+    # A sparse tensor has no storage to measure: torch's internal error before.
+    **{
+        f"{key}-{name}": (
+            precision,
+            lambda state, key=key, layout=layout: state.__setitem__(
+                key, state[key].to_sparse(layout=layout)
+            ),
+            rf"\['{key}'\] has layout torch\.{name}\. Allowed: a dense \(strided\) tensor",
+        )
+        for key, precision in (("exp_avg", "full"), ("exp_avg_codes", "8bit"))
+        for name, layout in (("sparse_coo", torch.sparse_coo), ("sparse_csr", torch.sparse_csr))
+    },
     # Reading a tensor whose storage was freed (these checks did, as does torch's copy
     # into the parameter's dtype) crashed the process.
     **{
@@ -554,6 +591,27 @@ def test_state_values_a_step_cannot_read_are_refused_before_loading(bad: str) ->
     corrupt(saved["state"][0])
     before = snapshot(model, optimizer)
     with pytest.raises(ValueError, match=r"Invalid state_dict for AdamW: state\[0\]" + message):
+        optimizer.load_state_dict(saved)
+    assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("entry", [None, []], ids=["None", "list"])
+def test_a_state_entry_that_is_no_dict_is_refused_before_loading(entry: object) -> None:
+    """It loaded (an empty entry was skipped by the checks) and the next step failed with
+    AttributeError or TypeError from inside the optimizer."""
+    model = torch.nn.Linear(128, 64)
+    optimizer = core.AdamW(model.parameters(), lr=LR)
+    model(torch.randn(4, 128)).square().sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0] = entry
+    before = snapshot(model, optimizer)
+    with pytest.raises(
+        ValueError,
+        match=rf"Invalid state_dict for AdamW: state\[0\] is {type(entry).__name__} .*Allowed: "
+        r"a dict of the parameter's state",
+    ):
         optimizer.load_state_dict(saved)
     assert_unchanged(model, optimizer, before)
 
