@@ -1709,6 +1709,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 # in-place ops (and its fused kernels) do, so a graph that saved θ refuses.
                 torch.autograd.graph.increment_version(params)
         stepped.clear()
+        self.__dict__.pop("_hook_folded", None)
         return loss
 
     def _with_open_windows(
@@ -1741,7 +1742,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         without optimizer accumulation: each backward then made a step of its own."""
         torch.autograd.graph.increment_version(param)
         if self.optimizer_accumulation:
-            return  # a micro-batch folded into its window: its gradient is gone, no step yet
+            # A micro-batch folded into its window: its gradient is gone, no step yet.
+            if frees_gradient:  # a part arriving later in a nested backward is refused
+                self.__dict__.setdefault("_hook_folded", set()).add(param)
+            return
         stepped: dict[Tensor, bool] = self.__dict__.setdefault("_hook_stepped", {})
         known = len(stepped)
         stepped[param] = frees_gradient  # one hash: a tensor's is a Python call (~0.2 µs)
@@ -2097,6 +2101,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             if stepped:  # a new training step; hooks stepped a backward no step() closed
                 unwrapped(self)._warn_stepped_without_step(len(stepped))
                 stepped.clear()
+            unwrapped(self).__dict__.pop("_hook_folded", None)
         elif set_to_none:
             param.grad = None
         elif param.grad is not None:
@@ -3050,6 +3055,7 @@ def step_released_param(
     optimizer._validate_groups_once_per_backward()
     if inside_nested_backward():
         if optimizer._find_group(param) is not None:
+            _refuse_a_part_after_release(optimizer, param)
             optimizer._warn_nested_once()
         return False
     has_gradient = param.grad is not None
@@ -3062,6 +3068,25 @@ def step_released_param(
     if held and has_gradient:
         optimizer._note_hook_step(param, frees_gradient)
     return held
+
+
+def _refuse_a_part_after_release(optimizer: AdamFamilyOptimizer, param: Tensor) -> None:
+    """A part of param's gradient arrives inside a nested backward after a hook stepped or
+    folded param from an earlier part and freed it (used inside a reentrant checkpoint
+    segment and after it in the forward): left in .grad, it would be dropped by the full
+    step, or with optimizer accumulation folded into a later micro-batch's fold or the
+    window's closing step, not its own. Refused inside backward, at the first such part."""
+    own = unwrapped(optimizer).__dict__
+    if own.get("_hook_stepped", {}).get(param) or param in own.get("_hook_folded", ()):
+        what = "stepped" if own.get("_hook_stepped", {}).get(param) else "folded"
+        raise RuntimeError(
+            f"Invalid gradient for gradient release: a parameter of shape "
+            f"{tuple(param.shape)} got part of its gradient inside a nested backward "
+            f"(reentrant activation checkpointing) after release had {what} it from "
+            "another part and freed that one in this training step: it is used inside a "
+            "checkpointed segment and after it in the forward. Allowed: "
+            "torch.utils.checkpoint(..., use_reentrant=False), or training without release."
+        )
 
 
 _ENGINE_RUN = getattr(torch.autograd.graph, "_engine_run_backward", None)

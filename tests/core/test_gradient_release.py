@@ -218,8 +218,8 @@ def test_a_gradient_after_its_release_step_is_refused(backend: str) -> None:
         assert torch.equal(a, b)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the nested-backward warning
-        with pytest.raises(RuntimeError, match=r"after release had stepped them.*use_reentrant"):
-            train(release=True, reentrant=True)
+        with pytest.raises(RuntimeError, match=r"after release had stepped it.*use_reentrant"):
+            train(release=True, reentrant=True)  # refused inside backward, at the first part
 
     torch.manual_seed(0)
     model = make_model()
@@ -237,6 +237,47 @@ def test_a_gradient_after_its_release_step_is_refused(backend: str) -> None:
     optimizer.release_paused = False
     nn.functional.mse_loss(model(x), y).backward()
     optimizer.step()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("step_each_microbatch", [True, False], ids=["step-each", "step-last"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_part_after_a_fold_is_refused_inside_backward(
+    backend: str, step_each_microbatch: bool
+) -> None:
+    """With optimizer accumulation, a weight used inside a reentrant segment and after it
+    was folded from its later use's part, and the segment's part, left in .grad, was folded
+    as a micro-batch of its own by the next step() (or into the next fold): 0.014 off,
+    silently. Refused inside the first such backward; a weight used only inside segments
+    (every part nested, none folded by a hook) still trains."""
+    case = one_case_per_algorithm()[0]
+
+    def train(used_after: bool) -> None:
+        torch.manual_seed(0)
+        inner, head = nn.Linear(6, 6), nn.Linear(6, 3)
+        model = nn.ModuleList([inner, head])
+        optimizer = case.make(
+            model.parameters(), gradient_release=True, **TRAINING_BACKENDS[backend]
+        )
+        core.prepare_for_gradient_release(model, optimizer)
+        for index, (x, y) in enumerate(make_batches(torch.float32, 6)):
+            optimizer.optimizer_accumulation = index % 3 < 2
+            h = torch.utils.checkpoint.checkpoint(
+                lambda t: torch.tanh(inner(t)), x.requires_grad_(), use_reentrant=True
+            )
+            if used_after:
+                h = torch.tanh(inner(h))
+            nn.functional.mse_loss(head(h)[:, :3], y).backward()
+            if step_each_microbatch or not optimizer.optimizer_accumulation:
+                optimizer.step()
+                optimizer.zero_grad()
+        assert {float(state["step"]) for state in optimizer.state.values()} == {2.0}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the nested-backward warning
+        train(used_after=False)
+        with pytest.raises(RuntimeError, match=r"after release had folded it from another part"):
+            train(used_after=True)
 
 
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
