@@ -11,7 +11,7 @@ fastest backend. The classes need no Composer import: Composer finds the metric 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +58,21 @@ class ComposerConventions:
         super().__init__(params, **kwargs)  # type: ignore[call-arg]
         for group in self.param_groups:
             group["initial_lr"] = _value_now(group["lr"])
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        param: Tensor | None = None,
+        grad_scaler: object = None,
+    ) -> Any:
+        """core's step; a full step first records initial_lr in every group without one,
+        with gradients or not, as Composer's step does (a group added with lr warming up
+        and no gradient at its first step would take a later lr)."""
+        if param is None:
+            for group in self.param_groups:
+                if "initial_lr" not in group:
+                    group["initial_lr"] = _value_now(group["lr"])
+        return super().step(closure, param, grad_scaler)  # type: ignore[misc]
 
     def _report_high_weight_decay(self, weight_decay: float) -> None:
         """Composer logs the warning (core's check decides when), in Composer's terms."""

@@ -48,7 +48,9 @@ class _Registration:
     handles: list[RemovableHandle] = field(default_factory=list)
 
     def release(self, params: list[Tensor]) -> None:
-        """Hook params (also called by add_param_group for a new released group)."""
+        """Hook params (also called by add_param_group for a new released group); a
+        parameter another optimizer already releases is refused before any hook."""
+        _refuse_released_elsewhere(self.optimizer, params, exempt=[])
         hook = _release_hook(weakref.ref(self.optimizer))
         self.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in params)
         self.params.extend(params)
@@ -325,24 +327,16 @@ def prepare_for_gradient_release(
             "holds a parameter of this model. Create the optimizer with gradient_release=True."
         )
     # Checked before the earlier registration is removed, so a refusal leaves it working.
-    found = _registrations.get(model, [])
-    earlier = [r for r in found if r.optimizer is optimizer]
-    elsewhere = {
-        p: r.optimizer
-        for registrations in _registrations.values()
-        for r in registrations
-        if r.optimizer is not optimizer
-        for p in r.params
-    }
-    shared = [(tuple(p.shape), elsewhere[p]) for p in released if p in elsewhere]
-    if shared:
-        raise ValueError(
-            f"Invalid optimizer for gradient release: {len(shared)} parameter(s) (shapes "
-            f"{[shape for shape, _ in shared[:3]]}) are already released by another "
-            f"optimizer ({type(shared[0][1]).__name__}), so each backward would step them "
-            "twice. Nothing was changed. Allowed: optimizers on disjoint parameters, or "
-            "remove_gradient_release(model) first."
-        )
+    # Replaced: this optimizer's earlier registration on the model, and another optimizer's
+    # that covers any of the same parameters (a new optimizer for a model a fit that raised
+    # left prepared); kept: other optimizers' on other parameters (a head and a body).
+    taking = set(released)
+    earlier = [
+        r
+        for r in _registrations.get(model, [])
+        if r.optimizer is optimizer or any(p in taking for p in r.params)
+    ]
+    _refuse_released_elsewhere(optimizer, released, exempt=earlier)
     if not ignore_existing_hooks:
         own = {handle.id for r in earlier for handle in r.handles}
         hooked = [tuple(p.shape) for p in released if _has_other_hooks(p, own)]
@@ -362,6 +356,30 @@ def prepare_for_gradient_release(
     _registrations.setdefault(model, []).append(registration)
     _guard_torch(active=True)
     weakref.finalize(model, _unguard_when_nothing_is_released)
+
+
+def _refuse_released_elsewhere(
+    optimizer: AdamFamilyOptimizer, params: list[Tensor], exempt: list[_Registration]
+) -> None:
+    """Refuse params another optimizer releases (through a registration not in exempt):
+    each backward would step them with both; with release only the first hook does (the
+    second finds the gradient freed), where ordinary training steps both."""
+    taken = {
+        p: r.optimizer
+        for registrations in _registrations.values()
+        for r in registrations
+        if r.optimizer is not optimizer and all(r is not e for e in exempt)
+        for p in r.params
+    }
+    shared = [(tuple(p.shape), taken[p]) for p in params if p in taken]
+    if shared:
+        raise ValueError(
+            f"Invalid optimizer for gradient release: {len(shared)} parameter(s) (shapes "
+            f"{[shape for shape, _ in shared[:3]]}) are already released by another "
+            f"optimizer ({type(shared[0][1]).__name__}), so each backward would step them "
+            "twice. Nothing was changed. Allowed: optimizers on disjoint parameters, or "
+            "remove_gradient_release on the model released with the other first."
+        )
 
 
 def _grad_scaler_of(*wrapped: object) -> object | None:

@@ -146,11 +146,14 @@ def parameter_metrics(
     metrics: Metrics | None = None,
     lr: float | None = None,
     gradient: bool = True,
+    update: bool = True,
 ) -> Metrics:
     """Add param's four norms to metrics (a new dict when None) and return it; `lr`: the
     lr its step was taken with, where the group's has moved since (see the module);
     gradient=False leaves the gradient's norm out, for callers that took it at the step
-    (a sharded parameter's norm is a collective: not worth taking twice).
+    (a sharded parameter's norm is a collective: not worth taking twice); update=False
+    leaves the update's out, for a parameter the step just taken did not update (its
+    last update was an earlier step's).
 
     A parameter without optimizer state yet contributes nothing, as in Composer; the
     gradient norm is added only while param.grad exists, and so is the update norm of an
@@ -166,15 +169,15 @@ def parameter_metrics(
         state = optimizer.state.get(param)
         if not state or float(state.get("step", 0)) == 0:
             return metrics
-    update = (
+    change = (
         None
-        if coefficients is None or _gradient_gone(optimizer, param)
+        if not update or coefficients is None or _gradient_gone(optimizer, param)
         else _update(optimizer, param, coefficients)
     )
     metrics[f"{MOMENT}/{name}"] = l2_norm(stored_moment(optimizer.state[param], "exp_avg", param))
     metrics[f"{PARAM}/{name}"] = l2_norm(param.detach())
-    if update is not None:
-        metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(update).to(
+    if change is not None:
+        metrics[f"{UPDATE}/{name}"] = torch.linalg.vector_norm(change).to(
             torch.promote_types(param.dtype, torch.float32)
         )
     if gradient and param.grad is not None:

@@ -154,12 +154,18 @@ def _nonzero(params: list[Tensor]) -> list[bool]:
     by_device: dict[torch.device, list[int]] = {}
     for index, param in enumerate(params):
         by_device.setdefault(param.grad.device, []).append(index)  # type: ignore[union-attr]
+    dtensor = dtensor_type()
     for indices in by_device.values():
         flags = []
         for index in indices:
             grad = params[index].grad
             values = grad._values() if grad.is_sparse else grad  # type: ignore[union-attr]
-            flags.append(values.ne(0).any())
+            flag = values.ne(0).any()
+            if dtensor is not None and isinstance(flag, dtensor):
+                # over every rank's shard (each rank in the same order: the same answer
+                # everywhere, so all refuse or none)
+                flag = flag.full_tensor()
+            flags.append(flag)
         answers.update(zip(indices, torch.stack(flags).tolist(), strict=True))
     return [answers[index] for index in range(len(params))]
 
@@ -375,10 +381,18 @@ def torch_group_keys(group: dict[str, Any]) -> dict[str, Any]:
     return {**TORCH_FLAGS, "decoupled_weight_decay": decoupled}
 
 
+MOMENT_FAMILY_KEY = "moment_family"
+"""Saved in every param group by state_dict(): which family's moments the state holds."""
+
+
 def saved_moment_family(group: dict[str, Any]) -> str:
-    """The family a saved param group comes from: ADOPT's groups hold 'clip', a bool. A
-    group key of the user's own named 'clip' (a per-group clipping bound, kept as torch
-    keeps extra keys) is a number: its Adam checkpoint read as ADOPT's could not load."""
+    """The family a saved param group comes from: what adamkit's state_dict() wrote under
+    MOMENT_FAMILY_KEY; before that key, ADOPT's groups were the ones holding 'clip', a
+    bool. A group key of the user's own named 'clip' (kept as torch keeps extra keys) made
+    an Adam checkpoint read as ADOPT's, which could not load."""
+    written = group.get(MOMENT_FAMILY_KEY)
+    if written in MOMENT_FAMILIES:
+        return written
     return "ADOPT" if isinstance(group.get("clip"), bool) else "Adam"
 
 
@@ -1067,16 +1081,17 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             where = f" in param group {len(self.param_groups) - 1}"
             _check_params(group["params"], where)
             self._check_fused_possible(group, where)
+            if group["gradient_release"]:
+                # Released training keeps working when a group is added mid-run (refused
+                # for a parameter another optimizer releases).
+                for registration in self.gradient_release_registrations[:1]:
+                    registration.release(list(group["params"]))
         except ValueError:
             self.param_groups.pop()
             raise
         if group["max_lr"] is None and float(group["lr"]) > 0:
             # An lr of 0 at creation names no peak: max_lr stays None (decay ratio 1, as Composer).
             group["max_lr"] = float(group["lr"])
-        if group["gradient_release"]:
-            # Released training keeps working when a group is added mid-run.
-            for registration in self.gradient_release_registrations[:1]:
-                registration.release(list(group["params"]))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill groups loaded from torch.optim (or older adamkit) with this optimizer's keys."""
@@ -2138,6 +2153,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for group in state_dict["param_groups"]:
             group.update(torch_group_keys(group))
             group[CODE_FORMAT_KEY] = CODE_FORMAT
+            group[MOMENT_FAMILY_KEY] = self.moment_family
         for post_hook in list(post_hooks.values()):
             state_dict = post_hook(self, state_dict) or state_dict
         return state_dict
@@ -2176,6 +2192,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for group, flags in zip(self.param_groups, execution, strict=True):
             group.update(flags)
             group.pop(CODE_FORMAT_KEY, None)  # a property of the saved codes, checked above
+            group.pop(MOMENT_FAMILY_KEY, None)  # a property of the saved moments, likewise
             for key in (*TORCH_EXECUTION_FLAGS, "triton"):  # triton: written, saved unfolded
                 group.pop(key, None)
         self._warn_if_decay_mode_is_ambiguous(state_dict["param_groups"])

@@ -352,6 +352,14 @@ def _check_optimizer_accumulation(optimizer: core.AdamFamilyOptimizer, windows: 
         )
 
 
+def _step_counts(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, float]:
+    """Each stepped parameter's step count (a host scalar in core's state): one that moved
+    during a batch was updated by it."""
+    if not isinstance(optimizer, core.AdamFamilyOptimizer):
+        return {}
+    return {p: float(s["step"]) for p, s in optimizer.state.items() if "step" in s}
+
+
 def _logged_batches(trainer: L.Trainer) -> int:
     """Batches that stepped before this one: Lightning's step axis for logged metrics
     (optimizer steps with one optimizer under automatic optimization; every batch under
@@ -458,6 +466,7 @@ class OptimizerMonitor(L.Callback):
         self._recording = False
         self._steps_before_batch = 0
         self._step_lrs: list[Any] = []
+        self._counts_before_batch: dict[torch.Tensor, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, FSDPStrategy):
@@ -510,6 +519,9 @@ class OptimizerMonitor(L.Callback):
         # which is every batch under manual optimization, however often it steps.
         self._recording = steps and every > 0 and (_logged_batches(trainer) + 1) % every == 0
         self._grad_norms.clear()
+        self._counts_before_batch = (
+            _step_counts(trainer.optimizers[0]) if self._recording and trainer.optimizers else {}
+        )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
@@ -526,13 +538,19 @@ class OptimizerMonitor(L.Callback):
             for param in group["params"]
         }
         found: dict[str, Any] = {}
+        counts_now = _step_counts(optimizer)
         for name, param in pl_module.named_parameters():
             if not param.requires_grad:
                 continue
             if isinstance(optimizer, core.AdamFamilyOptimizer):
                 lr = step_lrs.get(param)
+                # Only what this batch's step updated has an update to show (a parameter
+                # without a gradient, or a batch training_step skipped, kept the last one).
+                updated = counts_now.get(param, 0.0) != self._counts_before_batch.get(param, 0.0)
                 # the gradient's norm is the step's, taken after it (_after_step)
-                metrics.parameter_metrics(optimizer, param, name, found, lr=lr, gradient=False)
+                metrics.parameter_metrics(
+                    optimizer, param, name, found, lr=lr, gradient=False, update=updated
+                )
             else:  # moment and update norms need a core optimizer's step coefficients
                 found[f"{metrics.PARAM}/{name}"] = metrics.l2_norm(param.detach())
             if param in self._grad_norms:

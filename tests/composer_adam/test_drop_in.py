@@ -207,21 +207,25 @@ def test_functional_adamw_refuses_a_step_not_yet_counted_by_name(step: object) -
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_an_added_group_takes_its_initial_lr_at_its_first_step_as_composer(backend: str) -> None:
     """A layer added with lr 0 and warmed up by hand: Composer records the group's
-    initial_lr at its first step; recorded at add_param_group (0), the decay stayed the
-    full weight_decay per step (0.093 off Composer's after five steps)."""
-    runs = []
+    initial_lr at its first step() (with gradients or not); recorded at add_param_group
+    (0), the decay stayed the full weight_decay per step (0.093 off Composer's after five
+    steps), and recorded at the group's first step with gradients, a later lr (0.155 off
+    with the added layer unused for two steps)."""
     ours = functools.partial(composer_adam.DecoupledAdamW, **BACKENDS[backend])
-    for cls in (ComposerAdamW, ours):
-        kept, added = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
-        optimizer = cls([kept], lr=1e-2, weight_decay=1e-2)
-        optimizer.add_param_group({"params": [added], "lr": 0.0})
-        for step in range(1, 6):
-            optimizer.param_groups[1]["lr"] = 1e-3 * step
-            kept.grad, added.grad = torch.zeros(4), torch.zeros(4)  # only the decay moves them
-            optimizer.step()
-        assert optimizer.param_groups[1]["initial_lr"] == 1e-3
-        runs.append(added.detach().clone())
-    torch.testing.assert_close(runs[1], runs[0], atol=1e-7, rtol=0)
+    for unused_steps in (0, 2):
+        runs = []
+        for cls in (ComposerAdamW, ours):
+            kept, added = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+            optimizer = cls([kept], lr=1e-2, weight_decay=1e-2)
+            optimizer.add_param_group({"params": [added], "lr": 0.0})
+            for step in range(1, 7):
+                optimizer.param_groups[1]["lr"] = 1e-3 * step
+                kept.grad = torch.zeros(4)  # only the decay moves the parameters
+                added.grad = torch.zeros(4) if step > unused_steps else None
+                optimizer.step()
+            assert optimizer.param_groups[1]["initial_lr"] == 1e-3
+            runs.append(added.detach().clone())
+        torch.testing.assert_close(runs[1], runs[0], atol=1e-7, rtol=0)
 
 
 @pytest.mark.bad_input

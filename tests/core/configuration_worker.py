@@ -303,6 +303,34 @@ def _release_after_the_group_started(prepared: tuple[nn.Module, Any]) -> str:
     return message + (" changed" if moved or optimizer.state else "")
 
 
+def _late_gradient_outcomes() -> dict[str, list[str]]:
+    """FSDP2 with release, gradients written after release stepped every shard: zeros
+    everywhere (a loop filling in gradients) pass; a nonzero only in rank 1's shard is
+    refused on both ranks (one rank refusing alone would leave the other in the next
+    collective). Each case's outcome on each rank: "stepped" or the error's start."""
+    outcomes: dict[str, list[str]] = {}
+    for case, nonzero_rank in (("zeros", None), ("nonzero on rank 1", 1)):
+        model = _sharded_model(Cell("AdamW", "default", "fp32"), mixed_precision=False)
+        optimizer = OPTIMIZERS["AdamW"](model.parameters(), gradient_release=True)
+        core.prepare_for_gradient_release(model, optimizer)
+        x, y = torch.randn(4, 8), torch.randn(4, 4)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+            if dist.get_rank() == nonzero_rank:
+                param.grad.to_local().add_(1.0)
+        try:
+            optimizer.step()
+            outcome = "stepped"
+        except RuntimeError as error:
+            outcome = str(error)[:60]
+        core.remove_gradient_release(model)
+        gathered: list[Any] = [None, None]
+        dist.all_gather_object(gathered, outcome)
+        outcomes[case] = gathered
+    return outcomes
+
+
 CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
     "fsdp2": fsdp2,
     "fsdp2_bf16_compute": lambda cell: fsdp2(cell, mixed_precision=True),
@@ -348,6 +376,7 @@ def main(output: str, *configurations: str) -> None:
     results[("refused", "prepared before the process group")] = _release_after_the_group_started(
         early
     )
+    results[("refused", "late gradients under FSDP2")] = _late_gradient_outcomes()
     if dist.get_rank() == 0:
         torch.save(results, output)
     dist.barrier()  # neither rank tears gloo down while the other still uses it

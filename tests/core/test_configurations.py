@@ -224,11 +224,24 @@ def test_worker_covers_every_cell(trained: dict) -> None:
         for b in BACKENDS
         for d in ROUNDING_DTYPES
     }
-    assert set(trained) - {REFUSAL, LATE_GROUP} == expected
+    assert set(trained) - {REFUSAL, LATE_GROUP, LATE_GRADIENTS} == expected
 
 
 REFUSAL = ("refused", "plain parameters on 2 ranks")
 LATE_GROUP = ("refused", "prepared before the process group")
+LATE_GRADIENTS = ("refused", "late gradients under FSDP2")
+
+
+@pytest.mark.bad_input
+def test_a_late_gradient_under_fsdp2_is_refused_on_every_rank_alike(trained: dict) -> None:
+    """Written after release stepped each shard: the check read DTensor flags with
+    .tolist(), which torch refuses for tensor subclasses (its internal error, also for a
+    harmless zero fill); now zeros pass and a nonzero in one rank's shard is refused on
+    both ranks, by the reduction over shards."""
+    outcomes = trained[LATE_GRADIENTS]
+    assert outcomes["zeros"] == ["stepped", "stepped"]
+    refused = "Invalid gradient for gradient release in param group 0: 4 pa"
+    assert outcomes["nonzero on rank 1"] == [refused, refused]
 
 
 @pytest.mark.bad_input

@@ -347,8 +347,10 @@ def test_a_backward_no_step_closed_is_said_at_zero_grad(backend: str) -> None:
 def test_two_optimizers_release_their_own_parameters_of_one_model() -> None:
     """A second prepare_for_gradient_release on the same model with another optimizer
     (the head with its own lr) removed the first optimizer's hooks: its parameters kept
-    their gradients, with no word. Now each optimizer releases its own; one that would
-    release a parameter another already releases is refused before anything changes."""
+    their gradients, with no word. Now each optimizer releases its own. A parameter another
+    optimizer releases is refused through another module or add_param_group (each
+    backward would step it with one of them only); a new optimizer prepared on the same
+    model over the same parameters replaces the old one (a fit after one that raised)."""
     torch.manual_seed(0)
     model = make_model()
     body, head = list(model.parameters())[:-2], list(model.parameters())[-2:]
@@ -362,9 +364,6 @@ def test_two_optimizers_release_their_own_parameters_of_one_model() -> None:
     core.prepare_for_gradient_release(model, first)
     core.prepare_for_gradient_release(model, second)
     core.prepare_for_gradient_release(model, second)  # again, at a fit start: replaces its own
-    everything = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
-    with pytest.raises(ValueError, match=r"already released by another optimizer \(AdamW\)"):
-        core.prepare_for_gradient_release(model, everything)
     for x, y in make_batches(torch.float32, 3):
         nn.functional.mse_loss(model(x), y).backward()
         assert all(p.grad is None for p in model.parameters())
@@ -374,9 +373,19 @@ def test_two_optimizers_release_their_own_parameters_of_one_model() -> None:
             optimizer.zero_grad()
     for a, b in zip(reference.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
-    core.remove_gradient_release(model)  # both
-    assert not core.is_gradient_release_prepared(model)
+
+    everything = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    taken = r"already released by another optimizer \((AdamW|Adam)\)"
+    with pytest.raises(ValueError, match=taken):
+        core.prepare_for_gradient_release(model[2], everything)
+    with pytest.raises(ValueError, match=taken):
+        second.add_param_group({"params": body[:1]})
+    assert len(second.param_groups) == 1 and len(second.released_params) == 2
+    core.prepare_for_gradient_release(model, everything)  # replaces both
     assert not first.released_params and not second.released_params
+    assert everything.released_params == set(model.parameters())
+    core.remove_gradient_release(model)
+    assert not core.is_gradient_release_prepared(model) and not everything.released_params
 
 
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))

@@ -380,25 +380,30 @@ def test_state_dict_of_the_other_moment_family_is_refused_before_loading(
 
 
 @pytest.mark.parametrize(
-    "writer", [core.Adam, core.AdamW, core.RAdam, core.NAdam, torch.optim.AdamW]
-)
-def test_a_group_key_of_the_users_named_clip_resumes(writer: type) -> None:
-    """A per-group clipping bound kept under 'clip' (torch keeps extra group keys) made the
-    checkpoint read as ADOPT's, whose groups hold a bool 'clip': refused on resume."""
+    ("writer", "clip"),
+    [
+        *((c, v) for c in (core.Adam, core.AdamW, core.RAdam, core.NAdam) for v in (1.0, True)),
+        (torch.optim.AdamW, 1.0),  # torch writes no moment_family: a bool would read as ADOPT's
+    ],
+)  # fmt: skip
+def test_a_group_key_of_the_users_named_clip_resumes(writer: type, clip: object) -> None:
+    """A per-group clipping setting kept under 'clip' (torch keeps extra group keys) made
+    the checkpoint read as ADOPT's, whose groups hold a bool 'clip': refused on resume.
+    adamkit's state dicts now say which family's moments they hold."""
     reader = core.AdamW if writer is torch.optim.AdamW else writer
     batches = make_batches(torch.float32, 6)
     full = make_model()
     resumed = copy.deepcopy(full)
     hyper = {"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8}  # torch's and adamkit's alike
-    optimizer = reader([{"params": list(full.parameters()), "clip": 1.0}], **hyper)
+    optimizer = reader([{"params": list(full.parameters()), "clip": clip}], **hyper)
     train(full, optimizer, batches, total=6)
-    source = writer([{"params": list(resumed.parameters()), "clip": 1.0}], **hyper)
+    source = writer([{"params": list(resumed.parameters()), "clip": clip}], **hyper)
     train(resumed, source, batches[:3], total=6)
     saved = copy.deepcopy(source.state_dict())
-    optimizer = reader([{"params": list(resumed.parameters()), "clip": 1.0}], **hyper)
+    optimizer = reader([{"params": list(resumed.parameters()), "clip": clip}], **hyper)
     optimizer.load_state_dict(saved)
     train(resumed, optimizer, batches[3:], start=3, total=6)
-    assert optimizer.param_groups[0]["clip"] == 1.0
+    assert optimizer.param_groups[0]["clip"] == clip
     tolerance = 0.0 if writer is reader else 1e-6  # torch's first half is torch's math
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=tolerance, rtol=0)

@@ -114,6 +114,37 @@ def test_norms_are_the_last_steps_moment_param_update_and_grad(
         assert logged[f"l2_norm/{kind}/global"] == pytest.approx(math.sqrt(squares[kind]))
 
 
+class ShiftUnusedOnTheLastStep(Regression):
+    """A learned output shift left out of the loss on the run's last step (a branch not
+    taken): that step does not update it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shift = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        used = self.trainer.global_step != 5
+        return self.net(x) + self.shift if used else self.net(x)
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["ordinary", "release"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_parameter_the_step_did_not_update_logs_no_update(
+    backend: str, release: bool, tmp_path: Path
+) -> None:
+    """It logged the update norm of its previous step (or, for a batch training_step
+    skipped, every parameter did), though the logged step did not move it."""
+    model, _, before = _monitored_run(
+        tmp_path, release=release, backend=backend, model_class=ShiftUnusedOnTheLastStep
+    )
+    names = [name for name, _ in model.named_parameters()]
+    assert torch.equal(model.shift.detach(), before[names.index("shift")])  # left alone
+    first, last = _rows(tmp_path)
+    assert float(first["l2_norm/update/shift"]) > 0
+    assert last["l2_norm/update/shift"] == "" and last["l2_norm/grad/shift"] == ""
+    assert last["l2_norm/moment/shift"] != "" and float(last["l2_norm/update/net.0.weight"]) > 0
+
+
 def test_each_norm_is_taken_once_per_logged_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
