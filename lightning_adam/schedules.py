@@ -9,11 +9,12 @@ configuration, so a run resumed with a changed schedule follows the configured o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -202,12 +203,22 @@ class LRSchedule:
         """This schedule with total_steps from the trainer's own count of what it will run."""
         if self.total_steps is not None:
             return self
+        estimated = trainer.estimated_stepping_batches  # also loads the training data,
+        if getattr(trainer, "train_dataloader", True) is None:  # but not with max_epochs=-1
+            trainer.fit_loop.setup_data()  # what the property runs to count epochs' batches
+        scheduled = _scheduled_accumulation(trainer)
+        epochs = _epoch_windows(trainer, scheduled)[0] if scheduled is not None else None
+        epochs_stepped = None  # epochs after which Lightning steps an 'epoch' scheduler
         if self.interval == "step":
-            total = trainer.estimated_stepping_batches
+            total = estimated
             source = "trainer.estimated_stepping_batches"
             if 0 in (trainer.max_steps, trainer.limit_train_batches, trainer.num_training_batches):
                 # No step will run (max_steps=0, limit_train_batches=0): any schedule does.
                 return replace(self, total_steps=self.warmup_steps + 1)
+            if epochs is not None:
+                # Lightning's estimate takes the accumulation of the epoch it is asked in.
+                total = sum(map(len, epochs))
+                source = "the epochs' optimizer steps under the GradientAccumulationScheduler"
             require(
                 total != -1,  # Lightning's answer for epochs of unknown length
                 "total_steps",
@@ -219,6 +230,14 @@ class LRSchedule:
         else:
             total = trainer.max_epochs
             source = "trainer.max_epochs"
+            if trainer.max_steps not in (None, -1):
+                # max_steps may end training first: the epochs it leaves, the last perhaps
+                # cut short (trained at the curve's last value, as a max_epochs run's last
+                # epoch is; Lightning steps no 'epoch' scheduler after a cut epoch)
+                epochs, cut = _epoch_windows(trainer, scheduled)
+                if epochs is not None and (total in (None, -1) or len(epochs) < total):
+                    total, source = len(epochs), "the epochs trainer.max_steps leaves"
+                    epochs_stepped = len(epochs) - cut
         if total == 0:  # no step or no epoch will run (max_epochs=0), as above
             return replace(self, total_steps=self.warmup_steps + 1)
         require(
@@ -230,10 +249,14 @@ class LRSchedule:
             + ("max_epochs" if self.interval == "epoch" else "max_steps or max_epochs")
             + " on the Trainer",
         )
-        if self.interval == "step":
+        if self.interval == "step" and epochs is not None:
+            steps = sum(1 for ends in epochs for batch in ends if batch % self.frequency == 0)
+        elif self.interval == "step":
             steps = _step_scheduler_calls(trainer, self.frequency, int(total))
         else:
             steps = int(total) // self.frequency  # Lightning: (epoch + 1) % frequency == 0
+            if epochs_stepped is not None and epochs_stepped // self.frequency == 0:
+                steps = 0  # its only step would follow the epoch max_steps cuts short
         too_short = steps == 0 or (self.kind != "constant" and steps <= self.warmup_steps)
         if too_short and getattr(trainer, "fast_dev_run", False):
             # A smoke test of the real run's config: its length is not this run's, so the
@@ -244,7 +267,7 @@ class LRSchedule:
             )
             return replace(self, total_steps=self.warmup_steps + 1)
         if steps == 0:
-            self._refuse_never_stepped(trainer, int(total))
+            self._refuse_never_stepped(trainer, int(total), source)
         require(
             not too_short,
             "total_steps",
@@ -255,7 +278,7 @@ class LRSchedule:
         )
         return replace(self, total_steps=steps)
 
-    def _refuse_never_stepped(self, trainer: Any, total: int) -> None:
+    def _refuse_never_stepped(self, trainer: Any, total: int, source: str) -> None:
         """Raise why Lightning would never step this scheduler in the trainer's run.
 
         The count of scheduler steps is 0 for two different reasons, with different fixes:
@@ -266,9 +289,10 @@ class LRSchedule:
         accumulate = trainer.accumulate_grad_batches
         if self.interval == "epoch":
             allowed = (
-                f"at most trainer.max_epochs ({total}) for an 'epoch' schedule: Lightning steps "
+                f"at most {source} ({total}) for an 'epoch' schedule: Lightning steps "
                 "it after each epoch whose number (from 1) is a multiple of frequency, so in "
                 f"{total} epochs it would never step; lower frequency or raise max_epochs"
+                + (" and max_steps" if source != "trainer.max_epochs" else "")
             )
         elif (first := _first_scheduler_step(trainer, self.frequency)) is None:
             batches = int(trainer.num_training_batches)
@@ -288,7 +312,7 @@ class LRSchedule:
                 f"a frequency the run reaches: Lightning first steps this scheduler after {first} "
                 f"optimizer steps (frequency {self.frequency}, accumulate_grad_batches "
                 f"{accumulate}), and the trainer runs {total} "
-                "(trainer.estimated_stepping_batches), so it would never step; lower "
+                f"({source}), so it would never step; lower "
                 "frequency, or train longer (max_steps, max_epochs)"
             )
         require(False, "frequency", self.frequency, allowed)
@@ -311,6 +335,46 @@ def _step_scheduler_calls(trainer: Any, frequency: int, optimizer_steps: int) ->
     epochs, rest = divmod(optimizer_steps, len(window_ends))
     per_epoch = sum(1 for b in window_ends if b % frequency == 0)
     return epochs * per_epoch + sum(1 for b in window_ends[:rest] if b % frequency == 0)
+
+
+def _scheduled_accumulation(trainer: Any) -> Callable[[int], int] | None:
+    """A GradientAccumulationScheduler's accumulation for each epoch, None without one: it
+    sets the trainer's at every epoch start, after the optimizer and its schedule were
+    built, so the trainer's own count (estimated_stepping_batches) took one epoch's value
+    for all (a linear decay built 24 steps long for a run of 16 stopped at a third)."""
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, GradientAccumulationScheduler):
+            return callback.get_accumulate_grad_batches
+    return None
+
+
+def _epoch_windows(
+    trainer: Any, accumulation: Callable[[int], int] | None
+) -> tuple[list[list[int]] | None, bool]:
+    """Each epoch's window ends (the 1-based batch indices the optimizer steps after) over
+    the run: epochs up to max_epochs, the last cut where max_steps ends training; and
+    whether it was cut. None when an epoch has no known length or the run no bound."""
+    batches = trainer.num_training_batches
+    max_epochs = None if trainer.max_epochs in (None, -1) else trainer.max_epochs
+    max_steps = None if trainer.max_steps in (None, -1) else trainer.max_steps
+    if not math.isfinite(batches) or int(batches) == 0 or max_epochs is max_steps is None:
+        return None, False
+    per_accumulation: dict[int, list[int]] = {}
+    epochs: list[list[int]] = []
+    steps, cut = 0, False
+    while (max_epochs is None or len(epochs) < max_epochs) and (
+        max_steps is None or steps < max_steps
+    ):
+        accumulate = trainer.accumulate_grad_batches if accumulation is None else None
+        accumulate = accumulate or accumulation(len(epochs))  # type: ignore[misc]
+        if accumulate not in per_accumulation:
+            per_accumulation[accumulate] = _window_ends(int(batches), accumulate)
+        ends = per_accumulation[accumulate]
+        if max_steps is not None and steps + len(ends) > max_steps:
+            ends, cut = ends[: max_steps - steps], True
+        epochs.append(ends)
+        steps += len(ends)
+    return epochs, cut
 
 
 def _window_ends(batches: int, accumulate: int) -> list[int]:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch import nn
 
 import core
@@ -384,6 +385,44 @@ def test_epoch_interval_counts_epochs() -> None:
     assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == pytest.approx([5e-4] * 2)
 
 
+@pytest.mark.parametrize(
+    ("scheduling", "steps"), [({0: 1, 1: 2}, 8 + 4 + 4), ({0: 2, 1: 1}, 4 + 8 + 8)]
+)
+@pytest.mark.parametrize("frequency", [1, 2])
+def test_total_steps_follow_a_gradient_accumulation_scheduler(
+    scheduling: dict, steps: int, frequency: int
+) -> None:
+    """It sets the trainer's accumulation at each epoch start, after the schedule is built:
+    the length was taken with the first epoch's for all ({0: 1, 1: 2}: built for 24
+    steps, 16 ran, the decay stopped at a third of the lr)."""
+    model = Regression(scheduler={"kind": "linear", "frequency": frequency}, lr=1e-2)
+    trainer = make_trainer(
+        max_epochs=3, callbacks=[GradientAccumulationScheduler(scheduling=scheduling)]
+    )
+    trainer.fit(model, loader(regression_data(128), batch_size=16))  # 8 batches an epoch
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == steps
+    assert scheduler.total_steps == scheduler.last_epoch
+    assert scheduler.get_last_lr() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("max_epochs", [10, -1])
+def test_an_epoch_schedule_ends_where_max_steps_ends_training(max_epochs: int) -> None:
+    """8 batches an epoch and max_steps: training ends in its second or third epoch. The
+    schedule was built for max_epochs (10: the decay 20% done at the end) or refused
+    without it. Now it spans the epochs max_steps leaves; one cut short trains at the
+    curve's last value before the floor, as a max_epochs run's last epoch does (Lightning
+    steps no 'epoch' scheduler after it)."""
+    for max_steps, epochs, lr in ((16, 2, 0.0), (20, 3, 1e-2 / 3)):
+        model = Regression(scheduler={"kind": "linear", "interval": "epoch"}, lr=1e-2)
+        trainer = make_trainer(max_epochs=max_epochs, max_steps=max_steps)
+        trainer.fit(model, loader(regression_data(128), batch_size=16))
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        assert trainer.global_step == max_steps and scheduler.total_steps == epochs
+        assert scheduler.last_epoch == max_steps // 8
+        assert scheduler.get_last_lr() == pytest.approx([lr, lr])
+
+
 @pytest.mark.bad_input
 def test_a_trainer_shorter_than_the_warmup_is_refused_naming_where_total_steps_came_from() -> None:
     """Five steps with a 30-step warmup: the message named only total_steps=5, which the
@@ -458,10 +497,11 @@ def test_a_dataloader_without_length_is_named_as_what_leaves_total_steps_unknown
 
 
 @pytest.mark.bad_input
-def test_an_epoch_schedule_under_max_steps_is_told_to_set_max_epochs() -> None:
-    """The advice was 'max_steps / max_epochs', and max_steps was set already."""
+def test_an_unbounded_epoch_schedule_is_told_to_set_max_epochs() -> None:
+    """The advice was 'max_steps / max_epochs' (max_steps alone now bounds the epochs:
+    test_an_epoch_schedule_ends_where_max_steps_ends_training)."""
     model = Regression(scheduler={"kind": "cosine", "interval": "epoch"}, lr=1e-2)
-    trainer = make_trainer(max_steps=8, max_epochs=-1)
+    trainer = make_trainer(max_steps=-1, max_epochs=-1)
     with pytest.raises(
         ValueError,
         match=r"\(trainer\.max_epochs is -1\); set total_steps, or max_epochs on the Trainer\.$",
@@ -646,6 +686,15 @@ NEVER_STEPPED = {
         64,
         r"Invalid frequency: 3\. Allowed: at most trainer\.max_epochs \(2\) for an 'epoch' "
         r"schedule: .* so in 2 epochs it would never step; lower frequency or raise max_epochs\.$",
+    ),
+    # max_steps=16 ends training in the second epoch: the schedule was built for
+    # max_epochs (10) and never stepped, silently.
+    "epoch-frequency-above-the-epochs-max-steps-leaves": (
+        {"interval": "epoch", "frequency": 3},
+        {"max_epochs": 10, "max_steps": 16},
+        128,
+        r"Invalid frequency: 3\. Allowed: at most the epochs trainer\.max_steps leaves \(2\) "
+        r"for an 'epoch' schedule: .* lower frequency or raise max_epochs and max_steps\.$",
     ),
     # Accumulation 3 over 5 batches ends windows at batches 3 and 5, neither a multiple of
     # frequency 2: the message said 'it is 0: train longer', which never helps.
