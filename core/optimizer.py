@@ -171,6 +171,8 @@ def _nonzero(params: list[Tensor]) -> list[bool]:
 
 
 _LOW_PRECISION = frozenset(LOW_PRECISION_DTYPES)
+_MIXED_DTYPES = frozenset({torch.float32, *LOW_PRECISION_DTYPES})
+"""Dtypes a gradient and its parameter may differ in (a step reads either into float32)."""
 
 MEMO_FLAGS = (
     "foreach",
@@ -420,6 +422,18 @@ def _is_number(value: object) -> bool:
     except OverflowError:
         return False
     return True
+
+
+def _is_count(value: object) -> bool:
+    """A host scalar's value (a step, a micro-batch count, NAdam's Π): one number >= 0 that
+    float32 holds (the optimizers keep them in float32; a float64 1e300 loaded as inf, and
+    ADOPT's loop backend failed on its fourth root)."""
+    return finite_at_least(value, 0.0) and float(value) <= FLOAT32_MAX  # type: ignore[arg-type]
+
+
+_COUNT_ALLOWED = (
+    "one finite number >= 0 and at most float32's largest, 3.4e38 (a float or a 1-element tensor)"
+)
 
 
 def finite_at_least(value: object, low: float) -> bool:
@@ -1514,6 +1528,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     continue
                 if (  # what steps make, settled without a call (~0.2 µs a tensor)
                     type(value) is Tensor
+                    and not value.is_nested  # whose shape torch refuses to give
                     and value.shape == shape
                     and value.is_contiguous()
                     and (value.dtype in _REAL_FLOATING_DTYPES or key not in _DTYPE_FOLLOWING_STATE)
@@ -2357,24 +2372,32 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
     """(what is wrong with state[key] beside param, what is allowed), or None if a step can
     take it (_check_state_tensors); reads no tensor's data but a host scalar's."""
     if key in HOST_SCALAR_STATE or key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE:
+        if isinstance(value, Tensor) and value.is_nested:
+            return "that is a nested tensor", "a dense tensor"
         if isinstance(value, Tensor) and value.layout != torch.strided:
             return f"{_described_state(value)} with layout {value.layout}", "a dense tensor"
         found = _memory_problem(value) if type(value) in PLAIN_TENSOR_TYPES else None
         if found is not None:  # what the kernels (or the host-scalar helpers) read
             return f"{_described_state(value)} {found[0]},", f"{found[1]}; load_state_dict does"
     if key in HOST_SCALAR_STATE:
-        if finite_at_least(value, 0.0):
+        if _is_count(value):
             return None
         shown = repr(value) if not isinstance(value, Tensor) else _described_state(value)
         if isinstance(value, Tensor) and _is_number(value):
             shown += f" holding {value.item()!r}"
-        return f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)"
+        return f"is {shown}", _COUNT_ALLOWED
     if key in _SCALE_KEYS:
         expected = absmax_shape(param.shape)
         if not isinstance(value, Tensor) or tuple(value.shape) != expected:
             return _described_state(value), _MADE_FOR_IT.format(expected)
         if value.dtype != torch.float32:  # the steps failed midway on float64 scales
             return f"of dtype {value.dtype}", _EIGHT_BIT_DTYPE.format("torch.float32")
+        if not value.is_contiguous() and 0 in value.stride() and _shares_memory_within(value):
+            # written back in place: torch refused that midway, after the codes changed
+            return (
+                f"with strides {value.stride()}, several elements in one place",
+                "a tensor whose elements each have their own memory (.clone() it)",
+            )
         return None
     if key not in _PARAMETER_SHAPED_STATE:
         return None
@@ -2399,6 +2422,8 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
 
 def _described_state(value: object) -> str:
     """A state value as an error names it."""
+    if isinstance(value, Tensor) and value.is_nested:
+        return "that is a nested tensor"
     if isinstance(value, Tensor):
         return f"of shape {tuple(value.shape)}"
     return f"that is a {type(value).__name__}, not a tensor,"
@@ -2542,17 +2567,20 @@ def checked_gradient_list(
         for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
             # A parameter may take gradients of another dtype (Tensor.grad_dtype, torch 2.13).
             grad_dtype = getattr(param, "grad_dtype", param.dtype)
-            if (grad.dtype in (param.dtype, grad_dtype) or grad_dtype is None) and (
-                grad.shape,
-                grad.device,
-            ) == (param.shape, param.device):
+            steppable = grad.dtype == param.dtype or {grad.dtype, param.dtype} <= _MIXED_DTYPES
+            if (
+                (grad.dtype in (param.dtype, grad_dtype) or grad_dtype is None)
+                and steppable
+                and (grad.shape, grad.device) == (param.shape, param.device)
+            ):
                 continue
             dtypes = "any dtype" if grad_dtype is None else f"{grad_dtype}"
             raise ValueError(
                 f"Invalid {grad_name(position)}: {grad.dtype} of shape {tuple(grad.shape)} "
                 f"on {grad.device}. Allowed: a gradient of the parameter's shape and device "
                 f"({tuple(param.shape)}, {param.device}) and its grad dtype ({dtypes}), as "
-                "autograd makes it."
+                "autograd makes it, that a step computes with: the parameter's dtype, or "
+                "float32, bfloat16 or float16 beside a parameter of one of those."
             )
     if any_lazy_values(grads):
         grads = [g if lazy_values(g) is None else _materialized(g) for g in grads]
@@ -2636,6 +2664,19 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
     for key in _FUNCTIONAL_SWITCHES:
         if key in arguments:
             require(isinstance(arguments[key], bool), key, arguments[key], "True or False")
+    for key in ("lr", "beta1", "beta2", "eps", "weight_decay", "max_lr", "momentum_decay"):
+        if isinstance(arguments.get(key), Tensor):
+            # checked above to hold one finite number: the backends each read numbers their
+            # own way (the loop's addcdiv_ refused a 1-element tensor after some moments
+            # were written; Triton a 0-dim one)
+            arguments[key] = float(arguments[key])
+    if arguments.get("accumulate"):
+        require(
+            arguments.get("window_microbatches") is not None,
+            "window_microbatches",
+            None,
+            "a list of 0-dim tensors when accumulate=True (each window's micro-batch count)",
+        )
     if "microbatch_share" in arguments:
         require_microbatch_share(arguments["microbatch_share"])
         if arguments["microbatch_share"] is not None:
@@ -2670,11 +2711,12 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
         )
     _check_params(params, "", stepped=params)
     _require_list("grads", arguments["grads"], len(params))
-    if not all(isinstance(grad, Tensor) for grad in arguments["grads"]):
-        index = [isinstance(grad, Tensor) for grad in arguments["grads"]].index(False)
+    fit = [isinstance(g, Tensor) and not g.is_nested for g in arguments["grads"]]
+    if not all(fit):
+        index = fit.index(False)
         raise ValueError(
             f"Invalid grads[{index}]: {_described_entry(arguments['grads'][index])}. Allowed: "
-            "a tensor."
+            "a tensor (not nested)."
         )
     grads = checked_gradient_list(name, params, arguments["grads"], "grads[{}]".format)
     arguments["grads"] = grads
@@ -2690,8 +2732,9 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
         for index, (param, value) in enumerate(zip(params, values, strict=True)):
             found = _functional_state_problem(key, value, param)
             if found is not None:
+                what = f"that {found[0]}" if found[0].startswith("is ") else found[0]
                 raise ValueError(
-                    f"Invalid {list_name}[{index}]: a value {found[0]} beside a parameter of "
+                    f"Invalid {list_name}[{index}]: a value {what} beside a parameter of "
                     f"shape {tuple(param.shape)}. Allowed: {found[1]}."
                 )
         quantized = [isinstance(value, QuantizedMoment) for value in values]
@@ -2704,7 +2747,9 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
 
 
 def _is_dense(value: object) -> bool:
-    return isinstance(value, Tensor) and value.layout == torch.strided
+    """A tensor whose elements lie in strides: not sparse, nor nested (whose sizes and
+    strides torch refuses to give; reading them from C aborted the process)."""
+    return isinstance(value, Tensor) and value.layout == torch.strided and not value.is_nested
 
 
 def _as_steps_keep(key: str, values: Sequence[Any], params: Sequence[Tensor]) -> bool:
@@ -2715,9 +2760,13 @@ def _as_steps_keep(key: str, values: Sequence[Any], params: Sequence[Tensor]) ->
     dtype and device holding their own values in their storage."""
     if not PLAIN_TENSOR_TYPES.issuperset(map(type, values)):
         return False
+    if key == "kahan_comp" and not _LOW_PRECISION.issuperset(map(_dtype_of, params)):
+        return False  # a buffer beside a full-precision parameter: the closer look refuses it
     if key in HOST_SCALAR_STATE:
+        if any(value.dim() for value in values):  # a 1-element 1-D counter: the closer look
+            return False
         counts = cpu_kernel.read_scalars(values)
-        return counts is not None and all(math.isfinite(c) and c >= 0 for c in counts)
+        return counts is not None and all(0 <= c <= FLOAT32_MAX for c in counts)  # not NaN
     checks = host_checks()  # asks what it asks of gradients, in one pass
     return (
         checks.gradient_addresses(values, params) is not None and checks.first_unbacked(values) < 0
@@ -2741,6 +2790,8 @@ def _require_list(name: str, values: object, count: int | None) -> None:
 
 
 def _described_entry(value: object) -> str:
+    if isinstance(value, Tensor) and value.is_nested:
+        return "a nested tensor"
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)} with layout {value.layout}"
     return f"a {type(value).__name__}"
@@ -2753,6 +2804,12 @@ def _functional_state_problem(key: str, value: object, param: Tensor) -> tuple[s
     sign)."""
     if value is None and key == "kahan_comp":
         return None  # no compensation for this parameter
+    if key == "kahan_comp" and param.dtype not in _LOW_PRECISION:
+        # the loop and foreach backends zeroed such a parameter (its fp32 copy is itself)
+        return (
+            f"that is a compensation buffer for a {param.dtype} parameter",
+            "None: only bfloat16 and float16 parameters are compensated",
+        )
     if isinstance(value, QuantizedMoment) and key in MOMENT_STATE:
         if value.signed != (key in SIGNED_KEYS):
             return (
@@ -2765,13 +2822,16 @@ def _functional_state_problem(key: str, value: object, param: Tensor) -> tuple[s
             None,
         )
     if key in HOST_SCALAR_STATE and not (
-        isinstance(value, Tensor) and value.dtype in (torch.float32, torch.float64)
+        isinstance(value, Tensor)
+        and value.dtype in (torch.float32, torch.float64)
+        and not value.is_nested
+        and value.dim() == 0  # read together with the others' (one 1-D entry broke that)
     ):
         shown = _described_state(value)
         if isinstance(value, Tensor):
             shown += f" of dtype {value.dtype}"
         return shown, (
-            "a 1-element float32 tensor, as the optimizers keep it (float64 also counts "
+            "a 0-dim float32 tensor, as the optimizers keep it (float64 also counts "
             "exactly; the step adds to it in place)"
         )
     return _placed_problem(key, value, param)
@@ -2848,6 +2908,16 @@ def _check_params(
     update can step it), before it is added."""
     seen: set[int] = set()
     for index, param in enumerate(params):
+        if param.is_nested:  # whose sizes torch refuses to give: no step reads it
+            raise ValueError(
+                f"Invalid params[{index}]{where}: a nested tensor. Allowed: a dense tensor."
+            )
+        if param.is_inference() and not torch.is_inference_mode_enabled():
+            # torch refuses in-place updates of one outside that mode
+            raise ValueError(
+                f"Invalid params[{index}]{where}: a tensor made under torch.inference_mode(). "
+                "Allowed: a tensor made outside it (.clone() it outside inference mode)."
+            )
         if id(param) in seen:
             raise ValueError(
                 f"Invalid params[{index}]{where}: the same tensor as an earlier entry of the "
@@ -2962,6 +3032,8 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
         )
 
     for key, value in saved_state.items():
+        if isinstance(value, Tensor) and value.is_nested:
+            refuse(key, "is a nested tensor", "a dense (strided) tensor")
         if isinstance(value, Tensor) and value.layout != torch.strided:
             # before its storage is read: a sparse tensor has none (torch's internal error)
             refuse(key, f"has layout {value.layout}", "a dense (strided) tensor")
@@ -2976,13 +3048,13 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             )
     for key in HOST_SCALAR_STATE:
         value = saved_state.get(key)
-        if key in saved_state and not finite_at_least(value, 0.0):
+        if key in saved_state and not _is_count(value):
             shown = repr(value)
             if isinstance(value, Tensor):
                 shown = f"{type(value).__name__} of shape {tuple(value.shape)}"
                 if value.numel() == 1 and not value.is_meta:
                     shown += f" holding {value.item()!r}"
-            refuse(key, f"is {shown}", "one finite number >= 0 (a float or a 1-element tensor)")
+            refuse(key, f"is {shown}", _COUNT_ALLOWED)
     form = _moment_form_problem(saved_state)
     if form is not None:
         key, problem, allowed = form

@@ -21,6 +21,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 #ifdef _OPENMP
@@ -32,9 +33,12 @@ namespace {
 
 PyObject* plain_types[2] = {nullptr, nullptr};  // torch.Tensor, torch.nn.Parameter
 
+// A torch.Tensor or Parameter that is not nested: a nested tensor has the same type and
+// strided layout, but asking its sizes or strides throws, which ended the process here.
 bool is_plain_tensor(PyObject* object) {
   PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(object));
-  return type == plain_types[0] || type == plain_types[1];
+  return (type == plain_types[0] || type == plain_types[1]) &&
+         !THPVariable_Unpack(object).is_nested();
 }
 
 // Whether a tensor's memory holds its values in order, as a kernel reads them: contiguous,
@@ -149,6 +153,7 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
       continue;
     }
     if (value != expected || !THPVariable_Check(value)) Py_RETURN_NONE;
+    if (THPVariable_Unpack(value).is_nested()) Py_RETURN_NONE;
     const at::Tensor& tensor = THPVariable_Unpack(value);
     if (tensor.layout() != c10::kStrided || !tensor.has_storage()) Py_RETURN_NONE;
     describe(tensor, addresses);
@@ -248,14 +253,27 @@ PyObject* openmp_runtime(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// Every entry point through this: an error torch throws while a tensor is read (one this
+// file did not foresee) becomes a Python RuntimeError. Escaping a C entry point, it ended
+// the process.
+template <PyObject* (*entry)(PyObject*, PyObject*)>
+PyObject* guarded(PyObject* self, PyObject* args) {
+  try {
+    return entry(self, args);
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
-    {"share_runner", share_runner, METH_NOARGS, nullptr},
-    {"openmp_runtime", openmp_runtime, METH_NOARGS, nullptr},
-    {"set_plain_types", set_plain_types, METH_VARARGS, nullptr},
-    {"parameter_layout", parameter_layout, METH_O, nullptr},
-    {"column_addresses", column_addresses, METH_VARARGS, nullptr},
-    {"gradient_addresses", gradient_addresses, METH_VARARGS, nullptr},
-    {"first_unbacked", first_unbacked, METH_O, nullptr},
+    {"share_runner", guarded<share_runner>, METH_NOARGS, nullptr},
+    {"openmp_runtime", guarded<openmp_runtime>, METH_NOARGS, nullptr},
+    {"set_plain_types", guarded<set_plain_types>, METH_VARARGS, nullptr},
+    {"parameter_layout", guarded<parameter_layout>, METH_O, nullptr},
+    {"column_addresses", guarded<column_addresses>, METH_VARARGS, nullptr},
+    {"gradient_addresses", guarded<gradient_addresses>, METH_VARARGS, nullptr},
+    {"first_unbacked", guarded<first_unbacked>, METH_O, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -177,6 +177,8 @@ class PythonChecks:
             len(grads) != len(params)
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, grads))
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
+            or any(map(_NESTED, grads))  # no shape to compare: torch raises
+            or any(map(_NESTED, params))
             or not all(map(operator.is_, map(_DTYPE, grads), map(_DTYPE, params)))
             or list(map(_SHAPE, grads)) != list(map(_SHAPE, params))
             or list(map(_DEVICE, grads)) != list(map(_DEVICE, params))
@@ -199,13 +201,18 @@ class PythonChecks:
     @staticmethod
     def first_unbacked(tensors: Sequence[Any]) -> int:
         return next(
-            (i for i, t in enumerate(tensors) if storage_shortfall(t) is not None),
+            (
+                i
+                for i, t in enumerate(tensors)
+                if not getattr(t, "is_nested", False) and storage_shortfall(t) is not None
+            ),
             -1,
         )
 
 
 _ABSENT = (0, 0, 0, None, False)
 """The description of a state without the key."""
+_NESTED = operator.attrgetter("is_nested")
 _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _DEVICE = operator.attrgetter("device")

@@ -58,6 +58,7 @@ def _tensors(arguments: dict[str, Any]) -> list[torch.Tensor]:
         for t in values
         if isinstance(t, torch.Tensor)
         and t.layout == torch.strided
+        and not t.is_nested
         and not t.is_meta
         and t.untyped_storage().nbytes() >= t.nbytes  # not the freed or shrunk one
     ]
@@ -92,6 +93,11 @@ def _quantized(
     """moment in 8 bits (core.quantization's format), its codes viewed as codes_dtype."""
     codes, absmax = quantized_state(moment, moment, signed)
     return QuantizedMoment(codes.view(codes_dtype), absmax, signed)
+
+
+def _inference_copy(tensor: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return tensor.clone()
 
 
 def _set(key: str, index: int, make: Callable[[dict], Any]) -> Callable[[dict], None]:
@@ -188,7 +194,7 @@ REFUSED = {
     "step-counter-int": (
         _set("state_steps", 0, lambda a: torch.tensor(3)),
         r"Invalid state_steps\[0\]: a value of shape \(\) of dtype torch\.int64 .*Allowed: a "
-        r"1-element float32 tensor",
+        r"0-dim float32 tensor",
     ),
     "step-counter-negative": (
         _set("state_steps", 1, lambda a: torch.tensor(-2.0)),
@@ -207,6 +213,49 @@ REFUSED = {
         lambda a: [a[k].__setitem__(1, a[k][0]) for k in ("params",)],
         r"Invalid params\[1\]: the same tensor as an earlier entry",
     ),
+    # Each of these was taken, then failed on some backends after state had changed (or,
+    # a compensation buffer beside a float32 parameter, zeroed it on loop and foreach).
+    "kahan-beside-float32": (
+        _put("kahan_comps", lambda a: [torch.zeros_like(p) for p in a["params"]]),
+        r"Invalid kahan_comps\[0\]: a value that is a compensation buffer for a "
+        r"torch\.float32 parameter .*Allowed: None: only bfloat16 and float16",
+    ),
+    "step-counter-beyond-float32": (  # ADOPT's loop backend failed on its fourth root
+        _set("state_steps", 0, lambda a: torch.tensor(1e300, dtype=torch.float64)),
+        r"Invalid state_steps\[0\]: a value that is of shape \(\) holding 1e\+300 .*at most "
+        r"float32's largest",
+    ),
+    "step-counter-1d": (
+        _set("state_steps", 0, lambda a: torch.tensor([3.0])),
+        r"Invalid state_steps\[0\]: a value of shape \(1,\) .*Allowed: a 0-dim float32",
+    ),
+    "grad-float64": (
+        _set("grads", 1, lambda a: a["grads"][1].double()),
+        r"Invalid grads\[1\]: torch\.float64 .* that a step computes with",
+    ),
+    "8bit-scales-expanded": (
+        _set(
+            "exp_avgs",
+            0,
+            lambda a: (
+                lambda q: QuantizedMoment(q.codes, q.absmax[:1].expand(q.absmax.shape), True)
+            )(_quantized(a["exp_avgs"][0])),
+        ),
+        r"Invalid exp_avgs\[0\]: a value with strides \(0, 1\), several elements in one",
+    ),
+    "param-made-in-inference-mode": (
+        _set("params", 0, lambda a: _inference_copy(a["params"][0])),
+        r"Invalid params\[0\]: a tensor made under torch\.inference_mode\(\)",
+    ),
+    # A nested tensor is a torch.Tensor of strided layout whose sizes and strides torch
+    # refuses to give: reading them in the C++ checks aborted the process.
+    **{
+        f"nested-{key}": (
+            _set(key, 0, lambda a: torch.nested.nested_tensor(list(torch.zeros(SHAPE)))),
+            rf"Invalid {key}\[0\]: .*a nested tensor.* Allowed: a (dense |0-dim float32 )?tensor",
+        )
+        for key in ("params", "grads", "exp_avgs", "state_steps")
+    },
 }
 
 
@@ -224,6 +273,36 @@ def test_a_direct_call_refuses_what_no_step_can_take_before_anything_changes(
     with pytest.raises(ValueError, match=message):
         _call(name, arguments)
     assert all(torch.equal(a, b) for a, b in zip(before, _tensors(arguments), strict=True))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("name", ["adam", "radam"])
+def test_accumulate_without_its_window_counts_is_refused_before_anything_changes(
+    name: str, backend: str
+) -> None:
+    """Every moment was folded, then the counters' update refused the missing list."""
+    arguments = _arguments(name, backend)
+    arguments["accumulate"] = True
+    before = _tensors(arguments)
+    with pytest.raises(ValueError, match=r"Invalid window_microbatches: None\. Allowed: a list"):
+        _call(name, arguments)
+    assert all(torch.equal(a, b) for a, b in zip(before, _tensors(arguments), strict=True))
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_hyperparameters_given_as_tensors_step_as_their_numbers(name: str, backend: str) -> None:
+    """A 1-element lr made the loop and foreach backends fail after moments were written,
+    and Triton refused a 0-dim lr or beta2; each is read as its number now."""
+
+    def as_tensors(arguments: dict) -> None:
+        arguments["lr"] = torch.tensor([arguments["lr"]], dtype=torch.float64)
+        arguments["beta2"] = torch.tensor(arguments["beta2"], dtype=torch.float64)
+
+    tensors = _reference(name, backend, as_tensors)
+    for a, b in zip(tensors, _reference(name, backend), strict=True):
+        assert torch.equal(a, b)
 
 
 LAZY_GRADIENTS = {

@@ -799,3 +799,36 @@ def test_a_step_counter_whose_storage_was_freed_is_refused_before_any_change(
         optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert all(float(optimizer.state[p]["step"]) == 2.0 for p in params if p is not params[3])
+
+
+def _nested(rows: int, width: int) -> Tensor:
+    return torch.nested.nested_tensor([torch.zeros(width) for _ in range(rows)])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_nested_tensor_is_refused_by_name_as_a_parameter_or_its_state(backend: str) -> None:
+    """A nested tensor (same type and layout as a dense one) as a state tensor failed with
+    torch's internal error from the checks ("doesn't support sizes"); as a functional
+    form's argument it aborted the process inside the C++ checks. Refused by name, as a
+    parameter, as state at a step (nothing changes) and as state in a checkpoint."""
+    case = one_case_per_algorithm()[0]
+    flags = TRAINING_BACKENDS[backend]
+    with pytest.raises(ValueError, match=r"Invalid params\[0\] in param group 0: a nested"):
+        case.make([nn.Parameter(_nested(4, 5))], **flags)
+    param = nn.Parameter(torch.zeros(4, 5))
+    optimizer = case.make([param], **flags)
+    param.grad = torch.ones(4, 5)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    kept = param.detach().clone()
+    for key, nested in (("exp_avg", _nested(4, 5)), ("step", _nested(1, 1))):
+        held = optimizer.state[param][key]
+        optimizer.state[param][key] = nested
+        with pytest.raises(ValueError, match=rf"{key} that is a nested tensor beside"):
+            optimizer.step()
+        assert torch.equal(param.detach(), kept)
+        optimizer.state[param][key] = held
+    saved["state"][0]["exp_avg"] = _nested(4, 5)
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is a nested tensor"):
+        optimizer.load_state_dict(saved)

@@ -438,6 +438,12 @@ BAD_STATE_VALUES = {
         r"\['step'\] is Tensor of shape \(\) holding nan\.",
     ),
     "step-negative": ("full", _corrupt("step", -1.0), r"\['step'\] is -1\.0\."),
+    "step-beyond-float32": (  # loaded as inf, the steps kept in float32
+        "full",
+        _corrupt("step", torch.tensor(1e300, dtype=torch.float64)),
+        r"\['step'\] is Tensor of shape \(\) holding 1e\+300\. Allowed: one finite number "
+        r">= 0 and at most float32's largest",
+    ),
     "moment-list": (
         "full",
         _corrupt("exp_avg", [0.0] * 8192),
