@@ -59,20 +59,18 @@ class ComposerConventions:
         for group in self.param_groups:
             group["initial_lr"] = _value_now(group["lr"])
 
-    def step(  # type: ignore[override]
-        self,
-        closure: Callable[[], Any] | None = None,
-        param: Tensor | None = None,
-        grad_scaler: object = None,
+    def _step(
+        self, closure: Callable[[], Any] | None, param: Tensor | None, grad_scaler: object
     ) -> Any:
         """core's step; a full step first records initial_lr in every group without one,
         with gradients or not, as Composer's step does (a group added with lr warming up
-        and no gradient at its first step would take a later lr)."""
+        and no gradient at its first step would take a later lr). Here, not in step():
+        torch wraps each class's own step with its hooks, so an override ran them twice."""
         if param is None:
             for group in self.param_groups:
                 if "initial_lr" not in group:
                     group["initial_lr"] = _value_now(group["lr"])
-        return super().step(closure, param, grad_scaler)  # type: ignore[misc]
+        return super()._step(closure, param, grad_scaler)  # type: ignore[misc]
 
     def _report_high_weight_decay(self, weight_decay: float) -> None:
         """Composer logs the warning (core's check decides when), in Composer's terms."""

@@ -2912,7 +2912,11 @@ def _check_params(
             raise ValueError(
                 f"Invalid params[{index}]{where}: a nested tensor. Allowed: a dense tensor."
             )
-        if param.is_inference() and not torch.is_inference_mode_enabled():
+        if (
+            not torch.nn.parameter.is_lazy(param)  # which has no data to ask about yet
+            and param.is_inference()
+            and not torch.is_inference_mode_enabled()
+        ):
             # torch refuses in-place updates of one outside that mode
             raise ValueError(
                 f"Invalid params[{index}]{where}: a tensor made under torch.inference_mode(). "

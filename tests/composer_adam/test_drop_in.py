@@ -14,6 +14,7 @@ from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledAdamW as ComposerAdamW
 
 import composer_adam
+import core
 from tests.composer_adam.harness import (
     LR,
     STEPS,
@@ -178,6 +179,21 @@ def test_a_tensor_lr_follows_a_warmup_from_zero_as_a_float_lr_does() -> None:
     for run in runs[1:]:
         for a, b in zip(run, runs[0], strict=True):
             torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def test_step_hooks_run_once_per_step() -> None:
+    """A step() override in the Composer classes was wrapped by torch with the hooks, as
+    was core's step it called once any core.Adam existed: every pre- and post-hook ran
+    twice (a hook halving the gradients halved them twice)."""
+    core.Adam([torch.nn.Parameter(torch.ones(2))], lr=0.1)  # torch wraps core.Adam.step now
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = composer_adam.DecoupledAdamW([param], lr=0.1)
+    calls: list[str] = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    param.grad = torch.ones(4)
+    optimizer.step()
+    assert calls == ["pre", "post"]
 
 
 def _functional_step(step: object) -> torch.Tensor:
