@@ -2738,12 +2738,30 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
                     f"shape {tuple(param.shape)}. Allowed: {found[1]}."
                 )
         quantized = [isinstance(value, QuantizedMoment) for value in values]
+        if list_name == "exp_avg_sqs":
+            _require_one_stream(arguments["exp_avgs"], values)
         pairs = list(zip(quantized, values, strict=True))
         written.append((f"{list_name}[{{}}]", [None if q else v for q, v in pairs]))
         for part in ("codes", "absmax"):
             parts = [getattr(v, part) if q else None for q, v in pairs]
             written.append((f"{list_name}[{{}}].{part}", parts))
     _refuse_shared_memory(params, written, grads)
+
+
+def _require_one_stream(exp_avgs: Sequence[Any], exp_avg_sqs: Sequence[Any]) -> None:
+    """A parameter's 8-bit m and v draw their rounding bits from one stream (one hash per
+    element serves both): given two, the backends each took a different one's."""
+    for index, (m, v) in enumerate(zip(exp_avgs, exp_avg_sqs, strict=True)):
+        if not (isinstance(m, QuantizedMoment) and isinstance(v, QuantizedMoment)):
+            continue
+        for name in ("stream", "first_index"):
+            require(
+                getattr(m, name) == getattr(v, name),
+                f"exp_avg_sqs[{index}].{name}",
+                getattr(v, name),
+                f"exp_avgs[{index}].{name} ({getattr(m, name)}): a parameter's 8-bit m and v "
+                "share their random bits",
+            )
 
 
 def _is_dense(value: object) -> bool:
@@ -2816,6 +2834,15 @@ def _functional_state_problem(key: str, value: object, param: Tensor) -> tuple[s
                 f"that is an 8-bit moment with signed={value.signed}",
                 f"signed={key in SIGNED_KEYS} for {key} (core.quantization.quantized_state)",
             )
+        for name in ("stream", "first_index"):  # the keys of its random bits
+            number = getattr(value, name)
+            if not (isinstance(number, int) and not isinstance(number, bool)) or not (
+                0 <= number < 2**63
+            ):
+                return (
+                    f"that is an 8-bit moment with {name}={number!r}",
+                    f"an int in [0, 2**63) for {name} (core.quantization.QuantizedMoment)",
+                )
         parts = zip(moment_keys(key), (value.codes, value.absmax), strict=True)
         return next(
             (found for part, tensor in parts if (found := _placed_problem(part, tensor, param))),

@@ -11,6 +11,7 @@ the functional forms (no backend flag) and on each backend.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -208,6 +209,24 @@ REFUSED = {
     "8bit-codes-int8": (
         _set("exp_avgs", 1, lambda a: _quantized(a["exp_avgs"][1], codes_dtype=torch.int8)),
         r"Invalid exp_avgs\[1\]: a value of dtype torch\.int8 .*Allowed: torch\.uint8",
+    ),
+    "8bit-first-index-fractional": (
+        _set(
+            "exp_avgs",
+            0,
+            lambda a: dataclasses.replace(_quantized(a["exp_avgs"][0]), first_index=0.5),
+        ),
+        r"Invalid exp_avgs\[0\]: a value that is an 8-bit moment with first_index=0\.5 .*"
+        r"Allowed: an int in \[0, 2\*\*63\)",
+    ),
+    "8bit-m-and-v-on-two-streams": (  # the backends each rounded v with another one's bits
+        lambda a: (
+            a["exp_avgs"].__setitem__(
+                0, dataclasses.replace(_quantized(a["exp_avgs"][0]), stream=5)
+            ),
+            a["exp_avg_sqs"].__setitem__(0, _quantized(a["exp_avg_sqs"][0], signed=False)),
+        ),
+        r"Invalid exp_avg_sqs\[0\]\.stream: 0\. Allowed: exp_avgs\[0\]\.stream \(5\)",
     ),
     "param-listed-twice": (
         lambda a: [a[k].__setitem__(1, a[k][0]) for k in ("params",)],
