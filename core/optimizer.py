@@ -1779,15 +1779,24 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         stepped: dict[Tensor, bool] = self.__dict__.setdefault("_hook_stepped", {})
         known = len(stepped)
         stepped[param] = frees_gradient  # one hash: a tensor's is a Python call (~0.2 µs)
-        if len(stepped) == known and not self.__dict__.get("_warned_twice"):
-            self._warned_twice = True
-            warnings.warn(
-                f"{type(self).__name__}: a release hook stepped a parameter a second "
+        if len(stepped) == known:
+            self._warn_once(
+                "_warned_twice",
+                "a release hook stepped a parameter a second "
                 "time before optimizer.step(): two backward passes in one training step "
                 "each made a step of their own, where ordinary training would sum their "
                 "gradients into one. Set optimizer_accumulation=True for all but the "
                 "last backward of a step (micro-batches), or call optimizer.step() once "
                 "per training step (it steps nothing released and closes the step).",
+            )
+
+    def _warn_once(self, flag: str, message: str) -> None:
+        """A RuntimeWarning naming this class, the first time only (flag: the attribute
+        that records it), at the first caller outside core and torch."""
+        if not self.__dict__.get(flag):
+            self.__dict__[flag] = True
+            warnings.warn(
+                f"{type(self).__name__}: {message}",
                 RuntimeWarning,
                 stacklevel=_caller_stacklevel(),
             )
@@ -1797,37 +1806,31 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         optimizer.step() followed before zero_grad(): in a GAN loop the generator's loss
         reaching the discriminator's released parameters trained the discriminator on it,
         where ordinary training discards those gradients at zero_grad()."""
-        if not self.__dict__.get("_warned_without_step"):
-            self._warned_without_step = True
-            warnings.warn(
-                f"{type(self).__name__}: zero_grad() after release hooks stepped {count} "
-                "parameter(s) in a backward that no optimizer.step() followed. Every "
-                "backward that reaches a released parameter steps it: a loss meant for "
-                "other parameters (a GAN's generator loss reaching the discriminator) "
-                "trained these too, where ordinary training would discard those gradients "
-                "here. Freeze them for such a backward (requires_grad_(False)) or set "
-                "optimizer.release_paused = True around it; after a training backward, call "
-                "optimizer.step() before zero_grad() (it closes the step).",
-                RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
-            )
+        self._warn_once(
+            "_warned_without_step",
+            f"zero_grad() after release hooks stepped {count} "
+            "parameter(s) in a backward that no optimizer.step() followed. Every "
+            "backward that reaches a released parameter steps it: a loss meant for "
+            "other parameters (a GAN's generator loss reaching the discriminator) "
+            "trained these too, where ordinary training would discard those gradients "
+            "here. Freeze them for such a backward (requires_grad_(False)) or set "
+            "optimizer.release_paused = True around it; after a training backward, call "
+            "optimizer.step() before zero_grad() (it closes the step).",
+        )
 
     def _warn_nested_once(self) -> None:
         """Say once that gradients arriving inside a nested backward are left to
         optimizer.step() (see inside_nested_backward)."""
-        if not self.__dict__.get("_warned_nested"):
-            self._warned_nested = True
-            warnings.warn(
-                f"{type(self).__name__}: gradient release got a gradient inside a nested "
-                "backward (reentrant activation checkpointing: torch.utils.checkpoint with "
-                "use_reentrant=True), where a parameter used in several checkpointed "
-                "segments gets its gradient in parts. Such parameters keep their gradients "
-                "and are stepped by optimizer.step() after backward, exactly, without "
-                "release's memory saving; use use_reentrant=False to release them inside "
-                "backward.",
-                RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
-            )
+        self._warn_once(
+            "_warned_nested",
+            "gradient release got a gradient inside a nested "
+            "backward (reentrant activation checkpointing: torch.utils.checkpoint with "
+            "use_reentrant=True), where a parameter used in several checkpointed "
+            "segments gets its gradient in parts. Such parameters keep their gradients "
+            "and are stepped by optimizer.step() after backward, exactly, without "
+            "release's memory saving; use use_reentrant=False to release them inside "
+            "backward.",
+        )
 
     def _warn_if_release_has_no_hooks(self, released: set[Tensor]) -> None:
         """gradient_release=True does nothing by itself: without hooks (prepare_for_gradient_
@@ -2392,13 +2395,7 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
             return _described_state(value), _MADE_FOR_IT.format(expected)
         if value.dtype != torch.float32:  # the steps failed midway on float64 scales
             return f"of dtype {value.dtype}", _EIGHT_BIT_DTYPE.format("torch.float32")
-        if not value.is_contiguous() and 0 in value.stride() and _shares_memory_within(value):
-            # written back in place: torch refused that midway, after the codes changed
-            return (
-                f"with strides {value.stride()}, several elements in one place",
-                "a tensor whose elements each have their own memory (.clone() it)",
-            )
-        return None
+        return _overlap_problem(value)  # scales are written back in place too
     if key not in _PARAMETER_SHAPED_STATE:
         return None
     if key in _CODE_KEYS and isinstance(value, Tensor) and value.dtype != torch.uint8:
@@ -2412,6 +2409,12 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         and not (value.is_complex() and param.is_complex())
     ):
         return f"of dtype {value.dtype}", f"the parameter's kind of dtype ({param.dtype})"
+    return _overlap_problem(value)
+
+
+def _overlap_problem(value: Tensor) -> tuple[str, str] | None:
+    """(problem, allowed) for a state tensor several of whose elements are one memory
+    location (expand()ed), which no in-place update can write; None otherwise."""
     if not value.is_contiguous() and 0 in value.stride() and _shares_memory_within(value):
         return (
             f"with strides {value.stride()}, several elements in one place",
@@ -3197,8 +3200,9 @@ def _refuse_a_part_after_release(optimizer: AdamFamilyOptimizer, param: Tensor) 
     step, or with optimizer accumulation folded into a later micro-batch's fold or the
     window's closing step, not its own. Refused inside backward, at the first such part."""
     own = unwrapped(optimizer).__dict__
-    if own.get("_hook_stepped", {}).get(param) or param in own.get("_hook_folded", ()):
-        what = "stepped" if own.get("_hook_stepped", {}).get(param) else "folded"
+    stepped = own.get("_hook_stepped", {}).get(param)
+    if stepped or param in own.get("_hook_folded", ()):
+        what = "stepped" if stepped else "folded"
         raise RuntimeError(
             f"Invalid gradient for gradient release: a parameter of shape "
             f"{tuple(param.shape)} got part of its gradient inside a nested backward "

@@ -207,7 +207,14 @@ class LRSchedule:
         if getattr(trainer, "train_dataloader", True) is None:  # but not with max_epochs=-1
             trainer.fit_loop.setup_data()  # what the property runs to count epochs' batches
         scheduled = _scheduled_accumulation(trainer)
-        epochs = _epoch_windows(trainer, scheduled)[0] if scheduled is not None else None
+        # The run epoch by epoch, where the trainer's own count falls short: accumulation
+        # that changes by epoch, or an 'epoch' schedule that max_steps may end first.
+        bounded_by_steps = self.interval == "epoch" and trainer.max_steps not in (None, -1)
+        epochs, cut = (
+            _epoch_windows(trainer, scheduled)
+            if scheduled is not None or bounded_by_steps
+            else (None, False)
+        )
         epochs_stepped = None  # epochs after which Lightning steps an 'epoch' scheduler
         if self.interval == "step":
             total = estimated
@@ -230,14 +237,16 @@ class LRSchedule:
         else:
             total = trainer.max_epochs
             source = "trainer.max_epochs"
-            if trainer.max_steps not in (None, -1):
-                # max_steps may end training first: the epochs it leaves, the last perhaps
-                # cut short (trained at the curve's last value, as a max_epochs run's last
-                # epoch is; Lightning steps no 'epoch' scheduler after a cut epoch)
-                epochs, cut = _epoch_windows(trainer, scheduled)
-                if epochs is not None and (total in (None, -1) or len(epochs) < total):
-                    total, source = len(epochs), "the epochs trainer.max_steps leaves"
-                    epochs_stepped = len(epochs) - cut
+            if (
+                bounded_by_steps
+                and epochs is not None
+                and (total in (None, -1) or len(epochs) < total)
+            ):
+                # max_steps ends training first: the epochs it leaves, the last perhaps cut
+                # short (trained at the curve's last value, as a max_epochs run's last epoch
+                # is; Lightning steps no 'epoch' scheduler after a cut epoch)
+                total, source = len(epochs), "the epochs trainer.max_steps leaves"
+                epochs_stepped = len(epochs) - cut
         if total == 0:  # no step or no epoch will run (max_epochs=0), as above
             return replace(self, total_steps=self.warmup_steps + 1)
         require(
@@ -365,8 +374,9 @@ def _epoch_windows(
     while (max_epochs is None or len(epochs) < max_epochs) and (
         max_steps is None or steps < max_steps
     ):
-        accumulate = trainer.accumulate_grad_batches if accumulation is None else None
-        accumulate = accumulate or accumulation(len(epochs))  # type: ignore[misc]
+        accumulate = (
+            trainer.accumulate_grad_batches if accumulation is None else accumulation(len(epochs))
+        )
         if accumulate not in per_accumulation:
             per_accumulation[accumulate] = _window_ends(int(batches), accumulate)
         ends = per_accumulation[accumulate]

@@ -591,6 +591,9 @@ def _scalar_call(scalars: Sequence[Tensor]) -> tuple[ctypes.CDLL, ctypes.Array] 
     return helpers, _remember_addresses(scalars)
 
 
+_NESTED = operator.attrgetter("is_nested")
+
+
 def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
     """The compiled scalar helpers, if every scalar is a plain one-element float32 CPU
     tensor holding its own value in its storage (no negative bit, no ZeroTensor, storage
@@ -603,6 +606,7 @@ def _scalar_helpers(scalars: Sequence[Tensor]) -> ctypes.CDLL | None:
     if (
         _scalars_unavailable
         or not PLAIN_TENSOR_TYPES.issuperset(map(type, scalars))
+        or any(map(_NESTED, scalars))  # a nested tensor's memory is no plain scalar's
         or set(map(dtype_of, scalars)) != {torch.float32}
         or set(map(device_of, scalars)) != {_CPU}
         or set(map(Tensor.numel, scalars)) != {1}

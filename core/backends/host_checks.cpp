@@ -153,9 +153,10 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
       continue;
     }
     if (value != expected || !THPVariable_Check(value)) Py_RETURN_NONE;
-    if (THPVariable_Unpack(value).is_nested()) Py_RETURN_NONE;
     const at::Tensor& tensor = THPVariable_Unpack(value);
-    if (tensor.layout() != c10::kStrided || !tensor.has_storage()) Py_RETURN_NONE;
+    // a nested tensor throws when its sizes are read (describe)
+    if (tensor.is_nested() || tensor.layout() != c10::kStrided || !tensor.has_storage())
+      Py_RETURN_NONE;
     describe(tensor, addresses);
   }
   return as_bytes(addresses);

@@ -832,3 +832,16 @@ def test_a_nested_tensor_is_refused_by_name_as_a_parameter_or_its_state(backend:
     saved["state"][0]["exp_avg"] = _nested(4, 5)
     with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is a nested tensor"):
         optimizer.load_state_dict(saved)
+    # Among enough parameters that one C call reads the step counters: it read the nested
+    # one's memory as a count, and recasting it failed with torch's internal error.
+    params = [nn.Parameter(torch.zeros(3)) for _ in range(cpu_kernel.MIN_SCALARS + 4)]
+    optimizer = case.make(params, **flags)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones(3)
+        if optimizer.state:
+            optimizer.state[params[5]]["step"] = _nested(1, 1)
+            with pytest.raises(ValueError, match=r"params\[5\] .*step that is a nested"):
+                optimizer.step()
+        else:
+            optimizer.step()
