@@ -39,7 +39,7 @@ from core.optimizer import (
 )
 
 
-@dataclass
+@dataclass(eq=False)  # one registration is one set of hooks: compared by identity
 class _Registration:
     """The hooks one prepare_for_gradient_release call installed."""
 
@@ -64,12 +64,22 @@ _registrations: weakref.WeakKeyDictionary[nn.Module, list[_Registration]] = (
 """Each released model's registrations, one per optimizer (a head and a body trained by
 two optimizers are prepared on the same model, each on its own parameters)."""
 
+_releasing_optimizers: weakref.WeakSet[AdamFamilyOptimizer] = weakref.WeakSet()
+"""Optimizers that hold registrations. Their hooks step for as long as the optimizer
+lives, also when the module prepared was a temporary container since collected, so what
+is released anywhere is read from here, not from the models."""
+
+
+def _live_registrations() -> list[_Registration]:
+    return [r for o in list(_releasing_optimizers) for r in o.gradient_release_registrations]
+
+
 _CLIPPING_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
 _guarded_originals: dict[str, Callable[..., object]] = {}
 
 
 def _released_anywhere() -> set[Tensor]:
-    return {p for found in _registrations.values() for r in found for p in r.params}
+    return {p for r in _live_registrations() for p in r.params}
 
 
 def _refusing_clipping(name: str, original: Callable[..., object]) -> Callable[..., object]:
@@ -159,10 +169,10 @@ def _reaches_released(outputs: Any) -> bool:
 
 
 def _unguard_when_nothing_is_released() -> None:
-    """A released model collected without remove_gradient_release: torch's clipping
-    functions are restored once no live model is released, as remove does (they stayed
-    replaced for the rest of the process). keys() yields live models only."""
-    if next(iter(_registrations.keys()), None) is None:
+    """A released model and its optimizer collected without remove_gradient_release:
+    torch's clipping functions are restored once no live optimizer releases anything, as
+    remove does (they stayed replaced for the rest of the process)."""
+    if not _live_registrations():
         _guard_torch(active=False)
 
 
@@ -354,8 +364,10 @@ def prepare_for_gradient_release(
     # GradScaler passes itself to step() when this is set, so step() can refuse it clearly.
     optimizer._step_supports_amp_scaling = True
     _registrations.setdefault(model, []).append(registration)
+    if optimizer not in _releasing_optimizers:
+        _releasing_optimizers.add(optimizer)
+        weakref.finalize(optimizer, _unguard_when_nothing_is_released)
     _guard_torch(active=True)
-    weakref.finalize(model, _unguard_when_nothing_is_released)
 
 
 def _refuse_released_elsewhere(
@@ -366,8 +378,7 @@ def _refuse_released_elsewhere(
     second finds the gradient freed), where ordinary training steps both."""
     taken = {
         p: r.optimizer
-        for registrations in _registrations.values()
-        for r in registrations
+        for r in _live_registrations()
         if r.optimizer is not optimizer and all(r is not e for e in exempt)
         for p in r.params
     }
@@ -396,15 +407,45 @@ def _grad_scaler_of(*wrapped: object) -> object | None:
 
 
 def remove_gradient_release(model: nn.Module) -> None:
-    """Remove the hooks prepare_for_gradient_release registered; the optimizer steps normally."""
+    """Remove the hooks prepare_for_gradient_release registered; the optimizer steps normally.
+
+    Also unhooks the model's parameters released through another module (a container
+    built for the call and since collected, or the whole model when given a part of it):
+    they were left stepping inside backward, silently.
+    """
     require_module(model)
     model = _inner_module(model)
     for registration in list(_registrations.get(model, [])):
         _remove(model, registration)
+    own = set(model.parameters())
+    for registration in _live_registrations():
+        if any(p in own for p in registration.params):
+            _unhook(registration, own)
 
 
-def _remove(model: nn.Module, registration: _Registration) -> None:
-    """Undo one optimizer's registration on model."""
+def _unhook(registration: _Registration, params: set[Tensor]) -> None:
+    """Undo a registration's hooks on params only; one left with none is removed."""
+    pairs = list(zip(registration.params, registration.handles, strict=True))
+    kept = [(p, handle) for p, handle in pairs if p not in params]
+    if not kept:
+        _remove(_registered_under(registration), registration)
+        return
+    for p, handle in pairs:
+        if p in params:
+            handle.remove()
+            registration.optimizer.released_params.discard(p)
+    registration.params[:] = [p for p, _ in kept]
+    registration.handles[:] = [handle for _, handle in kept]
+
+
+def _registered_under(registration: _Registration) -> nn.Module | None:
+    """The live module a registration was made on (None once collected)."""
+    found = (m for m, rs in list(_registrations.items()) if registration in rs)
+    return next(found, None)
+
+
+def _remove(model: nn.Module | None, registration: _Registration) -> None:
+    """Undo one optimizer's registration on model (None: a module since collected)."""
     for handle in registration.handles:
         handle.remove()
     optimizer = registration.optimizer
@@ -412,11 +453,12 @@ def _remove(model: nn.Module, registration: _Registration) -> None:
     optimizer.gradient_release_registrations.remove(registration)
     if not optimizer.released_params:
         optimizer._step_supports_amp_scaling = False
-    remaining = _registrations[model]
-    remaining.remove(registration)
-    if not remaining:
-        del _registrations[model]
-    _guard_torch(active=bool(_registrations))
+    remaining = _registrations.get(model, []) if model is not None else []
+    if registration in remaining:
+        remaining.remove(registration)
+        if not remaining:
+            del _registrations[model]
+    _guard_torch(active=bool(_live_registrations()))
 
 
 def is_gradient_release_prepared(model: nn.Module) -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import gc
 import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -280,11 +282,11 @@ def test_a_part_after_a_fold_is_refused_inside_backward(
             train(used_after=True)
 
 
-@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
-def test_zero_gradients_filled_in_after_release_change_nothing(backend: str) -> None:
-    """A loop that gives every parameter without a gradient a zero one before the step
-    (to log, or to emulate set_to_none=False) trains as without release: a zero gradient
-    after a parameter's release step adds nothing, so it is not refused as a late one."""
+def _ordinary_and_released(
+    backend: str, steps: int, set_gradients: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
+    """Train the first algorithm's case without and with release on the same batches, each
+    batch's gradients made by `set_gradients(model, x, y)`, a step and zero_grad after it."""
     case = one_case_per_algorithm()[0]
     runs = []
     for release in (False, True):
@@ -294,15 +296,30 @@ def test_zero_gradients_filled_in_after_release_change_nothing(backend: str) -> 
         )
         if release:
             core.prepare_for_gradient_release(model, optimizer)
-        for x, y in make_batches(torch.float32, 4):
-            nn.functional.mse_loss(model(x), y).backward()
-            for p in model.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        for x, y in make_batches(torch.float32, steps):
+            set_gradients(model, x, y)
             optimizer.step()
             optimizer.zero_grad()
-        runs.append(model)
-    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        runs.append((model, optimizer))
+    return runs
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_zero_gradients_filled_in_after_release_change_nothing(backend: str) -> None:
+    """A loop that gives every parameter without a gradient a zero one before the step
+    (to log, or to emulate set_to_none=False) trains as without release: a zero gradient
+    after a parameter's release step adds nothing, so it is not refused as a late one."""
+
+    def backward_then_fill_zeros(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        nn.functional.mse_loss(model(x), y).backward()
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    (ordinary, _), (released, _) = _ordinary_and_released(
+        backend, steps=4, set_gradients=backward_then_fill_zeros
+    )
+    for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -393,24 +410,16 @@ def test_a_gradient_no_hook_stepped_is_stepped_by_the_full_step(backend: str) ->
     """Gradients that reach released parameters without a hook call (computed with
     torch.autograd.grad or torch.func and set by hand): the full step skipped every
     released parameter with state, so each was updated at its first step only."""
-    case = one_case_per_algorithm()[0]
-    runs = []
-    for release in (False, True):
-        model = make_model()
-        optimizer = case.make(
-            model.parameters(), gradient_release=release, **TRAINING_BACKENDS[backend]
-        )
-        if release:
-            core.prepare_for_gradient_release(model, optimizer)
-        for x, y in make_batches(torch.float32, 5):
-            params = list(model.parameters())
-            grads = torch.autograd.grad(nn.functional.mse_loss(model(x), y), params)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g.clamp(-0.05, 0.05)  # a clipped gradient, as per-sample tricks make
-            optimizer.step()
-            optimizer.zero_grad()
-        runs.append((model, optimizer))
-    (ordinary, _), (released, optimizer) = runs
+
+    def gradients_set_by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        params = list(model.parameters())
+        grads = torch.autograd.grad(nn.functional.mse_loss(model(x), y), params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clamp(-0.05, 0.05)  # a clipped gradient, as per-sample tricks make
+
+    (ordinary, _), (released, optimizer) = _ordinary_and_released(
+        backend, steps=5, set_gradients=gradients_set_by_hand
+    )
     for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
         assert torch.equal(a, b)
     assert all(float(state["step"]) == 5 for state in optimizer.state.values())
@@ -1273,3 +1282,62 @@ print(scale.__module__)
         "torch.nn.utils.clip_grad",
         "torch.amp.grad_scaler",
     ]
+
+
+def test_release_through_a_collected_container_stays_guarded_and_removable() -> None:
+    """Prepared through a container built for the call (nn.ModuleList([encoder, decoder]))
+    and since collected: its hooks kept stepping, but clipping was no longer refused (it
+    silently clipped nothing), another optimizer could release the same parameters, and no
+    module could remove it. Removal through any module holding the parameters now works."""
+    torch.manual_seed(0)
+    encoder, decoder = nn.Linear(4, 4), nn.Linear(4, 2)
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = core.AdamW(params, lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(nn.ModuleList([encoder, decoder]), optimizer)
+    gc.collect()
+    x, y = torch.randn(3, 4), torch.randn(3, 2)
+    nn.functional.mse_loss(decoder(encoder(x)), y).backward()
+    assert all(p.grad is None for p in params), "stepped and freed inside backward"
+    optimizer.step()
+    optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_ was called on parameters under"):
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+    other = core.AdamW(encoder.parameters(), lr=LR, gradient_release=True)
+    with pytest.raises(ValueError, match=r"already released by another optimizer \(AdamW\)"):
+        core.prepare_for_gradient_release(encoder, other)
+    core.remove_gradient_release(nn.ModuleList([encoder, decoder]))
+    assert not optimizer.released_params and not optimizer.gradient_release_registrations
+    nn.functional.mse_loss(decoder(encoder(x)), y).backward()
+    assert all(p.grad is not None for p in params), "kept for an ordinary step"
+    torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)  # not released any more
+    optimizer.step()
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_removing_release_from_a_part_of_the_prepared_model_steps_it_ordinarily(
+    backend: str,
+) -> None:
+    """remove_gradient_release(model[0]) after preparing the whole model did nothing (the
+    part was not the module registered): now the part's parameters keep their gradients
+    for optimizer.step() while the rest stays released, bit for bit ordinary training."""
+    case = one_case_per_algorithm()[0]
+    runs, kept = [], []
+    for release in (False, True):
+        model = make_model()
+        optimizer = case.make(
+            model.parameters(), gradient_release=release, **TRAINING_BACKENDS[backend]
+        )
+        if release:
+            core.prepare_for_gradient_release(model, optimizer)
+            core.remove_gradient_release(model[0])
+        for x, y in make_batches(torch.float32, 4):
+            nn.functional.mse_loss(model(x), y).backward()
+            kept.append([p.grad is not None for p in model.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    part = len(list(runs[1][0].parameters()))
+    assert kept[-1] == [True] * part + [False] * (len(kept[-1]) - part)
+    assert core.is_gradient_release_prepared(runs[1])
