@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import core
 
@@ -133,11 +134,40 @@ def direct_gradients(model: nn.Module) -> list[list[torch.Tensor]]:
 LOOP_FLAGS = {"foreach": False, "fused": False}
 
 
+Outcome = tuple[list[torch.Tensor], list[torch.Tensor] | None]
+"""A cell's whole parameters in float32, and for bf16 parameters their compensated values
+(parameter + Kahan compensation, the fp32 trajectory Kahan keeps; the parameter alone
+where the state lost its compensation): bf16 ulps are too coarse to see Kahan dropped."""
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().float()
+
+
+def whole_values(
+    params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+) -> Outcome:
+    """Every parameter whole (a collective for DTensors: all ranks call it), and with the
+    optimizer, bf16 parameters' compensated values."""
+    whole = [_whole(p).clone() for p in params]
+    if optimizer is None or params[0].dtype != torch.bfloat16:
+        return whole, None
+    compensations = [optimizer.state.get(p, {}).get("kahan_comp") for p in params]
+    compensated = [
+        value if comp is None else value + _whole(comp)
+        for value, comp in zip(whole, compensations, strict=True)
+    ]
+    return whole, compensated
+
+
 def train_one_process(
-    cell: Cell, batches: list[tuple[torch.Tensor, torch.Tensor]], own_backend: bool = False
+    cell: Cell,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    own_backend: bool = False,
+    compensated: bool = False,
 ) -> list:
     """The reference: the whole global batch on one process, loop backend (own_backend:
-    the cell's, as users build it)."""
+    the cell's, as users build it; compensated: the values with Kahan compensation)."""
     model = cell.make_model()
     optimizer = cell.make_optimizer(model.parameters(), **({} if own_backend else LOOP_FLAGS))
     for index, (x, y) in enumerate(batches):
@@ -145,12 +175,15 @@ def train_one_process(
         nn.functional.mse_loss(model(x.to(cell.dtype)).float(), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return [p.detach().float().clone() for p in model.parameters()]
+    values, with_compensation = whole_values(list(model.parameters()), optimizer)
+    return with_compensation if compensated else values
 
 
-def step_one_process(cell: Cell, own_backend: bool = False) -> list[torch.Tensor]:
+def step_one_process(
+    cell: Cell, own_backend: bool = False, compensated: bool = False
+) -> list[torch.Tensor]:
     """The reference for DTensor cells: the same fixed gradients, loop backend (own_backend:
-    the cell's)."""
+    the cell's; compensated: the values with Kahan compensation)."""
     model = cell.make_model()
     params = list(model.parameters())
     optimizer = cell.make_optimizer(params, **({} if own_backend else LOOP_FLAGS))
@@ -160,7 +193,8 @@ def step_one_process(cell: Cell, own_backend: bool = False) -> list[torch.Tensor
         warmup(optimizer, index)
         optimizer.step()
         optimizer.zero_grad()
-    return [p.detach().float().clone() for p in params]
+    values, with_compensation = whole_values(params, optimizer)
+    return with_compensation if compensated else values
 
 
 def torch_older_than(major: int, minor: int) -> bool:

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
@@ -55,10 +55,12 @@ from tests.core.configuration_cases import (
     ROUNDING_DTYPES,
     STEPS,
     Cell,
+    Outcome,
     average_fsdp2_gradients,
     direct_gradients,
     make_model,
     warmup,
+    whole_values,
 )
 
 
@@ -85,12 +87,6 @@ def _train(
         optimizer.zero_grad()
 
 
-def _full(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [
-        (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone() for p in params
-    ]
-
-
 def _sharded_model(cell: Cell, mixed_precision: bool) -> nn.Module:
     model = cell.make_model()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed_precision else None
@@ -104,14 +100,14 @@ def _sharded_model(cell: Cell, mixed_precision: bool) -> nn.Module:
     return model
 
 
-def fsdp2(cell: Cell, mixed_precision: bool = False) -> list[torch.Tensor]:
+def fsdp2(cell: Cell, mixed_precision: bool = False) -> Outcome:
     model = _sharded_model(cell, mixed_precision)
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=True)
-    return _full(list(model.parameters()))
+    return whole_values(list(model.parameters()), optimizer)
 
 
-def fsdp2_release(cell: Cell, shard_batch: bool = True) -> list[torch.Tensor]:
+def fsdp2_release(cell: Cell, shard_batch: bool = True) -> Outcome:
     """FSDP2 with gradient release: each sharded parameter steps inside backward, after
     the reduce-scatter, and its gradient is freed there."""
     model = _sharded_model(cell, mixed_precision=False)
@@ -122,10 +118,10 @@ def fsdp2_release(cell: Cell, shard_batch: bool = True) -> list[torch.Tensor]:
     _train(model, optimizer, cell.dtype, shard_batch=shard_batch)
     assert all(p.grad is None for p in model.parameters()), "release frees every gradient"
     core.remove_gradient_release(model)
-    return _full(list(model.parameters()))
+    return whole_values(list(model.parameters()), optimizer)
 
 
-def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
+def fsdp2_checkpoint(cell: Cell) -> Outcome:
     """Train to CHECKPOINT_AT, save model and optimizer with DCP, load both into a fresh
     sharded model and optimizer, and finish there."""
     model = _sharded_model(cell, mixed_precision=False)
@@ -155,7 +151,7 @@ def fsdp2_checkpoint(cell: Cell) -> list[torch.Tensor]:
     set_model_state_dict(resumed, state["model"])
     set_optimizer_state_dict(resumed, resumed_optimizer, state["optimizer"])
     _train(resumed, resumed_optimizer, cell.dtype, True, range(CHECKPOINT_AT, STEPS))
-    return _full(list(resumed.parameters()))
+    return whole_values(list(resumed.parameters()), resumed_optimizer)
 
 
 def _fsdp1_model(cell: Cell, use_orig_params: bool) -> nn.Module:
@@ -178,16 +174,16 @@ def _fsdp1_full(model: nn.Module) -> list[torch.Tensor]:
     return [value.detach().float().clone() for value in state.values()]
 
 
-def fsdp1(cell: Cell, use_orig_params: bool) -> list[torch.Tensor]:
+def fsdp1(cell: Cell, use_orig_params: bool) -> Outcome:
     """The optimizer holds FSDP1's flat shards (use_orig_params=False), or the pieces of
     them FSDP1 hands out as the original parameters (True: some empty on a rank)."""
     model = _fsdp1_model(cell, use_orig_params)
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=True)
-    return _fsdp1_full(model)
+    return _fsdp1_full(model), None  # FSDP1's state is flat: no per-parameter compensation
 
 
-def fsdp1_checkpoint(cell: Cell) -> list[torch.Tensor]:
+def fsdp1_checkpoint(cell: Cell) -> Outcome:
     """Train to CHECKPOINT_AT, take FSDP1's sharded model and optimizer state dicts
     (FSDP1.optim_state_dict: each state tensor unflattened per original parameter, as
     Lightning's FSDPStrategy(state_dict_type="sharded") saves them), load both into a
@@ -216,10 +212,10 @@ def fsdp1_checkpoint(cell: Cell) -> list[torch.Tensor]:
         loadable = FSDP1.optim_state_dict_to_load(resumed, resumed_optimizer, optimizer_state)
     resumed_optimizer.load_state_dict(loadable)
     _train(resumed, resumed_optimizer, cell.dtype, True, range(CHECKPOINT_AT, STEPS))
-    return _fsdp1_full(resumed)
+    return _fsdp1_full(resumed), None
 
 
-def dtensor(cell: Cell, placement: Any) -> list[torch.Tensor]:
+def dtensor(cell: Cell, placement: Any) -> Outcome:
     """DTensor parameters and gradients without FSDP, stepped with known gradients."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = cell.make_model()
@@ -233,34 +229,34 @@ def dtensor(cell: Cell, placement: Any) -> list[torch.Tensor]:
         warmup(optimizer, index)
         optimizer.step()
         optimizer.zero_grad()
-    return _full(params)
+    return whole_values(params, optimizer)
 
 
-def fsdp2_whole_batch(cell: Cell) -> list[torch.Tensor]:
+def fsdp2_whole_batch(cell: Cell) -> Outcome:
     """FSDP2 with every rank on the whole batch: the reduce-scatter averages two equal
     gradients, which is exact, so the run is one process's bit for bit wherever the
     optimizer treats a shard as the whole tensor (its random bits included)."""
     model = _sharded_model(cell, mixed_precision=False)
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=False)
-    return _full(list(model.parameters()))
+    return whole_values(list(model.parameters()), optimizer)
 
 
-def tensor_parallel(cell: Cell) -> list[torch.Tensor]:
+def tensor_parallel(cell: Cell) -> Outcome:
     """Colwise then Rowwise linear layers over both ranks; every rank sees the whole batch."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = cell.make_model()
     parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=False)
-    return _full(list(model.parameters()))
+    return whole_values(list(model.parameters()), optimizer)
 
 
-def ddp(cell: Cell) -> list[torch.Tensor]:
+def ddp(cell: Cell) -> Outcome:
     model = nn.parallel.DistributedDataParallel(cell.make_model())
     optimizer = cell.make_optimizer(model.parameters())
     _train(model, optimizer, cell.dtype, shard_batch=True)
-    return _full(list(model.module.parameters()))
+    return whole_values(list(model.module.parameters()), optimizer)
 
 
 def _release_refusal() -> str:
@@ -331,7 +327,7 @@ def _late_gradient_outcomes() -> dict[str, list[str]]:
     return outcomes
 
 
-CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
+CONFIGURATIONS: dict[str, Callable[[Cell], Outcome]] = {
     "fsdp2": fsdp2,
     "fsdp2_bf16_compute": lambda cell: fsdp2(cell, mixed_precision=True),
     "fsdp2_dcp": fsdp2_checkpoint,
@@ -344,7 +340,7 @@ CONFIGURATIONS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
     "tensor_parallel": tensor_parallel,
     "ddp": ddp,
 }
-ROUNDING_RUNS: dict[str, Callable[[Cell], list[torch.Tensor]]] = {
+ROUNDING_RUNS: dict[str, Callable[[Cell], Outcome]] = {
     "fsdp2_whole_batch": fsdp2_whole_batch,
     "fsdp2_release_whole_batch": lambda cell: fsdp2_release(cell, shard_batch=False),
     "dtensor_shard": lambda cell: dtensor(cell, Shard(0)),
@@ -363,15 +359,17 @@ def main(output: str, *configurations: str) -> None:
             for backend in BACKENDS:
                 for dtype_name in DTYPES:
                     cell = Cell(optimizer_name, backend, dtype_name)
-                    results[(configuration, *cell.key)] = run(cell)
+                    params, compensated = run(cell)
+                    results[(configuration, *cell.key)] = params
+                    if dtype_name == "bf16" and compensated is not None:
+                        results[(configuration, *cell.key, "compensated")] = compensated
     for configuration in ROUNDING_CONFIGURATIONS:
         for optimizer_name in OPTIMIZERS:
             for backend in BACKENDS:
                 for dtype_name in ROUNDING_DTYPES:
                     cell = Cell(optimizer_name, backend, dtype_name, stochastic=True)
-                    results[(configuration, *cell.key, "stochastic")] = ROUNDING_RUNS[
-                        configuration
-                    ](cell)
+                    params, _ = ROUNDING_RUNS[configuration](cell)
+                    results[(configuration, *cell.key, "stochastic")] = params
     results[("refused", "plain parameters on 2 ranks")] = _release_refusal()
     results[("refused", "prepared before the process group")] = _release_after_the_group_started(
         early

@@ -33,6 +33,7 @@ from tests.core.configuration_cases import (
     Cell,
     make_model,
     warmup,
+    whole_values,
 )
 
 PRECISIONS = {
@@ -69,10 +70,7 @@ def shard(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
 def full_parameters(model: nn.Module) -> list[torch.Tensor]:
     """Every parameter whole, in float32 (a collective for DTensors: all ranks call it)."""
-    return [
-        (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
-        for p in model.parameters()
-    ]
+    return whole_values(list(model.parameters()))[0]
 
 
 class MatrixModule(L.LightningModule):
@@ -179,8 +177,12 @@ def fit_cell(
         callbacks=[*([GradientRelease()] if release else []), *extra_callbacks],
     )
     trainer.fit(module)
+    # ddp_spawn's launching process gets the weights back, not the optimizer
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    params, compensated = whole_values(list(module.net.parameters()), optimizer)
     return {
-        "params": full_parameters(module.net),
+        "params": params,
+        "compensated": compensated,
         "steps": trainer.global_step,
         "gradient_bytes": module.gradient_bytes_after_backward,
     }
@@ -219,7 +221,8 @@ def fabric_cell(cell: Cell, fabric: L.Fabric, sharded: bool) -> dict[str, Any]:
         fabric.backward(nn.functional.mse_loss(model(x.to(cell.dtype)).float(), y))
         optimizer.step()
         optimizer.zero_grad()
-    return {"params": full_parameters(model), "steps": STEPS}
+    params, compensated = whole_values(list(model.parameters()), optimizer)
+    return {"params": params, "compensated": compensated, "steps": STEPS}
 
 
 def all_cells() -> dict[tuple[str, ...], dict[str, Any]]:

@@ -29,7 +29,12 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from tests.core.configuration_cases import BACKENDS, DTYPES, GLOBAL_BATCHES, LR, OPTIMIZERS, Cell
-from tests.core.test_configurations import assert_cell_matches, assert_within_bf16_ulps, reference
+from tests.core.test_configurations import (
+    assert_cell_matches,
+    assert_compensation_kept,
+    assert_within_bf16_ulps,
+    reference,
+)
 from tests.lightning_adam.distributed_worker import (
     BATCH_PER_RANK,
     EPOCHS,
@@ -265,6 +270,27 @@ def test_cell_equals_one_process_loop(
         assert torch.equal(a, b), "the ranks' (gathered) parameters differ"
     own_loop = ranks[0]["matrix"][(configuration, optimizer, "loop", dtype_name)]["params"]
     assert_cell_near_one_process(result["params"], own_loop, optimizer, dtype_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("configuration", MATRIX)
+def test_bf16_cells_keep_their_kahan_compensation(
+    ranks: list[dict], configuration: str, optimizer: str, backend: str
+) -> None:
+    """Held to bf16 ulps, parameters alone pass with Kahan compensation lost (a strategy's
+    or Fabric's wrapper dropping it); their compensated values do not."""
+    cells = ranks[0]["matrix"]
+    result = cells[(configuration, optimizer, backend, "bf16")]
+    own_loop = cells[(configuration, optimizer, "loop", "bf16")]
+    assert_compensation_kept(
+        result["compensated"],
+        result["params"],
+        own_loop["compensated"],
+        reference("lightning", optimizer, "bf16", compensated=True),
+        exact_gradients=False,
+    )
 
 
 def test_launch_trained_every_cell(ranks: list[dict]) -> None:
