@@ -38,6 +38,7 @@ from tests.core.configuration_cases import (
     Cell,
     average_fsdp2_gradients,
     state_options,
+    whole_values,
 )
 
 # Every Trainer reads Composer's installed package metadata for the version and commit
@@ -73,6 +74,8 @@ class Result:
     params: list[torch.Tensor]
     grad_bytes_after_backward: list[int] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=dict)
+    compensated: list[torch.Tensor] | None = None
+    """bf16 parameters + their Kahan compensation (configuration_cases.whole_values)."""
 
 
 class GradientBytes(Callback):
@@ -250,17 +253,16 @@ def train_cell(
     if fsdp2 and configuration != "fsdp2_unaveraged":
         average_fsdp2_gradients(trainer.state.model)
     trainer.fit()
-    params = [
-        (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
-        for p in trainer.state.model.parameters()
-    ]
+    params, compensated = whole_values(
+        list(trainer.state.model.parameters()), trainer.state.optimizers[0]
+    )
     metrics = {
         key.replace("module.module.", "module."): [float(v) for _, v in series]  # DDP's prefix
         for key, series in logger.data.items()
         if key.startswith("l2_norm/")
     }
     trainer.close()
-    return Result(params, probe.readings, metrics)
+    return Result(params, probe.readings, metrics, compensated)
 
 
 def resumed_cell(cell: Cell, configuration: str, folder: str) -> Result:

@@ -37,7 +37,7 @@ from tests.composer_adam.distributed_worker import (
 )
 from tests.composer_adam.harness import make_model
 from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
-from tests.core.test_configurations import assert_cell_matches
+from tests.core.test_configurations import assert_cell_matches, assert_compensation_kept
 from tests.processes import run_worker, two_rank_command
 
 CONFIGURATIONS = (*MATRIX, *PROBES)
@@ -88,6 +88,26 @@ def test_cell_equals_one_process_loop(
     assert_cell_matches(result.params, own_loop.params, reference.params, dtype_name)
     if dtype_name in FP32_CELLS:
         assert_same_metrics(result, reference, rel=1e-5, skip=skip)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("configuration", MATRIX)
+def test_bf16_cells_keep_their_kahan_compensation(
+    trained: dict, configuration: str, optimizer: str, backend: str
+) -> None:
+    """Held to bf16 ulps, parameters alone pass with Kahan compensation lost (a Composer
+    wrapper or state path dropping it); their compensated values do not."""
+    result: Result = trained[(configuration, optimizer, backend, "bf16")]
+    own_loop: Result = trained[(configuration, optimizer, "loop", "bf16")]
+    assert_compensation_kept(
+        result.compensated,
+        result.params,
+        own_loop.compensated,
+        one_process(optimizer, "bf16").compensated,
+        exact_gradients=False,
+    )
 
 
 @pytest.mark.slow

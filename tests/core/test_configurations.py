@@ -193,12 +193,20 @@ def test_cell_equals_one_process_loop(
 
 COMPENSATED_CONFIGURATIONS = [c for c in CONFIGURATIONS if c not in FSDP1_CONFIGURATIONS]
 """FSDP1's optimizer state is flat: its cells' compensation is not gathered per parameter."""
-COMPENSATED_ATOL = 1e-5
-"""Parameter + compensation from the same gradients: backends agree within 1e-6 (measured),
-where dropping the compensation moves it by 2.8e-3 to 4.0e-3 in this run (one process)."""
-REDUCED_COMPENSATED_ATOL = 1.5e-3
+COMPENSATED_ATOL = 3e-4
+"""Parameter + compensation against the same configuration's loop run: within 6.9e-5
+measured (Composer's fused cells, where a parameter rounded to the other bf16 neighbour
+changes later gradients; core's within 1e-6). Without the compensation, 60-68% of the
+elements move by more than 2e-4 in this run (one process, each optimizer)."""
+EXACT_COMPENSATED_ATOL = 1e-5
+"""The same against one process where every rank has the same fixed gradients (DTensor)."""
+REDUCED_OFF = 5e-4
+REDUCED_OFF_FRACTION = 0.05
 """Against one process where 2 ranks sum bf16 gradients (each a rounding off the whole
-batch's): up to 8.0e-4 measured (DDP, FSDP2), below the 2.8e-3 of a dropped compensation."""
+batch's): the fraction of elements more than REDUCED_OFF away. Without the compensation
+32-43% are (one process, each optimizer; 2.8e-3 to 4.0e-3 at most); with it most
+elements are within 8e-4, but ADOPT's clipped update moves an element whose v is tiny by
+up to 0.26 lr from a rounding of its gradient (measured under Composer's FSDP2)."""
 
 
 @pytest.mark.slow
@@ -236,9 +244,16 @@ def assert_compensation_kept(
         torch.testing.assert_close(got, want, atol=COMPENSATED_ATOL, rtol=0)
     if one_process is None:
         return
-    atol = COMPENSATED_ATOL if exact_gradients else REDUCED_COMPENSATED_ATOL
-    for got, want in zip(result, one_process, strict=True):
-        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    if exact_gradients:
+        for got, want in zip(result, one_process, strict=True):
+            torch.testing.assert_close(got, want, atol=EXACT_COMPENSATED_ATOL, rtol=0)
+        return
+    off = torch.cat([(a - b).abs().flatten() for a, b in zip(result, one_process, strict=True)])
+    fraction = float((off > REDUCED_OFF).float().mean())
+    assert fraction <= REDUCED_OFF_FRACTION, (
+        f"{fraction:.1%} of elements more than {REDUCED_OFF} off one process "
+        f"(mean {float(off.mean()):.2e}, max {float(off.max()):.2e})"
+    )
 
 
 @pytest.mark.slow
