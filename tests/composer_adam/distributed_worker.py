@@ -145,35 +145,44 @@ FP32_CELLS = ("fp32", "fp32-8bit")
 """Cells with fp32 parameters, whose OptimizerMonitor metrics are compared."""
 MATRIX = ("ddp", "fsdp2", "fsdp2_release")
 """Configurations that train every cell."""
-PROBES: dict[str, Cell] = {
-    "fsdp2_unaveraged": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_uneven": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_uneven_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_masked": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_masked_release": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_masked_release_accumulation": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_release_grad_norms_only": Cell("DecoupledAdamW", "default", "fp32"),
-    "ddp_release": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_resumed": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_release_resumed": Cell("DecoupledAdamW", "default", "fp32"),
-    "fsdp2_composer_resumed": Cell("DecoupledAdamW", "default", "fp32"),
+
+
+def _probe(*backends: str) -> list[Cell]:
+    return [Cell("DecoupledAdamW", backend, "fp32") for backend in backends]
+
+
+EVERY_BACKEND = tuple(BACKENDS)
+PROBES: dict[str, list[Cell]] = {
+    "fsdp2_unaveraged": _probe("default"),
+    "fsdp2_release_accumulation": _probe(*EVERY_BACKEND),
+    "fsdp2_uneven": _probe(*EVERY_BACKEND),
+    "fsdp2_uneven_release_accumulation": _probe(*EVERY_BACKEND),
+    "fsdp2_masked": _probe(*EVERY_BACKEND),
+    "fsdp2_masked_release": _probe(*EVERY_BACKEND),
+    "fsdp2_masked_release_accumulation": _probe(*EVERY_BACKEND),
+    "fsdp2_release_grad_norms_only": _probe("default"),
+    "ddp_release": _probe("default"),
+    "fsdp2_resumed": _probe(*EVERY_BACKEND),
+    "fsdp2_release_resumed": _probe(*EVERY_BACKEND),
+    "fsdp2_composer_resumed": _probe("default"),
 }
-"""Configurations that run one cell: FSDP2 without `average_fsdp2_gradients` (shows what
-it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), the same and FSDP2
-alone over ranks whose microbatches differ in size (`_uneven_loader`), the same loader
-counting tokens with rank 1's short microbatch masked (`_masked_tokens`; FSDP2 alone,
-with release, with optimizer accumulation), FSDP2 with
-GradientRelease and OptimizerMonitor(log_optimizer_metrics=False), DDP with
-GradientRelease (must be refused), and FSDP2 runs checkpointed halfway and resumed from
-the sharded checkpoint (`resumed_cell`): without release, with it, and with Composer's own
-DecoupledAdamW."""
+"""Configurations that run DecoupledAdamW in fp32: FSDP2 without `average_fsdp2_gradients`
+(shows what it corrects), FSDP2 with GradientRelease(optimizer_accumulation=True), the
+same and FSDP2 alone over ranks whose microbatches differ in size (`_uneven_loader`), the
+same loader counting tokens with rank 1's short microbatch masked (`_masked_tokens`; FSDP2
+alone, with release, with optimizer accumulation), FSDP2 with GradientRelease and
+OptimizerMonitor(log_optimizer_metrics=False), DDP with GradientRelease (must be
+refused), and FSDP2 runs checkpointed halfway and resumed from the sharded checkpoint
+(`resumed_cell`): without release, with it, and with Composer's own DecoupledAdamW. Those
+that step run default flags and each explicit backend; default flags only: the gradient
+sum without the divide hook and the gradient norms (both read before any step), the DDP
+refusal (before any step) and Composer's own class (no backend flags)."""
 RESUMED_AT = STEPS // 2
 
 
 def cells(configuration: str) -> list[Cell]:
     if configuration in PROBES:
-        return [PROBES[configuration]]
+        return PROBES[configuration]
     return [
         Cell(optimizer, backend, dtype_name)
         for optimizer in OPTIMIZERS
@@ -186,14 +195,13 @@ def train_cell(
     cell: Cell,
     configuration: str = "one_process",
     microbatch: int = MICROBATCH,
-    batches: int = STEPS,
     **checkpointing: Any,
 ) -> Result:
     """Train one cell: warmup from lr = 0 over 2 batches, then linear decay; 8 batches of
     16 samples in microbatches, under `configuration`: one process (or DDP on more
     ranks), FSDP2Config ("fsdp2..."), with GradientRelease ("...release"), with optimizer
     accumulation ("...release_accumulation"), with Composer's own class ("..._composer...").
-    `batches` ends it early; `checkpointing` goes to the Trainer (save_folder, load_path)."""
+    `checkpointing` goes to the Trainer (save_folder, load_path)."""
     model = make_model(dtype=cell.dtype, hidden=cell.hidden, train_accuracy=False)
     release = "release" in configuration
     masked = "_masked" in configuration
@@ -239,7 +247,7 @@ def train_cell(
         accumulate_train_batch_on_tokens=masked,
         optimizers=optimizer,
         schedulers=LinearWithWarmupScheduler(t_warmup="2ba", alpha_f=0.5),
-        max_duration=f"{batches}ba",
+        max_duration=f"{STEPS}ba",
         device="cpu",
         device_train_microbatch_size=microbatch,
         parallelism_config={"fsdp": FSDP2Config()} if fsdp2 else None,
@@ -266,11 +274,13 @@ def train_cell(
 
 
 def resumed_cell(cell: Cell, configuration: str, folder: str) -> Result:
-    """RESUMED_AT batches with a sharded checkpoint (torch.distributed.checkpoint) saved
-    at the end, then a new Trainer resumed from it (load_path) for the rest."""
+    """A whole run saving a sharded checkpoint (torch.distributed.checkpoint) after
+    RESUMED_AT batches, as a preempted job would have, then a new Trainer resumed from it
+    (load_path) for the rest. A first run ended there instead (max_duration RESUMED_AT)
+    would have scheduled its lr over RESUMED_AT batches, so its checkpoint held another
+    lr for the next batch and the resumed run could not equal the uninterrupted one."""
     trained = configuration.removesuffix("_resumed")
-    interval = f"{RESUMED_AT}ba"
-    train_cell(cell, trained, batches=RESUMED_AT, save_folder=folder, save_interval=interval)
+    train_cell(cell, trained, save_folder=folder, save_interval=f"{RESUMED_AT}ba")
     return train_cell(cell, trained, load_path=f"{folder}/ep0-ba{RESUMED_AT}")
 
 
@@ -282,7 +292,7 @@ def main(output: str, *configurations: str) -> None:
         for cell in cells(configuration):
             try:
                 if configuration.endswith("_resumed"):
-                    folder = f"{output}.{configuration}"
+                    folder = f"{output}.{configuration}.{cell.backend}"
                     result = resumed_cell(cell, configuration, folder)
                 else:
                     result = train_cell(cell, configuration)

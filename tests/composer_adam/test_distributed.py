@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests.composer_adam.distributed_worker import (
+    EVERY_BACKEND,
     FP32_CELLS,
     MATRIX,
     MICROBATCH,
@@ -135,20 +136,27 @@ def test_release_under_fsdp2_equals_fsdp2_and_frees_gradients(
     )
 
 
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 def test_release_with_optimizer_accumulation_under_fsdp2_equals_one_process(
-    trained: dict,
+    trained: dict, backend: str
 ) -> None:
     """Each rank's k-th microbatch of 4, reduce-scattered, is the gradient of one
     process's k-th microbatch of 8 (the same samples), so folding microbatches into the
     moments on 2 ranks equals folding them on one process; no gradient outlives any
     microbatch's backward."""
-    cell = PROBES["fsdp2_release_accumulation"]
+    cell = Cell("DecoupledAdamW", backend, "fp32")
     result: Result = trained[("fsdp2_release_accumulation", *cell.key)]
-    reference = train_cell(cell, "release_accumulation", microbatch=2 * MICROBATCH)
+    reference = _one_process_folding(cell.optimizer)
     for got, want in zip(result.params, reference.params, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert_same_metrics(result, reference, rel=1e-5)
     assert result.grad_bytes_after_backward == [0] * 2 * STEPS
+
+
+@functools.cache
+def _one_process_folding(optimizer: str) -> Result:
+    """One process folding microbatches of twice the size, loop backend."""
+    return train_cell(Cell(optimizer, "loop", "fp32"), "release_accumulation", 2 * MICROBATCH)
 
 
 def _travelled_and_gap(cell: Cell, ordinary: Result, released: Result) -> tuple[float, float]:
@@ -160,15 +168,16 @@ def _travelled_and_gap(cell: Cell, ordinary: Result, released: Result) -> tuple[
     return float(torch.cat(moved).norm()), float(torch.cat(apart).norm())
 
 
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 def test_release_with_optimizer_accumulation_under_fsdp2_is_exact_for_unequal_ranks(
-    trained: dict,
+    trained: dict, backend: str
 ) -> None:
     """Rank 0's microbatches hold 4 and 4 samples, rank 1's 4 and 2, every per-sample
     gradient agreeing: Composer scales each rank's loss by its samples over all ranks', and
     FSDP2 sums the ranks' gradients, so each fold's share is its microbatch's samples on
     every rank (8, then 6). Then folding equals FSDP2's ordinary accumulation; with each
     rank's own counts as shares it did not (8.6% of the distance travelled off)."""
-    cell = PROBES["fsdp2_uneven"]
+    cell = Cell("DecoupledAdamW", backend, "fp32")
     released: Result = trained[("fsdp2_uneven_release_accumulation", *cell.key)]
     ordinary: Result = trained[("fsdp2_uneven", *cell.key)]
     travelled, gap = _travelled_and_gap(cell, ordinary, released)
@@ -177,16 +186,17 @@ def test_release_with_optimizer_accumulation_under_fsdp2_is_exact_for_unequal_ra
     assert released.grad_bytes_after_backward == [0] * 2 * STEPS
 
 
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize("mode", ["release", "release_accumulation"])
 def test_release_under_fsdp2_steps_once_where_one_rank_has_a_masked_microbatch(
-    trained: dict, mode: str
+    trained: dict, mode: str, backend: str
 ) -> None:
     """Token counts, rank 1's last microbatch all masked (count 0): that rank alone
     refused it while rank 0 waited in the next collective. Which microbatch steps is now
     decided from counts summed over the ranks, so both step at the last microbatch
     holding tokens on any rank: release equals FSDP2 alone bit for bit, optimizer
     accumulation within 1e-5 of the distance travelled."""
-    cell = PROBES["fsdp2_masked"]
+    cell = Cell("DecoupledAdamW", backend, "fp32")
     ordinary: Result = trained[("fsdp2_masked", *cell.key)]
     released: Result = trained[(f"fsdp2_masked_{mode}", *cell.key)]
     travelled, gap = _travelled_and_gap(cell, ordinary, released)
@@ -200,7 +210,7 @@ def test_release_under_fsdp2_logs_global_grad_norms_without_optimizer_metrics(
 ) -> None:
     """OptimizerMonitor(log_optimizer_metrics=False): no reduction over ranks follows, so
     the callback logs each DTensor gradient norm as the global norm, not a rank's part."""
-    cell = PROBES["fsdp2_release_grad_norms_only"]
+    (cell,) = PROBES["fsdp2_release_grad_norms_only"]
     result: Result = trained[("fsdp2_release_grad_norms_only", *cell.key)]
     reference = one_process(cell.optimizer, cell.dtype_name)
     grads = {k: v for k, v in reference.metrics.items() if k.startswith("l2_norm/grad/")}
@@ -212,7 +222,7 @@ def test_release_under_fsdp2_logs_global_grad_norms_without_optimizer_metrics(
 def test_fsdp2_over_gloo_sums_gradients_without_the_divide_hook(trained: dict) -> None:
     """What average_fsdp2_gradients corrects (torch 2.7): when this fails, torch averages
     on gloo by itself and the hook would halve gradients; remove it."""
-    cell = PROBES["fsdp2_unaveraged"]
+    (cell,) = PROBES["fsdp2_unaveraged"]
     result: Result = trained[("fsdp2_unaveraged", *cell.key)]
     reference = one_process(cell.optimizer, cell.dtype_name)
     grads = [key for key in reference.metrics if key.startswith("l2_norm/grad/")]
@@ -222,26 +232,34 @@ def test_fsdp2_over_gloo_sums_gradients_without_the_divide_hook(trained: dict) -
         assert result.metrics[key] == pytest.approx(doubled, rel=1e-5), key
 
 
-def test_release_under_fsdp2_resumes_from_a_sharded_checkpoint(trained: dict) -> None:
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_release_under_fsdp2_resumes_from_a_sharded_checkpoint(trained: dict, backend: str) -> None:
     """Halfway, a sharded checkpoint; a new Trainer resumes from it (load_path). With
-    release the run equals the resumed run without it, bit for bit, and both equal
-    Composer's own DecoupledAdamW resumed the same way. Composer loads the checkpoint when
-    the Trainer is built, before GradientRelease switches release on at fit start (under
+    release the run equals the resumed run without it, bit for bit, and both equal the
+    run never interrupted and Composer's own DecoupledAdamW resumed the same way.
+    Composer loads the checkpoint when the Trainer is built, before GradientRelease
+    switches release on at fit start (under
     Lightning, release was on when torch.distributed.checkpoint created the state to load
     into, which released parameters skipped until core stepped them: see
     tests/core/test_gradient_release.py)."""
-    cell = PROBES["fsdp2_release_resumed"]
+    cell = Cell("DecoupledAdamW", backend, "fp32")
     released: Result = trained[("fsdp2_release_resumed", *cell.key)]
     ordinary: Result = trained[("fsdp2_resumed", *cell.key)]
-    composers: Result = trained[("fsdp2_composer_resumed", *cell.key)]
-    for got, want, theirs in zip(released.params, ordinary.params, composers.params, strict=True):
+    (composer_cell,) = PROBES["fsdp2_composer_resumed"]
+    composers: Result = trained[("fsdp2_composer_resumed", *composer_cell.key)]
+    uninterrupted: Result = trained[("fsdp2", *cell.key)]
+    for got, want, whole, theirs in zip(
+        released.params, ordinary.params, uninterrupted.params, composers.params, strict=True
+    ):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+        torch.testing.assert_close(got, whole, atol=1e-6, rtol=0)
         torch.testing.assert_close(got, theirs, atol=1e-6, rtol=0)
 
 
 @pytest.mark.bad_input
 def test_gradient_release_under_ddp_is_refused(trained: dict) -> None:
-    message = trained[("ddp_release", *PROBES["ddp_release"].key)]
+    (cell,) = PROBES["ddp_release"]
+    message = trained[("ddp_release", *cell.key)]
     assert isinstance(message, str), "DDP with GradientRelease must be refused"
     assert message.startswith(
         "Invalid parallelism for GradientRelease on 2 ranks: DistributedDataParallel"

@@ -414,12 +414,28 @@ def test_a_scheduled_window_is_refused_up_front_where_accumulation_cannot_work()
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_accumulation_with_a_short_last_window_trains(backend: str) -> None:
-    """5 batches per epoch, windows of 2: Lightning steps after batches 2, 4 and 5."""
-    model = Regression(lr=1e-2, **BACKENDS[backend])
-    trainer = _fit(model, True, accumulate_grad_batches=2, data=loader(regression_data(160)))
-    assert trainer.global_step == EPOCHS * 3
-    states = trainer.optimizers[0].state.values()
-    assert {float(s["step"]) for s in states} == {EPOCHS * 3.0}
+    """5 batches per epoch, windows of 2: Lightning steps after batches 2, 4 and 5, and
+    the short window's step equals ordinary accumulation's (each window's micro-batches
+    agree, so the fold is exact)."""
+    x, y = _repeated_batches(2).tensors
+    data = TensorDataset(x[: 5 * 32], y[: 5 * 32])  # batches a, a, b, b, c
+    runs = []
+    for release in (False, True):
+        model = Regression(scheduler=SCHEDULE, **ACCUMULATING["AdamW"], **BACKENDS[backend])
+        trainer = _fit(
+            model, release, precision="64-true", accumulate_grad_batches=2, data=loader(data)
+        )
+        assert trainer.global_step == EPOCHS * 3
+        states = trainer.optimizers[0].state.values()
+        assert {float(s["step"]) for s in states} == {EPOCHS * 3.0}
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    start = Regression(scheduler=SCHEDULE, **ACCUMULATING["AdamW"]).double()
+    moved = [
+        (a - b).abs().max() for a, b in zip(start.parameters(), runs[1].parameters(), strict=True)
+    ]
+    assert min(moved) > 1e-3, "every parameter trained"
 
 
 @pytest.mark.bad_input

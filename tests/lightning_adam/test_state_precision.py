@@ -52,9 +52,14 @@ def test_8bit_state_trains_through_the_trainer_and_resumes_exactly(
     assert optimizer.state[weight]["exp_avg_codes"].dtype == torch.uint8
     assert "exp_avg" in optimizer.state[uninterrupted.net[0].bias]
     assert all(group["gradient_release"] is release for group in optimizer.param_groups)
-    # the same run as full precision, to within what 8-bit moments change
+    # the same run as full precision, to within what 8-bit moments change: measured 0.0036
+    # (32-true) and 0.0039 (bf16-true) of 0.18 travelled; a wrong beta2 (0.9) is 0.027 off
     for a, b in zip(full.parameters(), uninterrupted.parameters(), strict=True):
-        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0)
+        torch.testing.assert_close(a.float(), b.float(), atol=0.008, rtol=0)
+    start = Regression("AdamW", width=WIDTH, lr=1e-2)
+    pairs = zip(start.parameters(), full.parameters(), strict=True)
+    travelled = [float((a - b.float()).abs().max()) for a, b in pairs]
+    assert min(travelled) > 1e-3, "every parameter trained"
 
     _, first = fit(3, precision, release, state_precision="8bit", **flags)
     path = tmp_path / "half.ckpt"
