@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from itertools import product
 from typing import Any
 
 import lightning as L
@@ -23,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.distributed.fsdp import fully_shard
 
 from lightning_adam import GradientRelease, OptimizerMonitor
-from tests.core.configuration_cases import Cell
+from tests.core.configuration_cases import BACKENDS, Cell
 from tests.lightning_adam import strategy_cases
 from tests.lightning_adam.models import (
     Regression,
@@ -42,10 +43,11 @@ ACCUMULATION_SCHEDULE = {0: 1, 1: 2}
 """A GradientAccumulationScheduler's windows by epoch: a step per batch, then per two."""
 RUNS: dict[str, tuple[dict[str, Any], bool, int | dict[int, int], str]] = {
     # name: (optimizer kwargs, gradient release, accumulate_grad_batches or a
-    # GradientAccumulationScheduler's scheduling, strategy). Every optimizer, backend and
-    # dtype is strategy_cases' matrix; these add lightning_adam.configure_optimizers (decay
-    # and no-decay groups, a schedule), the DistributedSampler, accumulation and release
-    # under DDP and ModelParallelStrategy, all with default backend flags.
+    # GradientAccumulationScheduler's scheduling, strategy). Every optimizer and dtype is
+    # strategy_cases' matrix; these add lightning_adam.configure_optimizers (decay and
+    # no-decay groups, a schedule), the DistributedSampler, accumulation and release under
+    # DDP and ModelParallelStrategy, each run with default flags and each explicit backend
+    # (run_name).
     "AdamW": (ADAMW, False, 1, "ddp"),
     "AdamW-release": (ADAMW, True, 1, "ddp"),
     "ADOPT-accumulate": ({"optimizer": "ADOPT", "lr": 1e-2}, False, 2, "ddp"),
@@ -61,6 +63,11 @@ RUNS: dict[str, tuple[dict[str, Any], bool, int | dict[int, int], str]] = {
         "model_parallel",
     ),
 }
+
+
+def run_name(name: str, backend: str) -> str:
+    """The key of RUNS[name] trained with BACKENDS[backend]'s flags."""
+    return f"{name}[{backend}]"
 
 
 def accumulation_settings(accumulate: int | dict[int, int]) -> dict[str, Any]:
@@ -92,7 +99,9 @@ def run_trainer(
 
 
 MONITORED = ("ddp", "model_parallel")
-"""OptimizerMonitor logs the same global norms under DDP and under FSDP2 shards."""
+"""OptimizerMonitor logs the same global norms under DDP and under FSDP2 shards (default
+flags: the monitor reads gradients, state and parameters, which every backend leaves
+alike, as the runs above show)."""
 MONITORED_STATES = {"full": 16, "8bit": 2048}
 """state_precision -> the model's width: 2048 makes the last weight (3, 2048), quantized."""
 
@@ -117,16 +126,18 @@ def _monitored_fit(out: str, strategy: str, state_precision: str) -> None:
         assert "exp_avg_codes" in state, "the wide weight keeps 8-bit state"
 
 
-def _resumed_fit(out: str, name: str) -> list[torch.Tensor]:
+def _resumed_fit(out: str, name: str, backend: str) -> list[torch.Tensor]:
     """RUNS[name] for one epoch with a checkpoint, then resumed from it to EPOCHS: under
     ModelParallelStrategy the checkpoint is torch.distributed.checkpoint's, whose loader
     creates the state it loads into with a step at lr 0 (see the test)."""
     kwargs, release, accumulate, strategy = RUNS[name]
     sharded = strategy == "model_parallel"
-    directory = f"{out}/{name}-checkpoint"
+    directory = f"{out}/{run_name(name, backend)}-checkpoint"
     model = None
     for epochs, resume in ((1, None), (EPOCHS, f"{directory}/last.ckpt")):
-        model = (ShardedRegression if sharded else Regression)(scheduler=SCHEDULE, **kwargs)
+        model = (ShardedRegression if sharded else Regression)(
+            scheduler=SCHEDULE, **kwargs, **BACKENDS[backend]
+        )
         callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=directory, save_last=True)]
         trainer = run_trainer(
             accumulate,
@@ -140,19 +151,19 @@ def _resumed_fit(out: str, name: str) -> list[torch.Tensor]:
     return strategy_cases.full_parameters(model)
 
 
-def _resumed_inside_a_window(out: str) -> dict[str, list[torch.Tensor]]:
+def _resumed_inside_a_window(out: str, backend: str) -> dict[str, list[torch.Tensor]]:
     """AdamW released under ModelParallelStrategy with windows of two batches: fitted
     whole, and stopped inside a window with a checkpoint (torch.distributed.checkpoint's)
     then resumed from it. DCP loads only the state keys the fresh optimizer has, so the
     window's count is carried by GradientRelease's own checkpoint state."""
-    path = f"{out}/inside-window.ckpt"
+    path = f"{out}/inside-window-{backend}.ckpt"
     results = {}
     for name, stop, resume in (
         ("whole", None, None),
         ("stopped", StopInsideWindow(path, epoch=1, batch=0), None),
         ("resumed", None, path),
     ):
-        model = ShardedRegression(scheduler=SCHEDULE, **ADAMW)
+        model = ShardedRegression(scheduler=SCHEDULE, **ADAMW, **BACKENDS[backend])
         trainer = make_trainer(
             accumulate_grad_batches=2,
             callbacks=[GradientRelease(), *([stop] if stop else [])],
@@ -180,9 +191,11 @@ class ShardedRegression(Regression):
 
 def main(out: str) -> None:
     results, rank = {}, 0
-    for name, (kwargs, release, accumulate, strategy) in RUNS.items():
+    for (name, (kwargs, release, accumulate, strategy)), backend in product(RUNS.items(), BACKENDS):
         sharded = strategy == "model_parallel"
-        model = (ShardedRegression if sharded else Regression)(scheduler=SCHEDULE, **kwargs)
+        model = (ShardedRegression if sharded else Regression)(
+            scheduler=SCHEDULE, **kwargs, **BACKENDS[backend]
+        )
         trainer = run_trainer(
             accumulate,
             [GradientRelease()] if release else [],
@@ -191,12 +204,13 @@ def main(out: str) -> None:
             max_epochs=EPOCHS,
         )
         trainer.fit(model, loader(regression_data(SAMPLES), BATCH_PER_RANK))
-        results[name] = strategy_cases.full_parameters(model)
-        results[f"{name}-steps"] = trainer.global_step
+        results[run_name(name, backend)] = strategy_cases.full_parameters(model)
+        results[f"{run_name(name, backend)}-steps"] = trainer.global_step
         rank = trainer.global_rank
-    for name in RESUMED:
-        results[f"{name}-resumed"] = _resumed_fit(out, name)
-    results["inside-window"] = _resumed_inside_a_window(out)
+    for name, backend in product(RESUMED, BACKENDS):
+        results[f"{run_name(name, backend)}-resumed"] = _resumed_fit(out, name, backend)
+    for backend in BACKENDS:
+        results[run_name("inside-window", backend)] = _resumed_inside_a_window(out, backend)
     for strategy in MONITORED:
         for state_precision in MONITORED_STATES:
             _monitored_fit(out, strategy, state_precision)

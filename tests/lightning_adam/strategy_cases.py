@@ -43,14 +43,17 @@ PRECISIONS = {
     "bf16-8bit": "bf16-true",
 }
 CELLS = [Cell(o, b, d) for o in OPTIMIZERS for b in BACKENDS for d in DTYPES]
-RELEASE_CELLS = [Cell(o, "default", d) for o in OPTIMIZERS for d in DTYPES]
-"""GradientRelease under ModelParallelStrategy: every optimizer, default flags, both dtypes."""
+RELEASE_CELLS = CELLS
+"""GradientRelease under ModelParallelStrategy: every cell of the matrix."""
 ACCUMULATE = 2
-RELEASE_ACCUMULATE_CELLS = [Cell(o, "default", "fp32") for o in ("Adam", "AdamW", "RAdam")]
+RELEASE_ACCUMULATE_CELLS = [
+    Cell(o, b, "fp32") for o in ("Adam", "AdamW", "RAdam") for b in BACKENDS
+]
 """Release with accumulate_grad_batches=ACCUMULATE under ModelParallelStrategy: the
 optimizers whose optimizer accumulation folds micro-batches into the moments."""
-TENSOR_PARALLEL_CELLS = [Cell("AdamW", "default", d) for d in DTYPES]
-"""Tensor parallelism (ModelParallelStrategy(1, 2)), with and without release."""
+TENSOR_PARALLEL_CELLS = [Cell("AdamW", b, d) for b in BACKENDS for d in DTYPES]
+"""Tensor parallelism (ModelParallelStrategy(1, 2)), with and without release: AdamW, every
+backend and dtype."""
 
 
 def rank_batch(index: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:

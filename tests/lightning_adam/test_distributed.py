@@ -15,10 +15,12 @@ within one ulp per step (at no less than lr) of one process (tests/core/test_con
 from __future__ import annotations
 
 import csv
+import functools
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -44,6 +46,7 @@ from tests.lightning_adam.distributed_worker import (
     SCHEDULE,
     SPAWN_CELLS,
     optimizer_steps,
+    run_name,
 )
 from tests.lightning_adam.models import (
     Regression,
@@ -85,14 +88,16 @@ def ranks(lightning_out: Path) -> list[dict]:
     return [torch.load(lightning_out / f"rank{r}.pt") for r in (0, 1)]
 
 
-def test_every_run_keeps_the_replicas_identical(ranks: list[dict]) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_every_run_keeps_the_replicas_identical(ranks: list[dict], backend: str) -> None:
     initial = parameters_of(Regression())
     for name, (_, _, accumulate, _) in RUNS.items():
+        run = run_name(name, backend)
         steps = optimizer_steps(accumulate)
-        assert ranks[0][f"{name}-steps"] == ranks[1][f"{name}-steps"] == steps, name
-        for a, b in zip(ranks[0][name], ranks[1][name], strict=True):
-            assert torch.equal(a, b), f"{name}: replicas differ"
-        assert all(not torch.equal(a, b) for a, b in zip(initial, ranks[0][name], strict=True))
+        assert ranks[0][f"{run}-steps"] == ranks[1][f"{run}-steps"] == steps, run
+        for a, b in zip(ranks[0][run], ranks[1][run], strict=True):
+            assert torch.equal(a, b), f"{run}: replicas differ"
+        assert all(not torch.equal(a, b) for a, b in zip(initial, ranks[0][run], strict=True))
 
 
 def _global_batches(epoch: int) -> list[list[int]]:
@@ -138,38 +143,51 @@ def _one_process_loader() -> DataLoader:
     )
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("name", ["AdamW", "AdamW-model-parallel"])
 def test_ddp_and_fsdp2_equal_one_process_with_the_same_global_batch(
-    name: str, ranks: list[dict]
+    name: str, backend: str, ranks: list[dict]
 ) -> None:
     """One process takes each step on the 64 samples the two ranks shared (DDP and FSDP2
     average their gradients, a mean over 32 each): the same parameters to float32
     rounding, with configure_optimizers' groups and schedule and Lightning's sampler."""
-    model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0])
+    for a, b in zip(ranks[0][run_name(name, backend)], _one_process_run(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@functools.cache
+def _one_process_run() -> list[torch.Tensor]:
+    """RUNS["AdamW"] on one process over the global batches, loop backend."""
+    model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0], **BACKENDS["loop"])
     trainer = make_trainer(max_epochs=EPOCHS)
     trainer.fit(model, _one_process_loader())
     assert trainer.global_step == STEPS
-    for a, b in zip(ranks[0][name], model.parameters(), strict=True):
-        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
+    return parameters_of(model)
 
 
-def test_release_equals_training_without_release(ranks: list[dict]) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_equals_training_without_release(ranks: list[dict], backend: str) -> None:
     for ordinary, released in (
         ("AdamW", "AdamW-release"),
         ("ADOPT-accumulate", "ADOPT-accumulate-release"),
         ("AdamW-scheduled-accumulate", "AdamW-scheduled-accumulate-release"),
         ("AdamW-model-parallel", "AdamW-model-parallel-release"),
     ):
-        for a, b in zip(ranks[0][ordinary], ranks[0][released], strict=True):
-            assert torch.equal(a, b), f"{released} differs from {ordinary}"
+        pairs = zip(
+            ranks[0][run_name(ordinary, backend)],
+            ranks[0][run_name(released, backend)],
+            strict=True,
+        )
+        for a, b in pairs:
+            assert torch.equal(a, b), f"{released} differs from {ordinary} ({backend})"
 
 
 def _folded_by_hand(schedule: dict[int, int]) -> list[torch.Tensor]:
     """What Lightning's accumulation with release computes, written out without the
     callback: the global batches of each epoch, the loss divided by the epoch's window,
     core's optimizer accumulation on every batch but a window's (or the epoch's) last,
-    and configure_optimizers' per-step schedule after every real step."""
-    model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0])
+    and configure_optimizers' per-step schedule after every real step (loop backend)."""
+    model = Regression(scheduler=SCHEDULE, **RUNS["AdamW"][0], **BACKENDS["loop"])
     configured = model.configure_optimizers()
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     data, sampler = regression_data(SAMPLES), GlobalOrder()
@@ -189,37 +207,45 @@ def _folded_by_hand(schedule: dict[int, int]) -> list[torch.Tensor]:
     return parameters_of(model)
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_release_follows_an_accumulation_schedule_under_model_parallel(
-    ranks: list[dict],
+    ranks: list[dict], backend: str
 ) -> None:
     """A GradientAccumulationScheduler (a step per batch, then per two batches) under FSDP2
     with release: each rank folds every reduce-scattered micro-batch into the moments in
     the windows Lightning steps by, as core's optimizer accumulation does on one process
-    over the same global batches (configure_optimizers' groups and cosine schedule,
-    default flags). Release read the window once at fit start before it was read per
-    batch: the first epoch's 1 for all three."""
+    over the same global batches (configure_optimizers' groups and cosine schedule).
+    Release read the window once at fit start before it was read per batch: the first
+    epoch's 1 for all three."""
     name = "AdamW-model-parallel-scheduled-accumulate-release"
     _, _, schedule, _ = RUNS[name]
-    assert ranks[0][f"{name}-steps"] == optimizer_steps(schedule) == 8
-    for got, want in zip(ranks[0][name], _folded_by_hand(schedule), strict=True):
+    run = run_name(name, backend)
+    assert ranks[0][f"{run}-steps"] == optimizer_steps(schedule) == 8
+    for got, want in zip(ranks[0][run], _folded_by_hand(schedule), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def test_release_under_model_parallel_resumes_from_a_checkpoint_exactly(ranks: list[dict]) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_under_model_parallel_resumes_from_a_checkpoint_exactly(
+    ranks: list[dict], backend: str
+) -> None:
     """One epoch, a distributed checkpoint, the rest resumed from it: the same parameters
     as the uninterrupted run. Released parameters used to miss the lr-0 step that creates
     the state the checkpoint loads into, so the resumed run restarted its moments."""
-    name = "AdamW-model-parallel-release"
-    for a, b in zip(ranks[0][name], ranks[0][f"{name}-resumed"], strict=True):
+    run = run_name("AdamW-model-parallel-release", backend)
+    for a, b in zip(ranks[0][run], ranks[0][f"{run}-resumed"], strict=True):
         assert torch.equal(a, b)
 
 
-def test_release_under_model_parallel_resumes_inside_a_window_exactly(ranks: list[dict]) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_release_under_model_parallel_resumes_inside_a_window_exactly(
+    ranks: list[dict], backend: str
+) -> None:
     """A fit stopped inside an accumulation window, resumed from its distributed
     checkpoint: the same parameters as the uninterrupted fit. DCP loads only the state
     keys a fresh optimizer has, so the window's count was dropped and the resumed fit
     folded the window's last micro-batch into a new one (4e-3 apart)."""
-    runs = ranks[0]["inside-window"]
+    runs = ranks[0][run_name("inside-window", backend)]
     assert runs["stopped-steps"] == 2 and runs["whole-steps"] == runs["resumed-steps"] == 6
     for a, b in zip(runs["whole"], runs["resumed"], strict=True):
         assert torch.equal(a, b)
@@ -309,7 +335,7 @@ def test_launch_trained_every_cell(ranks: list[dict]) -> None:
     assert set(ranks[0]["matrix"]) == expected
 
 
-@pytest.mark.parametrize("cell", RELEASE_CELLS, ids=lambda cell: "-".join(cell.key[::2]))
+@pytest.mark.parametrize("cell", RELEASE_CELLS, ids=lambda cell: "-".join(cell.key))
 def test_release_under_model_parallel_equals_training_without_it(
     ranks: list[dict], cell: Cell
 ) -> None:
@@ -328,7 +354,7 @@ def test_release_under_model_parallel_equals_training_without_it(
     assert released["gradient_bytes"] == [0] * STEPS_PER_CELL
 
 
-@pytest.mark.parametrize("cell", TENSOR_PARALLEL_CELLS, ids=lambda cell: cell.dtype_name)
+@pytest.mark.parametrize("cell", TENSOR_PARALLEL_CELLS, ids=lambda cell: "-".join(cell.key[1:]))
 def test_release_under_tensor_parallelism_equals_training_without_it(
     ranks: list[dict], cell: Cell
 ) -> None:
@@ -350,11 +376,18 @@ def test_release_under_tensor_parallelism_equals_training_without_it(
     if cell.dtype_name == "fp32":
         for got, want in zip(released["params"], one_process, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    else:  # no loop-backend cell here: held to one process, ulps at no less than lr
+    else:  # held to one process, ulps at no less than lr
         assert_within_bf16_ulps(released["params"], one_process, LR)
 
 
-@pytest.mark.parametrize("cell", RELEASE_ACCUMULATE_CELLS, ids=lambda cell: cell.optimizer)
+@functools.cache
+def _one_process_releasing(optimizer: str, dtype_name: str) -> dict[str, Any]:
+    """One process releasing with accumulation, loop backend."""
+    cell = Cell(optimizer, "loop", dtype_name)
+    return fit_cell(cell, "single", release=True, accumulate=ACCUMULATE)
+
+
+@pytest.mark.parametrize("cell", RELEASE_ACCUMULATE_CELLS, ids=lambda cell: "-".join(cell.key[:2]))
 def test_release_with_accumulation_under_model_parallel_equals_one_process(
     ranks: list[dict], cell: Cell
 ) -> None:
@@ -362,12 +395,7 @@ def test_release_with_accumulation_under_model_parallel_equals_one_process(
     into the moments (core's optimizer accumulation): the same as one process releasing
     with the same global micro-batches and the loop backend."""
     released = ranks[0]["matrix"][("trainer_model_parallel_release_accumulate", *cell.key)]
-    one_process = fit_cell(
-        Cell(cell.optimizer, "loop", cell.dtype_name),
-        "single",
-        release=True,
-        accumulate=ACCUMULATE,
-    )
+    one_process = _one_process_releasing(cell.optimizer, cell.dtype_name)
     assert released["steps"] == one_process["steps"] == STEPS_PER_CELL // ACCUMULATE
     assert released["gradient_bytes"] == [0] * STEPS_PER_CELL
     for got, want in zip(released["params"], one_process["params"], strict=True):
