@@ -30,6 +30,10 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "foreach": {"foreach": True},
     "loop": {"foreach": False, "fused": False},
 }
+"""The optimizer as users build it (no flag) and each explicit backend. On these CPU
+processes triton=True is the fused flag (the Triton kernels run where tensors are on a
+GPU; their interpreter is tested against the loop backend in test_*_triton.py), so the
+matrices have no Triton column."""
 DTYPES = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,

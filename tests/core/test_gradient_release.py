@@ -884,10 +884,12 @@ def test_released_training_resumes_from_a_distributed_checkpoint(
         assert torch.equal(p, q)
 
 
-def test_optimizer_accumulation_is_exact_when_microbatch_gradients_agree() -> None:
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_optimizer_accumulation_is_exact_when_microbatch_gradients_agree(backend: str) -> None:
     batch = make_batches(torch.float64, 1)[0]
-    reference, _ = _accumulation_run(False, [batch] * 4, windows=6)
-    released, optimizer = _accumulation_run(True, [batch] * 4, windows=6)
+    flags = TRAINING_BACKENDS[backend]
+    reference, _ = _accumulation_run(False, [batch] * 4, windows=6, flags={"foreach": False})
+    released, optimizer = _accumulation_run(True, [batch] * 4, windows=6, flags=flags)
     for a, b in zip(reference.parameters(), released.parameters(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
     assert all(float(s["step"]) == 6 for s in optimizer.state.values())
@@ -1024,14 +1026,18 @@ def test_reopened_windows_count_their_microbatches_as_equal_shares() -> None:
     assert float(optimizer.state[param]["window_shares"]) == 2 * 5.0 + 5.0
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 @pytest.mark.parametrize("optimizer_name", list(ACCUMULATING))
 def test_optimizer_accumulation_first_moment_is_exact_and_second_carries_variance(
-    optimizer_name: str,
+    optimizer_name: str, backend: str
 ) -> None:
     """Also with L2 decay, which must enter the window's gradient once, not per micro-batch."""
     microbatches = make_batches(torch.float64, 4)
-    reference, reference_opt = _accumulation_run(False, microbatches, 1, optimizer_name)
-    released, released_opt = _accumulation_run(True, microbatches, 1, optimizer_name)
+    flags = TRAINING_BACKENDS[backend]
+    reference, reference_opt = _accumulation_run(
+        False, microbatches, 1, optimizer_name, flags={"foreach": False}
+    )
+    released, released_opt = _accumulation_run(True, microbatches, 1, optimizer_name, flags=flags)
     l2 = 0.1 if optimizer_name.endswith("-l2") else 0.0
     for p, q in zip(reference.parameters(), released.parameters(), strict=True):
         ordinary, folded = reference_opt.state[p], released_opt.state[q]

@@ -710,15 +710,15 @@ def test_adopt_stores_only_its_first_moment_in_8_bits() -> None:
     assert state["exp_avg_sq"].dtype == torch.float32 and "exp_avg_sq_codes" not in state
 
 
-@pytest.mark.parametrize("flags", [{"fused": True}, {"foreach": True}, {}], ids=str)
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_optimizer_accumulation_folds_into_8bit_moments_as_the_loop_backend_does(
-    flags: dict,
+    backend: str,
 ) -> None:
     """Two micro-batches folded (optimizer accumulation), then an update, for 3 windows:
     every backend equals the loop backend's 8-bit run (the folds run its code)."""
     data = batches(6)
     results = []
-    for options in ({"foreach": False, "fused": False}, flags):
+    for options in ({"foreach": False, "fused": False}, TRAINING_BACKENDS[backend]):
         model = Regression()
         optimizer = core.AdamW(model.parameters(), lr=1e-3, state_precision="8bit", **options)
         for index, (x, y) in enumerate(data):
