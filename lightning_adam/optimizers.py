@@ -229,7 +229,12 @@ def _resolve_optimizer(
             f"its parameters: {', '.join(accepted)}",
         )
     missing = [name for name in _required_arguments(cls) if name not in hyperparameters]
-    require(not missing, f"arguments for {label}", hyperparameters, f"also {', '.join(missing)}")
+    require(
+        not missing,
+        f"arguments for {label}",
+        hyperparameters,
+        f"arguments that include {', '.join(missing)}, which {label} requires (it has no default)",
+    )
     return cls, label, hyperparameters
 
 

@@ -531,7 +531,11 @@ def test_a_schedule_for_a_submodule_outside_a_trainer_names_the_module() -> None
         ({"optimizer": "lightning_adam.LRSchedule"}, r"Invalid optimizer: 'lightning_adam"),
         ({"lrr": 1e-3}, r"Invalid argument for core.AdamW: 'lrr'\. Allowed: .*: lr, betas,"),
         ({"lr": -1.0}, r"Invalid lr: -1.0\. Allowed: a finite number >= 0"),
-        ({"lr": None}, r"Invalid arguments for core.AdamW: \{\}\. Allowed: also lr\."),
+        (
+            {"lr": None},
+            r"Invalid arguments for core.AdamW: \{\}\. Allowed: arguments that include lr, "
+            r"which core.AdamW requires \(it has no default\)\.",
+        ),
         ({"scheduler": "cosin"}, r"Invalid scheduler kind: 'cosin'\. Allowed: one of cosine,"),
         ({"scheduler": {"warmup": 3}}, r"Invalid scheduler key: \['warmup'\]\. .*warmup_steps"),
         (
