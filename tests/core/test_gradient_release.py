@@ -283,10 +283,14 @@ def test_a_part_after_a_fold_is_refused_inside_backward(
 
 
 def _ordinary_and_released(
-    backend: str, steps: int, set_gradients: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+    backend: str,
+    steps: int,
+    set_gradients: Callable[[nn.Module, torch.Tensor, torch.Tensor], None],
+    after_prepare: Callable[[nn.Module], None] = lambda model: None,
 ) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
-    """Train the first algorithm's case without and with release on the same batches, each
-    batch's gradients made by `set_gradients(model, x, y)`, a step and zero_grad after it."""
+    """Train the first algorithm's case without and with release (after_prepare runs on
+    the model once prepared) on the same batches, each batch's gradients made by
+    `set_gradients(model, x, y)`, a step and zero_grad after it."""
     case = one_case_per_algorithm()[0]
     runs = []
     for release in (False, True):
@@ -296,6 +300,7 @@ def _ordinary_and_released(
         )
         if release:
             core.prepare_for_gradient_release(model, optimizer)
+            after_prepare(model)
         for x, y in make_batches(torch.float32, steps):
             set_gradients(model, x, y)
             optimizer.step()
@@ -1326,24 +1331,20 @@ def test_removing_release_from_a_part_of_the_prepared_model_steps_it_ordinarily(
     """remove_gradient_release(model[0]) after preparing the whole model did nothing (the
     part was not the module registered): now the part's parameters keep their gradients
     for optimizer.step() while the rest stays released, bit for bit ordinary training."""
-    case = one_case_per_algorithm()[0]
-    runs, kept = [], []
-    for release in (False, True):
-        model = make_model()
-        optimizer = case.make(
-            model.parameters(), gradient_release=release, **TRAINING_BACKENDS[backend]
-        )
-        if release:
-            core.prepare_for_gradient_release(model, optimizer)
-            core.remove_gradient_release(model[0])
-        for x, y in make_batches(torch.float32, 4):
-            nn.functional.mse_loss(model(x), y).backward()
-            kept.append([p.grad is not None for p in model.parameters()])
-            optimizer.step()
-            optimizer.zero_grad()
-        runs.append(model)
-    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+    kept = []
+
+    def backward_noting_kept(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        nn.functional.mse_loss(model(x), y).backward()
+        kept.append([p.grad is not None for p in model.parameters()])
+
+    (ordinary, _), (released, _) = _ordinary_and_released(
+        backend,
+        steps=4,
+        set_gradients=backward_noting_kept,
+        after_prepare=lambda model: core.remove_gradient_release(model[0]),
+    )
+    for a, b in zip(ordinary.parameters(), released.parameters(), strict=True):
         assert torch.equal(a, b)
-    part = len(list(runs[1][0].parameters()))
+    part = len(list(released[0].parameters()))
     assert kept[-1] == [True] * part + [False] * (len(kept[-1]) - part)
-    assert core.is_gradient_release_prepared(runs[1])
+    assert core.is_gradient_release_prepared(released)
