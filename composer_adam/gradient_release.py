@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,12 @@ its count: summed per microbatch they may round below the batch's own sum (float
 do by about 1e-7). Whole counts sum exactly and are compared exactly (a last microbatch of
 2 tokens in 2,000,002 is the last); a microbatch with samples after the count was reached
 is refused, not dropped."""
+
+
+_callback_of: weakref.WeakKeyDictionary[AdamFamilyOptimizer, GradientRelease] = (
+    weakref.WeakKeyDictionary()
+)
+"""The GradientRelease that armed each optimizer last."""
 
 
 class GradientRelease(Callback):
@@ -117,6 +124,13 @@ class GradientRelease(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         self._undo(state)  # what an earlier fit of this Trainer that raised left in place
         optimizer = self._check_supported(state)
+        previous = _callback_of.get(optimizer)
+        if previous is not None and previous is not self:
+            # A Trainer whose fit raised, still referenced (a notebook's last traceback),
+            # left its hooks on this optimizer: their stale records refused the new fit's
+            # first backward as a second one.
+            previous._undo(state, restore_monitors=False)
+        _callback_of[optimizer] = self
         self._optimizer, self._model = optimizer, state.model
         monitors = [
             (i, c) for i, c in enumerate(state.callbacks) if isinstance(c, OptimizerMonitor)
@@ -348,7 +362,12 @@ class GradientRelease(Callback):
         return optimizer
 
     def _arm(self, armed: bool) -> None:
-        if self._model is None or armed == core.is_gradient_release_prepared(self._model):
+        """Prepare or remove release of this fit's optimizer on its model (a model another
+        optimizer was left prepared on is prepared for this one: it was skipped as armed,
+        and release stayed off with a warning)."""
+        if self._model is None or armed == core.is_gradient_release_prepared(
+            self._model, self._optimizer
+        ):
             return
         if armed:
             core.prepare_for_gradient_release(self._model, self._optimizer)

@@ -41,37 +41,70 @@ from core.optimizer import (
 
 @dataclass(eq=False)  # one registration is one set of hooks: compared by identity
 class _Registration:
-    """The hooks one prepare_for_gradient_release call installed."""
+    """The hooks one prepare_for_gradient_release call installed. It lives in its
+    optimizer's gradient_release_registrations and holds the optimizer and the module it
+    was made on weakly: release ends with its optimizer (its hooks are removed when the
+    optimizer is collected), and a temporary container given to prepare may go."""
 
-    optimizer: AdamFamilyOptimizer
-    params: list[Tensor]
+    optimizer_ref: weakref.ref[AdamFamilyOptimizer]
+    module_ref: weakref.ref[nn.Module]
+    params: list[Tensor] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
 
+    @property
+    def optimizer(self) -> AdamFamilyOptimizer:
+        optimizer = self.optimizer_ref()
+        assert optimizer is not None, "a collected optimizer's registrations are forgotten"
+        return optimizer
+
     def release(self, params: list[Tensor]) -> None:
-        """Hook params (also called by add_param_group for a new released group); a
-        parameter another optimizer already releases is refused before any hook."""
+        """Hook params that require grad (also called by add_param_group for a new released
+        group, whose frozen params are left as prepare leaves them); a parameter another
+        optimizer already releases is refused before any hook, and a failed hook undoes
+        those made before it."""
+        params = [p for p in params if p.requires_grad]
         _refuse_released_elsewhere(self.optimizer, params, exempt=[])
-        hook = _release_hook(weakref.ref(self.optimizer))
-        self.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in params)
+        hook = _release_hook(self.optimizer_ref)
+        handles: list[RemovableHandle] = []
+        try:
+            for p in params:
+                handles.append(p.register_post_accumulate_grad_hook(hook))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        self.handles.extend(handles)
         self.params.extend(params)
         self.optimizer.released_params.update(params)
         self.optimizer._release_seen = True  # plain steps after removal are deliberate
 
 
-_registrations: weakref.WeakKeyDictionary[nn.Module, list[_Registration]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Each released model's registrations, one per optimizer (a head and a body trained by
-two optimizers are prepared on the same model, each on its own parameters)."""
-
 _releasing_optimizers: weakref.WeakSet[AdamFamilyOptimizer] = weakref.WeakSet()
-"""Optimizers that hold registrations. Their hooks step for as long as the optimizer
-lives, also when the module prepared was a temporary container since collected, so what
-is released anywhere is read from here, not from the models."""
+"""Optimizers that were prepared for release: their gradient_release_registrations are
+what is released anywhere (one per optimizer and module prepared; a head and a body
+trained by two optimizers are prepared on the same model, each on its own parameters)."""
 
 
 def _live_registrations() -> list[_Registration]:
     return [r for o in list(_releasing_optimizers) for r in o.gradient_release_registrations]
+
+
+def _guard_while_released() -> None:
+    """torch's guards stay while anything is released anywhere, no longer."""
+    _guard_torch(active=bool(_live_registrations()))
+
+
+def _forget_registrations(registrations: list[_Registration]) -> None:
+    """A released optimizer collected without remove_gradient_release: its hooks stayed on
+    the parameters (doing nothing, yet counted as foreign hooks by a later prepare), and
+    while the model lived the optimizer did too, so its hooks went on stepping and freeing
+    gradients a new optimizer then never saw. Also takes torch's guards off once nothing
+    is released anywhere (they stayed for the rest of the process)."""
+    for registration in registrations:
+        for handle in registration.handles:
+            handle.remove()
+    registrations.clear()
+    _guard_while_released()
 
 
 _CLIPPING_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
@@ -166,14 +199,6 @@ def _reaches_released(outputs: Any) -> bool:
             return True
         nodes.extend(following for following, _ in node.next_functions)
     return False
-
-
-def _unguard_when_nothing_is_released() -> None:
-    """A released model and its optimizer collected without remove_gradient_release:
-    torch's clipping functions are restored once no live optimizer releases anything, as
-    remove does (they stayed replaced for the rest of the process)."""
-    if not _live_registrations():
-        _guard_torch(active=False)
 
 
 def _inner_module(model: nn.Module) -> nn.Module:
@@ -336,19 +361,28 @@ def prepare_for_gradient_release(
             "Invalid optimizer for gradient release: no param group with gradient_release=True "
             "holds a parameter of this model. Create the optimizer with gradient_release=True."
         )
-    # Checked before the earlier registration is removed, so a refusal leaves it working.
+    # Checked before anything is removed, so a refusal leaves the earlier release working.
     # Replaced: this optimizer's earlier registration on the model, and another optimizer's
-    # that covers any of the same parameters (a new optimizer for a model a fit that raised
-    # left prepared); kept: other optimizers' on other parameters (a head and a body).
+    # on the model that covers any of the same parameters (a new optimizer for a model a
+    # fit that raised left prepared); kept: other optimizers' on other parameters (a head
+    # and a body). This optimizer's registrations made through other modules (a part of
+    # the model, a container) give up the parameters taken here.
     taking = set(released)
+    live = _live_registrations()
     earlier = [
         r
-        for r in _registrations.get(model, [])
-        if r.optimizer is optimizer or any(p in taking for p in r.params)
+        for r in live
+        if r.module_ref() is model
+        and (r.optimizer is optimizer or any(p in taking for p in r.params))
+    ]
+    overlapping = [
+        r
+        for r in live
+        if r.optimizer is optimizer and r not in earlier and any(p in taking for p in r.params)
     ]
     _refuse_released_elsewhere(optimizer, released, exempt=earlier)
     if not ignore_existing_hooks:
-        own = {handle.id for r in earlier for handle in r.handles}
+        own = {handle.id for r in (*earlier, *overlapping) for handle in r.handles}
         hooked = [tuple(p.shape) for p in released if _has_other_hooks(p, own)]
         if hooked:
             raise ValueError(
@@ -357,16 +391,17 @@ def prepare_for_gradient_release(
                 "without such hooks, or pass ignore_existing_hooks=True."
             )
     for registration in earlier:
-        _remove(model, registration)
-    registration = _Registration(optimizer, [])
+        _remove(registration)
+    for registration in overlapping:
+        _unhook(registration, taking)
+    registration = _Registration(weakref.ref(optimizer), weakref.ref(model))
     registration.release(released)
     optimizer.gradient_release_registrations.append(registration)
     # GradScaler passes itself to step() when this is set, so step() can refuse it clearly.
     optimizer._step_supports_amp_scaling = True
-    _registrations.setdefault(model, []).append(registration)
     if optimizer not in _releasing_optimizers:
         _releasing_optimizers.add(optimizer)
-        weakref.finalize(optimizer, _unguard_when_nothing_is_released)
+        weakref.finalize(optimizer, _forget_registrations, optimizer.gradient_release_registrations)
     _guard_torch(active=True)
 
 
@@ -415,11 +450,11 @@ def remove_gradient_release(model: nn.Module) -> None:
     """
     require_module(model)
     model = _inner_module(model)
-    for registration in list(_registrations.get(model, [])):
-        _remove(model, registration)
     own = set(model.parameters())
     for registration in _live_registrations():
-        if any(p in own for p in registration.params):
+        if registration.module_ref() is model:
+            _remove(registration)
+        elif any(p in own for p in registration.params):
             _unhook(registration, own)
 
 
@@ -428,7 +463,7 @@ def _unhook(registration: _Registration, params: set[Tensor]) -> None:
     pairs = list(zip(registration.params, registration.handles, strict=True))
     kept = [(p, handle) for p, handle in pairs if p not in params]
     if not kept:
-        _remove(_registered_under(registration), registration)
+        _remove(registration)
         return
     for p, handle in pairs:
         if p in params:
@@ -438,14 +473,8 @@ def _unhook(registration: _Registration, params: set[Tensor]) -> None:
     registration.handles[:] = [handle for _, handle in kept]
 
 
-def _registered_under(registration: _Registration) -> nn.Module | None:
-    """The live module a registration was made on (None once collected)."""
-    found = (m for m, rs in list(_registrations.items()) if registration in rs)
-    return next(found, None)
-
-
-def _remove(model: nn.Module | None, registration: _Registration) -> None:
-    """Undo one optimizer's registration on model (None: a module since collected)."""
+def _remove(registration: _Registration) -> None:
+    """Undo one registration: its hooks, and the optimizer's record of them."""
     for handle in registration.handles:
         handle.remove()
     optimizer = registration.optimizer
@@ -453,15 +482,22 @@ def _remove(model: nn.Module | None, registration: _Registration) -> None:
     optimizer.gradient_release_registrations.remove(registration)
     if not optimizer.released_params:
         optimizer._step_supports_amp_scaling = False
-    remaining = _registrations.get(model, []) if model is not None else []
-    if registration in remaining:
-        remaining.remove(registration)
-        if not remaining:
-            del _registrations[model]
-    _guard_torch(active=bool(_live_registrations()))
+    _guard_while_released()
 
 
-def is_gradient_release_prepared(model: nn.Module) -> bool:
-    """Whether the model currently has release hooks from prepare_for_gradient_release."""
+def is_gradient_release_prepared(
+    model: nn.Module, optimizer: AdamFamilyOptimizer | None = None
+) -> bool:
+    """Whether release hooks step any of the model's parameters (those of the optimizer,
+    when given), whichever module they were prepared through."""
     require_module(model)
-    return _inner_module(model) in _registrations
+    if optimizer is not None:
+        require_core_optimizer(optimizer, ")")
+        optimizer = unwrapped(optimizer)
+    own = set(_inner_module(model).parameters())
+    return any(
+        p in own
+        for r in _live_registrations()
+        if optimizer is None or r.optimizer is optimizer
+        for p in r.params
+    )

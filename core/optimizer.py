@@ -1100,7 +1100,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 # for a parameter another optimizer releases).
                 for registration in self.gradient_release_registrations[:1]:
                     registration.release(list(group["params"]))
-        except ValueError:
+        except Exception:  # a refusal, or torch's error from a hook: the group is not added
             self.param_groups.pop()
             raise
         if group["max_lr"] is None and float(group["lr"]) > 0:

@@ -233,7 +233,7 @@ def _resolve_optimizer(
         not missing,
         f"arguments for {label}",
         hyperparameters,
-        f"arguments that include {', '.join(missing)}, which {label} requires (it has no default)",
+        f"arguments that include {', '.join(missing)}, which {label} requires (no default)",
     )
     return cls, label, hyperparameters
 

@@ -38,7 +38,12 @@ from tests.composer_adam.distributed_worker import (
 )
 from tests.composer_adam.harness import make_model
 from tests.core.configuration_cases import BACKENDS, DTYPES, STEPS
-from tests.core.test_configurations import assert_cell_matches, assert_compensation_kept
+from tests.core.test_configurations import (
+    COMPENSATED_DTYPES,
+    COMPOSER_COMPENSATED_ATOL,
+    assert_cell_matches,
+    assert_compensation_kept,
+)
 from tests.processes import run_worker, two_rank_command
 
 CONFIGURATIONS = (*MATRIX, *PROBES)
@@ -92,22 +97,24 @@ def test_cell_equals_one_process_loop(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", COMPENSATED_DTYPES)
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("configuration", MATRIX)
 def test_bf16_cells_keep_their_kahan_compensation(
-    trained: dict, configuration: str, optimizer: str, backend: str
+    trained: dict, configuration: str, optimizer: str, backend: str, dtype_name: str
 ) -> None:
     """Held to bf16 ulps, parameters alone pass with Kahan compensation lost (a Composer
     wrapper or state path dropping it); their compensated values do not."""
-    result: Result = trained[(configuration, optimizer, backend, "bf16")]
-    own_loop: Result = trained[(configuration, optimizer, "loop", "bf16")]
+    result: Result = trained[(configuration, optimizer, backend, dtype_name)]
+    own_loop: Result = trained[(configuration, optimizer, "loop", dtype_name)]
     assert_compensation_kept(
         result.compensated,
         result.params,
         own_loop.compensated,
-        one_process(optimizer, "bf16").compensated,
-        exact_gradients=False,
+        one_process(optimizer, dtype_name).compensated,
+        dtype_name,
+        own_loop_atol=COMPOSER_COMPENSATED_ATOL,
     )
 
 

@@ -3,6 +3,7 @@ OptimizerMonitor's metrics, and refuses what cannot work."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -296,6 +297,47 @@ def test_a_fit_that_raises_is_undone_when_the_trainer_closes(accumulation: bool)
     assert all(p.grad is not None for p in model.parameters())  # kept, as without release
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # refused while released
+
+
+@pytest.mark.parametrize("optimizer_kind", ["same", "new"])
+def test_a_new_trainer_releases_beside_a_failed_one_still_referenced(optimizer_kind: str) -> None:
+    """A Trainer whose fit raised, still referenced (a notebook keeps the last traceback)
+    and not closed, then a new Trainer with a new GradientRelease on the same model: with
+    the same optimizer the new fit was refused at its first backward as a 'second backward'
+    (the old callback's hooks on the optimizer kept their records); with a new optimizer
+    release stayed off (the model counted as prepared, by the old one). Both now release
+    and train as the same fit without the failed one."""
+    failed = _trainer(callbacks=[composer_adam.GradientRelease(), _FailsAtBatch()])
+    model, optimizer = failed.state.model, failed.state.optimizers[0]
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        failed.fit()
+    if optimizer_kind == "new":
+        optimizer = composer_adam.DecoupledAdamW(model.parameters(), lr=LR, gradient_release=True)
+    twin = copy.deepcopy(model)
+    ordinary_optimizer = composer_adam.DecoupledAdamW(twin.parameters(), lr=LR)
+    saved = copy.deepcopy(optimizer.state_dict())
+    for group in saved["param_groups"]:
+        group["gradient_release"] = False
+    ordinary_optimizer.load_state_dict(saved)
+    kept: dict[str, list[bool]] = {}
+    for name, trained, chosen, callbacks in (
+        ("released", model, optimizer, [composer_adam.GradientRelease()]),
+        ("ordinary", twin, ordinary_optimizer, []),
+    ):
+        probe = GradientsAfterBackward()
+        Trainer(
+            model=trained,
+            train_dataloader=make_loader(4),
+            optimizers=chosen,
+            max_duration="2ba",
+            device="cpu",
+            progress_bar=False,
+            log_to_console=False,
+            callbacks=[*callbacks, probe],
+        ).fit()
+        kept[name] = probe.kept
+    assert kept == {"released": [False, False], "ordinary": [True, True]}
+    assert_same_parameters(model, twin, atol=0)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

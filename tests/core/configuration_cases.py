@@ -154,7 +154,7 @@ def whole_values(
     """Every parameter whole (a collective for DTensors: all ranks call it), and with the
     optimizer, bf16 parameters' compensated values."""
     whole = [_whole(p).clone() for p in params]
-    if optimizer is None or params[0].dtype != torch.bfloat16:
+    if optimizer is None or not any(p.dtype == torch.bfloat16 for p in params):
         return whole, None
     compensations = [optimizer.state.get(p, {}).get("kahan_comp") for p in params]
     compensated = [
@@ -162,6 +162,14 @@ def whole_values(
         for value, comp in zip(whole, compensations, strict=True)
     ]
     return whole, compensated
+
+
+def _chosen(outcome: Outcome, compensated: bool) -> list[torch.Tensor]:
+    values, with_compensation = outcome
+    if not compensated:
+        return values
+    assert with_compensation is not None, "compensated values are for bf16 parameters"
+    return with_compensation
 
 
 def train_one_process(
@@ -179,8 +187,7 @@ def train_one_process(
         nn.functional.mse_loss(model(x.to(cell.dtype)).float(), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-    values, with_compensation = whole_values(list(model.parameters()), optimizer)
-    return with_compensation if compensated else values
+    return _chosen(whole_values(list(model.parameters()), optimizer), compensated)
 
 
 def step_one_process(
@@ -197,8 +204,7 @@ def step_one_process(
         warmup(optimizer, index)
         optimizer.step()
         optimizer.zero_grad()
-    values, with_compensation = whole_values(params, optimizer)
-    return with_compensation if compensated else values
+    return _chosen(whole_values(params, optimizer), compensated)
 
 
 def torch_older_than(major: int, minor: int) -> bool:

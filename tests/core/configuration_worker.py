@@ -361,7 +361,7 @@ def main(output: str, *configurations: str) -> None:
                     cell = Cell(optimizer_name, backend, dtype_name)
                     params, compensated = run(cell)
                     results[(configuration, *cell.key)] = params
-                    if dtype_name == "bf16" and compensated is not None:
+                    if compensated is not None:  # bf16 parameters, full or 8-bit state
                         results[(configuration, *cell.key, "compensated")] = compensated
     for configuration in ROUNDING_CONFIGURATIONS:
         for optimizer_name in OPTIMIZERS:

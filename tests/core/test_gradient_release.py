@@ -1348,3 +1348,100 @@ def test_removing_release_from_a_part_of_the_prepared_model_steps_it_ordinarily(
     part = len(list(released[0].parameters()))
     assert kept[-1] == [True] * part + [False] * (len(kept[-1]) - part)
     assert core.is_gradient_release_prepared(released)
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_release_ends_with_its_optimizer(backend: str) -> None:
+    """An optimizer prepared on a live model and dropped without removal (a notebook
+    building a new one): the model kept it alive through its registration, so its hooks
+    went on stepping and freeing every gradient, and a new ordinary optimizer trained
+    nothing (silently; 'a second step' warnings only). Now its hooks go with it, the
+    guards come off, and a new optimizer trains as the reference and can be prepared."""
+    flags = TRAINING_BACKENDS[backend]
+    batches = make_batches(torch.float32, 3)
+    model, reference = make_model(), make_model()
+    old = core.AdamW(model.parameters(), lr=LR, gradient_release=True, **flags)
+    core.prepare_for_gradient_release(model, old)
+    del old
+    gc.collect()
+    assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
+    assert not core.is_gradient_release_prepared(model)
+    for trained in (model, reference):
+        optimizer = core.AdamW(trained.parameters(), lr=LR, **flags)
+        for x, y in batches:
+            nn.functional.mse_loss(trained(x), y).backward()
+            assert all(p.grad is not None for p in trained.parameters())
+            optimizer.step()
+            optimizer.zero_grad()
+    pairs = zip(model.parameters(), reference.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    released = core.AdamW(model.parameters(), lr=LR, gradient_release=True, **flags)
+    core.prepare_for_gradient_release(model, released)  # no leftover hook in the way
+    assert core.is_gradient_release_prepared(model, released)
+
+
+@pytest.mark.parametrize(
+    "earlier",
+    ["part", "container", "whole"],
+)
+def test_preparing_again_with_the_same_optimizer_replaces_its_release_elsewhere(
+    earlier: str,
+) -> None:
+    """The same optimizer prepared before through another module (a part of the model, a
+    container since collected, or the whole model before a part) was refused as foreign
+    hooks; following the message (ignore_existing_hooks) hooked parameters twice."""
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    first = {"part": model[2], "container": nn.ModuleList([*model]), "whole": model}[earlier]
+    second = model[2] if earlier == "whole" else model
+    core.prepare_for_gradient_release(first, optimizer)
+    del first
+    gc.collect()
+    core.prepare_for_gradient_release(second, optimizer)
+    hooks = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
+    assert hooks == [1] * len(hooks)
+    assert core.is_gradient_release_prepared(model, optimizer)
+    core.remove_gradient_release(model)
+    assert not optimizer.released_params and not optimizer.gradient_release_registrations
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_is_gradient_release_prepared_sees_parameters_released_through_other_modules() -> None:
+    """It read only whether the module itself had been prepared: False for a part of a
+    prepared model, and for a model released through a container."""
+    model = make_model()
+    optimizer = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    other = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(nn.ModuleList([model[0]]), optimizer)
+    gc.collect()
+    assert core.is_gradient_release_prepared(model)
+    assert core.is_gradient_release_prepared(model[0], optimizer)
+    assert not core.is_gradient_release_prepared(model[2])
+    assert not core.is_gradient_release_prepared(model, other)
+
+
+@pytest.mark.bad_input
+def test_is_gradient_release_prepared_takes_a_core_optimizer() -> None:
+    model = make_model()
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    with pytest.raises(TypeError, match=r"Invalid optimizer: torch\.optim\.adamw\.AdamW\."):
+        core.is_gradient_release_prepared(model, torch_optimizer)
+
+
+def test_a_group_added_under_release_hooks_its_trainable_parameters_only() -> None:
+    """A group holding a frozen parameter beside trainable ones: torch refused to hook the
+    frozen one after the trainable ones were hooked, and the group stayed added with them
+    stepping inside backward unrecorded (clipping them clipped nothing, removing release
+    crashed). Frozen parameters are left as prepare leaves them."""
+    model = make_model()
+    model[2].weight.requires_grad_(False)
+    optimizer = core.AdamW(model[0].parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, optimizer)
+    optimizer.add_param_group({"params": [model[2].bias, model[2].weight]})
+    assert model[2].bias in optimizer.released_params
+    assert model[2].weight not in optimizer.released_params
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_ was called on parameters under"):
+        torch.nn.utils.clip_grad_norm_([model[2].bias], 1.0)
+    core.remove_gradient_release(model[2])
+    assert model[2].bias not in optimizer.released_params
+    assert all(not p._post_accumulate_grad_hooks for p in model[2].parameters())

@@ -534,7 +534,7 @@ def test_a_schedule_for_a_submodule_outside_a_trainer_names_the_module() -> None
         (
             {"lr": None},
             r"Invalid arguments for core.AdamW: \{\}\. Allowed: arguments that include lr, "
-            r"which core.AdamW requires \(it has no default\)\.",
+            r"which core.AdamW requires \(no default\)\.",
         ),
         ({"scheduler": "cosin"}, r"Invalid scheduler kind: 'cosin'\. Allowed: one of cosine,"),
         ({"scheduler": {"warmup": 3}}, r"Invalid scheduler key: \['warmup'\]\. .*warmup_steps"),

@@ -32,6 +32,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 
 from tests.core.configuration_cases import BACKENDS, DTYPES, GLOBAL_BATCHES, LR, OPTIMIZERS, Cell
 from tests.core.test_configurations import (
+    COMPENSATED_DTYPES,
     assert_cell_matches,
     assert_compensation_kept,
     assert_within_bf16_ulps,
@@ -299,23 +300,24 @@ def test_cell_equals_one_process_loop(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", COMPENSATED_DTYPES)
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("configuration", MATRIX)
 def test_bf16_cells_keep_their_kahan_compensation(
-    ranks: list[dict], configuration: str, optimizer: str, backend: str
+    ranks: list[dict], configuration: str, optimizer: str, backend: str, dtype_name: str
 ) -> None:
     """Held to bf16 ulps, parameters alone pass with Kahan compensation lost (a strategy's
     or Fabric's wrapper dropping it); their compensated values do not."""
     cells = ranks[0]["matrix"]
-    result = cells[(configuration, optimizer, backend, "bf16")]
-    own_loop = cells[(configuration, optimizer, "loop", "bf16")]
+    result = cells[(configuration, optimizer, backend, dtype_name)]
+    own_loop = cells[(configuration, optimizer, "loop", dtype_name)]
     assert_compensation_kept(
         result["compensated"],
         result["params"],
         own_loop["compensated"],
-        reference("lightning", optimizer, "bf16", compensated=True),
-        exact_gradients=False,
+        reference("lightning", optimizer, dtype_name, compensated=True),
+        dtype_name,
     )
 
 
