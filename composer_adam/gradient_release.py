@@ -47,10 +47,11 @@ do by about 1e-7). Whole counts sum exactly and are compared exactly (a last mic
 is refused, not dropped."""
 
 
-_callback_of: weakref.WeakKeyDictionary[AdamFamilyOptimizer, GradientRelease] = (
+_callback_of: weakref.WeakKeyDictionary[AdamFamilyOptimizer, weakref.ref[GradientRelease]] = (
     weakref.WeakKeyDictionary()
 )
-"""The GradientRelease that armed each optimizer last."""
+"""The GradientRelease that armed each optimizer last, held weakly both ways (the callback
+holds its optimizer: a strong value would have kept every fitted optimizer and model)."""
 
 
 class GradientRelease(Callback):
@@ -124,13 +125,13 @@ class GradientRelease(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         self._undo(state)  # what an earlier fit of this Trainer that raised left in place
         optimizer = self._check_supported(state)
-        previous = _callback_of.get(optimizer)
+        previous = _callback_of.get(optimizer, lambda: None)()
         if previous is not None and previous is not self:
             # A Trainer whose fit raised, still referenced (a notebook's last traceback),
             # left its hooks on this optimizer: their stale records refused the new fit's
             # first backward as a second one.
             previous._undo(state, restore_monitors=False)
-        _callback_of[optimizer] = self
+        _callback_of[optimizer] = weakref.ref(self)
         self._optimizer, self._model = optimizer, state.model
         monitors = [
             (i, c) for i, c in enumerate(state.callbacks) if isinstance(c, OptimizerMonitor)
@@ -248,12 +249,16 @@ class GradientRelease(Callback):
 
     def _undo(self, state: State, restore_monitors: bool = True) -> None:
         """Disarm, reset accumulation and remove the norm hooks (and give the monitors
-        back): everything fit_start set up, whether the fit ended or raised."""
-        self._arm(False)
-        if self._optimizer is not None:
-            self._optimizer.optimizer_accumulation = False
-            self._optimizer.microbatch_share = None
-            self._optimizer.release_paused = False
+        back): everything fit_start set up, whether the fit ended or raised. The optimizer
+        and its release are left alone once another GradientRelease took them over (a new
+        Trainer beside a failed one): closing or dropping the failed Trainer then undid the
+        running fit's release."""
+        if self._owns_optimizer():
+            self._arm(False)
+            if self._optimizer is not None:
+                self._optimizer.optimizer_accumulation = False
+                self._optimizer.microbatch_share = None
+                self._optimizer.release_paused = False
         for handle in (*self._norm_hooks, *self._step_hooks):
             handle.remove()
         self._norm_hooks.clear()
@@ -360,6 +365,13 @@ class GradientRelease(Callback):
                 "Allowed: False, or an AdamW/RAdam optimizer."
             )
         return optimizer
+
+    def _owns_optimizer(self) -> bool:
+        """Whether this callback armed its optimizer last (or none has armed it)."""
+        if self._optimizer is None:
+            return True
+        owner = _callback_of.get(self._optimizer, lambda: None)()
+        return owner is None or owner is self
 
     def _arm(self, armed: bool) -> None:
         """Prepare or remove release of this fit's optimizer on its model (a model another

@@ -51,19 +51,15 @@ class _Registration:
     params: list[Tensor] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
 
-    @property
-    def optimizer(self) -> AdamFamilyOptimizer:
-        optimizer = self.optimizer_ref()
-        assert optimizer is not None, "a collected optimizer's registrations are forgotten"
-        return optimizer
-
     def release(self, params: list[Tensor]) -> None:
         """Hook params that require grad (also called by add_param_group for a new released
         group, whose frozen params are left as prepare leaves them); a parameter another
         optimizer already releases is refused before any hook, and a failed hook undoes
         those made before it."""
+        optimizer = self.optimizer_ref()
+        assert optimizer is not None, "called by prepare or the optimizer's add_param_group"
         params = [p for p in params if p.requires_grad]
-        _refuse_released_elsewhere(self.optimizer, params, exempt=[])
+        _refuse_released_elsewhere(optimizer, params, exempt=[])
         hook = _release_hook(self.optimizer_ref)
         handles: list[RemovableHandle] = []
         try:
@@ -75,8 +71,8 @@ class _Registration:
             raise
         self.handles.extend(handles)
         self.params.extend(params)
-        self.optimizer.released_params.update(params)
-        self.optimizer._release_seen = True  # plain steps after removal are deliberate
+        optimizer.released_params.update(params)
+        optimizer._release_seen = True  # plain steps after removal are deliberate
 
 
 _releasing_optimizers: weakref.WeakSet[AdamFamilyOptimizer] = weakref.WeakSet()
@@ -86,7 +82,16 @@ trained by two optimizers are prepared on the same model, each on its own parame
 
 
 def _live_registrations() -> list[_Registration]:
+    """Every live optimizer's registrations. A collection may run between this call and
+    the use of its result (any allocation can trigger one), so users of the list read
+    each registration's optimizer_ref() again and skip one that has since gone (its
+    finalizer removed its hooks)."""
     return [r for o in list(_releasing_optimizers) for r in o.gradient_release_registrations]
+
+
+def _remove_hooks(registration: _Registration) -> None:
+    for handle in registration.handles:
+        handle.remove()
 
 
 def _guard_while_released() -> None:
@@ -101,8 +106,7 @@ def _forget_registrations(registrations: list[_Registration]) -> None:
     gradients a new optimizer then never saw. Also takes torch's guards off once nothing
     is released anywhere (they stayed for the rest of the process)."""
     for registration in registrations:
-        for handle in registration.handles:
-            handle.remove()
+        _remove_hooks(registration)
     registrations.clear()
     _guard_while_released()
 
@@ -111,8 +115,14 @@ _CLIPPING_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
 _guarded_originals: dict[str, Callable[..., object]] = {}
 
 
-def _released_anywhere() -> set[Tensor]:
-    return {p for r in _live_registrations() for p in r.params}
+def _released_anywhere(optimizer: AdamFamilyOptimizer | None = None) -> set[Tensor]:
+    """Parameters release hooks step (those of optimizer, when given)."""
+    return {
+        p
+        for r in _live_registrations()
+        if optimizer is None or r.optimizer_ref() is optimizer
+        for p in r.params
+    }
 
 
 def _refusing_clipping(name: str, original: Callable[..., object]) -> Callable[..., object]:
@@ -373,12 +383,14 @@ def prepare_for_gradient_release(
         r
         for r in live
         if r.module_ref() is model
-        and (r.optimizer is optimizer or any(p in taking for p in r.params))
+        and (r.optimizer_ref() is optimizer or any(p in taking for p in r.params))
     ]
     overlapping = [
         r
         for r in live
-        if r.optimizer is optimizer and r not in earlier and any(p in taking for p in r.params)
+        if r.optimizer_ref() is optimizer
+        and r not in earlier
+        and any(p in taking for p in r.params)
     ]
     _refuse_released_elsewhere(optimizer, released, exempt=earlier)
     if not ignore_existing_hooks:
@@ -412,9 +424,11 @@ def _refuse_released_elsewhere(
     each backward would step them with both; with release only the first hook does (the
     second finds the gradient freed), where ordinary training steps both."""
     taken = {
-        p: r.optimizer
+        p: other
         for r in _live_registrations()
-        if r.optimizer is not optimizer and all(r is not e for e in exempt)
+        if (other := r.optimizer_ref()) is not None
+        and other is not optimizer
+        and all(r is not e for e in exempt)
         for p in r.params
     }
     shared = [(tuple(p.shape), taken[p]) for p in params if p in taken]
@@ -460,6 +474,9 @@ def remove_gradient_release(model: nn.Module) -> None:
 
 def _unhook(registration: _Registration, params: set[Tensor]) -> None:
     """Undo a registration's hooks on params only; one left with none is removed."""
+    optimizer = registration.optimizer_ref()
+    if optimizer is None:  # collected meanwhile: its finalizer removed every hook
+        return
     pairs = list(zip(registration.params, registration.handles, strict=True))
     kept = [(p, handle) for p, handle in pairs if p not in params]
     if not kept:
@@ -468,16 +485,17 @@ def _unhook(registration: _Registration, params: set[Tensor]) -> None:
     for p, handle in pairs:
         if p in params:
             handle.remove()
-            registration.optimizer.released_params.discard(p)
+            optimizer.released_params.discard(p)
     registration.params[:] = [p for p, _ in kept]
     registration.handles[:] = [handle for _, handle in kept]
 
 
 def _remove(registration: _Registration) -> None:
     """Undo one registration: its hooks, and the optimizer's record of them."""
-    for handle in registration.handles:
-        handle.remove()
-    optimizer = registration.optimizer
+    _remove_hooks(registration)
+    optimizer = registration.optimizer_ref()
+    if optimizer is None:  # collected meanwhile: its finalizer forgot it
+        return
     optimizer.released_params.difference_update(registration.params)
     optimizer.gradient_release_registrations.remove(registration)
     if not optimizer.released_params:
@@ -494,10 +512,5 @@ def is_gradient_release_prepared(
     if optimizer is not None:
         require_core_optimizer(optimizer, ")")
         optimizer = unwrapped(optimizer)
-    own = set(_inner_module(model).parameters())
-    return any(
-        p in own
-        for r in _live_registrations()
-        if optimizer is None or r.optimizer is optimizer
-        for p in r.params
-    )
+    released = _released_anywhere(optimizer)
+    return any(p in released for p in _inner_module(model).parameters())

@@ -4,6 +4,8 @@ OptimizerMonitor's metrics, and refuses what cannot work."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,7 @@ from tests.composer_adam.harness import (
     with_backends,
 )
 from tests.core.configuration_cases import BACKENDS
+from tests.processes import ROOT
 
 FAMILY = [composer_adam.DecoupledAdamW, composer_adam.DecoupledADOPT, composer_adam.DecoupledNAdam]
 
@@ -299,6 +302,16 @@ def test_a_fit_that_raises_is_undone_when_the_trainer_closes(accumulation: bool)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # refused while released
 
 
+class _ClosesAfterFirstBatch(Callback):
+    def __init__(self, other: Trainer) -> None:
+        self.other, self.closed = other, False
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if state.timestamp.batch.value == 1:
+            self.other.close()
+            self.closed = True
+
+
 @pytest.mark.parametrize("optimizer_kind", ["same", "new"])
 def test_a_new_trainer_releases_beside_a_failed_one_still_referenced(optimizer_kind: str) -> None:
     """A Trainer whose fit raised, still referenced (a notebook keeps the last traceback)
@@ -306,7 +319,8 @@ def test_a_new_trainer_releases_beside_a_failed_one_still_referenced(optimizer_k
     the same optimizer the new fit was refused at its first backward as a 'second backward'
     (the old callback's hooks on the optimizer kept their records); with a new optimizer
     release stayed off (the model counted as prepared, by the old one). Both now release
-    and train as the same fit without the failed one."""
+    and train as the same fit without the failed one, also when the failed Trainer is
+    closed midway (its close undid the running fit's release)."""
     failed = _trainer(callbacks=[composer_adam.GradientRelease(), _FailsAtBatch()])
     model, optimizer = failed.state.model, failed.state.optimizers[0]
     with pytest.raises(RuntimeError, match="a bad batch"):
@@ -320,8 +334,9 @@ def test_a_new_trainer_releases_beside_a_failed_one_still_referenced(optimizer_k
         group["gradient_release"] = False
     ordinary_optimizer.load_state_dict(saved)
     kept: dict[str, list[bool]] = {}
+    closing = _ClosesAfterFirstBatch(failed)
     for name, trained, chosen, callbacks in (
-        ("released", model, optimizer, [composer_adam.GradientRelease()]),
+        ("released", model, optimizer, [composer_adam.GradientRelease(), closing]),
         ("ordinary", twin, ordinary_optimizer, []),
     ):
         probe = GradientsAfterBackward()
@@ -336,8 +351,41 @@ def test_a_new_trainer_releases_beside_a_failed_one_still_referenced(optimizer_k
             callbacks=[*callbacks, probe],
         ).fit()
         kept[name] = probe.kept
+    assert closing.closed
     assert kept == {"released": [False, False], "ordinary": [True, True]}
     assert_same_parameters(model, twin, atol=0)
+
+
+def test_fitted_trainers_with_release_leave_nothing_alive() -> None:
+    """The callback's record of which GradientRelease armed an optimizer held the callback,
+    which holds the optimizer and model: every fitted optimizer, its state and its model
+    stayed in memory for the rest of the process. In a fresh process, with Composer's own
+    exit handler (which keeps each Trainer until exit) cleared."""
+    script = """
+import atexit, gc, weakref
+import composer_adam
+from composer import Trainer
+from tests.composer_adam.harness import make_loader, make_model
+
+refs = []
+for _ in range(2):
+    model = make_model()
+    optimizer = composer_adam.DecoupledAdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    trainer = Trainer(model=model, train_dataloader=make_loader(4), optimizers=optimizer,
+                      max_duration="2ba", device="cpu", progress_bar=False, log_to_console=False,
+                      callbacks=[composer_adam.GradientRelease()])
+    trainer.fit()
+    trainer.close()
+    refs += [weakref.ref(optimizer), weakref.ref(model)]
+    del model, optimizer, trainer
+atexit._clear()
+gc.collect()
+print(sum(ref() is not None for ref in refs))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert done.stdout.split()[-1] == "0"
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -1445,3 +1445,28 @@ def test_a_group_added_under_release_hooks_its_trainable_parameters_only() -> No
     core.remove_gradient_release(model[2])
     assert model[2].bias not in optimizer.released_params
     assert all(not p._post_accumulate_grad_hooks for p in model[2].parameters())
+
+
+def test_an_optimizer_collected_while_another_is_prepared_lets_it_prepare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An earlier released optimizer in a reference cycle, unreachable but not yet
+    collected, when the cyclic collector runs inside prepare (any allocation may start it):
+    prepare had listed its registration and then failed on it with an internal
+    AssertionError, leaving the new optimizer unprepared."""
+    original = core.gradient_release._has_other_hooks
+
+    def collecting(*args: Any) -> bool:
+        gc.collect()  # what an allocation-triggered collection does at this point
+        return original(*args)
+
+    model = make_model()
+    old = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    core.prepare_for_gradient_release(model, old)
+    old.cycle = old  # collected only by the cyclic collector
+    del old
+    new = core.AdamW(model.parameters(), lr=LR, gradient_release=True)
+    monkeypatch.setattr(core.gradient_release, "_has_other_hooks", collecting)
+    core.prepare_for_gradient_release(model, new)
+    assert [len(p._post_accumulate_grad_hooks) for p in model.parameters()] == [1] * 4
+    assert core.is_gradient_release_prepared(model, new)
