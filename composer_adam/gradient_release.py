@@ -103,6 +103,7 @@ class GradientRelease(Callback):
         self._count_samples = get_num_samples_in_batch or DataSpec([]).get_num_samples_in_batch
         self._optimizer: AdamFamilyOptimizer | None = None
         self._model: torch.nn.Module | None = None
+        self._registration: object | None = None  # the release this callback made
         self._monitors: list[tuple[int, OptimizerMonitor]] = []
         self._norm_hooks: list[RemovableHandle] = []
         # Per released parameter: its last microbatch's gradient norm as Composer's
@@ -374,17 +375,20 @@ class GradientRelease(Callback):
         return owner is None or owner is self
 
     def _arm(self, armed: bool) -> None:
-        """Prepare or remove release of this fit's optimizer on its model (a model another
-        optimizer was left prepared on is prepared for this one: it was skipped as armed,
-        and release stayed off with a warning)."""
-        if self._model is None or armed == core.is_gradient_release_prepared(
-            self._model, self._optimizer
-        ):
+        """Prepare release of this fit's optimizer on its model (a model another optimizer
+        was left prepared on is prepared for this one: it was skipped as armed, and release
+        stayed off with a warning), or remove the release this callback made, if it is
+        still in place (one made since, by hand or by another callback, is left alone)."""
+        optimizer = self._optimizer
+        if self._model is None or optimizer is None:
             return
-        if armed:
-            core.prepare_for_gradient_release(self._model, self._optimizer)
-        else:
-            core.remove_gradient_release(self._model)
+        if armed and not core.is_gradient_release_prepared(self._model, optimizer):
+            core.prepare_for_gradient_release(self._model, optimizer)
+            self._registration = optimizer.gradient_release_registrations[-1]
+        elif not armed:
+            if any(r is self._registration for r in optimizer.gradient_release_registrations):
+                core.remove_gradient_release(self._model)
+            self._registration = None
 
     def _note_stepped(self, param: Tensor) -> None:
         """Runs just before each released step (or fold) applies: refuses a parameter's

@@ -120,7 +120,7 @@ def _released_anywhere(optimizer: AdamFamilyOptimizer | None = None) -> set[Tens
     return {
         p
         for r in _live_registrations()
-        if optimizer is None or r.optimizer_ref() is optimizer
+        if (owner := r.optimizer_ref()) is not None and (optimizer is None or owner is optimizer)
         for p in r.params
     }
 

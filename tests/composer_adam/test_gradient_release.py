@@ -356,6 +356,23 @@ def test_a_new_trainer_releases_beside_a_failed_one_still_referenced(optimizer_k
     assert_same_parameters(model, twin, atol=0)
 
 
+def test_closing_a_failed_trainer_leaves_a_release_made_since_alone() -> None:
+    """After a fit that raised, the user prepares release by hand on the same model and
+    optimizer; the failed Trainer's close then removed it (the callback removed whatever
+    release the optimizer had), silently turning it off."""
+    failed = _trainer(callbacks=[composer_adam.GradientRelease(), _FailsAtBatch()])
+    model, optimizer = failed.state.model, failed.state.optimizers[0]
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        failed.fit()
+    core.prepare_for_gradient_release(model, optimizer)
+    failed.close()
+    assert core.is_gradient_release_prepared(model, optimizer)
+    x, y = next(iter(make_loader(1)))
+    model.loss(model((x, y)), (x, y)).backward()
+    assert all(p.grad is None for p in model.parameters()), "stepped and freed in backward"
+    core.remove_gradient_release(model)
+
+
 def test_fitted_trainers_with_release_leave_nothing_alive() -> None:
     """The callback's record of which GradientRelease armed an optimizer held the callback,
     which holds the optimizer and model: every fitted optimizer, its state and its model
