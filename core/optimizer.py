@@ -1727,6 +1727,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 grads = self._checked_gradients(group, params, grads, where)
                 self._check_state_tensors(group, params, where)
             work.append((group, params, grads, memo))
+        if any(memo is None for *_, memo in work):  # else every list passed this unchanged
+            self._refuse_repeated_params([params for _, params, _, _ in work])
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
             self._warn_if_release_has_no_hooks(self.released_params)
         for group, params, grads, memo in work:
@@ -1741,6 +1743,33 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         stepped.clear()
         self.__dict__.pop("_hook_folded", None)
         return loss
+
+    def _refuse_repeated_params(self, stepped: list[list[Tensor]]) -> None:
+        """Refuse a parameter a full step would update twice: listed in two entries of
+        param_groups (stepped: each group's parameters with a gradient, in group order).
+        add_param_group refuses that, but a group's "params" edited in place gets there
+        too (Composer's module surgery, when a new module ties its weight to one already
+        trained); each backend then stepped it twice in its own order, silently."""
+        total = sum(map(len, stepped))
+        if len({id(p) for params in stepped for p in params}) == total:
+            return
+        seen: dict[int, tuple[int, int]] = {}
+        for group_index, group in enumerate(self.param_groups):
+            taken = {id(p) for p in stepped[group_index]}
+            for index, param in enumerate(group["params"]):
+                if id(param) not in taken:
+                    continue
+                if id(param) in seen:
+                    earlier_group, earlier = seen[id(param)]
+                    raise ValueError(
+                        f"Invalid params[{index}] in param group {group_index}: the same "
+                        f"tensor as params[{earlier}] of param group {earlier_group}, so "
+                        "this step would update it twice. Allowed: each parameter in one "
+                        "entry of one group (a module surgery that tied a new weight to "
+                        "one already trained listed it again: remove the repeated entry "
+                        "from optimizer.param_groups)."
+                    )
+                seen[id(param)] = (group_index, index)
 
     def _with_open_windows(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]

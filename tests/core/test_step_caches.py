@@ -23,7 +23,7 @@ from core import optimizer as optimizer_module
 from core.backends import cpu_kernel, host_checks
 from core.optimizer import step_released_param
 from core.quantization import MIN_QUANTIZED_NUMEL, absmax_shape, stored_moment
-from tests.core.cases import BACKENDS, LR, assert_unchanged, snapshot
+from tests.core.cases import BACKENDS, LR, TRAINING_BACKENDS, assert_unchanged, snapshot
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 
 COUNT = cpu_kernel.MIN_SCALARS + 4
@@ -673,6 +673,45 @@ def test_groups_replaced_after_steps_are_validated_again() -> None:
     with pytest.raises(ValueError, match=r"Invalid lr in param group 0: -2\.0"):
         optimizer.step()
     assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+@pytest.mark.parametrize("where", ["same-group", "another-group"])
+def test_a_parameter_listed_again_by_editing_a_group_is_refused_before_any_change(
+    backend: str, where: str
+) -> None:
+    """Composer's module surgery edits group["params"] in place; a new module tied to a
+    weight already trained lists that weight again, which each backend stepped twice, in
+    its own order (foreach ended 5e-3 from the loop backend in a 4-step Composer run),
+    without a word."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = core.AdamW(
+        [{"params": [model.weight]}, {"params": [model.bias]}],
+        lr=LR,
+        **TRAINING_BACKENDS[backend],
+    )
+    for _ in range(2):  # memoized where the backend keeps a memo
+        optimizer.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+    before = snapshot(model, optimizer)
+    group = 0 if where == "same-group" else 1  # weight is params[0] of group 0
+    optimizer.param_groups[group]["params"].append(model.weight)
+    optimizer.zero_grad()
+    model(torch.ones(2, 4)).sum().backward()
+    index = len(optimizer.param_groups[group]["params"]) - 1
+    with pytest.raises(
+        ValueError,
+        match=rf"Invalid params\[{index}\] in param group {group}: the same tensor as "
+        r"params\[0\] of param group 0, so this step would update it twice",
+    ):
+        optimizer.step()
+    optimizer.param_groups[group]["params"].pop()
+    assert_unchanged(model, optimizer, before)
+    optimizer.step()
+    assert float(optimizer.state[model.weight]["step"]) == 3
 
 
 # -- replayed released steps (core.optimizer._GroupReplay) ------------------------------
