@@ -1167,10 +1167,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 stacklevel=2,
             )
         quantize = kept_full is None
-        for key in self._tensor_state_keys(group):
+        used = self._tensor_state_keys(group)
+        # Then a moment this algorithm does not read (max_exp_avg_sq from an AMSGrad
+        # checkpoint in RAdam): kept as torch keeps it, in the precision asked, so a state
+        # dict saved with 'full' holds no codes (torch.optim could not read them).
+        for key in (*used, *(k for k in MOMENT_STATE if k not in used)):
             codes, absmax = moment_keys(key)
             if quantize and key in self.quantized_state_keys:
-                if codes not in state:
+                if codes not in state and (key in used or key in state):
                     state[codes], state[absmax] = quantized_state(
                         param, state.pop(key, None), key in SIGNED_KEYS
                     )
@@ -1179,7 +1183,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     state[key] = full_precision(
                         state.pop(codes), state.pop(absmax), key in SIGNED_KEYS, param
                     )
-                else:
+                elif key in used:
                     state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if self._uses_kahan(group, param):
             if "kahan_comp" not in state:

@@ -468,6 +468,46 @@ def test_full_precision_checkpoints_load_into_8bit_by_quantizing() -> None:
     assert quantized.state[weight]["exp_avg_codes"].shape == codes.shape
 
 
+@pytest.mark.parametrize("receiver", [core.RAdam, core.NAdam])
+@pytest.mark.parametrize("saved_precision", ["8bit", "full"])
+def test_a_moment_the_receiving_algorithm_does_not_read_is_kept_in_its_precision(
+    receiver: type, saved_precision: str
+) -> None:
+    """AMSGrad's v_max loaded into RAdam/NAdam, which keep it as torch keeps unknown state:
+    it stayed 8-bit in a full-precision optimizer, whose next state dict torch.optim.Adam
+    (amsgrad, the group's flag from the checkpoint) then failed to step (KeyError)."""
+    data = batches(6)
+    model = Regression()
+    optimizer = core.AdamW(
+        model.parameters(), lr=1e-3, amsgrad=True, state_precision=saved_precision
+    )
+    fit(model, optimizer, data[:3])
+    saved = copy.deepcopy(optimizer.state_dict())
+    weight = model.hidden.weight
+    index = [p is weight for p in model.parameters()].index(True)
+    precision = "full" if saved_precision == "8bit" else "8bit"
+    loaded = receiver(model.parameters(), lr=1e-3, state_precision=precision)
+    loaded.load_state_dict(saved)
+    state = loaded.state[weight]
+    saved_state = saved["state"][index]
+    if precision == "full":
+        assert "max_exp_avg_sq_codes" not in state
+        expected = q.dequantize(
+            saved_state["max_exp_avg_sq_codes"], saved_state["max_exp_avg_sq_absmax"], signed=False
+        )
+        assert torch.equal(state["max_exp_avg_sq"], expected)
+    else:
+        assert "max_exp_avg_sq" not in state
+        codes, absmax = q.quantize(saved_state["max_exp_avg_sq"], signed=False)
+        assert torch.equal(state["max_exp_avg_sq_codes"], codes)
+        assert torch.equal(state["max_exp_avg_sq_absmax"], absmax)
+    fit(model, loaded, data, start=3)
+    if precision == "full":
+        in_torch = torch.optim.Adam(model.parameters(), lr=1e-3)
+        in_torch.load_state_dict(copy.deepcopy(loaded.state_dict()))
+        fit(model, in_torch, data[:1])  # amsgrad=True from the group: reads v_max
+
+
 def test_switching_state_precision_mid_run_converts_instead_of_resetting() -> None:
     data = batches(4)
     model = Regression()
