@@ -1196,7 +1196,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """_prepared_state of each parameter; after the first step nothing is missing, and
         finding that out costs one set comparison per parameter rather than a call."""
         states = [self.state[p] for p in params]
-        _follow_parameter_dtypes(params, states)
+        _follow_parameter_dtypes(
+            params, states, group["kahan_sum"] is not False and not group["stochastic_rounding"]
+        )
         required = {*self.host_state_keys, *self._tensor_state_keys(group)}
         if group["state_precision"] == "8bit":
             return self._prepared_quantized_states(params, states, group, required)
@@ -3291,13 +3293,18 @@ _DTYPE_FOLLOWING_STATE = (*MOMENT_STATE, "kahan_comp")
 """Full-precision state kept in its parameter's dtype (8-bit codes and scales are not)."""
 
 
-def _follow_parameter_dtypes(params: list[Tensor], states: list[dict[str, Any]]) -> None:
+def _follow_parameter_dtypes(
+    params: list[Tensor], states: list[dict[str, Any]], kahan_allowed: bool
+) -> None:
     """Cast full-precision state to its parameter's dtype where the parameter changed dtype
     since (model.to(torch.bfloat16) mid-run): what load_state_dict does, as torch's loader
-    does, so the run continues exactly as one resumed from a checkpoint of it would.
-    Runs only where a step cannot reuse its memo, as a changed parameter never can."""
+    does, so the run continues exactly as one resumed from a checkpoint of it would; and
+    drop a Kahan buffer no step reads any longer (the parameter is fp32 again, or kahan_sum
+    or stochastic_rounding was written into the group: kahan_allowed False), as a resumed
+    run does, so it neither takes memory nor comes back stale when Kahan is turned on
+    again. Runs only where a step cannot reuse its memo, as such a change never can."""
     for param, state in zip(params, states, strict=True):
-        if param.dtype not in LOW_PRECISION_DTYPES:  # no Kahan: as a resumed run, drop it
+        if not kahan_allowed or param.dtype not in LOW_PRECISION_DTYPES:
             state.pop("kahan_comp", None)
         for key in _DTYPE_FOLLOWING_STATE:
             value = state.get(key)

@@ -9,6 +9,7 @@ equal the twin's, as it would with nothing cached: a stale cache fails them.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable
@@ -228,6 +229,49 @@ def test_a_parameter_turned_bfloat16_between_steps_gets_a_kahan_buffer(backend: 
     _step(loop, other, seed=2, change=to_bfloat16)
     assert "kahan_comp" in other[1].state[other[0][2]]
     _step(loop, other, seed=3)
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+@pytest.mark.parametrize("written", [{"kahan_sum": False}, {"stochastic_rounding": True}])
+def test_a_kahan_buffer_no_step_reads_is_dropped_as_a_resumed_run_drops_it(
+    backend: str, released: bool, written: dict[str, bool]
+) -> None:
+    """Kahan turned off by writing into a live group: the buffer stayed, as large as the
+    parameter, saved in every state dict, and came back stale when Kahan was turned on
+    again, where a run resumed from a checkpoint starts it at zero."""
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(n, generator=generator).bfloat16() for n in (300, 5000)]
+    grads = [[0.1 * torch.randn(v.shape, generator=generator).bfloat16() for v in values]]
+    grads *= 6
+    params = [v.clone().requires_grad_() for v in values]
+    optimizer = core.AdamW(params, lr=LR, **TRAINING_BACKENDS[backend])
+
+    def step(optimizer: core.AdamW, params: list[Tensor], grads: list[Tensor]) -> None:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+            if released:
+                step_released_param(optimizer, p)
+        optimizer.step()  # after released steps it steps nothing and closes the step
+
+    for g in grads[:2]:
+        step(optimizer, params, g)
+    assert all("kahan_comp" in optimizer.state[p] for p in params)
+    optimizer.param_groups[0].update(written)
+    step(optimizer, params, grads[2])
+    assert not any("kahan_comp" in optimizer.state[p] for p in params)
+    assert not any("kahan_comp" in s for s in optimizer.state_dict()["state"].values())
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = core.AdamW(resumed_params, lr=LR, **TRAINING_BACKENDS[backend])
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for twin in (optimizer, resumed):  # Kahan back on: from zero, in both
+        twin.param_groups[0].update(kahan_sum=None, stochastic_rounding=False)
+    for g in grads[3:]:
+        step(optimizer, params, g)
+        step(resumed, resumed_params, g)
+    for a, b in zip(params, resumed_params, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(optimizer.state[a]["kahan_comp"], resumed.state[b]["kahan_comp"])
 
 
 # -- validated hyperparameters -----------------------------------------------------------
