@@ -121,6 +121,23 @@ def _with_gradients(
     return params, grads, late  # type: ignore[return-value]
 
 
+def _refuse_release_turned_off(released: set[Tensor], group: dict[str, Any], where: str) -> None:
+    """gradient_release=False written into a group (or a released parameter moved into a
+    group without it) whose parameters release hooks step: the hooks went on stepping and
+    freeing its gradients, silently. Asked once per backward, before anything is stepped."""
+    require(
+        released.isdisjoint(group["params"]),
+        "gradient_release",
+        False,
+        "True while release hooks step the group's parameters inside backward "
+        "(prepare_for_gradient_release or a GradientRelease callback put them there; "
+        "writing the flag does not remove them). To stop releasing, call "
+        "core.remove_gradient_release(model) (or drop the GradientRelease callback) "
+        "first; the flag may then be False",
+        where,
+    )
+
+
 def _refuse_gradients_after_release(late: list[Tensor], where: str) -> None:
     """A gradient reached parameters release had stepped and freed in this training step:
     their update was applied without it, and the full step (which skips them) would drop
@@ -1918,8 +1935,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         task = torch._C._current_graph_task_id()
         if task < 0 or self.__dict__.get("_groups_checked_in_task") == task:
             return
+        released = self.__dict__.get("_released_params")
         for index, group in enumerate(self.param_groups):
-            self._validate_stepped_group(group, f" in param group {index}")
+            where = f" in param group {index}"
+            self._validate_stepped_group(group, where)
+            if released and group["gradient_release"] is False:
+                _refuse_release_turned_off(released, group, where)
         self._groups_checked_in_task = task
 
     def _step_one(self, param: Tensor, *, held_only: bool = False) -> bool:

@@ -242,6 +242,60 @@ def test_a_gradient_after_its_release_step_is_refused(backend: str) -> None:
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("how", ["flag-written", "parameter-moved"])
+def test_release_turned_off_in_a_live_group_is_refused_until_its_hooks_are_removed(
+    backend: str, how: str
+) -> None:
+    """gradient_release=False written into a released group (or a released parameter moved
+    into a group without release): the hooks went on stepping and freeing its gradients,
+    silently, and its state dict said False. Refused at the next backward before anything
+    is stepped; after remove_gradient_release the group trains as ordinary groups do."""
+    case = one_case_per_algorithm()[0]
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    groups = [{"params": [model.weight]}, {"params": [model.bias]}]
+    if how == "parameter-moved":
+        groups.append({"params": [], "gradient_release": False})
+    optimizer = case.make(groups, gradient_release=True, **TRAINING_BACKENDS[backend])
+    core.prepare_for_gradient_release(model, optimizer)
+    batches = make_batches(torch.float32, 3)
+    x, y = batches[0]
+    nn.functional.mse_loss(model(x)[:, :3], y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if how == "flag-written":
+        optimizer.param_groups[1]["gradient_release"] = False
+    else:
+        optimizer.param_groups[2]["params"].append(optimizer.param_groups[1]["params"].pop())
+    group = 1 if how == "flag-written" else 2
+    before = snapshot(model, optimizer)
+    x, y = batches[1]
+    with pytest.raises(
+        ValueError,
+        match=rf"Invalid gradient_release in param group {group}: False\. Allowed: True "
+        r"while release hooks step.*core\.remove_gradient_release\(model\)",
+    ):
+        nn.functional.mse_loss(model(x)[:, :3], y).backward()
+    assert_unchanged(model, optimizer, before)
+    core.remove_gradient_release(model)
+    ordinary = copy.deepcopy(model)
+    twin = dict(zip(model.parameters(), ordinary.parameters(), strict=True))
+    reference = case.make(
+        [{"params": [twin[p] for p in g["params"]]} for g in optimizer.param_groups],
+        **TRAINING_BACKENDS[backend],
+    )
+    reference.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for x, y in batches[1:]:
+        for trained, stepping in ((model, optimizer), (ordinary, reference)):
+            stepping.zero_grad()
+            nn.functional.mse_loss(trained(x)[:, :3], y).backward()
+            stepping.step()
+    for a, b in zip(model.parameters(), ordinary.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("step_each_microbatch", [True, False], ids=["step-each", "step-last"])
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_part_after_a_fold_is_refused_inside_backward(
