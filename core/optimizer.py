@@ -121,6 +121,17 @@ def _with_gradients(
     return params, grads, late  # type: ignore[return-value]
 
 
+def _refuse_entries_not_tensors(params: Sequence[object], where: str) -> None:
+    """Name the first entry of a group's params that is no tensor (written by hand into a
+    live group: torch's add_param_group refuses one), where it failed deep in the step."""
+    for index, value in enumerate(params):
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"Invalid params[{index}]{where}: {_described_entry(value)}. Allowed: a "
+                "tensor (a parameter)."
+            )
+
+
 def _refuse_release_turned_off(released: set[Tensor], group: dict[str, Any], where: str) -> None:
     """gradient_release=False written into a group (or a released parameter moved into a
     group without it) whose parameters release hooks step: the hooks went on stepping and
@@ -1077,6 +1088,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "a value for every key of the optimizer's defaults, which add_param_group "
                 "fills in; set a value instead of deleting the key."
             )
+        params = group.get("params")
+        if not isinstance(params, (list, tuple)):  # stepped nothing (a tensor's rows), or failed
+            raise ValueError(
+                f"Invalid params{where}: {_described_entry(params)}. Allowed: a list of "
+                "tensors (what add_param_group makes of any iterable of them)."
+            )
         self._validate_group(group, where)
         if written_triton:  # None: adamkit chooses, as optimi's triton=None does
             group["fused"] = group.pop("triton")
@@ -1628,6 +1645,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         fresh = self.__dict__.get("_group_index_key") != key
         for _ in range(2):
             if fresh:
+                for index, group in enumerate(self.param_groups):  # written by hand
+                    if not all(isinstance(p, Tensor) for p in group["params"]):
+                        _refuse_entries_not_tensors(group["params"], f" in param group {index}")
                 self._group_index = {
                     p: (index, group, position)
                     for index, group in enumerate(self.param_groups)
@@ -1733,12 +1753,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._last_kahan_answer = None  # good for one step: dtypes may change between steps
         stepped = self.__dict__.get("_hook_stepped", {})
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
-        self._drop_stale_memos()
         work = []
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_stepped_group(group, where)
-            params, grads, late = _with_gradients(group["params"], stepped)
+            try:
+                params, grads, late = _with_gradients(group["params"], stepped)
+            except AttributeError:  # an entry written by hand that is no tensor
+                _refuse_entries_not_tensors(group["params"], where)
+                raise
             if late:
                 _refuse_gradients_after_release(late, where)
             if self.__dict__.get("_windows_opened") and not self.optimizer_accumulation:
@@ -1750,6 +1773,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 grads = self._checked_gradients(group, params, grads, where)
                 self._check_state_tensors(group, params, where)
             work.append((group, params, grads, memo))
+        self._drop_stale_memos()  # after the checks: it reads every group's params
         if any(memo is None for *_, memo in work):  # else every list passed this unchanged
             self._refuse_repeated_params([params for _, params, _, _ in work])
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number

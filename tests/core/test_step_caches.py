@@ -720,6 +720,47 @@ def test_groups_replaced_after_steps_are_validated_again() -> None:
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        (lambda params: None, r"Invalid params in param group 1: a NoneType"),
+        (lambda params: params[0], r"Invalid params in param group 1: a tensor of shape \(3,\)"),
+        (lambda params: [*params, "bias"], r"Invalid params\[1\] in param group 1: a str"),
+        (lambda params: [*params, None], r"Invalid params\[1\] in param group 1: a NoneType"),
+    ],
+    ids=["none", "a-tensor", "a-name", "a-none-entry"],
+)
+@pytest.mark.parametrize("released", [False, True], ids=["step", "released-step"])
+def test_params_written_by_hand_that_are_not_tensors_are_refused_before_any_change(
+    written: Callable[[list[Tensor]], object], message: str, released: bool
+) -> None:
+    """A group's params replaced by hand with something add_param_group would refuse: a
+    bare tensor stepped nothing (its rows have no gradients), silently; None and a
+    non-tensor entry failed deep inside the step (TypeError, AttributeError)."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = core.AdamW(
+        [{"params": [model.weight]}, {"params": [model.bias]}],
+        lr=LR,
+        gradient_release=released,
+    )
+    if released:
+        core.prepare_for_gradient_release(model, optimizer)
+    for _ in range(2):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = snapshot(model, optimizer)
+    group = optimizer.param_groups[1]
+    kept = group["params"]
+    group["params"] = written(kept)
+    with pytest.raises(ValueError, match=message):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+    group["params"] = kept
+    assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("backend", TRAINING_BACKENDS)
 @pytest.mark.parametrize("where", ["same-group", "another-group"])
 def test_a_parameter_listed_again_by_editing_a_group_is_refused_before_any_change(
