@@ -121,6 +121,14 @@ def _with_gradients(
     return params, grads, late  # type: ignore[return-value]
 
 
+def _forget_removed_groups(passed: dict[int, Any], groups: list[dict[str, Any]]) -> None:
+    """Drop the records of groups no longer in param_groups: each holds its group, and with
+    it the group's parameters, which torch.optim would have let go."""
+    live = {id(g) for g in groups}
+    for key in [key for key in passed if key not in live]:
+        del passed[key]
+
+
 def _refuse_entries_not_tensors(params: Sequence[object], where: str) -> None:
     """Name the first entry of a group's params that is no tensor (written by hand into a
     live group: torch's add_param_group refuses one), where it failed deep in the step."""
@@ -1071,6 +1079,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             and all(map(operator.is_, values, last[2]))
             and last[1] == tuple(group)
         ):
+            if len(passed) > len(self.param_groups):  # a group was removed: let it go
+                _forget_removed_groups(passed, self.param_groups)
             return last
         # optimi's name for fused written into a live group (optimi keeps it there): it
         # switches the backend as there, once the group passes; only fused is stored.
@@ -1101,9 +1111,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if not all(_immutable(v) for k, v in group.items() if k != "params"):
             return None
         if len(passed) >= len(self.param_groups):  # drop groups no longer stepped
-            live = {id(g) for g in self.param_groups}
-            for key in [key for key in passed if key not in live]:
-                del passed[key]
+            _forget_removed_groups(passed, self.param_groups)
         record = passed[id(group)] = (group, tuple(group), values)  # group held: its id stays
         return record
 
@@ -1321,7 +1329,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         positions = self._rounding_streams()
         seed = group["rounding_seed"]
         return [
-            moment_view(state, key, stochastic_stream(seed, positions[param]))
+            moment_view(state, key, stochastic_stream(seed, positions[id(param)]))
             for param, state in zip(params, states, strict=True)
         ]
 
@@ -1375,7 +1383,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             streams = self._rounding_streams()
             seed = group["rounding_seed"]
             return [
-                StochasticRounding(seed, streams[p]) if p.dtype in _LOW_PRECISION else None
+                StochasticRounding(seed, streams[id(p)]) if p.dtype in _LOW_PRECISION else None
                 for p in params
             ]
         return [
@@ -1662,14 +1670,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             fresh = True  # a miss, or a parameter swapped in place: look again afresh
         return None
 
-    def _rounding_streams(self) -> dict[Tensor, int]:
-        """Each parameter's position among all of this optimizer's: its stream of random
-        bits for stochastic rounding, the same in every run and after a resume."""
+    def _rounding_streams(self) -> dict[int, int]:
+        """Each parameter's position among all of this optimizer's, by id: its stream of
+        random bits for stochastic rounding, the same in every run and after a resume.
+        Keyed by id, not by the parameter: memoized steps never ask again, and a group
+        removed since stayed alive in it. The ids are those of the live groups (the key),
+        so one taken over by a new tensor is looked up only once that tensor is there."""
         key = tuple(id(p) for group in self.param_groups for p in group["params"])
         if getattr(self, "_streams_key", None) != key:
-            self._streams = {
-                p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
-            }
+            self._streams = {identity: i for i, identity in enumerate(key)}
             self._streams_key = key
         return self._streams
 
@@ -2131,7 +2140,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         lengths = tuple(len(g["params"]) for g in self.param_groups[:index])
         positions = self._rounding_streams()
         start = sum(lengths)
-        within = tuple(positions.get(p, -1) - start for p in params)
+        within = tuple(positions.get(id(p), -1) - start for p in params)
         if not _sit_at(group["params"], within, params):
             return None
         return index, lengths, within
@@ -2203,7 +2212,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         grad_addresses = checks.gradient_addresses(grads, params)
         if grad_addresses is None:  # sparse, strided, of another dtype: the full path
             return None
-        memo.plan_key = [memo, grad_addresses]
+        # Not the memo itself: the plans it keys live on the memo (triton_steps), which
+        # would then hold itself, and its states and parameters only a full gc frees.
+        memo.plan_key = [grad_addresses]
         return memo
 
     def zero_grad(self, set_to_none: bool = True, param: Tensor | None = None) -> None:

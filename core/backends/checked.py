@@ -33,8 +33,9 @@ class CheckedStep:
     """backend_and_lists' choice for these tensors, kept by the first step that resolves
     it when every list was plain and real (the lists themselves go down unchanged)."""
     plan_key: list[Any] | None = None
-    """This step's key for the Triton plan cache: the memo and the gradients' addresses
-    (everything else a plan depends on is the memo's to check); None: compute the key."""
+    """This step's key for the Triton plan cache, kept on the memo: the gradients'
+    addresses (everything else a plan depends on is the memo's to check); None: compute
+    the key."""
     held: list[Any] = field(default_factory=list)
     """The storages of the parameters and state tensors the memo was made with, held so
     that no other tensor takes one of their addresses while the memo compares them."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -607,6 +609,55 @@ def test_8bit_memos_on_the_triton_backend_follow_changed_codes_bit_for_bit(backe
     changes = (_replace_codes, None, _reshape_in_place, None, _store_in_full, None)
     for seed, change in enumerate(changes, start=5):
         _quantized_step(reference, other, seed, change, released=released)
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+@pytest.mark.parametrize("precision", ["full", "8bit"])
+def test_what_a_step_keeps_is_freed_with_its_optimizer_without_a_collection(
+    backend: str, released: bool, precision: str
+) -> None:
+    """Memos, plans and validated groups hold parameters and state: freed by reference
+    counting when the optimizer goes, the state is replaced, or a group is removed, as
+    torch.optim frees them. A Triton plan keyed by its memo held the memo (state
+    and parameters) in a cycle until a full gc (device memory never triggers one); a
+    removed group's record, and (8-bit) the stochastic-rounding streams of memoized
+    steps, held its parameters for the optimizer's life."""
+    core.AdamW([torch.zeros(1, requires_grad=True)], lr=LR)  # not a process's first optimizer
+    gc.collect()
+    gc.disable()
+    try:
+        params = [torch.randn(64, 80, requires_grad=True) for _ in range(3)]  # 8-bit sized
+        optimizer = core.AdamW(
+            [{"params": params[:2]}, {"params": params[2:]}],
+            lr=LR,
+            state_precision=precision,
+            **TRAINING_BACKENDS[backend],
+        )
+
+        def train(optimizer: core.AdamW) -> None:
+            for _ in range(2):
+                for p in optimizer.param_groups[0]["params"]:
+                    p.grad = torch.ones_like(p)
+                    if released:
+                        step_released_param(optimizer, p)
+                optimizer.step()
+
+        train(optimizer)
+        replaced = [weakref.ref(t) for s in optimizer.state.values() for t in s.values()]
+        optimizer.state.clear()
+        train(optimizer)
+        assert not [r for r in replaced if r() is not None], "state replaced by clear()"
+        removed = weakref.ref(params.pop())  # never stepped: no state holds it
+        optimizer.param_groups.pop()
+        train(optimizer)
+        assert removed() is None, "the parameter of a removed group"
+        kept = [weakref.ref(optimizer), *map(weakref.ref, params)]
+        kept += [weakref.ref(t) for s in optimizer.state.values() for t in s.values()]
+        del optimizer, params
+        assert not [r for r in kept if r() is not None], "the optimizer, its params, state"
+    finally:
+        gc.enable()
 
 
 @pytest.mark.usefixtures("each_host_checks")
