@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import core
 from core import metrics
+from core.models import user_facing_name
 from core.optimizer import step_released_param
 from lightning_adam.optimizers import public_path
 
@@ -539,9 +540,10 @@ class OptimizerMonitor(L.Callback):
         }
         found: dict[str, Any] = {}
         counts_now = _step_counts(optimizer)
-        for name, param in pl_module.named_parameters():
+        for raw_name, param in pl_module.named_parameters():
             if not param.requires_grad:
                 continue
+            name = user_facing_name(raw_name)  # the same keys with a submodule compiled
             if isinstance(optimizer, core.AdamFamilyOptimizer):
                 lr = step_lrs.get(param)
                 # Only what this batch's step updated has an update to show (a parameter

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -295,7 +296,7 @@ def _no_weight_decay_rule(
             setting,
             "True, False, a list of fnmatch patterns, or a callable",
         )
-        return lambda name, _param, _module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return _NamePatterns(patterns)
     require(
         callable(setting),
         "no_weight_decay",
@@ -303,6 +304,32 @@ def _no_weight_decay_rule(
         "True, False, a list of fnmatch patterns, or a callable",
     )
     return setting  # type: ignore[return-value]
+
+
+class _NamePatterns:
+    """no_weight_decay's fnmatch patterns over qualified parameter names, remembering which
+    matched: a pattern that matches nothing (a typo, a name the module does not have)
+    left those parameters decayed without a word."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = patterns
+        self.matched: set[str] = set()
+
+    def __call__(self, name: str, _param: nn.Parameter, _owner: nn.Module) -> bool:
+        hits = [p for p in self.patterns if fnmatch.fnmatchcase(name, p)]
+        self.matched.update(hits)
+        return bool(hits)
+
+    def warn_unmatched(self, names: list[str]) -> None:
+        unmatched = [p for p in self.patterns if p not in self.matched]
+        if unmatched:
+            warnings.warn(
+                f"no_weight_decay patterns {unmatched} match no parameter name, so they "
+                f"exempt nothing from weight decay; the names are like {names[:3]} "
+                "(fnmatch patterns over the whole qualified name: 'encoder.*' or '*.bias').",
+                UserWarning,
+                stacklevel=4,  # configure_optimizers' caller
+            )
 
 
 def _require_trainable(module: nn.Module) -> None:
@@ -331,9 +358,12 @@ def _param_groups(
     """
     skip: set[int] = set()
     if exclude is not None:
-        for name, param, owner in owned_parameters(module):
+        owned = list(owned_parameters(module))
+        for name, param, owner in owned:
             if exclude(name, param, owner):
                 skip.add(id(param))
+        if isinstance(exclude, _NamePatterns):
+            exclude.warn_unmatched([name for name, param, _ in owned if param.requires_grad])
     trainable = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in trainable if id(p) not in skip]
     no_decay = [p for p in trainable if id(p) in skip]

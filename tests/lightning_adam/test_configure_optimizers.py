@@ -96,6 +96,49 @@ def test_no_weight_decay_is_configurable(setting: object, expected_no_decay: set
     )
 
 
+class CompiledInside(nn.Module):
+    """A submodule compiled where it is built, as users write it (`configure_model`):
+    its parameters' names gain torch.compile's '_orig_mod' (no compilation happens until
+    a forward, which these tests do not run)."""
+
+    def __init__(self, compiled: bool) -> None:
+        super().__init__()
+        self.model = torch.compile(Tied()) if compiled else Tied()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [["model.norm.*", "*.bias"], True, lambda name, param, module: name.startswith("model.norm")],
+    ids=["patterns", "default-rule", "callable"],
+)
+def test_no_weight_decay_reads_a_compiled_submodule_by_the_names_it_was_written_with(
+    setting: object,
+) -> None:
+    """A pattern for 'model.norm.*' matched nothing once the model was compiled (its
+    names were 'model._orig_mod.norm.weight'): those parameters got weight decay."""
+    groups = []
+    for compiled in (False, True):
+        model = CompiledInside(compiled)
+        built = configure_optimizers(model, "AdamW", lr=1e-3, no_weight_decay=setting)
+        names = {p: core.models.user_facing_name(n) for n, p in model.named_parameters()}
+        groups.append(
+            {g["name"]: {names[p] for p in g["params"]} for g in built["optimizer"].param_groups}
+        )
+    assert groups[1] == groups[0]
+    assert {"model.norm.weight", "model.norm.bias"} <= groups[0]["no_decay"]
+
+
+def test_a_no_weight_decay_pattern_matching_no_parameter_is_reported_by_name() -> None:
+    model = Tied()
+    with pytest.warns(
+        UserWarning, match=r"no_weight_decay patterns \['norms\.\*'\] match no parameter name"
+    ):
+        optimizer = configure_optimizers(
+            model, "AdamW", lr=1e-3, no_weight_decay=["*.bias", "norms.*"]
+        )["optimizer"]
+    assert _group_names(model, optimizer)["no_decay"] == {"norm.bias", "proj.bias"}
+
+
 def test_no_weight_decay_false_makes_one_decayed_group() -> None:
     model = Tied()
     optimizer = configure_optimizers(model, "AdamW", lr=1e-3, no_weight_decay=False)["optimizer"]

@@ -145,6 +145,32 @@ def test_a_parameter_the_step_did_not_update_logs_no_update(
     assert last["l2_norm/moment/shift"] != "" and float(last["l2_norm/update/net.0.weight"]) > 0
 
 
+class CompiledNet(Regression):
+    """The MLP compiled where it is built (dynamo's eager backend: the same operations, no
+    inductor build), so its parameters' names gain torch.compile's '_orig_mod'."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.net = torch.compile(self.net, backend="eager")
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["ordinary", "release"])
+def test_a_compiled_submodule_logs_under_the_names_it_was_written_with(
+    release: bool, tmp_path: Path
+) -> None:
+    """Keys were 'l2_norm/param/net._orig_mod.0.weight', so a compiled run's curves did not
+    line up with an uncompiled run's."""
+    runs = []
+    for model_class in (Regression, CompiledNet):
+        directory = tmp_path / model_class.__name__
+        _monitored_run(directory, release=release, model_class=model_class)
+        runs.append(_rows(directory)[-1])
+    assert runs[1].keys() == runs[0].keys()
+    assert "l2_norm/grad/net.0.weight" in runs[0]
+    for key, value in runs[0].items():
+        assert float(runs[1][key]) == pytest.approx(float(value), rel=1e-9), key
+
+
 def test_each_norm_is_taken_once_per_logged_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
