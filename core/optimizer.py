@@ -121,6 +121,12 @@ def _with_gradients(
     return params, grads, late  # type: ignore[return-value]
 
 
+def _group_index_key(groups: list[dict[str, Any]]) -> tuple[tuple[int, int, int], ...]:
+    """What _find_group's index of parameters is valid for: each group and its params
+    list, by identity and length."""
+    return tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
+
+
 def _forget_removed_groups(passed: dict[int, Any], groups: list[dict[str, Any]]) -> None:
     """Drop the records of groups no longer in param_groups: each holds its group, and with
     it the group's parameters, which torch.optim would have let go."""
@@ -1649,7 +1655,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         its parameter is still at its position: a schedule that writes group["lr"] always
         reaches per-parameter steps, and a parameter taken out of the groups is never
         stepped with its old group's hyperparameters."""
-        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in self.param_groups)
+        key = _group_index_key(self.param_groups)
         fresh = self.__dict__.get("_group_index_key") != key
         for _ in range(2):
             if fresh:
@@ -1783,7 +1789,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 self._check_state_tensors(group, params, where)
             work.append((group, params, grads, memo))
         self._drop_stale_memos()  # after the checks: it reads every group's params
-        if any(memo is None for *_, memo in work):  # else every list passed this unchanged
+        # A group with a memo passed this with its list unchanged; one without a memo and
+        # without parameters to step adds none (an empty or frozen group: asked every step).
+        if len(set(map(id, self.param_groups))) < len(work) or any(
+            memo is None and params for _, params, _, memo in work
+        ):
             self._refuse_repeated_params([params for _, params, _, _ in work])
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
             self._warn_if_release_has_no_hooks(self.released_params)
@@ -1806,6 +1816,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         add_param_group refuses that, but a group's "params" edited in place gets there
         too (Composer's module surgery, when a new module ties its weight to one already
         trained); each backend then stepped it twice in its own order, silently."""
+        groups_at: dict[int, int] = {}
+        for index, group in enumerate(self.param_groups):  # one dict appended again
+            earlier_group = groups_at.setdefault(id(group), index)
+            if earlier_group != index and stepped[index]:
+                raise ValueError(
+                    f"Invalid param group {index}: the same dict as param group "
+                    f"{earlier_group}, so this step would update its parameters twice. "
+                    "Allowed: each group once in optimizer.param_groups."
+                )
         total = sum(map(len, stepped))
         if len({id(p) for params in stepped for p in params}) == total:
             return
@@ -1949,10 +1968,16 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """Forget memos of groups or parameters no longer in param_groups (replaced by
         load_state_dict or a framework): each holds its tensors' storages."""
         group_memos = self.__dict__.get("_step_memos", {})
-        if group_memos:
+        replays = self.__dict__.get("_group_replays", {})  # each holds its group's record
+        if group_memos or replays:
             live = set(map(id, self.param_groups))
-            for key in [key for key in group_memos if key not in live]:
-                del group_memos[key]
+            for kept in (group_memos, replays):
+                for key in [key for key in kept if key not in live]:
+                    del kept[key]
+        if "_group_index" in self.__dict__ and self._group_index_key != _group_index_key(
+            self.param_groups
+        ):  # rebuilt at the next per-parameter step; it held a removed group's parameters
+            del self._group_index, self._group_index_key
         param_memos = self.__dict__.get("_param_memos", {})
         if len(param_memos) > sum(len(group["params"]) for group in self.param_groups):
             live = {id(p) for group in self.param_groups for p in group["params"]}
