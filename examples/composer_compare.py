@@ -14,6 +14,7 @@ Output: outputs/composer_job/{results.md, results.json, loss_curves.png}
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -183,7 +184,7 @@ def run_child(name: str, result_path: Path, budget: dict[str, int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['batches']} batches per run")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "composer_job")
     parser.add_argument("--batches", type=int, help="override the batches per run")
@@ -196,6 +197,11 @@ def main() -> None:
     from main_job import plot, refuse_bad_arguments, table
 
     refuse_bad_arguments(parser, args, "--batches", list(CONTENDERS))
+    if importlib.util.find_spec("composer") is None:  # each child failed with a traceback
+        parser.error(
+            "Composer is not installed in this environment; run it in the Composer one: "
+            ".venv-composer/bin/python examples/composer_compare.py (make env-composer)"
+        )
     budget = dict(QUICK if args.quick else FULL)
     if args.batches is not None:
         budget = {"batches": args.batches, "val_every": args.batches, "warmup": 0}

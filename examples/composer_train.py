@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from composer import Trainer
 from composer.callbacks import OptimizerMonitor
+from composer.core import Time, TimeUnit
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerModel
 from torch import Tensor
@@ -122,11 +124,33 @@ def train(recipe_path: str, max_duration: str | None = None) -> dict[str, float]
     return {"first_loss": losses[0], "last_loss": losses[-1], "batches": len(losses)}
 
 
+TRAINING_UNITS = {TimeUnit.EPOCH: "ep", TimeUnit.BATCH: "ba", TimeUnit.SAMPLE: "sp"}
+TRAINING_UNITS[TimeUnit.TOKEN] = "tok"
+
+
+def refuse_bad_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse by flag, before anything is built, a recipe path that is no file and a
+    duration Composer would misread or refuse deep inside the Trainer ('3' is 3 seconds
+    of wall clock to Composer's parser, which the Trainer then refuses as a unit)."""
+    if not os.path.isfile(args.recipe):
+        parser.error(f"argument recipe: {args.recipe!r} is not a file (a YAML recipe)")
+    if args.max_duration is None:
+        return
+    allowed = f"a positive whole number of {', '.join(TRAINING_UNITS.values())}, e.g. 50ba"
+    try:
+        duration = Time.from_timestring(args.max_duration)
+    except (ValueError, TypeError):
+        duration = None
+    if duration is None or duration.unit not in TRAINING_UNITS or duration.value <= 0:
+        parser.error(f"argument --max-duration: invalid value {args.max_duration!r}; {allowed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="a YAML recipe, e.g. configs/composer/*.yaml")
     parser.add_argument("--max-duration", help="override trainer.max_duration, e.g. 50ba")
     args = parser.parse_args()
+    refuse_bad_arguments(parser, args)
     torch.set_num_threads(1)
     try:
         result = train(args.recipe, args.max_duration)

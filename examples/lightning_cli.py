@@ -120,8 +120,16 @@ class AdamKitCLI(LightningCLI):
         they used to fail in the first forward with torch's bare `index out of range`.
         Not a link (data.context -> model.context): jsonargparse then drops the model's
         value that configs/lightning/base.yaml sets, and silently ignores any config's
-        other value. A longer model.context is fine (positions it never uses)."""
+        other value. A longer model.context is fine (positions it never uses). Also a
+        data.val_fraction outside (0, 1): 1.5 split the text like 0.5, 0 validated on
+        nothing, and 1.0 failed in torch's sampler."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        fraction = config.data.val_fraction
+        if not 0 < fraction < 1:
+            self.parser.error(
+                f"Invalid data.val_fraction {fraction}: the share of the text held out for "
+                "validation. Allowed: a number between 0 and 1, exclusive (default 0.05)."
+            )
         data, model = config.data.context, config.model.context
         if data > model:
             self.parser.error(

@@ -356,8 +356,10 @@ def refuse_bad_arguments(
     """Refuse, before any run starts, what would otherwise be quietly misread: a count
     below 1 (0 used to mean the full budget, a negative one failed deep in every child) and
     an --only name that is not a contender (it used to be dropped if another name was
-    valid). Also makes --out absolute, as the children run from the repository root.
-    Shared with composer_compare.py; `count` names its steps or batches flag."""
+    valid) and an --out that cannot become a folder (a file, or inside one: a traceback
+    from mkdir after the checks). Also makes --out absolute, as the children run from the
+    repository root. Shared with composer_compare.py; `count` names its steps or batches
+    flag."""
     value = getattr(args, count.removeprefix("--"))
     if value is not None and value < 1:
         parser.error(f"argument {count}: invalid value {value}; allowed: an integer >= 1")
@@ -366,6 +368,10 @@ def refuse_bad_arguments(
         allowed = ", ".join(repr(valid) for valid in names)
         parser.error(f"invalid --only {unknown}: allowed names are {allowed}")
     args.out = args.out.resolve()
+    existing = next(path for path in (args.out, *args.out.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a folder" if not existing.is_dir() else "is not writable"
+        parser.error(f"argument --out: {args.out} cannot be the output folder: {existing} {why}")
 
 
 def main() -> None:

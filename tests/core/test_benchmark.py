@@ -42,7 +42,11 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
     only (--composer-only), the core rows being the same script the main one times."""
     with_composer = importlib.util.find_spec("composer") is not None
     command = [sys.executable, "examples/benchmark.py", "--quick", "--runs", "2"]
-    output = run_worker([*command, *(["--composer-only"] if with_composer else [])], 600).stdout
+    result = run_worker([*command, *(["--composer-only"] if with_composer else [])], 600)
+    output = result.stdout
+    # the host-time table's released rows close each training step, as training does
+    # (core warned there that release hooks stepped and no optimizer.step() followed)
+    assert "Warning" not in result.stderr, result.stderr[-2000:]
     assert output.count("memory bandwidth:") == 2  # measured again for each run
     # the vector paths the kernels take: ratios differ several times between them
     labels = {"avx512": "AVX-512", "avx2": "AVX2", "software": "software"}
@@ -166,6 +170,9 @@ def test_kernel_only_table_times_the_kernel_beside_its_floor_and_torch() -> None
     the kernel is built for AVX-512, the update over linear codes (any map's lower bound)."""
     command = [sys.executable, "examples/benchmark.py", "--kernel-only", "--quick"]
     output = run_worker(command, timeout=600).stdout
+    # its header names the vector path, on which these ratios depend (it printed none)
+    labels = {"avx512": "AVX-512", "avx2": "AVX2", "software": "software"}
+    assert f"cores, kernels: {labels[cpu_kernel.vector_path()]}" in output.splitlines()[0]
     rows = {
         cells[0]: [float(cell) for cell in cells[1:]]
         for line in output.splitlines()

@@ -29,6 +29,9 @@ def _example(name: str) -> ModuleType:
     return module
 
 
+RECIPE = "configs/composer/char_lm_decoupled_adamw.yaml"
+
+
 def test_release_accumulation_example_follows_the_documented_loop() -> None:
     """examples/gradient_release.py's optimizer-accumulation comparison left out
     optimizer.step() under release, so every run warned that two backward passes made two
@@ -96,6 +99,45 @@ def test_main_jobs_refuse_bad_arguments_before_any_run(
     assert message in stderr
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("script", ["main_job", "composer_compare"])
+@pytest.mark.parametrize("inside", [False, True], ids=["a-file", "inside-a-file"])
+def test_main_jobs_refuse_an_out_that_cannot_be_a_folder(
+    script: str, inside: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkdir's FileExistsError or NotADirectoryError, with a traceback, after the checks."""
+    monkeypatch.setattr(subprocess, "run", _no_runs)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # composer_compare adds examples/
+    taken = tmp_path / "results.md"
+    taken.write_text("")
+    out = taken / "run" if inside else taken
+    code, _, stderr = exit_of_script(f"examples/{script}.py", ["--out", str(out)], monkeypatch)
+    assert code == 2
+    assert f"argument --out: {out} cannot be the output folder: {taken} is not a folder" in stderr
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(importlib.util.find_spec("composer") is not None, reason="Composer is here")
+def test_composer_job_without_composer_says_where_to_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each child failed with ModuleNotFoundError, then the parent with CalledProcessError."""
+    monkeypatch.setattr(subprocess, "run", _no_runs)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    arguments = ["--quick", "--out", str(tmp_path)]
+    code, _, stderr = exit_of_script("examples/composer_compare.py", arguments, monkeypatch)
+    assert code == 2
+    assert "Composer is not installed in this environment; run it in the Composer one" in stderr
+
+
+@pytest.mark.bad_input
+def test_core_example_refuses_flags_it_does_not_have(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It took no arguments and ignored any: `--steps 10` ran the whole example."""
+    code, _, stderr = exit_of_script("examples/train_core.py", ["--steps", "10"], monkeypatch)
+    assert code == 2
+    assert "unrecognized arguments: --steps 10" in stderr
+
+
 def test_main_job_summary_of_a_short_run_times_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """With five steps or fewer the optimizer time was a made-up 0.0 (each row 0.00, its
     ratio nan); now every step counts, as for batch times. Longer runs skip five."""
@@ -159,6 +201,7 @@ def test_main_job_resolves_a_relative_out_for_its_children(
 def test_composer_job_resolves_a_relative_out_for_its_children(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pytest.importorskip("composer")  # without it the job stops before any child
     module = _example("composer_compare")
     commands: list[list[str]] = []
 
@@ -209,6 +252,25 @@ def test_lightning_example_refuses_windows_longer_than_the_model_covers(
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("fraction", ["1.5", "1.0", "0", "-0.1"])
+def test_lightning_example_refuses_a_validation_share_outside_zero_and_one(
+    fraction: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1.5 split the text as 0.5 did, 0 or less validated on nothing, 1.0 failed in
+    torch's sampler (num_samples=0)."""
+    pytest.importorskip("lightning")
+    configs = ROOT / "configs" / "lightning"
+    arguments = [
+        "fit",
+        *("--config", str(configs / "base.yaml"), "--config", str(configs / "adamw.yaml")),
+        *("--data.val_fraction", fraction, "--trainer.logger.init_args.save_dir", str(tmp_path)),
+    ]
+    code, _, stderr = exit_of_script("examples/lightning_cli.py", arguments, monkeypatch)
+    assert code == 2
+    assert f"Invalid data.val_fraction {float(fraction)}: the share of the text held out" in stderr
+
+
+@pytest.mark.bad_input
 def test_composer_example_refuses_the_llm_foundry_snippet_clearly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -219,3 +281,30 @@ def test_composer_example_refuses_the_llm_foundry_snippet_clearly(
     assert code == 2
     assert "llmfoundry_optimizer.yaml: no model or data" in stderr
     assert "is an llm-foundry snippet" in stderr
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["missing.yaml"], "argument recipe: 'missing.yaml' is not a file"),
+        (["configs/composer"], "argument recipe: 'configs/composer' is not a file"),
+        *(
+            (
+                [RECIPE, f"--max-duration={value}"],
+                f"argument --max-duration: invalid value {value!r}",
+            )
+            for value in ("3", "abc", "0ba", "-5ba", "1.5ep", "0.5dur")
+        ),
+    ],
+    ids=["missing", "a-folder", "bare-number", "words", "zero", "negative", "fraction", "dur"],
+)
+def test_composer_example_refuses_a_bad_recipe_path_or_duration_by_flag(
+    arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A traceback from open(), or Composer's from inside the Trainer ('3' is 3 seconds
+    of wall clock to its parser, then 'Wall clock time not an allowed time unit')."""
+    pytest.importorskip("composer")
+    code, _, stderr = exit_of_script("examples/composer_train.py", arguments, monkeypatch)
+    assert code == 2
+    assert message in stderr
