@@ -234,40 +234,33 @@ def test_failed_measurement_shows_the_childs_output() -> None:
 
 
 @pytest.mark.bad_input
-def test_lightning_example_refuses_windows_longer_than_the_model_covers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--data.context", "128", "Invalid data.context 128: longer than model.context 64"),
+        *(
+            ("--data.val_fraction", value, f"Invalid data.val_fraction {float(value)}: the share")
+            for value in ("1.5", "1.0", "0", "-0.1")
+        ),
+    ],
+    ids=["context", "fraction-above-1", "fraction-1", "fraction-0", "fraction-negative"],
+)
+def test_lightning_example_refuses_data_it_cannot_train_on(
+    flag: str, value: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--data.context above --model.context failed in the first forward with torch's bare
-    'index out of range in self'."""
+    'index out of range in self'; a val_fraction of 1.5 split the text as 0.5 did, 0 or
+    less validated on nothing, and 1.0 failed in torch's sampler (num_samples=0)."""
     pytest.importorskip("lightning")
     configs = ROOT / "configs" / "lightning"
     arguments = [
         "fit",
         *("--config", str(configs / "base.yaml"), "--config", str(configs / "adamw.yaml")),
-        *("--data.context", "128", "--trainer.logger.init_args.save_dir", str(tmp_path)),
+        *(flag, value, "--trainer.logger.init_args.save_dir", str(tmp_path)),
     ]
     code, _, stderr = exit_of_script("examples/lightning_cli.py", arguments, monkeypatch)
     assert code == 2
-    assert "Invalid data.context 128: longer than model.context 64" in stderr
-
-
-@pytest.mark.bad_input
-@pytest.mark.parametrize("fraction", ["1.5", "1.0", "0", "-0.1"])
-def test_lightning_example_refuses_a_validation_share_outside_zero_and_one(
-    fraction: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """1.5 split the text as 0.5 did, 0 or less validated on nothing, 1.0 failed in
-    torch's sampler (num_samples=0)."""
-    pytest.importorskip("lightning")
-    configs = ROOT / "configs" / "lightning"
-    arguments = [
-        "fit",
-        *("--config", str(configs / "base.yaml"), "--config", str(configs / "adamw.yaml")),
-        *("--data.val_fraction", fraction, "--trainer.logger.init_args.save_dir", str(tmp_path)),
-    ]
-    code, _, stderr = exit_of_script("examples/lightning_cli.py", arguments, monkeypatch)
-    assert code == 2
-    assert f"Invalid data.val_fraction {float(fraction)}: the share of the text held out" in stderr
+    assert message in stderr
 
 
 @pytest.mark.bad_input
