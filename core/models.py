@@ -73,21 +73,21 @@ _COMPILED_MODULE_ATTRIBUTE = "_orig_mod"
 
 def user_facing_name(name: str) -> str:
     """A qualified parameter name as the user's modules spell it, without the component
-    torch.compile's wrapper adds ('model._orig_mod.0.weight' -> 'model.0.weight'): name
-    patterns (no-decay rules) and per-parameter metric keys then read the same whether or
-    not a submodule was compiled (a pattern for 'model.0.*' matched nothing, silently)."""
+    torch.compile's wrapper adds ('model._orig_mod.0.weight' -> 'model.0.weight'): the
+    Lightning adapter's no-decay patterns match either, and its per-parameter metric keys
+    read the same whether or not a submodule was compiled."""
     if _COMPILED_MODULE_ATTRIBUTE not in name:
         return name
     return ".".join(part for part in name.split(".") if part != _COMPILED_MODULE_ATTRIBUTE)
 
 
 def owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
-    """(qualified name as user_facing_name gives it, parameter, module holding it) for
-    every parameter of model; a tied parameter comes once per module that holds it."""
-    for module_name, owner in model.named_modules():
-        for param_name, param in owner.named_parameters(recurse=False):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            yield user_facing_name(name), param, owner
+    """(qualified name, parameter, module holding it) for every parameter of model, under
+    every name it has: a tied parameter comes once per module that holds it, and a module
+    registered under two names (self.enc2 = self.enc1) once per name."""
+    for module_name, owner in model.named_modules(remove_duplicate=False):
+        for param_name, param in owner.named_parameters(recurse=False, remove_duplicate=False):
+            yield (f"{module_name}.{param_name}" if module_name else param_name), param, owner
 
 
 def param_groups_weight_decay(
@@ -123,7 +123,7 @@ def param_groups_weight_decay(
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            exempt = skips_weight_decay(user_facing_name(name), param, additional_layers=layers)
+            exempt = skips_weight_decay(name, param, additional_layers=layers)
             (no_decay if exempt else decay).append(param)
     return [
         {"params": no_decay, "weight_decay": 0.0},

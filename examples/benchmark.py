@@ -1061,7 +1061,7 @@ def main() -> None:
         )
     use_threads(args.threads)
     threads = "1 thread" if args.threads == 1 else f"{args.threads} threads (wall time)"
-    if single_table and args.device == "cpu":  # the ratios depend on the vector path
+    if single_table:  # the ratios depend on the vector path (host time: the CPU's)
         print(f"torch {torch.__version__}, {machine()}, {threads}", flush=True)
     if args.kernel_only:
         kernel_only_table(rounds=3 if args.quick else 15)

@@ -124,19 +124,21 @@ def train(recipe_path: str, max_duration: str | None = None) -> dict[str, float]
     return {"first_loss": losses[0], "last_loss": losses[-1], "batches": len(losses)}
 
 
-TRAINING_UNITS = {TimeUnit.EPOCH: "ep", TimeUnit.BATCH: "ba", TimeUnit.SAMPLE: "sp"}
-TRAINING_UNITS[TimeUnit.TOKEN] = "tok"
+TRAINING_UNITS = {TimeUnit.EPOCH: "ep", TimeUnit.BATCH: "ba"}
+"""What this example trains for: the recipes' warmups are in batches (Composer refuses a
+samples duration beside them), and its batches are tuples, in which Composer counts no
+tokens (a tokens duration never ended)."""
 
 
 def refuse_bad_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse by flag, before anything is built, a recipe path that is no file and a
     duration Composer would misread or refuse deep inside the Trainer ('3' is 3 seconds
     of wall clock to Composer's parser, which the Trainer then refuses as a unit)."""
-    if not os.path.isfile(args.recipe):
+    if not os.path.exists(args.recipe) or os.path.isdir(args.recipe):  # a pipe is fine
         parser.error(f"argument recipe: {args.recipe!r} is not a file (a YAML recipe)")
     if args.max_duration is None:
         return
-    allowed = f"a positive whole number of {', '.join(TRAINING_UNITS.values())}, e.g. 50ba"
+    allowed = f"a positive whole number of {' or '.join(TRAINING_UNITS.values())}, e.g. 50ba"
     try:
         duration = Time.from_timestring(args.max_duration)
     except (ValueError, TypeError):

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 import lightning_adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # char_lm.py sits beside this file
-from char_lm import VOCAB, CharTransformer, next_token_loss, train_val_split
+from char_lm import VOCAB, CharTransformer, next_token_loss, topics_bytes, train_val_split
 
 
 class TopicsText(L.LightningDataModule):
@@ -124,11 +124,15 @@ class AdamKitCLI(LightningCLI):
         data.val_fraction outside (0, 1): 1.5 split the text like 0.5, 0 validated on
         nothing, and 1.0 failed in torch's sampler."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        fraction = config.data.val_fraction
-        if not 0 < fraction < 1:
+        fraction, window = config.data.val_fraction, config.data.context + 1
+        total = len(topics_bytes())
+        held_out = total - int(total * (1 - fraction)) if 0 < fraction < 1 else 0
+        if min(held_out, total - held_out) < window:  # a side without one window
             self.parser.error(
                 f"Invalid data.val_fraction {fraction}: the share of the text held out for "
-                "validation. Allowed: a number between 0 and 1, exclusive (default 0.05)."
+                f"validation; each side needs a window of data.context + 1 = {window} bytes "
+                f"of the {total}. Allowed: a number between {window / total:.2g} and "
+                f"{1 - window / total:.6g} (default 0.05)."
             )
         data, model = config.data.context, config.model.context
         if data > model:

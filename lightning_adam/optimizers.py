@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import core
-from core.models import owned_parameters, require_module, skips_weight_decay
+from core.models import owned_parameters, require_module, skips_weight_decay, user_facing_name
 from core.optimizer import require
 from lightning_adam.schedules import LRSchedule
 
@@ -307,7 +307,9 @@ def _no_weight_decay_rule(
 
 
 class _NamePatterns:
-    """no_weight_decay's fnmatch patterns over qualified parameter names, remembering which
+    """no_weight_decay's fnmatch patterns over qualified parameter names, as named_parameters
+    gives them or without torch.compile's '_orig_mod' (a compiled submodule's parameters
+    are 'model._orig_mod.0.weight': 'model.0.*' matched nothing before). Remembers which
     matched: a pattern that matches nothing (a typo, a name the module does not have)
     left those parameters decayed without a word."""
 
@@ -316,7 +318,12 @@ class _NamePatterns:
         self.matched: set[str] = set()
 
     def __call__(self, name: str, _param: nn.Parameter, _owner: nn.Module) -> bool:
-        hits = [p for p in self.patterns if fnmatch.fnmatchcase(name, p)]
+        plain = user_facing_name(name)
+        hits = [
+            p
+            for p in self.patterns
+            if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(plain, p)
+        ]
         self.matched.update(hits)
         return bool(hits)
 
@@ -363,7 +370,9 @@ def _param_groups(
             if exclude(name, param, owner):
                 skip.add(id(param))
         if isinstance(exclude, _NamePatterns):
-            exclude.warn_unmatched([name for name, param, _ in owned if param.requires_grad])
+            exclude.warn_unmatched(
+                [user_facing_name(name) for name, param, _ in owned if param.requires_grad]
+            )
     trainable = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in trainable if id(p) not in skip]
     no_decay = [p for p in trainable if id(p) in skip]

@@ -240,17 +240,22 @@ def test_failed_measurement_shows_the_childs_output() -> None:
         ("--data.context", "128", "Invalid data.context 128: longer than model.context 64"),
         *(
             ("--data.val_fraction", value, f"Invalid data.val_fraction {float(value)}: the share")
-            for value in ("1.5", "1.0", "0", "-0.1")
+            for value in ("1.5", "1.0", "0.9999", "0.0001", "0", "-0.1")
         ),
     ],
-    ids=["context", "fraction-above-1", "fraction-1", "fraction-0", "fraction-negative"],
+    ids=[
+        "context",
+        *("fraction-above-1", "fraction-1", "no-training-window", "no-validation-window"),
+        *("fraction-0", "fraction-negative"),
+    ],
 )
 def test_lightning_example_refuses_data_it_cannot_train_on(
     flag: str, value: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--data.context above --model.context failed in the first forward with torch's bare
-    'index out of range in self'; a val_fraction of 1.5 split the text as 0.5 did, 0 or
-    less validated on nothing, and 1.0 failed in torch's sampler (num_samples=0)."""
+    'index out of range in self'; a val_fraction of 1.5 split the text as 0.5 did, one
+    that left validation no window (0, or 0.0001) validated on nothing, and one that left
+    training none (1.0, or 0.9999) failed in torch's sampler (num_samples=0)."""
     pytest.importorskip("lightning")
     configs = ROOT / "configs" / "lightning"
     arguments = [
@@ -287,16 +292,21 @@ def test_composer_example_refuses_the_llm_foundry_snippet_clearly(
                 [RECIPE, f"--max-duration={value}"],
                 f"argument --max-duration: invalid value {value!r}",
             )
-            for value in ("3", "abc", "0ba", "-5ba", "1.5ep", "0.5dur")
+            for value in ("3", "abc", "0ba", "-5ba", "1.5ep", "0.5dur", "100sp", "1000tok")
         ),
     ],
-    ids=["missing", "a-folder", "bare-number", "words", "zero", "negative", "fraction", "dur"],
+    ids=[
+        *("missing", "a-folder", "bare-number", "words", "zero", "negative", "fraction"),
+        *("dur", "samples", "tokens"),
+    ],
 )
 def test_composer_example_refuses_a_bad_recipe_path_or_duration_by_flag(
     arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A traceback from open(), or Composer's from inside the Trainer ('3' is 3 seconds
-    of wall clock to its parser, then 'Wall clock time not an allowed time unit')."""
+    of wall clock to its parser, then 'Wall clock time not an allowed time unit'; samples
+    clashed with the recipes' warmup in batches; tokens never ended: Composer counts none
+    in this example's batches)."""
     pytest.importorskip("composer")
     code, _, stderr = exit_of_script("examples/composer_train.py", arguments, monkeypatch)
     assert code == 2

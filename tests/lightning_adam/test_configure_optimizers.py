@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -107,25 +108,45 @@ class CompiledInside(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "setting",
-    [["model.norm.*", "*.bias"], True, lambda name, param, module: name.startswith("model.norm")],
-    ids=["patterns", "default-rule", "callable"],
+    ("setting", "compiled_setting"),
+    [
+        (["model.norm.*", "*.bias"], None),
+        (True, None),
+        (["model.norm.*", "*.bias"], ["model._orig_mod.norm.*", "*.bias"]),  # the real names
+    ],
+    ids=["patterns", "default-rule", "patterns-with-orig-mod"],
 )
 def test_no_weight_decay_reads_a_compiled_submodule_by_the_names_it_was_written_with(
-    setting: object,
+    setting: object, compiled_setting: object
 ) -> None:
     """A pattern for 'model.norm.*' matched nothing once the model was compiled (its
-    names were 'model._orig_mod.norm.weight'): those parameters got weight decay."""
+    names were 'model._orig_mod.norm.weight'): those parameters got weight decay. The
+    names named_parameters() gives match too."""
     groups = []
     for compiled in (False, True):
         model = CompiledInside(compiled)
-        built = configure_optimizers(model, "AdamW", lr=1e-3, no_weight_decay=setting)
+        chosen = compiled_setting if compiled and compiled_setting else setting
+        built = configure_optimizers(model, "AdamW", lr=1e-3, no_weight_decay=chosen)
         names = {p: core.models.user_facing_name(n) for n, p in model.named_parameters()}
         groups.append(
             {g["name"]: {names[p] for p in g["params"]} for g in built["optimizer"].param_groups}
         )
     assert groups[1] == groups[0]
     assert {"model.norm.weight", "model.norm.bias"} <= groups[0]["no_decay"]
+
+
+def test_no_weight_decay_patterns_match_a_module_under_any_of_its_names() -> None:
+    """A module registered twice (self.enc2 = self.enc1) has state_dict keys under both
+    names; a pattern over the second exempted nothing."""
+    model = nn.ModuleDict({"enc1": nn.Linear(3, 3), "head": nn.Linear(3, 2)})
+    model["enc2"] = model["enc1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        optimizer = configure_optimizers(model, "AdamW", lr=1e-3, no_weight_decay=["enc2.*"])
+    assert _group_names(model, optimizer["optimizer"])["no_decay"] == {
+        "enc1.weight",
+        "enc1.bias",
+    }
 
 
 def test_a_no_weight_decay_pattern_matching_no_parameter_is_reported_by_name() -> None:
