@@ -135,6 +135,16 @@ def _forget_removed_groups(passed: dict[int, Any], groups: list[dict[str, Any]])
         del passed[key]
 
 
+def _refuse_params_not_a_list(params: object, where: str) -> None:
+    """A group's params written by hand as no list: a bare tensor stepped nothing (its
+    rows have no gradients), None failed deep inside the step."""
+    if not isinstance(params, (list, tuple)):
+        raise ValueError(
+            f"Invalid params{where}: {_described_entry(params)}. Allowed: a list of "
+            "tensors (what add_param_group makes of any iterable of them)."
+        )
+
+
 def _refuse_entries_not_tensors(params: Sequence[object], where: str) -> None:
     """Name the first entry of a group's params that is no tensor (written by hand into a
     live group: torch's add_param_group refuses one), where it failed deep in the step."""
@@ -1104,12 +1114,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "a value for every key of the optimizer's defaults, which add_param_group "
                 "fills in; set a value instead of deleting the key."
             )
-        params = group.get("params")
-        if not isinstance(params, (list, tuple)):  # stepped nothing (a tensor's rows), or failed
-            raise ValueError(
-                f"Invalid params{where}: {_described_entry(params)}. Allowed: a list of "
-                "tensors (what add_param_group makes of any iterable of them)."
-            )
+        _refuse_params_not_a_list(group.get("params"), where)
         self._validate_group(group, where)
         if written_triton:  # None: adamkit chooses, as optimi's triton=None does
             group["fused"] = group.pop("triton")
@@ -2245,7 +2250,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def zero_grad(self, set_to_none: bool = True, param: Tensor | None = None) -> None:
         """Clear gradients; `zero_grad(param=p)` clears only p's (gradient release frees it)."""
         if param is None:
-            super().zero_grad(set_to_none=set_to_none)
+            try:
+                super().zero_grad(set_to_none=set_to_none)
+            except (AttributeError, TypeError):  # params written by hand: name the entry
+                for index, group in enumerate(self.param_groups):
+                    where = f" in param group {index}"
+                    _refuse_params_not_a_list(group.get("params"), where)
+                    _refuse_entries_not_tensors(group["params"], where)
+                raise
             stepped = unwrapped(self).__dict__.get("_hook_stepped")
             if stepped:  # a new training step; hooks stepped a backward no step() closed
                 unwrapped(self)._warn_stepped_without_step(len(stepped))
