@@ -135,13 +135,24 @@ def _forget_removed_groups(passed: dict[int, Any], groups: list[dict[str, Any]])
         del passed[key]
 
 
+def _repeated_entry(index: int, group: int, earlier_group: int, earlier: int) -> ValueError:
+    """The error for a parameter in two entries of param_groups (written there by hand)."""
+    return ValueError(
+        f"Invalid params[{index}] in param group {group}: the same tensor as "
+        f"params[{earlier}] of param group {earlier_group}, so this step would update it "
+        "twice. Allowed: each parameter in one entry of one group (a module surgery that "
+        "tied a new weight to one already trained listed it again: remove the repeated "
+        "entry from optimizer.param_groups)."
+    )
+
+
 def _refuse_params_not_a_list(params: object, where: str) -> None:
     """A group's params written by hand as no list: a bare tensor stepped nothing (its
     rows have no gradients), None failed deep inside the step."""
     if not isinstance(params, (list, tuple)):
         raise ValueError(
-            f"Invalid params{where}: {_described_entry(params)}. Allowed: a list of "
-            "tensors (what add_param_group makes of any iterable of them)."
+            f"Invalid params{where}: {_described_entry(params)}. Allowed: a list (or "
+            "tuple) of tensors (add_param_group makes a list of any iterable of them)."
         )
 
 
@@ -1667,11 +1678,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 for index, group in enumerate(self.param_groups):  # written by hand
                     if not all(isinstance(p, Tensor) for p in group["params"]):
                         _refuse_entries_not_tensors(group["params"], f" in param group {index}")
-                self._group_index = {
-                    p: (index, group, position)
-                    for index, group in enumerate(self.param_groups)
-                    for position, p in enumerate(group["params"])
-                }
+                found_at: dict[Tensor, tuple[int, dict[str, Any], int]] = {}
+                for index, group in enumerate(self.param_groups):
+                    for position, p in enumerate(group["params"]):
+                        earlier = found_at.setdefault(p, (index, group, position))
+                        if (earlier[0], earlier[2]) != (index, position) and p.requires_grad:
+                            # released, it was stepped once, with one group's values
+                            raise _repeated_entry(position, index, earlier[0], earlier[2])
+                self._group_index = found_at
                 self._group_index_key = key
             found = self._group_index.get(param)
             if found is not None and found[1]["params"][found[2]] is param:
@@ -1840,15 +1854,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 if id(param) not in taken:
                     continue
                 if id(param) in seen:
-                    earlier_group, earlier = seen[id(param)]
-                    raise ValueError(
-                        f"Invalid params[{index}] in param group {group_index}: the same "
-                        f"tensor as params[{earlier}] of param group {earlier_group}, so "
-                        "this step would update it twice. Allowed: each parameter in one "
-                        "entry of one group (a module surgery that tied a new weight to "
-                        "one already trained listed it again: remove the repeated entry "
-                        "from optimizer.param_groups)."
-                    )
+                    raise _repeated_entry(index, group_index, *seen[id(param)])
                 seen[id(param)] = (group_index, index)
 
     def _with_open_windows(

@@ -132,7 +132,7 @@ tokens (a tokens duration never ended)."""
 
 def refuse_bad_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse by flag, before anything is built, a recipe path that is no file and a
-    duration Composer would misread or refuse deep inside the Trainer ('3' is 3 seconds
+    duration Composer would misread or refuse deep inside the Trainer ('3' is 30 seconds
     of wall clock to Composer's parser, which the Trainer then refuses as a unit)."""
     if not os.path.exists(args.recipe) or os.path.isdir(args.recipe):  # a pipe is fine
         parser.error(f"argument recipe: {args.recipe!r} is not a file (a YAML recipe)")

@@ -17,6 +17,7 @@ an LR schedule around whichever optimizer is chosen.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,8 @@ class AdamKitCLI(LightningCLI):
             self.parser.error(
                 f"Invalid data.val_fraction {fraction}: the share of the text held out for "
                 f"validation; each side needs a window of data.context + 1 = {window} bytes "
-                f"of the {total}. Allowed: a number between {window / total:.2g} and "
-                f"{1 - window / total:.6g} (default 0.05)."
+                f"of the {total}. Allowed: a number from {_rounded(window / total, up=True)} "
+                f"to {_rounded(1 - window / total, up=False)} (default 0.05)."
             )
         data, model = config.data.context, config.model.context
         if data > model:
@@ -142,6 +143,13 @@ class AdamKitCLI(LightningCLI):
                 f"most model.context (set both, e.g. --data.context {data} --model.context "
                 f"{data})."
             )
+
+
+def _rounded(value: float, up: bool) -> str:
+    """value to six decimals, rounded toward the inside of the range it bounds, so the
+    number shown is itself allowed."""
+    scaled = value * 1e6
+    return f"{(math.ceil(scaled) if up else math.floor(scaled)) / 1e6:.6f}"
 
 
 def main(args: list[str] | None = None, cli_class: type[AdamKitCLI] = AdamKitCLI) -> None:

@@ -303,7 +303,7 @@ def test_composer_example_refuses_the_llm_foundry_snippet_clearly(
 def test_composer_example_refuses_a_bad_recipe_path_or_duration_by_flag(
     arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A traceback from open(), or Composer's from inside the Trainer ('3' is 3 seconds
+    """A traceback from open(), or Composer's from inside the Trainer ('3' is 30 seconds
     of wall clock to its parser, then 'Wall clock time not an allowed time unit'; samples
     clashed with the recipes' warmup in batches; tokens never ended: Composer counts none
     in this example's batches)."""
