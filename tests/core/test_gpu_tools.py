@@ -55,7 +55,7 @@ def test_gpu_check_reads_rows_against_the_targets(host_time_output: str) -> None
     lines.append(benchmark.gpu_row("core RAdam Triton", 0.2e-3, 0.15e-3, 28 * 20e6, copy))
     lines += benchmark.gpu_header("bf16", 200, 1000)  # small tensors: no bandwidth target
     lines.append(benchmark.gpu_row("core NAdam Triton (Kahan)", 1e-3, 1e-3, 18 * 2e5, copy))
-    rows = check._benchmark_rows("\n".join(lines) + host_time_output)
+    rows = check._benchmark_rows("\n".join([*lines, host_time_output]))
     assert rows[0] == [
         "fp32: 20 tensors x 1,000,000 parameters: core AdamW Triton",
         "1.07x torch fused, 88% of copy",
