@@ -127,12 +127,13 @@ def _group_index_key(groups: list[dict[str, Any]]) -> tuple[tuple[int, int, int]
     return tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
 
 
-def _forget_removed_groups(passed: dict[int, Any], groups: list[dict[str, Any]]) -> None:
-    """Drop the records of groups no longer in param_groups: each holds its group, and with
-    it the group's parameters, which torch.optim would have let go."""
-    live = {id(g) for g in groups}
-    for key in [key for key in passed if key not in live]:
-        del passed[key]
+def _forget_removed_groups(kept: dict[int, Any], groups: list[dict[str, Any]]) -> None:
+    """Drop the entries (keyed by id(group): validated records, step memos, replays) of
+    groups no longer in param_groups: each holds its group's tensors, which torch.optim
+    would have let go."""
+    live = set(map(id, groups))
+    for key in [key for key in kept if key not in live]:
+        del kept[key]
 
 
 def _repeated_entry(index: int, group: int, earlier_group: int, earlier: int) -> ValueError:
@@ -1675,12 +1676,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         fresh = self.__dict__.get("_group_index_key") != key
         for _ in range(2):
             if fresh:
-                for index, group in enumerate(self.param_groups):  # written by hand
-                    if not all(isinstance(p, Tensor) for p in group["params"]):
-                        _refuse_entries_not_tensors(group["params"], f" in param group {index}")
                 found_at: dict[Tensor, tuple[int, dict[str, Any], int]] = {}
                 for index, group in enumerate(self.param_groups):
                     for position, p in enumerate(group["params"]):
+                        if not isinstance(p, Tensor):  # written by hand
+                            _refuse_entries_not_tensors(group["params"], f" in param group {index}")
                         earlier = found_at.setdefault(p, (index, group, position))
                         if (earlier[0], earlier[2]) != (index, position) and p.requires_grad:
                             # released, it was stepped once, with one group's values
@@ -1980,11 +1980,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         load_state_dict or a framework): each holds its tensors' storages."""
         group_memos = self.__dict__.get("_step_memos", {})
         replays = self.__dict__.get("_group_replays", {})  # each holds its group's record
-        if group_memos or replays:
-            live = set(map(id, self.param_groups))
-            for kept in (group_memos, replays):
-                for key in [key for key in kept if key not in live]:
-                    del kept[key]
+        for kept in (group_memos, replays):
+            if kept:
+                _forget_removed_groups(kept, self.param_groups)
         if "_group_index" in self.__dict__ and self._group_index_key != _group_index_key(
             self.param_groups
         ):  # rebuilt at the next per-parameter step; it held a removed group's parameters
@@ -2121,9 +2119,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         memo.replay = (step_function, lists)
         replays = self.__dict__.setdefault("_group_replays", {})
         if len(replays) > len(self.param_groups):  # groups replaced since: drop theirs
-            live = set(map(id, self.param_groups))
-            for key in [key for key in replays if key not in live]:
-                del replays[key]
+            _forget_removed_groups(replays, self.param_groups)
         replays[id(passed[0])] = _GroupReplay(
             passed, memo.host_keys, before, coefficients, float32_array(access.read())
         )

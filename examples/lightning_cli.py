@@ -122,8 +122,9 @@ class AdamKitCLI(LightningCLI):
         Not a link (data.context -> model.context): jsonargparse then drops the model's
         value that configs/lightning/base.yaml sets, and silently ignores any config's
         other value. A longer model.context is fine (positions it never uses). Also a
-        data.val_fraction outside (0, 1): 1.5 split the text like 0.5, 0 validated on
-        nothing, and 1.0 failed in torch's sampler."""
+        data.val_fraction that leaves training or validation without one window (1.5 split
+        the text like 0.5, 0 or 0.0001 validated on nothing, 1.0 or 0.9999 failed in
+        torch's sampler)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         fraction, window = config.data.val_fraction, config.data.context + 1
         total = len(topics_bytes())

@@ -770,6 +770,22 @@ def test_groups_replaced_after_steps_are_validated_again() -> None:
     assert_unchanged(model, optimizer, before)
 
 
+def _two_groups_trained(released: bool, **flags: Any) -> tuple[torch.nn.Module, core.AdamW]:
+    """A Linear whose weight and bias are two param groups, stepped twice (memoized where
+    the backend keeps a memo), released through hooks if asked."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    groups = [{"params": [model.weight]}, {"params": [model.bias]}]
+    optimizer = core.AdamW(groups, lr=LR, gradient_release=released, **flags)
+    if released:
+        core.prepare_for_gradient_release(model, optimizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("written", "message"),
@@ -788,18 +804,8 @@ def test_params_written_by_hand_that_are_not_tensors_are_refused_before_any_chan
     """A group's params replaced by hand with something add_param_group would refuse: a
     bare tensor stepped nothing (its rows have no gradients), silently; None and a
     non-tensor entry failed deep inside the step (TypeError, AttributeError)."""
-    model = torch.nn.Linear(4, 3)
-    optimizer = core.AdamW(
-        [{"params": [model.weight]}, {"params": [model.bias]}],
-        lr=LR,
-        gradient_release=released,
-    )
-    if released:
-        core.prepare_for_gradient_release(model, optimizer)
-    for _ in range(2):
-        model(torch.ones(2, 4)).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    model, optimizer = _two_groups_trained(released)
+    optimizer.zero_grad()
     before = snapshot(model, optimizer)
     group = optimizer.param_groups[1]
     kept = group["params"]
@@ -825,20 +831,7 @@ def test_a_parameter_listed_again_by_editing_a_group_is_refused_before_any_chang
     weight already trained lists that weight again, which each backend stepped twice, in
     its own order (foreach ended 5e-3 from the loop backend in a 4-step Composer run),
     without a word; under release its hook stepped it once, with the later group's lr."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    optimizer = core.AdamW(
-        [{"params": [model.weight]}, {"params": [model.bias]}],
-        lr=LR,
-        gradient_release=released,
-        **TRAINING_BACKENDS[backend],
-    )
-    if released:
-        core.prepare_for_gradient_release(model, optimizer)
-    for _ in range(2):  # memoized where the backend keeps a memo
-        optimizer.zero_grad()
-        model(torch.ones(2, 4)).sum().backward()
-        optimizer.step()
+    model, optimizer = _two_groups_trained(released, **TRAINING_BACKENDS[backend])
     before = snapshot(model, optimizer)
     optimizer.zero_grad()
     if where == "the-group-again":  # both entries found the group's memo, before
