@@ -124,6 +124,10 @@ class GradientRelease(L.Callback):
     # -- checks, before Lightning builds anything --------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning restores callbacks after setup, for every stage: windows a validate,
+        # test or predict with ckpt_path restored are not this run's (a later fit without
+        # ckpt_path reopened them on its own optimizer); a resumed fit restores its own.
+        self._windows_to_reopen = {}
         if stage != "fit":
             return
         if trainer.gradient_clip_val:

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
 from torch.utils.data import TensorDataset
 
 import core
@@ -221,6 +222,56 @@ def test_a_fit_stopped_inside_a_window_resumes_exactly(backend: str, tmp_path: P
             assert set(saved["open_windows"].values()) == {1}
     whole, _, resumed = params
     for a, b in zip(whole, resumed, strict=True):
+        assert torch.equal(a, b)
+
+
+class Evaluated(Regression):
+    """Regression with the evaluation stages a checkpoint can be given to."""
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> None:
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+    test_step = validation_step
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_an_evaluation_of_a_checkpoint_leaves_a_later_fit_without_its_windows(
+    stage: str, tmp_path: Path
+) -> None:
+    """Lightning restores callbacks for every stage: trainer.validate(ckpt_path=...) of a
+    checkpoint saved inside a window handed its open windows to the next fit without
+    ckpt_path, which failed at start ("Invalid counts key") on a fresh optimizer and
+    reopened them, silently, on one with state. That fit equals one of a model given the
+    checkpoint's weights by hand."""
+    path = tmp_path / "inside-window.ckpt"
+    data = regression_data(128)
+    trainer = make_trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        callbacks=[GradientRelease(), StopInsideWindow(path, 0, 2)],
+    )
+    trainer.fit(Evaluated(lr=1e-2), loader(data))
+    assert set(
+        torch.load(path, weights_only=False)["callbacks"]["GradientRelease"][
+            "open_windows"
+        ].values()
+    ) == {1}
+    fits = []
+    for evaluated in (True, False):
+        model = Evaluated(lr=1e-2, seed=3)
+        trainer = make_trainer(
+            max_epochs=2, accumulate_grad_batches=2, callbacks=[GradientRelease()]
+        )
+        if evaluated:
+            getattr(trainer, stage)(model, loader(data), ckpt_path=path)
+        else:
+            model.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+        trainer.fit(model, loader(data))
+        fits.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*fits, strict=True):
         assert torch.equal(a, b)
 
 
