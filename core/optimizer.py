@@ -1620,7 +1620,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         recast: list[tuple[Tensor, str, Any]] = []
         for key, pairs in scalars.items():
             values = cpu_kernel.read_scalars([value for _, value in pairs])
-            counters: set[int] = set()
             for i, (param, value) in enumerate(pairs):
                 # Where one call read them all (one-element float32 CPU tensors), only a
                 # value out of range needs a closer look.
@@ -1628,14 +1627,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     found = _state_problem(key, value, param)
                     if found is not None:
                         self._refuse_state(group, param, key, found, where)
-                if not _is_host_scalar(value) or id(value) in counters:
-                    recast.append((param, key, value))  # another form, or a shared counter
-                else:
-                    counters.add(id(value))
+                if not _is_host_scalar(value):
+                    recast.append((param, key, value))
         # A count set by hand as a number, an integer or a 1-element tensor (as loading
         # accepts it) is kept as steps keep counts, once every check has passed: counting
-        # into an integer tensor failed after the parameters were updated, and one tensor
-        # shared by several states counted once for each of them.
+        # into an integer tensor failed after the parameters were updated. (One tensor in
+        # several states: _separate_shared_counters.)
         for param, key, value in recast:
             self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
 
@@ -1810,10 +1807,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._drop_stale_memos()  # after the checks: it reads every group's params
         # A group with a memo passed this with its list unchanged; one without a memo and
         # without parameters to step adds none (an empty or frozen group: asked every step).
-        if len(set(map(id, self.param_groups))) < len(work) or any(
-            memo is None and params for _, params, _, memo in work
-        ):
+        unmemoized = any(memo is None and params for _, params, _, memo in work)
+        if len(set(map(id, self.param_groups))) < len(work) or unmemoized:
             self._refuse_repeated_params([params for _, params, _, _ in work])
+        if unmemoized:
+            self._separate_shared_counters(work)
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
             self._warn_if_release_has_no_hooks(self.released_params)
         for group, params, grads, memo in work:
@@ -1828,6 +1826,31 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         stepped.clear()
         self.__dict__.pop("_hook_folded", None)
         return loss
+
+    def _separate_shared_counters(
+        self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], StepMemo | None]]
+    ) -> None:
+        """Give each parameter a counter of its own where one tensor was set by hand into
+        several parameters' states, in one group or across groups: shared, it advanced
+        once for each of them every step. Runs after every check (a step without a memo
+        in some group), before any update; the states of groups stepping from a memo keep
+        theirs (the memo holds it), the first holder elsewhere keeps it, the others get
+        its value. Under gradient release each parameter steps alone and this does not
+        run: see README "Errors"."""
+        held: set[int] = set()
+        for group, *_ in sorted(work, key=lambda entry: entry[3] is None):
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state:
+                    continue
+                for key in HOST_SCALAR_STATE:
+                    value = state.get(key)
+                    if not isinstance(value, Tensor):
+                        continue
+                    if id(value) in held:
+                        state[key] = torch.tensor(float(value), dtype=torch.float32)
+                    else:
+                        held.add(id(value))
 
     def _refuse_repeated_params(self, stepped: list[list[Tensor]]) -> None:
         """Refuse a parameter a full step would update twice: listed in two entries of

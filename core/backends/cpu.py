@@ -51,9 +51,9 @@ from core.quantization import QuantizedMoment
 TensorLists = list[list[Tensor] | None]
 Rounding = list[StochasticRounding] | None
 """A bucket's stochastic roundings (its parameters are rounded stochastically), or None."""
-NativeStep = Callable[[TensorLists, bool, Rounding], bool]
-"""torch's own fused kernel on a full-precision bucket's lists (KAHAN, rounding), where
-it computes the step: False (nothing done) where it does not."""
+NativeStep = Callable[[bool, Rounding], Callable[[TensorLists], bool] | None]
+"""Whether torch's own fused kernel computes a full-precision bucket's step (KAHAN,
+rounding): the call that runs it on the bucket's lists (False: nothing done), or None."""
 
 
 def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> bool:
@@ -111,6 +111,38 @@ class FusedCpu:
     def __init__(self, strict: bool) -> None:
         self.strict = strict
 
+    @staticmethod
+    def _config(bucket: _Bucket, arguments: KernelArguments) -> cpu_kernel.KernelConfig:
+        """The generated kernel a bucket's dense part runs."""
+        return cpu_kernel.KernelConfig(
+            arguments.algorithm,
+            bucket.dtype,
+            arguments.switches,
+            bucket.quantized,
+            bucket.full_moments,
+            stochastic=bucket.stochastic,
+        )
+
+    def _build_before_any_bucket_runs(
+        self,
+        found: list[_Bucket],
+        arguments: Callable[[bool], KernelArguments],
+        native: NativeStep | None,
+    ) -> None:
+        """fused=True: build every generated kernel this step needs before the first
+        bucket updates anything. A compiler that is there but fails (a broken toolchain, a
+        full disk) otherwise failed at a later bucket, after earlier ones had updated their
+        parameters and moments but not their counts, so retrying the step applied their
+        gradients twice."""
+        for bucket in found:
+            rounding = [] if bucket.stochastic else None
+            takes = not bucket.quantized and native is not None and native(bucket.kahan, rounding)
+            if bucket.dense and not takes:
+                try:
+                    cpu_kernel.kernel(self._config(bucket, arguments(bucket.kahan)))
+                except cpu_kernel.KernelUnavailable as error:
+                    raise RuntimeError(f"fused=True: {error} (nothing was updated)") from error
+
     def _generated(
         self,
         lists: TensorLists,
@@ -124,14 +156,7 @@ class FusedCpu:
         is rounded stochastically. memoized: a step memo vouches for the bucket's tensors
         (core.backends.checked), so the call checked on its first such step is made
         again with the new gradients instead of checking every tensor again."""
-        config = cpu_kernel.KernelConfig(
-            arguments.algorithm,
-            bucket.dtype,
-            arguments.switches,
-            bucket.quantized,
-            bucket.full_moments,
-            stochastic=rounding is not None,
-        )
+        config = self._config(bucket, arguments)
         keys = None if rounding is None else [r.key() for r in rounding]
         state_keys = _state_keys(lists, arguments.state_draw) if bucket.quantized else None
         run = cpu_kernel.run_quantized if bucket.quantized else cpu_kernel.run
@@ -168,6 +193,8 @@ class FusedCpu:
         found = checked.cpu_buckets if memoized else None  # type: ignore[union-attr]
         if found is None:
             found = self._buckets(lists)
+            if self.strict:
+                self._build_before_any_bucket_runs(found, arguments, native)
             if memoized:
                 checked.cpu_buckets = found  # type: ignore[union-attr]
         for bucket in found:
@@ -182,9 +209,10 @@ class FusedCpu:
             rounding = part[-1] if bucket.stochastic else None
             if not bucket.kahan:
                 part[-1] = None
-            done = (
-                not bucket.quantized and native is not None and native(part, bucket.kahan, rounding)
-            ) or self._generated(
+            run_native = (
+                None if bucket.quantized or native is None else native(bucket.kahan, rounding)
+            )
+            done = (run_native is not None and run_native(part)) or self._generated(
                 part,
                 bucket,
                 arguments(bucket.kahan),
@@ -246,9 +274,11 @@ class FusedCpu:
         def arguments(kahan: bool) -> KernelArguments:
             return adam_arguments(c, kahan)
 
-        def native(lists: TensorLists, kahan: bool, rounding: Rounding) -> bool:
+        def native(kahan: bool, rounding: Rounding) -> Callable[[TensorLists], bool] | None:
             computes = c.torch_terms is not None and c.update_params
-            return computes and not kahan and rounding is None and _native_adam(lists, c)
+            if computes and not kahan and rounding is None:
+                return lambda lists: _native_adam(lists, c)
+            return None
 
         self._each_bucket(
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, kahan_comps],  # type: ignore[list-item]

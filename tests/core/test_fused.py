@@ -336,6 +336,43 @@ def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
         _loop_model_after(case, fused=True)
 
 
+@pytest.mark.bad_input
+def test_a_forced_step_whose_kernel_fails_to_build_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """fp32 parameters go to torch's native kernel, bf16 ones to a generated kernel that a
+    compiler found on PATH fails to build: the fp32 bucket was updated before the failure
+    (moments and parameter, not its count), and a retried step applied its gradient twice."""
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.randn(64)),
+            torch.nn.Parameter(torch.randn(64).bfloat16()),
+        ]
+        optimizer = core.AdamW(params, lr=1e-2, fused=fused)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if fused:
+            before = [p.detach().clone() for p in params]
+            with pytest.raises(
+                RuntimeError, match=r"(?s)fused=True: false could not build .*nothing was updated"
+            ):
+                optimizer.step()
+            assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+            for p in params:
+                state = optimizer.state[p]
+                assert float(state["step"]) == 0 and not state["exp_avg"].any()
+            optimizer.param_groups[0]["fused"] = False  # the retry
+        optimizer.step()
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def _assert_falls_back_by_default_and_is_refused_when_forced(
     message: str, refusal: str | None = None
 ) -> None:

@@ -413,11 +413,15 @@ def test_a_first_step_that_failed_making_its_moments_is_completed_on_retry(
     ],
     ids=["int", "float", "int64 tensor", "1-element tensor", "float64 tensor", "shared counter"],
 )
+@pytest.mark.parametrize("groups", ["one group", "a group each"])
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
-def test_a_step_count_set_by_hand_as_any_number_steps_as_loaded(backend: str, count: Any) -> None:
+def test_a_step_count_set_by_hand_as_any_number_steps_as_loaded(
+    backend: str, count: Any, groups: str
+) -> None:
     """As load_state_dict takes it: an int64 tensor failed after the parameters were
     updated (counters half advanced), a number or a 1-D tensor in torch.stack, and one
-    float32 counter set into every state counted once per parameter each step."""
+    float32 counter set into every state counted once per parameter each step (across
+    groups, until the check saw all of them at once)."""
     count = count.clone() if isinstance(count, Tensor) else count  # the case's own object
 
     def by_loading(optimizer: core.RAdam, params: list[nn.Parameter]) -> None:
@@ -434,7 +438,10 @@ def test_a_step_count_set_by_hand_as_any_number_steps_as_loaded(backend: str, co
     for set_count in (by_loading, by_hand):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(8, 64)) for _ in range(3)]
-        optimizer = core.RAdam(params, lr=1e-3, **TRAINING_BACKENDS[backend])
+        listed = [params] if groups == "one group" else [[p] for p in params]
+        optimizer = core.RAdam(
+            [{"params": each} for each in listed], lr=1e-3, **TRAINING_BACKENDS[backend]
+        )
         for _ in range(2):
             for p in params:
                 p.grad = torch.randn_like(p)
@@ -445,6 +452,27 @@ def test_a_step_count_set_by_hand_as_any_number_steps_as_loaded(backend: str, co
         for p in params:
             step = optimizer.state[p]["step"]
             assert step.dtype == torch.float32 and step.dim() == 0 and float(step) == 3
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_counter_of_another_groups_state_set_by_hand_counts_apart(backend: str) -> None:
+    """The group whose state is unchanged steps from its memo, the other group checks
+    only its own states: the one tensor advanced twice a step, for both, silently."""
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(8, 64)) for _ in range(3)]
+        groups = [{"params": params[:1]}, {"params": params[1:]}]
+        optimizer = core.AdamW(groups, lr=1e-2, **TRAINING_BACKENDS[backend])
+        for round_ in range(4):
+            if share and round_ == 2:
+                optimizer.state[params[2]]["step"] = optimizer.state[params[0]]["step"]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        assert [float(optimizer.state[p]["step"]) for p in params] == [4, 4, 4]
+        runs.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
