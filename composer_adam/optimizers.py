@@ -241,7 +241,7 @@ class DecoupledAdamW(ComposerConventions, core.Adam):
             exp_avgs,
             exp_avg_sqs,
             max_exp_avg_sqs if amsgrad else None,
-            [torch.tensor(float(step) - 1) for step in state_steps],
+            [torch.tensor(float(step) - 1, device="cpu") for step in state_steps],
             lr=lr,
             beta1=beta1,
             beta2=beta2,

@@ -201,7 +201,7 @@ def _zero_on_reduce_device(metrics: Metrics) -> Tensor:
             return torch.zeros((), dtype=value.dtype, device=value.device)
     if dist.get_backend() == "nccl":
         return torch.zeros((), device=torch.device("cuda", torch.cuda.current_device()))
-    return torch.zeros(())
+    return torch.zeros((), device="cpu")
 
 
 def dist_reduce_metrics(metrics: Metrics, group: Any = None) -> Metrics:

@@ -208,7 +208,7 @@ class NAdam(AdamFamilyOptimizer):
         if "mu_product" not in state:
             # Rebuild Π from the step count when resuming from a state without it.
             beta1 = float(group["betas"][0])
-            product = torch.tensor(1.0, dtype=torch.float32)
+            product = torch.tensor(1.0, dtype=torch.float32, device="cpu")
             for t in range(1, int(state["step"]) + 1):
                 product *= nadam_momentum(t, beta1, group["momentum_decay"])
             state["mu_product"] = product

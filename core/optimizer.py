@@ -1006,7 +1006,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 f" of a parameter of shape {shown}",
             )
         for param, count in counts.items():
-            self.state[param]["window_microbatches"] = torch.tensor(float(count))
+            self.state[param]["window_microbatches"] = torch.tensor(float(count), device="cpu")
             # shares of a closed window are no measure of this one: as equal shares
             self.state[param].pop("window_shares", None)
         if counts:
@@ -1019,9 +1019,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._fused_argument = "triton" if fold_triton_into_fused(defaults) else "fused"
         host_checks_setting()  # a misspelt ADAMKIT_HOST_CHECKS is refused here, not mid-step
         self._validate_group(defaults, "")
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, **self._format_marks()})
         self.state = StateTable(dict, self.state)
         self._warn_if_weight_decay_is_high()
+
+    def _format_marks(self) -> dict[str, Any]:
+        """What every group (live and saved) says of the state's format: the 8-bit code
+        maps' version and the moments' family, checked on load. Marks, not hyperparameters:
+        state_dict() writes this optimizer's own and a load restores them. Kept in the live
+        groups because torch.distributed.checkpoint's flattened optimizer state dict
+        (flatten_optimizer_state_dict=True, torchtitan's default) loads only the keys live
+        groups hold: kept only in saved dicts, they were dropped there, and 8-bit state was
+        refused as an older format (an Adam group with a bool 'clip' key, as ADOPT's)."""
+        return {CODE_FORMAT_KEY: CODE_FORMAT, MOMENT_FAMILY_KEY: self.moment_family}
 
     def _warn_if_weight_decay_is_high(self) -> None:
         """Warn once, as optimi does, when a fully decoupled group's weight_decay is high."""
@@ -1208,7 +1218,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def _init_host_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Create the 0-dim host scalars (override to add more than `step`)."""
         if "step" not in state:  # not setdefault: building a tensor every step costs µs
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
 
     @staticmethod
     def _uses_kahan(group: dict[str, Any], param: Tensor) -> bool:
@@ -1500,7 +1510,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if self.optimizer_accumulation:
             self._windows_opened = True  # from now on, full steps close windows left open
             for state in states:
-                state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
+                state.setdefault(
+                    "window_microbatches", torch.tensor(0.0, dtype=torch.float32, device="cpu")
+                )
             return {
                 "window_microbatches": [s["window_microbatches"] for s in states],
                 "accumulate": True,
@@ -1508,7 +1520,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             }
         if any(map(operator.contains, states, repeat("window_microbatches"))):
             for state in states:
-                state.setdefault("window_microbatches", torch.tensor(0.0, dtype=torch.float32))
+                state.setdefault(
+                    "window_microbatches", torch.tensor(0.0, dtype=torch.float32, device="cpu")
+                )
             return {
                 "window_microbatches": [s["window_microbatches"] for s in states],
                 **self._share_arguments(states),
@@ -1528,7 +1542,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for state in states:
             if "window_shares" not in state:
                 earlier = float(state["window_microbatches"]) * share
-                state["window_shares"] = torch.tensor(earlier, dtype=torch.float32)
+                state["window_shares"] = torch.tensor(earlier, dtype=torch.float32, device="cpu")
         return {
             "window_shares": [s["window_shares"] for s in states],
             "microbatch_share": share,
@@ -1634,7 +1648,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         # into an integer tensor failed after the parameters were updated. (One tensor in
         # several states: _separate_shared_counters.)
         for param, key, value in recast:
-            self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
+            self.state[param][key] = torch.tensor(float(value), dtype=torch.float32, device="cpu")
 
     @staticmethod
     def _refuse_state(
@@ -1848,7 +1862,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     if not isinstance(value, Tensor):
                         continue
                     if id(value) in held:
-                        state[key] = torch.tensor(float(value), dtype=torch.float32)
+                        state[key] = torch.tensor(float(value), dtype=torch.float32, device="cpu")
                     else:
                         held.add(id(value))
 
@@ -2323,8 +2337,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self.state = state
         for group in state_dict["param_groups"]:
             group.update(torch_group_keys(group))
-            group[CODE_FORMAT_KEY] = CODE_FORMAT
-            group[MOMENT_FAMILY_KEY] = self.moment_family
+            group.update(self._format_marks())
         for post_hook in list(post_hooks.values()):
             state_dict = post_hook(self, state_dict) or state_dict
         return state_dict
@@ -2362,8 +2375,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._optimizer_load_state_dict_post_hooks = post_hooks
         for group, flags in zip(self.param_groups, execution, strict=True):
             group.update(flags)
-            group.pop(CODE_FORMAT_KEY, None)  # a property of the saved codes, checked above
-            group.pop(MOMENT_FAMILY_KEY, None)  # a property of the saved moments, likewise
+            group.update(self._format_marks())  # the saved ones were checked above
             for key in (*TORCH_EXECUTION_FLAGS, "triton"):  # triton: written, saved unfolded
                 group.pop(key, None)
         self._warn_if_decay_mode_is_ambiguous(state_dict["param_groups"])
@@ -2380,7 +2392,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     # float() first: a Python int beyond int64 (checked finite above) is
                     # no torch.tensor of its own.
                     value = (
-                        value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
+                        value.detach()
+                        if isinstance(value, Tensor)
+                        else torch.tensor(float(value), device="cpu")
                     )
                     state[key] = value.to(device="cpu", dtype=torch.float32).clone().reshape(())
             for key in MOMENT_STATE:

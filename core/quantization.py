@@ -177,7 +177,7 @@ def magnitude_bits(magnitude: Tensor, spec: CodeMap) -> Tensor:
 
 @functools.cache
 def _host_values(signed: bool) -> Tensor:
-    codes = torch.arange(256, dtype=torch.int32)
+    codes = torch.arange(256, dtype=torch.int32, device="cpu")
     spec = code_map(signed)
     if not signed:
         return magnitude_bits(codes, spec).view(torch.float32)

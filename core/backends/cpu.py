@@ -66,7 +66,7 @@ def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> bool:
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _ = lists
     assert params is not None
     # torch reads the step count from a tensor per parameter; one shared host tensor will do.
-    step = torch.tensor(terms.step, dtype=torch.float32)
+    step = torch.tensor(terms.step, dtype=torch.float32, device="cpu")
     native = torch._fused_adamw_ if terms.decoupled else torch._fused_adam_
     native(
         params,

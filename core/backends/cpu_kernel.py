@@ -533,13 +533,28 @@ def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defin
     return built.adamkit_step_q8 if config.quantized else built.adamkit_step
 
 
+def _check_rounded_values(values: Tensor) -> None:
+    """What the rounding hooks hand C: a contiguous plain float32 CPU tensor (a meta or
+    GPU tensor's address read as host memory crashed the process)."""
+    if (
+        type(values) not in PLAIN_TENSOR_TYPES
+        or values.device != _CPU
+        or values.dtype != torch.float32
+        or not values.is_contiguous()
+    ):
+        raise ValueError(
+            f"Invalid values: a {type(values).__name__} of {values.dtype} on {values.device}"
+            f"{'' if values.is_contiguous() else ', not contiguous'}. Allowed: a contiguous "
+            "plain CPU float32 tensor."
+        )
+
+
 def round_as_kernels_do(values: Tensor, dtype: torch.dtype) -> Tensor:
     """float32 values rounded to dtype by the kernels' own rounding (hardware where the
     CPU has it): tests hold it to torch's conversion."""
-    if values.dtype != torch.float32 or not values.is_contiguous():
-        raise ValueError("values must be a contiguous float32 tensor")
+    _check_rounded_values(values)
     config = KernelConfig("adam", dtype, tuple((name, False) for name in SWITCHES))
-    out = torch.empty(values.shape, dtype=dtype)
+    out = torch.empty(values.shape, dtype=dtype, device="cpu")
     library(config).adamkit_round(values.numel(), values.data_ptr(), out.data_ptr())
     return out
 
@@ -548,12 +563,11 @@ def round_stochastically_as_kernels_do(values: Tensor, dtype: torch.dtype, key: 
     """float32 values rounded to dtype by the kernels' stochastic rounding (STOCHASTIC's
     parameter store), value i as element i of a tensor whose step key is `key`: tests hold
     it to precision.stochastic_round."""
-    if values.dtype != torch.float32 or not values.is_contiguous():
-        raise ValueError("values must be a contiguous float32 tensor")
+    _check_rounded_values(values)
     switches = tuple((name, False) for name in SWITCHES)
     config = KernelConfig("adam", dtype, switches, stochastic=True)
     _key_array(config, [key], 1)
-    out = torch.empty(values.shape, dtype=dtype)
+    out = torch.empty(values.shape, dtype=dtype, device="cpu")
     library(config).adamkit_round_stochastic(values.numel(), values.data_ptr(), out.data_ptr(), key)
     return out
 
@@ -1070,7 +1084,7 @@ def map_words() -> Tensor:
             raise AssertionError(f"the {'signed' if signed else 'unsigned'} map tops at {largest}")
     if len(words) != 2 * MAP_WORDS:
         raise AssertionError(f"{len(words)} map words, where cpu_kernel.c reads {2 * MAP_WORDS}")
-    return torch.tensor(words, dtype=torch.int64).to(torch.int32)
+    return torch.tensor(words, dtype=torch.int64, device="cpu").to(torch.int32)
 
 
 def _check_config(config: KernelConfig, quantized: bool | None = None) -> None:
@@ -1138,8 +1152,8 @@ def quantize_as_kernels_do(
     _check_hook_tensor("values", values, torch.float32)
     if key is not None and (type(key) is not int or not 0 <= key < 1 << 32):
         raise ValueError(f"Invalid key: {key!r}. Allowed: None or an int in [0, 2^32).")
-    codes = torch.empty(values.shape, dtype=torch.uint8)
-    absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32)
+    codes = torch.empty(values.shape, dtype=torch.uint8, device="cpu")
+    absmax = torch.empty(absmax_shape(values.shape), dtype=torch.float32, device="cpu")
     library = _encoding_library()
     addresses = (values.data_ptr(), codes.data_ptr(), absmax.data_ptr(), map_words().data_ptr())
     if key is None:
@@ -1155,7 +1169,7 @@ def dequantize_as_kernels_do(codes: Tensor, absmax: Tensor, signed: bool) -> Ten
     it to core.quantization.dequantize on every code."""
     _check_hook_tensor("codes", codes, torch.uint8)
     _check_hook_tensor("absmax", absmax, torch.float32, absmax_shape(codes.shape))
-    values = torch.empty(codes.shape, dtype=torch.float32)
+    values = torch.empty(codes.shape, dtype=torch.float32, device="cpu")
     _encoding_library().adamkit_dequantize(
         codes.numel(),
         codes.data_ptr(),

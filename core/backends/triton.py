@@ -650,11 +650,11 @@ def _block_table(sizes: tuple[int, ...], device: torch.device) -> tuple[_Table, 
     if table is None:
         if len(_blocks) >= _BLOCK_TABLES:
             _blocks.clear()
-        size = torch.tensor(sizes, dtype=torch.int64)
+        size = torch.tensor(sizes, dtype=torch.int64, device="cpu")
         per_tensor = (size + BLOCK - 1) // BLOCK
-        index = torch.repeat_interleave(torch.arange(len(sizes)), per_tensor)
+        index = torch.repeat_interleave(torch.arange(len(sizes), device="cpu"), per_tensor)
         first = torch.repeat_interleave(torch.cumsum(per_tensor, 0) - per_tensor, per_tensor)
-        block = torch.arange(index.numel()) - first
+        block = torch.arange(index.numel(), device="cpu") - first
         table = _upload(torch.cat([size, torch.stack([index, block], dim=1).flatten()]), device)
         _blocks[key] = table
     return table, (table.values.numel() - len(sizes)) // 2
@@ -696,7 +696,7 @@ def _make_plan(
         if rounding is not None:  # the last row: the stream keys
             addresses[-len(indices) :] = _stream_keys([rounding[i] for i in indices])
         blocks, programs = _block_table(sizes, device)
-        table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
+        table = _upload(torch.tensor(addresses, dtype=torch.int64, device="cpu"), device)
         launches.append(_Launch(table, blocks, programs, len(indices), is_aligned))
     return _Plan(launches, strided)
 
@@ -1569,8 +1569,8 @@ def _quantized_block_table(
         parts = []
         for index, ((rows, row_length), shape) in enumerate(zip(layouts, shapes, strict=True)):
             per_row = absmax_shape(shape)[1]
-            row = torch.arange(rows, dtype=torch.int64).repeat_interleave(per_row)
-            block = torch.arange(per_row, dtype=torch.int64).repeat(rows)
+            row = torch.arange(rows, dtype=torch.int64, device="cpu").repeat_interleave(per_row)
+            block = torch.arange(per_row, dtype=torch.int64, device="cpu").repeat(rows)
             first = block * QUANTIZATION_BLOCK
             entries = [
                 torch.full_like(row, index),
@@ -1579,9 +1579,11 @@ def _quantized_block_table(
                 row * per_row + block,
             ]
             padding = -row.numel() % QUANTIZED_BLOCKS_PER_PROGRAM
-            empty = torch.tensor([index, 0, 0, 0], dtype=torch.int64).repeat(padding, 1)
+            empty = torch.tensor([index, 0, 0, 0], dtype=torch.int64, device="cpu").repeat(
+                padding, 1
+            )
             parts.append(torch.cat([torch.stack(entries, dim=1), empty]).flatten())
-        values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device="cpu")
         table = _quantized_blocks[key] = _upload(values, device)
     return table, table.values.numel() // (4 * QUANTIZED_BLOCKS_PER_PROGRAM)
 
@@ -1624,7 +1626,7 @@ def _make_quantized_plan(
         addresses[5 * count : 6 * count] = _stream_keys([rounding[i] for i in contiguous])
     addresses += _moment_streams(bucket, contiguous)
     blocks, programs = _quantized_block_table(tuple(t.shape for t in first), device)
-    table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
+    table = _upload(torch.tensor(addresses, dtype=torch.int64, device="cpu"), device)
     launch = _QuantizedLaunch(table, blocks, programs, len(contiguous))
     return _QuantizedPlan(launch, moment_switches(bucket), eager)
 

@@ -6,7 +6,9 @@ torch.optim.AdamW where the math coincides."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 import core
+from core import quantization
+from core.backends import cpu_kernel
 from tests.core.cases import TRAINING_BACKENDS, make_batches, make_model
 
 HYPERPARAMETERS = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
@@ -339,3 +343,94 @@ def test_every_torch_scheduler_drives_adamkit_as_it_drives_torch(
     assert len({lr for lr, _ in seen}) > 1, "the schedule moved the lr"
     for a, b in zip(params, torch_params, strict=True):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+
+
+def _train_on(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Any], around_step: Any
+) -> None:
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        with around_step():
+            optimizer.step()
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("algorithm", ["AdamW", "NAdam"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_default_device_set_around_the_step_does_not_reach_it(
+    backend: str, algorithm: str, state_precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.set_default_device puts every tensor made without a device there ('meta'
+    here; a GPU's for CPU-offloaded parameters): host counters, the count torch's native
+    kernel reads and the 8-bit code maps cached for the process were made there. The
+    first step failed deep inside and left counters that refused every later step, fp32
+    updates were skipped silently (torch's kernel on a meta count), a cached map broke
+    every later 8-bit step of the process, and the fused 8-bit kernel read a map at
+    address 0 (a crash). Fresh caches, first filled under the default device."""
+    monkeypatch.setattr(
+        quantization, "_host_values", functools.cache(quantization._host_values.__wrapped__)
+    )
+    monkeypatch.setattr(cpu_kernel, "map_words", functools.cache(cpu_kernel.map_words.__wrapped__))
+    batches = make_batches(torch.float32, 4)
+    runs = []
+    for default in ("meta", None):
+        model = _wide_model()
+        optimizer = getattr(core, algorithm)(
+            model.parameters(),
+            lr=1e-2,
+            state_precision=state_precision,
+            **TRAINING_BACKENDS[backend],
+        )
+        _train_on(model, optimizer, batches, lambda device=default: torch.device(device or "cpu"))
+        for state in optimizer.state.values():
+            assert {value.device.type for value in state.values()} == {"cpu"}
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+FLATTENED = "flatten_optimizer_state_dict"
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("algorithm", ["AdamW", "Adam", "RAdam", "NAdam", "ADOPT"])
+def test_a_flattened_distributed_checkpoint_resumes_exactly(
+    algorithm: str, state_precision: str
+) -> None:
+    """torch.distributed.checkpoint's flattened optimizer state dict (torchtitan's default)
+    loads only the group keys the live optimizer's groups hold: the 8-bit codes' format
+    and the moments' family, kept only in saved dicts, were dropped there, so 8-bit state
+    was refused as an older format and an Adam group holding a bool 'clip' key of the
+    user's as ADOPT's. Default flags, as users build it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(**{FLATTENED: True})
+    batches = make_batches(torch.float32, 4)
+    kwargs: dict[str, Any] = {"lr": 1e-2, "state_precision": state_precision}
+    if algorithm == "Adam":
+        kwargs["amsgrad"] = True
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _wide_model()
+        groups = [{"params": list(model.parameters())}]
+        if algorithm != "ADOPT":
+            groups[0]["clip"] = True  # a key of the user's own, as torch keeps them
+        return model, getattr(core, algorithm)(groups, **kwargs)
+
+    uninterrupted_model, uninterrupted = build()
+    _train_on(uninterrupted_model, uninterrupted, batches, contextlib.nullcontext)
+    model, optimizer = build()
+    _train_on(model, optimizer, batches[:2], contextlib.nullcontext)
+    saved = get_optimizer_state_dict(model, optimizer, options=options)
+    assert any(key.endswith(".state_code_format") for key in saved)
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
+    _train_on(resumed_model, resumed, batches[2:], contextlib.nullcontext)
+    for a, b in zip(uninterrupted_model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
