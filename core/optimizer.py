@@ -2570,13 +2570,21 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         return f"of dtype {value.dtype}", _EIGHT_BIT_DTYPE.format("torch.uint8")
     if not isinstance(value, Tensor) or value.shape != param.shape:
         return _described_state(value), _MADE_FOR_IT.format(tuple(param.shape))
-    if (
-        key in _DTYPE_FOLLOWING_STATE
-        and value.dtype not in _REAL_FLOATING_DTYPES
-        and not (value.is_complex() and param.is_complex())
-    ):
+    if not _holds_a_moment(key, value, param):
         return f"of dtype {value.dtype}", f"the parameter's kind of dtype ({param.dtype})"
     return _overlap_problem(value)
+
+
+def _holds_a_moment(key: str, value: Tensor, param: Tensor) -> bool:
+    """Whether state[key] has a dtype its parameter's moments (or Kahan buffer) can be
+    kept in: a real floating one, complex for a complex parameter. Cast to the
+    parameter's dtype, a complex one lost its imaginary part, an integer one its
+    fractions."""
+    return (
+        key not in _DTYPE_FOLLOWING_STATE
+        or value.dtype in _REAL_FLOATING_DTYPES
+        or (value.is_complex() and param.is_complex())
+    )
 
 
 def _overlap_problem(value: Tensor) -> tuple[str, str] | None:
@@ -3289,6 +3297,12 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             )
         if key.endswith("_codes") and value.dtype != torch.uint8:
             refuse(key, f"has dtype {value.dtype}", "torch.uint8 (what state_dict() saves)")
+        if not _holds_a_moment(key, value, param):  # as the step refuses it set by hand
+            refuse(
+                key,
+                f"has dtype {value.dtype}",
+                f"a floating dtype of the parameter's kind ({param.dtype}): it is cast to it",
+            )
         if key.endswith("_absmax"):
             if not value.is_floating_point():
                 refuse(key, f"has dtype {value.dtype}", "a floating dtype")

@@ -454,10 +454,21 @@ BAD_STATE_VALUES = {
         _corrupt("exp_avg_sq", torch.empty(64, 128, device="meta")),
         r"\['exp_avg_sq'\] is a meta tensor",
     ),
-    "v-negative-integers": (
+    "v-negative": (
         "full",
-        _corrupt("exp_avg_sq", torch.full((64, 128), -3, dtype=torch.int32)),
+        _corrupt("exp_avg_sq", torch.full((64, 128), -3.0)),
         r"\['exp_avg_sq'\] holds -3\.0\. Allowed: values >= 0",
+    ),
+    "moment-integer": (  # cast as torch casts it: its fractions were gone
+        "full",
+        _corrupt("exp_avg_sq", torch.full((64, 128), 3, dtype=torch.int32)),
+        r"\['exp_avg_sq'\] has dtype torch\.int32\. Allowed: a floating dtype of the "
+        r"parameter's kind \(torch\.float32\)",
+    ),
+    "moment-complex": (  # cast as torch casts it: its imaginary part was dropped
+        "full",
+        _corrupt("exp_avg", torch.full((64, 128), 1 + 1j, dtype=torch.complex64)),
+        r"\['exp_avg'\] has dtype torch\.complex64\. Allowed: a floating dtype",
     ),
     "codes-without-scales": (
         "8bit",
