@@ -45,7 +45,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from core.backends import foreach
 from core.backends.checked import CheckedStep, checked_for
@@ -558,9 +557,38 @@ class _Plan:
     """Indices into the bucket that the kernel cannot take (not dense): run eagerly."""
 
 
-_plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
+class _AnchorCache(OrderedDict):
+    """What was made for the buckets or steps whose first parameter is id(anchor), the
+    least recently used dropped beyond ANCHORS. By id, not by a weak reference to the
+    parameter: torch.utils.swap_tensors (module.to() with
+    torch.__future__.set_swap_module_params_on_conversion, to_empty, a DTensor's
+    conversions) refuses a tensor with a weak reference, so after one Triton step the
+    model could no longer be converted. An entry is only ever used under its layout key
+    (every tensor's address, size, dtype and layout), which is all it depends on, so an
+    id reused by another tensor finds it valid or misses."""
+
+    ANCHORS = 4096
+    """Parameters remembered: a large model's, released one by one (under a step memo a
+    step keeps its own plan; these serve the steps without one: tensor subclasses such as
+    FSDP2's DTensors, optimizer accumulation). What a collected model left is dropped as
+    new parameters come: its plans' address tables, a few hundred bytes each."""
+
+    def find(self, anchor: Tensor) -> Any:
+        found = self.get(id(anchor))
+        if found is not None:
+            self.move_to_end(id(anchor))
+        return found
+
+    def keep(self, anchor: Tensor, value: Any) -> Any:
+        self[id(anchor)] = value
+        if len(self) > self.ANCHORS:
+            self.popitem(last=False)
+        return value
+
+
+_plans = _AnchorCache()
 """First parameter of a bucket -> {(layout key): plan}. Per parameter, so gradient release
-(a bucket per parameter) keeps every parameter's plan, and a plan dies with its tensors."""
+(a bucket per parameter) keeps every parameter's plan."""
 _blocks: dict[tuple[torch.device, tuple[int, ...]], _Table] = {}
 """Block tables by sizes, shared: under gradient release many parameters share a shape."""
 _BLOCK_TABLES = 4096
@@ -715,9 +743,9 @@ def _plan(
         raise
     if rounding is not None:
         key = (key, tuple(map(_ROUNDING_PLAN_FIELDS, rounding)))
-    plans = _plans.get(params[0])
+    plans = _plans.find(params[0])
     if plans is None:
-        plans = _plans[params[0]] = OrderedDict()
+        plans = _plans.keep(params[0], OrderedDict())
     plan = plans.get(key)
     if plan is None:
         plan = plans[key] = _make_plan(bucket, rounding)
@@ -964,7 +992,7 @@ class _Steps:
     rest: list[int]
 
 
-_last_steps: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_last_steps = _AnchorCache()
 """First parameter of a step -> how its last step ran, reused while `_steps_key` is
 unchanged: a step over 300 tensors then reads each address once, where bucketing and
 planning each bucket read the devices, dtypes and addresses again (~70 µs more)."""
@@ -1032,7 +1060,7 @@ def _planned_step(
     elif checked is not None:  # its own plan: no lookup by the first parameter (~1 µs)
         last = checked.triton_steps
     else:
-        last = _last_steps.get(params[0])
+        last = _last_steps.find(params[0])
     if last is not None and last.key == key:
         return last
     steps = _Steps(key, [], [])
@@ -1058,7 +1086,7 @@ def _planned_step(
         if checked is not None:
             checked.triton_steps = steps
         else:
-            _last_steps[params[0]] = steps
+            _last_steps.keep(params[0], steps)
     return steps
 
 
@@ -1500,7 +1528,7 @@ class _QuantizedStep:
             eager(take_all(self.lists, sorted(self.eager)))
 
 
-_quantized_plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_quantized_plans = _AnchorCache()
 """First parameter of a bucket -> {layout key: _QuantizedPlan}, as _plans."""
 _quantized_blocks: dict[tuple[torch.device, tuple[tuple[int, int], ...]], _Table] = {}
 """Quantized block tables by the tensors' (rows, row length), shared like _blocks."""
@@ -1662,9 +1690,9 @@ def _quantized_plan(
     if rounding is not None:
         key = (key, tuple(map(_ROUNDING_PLAN_FIELDS, rounding)))
     key = (key, tuple(_moment_streams(bucket, range(len(params)))))
-    plans = _quantized_plans.get(params[0])
+    plans = _quantized_plans.find(params[0])
     if plans is None:
-        plans = _quantized_plans[params[0]] = OrderedDict()
+        plans = _quantized_plans.keep(params[0], OrderedDict())
     plan = plans.get(key)
     if plan is None:
         plan = plans[key] = _make_quantized_plan(rows, bucket, positions, rounding)

@@ -434,3 +434,38 @@ def test_a_flattened_distributed_checkpoint_resumes_exactly(
     _train_on(resumed_model, resumed, batches[2:], contextlib.nullcontext)
     for a, b in zip(uninterrupted_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_stepped_model_converts_by_swapping_its_parameters(
+    backend: str, state_precision: str
+) -> None:
+    """torch.utils.swap_tensors (module.to() under set_swap_module_params_on_conversion,
+    to_empty, DTensor conversions) refuses a tensor with a weak reference: the Triton
+    backend's plan caches held one to each bucket's first parameter, so after one step
+    the model could not be converted. The conversion then trains on as on the loop."""
+    batches = make_batches(torch.float32, 4)
+    runs = []
+    for flags in (TRAINING_BACKENDS[backend], {"foreach": False, "fused": False}):
+        model = _wide_model()
+        optimizer = core.AdamW(
+            model.parameters(), lr=1e-2, state_precision=state_precision, **flags
+        )
+        _train_on(model, optimizer, batches[:2], contextlib.nullcontext)
+        swapping = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            model.to(torch.float64)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swapping)
+        _train_on(
+            model,
+            optimizer,
+            [(x.double(), y.double()) for x, y in batches[2:]],
+            contextlib.nullcontext,
+        )
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
