@@ -1606,7 +1606,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 held = sorted(k for k in PROGRESS_KEYS if k not in missing)
                 problem = f"is missing from a state that holds {held}"
                 self._refuse_state(group, param, missing[0], (problem, _PROGRESS_ALLOWED), where)
-            shape = param.shape
+            shape, device = param.shape, param.device
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
                     scalars.setdefault(key, []).append((param, value))
@@ -1615,6 +1615,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     type(value) is Tensor
                     and not value.is_nested  # whose shape torch refuses to give
                     and value.shape == shape
+                    and value.device == device
                     and value.is_contiguous()
                     and (value.dtype in _REAL_FLOATING_DTYPES or key not in _DTYPE_FOLLOWING_STATE)
                     and (value.dtype == torch.uint8 or key not in _CODE_KEYS)
@@ -2541,6 +2542,12 @@ _REAL_FLOATING_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32,
 def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
     """(what is wrong with state[key] beside param, what is allowed), or None if a step can
     take it (_check_state_tensors); reads no tensor's data but a host scalar's."""
+    moment_like = key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE
+    if moment_like and isinstance(value, Tensor) and value.device != param.device:
+        # torch's kernels ran a meta step as nothing (fused Adam: counts advanced, nothing
+        # moved), the loop failed midway (other parameters updated)
+        found = f"{_described_state(value)} on {value.device}"
+        return found, _ON_PARAMETER_DEVICE.format(param.device)
     if key in HOST_SCALAR_STATE or key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE:
         if isinstance(value, Tensor) and value.is_nested:
             return "that is a nested tensor", "a dense tensor"
@@ -2573,6 +2580,14 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
     if not _holds_a_moment(key, value, param):
         return f"of dtype {value.dtype}", f"the parameter's kind of dtype ({param.dtype})"
     return _overlap_problem(value)
+
+
+_ON_PARAMETER_DEVICE = (
+    "the parameter's device ({}): state made before the model moved (model.to(), to_empty "
+    "after building on meta) stays where it was made; optimizer.load_state_dict("
+    "optimizer.state_dict()) moves it to each parameter's device, and state made on meta "
+    "holds no values: del optimizer.state[param] to start it afresh"
+)
 
 
 def _holds_a_moment(key: str, value: Tensor, param: Tensor) -> bool:

@@ -187,7 +187,52 @@ HAND_SET_STATE = {
         lambda m: torch._efficientzerotensor(m.shape),
         "exp_avg_sq of shape (8, 64) that is a ZeroTensor",
     ),
+    "moment on another device": (
+        "exp_avg",
+        lambda m: torch.empty_like(m, device="meta"),
+        "exp_avg of shape (8, 64) on meta beside a parameter of shape (8, 64). Allowed: the "
+        "parameter's device (cpu)",
+    ),
 }
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_state_made_on_meta_is_refused_once_the_model_is_materialized(backend: str) -> None:
+    """A model built on meta and stepped there, then materialized in place (to_empty with
+    swapped parameters): its moments stayed on meta. torch's fused Adam ran such a step
+    as nothing (the default flags: counts advanced, no parameter moved, silently); the
+    loop failed midway. Refused by name before any change; a fresh state then trains."""
+    flags = {} if backend == "default" else BACKENDS[backend]
+    with torch.device("meta"):
+        model = nn.Linear(64, 8)
+    # fused=True is refused for meta parameters: set once they are materialized
+    torch_values = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+    optimizer = core.AdamW(model.parameters(), **torch_values, **{**flags, "fused": None})
+    model(torch.randn(4, 64, device="meta")).sum().backward()
+    optimizer.step()
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    model.reset_parameters()
+    model.zero_grad()  # to_empty made the meta gradients empty CPU tensors too
+    optimizer.param_groups[0]["fused"] = flags.get("fused")
+    model(torch.randn(4, 64)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"exp_avg of shape .* on meta beside .*del optimizer"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    optimizer.state.clear()
+    reference = torch.optim.AdamW([b.clone().requires_grad_() for b in before], **torch_values)
+    for p, q in zip(model.parameters(), reference.param_groups[0]["params"], strict=True):
+        q.grad = p.grad.clone()
+    optimizer.step()
+    reference.step()
+    for p, q in zip(model.parameters(), reference.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
 @pytest.mark.bad_input
