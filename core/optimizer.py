@@ -2546,8 +2546,7 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
     if moment_like and isinstance(value, Tensor) and value.device != param.device:
         # torch's kernels ran a meta step as nothing (fused Adam: counts advanced, nothing
         # moved), the loop failed midway (other parameters updated)
-        found = f"{_described_state(value)} on {value.device}"
-        return found, _ON_PARAMETER_DEVICE.format(param.device)
+        return f"on {value.device}", _ON_PARAMETER_DEVICE.format(param.device)
     if key in HOST_SCALAR_STATE or key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE:
         if isinstance(value, Tensor) and value.is_nested:
             return "that is a nested tensor", "a dense tensor"
@@ -2583,10 +2582,10 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
 
 
 _ON_PARAMETER_DEVICE = (
-    "the parameter's device ({}): state made before the model moved (model.to(), to_empty "
-    "after building on meta) stays where it was made; optimizer.load_state_dict("
-    "optimizer.state_dict()) moves it to each parameter's device, and state made on meta "
-    "holds no values: del optimizer.state[param] to start it afresh"
+    "a tensor on the parameter's device ({}): state made before the model moved "
+    "(model.to(), to_empty after building on meta) stays where it was made; an optimizer's "
+    "load_state_dict(optimizer.state_dict()) moves it to each parameter's device, and state "
+    "made on meta holds no values: del optimizer.state[param] to start it afresh"
 )
 
 
@@ -2784,6 +2783,21 @@ def checked_gradient_list(
             f"Invalid {grad_name(unbacked)}: a tensor of shape {tuple(grad.shape)} "
             f"{_shortfall_problem(storage_shortfall(grad))}. Allowed: {_BACKED}."  # type: ignore[arg-type]
         )
+    for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        # p.grad = p.detach(): each backend read it in its own order around the update
+        # (the fused kernel's pointers are restrict), NAdam's 1e-4 apart in three steps
+        if (
+            type(grad) in PLAIN_TENSOR_TYPES
+            and type(param) in PLAIN_TENSOR_TYPES
+            and grad.numel()
+            and not grad.is_meta
+            and lazy_values(param) is None
+            and grad.data_ptr() == param.data_ptr()
+        ):
+            raise ValueError(
+                f"Invalid {grad_name(position)}: its memory is that of its parameter, which "
+                "the step writes in place. Allowed: a gradient of its own (.clone() it)."
+            )
     return list(grads)
 
 
@@ -3058,15 +3072,13 @@ def _functional_state_problem(key: str, value: object, param: Tensor) -> tuple[s
 
 
 def _placed_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
-    """_state_problem, then what a functional form needs besides of a state tensor: its
-    parameter's device, and for moments and Kahan buffers its parameter's dtype (the
-    classes cast those before a step; a functional form steps what it is handed)."""
+    """_state_problem, then what a functional form needs besides of a state tensor: for
+    moments and Kahan buffers its parameter's dtype (the classes cast those before a
+    step; a functional form steps what it is handed)."""
     found = _state_problem(key, value, param)
     if found is not None or key in HOST_SCALAR_STATE:
         return found
-    device, dtype = value.device, value.dtype  # type: ignore[attr-defined]
-    if device != param.device:
-        return f"on {device}", f"a tensor on the parameter's device ({param.device})"
+    dtype = value.dtype  # type: ignore[attr-defined]  (its device: _state_problem)
     if key in _DTYPE_FOLLOWING_STATE and dtype != param.dtype:
         return f"of dtype {dtype}", (
             f"a tensor of the parameter's dtype ({param.dtype}), as the optimizers keep it"

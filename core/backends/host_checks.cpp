@@ -63,6 +63,18 @@ bool backed(const at::Tensor& tensor) {
          static_cast<size_t>(last + 1) * tensor.itemsize() <= storage.nbytes();
 }
 
+// Whether a non-empty tensor starts where another does: a gradient in its parameter's
+// memory, which the step writes. Read from the storages (data_ptr() throws for some
+// tensors without data); a tensor without data starts nowhere.
+bool starts_in(const at::Tensor& tensor, const at::Tensor& other) {
+  if (tensor.numel() == 0 || !tensor.has_storage() || !other.has_storage()) return false;
+  const char* base = static_cast<const char*>(tensor.storage().data());
+  const char* other_base = static_cast<const char*>(other.storage().data());
+  if (base == nullptr || other_base == nullptr) return false;
+  return base + tensor.storage_offset() * tensor.itemsize() ==
+         other_base + other.storage_offset() * other.itemsize();
+}
+
 // What a memo vouches for of each tensor (DESCRIPTION_FIELDS numbers): its address, its
 // element count, its rows in the 8-bit block layout (core.quantization.block_shape: the
 // first dimension of a tensor of two or more, else 1), its element size and whether it
@@ -164,7 +176,8 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
 
 // gradient_addresses(grads, params): bytes of each gradient's address if every gradient
 // is a plain, strided tensor with storage holding its values in order (all of them), of
-// its parameter's dtype, shape and device, else None.
+// its parameter's dtype, shape and device, not starting where its parameter does (the
+// step writes that memory), else None.
 PyObject* gradient_addresses(PyObject*, PyObject* args) {
   PyObject* grads = nullptr;
   PyObject* params = nullptr;
@@ -194,7 +207,7 @@ PyObject* gradient_addresses(PyObject*, PyObject* args) {
       all_fit = grad.layout() == c10::kStrided && grad.has_storage() &&
                 holds_values_in_order(grad) && grad.scalar_type() == param.scalar_type() &&
                 grad.sizes() == param.sizes() && grad.device() == param.device() &&
-                backed(grad);
+                backed(grad) && !starts_in(grad, param);
       if (all_fit) addresses.push_back(reinterpret_cast<int64_t>(grad.data_ptr()));
     }
     if (all_fit) result = as_bytes(addresses);

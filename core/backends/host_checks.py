@@ -75,7 +75,7 @@ class HostChecks(Protocol):
     ) -> Layout | None:
         """Each gradient's address, if every one is a plain, strided, contiguous tensor
         with storage holding its values (not any_lazy_values), of its parameter's dtype,
-        shape and device, or None."""
+        shape and device, and not starting where its parameter does, or None."""
 
     def first_unbacked(self, tensors: Sequence[Any]) -> int:
         """The index of the first plain tensor whose storage does not hold all of its
@@ -188,6 +188,11 @@ class PythonChecks:
             return None
         try:
             addresses = list(map(Tensor.data_ptr, grads))
+            starts = list(map(Tensor.data_ptr, params))
+            if any(map(operator.eq, addresses, starts)) and any(
+                a == b and a and g.numel() for a, b, g in zip(addresses, starts, grads, strict=True)
+            ):
+                return None  # one in its parameter's memory, which the step writes
         except RuntimeError:
             return None
         # address 0 with elements: storage freed (untyped_storage().resize_(0)); a shrunk

@@ -186,7 +186,7 @@ REFUSED = {
     ),
     "grad-is-its-parameter": (
         _set("grads", 0, lambda a: a["params"][0].view(SHAPE)),
-        r"Invalid grads\[0\]: its memory is that of params\[0\], which the step writes",
+        r"Invalid grads\[0\]: its memory is that of its parameter, which the step writes",
     ),
     "one-step-counter-for-two": (
         _set("state_steps", 1, lambda a: a["state_steps"][0]),

@@ -110,6 +110,9 @@ def _gradient_cases() -> dict[str, tuple[list[Any], list[Any]]]:
         "none": (params, [torch.ones(2, 3), None]),
         "lengths differ": (params, [torch.ones(2, 3)]),
         "parameters not tensors": ([1, 2], [torch.ones(1), torch.ones(1)]),
+        "in its parameter": (params, [params[0].detach(), torch.ones(4)]),  # the step writes it
+        "view of another parameter": (params, [torch.ones(2, 3), params[0].view(-1)[:4]]),
+        "empty, both": ([torch.zeros(0)], [torch.zeros(0)]),
     }
 
 
@@ -118,7 +121,12 @@ def test_gradient_addresses_agree(compiled: HostChecks, case: str) -> None:
     params, grads = _gradient_cases()[case]
     expected = _numbers(PYTHON_CHECKS.gradient_addresses(grads, params), described=False)
     assert _numbers(compiled.gradient_addresses(grads, params), described=False) == expected
-    if case in ("plain", "parameter gradients"):
+    if case in (
+        "plain",
+        "parameter gradients",
+        "view of another parameter",
+        "empty, both",
+    ):
         assert expected == [g.data_ptr() for g in grads]
     else:
         assert expected is None

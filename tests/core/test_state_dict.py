@@ -454,11 +454,6 @@ BAD_STATE_VALUES = {
         _corrupt("exp_avg_sq", torch.empty(64, 128, device="meta")),
         r"\['exp_avg_sq'\] is a meta tensor",
     ),
-    "v-negative": (
-        "full",
-        _corrupt("exp_avg_sq", torch.full((64, 128), -3.0)),
-        r"\['exp_avg_sq'\] holds -3\.0\. Allowed: values >= 0",
-    ),
     "moment-integer": (  # cast as torch casts it: its fractions were gone
         "full",
         _corrupt("exp_avg_sq", torch.full((64, 128), 3, dtype=torch.int32)),
