@@ -49,7 +49,7 @@ from core.backends.host_checks import (
     storage_shortfall,
 )
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
-from core.backends.views import PLAIN_TENSOR_TYPES, dtensor_type
+from core.backends.views import PLAIN_TENSOR_TYPES, dense, dtensor_type
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     CODE_FORMAT,
@@ -2416,16 +2416,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     # torch keeps such a saved tensor as it is; the kernels need its values
                     state[key] = _materialized(value)
             for key in _DTYPE_FOLLOWING_STATE:
-                value = state.get(key)
-                if (
-                    type(value) in PLAIN_TENSOR_TYPES
-                    and type(param) in PLAIN_TENSOR_TYPES
-                    and value.stride() != param.stride()  # type: ignore[union-attr]
-                ):
-                    # Laid out as the state a step makes (and as the 8-bit codes above):
-                    # torch keeps a saved strided copy's layout, which sent every later
-                    # step past the fused kernels (and rounded them differently).
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # type: ignore[union-attr]
+                # torch keeps a saved strided copy's layout (see _laid_out_like)
+                if isinstance(state.get(key), Tensor):
+                    state[key] = _laid_out_like(param, state[key])
             if float(state.get("window_microbatches", 0.0)) > 0:
                 self._windows_opened = True  # closed by the next full step, gradient or not
             # Converted now, not at the next step: a state_dict() taken right after loading
@@ -3469,9 +3462,10 @@ _DTYPE_FOLLOWING_STATE = (*MOMENT_STATE, "kahan_comp")
 def _follow_parameter_dtypes(
     params: list[Tensor], states: list[dict[str, Any]], kahan_allowed: bool
 ) -> None:
-    """Cast full-precision state to its parameter's dtype where the parameter changed dtype
-    since (model.to(torch.bfloat16) mid-run): what load_state_dict does, as torch's loader
-    does, so the run continues exactly as one resumed from a checkpoint of it would; and
+    """Cast full-precision state to its parameter's dtype (and lay it out as it,
+    _laid_out_like) where the parameter changed since (model.to(torch.bfloat16) mid-run):
+    what load_state_dict does, as torch's loader does, so the run continues exactly as one
+    resumed from a checkpoint of it would; and
     drop a Kahan buffer no step reads any longer (the parameter is fp32 again, or kahan_sum
     or stochastic_rounding was written into the group: kahan_allowed False), as a resumed
     run does, so it neither takes memory nor comes back stale when Kahan is turned on
@@ -3481,13 +3475,31 @@ def _follow_parameter_dtypes(
             state.pop("kahan_comp", None)
         for key in _DTYPE_FOLLOWING_STATE:
             value = state.get(key)
+            if not isinstance(value, Tensor):
+                continue
             if (
-                isinstance(value, Tensor)
-                and value.dtype != param.dtype
+                value.dtype != param.dtype
                 and value.is_floating_point()
                 and param.is_floating_point()
             ):
-                state[key] = value.to(param.dtype)
+                value = state[key] = value.to(param.dtype)
+            state[key] = _laid_out_like(param, value)  # model.to(memory_format=...) likewise
+
+
+def _laid_out_like(param: Tensor, value: Tensor) -> Tensor:
+    """value (a full-precision moment or Kahan buffer) laid out as the state a step makes
+    for param: in its strides where it is dense (channels-last, transposed), else
+    contiguous. In another layout, every later step of the parameter left the fused
+    kernels for the loop, which rounds differently: after model.to(memory_format=...)
+    mid-run, or a loaded strided copy (torch's loader keeps its layout)."""
+    if type(value) not in PLAIN_TENSOR_TYPES or type(param) not in PLAIN_TENSOR_TYPES:
+        return value
+    if dense(param):
+        if value.stride() == param.stride() or (value.is_contiguous() and param.is_contiguous()):
+            return value
+    elif value.is_contiguous():
+        return value
+    return torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 _INTERNAL_FILES = (

@@ -300,6 +300,57 @@ def test_a_model_cast_mid_run_continues_as_its_checkpoint_would(
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize(
+    "formats",
+    [
+        (torch.channels_last, torch.contiguous_format),
+        (torch.contiguous_format, torch.channels_last),
+    ],
+    ids=["to contiguous", "to channels-last"],
+)
+def test_a_model_given_another_memory_format_mid_run_continues_as_its_checkpoint_would(
+    formats: tuple[torch.memory_format, torch.memory_format],
+    backend: str,
+    state_precision: str,
+    dtype: torch.dtype,
+) -> None:
+    """model.to(memory_format=...) after some steps: the moments (and Kahan buffer) kept
+    the old layout, so every later step of the weight left the fused kernels for the loop
+    (silently, for the rest of the run) and the run went apart from one resumed from its
+    checkpoint (9.5e-7 in bf16), which lays state out as a step makes it."""
+    before, after = formats
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, 16, 6, 6, generator=generator).to(dtype) for _ in range(7)]
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(16, 32, 3).to(dtype).to(memory_format=before)  # 4608: 8-bit
+    kwargs = {"lr": LR, "state_precision": state_precision, **TRAINING_BACKENDS[backend]}
+    optimizer = core.AdamW(model.parameters(), **kwargs)
+
+    def step(net: torch.nn.Module, opt: core.AdamW, x: torch.Tensor) -> None:
+        net(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for x in inputs[:3]:
+        step(model, optimizer, x)
+    model.to(memory_format=after)
+    step(model, optimizer, inputs[3])
+    for key, value in optimizer.state[model.weight].items():
+        if key in ("exp_avg", "exp_avg_sq", "kahan_comp"):
+            assert value.stride() == model.weight.stride(), key
+    resumed = copy.deepcopy(model)
+    resumed_optimizer = core.AdamW(resumed.parameters(), **kwargs)
+    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for x in inputs[4:]:
+        step(model, optimizer, x)
+        step(resumed, resumed_optimizer, x)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_loaded_host_scalars_stay_float32_on_cpu() -> None:
     """torch casts state to the parameter's dtype on load; step and mu_product must not be."""
     model = make_model(torch.bfloat16)
