@@ -43,6 +43,7 @@ from core.backends.views import (
     check_quantized_addressable,
     device_of,
     dtype_of,
+    memory_problem,
 )
 from core.quantization import CodeMap, QuantizedMoment, absmax_shape, code_map, map_values
 
@@ -534,18 +535,21 @@ def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defin
 
 
 def _check_rounded_values(values: Tensor) -> None:
-    """What the rounding hooks hand C: a contiguous plain float32 CPU tensor (a meta or
-    GPU tensor's address read as host memory crashed the process)."""
-    if (
-        type(values) not in PLAIN_TENSOR_TYPES
-        or values.device != _CPU
-        or values.dtype != torch.float32
-        or not values.is_contiguous()
-    ):
+    """What the rounding hooks hand C: a contiguous plain float32 CPU tensor whose memory
+    holds its values (a meta or GPU tensor's address, or a freed storage's, read as host
+    memory crashed the process; a negated view was read unnegated)."""
+    if type(values) not in PLAIN_TENSOR_TYPES:
+        problem = f"a {type(values).__name__}"
+    elif values.device != _CPU or values.dtype != torch.float32:
+        problem = f"a tensor of {values.dtype} on {values.device}"
+    elif not values.is_contiguous():
+        problem = "a tensor that is not contiguous"
+    else:
+        problem = memory_problem(values)
+    if problem:
         raise ValueError(
-            f"Invalid values: a {type(values).__name__} of {values.dtype} on {values.device}"
-            f"{'' if values.is_contiguous() else ', not contiguous'}. Allowed: a contiguous "
-            "plain CPU float32 tensor."
+            f"Invalid values: {problem}. Allowed: a contiguous plain CPU float32 tensor "
+            "whose memory holds its values."
         )
 
 
@@ -1128,6 +1132,7 @@ def _check_hook_tensor(
         and device_of(tensor) == _CPU  # type: ignore[arg-type]
         and tensor.is_contiguous()  # type: ignore[attr-defined]
         and (tensor.ndim == 1 if shape is None else tuple(tensor.shape) == shape)  # type: ignore[attr-defined]
+        and not memory_problem(tensor)  # type: ignore[arg-type]
     ):
         return
     found = (
@@ -1135,9 +1140,12 @@ def _check_hook_tensor(
         if isinstance(tensor, Tensor)
         else f"a {type(tensor).__name__}"
     )
+    if type(tensor) in PLAIN_TENSOR_TYPES and tensor.layout == torch.strided:  # type: ignore[attr-defined]
+        found += f" ({memory_problem(tensor)})" if memory_problem(tensor) else ""  # type: ignore[arg-type]
     wanted = "one dimension" if shape is None else f"shape {shape}"
     raise ValueError(
-        f"Invalid {name}: {found}. Allowed: a contiguous plain CPU {dtype} tensor of {wanted}."
+        f"Invalid {name}: {found}. Allowed: a contiguous plain CPU {dtype} tensor of {wanted} "
+        "whose memory holds its values."
     )
 
 

@@ -202,6 +202,7 @@ def check_addressable(
             and {device} == set(map(device_of, values))
             and (not require_dense or all(map(Tensor.is_contiguous, values)))
             and list(map(Tensor.numel, values)) == numels
+            and not _any_memory_problem(values)
         ):
             continue
         for index, (t, param) in enumerate(zip(values, params, strict=True)):
@@ -228,6 +229,9 @@ def _address_problem(
         return f"a tensor with layout {t.layout}"
     if t.dtype != dtype or t.device != device:
         return f"a {type(t).__name__} of {t.dtype} on {t.device}"
+    problem = memory_problem(t)
+    if problem:
+        return problem
     if t.numel() != param.numel():
         return f"a tensor of {t.numel()} elements beside a parameter of {param.numel()}"
     if not require_dense:
@@ -239,6 +243,34 @@ def _address_problem(
             f"a tensor with strides {t.stride()} beside a parameter with strides "
             f"{param.stride()} (a flat pass would pair different elements)"
         )
+    return ""
+
+
+def _any_memory_problem(tensors: Sequence[Tensor]) -> bool:
+    """Whether memory_problem would find something in one of these plain tensors (a pass
+    each, C++ for the storages where it builds)."""
+    from core.backends.host_checks import any_lazy_values, host_checks
+
+    return any_lazy_values(tensors) or host_checks().first_unbacked(tensors) >= 0
+
+
+def memory_problem(tensor: Tensor) -> str:
+    """Why a plain tensor's memory does not hold its values where a kernel reads them
+    ("" if it does): torch's negative or conjugate bit (read negated or conjugated), a
+    ZeroTensor (no memory), or storage freed or shrunk under it (storage_shortfall: read
+    at address 0, or past its end). Internal callers (the backends, the coding hooks)
+    reach here only with what the optimizers checked; a mistake is a ValueError here,
+    not a crash."""
+    from core.backends.host_checks import storage_shortfall
+
+    if tensor.is_neg() or tensor.is_conj():
+        return "a tensor with torch's negative or conjugate bit set (memory not its values)"
+    if tensor._is_zerotensor():
+        return "a ZeroTensor (no memory of its own)"
+    shortfall = storage_shortfall(tensor)
+    if shortfall is not None:
+        held, needed = shortfall
+        return f"a tensor whose storage holds {held} of the {needed} bytes its elements need"
     return ""
 
 

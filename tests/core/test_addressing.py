@@ -56,6 +56,13 @@ def _config(dtype: torch.dtype = torch.float32) -> cpu_kernel.KernelConfig:
     return cpu_kernel.KernelConfig("adam", dtype, switches)
 
 
+def _freed() -> Tensor:
+    """A tensor whose storage was freed under it, as FSDP frees unsharded parameters."""
+    freed = torch.zeros(8)
+    freed.untyped_storage().resize_(0)
+    return freed
+
+
 def _lists(make: callable) -> list[list[Tensor]]:  # type: ignore[valid-type]
     return [[make()] for _ in range(4)]
 
@@ -76,8 +83,11 @@ def one_rank_group() -> Iterator[None]:
         (lambda: torch.zeros(16)[::2], "with gaps"),
         (lambda: torch.zeros(9), "9 elements beside a parameter of 8"),
         (lambda: torch.zeros(8).to_sparse(), "layout torch.sparse_coo"),
+        (_freed, "storage holds 0 of the 32 bytes"),  # read at address 0: a crash
+        (lambda: torch.ones(8)._neg_view(), "negative or conjugate bit"),  # read unnegated
+        (lambda: torch._efficientzerotensor(8), "a ZeroTensor"),
     ],
-    ids=["wrapper-subclass", "dtype", "strided", "size", "sparse"],
+    ids=["wrapper-subclass", "dtype", "strided", "size", "sparse", "freed", "negated", "zero"],
 )
 def test_the_c_kernel_refuses_what_it_cannot_address(make_bad, message: str) -> None:
     params, grads, exp_avgs, exp_avg_sqs = _lists(lambda: torch.zeros(8))
@@ -87,6 +97,34 @@ def test_the_c_kernel_refuses_what_it_cannot_address(make_bad, message: str) -> 
         cpu_kernel.run(_config(), params, grads, exp_avgs, exp_avg_sqs, None, None, COEFFICIENTS)
     after = (params[0], exp_avgs[0], exp_avg_sqs[0])
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda: torch.ones(8, device="meta"), "on meta"),
+        (_freed, "storage holds 0 of the 32 bytes"),
+        (lambda: torch.ones(8)._neg_view(), "negative or conjugate bit"),
+        (lambda: torch.ones(8, dtype=torch.float64), "torch.float64"),
+    ],
+    ids=["meta", "freed", "negated", "dtype"],
+)
+@pytest.mark.parametrize("hook", ["round", "round stochastically", "quantize"])
+def test_the_coding_hooks_refuse_what_c_cannot_read(hook: str, make_bad, message: str) -> None:
+    """The kernels' own rounding and coding, which tests hold to their references: a
+    meta or freed tensor's address was read as host memory (a crash), a negated view
+    was read unnegated."""
+    call = {
+        "round": lambda values: cpu_kernel.round_as_kernels_do(values, torch.bfloat16),
+        "round stochastically": lambda values: cpu_kernel.round_stochastically_as_kernels_do(
+            values, torch.bfloat16, 7
+        ),
+        "quantize": lambda values: cpu_kernel.quantize_as_kernels_do(values, signed=True),
+    }[hook]
+    with pytest.raises(ValueError, match=r"Invalid values: .*" + message):
+        call(make_bad())
 
 
 @pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
