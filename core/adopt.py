@@ -21,6 +21,7 @@ from core.optimizer import (
     ParamsT,
     add_to_host_scalars,
     call_backend,
+    caller_stacklevel,
     checked_functional_form,
     hyperparameters,
     no_kahan,
@@ -177,26 +178,28 @@ class ADOPT(AdamFamilyOptimizer):
         gradient_release: bool = False,
     ) -> None:
         super().__init__(params, hyperparameters(locals()))
-        self._warn_if_unclipped_float16()
 
-    def _warn_if_unclipped_float16(self) -> None:
-        """Warn once when an unclipped group holds float16 parameters: their v is float16
-        too, and where it has underflowed to 0 (nothing below 6e-8 is held) the normalised
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (the constructor adds each through here), warning where it is
+        unclipped over float16 parameters (_warn_if_unclipped_float16)."""
+        super().add_param_group(param_group)
+        self._warn_if_unclipped_float16(self.param_groups[-1])
+
+    @staticmethod
+    def _warn_if_unclipped_float16(group: dict[str, Any]) -> None:
+        """Warn when an unclipped group holds float16 parameters: their v is float16 too,
+        and where it has underflowed to 0 (nothing below 6e-8 is held) the normalised
         gradient g / eps exceeds float16's largest value once |g| > 65504·eps, so m and
-        then the parameter become inf or NaN (clipping bounds it)."""
-        eps = [
-            float(group["eps"])
-            for group in self.param_groups
-            if not group["clip"] and any(p.dtype == torch.float16 for p in group["params"])
-        ]
-        if eps:
+        then the parameter become inf or NaN (clipping bounds it). A group added later
+        (add_param_group) is warned of as one given to the constructor."""
+        if not group["clip"] and any(p.dtype == torch.float16 for p in group["params"]):
             warnings.warn(
                 f"ADOPT: clip=False with float16 parameters: where v underflows to 0, "
-                f"g / eps overflows float16 for |g| > 65504 * eps = {65504 * min(eps):.3g}, "
-                "making m and the parameters inf or NaN. Use clip=True (the default), "
-                "bfloat16 or float32 parameters, or a larger eps.",
+                f"g / eps overflows float16 for |g| > 65504 * eps = "
+                f"{65504 * float(group['eps']):.3g}, making m and the parameters inf or NaN. "
+                "Use clip=True (the default), bfloat16 or float32 parameters, or a larger eps.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
 
     def _validate_algorithm(self, group: dict[str, Any], where: str) -> None:

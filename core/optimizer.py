@@ -605,8 +605,9 @@ def fold_triton_into_fused(options: dict[str, Any]) -> bool:
     fused = options.get("fused")
     if fused is not None and fused is not triton:
         raise ValueError(
-            f"Invalid triton={triton!r} with fused={fused!r}: both choose the one-pass "
-            "backend. Allowed: one of them, or the same value for both."
+            f"Invalid triton={triton!r} with fused={fused!r}: they are one switch (optimi's "
+            "name and torch's for the one-pass backend), here set both on and off. Allowed: "
+            "one of them, or the same value for both."
         )
     require(not (triton and options.get("foreach")), "triton", triton, _TRITON_WITH_FOREACH)
     options["fused"] = triton
@@ -1951,7 +1952,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             warnings.warn(
                 f"{type(self).__name__}: {message}",
                 RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
 
     def _warn_stepped_without_step(self, count: int) -> None:
@@ -2010,7 +2011,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 "GradientRelease callback (lightning_adam, or composer_adam: "
                 "adamkit_gradient_release in an llm-foundry YAML's callbacks).",
                 RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
 
     def _drop_stale_memos(self) -> None:
@@ -3508,7 +3509,7 @@ _INTERNAL_FILES = (
 )
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
     """The stacklevel for a warning raised here that names the first caller outside core
     and torch (torch wraps step() in hooks and no_grad, a different number of frames per
     version)."""

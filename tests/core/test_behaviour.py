@@ -520,6 +520,19 @@ def test_unclipped_adopt_on_float16_warns_of_the_overflow_it_then_meets() -> Non
     assert not bool(param.isfinite().all())
 
 
+def test_an_unclipped_float16_group_added_later_is_warned_of_too() -> None:
+    """The constructor's groups were looked at, a group added with add_param_group was
+    not; the warning names the caller's line either way."""
+    optimizer = core.ADOPT([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
+    half = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    with pytest.warns(UserWarning, match=r"65504 \* eps = 0.0655") as caught:
+        optimizer.add_param_group({"params": [half], "clip": False})
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match=r"clip=False with float16") as caught:
+        core.ADOPT([half], lr=1e-3, clip=False)
+    assert caught[0].filename == __file__
+
+
 @pytest.mark.parametrize(
     ("dtype", "clip"),
     [(torch.float16, True), (torch.bfloat16, False), (torch.float32, False)],
