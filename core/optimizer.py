@@ -1618,7 +1618,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     and value.shape == shape
                     and value.device == device
                     and value.is_contiguous()
-                    and (value.dtype in _REAL_FLOATING_DTYPES or key not in _DTYPE_FOLLOWING_STATE)
+                    and (key not in _DTYPE_FOLLOWING_STATE or _holds_a_moment(key, value, param))
                     and (value.dtype == torch.uint8 or key not in _CODE_KEYS)
                     and key not in _SCALE_KEYS
                 ):
@@ -2497,6 +2497,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             param = params_by_id.get(saved_id)
             if param is None or not saved_state:
                 continue
+            held = sorted(key for key in saved_state if key in _PARAMETER_SHAPED_STATE)
+            if param.is_meta and held:
+                raise ValueError(
+                    f"Invalid state_dict for {name}: parameter {saved_id} is on meta (not "
+                    f"materialized yet), so its {held} would be moved there, keeping no "
+                    "values. Allowed: load the optimizer's state once the model is "
+                    "materialized (to_empty, then its weights)."
+                )
             saved_format = formats.get(saved_id)
             if saved_format != CODE_FORMAT and any(k.endswith("_codes") for k in saved_state):
                 raise ValueError(
@@ -2555,6 +2563,8 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         shown = repr(value) if not isinstance(value, Tensor) else _described_state(value)
         if isinstance(value, Tensor) and _is_number(value):
             shown += f" holding {value.item()!r}"
+        elif isinstance(value, Tensor) and value.is_meta:
+            shown += " on meta (no value)"
         return f"is {shown}", _COUNT_ALLOWED
     if key in _SCALE_KEYS:
         expected = absmax_shape(param.shape)
@@ -2571,7 +2581,7 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
     if not isinstance(value, Tensor) or value.shape != param.shape:
         return _described_state(value), _MADE_FOR_IT.format(tuple(param.shape))
     if not _holds_a_moment(key, value, param):
-        return f"of dtype {value.dtype}", f"the parameter's kind of dtype ({param.dtype})"
+        return f"of dtype {value.dtype}", _MOMENT_KIND.format(param.dtype)
     return _overlap_problem(value)
 
 
@@ -2583,16 +2593,20 @@ _ON_PARAMETER_DEVICE = (
 )
 
 
+_MOMENT_KIND = (
+    "a dtype of the parameter's kind ({}: real floating or complex alike), which it is cast to"
+)
+
+
 def _holds_a_moment(key: str, value: Tensor, param: Tensor) -> bool:
     """Whether state[key] has a dtype its parameter's moments (or Kahan buffer) can be
-    kept in: a real floating one, complex for a complex parameter. Cast to the
-    parameter's dtype, a complex one lost its imaginary part, an integer one its
-    fractions."""
-    return (
-        key not in _DTYPE_FOLLOWING_STATE
-        or value.dtype in _REAL_FLOATING_DTYPES
-        or (value.is_complex() and param.is_complex())
-    )
+    kept in, once cast to the parameter's: real floating beside a real parameter, complex
+    beside a complex one. Cast, a complex one beside a real parameter lost its imaginary
+    part, an integer one its fractions; a real one beside a complex parameter failed
+    inside the step, after other parameters were updated."""
+    if key not in _DTYPE_FOLLOWING_STATE:
+        return True
+    return value.is_complex() if param.is_complex() else value.dtype in _REAL_FLOATING_DTYPES
 
 
 def _overlap_problem(value: Tensor) -> tuple[str, str] | None:
@@ -3284,6 +3298,8 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
                 shown = f"{type(value).__name__} of shape {tuple(value.shape)}"
                 if value.numel() == 1 and not value.is_meta:
                     shown += f" holding {value.item()!r}"
+                elif value.is_meta:
+                    shown += " on meta (no value)"
             refuse(key, f"is {shown}", _COUNT_ALLOWED)
     form = _moment_form_problem(saved_state)
     if form is not None:
@@ -3322,7 +3338,7 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             refuse(
                 key,
                 f"has dtype {value.dtype}",
-                f"a floating dtype of the parameter's kind ({param.dtype}): it is cast to it",
+                _MOMENT_KIND.format(param.dtype),
             )
         if key.endswith("_absmax"):
             if not value.is_floating_point():
@@ -3478,10 +3494,9 @@ def _follow_parameter_dtypes(
             value = state.get(key)
             if not isinstance(value, Tensor):
                 continue
-            if (
-                value.dtype != param.dtype
-                and value.is_floating_point()
-                and param.is_floating_point()
+            if value.dtype != param.dtype and (
+                (value.is_floating_point() and param.is_floating_point())
+                or (value.is_complex() and param.is_complex())  # torch's loader keeps these
             ):
                 value = state[key] = value.to(param.dtype)
             state[key] = _laid_out_like(param, value)  # model.to(memory_format=...) likewise
@@ -3489,16 +3504,15 @@ def _follow_parameter_dtypes(
 
 def _laid_out_like(param: Tensor, value: Tensor) -> Tensor:
     """value (a full-precision moment or Kahan buffer) laid out as the state a step makes
-    for param: in its strides where it is dense (channels-last, transposed), else
-    contiguous. In another layout, every later step of the parameter left the fused
+    for param: in its strides where it is dense (channels-last, transposed), else without
+    gaps. In another layout, every later step of the parameter left the fused
     kernels for the loop, which rounds differently: after model.to(memory_format=...)
     mid-run, or a loaded strided copy (torch's loader keeps its layout)."""
     if type(value) not in PLAIN_TENSOR_TYPES or type(param) not in PLAIN_TENSOR_TYPES:
         return value
-    if dense(param):
-        if value.stride() == param.stride() or (value.is_contiguous() and param.is_contiguous()):
-            return value
-    elif value.is_contiguous():
+    if not dense(param):  # the loop steps it, in any layout: only gaps are worth a copy
+        return value if dense(value) else value.contiguous()
+    if value.stride() == param.stride() or (value.is_contiguous() and param.is_contiguous()):
         return value
     return torch.empty_like(param, dtype=value.dtype).copy_(value)
 

@@ -120,6 +120,12 @@ def fused_unavailable_reason(params: Sequence[Tensor], *, forced: bool = True) -
             if problem is not None:
                 return f"the fused CPU backend can build no kernel: {problem}"
         return None
+    if device_type == "meta":  # deferred initialization
+        return (
+            "no fused backend exists for 'meta' tensors, which hold no values yet: build "
+            "the optimizer once the model is materialized (to_empty), or leave fused=None, "
+            "which takes the fused backend once the parameters are on CPU or a GPU"
+        )
     return f"no fused backend exists for {device_type!r} tensors (only CPU and, with Triton, GPU)"
 
 

@@ -558,29 +558,39 @@ class _Plan:
 
 
 class _AnchorCache(OrderedDict):
-    """What was made for the buckets or steps whose first parameter is id(anchor), the
-    least recently used dropped beyond ANCHORS. By id, not by a weak reference to the
-    parameter: torch.utils.swap_tensors (module.to() with
+    """What was made for the buckets or steps whose first parameter starts at anchor's
+    address (with its element count), the least recently used dropped beyond ANCHORS.
+    Not by a weak reference to the parameter: torch.utils.swap_tensors (module.to() with
     torch.__future__.set_swap_module_params_on_conversion, to_empty, a DTensor's
     conversions) refuses a tensor with a weak reference, so after one Triton step the
-    model could no longer be converted. An entry is only ever used under its layout key
-    (every tensor's address, size, dtype and layout), which is all it depends on, so an
-    id reused by another tensor finds it valid or misses."""
+    model could no longer be converted. Not by id either: an FSDP2 parameter's local
+    tensor is a new view each step on torch 2.13, so each step planned again. An entry is
+    only ever used under its layout key (every tensor's address, size, dtype and layout),
+    which is all it depends on, so memory reused by another tensor finds it valid or
+    misses."""
 
-    ANCHORS = 4096
+    ANCHORS = 8192
     """Parameters remembered: a large model's, released one by one (under a step memo a
     step keeps its own plan; these serve the steps without one: tensor subclasses such as
     FSDP2's DTensors, optimizer accumulation). What a collected model left is dropped as
     new parameters come: its plans' address tables, a few hundred bytes each."""
 
+    @staticmethod
+    def _place(anchor: Tensor) -> tuple[int, int]:
+        try:
+            return anchor.data_ptr(), anchor.numel()
+        except RuntimeError:  # no storage: planned under its own key, which then fails
+            return id(anchor), -1
+
     def find(self, anchor: Tensor) -> Any:
-        found = self.get(id(anchor))
+        place = self._place(anchor)
+        found = self.get(place)
         if found is not None:
-            self.move_to_end(id(anchor))
+            self.move_to_end(place)
         return found
 
     def keep(self, anchor: Tensor, value: Any) -> Any:
-        self[id(anchor)] = value
+        self[self._place(anchor)] = value
         if len(self) > self.ANCHORS:
             self.popitem(last=False)
         return value

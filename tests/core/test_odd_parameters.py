@@ -196,6 +196,42 @@ HAND_SET_STATE = {
 }
 
 
+@pytest.mark.parametrize("how", ["loaded", "set by hand"])
+@pytest.mark.parametrize("backend", ["default", *BACKENDS])
+def test_complex_moments_follow_their_parameter_and_real_ones_are_refused(
+    backend: str, how: str
+) -> None:
+    """A complex128 moment beside a complex64 parameter is cast to it, as real moments
+    are (the step failed inside torch after the other parameter was updated); a real
+    moment beside a complex parameter is refused by name before anything changes."""
+    flags = {} if backend == "default" else BACKENDS[backend]
+
+    def run(moment_dtype: torch.dtype | None) -> tuple[core.Adam, list[nn.Parameter]]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4, dtype=torch.complex64))]
+        optimizer = core.Adam(params, lr=1e-2, **flags)
+        for step in range(3):
+            if step == 1 and moment_dtype is not None:
+                saved = optimizer.state_dict()
+                state = saved["state"][1] if how == "loaded" else optimizer.state[params[1]]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = state[key].to(moment_dtype)
+                if how == "loaded":
+                    optimizer.load_state_dict(saved)
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 + 0.1 * step)
+            optimizer.step()
+        return optimizer, params
+
+    _, expected = run(None)
+    optimizer, cast = run(torch.complex128)
+    assert optimizer.state[cast[1]]["exp_avg"].dtype == torch.complex64
+    assert all(torch.equal(a, b) for a, b in zip(cast, expected, strict=True))
+    message = r"exp_avg.* torch\.float32.* the parameter's kind \(torch\.complex64"
+    with pytest.raises(ValueError, match=message):
+        run(torch.float32)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("stepped_before", [0, 2])
 @pytest.mark.parametrize("backend", ["default", *BACKENDS])

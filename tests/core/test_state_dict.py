@@ -489,6 +489,11 @@ BAD_STATE_VALUES = {
         r"\['step'\] is Tensor of shape \(\) holding nan\.",
     ),
     "step-negative": ("full", _corrupt("step", -1.0), r"\['step'\] is -1\.0\."),
+    "step-meta": (  # torch.load(map_location="meta"): the message said what was allowed
+        "full",
+        _corrupt("step", torch.tensor(1.0, device="meta")),
+        r"\['step'\] is Tensor of shape \(\) on meta \(no value\)\.",
+    ),
     "step-beyond-float32": (  # loaded as inf, the steps kept in float32
         "full",
         _corrupt("step", torch.tensor(1e300, dtype=torch.float64)),
@@ -508,13 +513,13 @@ BAD_STATE_VALUES = {
     "moment-integer": (  # cast as torch casts it: its fractions were gone
         "full",
         _corrupt("exp_avg_sq", torch.full((64, 128), 3, dtype=torch.int32)),
-        r"\['exp_avg_sq'\] has dtype torch\.int32\. Allowed: a floating dtype of the "
-        r"parameter's kind \(torch\.float32\)",
+        r"\['exp_avg_sq'\] has dtype torch\.int32\. Allowed: a dtype of the parameter's "
+        r"kind \(torch\.float32",
     ),
     "moment-complex": (  # cast as torch casts it: its imaginary part was dropped
         "full",
         _corrupt("exp_avg", torch.full((64, 128), 1 + 1j, dtype=torch.complex64)),
-        r"\['exp_avg'\] has dtype torch\.complex64\. Allowed: a floating dtype",
+        r"\['exp_avg'\] has dtype torch\.complex64\. Allowed: a dtype of the parameter's kind",
     ),
     "codes-without-scales": (
         "8bit",
@@ -661,6 +666,30 @@ def test_state_values_a_step_cannot_read_are_refused_before_loading(bad: str) ->
     with pytest.raises(ValueError, match=r"Invalid state_dict for AdamW: state\[0\]" + message):
         optimizer.load_state_dict(saved)
     assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+def test_state_loaded_before_the_model_is_materialized_is_refused(state_precision: str) -> None:
+    """Parameters still on meta: torch's loader moved the moments there, keeping no
+    values, and the step then refused them as state made on meta, whose advice (delete
+    it) silently dropped the checkpoint's moments."""
+    model = torch.nn.Linear(128, 64)
+    optimizer = core.AdamW(model.parameters(), lr=LR, state_precision=state_precision)
+    model(torch.randn(4, 128)).square().sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    with torch.device("meta"):
+        deferred = torch.nn.Linear(128, 64)
+    fresh = core.AdamW(deferred.parameters(), lr=LR, state_precision=state_precision)
+    with pytest.raises(ValueError, match=r"parameter 0 is on meta \(not materialized yet\)"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+    deferred.to_empty(device="cpu")  # new parameters (unless swapped): a new optimizer
+    deferred.load_state_dict(model.state_dict())
+    fresh = core.AdamW(deferred.parameters(), lr=LR, state_precision=state_precision)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.state_dict()["state"][0]["step"], saved["state"][0]["step"])
 
 
 @pytest.mark.bad_input

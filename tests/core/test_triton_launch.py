@@ -221,3 +221,36 @@ def test_a_tensor_of_another_dtype_at_a_planned_address_is_checked_again(
     with pytest.raises(ValueError, match=r"Invalid exp_avg\[0\].*of torch\.int16"):
         step()
     assert bool((after_it == 7).all())
+
+
+@pytest.mark.parametrize("device", ["triton"])
+def test_fsdp2_parameters_find_their_plans_again_each_step(
+    device: str, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DTensor parameters always take the full path, where the plans are looked up by
+    each bucket's first local tensor: torch 2.13 gives a new local view each step, so
+    keyed by the tensor every step planned (and uploaded its address table) again."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from tests.processes import gloo_group
+
+    made = []
+    make_plan = backend._make_plan
+    monkeypatch.setattr(backend, "_make_plan", lambda *args: made.append(1) or make_plan(*args))
+    with gloo_group():
+        mesh = init_device_mesh("cpu", (1,))
+        params = [
+            torch.nn.Parameter(distribute_tensor(torch.randn(8), mesh, [Shard(0)]))
+            for _ in range(4)
+        ]
+        grads = [distribute_tensor(torch.ones(8), mesh, [Shard(0)]) for _ in params]
+        optimizer = core.AdamW([{"params": [p]} for p in params], lr=LR, **BACKENDS["fused"])
+        per_step = []
+        for _ in range(4):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            made.clear()
+            optimizer.step()
+            per_step.append(len(made))
+    assert per_step[0] == 4 and per_step[2:] == [0, 0]
