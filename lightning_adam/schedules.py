@@ -219,8 +219,14 @@ class LRSchedule:
         if self.interval == "step":
             total = estimated
             source = "trainer.estimated_stepping_batches"
-            if 0 in (trainer.max_steps, trainer.limit_train_batches, trainer.num_training_batches):
-                # No step will run (max_steps=0, limit_train_batches=0): any schedule does.
+            if 0 in (
+                trainer.max_steps,
+                trainer.max_epochs,  # Lightning's estimate counts max(max_epochs, 1) epochs
+                trainer.limit_train_batches,
+                trainer.num_training_batches,
+            ):
+                # No step will run (max_steps=0, max_epochs=0, limit_train_batches=0): any
+                # schedule does.
                 return replace(self, total_steps=self.warmup_steps + 1)
             if epochs is not None:
                 # Lightning's estimate takes the accumulation of the epoch it is asked in.

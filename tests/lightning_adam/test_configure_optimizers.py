@@ -798,9 +798,13 @@ def test_a_schedule_lightning_would_never_step_names_frequency_and_why(case: str
         trainer.fit(model, loader(regression_data(samples), batch_size=16))
 
 
-def test_an_epoch_schedule_under_max_epochs_0_is_built() -> None:
-    """No epoch runs, as with max_steps=0: it was refused as not bounding training."""
-    model = Regression(scheduler={"kind": "cosine", "interval": "epoch"}, lr=1e-2)
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_a_schedule_under_max_epochs_0_is_built(interval: str) -> None:
+    """No epoch runs, as with max_steps=0: an epoch schedule was refused as not bounding
+    training, and a step schedule (the default interval) whose warmup is longer than one
+    epoch as too short ("train longer"): Lightning's estimate counts one epoch there."""
+    schedule = {"kind": "cosine", "interval": interval, "warmup_steps": 30}
+    model = Regression(scheduler=schedule, lr=1e-2)
     trainer = make_trainer(max_epochs=0)
     trainer.fit(model, loader(regression_data(64)))
     assert trainer.global_step == 0
