@@ -1608,6 +1608,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 problem = f"is missing from a state that holds {held}"
                 self._refuse_state(group, param, missing[0], (problem, _PROGRESS_ALLOWED), where)
             shape, device = param.shape, param.device
+            moment_dtypes = _COMPLEX_DTYPES if param.is_complex() else _REAL_FLOATING_DTYPES
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
                     scalars.setdefault(key, []).append((param, value))
@@ -1618,7 +1619,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     and value.shape == shape
                     and value.device == device
                     and value.is_contiguous()
-                    and (key not in _DTYPE_FOLLOWING_STATE or _holds_a_moment(key, value, param))
+                    and (value.dtype in moment_dtypes or key not in _DTYPE_FOLLOWING_STATE)
                     and (value.dtype == torch.uint8 or key not in _CODE_KEYS)
                     and key not in _SCALE_KEYS
                 ):
@@ -1657,6 +1658,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         group: dict[str, Any], param: Tensor, key: str, found: tuple[str, str], where: str
     ) -> None:
         problem, allowed = found
+        if allowed == _ON_PARAMETER_DEVICE.format(param.device):
+            allowed += _MOVED_STATE  # an optimizer's state: how to move it, or start afresh
         index = next(i for i, member in enumerate(group["params"]) if member is param)
         raise ValueError(
             f"Invalid state of params[{index}]{where}: {key} {problem} beside a "
@@ -2539,6 +2542,7 @@ _MADE_FOR_IT = (
 
 
 _REAL_FLOATING_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_COMPLEX_DTYPES = frozenset({torch.complex32, torch.complex64, torch.complex128})
 
 
 def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
@@ -2585,11 +2589,12 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
     return _overlap_problem(value)
 
 
-_ON_PARAMETER_DEVICE = (
-    "a tensor on the parameter's device ({}): state made before the model moved "
-    "(model.to(), to_empty after building on meta) stays where it was made; an optimizer's "
-    "load_state_dict(optimizer.state_dict()) moves it to each parameter's device, and state "
-    "made on meta holds no values: del optimizer.state[param] to start it afresh"
+_ON_PARAMETER_DEVICE = "a tensor on the parameter's device ({})"
+_MOVED_STATE = (
+    ": state made before the model moved (model.to(), to_empty after building on meta) "
+    "stays where it was made; optimizer.load_state_dict(optimizer.state_dict()) moves it "
+    "to each parameter's device, and state made on meta holds no values: del "
+    "optimizer.state[param] to start it afresh"
 )
 
 
@@ -2606,7 +2611,7 @@ def _holds_a_moment(key: str, value: Tensor, param: Tensor) -> bool:
     inside the step, after other parameters were updated."""
     if key not in _DTYPE_FOLLOWING_STATE:
         return True
-    return value.is_complex() if param.is_complex() else value.dtype in _REAL_FLOATING_DTYPES
+    return value.dtype in (_COMPLEX_DTYPES if param.is_complex() else _REAL_FLOATING_DTYPES)
 
 
 def _overlap_problem(value: Tensor) -> tuple[str, str] | None:
@@ -3499,7 +3504,11 @@ def _follow_parameter_dtypes(
                 or (value.is_complex() and param.is_complex())  # torch's loader keeps these
             ):
                 value = state[key] = value.to(param.dtype)
-            state[key] = _laid_out_like(param, value)  # model.to(memory_format=...) likewise
+            if (  # model.to(memory_format=...) likewise; asked cheaply (DTensor steps: each)
+                type(value) in PLAIN_TENSOR_TYPES
+                and not (value.is_contiguous() and param.is_contiguous())
+            ):
+                state[key] = _laid_out_like(param, value)
 
 
 def _laid_out_like(param: Tensor, value: Tensor) -> Tensor:
@@ -3517,9 +3526,13 @@ def _laid_out_like(param: Tensor, value: Tensor) -> Tensor:
     return torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+_PACKAGES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INTERNAL_FILES = (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,
     os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    # the adapters, installed beside core (composer_adam's classes call core's __init__)
+    os.path.join(_PACKAGES, "composer_adam") + os.sep,
+    os.path.join(_PACKAGES, "lightning_adam") + os.sep,
 )
 
 

@@ -151,6 +151,15 @@ def test_initial_lr_is_recorded_per_group_and_high_decay_warns(
     assert "weight_decay=0.001" in caplog.text
 
 
+def test_core_warnings_name_the_callers_line_not_the_adapter() -> None:
+    """ADOPT's float16 warning pointed at composer_adam/optimizers.py, whose __init__
+    calls core's: users saw the adapter's line, not theirs."""
+    half = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    with pytest.warns(UserWarning, match=r"clip=False with float16") as caught:
+        composer_adam.DecoupledADOPT([half], lr=1e-3, clip=False)
+    assert caught[0].filename == __file__
+
+
 def test_a_tensor_lr_follows_a_warmup_from_zero_as_a_float_lr_does() -> None:
     """torch's schedulers write a tensor lr in place; initial_lr (the decay's reference and
     the scheduler's base lr) is a copy, so a warmup from 0 trains as with a float lr.
