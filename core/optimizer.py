@@ -1607,8 +1607,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 held = sorted(k for k in PROGRESS_KEYS if k not in missing)
                 problem = f"is missing from a state that holds {held}"
                 self._refuse_state(group, param, missing[0], (problem, _PROGRESS_ALLOWED), where)
-            shape, device = param.shape, param.device
-            moment_dtypes = _COMPLEX_DTYPES if param.is_complex() else _REAL_FLOATING_DTYPES
+            facts = _parameter_facts(param)
+            shape, (device, moment_dtypes) = param.shape, facts
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
                     scalars.setdefault(key, []).append((param, value))
@@ -1625,7 +1625,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 ):
                     settled.append((param, key, value))
                     continue
-                found = _state_problem(key, value, param)
+                found = _state_problem(key, value, param, facts)
                 if found is not None:
                     self._refuse_state(group, param, key, found, where)
         values = [value for _, _, value in settled]
@@ -1826,10 +1826,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         self._drop_stale_memos()  # after the checks: it reads every group's params
         # A group with a memo passed this with its list unchanged; one without a memo and
         # without parameters to step adds none (an empty or frozen group: asked every step).
-        unmemoized = any(memo is None and params for _, params, _, memo in work)
-        if len(set(map(id, self.param_groups))) < len(work) or unmemoized:
+        memoless = [params for _, params, _, memo in work if memo is None and params]
+        if len(set(map(id, self.param_groups))) < len(work) or memoless:
             self._refuse_repeated_params([params for _, params, _, _ in work])
-        if unmemoized:
+        if not self.optimizer_accumulation and any(
+            PLAIN_TENSOR_TYPES.issuperset(map(type, params)) for params in memoless
+        ):  # not where no step keeps a memo (accumulation, DTensors): it would run every step
             self._separate_shared_counters(work)
         if not self.__dict__.get("_release_seen"):  # after the checks: every lr is a number
             self._warn_if_release_has_no_hooks(self.released_params)
@@ -1855,7 +1857,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         in some group), before any update; the states of groups stepping from a memo keep
         theirs (the memo holds it), the first holder elsewhere keeps it, the others get
         its value. Under gradient release each parameter steps alone and this does not
-        run: see README "Errors"."""
+        run, nor where no step keeps a memo (optimizer accumulation, tensor subclasses such
+        as FSDP2's DTensors): see README "Errors"."""
         held: set[int] = set()
         for group, *_ in sorted(work, key=lambda entry: entry[3] is None):
             for param in group["params"]:
@@ -2545,11 +2548,16 @@ _REAL_FLOATING_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32,
 _COMPLEX_DTYPES = frozenset({torch.complex32, torch.complex64, torch.complex128})
 
 
-def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | None:
+def _state_problem(
+    key: str, value: object, param: Tensor, facts: tuple[torch.device, frozenset] | None = None
+) -> tuple[str, str] | None:
     """(what is wrong with state[key] beside param, what is allowed), or None if a step can
-    take it (_check_state_tensors); reads no tensor's data but a host scalar's."""
+    take it (_check_state_tensors); reads no tensor's data but a host scalar's. facts:
+    _parameter_facts(param), where the caller asks of many states (a DTensor's attributes
+    cost ~0.2 µs each)."""
+    device, moment_dtypes = facts or _parameter_facts(param)
     moment_like = key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE
-    if moment_like and isinstance(value, Tensor) and value.device != param.device:
+    if moment_like and isinstance(value, Tensor) and value.device != device:
         # torch's kernels ran a meta step as nothing (fused Adam: counts advanced, nothing
         # moved), the loop failed midway (other parameters updated)
         return f"on {value.device}", _ON_PARAMETER_DEVICE.format(param.device)
@@ -2584,7 +2592,7 @@ def _state_problem(key: str, value: object, param: Tensor) -> tuple[str, str] | 
         return f"of dtype {value.dtype}", _EIGHT_BIT_DTYPE.format("torch.uint8")
     if not isinstance(value, Tensor) or value.shape != param.shape:
         return _described_state(value), _MADE_FOR_IT.format(tuple(param.shape))
-    if not _holds_a_moment(key, value, param):
+    if not _holds_a_moment(key, value, moment_dtypes):
         return f"of dtype {value.dtype}", _MOMENT_KIND.format(param.dtype)
     return _overlap_problem(value)
 
@@ -2603,15 +2611,20 @@ _MOMENT_KIND = (
 )
 
 
-def _holds_a_moment(key: str, value: Tensor, param: Tensor) -> bool:
+def _parameter_facts(param: Tensor) -> tuple[torch.device, frozenset]:
+    """What _state_problem compares each state tensor with: the parameter's device and
+    the dtypes its moments may have (_holds_a_moment)."""
+    return param.device, _COMPLEX_DTYPES if param.is_complex() else _REAL_FLOATING_DTYPES
+
+
+def _holds_a_moment(key: str, value: Tensor, moment_dtypes: frozenset) -> bool:
     """Whether state[key] has a dtype its parameter's moments (or Kahan buffer) can be
-    kept in, once cast to the parameter's: real floating beside a real parameter, complex
-    beside a complex one. Cast, a complex one beside a real parameter lost its imaginary
-    part, an integer one its fractions; a real one beside a complex parameter failed
-    inside the step, after other parameters were updated."""
-    if key not in _DTYPE_FOLLOWING_STATE:
-        return True
-    return value.dtype in (_COMPLEX_DTYPES if param.is_complex() else _REAL_FLOATING_DTYPES)
+    kept in, once cast to the parameter's (moment_dtypes: _parameter_facts): real
+    floating beside a real parameter, complex beside a complex one. Cast, a complex one
+    beside a real parameter lost its imaginary part, an integer one its fractions; a real
+    one beside a complex parameter failed inside the step, after other parameters were
+    updated."""
+    return key not in _DTYPE_FOLLOWING_STATE or value.dtype in moment_dtypes
 
 
 def _overlap_problem(value: Tensor) -> tuple[str, str] | None:
@@ -3339,7 +3352,7 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             )
         if key.endswith("_codes") and value.dtype != torch.uint8:
             refuse(key, f"has dtype {value.dtype}", "torch.uint8 (what state_dict() saves)")
-        if not _holds_a_moment(key, value, param):  # as the step refuses it set by hand
+        if not _holds_a_moment(key, value, _parameter_facts(param)[1]):  # as the step does
             refuse(
                 key,
                 f"has dtype {value.dtype}",
@@ -3495,6 +3508,7 @@ def _follow_parameter_dtypes(
     for param, state in zip(params, states, strict=True):
         if not kahan_allowed or param.dtype not in LOW_PRECISION_DTYPES:
             state.pop("kahan_comp", None)
+        contiguous = param.is_contiguous()
         for key in _DTYPE_FOLLOWING_STATE:
             value = state.get(key)
             if not isinstance(value, Tensor):
@@ -3505,8 +3519,7 @@ def _follow_parameter_dtypes(
             ):
                 value = state[key] = value.to(param.dtype)
             if (  # model.to(memory_format=...) likewise; asked cheaply (DTensor steps: each)
-                type(value) in PLAIN_TENSOR_TYPES
-                and not (value.is_contiguous() and param.is_contiguous())
+                type(value) in PLAIN_TENSOR_TYPES and not (value.is_contiguous() and contiguous)
             ):
                 state[key] = _laid_out_like(param, value)
 
