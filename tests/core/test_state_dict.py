@@ -288,12 +288,25 @@ def test_a_model_cast_mid_run_continues_as_its_checkpoint_would(
         # An fp32 parameter has no use for a Kahan buffer: it was kept (one more copy of
         # the parameters, in memory and in every checkpoint) where a resumed run drops it.
         assert ("kahan_comp" in optimizer.state[param]) == (after == torch.bfloat16)
-    resumed = copy.deepcopy(model)
-    resumed_optimizer = core.AdamW(
-        resumed.parameters(), lr=LR, state_precision=state_precision, **TRAINING_BACKENDS[backend]
+    build = functools.partial(
+        core.AdamW, lr=LR, state_precision=state_precision, **TRAINING_BACKENDS[backend]
     )
+    _assert_continues_as_its_checkpoint(model, optimizer, build, batches[4:], step)
+
+
+def _assert_continues_as_its_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    build: Any,
+    batches: list[Any],
+    step: Any,
+) -> None:
+    """The live run and one resumed from its checkpoint (a copy of the model, an optimizer
+    from build(parameters) loading the state dict) take step over each batch: equal."""
+    resumed = copy.deepcopy(model)
+    resumed_optimizer = build(resumed.parameters())
     resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    for batch in batches[4:]:
+    for batch in batches:
         step(model, optimizer, batch)
         step(resumed, resumed_optimizer, batch)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
@@ -341,14 +354,9 @@ def test_a_model_given_another_memory_format_mid_run_continues_as_its_checkpoint
     for key, value in optimizer.state[model.weight].items():
         if key in ("exp_avg", "exp_avg_sq", "kahan_comp"):
             assert value.stride() == model.weight.stride(), key
-    resumed = copy.deepcopy(model)
-    resumed_optimizer = core.AdamW(resumed.parameters(), **kwargs)
-    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    for x in inputs[4:]:
-        step(model, optimizer, x)
-        step(resumed, resumed_optimizer, x)
-    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    _assert_continues_as_its_checkpoint(
+        model, optimizer, functools.partial(core.AdamW, **kwargs), inputs[4:], step
+    )
 
 
 def test_loaded_host_scalars_stay_float32_on_cpu() -> None:
