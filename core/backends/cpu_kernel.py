@@ -15,6 +15,7 @@ import array
 import atexit
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import operator
@@ -375,16 +376,35 @@ _running_builds: dict[subprocess.Popen, str] = {}
 in a background thread, which a process may outlive)."""
 
 
+_TRANSIENT_SPAWN_ERRORS = frozenset({errno.EAGAIN, errno.EFAULT, errno.EINTR, errno.ENOMEM})
+"""Why starting a compiler may fail once and not again: seen in CI, EFAULT ("Bad
+address") starting /usr/bin/c++ from the host checks' background thread while the main
+thread was busy, which cost the process its C++ checks (every memoized step then checked
+in Python). A compiler that is missing or not executable fails with other errors."""
+
+
+def _spawn_compiler(command: list[str]) -> subprocess.Popen:
+    """Start a build command, once more after a transient failure to start it."""
+    for attempt in range(2):
+        try:
+            # A session of its own, so stopping it stops what the driver started (cc1plus, ld).
+            return subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        except OSError as error:
+            if attempt or error.errno not in _TRANSIENT_SPAWN_ERRORS:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
 def _run_compiler(command: list[str], temporary: str, timeout: float) -> tuple[int, str]:
     """Run one build command: its exit code and the end of what it printed to stderr."""
-    # A session of its own, so stopping it stops what the driver started (cc1plus, ld).
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
+    with _spawn_compiler(command) as process:
         _running_builds[process] = temporary
         try:
             _, stderr = process.communicate(timeout=timeout)
