@@ -49,7 +49,15 @@ from core.backends.host_checks import (
     storage_shortfall,
 )
 from core.backends.precision import LOW_PRECISION_DTYPES, StochasticRounding
-from core.backends.views import PLAIN_TENSOR_TYPES, dense, dtensor_type
+from core.backends.views import (
+    BACKED,
+    PLAIN_TENSOR_TYPES,
+    dense,
+    dtensor_type,
+    lazy_values,
+    memory_problem,
+    shortfall_problem,
+)
 from core.coefficients import AdamStepCoefficients, AdoptStepCoefficients
 from core.quantization import (
     CODE_FORMAT,
@@ -2566,7 +2574,7 @@ def _state_problem(
             return "that is a nested tensor", "a dense tensor"
         if isinstance(value, Tensor) and value.layout != torch.strided:
             return f"{_described_state(value)} with layout {value.layout}", "a dense tensor"
-        found = _memory_problem(value) if type(value) in PLAIN_TENSOR_TYPES else None
+        found = memory_problem(value) if type(value) in PLAIN_TENSOR_TYPES else None
         if found is not None:  # what the kernels (or the host-scalar helpers) read
             return f"{_described_state(value)} {found[0]},", f"{found[1]}; load_state_dict does"
     if key in HOST_SCALAR_STATE:
@@ -2653,44 +2661,9 @@ def _shares_memory_within(tensor: Tensor) -> bool:
     return torch._debug_has_internal_overlap(_local(tensor)) == 1
 
 
-def lazy_values(tensor: Tensor) -> tuple[str, str] | None:
-    """How tensor's memory fails to hold its values as a kernel reads them, and how to
-    materialize them: torch's negative or conjugate bit (the memory holds the values
-    negated or conjugated) or a ZeroTensor (no memory at all); None for a tensor holding
-    its own values. A kernel reading such memory would step with the wrong sign, or read
-    address 0 and crash the process."""
-    if tensor.is_neg():
-        return "with torch's negative bit set (its memory holds its values negated)", (
-            ".resolve_neg()"
-        )
-    if tensor.is_conj():
-        return "with torch's conjugate bit set (its memory holds its values conjugated)", (
-            ".resolve_conj()"
-        )
-    if tensor._is_zerotensor():
-        return "that is a ZeroTensor (no memory of its own)", ".clone()"
-    return None
-
-
 def _materialized(tensor: Tensor) -> Tensor:
     """A copy of a tensor with lazy_values that holds its values, exact."""
     return tensor.clone() if tensor._is_zerotensor() else tensor.resolve_conj().resolve_neg()
-
-
-def _memory_problem(tensor: Tensor) -> tuple[str, str] | None:
-    """(what is wrong, what is allowed) for a tensor whose memory a kernel cannot use as
-    its values: lazy_values, or a storage_shortfall (the kernels and torch's own ops
-    crashed the process on one); None otherwise."""
-    found = lazy_values(tensor)
-    if found is not None:
-        return (
-            f"{found[0]}, which the fused kernels would read and write wrongly",
-            f"a tensor holding its own values ({found[1]} it)",
-        )
-    shortfall = storage_shortfall(tensor)
-    if shortfall is None:
-        return None
-    return _shortfall_problem(shortfall), _BACKED
 
 
 STEPPABLE_DTYPES = frozenset(
@@ -2732,25 +2705,13 @@ def _refuse_unsteppable_params(
                 f"{allowed} (keep a higher-precision master copy of float8 weights)",
             )
         elif not torch.nn.parameter.is_lazy(param):
-            found = _memory_problem(param)
+            found = memory_problem(param)
         if found is not None:
             index = next(i for i, member in enumerate(group_params) if member is param)
             raise ValueError(
                 f"Invalid params[{index}]{where}: a tensor of shape {tuple(param.shape)} "
                 f"{found[0]}. Allowed: {found[1]}."
             )
-
-
-def _shortfall_problem(shortfall: tuple[int, int]) -> str:
-    """How an error names a storage_shortfall."""
-    held, needed = shortfall
-    return (
-        f"whose storage holds {held} bytes, fewer than its elements need ({needed}: freed "
-        "by untyped_storage().resize_(0), as FSDP frees unsharded parameters, or shrunk)"
-    )
-
-
-_BACKED = "a tensor whose storage holds its elements (step it while they are allocated)"
 
 
 def checked_gradient_list(
@@ -2807,7 +2768,7 @@ def checked_gradient_list(
         grad = grads[unbacked]
         raise ValueError(
             f"Invalid {grad_name(unbacked)}: a tensor of shape {tuple(grad.shape)} "
-            f"{_shortfall_problem(storage_shortfall(grad))}. Allowed: {_BACKED}."  # type: ignore[arg-type]
+            f"{shortfall_problem(storage_shortfall(grad))}. Allowed: {BACKED}."  # type: ignore[arg-type]
         )
     for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
         # p.grad = p.detach(): each backend read it in its own order around the update
@@ -3305,7 +3266,7 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
         if shortfall is not None:
             refuse(
                 key,
-                f"has shape {tuple(value.shape)} {_shortfall_problem(shortfall)}",
+                f"has shape {tuple(value.shape)} {shortfall_problem(shortfall)}",
                 "a tensor whose storage holds its elements (save state while it is allocated)",
             )
     for key in HOST_SCALAR_STATE:

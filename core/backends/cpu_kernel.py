@@ -385,21 +385,24 @@ in Python). A compiler that is missing or not executable fails with other errors
 
 def _spawn_compiler(command: list[str]) -> subprocess.Popen:
     """Start a build command, once more after a transient failure to start it."""
-    for attempt in range(2):
-        try:
-            # A session of its own, so stopping it stops what the driver started (cc1plus, ld).
-            return subprocess.Popen(
-                command,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
-        except OSError as error:
-            if attempt or error.errno not in _TRANSIENT_SPAWN_ERRORS:
-                raise
-            time.sleep(0.1)
-    raise AssertionError("unreachable")
+
+    def start() -> subprocess.Popen:
+        # A session of its own, so stopping it stops what the driver started (cc1plus, ld).
+        return subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    try:
+        return start()
+    except OSError as error:
+        if error.errno not in _TRANSIENT_SPAWN_ERRORS:
+            raise
+    time.sleep(0.1)
+    return start()
 
 
 def _run_compiler(command: list[str], temporary: str, timeout: float) -> tuple[int, str]:
@@ -554,29 +557,10 @@ def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defin
     return built.adamkit_step_q8 if config.quantized else built.adamkit_step
 
 
-def _check_rounded_values(values: Tensor) -> None:
-    """What the rounding hooks hand C: a contiguous plain float32 CPU tensor whose memory
-    holds its values (a meta or GPU tensor's address, or a freed storage's, read as host
-    memory crashed the process; a negated view was read unnegated)."""
-    if type(values) not in PLAIN_TENSOR_TYPES:
-        problem = f"a {type(values).__name__}"
-    elif values.device != _CPU or values.dtype != torch.float32:
-        problem = f"a tensor of {values.dtype} on {values.device}"
-    elif not values.is_contiguous():
-        problem = "a tensor that is not contiguous"
-    else:
-        problem = memory_problem(values)
-    if problem:
-        raise ValueError(
-            f"Invalid values: {problem}. Allowed: a contiguous plain CPU float32 tensor "
-            "whose memory holds its values."
-        )
-
-
 def round_as_kernels_do(values: Tensor, dtype: torch.dtype) -> Tensor:
     """float32 values rounded to dtype by the kernels' own rounding (hardware where the
     CPU has it): tests hold it to torch's conversion."""
-    _check_rounded_values(values)
+    _check_hook_tensor("values", values, torch.float32, _shape_of(values))
     config = KernelConfig("adam", dtype, tuple((name, False) for name in SWITCHES))
     out = torch.empty(values.shape, dtype=dtype, device="cpu")
     library(config).adamkit_round(values.numel(), values.data_ptr(), out.data_ptr())
@@ -587,7 +571,7 @@ def round_stochastically_as_kernels_do(values: Tensor, dtype: torch.dtype, key: 
     """float32 values rounded to dtype by the kernels' stochastic rounding (STOCHASTIC's
     parameter store), value i as element i of a tensor whose step key is `key`: tests hold
     it to precision.stochastic_round."""
-    _check_rounded_values(values)
+    _check_hook_tensor("values", values, torch.float32, _shape_of(values))
     switches = tuple((name, False) for name in SWITCHES)
     config = KernelConfig("adam", dtype, switches, stochastic=True)
     _key_array(config, [key], 1)
@@ -1140,11 +1124,19 @@ def _encoding_library() -> ctypes.CDLL:
     return library(KernelConfig("adam", torch.float32, switches, quantized=True))
 
 
+def _shape_of(tensor: object) -> tuple[int, ...] | None:
+    """A rounding hook takes values of any shape: theirs (None for what is no tensor)."""
+    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
+
+
 def _check_hook_tensor(
     name: str, tensor: object, dtype: torch.dtype, shape: tuple[int, ...] | None = None
 ) -> None:
-    """Refuse, by name and before C reads its address, a tensor a coding hook is handed
-    that is not a contiguous plain CPU tensor of dtype and shape (1-D where None)."""
+    """Refuse, by name and before C reads its address, a tensor a coding or rounding hook
+    is handed that is not a contiguous plain CPU tensor of dtype and shape (1-D where
+    None) whose memory holds its values (a meta or GPU tensor's address, or a freed
+    storage's, read as host memory crashed the process; a negated view was read
+    unnegated)."""
     if (
         type(tensor) in PLAIN_TENSOR_TYPES
         and tensor.layout == torch.strided  # type: ignore[attr-defined]
@@ -1152,7 +1144,7 @@ def _check_hook_tensor(
         and device_of(tensor) == _CPU  # type: ignore[arg-type]
         and tensor.is_contiguous()  # type: ignore[attr-defined]
         and (tensor.ndim == 1 if shape is None else tuple(tensor.shape) == shape)  # type: ignore[attr-defined]
-        and not memory_problem(tensor)  # type: ignore[arg-type]
+        and memory_problem(tensor) is None  # type: ignore[arg-type]
     ):
         return
     found = (
@@ -1161,7 +1153,8 @@ def _check_hook_tensor(
         else f"a {type(tensor).__name__}"
     )
     if type(tensor) in PLAIN_TENSOR_TYPES and tensor.layout == torch.strided:  # type: ignore[attr-defined]
-        found += f" ({memory_problem(tensor)})" if memory_problem(tensor) else ""  # type: ignore[arg-type]
+        problem = memory_problem(tensor)  # type: ignore[arg-type]
+        found += "" if problem is None else f" {problem[0]}"
     wanted = "one dimension" if shape is None else f"shape {shape}"
     raise ValueError(
         f"Invalid {name}: {found}. Allowed: a contiguous plain CPU {dtype} tensor of {wanted} "

@@ -43,7 +43,7 @@ bool is_plain_tensor(PyObject* object) {
 
 // Whether a tensor's memory holds its values in order, as a kernel reads them: contiguous,
 // with neither the negative nor the conjugate bit (memory holding the values negated or
-// conjugated) and not a ZeroTensor (no memory at all): core.optimizer.lazy_values.
+// conjugated) and not a ZeroTensor (no memory at all): core.backends.views.lazy_values.
 bool holds_values_in_order(const at::Tensor& tensor) {
   return tensor.is_contiguous() && !tensor.is_neg() && !tensor.is_conj() &&
          !tensor._is_zerotensor();

@@ -41,7 +41,7 @@ from core.backends.cpu_kernel import (
     missing_compiler,
     set_share_runner,
 )
-from core.backends.views import PLAIN_TENSOR_TYPES
+from core.backends.views import PLAIN_TENSOR_TYPES, storage_shortfall
 
 SOURCE = Path(__file__).with_name("host_checks.cpp")
 _MODULE_NAME = "adamkit_host_checks"
@@ -82,30 +82,6 @@ class HostChecks(Protocol):
         elements (storage_shortfall), or -1; other objects (DTensors) are not asked."""
 
 
-def storage_shortfall(tensor: Tensor) -> tuple[int, int] | None:
-    """(bytes its storage holds, bytes its elements need) for a tensor whose storage does
-    not hold every element its sizes, strides and offset address, else None: one freed with
-    untyped_storage().resize_(0) (as FSDP frees unsharded parameters) has address 0, and
-    one shrunk has too few bytes; a kernel handed either crashes the process. Only plain
-    tensors with data are asked: a DTensor's local shard and a wrapper subclass's inner
-    tensors are their owners' to manage, and a meta tensor has no data by design (refused
-    by device elsewhere)."""
-    if type(tensor) not in PLAIN_TENSOR_TYPES or tensor.is_meta or tensor.numel() == 0:
-        return None
-    last = tensor.storage_offset() + sum(
-        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-    )
-    storage = tensor.untyped_storage()
-    needed, held = (last + 1) * tensor.element_size(), storage.nbytes()
-    try:
-        address = storage.data_ptr()
-    except RuntimeError:  # "an invalid python storage": a ZeroTensor's, which has no memory
-        address = 0
-    if address == 0:
-        return 0, needed
-    return None if needed <= held else (held, needed)
-
-
 def _block_rows(tensor: Tensor) -> int:
     """Its rows in the 8-bit block layout (core.quantization.block_shape)."""
     return tensor.shape[0] if tensor.dim() >= 2 else 1
@@ -125,7 +101,7 @@ describe() folds into it, is asked of parameters and gradients apart)."""
 
 def any_lazy_values(tensors: Sequence[Tensor]) -> bool:
     """Whether a tensor's memory does not hold its values as a kernel reads them: torch's
-    negative or conjugate bit, or a ZeroTensor (core.optimizer.lazy_values); three passes
+    negative or conjugate bit, or a ZeroTensor (core.backends.views.lazy_values); three passes
     at ~40 ns a tensor."""
     return (
         any(map(Tensor.is_neg, tensors))

@@ -229,9 +229,9 @@ def _address_problem(
         return f"a tensor with layout {t.layout}"
     if t.dtype != dtype or t.device != device:
         return f"a {type(t).__name__} of {t.dtype} on {t.device}"
-    problem = memory_problem(t)
-    if problem:
-        return problem
+    found = memory_problem(t)
+    if found is not None:
+        return f"a tensor {found[0]}"
     if t.numel() != param.numel():
         return f"a tensor of {t.numel()} elements beside a parameter of {param.numel()}"
     if not require_dense:
@@ -248,30 +248,82 @@ def _address_problem(
 
 def _any_memory_problem(tensors: Sequence[Tensor]) -> bool:
     """Whether memory_problem would find something in one of these plain tensors (a pass
-    each, C++ for the storages where it builds)."""
+    each, C++ for the storages where it builds): the backends' last check, beside
+    check_addressable's, before C reads an address."""
     from core.backends.host_checks import any_lazy_values, host_checks
 
     return any_lazy_values(tensors) or host_checks().first_unbacked(tensors) >= 0
 
 
-def memory_problem(tensor: Tensor) -> str:
-    """Why a plain tensor's memory does not hold its values where a kernel reads them
-    ("" if it does): torch's negative or conjugate bit (read negated or conjugated), a
-    ZeroTensor (no memory), or storage freed or shrunk under it (storage_shortfall: read
-    at address 0, or past its end). Internal callers (the backends, the coding hooks)
-    reach here only with what the optimizers checked; a mistake is a ValueError here,
-    not a crash."""
-    from core.backends.host_checks import storage_shortfall
-
-    if tensor.is_neg() or tensor.is_conj():
-        return "a tensor with torch's negative or conjugate bit set (memory not its values)"
+def lazy_values(tensor: Tensor) -> tuple[str, str] | None:
+    """How tensor's memory fails to hold its values as a kernel reads them, and how to
+    materialize them: torch's negative or conjugate bit (the memory holds the values
+    negated or conjugated) or a ZeroTensor (no memory at all); None for a tensor holding
+    its own values. A kernel reading such memory would step with the wrong sign, or read
+    address 0 and crash the process."""
+    if tensor.is_neg():
+        return "with torch's negative bit set (its memory holds its values negated)", (
+            ".resolve_neg()"
+        )
+    if tensor.is_conj():
+        return "with torch's conjugate bit set (its memory holds its values conjugated)", (
+            ".resolve_conj()"
+        )
     if tensor._is_zerotensor():
-        return "a ZeroTensor (no memory of its own)"
+        return "that is a ZeroTensor (no memory of its own)", ".clone()"
+    return None
+
+
+def shortfall_problem(shortfall: tuple[int, int]) -> str:
+    """How an error names a storage_shortfall."""
+    held, needed = shortfall
+    return (
+        f"whose storage holds {held} bytes, fewer than its elements need ({needed}: freed "
+        "by untyped_storage().resize_(0), as FSDP frees unsharded parameters, or shrunk)"
+    )
+
+
+BACKED = "a tensor whose storage holds its elements (step it while they are allocated)"
+
+
+def memory_problem(tensor: Tensor) -> tuple[str, str] | None:
+    """(what is wrong, what is allowed) for a tensor whose memory a kernel cannot use as
+    its values: lazy_values, or a storage_shortfall (the kernels and torch's own ops
+    crashed the process on one); None otherwise."""
+    found = lazy_values(tensor)
+    if found is not None:
+        return (
+            f"{found[0]}, which the fused kernels would read and write wrongly",
+            f"a tensor holding its own values ({found[1]} it)",
+        )
     shortfall = storage_shortfall(tensor)
-    if shortfall is not None:
-        held, needed = shortfall
-        return f"a tensor whose storage holds {held} of the {needed} bytes its elements need"
-    return ""
+    if shortfall is None:
+        return None
+    return shortfall_problem(shortfall), BACKED
+
+
+def storage_shortfall(tensor: Tensor) -> tuple[int, int] | None:
+    """(bytes its storage holds, bytes its elements need) for a tensor whose storage does
+    not hold every element its sizes, strides and offset address, else None: one freed with
+    untyped_storage().resize_(0) (as FSDP frees unsharded parameters) has address 0, and
+    one shrunk has too few bytes; a kernel handed either crashes the process. Only plain
+    tensors with data are asked: a DTensor's local shard and a wrapper subclass's inner
+    tensors are their owners' to manage, and a meta tensor has no data by design (refused
+    by device elsewhere)."""
+    if type(tensor) not in PLAIN_TENSOR_TYPES or tensor.is_meta or tensor.numel() == 0:
+        return None
+    last = tensor.storage_offset() + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    storage = tensor.untyped_storage()
+    needed, held = (last + 1) * tensor.element_size(), storage.nbytes()
+    try:
+        address = storage.data_ptr()
+    except RuntimeError:  # "an invalid python storage": a ZeroTensor's, which has no memory
+        address = 0
+    if address == 0:
+        return 0, needed
+    return None if needed <= held else (held, needed)
 
 
 def dense(tensor: Tensor) -> bool:

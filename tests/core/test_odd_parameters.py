@@ -644,7 +644,7 @@ LAZY_VALUES = {
         torch.zeros_like,
     ),
 }
-"""Tensors whose memory does not hold their values (core.optimizer.lazy_values): how to
+"""Tensors whose memory does not hold their values (core.backends.views.lazy_values): how to
 make one from values, and the plain tensor it reads as."""
 
 
