@@ -12,7 +12,7 @@ import dataclasses
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -84,20 +84,25 @@ def paired_steps(
     params: list[Tensor],
     steps: int = STEPS,
     place: Callable[[Tensor], Tensor] = Tensor.clone,
+    gradients: Sequence[Sequence[Tensor]] | None = None,
 ) -> Iterator[tuple[int, Any, Any]]:
     """Step the loop backend, and each time a fused twin loaded from the loop's state dict
     just before the same step, so every step is compared from identical inputs (and
     switching backends through a state dict is exercised at every step). `place` makes
-    the twin's copy of a parameter (another layout or address)."""
+    the twin's copy of a parameter (another layout or address); `gradients`, one list per
+    step, replaces `steps` random ones."""
     generator = torch.Generator().manual_seed(0)
     loop_params = [p.clone().requires_grad_() for p in params]
     loop = case.make(loop_params, **BACKENDS["loop"])
-    for step in range(steps):
+    for step in range(steps if gradients is None else len(gradients)):
         twin_params = [place(p.detach()).requires_grad_() for p in loop_params]
         twin = case.make(twin_params, **BACKENDS[backend])
         twin.load_state_dict(copy.deepcopy(loop.state_dict()))
-        for a, b in zip(loop_params, twin_params, strict=True):
-            grad = 0.1 * torch.randn(a.shape, generator=generator)
+        for i, (a, b) in enumerate(zip(loop_params, twin_params, strict=True)):
+            if gradients is None:
+                grad = 0.1 * torch.randn(a.shape, generator=generator)
+            else:
+                grad = gradients[step][i]
             # as autograd lays gradients out: like their (dense) parameter
             a.grad, b.grad = torch.empty_like(a).copy_(grad), torch.empty_like(b).copy_(grad)
         loop.step()

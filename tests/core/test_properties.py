@@ -6,11 +6,12 @@ import copy
 from typing import Any
 
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import core
-from tests.core.cases import BACKENDS
+from tests.core.cases import BACKENDS, Case
+from tests.core.test_fused import LOW_PRECISION, assert_step_matches, paired_steps
 
 ALGORITHMS = {
     "Adam": core.Adam,
@@ -20,6 +21,7 @@ ALGORITHMS = {
     "ADOPT": core.ADOPT,
 }
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+EAGER_AND_FUSED = ("foreach", "fused")
 
 
 @st.composite
@@ -53,6 +55,12 @@ def parameter_sets(draw: st.DrawFn, grad_limit: float = 1e3) -> dict[str, Any]:
     )
     seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([1e-4, 1e-2, 1.0, grad_limit]))
+    return _parameters_and_gradients(shapes, dtype, seed, scale, grad_limit)
+
+
+def _parameters_and_gradients(
+    shapes: list[list[int]], dtype: torch.dtype, seed: int, scale: float, grad_limit: float
+) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(seed)
     params = [torch.randn(*shape, generator=generator).to(dtype) for shape in shapes]
     grads = [
@@ -77,28 +85,66 @@ def _run(config: dict[str, Any], data: dict[str, Any], **flags: Any) -> tuple[li
     return params, optimizer
 
 
-def _ulp(values: torch.Tensor) -> torch.Tensor:
-    magnitude = values.detach().abs()
-    return torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
-
-
+# A CI run's random draw: fused and loop trajectories 47 fp16 ulps apart after 3 steps, each
+# step within one ulp (its moment m rounds to another fp16 value at step 2; lr·Δm/√v̂ at
+# step 3 is many ulps of a parameter that shrank to 0.0019). Kept as a regression example.
+@example(
+    config={
+        "name": "Adam",
+        "kwargs": {
+            "lr": 0.09375,
+            "betas": (0.850596014572248, 0.5),
+            "eps": 0.00390625,
+            "weight_decay": 0.19730204357229036,
+            "decouple_wd": False,
+            "decouple_lr": False,
+            "amsgrad": False,
+        },
+    },
+    data=_parameters_and_gradients([[3, 5], [3, 9], [5, 7]], torch.float16, 865, 1e-4, 200.0),
+)
 @given(config=configurations(), data=parameter_sets())
 def test_all_backends_agree(config: dict[str, Any], data: dict[str, Any]) -> None:
+    """fp32/fp64 trajectories agree within 1e-6 of the tensor's scale. 16-bit runs are held
+    to the backends' contract instead, each step from the loop's own state (as in
+    test_fused.py): whole trajectories may not stay within an ulp, because a stored 16-bit
+    moment, parameter or compensation that rounded the other way at one step feeds every
+    later step (an ulp of m moves the next update by about lr·2⁻¹¹, many ulps of a small
+    parameter). The "triton" row is the fused one here; test_fused.py runs Triton."""
     reference, _ = _run(config, data, **BACKENDS["loop"])
-    for backend, flags in BACKENDS.items():
-        params, _ = _run(config, data, **flags)
+    case = Case(config["name"], ALGORITHMS[config["name"]], config["kwargs"], _no_reference)
+    for backend in EAGER_AND_FUSED:
+        if data["params"][0].dtype in LOW_PRECISION:
+            _assert_each_step_matches(case, backend, data)
+            continue
+        params, _ = _run(config, data, **BACKENDS[backend])
         for a, b in zip(reference, params, strict=True):
-            if a.dtype in (torch.float64, torch.float32):
-                # Relative to the tensor's scale: an element can be the small difference of
-                # large updates, where a last-bit difference of the updates shows.
-                scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
-                tolerance = (1e-12 if a.dtype == torch.float64 else 1e-6) * scale
-                torch.testing.assert_close(b, a, atol=tolerance, rtol=0, msg=backend)
-            else:
-                # a NaN where the loop backend has one too is agreement (fp16 ADOPT can
-                # overflow: see _fits_in_float16); anywhere else it fails the bound
-                both_nan = a.isnan() & b.isnan()
-                assert bool(((a - b).abs() <= _ulp(a)).logical_or(both_nan).all()), backend
+            # Relative to the tensor's scale: an element can be the small difference of
+            # large updates, where a last-bit difference of the updates shows.
+            scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
+            tolerance = (1e-12 if a.dtype == torch.float64 else 1e-6) * scale
+            torch.testing.assert_close(b, a, atol=tolerance, rtol=0, msg=backend)
+
+
+def _assert_each_step_matches(case: Case, backend: str, data: dict[str, Any]) -> None:
+    """Within one ulp at every step from identical inputs, until the loop's run stops being
+    finite (fp16 ADOPT can overflow: see _fits_in_float16); there the twin must agree on
+    where."""
+    for step, expected, actual in paired_steps(
+        case, backend, data["params"], gradients=data["grads"]
+    ):
+        (loop_params, loop), (params, _) = expected, actual
+        loop_values = [*loop_params, *(v for p in loop_params for v in loop.state[p].values())]
+        if all(bool(torch.isfinite(v).all()) for v in loop_values):
+            assert_step_matches(step, expected, actual)
+            continue
+        for a, b in zip(params, loop_params, strict=True):
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b)), (backend, step)
+        return
+
+
+def _no_reference(params: list[torch.Tensor]) -> Any:
+    raise AssertionError("the loop backend is this test's reference")
 
 
 def _fits_in_float16(config: dict[str, Any], data: dict[str, Any]) -> bool:
