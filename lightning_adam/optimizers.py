@@ -78,8 +78,9 @@ def configure_optimizers(
         return _from_config(module, optimizer, scheduler, no_weight_decay, hyperparameters)
     factory, label, kwargs = _resolve_optimizer(optimizer, hyperparameters)
     schedule = None if scheduler is None else LRSchedule.coerce(scheduler)
+    count_later = None  # total_steps counted by the trainer once it is safe (resumed fits)
     if schedule is not None and schedule.total_steps is None:
-        schedule = schedule.with_total_from(_trainer_of(module))
+        schedule, count_later = schedule.counted_by(_trainer_of(module))
     decide = _no_weight_decay_rule(no_weight_decay)
     groups = _param_groups(module, decide if _has_weight_decay(factory) else None)
     built = factory(groups, **kwargs)
@@ -88,7 +89,7 @@ def configure_optimizers(
     config: dict[str, Any] = {"optimizer": built}
     if schedule is not None:
         config["lr_scheduler"] = {
-            "scheduler": schedule.build(built),
+            "scheduler": schedule.build(built, count_later),
             "interval": schedule.interval,
             "frequency": schedule.frequency,
             "name": schedule.name or f"lr-{type(built).__name__}",

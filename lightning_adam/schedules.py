@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -40,21 +41,41 @@ class ScheduledLR(LRScheduler):
     and ConstantLR, or one LinearLR or ConstantLR), and continues from their step.
     """
 
-    def __init__(self, optimizer: Optimizer, schedule: LRSchedule, last_epoch: int = -1) -> None:
-        require(schedule.total_steps is not None, "total_steps", None, "an int to build")
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        schedule: LRSchedule,
+        last_epoch: int = -1,
+        total_from: Callable[[], int] | None = None,
+    ) -> None:
+        """total_from: for a schedule without total_steps, what counts them once it is
+        safe to ask (see LRSchedule.build)."""
+        require(
+            schedule.total_steps is not None or total_from is not None,
+            "total_steps",
+            None,
+            "an int to build",
+        )
         self.kind = schedule.kind
         self.warmup_steps = schedule.warmup_steps
         self.total_steps = schedule.total_steps
         self.min_lr_ratio = schedule.min_lr_ratio
+        self._total_from = total_from if schedule.total_steps is None else None
         super().__init__(optimizer, last_epoch)
+
+    def _count_total_steps(self) -> None:
+        if self._total_from is not None:
+            self.total_steps, self._total_from = self._total_from(), None
 
     def factor(self, step: int) -> float:
         """The multiple of each group's starting lr at this step."""
         step, warmup = max(step, 0), self.warmup_steps
         if step < warmup:  # linear from 1/(warmup + 1) up to 1
             return (step + 1) / (warmup + 1)
-        if self.kind == "constant":
+        if self.kind == "constant" or step == warmup:  # the peak, whatever the length
             return 1.0
+        self._count_total_steps()
+        assert self.total_steps is not None
         decay = self.total_steps - warmup
         progress = min(step - warmup, decay) / decay
         floor = self.min_lr_ratio
@@ -69,10 +90,21 @@ class ScheduledLR(LRScheduler):
 
     _get_closed_form_lr = get_lr
 
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's, with the curve's length counted (never the counter itself)."""
+        self._count_total_steps()
+        state = super().state_dict()
+        state.pop("_total_from", None)
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The saved place on the curve (of this class or of the torch schedulers it was
-        composed of), on the configured curve; each group's lr set to it."""
+        composed of), on the configured curve; each group's lr set to it. A length left to
+        the trainer is counted here, where Lightning restores schedulers: after its loops,
+        so the count loads the training data with the checkpoint's place in the epoch."""
+        self._count_total_steps()
         saved = dict(state_dict)
+        saved.pop("_total_from", None)
         stages = saved.get("_schedulers")  # SequentialLR: its first stage holds base_lrs
         base_lrs = saved.get("base_lrs") or (stages[0].get("base_lrs") if stages else None)
         require(
@@ -195,9 +227,30 @@ class LRSchedule:
             "an LRSchedule, or a dict of LRSchedule fields."
         )
 
-    def build(self, optimizer: Optimizer) -> LRScheduler:
-        """The torch scheduler for `optimizer`, whose groups' current lr is the peak."""
-        return ScheduledLR(optimizer, self)
+    def build(
+        self, optimizer: Optimizer, total_from: Callable[[], int] | None = None
+    ) -> LRScheduler:
+        """The torch scheduler for `optimizer`, whose groups' current lr is the peak;
+        total_from counts total_steps later where they are None (see counted_by)."""
+        return ScheduledLR(optimizer, self, total_from=total_from)
+
+    def counted_by(self, trainer: Any) -> tuple[LRSchedule, Callable[[], int] | None]:
+        """This schedule with total_steps from the trainer (with_total_from) at once, or,
+        when the trainer is resuming a fit from a checkpoint, this one and what counts
+        them when the scheduler is restored (its load_state_dict) or first steps past the
+        peak. Counting loads the training data, and data Lightning loads before it
+        restores its loops keeps no place in the epoch (Lightning issue 20550): a fit
+        resumed mid-epoch would restart the epoch's data while counting its batches from
+        the saved place."""
+        if self.total_steps is not None or not _restores_a_fit(trainer):
+            return self.with_total_from(trainer), None
+
+        def count() -> int:
+            total = self.with_total_from(trainer).total_steps
+            assert total is not None
+            return total
+
+        return self, count
 
     def with_total_from(self, trainer: Any) -> LRSchedule:
         """This schedule with total_steps from the trainer's own count of what it will run."""
@@ -331,6 +384,18 @@ class LRSchedule:
                 "frequency, or train longer (max_steps, max_epochs)"
             )
         require(False, "frequency", self.frequency, allowed)
+
+
+def _restores_a_fit(trainer: Any) -> bool:
+    """Whether this fit resumes from a checkpoint Lightning has loaded but not restored yet.
+    Strategies that restore after setting up (FSDP, DeepSpeed, ModelParallel) load it
+    after configure_optimizers: no counting can wait for them (see README)."""
+    state = getattr(trainer, "state", None)
+    return (
+        getattr(trainer, "ckpt_path", None) is not None
+        and getattr(state, "fn", None) == TrainerFn.FITTING
+        and not getattr(trainer.strategy, "restore_checkpoint_after_setup", True)
+    )
 
 
 def _step_scheduler_calls(trainer: Any, frequency: int, optimizer_steps: int) -> int:

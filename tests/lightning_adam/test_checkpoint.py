@@ -18,6 +18,8 @@ from lightning_adam.schedules import ScheduledLR
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
     Regression,
+    ResumableLoader,
+    StopInsideWindow,
     assert_backend,
     loader,
     make_trainer,
@@ -72,6 +74,63 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(
         assert all("kahan_comp" in state for state in states[1].values())
     schedulers = [t.lr_scheduler_configs[0].scheduler for t in (full, again)]
     assert schedulers[0].get_last_lr() == schedulers[1].get_last_lr()
+
+
+COUNTED_BY_THE_TRAINER = {"kind": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}
+"""total_steps left to the trainer, as the helper's default schedules leave it."""
+
+
+def _fit_mid_epoch(model: Regression, ckpt_path: Path | None = None, **kwargs: Any) -> Any:
+    trainer = make_trainer(max_epochs=3, **kwargs)
+    trainer.fit(model, ResumableLoader(regression_data(128), batch_size=32), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_fit_resumed_mid_epoch_counts_its_schedule_and_keeps_the_epochs_place(
+    backend: str, tmp_path: Path
+) -> None:
+    """Counting total_steps loads the training data; counted in configure_optimizers, before
+    Lightning restores its loops, the loader never got the checkpoint's place in the epoch
+    (Lightning issue 20550): the resumed epoch restarted its data from batch 0 while
+    Lightning counted from the saved batch (0.03 apart after two epochs). Counted when the
+    scheduler is restored, it continues exactly."""
+    kwargs = {**OPTIMIZERS["AdamW"], **BACKENDS[backend]}
+    uninterrupted = Regression(scheduler=COUNTED_BY_THE_TRAINER, **kwargs)
+    full = _fit_mid_epoch(uninterrupted)
+    path = tmp_path / "inside-epoch.ckpt"
+    _fit_mid_epoch(
+        Regression(scheduler=COUNTED_BY_THE_TRAINER, **kwargs),
+        callbacks=[StopInsideWindow(path, epoch=1, batch=1)],
+    )
+    resumed = Regression(scheduler=COUNTED_BY_THE_TRAINER, seed=123, **kwargs)
+    again = _fit_mid_epoch(resumed, ckpt_path=path)
+
+    assert again.global_step == full.global_step == 12
+    assert_backend(again.optimizers[0], backend)
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    schedulers = [t.lr_scheduler_configs[0].scheduler for t in (full, again)]
+    assert schedulers[0].total_steps == schedulers[1].total_steps == 12
+    assert schedulers[0].get_last_lr() == schedulers[1].get_last_lr()
+
+
+def test_a_resumed_fit_refuses_a_schedule_its_run_cannot_hold_before_training(
+    tmp_path: Path,
+) -> None:
+    """Counted at the scheduler's restore, a too-short schedule is still refused by name
+    before the resumed fit trains a step (the checkpoint's weights untouched)."""
+    path = tmp_path / "inside-epoch.ckpt"
+    _fit_mid_epoch(
+        Regression(scheduler=COUNTED_BY_THE_TRAINER, lr=1e-2),
+        callbacks=[StopInsideWindow(path, epoch=1, batch=1)],
+    )
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    resumed = Regression(scheduler={"kind": "cosine", "warmup_steps": 40}, lr=1e-2)
+    with pytest.raises(ValueError, match=r"total_steps.*more than warmup_steps \(40\)"):
+        _fit_mid_epoch(resumed, ckpt_path=path)
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, saved[name]), name
 
 
 class LearningRates(L.Callback):
