@@ -1237,6 +1237,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             and param.dtype in LOW_PRECISION_DTYPES
         )
 
+    def _moments_held_full(self, param: Tensor, group: dict[str, Any]) -> frozenset[str]:
+        """The moments param's state holds as tensors of its dtype in this group (the rest
+        as 8-bit codes and scales)."""
+        if group["state_precision"] == "8bit" and quantizable(param) is None:
+            return frozenset(MOMENT_STATE) - self.quantized_state_keys
+        return frozenset(MOMENT_STATE)
+
     def _prepared_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The parameter's state, creating whatever is missing (first step, flag turned on)
         and storing each moment as the group's state_precision asks: a moment saved in the
@@ -1598,8 +1605,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         codes with another block's scale), not a tensor, of a dtype that holds no moment
         (set by hand: integer or complex), whose elements share memory (expanded), whose
         memory does not hold their values (lazy_values), or whose storage does not hold
-        their elements (storage_shortfall). Reads no data; runs where a step cannot reuse
-        its memo (a replaced parameter, or state set by hand, never can)."""
+        their elements (storage_shortfall), and moments beyond float16's range headed for a
+        float16 parameter's own (_beyond_float16: the only data read, once the rest has
+        passed). Runs where a step cannot reuse its memo (a replaced parameter, or state
+        set by hand, never can)."""
         scalars: dict[str, list[tuple[Tensor, Any]]] = {}
         settled: list[tuple[Tensor, str, Tensor]] = []
         for param in params:
@@ -1654,6 +1663,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                         self._refuse_state(group, param, key, found, where)
                 if not _is_host_scalar(value):
                     recast.append((param, key, value))
+        for param in params:  # reads values, so only once their memory has passed
+            state = self.state.get(param)
+            if state and param.dtype == torch.float16:
+                overflow = _beyond_float16(state, self._moments_held_full(param, group))
+                if overflow is not None:
+                    self._refuse_state(group, param, overflow[0], overflow[1:], where)
         # A count set by hand as a number, an integer or a 1-element tensor (as loading
         # accepts it) is kept as steps keep counts, once every check has passed: counting
         # into an integer tensor failed after the parameters were updated. (One tensor in
@@ -2459,6 +2474,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             f"{len(self.param_groups)} groups, as this optimizer has",
         )
         params_by_id = {}
+        groups_by_id: dict[Any, dict[str, Any]] = {}
         formats: dict[Any, Any] = {}
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             require(
@@ -2500,6 +2516,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._complete_group(loaded)
             self._validate_group(loaded, f" in param group {index} of the loaded state dict")
             params_by_id.update(zip(saved["params"], group["params"], strict=True))
+            groups_by_id.update(dict.fromkeys(saved["params"], loaded))
             formats.update(dict.fromkeys(saved["params"], saved.get(CODE_FORMAT_KEY)))
         for saved_id, saved_state in state_dict["state"].items():
             if not isinstance(saved_state, Mapping):  # None or [] loaded, then step() failed
@@ -2538,6 +2555,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     "Adam-family optimizer (torch.optim.Adam/AdamW/NAdam/RAdam or adamkit)."
                 )
             _check_saved_values(name, saved_id, saved_state, param)
+            if param.dtype == torch.float16:
+                full = self._moments_held_full(param, groups_by_id[saved_id])
+                overflow = _beyond_float16(saved_state, full)
+                if overflow is not None:
+                    key, problem, allowed = overflow
+                    raise ValueError(
+                        f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] {problem}. "
+                        f"Allowed: {allowed}."
+                    )
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -3237,6 +3263,40 @@ def _moment_form_problem(state: dict[str, Any]) -> tuple[str, str, str] | None:
             present, absent = (codes, absmax) if codes in state else (absmax, codes)
             allowed = "an 8-bit moment's codes and scales together"
             return present, f"comes without {absent!r}", allowed
+    return None
+
+
+def _beyond_float16(
+    state: Mapping[str, Any], held_full: frozenset[str]
+) -> tuple[str, str, str] | None:
+    """(key, problem, allowed) for a moment a float16 parameter's state would hold as inf:
+    8-bit codes (scaled in fp32) and wider moments (loaded, or kept from before the
+    parameter became float16) hold finite values beyond 65504, v of |g| > 255 above all,
+    which turning them into float16 moments made inf, silently (and quantized again, a
+    NaN block). Reads only moments not yet float16 (the top of a block is its scale)."""
+    for key in sorted(held_full):
+        codes, absmax = moment_keys(key)
+        value = state.get(absmax) if codes in state else state.get(key)
+        if (
+            not isinstance(value, Tensor)
+            or value.dtype == torch.float16
+            or not value.is_floating_point()
+            or value.is_meta
+        ):
+            continue
+        local = _local(value)
+        overflows = torch.isfinite(local) & torch.isinf(local.to(torch.float16))
+        if bool(overflows.any()):
+            largest = float(local[overflows].abs().max())
+            shown = absmax if codes in state else key
+            return (
+                shown,
+                f"holds {largest:.4g}, which the float16 {key} of a float16 parameter cannot "
+                "(largest 65504: it would become inf)",
+                "float16 parameters' moments within float16's range; train float16 "
+                "parameters as bfloat16 or float32 (or keep state_precision='8bit' where "
+                "the tensor is quantized)",
+            )
     return None
 
 

@@ -72,10 +72,14 @@ def assert_state_close(actual: Tensor, expected: Tensor, what: str) -> None:
 
 
 def _ulp(t: Tensor) -> Tensor:
-    """The spacing of t's dtype at each of t's values (in fp32)."""
+    """The spacing of t's dtype at each of t's values (in fp32): at 0 and among subnormals,
+    the subnormals' (frexp's exponent alone gave 0 a spacing of 2^-11 in fp16, and fp16
+    subnormals less than theirs, 2^-24)."""
     mantissa_bits = {torch.bfloat16: 8, torch.float16: 11}[t.dtype]
+    subnormal_spacing = torch.finfo(t.dtype).smallest_normal * 2.0 ** (1 - mantissa_bits)
     _, exponent = torch.frexp(t.float())
-    return torch.ldexp(torch.ones_like(t, dtype=torch.float32), exponent - mantissa_bits)
+    spacing = torch.ldexp(torch.ones_like(t, dtype=torch.float32), exponent - mantissa_bits)
+    return torch.where(t == 0, subnormal_spacing, spacing.clamp_min(subnormal_spacing))
 
 
 def paired_steps(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -524,6 +525,69 @@ def test_switching_state_precision_mid_run_converts_instead_of_resetting() -> No
     optimizer.param_groups[0]["state_precision"] = "full"
     fit(model, optimizer, data[3:])
     assert optimizer.state[weight]["exp_avg"].abs().sum() > 0.5 * full_m.abs().sum()
+
+
+def _float16_run_with_large_v(
+    precision: str, dtype: torch.dtype, backend: str = "default"
+) -> tuple[nn.Parameter, Any]:
+    """One step of a 4096-element parameter whose gradients reach 3000: v up to about 1e6,
+    which 8-bit state (fp32 scales) and fp32 moments hold and float16 moments cannot."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(4096, generator=generator).to(dtype))
+    optimizer = core.Adam([param], lr=1e-3, state_precision=precision, **TRAINING_BACKENDS[backend])
+    param.grad = (torch.randn(4096, generator=generator) * 3000).to(dtype)
+    optimizer.step()
+    return param, optimizer
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("saved", ["8bit-float16", "full-float32"])
+def test_state_a_float16_moment_cannot_hold_is_refused_at_load_before_any_change(
+    saved: str,
+) -> None:
+    """Loaded into a float16 parameter's full-precision state, 8-bit state (or fp32 moments)
+    holding v beyond 65504 became inf moments, silently: such elements froze, and
+    quantized again their blocks turned NaN."""
+    precision, dtype_name = saved.split("-")
+    source, trained = _float16_run_with_large_v(precision, getattr(torch, dtype_name))
+    param = nn.Parameter(source.detach().half())
+    receiving = core.Adam([param], lr=1e-3, state_precision="full")
+    with pytest.raises(ValueError, match=r"holds 1\.\d+e\+06, which the float16 exp_avg_sq"):
+        receiving.load_state_dict(copy.deepcopy(trained.state_dict()))
+    assert not receiving.state
+    if precision == "8bit":  # kept 8-bit, the same state loads and steps on
+        quantized = core.Adam([param], lr=1e-3, state_precision="8bit")
+        quantized.load_state_dict(copy.deepcopy(trained.state_dict()))
+        param.grad = torch.ones_like(param)
+        quantized.step()
+        assert bool(torch.isfinite(param).all())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("backend", EIGHT_BIT_SCENARIO_BACKENDS)
+@pytest.mark.parametrize("change", ["state_precision-full", "parameters-half"])
+def test_state_a_float16_moment_cannot_hold_is_refused_at_the_step_before_any_change(
+    change: str, backend: str
+) -> None:
+    """The same values reached float16 moments mid-run: 8-bit state switched to full, or
+    fp32 state beside parameters cast to half (state follows its parameter's dtype)."""
+    switched = change == "state_precision-full"
+    param, optimizer = _float16_run_with_large_v(
+        "8bit" if switched else "full", torch.float16 if switched else torch.float32, backend
+    )
+    if switched:
+        optimizer.param_groups[0]["state_precision"] = "full"
+    else:
+        param.data = param.data.half()
+    param.grad = torch.ones_like(param)
+    before = copy.deepcopy(optimizer.state_dict()), param.detach().clone()
+    with pytest.raises(ValueError, match=r"Invalid state of params\[0\].*cannot \(largest 65504"):
+        optimizer.step()
+    assert torch.equal(param.detach(), before[1])
+    state, saved = optimizer.state[param], before[0]["state"][0]
+    assert state.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
 
 
 def _shrunk_gradient_v_ratios(beta2: float, backend: dict) -> tuple[float, float]:

@@ -115,6 +115,7 @@ def test_a_fit_resumed_mid_epoch_counts_its_schedule_and_keeps_the_epochs_place(
     assert schedulers[0].get_last_lr() == schedulers[1].get_last_lr()
 
 
+@pytest.mark.bad_input
 def test_a_resumed_fit_refuses_a_schedule_its_run_cannot_hold_before_training(
     tmp_path: Path,
 ) -> None:
