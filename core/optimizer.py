@@ -3270,13 +3270,21 @@ def _beyond_float16(
     state: Mapping[str, Any], held_full: frozenset[str]
 ) -> tuple[str, str, str] | None:
     """(key, problem, allowed) for a moment a float16 parameter's state would hold as inf:
-    8-bit codes (scaled in fp32) and wider moments (loaded, or kept from before the
-    parameter became float16) hold finite values beyond 65504, v of |g| > 255 above all,
-    which turning them into float16 moments made inf, silently (and quantized again, a
-    NaN block). Reads only moments not yet float16 (the top of a block is its scale)."""
-    for key in sorted(held_full):
+    8-bit codes (scaled in fp32) headed for full precision, and any wider full moment
+    (loaded, or kept from before the parameter became float16: torch's load and the step
+    cast it to the parameter's dtype first, even where it is quantized next), holding
+    finite values beyond float16's range, v of |g| > 255 above all. Those became inf,
+    silently (and quantized, NaN blocks). Reads only moments not yet float16 (the top of
+    an 8-bit block is its scale)."""
+    for key in MOMENT_STATE:
         codes, absmax = moment_keys(key)
-        value = state.get(absmax) if codes in state else state.get(key)
+        if codes in state:
+            if key not in held_full:
+                continue  # stays 8-bit
+            shown, value = absmax, state.get(absmax)
+            way_out = ", or keep state_precision='8bit' for a tensor it quantizes"
+        else:
+            shown, value, way_out = key, state.get(key), ""
         if (
             not isinstance(value, Tensor)
             or value.dtype == torch.float16
@@ -3288,14 +3296,12 @@ def _beyond_float16(
         overflows = torch.isfinite(local) & torch.isinf(local.to(torch.float16))
         if bool(overflows.any()):
             largest = float(local[overflows].abs().max())
-            shown = absmax if codes in state else key
             return (
                 shown,
                 f"holds {largest:.4g}, which the float16 {key} of a float16 parameter cannot "
-                "(largest 65504: it would become inf)",
+                "(from 65520 up it becomes inf)",
                 "float16 parameters' moments within float16's range; train float16 "
-                "parameters as bfloat16 or float32 (or keep state_precision='8bit' where "
-                "the tensor is quantized)",
+                f"parameters as bfloat16 or float32{way_out}",
             )
     return None
 

@@ -26,6 +26,8 @@ KINDS = ("cosine", "linear", "constant")
 INTERVALS = ("step", "epoch")
 _CURVE = ("kind", "warmup_steps", "total_steps", "min_lr_ratio")
 """The attributes of ScheduledLR that define its curve (saved, but taken from the config)."""
+_PENDING_COUNT = ("_total_from", "_count_before_stepping")
+"""A ScheduledLR's means of counting total_steps later (never saved: counted by then)."""
 
 
 class ScheduledLR(LRScheduler):
@@ -61,11 +63,23 @@ class ScheduledLR(LRScheduler):
         self.total_steps = schedule.total_steps
         self.min_lr_ratio = schedule.min_lr_ratio
         self._total_from = total_from if schedule.total_steps is None else None
+        self._count_before_stepping = None
+        if self._total_from is not None:
+            # At the latest before the first optimizer step (Lightning runs torch's step
+            # pre-hooks before the closure, so before backward and any released step): a
+            # checkpoint without this scheduler's state never calls load_state_dict, and a
+            # too-short schedule must be refused before any weight changes.
+            self._count_before_stepping = optimizer.register_step_pre_hook(
+                lambda *_: self._count_total_steps()
+            )
         super().__init__(optimizer, last_epoch)
 
     def _count_total_steps(self) -> None:
         if self._total_from is not None:
             self.total_steps, self._total_from = self._total_from(), None
+        if self._count_before_stepping is not None:
+            self._count_before_stepping.remove()
+            self._count_before_stepping = None
 
     def factor(self, step: int) -> float:
         """The multiple of each group's starting lr at this step."""
@@ -94,7 +108,8 @@ class ScheduledLR(LRScheduler):
         """As torch's, with the curve's length counted (never the counter itself)."""
         self._count_total_steps()
         state = super().state_dict()
-        state.pop("_total_from", None)
+        for pending in _PENDING_COUNT:
+            state.pop(pending, None)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -104,7 +119,6 @@ class ScheduledLR(LRScheduler):
         so the count loads the training data with the checkpoint's place in the epoch."""
         self._count_total_steps()
         saved = dict(state_dict)
-        saved.pop("_total_from", None)
         stages = saved.get("_schedulers")  # SequentialLR: its first stage holds base_lrs
         base_lrs = saved.get("base_lrs") or (stages[0].get("base_lrs") if stages else None)
         require(
@@ -237,11 +251,11 @@ class LRSchedule:
     def counted_by(self, trainer: Any) -> tuple[LRSchedule, Callable[[], int] | None]:
         """This schedule with total_steps from the trainer (with_total_from) at once, or,
         when the trainer is resuming a fit from a checkpoint, this one and what counts
-        them when the scheduler is restored (its load_state_dict) or first steps past the
-        peak. Counting loads the training data, and data Lightning loads before it
-        restores its loops keeps no place in the epoch (Lightning issue 20550): a fit
-        resumed mid-epoch would restart the epoch's data while counting its batches from
-        the saved place."""
+        them when the scheduler is restored (its load_state_dict) or, at the latest, just
+        before the optimizer's first step. Counting loads the training data, and data
+        Lightning loads before it restores its loops keeps no place in the epoch
+        (Lightning issue 20550): a fit resumed mid-epoch would restart the epoch's data
+        while counting its batches from the saved place."""
         if self.total_steps is not None or not _restores_a_fit(trainer):
             return self.with_total_from(trainer), None
 
@@ -334,6 +348,11 @@ class LRSchedule:
                 f"{self.interval}s (warmup_steps={self.warmup_steps}) instead of {steps}."
             )
             return replace(self, total_steps=self.warmup_steps + 1)
+        if steps == 0 and epochs_stepped is not None and epochs_stepped < total:
+            # the last epoch is one max_steps cuts short, after which Lightning steps no
+            # 'epoch' scheduler: the limit is the whole epochs before it
+            total = epochs_stepped
+            source = "the whole epochs trainer.max_steps leaves (it cuts the last short)"
         if steps == 0:
             self._refuse_never_stepped(trainer, int(total), source)
         require(
@@ -359,7 +378,8 @@ class LRSchedule:
             allowed = (
                 f"at most {source} ({total}) for an 'epoch' schedule: Lightning steps "
                 "it after each epoch whose number (from 1) is a multiple of frequency, so in "
-                f"{total} epochs it would never step; lower frequency or raise max_epochs"
+                f"{total} epoch{'s' * (total != 1)} it would never step; lower frequency or "
+                "raise max_epochs"
                 + (" and max_steps" if source != "trainer.max_epochs" else "")
             )
         elif (first := _first_scheduler_step(trainer, self.frequency)) is None:

@@ -541,20 +541,25 @@ def _float16_run_with_large_v(
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("saved", ["8bit-float16", "full-float32"])
+@pytest.mark.parametrize(
+    ("saved", "receiving"),
+    [("8bit-float16", "full"), ("full-float32", "full"), ("full-float32", "8bit")],
+)
 def test_state_a_float16_moment_cannot_hold_is_refused_at_load_before_any_change(
-    saved: str,
+    saved: str, receiving: str
 ) -> None:
-    """Loaded into a float16 parameter's full-precision state, 8-bit state (or fp32 moments)
-    holding v beyond 65504 became inf moments, silently: such elements froze, and
-    quantized again their blocks turned NaN."""
+    """Loaded beside a float16 parameter, 8-bit state headed for full precision, or fp32
+    moments (which torch's load casts to the parameter's dtype, even into an 8-bit
+    optimizer), holding v beyond float16's range became inf moments, silently: such
+    elements froze, and quantized their blocks turned NaN (every parameter non-finite
+    after the next 8-bit step)."""
     precision, dtype_name = saved.split("-")
     source, trained = _float16_run_with_large_v(precision, getattr(torch, dtype_name))
     param = nn.Parameter(source.detach().half())
-    receiving = core.Adam([param], lr=1e-3, state_precision="full")
+    optimizer = core.Adam([param], lr=1e-3, state_precision=receiving)
     with pytest.raises(ValueError, match=r"holds 1\.\d+e\+06, which the float16 exp_avg_sq"):
-        receiving.load_state_dict(copy.deepcopy(trained.state_dict()))
-    assert not receiving.state
+        optimizer.load_state_dict(copy.deepcopy(trained.state_dict()))
+    assert not optimizer.state
     if precision == "8bit":  # kept 8-bit, the same state loads and steps on
         quantized = core.Adam([param], lr=1e-3, state_precision="8bit")
         quantized.load_state_dict(copy.deepcopy(trained.state_dict()))
@@ -565,12 +570,15 @@ def test_state_a_float16_moment_cannot_hold_is_refused_at_load_before_any_change
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("backend", EIGHT_BIT_SCENARIO_BACKENDS)
-@pytest.mark.parametrize("change", ["state_precision-full", "parameters-half"])
+@pytest.mark.parametrize(
+    "change", ["state_precision-full", "parameters-half", "parameters-half-and-8bit"]
+)
 def test_state_a_float16_moment_cannot_hold_is_refused_at_the_step_before_any_change(
     change: str, backend: str
 ) -> None:
     """The same values reached float16 moments mid-run: 8-bit state switched to full, or
-    fp32 state beside parameters cast to half (state follows its parameter's dtype)."""
+    fp32 state beside parameters cast to half (state follows its parameter's dtype), also
+    where the group turns 8-bit at once (cast first, then quantized)."""
     switched = change == "state_precision-full"
     param, optimizer = _float16_run_with_large_v(
         "8bit" if switched else "full", torch.float16 if switched else torch.float32, backend
@@ -579,9 +587,11 @@ def test_state_a_float16_moment_cannot_hold_is_refused_at_the_step_before_any_ch
         optimizer.param_groups[0]["state_precision"] = "full"
     else:
         param.data = param.data.half()
+        if change.endswith("8bit"):
+            optimizer.param_groups[0]["state_precision"] = "8bit"
     param.grad = torch.ones_like(param)
     before = copy.deepcopy(optimizer.state_dict()), param.detach().clone()
-    with pytest.raises(ValueError, match=r"Invalid state of params\[0\].*cannot \(largest 65504"):
+    with pytest.raises(ValueError, match=r"Invalid state of params\[0\].*cannot \(from 65520"):
         optimizer.step()
     assert torch.equal(param.detach(), before[1])
     state, saved = optimizer.state[param], before[0]["state"][0]

@@ -116,14 +116,18 @@ def test_a_fit_resumed_mid_epoch_counts_its_schedule_and_keeps_the_epochs_place(
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("saved_schedule", [COUNTED_BY_THE_TRAINER, None], ids=["saved", "none"])
 def test_a_resumed_fit_refuses_a_schedule_its_run_cannot_hold_before_training(
-    tmp_path: Path,
+    saved_schedule: dict | None, tmp_path: Path
 ) -> None:
     """Counted at the scheduler's restore, a too-short schedule is still refused by name
-    before the resumed fit trains a step (the checkpoint's weights untouched)."""
+    before the resumed fit trains a step (the checkpoint's weights untouched); also from
+    a checkpoint without scheduler state, which restores no scheduler: counted just
+    before the first optimizer step (it ran its whole fit uncounted, in warmup, or failed
+    at a later checkpoint's save)."""
     path = tmp_path / "inside-epoch.ckpt"
     _fit_mid_epoch(
-        Regression(scheduler=COUNTED_BY_THE_TRAINER, lr=1e-2),
+        Regression(scheduler=saved_schedule, lr=1e-2),
         callbacks=[StopInsideWindow(path, epoch=1, batch=1)],
     )
     saved = torch.load(path, weights_only=True)["state_dict"]

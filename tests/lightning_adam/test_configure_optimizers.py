@@ -764,6 +764,17 @@ NEVER_STEPPED = {
         r"Invalid frequency: 3\. Allowed: at most the epochs trainer\.max_steps leaves \(2\) "
         r"for an 'epoch' schedule: .* lower frequency or raise max_epochs and max_steps\.$",
     ),
+    # max_steps=10 over epochs of 7 batches cuts the second short, after which Lightning
+    # steps no 'epoch' scheduler: the message allowed "at most ... (2)" epochs for
+    # frequency 2, which was the frequency refused.
+    "epoch-frequency-above-the-whole-epochs-max-steps-leaves": (
+        {"interval": "epoch", "frequency": 2},
+        {"max_epochs": 10, "max_steps": 10},
+        112,
+        r"Invalid frequency: 2\. Allowed: at most the whole epochs trainer\.max_steps leaves "
+        r"\(it cuts the last short\) \(1\) for an 'epoch' schedule: .* so in 1 epoch it would "
+        r"never step; lower frequency or raise max_epochs and max_steps\.$",
+    ),
     # Accumulation 3 over 5 batches ends windows at batches 3 and 5, neither a multiple of
     # frequency 2: the message said 'it is 0: train longer', which never helps.
     "no-batch-ends-a-window-at-the-frequency": (
