@@ -48,10 +48,10 @@ class ScheduledLR(LRScheduler):
         optimizer: Optimizer,
         schedule: LRSchedule,
         last_epoch: int = -1,
-        total_from: Callable[[], int] | None = None,
+        total_from: Callable[[bool], int | None] | None = None,
     ) -> None:
         """total_from: for a schedule without total_steps, what counts them once it is
-        safe to ask (see LRSchedule.build)."""
+        safe to ask (see LRSchedule.counted_by)."""
         require(
             schedule.total_steps is not None or total_from is not None,
             "total_steps",
@@ -70,14 +70,19 @@ class ScheduledLR(LRScheduler):
             # checkpoint without this scheduler's state never calls load_state_dict, and a
             # too-short schedule must be refused before any weight changes.
             self._count_before_stepping = optimizer.register_step_pre_hook(
-                lambda *_: self._count_total_steps()
+                lambda *_: self._count_total_steps(inside_the_hook=True)
             )
         super().__init__(optimizer, last_epoch)
 
-    def _count_total_steps(self) -> None:
+    def _count_total_steps(self, inside_the_hook: bool = False) -> None:
         if self._total_from is not None:
-            self.total_steps, self._total_from = self._total_from(), None
-        if self._count_before_stepping is not None:
+            total = self._total_from(inside_the_hook)
+            if total is None:
+                return
+            self.total_steps, self._total_from = total, None
+        # torch iterates its hooks while calling them: the hook stays (doing nothing) until
+        # the next count from elsewhere takes it away
+        if self._count_before_stepping is not None and not inside_the_hook:
             self._count_before_stepping.remove()
             self._count_before_stepping = None
 
@@ -242,24 +247,30 @@ class LRSchedule:
         )
 
     def build(
-        self, optimizer: Optimizer, total_from: Callable[[], int] | None = None
+        self, optimizer: Optimizer, total_from: Callable[[bool], int | None] | None = None
     ) -> LRScheduler:
         """The torch scheduler for `optimizer`, whose groups' current lr is the peak;
         total_from counts total_steps later where they are None (see counted_by)."""
         return ScheduledLR(optimizer, self, total_from=total_from)
 
-    def counted_by(self, trainer: Any) -> tuple[LRSchedule, Callable[[], int] | None]:
+    def counted_by(self, trainer: Any) -> tuple[LRSchedule, Callable[[bool], int | None] | None]:
         """This schedule with total_steps from the trainer (with_total_from) at once, or,
-        when the trainer is resuming a fit from a checkpoint, this one and what counts
-        them when the scheduler is restored (its load_state_dict) or, at the latest, just
-        before the optimizer's first step. Counting loads the training data, and data
+        when the fit may resume from a checkpoint Lightning restores later, this one and
+        what counts them when the scheduler is restored (its load_state_dict) or, at the
+        latest, just before the optimizer's first step. Counting loads the training data, and data
         Lightning loads before it restores its loops keeps no place in the epoch
         (Lightning issue 20550): a fit resumed mid-epoch would restart the epoch's data
         while counting its batches from the saved place."""
-        if self.total_steps is not None or not _restores_a_fit(trainer):
+        if self.total_steps is not None or not _may_restore_a_fit(trainer):
             return self.with_total_from(trainer), None
 
-        def count() -> int:
+        def count(before_a_step: bool) -> int | None:
+            # An optimizer step before the fit loop has its data is none of training's:
+            # torch.distributed.checkpoint steps a stateless optimizer once to make its
+            # state while loading the checkpoint (ModelParallelStrategy), before the loops
+            # are restored.
+            if before_a_step and trainer.train_dataloader is None:
+                return None
             total = self.with_total_from(trainer).total_steps
             assert total is not None
             return total
@@ -379,8 +390,7 @@ class LRSchedule:
                 f"at most {source} ({total}) for an 'epoch' schedule: Lightning steps "
                 "it after each epoch whose number (from 1) is a multiple of frequency, so in "
                 f"{total} epoch{'s' * (total != 1)} it would never step; lower frequency or "
-                "raise max_epochs"
-                + (" and max_steps" if source != "trainer.max_epochs" else "")
+                "raise max_epochs" + (" and max_steps" if source != "trainer.max_epochs" else "")
             )
         elif (first := _first_scheduler_step(trainer, self.frequency)) is None:
             batches = int(trainer.num_training_batches)
@@ -406,15 +416,15 @@ class LRSchedule:
         require(False, "frequency", self.frequency, allowed)
 
 
-def _restores_a_fit(trainer: Any) -> bool:
-    """Whether this fit resumes from a checkpoint Lightning has loaded but not restored yet.
-    Strategies that restore after setting up (FSDP, DeepSpeed, ModelParallel) load it
-    after configure_optimizers: no counting can wait for them (see README)."""
+def _may_restore_a_fit(trainer: Any) -> bool:
+    """Whether this fit resumes, or may, from a checkpoint Lightning has not restored yet:
+    one it has loaded (ckpt_path), or any under a strategy that loads it only after
+    configure_optimizers (FSDP, DeepSpeed, ModelParallel restore after setting up)."""
     state = getattr(trainer, "state", None)
-    return (
+    strategy = getattr(trainer, "strategy", None)
+    return getattr(state, "fn", None) == TrainerFn.FITTING and (
         getattr(trainer, "ckpt_path", None) is not None
-        and getattr(state, "fn", None) == TrainerFn.FITTING
-        and not getattr(trainer.strategy, "restore_checkpoint_after_setup", True)
+        or bool(getattr(strategy, "restore_checkpoint_after_setup", False))
     )
 
 

@@ -36,6 +36,8 @@ from tests.lightning_adam.models import (
 )
 
 SCHEDULE = {"kind": "cosine", "warmup_steps": 2, "total_steps": 12, "min_lr_ratio": 0.1}
+COUNTED_SCHEDULE = {"kind": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}
+"""total_steps left to the trainer (6 here), as the helper's default schedules leave it."""
 SAMPLES, EPOCHS, BATCH_PER_RANK = 256, 3, 32
 BATCHES_PER_EPOCH = SAMPLES // (2 * BATCH_PER_RANK)
 ADAMW = {"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.1}
@@ -155,7 +157,10 @@ def _resumed_inside_a_window(out: str, backend: str) -> dict[str, list[torch.Ten
     """AdamW released under ModelParallelStrategy with windows of two batches: fitted
     whole, and stopped inside a window with a checkpoint (torch.distributed.checkpoint's)
     then resumed from it. DCP loads only the state keys the fresh optimizer has, so the
-    window's count is carried by GradientRelease's own checkpoint state."""
+    window's count is carried by GradientRelease's own checkpoint state. The schedule's
+    length is the trainer's to count: ModelParallelStrategy restores a checkpoint after
+    configure_optimizers, where counting would load the data before Lightning restored
+    its loops (Lightning issue 20550: the resumed epoch restarted its data)."""
     path = f"{out}/inside-window-{backend}.ckpt"
     results = {}
     for name, stop, resume in (
@@ -163,7 +168,7 @@ def _resumed_inside_a_window(out: str, backend: str) -> dict[str, list[torch.Ten
         ("stopped", StopInsideWindow(path, epoch=1, batch=0), None),
         ("resumed", None, path),
     ):
-        model = ShardedRegression(scheduler=SCHEDULE, **ADAMW, **BACKENDS[backend])
+        model = ShardedRegression(scheduler=COUNTED_SCHEDULE, **ADAMW, **BACKENDS[backend])
         trainer = make_trainer(
             accumulate_grad_batches=2,
             callbacks=[GradientRelease(), *([stop] if stop else [])],
@@ -175,6 +180,7 @@ def _resumed_inside_a_window(out: str, backend: str) -> dict[str, list[torch.Ten
         trainer.fit(model, data, ckpt_path=resume)
         results[name] = strategy_cases.full_parameters(model)
         results[f"{name}-steps"] = trainer.global_step
+        results[f"{name}-total-steps"] = trainer.lr_scheduler_configs[0].scheduler.total_steps
     return results
 
 
