@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tests.core.cases import (
     make_batches,
     make_model,
     one_case_per_algorithm,
+    trajectory_cases,
 )
 
 ALL_CLASSES = [core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT]
@@ -90,12 +92,24 @@ WITHOUT_SCALER = {
         "exp_avg_sq": ".n++....",
         "next": ".n......",
     },
+    # Unclipped, ±inf reaches m and the parameter (-lr·m: ∓inf), and the next step turns
+    # those NaN (inf - inf).
+    "ADOPT-none-noclip": {
+        "param": ".n-+....",
+        "exp_avg": ".n+-....",
+        "exp_avg_sq": ".n++....",
+        "next": ".nnn....",
+    },
 }
+NON_FINITE_CASES = [
+    *one_case_per_algorithm(),
+    next(c for c in trajectory_cases() if c.id == "ADOPT-none-noclip"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
-@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+@pytest.mark.parametrize("case", NON_FINITE_CASES, ids=lambda c: c.id)
 def test_without_a_scaler_non_finite_gradients_reach_state_and_parameters_alike_everywhere(
     case: Case, backend: str, dtype: torch.dtype
 ) -> None:
@@ -121,7 +135,18 @@ def test_without_a_scaler_non_finite_gradients_reach_state_and_parameters_alike_
     assert found == WITHOUT_SCALER[case.id]
 
 
-def _long_run(dtype: torch.dtype, steps: int) -> tuple[list[float], nn.Module, core.AdamW]:
+def _assert_compensation_is_a_rounding_residue(model: nn.Module, optimizer: core.AdamW) -> None:
+    """Each Kahan compensation finite and never more than one ulp of its parameter."""
+    for p in model.parameters():
+        comp = optimizer.state[p]["kahan_comp"]
+        assert bool(torch.isfinite(comp).all())
+        ulp = torch.nextafter(p.detach().abs(), torch.full_like(p, float("inf"))) - p.detach().abs()
+        assert bool((comp.abs() <= ulp).all()), "compensation drifted beyond a rounding residue"
+
+
+def _long_run(
+    dtype: torch.dtype, steps: int, after_each_step: Callable[..., None] | None = None
+) -> tuple[list[float], nn.Module, core.AdamW]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 4, generator=generator)
     teacher = torch.randn(4, 1, generator=generator)
@@ -136,6 +161,8 @@ def _long_run(dtype: torch.dtype, steps: int) -> tuple[list[float], nn.Module, c
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if after_each_step is not None:
+            after_each_step(model, optimizer)
     return losses, model, optimizer
 
 
@@ -143,15 +170,10 @@ def _long_run(dtype: torch.dtype, steps: int) -> tuple[list[float], nn.Module, c
 def test_twenty_thousand_bf16_kahan_steps_stay_finite_and_in_the_fp32_band() -> None:
     steps = 20_000
     fp32_losses, _, _ = _long_run(torch.float32, steps)
-    bf16_losses, model, optimizer = _long_run(torch.bfloat16, steps)
+    # the compensation checked after every step, not only the last
+    bf16_losses, _, _ = _long_run(torch.bfloat16, steps, _assert_compensation_is_a_rounding_residue)
     assert all(torch.isfinite(torch.tensor(bf16_losses)))
     band = fp32_losses[-1000:]
     # the bf16 forward pass itself adds noise, so the band is widened by 10% each way
     assert 0.9 * min(band) <= sum(bf16_losses[-1000:]) / 1000 <= 1.1 * max(band)
     assert bf16_losses[-1] < 0.2 * bf16_losses[0], "the model must have learned"
-    for p in model.parameters():
-        comp = optimizer.state[p]["kahan_comp"]
-        assert bool(torch.isfinite(comp).all())
-        # the compensation is a rounding residue: never more than one ulp of the parameter
-        ulp = torch.nextafter(p.detach().abs(), torch.full_like(p, float("inf"))) - p.detach().abs()
-        assert bool((comp.abs() <= ulp).all()), "compensation drifted beyond a rounding residue"
