@@ -1239,7 +1239,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
     def _moments_held_full(self, param: Tensor, group: dict[str, Any]) -> frozenset[str]:
         """The moments param's state holds as tensors of its dtype in this group (the rest
-        as 8-bit codes and scales)."""
+        as 8-bit codes and scales): what _prepared_state stores and _beyond_float16 checks."""
         if group["state_precision"] == "8bit" and quantizable(param) is None:
             return frozenset(MOMENT_STATE) - self.quantized_state_keys
         return frozenset(MOMENT_STATE)
@@ -1257,14 +1257,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        quantize = kept_full is None
+        held_full = self._moments_held_full(param, group)
         used = self._tensor_state_keys(group)
         # Then a moment this algorithm does not read (max_exp_avg_sq from an AMSGrad
         # checkpoint in RAdam): kept as torch keeps it, in the precision asked, so a state
         # dict saved with 'full' holds no codes (torch.optim could not read them).
         for key in (*used, *(k for k in MOMENT_STATE if k not in used)):
             codes, absmax = moment_keys(key)
-            if quantize and key in self.quantized_state_keys:
+            if key not in held_full:
                 if codes not in state and (key in used or key in state):
                     state[codes], state[absmax] = quantized_state(
                         param, state.pop(key, None), key in SIGNED_KEYS
