@@ -93,8 +93,8 @@ def test_a_fit_resumed_mid_epoch_counts_its_schedule_and_keeps_the_epochs_place(
     """Counting total_steps loads the training data; counted in configure_optimizers, before
     Lightning restores its loops, the loader never got the checkpoint's place in the epoch
     (Lightning issue 20550): the resumed epoch restarted its data from batch 0 while
-    Lightning counted from the saved batch (0.03 apart after two epochs). Counted when the
-    scheduler is restored, it continues exactly."""
+    Lightning counted from the saved batch, silently (fails at the code before the fix).
+    Counted when the scheduler is restored, it continues exactly."""
     kwargs = {**OPTIMIZERS["AdamW"], **BACKENDS[backend]}
     uninterrupted = Regression(scheduler=COUNTED_BY_THE_TRAINER, **kwargs)
     full = _fit_mid_epoch(uninterrupted)
