@@ -117,6 +117,17 @@ class ScheduledLR(LRScheduler):
             state.pop(pending, None)
         return state
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickle and deepcopy: counted first, as state_dict is, since what counts
+        (a closure over the trainer) and its hook on the optimizer are not the scheduler's
+        to copy."""
+        self._count_total_steps()
+        return {key: value for key, value in self.__dict__.items() if key not in _PENDING_COUNT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._total_from = self._count_before_stepping = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The saved place on the curve (of this class or of the torch schedulers it was
         composed of), on the configured curve; each group's lr set to it. A length left to

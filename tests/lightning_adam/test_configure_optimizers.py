@@ -15,6 +15,7 @@ from torch import nn
 import core
 from lightning_adam import LRSchedule, configure_optimizers, resolve_optimizer_class
 from lightning_adam.optimizers import public_path
+from lightning_adam.schedules import ScheduledLR
 from tests.lightning_adam.models import Regression, loader, make_trainer, regression_data
 
 
@@ -391,6 +392,39 @@ def test_a_cosine_schedule_saved_before_the_per_group_stage_resumes() -> None:
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-9)
         optimizer.step()
         scheduler.step()
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("copy_by", ["pickle", "deepcopy"])  # (torch warns for its own copies)
+def test_a_schedule_still_to_be_counted_pickles_and_copies_counted(copy_by: str) -> None:
+    """A schedule whose total_steps the trainer counts later holds a closure over the
+    trainer and a hook on its optimizer until then: pickling failed on the closure
+    (fails at the code before the fix). Copied, it is counted first, as its state_dict
+    is; the copy follows the counted curve and the original is counted once."""
+    import copy
+    import pickle
+
+    lr, total, warmup = 0.01, 9, 2
+    counts: list[bool] = []
+
+    def count(before_a_step: bool) -> int:
+        counts.append(before_a_step)
+        return total
+
+    optimizer = configure_optimizers(Tied(), "AdamW", lr=lr)["optimizer"]
+    pending = ScheduledLR(
+        optimizer, LRSchedule(kind="linear", warmup_steps=warmup), total_from=count
+    )
+    assert pending.total_steps is None
+    copied = pickle.loads(pickle.dumps(pending)) if copy_by == "pickle" else copy.deepcopy(pending)
+    assert counts == [False] and pending.total_steps == copied.total_steps == total
+    for original in (pending, copied):
+        for t in range(total + 2):
+            expected = lr * _expected_factor("linear", t, warmup, total, 0.0)
+            assert original.get_last_lr() == pytest.approx([expected] * 2, rel=1e-9)
+            original.optimizer.step()
+            original.step()
+    assert counts == [False]
 
 
 @pytest.mark.bad_input
