@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any
 
@@ -445,6 +446,38 @@ def test_a_refused_functional_nadam_step_leaves_its_mu_product(backend: str) -> 
             **TRAINING_BACKENDS[backend],
         )
     assert mu_product.item() == torch.tensor(0.9).item() and step.item() == 3.0
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_functional_nadam_step_failing_past_the_checks_leaves_its_mu_product(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure inside the backend, after every check passed (memory exhausted in the
+    kernel: injected here, nothing on this machine makes one), also leaves Π and the
+    step count as they were, so the retried step is the one it would have been."""
+    nadam_module = importlib.import_module("core.nadam")  # core.nadam is the function
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("out of memory (injected)")
+
+    gradient = torch.randn(64, 80, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for failing_first in (True, False):
+        param, moments = torch.ones(64, 80), [torch.zeros(64, 80) for _ in range(2)]
+        mu_product, step = torch.tensor(0.9), torch.tensor(3.0)
+        arguments = ([param], [gradient], *[[m] for m in moments], [mu_product], [step])
+        settings = {"lr": LR, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+        if failing_first:
+            with monkeypatch.context() as patched:
+                patched.setattr(nadam_module, "call_backend", fail)
+                with pytest.raises(RuntimeError, match="injected"):
+                    nadam_module.nadam(*arguments, **settings, **TRAINING_BACKENDS[backend])
+            assert mu_product.item() == torch.tensor(0.9).item() and step.item() == 3.0
+            assert torch.equal(param, torch.ones(64, 80))
+        nadam_module.nadam(*arguments, **settings, **TRAINING_BACKENDS[backend])
+        runs.append((param, mu_product, step))
+    for retried, fresh in zip(*runs, strict=True):
+        assert torch.equal(retried, fresh)
 
 
 @pytest.mark.bad_input
