@@ -27,7 +27,8 @@ INTERVALS = ("step", "epoch")
 _CURVE = ("kind", "warmup_steps", "total_steps", "min_lr_ratio")
 """The attributes of ScheduledLR that define its curve (saved, but taken from the config)."""
 _PENDING_COUNT = ("_total_from", "_count_before_stepping")
-"""A ScheduledLR's means of counting total_steps later (never saved: counted by then)."""
+"""A ScheduledLR's means of counting total_steps from the trainer (never saved: counted by
+then)."""
 
 
 class ScheduledLR(LRScheduler):
@@ -50,8 +51,9 @@ class ScheduledLR(LRScheduler):
         last_epoch: int = -1,
         total_from: Callable[[bool], int | None] | None = None,
     ) -> None:
-        """total_from: for a schedule without total_steps, what counts them once it is
-        safe to ask (see LRSchedule.counted_by)."""
+        """total_from: what counts total_steps from the trainer (see LRSchedule.counted_by):
+        once it is safe to ask where the schedule has none yet, and again whenever its
+        state is restored."""
         require(
             schedule.total_steps is not None or total_from is not None,
             "total_steps",
@@ -62,9 +64,9 @@ class ScheduledLR(LRScheduler):
         self.warmup_steps = schedule.warmup_steps
         self.total_steps = schedule.total_steps
         self.min_lr_ratio = schedule.min_lr_ratio
-        self._total_from = total_from if schedule.total_steps is None else None
+        self._total_from = total_from
         self._count_before_stepping = None
-        if self._total_from is not None:
+        if self.total_steps is None:
             # At the latest before the first optimizer step (Lightning runs torch's step
             # pre-hooks before the closure, so before backward and any released step): a
             # checkpoint without this scheduler's state never calls load_state_dict, and a
@@ -73,13 +75,21 @@ class ScheduledLR(LRScheduler):
                 lambda *_: self._count_total_steps(inside_the_hook=True)
             )
         super().__init__(optimizer, last_epoch)
+        # The scheduler owns the lr: an optimizer state loaded without this scheduler's
+        # (a checkpoint of a run without it) brought its own lr back into the groups, and
+        # the first resumed step ran at it instead of at the curve's value.
+        optimizer.register_load_state_dict_post_hook(self._restore_the_curves_lr)
 
-    def _count_total_steps(self, inside_the_hook: bool = False) -> None:
-        if self._total_from is not None:
+    def _restore_the_curves_lr(self, optimizer: Optimizer) -> None:
+        for group, lr in zip(optimizer.param_groups, self._last_lr, strict=False):
+            group["lr"] = lr
+
+    def _count_total_steps(self, inside_the_hook: bool = False, again: bool = False) -> None:
+        if self._total_from is not None and (again or self.total_steps is None):
             total = self._total_from(inside_the_hook)
             if total is None:
                 return
-            self.total_steps, self._total_from = total, None
+            self.total_steps = total
         # torch iterates its hooks while calling them: the hook stays (doing nothing) until
         # the next count from elsewhere takes it away
         if self._count_before_stepping is not None and not inside_the_hook:
@@ -127,13 +137,16 @@ class ScheduledLR(LRScheduler):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._total_from = self._count_before_stepping = None
+        self.optimizer.register_load_state_dict_post_hook(self._restore_the_curves_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The saved place on the curve (of this class or of the torch schedulers it was
         composed of), on the configured curve; each group's lr set to it. A length left to
-        the trainer is counted here, where Lightning restores schedulers: after its loops,
-        so the count loads the training data with the checkpoint's place in the epoch."""
-        self._count_total_steps()
+        the trainer is counted here (again), where Lightning restores schedulers: after its
+        loops, so the count loads the training data with the checkpoint's place in the
+        epoch, and after a tuner's trial run inside the fit (BatchSizeFinder's batch size
+        changes what the fit will run)."""
+        self._count_total_steps(again=True)
         saved = dict(state_dict)
         stages = saved.get("_schedulers")  # SequentialLR: its first stage holds base_lrs
         base_lrs = saved.get("base_lrs") or (stages[0].get("base_lrs") if stages else None)
@@ -265,15 +278,17 @@ class LRSchedule:
         return ScheduledLR(optimizer, self, total_from=total_from)
 
     def counted_by(self, trainer: Any) -> tuple[LRSchedule, Callable[[bool], int | None] | None]:
-        """This schedule with total_steps from the trainer (with_total_from) at once, or,
-        when the fit may resume from a checkpoint Lightning restores later, this one and
-        what counts them when the scheduler is restored (its load_state_dict) or, at the
-        latest, just before the optimizer's first step. Counting loads the training data, and data
-        Lightning loads before it restores its loops keeps no place in the epoch
-        (Lightning issue 20550): a fit resumed mid-epoch would restart the epoch's data
-        while counting its batches from the saved place."""
-        if self.total_steps is not None or not _may_restore_a_fit(trainer):
-            return self.with_total_from(trainer), None
+        """This schedule with total_steps counted by the trainer (with_total_from), and what
+        counts them again whenever the scheduler is restored (its load_state_dict): after
+        a tuner's trial inside the fit, which may change the batch size (BatchSizeFinder),
+        or from the fit's checkpoint. When the fit may resume from a checkpoint Lightning
+        restores later, the first count waits for that restore or, at the latest, the
+        optimizer's first step: counting loads the training data, and data Lightning loads
+        before it restores its loops keeps no place in the epoch (Lightning issue 20550):
+        a fit resumed mid-epoch would restart the epoch's data while counting its batches
+        from the saved place."""
+        if self.total_steps is not None:
+            return self, None
 
         def count(before_a_step: bool) -> int | None:
             # An optimizer step before the fit loop has its data is none of training's:
@@ -286,6 +301,8 @@ class LRSchedule:
             assert total is not None
             return total
 
+        if not _may_restore_a_fit(trainer):
+            return self.with_total_from(trainer), count
         return self, count
 
     def with_total_from(self, trainer: Any) -> LRSchedule:

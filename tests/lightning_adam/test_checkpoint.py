@@ -148,6 +148,26 @@ class LearningRates(L.Callback):
         self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
+def test_a_schedule_resumed_from_a_checkpoint_without_one_starts_on_its_curve(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint of a run without a schedule restores no scheduler, but its optimizer
+    state brings that run's lr back into the groups after the scheduler set its own: the
+    first resumed step ran at the checkpoint's lr (0.03 where the curve starts at 0.01/3;
+    fails at the code before the fix). Every step follows the configured curve now."""
+    path = tmp_path / "inside-epoch.ckpt"
+    _fit_mid_epoch(
+        Regression(scheduler=None, lr=3e-2), callbacks=[StopInsideWindow(path, epoch=1, batch=1)]
+    )
+    rates = LearningRates()
+    resumed = Regression(scheduler=COUNTED_BY_THE_TRAINER, lr=1e-2)
+    trainer = _fit_mid_epoch(resumed, ckpt_path=path, callbacks=[rates])
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert len(rates.seen) == 12 - 6 and scheduler.total_steps == 12
+    expected = [1e-2 * scheduler.factor(t) for t in range(len(rates.seen))]
+    assert rates.seen == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "resumed_schedule",
     [{"kind": "linear"}, {"kind": "cosine", "min_lr_ratio": 0.5}, {"kind": "constant"}],

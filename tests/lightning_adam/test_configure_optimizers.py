@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.callbacks import BatchSizeFinder, GradientAccumulationScheduler
 from torch import nn
 
 import core
@@ -453,6 +455,34 @@ def test_total_steps_default_to_the_trainers_optimizer_steps() -> None:
 
 
 @pytest.mark.parametrize(("frequency", "accumulate"), [(2, 2), (3, 1), (2, 3), (4, 2)])
+class BatchSized(Regression):
+    """A Regression whose loader takes its batch size from the module (for BatchSizeFinder)."""
+
+    def __init__(self, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> Any:
+        return loader(regression_data(128), batch_size=self.batch_size)
+
+
+def test_total_steps_follow_the_batch_size_a_batch_size_finder_picks_inside_the_fit(
+    tmp_path: Path,
+) -> None:
+    """BatchSizeFinder as a callback changes the batch size in on_fit_start, after
+    configure_optimizers counted the steps: the schedule was built for batch size 2 (128
+    steps) and the fit ran 32 at the size found, ending at 76% of the peak lr instead of
+    0 (fails at the code before the fix). Lightning restores the scheduler after the
+    finder's trials, and the count is taken again there."""
+    finder = BatchSizeFinder(mode="power", steps_per_trial=1, init_val=2, max_trials=3)
+    model = BatchSized(2, scheduler={"kind": "linear", "warmup_steps": 1}, lr=1e-2)
+    trainer = make_trainer(max_epochs=2, callbacks=[finder], default_root_dir=tmp_path)
+    trainer.fit(model)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert model.batch_size == 8 and trainer.global_step == scheduler.total_steps == 32
+    assert scheduler.last_epoch == 32 and scheduler.get_last_lr() == [0.0, 0.0]
+
+
 def test_a_schedule_stepped_every_few_batches_ends_at_the_last_scheduler_step(
     frequency: int, accumulate: int
 ) -> None:
