@@ -1,6 +1,6 @@
 """Train a small MLP on synthetic regression with core.AdamW, beside torch.optim.AdamW.
 
-The short example the README's run command starts with: plain PyTorch, no framework.
+The shortest plain-PyTorch example (README, "The main job", names it): no framework.
 """
 
 from __future__ import annotations
