@@ -454,7 +454,6 @@ def test_total_steps_default_to_the_trainers_optimizer_steps() -> None:
     assert scheduler.get_last_lr() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize(("frequency", "accumulate"), [(2, 2), (3, 1), (2, 3), (4, 2)])
 class BatchSized(Regression):
     """A Regression whose loader takes its batch size from the module (for BatchSizeFinder)."""
 
@@ -483,6 +482,7 @@ def test_total_steps_follow_the_batch_size_a_batch_size_finder_picks_inside_the_
     assert scheduler.last_epoch == 32 and scheduler.get_last_lr() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize(("frequency", "accumulate"), [(2, 2), (3, 1), (2, 3), (4, 2)])
 def test_a_schedule_stepped_every_few_batches_ends_at_the_last_scheduler_step(
     frequency: int, accumulate: int
 ) -> None:
