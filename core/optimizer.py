@@ -1604,15 +1604,24 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         halfway, and the fused ones would pair elements by memory order and decode 8-bit
         codes with another block's scale), not a tensor, of a dtype that holds no moment
         (set by hand: integer or complex), whose elements share memory (expanded), whose
-        memory does not hold their values (lazy_values), or whose storage does not hold
-        their elements (storage_shortfall), and moments beyond float16's range headed for a
+        memory does not hold their values (lazy_values), whose storage does not hold
+        their elements (storage_shortfall), that start where another state tensor or a
+        parameter of the group does (_state_sharing_memory), and moments beyond float16's
+        range headed for a
         float16 parameter's own (_beyond_float16: the only data read, once the rest has
         passed). Runs where a step cannot reuse its memo (a replaced parameter, or state
         set by hand, never can)."""
         scalars: dict[str, list[tuple[Tensor, Any]]] = {}
         settled: list[tuple[Tensor, str, Tensor]] = []
         for param in params:
-            state = self.state.get(param)
+            state = self.state.get(param, {})
+            if not isinstance(state, dict):  # as loading refuses one (None failed midway)
+                index = next(i for i, member in enumerate(group["params"]) if member is param)
+                raise ValueError(
+                    f"Invalid state of params[{index}]{where}: {type(state).__name__} "
+                    f"{state!r:.60}, not a dict. Allowed: a dict of the parameter's state "
+                    "(del optimizer.state[param] starts it afresh)."
+                )
             if not state:
                 continue
             form = _moment_form_problem(state)
@@ -1663,6 +1672,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                         self._refuse_state(group, param, key, found, where)
                 if not _is_host_scalar(value):
                     recast.append((param, key, value))
+        shared = _state_sharing_memory(
+            [(param, index, self.state.get(param) or {}) for index, param in enumerate(params)]
+        )
+        if shared is not None:
+            (param, _, key), (other, _, other_key) = shared
+            index = next(i for i, member in enumerate(group["params"]) if member is other)
+            whose = f"params[{index}]" + (f"'s {other_key}" if other_key else "")
+            assert key is not None
+            self._refuse_state(group, param, key, (_SHARING.format(whose), _OWN_MEMORY), where)
         for param in params:  # reads values, so only once their memory has passed
             state = self.state.get(param)
             if state and param.dtype == torch.float16:
@@ -2564,6 +2582,67 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                         f"Invalid state_dict for {name}: state[{saved_id}][{key!r}] {problem}. "
                         f"Allowed: {allowed}."
                     )
+        # torch keeps a loaded tensor of the parameter's dtype and device as it is
+        shared = _state_sharing_memory(
+            [
+                (params_by_id[saved_id], saved_id, saved_state)
+                for saved_id, saved_state in state_dict["state"].items()
+                if saved_id in params_by_id
+            ]
+        )
+        if shared is not None:
+            (_, saved_id, key), (_, other_id, other_key) = shared
+            whose = f"state[{other_id!r}][{other_key!r}]" if other_key else "its parameter"
+            if other_key is None and other_id != saved_id:
+                whose = f"the parameter of state[{other_id!r}]"
+            raise ValueError(
+                f"Invalid state_dict for {name}: state[{saved_id!r}][{key!r}] "
+                f"{_SHARING.format(whose)}. Allowed: {_OWN_MEMORY}."
+            )
+
+
+_StateEntry: TypeAlias = tuple[Tensor, Any, str | None]
+"""(a parameter, its position, a key of its state or None for the parameter itself)."""
+
+
+def _state_sharing_memory(
+    states: Sequence[tuple[Tensor, Any, Mapping[str, object]]],
+) -> tuple[_StateEntry, _StateEntry] | None:
+    """The first state tensor starting where another state tensor or a parameter does,
+    and that other; None where none does. states: (param, its position naming it in
+    errors, its state). Set by hand (m given
+    v's tensor, a moment given the parameter's memory, a counter that is a view of v),
+    each backend wrote the shared memory in its own order: different numbers, NaN on some.
+    Compared by first address, as the functional forms compare what they write: views
+    overlapping from different first elements are not caught. Counters may share with
+    each other (_separate_shared_counters parts them); only plain tensors are compared."""
+    tensors = [param for param, _, _ in states]
+    tensors += [value for _, _, state in states for value in state.values()]
+    plain = [tensor for tensor in tensors if type(tensor) in PLAIN_TENSOR_TYPES]
+    every = [start for start in map(Tensor.data_ptr, plain) if start]  # 0: empty or meta
+    if len(set(every)) == len(every):  # the usual case: ~1 µs a parameter with its state
+        return None
+    starts: dict[int, _StateEntry] = {}
+    entries = ((p, i, key, value) for p, i, state in states for key, value in state.items())
+    for param, position, key, value in entries:
+        for tensor, name in ((param, None), (value, key)):
+            if type(tensor) not in PLAIN_TENSOR_TYPES or tensor.is_meta or not tensor.numel():
+                continue
+            start = tensor.data_ptr()  # type: ignore[union-attr]
+            met: _StateEntry = (param, position, name)
+            other = starts.setdefault(start, met)
+            if other[0] is param and other[2] == name:
+                continue  # the same entry (a parameter is met once per state key)
+            if other[2] is None and name is None:
+                continue  # parameters sharing memory: refused as such elsewhere
+            if other[2] in HOST_SCALAR_STATE and name in HOST_SCALAR_STATE:
+                continue
+            return (met, other) if name is not None else (other, met)
+    return None
+
+
+_SHARING = "starts in the memory of {}, which a step also writes in place"
+_OWN_MEMORY = "a tensor of its own (.clone() it)"
 
 
 def _local(tensor: Tensor) -> Tensor:

@@ -343,6 +343,121 @@ def _edited_state_is_refused_before_any_change(
         assert torch.equal(optimizer.state[other][k], v), k
 
 
+def _param(optimizer: torch.optim.Optimizer, index: int) -> Tensor:
+    return optimizer.param_groups[0]["params"][index]
+
+
+SHARED_MEMORY = {
+    # loop and foreach: NaN after one step; fused: finite; Triton: other numbers again
+    "m given v": (
+        lambda optimizer, state, m, v: state.__setitem__(m, state[v]),
+        "{v} starts in the memory of params[1]'s {m},",
+    ),
+    "v of another parameter": (
+        lambda optimizer, state, m, v: state.__setitem__(
+            v, optimizer.state[_param(optimizer, 0)][v]
+        ),
+        "{v} starts in the memory of params[0]'s {v},",
+    ),
+    "m given the parameter's memory": (
+        lambda optimizer, state, m, v: state.__setitem__(m, _param(optimizer, 1).data),
+        "{m} starts in the memory of params[1],",
+    ),
+    # the counter and v[0, 0] both advanced, to 2.99 where the count should be 3
+    "a counter that is a view of v": (
+        lambda optimizer, state, m, v: state.__setitem__("step", state[v][0, 0]),
+        "{v} starts in the memory of params[1]'s step,",
+    ),
+}
+SHARED_MEMORY_CASES = [(case, "full") for case in SHARED_MEMORY] + [
+    (case, "8bit")
+    for case in ("m given v", "v of another parameter")  # the others: dtypes
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("case", "state_precision"),
+    SHARED_MEMORY_CASES,
+    ids=[f"{c}-{p}" for c, p in SHARED_MEMORY_CASES],
+)
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_state_sharing_memory_set_by_hand_is_refused_before_any_change(
+    backend: str, case: str, state_precision: str
+) -> None:
+    """State tensors given one memory by hand were stepped, each backend writing it in its
+    own order (NAdam: NaN on the loop and foreach backends, finite on the fused ones),
+    while the functional forms refused the same lists. Refused by name now, as they are,
+    before anything changes (compared by first address, as there)."""
+    edit, message = SHARED_MEMORY[case]
+    m, v = (
+        moment_keys(key)[0] if state_precision == "8bit" else key
+        for key in ("exp_avg", "exp_avg_sq")
+    )
+    torch.manual_seed(0)
+    other, weight = nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(64, 128))
+    optimizer = core.NAdam(
+        [other, weight], lr=1e-2, state_precision=state_precision, **TRAINING_BACKENDS[backend]
+    )
+    _edited_state_is_refused_before_any_change(
+        optimizer, lambda state: edit(optimizer, state, m, v), re.escape(message.format(m=m, v=v))
+    )
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("entry", [None, [], 3], ids=["None", "list", "int"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_state_entry_set_by_hand_to_no_dict_is_refused_by_name(backend: str, entry: Any) -> None:
+    """optimizer.state[p] = None (or a list, a number) failed inside the step with an
+    AttributeError or TypeError naming nothing; loading such an entry was refused by name
+    already. Nothing changes before the error."""
+    torch.manual_seed(0)
+    other, weight = nn.Parameter(torch.randn(8, 64)), nn.Parameter(torch.randn(8, 64))
+    optimizer = core.AdamW([other, weight], lr=1e-2, **TRAINING_BACKENDS[backend])
+    for _ in range(2):
+        for p in (other, weight):
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    optimizer.state[weight] = entry
+    before = [p.detach().clone() for p in (other, weight)]
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Invalid state of params[1] in param group 0: {type(entry).__name__} {entry!r}, "
+            "not a dict. Allowed: a dict of the parameter's state"
+        ),
+    ):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip((other, weight), before, strict=True))
+    assert float(optimizer.state[other]["step"]) == 2
+
+
+@pytest.mark.bad_input
+def test_a_state_dict_sharing_memory_is_refused_before_loading() -> None:
+    """torch keeps a loaded tensor of the parameter's dtype and device as it is, so a
+    state dict whose moments share memory (edited, or saved so) was loaded as it was."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 64)) for _ in range(2)]
+    optimizer = core.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][1]["exp_avg"] = saved["state"][0]["exp_avg"]
+    before = {k: v.clone() for k, v in optimizer.state[params[1]].items()}
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Invalid state_dict for AdamW: state[1]['exp_avg'] starts in the memory of "
+            "state[0]['exp_avg'], which a step also writes in place. Allowed: a tensor of "
+            "its own (.clone() it)."
+        ),
+    ):
+        optimizer.load_state_dict(saved)
+    for key, value in before.items():
+        assert torch.equal(optimizer.state[params[1]][key], value), key
+
+
 HAND_SET_8BIT_STATE = {
     # int8 codes stepped, each backend decoding them its own way (three different results)
     "int8 codes": (
