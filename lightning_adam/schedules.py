@@ -171,6 +171,15 @@ class ScheduledLR(LRScheduler):
             )
         self.last_epoch = saved["last_epoch"]
         self.base_lrs = list(base_lrs)
+        saved_lrs = saved.get("_last_lr")
+        if isinstance(saved_lrs, list) and all(isinstance(lr, float | int) for lr in saved_lrs):
+            # The lrs when it was saved, which a group added since (BackboneFinetuning)
+            # joined beside: the curve's point _follow_added_groups reads, whatever an
+            # optimizer state loaded before wrote into the groups (_restore_the_curves_lr).
+            for group, lr in zip(
+                self.optimizer.param_groups, saved_lrs[: len(base_lrs)], strict=False
+            ):
+                group["lr"] = lr
         self._step_count = saved.get("_step_count", self.last_epoch + 1)
         self._last_lr = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=False):

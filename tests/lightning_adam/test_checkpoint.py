@@ -10,13 +10,14 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
 from torch import nn
 
 from lightning_adam import LRSchedule
 from lightning_adam.schedules import ScheduledLR
 from tests.core.configuration_cases import BACKENDS
 from tests.lightning_adam.models import (
+    Finetuned,
     Regression,
     ResumableLoader,
     StopInsideWindow,
@@ -166,6 +167,45 @@ def test_a_schedule_resumed_from_a_checkpoint_without_one_starts_on_its_curve(
     assert len(rates.seen) == 12 - 6 and scheduler.total_steps == 12
     expected = [1e-2 * scheduler.factor(t) for t in range(len(rates.seen))]
     assert rates.seen == pytest.approx(expected, rel=1e-9)
+
+
+class BackboneRates(L.Callback):
+    """The backbone group's lr at each training batch once BackboneFinetuning added it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], float] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        groups = trainer.optimizers[0].param_groups
+        if len(groups) == 3:
+            self.seen[(trainer.current_epoch, args[-1])] = groups[2]["lr"]
+
+
+def test_a_group_added_since_the_schedulers_last_step_resumes_at_its_lr(tmp_path: Path) -> None:
+    """BackboneFinetuning adds the backbone's group at epoch 1; an 'epoch' schedule has not
+    stepped since when the fit stops inside that epoch. Resumed, the optimizer's restore
+    leaves the scheduler's own lrs in the groups, and the joined group's starting lr was
+    taken from that ratio instead of the one it joined beside: 0.002 where the
+    uninterrupted fit ran 0.001 (fails at the code before the fix). Every batch's lr
+    continues as uninterrupted now. (The parameters do not: Lightning skips
+    on_train_epoch_start in a resumed epoch, where BackboneFinetuning freezes and
+    unfreezes, with or without a schedule.)"""
+    schedule = {"kind": "linear", "warmup_steps": 1, "interval": "epoch"}
+    path = tmp_path / "inside-epoch.ckpt"
+
+    def fit(*callbacks: L.Callback, ckpt_path: Path | None = None) -> tuple[Finetuned, dict]:
+        rates = BackboneRates()
+        finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda _: 1.0)
+        model = Finetuned(scheduler=schedule, lr=1e-2)
+        trainer = make_trainer(max_epochs=3, callbacks=[finetuning, rates, *callbacks])
+        data = ResumableLoader(regression_data(64), batch_size=8)
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model, rates.seen
+
+    _, full = fit()
+    fit(StopInsideWindow(path, epoch=1, batch=3))
+    _, again = fit(ckpt_path=path)
+    assert len(again) == 12 and again == {key: full[key] for key in again}
 
 
 @pytest.mark.parametrize(
