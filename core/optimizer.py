@@ -1604,10 +1604,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         halfway, and the fused ones would pair elements by memory order and decode 8-bit
         codes with another block's scale), not a tensor, of a dtype that holds no moment
         (set by hand: integer or complex), whose elements share memory (expanded), whose
-        memory does not hold their values (lazy_values), whose storage does not hold
-        their elements (storage_shortfall), that start where another state tensor or a
-        parameter of the group does (_state_sharing_memory), and moments beyond float16's
-        range headed for a
+        memory does not hold their values (lazy_values), or whose storage does not hold
+        their elements (storage_shortfall), and moments beyond float16's range headed for a
         float16 parameter's own (_beyond_float16: the only data read, once the rest has
         passed). Runs where a step cannot reuse its memo (a replaced parameter, or state
         set by hand, never can)."""
@@ -1672,15 +1670,6 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                         self._refuse_state(group, param, key, found, where)
                 if not _is_host_scalar(value):
                     recast.append((param, key, value))
-        shared = _state_sharing_memory(
-            [(param, index, self.state.get(param) or {}) for index, param in enumerate(params)]
-        )
-        if shared is not None:
-            (param, _, key), (other, _, other_key) = shared
-            index = next(i for i, member in enumerate(group["params"]) if member is other)
-            whose = f"params[{index}]" + (f"'s {other_key}" if other_key else "")
-            assert key is not None
-            self._refuse_state(group, param, key, (_SHARING.format(whose), _OWN_MEMORY), where)
         for param in params:  # reads values, so only once their memory has passed
             state = self.state.get(param)
             if state and param.dtype == torch.float16:
@@ -1693,6 +1682,29 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         # several states: _separate_shared_counters.)
         for param, key, value in recast:
             self.state[param][key] = torch.tensor(float(value), dtype=torch.float32, device="cpu")
+
+    def _refuse_shared_state_memory(self, params: list[Tensor] | None = None) -> None:
+        """Refuse a state tensor starting in another's memory or a parameter's, across
+        every group (every parameter, with a gradient this step or not), or among params
+        alone (a released step; see _state_sharing_memory)."""
+        if params is None:
+            params = [param for group in self.param_groups for param in group["params"]]
+        held = map(self.state.get, params)
+        shared = _state_sharing_memory(params, [s if type(s) is dict else {} for s in held])
+        if shared is None:
+            return
+        (first, key), (other, other_key) = shared
+        (index, group), (other_index, other_group) = map(
+            self._group_of, (params[first], params[other])
+        )
+        position = next(
+            i for i, member in enumerate(other_group["params"]) if member is params[other]
+        )
+        whose = f"params[{position}]" + (f"'s {other_key}" if other_key else "")
+        if other_index != index:
+            whose += f" in param group {other_index}"
+        found = (_SHARING.format(whose), _OWN_MEMORY)
+        self._refuse_state(group, params[first], key, found, f" in param group {index}")
 
     @staticmethod
     def _refuse_state(
@@ -1870,6 +1882,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         memoless = [params for _, params, _, memo in work if memo is None and params]
         if len(set(map(id, self.param_groups))) < len(work) or memoless:
             self._refuse_repeated_params([params for _, params, _, _ in work])
+        if memoless:
+            self._refuse_shared_state_memory()
         if not self.optimizer_accumulation and any(
             PLAIN_TENSOR_TYPES.issuperset(map(type, params)) for params in memoless
         ):  # not where no step keeps a memo (accumulation, DTensors): it would run every step
@@ -2129,6 +2143,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         memos.pop(id(param), None)
         grads = self._checked_gradients(group, [param], [grad], where)
         self._check_state_tensors(group, [param], where)
+        self._refuse_shared_state_memory([param])
         if observers:
             _observe(observers, param)
         self._update_and_memoize(memos, id(param), group, [param], grads)
@@ -2583,15 +2598,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                         f"Allowed: {allowed}."
                     )
         # torch keeps a loaded tensor of the parameter's dtype and device as it is
-        shared = _state_sharing_memory(
-            [
-                (params_by_id[saved_id], saved_id, saved_state)
-                for saved_id, saved_state in state_dict["state"].items()
-                if saved_id in params_by_id
-            ]
-        )
+        saved_ids, live = list(params_by_id), list(params_by_id.values())
+        saved_states = [state_dict["state"].get(saved_id) or {} for saved_id in saved_ids]
+        shared = _state_sharing_memory(live, saved_states)
         if shared is not None:
-            (_, saved_id, key), (_, other_id, other_key) = shared
+            (first, key), (other, other_key) = shared
+            saved_id, other_id = saved_ids[first], saved_ids[other]
             whose = f"state[{other_id!r}][{other_key!r}]" if other_key else "its parameter"
             if other_key is None and other_id != saved_id:
                 whose = f"the parameter of state[{other_id!r}]"
@@ -2601,46 +2613,54 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             )
 
 
-_StateEntry: TypeAlias = tuple[Tensor, Any, str | None]
-"""(a parameter, its position, a key of its state or None for the parameter itself)."""
-
-
 def _state_sharing_memory(
-    states: Sequence[tuple[Tensor, Any, Mapping[str, object]]],
-) -> tuple[_StateEntry, _StateEntry] | None:
+    params: Sequence[Tensor], states: Sequence[Mapping[str, object]]
+) -> tuple[tuple[int, str], tuple[int, str | None]] | None:
     """The first state tensor starting where another state tensor or a parameter does,
-    and that other; None where none does. states: (param, its position naming it in
-    errors, its state). Set by hand (m given
-    v's tensor, a moment given the parameter's memory, a counter that is a view of v),
-    each backend wrote the shared memory in its own order: different numbers, NaN on some.
-    Compared by first address, as the functional forms compare what they write: views
-    overlapping from different first elements are not caught. Counters may share with
-    each other (_separate_shared_counters parts them); only plain tensors are compared."""
-    tensors = [param for param, _, _ in states]
-    tensors += [value for _, _, state in states for value in state.values()]
+    as (its parameter's index, its key), and that other (its parameter's index, its key
+    or None for the parameter itself); None where none does. states: each parameter's.
+    Set by hand (m given v's tensor, a moment given the parameter's memory, a counter
+    that is a view of v), each backend wrote the shared memory in its own order:
+    different numbers, NaN on some. Compared by first address, as the functional forms
+    compare what they write: views overlapping from different first elements are not
+    caught. Counters may share with each other (_separate_shared_counters parts them);
+    only plain tensors are compared, and only under the keys steps write (a key of the
+    user's own is theirs)."""
+    tensors = list(params)
+    for state in states:
+        tensors.extend(state.values())
     plain = [tensor for tensor in tensors if type(tensor) in PLAIN_TENSOR_TYPES]
     every = [start for start in map(Tensor.data_ptr, plain) if start]  # 0: empty or meta
     if len(set(every)) == len(every):  # the usual case: ~1 µs a parameter with its state
         return None
-    starts: dict[int, _StateEntry] = {}
-    entries = ((p, i, key, value) for p, i, state in states for key, value in state.items())
-    for param, position, key, value in entries:
-        for tensor, name in ((param, None), (value, key)):
+    starts: dict[int, tuple[int, str | None]] = {}
+    for index, (param, state) in enumerate(zip(params, states, strict=True)):
+        written = [(value, key) for key, value in state.items() if key in _STEP_WRITTEN]
+        for tensor, name in ((param, None), *written):
             if type(tensor) not in PLAIN_TENSOR_TYPES or tensor.is_meta or not tensor.numel():
                 continue
             start = tensor.data_ptr()  # type: ignore[union-attr]
-            met: _StateEntry = (param, position, name)
+            met = (index, name)
             other = starts.setdefault(start, met)
-            if other[0] is param and other[2] == name:
-                continue  # the same entry (a parameter is met once per state key)
-            if other[2] is None and name is None:
+            if other == met:
+                continue  # the same entry (a parameter listed twice is refused elsewhere)
+            if other[1] is None and name is None:
                 continue  # parameters sharing memory: refused as such elsewhere
-            if other[2] in HOST_SCALAR_STATE and name in HOST_SCALAR_STATE:
+            if other[1] in HOST_SCALAR_STATE and name in HOST_SCALAR_STATE:
                 continue
-            return (met, other) if name is not None else (other, met)
+            return (met, other) if name is not None else (other, met)  # type: ignore[return-value]
     return None
 
 
+_STEP_WRITTEN = frozenset(
+    [
+        *HOST_SCALAR_STATE,
+        *MOMENT_STATE,
+        "kahan_comp",
+        *(k for m in MOMENT_STATE for k in moment_keys(m)),
+    ]
+)
+"""The state keys a step writes (or may: 8-bit codes and scales, Kahan compensation)."""
 _SHARING = "starts in the memory of {}, which a step also writes in place"
 _OWN_MEMORY = "a tensor of its own (.clone() it)"
 

@@ -405,6 +405,36 @@ def test_state_sharing_memory_set_by_hand_is_refused_before_any_change(
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("where", ["another group", "a parameter without a gradient"])
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_state_sharing_memory_beyond_the_stepped_group_is_refused(backend: str, where: str) -> None:
+    """Memory shared with another group's state made its v negative and the parameter NaN
+    after three steps; a moment in the memory of a parameter without a gradient that step
+    rewrote that parameter's weights. Every group and parameter is compared."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 64)) for _ in range(2)]
+    groups = [{"params": [p]} for p in params] if where == "another group" else [{"params": params}]
+    optimizer = core.AdamW(groups, lr=1e-2, **TRAINING_BACKENDS[backend])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    if where == "another group":
+        optimizer.state[params[1]]["exp_avg"] = optimizer.state[params[0]]["exp_avg_sq"]
+        message = (
+            "params[0] in param group 1: exp_avg starts in the memory of params[0]'s "
+            "exp_avg_sq in param group 0,"
+        )
+    else:
+        optimizer.state[params[1]]["exp_avg"] = params[0].data
+        params[0].grad = None
+        message = "params[1] in param group 0: exp_avg starts in the memory of params[0],"
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=re.escape(f"Invalid state of {message}")):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("entry", [None, [], 3], ids=["None", "list", "int"])
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_a_state_entry_set_by_hand_to_no_dict_is_refused_by_name(backend: str, entry: Any) -> None:
@@ -456,6 +486,10 @@ def test_a_state_dict_sharing_memory_is_refused_before_loading() -> None:
         optimizer.load_state_dict(saved)
     for key, value in before.items():
         assert torch.equal(optimizer.state[params[1]][key], value), key
+    del saved["state"][1]  # a parameter without saved state is compared as well
+    saved["state"][0]["exp_avg"] = params[1].data
+    with pytest.raises(ValueError, match=re.escape("in the memory of the parameter of state[1],")):
+        optimizer.load_state_dict(saved)
 
 
 HAND_SET_8BIT_STATE = {
