@@ -1597,7 +1597,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
 
         return checked_gradient_list(type(self).__name__, params, grads, grad_name)
 
-    def _check_state_tensors(self, group: dict[str, Any], params: list[Tensor], where: str) -> None:
+    def _check_state_tensors(
+        self, group: dict[str, Any], params: list[Tensor], where: str
+    ) -> Callable[[], None]:
         """Refuse, before anything changes, state tensors no step can take: laid out for
         another shape than their parameter's (a parameter replaced through `.data` by one
         of another shape with as many elements: the loop and foreach backends failed on it
@@ -1608,18 +1610,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         their elements (storage_shortfall), and moments beyond float16's range headed for a
         float16 parameter's own (_beyond_float16: the only data read, once the rest has
         passed). Runs where a step cannot reuse its memo (a replaced parameter, or state
-        set by hand, never can)."""
+        set by hand, never can). Returns what keeps the counts set by hand as steps keep
+        them, for the caller to run once its other checks have passed."""
         scalars: dict[str, list[tuple[Tensor, Any]]] = {}
         settled: list[tuple[Tensor, str, Tensor]] = []
         for param in params:
             state = self.state.get(param, {})
-            if not isinstance(state, dict):  # as loading refuses one (None failed midway)
-                index = next(i for i, member in enumerate(group["params"]) if member is param)
-                raise ValueError(
-                    f"Invalid state of params[{index}]{where}: {type(state).__name__} "
-                    f"{state!r:.60}, not a dict. Allowed: a dict of the parameter's state "
-                    "(del optimizer.state[param] starts it afresh)."
-                )
+            _refuse_state_not_dict(group, param, state, where)
             if not state:
                 continue
             form = _moment_form_problem(state)
@@ -1676,12 +1673,18 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 overflow = _beyond_float16(state, self._moments_held_full(param, group))
                 if overflow is not None:
                     self._refuse_state(group, param, overflow[0], overflow[1:], where)
-        # A count set by hand as a number, an integer or a 1-element tensor (as loading
-        # accepts it) is kept as steps keep counts, once every check has passed: counting
-        # into an integer tensor failed after the parameters were updated. (One tensor in
-        # several states: _separate_shared_counters.)
-        for param, key, value in recast:
-            self.state[param][key] = torch.tensor(float(value), dtype=torch.float32, device="cpu")
+
+        def keep_counts() -> None:
+            # A count set by hand as a number, an integer or a 1-element tensor (as loading
+            # accepts it) is kept as steps keep counts, once every check has passed:
+            # counting into an integer tensor failed after the parameters were updated.
+            # (One tensor in several states: _separate_shared_counters.)
+            for param, key, value in recast:
+                self.state[param][key] = torch.tensor(
+                    float(value), dtype=torch.float32, device="cpu"
+                )
+
+        return keep_counts
 
     def _refuse_shared_state_memory(self, params: list[Tensor] | None = None) -> None:
         """Refuse a state tensor starting in another's memory or a parameter's, across
@@ -1689,8 +1692,13 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         alone (a released step; see _state_sharing_memory)."""
         if params is None:
             params = [param for group in self.param_groups for param in group["params"]]
-        held = map(self.state.get, params)
-        shared = _state_sharing_memory(params, [s if type(s) is dict else {} for s in held])
+        states = list(map(self.state.get, params))  # None: no state yet
+        if not {dict, type(None)}.issuperset(map(type, states)):  # set by hand
+            for param, state in zip(params, states, strict=True):
+                if param in self.state:
+                    index, group = self._group_of(param)
+                    _refuse_state_not_dict(group, param, state, f" in param group {index}")
+        shared = _state_sharing_memory(params, states)
         if shared is None:
             return
         (first, key), (other, other_key) = shared
@@ -1857,6 +1865,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         stepped = self.__dict__.get("_hook_stepped", {})
         memos: dict[int, StepMemo] = self.__dict__.setdefault("_step_memos", {})
         work = []
+        keep_counts: list[Callable[[], None]] = []
         for index, group in enumerate(self.param_groups):
             where = f" in param group {index}"
             self._validate_stepped_group(group, where)
@@ -1874,7 +1883,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 memos.pop(id(group), None)  # nor is it held any longer
                 self._check_fused_possible(group, where)
                 grads = self._checked_gradients(group, params, grads, where)
-                self._check_state_tensors(group, params, where)
+                keep_counts.append(self._check_state_tensors(group, params, where))
             work.append((group, params, grads, memo))
         self._drop_stale_memos()  # after the checks: it reads every group's params
         # A group with a memo passed this with its list unchanged; one without a memo and
@@ -1884,6 +1893,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._refuse_repeated_params([params for _, params, _, _ in work])
         if memoless:
             self._refuse_shared_state_memory()
+        for keep in keep_counts:  # every check has passed
+            keep()
         if not self.optimizer_accumulation and any(
             PLAIN_TENSOR_TYPES.issuperset(map(type, params)) for params in memoless
         ):  # not where no step keeps a memo (accumulation, DTensors): it would run every step
@@ -2142,8 +2153,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return True
         memos.pop(id(param), None)
         grads = self._checked_gradients(group, [param], [grad], where)
-        self._check_state_tensors(group, [param], where)
+        keep_counts = self._check_state_tensors(group, [param], where)
         self._refuse_shared_state_memory([param])
+        keep_counts()
         if observers:
             _observe(observers, param)
         self._update_and_memoize(memos, id(param), group, [param], grads)
@@ -2613,12 +2625,25 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             )
 
 
+def _refuse_state_not_dict(group: dict[str, Any], param: Tensor, state: object, where: str) -> None:
+    """Refuse a state entry set by hand to no dict (None failed midway), as loading does."""
+    if isinstance(state, dict):
+        return
+    index = next(i for i, member in enumerate(group["params"]) if member is param)
+    raise ValueError(
+        f"Invalid state of params[{index}]{where}: {type(state).__name__} {state!r:.60}, "
+        "not a dict. Allowed: a dict of the parameter's state (del optimizer.state[param] "
+        "starts it afresh)."
+    )
+
+
 def _state_sharing_memory(
-    params: Sequence[Tensor], states: Sequence[Mapping[str, object]]
+    params: Sequence[Tensor], states: Sequence[Mapping[str, object] | None]
 ) -> tuple[tuple[int, str], tuple[int, str | None]] | None:
     """The first state tensor starting where another state tensor or a parameter does,
     as (its parameter's index, its key), and that other (its parameter's index, its key
-    or None for the parameter itself); None where none does. states: each parameter's.
+    or None for the parameter itself); None where none does. states: each parameter's
+    (None where it has none).
     Set by hand (m given v's tensor, a moment given the parameter's memory, a counter
     that is a view of v), each backend wrote the shared memory in its own order:
     different numbers, NaN on some. Compared by first address, as the functional forms
@@ -2628,16 +2653,26 @@ def _state_sharing_memory(
     user's own is theirs)."""
     tensors = list(params)
     for state in states:
-        tensors.extend(state.values())
+        if state:
+            tensors.extend(state.values())
     plain = [tensor for tensor in tensors if type(tensor) in PLAIN_TENSOR_TYPES]
-    every = [start for start in map(Tensor.data_ptr, plain) if start]  # 0: empty or meta
+    try:
+        every = [start for start in map(Tensor.data_ptr, plain) if start]  # 0: empty, meta
+    except RuntimeError:  # one without storage (sparse, under a key of the user's): below
+        every = [0, 0]
     if len(set(every)) == len(every):  # the usual case: ~1 µs a parameter with its state
         return None
     starts: dict[int, tuple[int, str | None]] = {}
     for index, (param, state) in enumerate(zip(params, states, strict=True)):
-        written = [(value, key) for key, value in state.items() if key in _STEP_WRITTEN]
+        held = state.items() if state else ()
+        written = [(value, key) for key, value in held if key in _STEP_WRITTEN]
         for tensor, name in ((param, None), *written):
-            if type(tensor) not in PLAIN_TENSOR_TYPES or tensor.is_meta or not tensor.numel():
+            if (
+                type(tensor) not in PLAIN_TENSOR_TYPES
+                or tensor.layout != torch.strided  # type: ignore[union-attr]
+                or tensor.is_meta  # type: ignore[union-attr]
+                or not tensor.numel()  # type: ignore[union-attr]
+            ):
                 continue
             start = tensor.data_ptr()  # type: ignore[union-attr]
             met = (index, name)

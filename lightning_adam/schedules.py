@@ -9,6 +9,7 @@ configuration, so a run resumed with a changed schedule follows the configured o
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -71,14 +72,17 @@ class ScheduledLR(LRScheduler):
             # pre-hooks before the closure, so before backward and any released step): a
             # checkpoint without this scheduler's state never calls load_state_dict, and a
             # too-short schedule must be refused before any weight changes.
+            count = _weakly(self._count_total_steps)
             self._count_before_stepping = optimizer.register_step_pre_hook(
-                lambda *_: self._count_total_steps(inside_the_hook=True)
+                lambda *_: count(inside_the_hook=True)
             )
         super().__init__(optimizer, last_epoch)
         # The scheduler owns the lr: an optimizer state loaded without this scheduler's
         # (a checkpoint of a run without it) brought its own lr back into the groups, and
         # the first resumed step ran at it instead of at the curve's value.
-        optimizer.register_load_state_dict_post_hook(self._restore_the_curves_lr)
+        # Held weakly, as the optimizer holds no scheduler: one discarded (or replaced by
+        # another) must not go on writing its lrs into each loaded state.
+        optimizer.register_load_state_dict_post_hook(_weakly(self._restore_the_curves_lr))
 
     def _restore_the_curves_lr(self, optimizer: Optimizer) -> None:
         for group, lr in zip(optimizer.param_groups, self._last_lr, strict=False):
@@ -137,7 +141,7 @@ class ScheduledLR(LRScheduler):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._total_from = self._count_before_stepping = None
-        self.optimizer.register_load_state_dict_post_hook(self._restore_the_curves_lr)
+        self.optimizer.register_load_state_dict_post_hook(_weakly(self._restore_the_curves_lr))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The saved place on the curve (of this class or of the torch schedulers it was
@@ -184,6 +188,19 @@ class ScheduledLR(LRScheduler):
         self._last_lr = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=False):
             group["lr"] = lr
+
+
+def _weakly(method: Callable[..., None]) -> Callable[..., None]:
+    """method of an object the caller does not keep alive: a call once it is gone does
+    nothing."""
+    held = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> None:
+        alive = held()
+        if alive is not None:
+            alive(*args, **kwargs)
+
+    return call
 
 
 def _follow_added_groups(optimizer: Optimizer, scheduler: LRScheduler) -> None:

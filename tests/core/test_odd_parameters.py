@@ -463,6 +463,50 @@ def test_a_state_entry_set_by_hand_to_no_dict_is_refused_by_name(backend: str, e
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_state_checks_see_dict_subclasses_and_parameters_without_gradients(backend: str) -> None:
+    """An OrderedDict state was passed over by the sharing check (m given v's tensor,
+    accepted), and a state entry that is no dict, of a parameter without a gradient that
+    step, failed inside the step with an AttributeError. A count set by hand as an int is
+    kept as a float32 tensor only once every check has passed."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 64)) for _ in range(2)]
+    optimizer = core.AdamW(params, lr=1e-2, **TRAINING_BACKENDS[backend])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    state = OrderedDict(optimizer.state[params[1]])
+    state["exp_avg"], state["step"] = state["exp_avg_sq"], 1
+    optimizer.state[params[1]] = state
+    with pytest.raises(ValueError, match=r"params\[1\] in param group 0: exp_avg_sq starts in"):
+        optimizer.step()
+    assert state["step"] == 1  # not made a tensor before the refusal
+    optimizer.state[params[1]], params[1].grad = [], None
+    with pytest.raises(ValueError, match=r"params\[1\] in param group 0: list \[\], not a dict"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_tensor_without_storage_under_a_key_of_ones_own_steps(backend: str) -> None:
+    """State keys adamkit does not write are the user's: a sparse tensor kept there made
+    every step fail reading its (absent) memory once memory sharing was compared."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 64)) for _ in range(2)]
+    optimizer = core.AdamW(params, lr=1e-2, **TRAINING_BACKENDS[backend])
+    for round_ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if round_ == 1:  # another list of parameters with gradients: no memo, all checked
+            params[1].grad = None
+        optimizer.step()
+        if round_ == 0:
+            optimizer.state[params[0]]["mine"] = torch.eye(3).to_sparse()
+    assert [float(optimizer.state[p]["step"]) for p in params] == [3, 2]
+
+
+@pytest.mark.bad_input
 def test_a_state_dict_sharing_memory_is_refused_before_loading() -> None:
     """torch keeps a loaded tensor of the parameter's dtype and device as it is, so a
     state dict whose moments share memory (edited, or saved so) was loaded as it was."""
@@ -490,6 +534,8 @@ def test_a_state_dict_sharing_memory_is_refused_before_loading() -> None:
     saved["state"][0]["exp_avg"] = params[1].data
     with pytest.raises(ValueError, match=re.escape("in the memory of the parameter of state[1],")):
         optimizer.load_state_dict(saved)
+    for key, value in before.items():
+        assert torch.equal(optimizer.state[params[1]][key], value), key
 
 
 HAND_SET_8BIT_STATE = {

@@ -429,6 +429,28 @@ def test_a_schedule_still_to_be_counted_pickles_and_copies_counted(copy_by: str)
     assert counts == [False]
 
 
+def test_a_discarded_schedule_leaves_its_optimizer_alone() -> None:
+    """The scheduler puts its lrs back after an optimizer state is loaded (a hook on the
+    optimizer). Held strongly, the hook kept a discarded scheduler alive and went on
+    writing its curve's lr over every loaded state, and over a scheduler that replaced
+    it (fails at the code before the fix)."""
+    import gc
+    import weakref
+
+    optimizer = configure_optimizers(Tied(), "AdamW", lr=0.01)["optimizer"]
+    scheduler = ScheduledLR(optimizer, LRSchedule(kind="linear", warmup_steps=4, total_steps=9))
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.002] * 2)
+    gone = weakref.ref(scheduler)
+    del scheduler
+    gc.collect()
+    assert gone() is None
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group["lr"] = 0.5
+    optimizer.load_state_dict(saved)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.5]
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     "saved", [{}, {"last_epoch": 3}, {"last_epoch": "3", "base_lrs": [0.01]}, {"base_lrs": [1]}]
