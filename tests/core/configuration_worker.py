@@ -3,13 +3,18 @@ configuration matrix (optimizer x backend x dtype under FSDP2, FSDP2 with a bf16
 MixedPrecisionPolicy, FSDP1 with and without use_orig_params and its full optimizer state
 dict, DTensor parameters, tensor parallelism, DCP checkpoints and DDP), then the
 stochastic-rounding cells of ROUNDING_CONFIGURATIONS, and saves each cell's full
-parameters, so the test process can compare every cell with one process.
+parameters, so the test process can compare every cell with one process. Under FSDP2 and
+DDP the cells of one dtype train side by side in one module (_SideBySide), which gives
+every cell the same shards, gradients and steps as training alone (checked bit for bit
+when it was introduced) for a twentieth of the collectives; every other configuration
+trains each cell alone.
 
 Usage: torchrun --nproc-per-node=2 configuration_worker.py OUTPUT CONFIG [CONFIG ...]
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from collections.abc import Callable
@@ -70,41 +75,90 @@ def _local_batch(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 def _train(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     dtype: torch.dtype,
     shard_batch: bool,
     steps: range = range(STEPS),
 ) -> None:
+    """Train model (or a _SideBySide of several cells' models, one optimizer each: the
+    sum of their losses gives each model exactly its own loss's gradients)."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
     for index in steps:
         x, y = GLOBAL_BATCHES[index]
         if shard_batch:
             x, y = _local_batch(x, rank, world), _local_batch(y, rank, world)
-        warmup(optimizer, index)  # before backward: released parameters step inside it
-        loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+        for each in optimizers:
+            warmup(each, index)  # before backward: released parameters step inside it
+        outputs = model(x.to(dtype))
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        loss = sum(nn.functional.mse_loss(output.float(), y) for output in outputs)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        for each in optimizers:
+            each.step()
+            each.zero_grad()
 
 
-def _sharded_model(cell: Cell, mixed_precision: bool) -> nn.Module:
-    model = cell.make_model()
+class _SideBySide(nn.Module):
+    """Several cells' models as one module, each given the same input: FSDP2 and DDP
+    communicate for all of them at once (each parameter is still sharded, reduced and
+    handed to its own cell's optimizer exactly as when its model trains alone, which
+    the test of this worker's cells checks against one process), so the matrix costs
+    one cell's collectives per step instead of twenty."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [model(x) for model in self.models]
+
+
+def _shard(model: nn.Module, layers: list[list[nn.Module]], mixed_precision: bool) -> None:
+    """fully_shard each group of layers (one FSDP2 parameter group each), then the root."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed_precision else None
     kwargs = {"mp_policy": policy} if policy is not None else {}
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, **kwargs)
+    for group in layers:
+        fully_shard(group, **kwargs)
     fully_shard(model, **kwargs)
     if FSDP2_SUMS_OVER_GLOO:
         average_fsdp2_gradients(model)
+
+
+def _sharded_model(cell: Cell, mixed_precision: bool) -> nn.Module:
+    """The cell's model with each Linear its own FSDP2 group, as users wrap layers."""
+    model = cell.make_model()
+    _shard(model, [[layer] for layer in model if isinstance(layer, nn.Linear)], mixed_precision)
     return model
 
 
-def fsdp2(cell: Cell, mixed_precision: bool = False) -> Outcome:
-    model = _sharded_model(cell, mixed_precision)
-    optimizer = cell.make_optimizer(model.parameters())
-    _train(model, optimizer, cell.dtype, shard_batch=True)
-    return whole_values(list(model.parameters()), optimizer)
+def _side_by_side(
+    cells: list[Cell], wrap: Callable[[_SideBySide], nn.Module]
+) -> tuple[nn.Module, list[nn.Module], list[core.AdamFamilyOptimizer]]:
+    """The cells' models as one _SideBySide wrapped by wrap, and each cell's optimizer on
+    its own model's parameters (taken after wrapping: FSDP2 replaces them by shards)."""
+    models = [cell.make_model() for cell in cells]
+    wrapped = wrap(_SideBySide(models))
+    optimizers = [
+        cell.make_optimizer(m.parameters()) for cell, m in zip(cells, models, strict=True)
+    ]
+    return wrapped, models, optimizers
+
+
+def fsdp2(
+    cells: list[Cell], mixed_precision: bool = False, shard_batch: bool = True
+) -> list[Outcome]:
+    """FSDP2 over cells of one dtype side by side: the i-th Linear of every cell's model in
+    one FSDP2 group."""
+
+    def wrap(side_by_side: _SideBySide) -> nn.Module:
+        layers = [[model[index] for model in side_by_side.models] for index in (0, 2)]
+        _shard(side_by_side, layers, mixed_precision)
+        return side_by_side
+
+    model, models, optimizers = _side_by_side(cells, wrap)
+    _train(model, optimizers, cells[0].dtype, shard_batch=shard_batch)
+    return [whole_values(list(m.parameters()), o) for m, o in zip(models, optimizers, strict=True)]
 
 
 def fsdp2_release(cell: Cell, shard_batch: bool = True) -> Outcome:
@@ -232,14 +286,11 @@ def dtensor(cell: Cell, placement: Any) -> Outcome:
     return whole_values(params, optimizer)
 
 
-def fsdp2_whole_batch(cell: Cell) -> Outcome:
+def fsdp2_whole_batch(cells: list[Cell]) -> list[Outcome]:
     """FSDP2 with every rank on the whole batch: the reduce-scatter averages two equal
     gradients, which is exact, so the run is one process's bit for bit wherever the
     optimizer treats a shard as the whole tensor (its random bits included)."""
-    model = _sharded_model(cell, mixed_precision=False)
-    optimizer = cell.make_optimizer(model.parameters())
-    _train(model, optimizer, cell.dtype, shard_batch=False)
-    return whole_values(list(model.parameters()), optimizer)
+    return fsdp2(cells, shard_batch=False)
 
 
 def tensor_parallel(cell: Cell) -> Outcome:
@@ -252,11 +303,11 @@ def tensor_parallel(cell: Cell) -> Outcome:
     return whole_values(list(model.parameters()), optimizer)
 
 
-def ddp(cell: Cell) -> Outcome:
-    model = nn.parallel.DistributedDataParallel(cell.make_model())
-    optimizer = cell.make_optimizer(model.parameters())
-    _train(model, optimizer, cell.dtype, shard_batch=True)
-    return whole_values(list(model.module.parameters()), optimizer)
+def ddp(cells: list[Cell]) -> list[Outcome]:
+    """DDP over cells of one dtype side by side (their gradients in shared buckets)."""
+    model, models, optimizers = _side_by_side(cells, nn.parallel.DistributedDataParallel)
+    _train(model, optimizers, cells[0].dtype, shard_batch=True)
+    return [whole_values(list(m.parameters()), o) for m, o in zip(models, optimizers, strict=True)]
 
 
 def _release_refusal() -> str:
@@ -327,49 +378,68 @@ def _late_gradient_outcomes() -> dict[str, list[str]]:
     return outcomes
 
 
-CONFIGURATIONS: dict[str, Callable[[Cell], Outcome]] = {
+def _one_by_one(run: Callable[[Cell], Outcome]) -> Callable[[list[Cell]], list[Outcome]]:
+    """A configuration whose cells each train alone: their own model, optimizer, and (for
+    checkpoints, release, FSDP1's flat parameters, tensor parallelism) their own state
+    dicts, hooks and wrapping, as one user's run has."""
+    return lambda cells: [run(cell) for cell in cells]
+
+
+CONFIGURATIONS: dict[str, Callable[[list[Cell]], list[Outcome]]] = {
     "fsdp2": fsdp2,
-    "fsdp2_bf16_compute": lambda cell: fsdp2(cell, mixed_precision=True),
-    "fsdp2_dcp": fsdp2_checkpoint,
-    "fsdp2_release": fsdp2_release,
-    "fsdp1": lambda cell: fsdp1(cell, use_orig_params=False),
-    "fsdp1_orig_params": lambda cell: fsdp1(cell, use_orig_params=True),
-    "fsdp1_checkpoint": fsdp1_checkpoint,
-    "dtensor_shard": lambda cell: dtensor(cell, Shard(0)),
-    "dtensor_replicate": lambda cell: dtensor(cell, Replicate()),
-    "tensor_parallel": tensor_parallel,
+    "fsdp2_bf16_compute": functools.partial(fsdp2, mixed_precision=True),
+    "fsdp2_dcp": _one_by_one(fsdp2_checkpoint),
+    "fsdp2_release": _one_by_one(fsdp2_release),
+    "fsdp1": _one_by_one(functools.partial(fsdp1, use_orig_params=False)),
+    "fsdp1_orig_params": _one_by_one(functools.partial(fsdp1, use_orig_params=True)),
+    "fsdp1_checkpoint": _one_by_one(fsdp1_checkpoint),
+    "dtensor_shard": _one_by_one(functools.partial(dtensor, placement=Shard(0))),
+    "dtensor_replicate": _one_by_one(functools.partial(dtensor, placement=Replicate())),
+    "tensor_parallel": _one_by_one(tensor_parallel),
     "ddp": ddp,
 }
-ROUNDING_RUNS: dict[str, Callable[[Cell], Outcome]] = {
+"""Each configuration trains a list of cells of one dtype (every optimizer and backend)."""
+ROUNDING_RUNS: dict[str, Callable[[list[Cell]], list[Outcome]]] = {
     "fsdp2_whole_batch": fsdp2_whole_batch,
-    "fsdp2_release_whole_batch": lambda cell: fsdp2_release(cell, shard_batch=False),
-    "dtensor_shard": lambda cell: dtensor(cell, Shard(0)),
+    "fsdp2_release_whole_batch": _one_by_one(functools.partial(fsdp2_release, shard_batch=False)),
+    "dtensor_shard": CONFIGURATIONS["dtensor_shard"],
 }
 """Stochastic rounding of bf16 parameters sharded by rows (ROUNDING_CONFIGURATIONS)."""
+
+
+def _train_every_cell(
+    results: dict,
+    runs: dict[str, Callable[[list[Cell]], list[Outcome]]],
+    configuration: str,
+    dtype_names: tuple[str, ...],
+    stochastic: bool = False,
+) -> None:
+    """Every optimizer x backend cell of configuration in each of dtype_names, into results
+    under (configuration, optimizer, backend, dtype[, "stochastic" | "compensated"])."""
+    for dtype_name in dtype_names:
+        cells = [
+            Cell(optimizer_name, backend, dtype_name, stochastic=stochastic)
+            for optimizer_name in OPTIMIZERS
+            for backend in BACKENDS
+        ]
+        for cell, (params, compensated) in zip(cells, runs[configuration](cells), strict=True):
+            if stochastic:
+                results[(configuration, *cell.key, "stochastic")] = params
+                continue
+            results[(configuration, *cell.key)] = params
+            if compensated is not None:  # bf16 parameters, full or 8-bit state
+                results[(configuration, *cell.key, "compensated")] = compensated
 
 
 def main(output: str, *configurations: str) -> None:
     early = _prepared_before_the_group()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    results: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
+    results: dict[tuple[str, ...], Any] = {}
     for configuration in configurations:
-        run = CONFIGURATIONS[configuration]
-        for optimizer_name in OPTIMIZERS:
-            for backend in BACKENDS:
-                for dtype_name in DTYPES:
-                    cell = Cell(optimizer_name, backend, dtype_name)
-                    params, compensated = run(cell)
-                    results[(configuration, *cell.key)] = params
-                    if compensated is not None:  # bf16 parameters, full or 8-bit state
-                        results[(configuration, *cell.key, "compensated")] = compensated
+        _train_every_cell(results, CONFIGURATIONS, configuration, tuple(DTYPES))
     for configuration in ROUNDING_CONFIGURATIONS:
-        for optimizer_name in OPTIMIZERS:
-            for backend in BACKENDS:
-                for dtype_name in ROUNDING_DTYPES:
-                    cell = Cell(optimizer_name, backend, dtype_name, stochastic=True)
-                    params, _ = ROUNDING_RUNS[configuration](cell)
-                    results[(configuration, *cell.key, "stochastic")] = params
+        _train_every_cell(results, ROUNDING_RUNS, configuration, ROUNDING_DTYPES, stochastic=True)
     results[("refused", "plain parameters on 2 ranks")] = _release_refusal()
     results[("refused", "prepared before the process group")] = _release_after_the_group_started(
         early
