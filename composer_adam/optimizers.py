@@ -119,8 +119,9 @@ class ComposerConventions:
         before = set(optimizer_metrics)
         metrics.parameter_metrics(self, param, name, optimizer_metrics)  # type: ignore[arg-type]
         # In insertion order: every rank must reach the collectives in the same order.
-        for key in [key for key in optimizer_metrics if key not in before]:
-            optimizer_metrics[key] = rank_share(optimizer_metrics[key])
+        added = [key for key in optimizer_metrics if key not in before]
+        shares = rank_shares([optimizer_metrics[key] for key in added])
+        optimizer_metrics.update(zip(added, shares, strict=True))
         return optimizer_metrics
 
     def pre_reduce_metrics(self, optimizer_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -142,10 +143,21 @@ def rank_share(norm: Any) -> Any:
     cannot enter a plain all-reduce), so every rank contributes an equal share of it;
     this holds for any placement, Shard or Replicate.
     """
+    return rank_shares([norm])[0]
+
+
+def rank_shares(norms: list[Any]) -> list[Any]:
+    """`rank_share` of each norm, the DTensors among them made global together
+    (`core.metrics.global_values`: one collective per kind, not one per norm)."""
     dtensor = dtensor_type()
-    if dtensor is None or not isinstance(norm, dtensor):
-        return norm
-    return metrics.global_value(norm) / torch.distributed.get_world_size() ** 0.5
+    if dtensor is None or not any(isinstance(norm, dtensor) for norm in norms):
+        return list(norms)
+    world = torch.distributed.get_world_size() ** 0.5
+    whole = metrics.global_values(norms)
+    return [
+        value / world if isinstance(norm, dtensor) else norm
+        for norm, value in zip(norms, whole, strict=True)
+    ]
 
 
 class DecoupledAdamW(ComposerConventions, core.Adam):

@@ -561,8 +561,10 @@ class OptimizerMonitor(L.Callback):
                 found[f"{metrics.PARAM}/{name}"] = metrics.l2_norm(param.detach())
             if param in self._grad_norms:
                 found[f"{metrics.GRAD}/{name}"] = self._grad_norms[param]
-        # In insertion order, the same on every rank: DTensor norms are collectives.
-        values = {key: float(metrics.global_value(value)) for key, value in found.items()}
+        # In insertion order, the same on every rank: DTensor norms are collectives (one
+        # per kind of norm, all parameters' together).
+        whole = metrics.global_values(list(found.values()))
+        values = {key: float(value) for key, value in zip(found, whole, strict=True)}
         if not trainer.is_global_zero:
             self._grad_norms.clear()
             return

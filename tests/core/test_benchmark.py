@@ -16,6 +16,7 @@ from core.backends import cpu_kernel
 from tests.processes import ROOT, exit_of_script, run_worker
 
 pytestmark = pytest.mark.slow
+WITH_COMPOSER = importlib.util.find_spec("composer") is not None
 
 
 def _rows(report: str) -> dict[str, list[dict[str, str]]]:
@@ -40,9 +41,8 @@ def _rows(report: str) -> dict[str, list[dict[str, str]]]:
 def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
     """The core tables in the main environment; in the Composer environment its own table
     only (--composer-only), the core rows being the same script the main one times."""
-    with_composer = importlib.util.find_spec("composer") is not None
     command = [sys.executable, "examples/benchmark.py", "--quick", "--runs", "2"]
-    result = run_worker([*command, *(["--composer-only"] if with_composer else [])], 600)
+    result = run_worker([*command, *(["--composer-only"] if WITH_COMPOSER else [])], 600)
     output = result.stdout
     # the host-time table's released rows close each training step, as training does
     # (core warned there that release hooks stepped and no optimizer.step() followed)
@@ -57,7 +57,7 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
             ratio = float(next(value for key, value in row.items() if key.startswith("vs ")))
             assert math.isfinite(ratio) and ratio > 0, row
             assert float(row["ms/step"]) > 0, row
-    if with_composer:
+    if WITH_COMPOSER:
         assert all(title.startswith("Composer") for title in tables), list(tables)
         composer = {row["optimizer"] for rows in tables.values() for row in rows}
         for suffix in ("", " amsgrad"):
@@ -66,6 +66,7 @@ def test_quick_benchmark_reports_every_contender_with_a_ratio() -> None:
                 f"composer_adam DecoupledAdamW{suffix}",
             } <= composer
         return
+    assert_eight_bit_rows(output, threads=1)  # the default: so [1] below runs only here
     fp32 = [rows for title, rows in tables.items() if title.startswith("fp32")]
     bf16 = [rows for title, rows in tables.items() if title.startswith("bf16")]
     assert len(fp32) == 2 and len(bf16) == 2, list(tables)
@@ -135,10 +136,18 @@ def test_bad_arguments_are_refused_by_name(
     assert message in stderr
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2] if WITH_COMPOSER else [2])
 def test_eight_bit_table_reports_every_algorithm_with_its_state_bytes(threads: int) -> None:
+    """One thread in the Composer environment only: in the main one the quick run above
+    prints this table on one thread, and checks it there."""
     command = [sys.executable, "examples/benchmark.py", "--eight-bit-only", "--quick"]
     output = run_worker([*command, "--threads", str(threads)], timeout=600).stdout
+    assert_eight_bit_rows(output, threads)
+
+
+def assert_eight_bit_rows(output: str, threads: int) -> None:
+    """The 8-bit table: every algorithm's fused 8-bit step with its state bytes, and with
+    more than one thread the two thread hand-offs."""
     suffix = "1 thread (" if threads == 1 else f"{threads} threads ("
     assert f"fp32 parameters, {suffix}" in output
     rows = {

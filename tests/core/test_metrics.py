@@ -178,6 +178,52 @@ def _reduce_on_two_ranks(rank: int, port: int, results: dict) -> None:
             found["l2_norm/moment/b"] = torch.tensor(2.0)
         metrics.dist_reduce_metrics(metrics.pre_reduce_metrics(found))
         results[rank] = {k: float(v) for k, v in found.items()}
+        results[f"together {rank}"] = _global_values_together()
+
+
+def _global_values_together() -> tuple[bool, int, int]:
+    """DTensor norms of several kinds (sharded fp32, sharded from bf16, replicated, a
+    vector) among plain values: whether global_values gives global_value's values bit
+    for bit, and the DTensor.full_tensor calls each took (a collective for each Shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    generator = torch.Generator().manual_seed(0)
+
+    def norm(shape: tuple[int, ...], placement: object, dtype: torch.dtype) -> torch.Tensor:
+        whole = torch.randn(shape, generator=generator).to(dtype)
+        return metrics.l2_norm(distribute_tensor(whole, mesh, [placement]))
+
+    values = [
+        norm((7, 3), Shard(0), torch.float32),
+        torch.tensor(2.0),
+        norm((5,), Shard(0), torch.bfloat16),
+        norm((6,), Replicate(), torch.float32),
+        norm((4, 4), Shard(0), torch.float32),
+        distribute_tensor(torch.arange(4.0), mesh, [Shard(0)]),  # not a norm: whole alone
+        3.5,
+        norm((3,), Replicate(), torch.float32),
+    ]
+    calls = [0]
+    full_tensor = DTensor.full_tensor
+
+    def counted(self: DTensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        return full_tensor(self, *args, **kwargs)
+
+    DTensor.full_tensor = counted  # type: ignore[method-assign]
+    try:
+        together = metrics.global_values(values)
+        collectives_together, calls[0] = calls[0], 0
+        alone = [metrics.global_value(value) for value in values]
+    finally:
+        DTensor.full_tensor = full_tensor  # type: ignore[method-assign]
+    same = all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        for a, b in zip(together, alone, strict=True)
+    )
+    return same, collectives_together, calls[0]
 
 
 def test_dist_reduce_takes_the_root_of_summed_squares_across_two_ranks() -> None:
@@ -199,6 +245,9 @@ def test_dist_reduce_takes_the_root_of_summed_squares_across_two_ranks() -> None
             assert results[rank]["l2_norm/moment/b"] == pytest.approx(2.0)
             assert results[rank]["cosine/x"] == pytest.approx(1.0)
             assert math.isfinite(results[rank]["l2_norm/grad/a"])
+            # 5 norms of 2 kinds (3 of Shard(0) tensors, fp32 all, the bf16 one's too;
+            # 2 of Replicate ones) and a sharded vector: 3 full_tensor calls, not 6
+            assert results[f"together {rank}"] == (True, 3, 6)
     assert os.environ.get("RANK") is None
 
 
