@@ -183,8 +183,9 @@ def _reduce_on_two_ranks(rank: int, port: int, results: dict) -> None:
 
 def _global_values_together() -> tuple[bool, int, int]:
     """DTensor norms of several kinds (sharded fp32, sharded from bf16, replicated, a
-    vector) among plain values: whether global_values gives global_value's values bit
-    for bit, and the DTensor.full_tensor calls each took (a collective for each Shard)."""
+    vector, one with a graph) among plain values: whether global_values gives global_value's
+    values bit for bit (and requires_grad alike), and the DTensor.full_tensor calls each
+    took (a collective for each Shard)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -204,6 +205,7 @@ def _global_values_together() -> tuple[bool, int, int]:
         distribute_tensor(torch.arange(4.0), mesh, [Shard(0)]),  # not a norm: whole alone
         3.5,
         norm((3,), Replicate(), torch.float32),
+        metrics.l2_norm(distribute_tensor(torch.ones(4, 2, requires_grad=True), mesh, [Shard(0)])),
     ]
     calls = [0]
     full_tensor = DTensor.full_tensor
@@ -220,7 +222,9 @@ def _global_values_together() -> tuple[bool, int, int]:
     finally:
         DTensor.full_tensor = full_tensor  # type: ignore[method-assign]
     same = all(
-        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        torch.equal(a, b) and a.requires_grad == b.requires_grad
+        if isinstance(a, torch.Tensor)
+        else a == b
         for a, b in zip(together, alone, strict=True)
     )
     return same, collectives_together, calls[0]
@@ -246,8 +250,9 @@ def test_dist_reduce_takes_the_root_of_summed_squares_across_two_ranks() -> None
             assert results[rank]["cosine/x"] == pytest.approx(1.0)
             assert math.isfinite(results[rank]["l2_norm/grad/a"])
             # 5 norms of 2 kinds (3 of Shard(0) tensors, fp32 all, the bf16 one's too;
-            # 2 of Replicate ones) and a sharded vector: 3 full_tensor calls, not 6
-            assert results[f"together {rank}"] == (True, 3, 6)
+            # 2 of Replicate ones), a sharded vector and a norm with a graph (its own
+            # kind: stacked with the others it gave them a graph): 4 calls, not 7
+            assert results[f"together {rank}"] == (True, 4, 7)
     assert os.environ.get("RANK") is None
 
 
