@@ -114,12 +114,15 @@ class _SideBySide(nn.Module):
         return [model(x) for model in self.models]
 
 
-def _shard(model: nn.Module, layers: list[list[nn.Module]], mixed_precision: bool) -> None:
-    """fully_shard each group of layers (one FSDP2 parameter group each), then the root."""
+def _shard(
+    model: nn.Module, units: list[nn.Module] | list[list[nn.Module]], mixed_precision: bool
+) -> None:
+    """fully_shard each unit (a layer, or a list of layers sharing one FSDP2 parameter
+    group), then the root."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed_precision else None
     kwargs = {"mp_policy": policy} if policy is not None else {}
-    for group in layers:
-        fully_shard(group, **kwargs)
+    for unit in units:
+        fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     if FSDP2_SUMS_OVER_GLOO:
         average_fsdp2_gradients(model)
@@ -128,7 +131,7 @@ def _shard(model: nn.Module, layers: list[list[nn.Module]], mixed_precision: boo
 def _sharded_model(cell: Cell, mixed_precision: bool) -> nn.Module:
     """The cell's model with each Linear its own FSDP2 group, as users wrap layers."""
     model = cell.make_model()
-    _shard(model, [[layer] for layer in model if isinstance(layer, nn.Linear)], mixed_precision)
+    _shard(model, [layer for layer in model if isinstance(layer, nn.Linear)], mixed_precision)
     return model
 
 
