@@ -56,6 +56,23 @@ NativeStep = Callable[[bool, Rounding], Callable[[TensorLists], bool] | None]
 rounding): the call that runs it on the bucket's lists (False: nothing done), or None."""
 
 
+_STEP_TENSORS: dict[float, Tensor] = {}
+"""The last step count torch's native kernels were handed, as a host tensor (one entry)."""
+
+
+def _step_tensor(step: float) -> Tensor:
+    """torch's native kernels read the step count from a tensor per parameter (and never
+    write it), so one host tensor serves every parameter and call of a step: made once a
+    step, not once per call, which under gradient release (a call per parameter) cost
+    about 6 µs a parameter."""
+    tensor = _STEP_TENSORS.get(step)
+    if tensor is None:
+        tensor = torch.tensor(step, dtype=torch.float32, device="cpu")
+        _STEP_TENSORS.clear()
+        _STEP_TENSORS[step] = tensor
+    return tensor
+
+
 def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> bool:
     """torch._fused_adam(w)_: the step as torch.optim.Adam/AdamW(fused=True) takes it, for
     a step it computes (c.torch_terms, updating θ, no Kahan buffer or stochastic
@@ -65,8 +82,7 @@ def _native_adam(lists: TensorLists, c: AdamStepCoefficients) -> bool:
     assert terms is not None
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, _ = lists
     assert params is not None
-    # torch reads the step count from a tensor per parameter; one shared host tensor will do.
-    step = torch.tensor(terms.step, dtype=torch.float32, device="cpu")
+    step = _step_tensor(terms.step)
     native = torch._fused_adamw_ if terms.decoupled else torch._fused_adam_
     native(
         params,
