@@ -2172,16 +2172,22 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """The full path: prepare every state, update, and keep a memo for the next step
         (memos[key]) where the group's step can have one."""
         host_checks_setting()  # refused before any state is made, not by the memo's checks
+        fresh = [param for param in params if not self.state.get(param)]
         states = self._prepared_states(params, group)
-        memo = self._new_memo(group, params, states)
-        if memo is None:
-            token = vouch_lists(params)  # checked above: the functional form need not
-            try:
-                self._update_group(group, params, grads, states)
-            finally:
-                unvouch_lists(token)
-            return
-        self._update_memoized(memo, grads)
+        try:
+            memo = self._new_memo(group, params, states)
+            if memo is None:
+                token = vouch_lists(params)  # checked above: the functional form need not
+                try:
+                    self._update_group(group, params, grads, states)
+                finally:
+                    unvouch_lists(token)
+                return
+            self._update_memoized(memo, grads)
+        except cpu_kernel.RefusedBeforeAnyUpdate:
+            for param in fresh:  # made by this step, which changed nothing else
+                self.state.pop(param, None)
+            raise
         if memo.backend is not None and self._memo_complete(memo):
             memos[key] = memo
 

@@ -157,7 +157,9 @@ class FusedCpu:
                 try:
                     cpu_kernel.kernel(self._config(bucket, arguments(bucket.kahan)))
                 except cpu_kernel.KernelUnavailable as error:
-                    raise RuntimeError(f"fused=True: {error} (nothing was updated)") from error
+                    raise cpu_kernel.RefusedBeforeAnyUpdate(
+                        f"fused=True: {error} (nothing was updated)"
+                    ) from error
 
     def _generated(
         self,

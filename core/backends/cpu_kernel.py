@@ -99,6 +99,12 @@ class KernelUnavailable(RuntimeError):
     """No C compiler, or it could not build this configuration."""
 
 
+class RefusedBeforeAnyUpdate(RuntimeError):
+    """fused=True refused a step after its states were made but before any bucket updated
+    anything (a kernel that could not be built): the optimizer takes back the states this
+    step made, so the refused step leaves the optimizer as it found it."""
+
+
 C_COMPILERS = ("cc", "gcc", "clang")
 
 
