@@ -18,7 +18,7 @@ from torch import nn
 
 import core
 from core.backends import cpu_kernel
-from tests.core.cases import make_batches
+from tests.core.cases import TRAINING_BACKENDS, make_batches
 
 CORE_CLASSES = [core.Adam, core.AdamW, core.RAdam, core.NAdam, core.ADOPT]
 POSITIONAL = ["params", "lr", "betas", "weight_decay", "eps"]
@@ -95,6 +95,40 @@ def test_torchs_argument_names_that_carry_over_and_those_that_do_not(name: str) 
         assert missing not in ours
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{missing}'"):
             getattr(core, name)(_parameters(), lr=1e-3, **{missing: False})
+
+
+@pytest.mark.parametrize("backend", ["default", "loop", "foreach", "fused"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_bf16_steps_with_torchs_values_are_torchs_fused_steps_bit_for_bit(
+    name: str, backend: str
+) -> None:
+    """README "Migrating": bf16 parameters without Kahan step as torch.optim's fused CPU
+    kernel rounds them (its foreach and for-loop steps round some elements one ulp away
+    from it, so that is the step to match), on every CPU backend and the default. Triton's
+    kernels compute the moments by their own fp32 arithmetic (through the interpreter, 2
+    of 4096 bf16 moments near zero differ here, 1e-9 against 0), held to the loop backend
+    to an ulp by tests/core/test_fused.py."""
+    hyperparameters = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05}
+    runs = []
+    for make in (
+        lambda p: getattr(torch.optim, name)(p, fused=True, **hyperparameters),
+        lambda p: getattr(core, name)(
+            p, kahan_sum=False, **hyperparameters, **TRAINING_BACKENDS[backend]
+        ),
+    ):
+        generator = torch.Generator().manual_seed(0)
+        params = [
+            torch.randn(n, generator=generator).bfloat16().requires_grad_() for n in (4096, 300)
+        ]
+        optimizer = make(params)
+        for _ in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).bfloat16()
+            optimizer.step()
+        runs.append([(p.detach(), *optimizer.state[p].values()) for p in params])
+    for theirs, ours in zip(*runs, strict=True):
+        assert len(theirs) == len(ours)
+        assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
 
 
 def _final_parameters(make_optimizer: Any) -> torch.Tensor:
