@@ -67,10 +67,13 @@ from core.quantization import (
     STOCHASTIC_KEYS,
     QuantizedMoment,
     absmax_shape,
+    dequantize,
     full_precision,
+    laid_out_as,
     moment_keys,
     moment_view,
     quantizable,
+    quantize,
     quantized_state,
     stochastic_stream,
     validate_state_precision,
@@ -2446,6 +2449,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             state_dict = state_dict.copy()
         for pre_hook in list(pre_hooks.values()):
             state_dict = pre_hook(self, state_dict) or state_dict
+        state_dict = self._without_merge_leftovers(state_dict)
         self._check_loadable(state_dict)
         execution = [{key: group[key] for key in EXECUTION_KEYS} for group in self.param_groups]
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -2508,6 +2512,64 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             self._prepared_state(param, group)
         for post_hook in list(post_hooks.values()):
             post_hook(self)
+
+    def _without_merge_leftovers(self, state_dict: Any) -> Any:
+        """state_dict without what torch's full-state loader leaves of this optimizer's own
+        state beside the checkpoint's.
+
+        set_optimizer_state_dict(full_state_dict=True) starts from this optimizer's own
+        state (made first, by a step with lr 0 and zero gradients, where it has none) and
+        lays the checkpoint's over it key by key. Where the checkpoint holds a moment in
+        the other form (8-bit codes and scales against full precision), both forms
+        arrive: a change of state_precision across the checkpoint, or a 1-D parameter of
+        4096+ elements, which one process or DDP keeps in 8 bits and FSDP2 (a 1-D DTensor
+        shard) in full precision. This optimizer's own form there is that leftover: its
+        live state tensors themselves, or nothing but zeros (a full moment of zeros; codes
+        whose scales are all 0). It is dropped, so the checkpoint's form loads and is
+        converted as any checkpoint of the other precision is. Anything else holding both
+        forms is refused by the checks after this; a malformed state_dict is left for
+        them to name."""
+        try:
+            saved_states = state_dict["state"]
+            pairs = [
+                (saved_id, param, group)
+                for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True)
+                for saved_id, param in zip(saved["params"], group["params"], strict=True)
+            ]
+        except (KeyError, TypeError, ValueError, IndexError):
+            return state_dict
+        if not isinstance(saved_states, dict):
+            return state_dict
+        replaced: dict[Any, dict[str, Any]] = {}
+        for saved_id, param, group in pairs:
+            saved = saved_states.get(saved_id)
+            if not isinstance(saved, dict) or not isinstance(param, Tensor):
+                continue
+            for moment in MOMENT_STATE:
+                codes, absmax = moment_keys(moment)
+                if moment not in saved or codes not in saved:
+                    continue
+                held_full = moment in self._moments_held_full(param, group)
+                own = (moment,) if held_full else (codes, absmax)
+                live = self.state.get(param, {})
+                if not _holds_only_zeros(saved[moment] if held_full else saved.get(absmax)) and (
+                    not all(key in live and saved.get(key) is live[key] for key in own)
+                ):
+                    continue
+                kept = replaced.setdefault(saved_id, dict(saved))
+                if not _is_dtensor(param):
+                    for key in own:  # the load converts the checkpoint's form, as any
+                        kept.pop(key, None)
+                    continue
+                converted = _checkpoint_form_as_own(saved, moment, held_full)
+                if converted is None:
+                    continue  # left in both forms: refused by name below
+                for key in (moment, codes, absmax):
+                    kept.pop(key, None)
+                kept.update(converted)
+        if not replaced:
+            return state_dict
+        return {**state_dict, "state": {**saved_states, **replaced}}
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""
@@ -3390,6 +3452,55 @@ def _is_host_scalar(value: object) -> bool:
     )
 
 
+def _is_dtensor(tensor: Tensor) -> bool:
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def _checkpoint_form_as_own(
+    saved: dict[str, Any], moment: str, held_full: bool
+) -> dict[str, Tensor] | None:
+    """A DTensor parameter's moment, which torch's full-state loader left in both forms
+    (this optimizer's own, as DTensors, beside the checkpoint's, whole and plain): the
+    checkpoint's values in the own form and layout (dequantized, or quantized to the
+    nearest codes, as a load converts any checkpoint of the other precision, then this
+    rank's part), or None where the forms are not laid out so."""
+    codes, absmax = moment_keys(moment)
+    own, theirs = ((moment,), (codes, absmax)) if held_full else ((codes, absmax), (moment,))
+    if not all(_is_dense_tensor(saved.get(key)) and _is_dtensor(saved[key]) for key in own):
+        return None
+    if not all(_is_dense_tensor(saved.get(key)) and not _is_dtensor(saved[key]) for key in theirs):
+        return None
+    signed = moment in SIGNED_KEYS
+    if held_full:
+        like = saved[moment]
+        if saved[codes].shape != like.shape:
+            return None
+        values = dequantize(saved[codes], saved[absmax].float(), signed).to(like.dtype)
+        return {moment: laid_out_as(values, like)}
+    if saved[moment].shape != saved[codes].shape:
+        return None
+    whole_codes, whole_absmax = quantize(saved[moment].float(), signed)
+    if whole_absmax.shape != saved[absmax].shape:
+        return None
+    return {
+        codes: laid_out_as(whole_codes, saved[codes]),
+        absmax: laid_out_as(whole_absmax, saved[absmax]),
+    }
+
+
+def _is_dense_tensor(value: object) -> bool:
+    return isinstance(value, Tensor) and not value.is_meta and value.layout == torch.strided
+
+
+def _holds_only_zeros(value: object) -> bool:
+    """Whether value is a dense tensor with data, every element of it (this rank's shard
+    of a DTensor) zero."""
+    if not isinstance(value, Tensor) or value.is_meta or value.layout != torch.strided:
+        return False
+    return not bool(_local(value).detach().any())
+
+
 def _moment_form_problem(state: dict[str, Any]) -> tuple[str, str, str] | None:
     """(key, problem, allowed) of the first moment a state holds in no one whole form
     (full precision, or 8-bit codes with their scales), or None: the one rule for loaded
@@ -3491,11 +3602,9 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
         key, problem, allowed = form
         if key in MOMENT_STATE:  # both forms: what torch's full-state DCP loader makes
             allowed += (
-                " (torch's set_optimizer_state_dict(full_state_dict=True) merges in the "
-                "receiving optimizer's own form when its state_precision differs from the "
-                "checkpoint's: build the optimizer with the checkpoint's state_precision, "
-                "load, then set each param group's 'state_precision', which converts at "
-                "the next step)"
+                " (torch's set_optimizer_state_dict(full_state_dict=True) lays a checkpoint "
+                "holding the other form over the receiving optimizer's own state, which is "
+                "dropped on load: its live tensors, or all zeros; here neither form is)"
             )
         refuse(key, problem, allowed)
     for key, expected in _expected_state_shapes(param).items():

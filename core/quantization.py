@@ -461,6 +461,25 @@ def _like(local: Tensor, param: Tensor, shape: tuple[int, ...]) -> Tensor:
     )
 
 
+def laid_out_as(value: Tensor, like: Tensor) -> Tensor:
+    """value (a whole, plain tensor of like's global shape) as a DTensor of like's mesh,
+    placements and shape: this rank's part of it. For a moment that arrives whole where a
+    DTensor parameter's state holds shards (torch's full-state loader hands state keys it
+    did not find in the receiving optimizer through undistributed)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(
+        like.shape,
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+    )
+    part = tuple(
+        slice(start, start + size) for start, size in zip(offset, local_shape, strict=True)
+    )
+    local = value[part].to(like.to_local().device).contiguous()  # type: ignore[attr-defined]
+    return _like(local, like, tuple(like.shape))
+
+
 def full_precision(codes: Tensor, absmax: Tensor, signed: bool, param: Tensor) -> Tensor:
     """The moment codes and absmax stand for, in param's dtype and layout (a DTensor for a
     DTensor parameter)."""

@@ -15,6 +15,7 @@ step taken after switching the loaded optimizer to full-precision state.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -25,15 +26,24 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from core.quantization import moment_keys, stored_moment
-from tests.core.configuration_cases import BACKENDS, CHECKPOINT_AT, Cell
+import core
+from core.quantization import moment_keys, quantize, stored_moment
+from tests.core.configuration_cases import (
+    BACKENDS,
+    CHECKPOINT_AT,
+    FSDP2_SUMS_OVER_GLOO,
+    Cell,
+    average_fsdp2_gradients,
+)
 from tests.core.configuration_worker import _sharded_model, _train
 
 CELLS = {
@@ -78,6 +88,87 @@ def save(directory: Path) -> None:
         expected = _state_in_full(model, optimizer)
         if dist.get_rank() == 0:
             torch.save(expected, directory / name / "expected.pt")
+    moves = full_state_moves()
+    if dist.get_rank() == 0:
+        torch.save(moves, directory / "full_state_moves.pt")
+
+
+def _wide_model() -> nn.Module:
+    """A 1-D parameter of 4096 elements (the first bias, as a wide norm's weight):
+    quantized by one process or DDP, kept full by FSDP2 (a 1-D DTensor shard)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 4096), nn.Tanh(), nn.Linear(4096, 4))
+
+
+def _wide_sharded(model: nn.Module) -> nn.Module:
+    """model under FSDP2, its gradients averaged over the ranks in every torch version."""
+    fully_shard(model)
+    if FSDP2_SUMS_OVER_GLOO:
+        average_fsdp2_gradients(model)
+    return model
+
+
+def _wide_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))  # alike on every rank
+    ((model(x) - 1) ** 2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def full_state_moves() -> dict[str, Any]:
+    """torch's full-state route (set_optimizer_state_dict(full_state_dict=True)) between
+    one process and FSDP2 and across state_precision, each receiver fresh: whether the
+    loaded moments are the checkpoint's (converted as a load converts) and the next step
+    is the one a one-process optimizer loaded with the same state takes."""
+    options = StateDictOptions(full_state_dict=True)
+    results: dict[str, Any] = {}
+    for backend, flags in BACKENDS.items():
+        plain = _wide_model()
+        trained = core.AdamW(plain.parameters(), lr=1e-2, state_precision="8bit", **flags)
+        for _ in range(3):
+            _wide_step(plain, trained)
+        checkpoint = get_optimizer_state_dict(plain, trained, options=options)
+        bias_m = stored_moment(trained.state[plain[0].bias], "exp_avg", plain[0].bias)
+        twin = copy.deepcopy(plain)  # the one-process reference: the same state, loaded
+        twin_optimizer = core.AdamW(twin.parameters(), lr=1e-2, state_precision="8bit", **flags)
+        twin_optimizer.load_state_dict(copy.deepcopy(trained.state_dict()))
+        # one process (8-bit bias) -> FSDP2 (full bias), both state_precision="8bit"
+        sharded = _wide_sharded(copy.deepcopy(plain))
+        receiver = core.AdamW(sharded.parameters(), lr=1e-2, state_precision="8bit", **flags)
+        set_optimizer_state_dict(sharded, receiver, copy.deepcopy(checkpoint), options=options)
+        loaded = receiver.state[sharded[0].bias]
+        results[f"{backend}: bias m dequantized"] = "exp_avg" in loaded and torch.equal(
+            _full(loaded["exp_avg"]), bias_m
+        )
+        _wide_step(sharded, receiver)
+        _wide_step(twin, twin_optimizer)
+        results[f"{backend}: next step gap"] = max(
+            float((_full(a) - b.detach()).abs().max())
+            for a, b in zip(sharded.parameters(), twin.parameters(), strict=True)
+        )
+        # FSDP2 (full-precision state) -> FSDP2 with 8-bit state: the weights quantized
+        source = _wide_sharded(_wide_model())
+        full = core.AdamW(source.parameters(), lr=1e-2, **flags)
+        for _ in range(3):
+            _wide_step(source, full)
+        whole = get_optimizer_state_dict(source, full, options=options)
+        target = _wide_sharded(_wide_model())  # its parameters play no part here
+        eight_bit = core.AdamW(target.parameters(), lr=1e-2, state_precision="8bit", **flags)
+        set_optimizer_state_dict(target, eight_bit, copy.deepcopy(whole), options=options)
+        weight = eight_bit.state[target[0].weight]
+        want_codes, want_scales = quantize(_full(full.state[source[0].weight]["exp_avg"]), True)
+        results[f"{backend}: weight m quantized"] = torch.equal(
+            _full(weight["exp_avg_codes"]), want_codes
+        ) and torch.equal(_full(weight["exp_avg_absmax"]), want_scales)
+        # FSDP2 -> one process, both 8-bit: the full bias quantized to the nearest codes
+        back = _wide_model()
+        back_optimizer = core.AdamW(back.parameters(), lr=1e-2, state_precision="8bit", **flags)
+        sharded_checkpoint = get_optimizer_state_dict(sharded, receiver, options=options)
+        set_optimizer_state_dict(back, back_optimizer, sharded_checkpoint, options=options)
+        bias = back_optimizer.state[back[0].bias]
+        want_codes, _ = quantize(_full(receiver.state[sharded[0].bias]["exp_avg"]), True)
+        results[f"{backend}: bias m quantized"] = torch.equal(bias["exp_avg_codes"], want_codes)
+    return results
 
 
 def load(directory: Path) -> None:

@@ -55,3 +55,23 @@ def test_8bit_fsdp2_checkpoint_resumes_on_another_number_of_ranks(saved: Path, r
             torch.testing.assert_close(
                 got, want, atol=1e-5 if bf16 else 1e-6, rtol=2.0**-7 if bf16 else 0.0
             )
+
+
+def test_full_state_loads_move_8bit_checkpoints_between_one_process_and_fsdp2(
+    saved: Path,
+) -> None:
+    """torch's full-state route (set_optimizer_state_dict(full_state_dict=True)) lays the
+    checkpoint's state over the fresh receiver's, key by key. A moment held in the other
+    form arrived in both and was refused: an 8-bit checkpoint of a model with a 1-D
+    parameter of 4096+ elements (a wide norm or bias: 8-bit in one process or DDP, full in
+    FSDP2) could not move between the two, nor any checkpoint across state_precision.
+    Saved on 2 ranks, each backend setting: one process -> FSDP2 loads the bias's m as
+    its codes dequantized, bit for bit, and steps as a one-process optimizer loaded with
+    the same state (within 1e-6); FSDP2 full -> FSDP2 8-bit quantizes the weight's m to
+    the nearest codes; FSDP2 -> one process quantizes the bias's m."""
+    moves = torch.load(saved / "full_state_moves.pt")
+    assert len(moves) == 4 * len(BACKENDS)
+    gaps = {key: gap for key, gap in moves.items() if key.endswith("gap")}
+    assert all(gap <= 1e-6 for gap in gaps.values()), gaps
+    failed = [key for key, held in moves.items() if not key.endswith("gap") and not held]
+    assert not failed, failed
