@@ -3474,7 +3474,7 @@ def _checkpoint_form_as_own(
     signed = moment in SIGNED_KEYS
     if held_full:
         like = saved[moment]
-        if saved[codes].shape != like.shape:
+        if saved[codes].shape != like.shape or saved[absmax].shape != absmax_shape(like.shape):
             return None
         values = dequantize(saved[codes], saved[absmax].float(), signed).to(like.dtype)
         return {moment: laid_out_as(values, like)}
@@ -3496,9 +3496,7 @@ def _is_dense_tensor(value: object) -> bool:
 def _holds_only_zeros(value: object) -> bool:
     """Whether value is a dense tensor with data, every element of it (this rank's shard
     of a DTensor) zero."""
-    if not isinstance(value, Tensor) or value.is_meta or value.layout != torch.strided:
-        return False
-    return not bool(_local(value).detach().any())
+    return _is_dense_tensor(value) and not bool(_local(value).detach().any())  # type: ignore[arg-type]
 
 
 def _moment_form_problem(state: dict[str, Any]) -> tuple[str, str, str] | None:
