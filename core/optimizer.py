@@ -2541,23 +2541,34 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if not isinstance(saved_states, dict):
             return state_dict
         replaced: dict[Any, dict[str, Any]] = {}
+        several_ranks = _in_a_run_of_several_ranks()
+        any_dtensor = False
         for saved_id, param, group in pairs:
             saved = saved_states.get(saved_id)
             if not isinstance(saved, dict) or not isinstance(param, Tensor):
                 continue
+            sharded = _is_dtensor(param)
+            any_dtensor |= sharded
+            if several_ranks and not sharded:
+                continue  # each rank may load alone: left to the refusal (see below)
+            live = self.state.get(param, {})
             for moment in MOMENT_STATE:
                 codes, absmax = moment_keys(moment)
                 if moment not in saved or codes not in saved:
                     continue
-                held_full = moment in self._moments_held_full(param, group)
+                # the form this optimizer holds (a switch of state_precision not yet
+                # stepped leaves the other), else the one its group makes
+                if moment in live or codes in live:
+                    held_full = moment in live
+                else:
+                    held_full = moment in self._moments_held_full(param, group)
                 own = (moment,) if held_full else (codes, absmax)
-                live = self.state.get(param, {})
                 if not _holds_only_zeros(saved[moment] if held_full else saved.get(absmax)) and (
                     not all(key in live and saved.get(key) is live[key] for key in own)
                 ):
                     continue
                 kept = replaced.setdefault(saved_id, dict(saved))
-                if not _is_dtensor(param):
+                if not sharded:
                     for key in own:  # the load converts the checkpoint's form, as any
                         kept.pop(key, None)
                     continue
@@ -2567,9 +2578,32 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 for key in (moment, codes, absmax):
                     kept.pop(key, None)
                 kept.update(converted)
+        if several_ranks and any_dtensor:
+            self._refuse_unless_every_rank_converted(len(replaced))
         if not replaced:
             return state_dict
         return {**state_dict, "state": {**saved_states, **replaced}}
+
+    def _refuse_unless_every_rank_converted(self, converted: int) -> None:
+        """Refuse, on every rank, a full-state load that handed the checkpoint's other form
+        to some ranks only. torch's broadcast_from_rank0=True sends each rank only the
+        keys its own optimizer holds, so the other ranks' moments were their own leftover
+        (zeros, or their live state) under the checkpoint's step: loaded silently, the
+        shards disagreed. A DTensor parameter's load is every rank's (torch's loader
+        moves its shards by collectives), so the ranks can agree by one more."""
+        counts = torch.tensor([converted, -converted], dtype=torch.int64)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+        most, fewest = int(counts[0]), -int(counts[1])
+        require(
+            most == fewest,
+            "state_dict",
+            f"moments in the other form than this optimizer holds for {fewest} to {most} "
+            "parameters, depending on the rank",
+            "the checkpoint's form on every rank: torch's set_optimizer_state_dict with "
+            "broadcast_from_rank0=True hands rank 0 alone the keys this optimizer does not "
+            "hold; load with full_state_dict=True without it, or build the optimizer with "
+            "the checkpoint's state_precision",
+        )
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""
@@ -3452,6 +3486,15 @@ def _is_host_scalar(value: object) -> bool:
     )
 
 
+def _in_a_run_of_several_ranks() -> bool:
+    distributed = torch.distributed
+    return bool(
+        distributed.is_available()
+        and distributed.is_initialized()
+        and distributed.get_world_size() > 1
+    )
+
+
 def _is_dtensor(tensor: Tensor) -> bool:
     dtensor = dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
@@ -3602,7 +3645,10 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             allowed += (
                 " (torch's set_optimizer_state_dict(full_state_dict=True) lays a checkpoint "
                 "holding the other form over the receiving optimizer's own state, which is "
-                "dropped on load: its live tensors, or all zeros; here neither form is)"
+                "dropped on load, its live tensors or all zeros, in one process or for "
+                "DTensor parameters; not for plain ones on one of several ranks, which may "
+                "load alone: convert the checkpoint in one process, or build the optimizer "
+                "with the checkpoint's state_precision)"
             )
         refuse(key, problem, allowed)
     for key, expected in _expected_state_shapes(param).items():

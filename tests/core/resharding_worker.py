@@ -160,14 +160,29 @@ def full_state_moves() -> dict[str, Any]:
         results[f"{backend}: weight m quantized"] = torch.equal(
             _full(weight["exp_avg_codes"]), want_codes
         ) and torch.equal(_full(weight["exp_avg_absmax"]), want_scales)
-        # FSDP2 -> one process, both 8-bit: the full bias quantized to the nearest codes
+        # FSDP2 -> plain parameters on these ranks: refused (a rank may load alone, so
+        # they cannot agree; one process takes it, tests/core/test_state_dict.py)
         back = _wide_model()
         back_optimizer = core.AdamW(back.parameters(), lr=1e-2, state_precision="8bit", **flags)
         sharded_checkpoint = get_optimizer_state_dict(sharded, receiver, options=options)
-        set_optimizer_state_dict(back, back_optimizer, sharded_checkpoint, options=options)
-        bias = back_optimizer.state[back[0].bias]
-        want_codes, _ = quantize(_full(receiver.state[sharded[0].bias]["exp_avg"]), True)
-        results[f"{backend}: bias m quantized"] = torch.equal(bias["exp_avg_codes"], want_codes)
+        try:
+            set_optimizer_state_dict(back, back_optimizer, sharded_checkpoint, options=options)
+            results[f"{backend}: plain receiver of several ranks refused"] = False
+        except ValueError as error:
+            results[f"{backend}: plain receiver of several ranks refused"] = (
+                "convert the checkpoint in one process" in str(error)
+            )
+    # broadcast_from_rank0=True hands rank 0 alone the keys of the other form: refused on
+    # every rank (before, rank 0 was refused and rank 1 loaded its own zeros)
+    fresh = _wide_sharded(_wide_model())
+    unloaded = core.AdamW(fresh.parameters(), lr=1e-2)  # full precision: the bias and all
+    broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    given = copy.deepcopy(checkpoint) if dist.get_rank() == 0 else {}
+    try:
+        set_optimizer_state_dict(fresh, unloaded, given, options=broadcast)
+        results["broadcast refused on every rank"] = False
+    except ValueError as error:
+        results["broadcast refused on every rank"] = "broadcast_from_rank0=True" in str(error)
     return results
 
 

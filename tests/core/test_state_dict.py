@@ -578,7 +578,7 @@ BAD_STATE_VALUES = {
         "8bit",
         _corrupt("exp_avg", torch.zeros(64, 128)),
         r"\['exp_avg'\] comes with 'exp_avg_codes' as well\. Allowed: a moment in one form.*"
-        r"dropped on load: its live tensors, or all zeros; here neither form is",
+        r"dropped on load, its live tensors or all zeros, in one process or for DTensor",
     ),
     "moment-expanded": (
         "full",
@@ -869,3 +869,43 @@ def test_full_state_dcp_loader_takes_a_checkpoint_of_the_other_precision(
         for key, value in state.items():
             assert torch.equal(dcp_state[index][key], value), (index, key)
     assert all(torch.equal(a, b) for a, b in zip(plain_params, dcp_params, strict=True))
+
+
+def test_full_state_load_into_a_pending_switch_of_state_precision_keeps_the_checkpoint() -> None:
+    """A group switched to another state_precision converts at its next step, so until
+    then the live state is in the old form. Leftovers of the full-state route are the
+    form the optimizer holds, not the one its group will make: a checkpoint's all-zero
+    moments were taken for the leftover and dropped, and the optimizer's old trained
+    moments loaded under the checkpoint's step."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for saved, live in (("full", "8bit"), ("8bit", "full")):
+        untrained = _wide_model()
+        fresh = core.AdamW(untrained.parameters(), lr=1e-2, state_precision=saved)
+        checkpoint = get_optimizer_state_dict(untrained, fresh, options=options)  # m = v = 0
+        loaded = []
+        for through_dcp in (False, True):
+            model = _wide_model()
+            optimizer = core.AdamW(model.parameters(), lr=1e-2, state_precision=live)
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                optimizer.step()
+            for group in optimizer.param_groups:
+                group["state_precision"] = saved  # pending until the next step
+            if through_dcp:
+                set_optimizer_state_dict(
+                    model, optimizer, copy.deepcopy(checkpoint), options=options
+                )
+            else:
+                optimizer.load_state_dict(copy.deepcopy(fresh.state_dict()))
+            loaded.append(optimizer.state_dict()["state"])
+        for index, state in loaded[0].items():
+            assert state.keys() == loaded[1][index].keys()
+            assert all(torch.equal(loaded[1][index][k], v) for k, v in state.items())
