@@ -2542,13 +2542,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             return state_dict
         replaced: dict[Any, dict[str, Any]] = {}
         several_ranks = _in_a_run_of_several_ranks()
-        any_dtensor = False
+        mesh = None  # of the first DTensor parameter: the ranks that load together
         for saved_id, param, group in pairs:
             saved = saved_states.get(saved_id)
             if not isinstance(saved, dict) or not isinstance(param, Tensor):
                 continue
             sharded = _is_dtensor(param)
-            any_dtensor |= sharded
+            if sharded and mesh is None:
+                mesh = param.device_mesh  # type: ignore[attr-defined]
             if several_ranks and not sharded:
                 continue  # each rank may load alone: left to the refusal (see below)
             live = self.state.get(param, {})
@@ -2578,32 +2579,11 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 for key in (moment, codes, absmax):
                     kept.pop(key, None)
                 kept.update(converted)
-        if several_ranks and any_dtensor:
-            self._refuse_unless_every_rank_converted(len(replaced))
+        if several_ranks and mesh is not None:
+            _refuse_unless_every_rank_converted(len(replaced), mesh)
         if not replaced:
             return state_dict
         return {**state_dict, "state": {**saved_states, **replaced}}
-
-    def _refuse_unless_every_rank_converted(self, converted: int) -> None:
-        """Refuse, on every rank, a full-state load that handed the checkpoint's other form
-        to some ranks only. torch's broadcast_from_rank0=True sends each rank only the
-        keys its own optimizer holds, so the other ranks' moments were their own leftover
-        (zeros, or their live state) under the checkpoint's step: loaded silently, the
-        shards disagreed. A DTensor parameter's load is every rank's (torch's loader
-        moves its shards by collectives), so the ranks can agree by one more."""
-        counts = torch.tensor([converted, -converted], dtype=torch.int64)
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-        most, fewest = int(counts[0]), -int(counts[1])
-        require(
-            most == fewest,
-            "state_dict",
-            f"moments in the other form than this optimizer holds for {fewest} to {most} "
-            "parameters, depending on the rank",
-            "the checkpoint's form on every rank: torch's set_optimizer_state_dict with "
-            "broadcast_from_rank0=True hands rank 0 alone the keys this optimizer does not "
-            "hold; load with full_state_dict=True without it, or build the optimizer with "
-            "the checkpoint's state_precision",
-        )
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""
@@ -3483,6 +3463,32 @@ def _is_host_scalar(value: object) -> bool:
         and value.dtype == torch.float32
         and value.device.type == "cpu"
         and type(value) is Tensor
+    )
+
+
+def _refuse_unless_every_rank_converted(converted: int, mesh: Any) -> None:
+    """Refuse, on every rank, a full-state load that handed the checkpoint's other form
+    to some ranks only. torch's broadcast_from_rank0=True sends each rank only the
+    keys its own optimizer holds, so the other ranks' moments were their own leftover
+    (zeros, or their live state) under the checkpoint's step: loaded silently, the
+    shards disagreed. A DTensor parameter's load is every rank's (torch's loader
+    moves its shards by collectives), so the ranks can agree by one more."""
+    # among the mesh's ranks (a 1-D mesh's own group, else every rank); all_gather_object
+    # takes the device the group's backend needs (NCCL: the current GPU, where an
+    # all_reduce of a CPU tensor would fail)
+    group = mesh.get_group() if mesh.ndim == 1 else None
+    counts: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(counts, converted, group=group)
+    most, fewest = max(counts), min(counts)
+    require(
+        most == fewest,
+        "state_dict",
+        f"moments in the other form than this optimizer holds for {fewest} to {most} "
+        "parameters, depending on the rank",
+        "the checkpoint's form on every rank: torch's set_optimizer_state_dict with "
+        "broadcast_from_rank0=True hands rank 0 alone the keys this optimizer does not "
+        "hold; load with full_state_dict=True without it, or build the optimizer with "
+        "the checkpoint's state_precision",
     )
 
 
