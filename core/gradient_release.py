@@ -32,6 +32,7 @@ from core.backends.views import dtensor_type
 from core.models import require_module
 from core.optimizer import (
     AdamFamilyOptimizer,
+    in_a_run_of_several_ranks,
     require,
     require_core_optimizer,
     step_released_param,
@@ -293,12 +294,7 @@ def _check_distributed_setup(model: nn.Module) -> None:
             "GradientRelease callback under automatic optimization (it steps from DDP's "
             "communication hook, after the all-reduce), or train without release."
         )
-    distributed = (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
-    if not distributed:
+    if not in_a_run_of_several_ranks():
         return
     dtensor = dtensor_type()
     plain = [

@@ -2175,7 +2175,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         """The full path: prepare every state, update, and keep a memo for the next step
         (memos[key]) where the group's step can have one."""
         host_checks_setting()  # refused before any state is made, not by the memo's checks
-        fresh = [param for param in params if not self.state.get(param)]
+        # only fused=True refuses after states are made (RefusedBeforeAnyUpdate)
+        fresh = [param for param in params if not self.state.get(param)] if group["fused"] else []
         states = self._prepared_states(params, group)
         try:
             memo = self._new_memo(group, params, states)
@@ -2541,7 +2542,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if not isinstance(saved_states, dict):
             return state_dict
         replaced: dict[Any, dict[str, Any]] = {}
-        several_ranks = _in_a_run_of_several_ranks()
+        several_ranks = in_a_run_of_several_ranks()
         mesh = None  # of the first DTensor parameter: the ranks that load together
         for saved_id, param, group in pairs:
             saved = saved_states.get(saved_id)
@@ -2568,14 +2569,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     not all(key in live and saved.get(key) is live[key] for key in own)
                 ):
                     continue
-                kept = replaced.setdefault(saved_id, dict(saved))
                 if not sharded:
+                    kept = replaced.setdefault(saved_id, dict(saved))
                     for key in own:  # the load converts the checkpoint's form, as any
                         kept.pop(key, None)
                     continue
                 converted = _checkpoint_form_as_own(saved, moment, held_full)
                 if converted is None:
                     continue  # left in both forms: refused by name below
+                kept = replaced.setdefault(saved_id, dict(saved))
                 for key in (moment, codes, absmax):
                     kept.pop(key, None)
                 kept.update(converted)
@@ -3492,7 +3494,8 @@ def _refuse_unless_every_rank_converted(converted: int, mesh: Any) -> None:
     )
 
 
-def _in_a_run_of_several_ranks() -> bool:
+def in_a_run_of_several_ranks() -> bool:
+    """Whether a process group of more than one rank is running."""
     distributed = torch.distributed
     return bool(
         distributed.is_available()
@@ -3516,9 +3519,9 @@ def _checkpoint_form_as_own(
     rank's part), or None where the forms are not laid out so."""
     codes, absmax = moment_keys(moment)
     own, theirs = ((moment,), (codes, absmax)) if held_full else ((codes, absmax), (moment,))
-    if not all(_is_dense_tensor(saved.get(key)) and _is_dtensor(saved[key]) for key in own):
+    if not all(_with_data(saved.get(key)) and _is_dtensor(saved[key]) for key in own):
         return None
-    if not all(_is_dense_tensor(saved.get(key)) and not _is_dtensor(saved[key]) for key in theirs):
+    if not all(_with_data(saved.get(key)) and not _is_dtensor(saved[key]) for key in theirs):
         return None
     signed = moment in SIGNED_KEYS
     if held_full:
@@ -3538,14 +3541,15 @@ def _checkpoint_form_as_own(
     }
 
 
-def _is_dense_tensor(value: object) -> bool:
-    return isinstance(value, Tensor) and not value.is_meta and value.layout == torch.strided
+def _with_data(value: object) -> bool:
+    """A dense tensor (_is_dense) that holds values: not on meta."""
+    return _is_dense(value) and not value.is_meta  # type: ignore[union-attr]
 
 
 def _holds_only_zeros(value: object) -> bool:
     """Whether value is a dense tensor with data, every element of it (this rank's shard
     of a DTensor) zero."""
-    return _is_dense_tensor(value) and not bool(_local(value).detach().any())  # type: ignore[arg-type]
+    return _with_data(value) and not bool(_local(value).detach().any())  # type: ignore[arg-type]
 
 
 def _moment_form_problem(state: dict[str, Any]) -> tuple[str, str, str] | None:
