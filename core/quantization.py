@@ -293,9 +293,13 @@ def quantize(values: Tensor, signed: bool, key: int | None = None) -> tuple[Tens
     if key is not None:
         random = rounding_bits(key, values.numel(), values.device).reshape(values.shape)
         random = _blocked(moment_bits(random, signed))
-    codes = magnitude_codes(normalized, code_map(signed), random)
+    spec = code_map(signed)
+    codes = magnitude_codes(normalized, spec, random)
     if signed:
         codes = torch.where((blocked < 0) & (codes > 0), codes | 0x80, codes)
+    else:  # a nonzero v whose |x| · fp32(1 / absmax) underflowed to 0 is still positive
+        nonzero = usable & (blocked != 0)
+        codes = torch.where(nonzero, codes.clamp(min=spec.smallest_code), codes)
     row_length = block_shape(values.shape)[1]
     codes = codes.flatten(1)[:, :row_length].to(torch.uint8)  # (rows, blocks * width)
     return codes.reshape(values.shape), absmax

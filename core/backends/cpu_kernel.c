@@ -686,7 +686,10 @@ typedef struct {
     uint32_t group_bits, decode_offset, encode_offset, smallest_code, largest_code,
         lowest_bits, zero_below;
 } code_map_t;
-/* zero_below: normalized magnitudes with fewer bits take code 0 (else smallest_code). */
+/* zero_below: m's normalized magnitudes with fewer bits take code 0 (else smallest_code);
+ * for v it is 1 and tested on |x| itself, so that a positive v whose normalized magnitude
+ * underflowed to 0 (|x| below 2^-149 of the scale) keeps the smallest code, as
+ * core.quantization.quantize stores it. */
 
 static inline code_map_t map_of(const uint32_t *words, int is_signed) {
     const uint32_t *w = words + (is_signed ? 0 : MAP_WORDS);
@@ -830,14 +833,14 @@ static inline void store_sixteen_codes(uint8_t *out, __m256i low, __m256i high) 
  * t = floor(position + 1/2) from the position's bits, exactly as the vector code's
  * round-down arithmetic finds it. */
 static inline uint8_t nearest_code(float x, float inverse, const code_map_t *map, int is_signed) {
-    uint32_t bits = as_bits(x);
-    uint32_t normalized = as_bits(as_float(bits & 0x7fffffffu) * inverse);
+    uint32_t bits = as_bits(x), magnitude = bits & 0x7fffffffu;
+    uint32_t normalized = as_bits(as_float(magnitude) * inverse);
     uint32_t clamped = normalized < map->lowest_bits ? map->lowest_bits : normalized;
     uint32_t position = (clamped >> map->group_bits) + map->encode_offset;
     uint32_t fraction_bits = 150u - (position >> 23); /* bits of the mantissa below t's units */
     uint32_t t = (((position & 0x7fffffu) | 0x800000u) + (1u << (fraction_bits - 1))) >> fraction_bits;
     uint32_t code = t - 1 < map->largest_code ? t - 1 : map->largest_code;
-    code = normalized < map->zero_below ? 0u : code;
+    code = (is_signed ? normalized : magnitude) < map->zero_below ? 0u : code;
     if (is_signed && code) code |= (bits >> 24) & 0x80u;
     return (uint8_t)code;
 }
@@ -867,11 +870,12 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
      * addition's mask; kept lanes hold a code > 0, so m's sign goes on each of them. */
     for (; j + CODE_LANES <= count; j += CODE_LANES) {
         __m512i bits = _mm512_loadu_si512(x + j);
-        __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
-            _mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_mask)), inverses));
+        __m512i magnitude = _mm512_and_si512(bits, magnitude_mask);
+        __m512i normalized =
+            _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(magnitude), inverses));
         __m512i position = _mm512_add_epi32(
             _mm512_srl_epi32(_mm512_max_epu32(normalized, lowest), group_bits), offset);
-        __mmask16 kept = _mm512_cmpge_epu32_mask(normalized, zero_below);
+        __mmask16 kept = _mm512_cmpge_epu32_mask(is_signed ? normalized : magnitude, zero_below);
         __m512i code = _mm512_castps_si512(
             _mm512_maskz_add_round_ps(kept, _mm512_castsi512_ps(position), integers,
                                       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
@@ -884,7 +888,7 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
     const __m256 inverses = _mm256_set1_ps(inverse), half = _mm256_set1_ps(0.5f);
     const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
     const __m256i lowest = _mm256_set1_epi32((int)map->lowest_bits);
-    /* normalized ≥ zero_below as a signed comparison: both are bits of non-negative floats */
+    /* ≥ zero_below as a signed comparison: normalized and |x| are bits of non-negative floats */
     const __m256i below_zero_below = _mm256_set1_epi32((int)map->zero_below - 1);
     const __m256i offset = _mm256_set1_epi32((int)map->encode_offset);
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
@@ -896,15 +900,16 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
         __m256i codes_of[2];
         for (int half_index = 0; half_index < 2; half_index++) {
             __m256i bits = _mm256_loadu_si256((const __m256i *)(x + j + half_index * CODE_LANES));
-            __m256i normalized = _mm256_castps_si256(_mm256_mul_ps(
-                _mm256_castsi256_ps(_mm256_and_si256(bits, magnitude_mask)), inverses));
+            __m256i magnitude = _mm256_and_si256(bits, magnitude_mask);
+            __m256i normalized =
+                _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(magnitude), inverses));
             __m256i position = _mm256_add_epi32(
                 _mm256_srl_epi32(_mm256_max_epu32(normalized, lowest), group_bits), offset);
             __m256i code = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_castsi256_ps(position), half));
             if (is_signed)
                 code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(bits, 24), sign));
-            codes_of[half_index] =
-                _mm256_and_si256(code, _mm256_cmpgt_epi32(normalized, below_zero_below));
+            codes_of[half_index] = _mm256_and_si256(
+                code, _mm256_cmpgt_epi32(is_signed ? normalized : magnitude, below_zero_below));
         }
         store_sixteen_codes(codes + j, codes_of[0], codes_of[1]);
     }
@@ -924,13 +929,13 @@ static inline void encode(uint8_t *codes, float *scale_out, const float *x, uint
  * nonzero code. */
 static inline uint8_t stochastic_code(float x, float inverse, const code_map_t *map,
                                       int is_signed, float below_scale, float one_plus_u) {
-    uint32_t bits = as_bits(x);
-    uint32_t normalized = as_bits(as_float(bits & 0x7fffffffu) * inverse);
+    uint32_t bits = as_bits(x), magnitude = bits & 0x7fffffffu;
+    uint32_t normalized = as_bits(as_float(magnitude) * inverse);
     uint32_t clamped = normalized < map->lowest_bits ? map->lowest_bits : normalized;
     uint32_t position = (clamped >> map->group_bits) + map->encode_offset;
     uint32_t code = (uint32_t)(as_float(position) + (one_plus_u - 2.0f)); /* t − 1 */
     code = code < map->largest_code ? code : map->largest_code;
-    if (!is_signed) return normalized < map->zero_below ? 0u : (uint8_t)code;
+    if (!is_signed) return magnitude < map->zero_below ? 0u : (uint8_t)code;
     if (normalized < map->lowest_bits)
         code = one_plus_u - 1.0f < as_float(normalized) * below_scale ? map->smallest_code : 0u;
     if (code) code |= (bits >> 24) & 0x80u;
@@ -1030,8 +1035,9 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
     const __m128i group_bits = _mm_cvtsi32_si128((int)map->group_bits);
     for (; j + CODE_LANES <= count; j += CODE_LANES) {
         __m512i bits = _mm512_loadu_si512(x + j);
-        __m512i normalized = _mm512_castps_si512(_mm512_mul_ps(
-            _mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_mask)), inverses));
+        __m512i magnitude = _mm512_and_si512(bits, magnitude_mask);
+        __m512i normalized =
+            _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(magnitude), inverses));
         __m512i position = _mm512_add_epi32(
             _mm512_srl_epi32(_mm512_max_epu32(normalized, lowest), group_bits), offset);
         __m512 one_plus_u = one_plus_uniform_lanes(_mm512_loadu_si512(words + j), is_signed);
@@ -1049,7 +1055,7 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
             code = _mm512_mask_ternarylogic_epi32(code, nonzero, _mm512_srli_epi32(bits, 24),
                                                   sign, 0xf8); /* code | (bits >> 24 & sign) */
         } else {
-            code = _mm512_maskz_mov_epi32(_mm512_cmpge_epu32_mask(normalized, zero_below), code);
+            code = _mm512_maskz_mov_epi32(_mm512_cmpge_epu32_mask(magnitude, zero_below), code);
         }
         _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtepi32_epi8(code));
     }
@@ -1069,8 +1075,9 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
         for (int half_index = 0; half_index < 2; half_index++) {
             int64_t at = j + half_index * CODE_LANES;
             __m256i bits = _mm256_loadu_si256((const __m256i *)(x + at));
-            __m256i normalized = _mm256_castps_si256(_mm256_mul_ps(
-                _mm256_castsi256_ps(_mm256_and_si256(bits, magnitude_mask)), inverses));
+            __m256i magnitude = _mm256_and_si256(bits, magnitude_mask);
+            __m256i normalized =
+                _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(magnitude), inverses));
             __m256i position = _mm256_add_epi32(
                 _mm256_srl_epi32(_mm256_max_epu32(normalized, lowest), group_bits), offset);
             __m256 one_plus_u = one_plus_uniform_lanes(
@@ -1095,7 +1102,7 @@ static inline void encode_stochastic(uint8_t *codes, float *scale_out, const flo
                 codes_of[half_index] = code;
             } else {
                 codes_of[half_index] =
-                    _mm256_and_si256(code, _mm256_cmpgt_epi32(normalized, below_zero_below));
+                    _mm256_and_si256(code, _mm256_cmpgt_epi32(magnitude, below_zero_below));
             }
         }
         store_sixteen_codes(codes + j, codes_of[0], codes_of[1]);

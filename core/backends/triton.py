@@ -1282,6 +1282,9 @@ def _quantize(
             normalized, _U_BASE, _U_GROUP_BITS, _U_SMALLEST_GROUP, _U_TOP_GROUP, _U_LOWEST,
             _U_SMALLEST_CODE, _U_LARGEST_CODE, False, random, STOCHASTIC,
         )  # fmt: skip
+        # a nonzero v whose normalized magnitude underflowed to 0 is still positive
+        nonzero = scaled[:, None] & (magnitude > 0)
+        code = tl.where(nonzero, tl.maximum(code, _U_SMALLEST_CODE), code)
     tl.store(codes, code.to(tl.uint8), mask=mask)
     tl.store(absmax, largest, mask=present)
 

@@ -239,12 +239,32 @@ def test_positive_second_moments_never_round_to_zero_and_zeros_stay_zero() -> No
     values = torch.zeros(4096)
     values[0] = 1.0
     values[1] = 1e-20  # far below the smallest map value times absmax
+    values[256] = 1e30
+    values[257] = 1e-16  # |x| · fp32(1 / absmax) underflows fp32 to 0
     codes, absmax = q.quantize(values, signed=False)
-    assert codes[0] == 255 and codes[1] == q.UNSIGNED_MAP.smallest_code == 3
-    assert (codes[2:256] == 0).all()
-    assert absmax[0, 1:].eq(0).all()
+    smallest = q.UNSIGNED_MAP.smallest_code
+    assert codes[0] == 255 and codes[1] == smallest == 3
+    assert codes[256] == 255 and codes[257] == smallest
+    assert (codes[2:256] == 0).all() and (codes[258:] == 0).all()
+    assert absmax[0, 2:].eq(0).all()
     restored = q.dequantize(codes, absmax, signed=False)
-    assert restored[1] > 0 and restored[2:].eq(0).all()
+    assert restored[1] > 0 and restored[257] > 0
+    assert restored[2:256].eq(0).all() and restored[258:].eq(0).all()
+
+
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+def test_a_positive_v_beside_a_huge_one_keeps_dividing_by_more_than_eps(backend: str) -> None:
+    """One gradient of 1e18 beside one of 1e-8 in a block: v's ratio (1e-52) underflows
+    fp32 when normalized. Stored as 0, the small element's next step with no gradient
+    would divide its m by eps alone; every backend keeps v at its smallest code instead."""
+    param = nn.Parameter(torch.zeros(4096))
+    optimizer = core.Adam([param], lr=1e-3, state_precision="8bit", **TRAINING_BACKENDS[backend])
+    param.grad = torch.zeros(4096)
+    param.grad[0], param.grad[1] = 1e18, 1e-8
+    optimizer.step()
+    state = optimizer.state[param]
+    assert int(state["exp_avg_sq_codes"][1]) == q.UNSIGNED_MAP.smallest_code
+    assert float(q.stored_moment(state, "exp_avg_sq", param)[1]) > 0
 
 
 def test_blocks_below_the_normal_range_are_stored_as_zeros() -> None:

@@ -435,6 +435,10 @@ def test_kernel_encoding_equals_the_reference_on_every_midpoint(
     rows.append(torch.tensor([float("-inf"), 0.5] * 200))
     rows.append(torch.zeros(300))
     rows.append(torch.full((300,), -1e-39))
+    # beside a scale of 1e30, |x| · (1 / absmax) underflows fp32 (v keeps its smallest code)
+    rows.append(torch.tensor([1e30, 1e-16, -1e-16, 3e-17, 1e-20, 0.0, 5e-15, -1e-45] * 50))
+    if not signed:
+        rows[-1] = rows[-1].abs()
     for row in rows:
         codes, absmax = cpu_kernel.quantize_as_kernels_do(row.contiguous(), signed)
         expected_codes, expected_absmax = quantize(row, signed)
@@ -474,6 +478,7 @@ def test_kernel_stochastic_encoding_equals_the_reference(
     rows.append(values[:1000])  # a partial last block, and blocks whose top is not 1
     rows.append(torch.tensor([1.0, float("nan")] * 200))
     rows.append(torch.tensor([float("inf"), 0.5] * 200))
+    rows.append(torch.tensor([1e30, 1e-16, 3e-17, 1e-20, 0.0, 5e-15, 1e-45] * 50))  # underflow
     for row in rows:
         codes, absmax = cpu_kernel.quantize_as_kernels_do(row.contiguous(), signed, key)
         expected_codes, expected_absmax = quantize(row, signed, key)
