@@ -75,21 +75,29 @@ bool starts_in(const at::Tensor& tensor, const at::Tensor& other) {
          other_base + other.storage_offset() * other.itemsize();
 }
 
-// What a memo vouches for of each tensor (DESCRIPTION_FIELDS numbers): its address, its
-// element count, its rows in the 8-bit block layout (core.quantization.block_shape: the
-// first dimension of a tensor of two or more, else 1), its element size and whether it
-// holds its values in order in storage that holds them all. A backend that reuses what it
-// worked out for a memo's tensors (core.backends.checked) relies on all five: no tensor
-// of the step was resized, reshaped, transposed or viewed as another type in place.
+// What a memo vouches for of each tensor: its address, its element count, its shape (the
+// number of dimensions, then each size: the shape checks of the full path, and the rows
+// of the 8-bit block layout, hold while it does), its dtype and whether it holds its
+// values in order in storage that holds them all. A backend that reuses what it worked out
+// for a memo's tensors (core.backends.checked) relies on all of them: no tensor of the
+// step was resized, reshaped (a `.data =` view of the same elements in another shape
+// included), transposed or viewed as another type in place. Descriptions are only
+// compared whole; the dimension count before the sizes keeps a sequence of them
+// unambiguous.
 void describe(const at::Tensor& tensor, std::vector<int64_t>& out) {
   out.push_back(reinterpret_cast<int64_t>(tensor.data_ptr()));
   out.push_back(tensor.numel());
-  out.push_back(tensor.dim() >= 2 ? tensor.size(0) : 1);
+  out.push_back(tensor.dim());
+  for (const int64_t size : tensor.sizes()) out.push_back(size);
   out.push_back(static_cast<int64_t>(tensor.scalar_type()));
   out.push_back(holds_values_in_order(tensor) && backed(tensor) ? 1 : 0);
 }
 
-constexpr int DESCRIPTION_FIELDS = 5;
+// Numbers per description besides one per dimension. An absent state is described as
+// this many zeros: a tensor of no dimensions and no elements, which none is (a tensor of
+// no dimensions holds one element).
+constexpr int FIXED_FIELDS = 5;
+constexpr int USUAL_FIELDS = FIXED_FIELDS + 2;  // reserved per tensor: most have two
 
 PyObject* as_bytes(const std::vector<int64_t>& values) {
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(values.data()),
@@ -121,7 +129,7 @@ PyObject* parameter_layout(PyObject*, PyObject* sequence) {
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
   PyObject** objects = PySequence_Fast_ITEMS(items);
   std::vector<int64_t> layout;
-  layout.reserve(DESCRIPTION_FIELDS * count);
+  layout.reserve(USUAL_FIELDS * count);
   for (Py_ssize_t i = 0; i < count; ++i) {
     if (!is_plain_tensor(objects[i])) {
       Py_DECREF(items);
@@ -152,7 +160,7 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
   const Py_ssize_t count = PyTuple_GET_SIZE(states);
   if (PyTuple_GET_SIZE(column) != count) Py_RETURN_NONE;
   std::vector<int64_t> addresses;
-  addresses.reserve(DESCRIPTION_FIELDS * count);
+  addresses.reserve(USUAL_FIELDS * count);
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* state = PyTuple_GET_ITEM(states, i);
     PyObject* expected = PyTuple_GET_ITEM(column, i);
@@ -161,7 +169,7 @@ PyObject* column_addresses(PyObject*, PyObject* args) {
     if (value == nullptr && PyErr_Occurred()) return nullptr;
     if (expected == Py_None) {
       if (value != nullptr && value != Py_None) Py_RETURN_NONE;
-      addresses.insert(addresses.end(), DESCRIPTION_FIELDS, 0);
+      addresses.insert(addresses.end(), FIXED_FIELDS, 0);
       continue;
     }
     if (value != expected || !THPVariable_Check(value)) Py_RETURN_NONE;

@@ -52,8 +52,8 @@ Layout = bytes | tuple[list[int], ...]
 
 
 class HostChecks(Protocol):
-    """Each answer describes every tensor by DESCRIPTION (address, element count, rows in
-    the 8-bit block layout, dtype, contiguity): what a backend relies on when it
+    """Each answer describes every tensor by DESCRIPTION (address, element count, shape,
+    dtype, contiguity): what a backend relies on when it
     reuses what it worked out for a memo's tensors (core.backends.checked)."""
 
     def parameter_layout(self, params: Sequence[Tensor]) -> Layout | None:
@@ -82,15 +82,10 @@ class HostChecks(Protocol):
         elements (storage_shortfall), or -1; other objects (DTensors) are not asked."""
 
 
-def _block_rows(tensor: Tensor) -> int:
-    """Its rows in the 8-bit block layout (core.quantization.block_shape)."""
-    return tensor.shape[0] if tensor.dim() >= 2 else 1
-
-
 DESCRIPTION = (
     Tensor.data_ptr,
     Tensor.numel,
-    _block_rows,
+    operator.attrgetter("shape"),
     operator.attrgetter("dtype"),
     Tensor.is_contiguous,
 )

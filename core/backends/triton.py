@@ -648,7 +648,7 @@ def _key(bucket: list[list[Tensor] | None]) -> tuple:
 
 
 def _described(values: Sequence[Tensor]) -> Any:
-    """Each tensor's address, size, block rows, dtype and contiguity, hashable: one C++
+    """Each tensor's address, size, shape, dtype and contiguity, hashable: one C++
     pass (core.backends.host_checks) where the module is built."""
     described = host_checks().parameter_layout(values)
     if described is None:  # not all plain strided tensors: _make_plan refuses them by name

@@ -4,8 +4,10 @@ OptimizerMonitor's metrics, and refuses what cannot work."""
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -300,6 +302,57 @@ def test_a_fit_that_raises_is_undone_when_the_trainer_closes(accumulation: bool)
     assert all(p.grad is not None for p in model.parameters())  # kept, as without release
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # refused while released
+
+
+class _FailsInsideBatch(Callback):
+    """Raises after the first microbatch's backward of the second batch, whose fold is then
+    in the moments; keeps the optimizer's state at the end of the first batch."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, Any] = {}
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.saved = copy.deepcopy(state.optimizers[0].state_dict())
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        if state.timestamp.batch.value == 1:
+            raise RuntimeError("stopped inside a batch")
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["continued", "checkpoint-loaded"])
+def test_a_window_left_open_by_a_fit_that_raised_is_said_at_the_next_fit(loaded: bool) -> None:
+    """Composer drops a batch that does not finish; its microbatches folded with
+    optimizer_accumulation stay in the moments, and the next fit's first step closes their
+    window with its own batch: said at that fit's start, not when a checkpoint loaded
+    since (a batch's end) holds no open window."""
+    probe = _FailsInsideBatch()
+    release = composer_adam.GradientRelease(optimizer_accumulation=True)
+    failed = _trainer(callbacks=[release, probe], device_train_microbatch_size=2)
+    model, optimizer = failed.state.model, failed.state.optimizers[0]
+    with pytest.raises(RuntimeError, match="stopped inside a batch"):
+        failed.fit()
+    assert set(optimizer.open_windows().values()) == {1}
+    if loaded:
+        optimizer.load_state_dict(probe.saved)
+        assert not optimizer.open_windows()
+    again = Trainer(
+        model=model,
+        train_dataloader=make_loader(4),
+        optimizers=optimizer,
+        max_duration="1ba",
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        device_train_microbatch_size=2,
+        callbacks=[composer_adam.GradientRelease(optimizer_accumulation=True)],
+    )
+    said = r"window left open by a fit that stopped inside a batch \(\[1\] micro-batches"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again.fit()
+    told = [w for w in caught if re.search(said, str(w.message))]
+    assert len(told) == (0 if loaded else 1)
+    assert not optimizer.open_windows()
 
 
 class _ClosesAfterFirstBatch(Callback):

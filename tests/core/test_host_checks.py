@@ -41,35 +41,40 @@ def compiled() -> HostChecks:
 
 
 def _numbers(layout: Any, described: bool = True) -> list[int] | None:
-    """A check's answer as plain integers (C++: int64 bytes, interleaved per tensor;
-    Python: one list per property), so the two can be compared. Each description's dtype
-    (C++: c10's number, Python: the torch.dtype) is left out as -1: tests of a change of
-    dtype compare an implementation's answers with its own."""
+    """A check's answer as plain integers (C++: int64 bytes, one description after another;
+    Python: one list per property), so the two can be compared: per tensor its address,
+    element count, dimensions and sizes, dtype and contiguity. The dtype (C++: c10's
+    number, Python: the torch.dtype) is left out as -1: tests of a change of dtype compare
+    an implementation's answers with its own."""
     if layout is None:
         return None
     if isinstance(layout, bytes):
         values = array("q", layout).tolist()
-    else:
-        values = [value for row in zip(*layout, strict=True) for value in row]
-    if described:  # descriptions, not gradient addresses
-        values[3::5] = [-1] * len(values[3::5])
-    return values
+        if not described:  # gradient addresses
+            return values
+        numbers, at = [], 0
+        while at < len(values):
+            dimensions = values[at + 2]
+            numbers += [*values[at : at + 3 + dimensions], -1, values[at + 4 + dimensions]]
+            at += 5 + dimensions
+        return numbers
+    rows = list(zip(*layout, strict=True))
+    if not described:
+        return [value for row in rows for value in row]
+    numbers = []
+    for address, count, shape, _, in_order in rows:
+        sizes = [0] if shape == 0 else [len(shape), *shape]  # 0: a state without the key
+        numbers += [address, count, *sizes, -1, int(in_order)]
+    return numbers
 
 
 def _described(tensors: list[Tensor]) -> list[int]:
-    """What each check answers per tensor, written out: address, element count, rows of
-    the 8-bit block layout (first dimension of a matrix or more, else 1), dtype (left out
-    as _numbers leaves it), contiguity."""
+    """What each check answers per tensor, written out: address, element count, number of
+    dimensions and each size, dtype (left out as _numbers leaves it), contiguity."""
     return [
         value
         for t in tensors
-        for value in (
-            t.data_ptr(),
-            t.numel(),
-            t.shape[0] if t.dim() >= 2 else 1,
-            -1,
-            int(t.is_contiguous()),
-        )
+        for value in (t.data_ptr(), t.numel(), t.dim(), *t.shape, -1, int(t.is_contiguous()))
     ]
 
 

@@ -721,6 +721,48 @@ def test_a_gradient_narrowed_in_place_after_memoized_steps_is_refused_before_any
     assert_unchanged(model, optimizer, before)
 
 
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.bad_input
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("reshaped", ["parameter", "moment"])
+@pytest.mark.parametrize("precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+def test_a_tensor_reshaped_in_place_after_memoized_steps_is_refused_before_any_change(
+    backend: str, precision: str, reshaped: str, released: bool
+) -> None:
+    """`.data =` a view of the same elements in another shape with the same first
+    dimension (same address, size and rows): the memo saw no change, so the fused
+    backends stepped state laid out for the old shape and the eager ones failed halfway
+    on torch's broadcast error, after the parameter listed first had been stepped."""
+    first, second = (torch.nn.Parameter(torch.randn(4, 2048)) for _ in range(2))
+    flags = BACKENDS.get(backend, {})
+    optimizer = core.AdamW([first, second], lr=LR, state_precision=precision, **flags)
+    for _ in range(3):
+        first.grad, second.grad = torch.randn(4, 2048), torch.randn(4, 2048)
+        optimizer.step()
+    state = optimizer.state[second]
+    key = "exp_avg" if precision == "full" else "exp_avg_codes"
+    first.grad, second.grad = torch.randn(4, 2048), torch.randn(4, 2048)
+    if reshaped == "parameter":
+        second.data, second.grad = second.data.view(4, 2, 1024), second.grad.view(4, 2, 1024)
+        refused = rf"{key} of shape \(4, 2048\) beside a parameter of shape \(4, 2, 1024\)"
+    else:
+        state[key].data = state[key].data.view(4, 2, 1024)
+        refused = rf"{key} of shape \(4, 2, 1024\) beside a parameter of shape \(4, 2048\)"
+    model = torch.nn.ParameterList([first, second])
+    before = snapshot(model, optimizer)
+    with pytest.raises(
+        ValueError, match=r"Invalid state of params\[1\] in param group 0: " + refused
+    ):
+        if released:  # the first parameter's own hook steps it, as in a released backward
+            step_released_param(optimizer, first)
+            before = snapshot(model, optimizer)
+            step_released_param(optimizer, second)
+        else:
+            optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("name", "make_bad"),
