@@ -106,6 +106,17 @@ def _round(value, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _widened(value):
+    """A loaded tile in fp32. bfloat16 is widened by hand (its bits are fp32's top half),
+    as _round narrows it: Triton's interpreter misread bf16 subnormals (5.7e-39 as
+    1.1e-38, 9e-41 as 0), and the shift gives the same bits on every GPU."""
+    if value.dtype == tl.bfloat16:
+        bits = value.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return value.to(tl.float32)
+
+
+@triton.jit
 def _mix32(value):
     """precision.mix32 on uint32 values (multiplication wraps modulo 2^32)."""
     value ^= value >> 16
@@ -176,9 +187,9 @@ def _stochastic_round(theta, index, key, DTYPE: tl.constexpr):
 @triton.jit
 def _load_param(param, comp, mask, KAHAN: tl.constexpr):
     """θ in fp32, including its Kahan compensation."""
-    theta = tl.load(param, mask=mask).to(tl.float32)
+    theta = _widened(tl.load(param, mask=mask))
     if KAHAN:
-        theta = theta + tl.load(comp, mask=mask).to(tl.float32)
+        theta = theta + _widened(tl.load(comp, mask=mask))
     return theta
 
 
@@ -201,7 +212,7 @@ def _store_param(
     rounded = _round(theta, DTYPE)
     tl.store(param, rounded, mask=mask)
     if KAHAN:
-        tl.store(comp, _round(theta - rounded.to(tl.float32), DTYPE), mask=mask)
+        tl.store(comp, _round(theta - _widened(rounded), DTYPE), mask=mask)
 
 
 @triton.jit
@@ -325,18 +336,18 @@ def _update(
     """One block of moments stored in the parameter's dtype: load what the switches
     read, apply _rule, store what it changed. mask None: a full block, no bounds checks.
     (INIT, ADOPT's first call, reads neither moment and writes only v.)"""
-    g = tl.load(grad, mask=mask).to(tl.float32)
+    g = _widened(tl.load(grad, mask=mask))
     theta = g * 0
     if L2 or (UPDATE and not INIT):
         theta = _load_param(param, comp, mask, KAHAN)
     m = g * 0
     v = g * 0
     if not INIT:
-        m = tl.load(exp_avg, mask=mask).to(tl.float32)
-        v = tl.load(exp_avg_sq, mask=mask).to(tl.float32)
+        m = _widened(tl.load(exp_avg, mask=mask))
+        v = _widened(tl.load(exp_avg_sq, mask=mask))
     v_max = v
     if AMSGRAD:
-        v_max = tl.load(max_exp_avg_sq, mask=mask).to(tl.float32)
+        v_max = _widened(tl.load(max_exp_avg_sq, mask=mask))
     m, v, v_max, theta = _rule(
         g,
         theta,
@@ -1296,7 +1307,7 @@ def _load_moment(pointer, absmax, values, mask, present, QUANTIZED: tl.constexpr
     if QUANTIZED:
         value = _dequantize(pointer, absmax, values, mask, present)
     else:
-        value = tl.load(pointer, mask=mask, other=0).to(tl.float32)
+        value = _widened(tl.load(pointer, mask=mask, other=0))
     return value
 
 
@@ -1410,7 +1421,7 @@ def _quantized_step_kernel(
         state_key = _mix32(state_stream ^ state_draw.to(tl.uint32, bitcast=True)) + shard_offset
 
     grad = _base(addresses, 1, count, index, DTYPE, False) + offsets
-    g = tl.load(grad, mask=mask, other=0).to(tl.float32)
+    g = _widened(tl.load(grad, mask=mask, other=0))
     theta = g * 0
     if L2 or (UPDATE and not INIT):
         theta = _load_param(param, comp, mask, KAHAN)

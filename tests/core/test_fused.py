@@ -142,6 +142,25 @@ def test_low_precision_steps_within_one_ulp_of_loop(
         assert_step_matches(step, expected, actual)
 
 
+@pytest.mark.parametrize("kahan", [False, True], ids=["plain", "kahan"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
+def test_bfloat16_subnormals_step_as_the_loop_steps_them(
+    case: Case, backend: str, kahan: bool
+) -> None:
+    """Parameters, gradients and moments below bfloat16's smallest normal (1.2e-38), with
+    an lr that keeps them there: Triton's interpreter widened such values wrongly (5.7e-39
+    read as 1.1e-38, 60 of their ulps) until the kernels widened bfloat16 by hand."""
+    generator = torch.Generator().manual_seed(2)
+    params = [(1e-38 * torch.randn(300, generator=generator)).bfloat16()]
+    gradients = [[(1e-39 * torch.randn(300, generator=generator)).bfloat16()] for _ in range(3)]
+    tiny = {"lr": 1e-38, "eps": 1e-30, "kahan_sum": kahan}
+    tiny_case = dataclasses.replace(case, core_kwargs={**case.core_kwargs, **tiny})
+    assert bool((params[0].abs() < torch.finfo(torch.bfloat16).smallest_normal).any())
+    for step, expected, actual in paired_steps(tiny_case, backend, params, gradients=gradients):
+        assert_step_matches(step, expected, actual)
+
+
 def _bit_patterns_for_rounding() -> Tensor:
     """float32 bit patterns: every sign, exponent and top mantissa bits (the upper 16),
     each with low halves on and around the round-to-nearest-even boundaries of bfloat16
