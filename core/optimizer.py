@@ -63,6 +63,7 @@ from core.quantization import (
     CODE_FORMAT,
     CODE_FORMAT_KEY,
     FSDP1_FULL_PRECISION,
+    QUANTIZABLE_DTYPES,
     SIGNED_KEYS,
     STOCHASTIC_KEYS,
     QuantizedMoment,
@@ -83,6 +84,7 @@ from core.random_bits import rounding_draw
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 _grad_of, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
+_layout_of = operator.attrgetter("layout")
 _dtype_of, _shape_of, _device_of = map(operator.attrgetter, ("dtype", "shape", "device"))
 
 
@@ -2982,6 +2984,14 @@ def checked_gradient_list(
             f"parameter of shape {tuple(params[position].shape)}); use torch.optim.SparseAdam "
             "for sparse embeddings, or dense gradients (nn.Embedding(sparse=False))."
         )
+    layouts = list(map(_layout_of, grads))
+    if layouts.count(torch.strided) < len(layouts):  # CSR and its kin, mkldnn: torch's
+        position = next(i for i, layout in enumerate(layouts) if layout != torch.strided)
+        raise ValueError(  # errors, naming nothing, from the checks below
+            f"Invalid {grad_name(position)}: a gradient of layout {layouts[position]} beside "
+            f"a parameter of shape {tuple(params[position].shape)}. Allowed: a dense "
+            "(torch.strided) gradient, as autograd makes it."
+        )
     if not (
         all(map(operator.is_, map(_dtype_of, grads), map(_dtype_of, params)))
         and list(map(_shape_of, grads)) == list(map(_shape_of, params))
@@ -3103,11 +3113,12 @@ def check_functional_arguments(name: str, arguments: dict[str, Any]) -> None:
         if key in arguments:
             require(isinstance(arguments[key], bool), key, arguments[key], "True or False")
     for key in ("lr", "beta1", "beta2", "eps", "weight_decay", "max_lr", "momentum_decay"):
-        if isinstance(arguments.get(key), Tensor):
-            # checked above to hold one finite number: the backends each read numbers their
+        value = arguments.get(key)
+        if value is not None and type(value) is not float:
+            # checked above to be one finite number: the backends each read numbers their
             # own way (the loop's addcdiv_ refused a 1-element tensor after some moments
-            # were written; Triton a 0-dim one)
-            arguments[key] = float(arguments[key])
+            # were written; Triton a 0-dim one; torch's fused Adam a fractions.Fraction)
+            arguments[key] = float(value)
     if arguments.get("accumulate"):
         require(
             arguments.get("window_microbatches") is not None,
@@ -3267,6 +3278,13 @@ def _functional_state_problem(key: str, value: object, param: Tensor) -> tuple[s
             "None: only bfloat16 and float16 parameters are compensated",
         )
     if isinstance(value, QuantizedMoment) and key in MOMENT_STATE:
+        if param.dtype not in QUANTIZABLE_DTYPES:  # every backend failed inside torch
+            return (
+                "that is an 8-bit moment",
+                f"a full-precision tensor for a {param.dtype} parameter: 8-bit moments are "
+                "stepped beside float32, bfloat16 and float16 ones (core.quantization."
+                "quantizable)",
+            )
         if value.signed != (key in SIGNED_KEYS):
             return (
                 f"that is an 8-bit moment with signed={value.signed}",

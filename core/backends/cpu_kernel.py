@@ -563,10 +563,24 @@ def kernel(config: KernelConfig) -> ctypes._CFuncPtr:  # type: ignore[name-defin
     return built.adamkit_step_q8 if config.quantized else built.adamkit_step
 
 
+def _check_rounding_dtype(dtype: object) -> None:
+    """The rounding hooks round to a 16-bit dtype the kernels store (any other was built
+    into a kernel, or failed with a KeyError naming nothing)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"Invalid dtype: {dtype!r}. Allowed: torch.bfloat16 or torch.float16.")
+
+
+def _check_signed(signed: object) -> None:
+    """The coding hooks' map: m's (signed) or v's; int() of anything else chose one."""
+    if not isinstance(signed, bool):
+        raise ValueError(f"Invalid signed: {signed!r}. Allowed: True (m's map) or False (v's).")
+
+
 def round_as_kernels_do(values: Tensor, dtype: torch.dtype) -> Tensor:
     """float32 values rounded to dtype by the kernels' own rounding (hardware where the
     CPU has it): tests hold it to torch's conversion."""
     _check_hook_tensor("values", values, torch.float32, _shape_of(values))
+    _check_rounding_dtype(dtype)
     config = KernelConfig("adam", dtype, tuple((name, False) for name in SWITCHES))
     out = torch.empty(values.shape, dtype=dtype, device="cpu")
     library(config).adamkit_round(values.numel(), values.data_ptr(), out.data_ptr())
@@ -578,6 +592,7 @@ def round_stochastically_as_kernels_do(values: Tensor, dtype: torch.dtype, key: 
     parameter store), value i as element i of a tensor whose step key is `key`: tests hold
     it to precision.stochastic_round."""
     _check_hook_tensor("values", values, torch.float32, _shape_of(values))
+    _check_rounding_dtype(dtype)
     switches = tuple((name, False) for name in SWITCHES)
     config = KernelConfig("adam", dtype, switches, stochastic=True)
     _key_array(config, [key], 1)
@@ -1132,7 +1147,9 @@ def _encoding_library() -> ctypes.CDLL:
 
 def _shape_of(tensor: object) -> tuple[int, ...] | None:
     """A rounding hook takes values of any shape: theirs (None for what is no tensor)."""
-    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
+    if not isinstance(tensor, Tensor) or tensor.is_nested:
+        return None
+    return tuple(tensor.shape)
 
 
 def _check_hook_tensor(
@@ -1143,8 +1160,10 @@ def _check_hook_tensor(
     None) whose memory holds its values (a meta or GPU tensor's address, or a freed
     storage's, read as host memory crashed the process; a negated view was read
     unnegated)."""
+    nested = isinstance(tensor, Tensor) and tensor.is_nested  # has no shape to read
     if (
         type(tensor) in PLAIN_TENSOR_TYPES
+        and not nested
         and tensor.layout == torch.strided  # type: ignore[attr-defined]
         and dtype_of(tensor) == dtype  # type: ignore[arg-type]
         and device_of(tensor) == _CPU  # type: ignore[arg-type]
@@ -1153,12 +1172,13 @@ def _check_hook_tensor(
         and memory_problem(tensor) is None  # type: ignore[arg-type]
     ):
         return
-    found = (
-        f"a {tensor.dtype} tensor on {tensor.device} of shape {tuple(tensor.shape)}"
-        if isinstance(tensor, Tensor)
-        else f"a {type(tensor).__name__}"
-    )
-    if type(tensor) in PLAIN_TENSOR_TYPES and tensor.layout == torch.strided:  # type: ignore[attr-defined]
+    if nested:
+        found = f"a nested {tensor.dtype} tensor on {tensor.device}"  # type: ignore[attr-defined]
+    elif isinstance(tensor, Tensor):
+        found = f"a {tensor.dtype} tensor on {tensor.device} of shape {tuple(tensor.shape)}"
+    else:
+        found = f"a {type(tensor).__name__}"
+    if type(tensor) in PLAIN_TENSOR_TYPES and not nested and tensor.layout == torch.strided:  # type: ignore[attr-defined]
         problem = memory_problem(tensor)  # type: ignore[arg-type]
         found += "" if problem is None else f" {problem[0]}"
     wanted = "one dimension" if shape is None else f"shape {shape}"
@@ -1177,6 +1197,7 @@ def quantize_as_kernels_do(
     moment takes its half, quantization.moment_bits): tests hold it to
     core.quantization.quantize on chosen values."""
     _check_hook_tensor("values", values, torch.float32)
+    _check_signed(signed)
     if key is not None and (type(key) is not int or not 0 <= key < 1 << 32):
         raise ValueError(f"Invalid key: {key!r}. Allowed: None or an int in [0, 2^32).")
     codes = torch.empty(values.shape, dtype=torch.uint8, device="cpu")
@@ -1196,6 +1217,7 @@ def dequantize_as_kernels_do(codes: Tensor, absmax: Tensor, signed: bool) -> Ten
     it to core.quantization.dequantize on every code."""
     _check_hook_tensor("codes", codes, torch.uint8)
     _check_hook_tensor("absmax", absmax, torch.float32, absmax_shape(codes.shape))
+    _check_signed(signed)
     values = torch.empty(codes.shape, dtype=torch.float32, device="cpu")
     _encoding_library().adamkit_dequantize(
         codes.numel(),

@@ -150,6 +150,7 @@ class PythonChecks:
             or not PLAIN_TENSOR_TYPES.issuperset(map(type, params))
             or any(map(_NESTED, grads))  # no shape to compare: torch raises
             or any(map(_NESTED, params))
+            or any(layout is not torch.strided for layout in map(_LAYOUT, grads))
             or not all(map(operator.is_, map(_DTYPE, grads), map(_DTYPE, params)))
             or list(map(_SHAPE, grads)) != list(map(_SHAPE, params))
             or list(map(_DEVICE, grads)) != list(map(_DEVICE, params))
@@ -190,6 +191,7 @@ _ABSENT = (0, 0, 0, None, False)
 """The description of a state without the key."""
 _NESTED = operator.attrgetter("is_nested")
 _DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
 _SHAPE = operator.attrgetter("shape")
 _DEVICE = operator.attrgetter("device")
 _GET = dict.get

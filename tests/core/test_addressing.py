@@ -111,8 +111,9 @@ def test_the_c_kernel_refuses_what_it_cannot_address(make_bad, message: str) -> 
         (_freed, r"storage holds 0 bytes, fewer than its elements need \(32"),
         (lambda: torch.ones(8)._neg_view(), "negative bit set"),
         (lambda: torch.ones(8, dtype=torch.float64), "torch.float64"),
+        (lambda: torch.nested.nested_tensor([torch.ones(8)]), "a nested torch.float32 tensor"),
     ],
-    ids=["meta", "freed", "negated", "dtype"],
+    ids=["meta", "freed", "negated", "dtype", "nested"],
 )
 @pytest.mark.parametrize("hook", ["round", "round stochastically", "quantize"])
 def test_the_coding_hooks_refuse_what_c_cannot_read(hook: str, make_bad, message: str) -> None:
@@ -128,6 +129,33 @@ def test_the_coding_hooks_refuse_what_c_cannot_read(hook: str, make_bad, message
     }[hook]
     with pytest.raises(ValueError, match=r"Invalid values: .*" + message):
         call(make_bad())
+
+
+@pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: cpu_kernel.round_as_kernels_do(torch.ones(8), torch.int8), "dtype: torch.int8"),
+        (
+            lambda: cpu_kernel.round_stochastically_as_kernels_do(torch.ones(8), torch.float64, 7),
+            "dtype: torch.float64",
+        ),
+        (lambda: cpu_kernel.quantize_as_kernels_do(torch.ones(8), signed=None), "signed: None"),
+        (
+            lambda: cpu_kernel.dequantize_as_kernels_do(
+                torch.zeros(8, dtype=torch.uint8), torch.ones(1, 1), signed=2
+            ),
+            "signed: 2",
+        ),
+    ],
+    ids=["round-int8", "round-stochastically-float64", "quantize-signed-none", "dequantize-2"],
+)
+def test_the_coding_hooks_refuse_a_dtype_or_map_they_have_not(call, message: str) -> None:
+    """Rounding to int8 failed with a KeyError naming nothing, to float64 was built into a
+    kernel; int() of any `signed` chose a map (None failed inside it)."""
+    with pytest.raises(ValueError, match=f"Invalid {message}. Allowed: "):
+        call()
 
 
 @pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
