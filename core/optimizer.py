@@ -140,6 +140,24 @@ def _group_index_key(groups: list[dict[str, Any]]) -> tuple[tuple[int, int, int]
     return tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
 
 
+def _leave_out_closed_windows(packed: dict[Any, Any]) -> None:
+    """A state dict's per-parameter states without the counters of windows that have
+    closed (a count of 0: what a window-less state means, and what loading restores). Kept,
+    every checkpoint taken between windows held them, and torch's full-state DCP route into
+    a receiver without them failed (`KeyError: 'state.<name>.window_microbatches'`: Composer
+    FSDP2 with state_dict_type="full" could not resume any run with optimizer accumulation).
+    torch packs the live state dicts themselves: the ones changed are copies."""
+    for key, state in packed.items():
+        count = state.get("window_microbatches") if isinstance(state, dict) else None
+        if isinstance(count, Tensor) and not count.is_meta and count.numel() == 1 and not count:
+            packed[key] = {
+                name: value for name, value in state.items() if name not in _WINDOW_COUNTERS
+            }
+
+
+_WINDOW_COUNTERS = ("window_microbatches", "window_shares")
+
+
 def _forget_removed_groups(kept: dict[int, Any], groups: list[dict[str, Any]]) -> None:
     """Drop the entries (keyed by id(group): validated records, step memos, replays) of
     groups no longer in param_groups: each holds its group's tensors, which torch.optim
@@ -1404,10 +1422,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         return memo if memo is not None and memo.states is states else None
 
     def _any_kahan(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """Whether any of params may use Kahan compensation. _prepared_states and
-        _kahan_comps ask about the same list in one step: its dtypes are read once."""
-        if group["kahan_sum"] is False:
-            return False
+        """Whether any of params may use Kahan compensation."""
+        return group["kahan_sum"] is not False and self._any_low_precision(params)
+
+    def _any_low_precision(self, params: list[Tensor]) -> bool:
+        """Whether any of params is bfloat16 or float16. _prepared_states and _kahan_comps
+        ask about the same list in one step: its dtypes are read once."""
         last = getattr(self, "_last_kahan_answer", None)
         if last is not None and last[0] is params:
             return last[1]
@@ -1431,15 +1451,19 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
     def _rounding_of(
         self, group: dict[str, Any], params: Sequence[Tensor], states: Sequence[dict[str, Any]]
     ) -> list[Tensor | StochasticRounding | None]:
-        if not self._any_kahan(group, params):
-            return [None] * len(params)
         if group["stochastic_rounding"]:
+            # kahan_sum=False beside it (a LightningCLI flag turning Kahan off) used to
+            # turn stochastic rounding off too: rounded to nearest, silently
+            if not self._any_low_precision(params):
+                return [None] * len(params)
             streams = self._rounding_streams()
             seed = group["rounding_seed"]
             return [
                 StochasticRounding(seed, streams[id(p)]) if p.dtype in _LOW_PRECISION else None
                 for p in params
             ]
+        if not self._any_kahan(group, params):
+            return [None] * len(params)
         return [
             state["kahan_comp"] if self._uses_kahan(group, p) else None
             for p, state in zip(params, states, strict=True)
@@ -2423,6 +2447,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         finally:
             self._optimizer_state_dict_post_hooks = post_hooks
             self.state = state
+        _leave_out_closed_windows(state_dict["state"])
         for group in state_dict["param_groups"]:
             group.update(torch_group_keys(group))
             group.update(self._format_marks())

@@ -205,18 +205,19 @@ def test_optimizer_accumulation_is_exact_for_unequal_microbatches(
     assert optimizer.microbatch_share is None, "reset when the fit ends"
 
 
-def _trainer(**kwargs: object) -> Trainer:
-    model = make_model()
-    return Trainer(
-        model=model,
-        train_dataloader=make_loader(4),
-        optimizers=composer_adam.DecoupledAdamW(model.parameters(), lr=LR, gradient_release=True),
-        max_duration="2ba",
-        device="cpu",
-        progress_bar=False,
-        log_to_console=False,
-        **kwargs,
-    )
+def _trainer(model: ComposerModel | None = None, **kwargs: Any) -> Trainer:
+    """A quiet two-batch Trainer, on a new model and released optimizer unless given."""
+    model = make_model() if model is None else model
+    released = composer_adam.DecoupledAdamW(model.parameters(), lr=LR, gradient_release=True)
+    settings: dict[str, Any] = {
+        "optimizers": released,
+        "train_dataloader": make_loader(4),
+        "max_duration": "2ba",
+        "device": "cpu",
+        "progress_bar": False,
+        "log_to_console": False,
+    }
+    return Trainer(model=model, **{**settings, **kwargs})
 
 
 @pytest.mark.bad_input
@@ -335,14 +336,10 @@ def test_a_window_left_open_by_a_fit_that_raised_is_said_at_the_next_fit(loaded:
     if loaded:
         optimizer.load_state_dict(probe.saved)
         assert not optimizer.open_windows()
-    again = Trainer(
-        model=model,
-        train_dataloader=make_loader(4),
+    again = _trainer(
+        model,
         optimizers=optimizer,
         max_duration="1ba",
-        device="cpu",
-        progress_bar=False,
-        log_to_console=False,
         device_train_microbatch_size=2,
         callbacks=[composer_adam.GradientRelease(optimizer_accumulation=True)],
     )
@@ -393,16 +390,7 @@ def test_a_new_trainer_releases_beside_a_failed_one_still_referenced(optimizer_k
         ("ordinary", twin, ordinary_optimizer, []),
     ):
         probe = GradientsAfterBackward()
-        Trainer(
-            model=trained,
-            train_dataloader=make_loader(4),
-            optimizers=chosen,
-            max_duration="2ba",
-            device="cpu",
-            progress_bar=False,
-            log_to_console=False,
-            callbacks=[*callbacks, probe],
-        ).fit()
+        _trainer(trained, optimizers=chosen, callbacks=[*callbacks, probe]).fit()
         kept[name] = probe.kept
     assert closing.closed
     assert kept == {"released": [False, False], "ordinary": [True, True]}

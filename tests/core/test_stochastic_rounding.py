@@ -12,7 +12,7 @@ from torch import nn
 import core
 from core.backends.precision import StochasticRounding, rounding_uniforms, stochastic_round
 from core.random_bits import mix32
-from tests.core.cases import BACKENDS, one_case_per_algorithm
+from tests.core.cases import BACKENDS, TRAINING_BACKENDS, one_case_per_algorithm
 
 ALGORITHMS = {case.id: case for case in one_case_per_algorithm()}
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -179,6 +179,37 @@ def test_small_updates_survive_in_bf16_as_they_do_with_kahan() -> None:
         )
     assert distances["stochastic"] < 0.5 * distances["nearest"]
     assert distances["kahan"] < 0.5 * distances["nearest"]
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
+def test_kahan_sum_false_beside_stochastic_rounding_keeps_it_on(
+    backend: str, released: bool
+) -> None:
+    """kahan_sum=False with stochastic_rounding=True (a LightningCLI flag that turns Kahan
+    off) rounded to nearest on every backend, silently: an update far below bf16's
+    spacing never moved a weight. It rounds stochastically as without the flag."""
+    results = {}
+    for name, options in {
+        "without": {"stochastic_rounding": True},
+        "kahan_off": {"stochastic_rounding": True, "kahan_sum": False},
+        "nearest": {"kahan_sum": False},
+    }.items():
+        param = nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+        flags = {**options, **TRAINING_BACKENDS[backend]}
+        optimizer = core.AdamW([param], lr=1e-4, weight_decay=0.0, **flags)
+        for _ in range(20):
+            param.grad = torch.ones_like(param)
+            if released:
+                optimizer.step(param=param)
+            else:
+                optimizer.step()
+        assert "kahan_comp" not in optimizer.state[param]
+        results[name] = param.detach().clone()
+    assert torch.equal(results["kahan_off"], results["without"])
+    assert bool((results["nearest"] == 1.0).all())  # 1e-4 is below bf16's spacing at 1
+    moved = float((1.0 - results["kahan_off"].float()).mean())  # 20 steps of lr each
+    assert abs(moved - 20 * 1e-4) < 0.2 * 20 * 1e-4
 
 
 @pytest.mark.parametrize(
