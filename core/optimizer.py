@@ -2705,6 +2705,8 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
             foreign = len(missing) == len(PROGRESS_KEYS)  # another optimizer's state
             # a first step saved before it made its moments is completed, as live state is
             if missing and (foreign or _made_progress(saved_state, missing)):
+                if _moment_form_problem(saved_state) is not None:  # its scales without codes:
+                    _check_saved_values(name, saved_id, saved_state, param)  # named there
                 raise ValueError(
                     f"Invalid state_dict for {name}: the state of parameter {saved_id} lacks "
                     f"{missing} (it has {sorted(saved_state)}); expected the state of an "

@@ -1061,7 +1061,8 @@ def main() -> None:
         )
     use_threads(args.threads)
     threads = "1 thread" if args.threads == 1 else f"{args.threads} threads (wall time)"
-    if single_table:  # the ratios depend on the vector path (host time: the CPU's)
+    if single_table or args.device != "cuda":  # ratios depend on the vector path (host
+        # time on the CPU's): the header comes first, before the host-time table too
         print(f"torch {torch.__version__}, {machine()}, {threads}", flush=True)
     if args.kernel_only:
         kernel_only_table(rounds=3 if args.quick else 15)
@@ -1101,7 +1102,6 @@ def main() -> None:
     composer_rows = composer_contenders()
     for baseline, ours in zip(composer_rows[::2], composer_rows[1::2], strict=True):
         tables.append(Table("Composer", [baseline, ours], *shapes[0], baseline))
-    print(f"torch {torch.__version__}, {machine()}, {threads}")
     eight_bit_shape = (20, EIGHT_BIT_QUICK if args.quick else EIGHT_BIT_NUMEL)
     eight_bit_lines = []
     if not args.composer_only:

@@ -537,7 +537,7 @@ def test_documented_defaults() -> None:
 
 def _adopt_after_underflow(dtype: torch.dtype, clip: bool) -> tuple[core.ADOPT, nn.Parameter]:
     """ADOPT whose v underflowed on the first call (|g| = 1e-5, g² below float16's range),
-    then stepped with |g| = 1, more than 65504 · eps."""
+    then stepped with |g| = 1, more than 65504 · eps / (1 − β1)."""
     param = nn.Parameter(torch.zeros(8, dtype=dtype))
     optimizer = core.ADOPT([param], lr=1e-3, eps=1e-6, clip=clip)
     for grad in (1e-5, 1.0, 1.0):
@@ -547,7 +547,7 @@ def _adopt_after_underflow(dtype: torch.dtype, clip: bool) -> tuple[core.ADOPT, 
 
 
 def test_unclipped_adopt_on_float16_warns_of_the_overflow_it_then_meets() -> None:
-    with pytest.warns(UserWarning, match=r"65504 \* eps = 0.0655"):
+    with pytest.warns(UserWarning, match=r"65504 \* eps / \(1 - beta1\) = 0.655"):
         optimizer, param = _adopt_after_underflow(torch.float16, clip=False)
     assert not bool(optimizer.state[param]["exp_avg"].isfinite().all())
     assert not bool(param.isfinite().all())
@@ -558,7 +558,7 @@ def test_an_unclipped_float16_group_added_later_is_warned_of_too() -> None:
     not; the warning names the caller's line either way."""
     optimizer = core.ADOPT([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
     half = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
-    with pytest.warns(UserWarning, match=r"65504 \* eps = 0.0655") as caught:
+    with pytest.warns(UserWarning, match=r"65504 \* eps / \(1 - beta1\) = 0.655") as caught:
         optimizer.add_param_group({"params": [half], "clip": False})
     assert caught[0].filename == __file__
     with pytest.warns(UserWarning, match=r"clip=False with float16") as caught:

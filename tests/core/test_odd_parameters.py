@@ -593,6 +593,33 @@ def test_8bit_moment_edited_out_of_its_form_is_refused_before_any_change(
     _edited_state_is_refused_before_any_change(optimizer, edit, re.escape(message))
 
 
+LOADED_8BIT_FORMS = {
+    "codes without scales": "state[1]['exp_avg_codes'] comes without 'exp_avg_absmax'",
+    # was refused as a state that "lacks ['exp_avg_sq']", naming no 8-bit key
+    "scales without codes": "state[1]['exp_avg_sq_absmax'] comes without 'exp_avg_sq_codes'",
+    "both forms": "state[1]['exp_avg'] comes with 'exp_avg_codes' as well",
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", list(BROKEN_8BIT_FORMS))
+def test_a_loaded_8bit_moment_out_of_its_form_is_refused_by_its_key(case: str) -> None:
+    edit, _ = BROKEN_8BIT_FORMS[case]
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(64, 128)) for _ in range(2)]
+    optimizer = core.AdamW(params, lr=1e-3, state_precision="8bit")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    before = copy.deepcopy(optimizer.state_dict())
+    edit(saved["state"][1])
+    with pytest.raises(ValueError, match=re.escape(LOADED_8BIT_FORMS[case])):
+        optimizer.load_state_dict(saved)
+    for key, value in before["state"][1].items():
+        assert torch.equal(optimizer.state[params[1]][key], value), key
+
+
 MISSING_PROGRESS = {
     # each was made afresh beside the others: v at 0 with the step kept, ~50x the update
     "v": (("exp_avg_sq",), "exp_avg_sq is missing from a state that holds ['exp_avg', 'step']"),
