@@ -53,8 +53,8 @@ Layout = bytes | tuple[list[int], ...]
 
 class HostChecks(Protocol):
     """Each answer describes every tensor by DESCRIPTION (address, element count, shape,
-    dtype, contiguity): what a backend relies on when it
-    reuses what it worked out for a memo's tensors (core.backends.checked)."""
+    dtype, contiguity): what a backend relies on when it reuses what it worked out for a
+    memo's tensors (core.backends.checked)."""
 
     def parameter_layout(self, params: Sequence[Tensor]) -> Layout | None:
         """The description of each plain strided tensor with storage, or None. One with
@@ -82,13 +82,13 @@ class HostChecks(Protocol):
         elements (storage_shortfall), or -1; other objects (DTensors) are not asked."""
 
 
-DESCRIPTION = (
-    Tensor.data_ptr,
-    Tensor.numel,
-    operator.attrgetter("shape"),
-    operator.attrgetter("dtype"),
-    Tensor.is_contiguous,
-)
+_NESTED = operator.attrgetter("is_nested")
+_DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
+_SHAPE = operator.attrgetter("shape")
+_DEVICE = operator.attrgetter("device")
+
+DESCRIPTION = (Tensor.data_ptr, Tensor.numel, _SHAPE, _DTYPE, Tensor.is_contiguous)
 """How host_checks.cpp's describe() reads a tensor, in its order (the dtype as a
 torch.dtype rather than c10's number, contiguity as a bool; any_lazy_values, which
 describe() folds into it, is asked of parameters and gradients apart)."""
@@ -189,11 +189,6 @@ class PythonChecks:
 
 _ABSENT = (0, 0, 0, None, False)
 """The description of a state without the key."""
-_NESTED = operator.attrgetter("is_nested")
-_DTYPE = operator.attrgetter("dtype")
-_LAYOUT = operator.attrgetter("layout")
-_SHAPE = operator.attrgetter("shape")
-_DEVICE = operator.attrgetter("device")
 _GET = dict.get
 """A state's entry or None (a state that is not a dict raises TypeError)."""
 
