@@ -3797,11 +3797,34 @@ def step_released_param(
     torch._C._set_grad_enabled(False)  # torch.no_grad() without its object (~1 µs)
     try:
         held = optimizer._step_one(param, held_only=True)
+    except cpu_kernel.RefusedBeforeAnyUpdate as error:
+        _refuse_after_earlier_hooks(optimizer, error)
+        raise
     finally:
         torch._C._set_grad_enabled(grad_enabled)
     if held and has_gradient:
         optimizer._note_hook_step(param, frees_gradient)
     return held
+
+
+def _refuse_after_earlier_hooks(
+    optimizer: AdamFamilyOptimizer, error: cpu_kernel.RefusedBeforeAnyUpdate
+) -> None:
+    """fused=True refused this parameter's released step (a kernel that could not be
+    built) after hooks earlier in the same training step had stepped or folded others with
+    kernels that did build: those keep their update and their gradients are gone, so "nothing
+    was updated" would be false, and running the batch again would apply theirs twice."""
+    own = unwrapped(optimizer).__dict__
+    earlier = len(own.get("_hook_stepped", {})) + len(own.get("_hook_folded", ()))
+    if earlier:
+        reason = str(error).removesuffix(" (nothing was updated)")
+        raise RuntimeError(
+            f"{reason} (this parameter was not updated, but release hooks earlier in this "
+            f"training step had already stepped or folded {earlier} parameter(s), which keep "
+            "their update and whose gradients were freed: do not run this batch again. "
+            "Allowed: fused=None, which falls back to the loop backend where a kernel cannot "
+            "be built, or a compiler that builds every kernel the model needs)"
+        ) from error
 
 
 def _refuse_a_part_after_release(optimizer: AdamFamilyOptimizer, param: Tensor) -> None:

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 import core
 import core.backends
 from core.backends import cpu, cpu_kernel
+from core.gradient_release import prepare_for_gradient_release, remove_gradient_release
 from tests.core.cases import (
     BACKENDS,
     FUSED_BACKENDS,
@@ -411,6 +412,35 @@ def test_a_forced_step_whose_kernel_fails_to_build_changes_nothing(
             optimizer.param_groups[0]["fused"] = False
         runs.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.bad_input
+def test_a_released_step_whose_kernel_fails_to_build_names_what_earlier_hooks_stepped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Under gradient release each hook steps one parameter: the fp32 layer's hook ran
+    torch's native kernel before the bf16 layer's kernel failed to build, so "nothing was
+    updated" was false (and a retried batch would step the fp32 layer twice)."""
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8).bfloat16(), torch.nn.Linear(8, 8))
+    optimizer = core.AdamW(model.parameters(), lr=1e-2, fused=True, gradient_release=True)
+    prepare_for_gradient_release(model, optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        with pytest.raises(
+            RuntimeError,
+            match=r"(?s)fused=True: false could not build .*this parameter was not updated, "
+            r"but release hooks .* already stepped or folded 2 parameter",
+        ):
+            model[1](model[0](torch.randn(4, 8).bfloat16()).float()).sum().backward()
+    finally:
+        remove_gradient_release(model)
+    changed = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
+    assert changed == [False, False, True, True]
 
 
 def _assert_falls_back_by_default_and_is_refused_when_forced(
