@@ -304,7 +304,38 @@ def _no_weight_decay_rule(
         setting,
         "True, False, a list of fnmatch patterns, or a callable",
     )
-    return setting  # type: ignore[return-value]
+    try:
+        signature = inspect.signature(setting)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the call decides
+        signature = None
+    try:
+        if signature is not None:
+            signature.bind("name", None, None)
+    except TypeError as error:
+        raise ValueError(
+            f"Invalid no_weight_decay: {setting!r} cannot be called as "
+            f"no_weight_decay(name, parameter, module) ({error}). Allowed: a callable taking "
+            "those three and returning True for the parameters that skip weight decay."
+        ) from None
+    return _checked_answers(setting)  # type: ignore[arg-type]
+
+
+def _checked_answers(
+    decide: Callable[[str, nn.Parameter, nn.Module], object],
+) -> Callable[[str, nn.Parameter, nn.Module], bool]:
+    """decide, refusing answers other than True or False: a rule that forgot its return
+    (None) decayed every parameter without a word, and a tensor's truth is ambiguous."""
+
+    def checked(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        answer = decide(name, param, module)
+        if not isinstance(answer, bool):
+            raise ValueError(
+                f"Invalid no_weight_decay: {decide!r} returned {answer!r} for parameter "
+                f"{name!r}. Allowed: True (no weight decay) or False."
+            )
+        return answer
+
+    return checked
 
 
 class _NamePatterns:

@@ -695,6 +695,16 @@ def test_a_schedule_for_a_submodule_outside_a_trainer_names_the_module() -> None
         ({"scheduler": {"interval": "batch"}}, r"Invalid interval: 'batch'\. Allowed: 'step'"),
         ({"scheduler": 3}, r"Invalid scheduler: 3\. Allowed: None, one of cosine"),
         ({"no_weight_decay": 3}, r"Invalid no_weight_decay: 3\. Allowed: True, False, a list"),
+        (  # Python's own TypeError named neither the setting nor how it is called
+            {"no_weight_decay": lambda name: name.endswith("bias")},
+            r"Invalid no_weight_decay: <function .*cannot be called as "
+            r"no_weight_decay\(name, parameter, module\)",
+        ),
+        (  # a rule that forgot its return decayed every parameter without a word
+            {"no_weight_decay": lambda name, parameter, module: None},
+            r"Invalid no_weight_decay: <function .* returned None for parameter '.*'\. "
+            r"Allowed: True \(no weight decay\) or False\.",
+        ),
         (
             {"optimizer": {"class_path": "core.AdamW", "args": {}}},
             r"Invalid optimizer dict keys: \['args'\]\. Allowed: class_path and init_args",
