@@ -160,7 +160,7 @@ def _argument_names(cls: type) -> list[str]:
 
 
 def _check_keys(keys: Any, allowed: list[str], where: str) -> None:
-    unknown = sorted(set(keys) - set(allowed))
+    unknown = sorted(set(keys) - set(allowed), key=str)  # keys of mixed types: 1, "lr2"
     if unknown:
         raise ValueError(
             f"Invalid {where}: unknown key(s) {unknown}. Allowed: {', '.join(allowed)}."

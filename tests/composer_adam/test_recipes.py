@@ -158,6 +158,10 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
             {"name": "decoupled_adamw", "param_groups": [{"param_str_match": "head", "lrate": 1}]},
             "Invalid param_groups[0]: unknown key(s) ['lrate']. Allowed: param_str_match, lr,",
         ),
+        (  # keys of mixed types (YAML's `1: 0.1`): sorting them raised a bare TypeError
+            {"name": "decoupled_adamw", 1: 0.1, "lr2": 1e-3},
+            "unknown key(s) [1, 'lr2']. Allowed: name,",
+        ),
         (
             {
                 "name": "decoupled_radam",
@@ -463,6 +467,10 @@ def test_scheduler_recipe_and_its_errors() -> None:
         composer_adam.build_scheduler({"name": "cosine_warmup"})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['warmup'\]"):
         composer_adam.build_scheduler({"name": "cosine_with_warmup", "warmup": "5ba"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \[3, 'x'\]"):  # was a TypeError
+        composer_adam.build_scheduler(
+            {"name": "cosine_with_warmup", "t_warmup": "5ba", 3: 1, "x": 2}
+        )
     with pytest.raises(
         ValueError,
         match=re.escape(
