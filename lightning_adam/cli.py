@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jsonargparse import SUPPRESS
 from torch.optim import Optimizer
 
 
@@ -18,9 +19,13 @@ def link_optimizer(parser: Any, to: str = "model.optimizer", key: str = "optimiz
 
     Call it once, from `LightningCLI.add_arguments_to_parser`, and construct the CLI with
     `auto_configure_optimizers=False`. The model argument receives
-    {'class_path': ..., 'init_args': {...}} (or None when no optimizer is given): plain
-    data, so it can be saved with save_hyperparameters and passed straight to
-    `configure_optimizers`.
+    {'class_path': ..., 'init_args': {...}}: plain data, so it can be saved with
+    save_hyperparameters and passed straight to `configure_optimizers`. Without an
+    `--optimizer` the link is left out (its default is absent, not None), so the model
+    argument keeps its own value: the model's default, or on `fit --ckpt_path` the
+    checkpoint's. A None default made the link set None over the checkpoint's optimizer
+    when Lightning re-parsed with its hyperparameters, so a resumed run trained on with
+    the model's fallback optimizer, silently.
     """
     try:
         parser.add_subclass_arguments(
@@ -30,6 +35,7 @@ def link_optimizer(parser: Any, to: str = "model.optimizer", key: str = "optimiz
             fail_untyped=False,
             skip={"params"},
             required=False,
+            default=SUPPRESS,
         )
     except ValueError as error:  # jsonargparse: "Group with name optimizer already exists."
         if "already exists" not in str(error):

@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import torch
 import yaml
 
 import core
@@ -126,11 +128,13 @@ def test_flags_select_optimizer_hyperparameters_and_backend(
 
 def test_a_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """The checkpoint holds the linked optimizer dict and the LRSchedule in hparams, and
-    loads with Lightning's default torch.load(weights_only=True)."""
+    loads with Lightning's default torch.load(weights_only=True). Resumed as Lightning
+    documents it, `fit --ckpt_path` without repeating the optimizer's file, it trains on
+    with the checkpoint's optimizer: the link recomputed model.optimizer from the absent
+    --optimizer, so the model's fallback (core.AdamW) took the RAdam state silently."""
     # Validating every 20 steps makes Lightning's default ModelCheckpoint save at step 40.
-    config = ["--config", str(CONFIGS / "adamw.yaml"), *SHORT_RUN]
-    config += ["--trainer.val_check_interval=20", "--trainer.limit_val_batches=1"]
-    first = run_cli(tmp_path, *config)
+    config = [*SHORT_RUN, "--trainer.val_check_interval=20", "--trainer.limit_val_batches=1"]
+    first = run_cli(tmp_path, "--config", str(CONFIGS / "radam.yaml"), *config)
     assert first.returncode == 0, first.stderr[-3000:]
     (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
     assert "step=40" in checkpoint.name
@@ -138,8 +142,48 @@ def test_a_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (metrics,) = tmp_path.glob("lightning_logs/version_1/metrics.csv")
     with metrics.open() as handle:
-        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train_loss")]
-    assert steps == list(range(40, 45))
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows if row.get("train_loss")] == list(range(40, 45))
+    # LearningRateMonitor names its columns after the optimizer class that ran.
+    assert "lr-RAdam/decay" in rows[0] and "lr-AdamW/decay" not in rows[0]
+
+
+class _ParsedOptimizer(example.AdamKitCLI):
+    """The example's CLI stopped before anything is built, recording model.optimizer as
+    the model would receive it (after Lightning read a --ckpt_path's hyperparameters)."""
+
+    received: ClassVar[list[object]] = []
+
+    def before_instantiate_classes(self) -> None:
+        self.received.append(self.config[self.subcommand].model.get("optimizer"))
+        raise SystemExit(0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], "core.RAdam"),  # the checkpoint's, not the model's fallback
+        (["--optimizer=core.AdamW", "--optimizer.lr=1e-3"], "core.AdamW"),  # as asked
+    ],
+    ids=["from-checkpoint", "given"],
+)
+def test_a_resumed_cli_run_takes_its_optimizer_from_the_checkpoint_unless_given(
+    flags: list[str], expected: str, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "resume.ckpt"
+    linked = {"class_path": "core.RAdam", "init_args": {"lr": 2e-3, "decouple_wd": True}}
+    torch.save({"hyper_parameters": {"optimizer": linked}}, checkpoint)
+    _ParsedOptimizer.received.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(
+            ["fit", "--config", str(BASE), *flags, f"--ckpt_path={checkpoint}"],
+            cli_class=_ParsedOptimizer,
+        )
+    assert exit_info.value.code == 0
+    (optimizer,) = _ParsedOptimizer.received
+    assert optimizer["class_path"] == expected  # type: ignore[index]
+    if not flags:
+        assert optimizer == linked
 
 
 def parse_only(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
