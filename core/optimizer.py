@@ -2652,6 +2652,12 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     "Adam-family optimizer's. Allowed: a state dict of adamkit's, torch.optim's "
                     "or Composer's Adam, AdamW, RAdam, NAdam (ADOPT's for ADOPT)."
                 )
+            require(  # the key's fallback (checkpoints before it) is for its absence only
+                saved.get(MOMENT_FAMILY_KEY, "Adam") in MOMENT_FAMILIES,
+                f"state_dict for {name}: param group {index}'s {MOMENT_FAMILY_KEY}",
+                saved.get(MOMENT_FAMILY_KEY),
+                f"one of {', '.join(MOMENT_FAMILIES)} (as state_dict() writes it), or absent",
+            )
             family = saved_moment_family(saved)
             if family != self.moment_family:
                 averaged, _ = MOMENT_FAMILIES[family]

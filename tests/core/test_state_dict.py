@@ -438,6 +438,31 @@ def test_state_dict_of_the_other_moment_family_is_refused_before_loading(
     assert optimizer.state_dict()["param_groups"] == before[1]["param_groups"]
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("family", ["adopt", "garbage", None])
+def test_an_unknown_moment_family_is_refused_by_name(family: object) -> None:
+    """A family other than state_dict()'s own fell back to the rule for checkpoints from
+    before the key (ADOPT's groups hold a bool clip): an ADOPT checkpoint edited to say
+    'adopt' and without clip loaded into AdamW, whose steps then misread its moments."""
+    model = make_model()
+    source = core.ADOPT(model.parameters(), lr=LR)
+    train(model, source, make_batches(torch.float32, 2))
+    saved = copy.deepcopy(source.state_dict())
+    for group in saved["param_groups"]:
+        group["moment_family"] = family
+        del group["clip"]
+    optimizer = core.AdamW(model.parameters(), lr=LR)
+    train(model, optimizer, make_batches(torch.float32, 1))
+    before = snapshot(model, optimizer)
+    with pytest.raises(
+        ValueError,
+        match=rf"Invalid state_dict for AdamW: param group 0's moment_family: {family!r}\. "
+        r"Allowed: one of Adam, ADOPT \(as state_dict\(\) writes it\), or absent\.",
+    ):
+        optimizer.load_state_dict(saved)
+    assert_unchanged(model, optimizer, before)
+
+
 @pytest.mark.parametrize(
     ("writer", "clip"),
     [
