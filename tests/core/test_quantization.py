@@ -38,6 +38,13 @@ def float64_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float64)
 
 
+def largest_finite(values: torch.Tensor) -> float:
+    """The largest finite |value| (0.0 if none): the scale an absolute bound on a tensor of
+    scales is taken from, where blocks holding NaN or infinity have such scales."""
+    finite = values[values.isfinite()]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
 def code_positions(codes: torch.Tensor, signed: bool) -> torch.Tensor:
     """Each code's place among its map's values in ascending order (int32), so that the
     difference of two codes' places is how many map steps apart they are (codes are not:
