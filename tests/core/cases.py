@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -236,3 +237,15 @@ def assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, before:
     for key, state in state_dict["state"].items():
         for name, value in state.items():
             assert torch.equal(after["state"][key][name], value), name
+
+
+def assert_load_refused(
+    model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, match: str
+) -> tuple:
+    """load_state_dict(saved) raises a ValueError matching `match` and changes nothing of
+    the model or the optimizer; returns the snapshot taken before, for further checks."""
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=match):
+        optimizer.load_state_dict(saved)
+    assert_unchanged(model, optimizer, before)
+    return before
