@@ -2478,6 +2478,7 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for pre_hook in list(pre_hooks.values()):
             state_dict = pre_hook(self, state_dict) or state_dict
         state_dict = self._without_merge_leftovers(state_dict)
+        state_dict = self._with_empty_groups_completed(state_dict)
         self._check_loadable(state_dict)
         execution = [{key: group[key] for key in EXECUTION_KEYS} for group in self.param_groups]
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -2613,6 +2614,31 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if not replaced:
             return state_dict
         return {**state_dict, "state": {**saved_states, **replaced}}
+
+    def _with_empty_groups_completed(self, state_dict: Any) -> Any:
+        """state_dict with each saved group that holds nothing but an empty 'params' given
+        the live group's hyperparameters. torch.distributed.checkpoint's
+        set_optimizer_state_dict passes a group without parameters so, every other key
+        dropped (Composer's LayerFreezing empties per-layer groups, whose resume was then
+        refused as no Adam-family optimizer's); such a group steers no parameter."""
+        if not isinstance(state_dict, dict):
+            return state_dict
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return state_dict  # refused by _check_loadable, naming what is wrong
+        bare = [
+            isinstance(saved, Mapping) and list(saved) == ["params"] and saved["params"] == []
+            for saved in saved_groups
+        ]
+        if not any(bare):
+            return state_dict
+        completed = [
+            {**{key: value for key, value in live.items() if key != "params"}, "params": []}
+            if empty
+            else saved
+            for saved, live, empty in zip(saved_groups, self.param_groups, bare, strict=True)
+        ]
+        return {**state_dict, "param_groups": completed}
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state dict this optimizer cannot continue from."""

@@ -889,6 +889,47 @@ def test_full_state_dcp_loader_takes_a_checkpoint_of_the_other_precision(
     assert all(torch.equal(a, b) for a, b in zip(plain_params, dcp_params, strict=True))
 
 
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+def test_a_group_emptied_before_saving_resumes_through_torch_distributed_checkpoint(
+    state_precision: str,
+) -> None:
+    """torch's set_optimizer_state_dict passes a param group without parameters as
+    {'params': []}, every hyperparameter dropped: a per-layer group emptied by Composer's
+    LayerFreezing made the resume fail ("param group 0 has no 'betas' or 'eps"), and
+    torch's own AdamW loads it and fails at the next step (KeyError 'betas'). The empty
+    group keeps the live group's hyperparameters; the rest continues bit for bit."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    batches = [torch.randn(16, 128, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+
+    def optimizer_of(model: torch.nn.Module) -> core.AdamW:
+        groups = [{"params": [], "lr": 0.5}, {"params": list(model.parameters())}]
+        return core.AdamW(groups, lr=1e-2, state_precision=state_precision)
+
+    def train(model: torch.nn.Module, optimizer: core.AdamW, part: list[torch.Tensor]) -> None:
+        for x in part:
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+
+    torch.manual_seed(0)
+    full = torch.nn.Linear(128, 64)  # an 8192-element weight: 8-bit state where asked
+    resumed = copy.deepcopy(full)
+    train(full, optimizer_of(full), batches)
+    train(resumed, first := optimizer_of(resumed), batches[:3])
+    checkpoint = get_optimizer_state_dict(resumed, first)
+    optimizer = optimizer_of(resumed)
+    set_optimizer_state_dict(resumed, optimizer, checkpoint)
+    assert optimizer.param_groups[0]["params"] == []
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    train(resumed, optimizer, batches[3:])
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_full_state_load_into_a_pending_switch_of_state_precision_keeps_the_checkpoint() -> None:
     """A group switched to another state_precision converts at its next step, so until
     then the live state is in the old form. Leftovers of the full-state route are the
