@@ -17,7 +17,9 @@
  *               step (StochasticRounding.key(), computed on the host) comes in `keys`,
  *               and element i's random bits are mix32(i·0x9E3779B1 + key), i its offset
  *               within the tensor (exclusive with KAHAN; bfloat16 and float16 only)
- *   L2          g ← g + l2·θ before the moments
+ *   L2          g ← g + l2·θ before the moments, rounded once (a fused multiply-add,
+ *               as torch's add(alpha=) rounds it: where g nearly cancels l2·θ, the step
+ *               follows the few bits left, and two roundings took other ones)
  *   DECAY       θ ← param_decay·θ before the update
  *   UPDATE      the parameter is updated at all (lr ≠ 0)
  *   AMSGRAD, ADAPTIVE, GRAD_TERM (NAdam's g/d term)     Adam family only
@@ -65,9 +67,11 @@ static inline uint32_t as_bits(float x) {
 #if DTYPE == 1
 typedef float store_t;
 #define SQRT sqrtf
+#define MULTIPLY_ADD fmaf
 #else
 typedef double store_t;
 #define SQRT sqrt
+#define MULTIPLY_ADD fma
 #endif
 typedef store_t compute_t;
 static inline compute_t load(const store_t *a, int64_t i) { return a[i]; }
@@ -113,6 +117,7 @@ static inline store_t round_to_store(compute_t x) {
 #endif
 static inline compute_t load(const store_t *a, int64_t i) { return widen(a[i]); }
 #define SQRT sqrtf
+#define MULTIPLY_ADD fmaf
 #else
 #error "unknown DTYPE"
 #endif
@@ -266,7 +271,7 @@ static inline result_t update(const tensors_t *t, const widened_t *widened, cons
     compute_t grad = READ(grad);
     compute_t theta = READS_PARAM ? READ(param) : 0;
     if (READS_PARAM && KAHAN) theta = theta + READ(comp);
-    if (L2) grad = grad + s->l2 * theta;
+    if (L2) grad = MULTIPLY_ADD(s->l2, theta, grad); /* one rounding, as torch's add(alpha=) */
     r.m = lerp(READ(exp_avg), grad, s->lerp_coeff, s->small_weight);
     r.v = READ(exp_avg_sq) * s->beta2 + s->beta2_weight * grad * grad;
     compute_t second_moment = r.v;
@@ -296,7 +301,7 @@ static inline result_t update(const tensors_t *t, const widened_t *widened, cons
     compute_t grad = READ(grad);
     compute_t theta = READS_PARAM ? READ(param) : 0;
     if (READS_PARAM && KAHAN) theta = theta + READ(comp);
-    if (L2) grad = grad + s->l2 * theta;
+    if (L2) grad = MULTIPLY_ADD(s->l2, theta, grad); /* one rounding, as torch's add(alpha=) */
     if (INIT) {
         r.v = grad * grad;
         return r;

@@ -53,7 +53,9 @@ DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.floa
 ALGORITHM_CODES = {"adam": 1, "adopt": 2}
 BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread")
 EXACT_FLAGS = ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
-"""No fused multiply-add contraction: results do not depend on the machine's FMA units."""
+"""No fused multiply-add contraction: results do not depend on the machine's FMA units.
+(L2's g + λθ is an explicit fmaf, correctly rounded everywhere: the instruction where the
+target has one, the C library's function in portable builds.)"""
 COEFFICIENT_COUNT = 10
 MOMENT_SWITCHES = ("M_8BIT", "V_8BIT", "V_MAX_8BIT")
 """cpu_kernel.c's switches saying which moments (QUANTIZED_ROWS order) are 8-bit."""

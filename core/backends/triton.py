@@ -257,7 +257,7 @@ def _rule(
     as read (those a switch leaves unread may be anything) and returns the new
     (m, v, v_max, θ); callers load and store them (see _update, _quantized_step_kernel)."""
     if L2:
-        g = g + l2 * theta
+        g = tl.fma(l2, theta, g)  # one rounding, as torch's add(alpha=) (see cpu_kernel.c)
     if ADOPT:
         if INIT:
             v = g * g

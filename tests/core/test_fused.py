@@ -162,6 +162,27 @@ def test_bfloat16_subnormals_step_as_the_loop_steps_them(
         assert_step_matches(step, expected, actual)
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case_id", ["Adam-l2", "RAdam-l2", "NAdam-l2", "ADOPT-l2"])
+def test_a_gradient_that_nearly_cancels_its_l2_term_steps_as_the_loop_steps_it(
+    case_id: str, backend: str
+) -> None:
+    """g = −λθ + 1e-7·noise, as near the stationary point of an L2-regularised loss: g + λθ
+    keeps a few bits, and steps of lr·(g + λθ)/eps follow them. The kernels rounded the
+    sum twice (multiply, then add) and torch's add(alpha=) once, so a first step differed
+    by 5.9e-5 (Adam, Triton) and NAdam by 9.2e-3 after three; they now round it once too.
+    Two steps of the same gradient: ADOPT's first call only sets v."""
+    case = next(c for c in trajectory_cases() if c.id == case_id)
+    case = dataclasses.replace(case, core_kwargs={**case.core_kwargs, "eps": 1e-6})
+    generator = torch.Generator().manual_seed(4)
+    theta = torch.randn(300, generator=generator)
+    decay = case.core_kwargs["weight_decay"]
+    cancelling = (-(decay * theta.double())).float() + 1e-7 * torch.randn(300, generator=generator)
+    twice = [[cancelling]] * 2
+    for step, expected, actual in paired_steps(case, backend, [theta], gradients=twice):
+        assert_step_matches(step, expected, actual)
+
+
 def _bit_patterns_for_rounding() -> Tensor:
     """float32 bit patterns: every sign, exponent and top mantissa bits (the upper 16),
     each with low halves on and around the round-to-nearest-even boundaries of bfloat16

@@ -10,7 +10,8 @@ are bit-equal whenever the moment arithmetic is exact in both backends (EXACT_BE
 β2 with 1 − β a power of two, dyadic gradients, no L2). Otherwise torch's CPU kernels
 round differently from IEEE single operations on this machine: lerp and addcmul use
 fused multiply-adds, and sqrt (ADOPT's denominator) is not correctly rounded (20% of
-values one ulp off), while the kernel rounds every operation as written. Then m and v
+values one ulp off), while the kernel rounds every operation as written (but L2's
+g + λθ, one fma as torch's add(alpha=) rounds it). Then m and v
 differ by an ulp or two, scales by at most SCALE_ULPS or, where a block's new m nearly
 cancels (a one-element block's scale is its |m|), 2^-20 of the tensor's largest scale,
 as for full-precision moments, and a code only where x / absmax
@@ -51,7 +52,7 @@ DTYPES = {
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SCALE_ULPS = 4
 """Bound on scales in ulps where the loop rounds differently (see above); measured: 4 with
-L2 (g + λθ already differs by an ulp and is squared into v), 2 without, 1 for m."""
+L2 while the kernel rounded g + λθ twice (an ulp off, squared into v), 2 without, 1 for m."""
 EXACT_BETAS = (0.875, 0.9375)
 """1 − β1 and 1 − β2 powers of two: with dyadic gradients every product in m and v is exact."""
 CODE_FRACTION = 1e-3

@@ -108,7 +108,9 @@ def compile_one(job: tuple[dict[str, Any], int]) -> dict[str, Any]:
         "spec": request,
         **_resources(compiled.asm["cubin"]),
         "accesses": _accesses(ptx),
-        "fma": sum(op.startswith("fma.") for op in instructions),
+        # elementwise: sm_100's packed fma.rn.f32x2 does two
+        "fma": sum(2 if op.endswith("x2") else 1 for op in instructions if op.startswith("fma.")),
+        "fma_ops": sorted({op for op in instructions if op.startswith("fma.")}),
         "ftz": sum(".ftz" in op for op in instructions),
         "ftz_ops": sorted({op for op in instructions if ".ftz" in op}),
         "num_warps": compiled.metadata.num_warps,
