@@ -183,6 +183,46 @@ def test_a_gradient_that_nearly_cancels_its_l2_term_steps_as_the_loop_steps_it(
         assert_step_matches(step, expected, actual)
 
 
+@pytest.mark.parametrize("case_id", ["RAdam-l2", "NAdam-l2", "ADOPT-l2"])  # not torch's kernel
+def test_portable_builds_round_the_l2_sum_as_the_fma_instruction_does(
+    case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Builds for a target without an FMA instruction (portable x86-64) round g + λθ once
+    with the C library's fmaf: bit for bit the native build's instruction, on sums that
+    nearly cancel (a few bits left), on ordinary ones, and on sums just below and above a
+    float midpoint by less than a double ulp, which a sum in double would round to the
+    midpoint and then to the even neighbour, the wrong one half the time."""
+    if "fma" not in cpu_kernel._cpu_flags():
+        pytest.skip("this CPU has no FMA instruction for the native build to use")
+    decay = 1 + 2.0**-20  # a float32, so l2·θ is the exact product the cases below need
+    base = next(c for c in trajectory_cases() if c.id == case_id)
+    case = dataclasses.replace(base, core_kwargs={**base.core_kwargs, "weight_decay": decay})
+    generator = torch.Generator().manual_seed(5)
+    theta = torch.randn(4096, generator=generator)
+    noise = torch.randn(4096, generator=generator) * torch.logspace(-9, 0, 4096)
+    gradient = (-(decay * theta.double())).float() + noise.float()
+    # g = 1 + 2^-23 (odd) and l2·θ = 2^-24·(1 ∓ 2^-40): g + l2·θ is a hair below (above)
+    # the midpoint 1 + 3·2^-24, so once rounded it is 1 + 2^-23 (1 + 2^-22); rounded
+    # in double first it is the midpoint, then 1 + 2^-22 both times. Signs mirrored too.
+    near_midpoint = torch.tensor([2.0**-24 * (1 - 2.0**-20), 2.0**-24 * (1 + 2.0**-20)])
+    theta[:4] = torch.cat([near_midpoint, -near_midpoint])
+    gradient[:4] = torch.tensor([1.0, 1.0, -1.0, -1.0]) * (1 + 2.0**-23)
+    runs: list[list[dict[str, Tensor]]] = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("ADAMKIT_PORTABLE_KERNELS", setting)
+        param = theta.clone().requires_grad_()
+        optimizer = case.make([param], fused=True)
+        runs.append([])
+        for _ in range(5):  # each step: a moment's ulp of step 1 is lost in v by step 5
+            param.grad = gradient.clone()
+            optimizer.step()
+            state = {key: value.clone() for key, value in optimizer.state[param].items()}
+            runs[-1].append({"param": param.detach().clone(), **state})
+    for step, (native, portable) in enumerate(zip(*runs, strict=True)):
+        for key, value in native.items():
+            assert torch.equal(value, portable[key]), (step, key)
+
+
 def _bit_patterns_for_rounding() -> Tensor:
     """float32 bit patterns: every sign, exponent and top mantissa bits (the upper 16),
     each with low halves on and around the round-to-nearest-even boundaries of bfloat16
