@@ -56,6 +56,8 @@ EXACT_FLAGS = ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 """No fused multiply-add contraction: results do not depend on the machine's FMA units.
 (L2's g + λθ is an explicit fmaf, correctly rounded everywhere: the instruction where the
 target has one, the C library's function in portable builds.)"""
+LIBRARIES = ("-lm",)
+"""Portable builds call the C library's fmaf (L2's sum); native ones inline the instruction."""
 COEFFICIENT_COUNT = 10
 MOMENT_SWITCHES = ("M_8BIT", "V_8BIT", "V_MAX_8BIT")
 """cpu_kernel.c's switches saying which moments (QUANTIZED_ROWS order) are 8-bit."""
@@ -283,7 +285,8 @@ def vector_path() -> str:
 def _compile(config: KernelConfig, target: Path, choices: tuple[tuple[str, ...], ...]) -> None:
     cc = compiler() or ()
     commands = [
-        [*cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE)] for arch in choices
+        [*cc, *BASE_FLAGS, *EXACT_FLAGS, *arch, *config.defines(), str(SOURCE), *LIBRARIES]
+        for arch in choices
     ]
     build_atomically(commands, target, f"the fused kernel {config}", cc)
 
@@ -454,7 +457,8 @@ compile_seconds: dict[KernelConfig, float] = {}
 
 def library_path(config: KernelConfig, choices: tuple[tuple[str, ...], ...]) -> Path:
     """Where the kernel cache keeps config's library: named by everything it is built from."""
-    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *config.defines(), str(choices)]
+    key = [SOURCE.read_text(), *BASE_FLAGS, *EXACT_FLAGS, *LIBRARIES, *config.defines()]
+    key.append(str(choices))
     digest = hashlib.sha256("\n".join([*key, _toolchain_identity()]).encode()).hexdigest()[:24]
     return cache_dir() / f"adamkit_{config.algorithm}_{digest}.so"
 
