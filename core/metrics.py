@@ -162,15 +162,40 @@ def _update(
         [copy(stored_moment(state, "exp_avg", param))],
         [copy(stored_moment(state, "exp_avg_sq", param))],
     ]
+    maxima = None
     if isinstance(held, AdoptStepCoefficients):
         loop.adopt_step(*tensors, [None], held)
     else:
-        maxima = [copy(stored_moment(state, "max_exp_avg_sq", param))] if held.amsgrad else None
+        if held.amsgrad:
+            maxima = [copy(stored_moment(state, "max_exp_avg_sq", param))]
         loop.adam_step(*tensors, maxima, [None], held)
     update = theta.sub_(before)
     if coefficients.param_decay not in (0.0, 1.0):  # 0: decay erased θ_old, nothing to undo
         update.div_(coefficients.param_decay)
+    if _gradient_term_reads_theta(held):
+        # NAdam's gradient term took g + λθ at θ_old; recomputed at θ_new = θ_old + Δ it
+        # comes out as Δ·(1 + c), c = −grad_step·λ/d elementwise (d the step's
+        # denominator, from the stored v): divided out, it is the change itself. It was
+        # off by cΔ, large where g + λθ nearly cancels (d small): +10% at a first step.
+        second_moment = tensors[3][0] if maxima is None else maxima[0]  # as the step read it
+        denominator = second_moment.sqrt().div_(held.bias_correction2_sqrt).add_(held.eps)
+        scale = -held.grad_step * held.l2_weight_decay
+        update.div_(denominator.reciprocal_().mul_(scale).add_(1.0))
     return update
+
+
+def _gradient_term_reads_theta(
+    coefficients: AdamStepCoefficients | AdoptStepCoefficients,
+) -> bool:
+    """Whether the update itself reads θ (not only through the stored moments): NAdam's
+    gradient term with L2 decay, in a step that updated the parameter."""
+    return (
+        isinstance(coefficients, AdamStepCoefficients)
+        and coefficients.update_params
+        and coefficients.adaptive
+        and coefficients.grad_step != 0
+        and coefficients.l2_weight_decay != 0
+    )
 
 
 def parameter_metrics(
