@@ -60,3 +60,22 @@ def patch_language_once_per_launch() -> bool:
     interpreter._patch_lang = patch_unless_patched
     launcher.__call__ = launch_patching_once
     return True
+
+
+@functools.cache
+def interpreter_rounds_fma_once() -> bool:
+    """Whether this Triton's interpreter computes tl.fma with one rounding, as a GPU does
+    (Triton 3.9's: a true fma); Triton 3.3's multiplies and adds in numpy, two roundings.
+    Probed on (1 + 2^-12)² − (1 + 2^-11) = 2^-24, which two roundings make 0."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fma_of_loaded(x, y, z, out):  # type: ignore[no-untyped-def]
+        tl.store(out, tl.fma(tl.load(x), tl.load(y), tl.load(z)))
+
+    factor = torch.tensor([1 + 2.0**-12])
+    out = torch.zeros(1)
+    fma_of_loaded[(1,)](factor, factor, torch.tensor([-(1 + 2.0**-11)]), out)
+    return float(out) == 2.0**-24

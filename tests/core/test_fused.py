@@ -35,6 +35,7 @@ from tests.core.cases import (
     train,
     trajectory_cases,
 )
+from tests.triton_interpreter import interpreter_rounds_fma_once
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 STEPS = 8
@@ -172,6 +173,8 @@ def test_a_gradient_that_nearly_cancels_its_l2_term_steps_as_the_loop_steps_it(
     sum twice (multiply, then add) and torch's add(alpha=) once, so a first step differed
     by 5.9e-5 (Adam, Triton) and NAdam by 9.2e-3 after three; they now round it once too.
     Two steps of the same gradient: ADOPT's first call only sets v."""
+    if backend == "triton" and not interpreter_rounds_fma_once():
+        pytest.skip("this Triton's interpreter rounds tl.fma twice (3.3: numpy's a * b + c)")
     case = next(c for c in trajectory_cases() if c.id == case_id)
     case = dataclasses.replace(case, core_kwargs={**case.core_kwargs, "eps": 1e-6})
     generator = torch.Generator().manual_seed(4)
