@@ -25,7 +25,8 @@ def link_optimizer(parser: Any, to: str = "model.optimizer", key: str = "optimiz
     argument keeps its own value: the model's default, or on `fit --ckpt_path` the
     checkpoint's. A None default made the link set None over the checkpoint's optimizer
     when Lightning re-parsed with its hyperparameters, so a resumed run trained on with
-    the model's fallback optimizer, silently.
+    the model's fallback optimizer, silently. An explicit `--optimizer null` (or
+    `optimizer: null`) is still taken, and passes None: the model's fallback.
     """
     try:
         parser.add_subclass_arguments(
@@ -35,12 +36,12 @@ def link_optimizer(parser: Any, to: str = "model.optimizer", key: str = "optimiz
             fail_untyped=False,
             skip={"params"},
             required=False,
-            default=SUPPRESS,
         )
     except ValueError as error:  # jsonargparse: "Group with name optimizer already exists."
         if "already exists" not in str(error):
             raise
         raise ValueError(_group_exists(key)) from error
+    parser.set_defaults({key: SUPPRESS})
     if hasattr(type(parser), "add_optimizer_args"):
         # LightningCLI(auto_configure_optimizers=True) adds its own '--optimizer' group after
         # add_arguments_to_parser, where jsonargparse's error says nothing of that setting.

@@ -164,11 +164,14 @@ class _ParsedOptimizer(example.AdamKitCLI):
     [
         ([], "core.RAdam"),  # the checkpoint's, not the model's fallback
         (["--optimizer=core.AdamW", "--optimizer.lr=1e-3"], "core.AdamW"),  # as asked
+        # an explicit null (config.yaml files of runs without an optimizer held it until
+        # 2026-12-07) asks for the model's fallback: it was refused as no Optimizer
+        (["--optimizer=null"], None),
     ],
-    ids=["from-checkpoint", "given"],
+    ids=["from-checkpoint", "given", "null"],
 )
 def test_a_resumed_cli_run_takes_its_optimizer_from_the_checkpoint_unless_given(
-    flags: list[str], expected: str, tmp_path: Path
+    flags: list[str], expected: str | None, tmp_path: Path
 ) -> None:
     checkpoint = tmp_path / "resume.ckpt"
     linked = {"class_path": "core.RAdam", "init_args": {"lr": 2e-3, "decouple_wd": True}}
@@ -181,6 +184,9 @@ def test_a_resumed_cli_run_takes_its_optimizer_from_the_checkpoint_unless_given(
         )
     assert exit_info.value.code == 0
     (optimizer,) = _ParsedOptimizer.received
+    if expected is None:
+        assert optimizer is None
+        return
     assert optimizer["class_path"] == expected  # type: ignore[index]
     if not flags:
         assert optimizer == linked
