@@ -2028,8 +2028,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         torch.autograd.graph.increment_version(param)
         if self.optimizer_accumulation:
             # A micro-batch folded into its window: its gradient is gone, no step yet.
-            if frees_gradient:  # a part arriving later in a nested backward is refused
-                self.__dict__.setdefault("_hook_folded", set()).add(param)
+            # Where it freed the gradient, a part arriving later in a nested backward is
+            # refused; every fold counts for _refuse_after_earlier_hooks.
+            self.__dict__.setdefault("_hook_folded", {})[param] = frees_gradient
             return
         stepped: dict[Tensor, bool] = self.__dict__.setdefault("_hook_stepped", {})
         known = len(stepped)
@@ -2627,7 +2628,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict  # refused by _check_loadable, naming what is wrong
         bare = [
-            isinstance(saved, Mapping) and list(saved) == ["params"] and saved["params"] == []
+            isinstance(saved, Mapping)
+            and list(saved) == ["params"]
+            and isinstance(saved["params"], list)
+            and not saved["params"]
             for saved in saved_groups
         ]
         if not any(bare):
@@ -2678,8 +2682,9 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                     "Adam-family optimizer's. Allowed: a state dict of adamkit's, torch.optim's "
                     "or Composer's Adam, AdamW, RAdam, NAdam (ADOPT's for ADOPT)."
                 )
+            written = saved.get(MOMENT_FAMILY_KEY, "Adam")
             require(  # the key's fallback (checkpoints before it) is for its absence only
-                saved.get(MOMENT_FAMILY_KEY, "Adam") in MOMENT_FAMILIES,
+                isinstance(written, str) and written in MOMENT_FAMILIES,
                 f"state_dict for {name}: param group {index}'s {MOMENT_FAMILY_KEY}",
                 saved.get(MOMENT_FAMILY_KEY),
                 f"one of {', '.join(MOMENT_FAMILIES)} (as state_dict() writes it), or absent",
@@ -3847,13 +3852,13 @@ def _refuse_after_earlier_hooks(
     kernels that did build: those keep their update and their gradients are gone, so "nothing
     was updated" would be false, and running the batch again would apply theirs twice."""
     own = unwrapped(optimizer).__dict__
-    earlier = len(own.get("_hook_stepped", {})) + len(own.get("_hook_folded", ()))
+    earlier = len({*own.get("_hook_stepped", {}), *own.get("_hook_folded", {})})
     if earlier:
         reason = str(error).removesuffix(" (nothing was updated)")
         raise RuntimeError(
             f"{reason} (this parameter was not updated, but release hooks earlier in this "
             f"training step had already stepped or folded {earlier} parameter(s), which keep "
-            "their update and whose gradients were freed: do not run this batch again. "
+            "their update: do not run this batch again. "
             "Allowed: fused=None, which falls back to the loop backend where a kernel cannot "
             "be built, or a compiler that builds every kernel the model needs)"
         ) from error
@@ -3867,7 +3872,7 @@ def _refuse_a_part_after_release(optimizer: AdamFamilyOptimizer, param: Tensor) 
     window's closing step, not its own. Refused inside backward, at the first such part."""
     own = unwrapped(optimizer).__dict__
     stepped = own.get("_hook_stepped", {}).get(param)
-    if stepped or param in own.get("_hook_folded", ()):
+    if stepped or own.get("_hook_folded", {}).get(param):
         what = "stepped" if stepped else "folded"
         raise RuntimeError(
             f"Invalid gradient for gradient release: a parameter of shape "

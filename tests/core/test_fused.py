@@ -507,6 +507,42 @@ def test_a_released_step_whose_kernel_fails_to_build_names_what_earlier_hooks_st
     assert changed == [False, False, True, True]
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("frees_gradient", [True, False], ids=["frees", "keeps"])
+def test_a_released_fold_then_step_of_one_parameter_counts_once_before_a_build_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, frees_gradient: bool
+) -> None:
+    """With optimizer accumulation, a hook folds a micro-batch into the window: a fold by a
+    hook that keeps the gradient (DDP's communication hook) went uncounted, so the error
+    said "nothing was updated", and a parameter folded, then stepped, counted twice."""
+    from core.optimizer import step_released_param
+
+    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
+    plain = torch.nn.Parameter(torch.randn(8))  # the loop backend: no kernel to build
+    half = torch.nn.Parameter(torch.randn(8).bfloat16())  # a generated kernel, which fails
+    groups = [{"params": [plain], "fused": False}, {"params": [half], "fused": True}]
+    optimizer = core.AdamW(groups, lr=1e-2, gradient_release=True)
+    optimizer.optimizer_accumulation = True
+    plain.grad = torch.ones(8)
+    assert step_released_param(optimizer, plain, frees_gradient=frees_gradient)
+    optimizer.optimizer_accumulation = False  # the window's last micro-batch
+    plain.grad, half.grad = torch.ones(8), torch.ones(8).bfloat16()
+    assert step_released_param(optimizer, plain, frees_gradient=frees_gradient)
+    with pytest.raises(RuntimeError, match=r"already stepped or folded 1 parameter\(s\)"):
+        step_released_param(optimizer, half, frees_gradient=frees_gradient)
+    assert float(optimizer.state[plain]["step"]) == 1
+    # a fold alone, then the failure inside the same micro-batch
+    optimizer = core.AdamW(groups, lr=1e-2, gradient_release=True)
+    optimizer.optimizer_accumulation = True
+    plain.grad, half.grad = torch.ones(8), torch.ones(8).bfloat16()
+    assert step_released_param(optimizer, plain, frees_gradient=frees_gradient)
+    with pytest.raises(RuntimeError, match=r"already stepped or folded 1 parameter\(s\)"):
+        step_released_param(optimizer, half, frees_gradient=frees_gradient)
+
+
 def _assert_falls_back_by_default_and_is_refused_when_forced(
     message: str, refusal: str | None = None
 ) -> None:
