@@ -8,9 +8,9 @@ YAML and `--optimizer.help`, and lets the model call `lightning_adam.configure_o
 
 from __future__ import annotations
 
+from argparse import SUPPRESS
 from typing import Any
 
-from jsonargparse import SUPPRESS
 from torch.optim import Optimizer
 
 
