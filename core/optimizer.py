@@ -3849,8 +3849,8 @@ def _refuse_after_earlier_hooks(
 ) -> None:
     """fused=True refused this parameter's released step (a kernel that could not be
     built) after hooks earlier in the same training step had stepped or folded others with
-    kernels that did build: those keep their update and their gradients are gone, so "nothing
-    was updated" would be false, and running the batch again would apply theirs twice."""
+    kernels that did build: those keep their update (each counted once), so "nothing was
+    updated" would be false, and running the batch again would apply theirs twice."""
     own = unwrapped(optimizer).__dict__
     earlier = len({*own.get("_hook_stepped", {}), *own.get("_hook_folded", {})})
     if earlier:

@@ -244,19 +244,28 @@ def _require_callable_takes(factory: Callable[..., Optimizer], kwargs: dict[str,
     """A factory that cannot be called as factory(groups, **kwargs) is refused by its
     signature before anything is built; the call's own TypeError named neither the factory
     nor the form it is called in."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # no signature to read (some builtins): the call decides
-        return
-    try:
-        signature.bind([], **kwargs)
-    except TypeError as error:
+    problem = _call_problem(factory, [], **kwargs)
+    if problem is not None:
         raise ValueError(
             f"Invalid optimizer {factory!r}: it cannot be called as "
-            f"optimizer(param_groups{''.join(f', {k}=...' for k in kwargs)}) ({error}). "
+            f"optimizer(param_groups{''.join(f', {k}=...' for k in kwargs)}) ({problem}). "
             "Allowed: a callable taking the param groups first and the hyperparameters as "
             "keywords, such as functools.partial(core.AdamW, betas=(0.9, 0.95))."
-        ) from None
+        )
+
+
+def _call_problem(function: Callable[..., object], *args: object, **kwargs: object) -> str | None:
+    """Why function's signature cannot take these arguments, or None (also where it has no
+    signature to read, as some builtins: the call decides)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        return str(error)
+    return None
 
 
 def _required_arguments(cls: type) -> list[str]:
@@ -304,19 +313,13 @@ def _no_weight_decay_rule(
         setting,
         "True, False, a list of fnmatch patterns, or a callable",
     )
-    try:
-        signature = inspect.signature(setting)
-    except (TypeError, ValueError):  # no signature to read (some builtins): the call decides
-        signature = None
-    try:
-        if signature is not None:
-            signature.bind("name", None, None)
-    except TypeError as error:
+    problem = _call_problem(setting, "name", None, None)  # type: ignore[arg-type]
+    if problem is not None:
         raise ValueError(
             f"Invalid no_weight_decay: {setting!r} cannot be called as "
-            f"no_weight_decay(name, parameter, module) ({error}). Allowed: a callable taking "
+            f"no_weight_decay(name, parameter, module) ({problem}). Allowed: a callable taking "
             "those three and returning True for the parameters that skip weight decay."
-        ) from None
+        )
     return _checked_answers(setting)  # type: ignore[arg-type]
 
 

@@ -28,6 +28,7 @@ from tests.core.cases import (
     BACKENDS,
     FUSED_BACKENDS,
     LR,
+    TRAINING_BACKENDS,
     Case,
     make_batches,
     make_model,
@@ -102,7 +103,7 @@ def paired_steps(
     loop = case.make(loop_params, **BACKENDS["loop"])
     for step in range(steps if gradients is None else len(gradients)):
         twin_params = [place(p.detach()).requires_grad_() for p in loop_params]
-        twin = case.make(twin_params, **BACKENDS[backend])
+        twin = case.make(twin_params, **TRAINING_BACKENDS[backend])
         twin.load_state_dict(copy.deepcopy(loop.state_dict()))
         for i, (a, b) in enumerate(zip(loop_params, twin_params, strict=True)):
             if gradients is None:
@@ -163,7 +164,7 @@ def test_bfloat16_subnormals_step_as_the_loop_steps_them(
         assert_step_matches(step, expected, actual)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", ["default", *FUSED_BACKENDS])  # default: as users build it
 @pytest.mark.parametrize("case_id", ["Adam-l2", "RAdam-l2", "NAdam-l2", "ADOPT-l2"])
 def test_a_gradient_that_nearly_cancels_its_l2_term_steps_as_the_loop_steps_it(
     case_id: str, backend: str
@@ -410,14 +411,21 @@ def test_backend_choice_on_cpu(flags: dict[str, bool], expected: str) -> None:
     assert chosen is backends[expected]
 
 
-@pytest.mark.bad_input
-def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-) -> None:
+@pytest.fixture
+def failing_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """A compiler found on PATH that fails every build ("false"), an empty kernel cache
+    and no library loaded yet, so each kernel a step needs is built, and refused."""
     monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_loaded", {})
     monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
-    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))
+
+
+@pytest.mark.bad_input
+@pytest.mark.usefixtures("failing_compiler")
+def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(cpu, "_warned", False)
     case = next(c for c in trajectory_cases() if c.id == "RAdam-decoupled")
     with pytest.warns(RuntimeWarning, match="fused CPU kernel is unavailable"):
@@ -430,16 +438,11 @@ def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
 
 
 @pytest.mark.bad_input
-def test_a_forced_step_whose_kernel_fails_to_build_changes_nothing(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-) -> None:
+@pytest.mark.usefixtures("failing_compiler")
+def test_a_forced_step_whose_kernel_fails_to_build_changes_nothing() -> None:
     """fp32 parameters go to torch's native kernel, bf16 ones to a generated kernel that a
     compiler found on PATH fails to build: the fp32 bucket was updated before the failure
     (moments and parameter, not its count), and a retried step applied its gradient twice."""
-    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_loaded", {})
-    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
-    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
     runs = []
     for fused in (True, False):
         torch.manual_seed(0)
@@ -479,16 +482,11 @@ def test_a_forced_step_whose_kernel_fails_to_build_changes_nothing(
 
 
 @pytest.mark.bad_input
-def test_a_released_step_whose_kernel_fails_to_build_names_what_earlier_hooks_stepped(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-) -> None:
+@pytest.mark.usefixtures("failing_compiler")
+def test_a_released_step_whose_kernel_fails_to_build_names_what_earlier_hooks_stepped() -> None:
     """Under gradient release each hook steps one parameter: the fp32 layer's hook ran
     torch's native kernel before the bf16 layer's kernel failed to build, so "nothing was
     updated" was false (and a retried batch would step the fp32 layer twice)."""
-    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_loaded", {})
-    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
-    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8).bfloat16(), torch.nn.Linear(8, 8))
     optimizer = core.AdamW(model.parameters(), lr=1e-2, fused=True, gradient_release=True)
@@ -509,18 +507,15 @@ def test_a_released_step_whose_kernel_fails_to_build_names_what_earlier_hooks_st
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("frees_gradient", [True, False], ids=["frees", "keeps"])
+@pytest.mark.usefixtures("failing_compiler")
 def test_a_released_fold_then_step_of_one_parameter_counts_once_before_a_build_failure(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, frees_gradient: bool
+    frees_gradient: bool,
 ) -> None:
     """With optimizer accumulation, a hook folds a micro-batch into the window: a fold by a
     hook that keeps the gradient (DDP's communication hook) went uncounted, so the error
     said "nothing was updated", and a parameter folded, then stepped, counted twice."""
     from core.optimizer import step_released_param
 
-    monkeypatch.setenv("ADAMKIT_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_loaded", {})
-    monkeypatch.setattr(cpu_kernel, "_scalars_unavailable", False)  # restored after the test
-    monkeypatch.setattr(cpu_kernel, "compiler", lambda: ("false",))  # a "compiler" that fails
     plain = torch.nn.Parameter(torch.randn(8))  # the loop backend: no kernel to build
     half = torch.nn.Parameter(torch.randn(8).bfloat16())  # a generated kernel, which fails
     groups = [{"params": [plain], "fused": False}, {"params": [half], "fused": True}]
