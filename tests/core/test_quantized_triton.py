@@ -33,6 +33,7 @@ from torch import Tensor
 import core
 from core.quantization import MIN_QUANTIZED_NUMEL, SIGNED_KEYS, QuantizedMoment
 from tests.core.cases import BACKENDS, LR, Case, trajectory_cases
+from tests.core.stochastic_cases import CASES as STOCHASTIC_CASES
 from tests.core.test_fused import _ulp, assert_state_close, assert_within_one_ulp
 from tests.core.test_quantization import code_positions, largest_finite
 
@@ -218,8 +219,63 @@ def test_exact_moment_arithmetic_gives_the_loops_codes_and_scales(
     monkeypatch.setattr(backend, "_quantized_step_kernel", launches)
     for outcome in paired_quantized_steps(_case(case_id), dtype, dyadic=True, betas=EXACT_BETAS):
         assert_quantized_step_matches(*outcome, exact=True)
-    # One launch a step: 5 programs for (4097,), 7 for 9 rows of 3 blocks (27, padded).
-    assert launches.grids == [(12,)] * STEPS
+    # One launch a step of 16 blocks per program on CPU tensors: 2 programs for (4097,),
+    # 2 for 9 rows of 3 blocks (27, padded to 32).
+    assert launches.grids == [(4,)] * STEPS
+
+
+GROUPING_CASES = [
+    *((case_id, "bf16-stochastic") for case_id in STOCHASTIC_CASES),
+    ("Adam-decoupled-amsgrad", "fp32"),
+    ("NAdam-fully_decoupled", "bf16-kahan"),
+]
+"""Every algorithm with stochastic rounding of parameters (the random bits' element
+index), AMSGrad's v_max, Kahan's compensation."""
+GROUPING_OPTIONS = {
+    "bf16-stochastic": (torch.bfloat16, {"stochastic_rounding": True}),
+    "fp32": (torch.float32, {}),
+    "bf16-kahan": (torch.bfloat16, {"kahan_sum": True}),
+}
+
+
+@pytest.mark.parametrize("device", ["triton"])
+@pytest.mark.parametrize(("case_id", "dtype"), GROUPING_CASES)
+def test_the_blocks_a_gpu_program_takes_give_the_interpreters_bits(
+    device: str, case_id: str, dtype: str, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interpreter runs 16 blocks per program (INTERPRETED_BLOCKS_PER_PROGRAM, a
+    quarter of the programs), GPUs 4 (QUANTIZED_BLOCKS_PER_PROGRAM): both groupings give
+    the same parameters, codes, scales and compensation, bit for bit, so what the other
+    interpreted tests hold holds for the kernel GPUs launch. Tensors whose blocks fill
+    neither grouping (17 blocks; 9 rows of 3), three steps."""
+    launches = _Launches(backend._quantized_step_kernel)
+    monkeypatch.setattr(backend, "_quantized_step_kernel", launches)
+    torch_dtype, options = GROUPING_OPTIONS[dtype]
+    groupings = (backend.QUANTIZED_BLOCKS_PER_PROGRAM, backend.INTERPRETED_BLOCKS_PER_PROGRAM)
+    runs = []
+    for per_program in groupings:
+        monkeypatch.setattr(backend, "INTERPRETED_BLOCKS_PER_PROGRAM", per_program)
+        generator = torch.Generator().manual_seed(0)
+        params = [
+            torch.randn(shape, generator=generator).to(torch_dtype).requires_grad_()
+            for shape in SHAPES
+        ]
+        optimizer = _case(case_id).make(
+            params, lr=LR, state_precision="8bit", **options, **BACKENDS["triton"]
+        )
+        for _ in range(3):
+            for p in params:
+                p.grad = _gradient(tuple(p.shape), generator, dyadic=False).to(torch_dtype)
+            optimizer.step()
+        runs.append((params, optimizer))
+    assert launches.grids == [(12,)] * 3 + [(4,)] * 3
+    (gpu_params, gpu), (params, interpreted) = runs
+    for a, b in zip(params, gpu_params, strict=True):
+        assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
+        state, gpu_state = interpreted.state[a], gpu.state[b]
+        assert state.keys() == gpu_state.keys()
+        for key, value in state.items():
+            assert torch.equal(value, gpu_state[key]), key
 
 
 BOUNDED_CASES = [
