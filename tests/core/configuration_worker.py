@@ -3,11 +3,13 @@ configuration matrix (optimizer x backend x dtype under FSDP2, FSDP2 with a bf16
 MixedPrecisionPolicy, FSDP1 with and without use_orig_params and its full optimizer state
 dict, DTensor parameters, tensor parallelism, DCP checkpoints and DDP), then the
 stochastic-rounding cells of ROUNDING_CONFIGURATIONS, and saves each cell's full
-parameters, so the test process can compare every cell with one process. Under FSDP2 and
-DDP the cells of one dtype train side by side in one module (_SideBySide), which gives
-every cell the same shards, gradients and steps as training alone (checked bit for bit
-when it was introduced) for a twentieth of the collectives; every other configuration
-trains each cell alone.
+parameters, so the test process can compare every cell with one process. Under FSDP2
+(with bf16 compute, gradient release and DCP checkpoints too) and DDP the cells of one
+dtype train side by side in one module (_SideBySide), which gives every cell the same
+shards, gradients and steps as training alone (checked bit for bit when each was
+introduced) for a twentieth of the collectives; each release cell's optimizer is
+prepared on its own model, and each DCP cell saves and loads its own checkpoint. Every
+other configuration trains each cell alone.
 
 Usage: torchrun --nproc-per-node=2 configuration_worker.py OUTPUT CONFIG [CONFIG ...]
 """
@@ -136,79 +138,96 @@ def _sharded_model(cell: Cell, mixed_precision: bool) -> nn.Module:
 
 
 def _side_by_side(
-    cells: list[Cell], wrap: Callable[[_SideBySide], nn.Module]
+    cells: list[Cell], wrap: Callable[[_SideBySide], nn.Module], **flags: Any
 ) -> tuple[nn.Module, list[nn.Module], list[core.AdamFamilyOptimizer]]:
     """The cells' models as one _SideBySide wrapped by wrap, and each cell's optimizer on
-    its own model's parameters (taken after wrapping: FSDP2 replaces them by shards)."""
+    its own model's parameters (taken after wrapping: FSDP2 replaces them by shards;
+    flags: added to the cell's backend flags)."""
     models = [cell.make_model() for cell in cells]
     wrapped = wrap(_SideBySide(models))
     optimizers = [
-        cell.make_optimizer(m.parameters()) for cell, m in zip(cells, models, strict=True)
+        cell.make_optimizer(m.parameters(), **flags, **BACKENDS[cell.backend])
+        if flags
+        else cell.make_optimizer(m.parameters())
+        for cell, m in zip(cells, models, strict=True)
     ]
     return wrapped, models, optimizers
 
 
-def fsdp2(
-    cells: list[Cell], mixed_precision: bool = False, shard_batch: bool = True
-) -> list[Outcome]:
-    """FSDP2 over cells of one dtype side by side: the i-th Linear of every cell's model in
-    one FSDP2 group."""
+def _fsdp2_side_by_side(
+    cells: list[Cell], mixed_precision: bool = False, **flags: Any
+) -> tuple[nn.Module, list[nn.Module], list[core.AdamFamilyOptimizer]]:
+    """_side_by_side under FSDP2: the i-th Linear of every cell's model in one FSDP2 group."""
 
     def wrap(side_by_side: _SideBySide) -> nn.Module:
         layers = [[model[index] for model in side_by_side.models] for index in (0, 2)]
         _shard(side_by_side, layers, mixed_precision)
         return side_by_side
 
-    model, models, optimizers = _side_by_side(cells, wrap)
-    _train(model, optimizers, cells[0].dtype, shard_batch=shard_batch)
+    return _side_by_side(cells, wrap, **flags)
+
+
+def _outcomes(models: list[nn.Module], optimizers: list[Any]) -> list[Outcome]:
     return [whole_values(list(m.parameters()), o) for m, o in zip(models, optimizers, strict=True)]
 
 
-def fsdp2_release(cell: Cell, shard_batch: bool = True) -> Outcome:
-    """FSDP2 with gradient release: each sharded parameter steps inside backward, after
-    the reduce-scatter, and its gradient is freed there."""
-    model = _sharded_model(cell, mixed_precision=False)
-    optimizer = cell.make_optimizer(
-        model.parameters(), gradient_release=True, **BACKENDS[cell.backend]
-    )
-    core.prepare_for_gradient_release(model, optimizer)
-    _train(model, optimizer, cell.dtype, shard_batch=shard_batch)
+def fsdp2(
+    cells: list[Cell], mixed_precision: bool = False, shard_batch: bool = True
+) -> list[Outcome]:
+    """FSDP2 over cells of one dtype side by side."""
+    model, models, optimizers = _fsdp2_side_by_side(cells, mixed_precision)
+    _train(model, optimizers, cells[0].dtype, shard_batch=shard_batch)
+    return _outcomes(models, optimizers)
+
+
+def fsdp2_release(cells: list[Cell], shard_batch: bool = True) -> list[Outcome]:
+    """FSDP2 with gradient release over cells side by side, each cell's optimizer prepared
+    on its own model (several optimizers on one model, each releasing its own
+    parameters): each sharded parameter steps inside backward, after the reduce-scatter,
+    and its gradient is freed there."""
+    model, models, optimizers = _fsdp2_side_by_side(cells, gradient_release=True)
+    for part, optimizer in zip(models, optimizers, strict=True):
+        core.prepare_for_gradient_release(part, optimizer)
+    _train(model, optimizers, cells[0].dtype, shard_batch=shard_batch)
     assert all(p.grad is None for p in model.parameters()), "release frees every gradient"
-    core.remove_gradient_release(model)
-    return whole_values(list(model.parameters()), optimizer)
+    for part in models:
+        core.remove_gradient_release(part)
+    return _outcomes(models, optimizers)
 
 
-def fsdp2_checkpoint(cell: Cell) -> Outcome:
-    """Train to CHECKPOINT_AT, save model and optimizer with DCP, load both into a fresh
-    sharded model and optimizer, and finish there."""
-    model = _sharded_model(cell, mixed_precision=False)
-    optimizer = cell.make_optimizer(model.parameters())
-    _train(model, optimizer, cell.dtype, True, range(CHECKPOINT_AT))
-    # rank 0 owns the checkpoint's directory and removes it once both ranks have loaded
+def fsdp2_checkpoint(cells: list[Cell]) -> list[Outcome]:
+    """Train cells side by side to CHECKPOINT_AT; save each cell's model and optimizer
+    with DCP (its own checkpoint, as one user's run writes it), load each into a fresh
+    side-by-side model and optimizer, and finish there."""
+    model, models, optimizers = _fsdp2_side_by_side(cells)
+    _train(model, optimizers, cells[0].dtype, True, range(CHECKPOINT_AT))
+    # rank 0 owns the checkpoints' directory and removes it once both ranks have loaded
     owned = tempfile.TemporaryDirectory(prefix="adamkit-dcp-") if dist.get_rank() == 0 else None
     directory = [owned.name if owned is not None else None]
     dist.broadcast_object_list(directory)
-    state = {
-        "model": get_model_state_dict(model),
-        "optimizer": get_optimizer_state_dict(model, optimizer),
-    }
-    dcp.save(state, checkpoint_id=directory[0])
-    del model, optimizer, state
+    folders = [f"{directory[0]}/{index}" for index in range(len(cells))]
+    for part, optimizer, folder in zip(models, optimizers, folders, strict=True):
+        state = {
+            "model": get_model_state_dict(part),
+            "optimizer": get_optimizer_state_dict(part, optimizer),
+        }
+        dcp.save(state, checkpoint_id=folder)
+    del model, models, optimizers, state
 
-    resumed = _sharded_model(cell, mixed_precision=False)
-    resumed_optimizer = cell.make_optimizer(resumed.parameters())
-    state = {
-        "model": get_model_state_dict(resumed),
-        "optimizer": get_optimizer_state_dict(resumed, resumed_optimizer),
-    }
-    dcp.load(state, checkpoint_id=directory[0])
+    resumed, parts, resumed_optimizers = _fsdp2_side_by_side(cells)
+    for part, optimizer, folder in zip(parts, resumed_optimizers, folders, strict=True):
+        state = {
+            "model": get_model_state_dict(part),
+            "optimizer": get_optimizer_state_dict(part, optimizer),
+        }
+        dcp.load(state, checkpoint_id=folder)
+        set_model_state_dict(part, state["model"])
+        set_optimizer_state_dict(part, optimizer, state["optimizer"])
     dist.barrier()  # both ranks have read their shards
     if owned is not None:
         owned.cleanup()
-    set_model_state_dict(resumed, state["model"])
-    set_optimizer_state_dict(resumed, resumed_optimizer, state["optimizer"])
-    _train(resumed, resumed_optimizer, cell.dtype, True, range(CHECKPOINT_AT, STEPS))
-    return whole_values(list(resumed.parameters()), resumed_optimizer)
+    _train(resumed, resumed_optimizers, cells[0].dtype, True, range(CHECKPOINT_AT, STEPS))
+    return _outcomes(parts, resumed_optimizers)
 
 
 def _fsdp1_model(cell: Cell, use_orig_params: bool) -> nn.Module:
@@ -383,16 +402,16 @@ def _late_gradient_outcomes() -> dict[str, list[str]]:
 
 def _one_by_one(run: Callable[[Cell], Outcome]) -> Callable[[list[Cell]], list[Outcome]]:
     """A configuration whose cells each train alone: their own model, optimizer, and (for
-    checkpoints, release, FSDP1's flat parameters, tensor parallelism) their own state
-    dicts, hooks and wrapping, as one user's run has."""
+    FSDP1's flat parameters and checkpoints, tensor parallelism) their own wrapping and
+    state dicts, as one user's run has."""
     return lambda cells: [run(cell) for cell in cells]
 
 
 CONFIGURATIONS: dict[str, Callable[[list[Cell]], list[Outcome]]] = {
     "fsdp2": fsdp2,
     "fsdp2_bf16_compute": functools.partial(fsdp2, mixed_precision=True),
-    "fsdp2_dcp": _one_by_one(fsdp2_checkpoint),
-    "fsdp2_release": _one_by_one(fsdp2_release),
+    "fsdp2_dcp": fsdp2_checkpoint,
+    "fsdp2_release": fsdp2_release,
     "fsdp1": _one_by_one(functools.partial(fsdp1, use_orig_params=False)),
     "fsdp1_orig_params": _one_by_one(functools.partial(fsdp1, use_orig_params=True)),
     "fsdp1_checkpoint": _one_by_one(fsdp1_checkpoint),
@@ -404,7 +423,7 @@ CONFIGURATIONS: dict[str, Callable[[list[Cell]], list[Outcome]]] = {
 """Each configuration trains a list of cells of one dtype (every optimizer and backend)."""
 ROUNDING_RUNS: dict[str, Callable[[list[Cell]], list[Outcome]]] = {
     "fsdp2_whole_batch": fsdp2_whole_batch,
-    "fsdp2_release_whole_batch": _one_by_one(functools.partial(fsdp2_release, shard_batch=False)),
+    "fsdp2_release_whole_batch": functools.partial(fsdp2_release, shard_batch=False),
     "dtensor_shard": CONFIGURATIONS["dtensor_shard"],
 }
 """Stochastic rounding of bf16 parameters sharded by rows (ROUNDING_CONFIGURATIONS)."""
