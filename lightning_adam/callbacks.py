@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import core
 from core import metrics
 from core.models import user_facing_name
-from core.optimizer import step_released_param
+from core.optimizer import require_core_optimizer, step_released_param
 from lightning_adam.optimizers import public_path
 
 
@@ -501,6 +501,7 @@ class OptimizerMonitor(L.Callback):
         """Take each released gradient's norm just before release frees it (GradientRelease
         calls this): the optimizer's released parameters only, those of groups added
         later (BackboneFinetuning) included, as the norms of an ordinary step are."""
+        require_core_optimizer(optimizer, ") whose released gradients are recorded")
         self._hooks.append(optimizer.register_release_pre_hook(self._record))
 
     def _record(self, param: torch.Tensor) -> None:

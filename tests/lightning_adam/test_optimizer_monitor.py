@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,28 @@ def test_several_optimizers_are_refused() -> None:
         r"Allowed: one",
     ):
         trainer.fit(TwoOptimizers(), loader(regression_data(64)))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("optimizer", "named"),
+    [
+        (None, "builtins.NoneType"),
+        (torch.optim.SGD([torch.zeros(1)], lr=0.1), "torch.optim.sgd.SGD"),
+    ],
+    ids=["None", "torch-SGD"],
+)
+def test_recording_released_norms_of_another_optimizer_is_refused_by_name(
+    optimizer: object, named: str
+) -> None:
+    """GradientRelease hands the monitor its core optimizer; called by hand with anything
+    else it raised a bare AttributeError (no register_release_pre_hook)."""
+    monitor = OptimizerMonitor()
+    with pytest.raises(
+        TypeError, match=rf"Invalid optimizer: {re.escape(named)}\. Allowed: an adamkit"
+    ):
+        monitor.record_gradient_norms_in_backward(optimizer)  # type: ignore[arg-type]
+    assert monitor._hooks == []
 
 
 @pytest.mark.bad_input
