@@ -1568,8 +1568,9 @@ class _QuantizedStep:
 
 _quantized_plans = _AnchorCache()
 """First parameter of a bucket -> {layout key: _QuantizedPlan}, as _plans."""
-_quantized_blocks: dict[tuple[torch.device, tuple[tuple[int, int], ...]], _Table] = {}
-"""Quantized block tables by the tensors' (rows, row length), shared like _blocks."""
+_quantized_blocks: dict[tuple[torch.device, int, tuple[tuple[int, int], ...]], _Table] = {}
+"""Quantized block tables by blocks per program and the tensors' (rows, row length),
+shared like _blocks."""
 _MOMENT_SIGNS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
 """The quantized moments in list order (lists[2:5]) and whether each is signed."""
 
