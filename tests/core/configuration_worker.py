@@ -147,8 +147,6 @@ def _side_by_side(
     wrapped = wrap(_SideBySide(models))
     optimizers = [
         cell.make_optimizer(m.parameters(), **flags, **BACKENDS[cell.backend])
-        if flags
-        else cell.make_optimizer(m.parameters())
         for cell, m in zip(cells, models, strict=True)
     ]
     return wrapped, models, optimizers
