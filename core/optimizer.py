@@ -2492,7 +2492,10 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
         for group, flags in zip(self.param_groups, execution, strict=True):
             group.update(flags)
             group.update(self._format_marks())  # the saved ones were checked above
-            for key in (*TORCH_EXECUTION_FLAGS, "triton"):  # triton: written, saved unfolded
+            # torch's flags (maximize was checked False) and its names for adamkit's keys
+            # (folded into them by _complete_group): a resumed group has a fresh one's keys.
+            # triton: optimi's, written into a live group and saved unfolded.
+            for key in (*TORCH_FLAGS, *self._torch_group_key_aliases, "triton"):
                 group.pop(key, None)
         self._warn_if_decay_mode_is_ambiguous(state_dict["param_groups"])
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

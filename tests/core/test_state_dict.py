@@ -176,6 +176,31 @@ def test_state_dict_interchange_with_torch(name: str, direction: str) -> None:
         torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("writer", ["torch", "core"])
+@pytest.mark.parametrize("name", list(INTERCHANGE))
+def test_a_resumed_group_has_the_keys_of_a_fresh_one(name: str, writer: str) -> None:
+    """torch's flags (maximize) and its name for decouple_wd (decoupled_weight_decay),
+    which every checkpoint carries for torch's sake, are not kept in the loaded groups:
+    they stayed there, so a resumed group's keys differed from a fresh group's."""
+    torch_class, core_class, core_kwargs, torch_kwargs = INTERCHANGE[name]
+    model = make_model()
+    if writer == "torch":
+        saved = torch_class(model.parameters(), lr=LR, **torch_kwargs)
+    else:
+        saved = core_class(model.parameters(), lr=LR, **core_kwargs)
+    model(make_batches(torch.float32, 1)[0][0]).sum().backward()
+    saved.step()
+    fresh = core_class(make_model().parameters(), lr=LR)
+    resumed = core_class(make_model().parameters(), lr=LR)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0].keys() == fresh.param_groups[0].keys()
+    # ... and its state dict still says them for torch, as the checkpoint did
+    written = resumed.state_dict()["param_groups"][0]
+    for key, value in saved.state_dict()["param_groups"][0].items():
+        if key in ("maximize", "decoupled_weight_decay"):  # torch 2.7's Adam has no such key
+            assert written[key] == value, key
+
+
 @pytest.mark.parametrize("name", [n for n in INTERCHANGE if "-none" not in n])
 def test_a_torch_checkpoint_in_a_fully_decoupled_optimizer_warns_and_continues_once_told(
     name: str,
