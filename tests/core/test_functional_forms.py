@@ -444,3 +444,34 @@ def test_a_direct_call_inside_torch_compile_runs_as_called_eagerly(name: str, ba
     torch.compile(lambda: _call(name, arguments))()
     for a, b in zip(arguments["params"], expected, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_fully_decoupled_decay_without_a_max_lr_removes_weight_decay_per_step(
+    name: str, backend: str
+) -> None:
+    """Without a max_lr (a group created at lr 0, or a direct call that names none) the
+    ratio lr/max_lr is 1 whenever lr > 0, as Composer decays a group whose initial_lr is
+    0: weight_decay of each weight per step. Zero gradients, so only the decay moves θ
+    (ADOPT's first call only seeds v)."""
+    arguments = _arguments(name, backend)
+    for values in ("grads", "exp_avgs"):
+        arguments[values] = [torch.zeros_like(p) for p in arguments["params"]]
+    start = [p.clone() for p in arguments["params"]]
+    _call(name, {**arguments, "lr": 0.5, "weight_decay": 0.1, "decouple_lr": True, "max_lr": None})
+    for before, after in zip(start, arguments["params"], strict=True):
+        torch.testing.assert_close(after, before * 0.9, atol=0, rtol=1e-6)
+
+    cls = {"adam": core.Adam, "radam": core.RAdam, "nadam": core.NAdam, "adopt": core.ADOPT}[name]
+    param = torch.nn.Parameter(start[0].clone())
+    optimizer = cls(
+        [param], lr=0.0, weight_decay=0.1, decouple_lr=True, **TRAINING_BACKENDS[backend]
+    )
+    assert optimizer.param_groups[0]["max_lr"] is None
+    optimizer.param_groups[0]["lr"] = 0.5  # a warmup written by hand: no scheduler
+    for _ in range(2):
+        param.grad = torch.zeros_like(param)
+        optimizer.step()
+    decays = 1 if name == "adopt" else 2
+    torch.testing.assert_close(param.detach(), start[0] * 0.9**decays, atol=0, rtol=1e-6)

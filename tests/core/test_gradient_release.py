@@ -1010,6 +1010,30 @@ def test_optimizer_accumulation_is_exact_with_unequal_microbatch_shares(
     assert optimizer.microbatch_share is None
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_window_closed_without_a_share_forgets_its_shares(backend: str) -> None:
+    """microbatch_share set back to None for a window's last micro-batch: the window's
+    shares are forgotten with it, so the next window's v grows by its own squared sum
+    (a share left behind weighed it twice here)."""
+    generator = torch.Generator().manual_seed(4)
+    first, second = (torch.randn(8, dtype=torch.float64, generator=generator) for _ in range(2))
+    param = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    optimizer = core.Adam([param], lr=LR, betas=(0.9, 0.99), **TRAINING_BACKENDS[backend])
+    for accumulate, share in ((True, 2.0), (False, None)):
+        optimizer.optimizer_accumulation, optimizer.microbatch_share = accumulate, share
+        param.grad = first / 2
+        optimizer.step()
+    assert "window_shares" not in optimizer.state[param]
+    earlier = optimizer.state[param]["exp_avg_sq"].clone()
+    for accumulate in (True, False):
+        optimizer.optimizer_accumulation, optimizer.microbatch_share = accumulate, 1.0
+        param.grad = second / 2
+        optimizer.step()
+    torch.testing.assert_close(
+        optimizer.state[param]["exp_avg_sq"], 0.99 * earlier + 0.01 * second**2, rtol=1e-12, atol=0
+    )
+
+
 @pytest.mark.parametrize("samples", [[4, 4, 4], [6, 3, 2]], ids=str)
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_shares_are_each_parameters_own_when_it_skips_microbatches(

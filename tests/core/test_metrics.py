@@ -151,6 +151,37 @@ def test_no_state_no_metrics_and_lr_zero_update_is_zero() -> None:
         assert torch.count_nonzero(metrics.parameter_update(optimizer, p)) == 0
 
 
+def test_the_first_accumulation_window_reports_nothing_until_it_closes() -> None:
+    """A window still open on the first step has state (its partial sums) but no step
+    yet: like a parameter without state it contributes nothing, as in Composer."""
+    param = nn.Parameter(torch.ones(8))
+    optimizer = core.Adam([param], lr=LR)
+    optimizer.optimizer_accumulation = True
+    param.grad = torch.ones(8)
+    optimizer.step()
+    assert optimizer.state[param]
+    assert metrics.parameter_metrics(optimizer, param, "w") == {}
+    optimizer.optimizer_accumulation = False
+    optimizer.step()
+    assert set(metrics.parameter_metrics(optimizer, param, "w")) >= {"l2_norm/update/w"}
+
+
+def test_adopts_first_call_updates_nothing_with_decoupled_decay_too() -> None:
+    """ADOPT's first call only seeds v (no decay either): its update metric is 0, and
+    the second call's is the change it made."""
+    param = nn.Parameter(torch.ones(16, dtype=torch.float64))
+    optimizer = core.ADOPT([param], lr=1e-2, weight_decay=0.1, decouple_wd=True)
+    for call in range(2):
+        before = param.detach().clone()
+        param.grad = torch.full_like(param, 0.5)
+        optimizer.step()
+        change = param.detach() - before
+        assert bool(change.any()) == (call == 1)
+        torch.testing.assert_close(
+            metrics.parameter_update(optimizer, param), change, atol=1e-15, rtol=1e-9
+        )
+
+
 def test_a_parameter_taken_out_of_the_groups_reports_all_but_its_update() -> None:
     """A freezing callback that drops a layer's param group leaves its state (and its
     gradient): the metrics raised "in none of this optimizer's param groups", ending a

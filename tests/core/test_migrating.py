@@ -585,3 +585,55 @@ def test_bad_to_low_precision_arguments_are_refused_before_any_change(
     with pytest.raises(ValueError, match=message):
         core.to_low_precision(**{"model": model, **kwargs})
     assert _dtypes(model) == before
+
+
+def _torch_and_core_side_by_side(
+    torch_optimizer: Any, core_optimizer: Any, steps: int, shape: tuple[int, ...] = (40,)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(torch's parameter, core's) after `steps` steps on the same random gradients; each
+    optimizer is a callable taking the parameter list."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(shape, generator=generator)
+    theirs, ours = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    torch_step, core_step = torch_optimizer([theirs]), core_optimizer([ours])
+    for _ in range(steps):
+        grad = torch.randn(shape, generator=generator)
+        theirs.grad, ours.grad = grad.clone(), grad.clone()
+        torch_step.step()
+        core_step.step()
+    return theirs.detach(), ours.detach()
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_nadams_momentum_decay_is_torchs(backend: str) -> None:
+    """A momentum_decay other than the default schedules μt as torch's does (every test
+    before used 4e-3, so a μt that ignored the argument passed)."""
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "momentum_decay": 0.05}
+    theirs, ours = _torch_and_core_side_by_side(
+        lambda p: torch.optim.NAdam(p, **kwargs),
+        lambda p: core.NAdam(p, **kwargs, **TRAINING_BACKENDS[backend]),
+        steps=20,
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+RHO_6_IS_5 = 0.8397685748659791
+"""A β2 whose ρ6 is exactly 5.0 in float64: RAdam's threshold, where step 6 is still a
+momentum step (torch.optim.RAdam: rectified only when ρt > 5)."""
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_radam_rectifies_only_above_rho_5_as_torch(backend: str) -> None:
+    from core.radam import radam_coefficients
+
+    coefficients = radam_coefficients(
+        6.0, lr=1e-2, beta1=0.9, beta2=RHO_6_IS_5, eps=1e-12, l2_weight_decay=0.0, param_decay=1.0
+    )
+    assert not coefficients.adaptive
+    kwargs = {"lr": 1e-2, "betas": (0.9, RHO_6_IS_5), "eps": 1e-12}
+    theirs, ours = _torch_and_core_side_by_side(
+        lambda p: torch.optim.RAdam(p, **kwargs),
+        lambda p: core.RAdam(p, **kwargs, **TRAINING_BACKENDS[backend]),
+        steps=7,
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import core
 from tests.core.cases import (
@@ -994,3 +995,70 @@ def test_full_state_load_into_a_pending_switch_of_state_precision_keeps_the_chec
         for index, state in loaded[0].items():
             assert state.keys() == loaded[1][index].keys()
             assert all(torch.equal(loaded[1][index][k], v) for k, v in state.items())
+
+
+def test_a_torch_checkpoint_saved_mid_warmup_takes_max_lr_from_its_schedule() -> None:
+    """A torch group a scheduler ran carries initial_lr: fully decoupled decay is relative
+    to it, not to the lr the warmup had reached when the checkpoint was written (3.3x too
+    strong here, for the rest of the run)."""
+    param = nn.Parameter(torch.ones(4))
+    saved = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(saved, lambda step: min(1.0, 0.1 * (step + 1)))
+    for _ in range(2):
+        param.grad = torch.ones(4)
+        saved.step()
+        schedule.step()
+    state_dict = saved.state_dict()
+    assert state_dict["param_groups"][0]["lr"] == pytest.approx(3e-4)
+    resumed = core.AdamW([nn.Parameter(torch.ones(4))], lr=5.0, decouple_lr=True)
+    with pytest.warns(RuntimeWarning, match="come without decouple_lr"):
+        resumed.load_state_dict(state_dict)
+    assert resumed.param_groups[0]["max_lr"] == 1e-3
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+def test_loading_copies_step_counts_and_8bit_state_and_takes_full_moments_as_torch(
+    state_precision: str,
+) -> None:
+    """What a loaded dict shares with the optimizer after load_state_dict, as README says:
+    step counts (host scalars) and 8-bit codes and scales are copied, so the next steps
+    leave the dict as it was (one dict loaded into two optimizers resumes both exactly);
+    full-precision moments are taken as torch takes them, without a second copy."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(64, 64, generator=generator))
+    optimizer = core.AdamW([param], lr=LR, state_precision=state_precision)
+    for _ in range(3):
+        param.grad = torch.randn(64, 64, generator=generator)
+        optimizer.step()
+    state_dict = optimizer.state_dict()
+    saved = copy.deepcopy(state_dict)
+    resumed_param = nn.Parameter(param.detach().clone())
+    resumed = core.AdamW([resumed_param], lr=LR, state_precision=state_precision)
+    resumed.load_state_dict(state_dict)
+    resumed_param.grad = torch.randn(64, 64, generator=generator)
+    resumed.step()
+    weight = resumed.state[resumed_param]
+    assert float(weight["step"]) == 4
+    for index, state in state_dict["state"].items():
+        assert float(state["step"]) == 3
+        for key, value in state.items():
+            if key.endswith(("_codes", "_scales")):
+                assert torch.equal(value, saved["state"][index][key]), key
+    if state_precision == "full":
+        assert weight["exp_avg"] is state_dict["state"][0]["exp_avg"]
+
+
+def test_a_kahan_checkpoint_loaded_without_kahan_sum_holds_no_compensation_at_once() -> None:
+    """load_state_dict converts the state to what this optimizer keeps at once, so a
+    state_dict taken before the first step already leaves the compensation out."""
+    param = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    optimizer = core.AdamW([param], lr=LR)
+    for _ in range(3):
+        param.grad = torch.full_like(param, 0.3)
+        optimizer.step()
+    assert "kahan_comp" in optimizer.state[param]
+    resumed_param = nn.Parameter(param.detach().clone())
+    resumed = core.AdamW([resumed_param], lr=LR, kahan_sum=False)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert "kahan_comp" not in resumed.state[resumed_param]
+    assert "kahan_comp" not in resumed.state_dict()["state"][0]
