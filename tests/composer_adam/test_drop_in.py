@@ -89,6 +89,28 @@ def test_defaults_and_signature_match_composer() -> None:
     adamw_ours = inspect.signature(composer_adam.DecoupledAdamW.adamw).parameters
     assert list(adamw_ours) == list(inspect.signature(ComposerAdamW.adamw).parameters)
 
+    # The rest of the family: Composer's defaults, ADOPT its own betas and eps (README),
+    # and each algorithm's own argument with core's (torch's) default.
+    def defaults(function: object) -> dict[str, object]:
+        return {
+            name: p.default
+            for name, p in inspect.signature(function).parameters.items()
+            if p.default is not p.empty
+        }
+
+    composers = defaults(ComposerAdamW.__init__)
+    adopt_own = {"betas": (0.9, 0.9999), "eps": 1e-6}
+    for cls, core_cls, own in (
+        (composer_adam.DecoupledRAdam, core.RAdam, {}),
+        (composer_adam.DecoupledNAdam, core.NAdam, {"momentum_decay": None}),
+        (composer_adam.DecoupledADOPT, core.ADOPT, {**adopt_own, "clip": None}),
+    ):
+        found, cores = defaults(cls.__init__), defaults(core_cls.__init__)
+        for name in ("lr", "betas", "eps", "weight_decay"):
+            assert found[name] == own.get(name, composers[name]), (cls.__name__, name)
+        for name, value in own.items():
+            assert found[name] == (cores[name] if value is None else value), (cls.__name__, name)
+
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_functional_adamw_matches_composers(amsgrad: bool) -> None:

@@ -103,6 +103,30 @@ def test_param_groups_match_in_order_and_disable_grad_freezes() -> None:
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.01, 0.1]
 
 
+def test_no_decay_spares_groups_that_set_weight_decay_and_frozen_parameters_join_none() -> None:
+    """no_decay exempts biases, norms and embeddings only in groups that leave weight_decay
+    to the recipe: a group that sets it keeps it for its bias too. Parameters frozen
+    before the recipe (requires_grad False) join no group, and a group matching only
+    them is refused as matching no trainable parameter."""
+    model = Block()
+    model.norm.requires_grad_(False)
+    config = {
+        "name": "decoupled_adamw",
+        "lr": 0.1,
+        "weight_decay": 1e-4,
+        "param_groups": [{"param_str_match": "proj", "weight_decay": 0.05}],
+    }
+    optimizer = composer_adam.build_optimizer(config, model)
+    assert _groups(optimizer, model) == [
+        (["head.weight"], {"lr": 0.1, "weight_decay": 1e-4}),
+        (["embedding.weight"], {"lr": 0.1, "weight_decay": 0.0}),
+        (["proj.bias", "proj.weight"], {"lr": 0.1, "weight_decay": 0.05}),
+    ]
+    config["param_groups"] = [{"param_str_match": "^norm", "lr": 0.01}]
+    with pytest.raises(ValueError, match=r"'\^norm' matches no trainable parameter"):
+        composer_adam.build_optimizer(config, model)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("config", "message"),

@@ -524,6 +524,32 @@ def test_a_schedule_stepped_every_few_batches_ends_at_the_last_scheduler_step(
     assert scheduler.get_last_lr() == [0.0, 0.0]
 
 
+class _Endless(torch.utils.data.IterableDataset):
+    """One epoch that never ends: max_steps alone bounds the run."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        data = regression_data(64)
+        while True:
+            yield from data
+
+
+@pytest.mark.parametrize(("frequency", "accumulate"), [(2, 2), (3, 1), (2, 3), (4, 2)])
+def test_a_schedule_stepped_every_few_batches_of_an_endless_epoch_ends_at_max_steps(
+    frequency: int, accumulate: int
+) -> None:
+    """The same count on an epoch without end (an endless IterableDataset, max_steps):
+    only batches that end a window and are a multiple of f step the scheduler."""
+    model = Regression(scheduler={"kind": "linear", "frequency": frequency}, lr=1e-2)
+    trainer = make_trainer(max_steps=12, accumulate_grad_batches=accumulate)
+    trainer.fit(model, torch.utils.data.DataLoader(_Endless(), batch_size=16))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    batches = range(1, 12 * accumulate + 1)
+    expected = sum(1 for b in batches if b % accumulate == 0 and b % frequency == 0)
+    assert trainer.global_step == 12
+    assert scheduler.total_steps == scheduler.last_epoch == expected
+    assert scheduler.get_last_lr() == [0.0, 0.0]
+
+
 def test_epoch_interval_counts_epochs() -> None:
     model = Regression(
         scheduler={"kind": "linear", "interval": "epoch", "min_lr_ratio": 0.5}, lr=1e-3

@@ -366,6 +366,28 @@ def test_a_torch_optimizer_gets_param_and_grad_norms(tmp_path: Path) -> None:
         assert float(row[f"l2_norm/param/{name}"]) == pytest.approx(float(param.detach().norm()))
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW", "torch.optim.SGD"])
+def test_frozen_parameters_are_left_out_as_composers_monitor_does(
+    optimizer: str, tmp_path: Path
+) -> None:
+    """A frozen layer's norms are not logged and not in the global ones (Composer's
+    OptimizerMonitor, whose keys these are, skips parameters that do not require grad)."""
+    model = Regression(optimizer, lr=0.1)
+    model.net[0].requires_grad_(False)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = make_trainer(
+        max_steps=2, callbacks=[OptimizerMonitor(every_n_steps=2)], logger=logger
+    )
+    trainer.fit(model, loader(regression_data(64)))
+    (row,) = _rows(tmp_path)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and len(trained) < len(list(model.parameters()))
+    logged = {key.split("/")[-1] for key, value in row.items() if value and key != "step"}
+    assert logged == {*trained, "global"}
+    squares = sum(float(p.detach().double().norm()) ** 2 for p in trained.values())
+    assert float(row["l2_norm/param/global"]) == pytest.approx(math.sqrt(squares), rel=1e-6)
+
+
 def test_log_every_n_steps_zero_logs_nothing_as_lightning_does(tmp_path: Path) -> None:
     """Lightning's 0 means never (barebones=True sets it): the monitor divided by it."""
     logger = CSVLogger(tmp_path, name="run")
