@@ -108,6 +108,15 @@ def edge_values() -> Tensor:
     return torch.cat([values, values * 1e-30, values * 1e-5, values * 1e-38])
 
 
+def representable_values(dtype: torch.dtype) -> list[float]:
+    """Values dtype holds exactly (normal, subnormal, its largest, negative ones): rounded
+    stochastically each is kept whatever its random bits, all-zero bits too (the first
+    element's under key 0: its input to the hash is 0), where `uniform <= fraction` would
+    move it one ulp up."""
+    info = torch.finfo(dtype)
+    return [1.0, -3.0, 0.375, info.max, -info.max, info.tiny, info.tiny / 8, -info.tiny / 8]
+
+
 def assert_rounded_as_reference(out: Tensor, expected: Tensor) -> None:
     """Bit for bit; NaN's bits are torch's choice (0x7fc0 or, vectorised, 0xffff), so any
     NaN will do."""

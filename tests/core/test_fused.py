@@ -164,6 +164,28 @@ def test_bfloat16_subnormals_step_as_the_loop_steps_them(
         assert_step_matches(step, expected, actual)
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("RAdam", torch.float32), ("NAdam", torch.float32), ("Adam", torch.bfloat16)],
+    ids=["RAdam-fp32", "NAdam-fp32", "Adam-bf16"],
+)
+def test_a_first_beta_of_zero_makes_m_the_gradient_exactly(
+    name: str, dtype: torch.dtype, backend: str
+) -> None:
+    """m moves by torch.lerp's form for weights of 0.5 and more (from the gradient's end),
+    exact at both ends: with β1 = 0, m is the gradient itself on every backend (every
+    other test's β1 is 0.9, so the kernels' other form was never run; the small-weight
+    form left m an ulp off)."""
+    generator = torch.Generator().manual_seed(5)
+    param = torch.nn.Parameter(torch.randn(300, generator=generator).to(dtype))
+    optimizer = getattr(core, name)([param], lr=LR, betas=(0.0, 0.99), **TRAINING_BACKENDS[backend])
+    for _ in range(3):
+        param.grad = torch.randn(300, generator=generator).to(dtype)
+        optimizer.step()
+        assert torch.equal(optimizer.state[param]["exp_avg"], param.grad)
+
+
 @pytest.mark.parametrize("backend", ["default", *FUSED_BACKENDS])  # default: as users build it
 @pytest.mark.parametrize("case_id", ["Adam-l2", "RAdam-l2", "NAdam-l2", "ADOPT-l2"])
 def test_a_gradient_that_nearly_cancels_its_l2_term_steps_as_the_loop_steps_it(

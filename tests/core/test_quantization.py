@@ -283,6 +283,29 @@ def test_blocks_below_the_normal_range_are_stored_as_zeros() -> None:
     assert absmax[0, 1] == 2.0**-126 and codes[256] == q.SIGNED_MAP.largest_code
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_step_stores_blocks_below_the_normal_range_as_zeros(backend: str) -> None:
+    """The same in every backend's step: gradients of 1e-21 give v blocks near 1e-44,
+    below fp32's normal range, stored with scale 0 and the loop's codes (the kernels kept
+    a subnormal scale, and every code then differed from the loop's)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(4608, generator=generator)
+    runs = []
+    for flags in (TRAINING_BACKENDS["loop"], TRAINING_BACKENDS[backend]):
+        param = nn.Parameter(start.clone())
+        runs.append((param, core.Adam([param], lr=1e-2, state_precision="8bit", **flags)))
+    for _ in range(2):
+        grad = 1e-21 * torch.randn(4608, generator=generator)
+        for param, optimizer in runs:
+            param.grad = grad.clone()
+            optimizer.step()
+    (loop_param, loop), (param, optimizer) = runs
+    state, loop_state = optimizer.state[param], loop.state[loop_param]
+    assert not state["exp_avg_sq_absmax"].any()
+    for key in ("exp_avg_sq_codes", "exp_avg_sq_absmax"):
+        assert torch.equal(state[key], loop_state[key]), key
+
+
 def test_a_non_finite_value_makes_its_block_nan_and_only_its_block() -> None:
     values = torch.randn(2, 512)
     values[0, 3] = math.inf

@@ -135,6 +135,49 @@ def test_without_a_scaler_non_finite_gradients_reach_state_and_parameters_alike_
     assert found == WITHOUT_SCALER[case.id]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_nan_in_amsgrads_maximum_beside_a_finite_v_stays(
+    backend: str, dtype: torch.dtype
+) -> None:
+    """A NaN v_max beside a finite v (a diverged run's checkpoint, or an 8-bit v_max
+    beside a full-precision v) stays NaN and takes its parameter with it, as
+    torch.maximum does: a maximum that dropped NaN healed it silently. A NaN gradient
+    cannot show this: it makes v NaN too."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(8, generator=generator).to(dtype))
+    optimizer = core.Adam([param], lr=LR, amsgrad=True, **TRAINING_BACKENDS[backend])
+    param.grad = torch.randn(8, generator=generator).to(dtype)
+    optimizer.step()
+    optimizer.state[param]["max_exp_avg_sq"][5] = float("nan")
+    for _ in range(2):
+        param.grad = torch.randn(8, generator=generator).to(dtype)
+        optimizer.step()
+    state = optimizer.state[param]
+    assert _finiteness(state["max_exp_avg_sq"]) == _finiteness(param) == ".....n.."
+    assert _finiteness(state["exp_avg_sq"]) == "........"
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_an_infinite_float16_v_freezes_its_element(backend: str) -> None:
+    """fp16 gradients near its largest square to infinity in v; the kernels read that
+    stored infinity back as infinity (as 65536 it moved the element on): the update
+    m/√v is 0 there, as in the loop. 13 elements: the kernels' scalar tail; Kahan on,
+    fp16's default (without it fp16 Adam runs torch's own fused kernel)."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(13, generator=generator).to(torch.float16))
+    optimizer = core.Adam([param], lr=LR, **TRAINING_BACKENDS[backend])
+    param.grad = torch.randn(13, generator=generator).to(torch.float16)
+    param.grad[3] = 5000.0
+    optimizer.step()
+    assert _finiteness(optimizer.state[param]["exp_avg_sq"]) == "...+........."
+    before = param.detach().clone()
+    param.grad = torch.randn(13, generator=generator).to(torch.float16)
+    param.grad[3] = 1.0
+    optimizer.step()
+    assert float(param[3]) == float(before[3])
+
+
 def _assert_compensation_is_a_rounding_residue(model: nn.Module, optimizer: core.AdamW) -> None:
     """Each Kahan compensation finite and never more than one ulp of its parameter."""
     for p in model.parameters():

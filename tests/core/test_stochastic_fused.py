@@ -27,6 +27,7 @@ from tests.core.stochastic_cases import (
     case,
     edge_values,
     ordered,
+    representable_values,
     train,
 )
 
@@ -217,6 +218,14 @@ def test_edge_values_round_as_the_reference(dtype: str, step: int) -> None:
     expected = stochastic_round(values, torch_dtype, rounding)
     out = cpu_kernel.round_stochastically_as_kernels_do(values, torch_dtype, rounding.key())
     assert_rounded_as_reference(out, expected)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_representable_value_is_kept_even_by_all_zero_random_bits(dtype: str) -> None:
+    torch_dtype = DTYPES[dtype]
+    for value in representable_values(torch_dtype):
+        out = cpu_kernel.round_stochastically_as_kernels_do(torch.tensor([value]), torch_dtype, 0)
+        assert float(out) == value
 
 
 def _config(dtype: torch.dtype, stochastic: bool, kahan: bool = False) -> Any:

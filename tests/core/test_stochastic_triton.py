@@ -26,6 +26,7 @@ from tests.core.stochastic_cases import (
     assert_rounded_as_reference,
     case,
     edge_values,
+    representable_values,
     train,
 )
 
@@ -216,6 +217,19 @@ def test_edge_values_round_as_the_reference(device: str, dtype: str, backend: An
         values, out, key - (1 << 32) if key >= 1 << 31 else key, count, DTYPE=_dtype(torch_dtype)
     )
     assert_rounded_as_reference(out, expected)
+
+
+@pytest.mark.parametrize("device", ["triton"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_representable_value_is_kept_even_by_all_zero_random_bits(
+    device: str, dtype: str, backend: Any
+) -> None:
+    torch_dtype = DTYPES[dtype]
+    values = torch.tensor(representable_values(torch_dtype))
+    out = torch.empty(2, dtype=torch_dtype)
+    for value in values:  # each first, under key 0
+        _round_values[(1,)](torch.stack([value, value]), out, 0, 2, DTYPE=_dtype(torch_dtype))
+        assert float(out[0]) == float(value)
 
 
 def _dtype(dtype: torch.dtype) -> Any:
