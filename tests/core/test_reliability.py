@@ -161,9 +161,9 @@ def test_a_nan_in_amsgrads_maximum_beside_a_finite_v_stays(
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_an_infinite_float16_v_freezes_its_element(backend: str) -> None:
     """A gradient whose square overflows fp16 (5000² > 65504) makes v infinite; the
-    kernels read that stored infinity back as infinity (as 65536 it moved the element on): the update
-    m/√v is 0 there, as in the loop. 13 elements: the kernels' scalar tail; Kahan on,
-    fp16's default (without it fp16 Adam runs torch's own fused kernel)."""
+    kernels read that stored infinity back as infinity (as 65536 it moved the element
+    on): the update m/√v is 0 there, as in the loop. 13 elements: the kernels' scalar
+    tail; Kahan on, fp16's default (without it fp16 Adam runs torch's own fused kernel)."""
     generator = torch.Generator().manual_seed(0)
     param = nn.Parameter(torch.randn(13, generator=generator).to(torch.float16))
     optimizer = core.Adam([param], lr=LR, **TRAINING_BACKENDS[backend])

@@ -155,7 +155,9 @@ def test_no_weight_decay_patterns_match_a_module_under_any_of_its_names() -> Non
 def test_a_no_weight_decay_pattern_matching_no_parameter_is_reported_by_name() -> None:
     model = Tied()
     with pytest.warns(
-        UserWarning, match=r"no_weight_decay patterns \['norms\.\*'\] match no parameter name"
+        UserWarning,
+        match=r"no_weight_decay patterns \['norms\.\*'\] match no parameter name, so they "
+        r"exempt nothing from weight decay; the names are like \['embedding\.weight', 'norm\.",
     ):
         optimizer = configure_optimizers(
             model, "AdamW", lr=1e-3, no_weight_decay=["*.bias", "norms.*"]
@@ -698,6 +700,42 @@ def test_a_schedule_for_a_submodule_outside_a_trainer_names_the_module() -> None
         configure_optimizers(nn.Sequential(nn.Linear(2, 2)), "AdamW", scheduler="cosine", lr=1e-2)
 
 
+class _TakesPositionalRest(torch.optim.SGD):
+    """A class whose *args reads like a keyword named 'args' to a careless signature reader."""
+
+    def __init__(self, params: Any, *args: Any, lr: float = 0.1, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+
+class _RequiresMomentum(torch.optim.SGD):
+    """A keyword-only argument without a default."""
+
+    def __init__(self, params: Any, *, lr: float, momentum: float, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class _TakesKeywords(torch.optim.AdamW):
+    """A class that takes weight_decay through **kwargs (wrappers often do)."""
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+
+
+def test_a_class_taking_keywords_gets_the_no_decay_group() -> None:
+    """weight_decay reaches a **kwargs class, so its biases, norms and embeddings get the
+    no_decay group as with a class that names the argument."""
+    model = Tied()
+    optimizer = configure_optimizers(model, _TakesKeywords, lr=1e-3, weight_decay=0.1)["optimizer"]
+    groups = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert groups == {"decay": 0.1, "no_decay": 0.0}
+    assert _group_names(model, optimizer)["no_decay"] == {
+        "embedding.weight",
+        "norm.weight",
+        "norm.bias",
+        "proj.bias",
+    }
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -738,6 +776,29 @@ def test_a_schedule_for_a_submodule_outside_a_trainer_names_the_module() -> None
         (
             {"optimizer": {"optimizer": "AdamW"}, "lr": 1.0},
             r"Invalid arguments beside a config dict: \['lr'\]",
+        ),
+        (  # silently ignored, were it not refused: the dict holds the whole setting
+            {"optimizer": {"optimizer": "AdamW", "lr": 1e-3}, "lr": None, "no_weight_decay": False},
+            r"Invalid arguments beside a config dict: \['no_weight_decay'\]",
+        ),
+        (  # a rule answering 1/0 or a tensor is no answer: True or False only
+            {"no_weight_decay": lambda name, parameter, module: int(parameter.ndim == 1)},
+            r"Invalid no_weight_decay: <function .* returned [01] for parameter '.*'\. "
+            r"Allowed: True \(no weight decay\) or False\.",
+        ),
+        (
+            {"no_weight_decay": lambda name, parameter, module: torch.tensor(True)},
+            r"Invalid no_weight_decay: <function .* returned tensor\(True\) for parameter",
+        ),
+        (  # *args is no keyword the class takes
+            {"optimizer": _TakesPositionalRest, "args": 1},
+            r"Invalid argument for .*_TakesPositionalRest: 'args'\. Allowed: its parameters: "
+            r"lr, weight_decay\.",
+        ),
+        (  # named up front, not the constructor's TypeError
+            {"optimizer": _RequiresMomentum},
+            r"Invalid arguments for .*_RequiresMomentum: \{'lr': 0\.001\}\. Allowed: "
+            r"arguments that include momentum, which .*_RequiresMomentum requires \(no default\)",
         ),
     ],
     ids=lambda value: str(value)[:40],
