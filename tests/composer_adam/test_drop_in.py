@@ -6,6 +6,7 @@ import copy
 import functools
 import logging
 import re
+import warnings
 
 import pytest
 import torch
@@ -110,6 +111,24 @@ def test_defaults_and_signature_match_composer() -> None:
             assert found[name] == own.get(name, composers[name]), (cls.__name__, name)
         for name, value in own.items():
             assert found[name] == (cores[name] if value is None else value), (cls.__name__, name)
+    # adamkit's own keyword-only arguments keep core's defaults in every class (Kahan on
+    # for 16-bit parameters, full-precision state, rounding seed 0, the fastest backend).
+    for cls, core_cls in (
+        (composer_adam.DecoupledAdamW, core.AdamW),
+        (composer_adam.DecoupledRAdam, core.RAdam),
+        (composer_adam.DecoupledNAdam, core.NAdam),
+        (composer_adam.DecoupledADOPT, core.ADOPT),
+    ):
+        found, cores = defaults(cls.__init__), defaults(core_cls.__init__)
+        extras = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if p.kind is p.KEYWORD_ONLY]  # fmt: skip
+        assert {"kahan_sum", "state_precision", "rounding_seed", "fused"} <= set(extras)
+        for name in extras:
+            assert found[name] == cores[name], (cls.__name__, name)
+    for amsgrad in (False, True):  # Composer's class keeps it as an attribute too
+        params = [torch.nn.Parameter(torch.ones(2))]
+        theirs = ComposerAdamW(params, amsgrad=amsgrad)
+        assert composer_adam.DecoupledAdamW(params, amsgrad=amsgrad).amsgrad is theirs.amsgrad
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -339,3 +358,18 @@ def test_reduced_metrics_have_composers_types_and_values(
     for key, value in ours.items():
         assert type(value) is type(theirs[key]) is float, key
         assert value == pytest.approx(theirs[key], rel=1e-5), key
+
+
+def test_a_composer_checkpoint_loads_without_a_warning() -> None:
+    """Composer's DecoupledAdamW groups carry no decouple_lr, as torch's do, but they are
+    Composer's decay: the class that reads them as Composer's says nothing at load (core's
+    classes warn, since a torch checkpoint looks the same)."""
+    params = [torch.nn.Parameter(torch.ones(4))]
+    theirs = ComposerAdamW(params, lr=1e-3, weight_decay=1e-4)
+    params[0].grad = torch.ones(4)
+    theirs.step()
+    ours = composer_adam.DecoupledAdamW([torch.nn.Parameter(torch.ones(4))], lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.load_state_dict(theirs.state_dict())
+    assert ours.param_groups[0]["weight_decay"] == 1e-4

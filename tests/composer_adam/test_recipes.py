@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import types
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -380,6 +381,30 @@ def test_malformed_yaml_is_an_invalid_recipe_file_with_pyyamls_message(
     assert isinstance(info.value.__cause__, yaml.YAMLError)
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "text",
+    ["- name: cosine\n", "- [name, cosine]\n- [t_max, 1dur]\n", "cosine\n"],
+    ids=["list", "list-of-pairs", "scalar"],
+)
+def test_a_recipe_file_that_is_no_mapping_is_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(
+        ValueError, match=re.escape(f"Invalid recipe file {str(path)!r}: expected a YAML mapping.")
+    ):
+        composer_adam.load_recipe(path)
+
+
+def test_a_loaded_mapping_is_a_copy_of_the_callers() -> None:
+    """load_recipe copies a mapping it is given, so editing the recipe leaves the caller's."""
+    given = {"scheduler": {"name": "cosine_with_warmup", "t_warmup": "10ba"}}
+    recipe = composer_adam.load_recipe(given)
+    recipe["scheduler"] = {"name": "constant"}
+    assert given == {"scheduler": {"name": "cosine_with_warmup", "t_warmup": "10ba"}}
+    assert type(composer_adam.load_recipe(types.MappingProxyType({"a": 1}))) is dict
+
+
 TIME_RANGE = (
     "a time >= 0 in ep, ba, sp, tok or iter such as '100ba' or '1ep', "
     "or a 'dur' fraction in [0, 1] (wall-clock 'sec' is no scheduler time)"
@@ -453,10 +478,21 @@ TIME_STRING = (
         ("t_warmup", "10", TIME_STRING),
         ("t_warmup", "0.5ep", TIME_STRING),  # escaped as Composer's TypeError
         ("t_warmup", "2.5sp", TIME_STRING),
+        ("t_warmup", "infba", TIME_STRING),  # int(inf) overflows
+        ("t_warmup", "1e999ep", TIME_STRING),
         ("alpha_f", "0.1", "a number"),
         ("scale_warmup", "yes", "true or false"),
     ],
-    ids=["int-time", "unitless-time", "half-epoch", "half-sample", "text-number", "text-flag"],
+    ids=[
+        "int-time",
+        "unitless-time",
+        "half-epoch",
+        "half-sample",
+        "infinite-time",
+        "overflowing-time",
+        "text-number",
+        "text-flag",
+    ],
 )
 def test_scheduler_values_of_the_wrong_kind_are_refused_when_built(
     key: str, value: object, allowed: str
