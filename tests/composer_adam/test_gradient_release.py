@@ -25,6 +25,7 @@ from torch import Tensor, nn
 import composer_adam
 import core
 from tests.composer_adam.harness import (
+    BATCH,
     LR,
     MICROBATCH,
     STEPS,
@@ -109,6 +110,93 @@ def test_a_branch_only_earlier_microbatches_train_is_stepped_as_in_the_ordinary_
     assert_same_parameters(runs[1].state.model, runs[0].state.model, atol=0)
     branch = runs[1].state.model.branch.weight
     assert float(runs[1].state.optimizers[0].state[branch]["step"]) == 8
+
+
+class _BranchOfEveryOtherBatch(_BranchOfTheFirstMicrobatch):
+    """The branch trained by the whole of every other batch, and by no microbatch of the
+    rest: its gradient is absent for whole batches."""
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, _ = batch
+        used, self.calls = (self.calls // (BATCH // MICROBATCH)) % 2 == 0, self.calls + 1
+        return self.module(x) + (self.branch(x) if used else 0)
+
+
+def test_a_branch_without_gradient_for_a_batch_logs_no_stale_norm() -> None:
+    """A batch the branch sat out logs no gradient norm of it, and the global norm of that
+    batch is the other parameters' alone, as in the ordinary run (the norm release
+    recorded in the batch before was logged again)."""
+    runs = [
+        train(
+            lambda p, release=release: composer_adam.DecoupledAdamW(
+                p, lr=LR, gradient_release=release
+            ),
+            model=_BranchOfEveryOtherBatch(),
+            max_duration="6ba",
+            callbacks=[composer_adam.GradientRelease()] if release else [],
+        )
+        for release in (False, True)
+    ]
+    (ordinary, ordinary_log), (released, released_log) = runs
+    assert_same_parameters(released.state.model, ordinary.state.model, atol=0)
+    mine, reference = logged(released_log, "l2_norm/grad/"), logged(ordinary_log, "l2_norm/grad/")
+    branch = [key for key in reference if "branch.weight" in key]
+    assert branch and len(reference[branch[0]]) == 3  # batches 0, 2, 4
+    assert mine == reference
+    # the monitor release took over during fit is given back at its place
+    kinds = [type(callback) for callback in released.state.callbacks]
+    assert kinds.index(OptimizerMonitor) < kinds.index(composer_adam.GradientRelease)
+
+
+class _BranchOfTwoMicrobatches(nn.Module):
+    """A layer plus a branch used only by the 3rd microbatch (of batch 0) and the 5th
+    (the first of batch 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer, self.branch, self.calls = nn.Linear(10, 4), nn.Linear(10, 4), 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.layer(x) + (self.branch(x) if self.calls in (3, 5) else 0)
+
+
+def _padded_samples(batch: Any) -> int:
+    """Samples that count: rows whose first feature is not the padding mark 100."""
+    return int((batch[0][:, 0] != 100).sum())
+
+
+def test_a_branch_stepped_in_one_batch_and_used_in_the_next_with_padded_microbatches() -> None:
+    """Each batch's last microbatch counts no sample (padding): release steps at the last
+    microbatch that counts. The branch, stepped in batch 0, is used again only by batch 1's
+    first microbatch: it must step there as in the ordinary run (batch 0's mark that it
+    had stepped was kept, and batch 1 skipped it: 0.01 off)."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 10, generator=generator), torch.randint(0, 4, (32,), generator=generator)
+    x.view(2, 16, 10)[:, 12:, 0] = 100
+    branches = []
+    for release in (False, True):
+        net = _BranchOfTwoMicrobatches()
+        model = ComposerClassifier(net, num_classes=4)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+        Trainer(
+            model=model,
+            train_dataloader=DataSpec(loader, get_num_samples_in_batch=_padded_samples),
+            device_train_microbatch_size=4,
+            optimizers=composer_adam.DecoupledAdamW(
+                model.parameters(), lr=1e-2, gradient_release=release
+            ),
+            max_duration="2ba",
+            device="cpu",
+            progress_bar=False,
+            log_to_console=False,
+            callbacks=[composer_adam.GradientRelease(get_num_samples_in_batch=_padded_samples)]
+            if release
+            else [],
+        ).fit()
+        branches.append(net.branch.weight.detach().clone())
+    assert torch.equal(branches[1], branches[0])
 
 
 @pytest.mark.parametrize("optimizer_metrics", [True, False])

@@ -356,6 +356,31 @@ def test_a_fit_that_raises_leaves_nothing_hooked(backend: str) -> None:
         assert torch.equal(a, b)
 
 
+class FailsAtBatch2(Regression):
+    """A training_step that raises at its third batch: the first of a window of two."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        if index == 2:
+            raise RuntimeError("a bad batch")
+        return super().training_step(batch, index)
+
+
+def test_a_fit_that_raises_inside_a_window_leaves_the_optimizer_stepping() -> None:
+    """The window a failed fit left open is closed at teardown: the optimizer's own step()
+    after it moves the weights (it stayed in accumulation, folding every later step)."""
+    model = FailsAtBatch2(lr=1e-2)
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        _fit(model, release=True, max_epochs=1, accumulate_grad_batches=2)
+    optimizer = model.trainer.optimizers[0]
+    assert not optimizer.optimizer_accumulation
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = regression_data(32).tensors
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(x.float()), y.float()).backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
 def _repeated_batches(repeats: int) -> TensorDataset:
     """Every batch of 32 appears `repeats` times in a row: each window's micro-batches agree."""
     x, y = regression_data(128).tensors
