@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import core
+from core.quantization import stored_moment
 from tests.core.cases import (
     BACKENDS,
     EAGER_BACKENDS,
@@ -144,6 +145,60 @@ def test_kahan_summation_recovers_fp32_quality_in_pure_bf16(cls: type) -> None:
     plain = _train_bf16_regression(False, torch.bfloat16, cls)
     assert kahan < 1.1 * fp32, (fp32, kahan)
     assert plain > 1.1 * fp32, (fp32, plain)
+
+
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+@pytest.mark.parametrize("cls", [core.AdamW, core.RAdam, core.NAdam, core.ADOPT])
+def test_kahan_keeps_the_steps_bf16_cannot_hold_on_every_backend(cls: type, backend: str) -> None:
+    """Steps of ~1e-4 on weights near 1 are below half a bf16 ulp (2^-8): plain bf16 never
+    moves, Kahan's θ + compensation follows the fp32 run. The test above runs the default
+    backend only; an eager compensation of the wrong sign lost every step there too."""
+    generator = torch.Generator().manual_seed(0)
+    start = (1 + 0.01 * torch.randn(64, generator=generator)).to(torch.bfloat16).float()
+    direction = torch.randn(64, generator=generator).sign()
+    grads = [direction * (1 + torch.rand(64, generator=generator)) for _ in range(120)]
+    runs = []
+    for dtype, flags in ((torch.float32, {}), (torch.bfloat16, TRAINING_BACKENDS[backend])):
+        param = nn.Parameter(start.to(dtype, copy=True))
+        optimizer = cls([param], lr=1e-4, weight_decay=0.0, **flags)
+        for grad in grads:
+            param.grad = grad.to(dtype)
+            optimizer.step()
+        runs.append((param, optimizer))
+    (fp32, _), (bf16, optimizer) = runs
+    compensated = bf16.detach().float() + optimizer.state[bf16]["kahan_comp"].float()
+    travelled = (fp32.detach() - start).abs().min()
+    assert travelled > 4e-3  # more than half an ulp: plain bf16 would be that far off
+    assert (compensated - fp32.detach()).abs().max() < 0.05 * travelled
+
+
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_amsgrad_keeps_the_largest_v_when_gradients_shrink(
+    backend: str, dtype: torch.dtype, state_precision: str
+) -> None:
+    """AMSGrad's maximum is v's running maximum in every backend's state, held when v
+    falls (an eager backend that computed the maximum but did not store it for 16-bit
+    state, or 8-bit state, restarted from v each step)."""
+    param = nn.Parameter(torch.ones(4096, dtype=dtype))
+    optimizer = core.Adam(
+        [param],
+        lr=LR,
+        betas=(0.9, 0.5),
+        amsgrad=True,
+        state_precision=state_precision,
+        **TRAINING_BACKENDS[backend],
+    )
+    largest = None
+    for scale in (10.0, 0.01, 0.01):
+        param.grad = torch.full_like(param, scale)
+        optimizer.step()
+        v = stored_moment(optimizer.state[param], "exp_avg_sq", param).clone()
+        largest = v if largest is None else torch.maximum(largest, v)
+    kept = stored_moment(optimizer.state[param], "max_exp_avg_sq", param)
+    assert bool((kept > 3 * v).all())  # v fell to a quarter; the maximum did not
+    torch.testing.assert_close(kept, largest, rtol=0.01, atol=0)
 
 
 def test_kahan_buffers_only_for_low_precision_parameters() -> None:
