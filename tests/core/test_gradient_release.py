@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import core
+from core.optimizer import step_released_param
 from tests.core.cases import (
     LR,
     TRAINING_BACKENDS,
@@ -1190,6 +1191,41 @@ def test_optimizer_accumulation_takes_only_a_bool(value: object) -> None:
     assert optimizer.optimizer_accumulation is False
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_zero_grad_forgets_the_steps_no_step_closed(backend: str) -> None:
+    """After zero_grad() has said that hooks stepped a backward no step() closed, that
+    training step is over: a later backward (here with release paused, so its gradients
+    are kept) is stepped by step() as usual, not refused as a second gradient."""
+    model = make_model()
+    optimizer = core.AdamW(
+        model.parameters(), lr=LR, gradient_release=True, **TRAINING_BACKENDS[backend]
+    )
+    core.prepare_for_gradient_release(model, optimizer)
+    x, y = make_batches(torch.float32, 1)[0]
+    nn.functional.mse_loss(model(x), y).backward()  # hooks step; no optimizer.step()
+    with pytest.warns(RuntimeWarning, match="no optimizer.step\\(\\) followed"):
+        optimizer.zero_grad()
+    optimizer.release_paused = True
+    nn.functional.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(float(s["step"]) == 2 for s in optimizer.state.values())
+
+
+def test_a_parameter_a_hook_stepped_without_freeing_is_not_stepped_again() -> None:
+    """step_released_param without freeing the gradient (DDP's communication hook keeps it
+    in its bucket): the training step's step() skips that parameter and steps the rest."""
+    stepped, left = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+    optimizer = core.AdamW([stepped, left], lr=0.1, weight_decay=0.0, gradient_release=True)
+    stepped.grad, left.grad = torch.ones(3), torch.ones(3)
+    step_released_param(optimizer, stepped)
+    assert stepped.grad is not None
+    optimizer.step()
+    assert float(optimizer.state[stepped]["step"]) == float(optimizer.state[left]["step"]) == 1
+    assert torch.equal(stepped, left)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
 def test_grad_scaler_is_refused_before_backward_changes_anything(backend: str) -> None:
@@ -1203,8 +1239,11 @@ def test_grad_scaler_is_refused_before_backward_changes_anything(backend: str) -
     scaler = torch.amp.GradScaler("cpu")
     x, y = make_batches(torch.float32, 1)[0]
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match=r"GradScaler\.scale was given a loss whose backward"):
-        scaler.scale([nn.functional.mse_loss(model(x), y)])  # a list, as scale() takes too
+    for wrap in (lambda loss: loss, lambda loss: [loss], lambda loss: (loss,)):
+        with pytest.raises(
+            RuntimeError, match=r"GradScaler\.scale was given a loss whose backward"
+        ):  # a loss, or a list or tuple of them, as scale() takes
+            scaler.scale(wrap(nn.functional.mse_loss(model(x), y)))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not optimizer.state
     # Given the gradients some other way, step() still refuses the scaler.
@@ -1226,9 +1265,15 @@ def test_a_grad_scaler_scales_other_models_and_disabled_ones_pass() -> None:
     disabled = torch.amp.GradScaler("cpu", enabled=False)
     disabled.scale(nn.functional.mse_loss(released(x), y)).backward()
     assert all(p.grad is None for p in released.parameters())  # released as usual
+    optimizer.step()  # closes the released training step
     core.remove_gradient_release(released)
+    optimizer.zero_grad()
     scaler.scale(nn.functional.mse_loss(released(x), y)).backward()  # once removed, as usual
     assert all(p.grad is not None for p in released.parameters())
+    before = [p.detach().clone() for p in released.parameters()]
+    scaler.step(optimizer)  # and the optimizer steps with the scaler as any other
+    scaler.update()
+    assert all(not torch.equal(a, b) for a, b in zip(before, released.parameters(), strict=True))
 
 
 @pytest.mark.bad_input

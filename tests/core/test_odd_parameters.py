@@ -102,6 +102,23 @@ def test_odd_parameters_equal_the_loop_backend(case: Case, backend: str) -> None
             _assert_close(a, b, step + 1, f"{name} after step {step + 1}")
 
 
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_gradient_laid_out_unlike_its_parameter_is_paired_by_index(backend: str) -> None:
+    """A transposed parameter given a contiguous gradient (set by hand or by a hook:
+    autograd gives it the parameter's strides): both dense, but not alike, so no flat pass
+    may pair their elements by memory offset; every backend equals the loop."""
+    results = []
+    for flags in (TRAINING_BACKENDS["loop"], TRAINING_BACKENDS[backend]):
+        torch.manual_seed(0)
+        param = nn.Parameter(torch.randn(5, 6).t())
+        optimizer = core.Adam([param], lr=0.1, **flags)
+        for k in range(3):
+            param.grad = torch.arange(30.0).reshape(6, 5) - 10.0 * k
+            optimizer.step()
+        results.append(param.detach())
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
+
+
 def test_tied_frozen_and_gradless_parameters_step_as_often_as_they_should() -> None:
     """The tied weight is one parameter stepped once per step; the frozen one never moves
     and gets no state; one without a gradient on a step does not count that step."""

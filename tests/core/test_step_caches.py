@@ -356,6 +356,74 @@ def test_state_replaced_removed_or_moved_between_memoized_steps_is_stepped_as_it
     assert _memos(other[1], released)
 
 
+def _remove_first_state(how: str, optimizer: core.AdamW, param: Tensor) -> None:
+    """Remove param's state by one of the ways a dict allows."""
+    if how == "del":
+        del optimizer.state[param]
+    elif how == "pop":
+        optimizer.state.pop(param)
+    elif how == "popitem":
+        assert optimizer.state.popitem()[0] is param  # the one entry
+    else:
+        optimizer.state.clear()
+
+
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.parametrize("how", ["del", "pop", "popitem", "clear"])
+@pytest.mark.parametrize("backend", MEMO_BACKENDS)
+def test_a_state_removed_between_memoized_steps_restarts_its_parameter(
+    backend: str, how: str
+) -> None:
+    """However the entry goes (del, pop, popitem, clear), the next step starts the
+    parameter afresh and records it (a pop the memo did not see stepped the removed dict:
+    the parameter then had no state at all)."""
+    param = torch.nn.Parameter(torch.ones(64))
+    optimizer = core.AdamW([param], lr=0.1, **TRAINING_BACKENDS[backend])
+    for _ in range(3):
+        param.grad = torch.ones(64)
+        optimizer.step()
+    _remove_first_state(how, optimizer, param)
+    fresh = torch.nn.Parameter(param.detach().clone())
+    reference = core.AdamW([fresh], lr=0.1, **TRAINING_BACKENDS[backend])
+    for p, stepper in ((param, optimizer), (fresh, reference)):
+        p.grad = torch.ones(64)
+        stepper.step()
+    assert float(optimizer.state[param]["step"]) == 1
+    assert torch.equal(param, fresh)
+
+
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
+def test_a_parameter_appended_to_an_earlier_group_moves_the_later_streams(backend: str) -> None:
+    """Stochastic rounding draws each parameter's stream from its place among all the
+    optimizer's parameters: one appended in place to an earlier group moves the later
+    group's, and a memoized step must round with the new streams, as a step whose memo
+    a state write voided does (the memo checked only its own group's length)."""
+
+    def second_step(void_memo: bool) -> Tensor:
+        torch.manual_seed(0)
+        first, later, appended = (
+            torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (8, 4096, 8)
+        )
+        optimizer = core.Adam(
+            [{"params": [first]}, {"params": [later]}],
+            lr=1e-3,
+            stochastic_rounding=True,
+            kahan_sum=False,
+            **TRAINING_BACKENDS[backend],
+        )
+        later.grad = torch.ones_like(later)
+        optimizer.step()
+        optimizer.param_groups[0]["params"].append(appended)  # later: position 1 -> 2
+        if void_memo:
+            optimizer.state[later] = optimizer.state[later]  # a state write
+        later.grad = torch.ones_like(later)
+        optimizer.step()
+        return later.detach()
+
+    assert torch.equal(second_step(void_memo=False), second_step(void_memo=True))
+
+
 @pytest.mark.usefixtures("each_host_checks")
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
 def test_flags_changed_between_memoized_steps_take_effect(backend: str) -> None:
