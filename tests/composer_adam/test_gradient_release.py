@@ -199,6 +199,35 @@ def test_a_branch_stepped_in_one_batch_and_used_in_the_next_with_padded_microbat
     assert torch.equal(branches[1], branches[0])
 
 
+def test_a_padded_microbatch_after_the_step_leaves_no_gradient_allocated() -> None:
+    """A microbatch after the one release stepped at (it counts no sample) still runs its
+    backward, which Composer scales to zero gradients: release drops them at once, so
+    nothing gradient-sized lives on until the next batch's zero_grad (numbers alike
+    either way: only memory shows it)."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 10, generator=generator), torch.randint(0, 4, (32,), generator=generator)
+    x.view(2, 16, 10)[:, 12:, 0] = 100
+    model = make_model()
+    recorder = GradientsAfterBackward()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    Trainer(
+        model=model,
+        train_dataloader=DataSpec(loader, get_num_samples_in_batch=_padded_samples),
+        device_train_microbatch_size=4,
+        optimizers=composer_adam.DecoupledAdamW(model.parameters(), lr=1e-2, gradient_release=True),
+        max_duration="2ba",
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        callbacks=[
+            composer_adam.GradientRelease(get_num_samples_in_batch=_padded_samples),
+            recorder,
+        ],
+    ).fit()
+    # per batch: two microbatches accumulate, the third steps and frees, the fourth is dropped
+    assert recorder.kept == [True, True, False, False] * 2
+
+
 @pytest.mark.parametrize("optimizer_metrics", [True, False])
 def test_released_bf16_gradients_log_the_norms_the_ordinary_run_logs(
     optimizer_metrics: bool,
