@@ -167,7 +167,10 @@ def _padded_samples(batch: Any) -> int:
     return int((batch[0][:, 0] != 100).sum())
 
 
-def test_a_branch_stepped_in_one_batch_and_used_in_the_next_with_padded_microbatches() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_branch_stepped_in_one_batch_and_used_in_the_next_with_padded_microbatches(
+    backend: str,
+) -> None:
     """Each batch's last microbatch counts no sample (padding): release steps at the last
     microbatch that counts. The branch, stepped in batch 0, is used again only by batch 1's
     first microbatch: it must step there as in the ordinary run (batch 0's mark that it
@@ -185,7 +188,7 @@ def test_a_branch_stepped_in_one_batch_and_used_in_the_next_with_padded_microbat
             train_dataloader=DataSpec(loader, get_num_samples_in_batch=_padded_samples),
             device_train_microbatch_size=4,
             optimizers=composer_adam.DecoupledAdamW(
-                model.parameters(), lr=1e-2, gradient_release=release
+                model.parameters(), lr=1e-2, gradient_release=release, **BACKENDS[backend]
             ),
             max_duration="2ba",
             device="cpu",

@@ -356,7 +356,7 @@ def test_state_replaced_removed_or_moved_between_memoized_steps_is_stepped_as_it
     assert _memos(other[1], released)
 
 
-def _remove_first_state(how: str, optimizer: core.AdamW, param: Tensor) -> None:
+def _remove_state(how: str, optimizer: core.AdamW, param: Tensor) -> None:
     """Remove param's state by one of the ways a dict allows."""
     if how == "del":
         del optimizer.state[param]
@@ -382,7 +382,7 @@ def test_a_state_removed_between_memoized_steps_restarts_its_parameter(
     for _ in range(3):
         param.grad = torch.ones(64)
         optimizer.step()
-    _remove_first_state(how, optimizer, param)
+    _remove_state(how, optimizer, param)
     fresh = torch.nn.Parameter(param.detach().clone())
     reference = core.AdamW([fresh], lr=0.1, **TRAINING_BACKENDS[backend])
     for p, stepper in ((param, optimizer), (fresh, reference)):
@@ -400,7 +400,7 @@ def test_a_parameter_appended_to_an_earlier_group_moves_the_later_streams(backen
     group's, and a memoized step must round with the new streams, as a step whose memo
     a state write voided does (the memo checked only its own group's length)."""
 
-    def second_step(void_memo: bool) -> Tensor:
+    def second_step(void_memo: bool, append: bool = True) -> Tensor:
         torch.manual_seed(0)
         first, later, appended = (
             torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (8, 4096, 8)
@@ -414,14 +414,17 @@ def test_a_parameter_appended_to_an_earlier_group_moves_the_later_streams(backen
         )
         later.grad = torch.ones_like(later)
         optimizer.step()
-        optimizer.param_groups[0]["params"].append(appended)  # later: position 1 -> 2
+        if append:
+            optimizer.param_groups[0]["params"].append(appended)  # later: position 1 -> 2
         if void_memo:
             optimizer.state[later] = optimizer.state[later]  # a state write
         later.grad = torch.ones_like(later)
         optimizer.step()
         return later.detach()
 
-    assert torch.equal(second_step(void_memo=False), second_step(void_memo=True))
+    moved = second_step(void_memo=True)
+    assert not torch.equal(moved, second_step(void_memo=True, append=False))  # streams moved
+    assert torch.equal(second_step(void_memo=False), moved)
 
 
 @pytest.mark.usefixtures("each_host_checks")

@@ -365,10 +365,11 @@ class FailsAtBatch2(Regression):
         return super().training_step(batch, index)
 
 
-def test_a_fit_that_raises_inside_a_window_leaves_the_optimizer_stepping() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_fit_that_raises_inside_a_window_leaves_the_optimizer_stepping(backend: str) -> None:
     """The window a failed fit left open is closed at teardown: the optimizer's own step()
     after it moves the weights (it stayed in accumulation, folding every later step)."""
-    model = FailsAtBatch2(lr=1e-2)
+    model = FailsAtBatch2(lr=1e-2, **BACKENDS[backend])
     with pytest.raises(RuntimeError, match="a bad batch"):
         _fit(model, release=True, max_epochs=1, accumulate_grad_batches=2)
     optimizer = model.trainer.optimizers[0]
