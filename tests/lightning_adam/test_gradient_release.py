@@ -328,8 +328,10 @@ def test_release_under_reentrant_checkpointing_equals_ordinary_training(backend:
 class FailsAtBatch3(Regression):
     """A training_step that raises at its fourth batch, as a bug or a bad batch does."""
 
+    failing_index = 3
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
-        if index == 3:
+        if index == self.failing_index:
             raise RuntimeError("a bad batch")
         return super().training_step(batch, index)
 
@@ -356,13 +358,10 @@ def test_a_fit_that_raises_leaves_nothing_hooked(backend: str) -> None:
         assert torch.equal(a, b)
 
 
-class FailsAtBatch2(Regression):
-    """A training_step that raises at its third batch: the first of a window of two."""
+class FailsAtBatch2(FailsAtBatch3):
+    """Raises at its third batch: the first of a window of two."""
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
-        if index == 2:
-            raise RuntimeError("a bad batch")
-        return super().training_step(batch, index)
+    failing_index = 2
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
