@@ -105,6 +105,7 @@ def test_parameter_layouts_agree(compiled: HostChecks, case: str) -> None:
 
 def _gradient_cases() -> dict[str, tuple[list[Any], list[Any]]]:
     params = [torch.zeros(2, 3), torch.zeros(4)]
+    shared = torch.zeros(8)
     return {
         "plain": (params, [torch.ones(2, 3), torch.ones(4)]),
         "parameter gradients": (params, [nn.Parameter(torch.ones(2, 3)), torch.ones(4)]),
@@ -119,7 +120,31 @@ def _gradient_cases() -> dict[str, tuple[list[Any], list[Any]]]:
         "in its parameter": (params, [params[0].detach(), torch.ones(4)]),  # the step writes it
         "view of another parameter": (params, [torch.ones(2, 3), params[0].view(-1)[:4]]),
         "empty, both": ([torch.zeros(0)], [torch.zeros(0)]),
+        "negated": (params, [torch.ones(2, 3), torch.ones(4)._neg_view()]),
+        "conjugated": (
+            [torch.zeros(4, dtype=torch.complex64)],
+            [torch.ones(4, dtype=torch.complex64).conj()],
+        ),
+        "zero tensor": (params, [torch.ones(2, 3), torch._efficientzerotensor(4)]),
+        "on another device": (params, [torch.ones(2, 3), torch.empty(4, device="meta")]),
+        "another shape, as many elements": (params, [torch.ones(3, 2), torch.ones(4)]),
+        "freed": (params, [torch.ones(2, 3), _freed(torch.ones(4))]),
+        "sparse csr": (params, [torch.ones(2, 3).to_sparse_csr(), torch.ones(4)]),
+        "nested": (params, [torch.ones(2, 3), torch.nested.nested_tensor([torch.ones(4)])]),
+        "later in its parameter's storage": ([shared[:4]], [shared[4:]]),
     }
+
+
+def _freed(tensor: Tensor) -> Tensor:
+    """A tensor whose storage was given back (as FSDP frees unsharded parameters)."""
+    tensor.untyped_storage().resize_(0)
+    return tensor
+
+
+def _short(tensor: Tensor, missing: int = 1) -> Tensor:
+    """A tensor whose storage lacks its last `missing` elements."""
+    tensor.untyped_storage().resize_((tensor.numel() - missing) * tensor.element_size())
+    return tensor
 
 
 @pytest.mark.parametrize("case", list(_gradient_cases()))
@@ -132,6 +157,7 @@ def test_gradient_addresses_agree(compiled: HostChecks, case: str) -> None:
         "parameter gradients",
         "view of another parameter",
         "empty, both",
+        "later in its parameter's storage",
     ):
         assert expected == [g.data_ptr() for g in grads]
     else:
@@ -152,6 +178,7 @@ def _column_cases() -> dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]]:
         "sparse": (({"m": sparse},), (sparse,)),
         "absent where the column has None": (({"m": moments[0]}, {}), (moments[0], None)),
         "held where the column has None": (states, (moments[0], None)),
+        "None where the column has None": (({"m": moments[0]}, {"m": None}), (moments[0], None)),
     }
 
 
@@ -162,10 +189,36 @@ def test_column_addresses_agree(compiled: HostChecks, case: str) -> None:
     assert _numbers(compiled.column_addresses(states, "m", column)) == expected
     if case == "the same tensors":
         assert expected == _described(list(column))
-    elif case == "absent where the column has None":  # a moment stored in its other form
+    elif case in ("absent where the column has None", "None where the column has None"):
+        # a moment stored in its other form
         assert expected == [*_described([column[0]]), 0, 0, 0, -1, 0]
     else:
         assert expected is None
+
+
+def _unbacked_cases() -> dict[str, tuple[list[Any], int]]:
+    """Tensor lists and the index of the first whose storage lacks some of its elements."""
+    return {
+        "all backed": ([torch.ones(3), torch.ones(2, 2)[:, 0], torch.zeros(0)], -1),
+        "one element short": ([torch.ones(3), _short(torch.ones(8))], 1),
+        "all short but the last byte": ([_short(torch.ones(8), missing=8)], 0),
+        "freed": ([_freed(torch.ones(4))], 0),
+        "meta, refused by device elsewhere": ([torch.empty(3, device="meta")], -1),
+        "first of several": (
+            [torch.ones(2), _short(torch.ones(8)), _freed(torch.ones(4)), torch.ones(1)],
+            1,
+        ),
+        "nested, not asked": ([torch.nested.nested_tensor([torch.ones(2)]), torch.ones(2)], -1),
+        "not tensors, not asked": ([1, None, "x"], -1),
+    }
+
+
+@pytest.mark.parametrize("case", list(_unbacked_cases()))
+def test_first_unbacked_agrees(compiled: HostChecks, case: str) -> None:
+    """The refusal of an unbacked tensor names the first one: both checks must find it."""
+    tensors, expected = _unbacked_cases()[case]
+    assert PYTHON_CHECKS.first_unbacked(tensors) == expected
+    assert compiled.first_unbacked(tensors) == expected
 
 
 def _changed_in_place() -> dict[str, Callable[[Tensor], None]]:
