@@ -63,6 +63,14 @@ def _freed() -> Tensor:
     return freed
 
 
+def _shrunk_view_at_an_offset() -> Tensor:
+    """The second half of a buffer whose storage was then cut to 10 of its 16 elements."""
+    buffer = torch.zeros(16)
+    view = buffer[8:]
+    buffer.untyped_storage().resize_(40)
+    return view
+
+
 def _lists(make: callable) -> list[list[Tensor]]:  # type: ignore[valid-type]
     return [[make()] for _ in range(4)]
 
@@ -89,8 +97,26 @@ def one_rank_group() -> Iterator[None]:
         ),  # read at address 0: a crash
         (lambda: torch.ones(8)._neg_view(), "negative bit set"),  # read unnegated
         (lambda: torch._efficientzerotensor(8), "a ZeroTensor"),
+        (lambda: torch.zeros(8, device="meta"), "a Tensor of torch.float32 on meta"),  # a crash
+        (lambda: torch.zeros(7), "7 elements beside a parameter of 8"),  # read past its end
+        (  # storage short of a view that starts at an offset: read past the storage
+            _shrunk_view_at_an_offset,
+            r"storage holds 40 bytes, fewer than its elements need \(64",
+        ),
     ],
-    ids=["wrapper-subclass", "dtype", "strided", "size", "sparse", "freed", "negated", "zero"],
+    ids=[
+        "wrapper-subclass",
+        "dtype",
+        "strided",
+        "size",
+        "sparse",
+        "freed",
+        "negated",
+        "zero",
+        "meta",
+        "smaller",
+        "shrunk-at-offset",
+    ],
 )
 def test_the_c_kernel_refuses_what_it_cannot_address(make_bad, message: str) -> None:
     params, grads, exp_avgs, exp_avg_sqs = _lists(lambda: torch.zeros(8))
@@ -104,6 +130,18 @@ def test_the_c_kernel_refuses_what_it_cannot_address(make_bad, message: str) -> 
 
 @pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
 @pytest.mark.bad_input
+def test_the_c_kernel_refuses_a_gradient_transposed_against_its_parameter() -> None:
+    """Same shape, other strides: stepped element by element in memory it would pair
+    each parameter with another element's gradient."""
+    params, _, exp_avgs, exp_avg_sqs = _lists(lambda: torch.zeros(3, 3))
+    grads = [torch.arange(9.0).reshape(3, 3).t()]
+    with pytest.raises(ValueError, match=r"strides \(1, 3\) beside a parameter with strides"):
+        cpu_kernel.run(_config(), params, grads, exp_avgs, exp_avg_sqs, None, None, COEFFICIENTS)
+    assert not params[0].any()
+
+
+@pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "make_bad, message",
     [
@@ -112,8 +150,10 @@ def test_the_c_kernel_refuses_what_it_cannot_address(make_bad, message: str) -> 
         (lambda: torch.ones(8)._neg_view(), "negative bit set"),
         (lambda: torch.ones(8, dtype=torch.float64), "torch.float64"),
         (lambda: torch.nested.nested_tensor([torch.ones(8)]), "a nested torch.float32 tensor"),
+        (lambda: Wrapped(torch.ones(8)), "of shape"),  # its data_ptr is not its data
+        (lambda: torch.ones(1, 8).to_sparse_csr(), "of shape"),
     ],
-    ids=["meta", "freed", "negated", "dtype", "nested"],
+    ids=["meta", "freed", "negated", "dtype", "nested", "wrapper-subclass", "csr"],
 )
 @pytest.mark.parametrize("hook", ["round", "round stochastically", "quantize"])
 def test_the_coding_hooks_refuse_what_c_cannot_read(hook: str, make_bad, message: str) -> None:
@@ -148,13 +188,42 @@ def test_the_coding_hooks_refuse_what_c_cannot_read(hook: str, make_bad, message
             ),
             "signed: 2",
         ),
+        (  # coded as one row of 600: blocks would cross rows
+            lambda: cpu_kernel.quantize_as_kernels_do(torch.ones(2, 300), signed=True),
+            r"values: .* of shape \(2, 300\)\. Allowed: .* of one dimension",
+        ),
+        (
+            lambda: cpu_kernel.dequantize_as_kernels_do(
+                torch.zeros(2, 300, dtype=torch.uint8), torch.ones(2, 2), signed=True
+            ),
+            r"codes: .* of shape \(2, 300\)",
+        ),
+        *[
+            (
+                lambda key=key: cpu_kernel.round_stochastically_as_kernels_do(
+                    torch.ones(8), torch.bfloat16, key
+                ),
+                "keys: each must be an int in",
+            )
+            for key in (-1, 1 << 32, True)
+        ],
     ],
-    ids=["round-int8", "round-stochastically-float64", "quantize-signed-none", "dequantize-2"],
+    ids=[
+        "round-int8",
+        "round-stochastically-float64",
+        "quantize-signed-none",
+        "dequantize-2",
+        "quantize-2-d",
+        "dequantize-2-d",
+        "key-negative",
+        "key-2**32",
+        "key-bool",
+    ],
 )
 def test_the_coding_hooks_refuse_a_dtype_or_map_they_have_not(call, message: str) -> None:
     """Rounding to int8 failed with a KeyError naming nothing, to float64 was built into a
     kernel; int() of any `signed` chose a map (None failed inside it)."""
-    with pytest.raises(ValueError, match=f"Invalid {message}. Allowed: "):
+    with pytest.raises(ValueError, match=f"Invalid {message}"):
         call()
 
 
@@ -166,6 +235,29 @@ def test_the_c_kernel_refuses_a_list_its_switches_do_not_expect() -> None:
         cpu_kernel.run(
             _config(), params, grads, exp_avgs, exp_avg_sqs, None, [torch.zeros(8)], COEFFICIENTS
         )
+    amsgrad = _with(_config(), AMSGRAD=True)  # would read v_max at address 0: a crash
+    with pytest.raises(ValueError, match="max_exp_avg_sqs for a kernel built with AMSGRAD=1: None"):
+        cpu_kernel.run(amsgrad, params, grads, exp_avgs, exp_avg_sqs, None, None, COEFFICIENTS)
+    full = cpu_kernel.KernelConfig("adam", torch.float32, _config().switches, quantized=True)
+    with pytest.raises(ValueError, match=r"Invalid config: quantized=True\. Allowed: False"):
+        cpu_kernel.run(full, params, grads, exp_avgs, exp_avg_sqs, None, None, COEFFICIENTS)
+    with pytest.raises(ValueError, match="Invalid config for 8-bit moments: quantized=False"):
+        cpu_kernel.run_quantized(
+            _config(), params, grads, exp_avgs, exp_avg_sqs, None, None, COEFFICIENTS
+        )
+
+
+def _with(config: cpu_kernel.KernelConfig, **switches: bool) -> cpu_kernel.KernelConfig:
+    """config with some switches set otherwise."""
+    changed = {**dict(config.switches), **switches}
+    return cpu_kernel.KernelConfig(
+        config.algorithm,
+        config.dtype,
+        tuple(changed.items()),
+        quantized=config.quantized,
+        full_moments=config.full_moments,
+        stochastic=config.stochastic,
+    )
 
 
 @pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
@@ -178,8 +270,10 @@ def test_the_c_kernel_refuses_a_list_its_switches_do_not_expect() -> None:
         ({"dtype": torch.bfloat16}, r"Invalid config .* differs only in switches other than"),
         ({"grads": 2}, "Invalid grads: 2 tensors for a call over 1 parameters"),
         ({"coefficients": 9}, "Invalid coefficients: 9 values. Allowed: 10"),
+        ({"grads": 0}, "Invalid grads: 0 tensors for a call over 1 parameters"),
+        ({"coefficients": 11}, "Invalid coefficients: 11 values. Allowed: 10"),
     ],
-    ids=["kahan", "amsgrad", "dtype", "grads", "coefficients"],
+    ids=["kahan", "amsgrad", "dtype", "grads", "coefficients", "no-grads", "more-coefficients"],
 )
 def test_a_prepared_call_refuses_what_it_was_not_prepared_for(change: dict, message: str) -> None:
     """A step memo calls again what it prepared: a call that would read other lists, or
@@ -197,7 +291,7 @@ def test_a_prepared_call_refuses_what_it_was_not_prepared_for(change: dict, mess
         prepared.call(
             config if "switch" in change or "dtype" in change else _config(),
             grads * change.get("grads", 1),
-            COEFFICIENTS[: change.get("coefficients", 10)],
+            [*COEFFICIENTS, 0.0][: change.get("coefficients", 10)],
         )
     after = (params[0], exp_avgs[0], exp_avg_sqs[0])
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))

@@ -51,3 +51,47 @@ def test_without_a_compiler_torch_updates_the_scalars(
     torch._foreach_add_(torchs, 1.0)
     assert torch.equal(torch.stack(ours), torch.stack(torchs))
     assert cpu_kernel._scalars_unavailable  # tried once, not on every step
+
+
+def _freed_scalar() -> torch.Tensor:
+    scalar = torch.tensor(1.0)
+    scalar.untyped_storage().resize_(0)
+    return scalar
+
+
+ODD_SCALARS = {
+    "meta": lambda: torch.tensor(1.0, device="meta"),
+    "zero tensor": lambda: torch._efficientzerotensor(()),
+    "freed": _freed_scalar,
+    "negated view": lambda: torch.tensor(2.0)._neg_view(),
+    "nested view": lambda: torch._nested_view_from_buffer(
+        torch.tensor([10.0, 20.0, 30.0, 40.0]),
+        torch.tensor([[1]]),
+        torch.tensor([[1]]),
+        torch.tensor([3]),
+    ),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kind", list(ODD_SCALARS))
+def test_a_scalar_whose_memory_is_not_its_value_is_left_to_torch(kind: str) -> None:
+    """The helpers read and write raw memory: a scalar on meta, without memory (a
+    ZeroTensor, a freed storage), holding its value negated, or a nested view into
+    another's buffer would crash the process or read the wrong number. Each is left to
+    torch (None / False), among enough plain scalars to take the C path otherwise."""
+    scalars = [*_scalars(cpu_kernel.MIN_SCALARS + 3), ODD_SCALARS[kind]()]
+    assert cpu_kernel.read_scalars(scalars) is None
+    assert not cpu_kernel.add_to_scalars(scalars, 1.0)
+    assert not cpu_kernel.multiply_scalars(scalars, 2.0)
+
+
+def test_a_remembered_list_with_a_scalar_replaced_is_checked_again() -> None:
+    """Addresses are remembered per list; the same list with its last tensor replaced by
+    a negated view of it (same address, value negated) must be checked again, not read
+    from memory as the value it was."""
+    scalars = _scalars(cpu_kernel.MIN_SCALARS + 4)
+    assert cpu_kernel.read_scalars(scalars) == torch.stack(scalars).tolist()
+    replaced = [*scalars[:-1], scalars[-1]._neg_view()]
+    assert cpu_kernel.read_scalars(replaced) is None
+    assert read_host_scalars(replaced)[-1] == -float(scalars[-1])

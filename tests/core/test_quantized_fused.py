@@ -25,6 +25,7 @@ dict just before each of 24 steps. What agrees exactly and what does not, and wh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,12 +39,16 @@ from core.backends import cpu_kernel
 from core.quantization import (
     SIGNED_KEYS,
     QuantizedMoment,
+    code_map,
     dequantize,
+    map_values,
     midpoints,
+    moment_bits,
     moment_keys,
     quantize,
     quantized_state,
 )
+from core.random_bits import rounding_bits
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 from tests.core.test_quantization import code_positions, largest_finite
 
@@ -470,6 +475,19 @@ def test_kernel_encoding_equals_the_reference_on_every_midpoint(
         torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
 
 
+def _ties_below_the_smallest_value(key: int) -> Tensor:
+    """Blocks of m (absmax 1) whose elements but the first each sit exactly on their draw's
+    threshold below the map's smallest value s, a = u·s (u: the element's own uniform
+    from its 16 bits under key), where u < a/s is false: 0, not the smallest code. Random
+    values land there almost never, and a kernel comparing with <= rounded them all up."""
+    count = 4 * 256
+    uniform = (moment_bits(rounding_bits(key, count, torch.device("cpu")), True) >> 16).double()
+    smallest = float(map_values(True, torch.device("cpu"))[code_map(True).smallest_code])
+    row = (uniform / 65536.0 * smallest).float()
+    row[::256] = 1.0
+    return row
+
+
 @pytest.mark.parametrize("key", [0, 0x9E3779B1, 2**32 - 1])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_kernel_stochastic_encoding_equals_the_reference(
@@ -503,6 +521,8 @@ def test_kernel_stochastic_encoding_equals_the_reference(
     rows.append(torch.tensor([1.0, float("nan")] * 200))
     rows.append(torch.tensor([float("inf"), 0.5] * 200))
     rows.append(torch.tensor([1e30, 1e-16, 3e-17, 1e-20, 0.0, 5e-15, 1e-45] * 50))  # underflow
+    if signed:
+        rows.append(_ties_below_the_smallest_value(key))
     for row in rows:
         codes, absmax = cpu_kernel.quantize_as_kernels_do(row.contiguous(), signed, key)
         expected_codes, expected_absmax = quantize(row, signed, key)
@@ -656,6 +676,8 @@ BYTES = torch.uint8
             r"Invalid state_keys: each must be an int in \[0, 2\^32\)",
         ),
         (_set("state_keys", [7, 2.0]), r"Invalid state_keys: each must be an int in \[0, 2\^32\)"),
+        (_set("state_keys", [7, -1]), r"Invalid state_keys: each must be an int in \[0, 2\^32\)"),
+        (_set("state_keys", [7, 8, 9]), r"Invalid state_keys: 3 values for 2 tensors"),
     ],
     ids=[
         "int8-codes",
@@ -671,6 +693,8 @@ BYTES = torch.uint8
         "state-keys-count",
         "state-key-too-large",
         "state-key-float",
+        "state-key-negative",
+        "state-keys-too-many",
     ],
 )
 def test_bad_kernel_inputs_are_refused_by_name(
@@ -680,6 +704,99 @@ def test_bad_kernel_inputs_are_refused_by_name(
     replace(arguments)
     with pytest.raises(ValueError, match=message):
         _run(arguments)
+
+
+def _copy(moment: QuantizedMoment) -> QuantizedMoment:
+    return dataclasses.replace(moment, codes=moment.codes.clone(), absmax=moment.absmax.clone())
+
+
+def _quantized_config(
+    dtype: torch.dtype = torch.float32, *switches: str, **fields: Any
+) -> cpu_kernel.KernelConfig:
+    on = ("UPDATE", "ADAPTIVE", *switches)
+    flags = tuple((name, name in on) for name in cpu_kernel.SWITCHES)
+    return cpu_kernel.KernelConfig("adam", dtype, flags, quantized=True, **fields)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            _quantized_config(torch.float64),
+            r"Invalid config for 8-bit moments: .* dtype torch\.float64",
+        ),
+        (
+            _quantized_config(full_moments=frozenset({"exp_avg_typo"})),
+            r"Invalid config for 8-bit moments: .*full_moments \['exp_avg_typo'\]",
+        ),
+    ],
+    ids=["float64", "unknown-moment"],
+)
+def test_a_quantized_configuration_no_kernel_builds_is_refused_by_name(
+    config: cpu_kernel.KernelConfig, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        cpu_kernel.run_quantized(config, **_kernel_inputs(), coefficients=[0.0] * 10)
+
+
+@pytest.mark.bad_input
+def test_a_bad_kahan_buffer_beside_8bit_moments_is_refused_by_name() -> None:
+    """bf16 parameters with Kahan and 8-bit m, v: the buffers are checked as on the
+    full-precision path (one of a single element was written past its end: a crash)."""
+    arguments = _kernel_inputs()
+    arguments["params"] = [p.bfloat16() for p in arguments["params"]]
+    arguments["grads"] = [g.bfloat16() for g in arguments["grads"]]
+    arguments["kahan_comps"] = [torch.zeros(1, dtype=torch.bfloat16), torch.zeros(5000).bfloat16()]
+    before = [p.clone() for p in arguments["params"]]
+    with pytest.raises(ValueError, match=r"kahan_comp\[0\].* 1 elements beside a parameter"):
+        cpu_kernel.run_quantized(
+            _quantized_config(torch.bfloat16, "KAHAN"),
+            **arguments,
+            coefficients=[0.1, 0.99, 0.01, 1e-8, 0.0, 1.0, LR, 0.0, 1.0, 0.0],
+        )
+    assert all(torch.equal(a, b) for a, b in zip(arguments["params"], before, strict=True))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "config",
+    [
+        _quantized_config(full_moments=frozenset({"exp_avg_sq"})),
+        dataclasses.replace(_quantized_config(), algorithm="adopt"),
+        dataclasses.replace(_quantized_config(), quantized=False),
+        _quantized_config(torch.float32, "KAHAN"),
+    ],
+    ids=["full-v", "adopt", "full-precision", "kahan"],
+)
+def test_a_prepared_8bit_call_refuses_another_kind_of_kernel_after_a_good_call(
+    config: cpu_kernel.KernelConfig,
+) -> None:
+    """A step memo calls again what it prepared, looking its kernel up per configuration:
+    after one good call, a configuration that reads v as full precision (its codes as
+    floats: a crash), another algorithm, full-precision moments or Kahan buffers is
+    checked and refused, not run by the prepared kernel; one differing only in DECAY runs
+    as a fresh call does."""
+    arguments = _kernel_inputs()
+    coefficients = [0.1, 0.99, 0.01, 1e-8, 0.0, 0.99, LR, 0.0, 1.0, 0.0]
+    prepared = cpu_kernel.prepare(_quantized_config(), *arguments.values())
+    prepared.call(_quantized_config(), arguments["grads"], coefficients)
+    params = [p.clone() for p in arguments["params"]]
+    with pytest.raises(ValueError, match=r"Invalid config .* for a call prepared with"):
+        prepared.call(config, arguments["grads"], coefficients)
+    assert all(torch.equal(a, b) for a, b in zip(arguments["params"], params, strict=True))
+    fresh = {
+        **arguments,
+        "params": [p.clone() for p in params],
+        "exp_avgs": [_copy(m) for m in arguments["exp_avgs"]],
+        "exp_avg_sqs": [_copy(v) for v in arguments["exp_avg_sqs"]],
+    }
+    decayed = _quantized_config(torch.float32, "DECAY")
+    prepared.call(decayed, arguments["grads"], coefficients)
+    cpu_kernel.run_quantized(decayed, **fresh, coefficients=coefficients)
+    for got, want in zip(arguments["params"], fresh["params"], strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(arguments["params"][0], params[0])
 
 
 def _adopt_inputs(**replace: Any) -> dict[str, Any]:
