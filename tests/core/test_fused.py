@@ -785,3 +785,96 @@ def test_cached_kernels_are_readable_by_every_user(
     _loop_model_after(case, fused=True)
     libraries = list(tmp_path.glob("adamkit_*.so"))
     assert libraries and {library.stat().st_mode & 0o777 for library in libraries} == {0o755}
+
+
+def _gapped(values: Tensor) -> Tensor:
+    """Shape (4, 3) with strides (6, 2): every other element of a (4, 6) buffer."""
+    return values.reshape(4, 6).clone()[:, ::2]
+
+
+def _permuted(values: Tensor) -> Tensor:
+    """Dense but not contiguous: a (4, 2, 3) view of a (2, 3, 4) tensor."""
+    return values.reshape(2, 3, 4).clone().permute(2, 0, 1)
+
+
+def _transposed(values: Tensor) -> Tensor:
+    """A (6, 4) view of a (4, 6) tensor: strides (1, 6)."""
+    return values.reshape(4, 6).clone().t()
+
+
+def _contiguous_as(values: Tensor) -> Tensor:
+    """The transposed view's shape, contiguous."""
+    return values.reshape(6, 4).clone()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param((_gapped, _gapped), id="all-gapped-alike"),
+        pytest.param((_permuted, _permuted), id="all-permuted-alike"),
+        pytest.param((_transposed, _contiguous_as), id="transposed-param"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uncommon_layouts_step_as_the_loop_backend_and_leave_gaps_alone(
+    layout: tuple[Callable[[Tensor], Tensor], ...], dtype: torch.dtype
+) -> None:
+    """Strided tensors reach the fused path as whole memory spans when their layouts
+    allow: every tensor of a step gapped alike, or dense in another dimension order; and
+    a transposed parameter (m and v made like it) with a contiguous gradient. A flat pass
+    over a gapped span would write its gaps, one over unlike layouts would pair elements
+    wrongly: each must equal the loop backend, and the gaps keep their values."""
+    place, place_grad = layout
+    generator = torch.Generator().manual_seed(5)
+    values = [torch.randn(24, generator=generator).to(dtype) for _ in range(2)]
+    results = []
+    for fused in (False, True):
+        param, grad = place(values[0]), place_grad(values[1])
+        moments = [place(torch.zeros_like(values[0])) for _ in range(2)]  # laid out as θ
+        for _ in range(3):
+            core.adam(
+                [param], [grad], [moments[0]], [moments[1]], None, [torch.tensor(0.0)],
+                lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, fused=fused,
+            )  # fmt: skip
+        results.append((param, *moments))
+    for loop, fused, name in zip(*results, ("param", "exp_avg", "exp_avg_sq"), strict=True):
+        assert fused.stride() == loop.stride()
+        assert_within_one_ulp(fused, loop, f"{name}, {dtype}")
+        if place is _gapped:  # the gaps of the buffer under the view are untouched
+            gaps = fused._base[:, 1::2]
+            expected = values[0].reshape(4, 6)[:, 1::2] if name == "param" else 0
+            assert bool((gaps == expected).all()), name
+
+
+def test_a_step_over_overlapping_views_writes_nothing_outside_them() -> None:
+    """Views whose elements share memory (as_strided with strides smaller than their
+    extents) are no dense span: a flat pass sized by their element count (30) would
+    write past the 18 elements they cover."""
+    buffers = [torch.full((40,), 0.5) for _ in range(4)]
+    views = [b.as_strided((2, 3, 5), (1, 2, 3)) for b in buffers]
+    core.adam(
+        [views[0]], [views[1]], [views[2]], [views[3]], None, [torch.tensor(0.0)],
+        lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, fused=True,
+    )  # fmt: skip
+    assert bool(buffers[0][:18].ne(0.5).any())  # stepped
+    for buffer in buffers:
+        assert bool(buffer[18:].eq(0.5).all())
+
+
+def test_a_group_with_kahan_buffers_for_some_parameters_only_steps_as_the_loop() -> None:
+    """kahan_comps may hold None beside buffers (a parameter added without one): such a
+    list is split by what each parameter has, not handed whole to one kernel."""
+    results = []
+    for fused in (False, True):
+        params = [torch.full((4,), 1.0, dtype=torch.bfloat16) for _ in range(2)]
+        grads = [torch.full_like(p, 0.5) for p in params]
+        moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        comps = [torch.zeros_like(params[0]), None]
+        for _ in range(3):
+            core.adam(
+                params, grads, *moments, None, [torch.tensor(0.0) for _ in params],
+                lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, kahan_comps=comps, fused=fused,
+            )  # fmt: skip
+        results.append([*params, comps[0]])
+    for fused, loop in zip(results[1], results[0], strict=True):
+        assert_within_one_ulp(fused, loop, "kahan present for one parameter of two")
