@@ -4,6 +4,7 @@ anything but plain dense tensors of its dtype, by name, before reading an addres
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -299,6 +300,19 @@ def test_a_prepared_call_refuses_what_it_was_not_prepared_for(change: dict, mess
     if "switch" not in change:  # DECAY set: the same lists, so it runs
         prepared.call(decayed, grads, COEFFICIENTS)
         assert not torch.equal(params[0], before[0])
+
+
+@pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C compiler")
+@pytest.mark.bad_input
+def test_a_prepared_call_refuses_stochastic_rounding_it_was_not_prepared_for() -> None:
+    params, grads, exp_avgs, exp_avg_sqs = _lists(lambda: torch.ones(8, dtype=torch.bfloat16))
+    prepared = cpu_kernel.prepare(
+        _config(torch.bfloat16), params, grads, exp_avgs, exp_avg_sqs, None, None
+    )
+    stochastic = dataclasses.replace(_config(torch.bfloat16), stochastic=True)
+    with pytest.raises(ValueError, match=r"Invalid config .* for a call prepared with"):
+        prepared.call(stochastic, grads, COEFFICIENTS, keys=[7])
+    assert bool(params[0].eq(1).all())
 
 
 def _gradient_like(param: Tensor, grad: Tensor) -> Tensor:

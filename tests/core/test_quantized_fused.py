@@ -36,6 +36,7 @@ from torch import Tensor
 
 import core
 from core.backends import cpu_kernel
+from core.backends.views import check_quantized_addressable
 from core.quantization import (
     SIGNED_KEYS,
     QuantizedMoment,
@@ -788,6 +789,15 @@ def test_a_prepared_8bit_call_refuses_another_kind_of_kernel_after_a_good_call(
     for got, want in zip(arguments["params"], fresh["params"], strict=True):
         assert torch.equal(got, want)
     assert not torch.equal(arguments["params"][0], params[0])
+
+
+@pytest.mark.bad_input
+def test_more_8bit_moments_than_parameters_are_refused_by_name() -> None:
+    moment = QuantizedMoment(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 1), True)
+    with pytest.raises(ValueError, match="2 moments for 1 parameters"):
+        check_quantized_addressable(
+            [torch.zeros(4, 64)], [[moment, moment], None, None], torch.device("cpu")
+        )
 
 
 def _adopt_inputs(**replace: Any) -> dict[str, Any]:
