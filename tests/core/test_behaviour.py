@@ -148,27 +148,41 @@ def test_kahan_summation_recovers_fp32_quality_in_pure_bf16(cls: type) -> None:
 
 
 @pytest.mark.parametrize("backend", list(TRAINING_BACKENDS))
-@pytest.mark.parametrize("cls", [core.AdamW, core.RAdam, core.NAdam, core.ADOPT])
-def test_kahan_keeps_the_steps_bf16_cannot_hold_on_every_backend(cls: type, backend: str) -> None:
-    """Steps of ~1e-4 on weights near 1 are below half a bf16 ulp (2^-8): plain bf16 never
-    moves, Kahan's θ + compensation follows the fp32 run. The test above runs the default
-    backend only; an eager compensation of the wrong sign lost every step there too."""
+@pytest.mark.parametrize(
+    ("cls", "dtype"),
+    [
+        *[(cls, torch.bfloat16) for cls in (core.AdamW, core.RAdam, core.NAdam, core.ADOPT)],
+        (core.AdamW, torch.float16),  # the compensation's code is the same for every algorithm
+    ],
+    ids=lambda value: getattr(value, "__name__", str(value)),
+)
+def test_kahan_keeps_the_steps_16_bit_floats_cannot_hold_on_every_backend(
+    cls: type, backend: str, dtype: torch.dtype
+) -> None:
+    """Steps of ~1e-4 on weights near 1 are below half an ulp (2^-8 in bf16, 2^-10 in
+    fp16): plain 16-bit parameters never move, Kahan's θ + compensation follows the fp32
+    run. The test above runs the default backend only; an eager compensation of the wrong
+    sign lost every step there too, and a fused fp16 remainder zeroed or negated passed
+    the one-step tests (each starts from the loop's state)."""
     generator = torch.Generator().manual_seed(0)
-    start = (1 + 0.01 * torch.randn(64, generator=generator)).to(torch.bfloat16).float()
+    start = (1 + 0.01 * torch.randn(64, generator=generator)).to(dtype).float()
     direction = torch.randn(64, generator=generator).sign()
     grads = [direction * (1 + torch.rand(64, generator=generator)) for _ in range(120)]
     runs = []
-    for dtype, flags in ((torch.float32, {}), (torch.bfloat16, TRAINING_BACKENDS[backend])):
-        param = nn.Parameter(start.to(dtype, copy=True))
+    for run_dtype, flags in (
+        (torch.float32, {}),
+        (dtype, {**TRAINING_BACKENDS[backend], "kahan_sum": True}),
+    ):
+        param = nn.Parameter(start.to(run_dtype, copy=True))
         optimizer = cls([param], lr=1e-4, weight_decay=0.0, **flags)
         for grad in grads:
-            param.grad = grad.to(dtype)
+            param.grad = grad.to(run_dtype)
             optimizer.step()
         runs.append((param, optimizer))
-    (fp32, _), (bf16, optimizer) = runs
-    compensated = bf16.detach().float() + optimizer.state[bf16]["kahan_comp"].float()
+    (fp32, _), (low, optimizer) = runs
+    compensated = low.detach().float() + optimizer.state[low]["kahan_comp"].float()
     travelled = (fp32.detach() - start).abs().min()
-    assert travelled > 4e-3  # more than half an ulp: plain bf16 would be that far off
+    assert travelled > 4e-3  # more than half an ulp: plain 16-bit would be that far off
     assert (compensated - fp32.detach()).abs().max() < 0.05 * travelled
 
 
