@@ -459,6 +459,28 @@ def test_an_unbuildable_kernel_falls_back_by_default_and_fails_when_forced(
         _loop_model_after(case, fused=True)
 
 
+@pytest.mark.usefixtures("failing_compiler")
+def test_an_unbuildable_kernel_falls_back_with_stochastic_rounding_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bf16 rounded stochastically, by default, where no kernel builds: the fallback
+    rounds as the loop backend does (the same bits), not to nearest."""
+    monkeypatch.setattr(cpu, "_warned", False)
+    runs = []
+    for flags in ({}, {"foreach": False, "fused": False}):
+        param = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+        param.data = param.data.bfloat16()
+        optimizer = core.AdamW([param], lr=1e-3, stochastic_rounding=True, **flags)
+        for step in range(3):
+            grad = 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(step))
+            param.grad = grad.bfloat16()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                optimizer.step()
+        runs.append(param.detach())
+    assert torch.equal(*runs)
+
+
 @pytest.mark.bad_input
 @pytest.mark.usefixtures("failing_compiler")
 def test_a_forced_step_whose_kernel_fails_to_build_changes_nothing() -> None:
