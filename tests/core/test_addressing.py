@@ -389,3 +389,50 @@ def test_dtensor_parameters_step_on_their_local_tensor(backend: str, dtype: torc
         (expected,) = reference.param_groups[0]["params"]
         (actual,) = optimizer.param_groups[0]["params"]
         torch.testing.assert_close(actual.full_tensor(), expected.detach(), atol=0, rtol=0)
+
+
+@pytest.fixture
+def rank_one_of_two() -> Iterator[None]:
+    """This process as rank 1 of 2 in torch's fake process group (no peer: DTensors are
+    built from local shards, and nothing here communicates)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_shard_above_rank_0_draws_by_its_global_indices(rank_one_of_two: None) -> None:
+    """Rank 1's rows 3-5 of a (6, 5) weight start at element 15 of the whole tensor: its
+    8-bit moments and its stochastic rounding draw the bits of elements 15-29, as one
+    process does (2-process matrices aside, every DTensor test runs one rank, offset 0).
+    A shard of columns is no run of whole rows: it draws by local index."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from core.backends.precision import StochasticRounding
+    from core.backends.views import _local, _whole_rows
+    from core.quantization import QuantizedMoment
+
+    mesh = init_device_mesh("cpu", (2,))
+
+    def rows(local: Tensor, shape: tuple[int, int]) -> DTensor:
+        return DTensor.from_local(
+            local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=(shape[1], 1)
+        )
+
+    param = rows(torch.zeros(3, 5), (6, 5))
+    moment = QuantizedMoment(
+        rows(torch.zeros(3, 5, dtype=torch.uint8), (6, 5)), rows(torch.ones(3, 1), (6, 1)), True
+    )
+    assert _local(moment, param, "exp_avgs", DTensor).first_index == 15
+    rounding = StochasticRounding(seed=1, stream=2)
+    assert _local(rounding, param, "kahan_comps", DTensor).first_index == 15
+    columns = DTensor.from_local(
+        torch.zeros(6, 2), mesh, [Shard(1)], run_check=False, shape=torch.Size([6, 4]),
+        stride=(4, 1),
+    )  # fmt: skip
+    assert not _whole_rows(columns)
+    assert _local(rounding, columns, "kahan_comps", DTensor).first_index == 0
