@@ -771,7 +771,7 @@ def test_a_prepared_8bit_call_refuses_another_kind_of_kernel_after_a_good_call(
     as a fresh call does."""
     arguments = _kernel_inputs()
     coefficients = [0.1, 0.99, 0.01, 1e-8, 0.0, 0.99, LR, 0.0, 1.0, 0.0]
-    prepared = cpu_kernel.prepare(_quantized_config(), *arguments.values())
+    prepared = cpu_kernel.prepare(_quantized_config(), **arguments)
     prepared.call(_quantized_config(), arguments["grads"], coefficients)
     params = [p.clone() for p in arguments["params"]]
     with pytest.raises(ValueError, match=r"Invalid config .* for a call prepared with"):
