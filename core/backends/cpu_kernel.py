@@ -1032,10 +1032,21 @@ def _key_array(config: KernelConfig, keys: Sequence[int] | None, count: int) -> 
         )
     if keys is None:
         return None
+    return _uint32_array("keys", keys, count)
+
+
+def _uint32_array(name: str, keys: Sequence[int], count: int) -> ctypes.Array:
+    """One key per tensor as a C array of uint32, refused by name unless there are
+    `count` of them, each an int (not a bool) that fits: ctypes would wrap 2^32 to 0."""
     if len(keys) != count:
-        raise ValueError(f"Invalid keys: {len(keys)} values for {count} tensors (one per tensor).")
-    if not all(type(key) is int and 0 <= key < 1 << 32 for key in keys):
-        raise ValueError("Invalid keys: each must be an int in [0, 2^32).")
+        raise ValueError(
+            f"Invalid {name}: {len(keys)} values for {count} tensors (one per tensor)."
+        )
+    for index, key in enumerate(keys):
+        if type(key) is not int or not 0 <= key < 1 << 32:
+            raise ValueError(
+                f"Invalid {name}: {key!r} for tensor {index}. Allowed: each an int in [0, 2^32)."
+            )
     return (ctypes.c_uint32 * count)(*keys)
 
 
@@ -1052,13 +1063,7 @@ def _state_key_array(
             f"Invalid state_keys for a kernel without 8-bit m or v (quantized="
             f"{config.quantized}, full_moments {sorted(config.full_moments)}). Allowed: None."
         )
-    if len(state_keys) != count:
-        raise ValueError(
-            f"Invalid state_keys: {len(state_keys)} values for {count} tensors (one per tensor)."
-        )
-    if not all(type(key) is int and 0 <= key < 1 << 32 for key in state_keys):
-        raise ValueError("Invalid state_keys: each must be an int in [0, 2^32).")
-    return (ctypes.c_uint32 * count)(*state_keys)
+    return _uint32_array("state_keys", state_keys, count)
 
 
 def _check_lists(

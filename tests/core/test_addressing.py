@@ -210,7 +210,7 @@ def test_the_coding_hooks_refuse_what_c_cannot_read(hook: str, make_bad, message
                 lambda key=key: cpu_kernel.round_stochastically_as_kernels_do(
                     torch.ones(8), torch.bfloat16, key
                 ),
-                "keys: each must be an int in",
+                rf"keys: {key!r} for tensor 0\. Allowed: each an int in",
             )
             for key in (-1, 1 << 32, True)
         ],

@@ -663,12 +663,13 @@ BYTES = torch.uint8
             r"grad\[1\] .*float64",
         ),
         (_set("state_keys", [7]), r"Invalid state_keys: 1 values for 2 tensors"),
-        (
-            _set("state_keys", [7, 1 << 32]),
-            r"Invalid state_keys: each must be an int in \[0, 2\^32\)",
-        ),
-        (_set("state_keys", [7, 2.0]), r"Invalid state_keys: each must be an int in \[0, 2\^32\)"),
-        (_set("state_keys", [7, -1]), r"Invalid state_keys: each must be an int in \[0, 2\^32\)"),
+        *[
+            (
+                _set("state_keys", [7, key]),
+                rf"Invalid state_keys: {key!r} for tensor 1\. Allowed: each an int in \[0, 2\^32\)",
+            )
+            for key in (1 << 32, 2.0, -1)
+        ],
         (_set("state_keys", [7, 8, 9]), r"Invalid state_keys: 3 values for 2 tensors"),
     ],
     ids=[
