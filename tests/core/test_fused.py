@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import core
 import core.backends
-from core.backends import cpu, cpu_kernel
+from core.backends import cpu, cpu_kernel, grouping
 from core.gradient_release import prepare_for_gradient_release, remove_gradient_release
 from tests.core.cases import (
     BACKENDS,
@@ -900,3 +900,13 @@ def test_a_group_with_kahan_buffers_for_some_parameters_only_steps_as_the_loop()
         results.append([*params, comps[0]])
     for fused, loop in zip(results[1], results[0], strict=True):
         assert_within_one_ulp(fused, loop, "kahan present for one parameter of two")
+
+
+def test_a_bucket_takes_only_its_own_indices_of_every_list() -> None:
+    """Buckets pick their tensors by index from every list of a step: a bucket missing
+    one index must not take the whole list (its tensors would be stepped twice)."""
+    lists = [["a", "b", "c"], None, [1, 2, 3]]
+    assert grouping.take_all(lists, [0, 2]) == [["a", "c"], None, [1, 3]]
+    assert grouping.take_all(lists, [1]) == [["b"], None, [2]]
+    whole = grouping.take_all(lists, [0, 1, 2])
+    assert whole == lists and whole[0] is not lists[0]  # new lists, as every bucket gets
