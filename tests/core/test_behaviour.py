@@ -160,19 +160,16 @@ def test_kahan_keeps_the_steps_16_bit_floats_cannot_hold_on_every_backend(
     cls: type, backend: str, dtype: torch.dtype
 ) -> None:
     """Steps of ~1e-4 on weights near 1 are below half an ulp (2^-8 in bf16, 2^-10 in
-    fp16): plain 16-bit parameters never move, Kahan's θ + compensation follows the fp32
-    run. The test above runs the default backend only; an eager compensation of the wrong
-    sign lost every step there too, and a fused fp16 remainder zeroed or negated passed
-    the one-step tests (each starts from the loop's state)."""
+    fp16): plain 16-bit parameters never move, Kahan's θ + compensation (on by itself for
+    both) follows the fp32 run. The test above runs the default backend only; an eager
+    compensation of the wrong sign lost every step there too, and a fused fp16 remainder
+    zeroed or negated passed the one-step tests (each starts from the loop's state)."""
     generator = torch.Generator().manual_seed(0)
     start = (1 + 0.01 * torch.randn(64, generator=generator)).to(dtype).float()
     direction = torch.randn(64, generator=generator).sign()
     grads = [direction * (1 + torch.rand(64, generator=generator)) for _ in range(120)]
     runs = []
-    for run_dtype, flags in (
-        (torch.float32, {}),
-        (dtype, {**TRAINING_BACKENDS[backend], "kahan_sum": True}),
-    ):
+    for run_dtype, flags in ((torch.float32, {}), (dtype, TRAINING_BACKENDS[backend])):
         param = nn.Parameter(start.to(run_dtype, copy=True))
         optimizer = cls([param], lr=1e-4, weight_decay=0.0, **flags)
         for grad in grads:

@@ -201,7 +201,7 @@ def _unbacked_cases() -> dict[str, tuple[list[Any], int]]:
     return {
         "all backed": ([torch.ones(3), torch.ones(2, 2)[:, 0], torch.zeros(0)], -1),
         "one element short": ([torch.ones(3), _short(torch.ones(8))], 1),
-        "all short but the last byte": ([_short(torch.ones(8), missing=8)], 0),
+        "all but its first element missing": ([_short(torch.ones(8), missing=7)], 0),
         "freed": ([_freed(torch.ones(4))], 0),
         "meta, refused by device elsewhere": ([torch.empty(3, device="meta")], -1),
         "first of several": (
