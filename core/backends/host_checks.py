@@ -300,7 +300,9 @@ _BUILD = _Build()
 CXX_COMPILERS = ("c++", "g++", "clang++")
 
 
-def _compiler() -> tuple[str, ...] | None:
+def cxx_compiler() -> tuple[str, ...] | None:
+    """The C++ compiler command the module is built with ($CXX, else the first of
+    CXX_COMPILERS on PATH), or None where there is none."""
     return find_compiler("CXX", CXX_COMPILERS)
 
 
@@ -327,7 +329,7 @@ def _cached_module() -> tuple[Path, Callable[[], None]]:
     """Where the kernel cache keeps the module for this torch, Python and compiler, and
     how to build it there: with OpenMP, linked to torch's own runtime, where torch has one
     and the compiler can; else without (the checks alone)."""
-    cxx = _compiler()
+    cxx = cxx_compiler()
     if cxx is None:
         raise KernelUnavailable(f"no C++ compiler: {missing_compiler('CXX', CXX_COMPILERS)}")
     root = Path(torch.__file__).parent  # what torch.utils.cpp_extension would use on CPU
