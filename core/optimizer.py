@@ -23,7 +23,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, ClassVar, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, TypeAlias, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -1658,13 +1658,15 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 problem = f"is missing from a state that holds {held}"
                 self._refuse_state(group, param, missing[0], (problem, _PROGRESS_ALLOWED), where)
             facts = _parameter_facts(param)
-            shape, (device, moment_dtypes) = param.shape, facts
+            shape, (device, moment_dtypes, _) = param.shape, facts
+            plain = type(param) in PLAIN_TENSOR_TYPES  # a DTensor's state is asked in full
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
                     scalars.setdefault(key, []).append((param, value))
                     continue
                 if (  # what steps make, settled without a call (~0.2 µs a tensor)
                     type(value) is Tensor
+                    and plain
                     and not value.is_nested  # whose shape torch refuses to give
                     and value.shape == shape
                     and value.device == device
@@ -2870,18 +2872,22 @@ _COMPLEX_DTYPES = frozenset({torch.complex32, torch.complex64, torch.complex128}
 
 
 def _state_problem(
-    key: str, value: object, param: Tensor, facts: tuple[torch.device, frozenset] | None = None
+    key: str, value: object, param: Tensor, facts: _ParameterFacts | None = None
 ) -> tuple[str, str] | None:
     """(what is wrong with state[key] beside param, what is allowed), or None if a step can
     take it (_check_state_tensors); reads no tensor's data but a host scalar's. facts:
     _parameter_facts(param), where the caller asks of many states (a DTensor's attributes
     cost ~0.2 µs each)."""
-    device, moment_dtypes = facts or _parameter_facts(param)
+    device, moment_dtypes, sharding = facts or _parameter_facts(param)
     moment_like = key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE
     if moment_like and isinstance(value, Tensor) and value.device != device:
         # torch's kernels ran a meta step as nothing (fused Adam: counts advanced, nothing
         # moved), the loop failed midway (other parameters updated)
         return f"on {value.device}", _ON_PARAMETER_DEVICE.format(param.device)
+    if moment_like and isinstance(value, Tensor):
+        found = _sharding_problem(value, sharding)
+        if found is not None:
+            return found
     if key in HOST_SCALAR_STATE or key in _SCALE_KEYS or key in _PARAMETER_SHAPED_STATE:
         if isinstance(value, Tensor) and value.is_nested:
             return "that is a nested tensor", "a dense tensor"
@@ -2919,6 +2925,39 @@ def _state_problem(
 
 
 _ON_PARAMETER_DEVICE = "a tensor on the parameter's device ({})"
+_SHARDED_LIKE_PARAMETER = (
+    "state laid out over the ranks as its parameter is: a DTensor of the parameter's mesh "
+    "and placements beside a DTensor parameter, a plain tensor beside a plain one (load a "
+    "whole, one-process checkpoint into sharded parameters with torch.distributed."
+    "checkpoint.state_dict.set_optimizer_state_dict(..., options=StateDictOptions("
+    "full_state_dict=True)), which shards it)"
+)
+
+
+def _sharding_problem(value: Tensor, sharding: tuple[Any, Any] | None) -> tuple[str, str] | None:
+    """(problem, allowed) for a state tensor laid out over the ranks unlike its parameter:
+    a plain tensor beside a DTensor parameter (a whole checkpoint given to load_state_dict
+    under FSDP2 holds them, and torch's loader keeps them as they come), a DTensor beside
+    a plain parameter, or a DTensor of another mesh or placements. Every backend steps a
+    DTensor parameter's shard beside its state's shards: given a whole tensor instead, a
+    step failed inside torch after it had updated the parameters before it. sharding:
+    the parameter's (_sharding)."""
+    held = _sharding(value)
+    if held is None and sharding is None:
+        return None
+    if held is None or sharding is None:
+        kinds = ("a plain tensor", "a DTensor") if held is None else ("a DTensor", "a plain tensor")
+        return f"that is {kinds[0]} (the parameter is {kinds[1]})", _SHARDED_LIKE_PARAMETER
+    (mesh, placements), (param_mesh, param_placements) = held, sharding
+    if placements != param_placements or mesh != param_mesh:
+        return (
+            f"that is a DTensor with placements {placements} on {mesh} (the parameter's: "
+            f"{param_placements} on {param_mesh})",
+            _SHARDED_LIKE_PARAMETER,
+        )
+    return None
+
+
 _MOVED_STATE = (
     ": state made before the model moved (model.to(), to_empty after building on meta) "
     "stays where it was made; optimizer.load_state_dict(optimizer.state_dict()) moves it "
@@ -2932,10 +2971,27 @@ _MOMENT_KIND = (
 )
 
 
-def _parameter_facts(param: Tensor) -> tuple[torch.device, frozenset]:
-    """What _state_problem compares each state tensor with: the parameter's device and
-    the dtypes its moments may have (_holds_a_moment)."""
-    return param.device, _COMPLEX_DTYPES if param.is_complex() else _REAL_FLOATING_DTYPES
+class _ParameterFacts(NamedTuple):
+    """What _state_problem compares each state tensor with, read once per parameter."""
+
+    device: torch.device
+    moment_dtypes: frozenset
+    """The dtypes its moments may have (_holds_a_moment)."""
+    sharding: tuple[Any, Any] | None
+    """(mesh, placements) of a DTensor parameter, None for any other (_sharding)."""
+
+
+def _parameter_facts(param: Tensor) -> _ParameterFacts:
+    moment_dtypes = _COMPLEX_DTYPES if param.is_complex() else _REAL_FLOATING_DTYPES
+    return _ParameterFacts(param.device, moment_dtypes, _sharding(param))
+
+
+def _sharding(tensor: Tensor) -> tuple[Any, Any] | None:
+    """A DTensor's (mesh, placements): how it is laid out over the ranks; None for any
+    other tensor."""
+    if not _is_dtensor(tensor):
+        return None
+    return tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
 
 
 def _holds_a_moment(key: str, value: Tensor, moment_dtypes: frozenset) -> bool:
@@ -3759,6 +3815,9 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
                 f"{tuple(value.shape)}, but a parameter of shape {tuple(param.shape)} "
                 f"needs {tuple(expected)}."
             )
+        sharding = _sharding_problem(value, _sharding(param))
+        if sharding is not None:  # before any of its values is read
+            refuse(key, sharding[0].removeprefix("that "), sharding[1])
         if _shares_memory_within(value):
             refuse(
                 key,
@@ -3767,7 +3826,7 @@ def _check_saved_values(name: str, saved_id: Any, saved_state: dict, param: Tens
             )
         if key.endswith("_codes") and value.dtype != torch.uint8:
             refuse(key, f"has dtype {value.dtype}", "torch.uint8 (what state_dict() saves)")
-        if not _holds_a_moment(key, value, _parameter_facts(param)[1]):  # as the step does
+        if not _holds_a_moment(key, value, _parameter_facts(param).moment_dtypes):  # as steps do
             refuse(
                 key,
                 f"has dtype {value.dtype}",

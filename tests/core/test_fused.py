@@ -324,11 +324,18 @@ def _mixed_group(backend: str) -> list[Tensor]:
     return params
 
 
+@pytest.mark.parametrize("kahan_sum", [None, False], ids=["kahan", "no-kahan"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("case", one_case_per_algorithm(), ids=lambda c: c.id)
 def test_many_tensors_of_mixed_sizes_dtypes_and_layouts_in_one_group(
-    case: Case, backend: str
+    case: Case, backend: str, kahan_sum: bool | None
 ) -> None:
+    """Every dtype in one group, each bucketed on its own. kahan_sum=False rounds every
+    parameter to nearest, so rounding no longer tells the 16-bit parameters from the
+    full-precision ones: only their dtype splits the buckets (one kernel per dtype).
+    Handed whole to the fused CPU backend's float32 kernel, RAdam, NAdam and ADOPT
+    refused the bfloat16 parameters ("Invalid param[..] for a fused kernel")."""
+    case = dataclasses.replace(case, core_kwargs={**case.core_kwargs, "kahan_sum": kahan_sum})
     for step, expected, actual in paired_steps(case, backend, _mixed_group(backend), steps=3):
         assert_step_matches(step, expected, actual)
 

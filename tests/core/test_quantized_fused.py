@@ -50,6 +50,7 @@ from core.quantization import (
     quantized_state,
 )
 from core.random_bits import rounding_bits
+from tests.core.stochastic_cases import EXACT_BETAS
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 from tests.core.test_quantization import code_positions, largest_finite
 
@@ -312,6 +313,46 @@ def test_mixed_moment_patterns_take_one_kernel_each(full_m: bool) -> None:
         torch.testing.assert_close(fused_ps[i], loop_ps[i], atol=FP32_PARAMETER_GAP, rtol=0)
         _assert_moment_close(fused_m[i], loop_m[i], True, f"exp_avg[{i}]")
         _assert_moment_close(fused_v[i], loop_v[i], False, f"exp_avg_sq[{i}]")
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_8bit_v_beside_full_m_rounds_stochastically_as_the_loop_backend(amsgrad: bool) -> None:
+    """A functional call may hand 8-bit v beside full-precision m (one of the patterns
+    above). The kernel's key for the 8-bit moments' random bits then comes from v, so v
+    rounds stochastically as the loop rounds it: with EXACT_BETAS and dyadic gradients
+    every new v is exact in fp32, and its codes and scales must be the loop's bit for bit
+    over several steps. Keyed from m alone (a tensor here), v was rounded to nearest:
+    4019 of 8780 codes apart after four steps, parameters 4e-4 off."""
+    generator = torch.Generator().manual_seed(8)
+    shapes = [(4100,), (9, 520)]
+    values = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [
+        [torch.randint(-199, 200, s, generator=generator) / 1024 for s in shapes] for _ in range(4)
+    ]
+    results = []
+    for fused in (False, True):
+        params = [v.clone() for v in values]
+        exp_avgs = [torch.zeros(s) for s in shapes]
+        exp_avg_sqs = [
+            QuantizedMoment(*quantized_state(p, None, False), False, stream=7 + i)
+            for i, p in enumerate(params)
+        ]
+        maxima = [QuantizedMoment(*quantized_state(p, None, False), False) for p in params]
+        steps = [torch.tensor(0.0) for _ in params]
+        for step_grads in grads:
+            core.adam(
+                params, step_grads, exp_avgs, exp_avg_sqs, maxima, steps, lr=LR,
+                beta1=EXACT_BETAS[0], beta2=EXACT_BETAS[1], eps=1e-8, amsgrad=amsgrad,
+                foreach=False, fused=fused,
+            )  # fmt: skip
+        results.append((params, exp_avgs, exp_avg_sqs, maxima))
+    (loop_ps, loop_m, loop_v, loop_max), (fused_ps, fused_m, fused_v, fused_max) = results
+    for i in range(len(shapes)):
+        torch.testing.assert_close(fused_ps[i], loop_ps[i], atol=FP32_PARAMETER_GAP, rtol=0)
+        assert torch.equal(fused_m[i], loop_m[i]), f"exp_avg[{i}]"
+        for name, ours, theirs in (("exp_avg_sq", fused_v, loop_v), ("max", fused_max, loop_max)):
+            assert torch.equal(ours[i].codes, theirs[i].codes), f"{name}[{i}] codes"
+            assert torch.equal(ours[i].absmax, theirs[i].absmax), f"{name}[{i}] scales"
 
 
 @pytest.mark.parametrize("case", ["AdamW-amsgrad", "ADOPT-clip-decoupled"])
@@ -946,6 +987,41 @@ def test_non_contiguous_parameters_take_the_loop_backend() -> None:
         runs.append(params)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "key", ["exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"]
+)
+@pytest.mark.parametrize("flags", [{}, {"fused": True}], ids=["default", "fused"])
+def test_8bit_state_set_in_another_layout_steps_as_the_loop_backend(key: str, flags: dict) -> None:
+    """Codes or scales put into the state by hand in another memory layout (here the same
+    values transposed in memory, as a strided view) pass the step's state checks, which
+    ask for their shape and dtype: the parameter then steps in the loop backend, bit for
+    bit as fused=False does from the same state, since the kernels run blocks along the
+    memory of contiguous codes and scales. Sent to the kernel because the rest of its list
+    fit, such a moment would have check_quantized_addressable refuse the whole step. (The
+    Triton backend refuses such state by name, before any update.)"""
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(16, 1024, generator=generator)
+    twins = []
+    for backend_flags in ({"foreach": False, "fused": False}, flags):
+        param = value.clone().requires_grad_()
+        twins.append((param, core.AdamW([param], lr=LR, state_precision="8bit", **backend_flags)))
+    (loop_param, loop), (param, optimizer) = twins
+    loop_param.grad = torch.randn(16, 1024, generator=generator)
+    loop.step()
+    with torch.no_grad():
+        param.copy_(loop_param)
+    optimizer.load_state_dict(loop.state_dict())  # the same state, contiguous again
+    for p, twin in twins:
+        twin.state[p][key] = twin.state[p][key].t().contiguous().t()
+    for _ in range(3):
+        grad = torch.randn(16, 1024, generator=generator)
+        for p, twin in twins:
+            p.grad = grad.clone()
+            twin.step()
+    assert not optimizer.state[param][key].is_contiguous()  # as set: stepped in place
+    assert torch.equal(param, loop_param)
 
 
 @pytest.mark.skipif(

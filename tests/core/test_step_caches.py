@@ -26,7 +26,14 @@ from core import optimizer as optimizer_module
 from core.backends import cpu_kernel, host_checks
 from core.optimizer import step_released_param
 from core.quantization import MIN_QUANTIZED_NUMEL, absmax_shape, stored_moment
-from tests.core.cases import BACKENDS, LR, TRAINING_BACKENDS, assert_unchanged, snapshot
+from tests.core.cases import (
+    BACKENDS,
+    LR,
+    TRAINING_BACKENDS,
+    WEIGHT_DECAY,
+    assert_unchanged,
+    snapshot,
+)
 from tests.core.test_fused import assert_state_close, assert_within_one_ulp
 
 COUNT = cpu_kernel.MIN_SCALARS + 4
@@ -469,6 +476,40 @@ def test_a_gradient_of_another_dtype_after_memoized_steps_takes_the_full_path(
 
     _step(loop, other, seed=3, change=bfloat16_gradient, same_memory=True)
     _step(loop, other, seed=4, same_memory=True)
+
+
+@pytest.mark.usefixtures("each_host_checks")
+@pytest.mark.parametrize("released", [False, True], ids=["step", "step-param"])
+@pytest.mark.parametrize("precision", ["full", "8bit"])
+@pytest.mark.parametrize("backend", ["default", "fused"])
+def test_a_memo_made_on_a_transposed_gradient_leaves_later_steps_to_the_kernel(
+    backend: str, precision: str, released: bool
+) -> None:
+    """The step that makes a memo checked its gradients for the full path only, not as
+    the memo checks those of later steps (dense, contiguous: gradient_addresses), so its
+    buckets, which send a transposed gradient's parameter to the loop backend, are not
+    the ones later steps reuse: those steps take the generated kernel (or torch's fused
+    Adam), bit for bit as an optimizer resumed from the same state after that step does.
+    Reusing them left the parameter on the loop backend for good (an ulp off after a few
+    steps, and slower)."""
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(96, 64, generator=generator)  # 8-bit: above MIN_QUANTIZED_NUMEL
+    flags = {} if backend == "default" else BACKENDS[backend]
+    flags = {**flags, "weight_decay": WEIGHT_DECAY, "state_precision": precision}
+    params = [value.clone().requires_grad_()]
+    optimizer = core.Adam(params, lr=LR, **flags)  # L2 decay: an ulp from the loop backend
+    params[0].grad = torch.randn(64, 96, generator=generator).t()
+    if released:
+        step_released_param(optimizer, params[0])
+    else:
+        optimizer.step()
+    resumed_params = [params[0].detach().clone().requires_grad_()]
+    resumed = core.Adam(resumed_params, lr=LR, **flags)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    twins: tuple[Twin, Twin] = ((resumed_params, resumed), (params, optimizer))  # type: ignore[assignment]
+    for seed in range(2, 7):
+        _step(*twins, seed=seed, released=released, compare=_assert_identical)
+    assert _memos(optimizer, released)
 
 
 @pytest.mark.parametrize("backend", MEMO_BACKENDS)
