@@ -2927,10 +2927,10 @@ def _state_problem(
 _ON_PARAMETER_DEVICE = "a tensor on the parameter's device ({})"
 _SHARDED_LIKE_PARAMETER = (
     "state laid out over the ranks as its parameter is: a DTensor of the parameter's mesh "
-    "and placements beside a DTensor parameter, a plain tensor beside a plain one (load a "
-    "whole, one-process checkpoint into sharded parameters with torch.distributed."
-    "checkpoint.state_dict.set_optimizer_state_dict(..., options=StateDictOptions("
-    "full_state_dict=True)), which shards it)"
+    "and placements beside a DTensor parameter, a plain tensor beside a plain one "
+    "(torch.distributed.checkpoint.state_dict's get_optimizer_state_dict and "
+    "set_optimizer_state_dict with options=StateDictOptions(full_state_dict=True) save "
+    "sharded state whole and shard a whole checkpoint as they load it)"
 )
 
 
