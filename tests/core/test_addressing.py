@@ -439,17 +439,24 @@ def test_a_shard_above_rank_0_draws_by_its_global_indices(rank_one_of_two: None)
     assert _local(rounding, columns, "kahan_comps", DTensor).first_index == 0
 
 
-def _sharded_unlike(case: str, state: dict, mesh: object) -> None:
-    """state with one tensor laid out over the ranks unlike its parameter (case)."""
+def _sharded_unlike(case: str, state: dict, key: str, mesh: object) -> None:
+    """state with state[key] laid out over the ranks unlike its parameter (case)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    value = state[key]
     if case == "whole-beside-a-shard":  # a one-process checkpoint's moment under FSDP2
-        state["exp_avg"] = state["exp_avg"].full_tensor()
+        state[key] = value.full_tensor()
     elif case == "replicated-beside-a-shard":
-        state["exp_avg"] = state["exp_avg"].redistribute(mesh, [Replicate()])
-    else:  # a DTensor of the whole tensor's shape beside a plain parameter
-        state["exp_avg"] = DTensor.from_local(
-            torch.zeros(3, 5), mesh, [Shard(0)], run_check=False, shape=(6, 5), stride=(5, 1)
+        state[key] = value.redistribute(mesh, [Replicate()])
+    else:  # a DTensor of the whole tensor's shape (rank 1's half of it) beside a plain one
+        half = value[: value.shape[0] // 2]
+        state[key] = DTensor.from_local(
+            half.clone(),
+            mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
         )
 
 
@@ -458,58 +465,70 @@ SHARDING_CASES = {
     "replicated-beside-a-shard": "is a DTensor with placements (Replicate(),)",
     "sharded-beside-a-plain-parameter": "is a DTensor (the parameter is a plain tensor)",
 }
+SHARDED_STATE = {
+    # key: (parameter dtype, optimizer options)
+    "exp_avg": (torch.float32, {}),
+    "exp_avg_codes": (torch.float32, {"state_precision": "8bit"}),
+    "exp_avg_sq_absmax": (torch.float32, {"state_precision": "8bit"}),
+    "kahan_comp": (torch.bfloat16, {}),
+}
 
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("key", list(SHARDED_STATE))
 @pytest.mark.parametrize("case", list(SHARDING_CASES))
 def test_state_laid_out_over_the_ranks_unlike_its_parameter_is_refused_before_any_change(
-    rank_one_of_two: None, case: str, backend: str
+    rank_one_of_two: None, case: str, key: str, backend: str
 ) -> None:
     """Every backend steps a DTensor parameter's shard beside its state's shards, so state
     of another layout (set by hand, or a whole checkpoint loaded under FSDP2) pairs one
     rank's rows with another's: refused by name at the step, before any change, and at
     load_state_dict. Unchecked, a whole moment passed the shape checks (it has the
     DTensor's global shape) and the loop backend failed inside torch after updating the
-    parameters before it; torch's fused Adam stepped rank 1's rows with rank 0's moment."""
+    parameters before it; torch's fused Adam stepped rank 1's rows with rank 0's moment.
+    A (64, 128) weight: 8-bit state is kept for a shard of whole rows of 4096+ elements."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
     mesh = init_device_mesh("cpu", (2,))
     sharded = case != "sharded-beside-a-plain-parameter"
+    dtype, options = SHARDED_STATE[key]
+    shape = torch.Size((64, 128))
 
     def value(local: Tensor) -> Tensor:
+        local = local.to(dtype)
         if not sharded:
-            return torch.cat([local, local])  # the whole (6, 5) tensor, plain
-        shape, stride = torch.Size((6, 5)), (5, 1)
+            return torch.cat([local, local])  # the whole tensor, plain
         return DTensor.from_local(
-            local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride
+            local, mesh, [Shard(0)], run_check=False, shape=shape, stride=(128, 1)
         )
 
-    params = [nn.Parameter(value(torch.linspace(-1, 1, 15).reshape(3, 5))) for _ in range(2)]
-    optimizer = core.AdamW(params, lr=1e-2, **BACKENDS[backend])
+    half = (32, 128)
+    params = [nn.Parameter(value(torch.linspace(-1, 1, 4096).reshape(half))) for _ in range(2)]
+    optimizer = core.AdamW(params, lr=1e-2, **options, **BACKENDS[backend])
     for param in params:
-        param.grad = value(torch.full((3, 5), 0.1))
+        param.grad = value(torch.full(half, 0.1))
     optimizer.step()
+    assert key in optimizer.state[params[1]]
     saved = copy.deepcopy(optimizer.state_dict())
-    _sharded_unlike(case, optimizer.state[params[1]], mesh)
+    _sharded_unlike(case, optimizer.state[params[1]], key, mesh)
 
     def local_copies() -> list[Tensor]:
         states = [optimizer.state[p] for p in params]
-        tensors = [*params, *(s[k] for s in states for k in ("exp_avg", "exp_avg_sq", "step"))]
-        return [_as_local(t).clone() for t in tensors]
+        return [_as_local(t).clone() for t in [*params, *(v for s in states for v in s.values())]]
 
     before = local_copies()
     for param in params:
-        param.grad = value(torch.full((3, 5), 0.2))
+        param.grad = value(torch.full(half, 0.2))
     with pytest.raises(
         ValueError,
-        match=re.escape(f"params[1] in param group 0: exp_avg that {SHARDING_CASES[case]}"),
+        match=re.escape(f"params[1] in param group 0: {key} that {SHARDING_CASES[case]}"),
     ):
         optimizer.step()
     assert all(map(torch.equal, local_copies(), before))
-    _sharded_unlike(case, saved["state"][1], mesh)
-    with pytest.raises(ValueError, match=re.escape(f"state[1]['exp_avg'] {SHARDING_CASES[case]}")):
+    _sharded_unlike(case, saved["state"][1], key, mesh)
+    with pytest.raises(ValueError, match=re.escape(f"state[1]['{key}'] {SHARDING_CASES[case]}")):
         optimizer.load_state_dict(saved)
     assert all(map(torch.equal, local_copies(), before))
 
