@@ -1658,15 +1658,14 @@ class AdamFamilyOptimizer(Optimizer, metaclass=ABCMeta):
                 problem = f"is missing from a state that holds {held}"
                 self._refuse_state(group, param, missing[0], (problem, _PROGRESS_ALLOWED), where)
             facts = _parameter_facts(param)
-            shape, (device, moment_dtypes, _) = param.shape, facts
-            plain = type(param) in PLAIN_TENSOR_TYPES  # a DTensor's state is asked in full
+            shape, (device, moment_dtypes, sharding) = param.shape, facts
             for key, value in state.items():
                 if key in HOST_SCALAR_STATE:  # read below, one C call per key
                     scalars.setdefault(key, []).append((param, value))
                     continue
                 if (  # what steps make, settled without a call (~0.2 µs a tensor)
                     type(value) is Tensor
-                    and plain
+                    and sharding is None  # a DTensor's state: its layout is asked below
                     and not value.is_nested  # whose shape torch refuses to give
                     and value.shape == shape
                     and value.device == device
