@@ -128,13 +128,16 @@ def _monitored_fit(out: str, strategy: str, state_precision: str) -> None:
         assert "exp_avg_codes" in state, "the wide weight keeps 8-bit state"
 
 
-def _resumed_fit(out: str, name: str, backend: str) -> list[torch.Tensor]:
+def _resumed_fit(
+    out: str, name: str, backend: str, whole_checkpoint: bool = False
+) -> list[torch.Tensor]:
     """RUNS[name] for one epoch with a checkpoint, then resumed from it to EPOCHS: under
     ModelParallelStrategy the checkpoint is torch.distributed.checkpoint's, whose loader
-    creates the state it loads into with a step at lr 0 (see the test)."""
+    creates the state it loads into with a step at lr 0 (see the test), or with
+    whole_checkpoint one file of whole tensors, which torch's full-state loader shards."""
     kwargs, release, accumulate, strategy = RUNS[name]
     sharded = strategy == "model_parallel"
-    directory = f"{out}/{run_name(name, backend)}-checkpoint"
+    directory = f"{out}/{run_name(name, backend)}-checkpoint{'-whole' if whole_checkpoint else ''}"
     model = None
     for epochs, resume in ((1, None), (EPOCHS, f"{directory}/last.ckpt")):
         model = (ShardedRegression if sharded else Regression)(
@@ -144,7 +147,11 @@ def _resumed_fit(out: str, name: str, backend: str) -> list[torch.Tensor]:
         trainer = run_trainer(
             accumulate,
             [*callbacks, *([GradientRelease()] if release else [])],
-            strategy=strategy_cases.model_parallel(data=2, tensor=1) if sharded else strategy,
+            strategy=(
+                strategy_cases.model_parallel(data=2, tensor=1, whole_checkpoint=whole_checkpoint)
+                if sharded
+                else strategy
+            ),
             devices=2,
             max_epochs=epochs,
             enable_checkpointing=True,
@@ -186,6 +193,8 @@ def _resumed_inside_a_window(out: str, backend: str) -> dict[str, list[torch.Ten
 
 RESUMED = ("AdamW-model-parallel-release",)
 """Runs also trained in two halves across a checkpoint."""
+RESUMED_FROM_WHOLE = ("AdamW-model-parallel",)
+"""Runs also trained in two halves across a checkpoint of whole tensors."""
 
 
 class ShardedRegression(Regression):
@@ -215,6 +224,9 @@ def main(out: str) -> None:
         rank = trainer.global_rank
     for name, backend in product(RESUMED, BACKENDS):
         results[f"{run_name(name, backend)}-resumed"] = _resumed_fit(out, name, backend)
+    for name, backend in product(RESUMED_FROM_WHOLE, BACKENDS):
+        resumed = _resumed_fit(out, name, backend, whole_checkpoint=True)
+        results[f"{run_name(name, backend)}-resumed-whole"] = resumed
     for backend in BACKENDS:
         results[run_name("inside-window", backend)] = _resumed_inside_a_window(out, backend)
     for strategy in MONITORED:

@@ -147,8 +147,15 @@ def trainer_for(strategy: Any, dtype_name: str, **overrides: Any) -> L.Trainer:
     return L.Trainer(**{**settings, **overrides})
 
 
-def model_parallel(data: int, tensor: int) -> ModelParallelStrategy:
-    return ModelParallelStrategy(data_parallel_size=data, tensor_parallel_size=tensor)
+def model_parallel(data: int, tensor: int, whole_checkpoint: bool = False) -> ModelParallelStrategy:
+    """Lightning's FSDP2/TP strategy; whole_checkpoint: checkpoints saved as one file of
+    whole tensors (save_distributed_checkpoint=False), which torch's full-state loader
+    shards again on resume."""
+    return ModelParallelStrategy(
+        data_parallel_size=data,
+        tensor_parallel_size=tensor,
+        save_distributed_checkpoint=not whole_checkpoint,
+    )
 
 
 STRATEGIES: dict[str, tuple[Any, str]] = {

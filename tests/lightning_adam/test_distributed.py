@@ -239,6 +239,18 @@ def test_release_under_model_parallel_resumes_from_a_checkpoint_exactly(
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
+def test_model_parallel_resumes_from_a_checkpoint_of_whole_tensors_exactly(
+    ranks: list[dict], backend: str
+) -> None:
+    """ModelParallelStrategy(save_distributed_checkpoint=False) saves one file of whole
+    tensors, which torch's full-state loader shards again over the resumed run's fresh
+    state: the same parameters as the uninterrupted run, bit for bit."""
+    run = run_name("AdamW-model-parallel", backend)
+    for a, b in zip(ranks[0][run], ranks[0][f"{run}-resumed-whole"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_release_under_model_parallel_resumes_inside_a_window_exactly(
     ranks: list[dict], backend: str
 ) -> None:
