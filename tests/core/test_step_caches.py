@@ -506,9 +506,9 @@ def test_a_memo_made_on_a_transposed_gradient_leaves_later_steps_to_the_kernel(
     resumed_params = [params[0].detach().clone().requires_grad_()]
     resumed = core.Adam(resumed_params, lr=LR, **flags)
     resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    twins: tuple[Twin, Twin] = ((resumed_params, resumed), (params, optimizer))  # type: ignore[assignment]
+    resumed_twin, twin = (resumed_params, resumed), (params, optimizer)
     for seed in range(2, 7):
-        _step(*twins, seed=seed, released=released, compare=_assert_identical)
+        _step(resumed_twin, twin, seed=seed, released=released, compare=_assert_identical)
     assert _memos(optimizer, released)
 
 
