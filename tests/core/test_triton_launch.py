@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 import core
+from core.backends import host_checks
 from core.coefficients import AdamStepCoefficients
 from tests.core.cases import BACKENDS, LR, Case, one_case_per_algorithm
 from tests.core.test_fused import assert_step_matches, paired_steps
@@ -19,9 +20,15 @@ from tests.core.test_fused import assert_step_matches, paired_steps
 
 @pytest.fixture
 def backend(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The Triton backend with empty caches (the conftest routes CPU steps to it)."""
+    """The Triton backend with empty caches (the conftest routes CPU steps to it), once
+    the C++ host checks are built (or known not to build). A plan's key is their
+    description of its tensors, bytes from the C++ checks and tuples from the Python
+    fallback that steps use while the build runs in the background, so a build ending
+    mid-test made every plan once more (seen in CI, between a test's second and third
+    steps, with the kernel cache cold)."""
     from core.backends import triton as triton_backend
 
+    host_checks.compiled_checks()  # waits for the build
     monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
     monkeypatch.setattr(triton_backend, "_blocks", {})
     return triton_backend
